@@ -1,0 +1,35 @@
+"""fastclr: SimCLR for PyTorch, fast on a laptop CPU, one GPU or many.
+
+The pieces, in the order data flows through them:
+
+    load_builtin / load_data      stored uint8 images (N, H, W, C) and labels
+    two_views                     batched, per-image random augmentation on the device
+    build_encoder / ResNet / SmallCNN   encoder f: views -> h
+    ProjectionHead                head g: h -> z
+    nt_xent                       the contrastive loss on z
+    build_optimizer, LARS, lr_at  optimisation
+    pretrain                      the whole loop, with runs, checkpoints and the probe
+    extract_features, linear_probe, knn_accuracy   evaluation on frozen h
+"""
+
+from fastclr.augment import two_views
+from fastclr.config import AugmentConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from fastclr.data import Dataset, ImageSet, load_builtin, load_data
+from fastclr.errors import FastclrError
+from fastclr.export import load_encoder, save_encoder
+from fastclr.knn import knn_accuracy
+from fastclr.losses import contrastive_metrics, nt_xent
+from fastclr.models import ProjectionHead, ResNet, SmallCNN, build_encoder
+from fastclr.optim import LARS, build_optimizer
+from fastclr.probe import extract_features, linear_probe
+from fastclr.schedule import lr_at, scaled_lr
+from fastclr.train import pretrain
+from fastclr.version import __version__
+
+__all__ = [
+    "LARS", "AugmentConfig", "Config", "DataConfig", "Dataset", "EvalConfig", "FastclrError", "ImageSet",
+    "ModelConfig", "OptimConfig", "ProjectionHead", "ResNet", "SmallCNN", "TrainConfig", "__version__",
+    "build_encoder", "build_optimizer", "contrastive_metrics", "extract_features", "knn_accuracy", "linear_probe",
+    "load_builtin", "load_data", "load_encoder", "lr_at", "nt_xent", "pretrain", "save_encoder", "scaled_lr",
+    "two_views",
+]

@@ -1,0 +1,7 @@
+"""`python -m fastclr` (and `torchrun -m fastclr`) run the CLI."""
+
+import sys
+
+from fastclr.cli import main
+
+sys.exit(main())

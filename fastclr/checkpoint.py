@@ -1,0 +1,166 @@
+"""Checkpoints: written atomically, verified by checksum, loaded without unpickling code.
+
+Write: `torch.save` into a temporary file in the same directory, flush, fsync, `os.replace` onto
+the final name, fsync the directory; older checkpoints are deleted only after that. A crash at
+any moment leaves either the old or the new file complete, never a half-written one under a
+checkpoint's name.
+
+Read: `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers (a
+crafted pickle cannot run code), then the SHA-256 of the content is recomputed and compared with
+the one stored at write time, and the format version is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastclr.errors import FastclrError
+from fastclr.version import __version__
+
+FORMAT = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+class CheckpointError(FastclrError):
+    """A checkpoint that cannot be trusted: unreadable, truncated, tampered with or not ours."""
+
+
+def _digest(obj: Any, h: "hashlib._Hash") -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+
+def content_sha256(state: dict[str, Any]) -> str:
+    """SHA-256 over every key, tensor (dtype, shape, bytes) and scalar of `state`."""
+    h = hashlib.sha256()
+    _digest(state, h)
+    return h.hexdigest()
+
+
+def checkpoint_name(step: int) -> str:
+    """File name of the checkpoint taken after `step` optimiser steps."""
+    return f"step-{step:09d}.pt"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temporary sibling of `path`, fsync, then rename it onto `path`.
+
+    On any failure the temporary file is removed and `path` is left as it was.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` (which must hold an int "step") as the newest checkpoint of `run_dir`.
+
+    Adds format, library version and checksum. Keeps the `keep` newest checkpoints. A failed
+    write (disk full, permissions) raises a one-line error and leaves existing checkpoints intact.
+    """
+    folder = run_dir / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = dict(state, format=FORMAT, fastclr_version=__version__)
+    payload["sha256"] = content_sha256(payload)
+    path = folder / checkpoint_name(int(state["step"]))
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except OSError as e:
+        kept = list_checkpoints(run_dir)
+        keep_msg = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+        raise FastclrError(
+            f"cannot write checkpoint {path} ({e.strerror or e}); {keep_msg}; free disk space or fix permissions, "
+            f"then resume with `fastclr pretrain --resume {run_dir}`"
+        ) from None
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run, oldest first (by step)."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint file; raises `CheckpointError` with the reason."""
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:160]})") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged zips
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "sha256" not in state:
+        raise CheckpointError(f"{path} is not a fastclr checkpoint of format {FORMAT}")
+    stored = state.pop("sha256")
+    if content_sha256(state) != stored:
+        raise CheckpointError(f"checkpoint {path} fails its checksum: its content was altered or damaged")
+    return state
+
+
+def latest_valid_checkpoint(run_dir: Path, warn: Any = None) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of `run_dir` that verifies; damaged newer ones are reported via
+    `warn(message)` and skipped. Raises FastclrError when none verifies."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FastclrError(
+            f"{run_dir} holds no checkpoint (looked in {run_dir / CHECKPOINT_DIR}); "
+            "give the directory of a run that saved one, or start a new run without --resume"
+        )
+    errors = []
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            errors.append(str(e))
+            if warn is not None:
+                warn(f"skipping {path.name}: {e}")
+    raise FastclrError(f"no checkpoint in {run_dir} verifies ({'; '.join(errors)}); start a new run")

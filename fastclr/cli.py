@@ -1,0 +1,112 @@
+"""The `fastclr` command line. Every user error ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastclr.config import Config, apply_overrides, flag_table, read_toml
+from fastclr.errors import FastclrError
+
+EXIT_USAGE = 2
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    defaults = Config()
+    group = p.add_argument_group("config overrides (defaults shown; see fastclr/config.py)")
+    for flag, (section, name) in flag_table().items():
+        default = getattr(getattr(defaults, section), name)
+        group.add_argument(f"--{flag}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS, metavar="V",
+                           help=f"{section}.{name} (default: {default!r})")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults <- per-dataset preset <- TOML file <- flags."""
+    from fastclr.presets import apply_preset
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        overrides.update(read_toml(args.config))
+    overrides.update(_overrides(args))
+    return apply_preset(overrides)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train SimCLR, then print the linear-probe accuracy."""
+    from fastclr.train import pretrain
+
+    resume = None
+    if args.resume:
+        resume = Path(args.resume)
+        if not resume.is_dir():
+            raise FastclrError(f"--resume {resume}: no such run directory; give the directory of an earlier run")
+        saved = resume / "config.toml"
+        if not saved.exists():
+            raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
+        # The run's own config, then a --config file, then flags: resuming continues the same run.
+        base = read_toml(saved)
+        if args.config:
+            base.update(read_toml(args.config))
+        base.update(_overrides(args))
+        cfg = apply_overrides(Config(), base)
+    else:
+        cfg = resolve_config(args)
+    result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet)
+    if result.probe_accuracy is not None:
+        print(f"linear-probe accuracy: {result.probe_accuracy * 100:.2f}%  (run: {result.run_dir})")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Make sure a built-in dataset's files are present (download and verify if missing)."""
+    from fastclr.data.datasets import ensure
+
+    folder = ensure(args.name, args.root, download=not args.no_download)
+    print(f"{args.name}: {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    p = argparse.ArgumentParser(prog="fastclr", description="SimCLR pretraining and evaluation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="train an encoder with SimCLR, then run the linear probe")
+    pre.add_argument("--config", help="a TOML file of overrides ([data], [augment], [model], [optim], [train], [eval])")
+    pre.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    pre.add_argument("--allow-config-change", action="store_true",
+                     help="allow resuming with a different model, dataset, batch size or optimizer")
+    pre.add_argument("--quiet", action="store_true", help="no progress line")
+    _add_config_flags(pre)
+    pre.set_defaults(func=cmd_pretrain)
+
+    dl = sub.add_parser("download", help="fetch a built-in dataset (or check that it is present)")
+    dl.add_argument("name")
+    dl.add_argument("--root", help="directory to look in first and to download into")
+    dl.add_argument("--no-download", action="store_true", help="only check, never download")
+    dl.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, and turn user errors into one line and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FastclrError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The one typed configuration of a run.
+
+Defaults live here and only here. `presets.py` holds the per-dataset departures from them
+(augmentation strength, encoder), a TOML file overrides both, and `--key value` flags override
+the file. The resolved configuration is saved into every run directory and every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fastclr.errors import FastclrError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from."""
+
+    name: str = field(default="fashion-mnist", metadata={"flag": "data"})
+    """A built-in dataset name (fashion-mnist, mnist, cifar10, cifar100, stl10) or a store path."""
+    root: str = field(default="", metadata={"flag": "data-root"})
+    """A directory searched before $FASTCLR_DATA, the user cache and the system location."""
+    download: bool = True
+    """Download missing files from the official source (checksums verified)."""
+
+
+@dataclass
+class AugmentConfig:
+    """Parameters of `two_views`. Defaults are the paper's ImageNet recipe (Chen et al. 2020,
+    appendix A); `presets.py` replaces them per dataset."""
+
+    crop_size: int = 0
+    """Side of the output views in pixels; 0 keeps the stored image size."""
+    scale_min: float = 0.08
+    scale_max: float = 1.0
+    ratio_min: float = 3 / 4
+    ratio_max: float = 4 / 3
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.8
+    contrast: float = 0.8
+    saturation: float = 0.8
+    hue: float = 0.2
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    solarize_p: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Encoder f and projection head g."""
+
+    encoder: str = "auto"
+    """cnn, resnet18, resnet34, resnet50; auto picks cnn for 28 px images, resnet18 otherwise."""
+    width: float = 1.0
+    """Channel multiplier of the encoder."""
+    cifar_stem: str = "auto"
+    """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on below 64 px)."""
+    head_layers: int = 2
+    """Linear layers in g: 2 as in SimCLR, 3 as in SimCLRv2."""
+    head_hidden: int = 0
+    """Hidden width of g; 0 uses the encoder's feature dimension."""
+    head_bn: bool = True
+    """BatchNorm after the hidden linear layers of g (the official SimCLR code does this)."""
+    proj_dim: int = 128
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    optimizer: str = "adamw"
+    """adamw, sgd or lars."""
+    lr: float = 2e-3
+    """Base learning rate, before `lr_scaling` with the batch size."""
+    lr_scaling: str = "none"
+    """none; linear: lr * B / 256; sqrt: lr * sqrt(B) (the paper's rule for LARS at small B)."""
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    trust_coefficient: float = 1e-3
+    """LARS eta (You et al. 2017)."""
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0
+    """The cosine decays to lr * min_lr_ratio."""
+
+
+@dataclass
+class TrainConfig:
+    """The pretraining loop."""
+
+    epochs: float = 10.0
+    batch_size: int = 512
+    temperature: float = 0.2
+    precision: str = "bf16"
+    """bf16, fp16 (CUDA only) or fp32: the autocast dtype of encoder and head. The loss is fp32."""
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    time_budget: float = 0.0
+    """Minutes of training wall time; > 0 fits the number of steps (and so the cosine) to it."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
+    log_every: int = 25
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0 writes one at the end of every epoch."""
+    run_dir: str = ""
+    """Where the run is written; empty: runs/<data>-<time>."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation done by `pretrain` itself."""
+
+    probe: bool = True
+    """Linear probe on frozen h at the end of pretraining (needs labels)."""
+    monitor_every: int = 1
+    """Epochs between kNN monitor evaluations during pretraining; 0 turns it off."""
+    knn_k: int = 20
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))
+
+
+def flag_table() -> dict[str, tuple[str, str]]:
+    """Map every CLI flag name (without `--`) to its (section, field)."""
+    table: dict[str, tuple[str, str]] = {}
+    for section in fields(Config):
+        for f in fields(section.default_factory()):  # type: ignore[misc]
+            flag = f.metadata.get("flag", f.name.replace("_", "-"))
+            assert flag not in table, f"duplicate flag --{flag}"
+            table[flag] = (section.name, f.name)
+    return table
+
+
+def _field_type(section: str, name: str) -> type:
+    obj = getattr(Config(), section)
+    value = getattr(obj, name)
+    return type(value)
+
+
+def parse_value(section: str, name: str, raw: Any) -> Any:
+    """Convert a raw value (a CLI string or a TOML scalar) to the type of `section.name`."""
+    kind = _field_type(section, name)
+    where = f"{section}.{name}"
+    if isinstance(raw, str) and kind is not str:
+        text = raw.strip().lower()
+        try:
+            if kind is bool:
+                if text in ("1", "true", "yes", "on"):
+                    return True
+                if text in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            if kind is int:
+                return int(text)
+            if kind is float:
+                value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError(raw)
+                return value
+        except ValueError:
+            raise FastclrError(
+                f"{where} must be a {kind.__name__}, got {raw!r}; pass e.g. --{name.replace('_', '-')} "
+                f"{getattr(getattr(Config(), section), name)}"
+            ) from None
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
+        raise FastclrError(f"{where} must be a {kind.__name__}, got {raw!r}")
+    return raw
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of `cfg` with `{"section.field": value}` overrides applied (values parsed)."""
+    out = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    for key, raw in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not hasattr(getattr(out, section), name):
+            raise FastclrError(f"unknown config key {key!r}; `fastclr pretrain --help` lists every key")
+        setattr(getattr(out, section), name, parse_value(section, name, raw))
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into flat `{"section.field": value}` overrides."""
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise FastclrError(f"config file {p} does not exist; check the path given to --config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FastclrError(f"config file {p} is not valid TOML ({e}); fix the file") from None
+    flat: dict[str, Any] = {}
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            raise FastclrError(
+                f"config file {p}: key {section!r} must sit in a section such as [train]; "
+                f"sections are {', '.join(SECTIONS)}"
+            )
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as nested plain dicts (JSON, TOML and `torch.load(weights_only=True)` safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, dict[str, Any]]) -> Config:
+    """Inverse of `to_dict`; unknown keys are an error so that old runs fail loudly, not silently."""
+    flat = {f"{s}.{k}": v for s, body in d.items() for k, v in body.items()}
+    return apply_overrides(Config(), flat)
+
+
+def to_toml(cfg: Config) -> str:
+    """Render the config as TOML (scalars only, so a tiny writer suffices)."""
+    lines: list[str] = []
+    for section, body in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in body.items():
+            if isinstance(v, bool):
+                text = "true" if v else "false"
+            elif isinstance(v, str):
+                text = json.dumps(v)
+            elif isinstance(v, float):
+                text = repr(v)
+            else:
+                text = str(v)
+            lines.append(f"{k} = {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def diff(a: Config, b: Config, keys: tuple[str, ...] | None = None) -> list[str]:
+    """The `section.field` keys whose values differ between `a` and `b` (restricted to `keys`)."""
+    da, db = to_dict(a), to_dict(b)
+    out = []
+    for s in SECTIONS:
+        for k in da[s]:
+            key = f"{s}.{k}"
+            if (keys is None or key in keys) and da[s][k] != db[s][k]:
+                out.append(key)
+    return out

@@ -1,0 +1,258 @@
+"""Built-in datasets by name: where their files are looked up, how they are fetched and read.
+
+Every dataset is loaded once into uint8 arrays (N, H, W, C) with int64 labels. Files are looked
+up, in order, in: the `root` argument, `$FASTCLR_DATA`, the user cache (`$XDG_CACHE_HOME/fastclr`,
+default `~/.cache/fastclr`), and `/usr/share/datasets` (where the Debian package
+`dataset-fashion-mnist` installs Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastclr.data import formats
+from fastclr.data.download import RemoteFile, fetch
+from fastclr.errors import FastclrError
+
+SYSTEM_ROOT = Path("/usr/share/datasets")
+
+
+@dataclass
+class ImageSet:
+    """Images as stored (uint8, (N, H, W, C)) and their labels (int64 (N,), or None)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class Dataset:
+    """The splits a SimCLR run uses: `pretrain` (labels ignored), and labelled `train`/`test`."""
+
+    name: str
+    pretrain: ImageSet
+    train: ImageSet | None
+    test: ImageSet | None
+    classes: list[str]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the stored images."""
+        h, w, c = self.pretrain.images.shape[1:]
+        return int(h), int(w), int(c)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to find, fetch and read one built-in dataset."""
+
+    name: str
+    folder: str
+    """Sub-directory of a data root that holds the files."""
+    files: tuple[str, ...]
+    """Files that must exist in `folder` (IDX files may also be present without `.gz`)."""
+    remote: tuple[RemoteFile, ...]
+    read: Callable[[Path], Dataset]
+    hint: str
+    """What to do when the files are missing and cannot be downloaded."""
+
+
+def user_cache() -> Path:
+    """The per-user data directory where downloads go when $FASTCLR_DATA is not set."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fastclr"
+
+
+def search_roots(root: str | Path | None = None) -> list[Path]:
+    """Directories searched for dataset files, in priority order."""
+    roots: list[Path] = []
+    if root:
+        roots.append(Path(root))
+    if os.environ.get("FASTCLR_DATA"):
+        roots.append(Path(os.environ["FASTCLR_DATA"]))
+    roots += [user_cache(), SYSTEM_ROOT]
+    return roots
+
+
+def _idx_file(folder: Path, name: str) -> Path:
+    gz = folder / name
+    return gz if gz.exists() else folder / name.removesuffix(".gz")
+
+
+def _has_files(folder: Path, files: tuple[str, ...]) -> bool:
+    return all(_idx_file(folder, f).exists() for f in files)
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def read_idx_dataset(name: str, classes: list[str]) -> Callable[[Path], Dataset]:
+    """A reader for the MNIST-style four-file IDX layout."""
+
+    def read(folder: Path) -> Dataset:
+        xtr = formats.read_idx_images(_idx_file(folder, IDX_FILES[0]))
+        ytr = formats.read_idx_labels(_idx_file(folder, IDX_FILES[1]))
+        xte = formats.read_idx_images(_idx_file(folder, IDX_FILES[2]))
+        yte = formats.read_idx_labels(_idx_file(folder, IDX_FILES[3]))
+        for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
+            if len(x) != len(y):
+                raise FastclrError(f"{folder}: {split} has {len(x)} images but {len(y)} labels; fetch the files again")
+        train = ImageSet(xtr, ytr)
+        return Dataset(name, train, train, ImageSet(xte, yte), classes)
+
+    return read
+
+
+def _read_cifar10(folder: Path) -> Dataset:
+    meta = formats.read_cifar_pickle(folder / "batches.meta")
+    classes = [c.decode() for c in meta.get(b"label_names", [])] or [str(i) for i in range(10)]
+    xtr, ytr = formats.read_cifar_batches([folder / f"data_batch_{i}" for i in range(1, 6)], b"labels")
+    xte, yte = formats.read_cifar_batches([folder / "test_batch"], b"labels")
+    train = ImageSet(xtr, ytr)
+    return Dataset("cifar10", train, train, ImageSet(xte, yte), classes)
+
+
+def _read_cifar100(folder: Path) -> Dataset:
+    meta = formats.read_cifar_pickle(folder / "meta")
+    classes = [c.decode() for c in meta.get(b"fine_label_names", [])] or [str(i) for i in range(100)]
+    xtr, ytr = formats.read_cifar_batches([folder / "train"], b"fine_labels")
+    xte, yte = formats.read_cifar_batches([folder / "test"], b"fine_labels")
+    train = ImageSet(xtr, ytr)
+    return Dataset("cifar100", train, train, ImageSet(xte, yte), classes)
+
+
+def _read_stl10(folder: Path) -> Dataset:
+    names = (folder / "class_names.txt").read_text().split() if (folder / "class_names.txt").exists() else []
+    train = ImageSet(formats.read_stl10_images(folder / "train_X.bin"), formats.read_stl10_labels(folder / "train_y.bin"))
+    test = ImageSet(formats.read_stl10_images(folder / "test_X.bin"), formats.read_stl10_labels(folder / "test_y.bin"))
+    unlabeled = formats.read_stl10_images(folder / "unlabeled_X.bin")
+    # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature.
+    pretrain = ImageSet(np.concatenate([unlabeled, train.images]), None)
+    return Dataset("stl10", pretrain, train, test, names or [str(i) for i in range(10)])
+
+
+FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+REGISTRY: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        "fashion-mnist",
+        IDX_FILES,
+        (
+            RemoteFile(FASHION_URL + IDX_FILES[0], "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            RemoteFile(FASHION_URL + IDX_FILES[1], "25c81989df183df01b3e8a0aad5dffbe"),
+            RemoteFile(FASHION_URL + IDX_FILES[2], "bef4ecab320f06d8554ea6380940ec79"),
+            RemoteFile(FASHION_URL + IDX_FILES[3], "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+        read_idx_dataset("fashion-mnist", FASHION_CLASSES),
+        "install them with `apt-get install -y dataset-fashion-mnist`, or put the four IDX files "
+        "({files}) in $FASTCLR_DATA/fashion-mnist/",
+    ),
+    "mnist": DatasetSpec(
+        "mnist",
+        "mnist",
+        IDX_FILES,
+        (
+            RemoteFile(MNIST_URL + IDX_FILES[0], "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            RemoteFile(MNIST_URL + IDX_FILES[1], "d53e105ee54ea40749a09fcbcd1e9432"),
+            RemoteFile(MNIST_URL + IDX_FILES[2], "9fb629c4189551a2d022fa330f9573f3"),
+            RemoteFile(MNIST_URL + IDX_FILES[3], "ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+        read_idx_dataset("mnist", [str(i) for i in range(10)]),
+        "put the four IDX files ({files}) from " + MNIST_URL + " in $FASTCLR_DATA/mnist/",
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        "cifar-10-batches-py",
+        ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
+        (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", True),),
+        _read_cifar10,
+        "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it "
+        "in $FASTCLR_DATA (it creates cifar-10-batches-py/)",
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100",
+        "cifar-100-python",
+        ("meta", "train", "test"),
+        (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", True),),
+        _read_cifar100,
+        "download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it "
+        "in $FASTCLR_DATA (it creates cifar-100-python/)",
+    ),
+    "stl10": DatasetSpec(
+        "stl10",
+        "stl10_binary",
+        ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin"),
+        (RemoteFile("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb", True),),
+        _read_stl10,
+        "download stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ and unpack it "
+        "in $FASTCLR_DATA (it creates stl10_binary/)",
+    ),
+}
+
+
+def spec(name: str) -> DatasetSpec:
+    """The spec of a built-in dataset, or a one-line error listing the valid names."""
+    if name not in REGISTRY:
+        raise FastclrError(
+            f"unknown dataset {name!r}; choose one of: {', '.join(REGISTRY)} (or give the path of a prepared store)"
+        )
+    return REGISTRY[name]
+
+
+def locate(name: str, root: str | Path | None = None) -> Path | None:
+    """The first folder in the search order that holds all files of `name`, or None."""
+    s = spec(name)
+    for r in search_roots(root):
+        folder = r / s.folder
+        if _has_files(folder, s.files):
+            return folder
+    return None
+
+
+def download_root(root: str | Path | None = None) -> Path:
+    """Where downloads go: `root`, else $FASTCLR_DATA, else the user cache."""
+    if root:
+        return Path(root)
+    if os.environ.get("FASTCLR_DATA"):
+        return Path(os.environ["FASTCLR_DATA"])
+    return user_cache()
+
+
+def ensure(name: str, root: str | Path | None = None, download: bool = True) -> Path:
+    """The folder holding dataset `name`, downloading it when allowed; a clear error otherwise."""
+    s = spec(name)
+    found = locate(name, root)
+    if found is not None:
+        return found
+    where = ", ".join(str(r / s.folder) for r in search_roots(root))
+    hint = s.hint.format(files=", ".join(s.files))
+    if not download:
+        raise FastclrError(f"{name} files not found (looked in {where}); {hint}")
+    dest = download_root(root)
+    target = dest / s.folder
+    try:
+        for remote in s.remote:
+            fetch(remote, dest if remote.extract else target)
+    except FastclrError as e:
+        raise FastclrError(f"{name} files not found (looked in {where}) and {e}; {hint}") from None
+    found = locate(name, root)
+    if found is None:
+        raise FastclrError(f"{name}: downloaded archive did not contain {', '.join(s.files)}; {hint}")
+    return found
+
+
+def load_builtin(name: str, root: str | Path | None = None, download: bool = True) -> Dataset:
+    """Load a built-in dataset into memory (uint8 (N, H, W, C) plus labels)."""
+    folder = ensure(name, root, download)
+    return spec(name).read(folder)

@@ -1,0 +1,125 @@
+"""Readers for the on-disk formats of the built-in datasets. Each returns uint8 (N, H, W, C).
+
+- IDX (MNIST, Fashion-MNIST): http://yann.lecun.com/exdb/mnist/ "FILE FORMATS" section.
+- CIFAR-10/100 "python version": pickled dicts with b"data" (N, 3072) row-major RGB planes.
+- STL-10 binary: uint8 (N, 3, 96, 96) in column-major order per plane; labels 1..10.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastclr.errors import FastclrError
+
+_IDX_DTYPES: dict[int, type] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32}
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise FastclrError(f"{path} is a damaged gzip file ({e}); delete it and fetch it again") from None
+    return raw
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into an array of its declared dtype and shape."""
+    data = _open_maybe_gz(path)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise FastclrError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[data[2]]).newbyteorder(">")
+    count = int(np.prod(shape))
+    if len(data) - header != count * dtype.itemsize:
+        raise FastclrError(
+            f"{path} is truncated: header says {shape} but holds {len(data) - header} bytes; "
+            "delete it and fetch it again"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """IDX image file -> uint8 (N, H, W, 1)."""
+    arr = read_idx(path)
+    if arr.ndim != 3 or arr.dtype != np.uint8:
+        raise FastclrError(f"{path} should hold uint8 images (N, H, W), found {arr.dtype} {arr.shape}")
+    return np.ascontiguousarray(arr[..., None])
+
+
+def read_idx_labels(path: Path) -> np.ndarray:
+    """IDX label file -> int64 (N,)."""
+    arr = read_idx(path)
+    if arr.ndim != 1:
+        raise FastclrError(f"{path} should hold labels (N,), found shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays only: a crafted file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_cifar_pickle(path: Path) -> dict[Any, Any]:
+    """Read one CIFAR python batch or meta file (a pickled dict) without executing code."""
+    with open(path, "rb") as f:
+        try:
+            obj = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise FastclrError(f"{path} is not a CIFAR python batch ({e}); delete it and fetch it again") from None
+    if not isinstance(obj, dict):
+        raise FastclrError(f"{path} is not a CIFAR python batch; delete it and fetch it again")
+    return obj
+
+
+def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate CIFAR python batches -> uint8 (N, 32, 32, 3), int64 (N,)."""
+    images, labels = [], []
+    for p in paths:
+        d = read_cifar_pickle(p)
+        if b"data" not in d or label_key not in d:
+            raise FastclrError(f"{p} lacks b'data' or {label_key!r}; it is not a CIFAR batch of this dataset")
+        x = np.asarray(d[b"data"], dtype=np.uint8)
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise FastclrError(f"{p}: data has shape {x.shape}, expected (N, 3072)")
+        images.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(d[label_key], dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+def read_stl10_images(path: Path, size: int = 96) -> np.ndarray:
+    """STL-10 `*_X.bin` -> uint8 (N, 96, 96, 3). Planes are stored column-major."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    per = 3 * size * size
+    if raw.size == 0 or raw.size % per:
+        raise FastclrError(f"{path} holds {raw.size} bytes, not a multiple of {per}; it is truncated, fetch it again")
+    # (N, C, W, H) on disk because of the column-major planes -> (N, H, W, C)
+    return np.ascontiguousarray(raw.reshape(-1, 3, size, size).transpose(0, 3, 2, 1))
+
+
+def read_stl10_labels(path: Path) -> np.ndarray:
+    """STL-10 `*_y.bin` (labels 1..10) -> int64 (N,) in 0..9."""
+    y = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    if y.size == 0 or y.min() < 1 or y.max() > 10:
+        raise FastclrError(f"{path} does not hold STL-10 labels in 1..10; fetch it again")
+    return y - 1

@@ -1,0 +1,75 @@
+"""Batches as index tensors, images gathered on the training device.
+
+The data order is a pure function of (seed, step): epoch e uses the permutation drawn from a
+generator seeded with (seed, e), and step s takes slice s % steps_per_epoch of it. Resuming at
+any step, mid-epoch included, therefore replays exactly the same batches, with no loader state to
+save. Under DDP each rank takes its own interleaved slice of the same permutation, so ranks see
+disjoint data and together cover the global batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Full global batches per epoch; the incomplete last batch is dropped so every step has
+    the same number of negatives."""
+    return n // (batch_size * world_size)
+
+
+def epoch_permutation(n: int, epoch: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The data order of one epoch: int64 (n,) on `device`, the same for the same (seed, epoch)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g, device=device)
+
+
+class BatchSampler:
+    """Index batches for step s: `indices(s)` -> int64 (batch_size,) on `device`."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = steps_per_epoch(n, batch_size, world_size)
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Indices of this rank's share of global step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = epoch_permutation(self.n, epoch, self.seed, self.device)
+            self._epoch = epoch
+        start = (i * self.world_size + self.rank) * self.batch_size
+        return self._perm[start : start + self.batch_size]
+
+
+class ImageSource:
+    """Stored uint8 images (N, H, W, C), gathered by index onto the training device.
+
+    An in-memory array is copied to the device once (the whole of Fashion-MNIST is 47 MB), so a
+    batch is a single gather there. A memory-mapped array (a store larger than RAM) stays on disk;
+    a batch reads just its rows from the map and is copied over.
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device):
+        self.device = device
+        self.shape = tuple(int(s) for s in images.shape)
+        self._mmap = images if isinstance(images, np.memmap) else None
+        self._resident = None if self._mmap is not None else torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, C) on the device for the int64 indices `idx`."""
+        if self._resident is not None:
+            return self._resident[idx.to(self._resident.device)]
+        assert self._mmap is not None
+        rows = np.asarray(self._mmap[idx.cpu().numpy()])
+        out = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            out = out.pin_memory().to(self.device, non_blocking=True)
+        return out.to(self.device)

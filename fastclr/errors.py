@@ -1,0 +1,9 @@
+"""The one exception type users see: a single line that names the problem and the fix."""
+
+
+class FastclrError(Exception):
+    """A user-facing error. The CLI prints `error: <message>` and exits with code 2, no traceback.
+
+    Messages are one line and say what to do, e.g.
+    ``unknown encoder 'resnet19'; choose one of: cnn, resnet18, resnet34, resnet50``.
+    """

@@ -1,0 +1,52 @@
+"""The encoder f alone, exported as safetensors (no pickle: loading it cannot run code).
+
+Metadata (strings) records how to rebuild the module: encoder name, input channels and size,
+width, stem, feature dimension, the input standardisation and the library version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastclr.checkpoint import atomic_write
+from fastclr.errors import FastclrError
+from fastclr.models import build_encoder
+from fastclr.version import __version__
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+def save_encoder(path: Path, encoder: nn.Module, info: dict[str, Any]) -> Path:
+    """Write the encoder's state and `info` (JSON-able; must hold "mean" and "std" lists) to `path`."""
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    meta = {"fastclr": json.dumps(dict(info, fastclr_version=__version__))}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    atomic_write(path, lambda f: f.write(tmp.read_bytes()))
+    tmp.unlink()
+    return path
+
+
+def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an exported encoder and return it with its metadata."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FastclrError(f"{path} is not a readable safetensors encoder ({e}); export it again") from None
+    if "fastclr" not in meta:
+        raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
+    info = json.loads(meta["fastclr"])
+    encoder = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"])
+    encoder.load_state_dict(state)
+    return encoder.to(device), info

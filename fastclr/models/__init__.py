@@ -1,0 +1,75 @@
+"""Encoders f (images -> h) and the projection head g (h -> z), by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fastclr.errors import FastclrError
+from fastclr.models.cnn import SmallCNN
+from fastclr.models.head import ProjectionHead
+from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
+
+__all__ = ["ENCODERS", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "feature_dim", "resolve_encoder"]
+
+
+def _cnn(in_channels: int, width: float, cifar_stem: bool) -> nn.Module:
+    return SmallCNN(in_channels, width)
+
+
+ENCODERS: dict[str, Callable[[int, float, bool], nn.Module]] = {
+    "cnn": _cnn,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
+
+# Inputs at or below this side get the CIFAR stem: a 7x7/2 conv plus max-pool would leave a
+# 32 px image 8 px wide before the first residual stage.
+CIFAR_STEM_MAX_SIZE = 64
+
+
+def resolve_encoder(name: str, image_size: int) -> str:
+    """`auto` -> cnn for images of 28 px and below, resnet18 otherwise; other names are checked."""
+    if name == "auto":
+        return "cnn" if image_size <= 28 else "resnet18"
+    if name not in ENCODERS:
+        raise FastclrError(f"unknown encoder {name!r}; choose one of: auto, {', '.join(ENCODERS)}")
+    return name
+
+
+def use_cifar_stem(setting: str, image_size: int) -> bool:
+    """Resolve the `cifar_stem` setting (auto/on/off) for an input size."""
+    if setting == "auto":
+        return image_size <= CIFAR_STEM_MAX_SIZE
+    if setting in ("on", "true"):
+        return True
+    if setting in ("off", "false"):
+        return False
+    raise FastclrError(f"cifar_stem must be auto, on or off, got {setting!r}")
+
+
+def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1.0, cifar_stem: str = "auto") -> nn.Module:
+    """An encoder by name for (in_channels, image_size, image_size) inputs; has `.feature_dim`."""
+    if width <= 0:
+        raise FastclrError(f"width must be > 0, got {width}")
+    resolved = resolve_encoder(name, image_size)
+    return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size))
+
+
+@torch.no_grad()
+def feature_dim(encoder: nn.Module, in_channels: int, image_size: int) -> int:
+    """The dimension of h: the encoder's `feature_dim` attribute, else measured by a forward pass."""
+    dim = getattr(encoder, "feature_dim", None)
+    if isinstance(dim, int):
+        return dim
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=device))
+    encoder.train(was_training)
+    if out.ndim != 2:
+        raise FastclrError(f"the encoder returns shape {tuple(out.shape)}; it must return (batch, features)")
+    return int(out.shape[1])

@@ -1,0 +1,69 @@
+"""Small CNNs for 28 px images (MNIST, Fashion-MNIST): the encoder f of the CPU recipe."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    """3x3 convolution (no bias: BatchNorm follows), BatchNorm, ReLU."""
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def parse_stages(spec: str) -> tuple[list[list[int]], int]:
+    """"64|128,128|fc512" -> ([[64], [128, 128]], 512).
+
+    Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
+    conv of a stage by ','. A last stage "fcN" flattens the final map into a linear layer of N
+    units (with BatchNorm and ReLU); without it the final map is average-pooled.
+    """
+    parts = spec.split("|")
+    fc = 0
+    if parts[-1].startswith("fc"):
+        fc = int(parts.pop()[2:])
+    return [[int(c) for c in stage.split(",")] for stage in parts], fc
+
+
+class SmallCNN(nn.Module):
+    """Optional 2x2 space-to-depth stem, stages of 3x3 conv-BN-ReLU with max-pooling between
+    them, then either global average pooling or a flatten + linear layer: (B, C, H, W) -> h.
+
+    The space-to-depth stem (PixelUnshuffle(2): 1 x 28 x 28 -> 4 x 14 x 14) loses no pixel but
+    halves the side before the first convolution. The linear last stage replaces a padded 3x3
+    convolution on a 3 x 3 map, whose backward pass oneDNN runs ~6x slower than its forward;
+    a dense matmul on the flattened map is both cheaper and gives a wide h for the probe.
+    Measurements behind both choices are in docs/benchmarks.md.
+    """
+
+    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "64|128|fc1024",
+                 space_to_depth: bool = True, image_size: int = 28):
+        super().__init__()
+        convs, fc = parse_stages(stages)
+        layers: list[nn.Module] = []
+        c, side = in_channels, image_size
+        if space_to_depth:
+            layers.append(nn.PixelUnshuffle(2))
+            c, side = in_channels * 4, image_size // 2
+        for s, stage in enumerate(convs):
+            if s > 0:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            for channels in stage:
+                out = max(8, int(round(channels * width)))
+                layers += conv_bn_relu(c, out)
+                c = out
+        self.features = nn.Sequential(*layers)
+        if fc:
+            layers_out = max(8, int(round(fc * width)))
+            self.pool: nn.Module = nn.Sequential(
+                nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c * (side // 2) ** 2, layers_out, bias=False),
+                nn.BatchNorm1d(layers_out), nn.ReLU(inplace=True))
+            self.feature_dim = layers_out
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.feature_dim = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> h (B, feature_dim)."""
+        return self.pool(self.features(x))

@@ -1,0 +1,79 @@
+"""Optimisers: AdamW, SGD with momentum, and LARS (You et al. 2017) as SimCLR uses it.
+
+BatchNorm and bias parameters (every parameter with one dimension) are excluded from weight
+decay, and, for LARS, from the layer-wise trust-ratio adaptation (SimCLR appendix B.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fastclr.errors import FastclrError
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum where each weight's update is scaled by its trust ratio
+    eta * ||w|| / ||g + wd * w||. Groups with `lars=False` get plain SGD with momentum and no decay.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        """One update of every parameter with a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    g = g * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and 1-D parameters (BN, biases: neither)."""
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True},
+        {"params": no_decay, "weight_decay": 0.0, "lars": False},
+    ]
+
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+def build_optimizer(
+    name: str, modules: Iterable[nn.Module], lr: float, weight_decay: float, momentum: float = 0.9, eta: float = 1e-3
+) -> torch.optim.Optimizer:
+    """An optimiser over the parameters of `modules` with BN/bias excluded from decay."""
+    groups = param_groups(modules, weight_decay)
+    if name == "adamw":
+        for g in groups:
+            g.pop("lars")
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        for g in groups:
+            g.pop("lars")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, eta=eta)
+    raise FastclrError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,165 @@
+"""Frozen features h and the linear probe: the standard SimCLR evaluation (Chen et al. 2020, §4).
+
+Features are computed once, from un-augmented images, with the encoder in eval mode (BatchNorm
+uses its running statistics and does not move); a checksum of the encoder's state asserts that
+nothing changed. The probe is a multinomial logistic regression on standardised features, fitted
+full-batch with L-BFGS; its L2 strength is chosen on a held-out 10% of the training split, never
+on the test split, then the probe is refitted on the whole training split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastclr.augment import normalize, resample_matrix, to_float
+from fastclr.data.loader import ImageSource
+
+
+def state_checksum(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of `module` (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def prepare_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> standardised float (B, C, S, S), resized (whole image) when S != H."""
+    x = to_float(images)
+    b, _, h, w = x.shape
+    if size != h or size != w:
+        no = torch.zeros(b, dtype=torch.bool, device=x.device)
+        full = torch.tensor([0.0, 0.0, float(w), float(h)], device=x.device).expand(b, 4)
+        ry = resample_matrix(full[:, 1], full[:, 3], h, size, no)
+        rx = resample_matrix(full[:, 0], full[:, 2], w, size, no)
+        x = ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
+    return normalize(x, mean, std)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    images: np.ndarray | ImageSource,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1024,
+    precision: str = "bf16",
+    size: int = 0,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Encoder features h of every image, in order: float32 (N, D) on the CPU.
+
+    The encoder is put in eval mode for the pass and restored afterwards; an assertion checks
+    that its parameters and BatchNorm statistics are bit-for-bit unchanged.
+    """
+    source = images if isinstance(images, ImageSource) else ImageSource(images, device)
+    size = size or source.shape[1]
+    before = state_checksum(encoder)
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    try:
+        for start in range(0, len(source), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(source)), device=device)
+            x = prepare_images(source.gather(idx), mean.to(device), std.to(device), size)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                h = encoder(x)
+            out.append(h.float().cpu())
+    finally:
+        encoder.train(was_training)
+    assert state_checksum(encoder) == before, "feature extraction changed the encoder's state"
+    return torch.cat(out)
+
+
+@dataclass
+class LogisticModel:
+    """A fitted multinomial logistic regression on standardised features."""
+
+    weight: torch.Tensor  # (K, D)
+    bias: torch.Tensor  # (K,)
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (N, K) of raw features (N, D)."""
+        return ((x - self.mean) / self.std) @ self.weight.T + self.bias
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Fraction of rows whose arg-max class equals the label."""
+        return float((self.logits(x).argmax(1) == y).float().mean())
+
+
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300
+) -> LogisticModel:
+    """Minimise mean cross-entropy + l2/2 * ||W||^2 (bias not penalised) with full-batch L-BFGS."""
+    x = x.float()
+    mean = x.mean(0)
+    std = x.std(0).clamp(min=1e-6)
+    xs = (x - mean) / std
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LogisticModel(w.detach(), b.detach(), mean, std)
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of a linear probe."""
+
+    accuracy: float
+    """Test accuracy of the probe refitted on the whole training split."""
+    l2: float
+    val_accuracy: float
+    train_accuracy: float
+
+
+L2_GRID = (1e-5, 1e-4, 1e-3)
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    l2_grid: tuple[float, ...] = L2_GRID,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_iter: int = 300,
+    select_iter: int = 100,
+) -> ProbeResult:
+    """Linear-probe test accuracy with the L2 strength selected on a held-out part of train."""
+    k = int(max(int(train_y.max()), int(test_y.max())) + 1)
+    best_l2, best_val = l2_grid[0], -1.0
+    if len(l2_grid) > 1:
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(train_y), generator=g)
+        n_val = max(1, int(len(perm) * val_fraction))
+        val, fit = perm[:n_val], perm[n_val:]
+        for l2 in l2_grid:
+            acc = fit_logistic_regression(train_x[fit], train_y[fit], k, l2, select_iter).accuracy(train_x[val], train_y[val])
+            if acc > best_val:
+                best_l2, best_val = l2, acc
+    model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter)
+    return ProbeResult(model.accuracy(test_x, test_y), best_l2, best_val, model.accuracy(train_x, train_y))

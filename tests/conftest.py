@@ -1,0 +1,81 @@
+"""Shared fixtures: small datasets written by the tests in the real on-disk formats."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> Path:
+    """Write a uint8 array as an IDX file (big-endian dims), gzipped by default."""
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def synthetic_images(n: int, size: int = 28, channels: int = 1, seed: int = 0, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is a bright bar at one of `classes` positions, plus noise: learnable."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.integers(0, 60, (n, size, size, channels)).astype(np.uint8)
+    band = size // classes
+    for c in range(classes):
+        x[y == c, c * band : (c + 1) * band, :, :] = 220
+    return x, y.astype(np.int64)
+
+
+def write_idx_dataset(folder: Path, n_train: int = 256, n_test: int = 64, size: int = 28) -> tuple[np.ndarray, ...]:
+    """The four MNIST-layout IDX files of a synthetic dataset in `folder`."""
+    xtr, ytr = synthetic_images(n_train, size, seed=1)
+    xte, yte = synthetic_images(n_test, size, seed=2)
+    write_idx(folder / "train-images-idx3-ubyte.gz", xtr[..., 0])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", ytr.astype(np.uint8))
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", xte[..., 0])
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", yte.astype(np.uint8))
+    return xtr, ytr, xte, yte
+
+
+@pytest.fixture
+def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated $FASTCLR_DATA holding synthetic fashion-mnist and mnist, and an empty cache."""
+    root = tmp_path / "data"
+    write_idx_dataset(root / "fashion-mnist")
+    write_idx_dataset(root / "mnist")
+    monkeypatch.setenv("FASTCLR_DATA", str(root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "no-system-data")
+    return root
+
+
+def write_cifar(folder: Path, n_per_batch: int = 8, hundred: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR python batches (pickled dicts, data (N, 3072) as R, G, B planes)."""
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["train", "test"] if hundred else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    key = b"fine_labels" if hundred else b"labels"
+    all_x, all_y = [], []
+    for name in names:
+        x = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 100 if hundred else 10, n_per_batch).tolist()
+        data = x.transpose(0, 3, 1, 2).reshape(n_per_batch, -1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, key: y, b"filenames": [b"x"] * n_per_batch}, f)
+        all_x.append(x)
+        all_y.append(np.array(y))
+    meta_name, meta_key = ("meta", b"fine_label_names") if hundred else ("batches.meta", b"label_names")
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump({meta_key: [f"class{i}".encode() for i in range(100 if hundred else 10)]}, f)
+    return np.concatenate(all_x), np.concatenate(all_y)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,103 @@
+"""The command line end to end, and its one-line errors (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_idx_dataset
+
+TINY = ["--width", "0.125", "--head-hidden", "32", "--proj-dim", "16", "--batch-size", "32", "--log-every", "2",
+        "--monitor-every", "1", "--quiet", "--blur-p", "0"]
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=240)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=256, n_test=64)
+    e = dict(os.environ, FASTCLR_DATA=str(tmp_path / "data"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    e["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -> None:
+    run = tmp_path / "run"
+    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "linear-probe accuracy:" in r.stdout
+    probe = json.loads((run / "probe.json").read_text())
+    assert 0.25 < probe["accuracy"] <= 1.0 and probe["steps"] == 8
+    assert (run / "encoder.safetensors").exists() and (run / "config.toml").exists()
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6, 8]
+    assert any("knn_acc" in r for r in recs)
+    # resume with more epochs: continues from step 8 to 16 and probes again
+    r = run_cli(["pretrain", "--resume", str(run), "--epochs", "2", "--quiet"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout and json.loads((run / "probe.json").read_text())["steps"] == 16
+    assert 'epochs = 2.0' in (run / "config.toml").read_text()
+
+
+def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str]) -> None:
+    import torch
+
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint
+    from fastclr.export import load_encoder
+
+    run = tmp_path / "run"
+    assert run_cli(["pretrain", "--data", "mnist", "--epochs", "0.5", "--run-dir", str(run), "--probe", "false", *TINY],
+                   env, tmp_path).returncode == 0
+    enc, info = load_encoder(run / "encoder.safetensors")
+    state = load_checkpoint(list_checkpoints(run)[-1])["encoder"]
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert info["feature_dim"] == enc.feature_dim and len(info["mean"]) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "imagenet22k"], "unknown dataset 'imagenet22k'; choose one of: fashion-mnist"),
+    (["--encoder", "vgg"], "unknown encoder 'vgg'; choose one of"),
+    (["--data", "cifar10", "--download", "false"], "cifar10 files not found"),
+    (["--batch-size", "100000"], "batch size 100000 is larger than the dataset (256 images)"),
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--temperature", "-1"], "temperature must be > 0"),
+    (["--batch-size", "many"], "train.batch_size must be a int"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args: list[str], message: str) -> None:
+    base = ["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--quiet", "--batch-size", "32"]
+    r = run_cli(base + args, env, tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_run_dir_and_resume_without_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        r = run_cli(["pretrain", "--data", "mnist", "--run-dir", str(locked / "run"), "--quiet"], env, tmp_path)
+        if os.geteuid() != 0:  # root ignores directory permissions
+            assert r.returncode == 2 and "cannot create run directory" in r.stderr
+    finally:
+        locked.chmod(0o700)
+    # a file where the run directory should be cannot be created, even as root
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli(["pretrain", "--data", "mnist", "--run-dir", str(blocker / "run"), "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and "cannot create run directory" in r.stderr and "--run-dir" in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.toml").write_text("[train]\nepochs = 1.0\n")
+    r = run_cli(["pretrain", "--resume", str(empty), "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and "holds no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1

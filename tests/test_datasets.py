@@ -1,0 +1,170 @@
+"""Dataset readers on small files written in each real format; lookup order; downloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_images, write_cifar, write_idx, write_idx_dataset
+from fastclr.data import formats
+from fastclr.data.datasets import REGISTRY, ensure, load_builtin, locate, search_roots
+from fastclr.data.download import RemoteFile, fetch
+from fastclr.errors import FastclrError
+
+
+def test_idx_gz_and_raw_round_trip(tmp_path: Path) -> None:
+    x, _ = synthetic_images(5, 28)
+    gz = write_idx(tmp_path / "a.gz", x[..., 0])
+    raw = write_idx(tmp_path / "b", x[..., 0], gz=False)
+    for p in (gz, raw):
+        out = formats.read_idx_images(p)
+        assert out.shape == (5, 28, 28, 1) and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, x)
+
+
+def test_idx_bad_magic_and_truncation_are_clear_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x12\x34\x56\x78" + b"\x00" * 20)
+    with pytest.raises(FastclrError, match="not an IDX file"):
+        formats.read_idx(bad)
+    p = write_idx(tmp_path / "t", np.zeros((4, 3, 3), np.uint8), gz=False)
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(FastclrError, match="truncated"):
+        formats.read_idx(p)
+
+
+def test_mnist_layout_loads_train_and_test_with_labels(data_root: Path) -> None:
+    ds = load_builtin("fashion-mnist")
+    xtr, ytr, xte, yte = write_idx_dataset(data_root / "fashion-mnist")
+    np.testing.assert_array_equal(ds.pretrain.images, xtr)
+    np.testing.assert_array_equal(ds.train.labels, ytr)
+    np.testing.assert_array_equal(ds.test.images, xte)
+    np.testing.assert_array_equal(ds.test.labels, yte)
+    assert ds.image_shape == (28, 28, 1) and ds.classes[0] == "T-shirt/top"
+
+
+def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
+    x10, y10 = write_cifar(tmp_path / "cifar-10-batches-py")
+    ds = load_builtin("cifar10", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.train.images, x10[:40])
+    np.testing.assert_array_equal(ds.test.images, x10[40:])
+    np.testing.assert_array_equal(ds.test.labels, y10[40:])
+    assert ds.classes[3] == "class3" and ds.image_shape == (32, 32, 3)
+    x100, y100 = write_cifar(tmp_path / "cifar-100-python", hundred=True)
+    ds = load_builtin("cifar100", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.train.images, x100[:8])
+    np.testing.assert_array_equal(ds.train.labels, y100[:8])
+    assert len(ds.classes) == 100
+
+
+def test_cifar_reader_refuses_pickles_that_run_code(tmp_path: Path) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (open, (str(marker), "w"))
+
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(pickle.dumps({b"data": Evil(), b"labels": [1]}))
+    with pytest.raises(FastclrError, match="not a CIFAR python batch"):
+        formats.read_cifar_batches([p], b"labels")
+    assert not marker.exists()
+
+
+def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    imgs = {name: rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8) for name, n in
+            (("train", 3), ("test", 2), ("unlabeled", 4))}
+    for name, x in imgs.items():
+        # STL-10 stores each image as 3 planes of 96x96 in column-major order
+        x.transpose(0, 3, 2, 1).tofile(folder / f"{name}_X.bin")
+    np.array([1, 10, 5], np.uint8).tofile(folder / "train_y.bin")
+    np.array([2, 3], np.uint8).tofile(folder / "test_y.bin")
+    ds = load_builtin("stl10", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.train.images, imgs["train"])
+    np.testing.assert_array_equal(ds.train.labels, [0, 9, 4])
+    np.testing.assert_array_equal(ds.test.labels, [1, 2])
+    np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
+    assert ds.pretrain.labels is None
+
+
+def test_lookup_order_root_env_cache_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, cache, system, explicit = (tmp_path / n for n in ("env", "cache", "system", "explicit"))
+    monkeypatch.setenv("FASTCLR_DATA", str(env))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", system)
+    assert search_roots(explicit) == [explicit, env, tmp_path / "fastclr", system]
+    write_idx_dataset(system / "fashion-mnist")
+    assert locate("fashion-mnist") == system / "fashion-mnist"
+    write_idx_dataset(tmp_path / "fastclr" / "fashion-mnist")
+    assert locate("fashion-mnist") == tmp_path / "fastclr" / "fashion-mnist"
+    write_idx_dataset(env / "fashion-mnist")
+    assert locate("fashion-mnist") == env / "fashion-mnist"
+
+
+def test_missing_files_without_download_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    with pytest.raises(FastclrError) as e:
+        ensure("fashion-mnist", download=False)
+    msg = str(e.value)
+    assert "apt-get install -y dataset-fashion-mnist" in msg and "train-images-idx3-ubyte.gz" in msg
+    assert "\n" not in msg
+
+
+def test_failed_download_names_the_url_and_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    bad = RemoteFile("file:///nonexistent/dir/cifar-10-python.tar.gz", "0" * 32, True)
+    monkeypatch.setitem(REGISTRY, "cifar10", dataclasses.replace(REGISTRY["cifar10"], remote=(bad,)))
+    with pytest.raises(FastclrError, match=r"cannot download file:///nonexistent.*cs\.toronto\.edu"):
+        ensure("cifar10")
+    assert not any(tmp_path.rglob("*.part"))
+
+
+def _serve(tmp_path: Path, name: str, payload: bytes) -> str:
+    src = tmp_path / "server" / name
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(payload)
+    return src.as_uri()
+
+
+def test_fetch_verifies_md5_and_leaves_nothing_on_mismatch(tmp_path: Path) -> None:
+    payload = b"hello idx"
+    url = _serve(tmp_path, "f.gz", payload)
+    dest = tmp_path / "dest"
+    good = RemoteFile(url, hashlib.md5(payload).hexdigest())
+    assert fetch(good, dest).read_bytes() == payload
+    with pytest.raises(FastclrError, match="checksum mismatch"):
+        fetch(RemoteFile(url, "0" * 32), tmp_path / "dest2")
+    assert list((tmp_path / "dest2").iterdir()) == []
+
+
+def test_download_of_an_archive_extracts_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    staging = tmp_path / "staging"
+    write_cifar(staging / "cifar-10-batches-py")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    url = _serve(tmp_path, "cifar-10-python.tar.gz", buf.getvalue())
+    remote = RemoteFile(url, hashlib.md5(buf.getvalue()).hexdigest(), extract=True)
+    monkeypatch.setitem(REGISTRY, "cifar10", dataclasses.replace(REGISTRY["cifar10"], remote=(remote,)))
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    ds = load_builtin("cifar10")
+    assert len(ds.train) == 40 and (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").exists()
+
+
+def test_official_checksums_are_recorded_for_every_dataset() -> None:
+    for spec in REGISTRY.values():
+        assert spec.remote and all(len(r.md5) == 32 and r.url.startswith("http") for r in spec.remote)

@@ -1,0 +1,116 @@
+"""NT-Xent is checked against a literal float64 transcription of the paper's formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastclr.losses import contrastive_metrics, nt_xent, nt_xent_logits, positive_rank
+
+
+def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """l(i,j) = -log( exp(sim(z_i,z_j)/t) / sum_{k != i} exp(sim(z_i,z_k)/t) ), mean over 2N anchors,
+    with explicit loops over i and k, in float64."""
+    z = torch.cat([z1, z2]).double()
+    n2 = z.shape[0]
+    n = n2 // 2
+
+    def sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b) / (a.norm() * b.norm())
+
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n2):
+        j = (i + n) % n2
+        denom = torch.zeros((), dtype=torch.float64)
+        for k in range(n2):
+            if k != i:
+                denom = denom + torch.exp(sim(z[i], z[k]) / t)
+        total = total - torch.log(torch.exp(sim(z[i], z[j]) / t) / denom)
+    return total / n2
+
+
+@pytest.mark.parametrize("n,d,t", [(2, 3, 0.5), (5, 8, 0.1), (7, 4, 1.0)])
+def test_value_and_gradients_match_literal_formula(n: int, d: int, t: float) -> None:
+    g = torch.Generator().manual_seed(n * 100 + d)
+    a = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    ours = nt_xent(a, b, t)
+    ga, gb = torch.autograd.grad(ours, [a, b])
+    ref = reference_nt_xent(a, b, t)
+    ra, rb = torch.autograd.grad(ref, [a, b])
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, ra, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gb, rb, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_input_matches_reference() -> None:
+    a, b = torch.randn(16, 32), torch.randn(16, 32)
+    assert nt_xent(a, b, 0.2).dtype == torch.float32
+    assert abs(float(nt_xent(a, b, 0.2)) - float(reference_nt_xent(a, b, 0.2))) < 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 4, 33])
+def test_identical_embeddings_give_log_2n_minus_1(n: int) -> None:
+    z = torch.ones(n, 16)
+    assert float(nt_xent(z, z.clone(), 0.1)) == pytest.approx(math.log(2 * n - 1), abs=1e-6)
+
+
+def test_symmetric_in_the_two_views() -> None:
+    a, b = torch.randn(9, 5), torch.randn(9, 5)
+    torch.testing.assert_close(nt_xent(a, b, 0.3), nt_xent(b, a, 0.3))
+
+
+def test_invariant_to_scale_of_projections() -> None:
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    torch.testing.assert_close(nt_xent(a, b, 0.3), nt_xent(3.0 * a, 0.5 * b, 0.3))
+
+
+def test_finite_under_bf16_autocast_at_low_temperature() -> None:
+    torch.manual_seed(1)
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(128, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(x)
+        assert z.dtype == torch.bfloat16
+        loss = nt_xent(*z.chunk(2), 0.05)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # The bf16 projections only perturb the loss; the masked diagonal does not leak in.
+    ref = nt_xent(*layer(x).detach().chunk(2), 0.05)
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+
+
+def test_diagonal_is_masked_with_a_finite_value() -> None:
+    logits, target = nt_xent_logits(torch.randn(4, 3), torch.randn(4, 3), 0.01)
+    assert torch.isfinite(logits).all()
+    assert (logits.diagonal() == torch.finfo(torch.float32).min).all()
+    assert target.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+
+
+def test_temperature_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        nt_xent(torch.randn(2, 2), torch.randn(2, 2), 0.0)
+
+
+def test_rank_and_accuracy_against_brute_force() -> None:
+    torch.manual_seed(3)
+    logits, target = nt_xent_logits(torch.randn(10, 4), torch.randn(10, 4), 0.5)
+    ranks = positive_rank(logits, target)
+    for i in range(20):
+        others = [float(logits[i, k]) for k in range(20) if k != i]
+        pos = float(logits[i, target[i]])
+        assert int(ranks[i]) == 1 + sum(o > pos for o in others)
+    m = contrastive_metrics(logits, target)
+    assert float(m["top1"]) == pytest.approx(float((ranks == 1).float().mean()))
+    assert float(m["top5"]) == pytest.approx(float((ranks <= 5).float().mean()))
+    assert float(m["mean_rank"]) == pytest.approx(float(ranks.float().mean()))
+
+
+def test_perfect_pairs_rank_first() -> None:
+    e = torch.eye(6)
+    m = contrastive_metrics(*nt_xent_logits(e, e.clone(), 0.1))
+    assert float(m["top1"]) == 1.0 and float(m["mean_rank"]) == 1.0

@@ -1,0 +1,79 @@
+"""Encoders: feature dimensions, output shapes, stems; the projection head's structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastclr.errors import FastclrError
+from fastclr.models import ENCODERS, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
+from fastclr.models.cnn import SmallCNN, parse_stages
+
+EXPECTED_DIM = {"cnn": 1024, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+@pytest.mark.parametrize("width", [0.25, 0.5])
+def test_every_registered_encoder_outputs_its_feature_dim(name: str, width: float) -> None:
+    size, c = (28, 1) if name == "cnn" else (32, 3)
+    enc = build_encoder(name, c, size, width)
+    h = enc(torch.randn(3, c, size, size))
+    assert h.shape == (3, enc.feature_dim)
+    assert enc.feature_dim == int(EXPECTED_DIM[name] * width)
+
+
+def test_resnet_parameter_counts_match_the_standard_architectures() -> None:
+    # torchvision's resnet18/50 have 11,689,512 / 25,557,032 parameters including the 1000-way
+    # fc layer (512*1000+1000 / 2048*1000+1000). Our trunk is the same network without it.
+    n18 = sum(p.numel() for p in build_encoder("resnet18", 3, 224, cifar_stem="off").parameters())
+    n50 = sum(p.numel() for p in build_encoder("resnet50", 3, 224, cifar_stem="off").parameters())
+    assert n18 == 11_689_512 - 513_000
+    assert n50 == 25_557_032 - 2_049_000
+
+
+def test_cifar_stem_is_chosen_for_small_inputs() -> None:
+    assert use_cifar_stem("auto", 32) and not use_cifar_stem("auto", 96)
+    small = build_encoder("resnet18", 3, 32)
+    big = build_encoder("resnet18", 3, 96)
+    assert small.stem[0].kernel_size == (3, 3) and small.stem[0].stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in small.stem)
+    assert big.stem[0].kernel_size == (7, 7) and any(isinstance(m, nn.MaxPool2d) for m in big.stem)
+    # a 32 px image keeps 4x4 spatial positions before pooling with the CIFAR stem
+    feats = small.stages(small.stem(torch.randn(1, 3, 32, 32)))
+    assert feats.shape[-2:] == (4, 4)
+
+
+def test_auto_encoder_and_bad_names() -> None:
+    assert resolve_encoder("auto", 28) == "cnn" and resolve_encoder("auto", 32) == "resnet18"
+    with pytest.raises(FastclrError, match="unknown encoder 'resnet19'; choose one of"):
+        resolve_encoder("resnet19", 32)
+
+
+def test_small_cnn_space_to_depth_and_stage_spec() -> None:
+    assert parse_stages("64|128,128|256") == ([[64], [128, 128], [256]], 0)
+    assert parse_stages("32|64|fc512") == ([[32], [64]], 512)
+    enc = SmallCNN(1, 1.0, "16|32")
+    assert isinstance(enc.features[0], nn.PixelUnshuffle)
+    assert enc.features[1].in_channels == 4  # 1 channel x 2 x 2
+    assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 32)
+    # 28 -> 14 (space to depth) -> 7 (pool) -> 3 (pool before the linear stage): 3 * 3 * 32 inputs
+    enc = SmallCNN(1, 1.0, "16|32|fc64")
+    fc = [m for m in enc.pool if isinstance(m, nn.Linear)][0]
+    assert fc.in_features == 3 * 3 * 32 and enc.feature_dim == 64
+    assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+
+
+def test_feature_dim_of_a_custom_module_is_measured() -> None:
+    custom = nn.Sequential(nn.Conv2d(3, 7, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert feature_dim(custom, 3, 16) == 7
+
+
+@pytest.mark.parametrize("layers,bn", [(2, True), (3, True), (2, False), (1, False)])
+def test_projection_head_structure(layers: int, bn: bool) -> None:
+    head = ProjectionHead(32, 64, 16, layers, bn)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    bns = [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(linears) == layers and len(bns) == (layers - 1 if bn else 0)
+    assert linears[0].in_features == 32 and linears[-1].out_features == 16
+    assert head(torch.randn(4, 32)).shape == (4, 16)

@@ -1,0 +1,73 @@
+"""Learning-rate schedule (closed forms), batch-size scaling, LARS and parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastclr.errors import FastclrError
+from fastclr.optim import LARS, build_optimizer, param_groups
+from fastclr.schedule import lr_at, scaled_lr
+
+
+def test_warmup_is_linear_and_reaches_the_peak() -> None:
+    assert [lr_at(s, 100, 10, 1.0) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+
+
+def test_cosine_closed_form_and_floor() -> None:
+    for s in (10, 30, 55, 80, 99, 100, 150):
+        progress = min(1.0, (s - 10) / 90)
+        expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert lr_at(s, 100, 10, 1.0, min_ratio=0.1) == pytest.approx(expected)
+    assert lr_at(100, 100, 10, 2.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batch_size_scaling_rules() -> None:
+    assert scaled_lr(0.3, 4096, "linear") == pytest.approx(4.8)  # SimCLR: 0.3 x 4096/256
+    assert scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)  # 0.075 x sqrt(4096)
+    assert scaled_lr(1e-3, 4096, "none") == 1e-3
+    with pytest.raises(ValueError):
+        scaled_lr(1.0, 2, "cubic")
+
+
+def test_bn_and_bias_parameters_are_excluded_from_decay() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    decay, no_decay = param_groups([m], 0.1)
+    assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[2].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(m[0].bias), id(m[1].weight), id(m[1].bias), id(m[2].bias)}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_lars_step_matches_the_formula() -> None:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, 3))
+    b = nn.Parameter(torch.randn(5))
+    w.grad, b.grad = torch.randn(5, 3), torch.randn(5)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    opt = LARS([{"params": [w], "weight_decay": 0.01, "lars": True},
+                {"params": [b], "weight_decay": 0.0, "lars": False}], lr=0.5, momentum=0.9, eta=0.001)
+    opt.step()
+    g = gw + 0.01 * w0
+    trust = 0.001 * w0.norm() / g.norm()
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * trust * g)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # excluded: plain SGD, no decay
+    # second step: momentum buffer = 0.9 * previous update direction + new one
+    w.grad, b.grad = gw.clone(), gb.clone()
+    w1 = w.detach().clone()
+    opt.step()
+    g1 = gw + 0.01 * w1
+    buf = 0.9 * trust * g + 0.001 * w1.norm() / g1.norm() * g1
+    torch.testing.assert_close(w.detach(), w1 - 0.5 * buf)
+
+
+def test_build_optimizer_names() -> None:
+    m = nn.Linear(3, 3)
+    assert isinstance(build_optimizer("adamw", [m], 1e-3, 0.1), torch.optim.AdamW)
+    assert isinstance(build_optimizer("sgd", [m], 1e-3, 0.1), torch.optim.SGD)
+    assert isinstance(build_optimizer("lars", [m], 1e-3, 0.1), LARS)
+    with pytest.raises(FastclrError, match="choose one of: adamw, sgd, lars"):
+        build_optimizer("adam2", [m], 1e-3, 0.1)

@@ -1,0 +1,75 @@
+"""Frozen features, logistic regression (against scikit-learn) and kNN (against brute force)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import synthetic_images
+from fastclr.knn import knn_accuracy, knn_predict
+from fastclr.probe import extract_features, fit_logistic_regression, linear_probe, prepare_images
+
+
+def blobs(n: int, d: int, k: int, seed: int, spread: float = 2.0, centre_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    centres = torch.randn(k, d, generator=torch.Generator().manual_seed(centre_seed)) * spread
+    g = torch.Generator().manual_seed(seed + 1000)
+    y = torch.randint(0, k, (n,), generator=g)
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def test_logistic_regression_matches_scikit_learn() -> None:
+    sk = pytest.importorskip("sklearn.linear_model")
+    x, y = blobs(1500, 20, 5, 0, spread=0.6)
+    xt, yt = blobs(800, 20, 5, 1, spread=0.6)
+    l2 = 1e-2
+    ours = fit_logistic_regression(x, y, 5, l2, max_iter=500)
+    xs = ((x - ours.mean) / ours.std).numpy()
+    # ours: mean CE + l2/2 |W|^2  ==  (1/N) * (sum CE + N l2/2 |W|^2), i.e. sklearn's C = 1 / (N l2)
+    ref = sk.LogisticRegression(C=1 / (len(x) * l2), max_iter=2000, tol=1e-10).fit(xs, y.numpy())
+    np.testing.assert_allclose(ours.weight.numpy(), ref.coef_ - ref.coef_.mean(0), atol=2e-3)
+    acc_ref = ref.score(((xt - ours.mean) / ours.std).numpy(), yt.numpy())
+    assert abs(ours.accuracy(xt, yt) - acc_ref) <= 0.01
+
+
+def test_linear_probe_selects_l2_on_train_only_and_separates_easy_data() -> None:
+    x, y = blobs(2000, 10, 4, 1, spread=5.0)
+    res = linear_probe(x[:1500], y[:1500], x[1500:], y[1500:])
+    assert res.accuracy == 1.0 and res.val_accuracy == 1.0 and res.l2 in (1e-5, 1e-4, 1e-3)
+
+
+def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> None:
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    enc.train()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    x, _ = synthetic_images(37, 12)
+    mean, std = torch.tensor([0.3]), torch.tensor([0.2])
+    feats = extract_features(enc, x, mean, std, torch.device("cpu"), batch_size=8, precision="fp32", channels_last=False)
+    assert enc.training  # restored
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, before[k])  # BatchNorm running statistics did not move
+    enc.eval()
+    direct = enc(prepare_images(torch.from_numpy(x), mean, std, 12))
+    torch.testing.assert_close(feats, direct)
+    assert feats.shape == (37, 4) and feats.dtype == torch.float32
+
+
+def test_knn_matches_brute_force_weighted_votes() -> None:
+    x, y = blobs(300, 8, 3, 2, spread=0.5)
+    q, _ = blobs(40, 8, 3, 3, spread=0.5)
+    k, tau = 7, 0.1
+    pred = knn_predict(x, y, q, k, tau, 3, chunk=16)
+    xn = x / x.norm(dim=1, keepdim=True)
+    for i in range(len(q)):
+        sims = [(float(xn[j] @ (q[i] / q[i].norm())), int(y[j])) for j in range(len(x))]
+        sims.sort(key=lambda t: -t[0])
+        votes = [0.0, 0.0, 0.0]
+        for s, c in sims[:k]:
+            votes[c] += float(np.exp(s / tau))
+        assert int(pred[i]) == int(np.argmax(votes))
+
+
+def test_knn_accuracy_on_identical_sets_with_k1_is_one() -> None:
+    x, y = blobs(100, 5, 4, 4)
+    assert knn_accuracy(x, y, x, y, k=1) == 1.0

@@ -1,0 +1,109 @@
+"""The training loop: exact resume, determinism, custom encoders, non-finite losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import synthetic_images
+from fastclr.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.config import Config, apply_overrides
+from fastclr.data import Dataset, ImageSet
+from fastclr.errors import FastclrError
+from fastclr.train import NonFiniteLoss, pretrain
+
+
+def tiny_dataset(n: int = 96, size: int = 28) -> Dataset:
+    x, y = synthetic_images(n, size)
+    xt, yt = synthetic_images(32, size, seed=9)
+    return Dataset("tiny", ImageSet(x, y), ImageSet(x, y), ImageSet(xt, yt), ["a", "b", "c", "d"])
+
+
+def tiny_config(run_dir: Path, **over: object) -> Config:
+    base = {"model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16, "train.batch_size": 16,
+            "train.epochs": 2.0, "train.run_dir": str(run_dir), "train.log_every": 3, "eval.monitor_every": 0,
+            "eval.probe": False, "augment.blur_p": 0.0}
+    base.update({k.replace("__", "."): v for k, v in over.items()})
+    return apply_overrides(Config(), base)
+
+
+def params(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(list_checkpoints(run_dir)[-1])
+    return {**{f"enc.{k}": v for k, v in state["encoder"].items()}, **{f"head.{k}": v for k, v in state["head"].items()}}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path: Path, precision: str) -> None:
+    ds = tiny_dataset()  # 96 images / batch 16 = 6 steps per epoch, 12 steps in all
+    straight = pretrain(tiny_config(tmp_path / "a", train__precision=precision), dataset=ds, progress=False, log=lambda s: None)
+    assert straight.steps == 12 and not straight.stopped
+    # stop mid-epoch (step 5 of 12), then resume
+    first = pretrain(tiny_config(tmp_path / "b", train__precision=precision), dataset=ds, progress=False,
+                     log=lambda s: None, stop=lambda step: step == 5)
+    assert first.stopped and first.steps == 5
+    second = pretrain(tiny_config(tmp_path / "b", train__precision=precision), resume=tmp_path / "b", dataset=ds,
+                      progress=False, log=lambda s: None)
+    assert second.steps == 12
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = load_checkpoint(list_checkpoints(tmp_path / "a")[-1])["optimizer"]["state"]
+    sb = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+
+
+def test_training_reduces_the_loss_and_learns_the_synthetic_classes(tmp_path: Path) -> None:
+    ds = tiny_dataset(192)
+    cfg = tiny_config(tmp_path, train__epochs=6.0, eval__probe=True, train__log_every=1, model__width=0.25)
+    res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
+    import json
+
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert res.probe_accuracy is not None and res.probe_accuracy >= 0.9  # 4 bar positions are easy
+
+
+def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
+    enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    res = pretrain(tiny_config(tmp_path, train__epochs=1.0), dataset=tiny_dataset(), encoder=enc, progress=False,
+                   log=lambda s: None)
+    assert res.model is not None and res.model.encoder is enc and res.model.info["feature_dim"] == 8
+    assert not torch.equal(enc[0].weight, nn.Conv2d(1, 8, 3, 2).weight)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    class PoisonAfter(nn.Module):
+        """A toy encoder whose output becomes NaN from its 8th forward pass in training."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                self.calls += 1
+            h = self.net(x)
+            return h * float("nan") if self.calls >= 8 else h
+
+    cfg = tiny_config(tmp_path, train__epochs=3.0, train__checkpoint_every=2, train__log_every=100)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 8;"):
+        pretrain(cfg, dataset=tiny_dataset(), encoder=PoisonAfter(), progress=False, log=lambda s: None)
+    ckpts = list_checkpoints(tmp_path)
+    assert ckpts and load_checkpoint(ckpts[-1])["step"] == 6
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(ckpts[-1])["encoder"].values() if v.is_floating_point())
+
+
+def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
+    ds = tiny_dataset()
+    with pytest.raises(FastclrError, match=r"batch size 512 is larger than the dataset \(96 images\); pass --batch-size 96"):
+        pretrain(tiny_config(tmp_path, train__batch_size=512), dataset=ds, progress=False, log=lambda s: None)
+    with pytest.raises(FastclrError, match="temperature must be > 0"):
+        pretrain(tiny_config(tmp_path, train__temperature=0.0), dataset=ds, progress=False, log=lambda s: None)
