@@ -3,6 +3,7 @@
 The pieces, in the order data flows through them:
 
     load_builtin / load_data      stored uint8 images (N, H, W, C) and labels
+    prepare_store / open_store    the user's own image folder as a memory-mapped store
     two_views                     batched, per-image random augmentation on the device
     build_encoder / ResNet / SmallCNN   encoder f: views -> h
     ProjectionHead                head g: h -> z
@@ -10,13 +11,15 @@ The pieces, in the order data flows through them:
     build_optimizer, LARS, lr_at  optimisation
     pretrain                      the whole loop, with runs, checkpoints and the probe
     extract_features, linear_probe, knn_accuracy   evaluation on frozen h
+    evaluate / build_report       `fastclr evaluate` (every protocol) and `fastclr report` (report.html)
 """
 
 from fastclr.augment import two_views
 from fastclr.config import AugmentConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
-from fastclr.data import Dataset, ImageSet, load_builtin, load_data
+from fastclr.data import Dataset, ImageSet, load_builtin, load_data, open_store
 from fastclr.errors import FastclrError
 from fastclr.export import load_encoder, save_encoder
+from fastclr.ingest import DecodeOptions, prepare_store
 from fastclr.knn import knn_accuracy
 from fastclr.losses import contrastive_metrics, nt_xent
 from fastclr.models import ProjectionHead, ResNet, SmallCNN, build_encoder
@@ -24,12 +27,15 @@ from fastclr.optim import LARS, build_optimizer
 from fastclr.probe import extract_features, linear_probe
 from fastclr.schedule import lr_at, scaled_lr
 from fastclr.train import pretrain
+from fastclr.evaluation import EvaluateOptions, evaluate
+from fastclr.report import build_report
 from fastclr.version import __version__
 
 __all__ = [
-    "LARS", "AugmentConfig", "Config", "DataConfig", "Dataset", "EvalConfig", "FastclrError", "ImageSet",
+    "LARS", "AugmentConfig", "Config", "DataConfig", "Dataset", "DecodeOptions", "EvalConfig", "FastclrError", "ImageSet",
     "ModelConfig", "OptimConfig", "ProjectionHead", "ResNet", "SmallCNN", "TrainConfig", "__version__",
     "build_encoder", "build_optimizer", "contrastive_metrics", "extract_features", "knn_accuracy", "linear_probe",
-    "load_builtin", "load_data", "load_encoder", "lr_at", "nt_xent", "pretrain", "save_encoder", "scaled_lr",
-    "two_views",
+    "load_builtin", "load_data", "load_encoder", "lr_at", "nt_xent", "open_store", "prepare_store", "pretrain",
+    "save_encoder", "scaled_lr", "two_views",
 ]
+__all__ += ["EvaluateOptions", "build_report", "evaluate"]

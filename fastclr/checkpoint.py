@@ -115,6 +115,15 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path
     return path
 
 
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete temporary files left by a writer that was killed mid-write; returns them."""
+    folder = run_dir / CHECKPOINT_DIR
+    stale = [p for p in folder.glob(".step-*.tmp")] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint files of a run, oldest first (by step)."""
     folder = run_dir / CHECKPOINT_DIR

@@ -10,6 +10,8 @@ from typing import Any
 
 from fastclr.config import Config, apply_overrides, flag_table, read_toml
 from fastclr.errors import FastclrError
+from fastclr.evaluation.cli import add_eval_commands
+from fastclr.ingest.commands import add_ingest_commands
 
 EXIT_USAGE = 2
 
@@ -40,11 +42,26 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train SimCLR, then print the linear-probe accuracy."""
+    from fastclr.checkpoint import list_checkpoints
+    from fastclr.signals import EXIT_STOPPED, graceful_stop
     from fastclr.train import pretrain
 
     resume = None
-    if args.resume:
+    if args.resume == "auto":
+        # `--resume auto RUN_DIR`: continue RUN_DIR if it holds a checkpoint, else start it fresh.
+        target_name = args.run_dir or _overrides(args).get("train.run_dir")
+        if not target_name:
+            raise FastclrError("--resume auto needs the run directory: fastclr pretrain --resume auto RUN_DIR")
+        target = Path(target_name)
+        if list_checkpoints(target):
+            resume = target
+        else:
+            args.__dict__["cfg:train.run_dir"] = str(target)
+    elif args.resume:
         resume = Path(args.resume)
+        if args.run_dir:
+            raise FastclrError("give either --resume RUN_DIR or --resume auto RUN_DIR, not both a directory and a positional")
+    if resume is not None:
         if not resume.is_dir():
             raise FastclrError(f"--resume {resume}: no such run directory; give the directory of an earlier run")
         saved = resume / "config.toml"
@@ -58,7 +75,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = apply_overrides(Config(), base)
     else:
         cfg = resolve_config(args)
-    result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet)
+    with graceful_stop() as stop:
+        result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
+                          stop=stop)
+    if result.stopped:
+        print(f"stopped at step {result.steps}; checkpoint written; resume with: fastclr pretrain --resume {result.run_dir}")
+        return EXIT_STOPPED
     if result.probe_accuracy is not None:
         print(f"linear-probe accuracy: {result.probe_accuracy * 100:.2f}%  (run: {result.run_dir})")
     return 0
@@ -80,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="train an encoder with SimCLR, then run the linear probe")
     pre.add_argument("--config", help="a TOML file of overrides ([data], [augment], [model], [optim], [train], [eval])")
-    pre.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest valid checkpoint")
+    pre.add_argument("--resume", metavar="RUN_DIR|auto",
+                     help="continue RUN_DIR from its newest valid checkpoint; `--resume auto RUN_DIR` resumes RUN_DIR "
+                          "when it holds a checkpoint and starts it fresh otherwise")
+    pre.add_argument("run_dir", nargs="?", help="with --resume auto: the run directory")
     pre.add_argument("--allow-config-change", action="store_true",
                      help="allow resuming with a different model, dataset, batch size or optimizer")
     pre.add_argument("--quiet", action="store_true", help="no progress line")
@@ -92,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--root", help="directory to look in first and to download into")
     dl.add_argument("--no-download", action="store_true", help="only check, never download")
     dl.set_defaults(func=cmd_download)
+    add_ingest_commands(sub)
+    add_eval_commands(sub)
     return p
 
 

@@ -48,5 +48,11 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
     info = json.loads(meta["fastclr"])
     encoder = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"])
-    encoder.load_state_dict(state)
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError:
+        raise FastclrError(
+            f"{path} does not match the {info['encoder']} architecture of this fastclr version "
+            f"(exported by {info.get('fastclr_version', '?')}); re-export it with that version"
+        ) from None
     return encoder.to(device), info

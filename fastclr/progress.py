@@ -18,8 +18,9 @@ def format_seconds(s: float) -> str:
 class Progress:
     """Rewrites one line on a terminal; prints a line every `every` seconds otherwise."""
 
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, every: float = 30.0, enabled: bool = True):
-        self.total, self.start = total, start
+    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, every: float = 30.0, enabled: bool = True,
+                 unit: str = "step"):
+        self.total, self.start, self.unit = total, start, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = every
@@ -34,7 +35,7 @@ class Progress:
         now = time.perf_counter()
         done = step - self.start
         eta = (now - self.t0) / max(done, 1) * (self.total - step)
-        line = f"step {step}/{self.total} {text} eta {format_seconds(eta)}"
+        line = f"{self.unit} {step}/{self.total} {text} eta {format_seconds(eta)}"
         if self.tty:
             self.stream.write("\r" + line[:160].ljust(100))
             self.stream.flush()

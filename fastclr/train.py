@@ -21,7 +21,7 @@ from torch import nn
 
 from fastclr import config as config_mod
 from fastclr.augment import two_views
-from fastclr.checkpoint import latest_valid_checkpoint, save_checkpoint
+from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries, save_checkpoint
 from fastclr.config import Config
 from fastclr.data import Dataset, load_data
 from fastclr.data.loader import BatchSampler, ImageSource
@@ -63,14 +63,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise FastclrError(f"unknown precision {precision!r}; choose bf16, fp16 or fp32")
 
 
-def channel_stats(images: np.ndarray, limit: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (float32 (C,)) of uint8 (N, H, W, C) images scaled to [0, 1],
-    from an evenly spaced subset of at most `limit` images (exact for N <= limit)."""
-    step = max(1, len(images) // limit)
-    x = np.asarray(images[::step], dtype=np.float64) / 255.0
-    c = x.shape[-1]
-    flat = x.reshape(-1, c)
-    return torch.tensor(flat.mean(0), dtype=torch.float32), torch.tensor(flat.std(0).clip(1e-3), dtype=torch.float32)
+    from an evenly spaced subset of at most `limit` images (exact for N <= limit).
+
+    Sums are accumulated chunk by chunk in float64, so a memory-mapped store larger than RAM
+    is read a few hundred rows at a time."""
+    idx = np.arange(0, len(images), max(1, len(images) // limit))
+    c = images.shape[-1]
+    total, total_sq, count = np.zeros(c), np.zeros(c), 0
+    for start in range(0, len(idx), chunk):
+        x = np.asarray(images[idx[start : start + chunk]], dtype=np.float64).reshape(-1, c) / 255.0
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0)).clip(1e-3)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
 def augment_seed(seed: int, step: int) -> int:
@@ -192,11 +201,15 @@ def pretrain(
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
     else:
         run_dir = Path(cfg.train.run_dir) if cfg.train.run_dir else default_run_dir(cfg)
-    prepare_run_dir(run_dir)
 
     if dataset is None:
         dataset = load_data(cfg.data)
     validate(cfg, len(dataset.pretrain))
+    # Only now, with the data and settings known good, does the run directory come into being.
+    prepare_run_dir(run_dir)
+    for p in remove_stale_temporaries(run_dir):
+        log(f"removed {p.name}, left by a checkpoint write that was interrupted")
+    torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     model = build_model(cfg, dataset, device, encoder)
     enc, head = model.encoder, model.head
     mean = torch.tensor(model.info["mean"], device=device)
@@ -221,7 +234,6 @@ def pretrain(
         total_steps = int(state["total_steps"]) if t.time_budget > 0 else total_steps
         train_seconds = float(state.get("train_seconds", 0.0))
     else:
-        torch.manual_seed(t.seed)
         train_seconds = 0.0
     budget_fixed = state is not None or t.time_budget <= 0
     warmup = int(round(cfg.optim.warmup_epochs * spe))
@@ -232,6 +244,7 @@ def pretrain(
         f"peak lr {peak_lr:g} ({cfg.optim.lr_scaling} scaling), {amp or torch.float32} on {device}")
 
     train_fn = torch.compile(_forward_loss) if t.compile else _forward_loss
+    params = [p for m in (enc, head) for p in m.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)
     bar = Progress(total_steps, step, enabled=progress)
     acc: dict[str, torch.Tensor] = {}
@@ -250,6 +263,9 @@ def pretrain(
             "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "model_info": model.info,
         })
 
+    labelled = dataset.train is not None and dataset.test is not None
+    if not labelled and (cfg.eval.probe or cfg.eval.monitor_every):
+        log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
     loop_start = time.perf_counter() - train_seconds
     pace_start = loop_start
     try:
@@ -263,11 +279,12 @@ def pretrain(
             loss, logits, target = train_fn(enc, head, views, t.temperature, amp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             opt.step()
-            finite = torch.isfinite(loss.detach())
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
             # 1-based: the count of the step whose loss was bad, as `step` is counted in the logs.
             first_bad = torch.where((~finite) & (first_bad < 0), torch.tensor(step + 1, device=device), first_bad)
-            _accumulate(acc, {"loss": loss.detach(), **contrastive_metrics(logits.detach(), target)})
+            _accumulate(acc, {"loss": loss.detach(), "grad_norm": grad_norm, **contrastive_metrics(logits.detach(), target)})
             step += 1
             window_steps += 1
             train_seconds = time.perf_counter() - loop_start
@@ -345,7 +362,7 @@ def _accumulate(acc: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -
 
 def _nonfinite_message(step: int, cfg: Config, run_dir: Path) -> str:
     return (
-        f"non-finite loss at step {step}; the last good checkpoint in {run_dir} is kept. Try a higher temperature "
+        f"non-finite loss or gradient at step {step}; the last good checkpoint in {run_dir} is kept. Try a higher temperature "
         f"(now {cfg.train.temperature}), a lower learning rate (now {cfg.optim.lr}) or --precision fp32 "
         f"(now {cfg.train.precision}), then resume with --resume {run_dir} --allow-config-change"
     )

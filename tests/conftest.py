@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +82,25 @@ def write_cifar(folder: Path, n_per_batch: int = 8, hundred: bool = False) -> tu
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: synthetic mnist in an isolated $FASTCLR_DATA."""
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=256, n_test=64)
+    e = dict(os.environ, FASTCLR_DATA=str(tmp_path / "data"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run `python -m fastclr ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
+# Small and quick: 256 images at batch 32 = 8 steps per epoch.
+TINY = ["--width", "0.125", "--head-hidden", "32", "--proj-dim", "16", "--batch-size", "32", "--log-every", "2",
+        "--monitor-every", "1", "--quiet", "--blur-p", "0"]

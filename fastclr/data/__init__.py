@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from fastclr.config import DataConfig
 from fastclr.data.datasets import REGISTRY, Dataset, ImageSet, load_builtin
+from fastclr.data.store import open_store
 
-__all__ = ["REGISTRY", "Dataset", "ImageSet", "load_builtin", "load_data"]
+__all__ = ["REGISTRY", "Dataset", "ImageSet", "load_builtin", "load_data", "open_store"]
 
 
 def load_data(cfg: DataConfig) -> Dataset:
-    """The dataset a config names: a built-in dataset by name."""
+    """The dataset a config names: a built-in dataset by name, or a prepared store by path
+    (built-in names win over a directory of the same name)."""
+    if cfg.name not in REGISTRY and ("/" in cfg.name or os.sep in cfg.name or Path(cfg.name).is_dir()):
+        return open_store(cfg.name)
     return load_builtin(cfg.name, cfg.root or None, cfg.download)

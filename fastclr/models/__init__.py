@@ -15,15 +15,20 @@ from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 __all__ = ["ENCODERS", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "feature_dim", "resolve_encoder"]
 
 
-def _cnn(in_channels: int, width: float, cifar_stem: bool) -> nn.Module:
-    return SmallCNN(in_channels, width)
+def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int) -> nn.Module:
+    return SmallCNN(in_channels, width, image_size=image_size)
 
 
-ENCODERS: dict[str, Callable[[int, float, bool], nn.Module]] = {
+def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int], nn.Module]:
+    return lambda in_channels, width, cifar_stem, image_size: ctor(in_channels, width, cifar_stem)
+
+
+# name -> constructor(in_channels, width, cifar_stem, image_size)
+ENCODERS: dict[str, Callable[[int, float, bool, int], nn.Module]] = {
     "cnn": _cnn,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
+    "resnet18": _resnet(resnet18),
+    "resnet34": _resnet(resnet34),
+    "resnet50": _resnet(resnet50),
 }
 
 # Inputs at or below this side get the CIFAR stem: a 7x7/2 conv plus max-pool would leave a
@@ -56,7 +61,7 @@ def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1
     if width <= 0:
         raise FastclrError(f"width must be > 0, got {width}")
     resolved = resolve_encoder(name, image_size)
-    return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size))
+    return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size), image_size)
 
 
 @torch.no_grad()

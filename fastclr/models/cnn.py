@@ -22,6 +22,9 @@ def parse_stages(spec: str) -> tuple[list[list[int]], int]:
     fc = 0
     if parts[-1].startswith("fc"):
         fc = int(parts.pop()[2:])
+    elif parts[-1] == "flat":
+        parts.pop()
+        fc = -1
     return [[int(c) for c in stage.split(",")] for stage in parts], fc
 
 
@@ -46,7 +49,7 @@ class SmallCNN(nn.Module):
             layers.append(nn.PixelUnshuffle(2))
             c, side = in_channels * 4, image_size // 2
         for s, stage in enumerate(convs):
-            if s > 0:
+            if s > 0 and side >= 2:  # tiny inputs: stop pooling at 1 x 1
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
             for channels in stage:
@@ -54,11 +57,18 @@ class SmallCNN(nn.Module):
                 layers += conv_bn_relu(c, out)
                 c = out
         self.features = nn.Sequential(*layers)
-        if fc:
+        if fc < 0:  # h is the max-pooled last map, flattened: spatial layout kept
+            shrink = side >= 2
+            side = side // 2 if shrink else side
+            self.pool = nn.Sequential(nn.MaxPool2d(2) if shrink else nn.Identity(), nn.Flatten())
+            self.feature_dim = c * side * side
+        elif fc:
             layers_out = max(8, int(round(fc * width)))
+            shrink = side >= 2
+            side = side // 2 if shrink else side
             self.pool: nn.Module = nn.Sequential(
-                nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c * (side // 2) ** 2, layers_out, bias=False),
-                nn.BatchNorm1d(layers_out), nn.ReLU(inplace=True))
+                nn.MaxPool2d(2) if shrink else nn.Identity(), nn.Flatten(),
+                nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out), nn.ReLU(inplace=True))
             self.feature_dim = layers_out
         else:
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())

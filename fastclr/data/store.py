@@ -1,0 +1,254 @@
+"""A prepared store: the user's images as one memory-mapped uint8 array, plus a manifest.
+
+    STORE/images.u8     raw uint8 rows in C order, shape (N, S, S, C) given in store.json
+    STORE/manifest.csv  one line per row, in row order: index, path, split, label, class, bytes,
+                        mtime_ns, sha256, width, height, mode (the file's displayed size and mode)
+    STORE/skipped.csv   path, reason, detail, bytes, mtime_ns, sha256 for every entry not used
+    STORE/store.json    format, shape, classes, split sizes, options, skip totals, source folder.
+                        Written last, atomically: a directory is a complete store iff it exists.
+
+Rows are grouped by split, "unlabeled" (label -1) then "train" then "test", each sorted by path,
+so every split is a contiguous slice of the memory map: training and the probe read it from disk
+batch by batch and a store larger than RAM works. Pretraining uses unlabeled + train; the linear
+probe fits on train and reports on test, as with the built-in datasets.
+
+numpy reads a store without fastclr:
+    meta = json.load(open("STORE/store.json"))
+    images = np.memmap("STORE/images.u8", np.uint8, "r", shape=tuple(meta["shape"]))
+    index = pandas.read_csv("STORE/manifest.csv")
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastclr.checkpoint import atomic_write
+from fastclr.data.datasets import Dataset, ImageSet
+from fastclr.errors import FastclrError
+from fastclr.version import __version__
+
+IMAGES, MANIFEST, SKIPPED, META = "images.u8", "manifest.csv", "skipped.csv", "store.json"
+MANIFEST_COLUMNS = ("index", "path", "split", "label", "class", "bytes", "mtime_ns", "sha256", "width", "height", "mode")
+SKIPPED_COLUMNS = ("path", "reason", "detail", "bytes", "mtime_ns", "sha256")
+SPLITS = ("unlabeled", "train", "test")
+FORMAT, VERSION = "fastclr-store", 1
+_PARTIAL = ".partial"
+_OWN_NAMES = {IMAGES, MANIFEST, SKIPPED, META, "." + IMAGES + _PARTIAL, "." + MANIFEST + _PARTIAL,
+              "." + SKIPPED + _PARTIAL, "." + IMAGES + ".promote"}
+
+
+@dataclass
+class Store:
+    """An opened store: images stay on disk (np.memmap); the manifest columns are in memory."""
+
+    path: Path
+    images: np.ndarray
+    """uint8 (N, S, S, C), an np.memmap."""
+    paths: list[str]
+    labels: np.ndarray
+    """int64 (N,); -1 for unlabeled rows."""
+    split_sizes: dict[str, int]
+    classes: list[str]
+    meta: dict[str, Any]
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """[start, stop) of the rows of `split`."""
+        start = 0
+        for s in SPLITS:
+            if s == split:
+                return start, start + self.split_sizes.get(s, 0)
+            start += self.split_sizes.get(s, 0)
+        raise ValueError(split)
+
+    def split_of_rows(self) -> list[str]:
+        """The split name of every row, in row order."""
+        return [s for s in SPLITS for _ in range(self.split_sizes.get(s, 0))]
+
+
+def is_store(path: Path) -> bool:
+    """Whether `path` is a complete store directory."""
+    return (path / META).is_file()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a store CSV file as dicts (empty list when the file is missing)."""
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_store(path: str | Path) -> Store:
+    """Open a store; one-line errors for a path that is not one or is inconsistent."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FastclrError(f"{p} is not a store directory; create one with `fastclr prepare FOLDER --size S --out {p}`")
+    if not is_store(p):
+        partial = (p / ("." + IMAGES + _PARTIAL)).exists() or (p / IMAGES).exists()
+        what = "an incomplete store (an interrupted prepare)" if partial else "not a fastclr store"
+        raise FastclrError(f"{p} is {what}: it has no {META}; run `fastclr prepare FOLDER --size S --out {p}`")
+    try:
+        meta = json.loads((p / META).read_text())
+        shape = tuple(int(s) for s in meta["shape"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FastclrError(f"{p / META} is damaged ({e}); run `fastclr prepare` again") from None
+    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
+        raise FastclrError(f"{p} is a {meta.get('format')} v{meta.get('version')} store; "
+                           f"this fastclr reads {FORMAT} v{VERSION}")
+    expected = int(np.prod(shape))
+    actual = (p / IMAGES).stat().st_size if (p / IMAGES).exists() else -1
+    if actual != expected:
+        raise FastclrError(f"{p / IMAGES} holds {actual} bytes, {shape} needs {expected}; run `fastclr prepare` again")
+    rows = read_csv(p / MANIFEST)
+    if len(rows) != shape[0]:
+        raise FastclrError(f"{p / MANIFEST} lists {len(rows)} images, the store holds {shape[0]}; "
+                           "run `fastclr prepare` again")
+    images = np.memmap(p / IMAGES, np.uint8, "r", shape=shape)
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    return Store(p, images, [r["path"] for r in rows], labels, {s: int(meta["splits"].get(s, 0)) for s in SPLITS},
+                 list(meta.get("classes", [])), meta)
+
+
+def store_dataset(store: Store) -> Dataset:
+    """The store as a Dataset: pretrain on unlabeled + train rows, probe on train -> test."""
+    u0, u1 = store.split_range("unlabeled")
+    t0, t1 = store.split_range("train")
+    v0, v1 = store.split_range("test")
+    x = store.images
+    # A tiny labelled store can hash every row into the test split; then pretrain on all rows.
+    pretrain = ImageSet(x[u0:t1] if t1 > u0 else x, None)
+    train = test = None
+    if t1 > t0 and v1 > v0:
+        train = ImageSet(x[t0:t1], store.labels[t0:t1])
+        test = ImageSet(x[v0:v1], store.labels[v0:v1])
+    return Dataset(str(store.path), pretrain, train, test, store.classes)
+
+
+def open_store(path: str | Path) -> Dataset:
+    """A store directory as a Dataset whose images are memory-mapped (see `store_dataset`)."""
+    return store_dataset(read_store(path))
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to write a store into a directory that holds anything but a store."""
+    if out.exists() and not out.is_dir():
+        raise FastclrError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir():
+        foreign = sorted(n for n in os.listdir(out) if n not in _OWN_NAMES and not n.startswith(f".{META}."))
+        if foreign:
+            raise FastclrError(f"{out} exists and is not a fastclr store (it holds {foreign[0]!r}); choose a new --out")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StoreWriter:
+    """Writes the rows of a new store beside any old one, then swaps it in with `commit`.
+
+    Until `commit`, only hidden `.partial` files are written, so an interrupted prepare leaves the
+    old store (or no store) as it was. With channels None ("auto") rows are written with one
+    channel until the first colour image arrives; the rows written so far are then expanded to
+    three once, which costs nothing for all-grayscale folders.
+    """
+
+    def __init__(self, out: Path, size: int, channels: int | None):
+        check_output_dir(out)
+        self.created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.size = out, size
+        self.auto = channels is None
+        self.channels = channels or 1
+        self.n = 0
+        self.split_sizes = {s: 0 for s in SPLITS}
+        self._images_path = out / ("." + IMAGES + _PARTIAL)
+        self._manifest_path = out / ("." + MANIFEST + _PARTIAL)
+        self._images = open(self._images_path, "wb")
+        self._manifest_file = open(self._manifest_path, "w", newline="", encoding="utf-8")
+        self._manifest = csv.writer(self._manifest_file)
+        self._manifest.writerow(MANIFEST_COLUMNS)
+        self._last_split = 0
+
+    def append(self, image: np.ndarray, row: dict[str, Any]) -> None:
+        """Add one uint8 (S, S, 1 or 3) image with its manifest fields (all but `index`)."""
+        rank = SPLITS.index(row["split"])
+        assert rank >= self._last_split, "rows must come grouped by split: unlabeled, train, test"
+        self._last_split = rank
+        c = image.shape[-1]
+        if c == 3 and self.channels == 1:
+            assert self.auto, "a colour image in a 1-channel store; decode converts it first"
+            self._promote()
+        if c == 1 and self.channels == 3:
+            image = np.repeat(image, 3, axis=-1)  # exactly Pillow's L -> RGB
+        assert image.shape == (self.size, self.size, self.channels) and image.dtype == np.uint8, image.shape
+        self._images.write(np.ascontiguousarray(image).tobytes())
+        self._manifest.writerow([self.n, *(row.get(k, "") for k in MANIFEST_COLUMNS[1:])])
+        self.split_sizes[row["split"]] += 1
+        self.n += 1
+
+    def _promote(self) -> None:
+        self._images.close()
+        tmp = self.out / ("." + IMAGES + ".promote")
+        with open(tmp, "wb") as f:
+            if self.n:
+                old = np.memmap(self._images_path, np.uint8, "r", shape=(self.n, self.size, self.size, 1))
+                for i in range(0, self.n, 4096):
+                    f.write(np.repeat(old[i : i + 4096], 3, axis=-1).tobytes())
+                del old
+        os.replace(tmp, self._images_path)
+        self._images = open(self._images_path, "ab")
+        self.channels = 3
+
+    def commit(self, classes: Sequence[str], options: dict[str, Any], skipped: Sequence[Any], source: str) -> Path:
+        """Write skipped.csv and store.json and swap the new files in; returns the store path."""
+        if self.n == 0:
+            raise FastclrError("a store needs at least one image")
+        self._images.close()
+        self._manifest_file.close()
+        skipped_path = self.out / ("." + SKIPPED + _PARTIAL)
+        with open(skipped_path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(SKIPPED_COLUMNS)
+            for s in skipped:
+                w.writerow([s.rel, s.reason, s.detail, "" if s.size < 0 else s.size,
+                            "" if s.mtime_ns < 0 else s.mtime_ns, s.sha256])
+        totals: dict[str, int] = {}
+        for s in skipped:
+            totals[s.reason] = totals.get(s.reason, 0) + 1
+        meta = {"format": FORMAT, "version": VERSION, "shape": [self.n, self.size, self.size, self.channels],
+                "classes": list(classes), "splits": self.split_sizes, "options": options, "skipped": totals,
+                "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fastclr_version": __version__}
+        for p in (self._images_path, self._manifest_path, skipped_path):
+            _fsync(p)
+        # The old store stops being complete before any of its files is replaced.
+        (self.out / META).unlink(missing_ok=True)
+        os.replace(self._images_path, self.out / IMAGES)
+        os.replace(self._manifest_path, self.out / MANIFEST)
+        os.replace(skipped_path, self.out / SKIPPED)
+        atomic_write(self.out / META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the partial files (and the store directory if this writer created it)."""
+        for f in (self._images, self._manifest_file):
+            f.close()
+        for name in _OWN_NAMES - {IMAGES, MANIFEST, SKIPPED, META}:
+            (self.out / name).unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass

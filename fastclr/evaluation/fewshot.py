@@ -1,0 +1,51 @@
+"""Few labels on frozen features: the linear probe fitted on a small stratified subset.
+
+The L2 strength is chosen the only honest way a user with n labels per class could: on a held-out
+20% of those n labels (never the test split), from a grid reaching stronger penalties than the
+full-label probe's, since few samples need more regularisation; then refitted on all n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastclr.evaluation.curve import label_sweep
+from fastclr.probe import ProbeResult, linear_probe
+
+FEWSHOT_L2_GRID = (1e-3, 1e-2, 1e-1)
+FEWSHOT_VAL_FRACTION = 0.2
+# L-BFGS iterations (final fit, each selection fit). On a 3-epoch Fashion-MNIST encoder, 100/50
+# instead of the full probe's 300/100 changed test accuracy by at most 0.05 points at 10, 100 and
+# 500 labels per class, and took a third of the time (at 500/class: 3.5 s instead of 9.7 s).
+FEWSHOT_ITERS = (100, 50)
+
+
+def fewshot_fit(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seed: int) -> ProbeResult:
+    """The few-label probe of one subset: L2 chosen on 20% of it, refitted on all of it."""
+    return linear_probe(x, y, test_x, test_y, l2_grid=FEWSHOT_L2_GRID, val_fraction=FEWSHOT_VAL_FRACTION, seed=seed,
+                        max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1])
+
+
+def fewshot_probe(
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    test_x: torch.Tensor,
+    test_y: np.ndarray,
+    per_class: tuple[int, ...],
+    seeds: tuple[int, ...],
+    classes: list[str],
+    log: Callable[[str], None] = lambda s: None,
+) -> list[dict[str, Any]]:
+    """Linear-probe test accuracy for every (labels per class, seed) subset of the training features."""
+    ytr, yte = torch.from_numpy(train_y), torch.from_numpy(test_y)
+
+    def one(idx: np.ndarray, seed: int) -> dict[str, Any]:
+        i = torch.from_numpy(idx)
+        res = fewshot_fit(train_x[i], ytr[i], test_x, yte, seed)
+        return {"accuracy": res.accuracy, "l2": res.l2}
+
+    return label_sweep(train_y, per_class, seeds, classes, one, log, "few-label probe")

@@ -1,0 +1,63 @@
+"""What `fastclr evaluate` does by default: the protocols, label counts, seeds and budgets.
+
+The defaults are sized so that the whole default evaluation of the default Fashion-MNIST run
+fits in 10 minutes on 2 CPU cores (measurements: docs/benchmarks.md, benchmarks/evaluate_time.py);
+every number can be raised from the command line when time allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastclr.evaluation.classifier import TrainRecipe
+
+PROTOCOLS = ("linear", "knn", "fewshot", "supervised", "finetune", "quality")
+"""Run by default, in this order."""
+EXTRA_PROTOCOLS = ("pixels",)
+"""Run only when asked for: the linear probe and kNN on raw pixels, the floor any encoder must beat."""
+LABELLED = ("linear", "knn", "fewshot", "supervised", "finetune", "pixels")
+"""Protocols that need the labelled train and test splits."""
+
+
+@dataclass
+class EvaluateOptions:
+    """Choices of one evaluation."""
+
+    protocols: tuple[str, ...] = PROTOCOLS
+    labels_per_class: tuple[int, ...] = (10, 20, 50, 100, 200, 500)
+    """The few-label points of the label-efficiency curve (the issue's list)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Subset seeds of the few-label probe: its fits take well under a second each."""
+    supervised_seeds: tuple[int, ...] = (0, 1)
+    """Subset seeds of the supervised baseline, each a full training run: fewer by default."""
+    finetune_fractions: tuple[float, ...] = (0.01, 0.1)
+    """SimCLR's semi-supervised label fractions."""
+    finetune_seeds: tuple[int, ...] = (0,)
+    knn_k: int = 0
+    """0: the run's own eval.knn_k (the monitor's k)."""
+    knn_tau: float = 0.07
+    """Vote temperature of Wu et al. 2018, as the monitor uses."""
+    steps: int = 200
+    """Optimiser steps of every supervised or fine-tuning run (equal compute for both)."""
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.1
+    shift_fraction: float = 0.0625
+    """Largest random shift when training from scratch, as a fraction of the side (2 px at 28 px).
+    Fashion-MNIST, 100 labels/class, 200 steps: 84.1% with 2 px, 83.6% with 4 px, 83.0% with none."""
+    finetune_shift_fraction: float = 0.0
+    """The same for fine-tuning, where shifts hurt: 10% labels, 200 steps, lr 1e-3: 87.3% with
+    none, 84.9% with 4 px (a pretrained encoder is already shift-robust; shifted views then only
+    move its inputs away from the centred test images)."""
+    quality_images: int = 2048
+    """Images (and view pairs) for the label-free measures: pairwise uniformity is O(n^2)."""
+    view_seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
+
+    def recipe(self, flip_p: float, finetune: bool = False) -> TrainRecipe:
+        """The training recipe from scratch (or for fine-tuning); `flip_p` is the run's."""
+        shift = self.finetune_shift_fraction if finetune else self.shift_fraction
+        return TrainRecipe(self.steps, self.batch_size, self.lr, self.weight_decay, self.warmup_fraction, shift, flip_p)

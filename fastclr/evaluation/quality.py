@@ -1,0 +1,55 @@
+"""Label-free quality of features: alignment, uniformity and effective rank.
+
+Alignment and uniformity (Wang & Isola 2020, "Understanding Contrastive Representation Learning
+through Alignment and Uniformity on the Hypersphere") are computed on l2-normalised features:
+alignment is the mean squared distance between the two views of an image (lower: augmentations
+map to nearby points), uniformity the log of the mean Gaussian potential between all pairs
+(lower: features spread over the sphere). A collapsed encoder has both near 0.
+
+Effective rank (Roy & Vetterli 2007) is exp of the entropy of the normalised singular values:
+between 1 (all features on one line) and min(N, D). It is taken on the features as they are,
+not centred, as RankMe does (Garrido et al. 2023): centring would turn a fully collapsed encoder
+(every feature the same vector) into the rank of its rounding noise, hiding the collapse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> float:
+    """E ||f(x) - f(x')||^alpha over positive pairs (rows of z1, z2 (N, D)), after l2 normalisation."""
+    a, b = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
+    return float((a - b).norm(dim=1).pow(alpha).mean())
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
+    """log E_{i != j} exp(-t ||f(x_i) - f(x_j)||^2) over the rows of z (N, D), after l2 normalisation."""
+    if z.shape[0] < 2:
+        raise ValueError("uniformity needs at least two features")
+    d2 = torch.pdist(F.normalize(z.double(), dim=1)).pow(2)  # (N (N - 1) / 2,): each unordered pair once
+    return float(torch.logsumexp(-t * d2, 0) - math.log(d2.numel()))
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(H(p)) with p the singular values of x (N, D) divided by their sum (Roy & Vetterli 2007)."""
+    s = torch.linalg.svdvals(x.double())
+    if float(s.sum()) == 0.0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def feature_quality(h: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor) -> dict[str, float]:
+    """The three measures: effective rank of clean features h (N, D); alignment of the view
+    features v1, v2 (M, D); uniformity averaged over both views, as Wang & Isola's reference code does."""
+    return {
+        "alignment": alignment(v1, v2),
+        "uniformity": 0.5 * (uniformity(v1) + uniformity(v2)),
+        "effective_rank": effective_rank(h),
+        "feature_dim": int(h.shape[1]),
+    }

@@ -1,0 +1,239 @@
+"""`fastclr evaluate`: every protocol on one run's encoder, results saved as RUN_DIR/eval.json.
+
+Features h of the labelled train and test splits are extracted once, in eval mode, and shared by
+the linear, kNN and few-label protocols; the supervised baseline and fine-tuning train their own
+copies. A checksum of the encoder is taken before and after: nothing here may change it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastclr.checkpoint import list_checkpoints
+from fastclr.data import Dataset, load_data
+from fastclr.errors import FastclrError
+from fastclr.evaluation.classifier import LabelledSetup
+from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
+from fastclr.evaluation.fewshot import fewshot_probe
+from fastclr.evaluation.finetune import finetune
+from fastclr.evaluation.options import EXTRA_PROTOCOLS, LABELLED, PROTOCOLS, EvaluateOptions
+from fastclr.evaluation.quality import feature_quality
+from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
+from fastclr.evaluation.supervised import fresh_encoder, supervised_baseline
+from fastclr.export import ENCODER_FILE
+from fastclr.knn import knn_accuracy
+from fastclr.pretrained import LoadedRun, load_run
+from fastclr.probe import extract_features, linear_probe, state_checksum
+from fastclr.runs import write_json
+from fastclr.train import select_device
+from fastclr.version import __version__
+
+EVAL_FILE = "eval.json"
+FROZEN = ("linear", "knn", "fewshot", "finetune")
+"""Protocols that use the frozen features of the labelled splits, extracted once for all of them."""
+
+
+@dataclass
+class Context:
+    """What the protocols share: the run, its data, the frozen features and the options."""
+
+    run: LoadedRun
+    dataset: Dataset
+    options: EvaluateOptions
+    device: torch.device
+    log: Callable[[str], None]
+    train_x: torch.Tensor | None = None  # (N_train, D) frozen h, when a labelled protocol runs
+    test_x: torch.Tensor | None = None  # (N_test, D)
+    setup: LabelledSetup | None = None
+
+
+def _linear(c: Context) -> dict[str, Any]:
+    s = c.setup
+    assert s is not None and c.train_x is not None and c.test_x is not None
+    res = linear_probe(c.train_x, torch.from_numpy(s.train_labels), c.test_x, torch.from_numpy(s.test_labels))
+    return {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
+            "train_accuracy": res.train_accuracy, "labels": len(s.train_labels)}
+
+
+def _knn(c: Context) -> dict[str, Any]:
+    s = c.setup
+    assert s is not None and c.train_x is not None and c.test_x is not None
+    k = c.options.knn_k or c.run.config.eval.knn_k
+    acc = knn_accuracy(c.train_x, torch.from_numpy(s.train_labels), c.test_x, torch.from_numpy(s.test_labels), k,
+                       c.options.knn_tau)
+    return {"accuracy": acc, "k": k, "tau": c.options.knn_tau}
+
+
+def _fewshot(c: Context) -> dict[str, Any]:
+    s = c.setup
+    assert s is not None and c.train_x is not None and c.test_x is not None
+    o = c.options
+    return {"curve": fewshot_probe(c.train_x, s.train_labels, c.test_x, s.test_labels, o.labels_per_class, o.seeds,
+                                   s.classes, c.log)}
+
+
+def _supervised(c: Context) -> dict[str, Any]:
+    assert c.setup is not None
+    o = c.options
+    return {"curve": supervised_baseline(c.run.info, c.setup, o.labels_per_class, o.supervised_seeds, c.log),
+            "recipe": asdict(c.setup.recipe)}
+
+
+def _finetune(c: Context) -> dict[str, Any]:
+    assert c.setup is not None and c.train_x is not None and c.test_x is not None
+    o = c.options
+    recipe = o.recipe(c.run.config.augment.flip_p, finetune=True)
+    return {"fractions": finetune(c.run.encoder, c.run.info, c.train_x, c.test_x, c.setup, recipe, o.finetune_fractions,
+                                  o.finetune_seeds, log=c.log),
+            "recipe": asdict(recipe), "scratch_recipe": asdict(c.setup.recipe)}
+
+
+def _quality(c: Context) -> dict[str, Any]:
+    """Label-free: uses the pretraining images, so it works on unlabelled data too."""
+    o, run = c.options, c.run
+    images = c.dataset.pretrain.images[evenly_spaced(len(c.dataset.pretrain), o.quality_images)]
+    _, views = view_pairs(images, run.config.augment, o.view_seed, run.mean, run.std, c.device)
+    precision = run.config.train.precision
+    size = int(run.info["image_size"])
+
+    def measure(enc: torch.nn.Module) -> dict[str, float]:
+        h = extract_features(enc, images, run.mean, run.std, c.device, precision=precision, size=size)
+        v = encode(enc, views, precision)
+        return feature_quality(h, *v.chunk(2))
+
+    # The same architecture at random initialisation: the reference a trained encoder must beat.
+    return {"images": len(images), **measure(run.encoder),
+            "random_init": measure(fresh_encoder(run.info, c.device, o.view_seed))}
+
+
+def _pixels(c: Context) -> dict[str, Any]:
+    s = c.setup
+    assert s is not None
+    ytr, yte = torch.from_numpy(s.train_labels), torch.from_numpy(s.test_labels)
+    xtr = torch.from_numpy(s.train_images.reshape(len(ytr), -1)).float() / 255
+    xte = torch.from_numpy(s.test_images.reshape(len(yte), -1)).float() / 255
+    res = linear_probe(xtr, ytr, xte, yte)
+    k = c.options.knn_k or c.run.config.eval.knn_k
+    return {"linear_accuracy": res.accuracy, "l2": res.l2,
+            "knn_accuracy": knn_accuracy(xtr, ytr, xte, yte, k, c.options.knn_tau)}
+
+
+RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "linear": _linear, "knn": _knn, "fewshot": _fewshot, "supervised": _supervised, "finetune": _finetune,
+    "quality": _quality, "pixels": _pixels,
+}
+
+
+def parse_protocols(text: str) -> tuple[str, ...]:
+    """'linear,knn' -> ('linear', 'knn'); 'all' -> the defaults plus the extras; checked."""
+    if text.strip() == "all":
+        return PROTOCOLS + EXTRA_PROTOCOLS
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in names if p not in RUNNERS]
+    if bad or not names:
+        raise FastclrError(
+            f"unknown protocol {', '.join(bad) or repr(text)}; choose from: {', '.join(RUNNERS)} (or all)")
+    return names
+
+
+def require_encoder(run_dir: Path) -> None:
+    """A one-line error for a run that has neither an exported encoder nor a checkpoint."""
+    if run_dir.is_dir() and not (run_dir / ENCODER_FILE).exists() and not list_checkpoints(run_dir):
+        raise FastclrError(
+            f"{run_dir} has no {ENCODER_FILE} and no checkpoint yet; let `fastclr pretrain` finish an epoch "
+            f"(or continue it with `fastclr pretrain --resume {run_dir}`), then evaluate again"
+        )
+
+
+def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, device: torch.device,
+                   wanted: tuple[str, ...]) -> LabelledSetup:
+    """The labelled splits and recipe; one-line errors when labels are missing or too few."""
+    tr, te = dataset.train, dataset.test
+    if tr is None or te is None or tr.labels is None or te.labels is None:
+        raise FastclrError(
+            f"dataset {dataset.name} has no labelled train and test splits, which protocols {', '.join(wanted)} need; "
+            "run `fastclr evaluate RUN_DIR --protocols quality` for the label-free measures"
+        )
+    classes = list(dataset.classes) or [str(i) for i in range(int(max(tr.labels.max(), te.labels.max())) + 1)]
+    # Fail before any expensive work: every asked-for subset must exist.
+    per_class = list(options.labels_per_class) if {"fewshot", "supervised"} & set(wanted) else []
+    if "finetune" in wanted:
+        per_class += [fraction_per_class(tr.labels, f, len(classes)) for f in options.finetune_fractions]
+    for n in per_class:
+        stratified_subset(tr.labels, n, 0, classes)
+    return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std,
+                         int(run.info["image_size"]), device, run.config.train.precision,
+                         options.recipe(run.config.augment.flip_p))
+
+
+def evaluate(
+    run_dir: str | Path,
+    options: EvaluateOptions | None = None,
+    dataset: Dataset | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the chosen protocols on a run's encoder; writes and returns the results (eval.json)."""
+    o = options or EvaluateOptions()
+    run_dir = Path(run_dir)
+    if o.threads > 0:
+        torch.set_num_threads(o.threads)
+    device = select_device(o.device)
+    require_encoder(run_dir)
+    run = load_run(run_dir, device)
+    dataset = dataset if dataset is not None else load_data(run.config.data)
+    labelled = tuple(p for p in o.protocols if p in LABELLED)
+    t_start = time.perf_counter()
+    ctx = Context(run, dataset, o, device, log)
+    before = state_checksum(run.encoder)
+    timings: dict[str, float] = {}
+    if labelled:
+        ctx.setup = labelled_setup(run, dataset, o, device, labelled)
+    if set(o.protocols) & set(FROZEN):
+        assert ctx.setup is not None
+        t0 = time.perf_counter()
+        kw = dict(precision=run.config.train.precision, size=ctx.setup.size)
+        ctx.train_x = extract_features(run.encoder, ctx.setup.train_images, run.mean, run.std, device, **kw)
+        ctx.test_x = extract_features(run.encoder, ctx.setup.test_images, run.mean, run.std, device, **kw)
+        timings["features"] = time.perf_counter() - t0
+        log(f"features h ({ctx.train_x.shape[1]}-d) of {len(ctx.train_x)} train and {len(ctx.test_x)} test images "
+            f"in {timings['features']:.1f} s")
+    results: dict[str, Any] = {}
+    for name in o.protocols:
+        t0 = time.perf_counter()
+        results[name] = RUNNERS[name](ctx)
+        timings[name] = time.perf_counter() - t0
+        log(f"{name}: done in {timings[name]:.1f} s")
+    after = state_checksum(run.encoder)
+    assert after == before, "evaluation changed the encoder's weights"
+    out = {
+        "run_dir": str(run_dir),
+        "dataset": dataset.name,
+        "classes": ctx.setup.classes if ctx.setup else list(dataset.classes),
+        "encoder": {k: v for k, v in run.info.items() if k not in ("mean", "std")},
+        "encoder_sha256": before,
+        "encoder_unchanged": True,
+        "options": asdict(o),
+        "protocols": results,
+        "seconds": timings,
+        "total_seconds": time.perf_counter() - t_start,
+        "environment": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "fastclr": __version__, "machine": platform.machine(),
+                        "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+    }
+    write_json(run_dir / EVAL_FILE, out)
+    return out
+
+
+def read_eval(run_dir: Path) -> dict[str, Any] | None:
+    """A run's eval.json, or None when it has not been evaluated."""
+    path = run_dir / EVAL_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+

@@ -1,0 +1,57 @@
+"""Fixed, stratified label subsets: the labelled images the few-label protocols may use.
+
+For a seed, every class's training images are put in one random order, and the subset with n
+labels per class takes the first n of each class. Subsets are therefore identical for the same
+(labels, seed), exactly n per class, and nested (the 10-per-class subset is inside the 20-per-class
+one), so a label-efficiency curve compares growing label sets rather than unrelated draws. The
+few-label probe, the supervised baseline and fine-tuning all call this, so at the same (n, seed)
+they see the very same images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from fastclr.errors import FastclrError
+
+
+def class_orders(labels: np.ndarray, num_classes: int, seed: int) -> list[np.ndarray]:
+    """For each class 0..num_classes-1, the indices of its images in a random order fixed by `seed`."""
+    rng = np.random.default_rng([seed, 20200213])  # second word: SimCLR's arXiv date, any constant will do
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+
+
+def stratified_subset(labels: np.ndarray, per_class: int, seed: int,
+                      class_names: list[str] | None = None) -> np.ndarray:
+    """Sorted int64 indices of `per_class` images of every class; a one-line error when a class has fewer."""
+    labels = np.asarray(labels)
+    if per_class < 1:
+        raise FastclrError(f"labels per class must be at least 1, got {per_class}")
+    k = len(class_names) if class_names else int(labels.max()) + 1
+    orders = class_orders(labels, k, seed)
+    counts = [len(o) for o in orders]
+    short = int(np.argmin(counts))
+    if counts[short] < per_class:
+        name = f"{short} ({class_names[short]})" if class_names else str(short)
+        raise FastclrError(
+            f"asked for {per_class} labels per class but class {name} has only {counts[short]} labelled training "
+            f"images; use --labels-per-class values of at most {counts[short]}"
+        )
+    return np.sort(np.concatenate([o[:per_class] for o in orders])).astype(np.int64)
+
+
+def fraction_per_class(labels: np.ndarray, fraction: float, num_classes: int) -> int:
+    """Labels per class of a class-balanced subset holding `fraction` of the labels (at least 1).
+
+    SimCLR's 1% and 10% ImageNet subsets are class-balanced in the same way (Chen et al. 2020, §6).
+    """
+    if not 0 < fraction <= 1:
+        raise FastclrError(f"a label fraction must be in (0, 1], got {fraction}; e.g. 0.01 for 1%")
+    return max(1, int(round(fraction * len(labels) / num_classes)))
+
+
+def subset_id(indices: np.ndarray) -> str:
+    """A short fingerprint of a subset, recorded in the results so that equal subsets can be checked."""
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]

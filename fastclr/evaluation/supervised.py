@@ -1,0 +1,42 @@
+"""The supervised baseline: the run's encoder architecture trained from scratch with labels only,
+on the same fixed subsets as the few-label probe, so the label-efficiency curve shows where
+self-supervised pretraining pays off and where labels alone do as well."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastclr.evaluation.classifier import LabelledSetup, fit_and_test
+from fastclr.evaluation.curve import label_sweep
+from fastclr.models import build_encoder
+
+
+def fresh_encoder(info: dict[str, Any], device: torch.device, seed: int) -> nn.Module:
+    """A randomly initialised encoder of the run's architecture (weights fixed by `seed`)."""
+    torch.manual_seed(seed)
+    enc = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"])
+    return enc.to(device).to(memory_format=torch.channels_last)
+
+
+def train_from_scratch(info: dict[str, Any], setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
+    """Test accuracy of a fresh encoder plus linear head trained on the labelled images `idx`."""
+    enc = fresh_encoder(info, setup.device, seed)
+    head = nn.Linear(info["feature_dim"], len(setup.classes)).to(setup.device)
+    return fit_and_test(enc, head, setup, idx, seed)
+
+
+def supervised_baseline(
+    info: dict[str, Any],
+    setup: LabelledSetup,
+    per_class: tuple[int, ...],
+    seeds: tuple[int, ...],
+    log: Callable[[str], None] = lambda s: None,
+) -> list[dict[str, Any]]:
+    """From-scratch test accuracy for every (labels per class, seed) subset."""
+    return label_sweep(setup.train_labels, per_class, seeds, setup.classes,
+                       lambda idx, seed: train_from_scratch(info, setup, idx, seed), log, "supervised baseline")

@@ -1,0 +1,69 @@
+"""The plain-text table `fastclr evaluate` prints: one block per protocol that ran."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pct(x: float) -> str:
+    """0.8678 -> '86.78%'."""
+    return f"{100 * x:.2f}%"
+
+
+def pct_spread(entry: dict[str, Any]) -> str:
+    """Mean ± sample std over seeds, e.g. '71.53 ± 0.42% (3 seeds)'."""
+    n = len(entry["runs"])
+    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}% ({n} seed{'s' if n > 1 else ''})"
+
+
+def render(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(len(r) for r in rows))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def curve_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Label-efficiency rows: labels per class, few-label probe, supervised baseline."""
+    probe = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("curve", [])}
+    sup = {e["labels_per_class"]: e for e in results.get("supervised", {}).get("curve", [])}
+    rows = [["labels/class", "linear probe on h", "supervised from scratch"]]
+    for n in sorted(set(probe) | set(sup)):
+        rows.append([str(n), pct_spread(probe[n]) if n in probe else "-", pct_spread(sup[n]) if n in sup else "-"])
+    return rows
+
+
+def format_table(out: dict[str, Any]) -> str:
+    """The whole evaluation as text."""
+    p = out["protocols"]
+    enc = out["encoder"]
+    blocks = [f"{out['run_dir']}: {enc['encoder']} encoder (h: {enc['feature_dim']}-d) on {out['dataset']}"]
+    rows = [["protocol", "labels", "test accuracy"]]
+    if "linear" in p:
+        rows.append(["linear probe on h", f"all ({p['linear']['labels']})", pct(p["linear"]["accuracy"])])
+    if "knn" in p:
+        rows.append([f"kNN on h (k={p['knn']['k']})", "all", pct(p["knn"]["accuracy"])])
+    if "pixels" in p:
+        rows.append(["linear probe on pixels", "all", pct(p["pixels"]["linear_accuracy"])])
+        rows.append(["kNN on pixels", "all", pct(p["pixels"]["knn_accuracy"])])
+    if len(rows) > 1:
+        blocks.append(render(rows))
+    if "fewshot" in p or "supervised" in p:
+        blocks.append(render(curve_rows(p)))
+    if "finetune" in p:
+        rows = [["label fraction", "fine-tuned", "linear probe", "from scratch"]]
+        for e in p["finetune"]["fractions"]:
+            runs = e["runs"]
+            lin = sum(r["linear_accuracy"] for r in runs) / len(runs)
+            rows.append([f"{100 * e['fraction']:g}% ({e['labels_per_class']}/class)", pct_spread(e), pct(lin),
+                         pct(e["scratch_mean"]) if "scratch_mean" in e else "-"])
+        blocks.append(render(rows))
+    if "quality" in p:
+        q, r = p["quality"], p["quality"]["random_init"]
+        blocks.append(render([
+            ["label-free (no labels used)", "this encoder", "same net, random init"],
+            ["alignment (lower: views agree)", f"{q['alignment']:.3f}", f"{r['alignment']:.3f}"],
+            ["uniformity (lower: spread out)", f"{q['uniformity']:.3f}", f"{r['uniformity']:.3f}"],
+            ["effective rank", f"{q['effective_rank']:.1f} / {q['feature_dim']}", f"{r['effective_rank']:.1f}"],
+        ]))
+    blocks.append(f"total {out['total_seconds']:.0f} s; results in {out['run_dir']}/eval.json")
+    return "\n\n".join(blocks)

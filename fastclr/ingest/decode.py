@@ -1,0 +1,199 @@
+"""One image file -> uint8 (S, S, C) pixels, or the reason it cannot be used.
+
+The pipeline, in order (each step is a pure function of the file's bytes and the options):
+  read + SHA-256 of the bytes -> open (header only) -> pixel-limit check -> JPEG draft (libjpeg
+  decodes at 1/2, 1/4 or 1/8 scale, still >= 2x the target, for speed) -> full decode ->
+  EXIF orientation -> 8-bit L or RGB -> short side to S and centre crop (or pad to a square).
+
+Mode conversion, decided once here:
+  * 16-bit and 32-bit integer grayscale (I;16, I;16B, I) map the full 16-bit range to 8 bits,
+    round(v / 257): the exact inverse of 8->16-bit scaling, and nothing saturates. Data that uses
+    only 12 of the 16 bits comes out dark, as it looks in any viewer.
+  * Transparency (RGBA, LA, P or L with a transparent colour) is composited onto white, as image
+    viewers and browsers show it: product shots and logos on transparent ground stay visible.
+  * CMYK -> RGB with Pillow's conversion (Adobe-inverted CMYK JPEGs are un-inverted by Pillow's
+    decoder); embedded ICC profiles are not applied.
+  * Multi-frame files (GIF, multi-page TIFF) use their first frame. Float images (mode F) have no
+    known range and are skipped as unsupported-mode.
+
+This module does not use torch: it runs in the decoding worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+_INT_GRAY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+_ORIENTATION = 0x0112
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Pillow's own decompression-bomb limit (a 3-channel image of this size is 256 MiB decoded)."""
+PIPELINE_VERSION = 1
+"""Bumped when the pixels this module produces change, so old stores are decoded afresh."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How images become store rows."""
+
+    size: int
+    fit: str = "crop"
+    """crop: short side to `size`, centre crop; pad: long side to `size`, black borders."""
+    channels: str = "auto"
+    """auto: 1 if every image in the store is grayscale, else 3; 1: luma; 3: RGB."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+class Unusable(Exception):
+    """A file that cannot become a store row: `reason` is one of walk.REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Outcome:
+    """What a worker returns for one file. `image` is uint8 (S, S, 1 or 3) when decoded; None when
+    the file was unusable (`reason` set) or its hash is already in the store (`known`)."""
+
+    rel: str
+    size: int
+    sha256: str = ""
+    image: np.ndarray | None = None
+    known: bool = False
+    reason: str = ""
+    detail: str = ""
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+
+
+def is_gray(mode: str) -> bool:
+    """Whether images of a Pillow mode become single-channel (luma) images."""
+    return mode in GRAY_MODES
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 'L' (grayscale modes) or 'RGB' (all others); see the module docstring."""
+    mode = im.mode
+    if mode in _INT_GRAY:
+        v = np.asarray(im).astype(np.int64)  # numpy reads the byte order of I;16B itself
+        return Image.fromarray(((np.clip(v, 0, 65535) + 128) // 257).astype(np.uint8), "L")
+    if mode == "F":
+        raise Unusable("unsupported-mode", "32-bit float image (mode F) has no known range; save it as 8 or 16-bit")
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        flat = Image.alpha_composite(white, rgba).convert("RGB")
+        return flat.convert("L") if is_gray(mode) else flat
+    if mode == "L":
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if mode == "RGB":
+        return im
+    try:
+        return im.convert("RGB")  # CMYK, P, YCbCr, RGBX, HSV ...
+    except ValueError as e:
+        raise Unusable("unsupported-mode", f"mode {mode} cannot be converted to RGB ({e})") from None
+
+
+def fit_square(im: Image.Image, size: int, fit: str) -> Image.Image:
+    """Resize an L/RGB image to `size` x `size`: centre crop of the short side, or padded (black)."""
+    w, h = im.size
+    if fit == "crop":
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+        return im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new(im.mode, (size, size), 0)
+    canvas.paste(im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0), ((size - nw) // 2, (size - nh) // 2))
+    return canvas
+
+
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    # Pillow warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that.
+    # With its limit set to ours, the error (caught as a skip) guards formats that decode while
+    # opening; our own check right after `open` catches everything above the limit itself.
+    # Decoder warnings (the bomb warning, odd palettes, EXIF quirks) are silenced: what matters
+    # about a file is whether it decodes, and that is reported per file.
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _failure(e: BaseException) -> Unusable:
+    text = str(e) or type(e).__name__
+    if isinstance(e, Image.DecompressionBombError):
+        return Unusable("over-pixel-limit", text)
+    if isinstance(e, UnidentifiedImageError):
+        return Unusable("corrupt", "not a recognisable image file")
+    if isinstance(e, EOFError) or "truncated" in text.lower():
+        return Unusable("truncated", text)
+    return Unusable("corrupt", text)
+
+
+def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int, str]:
+    """Encoded bytes -> (uint8 (S, S, C) with C = 1 for grayscale modes else 3 (or 1 when
+    `opts.channels` is "1"), displayed width, displayed height, Pillow mode). Raises Unusable."""
+    try:
+        with _pixel_limit(opts.max_pixels):
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > opts.max_pixels:
+                raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels > {opts.max_pixels}")
+            mode = im.mode
+            try:
+                orientation = im.getexif().get(_ORIENTATION, 1)
+            except Exception:  # a damaged EXIF block does not make the pixels unusable
+                orientation = 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w  # displayed size after the rotation
+            # Decode at reduced scale where the format allows it (JPEG), keeping >= 2x the target.
+            f = 2 * opts.size / (min(w, h) if opts.fit == "crop" else max(w, h))
+            if f < 1:
+                im.draft(None, (int(im.size[0] * f) + 1, int(im.size[1] * f) + 1))
+            im.load()
+            im = to_8bit(ImageOps.exif_transpose(im) if orientation != 1 else im)
+            if opts.channels == "1" and im.mode == "RGB":
+                im = im.convert("L")
+            pixels = np.asarray(fit_square(im, opts.size, opts.fit))
+    except Unusable:
+        raise
+    except Exception as e:  # any decoder failure is this file's problem, never the run's
+        raise _failure(e) from None
+    return pixels.reshape(opts.size, opts.size, -1), w, h, mode
+
+
+def process_file(path: Path, rel: str, opts: DecodeOptions, known: frozenset[str] = frozenset()) -> Outcome:
+    """Read, hash and (unless the hash is in `known`) decode one file; never raises."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return Outcome(rel, -1, reason="unreadable", detail=e.strerror or str(e))
+    out = Outcome(rel, len(data), hashlib.sha256(data).hexdigest())
+    if out.sha256 in known:
+        out.known = True
+        return out
+    try:
+        out.image, out.width, out.height, out.mode = decode_image(data, opts)
+    except Unusable as u:
+        out.reason, out.detail = u.reason, u.detail
+    return out

@@ -1,0 +1,141 @@
+"""`fastclr embed`: encoder features h of every image of a source, as .npy plus a CSV index.
+
+A source is a built-in dataset name (all its splits, or one), a store, or a plain folder (decoded
+into a temporary store at the run's image size and channels, then removed). Rows keep the
+source's order: a store's row order, or a built-in dataset's unlabeled, train, test order.
+pandas and numpy read the output directly:
+    features = np.load("emb.npy")            # float32 (N, D)
+    index = pandas.read_csv("emb.csv")       # row, path, split, label, class
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastclr.checkpoint import atomic_write
+from fastclr.data.datasets import REGISTRY, load_builtin
+from fastclr.data.store import SPLITS, is_store, read_store
+from fastclr.errors import FastclrError
+from fastclr.ingest.builtin import block_rows, builtin_blocks
+from fastclr.ingest.decode import DecodeOptions
+from fastclr.ingest.prepare import prepare_store
+from fastclr.pretrained import LoadedRun
+from fastclr.probe import extract_features
+
+INDEX_COLUMNS = ("row", "path", "split", "label", "class")
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's L and augment.grayscale
+_CHUNK = 4096
+
+
+@dataclass
+class Source:
+    """Images to embed, as blocks of uint8 (n, S, S, C) arrays (memory-mapped for stores), with
+    one index row per image."""
+
+    blocks: list[np.ndarray]
+    rows: list[dict[str, object]]
+
+
+def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (B, H, W, C) -> (B, H, W, channels): grayscale is repeated into RGB (as Pillow does),
+    RGB becomes its luma."""
+    c = x.shape[-1]
+    if c == channels:
+        return x
+    if c == 1 and channels == 3:
+        return np.repeat(x, 3, axis=-1)
+    if c == 3 and channels == 1:
+        return np.rint(x.astype(np.float32) @ _LUMA)[..., None].clip(0, 255).astype(np.uint8)
+    raise FastclrError(f"images have {c} channels and the encoder expects {channels}; "
+                       f"prepare a store with --channels {channels}")
+
+
+def _store_source(path: Path, split: str) -> Source:
+    store = read_store(path)
+    names = store.split_of_rows()
+    rows: list[dict[str, object]] = [
+        {"path": p, "split": s, "label": int(y), "class": store.classes[y] if y >= 0 else ""}
+        for p, s, y in zip(store.paths, names, store.labels.tolist())
+    ]
+    if split == "all":
+        return Source([store.images], rows)
+    a, b = store.split_range(split)
+    return Source([store.images[a:b]], rows[a:b])
+
+
+@contextlib.contextmanager
+def open_source(data: str, split: str, size: int, channels: int, workers: int = 0, root: str | None = None,
+                log: Callable[[str], None] = print) -> Iterator[Source]:
+    """The images `data` names: a built-in dataset, a store, or a folder (decoded to a temporary
+    store of `size` and `channels`, removed afterwards). `split` is all, unlabeled, train or test."""
+    if split not in ("all", *SPLITS):
+        raise FastclrError(f"--split must be all, {', '.join(SPLITS)}; got {split!r}")
+    path = Path(data)
+    if data in REGISTRY:
+        ds = load_builtin(data, root)
+        blocks = [(s, b) for s, b in builtin_blocks(ds) if split in ("all", s)]
+        yield Source([b.images for _, b in blocks], block_rows(blocks, ds.classes))
+    elif is_store(path):
+        yield _store_source(path, split)
+    elif path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="fastclr-embed-") as tmp:
+            prepare_store(path, Path(tmp) / "store", DecodeOptions(size, channels=str(channels)), workers=workers,
+                          log=log)
+            yield _store_source(Path(tmp) / "store", split)
+    else:
+        raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of images")
+
+
+def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch_size: int = 256,
+                 precision: str = "fp32") -> np.ndarray:
+    """float32 (N, D) features h of uint8 (N, S, S, C) images (read `_CHUNK` rows at a time, so a
+    memory-mapped store never has to fit in memory), resized to the run's image size."""
+    c, size = int(run.info["in_channels"]), int(run.info["image_size"])
+    out = [np.zeros((0, int(run.info["feature_dim"])), np.float32)]
+    for start in range(0, len(images), _CHUNK):
+        x = match_channels(np.array(images[start : start + _CHUNK]), c)  # one read of the chunk, writable
+        h = extract_features(run.encoder, x, run.mean, run.std, device, batch_size, precision, size,
+                             run.config.train.channels_last)
+        out.append(h.numpy())
+    return np.concatenate(out)
+
+
+def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, object]]) -> tuple[Path, Path]:
+    """Write FILE.npy (features) and FILE.csv (index); each file appears complete or not at all."""
+    npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+    index = npy.with_suffix(".csv")
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(INDEX_COLUMNS)
+    for i, r in enumerate(rows):
+        w.writerow([i, *(r[k] for k in INDEX_COLUMNS[1:])])
+    atomic_write(npy, lambda f: np.save(f, features.astype(np.float32, copy=False)))
+    atomic_write(index, lambda f: f.write(text.getvalue().encode()))
+    return npy, index
+
+
+def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str = "all", batch_size: int = 256,
+          precision: str = "fp32", workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv)."""
+    c = int(run.info["in_channels"])
+    with open_source(data, split, int(run.info["image_size"]), c, workers, run.config.data.root or None, log) as src:
+        have = src.blocks[0].shape[-1] if src.blocks else c
+        if have != c:
+            log(f"note: the images have {have} channel(s), the encoder {c}: "
+                + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
+        feats = [embed_images(run, b, device, batch_size, precision) for b in src.blocks]
+        features = np.concatenate(feats) if feats else np.zeros((0, int(run.info["feature_dim"])), np.float32)
+        paths = write_embeddings(out, features, src.rows)
+    log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")
+    return paths
+

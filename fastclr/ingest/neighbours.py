@@ -1,0 +1,104 @@
+"""`fastclr neighbours`: the store images nearest to a query image under a run's encoder.
+
+The query is decoded by the same pipeline and options as the store's images, so a query that is
+itself in the store finds itself first with similarity 1. Store features are cached in
+RUN_DIR/features/, keyed by the store's store.json and the encoder's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastclr.checkpoint import atomic_write
+from fastclr.data.store import META, Store, read_store
+from fastclr.errors import FastclrError
+from fastclr.ingest.decode import DEFAULT_MAX_PIXELS, DecodeOptions, process_file
+from fastclr.ingest.embed import embed_images, match_channels
+from fastclr.pretrained import LoadedRun
+from fastclr.probe import state_checksum
+
+GRID_COLUMNS = 9
+"""Tiles per row of the grid: the query and 8 neighbours fill the first row."""
+
+
+def decode_query(path: Path, store: Store) -> np.ndarray:
+    """The query image decoded as the store's images were: uint8 (S, S, C)."""
+    if not path.is_file():
+        raise FastclrError(f"--query {path}: no such image file")
+    _, s, _, c = store.images.shape
+    opts = store.meta.get("options", {})
+    dec = DecodeOptions(s, opts.get("fit", "crop"), "1" if c == 1 else "3", int(opts.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    o = process_file(path, path.name, dec)
+    if o.image is None:
+        raise FastclrError(f"--query {path} cannot be used: {o.reason} ({o.detail})")
+    return match_channels(o.image[None], c)[0]
+
+
+def cosine_neighbours(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices and cosine similarities of the `k` rows of `features` (N, D) most similar to
+    `query` (D,), most similar first (ties in row order)."""
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    sims = f @ q
+    idx = np.argsort(-sims, kind="stable")[: max(0, min(k, len(sims)))]
+    return idx, sims[idx]
+
+
+def store_features(run: LoadedRun, store: Store, device: torch.device, log: Callable[[str], None] = print) -> np.ndarray:
+    """float32 (N, D) features of every store row, computed once per (store, encoder) and cached."""
+    key = hashlib.sha256((store.path / META).read_bytes() + state_checksum(run.encoder).encode()).hexdigest()[:16]
+    cache = run.run_dir / "features" / f"{store.path.name}-{key}.npy"
+    if cache.exists():
+        feats = np.load(cache)
+        if feats.shape[0] == len(store.images):
+            return feats
+    feats = embed_images(run, store.images, device)
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        atomic_write(cache, lambda f: np.save(f, feats))
+    except OSError as e:
+        log(f"note: store features not cached ({e.strerror or e}); they are recomputed next time")
+    return feats
+
+
+def grid_image(tiles: list[np.ndarray], gap: int = 2, columns: int = GRID_COLUMNS) -> Image.Image:
+    """uint8 (S, S, C) tiles in rows of `columns`, `gap` white pixels apart, as an RGB image."""
+    s = tiles[0].shape[0]
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    grid = Image.new("RGB", (cols * s + (cols - 1) * gap, rows * s + (rows - 1) * gap), (255, 255, 255))
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid.paste(Image.fromarray(np.repeat(t, 3, -1) if t.shape[-1] == 1 else t, "RGB"), (c * (s + gap), r * (s + gap)))
+    return grid
+
+
+def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: torch.device, grid: Path | None = None,
+               log: Callable[[str], None] = print) -> list[tuple[str, float]]:
+    """The `k` store images nearest to `query`: (path, cosine similarity), best first; printed, and
+    saved as an image grid (query first) when `grid` is given."""
+    if k < 1:
+        raise FastclrError(f"-k must be at least 1, got {k}")
+    store = read_store(store_path)
+    image = decode_query(query, store)
+    feats = store_features(run, store, device, log)
+    q = embed_images(run, image[None], device)[0]
+    idx, sims = cosine_neighbours(feats, q, k)
+    found = [(store.paths[i], float(s)) for i, s in zip(idx.tolist(), sims.tolist())]
+    log(f"nearest to {query} in {store.path} ({len(store.paths)} images):")
+    for rank, (p, s) in enumerate(found, 1):
+        log(f"{rank:3d}  {s:.4f}  {p}")
+    if grid is not None:
+        g = grid_image([image, *(np.asarray(store.images[i]) for i in idx.tolist())])
+        try:
+            g.save(grid)
+        except (OSError, ValueError) as e:
+            raise FastclrError(f"--grid {grid}: cannot write the image ({e})") from None
+        log(f"grid saved to {grid} (query first, then neighbours left to right)")
+    return found

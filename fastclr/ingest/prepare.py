@@ -1,0 +1,309 @@
+"""`fastclr prepare`: a folder of images -> a store, decoding in parallel, incrementally.
+
+Order of work: walk the folder (walk.py) -> lay out labels and splits -> match files against the
+previous store -> decode the rest in worker processes (decode.py) -> append rows in store order
+(data/store.py) -> commit. Rows are written in store order whatever order the workers finish in,
+so a store is a pure function of the folder and the options.
+
+Incremental re-runs: when the previous store at --out was made with the same pixel options, a
+file whose (path, size, mtime) is unchanged is taken from it without being read (the cheap check
+rsync and make rely on; --rehash turns it off); any other file is read and hashed, and decoded
+only if no row of the previous store has the same SHA-256. Renamed or copied files are therefore
+not decoded again, and the verdicts on broken files are kept too. Deleted files drop out.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, check_output_dir, is_store, read_csv,
+                                read_store)
+from fastclr.errors import FastclrError
+from fastclr.ingest.decode import PIPELINE_VERSION, DecodeOptions, Outcome, is_gray, process_file
+from fastclr.ingest.walk import FileEntry, Skip, walk_folder
+from fastclr.progress import format_seconds
+
+HOLDOUT = 10
+"""One labelled image in HOLDOUT (chosen by a hash of its path) is in the probe's test split."""
+PIXEL_OPTIONS = ("size", "fit", "channels", "max_pixels", "pipeline")
+"""Options that change the stored pixels or skip verdicts; a change means decoding everything."""
+_CHUNK = 8
+
+
+@dataclass
+class Layout:
+    """Classes, and for every candidate file (in walk order) its split and label."""
+
+    classes: list[str]
+    split: dict[str, str]
+    label: dict[str, int]
+
+
+def holdout(rel: str) -> bool:
+    """Whether a labelled image is in the test split: a hash of its path, so the split of an
+    image never changes when the folder grows."""
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") % HOLDOUT == 0
+
+
+def layout(rels: Iterable[str], labels: str = "auto") -> Layout:
+    """Labels from top-level subfolders (sorted names -> 0, 1, ...) when there are at least two;
+    images at the top level, or in a folder without two classes, are unlabeled (-1)."""
+    rels = list(rels)
+    tops = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+    classes = tops if labels == "auto" and len(tops) >= 2 else []
+    index = {c: i for i, c in enumerate(classes)}
+    split, label = {}, {}
+    for r in rels:
+        top = r.split("/", 1)[0] if "/" in r else None
+        if top in index:
+            label[r] = index[top]
+            split[r] = "test" if holdout(r) else "train"
+        else:
+            label[r], split[r] = -1, "unlabeled"
+    return Layout(classes, split, label)
+
+
+@dataclass
+class Previous:
+    """What the previous store at --out offers for reuse."""
+
+    store: Store
+    by_path: dict[str, dict[str, str]] = field(default_factory=dict)
+    """path -> manifest row, or skipped row for files that were read and found unusable."""
+    by_hash: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]) -> Previous | None:
+    """The previous store at `out` if its pixel options equal `options`, else None."""
+    if not is_store(out):
+        return None
+    try:
+        store = read_store(out)
+    except FastclrError as e:
+        log(f"previous store not reusable ({e}); decoding every file")
+        return None
+    old = store.meta.get("options", {})
+    changed = [k for k in PIXEL_OPTIONS if old.get(k) != options.get(k)]
+    if changed:
+        log(f"options changed ({', '.join(f'{k} {old.get(k)} -> {options.get(k)}' for k in changed)}); decoding every file")
+        return None
+    prev = Previous(store)
+    # Verdicts on files that were read (they carry a hash) are reused; walk-level ones are redone.
+    for row in [r for r in read_csv(out / SKIPPED) if r["sha256"]] + read_csv(out / MANIFEST):
+        prev.by_path[row["path"]] = row
+        prev.by_hash[row["sha256"]] = row
+    return prev
+
+
+def default_workers() -> int:
+    """min(usable CPUs, 8): decoding scales with cores, and 8 already saturates most disks."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 8))
+
+
+# Worker-process state, set once per worker by `_init` (the set of known hashes can be large).
+_W: dict[str, Any] = {}
+
+
+def _init(root: Path, opts: DecodeOptions, known: frozenset[str]) -> None:
+    _W.update(root=root, opts=opts, known=known)
+
+
+def _work(rels: list[str]) -> list[Outcome]:
+    return [process_file(_W["root"] / r, r, _W["opts"], _W["known"]) for r in rels]
+
+
+def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozenset[str], workers: int) -> Iterator[Outcome]:
+    """Outcomes of `rels` in the order given, decoded by `workers` processes (1: in this one).
+
+    At most 4 chunks per worker are in flight, so memory stays bounded when writing is slower
+    than decoding."""
+    chunks = [rels[i : i + _CHUNK] for i in range(0, len(rels), _CHUNK)]
+    if workers <= 1 or len(chunks) <= 1:
+        _init(root, opts, known)
+        for c in chunks:
+            yield from _work(c)
+        return
+    # fork: workers start in milliseconds and inherit the hash set; they never touch torch.
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_init,
+                             initargs=(root, opts, known)) as pool:
+        pending: collections.deque[tuple[list[str], Future[list[Outcome]]]] = collections.deque()
+        it = iter(chunks)
+        try:
+            for c in it:
+                pending.append((c, pool.submit(_work, c)))
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                chunk, future = pending.popleft()
+                try:
+                    done = future.result()
+                except BrokenProcessPool:
+                    # A decoder that crashes the process (or the OOM killer) cannot be caught per file.
+                    raise FastclrError(f"a decoding process died (out of memory, or a crashing decoder) at or "
+                                       f"after {chunk[0]}; run again with --workers 1 to find the file, then move "
+                                       "it away") from None
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(_work, nxt)))
+                yield from done
+        finally:
+            for _, f in pending:
+                f.cancel()
+
+
+def _progress(total: int, enabled: bool) -> Callable[[int], None]:
+    """A progress line: files done, files/s and ETA (a rewritten line on a terminal)."""
+    t0, tty = time.perf_counter(), sys.stderr.isatty()
+    state = {"last": t0}
+
+    def show(done: int) -> None:
+        now = time.perf_counter()
+        if not enabled or (now - state["last"] < (0.25 if tty else 30.0) and done < total):
+            return
+        rate = done / max(now - t0, 1e-9)
+        line = f"prepare {done}/{total} files, {rate:.0f} files/s, eta {format_seconds((total - done) / max(rate, 1e-9))}"
+        sys.stderr.write(f"\r{line:<70}" + ("\n" if done >= total else "") if tty else line + "\n")
+        sys.stderr.flush()
+        state["last"] = now
+
+    return show
+
+
+@dataclass
+class PrepareResult:
+    """What `prepare_store` did."""
+
+    store: Path
+    images: int
+    skipped: list[Skip]
+    decoded: list[str]
+    """Relative paths decoded by this run (the others came from the previous store)."""
+    reused: int
+    seconds: float
+
+
+def check_options(opts: DecodeOptions, labels: str = "auto") -> None:
+    """One-line errors for options that cannot work."""
+    if opts.size < 8:
+        raise FastclrError(f"--size must be at least 8 pixels, got {opts.size}")
+    if opts.fit not in ("crop", "pad"):
+        raise FastclrError(f"--fit must be crop or pad, got {opts.fit!r}")
+    if opts.channels not in ("auto", "1", "3"):
+        raise FastclrError(f"--channels must be auto, 1 or 3, got {opts.channels!r}")
+    if opts.max_pixels < opts.size * opts.size:
+        raise FastclrError(f"--max-pixels {opts.max_pixels} is smaller than one {opts.size}x{opts.size} image")
+    if labels not in ("auto", "none"):
+        raise FastclrError(f"--labels must be auto or none, got {labels!r}")
+
+
+def prepare_store(
+    folder: str | Path,
+    out: str | Path,
+    opts: DecodeOptions,
+    *,
+    workers: int = 0,
+    labels: str = "auto",
+    rehash: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PrepareResult:
+    """Decode every image below `folder` into the store `out` (created, or updated in place)."""
+    t_start = time.perf_counter()
+    root, out = Path(folder), Path(out)
+    check_options(opts, labels)
+    if not root.is_dir():
+        raise FastclrError(f"{root} is not a directory; give the folder that holds your images")
+    check_output_dir(out)
+    walk = walk_folder(root, exclude=out)
+    if not walk.files:
+        raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
+                           f"fastclr reads {', '.join(('jpg', 'png', 'webp', 'bmp', 'tiff', 'gif'))} and more")
+    lay = layout((f.rel for f in walk.files), labels)
+    options = dict(asdict(opts), labels=labels, pipeline=PIPELINE_VERSION)
+    prev = load_previous(out, options, log)
+    entries = sorted(walk.files, key=lambda f: (SPLITS.index(lay.split[f.rel]), f.rel))
+
+    def unchanged(f: FileEntry) -> dict[str, str] | None:
+        row = prev.by_path.get(f.rel) if prev and not rehash else None
+        return row if row and row["bytes"] == str(f.size) and row["mtime_ns"] == str(f.mtime_ns) else None
+
+    to_read = [f.rel for f in entries if unchanged(f) is None]
+    known = frozenset(prev.by_hash) if prev else frozenset()
+    writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels))
+    show = _progress(len(entries), progress)
+    skipped, decoded, reused = list(walk.skipped), [], 0
+    try:
+        outcomes = decode_all(root, to_read, opts, known, workers or default_workers())
+        for i, f in enumerate(entries):
+            # Either a previous row or verdict (by path and stat, or by hash), or a new outcome.
+            old, o = unchanged(f), None
+            if old is None:
+                o = next(outcomes)
+                if o.known and prev is not None:
+                    old = prev.by_hash[o.sha256]
+                elif o.sha256:
+                    decoded.append(f.rel)  # read, hashed and new: the decoder ran on it
+            fields = {"path": f.rel, "split": lay.split[f.rel], "label": lay.label[f.rel],
+                      "class": lay.classes[lay.label[f.rel]] if lay.label[f.rel] >= 0 else "",
+                      "bytes": f.size, "mtime_ns": f.mtime_ns}
+            if old is not None and prev is not None:
+                reused += 1
+                if "reason" in old:
+                    skipped.append(Skip(f.rel, old["reason"], old["detail"], f.size, f.mtime_ns, old["sha256"]))
+                else:
+                    kept = {k: old[k] for k in ("sha256", "width", "height", "mode")}
+                    writer.append(_old_row(prev, old), dict(fields, **kept))
+            elif o is not None and o.image is not None:
+                writer.append(o.image, dict(fields, bytes=o.size, sha256=o.sha256, width=o.width, height=o.height,
+                                            mode=o.mode))
+            elif o is not None:
+                skipped.append(Skip(f.rel, o.reason, o.detail, o.size, f.mtime_ns if o.sha256 else -1, o.sha256))
+            show(i + 1)
+        if writer.n == 0:
+            raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
+        skipped.sort(key=lambda s: s.rel)
+        writer.commit(lay.classes, options, skipped, str(root.resolve()))
+    except BaseException:
+        writer.abort()
+        raise
+    result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start)
+    log(summary(result, lay, writer.channels))
+    return result
+
+
+def _old_row(prev: Previous, row: dict[str, str]) -> np.ndarray:
+    """A previous store's row as its natural channel count (1 for a grayscale source file)."""
+    image = np.asarray(prev.store.images[int(row["index"])])
+    return image[..., :1] if image.shape[-1] == 3 and is_gray(row["mode"]) else image
+
+
+def _totals(skipped: list[Skip]) -> str:
+    counts = collections.Counter(s.reason for s in skipped)
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+
+
+def summary(result: PrepareResult, lay: Layout, channels: int) -> str:
+    """The lines printed after a prepare: what is in the store and what was skipped."""
+    kind = f"{len(lay.classes)} classes" if lay.classes else "unlabeled"
+    lines = [f"store {result.store}: {result.images} images ({kind}, {channels} channel{'s' * (channels > 1)}); "
+             f"{len(result.decoded)} files decoded, {result.reused} reused, in {result.seconds:.1f} s"]
+    if result.skipped:
+        lines.append(f"skipped {len(result.skipped)}: {_totals(result.skipped)} (listed in {result.store / SKIPPED})")
+    else:
+        lines.append("skipped 0")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""The folder walk: which files are candidate images, and why every other entry is not used.
+
+Nothing here opens a file; it only lists directories and stats entries, so a walk over a million
+files costs a few seconds. Decoding (and the skip reasons that need the bytes) is in decode.py.
+
+Symbolic links are followed, to files and to directories, because users link datasets together.
+A link that leads back into a directory being walked is a loop; a link to a directory already
+walked elsewhere is walked once. Both are reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Formats Pillow reads that hold photos and scans; any other extension is "not-an-image" without
+# opening the file, so a folder with videos or archives in it is not read byte by byte.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k",
+})
+
+# Every reason a file or directory is not in a store; skipped.csv uses exactly these words.
+REASONS = ("appledouble", "corrupt", "duplicate-directory", "hidden-directory", "not-an-image", "over-pixel-limit",
+           "symlink-loop", "truncated", "unreadable", "unsupported-mode", "zero-bytes")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A candidate image: path relative to the folder (with `/`), size in bytes, mtime in ns."""
+
+    rel: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An entry that is not in the store, and why. Directories have a trailing `/` in `rel`."""
+
+    rel: str
+    reason: str
+    detail: str
+    size: int = -1
+    mtime_ns: int = -1
+    sha256: str = ""
+
+
+@dataclass
+class Walk:
+    """The outcome of walking a folder: candidate files sorted by path, and the skipped entries."""
+
+    files: list[FileEntry] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+def classify_file(name: str, size: int) -> tuple[str, str] | None:
+    """(reason, detail) when a regular file is not a candidate image, else None."""
+    if name.startswith("._"):
+        return "appledouble", "macOS resource-fork file, not an image"
+    ext = os.path.splitext(name)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        return "not-an-image", f"extension {ext or '(none)'} is not an image format"
+    if size == 0:
+        return "zero-bytes", "empty file"
+    return None
+
+
+def _stat_error(e: OSError, is_link: bool) -> tuple[str, str]:
+    if e.errno == errno.ELOOP:
+        return "symlink-loop", "symbolic link resolves to itself"
+    if is_link and e.errno == errno.ENOENT:
+        return "unreadable", "broken symbolic link"
+    return "unreadable", e.strerror or str(e)
+
+
+def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
+    """Every entry below `root`: candidate image files, and a Skip for everything else.
+
+    `exclude` (e.g. the store being written inside the folder) is passed over silently.
+    """
+    out = Walk()
+    root_st = os.stat(root)
+    excluded = _identity(exclude) if exclude is not None else None
+    # Depth-first; each entry carries the identities of its ancestor directories for loop detection.
+    stack: list[tuple[str, Path, frozenset[tuple[int, int]]]] = [("", root, frozenset({(root_st.st_dev, root_st.st_ino)}))]
+    walked: dict[tuple[int, int], str] = {(root_st.st_dev, root_st.st_ino): "./"}
+    while stack:
+        rel_dir, path, ancestors = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            out.skipped.append(Skip(rel_dir or "./", "unreadable", f"directory cannot be listed: {e.strerror or e}"))
+            continue
+        for entry in reversed(entries):  # reversed: the stack pops them in name order
+            rel = rel_dir + entry.name
+            if not _utf8(rel):
+                # The manifest, the skip report and embedding indexes are UTF-8 text.
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                out.skipped.append(Skip(shown, "unreadable", "name is not valid UTF-8; rename it"))
+                continue
+            is_link = entry.is_symlink()
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except OSError as e:
+                out.skipped.append(Skip(rel, *_stat_error(e, is_link)))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                if key == excluded:
+                    continue
+                if entry.name.startswith("."):
+                    out.skipped.append(Skip(rel + "/", "hidden-directory", "directories starting with . are not searched"))
+                elif key in ancestors:
+                    out.skipped.append(Skip(rel + "/", "symlink-loop", "leads back to a directory that contains it"))
+                elif key in walked:
+                    same = f"same directory as {walked[key]}, walked once"
+                    out.skipped.append(Skip(rel + "/", "duplicate-directory", same))
+                else:
+                    walked[key] = rel + "/"
+                    stack.append((rel + "/", Path(entry.path), ancestors | {key}))
+            elif stat.S_ISREG(st.st_mode):
+                why = classify_file(entry.name, st.st_size)
+                if why is None:
+                    out.files.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+                else:
+                    out.skipped.append(Skip(rel, *why, size=st.st_size, mtime_ns=st.st_mtime_ns))
+            else:
+                # A FIFO named x.jpg would block a reader forever; never open special files.
+                out.skipped.append(Skip(rel, "not-an-image", "not a regular file (FIFO, socket or device)"))
+    out.files.sort(key=lambda f: f.rel)
+    out.skipped.sort(key=lambda s: s.rel)
+    return out
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in a file name come back as lone surrogates
+        return False
+    return True
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -1,0 +1,68 @@
+"""Loading what a finished (or stopped) run produced, for evaluation, embedding and export.
+
+The encoder comes from the run's exported `encoder.safetensors` when present, else from the
+newest checkpoint that verifies (a run stopped early has no export yet). Neither path unpickles
+arbitrary objects: safetensors holds only tensors, checkpoints load with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastclr.checkpoint import latest_valid_checkpoint
+from fastclr.config import Config, from_dict, read_toml, apply_overrides
+from fastclr.errors import FastclrError
+from fastclr.export import ENCODER_FILE, load_encoder
+from fastclr.models import build_encoder
+
+
+@dataclass
+class LoadedRun:
+    """A run's encoder (eval mode, on the requested device), its metadata and config."""
+
+    run_dir: Path
+    encoder: nn.Module
+    info: dict[str, Any]
+    """encoder, in_channels, image_size, width, cifar_stem, feature_dim, mean, std."""
+    config: Config
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel input mean used in training, (C,)."""
+        return torch.tensor(self.info["mean"], dtype=torch.float32)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-channel input std used in training, (C,)."""
+        return torch.tensor(self.info["std"], dtype=torch.float32)
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
+    """The encoder of a run directory, with one-line errors for anything missing or unsafe."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FastclrError(f"{run} is not a directory; give the directory of a `fastclr pretrain` run")
+    cfg_path = run / "config.toml"
+    if not cfg_path.exists():
+        raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory")
+    export = run / ENCODER_FILE
+    if export.exists():
+        encoder, info = load_encoder(export, device)
+        cfg = apply_overrides(Config(), read_toml(cfg_path))
+    else:
+        _, state = latest_valid_checkpoint(run)
+        info = dict(state["model_info"])
+        if info.get("encoder") == "custom":
+            raise FastclrError(f"{run} was trained with a custom encoder module; load it in Python, not by name")
+        encoder = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"],
+                                info["cifar_stem"])
+        encoder.load_state_dict(state["encoder"])
+        encoder = encoder.to(device)
+        cfg = from_dict(state["config"])
+    encoder.eval()
+    return LoadedRun(run, encoder, info, cfg)

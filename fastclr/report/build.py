@@ -1,0 +1,183 @@
+"""`fastclr report`: RUN_DIR/report.html, one offline file showing what the run learned.
+
+Sections: training curves; augmented view pairs as the model saw them; their cosine-similarity
+matrix; a 2-D map of test embeddings; the label-efficiency curve and every protocol's numbers
+(from eval.json when `fastclr evaluate` has run, with a note otherwise); nearest-neighbour
+retrievals; the config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastclr.data import Dataset, ImageSet, load_data
+from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
+from fastclr.evaluation.run import read_eval, require_encoder
+from fastclr.evaluation.table import format_table
+from fastclr.pretrained import LoadedRun, load_run
+from fastclr.probe import extract_features, state_checksum
+from fastclr.report import figures
+from fastclr.report.embedding_map import pca, tsne
+from fastclr.report.html import note, page, section
+from fastclr.runs import read_metrics
+from fastclr.train import select_device
+
+REPORT_FILE = "report.html"
+VIEW_IMAGES = 12
+"""Images whose two views are shown; their 2 x 12 views make the similarity matrix."""
+MAP_POINTS = 1000
+"""Test embeddings in the 2-D map: exact t-SNE is O(N^2) per iteration."""
+BANK_LIMIT = 20000
+"""Training images searched for neighbours (evenly spaced), bounding the report's run time."""
+QUERIES, NEIGHBOURS = 8, 8
+
+
+def _features(run: LoadedRun, images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return extract_features(run.encoder, images, run.mean, run.std, device, precision=run.config.train.precision,
+                            size=int(run.info["image_size"]))
+
+
+def pick_queries(split: ImageSet, count: int) -> np.ndarray:
+    """The first image of each of the first `count` classes, or evenly spaced images without labels."""
+    if split.labels is None:
+        return evenly_spaced(len(split), count)
+    firsts = [int(np.flatnonzero(split.labels == c)[0]) for c in np.unique(split.labels)[:count]]
+    return np.array(firsts, dtype=np.int64)
+
+
+def nearest(bank: torch.Tensor, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices (Q, k) of each query's k most cosine-similar bank rows; `exclude` (Q,) drops a
+    query's own row when queries come from the bank."""
+    sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T  # (Q, N)
+    if exclude is not None:
+        sim[torch.arange(len(exclude)), torch.from_numpy(exclude)] = -2.0
+    return sim.topk(k, dim=1).indices.numpy()
+
+
+def _curves_section(run_dir: Path) -> str:
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        return section("curves", "Training curves", note("This run has no metrics.jsonl."), "p")
+    charts = "".join(f"<div>{c}</div>" for c in figures.training_curves(metrics))
+    return section("curves", "Training curves", f'<div class="charts">{charts}</div>', "svg",
+                   "Logged every few steps during pretraining; the kNN monitor runs once per epoch on fixed subsets.")
+
+
+def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:
+    idx = evenly_spaced(len(dataset.pretrain), VIEW_IMAGES)
+    originals = dataset.pretrain.images[idx]
+    raw, views = view_pairs(originals, run.config.augment, seed, run.mean, run.std, device)
+    grid = figures.view_pairs_grid(originals, raw)
+    h = encode(run.encoder, views, run.config.train.precision)
+    heat, stats = figures.similarity_heatmap(h)
+    n = len(idx)
+    return [
+        section("views", "Augmented view pairs", grid, "img",
+                "Each stored image followed by its two views, drawn by the run's own augmentation settings "
+                "(as pretraining does), before standardisation."),
+        section("similarity", "Cosine similarity of the view pairs", heat, "img",
+                f"Rows and columns: the {n} first views, then the {n} second views, of the images above; "
+                f"bright is similar (scale from {stats['low']:g} to 1). Positives lie on the diagonals of the two "
+                f"off-diagonal blocks: mean cosine {stats['positive']:.3f} for positives, {stats['negative']:.3f} "
+                f"for all other pairs."),
+    ]
+
+
+def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, method: str, seed: int) -> list[str]:
+    test = dataset.test or dataset.pretrain
+    bank_split = dataset.train or dataset.pretrain
+    midx = evenly_spaced(len(test), MAP_POINTS)
+    h = _features(run, test.images[midx], device)
+    xy = (tsne(h, seed=seed) if method == "tsne" else pca(h, 2).float()).numpy()
+    labels = test.labels[midx] if test.labels is not None else None
+    classes = dataset.classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels is not None else [])
+    which = "test" if dataset.test is not None else "pretraining"
+    out = [section("map", "Embedding map", figures.embedding_map(xy, labels, classes, method), "svg",
+                   f"{len(midx)} {which} images (evenly spaced), features h mapped to 2-D by {method.upper()}"
+                   f"{', coloured by class' if labels is not None else ''}.")]
+    bidx = evenly_spaced(len(bank_split), BANK_LIMIT)
+    bank = _features(run, bank_split.images[bidx], device)
+    qidx = pick_queries(test, QUERIES)
+    same_split = test is bank_split
+    exclude = np.searchsorted(bidx, qidx) if same_split else None
+    nn_idx = nearest(bank, _features(run, test.images[qidx], device), NEIGHBOURS, exclude)  # (Q, K) into bidx
+    neighbours = bank_split.images[bidx[nn_idx]]  # (Q, K, H, W, C)
+    q_labels = test.labels[qidx] if test.labels is not None else None
+    n_labels = bank_split.labels[bidx[nn_idx]] if bank_split.labels is not None else None
+    agree = f" {100 * float((n_labels == q_labels[:, None]).mean()):.0f}% of the neighbours share the query's class." \
+        if q_labels is not None and n_labels is not None else ""
+    out.append(section("retrievals", "Nearest-neighbour retrievals",
+                       figures.retrievals(test.images[qidx], q_labels, neighbours, n_labels), "img",
+                       f"Left: a {which} image (grey frame); then its {NEIGHBOURS} most cosine-similar training images "
+                       f"among {len(bidx)} (green frame: same class, red: another).{agree}"))
+    return out
+
+
+def _results_sections(ev: dict[str, Any] | None, run_dir: Path, encoder_sha256: str) -> list[str]:
+    probe = run_dir / "probe.json"
+    probe_line = ""
+    if probe.exists():
+        p = json.loads(probe.read_text())
+        probe_line = (f"Linear probe at the end of pretraining: {100 * p['accuracy']:.2f}% after {p.get('steps', '?')} "
+                      f"steps ({p.get('train_seconds', 0):.0f} s of training).")
+    if ev is None:
+        hint = note(f"No evaluation yet: run <code>fastclr evaluate {escape(str(run_dir))}</code>, then "
+                    f"<code>fastclr report {escape(str(run_dir))}</code> again, to add the label-efficiency curve "
+                    "and the numbers of every protocol.")
+        return [section("efficiency", "Label efficiency", hint, "p"),
+                section("numbers", "Numbers", note(escape(probe_line) or "No results yet.") + hint, "p")]
+    p = ev["protocols"]
+    stale = "" if ev.get("encoder_sha256") == encoder_sha256 else note(
+        f"<b>These numbers are out of date</b>: eval.json was computed for other encoder weights than the run holds "
+        f"now (it was trained further since). Run <code>fastclr evaluate {escape(str(run_dir))}</code> again.")
+    if "fewshot" in p or "supervised" in p:
+        eff = section("efficiency", "Label efficiency", figures.label_efficiency(p), "svg",
+                      "Test accuracy against labelled images per class, on the same fixed stratified subsets: a "
+                      "logistic regression on the frozen self-supervised features against the same architecture "
+                      "trained from scratch with labels only. Bands: mean ± standard deviation over subset seeds.")
+    else:
+        eff = section("efficiency", "Label efficiency",
+                      note("eval.json holds no few-label results: run <code>fastclr evaluate RUN_DIR --protocols "
+                           "fewshot,supervised</code>."), "p")
+    text = escape(format_table(ev))
+    return [eff, section("numbers", "Numbers", stale + f"<pre>{text}</pre>" + note(escape(probe_line)), "pre",
+                         f"From eval.json, written {escape(ev.get('environment', {}).get('time', '?'))}.")]
+
+
+def build_report(
+    run_dir: Path,
+    out: Path | None = None,
+    device: str = "auto",
+    map_method: str = "tsne",
+    threads: int = 0,
+    dataset: Dataset | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write the report of `run_dir` (to RUN_DIR/report.html unless `out`) and return its path."""
+    t0 = time.perf_counter()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = select_device(device)
+    require_encoder(run_dir)
+    run = load_run(run_dir, dev)
+    dataset = dataset if dataset is not None else load_data(run.config.data)
+    ev = read_eval(run_dir)
+    sections = [_curves_section(run_dir), *_views_sections(run, dataset, dev, seed),
+                *_map_and_retrievals(run, dataset, dev, map_method, seed),
+                *_results_sections(ev, run_dir, state_checksum(run.encoder)),
+                section("config", "Config", f"<pre>{escape((run_dir / 'config.toml').read_text())}</pre>", "pre",
+                        "The resolved configuration of the run (config.toml).")]
+    info = run.info
+    subtitle = escape(f"{run_dir} · {info['encoder']} encoder, h {info['feature_dim']}-d · {dataset.name} · "
+                      f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
+    path = out or run_dir / REPORT_FILE
+    path.write_text(page(f"fastclr report: {run_dir.name}", subtitle, sections))
+    return path

@@ -1,0 +1,130 @@
+"""The report's figures as HTML fragments: each function takes what it draws and returns an SVG
+string or an <img> with an embedded PNG, plus the numbers that go in its caption."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastclr.report.png import data_uri, encode_png, tile, viridis
+from fastclr.report.svg import Series, class_colour, line_chart, scatter_chart
+
+GREEN = np.array([46, 160, 67], np.uint8)
+RED = np.array([214, 39, 40], np.uint8)
+GREY = np.array([150, 150, 150], np.uint8)
+
+
+def img_tag(rgb: np.ndarray, alt: str, width: int | None = None) -> str:
+    """An <img> embedding the uint8 image (H, W, 3) or (H, W) as a PNG data URI."""
+    w = f' width="{width}"' if width else ""
+    return f'<img src="{data_uri(encode_png(rgb))}" alt="{escape(alt)}"{w}>'
+
+
+def training_curves(metrics: list[dict[str, Any]]) -> list[str]:
+    """Loss, contrastive accuracy, learning rate and monitor accuracy against the step, as SVGs."""
+    train = [r for r in metrics if "loss" in r]
+    mon = [r for r in metrics if "knn_acc" in r]
+    steps = [float(r["step"]) for r in train]
+    charts = [
+        line_chart([Series("NT-Xent loss", steps, [r["loss"] for r in train], class_colour(0))],
+                   "Contrastive loss", "step", "loss"),
+        line_chart([Series(name, steps, [r[key] for r in train], class_colour(i))
+                    for i, (name, key) in enumerate((("top-1", "top1"), ("top-5", "top5")))
+                    if train and key in train[0]],
+                   "Contrastive accuracy (positive found among 2N-1)", "step", "accuracy", y_range=(0.0, 1.0)),
+        line_chart([Series("learning rate", steps, [r["lr"] for r in train], class_colour(2))],
+                   "Learning rate", "step", "lr"),
+    ]
+    if mon:
+        knn = Series("kNN monitor", [float(r["step"]) for r in mon], [r["knn_acc"] for r in mon], class_colour(4),
+                     markers=True)
+        charts.append(line_chart([knn], "Online kNN monitor accuracy", "step", "accuracy"))
+    return charts
+
+
+def view_pairs_grid(originals: np.ndarray, views: torch.Tensor, scale: int = 3) -> str:
+    """Each image next to its two augmented views, as the model saw them (before standardisation),
+    four such triples per row.
+
+    originals: uint8 (B, H, W, C); views: float (2B, C, S, S) in [0, 1], first views then second.
+    """
+    b = originals.shape[0]
+    v = (views.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (2B, S, S, C)
+    s = v.shape[1]
+    if originals.shape[1] != s:  # show originals at the views' size, nearest pixel
+        idx = (np.arange(s) * originals.shape[1] / s).astype(np.int64)
+        originals = originals[:, idx][:, :, idx]
+    triples = np.stack([originals, v[:b], v[b:]], 1)  # (B, 3, S, S, C)
+    cells = np.stack([tile(t, cols=3, scale=scale, pad=1) for t in triples])  # (B, H', W', 3): one image, its views
+    return img_tag(tile(cells, cols=4, pad=8), "augmented view pairs")
+
+
+def similarity_heatmap(h: torch.Tensor, cell: int = 12) -> tuple[str, dict[str, float]]:
+    """Cosine similarity of the 2B view features h (2B, D) as a heatmap, with mean positive and
+    negative similarity. Positives lie on the diagonals of the off-diagonal blocks."""
+    z = F.normalize(h.float(), dim=1)
+    sim = (z @ z.T).numpy()  # (2B, 2B)
+    n = sim.shape[0] // 2
+    lo = 0.0 if sim.min() >= 0 else -1.0
+    rgb = viridis((sim - lo) / (1 - lo)).repeat(cell, 0).repeat(cell, 1)
+    rgb[n * cell - 1 : n * cell + 1, :] = 255  # white rules between the view-1 and view-2 blocks
+    rgb[:, n * cell - 1 : n * cell + 1] = 255
+    pos = np.concatenate([np.diag(sim, n), np.diag(sim, -n)])
+    mask = ~np.eye(2 * n, dtype=bool)
+    mask[np.arange(n), np.arange(n) + n] = mask[np.arange(n) + n, np.arange(n)] = False
+    stats = {"positive": float(pos.mean()), "negative": float(sim[mask].mean()), "low": lo}
+    return img_tag(rgb, "cosine similarity of view pairs"), stats
+
+
+def embedding_map(xy: np.ndarray, labels: np.ndarray | None, classes: list[str], method: str) -> str:
+    """The 2-D map of test embeddings, coloured by class when labels exist."""
+    return scatter_chart(xy, labels, classes, f"Test embeddings h, {method.upper()} map")
+
+
+def retrievals(queries: np.ndarray, q_labels: np.ndarray | None, neighbours: np.ndarray,
+               n_labels: np.ndarray | None, scale: int = 2) -> str:
+    """Rows of a query (grey frame) and its nearest training images (green frame: same class, red: not).
+
+    queries: uint8 (Q, H, W, C); neighbours: uint8 (Q, K, H, W, C); labels (Q,), (Q, K) or None.
+    """
+    q, k = neighbours.shape[:2]
+    images = np.concatenate([queries[:, None], neighbours], 1).reshape(q * (k + 1), *queries.shape[1:])
+    borders = np.tile(GREY, (q * (k + 1), 1))
+    if q_labels is not None and n_labels is not None:
+        same = n_labels == q_labels[:, None]  # (Q, K)
+        colours = np.where(same[..., None], GREEN, RED)  # (Q, K, 3)
+        borders = np.concatenate([np.tile(GREY, (q, 1, 1)), colours], 1).reshape(-1, 3)
+    return img_tag(tile(images, cols=k + 1, scale=scale, pad=3, borders=borders), "nearest-neighbour retrievals")
+
+
+def label_efficiency(protocols: dict[str, Any]) -> str:
+    """Accuracy against labels per class: few-label probe and supervised baseline (mean ± std bands),
+    fine-tuning points, and the all-label linear probe as a dashed level."""
+    series = []
+    for name, key, colour in (("linear probe on h (self-supervised)", "fewshot", class_colour(0)),
+                              ("supervised from scratch", "supervised", class_colour(1))):
+        curve = protocols.get(key, {}).get("curve", [])
+        if curve:
+            x = [float(e["labels_per_class"]) for e in curve]
+            m = [100 * e["mean"] for e in curve]
+            sd = [100 * e["std"] for e in curve]
+            series.append(Series(name, x, m, colour, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                                 markers=True))
+    ft = protocols.get("finetune", {}).get("fractions", [])
+    if ft:
+        x = [float(e["labels_per_class"]) for e in ft]
+        series.append(Series("fine-tuned (label fractions)", x, [100 * e["mean"] for e in ft], class_colour(2),
+                             markers=True, line=False))
+        if all("scratch_mean" in e for e in ft):
+            series.append(Series("from scratch, same fractions", x, [100 * e["scratch_mean"] for e in ft],
+                                 class_colour(5), markers=True, line=False))
+    xs = sorted({x for s in series for x in s.x})
+    if "linear" in protocols and xs:
+        acc = 100 * protocols["linear"]["accuracy"]
+        series.append(Series("linear probe, all labels", [xs[0], xs[-1]], [acc, acc], class_colour(4), dashed=True))
+    return line_chart(series, "Label efficiency", "labels per class (log scale)", "test accuracy (%)", width=620,
+                      height=360, log_x=True, x_ticks=xs)

@@ -1,0 +1,51 @@
+"""Graceful stop: SIGTERM/SIGINT ask the training loop to checkpoint and exit at the next step.
+
+The handler only sets a flag; the loop checks it at step boundaries, writes a checkpoint
+(atomically, see checkpoint.py) and returns, and the CLI exits with EXIT_STOPPED so a job
+scheduler can tell "stopped, resumable" from success and from failure. Further signals while
+stopping are acknowledged and ignored, so a second Ctrl-C cannot interrupt the checkpoint write.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+EXIT_STOPPED = 75
+"""Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint (EX_TEMPFAIL:
+'try again later', i.e. resume with `fastclr pretrain --resume RUN_DIR`)."""
+
+
+class StopFlag:
+    """Set by the signal handler, read by the training loop."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, step: int) -> bool:
+        """The `stop` callback of `pretrain`: True once a stop was requested."""
+        return self.signal is not None
+
+
+@contextmanager
+def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopFlag]:
+    """Install flag-setting handlers for `signals` for the duration of the block."""
+    flag = StopFlag()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if flag.signal is None:
+            flag.signal = signum
+            print(f"\n{name} received: writing a checkpoint at the next step, then stopping", file=sys.stderr, flush=True)
+        else:
+            print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

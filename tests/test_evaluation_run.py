@@ -1,0 +1,113 @@
+"""`fastclr evaluate` end to end on a tiny run: what each protocol reports, that they share
+subsets, that the encoder is untouched, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from eval_fixtures import one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
+from fastclr.cli import main
+from fastclr.data import Dataset
+from fastclr.errors import FastclrError
+from fastclr.evaluation.options import EvaluateOptions
+from fastclr.evaluation.run import evaluate
+from fastclr.knn import knn_accuracy
+from fastclr.pretrained import load_run
+from fastclr.probe import extract_features, linear_probe, state_checksum
+
+Run = tuple[Path, Dataset, dict[str, Any]]
+SMALL = EvaluateOptions(labels_per_class=(2, 5), seeds=(0, 1), supervised_seeds=(0, 1), finetune_fractions=(0.1,),
+                        steps=3, batch_size=16, quality_images=64, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset, dict[str, Any]]:
+    ds = tiny_dataset()
+    run_dir = tiny_run(tmp_path_factory.mktemp("eval") / "run", ds)
+    return run_dir, ds, evaluate(run_dir, SMALL, dataset=ds, log=lambda s: None)
+
+
+def test_results_file_and_untouched_encoder(run: Run) -> None:
+    run_dir, _, out = run
+    assert json.loads((run_dir / "eval.json").read_text()) == json.loads(json.dumps(out))
+    assert set(out["protocols"]) == {"linear", "knn", "fewshot", "supervised", "finetune", "quality"}
+    assert out["encoder_unchanged"] and out["encoder_sha256"] == state_checksum(load_run(run_dir).encoder)
+
+
+def test_linear_and_knn_are_the_standard_protocols_on_frozen_features(run: Run) -> None:
+    run_dir, ds, out = run
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    r = load_run(run_dir)
+    kw: dict[str, Any] = dict(precision=r.config.train.precision, size=28)
+    ftr = extract_features(r.encoder, ds.train.images, r.mean, r.std, torch.device("cpu"), **kw)
+    fte = extract_features(r.encoder, ds.test.images, r.mean, r.std, torch.device("cpu"), **kw)
+    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    assert out["protocols"]["linear"]["accuracy"] == pytest.approx(linear_probe(ftr, ytr, fte, yte).accuracy)
+    assert out["protocols"]["knn"] == {"accuracy": pytest.approx(knn_accuracy(ftr, ytr, fte, yte, 20, 0.07)),
+                                       "k": 20, "tau": 0.07}
+    assert out["protocols"]["linear"]["accuracy"] > 0.5  # bars are linearly separable: well above 10% chance
+
+
+def test_few_label_protocols_share_fixed_subsets(run: Run) -> None:
+    p = run[2]["protocols"]
+    few, sup = p["fewshot"]["curve"], p["supervised"]["curve"]
+    assert [e["labels_per_class"] for e in few] == [2, 5] == [e["labels_per_class"] for e in sup]
+    for f, s in zip(few, sup):
+        assert [r["subset"] for r in f["runs"]] == [r["subset"] for r in s["runs"]]  # same images, same seed
+        assert f["runs"][0]["subset"] != f["runs"][1]["subset"]  # seeds draw different subsets
+        accs = [r["accuracy"] for r in f["runs"]]
+        assert f["mean"] == pytest.approx(np.mean(accs)) and f["std"] == pytest.approx(np.std(accs, ddof=1))
+    ft = p["finetune"]["fractions"][0]
+    assert ft["fraction"] == 0.1 and ft["labels_per_class"] == 6  # 10% of 600 images over 10 classes
+    assert {"accuracy", "linear_accuracy", "scratch_accuracy"} <= set(ft["runs"][0])
+    q = p["quality"]
+    assert q["images"] == 64 and 1 <= q["effective_rank"] <= q["feature_dim"] and -4 <= q["uniformity"] <= 0
+    assert set(q["random_init"]) == {"alignment", "uniformity", "effective_rank", "feature_dim"}
+
+
+def test_unlabelled_dataset_asked_for_labelled_protocols(run: Run) -> None:
+    run_dir, ds, _ = run
+    unlabelled = Dataset("my-photos", ds.pretrain, None, None, [])
+    with pytest.raises(FastclrError, match=r"dataset my-photos has no labelled train and test splits, which protocols "
+                                           r"linear need; run `fastclr evaluate RUN_DIR --protocols quality`"):
+        evaluate(run_dir, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=unlabelled, log=lambda s: None)
+    quality_only = EvaluateOptions(protocols=("quality",), quality_images=32, device="cpu")
+    out = evaluate(run_dir, quality_only, dataset=unlabelled, log=lambda s: None)
+    assert set(out["protocols"]) == {"quality"}  # the label-free measures need no labels
+
+
+def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, ds, _ = run
+    write_tiny_idx(tmp_path / "data" / "fashion-mnist", ds)
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "data"))
+    assert main(["evaluate", str(run_dir), "--protocols", "linear,knn", "--device", "cpu", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    acc = json.loads((run_dir / "eval.json").read_text())["protocols"]["linear"]["accuracy"]
+    assert f"linear probe on h  all (600)  {100 * acc:.2f}%" in printed
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.toml").write_text((run_dir / "config.toml").read_text())
+    cases = [
+        ([str(run_dir), "--labels-per-class", "10,500"], "asked for 500 labels per class but class"),
+        ([str(tmp_path / "empty")], "has no encoder.safetensors and no checkpoint yet"),
+        ([str(run_dir), "--protocols", "linaer"], "unknown protocol linaer; choose from: linear, knn"),
+        ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
+        ([str(run_dir), "--steps", "0"], "--steps must be at least 1"),
+    ]
+    for args, message in cases:
+        assert main(["evaluate", *args, "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+    assert main(["report", str(run_dir), "--map", "pca", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {run_dir / 'report.html'}"
+    assert "Label efficiency" in (run_dir / "report.html").read_text()
+    assert main(["report", str(tmp_path / "empty"), "--device", "cpu"]) == 2
+    assert "has no encoder.safetensors and no checkpoint yet" in capsys.readouterr().err

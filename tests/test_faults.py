@@ -1,0 +1,260 @@
+"""Fault injection: each test injects a fault and checks the promised outcome (README "Guarantees")."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, cli_env, run_cli
+from fastclr.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fastclr.errors import FastclrError
+from fastclr.losses import nt_xent
+from fastclr.signals import EXIT_STOPPED
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return cli_env(tmp_path)
+
+
+def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "fastclr", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=cwd)
+
+
+def wait_for(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)
+
+
+def metric_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip() and '"loss"' in line]
+
+
+def test_sigkill_at_random_moments_during_checkpoint_writes_never_loses_the_run(tmp_path: Path, env: dict[str, str]) -> None:
+    """A checkpoint every step, with a wide head so each write takes a while. SIGKILL many times:
+    at random moments, and as soon as a temporary checkpoint file appears (inside a write). Every
+    file under a checkpoint's name always verifies, and the run resumes to the end."""
+    run = tmp_path / "run"
+    args = ["pretrain", "--resume", "auto", str(run), "--data", "mnist", "--epochs", "4", *TINY,
+            "--head-hidden", "8192", "--checkpoint-every", "1", "--monitor-every", "0", "--probe", "false"]
+    rng = random.Random(0)
+    temps = lambda: list((run / "checkpoints").glob(".step-*.tmp"))  # noqa: E731
+    killed_mid_write, best = 0, 0
+    for i in range(8):
+        proc = start(args, env, tmp_path)
+        before = {p.name for p in list_checkpoints(run)}
+        try:
+            if i % 2:
+                wait_for(lambda: {p.name for p in list_checkpoints(run)} - before or proc.poll() is not None)
+                time.sleep(rng.uniform(0.0, 0.3))
+            else:
+                wait_for(lambda: temps() or proc.poll() is not None)
+        finally:
+            proc.kill()
+            proc.wait()
+        killed_mid_write += bool(temps())
+        for p in list_checkpoints(run):
+            load_checkpoint(p)  # raises if any checkpoint-named file is incomplete or damaged
+        if list_checkpoints(run) or best:  # once a checkpoint was complete, one always verifies
+            _, state = latest_valid_checkpoint(run)
+            assert state["step"] >= best
+            best = state["step"]
+    assert killed_mid_write >= 2, "too few kills landed inside a write; the test did not exercise what it claims"
+    done = run_cli(args, env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 32
+    assert not temps()
+
+
+def test_enospc_during_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)})
+
+    def full_disk(obj, f):  # type: ignore[no-untyped-def]
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fastclr.checkpoint.torch.save", full_disk)
+    with pytest.raises(FastclrError) as e:
+        save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(3)})
+    msg = str(e.value)
+    assert "No space left on device" in msg and "step-000000001.pt is intact" in msg and "--resume" in msg
+    assert list_checkpoints(tmp_path) == [good]
+    assert torch.equal(load_checkpoint(good)["w"], torch.ones(3))
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+def test_enospc_in_a_real_run_exits_2_with_an_explanation(tmp_path: Path, env: dict[str, str]) -> None:
+    """The CLI in a subprocess whose second checkpoint write hits ENOSPC."""
+    run = tmp_path / "run"
+    script = f"""
+import errno, sys, torch, fastclr.checkpoint as c
+real, calls = torch.save, []
+def save(obj, f):
+    calls.append(1)
+    if len(calls) == 2:
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real(obj, f)
+c.torch.save = save
+from fastclr.cli import main
+sys.exit(main({["pretrain", "--data", "mnist", "--epochs", "3", "--run-dir", str(run), *TINY]!r}))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "No space left on device" in r.stderr and "step-000000008.pt is intact" in r.stderr
+    _, state = latest_valid_checkpoint(run)
+    assert state["step"] == 8
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "flip-bytes"])
+def test_auto_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path: Path, damage: str) -> None:
+    old = save_checkpoint(tmp_path, {"step": 3, "w": torch.arange(4.0)}, keep=5)
+    new = save_checkpoint(tmp_path, {"step": 6, "w": torch.arange(4.0) * 2}, keep=5)
+    raw = new.read_bytes()
+    if damage == "truncate":
+        new.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        new.write_bytes(b"")
+    else:  # same size, a tensor byte changed: only the checksum can tell
+        state = torch.load(new, weights_only=True)
+        state["w"][0] = 99.0
+        torch.save(state, new)
+    messages: list[str] = []
+    path, state = latest_valid_checkpoint(tmp_path, warn=messages.append)
+    assert path == old and state["step"] == 3
+    assert len(messages) == 1 and new.name in messages[0]
+
+
+def test_cli_auto_resume_reports_the_damaged_file_by_name(tmp_path: Path, env: dict[str, str]) -> None:
+    run = tmp_path / "run"
+    args = ["pretrain", "--data", "mnist", "--epochs", "2", "--run-dir", str(run), *TINY, "--probe", "false"]
+    assert run_cli(args, env, tmp_path).returncode == 0
+    newest = list_checkpoints(run)[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    r = run_cli(["pretrain", "--resume", "auto", str(run), "--quiet", "--probe", "false"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"skipping {newest.name}" in r.stdout and "from step-000000008.pt" in r.stdout
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path, env: dict[str, str]) -> None:
+    common = ["--data", "mnist", "--epochs", "2", *TINY, "--log-every", "1", "--monitor-every", "0", "--probe", "false",
+              "--head-hidden", "256", "--batch-size", "16"]  # 16 steps per epoch
+    straight = tmp_path / "straight"
+    assert run_cli(["pretrain", "--run-dir", str(straight), *common], env, tmp_path).returncode == 0
+    run = tmp_path / "stopped"
+    proc = start(["pretrain", "--run-dir", str(run), *common], env, tmp_path)
+    wait_for(lambda: len(metric_steps(run)) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, err
+    assert "SIGTERM received" in err and "resume with" in out
+    stopped_at = load_checkpoint(list_checkpoints(run)[-1])["step"]
+    assert 3 <= stopped_at < 32
+    r = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    a = load_checkpoint(list_checkpoints(straight)[-1])
+    b = load_checkpoint(list_checkpoints(run)[-1])
+    assert a["step"] == b["step"] == 32
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), k
+    # the learning rate and the loss (so the data and augmentations) agree at every logged step
+    la = {r["step"]: (r["lr"], r["loss"]) for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
+          if "loss" in r}
+    lb = {r["step"]: (r["lr"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+          if "loss" in r}
+    assert set(la) == set(lb) == set(range(1, 33))
+    assert all(la[s] == lb[s] for s in la)
+
+
+def test_second_signal_while_stopping_does_not_corrupt(tmp_path: Path, env: dict[str, str]) -> None:
+    run = tmp_path / "run"
+    proc = start(["pretrain", "--run-dir", str(run), "--data", "mnist", "--epochs", "4", *TINY, "--log-every", "1",
+                  "--head-hidden", "1024", "--monitor-every", "0", "--probe", "false"], env, tmp_path)
+    wait_for(lambda: len(metric_steps(run)) >= 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, err
+    assert "again: already stopping" in err
+    for p in list_checkpoints(run):
+        load_checkpoint(p)
+
+
+def test_malicious_pickle_as_checkpoint_is_refused_without_running(tmp_path: Path, env: dict[str, str]) -> None:
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.toml").write_text('[data]\nname = "mnist"\n')
+    evil = run / "checkpoints" / "step-000000005.pt"
+    torch.save({"step": 5, "format": 1, "x": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(evil)
+    r = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and "refusing to load" in r.stderr and "Traceback" not in r.stderr
+    assert not marker.exists()
+    # a plain pickle file (not even torch's zip format) is refused too
+    evil.write_bytes(pickle.dumps(Payload()))
+    r = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and not marker.exists()
+
+
+def test_resume_with_a_changed_batch_size_is_refused_naming_the_key(tmp_path: Path, env: dict[str, str]) -> None:
+    run = tmp_path / "run"
+    assert run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
+                   env, tmp_path).returncode == 0
+    r = run_cli(["pretrain", "--resume", str(run), "--batch-size", "16", "--encoder", "resnet18", "--quiet"], env, tmp_path)
+    assert r.returncode == 2
+    assert "model.encoder, train.batch_size differ" in r.stderr and "--allow-config-change" in r.stderr
+    r = run_cli(["pretrain", "--resume", str(run), "--batch-size", "16", "--epochs", "2", "--allow-config-change",
+                 "--quiet", "--probe", "false"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_is_finite_at_temperature_001_under_low_precision_autocast(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 64)
+    x = torch.randn(256, 32) * 10  # large activations: logits up to 1/t = 100
+    with torch.autocast("cpu", dtype=dtype):
+        z = layer(x)
+        assert z.dtype == dtype
+        loss = nt_xent(*z.chunk(2), 0.01)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_checkpoints_carry_version_and_checksum(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, {"step": 2, "rng": torch.get_rng_state()})
+    raw = torch.load(path, weights_only=True)
+    assert raw["fastclr_version"] and len(raw["sha256"]) == 64 and raw["rng"].dtype == torch.uint8

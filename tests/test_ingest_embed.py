@@ -1,0 +1,171 @@
+"""`fastclr embed` and `fastclr neighbours`: features in the source's order, for every source."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastclr.augment import normalize, to_float
+from fastclr.cli import main
+from fastclr.config import Config, apply_overrides
+from fastclr.data import load_builtin
+from fastclr.data.store import read_store
+from fastclr.export import save_encoder
+from fastclr.ingest import DecodeOptions, prepare_store
+from fastclr.ingest.embed import embed, match_channels
+from fastclr.ingest.neighbours import cosine_neighbours, neighbours
+from fastclr.models import build_encoder
+from fastclr.pretrained import LoadedRun, load_run
+from fastclr.runs import write_config
+from ingest_fixtures import bar_images
+
+QUIET = dict(progress=False, log=lambda s: None)
+CPU = torch.device("cpu")
+
+
+def make_run(run_dir: Path, channels: int = 3, size: int = 28) -> LoadedRun:
+    """A run directory holding a randomly initialised encoder: enough to test feature plumbing."""
+    torch.manual_seed(0)
+    enc = build_encoder("cnn", channels, size, 0.125)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    info = dict(encoder="cnn", in_channels=channels, image_size=size, width=0.125, cifar_stem="off",
+                feature_dim=enc.feature_dim, mean=[0.3] * channels, std=[0.25] * channels)
+    run_dir.mkdir(parents=True)
+    save_encoder(run_dir / "encoder.safetensors", enc, info)
+    write_config(run_dir, apply_overrides(Config(), {"train.channels_last": False}))
+    return load_run(run_dir)
+
+
+def reference_features(run: LoadedRun, images: np.ndarray) -> np.ndarray:
+    """One image at a time, straight through the encoder: the literal definition of h."""
+    out = []
+    with torch.no_grad():
+        for im in images:
+            x = normalize(to_float(torch.from_numpy(np.array(im))[None]), run.mean, run.std)
+            out.append(run.encoder(x)[0].numpy())
+    return np.stack(out)
+
+
+def read_index(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def bars(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, LoadedRun]:
+    root = tmp_path_factory.mktemp("embed")
+    bar_images(root / "bars", n_per_class=6, size=32)
+    store = prepare_store(root / "bars", root / "store", DecodeOptions(28), workers=1, **QUIET).store
+    return root, store, make_run(root / "run")
+
+
+def test_store_embeddings_are_each_rows_features_in_store_order(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, store, run = bars
+    npy, index = embed(run, str(store), tmp_path / "emb.npy", CPU, log=lambda s: None)
+    feats, rows, s = np.load(npy), read_index(index), read_store(store)
+    assert feats.dtype == np.float32 and feats.shape == (12, run.info["feature_dim"])
+    assert [r["path"] for r in rows] == s.paths and [int(r["row"]) for r in rows] == list(range(12))
+    assert [int(r["label"]) for r in rows] == s.labels.tolist()
+    assert [r["class"] for r in rows] == [s.classes[y] for y in s.labels.tolist()]
+    np.testing.assert_allclose(feats, reference_features(run, np.asarray(s.images)), rtol=1e-4, atol=1e-5)
+    a, b = s.split_range("test")
+    npy, index = embed(run, str(store), tmp_path / "test.npy", CPU, split="test", log=lambda s: None)
+    np.testing.assert_allclose(np.load(npy), feats[a:b], rtol=1e-4, atol=1e-5)
+    assert [r["split"] for r in read_index(index)] == ["test"] * (b - a) and b > a
+
+
+def test_folder_embeddings_equal_those_of_its_store(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, store, run = bars
+    a = embed(run, str(root / "bars"), tmp_path / "folder.npy", CPU, log=lambda s: None)
+    b = embed(run, str(store), tmp_path / "store.npy", CPU, log=lambda s: None)
+    assert np.array_equal(np.load(a[0]), np.load(b[0])) and read_index(a[1]) == read_index(b[1])
+
+
+def test_builtin_embeddings_cover_train_then_test(data_root: Path, bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = bars[2]  # RGB, 28 px: the 28 px grayscale images are repeated into three channels
+    npy, index = embed(run, "fashion-mnist", tmp_path / "fm", CPU, log=lambda s: None)
+    assert npy.name == "fm.npy" and index.name == "fm.csv"
+    ds, feats, rows = load_builtin("fashion-mnist"), np.load(npy), read_index(index)
+    assert feats.shape[0] == len(rows) == 256 + 64
+    assert [r["split"] for r in rows] == ["train"] * 256 + ["test"] * 64
+    assert [int(r["label"]) for r in rows] == ds.train.labels.tolist() + ds.test.labels.tolist()  # type: ignore[union-attr]
+    assert rows[256]["path"] == "test/000000" and rows[0]["class"] == ds.classes[ds.train.labels[0]]  # type: ignore[union-attr]
+    expected = reference_features(run, np.repeat(ds.test.images[:3], 3, axis=-1))  # type: ignore[union-attr]
+    np.testing.assert_allclose(feats[256:259], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_grayscale_store_with_rgb_encoder_equals_pillows_gray_to_rgb(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = bars[2]
+    (tmp_path / "gray").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8), "L").save(tmp_path / "gray" / f"{i}.png")
+    one = prepare_store(tmp_path / "gray", tmp_path / "g1", DecodeOptions(28, channels="1"), workers=1, **QUIET).store
+    three = prepare_store(tmp_path / "gray", tmp_path / "g3", DecodeOptions(28, channels="3"), workers=1, **QUIET).store
+    assert read_store(one).images.shape[-1] == 1
+    f1 = np.load(embed(run, str(one), tmp_path / "a.npy", CPU, log=lambda s: None)[0])
+    f3 = np.load(embed(run, str(three), tmp_path / "b.npy", CPU, log=lambda s: None)[0])
+    assert np.array_equal(f1, f3)
+
+
+def test_rgb_to_one_channel_is_pillows_luma() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]]], np.uint8),
+                        rng.integers(0, 256, (1, 4, 3), dtype=np.uint8)])  # (2, 4, 3)
+    pil = np.asarray(Image.fromarray(x, "RGB").convert("L"))
+    ours = match_channels(x[None], 1)[0, ..., 0]
+    assert ours[0].tolist() == [76, 150, 29, 255] == pil[0].tolist()
+    assert np.abs(ours.astype(int) - pil).max() <= 1
+
+
+def test_cosine_neighbours_against_a_brute_force_loop() -> None:
+    rng = np.random.default_rng(0)
+    f, q = rng.normal(size=(50, 8)), rng.normal(size=8)
+    sims = [float(np.dot(r, q) / np.linalg.norm(r) / np.linalg.norm(q)) for r in f]
+    idx, got = cosine_neighbours(f, q, 5)
+    assert idx.tolist() == sorted(range(50), key=lambda i: -sims[i])[:5]
+    np.testing.assert_allclose(got, [sims[i] for i in idx], rtol=1e-12)
+
+
+def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    root, store, run = bars
+    s = read_store(store)
+    query = s.paths[7]
+    found = neighbours(run, store, root / "bars" / query, 4, CPU, grid=tmp_path / "grid.png", log=lambda s: None)
+    assert len(found) == 4 and found[0][0] == query and found[0][1] > 0.9999
+    assert [p for p, _ in found][1:] and all(found[i][1] >= found[i + 1][1] for i in range(3))
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (28, 5 * 28 + 4 * 2, 3)
+    assert np.array_equal(grid[:, :28], s.images[7]) and np.array_equal(grid[:, 30:58], s.images[7])
+    assert list((run.run_dir / "features").glob("*.npy"))  # cached for the next query
+    again = neighbours(run, store, root / "bars" / s.paths[0], 1, CPU, log=lambda s: None)
+    assert again[0][0] == s.paths[0]
+
+
+def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    root, store, run = bars
+    assert main(["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.npy"), "--device", "cpu"]) == 0
+    assert np.load(tmp_path / "e.npy").shape[0] == 12 and (tmp_path / "e.csv").exists()
+    q = root / "bars" / read_store(store).paths[3]
+    assert main(["neighbours", str(run.run_dir), "--data", str(store), "--query", str(q), "-k", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].split()[0] == "1" and out[-2].split()[2] == read_store(store).paths[3]
+    for args, message in [
+        (["embed", str(run.run_dir), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npy")], "not a built-in dataset"),
+        (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),
+        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")], "no such image file"),
+        (["embed", str(tmp_path), "--data", str(store), "--out", str(tmp_path / "x.npy")], "not a fastclr run directory"),
+    ]:
+        assert main([*args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.npy").exists()

@@ -1,0 +1,351 @@
+"""`fastclr prepare`: the issue's fixture folder, exact store contents and skip report,
+incremental re-runs, atomic writes, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastclr.cli import main
+from fastclr.data.store import is_store, read_csv, read_store
+from fastclr.errors import FastclrError
+from fastclr.ingest import DecodeOptions, prepare_store
+from fastclr.ingest.decode import Unusable, decode_image, process_file, to_8bit
+from fastclr.ingest.prepare import holdout, layout
+from fastclr.ingest.walk import REASONS
+from ingest_fixtures import FIXTURE_IMAGES, PIXEL_LIMIT, RED, bar_images, halves, write_fixture_folder
+
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def fixture_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], object]:
+    root = tmp_path_factory.mktemp("fixture")
+    expected_skips = write_fixture_folder(root / "photos")
+    result = prepare_store(root / "photos", root / "store", DecodeOptions(16, max_pixels=PIXEL_LIMIT), workers=2, **QUIET)
+    return root, expected_skips, result
+
+
+def rows_by_path(store_dir: Path) -> dict[str, np.ndarray]:
+    s = read_store(store_dir)
+    return {p: np.asarray(s.images[i]) for i, p in enumerate(s.paths)}
+
+
+def test_fixture_folder_gives_exactly_the_valid_images_with_labels_and_splits(fixture_store) -> None:  # type: ignore[no-untyped-def]
+    root, _, result = fixture_store
+    s = read_store(root / "store")
+    expected = set(FIXTURE_IMAGES) | ({"dogs/locked.png"} if os.geteuid() == 0 else set())
+    assert set(s.paths) == expected and len(s.paths) == len(expected)
+    assert s.images.shape == (len(expected), 16, 16, 3) and isinstance(s.images, np.memmap)
+    assert s.classes == ["cats", "dogs"]
+    for path, label in zip(s.paths, s.labels.tolist()):
+        assert label == {"loose.png": -1}.get(path, 0 if path.startswith("cats/") else 1), path
+    # Rows are grouped unlabeled, train, test, each sorted by path; the test split is the hash holdout.
+    names = s.split_of_rows()
+    assert names[0] == "unlabeled" and s.paths[0] == "loose.png"
+    for split in ("train", "test"):
+        a, b = s.split_range(split)
+        assert s.paths[a:b] == sorted(p for p in expected if p != "loose.png" and holdout(p) == (split == "test"))
+    manifest = read_csv(root / "store" / "manifest.csv")
+    assert [r["index"] for r in manifest] == [str(i) for i in range(len(expected))]
+    jpeg = next(r for r in manifest if r["path"] == "cats/rotated.jpg")
+    assert (jpeg["width"], jpeg["height"], jpeg["mode"]) == ("32", "48", "RGB")  # displayed size, after EXIF
+    data = (root / "photos" / "cats" / "png.png").read_bytes()
+    png = next(r for r in manifest if r["path"] == "cats/png.png")
+    assert png["bytes"] == str(len(data)) and png["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+    meta = json.loads((root / "store" / "store.json").read_text())
+    assert meta["options"] == {"size": 16, "fit": "crop", "channels": "auto", "max_pixels": PIXEL_LIMIT,
+                               "labels": "auto", "pipeline": 1}
+    assert sorted(result.decoded) == sorted(expected | {"cats/over_limit.png", "cats/truncated.jpg", "dogs/garbage.png"})
+
+
+def test_fixture_skip_report_is_exact(fixture_store) -> None:  # type: ignore[no-untyped-def]
+    root, expected_skips, result = fixture_store
+    report = read_csv(root / "store" / "skipped.csv")
+    assert {r["path"]: r["reason"] for r in report} == expected_skips
+    assert [r["path"] for r in report] == sorted(expected_skips)
+    assert {r["reason"] for r in report} <= set(REASONS)
+    details = {r["path"]: r["detail"] for r in report}
+    assert details["cats/over_limit.png"] == f"400x300 = 120000 pixels > {PIXEL_LIMIT}"
+    assert details["dogs/gone.jpg"] == "broken symbolic link"
+    assert details["dogs/notes.txt"] == "extension .txt is not an image format"
+    if os.geteuid() != 0:
+        assert details["dogs/locked.png"] == "Permission denied"
+    meta = json.loads((root / "store" / "store.json").read_text())
+    assert sum(meta["skipped"].values()) == len(expected_skips) == len(result.skipped)
+
+
+# (path, row, column) -> expected RGB, sampled away from the edges between the two halves.
+PIXELS = {
+    ("cats/png.png", 8, 2): (0, 255, 0), ("cats/png.png", 8, 13): (0, 0, 255),
+    ("cats/webp.webp", 8, 2): (255, 0, 0), ("cats/webp.webp", 8, 13): (0, 255, 0),
+    ("dogs/bmp.bmp", 8, 2): (0, 0, 255), ("dogs/tiff.tiff", 8, 2): (0, 255, 0),
+    # transparency composited on white
+    ("dogs/rgba.png", 8, 2): (255, 255, 255), ("dogs/rgba.png", 8, 13): (0, 255, 0),
+    ("dogs/palette.png", 8, 2): (255, 255, 255), ("dogs/palette.png", 8, 13): (0, 0, 255),
+    # 16-bit: round(10000 / 257) = 39, round(60000 / 257) = 233 (clipping would give 255)
+    ("dogs/deeper/gray16.png", 8, 2): (39, 39, 39), ("dogs/deeper/gray16.png", 8, 13): (233, 233, 233),
+    ("dogs/deeper/gray8.png", 8, 2): (77, 77, 77), ("dogs/deeper/gray8.png", 8, 13): (200, 200, 200),
+    ("loose.png", 8, 2): (128, 128, 128),
+}
+# Lossy formats: within a JPEG's error of the colour.
+NEAR = {
+    ("cats/jpeg.jpg", 8, 2): RED, ("cats/upper.JPG", 8, 13): (0, 0, 255),
+    ("dogs/cmyk.jpg", 8, 2): RED, ("dogs/cmyk.jpg", 8, 13): (0, 0, 255),  # M+Y ink is red, C+M blue
+    # orientation 6: stored top red / bottom blue is displayed left blue / right red
+    ("cats/rotated.jpg", 8, 2): (0, 0, 255), ("cats/rotated.jpg", 8, 13): RED,
+}
+
+
+def test_fixture_pixels_have_the_right_orientation_and_mode(fixture_store) -> None:  # type: ignore[no-untyped-def]
+    rows = rows_by_path(fixture_store[0] / "store")
+    for (path, y, x), rgb in PIXELS.items():
+        assert tuple(rows[path][y, x]) == rgb, path
+    for (path, y, x), rgb in NEAR.items():
+        assert np.abs(rows[path][y, x].astype(int) - rgb).max() <= 6, (path, rows[path][y, x])
+
+
+def test_sixteen_bit_gray_spans_the_full_range_without_saturating() -> None:
+    # round(v / 257): 128 -> 0, 129 -> 1, 386 -> 2 (v >> 8 would give 1), 65535 -> 255.
+    ramp = np.array([[0, 128, 129, 386, 32896, 65535]], np.uint16)
+    for mode_array in (ramp, ramp.astype(">u2")):
+        im = Image.frombytes("I;16B" if mode_array.dtype.byteorder == ">" else "I;16", (6, 1), mode_array.tobytes())
+        assert np.asarray(to_8bit(im)).tolist() == [[0, 0, 1, 2, 128, 255]]
+    assert np.asarray(to_8bit(Image.fromarray(ramp.astype(np.int32), "I"))).tolist() == [[0, 0, 1, 2, 128, 255]]
+
+
+def test_pixel_limit_beyond_pillows_bomb_error_is_a_skip_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.png"
+    Image.new("L", (1000, 1000), 0).save(path)  # 10x the limit: Pillow itself raises DecompressionBombError
+    out = process_file(path, "bomb.png", DecodeOptions(16, max_pixels=100_000))
+    assert (out.reason, out.image) == ("over-pixel-limit", None)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # the process-wide Pillow setting is restored
+
+
+def test_read_failures_are_unreadable_skips(tmp_path: Path) -> None:
+    # A file deleted, or replaced by a directory, between the walk and the read: testable as root,
+    # where a chmod 000 file is still readable.
+    (tmp_path / "dir.jpg").mkdir()
+    for name in ("dir.jpg", "deleted.jpg"):
+        out = process_file(tmp_path / name, name, DecodeOptions(16))
+        assert out.reason == "unreadable" and out.detail and out.sha256 == ""
+
+
+def test_an_unreadable_directory_is_reported_and_the_walk_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bar_images(tmp_path / "bars", n_per_class=2)
+    import fastclr.ingest.walk as walk_mod
+
+    real = os.scandir
+
+    def denied(path: object) -> object:
+        # As root a chmod 000 directory is still listable, so the refusal is simulated here.
+        if str(path).endswith("class0"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(walk_mod.os, "scandir", denied)
+    w = walk_mod.walk_folder(tmp_path / "bars")
+    assert [f.rel for f in w.files] == ["class1/img000.png", "class1/img001.png"]
+    assert [(s.rel, s.reason, s.detail) for s in w.skipped] == [
+        ("class0/", "unreadable", "directory cannot be listed: Permission denied")]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
+    bar_images(tmp_path / "bars", n_per_class=1)
+    with open(os.path.join(os.fsencode(tmp_path / "bars"), b"caf\xe9.png"), "wb") as f:
+        f.write((tmp_path / "bars" / "class0" / "img000.png").read_bytes())
+    res = prepare_store(tmp_path / "bars", tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)
+    assert res.images == 2 and [(s.rel, s.reason) for s in res.skipped] == [("caf\\xe9.png", "unreadable")]
+    assert read_csv(tmp_path / "s" / "skipped.csv")[0]["path"] == "caf\\xe9.png"
+
+
+def test_pad_keeps_the_whole_image_with_black_borders() -> None:
+    buf = __import__("io").BytesIO()
+    halves(64, 32, RED, (0, 0, 255)).save(buf, "PNG")
+    pixels, w, h, mode = decode_image(buf.getvalue(), DecodeOptions(16, fit="pad"))
+    assert (w, h, mode) == (64, 32, "RGB")
+    assert pixels[:3].max() == 0 and pixels[-3:].max() == 0  # 4 black rows above and below
+    assert tuple(pixels[8, 1]) == RED and tuple(pixels[8, 14]) == (0, 0, 255)
+    with pytest.raises(Unusable):
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, DecodeOptions(16))
+
+
+def test_unlabeled_folder_and_grayscale_auto_channels(tmp_path: Path) -> None:
+    (tmp_path / "scans").mkdir()
+    for i in range(3):
+        Image.new("L", (20, 30), 40 * i).save(tmp_path / "scans" / f"s{i}.png")
+    res = prepare_store(tmp_path / "scans", tmp_path / "store", DecodeOptions(12), workers=1, **QUIET)
+    s = read_store(res.store)
+    assert s.images.shape == (3, 12, 12, 1) and s.classes == [] and s.labels.tolist() == [-1, -1, -1]
+    assert [int(s.images[i].max()) for i in range(3)] == [0, 40, 80]
+    # A single subfolder is not a labelling: still unlabeled. --labels none ignores classes.
+    lay = layout(["all/a.png", "all/b.png"])
+    assert lay.classes == [] and set(lay.split.values()) == {"unlabeled"}
+    lay = layout(["x/a.png", "y/b.png"], labels="none")
+    assert lay.classes == [] and set(lay.label.values()) == {-1}
+
+
+def test_auto_channels_promote_to_rgb_when_a_colour_image_comes_after_gray(tmp_path: Path) -> None:
+    (tmp_path / "f").mkdir()
+    Image.new("L", (16, 16), 50).save(tmp_path / "f" / "a.png")
+    Image.new("L", (16, 16), 60).save(tmp_path / "f" / "b.png")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "f" / "c.png")
+    s = read_store(prepare_store(tmp_path / "f", tmp_path / "s", DecodeOptions(8), workers=1, **QUIET).store)
+    assert s.images.shape == (3, 8, 8, 3)
+    assert [tuple(s.images[i, 0, 0]) for i in range(3)] == [(50, 50, 50), (60, 60, 60), (1, 2, 3)]
+
+
+def test_parallel_and_serial_decoding_write_identical_stores(tmp_path: Path) -> None:
+    bar_images(tmp_path / "bars", n_per_class=10)
+    a = prepare_store(tmp_path / "bars", tmp_path / "a", DecodeOptions(16), workers=1, **QUIET).store
+    b = prepare_store(tmp_path / "bars", tmp_path / "b", DecodeOptions(16), workers=2, **QUIET).store
+    assert (a / "images.u8").read_bytes() == (b / "images.u8").read_bytes()
+    assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
+
+
+def test_incremental_rerun_decodes_only_new_and_changed_files(tmp_path: Path) -> None:
+    folder = tmp_path / "bars"
+    rels = bar_images(folder, n_per_class=6)
+    opts = DecodeOptions(16)
+    first = prepare_store(folder, tmp_path / "s", opts, workers=1, **QUIET)
+    assert sorted(first.decoded) == rels
+    before = rows_by_path(tmp_path / "s")
+
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "class0" / "new.png")  # new
+    shutil.copy(folder / rels[0], folder / "class1" / "copy.png")  # new path, known content
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(folder / rels[1])  # changed content
+    later = time.time() + 5
+    os.utime(folder / rels[2], (later, later))  # touched, same content
+    (folder / rels[3]).unlink()  # deleted
+    (folder / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # new and corrupt
+
+    second = prepare_store(folder, tmp_path / "s", opts, workers=2, **QUIET)
+    assert sorted(second.decoded) == sorted(["class0/new.png", rels[1], "class1/broken.jpg"])
+    after = rows_by_path(tmp_path / "s")
+    assert set(after) == (set(rels) - {rels[3]}) | {"class0/new.png", "class1/copy.png"}
+    for p in set(rels) - {rels[1], rels[3]}:
+        assert np.array_equal(after[p], before[p]), p
+    assert np.array_equal(after["class1/copy.png"], before[rels[0]])
+    assert tuple(after[rels[1]][5, 5]) == (200, 0, 0)
+    # The re-run store equals a fresh prepare of the grown folder, and a third run decodes nothing.
+    fresh = rows_by_path(prepare_store(folder, tmp_path / "fresh", opts, workers=1, **QUIET).store)
+    assert fresh.keys() == after.keys() and all(np.array_equal(fresh[p], after[p]) for p in fresh)
+    third = prepare_store(folder, tmp_path / "s", opts, workers=1, **QUIET)
+    assert third.decoded == [] and [s.rel for s in third.skipped] == ["class1/broken.jpg"]
+    # Other pixel options make every file decode again.
+    assert len(prepare_store(folder, tmp_path / "s", DecodeOptions(12), workers=1, **QUIET).decoded) == len(after) + 1
+
+
+def test_interrupted_prepare_leaves_the_old_store_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "bars"
+    bar_images(folder, n_per_class=4)
+    import fastclr.ingest.prepare as prep
+
+    real, calls = prep.process_file, []
+
+    def dies_on_third(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prep, "process_file", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(folder, tmp_path / "new", DecodeOptions(16), workers=1, **QUIET)
+    assert not (tmp_path / "new").exists()
+
+    monkeypatch.setattr(prep, "process_file", real)
+    store = prepare_store(folder, tmp_path / "s", DecodeOptions(16), workers=1, **QUIET).store
+    snapshot = {p.name: p.read_bytes() for p in store.iterdir()}
+    Image.new("RGB", (20, 20), 1).save(folder / "class0" / "zz.png")
+    calls.clear()
+    monkeypatch.setattr(prep, "process_file", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(folder, store, DecodeOptions(16), workers=1, rehash=True, **QUIET)
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == snapshot  # untouched, no partial files
+
+    # Dying between the renames of the commit: the store no longer looks complete, and the next
+    # prepare rebuilds it.
+    import fastclr.data.store as store_mod
+
+    monkeypatch.setattr(prep, "process_file", real)
+    real_replace, n = os.replace, []
+
+    def second_replace_fails(a: object, b: object) -> None:
+        n.append(1)
+        if len(n) == 2:
+            raise OSError("disk full")
+        real_replace(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod.os, "replace", second_replace_fails)
+    with pytest.raises(OSError):
+        prepare_store(folder, store, DecodeOptions(16), workers=1, **QUIET)
+    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    assert not is_store(store)
+    with pytest.raises(FastclrError, match="incomplete store"):
+        read_store(store)
+    again = prepare_store(folder, store, DecodeOptions(16), workers=1, **QUIET)
+    assert len(again.decoded) == 9 and read_store(store).images.shape[0] == 9
+
+
+def test_a_crashing_decoder_process_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bar_images(tmp_path / "bars", n_per_class=12)
+    import fastclr.ingest.prepare as prep
+
+    real = prep.process_file
+
+    def segfaults_on_one_file(path: Path, rel: str, *a: object) -> object:
+        if rel == "class1/img005.png":
+            os._exit(139)  # what a crashing C decoder does to its process
+        return real(path, rel, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prep, "process_file", segfaults_on_one_file)  # forked workers inherit it
+    with pytest.raises(FastclrError, match="a decoding process died .* --workers 1"):
+        prepare_store(tmp_path / "bars", tmp_path / "s", DecodeOptions(16), workers=2, **QUIET)
+    assert not (tmp_path / "s").exists()
+
+
+def one_line_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert "is not a directory" in one_line_error(["prepare", str(tmp_path / "nope"), "--size", "16", "--out", str(out)], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no images in" in one_line_error(["prepare", str(tmp_path / "empty"), "--size", "16", "--out", str(out)], capsys)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    (tmp_path / "junk" / "b.jpg").write_bytes(b"not a jpeg at all")
+    err = one_line_error(["prepare", str(tmp_path / "junk"), "--size", "16", "--out", str(out), "--quiet"], capsys)
+    assert "no usable images" in err and "1 corrupt, 1 not-an-image" in err
+    bar_images(tmp_path / "ok", n_per_class=1)
+    assert "at least 8" in one_line_error(["prepare", str(tmp_path / "ok"), "--size", "4", "--out", str(out)], capsys)
+    assert not out.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    err = one_line_error(["prepare", str(tmp_path / "ok"), "--size", "16", "--out", str(tmp_path / "mine")], capsys)
+    assert "is not a fastclr store" in err and os.listdir(tmp_path / "mine") == ["thesis.tex"]
+    err = one_line_error(["pretrain", "--data", str(tmp_path / "mine"), "--epochs", "1", "--run-dir", str(tmp_path / "r")],
+                         capsys)
+    assert "not a fastclr store" in err
+
+
+def test_prepare_cli_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bar_images(tmp_path / "ok", n_per_class=2)
+    (tmp_path / "ok" / "class0" / "x.txt").write_text("x")
+    assert main(["prepare", str(tmp_path / "ok"), "--size", "16", "--out", str(tmp_path / "s"), "--workers", "1"]) == 0
+    out = capsys.readouterr()
+    assert "4 images (2 classes, 3 channels); 4 files decoded, 0 reused" in out.out
+    assert "skipped 1: 1 not-an-image" in out.out
+    assert "prepare 4/4 files" in out.err and "files/s" in out.err

@@ -1,0 +1,89 @@
+"""Training from a store: the same path, the same numbers as the in-memory datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastclr.cli import main
+from fastclr.config import Config, DataConfig, apply_overrides
+from fastclr.data import load_builtin, load_data, open_store
+from fastclr.data.loader import ImageSource
+from fastclr.errors import FastclrError
+from fastclr.ingest import DecodeOptions, prepare_store
+from fastclr.train import pretrain
+from ingest_fixtures import bar_images
+
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+def tiny(run_dir: Path, data: str, **over: object) -> Config:
+    base = {"data.name": data, "model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16,
+            "train.batch_size": 16, "train.epochs": 1.0, "train.run_dir": str(run_dir), "train.log_every": 1,
+            "eval.monitor_every": 0, "eval.probe": False, "augment.blur_p": 0.0, "train.precision": "fp32"}
+    base.update({k.replace("__", "."): v for k, v in over.items()})
+    return apply_overrides(Config(), base)
+
+
+def encoder_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "encoder.safetensors"))
+
+
+def test_builtin_store_trains_bit_identically_to_the_in_memory_dataset(data_root: Path, tmp_path: Path) -> None:
+    ds = load_builtin("fashion-mnist")
+    store = tmp_path / "fm"
+    assert main(["prepare", "--builtin", "fashion-mnist", "--out", str(store)]) == 0
+    sd = open_store(store)
+    assert isinstance(sd.pretrain.images, np.memmap) and sd.classes == ds.classes
+    assert np.array_equal(sd.pretrain.images, ds.pretrain.images)
+    assert np.array_equal(sd.test.images, ds.test.images) and np.array_equal(sd.test.labels, ds.test.labels)  # type: ignore[union-attr]
+    idx = torch.tensor([5, 0, 5, 255, 17])  # repeats and any order: gather keeps idx order
+    assert torch.equal(ImageSource(sd.pretrain.images, torch.device("cpu")).gather(idx), torch.from_numpy(ds.pretrain.images)[idx])
+
+    a = pretrain(tiny(tmp_path / "mem", "fashion-mnist", train__epochs=0.25), **QUIET)
+    b = pretrain(tiny(tmp_path / "store", str(store), train__epochs=0.25), **QUIET)
+    assert a.steps == b.steps == 4
+    sa, sb = encoder_state(a.run_dir), encoder_state(b.run_dir)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrain_from_a_prepared_labelled_folder(tmp_path: Path) -> None:
+    bar_images(tmp_path / "bars", n_per_class=24, size=32)
+    store = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
+    ds = load_data(DataConfig(name=str(store)))
+    assert ds.train is not None and ds.test is not None
+    # pretrain = unlabeled + train rows (none unlabeled here); the test rows are held out of it.
+    assert len(ds.pretrain) == len(ds.train) and len(ds.train) + len(ds.test) == 48 and len(ds.test) > 0
+    assert set(ds.train.labels.tolist()) == {0, 1}  # type: ignore[union-attr]
+    res = pretrain(tiny(tmp_path / "run", str(store), eval__monitor_every=1, eval__probe=True), **QUIET)
+    assert res.steps == len(ds.train) // 16
+    assert res.model is not None and (res.model.info["in_channels"], res.model.info["image_size"]) == (3, 28)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert any("knn_acc" in r for r in records) and res.probe_accuracy is not None
+
+
+def test_pretrain_from_an_unlabeled_store_skips_the_probe(tmp_path: Path) -> None:
+    bar_images(tmp_path / "bars", n_per_class=16, size=32, labelled=False)
+    store = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
+    res = pretrain(tiny(tmp_path / "run", str(store), eval__probe=True, eval__monitor_every=1), **QUIET)
+    assert res.steps == 2 and res.probe_accuracy is None and not (tmp_path / "run" / "probe.json").exists()
+    # The same through the command line: `fastclr pretrain --data STORE`.
+    args = ["pretrain", "--data", str(store), "--epochs", "1", "--run-dir", str(tmp_path / "cli"), "--batch-size", "16",
+            "--width", "0.125", "--head-hidden", "32", "--proj-dim", "16", "--quiet", "--blur-p", "0"]
+    assert main(args) == 0 and (tmp_path / "cli" / "encoder.safetensors").exists()
+    assert f'name = "{store}"' in (tmp_path / "cli" / "config.toml").read_text()
+
+
+def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(FastclrError, match="unknown dataset 'imagenet'"):
+        load_data(DataConfig(name="imagenet"))
+    with pytest.raises(FastclrError, match="is not a store directory"):
+        load_data(DataConfig(name=str(tmp_path / "missing")))
+    assert load_data(DataConfig(name="mnist")).name == "mnist"

@@ -1,0 +1,129 @@
+"""The report's parts (PNG, chart ticks, t-SNE) against references, and the page it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval_fixtures import one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_thread: autouse)
+from fastclr.data import Dataset, ImageSet
+from fastclr.evaluation.options import EvaluateOptions
+from fastclr.evaluation.run import evaluate
+from fastclr.report.build import build_report, nearest
+from fastclr.report.embedding_map import affinities, squared_distances, tsne
+from fastclr.report.png import encode_png, viridis
+from fastclr.report.svg import nice_ticks, tick_label
+
+SECTIONS = ("curves", "views", "similarity", "map", "retrievals", "efficiency", "numbers", "config")
+
+
+def decode_png(data: bytes) -> tuple[int, int, int, np.ndarray]:
+    """A literal reading of the PNG spec for what encode_png writes: chunks with CRCs, IHDR, zlib IDAT."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(tag + body)
+        chunks[tag] = body
+        pos += 12 + length
+    w, h, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    channels = {0: 1, 2: 3}[colour]
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + w * channels)
+    assert (raw[:, 0] == 0).all()  # filter type "none" on every row
+    return w, h, depth, raw[:, 1:].reshape(h, w, channels)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 9, 3)])
+def test_png_round_trip(shape: tuple[int, ...]) -> None:
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    w, h, depth, pixels = decode_png(encode_png(img))
+    assert (w, h, depth) == (shape[1], shape[0], 8)
+    np.testing.assert_array_equal(pixels.reshape(img.shape), img)
+    pil = pytest.importorskip("PIL.Image")  # an independent decoder, when present
+    import io
+
+    np.testing.assert_array_equal(np.asarray(pil.open(io.BytesIO(encode_png(img)))), img)
+
+
+def test_viridis_ends_and_ticks() -> None:
+    np.testing.assert_array_equal(viridis(np.array([0.0, 1.0])), [[68, 1, 84], [253, 231, 37]])
+    assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(66.05, 83.3) == [65, 70, 75, 80, 85]  # covers the data: first tick <= min, last >= max
+    assert [tick_label(v) for v in (2500.0, 0.25, 0.0015, 0.002)] == ["2500", "0.25", "0.0015", "0.002"]
+
+
+def test_tsne_affinities_hit_the_perplexity_and_the_map_keeps_clusters() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=g) * 4
+    y = torch.arange(240) % 3
+    x = centres[y] + torch.randn(240, 20, generator=g)
+    p = affinities(squared_distances(x) / 10, 15.0)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(1)
+    torch.testing.assert_close(entropy, torch.full((240,), math.log(15.0)), atol=1e-3, rtol=0)
+    m = tsne(x, perplexity=15, iters=300)
+    d = torch.cdist(m, m).fill_diagonal_(math.inf)
+    assert (y[d.argmin(1)] == y).all()  # every point's nearest neighbour in the map is of its cluster
+    torch.testing.assert_close(m, tsne(x, perplexity=15, iters=300))  # deterministic
+
+
+def test_nearest_matches_brute_force_and_excludes_self() -> None:
+    bank, q = torch.randn(50, 6), torch.randn(4, 6)
+    got = nearest(bank, q, 3)
+    for i in range(4):
+        sims = [float(torch.cosine_similarity(q[i], b, dim=0)) for b in bank]
+        assert list(got[i]) == list(np.argsort(sims)[::-1][:3])
+    assert 7 not in nearest(bank, bank[[7]], 5, exclude=np.array([7]))[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
+    ds = tiny_dataset()
+    return tiny_run(tmp_path_factory.mktemp("report") / "run", ds), ds
+
+
+def test_report_without_evaluation_says_what_to_run(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    for sid in SECTIONS:
+        assert f'<section id="{sid}"' in html
+    assert f"No evaluation yet: run <code>fastclr evaluate {run_dir}</code>" in html
+    # Self-contained: a CSP that forbids every fetch, and nothing that would need one.
+    assert "content=\"default-src 'none'; img-src data:;" in html
+    assert not re.search(r'(src|href)="(?!data:)', html) and "url(" not in html and "@import" not in html
+
+
+def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
+    opts = EvaluateOptions(protocols=("linear", "fewshot", "supervised"), labels_per_class=(2, 5), seeds=(0,),
+                           supervised_seeds=(0,), steps=2, batch_size=16, device="cpu")
+    out = evaluate(run_dir, opts, dataset=run[1], log=lambda s: None)
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    assert "No evaluation yet" not in html and 'aria-label="Label efficiency"' in html
+    assert f"{100 * out['protocols']['linear']['accuracy']:.2f}%" in html
+    assert html.count("data:image/png;base64,") == 3  # view pairs, similarity matrix, retrievals
+    assert "out of date" not in html
+    out["encoder_sha256"] = "0" * 64  # as if the run had been trained further after `evaluate`
+    (run_dir / "eval.json").write_text(json.dumps(out))
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    assert "These numbers are out of date" in html
+
+
+def test_report_of_an_unlabelled_dataset(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
+    images = ImageSet(run[1].pretrain.images, None)
+    unlabelled = Dataset("my-photos", images, None, None, [])
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=unlabelled).read_text()
+    for sid in SECTIONS:
+        assert f'<section id="{sid}"' in html
+    assert "pretraining images (evenly spaced)" in html and "coloured by class" not in html
+    assert "share the query's class" not in html  # nothing to compare without labels
