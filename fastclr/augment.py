@@ -233,18 +233,30 @@ def two_views(
     mean: torch.Tensor | None = None,
     std: torch.Tensor | None = None,
     channels_last: bool = False,
+    global_batch: int | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Two independently augmented views of each image, as one batch for one encoder pass.
 
     images: uint8 (B, H, W, C) on the device of `generator`.
     Returns float32 (2B, C, S, S): rows [0, B) are the first views, rows [B, 2B) the second,
     standardised with `mean`/`std` when given. S is `cfg.crop_size`, or H when it is 0.
+
+    global_batch, offset: under data parallelism `images` are rows [offset, offset + B) of a
+    global batch of `global_batch` images. Parameters are drawn for all 2 x global_batch views
+    (cheap (2G,) vectors) and this rank keeps its own rows, so every image gets exactly the views
+    one process would give it: the training run is the same whatever the number of processes.
     """
     b, h, w, _ = images.shape
     size = cfg.crop_size or h
     x = to_float(images)
     x = torch.cat([x, x])  # (2B, C, H, W): view 1 then view 2
-    params = sample_params(cfg, 2 * b, h, w, generator, images.device)
+    if global_batch is None:
+        params = sample_params(cfg, 2 * b, h, w, generator, images.device)
+    else:
+        rows = torch.arange(offset, offset + b, device=images.device)
+        params = sample_params(cfg, 2 * global_batch, h, w, generator, images.device)
+        params = params.select(torch.cat([rows, rows + global_batch]))  # (2B,) of the (2G,)
     out = augment(x, params, size, cfg)
     if mean is not None and std is not None:
         out = normalize(out, mean, std)

@@ -79,7 +79,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
                           stop=stop)
     if result.stopped:
-        print(f"stopped at step {result.steps}; checkpoint written; resume with: fastclr pretrain --resume {result.run_dir}")
+        if result.rank == 0:  # under torchrun every rank returns here; one line is enough
+            print(f"stopped at step {result.steps}; checkpoint written; resume with: fastclr pretrain --resume {result.run_dir}")
         return EXIT_STOPPED
     if result.probe_accuracy is not None:
         print(f"linear-probe accuracy: {result.probe_accuracy * 100:.2f}%  (run: {result.run_dir})")

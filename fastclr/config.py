@@ -98,6 +98,7 @@ class TrainConfig:
 
     epochs: float = 10.0
     batch_size: int = 512
+    """The global batch: under N processes each embeds batch_size / N images."""
     temperature: float = 0.2
     precision: str = "bf16"
     """bf16, fp16 (CUDA only) or fp32: the autocast dtype of encoder and head. The loss is fp32."""
@@ -115,6 +116,18 @@ class TrainConfig:
     """Steps between checkpoints; 0 writes one at the end of every epoch."""
     run_dir: str = ""
     """Where the run is written; empty: runs/<data>-<time>."""
+    loss_block: int = 0
+    """0: the plain NT-Xent; > 0: the memory-efficient one in row blocks of this many anchors
+    (same values and gradients; never holds the 2N x 2N matrix; for batches of many thousands)."""
+    grad_cache_chunk: int = 0
+    """0: off; > 0: gradient caching, the encoder runs on this many images (per process) at a
+    time, so the activation memory is one chunk's whatever the batch. BatchNorm then uses
+    per-chunk statistics (ghost BatchNorm)."""
+    sync_bn: bool = True
+    """Under several processes: BatchNorm statistics over the global batch (the paper's global
+    BN); false normalises each process's share alone."""
+    dist_timeout: float = 600.0
+    """Seconds a process waits on the others in a collective before failing the run."""
 
 
 @dataclass

@@ -18,27 +18,56 @@ def positive_index(n: int, device: torch.device) -> torch.Tensor:
     return torch.cat([i + n, i])
 
 
-def nt_xent_logits(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked similarity logits (2N, 2N) in float32 (float64 for float64 input) and the positive index of each row.
+def pair_indices(local: int, total: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, self) candidate index of each anchor, both int64 (2 * local,).
+
+    Anchors are this rank's rows [z1_local; z2_local] (`local` images each); candidates are the
+    gathered rows [Z1_all; Z2_all] (`total` images each), in which this rank's images start at
+    `offset`. View-1 anchor i is candidate offset + i and its positive is total + offset + i;
+    view-2 anchor i is candidate total + offset + i and its positive is offset + i. With one rank
+    (local == total, offset 0) the positive is `positive_index(local)`.
+    """
+    i = torch.arange(local, device=device) + offset
+    own = torch.cat([i, i + total])
+    return torch.cat([i + total, i]), own
+
+
+def nt_xent_logits(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked similarity logits (2B, 2G) in float32 (float64 for float64 input) and the positive index of each row.
+
+    z1, z2: the anchors' two views (B, D). candidates: the two views (G, D) of the whole global
+    batch, gathered from every rank, with this rank's B images at rows [offset, offset + B) of
+    each; None means the anchors are the whole batch (one process: G = B, the 2N x 2N matrix).
 
     Computed in float32 outside autocast whatever the input dtype: under bf16 the cosine of a
     pair would carry only ~3 significant digits, and at t = 0.05 that is a logit error of ~0.2.
-    The diagonal (self-similarity) is set to the most negative finite float32, so it drops out of
-    the softmax exactly (exp underflows to 0) and stays finite, unlike -inf, whose gradients and
-    reductions can produce NaN.
+    Each anchor's own column (self-similarity) is set to the most negative finite float32, so it
+    drops out of the softmax exactly (exp underflows to 0) and stays finite, unlike -inf, whose
+    gradients and reductions can produce NaN.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    n = z1.shape[0]
+    b = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        z = torch.cat([z1, z2])
-        if z.dtype != torch.float64:
-            z = z.float()
-        z = F.normalize(z, dim=1)  # (2N, D)
-        logits = z @ z.T / temperature  # (2N, 2N)
-        eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-        logits = logits.masked_fill(eye, torch.finfo(logits.dtype).min)
-    return logits, positive_index(n, z1.device)
+        a = unit_rows(torch.cat([z1, z2]))  # (2B, D)
+        c = a if candidates is None else unit_rows(torch.cat(candidates))  # (2G, D)
+        g = c.shape[0] // 2
+        positive, own = pair_indices(b, g, offset, z1.device)
+        logits = a @ c.T / temperature  # (2B, 2G)
+        mask = torch.arange(2 * g, device=z1.device)[None, :] == own[:, None]
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    return logits, positive
+
+
+def unit_rows(z: torch.Tensor) -> torch.Tensor:
+    """float32 (float64 kept) rows scaled to unit length."""
+    return F.normalize(z if z.dtype == torch.float64 else z.float(), dim=1)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -57,5 +86,11 @@ def positive_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def contrastive_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Top-1 and top-5 accuracy of finding the positive, and its mean rank (device scalars)."""
-    rank = positive_rank(logits, target).float()
+    return rank_metrics(positive_rank(logits, target))
+
+
+@torch.no_grad()
+def rank_metrics(rank: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-1 and top-5 accuracy and mean rank from 1-based positive ranks (2N,)."""
+    rank = rank.float()
     return {"top1": (rank <= 1).float().mean(), "top5": (rank <= 5).float().mean(), "mean_rank": rank.mean()}

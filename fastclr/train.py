@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastclr import config as config_mod
 from fastclr.augment import two_views
@@ -25,16 +27,28 @@ from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries
 from fastclr.config import Config
 from fastclr.data import Dataset, load_data
 from fastclr.data.loader import BatchSampler, ImageSource
+from fastclr.distributed import (
+    DistContext,
+    all_reduce,
+    broadcast_object,
+    env_world,
+    is_peer_failure,
+    peer_failure,
+    process_device,
+    setup,
+    teardown,
+)
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, save_encoder
+from fastclr.global_bn import convert_batchnorm
 from fastclr.knn import knn_accuracy
-from fastclr.losses import contrastive_metrics, nt_xent_logits
 from fastclr.models import ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
 from fastclr.optim import build_optimizer
 from fastclr.probe import extract_features, linear_probe
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.schedule import lr_at, scaled_lr
+from fastclr.step import SimCLRNet, backward_step, forward_loss
 
 
 def select_device(name: str) -> torch.device:
@@ -87,9 +101,16 @@ def augment_seed(seed: int, step: int) -> int:
     return (seed * 2_654_435_761 + step * 40_503 + 1) % (2**63 - 1)
 
 
-def validate(cfg: Config, n_images: int) -> None:
+def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
     """One-line errors for settings that cannot work."""
     t = cfg.train
+    if world_size > 1 and t.batch_size % world_size:
+        raise FastclrError(
+            f"batch size {t.batch_size} (the global batch) does not split evenly over {world_size} processes; "
+            f"pass --batch-size {max(1, t.batch_size // world_size) * world_size}"
+        )
+    if t.loss_block < 0 or t.grad_cache_chunk < 0:
+        raise FastclrError("loss_block and grad_cache_chunk must be >= 0 (0 turns them off)")
     if t.temperature <= 0:
         raise FastclrError(f"temperature must be > 0, got {t.temperature}; the paper uses 0.1 to 0.5 (e.g. --temperature 0.2)")
     if t.batch_size < 2:
@@ -149,6 +170,8 @@ class PretrainResult:
     stopped: bool = False
     """True when `stop` ended the run early (a checkpoint was written)."""
     model: Model | None = None
+    rank: int = 0
+    """This process's rank; only rank 0 wrote files and has the probe accuracy."""
 
 
 RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cifar_stem", "model.head_layers", "model.head_hidden",
@@ -186,40 +209,83 @@ def pretrain(
     encoder: any `nn.Module` mapping (B, C, S, S) to (B, D) to train instead of a named one.
     stop: called after every step with the step count; when it returns True the run writes a
     checkpoint and returns early (`PretrainResult.stopped`), to be continued with `resume`.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this: they form one
+    process group, train with DistributedDataParallel on disjoint shares of each global batch of
+    `train.batch_size` images, and rank 0 alone writes the run directory and logs. Under several
+    processes `stop` is consulted every `log_every` steps (and at checkpoints), and every rank
+    stops at the same step.
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = select_device(cfg.train.device)
-    amp = autocast_dtype(cfg.train.precision, device)
+    _, world, local_rank = env_world()
+    device = select_device(process_device(cfg.train.device, local_rank, world))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = setup(device, cfg.train.dist_timeout)
+    try:
+        return _pretrain(cfg, ctx, device, resume, allow_config_change, encoder, dataset,
+                         log if ctx.is_main else _silent, progress and ctx.is_main, stop)
+    except Exception as e:
+        if ctx.active and is_peer_failure(e):
+            raise peer_failure(ctx, e, resume or cfg.train.run_dir or "the run directory") from None
+        raise
+    finally:
+        teardown(ctx)
 
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0: they reach the same decisions and have nothing to add."""
+
+
+def _pretrain(
+    cfg: Config,
+    ctx: DistContext,
+    device: torch.device,
+    resume: Path | None,
+    allow_config_change: bool,
+    encoder: nn.Module | None,
+    dataset: Dataset | None,
+    log: Callable[[str], None],
+    progress: bool,
+    stop: Callable[[int], bool] | None,
+) -> PretrainResult:
+    amp = autocast_dtype(cfg.train.precision, device)
     state: dict[str, Any] | None = None
     if resume is not None:
+        # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
         saved = config_mod.from_dict(state["config"])
         _check_resume_config(saved, cfg, allow_config_change)
         run_dir = resume
+        _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
     else:
-        run_dir = Path(cfg.train.run_dir) if cfg.train.run_dir else default_run_dir(cfg)
+        run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx))
 
     if dataset is None:
         dataset = load_data(cfg.data)
-    validate(cfg, len(dataset.pretrain))
-    # Only now, with the data and settings known good, does the run directory come into being.
-    prepare_run_dir(run_dir)
-    for p in remove_stale_temporaries(run_dir):
-        log(f"removed {p.name}, left by a checkpoint write that was interrupted")
+    validate(cfg, len(dataset.pretrain), ctx.world_size)
+    if ctx.is_main:
+        # Only now, with the data and settings known good, does the run directory come into being.
+        prepare_run_dir(run_dir)
+        for p in remove_stale_temporaries(run_dir):
+            log(f"removed {p.name}, left by a checkpoint write that was interrupted")
     torch.manual_seed(cfg.train.seed)  # the initial weights are a function of the seed
     model = build_model(cfg, dataset, device, encoder)
+    t = cfg.train
+    if ctx.active and t.sync_bn:
+        model.encoder = convert_batchnorm(model.encoder, device)
+        model.head = convert_batchnorm(model.head, device)
     enc, head = model.encoder, model.head
     mean = torch.tensor(model.info["mean"], device=device)
     std = torch.tensor(model.info["std"], device=device)
 
-    t = cfg.train
+    per_rank = t.batch_size // ctx.world_size
     source = ImageSource(dataset.pretrain.images, device)
-    sampler = BatchSampler(len(source), t.batch_size, t.seed, device)
+    sampler = BatchSampler(len(source), per_rank, t.seed, device, ctx.rank, ctx.world_size)
     spe = sampler.steps_per_epoch
-    peak_lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_scaling)
+    peak_lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_scaling)  # scaled with the global batch
     opt = build_optimizer(cfg.optim.optimizer, [enc, head], peak_lr, cfg.optim.weight_decay, cfg.optim.momentum,
                           cfg.optim.trust_coefficient)
     total_steps = max(1, int(round(t.epochs * spe)))
@@ -235,28 +301,41 @@ def pretrain(
         train_seconds = float(state.get("train_seconds", 0.0))
     else:
         train_seconds = 0.0
+    net: nn.Module = SimCLRNet(enc, head)
+    no_sync: Callable[[], AbstractContextManager[object]] = nullcontext
+    if ctx.active:
+        # Buffers are not broadcast: with global BN they agree anyway; without it, rank 0's are saved.
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
+        net, no_sync = ddp, ddp.no_sync
     budget_fixed = state is not None or t.time_budget <= 0
     warmup = int(round(cfg.optim.warmup_epochs * spe))
-    write_config(run_dir, cfg)
-    metrics_log = MetricsLog(run_dir)
+    if ctx.is_main:
+        write_config(run_dir, cfg)
+    metrics_log = MetricsLog(run_dir, enabled=ctx.is_main)
     log(f"run {run_dir}: {model.info['encoder']} (h: {model.info['feature_dim']}-d) on {dataset.name} "
-        f"({len(source)} images {dataset.image_shape}), batch {t.batch_size}, {spe} steps/epoch, "
-        f"peak lr {peak_lr:g} ({cfg.optim.lr_scaling} scaling), {amp or torch.float32} on {device}")
+        f"({len(source)} images {dataset.image_shape}), {_batch_text(cfg, ctx)}, {spe} steps/epoch, "
+        f"peak lr {peak_lr:g} ({_lr_text(cfg, ctx)}), {amp or torch.float32} on {device}{_memory_text(cfg)}")
 
-    train_fn = torch.compile(_forward_loss) if t.compile else _forward_loss
+    train_fn = forward_loss
+    if t.compile and not ctx.active and not t.grad_cache_chunk:
+        train_fn = torch.compile(forward_loss)  # model and loss in one graph, as one process always did
+    elif t.compile:
+        net = torch.compile(net)  # the model alone: the loss's collectives stay outside the graph
     params = [p for m in (enc, head) for p in m.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)
     bar = Progress(total_steps, step, enabled=progress)
     acc: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.perf_counter(), 0
     first_bad = torch.tensor(-1, device=device)
-    enc.train()
-    head.train()
+    net.train()
 
     def checkpoint() -> None:
         bad = int(first_bad)
         if bad >= 0:
             raise NonFiniteLoss(_nonfinite_message(bad, cfg, run_dir))
+        if not ctx.is_main:
+            return
         save_checkpoint(run_dir, {
             "step": step, "total_steps": total_steps, "train_seconds": train_seconds,
             "config": config_mod.to_dict(cfg), "encoder": enc.state_dict(), "head": head.state_dict(),
@@ -275,63 +354,81 @@ def pretrain(
                 g["lr"] = lr
             gen.manual_seed(augment_seed(t.seed, step))
             images = source.gather(sampler.indices(step))
-            views = two_views(images, cfg.augment, gen, mean, std, t.channels_last)
-            loss, logits, target = train_fn(enc, head, views, t.temperature, amp)
+            if ctx.active:
+                views = two_views(images, cfg.augment, gen, mean, std, t.channels_last, t.batch_size, ctx.rank * per_rank)
+            else:
+                views = two_views(images, cfg.augment, gen, mean, std, t.channels_last)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, metrics = backward_step(net, views, t.temperature, amp, t.loss_block, ctx, t.grad_cache_chunk,
+                                          train_fn, no_sync)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             opt.step()
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
             # 1-based: the count of the step whose loss was bad, as `step` is counted in the logs.
             first_bad = torch.where((~finite) & (first_bad < 0), torch.tensor(step + 1, device=device), first_bad)
-            _accumulate(acc, {"loss": loss.detach(), "grad_norm": grad_norm, **contrastive_metrics(logits.detach(), target)})
+            _accumulate(acc, {"loss": loss, "grad_norm": grad_norm, **metrics})
             step += 1
             window_steps += 1
             train_seconds = time.perf_counter() - loop_start
 
             if not budget_fixed and step == 15:
                 # Fit the cosine to the wall-clock budget from the measured pace of steps 5..15
-                # (the first steps include one-off allocation and warm-up costs).
+                # (the first steps include one-off allocation and warm-up costs); rank 0's count rules.
                 pace = (time.perf_counter() - pace_start) / 10
-                total_steps = step + max(1, int((t.time_budget * 60 - train_seconds) / pace))
+                total_steps = broadcast_object(step + max(1, int((t.time_budget * 60 - train_seconds) / pace)), ctx)
                 budget_fixed = True
                 bar.total = total_steps
                 log(f"time budget {t.time_budget:g} min: {total_steps} steps ({total_steps / spe:.1f} epochs) at {pace * 1000:.0f} ms/step")
             if step == 5:
                 pace_start = time.perf_counter()
 
-            if step % t.log_every == 0 or step == total_steps:
+            end_of_epoch = step % spe == 0
+            log_now = step % t.log_every == 0 or step == total_steps
+            checkpoint_now = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or (
+                not t.checkpoint_every and end_of_epoch)
+            stop_now = False
+            if ctx.active and (log_now or checkpoint_now):
+                # Decisions every rank must share, taken where the host waits for the device anyway:
+                # the first non-finite step anywhere, and whether any rank was asked to stop.
+                first_bad, stop_now = _agree(first_bad, stop is not None and step < total_steps and stop(step), ctx)
+
+            if log_now:
                 if int(first_bad) >= 0:
                     raise NonFiniteLoss(_nonfinite_message(int(first_bad), cfg, run_dir))
                 now = time.perf_counter()
-                rec = {k: float(v) / window_steps for k, v in acc.items()}
+                rec = {k: float(v) / window_steps for k, v in _mean_over_ranks(acc, ctx).items()}
                 rec.update(step=step, epoch=step / spe, lr=lr, elapsed=train_seconds,
                            pairs_per_s=window_steps * t.batch_size / max(now - window_start, 1e-9))
                 metrics_log.log(rec)
                 bar.update(step, f"loss {rec['loss']:.3f} top1 {rec['top1']:.3f} {2 * rec['pairs_per_s']:.0f} img/s")
                 acc, window_start, window_steps = {}, now, 0
 
-            end_of_epoch = step % spe == 0
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or (not t.checkpoint_every and end_of_epoch):
+            if checkpoint_now:
                 checkpoint()
-            if end_of_epoch and cfg.eval.monitor_every and (step // spe) % cfg.eval.monitor_every == 0 and dataset.train is not None:
+            if (end_of_epoch and cfg.eval.monitor_every and (step // spe) % cfg.eval.monitor_every == 0
+                    and dataset.train is not None and ctx.is_main):
+                # Rank 0 alone; the others wait for it in the next step's collectives (dist_timeout).
                 pause = time.perf_counter()
                 knn = monitor_knn(enc, dataset, mean, std, device, cfg)
                 metrics_log.log({"step": step, "epoch": step / spe, "knn_acc": knn})
                 log(f"epoch {step // spe}: kNN monitor accuracy {knn:.4f}")
                 loop_start += time.perf_counter() - pause  # monitoring is not training time
-            if stop is not None and step < total_steps and stop(step):
+            if not ctx.active:
+                stop_now = stop is not None and step < total_steps and stop(step)
+            if stop_now:
                 checkpoint()
                 log(f"stopped at step {step}; continue with `fastclr pretrain --resume {run_dir}`")
-                return PretrainResult(run_dir, step, train_seconds, None, stopped=True, model=model)
+                return PretrainResult(run_dir, step, train_seconds, None, stopped=True, model=model, rank=ctx.rank)
         checkpoint()
     finally:
         bar.close()
         metrics_log.close()
 
+    result = PretrainResult(run_dir, step, train_seconds, None, model=model, rank=ctx.rank)
+    if not ctx.is_main:
+        return result  # rank 0 exports and probes alone; the others are done
     save_encoder(run_dir / ENCODER_FILE, enc, model.info)
     log(f"trained {step} steps in {train_seconds:.0f} s; encoder saved to {run_dir / ENCODER_FILE}")
-    result = PretrainResult(run_dir, step, train_seconds, None, model=model)
     if cfg.eval.probe and dataset.train is not None and dataset.test is not None:
         t0 = time.perf_counter()
         res = probe_encoder(enc, dataset, mean, std, device, cfg)
@@ -343,16 +440,56 @@ def pretrain(
     return result
 
 
-def _forward_loss(
-    enc: nn.Module, head: nn.Module, views: torch.Tensor, temperature: float, amp: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both views through f and g as one batch (so BatchNorm sees all 2N), then NT-Xent in fp32."""
-    with torch.autocast(views.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-        z = head(enc(views))  # (2N, proj_dim)
-    z1, z2 = z.chunk(2)
-    logits, target = nt_xent_logits(z1, z2, temperature)
-    loss = torch.nn.functional.cross_entropy(logits, target)
-    return loss, logits, target
+def _batch_text(cfg: Config, ctx: DistContext) -> str:
+    b = cfg.train.batch_size
+    return f"batch {b}" if not ctx.active else f"global batch {b} ({ctx.world_size} processes x {b // ctx.world_size})"
+
+
+def _lr_text(cfg: Config, ctx: DistContext) -> str:
+    rule = cfg.optim.lr_scaling
+    if not ctx.active:
+        return f"{rule} scaling"
+    return f"lr {cfg.optim.lr:g} with {rule} scaling to the global batch {cfg.train.batch_size}"
+
+
+def _memory_text(cfg: Config) -> str:
+    t = cfg.train
+    parts = ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else []) + (
+        [f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])
+    return "".join(f", {p}" for p in parts)
+
+
+def _agree(first_bad: torch.Tensor, stop_vote: bool, ctx: DistContext) -> tuple[torch.Tensor, bool]:
+    """The earliest non-finite step on any rank (-1: none) and whether any rank votes to stop."""
+    never = torch.iinfo(torch.long).max
+    mine = torch.stack([torch.where(first_bad < 0, never, first_bad), torch.tensor(-int(stop_vote), device=first_bad.device)])
+    low = all_reduce(mine, ctx, "min")  # one collective for both: (2,)
+    bad = torch.where(low[0] == never, -1, low[0])
+    return bad, bool(low[1] < 0)
+
+
+def _mean_over_ranks(acc: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Window sums averaged over ranks: each rank's loss is the mean over its anchors, so the
+    average is the loss of the global batch."""
+    if not ctx.active or not acc:
+        return acc
+    keys = sorted(acc)
+    total = all_reduce(torch.stack([acc[k].float() for k in keys]), ctx, "sum") / ctx.world_size
+    return dict(zip(keys, total.unbind()))
+
+
+def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:
+    """Every rank must have read the same checkpoint (a run directory not shared between nodes
+    would otherwise resume ranks from different states)."""
+    if not ctx.active:
+        return
+    t = torch.tensor([step, -step], device=device)
+    low = all_reduce(t, ctx, "min")
+    if int(low[0]) != -int(low[1]):
+        raise FastclrError(
+            f"ranks resumed from different checkpoints (steps {int(low[0])} to {-int(low[1])}); the run directory "
+            "must be on a filesystem that every node sees, with the same content"
+        )
 
 
 def _accumulate(acc: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:

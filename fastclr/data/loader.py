@@ -3,8 +3,9 @@
 The data order is a pure function of (seed, step): epoch e uses the permutation drawn from a
 generator seeded with (seed, e), and step s takes slice s % steps_per_epoch of it. Resuming at
 any step, mid-epoch included, therefore replays exactly the same batches, with no loader state to
-save. Under DDP each rank takes its own interleaved slice of the same permutation, so ranks see
-disjoint data and together cover the global batch.
+save. Under DDP each rank takes its own contiguous slice r of global batch s of the same
+permutation, so ranks see disjoint data and together cover exactly the global batch one process
+would take at the same step.
 """
 
 from __future__ import annotations

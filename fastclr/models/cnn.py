@@ -11,20 +11,33 @@ def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+class FlattenHWC(nn.Module):
+    """(B, C, H, W) -> (B, H * W * C), flattened in (H, W, C) order.
+
+    For a channels_last map this is a view, and its gradient comes back channels_last too. The
+    usual (C, H, W) flatten of a channels_last map copies it, and hands the preceding ReLU a
+    gradient in the other layout: that backward ran 5x slower than the conv before it (profile
+    in docs/benchmarks.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H * W * C)."""
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
 def parse_stages(spec: str) -> tuple[list[list[int]], int]:
-    """"64|128,128|fc512" -> ([[64], [128, 128]], 512).
+    """"64|128,128|fc512" -> ([[64], [128, 128]], 512); "...|flat" -> -1, "...|flat0" -> -2.
 
     Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
     conv of a stage by ','. A last stage "fcN" flattens the final map into a linear layer of N
-    units (with BatchNorm and ReLU); without it the final map is average-pooled.
+    units (with BatchNorm and ReLU); "flat" max-pools the final map 2x2 and flattens it, "flat0"
+    flattens it as it is; without any of these the final map is average-pooled.
     """
     parts = spec.split("|")
     fc = 0
     if parts[-1].startswith("fc"):
         fc = int(parts.pop()[2:])
-    elif parts[-1] == "flat":
-        parts.pop()
-        fc = -1
+    elif parts[-1] in ("flat", "flat0"):
+        fc = -1 if parts.pop() == "flat" else -2
     return [[int(c) for c in stage.split(",")] for stage in parts], fc
 
 
@@ -57,17 +70,17 @@ class SmallCNN(nn.Module):
                 layers += conv_bn_relu(c, out)
                 c = out
         self.features = nn.Sequential(*layers)
-        if fc < 0:  # h is the max-pooled last map, flattened: spatial layout kept
-            shrink = side >= 2
+        if fc < 0:  # h is the last map flattened (max-pooled 2x2 first for "flat"): spatial layout kept
+            shrink = side >= 2 and fc == -1
             side = side // 2 if shrink else side
-            self.pool = nn.Sequential(nn.MaxPool2d(2) if shrink else nn.Identity(), nn.Flatten())
+            self.pool = nn.Sequential(nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC())
             self.feature_dim = c * side * side
         elif fc:
             layers_out = max(8, int(round(fc * width)))
             shrink = side >= 2
             side = side // 2 if shrink else side
             self.pool: nn.Module = nn.Sequential(
-                nn.MaxPool2d(2) if shrink else nn.Identity(), nn.Flatten(),
+                nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC(),
                 nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out), nn.ReLU(inplace=True))
             self.feature_dim = layers_out
         else:

@@ -1,0 +1,180 @@
+"""Pairs/s of the whole SimCLR training step, and how close it runs to the machine's limit.
+
+The step is the one `fastclr pretrain` runs: gather a batch of stored uint8 images, two views
+augmented on the device, both views through encoder and head as one batch, NT-Xent in fp32,
+backward, gradient norm, optimiser step. Measured for the default Fashion-MNIST model and batch
+in fp32 and in bf16 autocast, on CPU and on CUDA when present; on CPU also the usual PyTorch
+recipe (benchmarks/reference_recipe.py: per-image PIL transforms in a 2-worker DataLoader
+feeding an fp32 model) side by side in the same run, and the achieved FLOP/s of the step against
+the measured matmul peak.
+
+    python benchmarks/throughput.py                 # defaults: fashion-mnist, batch 512
+    python benchmarks/throughput.py --steps 30 --no-reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastclr.augment import two_views
+from fastclr.data import load_data
+from fastclr.data.loader import BatchSampler, ImageSource
+from fastclr.losses import contrastive_metrics, nt_xent_logits
+from fastclr.optim import build_optimizer
+from fastclr.presets import apply_preset
+from fastclr.train import augment_seed, autocast_dtype, build_model
+
+from machine import report
+
+
+def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds per step for `steps` steps after `warmup` untimed ones."""
+    for i in range(warmup):
+        step(i)
+    out = []
+    for i in range(warmup, warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def fastclr_step(cfg, dataset, device: torch.device, precision: str) -> tuple[Callable[[int], None], Callable[[], float]]:  # type: ignore[no-untyped-def]
+    """The training step of train.py for `cfg`, and a function counting its FLOPs."""
+    torch.manual_seed(0)
+    model = build_model(cfg, dataset, device)
+    enc, head = model.encoder, model.head
+    mean = torch.tensor(model.info["mean"], device=device)
+    std = torch.tensor(model.info["std"], device=device)
+    source = ImageSource(dataset.pretrain.images, device)
+    sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
+    opt = build_optimizer(cfg.optim.optimizer, [enc, head], cfg.optim.lr, cfg.optim.weight_decay)
+    params = [p for m in (enc, head) for p in m.parameters()]
+    amp = autocast_dtype(precision, device)
+    gen = torch.Generator(device=device)
+
+    def views(i: int) -> torch.Tensor:
+        gen.manual_seed(augment_seed(0, i))
+        return two_views(source.gather(sampler.indices(i)), cfg.augment, gen, mean, std, cfg.train.channels_last)
+
+    def forward_backward(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            z = head(enc(v))
+        logits, target = nt_xent_logits(*z.chunk(2), cfg.train.temperature)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, logits, target
+
+    def step(i: int) -> None:
+        loss, logits, target = forward_backward(views(i))
+        torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        opt.step()
+        contrastive_metrics(logits.detach(), target)
+
+    def flops() -> float:
+        v = views(0)
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(v)
+        return float(counter.get_total_flops())
+
+    return step, flops
+
+
+def reference_step(cfg, dataset, device: torch.device, workers: int) -> Callable[[int], None]:  # type: ignore[no-untyped-def]
+    """The usual recipe: PIL views from a DataLoader with `workers` processes, fp32 model."""
+    from reference_recipe import batches
+
+    torch.manual_seed(0)
+    model = build_model(cfg, dataset, device)
+    enc, head = model.encoder, model.head
+    opt = build_optimizer(cfg.optim.optimizer, [enc, head], cfg.optim.lr, cfg.optim.weight_decay)
+    it = batches(dataset.pretrain.images, cfg.augment, cfg.train.batch_size, workers)
+
+    def step(i: int) -> None:
+        v = next(it).to(device)
+        z = head(enc(v))
+        logits, target = nt_xent_logits(*z.chunk(2), cfg.train.temperature)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, reps: int = 10) -> float:
+    """Measured dense matmul throughput in TFLOP/s (n x n x n, best of `reps`)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
+
+
+def main() -> None:
+    """Measure and print one JSON line per configuration, then a summary."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--batch-size", type=int, default=0, help="0: the default config's batch")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference recipe")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.width=2")
+    a = p.parse_args()
+    overrides = {"data.name": a.data, **dict(kv.split("=", 1) for kv in a.set)}
+    if a.batch_size:
+        overrides["train.batch_size"] = a.batch_size
+    cfg = apply_preset(overrides)
+    dataset = load_data(cfg.data)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    results: dict[str, float] = {}
+    for device in devices:
+        peaks = {prec: matmul_peak(dt, device) for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        for precision in ("fp32", "bf16"):
+            step, count = fastclr_step(cfg, dataset, device, precision)
+            times = timed(step, a.warmup, a.steps, device)
+            sec = statistics.median(times)
+            flops = count()
+            rec = {"what": "fastclr step", "device": device.type, "precision": precision,
+                   "encoder": cfg.model.encoder, "batch_pairs": cfg.train.batch_size,
+                   "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3,
+                   "step_gflop": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
+                   "matmul_peak_tflops": peaks[precision], "share_of_peak": flops / sec / 1e12 / peaks[precision],
+                   "threads": torch.get_num_threads()}
+            results[f"{device.type}-{precision}"] = rec["pairs_per_s"]
+            report("throughput", rec)
+        if device.type == "cpu" and not a.no_reference:
+            times = timed(reference_step(cfg, dataset, device, a.workers), a.warmup, a.steps, device)
+            sec = statistics.median(times)
+            rec = {"what": "reference recipe (PIL + DataLoader workers, fp32)", "device": "cpu", "workers": a.workers,
+                   "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3}
+            results["cpu-reference"] = rec["pairs_per_s"]
+            report("throughput", rec)
+    if "cpu-reference" in results:
+        report("throughput", {"what": "ratio, same run", "fastclr_bf16_over_reference": results["cpu-bf16"] / results["cpu-reference"],
+                              "fastclr_fp32_over_reference": results["cpu-fp32"] / results["cpu-reference"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Data parallelism under torchrun: the process group, the gather of negatives, agreed decisions.
+
+`torchrun --nproc_per_node=N -m fastclr pretrain ...` starts N processes with RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT in their environment; `setup` joins them into one process
+group (NCCL on CUDA, gloo on CPU). Without those variables (or WORLD_SIZE=1) nothing is
+initialised and every function here is the identity, so one process runs the plain code path.
+
+Why the gradients are right. Each rank r embeds its B local images (2B views, z_r), gathers all
+W ranks' embeddings with `gather_with_grad`, and takes L_r = mean over its 2B anchors of the
+NT-Xent against all 2WB candidates. The global loss is L = (1/2WB) sum of all anchors = (1/W)
+sum_s L_s. The backward of the gather all-reduces (sums) the gradient of every rank's L_s with
+respect to the gathered rows and keeps rank r's slice, so together with the direct (anchor) path
+z_r receives sum_s dL_s/dz_r; DDP then averages parameter gradients over ranks, giving
+(1/W) sum_r sum_s dL_s/dz_r dz_r/dtheta = dL/dtheta: exactly one process on the global batch.
+(A gather without gradient drops the candidate path; a loss summed instead of averaged, or a
+gather backward without the all-reduce, is off by a factor of W: the bugs the peers shipped.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from fastclr.errors import FastclrError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Who this process is in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+    """True when `setup` created the process group (and `teardown` should destroy it)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes the run directory and logs."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """More than one process: collectives are needed."""
+        return self.world_size > 1
+
+
+class PeerFailure(FastclrError):
+    """A collective failed: another rank died, hung past the timeout, or the network broke."""
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def setup(device: torch.device, timeout_s: float) -> DistContext:
+    """Join the process group described by the environment (or adopt one the caller made).
+
+    device: this rank's device (cuda:LOCAL_RANK or cpu); it picks the backend, NCCL for CUDA and
+    gloo otherwise. timeout_s bounds every collective: a rank whose peer stopped answering
+    raises (`PeerFailure`) instead of waiting forever.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), env_world()[2], owns_group=False)
+    rank, world, local = env_world()
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise FastclrError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; install a standard build")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except (RuntimeError, ValueError) as e:
+        raise PeerFailure(f"rank {rank}: cannot join the {world}-process group via {backend} "
+                          f"({_first_line(e)}); check MASTER_ADDR/MASTER_PORT and that every rank started") from None
+    return DistContext(rank, world, local, owns_group=True)
+
+
+def process_device(name: str, local_rank: int, world_size: int) -> str:
+    """The device setting a rank should use: under several processes any CUDA setting (auto with
+    a GPU, cuda, cuda:N) means this rank's own GPU, cuda:LOCAL_RANK, as torchrun intends."""
+    if world_size <= 1 or not name.startswith(("auto", "cuda")):
+        return name
+    if name == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank}"
+
+
+def teardown(ctx: DistContext) -> None:
+    """Destroy the process group if `setup` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether an exception raised during a step came from the communication layer (gloo/NCCL
+    report a dead or hung peer as a plain RuntimeError, see `PeerFailure`)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "nccl", "connection", "timed out", "peer"))
+
+
+def peer_failure(ctx: DistContext, e: BaseException, run_dir: Any) -> PeerFailure:
+    """The one-line error a surviving rank exits with."""
+    return PeerFailure(
+        f"rank {ctx.rank} of {ctx.world_size}: lost contact with another rank ({_first_line(e)}); that rank's log "
+        f"says why it stopped. The last checkpoint in {run_dir} is kept; resume with --resume {run_dir}"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather + cat forward; backward sums the gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (W * rows, ...)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        # Every rank's loss depends on every gathered row: this rank's rows get the sum over ranks.
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Rows of every rank, rank 0 first: (W * rows, ...), differentiable (see the module notes).
+    The identity with one process."""
+    return _GatherWithGrad.apply(x) if ctx.active else x
+
+
+def all_reduce(x: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tensor:
+    """The element-wise sum, min or max of `x` over ranks (a new tensor; no gradient)."""
+    if not ctx.active:
+        return x
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+    out = x.detach().clone()
+    dist.all_reduce(out, op=ops[op])
+    return out
+
+
+def broadcast_int(value: int, ctx: DistContext, device: torch.device) -> int:
+    """Rank 0's `value` on every rank."""
+    if not ctx.active:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t)
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (bounded by the process-group timeout)."""
+    if ctx.active:
+        dist.barrier()
+
+
+def broadcast_object(obj: T, ctx: DistContext) -> T:
+    """Rank 0's `obj` (picklable, small: a path, a step count) on every rank."""
+    if not ctx.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

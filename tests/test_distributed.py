@@ -1,0 +1,295 @@
+"""Data parallelism on CPU/gloo with spawned ranks: the gradients of one process on the global
+batch, the same training run whatever the number of processes, and failures that end every rank."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from conftest import TINY, cli_env
+from dist_helpers import free_port, rank_env, run_ranks
+from fastclr.augment import two_views
+from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from fastclr.config import AugmentConfig
+from fastclr.data.loader import BatchSampler
+from fastclr.distributed import DistContext, all_reduce, setup
+from fastclr.global_bn import convert_batchnorm
+from fastclr.models import ProjectionHead
+from fastclr.step import SimCLRNet, backward_step
+
+GLOBAL, SIZE = 8, 8  # images in the global batch, view side
+
+
+def small_net(batch_norm: bool) -> SimCLRNet:
+    """A conv encoder and a 2-layer head, with or without BatchNorm, seeded."""
+    torch.manual_seed(0)
+    norm: list[nn.Module] = [nn.BatchNorm2d(4)] if batch_norm else []
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3), *norm, nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    return SimCLRNet(enc, ProjectionHead(16, 12, 6, 2, batch_norm=batch_norm))
+
+
+def global_views() -> torch.Tensor:
+    """(2G, 1, S, S) laid out [view 1 of G images; view 2 of the same G]."""
+    return torch.randn(2 * GLOBAL, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def local_views(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank r's share: both views of images [rB, (r+1)B)."""
+    b = GLOBAL // world
+    return torch.cat([views[rank * b : (rank + 1) * b], views[GLOBAL + rank * b : GLOBAL + (rank + 1) * b]])
+
+
+# name: (BatchNorm made global, loss row block, GradCache chunk)
+VARIANTS = {"plain": (False, 0, 0), "row-blocks": (False, 3, 0), "grad-cache": (False, 0, 2), "global-bn": (True, 0, 0)}
+
+
+def one_step(rank: int, world: int) -> dict[str, Any]:
+    """Every variant's mean loss over ranks, parameter gradients and BN buffers after one step."""
+    ctx = setup(torch.device("cpu"), 30.0)
+    out = {}
+    for name, (bn, block, chunk) in VARIANTS.items():
+        net = small_net(bn)
+        if bn:
+            net = convert_batchnorm(net, torch.device("cpu"))
+        ddp = DistributedDataParallel(net, forward_sync_buffers=False)
+        loss, _ = backward_step(ddp, local_views(global_views(), rank, world), 0.2, None, block, ctx, chunk,
+                                no_sync=ddp.no_sync)
+        out[name] = {"loss": all_reduce(loss, ctx) / world, "grads": {n: p.grad for n, p in net.named_parameters()},
+                     "buffers": {n: b.clone() for n, b in net.named_buffers()}}
+    return out
+
+
+def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """Negatives gathered with gradient + DDP's averaging = the single-process step on all 2G views,
+    for the plain loss, the row-block loss, gradient caching and global BatchNorm (1e-5, fp32)."""
+    ranks = run_ranks(one_step, 2, tmp_path, timeout=120)
+    for name, (bn, _, _) in VARIANTS.items():
+        net = small_net(bn)
+        loss, _ = backward_step(net, global_views(), 0.2, None, 0, DistContext())
+        for r in ranks:
+            got = r[name]
+            torch.testing.assert_close(got["loss"], loss, rtol=0, atol=1e-5, msg=name)
+            for n, p in net.named_parameters():
+                torch.testing.assert_close(got["grads"][n], p.grad, rtol=0, atol=1e-5, msg=f"{name} {n}")
+            for n, b in net.named_buffers():  # BN running statistics: those of the global batch
+                torch.testing.assert_close(got["buffers"][n], b, rtol=0, atol=1e-6, msg=f"{name} {n}")
+    # The gradient is not trivially small: a factor-of-W error would show.
+    assert max(float(p.grad.abs().max()) for p in net.parameters()) > 1e-2
+
+
+def test_ranks_take_disjoint_shares_that_make_up_the_single_process_batch_and_views() -> None:
+    n, b, world = 40, 4, 2
+    one = BatchSampler(n, b * world, seed=3, device=torch.device("cpu"))
+    shards = [BatchSampler(n, b, seed=3, device=torch.device("cpu"), rank=r, world_size=world) for r in range(world)]
+    assert shards[0].steps_per_epoch == one.steps_per_epoch == 5
+    for step in range(7):  # across an epoch boundary
+        parts = [s.indices(step) for s in shards]
+        assert torch.equal(torch.cat(parts), one.indices(step))
+        assert not set(parts[0].tolist()) & set(parts[1].tolist())
+    epoch = torch.cat([s.indices(i) for s in shards for i in range(5)])
+    assert len(set(epoch.tolist())) == 40  # one epoch covers every image once
+
+    images = torch.randint(0, 256, (2 * b, 12, 12, 3), dtype=torch.uint8)
+    cfg = AugmentConfig(crop_size=8)
+    full = two_views(images, cfg, torch.Generator().manual_seed(5))  # (4b, 3, 8, 8)
+    for r in range(world):
+        mine = two_views(images[r * b : (r + 1) * b], cfg, torch.Generator().manual_seed(5), global_batch=2 * b,
+                         offset=r * b)
+        torch.testing.assert_close(mine, local_views_of(full, r, b, 2 * b), rtol=0, atol=1e-6)
+
+
+def local_views_of(views: torch.Tensor, rank: int, b: int, g: int) -> torch.Tensor:
+    return torch.cat([views[rank * b : (rank + 1) * b], views[g + rank * b : g + (rank + 1) * b]])
+
+
+# The runs compared: global batch 32 of 96 images (3 steps per epoch), SGD so that rounding
+# differences stay rounding differences (Adam divides tiny gradients by their tiny scale).
+SAME: dict[str, Any] = {"train__batch_size": 32, "train__precision": "fp32", "train__log_every": 2,
+                        "optim__optimizer": "sgd", "optim__lr": 0.01, "optim__lr_scaling": "sqrt",
+                        "optim__weight_decay": 0.0}
+
+
+def smooth_encoder() -> nn.Module:
+    """Conv-BN-ReLU twice, then average pooling. No max-pooling: on these flat synthetic images
+    max-pool windows hold near-ties, and a 5e-7 difference in the weights (the rounding of 1 x 32
+    against 2 x 16) re-routes a window's gradient, a 1% jump in the first layer's gradient
+    (measured); a smooth encoder keeps rounding differences at rounding size. Seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, 2), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+
+def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
+    """In one process group: a straight run, a run that rank 1 alone is asked to stop at step 4
+    then resumed, and a run whose encoder turns NaN on rank 1 only. Counts which ranks wrote files."""
+    import torch.distributed as dist
+
+    import fastclr.runs
+    import fastclr.train as train
+    from test_train import tiny_config, tiny_dataset
+
+    setup(torch.device("cpu"), 30.0)  # pretrain adopts this group and leaves it open
+    writes: dict[str, int] = {}
+
+    def counting(name: str, fn: Any) -> Any:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            writes[name] = writes.get(name, 0) + 1
+            return fn(*a, **k)
+        return wrapped
+
+    for name in ("save_checkpoint", "write_config", "save_encoder", "write_json", "prepare_run_dir"):
+        setattr(train, name, counting(name, getattr(train, name)))
+    real_log = fastclr.runs.MetricsLog.log
+    fastclr.runs.MetricsLog.log = lambda self, rec: (counting("metrics", real_log) if self.enabled else real_log)(self, rec)
+
+    ds = tiny_dataset(96)  # global batch 32: 3 steps per epoch
+    def cfg(run: str, **over: Any) -> Any:
+        return tiny_config(root / run, **{**SAME, "eval__probe": True, **over})
+    lines: list[str] = []
+    straight = train.pretrain(cfg("straight"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lines.append)
+    # Only rank 1 is asked to stop (as if only its node got SIGTERM): both stop at the same step.
+    first = train.pretrain(cfg("resumed"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lambda s: None,
+                           stop=lambda s: rank == 1 and s >= 4)
+    dist.barrier()  # rank 0's checkpoint is written before anyone resumes
+    second = train.pretrain(cfg("resumed"), resume=root / "resumed", dataset=ds, encoder=smooth_encoder(),
+                            progress=False, log=lambda s: None)
+
+    class PoisonOnRank1(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.calls = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += self.training
+            h = self.net(x)
+            return h * float("nan") if rank == 1 and self.calls >= 5 else h
+
+    try:
+        train.pretrain(cfg("nan", train__epochs=3.0, train__checkpoint_every=2, train__log_every=100), dataset=ds,
+                       encoder=PoisonOnRank1(), progress=False, log=lambda s: None)
+        nan_error = ""
+    except train.NonFiniteLoss as e:
+        nan_error = str(e)
+    return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
+            "probe": straight.probe_accuracy, "nan_error": nan_error}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("ddp")
+    return root, run_ranks(train_runs, 2, root / "results", root, timeout=240)
+
+
+def params(run: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    return {**{f"enc.{k}": v for k, v in state["encoder"].items()}, **{f"head.{k}": v for k, v in state["head"].items()}}
+
+
+def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(two_rank_runs: tuple[Path, list[dict[str, Any]]],
+                                                                  tmp_path: Path) -> None:
+    """Same config (global batch 32, global BN): 2 x 16 and 1 x 32 reach the same parameters."""
+    from fastclr.train import pretrain
+    from test_train import tiny_config, tiny_dataset
+
+    root, _ = two_rank_runs
+    cfg = tiny_config(tmp_path, **SAME)
+    pretrain(cfg, dataset=tiny_dataset(96), encoder=smooth_encoder(), progress=False, log=lambda s: None)
+    one, two = params(tmp_path), params(root / "straight")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    start = load_checkpoint(list_checkpoints(tmp_path)[0])  # step 3: the parameters did move
+    moved = max(float((start["encoder"][k] - one[f"enc.{k}"]).abs().max()) for k in start["encoder"]
+                if start["encoder"][k].is_floating_point())
+    assert moved > 1e-3
+    logged = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                          if "loss" in r]
+    for (s1, l1), (s2, l2) in zip(logged(tmp_path), logged(root / "straight"), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)  # the logged loss is the global batch's
+
+
+def test_rank_0_alone_writes_and_states_the_global_batch(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, (r0, r1) = two_rank_runs
+    assert r1["writes"] == {} and r1["lines"] == [] and r1["probe"] is None
+    assert {"save_checkpoint", "write_config", "save_encoder", "write_json", "prepare_run_dir", "metrics"} <= set(r0["writes"])
+    steps = [json.loads(line)["step"] for line in (root / "straight" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == [2, 4, 6]  # one record per logged step, not one per rank
+    head = next(line for line in r0["lines"] if line.startswith("run "))
+    assert "global batch 32 (2 processes x 16)" in head and "lr 0.01 with sqrt scaling to the global batch 32" in head
+    assert f"peak lr {0.01 * 32 ** 0.5:g}" in head
+
+
+def test_a_stop_asked_of_one_rank_stops_both_and_resume_continues_exactly(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, (r0, r1) = two_rank_runs
+    assert r0["steps"] == r1["steps"] == (6, 4, True, 6)  # (straight, stopped at, stopped, resumed to)
+    assert load_checkpoint(list_checkpoints(root / "resumed")[0])["step"] == 4  # written at the stop
+    a, b = params(root / "straight"), params(root / "resumed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_on_one_rank_stops_both_at_the_same_step(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, (r0, r1) = two_rank_runs
+    # rank 1's 5th training forward is step 5
+    assert r0["nan_error"] == r1["nan_error"] != ""
+    assert r0["nan_error"].startswith("non-finite loss or gradient at step 5;")
+    _, state = latest_valid_checkpoint(root / "nan")
+    assert state["step"] == 4
+
+
+def test_a_killed_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path: Path) -> None:
+    """SIGKILL rank 1 mid-run: rank 0 fails its next collective, exits 2 with a one-line error well
+    within the timeout, and the checkpoint it last wrote verifies."""
+    env, run, port = cli_env(tmp_path), tmp_path / "run", free_port()
+    args = [sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "50", "--run-dir", str(run),
+            *TINY, "--checkpoint-every", "1", "--monitor-every", "0", "--probe", "false", "--device", "cpu",
+            "--threads", "1", "--dist-timeout", "20"]
+    procs = [subprocess.Popen(args, env={**env, **rank_env(r, 2, port)}, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        end = time.monotonic() + 90
+        while len(list_checkpoints(run)) < 2 and time.monotonic() < end and procs[0].poll() is None:
+            time.sleep(0.05)
+        assert len(list_checkpoints(run)) >= 2, procs[0].stderr.read() if procs[0].poll() is not None else "too slow"
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+    assert procs[0].returncode == 2 and waited < 25, (procs[0].returncode, waited, err)
+    assert "rank 0 of 2: lost contact with another rank" in err and "Traceback" not in err
+    for p in list_checkpoints(run):
+        load_checkpoint(p)
+    assert latest_valid_checkpoint(run)[1]["step"] >= 2
+
+
+def test_torchrun_end_to_end(tmp_path: Path) -> None:
+    """`python -m torch.distributed.run --nproc_per_node=2 -m fastclr pretrain ...` on CPU."""
+    env, run = cli_env(tmp_path), tmp_path / "run"
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                        str(free_port()), "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "1",
+                        "--run-dir", str(run), *TINY, "--probe", "false", "--device", "cpu"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("global batch 32 (2 processes x 16)") == 1  # rank 0 alone logs
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    assert state["step"] == 8  # 256 images / global batch 32
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if "knn_acc" in r] == [8]  # the kNN monitor, on rank 0 alone
