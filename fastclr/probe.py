@@ -103,14 +103,20 @@ class LogisticModel:
 
 def fit_logistic_regression(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300,
-    init: LogisticModel | None = None,
+    init: LogisticModel | None = None, feature_dtype: torch.dtype = torch.float32,
 ) -> LogisticModel:
     """Minimise mean cross-entropy + l2/2 * ||W||^2 (bias not penalised) with full-batch L-BFGS,
-    starting from zero or from `init`'s weights (a warm start along a regularisation path)."""
+    starting from zero or from `init`'s weights (a warm start along a regularisation path).
+
+    feature_dtype=torch.bfloat16 stores the standardised features in bf16 for the two matmuls of
+    every L-BFGS evaluation (logits and gradient, accumulated in fp32). Those matmuls read the
+    whole (N, D) matrix and are memory-bound: bf16 halves their time (60k x 3136 on one core:
+    644 -> 324 ms per evaluation); the weights, loss and line search stay in fp32.
+    """
     x = x.float()
     mean = x.mean(0)
     std = x.std(0).clamp(min=1e-6)
-    xs = (x - mean) / std
+    xs = ((x - mean) / std).to(feature_dtype)
     w0 = init.weight.clone() if init is not None else torch.zeros(num_classes, x.shape[1])
     b0 = init.bias.clone() if init is not None else torch.zeros(num_classes)
     w, b = w0.requires_grad_(), b0.requires_grad_()
@@ -119,7 +125,8 @@ def fit_logistic_regression(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(xs @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        logits = (xs @ w.to(feature_dtype).T).float() + b
+        loss = F.cross_entropy(logits, y) + 0.5 * l2 * (w * w).sum()
         loss.backward()
         return loss
 
@@ -138,7 +145,7 @@ class ProbeResult:
     train_accuracy: float
 
 
-L2_GRID = (1e-5, 1e-4, 1e-3)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def linear_probe(
@@ -151,6 +158,7 @@ def linear_probe(
     seed: int = 0,
     max_iter: int = 300,
     select_iter: int = 100,
+    feature_dtype: torch.dtype = torch.float32,
 ) -> ProbeResult:
     """Linear-probe test accuracy with the L2 strength selected on a held-out part of train.
 
@@ -168,9 +176,9 @@ def linear_probe(
         fx, fy = train_x[fit], train_y[fit]
         previous = None
         for l2 in sorted(l2_grid, reverse=True):
-            previous = fit_logistic_regression(fx, fy, k, l2, select_iter, init=previous)
+            previous = fit_logistic_regression(fx, fy, k, l2, select_iter, init=previous, feature_dtype=feature_dtype)
             acc = previous.accuracy(train_x[val], train_y[val])
             if acc > best_val:
                 best_l2, best_val, best_model = l2, acc, previous
-    model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model)
+    model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model, feature_dtype=feature_dtype)
     return ProbeResult(model.accuracy(test_x, test_y), best_l2, best_val, model.accuracy(train_x, train_y))

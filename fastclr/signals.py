@@ -8,6 +8,7 @@ stopping are acknowledged and ignored, so a second Ctrl-C cannot interrupt the c
 
 from __future__ import annotations
 
+import atexit
 import signal
 import sys
 from collections.abc import Iterator
@@ -47,5 +48,19 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
     try:
         yield flag
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        # Once stopping, keep acknowledging signals until the process exits: restoring the
+        # default handler here let a second Ctrl-C land as KeyboardInterrupt in interpreter
+        # shutdown (seen in CI) and turned exit code 75 into a traceback.
+        # Interpreter shutdown then resets Python-level handlers to SIG_DFL, so a signal in that
+        # window would kill the process (exit -2 instead of 75); ignoring them from the first
+        # atexit callback on closes it (CPython keeps SIG_IGN through finalisation).
+        if flag.signal is None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        else:
+            atexit.register(_ignore, signals)
+
+
+def _ignore(signals: tuple[int, ...]) -> None:
+    for s in signals:
+        signal.signal(s, signal.SIG_IGN)

@@ -3,14 +3,12 @@
     evaluate(run_dir, EvaluateOptions(...))   every protocol on a run; writes RUN_DIR/eval.json
     stratified_subset                         the fixed, stratified label subsets they share
     alignment, uniformity, effective_rank     label-free quality of features
-    OnlineLinearProbe                         a linear head on detached h, for monitoring pretraining
 """
 
-from fastclr.evaluation.monitor import OnlineLinearProbe
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.quality import alignment, effective_rank, uniformity
 from fastclr.evaluation.run import evaluate
 from fastclr.evaluation.subsets import stratified_subset
 
-__all__ = ["EvaluateOptions", "OnlineLinearProbe", "alignment", "effective_rank", "evaluate", "stratified_subset",
+__all__ = ["EvaluateOptions", "alignment", "effective_rank", "evaluate", "stratified_subset",
            "uniformity"]

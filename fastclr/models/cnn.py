@@ -52,7 +52,7 @@ class SmallCNN(nn.Module):
     Measurements behind both choices are in docs/benchmarks.md.
     """
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "64|128|fc1024",
+    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|64|flat0",
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
         convs, fc = parse_stages(stages)
