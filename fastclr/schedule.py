@@ -30,3 +30,40 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_ra
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     floor = peak_lr * min_ratio
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TimeBudget:
+    """The step count that fits a wall-clock budget, fitted early and refitted as the pace drifts.
+
+    The first fit (at step `first_fit`) uses the pace of steps `pace_from`..`first_fit`, because
+    the first steps pay one-off allocation and warm-up costs. A single early fit is not enough:
+    on the shared 2-core VM the step time drifted from 184 to 195 ms over a run and a 9.5-minute
+    budget ran 604 s (docs/benchmarks.md), so `fit` is called again at every epoch boundary with
+    the pace measured since `pace_from`, and the cosine is stretched or shrunk to end on time.
+    All times are training seconds (monitoring pauses excluded), the same clock as the logs.
+    """
+
+    def __init__(self, budget_s: float, pace_from: int = 5, first_fit: int = 15) -> None:
+        if budget_s <= 0:
+            raise ValueError("a time budget must be positive")
+        self.budget_s = budget_s
+        self.pace_from = pace_from
+        self.first_fit = first_fit
+        self._mark: tuple[int, float] = (0, 0.0)
+
+    def observe(self, step: int, train_seconds: float) -> None:
+        """Call after every step; remembers where the steady-pace measurement starts."""
+        if step == self.pace_from:
+            self._mark = (step, train_seconds)
+
+    def pace(self, step: int, train_seconds: float) -> float:
+        """Seconds per step since the mark (since step 0 for a run resumed before the mark)."""
+        s0, t0 = self._mark if step > self._mark[0] else (0, 0.0)
+        return max(train_seconds - t0, 1e-9) / max(step - s0, 1)
+
+    def fit(self, step: int, train_seconds: float) -> int:
+        """Total steps so that training ends at the budget at the current pace; never below `step`
+        (a spent budget ends the run now) and at least one more step at the first fit."""
+        left = self.budget_s - train_seconds
+        extra = int(left / self.pace(step, train_seconds)) if left > 0 else 0
+        return step + (max(1, extra) if step <= self.first_fit else extra)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fastclr.errors import FastclrError
 from fastclr.optim import LARS, build_optimizer, param_groups
-from fastclr.schedule import lr_at, scaled_lr
+from fastclr.schedule import TimeBudget, lr_at, scaled_lr
 
 
 def test_warmup_is_linear_and_reaches_the_peak() -> None:
@@ -71,3 +71,46 @@ def test_build_optimizer_names() -> None:
     assert isinstance(build_optimizer("lars", [m], 1e-3, 0.1), LARS)
     with pytest.raises(FastclrError, match="choose one of: adamw, sgd, lars"):
         build_optimizer("adam2", [m], 1e-3, 0.1)
+
+
+def _simulate(budget: TimeBudget, pace_at, spe: int, refit: bool = True) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    """The call protocol of train.py's loop: observe every step, fit at step 15, refit at epoch ends."""
+    total, step, seconds = 10**9, 0, 0.0
+    while step < total:
+        seconds += pace_at(step)
+        step += 1
+        budget.observe(step, seconds)
+        if step == budget.first_fit or (refit and step % spe == 0 and budget.first_fit < step < total):
+            total = budget.fit(step, seconds)
+    return step, seconds
+
+
+def test_time_budget_first_fit_is_the_closed_form_for_a_steady_pace() -> None:
+    # 0.5 s for the first 5 steps (warm-up), then 0.2 s: steps 5..15 give pace 0.2 exactly
+    b = TimeBudget(600.0)
+    for s in range(1, 16):
+        b.observe(s, 0.5 * min(s, 5) + 0.2 * max(s - 5, 0))
+    assert b.pace(15, 4.5) == pytest.approx(0.2)
+    assert b.fit(15, 4.5) == 15 + int((600.0 - 4.5) / 0.2)  # 2992
+
+
+def test_time_budget_ends_on_time_when_the_pace_drifts() -> None:
+    # measured on the shared VM: 184 ms/step at the start, 195 ms/step on average (604 s for 9.5 min)
+    def pace_at(step: int) -> float:
+        return 0.5 if step < 5 else (0.184 if step < 500 else 0.198)
+
+    steps_fixed, end_fixed = _simulate(TimeBudget(570.0), pace_at, spe=117, refit=False)
+    steps, end = _simulate(TimeBudget(570.0), pace_at, spe=117)
+    assert end_fixed > 570.0 + 20  # one early fit overshoots by tens of seconds, as seen
+    assert 570.0 - 117 * 0.2 * 0.1 <= end <= 570.0 + 0.2  # refitted: within a step of the budget
+    assert steps < steps_fixed
+
+
+def test_time_budget_spent_ends_the_run_at_the_next_fit() -> None:
+    b = TimeBudget(10.0)
+    b.observe(5, 1.0)
+    assert b.fit(15, 3.0) == 15 + int(7.0 / 0.2)
+    assert b.fit(200, 10.5) == 200  # refit after the budget is spent: stop now
+    assert b.fit(15, 12.0) == 16  # the first fit always allows one more step
+    with pytest.raises(ValueError):
+        TimeBudget(0.0)
