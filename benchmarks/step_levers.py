@@ -1,0 +1,81 @@
+"""The engineering levers of the CPU training step, each switched off alone, side by side in one run.
+
+Every variant is the default Fashion-MNIST step (benchmarks/throughput.py's `fastclr_step`: two
+views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one thing changed:
+
+    base          bf16 autocast, channels_last, space-to-depth stem, HWC flatten, fused AdamW
+    fp32          no autocast
+    nchw          channels_last off
+    no-s2d        a 3x3 conv on the 28 x 28 input instead of the 2x2 space-to-depth stem
+    chw-flatten   the usual (C, H, W) flatten of the channels_last map (nn.Flatten)
+    foreach-adamw AdamW's foreach kernels instead of the fused one
+    pooled-3x3    the old last stage: a third conv stage on the pooled 3 x 3 map, then average pooling
+    compile       torch.compile of forward, loss and backward
+    1-thread      torch.set_num_threads(1)
+
+    python benchmarks/step_levers.py                   # all variants, 20 timed steps each
+    python benchmarks/step_levers.py --only base compile --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch import nn
+
+from fastclr.data import load_data
+from fastclr.models.cnn import FlattenHWC, SmallCNN
+from fastclr.presets import apply_preset
+from fastclr.train import select_device
+
+from machine import report
+from throughput import fastclr_step, timed
+
+VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread")
+
+
+def encoder_for(variant: str) -> nn.Module | None:
+    """The encoder of a variant, or None for the default one."""
+    if variant == "no-s2d":
+        return SmallCNN(1, stages="32|64|flat0", space_to_depth=False)
+    if variant == "pooled-3x3":
+        return SmallCNN(1, stages="32|64|128")
+    if variant == "chw-flatten":
+        enc = SmallCNN(1)
+        for name, m in enc.pool.named_children():
+            if isinstance(m, FlattenHWC):
+                enc.pool._modules[name] = nn.Flatten(1)
+        return enc
+    return None
+
+
+def main() -> None:
+    """One JSON line per variant (ms/step, pairs/s, ratio to base measured in this run)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    a = p.parse_args()
+    threads = torch.get_num_threads()
+    base_ms = None
+    for variant in a.only:
+        cfg = apply_preset({"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"})
+        device = select_device("cpu")
+        dataset = load_data(cfg.data)
+        torch.set_num_threads(1 if variant == "1-thread" else threads)
+        step, _ = fastclr_step(cfg, dataset, device, "fp32" if variant == "fp32" else cfg.train.precision,
+                               encoder=encoder_for(variant), fused=variant != "foreach-adamw",
+                               compiled=variant == "compile")
+        secs = timed(step, a.warmup + (5 if variant == "compile" else 0), a.steps, device)
+        ms = 1000 * statistics.median(secs)
+        base_ms = ms if variant == "base" else base_ms
+        report("step_levers", {"variant": variant, "threads": torch.get_num_threads(), "batch": cfg.train.batch_size,
+                               "ms_per_step": round(ms, 1), "pairs_per_s": round(cfg.train.batch_size / ms * 1000),
+                               "time_vs_base": round(ms / base_ms, 2) if base_ms else None})
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
