@@ -18,15 +18,13 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastclr.augment import two_views
 from fastclr.data import load_data
-from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.losses import nt_xent_logits
-from fastclr.optim import build_optimizer
 from fastclr.presets import apply_preset
-from fastclr.train import augment_seed, autocast_dtype, build_model, select_device
+from fastclr.train import autocast_dtype, select_device
 
 from machine import report
+from throughput import step_parts
 
 PHASES = ("augment", "forward", "loss", "backward", "optimizer")
 
@@ -43,17 +41,9 @@ def main() -> None:
     cfg = apply_preset({"data.name": a.data, "train.precision": a.precision, "train.device": a.device})
     device = select_device(cfg.train.device)
     dataset = load_data(cfg.data)
-    torch.manual_seed(0)
-    model = build_model(cfg, dataset, device)
-    enc, head = model.encoder, model.head
-    mean = torch.tensor(model.info["mean"], device=device)
-    std = torch.tensor(model.info["std"], device=device)
-    source = ImageSource(dataset.pretrain.images, device)
-    sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
-    opt = build_optimizer(cfg.optim.optimizer, [enc, head], cfg.optim.lr, cfg.optim.weight_decay)
-    params = [q for m in (enc, head) for q in m.parameters()]
+    parts = step_parts(cfg, dataset, device)
+    enc, head, opt, params = parts.encoder, parts.head, parts.optimizer, parts.params
     amp = autocast_dtype(cfg.train.precision, device)
-    gen = torch.Generator(device=device)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -66,8 +56,7 @@ def main() -> None:
             sync()
             marks.append(time.perf_counter())
 
-        gen.manual_seed(augment_seed(0, i))
-        v = two_views(source.gather(sampler.indices(i)), cfg.augment, gen, mean, std, cfg.train.channels_last)
+        v = parts.views(i)
         mark()
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             z = head(enc(v))

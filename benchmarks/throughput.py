@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import statistics
 import time
 from collections.abc import Callable
@@ -50,12 +51,19 @@ def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.de
     return out
 
 
-def fastclr_step(cfg, dataset, device: torch.device, precision: str, encoder: torch.nn.Module | None = None,  # type: ignore[no-untyped-def]
-                 fused: bool = True, compiled: bool = False) -> tuple[Callable[[int], None], Callable[[], float]]:
-    """The training step of train.py for `cfg`, and a function counting its FLOPs.
+@dataclass
+class StepParts:
+    """What a benchmark of the training step needs: model, optimiser, and the views of step i."""
 
-    `encoder`, `fused` (False: AdamW's foreach kernels) and `compiled` (torch.compile of forward,
-    loss and backward) exist for benchmarks/step_levers.py."""
+    encoder: torch.nn.Module
+    head: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    views: Callable[[int], torch.Tensor]
+
+
+def step_parts(cfg, dataset, device: torch.device, encoder: torch.nn.Module | None = None) -> StepParts:  # type: ignore[no-untyped-def]
+    """Model, optimiser and batch views exactly as train.py builds them for `cfg` (seeded)."""
     torch.manual_seed(0)
     model = build_model(cfg, dataset, device, encoder=encoder)
     enc, head = model.encoder, model.head
@@ -64,15 +72,26 @@ def fastclr_step(cfg, dataset, device: torch.device, precision: str, encoder: to
     source = ImageSource(dataset.pretrain.images, device)
     sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
     opt = build_optimizer(cfg.optim.optimizer, [enc, head], cfg.optim.lr, cfg.optim.weight_decay)
-    if not fused:
-        opt = torch.optim.AdamW(param_groups([enc, head], cfg.optim.weight_decay), lr=cfg.optim.lr, foreach=True)
-    params = [p for m in (enc, head) for p in m.parameters()]
-    amp = autocast_dtype(precision, device)
     gen = torch.Generator(device=device)
 
     def views(i: int) -> torch.Tensor:
         gen.manual_seed(augment_seed(0, i))
         return two_views(source.gather(sampler.indices(i)), cfg.augment, gen, mean, std, cfg.train.channels_last)
+
+    return StepParts(enc, head, opt, [q for m in (enc, head) for q in m.parameters()], views)
+
+
+def fastclr_step(cfg, dataset, device: torch.device, precision: str, encoder: torch.nn.Module | None = None,  # type: ignore[no-untyped-def]
+                 fused: bool = True, compiled: bool = False) -> tuple[Callable[[int], None], Callable[[], float]]:
+    """The training step of train.py for `cfg`, and a function counting its FLOPs.
+
+    `encoder`, `fused` (False: AdamW's foreach kernels) and `compiled` (torch.compile of forward,
+    loss and backward) exist for benchmarks/step_levers.py."""
+    p = step_parts(cfg, dataset, device, encoder)
+    enc, head, opt, params, views = p.encoder, p.head, p.optimizer, p.params, p.views
+    if not fused:
+        opt = torch.optim.AdamW(param_groups([enc, head], cfg.optim.weight_decay), lr=cfg.optim.lr, foreach=True)
+    amp = autocast_dtype(precision, device)
 
     def forward_backward(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):

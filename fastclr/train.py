@@ -44,7 +44,7 @@ from fastclr.global_bn import convert_batchnorm
 from fastclr.knn import knn_accuracy
 from fastclr.models import ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
 from fastclr.optim import build_optimizer
-from fastclr.probe import extract_features, linear_probe
+from fastclr.probe import extract_features, linear_probe, probe_feature_dtype
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.schedule import TimeBudget, lr_at, scaled_lr
@@ -529,8 +529,5 @@ def probe_encoder(enc: nn.Module, dataset: Dataset, mean: torch.Tensor, std: tor
     kw = dict(precision=cfg.train.precision, size=cfg.augment.crop_size, channels_last=cfg.train.channels_last)
     ftr = extract_features(enc, dataset.train.images, mean, std, device, **kw)
     fte = extract_features(enc, dataset.test.images, mean, std, device, **kw)
-    # bf16 features: the L-BFGS passes are memory-bound; 146 -> 125 s at 60k x 3136 with the same
-    # accuracy (91.17% vs 91.18%, docs/benchmarks.md). The weights and the loss stay fp32.
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     return linear_probe(ftr, torch.from_numpy(dataset.train.labels), fte, torch.from_numpy(dataset.test.labels),
-                        feature_dtype=dtype)
+                        feature_dtype=probe_feature_dtype(cfg.train.precision))

@@ -9,7 +9,14 @@ from torch import nn
 
 from conftest import synthetic_images
 from fastclr.knn import knn_accuracy, knn_predict
-from fastclr.probe import L2_GRID, extract_features, fit_logistic_regression, linear_probe, prepare_images
+from fastclr.probe import (
+    L2_GRID,
+    extract_features,
+    fit_logistic_regression,
+    linear_probe,
+    prepare_images,
+    probe_feature_dtype,
+)
 
 
 def blobs(n: int, d: int, k: int, seed: int, spread: float = 2.0, centre_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +38,26 @@ def test_logistic_regression_matches_scikit_learn() -> None:
     np.testing.assert_allclose(ours.weight.numpy(), ref.coef_ - ref.coef_.mean(0), atol=2e-3)
     acc_ref = ref.score(((xt - ours.mean) / ours.std).numpy(), yt.numpy())
     assert abs(ours.accuracy(xt, yt) - acc_ref) <= 0.01
+
+
+def test_bf16_features_reach_the_fp32_optimum_of_the_exact_objective() -> None:
+    x, y = blobs(1500, 20, 5, 0, spread=0.6)
+    xt, yt = blobs(800, 20, 5, 1, spread=0.6)
+    l2 = 1e-2
+    f32 = fit_logistic_regression(x, y, 5, l2, max_iter=500)
+    b16 = fit_logistic_regression(x, y, 5, l2, max_iter=500, feature_dtype=torch.bfloat16)
+
+    def objective(m) -> float:  # type: ignore[no-untyped-def]
+        xs = ((x.double() - m.mean.double()) / m.std.double())
+        logits = xs @ m.weight.double().T + m.bias.double()
+        return float(torch.nn.functional.cross_entropy(logits, y) + 0.5 * l2 * (m.weight.double() ** 2).sum())
+
+    # the bf16-stored features change the problem by their rounding only: the fit lands within
+    # 1% of the fp32 optimum of the exact (float64) objective, with the same test accuracy
+    assert objective(f32) <= objective(b16) <= objective(f32) * 1.01
+    assert abs(b16.accuracy(xt, yt) - f32.accuracy(xt, yt)) <= 0.01
+    assert probe_feature_dtype("bf16") is torch.bfloat16
+    assert probe_feature_dtype("fp32") is torch.float32 and probe_feature_dtype("fp16") is torch.float32
 
 
 def test_linear_probe_selects_l2_on_train_only_and_separates_easy_data() -> None:

@@ -31,7 +31,7 @@ from fastclr.evaluation.supervised import fresh_encoder, supervised_baseline
 from fastclr.export import ENCODER_FILE
 from fastclr.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
-from fastclr.probe import extract_features, linear_probe, state_checksum
+from fastclr.probe import extract_features, linear_probe, probe_feature_dtype, state_checksum
 from fastclr.runs import write_json
 from fastclr.train import select_device
 from fastclr.version import __version__
@@ -58,7 +58,8 @@ class Context:
 def _linear(c: Context) -> dict[str, Any]:
     s = c.setup
     assert s is not None and c.train_x is not None and c.test_x is not None
-    res = linear_probe(c.train_x, torch.from_numpy(s.train_labels), c.test_x, torch.from_numpy(s.test_labels))
+    res = linear_probe(c.train_x, torch.from_numpy(s.train_labels), c.test_x, torch.from_numpy(s.test_labels),
+                       feature_dtype=probe_feature_dtype(c.run.config.train.precision))
     return {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
             "train_accuracy": res.train_accuracy, "labels": len(s.train_labels)}
 
