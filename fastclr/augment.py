@@ -16,6 +16,7 @@ Departures from torchvision's per-image pipeline, chosen for speed and stated he
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -235,6 +236,7 @@ def two_views(
     channels_last: bool = False,
     global_batch: int | None = None,
     offset: int = 0,
+    render: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Two independently augmented views of each image, as one batch for one encoder pass.
 
@@ -246,17 +248,43 @@ def two_views(
     global batch of `global_batch` images. Parameters are drawn for all 2 x global_batch views
     (cheap (2G,) vectors) and this rank keeps its own rows, so every image gets exactly the views
     one process would give it: the training run is the same whatever the number of processes.
+
+    render: `render_views` or a compiled version of it (the pixel work, free of random draws, so
+    that torch.compile can fuse it into a few kernels).
     """
-    b, h, w, _ = images.shape
-    size = cfg.crop_size or h
+    params = view_params(images.shape, cfg, generator, images.device, global_batch, offset)
+    return (render or render_views)(images, params, cfg, mean, std, channels_last)
+
+
+def view_params(
+    shape: torch.Size | tuple[int, ...],
+    cfg: AugmentConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    global_batch: int | None = None,
+    offset: int = 0,
+) -> ViewParams:
+    """The random parameters of the 2B views of a batch of B images of `shape` (B, H, W, C)."""
+    b, h, w, _ = shape
+    if global_batch is None:
+        return sample_params(cfg, 2 * b, h, w, generator, device)
+    rows = torch.arange(offset, offset + b, device=device)
+    params = sample_params(cfg, 2 * global_batch, h, w, generator, device)
+    return params.select(torch.cat([rows, rows + global_batch]))  # (2B,) of the (2G,)
+
+
+def render_views(
+    images: torch.Tensor,
+    params: ViewParams,
+    cfg: AugmentConfig,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 (B, H, W, C) and the parameters of 2B views -> float32 (2B, C, S, S): deterministic."""
+    size = cfg.crop_size or images.shape[1]
     x = to_float(images)
     x = torch.cat([x, x])  # (2B, C, H, W): view 1 then view 2
-    if global_batch is None:
-        params = sample_params(cfg, 2 * b, h, w, generator, images.device)
-    else:
-        rows = torch.arange(offset, offset + b, device=images.device)
-        params = sample_params(cfg, 2 * global_batch, h, w, generator, images.device)
-        params = params.select(torch.cat([rows, rows + global_batch]))  # (2B,) of the (2G,)
     out = augment(x, params, size, cfg)
     if mean is not None and std is not None:
         out = normalize(out, mean, std)

@@ -104,13 +104,15 @@ class TrainConfig:
     precision: str = "bf16"
     """bf16, fp16 (CUDA only) or fp32: the autocast dtype of encoder and head. The loss is fp32."""
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "auto"
+    """torch.compile of model, loss and augmentation: auto (on for CUDA, off on CPU, where the
+    compiled step measured slower), on or off."""
     seed: int = 0
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     time_budget: float = 0.0
-    """Minutes of training wall time; > 0 fits the number of steps (and so the cosine) to it, from the
-    pace of steps 5-15, instead of `epochs`. The Fashion-MNIST/MNIST presets set 9.5."""
+    """Minutes of training wall time; > 0 fits the number of steps (and so the cosine) to it instead of
+    `epochs`, from the measured pace, refitted every epoch. The Fashion-MNIST/MNIST presets set 9.5."""
     threads: int = 0
     """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
     log_every: int = 25
@@ -130,6 +132,12 @@ class TrainConfig:
     BN); false normalises each process's share alone."""
     dist_timeout: float = 600.0
     """Seconds a process waits on the others in a collective before failing the run."""
+    deterministic: bool = False
+    """CUDA: deterministic cuDNN/cuBLAS kernels, so a run and its stop-and-resume twin agree bit for
+    bit (slower). CPU runs are deterministic without it."""
+    check_sync: bool = False
+    """CUDA: fail any step that synchronises the host with the device (torch's sync debug mode
+    "error"); metrics are read only every log_every steps. For tests and debugging."""
 
 
 @dataclass
@@ -200,6 +208,8 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
                 f"{where} must be a {kind.__name__}, got {raw!r}; pass e.g. --{name.replace('_', '-')} "
                 f"{getattr(getattr(Config(), section), name)}"
             ) from None
+    if kind is str and isinstance(raw, bool):
+        return "on" if raw else "off"  # auto/on/off settings accept TOML booleans (and older configs' true/false)
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):

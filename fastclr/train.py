@@ -22,10 +22,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastclr import config as config_mod
-from fastclr.augment import two_views
+from fastclr.augment import render_views, two_views
 from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries, save_checkpoint
 from fastclr.config import Config
 from fastclr.data import Dataset, load_data
+from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.distributed import (
     DistContext,
@@ -61,7 +62,27 @@ def select_device(name: str) -> torch.device:
         raise FastclrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FastclrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        # An explicit index: torch.cuda.set_device and DDP's device_ids need one.
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """Resolve `train.compile`: auto -> on for CUDA, off elsewhere.
+
+    Measured (docs/benchmarks.md): on an H100, compiling model, loss and the augmentation's pixel
+    work took the ResNet-18 step from 51k to 71k images/s; on the 2-core CPU the compiled step
+    was 1.36x slower than eager."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return device.type == "cuda"
+    if setting in ("on", "true"):
+        return True
+    if setting in ("off", "false"):
+        return False
+    raise FastclrError(f"compile must be auto, on or off, got {setting!r}")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -109,6 +130,7 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
             f"batch size {t.batch_size} (the global batch) does not split evenly over {world_size} processes; "
             f"pass --batch-size {max(1, t.batch_size // world_size) * world_size}"
         )
+    use_compile(t.compile, torch.device("cpu"))  # a bad setting fails here, before anything is written
     if t.loss_block < 0 or t.grad_cache_chunk < 0:
         raise FastclrError("loss_block and grad_cache_chunk must be >= 0 (0 turns them off)")
     if t.temperature <= 0:
@@ -224,8 +246,9 @@ def pretrain(
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)
     try:
-        return _pretrain(cfg, ctx, device, resume, allow_config_change, encoder, dataset,
-                         log if ctx.is_main else _silent, progress and ctx.is_main, stop)
+        with deterministic_kernels(cfg.train.deterministic and device.type == "cuda"):
+            return _pretrain(cfg, ctx, device, resume, allow_config_change, encoder, dataset,
+                             log if ctx.is_main else _silent, progress and ctx.is_main, stop)
     except Exception as e:
         if ctx.active and is_peer_failure(e):
             raise peer_failure(ctx, e, resume or cfg.train.run_dir or "the run directory") from None
@@ -317,11 +340,15 @@ def _pretrain(
         f"({len(source)} images {dataset.image_shape}), {_batch_text(cfg, ctx)}, {spe} steps/epoch, "
         f"peak lr {peak_lr:g} ({_lr_text(cfg, ctx)}), {amp or torch.float32} on {device}{_memory_text(cfg)}")
 
-    train_fn = forward_loss
-    if t.compile and not ctx.active and not t.grad_cache_chunk:
-        train_fn = torch.compile(forward_loss)  # model and loss in one graph, as one process always did
-    elif t.compile:
-        net = torch.compile(net)  # the model alone: the loss's collectives stay outside the graph
+    compiled = use_compile(t.compile, device)
+    # --compile fuses the augmentation's pixel work (crop/flip/resize, jitter, blur, solarize,
+    # normalise) and the model's BatchNorm/ReLU/add chains into a few kernels; the random draws
+    # and the loss stay eager. The loss is 0.1-0.3 ms of a 20 ms ResNet-18 step on an H100, and
+    # compiled together with the model and the metrics, Triton 3.6 (torch 2.11) failed to build
+    # its fused nll_loss kernel for a batch-512 Fashion-MNIST run.
+    render = torch.compile(render_views) if compiled else render_views
+    if compiled:
+        net = torch.compile(net)
     params = [p for m in (enc, head) for p in m.parameters() if p.requires_grad]
     gen = torch.Generator(device=device)
     bar = Progress(total_steps, step, enabled=progress)
@@ -346,26 +373,31 @@ def _pretrain(
     if not labelled and (cfg.eval.probe or cfg.eval.monitor_every):
         log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
     loop_start = time.perf_counter() - train_seconds
+    first_step = step
     try:
         while step < total_steps:
             lr = lr_at(step, total_steps, warmup, peak_lr, cfg.optim.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
-            gen.manual_seed(augment_seed(t.seed, step))
-            images = source.gather(sampler.indices(step))
-            if ctx.active:
-                views = two_views(images, cfg.augment, gen, mean, std, t.channels_last, t.batch_size, ctx.rank * per_rank)
-            else:
-                views = two_views(images, cfg.augment, gen, mean, std, t.channels_last)
-            opt.zero_grad(set_to_none=True)
-            loss, metrics = backward_step(net, views, t.temperature, amp, t.loss_block, ctx, t.grad_cache_chunk,
-                                          train_fn, no_sync)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            opt.step()
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            # 1-based: the count of the step whose loss was bad, as `step` is counted in the logs.
-            first_bad = torch.where((~finite) & (first_bad < 0), torch.tensor(step + 1, device=device), first_bad)
-            _accumulate(acc, {"loss": loss, "grad_norm": grad_norm, **metrics})
+            # The step itself never waits for the device: metrics stay on it until a log step.
+            # (Checked from the third step of this process on: the first ones compile and warm up.)
+            with no_host_sync(device, t.check_sync and step >= first_step + 2):
+                gen.manual_seed(augment_seed(t.seed, step))
+                images = source.gather(sampler.indices(step))
+                if ctx.active:
+                    views = two_views(images, cfg.augment, gen, mean, std, t.channels_last, t.batch_size,
+                                      ctx.rank * per_rank, render)
+                else:
+                    views = two_views(images, cfg.augment, gen, mean, std, t.channels_last, render=render)
+                opt.zero_grad(set_to_none=True)
+                loss, metrics = backward_step(net, views, t.temperature, amp, t.loss_block, ctx, t.grad_cache_chunk,
+                                              forward_loss, no_sync)
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                opt.step()
+                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                # 1-based: the count of the step whose loss was bad, as `step` is counted in the logs.
+                first_bad = torch.where((~finite) & (first_bad < 0), step + 1, first_bad)
+                _accumulate(acc, {"loss": loss, "grad_norm": grad_norm, **metrics})
             step += 1
             window_steps += 1
             train_seconds = time.perf_counter() - loop_start

@@ -84,6 +84,21 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES, ids=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device present: the CPU, and CUDA where there is a GPU.
+
+    The loss, augmentation and resume tests take this fixture so that the same specification (the
+    same assertions, on the same inputs) is checked on every device the machine has: training runs
+    on the GPU, while CI has only the CPU. On a CPU-only machine the tests run exactly once, on the
+    CPU, as before.
+    """
+    return torch.device(request.param)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastclr.augment import (
+    ViewParams,
     _hsv_to_rgb,
     _rgb_to_hsv,
     augment,
@@ -27,41 +28,50 @@ OFF = AugmentConfig(scale_min=1.0, scale_max=1.0, ratio_min=1.0, ratio_max=1.0, 
                     grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
-def images(b: int = 8, size: int = 28, c: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (b, size, size, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+def images(b: int = 8, size: int = 28, c: int = 3, seed: int = 0,
+           device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    return torch.randint(0, 256, (b, size, size, c), dtype=torch.uint8, device=device,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+
+
+def gen(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on `device`. CPU and CUDA generators give different streams, so the tests
+    check identities and invariants on one device and never compare random draws across devices."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @pytest.mark.parametrize("c", [1, 3])
-def test_all_off_and_full_crop_gives_back_the_input(c: int) -> None:
-    x = images(c=c)
-    out = two_views(x, OFF, torch.Generator().manual_seed(0))
+def test_all_off_and_full_crop_gives_back_the_input(c: int, device: torch.device) -> None:
+    x = images(c=c, device=device)
+    out = two_views(x, OFF, gen(device, 0))
     ref = to_float(x)
     torch.testing.assert_close(out[:8], ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(out[8:], ref, atol=1e-6, rtol=0)
 
 
-def test_flip_with_probability_one_mirrors_exactly() -> None:
-    x = images()
-    out = two_views(x, dataclasses.replace(OFF, flip_p=1.0), torch.Generator().manual_seed(0))
+def test_flip_with_probability_one_mirrors_exactly(device: torch.device) -> None:
+    x = images(device=device)
+    out = two_views(x, dataclasses.replace(OFF, flip_p=1.0), gen(device, 0))
     torch.testing.assert_close(out[:8], to_float(x).flip(-1), atol=1e-6, rtol=0)
 
 
-def test_every_image_gets_its_own_parameters() -> None:
+def test_every_image_gets_its_own_parameters(device: torch.device) -> None:
     cfg = AugmentConfig()
-    p = sample_params(cfg, 256, 32, 32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    p = sample_params(cfg, 256, 32, 32, gen(device, 0), device)
+    assert all(getattr(p, f.name).device.type == device.type for f in dataclasses.fields(p))
     assert len({tuple(r) for r in p.box.tolist()}) == 256
     assert len(set(p.brightness.tolist())) == 256 and len(set(p.hue.tolist())) == 256
     # Bernoulli masks are per image: a batch of 256 holds both outcomes.
     for mask in (p.flip, p.jitter, p.gray, p.blur_sigma > 0):
         assert 0 < int(mask.sum()) < 256
     # The two views of one image differ: view 1 and view 2 of every image are not equal.
-    v = two_views(images(16, 32), cfg, torch.Generator().manual_seed(1))
+    v = two_views(images(16, 32, device=device), cfg, gen(device, 1))
     assert all(not torch.equal(v[i], v[i + 16]) for i in range(16))
 
 
-def test_crop_boxes_respect_scale_and_ratio_ranges() -> None:
+def test_crop_boxes_respect_scale_and_ratio_ranges(device: torch.device) -> None:
     cfg = AugmentConfig(scale_min=0.2, scale_max=0.6, ratio_min=0.5, ratio_max=2.0)
-    box = sample_crop_boxes(cfg, 4000, 40, 40, torch.Generator().manual_seed(0), torch.device("cpu"))
+    box = sample_crop_boxes(cfg, 4000, 40, 40, gen(device, 0), device)
     x0, y0, w, h = box.unbind(1)
     area = w * h / 1600
     ratio = w / h
@@ -72,125 +82,150 @@ def test_crop_boxes_respect_scale_and_ratio_ranges() -> None:
     assert abs(float(ratio.median()) - 1.0) < 0.1
 
 
-def test_impossible_crops_fall_back_to_the_whole_image() -> None:
+def test_impossible_crops_fall_back_to_the_whole_image(device: torch.device) -> None:
     # scale 1 with ratio 2 never fits a square: torchvision's fallback is the centred full crop
     cfg = AugmentConfig(scale_min=1.0, scale_max=1.0, ratio_min=2.0, ratio_max=2.0)
-    box = sample_crop_boxes(cfg, 10, 20, 20, torch.Generator().manual_seed(0), torch.device("cpu"))
-    torch.testing.assert_close(box[:, 2:], torch.tensor([[20.0, 10.0]]).expand(10, 2))
+    box = sample_crop_boxes(cfg, 10, 20, 20, gen(device, 0), device)
+    torch.testing.assert_close(box[:, 2:], torch.tensor([[20.0, 10.0]], device=device).expand(10, 2))
 
 
 @pytest.mark.parametrize("c", [1, 3])
-def test_shape_dtype_range_device_preserved(c: int) -> None:
-    x = images(6, 32, c)
-    out = two_views(x, AugmentConfig(crop_size=24, solarize_p=0.5), torch.Generator().manual_seed(0))
+def test_shape_dtype_range_device_preserved(c: int, device: torch.device) -> None:
+    x = images(6, 32, c, device=device)
+    out = two_views(x, AugmentConfig(crop_size=24, solarize_p=0.5), gen(device, 0))
     assert out.shape == (12, c, 24, 24) and out.dtype == torch.float32 and out.device == x.device
     assert out.min() >= 0 and out.max() <= 1
 
 
-def test_normalisation_and_channels_last() -> None:
-    x = images(4, 16, 3)
-    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
-    out = two_views(x, OFF, torch.Generator().manual_seed(0), mean, std, channels_last=True)
+def test_normalisation_and_channels_last(device: torch.device) -> None:
+    x = images(4, 16, 3, device=device)
+    mean, std = torch.tensor([0.5, 0.4, 0.3], device=device), torch.tensor([0.2, 0.25, 0.3], device=device)
+    out = two_views(x, OFF, gen(device, 0), mean, std, channels_last=True)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out[:4], (to_float(x) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), atol=1e-5, rtol=0)
 
 
-def test_same_seed_same_views_different_seed_different_views() -> None:
-    x, cfg = images(8, 32), AugmentConfig()
-    a = two_views(x, cfg, torch.Generator().manual_seed(5))
-    b = two_views(x, cfg, torch.Generator().manual_seed(5))
-    c = two_views(x, cfg, torch.Generator().manual_seed(6))
+def test_same_seed_same_views_different_seed_different_views(device: torch.device) -> None:
+    x, cfg = images(8, 32, device=device), AugmentConfig()
+    a = two_views(x, cfg, gen(device, 5))
+    b = two_views(x, cfg, gen(device, 5))
+    c = two_views(x, cfg, gen(device, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_one_channel_skips_colour_only_operations() -> None:
+def test_one_channel_skips_colour_only_operations(device: torch.device) -> None:
     # saturation 0 and hue 0.5 would change any colour image; on one channel only brightness and
     # contrast act, so with those off the output equals the input.
     cfg = dataclasses.replace(OFF, jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=1.0, hue=0.5, grayscale_p=1.0)
-    x = images(5, 20, 1)
-    out = two_views(x, cfg, torch.Generator().manual_seed(0))
+    x = images(5, 20, 1, device=device)
+    out = two_views(x, cfg, gen(device, 0))
     torch.testing.assert_close(out[:5], to_float(x), atol=1e-6, rtol=0)
 
 
-def test_grayscale_makes_channels_equal_with_luma() -> None:
-    x = images(4, 12, 3)
-    out = two_views(x, dataclasses.replace(OFF, grayscale_p=1.0), torch.Generator().manual_seed(0))
+def test_grayscale_makes_channels_equal_with_luma(device: torch.device) -> None:
+    x = images(4, 12, 3, device=device)
+    out = two_views(x, dataclasses.replace(OFF, grayscale_p=1.0), gen(device, 0))
     f = to_float(x)
     luma = 0.299 * f[:, 0] + 0.587 * f[:, 1] + 0.114 * f[:, 2]
     for ch in range(3):
         torch.testing.assert_close(out[:4, ch], luma, atol=1e-5, rtol=0)
 
 
-def test_solarize_inverts_pixels_above_half() -> None:
-    x = images(4, 12, 1)
-    out = two_views(x, dataclasses.replace(OFF, solarize_p=1.0), torch.Generator().manual_seed(0))
+def test_solarize_inverts_pixels_above_half(device: torch.device) -> None:
+    x = images(4, 12, 1, device=device)
+    out = two_views(x, dataclasses.replace(OFF, solarize_p=1.0), gen(device, 0))
     f = to_float(x)
     torch.testing.assert_close(out[:4], torch.where(f >= 0.5, 1 - f, f), atol=1e-6, rtol=0)
 
 
-def test_resampling_rows_are_convex_weights_and_crop_of_constant_is_constant() -> None:
+def test_resampling_rows_are_convex_weights_and_crop_of_constant_is_constant(device: torch.device) -> None:
     n = 50
-    g = torch.Generator().manual_seed(0)
-    start, length = torch.rand(n, generator=g) * 10, 1 + torch.rand(n, generator=g) * 20
-    m = resample_matrix(start, length, 32, 16, torch.rand(n, generator=g) < 0.5)
+    g = gen(device, 0)
+    start = torch.rand(n, generator=g, device=device) * 10
+    length = 1 + torch.rand(n, generator=g, device=device) * 20
+    m = resample_matrix(start, length, 32, 16, torch.rand(n, generator=g, device=device) < 0.5)
     assert (m >= 0).all()
-    torch.testing.assert_close(m.sum(2), torch.ones(n, 16))
-    x = torch.full((n, 1, 32, 32), 0.37)
+    torch.testing.assert_close(m.sum(2), torch.ones(n, 16, device=device))
+    x = torch.full((n, 1, 32, 32), 0.37, device=device)
     box = torch.stack([start, start, length, length], 1)
-    torch.testing.assert_close(crop_resize_flip(x, box, torch.zeros(n, dtype=torch.bool), 16), torch.full((n, 1, 16, 16), 0.37))
+    torch.testing.assert_close(crop_resize_flip(x, box, torch.zeros(n, dtype=torch.bool, device=device), 16),
+                               torch.full((n, 1, 16, 16), 0.37, device=device))
 
 
-def test_crop_of_a_linear_ramp_samples_pixel_centres() -> None:
+def test_crop_of_a_linear_ramp_samples_pixel_centres(device: torch.device) -> None:
     # x[i, j] = j. Cropping columns [4, 12) to 16 samples (upsampling: bilinear) gives the source
     # coordinates u_j = 4 + (j + 0.5) / 2 - 0.5 exactly (no clamp is hit inside the image).
-    ramp = torch.arange(32.0).expand(1, 1, 32, 32).clone()
-    box = torch.tensor([[4.0, 0.0, 8.0, 32.0]])
-    out = crop_resize_flip(ramp, box, torch.zeros(1, dtype=torch.bool), 16)
-    expected = 4 + (torch.arange(16.0) + 0.5) / 2 - 0.5
+    ramp = torch.arange(32.0, device=device).expand(1, 1, 32, 32).clone()
+    box = torch.tensor([[4.0, 0.0, 8.0, 32.0]], device=device)
+    out = crop_resize_flip(ramp, box, torch.zeros(1, dtype=torch.bool, device=device), 16)
+    expected = 4 + (torch.arange(16.0, device=device) + 0.5) / 2 - 0.5
     torch.testing.assert_close(out[0, 0, 5], expected)
 
 
-def test_blur_preserves_constant_images_and_sigma_zero_is_identity() -> None:
-    k = blur_matrix(torch.tensor([0.0, 0.5, 2.0]), 28)
-    torch.testing.assert_close(k[0], torch.eye(28))
-    torch.testing.assert_close(k.sum(2), torch.ones(3, 28))
+def test_blur_preserves_constant_images_and_sigma_zero_is_identity(device: torch.device) -> None:
+    k = blur_matrix(torch.tensor([0.0, 0.5, 2.0], device=device), 28)
+    torch.testing.assert_close(k[0], torch.eye(28, device=device))
+    torch.testing.assert_close(k.sum(2), torch.ones(3, 28, device=device))
     # wider sigma spreads more weight off the diagonal
     assert float(k[2].diagonal().mean()) < float(k[1].diagonal().mean()) < 1
 
 
-def test_hsv_round_trip_and_hue_shift_of_one_is_identity() -> None:
-    x = torch.rand(10, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+def test_hsv_round_trip_and_hue_shift_of_one_is_identity(device: torch.device) -> None:
+    x = torch.rand(10, 3, 5, 5, generator=gen(device, 0), device=device)
     torch.testing.assert_close(_hsv_to_rgb(_rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
     p = sample_params(dataclasses.replace(OFF, jitter_p=1.0, brightness=0, contrast=0, saturation=0, hue=0), 10, 5, 5,
-                      torch.Generator().manual_seed(0), torch.device("cpu"))
+                      gen(device, 0), device)
     torch.testing.assert_close(color_jitter(x, p), x, atol=1e-5, rtol=0)
 
 
-def test_pure_hue_rotation_of_red_by_a_third_is_green() -> None:
-    red = torch.zeros(1, 3, 2, 2)
+def test_pure_hue_rotation_of_red_by_a_third_is_green(device: torch.device) -> None:
+    red = torch.zeros(1, 3, 2, 2, device=device)
     red[:, 0] = 1.0
     p = sample_params(dataclasses.replace(OFF, jitter_p=1.0, brightness=0, contrast=0, saturation=0, hue=0), 1, 2, 2,
-                      torch.Generator().manual_seed(0), torch.device("cpu"))
-    p.hue = torch.tensor([1 / 3])
+                      gen(device, 0), device)
+    p.hue = torch.tensor([1 / 3], device=device)
     out = color_jitter(red, p)
-    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.0], device=device), atol=1e-5, rtol=0)
 
 
-def test_brightness_and_contrast_follow_torchvision_blend_formulas() -> None:
-    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 0.5
-    p = sample_params(dataclasses.replace(OFF, jitter_p=1.0), 3, 6, 6, torch.Generator().manual_seed(0), torch.device("cpu"))
-    p.brightness = torch.tensor([1.2, 0.5, 1.0])
-    p.contrast = torch.tensor([1.0, 1.0, 0.0])
+def test_brightness_and_contrast_follow_torchvision_blend_formulas(device: torch.device) -> None:
+    x = torch.rand(3, 1, 6, 6, generator=gen(device, 0), device=device) * 0.5
+    p = sample_params(dataclasses.replace(OFF, jitter_p=1.0), 3, 6, 6, gen(device, 0), device)
+    p.brightness = torch.tensor([1.2, 0.5, 1.0], device=device)
+    p.contrast = torch.tensor([1.0, 1.0, 0.0], device=device)
     out = color_jitter(x, p)
     torch.testing.assert_close(out[0], (x[0] * 1.2).clamp(0, 1))
     torch.testing.assert_close(out[1], x[1] * 0.5)
     torch.testing.assert_close(out[2], x[2].mean().expand_as(x[2]))  # contrast 0: the mean grey
 
 
-def test_augment_probability_zero_ops_are_skipped_statically() -> None:
+def test_augment_probability_zero_ops_are_skipped_statically(device: torch.device) -> None:
     # With every probability 0 the full pipeline is exactly crop-resize-flip.
-    x = to_float(images(4, 16, 3))
+    x = to_float(images(4, 16, 3, device=device))
     cfg = AugmentConfig(jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=0)
-    p = sample_params(cfg, 4, 16, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    p = sample_params(cfg, 4, 16, 16, gen(device, 0), device)
     torch.testing.assert_close(augment(x, p, 16, cfg), crop_resize_flip(x, p.box, p.flip, 16).clamp(0, 1))
     assert math.isfinite(float(augment(x, p, 16, cfg).sum()))
+
+
+@pytest.mark.parametrize("crop_size", [0, 24])
+def test_same_parameters_give_the_same_views_on_every_device(crop_size: int, device: torch.device) -> None:
+    """The same images and the same drawn parameters give the same views on `device` as on the CPU:
+    random streams differ between devices, the deterministic part of the pipeline must not.
+
+    Parameters are drawn once, on the CPU, and moved. The default recipe on 3-channel images runs
+    crop-resize-flip, colour jitter (hue included), grayscale and blur; solarize is off by default,
+    so it is switched on here. crop_size 24 also resamples 32 px images to another size."""
+    cfg = dataclasses.replace(AugmentConfig(), crop_size=crop_size, solarize_p=0.5)
+    n, side = 32, 32
+    x = to_float(images(n, side, 3, seed=4))
+    size = crop_size or side
+    p = sample_params(cfg, n, side, side, gen(torch.device("cpu"), 0), torch.device("cpu"))
+    # Every per-image operation fires for some views and not for others, so each is compared.
+    for mask in (p.flip, p.jitter, p.gray, p.blur_sigma > 0, p.solarize):
+        assert 0 < int(mask.sum()) < n
+    on_device = ViewParams(**{f.name: getattr(p, f.name).to(device) for f in dataclasses.fields(p)})
+    want = augment(x, p, size, cfg)
+    got = augment(x.to(device), on_device, size, cfg)
+    assert got.device.type == device.type and got.shape == (n, 3, size, size)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=0)

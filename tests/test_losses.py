@@ -32,47 +32,49 @@ def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Ten
 
 
 @pytest.mark.parametrize("n,d,t", [(2, 3, 0.5), (5, 8, 0.1), (7, 4, 1.0)])
-def test_value_and_gradients_match_literal_formula(n: int, d: int, t: float) -> None:
-    g = torch.Generator().manual_seed(n * 100 + d)
-    a = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+def test_value_and_gradients_match_literal_formula(n: int, d: int, t: float, device: torch.device) -> None:
+    g = torch.Generator(device=device).manual_seed(n * 100 + d)
+    a = torch.randn(n, d, dtype=torch.float64, generator=g, device=device, requires_grad=True)
+    b = torch.randn(n, d, dtype=torch.float64, generator=g, device=device, requires_grad=True)
     ours = nt_xent(a, b, t)
     ga, gb = torch.autograd.grad(ours, [a, b])
-    ref = reference_nt_xent(a, b, t)
-    ra, rb = torch.autograd.grad(ref, [a, b])
-    assert ours.dtype == torch.float64
-    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ga, ra, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gb, rb, rtol=1e-10, atol=1e-12)
+    # The literal formula is the float64 oracle on the CPU, fed the same numbers.
+    a_ref, b_ref = a.detach().cpu().requires_grad_(), b.detach().cpu().requires_grad_()
+    ref = reference_nt_xent(a_ref, b_ref, t)
+    ra, rb = torch.autograd.grad(ref, [a_ref, b_ref])
+    assert ours.dtype == torch.float64 and ours.device.type == device.type
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga.cpu(), ra, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gb.cpu(), rb, rtol=1e-10, atol=1e-12)
 
 
-def test_float32_input_matches_reference() -> None:
-    a, b = torch.randn(16, 32), torch.randn(16, 32)
+def test_float32_input_matches_reference(device: torch.device) -> None:
+    a, b = torch.randn(16, 32, device=device), torch.randn(16, 32, device=device)
     assert nt_xent(a, b, 0.2).dtype == torch.float32
-    assert abs(float(nt_xent(a, b, 0.2)) - float(reference_nt_xent(a, b, 0.2))) < 1e-5
+    assert abs(float(nt_xent(a, b, 0.2)) - float(reference_nt_xent(a.cpu(), b.cpu(), 0.2))) < 1e-5
 
 
 @pytest.mark.parametrize("n", [1, 4, 33])
-def test_identical_embeddings_give_log_2n_minus_1(n: int) -> None:
-    z = torch.ones(n, 16)
+def test_identical_embeddings_give_log_2n_minus_1(n: int, device: torch.device) -> None:
+    z = torch.ones(n, 16, device=device)
     assert float(nt_xent(z, z.clone(), 0.1)) == pytest.approx(math.log(2 * n - 1), abs=1e-6)
 
 
-def test_symmetric_in_the_two_views() -> None:
-    a, b = torch.randn(9, 5), torch.randn(9, 5)
+def test_symmetric_in_the_two_views(device: torch.device) -> None:
+    a, b = torch.randn(9, 5, device=device), torch.randn(9, 5, device=device)
     torch.testing.assert_close(nt_xent(a, b, 0.3), nt_xent(b, a, 0.3))
 
 
-def test_invariant_to_scale_of_projections() -> None:
-    a, b = torch.randn(6, 5), torch.randn(6, 5)
+def test_invariant_to_scale_of_projections(device: torch.device) -> None:
+    a, b = torch.randn(6, 5, device=device), torch.randn(6, 5, device=device)
     torch.testing.assert_close(nt_xent(a, b, 0.3), nt_xent(3.0 * a, 0.5 * b, 0.3))
 
 
-def test_finite_under_bf16_autocast_at_low_temperature() -> None:
+def test_finite_under_bf16_autocast_at_low_temperature(device: torch.device) -> None:
     torch.manual_seed(1)
-    layer = torch.nn.Linear(64, 32)
-    x = torch.randn(128, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    layer = torch.nn.Linear(64, 32).to(device)
+    x = torch.randn(128, 64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         z = layer(x)
         assert z.dtype == torch.bfloat16
         loss = nt_xent(*z.chunk(2), 0.05)
@@ -84,21 +86,22 @@ def test_finite_under_bf16_autocast_at_low_temperature() -> None:
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
 
 
-def test_diagonal_is_masked_with_a_finite_value() -> None:
-    logits, target = nt_xent_logits(torch.randn(4, 3), torch.randn(4, 3), 0.01)
+def test_diagonal_is_masked_with_a_finite_value(device: torch.device) -> None:
+    logits, target = nt_xent_logits(torch.randn(4, 3, device=device), torch.randn(4, 3, device=device), 0.01)
+    assert logits.device.type == device.type and target.device.type == device.type
     assert torch.isfinite(logits).all()
     assert (logits.diagonal() == torch.finfo(torch.float32).min).all()
     assert target.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
 
 
-def test_temperature_must_be_positive() -> None:
+def test_temperature_must_be_positive(device: torch.device) -> None:
     with pytest.raises(ValueError, match="temperature"):
-        nt_xent(torch.randn(2, 2), torch.randn(2, 2), 0.0)
+        nt_xent(torch.randn(2, 2, device=device), torch.randn(2, 2, device=device), 0.0)
 
 
-def test_rank_and_accuracy_against_brute_force() -> None:
+def test_rank_and_accuracy_against_brute_force(device: torch.device) -> None:
     torch.manual_seed(3)
-    logits, target = nt_xent_logits(torch.randn(10, 4), torch.randn(10, 4), 0.5)
+    logits, target = nt_xent_logits(torch.randn(10, 4, device=device), torch.randn(10, 4, device=device), 0.5)
     ranks = positive_rank(logits, target)
     for i in range(20):
         others = [float(logits[i, k]) for k in range(20) if k != i]
@@ -110,7 +113,7 @@ def test_rank_and_accuracy_against_brute_force() -> None:
     assert float(m["mean_rank"]) == pytest.approx(float(ranks.float().mean()))
 
 
-def test_perfect_pairs_rank_first() -> None:
-    e = torch.eye(6)
+def test_perfect_pairs_rank_first(device: torch.device) -> None:
+    e = torch.eye(6, device=device)
     m = contrastive_metrics(*nt_xent_logits(e, e.clone(), 0.1))
     assert float(m["top1"]) == 1.0 and float(m["mean_rank"]) == 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -36,17 +38,22 @@ def params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_stop_and_resume_equals_uninterrupted_run(tmp_path: Path, precision: str) -> None:
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path: Path, precision: str, device: torch.device) -> None:
+    # On CUDA, bit equality needs deterministic cuDNN/cuBLAS kernels; CPU kernels are deterministic.
+    over: dict[str, object] = {"train__precision": precision, "train__device": str(device)}
+    if device.type == "cuda":
+        over["train__deterministic"] = True
     ds = tiny_dataset()  # 96 images / batch 16 = 6 steps per epoch, 12 steps in all
-    straight = pretrain(tiny_config(tmp_path / "a", train__precision=precision), dataset=ds, progress=False, log=lambda s: None)
+    straight = pretrain(tiny_config(tmp_path / "a", **over), dataset=ds, progress=False, log=lambda s: None)
     assert straight.steps == 12 and not straight.stopped
     # stop mid-epoch (step 5 of 12), then resume
-    first = pretrain(tiny_config(tmp_path / "b", train__precision=precision), dataset=ds, progress=False,
+    first = pretrain(tiny_config(tmp_path / "b", **over), dataset=ds, progress=False,
                      log=lambda s: None, stop=lambda step: step == 5)
     assert first.stopped and first.steps == 5
-    second = pretrain(tiny_config(tmp_path / "b", train__precision=precision), resume=tmp_path / "b", dataset=ds,
+    second = pretrain(tiny_config(tmp_path / "b", **over), resume=tmp_path / "b", dataset=ds,
                       progress=False, log=lambda s: None)
     assert second.steps == 12
+    # load_checkpoint maps every tensor to the CPU, whatever device trained.
     a, b = params(tmp_path / "a"), params(tmp_path / "b")
     assert a.keys() == b.keys()
     for k in a:
@@ -56,6 +63,21 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path: Path, precision: str
     for i in sa:
         for k in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+
+
+def test_the_training_step_never_waits_for_the_device(tmp_path: Path, device: torch.device) -> None:
+    """With check_sync every host-device synchronisation inside a step raises; log_every 1000 puts
+    the only metrics read (and so the only wait) after the last step, and checkpoints come at
+    epoch ends, outside the step."""
+    if device.type != "cuda":
+        pytest.skip("CUDA only: host-device synchronisation does not exist on the CPU")
+    cfg = tiny_config(tmp_path, train__device="cuda", train__check_sync=True, train__log_every=1000,
+                      train__checkpoint_every=0, train__epochs=2.0)
+    res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert res.steps == 12 and not res.stopped
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 1 and math.isfinite(losses[0])  # the one record, at the last step (12)
 
 
 def test_training_reduces_the_loss_and_learns_the_synthetic_classes(tmp_path: Path) -> None:
@@ -75,7 +97,7 @@ def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
     res = pretrain(tiny_config(tmp_path, train__epochs=1.0), dataset=tiny_dataset(), encoder=enc, progress=False,
                    log=lambda s: None)
     assert res.model is not None and res.model.encoder is enc and res.model.info["feature_dim"] == 8
-    assert not torch.equal(enc[0].weight, nn.Conv2d(1, 8, 3, 2).weight)
+    assert not torch.equal(enc[0].weight.cpu(), nn.Conv2d(1, 8, 3, 2).weight)  # trained where device "auto" put it
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -107,3 +129,6 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
         pretrain(tiny_config(tmp_path, train__batch_size=512), dataset=ds, progress=False, log=lambda s: None)
     with pytest.raises(FastclrError, match="temperature must be > 0"):
         pretrain(tiny_config(tmp_path, train__temperature=0.0), dataset=ds, progress=False, log=lambda s: None)
+    with pytest.raises(FastclrError, match="compile must be auto, on or off, got 'maybe'"):
+        pretrain(tiny_config(tmp_path / "c", train__compile="maybe"), dataset=ds, progress=False, log=lambda s: None)
+    assert not (tmp_path / "c").exists()  # refused before the run directory came into being

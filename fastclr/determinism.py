@@ -1,0 +1,52 @@
+"""Process-wide CUDA switches the training loop turns on for the length of a run and then restores.
+
+`deterministic_kernels`: cuDNN and cuBLAS pick deterministic algorithms, so that a run and its
+stop-and-resume twin agree bit for bit on a GPU as they do on the CPU (where the kernels are
+deterministic already). `no_host_sync`: torch's sync debug mode set to "error" around a region, so
+that any hidden device-to-host wait (an `.item()`, a `bool(tensor)`, a copy to the CPU) raises
+instead of silently stalling the GPU's queue.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+# cuBLAS is deterministic only with a fixed workspace per stream (CUDA docs, "cuBLAS: results
+# reproducibility"); PyTorch refuses deterministic mode without this setting.
+_CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """Deterministic cuDNN/cuBLAS kernels inside the block when `enabled`; previous settings after."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", _CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+@contextmanager
+def no_host_sync(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Raise on any host-device synchronisation inside the block (CUDA only; a no-op elsewhere)."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
