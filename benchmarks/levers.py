@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from typing import Any
 
@@ -29,7 +30,8 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int) -> dict[s
     else:
         overrides["train.epochs"] = epochs
     cnn: dict[str, Any] = {}
-    for item in filter(None, spec.split(",")):
+    # Items split at commas that start a new key=, so a stage spec may hold commas (32|64,64|flat0).
+    for item in filter(None, re.split(r",(?=[\w.]+=)", spec)):
         k, _, v = item.partition("=")
         if k in ("stages", "s2d"):
             cnn[k] = v

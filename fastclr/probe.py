@@ -151,9 +151,9 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 def probe_feature_dtype(precision: str) -> torch.dtype:
     """The dtype the probe keeps its features in for a run trained at `precision`.
 
-    bf16 for bf16 runs: the L-BFGS passes are memory-bound on the (N, D) features; on the default
-    Fashion-MNIST encoder (60000 x 3136) bf16 features took 55 s against 147 s for fp32, at
-    91.41% against 91.30% (benchmarks/probe_dtype.py, docs/benchmarks.md). One rule for `pretrain`
+    bf16 for bf16 runs: the L-BFGS passes are memory-bound on the (N, D) features; on the then
+    default Fashion-MNIST encoder (60000 x 3136) bf16 features took 55 s against 147 s for fp32,
+    at 91.41% against 91.30% (benchmarks/probe_dtype.py, docs/benchmarks.md). One rule for `pretrain`
     and `evaluate`, so both report the same probe accuracy for the same encoder."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 

@@ -10,7 +10,7 @@ from fastclr.errors import FastclrError
 from fastclr.models import ENCODERS, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
 from fastclr.models.cnn import SmallCNN, parse_stages
 
-EXPECTED_DIM = {"cnn": 3136, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+EXPECTED_DIM = {"cnn": 6272, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -62,6 +62,19 @@ def test_small_cnn_space_to_depth_and_stage_spec() -> None:
     fc = [m for m in enc.pool if isinstance(m, nn.Linear)][0]
     assert fc.in_features == 3 * 3 * 32 and enc.feature_dim == 64
     assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+
+
+def test_multi_scale_h_is_the_flat_map_then_the_earlier_maps_pooled_to_its_side() -> None:
+    flat, cat = SmallCNN(1, 1.0, "16|32|flat0"), SmallCNN(1, 1.0, "16|32|cat0")
+    cat.load_state_dict(flat.state_dict())  # the same layers: only h differs
+    flat.eval(), cat.eval()
+    x = torch.randn(3, 1, 28, 28)
+    h = cat(x)
+    assert cat.feature_dim == (32 + 16) * 7 * 7 and h.shape == (3, cat.feature_dim)
+    torch.testing.assert_close(h[:, : 32 * 7 * 7], flat(x))  # the last 7 x 7 x 32 map, as flat0 gives it
+    first = flat.features[:4](x)  # space to depth, conv-BN-ReLU 16 at 14 x 14
+    expected = torch.nn.functional.max_pool2d(first, 2).permute(0, 2, 3, 1).flatten(1)
+    torch.testing.assert_close(h[:, 32 * 7 * 7 :], expected)
 
 
 def test_feature_dim_of_a_custom_module_is_measured() -> None:

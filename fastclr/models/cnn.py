@@ -25,19 +25,20 @@ class FlattenHWC(nn.Module):
 
 
 def parse_stages(spec: str) -> tuple[list[list[int]], int]:
-    """"64|128,128|fc512" -> ([[64], [128, 128]], 512); "...|flat" -> -1, "...|flat0" -> -2.
+    """"64|128,128|fc512" -> ([[64], [128, 128]], 512); "...|flat" -> -1, "...|flat0" -> -2, "...|cat0" -> -3.
 
     Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
     conv of a stage by ','. A last stage "fcN" flattens the final map into a linear layer of N
     units (with BatchNorm and ReLU); "flat" max-pools the final map 2x2 and flattens it, "flat0"
-    flattens it as it is; without any of these the final map is average-pooled.
+    flattens it as it is, "cat0" flattens it together with every earlier stage's map max-pooled to
+    its side (multi-scale h); without any of these the final map is average-pooled.
     """
     parts = spec.split("|")
     fc = 0
     if parts[-1].startswith("fc"):
         fc = int(parts.pop()[2:])
-    elif parts[-1] in ("flat", "flat0"):
-        fc = -1 if parts.pop() == "flat" else -2
+    elif parts[-1] in ("flat", "flat0", "cat0"):
+        fc = {"flat": -1, "flat0": -2, "cat0": -3}[parts.pop()]
     return [[int(c) for c in stage.split(",")] for stage in parts], fc
 
 
@@ -52,7 +53,7 @@ class SmallCNN(nn.Module):
     Measurements behind both choices are in docs/benchmarks.md.
     """
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|64|flat0",
+    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|128|flat0",
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
         convs, fc = parse_stages(stages)
@@ -61,6 +62,7 @@ class SmallCNN(nn.Module):
         if space_to_depth:
             layers.append(nn.PixelUnshuffle(2))
             c, side = in_channels * 4, image_size // 2
+        ends: list[tuple[int, int, int]] = []  # (index after the stage's last layer, channels, side)
         for s, stage in enumerate(convs):
             if s > 0 and side >= 2:  # tiny inputs: stop pooling at 1 x 1
                 layers.append(nn.MaxPool2d(2))
@@ -69,8 +71,14 @@ class SmallCNN(nn.Module):
                 out = max(8, int(round(channels * width)))
                 layers += conv_bn_relu(c, out)
                 c = out
+            ends.append((len(layers), c, side))
         self.features = nn.Sequential(*layers)
-        if fc < 0:  # h is the last map flattened (max-pooled 2x2 first for "flat"): spatial layout kept
+        # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
+        self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if fc == -3 else []
+        if fc == -3:
+            self.pool = FlattenHWC()
+            self.feature_dim = sum(ch for _, ch, _ in ends) * side * side
+        elif fc < 0:  # h is the last map flattened (max-pooled 2x2 first for "flat"): spatial layout kept
             shrink = side >= 2 and fc == -1
             side = side // 2 if shrink else side
             self.pool = nn.Sequential(nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC())
@@ -89,4 +97,12 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> h (B, feature_dim)."""
-        return self.pool(self.features(x))
+        if not self.taps:
+            return self.pool(self.features(x))
+        parts, start = [], 0
+        for end, factor in self.taps:
+            x = self.features[start:end](x)
+            parts.append(self.pool(nn.functional.max_pool2d(x, factor)))
+            start = end
+        parts.append(self.pool(self.features[start:](x)))
+        return torch.cat(parts[::-1], dim=1)  # the last stage's features first
