@@ -39,7 +39,7 @@ VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "p
 def encoder_for(variant: str) -> nn.Module | None:
     """The encoder of a variant, or None for the default one."""
     if variant == "no-s2d":
-        return SmallCNN(1, stages="32|128|flat0", space_to_depth=False)
+        return SmallCNN(1, stages="32|256|flat0", space_to_depth=False)
     if variant == "pooled-3x3":
         return SmallCNN(1, stages="32|64|128")
     if variant == "chw-flatten":

@@ -59,6 +59,16 @@ def test_effective_rank_of_known_matrices() -> None:
     assert effective_rank(collapsed) < 1.01
 
 
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+def test_effective_rank_from_the_gram_matrix_equals_the_svd_definition(shape: tuple[int, int]) -> None:
+    # wide (N < D, x x^T) and tall (x^T x) features, post-ReLU like h, with a decaying spectrum
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(*shape, generator=g, dtype=torch.float64)) * torch.rand(shape[1], generator=g, dtype=torch.float64) ** 3
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum()
+    assert effective_rank(x) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-9)
+
+
 def test_alignment_closed_forms() -> None:
     z = torch.randn(20, 5)
     assert alignment(z, 3 * z) == pytest.approx(0.0, abs=1e-12)  # scale does not matter: features are normalised

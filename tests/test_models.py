@@ -10,7 +10,7 @@ from fastclr.errors import FastclrError
 from fastclr.models import ENCODERS, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
 from fastclr.models.cnn import SmallCNN, parse_stages
 
-EXPECTED_DIM = {"cnn": 6272, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+EXPECTED_DIM = {"cnn": 12544, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))

@@ -82,11 +82,12 @@ def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> Non
     assert feats.shape == (37, 4) and feats.dtype == torch.float32
 
 
-def test_knn_matches_brute_force_weighted_votes() -> None:
+@pytest.mark.parametrize("shortlist", [0, 2])
+def test_knn_matches_brute_force_weighted_votes(shortlist: int) -> None:
     x, y = blobs(300, 8, 3, 2, spread=0.5)
     q, _ = blobs(40, 8, 3, 3, spread=0.5)
     k, tau = 7, 0.1
-    pred = knn_predict(x, y, q, k, tau, 3, chunk=16)
+    pred = knn_predict(x, y, q, k, tau, 3, chunk=16, shortlist=shortlist)
     xn = x / x.norm(dim=1, keepdim=True)
     for i in range(len(q)):
         sims = [(float(xn[j] @ (q[i] / q[i].norm())), int(y[j])) for j in range(len(x))]
@@ -95,6 +96,17 @@ def test_knn_matches_brute_force_weighted_votes() -> None:
         for s, c in sims[:k]:
             votes[c] += float(np.exp(s / tau))
         assert int(pred[i]) == int(np.argmax(votes))
+
+
+def test_knn_bf16_shortlist_gives_the_exact_fp32_votes_on_wide_features() -> None:
+    # wide post-ReLU features in overlapping clusters, as h is: the bf16 shortlist of 2k
+    # candidates, re-scored in fp32, must give the exact predictions
+    x, y = blobs(3000, 512, 10, 5, spread=0.3)
+    q, _ = blobs(500, 512, 10, 6, spread=0.3)
+    x, q = torch.relu(x), torch.relu(q)
+    exact = knn_predict(x, y, q, 20, 0.07, 10, shortlist=0)
+    assert torch.equal(knn_predict(x, y, q, 20, 0.07, 10, shortlist=2), exact)
+    assert 0.2 < float((exact == blobs(500, 512, 10, 6, spread=0.3)[1]).float().mean()) < 1.0  # not a trivial task
 
 
 def test_knn_accuracy_on_identical_sets_with_k1_is_one() -> None:

