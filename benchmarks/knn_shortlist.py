@@ -13,13 +13,10 @@ from pathlib import Path
 
 import torch
 
-from fastclr.config import DataConfig
-from fastclr.data import load_data
-from fastclr.export import load_encoder
 from fastclr.knn import knn_predict
-from fastclr.probe import extract_features
 
 from machine import report
+from run_features import run_features
 
 
 def main() -> None:
@@ -28,14 +25,7 @@ def main() -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--shortlists", default="0,2,4")
     a = p.parse_args()
-    ds = load_data(DataConfig(name="fashion-mnist"))
-    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
-    enc, info = load_encoder(a.run_dir / "encoder.safetensors")
-    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
-    cpu = torch.device("cpu")
-    ftr = extract_features(enc, ds.train.images, mean, std, cpu, precision="bf16")
-    fte = extract_features(enc, ds.test.images, mean, std, cpu, precision="bf16")
-    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    ftr, ytr, fte, yte = run_features(a.run_dir)
     exact = None
     for sl in (int(s) for s in a.shortlists.split(",")):
         t0 = time.perf_counter()
