@@ -29,18 +29,20 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int) -> dict[s
         overrides["train.time_budget"] = budget
     else:
         overrides["train.epochs"] = epochs
-    cnn: dict[str, Any] = {}
+    s2d = True
     # Items split at commas that start a new key=, so a stage spec may hold commas (32|64,64|flat0).
     for item in filter(None, re.split(r",(?=[\w.]+=)", spec)):
         k, _, v = item.partition("=")
-        if k in ("stages", "s2d"):
-            cnn[k] = v
+        if k == "stages":  # the CLI's --cnn-stages: built by pretrain itself, so the draws equal the CLI's
+            overrides["model.cnn_stages"] = v
+        elif k == "s2d":
+            s2d = v == "1"
         else:
             overrides[k] = v
     cfg = apply_preset(overrides)
     encoder = None
-    if cnn:
-        encoder = SmallCNN(1, cfg.model.width, cnn.get("stages", "64|128|256"), cnn.get("s2d", "1") == "1")
+    if not s2d:  # not a config option: a custom encoder module (drawn before pretrain seeds)
+        encoder = SmallCNN(1, cfg.model.width, cfg.model.cnn_stages, space_to_depth=False)
     t0 = time.perf_counter()
     res = pretrain(cfg, encoder=encoder, progress=False, log=lambda s: None)
     return {"name": name, "spec": spec, "seed": seed, "budget_min": budget, "steps": res.steps,

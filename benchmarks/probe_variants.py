@@ -9,6 +9,9 @@ The features are extracted once (bf16, as `pretrain` does); every variant then r
     flipavg     h averaged over the image and its mirror image, train and test (test-time
                 augmentation: reported, not used for any headline figure)
     iters:S/M   selection fits of S L-BFGS iterations, final fit of at most M
+    fullgrid    every L2 of the grid fitted (no stop at the first fall of held-out accuracy)
+    flipfinal   L2 selected as in base, then the final fit on the training images plus their mirror
+                images (2N rows, the paper's flip augmentation of the probe's training data)
 
     python benchmarks/probe_variants.py runs/levers/w256-s0 --stages "32|256|flat0" base iters:50/150
 """
@@ -29,7 +32,7 @@ from torch import nn
 from fastclr.config import DataConfig
 from fastclr.data import load_data
 from fastclr.models.cnn import SmallCNN
-from fastclr.probe import extract_features, linear_probe
+from fastclr.probe import extract_features, fit_logistic_regression, linear_probe
 
 from machine import report
 
@@ -77,10 +80,17 @@ def main() -> None:
         elif variant.startswith("iters:"):
             s, m = variant[6:].split("/")
             kw = {"select_iter": int(s), "max_iter": int(m)}
-        elif variant != "base":
+        elif variant == "fullgrid":
+            kw = {"stop_early": False}
+        elif variant != "base" and variant != "flipfinal":
             raise SystemExit(f"unknown variant {variant!r}")
         t0 = time.perf_counter()
         r = linear_probe(xtr, ytr, xte, yte, feature_dtype=torch.bfloat16, **kw)  # type: ignore[arg-type]
+        if variant == "flipfinal":
+            mtr, _ = features(enc, flip=True)
+            both = torch.cat([xtr.bfloat16(), mtr.bfloat16()])  # bf16 rows: 2 x 60000 x 12544 in fp32 is 6 GB
+            m = fit_logistic_regression(both, torch.cat([ytr, ytr]), 10, r.l2, feature_dtype=torch.bfloat16)
+            r = type(r)(m.accuracy(xte, yte), r.l2, r.val_accuracy, m.accuracy(xtr, ytr))
         report("probe_variants", {"run": str(a.run_dir), "variant": variant, "accuracy": r.accuracy, "l2": r.l2,
                                   "val_accuracy": r.val_accuracy, "train_accuracy": r.train_accuracy,
                                   "probe_s": round(time.perf_counter() - t0, 1), "features": list(xtr.shape)})

@@ -62,6 +62,9 @@ class ModelConfig:
     """cnn, resnet18, resnet34, resnet50; auto picks cnn for 28 px images, resnet18 otherwise."""
     width: float = 1.0
     """Channel multiplier of the encoder."""
+    cnn_stages: str = "32|256|flat0"
+    """Shape of the cnn encoder (fastclr.models.cnn.parse_stages): 3x3 conv widths per stage,
+    '|' between stages (a 2x2 max-pool), ',' between convs of a stage, then how h is read off."""
     cifar_stem: str = "auto"
     """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on below 64 px)."""
     head_layers: int = 2

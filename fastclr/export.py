@@ -17,7 +17,7 @@ from torch import nn
 
 from fastclr.checkpoint import atomic_write
 from fastclr.errors import FastclrError
-from fastclr.models import build_encoder
+from fastclr.models import encoder_from_info
 from fastclr.version import __version__
 
 ENCODER_FILE = "encoder.safetensors"
@@ -47,7 +47,7 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     if "fastclr" not in meta:
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
     info = json.loads(meta["fastclr"])
-    encoder = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"])
+    encoder = encoder_from_info(info)
     try:
         encoder.load_state_dict(state)
     except RuntimeError:

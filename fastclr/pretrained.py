@@ -18,7 +18,7 @@ from fastclr.checkpoint import latest_valid_checkpoint
 from fastclr.config import Config, from_dict, read_toml, apply_overrides
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
-from fastclr.models import build_encoder
+from fastclr.models import encoder_from_info
 
 
 @dataclass
@@ -59,8 +59,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
         info = dict(state["model_info"])
         if info.get("encoder") == "custom":
             raise FastclrError(f"{run} was trained with a custom encoder module; load it in Python, not by name")
-        encoder = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"],
-                                info["cifar_stem"])
+        encoder = encoder_from_info(info)
         encoder.load_state_dict(state["encoder"])
         encoder = encoder.to(device)
         cfg = from_dict(state["config"])

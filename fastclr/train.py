@@ -166,7 +166,7 @@ def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     mean, std = channel_stats(dataset.pretrain.images)
     if encoder is None:
         name = resolve_encoder(cfg.model.encoder, size)
-        encoder = build_encoder(name, c, size, cfg.model.width, cfg.model.cifar_stem)
+        encoder = build_encoder(name, c, size, cfg.model.width, cfg.model.cifar_stem, cfg.model.cnn_stages)
         stem = "on" if use_cifar_stem(cfg.model.cifar_stem, size) else "off"
     else:
         name, stem = "custom", "n/a"
@@ -178,6 +178,8 @@ def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
         encoder = encoder.to(memory_format=torch.channels_last)
     info = dict(encoder=name, in_channels=c, image_size=size, width=cfg.model.width, cifar_stem=stem,
                 feature_dim=dim, mean=mean.tolist(), std=std.tolist())
+    if name == "cnn":
+        info["stages"] = cfg.model.cnn_stages  # so the export rebuilds this shape whatever the default becomes
     return Model(encoder, head, info)
 
 
@@ -196,8 +198,8 @@ class PretrainResult:
     """This process's rank; only rank 0 wrote files and has the probe accuracy."""
 
 
-RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cifar_stem", "model.head_layers", "model.head_hidden",
-               "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer")
+RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
+               "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer")
 
 
 def _check_resume_config(saved: Config, wanted: Config, allow_changes: bool) -> None:

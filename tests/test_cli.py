@@ -40,13 +40,16 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     from fastclr.export import load_encoder
 
     run = tmp_path / "run"
-    assert run_cli(["pretrain", "--data", "mnist", "--epochs", "0.5", "--run-dir", str(run), "--probe", "false", *TINY],
-                   env, tmp_path).returncode == 0
+    assert run_cli(["pretrain", "--data", "mnist", "--epochs", "0.5", "--run-dir", str(run), "--probe", "false", *TINY,
+                    "--cnn-stages", "64|128|flat0"], env, tmp_path).returncode == 0
     enc, info = load_encoder(run / "encoder.safetensors")
     state = load_checkpoint(list_checkpoints(run)[-1])["encoder"]
+    assert state.keys() == enc.state_dict().keys()
     for k, v in enc.state_dict().items():
         assert torch.equal(v, state[k])
-    assert info["feature_dim"] == enc.feature_dim and len(info["mean"]) == 1
+    # the shape asked for (x width 0.125: 8 | 16 channels, 7 x 7 x 16 h) is recorded and rebuilt
+    assert info["stages"] == "64|128|flat0" and info["feature_dim"] == enc.feature_dim == 7 * 7 * 16
+    assert len(info["mean"]) == 1
 
 
 @pytest.mark.parametrize("args,message", [
@@ -57,6 +60,7 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     (["--temperature", "0"], "temperature must be > 0"),
     (["--temperature", "-1"], "temperature must be > 0"),
     (["--batch-size", "many"], "train.batch_size must be a int"),
+    (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|flat0"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args: list[str], message: str) -> None:
     base = ["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--quiet", "--batch-size", "32"]

@@ -7,7 +7,18 @@ import torch
 from torch import nn
 
 from fastclr.errors import FastclrError
-from fastclr.models import ENCODERS, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
+from fastclr.config import ModelConfig
+from fastclr.models import (
+    CNN_STAGES,
+    ENCODERS,
+    ProjectionHead,
+    build_encoder,
+    encoder_from_info,
+    feature_dim,
+    resolve_encoder,
+    stages_of,
+    use_cifar_stem,
+)
 from fastclr.models.cnn import SmallCNN, parse_stages
 
 EXPECTED_DIM = {"cnn": 12544, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
@@ -62,6 +73,27 @@ def test_small_cnn_space_to_depth_and_stage_spec() -> None:
     fc = [m for m in enc.pool if isinstance(m, nn.Linear)][0]
     assert fc.in_features == 3 * 3 * 32 and enc.feature_dim == 64
     assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+
+
+def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -> None:
+    # one default, three places: the config option, build_encoder and SmallCNN's own default
+    assert ModelConfig().cnn_stages == CNN_STAGES
+    assert SmallCNN().feature_dim == build_encoder("cnn", 1, 28).feature_dim == 7 * 7 * 256
+    enc = build_encoder("cnn", 1, 28, cnn_stages="8,8|24|flat0")
+    assert enc.feature_dim == 7 * 7 * 24 and enc(torch.randn(2, 1, 28, 28)).shape == (2, 7 * 7 * 24)
+    info = {"encoder": "cnn", "in_channels": 1, "image_size": 28, "width": 1.0, "cifar_stem": "off",
+            "feature_dim": enc.feature_dim, "stages": "8,8|24|flat0"}
+    again = encoder_from_info(info)
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
+    # metadata written before the spec was recorded: the three past defaults, named by their h width
+    old = {k: v for k, v in info.items() if k != "stages"}
+    for channels in (64, 128, 256):
+        old["feature_dim"] = 49 * channels
+        assert stages_of(old) == f"32|{channels}|flat0"
+        assert encoder_from_info(old).feature_dim == 49 * channels
+    assert stages_of({**old, "width": 0.5}) == CNN_STAGES  # not inferable: the default
+    with pytest.raises(FastclrError, match="cnn_stages '32\\|wide' is not a stage spec; write e.g. 32\\|256\\|flat0"):
+        build_encoder("cnn", 1, 28, cnn_stages="32|wide")
 
 
 def test_multi_scale_h_is_the_flat_map_then_the_earlier_maps_pooled_to_its_side() -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import synthetic_images
+from fastclr import probe as probe_module
 from fastclr.knn import knn_accuracy, knn_predict
 from fastclr.probe import (
     L2_GRID,
@@ -16,6 +17,7 @@ from fastclr.probe import (
     linear_probe,
     prepare_images,
     probe_feature_dtype,
+    standardize,
 )
 
 
@@ -38,6 +40,24 @@ def test_logistic_regression_matches_scikit_learn() -> None:
     np.testing.assert_allclose(ours.weight.numpy(), ref.coef_ - ref.coef_.mean(0), atol=2e-3)
     acc_ref = ref.score(((xt - ours.mean) / ours.std).numpy(), yt.numpy())
     assert abs(ours.accuracy(xt, yt) - acc_ref) <= 0.01
+
+
+def test_standardize_by_blocks_equals_the_whole_matrix_formula() -> None:
+    x = torch.randn(1000, 13, generator=torch.Generator().manual_seed(3)) * 5 + 2
+    x[:, 4] = 7.0  # a constant column: std clamped, standardised to 0, not NaN
+    xs, mean, std = standardize(x, block=97)
+    ref_std = x.std(0).clamp(min=1e-6)
+    assert torch.equal(mean, x.mean(0)) and torch.equal(std, ref_std)
+    assert torch.equal(xs, (x - x.mean(0)) / ref_std)
+    # bf16 input (stats in fp64 by blocks) and bf16 output: the float64 formula, up to bf16 rounding
+    xb = x.bfloat16()
+    bs, bmean, bstd = standardize(xb, torch.bfloat16, block=97)
+    x64 = xb.double()
+    torch.testing.assert_close(bmean.double(), x64.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bstd.double(), x64.std(0).clamp(min=1e-6), rtol=1e-6, atol=1e-6)
+    exact = (x64 - x64.mean(0)) / x64.std(0).clamp(min=1e-6)
+    assert bs.dtype == torch.bfloat16
+    assert float((bs.double() - exact).abs().max()) <= float(exact.abs().max()) * 2 ** -8
 
 
 def test_bf16_features_reach_the_fp32_optimum_of_the_exact_objective() -> None:
@@ -64,6 +84,35 @@ def test_linear_probe_selects_l2_on_train_only_and_separates_easy_data() -> None
     x, y = blobs(2000, 10, 4, 1, spread=5.0)
     res = linear_probe(x[:1500], y[:1500], x[1500:], y[1500:])
     assert res.accuracy == 1.0 and res.val_accuracy == 1.0 and res.l2 in L2_GRID
+
+
+@pytest.mark.parametrize("stop_early", [True, False])
+def test_l2_path_stops_at_the_first_fall_of_held_out_accuracy(monkeypatch: pytest.MonkeyPatch, stop_early: bool) -> None:
+    # Scripted held-out accuracies along the path 1e-1 -> 1e-4: up, down, then a later higher peak.
+    # With stop_early the walk ends at the first fall and keeps 1e-2; without it 1e-4 wins.
+    scripted = {1e-1: 0.80, 1e-2: 0.90, 1e-3: 0.85, 1e-4: 0.95}
+    fitted: list[tuple[float, int, int]] = []
+
+    class Fake:
+        def __init__(self, l2: float) -> None:
+            self.l2 = l2
+
+        def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+            return scripted[self.l2]
+
+    def fake_fit(x, y, k, l2, max_iter=300, init=None, feature_dtype=torch.float32):  # type: ignore[no-untyped-def]
+        assert init is None or isinstance(init, Fake)
+        fitted.append((l2, len(x), max_iter))
+        return Fake(l2)
+
+    monkeypatch.setattr(probe_module, "fit_logistic_regression", fake_fit)
+    x, y = blobs(200, 3, 2, 0)
+    res = linear_probe(x, y, x, y, select_iter=7, max_iter=11, stop_early=stop_early)
+    path = [1e-1, 1e-2, 1e-3] if stop_early else [1e-1, 1e-2, 1e-3, 1e-4]
+    chosen = 1e-2 if stop_early else 1e-4
+    # selection fits on the 90% fit part at select_iter, then one final fit on all 200 rows
+    assert fitted == [(l2, 180, 7) for l2 in path] + [(chosen, 200, 11)]
+    assert res.l2 == chosen and res.val_accuracy == scripted[chosen]
 
 
 def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> None:

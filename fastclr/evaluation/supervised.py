@@ -13,13 +13,13 @@ from torch import nn
 
 from fastclr.evaluation.classifier import LabelledSetup, fit_and_test
 from fastclr.evaluation.curve import label_sweep
-from fastclr.models import build_encoder
+from fastclr.models import encoder_from_info
 
 
 def fresh_encoder(info: dict[str, Any], device: torch.device, seed: int) -> nn.Module:
     """A randomly initialised encoder of the run's architecture (weights fixed by `seed`)."""
     torch.manual_seed(seed)
-    enc = build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"])
+    enc = encoder_from_info(info)
     return enc.to(device).to(memory_format=torch.channels_last)
 
 

@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from fastclr.config import ModelConfig
 from fastclr.errors import FastclrError
 from fastclr.models.cnn import SmallCNN
 from fastclr.models.head import ProjectionHead
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 
-__all__ = ["ENCODERS", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "feature_dim", "resolve_encoder"]
+__all__ = ["ENCODERS", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "encoder_from_info", "feature_dim",
+           "resolve_encoder"]
+
+CNN_STAGES = ModelConfig().cnn_stages
+"""The cnn encoder's default shape (the Fashion-MNIST CPU recipe, docs/benchmarks.md section 3)."""
 
 
-def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int) -> nn.Module:
-    return SmallCNN(in_channels, width, image_size=image_size)
+def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int, stages: str) -> nn.Module:
+    try:
+        return SmallCNN(in_channels, width, stages, image_size=image_size)
+    except ValueError:
+        raise FastclrError(f"cnn_stages {stages!r} is not a stage spec; write e.g. 32|256|flat0 "
+                           "(conv widths, '|' between stages, then flat0, flat, cat0 or fcN)") from None
 
 
-def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int], nn.Module]:
-    return lambda in_channels, width, cifar_stem, image_size: ctor(in_channels, width, cifar_stem)
+def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int, str], nn.Module]:
+    return lambda in_channels, width, cifar_stem, image_size, stages: ctor(in_channels, width, cifar_stem)
 
 
-# name -> constructor(in_channels, width, cifar_stem, image_size)
-ENCODERS: dict[str, Callable[[int, float, bool, int], nn.Module]] = {
+# name -> constructor(in_channels, width, cifar_stem, image_size, cnn stages)
+ENCODERS: dict[str, Callable[[int, float, bool, int, str], nn.Module]] = {
     "cnn": _cnn,
     "resnet18": _resnet(resnet18),
     "resnet34": _resnet(resnet34),
@@ -56,12 +66,32 @@ def use_cifar_stem(setting: str, image_size: int) -> bool:
     raise FastclrError(f"cifar_stem must be auto, on or off, got {setting!r}")
 
 
-def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1.0, cifar_stem: str = "auto") -> nn.Module:
+def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1.0, cifar_stem: str = "auto",
+                  cnn_stages: str = CNN_STAGES) -> nn.Module:
     """An encoder by name for (in_channels, image_size, image_size) inputs; has `.feature_dim`."""
     if width <= 0:
         raise FastclrError(f"width must be > 0, got {width}")
     resolved = resolve_encoder(name, image_size)
-    return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size), image_size)
+    return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size), image_size, cnn_stages)
+
+
+def stages_of(info: dict[str, Any]) -> str:
+    """The cnn stage spec a saved run's metadata describes.
+
+    Runs saved before the spec was recorded all had a 32-channel first stage and a flattened 7 x 7
+    last map (64, 128 and then 256 channels as the default changed), so their h width names it."""
+    if "stages" in info:
+        return str(info["stages"])
+    dim, width = int(info.get("feature_dim", 0)), float(info.get("width", 1.0))
+    if info.get("encoder") == "cnn" and width == 1.0 and dim % 49 == 0 and int(info.get("image_size", 0)) == 28:
+        return f"32|{dim // 49}|flat0"
+    return CNN_STAGES
+
+
+def encoder_from_info(info: dict[str, Any]) -> nn.Module:
+    """A freshly initialised encoder of the architecture a run's metadata (`Model.info`) records."""
+    return build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"],
+                         stages_of(info))
 
 
 @torch.no_grad()
