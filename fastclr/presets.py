@@ -25,7 +25,8 @@ _CIFAR: dict[str, Any] = {
 # map trains fewer steps in the budget; the narrower maps' probe accuracy was flat in steps from
 # ~2 minutes on, the 256 map's still rises (91.08 / 91.65% after 2 / 5 minutes). The encoder shape
 # itself is `model.cnn_stages` (config.py). Also measured on it and not kept (one seed each):
-# batch 1024, jitter 0.8, a 64-channel first stage, crops from 40%.
+# batch 1024, jitter 0.8, a 64-channel first stage, crops from 40%, a 256-wide head; and over three
+# seeds, the 256-wide head with crops from 40%: 91.83% against 91.82% for these settings.
 _MNIST_LIKE: dict[str, Any] = {
     "augment.scale_min": 0.6, "augment.brightness": 0.4, "augment.contrast": 0.4, "augment.blur_p": 0.0,
     "model.head_hidden": 512, "train.temperature": 0.1, "train.time_budget": 9.5,

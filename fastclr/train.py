@@ -25,6 +25,7 @@ from fastclr import config as config_mod
 from fastclr.augment import render_views, two_views
 from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries, save_checkpoint
 from fastclr.config import Config
+from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, load_data
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.data.loader import BatchSampler, ImageSource
@@ -242,6 +243,8 @@ def pretrain(
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_memory:
+        keep_freed_memory()
     _, world, local_rank = env_world()
     device = select_device(process_device(cfg.train.device, local_rank, world))
     if device.type == "cuda":
