@@ -12,6 +12,7 @@ views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one
     pooled-3x3    the old last stage: a third conv stage on the pooled 3 x 3 map, then average pooling
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
+    head-256      a 256-wide projection head instead of 512 (a recipe lever: its step-time side)
 
     python benchmarks/step_levers.py                   # all variants, 20 timed steps each
     python benchmarks/step_levers.py --only base compile --steps 10
@@ -33,7 +34,7 @@ from fastclr.train import select_device
 from machine import report
 from throughput import fastclr_step, timed
 
-VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread")
+VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256")
 
 
 def encoder_for(variant: str) -> nn.Module | None:
@@ -61,7 +62,10 @@ def main() -> None:
     threads = torch.get_num_threads()
     base_ms = None
     for variant in a.only:
-        cfg = apply_preset({"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"})
+        overrides = {"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"}
+        if variant == "head-256":
+            overrides["model.head_hidden"] = 256
+        cfg = apply_preset(overrides)
         device = select_device("cpu")
         dataset = load_data(cfg.data)
         torch.set_num_threads(1 if variant == "1-thread" else threads)
