@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, flag_table, read_toml
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, PeerFailure
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 
@@ -128,12 +129,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        _exit_now(EXIT_USAGE)
     except FastclrError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without running interpreter finalisation. After a peer died, the communication
+    library's background threads can be left joinable, and their C++ destructors at normal exit
+    abort the process (SIGABRT, "terminate called without an active exception", seen once in CI
+    after the error line was printed): the user would get -6 instead of the documented exit 2.
+    Everything the run keeps is on disk by now: checkpoints are written atomically and the
+    metrics file was closed while the exception unwound."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, PeerFailure
 
 T = TypeVar("T")
 
@@ -50,10 +50,6 @@ class DistContext:
     def active(self) -> bool:
         """More than one process: collectives are needed."""
         return self.world_size > 1
-
-
-class PeerFailure(FastclrError):
-    """A collective failed: another rank died, hung past the timeout, or the network broke."""
 
 
 def env_world() -> tuple[int, int, int]:

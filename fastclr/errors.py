@@ -7,3 +7,8 @@ class FastclrError(Exception):
     Messages are one line and say what to do, e.g.
     ``unknown encoder 'resnet19'; choose one of: cnn, resnet18, resnet34, resnet50``.
     """
+
+
+class PeerFailure(FastclrError):
+    """A collective failed: another rank died, hung past the timeout, or the network broke.
+    The CLI exits at once after printing it (see `fastclr.cli._exit_now`)."""

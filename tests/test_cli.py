@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,26 @@ def test_unwritable_run_dir_and_resume_without_checkpoint(tmp_path: Path, env: d
     (empty / "config.toml").write_text("[train]\nepochs = 1.0\n")
     r = run_cli(["pretrain", "--resume", str(empty), "--quiet"], env, tmp_path)
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_peer_failure_exits_2_without_finalisation(tmp_path: Path, env: dict[str, str]) -> None:
+    """After a peer died, the CLI prints its one line, flushes, and leaves without interpreter
+    finalisation (CI once saw gloo's threads abort at normal exit: SIGABRT instead of exit 2).
+    An atexit hook stands in for the C++ destructors: it must not run; buffered stdout must
+    still arrive."""
+    script = (
+        "import atexit, sys\n"
+        "from fastclr import cli\n"
+        "from fastclr.errors import PeerFailure\n"
+        "atexit.register(lambda: print('finalised', file=sys.stderr))\n"
+        "def boom(args):\n"
+        "    print('step 4 written')\n"
+        "    raise PeerFailure('rank 0 of 2: lost contact with another rank (x)')\n"
+        "cli.cmd_download = boom\n"
+        "sys.exit(cli.main(['download', 'mnist']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == "step 4 written\n"
+    assert r.stderr == "error: rank 0 of 2: lost contact with another rank (x)\n"
