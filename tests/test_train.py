@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,29 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(FastclrError, match="compile must be auto, on or off, got 'maybe'"):
         pretrain(tiny_config(tmp_path / "c", train__compile="maybe"), dataset=ds, progress=False, log=lambda s: None)
     assert not (tmp_path / "c").exists()  # refused before the run directory came into being
+
+
+def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is pretraining wall time: a kNN monitor pass spends it like a step does. The clock
+    is the real one plus an offset, and a stand-in monitor pass advances the offset by 1000 s: after
+    the first pass (end of epoch 1, step 6) the budget of 6 s is spent, so the first fit (step 15)
+    grants exactly one more step and the run ends at 16 with its two passes in the wall time on record.
+    Monitoring excluded from the clock, the same run trains for its whole 6 s (hundreds of steps)."""
+    import types
+
+    import fastclr.train as train_mod
+
+    offset = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+
+    def slow_monitor(*args: object) -> float:
+        offset[0] += 1000.0
+        return 0.5
+
+    monkeypatch.setattr(train_mod, "monitor_knn", slow_monitor)
+    cfg = tiny_config(tmp_path / "run", train__time_budget=0.1, train__epochs=100.0,
+                      eval__monitor_every=1)
+    res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert res.steps == 16 and 2000.0 <= res.train_seconds < 2006.0  # the passes at steps 6 and 12
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_acc" in r] == [6, 12]
