@@ -19,11 +19,24 @@ EXIT_USAGE = 2
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     defaults = Config()
-    group = p.add_argument_group("config overrides (defaults shown; see fastclr/config.py)")
+    group = p.add_argument_group("config overrides (defaults shown, then the dataset presets that change them; "
+                                 "see fastclr/config.py and fastclr/presets.py)")
     for flag, (section, name) in flag_table().items():
         default = getattr(getattr(defaults, section), name)
         group.add_argument(f"--{flag}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{section}.{name} (default: {default!r})")
+                           help=f"{section}.{name} (default: {default!r}{preset_text(f'{section}.{name}')})")
+
+
+def preset_text(key: str) -> str:
+    """'; fashion-mnist, mnist: 256' for a key that dataset presets set: without it `--help` would
+    show the bare default for settings the default run does not use."""
+    from fastclr.presets import PRESETS
+
+    by_value: dict[str, list[str]] = {}
+    for data, preset in PRESETS.items():
+        if key in preset:
+            by_value.setdefault(repr(preset[key]), []).append(data)
+    return "".join(f"; {', '.join(names)}: {value}" for value, names in by_value.items())
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -57,3 +57,21 @@ def test_diff_names_changed_keys() -> None:
     b = apply_overrides(a, {"train.batch_size": 7, "optim.lr": 0.5})
     assert diff(a, b) == ["optim.lr", "train.batch_size"]
     assert diff(a, b, ("train.batch_size",)) == ["train.batch_size"]
+
+
+def test_help_shows_what_each_preset_sets() -> None:
+    """`--help` names, for every flag a dataset preset changes, the datasets and the value they get
+    (the default run is the Fashion-MNIST preset, not the bare defaults of config.py)."""
+    from fastclr.cli import build_parser
+    from fastclr.config import flag_table
+    from fastclr.presets import PRESETS
+
+    pretrain = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+                    if a.prog.endswith("pretrain"))
+    helps = {a.dest[4:]: a.help for a in pretrain._actions if a.dest.startswith("cfg:")}
+    assert set(helps) == {f"{s}.{n}" for s, n in flag_table().values()}
+    for data, preset in PRESETS.items():
+        for key, value in preset.items():
+            assert any(data in part and part.endswith(f": {value!r}") for part in helps[key][:-1].split("; ")), (key, helps[key])
+    assert helps["model.head_hidden"] == "model.head_hidden (default: 0; fashion-mnist, mnist: 256)"
+    assert helps["train.batch_size"] == "train.batch_size (default: 512)"
