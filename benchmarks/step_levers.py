@@ -12,7 +12,8 @@ views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one
     pooled-3x3    the old last stage: a third conv stage on the pooled 3 x 3 map, then average pooling
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
-    head-256      a 256-wide projection head instead of 512 (a recipe lever: its step-time side)
+    head-256      a 256-wide projection head (the default since the fifth session: now equal to base)
+    batch-256     256 pairs per step instead of 512 (a recipe lever: compare pairs/s, not ms/step)
 
     python benchmarks/step_levers.py                   # all variants, 20 timed steps each
     python benchmarks/step_levers.py --only base compile --steps 10
@@ -34,7 +35,8 @@ from fastclr.train import select_device
 from machine import report
 from throughput import fastclr_step, timed
 
-VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256")
+VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256",
+            "batch-256")
 
 
 def encoder_for(variant: str) -> nn.Module | None:
@@ -65,6 +67,8 @@ def main() -> None:
         overrides = {"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"}
         if variant == "head-256":
             overrides["model.head_hidden"] = 256
+        if variant == "batch-256":
+            overrides["train.batch_size"] = 256
         cfg = apply_preset(overrides)
         device = select_device("cpu")
         dataset = load_data(cfg.data)

@@ -74,4 +74,4 @@ def test_help_shows_what_each_preset_sets() -> None:
         for key, value in preset.items():
             assert any(data in part and part.endswith(f": {value!r}") for part in helps[key][:-1].split("; ")), (key, helps[key])
     assert helps["model.head_hidden"] == "model.head_hidden (default: 0; fashion-mnist, mnist: 256)"
-    assert helps["train.batch_size"] == "train.batch_size (default: 512)"
+    assert helps["optim.lr_scaling"] == "optim.lr_scaling (default: 'none')"  # no preset sets it
