@@ -13,7 +13,8 @@ views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
     head-256      a 256-wide projection head (the default since the fifth session: now equal to base)
-    batch-256     256 pairs per step instead of 512 (a recipe lever: compare pairs/s, not ms/step)
+    batch-N       N pairs per step (128, 256, 512; the default is 256 since the sixth session): a recipe
+                  lever, compare pairs/s, not ms/step
 
     python benchmarks/step_levers.py                   # all variants, 20 timed steps each
     python benchmarks/step_levers.py --only base compile --steps 10
@@ -36,7 +37,7 @@ from machine import report
 from throughput import fastclr_step, timed
 
 VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256",
-            "batch-256")
+            "batch-128", "batch-256", "batch-512")
 
 
 def encoder_for(variant: str) -> nn.Module | None:
@@ -60,15 +61,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--keep-memory", action="store_true",
+                   help="keep freed memory as `pretrain` does (train.keep_memory); off in the rows before the sixth session")
     a = p.parse_args()
+    if a.keep_memory:
+        from fastclr.cpu_memory import keep_freed_memory
+        keep_freed_memory()
     threads = torch.get_num_threads()
     base_ms = None
     for variant in a.only:
         overrides = {"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"}
         if variant == "head-256":
             overrides["model.head_hidden"] = 256
-        if variant == "batch-256":
-            overrides["train.batch_size"] = 256
+        if variant.startswith("batch-"):
+            overrides["train.batch_size"] = int(variant.removeprefix("batch-"))
         cfg = apply_preset(overrides)
         device = select_device("cpu")
         dataset = load_data(cfg.data)
@@ -79,7 +85,7 @@ def main() -> None:
         secs = timed(step, a.warmup + (5 if variant == "compile" else 0), a.steps, device)
         ms = 1000 * statistics.median(secs)
         base_ms = ms if variant == "base" else base_ms
-        report("step_levers", {"variant": variant, "threads": torch.get_num_threads(), "batch": cfg.train.batch_size,
+        report("step_levers", {"variant": variant, "keep_memory": a.keep_memory, "threads": torch.get_num_threads(), "batch": cfg.train.batch_size,
                                "ms_per_step": round(ms, 1), "pairs_per_s": round(cfg.train.batch_size / ms * 1000),
                                "time_vs_base": round(ms / base_ms, 2) if base_ms else None})
     torch.set_num_threads(threads)

@@ -114,8 +114,10 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     time_budget: float = 0.0
-    """Minutes of training wall time (the whole loop: steps, checkpoints and kNN monitor passes); > 0 fits the number of steps (and so the cosine) to it instead of
-    `epochs`, from the measured pace, refitted every epoch. The Fashion-MNIST/MNIST presets set 9.5."""
+    """Minutes of training wall time (the whole loop: steps, checkpoints and kNN monitor passes);
+    > 0 fits the number of steps (and so the cosine) to it instead of
+    `epochs`, from the measured pace, refitted every 25 steps and every epoch; once spent, the run
+    ends at the next refit. The Fashion-MNIST/MNIST presets set 9.5."""
     threads: int = 0
     """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
     keep_memory: bool = True

@@ -38,20 +38,34 @@ class TimeBudget:
     The first fit (at step `first_fit`) uses the pace of steps `pace_from`..`first_fit`, because
     the first steps pay one-off allocation and warm-up costs. A single early fit is not enough:
     on the shared 2-core VM the step time drifted from 184 to 195 ms over a run and a 9.5-minute
-    budget ran 604 s (docs/benchmarks.md), so `fit` is called again at every epoch boundary with
+    budget ran 604 s (docs/benchmarks.md), so `fit` is called again as the run goes with
     the pace measured since `pace_from`, and the cosine is stretched or shrunk to end on time.
     All times are the training loop's wall-clock seconds, the same clock as the logs: steps,
     checkpoints and kNN monitor passes alike, so a budget of 9.5 minutes is 9.5 minutes of the
     loop. The pace since `pace_from` then amortises the per-epoch monitor and checkpoint cost.
+
+    Refits come every `refit_every` steps as well as at epoch ends (`due`): with refits only at
+    epoch boundaries, a stretch of CPU steal just before the last one (the sixth session's seed-1
+    run: 186-274 images/s for a minute, against 4000+) left its slow pace in the fit that set the
+    end, and the run stopped 24 s before its budget. Frequent refits also make the budget a cap:
+    once spent, the run ends at the next refit, not at the next epoch's end.
     """
 
-    def __init__(self, budget_s: float, pace_from: int = 5, first_fit: int = 15) -> None:
+    def __init__(self, budget_s: float, pace_from: int = 5, first_fit: int = 15, refit_every: int = 25) -> None:
         if budget_s <= 0:
             raise ValueError("a time budget must be positive")
         self.budget_s = budget_s
         self.pace_from = pace_from
         self.first_fit = first_fit
+        self.refit_every = refit_every
         self._mark: tuple[int, float] = (0, 0.0)
+
+    def due(self, step: int, total_steps: int, end_of_epoch: bool, resumed: bool = False) -> bool:
+        """Whether the loop fits (first fit, a fresh run only) or refits the step count after `step`.
+        A deterministic function of the step, so every rank of a distributed run agrees."""
+        if step == self.first_fit and not resumed:
+            return True
+        return self.first_fit < step < total_steps and (end_of_epoch or step % self.refit_every == 0)
 
     def observe(self, step: int, train_seconds: float) -> None:
         """Call after every step; remembers where the steady-pace measurement starts."""

@@ -411,14 +411,14 @@ def _pretrain(
             end_of_epoch = step % spe == 0
             if budget is not None:
                 budget.observe(step, train_seconds)
-                first = state is None and step == budget.first_fit
-                if first or (end_of_epoch and step > budget.first_fit and step < total_steps):
+                if budget.due(step, total_steps, end_of_epoch, resumed=state is not None):
                     # Rank 0's clock rules, so every rank runs the same number of steps.
                     total_steps = broadcast_object(budget.fit(step, train_seconds), ctx)
                     bar.total = total_steps
-                    if first:
+                    if state is None and step == budget.first_fit:
                         log(f"time budget {t.time_budget:g} min: {total_steps} steps ({total_steps / spe:.1f} epochs) "
-                            f"at {budget.pace(step, train_seconds) * 1000:.0f} ms/step; refitted every epoch")
+                            f"at {budget.pace(step, train_seconds) * 1000:.0f} ms/step; refitted every "
+                            f"{budget.refit_every} steps")
             log_now = step % t.log_every == 0 or step == total_steps
             checkpoint_now = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or (
                 not t.checkpoint_every and end_of_epoch)

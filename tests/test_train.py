@@ -156,6 +156,9 @@ def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pyte
     cfg = tiny_config(tmp_path / "run", train__time_budget=0.1, train__epochs=100.0,
                       eval__monitor_every=1)
     res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
-    assert res.steps == 16 and 2000.0 <= res.train_seconds < 2006.0  # the passes at steps 6 and 12
+    assert res.steps == 16
+    # the passes at steps 6 and 12 (1000 s each) plus the real seconds of the loop, which a loaded
+    # machine stretched past 6 s once (checkpoint writes beside a training run)
+    assert 2000.0 <= res.train_seconds < 2500.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_acc" in r] == [6, 12]
