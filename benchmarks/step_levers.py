@@ -13,6 +13,7 @@ views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
     head-256      a 256-wide projection head (the default since the fifth session: now equal to base)
+    blur          Gaussian blur on (p 0.5, sigma 0.1-2, the paper's ImageNet setting; off in the preset)
     batch-N       N pairs per step (128, 256, 512; the default is 256 since the sixth session): a recipe
                   lever, compare pairs/s, not ms/step
 
@@ -37,7 +38,7 @@ from machine import report
 from throughput import fastclr_step, timed
 
 VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256",
-            "batch-128", "batch-256", "batch-512")
+            "blur", "batch-128", "batch-256", "batch-512")
 
 
 def encoder_for(variant: str) -> nn.Module | None:
@@ -73,6 +74,8 @@ def main() -> None:
         overrides = {"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"}
         if variant == "head-256":
             overrides["model.head_hidden"] = 256
+        if variant == "blur":
+            overrides["augment.blur_p"] = 0.5
         if variant.startswith("batch-"):
             overrides["train.batch_size"] = int(variant.removeprefix("batch-"))
         cfg = apply_preset(overrides)

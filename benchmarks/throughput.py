@@ -8,7 +8,8 @@ recipe (benchmarks/reference_recipe.py: per-image PIL transforms in a 2-worker D
 feeding an fp32 model) side by side in the same run, and the achieved FLOP/s of the step against
 the measured matmul peak.
 
-    python benchmarks/throughput.py                 # defaults: fashion-mnist, batch 512
+    python benchmarks/throughput.py                 # the default Fashion-MNIST model and batch
+    python benchmarks/throughput.py --keep-memory   # with pretrain's allocator setting (both recipes)
     python benchmarks/throughput.py --steps 30 --no-reference
 """
 
@@ -178,43 +179,65 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference recipe")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="alternate the recipes this many times; ratios of the medians")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.width=2")
+    p.add_argument("--keep-memory", action="store_true",
+                   help="keep freed memory as `pretrain` does (train.keep_memory); process-wide, so the "
+                        "reference recipe (and its forked DataLoader workers) gets it too: a conservative ratio")
     a = p.parse_args()
+    if a.keep_memory:
+        from fastclr.cpu_memory import keep_freed_memory
+        keep_freed_memory()
     overrides = {"data.name": a.data, **dict(kv.split("=", 1) for kv in a.set)}
     if a.batch_size:
         overrides["train.batch_size"] = a.batch_size
     cfg = apply_preset(overrides)
     dataset = load_data(cfg.data)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    results: dict[str, float] = {}
-    for device in devices:
-        peaks = {prec: matmul_peak(dt, device) for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-        for precision in ("fp32", "bf16"):
-            step, count = fastclr_step(cfg, dataset, device, precision)
-            times = timed(step, a.warmup, a.steps, device)
-            sec = statistics.median(times)
-            flops = count()
-            rec = {"what": "fastclr step", "device": device.type, "precision": precision,
-                   "encoder": cfg.model.encoder, "batch_pairs": cfg.train.batch_size,
-                   "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3,
-                   "step_gflop": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
-                   "matmul_peak_tflops": peaks[precision], "share_of_peak": flops / sec / 1e12 / peaks[precision],
-                   "threads": torch.get_num_threads()}
-            results[f"{device.type}-{precision}"] = rec["pairs_per_s"]
-            report("throughput", rec)
-        if device.type == "cpu" and not a.no_reference:
-            for plain, key, what in ((True, "cpu-reference", "reference recipe (PIL + DataLoader workers, fp32, PyTorch defaults)"),
-                                     (False, "cpu-reference-tuned", "reference recipe with fastclr's channels_last + fused AdamW")):
-                times = timed(reference_step(cfg, dataset, device, a.workers, plain), a.warmup, a.steps, device)
+    rounds: list[dict[str, float]] = []
+    for r in range(a.rounds):
+        # Rounds alternate the recipes: on a shared VM whose CPU steal moves within a minute
+        # (0-75% in the seventh session), a single pass of each can compare two different machines.
+        results: dict[str, float] = {}
+        for device in devices:
+            peaks = {prec: matmul_peak(dt, device) for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+            for precision in ("fp32", "bf16"):
+                step, count = fastclr_step(cfg, dataset, device, precision)
+                times = timed(step, a.warmup, a.steps, device)
                 sec = statistics.median(times)
-                rec = {"what": what, "device": "cpu", "workers": a.workers,
-                       "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3}
-                results[key] = rec["pairs_per_s"]
+                flops = count()
+                rec = {"what": "fastclr step", "round": r, "device": device.type, "precision": precision,
+                       "encoder": cfg.model.encoder, "batch_pairs": cfg.train.batch_size,
+                       "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3,
+                       "step_gflop": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
+                       "matmul_peak_tflops": peaks[precision], "share_of_peak": flops / sec / 1e12 / peaks[precision],
+                       "threads": torch.get_num_threads(), "keep_memory": a.keep_memory}
+                results[f"{device.type}-{precision}"] = rec["pairs_per_s"]
                 report("throughput", rec)
-    if "cpu-reference" in results:
-        report("throughput", {"what": "ratio, same run", "fastclr_bf16_over_reference": results["cpu-bf16"] / results["cpu-reference"],
-                              "fastclr_fp32_over_reference": results["cpu-fp32"] / results["cpu-reference"],
-                              "fastclr_bf16_over_tuned_reference": results["cpu-bf16"] / results["cpu-reference-tuned"]})
+            if device.type == "cpu" and not a.no_reference:
+                for plain, key, what in ((True, "cpu-reference", "reference recipe (PIL + DataLoader workers, fp32, PyTorch defaults)"),
+                                         (False, "cpu-reference-tuned", "reference recipe with fastclr's channels_last + fused AdamW")):
+                    times = timed(reference_step(cfg, dataset, device, a.workers, plain), a.warmup, a.steps, device)
+                    sec = statistics.median(times)
+                    rec = {"what": what, "round": r, "device": "cpu", "workers": a.workers,
+                           "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3}
+                    results[key] = rec["pairs_per_s"]
+                    report("throughput", rec)
+        if "cpu-reference" in results:
+            report("throughput", {"what": "ratio, same round", "round": r, **_ratios(results)})
+        rounds.append(results)
+    if len(rounds) > 1 and "cpu-reference" in rounds[0]:
+        medians = {k: statistics.median(res[k] for res in rounds) for k in rounds[0]}
+        report("throughput", {"what": f"ratio of the medians over {len(rounds)} rounds",
+                              **{f"median_pairs_per_s_{k}": v for k, v in medians.items()}, **_ratios(medians)})
+
+
+def _ratios(results: dict[str, float]) -> dict[str, float]:
+    """fastclr's pairs/s over the reference recipe's, from figures of one run."""
+    return {"fastclr_bf16_over_reference": results["cpu-bf16"] / results["cpu-reference"],
+            "fastclr_fp32_over_reference": results["cpu-fp32"] / results["cpu-reference"],
+            "fastclr_bf16_over_tuned_reference": results["cpu-bf16"] / results["cpu-reference-tuned"]}
+
 
 if __name__ == "__main__":
     main()

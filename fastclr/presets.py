@@ -31,8 +31,10 @@ _CIFAR: dict[str, Any] = {
 # stage, crops from 40%; and over three seeds, the 256-wide head with crops from 40% (91.83%).
 # Batch 256 pairs, not 512 (sixth session): at equal wall time (the step-time ratio measured side by
 # side, then fixed step counts so that the VM's CPU steal cannot move the comparison) 256 pairs
-# run 1.095x the pairs/s of 512 and so 2.19x the steps, and probed +0.16 / +0.12 / +0.14 points over
-# seeds 0 / 1 / 2 (92.19 / 92.02 / 92.23% against 92.03 / 91.90 / 92.09%); batch 1024 had lost 0.3-0.5.
+# probed +0.16 / +0.12 / +0.14 points over seeds 0 / 1 / 2 (92.19 / 92.02 / 92.23% against
+# 92.03 / 91.90 / 92.09%) with 2.19x the steps; measured again with freed memory kept (seventh
+# session) the two run at the same pairs/s within noise, so that gain is an upper bound. Batch
+# 1024 had lost 0.3-0.5; batch 128 gave +0.07 on one seed at 10-20% lower pairs/s in the loop.
 # The kNN monitor every 4 epochs (~100 s), not every one: the budget counts its passes (the loop's
 # wall time), a pass on the 12544-d h takes ~2.6 s, and one per 25-second epoch would spend ~10% of
 # the budget on a curve that is flat from epoch ~5 (0.856 -> 0.865 over epochs 5-23 in `make demo`).
