@@ -32,7 +32,7 @@ def child(variant: str, warmup: int, steps: int) -> None:
     from fastclr.cpu_memory import keep_freed_memory
     from fastclr.data import load_data
     from fastclr.presets import apply_preset
-    from fastclr.train import select_device
+    from fastclr.runtime import select_device
 
     from throughput import fastclr_step
 

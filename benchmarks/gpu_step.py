@@ -53,7 +53,8 @@ from fastclr.losses import contrastive_metrics, nt_xent_logits, pair_indices
 from fastclr.optim import build_optimizer
 from fastclr.presets import apply_preset
 from fastclr.step import SimCLRNet
-from fastclr.train import augment_seed, autocast_dtype, build_model
+from fastclr.runtime import resolve_precision
+from fastclr.train import augment_seed, build_model
 
 from machine import report
 
@@ -125,7 +126,7 @@ class Step:
         self.opt = build_optimizer(cfg.optim.optimizer, [self.enc, self.head], cfg.optim.lr, cfg.optim.weight_decay)
         self.params = [p for m in (self.enc, self.head) for p in m.parameters()]
         self.gen = torch.Generator(device=device)
-        self.amp = autocast_dtype(v.precision, device)
+        self.amp = resolve_precision(v.precision, device).dtype
         self.render = torch.compile(render_views) if v.compile_aug else render_views
         self.fwd_bwd = self.forward_backward
         if v.compile_mode and v.compile_loss:

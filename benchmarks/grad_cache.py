@@ -33,14 +33,14 @@ def child(batch: int, chunk: int, a: argparse.Namespace, device: torch.device) -
     from fastclr.models import ProjectionHead, build_encoder, feature_dim
     from fastclr.optim import build_optimizer
     from fastclr.step import SimCLRNet, backward_step
-    from fastclr.train import autocast_dtype
+    from fastclr.runtime import resolve_precision
 
     torch.manual_seed(0)
     enc = build_encoder(a.encoder, a.channels, a.size, a.width).to(device)
     dim = feature_dim(enc, a.channels, a.size)
     net = SimCLRNet(enc, ProjectionHead(dim, dim, 128).to(device))
     opt = build_optimizer("sgd", [net], 0.1, 1e-6)
-    amp = autocast_dtype(a.precision, device)
+    amp = resolve_precision(a.precision, device).dtype
     views = torch.randn(2 * batch, a.channels, a.size, a.size, device=device)  # augmented once, outside the step
 
     def step() -> None:

@@ -6,22 +6,23 @@ import json
 import os
 import platform
 import sys
-from pathlib import Path
 from typing import Any
 
 
 def describe() -> str:
-    """e.g. 'Intel(R) Xeon(R) ... x 2 CPUs, Linux, Python 3.11.7, torch 2.13.0+cpu, no GPU'."""
+    """e.g. 'AMD EPYC (family 25, model 17) [AVX512_BF16; oneDNN bf16 on] x 2 CPUs, Linux, Python
+    3.11.7, torch 2.13.0+cpu, no GPU': the CPU with its ISA level, which decides whether bf16 is
+    native, and whether oneDNN's ISA was capped (ONEDNN_MAX_CPU_ISA) for an emulated machine class."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from fastclr.runtime import cpu_features, usable_cpus
+
+    c = cpu_features()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    isa = f"{c.isa}; oneDNN bf16 {'on' if c.onednn_bf16 else 'off'}" + (f"; ISA capped to {cap}" if cap else "")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu} x {n} CPUs, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, {gpu}"
+    return (f"{c.model} [{isa}] x {usable_cpus()} CPUs, {platform.system()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {gpu}")
 
 
 def report(benchmark: str, fields: dict[str, Any]) -> None:

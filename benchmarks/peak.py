@@ -21,7 +21,7 @@ import torch
 
 def prepare(threads: int, device: str) -> torch.device:
     """Apply the thread count (0: PyTorch's choice) and resolve the device (auto: CUDA if present)."""
-    from fastclr.train import select_device
+    from fastclr.runtime import select_device
 
     if threads:
         torch.set_num_threads(threads)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from fastclr.data import load_data
 from fastclr.losses import nt_xent_logits
 from fastclr.presets import apply_preset
-from fastclr.train import autocast_dtype, select_device
+from fastclr.runtime import resolve_precision, select_device
 
 from machine import report
 from throughput import step_parts
@@ -33,7 +33,7 @@ def main() -> None:
     """One JSON line with the median milliseconds per phase, one with the top operators."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=12)
@@ -43,7 +43,7 @@ def main() -> None:
     dataset = load_data(cfg.data)
     parts = step_parts(cfg, dataset, device)
     enc, head, opt, params = parts.encoder, parts.head, parts.optimizer, parts.params
-    amp = autocast_dtype(cfg.train.precision, device)
+    amp = resolve_precision(cfg.train.precision, device).dtype
 
     def sync() -> None:
         if device.type == "cuda":

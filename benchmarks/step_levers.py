@@ -32,7 +32,7 @@ from torch import nn
 from fastclr.data import load_data
 from fastclr.models.cnn import FlattenHWC, SmallCNN
 from fastclr.presets import apply_preset
-from fastclr.train import select_device
+from fastclr.runtime import select_device
 
 from machine import report
 from throughput import fastclr_step, timed

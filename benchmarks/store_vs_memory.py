@@ -30,7 +30,8 @@ from fastclr.data.store import StoreWriter
 from fastclr.ingest.builtin import write_builtin_store
 from fastclr.presets import apply_preset
 from fastclr.runs import read_metrics
-from fastclr.train import pretrain, select_device
+from fastclr.runtime import select_device
+from fastclr.train import pretrain
 from machine import report
 
 

@@ -3,10 +3,10 @@
 The step is the one `fastclr pretrain` runs: gather a batch of stored uint8 images, two views
 augmented on the device, both views through encoder and head as one batch, NT-Xent in fp32,
 backward, gradient norm, optimiser step. Measured for the default Fashion-MNIST model and batch
-in fp32 and in bf16 autocast, on CPU and on CUDA when present; on CPU also the usual PyTorch
+at the precision `pretrain` resolves on this machine and in fp32, on CPU and on CUDA when present; on CPU also the usual PyTorch
 recipe (benchmarks/reference_recipe.py: per-image PIL transforms in a 2-worker DataLoader
 feeding an fp32 model) side by side in the same run, and the achieved FLOP/s of the step against
-the measured matmul peak.
+the measured matmul peak of the same dtype (fastclr.info.matmul_rate).
 
     python benchmarks/throughput.py                 # the default Fashion-MNIST model and batch
     python benchmarks/throughput.py --keep-memory   # with pretrain's allocator setting (both recipes)
@@ -28,11 +28,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastclr.augment import two_views
 from fastclr.data import load_data
 from fastclr.data.loader import BatchSampler, ImageSource
-from fastclr.losses import contrastive_metrics, nt_xent_logits
+from fastclr.losses import nt_xent_logits
 from fastclr.optim import build_optimizer, param_groups
 from fastclr.presets import apply_preset
-from fastclr.train import augment_seed, autocast_dtype, build_model
+from fastclr.runtime import resolve_precision
+from fastclr.step import SimCLRNet, TrainStep
+from fastclr.train import augment_seed, build_model
 
+from fastclr.info import matmul_rate
 from machine import report
 
 
@@ -84,37 +87,27 @@ def step_parts(cfg, dataset, device: torch.device, encoder: torch.nn.Module | No
 
 def fastclr_step(cfg, dataset, device: torch.device, precision: str, encoder: torch.nn.Module | None = None,  # type: ignore[no-untyped-def]
                  fused: bool = True, compiled: bool = False) -> tuple[Callable[[int], None], Callable[[], float]]:
-    """The training step of train.py for `cfg`, and a function counting its FLOPs.
+    """The package's own training step (`fastclr.step.TrainStep`, as `pretrain` builds it) for
+    `cfg` at `precision`, and a function counting its FLOPs.
 
-    `encoder`, `fused` (False: AdamW's foreach kernels) and `compiled` (torch.compile of forward,
-    loss and backward) exist for benchmarks/step_levers.py."""
+    `encoder`, `fused` (False: AdamW's foreach kernels) and `compiled` (torch.compile of encoder
+    and head, as --compile on does) exist for benchmarks/step_levers.py."""
     p = step_parts(cfg, dataset, device, encoder)
-    enc, head, opt, params, views = p.encoder, p.head, p.optimizer, p.params, p.views
+    opt = p.optimizer
     if not fused:
-        opt = torch.optim.AdamW(param_groups([enc, head], cfg.optim.weight_decay), lr=cfg.optim.lr, foreach=True)
-    amp = autocast_dtype(precision, device)
-
-    def forward_backward(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            z = head(enc(v))
-        logits, target = nt_xent_logits(*z.chunk(2), cfg.train.temperature)
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss, logits, target
-
-    run = torch.compile(forward_backward) if compiled else forward_backward
+        opt = torch.optim.AdamW(param_groups([p.encoder, p.head], cfg.optim.weight_decay), lr=cfg.optim.lr, foreach=True)
+    net: torch.nn.Module = SimCLRNet(p.encoder, p.head)
+    if compiled:
+        net = torch.compile(net)
+    train_step = TrainStep(net, opt, resolve_precision(precision, device), device, temperature=cfg.train.temperature)
 
     def step(i: int) -> None:
-        loss, logits, target = run(views(i))
-        torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        opt.step()
-        contrastive_metrics(logits.detach(), target)
+        train_step(p.views(i))
 
     def flops() -> float:
-        v = views(0)
+        v = p.views(0)
         with FlopCounterMode(display=False) as counter:
-            forward_backward(v)
+            train_step(v)
         return float(counter.get_total_flops())
 
     return step, flops
@@ -152,24 +145,6 @@ def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool
     return step
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 4096, reps: int = 10) -> float:
-    """Measured dense matmul throughput in TFLOP/s (n x n x n, best of `reps`)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e12
-
-
 def main() -> None:
     """Measure and print one JSON line per configuration, then a summary."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,6 +154,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference recipe")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--precisions", default="auto,fp32",
+                   help="precisions of the fastclr step; auto is what `pretrain` resolves on this machine")
     p.add_argument("--rounds", type=int, default=3, help="alternate the recipes this many times; ratios of the medians")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.width=2")
     p.add_argument("--keep-memory", action="store_true",
@@ -195,22 +172,23 @@ def main() -> None:
     dataset = load_data(cfg.data)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rounds: list[dict[str, float]] = []
+    peaks: dict[tuple[str, str], float] = {}  # measured once per device and dtype: TFLOP/s
     for r in range(a.rounds):
         # Rounds alternate the recipes: on a shared VM whose CPU steal moves within a minute
         # (0-75% in the seventh session), a single pass of each can compare two different machines.
         results: dict[str, float] = {}
         for device in devices:
-            peaks = {prec: matmul_peak(dt, device) for prec, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-            for precision in ("fp32", "bf16"):
+            for precision in precisions(device, a.precisions):
                 step, count = fastclr_step(cfg, dataset, device, precision)
                 times = timed(step, a.warmup, a.steps, device)
                 sec = statistics.median(times)
                 flops = count()
+                peak = peaks.setdefault((device.type, precision), matmul_rate(DTYPES[precision], device) / 1e3)
                 rec = {"what": "fastclr step", "round": r, "device": device.type, "precision": precision,
-                       "encoder": cfg.model.encoder, "batch_pairs": cfg.train.batch_size,
+                       "encoder": cfg.model.encoder, "cnn_stages": cfg.model.cnn_stages, "batch_pairs": cfg.train.batch_size,
                        "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3,
                        "step_gflop": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
-                       "matmul_peak_tflops": peaks[precision], "share_of_peak": flops / sec / 1e12 / peaks[precision],
+                       "matmul_peak_tflops": peak, "share_of_peak": flops / sec / 1e12 / peak,
                        "threads": torch.get_num_threads(), "keep_memory": a.keep_memory}
                 results[f"{device.type}-{precision}"] = rec["pairs_per_s"]
                 report("throughput", rec)
@@ -232,11 +210,24 @@ def main() -> None:
                               **{f"median_pairs_per_s_{k}": v for k, v in medians.items()}, **_ratios(medians)})
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precisions(device: torch.device, wanted: str) -> list[str]:
+    """The resolved names of `wanted` (auto -> this machine's choice), without repeats, in order."""
+    out: list[str] = []
+    for w in wanted.split(","):
+        name = resolve_precision(w.strip(), device, warn=lambda s: None).name
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def _ratios(results: dict[str, float]) -> dict[str, float]:
     """fastclr's pairs/s over the reference recipe's, from figures of one run."""
-    return {"fastclr_bf16_over_reference": results["cpu-bf16"] / results["cpu-reference"],
-            "fastclr_fp32_over_reference": results["cpu-fp32"] / results["cpu-reference"],
-            "fastclr_bf16_over_tuned_reference": results["cpu-bf16"] / results["cpu-reference-tuned"]}
+    return {f"fastclr_{k.removeprefix('cpu-')}_over_{ref.removeprefix('cpu-')}": v / results[ref]
+            for ref in ("cpu-reference", "cpu-reference-tuned") if ref in results
+            for k, v in results.items() if k.startswith("cpu-") and not k.startswith("cpu-reference")}
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"stopped at step {result.steps}; checkpoint written; resume with: fastclr pretrain --resume {result.run_dir}")
         return EXIT_STOPPED
     if result.probe_accuracy is not None:
-        print(f"linear-probe accuracy: {result.probe_accuracy * 100:.2f}%  (run: {result.run_dir})")
+        versus = "" if result.random_init_accuracy is None else (
+            f", same network untrained {result.random_init_accuracy * 100:.2f}%")
+        print(f"linear-probe accuracy: {result.probe_accuracy * 100:.2f}%{versus}  (run: {result.run_dir})")
     return 0
 
 
@@ -108,6 +110,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     folder = ensure(args.name, args.root, download=not args.no_download)
     print(f"{args.name}: {folder}")
     return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print this machine's versions, CPU/GPU, precision choice and matmul rates."""
+    from fastclr.info import main as info_main
+
+    return info_main(as_json=args.json, measure=not args.no_measure)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_download)
     add_ingest_commands(sub)
     add_eval_commands(sub)
+
+    inf = sub.add_parser("info", help="versions, CPU and GPU, the precision fastclr would choose and why, matmul rates")
+    inf.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    inf.add_argument("--no-measure", action="store_true", help="skip the two-second matmul measurement")
+    inf.set_defaults(func=cmd_info)
     return p
 
 

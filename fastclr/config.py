@@ -104,8 +104,11 @@ class TrainConfig:
     batch_size: int = 512
     """The global batch: under N processes each embeds batch_size / N images."""
     temperature: float = 0.2
-    precision: str = "bf16"
-    """bf16, fp16 (CUDA only) or fp32: the autocast dtype of encoder and head. The loss is fp32."""
+    precision: str = "auto"
+    """auto, bf16, fp16 or fp32: the autocast dtype of encoder and head (the loss is fp32). auto
+    decides from the hardware (fastclr.runtime.decide_precision): bf16 on CPUs with native bf16
+    (AVX512_BF16, AMX) and CUDA GPUs of compute capability 8.0 and up, fp16 with dynamic loss
+    scaling on older GPUs, fp32 on every other CPU. The run's config.toml records the result."""
     channels_last: bool = True
     compile: str = "auto"
     """torch.compile of model, loss and augmentation: auto (on for CUDA, off on CPU, where the
@@ -158,6 +161,12 @@ class EvalConfig:
     monitor_every: int = 1
     """Epochs between kNN monitor evaluations during pretraining; 0 turns it off."""
     knn_k: int = 20
+    untrained_reference: bool = True
+    """With the probe: the same probe on the same network at its initial weights, and the lift
+    (trained minus untrained): what pretraining added beyond the architecture."""
+    monitor_share: float = 0.05
+    """Most of the pretraining wall time the kNN monitor may take: a due pass is skipped while the
+    passes so far cost more than this share, so the monitor is sized by this machine's speed."""
 
 
 @dataclass

@@ -44,6 +44,7 @@ def grad_cache_backward(
     loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, T]],
     module: nn.Module,
     no_sync: Callable[[], AbstractContextManager[object]] = nullcontext,
+    scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
 ) -> tuple[torch.Tensor, T]:
     """Back-propagate `loss_fn(forward(views))` into the parameters' .grad, `chunk` images at a time.
 
@@ -53,6 +54,8 @@ def grad_cache_backward(
     module: whose buffers (BatchNorm running statistics) must move once per step, not twice.
     no_sync: a context manager that defers DDP's gradient all-reduce; used for all chunks but
     the last, so gradients are reduced once, after the last chunk has added its share.
+    scale: applied to the loss before its backward (dynamic loss scaling under fp16); the
+    chunks' backward then carries the scaled dL/dz.
     Returns the detached loss and what `loss_fn` returned besides it.
     """
     b = views.shape[0] // 2
@@ -70,7 +73,7 @@ def grad_cache_backward(
     z = torch.cat([z[: e - s] for z, (s, e) in zip(zs, ranges)] + [z[e - s :] for z, (s, e) in zip(zs, ranges)])
     z = z.detach().requires_grad_()  # (2B, D) in the layout of `views`
     loss, extra = loss_fn(z)
-    loss.backward()
+    scale(loss).backward()
     grad = z.grad
     assert grad is not None
     for i, (s, e) in enumerate(ranges):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastclr.runtime import FP32, Precision
+
 
 @torch.no_grad()
 def knn_predict(
@@ -20,6 +22,7 @@ def knn_predict(
     num_classes: int | None = None,
     chunk: int = 256,
     shortlist: int = 2,
+    precision: Precision = FP32,
 ) -> torch.Tensor:
     """Predicted class (int64 (Q,)) of each query by similarity-weighted kNN votes.
 
@@ -31,8 +34,11 @@ def knn_predict(
     similarities and differ from the exact ones only if a true neighbour falls outside the
     shortlist. On the default Fashion-MNIST encoder's features all 10k test predictions equal
     the exact ones with shortlist 2 (37 s) and 4 (56 s) against 94 s exact (docs/benchmarks.md,
-    section 4). `shortlist=0`: the exact fp32 product.
+    section 4). The shortlist is used only where bf16 is native (`precision` bf16): elsewhere bf16
+    is emulated and slower than the exact fp32 product, which `shortlist=0` always gives.
     """
+    if precision.name != "bf16":
+        shortlist = 0
     c = num_classes or int(train_y.max()) + 1
     bank = F.normalize(train_x.float(), dim=1)
     k = min(k, bank.shape[0])
@@ -55,8 +61,10 @@ def knn_predict(
 
 
 def knn_accuracy(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 20, tau: float = 0.07
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 20,
+    tau: float = 0.07, precision: Precision = FP32,
 ) -> float:
     """Fraction of test features whose kNN prediction equals their label."""
-    pred = knn_predict(train_x, train_y, test_x, k, tau, int(max(train_y.max(), test_y.max())) + 1)
+    pred = knn_predict(train_x, train_y, test_x, k, tau, int(max(train_y.max(), test_y.max())) + 1,
+                       precision=precision)
     return float((pred == test_y).float().mean())

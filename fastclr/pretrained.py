@@ -7,6 +7,7 @@ arbitrary objects: safetensors holds only tensors, checkpoints load with `weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from fastclr.config import Config, from_dict, read_toml, apply_overrides
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
 from fastclr.models import encoder_from_info
+from fastclr.runtime import Precision, resolve_precision
 
 
 @dataclass
@@ -30,6 +32,9 @@ class LoadedRun:
     info: dict[str, Any]
     """encoder, in_channels, image_size, width, cifar_stem, feature_dim, mean, std."""
     config: Config
+    precision: Precision
+    """What this command computes in, resolved for the device it loaded onto (not the training
+    machine's choice: a run trained with native bf16 is evaluated in fp32 where bf16 is emulated)."""
 
     @property
     def mean(self) -> torch.Tensor:
@@ -42,8 +47,10 @@ class LoadedRun:
         return torch.tensor(self.info["std"], dtype=torch.float32)
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedRun:
-    """The encoder of a run directory, with one-line errors for anything missing or unsafe."""
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision: str = "auto",
+             log: Callable[[str], None] = print) -> LoadedRun:
+    """The encoder of a run directory, with one-line errors for anything missing or unsafe, and
+    the precision (auto, bf16, fp16, fp32) resolved for `device`."""
     run = Path(run_dir)
     if not run.is_dir():
         raise FastclrError(f"{run} is not a directory; give the directory of a `fastclr pretrain` run")
@@ -64,4 +71,4 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> LoadedR
         encoder = encoder.to(device)
         cfg = from_dict(state["config"])
     encoder.eval()
-    return LoadedRun(run, encoder, info, cfg)
+    return LoadedRun(run, encoder, info, cfg, resolve_precision(precision, torch.device(device), warn=log))

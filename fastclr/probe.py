@@ -19,6 +19,7 @@ from torch import nn
 
 from fastclr.augment import normalize, resample_matrix, to_float
 from fastclr.data.loader import ImageSource
+from fastclr.runtime import FP32, Precision
 
 
 def state_checksum(module: nn.Module) -> str:
@@ -52,11 +53,12 @@ def extract_features(
     std: torch.Tensor,
     device: torch.device,
     batch_size: int = 1024,
-    precision: str = "bf16",
+    precision: Precision = FP32,
     size: int = 0,
     channels_last: bool = True,
 ) -> torch.Tensor:
-    """Encoder features h of every image, in order: float32 (N, D) on the CPU.
+    """Encoder features h of every image, in order: float32 (N, D) on the CPU, computed under
+    `precision` (the command's resolved precision; fp32 by default).
 
     The encoder is put in eval mode for the pass and restored afterwards; an assertion checks
     that its parameters and BatchNorm statistics are bit-for-bit unchanged.
@@ -67,14 +69,13 @@ def extract_features(
     was_training = encoder.training
     encoder.eval()
     out = []
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     try:
         for start in range(0, len(source), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(source)), device=device)
             x = prepare_images(source.gather(idx), mean.to(device), std.to(device), size)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with precision.autocast(device):
                 h = encoder(x)
             out.append(h.float().cpu())
     finally:
@@ -167,16 +168,6 @@ class ProbeResult:
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def probe_feature_dtype(precision: str) -> torch.dtype:
-    """The dtype the probe keeps its features in for a run trained at `precision`.
-
-    bf16 for bf16 runs: the L-BFGS passes are memory-bound on the (N, D) features; on the then
-    default Fashion-MNIST encoder (60000 x 3136) bf16 features took 55 s against 147 s for fp32,
-    at 91.41% against 91.30% (benchmarks/probe_dtype.py, docs/benchmarks.md). One rule for `pretrain`
-    and `evaluate`, so both report the same probe accuracy for the same encoder."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def linear_probe(

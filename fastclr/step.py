@@ -1,10 +1,16 @@
-"""One training step's forward and backward: views -> z -> NT-Xent (negatives from every rank) ->
-gradients in .grad, plainly or by gradient caching."""
+"""One training step: views -> z -> NT-Xent (negatives from every rank) -> gradients -> update.
+
+`TrainStep` is built once per run, bound to the model, optimiser, precision and loss settings,
+and called with each batch's views. Under fp16 it scales the loss dynamically
+(`torch.amp.GradScaler`): a step whose gradients overflow is skipped (parameters and optimiser
+state untouched), counted, and the scale halved; the scale is part of the checkpoint.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,6 +19,7 @@ from fastclr.chunked_loss import blockwise_nt_xent
 from fastclr.distributed import DistContext, gather_with_grad
 from fastclr.gradcache import grad_cache_backward
 from fastclr.losses import contrastive_metrics, nt_xent_logits, rank_metrics
+from fastclr.runtime import Precision
 
 Metrics = dict[str, torch.Tensor]
 
@@ -29,8 +36,8 @@ class SimCLRNet(nn.Module):
         return self.head(self.encoder(views))
 
 
-def embed(net: nn.Module, views: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
-    """z of a batch of views under the run's autocast setting: (2B, proj_dim)."""
+def project(net: nn.Module, views: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    """z of a batch of views under the run's autocast dtype: (2B, proj_dim)."""
     with torch.autocast(views.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         return net(views)
 
@@ -56,7 +63,7 @@ def contrastive_loss(z: torch.Tensor, temperature: float, block: int, ctx: DistC
 def forward_loss(net: nn.Module, views: torch.Tensor, temperature: float, amp: torch.dtype | None, block: int,
                  ctx: DistContext) -> tuple[torch.Tensor, Metrics]:
     """Both views through f and g as one batch (so BatchNorm sees all 2B), then the loss."""
-    return contrastive_loss(embed(net, views, amp), temperature, block, ctx)
+    return contrastive_loss(project(net, views, amp), temperature, block, ctx)
 
 
 def backward_step(
@@ -67,18 +74,67 @@ def backward_step(
     block: int,
     ctx: DistContext,
     chunk: int = 0,
-    loss_fn: Callable[..., tuple[torch.Tensor, Metrics]] = forward_loss,
     no_sync: Callable[[], AbstractContextManager[object]] = nullcontext,
+    scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
 ) -> tuple[torch.Tensor, Metrics]:
-    """Forward and backward of one step; gradients land in .grad (averaged over ranks by DDP).
-
-    chunk > 0: gradient caching with `chunk` images per encoder pass (see gradcache.py).
-    loss_fn: `forward_loss` or a compiled version of it (plain path only).
-    Returns the detached loss of this rank's anchors and the metrics.
-    """
+    """Forward and backward of one step; gradients (of `scale(loss)`) land in .grad, averaged over
+    ranks by DDP. chunk > 0: gradient caching with `chunk` images per encoder pass (gradcache.py).
+    Returns the detached, unscaled loss of this rank's anchors and the metrics."""
     if chunk <= 0:
-        loss, metrics = loss_fn(net, views, temperature, amp, block, ctx)
-        loss.backward()
+        loss, metrics = forward_loss(net, views, temperature, amp, block, ctx)
+        scale(loss).backward()
         return loss.detach(), metrics
-    return grad_cache_backward(lambda x: embed(net, x, amp), views, chunk,
-                               lambda z: contrastive_loss(z, temperature, block, ctx), net, no_sync)
+    return grad_cache_backward(lambda x: project(net, x, amp), views, chunk,
+                               lambda z: contrastive_loss(z, temperature, block, ctx), net, no_sync, scale)
+
+
+@dataclass
+class StepResult:
+    """What one step leaves on the device (nothing here waits for it)."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    """Norm of the unscaled gradient; non-finite when the step overflowed."""
+    skipped: torch.Tensor
+    """1.0 when loss scaling skipped the update (fp16 overflow), else 0.0."""
+    metrics: Metrics
+
+
+class TrainStep:
+    """The optimisation step of a run, bound to everything that does not change from step to step."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, device: torch.device, *,
+                 temperature: float, loss_block: int = 0, grad_cache_chunk: int = 0,
+                 ctx: DistContext = DistContext(),
+                 no_sync: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
+        self.net, self.optimizer, self.precision, self.ctx = net, optimizer, precision, ctx
+        self.temperature, self.loss_block, self.grad_cache_chunk, self.no_sync = (
+            temperature, loss_block, grad_cache_chunk, no_sync)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Disabled for bf16 and fp32: then scale() is the identity and step() is optimizer.step().
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
+
+    def __call__(self, views: torch.Tensor) -> StepResult:
+        """Forward, backward and update on one batch of views (2B, C, S, S)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, metrics = backward_step(self.net, views, self.temperature, self.precision.dtype, self.loss_block, self.ctx,
+                                      self.grad_cache_chunk, self.no_sync, self.scaler.scale)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = (~torch.isfinite(grad_norm)).float() if self.scaler.is_enabled() else torch.zeros((), device=loss.device)
+        return StepResult(loss, grad_norm, skipped, metrics)
+
+    def loss_scale(self) -> float:
+        """The current loss scale (1.0 without loss scaling); reading it waits for the device."""
+        return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+    def state_dict(self) -> dict[str, float | int]:
+        """The loss scaler's state, for the checkpoint (empty without loss scaling)."""
+        return self.scaler.state_dict() if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        """Restore the loss scaler's state from a checkpoint."""
+        if self.scaler.is_enabled() and state:
+            self.scaler.load_state_dict(state)

@@ -9,6 +9,7 @@ step, so a resumed run replays exactly what the uninterrupted run would have don
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -41,62 +42,18 @@ from fastclr.distributed import (
     teardown,
 )
 from fastclr.errors import FastclrError
+from fastclr.evaluation.reference import SMALL_LIFT, untrained_encoder
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.global_bn import convert_batchnorm
 from fastclr.knn import knn_accuracy
 from fastclr.models import ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
 from fastclr.optim import build_optimizer
-from fastclr.probe import extract_features, linear_probe, probe_feature_dtype
+from fastclr.probe import extract_features, linear_probe
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.schedule import TimeBudget, lr_at, scaled_lr
-from fastclr.step import SimCLRNet, backward_step, forward_loss
-
-
-def select_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; otherwise the named device, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise FastclrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FastclrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is None:
-        # An explicit index: torch.cuda.set_device and DDP's device_ids need one.
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def use_compile(setting: str | bool, device: torch.device) -> bool:
-    """Resolve `train.compile`: auto -> on for CUDA, off elsewhere.
-
-    Measured (docs/benchmarks.md): on an H100, compiling model, loss and the augmentation's pixel
-    work took the ResNet-18 step from 51k to 71k images/s; on the 2-core CPU the compiled step
-    was 1.36x slower than eager."""
-    if isinstance(setting, bool):
-        return setting
-    if setting == "auto":
-        return device.type == "cuda"
-    if setting in ("on", "true"):
-        return True
-    if setting in ("off", "false"):
-        return False
-    raise FastclrError(f"compile must be auto, on or off, got {setting!r}")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise FastclrError("precision fp16 needs a CUDA device; use --precision bf16 on CPU")
-        return torch.float16
-    raise FastclrError(f"unknown precision {precision!r}; choose bf16, fp16 or fp32")
+from fastclr.runtime import Precision, resolve_precision, select_device, set_threads, use_compile
+from fastclr.step import SimCLRNet, TrainStep
 
 
 def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +154,8 @@ class PretrainResult:
     model: Model | None = None
     rank: int = 0
     """This process's rank; only rank 0 wrote files and has the probe accuracy."""
+    random_init_accuracy: float | None = None
+    """The same probe on the same network at its initial weights (eval.untrained_reference)."""
 
 
 RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
@@ -241,8 +200,7 @@ def pretrain(
     processes `stop` is consulted every `log_every` steps (and at checkpoints), and every rank
     stops at the same step.
     """
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg.train.threads)
     if cfg.train.keep_memory:
         keep_freed_memory()
     _, world, local_rank = env_world()
@@ -251,15 +209,31 @@ def pretrain(
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)
     try:
+        main_log = log if ctx.is_main else _silent
+        precision = run_precision(cfg, device, ctx, main_log)
+        # The resolved precision is what the run's config records (and a resume reuses).
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name))
         with deterministic_kernels(cfg.train.deterministic and device.type == "cuda"):
-            return _pretrain(cfg, ctx, device, resume, allow_config_change, encoder, dataset,
-                             log if ctx.is_main else _silent, progress and ctx.is_main, stop)
+            return _pretrain(cfg, ctx, device, precision, resume, allow_config_change, encoder, dataset,
+                             main_log, progress and ctx.is_main, stop)
     except Exception as e:
         if ctx.active and is_peer_failure(e):
             raise peer_failure(ctx, e, resume or cfg.train.run_dir or "the run directory") from None
         raise
     finally:
         teardown(ctx)
+
+
+def run_precision(cfg: Config, device: torch.device, ctx: DistContext, log: Callable[[str], None]) -> Precision:
+    """The run's precision, decided once from this machine (rank 0's choice under torchrun, so
+    that every rank computes alike), with the reason in the log's first line."""
+    rows = min(2 * cfg.train.batch_size, 1024)  # a matmul of about the head's shape
+    precision = resolve_precision(cfg.train.precision, device, shape=(rows, 1024, 256), warn=log)
+    if ctx.active:
+        name, reason = broadcast_object((precision.name, precision.reason), ctx)
+        precision = Precision(name, reason)
+    log(f"precision {precision.name}: {precision.reason}")
+    return precision
 
 
 def _silent(message: str) -> None:
@@ -270,6 +244,7 @@ def _pretrain(
     cfg: Config,
     ctx: DistContext,
     device: torch.device,
+    precision: Precision,
     resume: Path | None,
     allow_config_change: bool,
     encoder: nn.Module | None,
@@ -279,7 +254,6 @@ def _pretrain(
     stop: Callable[[int], bool] | None,
 ) -> PretrainResult:
     started = time.perf_counter()  # pretraining wall time: data, set-up, loop and export
-    amp = autocast_dtype(cfg.train.precision, device)
     state: dict[str, Any] | None = None
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
@@ -344,7 +318,7 @@ def _pretrain(
     metrics_log = MetricsLog(run_dir, enabled=ctx.is_main)
     log(f"run {run_dir}: {model.info['encoder']} (h: {model.info['feature_dim']}-d) on {dataset.name} "
         f"({len(source)} images {dataset.image_shape}), {_batch_text(cfg, ctx)}, {spe} steps/epoch, "
-        f"peak lr {peak_lr:g} ({_lr_text(cfg, ctx)}), {amp or torch.float32} on {device}{_memory_text(cfg)}")
+        f"peak lr {peak_lr:g} ({_lr_text(cfg, ctx)}), {precision.name} on {device}{_memory_text(cfg)}")
 
     compiled = use_compile(t.compile, device)
     # --compile fuses the augmentation's pixel work (crop/flip/resize, jitter, blur, solarize,
@@ -355,12 +329,17 @@ def _pretrain(
     render = torch.compile(render_views) if compiled else render_views
     if compiled:
         net = torch.compile(net)
-    params = [p for m in (enc, head) for p in m.parameters() if p.requires_grad]
+    train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,
+                           grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync)
+    if state is not None:
+        train_step.load_state_dict(state.get("loss_scaler", {}))
     gen = torch.Generator(device=device)
     bar = Progress(total_steps, step, enabled=progress)
     acc: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.perf_counter(), 0
     first_bad = torch.tensor(-1, device=device)
+    skip_streak = torch.zeros((), device=device)  # consecutive updates skipped by loss scaling
+    monitor_seconds = 0.0
     net.train()
 
     def checkpoint() -> None:
@@ -373,6 +352,7 @@ def _pretrain(
             "step": step, "total_steps": total_steps, "train_seconds": train_seconds,
             "config": config_mod.to_dict(cfg), "encoder": enc.state_dict(), "head": head.state_dict(),
             "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "model_info": model.info,
+            "loss_scaler": train_step.state_dict(),
         })
 
     labelled = dataset.train is not None and dataset.test is not None
@@ -395,15 +375,16 @@ def _pretrain(
                                       ctx.rank * per_rank, render)
                 else:
                     views = two_views(images, cfg.augment, gen, mean, std, t.channels_last, render=render)
-                opt.zero_grad(set_to_none=True)
-                loss, metrics = backward_step(net, views, t.temperature, amp, t.loss_block, ctx, t.grad_cache_chunk,
-                                              forward_loss, no_sync)
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                opt.step()
-                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                out = train_step(views)
+                # Under loss scaling an overflowing gradient is an expected, skipped step; a
+                # non-finite loss, or MAX_SKIP_STREAK overflows in a row, is not.
+                skip_streak = (skip_streak + 1) * out.skipped
+                finite = torch.isfinite(out.loss) & (torch.isfinite(out.grad_norm) | (out.skipped > 0)) & (
+                    skip_streak < MAX_SKIP_STREAK)
                 # 1-based: the count of the step whose loss was bad, as `step` is counted in the logs.
                 first_bad = torch.where((~finite) & (first_bad < 0), step + 1, first_bad)
-                _accumulate(acc, {"loss": loss, "grad_norm": grad_norm, **metrics})
+                grad_norm = torch.where(out.skipped > 0, torch.zeros_like(out.grad_norm), out.grad_norm)
+                _accumulate(acc, {"loss": out.loss, "grad_norm": grad_norm, "skipped": out.skipped, **out.metrics})
             step += 1
             window_steps += 1
             train_seconds = time.perf_counter() - loop_start
@@ -433,6 +414,9 @@ def _pretrain(
                     raise NonFiniteLoss(_nonfinite_message(int(first_bad), cfg, run_dir))
                 now = time.perf_counter()
                 rec = {k: float(v) / window_steps for k, v in _mean_over_ranks(acc, ctx).items()}
+                rec["skipped"] = round(rec["skipped"] * window_steps)  # a count of steps, not a mean
+                if precision.loss_scaling:
+                    rec["loss_scale"] = train_step.loss_scale()
                 rec.update(step=step, epoch=step / spe, lr=lr, elapsed=train_seconds,
                            pairs_per_s=window_steps * t.batch_size / max(now - window_start, 1e-9))
                 metrics_log.log(rec)
@@ -442,11 +426,15 @@ def _pretrain(
             if checkpoint_now:
                 checkpoint()
             if (end_of_epoch and cfg.eval.monitor_every and (step // spe) % cfg.eval.monitor_every == 0
-                    and dataset.train is not None and ctx.is_main):
+                    and dataset.train is not None and ctx.is_main
+                    and monitor_seconds <= cfg.eval.monitor_share * train_seconds):
                 # Rank 0 alone; the others wait for it in the next step's collectives (dist_timeout).
-                # Its time counts: the time budget is pretraining wall time, and a monitor pass
-                # every epoch is ~2.6 s of the default run (about 9% of a 9.5-minute budget).
-                knn = monitor_knn(enc, dataset, mean, std, device, cfg)
+                # Its time counts (the time budget is pretraining wall time), so passes are skipped
+                # while they have cost more than `monitor_share` of it: sized by what this machine
+                # measures, whatever its speed relative to the step.
+                m0 = time.perf_counter()
+                knn = monitor_knn(enc, dataset, mean, std, device, cfg, precision)
+                monitor_seconds += time.perf_counter() - m0
                 metrics_log.log({"step": step, "epoch": step / spe, "knn_acc": knn})
                 log(f"epoch {step // spe}: kNN monitor accuracy {knn:.4f}")
             if not ctx.active:
@@ -470,13 +458,23 @@ def _pretrain(
         f"encoder saved to {run_dir / ENCODER_FILE}")
     if cfg.eval.probe and dataset.train is not None and dataset.test is not None:
         t0 = time.perf_counter()
-        res = probe_encoder(enc, dataset, mean, std, device, cfg)
-        write_json(run_dir / "probe.json", {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
-                                             "train_accuracy": res.train_accuracy, "steps": step,
-                                             "train_seconds": train_seconds, "pretrain_wall_seconds": wall,
-                                             "probe_seconds": time.perf_counter() - t0})
+        res = probe_encoder(enc, dataset, mean, std, device, cfg, precision)
+        record = {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
+                  "train_accuracy": res.train_accuracy, "steps": step, "train_seconds": train_seconds,
+                  "pretrain_wall_seconds": wall}
+        versus = ""
+        if cfg.eval.untrained_reference and model.info["encoder"] != "custom":
+            untrained = untrained_encoder(model.info, cfg.train.seed, device)
+            ref = probe_encoder(untrained, dataset, mean, std, device, cfg, precision)
+            record.update(random_init_accuracy=ref.accuracy, lift=res.accuracy - ref.accuracy)
+            flag = "; SMALL: most of it is the architecture's" if res.accuracy - ref.accuracy < SMALL_LIFT else ""
+            versus = (f" (the same network untrained: {ref.accuracy * 100:.2f}%, lift "
+                      f"{(res.accuracy - ref.accuracy) * 100:+.2f} points{flag})")
+        record["probe_seconds"] = time.perf_counter() - t0
+        write_json(run_dir / "probe.json", record)
         result.probe_accuracy = res.accuracy
-        log(f"linear probe accuracy (frozen h, {dataset.name} test split): {res.accuracy * 100:.2f}%")
+        result.random_init_accuracy = record.get("random_init_accuracy")
+        log(f"linear probe accuracy (frozen h, {dataset.name} test split): {res.accuracy * 100:.2f}%{versus}")
     return result
 
 
@@ -546,30 +544,33 @@ def _nonfinite_message(step: int, cfg: Config, run_dir: Path) -> str:
 
 
 MONITOR_BANK, MONITOR_QUERIES = 10000, 2000
+MAX_SKIP_STREAK = 30
+"""Updates skipped in a row by loss scaling before the run stops: each halves the scale, so by
+then it has fallen 2^30-fold and the gradients are not overflowing but broken."""
 
 
 def monitor_knn(enc: nn.Module, dataset: Dataset, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                cfg: Config) -> float:
+                cfg: Config, precision: Precision) -> float:
     """kNN accuracy on fixed subsets (10k training images as the bank, 2k test queries): cheap
     enough to run every epoch, and comparable from epoch to epoch."""
     assert dataset.train is not None and dataset.test is not None and dataset.train.labels is not None
     assert dataset.test.labels is not None
     tr = np.linspace(0, len(dataset.train) - 1, min(MONITOR_BANK, len(dataset.train))).astype(np.int64)
     te = np.linspace(0, len(dataset.test) - 1, min(MONITOR_QUERIES, len(dataset.test))).astype(np.int64)
-    kw = dict(precision=cfg.train.precision, size=cfg.augment.crop_size, channels_last=cfg.train.channels_last)
+    kw = dict(precision=precision, size=cfg.augment.crop_size, channels_last=cfg.train.channels_last)
     ftr = extract_features(enc, dataset.train.images[tr], mean, std, device, **kw)
     fte = extract_features(enc, dataset.test.images[te], mean, std, device, **kw)
     return knn_accuracy(ftr, torch.from_numpy(dataset.train.labels[tr]), fte, torch.from_numpy(dataset.test.labels[te]),
-                        k=cfg.eval.knn_k)
+                        k=cfg.eval.knn_k, precision=precision)
 
 
 def probe_encoder(enc: nn.Module, dataset: Dataset, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                  cfg: Config) -> Any:
+                  cfg: Config, precision: Precision) -> Any:
     """Linear probe on frozen h: all labelled training images, accuracy on the test split."""
     assert dataset.train is not None and dataset.test is not None
     assert dataset.train.labels is not None and dataset.test.labels is not None
-    kw = dict(precision=cfg.train.precision, size=cfg.augment.crop_size, channels_last=cfg.train.channels_last)
+    kw = dict(precision=precision, size=cfg.augment.crop_size, channels_last=cfg.train.channels_last)
     ftr = extract_features(enc, dataset.train.images, mean, std, device, **kw)
     fte = extract_features(enc, dataset.test.images, mean, std, device, **kw)
     return linear_probe(ftr, torch.from_numpy(dataset.train.labels), fte, torch.from_numpy(dataset.test.labels),
-                        feature_dtype=probe_feature_dtype(cfg.train.precision))
+                        feature_dtype=precision.feature_dtype)

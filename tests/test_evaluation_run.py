@@ -16,7 +16,11 @@ from fastclr.cli import main
 from fastclr.data import Dataset
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
+import fastclr.evaluation.run as run_module
+from fastclr.evaluation.reference import SMALL_LIFT, lift_summary, untrained_encoder
 from fastclr.evaluation.run import evaluate
+from fastclr.evaluation.table import format_table
+from fastclr.train import build_model
 from fastclr.knn import knn_accuracy
 from fastclr.pretrained import load_run
 from fastclr.probe import extract_features, linear_probe, state_checksum
@@ -44,14 +48,72 @@ def test_linear_and_knn_are_the_standard_protocols_on_frozen_features(run: Run) 
     run_dir, ds, out = run
     assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
     r = load_run(run_dir)
-    kw: dict[str, Any] = dict(precision=r.config.train.precision, size=28)
-    ftr = extract_features(r.encoder, ds.train.images, r.mean, r.std, torch.device("cpu"), **kw)
-    fte = extract_features(r.encoder, ds.test.images, r.mean, r.std, torch.device("cpu"), **kw)
+    kw: dict[str, Any] = dict(precision=r.precision, size=28)
     ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
-    assert out["protocols"]["linear"]["accuracy"] == pytest.approx(linear_probe(ftr, ytr, fte, yte).accuracy)
-    assert out["protocols"]["knn"] == {"accuracy": pytest.approx(knn_accuracy(ftr, ytr, fte, yte, 20, 0.07)),
-                                       "k": 20, "tau": 0.07}
+    untrained = untrained_encoder(r.info, r.config.train.seed, torch.device("cpu"))
+    for encoder, reported in ((r.encoder, out["protocols"]), (untrained, {
+            "linear": out["protocols"]["linear"]["random_init"], "knn": out["protocols"]["knn"]["random_init"]})):
+        ftr = extract_features(encoder, ds.train.images, r.mean, r.std, torch.device("cpu"), **kw)
+        fte = extract_features(encoder, ds.test.images, r.mean, r.std, torch.device("cpu"), **kw)
+        assert reported["linear"]["accuracy"] == pytest.approx(
+            linear_probe(ftr, ytr, fte, yte, feature_dtype=r.precision.feature_dtype).accuracy)
+        assert reported["knn"]["accuracy"] == pytest.approx(knn_accuracy(ftr, ytr, fte, yte, 20, 0.07, r.precision))
+    assert out["protocols"]["knn"]["k"] == 20 and out["protocols"]["knn"]["tau"] == 0.07
     assert out["protocols"]["linear"]["accuracy"] > 0.5  # bars are linearly separable: well above 10% chance
+
+
+def test_the_untrained_reference_is_the_runs_own_network_before_its_first_step(run: Run) -> None:
+    """Same module tree, shapes and preprocessing as the trained encoder, and exactly the weights
+    `pretrain` started from (rebuilt here the way pretrain builds them)."""
+    run_dir, ds, _ = run
+    r = load_run(run_dir)
+    untrained = untrained_encoder(r.info, r.config.train.seed, torch.device("cpu"))
+    assert [(n, type(m).__name__) for n, m in untrained.named_modules()] == \
+        [(n, type(m).__name__) for n, m in r.encoder.named_modules()]
+    trained_state, untrained_state = r.encoder.state_dict(), untrained.state_dict()
+    assert {k: v.shape for k, v in untrained_state.items()} == {k: v.shape for k, v in trained_state.items()}
+    torch.manual_seed(r.config.train.seed)
+    initial = build_model(r.config, ds, torch.device("cpu")).encoder.state_dict()
+    for k, v in initial.items():
+        assert torch.equal(untrained_state[k], v), k
+    assert any(not torch.equal(trained_state[k], initial[k]) for k in initial if initial[k].is_floating_point())
+    assert ds.test is not None  # both see the run's own standardisation and give h of the same shape
+    h1 = extract_features(r.encoder, ds.test.images[:4], r.mean, r.std, torch.device("cpu"), size=28)
+    h0 = extract_features(untrained, ds.test.images[:4], r.mean, r.std, torch.device("cpu"), size=28)
+    assert h1.shape == h0.shape == (4, r.info["feature_dim"])
+
+
+def test_lift_and_flag_come_from_the_reported_figures_of_one_extraction(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir, ds, _ = run
+    calls: list[int] = []
+    real = run_module.extract_features
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "extract_features", counting)
+    opts = EvaluateOptions(protocols=("linear", "knn", "fewshot"), labels_per_class=(2,), seeds=(0,), device="cpu")
+    out = evaluate(run_dir, opts, dataset=ds, log=lambda s: None)
+    assert calls == [600, 200, 600, 200]  # train and test h, trained then untrained: once each
+    p, lift = out["protocols"], out["lift"]
+    assert lift["linear"] == p["linear"]["accuracy"] - p["linear"]["random_init"]["accuracy"]
+    assert lift["knn"] == p["knn"]["accuracy"] - p["knn"]["random_init"]["accuracy"]
+    assert lift["fewshot"]["2"] == p["fewshot"]["curve"][0]["mean"] - p["fewshot"]["random_init_curve"][0]["mean"]
+    assert lift["small"] == (lift["linear"] < SMALL_LIFT)
+    table = format_table(out)
+    assert ("FLAG: the linear probe is only" in table) == lift["small"]
+    assert f"{100 * lift['linear']:+.2f} points" in table
+
+
+def test_a_small_lift_is_flagged_in_the_table() -> None:
+    protocols = {"linear": {"accuracy": 0.90, "labels": 10, "random_init": {"accuracy": 0.88}}}
+    lift = lift_summary(protocols)
+    assert lift["linear"] == pytest.approx(0.02) and lift["small"]
+    out = {"run_dir": "r", "dataset": "d", "encoder": {"encoder": "cnn", "feature_dim": 8}, "protocols": protocols,
+           "lift": lift, "total_seconds": 1.0}
+    assert "FLAG: the linear probe is only +2.00 points above the same network untrained" in format_table(out)
+    assert not lift_summary({"linear": {"accuracy": 0.90, "random_init": {"accuracy": 0.80}}})["small"]
 
 
 def test_few_label_protocols_share_fixed_subsets(run: Run) -> None:
@@ -90,7 +152,7 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     assert main(["evaluate", str(run_dir), "--protocols", "linear,knn", "--device", "cpu", "--quiet"]) == 0
     printed = capsys.readouterr().out
     acc = json.loads((run_dir / "eval.json").read_text())["protocols"]["linear"]["accuracy"]
-    assert f"linear probe on h  all (600)  {100 * acc:.2f}%" in printed
+    assert f"linear probe on h  all (600)  {100 * acc:.2f}%" in printed and "same net untrained" in printed
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.toml").write_text((run_dir / "config.toml").read_text())

@@ -12,7 +12,7 @@ from torch import nn
 from fastclr.distributed import DistContext
 from fastclr.gradcache import chunk_rows, grad_cache_backward
 from fastclr.models import ProjectionHead
-from fastclr.step import SimCLRNet, backward_step, contrastive_loss, embed
+from fastclr.step import SimCLRNet, backward_step, contrastive_loss, project
 
 ONE = DistContext()
 
@@ -62,7 +62,7 @@ def test_with_batchnorm_both_passes_of_a_chunk_see_the_same_z_and_it_is_ghost_ba
     seen: list[torch.Tensor] = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        z = embed(net, x, None)
+        z = project(net, x, None)
         seen.append(z.detach().clone())
         return z
 

@@ -42,7 +42,7 @@ def make_run(run_dir: Path, channels: int = 3, size: int = 28) -> LoadedRun:
     run_dir.mkdir(parents=True)
     save_encoder(run_dir / "encoder.safetensors", enc, info)
     write_config(run_dir, apply_overrides(Config(), {"train.channels_last": False}))
-    return load_run(run_dir)
+    return load_run(run_dir, precision="fp32")  # compared with the fp32 literal definition below
 
 
 def reference_features(run: LoadedRun, images: np.ndarray) -> np.ndarray:

@@ -10,13 +10,13 @@ from torch import nn
 from conftest import synthetic_images
 from fastclr import probe as probe_module
 from fastclr.knn import knn_accuracy, knn_predict
+from fastclr.runtime import FP32, Precision
 from fastclr.probe import (
     L2_GRID,
     extract_features,
     fit_logistic_regression,
     linear_probe,
     prepare_images,
-    probe_feature_dtype,
     standardize,
 )
 
@@ -76,8 +76,8 @@ def test_bf16_features_reach_the_fp32_optimum_of_the_exact_objective() -> None:
     # 1% of the fp32 optimum of the exact (float64) objective, with the same test accuracy
     assert objective(f32) <= objective(b16) <= objective(f32) * 1.01
     assert abs(b16.accuracy(xt, yt) - f32.accuracy(xt, yt)) <= 0.01
-    assert probe_feature_dtype("bf16") is torch.bfloat16
-    assert probe_feature_dtype("fp32") is torch.float32 and probe_feature_dtype("fp16") is torch.float32
+    assert Precision("bf16", "").feature_dtype is torch.bfloat16
+    assert Precision("fp32", "").feature_dtype is torch.float32 and Precision("fp16", "").feature_dtype is torch.float32
 
 
 def test_linear_probe_selects_l2_on_train_only_and_separates_easy_data() -> None:
@@ -121,7 +121,7 @@ def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> Non
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     x, _ = synthetic_images(37, 12)
     mean, std = torch.tensor([0.3]), torch.tensor([0.2])
-    feats = extract_features(enc, x, mean, std, torch.device("cpu"), batch_size=8, precision="fp32", channels_last=False)
+    feats = extract_features(enc, x, mean, std, torch.device("cpu"), batch_size=8, precision=FP32, channels_last=False)
     assert enc.training  # restored
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k])  # BatchNorm running statistics did not move

@@ -154,7 +154,7 @@ def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(train_mod, "monitor_knn", slow_monitor)
     cfg = tiny_config(tmp_path / "run", train__time_budget=0.1, train__epochs=100.0,
-                      eval__monitor_every=1)
+                      eval__monitor_every=1, eval__monitor_share=1.0)
     res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
     assert res.steps == 16
     # the passes at steps 6 and 12 (1000 s each) plus the real seconds of the loop, which a loaded
@@ -162,3 +162,27 @@ def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pyte
     assert 2000.0 <= res.train_seconds < 2500.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_acc" in r] == [6, 12]
+
+
+@pytest.mark.parametrize("share, passes", [(0.05, [6]), (1.0, [6, 12, 18])])
+def test_monitor_passes_are_sized_by_their_measured_share_of_the_wall_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float, passes: list[int]) -> None:
+    """A pass that cost 1000 s (a stand-in on a fake clock) is 99% of the first epoch's wall time:
+    with the default share of 5% the next passes are skipped until the training time has grown to
+    20 times the monitor's; with a share of 1 every epoch end still gets its pass."""
+    import types
+
+    import fastclr.train as train_mod
+
+    offset = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+
+    def slow_monitor(*args: object) -> float:
+        offset[0] += 1000.0
+        return 0.5
+
+    monkeypatch.setattr(train_mod, "monitor_knn", slow_monitor)
+    cfg = tiny_config(tmp_path / "run", train__epochs=3.0, eval__monitor_every=1, eval__monitor_share=share)
+    pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_acc" in r] == passes

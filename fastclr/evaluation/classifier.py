@@ -24,7 +24,7 @@ from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.optim import build_optimizer
 from fastclr.probe import extract_features, prepare_images
 from fastclr.schedule import lr_at
-from fastclr.train import autocast_dtype
+from fastclr.runtime import Precision
 
 
 @dataclass
@@ -70,7 +70,7 @@ class LabelledSetup:
     std: torch.Tensor  # (C,)
     size: int
     device: torch.device
-    precision: str
+    precision: Precision
     recipe: TrainRecipe
 
 
@@ -85,7 +85,7 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
     """
     s, r = setup, setup.recipe
     dev = s.device
-    amp = autocast_dtype(s.precision, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=s.precision.loss_scaling)  # fp16 only
     torch.manual_seed(seed)
     source = ImageSource(s.train_images[idx], dev)
     y_all = torch.from_numpy(np.ascontiguousarray(s.train_labels[idx])).to(dev)
@@ -111,12 +111,13 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
         x = prepare_images(source.gather(b), zero, one, s.size)  # (B, C, S, S) in [0, 1]: pads are black
         x = normalize(shift_and_flip(x, max_shift, r.flip_p, g), mean, std)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with s.precision.autocast(dev):
             logits = head(encoder(x))
         loss = F.cross_entropy(logits.float(), y_all[b])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if step >= r.steps - max(1, r.steps // 10):
             tail.append(loss.detach())
     encoder.eval()

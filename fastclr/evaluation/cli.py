@@ -9,6 +9,7 @@ from typing import Any
 
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
+from fastclr.runtime import PRECISIONS
 
 
 def number_list(text: str, kind: type, flag: str) -> tuple[Any, ...]:
@@ -37,7 +38,7 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
         text = getattr(args, flag.replace("-", "_"))
         if text is not None:
             changes[flag.replace("-", "_")] = number_list(text, kind, f"--{flag}")
-    for name in ("knn_k", "steps", "batch_size", "lr", "quality_images", "device", "threads"):
+    for name in ("knn_k", "steps", "batch_size", "lr", "quality_images", "device", "precision", "threads"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -62,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fastclr.report.build import build_report
 
     path = build_report(Path(args.run_dir), out=Path(args.out) if args.out else None, device=args.device,
-                        map_method=args.map, threads=args.threads)
+                        map_method=args.map, threads=args.threads, precision=args.precision)
     print(f"report: {path}")
     return 0
 
@@ -94,6 +95,7 @@ def add_eval_commands(sub: Any) -> None:
     ev.add_argument("--quality-images", type=int, metavar="N",
                     help=f"images for the label-free measures (default: {d.quality_images})")
     ev.add_argument("--device", metavar="NAME", help="auto, cpu, cuda, cuda:N (default: auto)")
+    ev.add_argument("--precision", choices=PRECISIONS, help="auto (default: decided from this machine), bf16, fp16, fp32")
     ev.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's choice)")
     ev.add_argument("--quiet", action="store_true", help="print only the table")
     ev.set_defaults(func=cmd_evaluate)
@@ -104,5 +106,7 @@ def add_eval_commands(sub: Any) -> None:
     rp.add_argument("--out", help="where to write the HTML (default: RUN_DIR/report.html)")
     rp.add_argument("--map", choices=("tsne", "pca"), default="tsne", help="2-D map of test embeddings (default: tsne)")
     rp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    rp.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="auto (default: decided from this machine), bf16, fp16, fp32")
     rp.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
     rp.set_defaults(func=cmd_report)

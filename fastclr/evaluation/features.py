@@ -9,17 +9,16 @@ from torch import nn
 
 from fastclr.augment import normalize, two_views
 from fastclr.config import AugmentConfig
-from fastclr.train import autocast_dtype
+from fastclr.runtime import Precision
 
 
 @torch.no_grad()
-def encode(encoder: nn.Module, x: torch.Tensor, precision: str, batch_size: int = 512,
+def encode(encoder: nn.Module, x: torch.Tensor, precision: Precision, batch_size: int = 512,
            channels_last: bool = True) -> torch.Tensor:
     """h of standardised inputs x (B, C, S, S) on the encoder's device: float32 (B, D) on the CPU.
 
     The encoder runs in eval mode (BatchNorm uses its running statistics) and is restored after.
     """
-    amp = autocast_dtype(precision, x.device)
     was_training = encoder.training
     encoder.eval()
     out = []
@@ -28,7 +27,7 @@ def encode(encoder: nn.Module, x: torch.Tensor, precision: str, batch_size: int 
             xb = x[start : start + batch_size]
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            with precision.autocast(x.device):
                 out.append(encoder(xb).float().cpu())
     finally:
         encoder.train(was_training)

@@ -54,6 +54,8 @@ class EvaluateOptions:
     """Images (and view pairs) for the label-free measures: pairwise uniformity is O(n^2)."""
     view_seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
+    """auto (this machine's choice, fastclr.runtime), bf16, fp16 or fp32: features, probe, kNN and training."""
     threads: int = 0
     """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
 

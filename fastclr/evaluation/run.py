@@ -27,13 +27,14 @@ from fastclr.evaluation.finetune import finetune
 from fastclr.evaluation.options import EXTRA_PROTOCOLS, LABELLED, PROTOCOLS, EvaluateOptions
 from fastclr.evaluation.quality import feature_quality
 from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
-from fastclr.evaluation.supervised import fresh_encoder, supervised_baseline
+from fastclr.evaluation.reference import lift_summary, untrained_encoder
+from fastclr.evaluation.supervised import supervised_baseline
 from fastclr.export import ENCODER_FILE
 from fastclr.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
-from fastclr.probe import extract_features, linear_probe, probe_feature_dtype, state_checksum
+from fastclr.probe import extract_features, linear_probe, state_checksum
 from fastclr.runs import write_json
-from fastclr.train import select_device
+from fastclr.runtime import select_device
 from fastclr.version import __version__
 
 EVAL_FILE = "eval.json"
@@ -53,32 +54,60 @@ class Context:
     train_x: torch.Tensor | None = None  # (N_train, D) frozen h, when a labelled protocol runs
     test_x: torch.Tensor | None = None  # (N_test, D)
     setup: LabelledSetup | None = None
+    untrained_train_x: torch.Tensor | None = None  # (N_train, D): h of the same network untrained
+    untrained_test_x: torch.Tensor | None = None  # (N_test, D)
+
+
+def _both(c: Context) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The frozen features to evaluate: the run's, then (when there is one) its untrained twin's."""
+    assert c.train_x is not None and c.test_x is not None
+    out = [("trained", c.train_x, c.test_x)]
+    if c.untrained_train_x is not None and c.untrained_test_x is not None:
+        out.append(("random_init", c.untrained_train_x, c.untrained_test_x))
+    return out
 
 
 def _linear(c: Context) -> dict[str, Any]:
     s = c.setup
-    assert s is not None and c.train_x is not None and c.test_x is not None
-    res = linear_probe(c.train_x, torch.from_numpy(s.train_labels), c.test_x, torch.from_numpy(s.test_labels),
-                       feature_dtype=probe_feature_dtype(c.run.config.train.precision))
-    return {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
-            "train_accuracy": res.train_accuracy, "labels": len(s.train_labels)}
+    assert s is not None
+    out: dict[str, Any] = {}
+    for which, xtr, xte in _both(c):
+        res = linear_probe(xtr, torch.from_numpy(s.train_labels), xte, torch.from_numpy(s.test_labels),
+                           feature_dtype=c.run.precision.feature_dtype)
+        entry = {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
+                 "train_accuracy": res.train_accuracy}
+        if which == "trained":
+            out.update(entry, labels=len(s.train_labels))
+        else:
+            out[which] = entry
+    return out
 
 
 def _knn(c: Context) -> dict[str, Any]:
     s = c.setup
-    assert s is not None and c.train_x is not None and c.test_x is not None
+    assert s is not None
     k = c.options.knn_k or c.run.config.eval.knn_k
-    acc = knn_accuracy(c.train_x, torch.from_numpy(s.train_labels), c.test_x, torch.from_numpy(s.test_labels), k,
-                       c.options.knn_tau)
-    return {"accuracy": acc, "k": k, "tau": c.options.knn_tau}
+    out: dict[str, Any] = {"k": k, "tau": c.options.knn_tau}
+    for which, xtr, xte in _both(c):
+        acc = knn_accuracy(xtr, torch.from_numpy(s.train_labels), xte, torch.from_numpy(s.test_labels), k,
+                           c.options.knn_tau, c.run.precision)
+        if which == "trained":
+            out["accuracy"] = acc
+        else:
+            out[which] = {"accuracy": acc}
+    return out
 
 
 def _fewshot(c: Context) -> dict[str, Any]:
     s = c.setup
-    assert s is not None and c.train_x is not None and c.test_x is not None
+    assert s is not None
     o = c.options
-    return {"curve": fewshot_probe(c.train_x, s.train_labels, c.test_x, s.test_labels, o.labels_per_class, o.seeds,
-                                   s.classes, c.log)}
+    out: dict[str, Any] = {}
+    for which, xtr, xte in _both(c):
+        curve = fewshot_probe(xtr, s.train_labels, xte, s.test_labels, o.labels_per_class, o.seeds, s.classes,
+                              c.log if which == "trained" else lambda m: None)
+        out["curve" if which == "trained" else "random_init_curve"] = curve
+    return out
 
 
 def _supervised(c: Context) -> dict[str, Any]:
@@ -102,8 +131,9 @@ def _quality(c: Context) -> dict[str, Any]:
     o, run = c.options, c.run
     images = c.dataset.pretrain.images[evenly_spaced(len(c.dataset.pretrain), o.quality_images)]
     _, views = view_pairs(images, run.config.augment, o.view_seed, run.mean, run.std, c.device)
-    precision = run.config.train.precision
+    precision = run.precision
     size = int(run.info["image_size"])
+    untrained = untrained_encoder(run.info, run.config.train.seed, c.device) if run.info["encoder"] != "custom" else None
 
     def measure(enc: torch.nn.Module) -> dict[str, float]:
         h = extract_features(enc, images, run.mean, run.std, c.device, precision=precision, size=size)
@@ -112,7 +142,7 @@ def _quality(c: Context) -> dict[str, Any]:
 
     # The same architecture at random initialisation: the reference a trained encoder must beat.
     return {"images": len(images), **measure(run.encoder),
-            "random_init": measure(fresh_encoder(run.info, c.device, o.view_seed))}
+            **({"random_init": measure(untrained)} if untrained is not None else {})}
 
 
 def _pixels(c: Context) -> dict[str, Any]:
@@ -171,7 +201,7 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
     for n in per_class:
         stratified_subset(tr.labels, n, 0, classes)
     return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std,
-                         int(run.info["image_size"]), device, run.config.train.precision,
+                         int(run.info["image_size"]), device, run.precision,
                          options.recipe(run.config.augment.flip_p))
 
 
@@ -188,7 +218,7 @@ def evaluate(
         torch.set_num_threads(o.threads)
     device = select_device(o.device)
     require_encoder(run_dir)
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, o.precision, log)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
     t_start = time.perf_counter()
@@ -200,9 +230,13 @@ def evaluate(
     if set(o.protocols) & set(FROZEN):
         assert ctx.setup is not None
         t0 = time.perf_counter()
-        kw = dict(precision=run.config.train.precision, size=ctx.setup.size)
+        kw = dict(precision=run.precision, size=ctx.setup.size)
         ctx.train_x = extract_features(run.encoder, ctx.setup.train_images, run.mean, run.std, device, **kw)
         ctx.test_x = extract_features(run.encoder, ctx.setup.test_images, run.mean, run.std, device, **kw)
+        if run.info["encoder"] != "custom":  # a module given in Python cannot be rebuilt untrained by name
+            untrained = untrained_encoder(run.info, run.config.train.seed, device)
+            ctx.untrained_train_x = extract_features(untrained, ctx.setup.train_images, run.mean, run.std, device, **kw)
+            ctx.untrained_test_x = extract_features(untrained, ctx.setup.test_images, run.mean, run.std, device, **kw)
         timings["features"] = time.perf_counter() - t0
         log(f"features h ({ctx.train_x.shape[1]}-d) of {len(ctx.train_x)} train and {len(ctx.test_x)} test images "
             f"in {timings['features']:.1f} s")
@@ -223,9 +257,11 @@ def evaluate(
         "encoder_unchanged": True,
         "options": asdict(o),
         "protocols": results,
+        "lift": lift_summary(results),
         "seconds": timings,
         "total_seconds": time.perf_counter() - t_start,
-        "environment": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "environment": {"device": str(device), "precision": run.precision.name, "precision_reason": run.precision.reason,
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
                         "fastclr": __version__, "machine": platform.machine(),
                         "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }

@@ -13,19 +13,13 @@ from torch import nn
 
 from fastclr.evaluation.classifier import LabelledSetup, fit_and_test
 from fastclr.evaluation.curve import label_sweep
-from fastclr.models import encoder_from_info
-
-
-def fresh_encoder(info: dict[str, Any], device: torch.device, seed: int) -> nn.Module:
-    """A randomly initialised encoder of the run's architecture (weights fixed by `seed`)."""
-    torch.manual_seed(seed)
-    enc = encoder_from_info(info)
-    return enc.to(device).to(memory_format=torch.channels_last)
+from fastclr.evaluation.reference import untrained_encoder
 
 
 def train_from_scratch(info: dict[str, Any], setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
     """Test accuracy of a fresh encoder plus linear head trained on the labelled images `idx`."""
-    enc = fresh_encoder(info, setup.device, seed)
+    torch.manual_seed(seed)  # the head's initial weights and the training draws
+    enc = untrained_encoder(info, seed, setup.device)
     head = nn.Linear(info["feature_dim"], len(setup.classes)).to(setup.device)
     return fit_and_test(enc, head, setup, idx, seed)
 

@@ -22,14 +22,33 @@ def render(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def points(x: float) -> str:
+    """0.0512 -> '+5.12 points'."""
+    return f"{100 * x:+.2f} points"
+
+
 def curve_rows(results: dict[str, Any]) -> list[list[str]]:
-    """Label-efficiency rows: labels per class, few-label probe, supervised baseline."""
+    """Label-efficiency rows: labels per class, few-label probe (and on the untrained network),
+    supervised baseline."""
     probe = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("curve", [])}
+    untrained = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("random_init_curve", [])}
     sup = {e["labels_per_class"]: e for e in results.get("supervised", {}).get("curve", [])}
-    rows = [["labels/class", "linear probe on h", "supervised from scratch"]]
+    head = ["labels/class", "linear probe on h"] + (["same net untrained"] if untrained else []) + ["supervised from scratch"]
+    rows = [head]
     for n in sorted(set(probe) | set(sup)):
-        rows.append([str(n), pct_spread(probe[n]) if n in probe else "-", pct_spread(sup[n]) if n in sup else "-"])
+        row = [str(n), pct_spread(probe[n]) if n in probe else "-"]
+        if untrained:
+            row.append(pct_spread(untrained[n]) if n in untrained else "-")
+        rows.append(row + [pct_spread(sup[n]) if n in sup else "-"])
     return rows
+
+
+def untrained_cells(entry: dict[str, Any]) -> list[str]:
+    """'same net untrained' and 'lift' cells of a protocol that measured both."""
+    if "random_init" not in entry:
+        return ["-", "-"]
+    r = entry["random_init"]["accuracy"]
+    return [pct(r), points(entry["accuracy"] - r)]
 
 
 def format_table(out: dict[str, Any]) -> str:
@@ -37,16 +56,22 @@ def format_table(out: dict[str, Any]) -> str:
     p = out["protocols"]
     enc = out["encoder"]
     blocks = [f"{out['run_dir']}: {enc['encoder']} encoder (h: {enc['feature_dim']}-d) on {out['dataset']}"]
-    rows = [["protocol", "labels", "test accuracy"]]
+    rows = [["protocol", "labels", "test accuracy", "same net untrained", "lift"]]
     if "linear" in p:
-        rows.append(["linear probe on h", f"all ({p['linear']['labels']})", pct(p["linear"]["accuracy"])])
+        rows.append(["linear probe on h", f"all ({p['linear']['labels']})", pct(p["linear"]["accuracy"]),
+                     *untrained_cells(p["linear"])])
     if "knn" in p:
-        rows.append([f"kNN on h (k={p['knn']['k']})", "all", pct(p["knn"]["accuracy"])])
+        rows.append([f"kNN on h (k={p['knn']['k']})", "all", pct(p["knn"]["accuracy"]), *untrained_cells(p["knn"])])
     if "pixels" in p:
         rows.append(["linear probe on pixels", "all", pct(p["pixels"]["linear_accuracy"])])
         rows.append(["kNN on pixels", "all", pct(p["pixels"]["knn_accuracy"])])
     if len(rows) > 1:
         blocks.append(render(rows))
+    lift = out.get("lift", {})
+    if lift.get("small"):
+        blocks.append(f"FLAG: the linear probe is only {points(lift['linear'])} above the same network untrained "
+                      f"(threshold {100 * lift['threshold']:g} points): most of this accuracy is the architecture's, "
+                      "not what pretraining learned")
     if "fewshot" in p or "supervised" in p:
         blocks.append(render(curve_rows(p)))
     if "finetune" in p:

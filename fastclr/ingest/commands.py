@@ -35,20 +35,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(run_dir: str, device_name: str) -> tuple[LoadedRun, torch.device]:
+def _load(run_dir: str, device_name: str, precision: str) -> tuple[LoadedRun, torch.device]:
     from fastclr.pretrained import load_run
-    from fastclr.train import select_device
+    from fastclr.runtime import select_device
 
     device = select_device(device_name)
-    return load_run(run_dir, device), device
+    return load_run(run_dir, device, precision), device
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Write encoder features of every image of a source."""
     from fastclr.ingest.embed import embed
 
-    run, device = _load(args.run_dir, args.device)
-    embed(run, args.data, Path(args.out), device, args.split, args.batch_size, args.precision, args.workers)
+    run, device = _load(args.run_dir, args.device, args.precision)
+    embed(run, args.data, Path(args.out), device, args.split, args.batch_size, args.workers)
     return 0
 
 
@@ -56,7 +56,7 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     """Print (and draw) the store images nearest to a query image."""
     from fastclr.ingest.neighbours import neighbours
 
-    run, device = _load(args.run_dir, args.device)
+    run, device = _load(args.run_dir, args.device, args.precision)
     neighbours(run, Path(args.data), Path(args.query), args.k, device, Path(args.grid) if args.grid else None)
     return 0
 
@@ -91,7 +91,8 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="rows to embed (default all, in the source's order; the index has a split column)")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where this machine has native bf16, else fp32")
     e.add_argument("--workers", type=int, default=0, help="decoding processes for a folder")
     e.set_defaults(func=cmd_embed)
 
@@ -102,4 +103,6 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     n.add_argument("-k", type=int, default=8)
     n.add_argument("--grid", help="also save the query and its neighbours as an image grid (e.g. grid.png)")
     n.add_argument("--device", default="auto")
+    n.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where this machine has native bf16, else fp32")
     n.set_defaults(func=cmd_neighbours)

@@ -95,15 +95,14 @@ def open_source(data: str, split: str, size: int, channels: int, workers: int = 
         raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of images")
 
 
-def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch_size: int = 256,
-                 precision: str = "fp32") -> np.ndarray:
+def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
     """float32 (N, D) features h of uint8 (N, S, S, C) images (read `_CHUNK` rows at a time, so a
     memory-mapped store never has to fit in memory), resized to the run's image size."""
     c, size = int(run.info["in_channels"]), int(run.info["image_size"])
     out = [np.zeros((0, int(run.info["feature_dim"])), np.float32)]
     for start in range(0, len(images), _CHUNK):
         x = match_channels(np.array(images[start : start + _CHUNK]), c)  # one read of the chunk, writable
-        h = extract_features(run.encoder, x, run.mean, run.std, device, batch_size, precision, size,
+        h = extract_features(run.encoder, x, run.mean, run.std, device, batch_size, run.precision, size,
                              run.config.train.channels_last)
         out.append(h.numpy())
     return np.concatenate(out)
@@ -125,7 +124,7 @@ def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, objec
 
 
 def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str = "all", batch_size: int = 256,
-          precision: str = "fp32", workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+          workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv)."""
     c = int(run.info["in_channels"])
     with open_source(data, split, int(run.info["image_size"]), c, workers, run.config.data.root or None, log) as src:
@@ -133,7 +132,7 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
         if have != c:
             log(f"note: the images have {have} channel(s), the encoder {c}: "
                 + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
-        feats = [embed_images(run, b, device, batch_size, precision) for b in src.blocks]
+        feats = [embed_images(run, b, device, batch_size) for b in src.blocks]
         features = np.concatenate(feats) if feats else np.zeros((0, int(run.info["feature_dim"])), np.float32)
         paths = write_embeddings(out, features, src.rows)
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")

@@ -52,7 +52,8 @@ def cosine_neighbours(features: np.ndarray, query: np.ndarray, k: int) -> tuple[
 
 def store_features(run: LoadedRun, store: Store, device: torch.device, log: Callable[[str], None] = print) -> np.ndarray:
     """float32 (N, D) features of every store row, computed once per (store, encoder) and cached."""
-    key = hashlib.sha256((store.path / META).read_bytes() + state_checksum(run.encoder).encode()).hexdigest()[:16]
+    key = hashlib.sha256((store.path / META).read_bytes() + state_checksum(run.encoder).encode()
+                         + run.precision.name.encode()).hexdigest()[:16]
     cache = run.run_dir / "features" / f"{store.path.name}-{key}.npy"
     if cache.exists():
         feats = np.load(cache)

@@ -28,7 +28,7 @@ from fastclr.report import figures
 from fastclr.report.embedding_map import pca, tsne
 from fastclr.report.html import note, page, section
 from fastclr.runs import read_metrics
-from fastclr.train import select_device
+from fastclr.runtime import select_device
 
 REPORT_FILE = "report.html"
 VIEW_IMAGES = 12
@@ -41,7 +41,7 @@ QUERIES, NEIGHBOURS = 8, 8
 
 
 def _features(run: LoadedRun, images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return extract_features(run.encoder, images, run.mean, run.std, device, precision=run.config.train.precision,
+    return extract_features(run.encoder, images, run.mean, run.std, device, precision=run.precision,
                             size=int(run.info["image_size"]))
 
 
@@ -76,7 +76,7 @@ def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed
     originals = dataset.pretrain.images[idx]
     raw, views = view_pairs(originals, run.config.augment, seed, run.mean, run.std, device)
     grid = figures.view_pairs_grid(originals, raw)
-    h = encode(run.encoder, views, run.config.train.precision)
+    h = encode(run.encoder, views, run.precision)
     heat, stats = figures.similarity_heatmap(h)
     n = len(idx)
     return [
@@ -160,6 +160,7 @@ def build_report(
     threads: int = 0,
     dataset: Dataset | None = None,
     seed: int = 0,
+    precision: str = "auto",
 ) -> Path:
     """Write the report of `run_dir` (to RUN_DIR/report.html unless `out`) and return its path."""
     t0 = time.perf_counter()
@@ -167,7 +168,7 @@ def build_report(
         torch.set_num_threads(threads)
     dev = select_device(device)
     require_encoder(run_dir)
-    run = load_run(run_dir, dev)
+    run = load_run(run_dir, dev, precision)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = read_eval(run_dir)
     sections = [_curves_section(run_dir), *_views_sections(run, dataset, dev, seed),

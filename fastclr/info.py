@@ -1,0 +1,110 @@
+"""`fastclr info`: what this machine is and what fastclr would do on it, for a bug report.
+
+Versions (fastclr, torch and its build, Python, OS), the CPU (model, cores, threads in use, ISA
+level), every GPU (compute capability, memory), the precision and compile choices with their
+reasons, fp32 and bf16 matmul rates measured in about two seconds, and where each built-in
+dataset was found. `--json` prints the same as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from fastclr.data.datasets import REGISTRY, locate, search_roots
+from fastclr.runtime import cpu_features, decide_precision, matmul_seconds, select_device, usable_cpus, use_compile
+from fastclr.version import __version__
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, budget_s: float = 0.5) -> float:
+    """GFLOP/s of a square matmul in `dtype`, its side grown (256 to 2048) until one takes ~20 ms,
+    so an emulated dtype (a few GFLOP/s) costs as little time as a native one."""
+    n = 256
+    while n < 2048 and matmul_seconds(dtype, device, (n, n, n), budget_s=0.0) < 0.02:
+        n *= 2
+    return 2 * n**3 / matmul_seconds(dtype, device, (n, n, n), budget_s) / 1e9
+
+
+def gpus() -> list[dict[str, Any]]:
+    """Name, compute capability and memory of every visible CUDA device."""
+    out = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
+                    "memory_gib": round(p.total_memory / 2**30, 1)})
+    return out
+
+
+def machine_report(measure: bool = True) -> dict[str, Any]:
+    """Everything `fastclr info` prints, as plain data."""
+    cpu = cpu_features()
+    device = select_device("auto")
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    timer = (lambda dt: matmul_seconds(dt, device)) if measure else None
+    precision = decide_precision("auto", device.type, cpu, cap, timer)
+    rates: dict[str, float] = {}
+    if measure:
+        t0 = time.perf_counter()
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rates[f"{device.type}_{name}_gflops"] = round(matmul_rate(dtype, device), 1)
+        rates["seconds"] = round(time.perf_counter() - t0, 2)
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else ("ROCm " + str(torch.version.hip)
+                                                                      if torch.version.hip else "CPU")
+    return {
+        "fastclr": __version__,
+        "torch": torch.__version__,
+        "torch_build": build,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu": {**asdict(cpu), "isa": cpu.isa, "native_bf16": cpu.native_bf16, "cores_usable": usable_cpus(),
+                "torch_threads": torch.get_num_threads(), "torch_capability": torch.backends.cpu.get_cpu_capability()},
+        "gpus": gpus(),
+        "device": str(device),
+        "precision": {"choice": precision.name, "reason": precision.reason},
+        "compile": {"choice": use_compile("auto", device),
+                    "reason": "on for CUDA (fused augmentation and model kernels)" if device.type == "cuda"
+                    else "off on CPU (the compiled CPU step measured 1.36x slower than eager)"},
+        "matmul": rates,
+        "datasets": {name: str(locate(name) or "") for name in REGISTRY},
+        "data_roots": [str(r) for r in search_roots()],
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as aligned text lines."""
+    c = r["cpu"]
+    flags = ", ".join(k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16") if c[k]) or "none of AVX2/AVX-512"
+    lines = [
+        f"fastclr     {r['fastclr']}",
+        f"torch       {r['torch']} ({r['torch_build']} build)",
+        f"python      {r['python']} on {r['os']}",
+        f"cpu         {c['model']} ({c['arch']}), {c['cores_usable']} usable cores, {c['torch_threads']} torch threads",
+        f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'})",
+    ]
+    lines += [f"gpu {g['index']}       {g['name']}, compute capability {g['compute_capability']}, {g['memory_gib']} GiB"
+              for g in r["gpus"]] or ["gpu         none visible"]
+    lines += [
+        f"device      {r['device']}",
+        f"precision   {r['precision']['choice']}: {r['precision']['reason']}",
+        f"compile     {'on' if r['compile']['choice'] else 'off'}: {r['compile']['reason']}",
+    ]
+    m = r["matmul"]
+    if m:
+        rates = ", ".join(f"{k.split('_')[1]} {v:g} GFLOP/s" for k, v in m.items() if k.endswith("gflops"))
+        lines.append(f"matmul      {rates} (measured in {m['seconds']:g} s)")
+    for name, where in r["datasets"].items():
+        lines.append(f"data        {name}: {where or 'not found (fastclr download ' + name + ')'}")
+    return "\n".join(lines)
+
+
+def main(as_json: bool, measure: bool = True) -> int:
+    """Print the report; exit code 0."""
+    r = machine_report(measure)
+    sys.stdout.write((json.dumps(r, indent=2) if as_json else format_report(r)) + "\n")
+    return 0

@@ -1,0 +1,273 @@
+"""Runtime choices of one process, made from what the machine has: device, precision, compile,
+threads and the allocator. Training, evaluation, the report and ingestion all take them from here.
+
+Precision is the choice that depends most on the hardware. bf16 autocast halves the bytes and, on
+CPUs with bf16 dot-product units (AVX512_BF16: Cooper Lake, Sapphire Rapids and later Xeons, AMD
+Zen 4 and later; AMX-BF16: Sapphire Rapids and later), roughly doubles the matmul rate. On every
+other CPU oneDNN emulates bf16 and the same matmul runs tens to hundreds of times slower than fp32
+(measured on an AMD EPYC 9004 with oneDNN capped at AVX2: 1.8 against 160 GFLOP/s, docs/benchmarks.md).
+`torch.ops.mkldnn._is_mkldnn_bf16_supported()` alone cannot tell the two apart: it answers True on
+any AVX-512 CPU, with bf16 units or not. So the decision asks the CPU flags torch reads (cpuinfo)
+first and times a matmul in both dtypes only where the flags and oneDNN disagree or say nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastclr.errors import FastclrError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; otherwise the named device, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise FastclrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FastclrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        # An explicit index: torch.cuda.set_device and DDP's device_ids need one.
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the CPU offers for the choices below, as torch itself sees it."""
+
+    model: str
+    """The CPU's name from /proc/cpuinfo (or the platform's processor string)."""
+    arch: str
+    """platform.machine(): x86_64, aarch64, arm64, ..."""
+    avx2: bool
+    avx512: bool
+    avx512_bf16: bool
+    """bf16 dot-product instructions (vdpbf16ps): native bf16 matmuls."""
+    amx_bf16: bool
+    """AMX tiles (Sapphire Rapids and later): native bf16 matmuls at several times the AVX-512 rate."""
+    onednn_bf16: bool
+    """oneDNN will run bf16 kernels: False when its ISA is capped below AVX-512 (ONEDNN_MAX_CPU_ISA)."""
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 units in hardware (AVX512_BF16 or AMX-BF16)."""
+        return self.avx512_bf16 or self.amx_bf16
+
+    @property
+    def is_x86(self) -> bool:
+        """An x86-64 CPU, where the flags above are the whole answer."""
+        return self.arch.lower() in ("x86_64", "amd64", "i686", "x86")
+
+    @property
+    def isa(self) -> str:
+        """The highest level that matters here: AMX, AVX512_BF16, AVX512, AVX2 or baseline."""
+        if self.amx_bf16:
+            return "AMX"
+        if self.avx512_bf16:
+            return "AVX512_BF16"
+        if self.avx512:
+            return "AVX512"
+        return "AVX2" if self.avx2 else "baseline"
+
+
+def cpu_model() -> str:
+    """The CPU's name, e.g. 'Intel(R) Xeon(R) Platinum 8488C', with its x86 family and model
+    numbers: virtual machines often show a bare 'AMD EPYC', and family 25 model 17 (Zen 4) is
+    what tells whether it has bf16 units."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in info.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def _query(name: str) -> bool:
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+def cpu_features() -> CpuFeatures:
+    """This process's CPU, through torch's own capability queries."""
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    return CpuFeatures(model=cpu_model(), arch=platform.machine(), avx2=_query("_is_avx2_supported"),
+                       avx512=_query("_is_avx512_supported"), avx512_bf16=_query("_is_avx512_bf16_supported"),
+                       amx_bf16=_query("_is_amx_tile_supported"), onednn_bf16=onednn)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The resolved precision of one run or command, and why it was chosen."""
+
+    name: str
+    """bf16, fp16 or fp32."""
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The autocast dtype of encoder and head; None for fp32 (no autocast)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 gradients underflow without it: dynamic loss scaling (torch.amp.GradScaler)."""
+        return self.name == "fp16"
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """How the probe stores frozen features: bf16 where bf16 is native (its L-BFGS passes are
+        memory-bound, 147 -> 55 s on a 3136-d encoder, same accuracy), fp32 everywhere else."""
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+    def autocast(self, device: torch.device) -> AbstractContextManager[object]:
+        """Autocast to this precision on `device` (disabled for fp32)."""
+        return torch.autocast(device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None)
+
+
+FP32 = Precision("fp32", "asked for")
+
+MatmulTimer = Callable[[torch.dtype], float]
+"""Seconds of one matmul of the run's shapes in a dtype (the tie-breaker where flags are not enough)."""
+
+
+def decide_precision(
+    requested: str,
+    device_type: str,
+    cpu: CpuFeatures | None = None,
+    cuda_capability: tuple[int, int] | None = None,
+    timer: MatmulTimer | None = None,
+) -> Precision:
+    """The precision for `requested` (auto, bf16, fp16, fp32) on a device with these capabilities.
+
+    auto on CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 with loss scaling below.
+    auto on CPU: bf16 with native bf16 units that oneDNN uses, fp32 on x86 CPUs without them;
+    otherwise (ARM, or flags and oneDNN disagreeing) the faster of the two in `timer`, bf16 only
+    when at least 10% faster. Explicit choices are kept (checked by `check_precision`)."""
+    if requested not in PRECISIONS:
+        raise FastclrError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)} (e.g. --precision auto)")
+    if requested != "auto":
+        return Precision(requested, "asked for")
+    if device_type == "cuda":
+        major, minor = cuda_capability or (0, 0)
+        if major >= 8:
+            return Precision("bf16", f"CUDA compute capability {major}.{minor} has bf16 tensor cores")
+        return Precision("fp16", f"CUDA compute capability {major}.{minor} has no bf16 tensor cores: fp16 with "
+                                 "dynamic loss scaling")
+    if device_type != "cpu" or cpu is None:
+        return Precision("fp32", f"no mixed-precision rule for device {device_type}")
+    if cpu.native_bf16 and cpu.onednn_bf16:
+        unit = "AMX-BF16" if cpu.amx_bf16 else "AVX512_BF16"
+        return Precision("bf16", f"{cpu.model} has native bf16 ({unit})")
+    if cpu.is_x86 and not cpu.native_bf16:
+        return Precision("fp32", f"{cpu.model} ({cpu.isa}) has no bf16 units: bf16 would be emulated, far slower than fp32")
+    if timer is None:
+        return Precision("fp32", f"{cpu.model}: bf16 support uncertain and not measured")
+    fp32_s, bf16_s = timer(torch.float32), timer(torch.bfloat16)
+    name = "bf16" if bf16_s < 0.9 * fp32_s else "fp32"
+    return Precision(name, f"{cpu.model}: bf16 support uncertain; measured matmul {fp32_s * 1e3:.1f} ms fp32, "
+                           f"{bf16_s * 1e3:.1f} ms bf16")
+
+
+def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
+                   budget_s: float = 0.15) -> float:
+    """Best time of (m, k) @ (k, n) in `dtype` on `device` over up to `budget_s` seconds."""
+    m, k, n = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, device=device, generator=g).to(dtype)
+    b = torch.randn(k, n, device=device, generator=g).to(dtype)
+    best, start = float("inf"), time.perf_counter()
+    for i in range(50):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i > 0:  # the first call pays for kernel selection and page faults
+            best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and i > 1:
+            break
+    return best
+
+
+def resolve_precision(requested: str, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
+                      warn: Callable[[str], None] = print) -> Precision:
+    """`decide_precision` with this machine's capabilities; warns (one line) when an explicit
+    bf16 will be emulated, and refuses what cannot run."""
+    cpu = cpu_features() if device.type == "cpu" else None
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    prec = decide_precision(requested, device.type, cpu, cap, lambda dt: matmul_seconds(dt, device, shape))
+    check_precision(prec, device, cpu, warn, shape)
+    return prec
+
+
+def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | None, warn: Callable[[str], None],
+                    shape: tuple[int, int, int] = (512, 1024, 256)) -> None:
+    """A one-line warning for an explicit bf16 or fp16 the hardware emulates, with the measured cost."""
+    if device.type != "cpu" or cpu is None or prec.name == "fp32":
+        return
+    if prec.name == "bf16" and (cpu.native_bf16 and cpu.onednn_bf16):
+        return
+    if prec.name == "fp16" and _query("_is_amx_fp16_supported"):
+        return
+    slow = matmul_seconds(prec.dtype or torch.float32, device, shape) / matmul_seconds(torch.float32, device, shape)
+    units = "bf16" if prec.name == "bf16" else "fp16"
+    warn(f"warning: --precision {prec.name} on {cpu.model} ({cpu.isa}, no {units} units): {prec.name} is emulated "
+         f"here, a matmul measured {slow:.1f}x the fp32 time; --precision auto would choose fp32")
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """Resolve `train.compile`: auto -> on for CUDA, off elsewhere.
+
+    Measured (docs/benchmarks.md): on an H100, compiling model, loss and the augmentation's pixel
+    work took the ResNet-18 step from 51k to 71k images/s; on a 2-core CPU the compiled step
+    was 1.36x slower than eager."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return device.type == "cuda"
+    if setting in ("on", "true"):
+        return True
+    if setting in ("off", "false"):
+        return False
+    raise FastclrError(f"compile must be auto, on or off, got {setting!r}")
+
+
+def set_threads(threads: int) -> int:
+    """Use `threads` CPU threads for PyTorch (0 keeps PyTorch's choice); returns the number in use."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's total."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,271 @@
+"""Precision `auto`: the decision from hardware capabilities, fp32 paths that never touch bf16,
+fp16 with dynamic loss scaling (skip, halve, resume exactly), and `fastclr info --json`."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import synthetic_images
+from fastclr.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.cli import main as cli_main
+from fastclr.config import Config, apply_overrides
+from fastclr.data import Dataset, ImageSet
+from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe, fit_and_test
+from fastclr.evaluation.features import encode
+from fastclr.knn import knn_accuracy
+from fastclr.models import ProjectionHead, SmallCNN
+from fastclr.optim import build_optimizer
+from fastclr.probe import extract_features, linear_probe
+from fastclr.runtime import FP32, CpuFeatures, Precision, decide_precision, resolve_precision
+from fastclr.step import SimCLRNet, TrainStep
+from fastclr.train import pretrain
+
+CPU = torch.device("cpu")
+
+
+def cpu(avx512: bool = False, bf16: bool = False, amx: bool = False, arch: str = "x86_64",
+        onednn: bool | None = None) -> CpuFeatures:
+    # oneDNN reports bf16 kernels on any AVX-512 CPU, with bf16 units or not (the issue's trap).
+    return CpuFeatures("test cpu", arch, avx2=True, avx512=avx512 or bf16 or amx, avx512_bf16=bf16 or amx,
+                       amx_bf16=amx, onednn_bf16=(avx512 or bf16 or amx) if onednn is None else onednn)
+
+
+def never_timed(dtype: torch.dtype) -> float:
+    raise AssertionError("the flags alone decide this case: no matmul may be timed")
+
+
+@pytest.mark.parametrize("device_type, features, capability, expected, scaling", [
+    ("cpu", cpu(), None, "fp32", False),                       # AVX2 only
+    ("cpu", cpu(avx512=True), None, "fp32", False),            # AVX-512 without bf16 units
+    ("cpu", cpu(bf16=True), None, "bf16", False),              # AVX512_BF16 (Cooper Lake, Zen 4)
+    ("cpu", cpu(amx=True), None, "bf16", False),               # AMX (Sapphire Rapids)
+    ("cuda", None, (7, 0), "fp16", True),                      # V100
+    ("cuda", None, (8, 0), "bf16", False),                     # A100
+    ("cuda", None, (9, 0), "bf16", False),                     # H100
+], ids=["avx2", "avx512", "avx512_bf16", "amx", "cuda7.0", "cuda8.0", "cuda9.0"])
+def test_auto_precision_table(device_type: str, features: CpuFeatures | None, capability: tuple[int, int] | None,
+                              expected: str, scaling: bool) -> None:
+    p = decide_precision("auto", device_type, features, capability, never_timed)
+    assert (p.name, p.loss_scaling) == (expected, scaling)
+    assert p.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, expected", [(1.0, 0.5, "bf16"), (1.0, 0.95, "fp32"), (1.0, 30.0, "fp32")])
+@pytest.mark.parametrize("features", [cpu(arch="aarch64"), cpu(bf16=True, onednn=False)], ids=["arm", "isa-capped"])
+def test_uncertain_cpus_take_the_faster_measured_dtype(features: CpuFeatures, fp32_s: float, bf16_s: float,
+                                                       expected: str) -> None:
+    """Flags that say nothing (ARM) or disagree with oneDNN (ONEDNN_MAX_CPU_ISA capped below
+    AVX-512) are settled by timing; bf16 must win by 10% to be taken."""
+    asked: list[torch.dtype] = []
+
+    def timer(dtype: torch.dtype) -> float:
+        asked.append(dtype)
+        return bf16_s if dtype == torch.bfloat16 else fp32_s
+
+    assert decide_precision("auto", "cpu", features, None, timer).name == expected
+    assert sorted(map(str, asked)) == ["torch.bfloat16", "torch.float32"]
+
+
+def test_explicit_choices_are_kept_and_unknown_ones_refused() -> None:
+    for name in ("bf16", "fp16", "fp32"):
+        assert decide_precision(name, "cpu", cpu(), None, never_timed).name == name
+    with pytest.raises(Exception, match="unknown precision 'half'; choose one of: auto, bf16, fp16, fp32"):
+        decide_precision("half", "cpu", cpu(), None, never_timed)
+
+
+def test_explicit_bf16_without_bf16_units_warns_once_with_the_measured_slowdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fastclr.runtime.cpu_features", lambda: cpu())
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0: 40.0 if dtype == torch.bfloat16 else 0.5)
+    lines: list[str] = []
+    p = resolve_precision("bf16", CPU, warn=lines.append)
+    assert p.name == "bf16" and len(lines) == 1
+    assert "test cpu (AVX2, no bf16 units)" in lines[0] and "80.0x the fp32 time" in lines[0]
+    lines.clear()
+    assert resolve_precision("auto", CPU, warn=lines.append).name == "fp32" and lines == []
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """Every dtype an aten operator returns, seen below autograd and autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        return out
+
+
+def _feature_paths(precision: Precision) -> set[torch.dtype]:
+    """Run features, probe, kNN, view encoding and classifier training under `precision`."""
+    x, y = synthetic_images(64, 28)
+    xt, yt = synthetic_images(32, 28, seed=5)
+    torch.manual_seed(0)
+    enc = SmallCNN(1, 0.25, "32|64")
+    mean, std = torch.tensor([0.2]), torch.tensor([0.3])
+    setup = LabelledSetup(x, y, xt, yt, ["a", "b", "c", "d"], mean, std, 28, CPU, precision,
+                          TrainRecipe(steps=2, batch_size=16, lr=1e-3, weight_decay=0.0, warmup_fraction=0.0,
+                                      shift_fraction=0.07, flip_p=0.5))
+    with DtypeRecorder() as rec:
+        ftr = extract_features(enc, x, mean, std, CPU, precision=precision)
+        fte = extract_features(enc, xt, mean, std, CPU, precision=precision)
+        linear_probe(ftr, torch.from_numpy(y), fte, torch.from_numpy(yt), l2_grid=(1e-2,), max_iter=5,
+                     feature_dtype=precision.feature_dtype)
+        knn_accuracy(ftr, torch.from_numpy(y), fte, torch.from_numpy(yt), k=5, precision=precision)
+        encode(enc, torch.randn(8, 1, 28, 28), precision)
+        fit_and_test(enc, nn.Linear(enc.feature_dim, 4), setup, np.arange(32), seed=0)
+    return rec.dtypes
+
+
+def test_fp32_feature_probe_knn_and_classifier_paths_never_create_bf16() -> None:
+    assert torch.bfloat16 not in _feature_paths(FP32)
+    # The recorder does see bf16 when it is used: the assertion above is not vacuous.
+    assert torch.bfloat16 in _feature_paths(Precision("bf16", "test"))
+
+
+def _tiny_net(seed: int = 0) -> tuple[SimCLRNet, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    enc = SmallCNN(1, 0.125, "32|64")
+    net = SimCLRNet(enc, ProjectionHead(enc.feature_dim, 16, 8))
+    return net, build_optimizer("adamw", [net.encoder, net.head], 1e-3, 5e-4)
+
+
+class Overflow:
+    """A backward hook that turns one chosen step's gradient into inf (an fp16 overflow)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step, self.step = at_step, 0
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf") if self.step == self.at_step else grad
+
+
+def test_fp16_overflow_skips_the_update_halves_the_scale_and_leaves_parameters_untouched() -> None:
+    net, opt = _tiny_net()
+    step = TrainStep(net, opt, Precision("fp16", "test"), CPU, temperature=0.5)
+    boom = Overflow(at_step=-1)
+    next(net.encoder.parameters()).register_hook(boom)
+    views = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    # From 2^16 the scale first halves until this model's gradients fit in fp16.
+    scales = []
+    for _ in range(30):
+        scales.append(step.loss_scale())
+        if float(step(views).skipped) == 0.0 and len(scales) > 1 and step.loss_scale() == scales[-1]:
+            break
+    assert all(b == a / 2 for a, b in zip(scales, scales[1:]))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in opt.state}
+    scale = step.loss_scale()
+    boom.step = boom.at_step  # this step's gradient overflows
+    out = step(views)
+    assert float(out.skipped) == 1.0 and not torch.isfinite(out.grad_norm)
+    assert step.loss_scale() == scale / 2
+    for k, p in net.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k  # no update and no weight decay
+    for p in opt.state:
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, moments[id(p)][k]), k  # AdamW's moments and step count untouched
+    boom.step = 0
+    out = step(views)
+    assert float(out.skipped) == 0.0 and torch.isfinite(out.grad_norm)
+    assert not torch.equal(next(net.encoder.parameters()).detach(), before[next(iter(dict(net.named_parameters())))])
+
+
+def test_loss_scaling_is_off_for_bf16_and_fp32() -> None:
+    for name in ("bf16", "fp32"):
+        net, opt = _tiny_net()
+        step = TrainStep(net, opt, Precision(name, "test"), CPU, temperature=0.5)
+        out = step(torch.randn(8, 1, 28, 28))
+        assert step.loss_scale() == 1.0 and step.state_dict() == {} and float(out.skipped) == 0.0
+
+
+class OverflowingEncoder(nn.Module):
+    """A SmallCNN whose gradient overflows at one global step, wherever a run resumes."""
+
+    def __init__(self, at_step: int) -> None:
+        super().__init__()
+        self.inner = SmallCNN(1, 0.125, "32|64")
+        self.feature_dim = self.inner.feature_dim
+        self.boom = Overflow(at_step)
+        next(self.inner.parameters()).register_hook(self.boom)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _fp16_config(run_dir: Path) -> Config:
+    return apply_overrides(Config(), {
+        "model.head_hidden": 16, "model.proj_dim": 8, "train.batch_size": 16, "train.epochs": 2.0,
+        "train.run_dir": str(run_dir), "train.log_every": 1, "train.precision": "fp16", "eval.monitor_every": 0,
+        "eval.probe": False, "augment.blur_p": 0.0})
+
+
+def _run(run_dir: Path, ds: Dataset, resume: bool, stop_at: int | None) -> Any:
+    torch.manual_seed(0)  # the same initial encoder in every run (pretrain seeds only the head)
+    enc = OverflowingEncoder(at_step=3)
+    if resume:
+        enc.boom.step = int(load_checkpoint(list_checkpoints(run_dir)[-1])["step"])
+
+    def stop(step: int) -> bool:
+        enc.boom.step = step  # the next step to run
+        return stop_at is not None and step == stop_at
+
+    return pretrain(_fp16_config(run_dir), encoder=enc, dataset=ds, resume=run_dir if resume else None,
+                    progress=False, log=lambda s: None, stop=stop)
+
+
+def test_fp16_stop_and_resume_through_a_skipped_step_is_exact(tmp_path: Path) -> None:
+    x, y = synthetic_images(96, 28)
+    ds = Dataset("tiny", ImageSet(x, y), None, None, [])  # 6 steps per epoch, 12 in all
+    straight = _run(tmp_path / "a", ds, resume=False, stop_at=None)
+    assert straight.steps == 12
+    recs = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["skipped"] for r in recs if "skipped" in r}
+    assert skipped[4] == 1  # step index 3 is the 4th step; the log counts steps from 1
+    assert sum(skipped.values()) >= 1 and all(r["loss_scale"] > 0 for r in recs if "loss_scale" in r)
+    first = _run(tmp_path / "b", ds, resume=False, stop_at=5)  # stops after the skipped step
+    assert first.stopped and first.steps == 5
+    second = _run(tmp_path / "b", ds, resume=True, stop_at=None)
+    assert second.steps == 12
+    a = load_checkpoint(list_checkpoints(tmp_path / "a")[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    assert a["loss_scaler"] == b["loss_scaler"] and a["loss_scaler"]["scale"] < 2.0**16
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["config"]["train"]["precision"] == "fp16"
+
+
+def test_info_json_names_the_precision_pretrain_would_choose() -> None:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli_main(["info", "--json", "--no-measure"]) == 0
+    report = json.loads(buf.getvalue())
+    assert report["precision"]["choice"] == resolve_precision("auto", CPU, warn=lambda s: None).name
+    assert report["cpu"]["isa"] in ("AMX", "AVX512_BF16", "AVX512", "AVX2", "baseline")
+    assert report["torch"] == torch.__version__ and report["device"] == "cpu"
+    assert set(report["datasets"]) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "stl10"}
+
+
+def test_pretrain_records_the_resolved_precision(tmp_path: Path) -> None:
+    x, y = synthetic_images(32, 28)
+    cfg = apply_overrides(_fp16_config(tmp_path), {"train.precision": "auto", "train.epochs": 1.0})
+    lines: list[str] = []
+    pretrain(cfg, dataset=Dataset("tiny", ImageSet(x, y), None, None, []), progress=False, log=lines.append)
+    expected = resolve_precision("auto", CPU, warn=lambda s: None)
+    assert f'precision = "{expected.name}"' in (tmp_path / "config.toml").read_text()
+    assert lines[0] == f"precision {expected.name}: {expected.reason}"
