@@ -1,69 +1,107 @@
-"""Measure recipe levers for the Fashion-MNIST CPU run: each experiment is a set of config
-overrides (plus, optionally, a SmallCNN stage spec), trained for a fixed wall-clock budget, then
-linear-probed. Appends one JSON line per experiment to --out.
+"""Recipe levers for the Fashion-MNIST CPU run, each measured for what it gives the encoder.
 
-    python benchmarks/levers.py --budget 5 --out levers.jsonl \
-        "base:" "t0.1:train.temperature=0.1" "wide:stages=64|128|512"
+Each experiment is a set of config overrides, trained through `fastclr.pretrain` itself (the
+CLI's draws; kNN monitor off) for a wall-clock budget or a fixed number of epochs, then measured
+on frozen h exactly as `fastclr evaluate` does: the linear probe, weighted kNN (k 20, tau 0.07),
+the 10-labels-per-class probe (3 subset seeds) and the same three for the same network at its
+initial weights, with the lift (trained minus untrained). Appends one JSON line per experiment.
+
+Fixed epochs compare recipes at equal steps whatever the machine is doing; convert to equal wall
+time with the step times measured side by side (benchmarks/step_levers.py).
+
+    python benchmarks/levers.py --budget 9.5 --out levers.jsonl "base:" "t0.2:train.temperature=0.2"
+    python benchmarks/levers.py --epochs 6 "gap:model.cnn_stages=32|128|256" --seeds 0,1,2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from fastclr.models.cnn import SmallCNN
+from fastclr.data import Dataset, load_data
+from fastclr.evaluation.fewshot import fewshot_fit
+from fastclr.evaluation.reference import untrained_encoder
+from fastclr.evaluation.subsets import stratified_subset
+from fastclr.knn import knn_accuracy
 from fastclr.presets import apply_preset
+from fastclr.probe import extract_features, linear_probe
+from fastclr.runtime import Precision
 from fastclr.train import pretrain
 
+from machine import describe
 
-def run(name: str, spec: str, budget: float, epochs: float, seed: int) -> dict[str, Any]:
+
+def quality(encoder: torch.nn.Module, ds: Dataset, mean: torch.Tensor, std: torch.Tensor, size: int,
+            precision: Precision) -> dict[str, float]:
+    """Linear probe, kNN and 10-labels-per-class accuracy (%) of frozen h, as `fastclr evaluate`."""
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    cpu = torch.device("cpu")
+    ftr = extract_features(encoder, ds.train.images, mean, std, cpu, precision=precision, size=size)
+    fte = extract_features(encoder, ds.test.images, mean, std, cpu, precision=precision, size=size)
+    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    linear = linear_probe(ftr, ytr, fte, yte, feature_dtype=precision.feature_dtype).accuracy
+    knn = knn_accuracy(ftr, ytr, fte, yte, k=20, tau=0.07, precision=precision)
+    few = []
+    for seed in (0, 1, 2):
+        idx = torch.from_numpy(stratified_subset(ds.train.labels, 10, seed))
+        few.append(fewshot_fit(ftr[idx], ytr[idx], fte, yte, seed).accuracy)
+    return {"linear": round(100 * linear, 2), "knn": round(100 * knn, 2), "few10": round(100 * float(np.mean(few)), 2)}
+
+
+def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Dataset, untrained: bool) -> dict[str, Any]:
     """Train one configuration and return its measured outcome."""
-    overrides: dict[str, Any] = {"eval.monitor_every": 0, "train.seed": seed, "train.run_dir": f"runs/levers/{name}-s{seed}"}
+    overrides: dict[str, Any] = {"eval.monitor_every": 0, "eval.probe": False, "train.seed": seed,
+                                 "train.run_dir": f"runs/levers/{name}-s{seed}"}
     if budget > 0:
         overrides["train.time_budget"] = budget
     else:
         overrides["train.epochs"] = epochs
-    s2d = True
     # Items split at commas that start a new key=, so a stage spec may hold commas (32|64,64|flat0).
     for item in filter(None, re.split(r",(?=[\w.]+=)", spec)):
         k, _, v = item.partition("=")
-        if k == "stages":  # the CLI's --cnn-stages: built by pretrain itself, so the draws equal the CLI's
-            overrides["model.cnn_stages"] = v
-        elif k == "s2d":
-            s2d = v == "1"
-        else:
-            overrides[k] = v
+        overrides["model.cnn_stages" if k == "stages" else k] = v
     cfg = apply_preset(overrides)
-    encoder = None
-    if not s2d:  # not a config option: a custom encoder module (drawn before pretrain seeds)
-        encoder = SmallCNN(1, cfg.model.width, cfg.model.cnn_stages, space_to_depth=False)
     t0 = time.perf_counter()
-    res = pretrain(cfg, encoder=encoder, progress=False, log=lambda s: None)
-    return {"name": name, "spec": spec, "seed": seed, "budget_min": budget, "steps": res.steps,
-            "train_s": round(res.train_seconds, 1), "total_s": round(time.perf_counter() - t0, 1),
-            "probe_acc": res.probe_accuracy, "machine": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
+    assert res.model is not None
+    info = res.model.info
+    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+    precision = res.precision or Precision("fp32", "not resolved")
+    rec: dict[str, Any] = {"name": name, "spec": spec, "seed": seed, "budget_min": budget, "epochs": epochs,
+                           "steps": res.steps, "train_s": round(res.train_seconds, 1), "h_dim": info["feature_dim"],
+                           "precision": precision.name,
+                           **quality(res.model.encoder, ds, mean, std, info["image_size"], precision)}
+    if untrained:
+        ref = quality(untrained_encoder(info, seed, torch.device("cpu")), ds, mean, std, info["image_size"], precision)
+        rec.update({f"untrained_{k}": v for k, v in ref.items()})
+        rec["lift"] = round(rec["linear"] - ref["linear"], 2)
+    rec.update(total_s=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads(), machine=describe())
+    return rec
 
 
 def main() -> None:
     """Run the experiments named on the command line, one after the other."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("experiments", nargs="+", help="name:key=value,key=value (config keys, or stages=/s2d=)")
-    p.add_argument("--budget", type=float, default=5.0, help="minutes of training per experiment (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=10.0)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", help="name:key=value,key=value (config keys; stages= for the cnn shape)")
+    p.add_argument("--budget", type=float, default=0.0, help="minutes of pretraining per experiment (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=6.0)
     p.add_argument("--seeds", default="0")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--no-untrained", action="store_true", help="skip the untrained reference (saves its probe)")
     p.add_argument("--out", default="levers.jsonl")
     a = p.parse_args()
+    ds = load_data(apply_preset({"data.name": a.data}).data)
     for exp in a.experiments:
         name, _, spec = exp.partition(":")
+        spec = f"data.name={a.data}," + spec if a.data != "fashion-mnist" else spec
         for seed in (int(s) for s in a.seeds.split(",")):
-            rec = run(name, spec, a.budget, a.epochs, seed)
+            rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
             print(json.dumps(rec), flush=True)
             with open(a.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -154,6 +154,8 @@ class PretrainResult:
     model: Model | None = None
     rank: int = 0
     """This process's rank; only rank 0 wrote files and has the probe accuracy."""
+    precision: Precision | None = None
+    """The precision the run resolved and trained in."""
     random_init_accuracy: float | None = None
     """The same probe on the same network at its initial weights (eval.untrained_reference)."""
 
@@ -442,14 +444,15 @@ def _pretrain(
             if stop_now:
                 checkpoint()
                 log(f"stopped at step {step}; continue with `fastclr pretrain --resume {run_dir}`")
-                return PretrainResult(run_dir, step, train_seconds, None, stopped=True, model=model, rank=ctx.rank)
+                return PretrainResult(run_dir, step, train_seconds, None, stopped=True, model=model, rank=ctx.rank,
+                                      precision=precision)
         train_seconds = time.perf_counter() - loop_start  # with the last epoch's monitor pass
         checkpoint()
     finally:
         bar.close()
         metrics_log.close()
 
-    result = PretrainResult(run_dir, step, train_seconds, None, model=model, rank=ctx.rank)
+    result = PretrainResult(run_dir, step, train_seconds, None, model=model, rank=ctx.rank, precision=precision)
     if not ctx.is_main:
         return result  # rank 0 exports and probes alone; the others are done
     save_encoder(run_dir / ENCODER_FILE, enc, model.info)
