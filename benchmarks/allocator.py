@@ -2,7 +2,7 @@
 
 Each variant runs in a fresh process (the allocator's state is per process), alternated over
 --rounds so that a slow stretch of a shared VM hits both: the default Fashion-MNIST training step
-(benchmarks/throughput.py's `fastclr_step`), --warmup untimed steps, then --steps timed ones.
+(benchmarks/harness.real_step), --warmup untimed steps, then --steps timed ones.
 Per step it reports the median wall time, and from getrusage the user and system CPU seconds and
 the minor page faults (pages the kernel had to map and zero-fill), so the mechanism is visible.
 
@@ -16,11 +16,9 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
-from machine import report
+from harness import report, run_child
 
 VARIANTS = ("glibc", "keep")
 
@@ -34,12 +32,12 @@ def child(variant: str, warmup: int, steps: int) -> None:
     from fastclr.presets import apply_preset
     from fastclr.runtime import select_device
 
-    from throughput import fastclr_step
+    from harness import real_step
 
     applied = keep_freed_memory() if variant == "keep" else False
     cfg = apply_preset({"data.name": "fashion-mnist"})
     device = select_device("cpu")
-    step, _ = fastclr_step(cfg, load_data(cfg.data), device, cfg.train.precision)
+    step = real_step(cfg, load_data(cfg.data), device, cfg.train.precision)
     for i in range(warmup):
         step(i)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -71,9 +69,7 @@ def main() -> None:
     ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(a.rounds):
         for v in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", v, "--steps", str(a.steps), "--warmup", str(a.warmup)],
-                                 check=True, capture_output=True, text=True).stdout
-            rec = json.loads(out.strip().splitlines()[-1])
+            rec = run_child(__file__, ["--child", v, "--steps", str(a.steps), "--warmup", str(a.warmup)])
             ms[v].append(rec["ms_per_step"])
             report("allocator", {"round": r, **rec})
     g, k = statistics.median(ms["glibc"]), statistics.median(ms["keep"])

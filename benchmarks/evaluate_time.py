@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import report  # noqa: E402
+from harness import report  # noqa: E402
 
 from fastclr.evaluation.options import EvaluateOptions  # noqa: E402
 from fastclr.evaluation.run import evaluate  # noqa: E402

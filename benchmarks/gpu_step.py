@@ -49,14 +49,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastclr.augment import render_views, view_params
 from fastclr.data import Dataset, ImageSet
 from fastclr.data.loader import BatchSampler, ImageSource
-from fastclr.losses import contrastive_metrics, nt_xent_logits, pair_indices
-from fastclr.optim import build_optimizer
+from fastclr.pretraining.losses import contrastive_metrics, nt_xent_logits, pair_indices
+from fastclr.pretraining.optim import build_optimizer
 from fastclr.presets import apply_preset
-from fastclr.step import SimCLRNet
+from fastclr.pretraining.step import SimCLRNet
 from fastclr.runtime import resolve_precision
-from fastclr.train import augment_seed, build_model
+from fastclr.pretraining.model import build_model
+from fastclr.pretraining.views import augment_seed
 
-from machine import report
+from harness import report
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,8 @@ class Step:
         self.cfg, self.v, self.device = cfg, v, device
         self.enc, self.head = model.encoder, model.head
         self.net: torch.nn.Module = SimCLRNet(self.enc, self.head)
-        self.mean = torch.tensor(model.info["mean"], device=device)
-        self.std = torch.tensor(model.info["std"], device=device)
+        self.mean = model.spec.mean_tensor(device)
+        self.std = model.spec.std_tensor(device)
         self.source = ImageSource(dataset.pretrain.images, device)
         self.sampler = BatchSampler(len(self.source), v.batch, 0, device)
         self.opt = build_optimizer(cfg.optim.optimizer, [self.enc, self.head], cfg.optim.lr, cfg.optim.weight_decay)

@@ -3,7 +3,7 @@ at a global batch of 4096 in chunks, against plain steps at growing batches. The
 test: with GradCache the step's memory is that of one chunk (plus z and the views), whatever the
 batch; a plain step's grows with the batch until it no longer fits.
 
-Each configuration runs in a fresh subprocess (see peak.py). Plain batches are tried in
+Each configuration runs in a fresh subprocess (harness.run_child). Plain batches are tried in
 increasing order and stop after the first that exceeds --budget-gib; the last line names the
 largest plain batch within the budget.
 
@@ -21,18 +21,19 @@ from typing import Any
 
 import torch
 
-from machine import report
-from peak import emit, measure, prepare, run_child
+from harness import report
+from fastclr.runtime import select_device, set_threads
+from harness import emit, measure, run_child
 
 SCRIPT = str(Path(__file__).resolve())
 
 
 def child(batch: int, chunk: int, a: argparse.Namespace, device: torch.device) -> None:
     """Measure one configuration in this (fresh) process and print its JSON line."""
-    from fastclr.distributed import DistContext
+    from fastclr.scaleout.distributed import DistContext
     from fastclr.models import ProjectionHead, build_encoder, feature_dim
-    from fastclr.optim import build_optimizer
-    from fastclr.step import SimCLRNet, backward_step
+    from fastclr.pretraining.optim import build_optimizer
+    from fastclr.pretraining.step import SimCLRNet, backward_step
     from fastclr.runtime import resolve_precision
 
     torch.manual_seed(0)
@@ -70,7 +71,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     p.add_argument("--child", nargs=2, type=int, metavar=("BATCH", "CHUNK"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    device = prepare(a.threads, a.device)
+    set_threads(a.threads)
+    device = select_device(a.device)
     if a.child:
         child(a.child[0], a.child[1], a, device)
         return

@@ -1,5 +1,5 @@
 """kNN on one trained Fashion-MNIST encoder's features: exact fp32 similarities against the bf16
-shortlist re-scored in fp32 (`fastclr.knn.knn_predict(shortlist=...)`): seconds, accuracy, and
+shortlist re-scored in fp32 (`fastclr.evaluation.knn.knn_predict(shortlist=...)`): seconds, accuracy, and
 the fraction of the 10k test predictions equal to the exact ones.
 
     python benchmarks/knn_shortlist.py runs/fashion-mnist-...     # a run with encoder.safetensors
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from fastclr.knn import knn_predict
+from fastclr.evaluation.knn import knn_predict
 
-from machine import report
+from harness import report
 from run_features import run_features
 
 

@@ -28,13 +28,14 @@ from fastclr.data import Dataset, load_data
 from fastclr.evaluation.fewshot import fewshot_fit
 from fastclr.evaluation.reference import untrained_encoder
 from fastclr.evaluation.subsets import stratified_subset
-from fastclr.knn import knn_accuracy
+from fastclr.evaluation.knn import knn_accuracy
 from fastclr.presets import apply_preset
-from fastclr.probe import extract_features, linear_probe
+from fastclr.evaluation.probe import linear_probe
+from fastclr.evaluation.features import extract_features
 from fastclr.runtime import Precision
-from fastclr.train import pretrain
+from fastclr.pretraining.loop import pretrain
 
-from machine import describe
+from harness import describe
 
 
 def quality(encoder: torch.nn.Module, ds: Dataset, mean: torch.Tensor, std: torch.Tensor, size: int,
@@ -70,15 +71,15 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Datas
     t0 = time.perf_counter()
     res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
     assert res.model is not None
-    info = res.model.info
-    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+    spec = res.model.spec
+    mean, std = spec.mean_tensor(), spec.std_tensor()
     precision = res.precision or Precision("fp32", "not resolved")
     rec: dict[str, Any] = {"name": name, "spec": spec, "seed": seed, "budget_min": budget, "epochs": epochs,
-                           "steps": res.steps, "train_s": round(res.train_seconds, 1), "h_dim": info["feature_dim"],
+                           "steps": res.steps, "train_s": round(res.train_seconds, 1), "h_dim": spec.feature_dim,
                            "precision": precision.name,
-                           **quality(res.model.encoder, ds, mean, std, info["image_size"], precision)}
+                           **quality(res.model.encoder, ds, mean, std, spec.image_size, precision)}
     if untrained:
-        ref = quality(untrained_encoder(info, seed, torch.device("cpu")), ds, mean, std, info["image_size"], precision)
+        ref = quality(untrained_encoder(spec, seed, torch.device("cpu")), ds, mean, std, spec.image_size, precision)
         rec.update({f"untrained_{k}": v for k, v in ref.items()})
         rec["lift"] = round(rec["linear"] - ref["linear"], 2)
     rec.update(total_s=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads(), machine=describe())

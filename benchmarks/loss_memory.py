@@ -2,7 +2,7 @@
 for N images (a 2N x 2N similarity matrix), d = 128. Target: at N = 16384 the row-block loss
 uses at most 1/8 of the plain loss's peak memory.
 
-Each (loss, N) runs in a fresh subprocess (see peak.py); the plain loss is skipped where its
+Each (loss, N) runs in a fresh subprocess (harness.run_child); the plain loss is skipped where its
 estimated need (about ten 2N x 2N float32 matrices alive in backward) exceeds --max-gib, and
 reported with that estimate (extrapolated from the largest plain run measured, as (2N)^2), against
 which the row-block loss's ratio is then given with "plain_estimated": true.
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from machine import report
-from peak import emit, measure, prepare, run_child
+from harness import report
+from fastclr.runtime import select_device, set_threads
+from harness import emit, measure, run_child
 
 SCRIPT = str(Path(__file__).resolve())
 PLAIN_BYTES_PER_CELL = 42.0
@@ -30,8 +31,8 @@ measured size gives this machine's own figure."""
 
 def child(kind: str, n: int, dim: int, block: int, device: torch.device, repeats: int) -> None:
     """Measure one configuration in this (fresh) process and print its JSON line."""
-    from fastclr.chunked_loss import blockwise_nt_xent
-    from fastclr.losses import nt_xent
+    from fastclr.pretraining.chunked_loss import blockwise_nt_xent
+    from fastclr.pretraining.losses import nt_xent
 
     g = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(n, dim, device=device, generator=g).requires_grad_()
@@ -59,7 +60,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    device = prepare(a.threads, a.device)
+    set_threads(a.threads)
+    device = select_device(a.device)
     if a.child:
         child(a.child[0], int(a.child[1]), a.dim, a.block, device, a.repeats)
         return

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fastclr.ingest import DecodeOptions, prepare_store
-from machine import report
+from harness import report
 
 SIZES = ((640, 480), (480, 640), (1024, 768), (800, 800), (1280, 960), (320, 240))
 

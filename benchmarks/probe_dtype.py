@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from fastclr.probe import linear_probe
+from fastclr.evaluation.probe import linear_probe
 
-from machine import report
+from harness import report
 from run_features import run_features
 
 

@@ -1,7 +1,7 @@
 """Variants of the linear probe on one trained Fashion-MNIST encoder: accuracy and seconds each.
 
 The features are extracted once (bf16, as `pretrain` does); every variant then runs
-`fastclr.probe.linear_probe` on them or on a variant of them:
+`fastclr.evaluation.probe.linear_probe` on them or on a variant of them:
 
     base        the probe as `pretrain` runs it
     fine        L2 grid with half-decade steps (1e-4, 3e-4, ..., 1e-1) instead of decades
@@ -32,9 +32,11 @@ from torch import nn
 from fastclr.config import DataConfig
 from fastclr.data import load_data
 from fastclr.models.cnn import SmallCNN
-from fastclr.probe import extract_features, fit_logistic_regression, linear_probe
+from fastclr.evaluation.probe import fit_logistic_regression, linear_probe
+from fastclr.evaluation.features import extract_features
+from fastclr.runtime import Precision
 
-from machine import report
+from harness import report
 
 FINE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -61,8 +63,8 @@ def main() -> None:
         tr, te = ds.train.images, ds.test.images
         if flip:  # (N, H, W, C): mirror the W axis
             tr, te = np.ascontiguousarray(tr[:, :, ::-1]), np.ascontiguousarray(te[:, :, ::-1])
-        return (extract_features(encoder, tr, mean, std, cpu, precision="bf16"),
-                extract_features(encoder, te, mean, std, cpu, precision="bf16"))
+        return (extract_features(encoder, tr, mean, std, cpu, precision=Precision("bf16", "benchmark")),
+                extract_features(encoder, te, mean, std, cpu, precision=Precision("bf16", "benchmark")))
 
     ftr, fte = features(enc)
     for variant in a.variants:

@@ -10,16 +10,17 @@ import torch
 from fastclr.config import DataConfig
 from fastclr.data import load_data
 from fastclr.export import load_encoder
-from fastclr.probe import extract_features
+from fastclr.evaluation.features import features_of
+from fastclr.runtime import resolve_precision
 
 
 def run_features(run_dir: Path, data: str = "fashion-mnist") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train h, train labels, test h, test labels) of `run_dir/encoder.safetensors`, bf16 pass on the CPU."""
+    """(train h, train labels, test h, test labels) of `run_dir/encoder.safetensors` on the CPU, at the precision auto resolves."""
     ds = load_data(DataConfig(name=data))
     assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
-    enc, info = load_encoder(run_dir / "encoder.safetensors")
-    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+    enc, spec = load_encoder(run_dir / "encoder.safetensors")
     cpu = torch.device("cpu")
-    ftr = extract_features(enc, ds.train.images, mean, std, cpu, precision="bf16", size=0, channels_last=True)
-    fte = extract_features(enc, ds.test.images, mean, std, cpu, precision="bf16", size=0, channels_last=True)
+    precision = resolve_precision("auto", cpu)
+    ftr = features_of(enc, spec, ds.train.images, cpu, precision)
+    fte = features_of(enc, spec, ds.test.images, cpu, precision)
     return ftr, torch.from_numpy(ds.train.labels), fte, torch.from_numpy(ds.test.labels)

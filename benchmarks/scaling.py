@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import report
+from harness import report
 
 
 def free_port() -> int:
@@ -42,7 +42,7 @@ def worker(a: argparse.Namespace) -> None:
     """One rank of the run (started by torchrun)."""
     from fastclr.config import Config, apply_overrides
     from fastclr.data import Dataset, ImageSet
-    from fastclr.train import pretrain
+    from fastclr.pretraining.loop import pretrain
 
     n_proc = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = a.per_process * n_proc

@@ -1,7 +1,7 @@
 """The engineering levers of the CPU training step, each switched off alone, side by side in one run.
 
-Every variant is the default Fashion-MNIST step (benchmarks/throughput.py's `fastclr_step`: two
-views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one thing changed:
+Every variant is the default Fashion-MNIST step (the package's own, benchmarks/harness.real_step:
+two views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with one thing changed:
 
     base          bf16 autocast, channels_last, space-to-depth stem, HWC flatten, fused AdamW
     fp32          no autocast
@@ -34,8 +34,7 @@ from fastclr.models.cnn import FlattenHWC, SmallCNN
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
-from machine import report
-from throughput import fastclr_step, timed
+from harness import real_step, report, timed
 
 VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256",
             "blur", "batch-128", "batch-256", "batch-512")
@@ -82,9 +81,8 @@ def main() -> None:
         device = select_device("cpu")
         dataset = load_data(cfg.data)
         torch.set_num_threads(1 if variant == "1-thread" else threads)
-        step, _ = fastclr_step(cfg, dataset, device, "fp32" if variant == "fp32" else cfg.train.precision,
-                               encoder=encoder_for(variant), fused=variant != "foreach-adamw",
-                               compiled=variant == "compile")
+        step = real_step(cfg, dataset, device, "fp32" if variant == "fp32" else cfg.train.precision,
+                         encoder=encoder_for(variant), fused=variant != "foreach-adamw", compiled=variant == "compile")
         secs = timed(step, a.warmup + (5 if variant == "compile" else 0), a.steps, device)
         ms = 1000 * statistics.median(secs)
         base_ms = ms if variant == "base" else base_ms

@@ -31,8 +31,8 @@ from fastclr.ingest.builtin import write_builtin_store
 from fastclr.presets import apply_preset
 from fastclr.runs import read_metrics
 from fastclr.runtime import select_device
-from fastclr.train import pretrain
-from machine import report
+from fastclr.pretraining.loop import pretrain
+from harness import report
 
 
 def synthetic_store(out: Path, n: int, size: int, channels: int) -> Dataset:

@@ -1,6 +1,7 @@
 """Pairs/s of the whole SimCLR training step, and how close it runs to the machine's limit.
 
-The step is the one `fastclr pretrain` runs: gather a batch of stored uint8 images, two views
+The step is the one `fastclr pretrain` runs (benchmarks/harness.real_step builds the package's
+`TrainStep` as `pretrain` does): gather a batch of stored uint8 images, two views
 augmented on the device, both views through encoder and head as one batch, NT-Xent in fp32,
 backward, gradient norm, optimiser step. Measured for the default Fashion-MNIST model and batch
 at the precision `pretrain` resolves on this machine and in fp32, on CPU and on CUDA when present; on CPU also the usual PyTorch
@@ -17,100 +18,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from fastclr.augment import two_views
 from fastclr.data import load_data
-from fastclr.data.loader import BatchSampler, ImageSource
-from fastclr.losses import nt_xent_logits
-from fastclr.optim import build_optimizer, param_groups
+from fastclr.info import matmul_rate
+from fastclr.pretraining.losses import nt_xent_logits
+from fastclr.pretraining.model import build_model
+from fastclr.pretraining.optim import build_optimizer, param_groups
 from fastclr.presets import apply_preset
 from fastclr.runtime import resolve_precision
-from fastclr.step import SimCLRNet, TrainStep
-from fastclr.train import augment_seed, build_model
 
-from fastclr.info import matmul_rate
-from machine import report
-
-
-def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Seconds per step for `steps` steps after `warmup` untimed ones."""
-    for i in range(warmup):
-        step(i)
-    out = []
-    for i in range(warmup, warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-@dataclass
-class StepParts:
-    """What a benchmark of the training step needs: model, optimiser, and the views of step i."""
-
-    encoder: torch.nn.Module
-    head: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
-    views: Callable[[int], torch.Tensor]
-
-
-def step_parts(cfg, dataset, device: torch.device, encoder: torch.nn.Module | None = None) -> StepParts:  # type: ignore[no-untyped-def]
-    """Model, optimiser and batch views exactly as train.py builds them for `cfg` (seeded)."""
-    torch.manual_seed(0)
-    model = build_model(cfg, dataset, device, encoder=encoder)
-    enc, head = model.encoder, model.head
-    mean = torch.tensor(model.info["mean"], device=device)
-    std = torch.tensor(model.info["std"], device=device)
-    source = ImageSource(dataset.pretrain.images, device)
-    sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
-    opt = build_optimizer(cfg.optim.optimizer, [enc, head], cfg.optim.lr, cfg.optim.weight_decay)
-    gen = torch.Generator(device=device)
-
-    def views(i: int) -> torch.Tensor:
-        gen.manual_seed(augment_seed(0, i))
-        return two_views(source.gather(sampler.indices(i)), cfg.augment, gen, mean, std, cfg.train.channels_last)
-
-    return StepParts(enc, head, opt, [q for m in (enc, head) for q in m.parameters()], views)
-
-
-def fastclr_step(cfg, dataset, device: torch.device, precision: str, encoder: torch.nn.Module | None = None,  # type: ignore[no-untyped-def]
-                 fused: bool = True, compiled: bool = False) -> tuple[Callable[[int], None], Callable[[], float]]:
-    """The package's own training step (`fastclr.step.TrainStep`, as `pretrain` builds it) for
-    `cfg` at `precision`, and a function counting its FLOPs.
-
-    `encoder`, `fused` (False: AdamW's foreach kernels) and `compiled` (torch.compile of encoder
-    and head, as --compile on does) exist for benchmarks/step_levers.py."""
-    p = step_parts(cfg, dataset, device, encoder)
-    opt = p.optimizer
-    if not fused:
-        opt = torch.optim.AdamW(param_groups([p.encoder, p.head], cfg.optim.weight_decay), lr=cfg.optim.lr, foreach=True)
-    net: torch.nn.Module = SimCLRNet(p.encoder, p.head)
-    if compiled:
-        net = torch.compile(net)
-    train_step = TrainStep(net, opt, resolve_precision(precision, device), device, temperature=cfg.train.temperature)
-
-    def step(i: int) -> None:
-        train_step(p.views(i))
-
-    def flops() -> float:
-        v = p.views(0)
-        with FlopCounterMode(display=False) as counter:
-            train_step(v)
-        return float(counter.get_total_flops())
-
-    return step, flops
+from harness import real_step, report, timed
 
 
 def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool = True) -> Callable[[int], None]:  # type: ignore[no-untyped-def]
@@ -179,10 +100,10 @@ def main() -> None:
         results: dict[str, float] = {}
         for device in devices:
             for precision in precisions(device, a.precisions):
-                step, count = fastclr_step(cfg, dataset, device, precision)
+                step = real_step(cfg, dataset, device, precision)
                 times = timed(step, a.warmup, a.steps, device)
                 sec = statistics.median(times)
-                flops = count()
+                flops = step.flops()
                 peak = peaks.setdefault((device.type, precision), matmul_rate(DTYPES[precision], device) / 1e3)
                 rec = {"what": "fastclr step", "round": r, "device": device.type, "precision": precision,
                        "encoder": cfg.model.encoder, "cnn_stages": cfg.model.cnn_stages, "batch_pairs": cfg.train.batch_size,

@@ -15,10 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from machine import report
+from harness import report
 
 from fastclr.presets import apply_preset
-from fastclr.train import pretrain
+from fastclr.pretraining.loop import pretrain
 
 
 def main() -> None:

@@ -20,13 +20,14 @@ from fastclr.data import Dataset, ImageSet, load_builtin, load_data, open_store
 from fastclr.errors import FastclrError
 from fastclr.export import load_encoder, save_encoder
 from fastclr.ingest import DecodeOptions, prepare_store
-from fastclr.knn import knn_accuracy
-from fastclr.losses import contrastive_metrics, nt_xent
+from fastclr.evaluation.knn import knn_accuracy
+from fastclr.pretraining.losses import contrastive_metrics, nt_xent
 from fastclr.models import ProjectionHead, ResNet, SmallCNN, build_encoder
-from fastclr.optim import LARS, build_optimizer
-from fastclr.probe import extract_features, linear_probe
-from fastclr.schedule import lr_at, scaled_lr
-from fastclr.train import pretrain
+from fastclr.pretraining.optim import LARS, build_optimizer
+from fastclr.evaluation.probe import linear_probe
+from fastclr.evaluation.features import extract_features
+from fastclr.pretraining.schedule import lr_at, scaled_lr
+from fastclr.pretraining.loop import pretrain
 from fastclr.evaluation import EvaluateOptions, evaluate
 from fastclr.report import build_report
 from fastclr.version import __version__

@@ -23,8 +23,8 @@ import torch
 
 from fastclr.config import AugmentConfig
 
-# ITU-R 601-2 luma, as PIL and torchvision use for grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+LUMA = (0.299, 0.587, 0.114)
+"""ITU-R 601-2 luma weights of R, G, B, as Pillow's L mode and torchvision use for grayscale."""
 
 
 @dataclass
@@ -142,7 +142,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b)[:, None]
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b)[:, None]
 
 
 def _per_image(v: torch.Tensor) -> torch.Tensor:

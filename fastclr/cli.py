@@ -58,7 +58,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train SimCLR, then print the linear-probe accuracy."""
     from fastclr.checkpoint import list_checkpoints
     from fastclr.signals import EXIT_STOPPED, graceful_stop
-    from fastclr.train import pretrain
+    from fastclr.pretraining.loop import pretrain
 
     resume = None
     if args.resume == "auto":

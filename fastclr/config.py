@@ -184,6 +184,20 @@ class Config:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))
 
 
+def parse_switch(value: str | bool, key: str) -> bool | None:
+    """An auto/on/off setting: True for on, False for off, None for auto (the caller decides)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text == "auto":
+        return None
+    if text in ("on", "true"):
+        return True
+    if text in ("off", "false"):
+        return False
+    raise FastclrError(f"{key} must be auto, on or off, got {value!r}")
+
+
 def flag_table() -> dict[str, tuple[str, str]]:
     """Map every CLI flag name (without `--`) to its (section, field)."""
     table: dict[str, tuple[str, str]] = {}

@@ -17,16 +17,16 @@ from torch import nn
 
 from fastclr.checkpoint import atomic_write
 from fastclr.errors import FastclrError
-from fastclr.models import encoder_from_info
+from fastclr.models import EncoderSpec, encoder_from_spec
 from fastclr.version import __version__
 
 ENCODER_FILE = "encoder.safetensors"
 
 
-def save_encoder(path: Path, encoder: nn.Module, info: dict[str, Any]) -> Path:
-    """Write the encoder's state and `info` (JSON-able; must hold "mean" and "std" lists) to `path`."""
+def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec) -> Path:
+    """Write the encoder's state and its spec (as JSON metadata) to `path`."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    meta = {"fastclr": json.dumps(dict(info, fastclr_version=__version__))}
+    meta = {"fastclr": json.dumps(dict(spec.to_dict(), fastclr_version=__version__))}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
     atomic_write(path, lambda f: f.write(tmp.read_bytes()))
@@ -34,7 +34,7 @@ def save_encoder(path: Path, encoder: nn.Module, info: dict[str, Any]) -> Path:
     return path
 
 
-def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, EncoderSpec]:
     """Rebuild an exported encoder and return it with its metadata."""
     try:
         from safetensors import safe_open
@@ -47,12 +47,13 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     if "fastclr" not in meta:
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
     info = json.loads(meta["fastclr"])
-    encoder = encoder_from_info(info)
+    spec = EncoderSpec.from_dict(info)
+    encoder = encoder_from_spec(spec)
     try:
         encoder.load_state_dict(state)
     except RuntimeError:
         raise FastclrError(
-            f"{path} does not match the {info['encoder']} architecture of this fastclr version "
+            f"{path} does not match the {spec.encoder} architecture of this fastclr version "
             f"(exported by {info.get('fastclr_version', '?')}); re-export it with that version"
         ) from None
-    return encoder.to(device), info
+    return encoder.to(device), spec

@@ -19,7 +19,7 @@ from fastclr.checkpoint import latest_valid_checkpoint
 from fastclr.config import Config, from_dict, read_toml, apply_overrides
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
-from fastclr.models import encoder_from_info
+from fastclr.models import EncoderSpec, encoder_from_spec
 from fastclr.runtime import Precision, resolve_precision
 
 
@@ -29,8 +29,7 @@ class LoadedRun:
 
     run_dir: Path
     encoder: nn.Module
-    info: dict[str, Any]
-    """encoder, in_channels, image_size, width, cifar_stem, feature_dim, mean, std."""
+    spec: EncoderSpec
     config: Config
     precision: Precision
     """What this command computes in, resolved for the device it loaded onto (not the training
@@ -39,12 +38,12 @@ class LoadedRun:
     @property
     def mean(self) -> torch.Tensor:
         """Per-channel input mean used in training, (C,)."""
-        return torch.tensor(self.info["mean"], dtype=torch.float32)
+        return self.spec.mean_tensor()
 
     @property
     def std(self) -> torch.Tensor:
         """Per-channel input std used in training, (C,)."""
-        return torch.tensor(self.info["std"], dtype=torch.float32)
+        return self.spec.std_tensor()
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision: str = "auto",
@@ -59,16 +58,16 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory")
     export = run / ENCODER_FILE
     if export.exists():
-        encoder, info = load_encoder(export, device)
+        encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), read_toml(cfg_path))
     else:
         _, state = latest_valid_checkpoint(run)
-        info = dict(state["model_info"])
-        if info.get("encoder") == "custom":
+        spec = EncoderSpec.from_dict(state["model_info"])
+        if not spec.rebuildable:
             raise FastclrError(f"{run} was trained with a custom encoder module; load it in Python, not by name")
-        encoder = encoder_from_info(info)
+        encoder = encoder_from_spec(spec)
         encoder.load_state_dict(state["encoder"])
         encoder = encoder.to(device)
         cfg = from_dict(state["config"])
     encoder.eval()
-    return LoadedRun(run, encoder, info, cfg, resolve_precision(precision, torch.device(device), warn=log))
+    return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log))

@@ -1,4 +1,4 @@
-"""A dependency-free progress line: step, loss, contrastive accuracy, images/s and ETA."""
+"""The one progress line of fastclr (training steps, files prepared): count, metrics, rate, ETA."""
 
 from __future__ import annotations
 
@@ -16,33 +16,35 @@ def format_seconds(s: float) -> str:
 
 
 class Progress:
-    """Rewrites one line on a terminal; prints a line every `every` seconds otherwise."""
+    """Rewrites one line on a terminal (at most every `tty_every` seconds); prints a line every
+    `every` seconds otherwise. With `rate_of` (e.g. "files") the line shows that rate per second."""
 
     def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, every: float = 30.0, enabled: bool = True,
-                 unit: str = "step"):
-        self.total, self.start, self.unit = total, start, unit
+                 unit: str = "step", rate_of: str = "", tty_every: float = 0.0):
+        self.total, self.start, self.unit, self.rate_of = total, start, unit, rate_of
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.every = every
+        self.every, self.tty_every = every, tty_every
         self.enabled = enabled
         self.t0 = time.perf_counter()
-        self._last_print = 0.0
+        self._last_print = -float("inf")
 
-    def update(self, step: int, text: str) -> None:
+    def update(self, step: int, text: str = "") -> None:
         """Show progress after `step` steps; `text` holds the metrics."""
         if not self.enabled:
             return
         now = time.perf_counter()
+        if now - self._last_print < (self.tty_every if self.tty else self.every) and step < self.total:
+            return
         done = step - self.start
-        eta = (now - self.t0) / max(done, 1) * (self.total - step)
-        line = f"{self.unit} {step}/{self.total} {text} eta {format_seconds(eta)}"
-        if self.tty:
-            self.stream.write("\r" + line[:160].ljust(100))
-            self.stream.flush()
-        elif now - self._last_print >= self.every or step >= self.total:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-            self._last_print = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        parts = [f"{self.unit} {step}/{self.total}", f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "",
+                 text, f"eta {format_seconds(eta)}"]
+        line = " ".join(p for p in parts if p)
+        self.stream.write("\r" + line[:160].ljust(100) if self.tty else line + "\n")
+        self.stream.flush()
+        self._last_print = now
 
     def close(self) -> None:
         """End the progress line."""

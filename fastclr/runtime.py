@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fastclr.config import parse_switch
 from fastclr.errors import FastclrError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -250,15 +251,8 @@ def use_compile(setting: str | bool, device: torch.device) -> bool:
     Measured (docs/benchmarks.md): on an H100, compiling model, loss and the augmentation's pixel
     work took the ResNet-18 step from 51k to 71k images/s; on a 2-core CPU the compiled step
     was 1.36x slower than eager."""
-    if isinstance(setting, bool):
-        return setting
-    if setting == "auto":
-        return device.type == "cuda"
-    if setting in ("on", "true"):
-        return True
-    if setting in ("off", "false"):
-        return False
-    raise FastclrError(f"compile must be auto, on or off, got {setting!r}")
+    on = parse_switch(setting, "compile")
+    return device.type == "cuda" if on is None else on
 
 
 def set_threads(threads: int) -> int:

@@ -116,6 +116,3 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 24
                           timeout=timeout)
 
 
-# Small and quick: 256 images at batch 32 = 8 steps per epoch.
-TINY = ["--width", "0.125", "--head-hidden", "32", "--proj-dim", "16", "--batch-size", "32", "--log-every", "2",
-        "--monitor-every", "1", "--quiet", "--blur-p", "0"]

@@ -1,5 +1,5 @@
-"""A tiny pretrained run for the evaluation and report tests: 10 classes of synthetic 28 px
-images (a bright bar whose position is the class), a width-0.125 CNN, one short epoch."""
+"""The evaluation and report tests' data: the tiny run (tests/tiny.py) on ten classes, shaped like
+Fashion-MNIST, and the same images as IDX files for the command line."""
 
 from __future__ import annotations
 
@@ -10,21 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_images, write_idx
-from fastclr.data import Dataset, ImageSet
-from fastclr.data.datasets import FASHION_CLASSES, IDX_FILES
-from fastclr.presets import apply_preset
-from fastclr.train import pretrain
+from conftest import write_idx
+from fastclr.data import Dataset
+from fastclr.data.datasets import IDX_FILES
+from tiny import tiny_dataset as tiny_labelled
+from tiny import tiny_run
+
+__all__ = ["N_TEST", "N_TRAIN", "one_thread", "tiny_dataset", "tiny_run", "write_tiny_idx"]
 
 N_TRAIN, N_TEST = 600, 200
 
 
 def tiny_dataset() -> Dataset:
     """Fashion-MNIST-shaped synthetic data with all ten classes present."""
-    xtr, ytr = synthetic_images(N_TRAIN, 28, seed=11, classes=10)
-    xte, yte = synthetic_images(N_TEST, 28, seed=12, classes=10)
-    train = ImageSet(xtr, ytr)
-    return Dataset("fashion-mnist", train, train, ImageSet(xte, yte), list(FASHION_CLASSES))
+    return tiny_labelled(N_TRAIN, classes=10, n_test=N_TEST, name="fashion-mnist")
 
 
 def write_tiny_idx(folder: Path, ds: Dataset) -> None:
@@ -33,17 +32,6 @@ def write_tiny_idx(folder: Path, ds: Dataset) -> None:
     for name, arr in zip(IDX_FILES, (ds.train.images[..., 0], ds.train.labels.astype(np.uint8),
                                      ds.test.images[..., 0], ds.test.labels.astype(np.uint8))):
         write_idx(folder / name, arr)
-
-
-def tiny_run(run_dir: Path, ds: Dataset) -> Path:
-    """Pretrain the tiny run into `run_dir` (about a second on a CPU core)."""
-    cfg = apply_preset({
-        "model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16, "train.batch_size": 64,
-        "train.epochs": 1.0, "train.log_every": 2, "train.run_dir": str(run_dir), "augment.blur_p": 0.0,
-        "train.device": "cpu", "eval.probe": False,
-    })
-    pretrain(cfg, dataset=ds, log=lambda s: None, progress=False)
-    return run_dir
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastclr.chunked_loss import blockwise_nt_xent
-from fastclr.losses import contrastive_metrics, nt_xent, nt_xent_logits, positive_rank, rank_metrics
+from fastclr.pretraining.chunked_loss import blockwise_nt_xent
+from fastclr.pretraining.losses import contrastive_metrics, nt_xent, nt_xent_logits, positive_rank, rank_metrics
 
 
 def pair(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64,

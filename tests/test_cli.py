@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cli_env, run_cli
+from conftest import cli_env, run_cli
+from tiny import TINY_FLAGS as TINY
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
@@ -44,14 +45,14 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     run = tmp_path / "run"
     assert run_cli(["pretrain", "--data", "mnist", "--epochs", "0.5", "--run-dir", str(run), "--probe", "false", *TINY,
                     "--cnn-stages", "64|128|flat0"], env, tmp_path).returncode == 0
-    enc, info = load_encoder(run / "encoder.safetensors")
+    enc, spec = load_encoder(run / "encoder.safetensors")
     state = load_checkpoint(list_checkpoints(run)[-1])["encoder"]
     assert state.keys() == enc.state_dict().keys()
     for k, v in enc.state_dict().items():
         assert torch.equal(v, state[k])
     # the shape asked for (x width 0.125: 8 | 16 channels, 7 x 7 x 16 h) is recorded and rebuilt
-    assert info["stages"] == "64|128|flat0" and info["feature_dim"] == enc.feature_dim == 7 * 7 * 16
-    assert len(info["mean"]) == 1
+    assert spec.stages == "64|128|flat0" and spec.feature_dim == enc.feature_dim == 7 * 7 * 16
+    assert len(spec.mean) == 1
 
 
 @pytest.mark.parametrize("args,message", [

@@ -8,7 +8,7 @@ import torch
 from fastclr.config import Config, apply_overrides
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.errors import FastclrError
-from fastclr.train import use_compile
+from fastclr.runtime import use_compile
 
 
 def test_deterministic_kernels_are_on_inside_and_restored_after() -> None:

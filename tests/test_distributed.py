@@ -16,16 +16,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import TINY, cli_env
+from conftest import cli_env
+from tiny import TINY_FLAGS as TINY
 from dist_helpers import free_port, rank_env, run_ranks
 from fastclr.augment import two_views
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from fastclr.config import AugmentConfig
 from fastclr.data.loader import BatchSampler
-from fastclr.distributed import DistContext, all_reduce, setup
-from fastclr.global_bn import convert_batchnorm
+from fastclr.scaleout.distributed import DistContext, all_reduce, setup
+from fastclr.scaleout.global_bn import convert_batchnorm
 from fastclr.models import ProjectionHead
-from fastclr.step import SimCLRNet, backward_step
+from fastclr.pretraining.step import SimCLRNet, backward_step
 
 GLOBAL, SIZE = 8, 8  # images in the global batch, view side
 
@@ -135,8 +136,8 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     import torch.distributed as dist
 
     import fastclr.runs
-    import fastclr.train as train
-    from test_train import tiny_config, tiny_dataset
+    import fastclr.pretraining.loop as train
+    from tiny import tiny_config, tiny_dataset
 
     setup(torch.device("cpu"), 30.0)  # pretrain adopts this group and leaves it open
     writes: dict[str, int] = {}
@@ -147,7 +148,10 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
             return fn(*a, **k)
         return wrapped
 
-    for name in ("save_checkpoint", "write_config", "save_encoder", "write_json", "prepare_run_dir"):
+    import fastclr.pretraining.state as state
+
+    setattr(state, "save_checkpoint", counting("save_checkpoint", state.save_checkpoint))
+    for name in ("write_config", "save_encoder", "write_json", "prepare_run_dir"):
         setattr(train, name, counting(name, getattr(train, name)))
     real_log = fastclr.runs.MetricsLog.log
     fastclr.runs.MetricsLog.log = lambda self, rec: (counting("metrics", real_log) if self.enabled else real_log)(self, rec)
@@ -198,8 +202,8 @@ def params(run: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(two_rank_runs: tuple[Path, list[dict[str, Any]]],
                                                                   tmp_path: Path) -> None:
     """Same config (global batch 32, global BN): 2 x 16 and 1 x 32 reach the same parameters."""
-    from fastclr.train import pretrain
-    from test_train import tiny_config, tiny_dataset
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config, tiny_dataset
 
     root, _ = two_rank_runs
     cfg = tiny_config(tmp_path, **SAME)

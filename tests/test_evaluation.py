@@ -15,7 +15,7 @@ from fastclr.evaluation.curve import mean_and_spread
 from fastclr.evaluation.finetune import linear_head
 from fastclr.evaluation.quality import alignment, effective_rank, uniformity
 from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
-from fastclr.probe import LogisticModel
+from fastclr.evaluation.probe import LogisticModel
 
 
 def imbalanced_labels() -> np.ndarray:

@@ -20,10 +20,11 @@ import fastclr.evaluation.run as run_module
 from fastclr.evaluation.reference import SMALL_LIFT, lift_summary, untrained_encoder
 from fastclr.evaluation.run import evaluate
 from fastclr.evaluation.table import format_table
-from fastclr.train import build_model
-from fastclr.knn import knn_accuracy
+from fastclr.pretraining.model import build_model
+from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import load_run
-from fastclr.probe import extract_features, linear_probe, state_checksum
+from fastclr.evaluation.probe import linear_probe
+from fastclr.evaluation.features import extract_features, state_checksum
 
 Run = tuple[Path, Dataset, dict[str, Any]]
 SMALL = EvaluateOptions(labels_per_class=(2, 5), seeds=(0, 1), supervised_seeds=(0, 1), finetune_fractions=(0.1,),
@@ -50,7 +51,7 @@ def test_linear_and_knn_are_the_standard_protocols_on_frozen_features(run: Run) 
     r = load_run(run_dir)
     kw: dict[str, Any] = dict(precision=r.precision, size=28)
     ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
-    untrained = untrained_encoder(r.info, r.config.train.seed, torch.device("cpu"))
+    untrained = untrained_encoder(r.spec, r.config.train.seed, torch.device("cpu"))
     for encoder, reported in ((r.encoder, out["protocols"]), (untrained, {
             "linear": out["protocols"]["linear"]["random_init"], "knn": out["protocols"]["knn"]["random_init"]})):
         ftr = extract_features(encoder, ds.train.images, r.mean, r.std, torch.device("cpu"), **kw)
@@ -67,7 +68,7 @@ def test_the_untrained_reference_is_the_runs_own_network_before_its_first_step(r
     `pretrain` started from (rebuilt here the way pretrain builds them)."""
     run_dir, ds, _ = run
     r = load_run(run_dir)
-    untrained = untrained_encoder(r.info, r.config.train.seed, torch.device("cpu"))
+    untrained = untrained_encoder(r.spec, r.config.train.seed, torch.device("cpu"))
     assert [(n, type(m).__name__) for n, m in untrained.named_modules()] == \
         [(n, type(m).__name__) for n, m in r.encoder.named_modules()]
     trained_state, untrained_state = r.encoder.state_dict(), untrained.state_dict()
@@ -80,7 +81,7 @@ def test_the_untrained_reference_is_the_runs_own_network_before_its_first_step(r
     assert ds.test is not None  # both see the run's own standardisation and give h of the same shape
     h1 = extract_features(r.encoder, ds.test.images[:4], r.mean, r.std, torch.device("cpu"), size=28)
     h0 = extract_features(untrained, ds.test.images[:4], r.mean, r.std, torch.device("cpu"), size=28)
-    assert h1.shape == h0.shape == (4, r.info["feature_dim"])
+    assert h1.shape == h0.shape == (4, r.spec.feature_dim)
 
 
 def test_lift_and_flag_come_from_the_reported_figures_of_one_extraction(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, cli_env, run_cli
+from conftest import cli_env, run_cli
+from tiny import TINY_FLAGS as TINY
 from fastclr.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
@@ -25,7 +26,7 @@ from fastclr.checkpoint import (
     save_checkpoint,
 )
 from fastclr.errors import FastclrError
-from fastclr.losses import nt_xent
+from fastclr.pretraining.losses import nt_xent
 from fastclr.signals import EXIT_STOPPED, graceful_stop
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastclr.distributed import DistContext
-from fastclr.gradcache import chunk_rows, grad_cache_backward
+from fastclr.scaleout.distributed import DistContext
+from fastclr.scaleout.gradcache import chunk_rows, grad_cache_backward
 from fastclr.models import ProjectionHead
-from fastclr.step import SimCLRNet, backward_step, contrastive_loss, project
+from fastclr.pretraining.step import SimCLRNet, backward_step, contrastive_loss, project
 
 ONE = DistContext()
 
@@ -133,7 +133,7 @@ def test_the_large_batch_recipe_is_lars_with_the_square_root_rule() -> None:
     from pathlib import Path
 
     from fastclr.config import Config, apply_overrides, read_toml
-    from fastclr.schedule import scaled_lr
+    from fastclr.pretraining.schedule import scaled_lr
 
     cfg = apply_overrides(Config(), read_toml(Path(__file__).resolve().parents[1] / "recipes" / "large-batch.toml"))
     assert (cfg.optim.optimizer, cfg.optim.lr_scaling, cfg.train.batch_size) == ("lars", "sqrt", 4096)

@@ -18,7 +18,9 @@ from fastclr.data.store import read_store
 from fastclr.export import save_encoder
 from fastclr.ingest import DecodeOptions, prepare_store
 from fastclr.ingest.embed import embed, match_channels
-from fastclr.ingest.neighbours import cosine_neighbours, neighbours
+from fastclr.evaluation.knn import cosine_topk
+from fastclr.models import CNN_STAGES, EncoderSpec
+from fastclr.ingest.neighbours import neighbours
 from fastclr.models import build_encoder
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.runs import write_config
@@ -37,10 +39,10 @@ def make_run(run_dir: Path, channels: int = 3, size: int = 28) -> LoadedRun:
             if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
-    info = dict(encoder="cnn", in_channels=channels, image_size=size, width=0.125, cifar_stem="off",
-                feature_dim=enc.feature_dim, mean=[0.3] * channels, std=[0.25] * channels)
+    spec = EncoderSpec(encoder="cnn", in_channels=channels, image_size=size, width=0.125, cifar_stem="off",
+                       feature_dim=enc.feature_dim, mean=(0.3,) * channels, std=(0.25,) * channels, stages=CNN_STAGES)
     run_dir.mkdir(parents=True)
-    save_encoder(run_dir / "encoder.safetensors", enc, info)
+    save_encoder(run_dir / "encoder.safetensors", enc, spec)
     write_config(run_dir, apply_overrides(Config(), {"train.channels_last": False}))
     return load_run(run_dir, precision="fp32")  # compared with the fp32 literal definition below
 
@@ -72,7 +74,7 @@ def test_store_embeddings_are_each_rows_features_in_store_order(bars, tmp_path: 
     root, store, run = bars
     npy, index = embed(run, str(store), tmp_path / "emb.npy", CPU, log=lambda s: None)
     feats, rows, s = np.load(npy), read_index(index), read_store(store)
-    assert feats.dtype == np.float32 and feats.shape == (12, run.info["feature_dim"])
+    assert feats.dtype == np.float32 and feats.shape == (12, run.spec.feature_dim)
     assert [r["path"] for r in rows] == s.paths and [int(r["row"]) for r in rows] == list(range(12))
     assert [int(r["label"]) for r in rows] == s.labels.tolist()
     assert [r["class"] for r in rows] == [s.classes[y] for y in s.labels.tolist()]
@@ -127,13 +129,15 @@ def test_rgb_to_one_channel_is_pillows_luma() -> None:
     assert np.abs(ours.astype(int) - pil).max() <= 1
 
 
-def test_cosine_neighbours_against_a_brute_force_loop() -> None:
+def test_cosine_topk_against_a_brute_force_loop() -> None:
     rng = np.random.default_rng(0)
     f, q = rng.normal(size=(50, 8)), rng.normal(size=8)
     sims = [float(np.dot(r, q) / np.linalg.norm(r) / np.linalg.norm(q)) for r in f]
-    idx, got = cosine_neighbours(f, q, 5)
-    assert idx.tolist() == sorted(range(50), key=lambda i: -sims[i])[:5]
-    np.testing.assert_allclose(got, [sims[i] for i in idx], rtol=1e-12)
+    got, idx = cosine_topk(torch.from_numpy(f), torch.from_numpy(q)[None], 5)
+    assert idx[0].tolist() == sorted(range(50), key=lambda i: -sims[i])[:5]
+    np.testing.assert_allclose(got[0].numpy(), [sims[i] for i in idx[0].tolist()], rtol=1e-12)
+    tied = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])  # rows 0, 2, 3: the same direction
+    assert cosine_topk(tied, torch.tensor([[1.0, 0.0]]), 3)[1].tolist() == [[0, 2, 3]]  # ties in row order
 
 
 def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -15,18 +15,17 @@ from fastclr.data import load_builtin, load_data, open_store
 from fastclr.data.loader import ImageSource
 from fastclr.errors import FastclrError
 from fastclr.ingest import DecodeOptions, prepare_store
-from fastclr.train import pretrain
+from fastclr.pretraining.loop import pretrain
 from ingest_fixtures import bar_images
+from tiny import tiny_config
 
 QUIET = dict(progress=False, log=lambda s: None)
 
 
 def tiny(run_dir: Path, data: str, **over: object) -> Config:
-    base = {"data.name": data, "model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16,
-            "train.batch_size": 16, "train.epochs": 1.0, "train.run_dir": str(run_dir), "train.log_every": 1,
-            "eval.monitor_every": 0, "eval.probe": False, "augment.blur_p": 0.0, "train.precision": "fp32"}
-    base.update({k.replace("__", "."): v for k, v in over.items()})
-    return apply_overrides(Config(), base)
+    """The tiny run (tests/tiny.py) on `data`, one epoch, fp32."""
+    settings = {"data__name": data, "train__epochs": 1.0, "train__log_every": 1, "train__precision": "fp32", **over}
+    return tiny_config(run_dir, **settings)
 
 
 def encoder_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +62,7 @@ def test_pretrain_from_a_prepared_labelled_folder(tmp_path: Path) -> None:
     assert set(ds.train.labels.tolist()) == {0, 1}  # type: ignore[union-attr]
     res = pretrain(tiny(tmp_path / "run", str(store), eval__monitor_every=1, eval__probe=True), **QUIET)
     assert res.steps == len(ds.train) // 16
-    assert res.model is not None and (res.model.info["in_channels"], res.model.info["image_size"]) == (3, 28)
+    assert res.model is not None and (res.model.spec.in_channels, res.model.spec.image_size) == (3, 28)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     assert any("knn_acc" in r for r in records) and res.probe_accuracy is not None

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastclr.losses import contrastive_metrics, nt_xent, nt_xent_logits, positive_rank
+from fastclr.pretraining.losses import contrastive_metrics, nt_xent, nt_xent_logits, positive_rank
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:

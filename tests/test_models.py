@@ -13,10 +13,10 @@ from fastclr.models import (
     ENCODERS,
     ProjectionHead,
     build_encoder,
-    encoder_from_info,
+    EncoderSpec,
+    encoder_from_spec,
     feature_dim,
     resolve_encoder,
-    stages_of,
     use_cifar_stem,
 )
 from fastclr.models.cnn import SmallCNN, parse_stages
@@ -82,16 +82,18 @@ def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -
     enc = build_encoder("cnn", 1, 28, cnn_stages="8,8|24|flat0")
     assert enc.feature_dim == 7 * 7 * 24 and enc(torch.randn(2, 1, 28, 28)).shape == (2, 7 * 7 * 24)
     info = {"encoder": "cnn", "in_channels": 1, "image_size": 28, "width": 1.0, "cifar_stem": "off",
-            "feature_dim": enc.feature_dim, "stages": "8,8|24|flat0"}
-    again = encoder_from_info(info)
+            "feature_dim": enc.feature_dim, "stages": "8,8|24|flat0", "mean": [0.2], "std": [0.3]}
+    spec = EncoderSpec.from_dict(info)
+    assert spec.to_dict() == info and EncoderSpec.from_dict(spec.to_dict()) == spec
+    again = encoder_from_spec(spec)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in enc.state_dict().items()}
     # metadata written before the spec was recorded: the three past defaults, named by their h width
     old = {k: v for k, v in info.items() if k != "stages"}
     for channels in (64, 128, 256):
         old["feature_dim"] = 49 * channels
-        assert stages_of(old) == f"32|{channels}|flat0"
-        assert encoder_from_info(old).feature_dim == 49 * channels
-    assert stages_of({**old, "width": 0.5}) == CNN_STAGES  # not inferable: the default
+        assert EncoderSpec.from_dict(old).stages == f"32|{channels}|flat0"
+        assert encoder_from_spec(EncoderSpec.from_dict(old)).feature_dim == 49 * channels
+    assert EncoderSpec.from_dict({**old, "feature_dim": 50}).stages == ""  # not inferable: none recorded
     with pytest.raises(FastclrError, match="cnn_stages '32\\|wide' is not a stage spec; write e.g. 32\\|256\\|flat0"):
         build_encoder("cnn", 1, 28, cnn_stages="32|wide")
 

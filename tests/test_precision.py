@@ -22,13 +22,14 @@ from fastclr.config import Config, apply_overrides
 from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe, fit_and_test
 from fastclr.evaluation.features import encode
-from fastclr.knn import knn_accuracy
+from fastclr.evaluation.knn import knn_accuracy
 from fastclr.models import ProjectionHead, SmallCNN
-from fastclr.optim import build_optimizer
-from fastclr.probe import extract_features, linear_probe
+from fastclr.pretraining.optim import build_optimizer
+from fastclr.evaluation.probe import linear_probe
+from fastclr.evaluation.features import extract_features
 from fastclr.runtime import FP32, CpuFeatures, Precision, decide_precision, resolve_precision
-from fastclr.step import SimCLRNet, TrainStep
-from fastclr.train import pretrain
+from fastclr.pretraining.step import SimCLRNet, TrainStep
+from fastclr.pretraining.loop import pretrain
 
 CPU = torch.device("cpu")
 

@@ -8,17 +8,11 @@ import torch
 from torch import nn
 
 from conftest import synthetic_images
-from fastclr import probe as probe_module
-from fastclr.knn import knn_accuracy, knn_predict
+from fastclr.evaluation import probe as probe_module
+from fastclr.evaluation.knn import knn_accuracy, knn_predict
 from fastclr.runtime import FP32, Precision
-from fastclr.probe import (
-    L2_GRID,
-    extract_features,
-    fit_logistic_regression,
-    linear_probe,
-    prepare_images,
-    standardize,
-)
+from fastclr.evaluation.probe import L2_GRID, fit_logistic_regression, linear_probe, standardize
+from fastclr.evaluation.features import extract_features, prepare_images
 
 
 def blobs(n: int, d: int, k: int, seed: int, spread: float = 2.0, centre_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,9 @@ from eval_fixtures import one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_
 from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.run import evaluate
-from fastclr.report.build import build_report, nearest
+from fastclr.evaluation.knn import cosine_topk
+from fastclr.report.build import build_report
+from fastclr.runtime import FP32, Precision
 from fastclr.report.embedding_map import affinities, squared_distances, tsne
 from fastclr.report.png import encode_png, viridis
 from fastclr.report.svg import nice_ticks, tick_label
@@ -76,13 +78,14 @@ def test_tsne_affinities_hit_the_perplexity_and_the_map_keeps_clusters() -> None
     torch.testing.assert_close(m, tsne(x, perplexity=15, iters=300))  # deterministic
 
 
-def test_nearest_matches_brute_force_and_excludes_self() -> None:
+@pytest.mark.parametrize("precision", [FP32, Precision("bf16", "shortlist")], ids=["exact", "bf16-shortlist"])
+def test_nearest_matches_brute_force_and_excludes_self(precision: Precision) -> None:
     bank, q = torch.randn(50, 6), torch.randn(4, 6)
-    got = nearest(bank, q, 3)
+    _, got = cosine_topk(bank, q, 3, precision)
     for i in range(4):
         sims = [float(torch.cosine_similarity(q[i], b, dim=0)) for b in bank]
-        assert list(got[i]) == list(np.argsort(sims)[::-1][:3])
-    assert 7 not in nearest(bank, bank[[7]], 5, exclude=np.array([7]))[0]
+        assert got[i].tolist() == list(np.argsort(sims)[::-1][:3])
+    assert 7 not in cosine_topk(bank, bank[[7]], 5, precision, exclude=torch.tensor([7]))[1][0].tolist()
 
 
 @pytest.fixture(scope="module")

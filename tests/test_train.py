@@ -4,33 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import synthetic_images
+from tiny import tiny_config, tiny_dataset
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.config import Config, apply_overrides
 from fastclr.data import Dataset, ImageSet
 from fastclr.errors import FastclrError
-from fastclr.train import NonFiniteLoss, pretrain
-
-
-def tiny_dataset(n: int = 96, size: int = 28) -> Dataset:
-    x, y = synthetic_images(n, size)
-    xt, yt = synthetic_images(32, size, seed=9)
-    return Dataset("tiny", ImageSet(x, y), ImageSet(x, y), ImageSet(xt, yt), ["a", "b", "c", "d"])
-
-
-def tiny_config(run_dir: Path, **over: object) -> Config:
-    base = {"model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16, "train.batch_size": 16,
-            "train.epochs": 2.0, "train.run_dir": str(run_dir), "train.log_every": 3, "eval.monitor_every": 0,
-            "eval.probe": False, "augment.blur_p": 0.0}
-    base.update({k.replace("__", "."): v for k, v in over.items()})
-    return apply_overrides(Config(), base)
+from fastclr.pretraining.loop import NonFiniteLoss, pretrain
 
 
 def params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -97,7 +84,7 @@ def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
     enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     res = pretrain(tiny_config(tmp_path, train__epochs=1.0), dataset=tiny_dataset(), encoder=enc, progress=False,
                    log=lambda s: None)
-    assert res.model is not None and res.model.encoder is enc and res.model.info["feature_dim"] == 8
+    assert res.model is not None and res.model.encoder is enc and res.model.spec.feature_dim == 8
     assert not torch.equal(enc[0].weight.cpu(), nn.Conv2d(1, 8, 3, 2).weight)  # trained where device "auto" put it
 
 
@@ -135,54 +122,98 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()  # refused before the run directory came into being
 
 
-def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The budget is pretraining wall time: a kNN monitor pass spends it like a step does. The clock
-    is the real one plus an offset, and a stand-in monitor pass advances the offset by 1000 s: after
-    the first pass (end of epoch 1, step 6) the budget of 6 s is spent, so the first fit (step 15)
-    grants exactly one more step and the run ends at 16 with its two passes in the wall time on record.
-    Monitoring excluded from the clock, the same run trains for its whole 6 s (hundreds of steps)."""
-    import types
+class PacedClock:
+    """The clock the loop reads, driven by the work instead of by time: each training step costs
+    `pace(step)` seconds (charged by `PacedEncoder`'s forward pass in training mode) and each kNN
+    monitor pass `monitor_s` seconds (charged by the stand-in monitor)."""
 
-    import fastclr.train as train_mod
+    def __init__(self, pace: Callable[[int], float], monitor_s: float = 0.0) -> None:
+        self.now, self.steps, self.pace, self.monitor_s = 0.0, 0, pace, monitor_s
 
-    offset = [0.0]
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    def __call__(self) -> float:
+        return self.now
 
-    def slow_monitor(*args: object) -> float:
-        offset[0] += 1000.0
+    def monitor(self, *args: object) -> float:
+        self.now += self.monitor_s
         return 0.5
 
-    monkeypatch.setattr(train_mod, "monitor_knn", slow_monitor)
-    cfg = tiny_config(tmp_path / "run", train__time_budget=0.1, train__epochs=100.0,
-                      eval__monitor_every=1, eval__monitor_share=1.0)
-    res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
-    assert res.steps == 16
-    # the passes at steps 6 and 12 (1000 s each) plus the real seconds of the loop, which a loaded
-    # machine stretched past 6 s once (checkpoint writes beside a training run)
-    assert 2000.0 <= res.train_seconds < 2500.0
+
+class PacedEncoder(nn.Module):
+    """A one-layer encoder of 8 x 8 images whose every training forward pass is one step on the clock."""
+
+    def __init__(self, clock: PacedClock) -> None:
+        super().__init__()
+        self.net, self.clock = nn.Sequential(nn.Flatten(), nn.Linear(64, 8)), clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.clock.now += self.clock.pace(self.clock.steps)
+            self.clock.steps += 1
+        return self.net(x)
+
+
+def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
+              monitor_share: float = 0.0) -> tuple[Any, list[dict[str, Any]]]:
+    """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images)."""
+    ds = tiny_dataset(2 * steps_per_epoch, size=8)
+    cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=100.0,
+                      train__log_every=1000, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
+                      eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05)
+    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=lambda s: None, clock=clock)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return res, records
+
+
+def test_the_time_budget_ends_on_time_when_the_pace_drifts(tmp_path: Path) -> None:
+    """0.5 s for 5 warm-up steps, 0.1 s/step until step 300, then 0.13 s/step. One fit at step 15
+    would plan 1180 steps and end at 146 s; refitted as the loop goes, the run ends within one
+    refit interval (25 steps) of its 120 s."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (0.1 if i < 300 else 0.13))
+    res, _ = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=117)
+    assert 120.0 - 25 * 0.13 <= res.train_seconds <= 120.0 + 0.13
+    assert res.train_seconds == clock.now and res.steps == clock.steps
+
+
+def test_the_time_budget_uses_its_time_after_a_stall_across_an_epoch_end(tmp_path: Path) -> None:
+    """0.25 s/step, then a stall of 4.4 s/step across the epoch end at step 819 (CPU steal, as
+    seen on a shared machine), then 0.12 s/step: the refits every 25 steps, not only the one at
+    the epoch end, let the run use its budget at the pace it really runs at."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (0.12 if i >= 820 else (4.4 if 770 <= i < 812 else 0.25)))
+    res, _ = paced_run(tmp_path, clock, minutes=9.5, steps_per_epoch=117)
+    assert 570.0 - 25 * 0.12 <= res.train_seconds <= 570.0 + 0.12
+
+
+def test_the_time_budget_is_a_cap_between_epoch_ends(tmp_path: Path) -> None:
+    """The pace collapses from 0.2 to 10 s/step at step 2800, mid-epoch: the run ends at the
+    first refit past the budget (step 2825), not at the end of its fitted schedule."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (0.2 if i < 2800 else 10.0))
+    res, _ = paced_run(tmp_path, clock, minutes=9.5, steps_per_epoch=4000)
+    assert res.steps == 2825 and res.train_seconds == pytest.approx(0.5 * 5 + 0.2 * 2795 + 10.0 * 25)
+
+
+def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is pretraining wall time: a kNN monitor pass spends it like a step does. A pass
+    costs 1000 s on the clock: after the first (end of epoch 1, step 6) the budget of 6 s is spent,
+    so the first fit (step 15) grants one more step and the run ends at 16 with both passes (steps
+    6 and 12) in its wall time. Were monitoring paused out of the clock, it would run 6 s of steps."""
+    clock = PacedClock(lambda i: 0.01, monitor_s=1000.0)
+    monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+    res, records = paced_run(tmp_path, clock, minutes=0.1, steps_per_epoch=6, monitor_share=1.0)
+    assert res.steps == 16 and res.train_seconds == pytest.approx(2000.0 + 16 * 0.01)
     assert [r["step"] for r in records if "knn_acc" in r] == [6, 12]
 
 
 @pytest.mark.parametrize("share, passes", [(0.05, [6]), (1.0, [6, 12, 18])])
 def test_monitor_passes_are_sized_by_their_measured_share_of_the_wall_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float, passes: list[int]) -> None:
-    """A pass that cost 1000 s (a stand-in on a fake clock) is 99% of the first epoch's wall time:
-    with the default share of 5% the next passes are skipped until the training time has grown to
-    20 times the monitor's; with a share of 1 every epoch end still gets its pass."""
-    import types
-
-    import fastclr.train as train_mod
-
-    offset = [0.0]
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
-
-    def slow_monitor(*args: object) -> float:
-        offset[0] += 1000.0
-        return 0.5
-
-    monkeypatch.setattr(train_mod, "monitor_knn", slow_monitor)
-    cfg = tiny_config(tmp_path / "run", train__epochs=3.0, eval__monitor_every=1, eval__monitor_share=share)
-    pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    """A pass costs 1000 s, 99% of the first epoch's wall time: with a share of 5% the later passes
+    are skipped until the training time has grown to 20 times the monitor's; with a share of 1
+    every epoch end gets its pass."""
+    clock = PacedClock(lambda i: 0.01, monitor_s=1000.0)
+    monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+    ds = tiny_dataset(12, size=8)
+    cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__epochs=3.0, train__channels_last=False,
+                      model__head_hidden=8, model__proj_dim=4, eval__monitor_every=1, eval__monitor_share=share)
+    pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=lambda s: None, clock=clock)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_acc" in r] == passes

@@ -21,9 +21,9 @@ from torch import nn
 
 from fastclr.augment import normalize
 from fastclr.data.loader import BatchSampler, ImageSource
-from fastclr.optim import build_optimizer
-from fastclr.probe import extract_features, prepare_images
-from fastclr.schedule import lr_at
+from fastclr.pretraining.optim import build_optimizer
+from fastclr.evaluation.features import extract_features, prepare_images
+from fastclr.pretraining.schedule import lr_at
 from fastclr.runtime import Precision
 
 

@@ -1,37 +1,109 @@
-"""Encoder features of tensors that are not stored images: augmented views, for the label-free
-measures and the report. Stored images go through `fastclr.probe.extract_features` instead."""
+"""Frozen features h: the one way stored images (and augmented views) become h for evaluation.
+
+The encoder runs in eval mode (BatchNorm uses its running statistics and does not move) under
+the command's resolved precision, and is restored to its mode afterwards; a checksum of its
+state taken before and compared after proves that nothing changed. Every consumer (the kNN
+monitor and the probe of pretraining, `evaluate`, `report`, `embed`, `neighbours`) calls
+`features_of` with a run's spec, so they all see the same h for the same image.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastclr.augment import normalize, two_views
+from fastclr.augment import normalize, resample_matrix, to_float, two_views
 from fastclr.config import AugmentConfig
-from fastclr.runtime import Precision
+from fastclr.data.loader import ImageSource
+from fastclr.models import EncoderSpec
+from fastclr.runtime import FP32, Precision
+
+
+def state_checksum(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of `module` (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def prepare_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> standardised float (B, C, S, S), resized (whole image) when S != H."""
+    x = to_float(images)
+    b, _, h, w = x.shape
+    if size != h or size != w:
+        no = torch.zeros(b, dtype=torch.bool, device=x.device)
+        full = torch.tensor([0.0, 0.0, float(w), float(h)], device=x.device).expand(b, 4)
+        ry = resample_matrix(full[:, 1], full[:, 3], h, size, no)
+        rx = resample_matrix(full[:, 0], full[:, 2], w, size, no)
+        x = ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
+    return normalize(x, mean, std)
 
 
 @torch.no_grad()
-def encode(encoder: nn.Module, x: torch.Tensor, precision: Precision, batch_size: int = 512,
-           channels_last: bool = True) -> torch.Tensor:
-    """h of standardised inputs x (B, C, S, S) on the encoder's device: float32 (B, D) on the CPU.
-
-    The encoder runs in eval mode (BatchNorm uses its running statistics) and is restored after.
-    """
+def frozen_h(encoder: nn.Module, batches: Iterable[torch.Tensor], precision: Precision,
+             channels_last: bool = True) -> torch.Tensor:
+    """h of standardised input batches (B, C, S, S) on the encoder's device, in order: float32
+    (N, D) on the CPU. Eval mode and autocast inside; the encoder's state is checked unchanged."""
+    before = state_checksum(encoder)
     was_training = encoder.training
     encoder.eval()
     out = []
     try:
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size]
+        for x in batches:
             if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
             with precision.autocast(x.device):
-                out.append(encoder(xb).float().cpu())
+                out.append(encoder(x).float().cpu())
     finally:
         encoder.train(was_training)
+    assert state_checksum(encoder) == before, "feature extraction changed the encoder's state"
     return torch.cat(out)
+
+
+def extract_features(
+    encoder: nn.Module,
+    images: np.ndarray | ImageSource,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1024,
+    precision: Precision = FP32,
+    size: int = 0,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """h of every stored uint8 image (N, H, W, C), in order: float32 (N, D) on the CPU, standardised
+    with `mean`/`std`, resized to `size` (0: the stored side), computed under `precision`."""
+    source = images if isinstance(images, ImageSource) else ImageSource(images, device)
+    side = size or source.shape[1]
+    mean, std = mean.to(device), std.to(device)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(source), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(source)), device=device)
+            yield prepare_images(source.gather(idx), mean, std, side)
+
+    return frozen_h(encoder, batches(), precision, channels_last)
+
+
+def features_of(encoder: nn.Module, spec: EncoderSpec, images: np.ndarray | ImageSource, device: torch.device,
+                precision: Precision, batch_size: int = 1024, channels_last: bool = True) -> torch.Tensor:
+    """h of stored images under a run's settings: its standardisation and input size (`spec`)."""
+    return extract_features(encoder, images, spec.mean_tensor(), spec.std_tensor(), device, batch_size, precision,
+                            spec.image_size, channels_last)
+
+
+def encode(encoder: nn.Module, x: torch.Tensor, precision: Precision, batch_size: int = 512,
+           channels_last: bool = True) -> torch.Tensor:
+    """h of standardised inputs x (B, C, S, S) on the encoder's device: float32 (B, D) on the CPU."""
+    return frozen_h(encoder, (x[s:s + batch_size] for s in range(0, x.shape[0], batch_size)), precision,
+                    channels_last)
 
 
 def view_pairs(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastclr.evaluation.curve import label_sweep
-from fastclr.probe import ProbeResult, linear_probe
+from fastclr.evaluation.probe import ProbeResult, linear_probe
 
 FEWSHOT_L2_GRID = (1e-3, 1e-2, 1e-1)
 FEWSHOT_VAL_FRACTION = 0.2

@@ -27,7 +27,8 @@ from fastclr.evaluation.curve import label_sweep
 from fastclr.evaluation.fewshot import FEWSHOT_ITERS, fewshot_fit
 from fastclr.evaluation.subsets import fraction_per_class
 from fastclr.evaluation.supervised import train_from_scratch
-from fastclr.probe import LogisticModel, fit_logistic_regression
+from fastclr.evaluation.probe import LogisticModel, fit_logistic_regression
+from fastclr.models import EncoderSpec
 
 
 def linear_head(model: LogisticModel, device: torch.device) -> nn.Linear:
@@ -43,7 +44,7 @@ def linear_head(model: LogisticModel, device: torch.device) -> nn.Linear:
 
 def finetune(
     encoder: nn.Module,
-    info: dict[str, Any],
+    spec: EncoderSpec,
     train_x: torch.Tensor,
     test_x: torch.Tensor,
     setup: LabelledSetup,
@@ -72,7 +73,7 @@ def finetune(
         out: dict[str, Any] = fit_and_test(enc, linear_head(start, setup.device), tuned, idx, seed, frozen_bn=True)
         out.update(l2=probe.l2, linear_accuracy=probe.accuracy)
         if scratch:
-            out["scratch_accuracy"] = train_from_scratch(info, setup, idx, seed)["accuracy"]
+            out["scratch_accuracy"] = train_from_scratch(spec, setup, idx, seed)["accuracy"]
         return out
 
     results = []

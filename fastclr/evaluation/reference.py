@@ -12,19 +12,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastclr.models import encoder_from_info
+from fastclr.models import EncoderSpec, encoder_from_spec
 
 SMALL_LIFT = 0.05
 """A linear-probe lift below 5 points is flagged: most of the accuracy is the architecture's."""
 
 
-def untrained_encoder(info: dict[str, Any], seed: int, device: torch.device) -> nn.Module:
-    """The architecture `info` describes, initialised as `pretrain` initialises it with `seed`
+def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device) -> nn.Module:
+    """The architecture `spec` describes, initialised as `pretrain` initialises it with `seed`
     (torch.manual_seed(seed), then the encoder is the first thing built): for the run's own seed,
     exactly its weights before the first step. The global random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        enc = encoder_from_info(info)
+        enc = encoder_from_spec(spec)
     enc = enc.to(device).to(memory_format=torch.channels_last)
     return enc.eval()
 

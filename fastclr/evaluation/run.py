@@ -30,9 +30,10 @@ from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
 from fastclr.evaluation.reference import lift_summary, untrained_encoder
 from fastclr.evaluation.supervised import supervised_baseline
 from fastclr.export import ENCODER_FILE
-from fastclr.knn import knn_accuracy
+from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
-from fastclr.probe import extract_features, linear_probe, state_checksum
+from fastclr.evaluation.probe import linear_probe
+from fastclr.evaluation.features import extract_features, state_checksum
 from fastclr.runs import write_json
 from fastclr.runtime import select_device
 from fastclr.version import __version__
@@ -113,7 +114,7 @@ def _fewshot(c: Context) -> dict[str, Any]:
 def _supervised(c: Context) -> dict[str, Any]:
     assert c.setup is not None
     o = c.options
-    return {"curve": supervised_baseline(c.run.info, c.setup, o.labels_per_class, o.supervised_seeds, c.log),
+    return {"curve": supervised_baseline(c.run.spec, c.setup, o.labels_per_class, o.supervised_seeds, c.log),
             "recipe": asdict(c.setup.recipe)}
 
 
@@ -121,7 +122,7 @@ def _finetune(c: Context) -> dict[str, Any]:
     assert c.setup is not None and c.train_x is not None and c.test_x is not None
     o = c.options
     recipe = o.recipe(c.run.config.augment.flip_p, finetune=True)
-    return {"fractions": finetune(c.run.encoder, c.run.info, c.train_x, c.test_x, c.setup, recipe, o.finetune_fractions,
+    return {"fractions": finetune(c.run.encoder, c.run.spec, c.train_x, c.test_x, c.setup, recipe, o.finetune_fractions,
                                   o.finetune_seeds, log=c.log),
             "recipe": asdict(recipe), "scratch_recipe": asdict(c.setup.recipe)}
 
@@ -132,8 +133,8 @@ def _quality(c: Context) -> dict[str, Any]:
     images = c.dataset.pretrain.images[evenly_spaced(len(c.dataset.pretrain), o.quality_images)]
     _, views = view_pairs(images, run.config.augment, o.view_seed, run.mean, run.std, c.device)
     precision = run.precision
-    size = int(run.info["image_size"])
-    untrained = untrained_encoder(run.info, run.config.train.seed, c.device) if run.info["encoder"] != "custom" else None
+    size = run.spec.image_size
+    untrained = untrained_encoder(run.spec, run.config.train.seed, c.device) if run.spec.rebuildable else None
 
     def measure(enc: torch.nn.Module) -> dict[str, float]:
         h = extract_features(enc, images, run.mean, run.std, c.device, precision=precision, size=size)
@@ -201,7 +202,7 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
     for n in per_class:
         stratified_subset(tr.labels, n, 0, classes)
     return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std,
-                         int(run.info["image_size"]), device, run.precision,
+                         run.spec.image_size, device, run.precision,
                          options.recipe(run.config.augment.flip_p))
 
 
@@ -233,8 +234,8 @@ def evaluate(
         kw = dict(precision=run.precision, size=ctx.setup.size)
         ctx.train_x = extract_features(run.encoder, ctx.setup.train_images, run.mean, run.std, device, **kw)
         ctx.test_x = extract_features(run.encoder, ctx.setup.test_images, run.mean, run.std, device, **kw)
-        if run.info["encoder"] != "custom":  # a module given in Python cannot be rebuilt untrained by name
-            untrained = untrained_encoder(run.info, run.config.train.seed, device)
+        if run.spec.rebuildable:  # a module given in Python cannot be rebuilt untrained by name
+            untrained = untrained_encoder(run.spec, run.config.train.seed, device)
             ctx.untrained_train_x = extract_features(untrained, ctx.setup.train_images, run.mean, run.std, device, **kw)
             ctx.untrained_test_x = extract_features(untrained, ctx.setup.test_images, run.mean, run.std, device, **kw)
         timings["features"] = time.perf_counter() - t0
@@ -252,7 +253,7 @@ def evaluate(
         "run_dir": str(run_dir),
         "dataset": dataset.name,
         "classes": ctx.setup.classes if ctx.setup else list(dataset.classes),
-        "encoder": {k: v for k, v in run.info.items() if k not in ("mean", "std")},
+        "encoder": {k: v for k, v in run.spec.to_dict().items() if k not in ("mean", "std")},
         "encoder_sha256": before,
         "encoder_unchanged": True,
         "options": asdict(o),

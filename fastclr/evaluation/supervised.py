@@ -14,18 +14,19 @@ from torch import nn
 from fastclr.evaluation.classifier import LabelledSetup, fit_and_test
 from fastclr.evaluation.curve import label_sweep
 from fastclr.evaluation.reference import untrained_encoder
+from fastclr.models import EncoderSpec
 
 
-def train_from_scratch(info: dict[str, Any], setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
+def train_from_scratch(spec: EncoderSpec, setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
     """Test accuracy of a fresh encoder plus linear head trained on the labelled images `idx`."""
     torch.manual_seed(seed)  # the head's initial weights and the training draws
-    enc = untrained_encoder(info, seed, setup.device)
-    head = nn.Linear(info["feature_dim"], len(setup.classes)).to(setup.device)
+    enc = untrained_encoder(spec, seed, setup.device)
+    head = nn.Linear(spec.feature_dim, len(setup.classes)).to(setup.device)
     return fit_and_test(enc, head, setup, idx, seed)
 
 
 def supervised_baseline(
-    info: dict[str, Any],
+    spec: EncoderSpec,
     setup: LabelledSetup,
     per_class: tuple[int, ...],
     seeds: tuple[int, ...],
@@ -33,4 +34,4 @@ def supervised_baseline(
 ) -> list[dict[str, Any]]:
     """From-scratch test accuracy for every (labels per class, seed) subset."""
     return label_sweep(setup.train_labels, per_class, seeds, setup.classes,
-                       lambda idx, seed: train_from_scratch(info, setup, idx, seed), log, "supervised baseline")
+                       lambda idx, seed: train_from_scratch(spec, setup, idx, seed), log, "supervised baseline")

@@ -24,15 +24,16 @@ import torch
 from fastclr.checkpoint import atomic_write
 from fastclr.data.datasets import REGISTRY, load_builtin
 from fastclr.data.store import SPLITS, is_store, read_store
+from fastclr.augment import LUMA
 from fastclr.errors import FastclrError
 from fastclr.ingest.builtin import block_rows, builtin_blocks
 from fastclr.ingest.decode import DecodeOptions
 from fastclr.ingest.prepare import prepare_store
 from fastclr.pretrained import LoadedRun
-from fastclr.probe import extract_features
+from fastclr.evaluation.features import extract_features
 
 INDEX_COLUMNS = ("row", "path", "split", "label", "class")
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as Pillow's L and augment.grayscale
+_LUMA = np.array(LUMA, np.float32)
 _CHUNK = 4096
 
 
@@ -98,8 +99,8 @@ def open_source(data: str, split: str, size: int, channels: int, workers: int = 
 def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
     """float32 (N, D) features h of uint8 (N, S, S, C) images (read `_CHUNK` rows at a time, so a
     memory-mapped store never has to fit in memory), resized to the run's image size."""
-    c, size = int(run.info["in_channels"]), int(run.info["image_size"])
-    out = [np.zeros((0, int(run.info["feature_dim"])), np.float32)]
+    c, size = run.spec.in_channels, run.spec.image_size
+    out = [np.zeros((0, run.spec.feature_dim), np.float32)]
     for start in range(0, len(images), _CHUNK):
         x = match_channels(np.array(images[start : start + _CHUNK]), c)  # one read of the chunk, writable
         h = extract_features(run.encoder, x, run.mean, run.std, device, batch_size, run.precision, size,
@@ -126,14 +127,14 @@ def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, objec
 def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str = "all", batch_size: int = 256,
           workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv)."""
-    c = int(run.info["in_channels"])
-    with open_source(data, split, int(run.info["image_size"]), c, workers, run.config.data.root or None, log) as src:
+    c = run.spec.in_channels
+    with open_source(data, split, run.spec.image_size, c, workers, run.config.data.root or None, log) as src:
         have = src.blocks[0].shape[-1] if src.blocks else c
         if have != c:
             log(f"note: the images have {have} channel(s), the encoder {c}: "
                 + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
         feats = [embed_images(run, b, device, batch_size) for b in src.blocks]
-        features = np.concatenate(feats) if feats else np.zeros((0, int(run.info["feature_dim"])), np.float32)
+        features = np.concatenate(feats) if feats else np.zeros((0, run.spec.feature_dim), np.float32)
         paths = write_embeddings(out, features, src.rows)
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")
     return paths

@@ -18,10 +18,11 @@ from PIL import Image
 from fastclr.checkpoint import atomic_write
 from fastclr.data.store import META, Store, read_store
 from fastclr.errors import FastclrError
+from fastclr.evaluation.knn import cosine_topk
 from fastclr.ingest.decode import DEFAULT_MAX_PIXELS, DecodeOptions, process_file
 from fastclr.ingest.embed import embed_images, match_channels
 from fastclr.pretrained import LoadedRun
-from fastclr.probe import state_checksum
+from fastclr.evaluation.features import state_checksum
 
 GRID_COLUMNS = 9
 """Tiles per row of the grid: the query and 8 neighbours fill the first row."""
@@ -38,16 +39,6 @@ def decode_query(path: Path, store: Store) -> np.ndarray:
     if o.image is None:
         raise FastclrError(f"--query {path} cannot be used: {o.reason} ({o.detail})")
     return match_channels(o.image[None], c)[0]
-
-
-def cosine_neighbours(features: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices and cosine similarities of the `k` rows of `features` (N, D) most similar to
-    `query` (D,), most similar first (ties in row order)."""
-    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    q = query / max(float(np.linalg.norm(query)), 1e-12)
-    sims = f @ q
-    idx = np.argsort(-sims, kind="stable")[: max(0, min(k, len(sims)))]
-    return idx, sims[idx]
 
 
 def store_features(run: LoadedRun, store: Store, device: torch.device, log: Callable[[str], None] = print) -> np.ndarray:
@@ -90,8 +81,9 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
     image = decode_query(query, store)
     feats = store_features(run, store, device, log)
     q = embed_images(run, image[None], device)[0]
-    idx, sims = cosine_neighbours(feats, q, k)
-    found = [(store.paths[i], float(s)) for i, s in zip(idx.tolist(), sims.tolist())]
+    sims, rows = cosine_topk(torch.from_numpy(feats), torch.from_numpy(q)[None], k)
+    idx = rows[0]
+    found = [(store.paths[i], float(s)) for i, s in zip(idx.tolist(), sims[0].tolist())]
     log(f"nearest to {query} in {store.path} ({len(store.paths)} images):")
     for rank, (p, s) in enumerate(found, 1):
         log(f"{rank:3d}  {s:.4f}  {p}")

@@ -34,7 +34,7 @@ from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, c
 from fastclr.errors import FastclrError
 from fastclr.ingest.decode import PIPELINE_VERSION, DecodeOptions, Outcome, is_gray, process_file
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
-from fastclr.progress import format_seconds
+from fastclr.progress import Progress
 
 HOLDOUT = 10
 """One labelled image in HOLDOUT (chosen by a hash of its path) is in the probe's test split."""
@@ -166,24 +166,6 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
                 f.cancel()
 
 
-def _progress(total: int, enabled: bool) -> Callable[[int], None]:
-    """A progress line: files done, files/s and ETA (a rewritten line on a terminal)."""
-    t0, tty = time.perf_counter(), sys.stderr.isatty()
-    state = {"last": t0}
-
-    def show(done: int) -> None:
-        now = time.perf_counter()
-        if not enabled or (now - state["last"] < (0.25 if tty else 30.0) and done < total):
-            return
-        rate = done / max(now - t0, 1e-9)
-        line = f"prepare {done}/{total} files, {rate:.0f} files/s, eta {format_seconds((total - done) / max(rate, 1e-9))}"
-        sys.stderr.write(f"\r{line:<70}" + ("\n" if done >= total else "") if tty else line + "\n")
-        sys.stderr.flush()
-        state["last"] = now
-
-    return show
-
-
 @dataclass
 class PrepareResult:
     """What `prepare_store` did."""
@@ -245,7 +227,7 @@ def prepare_store(
     to_read = [f.rel for f in entries if unchanged(f) is None]
     known = frozenset(prev.by_hash) if prev else frozenset()
     writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels))
-    show = _progress(len(entries), progress)
+    bar = Progress(len(entries), enabled=progress, unit="prepare", rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     try:
         outcomes = decode_all(root, to_read, opts, known, workers or default_workers())
@@ -273,7 +255,8 @@ def prepare_store(
                                             mode=o.mode))
             elif o is not None:
                 skipped.append(Skip(f.rel, o.reason, o.detail, o.size, f.mtime_ns if o.sha256 else -1, o.sha256))
-            show(i + 1)
+            bar.update(i + 1)
+        bar.close()
         if writer.n == 0:
             raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
         skipped.sort(key=lambda s: s.rel)

@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastclr.config import ModelConfig
+from fastclr.config import ModelConfig, parse_switch
 from fastclr.errors import FastclrError
 from fastclr.models.cnn import SmallCNN
 from fastclr.models.head import ProjectionHead
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
+from fastclr.models.spec import EncoderSpec
 
-__all__ = ["ENCODERS", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "encoder_from_info", "feature_dim",
-           "resolve_encoder"]
+__all__ = ["ENCODERS", "EncoderSpec", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "encoder_from_spec",
+           "feature_dim", "resolve_encoder"]
 
 CNN_STAGES = ModelConfig().cnn_stages
 """The cnn encoder's default shape (the Fashion-MNIST CPU recipe, docs/benchmarks.md section 3)."""
@@ -57,13 +58,8 @@ def resolve_encoder(name: str, image_size: int) -> str:
 
 def use_cifar_stem(setting: str, image_size: int) -> bool:
     """Resolve the `cifar_stem` setting (auto/on/off) for an input size."""
-    if setting == "auto":
-        return image_size <= CIFAR_STEM_MAX_SIZE
-    if setting in ("on", "true"):
-        return True
-    if setting in ("off", "false"):
-        return False
-    raise FastclrError(f"cifar_stem must be auto, on or off, got {setting!r}")
+    on = parse_switch(setting, "cifar_stem")
+    return image_size <= CIFAR_STEM_MAX_SIZE if on is None else on
 
 
 def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1.0, cifar_stem: str = "auto",
@@ -75,23 +71,10 @@ def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1
     return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size), image_size, cnn_stages)
 
 
-def stages_of(info: dict[str, Any]) -> str:
-    """The cnn stage spec a saved run's metadata describes.
-
-    Runs saved before the spec was recorded all had a 32-channel first stage and a flattened 7 x 7
-    last map (64, 128 and then 256 channels as the default changed), so their h width names it."""
-    if "stages" in info:
-        return str(info["stages"])
-    dim, width = int(info.get("feature_dim", 0)), float(info.get("width", 1.0))
-    if info.get("encoder") == "cnn" and width == 1.0 and dim % 49 == 0 and int(info.get("image_size", 0)) == 28:
-        return f"32|{dim // 49}|flat0"
-    return CNN_STAGES
-
-
-def encoder_from_info(info: dict[str, Any]) -> nn.Module:
-    """A freshly initialised encoder of the architecture a run's metadata (`Model.info`) records."""
-    return build_encoder(info["encoder"], info["in_channels"], info["image_size"], info["width"], info["cifar_stem"],
-                         stages_of(info))
+def encoder_from_spec(spec: EncoderSpec) -> nn.Module:
+    """A freshly initialised encoder of the architecture `spec` records."""
+    return build_encoder(spec.encoder, spec.in_channels, spec.image_size, spec.width, spec.cifar_stem,
+                         spec.stages or CNN_STAGES)
 
 
 @torch.no_grad()

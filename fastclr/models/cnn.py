@@ -24,19 +24,55 @@ class FlattenHWC(nn.Module):
         return x.permute(0, 2, 3, 1).flatten(1)
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling of a (B, C, S, S) map to h (B, dim): `heads` learned queries
+    each attend over the S x S positions (keys from the features plus a learned position
+    embedding) and return a weighted sum of their value projection; the heads are concatenated,
+    then BatchNorm and ReLU (the pooling by multi-head attention of Lee et al. 2019, as in CLIP's
+    attention pool). At initialisation the weights are near uniform: global average pooling of
+    random projections; training can learn where to look."""
+
+    def __init__(self, channels: int, side: int, dim: int, heads: int = 8, key_dim: int = 32) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention pooling width {dim} must be a multiple of {heads} heads")
+        self.heads, self.key_dim = heads, key_dim
+        self.position = nn.Parameter(torch.zeros(side * side, channels))
+        nn.init.normal_(self.position, std=0.02)
+        self.query = nn.Parameter(torch.randn(heads, key_dim) / key_dim**0.5)
+        self.key = nn.Linear(channels, heads * key_dim, bias=False)
+        self.value = nn.Linear(channels, dim, bias=False)
+        self.out = nn.Sequential(nn.BatchNorm1d(dim), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, dim)."""
+        b = x.shape[0]
+        tokens = x.permute(0, 2, 3, 1).flatten(1, 2) + self.position  # (B, P, C); a view for channels_last
+        keys = self.key(tokens).view(b, -1, self.heads, self.key_dim)  # (B, P, H, K)
+        weights = torch.einsum("bphk,hk->bhp", keys, self.query).div(self.key_dim**0.5).softmax(-1)  # (B, H, P)
+        values = self.value(tokens).view(b, -1, self.heads, self.value.out_features // self.heads)  # (B, P, H, V)
+        return self.out(torch.einsum("bhp,bphv->bhv", weights, values).flatten(1))  # (B, H * V)
+
+
 def parse_stages(spec: str) -> tuple[list[list[int]], int]:
-    """"64|128,128|fc512" -> ([[64], [128, 128]], 512); "...|flat" -> -1, "...|flat0" -> -2, "...|cat0" -> -3.
+    """"64|128,128|fc512" -> ([[64], [128, 128]], 512); "...|flat" -> -1, "...|flat0" -> -2,
+    "...|cat0" -> -3, "...|attn512" -> -512.
 
     Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
     conv of a stage by ','. A last stage "fcN" flattens the final map into a linear layer of N
-    units (with BatchNorm and ReLU); "flat" max-pools the final map 2x2 and flattens it, "flat0"
-    flattens it as it is, "cat0" flattens it together with every earlier stage's map max-pooled to
-    its side (multi-scale h); without any of these the final map is average-pooled.
+    units (with BatchNorm and ReLU); "attnN" pools the final map to N by attention
+    (`AttentionPool`); "flat" max-pools the final map 2x2 and flattens it, "flat0" flattens it as
+    it is, "cat0" flattens it together with every earlier stage's map max-pooled to its side
+    (multi-scale h); without any of these the final map is average-pooled (global pooling).
     """
     parts = spec.split("|")
     fc = 0
     if parts[-1].startswith("fc"):
         fc = int(parts.pop()[2:])
+    elif parts[-1].startswith("attn"):
+        fc = -int(parts.pop()[4:])
+        if fc > -8:
+            raise ValueError(spec)
     elif parts[-1] in ("flat", "flat0", "cat0"):
         fc = {"flat": -1, "flat0": -2, "cat0": -3}[parts.pop()]
     return [[int(c) for c in stage.split(",")] for stage in parts], fc
@@ -75,7 +111,11 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
         self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if fc == -3 else []
-        if fc == -3:
+        if fc <= -8:  # attention pooling to -fc dimensions
+            dim = max(8, int(round(-fc * width / 8)) * 8)
+            self.pool = AttentionPool(c, side, dim)
+            self.feature_dim = dim
+        elif fc == -3:
             self.pool = FlattenHWC()
             self.feature_dim = sum(ch for _, ch, _ in ends) * side * side
         elif fc < 0:  # h is the last map flattened (max-pooled 2x2 first for "flat"): spatial layout kept

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from fastclr.data import Dataset, ImageSet, load_data
 from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
+from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.run import read_eval, require_encoder
 from fastclr.evaluation.table import format_table
 from fastclr.pretrained import LoadedRun, load_run
-from fastclr.probe import extract_features, state_checksum
+from fastclr.evaluation.features import extract_features, state_checksum
 from fastclr.report import figures
 from fastclr.report.embedding_map import pca, tsne
 from fastclr.report.html import note, page, section
@@ -42,7 +43,7 @@ QUERIES, NEIGHBOURS = 8, 8
 
 def _features(run: LoadedRun, images: np.ndarray, device: torch.device) -> torch.Tensor:
     return extract_features(run.encoder, images, run.mean, run.std, device, precision=run.precision,
-                            size=int(run.info["image_size"]))
+                            size=run.spec.image_size)
 
 
 def pick_queries(split: ImageSet, count: int) -> np.ndarray:
@@ -51,15 +52,6 @@ def pick_queries(split: ImageSet, count: int) -> np.ndarray:
         return evenly_spaced(len(split), count)
     firsts = [int(np.flatnonzero(split.labels == c)[0]) for c in np.unique(split.labels)[:count]]
     return np.array(firsts, dtype=np.int64)
-
-
-def nearest(bank: torch.Tensor, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Indices (Q, k) of each query's k most cosine-similar bank rows; `exclude` (Q,) drops a
-    query's own row when queries come from the bank."""
-    sim = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T  # (Q, N)
-    if exclude is not None:
-        sim[torch.arange(len(exclude)), torch.from_numpy(exclude)] = -2.0
-    return sim.topk(k, dim=1).indices.numpy()
 
 
 def _curves_section(run_dir: Path) -> str:
@@ -108,7 +100,9 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     qidx = pick_queries(test, QUERIES)
     same_split = test is bank_split
     exclude = np.searchsorted(bidx, qidx) if same_split else None
-    nn_idx = nearest(bank, _features(run, test.images[qidx], device), NEIGHBOURS, exclude)  # (Q, K) into bidx
+    _, nn_idx = cosine_topk(bank, _features(run, test.images[qidx], device), NEIGHBOURS,
+                            exclude=torch.from_numpy(exclude) if exclude is not None else None)
+    nn_idx = nn_idx.numpy()  # (Q, K) into bidx
     neighbours = bank_split.images[bidx[nn_idx]]  # (Q, K, H, W, C)
     q_labels = test.labels[qidx] if test.labels is not None else None
     n_labels = bank_split.labels[bidx[nn_idx]] if bank_split.labels is not None else None
@@ -176,8 +170,8 @@ def build_report(
                 *_results_sections(ev, run_dir, state_checksum(run.encoder)),
                 section("config", "Config", f"<pre>{escape((run_dir / 'config.toml').read_text())}</pre>", "pre",
                         "The resolved configuration of the run (config.toml).")]
-    info = run.info
-    subtitle = escape(f"{run_dir} · {info['encoder']} encoder, h {info['feature_dim']}-d · {dataset.name} · "
+    spec = run.spec
+    subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
     path.write_text(page(f"fastclr report: {run_dir.name}", subtitle, sections))

@@ -1,5 +1,8 @@
 """One training step: views -> z -> NT-Xent (negatives from every rank) -> gradients -> update.
 
+Its phases are marked for torch.profiler (fastclr.forward, .loss, .backward, .optimizer; the
+views are fastclr.views in `ViewMaker`), so benchmarks/profile_step.py profiles this very step.
+
 `TrainStep` is built once per run, bound to the model, optimiser, precision and loss settings,
 and called with each batch's views. Under fp16 it scales the loss dynamically
 (`torch.amp.GradScaler`): a step whose gradients overflow is skipped (parameters and optimiser
@@ -14,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
-from fastclr.chunked_loss import blockwise_nt_xent
-from fastclr.distributed import DistContext, gather_with_grad
-from fastclr.gradcache import grad_cache_backward
-from fastclr.losses import contrastive_metrics, nt_xent_logits, rank_metrics
+from fastclr.pretraining.chunked_loss import blockwise_nt_xent
+from fastclr.scaleout.distributed import DistContext, gather_with_grad
+from fastclr.scaleout.gradcache import grad_cache_backward
+from fastclr.pretraining.losses import contrastive_metrics, nt_xent_logits, rank_metrics
 from fastclr.runtime import Precision
 
 Metrics = dict[str, torch.Tensor]
@@ -60,12 +64,6 @@ def contrastive_loss(z: torch.Tensor, temperature: float, block: int, ctx: DistC
     return loss, contrastive_metrics(logits.detach(), target)
 
 
-def forward_loss(net: nn.Module, views: torch.Tensor, temperature: float, amp: torch.dtype | None, block: int,
-                 ctx: DistContext) -> tuple[torch.Tensor, Metrics]:
-    """Both views through f and g as one batch (so BatchNorm sees all 2B), then the loss."""
-    return contrastive_loss(project(net, views, amp), temperature, block, ctx)
-
-
 def backward_step(
     net: nn.Module,
     views: torch.Tensor,
@@ -81,8 +79,12 @@ def backward_step(
     ranks by DDP. chunk > 0: gradient caching with `chunk` images per encoder pass (gradcache.py).
     Returns the detached, unscaled loss of this rank's anchors and the metrics."""
     if chunk <= 0:
-        loss, metrics = forward_loss(net, views, temperature, amp, block, ctx)
-        scale(loss).backward()
+        with record_function("fastclr.forward"):
+            z = project(net, views, amp)
+        with record_function("fastclr.loss"):
+            loss, metrics = contrastive_loss(z, temperature, block, ctx)
+        with record_function("fastclr.backward"):
+            scale(loss).backward()
         return loss.detach(), metrics
     return grad_cache_backward(lambda x: project(net, x, amp), views, chunk,
                                lambda z: contrastive_loss(z, temperature, block, ctx), net, no_sync, scale)
@@ -119,10 +121,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = backward_step(self.net, views, self.temperature, self.precision.dtype, self.loss_block, self.ctx,
                                       self.grad_cache_chunk, self.no_sync, self.scaler.scale)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with record_function("fastclr.optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         skipped = (~torch.isfinite(grad_norm)).float() if self.scaler.is_enabled() else torch.zeros((), device=loss.device)
         return StepResult(loss, grad_norm, skipped, metrics)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastclr.losses import pair_indices, unit_rows
+from fastclr.pretraining.losses import pair_indices, unit_rows
 
 
 class _BlockwiseNTXent(torch.autograd.Function):

@@ -12,12 +12,6 @@ import torch
 import torch.nn.functional as F
 
 
-def positive_index(n: int, device: torch.device) -> torch.Tensor:
-    """For anchors 0..2N-1 laid out as [view 1; view 2], the index of each one's positive."""
-    i = torch.arange(n, device=device)
-    return torch.cat([i + n, i])
-
-
 def pair_indices(local: int, total: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, self) candidate index of each anchor, both int64 (2 * local,).
 
@@ -25,7 +19,7 @@ def pair_indices(local: int, total: int, offset: int, device: torch.device) -> t
     gathered rows [Z1_all; Z2_all] (`total` images each), in which this rank's images start at
     `offset`. View-1 anchor i is candidate offset + i and its positive is total + offset + i;
     view-2 anchor i is candidate total + offset + i and its positive is offset + i. With one rank
-    (local == total, offset 0) the positive is `positive_index(local)`.
+    (local == total, offset 0) the positive of anchor i is i + N for i < N and i - N after.
     """
     i = torch.arange(local, device=device) + offset
     own = torch.cat([i, i + total])

@@ -155,21 +155,6 @@ def all_reduce(x: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tens
     return out
 
 
-def broadcast_int(value: int, ctx: DistContext, device: torch.device) -> int:
-    """Rank 0's `value` on every rank."""
-    if not ctx.active:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.broadcast(t, src=0)
-    return int(t)
-
-
-def barrier(ctx: DistContext) -> None:
-    """Wait for every rank (bounded by the process-group timeout)."""
-    if ctx.active:
-        dist.barrier()
-
-
 def broadcast_object(obj: T, ctx: DistContext) -> T:
     """Rank 0's `obj` (picklable, small: a path, a step count) on every rank."""
     if not ctx.active:

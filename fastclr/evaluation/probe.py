@@ -1,87 +1,16 @@
-"""Frozen features h and the linear probe: the standard SimCLR evaluation (Chen et al. 2020, §4).
+"""The linear probe on frozen h: the standard SimCLR evaluation (Chen et al. 2020, §4).
 
-Features are computed once, from un-augmented images, with the encoder in eval mode (BatchNorm
-uses its running statistics and does not move); a checksum of the encoder's state asserts that
-nothing changed. The probe is a multinomial logistic regression on standardised features, fitted
-full-batch with L-BFGS; its L2 strength is chosen on a held-out 10% of the training split, never
-on the test split, then the probe is refitted on the whole training split.
+A multinomial logistic regression on standardised features (fastclr.evaluation.features makes
+them), fitted full-batch with L-BFGS; its L2 strength is chosen on a held-out 10% of the training
+split, never on the test split, then the probe is refitted on the whole training split.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from fastclr.augment import normalize, resample_matrix, to_float
-from fastclr.data.loader import ImageSource
-from fastclr.runtime import FP32, Precision
-
-
-def state_checksum(module: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer of `module` (names, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def prepare_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> standardised float (B, C, S, S), resized (whole image) when S != H."""
-    x = to_float(images)
-    b, _, h, w = x.shape
-    if size != h or size != w:
-        no = torch.zeros(b, dtype=torch.bool, device=x.device)
-        full = torch.tensor([0.0, 0.0, float(w), float(h)], device=x.device).expand(b, 4)
-        ry = resample_matrix(full[:, 1], full[:, 3], h, size, no)
-        rx = resample_matrix(full[:, 0], full[:, 2], w, size, no)
-        x = ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
-    return normalize(x, mean, std)
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: nn.Module,
-    images: np.ndarray | ImageSource,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    device: torch.device,
-    batch_size: int = 1024,
-    precision: Precision = FP32,
-    size: int = 0,
-    channels_last: bool = True,
-) -> torch.Tensor:
-    """Encoder features h of every image, in order: float32 (N, D) on the CPU, computed under
-    `precision` (the command's resolved precision; fp32 by default).
-
-    The encoder is put in eval mode for the pass and restored afterwards; an assertion checks
-    that its parameters and BatchNorm statistics are bit-for-bit unchanged.
-    """
-    source = images if isinstance(images, ImageSource) else ImageSource(images, device)
-    size = size or source.shape[1]
-    before = state_checksum(encoder)
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    try:
-        for start in range(0, len(source), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(source)), device=device)
-            x = prepare_images(source.gather(idx), mean.to(device), std.to(device), size)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with precision.autocast(device):
-                h = encoder(x)
-            out.append(h.float().cpu())
-    finally:
-        encoder.train(was_training)
-    assert state_checksum(encoder) == before, "feature extraction changed the encoder's state"
-    return torch.cat(out)
 
 
 @dataclass

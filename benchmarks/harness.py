@@ -1,0 +1,167 @@
+"""What every benchmark here shares: the machine it ran on, the package's own training step, a
+timer, a fresh-process runner and a peak-memory measure.
+
+- `report(name, fields)` prints one JSON line with the exact command and `describe()` of the
+  machine (CPU model with its ISA level and bf16 support, cores, OS, Python, torch, GPU).
+- `real_step(cfg, dataset, device, precision)` is `fastclr.pretraining.step.TrainStep` built as
+  `pretrain` builds it (seeded model, optimiser, the views of step i), so a benchmark times the
+  step users run, never a copy of it; its options exist for the step-lever variants.
+- `timed(step, warmup, steps, device)`: seconds of each step after untimed warm-up steps.
+- `run_child(script, args)` / `emit(result)`: one configuration in a fresh process, its answer
+  the JSON on its last line (peak memory and the allocator are per process).
+- `measure(work, device, repeats)`: peak memory a piece of work adds, and its median seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastclr.config import Config
+from fastclr.data import Dataset
+from fastclr.data.loader import BatchSampler, ImageSource
+from fastclr.pretraining.model import build_model
+from fastclr.pretraining.optim import build_optimizer, param_groups
+from fastclr.pretraining.step import SimCLRNet, TrainStep
+from fastclr.pretraining.views import ViewMaker
+from fastclr.runtime import cpu_features, resolve_precision, usable_cpus
+
+
+def describe() -> str:
+    """e.g. 'AMD EPYC (family 25, model 17) [AVX512_BF16; oneDNN bf16 on] x 2 CPUs, Linux, Python
+    3.11.7, torch 2.13.0+cpu, no GPU': the CPU with its ISA level, which decides whether bf16 is
+    native, and whether oneDNN's ISA was capped (ONEDNN_MAX_CPU_ISA) to stand in for another class."""
+    c = cpu_features()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    isa = f"{c.isa}; oneDNN bf16 {'on' if c.onednn_bf16 else 'off'}" + (f"; ISA capped to {cap}" if cap else "")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{c.model} [{isa}] x {usable_cpus()} CPUs, {platform.system()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {gpu}")
+
+
+def report(benchmark: str, fields: dict[str, Any]) -> None:
+    """Print one JSON line: the benchmark's name, the exact command, the machine, then `fields`."""
+    print(json.dumps({"benchmark": benchmark, "command": " ".join([sys.executable, *sys.argv]), "machine": describe(),
+                      **fields}), flush=True)
+
+
+@dataclass
+class RealStep:
+    """The package's training step for one config, and how to feed it."""
+
+    train_step: TrainStep
+    views: Callable[[int], torch.Tensor]
+    """The standardised views (2B, C, S, S) of step i, drawn as `pretrain` draws them."""
+
+    def __call__(self, i: int) -> None:
+        """Step i: views, forward, loss, backward, update."""
+        self.train_step(self.views(i))
+
+    def flops(self) -> float:
+        """FLOPs of one step (matmuls and convolutions, as torch's counter sees them)."""
+        v = self.views(0)
+        with FlopCounterMode(display=False) as counter:
+            self.train_step(v)
+        return float(counter.get_total_flops())
+
+
+def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: str,
+              encoder: torch.nn.Module | None = None, fused: bool = True, compiled: bool = False) -> RealStep:
+    """`TrainStep` for `cfg` at `precision` (auto, bf16, fp16, fp32), built as `pretrain` builds it
+    (seed 0). Variants: `encoder` (a module instead of the named one), `fused=False` (AdamW's
+    foreach kernels), `compiled` (torch.compile of encoder and head, as --compile on)."""
+    torch.manual_seed(0)
+    model = build_model(cfg, dataset, device, encoder=encoder)
+    if fused:
+        opt = build_optimizer(cfg.optim.optimizer, [model.encoder, model.head], cfg.optim.lr, cfg.optim.weight_decay)
+    else:
+        opt = torch.optim.AdamW(param_groups([model.encoder, model.head], cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                foreach=True)
+    net: torch.nn.Module = SimCLRNet(model.encoder, model.head)
+    if compiled:
+        net = torch.compile(net)
+    step = TrainStep(net, opt, resolve_precision(precision, device, warn=lambda s: None), device,
+                     temperature=cfg.train.temperature, loss_block=cfg.train.loss_block)
+    source = ImageSource(dataset.pretrain.images, device)
+    sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
+    make = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=0,
+                     channels_last=cfg.train.channels_last, global_batch=cfg.train.batch_size)
+    return RealStep(step, lambda i: make(source.gather(sampler.indices(i)), i))
+
+
+def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Seconds of each of `steps` steps after `warmup` untimed ones (CUDA synchronised around each)."""
+    for i in range(warmup):
+        step(i)
+    out = []
+    for i in range(warmup, warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(work: Callable[[], object], device: torch.device, repeats: int) -> dict[str, float]:
+    """Run `work` `repeats` times; the peak memory it added (bytes) and the median seconds per run.
+
+    On CPU the measure is the process's peak resident set (ru_maxrss) above a baseline taken after
+    imports and inputs: ru_maxrss never goes down, so each configuration needs its own process
+    (`run_child`). On CUDA it is torch.cuda.max_memory_allocated above the memory allocated before,
+    after one unmeasured run that takes the one-off allocations (cuBLAS workspace, allocator pools)."""
+    if device.type == "cuda":
+        work()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = max_rss_bytes()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
+    return {"peak_bytes": peak - base, "peak_gib": round((peak - base) / 2**30, 4),
+            "seconds": sorted(times)[len(times) // 2]}
+
+
+def run_child(script: str, args: list[str], timeout: float = 3600.0, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python script args` in a fresh process and return the JSON object on its last stdout
+    line, or the reason it gave none (killed for memory, timed out)."""
+    try:
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
+                           env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        why = "killed (out of memory?)" if r.returncode in (-9, 137) else f"exit {r.returncode}"
+        return {"error": why, "stderr": r.stderr.strip().splitlines()[-1:] if r.stderr.strip() else []}
+    return json.loads(lines[-1])
+
+
+def emit(result: dict[str, Any]) -> None:
+    """A child's answer to `run_child`: one JSON line."""
+    print(json.dumps(result), flush=True)

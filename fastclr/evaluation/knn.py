@@ -1,0 +1,96 @@
+"""Weighted k-nearest-neighbour classification on cosine similarity (Wu et al. 2018).
+
+Each test feature votes with its k most similar training features, each vote weighted by
+exp(similarity / tau). Cheap and label-light: the online monitor during pretraining uses it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastclr.runtime import FP32, Precision
+
+
+@torch.no_grad()
+def cosine_topk(
+    bank: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    precision: Precision = FP32,
+    shortlist: int = 2,
+    chunk: int = 256,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k bank rows most cosine-similar to each query: similarities (Q, k) and row indices
+    (Q, k), most similar first, ties in row order. The one nearest-neighbour search of fastclr
+    (the kNN classifier, the report's retrievals, `fastclr neighbours`).
+
+    Similarities are computed in the inputs' dtype (float32 at least). For each chunk of queries
+    they are one (q, D) x (D, N) product: the cost of kNN on wide h (10k x 60k x 12544 for a
+    12544-d readout: 89 s in fp32 on 2 cores). Where bf16 is native (`precision` bf16) and
+    `shortlist` > 0, that product runs in bf16 only to shortlist the `shortlist * k` most similar
+    rows; their similarities are then recomputed exactly and the k nearest taken from those, so
+    results differ from the exact search only if a true neighbour falls outside the shortlist (on
+    12544-d Fashion-MNIST features all 10k test predictions were equal with shortlist 2: 37 s
+    against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the exact product is used.
+    exclude: (Q,) a bank row each query must not return (itself, when queries come from the bank).
+    """
+    dtype = torch.promote_types(bank.dtype, torch.float32)
+    unit_bank = F.normalize(bank.to(dtype), dim=1)
+    n = unit_bank.shape[0]
+    k = min(k, n)
+    m = min(shortlist * k, n) if precision.name == "bf16" and shortlist > 0 else 0
+    bank16 = unit_bank.to(torch.bfloat16) if m else None
+    sims, rows = [], []
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start : start + chunk].to(dtype), dim=1)  # (q, D)
+        if bank16 is not None:
+            cand = (q.to(torch.bfloat16) @ bank16.T).topk(m, dim=1).indices  # (q, m) shortlisted rows
+            sim = torch.bmm(unit_bank[cand], q[:, :, None])[:, :, 0]  # (q, m) exact similarities
+        else:
+            cand = None
+            sim = q @ unit_bank.T  # (q, N)
+        if exclude is not None:
+            own = exclude[start : start + chunk].to(sim.device)[:, None]
+            sim = sim.masked_fill((cand if cand is not None else torch.arange(n, device=sim.device)[None]) == own, -2.0)
+        pos = sim.topk(k, dim=1).indices  # (q, k) columns of `sim`
+        row, val = (cand.gather(1, pos) if cand is not None else pos), sim.gather(1, pos)
+        # topk promises no order among equal similarities: put those in row order.
+        by_row = row.sort(dim=1).indices
+        row, val = row.gather(1, by_row), val.gather(1, by_row)
+        by_value = val.sort(dim=1, descending=True, stable=True).indices
+        sims.append(val.gather(1, by_value))
+        rows.append(row.gather(1, by_value))
+    return torch.cat(sims), torch.cat(rows)
+
+
+@torch.no_grad()
+def knn_predict(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    query_x: torch.Tensor,
+    k: int = 20,
+    tau: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 256,
+    shortlist: int = 2,
+    precision: Precision = FP32,
+) -> torch.Tensor:
+    """Predicted class (int64 (Q,)) of each query by similarity-weighted votes of its k nearest
+    bank features (`cosine_topk`)."""
+    c = num_classes or int(train_y.max()) + 1
+    sim, idx = cosine_topk(train_x, query_x, k, precision, shortlist, chunk)
+    votes = torch.zeros(query_x.shape[0], c, device=sim.device)
+    votes.scatter_add_(1, train_y[idx], torch.exp(sim.float() / tau))
+    return votes.argmax(1)
+
+
+def knn_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 20,
+    tau: float = 0.07, precision: Precision = FP32,
+) -> float:
+    """Fraction of test features whose kNN prediction equals their label."""
+    pred = knn_predict(train_x, train_y, test_x, k, tau, int(max(train_y.max(), test_y.max())) + 1,
+                       precision=precision)
+    return float((pred == test_y).float().mean())

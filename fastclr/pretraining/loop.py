@@ -1,0 +1,267 @@
+"""SimCLR pretraining: one explicit loop, top to bottom.
+
+stored uint8 images -> two views on the device -> encoder f -> h -> head g -> z -> NT-Xent.
+
+Determinism: batch t's images are slice t of epoch t // steps_per_epoch's permutation, and its
+augmentations come from a generator seeded with (seed, t). Everything random is a function of the
+step, so a resumed run replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastclr import config as config_mod
+from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries
+from fastclr.config import Config
+from fastclr.cpu_memory import keep_freed_memory
+from fastclr.data import Dataset, load_data
+from fastclr.determinism import deterministic_kernels, no_host_sync
+from fastclr.export import ENCODER_FILE, save_encoder
+from fastclr.pretraining.metrics import NonFiniteLoss
+from fastclr.pretraining.model import Model
+from fastclr.pretraining.monitor import final_probe, labelled
+from fastclr.pretraining.setup import Run, build_run, validate
+from fastclr.pretraining.state import check_resume_config
+from fastclr.runs import default_run_dir, prepare_run_dir, write_config, write_json
+from fastclr.runtime import Precision, resolve_precision, select_device, set_threads
+from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
+                                          peer_failure, process_device, setup, teardown)
+from fastclr.errors import FastclrError
+
+__all__ = ["NonFiniteLoss", "PretrainResult", "pretrain"]
+
+
+@dataclass
+class PretrainResult:
+    """What `pretrain` returns."""
+
+    run_dir: Path
+    steps: int
+    train_seconds: float
+    probe_accuracy: float | None
+    stopped: bool = False
+    """True when `stop` ended the run early (a checkpoint was written)."""
+    model: Model | None = None
+    rank: int = 0
+    """This process's rank; only rank 0 wrote files and has the probe accuracy."""
+    precision: Precision | None = None
+    """The precision the run resolved and trained in."""
+    random_init_accuracy: float | None = None
+    """The same probe on the same network at its initial weights (eval.untrained_reference)."""
+
+
+def pretrain(
+    cfg: Config,
+    *,
+    resume: Path | None = None,
+    allow_config_change: bool = False,
+    encoder: nn.Module | None = None,
+    dataset: Dataset | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    stop: Callable[[int], bool] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> PretrainResult:
+    """Run SimCLR pretraining as configured; returns the run directory and the probe accuracy.
+
+    resume: a run directory to continue from its newest valid checkpoint (config from the run,
+    overridden by `cfg` only where `allow_config_change` or the key is not in RESUME_KEYS).
+    encoder: any `nn.Module` mapping (B, C, S, S) to (B, D) to train instead of a named one.
+    stop: called after every step with the step count; when it returns True the run writes a
+    checkpoint and returns early (`PretrainResult.stopped`), to be continued with `resume`.
+    clock: the seconds the time budget and the logs count (tests drive the loop with a fake one).
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this: they form one
+    process group, train with DistributedDataParallel on disjoint shares of each global batch of
+    `train.batch_size` images, and rank 0 alone writes the run directory and logs. Under several
+    processes `stop` is consulted every `log_every` steps (and at checkpoints), and every rank
+    stops at the same step.
+    """
+    set_threads(cfg.train.threads)
+    if cfg.train.keep_memory:
+        keep_freed_memory()
+    _, world, local_rank = env_world()
+    device = select_device(process_device(cfg.train.device, local_rank, world))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = setup(device, cfg.train.dist_timeout)
+    try:
+        main_log = log if ctx.is_main else _silent
+        precision = run_precision(cfg, device, ctx, main_log)
+        # The resolved precision is what the run's config records (and a resume reuses).
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name))
+        with deterministic_kernels(cfg.train.deterministic and device.type == "cuda"):
+            run = _start(cfg, ctx, device, precision, resume, allow_config_change, encoder, dataset, main_log,
+                         progress and ctx.is_main, clock)
+            stopped = _train(run, stop)
+            return _finish(run, stopped)
+    except Exception as e:
+        if ctx.active and is_peer_failure(e):
+            raise peer_failure(ctx, e, resume or cfg.train.run_dir or "the run directory") from None
+        raise
+    finally:
+        teardown(ctx)
+
+
+def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
+    """The loop: per step lr, views, step, budget, log, checkpoint, monitor, stop. True when `stop`
+    ended it early (after a checkpoint)."""
+    s, t, ctx = run.state, run.cfg.train, run.ctx
+    first_step = s.step
+    window_start = run.clock()
+    run.loop_start = window_start - s.train_seconds
+    try:
+        while s.step < s.total_steps:
+            lr = run.set_lr()
+            # The step never waits for the device: metrics stay on it until a log step.
+            # (Checked from the third step of this process on: the first ones compile and warm up.)
+            with no_host_sync(run.device, t.check_sync and s.step >= first_step + 2):
+                out = run.train_step(run.views(run.source.gather(run.sampler.indices(s.step)), s.step))
+                run.health.update(out, s.step)
+                run.window.add(out)
+            s.step += 1
+            s.train_seconds = run.clock() - run.loop_start
+            epoch_ended = s.step // run.steps_per_epoch if s.step % run.steps_per_epoch == 0 else None
+            run.refit_budget(end_of_epoch=epoch_ended is not None)
+
+            log_now = s.step % t.log_every == 0 or s.step == s.total_steps
+            checkpoint_now = (s.step % t.checkpoint_every == 0) if t.checkpoint_every else epoch_ended is not None
+            stop_now = False
+            if ctx.active and (log_now or checkpoint_now):
+                # Decisions every rank must share, taken where the host waits for the device anyway:
+                # the first non-finite step anywhere, and whether any rank was asked to stop.
+                stop_now = run.health.agree(stop is not None and s.step < s.total_steps and stop(s.step), ctx)
+            if log_now:
+                run.health.check(run.cfg, run.run_dir)
+                now = run.clock()
+                run.log_window(lr, now - window_start)
+                window_start = now
+            if checkpoint_now:
+                run.checkpoint()
+            if run.monitor.due(epoch_ended, s.train_seconds):
+                run.monitor_pass()
+            if not ctx.active:
+                stop_now = stop is not None and s.step < s.total_steps and stop(s.step)
+            if stop_now:
+                run.checkpoint()
+                run.log(f"stopped at step {s.step}; continue with `fastclr pretrain --resume {run.run_dir}`")
+                return True
+        s.train_seconds = run.clock() - run.loop_start  # with the last epoch's monitor pass
+        run.checkpoint()
+        return False
+    finally:
+        run.bar.close()
+        run.metrics_log.close()
+
+
+def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, resume: Path | None,
+           allow_config_change: bool, encoder: nn.Module | None, dataset: Dataset | None,
+           log: Callable[[str], None], progress: bool, clock: Callable[[], float]) -> Run:
+    """Read the checkpoint to resume (if any) and the data, check the settings, create the run
+    directory, and build the run."""
+    started = clock()
+    state = None
+    if resume is not None:
+        # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
+        ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
+        check_resume_config(config_mod.from_dict(state["config"]), cfg, allow_config_change)
+        run_dir = resume
+        _check_same_step(int(state["step"]), ctx, device)
+        log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
+    else:
+        run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx))
+    if dataset is None:
+        dataset = load_data(cfg.data)
+    validate(cfg, len(dataset.pretrain), ctx.world_size)
+    if ctx.is_main:
+        # Only now, with the data and settings known good, does the run directory come into being.
+        prepare_run_dir(run_dir)
+        for p in remove_stale_temporaries(run_dir):
+            log(f"removed {p.name}, left by a checkpoint write that was interrupted")
+    run = build_run(cfg, ctx, device, precision, run_dir, dataset, encoder, log, progress, clock)
+    run.started = started
+    if state is not None:
+        run.state.restore(state)
+    run.bar.total, run.bar.start = run.state.total_steps, run.state.step
+    if ctx.is_main:
+        write_config(run_dir, cfg)
+    if not labelled(dataset) and (cfg.eval.probe or cfg.eval.monitor_every):
+        log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
+    t, spec = cfg.train, run.model.spec
+    log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
+        f"{dataset.image_shape}), {_batch_text(cfg, ctx)}, {run.steps_per_epoch} steps/epoch, peak lr {run.peak_lr:g} "
+        f"({_lr_text(cfg, ctx)}), {precision.name} on {device}"
+        + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
+                  + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
+    return run
+
+
+def _finish(run: Run, stopped: bool) -> PretrainResult:
+    """Rank 0 exports the encoder and, when the data has labels, runs the linear probe."""
+    s = run.state
+    result = PretrainResult(run.run_dir, s.step, s.train_seconds, None, stopped=stopped, model=run.model, rank=run.ctx.rank,
+                            precision=run.precision)
+    if stopped or not run.ctx.is_main:
+        return result  # rank 0 exports and probes alone; the others are done
+    save_encoder(run.run_dir / ENCODER_FILE, run.model.encoder, run.model.spec)
+    wall = run.clock() - run.started
+    run.log(f"trained {s.step} steps in {s.train_seconds:.0f} s ({wall:.0f} s with data loading, set-up and export); "
+            f"encoder saved to {run.run_dir / ENCODER_FILE}")
+    if run.cfg.eval.probe and labelled(run.dataset):
+        record, line = final_probe(run.model.encoder, run.dataset, run.model.spec, run.device, run.cfg, run.precision)
+        write_json(run.run_dir / "probe.json",
+                   dict(record, steps=s.step, train_seconds=s.train_seconds, pretrain_wall_seconds=wall))
+        result.probe_accuracy = record["accuracy"]
+        result.random_init_accuracy = record.get("random_init_accuracy")
+        run.log(line)
+    return result
+
+
+def run_precision(cfg: Config, device: torch.device, ctx: DistContext, log: Callable[[str], None]) -> Precision:
+    """The run's precision, decided once from this machine (rank 0's choice under torchrun, so
+    that every rank computes alike), with the reason in the log's first line."""
+    rows = min(2 * cfg.train.batch_size, 1024)  # a matmul of about the head's shape
+    precision = resolve_precision(cfg.train.precision, device, shape=(rows, 1024, 256), warn=log)
+    if ctx.active:
+        name, reason = broadcast_object((precision.name, precision.reason), ctx)
+        precision = Precision(name, reason)
+    log(f"precision {precision.name}: {precision.reason}")
+    return precision
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0: they reach the same decisions and have nothing to add."""
+
+
+def _batch_text(cfg: Config, ctx: DistContext) -> str:
+    b = cfg.train.batch_size
+    return f"batch {b}" if not ctx.active else f"global batch {b} ({ctx.world_size} processes x {b // ctx.world_size})"
+
+
+def _lr_text(cfg: Config, ctx: DistContext) -> str:
+    rule = cfg.optim.lr_scaling
+    if not ctx.active:
+        return f"{rule} scaling"
+    return f"lr {cfg.optim.lr:g} with {rule} scaling to the global batch {cfg.train.batch_size}"
+
+
+def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:
+    """Every rank must have read the same checkpoint (a run directory not shared between nodes
+    would otherwise resume ranks from different states)."""
+    if not ctx.active:
+        return
+    t = torch.tensor([step, -step], device=device)
+    low = all_reduce(t, ctx, "min")
+    if int(low[0]) != -int(low[1]):
+        raise FastclrError(
+            f"ranks resumed from different checkpoints (steps {int(low[0])} to {-int(low[1])}); the run directory "
+            "must be on a filesystem that every node sees, with the same content"
+        )

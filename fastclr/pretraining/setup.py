@@ -1,0 +1,190 @@
+"""Everything a pretraining run builds once, before its first step, and the few things it does
+with them between steps (log, checkpoint, refit the budget, monitor)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastclr.augment import render_views
+from fastclr.config import Config
+from fastclr.data import Dataset
+from fastclr.data.loader import BatchSampler, ImageSource
+from fastclr.errors import FastclrError
+from fastclr.pretraining.metrics import Health, MetricsWindow
+from fastclr.pretraining.model import Model, build_model
+from fastclr.pretraining.monitor import KnnMonitor
+from fastclr.pretraining.optim import build_optimizer
+from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
+from fastclr.pretraining.state import RunState
+from fastclr.pretraining.step import SimCLRNet, TrainStep
+from fastclr.pretraining.views import ViewMaker
+from fastclr.progress import Progress
+from fastclr.runs import MetricsLog
+from fastclr.runtime import Precision, use_compile
+from fastclr.scaleout.distributed import DistContext, broadcast_object
+from fastclr.scaleout.global_bn import convert_batchnorm
+
+
+def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
+    """One-line errors for settings that cannot work with this data and this many processes."""
+    t = cfg.train
+    if world_size > 1 and t.batch_size % world_size:
+        raise FastclrError(
+            f"batch size {t.batch_size} (the global batch) does not split evenly over {world_size} processes; "
+            f"pass --batch-size {max(1, t.batch_size // world_size) * world_size}"
+        )
+    use_compile(t.compile, torch.device("cpu"))  # a bad setting fails here, before anything is written
+    if t.loss_block < 0 or t.grad_cache_chunk < 0:
+        raise FastclrError("loss_block and grad_cache_chunk must be >= 0 (0 turns them off)")
+    if t.temperature <= 0:
+        raise FastclrError(f"temperature must be > 0, got {t.temperature}; the paper uses 0.1 to 0.5 (e.g. --temperature 0.2)")
+    if t.batch_size < 2:
+        raise FastclrError(f"batch size must be at least 2 (one negative pair), got {t.batch_size}")
+    if t.batch_size > n_images:
+        raise FastclrError(
+            f"batch size {t.batch_size} is larger than the dataset ({n_images} images); pass --batch-size {n_images} or less"
+        )
+    if t.epochs <= 0 and t.time_budget <= 0:
+        raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
+    if cfg.optim.lr <= 0:
+        raise FastclrError(f"learning rate must be > 0, got {cfg.optim.lr}")
+    if cfg.model.proj_dim < 1 or cfg.model.head_layers < 1:
+        raise FastclrError("proj_dim and head_layers must be >= 1")
+
+
+@dataclass
+class Run:
+    """A run's objects, built once by `build_run`; the loop calls them with what changes per step."""
+
+    cfg: Config
+    ctx: DistContext
+    device: torch.device
+    precision: Precision
+    run_dir: Path
+    dataset: Dataset
+    model: Model
+    source: ImageSource
+    sampler: BatchSampler
+    views: ViewMaker
+    train_step: TrainStep
+    state: RunState
+    budget: TimeBudget | None
+    health: Health
+    window: MetricsWindow
+    monitor: KnnMonitor
+    metrics_log: MetricsLog
+    bar: Progress
+    log: Callable[[str], None]
+    clock: Callable[[], float]
+    peak_lr: float
+    warmup_steps: int
+    started: float = 0.0
+    """The clock when pretraining began (data loading and set-up count in its wall time)."""
+    loop_start: float = 0.0
+    """The clock at which the loop would have started had it never been interrupted."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full global batches per epoch."""
+        return self.sampler.steps_per_epoch
+
+    def set_lr(self) -> float:
+        """Warm-up then cosine, per step (a pure function of the step: `lr_at`); returns the lr set."""
+        lr = lr_at(self.state.step, self.state.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio)
+        for group in self.train_step.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def refit_budget(self, end_of_epoch: bool) -> None:
+        """Fit the step count to the time budget where due (rank 0's clock rules, so every rank
+        runs the same number of steps)."""
+        s, b = self.state, self.budget
+        if b is None:
+            return
+        b.observe(s.step, s.train_seconds)
+        if b.due(s.step, s.total_steps, end_of_epoch, resumed=s.resumed):
+            s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
+            self.bar.total = s.total_steps
+            if not s.resumed and s.step == b.first_fit:
+                self.log(f"time budget {self.cfg.train.time_budget:g} min: {s.total_steps} steps "
+                         f"({s.total_steps / self.steps_per_epoch:.1f} epochs) at "
+                         f"{b.pace(s.step, s.train_seconds) * 1000:.0f} ms/step; refitted every {b.refit_every} steps")
+
+    def log_window(self, lr: float, window_seconds: float) -> None:
+        """Write the window's metrics (metrics.jsonl, TensorBoard) and update the progress line."""
+        s, t = self.state, self.cfg.train
+        steps = self.window.steps
+        rec: dict[str, Any] = self.window.close(self.ctx)
+        if self.precision.loss_scaling:
+            rec["loss_scale"] = self.train_step.loss_scale()
+        rec.update(step=s.step, epoch=s.step / self.steps_per_epoch, lr=lr, elapsed=s.train_seconds,
+                   pairs_per_s=steps * t.batch_size / max(window_seconds, 1e-9))
+        self.metrics_log.log(rec)
+        self.bar.update(s.step, f"loss {rec['loss']:.3f} top1 {rec['top1']:.3f} {2 * rec['pairs_per_s']:.0f} img/s")
+
+    def checkpoint(self) -> None:
+        """Refuse a bad state, then rank 0 writes the checkpoint."""
+        self.health.check(self.cfg, self.run_dir)
+        if self.ctx.is_main:
+            self.state.save(self.run_dir)
+
+    def monitor_pass(self) -> None:
+        """One kNN monitor pass on rank 0 (the others wait for it in the next step's collectives)."""
+        knn = self.monitor(self.model.encoder, self.clock)
+        epoch = self.state.step // self.steps_per_epoch
+        self.metrics_log.log({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "knn_acc": knn})
+        self.log(f"epoch {epoch}: kNN monitor accuracy {knn:.4f}")
+
+
+def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, run_dir: Path,
+              dataset: Dataset, encoder: nn.Module | None, log: Callable[[str], None], progress: bool,
+              clock: Callable[[], float]) -> Run:
+    """Model, data, views, step, state and the loop's helpers for `cfg`, seeded."""
+    t = cfg.train
+    torch.manual_seed(t.seed)  # the initial weights are a function of the seed
+    model = build_model(cfg, dataset, device, encoder)
+    if ctx.active and t.sync_bn:
+        model.encoder = convert_batchnorm(model.encoder, device)
+        model.head = convert_batchnorm(model.head, device)
+    source = ImageSource(dataset.pretrain.images, device)
+    sampler = BatchSampler(len(source), t.batch_size // ctx.world_size, t.seed, device, ctx.rank, ctx.world_size)
+    peak_lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_scaling)  # scaled with the global batch
+    opt = build_optimizer(cfg.optim.optimizer, [model.encoder, model.head], peak_lr, cfg.optim.weight_decay,
+                          cfg.optim.momentum, cfg.optim.trust_coefficient)
+    net: nn.Module = SimCLRNet(model.encoder, model.head)
+    no_sync: Callable[[], AbstractContextManager[object]] = nullcontext
+    if ctx.active:
+        # Buffers are not broadcast: with global BN they agree anyway; without it, rank 0's are saved.
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
+        net, no_sync = ddp, ddp.no_sync
+    compiled = use_compile(t.compile, device)
+    # --compile fuses the augmentation's pixel work (crop/flip/resize, jitter, blur, solarize,
+    # normalise) and the model's BatchNorm/ReLU/add chains into a few kernels; the random draws
+    # and the loss stay eager. The loss is 0.1-0.3 ms of a 20 ms ResNet-18 step on an H100, and
+    # compiled together with the model and the metrics, Triton 3.6 (torch 2.11) failed to build
+    # its fused nll_loss kernel for a batch-512 Fashion-MNIST run.
+    if compiled:
+        net = torch.compile(net)
+    views = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=t.seed,
+                      channels_last=t.channels_last, global_batch=t.batch_size, rank=ctx.rank,
+                      world_size=ctx.world_size, render=torch.compile(render_views) if compiled else render_views)
+    train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,
+                           grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync)
+    spe = sampler.steps_per_epoch
+    state = RunState(cfg, model, train_step, total_steps=max(1, int(round(t.epochs * spe))))
+    return Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
+               source=source, sampler=sampler, views=views, train_step=train_step, state=state,
+               budget=TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None, health=Health(device),
+               window=MetricsWindow(),
+               monitor=KnnMonitor(dataset, model.spec, device, cfg, precision, enabled=ctx.is_main),
+               metrics_log=MetricsLog(run_dir, enabled=ctx.is_main), bar=Progress(1, enabled=progress), log=log,
+               clock=clock, peak_lr=peak_lr, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)))

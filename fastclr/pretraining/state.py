@@ -1,0 +1,69 @@
+"""Where a run is, bound to the live objects it saves and restores: the checkpoint's content.
+
+A checkpoint holds the step, the planned length, the training seconds spent, the config, encoder,
+head, optimiser and loss-scaler states, the CPU generator and the encoder spec. Data order and
+augmentation are pure functions of (seed, step), so nothing else is needed for a resumed run to
+replay exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastclr import config as config_mod
+from fastclr.checkpoint import save_checkpoint
+from fastclr.config import Config
+from fastclr.errors import FastclrError
+from fastclr.pretraining.model import Model
+from fastclr.pretraining.step import TrainStep
+
+RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
+               "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer")
+"""Settings a resumed run may change only with --allow-config-change: they change the model or the data order."""
+
+
+def check_resume_config(saved: Config, wanted: Config, allow_changes: bool) -> None:
+    """A one-line error naming the RESUME_KEYS that differ, unless changes are allowed."""
+    changed = config_mod.diff(saved, wanted, RESUME_KEYS)
+    if changed and not allow_changes:
+        raise FastclrError(
+            f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; drop those flags, "
+            "or pass --allow-config-change to change them deliberately"
+        )
+
+
+class RunState:
+    """The counters of a run (step, total_steps, train_seconds) and the objects whose state a
+    checkpoint carries; `save` writes them, `restore` puts a checkpoint's content back."""
+
+    def __init__(self, cfg: Config, model: Model, train_step: TrainStep, total_steps: int) -> None:
+        self.cfg, self.model, self.train_step = cfg, model, train_step
+        self.step, self.total_steps, self.train_seconds = 0, total_steps, 0.0
+        self.resumed = False
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's content. A time-budgeted run keeps the step count it fitted;
+        otherwise `train.epochs` may extend a run."""
+        self.model.encoder.load_state_dict(state["encoder"])
+        self.model.head.load_state_dict(state["head"])
+        self.train_step.optimizer.load_state_dict(state["optimizer"])
+        self.train_step.load_state_dict(state.get("loss_scaler", {}))
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        if self.cfg.train.time_budget > 0:
+            self.total_steps = int(state["total_steps"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.resumed = True
+
+    def save(self, run_dir: Path) -> Path:
+        """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
+        return save_checkpoint(run_dir, {
+            "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+            "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
+            "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
+            "loss_scaler": self.train_step.state_dict(),
+        })

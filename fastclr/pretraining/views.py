@@ -1,0 +1,39 @@
+"""The two views of each step's images, bound once to everything that does not change per step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.profiler import record_function
+
+from fastclr.augment import render_views, two_views
+from fastclr.config import AugmentConfig
+
+
+def augment_seed(seed: int, step: int) -> int:
+    """Seed of step `step`'s augmentation generator: the views are a pure function of (seed, step)."""
+    return (seed * 2_654_435_761 + step * 40_503 + 1) % (2**63 - 1)
+
+
+class ViewMaker:
+    """`views(images, step)` -> float32 (2B, C, S, S), standardised: this process's share of step
+    `step`'s views, the same whatever the number of processes (see `two_views`)."""
+
+    def __init__(self, cfg: AugmentConfig, mean: torch.Tensor, std: torch.Tensor, device: torch.device, *, seed: int,
+                 channels_last: bool, global_batch: int, rank: int = 0, world_size: int = 1,
+                 render: Callable[..., torch.Tensor] = render_views) -> None:
+        self.cfg, self.seed, self.channels_last, self.render = cfg, seed, channels_last, render
+        self.mean, self.std = mean.to(device), std.to(device)
+        self.generator = torch.Generator(device=device)
+        # One process draws just its 2B views; several draw the global batch's and keep their rows.
+        per_rank = global_batch // world_size
+        self.global_batch = global_batch if world_size > 1 else None
+        self.offset = rank * per_rank
+
+    def __call__(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Views of uint8 (B, H, W, C) images on the generator's device."""
+        self.generator.manual_seed(augment_seed(self.seed, step))
+        with record_function("fastclr.views"):
+            return two_views(images, self.cfg, self.generator, self.mean, self.std, self.channels_last, self.global_batch,
+                             self.offset, self.render)

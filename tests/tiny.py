@@ -1,0 +1,46 @@
+"""The one small training setup every test builds on: synthetic labelled images (a bright bar
+whose position is the class), a width-0.125 CNN, a few steps. Python tests call `tiny_config`
+and `tiny_dataset`; command-line tests pass `TINY_FLAGS`, the same settings as flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import synthetic_images
+from fastclr.config import Config, apply_overrides
+from fastclr.data import Dataset, ImageSet
+from fastclr.data.datasets import FASHION_CLASSES
+from fastclr.pretraining import pretrain
+
+TINY: dict[str, Any] = {
+    "model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16, "train.batch_size": 16,
+    "train.epochs": 2.0, "train.log_every": 3, "eval.monitor_every": 0, "eval.probe": False, "augment.blur_p": 0.0,
+}
+"""The small model and short schedule, as config keys."""
+
+TINY_FLAGS = ["--width", "0.125", "--head-hidden", "32", "--proj-dim", "16", "--batch-size", "32", "--log-every", "2",
+              "--monitor-every", "1", "--quiet", "--blur-p", "0"]
+"""The same model for the command line (batch 32 on its 256-image synthetic mnist: 8 steps per epoch)."""
+
+
+def tiny_dataset(n: int = 96, size: int = 28, classes: int = 4, n_test: int = 32, name: str = "tiny") -> Dataset:
+    """n training (= pretraining) and n_test test images of `classes` bar positions."""
+    x, y = synthetic_images(n, size, seed=11, classes=classes)
+    xt, yt = synthetic_images(n_test, size, seed=12, classes=classes)
+    names = list(FASHION_CLASSES) if classes == 10 else [str(c) for c in range(classes)]
+    train = ImageSet(x, y)
+    return Dataset(name, train, train, ImageSet(xt, yt), names)
+
+
+def tiny_config(run_dir: Path, **over: Any) -> Config:
+    """TINY writing to `run_dir`, with `section__key=value` overrides."""
+    return apply_overrides(Config(), {**TINY, "train.run_dir": str(run_dir),
+                                      **{k.replace("__", "."): v for k, v in over.items()}})
+
+
+def tiny_run(run_dir: Path, ds: Dataset, **over: Any) -> Path:
+    """Pretrain the tiny model on `ds` into `run_dir` (about a second on a CPU core)."""
+    pretrain(tiny_config(run_dir, train__batch_size=64, train__epochs=1.0, train__log_every=2, train__device="cpu",
+                         **over), dataset=ds, log=lambda s: None, progress=False)
+    return run_dir
