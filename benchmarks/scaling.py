@@ -40,7 +40,7 @@ SCRIPT = str(Path(__file__).resolve())
 
 def worker(a: argparse.Namespace) -> None:
     """One rank of the run (started by torchrun)."""
-    from fastclr.config import Config, apply_overrides
+    from fastclr.presets import config_for
     from fastclr.data import Dataset, ImageSet
     from fastclr.pretraining.loop import pretrain
 
@@ -48,7 +48,7 @@ def worker(a: argparse.Namespace) -> None:
     global_batch = a.per_process * n_proc
     x = np.random.default_rng(0).integers(0, 256, (global_batch * a.steps, a.size, a.size, a.channels), dtype=np.uint8)
     ds = Dataset("synthetic", ImageSet(x, None), None, None, [])
-    cfg = apply_overrides(Config(), {
+    cfg = config_for(None, {
         "data.name": "synthetic", "model.encoder": a.encoder, "model.width": a.width, "train.batch_size": global_batch,
         "train.epochs": 1.0, "train.device": a.device, "train.threads": a.threads_per_process,
         "train.precision": a.precision, "train.log_every": max(1, a.steps // 4), "train.checkpoint_every": 10**9,

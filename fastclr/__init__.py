@@ -16,6 +16,7 @@ The pieces, in the order data flows through them:
 
 from fastclr.augment import two_views
 from fastclr.config import AugmentConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+from fastclr.presets import config_for
 from fastclr.data import Dataset, ImageSet, load_builtin, load_data, open_store
 from fastclr.errors import FastclrError
 from fastclr.export import load_encoder, save_encoder
@@ -35,7 +36,7 @@ from fastclr.version import __version__
 __all__ = [
     "LARS", "AugmentConfig", "Config", "DataConfig", "Dataset", "DecodeOptions", "EvalConfig", "FastclrError", "ImageSet",
     "ModelConfig", "OptimConfig", "ProjectionHead", "ResNet", "SmallCNN", "TrainConfig", "__version__",
-    "build_encoder", "build_optimizer", "contrastive_metrics", "extract_features", "knn_accuracy", "linear_probe",
+    "build_encoder", "build_optimizer", "config_for", "contrastive_metrics", "extract_features", "knn_accuracy", "linear_probe",
     "load_builtin", "load_data", "load_encoder", "lr_at", "nt_xent", "open_store", "prepare_store", "pretrain",
     "save_encoder", "scaled_lr", "two_views",
 ]

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fastclr.config import Config, apply_overrides, flag_table, read_toml
+from fastclr.config import Config, DataConfig, apply_overrides, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
+from fastclr.presets import config_for, preset_name
 
 EXIT_USAGE = 2
 
@@ -30,10 +31,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def preset_text(key: str) -> str:
     """'; fashion-mnist, mnist: 256' for a key that dataset presets set: without it `--help` would
     show the bare default for settings the default run does not use."""
-    from fastclr.presets import PRESETS
+    from fastclr.presets import IMAGENET, PRESETS
 
     by_value: dict[str, list[str]] = {}
-    for data, preset in PRESETS.items():
+    for data, preset in {**PRESETS, "stores": IMAGENET}.items():
         if key in preset:
             by_value.setdefault(repr(preset[key]), []).append(data)
     return "".join(f"; {', '.join(names)}: {value}" for value, names in by_value.items())
@@ -44,14 +45,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults <- per-dataset preset <- TOML file <- flags."""
-    from fastclr.presets import apply_preset
-
+    """Config() <- the dataset's preset <- TOML file <- flags (`presets.config_for`)."""
     overrides: dict[str, Any] = {}
     if getattr(args, "config", None):
         overrides.update(read_toml(args.config))
     overrides.update(_overrides(args))
-    return apply_preset(overrides)
+    return config_for(None, overrides)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -83,6 +82,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
         # The run's own config, then a --config file, then flags: resuming continues the same run.
         base = read_toml(saved)
+        base.setdefault("data.preset", preset_name(str(base.get("data.name", DataConfig().name))))  # runs saved before 0.2
         if args.config:
             base.update(read_toml(args.config))
         base.update(_overrides(args))

@@ -1,8 +1,9 @@
 """The one typed configuration of a run.
 
-Defaults live here and only here. `presets.py` holds the per-dataset departures from them
-(augmentation strength, encoder), a TOML file overrides both, and `--key value` flags override
-the file. The resolved configuration is saved into every run directory and every checkpoint.
+`Config()` is the default run, exactly what `fastclr pretrain` without arguments trains: the
+Fashion-MNIST CPU recipe. Other datasets start from their own recipe, `presets.config_for(name)`,
+which holds only what differs; a TOML file overrides it and `--key value` flags override the
+file. The resolved configuration is saved into every run directory and every checkpoint.
 """
 
 from __future__ import annotations
@@ -28,27 +29,32 @@ class DataConfig:
     """A directory searched before $FASTCLR_DATA, the user cache and the system location."""
     download: bool = True
     """Download missing files from the official source (checksums verified)."""
+    preset: str = "fashion-mnist"
+    """Whose recipe the other settings start from (set by `presets.config_for`; `pretrain` refuses a
+    config whose preset is not its dataset's, so no run silently trains on another dataset's recipe)."""
 
 
 @dataclass
 class AugmentConfig:
-    """Parameters of `two_views`. Defaults are the paper's ImageNet recipe (Chen et al. 2020,
-    appendix A); `presets.py` replaces them per dataset."""
+    """Parameters of `two_views`: the Fashion-MNIST recipe (docs/benchmarks.md); presets.py holds
+    the paper's ImageNet recipe (Chen et al. 2020, appendix A) and CIFAR's."""
 
     crop_size: int = 0
     """Side of the output views in pixels; 0 keeps the stored image size."""
-    scale_min: float = 0.08
+    scale_min: float = 0.6
+    """Crops keep 60-100% of the image: Fashion-MNIST items are centred and size-normalised."""
     scale_max: float = 1.0
     ratio_min: float = 3 / 4
     ratio_max: float = 4 / 3
     flip_p: float = 0.5
     jitter_p: float = 0.8
-    brightness: float = 0.8
-    contrast: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
     saturation: float = 0.8
     hue: float = 0.2
     grayscale_p: float = 0.2
-    blur_p: float = 0.5
+    blur_p: float = 0.0
+    """Off at 28 px, as SimCLR turns it off for CIFAR (appendix B.9)."""
     blur_sigma_min: float = 0.1
     blur_sigma_max: float = 2.0
     solarize_p: float = 0.0
@@ -69,7 +75,7 @@ class ModelConfig:
     """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on below 64 px)."""
     head_layers: int = 2
     """Linear layers in g: 2 as in SimCLR, 3 as in SimCLRv2."""
-    head_hidden: int = 0
+    head_hidden: int = 256
     """Hidden width of g; 0 uses the encoder's feature dimension."""
     head_bn: bool = True
     """BatchNorm after the hidden linear layers of g (the official SimCLR code does this)."""
@@ -82,7 +88,7 @@ class OptimConfig:
 
     optimizer: str = "adamw"
     """adamw, sgd or lars."""
-    lr: float = 2e-3
+    lr: float = 3e-3
     """Base learning rate, before `lr_scaling` with the batch size."""
     lr_scaling: str = "none"
     """none; linear: lr * B / 256; sqrt: lr * sqrt(B) (the paper's rule for LARS at small B)."""
@@ -101,9 +107,9 @@ class TrainConfig:
 
     epochs: float = 100.0
     """Length of the run (the cosine's length); unused when time_budget > 0."""
-    batch_size: int = 512
+    batch_size: int = 256
     """The global batch: under N processes each embeds batch_size / N images."""
-    temperature: float = 0.2
+    temperature: float = 0.1
     precision: str = "auto"
     """auto, bf16, fp16 or fp32: the autocast dtype of encoder and head (the loss is fp32). auto
     decides from the hardware (fastclr.runtime.decide_precision): bf16 on CPUs with native bf16
@@ -116,11 +122,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    time_budget: float = 0.0
+    time_budget: float = 9.5
     """Minutes of training wall time (the whole loop: steps, checkpoints and kNN monitor passes);
     > 0 fits the number of steps (and so the cosine) to it instead of
     `epochs`, from the measured pace, refitted every 25 steps and every epoch; once spent, the run
-    ends at the next refit. The Fashion-MNIST/MNIST presets set 9.5."""
+    ends at the next refit. 0 trains for `epochs`."""
     threads: int = 0
     """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
     keep_memory: bool = True

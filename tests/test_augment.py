@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from fastclr.presets import config_for
 from fastclr.augment import (
     ViewParams,
     _hsv_to_rgb,
@@ -56,7 +57,7 @@ def test_flip_with_probability_one_mirrors_exactly(device: torch.device) -> None
 
 
 def test_every_image_gets_its_own_parameters(device: torch.device) -> None:
-    cfg = AugmentConfig()
+    cfg = config_for("stl10").augment  # the paper's ImageNet recipe: every operation on
     p = sample_params(cfg, 256, 32, 32, gen(device, 0), device)
     assert all(getattr(p, f.name).device.type == device.type for f in dataclasses.fields(p))
     assert len({tuple(r) for r in p.box.tolist()}) == 256
@@ -106,7 +107,7 @@ def test_normalisation_and_channels_last(device: torch.device) -> None:
 
 
 def test_same_seed_same_views_different_seed_different_views(device: torch.device) -> None:
-    x, cfg = images(8, 32, device=device), AugmentConfig()
+    x, cfg = images(8, 32, device=device), config_for("stl10").augment
     a = two_views(x, cfg, gen(device, 5))
     b = two_views(x, cfg, gen(device, 5))
     c = two_views(x, cfg, gen(device, 6))
@@ -216,7 +217,7 @@ def test_same_parameters_give_the_same_views_on_every_device(crop_size: int, dev
     Parameters are drawn once, on the CPU, and moved. The default recipe on 3-channel images runs
     crop-resize-flip, colour jitter (hue included), grayscale and blur; solarize is off by default,
     so it is switched on here. crop_size 24 also resamples 32 px images to another size."""
-    cfg = dataclasses.replace(AugmentConfig(), crop_size=crop_size, solarize_p=0.5)
+    cfg = dataclasses.replace(config_for("stl10").augment, crop_size=crop_size, solarize_p=0.5)
     n, side = 32, 32
     x = to_float(images(n, side, 3, seed=4))
     size = crop_size or side

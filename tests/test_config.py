@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from fastclr.config import Config, apply_overrides, diff, flag_table, from_dict, read_toml, to_dict, to_toml
+import numpy as np
+
+import fastclr
+from fastclr.config import Config, DataConfig, apply_overrides, diff, flag_table, from_dict, read_toml, to_dict, to_toml
 from fastclr.errors import FastclrError
-from fastclr.presets import apply_preset
+from fastclr.presets import PRESETS, apply_preset, config_for
 
 
 def test_every_field_has_one_unique_flag() -> None:
@@ -37,10 +40,49 @@ def test_values_are_parsed_to_the_field_type() -> None:
 
 def test_presets_apply_before_overrides() -> None:
     cfg = apply_preset({"data.name": "cifar10"})
-    assert cfg.augment.blur_p == 0.0 and cfg.augment.brightness == 0.4
+    assert cfg.augment.blur_p == 0.0 and cfg.augment.brightness == 0.4 and cfg.train.batch_size == 512
     cfg = apply_preset({"data.name": "cifar10", "augment.blur_p": 0.3})
     assert cfg.augment.blur_p == 0.3
     assert apply_preset({"data.name": "mnist"}).augment.flip_p == 0.0
+    assert apply_preset({"train.epochs": 20}).train.time_budget == 0.0  # asking for epochs means epochs
+
+
+def test_config_is_the_default_run_and_presets_are_its_departures() -> None:
+    assert config_for() == Config() == config_for("fashion-mnist")
+    store = config_for("stores/photos")
+    assert (store.data.preset, store.augment.scale_min, store.augment.blur_p) == ("store", 0.08, 0.5)
+    for name, preset in PRESETS.items():
+        cfg = config_for(name)
+        for key, value in preset.items():
+            section, field = key.split(".")
+            assert getattr(getattr(cfg, section), field) == value, (name, key)
+        assert cfg.data.name == name and cfg.data.preset == name
+
+
+@pytest.mark.parametrize("argv", [[], ["--data", "cifar10"], ["--data", "mnist", "--batch-size", "64"],
+                                  ["--data", "stl10", "--scale-min", "0.6", "--epochs", "3"]])
+def test_the_command_line_and_the_api_resolve_the_same_config(argv: list[str], tmp_path: Path) -> None:
+    """`fastclr pretrain ARGS` and `fastclr.pretrain(fastclr.config_for(...))` train the same config:
+    both resolve through `presets.config_for`."""
+    from fastclr.cli import build_parser, resolve_config
+
+    cli = resolve_config(build_parser().parse_args(["pretrain", *argv]))
+    flags = dict(zip(argv[::2], argv[1::2]))
+    table = {f"--{k}": f"{s}.{n}" for k, (s, n) in flag_table().items()}
+    api = fastclr.config_for(overrides={table[f]: v for f, v in flags.items()})
+    assert cli == api
+    if "--scale-min" in flags:  # an explicit value equal to Config()'s default still beats the preset
+        assert cli.augment.scale_min == 0.6 and config_for("stl10").augment.scale_min == 0.08
+
+
+def test_a_config_with_another_datasets_recipe_is_refused(tmp_path: Path) -> None:
+    from fastclr.data import Dataset, ImageSet
+
+    cfg = Config(data=DataConfig(name="cifar10"))  # Config()'s Fashion-MNIST recipe on CIFAR-10
+    ds = Dataset("cifar10", ImageSet(np.zeros((4, 32, 32, 3), np.uint8), None), None, None, [])
+    with pytest.raises(FastclrError, match=r"holds the fashion-mnist recipe but trains on cifar10; build it with "
+                                           r"fastclr.config_for\('cifar10'\)"):
+        fastclr.pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
 
 
 def test_toml_errors_are_one_line(tmp_path: Path) -> None:
@@ -60,12 +102,9 @@ def test_diff_names_changed_keys() -> None:
 
 
 def test_help_shows_what_each_preset_sets() -> None:
-    """`--help` names, for every flag a dataset preset changes, the datasets and the value they get
-    (the default run is the Fashion-MNIST preset, not the bare defaults of config.py)."""
+    """`--help` names, for every flag a dataset preset changes, the datasets and the value they get."""
     from fastclr.cli import build_parser
     from fastclr.config import flag_table
-    from fastclr.presets import PRESETS
-
     pretrain = next(a for a in build_parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
                     if a.prog.endswith("pretrain"))
     helps = {a.dest[4:]: a.help for a in pretrain._actions if a.dest.startswith("cfg:")}
@@ -73,5 +112,5 @@ def test_help_shows_what_each_preset_sets() -> None:
     for data, preset in PRESETS.items():
         for key, value in preset.items():
             assert any(data in part and part.endswith(f": {value!r}") for part in helps[key][:-1].split("; ")), (key, helps[key])
-    assert helps["model.head_hidden"] == "model.head_hidden (default: 0; fashion-mnist, mnist: 256)"
+    assert helps["model.head_hidden"] == "model.head_hidden (default: 256; cifar10, cifar100, stl10, stores: 0)"
     assert helps["optim.lr_scaling"] == "optim.lr_scaling (default: 'none')"  # no preset sets it

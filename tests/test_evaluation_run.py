@@ -42,7 +42,25 @@ def test_results_file_and_untouched_encoder(run: Run) -> None:
     run_dir, _, out = run
     assert json.loads((run_dir / "eval.json").read_text()) == json.loads(json.dumps(out))
     assert set(out["protocols"]) == {"linear", "knn", "fewshot", "supervised", "finetune", "quality"}
-    assert out["encoder_unchanged"] and out["encoder_sha256"] == state_checksum(load_run(run_dir).encoder)
+    assert out["encoder_unchanged"] and out["encoder_sha256"] == out["encoder_sha256_after"]
+    assert out["encoder_sha256"] == state_checksum(load_run(run_dir).encoder)
+
+
+def test_a_protocol_that_moves_the_encoder_fails_the_evaluation(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checksums before and after are really compared: a protocol that trains the run's own
+    encoder (instead of a copy, as fine-tuning must) makes `evaluate` fail, writing nothing."""
+    run_dir, ds, _ = run
+    written = (run_dir / "eval.json").read_text()
+
+    def careless(c: Any) -> dict[str, Any]:
+        with torch.no_grad():
+            next(c.run.encoder.parameters()).add_(1e-3)
+        return {}
+
+    monkeypatch.setitem(run_module.RUNNERS, "linear", careless)
+    with pytest.raises(AssertionError, match="evaluation changed the encoder's weights"):
+        evaluate(run_dir, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=ds, log=lambda s: None)
+    assert (run_dir / "eval.json").read_text() == written
 
 
 def test_linear_and_knn_are_the_standard_protocols_on_frozen_features(run: Run) -> None:

@@ -19,6 +19,7 @@ from conftest import synthetic_images
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.cli import main as cli_main
 from fastclr.config import Config, apply_overrides
+from fastclr.presets import config_for
 from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe, fit_and_test
 from fastclr.evaluation.features import encode
@@ -209,7 +210,7 @@ class OverflowingEncoder(nn.Module):
 
 
 def _fp16_config(run_dir: Path) -> Config:
-    return apply_overrides(Config(), {
+    return config_for(None, {
         "model.head_hidden": 16, "model.proj_dim": 8, "train.batch_size": 16, "train.epochs": 2.0,
         "train.run_dir": str(run_dir), "train.log_every": 1, "train.precision": "fp16", "eval.monitor_every": 0,
         "eval.probe": False, "augment.blur_p": 0.0})

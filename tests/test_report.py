@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -19,7 +20,9 @@ from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.run import evaluate
 from fastclr.evaluation.knn import cosine_topk
-from fastclr.report.build import build_report
+from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
+from fastclr.pretrained import load_run
+from fastclr.report.build import VIEW_IMAGES, build_report
 from fastclr.runtime import FP32, Precision
 from fastclr.report.embedding_map import affinities, squared_distances, tsne
 from fastclr.report.png import encode_png, viridis
@@ -105,6 +108,12 @@ def test_report_without_evaluation_says_what_to_run(run: tuple[Path, Dataset], t
     assert not re.search(r'(src|href)="(?!data:)', html) and "url(" not in html and "@import" not in html
 
 
+def section_html(html: str, sid: str) -> str:
+    """The HTML of one section of the report."""
+    start = html.index(f'<section id="{sid}"')
+    return html[start:html.index("</section>", start)]
+
+
 def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dataset], tmp_path: Path) -> None:
     run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
     opts = EvaluateOptions(protocols=("linear", "fewshot", "supervised"), labels_per_class=(2, 5), seeds=(0,),
@@ -113,12 +122,42 @@ def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dat
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
     assert "No evaluation yet" not in html and 'aria-label="Label efficiency"' in html
     assert f"{100 * out['protocols']['linear']['accuracy']:.2f}%" in html
-    assert html.count("data:image/png;base64,") == 3  # view pairs, similarity matrix, retrievals
+    # The curve's points are eval.json's means: each marker names its (labels, accuracy).
+    points = re.findall(r"<title>([^<:]+): ([\d.]+), ([\d.]+)</title>", section_html(html, "efficiency"))
+    p = out["protocols"]
+    for name, curve in (("linear probe on h (self-supervised)", p["fewshot"]["curve"]),
+                        ("linear probe on h, same net untrained", p["fewshot"]["random_init_curve"]),
+                        ("supervised from scratch", p["supervised"]["curve"])):
+        drawn = [(float(x), float(y)) for n, x, y in points if n == name]
+        assert drawn == [(e["labels_per_class"], pytest.approx(100 * e["mean"], abs=5e-3)) for e in curve], name
     assert "out of date" not in html
     out["encoder_sha256"] = "0" * 64  # as if the run had been trained further after `evaluate`
     (run_dir / "eval.json").write_text(json.dumps(out))
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
     assert "These numbers are out of date" in html
+
+
+def test_the_similarity_matrix_shows_the_cosines_of_the_runs_own_view_pairs(run: tuple[Path, Dataset],
+                                                                            tmp_path: Path) -> None:
+    """Decode the embedded heatmap and compare every cell's colour with viridis of the cosine
+    similarity recomputed here from the run's encoder on the same view pairs."""
+    run_dir, ds = Path(shutil.copytree(run[0], tmp_path / "run")), run[1]
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=ds, precision="fp32").read_text()
+    uri = re.search(r'src="data:image/png;base64,([^"]+)"', section_html(html, "similarity"))
+    assert uri is not None
+    _, _, _, pixels = decode_png(base64.b64decode(uri.group(1)))
+    r = load_run(run_dir, precision="fp32")
+    images = ds.pretrain.images[evenly_spaced(len(ds.pretrain), VIEW_IMAGES)]
+    _, views = view_pairs(images, r.config.augment, 0, r.mean, r.std, torch.device("cpu"))
+    z = torch.nn.functional.normalize(encode(r.encoder, views, FP32), dim=1)
+    sim = (z @ z.T).numpy()
+    lo = 0.0 if sim.min() >= 0 else -1.0
+    cell = pixels.shape[0] // sim.shape[0]
+    centres = pixels[cell // 2 :: cell, cell // 2 :: cell][: sim.shape[0], : sim.shape[1]]  # (2B, 2B, 3)
+    assert np.abs(centres.astype(int) - viridis((sim - lo) / (1 - lo)).astype(int)).max() <= 2
+    n = sim.shape[0] // 2
+    positives = float(np.concatenate([np.diag(sim, n), np.diag(sim, -n)]).mean())
+    assert f"mean cosine {positives:.3f} for positives" in section_html(html, "similarity")
 
 
 def test_report_of_an_unlabelled_dataset(run: tuple[Path, Dataset], tmp_path: Path) -> None:

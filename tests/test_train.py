@@ -82,10 +82,15 @@ def test_training_reduces_the_loss_and_learns_the_synthetic_classes(tmp_path: Pa
 
 def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
     enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    initial = {k: v.clone() for k, v in enc.state_dict().items()}
     res = pretrain(tiny_config(tmp_path, train__epochs=1.0), dataset=tiny_dataset(), encoder=enc, progress=False,
                    log=lambda s: None)
     assert res.model is not None and res.model.encoder is enc and res.model.spec.feature_dim == 8
-    assert not torch.equal(enc[0].weight.cpu(), nn.Conv2d(1, 8, 3, 2).weight)  # trained where device "auto" put it
+    assert res.model.spec.encoder == "custom" and not res.model.spec.rebuildable
+    moved = {k for k, v in enc.state_dict().items() if v.is_floating_point() and not torch.equal(v.cpu(), initial[k])}
+    assert {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"} <= moved  # all of it trained
+    saved = load_checkpoint(list_checkpoints(tmp_path)[-1])["encoder"]
+    assert all(torch.equal(saved[k], v.cpu()) for k, v in enc.state_dict().items())  # and it is what was saved
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:

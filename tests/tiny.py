@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from conftest import synthetic_images
-from fastclr.config import Config, apply_overrides
+from fastclr.config import Config
+from fastclr.presets import config_for
 from fastclr.data import Dataset, ImageSet
 from fastclr.data.datasets import FASHION_CLASSES
 from fastclr.pretraining import pretrain
 
 TINY: dict[str, Any] = {
     "model.width": 0.125, "model.head_hidden": 32, "model.proj_dim": 16, "train.batch_size": 16,
-    "train.epochs": 2.0, "train.log_every": 3, "eval.monitor_every": 0, "eval.probe": False, "augment.blur_p": 0.0,
+    "train.epochs": 2.0, "train.time_budget": 0.0, "train.log_every": 3, "eval.monitor_every": 0, "eval.probe": False, "augment.blur_p": 0.0,
 }
 """The small model and short schedule, as config keys."""
 
@@ -34,9 +35,9 @@ def tiny_dataset(n: int = 96, size: int = 28, classes: int = 4, n_test: int = 32
 
 
 def tiny_config(run_dir: Path, **over: Any) -> Config:
-    """TINY writing to `run_dir`, with `section__key=value` overrides."""
-    return apply_overrides(Config(), {**TINY, "train.run_dir": str(run_dir),
-                                      **{k.replace("__", "."): v for k, v in over.items()}})
+    """TINY writing to `run_dir`, with `section__key=value` overrides, resolved as the command line
+    resolves a config (the dataset's preset first)."""
+    return config_for(None, {**TINY, "train.run_dir": str(run_dir), **{k.replace("__", "."): v for k, v in over.items()}})
 
 
 def tiny_run(run_dir: Path, ds: Dataset, **over: Any) -> Path:

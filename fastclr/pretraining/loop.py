@@ -30,6 +30,7 @@ from fastclr.pretraining.model import Model
 from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.setup import Run, build_run, validate
 from fastclr.pretraining.state import check_resume_config
+from fastclr.presets import check_preset
 from fastclr.runs import default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.runtime import Precision, resolve_precision, select_device, set_threads
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
@@ -168,6 +169,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     """Read the checkpoint to resume (if any) and the data, check the settings, create the run
     directory, and build the run."""
     started = clock()
+    check_preset(cfg)
     state = None
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.

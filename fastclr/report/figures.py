@@ -102,12 +102,15 @@ def retrievals(queries: np.ndarray, q_labels: np.ndarray | None, neighbours: np.
 
 
 def label_efficiency(protocols: dict[str, Any]) -> str:
-    """Accuracy against labels per class: few-label probe and supervised baseline (mean ± std bands),
-    fine-tuning points, and the all-label linear probe as a dashed level."""
+    """Accuracy against labels per class: few-label probe, the same on the untrained network, and the
+    supervised baseline (mean ± std bands), fine-tuning points, and the all-label linear probe (and
+    its untrained reference) as dashed levels."""
     series = []
-    for name, key, colour in (("linear probe on h (self-supervised)", "fewshot", class_colour(0)),
-                              ("supervised from scratch", "supervised", class_colour(1))):
-        curve = protocols.get(key, {}).get("curve", [])
+    for name, key, curve_key, colour in (
+            ("linear probe on h (self-supervised)", "fewshot", "curve", class_colour(0)),
+            ("linear probe on h, same net untrained", "fewshot", "random_init_curve", class_colour(7)),
+            ("supervised from scratch", "supervised", "curve", class_colour(1))):
+        curve = protocols.get(key, {}).get(curve_key, [])
         if curve:
             x = [float(e["labels_per_class"]) for e in curve]
             m = [100 * e["mean"] for e in curve]
@@ -126,5 +129,9 @@ def label_efficiency(protocols: dict[str, Any]) -> str:
     if "linear" in protocols and xs:
         acc = 100 * protocols["linear"]["accuracy"]
         series.append(Series("linear probe, all labels", [xs[0], xs[-1]], [acc, acc], class_colour(4), dashed=True))
+        if "random_init" in protocols["linear"]:
+            ref = 100 * protocols["linear"]["random_init"]["accuracy"]
+            series.append(Series("linear probe, all labels, untrained", [xs[0], xs[-1]], [ref, ref], class_colour(7),
+                                 dashed=True))
     return line_chart(series, "Label efficiency", "labels per class (log scale)", "test accuracy (%)", width=620,
                       height=360, log_x=True, x_ticks=xs)

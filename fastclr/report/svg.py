@@ -131,9 +131,9 @@ def line_chart(series: list[Series], title: str, x_label: str, y_label: str, wid
         if s.line and len(s.x) > 1:
             dash = ' stroke-dasharray="5,4"' if s.dashed else ""
             out.append(f'<path d="{_path(f, s.x, s.y)}" fill="none" stroke="{s.colour}" stroke-width="1.8"{dash}/>')
-        if s.markers or len(s.x) == 1:
-            out += [f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="3.2" fill="{s.colour}"/>'
-                    for x, y in zip(s.x, s.y)]
+        if s.markers or len(s.x) == 1:  # each marker names its values on hover
+            out += [f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="3.2" fill="{s.colour}">'
+                    f'<title>{escape(s.name)}: {x:g}, {y:.4g}</title></circle>' for x, y in zip(s.x, s.y)]
     out.append(f'<text x="{left}" y="14" font-weight="bold">{escape(title)}</text>')
     for i, s in enumerate(series):  # legend under the title
         y = 30 + 14 * i
