@@ -1,7 +1,7 @@
 """glibc malloc's defaults against keeping freed memory (fastclr.cpu_memory), on the default CPU step.
 
 Each variant runs in a fresh process (the allocator's state is per process), alternated over
---rounds so that a slow stretch of a shared VM hits both: the default Fashion-MNIST training step
+--rounds so that a slow stretch of a shared machine hits both: the default Fashion-MNIST training step
 (benchmarks/harness.real_step), --warmup untimed steps, then --steps timed ones.
 Per step it reports the median wall time, and from getrusage the user and system CPU seconds and
 the minor page faults (pages the kernel had to map and zero-fill), so the mechanism is visible.

@@ -12,9 +12,9 @@ two views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with
     pooled-3x3    the old last stage: a third conv stage on the pooled 3 x 3 map, then average pooling
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
-    head-256      a 256-wide projection head (the default since the fifth session: now equal to base)
+    head-256      a 256-wide projection head (the default since 2026-11: now equal to base)
     blur          Gaussian blur on (p 0.5, sigma 0.1-2, the paper's ImageNet setting; off in the preset)
-    batch-N       N pairs per step (128, 256, 512; the default is 256 since the sixth session): a recipe
+    batch-N       N pairs per step (128, 256, 512; the default is 256): a recipe
                   lever, compare pairs/s, not ms/step
 
     python benchmarks/step_levers.py                   # all variants, 20 timed steps each
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--keep-memory", action="store_true",
-                   help="keep freed memory as `pretrain` does (train.keep_memory); off in the rows before the sixth session")
+                   help="keep freed memory as `pretrain` does (train.keep_memory)")
     a = p.parse_args()
     if a.keep_memory:
         from fastclr.cpu_memory import keep_freed_memory

@@ -95,8 +95,9 @@ def main() -> None:
     rounds: list[dict[str, float]] = []
     peaks: dict[tuple[str, str], float] = {}  # measured once per device and dtype: TFLOP/s
     for r in range(a.rounds):
-        # Rounds alternate the recipes: on a shared VM whose CPU steal moves within a minute
-        # (0-75% in the seventh session), a single pass of each can compare two different machines.
+        # Rounds alternate the recipes: on a shared machine whose CPU steal moves within a minute
+        # (0-75% CPU steal within minutes, seen on a shared 2-core machine), a single pass of each can compare
+        # two different machines.
         results: dict[str, float] = {}
         for device in devices:
             for precision in precisions(device, a.precisions):

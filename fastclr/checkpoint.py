@@ -27,6 +27,16 @@ from fastclr.version import __version__
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""Mode of every file fastclr writes: what open() would give under the user's umask."""
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
@@ -72,6 +82,7 @@ def atomic_write(path: Path, write: Any) -> None:
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the file is the user's, readable as their umask says
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

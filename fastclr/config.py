@@ -19,6 +19,54 @@ from typing import Any
 from fastclr.errors import FastclrError
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting accepts: a closed or open range, or a list of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    """The range excludes `low` itself."""
+    below: bool = False
+    """The range excludes `high` itself."""
+    choices: tuple[str, ...] = ()
+
+    def admits(self, value: Any) -> bool:
+        """Whether `value` (of the field's type) is allowed."""
+        if self.choices:
+            return value in self.choices
+        if self.low is not None and (value < self.low or (self.above and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.below and value == self.high))
+
+    def describe(self) -> str:
+        """'one of: a, b', '> 0', 'in [0, 1]', '>= 2'."""
+        if self.choices:
+            return "one of: " + ", ".join(self.choices)
+        if self.high is None:
+            return f"{'>' if self.above else '>='} {self.low:g}"
+        return f"in {'(' if self.above else '['}{self.low:g}, {self.high:g}{')' if self.below else ']'}"
+
+
+def at_least(low: float, above: bool = False) -> dict[str, Allowed]:
+    """Field metadata: values >= low (> low with `above`)."""
+    return {"allowed": Allowed(low=low, above=above)}
+
+
+def between(low: float, high: float, above: bool = False, below: bool = False) -> dict[str, Allowed]:
+    """Field metadata: values in [low, high] (open at an end with `above` / `below`)."""
+    return {"allowed": Allowed(low=low, high=high, above=above, below=below)}
+
+
+def one_of(*choices: str) -> dict[str, Allowed]:
+    """Field metadata: one of `choices`."""
+    return {"allowed": Allowed(choices=choices)}
+
+
+PROBABILITY = between(0, 1)
+
+
+
 @dataclass
 class DataConfig:
     """Where the images come from."""
@@ -39,65 +87,65 @@ class AugmentConfig:
     """Parameters of `two_views`: the Fashion-MNIST recipe (docs/benchmarks.md); presets.py holds
     the paper's ImageNet recipe (Chen et al. 2020, appendix A) and CIFAR's."""
 
-    crop_size: int = 0
+    crop_size: int = field(default=0, metadata=at_least(0))
     """Side of the output views in pixels; 0 keeps the stored image size."""
-    scale_min: float = 0.6
+    scale_min: float = field(default=0.6, metadata=between(0, 1, above=True))
     """Crops keep 60-100% of the image: Fashion-MNIST items are centred and size-normalised."""
-    scale_max: float = 1.0
-    ratio_min: float = 3 / 4
-    ratio_max: float = 4 / 3
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.8
-    hue: float = 0.2
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
+    scale_max: float = field(default=1.0, metadata=between(0, 1, above=True))
+    ratio_min: float = field(default=3 / 4, metadata=at_least(0, above=True))
+    ratio_max: float = field(default=4 / 3, metadata=at_least(0, above=True))
+    flip_p: float = field(default=0.5, metadata=PROBABILITY)
+    jitter_p: float = field(default=0.8, metadata=PROBABILITY)
+    brightness: float = field(default=0.4, metadata=at_least(0))
+    contrast: float = field(default=0.4, metadata=at_least(0))
+    saturation: float = field(default=0.8, metadata=at_least(0))
+    hue: float = field(default=0.2, metadata=between(0, 0.5))
+    grayscale_p: float = field(default=0.2, metadata=PROBABILITY)
+    blur_p: float = field(default=0.0, metadata=PROBABILITY)
     """Off at 28 px, as SimCLR turns it off for CIFAR (appendix B.9)."""
-    blur_sigma_min: float = 0.1
-    blur_sigma_max: float = 2.0
-    solarize_p: float = 0.0
+    blur_sigma_min: float = field(default=0.1, metadata=at_least(0, above=True))
+    blur_sigma_max: float = field(default=2.0, metadata=at_least(0, above=True))
+    solarize_p: float = field(default=0.0, metadata=PROBABILITY)
 
 
 @dataclass
 class ModelConfig:
     """Encoder f and projection head g."""
 
-    encoder: str = "auto"
+    encoder: str = field(default="auto", metadata=one_of("auto", "cnn", "resnet18", "resnet34", "resnet50"))
     """cnn, resnet18, resnet34, resnet50; auto picks cnn for 28 px images, resnet18 otherwise."""
-    width: float = 1.0
+    width: float = field(default=1.0, metadata=at_least(0, above=True))
     """Channel multiplier of the encoder."""
     cnn_stages: str = "32|256|flat0"
     """Shape of the cnn encoder (fastclr.models.cnn.parse_stages): 3x3 conv widths per stage,
     '|' between stages (a 2x2 max-pool), ',' between convs of a stage, then how h is read off."""
-    cifar_stem: str = "auto"
+    cifar_stem: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on below 64 px)."""
-    head_layers: int = 2
+    head_layers: int = field(default=2, metadata=at_least(1))
     """Linear layers in g: 2 as in SimCLR, 3 as in SimCLRv2."""
-    head_hidden: int = 256
+    head_hidden: int = field(default=256, metadata=at_least(0))
     """Hidden width of g; 0 uses the encoder's feature dimension."""
     head_bn: bool = True
     """BatchNorm after the hidden linear layers of g (the official SimCLR code does this)."""
-    proj_dim: int = 128
+    proj_dim: int = field(default=128, metadata=at_least(1))
 
 
 @dataclass
 class OptimConfig:
     """Optimiser and learning-rate schedule."""
 
-    optimizer: str = "adamw"
+    optimizer: str = field(default="adamw", metadata=one_of("adamw", "sgd", "lars"))
     """adamw, sgd or lars."""
-    lr: float = 3e-3
+    lr: float = field(default=3e-3, metadata=at_least(0, above=True))
     """Base learning rate, before `lr_scaling` with the batch size."""
-    lr_scaling: str = "none"
+    lr_scaling: str = field(default="none", metadata=one_of("none", "linear", "sqrt"))
     """none; linear: lr * B / 256; sqrt: lr * sqrt(B) (the paper's rule for LARS at small B)."""
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    trust_coefficient: float = 1e-3
+    weight_decay: float = field(default=5e-4, metadata=at_least(0))
+    momentum: float = field(default=0.9, metadata=between(0, 1, below=True))
+    trust_coefficient: float = field(default=1e-3, metadata=at_least(0, above=True))
     """LARS eta (You et al. 2017)."""
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0
+    warmup_epochs: float = field(default=1.0, metadata=at_least(0))
+    min_lr_ratio: float = field(default=0.0, metadata=between(0, 1))
     """The cosine decays to lr * min_lr_ratio."""
 
 
@@ -105,50 +153,50 @@ class OptimConfig:
 class TrainConfig:
     """The pretraining loop."""
 
-    epochs: float = 100.0
+    epochs: float = field(default=100.0, metadata=at_least(0))
     """Length of the run (the cosine's length); unused when time_budget > 0."""
-    batch_size: int = 256
+    batch_size: int = field(default=256, metadata=at_least(2))
     """The global batch: under N processes each embeds batch_size / N images."""
-    temperature: float = 0.1
-    precision: str = "auto"
+    temperature: float = field(default=0.1, metadata=at_least(0, above=True))
+    precision: str = field(default="auto", metadata=one_of("auto", "bf16", "fp16", "fp32"))
     """auto, bf16, fp16 or fp32: the autocast dtype of encoder and head (the loss is fp32). auto
     decides from the hardware (fastclr.runtime.decide_precision): bf16 on CPUs with native bf16
     (AVX512_BF16, AMX) and CUDA GPUs of compute capability 8.0 and up, fp16 with dynamic loss
     scaling on older GPUs, fp32 on every other CPU. The run's config.toml records the result."""
     channels_last: bool = True
-    compile: str = "auto"
+    compile: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """torch.compile of model, loss and augmentation: auto (on for CUDA, off on CPU, where the
     compiled step measured slower), on or off."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=at_least(0))
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
-    time_budget: float = 9.5
+    time_budget: float = field(default=9.5, metadata=at_least(0))
     """Minutes of training wall time (the whole loop: steps, checkpoints and kNN monitor passes);
     > 0 fits the number of steps (and so the cosine) to it instead of
     `epochs`, from the measured pace, refitted every 25 steps and every epoch; once spent, the run
     ends at the next refit. 0 trains for `epochs`."""
-    threads: int = 0
+    threads: int = field(default=0, metadata=at_least(0))
     """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
     keep_memory: bool = True
     """Linux/glibc: malloc keeps freed memory for reuse instead of unmapping it (process-wide,
     fastclr.cpu_memory): the default CPU step then stops zero-filling ~19k fresh pages per step,
     1.13x faster (benchmarks/allocator.py). False gives memory back to the OS as usual."""
-    log_every: int = 25
-    checkpoint_every: int = 0
+    log_every: int = field(default=25, metadata=at_least(1))
+    checkpoint_every: int = field(default=0, metadata=at_least(0))
     """Steps between checkpoints; 0 writes one at the end of every epoch."""
     run_dir: str = ""
     """Where the run is written; empty: runs/<data>-<time>."""
-    loss_block: int = 0
+    loss_block: int = field(default=0, metadata=at_least(0))
     """0: the plain NT-Xent; > 0: the memory-efficient one in row blocks of this many anchors
     (same values and gradients; never holds the 2N x 2N matrix; for batches of many thousands)."""
-    grad_cache_chunk: int = 0
+    grad_cache_chunk: int = field(default=0, metadata=at_least(0))
     """0: off; > 0: gradient caching, the encoder runs on this many images (per process) at a
     time, so the activation memory is one chunk's whatever the batch. BatchNorm then uses
     per-chunk statistics (ghost BatchNorm)."""
     sync_bn: bool = True
     """Under several processes: BatchNorm statistics over the global batch (the paper's global
     BN); false normalises each process's share alone."""
-    dist_timeout: float = 600.0
+    dist_timeout: float = field(default=600.0, metadata=at_least(0, above=True))
     """Seconds a process waits on the others in a collective before failing the run."""
     deterministic: bool = False
     """CUDA: deterministic cuDNN/cuBLAS kernels, so a run and its stop-and-resume twin agree bit for
@@ -164,13 +212,13 @@ class EvalConfig:
 
     probe: bool = True
     """Linear probe on frozen h at the end of pretraining (needs labels)."""
-    monitor_every: int = 1
+    monitor_every: int = field(default=1, metadata=at_least(0))
     """Epochs between kNN monitor evaluations during pretraining; 0 turns it off."""
-    knn_k: int = 20
+    knn_k: int = field(default=20, metadata=at_least(1))
     untrained_reference: bool = True
     """With the probe: the same probe on the same network at its initial weights, and the lift
     (trained minus untrained): what pretraining added beyond the architecture."""
-    monitor_share: float = 0.05
+    monitor_share: float = field(default=0.05, metadata=between(0, 1))
     """Most of the pretraining wall time the kNN monitor may take: a due pass is skipped while the
     passes so far cost more than this share, so the monitor is sized by this machine's speed."""
 
@@ -247,7 +295,11 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
                 f"{getattr(getattr(Config(), section), name)}"
             ) from None
     if kind is str and isinstance(raw, bool):
-        return "on" if raw else "off"  # auto/on/off settings accept TOML booleans (and older configs' true/false)
+        return "on" if raw else "off"  # auto/on/off settings accept TOML booleans
+    if kind is str and isinstance(raw, str) and raw.lower() in ("true", "false"):
+        allowed = next(f for f in fields(getattr(Config(), section)) if f.name == name).metadata.get("allowed")
+        if allowed is not None and "on" in allowed.choices:
+            return "on" if raw.lower() == "true" else "off"  # an auto/on/off setting written as true/false
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
@@ -256,14 +308,51 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Return a copy of `cfg` with `{"section.field": value}` overrides applied (values parsed)."""
+    """Return a copy of `cfg` with `{"section.field": value}` overrides applied (values parsed),
+    then validated (`validate`)."""
     out = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not hasattr(getattr(out, section), name):
             raise FastclrError(f"unknown config key {key!r}; `fastclr pretrain --help` lists every key")
         setattr(getattr(out, section), name, parse_value(section, name, raw))
+    validate(out)
     return out
+
+
+RELATIONS: tuple[tuple[str, str], ...] = (
+    ("augment.scale_min", "augment.scale_max"),
+    ("augment.ratio_min", "augment.ratio_max"),
+    ("augment.blur_sigma_min", "augment.blur_sigma_max"),
+)
+"""Pairs (a, b) of settings that must hold a <= b."""
+
+
+def _flag(key: str) -> str:
+    section, name = key.split(".")
+    f = next(f for f in fields(getattr(Config(), section)) if f.name == name)
+    return "--" + f.metadata.get("flag", name.replace("_", "-"))
+
+
+def validate(cfg: Config) -> None:
+    """Every setting against its declared range or choices (field metadata `allowed`), every float
+    finite, and the RELATIONS; the first violation is one FastclrError naming the key, the value,
+    what is allowed and an example."""
+    defaults = Config()
+    for section in SECTIONS:
+        for f in fields(getattr(cfg, section)):
+            key, value = f"{section}.{f.name}", getattr(getattr(cfg, section), f.name)
+            example = f"e.g. {_flag(key)} {getattr(getattr(defaults, section), f.name)}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FastclrError(f"{key} = {value} is not a finite number; {example}")
+            allowed: Allowed | None = f.metadata.get("allowed")
+            if allowed is not None and not allowed.admits(value):
+                raise FastclrError(f"{key} = {value!r} is not allowed: it must be {allowed.describe()}; {example}")
+    for a, b in RELATIONS:
+        va, vb = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (a, b))
+        if va > vb:
+            raise FastclrError(f"{a} = {va!r} is larger than {b} = {vb!r}; it must be <= {b} "
+                               f"(e.g. {_flag(a)} {getattr(getattr(defaults, a.split('.')[0]), a.split('.')[1])})")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

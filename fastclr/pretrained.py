@@ -20,6 +20,7 @@ from fastclr.config import Config, from_dict, read_toml, apply_overrides
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
 from fastclr.models import EncoderSpec, encoder_from_spec
+from fastclr.runs import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
 
 
@@ -57,6 +58,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     if not cfg_path.exists():
         raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory")
     export = run / ENCODER_FILE
+    owner = locked_by_another(run)
+    if owner:  # checkpoints and the export are written atomically: what exists is complete
+        log(f"note: {run} is being written by {owner}; using its last complete "
+            f"{'export' if export.exists() else 'checkpoint'}")
     if export.exists():
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), read_toml(cfg_path))

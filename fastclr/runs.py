@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a run directory is then not guarded
+    fcntl = None  # type: ignore[assignment]
 
 from fastclr.config import Config, to_toml
 from fastclr.errors import FastclrError
@@ -23,8 +30,20 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create `path` if needed and check that it is writable; a one-line error otherwise."""
+def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
+    """Create `path` if needed and check that it can be this run's directory; a one-line error
+    otherwise. A directory is never written into when it holds someone else's files (files but no
+    fastclr config.toml) or, for a new run, another run's checkpoints or encoder."""
+    if path.exists() and not path.is_dir():
+        raise FastclrError(f"--run-dir {path} is a file, not a directory; choose another --run-dir")
+    if path.is_dir() and not resuming:
+        entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE]
+        if entries and not (path / "config.toml").exists():
+            raise FastclrError(f"--run-dir {path} holds files that are not a fastclr run ({', '.join(sorted(entries)[:3])}"
+                               f"{', ...' if len(entries) > 3 else ''}); nothing was written: choose a new --run-dir")
+        if (path / "encoder.safetensors").exists() or any((path / "checkpoints").glob("step-*.pt")):
+            raise FastclrError(f"{path} already holds a run; continue it with `fastclr pretrain --resume {path}`, "
+                               "or choose a new --run-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -32,6 +51,62 @@ def prepare_run_dir(path: Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise FastclrError(f"run directory {path} is not writable; choose another with --run-dir or fix its permissions")
     return path
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """This process's claim on a run directory: an exclusive `flock` on RUN_DIR/.lock, which holds
+    the owner's PID and host. The kernel drops the lock when its process dies, so a lock left by a
+    killed run is taken over (and said so) while a live owner is refused by name."""
+
+    def __init__(self, run_dir: Path, log: Callable[[str], None] = print) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._fd = -1
+        if fcntl is None:
+            return
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise FastclrError(f"{run_dir} is being written by {owner}; wait for it to finish (or stop it), "
+                               "or choose another --run-dir") from None
+        previous = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
+        if previous:
+            log(f"took over {self.path} from {previous}, which is no longer running")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def release(self) -> None:
+        """Give the directory up (the file goes, so the next owner finds no previous claim)."""
+        if self._fd < 0:
+            return
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = -1
+
+
+def locked_by_another(run_dir: Path) -> str:
+    """The owner ('PID n on host') of a run directory some live process is writing, else ''."""
+    path = run_dir / LOCK_FILE
+    if fcntl is None:
+        return ""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return ""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return ""
+    except OSError:
+        return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
 
 
 def write_config(run_dir: Path, cfg: Config) -> Path:

@@ -57,11 +57,11 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "imagenet22k"], "unknown dataset 'imagenet22k'; choose one of: fashion-mnist"),
-    (["--encoder", "vgg"], "unknown encoder 'vgg'; choose one of"),
+    (["--encoder", "vgg"], "model.encoder = 'vgg' is not allowed: it must be one of: auto, cnn, resnet18"),
     (["--data", "cifar10", "--download", "false"], "cifar10 files not found"),
     (["--batch-size", "100000"], "batch size 100000 is larger than the dataset (256 images)"),
-    (["--temperature", "0"], "temperature must be > 0"),
-    (["--temperature", "-1"], "temperature must be > 0"),
+    (["--temperature", "0"], "train.temperature = 0.0 is not allowed: it must be > 0"),
+    (["--temperature", "-1"], "train.temperature = -1.0 is not allowed: it must be > 0"),
     (["--batch-size", "many"], "train.batch_size must be a int"),
     (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|flat0"),
 ])

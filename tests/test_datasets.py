@@ -168,3 +168,37 @@ def test_download_of_an_archive_extracts_and_loads(tmp_path: Path, monkeypatch: 
 def test_official_checksums_are_recorded_for_every_dataset() -> None:
     for spec in REGISTRY.values():
         assert spec.remote and all(len(r.md5) == 32 and r.url.startswith("http") for r in spec.remote)
+
+
+def test_hostile_or_inconsistent_files_are_named_before_any_training(data_root: Path, tmp_path: Path) -> None:
+    folder = data_root / "fashion-mnist"
+    # an IDX header declaring 255 dimensions (its shape would run past the file)
+    (tmp_path / "bad.idx").write_bytes(bytes([0, 0, 0x08, 255]) + b"\x00" * 12)
+    with pytest.raises(FastclrError, match=r"bad.idx is not an IDX file of images or labels \(header declares 255"):
+        formats.read_idx(tmp_path / "bad.idx")
+    # labels outside 0..9: counted and named
+    ok = load_builtin("fashion-mnist")
+    assert ok.train is not None and ok.train.labels is not None
+    y = ok.train.labels.copy()
+    y[:3] = [10, 200, 12]
+    write_idx(folder / "train-labels-idx1-ubyte.gz", y.astype(np.uint8))
+    with pytest.raises(FastclrError, match=r"3 train labels are outside 0..9 \(10 classes of fashion-mnist\)"):
+        load_builtin("fashion-mnist")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", ok.train.labels.astype(np.uint8))
+    # test images of another size than the training images
+    x, _ = synthetic_images(64, 32)
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", x[..., 0])
+    with pytest.raises(FastclrError, match=r"test images are \(32, 32, 1\) but the training images are \(28, 28, 1\)"):
+        load_builtin("fashion-mnist")
+
+
+def test_a_cifar_batch_with_fewer_labels_than_images_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    batch = pickle.loads((folder / "test_batch").read_bytes())
+    batch[b"labels"] = batch[b"labels"][:-2]
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(FastclrError, match=r"test has 8 images but 6 labels"):
+        load_builtin("cifar10", tmp_path, download=False)

@@ -8,6 +8,8 @@ import os
 import pickle
 import random
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -296,3 +298,60 @@ def test_checkpoints_carry_version_and_checksum(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, {"step": 2, "rng": torch.get_rng_state()})
     raw = torch.load(path, weights_only=True)
     assert raw["fastclr_version"] and len(raw["sha256"]) == 64 and raw["rng"].dtype == torch.uint8
+
+
+def test_a_run_directory_belongs_to_one_process(tmp_path: Path) -> None:
+    """A second pretrain on a directory a live run is writing is refused by the owner's PID and
+    host; once that run is killed, its lock is taken over and said so."""
+    env, run = cli_env(tmp_path), tmp_path / "run"
+    args = ["pretrain", "--data", "mnist", "--epochs", "200", "--run-dir", str(run), *TINY, "--probe", "false",
+            "--checkpoint-every", "1", "--monitor-every", "0"]
+    first = subprocess.Popen([sys.executable, "-m", "fastclr", *args], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 90
+        while not list_checkpoints(run) and time.monotonic() < end and first.poll() is None:
+            time.sleep(0.05)
+        assert list_checkpoints(run), first.stderr.read() if first.poll() is not None else "too slow"
+        second = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: {run} is being written by PID {first.pid} on {socket.gethostname()}; "
+                                         "wait for it to finish (or stop it), or choose another --run-dir")
+        fresh = run_cli(args, env, tmp_path)  # a new run over it
+        assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
+    finally:
+        first.kill()
+        first.wait(10)
+    third = run_cli(["pretrain", "--resume", str(run), "--epochs", "0.5", "--quiet", "--allow-config-change"], env,
+                    tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert f"took over {run / '.lock'} from PID {first.pid} on {socket.gethostname()}, which is no longer running" \
+        in third.stdout
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def test_a_directory_of_the_users_files_is_never_a_run_directory(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    mine = tmp_path / "notes"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "data.csv").write_text("a,b\n1,2\n")
+    before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(mine), *TINY], env, tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: --run-dir {mine} holds files that are not a fastclr run (data.csv, sub); nothing was written: "
+        "choose a new --run-dir")
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
+    (tmp_path / "afile").write_text("x")
+    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "afile"), *TINY], env,
+                tmp_path)
+    assert r.returncode == 2 and "is a file, not a directory" in r.stderr
+
+
+def test_files_follow_the_users_umask(tmp_path: Path) -> None:
+    env, run = cli_env(tmp_path), tmp_path / "run"
+    r = subprocess.run(["sh", "-c", f"umask 022 && exec {sys.executable} -m fastclr pretrain --data mnist --epochs 1 "
+                        f"--run-dir {run} {' '.join(TINY)} --probe false"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    for p in [run / "encoder.safetensors", run / "config.toml", *list_checkpoints(run)]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p

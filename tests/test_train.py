@@ -120,10 +120,12 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     ds = tiny_dataset()
     with pytest.raises(FastclrError, match=r"batch size 512 is larger than the dataset \(96 images\); pass --batch-size 96"):
         pretrain(tiny_config(tmp_path, train__batch_size=512), dataset=ds, progress=False, log=lambda s: None)
-    with pytest.raises(FastclrError, match="temperature must be > 0"):
+    with pytest.raises(FastclrError, match=r"train.temperature = 0.0 is not allowed: it must be > 0; e.g. --temperature"):
         pretrain(tiny_config(tmp_path, train__temperature=0.0), dataset=ds, progress=False, log=lambda s: None)
-    with pytest.raises(FastclrError, match="compile must be auto, on or off, got 'maybe'"):
-        pretrain(tiny_config(tmp_path / "c", train__compile="maybe"), dataset=ds, progress=False, log=lambda s: None)
+    bad = tiny_config(tmp_path / "c")
+    bad.train.compile = "maybe"  # set in Python, past apply_overrides: pretrain validates again
+    with pytest.raises(FastclrError, match="train.compile = 'maybe' is not allowed: it must be one of: auto, on, off"):
+        pretrain(bad, dataset=ds, progress=False, log=lambda s: None)
     assert not (tmp_path / "c").exists()  # refused before the run directory came into being
 
 

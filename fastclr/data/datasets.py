@@ -253,6 +253,29 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True) -> 
 
 
 def load_builtin(name: str, root: str | Path | None = None, download: bool = True) -> Dataset:
-    """Load a built-in dataset into memory (uint8 (N, H, W, C) plus labels)."""
+    """Load a built-in dataset into memory (uint8 (N, H, W, C) plus labels), checked for consistency."""
     folder = ensure(name, root, download)
-    return spec(name).read(folder)
+    ds = spec(name).read(folder)
+    check_consistent(ds, folder)
+    return ds
+
+
+def check_consistent(ds: Dataset, where: Path | str) -> None:
+    """One-line errors, before any training, for data that would train or evaluate wrongly: a label
+    count unlike the image count, labels outside the class list, splits of different image shapes."""
+    shape = ds.pretrain.images.shape[1:]
+    for split, s in (("train", ds.train), ("test", ds.test)):
+        if s is None:
+            continue
+        if s.images.shape[1:] != shape:
+            raise FastclrError(f"{where}: {split} images are {tuple(s.images.shape[1:])} but the training images are "
+                               f"{tuple(shape)}; the files come from different datasets, fetch them again")
+        if s.labels is None:
+            continue
+        if len(s.labels) != len(s.images):
+            raise FastclrError(f"{where}: {split} has {len(s.images)} images but {len(s.labels)} labels; "
+                               "fetch the files again")
+        bad = int(((s.labels < 0) | (s.labels >= len(ds.classes))).sum()) if ds.classes else 0
+        if bad:
+            raise FastclrError(f"{where}: {bad} {split} labels are outside 0..{len(ds.classes) - 1} ({len(ds.classes)} "
+                               f"classes of {ds.name}); the label file is not {ds.name}'s, fetch it again")

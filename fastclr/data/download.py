@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastclr.checkpoint import FILE_MODE
 from fastclr.errors import FastclrError
 
 
@@ -52,6 +53,7 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     final = dest_dir / remote.filename
     fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
+    os.fchmod(fd, FILE_MODE)
     tmp = Path(tmp_name)
     try:
         h = hashlib.md5(usedforsecurity=False)

@@ -37,6 +37,9 @@ def read_idx(path: Path) -> np.ndarray:
         raise FastclrError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
     ndim = data[3]
     header = 4 + 4 * ndim
+    if not 1 <= ndim <= 4 or len(data) < header:
+        raise FastclrError(f"{path} is not an IDX file of images or labels (header declares {ndim} dimensions in "
+                           f"{len(data)} bytes); delete it and fetch it again")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[data[2]]).newbyteorder(">")
     count = int(np.prod(shape))

@@ -21,6 +21,7 @@ from torch import nn
 from fastclr import config as config_mod
 from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries
 from fastclr.config import Config
+from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, load_data
 from fastclr.determinism import deterministic_kernels, no_host_sync
@@ -31,7 +32,7 @@ from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.setup import Run, build_run, validate
 from fastclr.pretraining.state import check_resume_config
 from fastclr.presets import check_preset
-from fastclr.runs import default_run_dir, prepare_run_dir, write_config, write_json
+from fastclr.runs import RunLock, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.runtime import Precision, resolve_precision, select_device, set_threads
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
                                           peer_failure, process_device, setup, teardown)
@@ -102,8 +103,11 @@ def pretrain(
         with deterministic_kernels(cfg.train.deterministic and device.type == "cuda"):
             run = _start(cfg, ctx, device, precision, resume, allow_config_change, encoder, dataset, main_log,
                          progress and ctx.is_main, clock)
-            stopped = _train(run, stop)
-            return _finish(run, stopped)
+            try:
+                stopped = _train(run, stop)
+                return _finish(run, stopped)
+            finally:
+                run.release()
     except Exception as e:
         if ctx.active and is_peer_failure(e):
             raise peer_failure(ctx, e, resume or cfg.train.run_dir or "the run directory") from None
@@ -169,6 +173,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     """Read the checkpoint to resume (if any) and the data, check the settings, create the run
     directory, and build the run."""
     started = clock()
+    validate_settings(cfg)  # a config built in Python has not been through apply_overrides
     check_preset(cfg)
     state = None
     if resume is not None:
@@ -183,13 +188,22 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if dataset is None:
         dataset = load_data(cfg.data)
     validate(cfg, len(dataset.pretrain), ctx.world_size)
+    lock = None
     if ctx.is_main:
-        # Only now, with the data and settings known good, does the run directory come into being.
-        prepare_run_dir(run_dir)
-        for p in remove_stale_temporaries(run_dir):
-            log(f"removed {p.name}, left by a checkpoint write that was interrupted")
-    run = build_run(cfg, ctx, device, precision, run_dir, dataset, encoder, log, progress, clock)
-    run.started = started
+        # Only now, with the data and settings known good, does the run directory come into being,
+        # and it belongs to this process (rank 0) until the run ends.
+        prepare_run_dir(run_dir, resuming=state is not None)
+        lock = RunLock(run_dir, log)
+    try:
+        if lock is not None:
+            for p in remove_stale_temporaries(run_dir):
+                log(f"removed {p.name}, left by a checkpoint write that was interrupted")
+        run = build_run(cfg, ctx, device, precision, run_dir, dataset, encoder, log, progress, clock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock, run.started = lock, started
     if state is not None:
         run.state.restore(state)
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step

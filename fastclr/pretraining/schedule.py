@@ -36,19 +36,14 @@ class TimeBudget:
     """The step count that fits a wall-clock budget, fitted early and refitted as the pace drifts.
 
     The first fit (at step `first_fit`) uses the pace of steps `pace_from`..`first_fit`, because
-    the first steps pay one-off allocation and warm-up costs. A single early fit is not enough:
-    on the shared 2-core VM the step time drifted from 184 to 195 ms over a run and a 9.5-minute
-    budget ran 604 s (docs/benchmarks.md), so `fit` is called again as the run goes with
-    the pace measured since `pace_from`, and the cosine is stretched or shrunk to end on time.
+    the first steps pay one-off allocation and warm-up costs. Then `fit` is called again every
+    `refit_every` steps and at epoch ends (`due`) with the pace measured since `pace_from`, and the
+    cosine is stretched or shrunk to end on time: on a shared machine the pace drifts and stalls
+    (CPU steal; docs/benchmarks.md shows a 9.5-minute budget overshooting by 34 s with one early
+    fit, and a run ending 24 s early when a stall fell on its last epoch-end fit). Frequent refits
+    also make the budget a cap: once spent, the run ends at the next refit.
     All times are the training loop's wall-clock seconds, the same clock as the logs: steps,
-    checkpoints and kNN monitor passes alike, so a budget of 9.5 minutes is 9.5 minutes of the
-    loop. The pace since `pace_from` then amortises the per-epoch monitor and checkpoint cost.
-
-    Refits come every `refit_every` steps as well as at epoch ends (`due`): with refits only at
-    epoch boundaries, a stretch of CPU steal just before the last one (the sixth session's seed-1
-    run: 186-274 images/s for a minute, against 4000+) left its slow pace in the fit that set the
-    end, and the run stopped 24 s before its budget. Frequent refits also make the budget a cap:
-    once spent, the run ends at the next refit, not at the next epoch's end.
+    checkpoints and kNN monitor passes alike, so a budget of 9.5 minutes is 9.5 minutes of the loop.
     """
 
     def __init__(self, budget_s: float, pace_from: int = 5, first_fit: int = 15, refit_every: int = 25) -> None:

@@ -27,37 +27,27 @@ from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
-from fastclr.runs import MetricsLog
+from fastclr.runs import MetricsLog, RunLock
 from fastclr.runtime import Precision, use_compile
 from fastclr.scaleout.distributed import DistContext, broadcast_object
 from fastclr.scaleout.global_bn import convert_batchnorm
 
 
 def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
-    """One-line errors for settings that cannot work with this data and this many processes."""
+    """One-line errors for settings that cannot work with this data and this many processes (each
+    setting's own range was checked by `config.validate` already)."""
     t = cfg.train
     if world_size > 1 and t.batch_size % world_size:
         raise FastclrError(
             f"batch size {t.batch_size} (the global batch) does not split evenly over {world_size} processes; "
             f"pass --batch-size {max(1, t.batch_size // world_size) * world_size}"
         )
-    use_compile(t.compile, torch.device("cpu"))  # a bad setting fails here, before anything is written
-    if t.loss_block < 0 or t.grad_cache_chunk < 0:
-        raise FastclrError("loss_block and grad_cache_chunk must be >= 0 (0 turns them off)")
-    if t.temperature <= 0:
-        raise FastclrError(f"temperature must be > 0, got {t.temperature}; the paper uses 0.1 to 0.5 (e.g. --temperature 0.2)")
-    if t.batch_size < 2:
-        raise FastclrError(f"batch size must be at least 2 (one negative pair), got {t.batch_size}")
     if t.batch_size > n_images:
         raise FastclrError(
             f"batch size {t.batch_size} is larger than the dataset ({n_images} images); pass --batch-size {n_images} or less"
         )
     if t.epochs <= 0 and t.time_budget <= 0:
         raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
-    if cfg.optim.lr <= 0:
-        raise FastclrError(f"learning rate must be > 0, got {cfg.optim.lr}")
-    if cfg.model.proj_dim < 1 or cfg.model.head_layers < 1:
-        raise FastclrError("proj_dim and head_layers must be >= 1")
 
 
 @dataclass
@@ -88,8 +78,15 @@ class Run:
     warmup_steps: int
     started: float = 0.0
     """The clock when pretraining began (data loading and set-up count in its wall time)."""
+    lock: RunLock | None = None
+    """Rank 0's claim on the run directory."""
     loop_start: float = 0.0
     """The clock at which the loop would have started had it never been interrupted."""
+
+    def release(self) -> None:
+        """Give the run directory up (rank 0)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def steps_per_epoch(self) -> int:
