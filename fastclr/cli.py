@@ -93,7 +93,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
                           stop=stop)
     if result.stopped:
-        if result.rank == 0:  # under torchrun every rank returns here; one line is enough
+        if result.rank == 0 and result.stopped_in == "probe":
+            print(f"stopped during the probe; training is complete; probe with: fastclr evaluate {result.run_dir}")
+        elif result.rank == 0:  # under torchrun every rank returns here; one line is enough
             print(f"stopped at step {result.steps}; checkpoint written; resume with: fastclr pretrain --resume {result.run_dir}")
         return EXIT_STOPPED
     if result.probe_accuracy is not None:

@@ -20,15 +20,33 @@ EXIT_STOPPED = 75
 'try again later', i.e. resume with `fastclr pretrain --resume RUN_DIR`)."""
 
 
+class StopRequested(Exception):
+    """Raised inside an interruptible phase (the probe after training) when a stop signal arrives."""
+
+
 class StopFlag:
-    """Set by the signal handler, read by the training loop."""
+    """Set by the signal handler, read by the training loop at step boundaries. Phases with no
+    step boundary (the final probe) run inside `interruptible()`, where a signal ends them at
+    once with StopRequested instead: what was complete before them is kept."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.raising = False
 
     def __call__(self, step: int) -> bool:
         """The `stop` callback of `pretrain`: True once a stop was requested."""
         return self.signal is not None
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside: a stop request (or one already pending) raises StopRequested."""
+        if self.signal is not None:
+            raise StopRequested()
+        self.raising = True
+        try:
+            yield
+        finally:
+            self.raising = False
 
 
 @contextmanager
@@ -40,6 +58,9 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
         name = signal.Signals(signum).name
         if flag.signal is None:
             flag.signal = signum
+            if flag.raising:
+                print(f"\n{name} received: stopping now", file=sys.stderr, flush=True)
+                raise StopRequested()
             print(f"\n{name} received: writing a checkpoint at the next step, then stopping", file=sys.stderr, flush=True)
         else:
             print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)

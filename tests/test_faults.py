@@ -355,3 +355,28 @@ def test_files_follow_the_users_umask(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     for p in [run / "encoder.safetensors", run / "config.toml", *list_checkpoints(run)]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_a_stop_during_the_final_probe_ends_it_at_once_and_keeps_the_encoder(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the probe runs (here: a probe that would take 60 s) ends the probe within
+    seconds; training is complete, so the encoder is exported and the run says it was stopped in
+    the probe; nothing half-written remains."""
+    import fastclr.pretraining.loop as loop
+    from fastclr.pretraining import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    def slow_probe(*args: object) -> object:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        raise AssertionError("the probe was not interrupted")
+
+    monkeypatch.setattr(loop, "final_probe", slow_probe)
+    t0 = time.monotonic()
+    with graceful_stop() as stop:
+        res = pretrain(tiny_config(tmp_path, eval__probe=True, train__epochs=1.0), dataset=tiny_dataset(),
+                       progress=False, log=lambda s: None, stop=stop)
+    assert time.monotonic() - t0 < 30
+    assert res.stopped and res.stopped_in == "probe" and res.steps == 6
+    assert (tmp_path / "encoder.safetensors").exists() and not (tmp_path / "probe.json").exists()
+    assert not (tmp_path / ".lock").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from fastclr.pretraining.state import check_resume_config
 from fastclr.presets import check_preset
 from fastclr.runs import RunLock, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.runtime import Precision, resolve_precision, select_device, set_threads
+from fastclr.signals import StopRequested
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
                                           peer_failure, process_device, setup, teardown)
 from fastclr.errors import FastclrError
@@ -50,7 +52,10 @@ class PretrainResult:
     train_seconds: float
     probe_accuracy: float | None
     stopped: bool = False
-    """True when `stop` ended the run early (a checkpoint was written)."""
+    """True when `stop` ended the run early: in training (a checkpoint was written; resume it) or
+    in the final probe (training is complete and exported; `stopped_in` says which)."""
+    stopped_in: str = ""
+    """"training" or "probe" when stopped."""
     model: Model | None = None
     rank: int = 0
     """This process's rank; only rank 0 wrote files and has the probe accuracy."""
@@ -105,7 +110,7 @@ def pretrain(
                          progress and ctx.is_main, clock)
             try:
                 stopped = _train(run, stop)
-                return _finish(run, stopped)
+                return _finish(run, stopped, stop)
             finally:
                 run.release()
     except Exception as e:
@@ -220,11 +225,13 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     return run
 
 
-def _finish(run: Run, stopped: bool) -> PretrainResult:
-    """Rank 0 exports the encoder and, when the data has labels, runs the linear probe."""
+def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> PretrainResult:
+    """Rank 0 exports the encoder and, when the data has labels, runs the linear probe. A stop
+    request during the probe (a `stop` with an `interruptible` phase, as the CLI's) ends it at
+    once: the encoder is saved, the run reports itself stopped, `fastclr evaluate` probes later."""
     s = run.state
     result = PretrainResult(run.run_dir, s.step, s.train_seconds, None, stopped=stopped, model=run.model, rank=run.ctx.rank,
-                            precision=run.precision)
+                            precision=run.precision, stopped_in="training" if stopped else "")
     if stopped or not run.ctx.is_main:
         return result  # rank 0 exports and probes alone; the others are done
     save_encoder(run.run_dir / ENCODER_FILE, run.model.encoder, run.model.spec)
@@ -232,7 +239,14 @@ def _finish(run: Run, stopped: bool) -> PretrainResult:
     run.log(f"trained {s.step} steps in {s.train_seconds:.0f} s ({wall:.0f} s with data loading, set-up and export); "
             f"encoder saved to {run.run_dir / ENCODER_FILE}")
     if run.cfg.eval.probe and labelled(run.dataset):
-        record, line = final_probe(run.model.encoder, run.dataset, run.model.spec, run.device, run.cfg, run.precision)
+        try:
+            with getattr(stop, "interruptible", nullcontext)():
+                record, line = final_probe(run.model.encoder, run.dataset, run.model.spec, run.device, run.cfg,
+                                           run.precision)
+        except StopRequested:
+            run.log(f"stopped during the linear probe; the encoder is saved: `fastclr evaluate {run.run_dir}` probes it")
+            result.stopped, result.stopped_in = True, "probe"
+            return result
         write_json(run.run_dir / "probe.json",
                    dict(record, steps=s.step, train_seconds=s.train_seconds, pretrain_wall_seconds=wall))
         result.probe_accuracy = record["accuracy"]
