@@ -349,3 +349,45 @@ def test_prepare_cli_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "4 images (2 classes, 3 channels); 4 files decoded, 0 reused" in out.out
     assert "skipped 1: 1 not-an-image" in out.out
     assert "prepare 4/4 files" in out.err and "files/s" in out.err
+
+
+def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes(tmp_path: Path) -> None:
+    """Kill `fastclr prepare` (SIGKILL: no handler runs) while its 2 decoding workers are busy: the
+    workers die with it (they would otherwise decode on, reparented), no store.json is left
+    behind, and running the same command again writes a complete, consistent store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bar_images(tmp_path / "imgs", n_per_class=1500, size=64)  # 3000 PNGs: several seconds of decoding
+    args = [sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "imgs"), "--size", "32", "--out",
+            str(tmp_path / "store"), "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    end = time.monotonic() + 60
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.05)
+        workers = children()
+    assert len(workers) >= 2, "the decoding workers never started"
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    end = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < end:
+        time.sleep(0.1)
+        alive = [p for p in workers if os.path.exists(f"/proc/{p}") and "Z" not in
+                 open(f"/proc/{p}/stat").read().split()[2]]
+    assert not alive, f"decoders {alive} outlived their parent"
+    assert not (tmp_path / "store" / "store.json").exists()
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = read_store(tmp_path / "store")
+    assert len(s.paths) == 3000 and s.images.shape[0] == 3000 and len(set(s.paths)) == 3000

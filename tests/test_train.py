@@ -224,3 +224,14 @@ def test_monitor_passes_are_sized_by_their_measured_share_of_the_wall_time(
     pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=lambda s: None, clock=clock)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "knn_acc" in r] == passes
+
+
+def test_a_run_shorter_than_its_warm_up_gets_a_shorter_one_and_says_so(tmp_path: Path) -> None:
+    lines: list[str] = []
+    cfg = tiny_config(tmp_path, train__epochs=2.0, optim__warmup_epochs=5.0, train__log_every=1)
+    pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lines.append)  # 6 steps per epoch, 12 in all
+    assert any("warm-up of 30 steps (5 epochs) is not shorter than the run's 12 steps: shortened to 1" in line
+               for line in lines)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in line]
+    assert lrs[0] == pytest.approx(cfg.optim.lr)  # the peak at the first step, then the cosine
+    assert lrs == sorted(lrs, reverse=True)

@@ -15,6 +15,9 @@ not decoded again, and the verdicts on broken files are kept too. Deleted files 
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
+import signal
 import hashlib
 import multiprocessing
 import os
@@ -118,8 +121,24 @@ def default_workers() -> int:
 _W: dict[str, Any] = {}
 
 
-def _init(root: Path, opts: DecodeOptions, known: frozenset[str]) -> None:
+def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | None = None) -> None:
     _W.update(root=root, opts=opts, known=known)
+    if parent is not None:
+        die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: this (worker) process gets SIGKILL when its parent dies, so a `prepare` killed with
+    SIGKILL does not leave its decoders running (prctl PR_SET_PDEATHSIG). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call: nothing will signal us
+        os._exit(1)
 
 
 def _work(rels: list[str]) -> list[Outcome]:
@@ -140,7 +159,7 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
     # fork: workers start in milliseconds and inherit the hash set; they never touch torch.
     method = "fork" if sys.platform == "linux" else "spawn"
     with ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_init,
-                             initargs=(root, opts, known)) as pool:
+                             initargs=(root, opts, known, os.getpid())) as pool:
         pending: collections.deque[tuple[list[str], Future[list[Outcome]]]] = collections.deque()
         it = iter(chunks)
         try:

@@ -178,10 +178,17 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync)
     spe = sampler.steps_per_epoch
     state = RunState(cfg, model, train_step, total_steps=max(1, int(round(t.epochs * spe))))
+    warmup = int(round(cfg.optim.warmup_epochs * spe))
+    if t.time_budget <= 0 and warmup >= state.total_steps > 1:
+        # A run shorter than its warm-up would never reach its learning rate (small data, few epochs).
+        shorter = max(1, state.total_steps // 10)
+        log(f"warm-up of {warmup} steps ({cfg.optim.warmup_epochs:g} epochs) is not shorter than the run's "
+            f"{state.total_steps} steps: shortened to {shorter} (a tenth of the run); set --warmup-epochs to choose")
+        warmup = shorter
     return Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
                source=source, sampler=sampler, views=views, train_step=train_step, state=state,
                budget=TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None, health=Health(device),
                window=MetricsWindow(),
                monitor=KnnMonitor(dataset, model.spec, device, cfg, precision, enabled=ctx.is_main),
                metrics_log=MetricsLog(run_dir, enabled=ctx.is_main), bar=Progress(1, enabled=progress), log=log,
-               clock=clock, peak_lr=peak_lr, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)))
+               clock=clock, peak_lr=peak_lr, warmup_steps=warmup)
