@@ -172,30 +172,30 @@ def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch
 
 
 def test_the_time_budget_ends_on_time_when_the_pace_drifts(tmp_path: Path) -> None:
-    """0.5 s for 5 warm-up steps, 0.1 s/step until step 300, then 0.13 s/step. One fit at step 15
-    would plan 1180 steps and end at 146 s; refitted as the loop goes, the run ends within one
+    """0.5 s for 5 warm-up steps, 1 s/step until step 60, then 1.3 s/step. One fit at step 15
+    would plan 122 steps and end at 138 s; refitted as the loop goes, the run ends within one
     refit interval (25 steps) of its 120 s."""
-    clock = PacedClock(lambda i: 0.5 if i < 5 else (0.1 if i < 300 else 0.13))
-    res, _ = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=117)
-    assert 120.0 - 25 * 0.13 <= res.train_seconds <= 120.0 + 0.13
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (1.0 if i < 60 else 1.3))
+    res, _ = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=40)
+    assert 120.0 - 25 * 1.3 <= res.train_seconds <= 120.0 + 1.3
     assert res.train_seconds == clock.now and res.steps == clock.steps
 
 
 def test_the_time_budget_uses_its_time_after_a_stall_across_an_epoch_end(tmp_path: Path) -> None:
-    """0.25 s/step, then a stall of 4.4 s/step across the epoch end at step 819 (CPU steal, as
-    seen on a shared machine), then 0.12 s/step: the refits every 25 steps, not only the one at
-    the epoch end, let the run use its budget at the pace it really runs at."""
-    clock = PacedClock(lambda i: 0.5 if i < 5 else (0.12 if i >= 820 else (4.4 if 770 <= i < 812 else 0.25)))
-    res, _ = paced_run(tmp_path, clock, minutes=9.5, steps_per_epoch=117)
-    assert 570.0 - 25 * 0.12 <= res.train_seconds <= 570.0 + 0.12
+    """2.5 s/step, then a stall of 44 s/step across the epoch end at step 120 (CPU steal, as seen
+    on a shared machine), then 1.2 s/step: the refits every 25 steps, not only the one at the
+    epoch end, let the run use its budget at the pace it really runs at."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (1.2 if i >= 122 else (44.0 if 116 <= i < 122 else 2.5)))
+    res, _ = paced_run(tmp_path, clock, minutes=9.5, steps_per_epoch=120)
+    assert 570.0 - 25 * 1.2 <= res.train_seconds <= 570.0 + 1.2
 
 
 def test_the_time_budget_is_a_cap_between_epoch_ends(tmp_path: Path) -> None:
-    """The pace collapses from 0.2 to 10 s/step at step 2800, mid-epoch: the run ends at the
-    first refit past the budget (step 2825), not at the end of its fitted schedule."""
-    clock = PacedClock(lambda i: 0.5 if i < 5 else (0.2 if i < 2800 else 10.0))
+    """The pace collapses from 2 to 100 s/step at step 200, mid-epoch: the run ends at the first
+    refit past the budget (step 225), not at the end of its fitted schedule (step 288)."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (2.0 if i < 200 else 100.0))
     res, _ = paced_run(tmp_path, clock, minutes=9.5, steps_per_epoch=4000)
-    assert res.steps == 2825 and res.train_seconds == pytest.approx(0.5 * 5 + 0.2 * 2795 + 10.0 * 25)
+    assert res.steps == 225 and res.train_seconds == pytest.approx(0.5 * 5 + 2.0 * 195 + 100.0 * 25)
 
 
 def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
