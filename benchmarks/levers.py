@@ -58,7 +58,7 @@ def quality(encoder: torch.nn.Module, ds: Dataset, mean: torch.Tensor, std: torc
 def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Dataset, untrained: bool) -> dict[str, Any]:
     """Train one configuration and return its measured outcome."""
     overrides: dict[str, Any] = {"eval.monitor_every": 0, "eval.probe": False, "train.seed": seed,
-                                 "train.run_dir": f"runs/levers/{name}-s{seed}"}
+                                 "train.run_dir": f"runs/levers/{name}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"}
     if budget > 0:
         overrides["train.time_budget"] = budget
     else:
@@ -71,15 +71,16 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Datas
     t0 = time.perf_counter()
     res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
     assert res.model is not None
-    spec = res.model.spec
-    mean, std = spec.mean_tensor(), spec.std_tensor()
+    enc_spec = res.model.spec
+    mean, std = enc_spec.mean_tensor(), enc_spec.std_tensor()
     precision = res.precision or Precision("fp32", "not resolved")
     rec: dict[str, Any] = {"name": name, "spec": spec, "seed": seed, "budget_min": budget, "epochs": epochs,
-                           "steps": res.steps, "train_s": round(res.train_seconds, 1), "h_dim": spec.feature_dim,
+                           "steps": res.steps, "train_s": round(res.train_seconds, 1), "h_dim": enc_spec.feature_dim,
                            "precision": precision.name,
-                           **quality(res.model.encoder, ds, mean, std, spec.image_size, precision)}
+                           **quality(res.model.encoder, ds, mean, std, enc_spec.image_size, precision)}
     if untrained:
-        ref = quality(untrained_encoder(spec, seed, torch.device("cpu")), ds, mean, std, spec.image_size, precision)
+        ref = quality(untrained_encoder(enc_spec, seed, torch.device("cpu")), ds, mean, std, enc_spec.image_size,
+                      precision)
         rec.update({f"untrained_{k}": v for k, v in ref.items()})
         rec["lift"] = round(rec["linear"] - ref["linear"], 2)
     rec.update(total_s=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads(), machine=describe())

@@ -63,7 +63,7 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     (["--temperature", "0"], "train.temperature = 0.0 is not allowed: it must be > 0"),
     (["--temperature", "-1"], "train.temperature = -1.0 is not allowed: it must be > 0"),
     (["--batch-size", "many"], "train.batch_size must be a int"),
-    (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|flat0"),
+    (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|fc512"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args: list[str], message: str) -> None:
     base = ["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--quiet", "--batch-size", "32"]

@@ -361,7 +361,7 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     import sys
     import time
 
-    bar_images(tmp_path / "imgs", n_per_class=1500, size=64)  # 3000 PNGs: several seconds of decoding
+    bar_images(tmp_path / "imgs", n_per_class=1500, size=96)  # 3000 PNGs: seconds of decoding
     args = [sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "imgs"), "--size", "32", "--out",
             str(tmp_path / "store"), "--workers", "2", "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -376,7 +376,7 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
         time.sleep(0.05)
         workers = children()
     assert len(workers) >= 2, "the decoding workers never started"
-    time.sleep(0.5)
+    assert proc.poll() is None  # killed while decoding: the store is not written yet
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(10)
     end = time.monotonic() + 10

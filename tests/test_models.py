@@ -21,7 +21,7 @@ from fastclr.models import (
 )
 from fastclr.models.cnn import SmallCNN, parse_stages
 
-EXPECTED_DIM = {"cnn": 12544, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+EXPECTED_DIM = {"cnn": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
@@ -78,7 +78,7 @@ def test_small_cnn_space_to_depth_and_stage_spec() -> None:
 def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -> None:
     # one default, three places: the config option, build_encoder and SmallCNN's own default
     assert ModelConfig().cnn_stages == CNN_STAGES
-    assert SmallCNN().feature_dim == build_encoder("cnn", 1, 28).feature_dim == 7 * 7 * 256
+    assert SmallCNN().feature_dim == build_encoder("cnn", 1, 28).feature_dim == 512
     enc = build_encoder("cnn", 1, 28, cnn_stages="8,8|24|flat0")
     assert enc.feature_dim == 7 * 7 * 24 and enc(torch.randn(2, 1, 28, 28)).shape == (2, 7 * 7 * 24)
     info = {"encoder": "cnn", "in_channels": 1, "image_size": 28, "width": 1.0, "cifar_stem": "off",
@@ -94,7 +94,7 @@ def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -
         assert EncoderSpec.from_dict(old).stages == f"32|{channels}|flat0"
         assert encoder_from_spec(EncoderSpec.from_dict(old)).feature_dim == 49 * channels
     assert EncoderSpec.from_dict({**old, "feature_dim": 50}).stages == ""  # not inferable: none recorded
-    with pytest.raises(FastclrError, match="cnn_stages '32\\|wide' is not a stage spec; write e.g. 32\\|256\\|flat0"):
+    with pytest.raises(FastclrError, match="cnn_stages '32\\|wide' is not a stage spec; write e.g. 32\\|256\\|fc512"):
         build_encoder("cnn", 1, 28, cnn_stages="32|wide")
 
 

@@ -89,7 +89,7 @@ class SmallCNN(nn.Module):
     Measurements behind both choices are in docs/benchmarks.md.
     """
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|256|flat0",
+    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|256|fc512",
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
         convs, fc = parse_stages(stages)
