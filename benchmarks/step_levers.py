@@ -9,10 +9,10 @@ two views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with
     no-s2d        a 3x3 conv on the 28 x 28 input instead of the 2x2 space-to-depth stem
     chw-flatten   the usual (C, H, W) flatten of the channels_last map (nn.Flatten)
     foreach-adamw AdamW's foreach kernels instead of the fused one
-    pooled-3x3    the old last stage: a third conv stage on the pooled 3 x 3 map, then average pooling
+    pooled-3x3    a third conv stage on the pooled 3 x 3 map, then average pooling (instead of the 7 x 7
+                  map's learned linear pooling)
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
-    head-256      a 256-wide projection head (the default since 2026-11: now equal to base)
     blur          Gaussian blur on (p 0.5, sigma 0.1-2, the paper's ImageNet setting; off in the preset)
     batch-N       N pairs per step (128, 256, 512; the default is 256): a recipe
                   lever, compare pairs/s, not ms/step
@@ -30,20 +30,21 @@ import torch
 from torch import nn
 
 from fastclr.data import load_data
+from fastclr.models import CNN_STAGES
 from fastclr.models.cnn import FlattenHWC, SmallCNN
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
 from harness import real_step, report, timed
 
-VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread", "head-256",
+VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "compile", "1-thread",
             "blur", "batch-128", "batch-256", "batch-512")
 
 
 def encoder_for(variant: str) -> nn.Module | None:
     """The encoder of a variant, or None for the default one."""
     if variant == "no-s2d":
-        return SmallCNN(1, stages="32|256|flat0", space_to_depth=False)
+        return SmallCNN(1, stages=CNN_STAGES, space_to_depth=False)
     if variant == "pooled-3x3":
         return SmallCNN(1, stages="32|64|128")
     if variant == "chw-flatten":
@@ -71,8 +72,6 @@ def main() -> None:
     base_ms = None
     for variant in a.only:
         overrides = {"data.name": "fashion-mnist", "train.channels_last": variant != "nchw"}
-        if variant == "head-256":
-            overrides["model.head_hidden"] = 256
         if variant == "blur":
             overrides["augment.blur_p"] = 0.5
         if variant.startswith("batch-"):

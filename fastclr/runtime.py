@@ -265,3 +265,22 @@ def set_threads(threads: int) -> int:
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask), not the machine's total."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def require_memory(needed: int, what: str, fix: str) -> None:
+    """A one-line error before a large allocation that would not fit in available memory (the
+    kernel would kill the process instead, losing whatever was not yet written)."""
+    free = available_memory()
+    if free is not None and needed > 0.9 * free:
+        raise FastclrError(f"{what} needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are available; {fix}")

@@ -105,13 +105,13 @@ def test_the_untrained_reference_is_the_runs_own_network_before_its_first_step(r
 def test_lift_and_flag_come_from_the_reported_figures_of_one_extraction(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir, ds, _ = run
     calls: list[int] = []
-    real = run_module.extract_features
+    real = run_module.features_of
 
     def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(len(args[1]))
+        calls.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "extract_features", counting)
+    monkeypatch.setattr(run_module, "features_of", counting)
     opts = EvaluateOptions(protocols=("linear", "knn", "fewshot"), labels_per_class=(2,), seeds=(0,), device="cpu")
     out = evaluate(run_dir, opts, dataset=ds, log=lambda s: None)
     assert calls == [600, 200, 600, 200]  # train and test h, trained then untrained: once each

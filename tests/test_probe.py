@@ -155,3 +155,20 @@ def test_knn_bf16_shortlist_gives_the_exact_fp32_votes_on_wide_features() -> Non
 def test_knn_accuracy_on_identical_sets_with_k1_is_one() -> None:
     x, y = blobs(100, 5, 4, 4)
     assert knn_accuracy(x, y, x, y, k=1) == 1.0
+
+
+def test_features_that_would_not_fit_in_memory_are_refused_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastclr.errors import FastclrError
+    from fastclr.evaluation.features import features_of
+    from fastclr.models import EncoderSpec, SmallCNN
+
+    enc = SmallCNN(1, 0.125, "32|256|flat0")  # 7 x 7 x 32 = 1568-d h
+    spec = EncoderSpec("cnn", 1, 28, 0.125, "on", enc.feature_dim, (0.2,), (0.3,), "32|256|flat0")
+    x, _ = synthetic_images(1000, 28)
+    need = 3 * 1000 * 1568 * 4  # h and the probe's copies, float32
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(need / 0.9) - 1)
+    with pytest.raises(FastclrError, match=r"h of 1000 images \(1568-d, with the probe's copies\) needs about 0.0 GiB "
+                                           r"but 0.0 GiB are available; use a compact readout"):
+        features_of(enc, spec, x, torch.device("cpu"), FP32)
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(need / 0.9) + 4096)
+    assert features_of(enc, spec, x, torch.device("cpu"), FP32).shape == (1000, 1568)

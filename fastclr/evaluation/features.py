@@ -20,7 +20,7 @@ from fastclr.augment import normalize, resample_matrix, to_float, two_views
 from fastclr.config import AugmentConfig
 from fastclr.data.loader import ImageSource
 from fastclr.models import EncoderSpec
-from fastclr.runtime import FP32, Precision
+from fastclr.runtime import FP32, Precision, require_memory
 
 
 def state_checksum(module: nn.Module) -> str:
@@ -94,7 +94,11 @@ def extract_features(
 
 def features_of(encoder: nn.Module, spec: EncoderSpec, images: np.ndarray | ImageSource, device: torch.device,
                 precision: Precision, batch_size: int = 1024, channels_last: bool = True) -> torch.Tensor:
-    """h of stored images under a run's settings: its standardisation and input size (`spec`)."""
+    """h of stored images under a run's settings: its standardisation and input size (`spec`).
+    Refuses, in one line, features that would not fit in memory with the probe's standardised copy."""
+    require_memory(3 * len(images) * spec.feature_dim * 4, f"h of {len(images)} images ({spec.feature_dim}-d, "
+                   "with the probe's copies)", "use a compact readout (the default --cnn-stages 32|256|fc512) or a "
+                   "machine with more memory")
     return extract_features(encoder, images, spec.mean_tensor(), spec.std_tensor(), device, batch_size, precision,
                             spec.image_size, channels_last)
 

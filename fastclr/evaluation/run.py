@@ -21,7 +21,7 @@ from fastclr.checkpoint import list_checkpoints
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup
-from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
+from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
 from fastclr.evaluation.fewshot import fewshot_probe
 from fastclr.evaluation.finetune import finetune
 from fastclr.evaluation.options import EXTRA_PROTOCOLS, LABELLED, PROTOCOLS, EvaluateOptions
@@ -33,7 +33,6 @@ from fastclr.export import ENCODER_FILE
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.evaluation.probe import linear_probe
-from fastclr.evaluation.features import extract_features, state_checksum
 from fastclr.runs import write_json
 from fastclr.runtime import select_device
 from fastclr.version import __version__
@@ -133,11 +132,10 @@ def _quality(c: Context) -> dict[str, Any]:
     images = c.dataset.pretrain.images[evenly_spaced(len(c.dataset.pretrain), o.quality_images)]
     _, views = view_pairs(images, run.config.augment, o.view_seed, run.mean, run.std, c.device)
     precision = run.precision
-    size = run.spec.image_size
     untrained = untrained_encoder(run.spec, run.config.train.seed, c.device) if run.spec.rebuildable else None
 
     def measure(enc: torch.nn.Module) -> dict[str, float]:
-        h = extract_features(enc, images, run.mean, run.std, c.device, precision=precision, size=size)
+        h = features_of(enc, run.spec, images, c.device, precision)
         v = encode(enc, views, precision)
         return feature_quality(h, *v.chunk(2))
 
@@ -231,13 +229,12 @@ def evaluate(
     if set(o.protocols) & set(FROZEN):
         assert ctx.setup is not None
         t0 = time.perf_counter()
-        kw = dict(precision=run.precision, size=ctx.setup.size)
-        ctx.train_x = extract_features(run.encoder, ctx.setup.train_images, run.mean, run.std, device, **kw)
-        ctx.test_x = extract_features(run.encoder, ctx.setup.test_images, run.mean, run.std, device, **kw)
+        ctx.train_x = features_of(run.encoder, run.spec, ctx.setup.train_images, device, run.precision)
+        ctx.test_x = features_of(run.encoder, run.spec, ctx.setup.test_images, device, run.precision)
         if run.spec.rebuildable:  # a module given in Python cannot be rebuilt untrained by name
             untrained = untrained_encoder(run.spec, run.config.train.seed, device)
-            ctx.untrained_train_x = extract_features(untrained, ctx.setup.train_images, run.mean, run.std, device, **kw)
-            ctx.untrained_test_x = extract_features(untrained, ctx.setup.test_images, run.mean, run.std, device, **kw)
+            ctx.untrained_train_x = features_of(untrained, run.spec, ctx.setup.train_images, device, run.precision)
+            ctx.untrained_test_x = features_of(untrained, run.spec, ctx.setup.test_images, device, run.precision)
         timings["features"] = time.perf_counter() - t0
         log(f"features h ({ctx.train_x.shape[1]}-d) of {len(ctx.train_x)} train and {len(ctx.test_x)} test images "
             f"in {timings['features']:.1f} s")

@@ -30,7 +30,7 @@ from fastclr.ingest.builtin import block_rows, builtin_blocks
 from fastclr.ingest.decode import DecodeOptions
 from fastclr.ingest.prepare import prepare_store
 from fastclr.pretrained import LoadedRun
-from fastclr.evaluation.features import extract_features
+from fastclr.evaluation.features import features_of
 
 INDEX_COLUMNS = ("row", "path", "split", "label", "class")
 _LUMA = np.array(LUMA, np.float32)
@@ -99,12 +99,11 @@ def open_source(data: str, split: str, size: int, channels: int, workers: int = 
 def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
     """float32 (N, D) features h of uint8 (N, S, S, C) images (read `_CHUNK` rows at a time, so a
     memory-mapped store never has to fit in memory), resized to the run's image size."""
-    c, size = run.spec.in_channels, run.spec.image_size
+    c = run.spec.in_channels
     out = [np.zeros((0, run.spec.feature_dim), np.float32)]
     for start in range(0, len(images), _CHUNK):
         x = match_channels(np.array(images[start : start + _CHUNK]), c)  # one read of the chunk, writable
-        h = extract_features(run.encoder, x, run.mean, run.std, device, batch_size, run.precision, size,
-                             run.config.train.channels_last)
+        h = features_of(run.encoder, run.spec, x, device, run.precision, batch_size, run.config.train.channels_last)
         out.append(h.numpy())
     return np.concatenate(out)
 

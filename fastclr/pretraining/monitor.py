@@ -14,7 +14,7 @@ from torch import nn
 
 from fastclr.config import Config
 from fastclr.data import Dataset
-from fastclr.evaluation.features import extract_features
+from fastclr.evaluation.features import features_of
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.evaluation.probe import ProbeResult, linear_probe
 from fastclr.evaluation.reference import SMALL_LIFT, untrained_encoder
@@ -38,9 +38,9 @@ def monitor_knn(encoder: nn.Module, dataset: Dataset, spec: EncoderSpec, device:
     assert dataset.test.labels is not None
     tr = np.linspace(0, len(dataset.train) - 1, min(MONITOR_BANK, len(dataset.train))).astype(np.int64)
     te = np.linspace(0, len(dataset.test) - 1, min(MONITOR_QUERIES, len(dataset.test))).astype(np.int64)
-    kw: dict[str, Any] = dict(precision=precision, size=spec.image_size, channels_last=cfg.train.channels_last)
-    ftr = extract_features(encoder, dataset.train.images[tr], spec.mean_tensor(), spec.std_tensor(), device, **kw)
-    fte = extract_features(encoder, dataset.test.images[te], spec.mean_tensor(), spec.std_tensor(), device, **kw)
+    kw: dict[str, Any] = dict(channels_last=cfg.train.channels_last)
+    ftr = features_of(encoder, spec, dataset.train.images[tr], device, precision, **kw)
+    fte = features_of(encoder, spec, dataset.test.images[te], device, precision, **kw)
     return knn_accuracy(ftr, torch.from_numpy(dataset.train.labels[tr]), fte, torch.from_numpy(dataset.test.labels[te]),
                         k=cfg.eval.knn_k, precision=precision)
 
@@ -77,9 +77,9 @@ def probe_encoder(encoder: nn.Module, dataset: Dataset, spec: EncoderSpec, devic
     """Linear probe on frozen h: all labelled training images, accuracy on the test split."""
     assert dataset.train is not None and dataset.test is not None
     assert dataset.train.labels is not None and dataset.test.labels is not None
-    kw: dict[str, Any] = dict(precision=precision, size=spec.image_size, channels_last=cfg.train.channels_last)
-    ftr = extract_features(encoder, dataset.train.images, spec.mean_tensor(), spec.std_tensor(), device, **kw)
-    fte = extract_features(encoder, dataset.test.images, spec.mean_tensor(), spec.std_tensor(), device, **kw)
+    kw: dict[str, Any] = dict(channels_last=cfg.train.channels_last)
+    ftr = features_of(encoder, spec, dataset.train.images, device, precision, **kw)
+    fte = features_of(encoder, spec, dataset.test.images, device, precision, **kw)
     return linear_probe(ftr, torch.from_numpy(dataset.train.labels), fte, torch.from_numpy(dataset.test.labels),
                         feature_dtype=precision.feature_dtype)
 

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from fastclr.data import Dataset, ImageSet, load_data
-from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
+from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.run import read_eval, require_encoder
 from fastclr.evaluation.table import format_table
 from fastclr.pretrained import LoadedRun, load_run
-from fastclr.evaluation.features import extract_features, state_checksum
 from fastclr.report import figures
 from fastclr.report.embedding_map import pca, tsne
 from fastclr.report.html import note, page, section
@@ -42,8 +41,7 @@ QUERIES, NEIGHBOURS = 8, 8
 
 
 def _features(run: LoadedRun, images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return extract_features(run.encoder, images, run.mean, run.std, device, precision=run.precision,
-                            size=run.spec.image_size)
+    return features_of(run.encoder, run.spec, images, device, run.precision)
 
 
 def pick_queries(split: ImageSet, count: int) -> np.ndarray:
