@@ -12,6 +12,7 @@ The pieces, in the order data flows through them:
     pretrain                      the whole loop, with runs, checkpoints and the probe
     extract_features, linear_probe, knn_accuracy   evaluation on frozen h
     evaluate / build_report       `fastclr evaluate` (every protocol) and `fastclr report` (report.html)
+    export_encoder                h in torchvision's names or as a torch.export program
 """
 
 from fastclr.augment import two_views
@@ -19,7 +20,7 @@ from fastclr.config import AugmentConfig, Config, DataConfig, EvalConfig, ModelC
 from fastclr.presets import config_for
 from fastclr.data import Dataset, ImageSet, load_builtin, load_data, open_store
 from fastclr.errors import FastclrError
-from fastclr.export import load_encoder, save_encoder
+from fastclr.export import export_encoder, load_encoder, save_encoder
 from fastclr.ingest import DecodeOptions, prepare_store
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretraining.losses import contrastive_metrics, nt_xent
@@ -40,4 +41,4 @@ __all__ = [
     "load_builtin", "load_data", "load_encoder", "lr_at", "nt_xent", "open_store", "prepare_store", "pretrain",
     "save_encoder", "scaled_lr", "two_views",
 ]
-__all__ += ["EvaluateOptions", "build_report", "evaluate"]
+__all__ += ["EvaluateOptions", "build_report", "evaluate", "export_encoder"]

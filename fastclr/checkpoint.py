@@ -13,30 +13,21 @@ the one stored at write time, and the format version is checked.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastclr.errors import FastclrError
+from fastclr.files import WriteFailed, atomic_write
 from fastclr.version import __version__
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()
-"""Mode of every file fastclr writes: what open() would give under the user's umask."""
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
@@ -75,34 +66,8 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:09d}.pt"
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temporary sibling of `path`, fsync, then rename it onto `path`.
-
-    On any failure the temporary file is removed and `path` is left as it was.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the file is the user's, readable as their umask says
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` (which must hold an int "step") as the newest checkpoint of `run_dir`.
+    """Write `state` (which must hold an int "step") as the newest checkpoint of `run_dir` (`atomic_write`).
 
     Adds format, library version and checksum. Keeps the `keep` newest checkpoints. A failed
     write (disk full, permissions) raises a one-line error and leaves existing checkpoints intact.
@@ -114,16 +79,19 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path
     path = folder / checkpoint_name(int(state["step"]))
     try:
         atomic_write(path, lambda f: torch.save(payload, f))
-    except OSError as e:
-        kept = list_checkpoints(run_dir)
-        keep_msg = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
-        raise FastclrError(
-            f"cannot write checkpoint {path} ({e.strerror or e}); {keep_msg}; free disk space or fix permissions, "
-            f"then resume with `fastclr pretrain --resume {run_dir}`"
-        ) from None
+    except WriteFailed as e:
+        raise FastclrError(f"cannot write checkpoint {path} ({e.reason}); {what_is_kept(run_dir)}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def what_is_kept(run_dir: Path) -> str:
+    """After a failed write during a run: which checkpoint survives and how to go on."""
+    kept = list_checkpoints(run_dir)
+    keep_msg = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
+    return (f"{keep_msg}; free disk space or fix permissions, then resume with "
+            f"`fastclr pretrain --resume {run_dir}`")
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from fastclr.config import Config, DataConfig, apply_overrides, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
+from fastclr.files import is_write_error, write_failure_reason
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.presets import config_for, preset_name
@@ -114,6 +115,18 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's encoder in another format."""
+    from fastclr.export import export_encoder
+    from fastclr.pretrained import load_run
+
+    run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None)
+    config_text = (Path(args.run_dir) / "config.toml").read_text()
+    for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print this machine's versions, CPU/GPU, precision choice and matmul rates."""
     from fastclr.info import main as info_main
@@ -146,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_commands(sub)
     add_eval_commands(sub)
 
+    ex = sub.add_parser("export", help="write a run's encoder in another format (torchvision names, torch.export)")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--format", default="torchvision", choices=["fastclr", "torchvision", "torch-export"],
+                    help="torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
+                    "torch.export program (.pt2) with a dynamic batch; fastclr: safetensors")
+    ex.add_argument("--out", required=True, help="torchvision: FILE.pth (metadata in FILE.pth.json) or "
+                    "FILE.safetensors; torch-export: FILE.pt2")
+    ex.set_defaults(func=cmd_export)
     inf = sub.add_parser("info", help="versions, CPU and GPU, the precision fastclr would choose and why, matmul rates")
     inf.add_argument("--json", action="store_true", help="one JSON object instead of text")
     inf.add_argument("--no-measure", action="store_true", help="skip the two-second matmul measurement")
@@ -166,6 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _exit_now(EXIT_USAGE)
     except FastclrError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        # A write outside the atomic writers (a log line, a cache): still one line, never a traceback.
+        where = Path(e.filename) if e.filename else Path.cwd()
+        print(f"error: cannot write {e.filename or 'a file'} ({write_failure_reason(e, where)}); files already "
+              "complete were kept; free space and run the command again", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -132,6 +132,12 @@ class ModelConfig:
     head_bn: bool = True
     """BatchNorm after the hidden linear layers of g (the official SimCLR code does this)."""
     proj_dim: int = field(default=128, metadata=at_least(1))
+    init: str = ""
+    """Weights to start the encoder from instead of random ones: a fastclr export
+    (encoder.safetensors) or a torchvision/timm ResNet state dict (.pth, .pt, .safetensors), names
+    mapped (fastclr.models.foreign). Read before anything is written; used by a new run only."""
+    init_sha256: str = ""
+    """The SHA-256 of `init`'s file: recorded by a run that used it; when given, the file must match."""
 
 
 @dataclass

@@ -6,16 +6,17 @@ width, stem, feature dimension, the input standardisation and the library versio
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fastclr.checkpoint import atomic_write
+from fastclr.files import atomic_write
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
 from fastclr.version import __version__
@@ -27,10 +28,8 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec) -> Path:
     """Write the encoder's state and its spec (as JSON metadata) to `path`."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     meta = {"fastclr": json.dumps(dict(spec.to_dict(), fastclr_version=__version__))}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=meta)
-    atomic_write(path, lambda f: f.write(tmp.read_bytes()))
-    tmp.unlink()
+    data = safetensors_bytes(state, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 
@@ -57,3 +56,72 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
             f"(exported by {info.get('fastclr_version', '?')}); re-export it with that version"
         ) from None
     return encoder.to(device), spec
+
+
+FORMATS = ("fastclr", "torchvision", "torch-export")
+"""What `fastclr export` writes: fastclr's own safetensors (what `load_encoder` reads), a ResNet
+in torchvision's (and timm's) parameter names, or a `torch.export` program (.pt2) that
+`torch.export.load` runs without fastclr installed."""
+
+
+def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out: Path) -> Path:
+    """The encoder in eval mode as a torch.export program with a dynamic batch dimension; the
+    metadata travels inside the archive as `extra/fastclr.json`. Input: float32 (B, C, S, S)
+    standardised with the metadata's mean and std; output: h (B, D)."""
+    import io
+
+    from fastclr.files import atomic_write
+
+    was_training = encoder.training
+    encoder = encoder.eval().float()
+    example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+    try:
+        program = torch.export.export(encoder, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    finally:
+        encoder.train(was_training)
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={"fastclr.json": json.dumps(dict(meta, naming="fastclr"))})
+    data = buf.getvalue()
+    atomic_write(out, lambda f: f.write(data))
+    return out
+
+
+def export_metadata(spec: EncoderSpec, config_text: str) -> dict[str, str]:
+    """What every export says about itself: the architecture, input, standardisation, version
+    and the SHA-256 of the run's config."""
+    return {"architecture": spec.encoder, "image_size": str(spec.image_size), "in_channels": str(spec.in_channels),
+            "mean": json.dumps(list(spec.mean)), "std": json.dumps(list(spec.std)), "width": str(spec.width),
+            "cifar_stem": spec.cifar_stem, "fastclr_version": __version__,
+            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+
+
+def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path) -> list[Path]:
+    """Write `encoder` as `fmt` to `out`; returns the files written.
+
+    torchvision: the state dict in torchvision's names without `fc`, so
+    `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only `fc.*`;
+    `.safetensors` carries the metadata inside, any other suffix is a `torch.save` of the plain
+    dict (what torchvision's own weights are) with the metadata in OUT.json beside it. A CIFAR
+    stem is said in the metadata (`cifar_stem: on`): torchvision's own stem is 7x7, stride 2."""
+    from fastclr.files import atomic_write, write_text
+    from fastclr.models.foreign import torchvision_state
+
+    if fmt not in FORMATS:
+        raise FastclrError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    meta = export_metadata(spec, config_text)
+    if fmt == "fastclr":
+        return [save_encoder(out, encoder, spec)]
+    if fmt == "torch-export":
+        return [_save_program(encoder, spec, meta, out)]
+    if not spec.encoder.startswith("resnet"):
+        raise FastclrError(f"--format torchvision exports ResNets; this run's encoder is {spec.encoder}: "
+                           "use --format fastclr")
+    state = torchvision_state(encoder)
+    if out.suffix == ".safetensors":
+        data = safetensors_bytes(state, metadata=dict(meta, naming="torchvision"))
+        atomic_write(out, lambda f: f.write(data))
+        return [out]
+    atomic_write(out, lambda f: torch.save(state, f))
+    side = out.with_name(out.name + ".json")
+    write_text(side, json.dumps(dict(meta, naming="torchvision"), indent=2) + "\n")
+    return [out, side]

@@ -22,6 +22,7 @@ except ImportError:  # Windows: no advisory locks; a run directory is then not g
 
 from fastclr.config import Config, to_toml
 from fastclr.errors import FastclrError
+from fastclr.files import WriteFailed, write_failure_reason, write_text
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -112,23 +113,32 @@ def locked_by_another(run_dir: Path) -> str:
 def write_config(run_dir: Path, cfg: Config) -> Path:
     """Save the resolved config as run_dir/config.toml."""
     out = run_dir / "config.toml"
-    out.write_text(to_toml(cfg))
+    write_text(out, to_toml(cfg))
     return out
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically enough for results files (temporary file, then rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON whole or not at all (`atomic_write`)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of run_dir/metrics.jsonl."""
+    """All records of run_dir/metrics.jsonl. A last line cut short (the disk filled while it was
+    appended) is not a record and is left out; a damaged line before it is an error."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise FastclrError(f"{path} record {n} is not JSON ({e.msg}); the file was edited or damaged") from None
+    return records
 
 
 class MetricsLog:
@@ -150,8 +160,11 @@ class MetricsLog:
         """Append one record (must hold "step")."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as e:
+            raise WriteFailed(self.path, write_failure_reason(e, self.path)) from None
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -112,6 +112,22 @@ def test_lookup_order_root_env_cache_system(tmp_path: Path, monkeypatch: pytest.
     assert locate("fashion-mnist") == env / "fashion-mnist"
 
 
+def test_an_explicit_root_missing_a_file_is_refused_not_passed_over(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    explicit, system = tmp_path / "explicit", tmp_path / "system"
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", system)
+    write_idx_dataset(system / "fashion-mnist")
+    write_idx_dataset(explicit / "fashion-mnist")
+    (explicit / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert locate("fashion-mnist") == system / "fashion-mnist"  # not asked for: the first complete copy
+    with pytest.raises(FastclrError) as e:
+        locate("fashion-mnist", explicit)
+    assert "holds 3 of the 4 files" in str(e.value) and "t10k-labels-idx1-ubyte.gz" in str(e.value)
+    assert load_builtin("fashion-mnist").origin == str(system / "fashion-mnist")
+
+
 def test_missing_files_without_download_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTCLR_DATA", str(tmp_path))
     monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")

@@ -166,6 +166,19 @@ def test_a_file_name_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
     assert read_csv(tmp_path / "s" / "skipped.csv")[0]["path"] == "caf\\xe9.png"
 
 
+def test_symbolic_links_out_of_the_folder_are_named_never_read(tmp_path: Path) -> None:
+    bar_images(tmp_path / "bars", n_per_class=1)
+    bar_images(tmp_path / "elsewhere", n_per_class=2)
+    (tmp_path / "bars" / "class0" / "secret.png").symlink_to(tmp_path / "elsewhere" / "class1" / "img000.png")
+    (tmp_path / "bars" / "class1" / "more").symlink_to(tmp_path / "elsewhere" / "class0")
+    (tmp_path / "bars" / "class1" / "twin.png").symlink_to(tmp_path / "bars" / "class1" / "img000.png")  # inside: used
+    res = prepare_store(tmp_path / "bars", tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)
+    assert sorted(r["path"] for r in read_csv(tmp_path / "s" / "manifest.csv")) == [
+        "class0/img000.png", "class1/img000.png", "class1/twin.png"]
+    assert sorted((s.rel, s.reason) for s in res.skipped) == [
+        ("class0/secret.png", "outside-folder"), ("class1/more/", "outside-folder")]
+
+
 def test_pad_keeps_the_whole_image_with_black_borders() -> None:
     buf = __import__("io").BytesIO()
     halves(64, 32, RED, (0, 0, 255)).save(buf, "PNG")

@@ -80,7 +80,8 @@ def test_a_bad_setting_is_one_line_exit_2_and_writes_nothing(key: str, value: An
 
 
 def test_every_numeric_and_choice_setting_declares_what_it_accepts() -> None:
-    free = {"data.name", "data.root", "data.preset", "model.cnn_stages", "train.device", "train.run_dir"}
+    free = {"data.name", "data.root", "data.preset", "model.cnn_stages", "model.init", "model.init_sha256",
+            "train.device", "train.run_dir"}
     for key, kind, allowed in declared():
         if kind is not bool and key not in free:
             assert allowed is not None, f"{key} declares no range or choices"

@@ -42,6 +42,8 @@ class Dataset:
     train: ImageSet | None
     test: ImageSet | None
     classes: list[str]
+    origin: str = ""
+    """The folder (or store) every file was read from, for the run's first lines."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -213,6 +215,14 @@ def spec(name: str) -> DatasetSpec:
 def locate(name: str, root: str | Path | None = None) -> Path | None:
     """The first folder in the search order that holds all files of `name`, or None."""
     s = spec(name)
+    if root:  # asked for by name: used whole or refused, never quietly passed over for another folder
+        folder = Path(root) / s.folder
+        present = [f for f in s.files if _idx_file(folder, f).exists()]
+        if present and len(present) < len(s.files):
+            missing = [f for f in s.files if f not in present]
+            raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
+                               f"{', '.join(missing)}; add them there, or drop --data-root to use another copy "
+                               "(files are never mixed from two folders)")
     for r in search_roots(root):
         folder = r / s.folder
         if _has_files(folder, s.files):
@@ -257,6 +267,7 @@ def load_builtin(name: str, root: str | Path | None = None, download: bool = Tru
     folder = ensure(name, root, download)
     ds = spec(name).read(folder)
     check_consistent(ds, folder)
+    ds.origin = str(folder)
     return ds
 
 

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastclr.checkpoint import FILE_MODE
+from fastclr.files import FILE_MODE
 from fastclr.errors import FastclrError
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fastclr.checkpoint import atomic_write
+from fastclr.files import atomic_write
 from fastclr.data.datasets import Dataset, ImageSet
 from fastclr.errors import FastclrError
 from fastclr.version import __version__
@@ -130,7 +130,7 @@ def store_dataset(store: Store) -> Dataset:
     if t1 > t0 and v1 > v0:
         train = ImageSet(x[t0:t1], store.labels[t0:t1])
         test = ImageSet(x[v0:v1], store.labels[v0:v1])
-    return Dataset(str(store.path), pretrain, train, test, store.classes)
+    return Dataset(str(store.path), pretrain, train, test, store.classes, origin=str(store.path))
 
 
 def open_store(path: str | Path) -> Dataset:
@@ -244,7 +244,10 @@ class StoreWriter:
     def abort(self) -> None:
         """Remove the partial files (and the store directory if this writer created it)."""
         for f in (self._images, self._manifest_file):
-            f.close()
+            try:
+                f.close()
+            except OSError:  # the buffered tail could not be written either (a full disk): it is deleted next
+                pass
         for name in _OWN_NAMES - {IMAGES, MANIFEST, SKIPPED, META}:
             (self.out / name).unlink(missing_ok=True)
         if self.created:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastclr.checkpoint import atomic_write
+from fastclr.files import atomic_write
 from fastclr.data.datasets import REGISTRY, load_builtin
 from fastclr.data.store import SPLITS, is_store, read_store
 from fastclr.augment import LUMA

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastclr.checkpoint import atomic_write
+from fastclr.files import atomic_write
 from fastclr.data.store import META, Store, read_store
 from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk

@@ -35,6 +35,7 @@ import numpy as np
 from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, check_output_dir, is_store, read_csv,
                                 read_store)
 from fastclr.errors import FastclrError
+from fastclr.files import is_write_error, write_failure_reason
 from fastclr.ingest.decode import PIPELINE_VERSION, DecodeOptions, Outcome, is_gray, process_file
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
 from fastclr.progress import Progress
@@ -280,6 +281,12 @@ def prepare_store(
             raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
         skipped.sort(key=lambda s: s.rel)
         writer.commit(lay.classes, options, skipped, str(root.resolve()))
+    except OSError as e:
+        writer.abort()
+        if not is_write_error(e):
+            raise
+        raise FastclrError(f"cannot write the store {out} ({write_failure_reason(e, out)}); its partial files were "
+                           "removed; free space and run the same command again") from None
     except BaseException:
         writer.abort()
         raise

@@ -24,8 +24,8 @@ IMAGE_EXTENSIONS = frozenset({
 })
 
 # Every reason a file or directory is not in a store; skipped.csv uses exactly these words.
-REASONS = ("appledouble", "corrupt", "duplicate-directory", "hidden-directory", "not-an-image", "over-pixel-limit",
-           "symlink-loop", "truncated", "unreadable", "unsupported-mode", "zero-bytes")
+REASONS = ("appledouble", "corrupt", "duplicate-directory", "hidden-directory", "not-an-image", "outside-folder",
+           "over-pixel-limit", "symlink-loop", "truncated", "unreadable", "unsupported-mode", "zero-bytes")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
     """
     out = Walk()
     root_st = os.stat(root)
+    real_root = os.path.realpath(root)
     excluded = _identity(exclude) if exclude is not None else None
     # Depth-first; each entry carries the identities of its ancestor directories for loop detection.
     stack: list[tuple[str, Path, frozenset[tuple[int, int]]]] = [("", root, frozenset({(root_st.st_dev, root_st.st_ino)}))]
@@ -108,6 +109,11 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
                 st = entry.stat(follow_symlinks=True)
             except OSError as e:
                 out.skipped.append(Skip(rel, *_stat_error(e, is_link)))
+                continue
+            if is_link and not _inside(entry.path, real_root):
+                # The folder given is what is read: a link must not pull in files from elsewhere.
+                out.skipped.append(Skip(rel + ("/" if stat.S_ISDIR(st.st_mode) else ""), "outside-folder",
+                                        "symbolic link to a path outside the folder; copy the file in instead"))
                 continue
             key = (st.st_dev, st.st_ino)
             if stat.S_ISDIR(st.st_mode):
@@ -135,6 +141,11 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
     out.files.sort(key=lambda f: f.rel)
     out.skipped.sort(key=lambda s: s.rel)
     return out
+
+
+def _inside(path: str, real_root: str) -> bool:
+    target = os.path.realpath(path)
+    return target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 def _utf8(name: str) -> bool:

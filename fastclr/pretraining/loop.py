@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastclr import config as config_mod
-from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries
+from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries, what_is_kept
 from fastclr.config import Config
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
@@ -28,7 +28,8 @@ from fastclr.data import Dataset, load_data
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
-from fastclr.pretraining.model import Model
+from fastclr.models.foreign import InitWeights, apply_init, read_init
+from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.setup import Run, build_run, validate
 from fastclr.pretraining.state import check_resume_config
@@ -39,6 +40,7 @@ from fastclr.signals import StopRequested
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
                                           peer_failure, process_device, setup, teardown)
 from fastclr.errors import FastclrError
+from fastclr.files import WriteFailed
 
 __all__ = ["NonFiniteLoss", "PretrainResult", "pretrain"]
 
@@ -111,6 +113,8 @@ def pretrain(
             try:
                 stopped = _train(run, stop)
                 return _finish(run, stopped, stop)
+            except WriteFailed as e:  # metrics, export or results: say what survives, as a checkpoint does
+                raise FastclrError(f"{e}; {what_is_kept(run.run_dir)}") from None
             finally:
                 run.release()
     except Exception as e:
@@ -119,6 +123,20 @@ def pretrain(
         raise
     finally:
         teardown(ctx)
+
+
+def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None) -> InitWeights:
+    if encoder is not None:
+        raise FastclrError("model.init starts a named encoder from a file; load weights into your own module "
+                           "before passing it, and leave init empty")
+    with torch.device("meta"):  # names and shapes only
+        target, _, _ = named_encoder(cfg, dataset.image_shape)
+    return read_init(Path(cfg.model.init), target, cfg.model.init_sha256)
+
+
+def _origin_text(dataset: Dataset) -> str:
+    """Where the files were read from, when the name does not say it already."""
+    return f" from {dataset.origin}" if dataset.origin and dataset.origin != dataset.name else ""
 
 
 def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
@@ -193,6 +211,10 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if dataset is None:
         dataset = load_data(cfg.data)
     validate(cfg, len(dataset.pretrain), ctx.world_size)
+    init = None
+    if state is None and cfg.model.init:  # read and matched now, before anything is written
+        init = _read_init(cfg, dataset, encoder)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
     lock = None
     if ctx.is_main:
         # Only now, with the data and settings known good, does the run directory come into being,
@@ -209,6 +231,9 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             lock.release()
         raise
     run.lock, run.started = lock, started
+    if init is not None:
+        apply_init(run.model.encoder, init)
+        log(init.summary())
     if state is not None:
         run.state.restore(state)
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
@@ -218,7 +243,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
     t, spec = cfg.train, run.model.spec
     log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
-        f"{dataset.image_shape}), {_batch_text(cfg, ctx)}, {run.steps_per_epoch} steps/epoch, peak lr {run.peak_lr:g} "
+        f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {run.steps_per_epoch} steps/epoch, peak lr {run.peak_lr:g} "
         f"({_lr_text(cfg, ctx)}), {precision.name} on {device}"
         + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
                   + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))

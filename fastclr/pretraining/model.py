@@ -42,6 +42,16 @@ def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> t
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
+def named_encoder(cfg: Config, image_shape: tuple[int, int, int]) -> tuple[nn.Module, str, str]:
+    """The encoder `cfg` names for images of (H, W, C), with its resolved name and stem setting;
+    built on the current default device (the meta device gives names and shapes for nothing)."""
+    h, _, c = image_shape
+    size = cfg.augment.crop_size or h
+    name = resolve_encoder(cfg.model.encoder, size)
+    encoder = build_encoder(name, c, size, cfg.model.width, cfg.model.cifar_stem, cfg.model.cnn_stages)
+    return encoder, name, "on" if use_cifar_stem(cfg.model.cifar_stem, size) else "off"
+
+
 def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn.Module | None = None) -> Model:
     """Build (or adopt a user's) encoder and the projection head for `dataset`. The encoder is the
     first module drawn from torch's generator, so `torch.manual_seed(s)` before this call fixes
@@ -50,9 +60,7 @@ def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     size = cfg.augment.crop_size or h
     mean, std = channel_stats(dataset.pretrain.images)
     if encoder is None:
-        name = resolve_encoder(cfg.model.encoder, size)
-        encoder = build_encoder(name, c, size, cfg.model.width, cfg.model.cifar_stem, cfg.model.cnn_stages)
-        stem = "on" if use_cifar_stem(cfg.model.cifar_stem, size) else "off"
+        encoder, name, stem = named_encoder(cfg, dataset.image_shape)
     else:
         name, stem = "custom", "n/a"
     encoder = encoder.to(device)

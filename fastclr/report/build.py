@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclr.data import Dataset, ImageSet, load_data
+from fastclr.files import write_text
 from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.run import read_eval, require_encoder
@@ -172,5 +173,5 @@ def build_report(
     subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
-    path.write_text(page(f"fastclr report: {run_dir.name}", subtitle, sections))
+    write_text(path, page(f"fastclr report: {run_dir.name}", subtitle, sections))
     return path

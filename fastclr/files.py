@@ -1,0 +1,117 @@
+"""Writing the files a user keeps: whole or not at all, with the user's umask, and a failed write
+(full disk, quota, file-size limit, permissions) told in one line, whatever the writer raised.
+
+Every file fastclr writes (checkpoints, the exported encoder, config, metrics, results, report,
+embeddings) goes through `atomic_write`: a temporary file in the same directory, flush, fsync,
+`os.replace` onto the final name, fsync of the directory. A crash or a failure at any moment
+leaves the old file (or none), never a half-written one under the final name.
+
+torch's writer does not raise OSError when the disk fills: it raises RuntimeError
+("[enforce fail at inline_container.cc:672] . unexpected pos ...", measured on a full tmpfs and
+under a file-size limit alike, torch 2.13), so the failure is recognised by where it happened,
+inside the write, not by its type.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Callable
+
+from fastclr.errors import FastclrError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""Mode of every file fastclr writes: what open() would give under the user's umask."""
+
+
+class WriteFailed(FastclrError):
+    """A file could not be written completely; the message names it, the cause and what is free."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write {path} ({reason})")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            return shutil.disk_usage(p).free
+        except OSError:
+            continue
+    return None
+
+
+def _size(n: int) -> str:
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)) if n >= s or s == 1)
+    return f"{n / scale:.1f} {unit}"
+
+
+def write_failure_reason(e: BaseException, path: Path) -> str:
+    """Why writing `path` failed, in a few words: the system's reason, the space left there and,
+    when one is set, the file-size limit (`ulimit -f`)."""
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e)
+    else:  # torch's writer: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = "the writer stopped: " + text.split("] . ")[-1]
+    free = _free_bytes(path.parent)
+    if free is not None:
+        reason += f"; {_size(free)} free there"
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        reason += f"; files are limited to {_size(soft)} (ulimit -f)"
+    return reason
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An OSError that means the file system refused to take more (not a missing input file)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then make it `path` in one rename.
+
+    On any failure the temporary file is removed and `path` is left as it was. A failure of the
+    file system (OSError) or of the writer while writing (torch's RuntimeError) raises
+    `WriteFailed`; an interrupt passes through unchanged.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise WriteFailed(path, write_failure_reason(e, path)) from None
+    try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the file is the user's, readable as their umask says
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)):
+            raise WriteFailed(path, write_failure_reason(e, path)) from None
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,0 +1,205 @@
+"""Weights in torchvision's and timm's names, both ways: `fastclr export --format torchvision` and
+`fastclr pretrain --init FILE`.
+
+torchvision cannot be installed beside this torch, so its ResNet state dicts are written out here
+as torchvision's model definition makes them (torchvision/models/resnet.py: `conv1`, `bn1`,
+`layer1..4` of BasicBlock or Bottleneck with `downsample` = 1x1 conv + BN in the first block of a
+stage that changes shape, `fc`; ResNet-50 v1.5 strides in the 3x3). Each line: a convolution's
+weight shape, or a BatchNorm's channels (its five entries are torch's BatchNorm2d state).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, run_cli
+from fastclr.errors import FastclrError
+from fastclr.export import export_encoder
+from fastclr.models import build_encoder
+from fastclr.models.foreign import apply_init, read_init, torchvision_state
+from fastclr.models.spec import EncoderSpec
+
+_R18 = """
+conv1 64 3 7 7 | bn1 64
+layer1.0.conv1 64 64 3 3 | layer1.0.bn1 64 | layer1.0.conv2 64 64 3 3 | layer1.0.bn2 64
+layer1.1.conv1 64 64 3 3 | layer1.1.bn1 64 | layer1.1.conv2 64 64 3 3 | layer1.1.bn2 64
+layer2.0.conv1 128 64 3 3 | layer2.0.bn1 128 | layer2.0.conv2 128 128 3 3 | layer2.0.bn2 128
+layer2.0.downsample.0 128 64 1 1 | layer2.0.downsample.1 128
+layer2.1.conv1 128 128 3 3 | layer2.1.bn1 128 | layer2.1.conv2 128 128 3 3 | layer2.1.bn2 128
+layer3.0.conv1 256 128 3 3 | layer3.0.bn1 256 | layer3.0.conv2 256 256 3 3 | layer3.0.bn2 256
+layer3.0.downsample.0 256 128 1 1 | layer3.0.downsample.1 256
+layer3.1.conv1 256 256 3 3 | layer3.1.bn1 256 | layer3.1.conv2 256 256 3 3 | layer3.1.bn2 256
+layer4.0.conv1 512 256 3 3 | layer4.0.bn1 512 | layer4.0.conv2 512 512 3 3 | layer4.0.bn2 512
+layer4.0.downsample.0 512 256 1 1 | layer4.0.downsample.1 512
+layer4.1.conv1 512 512 3 3 | layer4.1.bn1 512 | layer4.1.conv2 512 512 3 3 | layer4.1.bn2 512
+"""
+
+_R50_FIRST = """
+layer1.0.conv1 64 64 1 1 | layer1.0.bn1 64 | layer1.0.conv2 64 64 3 3 | layer1.0.bn2 64 | layer1.0.conv3 256 64 1 1
+layer1.0.bn3 256 | layer1.0.downsample.0 256 64 1 1 | layer1.0.downsample.1 256
+layer2.0.conv1 128 256 1 1 | layer2.0.bn1 128 | layer2.0.conv2 128 128 3 3 | layer2.0.bn2 128 | layer2.0.conv3 512 128 1 1
+layer2.0.bn3 512 | layer2.0.downsample.0 512 256 1 1 | layer2.0.downsample.1 512
+layer3.0.conv1 256 512 1 1 | layer3.0.bn1 256 | layer3.0.conv2 256 256 3 3 | layer3.0.bn2 256 | layer3.0.conv3 1024 256 1 1
+layer3.0.bn3 1024 | layer3.0.downsample.0 1024 512 1 1 | layer3.0.downsample.1 1024
+layer4.0.conv1 512 1024 1 1 | layer4.0.bn1 512 | layer4.0.conv2 512 512 3 3 | layer4.0.bn2 512 | layer4.0.conv3 2048 512 1 1
+layer4.0.bn3 2048 | layer4.0.downsample.0 2048 1024 1 1 | layer4.0.downsample.1 2048
+"""
+_R50_REST = """
+layer1.J.conv1 64 256 1 1 | layer1.J.bn1 64 | layer1.J.conv2 64 64 3 3 | layer1.J.bn2 64 | layer1.J.conv3 256 64 1 1 | layer1.J.bn3 256
+layer2.J.conv1 128 512 1 1 | layer2.J.bn1 128 | layer2.J.conv2 128 128 3 3 | layer2.J.bn2 128 | layer2.J.conv3 512 128 1 1 | layer2.J.bn3 512
+layer3.J.conv1 256 1024 1 1 | layer3.J.bn1 256 | layer3.J.conv2 256 256 3 3 | layer3.J.bn2 256 | layer3.J.conv3 1024 256 1 1 | layer3.J.bn3 1024
+layer4.J.conv1 512 2048 1 1 | layer4.J.bn1 512 | layer4.J.conv2 512 512 3 3 | layer4.J.bn2 512 | layer4.J.conv3 2048 512 1 1 | layer4.J.bn3 2048
+"""
+_R50_BLOCKS = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
+
+
+def _expand(text: str) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for item in (i.split() for line in text.strip().splitlines() for i in line.split("|")):
+        name, dims = item[0], tuple(int(d) for d in item[1:])
+        if len(dims) == 4:
+            out[f"{name}.weight"] = dims
+        else:
+            for k in ("weight", "bias", "running_mean", "running_var"):
+                out[f"{name}.{k}"] = dims
+            out[f"{name}.num_batches_tracked"] = ()
+    return out
+
+
+def torchvision_keys(arch: str) -> dict[str, tuple[int, ...]]:
+    """torchvision's resnet18 / resnet50 state dict without `fc`, as names and shapes."""
+    keys = _expand("conv1 64 3 7 7 | bn1 64")
+    if arch == "resnet18":
+        keys.update(_expand(_R18))
+        return keys
+    keys.update(_expand(_R50_FIRST))
+    for line in _R50_REST.strip().splitlines():
+        layer = line.split(".")[0]
+        for j in range(1, _R50_BLOCKS[layer]):
+            keys.update(_expand(line.replace(".J.", f".{j}.")))
+    return keys
+
+
+def test_the_literal_tables_have_torchvisions_counts() -> None:
+    # With fc.weight and fc.bias, torchvision's resnet18 state dict has 122 entries and resnet50's 320.
+    assert len(torchvision_keys("resnet18")) + 2 == 122
+    assert len(torchvision_keys("resnet50")) + 2 == 320
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_export_has_torchvisions_names_and_shapes(arch: str) -> None:
+    enc = build_encoder(arch, 3, 224, 1.0, "off")
+    state = torchvision_state(enc)
+    assert {k: tuple(v.shape) for k, v in state.items()} == torchvision_keys(arch)
+
+
+def _perturbed(arch: str, stem: str = "off") -> torch.nn.Module:
+    torch.manual_seed(3)
+    enc = build_encoder(arch, 3, 224 if stem == "off" else 32, 1.0, stem)
+    with torch.no_grad():
+        for t in enc.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t))
+    return enc
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "timm-ddp-wrapped", "fastclr-export"])
+def test_init_from_a_file_gives_bit_equal_weights(layout: str, tmp_path: Path) -> None:
+    src = _perturbed("resnet18")
+    tv = torchvision_state(src)
+    if layout == "torchvision":
+        path = tmp_path / "r18.pth"
+        torch.save({**tv, "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}, path)
+    elif layout == "timm-ddp-wrapped":  # timm's ResNet names are torchvision's; DDP adds module.
+        path = tmp_path / "r18.tar"
+        torch.save({"state_dict": {f"module.{k}": v for k, v in tv.items()}, "epoch": 90}, path)
+    else:
+        spec = EncoderSpec("resnet18", 3, 224, 1.0, "off", 512, (0.5,) * 3, (0.25,) * 3)
+        path = export_encoder(src, spec, "", "fastclr", tmp_path / "encoder.safetensors")[0]
+    fresh = build_encoder("resnet18", 3, 224, 1.0, "off")
+    init = read_init(path, fresh)
+    apply_init(fresh, init)
+    for (k, a), (k2, b) in zip(src.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    assert not init.missing and len(init.tensors) == 120
+    assert init.skipped == (["fc.weight", "fc.bias"] if layout == "torchvision" else [])
+    assert init.naming == ("fastclr" if layout == "fastclr-export" else "torchvision/timm")
+
+
+def test_bad_init_files_are_one_line_errors(tmp_path: Path) -> None:
+    target = build_encoder("resnet18", 3, 224, 1.0, "off")
+    r50 = tmp_path / "r50.pth"
+    torch.save(torchvision_state(_perturbed("resnet50")), r50)
+    with pytest.raises(FastclrError, match=r"tensor layer1.0.conv1.weight has shape \(64, 64, 1, 1\) but the encoder's"):
+        read_init(r50, target)
+    cifar = tmp_path / "cifar.pth"
+    torch.save(torchvision_state(_perturbed("resnet18", "on")), cifar)
+    with pytest.raises(FastclrError, match=r"conv1.weight has shape \(64, 3, 3, 3\).*CIFAR stem"):
+        read_init(cifar, target)
+    truncated = tmp_path / "cut.pth"
+    truncated.write_bytes(r50.read_bytes()[:5000])
+    with pytest.raises(FastclrError, match="cannot be read.*truncated"):
+        read_init(truncated, target)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"conv1.weight": Evil()}))
+    with pytest.raises(FastclrError, match="refused unread"):
+        read_init(evil, target)
+    assert not marker.exists()
+    other = tmp_path / "vit.pth"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(FastclrError, match="share no tensor name"):
+        read_init(other, target)
+    with pytest.raises(FastclrError, match="not the 00"):
+        read_init(r50, target, expect_sha256="00" * 32)
+
+
+def test_pretrain_init_records_the_file_and_starts_from_it(tmp_path: Path) -> None:
+    """The CLI end to end on a 28 px cnn: export of one run is the init of the next."""
+    env = cli_env(tmp_path)
+    flags = ["--data", "mnist", "--epochs", "1", "--width", "0.125", "--head-hidden", "32", "--proj-dim", "16",
+             "--batch-size", "32", "--monitor-every", "0", "--probe", "false", "--quiet"]
+    first = run_cli(["pretrain", *flags, "--run-dir", str(tmp_path / "a")], env, tmp_path)
+    assert first.returncode == 0, first.stderr
+    src = tmp_path / "a" / "encoder.safetensors"
+    second = run_cli(["pretrain", *flags, "--epochs", "0.01", "--run-dir", str(tmp_path / "b"), "--init", str(src)],
+                     env, tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "init from" in second.stdout and "fastclr names" in second.stdout and "missing none" in second.stdout
+    from fastclr.config import read_toml
+    from fastclr.models.foreign import file_sha256
+
+    saved = read_toml(tmp_path / "b" / "config.toml")
+    assert saved["model.init"] == str(src) and saved["model.init_sha256"] == file_sha256(src)
+    bad = run_cli(["pretrain", *flags, "--run-dir", str(tmp_path / "c"), "--init", str(tmp_path / "nope.pth")], env,
+                  tmp_path)
+    assert bad.returncode == 2 and "init weights" in bad.stderr and not (tmp_path / "c").exists()
+
+
+def test_export_command_writes_torchvision_names_with_metadata(tmp_path: Path) -> None:
+    spec = EncoderSpec("resnet18", 3, 32, 1.0, "on", 512, (0.5,) * 3, (0.25,) * 3)
+    enc = _perturbed("resnet18", "on")
+    pth, side = export_encoder(enc, spec, "[train]\n", "torchvision", tmp_path / "r18.pth")
+    state = torch.load(pth, weights_only=True)
+    assert list(state)[:2] == ["conv1.weight", "bn1.weight"] and tuple(state["conv1.weight"].shape) == (64, 3, 3, 3)
+    import json
+
+    meta = json.loads(side.read_text())
+    assert meta["cifar_stem"] == "on" and meta["naming"] == "torchvision" and meta["architecture"] == "resnet18"
+    with pytest.raises(FastclrError, match="exports ResNets"):
+        export_encoder(enc, dataclass_replace(spec, encoder="cnn"), "", "torchvision", tmp_path / "x.pth")
+
+
+def dataclass_replace(spec: EncoderSpec, **kw: str) -> EncoderSpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, **kw)

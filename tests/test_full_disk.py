@@ -1,0 +1,213 @@
+"""Writes that really fail: a full file system and a file-size limit, not an injected exception.
+
+Two real faults, both made by the kernel so that every writer (torch's, numpy's, safetensors',
+plain `open`) raises exactly what it raises for a user:
+- a file-size limit (RLIMIT_FSIZE, what `ulimit -f` sets; SIGXFSZ ignored, so write() returns
+  EFBIG): available to any process, so these tests always run;
+- a real full disk: a small tmpfs mounted in a private mount namespace (`unshare -m`), where
+  the machine allows it (root or user namespaces); skipped, and said, where it does not.
+torch's writer raises RuntimeError ("unexpected pos ...") on both, never OSError.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import cli_env, run_cli
+from ingest_fixtures import bar_images
+from tiny import TINY_FLAGS
+from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from fastclr.errors import FastclrError
+from fastclr.files import WriteFailed, atomic_write
+
+
+def _limit_files(limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """This process may not grow any file past `limit` bytes while inside."""
+    old_handler = signal.getsignal(signal.SIGXFSZ)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    _limit_files(limit)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def limited_cli(args: list[str], env: dict[str, str], cwd: Path, limit: int) -> subprocess.CompletedProcess[str]:
+    """`python -m fastclr ARGS` in a process whose files may not grow past `limit` bytes."""
+    return subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=240, preexec_fn=lambda: _limit_files(limit))
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.rglob(".*") if p.name.endswith(".tmp") or ".partial" in p.name]
+
+
+def test_the_real_torch_writer_failure_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    good = save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(8)})
+    with file_size_limit(64 * 1024), pytest.raises(FastclrError) as e:
+        save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(1 << 20)})  # 4 MiB of tensor: past the limit
+    msg = str(e.value)
+    assert "the writer stopped" in msg and "files are limited to 64.0 KiB (ulimit -f)" in msg
+    assert "step-000000001.pt is intact" in msg and f"--resume {tmp_path}" in msg
+    assert list_checkpoints(tmp_path) == [good] and torch.equal(load_checkpoint(good)["w"], torch.ones(8))
+    assert no_temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("writer", ["numpy", "bytes"])
+def test_atomic_write_leaves_the_old_file_whole_when_the_kernel_refuses(tmp_path: Path, writer: str) -> None:
+    import numpy as np
+
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old contents")
+    big = np.zeros(1 << 20, np.float32)
+    write = (lambda f: np.save(f, big)) if writer == "numpy" else (lambda f: f.write(big.tobytes()))
+    with file_size_limit(4096), pytest.raises(WriteFailed) as e:
+        atomic_write(path, write)
+    # numpy says "1048576 requested and 992 written", a plain write "File too large": either way
+    # the limit is named, and the old file is whole.
+    assert "files are limited to 4.0 KiB (ulimit -f)" in e.value.reason and path.read_bytes() == b"old contents"
+    assert no_temporaries(tmp_path)
+
+
+@pytest.fixture
+def finished_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    env = cli_env(tmp_path)
+    run = tmp_path / "run"
+    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    return run, env
+
+
+def test_pretrain_whose_first_checkpoint_cannot_be_written(tmp_path: Path) -> None:
+    env, run = cli_env(tmp_path), tmp_path / "run"
+    r = limited_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS], env,
+                    tmp_path, limit=16 * 1024)
+    line = one_line_error(r)
+    assert "cannot write checkpoint" in line and "no earlier checkpoint exists" in line and "--resume" in line
+    assert not list_checkpoints(run) and not (run / "encoder.safetensors").exists() and no_temporaries(run)
+
+
+def test_evaluate_report_and_embed_on_a_refusing_disk(finished_run: tuple[Path, dict[str, str]],
+                                                      tmp_path: Path) -> None:
+    run, env = finished_run
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    cases = {
+        "evaluate": (["evaluate", str(run), "--protocols", "linear,knn", "--device", "cpu"], 256, run / "eval.json"),
+        "report": (["report", str(run), "--device", "cpu", "--map", "pca"], 4096, run / "report.html"),
+        "embed": (["embed", str(run), "--data", "mnist", "--out", str(tmp_path / "emb"), "--device", "cpu"], 4096,
+                  tmp_path / "emb.npy"),
+    }
+    for name, (args, limit, product) in cases.items():
+        line = one_line_error(limited_cli(args, env, tmp_path, limit))
+        assert "cannot write" in line and str(product) in line and "ulimit -f" in line, (name, line)
+        assert not product.exists(), name
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before and no_temporaries(tmp_path)
+
+
+def test_prepare_on_a_refusing_disk_removes_its_partial_files(tmp_path: Path) -> None:
+    bar_images(tmp_path / "bars", n_per_class=40, size=32)
+    store = tmp_path / "store"
+    r = limited_cli(["prepare", str(tmp_path / "bars"), "--out", str(store), "--size", "32", "--workers", "1"],
+                    cli_env(tmp_path), tmp_path, limit=8192)
+    line = one_line_error(r)
+    assert f"cannot write the store {store}" in line and "File too large" in line and "same command again" in line
+    assert not store.exists()
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
+                       capture_output=True, timeout=30)
+    return r.returncode == 0
+
+
+_FULL_DISK_DRIVER = """
+import json, os, subprocess, sys
+from pathlib import Path
+from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
+disk, flags = Path(sys.argv[1]), json.loads(sys.argv[2])
+
+def cli(*args):
+    r = subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True)
+    return {"rc": r.returncode, "stderr": r.stderr}
+
+def state(run):
+    ckpts = list_checkpoints(run)
+    step = latest_valid_checkpoint(run)[1]["step"] if ckpts else None
+    temps = [p.name for p in run.rglob(".*") if p.name.endswith(".tmp")]
+    return {"checkpoints": [p.name for p in ckpts], "step": step, "temporaries": temps,
+            "encoder": (run / "encoder.safetensors").exists()}
+
+args = ["pretrain", "--data", "mnist", "--checkpoint-every", "4", *flags]
+probe = disk / "probe"
+out = {"probe": cli(*args, "--epochs", "1", "--run-dir", str(probe))}
+size = max(p.stat().st_size for p in list_checkpoints(probe))
+subprocess.run(["rm", "-rf", str(probe)], check=True)
+st = os.statvfs(disk)
+room = int(2.5 * size) + 128 * 1024  # two checkpoints, config and metrics fit; a third does not
+filler = disk / "users-other-files.bin"
+filler.write_bytes(b"x" * (st.f_bavail * st.f_frsize - room))
+run = disk / "run"
+out["first"] = cli(*args, "--epochs", "3", "--run-dir", str(run)); out["after_first"] = state(run)
+out["resume_full"] = cli("pretrain", "--resume", str(run)); out["after_resume_full"] = state(run)
+filler.unlink()
+out["resume_free"] = cli("pretrain", "--resume", str(run)); out["after_resume_free"] = state(run)
+print(json.dumps(out))
+"""
+
+
+def test_a_real_full_disk_during_pretrain_and_resume(tmp_path: Path) -> None:
+    """tmpfs of 64 MiB filled by another file until two checkpoints fit and a third does not."""
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("this machine cannot mount a tmpfs in a private mount namespace (unshare -m)")
+    env = cli_env(tmp_path)
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(_FULL_DISK_DRIVER))
+    flags = json.dumps([*TINY_FLAGS])
+    cmd = f"mount -t tmpfs -o size=64m tmpfs {disk} && exec {sys.executable} {driver} {disk} '{flags}'"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["probe"]["rc"] == 0, out["probe"]["stderr"][-2000:]
+    for phase in ("first", "resume_full"):
+        res = subprocess.CompletedProcess([], out[phase]["rc"], "", out[phase]["stderr"])
+        line = one_line_error(res)
+        assert "No space left on device" in line or "the writer stopped" in line, line
+        assert "is intact" in line and "--resume" in line, line
+        kept = out["after_" + phase]
+        assert kept["step"] is not None and kept["checkpoints"] and not kept["temporaries"] and not kept["encoder"]
+    assert out["after_first"]["step"] == 8  # steps 4 and 8 written, 12 did not fit
+    assert out["after_resume_full"]["step"] == 8  # resumed at 8, 12 did not fit again
+    assert out["resume_free"]["rc"] == 0, out["resume_free"]["stderr"][-2000:]
+    done = out["after_resume_free"]
+    assert done["step"] == 24 and done["encoder"] and not done["temporaries"]
