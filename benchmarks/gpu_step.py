@@ -1,6 +1,6 @@
 """The SimCLR training step on one GPU: ResNet-18 with the CIFAR stem at 32 px, batch 512 pairs.
 
-The step is train.py's: gather a batch of uint8 images resident on the GPU (indices drawn there),
+The step is `fastclr pretrain`'s: gather a batch of uint8 images resident on the GPU (indices drawn there),
 draw the augmentation parameters there, render both views, encoder + head on the 2B views,
 NT-Xent in fp32, backward, gradient norm, fused AdamW, contrastive metrics kept on the device.
 The timed steps run under torch's sync debug mode "error": a step that waited for the host would
@@ -20,8 +20,10 @@ state of one does not help the next), all in one run:
     autotune          compile-aug with mode="max-autotune-no-cudagraphs"
     compile-aug-b1024 compile-aug at batch 1024 pairs
     cudagraphs-b1024  cudagraphs at batch 1024 pairs
-    fastclr           what `fastclr pretrain` runs on CUDA (--compile auto): compile-aug with the
-                        loss and metrics left eager (see train.py)
+    fastclr           the package's own TrainStep and ViewMaker (benchmarks/harness.py real_step), as
+                        `fastclr pretrain --data cifar10` runs them on CUDA (--compile auto): model
+                        and the views' pixel work compiled, loss and metrics eager; the other
+                        variants are this step re-assembled with one lever changed
 
 Images/s counts augmented images through forward and backward (2 per pair). The data are random
 uint8 images of CIFAR's shape (50000 x 32 x 32 x 3): the step's cost does not depend on pixel values.
@@ -33,10 +35,8 @@ uint8 images of CIFAR's shape (50000 x 32 x 32 x 3): the step's cost does not de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,13 +51,13 @@ from fastclr.data import Dataset, ImageSet
 from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.pretraining.losses import contrastive_metrics, nt_xent_logits, pair_indices
 from fastclr.pretraining.optim import build_optimizer
-from fastclr.presets import apply_preset
+from fastclr.presets import apply_preset, config_for
 from fastclr.pretraining.step import SimCLRNet
 from fastclr.runtime import resolve_precision
 from fastclr.pretraining.model import build_model
 from fastclr.pretraining.views import augment_seed
 
-from harness import report
+from harness import RealStep, emit, real_step, report, run_child
 
 
 @dataclass(frozen=True)
@@ -240,14 +240,21 @@ def run_variant(name: str, a: argparse.Namespace) -> dict[str, object]:
     """Measure one variant in this process."""
     device = torch.device("cuda")
     v = VARIANTS[name]
-    step = Step(v, synthetic_cifar(), device)
-    flops = step.flops()
+    step: Step | RealStep
+    if name == "fastclr":  # the package's own step, built as `fastclr pretrain --data cifar10` builds it
+        cfg = config_for("cifar10", {"model.encoder": "resnet18", "train.batch_size": v.batch})
+        flops = real_step(cfg, synthetic_cifar(), device, "auto").flops()  # counted eager: the same FLOPs
+        step = real_step(cfg, synthetic_cifar(), device, "auto", compiled=True)
+    else:
+        step = Step(v, synthetic_cifar(), device)
+        flops = step.flops()
     warmup = a.warmup * (3 if v.compile_mode else 1)
     for i in range(warmup):
         step(i)
     times = time_steps(step, warmup, a.steps, a.repeats)
     sec = statistics.median(times)
-    finite = bool(torch.isfinite(step.metrics["loss"]))
+    loss = step.last.loss if isinstance(step, RealStep) and step.last is not None else step.metrics["loss"]
+    finite = bool(torch.isfinite(loss))
     return {"variant": name, **v.__dict__, "step_ms": sec * 1e3, "step_ms_repeats": [round(t * 1e3, 3) for t in times],
             "images_per_s": 2 * v.batch / sec, "pairs_per_s": v.batch / sec, "step_gflop": flops / 1e9,
             "achieved_tflops": flops / sec / 1e12, "loss_finite": finite,
@@ -332,10 +339,10 @@ def main() -> None:
     p.add_argument("--profile-one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print("RESULT " + json.dumps(run_variant(a.one, a)))
+        emit(run_variant(a.one, a))
         return
     if a.profile_one:
-        print("RESULT " + json.dumps(profile(a.profile_one, a)))
+        emit(profile(a.profile_one, a))
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_step.py needs a CUDA GPU")
@@ -344,18 +351,11 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     jobs = [("--one", n) for n in a.only] + ([] if a.no_profile else [("--profile-one", n) for n in a.profile])
     for flag, name in jobs:
-        cmd = [sys.executable, __file__, flag, name, "--steps", str(a.steps), "--repeats", str(a.repeats),
-               "--warmup", str(a.warmup)]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=os.environ)
-        except subprocess.TimeoutExpired:
-            report("gpu_step", {"variant": name, "error": f"timed out after {a.timeout} s"})
+        rec = run_child(__file__, [flag, name, "--steps", str(a.steps), "--repeats", str(a.repeats), "--warmup",
+                                   str(a.warmup)], a.timeout, env=dict(os.environ))
+        if "error" in rec:
+            report("gpu_step", {"variant": name, **rec})
             continue
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode or not lines:
-            report("gpu_step", {"variant": name, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]})
-            continue
-        rec = json.loads(lines[-1][len("RESULT "):])
         if flag == "--one":
             rec["share_of_bf16_peak"] = rec["achieved_tflops"] / peak
             results[name] = rec

@@ -33,7 +33,8 @@ from fastclr.data import Dataset
 from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.pretraining.model import build_model
 from fastclr.pretraining.optim import build_optimizer, param_groups
-from fastclr.pretraining.step import SimCLRNet, TrainStep
+from fastclr.augment import render_views
+from fastclr.pretraining.step import SimCLRNet, StepResult, TrainStep
 from fastclr.pretraining.views import ViewMaker
 from fastclr.runtime import cpu_features, resolve_precision, usable_cpus
 
@@ -63,10 +64,12 @@ class RealStep:
     train_step: TrainStep
     views: Callable[[int], torch.Tensor]
     """The standardised views (2B, C, S, S) of step i, drawn as `pretrain` draws them."""
+    last: StepResult | None = None
+    """What the latest step returned (loss and metrics, on the device)."""
 
     def __call__(self, i: int) -> None:
         """Step i: views, forward, loss, backward, update."""
-        self.train_step(self.views(i))
+        self.last = self.train_step(self.views(i))
 
     def flops(self) -> float:
         """FLOPs of one step (matmuls and convolutions, as torch's counter sees them)."""
@@ -80,7 +83,7 @@ def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: st
               encoder: torch.nn.Module | None = None, fused: bool = True, compiled: bool = False) -> RealStep:
     """`TrainStep` for `cfg` at `precision` (auto, bf16, fp16, fp32), built as `pretrain` builds it
     (seed 0). Variants: `encoder` (a module instead of the named one), `fused=False` (AdamW's
-    foreach kernels), `compiled` (torch.compile of encoder and head, as --compile on)."""
+    foreach kernels), `compiled` (torch.compile of encoder, head and the views' pixel work, as --compile on)."""
     torch.manual_seed(0)
     model = build_model(cfg, dataset, device, encoder=encoder)
     if fused:
@@ -96,7 +99,8 @@ def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: st
     source = ImageSource(dataset.pretrain.images, device)
     sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
     make = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=0,
-                     channels_last=cfg.train.channels_last, global_batch=cfg.train.batch_size)
+                     channels_last=cfg.train.channels_last, global_batch=cfg.train.batch_size,
+                     render=torch.compile(render_views) if compiled else render_views)
     return RealStep(step, lambda i: make(source.gather(sampler.indices(i)), i))
 
 
