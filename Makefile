@@ -29,6 +29,8 @@ demo: data
 	$(BIN)/fastclr pretrain
 
 test: $(STAMP)
+	$(BIN)/ruff check fastclr tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from fastclr.evaluation.knn import knn_predict
 

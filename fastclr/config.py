@@ -266,7 +266,7 @@ def flag_table() -> dict[str, tuple[str, str]]:
     """Map every CLI flag name (without `--`) to its (section, field)."""
     table: dict[str, tuple[str, str]] = {}
     for section in fields(Config):
-        for f in fields(section.default_factory()):  # type: ignore[misc]
+        for f in fields(section.default_factory()):  # type: ignore[misc,operator]
             flag = f.metadata.get("flag", f.name.replace("_", "-"))
             assert flag not in table, f"duplicate flag --{flag}"
             table[flag] = (section.name, f.name)

@@ -284,3 +284,9 @@ def require_memory(needed: int, what: str, fix: str) -> None:
     free = available_memory()
     if free is not None and needed > 0.9 * free:
         raise FastclrError(f"{what} needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are available; {fix}")
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with its 4-D parameters in channels_last memory format (in place, returned)."""
+    # Module.to takes memory_format at run time; torch's typed overloads leave it out.
+    return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload, no-any-return]

@@ -150,7 +150,7 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
 
     import fastclr.pretraining.state as state
 
-    setattr(state, "save_checkpoint", counting("save_checkpoint", state.save_checkpoint))
+    state.save_checkpoint = counting("save_checkpoint", state.save_checkpoint)
     for name in ("write_config", "save_encoder", "write_json", "prepare_run_dir"):
         setattr(train, name, counting(name, getattr(train, name)))
     real_log = fastclr.runs.MetricsLog.log

@@ -72,10 +72,10 @@ def test_sigkill_at_random_moments_during_checkpoint_writes_never_loses_the_run(
         before = {p.name for p in list_checkpoints(run)}
         try:
             if i % 2:
-                wait_for(lambda: {p.name for p in list_checkpoints(run)} - before or proc.poll() is not None)
+                wait_for(lambda b=before, q=proc: {p.name for p in list_checkpoints(run)} - b or q.poll() is not None)
                 time.sleep(rng.uniform(0.0, 0.3))
             else:
-                wait_for(lambda: temps() or proc.poll() is not None)
+                wait_for(lambda q=proc: temps() or q.poll() is not None)
         finally:
             proc.kill()
             proc.wait()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastclr.cli import main
-from fastclr.config import Config, DataConfig, apply_overrides
+from fastclr.config import Config, DataConfig
 from fastclr.data import load_builtin, load_data, open_store
 from fastclr.data.loader import ImageSource
 from fastclr.errors import FastclrError

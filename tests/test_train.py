@@ -14,8 +14,6 @@ from torch import nn
 
 from tiny import tiny_config, tiny_dataset
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
-from fastclr.config import Config, apply_overrides
-from fastclr.data import Dataset, ImageSet
 from fastclr.errors import FastclrError
 from fastclr.pretraining.loop import NonFiniteLoss, pretrain
 
@@ -63,7 +61,7 @@ def test_the_training_step_never_waits_for_the_device(tmp_path: Path, device: to
                       train__checkpoint_every=0, train__epochs=2.0)
     res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
     assert res.steps == 12 and not res.stopped
-    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
     assert len(losses) == 1 and math.isfinite(losses[0])  # the one record, at the last step (12)
 
@@ -74,7 +72,7 @@ def test_training_reduces_the_loss_and_learns_the_synthetic_classes(tmp_path: Pa
     res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
     import json
 
-    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     assert res.probe_accuracy is not None and res.probe_accuracy >= 0.9  # 4 bar positions are easy

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastclr.models import EncoderSpec, encoder_from_spec
+from fastclr.runtime import to_channels_last
 
 SMALL_LIFT = 0.05
 """A linear-probe lift below 5 points is flagged: most of the accuracy is the architecture's."""
@@ -25,7 +26,7 @@ def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device) -> nn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         enc = encoder_from_spec(spec)
-    enc = enc.to(device).to(memory_format=torch.channels_last)
+    enc = to_channels_last(enc.to(device))
     return enc.eval()
 
 

@@ -155,7 +155,7 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
     `opts.channels` is "1"), displayed width, displayed height, Pillow mode). Raises Unusable."""
     try:
         with _pixel_limit(opts.max_pixels):
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > opts.max_pixels:
                 raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels > {opts.max_pixels}")

@@ -113,7 +113,7 @@ class SmallCNN(nn.Module):
         self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if fc == -3 else []
         if fc <= -8:  # attention pooling to -fc dimensions
             dim = max(8, int(round(-fc * width / 8)) * 8)
-            self.pool = AttentionPool(c, side, dim)
+            self.pool: nn.Module = AttentionPool(c, side, dim)
             self.feature_dim = dim
         elif fc == -3:
             self.pool = FlattenHWC()
@@ -127,7 +127,7 @@ class SmallCNN(nn.Module):
             layers_out = max(8, int(round(fc * width)))
             shrink = side >= 2
             side = side // 2 if shrink else side
-            self.pool: nn.Module = nn.Sequential(
+            self.pool = nn.Sequential(
                 nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC(),
                 nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out), nn.ReLU(inplace=True))
             self.feature_dim = layers_out

@@ -12,6 +12,7 @@ from torch import nn
 from fastclr.config import Config
 from fastclr.data import Dataset
 from fastclr.models import EncoderSpec, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
+from fastclr.runtime import to_channels_last
 
 
 @dataclass
@@ -68,7 +69,7 @@ def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     head = ProjectionHead(dim, cfg.model.head_hidden or dim, cfg.model.proj_dim, cfg.model.head_layers, cfg.model.head_bn)
     head = head.to(device)
     if cfg.train.channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
+        encoder = to_channels_last(encoder)
     spec = EncoderSpec(encoder=name, in_channels=c, image_size=size, width=cfg.model.width, cifar_stem=stem,
                        feature_dim=dim, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
                        stages=cfg.model.cnn_stages if name == "cnn" else "")

@@ -47,7 +47,8 @@ class LARS(torch.optim.Optimizer):
 
 def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
     """Two groups: weights (decayed, LARS-adapted) and 1-D parameters (BN, biases: neither)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for m in modules:
         for p in m.parameters():
             if p.requires_grad:

@@ -170,7 +170,7 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     # compiled together with the model and the metrics, Triton 3.6 (torch 2.11) failed to build
     # its fused nll_loss kernel for a batch-512 Fashion-MNIST run.
     if compiled:
-        net = torch.compile(net)
+        net = torch.compile(net)  # type: ignore[assignment]  # an OptimizedModule, typed as a plain callable
     views = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=t.seed,
                       channels_last=t.channels_last, global_batch=t.batch_size, rank=ctx.rank,
                       world_size=ctx.world_size, render=torch.compile(render_views) if compiled else render_views)

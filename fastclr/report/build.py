@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fastclr.data import Dataset, ImageSet, load_data
 from fastclr.files import write_text
@@ -101,10 +100,10 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     exclude = np.searchsorted(bidx, qidx) if same_split else None
     _, nn_idx = cosine_topk(bank, _features(run, test.images[qidx], device), NEIGHBOURS,
                             exclude=torch.from_numpy(exclude) if exclude is not None else None)
-    nn_idx = nn_idx.numpy()  # (Q, K) into bidx
-    neighbours = bank_split.images[bidx[nn_idx]]  # (Q, K, H, W, C)
+    nn_rows = nn_idx.numpy()  # (Q, K) into bidx
+    neighbours = bank_split.images[bidx[nn_rows]]  # (Q, K, H, W, C)
     q_labels = test.labels[qidx] if test.labels is not None else None
-    n_labels = bank_split.labels[bidx[nn_idx]] if bank_split.labels is not None else None
+    n_labels = bank_split.labels[bidx[nn_rows]] if bank_split.labels is not None else None
     agree = f" {100 * float((n_labels == q_labels[:, None]).mean()):.0f}% of the neighbours share the query's class." \
         if q_labels is not None and n_labels is not None else ""
     out.append(section("retrievals", "Nearest-neighbour retrievals",
