@@ -1,0 +1,56 @@
+"""fastclr as a package: `python -m build` makes a wheel and an sdist, and the wheel, installed into
+a fresh virtual environment, imports and runs without the source tree.
+
+The fresh environment reuses this environment's torch, numpy, safetensors and Pillow through a
+path file (they are the pinned dependencies, and installing torch again would take minutes), but
+not fastclr: the path file adds a directory to sys.path, and the editable install's own path
+file in that directory is not read, so `import fastclr` can only find the wheel's copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_TOP_LEVEL_OUTPUTS = {".venv", ".git", "runs", "stores", "data", "build", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+
+
+def _not_source(folder: str, names: list[str]) -> set[str]:
+    """What the copy leaves out: outputs at the top of the tree, caches and egg-info anywhere."""
+    top = Path(folder) == REPO
+    return {n for n in names if (top and n in _TOP_LEVEL_OUTPUTS) or n == "__pycache__" or n.endswith(".egg-info")}
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (cmd, r.stdout[-1500:], r.stderr[-1500:])
+    return r
+
+
+def test_the_wheel_installs_into_a_fresh_environment_and_runs_without_the_source(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=_not_source)  # the build writes egg-info beside the sources
+    dist = tmp_path / "dist"
+    _run([sys.executable, "-m", "build", "--outdir", str(dist), str(src)], tmp_path)
+    wheel = next(dist.glob("fastclr-*.whl"))
+    assert next(dist.glob("fastclr-*.tar.gz")).stat().st_size > 0
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastclr/py.typed" in names and "fastclr/cli.py" in names
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+
+    env = tmp_path / "env"
+    _run([sys.executable, "-m", "venv", str(env)], tmp_path)
+    site = Path(_run([str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                     tmp_path).stdout.strip())
+    (site / "project-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run([str(env / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+         tmp_path)
+    where = _run([str(env / "bin" / "python"), "-c", "import fastclr; print(fastclr.__file__)"], tmp_path).stdout
+    assert Path(where.strip()).is_relative_to(site)  # the wheel's copy, not the source tree
+    helped = _run([str(env / "bin" / "fastclr"), "--help"], tmp_path).stdout
+    assert all(cmd in helped for cmd in ("pretrain", "evaluate", "export", "info"))
