@@ -122,9 +122,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None)
     config_text = (Path(args.run_dir) / "config.toml").read_text()
-    for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out)):
-        print(f"wrote {path}")
+    check = _check_images(run) if args.format == "onnx" else None
+    for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out), check):
+        print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"
+                                 if check is not None else ""))
     return 0
+
+
+def _check_images(run: Any) -> Any:
+    """64 of the run's own test (else training) images, standardised as the encoder expects."""
+    import numpy as np
+    import torch
+
+    from fastclr.data import load_data
+    from fastclr.evaluation.features import prepare_images
+
+    ds = load_data(run.config.data)
+    images = (ds.test or ds.pretrain).images[:64]
+    return prepare_images(torch.from_numpy(np.ascontiguousarray(images)), run.mean, run.std, run.spec.image_size)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -161,11 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a run's encoder in another format (torchvision names, torch.export)")
     ex.add_argument("run_dir", metavar="RUN_DIR")
-    ex.add_argument("--format", default="torchvision", choices=["fastclr", "torchvision", "torch-export"],
+    ex.add_argument("--format", default="torchvision", choices=["fastclr", "torchvision", "torch-export", "onnx"],
                     help="torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
-                    "torch.export program (.pt2) with a dynamic batch; fastclr: safetensors")
+                    "torch.export program (.pt2) with a dynamic batch; onnx: an ONNX model checked in onnxruntime "
+                    "on the run's images (needs fastclr[onnx]); fastclr: safetensors")
     ex.add_argument("--out", required=True, help="torchvision: FILE.pth (metadata in FILE.pth.json) or "
-                    "FILE.safetensors; torch-export: FILE.pt2")
+                    "FILE.safetensors; torch-export: FILE.pt2; onnx: FILE.onnx")
     ex.set_defaults(func=cmd_export)
     inf = sub.add_parser("info", help="versions, CPU and GPU, the precision fastclr would choose and why, matmul rates")
     inf.add_argument("--json", action="store_true", help="one JSON object instead of text")

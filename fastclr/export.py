@@ -58,10 +58,12 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
     return encoder.to(device), spec
 
 
-FORMATS = ("fastclr", "torchvision", "torch-export")
+FORMATS = ("fastclr", "torchvision", "torch-export", "onnx")
 """What `fastclr export` writes: fastclr's own safetensors (what `load_encoder` reads), a ResNet
-in torchvision's (and timm's) parameter names, or a `torch.export` program (.pt2) that
-`torch.export.load` runs without fastclr installed."""
+in torchvision's (and timm's) parameter names, a `torch.export` program (.pt2) that
+`torch.export.load` runs without fastclr installed, or an ONNX model (the `onnx` extra)."""
+ONNX_TOLERANCE = 1e-4
+"""Largest difference allowed between onnxruntime's h and PyTorch's (fp32) in the check after writing."""
 
 
 def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out: Path) -> Path:
@@ -86,6 +88,52 @@ def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], o
     return out
 
 
+def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out: Path,
+               check: torch.Tensor | None) -> Path:
+    """The encoder in eval mode as ONNX (torch's dynamo exporter, dynamic batch, input `x`, output
+    `h`), the metadata as the model's metadata_props; read back from disk and run in onnxruntime on
+    `check` (standardised images), refused and removed if it differs from PyTorch by more than
+    ONNX_TOLERANCE."""
+    import logging
+
+    from fastclr.files import atomic_write
+
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise FastclrError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fastclr[onnx]'") from None
+    was_training = encoder.training
+    encoder = encoder.eval().float()
+    example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it lists every torchvision operator it cannot register
+    try:
+        program = torch.onnx.export(encoder, (example,), dynamo=True, input_names=["x"], output_names=["h"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+    finally:
+        quiet.setLevel(level)
+        encoder.train(was_training)
+    assert program is not None  # dynamo=True always returns one
+    model = program.model_proto
+    onnx.helper.set_model_props(model, dict(meta, naming="fastclr"))
+    data = model.SerializeToString()
+    atomic_write(out, lambda f: f.write(data))
+    x = check if check is not None else torch.randn(3, spec.in_channels, spec.image_size, spec.image_size)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(["h"], {"x": x.float().numpy()})[0])
+    with torch.no_grad():
+        want = encoder.eval()(x.float())
+    encoder.train(was_training)
+    gap = float((got - want).abs().max())
+    if not gap <= ONNX_TOLERANCE:
+        out.unlink()
+        raise FastclrError(f"the ONNX model's h differs from PyTorch's by {gap:.2e} (> {ONNX_TOLERANCE:g}) on "
+                           f"{len(x)} images; not written; export --format torch-export instead")
+    return out
+
+
 def export_metadata(spec: EncoderSpec, config_text: str) -> dict[str, str]:
     """What every export says about itself: the architecture, input, standardisation, version
     and the SHA-256 of the run's config."""
@@ -95,14 +143,16 @@ def export_metadata(spec: EncoderSpec, config_text: str) -> dict[str, str]:
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
 
 
-def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path) -> list[Path]:
+def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path,
+                   check: torch.Tensor | None = None) -> list[Path]:
     """Write `encoder` as `fmt` to `out`; returns the files written.
 
     torchvision: the state dict in torchvision's names without `fc`, so
     `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only `fc.*`;
     `.safetensors` carries the metadata inside, any other suffix is a `torch.save` of the plain
     dict (what torchvision's own weights are) with the metadata in OUT.json beside it. A CIFAR
-    stem is said in the metadata (`cifar_stem: on`): torchvision's own stem is 7x7, stride 2."""
+    stem is said in the metadata (`cifar_stem: on`): torchvision's own stem is 7x7, stride 2.
+    onnx: checked after writing on `check` (standardised (B, C, S, S) images; random ones if None)."""
     from fastclr.files import atomic_write, write_text
     from fastclr.models.foreign import torchvision_state
 
@@ -113,6 +163,8 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
         return [save_encoder(out, encoder, spec)]
     if fmt == "torch-export":
         return [_save_program(encoder, spec, meta, out)]
+    if fmt == "onnx":
+        return [_save_onnx(encoder, spec, meta, out, check)]
     if not spec.encoder.startswith("resnet"):
         raise FastclrError(f"--format torchvision exports ResNets; this run's encoder is {spec.encoder}: "
                            "use --format fastclr")

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_env, run_cli
+from tiny import TINY_FLAGS
+from fastclr.errors import FastclrError
 from fastclr.export import export_encoder
 from fastclr.models import build_encoder
 from fastclr.models.spec import EncoderSpec
@@ -53,3 +56,45 @@ def test_the_program_runs_without_fastclr_and_equals_the_encoder(arch: str, chan
         name = next(n for n in z.namelist() if n.endswith("fastclr.json"))
         meta = json.loads(z.read(name))
     assert meta["architecture"] == arch and meta["image_size"] == str(size) and json.loads(meta["mean"]) == [0.5] * channels
+
+
+@pytest.mark.parametrize("arch, channels, size, stem", [("cnn", 1, 28, "auto"), ("resnet18", 3, 32, "on"),
+                                                        ("resnet18", 3, 64, "off")])
+def test_onnx_in_onnxruntime_equals_the_encoder_and_carries_the_metadata(arch: str, channels: int, size: int,
+                                                                        stem: str, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime
+
+    torch.manual_seed(0)
+    enc = build_encoder(arch, channels, size, 0.25 if arch.startswith("resnet") else 1.0, stem, "32|256|fc512")
+    spec = EncoderSpec(arch, channels, size, 1.0, stem, 0, (0.5,) * channels, (0.25,) * channels)
+    out = export_encoder(enc, spec, "[model]\n", "onnx", tmp_path / "enc.onnx")[0]
+    x = torch.randn(9, channels, size, size)  # a batch size the export never saw
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(["h"], {"x": x.numpy()})[0])
+    with torch.no_grad():
+        expected = enc.eval()(x)
+    assert got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["architecture"] == arch and props["cifar_stem"] == stem and props["in_channels"] == str(channels)
+
+
+def test_an_onnx_model_that_disagrees_is_refused_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastclr.export as export_mod
+
+    monkeypatch.setattr(export_mod, "ONNX_TOLERANCE", -1.0)  # no model can meet it: the check must refuse
+    enc = build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512")
+    spec = EncoderSpec("cnn", 1, 28, 1.0, "auto", 0, (0.5,), (0.25,))
+    with pytest.raises(FastclrError, match="differs from PyTorch's"):
+        export_encoder(enc, spec, "", "onnx", tmp_path / "enc.onnx")
+    assert not (tmp_path / "enc.onnx").exists()
+
+
+def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    run = tmp_path / "run"
+    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS, "--probe", "false"],
+                env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "h.onnx")], env, tmp_path)
+    assert r.returncode == 0 and "onnxruntime's h equals PyTorch's on 64 of the run's images" in r.stdout, r.stderr
