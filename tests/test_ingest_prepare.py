@@ -404,3 +404,39 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     assert r.returncode == 0, r.stderr
     s = read_store(tmp_path / "store")
     assert len(s.paths) == 3000 and s.images.shape[0] == 3000 and len(set(s.paths)) == 3000
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-splits", "is damaged (KeyError"),
+    ("flat-shape", "not [N, S, S, 1 or 3]"),
+    ("wrong-splits", "do not add up to its"),
+    ("label-text", "has a label that is not an integer"),
+    ("label-beyond-classes", "labels are outside -1..1"),
+    ("no-classes", "labels are outside -1..-1"),
+])
+def test_a_tampered_store_is_named_in_one_line(tmp_path: Path, damage: str, message: str) -> None:
+    bar_images(tmp_path / "bars", n_per_class=6)
+    store = tmp_path / "s"
+    prepare_store(tmp_path / "bars", store, DecodeOptions(16), workers=1, **QUIET)
+    meta = json.loads((store / "store.json").read_text())
+    rows = (store / "manifest.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    col = header.index("label")
+    if damage == "no-splits":
+        del meta["splits"]
+    elif damage == "flat-shape":
+        n, s, _, c = meta["shape"]
+        meta["shape"] = [n * s * s * c]  # the same byte count, one dimension
+    elif damage == "wrong-splits":
+        meta["splits"] = {"unlabeled": 0, "train": 1, "test": 1}
+    elif damage == "no-classes":
+        meta["classes"] = []
+    else:
+        cells = rows[1].split(",")
+        cells[col] = "cat" if damage == "label-text" else "7"
+        rows[1] = ",".join(cells)
+    (store / "store.json").write_text(json.dumps(meta))
+    (store / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(FastclrError) as e:
+        read_store(store)
+    assert message in str(e.value) and "\n" not in str(e.value) and "fastclr prepare" in str(e.value)

@@ -99,8 +99,15 @@ def read_store(path: str | Path) -> Store:
     try:
         meta = json.loads((p / META).read_text())
         shape = tuple(int(s) for s in meta["shape"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise FastclrError(f"{p / META} is damaged ({e}); run `fastclr prepare` again") from None
+        splits = {s: int(meta["splits"].get(s, 0)) for s in SPLITS}
+        classes = [str(c) for c in meta.get("classes", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FastclrError(f"{p / META} is damaged ({type(e).__name__}: {e}); run `fastclr prepare` again") from None
+    if len(shape) != 4 or min(shape) < 1 or shape[1] != shape[2] or shape[3] not in (1, 3):
+        raise FastclrError(f"{p / META} gives shape {list(shape)}, not [N, S, S, 1 or 3]; run `fastclr prepare` again")
+    if min(splits.values()) < 0 or sum(splits.values()) != shape[0]:
+        raise FastclrError(f"{p / META} splits {splits} do not add up to its {shape[0]} images; "
+                           "run `fastclr prepare` again")
     if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
         raise FastclrError(f"{p} is a {meta.get('format')} v{meta.get('version')} store; "
                            f"this fastclr reads {FORMAT} v{VERSION}")
@@ -113,9 +120,21 @@ def read_store(path: str | Path) -> Store:
         raise FastclrError(f"{p / MANIFEST} lists {len(rows)} images, the store holds {shape[0]}; "
                            "run `fastclr prepare` again")
     images = np.memmap(p / IMAGES, np.uint8, "r", shape=shape)
-    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    return Store(p, images, [r["path"] for r in rows], labels, {s: int(meta["splits"].get(s, 0)) for s in SPLITS},
-                 list(meta.get("classes", [])), meta)
+    labels = _labels(p / MANIFEST, rows, len(classes))
+    return Store(p, images, [r["path"] for r in rows], labels, splits, classes, meta)
+
+
+def _labels(manifest: Path, rows: list[dict[str, str]], n_classes: int) -> np.ndarray:
+    """int64 labels of the manifest's rows (-1: unlabelled), each an integer below the class count."""
+    try:
+        labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as e:
+        raise FastclrError(f"{manifest} has a label that is not an integer ({e}); run `fastclr prepare` again") from None
+    bad = int(((labels < -1) | (labels >= n_classes)).sum())
+    if bad:
+        raise FastclrError(f"{manifest}: {bad} labels are outside -1..{n_classes - 1} (the store names {n_classes} "
+                           "classes); run `fastclr prepare` again")
+    return labels
 
 
 def store_dataset(store: Store) -> Dataset:
