@@ -73,7 +73,7 @@ def test_fixture_skip_report_is_exact(fixture_store) -> None:  # type: ignore[no
     assert [r["path"] for r in report] == sorted(expected_skips)
     assert {r["reason"] for r in report} <= set(REASONS)
     details = {r["path"]: r["detail"] for r in report}
-    assert details["cats/over_limit.png"] == f"400x300 = 120000 pixels > {PIXEL_LIMIT}"
+    assert details["cats/over_limit.png"] == f"400x300 = 120000 pixels, more than {PIXEL_LIMIT} (--max-pixels)"
     assert details["dogs/gone.jpg"] == "broken symbolic link"
     assert details["dogs/notes.txt"] == "extension .txt is not an image format"
     if os.geteuid() != 0:
@@ -126,6 +126,7 @@ def test_pixel_limit_beyond_pillows_bomb_error_is_a_skip_not_a_crash(tmp_path: P
     Image.new("L", (1000, 1000), 0).save(path)  # 10x the limit: Pillow itself raises DecompressionBombError
     out = process_file(path, "bomb.png", DecodeOptions(16, max_pixels=100_000))
     assert (out.reason, out.image) == ("over-pixel-limit", None)
+    assert out.detail == "more than 100000 pixels (--max-pixels)"  # our limit, not Pillow's threshold (2x)
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # the process-wide Pillow setting is restored
 
 

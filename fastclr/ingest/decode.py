@@ -139,10 +139,11 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = old
 
 
-def _failure(e: BaseException) -> Unusable:
+def _failure(e: BaseException, max_pixels: int) -> Unusable:
     text = str(e) or type(e).__name__
     if isinstance(e, Image.DecompressionBombError):
-        return Unusable("over-pixel-limit", text)
+        # Pillow's own text quotes its threshold, twice the limit; the user set (or read) ours.
+        return Unusable("over-pixel-limit", f"more than {max_pixels} pixels (--max-pixels)")
     if isinstance(e, UnidentifiedImageError):
         return Unusable("corrupt", "not a recognisable image file")
     if isinstance(e, EOFError) or "truncated" in text.lower():
@@ -158,7 +159,7 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
             im: Image.Image = Image.open(io.BytesIO(data))
             w, h = im.size
             if w * h > opts.max_pixels:
-                raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels > {opts.max_pixels}")
+                raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels, more than {opts.max_pixels} (--max-pixels)")
             mode = im.mode
             try:
                 orientation = im.getexif().get(_ORIENTATION, 1)
@@ -178,7 +179,7 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
     except Unusable:
         raise
     except Exception as e:  # any decoder failure is this file's problem, never the run's
-        raise _failure(e) from None
+        raise _failure(e, opts.max_pixels) from None
     return pixels.reshape(opts.size, opts.size, -1), w, h, mode
 
 
