@@ -26,8 +26,6 @@ from fastclr.version import __version__
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
-
-
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, DataConfig, apply_overrides, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
@@ -15,6 +15,11 @@ from fastclr.files import is_write_error, write_failure_reason
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.presets import config_for, preset_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from fastclr.pretrained import LoadedRun
 
 EXIT_USAGE = 2
 
@@ -129,7 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_images(run: Any) -> Any:
+def _check_images(run: LoadedRun) -> torch.Tensor:
     """64 of the run's own test (else training) images, standardised as the encoder expects."""
     import numpy as np
     import torch

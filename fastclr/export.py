@@ -7,7 +7,11 @@ width, stem, feature dimension, the input standardisation and the library versio
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,7 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fastclr.files import atomic_write
+from fastclr.files import atomic_write, write_text
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
 from fastclr.version import __version__
@@ -66,21 +70,31 @@ ONNX_TOLERANCE = 1e-4
 """Largest difference allowed between onnxruntime's h and PyTorch's (fp32) in the check after writing."""
 
 
+_BATCH_DIM = ({0: torch.export.Dim("batch", min=1)},)
+"""The input's batch dimension is dynamic: the program takes any B >= 1."""
+
+
+@contextmanager
+def _in_eval(encoder: nn.Module) -> Iterator[nn.Module]:
+    """`encoder` in eval mode (BatchNorm's running statistics), its own mode restored after."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        yield encoder
+    finally:
+        encoder.train(was_training)
+
+
+def _example(spec: EncoderSpec) -> torch.Tensor:
+    return torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+
+
 def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out: Path) -> Path:
     """The encoder in eval mode as a torch.export program with a dynamic batch dimension; the
     metadata travels inside the archive as `extra/fastclr.json`. Input: float32 (B, C, S, S)
     standardised with the metadata's mean and std; output: h (B, D)."""
-    import io
-
-    from fastclr.files import atomic_write
-
-    was_training = encoder.training
-    encoder = encoder.eval().float()
-    example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
-    try:
-        program = torch.export.export(encoder, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    finally:
-        encoder.train(was_training)
+    with _in_eval(encoder):
+        program = torch.export.export(encoder, (_example(spec),), dynamic_shapes=_BATCH_DIM)
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"fastclr.json": json.dumps(dict(meta, naming="fastclr"))})
     data = buf.getvalue()
@@ -94,38 +108,29 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     `h`), the metadata as the model's metadata_props; read back from disk and run in onnxruntime on
     `check` (standardised images), refused and removed if it differs from PyTorch by more than
     ONNX_TOLERANCE."""
-    import logging
-
-    from fastclr.files import atomic_write
-
     try:
         import onnx
         import onnxruntime
     except ImportError:
         raise FastclrError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fastclr[onnx]'") from None
-    was_training = encoder.training
-    encoder = encoder.eval().float()
-    example = torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+    x = (check if check is not None else torch.randn(3, spec.in_channels, spec.image_size, spec.image_size)).float()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it lists every torchvision operator it cannot register
     try:
-        program = torch.onnx.export(encoder, (example,), dynamo=True, input_names=["x"], output_names=["h"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
+        with _in_eval(encoder), torch.no_grad():
+            program = torch.onnx.export(encoder, (_example(spec),), dynamo=True, input_names=["x"],
+                                        output_names=["h"], dynamic_shapes=_BATCH_DIM, verbose=False)
+            want = encoder(x)
     finally:
         quiet.setLevel(level)
-        encoder.train(was_training)
     assert program is not None  # dynamo=True always returns one
     model = program.model_proto
     onnx.helper.set_model_props(model, dict(meta, naming="fastclr"))
     data = model.SerializeToString()
     atomic_write(out, lambda f: f.write(data))
-    x = check if check is not None else torch.randn(3, spec.in_channels, spec.image_size, spec.image_size)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(["h"], {"x": x.float().numpy()})[0])
-    with torch.no_grad():
-        want = encoder.eval()(x.float())
-    encoder.train(was_training)
+    runtime = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(runtime.run(["h"], {"x": x.numpy()})[0])
     gap = float((got - want).abs().max())
     if not gap <= ONNX_TOLERANCE:
         out.unlink()
@@ -153,7 +158,6 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     dict (what torchvision's own weights are) with the metadata in OUT.json beside it. A CIFAR
     stem is said in the metadata (`cifar_stem: on`): torchvision's own stem is 7x7, stride 2.
     onnx: checked after writing on `check` (standardised (B, C, S, S) images; random ones if None)."""
-    from fastclr.files import atomic_write, write_text
     from fastclr.models.foreign import torchvision_state
 
     if fmt not in FORMATS:

@@ -70,8 +70,8 @@ def test_onnx_in_onnxruntime_equals_the_encoder_and_carries_the_metadata(arch: s
     spec = EncoderSpec(arch, channels, size, 1.0, stem, 0, (0.5,) * channels, (0.25,) * channels)
     out = export_encoder(enc, spec, "[model]\n", "onnx", tmp_path / "enc.onnx")[0]
     x = torch.randn(9, channels, size, size)  # a batch size the export never saw
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(["h"], {"x": x.numpy()})[0])
+    runtime = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(runtime.run(["h"], {"x": x.numpy()})[0])
     with torch.no_grad():
         expected = enc.eval()(x)
     assert got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-4

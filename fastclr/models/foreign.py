@@ -10,6 +10,7 @@ Bottleneck strides in its 3x3 convolution as torchvision's ResNet-50 v1.5 does. 
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -89,26 +90,21 @@ def _few(keys: list[str], n: int = 4) -> str:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FastclrError(f"init weights {path} not found; give a fastclr export or a torchvision/timm state dict")
+def _read(path: Path, data: bytes) -> dict[str, Any]:
+    """The tensors of a weights file's bytes (read once by the caller, who also hashes them)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
             try:
-                return dict(load_file(str(path)))
+                return dict(load(data))
             except SafetensorError as e:
                 raise ValueError(str(e)) from None
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise FastclrError(f"init weights {path} hold objects other than tensors, refused unread: loading them "
                            f"could run code ({str(e).splitlines()[0][:120]}); save a plain state dict") from None
@@ -138,11 +134,14 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "") -> InitWe
     """Read `path` and map it onto `encoder`'s names (which may live on the meta device: only names
     and shapes are used). One-line errors for a missing, unreadable, code-carrying or mismatched
     file, and for a shape that differs, naming the tensor."""
-    sha = file_sha256(path) if path.is_file() else ""
-    if expect_sha256 and sha and sha != expect_sha256:
+    if not path.is_file():
+        raise FastclrError(f"init weights {path} not found; give a fastclr export or a torchvision/timm state dict")
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if expect_sha256 and sha != expect_sha256:
         raise FastclrError(f"init weights {path} have sha256 {sha}, not the {expect_sha256} asked for; "
                            "give the right file or drop --init-sha256")
-    raw = _read(path)
+    raw = _read(path, data)
     target = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     names = list(raw)
     resnet = all(_is_resnet_key(k) for k in target)
