@@ -1,0 +1,86 @@
+"""`fastclr-torchrun`: torchrun's launcher with fastclr's exit codes. A stop signal, whether it
+reaches the launcher (which forwards it) or only the ranks, ends in exit 75 with the stop step
+checkpointed, and the same launcher resumes the run to its end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env
+from dist_helpers import free_port
+from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from tiny import TINY_FLAGS as TINY
+
+
+def launcher(run: Path, *extra: str) -> list[str]:
+    """`fastclr-torchrun --nproc_per_node=2 -m fastclr pretrain ...` for a tiny 2-epoch run (16 steps)."""
+    return [sys.executable, "-m", "fastclr.scaleout.launch", "--nproc_per_node=2", "--master_port", str(free_port()),
+            "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "2", "--run-dir", str(run), *TINY,
+            "--checkpoint-every", "1", "--probe", "false", "--device", "cpu", "--threads", "1", *extra]
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (torchrun's ranks), from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def stop_mid_run(tmp_path: Path, target: str) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, str]]:
+    """Start the launcher, wait for two checkpoints, send SIGTERM to `target` ("group": the
+    launcher and its ranks, as a terminal's Ctrl-C or a scheduler does; "ranks": the ranks only)."""
+    env, run = cli_env(tmp_path), tmp_path / "run"
+    env["OMP_NUM_THREADS"] = "1"
+    p = subprocess.Popen(launcher(run), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 120
+        while len(list_checkpoints(run)) < 2 and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.05)
+        assert p.poll() is None and len(list_checkpoints(run)) >= 2, "the run ended or was too slow"
+        if target == "group":
+            os.killpg(p.pid, signal.SIGTERM)
+        else:
+            ranks = children(p.pid)
+            assert len(ranks) == 2, ranks
+            for r in ranks:
+                os.kill(r, signal.SIGTERM)
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), run, env
+
+
+@pytest.mark.parametrize("target", ["group", "ranks"])
+def test_a_stop_under_the_launcher_exits_75_and_resumes_to_the_end(tmp_path: Path, target: str) -> None:
+    r, run, env = stop_mid_run(tmp_path, target)
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "continue with" in r.stderr.splitlines()[-1]
+    stopped = latest_valid_checkpoint(run)[1]["step"]
+    assert 2 <= stopped < 16 and f"stopped at step {stopped}" in r.stdout
+    if target == "ranks":
+        return  # the resume below is the same for both ways of stopping
+    done = subprocess.run(launcher(run, "--resume", str(run)), env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 16
+
+
+def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: Path) -> None:
+    """A setting error every rank reports in one line: the launcher exits 2 and adds one line."""
+    env = cli_env(tmp_path)
+    r = subprocess.run(launcher(tmp_path / "run", "--temperature", "-1"), env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "temperature" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: a rank ended with an error")
