@@ -30,13 +30,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _INT_GRAY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ORIENTATION = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)."""
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (a 3-channel image of this size is 256 MiB decoded)."""
+DECODE_BYTES_PER_PIXEL = 11
+"""Upper bound of the memory one decode needs per pixel, beyond the file's own bytes and one
+strip's temporaries. Measured peak resident growth, noise images of 16M pixels
+(benchmarks/decode_memory.py, docs/benchmarks.md section 8): RGBA 9.7 (decoded 4, the 8-bit RGB
+result 4), CMYK 9.1, LA 6.6, P with a transparent colour 6.5, RGB 4.2, 16-bit gray 3.9, L 1.1, JPEG
+0.3 (decoded at reduced scale). Converting whole images at once took up to 24 (rotated RGBA), 20
+(RGBA, LA) and 19 (16-bit gray)."""
+STRIP_PIXELS = 1 << 20
+"""Pixels per strip of the 8-bit conversion: a few MB of temporaries, whatever the image size."""
+STRIP_BYTES = 32 * STRIP_PIXELS
+"""Upper bound of one strip's temporaries (compositing holds an RGBA copy, a white ground, their
+composite and its RGB: 16 bytes per pixel), beyond DECODE_BYTES_PER_PIXEL."""
 PIPELINE_VERSION = 1
 """Bumped when the pixels this module produces change, so old stores are decoded afresh."""
 
@@ -78,17 +94,55 @@ class Outcome:
     mode: str = ""
 
 
+def decode_peak_bytes(max_pixels: int) -> int:
+    """Memory one worker may need for one image of `max_pixels` pixels: the decode bound, one
+    strip's temporaries and the file's bytes, counted at 4 per pixel (an uncompressed RGBA file;
+    compressed ones are smaller)."""
+    return max_pixels * (DECODE_BYTES_PER_PIXEL + 4) + STRIP_BYTES
+
+
+def pixels_that_fit(memory: int) -> int:
+    """The largest image (in pixels) one worker can decode within `memory` bytes; the inverse of
+    decode_peak_bytes."""
+    return max(0, (memory - STRIP_BYTES) // (DECODE_BYTES_PER_PIXEL + 4))
+
+
 def is_gray(mode: str) -> bool:
     """Whether images of a Pillow mode become single-channel (luma) images."""
     return mode in GRAY_MODES
 
 
-def to_8bit(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 'L' (grayscale modes) or 'RGB' (all others); see the module docstring."""
+def to_8bit(im: Image.Image, strip_pixels: int = STRIP_PIXELS) -> Image.Image:
+    """Any Pillow mode -> 'L' (grayscale modes) or 'RGB' (all others); see the module docstring.
+
+    Every conversion is per pixel, so it runs on strips of rows of about `strip_pixels` pixels
+    pasted into the result: the same pixels as converting the whole image at once, with the
+    temporaries of one strip (16-bit arithmetic, the RGBA copy and white ground of compositing)
+    instead of several copies of the whole image (see DECODE_BYTES_PER_PIXEL)."""
+    if im.mode in ("L", "RGB") and "transparency" not in im.info:
+        return im
+    w, h = im.size
+    rows = max(1, strip_pixels // max(1, w))
+    if rows >= h:
+        return _strip_to_8bit(im)
+    out: Image.Image | None = None
+    for y in range(0, h, rows):
+        strip = _strip_to_8bit(im.crop((0, y, w, min(h, y + rows))))
+        if out is None:
+            out = Image.new(strip.mode, (w, h))
+        out.paste(strip, (0, y))
+    assert out is not None
+    return out
+
+
+def _strip_to_8bit(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode in _INT_GRAY:
-        v = np.asarray(im).astype(np.int64)  # numpy reads the byte order of I;16B itself
-        return Image.fromarray(((np.clip(v, 0, 65535) + 128) // 257).astype(np.uint8), "L")
+        v = np.asarray(im)  # numpy reads the byte order of I;16B itself
+        wide = np.clip(v, 0, 65535).astype(np.uint32) if mode == "I" else v.astype(np.uint32)
+        wide += 128
+        wide //= 257
+        return Image.fromarray(wide.astype(np.uint8), "L")
     if mode == "F":
         raise Unusable("unsupported-mode", "32-bit float image (mode F) has no known range; save it as 8 or 16-bit")
     if mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
@@ -96,12 +150,10 @@ def to_8bit(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         flat = Image.alpha_composite(white, rgba).convert("RGB")
         return flat.convert("L") if is_gray(mode) else flat
-    if mode == "L":
+    if mode in ("L", "RGB"):
         return im
     if mode == "1":
         return im.convert("L")
-    if mode == "RGB":
-        return im
     try:
         return im.convert("RGB")  # CMYK, P, YCbCr, RGBX, HSV ...
     except ValueError as e:
@@ -172,7 +224,11 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
             if f < 1:
                 im.draft(None, (int(im.size[0] * f) + 1, int(im.size[1] * f) + 1))
             im.load()
-            im = to_8bit(ImageOps.exif_transpose(im) if orientation != 1 else im)
+            # Convert first, then rotate: the rotated copy is of the 8-bit image (per-pixel
+            # conversion and a transpose commute), and the decoded one is freed before it.
+            im = to_8bit(im)
+            if orientation in _TRANSPOSE:
+                im = im.transpose(_TRANSPOSE[orientation])
             if opts.channels == "1" and im.mode == "RGB":
                 im = im.convert("L")
             pixels = np.asarray(fit_square(im, opts.size, opts.fit))

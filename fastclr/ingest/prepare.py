@@ -36,8 +36,10 @@ from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, c
                                 read_store)
 from fastclr.errors import FastclrError
 from fastclr.files import is_write_error, write_failure_reason
-from fastclr.ingest.decode import PIPELINE_VERSION, DecodeOptions, Outcome, is_gray, process_file
+from fastclr.ingest.decode import (PIPELINE_VERSION, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
+                                   pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
+from fastclr.runtime import available_memory
 from fastclr.progress import Progress
 
 HOLDOUT = 10
@@ -116,6 +118,21 @@ def default_workers() -> int:
     """min(usable CPUs, 8): decoding scales with cores, and 8 already saturates most disks."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cpus, 8))
+
+
+def workers_that_fit(requested: int, max_pixels: int, available: int | None) -> int:
+    """At most `requested` decoding processes, and no more than can each decode an image of
+    `max_pixels` pixels at once within `available` bytes. Raises if not even one can."""
+    if available is None:
+        return requested
+    fit = available // decode_peak_bytes(max_pixels)
+    if fit < 1:
+        smaller = pixels_that_fit(available // 2)
+        fix = f"lower --max-pixels (e.g. --max-pixels {smaller})" if smaller else "free memory first"
+        raise FastclrError(f"decoding one image of {max_pixels} pixels may need "
+                           f"{decode_peak_bytes(max_pixels) / 2**30:.2f} GiB and {available / 2**30:.2f} GiB of "
+                           f"memory is available; {fix}")
+    return min(requested, fit)
 
 
 # Worker-process state, set once per worker by `_init` (the set of known hashes can be large).
@@ -245,12 +262,18 @@ def prepare_store(
         return row if row and row["bytes"] == str(f.size) and row["mtime_ns"] == str(f.mtime_ns) else None
 
     to_read = [f.rel for f in entries if unchanged(f) is None]
+    asked, free = workers or default_workers(), available_memory()
+    decoders = workers_that_fit(asked, opts.max_pixels, free) if to_read else asked
+    if decoders < asked and free is not None:
+        log(f"decoding with {decoders} processes, not {asked}: each may need "
+            f"{decode_peak_bytes(opts.max_pixels) / 2**30:.1f} GiB for an image at --max-pixels {opts.max_pixels}, "
+            f"and {free / 2**30:.1f} GiB is available")
     known = frozenset(prev.by_hash) if prev else frozenset()
     writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels))
     bar = Progress(len(entries), enabled=progress, unit="prepare", rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     try:
-        outcomes = decode_all(root, to_read, opts, known, workers or default_workers())
+        outcomes = decode_all(root, to_read, opts, known, decoders)
         for i, f in enumerate(entries):
             # Either a previous row or verdict (by path and stat, or by hash), or a new outcome.
             old, o = unchanged(f), None
