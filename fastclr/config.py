@@ -214,6 +214,10 @@ class TrainConfig:
     check_sync: bool = False
     """CUDA: fail any step that synchronises the host with the device (torch's sync debug mode
     "error"); metrics are read only every log_every steps. For tests and debugging."""
+    trackers: str = field(default="none", metadata={"flag": "log", **one_of("none", "mlflow", "wandb", "mlflow,wandb")})
+    """Experiment trackers that receive the config, every metrics record, the probe and evaluation
+    numbers and the encoder, besides metrics.jsonl and TensorBoard (fastclr.tracking): none,
+    mlflow, wandb or mlflow,wandb."""
 
 
 @dataclass
@@ -384,6 +388,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         for name, value in body.items():
             flat[f"{section}.{name}"] = value
     return flat
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """The config as {"section.key": value}, the names flags and TOML files use."""
+    return {f"{s}.{k}": v for s, body in to_dict(cfg).items() for k, v in body.items()}
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 A run directory holds: config.toml (the resolved config), metrics.jsonl (one JSON object per
 line), checkpoints/, encoder.safetensors (the encoder alone, exported at the end), probe.json
-(linear-probe result) and tb/ (TensorBoard events, when tensorboard is installed).
+(linear-probe result), tb/ (TensorBoard events, when tensorboard is installed) and, with
+`--log`, tracking.json (the experiment trackers' run ids).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ except ImportError:  # Windows: no advisory locks; a run directory is then not g
 from fastclr.config import Config, to_toml
 from fastclr.errors import FastclrError
 from fastclr.files import WriteFailed, write_failure_reason, write_text
+from fastclr.tracking import Tracker, numbers
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -147,6 +149,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.trackers: list[Tracker] = []
+        """Experiment trackers (fastclr.tracking) that receive every record's numbers too."""
         self._tb = None
         if enabled:
             try:
@@ -165,10 +169,12 @@ class MetricsLog:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as e:
             raise WriteFailed(self.path, write_failure_reason(e, self.path)) from None
+        values = numbers({k: v for k, v in record.items() if k != "step"})
         if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, record["step"])
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, record["step"])
+        for t in self.trackers:
+            t.metrics(values, record["step"])
 
     def close(self) -> None:
         """Flush TensorBoard."""

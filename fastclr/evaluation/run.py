@@ -33,7 +33,10 @@ from fastclr.export import ENCODER_FILE
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.evaluation.probe import linear_probe
+from fastclr import config as config_mod
 from fastclr.runs import write_json
+from fastclr.tracking import numbers, read_ids, tracked
+from fastclr.tracking import require as require_trackers
 from fastclr.runtime import select_device
 from fastclr.version import __version__
 
@@ -217,6 +220,8 @@ def evaluate(
         torch.set_num_threads(o.threads)
     device = select_device(o.device)
     require_encoder(run_dir)
+    trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
+    require_trackers(trackers)
     run = load_run(run_dir, device, o.precision, log)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
@@ -266,6 +271,12 @@ def evaluate(
                         "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
     write_json(run_dir / EVAL_FILE, out)
+    probe = run_dir / "probe.json"
+    step = int(json.loads(probe.read_text()).get("steps", 0)) if probe.exists() else 0
+    with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=log) as sinks:
+        for t in sinks:
+            t.results(numbers({"protocols": results, "lift": out["lift"]}, "eval/"), step)
+            t.artifact(run_dir / EVAL_FILE, "evaluation")
     return out
 
 

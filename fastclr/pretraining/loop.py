@@ -37,6 +37,8 @@ from fastclr.presets import check_preset
 from fastclr.runs import RunLock, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.runtime import Precision, resolve_precision, select_device, set_threads
 from fastclr.signals import StopRequested
+from fastclr.tracking import numbers, open_trackers, tracker_names
+from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
                                           peer_failure, process_device, setup, teardown)
 from fastclr.errors import FastclrError
@@ -112,10 +114,13 @@ def pretrain(
                          progress and ctx.is_main, clock)
             try:
                 stopped = _train(run, stop)
-                return _finish(run, stopped, stop)
+                result = _finish(run, stopped, stop)
+                run.close_trackers("KILLED" if result.stopped else "FINISHED")
+                return result
             except WriteFailed as e:  # metrics, export or results: say what survives, as a checkpoint does
                 raise FastclrError(f"{e}; {what_is_kept(run.run_dir)}") from None
             finally:
+                run.close_trackers("FAILED")  # when the run ended with an error
                 run.release()
     except Exception as e:
         if ctx.active and is_peer_failure(e):
@@ -215,6 +220,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if state is None and cfg.model.init:  # read and matched now, before anything is written
         init = _read_init(cfg, dataset, encoder)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
+    if ctx.is_main:
+        require_trackers(tracker_names(cfg.train.trackers))
     lock = None
     if ctx.is_main:
         # Only now, with the data and settings known good, does the run directory come into being,
@@ -239,6 +246,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:
         write_config(run_dir, cfg)
+        run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
+                                                 warn=log)
     if not labelled(dataset) and (cfg.eval.probe or cfg.eval.monitor_every):
         log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
     t, spec = cfg.train, run.model.spec
@@ -260,6 +269,8 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
     if stopped or not run.ctx.is_main:
         return result  # rank 0 exports and probes alone; the others are done
     save_encoder(run.run_dir / ENCODER_FILE, run.model.encoder, run.model.spec)
+    for t in run.metrics_log.trackers:
+        t.artifact(run.run_dir / ENCODER_FILE, "encoder")
     wall = run.clock() - run.started
     run.log(f"trained {s.step} steps in {s.train_seconds:.0f} s ({wall:.0f} s with data loading, set-up and export); "
             f"encoder saved to {run.run_dir / ENCODER_FILE}")
@@ -274,6 +285,8 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
             return result
         write_json(run.run_dir / "probe.json",
                    dict(record, steps=s.step, train_seconds=s.train_seconds, pretrain_wall_seconds=wall))
+        for t in run.metrics_log.trackers:
+            t.results(numbers(record, "probe/"), s.step)
         result.probe_accuracy = record["accuracy"]
         result.random_init_accuracy = record.get("random_init_accuracy")
         run.log(line)

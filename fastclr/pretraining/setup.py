@@ -88,6 +88,12 @@ class Run:
         if self.lock is not None:
             self.lock.release()
 
+    def close_trackers(self, status: str) -> None:
+        """End the tracked runs (once): FINISHED, KILLED (stopped, resumable) or FAILED."""
+        trackers, self.metrics_log.trackers = self.metrics_log.trackers, []
+        for t in trackers:
+            t.close(status)
+
     @property
     def steps_per_epoch(self) -> int:
         """Full global batches per epoch."""

@@ -1,0 +1,217 @@
+"""Experiment trackers beside metrics.jsonl: MLflow and Weights & Biases (`--log mlflow,wandb`).
+
+Each tracker receives what the run directory receives: the resolved config (as parameters, and
+config.toml as a file), every metrics record at its step, the probe's and `fastclr evaluate`'s
+numbers, and the exported encoder as an artifact. The run directory stays the record of truth:
+a tracker that cannot be reached mid-run is a warning, never a lost run.
+
+Where runs go is each tool's own setting, so users keep theirs: MLflow's MLFLOW_TRACKING_URI
+(default: its local database) and MLFLOW_EXPERIMENT_NAME (default "fastclr"); W&B's WANDB_MODE
+(offline needs no account), WANDB_PROJECT (default "fastclr") and WANDB_DIR (default: the run
+directory). The tracker's run id is kept in RUN_DIR/tracking.json, so `--resume` and `fastclr
+evaluate` add to the same tracked run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastclr.errors import FastclrError
+from fastclr.files import write_text
+
+TRACKING_FILE = "tracking.json"
+EXTRAS = {"mlflow": ("mlflow", "fastclr[mlflow]"), "wandb": ("wandb", "fastclr[wandb]")}
+"""Tracker name -> (module to import, the extra that installs it)."""
+
+
+class Tracker(Protocol):
+    """What `pretrain` and `evaluate` hand to a tracker."""
+
+    run_id: str
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def results(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def artifact(self, path: Path, name: str) -> None: ...
+
+    def close(self, status: str) -> None: ...
+
+
+def tracker_names(text: str) -> tuple[str, ...]:
+    """'none', 'mlflow', 'wandb' or 'mlflow,wandb' -> the trackers named."""
+    return tuple(n for n in text.split(",") if n and n != "none")
+
+
+def require(names: tuple[str, ...]) -> None:
+    """A one-line error, before anything is written, for a tracker whose package is missing."""
+    for name in names:
+        module, extra = EXTRAS[name]
+        try:
+            __import__(module)
+        except ImportError:
+            raise FastclrError(f"--log {name} needs the {module} package: pip install '{extra}' "
+                               "(or drop --log)") from None
+
+
+def numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numeric leaves of a nested dict, keyed by their path ('linear/accuracy')."""
+    out: dict[str, float] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(numbers(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
+                  warn: Callable[[str], None]) -> list[Tracker]:
+    """Start (or, with an id in tracking.json, continue) one tracked run per name."""
+    if not names:
+        return []
+    require(names)
+    saved = read_ids(run_dir)
+    trackers: list[Tracker] = []
+    for name in names:
+        try:
+            t: Tracker = (_Mlflow if name == "mlflow" else _Wandb)(run_dir, params, saved.get(name))
+        except Exception as e:  # noqa: BLE001 - a server down or refusing: the run goes on without it
+            warn(f"warning: {name} could not start a run ({type(e).__name__}: {str(e)[:200]}); training goes on "
+                 "without it, and the run directory has everything")
+            continue
+        trackers.append(_Guarded(t, name, warn))
+        saved[name] = t.run_id
+    write_text(run_dir / TRACKING_FILE, json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return trackers
+
+
+def read_ids(run_dir: Path) -> dict[str, str]:
+    """Tracker name -> its run id, from RUN_DIR/tracking.json ({} when there is none)."""
+    path = run_dir / TRACKING_FILE
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
+
+@contextmanager
+def tracked(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
+            warn: Callable[[str], None]) -> Iterator[list[Tracker]]:
+    """open_trackers for the block; each is closed FINISHED, or KILLED when the block raised."""
+    trackers = open_trackers(names, run_dir, params, warn)
+    status = "KILLED"
+    try:
+        yield trackers
+        status = "FINISHED"
+    finally:
+        for t in trackers:
+            t.close(status)
+
+
+class _Guarded:
+    """A tracker whose failures (a server down, a full quota) become one warning each, then
+    silence: the run and its files go on."""
+
+    def __init__(self, inner: Tracker, name: str, warn: Callable[[str], None]) -> None:
+        self.inner, self.name, self.warn, self.broken = inner, name, warn, False
+        self.run_id = inner.run_id
+
+    def _call(self, what: str, fn: Callable[[], None]) -> None:
+        if self.broken:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - any failure of the tracker's library
+            self.broken = True
+            self.warn(f"warning: {self.name} failed to {what} ({type(e).__name__}: {str(e)[:200]}); it gets nothing "
+                      "more from this run, whose files are complete")
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        self._call("log metrics", lambda: self.inner.metrics(values, step))
+
+    def results(self, values: Mapping[str, float], step: int) -> None:
+        self._call("log results", lambda: self.inner.results(values, step))
+
+    def artifact(self, path: Path, name: str) -> None:
+        self._call(f"store {path.name}", lambda: self.inner.artifact(path, name))
+
+    def close(self, status: str) -> None:
+        self._call("close its run", lambda: self.inner.close(status))
+
+
+class _Mlflow:
+    """MLflow through its client API (no global active run: a library must not take the
+    caller's), on the tracking URI of MLFLOW_TRACKING_URI or MLflow's default."""
+
+    def __init__(self, run_dir: Path, params: Mapping[str, Any], run_id: str | None) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        if run_id is None:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastclr")
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            run = self.client.create_run(exp_id, run_name=run_dir.name,
+                                         tags={"fastclr.run_dir": str(run_dir.resolve())})
+            self.run_id = run.info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+            self.client.log_artifact(self.run_id, str(run_dir / "config.toml"))
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def results(self, values: Mapping[str, float], step: int) -> None:
+        self.metrics(values, step)
+
+    def artifact(self, path: Path, name: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=name)
+
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class _Wandb:
+    """A W&B run of its own (wandb.init returns it; the module-level run is not relied on)."""
+
+    def __init__(self, run_dir: Path, params: Mapping[str, Any], run_id: str | None) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fastclr"), name=run_dir.name,
+                              id=run_id, resume="allow" if run_id else None, config=dict(params),
+                              dir=os.environ.get("WANDB_DIR") or str(run_dir), reinit="create_new",
+                              settings=wandb.Settings(quiet=True))  # the run's own lines say the rest
+        self.run_id = self.run.id
+        self.last_step = -1
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        # W&B keeps one history row per step and drops a step lower than one it has seen.
+        if step > self.last_step:
+            self.run.log(dict(values), step=step)
+            self.last_step = step
+
+    def results(self, values: Mapping[str, float], step: int) -> None:
+        self.run.summary.update(dict(values))
+
+    def artifact(self, path: Path, name: str) -> None:
+        art = self.wandb.Artifact(f"{name}-{self.run_id}", type="model")
+        art.add_file(str(path))
+        self.run.log_artifact(art)
+
+    def close(self, status: str) -> None:
+        if status != "FINISHED":
+            self.run.mark_preempting()
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)

@@ -1,0 +1,179 @@
+"""`--log mlflow,wandb`: a tracked run holds what the run directory holds. MLflow is read back
+through its client from a local SQLite store; W&B in offline mode is read back from the run file
+it would sync (its records are W&B's own protobuf messages in a LevelDB-style log)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import cli_env
+from dist_helpers import free_port
+from fastclr import config as config_mod
+from fastclr.config import read_toml
+from tiny import TINY_FLAGS
+
+mlflow = pytest.importorskip("mlflow")
+wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+
+
+def tracked_env(tmp_path: Path) -> dict[str, str]:
+    """The CLI environment with MLflow on a SQLite file and W&B offline, both inside tmp_path."""
+    env = cli_env(tmp_path)
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", WANDB_MODE="offline", WANDB_SILENT="true")
+    env.pop("WANDB_DIR", None)
+    return env
+
+
+def fastclr(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastclr", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=240)
+
+
+def pretrain_args(run: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--data", "mnist", "--epochs", "2", "--run-dir", str(run), *TINY_FLAGS, "--device", "cpu",
+            *extra]
+
+
+def wandb_records(run_file: Path) -> list[Any]:
+    """The records of a W&B offline run file: a 7-byte header (':W&B', magic 0xBEE1, version 0),
+    then LevelDB log records in 32 KiB blocks (crc32c, length, type: full, first, middle, last)."""
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
+    out, pos, pending = [], 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def of_kind(records: list[Any], kind: str) -> list[Any]:
+    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
+
+
+def history(records: list[Any], key: str) -> dict[int, float]:
+    """W&B history rows: {_step: value of `key`}."""
+    rows = {}
+    for h in of_kind(records, "history"):
+        row = {item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json) for item in h.item}
+        if key in row:
+            rows[int(row["_step"])] = row[key]
+    return rows
+
+
+def summary(records: list[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in of_kind(records, "summary"):
+        for item in s.update:
+            out["/".join(item.nested_key) if item.nested_key else item.key] = json.loads(item.value_json)
+    return out
+
+
+def expected_params(run: Path) -> dict[str, str]:
+    """The run's config.toml as flat keys, as MLflow stores parameters (strings)."""
+    cfg = config_mod.apply_overrides(config_mod.Config(), read_toml(run / "config.toml"))
+    return {k: str(v) for k, v in config_mod.to_flat(cfg).items()}
+
+
+def jsonl(run: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A tiny run with both trackers, then `fastclr evaluate` on it."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    env, run = tracked_env(tmp), tmp / "run"
+    r = fastclr(env, tmp, *pretrain_args(run, "--log", "mlflow,wandb"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = fastclr(env, tmp, "evaluate", str(run), "--protocols", "linear,knn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run, env
+
+
+def test_mlflow_run_holds_config_metrics_results_and_the_encoder(tracked_run: tuple[Path, dict[str, str]],
+                                                                 tmp_path: Path) -> None:
+    run, env = tracked_run
+    client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    ids = json.loads((run / "tracking.json").read_text())
+    (found,) = client.search_runs([client.get_experiment_by_name("fastclr").experiment_id])
+    assert found.info.run_id == ids["mlflow"] and found.info.status == "FINISHED"
+    assert found.info.run_name == run.name
+    assert found.data.params == expected_params(run)
+    for key in ("loss", "lr", "top1"):
+        logged = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], key)}
+        assert logged == jsonl(run, key), key
+    probe = json.loads((run / "probe.json").read_text())
+    assert found.data.metrics["probe/accuracy"] == probe["accuracy"]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert found.data.metrics["eval/protocols/knn/accuracy"] == evaluation["protocols"]["knn"]["accuracy"]
+    got = Path(client.download_artifacts(ids["mlflow"], "encoder/encoder.safetensors", str(tmp_path)))
+    assert got.read_bytes() == (run / "encoder.safetensors").read_bytes()
+    got = Path(client.download_artifacts(ids["mlflow"], "config.toml", str(tmp_path)))
+    assert got.read_text() == (run / "config.toml").read_text()
+
+
+def test_wandb_offline_run_holds_config_metrics_results_and_the_encoder(
+        tracked_run: tuple[Path, dict[str, str]]) -> None:
+    run, _ = tracked_run
+    run_id = json.loads((run / "tracking.json").read_text())["wandb"]
+    files = sorted(run.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # pretrain, then evaluate continuing the same run id
+    records = wandb_records(files[0])
+    (start,) = of_kind(records, "run")
+    config = {u.key: json.loads(u.value_json) for u in start.config.update if u.key != "_wandb"}
+    assert {k: str(v) for k, v in config.items()} == expected_params(run)
+    assert history(records, "loss") == pytest.approx(jsonl(run, "loss"), rel=1e-12)
+    assert summary(records)["probe/accuracy"] == json.loads((run / "probe.json").read_text())["accuracy"]
+    (art,) = of_kind(records, "artifact")
+    (entry,) = art.manifest.contents
+    md5 = base64.b64encode(hashlib.md5((run / "encoder.safetensors").read_bytes()).digest()).decode()
+    assert (art.type, art.name, entry.path, entry.digest) == ("model", f"encoder-{run_id}", "encoder.safetensors", md5)
+    assert of_kind(records, "exit")[0].exit_code == 0
+    later = wandb_records(files[1])
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert summary(later)["eval/protocols/linear/accuracy"] == evaluation["protocols"]["linear"]["accuracy"]
+
+
+def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "wandb.py").write_text("raise ImportError('not installed')\n")
+    env = tracked_env(tmp_path)
+    env["PYTHONPATH"] = f"{shadow}{os.pathsep}{env['PYTHONPATH']}"
+    r = fastclr(env, tmp_path, *pretrain_args(tmp_path / "run", "--log", "wandb"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: --log wandb needs the wandb package: pip install "
+                                                 "'fastclr[wandb]' (or drop --log)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_tracker_is_a_warning_and_the_run_completes(tmp_path: Path) -> None:
+    env, run = tracked_env(tmp_path), tmp_path / "run"
+    env.update(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+               MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    r = fastclr(env, tmp_path, *pretrain_args(run, "--log", "mlflow"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: mlflow could not start a run" in r.stdout + r.stderr
+    assert (run / "encoder.safetensors").exists() and (run / "probe.json").exists()
+    assert json.loads((run / "tracking.json").read_text()) == {}
