@@ -41,6 +41,7 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_without_the_source
     assert next(dist.glob("fastclr-*.tar.gz")).stat().st_size > 0
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastclr/py.typed" in names and "fastclr/cli.py" in names
+    assert "fastclr/report/interactive.js" in names  # read at run time by `fastclr report`
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
 
     env = tmp_path / "env"

@@ -24,11 +24,13 @@ from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
 from fastclr.pretrained import load_run
 from fastclr.report.build import VIEW_IMAGES, build_report
 from fastclr.runtime import FP32, Precision
+from fastclr.runs import read_metrics
 from fastclr.report.embedding_map import affinities, squared_distances, tsne
 from fastclr.report.png import encode_png, viridis
 from fastclr.report.svg import nice_ticks, tick_label
 
-SECTIONS = ("curves", "views", "similarity", "map", "retrievals", "efficiency", "numbers", "config")
+SECTIONS = ("curves", "views", "similarity", "playground", "augment", "map", "retrievals", "efficiency", "numbers",
+            "config")
 
 
 def decode_png(data: bytes) -> tuple[int, int, int, np.ndarray]:
@@ -169,3 +171,13 @@ def test_report_of_an_unlabelled_dataset(run: tuple[Path, Dataset], tmp_path: Pa
         assert f'<section id="{sid}"' in html
     assert "pretraining images (evenly spaced)" in html and "coloured by class" not in html
     assert "share the query's class" not in html  # nothing to compare without labels
+
+
+def test_training_curves_name_every_logged_value_on_hover(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """Hovering a point of the loss curve shows its step and loss (an SVG <title>: no script needed)."""
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
+    html = section_html(build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text(), "curves")
+    shown = re.findall(r'<circle class="hover"[^>]*><title>NT-Xent loss: ([^,]+), ([^<]+)</title>', html)
+    logged = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [(float(s), float(v)) for s, v in shown] == [(float(r["step"]), float(f"{r['loss']:.4g}")) for r in logged]
+    assert len(logged) >= 2

@@ -65,7 +65,7 @@ def test_report_renders_every_section_in_chromium(report: Path, tmp_path: Path) 
     assert check is not None, "the page's render check did not run"
     status, sections, text = check.groups()
     assert status == "ok", text
-    assert int(sections) == report.read_text().count("<section ") == 8
+    assert int(sections) == report.read_text().count("<section ") == 10
     assert console == []  # no console output at all: no errors, no CSP violations, no warnings
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == WINDOW

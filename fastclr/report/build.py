@@ -1,9 +1,12 @@
 """`fastclr report`: RUN_DIR/report.html, one offline file showing what the run learned.
 
-Sections: training curves; augmented view pairs as the model saw them; their cosine-similarity
-matrix; a 2-D map of test embeddings; the label-efficiency curve and every protocol's numbers
-(from eval.json when `fastclr evaluate` has run, with a note otherwise); nearest-neighbour
-retrievals; the config.
+Sections: training curves (values on hover); augmented view pairs as the model saw them; their
+cosine-similarity matrix; the contrastive playground (temperature and batch, live, on the run's
+own h and z); the augmentation explorer (each view's drawn parameters); a 2-D map of test
+embeddings (thumbnails on hover, neighbours on click, classes toggled from the legend); the
+label-efficiency curve and every protocol's numbers (from eval.json when `fastclr evaluate` has
+run, with a note otherwise); nearest-neighbour retrievals; the config. Every static figure is
+there with scripts off; the script (interactive.js) adds the interactive parts.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.run import read_eval, require_encoder
 from fastclr.evaluation.table import format_table
 from fastclr.pretrained import LoadedRun, load_run
-from fastclr.report import figures
+from fastclr.ingest.embed import embed_images
+from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import pca, tsne
 from fastclr.report.html import note, page, section
 from fastclr.runs import read_metrics
@@ -33,7 +37,7 @@ from fastclr.runtime import select_device
 REPORT_FILE = "report.html"
 VIEW_IMAGES = 12
 """Images whose two views are shown; their 2 x 12 views make the similarity matrix."""
-MAP_POINTS = 1000
+MAP_POINTS = 2000
 """Test embeddings in the 2-D map: exact t-SNE is O(N^2) per iteration."""
 BANK_LIMIT = 20000
 """Training images searched for neighbours (evenly spaced), bounding the report's run time."""
@@ -61,6 +65,66 @@ def _curves_section(run_dir: Path) -> str:
                    "Logged every few steps during pretraining; the kNN monitor runs once per epoch on fixed subsets.")
 
 
+PLAYGROUND = """
+<div class="controls">
+<label>temperature <input id="pg-temp" type="range" min="-2" max="0" step="0.001"> <b id="pg-t-label"></b></label>
+<label>pairs in the batch <select id="pg-batch"><option>4</option><option>8</option><option>16</option>
+<option selected>32</option></select></label>
+<label>vectors <select id="pg-rep"><option value="z">z (head)</option><option value="h">h (encoder)</option></select></label>
+</div>
+<div class="playground">
+<div><canvas id="pg-matrix" width="448" height="448"></canvas>
+<p class="note">Cosine similarity (viridis: -1 dark to 1 bright); red frames: positives; white: the chosen anchor
+(click a row to choose).</p></div>
+<div><table class="stats">
+<tr><th>NT-Xent loss</th><td id="pg-loss"></td></tr>
+<tr><th>temperature</th><td id="pg-t"></td></tr>
+<tr><th>pairs</th><td id="pg-pairs"></td></tr>
+<tr><th>negatives per anchor</th><td id="pg-negatives"></td></tr>
+<tr><th>top-1 contrastive accuracy</th><td id="pg-top1"></td></tr>
+<tr><th>top-5 contrastive accuracy</th><td id="pg-top5"></td></tr>
+<tr><th>mean rank of the positive</th><td id="pg-rank"></td></tr>
+</table>
+<p id="pg-anchor-id"></p>
+<svg id="pg-softmax" width="448" height="150" role="img" aria-label="softmax of the anchor"></svg>
+<p id="pg-ppos" class="note"></p>
+<div id="pg-views" class="thumbs"></div>
+<p class="note">Hardest negatives (most similar other views):</p>
+<div id="pg-hard" class="thumbs"></div></div>
+</div>
+"""
+
+
+def _playground_section(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int,
+                        data: dict[str, Any]) -> str:
+    head = interactive.trained_head(run, device)
+    data["playground"] = interactive.playground(run, head, dataset.pretrain, device, seed)
+    pairs = data["playground"]["pairs"]
+    z_note = "" if head is not None else " This run has no checkpoint, so only h (no trained head z) is shown."
+    return section("playground", "Temperature and batch, live", PLAYGROUND, "canvas svg",
+                   f"{pairs} images, two views each as pretraining draws them, embedded by this run's encoder (h) "
+                   f"and trained head (z).{z_note} Move the temperature and choose the batch: the similarity matrix, "
+                   "the softmax of the chosen anchor over its positive (green) and every negative, and NT-Xent with "
+                   "its contrastive accuracy are recomputed on these vectors.", hidden=True)
+
+
+def _explorer_section(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> str:
+    ex = interactive.explorer(run, dataset.pretrain, device, seed)
+    rows = []
+    for r in ex["images"]:
+        cells = [f'<img class="original" src="{r["original"]}" alt="stored image {r["index"]}" width="84" height="84">']
+        for j, (uri, p) in enumerate(zip(r["views"], r["params"])):
+            text = interactive.params_text(p)
+            cells.append(f'<img src="{uri}" alt="view" width="84" height="84" data-view="{r["index"]}-{j}" '
+                         f'data-params="{escape(json.dumps(p))}" title="{escape(text)}">')
+        rows.append('<div class="aug-row">' + "".join(cells) + "</div>")
+    body = "".join(rows) + '<div id="aug-detail" class="panel">Hover a view to see the parameters it was drawn with.</div>'
+    return section("augment", "Augmentation explorer", body, "img",
+                   f"{len(rows)} stored images (left), then {interactive.EXPLORER_PAIRS} pairs of views of each, drawn "
+                   "by the run's own augmentation settings; hover a view for its crop box, flip, colour jitter "
+                   "factors, grayscale, blur sigma and solarize.")
+
+
 def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:
     idx = evenly_spaced(len(dataset.pretrain), VIEW_IMAGES)
     originals = dataset.pretrain.images[idx]
@@ -81,18 +145,31 @@ def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed
     ]
 
 
-def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, method: str, seed: int) -> list[str]:
+def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, method: str, seed: int,
+                        data: dict[str, Any]) -> list[str]:
     test = dataset.test or dataset.pretrain
     bank_split = dataset.train or dataset.pretrain
     midx = evenly_spaced(len(test), MAP_POINTS)
-    h = _features(run, test.images[midx], device)
+    map_images = test.images[midx]
+    h = torch.from_numpy(embed_images(run, map_images, device))  # as `fastclr neighbours` embeds a store
     xy = (tsne(h, seed=seed) if method == "tsne" else pca(h, 2).float()).numpy()
     labels = test.labels[midx] if test.labels is not None else None
     classes = dataset.classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels is not None else [])
     which = "test" if dataset.test is not None else "pretraining"
-    out = [section("map", "Embedding map", figures.embedding_map(xy, labels, classes, method), "svg",
+    near, sims = interactive.map_neighbours(h)
+    data["map"] = {"size": int(map_images.shape[1]), "cols": interactive.SPRITE_COLUMNS,
+                   "sprite": interactive.sprite(map_images), "labels": labels.tolist() if labels is not None else [],
+                   "classes": list(classes) if labels is not None else [], "index": midx.tolist(), "split": which,
+                   "k": int(near.shape[1]), "neighbours": near.reshape(-1).tolist(),
+                   "sims": [round(float(v), 4) for v in sims.reshape(-1)]}
+    tools = ('<div id="map-tools" hidden><p id="map-visible" class="note"></p><div class="map-panels">'
+             '<div id="map-hover" class="panel">Hover a point to see its image.</div>'
+             '<div id="map-neighbours" class="panel">Click a point for its nearest neighbours in h.</div></div></div>')
+    out = [section("map", "Embedding map", figures.embedding_map(xy, labels, classes, method) + tools, "svg",
                    f"{len(midx)} {which} images (evenly spaced), features h mapped to 2-D by {method.upper()}"
-                   f"{', coloured by class' if labels is not None else ''}.")]
+                   f"{', coloured by class' if labels is not None else ''}. With scripts on: hover a point for its "
+                   f"image, click it for its {near.shape[1]} nearest neighbours in h among these images (what "
+                   "<code>fastclr neighbours</code> returns for it), click a class in the legend to hide or show it.")]
     bidx = evenly_spaced(len(bank_split), BANK_LIMIT)
     bank = _features(run, bank_split.images[bidx], device)
     qidx = pick_queries(test, QUERIES)
@@ -163,8 +240,10 @@ def build_report(
     run = load_run(run_dir, dev, precision)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = read_eval(run_dir)
+    data: dict[str, Any] = {}
     sections = [_curves_section(run_dir), *_views_sections(run, dataset, dev, seed),
-                *_map_and_retrievals(run, dataset, dev, map_method, seed),
+                _playground_section(run, dataset, dev, seed, data), _explorer_section(run, dataset, dev, seed),
+                *_map_and_retrievals(run, dataset, dev, map_method, seed, data),
                 *_results_sections(ev, run_dir, state_checksum(run.encoder)),
                 section("config", "Config", f"<pre>{escape((run_dir / 'config.toml').read_text())}</pre>", "pre",
                         "The resolved configuration of the run (config.toml).")]
@@ -172,5 +251,6 @@ def build_report(
     subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
-    write_text(path, page(f"fastclr report: {run_dir.name}", subtitle, sections))
+    write_text(path, page(f"fastclr report: {run_dir.name}", subtitle, sections, data=interactive.page_data(data),
+                          script=interactive.script()))
     return path

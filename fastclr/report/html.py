@@ -12,6 +12,7 @@ from __future__ import annotations
 from html import escape
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+"""Only what the file holds itself: its styles, its scripts, data: images (no font, no fetch)."""
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; margin: 0; background: #fafafa; }
@@ -25,6 +26,22 @@ section { background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; paddi
 pre { background: #f4f4f4; padding: 10px; overflow-x: auto; font-size: 12.5px; }
 img { image-rendering: pixelated; max-width: 100%; }
 #render-check { color: #999; font-size: 11px; }
+.controls { display: flex; flex-wrap: wrap; gap: 8px 24px; margin: 6px 0 10px; }
+.controls input[type=range] { width: 260px; vertical-align: middle; }
+.playground { display: flex; flex-wrap: wrap; gap: 18px; }
+.playground > div:first-child { max-width: 450px; }
+#pg-matrix { cursor: pointer; border: 1px solid #ddd; }
+table.stats th { text-align: left; font-weight: normal; color: #555; padding-right: 14px; }
+table.stats td { font-variant-numeric: tabular-nums; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 6px; }
+figure { margin: 0; text-align: center; font-size: 11px; color: #555; }
+.aug-row { display: flex; gap: 6px; margin: 4px 0; align-items: center; }
+.aug-row img.original { margin-right: 14px; outline: 2px solid #999; }
+.panel { border: 1px solid #e3e3e3; border-radius: 4px; padding: 8px; margin-top: 8px; min-height: 40px; }
+.map-panels { display: flex; flex-wrap: wrap; gap: 12px; }
+.map-panels .panel { flex: 1 1 300px; }
+g.legend { cursor: pointer; }
+#map svg circle[data-i] { cursor: pointer; }
 """
 
 # Collects errors from the moment the page starts parsing: script errors, failed or blocked loads
@@ -72,9 +89,10 @@ window.addEventListener('load', function () {
 """
 
 
-def section(sid: str, title: str, body: str, check: str = "", caption: str = "") -> str:
-    """A titled section; `check` lists the element kinds ("svg img pre") it must render."""
-    attr = f' data-check="{check}"' if check else ""
+def section(sid: str, title: str, body: str, check: str = "", caption: str = "", hidden: bool = False) -> str:
+    """A titled section; `check` lists the element kinds ("svg img pre") it must render; `hidden`
+    ones need the page's script, which shows them."""
+    attr = (f' data-check="{check}"' if check else "") + (" hidden" if hidden else "")
     cap = f'<p class="caption">{caption}</p>' if caption else ""
     return f'<section id="{sid}"{attr}>\n<h2>{escape(title)}</h2>\n{cap}\n{body}\n</section>'
 
@@ -84,8 +102,8 @@ def note(text: str) -> str:
     return f'<p class="note">{text}</p>'
 
 
-def page(title: str, subtitle: str, sections: list[str]) -> str:
-    """The whole document."""
+def page(title: str, subtitle: str, sections: list[str], data: str = "{}", script: str = "") -> str:
+    """The whole document; `data` (JSON) is embedded for `script`, which runs before the check."""
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -103,6 +121,8 @@ def page(title: str, subtitle: str, sections: list[str]) -> str:
 {chr(10).join(sections)}
 <p id="render-check" data-status="pending">render check: pending</p>
 </main>
+<script type="application/json" id="report-data">{data}</script>
+<script>{script}</script>
 <script>{CHECK_SCRIPT}</script>
 </body>
 </html>

@@ -134,6 +134,9 @@ def line_chart(series: list[Series], title: str, x_label: str, y_label: str, wid
         if s.markers or len(s.x) == 1:  # each marker names its values on hover
             out += [f'<circle cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="3.2" fill="{s.colour}">'
                     f'<title>{escape(s.name)}: {x:g}, {y:.4g}</title></circle>' for x, y in zip(s.x, s.y)]
+        elif s.line:  # an invisible target on every point of a plain line names its values on hover
+            out += [f'<circle class="hover" cx="{f.px(x):.1f}" cy="{f.py(y):.1f}" r="4" fill="transparent">'
+                    f'<title>{escape(s.name)}: {x:g}, {y:.4g}</title></circle>' for x, y in zip(s.x, s.y)]
     out.append(f'<text x="{left}" y="14" font-weight="bold">{escape(title)}</text>')
     for i, s in enumerate(series):  # legend under the title
         y = 30 + 14 * i
@@ -156,13 +159,15 @@ def scatter_chart(xy: np.ndarray, labels: np.ndarray | None, class_names: list[s
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="11">',
            f'<text x="10" y="14" font-weight="bold">{escape(title)}</text>']
-    for i in range(len(xy)):
+    for i in range(len(xy)):  # data-i: the point's row; data-c: its class (the page's script uses both)
         c = class_colour(int(labels[i])) if labels is not None else "#4e79a7"
-        out.append(f'<circle cx="{px[i]:.1f}" cy="{py[i]:.1f}" r="2.6" fill="{c}" fill-opacity="0.8"/>')
+        cls = f' data-c="{int(labels[i])}"' if labels is not None else ""
+        out.append(f'<circle data-i="{i}"{cls} cx="{px[i]:.1f}" cy="{py[i]:.1f}" r="2.6" fill="{c}" fill-opacity="0.8"/>')
     if labels is not None:
         for k, name in enumerate(class_names):
             y = 34 + 16 * k
-            out.append(f'<circle cx="{plot_w + 12}" cy="{y - 4}" r="5" fill="{class_colour(k)}"/>')
-            out.append(f'<text x="{plot_w + 22}" y="{y}">{escape(name)}</text>')
+            out.append(f'<g class="legend" data-class="{k}"><rect x="{plot_w + 4}" y="{y - 12}" width="{legend_w - 8}" '
+                       f'height="15" fill="transparent"/><circle cx="{plot_w + 12}" cy="{y - 4}" r="5" '
+                       f'fill="{class_colour(k)}"/><text x="{plot_w + 22}" y="{y}">{escape(name)}</text></g>')
     out.append("</svg>")
     return "\n".join(out)
