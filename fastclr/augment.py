@@ -237,8 +237,9 @@ def two_views(
     global_batch: int | None = None,
     offset: int = 0,
     render: Callable[..., torch.Tensor] | None = None,
+    views: int = 2,
 ) -> torch.Tensor:
-    """Two independently augmented views of each image, as one batch for one encoder pass.
+    """Two (or `views`) independently augmented views of each image, as one batch for one encoder pass.
 
     images: uint8 (B, H, W, C) on the device of `generator`.
     Returns float32 (2B, C, S, S): rows [0, B) are the first views, rows [B, 2B) the second,
@@ -252,7 +253,7 @@ def two_views(
     render: `render_views` or a compiled version of it (the pixel work, free of random draws, so
     that torch.compile can fuse it into a few kernels).
     """
-    params = view_params(images.shape, cfg, generator, images.device, global_batch, offset)
+    params = view_params(images.shape, cfg, generator, images.device, global_batch, offset, views)
     return (render or render_views)(images, params, cfg, mean, std, channels_last)
 
 
@@ -263,14 +264,16 @@ def view_params(
     device: torch.device,
     global_batch: int | None = None,
     offset: int = 0,
+    views: int = 2,
 ) -> ViewParams:
-    """The random parameters of the 2B views of a batch of B images of `shape` (B, H, W, C)."""
+    """The random parameters of the K * B views (K = `views`: view 1 of every image, then view 2,
+    ...) of a batch of B images of `shape` (B, H, W, C)."""
     b, h, w, _ = shape
     if global_batch is None:
-        return sample_params(cfg, 2 * b, h, w, generator, device)
+        return sample_params(cfg, views * b, h, w, generator, device)
     rows = torch.arange(offset, offset + b, device=device)
-    params = sample_params(cfg, 2 * global_batch, h, w, generator, device)
-    return params.select(torch.cat([rows, rows + global_batch]))  # (2B,) of the (2G,)
+    params = sample_params(cfg, views * global_batch, h, w, generator, device)
+    return params.select(torch.cat([rows + v * global_batch for v in range(views)]))  # (KB,) of the (KG,)
 
 
 def render_views(
@@ -281,10 +284,10 @@ def render_views(
     std: torch.Tensor | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, H, W, C) and the parameters of 2B views -> float32 (2B, C, S, S): deterministic."""
+    """uint8 (B, H, W, C) and the parameters of KB views -> float32 (KB, C, S, S): deterministic."""
     size = cfg.crop_size or images.shape[1]
     x = to_float(images)
-    x = torch.cat([x, x])  # (2B, C, H, W): view 1 then view 2
+    x = torch.cat([x] * (params.box.shape[0] // x.shape[0]))  # (KB, C, H, W): view 1, then view 2, ...
     out = augment(x, params, size, cfg)
     if mean is not None and std is not None:
         out = normalize(out, mean, std)

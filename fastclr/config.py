@@ -214,6 +214,15 @@ class TrainConfig:
     check_sync: bool = False
     """CUDA: fail any step that synchronises the host with the device (torch's sync debug mode
     "error"); metrics are read only every log_every steps. For tests and debugging."""
+    views: int = field(default=2, metadata=at_least(2))
+    """Views per image: K > 2 makes every other view of an image a positive (multi-positive
+    NT-Xent, fastclr.pretraining.multi_positive); 2 is SimCLR's NT-Xent."""
+    supcon: bool = False
+    """Supervised contrastive (Khosla et al. 2020): views of pretraining images with the same label
+    are positives too; images without a label keep NT-Xent's positives."""
+    learn_temperature: bool = False
+    """Train the temperature with the model from `temperature` (log-parameterised, kept in
+    [0.01, 1], logged every window as `temperature`)."""
     trackers: str = field(default="none", metadata={"flag": "log", **one_of("none", "mlflow", "wandb", "mlflow,wandb")})
     """Experiment trackers that receive the config, every metrics record, the probe and evaluation
     numbers and the encoder, besides metrics.jsonl and TensorBoard (fastclr.tracking): none,

@@ -157,7 +157,8 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             # The step never waits for the device: metrics stay on it until a log step.
             # (Checked from the third step of this process on: the first ones compile and warm up.)
             with no_host_sync(run.device, t.check_sync and s.step >= first_step + 2):
-                out = run.train_step(run.views(run.source.gather(run.sampler.indices(s.step)), s.step))
+                idx = run.sampler.indices(s.step)
+                out = run.train_step(run.views(run.source.gather(idx), s.step), run.groups(idx))
                 run.health.update(out, s.step)
                 run.window.add(out)
             s.step += 1

@@ -22,6 +22,8 @@ class Model:
     encoder: nn.Module
     head: nn.Module
     spec: EncoderSpec
+    temperature: nn.Module | None = None
+    """The learned temperature (objective.LearnedTemperature) with --learn-temperature."""
 
 
 def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

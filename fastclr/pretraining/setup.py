@@ -25,6 +25,7 @@ from fastclr.pretraining.optim import build_optimizer
 from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
+from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
@@ -48,6 +49,11 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
         )
     if t.epochs <= 0 and t.time_budget <= 0:
         raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
+    if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
+        chosen = ", ".join(f for f, on in (("--views", t.views != 2), ("--supcon", t.supcon),
+                                           ("--learn-temperature", t.learn_temperature)) if on)
+        raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
+                           "compute two-view NT-Xent only); drop one of them")
 
 
 @dataclass
@@ -87,6 +93,11 @@ class Run:
         """Give the run directory up (rank 0)."""
         if self.lock is not None:
             self.lock.release()
+
+    def groups(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """Group ids of the views of the images at `indices` (None for plain NT-Xent)."""
+        objective = self.train_step.objective
+        return objective.groups(indices) if objective is not None else None
 
     def close_trackers(self, status: str) -> None:
         """End the tracked runs (once): FINISHED, KILLED (stopped, resumable) or FAILED."""
@@ -160,9 +171,12 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     source = ImageSource(dataset.pretrain.images, device)
     sampler = BatchSampler(len(source), t.batch_size // ctx.world_size, t.seed, device, ctx.rank, ctx.world_size)
     peak_lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_scaling)  # scaled with the global batch
-    opt = build_optimizer(cfg.optim.optimizer, [model.encoder, model.head], peak_lr, cfg.optim.weight_decay,
-                          cfg.optim.momentum, cfg.optim.trust_coefficient)
-    net: nn.Module = SimCLRNet(model.encoder, model.head)
+    if t.learn_temperature:
+        model.temperature = LearnedTemperature(t.temperature).to(device)
+    trained = [model.encoder, model.head] + ([model.temperature] if model.temperature is not None else [])
+    opt = build_optimizer(cfg.optim.optimizer, trained, peak_lr, cfg.optim.weight_decay, cfg.optim.momentum,
+                          cfg.optim.trust_coefficient)
+    net: nn.Module = SimCLRNet(model.encoder, model.head, model.temperature)
     no_sync: Callable[[], AbstractContextManager[object]] = nullcontext
     if ctx.active:
         # Buffers are not broadcast: with global BN they agree anyway; without it, rank 0's are saved.
@@ -179,9 +193,11 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
         net = torch.compile(net)  # type: ignore[assignment]  # an OptimizedModule, typed as a plain callable
     views = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=t.seed,
                       channels_last=t.channels_last, global_batch=t.batch_size, rank=ctx.rank,
-                      world_size=ctx.world_size, render=torch.compile(render_views) if compiled else render_views)
+                      world_size=ctx.world_size, render=torch.compile(render_views) if compiled else render_views,
+                      views=t.views)
+    objective = None if is_plain(t) else Objective(t, dataset.pretrain.labels, device, model.temperature)
     train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,
-                           grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync)
+                           grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch
     state = RunState(cfg, model, train_step, total_steps=max(1, int(round(t.epochs * spe))))
     warmup = int(round(cfg.optim.warmup_epochs * spe))

@@ -21,7 +21,8 @@ from fastclr.pretraining.model import Model
 from fastclr.pretraining.step import TrainStep
 
 RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
-               "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer")
+               "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer",
+               "train.views", "train.supcon", "train.learn_temperature")
 """Settings a resumed run may change only with --allow-config-change: they change the model or the data order."""
 
 
@@ -51,6 +52,8 @@ class RunState:
         self.model.head.load_state_dict(state["head"])
         self.train_step.optimizer.load_state_dict(state["optimizer"])
         self.train_step.load_state_dict(state.get("loss_scaler", {}))
+        if self.model.temperature is not None:
+            self.model.temperature.load_state_dict(state["temperature"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         if self.cfg.train.time_budget > 0:
@@ -66,4 +69,5 @@ class RunState:
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
             "loss_scaler": self.train_step.state_dict(),
+            **({"temperature": self.model.temperature.state_dict()} if self.model.temperature is not None else {}),
         })

@@ -23,6 +23,7 @@ from fastclr.pretraining.chunked_loss import blockwise_nt_xent
 from fastclr.scaleout.distributed import DistContext, gather_with_grad
 from fastclr.scaleout.gradcache import grad_cache_backward
 from fastclr.pretraining.losses import contrastive_metrics, nt_xent_logits, rank_metrics
+from fastclr.pretraining.objective import Objective
 from fastclr.runtime import Precision
 
 Metrics = dict[str, torch.Tensor]
@@ -31,9 +32,11 @@ Metrics = dict[str, torch.Tensor]
 class SimCLRNet(nn.Module):
     """Encoder f then head g as one module, the unit DistributedDataParallel wraps."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, temperature: nn.Module | None = None):
         super().__init__()
         self.encoder, self.head = encoder, head
+        if temperature is not None:  # a learned temperature: inside, so DDP averages its gradient too
+            self.temperature = temperature
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """views (2B, C, S, S) -> z (2B, proj_dim)."""
@@ -74,10 +77,22 @@ def backward_step(
     chunk: int = 0,
     no_sync: Callable[[], AbstractContextManager[object]] = nullcontext,
     scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    objective: Objective | None = None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Forward and backward of one step; gradients (of `scale(loss)`) land in .grad, averaged over
     ranks by DDP. chunk > 0: gradient caching with `chunk` images per encoder pass (gradcache.py).
-    Returns the detached, unscaled loss of this rank's anchors and the metrics."""
+    objective: K views, supervised contrastive or a learned temperature (objective.py), with the
+    views' `groups`; None: NT-Xent. Returns the detached, unscaled loss of this rank's anchors and
+    the metrics."""
+    if objective is not None and groups is not None:
+        with record_function("fastclr.forward"):
+            z = project(net, views, amp)
+        with record_function("fastclr.loss"):
+            loss, metrics = objective.loss(z, groups, ctx)
+        with record_function("fastclr.backward"):
+            scale(loss).backward()
+        return loss.detach(), metrics
     if chunk <= 0:
         with record_function("fastclr.forward"):
             z = project(net, views, amp)
@@ -108,19 +123,21 @@ class TrainStep:
     def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, device: torch.device, *,
                  temperature: float, loss_block: int = 0, grad_cache_chunk: int = 0,
                  ctx: DistContext = DistContext(),
-                 no_sync: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
-        self.net, self.optimizer, self.precision, self.ctx = net, optimizer, precision, ctx
+                 no_sync: Callable[[], AbstractContextManager[object]] = nullcontext,
+                 objective: Objective | None = None) -> None:
+        self.net, self.optimizer, self.precision, self.ctx, self.objective = net, optimizer, precision, ctx, objective
         self.temperature, self.loss_block, self.grad_cache_chunk, self.no_sync = (
             temperature, loss_block, grad_cache_chunk, no_sync)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # Disabled for bf16 and fp32: then scale() is the identity and step() is optimizer.step().
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
 
-    def __call__(self, views: torch.Tensor) -> StepResult:
-        """Forward, backward and update on one batch of views (2B, C, S, S)."""
+    def __call__(self, views: torch.Tensor, groups: torch.Tensor | None = None) -> StepResult:
+        """Forward, backward and update on one batch of views (2B, C, S, S; KB with --views K), and
+        their group ids under an objective other than NT-Xent."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = backward_step(self.net, views, self.temperature, self.precision.dtype, self.loss_block, self.ctx,
-                                      self.grad_cache_chunk, self.no_sync, self.scaler.scale)
+                                      self.grad_cache_chunk, self.no_sync, self.scaler.scale, self.objective, groups)
         with record_function("fastclr.optimizer"):
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])

@@ -17,13 +17,14 @@ def augment_seed(seed: int, step: int) -> int:
 
 
 class ViewMaker:
-    """`views(images, step)` -> float32 (2B, C, S, S), standardised: this process's share of step
-    `step`'s views, the same whatever the number of processes (see `two_views`)."""
+    """`views(images, step)` -> float32 (KB, C, S, S) (K = `views`, 2 unless --views), standardised:
+    this process's share of step `step`'s views, the same whatever the number of processes (see
+    `two_views`)."""
 
     def __init__(self, cfg: AugmentConfig, mean: torch.Tensor, std: torch.Tensor, device: torch.device, *, seed: int,
                  channels_last: bool, global_batch: int, rank: int = 0, world_size: int = 1,
-                 render: Callable[..., torch.Tensor] = render_views) -> None:
-        self.cfg, self.seed, self.channels_last, self.render = cfg, seed, channels_last, render
+                 render: Callable[..., torch.Tensor] = render_views, views: int = 2) -> None:
+        self.cfg, self.seed, self.channels_last, self.render, self.views = cfg, seed, channels_last, render, views
         self.mean, self.std = mean.to(device), std.to(device)
         self.generator = torch.Generator(device=device)
         # One process draws just its 2B views; several draw the global batch's and keep their rows.
@@ -36,4 +37,4 @@ class ViewMaker:
         self.generator.manual_seed(augment_seed(self.seed, step))
         with record_function("fastclr.views"):
             return two_views(images, self.cfg, self.generator, self.mean, self.std, self.channels_last, self.global_batch,
-                             self.offset, self.render)
+                             self.offset, self.render, self.views)

@@ -145,6 +145,15 @@ def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return _GatherWithGrad.apply(x) if ctx.active else x
 
 
+def all_gather(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Rows of every rank, rank 0 first, without gradient (ids, labels): (W * rows, ...)."""
+    if not ctx.active:
+        return x
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def all_reduce(x: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tensor:
     """The element-wise sum, min or max of `x` over ranks (a new tensor; no gradient)."""
     if not ctx.active:

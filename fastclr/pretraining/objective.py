@@ -1,0 +1,75 @@
+"""What a run optimises, beyond plain two-view NT-Xent: K views per image (--views), supervised
+contrastive positives from the labels of pretraining images (--supcon), a learned temperature
+(--learn-temperature). The plain objective (two views, no labels, a fixed temperature) is not
+routed through here at all: it keeps the NT-Xent step of step.py, row blocks and gradient
+caching included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastclr.config import TrainConfig
+from fastclr.pretraining.multi_positive import Metrics, label_groups, multi_positive_loss
+from fastclr.scaleout.distributed import DistContext, all_gather, gather_with_grad
+
+TEMPERATURE_RANGE = (0.01, 1.0)
+"""Where a learned temperature is kept. Below 0.01 the logits of unit vectors span +-100 and a
+few hard negatives dominate every gradient; above 1 the softmax over thousands of negatives is
+nearly flat. CLIP (Radford et al. 2021) clips its learned logit scale the same way (at 100)."""
+
+
+class LearnedTemperature(nn.Module):
+    """t = exp(log_t), trained with the model (log-parameterised: steps are relative, t stays > 0),
+    clamped to TEMPERATURE_RANGE. One 1-D parameter, so the optimiser never decays it."""
+
+    def __init__(self, initial: float) -> None:
+        super().__init__()
+        self.log_t = nn.Parameter(torch.tensor([math.log(initial)]))
+
+    def forward(self) -> torch.Tensor:
+        low, high = (math.log(v) for v in TEMPERATURE_RANGE)
+        return self.log_t.clamp(low, high).exp()[0]
+
+
+def is_plain(t: TrainConfig) -> bool:
+    """Two views, no labels, a fixed temperature: the NT-Xent step of step.py."""
+    return t.views == 2 and not t.supcon and not t.learn_temperature
+
+
+class Objective:
+    """The loss of one step for views (K * B rows: view 1 of every image, then view 2, ...) with
+    their images' dataset indices (and labels, for --supcon), under one or several processes."""
+
+    def __init__(self, cfg: TrainConfig, labels: np.ndarray | None, device: torch.device,
+                 learned: nn.Module | None) -> None:
+        self.views, self.supcon, self.temperature, self.learned = cfg.views, cfg.supcon, cfg.temperature, learned
+        self.labels = None
+        if cfg.supcon:
+            self.labels = torch.from_numpy(np.asarray(labels if labels is not None else [], dtype=np.int64)).to(device)
+
+    def groups(self, indices: torch.Tensor) -> torch.Tensor:
+        """Group ids of the K * B views of the images at dataset `indices` (B,): the image (its K
+        views are positives of each other), or with --supcon its class when it has a label."""
+        if self.labels is None or len(self.labels) == 0:
+            return indices.long().repeat(self.views)
+        return label_groups(self.labels[indices], indices, self.views)
+
+    def loss(self, z: torch.Tensor, groups: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, Metrics]:
+        """The multi-positive loss of this rank's rows against every rank's (negatives and positives
+        gathered with their gradient, as for NT-Xent), and the metrics (+ the temperature)."""
+        t: float | torch.Tensor = self.learned() if self.learned is not None else self.temperature
+        candidates = candidate_groups = None
+        offset = 0
+        if ctx.active:
+            candidates, offset = gather_with_grad(z, ctx), ctx.rank * z.shape[0]
+            candidate_groups = all_gather(groups, ctx)
+        loss, metrics = multi_positive_loss(z, groups, t, candidates=candidates, candidate_groups=candidate_groups,
+                                            offset=offset)
+        if isinstance(t, torch.Tensor):
+            metrics["temperature"] = t.detach()
+        return loss, metrics
