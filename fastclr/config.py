@@ -220,6 +220,11 @@ class TrainConfig:
     supcon: bool = False
     """Supervised contrastive (Khosla et al. 2020): views of pretraining images with the same label
     are positives too; images without a label keep NT-Xent's positives."""
+    queue: int = field(default=0, metadata=at_least(0))
+    """0: off; Q > 0: the projections of the last Q views, from a momentum copy of encoder and head,
+    are extra negatives for every anchor (MoCo's queue, He et al. 2020; fastclr.pretraining.queue)."""
+    queue_momentum: float = field(default=0.99, metadata=between(0, 1, below=True))
+    """m of the key network's update theta_k <- m theta_k + (1 - m) theta (with --queue)."""
     learn_temperature: bool = False
     """Train the temperature with the model from `temperature` (log-parameterised, kept in
     [0.01, 1], logged every window as `temperature`)."""

@@ -1,6 +1,6 @@
 """What a run optimises, beyond plain two-view NT-Xent: K views per image (--views), supervised
 contrastive positives from the labels of pretraining images (--supcon), a learned temperature
-(--learn-temperature). The plain objective (two views, no labels, a fixed temperature) is not
+(--learn-temperature), a queue of negatives (--queue). The plain objective (two views, no labels, a fixed temperature) is not
 routed through here at all: it keeps the NT-Xent step of step.py, row blocks and gradient
 caching included.
 """
@@ -15,6 +15,7 @@ from torch import nn
 
 from fastclr.config import TrainConfig
 from fastclr.pretraining.multi_positive import Metrics, label_groups, multi_positive_loss
+from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
 from fastclr.scaleout.distributed import DistContext, all_gather, gather_with_grad
 
 TEMPERATURE_RANGE = (0.01, 1.0)
@@ -37,8 +38,8 @@ class LearnedTemperature(nn.Module):
 
 
 def is_plain(t: TrainConfig) -> bool:
-    """Two views, no labels, a fixed temperature: the NT-Xent step of step.py."""
-    return t.views == 2 and not t.supcon and not t.learn_temperature
+    """Two views, no labels, a fixed temperature, no queue: the NT-Xent step of step.py."""
+    return t.views == 2 and not t.supcon and not t.learn_temperature and not t.queue
 
 
 class Objective:
@@ -46,8 +47,9 @@ class Objective:
     their images' dataset indices (and labels, for --supcon), under one or several processes."""
 
     def __init__(self, cfg: TrainConfig, labels: np.ndarray | None, device: torch.device,
-                 learned: nn.Module | None) -> None:
+                 learned: nn.Module | None, keys: KeyNetwork | None = None, queue: NegativeQueue | None = None) -> None:
         self.views, self.supcon, self.temperature, self.learned = cfg.views, cfg.supcon, cfg.temperature, learned
+        self.keys, self.queue = keys, queue
         self.labels = None
         if cfg.supcon:
             self.labels = torch.from_numpy(np.asarray(labels if labels is not None else [], dtype=np.int64)).to(device)
@@ -68,8 +70,17 @@ class Objective:
         if ctx.active:
             candidates, offset = gather_with_grad(z, ctx), ctx.rank * z.shape[0]
             candidate_groups = all_gather(groups, ctx)
-        loss, metrics = multi_positive_loss(z, groups, t, candidates=candidates, candidate_groups=candidate_groups,
-                                            offset=offset)
+        extra = self.queue.negatives() if self.queue is not None else None
+        loss, metrics = multi_positive_loss(z, groups, t, extra=extra, candidates=candidates,
+                                            candidate_groups=candidate_groups, offset=offset)
         if isinstance(t, torch.Tensor):
             metrics["temperature"] = t.detach()
         return loss, metrics
+
+    def after_update(self, views: torch.Tensor, amp: torch.dtype | None, ctx: DistContext) -> None:
+        """With a queue: move the key network towards the online one, then enqueue the keys of this
+        step's views from every rank (rank order: every rank's queue stays the same)."""
+        if self.keys is None or self.queue is None:
+            return
+        self.keys.update()
+        self.queue.enqueue(all_gather(self.keys.keys(views, amp), ctx))

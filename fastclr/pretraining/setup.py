@@ -26,6 +26,7 @@ from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain
+from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
@@ -51,7 +52,7 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
         raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
     if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
         chosen = ", ".join(f for f, on in (("--views", t.views != 2), ("--supcon", t.supcon),
-                                           ("--learn-temperature", t.learn_temperature)) if on)
+                                           ("--learn-temperature", t.learn_temperature), ("--queue", t.queue > 0)) if on)
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
                            "compute two-view NT-Xent only); drop one of them")
 
@@ -142,7 +143,9 @@ class Run:
         rec.update(step=s.step, epoch=s.step / self.steps_per_epoch, lr=lr, elapsed=s.train_seconds,
                    pairs_per_s=steps * t.batch_size / max(window_seconds, 1e-9))
         self.metrics_log.log(rec)
-        self.bar.update(s.step, f"loss {rec['loss']:.3f} top1 {rec['top1']:.3f} {2 * rec['pairs_per_s']:.0f} img/s")
+        # pairs_per_s counts images (each with t.views views); the progress line counts augmented views.
+        self.bar.update(s.step, f"loss {rec['loss']:.3f} top1 {rec['top1']:.3f} "
+                                f"{t.views * rec['pairs_per_s']:.0f} img/s")
 
     def checkpoint(self) -> None:
         """Refuse a bad state, then rank 0 writes the checkpoint."""
@@ -195,7 +198,11 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
                       channels_last=t.channels_last, global_batch=t.batch_size, rank=ctx.rank,
                       world_size=ctx.world_size, render=torch.compile(render_views) if compiled else render_views,
                       views=t.views)
-    objective = None if is_plain(t) else Objective(t, dataset.pretrain.labels, device, model.temperature)
+    keys = queue = None
+    if t.queue:
+        keys = KeyNetwork(SimCLRNet(model.encoder, model.head), t.queue_momentum)
+        queue = NegativeQueue(t.queue, cfg.model.proj_dim, device)
+    objective = None if is_plain(t) else Objective(t, dataset.pretrain.labels, device, model.temperature, keys, queue)
     train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch

@@ -143,6 +143,8 @@ class TrainStep:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        if self.objective is not None:
+            self.objective.after_update(views, self.precision.dtype, self.ctx)
         skipped = (~torch.isfinite(grad_norm)).float() if self.scaler.is_enabled() else torch.zeros((), device=loss.device)
         return StepResult(loss, grad_norm, skipped, metrics)
 

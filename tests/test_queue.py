@@ -1,0 +1,97 @@
+"""--queue Q: the ring buffer's order and size, the key network's momentum update in closed form,
+the loss it feeds, and exact resume with a queue."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastclr import pretrain
+from fastclr.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.config import TrainConfig
+from fastclr.pretraining.multi_positive import multi_positive_loss
+from fastclr.pretraining.objective import Objective
+from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
+from fastclr.scaleout.distributed import DistContext
+from tiny import tiny_config, tiny_dataset
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_the_queue_keeps_the_last_rows_oldest_first() -> None:
+    q = NegativeQueue(5, 3, torch.device("cpu"))
+    assert q.negatives() is None
+    rows = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
+    q.enqueue(rows[:3])
+    assert torch.allclose(q.negatives(), unit(rows[:3]))  # not full: the filled rows only
+    q.enqueue(rows[3:7])  # wraps around
+    assert torch.allclose(q.negatives(), unit(rows[2:7]))
+    q.enqueue(rows[7:12])
+    assert torch.allclose(q.negatives(), unit(rows[7:12]))
+    q.enqueue(torch.cat([rows, rows]))  # more than it holds: the last five
+    assert torch.allclose(q.negatives(), unit(rows[7:12]))
+    state = q.state_dict()
+    r = NegativeQueue(5, 3, torch.device("cpu"))
+    r.load_state_dict(state)
+    r.enqueue(rows[:2])
+    q.enqueue(rows[:2])
+    assert torch.equal(r.negatives(), q.negatives())
+
+
+def test_the_key_network_follows_the_online_one_by_the_momentum_rule() -> None:
+    """After n updates towards fixed online weights theta: theta_k = m^n theta_k0 + (1 - m^n) theta."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).double()
+    keys = KeyNetwork(online, momentum=0.9)
+    start = [p.detach().clone() for p in keys.net.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+        online[1].running_mean.fill_(0.5)
+    for _ in range(3):
+        keys.update()
+    for k0, k, theta in zip(start, keys.net.parameters(), online.parameters()):
+        assert torch.allclose(k, 0.9 ** 3 * k0 + (1 - 0.9 ** 3) * theta, rtol=1e-12, atol=1e-14)
+        assert not k.requires_grad
+    assert torch.equal(keys.net[1].running_mean, online[1].running_mean)  # buffers copied
+
+
+def test_the_objective_adds_the_queue_as_negatives_and_enqueues_every_view() -> None:
+    torch.manual_seed(1)
+    online = nn.Linear(6, 4).double()
+    keys, queue = KeyNetwork(online, 0.5), NegativeQueue(7, 4, torch.device("cpu"))
+    obj = Objective(TrainConfig(queue=7), None, torch.device("cpu"), None, keys, queue)
+    queue.enqueue(torch.randn(5, 4, dtype=torch.float64))
+    z = torch.randn(6, 4, dtype=torch.float64)
+    groups = obj.groups(torch.arange(3))
+    loss, _ = obj.loss(z, groups, DistContext())
+    want, _ = multi_positive_loss(z, groups, 0.1, extra=queue.negatives())
+    assert torch.equal(loss, want)
+    views = torch.randn(6, 6, dtype=torch.float64)
+    obj.after_update(views, None, DistContext())
+    assert queue.filled == 7 and torch.allclose(queue.negatives()[-6:], unit(keys.net(views)).float(), atol=1e-6)
+
+
+def test_stop_and_resume_with_a_queue_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    over: dict[str, object] = {"train__queue": 40, "train__queue_momentum": 0.9, "train__precision": "fp32",
+                               "train__device": "cpu"}
+    ds = tiny_dataset()
+    pretrain(tiny_config(tmp_path / "a", **over), dataset=ds, progress=False, log=lambda s: None)
+    assert pretrain(tiny_config(tmp_path / "b", **over), dataset=ds, progress=False, log=lambda s: None,
+                    stop=lambda step: step == 5).stopped
+    pretrain(tiny_config(tmp_path / "b", **over), resume=tmp_path / "b", dataset=ds, progress=False, log=lambda s: None)
+    a, b = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in "ab")
+    assert a["step"] == b["step"] == 12
+    assert a["queue"]["filled"] == 40 and a["queue"]["pointer"] == b["queue"]["pointer"] == (12 * 32) % 40
+    assert torch.equal(a["queue"]["rows"], b["queue"]["rows"])
+    for part in ("encoder", "head", "key_network"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    moved = [k for k in a["head"] if k.endswith("weight") and not torch.equal(a["head"][k], a["key_network"]["head." + k])]
+    assert moved  # the key network lags the online one (momentum 0.9), it is not a copy
+    assert not math.isnan(float(a["queue"]["rows"].sum()))
