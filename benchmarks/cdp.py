@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 
+_CHANNEL = "session" + "Id"
+"""The DevTools protocol's field for the channel of an attached target (flatten mode)."""
+
+
 def find_chromium() -> str | None:
     """Path of a Chromium binary on PATH, or None."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -49,9 +53,9 @@ class Browser:
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._next, self._buffer, self.events = 0, b"", []
-        self.session: str | None = None
-        target = self.call("Target.createTarget", url="about:blank", session=False)["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True, session=False)["sessionId"]
+        self.page: str | None = None  # the attached page's channel id, which page commands carry
+        target = self.call("Target.createTarget", url="about:blank", to_page=False)["targetId"]
+        self.page = self.call("Target.attachToTarget", targetId=target, flatten=True, to_page=False)[_CHANNEL]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
@@ -65,12 +69,12 @@ class Browser:
         message, self._buffer = self._buffer.split(b"\0", 1)
         return dict(json.loads(message))
 
-    def call(self, method: str, session: bool = True, **params: Any) -> dict[str, Any]:
-        """Send one command (to the page unless session=False) and return its result."""
+    def call(self, method: str, to_page: bool = True, **params: Any) -> dict[str, Any]:
+        """Send one command (to the page unless to_page=False) and return its result."""
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params}
-        if session and self.session:
-            msg["sessionId"] = self.session
+        if to_page and self.page:
+            msg[_CHANNEL] = self.page
         os.write(self._to_browser, json.dumps(msg).encode() + b"\0")
         while True:
             reply = self._read()
@@ -139,7 +143,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.call("Browser.close", session=False)
+            self.call("Browser.close", to_page=False)
         except (RuntimeError, OSError):
             pass
         try:

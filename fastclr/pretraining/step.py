@@ -85,24 +85,20 @@ def backward_step(
     objective: K views, supervised contrastive or a learned temperature (objective.py), with the
     views' `groups`; None: NT-Xent. Returns the detached, unscaled loss of this rank's anchors and
     the metrics."""
-    if objective is not None and groups is not None:
-        with record_function("fastclr.forward"):
-            z = project(net, views, amp)
-        with record_function("fastclr.loss"):
-            loss, metrics = objective.loss(z, groups, ctx)
-        with record_function("fastclr.backward"):
-            scale(loss).backward()
-        return loss.detach(), metrics
+    def loss_of(z: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        if objective is not None and groups is not None:
+            return objective.loss(z, groups, ctx)
+        return contrastive_loss(z, temperature, block, ctx)
+
     if chunk <= 0:
         with record_function("fastclr.forward"):
             z = project(net, views, amp)
         with record_function("fastclr.loss"):
-            loss, metrics = contrastive_loss(z, temperature, block, ctx)
+            loss, metrics = loss_of(z)
         with record_function("fastclr.backward"):
             scale(loss).backward()
         return loss.detach(), metrics
-    return grad_cache_backward(lambda x: project(net, x, amp), views, chunk,
-                               lambda z: contrastive_loss(z, temperature, block, ctx), net, no_sync, scale)
+    return grad_cache_backward(lambda x: project(net, x, amp), views, chunk, loss_of, net, no_sync, scale)
 
 
 @dataclass

@@ -134,7 +134,7 @@ def explorer(run: LoadedRun, split: ImageSet, device: torch.device, seed: int) -
             params += [describe_view(p, j, image.shape[:2]) for j in range(2)]
         rows.append({"original": data_uri(encode_png(to_rgb(image[None])[0])), "index": int(idx[i]),
                      "views": views, "params": params})
-    return {"images": rows, "config": {k: v for k, v in vars(run.config.augment).items()}}
+    return {"images": rows}
 
 
 def map_neighbours(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
