@@ -13,6 +13,8 @@ The pieces, in the order data flows through them:
     extract_features, linear_probe, knn_accuracy   evaluation on frozen h
     evaluate / build_report       `fastclr evaluate` (every protocol) and `fastclr report` (report.html)
     export_encoder                h in torchvision's names or as a torch.export program
+    finetune_run, distill_run     SimCLRv2: fine-tune on few labels, distil with unlabelled images
+    load_classifier               a fine-tuned or distilled classifier: images -> logits
 """
 
 from fastclr.augment import two_views
@@ -32,6 +34,7 @@ from fastclr.pretraining.schedule import lr_at, scaled_lr
 from fastclr.pretraining.loop import pretrain
 from fastclr.evaluation import EvaluateOptions, evaluate
 from fastclr.report import build_report
+from fastclr.semisup import DistillOptions, FinetuneOptions, distill_run, finetune_run, load_classifier
 from fastclr.version import __version__
 
 __all__ = [
@@ -41,4 +44,5 @@ __all__ = [
     "load_builtin", "load_data", "load_encoder", "lr_at", "nt_xent", "open_store", "prepare_store", "pretrain",
     "save_encoder", "scaled_lr", "two_views",
 ]
-__all__ += ["EvaluateOptions", "build_report", "evaluate", "export_encoder"]
+__all__ += ["DistillOptions", "EvaluateOptions", "FinetuneOptions", "build_report", "distill_run", "evaluate",
+            "export_encoder", "finetune_run", "load_classifier"]

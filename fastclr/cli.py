@@ -14,6 +14,7 @@ from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import is_write_error, write_failure_reason
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
+from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=cmd_download)
     add_ingest_commands(sub)
     add_eval_commands(sub)
+    add_semisup_commands(sub)
 
     ex = sub.add_parser("export", help="write a run's encoder in another format (torchvision names, torch.export)")
     ex.add_argument("run_dir", metavar="RUN_DIR")

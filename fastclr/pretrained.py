@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastclr.checkpoint import latest_valid_checkpoint
+from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
 from fastclr.config import Config, from_dict, read_toml, apply_overrides
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
-from fastclr.models import EncoderSpec, encoder_from_spec
+from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
 from fastclr.runs import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
 
@@ -75,3 +75,15 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         cfg = from_dict(state["config"])
     encoder.eval()
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log))
+
+
+def trained_head(run: LoadedRun, device: torch.device) -> ProjectionHead | None:
+    """The projection head g of the run's newest valid checkpoint, in eval mode; None without one."""
+    if not list_checkpoints(run.run_dir):
+        return None
+    _, state = latest_valid_checkpoint(run.run_dir)
+    m = run.config.model
+    head = ProjectionHead(run.spec.feature_dim, m.head_hidden or run.spec.feature_dim, m.proj_dim, m.head_layers,
+                          m.head_bn)
+    head.load_state_dict(state["head"])
+    return head.to(device).eval()

@@ -12,6 +12,7 @@ Fashion-MNIST, 1% labels, crops of area [0.5, 1] resized back took fine-tuning f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,11 +75,24 @@ class LabelledSetup:
     recipe: TrainRecipe
 
 
-def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, idx: np.ndarray, seed: int,
-                     frozen_bn: bool = False) -> float:
-    """Train encoder and head in place with cross-entropy on the training images `idx` for
-    `recipe.steps` steps; returns the mean loss of the last 10% of steps (a sanity figure).
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x, logits, b) -> scalar loss: the standardised, augmented batch (B, C, S, S), the classifier's
+logits (B, K) and the batch's positions in the trained images `idx` (B,)."""
 
+
+def labelled_objective(labels: np.ndarray, device: torch.device) -> Objective:
+    """Cross-entropy with `labels` (those of the trained images, in their order)."""
+    y = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+    return lambda x, logits, b: F.cross_entropy(logits.float(), y[b])
+
+
+def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, idx: np.ndarray, seed: int,
+                     frozen_bn: bool = False, objective: Objective | None = None) -> float:
+    """Train encoder and head in place on the training images `idx` for `recipe.steps` steps;
+    returns the mean loss of the last 10% of steps (a sanity figure).
+
+    The loss is cross-entropy with the labels of `idx`, or `objective` when given (then no label
+    is read here: distillation trains on images whose labels it must not see).
     AdamW with BatchNorm and biases undecayed, linear warmup then cosine decay to 0, per step.
     `frozen_bn` keeps the encoder's BatchNorm layers in eval mode (running statistics used and
     left as they are; their affine parameters still train).
@@ -88,7 +102,7 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
     scaler = torch.amp.GradScaler(dev.type, enabled=s.precision.loss_scaling)  # fp16 only
     torch.manual_seed(seed)
     source = ImageSource(s.train_images[idx], dev)
-    y_all = torch.from_numpy(np.ascontiguousarray(s.train_labels[idx])).to(dev)
+    loss_of = objective or labelled_objective(s.train_labels[idx], dev)
     sampler = BatchSampler(len(source), min(r.batch_size, len(source)), seed, dev)
     opt = build_optimizer("adamw", [encoder, head], r.lr, r.weight_decay)
     warmup = int(r.warmup_fraction * r.steps)
@@ -113,7 +127,7 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
         x = x.contiguous(memory_format=torch.channels_last)
         with s.precision.autocast(dev):
             logits = head(encoder(x))
-        loss = F.cross_entropy(logits.float(), y_all[b])
+        loss = loss_of(x, logits, b)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

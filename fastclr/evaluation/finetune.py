@@ -42,6 +42,21 @@ def linear_head(model: LogisticModel, device: torch.device) -> nn.Linear:
     return head.to(device)
 
 
+def probe_then_finetune(backbone: nn.Module, subset_x: torch.Tensor, test_x: torch.Tensor, setup: LabelledSetup,
+                        idx: np.ndarray, seed: int) -> tuple[nn.Linear, dict[str, Any]]:
+    """LP-FT on the labelled images `idx`: the few-label probe on their frozen features `subset_x`
+    (L2 chosen on a fifth of them), its logistic regression as the linear head's start, then
+    `backbone` (trained in place, BatchNorm statistics frozen) and head trained with `setup.recipe`.
+    Returns the head and the test accuracies of the probe ("linear_accuracy") and of the whole."""
+    ys, yte = torch.from_numpy(setup.train_labels[idx]), torch.from_numpy(setup.test_labels)
+    probe = fewshot_fit(subset_x, ys, test_x, yte, seed)
+    start = fit_logistic_regression(subset_x, ys, len(setup.classes), probe.l2, FEWSHOT_ITERS[0])
+    head = linear_head(start, setup.device)
+    out: dict[str, Any] = fit_and_test(backbone, head, setup, idx, seed, frozen_bn=True)
+    out.update(l2=probe.l2, linear_accuracy=probe.accuracy)
+    return head, out
+
+
 def finetune(
     encoder: nn.Module,
     spec: EncoderSpec,
@@ -63,15 +78,9 @@ def finetune(
     """
     k = len(setup.classes)
     tuned = dataclasses.replace(setup, recipe=recipe)
-    ytr, yte = torch.from_numpy(setup.train_labels), torch.from_numpy(setup.test_labels)
 
     def one(idx: np.ndarray, seed: int) -> dict[str, Any]:
-        i = torch.from_numpy(idx)
-        probe = fewshot_fit(train_x[i], ytr[i], test_x, yte, seed)
-        start = fit_logistic_regression(train_x[i], ytr[i], k, probe.l2, FEWSHOT_ITERS[0])
-        enc = copy.deepcopy(encoder)
-        out: dict[str, Any] = fit_and_test(enc, linear_head(start, setup.device), tuned, idx, seed, frozen_bn=True)
-        out.update(l2=probe.l2, linear_accuracy=probe.accuracy)
+        _, out = probe_then_finetune(copy.deepcopy(encoder), train_x[torch.from_numpy(idx)], test_x, tuned, idx, seed)
         if scratch:
             out["scratch_accuracy"] = train_from_scratch(spec, setup, idx, seed)["accuracy"]
         return out

@@ -26,7 +26,7 @@ from fastclr.evaluation.features import encode, evenly_spaced, features_of, stat
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.run import read_eval, require_encoder
 from fastclr.evaluation.table import format_table
-from fastclr.pretrained import LoadedRun, load_run
+from fastclr.pretrained import LoadedRun, load_run, trained_head
 from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import pca, tsne
@@ -97,7 +97,7 @@ PLAYGROUND = """
 
 def _playground_section(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int,
                         data: dict[str, Any]) -> str:
-    head = interactive.trained_head(run, device)
+    head = trained_head(run, device)
     data["playground"] = interactive.playground(run, head, dataset.pretrain, device, seed)
     pairs = data["playground"]["pairs"]
     z_note = "" if head is not None else " This run has no checkpoint, so only h (no trained head z) is shown."

@@ -25,11 +25,9 @@ import torch
 from torch import nn
 
 from fastclr.augment import ViewParams, normalize, render_views, view_params
-from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
 from fastclr.data import ImageSet
 from fastclr.evaluation.features import encode, evenly_spaced
 from fastclr.evaluation.knn import cosine_topk
-from fastclr.models import ProjectionHead
 from fastclr.pretrained import LoadedRun
 from fastclr.report.png import data_uri, encode_png, tile, to_rgb
 
@@ -49,18 +47,6 @@ def f32_base64(x: torch.Tensor | np.ndarray) -> str:
 def from_f32_base64(text: str, dim: int) -> np.ndarray:
     """Inverse of f32_base64 for (N, dim) arrays."""
     return np.frombuffer(base64.b64decode(text), dtype="<f4").reshape(-1, dim)
-
-
-def trained_head(run: LoadedRun, device: torch.device) -> nn.Module | None:
-    """The projection head g of the run's newest valid checkpoint, in eval mode; None without one."""
-    if not list_checkpoints(run.run_dir):
-        return None
-    _, state = latest_valid_checkpoint(run.run_dir)
-    m = run.config.model
-    head = ProjectionHead(run.spec.feature_dim, m.head_hidden or run.spec.feature_dim, m.proj_dim, m.head_layers,
-                          m.head_bn)
-    head.load_state_dict(state["head"])
-    return head.to(device).eval()
 
 
 def _thumbs(views: torch.Tensor) -> list[str]:

@@ -1,0 +1,277 @@
+"""SimCLRv2's semi-supervised steps: the distillation loss against its formula, the classifier cut
+from the projection head, `fastclr finetune` / `fastclr distill` on a tiny run, what they write and
+what they may read."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclr
+from eval_fixtures import one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_thread: autouse)
+from fastclr.cli import main
+from fastclr.data import Dataset, ImageSet
+from fastclr.errors import FastclrError
+from fastclr.evaluation.classifier import TrainRecipe
+from fastclr.evaluation.features import extract_features, prepare_images, state_checksum
+from fastclr.evaluation.subsets import stratified_subset, subset_id
+from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
+from fastclr.pretrained import load_run
+from fastclr.semisup.distill import (distill, distillation_loss, distillation_objective, known_labels,
+                                     soft_target_loss)
+from fastclr.semisup.network import Classifier, empty_neck, load_classifier, neck_of, save_classifier
+from fastclr.semisup.pipeline import DistillOptions, FinetuneOptions, distill_run, finetune_run, labelled_splits, student_for
+
+
+def _soft_loop(s: torch.Tensor, t: torch.Tensor, temp: float) -> list[float]:
+    """-sum_y P_T(y) log P_S(y) per image, written out with float64 loops."""
+    out = []
+    for i in range(s.shape[0]):
+        zt = sum(np.exp(float(t[i, c]) / temp) for c in range(t.shape[1]))
+        zs = sum(np.exp(float(s[i, c]) / temp) for c in range(s.shape[1]))
+        out.append(-sum(np.exp(float(t[i, c]) / temp) / zt * (float(s[i, c]) / temp - np.log(zs))
+                        for c in range(s.shape[1])))
+    return out
+
+
+@pytest.mark.parametrize("temp", [0.5, 1.0, 4.0])
+def test_soft_target_loss_is_the_cross_entropy_with_the_teachers_softened_distribution(temp: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    got = soft_target_loss(s.float(), t.float(), temp)
+    assert got.tolist() == pytest.approx(_soft_loop(s, t, temp), rel=1e-5, abs=1e-5)
+    # gradient of the batch mean in the student's logits: (softmax(s/t) - softmax(t/t)) / (t B)
+    sv = s.float().clone().requires_grad_(True)
+    soft_target_loss(sv, t.float(), temp).mean().backward()
+    closed = (F.softmax(s / temp, 1) - F.softmax(t / temp, 1)) / (temp * s.shape[0])
+    assert sv.grad is not None
+    torch.testing.assert_close(sv.grad.double(), closed, rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_loss_mixes_soft_targets_and_the_labelled_images_cross_entropy() -> None:
+    """Equation 3 of SimCLRv2 per image: (1 - w) soft + w [labelled] CE, averaged over the batch."""
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    labels = torch.tensor([2, -1, -1, 0, -1, 3, -1, -1])
+    for w in (0.0, 0.3, 1.0):
+        soft = _soft_loop(s.double(), t.double(), 2.0)
+        want = []
+        for i in range(8):
+            ce = 0.0
+            if labels[i] >= 0:
+                ce = -float(s[i, labels[i]]) + float(np.log(np.exp(s[i].double().numpy()).sum()))
+            want.append((1 - w) * soft[i] + w * ce)
+        assert float(distillation_loss(s, t, labels, 2.0, w)) == pytest.approx(float(np.mean(want)), rel=1e-5)
+    # a certain teacher at t = 1 makes the soft term the cross-entropy with its labels
+    y = torch.tensor([1, 0, 3, 2, 2, 1, 0, 3])
+    onehot = F.one_hot(y, 4).float() * 1e4
+    assert float(distillation_loss(s, onehot, labels, 1.0, 0.0)) == pytest.approx(float(F.cross_entropy(s, y)), rel=1e-5)
+
+
+def test_known_labels_hold_the_subsets_labels_and_minus_one_elsewhere() -> None:
+    got = known_labels(6, np.array([1, 4]), np.array([7, 3]))
+    assert got.tolist() == [-1, 7, -1, -1, 3, -1]
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_the_neck_is_the_heads_first_layers_and_survives_save_and_load(tmp_path: Path, batch_norm: bool) -> None:
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 10, out_dim=6, layers=3, batch_norm=batch_norm).eval()
+    if batch_norm:  # running statistics that are not the identity, so that keeping them matters
+        head.net[1].running_mean.uniform_(-1, 1)
+        head.net[1].running_var.uniform_(0.5, 2)
+    hidden: list[torch.Tensor] = []
+    relus = [m for m in head.net if isinstance(m, torch.nn.ReLU)]
+    for layers in (1, 2):
+        hook = relus[layers - 1].register_forward_hook(lambda m, i, o: hidden.append(o.clone()))
+        h = torch.randn(5, 12)
+        head(h)
+        hook.remove()
+        torch.testing.assert_close(neck_of(head, layers).eval()(h), hidden[-1])
+    with pytest.raises(FastclrError, match="0 \\(h\\) to 2"):
+        neck_of(head, 3)
+
+    spec = EncoderSpec("cnn", 1, 28, 0.125, "off", 64, (0.5,), (0.25,), "32|256|fc512")
+    enc = encoder_from_spec(spec)
+    head = ProjectionHead(spec.feature_dim, 16, 8, layers=2, batch_norm=batch_norm)
+    for layers in (0, 1):
+        neck = neck_of(head, layers)
+        width = 16 if layers else spec.feature_dim
+        model = Classifier(enc, neck, torch.nn.Linear(width, 3)).eval()
+        path = save_classifier(tmp_path / f"c{layers}{batch_norm}.safetensors", model, spec, ["a", "b", "c"])
+        back, spec2, info = load_classifier(path)
+        x = torch.randn(4, 1, 28, 28)
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+        assert spec2 == spec and info["classes"] == ["a", "b", "c"] and info["neck"] == ([16] if layers else [])
+    assert len(empty_neck([], 4, True)) == 0
+
+
+def test_a_damaged_or_foreign_classifier_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "classifier.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(FastclrError, match="not a readable classifier"):
+        load_classifier(tmp_path)
+
+
+Run = tuple[Path, Dataset]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    ds = tiny_dataset()
+    return tiny_run(tmp_path_factory.mktemp("semisup") / "run", ds), ds
+
+
+FT = FinetuneOptions(labels_per_class=5, steps=4, batch_size=16, device="cpu", baseline=True, from_head_layer=1)
+DS = DistillOptions(steps=5, batch_size=32, device="cpu", label_weight=0.5)
+
+
+def _accuracy(model: Classifier, spec: Any, ds: Dataset, run_dir: Path) -> float:
+    """Test accuracy of a loaded classifier: its features under the precision the commands chose
+    (bf16 where the CPU has it), its linear layer in fp32, as the commands measure (a barely trained
+    classifier has near-ties that another rounding breaks otherwise)."""
+    assert ds.test is not None and ds.test.labels is not None
+    h = extract_features(model.backbone(), ds.test.images, spec.mean_tensor(), spec.std_tensor(),
+                         torch.device("cpu"), precision=load_run(run_dir).precision)
+    with torch.no_grad():
+        x = model.fc(h)
+    return float((x.argmax(1) == torch.from_numpy(ds.test.labels)).float().mean())
+
+
+@pytest.fixture(scope="module")
+def finetuned(run: Run, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run_dir, ds = run
+    return finetune_run(run_dir, FT, dataset=ds, log=lambda s: None)
+
+
+def test_finetune_writes_a_classifier_and_an_encoder_that_load_and_give_its_accuracy(run: Run,
+                                                                                       finetuned: dict[str, Any]) -> None:
+    run_dir, ds = run
+    out = Path(finetuned["out"])
+    assert out == run_dir / "finetune" / "5-per-class-seed0-head1"
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["accuracy"] == finetuned["accuracy"] and record["labels"] == 50 and record["from_head_layer"] == 1
+    assert record["feature_dim"] == 32  # the tiny head's hidden width: the classifier reads layer 1 of g
+    model, spec, info = fastclr.load_classifier(out)
+    assert _accuracy(model, spec, ds, run_dir) == pytest.approx(record["accuracy"])  # logits argmax == the recorded figure
+    enc, enc_spec = fastclr.load_encoder(out / "encoder.safetensors")
+    assert enc_spec == spec and state_checksum(enc) == state_checksum(model.encoder)
+    assert state_checksum(load_run(run_dir).encoder) == record["run_encoder_sha256"]  # the run's own encoder untouched
+    assert state_checksum(model.encoder) != record["run_encoder_sha256"]  # ... and the copy was trained
+    assert ds.train is not None and ds.train.labels is not None
+    idx = stratified_subset(ds.train.labels, 5, 0)
+    assert record["subset"] == subset_id(idx)  # the subset `evaluate` uses for this seed
+    assert 0 <= record["baseline_accuracy"] <= 1
+
+
+def test_finetune_from_h_reads_the_encoders_output(run: Run, tmp_path: Path) -> None:
+    run_dir, ds = run
+    r = finetune_run(run_dir, dataclasses.replace(FT, from_head_layer=0, baseline=False), out=tmp_path / "h",
+                     dataset=ds, log=lambda s: None)
+    model, spec, info = load_classifier(tmp_path / "h")
+    assert r["feature_dim"] == spec.feature_dim and info["neck"] == [] and len(model.neck) == 0
+
+
+def test_distill_trains_a_student_whose_exports_load(run: Run, finetuned: dict[str, Any]) -> None:
+    run_dir, ds = run
+    teacher = Path(finetuned["out"])
+    before = (teacher / "classifier.safetensors").read_bytes()
+    r = distill_run(teacher, DS, dataset=ds, log=lambda s: None)
+    out = Path(r["out"])
+    assert out == run_dir / "distill" / teacher.name
+    assert (teacher / "classifier.safetensors").read_bytes() == before  # the teacher is read, never written
+    assert r["teacher_accuracy"] == pytest.approx(finetuned["accuracy"])
+    model, spec, _ = fastclr.load_classifier(out)
+    assert _accuracy(model, spec, ds, run_dir) == pytest.approx(r["accuracy"])
+    enc, enc_spec = fastclr.load_encoder(out / "encoder.safetensors")
+    assert enc_spec == spec and state_checksum(enc) == state_checksum(model.encoder)
+    assert r["student_init"] == "pretrained" and json.loads((out / "distill.json").read_text())["subset"] == r["subset"]
+    with pytest.raises(FastclrError, match="already holds a distilled classifier"):
+        distill_run(teacher, DS, dataset=ds, log=lambda s: None)
+
+
+def test_the_student_never_sees_test_labels_or_the_unlabelled_images_labels(run: Run,
+                                                                             finetuned: dict[str, Any]) -> None:
+    """Two datasets that differ only in the labels distillation may not read (every test label, every
+    training label outside the labelled subset) give bit-identical students."""
+    run_dir, ds = run
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    labelled = stratified_subset(ds.train.labels, 5, 0)
+    rng = np.random.default_rng(0)
+    other_train = rng.integers(0, 10, len(ds.train.labels))
+    other_train[labelled] = ds.train.labels[labelled]
+    other = Dataset(ds.name, ds.pretrain, ImageSet(ds.train.images, other_train),
+                    ImageSet(ds.test.images, rng.permutation(ds.test.labels)), ds.classes)
+    teacher, _, _ = load_classifier(finetuned["out"])
+    r = load_run(run_dir)
+    recipe = TrainRecipe(steps=4, batch_size=32, lr=1e-3, weight_decay=5e-4, warmup_fraction=0.1, shift_fraction=0.07,
+                         flip_p=0.5)
+    states = []
+    for data in (ds, other):
+        setup = labelled_splits(r, data, torch.device("cpu"), recipe)
+        student, _, _ = student_for(r, DistillOptions(), 10, 0, torch.device("cpu"))
+        distill(teacher, student, setup, labelled, temperature=2.0, label_weight=0.5, seed=0)
+        states.append(state_checksum(student))
+    assert states[0] == states[1]
+    # ... while the labels of the labelled subset do change it (they are read, with weight 0.5)
+    flipped = ds.train.labels.copy()
+    flipped[labelled] = (flipped[labelled] + 1) % 10
+    setup = labelled_splits(r, Dataset(ds.name, ds.pretrain, ImageSet(ds.train.images, flipped), ds.test, ds.classes),
+                            torch.device("cpu"), recipe)
+    student, _, _ = student_for(r, DistillOptions(), 10, 0, torch.device("cpu"))
+    distill(teacher, student, setup, labelled, temperature=2.0, label_weight=0.5, seed=0)
+    assert state_checksum(student) != states[0]
+
+
+def test_a_teacher_on_clean_images_gives_the_targets_it_gives_on_that_batch(run: Run,
+                                                                           finetuned: dict[str, Any]) -> None:
+    """teacher_views "clean" looks the teacher's logits up from one pass over the un-augmented images;
+    on an un-augmented batch that is what "same" computes from the batch itself."""
+    run_dir, ds = run
+    assert ds.train is not None and ds.train.labels is not None
+    r = load_run(run_dir, precision="fp32")
+    teacher, _, _ = load_classifier(finetuned["out"])
+    setup = labelled_splits(r, ds, torch.device("cpu"), TrainRecipe(1, 8, 1e-3, 0.0, 0.0, 0.0, 0.0))
+    known = known_labels(len(ds.train.labels), np.array([3, 40]), ds.train.labels[[3, 40]])
+    b = torch.tensor([3, 17, 40, 599, 250])
+    x = prepare_images(torch.from_numpy(ds.train.images[b.numpy()]), r.mean, r.std, 28)
+    logits = torch.randn(5, 10)
+    same = distillation_objective(teacher, known, 2.0, 0.3, setup, "same")(x, logits, b)
+    clean = distillation_objective(teacher, known, 2.0, 0.3, setup, "clean")(x + 100, logits, b)  # x is not read
+    assert float(clean) == pytest.approx(float(same), rel=1e-5)
+    with pytest.raises(FastclrError, match="--teacher-views 'noisy'"):
+        distillation_objective(teacher, known, 2.0, 0.3, setup, "noisy")
+
+
+def test_a_smaller_student_starts_at_random(run: Run) -> None:
+    r = load_run(run[0])
+    student, spec, init = student_for(r, DistillOptions(student_width=0.0625), 10, 0, torch.device("cpu"))
+    assert init == "random" and spec.width == 0.0625 and spec.feature_dim < r.spec.feature_dim
+    assert student.fc.in_features == spec.feature_dim
+    with pytest.raises(FastclrError, match="needs the run's width"):
+        student_for(r, DistillOptions(student_width=0.0625, student_init="pretrained"), 10, 0, torch.device("cpu"))
+
+
+def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, _ = run
+    assert main(["distill", str(run_dir)]) == 2
+    assert "holds no classifier.safetensors and finetune.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: exactly one of the two
+        main(["finetune", str(run_dir), "--labels-per-class", "5", "--label-fraction", "0.1"])
+    assert e.value.code == 2
+    assert main(["finetune", str(tmp_path / "nope"), "--labels-per-class", "5"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["finetune", str(run_dir), "--labels-per-class", "5", "--from-head-layer", "2", "--device", "cpu"]) == 2
+    assert "--from-head-layer 2: the run's projection head has 2 linear layers" in capsys.readouterr().err
+    assert main(["finetune", str(run_dir), "--labels-per-class", "5", "--from-head-layer", "-1"]) == 2
+    assert "--from-head-layer must be at least 0, got -1" in capsys.readouterr().err
+    assert main(["distill", str(run_dir), "--steps", "0"]) == 2
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
