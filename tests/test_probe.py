@@ -149,7 +149,7 @@ def test_knn_bf16_shortlist_gives_the_exact_fp32_votes_on_wide_features() -> Non
     x, q = torch.relu(x), torch.relu(q)
     exact = knn_predict(x, y, q, 20, 0.07, 10, shortlist=0)
     assert torch.equal(knn_predict(x, y, q, 20, 0.07, 10, shortlist=2), exact)
-    assert 0.2 < float((exact == blobs(500, 512, 10, 6, spread=0.3)[1]).float().mean()) < 1.0  # not a trivial task
+    assert 0.2 < float((exact == blobs(500, 512, 10, 6, spread=0.3)[1]).float().mean()) < 1.0  # not a trivial problem
 
 
 def test_knn_accuracy_on_identical_sets_with_k1_is_one() -> None:
