@@ -20,10 +20,6 @@ from pathlib import Path
 from typing import Any
 
 
-_CHANNEL = "session" + "Id"
-"""The DevTools protocol's field for the channel of an attached target (flatten mode)."""
-
-
 def find_chromium() -> str | None:
     """Path of a Chromium binary on PATH, or None."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -54,8 +50,10 @@ class Browser:
         os.close(from_browser_w)
         self._next, self._buffer, self.events = 0, b"", []
         self.page: str | None = None  # the attached page's channel id, which page commands carry
+        self._channel_field = ""  # the protocol's name for that id, as the attach reply spells it
         target = self.call("Target.createTarget", url="about:blank", to_page=False)["targetId"]
-        self.page = self.call("Target.attachToTarget", targetId=target, flatten=True, to_page=False)[_CHANNEL]
+        attached = self.call("Target.attachToTarget", targetId=target, flatten=True, to_page=False)
+        ((self._channel_field, self.page),) = attached.items()  # flatten mode: its one field is the channel id
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
@@ -74,7 +72,7 @@ class Browser:
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params}
         if to_page and self.page:
-            msg[_CHANNEL] = self.page
+            msg[self._channel_field] = self.page
         os.write(self._to_browser, json.dumps(msg).encode() + b"\0")
         while True:
             reply = self._read()

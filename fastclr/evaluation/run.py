@@ -20,7 +20,7 @@ import torch
 from fastclr.checkpoint import list_checkpoints
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
-from fastclr.evaluation.classifier import LabelledSetup
+from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
 from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
 from fastclr.evaluation.fewshot import fewshot_probe
 from fastclr.evaluation.finetune import finetune
@@ -186,25 +186,31 @@ def require_encoder(run_dir: Path) -> None:
         )
 
 
+def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe,
+                    missing: str) -> LabelledSetup:
+    """The run's labelled train and test splits with `recipe`; without them, one line: the dataset
+    has none, then `missing` (who needs them and what to do instead)."""
+    tr, te = dataset.train, dataset.test
+    if tr is None or te is None or tr.labels is None or te.labels is None:
+        raise FastclrError(f"dataset {dataset.name} has no labelled train and test splits{missing}")
+    classes = list(dataset.classes) or [str(i) for i in range(int(max(tr.labels.max(), te.labels.max())) + 1)]
+    return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std, run.spec.image_size,
+                         device, run.precision, recipe)
+
+
 def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, device: torch.device,
                    wanted: tuple[str, ...]) -> LabelledSetup:
     """The labelled splits and recipe; one-line errors when labels are missing or too few."""
-    tr, te = dataset.train, dataset.test
-    if tr is None or te is None or tr.labels is None or te.labels is None:
-        raise FastclrError(
-            f"dataset {dataset.name} has no labelled train and test splits, which protocols {', '.join(wanted)} need; "
-            "run `fastclr evaluate RUN_DIR --protocols quality` for the label-free measures"
-        )
-    classes = list(dataset.classes) or [str(i) for i in range(int(max(tr.labels.max(), te.labels.max())) + 1)]
+    setup = labelled_splits(run, dataset, device, options.recipe(run.config.augment.flip_p),
+                            f", which protocols {', '.join(wanted)} need; run `fastclr evaluate RUN_DIR --protocols "
+                            "quality` for the label-free measures")
     # Fail before any expensive work: every asked-for subset must exist.
     per_class = list(options.labels_per_class) if {"fewshot", "supervised"} & set(wanted) else []
     if "finetune" in wanted:
-        per_class += [fraction_per_class(tr.labels, f, len(classes)) for f in options.finetune_fractions]
+        per_class += [fraction_per_class(setup.train_labels, f, len(setup.classes)) for f in options.finetune_fractions]
     for n in per_class:
-        stratified_subset(tr.labels, n, 0, classes)
-    return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std,
-                         run.spec.image_size, device, run.precision,
-                         options.recipe(run.config.augment.flip_p))
+        stratified_subset(setup.train_labels, n, 0, setup.classes)
+    return setup
 
 
 def evaluate(

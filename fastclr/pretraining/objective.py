@@ -7,6 +7,8 @@ caching included.
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import numpy as np
@@ -76,6 +78,18 @@ class Objective:
         if isinstance(t, torch.Tensor):
             metrics["temperature"] = t.detach()
         return loss, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold of the objective: the queue and its key network (nothing without one)."""
+        if self.keys is None or self.queue is None:
+            return {}
+        return {"queue": self.queue.state_dict(), "key_network": self.keys.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict`, from a checkpoint's whole state."""
+        if self.keys is not None and self.queue is not None:
+            self.queue.load_state_dict(state["queue"])
+            self.keys.load_state_dict(state["key_network"])
 
     def after_update(self, views: torch.Tensor, amp: torch.dtype | None, ctx: DistContext) -> None:
         """With a queue: move the key network towards the online one, then enqueue the keys of this

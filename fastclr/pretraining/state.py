@@ -54,10 +54,8 @@ class RunState:
         self.train_step.load_state_dict(state.get("loss_scaler", {}))
         if self.model.temperature is not None:
             self.model.temperature.load_state_dict(state["temperature"])
-        objective = self.train_step.objective
-        if objective is not None and objective.queue is not None and objective.keys is not None:
-            objective.queue.load_state_dict(state["queue"])
-            objective.keys.load_state_dict(state["key_network"])
+        if self.train_step.objective is not None:
+            self.train_step.objective.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         if self.cfg.train.time_budget > 0:
@@ -74,11 +72,5 @@ class RunState:
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
             "loss_scaler": self.train_step.state_dict(),
             **({"temperature": self.model.temperature.state_dict()} if self.model.temperature is not None else {}),
-            **self._queue_state(),
+            **(self.train_step.objective.state_dict() if self.train_step.objective is not None else {}),
         })
-
-    def _queue_state(self) -> dict[str, Any]:
-        objective = self.train_step.objective
-        if objective is None or objective.queue is None or objective.keys is None:
-            return {}
-        return {"queue": objective.queue.state_dict(), "key_network": objective.keys.state_dict()}

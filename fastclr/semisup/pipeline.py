@@ -31,10 +31,11 @@ from fastclr.evaluation.features import extract_features, state_checksum
 from fastclr.evaluation.finetune import probe_then_finetune
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.reference import untrained_encoder
+from fastclr.evaluation.run import labelled_splits as evaluation_splits
 from fastclr.evaluation.subsets import fraction_per_class, stratified_subset, subset_id
 from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
-from fastclr.models import EncoderSpec, encoder_from_spec, feature_dim
+from fastclr.models import EncoderSpec, feature_dim
 from fastclr.pretrained import LoadedRun, load_run, trained_head
 from fastclr.runs import write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
@@ -111,13 +112,8 @@ def _environment(device: torch.device, run: LoadedRun) -> dict[str, Any]:
 
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe) -> LabelledSetup:
     """The run's labelled train and test splits as a LabelledSetup; one line when there are none."""
-    tr, te = dataset.train, dataset.test
-    if tr is None or te is None or tr.labels is None or te.labels is None:
-        raise FastclrError(f"dataset {dataset.name} has no labelled train and test splits; fine-tuning and "
-                           "distillation need labels for some training images and a labelled test split")
-    classes = list(dataset.classes) or [str(i) for i in range(int(max(tr.labels.max(), te.labels.max())) + 1)]
-    return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std, run.spec.image_size,
-                         device, run.precision, recipe)
+    return evaluation_splits(run, dataset, device, recipe, "; fine-tuning and distillation need labels for some "
+                             "training images and a labelled test split")
 
 
 def _check(steps: int, batch_size: int, lr: float, **at_least_zero: float) -> None:
@@ -234,10 +230,9 @@ def student_for(run: LoadedRun, o: DistillOptions, num_classes: int, seed: int, 
     if init == "pretrained":
         encoder, spec = copy.deepcopy(run.encoder), run.spec
     else:
-        probe_spec = dataclasses.replace(run.spec, width=width)
-        dim = feature_dim(encoder_from_spec(probe_spec), run.spec.in_channels, run.spec.image_size)
-        spec = dataclasses.replace(probe_spec, feature_dim=dim)
-        encoder = untrained_encoder(spec, seed, device)
+        narrow = dataclasses.replace(run.spec, width=width)  # its feature_dim is measured next
+        encoder = untrained_encoder(narrow, seed, device)
+        spec = dataclasses.replace(narrow, feature_dim=feature_dim(encoder, run.spec.in_channels, run.spec.image_size))
     torch.manual_seed(seed)
     student = Classifier(to_channels_last(encoder.to(device)), nn.Sequential(), nn.Linear(spec.feature_dim, num_classes))
     return student.to(device), spec, init
