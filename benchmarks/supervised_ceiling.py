@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from harness import describe
 
@@ -30,8 +29,8 @@ from fastclr.evaluation.classifier import TrainRecipe, fit_and_test
 from fastclr.evaluation.features import extract_features
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.probe import linear_probe
-from fastclr.evaluation.reference import untrained_encoder
 from fastclr.evaluation.run import labelled_splits
+from fastclr.evaluation.supervised import scratch_network
 from fastclr.pretrained import load_run
 
 
@@ -50,9 +49,7 @@ def main() -> None:
                          run.config.augment.flip_p)
     ds = load_data(run.config.data)
     setup = labelled_splits(run, ds, device, recipe, "")
-    encoder = untrained_encoder(run.spec, a.seed, device)
-    torch.manual_seed(a.seed)
-    head = nn.Linear(run.spec.feature_dim, len(setup.classes)).to(device)
+    encoder, head = scratch_network(run.spec, setup, a.seed)  # as `evaluate`'s supervised baseline builds it
     t0 = time.perf_counter()
     result = fit_and_test(encoder, head, setup, np.arange(len(setup.train_labels)), a.seed)
     train_s = time.perf_counter() - t0

@@ -17,11 +17,18 @@ from fastclr.evaluation.reference import untrained_encoder
 from fastclr.models import EncoderSpec
 
 
-def train_from_scratch(spec: EncoderSpec, setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
-    """Test accuracy of a fresh encoder plus linear head trained on the labelled images `idx`."""
-    torch.manual_seed(seed)  # the head's initial weights and the training draws
+def scratch_network(spec: EncoderSpec, setup: LabelledSetup, seed: int) -> tuple[nn.Module, nn.Linear]:
+    """A fresh encoder (the run's initial weights for `seed`) and a linear head on it, the global
+    random state seeded for the head's weights and the training draws that follow."""
+    torch.manual_seed(seed)
     enc = untrained_encoder(spec, seed, setup.device)
     head = nn.Linear(spec.feature_dim, len(setup.classes)).to(setup.device)
+    return enc, head
+
+
+def train_from_scratch(spec: EncoderSpec, setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
+    """Test accuracy of a fresh encoder plus linear head trained on the labelled images `idx`."""
+    enc, head = scratch_network(spec, setup, seed)
     return fit_and_test(enc, head, setup, idx, seed)
 
 
