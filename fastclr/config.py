@@ -123,8 +123,8 @@ class ModelConfig:
     cnn_stages: str = "32|256|fc512"
     """Shape of the cnn encoder (fastclr.models.cnn.parse_stages): 3x3 conv widths per stage,
     '|' between stages (a 2x2 max-pool), ',' between convs of a stage, then how h is read off.
-    The default reads a 512-d h off the 7 x 7 x 256 map by a learned linear pooling (fc512): of the
-    compact readouts measured it probed best (docs/benchmarks.md, "Compact h"); "32|256|flat0" is
+    The default reads a 512-d h off the 7 x 7 x 256 map, max-pooled 2x2 to 3 x 3, by a learned
+    linear pooling (fc512): of the compact readouts measured it probed best (docs/benchmarks.md, "Compact h"); "32|256|flat0" is
     the former 12544-d readout, the whole map flattened, which a linear probe scores well even
     untrained (89.9% on Fashion-MNIST)."""
     cifar_stem: str = field(default="auto", metadata=one_of("auto", "on", "off"))

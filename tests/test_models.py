@@ -19,7 +19,7 @@ from fastclr.models import (
     resolve_encoder,
     use_cifar_stem,
 )
-from fastclr.models.cnn import SmallCNN, parse_stages
+from fastclr.models.cnn import Readout, SmallCNN, parse_stages
 
 EXPECTED_DIM = {"cnn": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -62,8 +62,11 @@ def test_auto_encoder_and_bad_names() -> None:
 
 
 def test_small_cnn_space_to_depth_and_stage_spec() -> None:
-    assert parse_stages("64|128,128|256") == ([[64], [128, 128], [256]], 0)
-    assert parse_stages("32|64|fc512") == ([[32], [64]], 512)
+    assert parse_stages("64|128,128|256") == ([[64], [128, 128], [256]], Readout("gap"))
+    assert parse_stages("32|64|fc512") == ([[32], [64]], Readout("fc", 512))
+    assert parse_stages("32|64|sfc512") == ([[32], [64]], Readout("sfc", 512))
+    assert parse_stages("32|64|attn64") == ([[32], [64]], Readout("attn", 64))
+    assert parse_stages("32|64|cat0") == ([[32], [64]], Readout("cat0"))
     enc = SmallCNN(1, 1.0, "16|32")
     assert isinstance(enc.features[0], nn.PixelUnshuffle)
     assert enc.features[1].in_channels == 4  # 1 channel x 2 x 2
@@ -73,6 +76,23 @@ def test_small_cnn_space_to_depth_and_stage_spec() -> None:
     fc = [m for m in enc.pool if isinstance(m, nn.Linear)][0]
     assert fc.in_features == 3 * 3 * 32 and enc.feature_dim == 64
     assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+
+
+def test_symmetric_readout_covers_the_whole_map_and_mirrors_under_a_flip() -> None:
+    # 7 x 7 map: fc's 2x2 pool gives 3 x 3 and never reads the last row and column; sfc's
+    # overlapping 3x3 / 2 pool gives 4 x 4 windows centred on columns 0, 2, 4, 6.
+    fc, sfc = SmallCNN(1, 1.0, "8|16|fc32"), SmallCNN(1, 1.0, "8|16|sfc32")
+    assert [m for m in sfc.pool if isinstance(m, nn.Linear)][0].in_features == 4 * 4 * 16
+    m = torch.rand(3, 16, 7, 7)
+    pool_fc, pool_sfc = fc.pool[0], sfc.pool[0]
+    # pooling a mirrored map gives the mirrored pooled map (a flip permutes h's fc inputs) ...
+    torch.testing.assert_close(pool_sfc(m.flip(-1)), pool_sfc(m).flip(-1))
+    # ... and every position reaches h: raising the last column changes sfc's pooled map only
+    bump = m.clone()
+    bump[..., 6] += 1
+    assert torch.equal(pool_fc(bump), pool_fc(m)) and not torch.equal(pool_sfc(bump), pool_sfc(m))
+    # the 2x2 pool has no such symmetry: its windows pair columns (0, 1) ... (4, 5) and drop 6
+    assert not torch.allclose(pool_fc(m.flip(-1)), pool_fc(m).flip(-1))
 
 
 def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -> None:

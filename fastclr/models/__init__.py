@@ -26,7 +26,7 @@ def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int, stag
         return SmallCNN(in_channels, width, stages, image_size=image_size)
     except ValueError:
         raise FastclrError(f"cnn_stages {stages!r} is not a stage spec; write e.g. 32|256|fc512 "
-                           "(conv widths, '|' between stages, then fcN, attnN, flat0, flat or cat0)") from None
+                           "(conv widths, '|' between stages, then fcN, sfcN, attnN, flat0, flat or cat0)") from None
 
 
 def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int, str], nn.Module]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -54,28 +56,42 @@ class AttentionPool(nn.Module):
         return self.out(torch.einsum("bhp,bphv->bhv", weights, values).flatten(1))  # (B, H * V)
 
 
-def parse_stages(spec: str) -> tuple[list[list[int]], int]:
-    """"64|128,128|fc512" -> ([[64], [128, 128]], 512); "...|flat" -> -1, "...|flat0" -> -2,
-    "...|cat0" -> -3, "...|attn512" -> -512.
+class Readout(NamedTuple):
+    """How h is read off the last map: `kind` and, for fc, sfc and attn, the width `dim`."""
+
+    kind: str  # gap, fc, sfc, attn, flat, flat0, cat0
+    dim: int = 0
+
+
+def parse_stages(spec: str) -> tuple[list[list[int]], Readout]:
+    """"64|128,128|fc512" -> ([[64], [128, 128]], Readout("fc", 512)).
 
     Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
-    conv of a stage by ','. A last stage "fcN" flattens the final map into a linear layer of N
-    units (with BatchNorm and ReLU); "attnN" pools the final map to N by attention
-    (`AttentionPool`); "flat" max-pools the final map 2x2 and flattens it, "flat0" flattens it as
-    it is, "cat0" flattens it together with every earlier stage's map max-pooled to its side
-    (multi-scale h); without any of these the final map is average-pooled (global pooling).
+    conv of a stage by ','. The last part says how h is read off the final map:
+    - "fcN": max-pooled 2x2 (stride 2; an odd side's last row and column fall outside every
+      window: 7 x 7 -> 3 x 3), flattened, then a linear layer of N units with BatchNorm and ReLU;
+    - "sfcN": the same with an overlapping 3x3 max-pool (stride 2, padded), which covers the whole
+      map and treats its left and right edges alike, so a flipped image meets the mirrored
+      windows (7 x 7 -> 4 x 4);
+    - "attnN": pooled to N by attention (`AttentionPool`);
+    - "flat": max-pooled 2x2 and flattened; "flat0": flattened as it is; "cat0": flattened
+      together with every earlier stage's map max-pooled to its side (multi-scale h);
+    - none of these: the final map is average-pooled (global pooling).
     """
     parts = spec.split("|")
-    fc = 0
-    if parts[-1].startswith("fc"):
-        fc = int(parts.pop()[2:])
-    elif parts[-1].startswith("attn"):
-        fc = -int(parts.pop()[4:])
-        if fc > -8:
-            raise ValueError(spec)
-    elif parts[-1] in ("flat", "flat0", "cat0"):
-        fc = {"flat": -1, "flat0": -2, "cat0": -3}[parts.pop()]
-    return [[int(c) for c in stage.split(",")] for stage in parts], fc
+    last = parts[-1]
+    readout = Readout("gap")
+    for kind in ("sfc", "fc", "attn"):
+        if last.startswith(kind):
+            readout = Readout(kind, int(last[len(kind):]))
+            if kind == "attn" and readout.dim < 8:
+                raise ValueError(spec)
+            parts.pop()
+            break
+    else:
+        if last in ("flat", "flat0", "cat0"):
+            readout = Readout(parts.pop())
+    return [[int(c) for c in stage.split(",")] for stage in parts], readout
 
 
 class SmallCNN(nn.Module):
@@ -92,7 +108,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|256|fc512",
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
-        convs, fc = parse_stages(stages)
+        convs, readout = parse_stages(stages)
         layers: list[nn.Module] = []
         c, side = in_channels, image_size
         if space_to_depth:
@@ -110,26 +126,30 @@ class SmallCNN(nn.Module):
             ends.append((len(layers), c, side))
         self.features = nn.Sequential(*layers)
         # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
-        self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if fc == -3 else []
-        if fc <= -8:  # attention pooling to -fc dimensions
-            dim = max(8, int(round(-fc * width / 8)) * 8)
+        self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if readout.kind == "cat0" else []
+        kind = readout.kind
+        if kind == "attn":
+            dim = max(8, int(round(readout.dim * width / 8)) * 8)
             self.pool: nn.Module = AttentionPool(c, side, dim)
             self.feature_dim = dim
-        elif fc == -3:
+        elif kind == "cat0":
             self.pool = FlattenHWC()
             self.feature_dim = sum(ch for _, ch, _ in ends) * side * side
-        elif fc < 0:  # h is the last map flattened (max-pooled 2x2 first for "flat"): spatial layout kept
-            shrink = side >= 2 and fc == -1
+        elif kind in ("flat", "flat0"):  # h is the last map flattened (max-pooled 2x2 first for "flat")
+            shrink = side >= 2 and kind == "flat"
             side = side // 2 if shrink else side
             self.pool = nn.Sequential(nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC())
             self.feature_dim = c * side * side
-        elif fc:
-            layers_out = max(8, int(round(fc * width)))
-            shrink = side >= 2
-            side = side // 2 if shrink else side
+        elif kind in ("fc", "sfc"):
+            layers_out = max(8, int(round(readout.dim * width)))
+            pool: nn.Module = nn.Identity()
+            if side >= 2 and kind == "fc":
+                pool, side = nn.MaxPool2d(2), side // 2
+            elif side >= 2:
+                pool, side = nn.MaxPool2d(3, stride=2, padding=1), (side + 1) // 2
             self.pool = nn.Sequential(
-                nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC(),
-                nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out), nn.ReLU(inplace=True))
+                pool, FlattenHWC(), nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out),
+                nn.ReLU(inplace=True))
             self.feature_dim = layers_out
         else:
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
