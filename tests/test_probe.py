@@ -54,6 +54,23 @@ def test_standardize_by_blocks_equals_the_whole_matrix_formula() -> None:
     assert float((bs.double() - exact).abs().max()) <= float(exact.abs().max()) * 2 ** -8
 
 
+def test_given_statistics_standardise_a_subset_as_part_of_the_whole() -> None:
+    # a labelled subset standardised with the statistics of all (unlabelled) features: its rows are
+    # exactly those rows of the whole set's standardisation, and the fitted model keeps those stats
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(4)) * 3 - 1
+    whole, mean, std = standardize(x)
+    part, pmean, pstd = standardize(x[:40], stats=(mean, std), block=7)
+    assert torch.equal(part, whole[:40]) and torch.equal(pmean, mean) and torch.equal(pstd, std)
+    own, _, _ = standardize(x[:40])
+    assert not torch.allclose(own, whole[:40])  # the subset's own statistics differ
+    y = (x[:40, 0] > -1).long()
+    model = fit_logistic_regression(x[:40], y, 2, 1e-2, stats=(mean, std))
+    assert torch.equal(model.mean, mean) and torch.equal(model.std, std)
+    z = (x[:40].double() - mean.double()) / std.double()
+    ref = z @ model.weight.double().T + model.bias.double()
+    torch.testing.assert_close(model.logits(x[:40]).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_features_reach_the_fp32_optimum_of_the_exact_objective() -> None:
     x, y = blobs(1500, 20, 5, 0, spread=0.6)
     xt, yt = blobs(800, 20, 5, 1, spread=0.6)
@@ -94,7 +111,7 @@ def test_l2_path_stops_at_the_first_fall_of_held_out_accuracy(monkeypatch: pytes
         def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
             return scripted[self.l2]
 
-    def fake_fit(x, y, k, l2, max_iter=300, init=None, feature_dtype=torch.float32):  # type: ignore[no-untyped-def]
+    def fake_fit(x, y, k, l2, max_iter=300, init=None, feature_dtype=torch.float32, stats=None):  # type: ignore[no-untyped-def]
         assert init is None or isinstance(init, Fake)
         fitted.append((l2, len(x), max_iter))
         return Fake(l2)

@@ -26,10 +26,12 @@ FEWSHOT_ITERS = (100, 50)
 
 # The whole (short) grid: with a few labels per class the held-out accuracy is coarse and ties
 # are common, so a walk that stops at the first fall would stop at noise.
-def fewshot_fit(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seed: int) -> ProbeResult:
-    """The few-label probe of one subset: L2 chosen on 20% of it, refitted on all of it."""
+def fewshot_fit(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seed: int,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> ProbeResult:
+    """The few-label probe of one subset: L2 chosen on 20% of it, refitted on all of it; features
+    standardised with `stats` (mean, std) when given, else with the subset's own."""
     return linear_probe(x, y, test_x, test_y, l2_grid=FEWSHOT_L2_GRID, val_fraction=FEWSHOT_VAL_FRACTION, seed=seed,
-                        max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1], stop_early=False)
+                        max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1], stop_early=False, stats=stats)
 
 
 def fewshot_probe(

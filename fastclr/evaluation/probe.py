@@ -31,14 +31,18 @@ class LogisticModel:
         return float((self.logits(x).argmax(1) == y).float().mean())
 
 
-def standardize(x: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = 4096
+def standardize(x: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = 4096,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x - mean) / std column-wise, stored in `dtype`, with the mean and std (fp32, std >= 1e-6).
+    """(x - mean) / std column-wise, stored in `dtype`, with the mean and std (fp32, std >= 1e-6):
+    x's own, or `stats` (mean, std) when given (those of a larger unlabelled set).
 
     Written block by block: the whole-matrix expression keeps two fp32 temporaries of x's size,
     which for 120000 x 12544 features (the flip-augmented probe of the default encoder) are 12 GB
     and ran a 24 GiB machine out of memory."""
-    if x.dtype == torch.float32:
+    if stats is not None:
+        mean, std = stats[0].float(), stats[1].float().clamp(min=1e-6)
+    elif x.dtype == torch.float32:
         mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
     else:  # two passes over fp32 copies of one block at a time, accumulated in fp64
         total = torch.zeros(x.shape[1], dtype=torch.float64)
@@ -58,6 +62,7 @@ def standardize(x: torch.Tensor, dtype: torch.dtype = torch.float32, block: int 
 def fit_logistic_regression(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int = 300,
     init: LogisticModel | None = None, feature_dtype: torch.dtype = torch.float32,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LogisticModel:
     """Minimise mean cross-entropy + l2/2 * ||W||^2 (bias not penalised) with full-batch L-BFGS,
     starting from zero or from `init`'s weights (a warm start along a regularisation path).
@@ -66,8 +71,9 @@ def fit_logistic_regression(
     every L-BFGS evaluation (logits and gradient, accumulated in fp32). Those matmuls read the
     whole (N, D) matrix and are memory-bound: bf16 halves their time (60k x 3136 on one core:
     644 -> 324 ms per evaluation); the weights, loss and line search stay in fp32.
+    `stats` standardises with a given (mean, std) instead of x's own (see `standardize`).
     """
-    xs, mean, std = standardize(x, feature_dtype)
+    xs, mean, std = standardize(x, feature_dtype, stats=stats)
     w0 = init.weight.clone() if init is not None else torch.zeros(num_classes, x.shape[1])
     b0 = init.bias.clone() if init is not None else torch.zeros(num_classes)
     w, b = w0.requires_grad_(), b0.requires_grad_()
@@ -111,12 +117,14 @@ def linear_probe(
     select_iter: int = 50,
     feature_dtype: torch.dtype = torch.float32,
     stop_early: bool = True,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ProbeResult:
     """Linear-probe test accuracy with the L2 strength selected on a held-out part of train.
 
     The grid is walked from the strongest to the weakest penalty, each fit warm-started from the
     previous solution (a regularisation path), and the final fit on all training data starts from
-    the selected one: L-BFGS here is memory-bound on the (N, D) features, so every pass saved counts.
+    the selected one (`stats`, when given, standardise every fit; see `standardize`): L-BFGS here is
+    memory-bound on the (N, D) features, so every pass saved counts.
     With `stop_early` the walk ends at the first penalty whose held-out accuracy is below the best
     so far (held-out accuracy along an L2 path rises, peaks and falls): on the default encoder it
     skips the 1e-4 fit (never picked by the six default runs), about a quarter of the selection.
@@ -135,11 +143,13 @@ def linear_probe(
         fx, fy = train_x[fit], train_y[fit]
         previous = None
         for l2 in sorted(l2_grid, reverse=True):
-            previous = fit_logistic_regression(fx, fy, k, l2, select_iter, init=previous, feature_dtype=feature_dtype)
+            previous = fit_logistic_regression(fx, fy, k, l2, select_iter, init=previous, feature_dtype=feature_dtype,
+                                               stats=stats)
             acc = previous.accuracy(train_x[val], train_y[val])
             if acc > best_val:
                 best_l2, best_val, best_model = l2, acc, previous
             elif stop_early:
                 break  # held-out accuracy fell: the weaker penalties overfit more still
-    model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model, feature_dtype=feature_dtype)
+    model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model, feature_dtype=feature_dtype,
+                                    stats=stats)
     return ProbeResult(model.accuracy(test_x, test_y), best_l2, best_val, model.accuracy(train_x, train_y))

@@ -1,0 +1,105 @@
+"""Variants of the few-label probe on one trained run and the same network untrained.
+
+The features of the 60k training and 10k test images are extracted once per network (as
+`fastclr evaluate` extracts them); each variant then fits the few-label probe
+(`fastclr.evaluation.fewshot.fewshot_fit`, L2 chosen on 20% of the labelled subset) on the same
+stratified subsets:
+
+    base        as `fastclr evaluate` runs it: standardised with the labelled subset's own mean and std
+    unlabelled  standardised with the mean and std of all 60k training features (no label read:
+                the images a user pretrained on are at hand when a few of them get labels)
+    l2norm      every row scaled to unit length first, then as base
+    cl2n        centred on the 60k training features' mean and scaled to unit length (SimpleShot's
+                CL2N, Wang et al. 2019), then as base
+
+    python benchmarks/fewshot_variants.py runs/RUN --per-class 10,100 --seeds 0-9 --out fewshot.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastclr.data import load_data
+from fastclr.evaluation.features import extract_features
+from fastclr.evaluation.fewshot import fewshot_fit
+from fastclr.evaluation.reference import untrained_encoder
+from fastclr.evaluation.subsets import stratified_subset
+from fastclr.pretrained import load_run
+
+from harness import describe
+
+VARIANTS = ("base", "unlabelled", "l2norm", "cl2n")
+
+
+def seeds_of(text: str) -> list[int]:
+    """"0-9" or "0,1,2" -> a list of seeds."""
+    if "-" in text:
+        lo, hi = text.split("-")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def variant_features(name: str, tr: torch.Tensor, te: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Training and test features as the variant transforms them, and the standardisation
+    statistics it passes to the probe (None: the labelled subset's own)."""
+    if name == "base":
+        return tr, te, None
+    if name == "unlabelled":
+        return tr, te, (tr.mean(0), tr.std(0))
+    if name == "l2norm":
+        return torch.nn.functional.normalize(tr, dim=1), torch.nn.functional.normalize(te, dim=1), None
+    if name == "cl2n":
+        mu = tr.mean(0)
+        return torch.nn.functional.normalize(tr - mu, dim=1), torch.nn.functional.normalize(te - mu, dim=1), None
+    raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+
+def main() -> None:
+    """One JSON line per (network, variant, labels per class): mean and spread over the subset seeds."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--per-class", default="10,100")
+    ap.add_argument("--seeds", default="0-9")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    run = load_run(a.run_dir, log=lambda s: None)
+    device = torch.device("cpu")
+    ds = load_data(run.config.data)
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    networks = {"trained": run.encoder,
+                "untrained": untrained_encoder(run.spec, run.config.train.seed, device)}
+    seeds = seeds_of(a.seeds)
+    for which, encoder in networks.items():
+        feats = [extract_features(encoder, images, run.mean, run.std, device, precision=run.precision,
+                                  size=run.spec.image_size) for images in (ds.train.images, ds.test.images)]
+        for name in a.variants.split(","):
+            tr, te, stats = variant_features(name, feats[0].float(), feats[1].float())
+            for n in (int(s) for s in a.per_class.split(",")):
+                t0 = time.perf_counter()
+                accs = []
+                for seed in seeds:
+                    idx = torch.from_numpy(stratified_subset(ds.train.labels, n, seed))
+                    accs.append(100 * fewshot_fit(tr[idx], ytr[idx], te, yte, seed, stats=stats).accuracy)
+                rec: dict[str, Any] = {
+                    "benchmark": "fewshot_variants", "machine": describe(), "run": str(a.run_dir), "network": which,
+                    "variant": name, "per_class": n, "seeds": len(seeds), "mean": round(float(np.mean(accs)), 2),
+                    "std": round(float(np.std(accs, ddof=1)), 2) if len(accs) > 1 else 0.0,
+                    "accuracies": [round(x, 2) for x in accs], "seconds": round(time.perf_counter() - t0, 1)}
+                line = json.dumps(rec)
+                print(line, flush=True)
+                with a.out.open("a") as f:
+                    f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
