@@ -67,6 +67,9 @@ def test_small_cnn_space_to_depth_and_stage_spec() -> None:
     assert parse_stages("32|64|sfc512") == ([[32], [64]], Readout("sfc", 512))
     assert parse_stages("32|64|attn64") == ([[32], [64]], Readout("attn", 64))
     assert parse_stages("32|64|cat0") == ([[32], [64]], Readout("cat0"))
+    for bad in ("32|fc0", "32|sfc", "32|attn4", "32|fcx"):
+        with pytest.raises(ValueError):
+            parse_stages(bad)
     enc = SmallCNN(1, 1.0, "16|32")
     assert isinstance(enc.features[0], nn.PixelUnshuffle)
     assert enc.features[1].in_channels == 4  # 1 channel x 2 x 2

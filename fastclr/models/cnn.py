@@ -84,7 +84,7 @@ def parse_stages(spec: str) -> tuple[list[list[int]], Readout]:
     for kind in ("sfc", "fc", "attn"):
         if last.startswith(kind):
             readout = Readout(kind, int(last[len(kind):]))
-            if kind == "attn" and readout.dim < 8:
+            if readout.dim < (8 if kind == "attn" else 1):  # "fc0" would silently build an 8-wide h
                 raise ValueError(spec)
             parts.pop()
             break
