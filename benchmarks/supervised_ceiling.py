@@ -25,7 +25,7 @@ import torch
 from harness import describe
 
 from fastclr.data import load_data
-from fastclr.evaluation.classifier import TrainRecipe, fit_and_test
+from fastclr.evaluation.classifier import fit_and_test
 from fastclr.evaluation.features import extract_features
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.probe import linear_probe
@@ -44,9 +44,8 @@ def main() -> None:
     a = ap.parse_args()
     run = load_run(a.run_dir, log=lambda s: None)
     device = torch.device("cpu")
-    o = EvaluateOptions()
-    recipe = TrainRecipe(a.steps, o.batch_size, o.lr, o.weight_decay, o.warmup_fraction, o.shift_fraction,
-                         run.config.augment.flip_p)
+    o = EvaluateOptions(steps=a.steps)
+    recipe = o.recipe(run.config.augment.flip_p)  # evaluate's from-scratch recipe, run for --steps
     ds = load_data(run.config.data)
     setup = labelled_splits(run, ds, device, recipe, "")
     encoder, head = scratch_network(run.spec, setup, a.seed)  # as `evaluate`'s supervised baseline builds it

@@ -124,9 +124,9 @@ class ModelConfig:
     """Shape of the cnn encoder (fastclr.models.cnn.parse_stages): 3x3 conv widths per stage,
     '|' between stages (a 2x2 max-pool), ',' between convs of a stage, then how h is read off.
     The default reads a 512-d h off the 7 x 7 x 256 map, max-pooled 2x2 to 3 x 3, by a learned
-    linear pooling (fc512): of the compact readouts measured it probed best (docs/benchmarks.md, "Compact h"); "32|256|flat0" is
-    the former 12544-d readout, the whole map flattened, which a linear probe scores well even
-    untrained (89.9% on Fashion-MNIST)."""
+    linear pooling (fc512): of the compact readouts measured it probed best (docs/benchmarks.md,
+    "Compact h"); "32|256|flat0" is the former 12544-d readout, the whole map flattened, which a
+    linear probe scores well even untrained (89.9% on Fashion-MNIST)."""
     cifar_stem: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on below 64 px)."""
     head_layers: int = field(default=2, metadata=at_least(1))

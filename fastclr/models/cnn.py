@@ -125,9 +125,9 @@ class SmallCNN(nn.Module):
                 c = out
             ends.append((len(layers), c, side))
         self.features = nn.Sequential(*layers)
-        # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
-        self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if readout.kind == "cat0" else []
         kind = readout.kind
+        # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
+        self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if kind == "cat0" else []
         if kind == "attn":
             dim = max(8, int(round(readout.dim * width / 8)) * 8)
             self.pool: nn.Module = AttentionPool(c, side, dim)
