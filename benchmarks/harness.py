@@ -35,7 +35,8 @@ from fastclr.pretraining.model import build_model
 from fastclr.pretraining.optim import build_optimizer, param_groups
 from fastclr.augment import render_views
 from fastclr.pretraining.step import SimCLRNet, StepResult, TrainStep
-from fastclr.pretraining.views import ViewMaker
+from fastclr.pretraining.objective import Objective, is_plain
+from fastclr.pretraining.views import ViewMaker, Views
 from fastclr.runtime import cpu_features, resolve_precision, usable_cpus
 
 
@@ -62,20 +63,22 @@ class RealStep:
     """The package's training step for one config, and how to feed it."""
 
     train_step: TrainStep
-    views: Callable[[int], torch.Tensor]
+    views: Callable[[int], Views]
     """The standardised views (2B, C, S, S) of step i, drawn as `pretrain` draws them."""
+    groups: Callable[[int], torch.Tensor | None] = lambda i: None
+    """The views' group ids under an objective other than NT-Xent (--views, --local-views)."""
     last: StepResult | None = None
     """What the latest step returned (loss and metrics, on the device)."""
 
     def __call__(self, i: int) -> None:
         """Step i: views, forward, loss, backward, update."""
-        self.last = self.train_step(self.views(i))
+        self.last = self.train_step(self.views(i), self.groups(i))
 
     def flops(self) -> float:
         """FLOPs of one step (matmuls and convolutions, as torch's counter sees them)."""
         v = self.views(0)
         with FlopCounterMode(display=False) as counter:
-            self.train_step(v)
+            self.train_step(v, self.groups(0))
         return float(counter.get_total_flops())
 
 
@@ -94,14 +97,19 @@ def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: st
     net: torch.nn.Module = SimCLRNet(model.encoder, model.head)
     if compiled:
         net = torch.compile(net)
+    t = cfg.train
+    # More views or small views (no labels, fixed temperature): the multi-positive objective.
+    objective = None if is_plain(t) else Objective(t, None, device, None)
     step = TrainStep(net, opt, resolve_precision(precision, device, warn=lambda s: None), device,
-                     temperature=cfg.train.temperature, loss_block=cfg.train.loss_block)
+                     temperature=t.temperature, loss_block=t.loss_block, objective=objective)
     source = ImageSource(dataset.pretrain.images, device)
-    sampler = BatchSampler(len(source), cfg.train.batch_size, 0, device)
+    sampler = BatchSampler(len(source), t.batch_size, 0, device)
     make = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=0,
-                     channels_last=cfg.train.channels_last, global_batch=cfg.train.batch_size,
-                     render=torch.compile(render_views) if compiled else render_views)
-    return RealStep(step, lambda i: make(source.gather(sampler.indices(i)), i))
+                     channels_last=t.channels_last, global_batch=t.batch_size,
+                     render=torch.compile(render_views) if compiled else render_views, views=t.views,
+                     local_views=t.local_views)
+    groups = (lambda i: None) if objective is None else (lambda i: objective.groups(sampler.indices(i)))
+    return RealStep(step, lambda i: make(source.gather(sampler.indices(i)), i), groups)
 
 
 def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> list[float]:

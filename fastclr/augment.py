@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -255,6 +255,14 @@ def two_views(
     """
     params = view_params(images.shape, cfg, generator, images.device, global_batch, offset, views)
     return (render or render_views)(images, params, cfg, mean, std, channels_last)
+
+
+def local_config(cfg: AugmentConfig, side: int) -> AugmentConfig:
+    """The recipe of multi-crop's small views for images of `side` pixels: the same colour,
+    flip, blur and solarisation draws, crops of cfg.local_scale_min-max of the image rendered at
+    cfg.local_size pixels (half the view side when 0)."""
+    size = cfg.local_size or max(1, (cfg.crop_size or side) // 2)
+    return replace(cfg, crop_size=size, scale_min=cfg.local_scale_min, scale_max=cfg.local_scale_max)
 
 
 def view_params(

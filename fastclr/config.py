@@ -105,6 +105,14 @@ class AugmentConfig:
     """Off at 28 px, as SimCLR turns it off for CIFAR (appendix B.9)."""
     blur_sigma_min: float = field(default=0.1, metadata=at_least(0, above=True))
     blur_sigma_max: float = field(default=2.0, metadata=at_least(0, above=True))
+    local_size: int = field(default=0, metadata=at_least(0))
+    """Side in pixels of the small views of multi-crop (--local-views); 0: half the view side (28 px
+    -> 14 px, where the default cnn's map ends at 3 x 3, the side its readout pools 7 x 7 to)."""
+    local_scale_min: float = field(default=0.2, metadata=between(0, 1, above=True))
+    """Small views crop 20-50% of the image here (global crops keep 60-100%). SwAV's local crops
+    (Caron et al. 2020) keep 5-14% of an ImageNet image whose global crops keep 14-100%: the
+    ImageNet and CIFAR presets take those."""
+    local_scale_max: float = field(default=0.5, metadata=between(0, 1, above=True))
     solarize_p: float = field(default=0.2, metadata=PROBABILITY)
     """Each view inverts its pixels above 0.5 with this probability (BYOL's solarisation, Grill et
     al. 2020). Fashion-MNIST, 12 epochs, seeds 0 / 1 / 2 against none: linear probe +0.47 / +0.30 /
@@ -221,6 +229,9 @@ class TrainConfig:
     views: int = field(default=2, metadata=at_least(2))
     """Views per image: K > 2 makes every other view of an image a positive (multi-positive
     NT-Xent, fastclr.pretraining.multi_positive); 2 is SimCLR's NT-Xent."""
+    local_views: int = field(default=0, metadata=at_least(0))
+    """Multi-crop (Caron et al. 2020): N more views per image, small crops rendered at
+    augment.local_size pixels, positives of the image's other views (multi-positive NT-Xent). 0: off."""
     supcon: bool = False
     """Supervised contrastive (Khosla et al. 2020): views of pretraining images with the same label
     are positives too; images without a label keep NT-Xent's positives."""
@@ -356,6 +367,7 @@ RELATIONS: tuple[tuple[str, str], ...] = (
     ("augment.scale_min", "augment.scale_max"),
     ("augment.ratio_min", "augment.ratio_max"),
     ("augment.blur_sigma_min", "augment.blur_sigma_max"),
+    ("augment.local_scale_min", "augment.local_scale_max"),
 )
 """Pairs (a, b) of settings that must hold a <= b."""
 

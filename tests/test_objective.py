@@ -157,4 +157,4 @@ def test_the_plain_objective_keeps_the_nt_xent_step() -> None:
     """Two views, no labels, a fixed temperature: no Objective object at all, NT-Xent as before."""
     assert is_plain(TrainConfig())
     assert not any(is_plain(dataclasses.replace(TrainConfig(), **o))
-                   for o in ({"views": 3}, {"supcon": True}, {"learn_temperature": True}))
+                   for o in ({"views": 3}, {"local_views": 1}, {"supcon": True}, {"learn_temperature": True}))

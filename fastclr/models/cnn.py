@@ -56,6 +56,20 @@ class AttentionPool(nn.Module):
         return self.out(torch.einsum("bhp,bphv->bhv", weights, values).flatten(1))  # (B, H * V)
 
 
+class PoolTo(nn.Module):
+    """`pool` unless the map already has the side it pools to: the fc readout max-pools the 7 x 7
+    map of a 28 px view to 3 x 3, and the map of a 14 px view (multi-crop's small views) ends at
+    3 x 3 already, so the same linear layer reads both."""
+
+    def __init__(self, pool: nn.Module, side: int) -> None:
+        super().__init__()
+        self.pool, self.side = pool, side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, C, side, side) when the pool yields that side."""
+        return x if x.shape[-1] == self.side else self.pool(x)
+
+
 class Readout(NamedTuple):
     """How h is read off the last map: `kind` and, for fc, sfc and attn, the width `dim`."""
 
@@ -148,7 +162,7 @@ class SmallCNN(nn.Module):
             elif side >= 2:
                 pool, side = nn.MaxPool2d(3, stride=2, padding=1), (side + 1) // 2
             self.pool = nn.Sequential(
-                pool, FlattenHWC(), nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out),
+                PoolTo(pool, side), FlattenHWC(), nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out),
                 nn.ReLU(inplace=True))
             self.feature_dim = layers_out
         else:

@@ -1,8 +1,8 @@
-"""What a run optimises, beyond plain two-view NT-Xent: K views per image (--views), supervised
-contrastive positives from the labels of pretraining images (--supcon), a learned temperature
-(--learn-temperature), a queue of negatives (--queue). The plain objective (two views, no labels, a fixed temperature) is not
-routed through here at all: it keeps the NT-Xent step of step.py, row blocks and gradient
-caching included.
+"""What a run optimises, beyond plain two-view NT-Xent: K views per image (--views), small views
+(multi-crop, --local-views), supervised contrastive positives from the labels of pretraining
+images (--supcon), a learned temperature (--learn-temperature), a queue of negatives (--queue).
+The plain objective (two views, no labels, a fixed temperature) is not routed through here at
+all: it keeps the NT-Xent step of step.py, row blocks and gradient caching included.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 from fastclr.config import TrainConfig
 from fastclr.pretraining.multi_positive import Metrics, label_groups, multi_positive_loss
 from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
+from fastclr.pretraining.views import Views
 from fastclr.scaleout.distributed import DistContext, all_gather, gather_with_grad
 
 TEMPERATURE_RANGE = (0.01, 1.0)
@@ -41,7 +42,7 @@ class LearnedTemperature(nn.Module):
 
 def is_plain(t: TrainConfig) -> bool:
     """Two views, no labels, a fixed temperature, no queue: the NT-Xent step of step.py."""
-    return t.views == 2 and not t.supcon and not t.learn_temperature and not t.queue
+    return t.views == 2 and not t.local_views and not t.supcon and not t.learn_temperature and not t.queue
 
 
 class Objective:
@@ -50,7 +51,9 @@ class Objective:
 
     def __init__(self, cfg: TrainConfig, labels: np.ndarray | None, device: torch.device,
                  learned: nn.Module | None, keys: KeyNetwork | None = None, queue: NegativeQueue | None = None) -> None:
-        self.views, self.supcon, self.temperature, self.learned = cfg.views, cfg.supcon, cfg.temperature, learned
+        # Rows of z: view 1 of every image, ..., view K, then the small views 1..L (multi-crop).
+        self.views = cfg.views + cfg.local_views
+        self.supcon, self.temperature, self.learned = cfg.supcon, cfg.temperature, learned
         self.keys, self.queue = keys, queue
         self.labels = None
         if cfg.supcon:
@@ -91,10 +94,11 @@ class Objective:
             self.queue.load_state_dict(state["queue"])
             self.keys.load_state_dict(state["key_network"])
 
-    def after_update(self, views: torch.Tensor, amp: torch.dtype | None, ctx: DistContext) -> None:
+    def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext) -> None:
         """With a queue: move the key network towards the online one, then enqueue the keys of this
-        step's views from every rank (rank order: every rank's queue stays the same)."""
+        step's full-size views from every rank (rank order: every rank's queue stays the same)."""
         if self.keys is None or self.queue is None:
             return
         self.keys.update()
-        self.queue.enqueue(all_gather(self.keys.keys(views, amp), ctx))
+        full = views if isinstance(views, torch.Tensor) else views[0]
+        self.queue.enqueue(all_gather(self.keys.keys(full, amp), ctx))

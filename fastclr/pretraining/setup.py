@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastclr.augment import render_views
+from fastclr.augment import local_config, render_views
 from fastclr.config import Config
 from fastclr.data import Dataset
 from fastclr.data.loader import BatchSampler, ImageSource
@@ -51,10 +51,30 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
     if t.epochs <= 0 and t.time_budget <= 0:
         raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
     if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
-        chosen = ", ".join(f for f, on in (("--views", t.views != 2), ("--supcon", t.supcon),
+        chosen = ", ".join(f for f, on in (("--views", t.views != 2), ("--local-views", t.local_views > 0),
+                                           ("--supcon", t.supcon),
                                            ("--learn-temperature", t.learn_temperature), ("--queue", t.queue > 0)) if on)
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
                            "compute two-view NT-Xent only); drop one of them")
+
+
+def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim: int, device: torch.device) -> None:
+    """Refuse multi-crop when the encoder cannot read h off its small views (a readout sized for
+    the full view: the cnn's attention pooling, or an fc readout whose map does not reach its side)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            h = encoder(torch.zeros(2, channels, size, size, device=device))
+        problem = "" if h.shape[1:] == (feature_dim,) else f"it gives {tuple(h.shape[1:])} numbers, not {feature_dim}"
+    except RuntimeError as e:
+        problem = str(e).splitlines()[0]
+    finally:
+        encoder.train(was_training)
+    if problem:
+        raise FastclrError(f"--local-views: the encoder cannot read h off {size} px small views ({problem}); "
+                           "set --local-size to a side it reads (for the cnn's fc readout, half the image side) "
+                           "or use a readout with global pooling")
 
 
 @dataclass
@@ -168,6 +188,9 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     t = cfg.train
     torch.manual_seed(t.seed)  # the initial weights are a function of the seed
     model = build_model(cfg, dataset, device, encoder)
+    if t.local_views:
+        check_small_views(model.encoder, local_config(cfg.augment, dataset.pretrain.images.shape[1]).crop_size,
+                          dataset.pretrain.images.shape[-1], model.spec.feature_dim, device)
     if ctx.active and t.sync_bn:
         model.encoder = convert_batchnorm(model.encoder, device)
         model.head = convert_batchnorm(model.head, device)
@@ -197,7 +220,7 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     views = ViewMaker(cfg.augment, model.spec.mean_tensor(), model.spec.std_tensor(), device, seed=t.seed,
                       channels_last=t.channels_last, global_batch=t.batch_size, rank=ctx.rank,
                       world_size=ctx.world_size, render=torch.compile(render_views) if compiled else render_views,
-                      views=t.views)
+                      views=t.views, local_views=t.local_views)
     keys = queue = None
     if t.queue:
         keys = KeyNetwork(SimCLRNet(model.encoder, model.head), t.queue_momentum)

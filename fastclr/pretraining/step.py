@@ -24,6 +24,7 @@ from fastclr.scaleout.distributed import DistContext, gather_with_grad
 from fastclr.scaleout.gradcache import grad_cache_backward
 from fastclr.pretraining.losses import contrastive_metrics, nt_xent_logits, rank_metrics
 from fastclr.pretraining.objective import Objective
+from fastclr.pretraining.views import Views
 from fastclr.runtime import Precision
 
 Metrics = dict[str, torch.Tensor]
@@ -38,14 +39,20 @@ class SimCLRNet(nn.Module):
         if temperature is not None:  # a learned temperature: inside, so DDP averages its gradient too
             self.temperature = temperature
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """views (2B, C, S, S) -> z (2B, proj_dim)."""
-        return self.head(self.encoder(views))
+    def forward(self, views: Views) -> torch.Tensor:
+        """views (2B, C, S, S) -> z (2B, proj_dim); with multi-crop's small views (LB, C, s, s) too,
+        z of both stacked (2B + LB rows). Each size goes through the encoder on its own (its
+        BatchNorm statistics are its own, as in SwAV's multi-crop, Caron et al. 2020) and the head
+        once over all h, inside one forward, so DistributedDataParallel sees one pass."""
+        if isinstance(views, torch.Tensor):
+            return self.head(self.encoder(views))
+        return self.head(torch.cat([self.encoder(v) for v in views]))
 
 
-def project(net: nn.Module, views: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
-    """z of a batch of views under the run's autocast dtype: (2B, proj_dim)."""
-    with torch.autocast(views.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+def project(net: nn.Module, views: Views, amp: torch.dtype | None) -> torch.Tensor:
+    """z of a batch of views under the run's autocast dtype: (2B, proj_dim), (2B + LB) with small views."""
+    device = (views if isinstance(views, torch.Tensor) else views[0]).device
+    with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         return net(views)
 
 
@@ -69,7 +76,7 @@ def contrastive_loss(z: torch.Tensor, temperature: float, block: int, ctx: DistC
 
 def backward_step(
     net: nn.Module,
-    views: torch.Tensor,
+    views: Views,
     temperature: float,
     amp: torch.dtype | None,
     block: int,
@@ -98,6 +105,7 @@ def backward_step(
         with record_function("fastclr.backward"):
             scale(loss).backward()
         return loss.detach(), metrics
+    assert isinstance(views, torch.Tensor), "gradient caching takes two-view NT-Xent only (setup refuses the rest)"
     return grad_cache_backward(lambda x: project(net, x, amp), views, chunk, loss_of, net, no_sync, scale)
 
 
@@ -128,8 +136,9 @@ class TrainStep:
         # Disabled for bf16 and fp32: then scale() is the identity and step() is optimizer.step().
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
 
-    def __call__(self, views: torch.Tensor, groups: torch.Tensor | None = None) -> StepResult:
-        """Forward, backward and update on one batch of views (2B, C, S, S; KB with --views K), and
+    def __call__(self, views: Views, groups: torch.Tensor | None = None) -> StepResult:
+        """Forward, backward and update on one batch of views (2B, C, S, S; KB with --views K; and
+        the small views with --local-views), and
         their group ids under an objective other than NT-Xent."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = backward_step(self.net, views, self.temperature, self.precision.dtype, self.loss_block, self.ctx,
