@@ -10,7 +10,10 @@ Departures from torchvision's per-image pipeline, chosen for speed and stated he
 - crop corners are continuous rather than rounded to whole pixels;
 - colour jitter applies brightness, contrast, saturation, hue in this fixed order;
 - the blur kernel is truncated at radius round(5% of the view side), i.e. a kernel of about 10%
-  of the image as in the paper, and renormalised at the borders.
+  of the image as in the paper, and renormalised at the borders;
+- random erasing (on in the Fashion-MNIST recipe, off in the paper's) draws its rectangle in
+  fractions of the view and fills the pixels whose centres lie inside with one grey level per
+  view (torchvision: whole pixels, a constant or per-pixel noise).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -43,10 +47,17 @@ class ViewParams:
     blur_sigma: torch.Tensor
     """0 where no blur is applied."""
     solarize: torch.Tensor
+    erase: torch.Tensor | None = None
+    """(B, 4) float32: x0, y0, width, height of the erased rectangle as fractions of the view side;
+    zero width and height where nothing is erased (all zeros, and no draws, when erasing is off)."""
+    erase_value: torch.Tensor | None = None
+    """(B,) the grey level in [0, 1] the rectangle is filled with."""
 
     def select(self, idx: torch.Tensor | slice) -> ViewParams:
         """The parameters of a subset of the views."""
-        return ViewParams(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        picked: dict[str, Any] = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                                  for f in fields(self)}
+        return ViewParams(**picked)
 
 
 def _uniform(lo: float, hi: float, shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -105,7 +116,45 @@ def sample_params(
     blur = _bernoulli(cfg.blur_p, n, g, device)
     sigma = _uniform(cfg.blur_sigma_min, cfg.blur_sigma_max, (n,), g, device) * blur
     solar = _bernoulli(cfg.solarize_p, n, g, device)
-    return ViewParams(box, flip, jitter, brightness, contrast, saturation, hue, gray, sigma, solar)
+    # Drawn last and only when on, so that every other draw of a run is the same with or without it.
+    erase = sample_erase_boxes(cfg, n, g, device) if cfg.erase_p > 0 else torch.zeros(n, 4, device=device)
+    value = torch.rand(n, generator=g, device=device) if cfg.erase_p > 0 else torch.zeros(n, device=device)
+    return ViewParams(box, flip, jitter, brightness, contrast, saturation, hue, gray, sigma, solar, erase, value)
+
+
+ERASE_RATIO = (0.3, 1 / 0.3)
+"""Aspect ratios of erased rectangles (Zhong et al. 2020, as torchvision's RandomErasing)."""
+
+
+def sample_erase_boxes(cfg: AugmentConfig, n: int, g: torch.Generator, device: torch.device,
+                       tries: int = 10) -> torch.Tensor:
+    """Random-erasing rectangles (n, 4) = x0, y0, w, h as fractions of the view side (Zhong et al.
+    2020): with probability erase_p, area ~ U(erase_scale_min, erase_scale_max) of the view, log
+    aspect ratio ~ U(log 0.3, log 3.3), the first of `tries` candidates that fits; else (or when
+    none fits) an empty rectangle."""
+    area = _uniform(cfg.erase_scale_min, cfg.erase_scale_max, (n, tries), g, device)
+    ratio = torch.exp(_uniform(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), (n, tries), g, device))
+    h, w = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    ok = (w < 1) & (h < 1)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
+    on = _bernoulli(cfg.erase_p, n, g, device) & ok.any(dim=1)
+    w = w.gather(1, first).squeeze(1) * on
+    h = h.gather(1, first).squeeze(1) * on
+    x0 = torch.rand(n, generator=g, device=device) * (1 - w)
+    y0 = torch.rand(n, generator=g, device=device) * (1 - h)
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def random_erase(x: torch.Tensor, box: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Fill each view's rectangle (fractions of the side) with its grey level: the pixels whose
+    centres lie inside it. (B, C, S, S) -> (B, C, S, S)."""
+    s = x.shape[-1]
+    centre = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s  # (S,)
+    x0, y0, w, h = (box[:, k, None] for k in range(4))  # (B, 1) each
+    cols = (centre >= x0) & (centre < x0 + w)  # (B, S)
+    rows = (centre >= y0) & (centre < y0 + h)
+    inside = rows[:, None, :, None] & cols[:, None, None, :]  # (B, 1, S, S)
+    return torch.where(inside, _per_image(value).to(x.dtype), x)
 
 
 def resample_matrix(start: torch.Tensor, length: torch.Tensor, n_in: int, n_out: int, flip: torch.Tensor) -> torch.Tensor:
@@ -214,6 +263,8 @@ def augment(x: torch.Tensor, p: ViewParams, size: int, cfg: AugmentConfig) -> to
         x = gaussian_blur(x, p.blur_sigma)
     if cfg.solarize_p > 0:
         x = torch.where(_per_image(p.solarize) & (x >= 0.5), 1 - x, x)
+    if cfg.erase_p > 0 and p.erase is not None and p.erase_value is not None:
+        x = random_erase(x, p.erase, p.erase_value)
     return x
 
 

@@ -18,7 +18,7 @@ from fastclr.errors import FastclrError
 # (STL-10) and the user's own images, for which no dataset-specific tuning exists.
 IMAGENET: dict[str, Any] = {
     "augment.scale_min": 0.08, "augment.brightness": 0.8, "augment.contrast": 0.8, "augment.saturation": 0.8,
-    "augment.hue": 0.2, "augment.blur_p": 0.5, "augment.solarize_p": 0.0,
+    "augment.hue": 0.2, "augment.blur_p": 0.5, "augment.solarize_p": 0.0, "augment.erase_p": 0.0,
     "augment.local_scale_min": 0.05, "augment.local_scale_max": 0.14,  # SwAV's local crops (Caron et al. 2020)
     "model.head_hidden": 0, "optim.lr": 2e-3, "train.batch_size": 512, "train.temperature": 0.2,
     "train.time_budget": 0.0,

@@ -17,8 +17,10 @@ from fastclr.augment import (
     blur_matrix,
     color_jitter,
     crop_resize_flip,
+    random_erase,
     resample_matrix,
     sample_crop_boxes,
+    sample_erase_boxes,
     sample_params,
     to_float,
     two_views,
@@ -26,7 +28,7 @@ from fastclr.augment import (
 from fastclr.config import AugmentConfig
 
 OFF = AugmentConfig(scale_min=1.0, scale_max=1.0, ratio_min=1.0, ratio_max=1.0, flip_p=0.0, jitter_p=0.0,
-                    grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+                    grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, erase_p=0.0)
 
 
 def images(b: int = 8, size: int = 28, c: int = 3, seed: int = 0,
@@ -137,6 +139,42 @@ def test_solarize_inverts_pixels_above_half(device: torch.device) -> None:
     out = two_views(x, dataclasses.replace(OFF, solarize_p=1.0), gen(device, 0))
     f = to_float(x)
     torch.testing.assert_close(out[:4], torch.where(f >= 0.5, 1 - f, f), atol=1e-6, rtol=0)
+
+
+def test_random_erasing_fills_the_pixels_whose_centres_lie_in_its_rectangle(device: torch.device) -> None:
+    """Rectangle x0 0.25, y0 0.5, w 0.5, h 0.25 of an 8 px view: pixel centres (i + 0.5) / 8 inside
+    are columns 2-5 and rows 4-5; the second view's empty rectangle leaves it as it was."""
+    x = to_float(images(2, 8, 3, device=device))
+    box = torch.tensor([[0.25, 0.5, 0.5, 0.25], [0.3, 0.3, 0.0, 0.0]], device=device)
+    out = random_erase(x, box, torch.tensor([0.7, 0.1], device=device))
+    want = x.clone()
+    want[0, :, 4:6, 2:6] = 0.7
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_erasing_draws_come_last_and_keep_to_their_ranges() -> None:
+    """Turning erasing on changes no other draw of a view (its draws come after them); its
+    rectangles lie inside the view with area in [erase_scale_min, erase_scale_max] and aspect ratio
+    in [0.3, 1 / 0.3], on for about erase_p of the views."""
+    cpu = torch.device("cpu")
+    off = sample_params(AugmentConfig(erase_p=0.0), 4000, 28, 28, gen(cpu, 3), cpu)
+    on_cfg = AugmentConfig(erase_p=0.5, erase_scale_min=0.05, erase_scale_max=0.2)
+    on = sample_params(on_cfg, 4000, 28, 28, gen(cpu, 3), cpu)
+    for f in dataclasses.fields(off):
+        if f.name not in ("erase", "erase_value"):
+            assert torch.equal(getattr(off, f.name), getattr(on, f.name)), f.name
+    assert off.erase is not None and not off.erase.any()
+    assert on.erase is not None
+    x0, y0, w, h = on.erase.unbind(1)
+    used = w > 0
+    assert abs(float(used.float().mean()) - 0.5) < 0.03  # 4000 draws: standard error 0.008
+    area, ratio = (w * h)[used], (h / w)[used]
+    assert float(area.min()) >= 0.05 - 1e-6 and float(area.max()) <= 0.2 + 1e-6
+    assert float(ratio.min()) >= 0.3 - 1e-5 and float(ratio.max()) <= 1 / 0.3 + 1e-4
+    assert bool(((x0 >= 0) & (y0 >= 0) & (x0 + w <= 1 + 1e-6) & (y0 + h <= 1 + 1e-6)).all())
+    big = sample_erase_boxes(AugmentConfig(erase_p=1.0, erase_scale_min=0.99, erase_scale_max=0.999), 500, gen(cpu, 0),
+                             cpu)
+    assert bool((big[:, 2] < 1).all())  # a rectangle that cannot fit is never drawn at full size
 
 
 def test_resampling_rows_are_convex_weights_and_crop_of_constant_is_constant(device: torch.device) -> None:

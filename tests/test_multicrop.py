@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 IMAGES = 6
 # No randomness but the crop: whole-image crops (scale and ratio 1), no flip, colour or solarisation.
 STILL = AugmentConfig(scale_min=1.0, ratio_min=1.0, ratio_max=1.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
-                      solarize_p=0.0, local_scale_min=1.0, local_scale_max=1.0)
+                      solarize_p=0.0, erase_p=0.0, local_scale_min=1.0, local_scale_max=1.0)
 
 
 def make_views(cfg: AugmentConfig, images: torch.Tensor, local: int, step: int = 7) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

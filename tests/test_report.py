@@ -181,3 +181,17 @@ def test_training_curves_name_every_logged_value_on_hover(run: tuple[Path, Datas
     logged = [r for r in read_metrics(run_dir) if "loss" in r]
     assert [(float(s), float(v)) for s, v in shown] == [(float(r["step"]), float(f"{r['loss']:.4g}")) for r in logged]
     assert len(logged) >= 2
+
+
+def test_the_explorer_names_an_erased_rectangle_and_only_when_there_is_one() -> None:
+    from fastclr.augment import sample_params
+    from fastclr.config import AugmentConfig
+    from fastclr.report.interactive import describe_view, params_text
+
+    p = sample_params(AugmentConfig(erase_p=0.0), 2, 28, 28, torch.Generator().manual_seed(0), torch.device("cpu"))
+    p.erase = torch.tensor([[0.25, 0.5, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    p.erase_value = torch.tensor([0.7, 0.3])
+    first, second = describe_view(p, 0, (28, 28)), describe_view(p, 1, (28, 28))
+    assert first["erase"] == [0.25, 0.5, 0.5, 0.25, 0.7] and second["erase"] is None
+    assert params_text(first).endswith("; erased x0 0.25 y0 0.50 w 0.50 h 0.25 to 0.70")
+    assert "erased" not in params_text(second)

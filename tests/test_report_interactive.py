@@ -204,7 +204,9 @@ def test_a_hovered_view_shows_the_parameters_that_render_its_pixels(browser: Bro
                             brightness=torch.tensor([j["brightness"]]), contrast=torch.tensor([j["contrast"]]),
                             saturation=torch.tensor([j["saturation"]]), hue=torch.tensor([j["hue"]]),
                             gray=torch.tensor([p["grayscale"]]), blur_sigma=torch.tensor([p["blur_sigma"]]),
-                            solarize=torch.tensor([p["solarize"]]))
+                            solarize=torch.tensor([p["solarize"]]),
+                            erase=torch.tensor([p["erase"][:4] if p["erase"] else [0.0] * 4]),
+                            erase_value=torch.tensor([p["erase"][4] if p["erase"] else 0.0]))
         cfg = load_run(path.parent, torch.device("cpu"), "fp32").config.augment
         rendered = augment(to_float(torch.from_numpy(original[None])), params, original.shape[0], cfg)[0, 0]
         png = np.asarray(Image.open(io.BytesIO(base64.b64decode(img[1].split(",", 1)[1])))).astype(np.float64)

@@ -93,8 +93,10 @@ def test_boundary_values_are_accepted(key: str, kind: type, allowed: Allowed) ->
         extra = {}
         if key in ("augment.scale_min", "augment.local_scale_min"):
             extra = {key.replace("min", "max"): 1.0}
-        if key in ("augment.scale_max", "augment.local_scale_max"):
-            extra = {key.replace("max", "min"): min(value, 0.2)}
+        if key == "augment.erase_scale_min":
+            extra = {"augment.erase_scale_max": max(value, 0.5)}
+        if key in ("augment.scale_max", "augment.local_scale_max", "augment.erase_scale_max"):
+            extra = {key.replace("max", "min"): min(value, 0.01)}
         if key in ("augment.ratio_min", "augment.blur_sigma_min"):
             extra = {key.replace("min", "max"): max(value, 1e3)}
         if key in ("augment.ratio_max", "augment.blur_sigma_max"):
@@ -106,7 +108,8 @@ def test_boundary_values_are_accepted(key: str, kind: type, allowed: Allowed) ->
 
 def test_related_settings_must_be_ordered(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     for a, b, va, vb in (("scale-min", "scale-max", "0.9", "0.5"), ("ratio-min", "ratio-max", "2", "1"),
-                         ("blur-sigma-min", "blur-sigma-max", "3", "1"), ("local-scale-min", "local-scale-max", "0.6", "0.3")):
+                         ("blur-sigma-min", "blur-sigma-max", "3", "1"), ("local-scale-min", "local-scale-max", "0.6", "0.3"),
+                         ("erase-scale-min", "erase-scale-max", "0.5", "0.3")):
         assert main(["pretrain", "--run-dir", str(tmp_path / "r"), f"--{a}", va, f"--{b}", vb]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: augment.") and "is larger than" in err and not (tmp_path / "r").exists()

@@ -122,7 +122,7 @@ def _explorer_section(run: LoadedRun, dataset: Dataset, device: torch.device, se
     return section("augment", "Augmentation explorer", body, "img",
                    f"{len(rows)} stored images (left), then {interactive.EXPLORER_PAIRS} pairs of views of each, drawn "
                    "by the run's own augmentation settings; hover a view for its crop box, flip, colour jitter "
-                   "factors, grayscale, blur sigma and solarize.")
+                   "factors, grayscale, blur sigma, solarize and (when on) the erased rectangle.")
 
 
 def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:

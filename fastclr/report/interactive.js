@@ -261,7 +261,8 @@
                       p.jitter.contrast + ', saturation ' + p.jitter.saturation + ', hue ' + p.jitter.hue : 'not applied'],
                     ['grayscale', p.grayscale ? 'yes' : 'no'],
                     ['blur sigma', p.blur_sigma > 0 ? String(p.blur_sigma) : 'not applied'],
-                    ['solarize', p.solarize ? 'yes' : 'no']];
+                    ['solarize', p.solarize ? 'yes' : 'no'],
+                    ['erased (x0, y0, w, h; grey level)', p.erase ? p.erase.slice(0, 4).join(', ') + '; ' + p.erase[4] : 'not applied']];
         var table = make('table');
         rows.forEach(function (row) {
           var tr = make('tr');

@@ -92,7 +92,16 @@ def describe_view(p: ViewParams, i: int, size: tuple[int, int]) -> dict[str, Any
         "grayscale": bool(p.gray[i]),
         "blur_sigma": round(float(p.blur_sigma[i]), 4),
         "solarize": bool(p.solarize[i]),
+        "erase": erased(p, i),
     }
+
+
+def erased(p: ViewParams, i: int) -> list[float] | None:
+    """View i's erased rectangle (x0, y0, w, h as fractions of the side) and its grey level, rounded
+    to 4 decimals (an edge then moves by 5e-5 of the side, far from the pixel centres 1 / S apart), or None."""
+    if p.erase is None or p.erase_value is None or float(p.erase[i, 2]) == 0:
+        return None
+    return [round(float(v), 4) for v in p.erase[i]] + [round(float(p.erase_value[i]), 4)]
 
 
 def params_text(p: dict[str, Any]) -> str:
@@ -103,7 +112,8 @@ def params_text(p: dict[str, Any]) -> str:
     return (f"crop x0 {p['crop'][0]:.1f} y0 {p['crop'][1]:.1f} w {p['crop'][2]:.1f} h {p['crop'][3]:.1f}; "
             f"{'flipped' if p['flip'] else 'not flipped'}; {jitter}; {'grayscale' if p['grayscale'] else 'colour'}; "
             f"{'blur sigma %.3f' % p['blur_sigma'] if p['blur_sigma'] > 0 else 'no blur'}; "
-            f"{'solarized' if p['solarize'] else 'not solarized'}")
+            f"{'solarized' if p['solarize'] else 'not solarized'}"
+            + (f"; erased x0 {e[0]:.2f} y0 {e[1]:.2f} w {e[2]:.2f} h {e[3]:.2f} to {e[4]:.2f}" if (e := p.get("erase")) else ""))
 
 
 def explorer(run: LoadedRun, split: ImageSet, device: torch.device, seed: int) -> dict[str, Any]:
