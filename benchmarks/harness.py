@@ -64,7 +64,8 @@ class RealStep:
 
     train_step: TrainStep
     views: Callable[[int], Views]
-    """The standardised views (2B, C, S, S) of step i, drawn as `pretrain` draws them."""
+    """The standardised views (2B, C, S, S) of step i, drawn as `pretrain` draws them (and the
+    small views with train.local_views)."""
     groups: Callable[[int], torch.Tensor | None] = lambda i: None
     """The views' group ids under an objective other than NT-Xent (--views, --local-views)."""
     last: StepResult | None = None

@@ -310,7 +310,7 @@ def two_views(
 
 def local_config(cfg: AugmentConfig, side: int) -> AugmentConfig:
     """The recipe of multi-crop's small views for images of `side` pixels: the same colour,
-    flip, blur and solarisation draws, crops of cfg.local_scale_min-max of the image rendered at
+    flip, blur, solarisation and erasing draws, crops of cfg.local_scale_min-max of the image rendered at
     cfg.local_size pixels (half the view side when 0)."""
     size = cfg.local_size or max(1, (cfg.crop_size or side) // 2)
     return replace(cfg, crop_size=size, scale_min=cfg.local_scale_min, scale_max=cfg.local_scale_max)

@@ -439,10 +439,16 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
+ADDED_LATER: dict[str, Any] = {"augment.erase_p": 0.0}
+"""Settings a config saved by an earlier version may lack, with the value that reproduces the run
+that saved it where the current default would not (random erasing became a default on 2026-12-02)."""
+
+
 def from_dict(d: dict[str, dict[str, Any]]) -> Config:
-    """Inverse of `to_dict`; unknown keys are an error so that old runs fail loudly, not silently."""
+    """Inverse of `to_dict`; unknown keys are an error so that old runs fail loudly, not silently,
+    and keys added since the config was saved take ADDED_LATER's value, not today's default."""
     flat = {f"{s}.{k}": v for s, body in d.items() for k, v in body.items()}
-    return apply_overrides(Config(), flat)
+    return apply_overrides(Config(), {**ADDED_LATER, **flat})
 
 
 def to_toml(cfg: Config) -> str:

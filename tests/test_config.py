@@ -114,3 +114,12 @@ def test_help_shows_what_each_preset_sets() -> None:
             assert any(data in part and part.endswith(f": {value!r}") for part in helps[key][:-1].split("; ")), (key, helps[key])
     assert helps["model.head_hidden"] == "model.head_hidden (default: 256; cifar10, cifar100, stl10, stores: 0)"
     assert helps["optim.lr_scaling"] == "optim.lr_scaling (default: 'none')"  # no preset sets it
+
+
+def test_a_config_saved_before_erasing_existed_reads_back_without_it() -> None:
+    """A saved config without augment.erase_p trained without erasing: it reads back with 0, not
+    today's default; a config that has the key keeps its value."""
+    saved = to_dict(Config())
+    assert Config().augment.erase_p > 0 and from_dict(saved).augment.erase_p == Config().augment.erase_p
+    del saved["augment"]["erase_p"]
+    assert from_dict(saved).augment.erase_p == 0.0

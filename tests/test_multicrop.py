@@ -56,6 +56,20 @@ def test_small_views_follow_the_full_views_and_leave_them_unchanged() -> None:
     assert not torch.equal(make_views(cfg, images, 3, step=8)[1], small)
 
 
+def test_a_rank_renders_its_images_rows_of_the_single_process_small_views() -> None:
+    """Under two processes each rank draws the global batch's parameters and keeps its rows, for
+    the small views as for the full ones: its views equal one process's rows for its images."""
+    images = torch.randint(0, 256, (8, 28, 28, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor([0.0]), torch.tensor([1.0])
+    one = ViewMaker(AugmentConfig(), mean, std, CPU, seed=5, channels_last=False, global_batch=8, local_views=3)(images, 4)
+    for rank in range(2):
+        mine = ViewMaker(AugmentConfig(), mean, std, CPU, seed=5, channels_last=False, global_batch=8, rank=rank,
+                         world_size=2, local_views=3)(images[4 * rank:4 * rank + 4], 4)
+        for part, k in ((0, 2), (1, 3)):
+            rows = torch.cat([torch.arange(4 * rank, 4 * rank + 4) + v * 8 for v in range(k)])
+            assert torch.equal(mine[part], one[part][rows])
+
+
 def test_a_whole_image_small_view_is_the_image_shrunk_by_half() -> None:
     """With whole-image crops, a small view of a horizontal ramp v(x) = 3x + 5 is the ramp sampled at
     the output pixels' centres, u_j = 2j + 0.5 (a symmetric filter keeps a linear function), away

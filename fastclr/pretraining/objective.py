@@ -60,8 +60,9 @@ class Objective:
             self.labels = torch.from_numpy(np.asarray(labels if labels is not None else [], dtype=np.int64)).to(device)
 
     def groups(self, indices: torch.Tensor) -> torch.Tensor:
-        """Group ids of the K * B views of the images at dataset `indices` (B,): the image (its K
-        views are positives of each other), or with --supcon its class when it has a label."""
+        """Group ids of the (K + L) * B views of the images at dataset `indices` (B,): the image (its
+        K views and L small views are positives of each other), or with --supcon its class when it
+        has a label."""
         if self.labels is None or len(self.labels) == 0:
             return indices.long().repeat(self.views)
         return label_groups(self.labels[indices], indices, self.views)

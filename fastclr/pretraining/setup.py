@@ -67,8 +67,8 @@ def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim:
         with torch.no_grad():
             h = encoder(torch.zeros(2, channels, size, size, device=device))
         problem = "" if h.shape[1:] == (feature_dim,) else f"it gives {tuple(h.shape[1:])} numbers, not {feature_dim}"
-    except RuntimeError as e:
-        problem = str(e).splitlines()[0]
+    except (RuntimeError, ValueError, AssertionError) as e:  # shape errors of torch and of custom encoders
+        problem = (str(e).splitlines() or [type(e).__name__])[0]
     finally:
         encoder.train(was_training)
     if problem:
@@ -163,9 +163,10 @@ class Run:
         rec.update(step=s.step, epoch=s.step / self.steps_per_epoch, lr=lr, elapsed=s.train_seconds,
                    pairs_per_s=steps * t.batch_size / max(window_seconds, 1e-9))
         self.metrics_log.log(rec)
-        # pairs_per_s counts images (each with t.views views); the progress line counts augmented views.
+        # pairs_per_s counts images (each with t.views views, and t.local_views small ones); the
+        # progress line counts augmented views of either size.
         self.bar.update(s.step, f"loss {rec['loss']:.3f} top1 {rec['top1']:.3f} "
-                                f"{t.views * rec['pairs_per_s']:.0f} img/s")
+                                f"{(t.views + t.local_views) * rec['pairs_per_s']:.0f} img/s")
 
     def checkpoint(self) -> None:
         """Refuse a bad state, then rank 0 writes the checkpoint."""
