@@ -16,7 +16,7 @@ from dist_helpers import run_ranks
 
 from fastclr import pretrain
 from fastclr.augment import local_config
-from fastclr.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.checkpoint import list_checkpoints
 from fastclr.config import AugmentConfig, TrainConfig
 from fastclr.errors import FastclrError
 from fastclr.models.cnn import FlattenHWC, SmallCNN
@@ -26,7 +26,7 @@ from fastclr.pretraining.step import SimCLRNet, backward_step
 from fastclr.pretraining.views import ViewMaker
 from fastclr.scaleout.distributed import DistContext, all_reduce, setup
 from test_distributed import small_net
-from tiny import tiny_config, tiny_dataset
+from tiny import straight_and_resumed, tiny_config, tiny_dataset
 
 CPU = torch.device("cpu")
 IMAGES = 6
@@ -181,13 +181,7 @@ def test_an_encoder_that_cannot_read_small_views_is_refused(tmp_path: Path) -> N
 
 def test_stop_and_resume_with_small_views_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     over: dict[str, object] = {"train__local_views": 2, "train__precision": "fp32", "train__device": "cpu"}
-    ds = tiny_dataset()
-    pretrain(tiny_config(tmp_path / "a", **over), dataset=ds, progress=False, log=lambda s: None)
-    first = pretrain(tiny_config(tmp_path / "b", **over), dataset=ds, progress=False, log=lambda s: None,
-                     stop=lambda step: step == 5)
-    assert first.stopped
-    pretrain(tiny_config(tmp_path / "b", **over), resume=tmp_path / "b", dataset=ds, progress=False, log=lambda s: None)
-    a, b = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in "ab")
+    a, b = straight_and_resumed(tmp_path, **over)
     assert a["step"] == b["step"] == 12
     for part in ("encoder", "head"):
         for k in a[part]:

@@ -16,16 +16,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_helpers import run_ranks
 
-from fastclr import pretrain
 from fastclr.augment import render_views, view_params
-from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.config import AugmentConfig, TrainConfig
 from fastclr.pretraining.multi_positive import multi_positive_loss
 from fastclr.pretraining.objective import TEMPERATURE_RANGE, LearnedTemperature, Objective, is_plain
 from fastclr.pretraining.step import SimCLRNet, backward_step
 from fastclr.scaleout.distributed import DistContext, all_reduce, setup
 from test_distributed import small_net
-from tiny import tiny_config, tiny_dataset
+from tiny import straight_and_resumed
 
 IMAGES, VIEWS, SIZE = 8, 3, 8
 LABELS = np.array([0, 1, 0, -1, 2, 1, -1, 0])  # dataset labels, -1: unlabelled
@@ -137,13 +135,7 @@ def test_stop_and_resume_with_every_option_equals_the_uninterrupted_run(tmp_path
     checkpoint, and the resumed run ends bit-equal to the straight one."""
     over: dict[str, object] = {"train__views": 3, "train__supcon": True, "train__learn_temperature": True,
                                "train__precision": "fp32", "train__device": "cpu"}
-    ds = tiny_dataset()
-    pretrain(tiny_config(tmp_path / "a", **over), dataset=ds, progress=False, log=lambda s: None)
-    first = pretrain(tiny_config(tmp_path / "b", **over), dataset=ds, progress=False, log=lambda s: None,
-                     stop=lambda step: step == 5)
-    assert first.stopped
-    pretrain(tiny_config(tmp_path / "b", **over), resume=tmp_path / "b", dataset=ds, progress=False, log=lambda s: None)
-    a, b = (load_checkpoint(list_checkpoints(tmp_path / d)[-1]) for d in "ab")
+    a, b = straight_and_resumed(tmp_path, **over)
     assert a["step"] == b["step"] == 12
     for part in ("encoder", "head", "temperature"):
         for k in a[part]:

@@ -40,6 +40,20 @@ def tiny_config(run_dir: Path, **over: Any) -> Config:
     return config_for(None, {**TINY, "train.run_dir": str(run_dir), **{k.replace("__", "."): v for k, v in over.items()}})
 
 
+def straight_and_resumed(root: Path, **over: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The last checkpoints of TINY (with `over`) run straight into root/a and, into root/b, stopped
+    after step 5 and resumed: for tests that the two end bit-equal."""
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint
+
+    ds = tiny_dataset()
+    pretrain(tiny_config(root / "a", **over), dataset=ds, progress=False, log=lambda s: None)
+    first = pretrain(tiny_config(root / "b", **over), dataset=ds, progress=False, log=lambda s: None,
+                     stop=lambda step: step == 5)
+    assert first.stopped
+    pretrain(tiny_config(root / "b", **over), resume=root / "b", dataset=ds, progress=False, log=lambda s: None)
+    return load_checkpoint(list_checkpoints(root / "a")[-1]), load_checkpoint(list_checkpoints(root / "b")[-1])
+
+
 def tiny_run(run_dir: Path, ds: Dataset, **over: Any) -> Path:
     """Pretrain the tiny model on `ds` into `run_dir` (about a second on a CPU core)."""
     pretrain(tiny_config(run_dir, train__batch_size=64, train__epochs=1.0, train__log_every=2, train__device="cpu",
