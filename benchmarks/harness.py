@@ -63,23 +63,22 @@ class RealStep:
     """The package's training step for one config, and how to feed it."""
 
     train_step: TrainStep
-    views: Callable[[int], Views]
+    batch: Callable[[int], tuple[Views, torch.Tensor | None]]
     """The standardised views (2B, C, S, S) of step i, drawn as `pretrain` draws them (and the
-    small views with train.local_views)."""
-    groups: Callable[[int], torch.Tensor | None] = lambda i: None
-    """The views' group ids under an objective other than NT-Xent (--views, --local-views)."""
+    small views with train.local_views), and their group ids under an objective other than
+    NT-Xent (--views, --local-views; else None), from one draw of the batch's indices."""
     last: StepResult | None = None
     """What the latest step returned (loss and metrics, on the device)."""
 
     def __call__(self, i: int) -> None:
         """Step i: views, forward, loss, backward, update."""
-        self.last = self.train_step(self.views(i), self.groups(i))
+        self.last = self.train_step(*self.batch(i))
 
     def flops(self) -> float:
         """FLOPs of one step (matmuls and convolutions, as torch's counter sees them)."""
-        v = self.views(0)
+        v, groups = self.batch(0)
         with FlopCounterMode(display=False) as counter:
-            self.train_step(v, self.groups(0))
+            self.train_step(v, groups)
         return float(counter.get_total_flops())
 
 
@@ -109,8 +108,12 @@ def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: st
                      channels_last=t.channels_last, global_batch=t.batch_size,
                      render=torch.compile(render_views) if compiled else render_views, views=t.views,
                      local_views=t.local_views)
-    groups = (lambda i: None) if objective is None else (lambda i: objective.groups(sampler.indices(i)))
-    return RealStep(step, lambda i: make(source.gather(sampler.indices(i)), i), groups)
+
+    def batch(i: int) -> tuple[Views, torch.Tensor | None]:
+        idx = sampler.indices(i)
+        return make(source.gather(idx), i), None if objective is None else objective.groups(idx)
+
+    return RealStep(step, batch)
 
 
 def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> list[float]:

@@ -30,6 +30,7 @@ class ViewMaker:
                  render: Callable[..., torch.Tensor] = render_views, views: int = 2, local_views: int = 0) -> None:
         self.cfg, self.seed, self.channels_last, self.render, self.views = cfg, seed, channels_last, render, views
         self.local_views = local_views
+        self.local_cfg: AugmentConfig | None = None  # the small views' recipe, set by the first batch's image side
         self.mean, self.std = mean.to(device), std.to(device)
         self.generator = torch.Generator(device=device)
         # One process draws just its 2B views; several draw the global batch's and keep their rows.
@@ -45,6 +46,8 @@ class ViewMaker:
                               self.global_batch, self.offset, self.render, self.views)
             if not self.local_views:
                 return views
-            small = two_views(images, local_config(self.cfg, images.shape[1]), self.generator, self.mean, self.std,
+            if self.local_cfg is None:
+                self.local_cfg = local_config(self.cfg, images.shape[1])
+            small = two_views(images, self.local_cfg, self.generator, self.mean, self.std,
                               self.channels_last, self.global_batch, self.offset, self.render, self.local_views)
             return views, small
