@@ -177,6 +177,23 @@ def test_erasing_draws_come_last_and_keep_to_their_ranges() -> None:
     assert bool((big[:, 2] < 1).all())  # a rectangle that cannot fit is never drawn at full size
 
 
+@pytest.mark.parametrize("n", [7, 100])
+def test_erasing_off_draws_nothing_and_on_draws_its_count(n: int) -> None:
+    """The generator is left exactly where the count of uniform numbers each view needs leaves it:
+    crops take 2 per candidate (area, log ratio) x 10 candidates + 2 (x0, y0), then flip, jitter,
+    brightness, contrast, saturation, hue, grayscale, blur, sigma and solarisation one each: 32;
+    erasing adds 2 x 10 candidates + on, x0, y0 and the grey level: 24 more, and none when off.
+    (The CPU generator's uniform draws consume its stream one number at a time, so k numbers in one
+    call leave it where the same k numbers in several calls do.)"""
+    cpu = torch.device("cpu")
+    for erase_p, per_view in ((0.0, 32), (0.25, 32 + 24)):
+        drawn = gen(cpu, 3)
+        sample_params(AugmentConfig(erase_p=erase_p), n, 28, 28, drawn, cpu)
+        counted = gen(cpu, 3)
+        torch.rand(per_view * n, generator=counted)
+        assert torch.equal(drawn.get_state(), counted.get_state()), erase_p
+
+
 def test_resampling_rows_are_convex_weights_and_crop_of_constant_is_constant(device: torch.device) -> None:
     n = 50
     g = gen(device, 0)
