@@ -14,7 +14,9 @@ al. 2020, eq. 1), and with K views and an image per group it is the multi-view f
 loss. Rows of unlabelled images get a group of their own, so they fall back to NT-Xent.
 
 Extra negatives (rows of another source: a memory of past projections) join every anchor's
-denominator and are never positives.
+denominator and are never positives. The anchors may be rows other than the candidates they
+stand for (nearest-neighbour positives, fastclr.pretraining.neighbours): anchor i then scores
+its replacement against the candidates, with the same positives and own column as row i.
 """
 
 from __future__ import annotations
@@ -50,16 +52,19 @@ def positives_mask(groups: torch.Tensor, candidate_groups: torch.Tensor, offset:
 
 def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float | torch.Tensor,
                         extra: torch.Tensor | None = None, candidates: torch.Tensor | None = None,
-                        candidate_groups: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, Metrics]:
+                        candidate_groups: torch.Tensor | None = None, offset: int = 0,
+                        anchors: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
     """The loss above for anchors z (M, D) with group ids (M,), and its contrastive metrics: top-1
     (the best-scored candidate is a positive), top-5 (a positive among the five best) and the mean
     rank of each anchor's best-scored positive among its non-positives.
 
     candidates, candidate_groups: every rank's rows (N, D), (N,), with this rank's anchors at rows
-    [offset, offset + M); None: the anchors are all rows. extra: negatives only (Q, D)."""
+    [offset, offset + M); None: the anchors are all rows. extra: negatives only (Q, D). anchors:
+    (M, D) rows scored in place of z's (z then enters as candidates only)."""
     if candidates is None or candidate_groups is None:
         candidates, candidate_groups, offset = z, groups, 0
-    logits = multi_positive_logits(z, temperature, candidates, offset)  # (M, N)
+    rows = z if anchors is None else anchors
+    logits = multi_positive_logits(rows, temperature, candidates, offset)  # (M, N)
     pos = positives_mask(groups, candidate_groups, offset)
     lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (M, 1)
     extra_logits = None
@@ -67,7 +72,7 @@ def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: floa
         # Extra rows are negatives only: they enter the denominator and the rank, and no mask or
         # per-element product is spent on their (M, Q) block (at Q = 16384 those cost ~10x the rest).
         with torch.autocast(device_type=z.device.type, enabled=False):
-            extra_logits = unit_rows(z) @ unit_rows(extra).to(logits.dtype).T / temperature  # (M, Q)
+            extra_logits = unit_rows(rows) @ unit_rows(extra).to(logits.dtype).T / temperature  # (M, Q)
         lse = torch.logaddexp(lse, torch.logsumexp(extra_logits, dim=1, keepdim=True))
     log_prob = logits - lse  # own column: hugely negative, never a positive
     count = pos.sum(1)  # (M,)

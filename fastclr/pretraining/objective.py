@@ -1,6 +1,7 @@
 """What a run optimises, beyond plain two-view NT-Xent: K views per image (--views), small views
 (multi-crop, --local-views), supervised contrastive positives from the labels of pretraining
-images (--supcon), a learned temperature (--learn-temperature), a queue of negatives (--queue).
+images (--supcon), a learned temperature (--learn-temperature), a queue of negatives (--queue),
+nearest-neighbour positives (--nn-support).
 The plain objective (two views, no labels, a fixed temperature) is not routed through here at
 all: it keeps the NT-Xent step of step.py, row blocks and gradient caching included.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 from fastclr.config import TrainConfig
 from fastclr.pretraining.multi_positive import Metrics, label_groups, multi_positive_loss
+from fastclr.pretraining.neighbours import nearest_neighbours
 from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
 from fastclr.pretraining.views import Views
 from fastclr.scaleout.distributed import DistContext, all_gather, gather_with_grad
@@ -41,8 +43,9 @@ class LearnedTemperature(nn.Module):
 
 
 def is_plain(t: TrainConfig) -> bool:
-    """Two views, no labels, a fixed temperature, no queue: the NT-Xent step of step.py."""
-    return t.views == 2 and not t.local_views and not t.supcon and not t.learn_temperature and not t.queue
+    """Two views, no labels, a fixed temperature, no queue, no neighbours: the NT-Xent step of step.py."""
+    return (t.views == 2 and not t.local_views and not t.supcon and not t.learn_temperature and not t.queue
+            and not t.nn_support)
 
 
 class Objective:
@@ -50,11 +53,13 @@ class Objective:
     their images' dataset indices (and labels, for --supcon), under one or several processes."""
 
     def __init__(self, cfg: TrainConfig, labels: np.ndarray | None, device: torch.device,
-                 learned: nn.Module | None, keys: KeyNetwork | None = None, queue: NegativeQueue | None = None) -> None:
+                 learned: nn.Module | None, keys: KeyNetwork | None = None, queue: NegativeQueue | None = None,
+                 support: NegativeQueue | None = None) -> None:
         # Rows of z: view 1 of every image, ..., view K, then the small views 1..L (multi-crop).
         self.views = cfg.views + cfg.local_views
         self.supcon, self.temperature, self.learned = cfg.supcon, cfg.temperature, learned
-        self.keys, self.queue = keys, queue
+        self.keys, self.queue, self.support = keys, queue, support
+        self.first_views: torch.Tensor | None = None  # this step's view-1 rows, for the support after the update
         self.labels = None
         if cfg.supcon:
             self.labels = torch.from_numpy(np.asarray(labels if labels is not None else [], dtype=np.int64)).to(device)
@@ -69,7 +74,8 @@ class Objective:
 
     def loss(self, z: torch.Tensor, groups: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, Metrics]:
         """The multi-positive loss of this rank's rows against every rank's (negatives and positives
-        gathered with their gradient, as for NT-Xent), and the metrics (+ the temperature)."""
+        gathered with their gradient, as for NT-Xent), and the metrics (+ the temperature). With a
+        support set each anchor is scored as its nearest neighbour there (once it holds any rows)."""
         t: float | torch.Tensor = self.learned() if self.learned is not None else self.temperature
         candidates = candidate_groups = None
         offset = 0
@@ -77,27 +83,42 @@ class Objective:
             candidates, offset = gather_with_grad(z, ctx), ctx.rank * z.shape[0]
             candidate_groups = all_gather(groups, ctx)
         extra = self.queue.negatives() if self.queue is not None else None
+        anchors = None
+        if self.support is not None:
+            held = self.support.negatives()
+            anchors = nearest_neighbours(z.detach(), held) if held is not None else None
+            self.first_views = z[: z.shape[0] // self.views].detach()
         loss, metrics = multi_positive_loss(z, groups, t, extra=extra, candidates=candidates,
-                                            candidate_groups=candidate_groups, offset=offset)
+                                            candidate_groups=candidate_groups, offset=offset, anchors=anchors)
         if isinstance(t, torch.Tensor):
             metrics["temperature"] = t.detach()
         return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint must hold of the objective: the queue and its key network (nothing without one)."""
-        if self.keys is None or self.queue is None:
-            return {}
-        return {"queue": self.queue.state_dict(), "key_network": self.keys.state_dict()}
+        """What a checkpoint must hold of the objective: the queue and its key network, the support set
+        (nothing without them)."""
+        state: dict[str, Any] = {}
+        if self.keys is not None and self.queue is not None:
+            state |= {"queue": self.queue.state_dict(), "key_network": self.keys.state_dict()}
+        if self.support is not None:
+            state["support"] = self.support.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict`, from a checkpoint's whole state."""
         if self.keys is not None and self.queue is not None:
             self.queue.load_state_dict(state["queue"])
             self.keys.load_state_dict(state["key_network"])
+        if self.support is not None:
+            self.support.load_state_dict(state["support"])
 
     def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext) -> None:
         """With a queue: move the key network towards the online one, then enqueue the keys of this
-        step's full-size views from every rank (rank order: every rank's queue stays the same)."""
+        step's full-size views from every rank (rank order: every rank's queue stays the same). With a
+        support set: add this step's first views from every rank, in rank order."""
+        if self.support is not None and self.first_views is not None:
+            self.support.enqueue(all_gather(self.first_views, ctx))
+            self.first_views = None
         if self.keys is None or self.queue is None:
             return
         self.keys.update()

@@ -53,7 +53,8 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
     if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
         chosen = ", ".join(f for f, on in (("--views", t.views != 2), ("--local-views", t.local_views > 0),
                                            ("--supcon", t.supcon),
-                                           ("--learn-temperature", t.learn_temperature), ("--queue", t.queue > 0)) if on)
+                                           ("--learn-temperature", t.learn_temperature), ("--queue", t.queue > 0),
+                                           ("--nn-support", t.nn_support > 0)) if on)
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
                            "compute two-view NT-Xent only); drop one of them")
 
@@ -226,7 +227,9 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     if t.queue:
         keys = KeyNetwork(SimCLRNet(model.encoder, model.head), t.queue_momentum)
         queue = NegativeQueue(t.queue, cfg.model.proj_dim, device)
-    objective = None if is_plain(t) else Objective(t, dataset.pretrain.labels, device, model.temperature, keys, queue)
+    support = NegativeQueue(t.nn_support, cfg.model.proj_dim, device) if t.nn_support else None
+    objective = None if is_plain(t) else Objective(t, dataset.pretrain.labels, device, model.temperature, keys, queue,
+                                                   support)
     train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch

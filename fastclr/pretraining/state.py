@@ -22,7 +22,8 @@ from fastclr.pretraining.step import TrainStep
 
 RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
                "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer",
-               "train.views", "train.local_views", "train.supcon", "train.learn_temperature", "train.queue")
+               "train.views", "train.local_views", "train.supcon", "train.learn_temperature", "train.queue",
+               "train.nn_support")
 """Settings a resumed run may change only with --allow-config-change: they change the model or the data order."""
 
 
