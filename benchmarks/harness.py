@@ -36,7 +36,7 @@ from fastclr.pretraining.optim import build_optimizer, param_groups
 from fastclr.augment import render_views
 from fastclr.pretraining.step import SimCLRNet, StepResult, TrainStep
 from fastclr.pretraining.objective import Objective, is_plain
-from fastclr.pretraining.queue import NegativeQueue
+from fastclr.pretraining.queue import RowQueue
 from fastclr.pretraining.views import ViewMaker, Views
 from fastclr.runtime import cpu_features, resolve_precision, usable_cpus
 
@@ -104,7 +104,7 @@ def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: st
     # its first S / B steps, so every timed step pays for the whole neighbour search.
     support = None
     if t.nn_support:
-        support = NegativeQueue(t.nn_support, cfg.model.proj_dim, device)
+        support = RowQueue(t.nn_support, cfg.model.proj_dim, device)
         support.enqueue(torch.randn(t.nn_support, cfg.model.proj_dim, device=device))
     objective = None if is_plain(t) else Objective(t, None, device, None, support=support)
     step = TrainStep(net, opt, resolve_precision(precision, device, warn=lambda s: None), device,

@@ -246,11 +246,11 @@ class TrainConfig:
     queue: int = field(default=0, metadata=at_least(0))
     """0: off; Q > 0: the projections of the last Q views, from a momentum copy of encoder and head,
     are extra negatives for every anchor (MoCo's queue, He et al. 2020; fastclr.pretraining.queue)."""
+    queue_momentum: float = field(default=0.99, metadata=between(0, 1, below=True))
+    """m of the key network's update theta_k <- m theta_k + (1 - m) theta (with --queue)."""
     nn_support: int = field(default=0, metadata=at_least(0))
     """0: off; S > 0: nearest-neighbour positives (NNCLR, Dwibedi et al. 2021): each anchor is scored
     as its nearest neighbour among the first views of the last S images (fastclr.pretraining.neighbours)."""
-    queue_momentum: float = field(default=0.99, metadata=between(0, 1, below=True))
-    """m of the key network's update theta_k <- m theta_k + (1 - m) theta (with --queue)."""
     learn_temperature: bool = False
     """Train the temperature with the model from `temperature` (log-parameterised, kept in
     [0.01, 1], logged every window as `temperature`)."""

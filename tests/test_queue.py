@@ -14,7 +14,7 @@ from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.config import TrainConfig
 from fastclr.pretraining.multi_positive import multi_positive_loss
 from fastclr.pretraining.objective import Objective
-from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
+from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.scaleout.distributed import DistContext
 from tiny import tiny_config, tiny_dataset
 
@@ -24,23 +24,23 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_queue_keeps_the_last_rows_oldest_first() -> None:
-    q = NegativeQueue(5, 3, torch.device("cpu"))
-    assert q.negatives() is None
+    q = RowQueue(5, 3, torch.device("cpu"))
+    assert q.oldest_first() is None
     rows = torch.randn(12, 3, generator=torch.Generator().manual_seed(0))
     q.enqueue(rows[:3])
-    assert torch.allclose(q.negatives(), unit(rows[:3]))  # not full: the filled rows only
+    assert torch.allclose(q.oldest_first(), unit(rows[:3]))  # not full: the filled rows only
     q.enqueue(rows[3:7])  # wraps around
-    assert torch.allclose(q.negatives(), unit(rows[2:7]))
+    assert torch.allclose(q.oldest_first(), unit(rows[2:7]))
     q.enqueue(rows[7:12])
-    assert torch.allclose(q.negatives(), unit(rows[7:12]))
+    assert torch.allclose(q.oldest_first(), unit(rows[7:12]))
     q.enqueue(torch.cat([rows, rows]))  # more than it holds: the last five
-    assert torch.allclose(q.negatives(), unit(rows[7:12]))
+    assert torch.allclose(q.oldest_first(), unit(rows[7:12]))
     state = q.state_dict()
-    r = NegativeQueue(5, 3, torch.device("cpu"))
+    r = RowQueue(5, 3, torch.device("cpu"))
     r.load_state_dict(state)
     r.enqueue(rows[:2])
     q.enqueue(rows[:2])
-    assert torch.equal(r.negatives(), q.negatives())
+    assert torch.equal(r.oldest_first(), q.oldest_first())
 
 
 def test_the_key_network_follows_the_online_one_by_the_momentum_rule() -> None:
@@ -64,17 +64,17 @@ def test_the_key_network_follows_the_online_one_by_the_momentum_rule() -> None:
 def test_the_objective_adds_the_queue_as_negatives_and_enqueues_every_view() -> None:
     torch.manual_seed(1)
     online = nn.Linear(6, 4).double()
-    keys, queue = KeyNetwork(online, 0.5), NegativeQueue(7, 4, torch.device("cpu"))
+    keys, queue = KeyNetwork(online, 0.5), RowQueue(7, 4, torch.device("cpu"))
     obj = Objective(TrainConfig(queue=7), None, torch.device("cpu"), None, keys, queue)
     queue.enqueue(torch.randn(5, 4, dtype=torch.float64))
     z = torch.randn(6, 4, dtype=torch.float64)
     groups = obj.groups(torch.arange(3))
     loss, _ = obj.loss(z, groups, DistContext())
-    want, _ = multi_positive_loss(z, groups, 0.1, extra=queue.negatives())
+    want, _ = multi_positive_loss(z, groups, 0.1, extra=queue.oldest_first())
     assert torch.equal(loss, want)
     views = torch.randn(6, 6, dtype=torch.float64)
     obj.after_update(views, None, DistContext())
-    assert queue.filled == 7 and torch.allclose(queue.negatives()[-6:], unit(keys.net(views)).float(), atol=1e-6)
+    assert queue.filled == 7 and torch.allclose(queue.oldest_first()[-6:], unit(keys.net(views)).float(), atol=1e-6)
 
 
 def test_stop_and_resume_with_a_queue_equals_the_uninterrupted_run(tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ def cosine_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k bank rows most cosine-similar to each query: similarities (Q, k) and row indices
     (Q, k), most similar first, ties in row order. The one nearest-neighbour search of fastclr
-    (the kNN classifier, the report's retrievals, `fastclr neighbours`).
+    (the kNN classifier, the report's retrievals, `fastclr neighbours`, and the support set of
+    nearest-neighbour positives in pretraining).
 
     Similarities are computed in the inputs' dtype (float32 at least). For each chunk of queries
     they are one (q, D) x (D, N) product: the cost of kNN on wide h (10k x 60k x 12544 for a

@@ -19,7 +19,7 @@ from torch import nn
 from fastclr.config import TrainConfig
 from fastclr.pretraining.multi_positive import Metrics, label_groups, multi_positive_loss
 from fastclr.pretraining.neighbours import nearest_neighbours
-from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
+from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import Views
 from fastclr.scaleout.distributed import DistContext, all_gather, gather_with_grad
 
@@ -53,8 +53,8 @@ class Objective:
     their images' dataset indices (and labels, for --supcon), under one or several processes."""
 
     def __init__(self, cfg: TrainConfig, labels: np.ndarray | None, device: torch.device,
-                 learned: nn.Module | None, keys: KeyNetwork | None = None, queue: NegativeQueue | None = None,
-                 support: NegativeQueue | None = None) -> None:
+                 learned: nn.Module | None, keys: KeyNetwork | None = None, queue: RowQueue | None = None,
+                 support: RowQueue | None = None) -> None:
         # Rows of z: view 1 of every image, ..., view K, then the small views 1..L (multi-crop).
         self.views = cfg.views + cfg.local_views
         self.supcon, self.temperature, self.learned = cfg.supcon, cfg.temperature, learned
@@ -82,11 +82,12 @@ class Objective:
         if ctx.active:
             candidates, offset = gather_with_grad(z, ctx), ctx.rank * z.shape[0]
             candidate_groups = all_gather(groups, ctx)
-        extra = self.queue.negatives() if self.queue is not None else None
+        extra = self.queue.oldest_first() if self.queue is not None else None
         anchors = None
         if self.support is not None:
-            held = self.support.negatives()
-            anchors = nearest_neighbours(z.detach(), held) if held is not None else None
+            held = self.support.held()
+            anchors = nearest_neighbours(z, held) if held is not None else None
+            # Kept for after_update, which TrainStep calls once the step's update is made.
             self.first_views = z[: z.shape[0] // self.views].detach()
         loss, metrics = multi_positive_loss(z, groups, t, extra=extra, candidates=candidates,
                                             candidate_groups=candidate_groups, offset=offset, anchors=anchors)
@@ -105,11 +106,16 @@ class Objective:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of `state_dict`, from a checkpoint's whole state."""
+        """Inverse of `state_dict`, from a checkpoint's whole state. A run resumed with a queue or a
+        support set newly on (or resized, --allow-config-change) starts them empty, and its key
+        network as a copy of the resumed online network."""
         if self.keys is not None and self.queue is not None:
-            self.queue.load_state_dict(state["queue"])
-            self.keys.load_state_dict(state["key_network"])
-        if self.support is not None:
+            if _fits(state.get("queue"), self.queue) and "key_network" in state:
+                self.queue.load_state_dict(state["queue"])
+                self.keys.load_state_dict(state["key_network"])
+            else:
+                self.keys.copy_online()
+        if self.support is not None and _fits(state.get("support"), self.support):
             self.support.load_state_dict(state["support"])
 
     def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext) -> None:
@@ -124,3 +130,8 @@ class Objective:
         self.keys.update()
         full = views if isinstance(views, torch.Tensor) else views[0]
         self.queue.enqueue(all_gather(self.keys.keys(full, amp), ctx))
+
+
+def _fits(saved: dict[str, Any] | None, queue: RowQueue) -> bool:
+    """Whether a checkpoint's queue state can be loaded into `queue` (present, same shape)."""
+    return saved is not None and tuple(saved["rows"].shape) == tuple(queue.rows.shape)

@@ -21,21 +21,27 @@ import torch
 from torch import nn
 
 
-class NegativeQueue:
-    """The last `size` rows enqueued (float32, unit length), oldest first from `negatives()`."""
+class RowQueue:
+    """The last `size` rows enqueued (float32, unit length): a ring buffer, read oldest first with
+    `oldest_first()` (the queue's negatives) or in storage order with `held()` (the support set of
+    nearest-neighbour positives, fastclr.pretraining.neighbours, whose search ignores order)."""
 
     def __init__(self, size: int, dim: int, device: torch.device) -> None:
         self.rows = torch.zeros(size, dim, device=device)
         self.pointer = 0  # where the next row goes
         self.filled = 0
 
-    def negatives(self) -> torch.Tensor | None:
+    def oldest_first(self) -> torch.Tensor | None:
         """The queued rows, oldest first (None while empty)."""
         if self.filled == 0:
             return None
         if self.filled < len(self.rows):
             return self.rows[: self.filled]
         return torch.cat([self.rows[self.pointer:], self.rows[: self.pointer]])
+
+    def held(self) -> torch.Tensor | None:
+        """The queued rows in storage order, without a copy (None while empty)."""
+        return self.rows[: self.filled] if self.filled else None
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
@@ -71,6 +77,11 @@ class KeyNetwork:
             k.mul_(self.momentum).add_(q.detach(), alpha=1 - self.momentum)
         for mine, theirs in zip(self.net.buffers(), self.online.buffers()):
             mine.copy_(theirs)
+
+    @torch.no_grad()
+    def copy_online(self) -> None:
+        """Start again as an exact copy of the online network (a run resumed with the queue newly on)."""
+        self.net.load_state_dict(self.online.state_dict())
 
     @torch.no_grad()
     def keys(self, views: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:

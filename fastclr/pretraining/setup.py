@@ -26,7 +26,7 @@ from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain
-from fastclr.pretraining.queue import KeyNetwork, NegativeQueue
+from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
@@ -226,8 +226,8 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     keys = queue = None
     if t.queue:
         keys = KeyNetwork(SimCLRNet(model.encoder, model.head), t.queue_momentum)
-        queue = NegativeQueue(t.queue, cfg.model.proj_dim, device)
-    support = NegativeQueue(t.nn_support, cfg.model.proj_dim, device) if t.nn_support else None
+        queue = RowQueue(t.queue, cfg.model.proj_dim, device)
+    support = RowQueue(t.nn_support, cfg.model.proj_dim, device) if t.nn_support else None
     objective = None if is_plain(t) else Objective(t, dataset.pretrain.labels, device, model.temperature, keys, queue,
                                                    support)
     train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,

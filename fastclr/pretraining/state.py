@@ -24,7 +24,8 @@ RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", 
                "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer",
                "train.views", "train.local_views", "train.supcon", "train.learn_temperature", "train.queue",
                "train.nn_support")
-"""Settings a resumed run may change only with --allow-config-change: they change the model or the data order."""
+"""Settings a resumed run may change only with --allow-config-change: they change the model, the data
+order or the state a checkpoint carries (a queue, a support set: started empty when newly on)."""
 
 
 def check_resume_config(saved: Config, wanted: Config, allow_changes: bool) -> None:
