@@ -29,4 +29,4 @@ def nearest_neighbours(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     row: (M, D) float32 (float64 kept), without gradient. The search is fastclr's one, exact (fp32)
     and in chunks of anchors, so its memory stays (chunk x S) whatever the batch."""
     _, rows = cosine_topk(support, z.detach(), 1)  # (M, 1)
-    return unit_rows(support)[rows[:, 0]].to(torch.promote_types(z.dtype, torch.float32))
+    return unit_rows(support[rows[:, 0]]).to(torch.promote_types(z.dtype, torch.float32))
