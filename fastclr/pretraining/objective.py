@@ -42,10 +42,16 @@ class LearnedTemperature(nn.Module):
         return self.log_t.clamp(low, high).exp()[0]
 
 
+def objective_options(t: TrainConfig) -> list[str]:
+    """The flags of the options set in `t` that route a run through `Objective`, in --help order."""
+    return [flag for flag, on in (("--views", t.views != 2), ("--local-views", t.local_views > 0),
+                                  ("--supcon", t.supcon), ("--learn-temperature", t.learn_temperature),
+                                  ("--queue", t.queue > 0), ("--nn-support", t.nn_support > 0)) if on]
+
+
 def is_plain(t: TrainConfig) -> bool:
     """Two views, no labels, a fixed temperature, no queue, no neighbours: the NT-Xent step of step.py."""
-    return (t.views == 2 and not t.local_views and not t.supcon and not t.learn_temperature and not t.queue
-            and not t.nn_support)
+    return not objective_options(t)
 
 
 class Objective:

@@ -25,7 +25,7 @@ from fastclr.pretraining.optim import build_optimizer
 from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
-from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain
+from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain, objective_options
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
@@ -51,10 +51,7 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
     if t.epochs <= 0 and t.time_budget <= 0:
         raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
     if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
-        chosen = ", ".join(f for f, on in (("--views", t.views != 2), ("--local-views", t.local_views > 0),
-                                           ("--supcon", t.supcon),
-                                           ("--learn-temperature", t.learn_temperature), ("--queue", t.queue > 0),
-                                           ("--nn-support", t.nn_support > 0)) if on)
+        chosen = ", ".join(objective_options(t))
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
                            "compute two-view NT-Xent only); drop one of them")
 
