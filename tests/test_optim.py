@@ -10,7 +10,7 @@ from torch import nn
 
 from fastclr.errors import FastclrError
 from fastclr.pretraining.optim import LARS, build_optimizer, param_groups
-from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
+from fastclr.pretraining.schedule import FEW_EPOCHS, TimeBudget, few_epochs_warning, lr_at, scaled_lr, warmup_for
 
 
 def test_warmup_is_linear_and_reaches_the_peak() -> None:
@@ -24,6 +24,22 @@ def test_cosine_closed_form_and_floor() -> None:
         expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         assert lr_at(s, 100, 10, 1.0, min_ratio=0.1) == pytest.approx(expected)
     assert lr_at(100, 100, 10, 2.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_warm_up_not_shorter_than_the_run_becomes_a_tenth_of_it() -> None:
+    assert warmup_for(234, 808) == 234  # shorter than the run: as configured
+    assert warmup_for(117, 65) == 6 and warmup_for(30, 12) == 1 and warmup_for(65, 65) == 6
+    assert warmup_for(5, 1) == 5  # a one-step run has no schedule to fit
+    # the shortened warm-up's run reaches the peak and ends at the floor
+    lrs = [lr_at(s, 65, warmup_for(117, 65), 1.0) for s in range(66)]
+    assert max(lrs) == pytest.approx(1.0) and lrs[6] == pytest.approx(1.0) and lrs[65] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_few_epochs_are_flagged_below_the_threshold_only() -> None:
+    line = few_epochs_warning(0.6, 9.5, 8607.4)
+    assert line is not None and line.startswith("warning: only 0.6 epochs fit in 9.5 min at 8607 ms/step")
+    assert few_epochs_warning(FEW_EPOCHS, 9.5, 100.0) is None and few_epochs_warning(32.4, 9.5, 75.0) is None
+    assert few_epochs_warning(FEW_EPOCHS - 0.01, 9.5, 100.0) is not None
 
 
 def test_batch_size_scaling_rules() -> None:

@@ -16,6 +16,7 @@ from tiny import tiny_config, tiny_dataset
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.errors import FastclrError
 from fastclr.pretraining.loop import NonFiniteLoss, pretrain
+from fastclr.pretraining.schedule import lr_at
 
 
 def params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -158,13 +159,14 @@ class PacedEncoder(nn.Module):
 
 
 def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
-              monitor_share: float = 0.0) -> tuple[Any, list[dict[str, Any]]]:
+              monitor_share: float = 0.0, log: Callable[[str], None] = lambda s: None,
+              log_every: int = 1000) -> tuple[Any, list[dict[str, Any]]]:
     """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images)."""
     ds = tiny_dataset(2 * steps_per_epoch, size=8)
     cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=100.0,
-                      train__log_every=1000, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
+                      train__log_every=log_every, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
                       eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05)
-    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=lambda s: None, clock=clock)
+    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=log, clock=clock)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return res, records
 
@@ -233,3 +235,25 @@ def test_a_run_shorter_than_its_warm_up_gets_a_shorter_one_and_says_so(tmp_path:
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in line]
     assert lrs[0] == pytest.approx(cfg.optim.lr)  # the peak at the first step, then the cosine
     assert lrs == sorted(lrs, reverse=True)
+
+
+def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp_path: Path) -> None:
+    """1 s a step, a 1-minute budget, 100 steps an epoch: about 62 steps fit, fewer than the one
+    epoch (100 steps) of warm-up, as when a ResNet-18 meets a 2-core CPU. From the first fit (step
+    15) the warm-up is a tenth of the fitted run, already past, so the learning rate goes to the
+    cosine near its peak and down to nothing by the end (with the configured warm-up it would still
+    be rising, at most 0.62 of the peak); the log says both, and warns that 0.6 epochs are too few."""
+    lines: list[str] = []
+    clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0)
+    res, records = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, log=lines.append, log_every=1)
+    peak = tiny_config(tmp_path).optim.lr
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert len(lrs) == res.steps and 55 <= res.steps <= 65
+    assert lrs[:15] == pytest.approx([peak * (i + 1) / 100 for i in range(15)])  # before the fit
+    fit = next(line for line in lines if line.startswith("time budget 1 min: "))
+    fitted = int(fit.split(": ")[1].split()[0])
+    assert lrs[15] == pytest.approx(lr_at(15, fitted, fitted // 10, peak)) and lrs[15] > 0.9 * peak
+    assert lrs[-1] < 0.01 * peak
+    assert f"warm-up of 100 steps (1 epochs) is not shorter than the run's {fitted} steps: shortened to " \
+           f"{fitted // 10}" in "\n".join(lines)
+    assert any(line.startswith(f"warning: only {fitted / 100:.1f} epochs fit in 1 min at 1000 ms/step") for line in lines)

@@ -22,7 +22,7 @@ from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
 from fastclr.pretraining.monitor import KnnMonitor
 from fastclr.pretraining.optim import build_optimizer
-from fastclr.pretraining.schedule import TimeBudget, lr_at, scaled_lr
+from fastclr.pretraining.schedule import TimeBudget, few_epochs_warning, lr_at, scaled_lr, warmup_for
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain, objective_options
@@ -131,7 +131,9 @@ class Run:
 
     def set_lr(self) -> float:
         """Warm-up then cosine, per step (a pure function of the step: `lr_at`); returns the lr set."""
-        lr = lr_at(self.state.step, self.state.total_steps, self.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio)
+        s = self.state
+        lr = lr_at(s.step, s.total_steps, warmup_for(self.warmup_steps, s.total_steps), self.peak_lr,
+                   self.cfg.optim.min_lr_ratio)
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -147,9 +149,22 @@ class Run:
             s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             self.bar.total = s.total_steps
             if not s.resumed and s.step == b.first_fit:
-                self.log(f"time budget {self.cfg.train.time_budget:g} min: {s.total_steps} steps "
-                         f"({s.total_steps / self.steps_per_epoch:.1f} epochs) at "
-                         f"{b.pace(s.step, s.train_seconds) * 1000:.0f} ms/step; refitted every {b.refit_every} steps")
+                budget, epochs = self.cfg.train.time_budget, s.total_steps / self.steps_per_epoch
+                ms = b.pace(s.step, s.train_seconds) * 1000
+                self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs:.1f} epochs) at "
+                         f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
+                self.log_short_warmup()
+                warning = few_epochs_warning(epochs, budget, ms)
+                if warning:
+                    self.log(warning)
+
+    def log_short_warmup(self) -> None:
+        """Say so when the run is not longer than its configured warm-up (`warmup_for` shortens it)."""
+        total, warmup = self.state.total_steps, self.warmup_steps
+        if warmup_for(warmup, total) != warmup:
+            self.log(f"warm-up of {warmup} steps ({self.cfg.optim.warmup_epochs:g} epochs) is not shorter than the "
+                     f"run's {total} steps: shortened to {warmup_for(warmup, total)} (a tenth of the run); "
+                     "set --warmup-epochs to choose")
 
     def log_window(self, lr: float, window_seconds: float) -> None:
         """Write the window's metrics (metrics.jsonl, TensorBoard) and update the progress line."""
@@ -231,17 +246,13 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch
     state = RunState(cfg, model, train_step, total_steps=max(1, int(round(t.epochs * spe))))
-    warmup = int(round(cfg.optim.warmup_epochs * spe))
-    if t.time_budget <= 0 and warmup >= state.total_steps > 1:
-        # A run shorter than its warm-up would never reach its learning rate (small data, few epochs).
-        shorter = max(1, state.total_steps // 10)
-        log(f"warm-up of {warmup} steps ({cfg.optim.warmup_epochs:g} epochs) is not shorter than the run's "
-            f"{state.total_steps} steps: shortened to {shorter} (a tenth of the run); set --warmup-epochs to choose")
-        warmup = shorter
-    return Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
-               source=source, sampler=sampler, views=views, train_step=train_step, state=state,
-               budget=TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None, health=Health(device),
-               window=MetricsWindow(),
-               monitor=KnnMonitor(dataset, model.spec, device, cfg, precision, enabled=ctx.is_main),
-               metrics_log=MetricsLog(run_dir, enabled=ctx.is_main), bar=Progress(1, enabled=progress), log=log,
-               clock=clock, peak_lr=peak_lr, warmup_steps=warmup)
+    run = Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
+              source=source, sampler=sampler, views=views, train_step=train_step, state=state,
+              budget=TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None, health=Health(device),
+              window=MetricsWindow(),
+              monitor=KnnMonitor(dataset, model.spec, device, cfg, precision, enabled=ctx.is_main),
+              metrics_log=MetricsLog(run_dir, enabled=ctx.is_main), bar=Progress(1, enabled=progress), log=log,
+              clock=clock, peak_lr=peak_lr, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)))
+    if t.time_budget <= 0:
+        run.log_short_warmup()  # a budgeted run's step count is known at its first fit (refit_budget)
+    return run
