@@ -27,7 +27,7 @@ def test_cosine_closed_form_and_floor() -> None:
 
 
 def test_a_warm_up_not_shorter_than_the_run_becomes_a_tenth_of_it() -> None:
-    assert warmup_for(234, 808) == 234  # shorter than the run: as configured
+    assert warmup_for(234, 808) == 234 and warmup_for(64, 65) == 64  # shorter than the run: as configured
     assert warmup_for(117, 65) == 6 and warmup_for(30, 12) == 1 and warmup_for(65, 65) == 6
     assert warmup_for(5, 1) == 5  # a one-step run has no schedule to fit
     # the shortened warm-up's run reaches the peak and ends at the floor
@@ -39,7 +39,9 @@ def test_few_epochs_are_flagged_below_the_threshold_only() -> None:
     line = few_epochs_warning(0.6, 9.5, 8607.4)
     assert line is not None and line.startswith("warning: only 0.6 epochs fit in 9.5 min at 8607 ms/step")
     assert few_epochs_warning(FEW_EPOCHS, 9.5, 100.0) is None and few_epochs_warning(32.4, 9.5, 75.0) is None
-    assert few_epochs_warning(FEW_EPOCHS - 0.01, 9.5, 100.0) is not None
+    almost = few_epochs_warning(FEW_EPOCHS - 0.01, 9.5, 100.0)
+    assert almost is not None and almost.startswith("warning: only 4.9 epochs")  # never "5.0 epochs, too few"
+    assert line.endswith(" or a GPU") and not str(few_epochs_warning(0.6, 9.5, 30.0, on_cpu=False)).endswith("GPU")
 
 
 def test_batch_size_scaling_rules() -> None:

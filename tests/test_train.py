@@ -257,3 +257,20 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
     assert f"warm-up of 100 steps (1 epochs) is not shorter than the run's {fitted} steps: shortened to " \
            f"{fitted // 10}" in "\n".join(lines)
     assert any(line.startswith(f"warning: only {fitted / 100:.1f} epochs fit in 1 min at 1000 ms/step") for line in lines)
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["warmup_steps"] == fitted // 10  # what a resume keeps
+
+
+def test_the_shortened_warm_up_stays_when_a_refit_lengthens_the_run(tmp_path: Path) -> None:
+    """1 s a step until the first fit (step 15: 60 steps fit, under the 100-step warm-up, which
+    becomes 6), then 0.25 s: the refits lengthen the run to about 190 steps, past the configured
+    warm-up. The warm-up stays 6 steps: between the refits at steps 50 and 75 the learning rate
+    falls along the cosine (were the warm-up taken from each refit's length, the refit at step 50,
+    to about 143 steps, would put it back on the 100-step ramp, rising from 0.51 of the peak)."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else (1.0 if i < 15 else 0.25))
+    res, records = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, log_every=1)
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert res.steps > 150
+    peak = tiny_config(tmp_path).optim.lr
+    between = lrs[51:75]
+    assert all(b < a for a, b in zip(between, between[1:]))
+    assert max(lrs[15:]) <= peak * (1 + 1e-6) and lrs[-1] < 0.01 * peak

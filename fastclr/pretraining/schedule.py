@@ -45,13 +45,14 @@ def warmup_for(warmup_steps: int, total_steps: int) -> int:
 FEW_EPOCHS = 5.0
 
 
-def few_epochs_warning(epochs: float, budget_min: float, ms_per_step: float) -> str | None:
+def few_epochs_warning(epochs: float, budget_min: float, ms_per_step: float, on_cpu: bool = True) -> str | None:
     """The one-line warning of a time budget that fits fewer than `FEW_EPOCHS` epochs, else None."""
     if epochs >= FEW_EPOCHS:
         return None
-    return (f"warning: only {epochs:.1f} epochs fit in {budget_min:g} min at {ms_per_step:.0f} ms/step on this "
-            f"machine, too few for SimCLR to learn much: give it more time (--time-budget), a smaller encoder "
-            f"(--width, --encoder cnn) or a GPU")
+    shown = math.floor(epochs * 10) / 10  # 4.96 epochs is not "5.0 epochs, too few"
+    return (f"warning: only {shown:.1f} epochs fit in {budget_min:g} min at {ms_per_step:.0f} ms/step on this "
+            f"machine, too few for SimCLR to learn much: give it more time (--time-budget) or a smaller encoder "
+            f"(--width, --encoder cnn){' or a GPU' if on_cpu else ''}")
 
 
 class TimeBudget:

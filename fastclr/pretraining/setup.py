@@ -101,6 +101,7 @@ class Run:
     clock: Callable[[], float]
     peak_lr: float
     warmup_steps: int
+    """The configured warm-up (the one in use is `state.warmup_steps`)."""
     started: float = 0.0
     """The clock when pretraining began (data loading and set-up count in its wall time)."""
     lock: RunLock | None = None
@@ -132,8 +133,7 @@ class Run:
     def set_lr(self) -> float:
         """Warm-up then cosine, per step (a pure function of the step: `lr_at`); returns the lr set."""
         s = self.state
-        lr = lr_at(s.step, s.total_steps, warmup_for(self.warmup_steps, s.total_steps), self.peak_lr,
-                   self.cfg.optim.min_lr_ratio)
+        lr = lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio)
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -153,17 +153,18 @@ class Run:
                 ms = b.pace(s.step, s.train_seconds) * 1000
                 self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs:.1f} epochs) at "
                          f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
+                s.warmup_steps = warmup_for(self.warmup_steps, s.total_steps)  # once: later refits keep it
                 self.log_short_warmup()
-                warning = few_epochs_warning(epochs, budget, ms)
+                warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
                 if warning:
                     self.log(warning)
 
     def log_short_warmup(self) -> None:
-        """Say so when the run is not longer than its configured warm-up (`warmup_for` shortens it)."""
-        total, warmup = self.state.total_steps, self.warmup_steps
-        if warmup_for(warmup, total) != warmup:
+        """Say so when the run's warm-up is shorter than configured (`warmup_for` shortened it)."""
+        s, warmup = self.state, self.warmup_steps
+        if s.warmup_steps != warmup:
             self.log(f"warm-up of {warmup} steps ({self.cfg.optim.warmup_epochs:g} epochs) is not shorter than the "
-                     f"run's {total} steps: shortened to {warmup_for(warmup, total)} (a tenth of the run); "
+                     f"run's {s.total_steps} steps: shortened to {s.warmup_steps} (a tenth of the run); "
                      "set --warmup-epochs to choose")
 
     def log_window(self, lr: float, window_seconds: float) -> None:
@@ -245,14 +246,17 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     train_step = TrainStep(net, opt, precision, device, temperature=t.temperature, loss_block=t.loss_block,
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch
-    state = RunState(cfg, model, train_step, total_steps=max(1, int(round(t.epochs * spe))))
+    total, warmup = max(1, int(round(t.epochs * spe))), int(round(cfg.optim.warmup_epochs * spe))
+    # A budgeted run's length is known at its first fit (refit_budget); until then, the configured warm-up.
+    state = RunState(cfg, model, train_step, total_steps=total,
+                     warmup_steps=warmup if t.time_budget > 0 else warmup_for(warmup, total))
     run = Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
               source=source, sampler=sampler, views=views, train_step=train_step, state=state,
               budget=TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None, health=Health(device),
               window=MetricsWindow(),
               monitor=KnnMonitor(dataset, model.spec, device, cfg, precision, enabled=ctx.is_main),
               metrics_log=MetricsLog(run_dir, enabled=ctx.is_main), bar=Progress(1, enabled=progress), log=log,
-              clock=clock, peak_lr=peak_lr, warmup_steps=int(round(cfg.optim.warmup_epochs * spe)))
+              clock=clock, peak_lr=peak_lr, warmup_steps=warmup)
     if t.time_budget <= 0:
-        run.log_short_warmup()  # a budgeted run's step count is known at its first fit (refit_budget)
+        run.log_short_warmup()
     return run

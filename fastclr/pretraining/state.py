@@ -42,9 +42,12 @@ class RunState:
     """The counters of a run (step, total_steps, train_seconds) and the objects whose state a
     checkpoint carries; `save` writes them, `restore` puts a checkpoint's content back."""
 
-    def __init__(self, cfg: Config, model: Model, train_step: TrainStep, total_steps: int) -> None:
+    def __init__(self, cfg: Config, model: Model, train_step: TrainStep, total_steps: int, warmup_steps: int) -> None:
         self.cfg, self.model, self.train_step = cfg, model, train_step
         self.step, self.total_steps, self.train_seconds = 0, total_steps, 0.0
+        self.warmup_steps = warmup_steps
+        """The warm-up the schedule uses: fixed when the run's length is (set-up, or a budget's first
+        fit) and kept by a budgeted run's checkpoints, so later refits never move it."""
         self.resumed = False
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -62,6 +65,7 @@ class RunState:
         self.step = int(state["step"])
         if self.cfg.train.time_budget > 0:
             self.total_steps = int(state["total_steps"])
+            self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.resumed = True
 
@@ -69,6 +73,7 @@ class RunState:
         """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
         return save_checkpoint(run_dir, {
             "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+            "warmup_steps": self.warmup_steps,
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
