@@ -100,6 +100,19 @@ def test_time_budget_first_fit_is_the_closed_form_for_a_steady_pace() -> None:
     assert b.fit(15, 4.5) == 15 + int((600.0 - 4.5) / 0.2)  # 2992
 
 
+def test_a_resumed_time_budget_paces_the_steps_of_its_own_process() -> None:
+    # steps 0..100 ran at 1 s; resumed at step 100 on a machine twice as fast, whose first 5 steps
+    # cost 2 s each: the refit at step 125 divides by the 20 steady steps since step 105 only
+    b = TimeBudget(600.0)
+    b.resume_at(100)
+    seconds = {s: 100.0 + 2.0 * min(s - 100, 5) + 0.5 * max(s - 105, 0) for s in range(101, 126)}
+    for s, t in seconds.items():
+        b.observe(s, t)
+    assert b.pace(125, seconds[125]) == pytest.approx(0.5)
+    assert b.fit(125, seconds[125]) == 125 + int((600.0 - 120.0) / 0.5)  # 1085
+    assert TimeBudget(600.0).pace(125, seconds[125]) == pytest.approx(120.0 / 125)  # paced from step 0
+
+
 def test_time_budget_refits_are_due_every_25_steps_and_at_epoch_ends_before_the_end() -> None:
     b = TimeBudget(570.0)
     assert [s for s in range(14, 80) if b.due(s, 60, s % 50 == 0)] == [15, 25, 50]  # not at or after the end

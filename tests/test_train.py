@@ -160,13 +160,16 @@ class PacedEncoder(nn.Module):
 
 def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
               monitor_share: float = 0.0, log: Callable[[str], None] = lambda s: None,
-              log_every: int = 1000) -> tuple[Any, list[dict[str, Any]]]:
-    """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images)."""
+              log_every: int = 1000, stop: Callable[[int], bool] | None = None,
+              resume: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+    """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images); `stop` and
+    `resume` as in `pretrain` (the clock goes on where the stopped run left it)."""
     ds = tiny_dataset(2 * steps_per_epoch, size=8)
     cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=100.0,
                       train__log_every=log_every, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
                       eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05)
-    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=log, clock=clock)
+    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=log, clock=clock,
+                   stop=stop, resume=tmp_path / "run" if resume else None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return res, records
 
@@ -274,3 +277,29 @@ def test_the_shortened_warm_up_stays_when_a_refit_lengthens_the_run(tmp_path: Pa
     between = lrs[51:75]
     assert all(b < a for a, b in zip(between, between[1:]))
     assert max(lrs[15:]) <= peak * (1 + 1e-6) and lrs[-1] < 0.01 * peak
+
+
+def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> None:
+    """The run of the test above (1 s a step, 1 minute, a 100-step warm-up shortened at the first
+    fit) stopped at step 30 and resumed: the resumed half reads the shortened warm-up from the
+    checkpoint, says so, and sets the learning rate of every step exactly as the uninterrupted run
+    did. The resumed process paces its own steps from step 35 (`TimeBudget.resume_at`), so it fits
+    the same 62 steps as the uninterrupted run."""
+    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
+    straight, straight_records = paced_run(tmp_path / "a", PacedClock(pace), minutes=1.0, steps_per_epoch=100,
+                                           log_every=1)
+    clock, lines = PacedClock(pace), []
+    first, _ = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
+                         stop=lambda step: step == 30)
+    assert first.stopped and first.steps == 30
+    second, records = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
+                                log=lines.append, resume=True)
+    assert second.steps == straight.steps
+    warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]
+    assert warmup < 10 and any(f"shortened to {warmup} (a tenth of the run)" in line for line in lines)
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}  # the resumed half rewrites nothing before step 30
+    assert [lrs[k] for k in sorted(lrs)] == [r["lr"] for r in straight_records if "lr" in r]
+    peak = tiny_config(tmp_path).optim.lr
+    # step 31's record is the lr of step index 30: on the cosine after the short warm-up (0.61 of the
+    # peak), not on the configured 100-step ramp (0.31)
+    assert lrs[31] == pytest.approx(lr_at(30, second.steps, warmup, peak)) and lrs[31] > 0.5 * peak

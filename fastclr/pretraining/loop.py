@@ -244,7 +244,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         log(init.summary())
     if state is not None:
         run.state.restore(state)
-        if cfg.train.time_budget > 0:
+        if run.budget is not None:
+            run.budget.resume_at(run.state.step)
             run.log_short_warmup()  # the warm-up the checkpoint kept
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:

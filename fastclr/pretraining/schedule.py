@@ -76,7 +76,13 @@ class TimeBudget:
         self.pace_from = pace_from
         self.first_fit = first_fit
         self.refit_every = refit_every
+        self._mark_at = pace_from
         self._mark: tuple[int, float] = (0, 0.0)
+
+    def resume_at(self, step: int) -> None:
+        """A resumed process measures its own pace from `pace_from` steps after `step`: its first
+        steps pay the one-off costs again, and it may run on another machine than the steps before."""
+        self._mark_at = step + self.pace_from
 
     def due(self, step: int, total_steps: int, end_of_epoch: bool, resumed: bool = False) -> bool:
         """Whether the loop fits (first fit, a fresh run only) or refits the step count after `step`.
@@ -87,11 +93,11 @@ class TimeBudget:
 
     def observe(self, step: int, train_seconds: float) -> None:
         """Call after every step; remembers where the steady-pace measurement starts."""
-        if step == self.pace_from:
+        if step == self._mark_at:
             self._mark = (step, train_seconds)
 
     def pace(self, step: int, train_seconds: float) -> float:
-        """Seconds per step since the mark (since step 0 for a run resumed before the mark)."""
+        """Seconds per step since the mark (since step 0 before a resumed run reaches its mark)."""
         s0, t0 = self._mark if step > self._mark[0] else (0, 0.0)
         return max(train_seconds - t0, 1e-9) / max(step - s0, 1)
 
