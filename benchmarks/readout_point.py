@@ -1,14 +1,16 @@
-"""Where h is read: after the readout's final ReLU (the default) or before it (BatchNorm's output).
+"""Where h is read: after the readout's final ReLU (the default), before it (BatchNorm's output), or
+after the projection head's first layer (SimCLRv2's middle of the head).
 
 The default readout ends Linear -> BatchNorm -> ReLU, and h is the ReLU's output, as in the
 paper's ResNets (pooled after the last ReLU). The ReLU zeroes about half of each unit's values and
 with them the sign of the evidence; a linear probe on the BatchNorm output sees it. The head is
 trained on the ReLU's output either way: this changes only what evaluation reads, so it is measured
-on trained runs, for the trained network and the same network untrained, with the protocols of
+on trained runs, for the trained network and the same network untrained (for `head1`, a head
+freshly initialised under the run's seed), with the protocols of
 `fastclr evaluate` (linear probe, weighted kNN k = 20 tau = 0.07, 10 labels per class over 3
 subset seeds):
 
-    python benchmarks/readout_point.py runs/RUN [runs/RUN2 ...] --out readout-point.jsonl
+    python benchmarks/readout_point.py runs/RUN [runs/RUN2 ...] [--points after_relu,before_relu,head1] --out readout-point.jsonl
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from fastclr.evaluation.knn import knn_accuracy
 from fastclr.evaluation.probe import linear_probe
 from fastclr.evaluation.reference import untrained_encoder
 from fastclr.evaluation.subsets import stratified_subset
-from fastclr.pretrained import load_run
+from fastclr.models.head import ProjectionHead
+from fastclr.pretrained import load_run, trained_head
+from fastclr.semisup.network import neck_of
 
 from harness import describe
 
@@ -62,14 +66,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--points", default="after_relu,before_relu,head1")
     a = ap.parse_args()
     for run_dir in a.run_dirs:
         run = load_run(run_dir, log=lambda s: None)
         ds = load_data(run.config.data)
         networks = {"trained": run.encoder,
                     "untrained": untrained_encoder(run.spec, run.config.train.seed, torch.device("cpu"))}
+        m = run.config.model
+        torch.manual_seed(run.config.train.seed)
+        heads = {"trained": trained_head(run, torch.device("cpu")),
+                 "untrained": ProjectionHead(run.spec.feature_dim, m.head_hidden or run.spec.feature_dim, m.proj_dim,
+                                             m.head_layers, m.head_bn).eval()}
         for which, encoder in networks.items():
-            for point, net in (("after_relu", encoder), ("before_relu", before_last_relu(encoder))):
+            head = heads[which]
+            assert head is not None, f"{run_dir} has no checkpoint with its projection head"
+            nets = {"after_relu": encoder, "before_relu": before_last_relu(encoder),
+                    "head1": nn.Sequential(encoder, neck_of(head, 1))}
+            for point, net in nets.items():
+                if point not in a.points.split(","):
+                    continue
                 t0 = time.perf_counter()
                 rec = {"benchmark": "readout_point", "machine": describe(), "run": str(run_dir),
                        "seed": run.config.train.seed, "network": which, "h": point, **measure(net.eval(), run, ds),
