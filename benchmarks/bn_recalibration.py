@@ -1,0 +1,80 @@
+"""BatchNorm statistics of clean images: does h improve when the encoder's running statistics are
+recomputed on the un-augmented training images after pretraining?
+
+Pretraining's BatchNorm layers keep running statistics of augmented views (crops, colour jitter,
+solarisation, erasing), while every evaluation feeds clean images. Recomputing them on the clean
+training images (no labels; a cumulative average over one pass, as "precise BN" of Wu and Johnson
+2021, "Rethinking batch in BatchNorm") removes that mismatch. Measured on trained runs, for the
+trained network and the same network untrained (each recalibrated alike), with `fastclr evaluate`'s
+protocols (linear probe, weighted kNN k = 20 tau = 0.07, 10 labels per class over 3 subset seeds):
+
+    python benchmarks/bn_recalibration.py runs/RUN [runs/RUN2 ...] --out bn-recalibration.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastclr.data import load_data
+from fastclr.evaluation.features import prepare_images
+from fastclr.evaluation.reference import untrained_encoder
+from fastclr.pretrained import load_run
+from fastclr.runtime import Precision
+
+from harness import describe
+from readout_point import measure
+
+
+@torch.no_grad()
+def recalibrated(encoder: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int,
+                 precision: Precision, batch_size: int = 1024) -> nn.Module:
+    """A copy of `encoder` whose BatchNorm running statistics are the average over batches of
+    clean `images` (uint8, N H W C) of the batch statistics; weights unchanged."""
+    out = copy.deepcopy(encoder)
+    norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    out.train()
+    for s in range(0, len(images), batch_size):
+        x = prepare_images(images[s:s + batch_size], mean, std, size).contiguous(memory_format=torch.channels_last)
+        with precision.autocast(x.device):
+            out(x)
+    for m in norms:
+        m.momentum = 0.1
+    return out.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dirs", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    for run_dir in a.run_dirs:
+        run = load_run(run_dir, log=lambda s: None)
+        ds = load_data(run.config.data)
+        images = torch.from_numpy(ds.train.images)
+        networks = {"trained": run.encoder,
+                    "untrained": untrained_encoder(run.spec, run.config.train.seed, torch.device("cpu"))}
+        for which, encoder in networks.items():
+            for bn in ("as_trained", "clean"):
+                t0 = time.perf_counter()
+                net = encoder if bn == "as_trained" else recalibrated(encoder, images, run.mean, run.std,
+                                                                       run.spec.image_size, run.precision)
+                rec = {"benchmark": "bn_recalibration", "machine": describe(), "run": str(run_dir),
+                       "seed": run.config.train.seed, "network": which, "bn": bn, **measure(net.eval(), run, ds),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                print(json.dumps(rec), flush=True)
+                with a.out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
