@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -24,12 +22,10 @@ from torch import nn
 
 from fastclr.data import load_data
 from fastclr.evaluation.features import prepare_images
-from fastclr.evaluation.reference import untrained_encoder
 from fastclr.pretrained import load_run
 from fastclr.runtime import Precision
 
-from harness import describe
-from readout_point import measure
+from readout_point import measure_and_log, trained_and_untrained
 
 
 @torch.no_grad()
@@ -61,19 +57,10 @@ def main() -> None:
         run = load_run(run_dir, log=lambda s: None)
         ds = load_data(run.config.data)
         images = torch.from_numpy(ds.train.images)
-        networks = {"trained": run.encoder,
-                    "untrained": untrained_encoder(run.spec, run.config.train.seed, torch.device("cpu"))}
-        for which, encoder in networks.items():
-            for bn in ("as_trained", "clean"):
-                t0 = time.perf_counter()
-                net = encoder if bn == "as_trained" else recalibrated(encoder, images, run.mean, run.std,
-                                                                       run.spec.image_size, run.precision)
-                rec = {"benchmark": "bn_recalibration", "machine": describe(), "run": str(run_dir),
-                       "seed": run.config.train.seed, "network": which, "bn": bn, **measure(net.eval(), run, ds),
-                       "seconds": round(time.perf_counter() - t0, 1)}
-                print(json.dumps(rec), flush=True)
-                with a.out.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+        for which, encoder in trained_and_untrained(run).items():
+            measure_and_log(a.out, "bn_recalibration", run_dir, run, ds, encoder, network=which, bn="as_trained")
+            clean = recalibrated(encoder, images, run.mean, run.std, run.spec.image_size, run.precision)
+            measure_and_log(a.out, "bn_recalibration", run_dir, run, ds, clean, network=which, bn="clean")
 
 
 if __name__ == "__main__":

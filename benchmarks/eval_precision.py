@@ -10,18 +10,13 @@ network and the same network untrained:
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
-import torch
 
 from fastclr.data import load_data
-from fastclr.evaluation.reference import untrained_encoder
 from fastclr.pretrained import load_run
 
-from harness import describe
-from readout_point import measure
+from readout_point import measure_and_log, trained_and_untrained
 
 
 def main() -> None:
@@ -34,16 +29,9 @@ def main() -> None:
         for asked in a.precisions.split(","):
             run = load_run(run_dir, precision=asked, log=lambda s: None)
             ds = load_data(run.config.data)
-            networks = {"trained": run.encoder,
-                        "untrained": untrained_encoder(run.spec, run.config.train.seed, torch.device("cpu"))}
-            for which, encoder in networks.items():
-                t0 = time.perf_counter()
-                rec = {"benchmark": "eval_precision", "machine": describe(), "run": str(run_dir),
-                       "seed": run.config.train.seed, "asked": asked, "precision": run.precision.name,
-                       "network": which, **measure(encoder, run, ds), "seconds": round(time.perf_counter() - t0, 1)}
-                print(json.dumps(rec), flush=True)
-                with a.out.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            for which, encoder in trained_and_untrained(run).items():
+                measure_and_log(a.out, "eval_precision", run_dir, run, ds, encoder, asked=asked,
+                                precision=run.precision.name, network=which)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,24 @@ def measure(encoder: nn.Module, run: Any, ds: Any) -> dict[str, float]:
             "few10": round(float(np.mean(few)), 2)}
 
 
+def trained_and_untrained(run: Any) -> dict[str, nn.Module]:
+    """The run's encoder and the same architecture at its initial weights (`evaluate`'s reference)."""
+    return {"trained": run.encoder,
+            "untrained": untrained_encoder(run.spec, run.config.train.seed, torch.device("cpu"))}
+
+
+def measure_and_log(out: Path, benchmark: str, run_dir: Path, run: Any, ds: Any, net: nn.Module,
+                    **fields: Any) -> dict[str, Any]:
+    """`measure` one network of a run, timed; print the record and append it to `out` as a JSON line."""
+    t0 = time.perf_counter()
+    rec = {"benchmark": benchmark, "machine": describe(), "run": str(run_dir), "seed": run.config.train.seed,
+           **fields, **measure(net.eval(), run, ds), "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(rec), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dirs", type=Path, nargs="+")
@@ -71,8 +89,7 @@ def main() -> None:
     for run_dir in a.run_dirs:
         run = load_run(run_dir, log=lambda s: None)
         ds = load_data(run.config.data)
-        networks = {"trained": run.encoder,
-                    "untrained": untrained_encoder(run.spec, run.config.train.seed, torch.device("cpu"))}
+        networks = trained_and_untrained(run)
         m = run.config.model
         torch.manual_seed(run.config.train.seed)
         heads = {"trained": trained_head(run, torch.device("cpu")),
@@ -86,13 +103,7 @@ def main() -> None:
             for point, net in nets.items():
                 if point not in a.points.split(","):
                     continue
-                t0 = time.perf_counter()
-                rec = {"benchmark": "readout_point", "machine": describe(), "run": str(run_dir),
-                       "seed": run.config.train.seed, "network": which, "h": point, **measure(net.eval(), run, ds),
-                       "seconds": round(time.perf_counter() - t0, 1)}
-                print(json.dumps(rec), flush=True)
-                with a.out.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                measure_and_log(a.out, "readout_point", run_dir, run, ds, net, network=which, h=point)
 
 
 if __name__ == "__main__":
