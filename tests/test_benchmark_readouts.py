@@ -1,7 +1,7 @@
 """Ways of reading an encoder out of a finished run, measured as levers (benchmarks/): BatchNorm
 statistics recomputed on clean images (bn_recalibration.py) are the average of the batches'
 statistics, and the weight averages (weight_average.py) follow the closed form of an exponential
-moving average."""
+moving average; the rotation lever (rotation_lever.py) turns a view by exactly the angle drawn."""
 
 from __future__ import annotations
 
@@ -57,3 +57,13 @@ def test_weight_averages_follow_the_closed_form() -> None:
                 assert torch.allclose(v.double(), w[k] + d**7 * (w0[k] - w[k]), atol=1e-6), k
             else:  # the batch counter is not averaged
                 assert torch.equal(v, w0[k].to(v.dtype)), k
+
+
+def test_rotation_lever_turns_views_exactly_by_right_angles() -> None:
+    from rotation_lever import rotate
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = rotate(x, torch.tensor([90.0, -90.0, 0.0]))
+    assert torch.allclose(y[0], torch.rot90(x[0], -1, (1, 2)), atol=1e-5)  # clockwise as displayed
+    assert torch.allclose(y[1], torch.rot90(x[1], 1, (1, 2)), atol=1e-5)
+    assert torch.allclose(y[2], x[2], atol=1e-6)
