@@ -1,7 +1,8 @@
 """An exponential moving average of the encoder's weights: is the averaged encoder's h better than
 the last step's?
 
-One pretraining run through `fastclr.pretrain` (the CLI's draws, kNN monitor off) keeps, beside the
+One pretraining run through `fastclr.pretrain` (the encoder built under the seed as `pretrain` builds
+it and handed in, so the head's first draw differs from the CLI's; kNN monitor off) keeps, beside the
 encoder it trains, copies whose parameters and BatchNorm statistics follow it as
 w_avg <- d * w_avg + (1 - d) * w after every step, for each decay d given (Polyak averaging, as the
 key encoders of MoCo and BYOL's targets keep it; here it is only read out at the end). The trained
