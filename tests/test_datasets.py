@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import tarfile
@@ -47,6 +48,23 @@ def test_mnist_layout_loads_train_and_test_with_labels(data_root: Path) -> None:
     np.testing.assert_array_equal(ds.test.images, xte)
     np.testing.assert_array_equal(ds.test.labels, yte)
     assert ds.image_shape == (28, 28, 1) and ds.classes[0] == "T-shirt/top"
+
+
+def test_uncompressed_idx_files_load_as_the_gzipped_ones(data_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The four files without `.gz` (as some mirrors and packages ship MNIST) give the same dataset."""
+    gz = load_builtin("mnist")
+    raw_root = tmp_path / "raw"
+    (raw_root / "mnist").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw_root / "mnist" / name).write_bytes(gzip.decompress((data_root / "mnist" / f"{name}.gz").read_bytes()))
+    monkeypatch.setenv("FASTCLR_DATA", str(raw_root))
+    raw = load_builtin("mnist", download=False)
+    assert raw.origin == str(raw_root / "mnist")
+    for a, b in ((gz.pretrain.images, raw.pretrain.images), (gz.train.labels, raw.train.labels),
+                 (gz.test.images, raw.test.images), (gz.test.labels, raw.test.labels)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
@@ -135,6 +153,7 @@ def test_missing_files_without_download_say_what_to_install(tmp_path: Path, monk
         ensure("fashion-mnist", download=False)
     msg = str(e.value)
     assert "apt-get install -y dataset-fashion-mnist" in msg and "train-images-idx3-ubyte.gz" in msg
+    assert "gzipped or not" in msg
     assert "\n" not in msg
 
 

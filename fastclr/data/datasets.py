@@ -158,7 +158,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         ),
         read_idx_dataset("fashion-mnist", FASHION_CLASSES),
         "install them with `apt-get install -y dataset-fashion-mnist`, or put the four IDX files "
-        "({files}) in $FASTCLR_DATA/fashion-mnist/",
+        "({files}; gzipped or not) in $FASTCLR_DATA/fashion-mnist/",
     ),
     "mnist": DatasetSpec(
         "mnist",
@@ -171,7 +171,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             RemoteFile(MNIST_URL + IDX_FILES[3], "ec29112dd5afa0611ce80d1b7f02629c"),
         ),
         read_idx_dataset("mnist", [str(i) for i in range(10)]),
-        "put the four IDX files ({files}) from " + MNIST_URL + " in $FASTCLR_DATA/mnist/",
+        "put the four IDX files ({files}; gzipped or not) from " + MNIST_URL + " in $FASTCLR_DATA/mnist/",
     ),
     "cifar10": DatasetSpec(
         "cifar10",
