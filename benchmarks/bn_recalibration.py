@@ -35,6 +35,7 @@ def recalibrated(encoder: nn.Module, images: torch.Tensor, mean: torch.Tensor, s
     clean `images` (uint8, N H W C) of the batch statistics; weights unchanged."""
     out = copy.deepcopy(encoder)
     norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
@@ -43,8 +44,8 @@ def recalibrated(encoder: nn.Module, images: torch.Tensor, mean: torch.Tensor, s
         x = prepare_images(images[s:s + batch_size], mean, std, size).contiguous(memory_format=torch.channels_last)
         with precision.autocast(x.device):
             out(x)
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     return out.eval()
 
 

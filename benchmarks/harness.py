@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +58,13 @@ def report(benchmark: str, fields: dict[str, Any]) -> None:
     """Print one JSON line: the benchmark's name, the exact command, the machine, then `fields`."""
     print(json.dumps({"benchmark": benchmark, "command": " ".join([sys.executable, *sys.argv]), "machine": describe(),
                       **fields}), flush=True)
+
+
+def record(out: str | Path, rec: dict[str, Any]) -> None:
+    """Print `rec` as one JSON line and append it to the results file `out`."""
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 @dataclass

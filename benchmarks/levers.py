@@ -16,7 +16,6 @@ time with the step times measured side by side (benchmarks/step_levers.py).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from typing import Any
@@ -35,7 +34,7 @@ from fastclr.evaluation.features import extract_features
 from fastclr.runtime import Precision
 from fastclr.pretraining.loop import pretrain
 
-from harness import describe
+from harness import describe, record
 
 
 def quality(encoder: torch.nn.Module, ds: Dataset, mean: torch.Tensor, std: torch.Tensor, size: int,
@@ -104,9 +103,7 @@ def main() -> None:
         spec = f"data.name={a.data}," + spec if a.data != "fashion-mnist" else spec
         for seed in (int(s) for s in a.seeds.split(",")):
             rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
-            print(json.dumps(rec), flush=True)
-            with open(a.out, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            record(a.out, rec)
 
 
 if __name__ == "__main__":

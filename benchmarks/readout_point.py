@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from fastclr.models.head import ProjectionHead
 from fastclr.pretrained import load_run, trained_head
 from fastclr.semisup.network import neck_of
 
-from harness import describe
+from harness import describe, record
 
 
 def before_last_relu(encoder: nn.Module) -> nn.Module:
@@ -74,9 +73,7 @@ def measure_and_log(out: Path, benchmark: str, run_dir: Path, run: Any, ds: Any,
     t0 = time.perf_counter()
     rec = {"benchmark": benchmark, "machine": describe(), "run": str(run_dir), "seed": run.config.train.seed,
            **fields, **measure(net.eval(), run, ds), "seconds": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(rec), flush=True)
-    with out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    record(out, rec)
     return rec
 
 

@@ -12,7 +12,6 @@ with the run's seed, drawn once per step, so every other draw of the run is the 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ import fastclr.augment as augment_mod
 from fastclr.data import load_data
 from fastclr.presets import apply_preset
 
+from harness import record
 from levers import run
 
 
@@ -69,9 +69,7 @@ def main() -> None:
         finally:
             augment_mod.crop_resize_flip = original
         rec.update(rotate_degrees=a.degrees, rotate_p=a.p)
-        print(json.dumps(rec), flush=True)
-        with open(a.out, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        record(a.out, rec)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from fastclr.pretraining.loop import pretrain
 from fastclr.pretraining.model import named_encoder
 from fastclr.runtime import Precision
 
-from harness import describe
+from harness import describe, record
 from levers import quality
 
 
@@ -78,11 +77,8 @@ def main() -> None:
     base = {"benchmark": "weight_average", "machine": describe(), "seed": a.seed, "budget_min": a.budget,
             "epochs": a.epochs, "steps": res.steps, "train_s": round(res.train_seconds, 1), "precision": precision.name}
     for name, net in [("last", encoder)] + [(f"ema{d:g}", n) for d, n in zip(decays, averages.copies)]:
-        rec = {**base, "weights": name,
-               **quality(net.eval(), ds, spec.mean_tensor(), spec.std_tensor(), spec.image_size, precision)}
-        print(json.dumps(rec), flush=True)
-        with a.out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        record(a.out, {**base, "weights": name,
+                       **quality(net.eval(), ds, spec.mean_tensor(), spec.std_tensor(), spec.image_size, precision)})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import synthetic_images, write_cifar, write_idx, write_idx_dataset
 from fastclr.data import formats
-from fastclr.data.datasets import REGISTRY, ensure, load_builtin, locate, search_roots
+from fastclr.data.datasets import IDX_FILES, REGISTRY, ensure, load_builtin, locate, search_roots
 from fastclr.data.download import RemoteFile, fetch
 from fastclr.errors import FastclrError
 
@@ -56,9 +56,9 @@ def test_uncompressed_idx_files_load_as_the_gzipped_ones(data_root: Path, tmp_pa
     gz = load_builtin("mnist")
     raw_root = tmp_path / "raw"
     (raw_root / "mnist").mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
-        (raw_root / "mnist" / name).write_bytes(gzip.decompress((data_root / "mnist" / f"{name}.gz").read_bytes()))
+    for name in IDX_FILES:
+        content = gzip.decompress((data_root / "mnist" / name).read_bytes())
+        (raw_root / "mnist" / name.removesuffix(".gz")).write_bytes(content)
     monkeypatch.setenv("FASTCLR_DATA", str(raw_root))
     raw = load_builtin("mnist", download=False)
     assert raw.origin == str(raw_root / "mnist")
