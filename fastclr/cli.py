@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fastclr.config import Config, DataConfig, apply_overrides, flag_table, read_toml
+from fastclr.config import Config, apply_overrides, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import is_write_error, write_failure_reason
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
-from fastclr.presets import config_for, preset_name
+from fastclr.presets import config_for, saved_overrides
 
 if TYPE_CHECKING:
     import torch
@@ -60,11 +60,24 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config_for(None, overrides)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Train SimCLR, then print the linear-probe accuracy."""
+def resume_config(resume: Path, args: argparse.Namespace) -> Config:
+    """The config `--resume RUN_DIR` continues with: the run's own (keys added since it was saved at
+    the values it ran with), then a --config file, then flags."""
+    if not resume.is_dir():
+        raise FastclrError(f"--resume {resume}: no such run directory; give the directory of an earlier run")
+    saved = resume / "config.toml"
+    if not saved.exists():
+        raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
+    base = saved_overrides(saved)
+    if args.config:
+        base.update(read_toml(args.config))
+    base.update(_overrides(args))
+    return apply_overrides(Config(), base)
+
+
+def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
+    """The run `fastclr pretrain` continues (None for a new one) and the config it trains with."""
     from fastclr.checkpoint import list_checkpoints
-    from fastclr.signals import EXIT_STOPPED, graceful_stop
-    from fastclr.pretraining.loop import pretrain
 
     resume = None
     if args.resume == "auto":
@@ -81,21 +94,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         resume = Path(args.resume)
         if args.run_dir:
             raise FastclrError("give either --resume RUN_DIR or --resume auto RUN_DIR, not both a directory and a positional")
-    if resume is not None:
-        if not resume.is_dir():
-            raise FastclrError(f"--resume {resume}: no such run directory; give the directory of an earlier run")
-        saved = resume / "config.toml"
-        if not saved.exists():
-            raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
-        # The run's own config, then a --config file, then flags: resuming continues the same run.
-        base = read_toml(saved)
-        base.setdefault("data.preset", preset_name(str(base.get("data.name", DataConfig().name))))  # runs saved before 0.2
-        if args.config:
-            base.update(read_toml(args.config))
-        base.update(_overrides(args))
-        cfg = apply_overrides(Config(), base)
-    else:
-        cfg = resolve_config(args)
+    elif args.run_dir:  # `fastclr pretrain RUN_DIR`: a new run in RUN_DIR
+        given = _overrides(args).get("train.run_dir")
+        if given and Path(given) != Path(args.run_dir):
+            raise FastclrError(f"two run directories given ({args.run_dir} and --run-dir {given}); give one")
+        args.__dict__["cfg:train.run_dir"] = args.run_dir
+    return resume, resolve_config(args) if resume is None else resume_config(resume, args)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train SimCLR, then print the linear-probe accuracy."""
+    from fastclr.signals import EXIT_STOPPED, graceful_stop
+    from fastclr.pretraining.loop import pretrain
+
+    resume, cfg = pretrain_target(args)
     with graceful_stop() as stop:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
                           stop=stop)
@@ -165,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", metavar="RUN_DIR|auto",
                      help="continue RUN_DIR from its newest valid checkpoint; `--resume auto RUN_DIR` resumes RUN_DIR "
                           "when it holds a checkpoint and starts it fresh otherwise")
-    pre.add_argument("run_dir", nargs="?", help="with --resume auto: the run directory")
+    pre.add_argument("run_dir", nargs="?", help="the run directory (the same as --run-dir); with --resume auto: the "
+                     "run to continue or start")
     pre.add_argument("--allow-config-change", action="store_true",
                      help="allow resuming with a different model, dataset, batch size or optimizer")
     pre.add_argument("--quiet", action="store_true", help="no progress line")

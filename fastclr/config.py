@@ -455,6 +455,12 @@ def from_dict(d: dict[str, dict[str, Any]]) -> Config:
     return apply_overrides(Config(), {**ADDED_LATER, **flat})
 
 
+def read_saved_toml(path: str | Path) -> dict[str, Any]:
+    """A run's saved config.toml as flat overrides, keys added since it was saved at ADDED_LATER's
+    values: what `from_dict` does for a checkpoint's config, for the file beside it."""
+    return {**ADDED_LATER, **read_toml(path)}
+
+
 def to_toml(cfg: Config) -> str:
     """Render the config as TOML (scalars only, so a tiny writer suffices)."""
     lines: list[str] = []

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from fastclr.files import atomic_write, write_text
+from fastclr.files import atomic_write, atomic_write_all
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
 from fastclr.version import __version__
@@ -105,9 +105,9 @@ def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], o
 def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out: Path,
                check: torch.Tensor | None) -> Path:
     """The encoder in eval mode as ONNX (torch's dynamo exporter, dynamic batch, input `x`, output
-    `h`), the metadata as the model's metadata_props; read back from disk and run in onnxruntime on
-    `check` (standardised images), refused and removed if it differs from PyTorch by more than
-    ONNX_TOLERANCE."""
+    `h`), the metadata as the model's metadata_props; the serialised model is run in onnxruntime on
+    `check` (standardised images) and refused, with any earlier file at `out` left as it was, if it
+    differs from PyTorch by more than ONNX_TOLERANCE."""
     try:
         import onnx
         import onnxruntime
@@ -128,14 +128,14 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     model = program.model_proto
     onnx.helper.set_model_props(model, dict(meta, naming="fastclr"))
     data = model.SerializeToString()
-    atomic_write(out, lambda f: f.write(data))
-    runtime = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    # Checked on the bytes the file will hold, before it replaces anything at `out`.
+    runtime = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = torch.from_numpy(runtime.run(["h"], {"x": x.numpy()})[0])
     gap = float((got - want).abs().max())
     if not gap <= ONNX_TOLERANCE:
-        out.unlink()
         raise FastclrError(f"the ONNX model's h differs from PyTorch's by {gap:.2e} (> {ONNX_TOLERANCE:g}) on "
                            f"{len(x)} images; not written; export --format torch-export instead")
+    atomic_write(out, lambda f: f.write(data))
     return out
 
 
@@ -177,7 +177,7 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
         data = safetensors_bytes(state, metadata=dict(meta, naming="torchvision"))
         atomic_write(out, lambda f: f.write(data))
         return [out]
-    atomic_write(out, lambda f: torch.save(state, f))
     side = out.with_name(out.name + ".json")
-    write_text(side, json.dumps(dict(meta, naming="torchvision"), indent=2) + "\n")
+    text = json.dumps(dict(meta, naming="torchvision"), indent=2) + "\n"
+    atomic_write_all([(out, lambda f: torch.save(state, f)), (side, lambda f: f.write(text.encode("utf-8")))])
     return [out, side]

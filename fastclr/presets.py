@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fastclr.config import Config, DataConfig, apply_overrides
+from pathlib import Path
+
+from fastclr.config import Config, DataConfig, apply_overrides, read_saved_toml
 from fastclr.errors import FastclrError
 
 # The paper's ImageNet recipe (Chen et al. 2020, appendix A) with its schedule: 96 px colour photos
@@ -64,6 +66,15 @@ def config_for(data: str | None = None, overrides: Mapping[str, Any] | None = No
 def apply_preset(overrides: Mapping[str, Any]) -> Config:
     """`config_for` with the dataset named in `overrides`."""
     return config_for(None, overrides)
+
+
+def saved_overrides(path: str | Path) -> dict[str, Any]:
+    """The flat overrides a run directory's config.toml rebuilds its config from (on `Config()`):
+    keys added since it was saved at the values that reproduce it (`read_saved_toml`), and the
+    dataset's preset name where a run saved before 0.2 lacks it."""
+    flat = read_saved_toml(path)
+    flat.setdefault("data.preset", preset_name(str(flat.get("data.name", DataConfig().name))))
+    return flat
 
 
 def check_preset(cfg: Config) -> None:

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
-from fastclr.config import Config, from_dict, read_toml, apply_overrides
+from fastclr.config import Config, from_dict, apply_overrides
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
+from fastclr.presets import saved_overrides
 from fastclr.runs import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
 
@@ -63,7 +64,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
             f"{'export' if export.exists() else 'checkpoint'}")
     if export.exists():
         encoder, spec = load_encoder(export, device)
-        cfg = apply_overrides(Config(), read_toml(cfg_path))
+        cfg = apply_overrides(Config(), saved_overrides(cfg_path))
     else:
         _, state = latest_valid_checkpoint(run)
         spec = EncoderSpec.from_dict(state["model_info"])

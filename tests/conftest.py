@@ -5,9 +5,13 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import resource
+import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +120,20 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 24
                           timeout=timeout)
 
 
+def limit_files(limit: int) -> None:
+    """No file of this process may grow past `limit` bytes (`ulimit -f`); a write past it fails with EFBIG."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """This process may not grow any file past `limit` bytes while inside."""
+    old_handler = signal.getsignal(signal.SIGXFSZ)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit_files(limit)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)

@@ -123,3 +123,42 @@ def test_a_config_saved_before_erasing_existed_reads_back_without_it() -> None:
     assert Config().augment.erase_p > 0 and from_dict(saved).augment.erase_p == Config().augment.erase_p
     del saved["augment"]["erase_p"]
     assert from_dict(saved).augment.erase_p == 0.0
+
+
+def _drop_lines(path: Path, *keys: str) -> None:
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if line.split(" = ")[0] not in keys))
+
+
+def test_a_run_saved_before_erasing_resumes_and_loads_without_it(tmp_path: Path) -> None:
+    """The run directory's config.toml, read for `--resume` and by `load_run` (evaluate, embed,
+    report), gives keys added since the run was saved the values it trained with, as `from_dict`
+    does for the checkpoint: a run from before random erasing must not resume with erasing on."""
+    from fastclr.cli import build_parser, resume_config
+    from fastclr.pretrained import load_run
+    from tiny import tiny_dataset, tiny_run
+
+    run = tmp_path / "old"
+    tiny_run(run, tiny_dataset(), data__name="mnist")
+    _drop_lines(run / "config.toml", "erase_p", "preset")  # as 0.1 wrote it
+    assert Config().augment.erase_p > 0
+    resumed = resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run)]))
+    loaded = load_run(run, log=lambda s: None).config
+    for cfg in (resumed, loaded):
+        assert cfg.augment.erase_p == 0.0 and cfg.data.preset == "mnist" and cfg.augment.flip_p == 0.0
+    # a flag still overrides what was saved
+    flagged = resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run), "--erase-p", "0.5"]))
+    assert flagged.augment.erase_p == 0.5
+
+
+def test_the_positional_run_dir_is_the_run_dir(tmp_path: Path) -> None:
+    """`fastclr pretrain RUN_DIR` trains into RUN_DIR (it was ignored without --resume); two
+    different directories are refused."""
+    from fastclr.cli import build_parser, pretrain_target
+
+    run = str(tmp_path / "mine")
+    resume, cfg = pretrain_target(build_parser().parse_args(["pretrain", run, "--data", "mnist"]))
+    assert resume is None and cfg.train.run_dir == run and cfg.data.preset == "mnist"
+    assert pretrain_target(build_parser().parse_args(["pretrain", run, "--run-dir", run]))[1].train.run_dir == run
+    with pytest.raises(FastclrError, match="two run directories given"):
+        pretrain_target(build_parser().parse_args(["pretrain", run, "--run-dir", str(tmp_path / "other")]))

@@ -79,15 +79,24 @@ def test_onnx_in_onnxruntime_equals_the_encoder_and_carries_the_metadata(arch: s
     assert props["architecture"] == arch and props["cifar_stem"] == stem and props["in_channels"] == str(channels)
 
 
-def test_an_onnx_model_that_disagrees_is_refused_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_onnx_model_that_disagrees_is_refused_and_an_earlier_export_kept(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import fastclr.export as export_mod
 
-    monkeypatch.setattr(export_mod, "ONNX_TOLERANCE", -1.0)  # no model can meet it: the check must refuse
     enc = build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512")
     spec = EncoderSpec("cnn", 1, 28, 1.0, "auto", 0, (0.5,), (0.25,))
+    out = tmp_path / "enc.onnx"
+    monkeypatch.setattr(export_mod, "ONNX_TOLERANCE", -1.0)  # no model can meet it: the check must refuse
     with pytest.raises(FastclrError, match="differs from PyTorch's"):
-        export_encoder(enc, spec, "", "onnx", tmp_path / "enc.onnx")
-    assert not (tmp_path / "enc.onnx").exists()
+        export_encoder(enc, spec, "", "onnx", out)
+    assert not out.exists()
+    monkeypatch.undo()
+    export_encoder(enc, spec, "", "onnx", out)
+    good = out.read_bytes()
+    monkeypatch.setattr(export_mod, "ONNX_TOLERANCE", -1.0)
+    with pytest.raises(FastclrError, match="not written"):
+        export_encoder(enc, spec, "", "onnx", out)
+    assert out.read_bytes() == good  # the refused model did not replace the good one
 
 
 def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> None:

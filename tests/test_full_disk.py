@@ -12,49 +12,27 @@ torch's writer raises RuntimeError ("unexpected pos ...") on both, never OSError
 from __future__ import annotations
 
 import json
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, file_size_limit, limit_files, run_cli
 from ingest_fixtures import bar_images
 from tiny import TINY_FLAGS
 from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fastclr.errors import FastclrError
-from fastclr.files import WriteFailed, atomic_write
-
-
-def _limit_files(limit: int) -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-
-@contextmanager
-def file_size_limit(limit: int) -> Iterator[None]:
-    """This process may not grow any file past `limit` bytes while inside."""
-    old_handler = signal.getsignal(signal.SIGXFSZ)
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    _limit_files(limit)
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, old_handler)
+from fastclr.files import WriteFailed, atomic_write, atomic_write_all, npy_writer
 
 
 def limited_cli(args: list[str], env: dict[str, str], cwd: Path, limit: int) -> subprocess.CompletedProcess[str]:
     """`python -m fastclr ARGS` in a process whose files may not grow past `limit` bytes."""
     return subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=240, preexec_fn=lambda: _limit_files(limit))
+                          timeout=240, preexec_fn=lambda: limit_files(limit))
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
@@ -92,6 +70,39 @@ def test_atomic_write_leaves_the_old_file_whole_when_the_kernel_refuses(tmp_path
     # the limit is named, and the old file is whole.
     assert "files are limited to 4.0 KiB (ulimit -f)" in e.value.reason and path.read_bytes() == b"old contents"
     assert no_temporaries(tmp_path)
+
+
+def test_a_npy_cut_short_in_its_last_buffer_is_a_failure_not_a_file(tmp_path: Path) -> None:
+    """Given a real file, numpy writes through C stdio and drops the error of its final flush: an
+    array whose last 16 bytes pass the limit became a truncated .npy and no error. `npy_writer`
+    writes through Python's checked writes: the same array fails, the old file stays whole."""
+    import numpy as np
+
+    arr = np.arange(2020, dtype=np.float32)  # 8080 bytes after a 128-byte header: 16 past the limit
+    path = tmp_path / "e.npy"
+    path.write_bytes(b"old contents")
+    with file_size_limit(8192):
+        atomic_write(tmp_path / "numpy.npy", lambda f: np.save(f, arr))  # the fault is real: no error...
+        with pytest.raises(WriteFailed):
+            atomic_write(path, npy_writer(arr))
+    assert (tmp_path / "numpy.npy").stat().st_size == 8192  # ...and a file cut short
+    assert path.read_bytes() == b"old contents" and no_temporaries(tmp_path)
+    atomic_write(path, npy_writer(arr))
+    assert np.array_equal(np.load(path), arr)
+
+
+def test_files_written_together_are_replaced_together_or_not_at_all(tmp_path: Path) -> None:
+    """`atomic_write_all`: when the second file fails, the first keeps its old contents too (an
+    embedding's rows and its index must not come from two different runs)."""
+    a, b = tmp_path / "a.npy", tmp_path / "a.csv"
+    a.write_bytes(b"old array")
+    b.write_bytes(b"old index")
+    with file_size_limit(4096), pytest.raises(WriteFailed) as e:
+        atomic_write_all([(a, lambda f: f.write(b"new array")), (b, lambda f: f.write(bytes(8192)))])
+    assert e.value.path == b and a.read_bytes() == b"old array" and b.read_bytes() == b"old index"
+    assert no_temporaries(tmp_path)
+    atomic_write_all([(a, lambda f: f.write(b"new array")), (b, lambda f: f.write(b"new index"))])
+    assert a.read_bytes() == b"new array" and b.read_bytes() == b"new index"
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from fastclr.ingest.neighbours import neighbours
 from fastclr.models import build_encoder
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.runs import write_config
+from conftest import file_size_limit
 from ingest_fixtures import bar_images
 
 QUIET = dict(progress=False, log=lambda s: None)
@@ -153,6 +154,27 @@ def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tm
     assert list((run.run_dir / "features").glob("*.npy"))  # cached for the next query
     again = neighbours(run, store, root / "bars" / s.paths[0], 1, CPU, log=lambda s: None)
     assert again[0][0] == s.paths[0]
+
+
+def test_a_damaged_or_unwritable_feature_cache_costs_a_recomputation_not_the_answer(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The store's features are a cache: one cut short (as numpy once left it on a full disk) is
+    recomputed and rewritten whole, and one that cannot be written is a note, not an error."""
+    root, store, run = bars
+    s = read_store(store)
+    query = root / "bars" / s.paths[5]
+    want = neighbours(run, store, query, 3, CPU, log=lambda s: None)
+    cache = next((run.run_dir / "features").glob("*.npy"))
+    cache.write_bytes(cache.read_bytes()[:200])
+    notes: list[str] = []
+    assert neighbours(run, store, query, 3, CPU, log=notes.append) == want
+    assert any("unreadable feature cache" in n for n in notes), notes
+    assert np.load(cache).shape == (len(s.images), run.spec.feature_dim)
+    cache.unlink()
+    notes.clear()
+    with file_size_limit(64):
+        assert neighbours(run, store, query, 3, CPU, log=notes.append) == want
+    assert any(n.startswith("note: store features not cached") and "ulimit -f" in n for n in notes), notes
+    assert not cache.exists()
 
 
 def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

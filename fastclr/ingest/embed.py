@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastclr.files import atomic_write
+from fastclr.files import atomic_write_all, npy_writer
 from fastclr.data.datasets import REGISTRY, load_builtin
 from fastclr.data.store import SPLITS, is_store, read_store
 from fastclr.augment import LUMA
@@ -118,8 +118,8 @@ def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, objec
     w.writerow(INDEX_COLUMNS)
     for i, r in enumerate(rows):
         w.writerow([i, *(r[k] for k in INDEX_COLUMNS[1:])])
-    atomic_write(npy, lambda f: np.save(f, features.astype(np.float32, copy=False)))
-    atomic_write(index, lambda f: f.write(text.getvalue().encode()))
+    atomic_write_all([(npy, npy_writer(features.astype(np.float32, copy=False))),
+                      (index, lambda f: f.write(text.getvalue().encode()))])
     return npy, index
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastclr.files import atomic_write
+from fastclr.files import WriteFailed, atomic_write, npy_writer
 from fastclr.data.store import META, Store, read_store
 from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk
@@ -47,15 +47,21 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
                          + run.precision.name.encode()).hexdigest()[:16]
     cache = run.run_dir / "features" / f"{store.path.name}-{key}.npy"
     if cache.exists():
-        feats = np.load(cache)
-        if feats.shape[0] == len(store.images):
-            return feats
+        try:
+            feats = np.load(cache)
+        except (OSError, ValueError) as e:  # damaged (written by an older version on a full disk): recompute
+            log(f"note: ignoring the unreadable feature cache {cache} ({e}); recomputing it")
+        else:
+            if feats.shape == (len(store.images), run.spec.feature_dim):
+                return feats
     feats = embed_images(run, store.images, device)
     try:
         cache.parent.mkdir(exist_ok=True)
-        atomic_write(cache, lambda f: np.save(f, feats))
+        atomic_write(cache, npy_writer(feats))
     except OSError as e:
         log(f"note: store features not cached ({e.strerror or e}); they are recomputed next time")
+    except WriteFailed as e:
+        log(f"note: store features not cached ({e.reason}); they are recomputed next time")
     return feats
 
 
