@@ -416,10 +416,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into flat `{"section.field": value}` overrides."""
     p = Path(path)
     try:
-        doc = tomllib.loads(p.read_text())
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FastclrError(f"config file {p} does not exist; check the path given to --config") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise FastclrError(f"config file {p} is not valid TOML ({e}); fix the file") from None
     flat: dict[str, Any] = {}
     for section, body in doc.items():
@@ -461,6 +461,13 @@ def read_saved_toml(path: str | Path) -> dict[str, Any]:
     return {**ADDED_LATER, **read_toml(path)}
 
 
+def toml_string(value: str) -> str:
+    """`value` as a TOML basic string. JSON's escapes are TOML's, except that JSON writes a
+    character beyond U+FFFF as a surrogate pair, which TOML rejects: such characters (and all
+    non-ASCII) are written as themselves, and DEL, which TOML forbids raw, as an escape."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def to_toml(cfg: Config) -> str:
     """Render the config as TOML (scalars only, so a tiny writer suffices)."""
     lines: list[str] = []
@@ -470,7 +477,7 @@ def to_toml(cfg: Config) -> str:
             if isinstance(v, bool):
                 text = "true" if v else "false"
             elif isinstance(v, str):
-                text = json.dumps(v)
+                text = toml_string(v)
             elif isinstance(v, float):
                 text = repr(v)
             else:

@@ -162,3 +162,14 @@ def test_the_positional_run_dir_is_the_run_dir(tmp_path: Path) -> None:
     assert pretrain_target(build_parser().parse_args(["pretrain", run, "--run-dir", run]))[1].train.run_dir == run
     with pytest.raises(FastclrError, match="two run directories given"):
         pretrain_target(build_parser().parse_args(["pretrain", run, "--run-dir", str(tmp_path / "other")]))
+
+
+@pytest.mark.parametrize("text", ["runs/😀-photos", "C:\\data\\é", 'a "quoted"\tname\n', "del\x7f and \x01", "𝔽ashion"])
+def test_any_string_setting_survives_config_toml(tmp_path: Path, text: str) -> None:
+    """A run directory or store path is the user's text: characters beyond U+FFFF (JSON's surrogate
+    pairs are not TOML), quotes, backslashes and control characters all read back exactly."""
+    cfg = apply_overrides(Config(), {"train.run_dir": text, "model.init": text})
+    p = tmp_path / "c.toml"
+    p.write_text(to_toml(cfg), encoding="utf-8")
+    back = apply_overrides(Config(), read_toml(p))
+    assert back.train.run_dir == text and back.model.init == text and back == cfg
