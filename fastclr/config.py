@@ -375,6 +375,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return out
 
 
+LEARNED_TEMPERATURE_RANGE = (0.01, 1.0)
+"""Where a learned temperature is kept. Below 0.01 the logits of unit vectors span +-100 and a
+few hard negatives dominate every gradient; above 1 the softmax over thousands of negatives is
+nearly flat. CLIP (Radford et al. 2021) clips its learned logit scale the same way (at 100)."""
+
 RELATIONS: tuple[tuple[str, str], ...] = (
     ("augment.scale_min", "augment.scale_max"),
     ("augment.ratio_min", "augment.ratio_max"),
@@ -410,6 +415,10 @@ def validate(cfg: Config) -> None:
         if va > vb:
             raise FastclrError(f"{a} = {va!r} is larger than {b} = {vb!r}; it must be <= {b} "
                                f"(e.g. {_flag(a)} {getattr(getattr(defaults, a.split('.')[0]), a.split('.')[1])})")
+    low, high = LEARNED_TEMPERATURE_RANGE
+    if cfg.train.learn_temperature and not low <= cfg.train.temperature <= high:
+        raise FastclrError(f"train.temperature = {cfg.train.temperature!r} is outside [{low:g}, {high:g}], where "
+                           f"--learn-temperature keeps t; start it inside, e.g. --temperature {defaults.train.temperature}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_helpers import run_ranks
 
 from fastclr.augment import render_views, view_params
-from fastclr.config import AugmentConfig, TrainConfig
+from fastclr.config import LEARNED_TEMPERATURE_RANGE, AugmentConfig, Config, TrainConfig, apply_overrides
+from fastclr.errors import FastclrError
 from fastclr.pretraining.multi_positive import multi_positive_loss
-from fastclr.pretraining.objective import TEMPERATURE_RANGE, LearnedTemperature, Objective, is_plain
+from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain
 from fastclr.pretraining.step import SimCLRNet, backward_step
 from fastclr.scaleout.distributed import DistContext, all_reduce, setup
 from test_distributed import small_net
@@ -73,10 +74,21 @@ def test_the_learned_temperature_gets_the_closed_form_gradient_and_stays_in_rang
     expected = (s[torch.arange(12), pos] - (p * s.masked_fill(torch.eye(12, dtype=torch.bool), 0)).sum(1)).mean() / t
     assert float(learned.log_t.grad[0]) == pytest.approx(float(expected), rel=1e-10)
     assert float(metrics["temperature"]) == pytest.approx(0.2, rel=1e-7)
-    learned.log_t.data.fill_(math.log(50.0))
-    assert float(learned()) == pytest.approx(TEMPERATURE_RANGE[1])
-    learned.log_t.data.fill_(math.log(1e-5))
-    assert float(learned()) == pytest.approx(TEMPERATURE_RANGE[0])
+    # An update that carries t out of range is clipped back after the step (Objective.after_update),
+    # and at the bound the gradient is alive: a clamp inside the forward pass gave 0 there for good.
+    for outside, bound in ((50.0, LEARNED_TEMPERATURE_RANGE[1]), (1e-5, LEARNED_TEMPERATURE_RANGE[0])):
+        learned.log_t.data.fill_(math.log(outside))
+        obj.after_update(z, None, DistContext())
+        assert float(learned()) == pytest.approx(bound)
+        learned.log_t.grad = None
+        obj.loss(z, obj.groups(torch.arange(6)), DistContext())[0].backward()
+        assert abs(float(learned.log_t.grad[0])) > 1e-3
+
+
+def test_a_learned_temperature_must_start_in_its_range() -> None:
+    with pytest.raises(FastclrError, match=r"train.temperature = 2.0 is outside \[0.01, 1\], where --learn-temperature"):
+        apply_overrides(Config(), {"train.learn_temperature": True, "train.temperature": 2.0})
+    assert apply_overrides(Config(), {"train.temperature": 2.0}).train.temperature == 2.0  # a fixed t may be anything
 
 
 def global_views() -> torch.Tensor:

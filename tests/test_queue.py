@@ -95,3 +95,24 @@ def test_stop_and_resume_with_a_queue_equals_the_uninterrupted_run(tmp_path: Pat
     moved = [k for k in a["head"] if k.endswith("weight") and not torch.equal(a["head"][k], a["key_network"]["head." + k])]
     assert moved  # the key network lags the online one (momentum 0.9), it is not a copy
     assert not math.isnan(float(a["queue"]["rows"].sum()))
+
+
+def test_the_key_network_starts_from_the_init_weights(tmp_path: Path) -> None:
+    """--queue with --init: the key network is a copy of the network as it starts, init weights
+    included (it copied the random draw made before the init was applied). After one step of
+    momentum m, theta_k = m theta_k0 + (1 - m) theta_1, so theta_k0 is recovered in closed form."""
+    ds = tiny_dataset()
+    pretrain(tiny_config(tmp_path / "a", train__epochs=1.0), dataset=ds, progress=False, log=lambda s: None)
+    init = load_checkpoint(list_checkpoints(tmp_path / "a")[-1])["encoder"]
+    m = 0.5
+    over: dict[str, object] = {"train__queue": 40, "train__queue_momentum": m, "train__precision": "fp32",
+                               "model__init": str(tmp_path / "a" / "encoder.safetensors")}
+    assert pretrain(tiny_config(tmp_path / "b", **over), dataset=ds, progress=False, log=lambda s: None,
+                    stop=lambda step: step == 1).stopped
+    b = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    assert b["step"] == 1
+    weights = [k for k in init if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert weights
+    for k in weights:
+        start = (b["key_network"]["encoder." + k] - (1 - m) * b["encoder"][k]) / m
+        torch.testing.assert_close(start, init[k], rtol=0, atol=1e-6)

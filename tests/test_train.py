@@ -161,11 +161,11 @@ class PacedEncoder(nn.Module):
 def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
               monitor_share: float = 0.0, log: Callable[[str], None] = lambda s: None,
               log_every: int = 1000, stop: Callable[[int], bool] | None = None,
-              resume: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+              resume: bool = False, epochs: float = 100.0) -> tuple[Any, list[dict[str, Any]]]:
     """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images); `stop` and
     `resume` as in `pretrain` (the clock goes on where the stopped run left it)."""
     ds = tiny_dataset(2 * steps_per_epoch, size=8)
-    cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=100.0,
+    cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=epochs,
                       train__log_every=log_every, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
                       eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05)
     res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=log, clock=clock,
@@ -277,6 +277,40 @@ def test_the_shortened_warm_up_stays_when_a_refit_lengthens_the_run(tmp_path: Pa
     between = lrs[51:75]
     assert all(b < a for a, b in zip(between, between[1:]))
     assert max(lrs[15:]) <= peak * (1 + 1e-6) and lrs[-1] < 0.01 * peak
+
+
+@pytest.mark.parametrize("epochs", [0.0, 0.05])
+def test_a_budgeted_run_ignores_train_epochs(tmp_path: Path, epochs: float) -> None:
+    """With a time budget train.epochs is unused: 0 epochs, or fewer steps than the first fit (5 of
+    100 a epoch), give the run the budget fits, learning rate for learning rate (they gave 1 and 5
+    steps)."""
+    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
+    want, want_records = paced_run(tmp_path / "a", PacedClock(pace), minutes=1.0, steps_per_epoch=100, log_every=1)
+    got, records = paced_run(tmp_path / "b", PacedClock(pace), minutes=1.0, steps_per_epoch=100, log_every=1,
+                             epochs=epochs)
+    assert got.steps == want.steps > 50
+    assert [r["lr"] for r in records if "lr" in r] == [r["lr"] for r in want_records if "lr" in r]
+
+
+def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: Path) -> None:
+    """Stopped at step 10, before the first fit (step 15), and resumed: the resumed process makes
+    that fit (length, shortened warm-up, the log line) on its own pace, at step 25, and from there
+    sets every learning rate as the uninterrupted run does; it used to keep the 100-step warm-up
+    and never reach the peak."""
+    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
+    straight, straight_records = paced_run(tmp_path / "a", PacedClock(pace), minutes=1.0, steps_per_epoch=100,
+                                           log_every=1)
+    clock, lines = PacedClock(pace), []
+    first, _ = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
+                         stop=lambda step: step == 10)
+    assert first.stopped and first.steps == 10
+    second, records = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
+                                log=lines.append, resume=True)
+    assert second.steps == straight.steps and any(line.startswith("time budget 1 min: ") for line in lines)
+    want = {r["step"]: r["lr"] for r in straight_records if "lr" in r and r["step"] > 25}
+    assert {r["step"]: r["lr"] for r in records if "lr" in r and r["step"] > 25} == want
+    warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]
+    assert warmup == load_checkpoint(list_checkpoints(tmp_path / "a" / "run")[-1])["warmup_steps"] < 10
 
 
 def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> None:

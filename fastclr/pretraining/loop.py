@@ -242,10 +242,15 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if init is not None:
         apply_init(run.model.encoder, init)
         log(init.summary())
+        objective = run.train_step.objective
+        if objective is not None and objective.keys is not None:
+            objective.keys.copy_online()  # the queue's key network starts from the init too, not the random draw
     if state is not None:
         run.state.restore(state)
         if run.budget is not None:
             run.budget.resume_at(run.state.step)
+            if run.state.step < run.budget.first_fit:  # stopped before its first fit: this process makes it
+                run.state.total_steps = max(run.state.total_steps, run.budget.first_fit_at + 1)
             run.log_short_warmup()  # the warm-up the checkpoint kept
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:

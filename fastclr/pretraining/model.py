@@ -4,6 +4,7 @@ spec, and the projection head."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from fastclr.data import Dataset
 from fastclr.models import EncoderSpec, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
 from fastclr.runtime import to_channels_last
 
+if TYPE_CHECKING:
+    from fastclr.pretraining.objective import LearnedTemperature
+
 
 @dataclass
 class Model:
@@ -22,8 +26,8 @@ class Model:
     encoder: nn.Module
     head: nn.Module
     spec: EncoderSpec
-    temperature: nn.Module | None = None
-    """The learned temperature (objective.LearnedTemperature) with --learn-temperature."""
+    temperature: LearnedTemperature | None = None
+    """The learned temperature with --learn-temperature."""
 
 
 def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,30 +16,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastclr.config import TrainConfig
+from fastclr.config import LEARNED_TEMPERATURE_RANGE, TrainConfig
 from fastclr.pretraining.multi_positive import Metrics, label_groups, multi_positive_loss
 from fastclr.pretraining.neighbours import nearest_neighbours
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import Views
 from fastclr.scaleout.distributed import DistContext, all_gather, gather_with_grad
 
-TEMPERATURE_RANGE = (0.01, 1.0)
-"""Where a learned temperature is kept. Below 0.01 the logits of unit vectors span +-100 and a
-few hard negatives dominate every gradient; above 1 the softmax over thousands of negatives is
-nearly flat. CLIP (Radford et al. 2021) clips its learned logit scale the same way (at 100)."""
 
 
 class LearnedTemperature(nn.Module):
-    """t = exp(log_t), trained with the model (log-parameterised: steps are relative, t stays > 0),
-    clamped to TEMPERATURE_RANGE. One 1-D parameter, so the optimiser never decays it."""
+    """t = exp(log_t), trained with the model (log-parameterised: steps are relative, t stays > 0).
+    One 1-D parameter, so the optimiser never decays it. Kept in LEARNED_TEMPERATURE_RANGE by clipping the
+    parameter after each update (`keep_in_range`), as CLIP clips its logit scale: a clamp inside
+    the forward pass has zero gradient outside the range, where t would stay for good."""
 
     def __init__(self, initial: float) -> None:
         super().__init__()
         self.log_t = nn.Parameter(torch.tensor([math.log(initial)]))
+        self.keep_in_range()
 
     def forward(self) -> torch.Tensor:
-        low, high = (math.log(v) for v in TEMPERATURE_RANGE)
-        return self.log_t.clamp(low, high).exp()[0]
+        return self.log_t.exp()[0]
+
+    @torch.no_grad()
+    def keep_in_range(self) -> None:
+        """Clip log_t to LEARNED_TEMPERATURE_RANGE (after every optimiser step)."""
+        low, high = (math.log(v) for v in LEARNED_TEMPERATURE_RANGE)
+        self.log_t.clamp_(low, high)
 
 
 def objective_options(t: TrainConfig) -> list[str]:
@@ -59,7 +63,7 @@ class Objective:
     their images' dataset indices (and labels, for --supcon), under one or several processes."""
 
     def __init__(self, cfg: TrainConfig, labels: np.ndarray | None, device: torch.device,
-                 learned: nn.Module | None, keys: KeyNetwork | None = None, queue: RowQueue | None = None,
+                 learned: LearnedTemperature | None, keys: KeyNetwork | None = None, queue: RowQueue | None = None,
                  support: RowQueue | None = None) -> None:
         # Rows of z: view 1 of every image, ..., view K, then the small views 1..L (multi-crop).
         self.views = cfg.views + cfg.local_views
@@ -127,7 +131,10 @@ class Objective:
     def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext) -> None:
         """With a queue: move the key network towards the online one, then enqueue the keys of this
         step's full-size views from every rank (rank order: every rank's queue stays the same). With a
-        support set: add this step's first views from every rank, in rank order."""
+        support set: add this step's first views from every rank, in rank order. A learned
+        temperature is clipped back into its range."""
+        if self.learned is not None:
+            self.learned.keep_in_range()
         if self.support is not None and self.first_views is not None:
             self.support.enqueue(all_gather(self.first_views, ctx))
             self.first_views = None

@@ -78,18 +78,23 @@ class TimeBudget:
         self.refit_every = refit_every
         self._mark_at = pace_from
         self._mark: tuple[int, float] = (0, 0.0)
+        self.first_fit_at = first_fit
+        """The step of this process's first fit (later for a resumed process, `resume_at`)."""
 
     def resume_at(self, step: int) -> None:
-        """A resumed process measures its own pace from `pace_from` steps after `step`: its first
-        steps pay the one-off costs again, and it may run on another machine than the steps before."""
+        """A resumed process measures its own pace from `pace_from` steps after `step`, and fits no
+        earlier than `first_fit` steps after it: its first steps pay the one-off costs again, and it
+        may run on another machine than the steps before."""
         self._mark_at = step + self.pace_from
+        self.first_fit_at = step + self.first_fit
 
-    def due(self, step: int, total_steps: int, end_of_epoch: bool, resumed: bool = False) -> bool:
-        """Whether the loop fits (first fit, a fresh run only) or refits the step count after `step`.
-        A deterministic function of the step, so every rank of a distributed run agrees."""
-        if step == self.first_fit and not resumed:
+    def due(self, step: int, total_steps: int, end_of_epoch: bool, fitted: bool = False) -> bool:
+        """Whether the loop fits (the first fit, unless an earlier process of the run `fitted`) or
+        refits the step count after `step`. A deterministic function of the step, so every rank of
+        a distributed run agrees."""
+        if step == self.first_fit_at and not fitted:
             return True
-        return self.first_fit < step < total_steps and (end_of_epoch or step % self.refit_every == 0)
+        return self.first_fit_at < step < total_steps and (end_of_epoch or step % self.refit_every == 0)
 
     def observe(self, step: int, train_seconds: float) -> None:
         """Call after every step; remembers where the steady-pace measurement starts."""
@@ -106,4 +111,4 @@ class TimeBudget:
         (a spent budget ends the run now) and at least one more step at the first fit."""
         left = self.budget_s - train_seconds
         extra = int(left / self.pace(step, train_seconds)) if left > 0 else 0
-        return step + (max(1, extra) if step <= self.first_fit else extra)
+        return step + (max(1, extra) if step <= self.first_fit_at else extra)

@@ -145,10 +145,11 @@ class Run:
         if b is None:
             return
         b.observe(s.step, s.train_seconds)
-        if b.due(s.step, s.total_steps, end_of_epoch, resumed=s.resumed):
+        fitted = s.start_step >= b.first_fit  # by an earlier process, whose checkpoint holds the fit
+        if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
             s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             self.bar.total = s.total_steps
-            if not s.resumed and s.step == b.first_fit:
+            if not fitted and s.step == b.first_fit_at:
                 budget, epochs = self.cfg.train.time_budget, s.total_steps / self.steps_per_epoch
                 ms = b.pace(s.step, s.train_seconds) * 1000
                 self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs:.1f} epochs) at "
@@ -247,12 +248,16 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch
     total, warmup = max(1, int(round(t.epochs * spe))), int(round(cfg.optim.warmup_epochs * spe))
-    # A budgeted run's length is known at its first fit (refit_budget); until then, the configured warm-up.
+    budget = TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None
+    if budget is not None:
+        # A budgeted run's length is known at its first fit (refit_budget); until then, the configured
+        # warm-up, and enough steps to reach that fit whatever train.epochs says (it is unused).
+        total = max(total, budget.first_fit + 1)
     state = RunState(cfg, model, train_step, total_steps=total,
-                     warmup_steps=warmup if t.time_budget > 0 else warmup_for(warmup, total))
+                     warmup_steps=warmup if budget is not None else warmup_for(warmup, total))
     run = Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
               source=source, sampler=sampler, views=views, train_step=train_step, state=state,
-              budget=TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None, health=Health(device),
+              budget=budget, health=Health(device),
               window=MetricsWindow(),
               monitor=KnnMonitor(dataset, model.spec, device, cfg, precision, enabled=ctx.is_main),
               metrics_log=MetricsLog(run_dir, enabled=ctx.is_main), bar=Progress(1, enabled=progress), log=log,

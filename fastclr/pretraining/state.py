@@ -48,7 +48,8 @@ class RunState:
         self.warmup_steps = warmup_steps
         """The warm-up the schedule uses: fixed when the run's length is (set-up, or a budget's first
         fit) and kept by a budgeted run's checkpoints, so later refits never move it."""
-        self.resumed = False
+        self.start_step = 0
+        """The step this process started from: 0, or the checkpoint's step when resumed."""
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's content. A time-budgeted run keeps the step count it fitted;
@@ -67,7 +68,7 @@ class RunState:
             self.total_steps = int(state["total_steps"])
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.resumed = True
+        self.start_step = self.step
 
     def save(self, run_dir: Path) -> Path:
         """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
