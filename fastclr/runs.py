@@ -160,6 +160,16 @@ class MetricsLog:
             except Exception:  # noqa: BLE001 - tensorboard missing or broken: JSONL still works
                 self._tb = None
 
+    def keep_until(self, step: int) -> None:
+        """Drop the records past `step`, the checkpoint a resumed run continues from: the steps after
+        it are run again, and their records would be there twice."""
+        if not self.enabled or not self.path.exists():
+            return
+        records = read_metrics(self.path.parent)
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) < len(records) or not self.path.read_text().endswith("\n"):
+            write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold "step")."""
         if not self.enabled:

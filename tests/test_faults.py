@@ -269,13 +269,22 @@ def test_malicious_pickle_as_checkpoint_is_refused_without_running(tmp_path: Pat
     assert r.returncode == 2 and not marker.exists()
 
 
-def test_resume_with_a_changed_batch_size_is_refused_naming_the_key(tmp_path: Path, env: dict[str, str]) -> None:
+def test_resume_with_a_changed_batch_size_is_refused_naming_the_key_and_a_changed_network_always(tmp_path: Path, env: dict[str, str]) -> None:
     run = tmp_path / "run"
     assert run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
                    env, tmp_path).returncode == 0
-    r = run_cli(["pretrain", "--resume", str(run), "--batch-size", "16", "--encoder", "resnet18", "--quiet"], env, tmp_path)
+    r = run_cli(["pretrain", "--resume", str(run), "--batch-size", "16", "--quiet"], env, tmp_path)
     assert r.returncode == 2
-    assert "model.encoder, train.batch_size differ" in r.stderr and "--allow-config-change" in r.stderr
+    assert "train.batch_size differ" in r.stderr and "--allow-config-change" in r.stderr
+    # The network and the optimiser cannot change even when asked: the checkpoint's weights and
+    # optimiser state would not fit (it crashed after rewriting config.toml). Refused before any write.
+    saved = (run / "config.toml").read_bytes()
+    for flags, keys in ((["--encoder", "resnet18"], "model.encoder"), (["--optimizer", "lars"], "optim.optimizer"),
+                        (["--width", "0.25", "--learn-temperature", "true"], "model.width, train.learn_temperature")):
+        r = run_cli(["pretrain", "--resume", str(run), *flags, "--allow-config-change", "--quiet"], env, tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"cannot resume: {keys} differ" in r.stderr and "--init" in r.stderr
+        assert (run / "config.toml").read_bytes() == saved
     r = run_cli(["pretrain", "--resume", str(run), "--batch-size", "16", "--epochs", "2", "--allow-config-change",
                  "--quiet", "--probe", "false"], env, tmp_path)
     assert r.returncode == 0, r.stderr

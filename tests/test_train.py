@@ -337,3 +337,20 @@ def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> N
     # step 31's record is the lr of step index 30: on the cosine after the short warm-up (0.61 of the
     # peak), not on the configured 100-step ramp (0.31)
     assert lrs[31] == pytest.approx(lr_at(30, second.steps, warmup, peak)) and lrs[31] > 0.5 * peak
+
+
+def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path: Path) -> None:
+    """A crash after the checkpoint of step 8 (its later checkpoints lost) and a resume: steps 9-12
+    are trained and logged again; metrics.jsonl holds each step's record once, the resumed ones."""
+    from fastclr.runs import read_metrics
+
+    ds = tiny_dataset()  # 6 steps an epoch, 12 in all
+    cfg = tiny_config(tmp_path / "run", train__log_every=1, train__checkpoint_every=4)
+    pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
+    for late in list_checkpoints(tmp_path / "run")[1:]:  # the two newest are kept: 8 and 12, which the crash took
+        late.unlink()
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["step"] == 8
+    straight = read_metrics(tmp_path / "run")
+    pretrain(cfg, resume=tmp_path / "run", dataset=ds, progress=False, log=lambda s: None)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert steps == list(range(1, 13)) == [r["step"] for r in straight if "loss" in r]

@@ -84,7 +84,8 @@ def pretrain(
     """Run SimCLR pretraining as configured; returns the run directory and the probe accuracy.
 
     resume: a run directory to continue from its newest valid checkpoint (config from the run,
-    overridden by `cfg` only where `allow_config_change` or the key is not in RESUME_KEYS).
+    overridden by `cfg` where the key is in neither STATE_KEYS nor RESUME_KEYS, or is in RESUME_KEYS
+    and `allow_config_change`).
     encoder: any `nn.Module` mapping (B, C, S, S) to (B, D) to train instead of a named one.
     stop: called after every step with the step count; when it returns True the run writes a
     checkpoint and returns early (`PretrainResult.stopped`), to be continued with `resume`.
@@ -255,6 +256,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:
         write_config(run_dir, cfg)
+        run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
         run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
                                                  warn=log)
     if not labelled(dataset) and (cfg.eval.probe or cfg.eval.monitor_every):

@@ -20,16 +20,27 @@ from fastclr.errors import FastclrError
 from fastclr.pretraining.model import Model
 from fastclr.pretraining.step import TrainStep
 
-RESUME_KEYS = ("data.name", "model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
-               "model.head_hidden", "model.head_bn", "model.proj_dim", "train.batch_size", "optim.optimizer",
-               "train.views", "train.local_views", "train.supcon", "train.learn_temperature", "train.queue",
+RESUME_KEYS = ("data.name", "train.batch_size", "train.views", "train.local_views", "train.supcon", "train.queue",
                "train.nn_support")
-"""Settings a resumed run may change only with --allow-config-change: they change the model, the data
+"""Settings a resumed run may change only with --allow-config-change: they change the data, its
 order or the state a checkpoint carries (a queue, a support set: started empty when newly on)."""
+
+STATE_KEYS = ("model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
+              "model.head_hidden", "model.head_bn", "model.proj_dim", "optim.optimizer", "train.learn_temperature")
+"""Settings no resumed run may change: the checkpoint's weights fit only its own network, and its
+optimiser state only its own optimiser and parameters (a learned temperature is one of them)."""
 
 
 def check_resume_config(saved: Config, wanted: Config, allow_changes: bool) -> None:
-    """A one-line error naming the RESUME_KEYS that differ, unless changes are allowed."""
+    """A one-line error naming the STATE_KEYS that differ, or the RESUME_KEYS that differ unless
+    changes are allowed."""
+    fixed = config_mod.diff(saved, wanted, STATE_KEYS)
+    if fixed:
+        raise FastclrError(
+            f"cannot resume: {', '.join(fixed)} differ from the checkpoint's config, and a checkpoint fits only "
+            "the network and optimiser it was saved from; drop those flags, or start a new run from these weights "
+            "with --init RUN_DIR/encoder.safetensors"
+        )
     changed = config_mod.diff(saved, wanted, RESUME_KEYS)
     if changed and not allow_changes:
         raise FastclrError(
