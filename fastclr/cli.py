@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from fastclr.pretrained import LoadedRun
 
 EXIT_USAGE = 2
+PATH_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG)
+"""Errors of a path itself (not of the disk filling): told as one line naming the path."""
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -226,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
+        if e.filename and e.errno in PATH_ERRORS:  # a path the user gave that cannot be used as asked
+            print(f"error: cannot use {e.filename} ({e.strerror}); give another path, or fix it or its "
+                  "permissions", file=sys.stderr)
+            return EXIT_USAGE
         if not is_write_error(e):
             raise
         # A write outside the atomic writers (a log line, a cache): still one line, never a traceback.

@@ -66,6 +66,9 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
     else:
+        if not list_checkpoints(run):
+            raise FastclrError(f"{run} holds no {ENCODER_FILE} and no checkpoint: the run stopped before its first "
+                               "checkpoint; give the directory of a run that saved one")
         _, state = latest_valid_checkpoint(run)
         spec = EncoderSpec.from_dict(state["model_info"])
         if not spec.rebuildable:

@@ -94,6 +94,10 @@ def test_unwritable_run_dir_and_resume_without_checkpoint(tmp_path: Path, env: d
     (empty / "config.toml").write_text("[train]\nepochs = 1.0\n")
     r = run_cli(["pretrain", "--resume", str(empty), "--quiet"], env, tmp_path)
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(["embed", str(empty), "--data", "mnist", "--out", str(tmp_path / "e.npy")], env, tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (  # not "start a new run without --resume", a pretrain flag
+        f"error: {empty} holds no encoder.safetensors and no checkpoint: the run stopped before its first checkpoint; "
+        "give the directory of a run that saved one")
 
 
 def test_a_peer_failure_exits_2_without_finalisation(tmp_path: Path, env: dict[str, str]) -> None:

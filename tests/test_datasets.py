@@ -235,5 +235,32 @@ def test_a_cifar_batch_with_fewer_labels_than_images_is_refused(tmp_path: Path, 
     batch = pickle.loads((folder / "test_batch").read_bytes())
     batch[b"labels"] = batch[b"labels"][:-2]
     (folder / "test_batch").write_bytes(pickle.dumps(batch))
-    with pytest.raises(FastclrError, match=r"test has 8 images but 6 labels"):
+    with pytest.raises(FastclrError, match=r"test_batch holds 8 images and 6 labels; it is damaged"):
         load_builtin("cifar10", tmp_path, download=False)
+
+
+def test_cifar_label_counts_are_checked_per_batch(tmp_path: Path) -> None:
+    """One batch a label short and the next one long add up, but every label after the first
+    would belong to the image before it: each batch's count must match its own images."""
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    one, two = (pickle.loads((folder / f"data_batch_{i}").read_bytes()) for i in (1, 2))
+    two[b"labels"] = [one[b"labels"][-1], *two[b"labels"]]
+    one[b"labels"] = one[b"labels"][:-1]
+    for i, batch in ((1, one), (2, two)):
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    with pytest.raises(FastclrError, match=r"data_batch_1 holds 8 images and 7 labels; it is damaged"):
+        load_builtin("cifar10", tmp_path, download=False)
+
+
+def test_a_damaged_gzip_file_is_a_one_line_error(tmp_path: Path) -> None:
+    """A corrupt deflate stream (zlib.error, not OSError) is named like a cut-short one."""
+    x, _ = synthetic_images(64, 28)
+    p = write_idx(tmp_path / "train-images-idx3-ubyte.gz", x[..., 0])
+    raw = bytearray(p.read_bytes())
+    raw[20:60] = bytes(range(40))  # inside the deflate stream, past the gzip header
+    p.write_bytes(bytes(raw))
+    with pytest.raises(FastclrError, match=r"is a damaged gzip file .*; delete it and fetch it again"):
+        formats.read_idx(p)

@@ -93,6 +93,24 @@ def test_folder_embeddings_equal_those_of_its_store(bars, tmp_path: Path) -> Non
     assert np.array_equal(np.load(a[0]), np.load(b[0])) and read_index(a[1]) == read_index(b[1])
 
 
+def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Embedding a folder decodes it to a temporary store, removed afterwards: its list of skipped
+    files is kept as FILE.skipped.csv, and the log names that file (it named the removed one)."""
+    import shutil
+
+    root, store, run = bars
+    folder = tmp_path / "bars"
+    shutil.copytree(root / "bars", folder)
+    (folder / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines: list[str] = []
+    npy, index = embed(run, str(folder), tmp_path / "out" / "e.npy", CPU, log=lines.append)
+    listed = tmp_path / "out" / "e.skipped.csv"
+    rows = read_index(listed)
+    assert [(r["path"], r["reason"]) for r in rows] == [("garbage.png", "corrupt")]
+    assert any(f"(listed in {listed})" in line for line in lines), lines
+    assert len(read_index(index)) == len(read_store(store).paths)  # every other image embedded
+
+
 def test_builtin_embeddings_cover_train_then_test(data_root: Path, bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = bars[2]  # RGB, 28 px: the 28 px grayscale images are repeated into three channels
     npy, index = embed(run, "fashion-mnist", tmp_path / "fm", CPU, log=lambda s: None)
@@ -190,8 +208,14 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
         (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),
         (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")], "no such image file"),
         (["embed", str(tmp_path), "--data", str(store), "--out", str(tmp_path / "x.npy")], "not a fastclr run directory"),
+        # an output path under a file: named before any image is read (it was a traceback after the work)
+        (["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.csv" / "x.npy")],
+         f"cannot use {tmp_path / 'e.csv'} (File exists); give another path"),
     ]:
         assert main([*args, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.npy").exists()
+    assert main(["prepare", str(root / "bars"), "--size", "16", "--out", str(tmp_path / "e.csv" / "store")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot use {tmp_path / 'e.csv'}") and "give another path" in err, err

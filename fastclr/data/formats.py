@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ def _open_maybe_gz(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise FastclrError(f"{path} is a damaged gzip file ({e}); delete it and fetch it again") from None
     return raw
 
@@ -105,8 +106,11 @@ def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray,
         x = np.asarray(d[b"data"], dtype=np.uint8)
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
             raise FastclrError(f"{p}: data has shape {x.shape}, expected (N, 3072)")
+        y = np.asarray(d[label_key], dtype=np.int64)
+        if y.shape != (len(x),):  # checked per batch: one short and one long would shift every label after
+            raise FastclrError(f"{p} holds {len(x)} images and {y.size} labels; it is damaged: delete it and fetch it again")
         images.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(d[label_key], dtype=np.int64))
+        labels.append(y)
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 

@@ -75,9 +75,10 @@ def _store_source(path: Path, split: str) -> Source:
 
 @contextlib.contextmanager
 def open_source(data: str, split: str, size: int, channels: int, workers: int = 0, root: str | None = None,
-                log: Callable[[str], None] = print) -> Iterator[Source]:
+                log: Callable[[str], None] = print, skipped_list: Path | None = None) -> Iterator[Source]:
     """The images `data` names: a built-in dataset, a store, or a folder (decoded to a temporary
-    store of `size` and `channels`, removed afterwards). `split` is all, unlabeled, train or test."""
+    store of `size` and `channels`, removed afterwards, its list of skipped files kept as
+    `skipped_list` when given). `split` is all, unlabeled, train or test."""
     if split not in ("all", *SPLITS):
         raise FastclrError(f"--split must be all, {', '.join(SPLITS)}; got {split!r}")
     path = Path(data)
@@ -90,7 +91,7 @@ def open_source(data: str, split: str, size: int, channels: int, workers: int = 
     elif path.is_dir():
         with tempfile.TemporaryDirectory(prefix="fastclr-embed-") as tmp:
             prepare_store(path, Path(tmp) / "store", DecodeOptions(size, channels=str(channels)), workers=workers,
-                          log=log)
+                          log=log, skipped_list=skipped_list)
             yield _store_source(Path(tmp) / "store", split)
     else:
         raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of images")
@@ -108,11 +109,17 @@ def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch
     return np.concatenate(out)
 
 
-def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, object]]) -> tuple[Path, Path]:
-    """Write FILE.npy (features) and FILE.csv (index); each file appears complete or not at all."""
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """FILE.npy and FILE.csv for `--out FILE[.npy]`, their folder created (before any work, so a
+    path that cannot be written fails first). A folder's skipped files go to FILE.skipped.csv."""
     npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
-    index = npy.with_suffix(".csv")
     npy.parent.mkdir(parents=True, exist_ok=True)
+    return npy, npy.with_suffix(".csv")
+
+
+def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, object]]) -> tuple[Path, Path]:
+    """Write FILE.npy (features) and FILE.csv (index), both complete or neither (the old pair kept)."""
+    npy, index = output_paths(out)
     text = io.StringIO()
     w = csv.writer(text)
     w.writerow(INDEX_COLUMNS)
@@ -127,7 +134,9 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
           workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv)."""
     c = run.spec.in_channels
-    with open_source(data, split, run.spec.image_size, c, workers, run.config.data.root or None, log) as src:
+    npy, _ = output_paths(out)
+    with open_source(data, split, run.spec.image_size, c, workers, run.config.data.root or None, log,
+                     skipped_list=npy.with_suffix(".skipped.csv")) as src:
         have = src.blocks[0].shape[-1] if src.blocks else c
         if have != c:
             log(f"note: the images have {have} channel(s), the encoder {c}: "

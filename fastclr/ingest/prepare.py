@@ -35,7 +35,7 @@ import numpy as np
 from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, check_output_dir, is_store, read_csv,
                                 read_store)
 from fastclr.errors import FastclrError
-from fastclr.files import is_write_error, write_failure_reason
+from fastclr.files import atomic_write, is_write_error, write_failure_reason
 from fastclr.ingest.decode import (PIPELINE_VERSION, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
@@ -214,6 +214,8 @@ class PrepareResult:
     """Relative paths decoded by this run (the others came from the previous store)."""
     reused: int
     seconds: float
+    skipped_list: Path | None = None
+    """Where the skipped files are listed: the store's skipped.csv, or a copy the caller keeps."""
 
 
 def check_options(opts: DecodeOptions, labels: str = "auto") -> None:
@@ -240,8 +242,11 @@ def prepare_store(
     rehash: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    skipped_list: Path | None = None,
 ) -> PrepareResult:
-    """Decode every image below `folder` into the store `out` (created, or updated in place)."""
+    """Decode every image below `folder` into the store `out` (created, or updated in place);
+    the list of skipped files is also copied to `skipped_list` when given (a temporary store's
+    own list goes with it)."""
     t_start = time.perf_counter()
     root, out = Path(folder), Path(out)
     check_options(opts, labels)
@@ -313,7 +318,12 @@ def prepare_store(
     except BaseException:
         writer.abort()
         raise
-    result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start)
+    listed_in = out / SKIPPED
+    if skipped_list is not None and skipped:
+        listed = listed_in.read_bytes()
+        atomic_write(skipped_list, lambda f: f.write(listed))
+        listed_in = skipped_list
+    result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start, listed_in)
     log(summary(result, lay, writer.channels))
     return result
 
@@ -335,7 +345,7 @@ def summary(result: PrepareResult, lay: Layout, channels: int) -> str:
     lines = [f"store {result.store}: {result.images} images ({kind}, {channels} channel{'s' * (channels > 1)}); "
              f"{len(result.decoded)} files decoded, {result.reused} reused, in {result.seconds:.1f} s"]
     if result.skipped:
-        lines.append(f"skipped {len(result.skipped)}: {_totals(result.skipped)} (listed in {result.store / SKIPPED})")
+        lines.append(f"skipped {len(result.skipped)}: {_totals(result.skipped)} (listed in {result.skipped_list or result.store / SKIPPED})")
     else:
         lines.append("skipped 0")
     return "\n".join(lines)
