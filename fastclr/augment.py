@@ -98,6 +98,8 @@ def sample_crop_boxes(
     h = torch.where(any_ok, h, torch.full_like(h, fh))
     x0 = torch.rand(n, generator=g, device=device) * (width - w)
     y0 = torch.rand(n, generator=g, device=device) * (height - h)
+    x0 = torch.where(any_ok, x0, (width - w) / 2)  # the fallback is centred (drawn anyway: the stream stays)
+    y0 = torch.where(any_ok, y0, (height - h) / 2)
     return torch.stack([x0, y0, w, h], dim=1)
 
 

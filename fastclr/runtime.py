@@ -84,22 +84,22 @@ class CpuFeatures:
         return "AVX2" if self.avx2 else "baseline"
 
 
-def cpu_model() -> str:
+def cpu_model(info: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's name, e.g. 'Intel(R) Xeon(R) Platinum 8488C', with its x86 family and model
     numbers: virtual machines often show a bare 'AMD EPYC', and family 25 model 17 (Zen 4) is
-    what tells whether it has bf16 units."""
-    info = Path("/proc/cpuinfo")
+    what tells whether it has bf16 units. ARM's cpuinfo names no model in the processor blocks:
+    a board's 'Model' line comes after them, else the implementer and part numbers say it."""
     if not info.exists():
         return platform.processor() or platform.machine()
-    fields: dict[str, str] = {}
+    fields: dict[str, str] = {}  # the first value of each key: the first processor's, then the trailer's
     for line in info.read_text(errors="replace").splitlines():
         key, sep, value = line.partition(":")
-        if not sep:
-            if fields:
-                break  # the first processor's block is enough
-            continue
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name") or fields.get("Model") or platform.processor() or platform.machine()
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model")
+    if not name and "CPU implementer" in fields and "CPU part" in fields:
+        name = f"{platform.machine()} CPU (implementer {fields['CPU implementer']}, part {fields['CPU part']})"
+    name = name or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     return name
@@ -168,7 +168,8 @@ def decide_precision(
 ) -> Precision:
     """The precision for `requested` (auto, bf16, fp16, fp32) on a device with these capabilities.
 
-    auto on CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 with loss scaling below.
+    auto on CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 with loss scaling on 7.x
+    (Volta, Turing), fp32 before (no tensor cores).
     auto on CPU: bf16 with native bf16 units that oneDNN uses, fp32 on x86 CPUs without them;
     otherwise (ARM, or flags and oneDNN disagreeing) the faster of the two in `timer`, bf16 only
     when at least 10% faster. Explicit choices are kept (checked by `check_precision`)."""
@@ -180,8 +181,11 @@ def decide_precision(
         major, minor = cuda_capability or (0, 0)
         if major >= 8:
             return Precision("bf16", f"CUDA compute capability {major}.{minor} has bf16 tensor cores")
-        return Precision("fp16", f"CUDA compute capability {major}.{minor} has no bf16 tensor cores: fp16 with "
-                                 "dynamic loss scaling")
+        if major >= 7:
+            return Precision("fp16", f"CUDA compute capability {major}.{minor} has fp16 but no bf16 tensor cores: "
+                                     "fp16 with dynamic loss scaling")
+        # Before Volta there are no tensor cores, and consumer Pascal (6.1) runs fp16 at 1/64 of fp32.
+        return Precision("fp32", f"CUDA compute capability {major}.{minor} has no tensor cores")
     if device_type != "cpu" or cpu is None:
         return Precision("fp32", f"no mixed-precision rule for device {device_type}")
     if cpu.native_bf16 and cpu.onednn_bf16:
@@ -226,13 +230,22 @@ def resolve_precision(requested: str, device: torch.device, shape: tuple[int, in
     cpu = cpu_features() if device.type == "cpu" else None
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     prec = decide_precision(requested, device.type, cpu, cap, lambda dt: matmul_seconds(dt, device, shape))
-    check_precision(prec, device, cpu, warn, shape)
+    check_precision(prec, device, cpu, warn, shape, cap)
     return prec
 
 
 def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | None, warn: Callable[[str], None],
-                    shape: tuple[int, int, int] = (512, 1024, 256)) -> None:
-    """A one-line warning for an explicit bf16 or fp16 the hardware emulates, with the measured cost."""
+                    shape: tuple[int, int, int] = (512, 1024, 256),
+                    cuda_capability: tuple[int, int] | None = None) -> None:
+    """A one-line warning for an explicit bf16 or fp16 the hardware emulates (on a CPU with the
+    measured cost)."""
+    if device.type == "cuda" and cuda_capability is not None and prec.name != "fp32":
+        major, minor = cuda_capability
+        if (prec.name == "bf16" and major < 8) or (prec.name == "fp16" and major < 7):
+            warn(f"warning: --precision {prec.name} on CUDA compute capability {major}.{minor}: no {prec.name} "
+                 f"tensor cores, so {prec.name} runs emulated or slow; --precision auto would choose "
+                 f"{decide_precision('auto', 'cuda', cuda_capability=cuda_capability).name}")
+        return
     if device.type != "cpu" or cpu is None or prec.name == "fp32":
         return
     if prec.name == "bf16" and (cpu.native_bf16 and cpu.onednn_bf16):

@@ -90,6 +90,12 @@ def test_impossible_crops_fall_back_to_the_whole_image(device: torch.device) -> 
     cfg = AugmentConfig(scale_min=1.0, scale_max=1.0, ratio_min=2.0, ratio_max=2.0)
     box = sample_crop_boxes(cfg, 10, 20, 20, gen(device, 0), device)
     torch.testing.assert_close(box[:, 2:], torch.tensor([[20.0, 10.0]], device=device).expand(10, 2))
+    torch.testing.assert_close(box[:, :2], torch.tensor([[0.0, 5.0]], device=device).expand(10, 2))  # centred
+    # the fallback draws its offsets anyway: the generator ends where it would without the fallback
+    g_fall, g_fit = gen(device, 0), gen(device, 0)
+    sample_crop_boxes(cfg, 10, 20, 20, g_fall, device)
+    sample_crop_boxes(AugmentConfig(), 10, 20, 20, g_fit, device)
+    assert torch.equal(g_fall.get_state(), g_fit.get_state())
 
 
 @pytest.mark.parametrize("c", [1, 3])

@@ -28,7 +28,7 @@ from fastclr.models import ProjectionHead, SmallCNN
 from fastclr.pretraining.optim import build_optimizer
 from fastclr.evaluation.probe import linear_probe
 from fastclr.evaluation.features import extract_features
-from fastclr.runtime import FP32, CpuFeatures, Precision, decide_precision, resolve_precision
+from fastclr.runtime import FP32, CpuFeatures, Precision, check_precision, cpu_model, decide_precision, resolve_precision
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.loop import pretrain
 
@@ -54,7 +54,9 @@ def never_timed(dtype: torch.dtype) -> float:
     ("cuda", None, (7, 0), "fp16", True),                      # V100
     ("cuda", None, (8, 0), "bf16", False),                     # A100
     ("cuda", None, (9, 0), "bf16", False),                     # H100
-], ids=["avx2", "avx512", "avx512_bf16", "amx", "cuda7.0", "cuda8.0", "cuda9.0"])
+    ("cuda", None, (7, 5), "fp16", True),                      # T4
+    ("cuda", None, (6, 1), "fp32", False),                     # GTX 1080: no tensor cores, fp16 at 1/64 rate
+], ids=["avx2", "avx512", "avx512_bf16", "amx", "cuda7.0", "cuda8.0", "cuda9.0", "cuda7.5", "cuda6.1"])
 def test_auto_precision_table(device_type: str, features: CpuFeatures | None, capability: tuple[int, int] | None,
                               expected: str, scaling: bool) -> None:
     p = decide_precision("auto", device_type, features, capability, never_timed)
@@ -95,6 +97,37 @@ def test_explicit_bf16_without_bf16_units_warns_once_with_the_measured_slowdown(
     assert "test cpu (AVX2, no bf16 units)" in lines[0] and "80.0x the fp32 time" in lines[0]
     lines.clear()
     assert resolve_precision("auto", CPU, warn=lines.append).name == "fp32" and lines == []
+
+
+def test_explicit_low_precision_without_its_cuda_tensor_cores_warns() -> None:
+    """On a GPU the capability decides: bf16 below 8.0 and fp16 below 7.0 are warned about, with
+    what auto would choose; what the GPU has is not."""
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    for name, cap, auto in (("bf16", (7, 0), "fp16"), ("bf16", (6, 1), "fp32"), ("fp16", (6, 1), "fp32")):
+        lines: list[str] = []
+        check_precision(decide_precision(name, "cuda"), gpu, None, lines.append, cuda_capability=cap)
+        assert lines == [f"warning: --precision {name} on CUDA compute capability {cap[0]}.{cap[1]}: no {name} tensor "
+                         f"cores, so {name} runs emulated or slow; --precision auto would choose {auto}"]
+    for name, cap in (("bf16", (8, 0)), ("fp16", (7, 0)), ("fp16", (9, 0)), ("fp32", (6, 1))):
+        lines = []
+        check_precision(decide_precision(name, "cuda"), gpu, None, lines.append, cuda_capability=cap)
+        assert lines == [], (name, cap)
+
+
+def test_the_cpu_is_named_on_x86_and_on_arm(tmp_path: Path) -> None:
+    """x86 names its model in every processor block (plus family and model numbers); ARM names none
+    there: a board's 'Model' line follows the blocks, and a server's implementer and part say it."""
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                   "model name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+    assert cpu_model(x86) == "AMD EPYC (family 25, model 17)"
+    block = "processor\t: {}\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd08\n\n"
+    pi = tmp_path / "pi"
+    pi.write_text(block.format(0) + block.format(1) + "Hardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n")
+    assert cpu_model(pi) == "Raspberry Pi 4 Model B Rev 1.4"
+    server = tmp_path / "server"
+    server.write_text(block.format(0) + block.format(1))
+    assert cpu_model(server).endswith(" CPU (implementer 0x41, part 0xd08)")
 
 
 class DtypeRecorder(TorchDispatchMode):

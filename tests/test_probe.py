@@ -52,6 +52,11 @@ def test_standardize_by_blocks_equals_the_whole_matrix_formula() -> None:
     exact = (x64 - x64.mean(0)) / x64.std(0).clamp(min=1e-6)
     assert bs.dtype == torch.bfloat16
     assert float((bs.double() - exact).abs().max()) <= float(exact.abs().max()) * 2 ** -8
+    # One row (a few-label selection fit of 2 classes with 1 label each): no spread, the clamped std
+    # of a constant column and zeros out in both paths (the fp32 one gave NaN, and L-BFGS a traceback)
+    for one in (x[:1], x[:1].bfloat16()):
+        out, _, spread = standardize(one, block=97)
+        assert torch.equal(out.float(), torch.zeros(1, 13)) and bool((spread == 1e-6).all())
 
 
 def test_given_statistics_standardise_a_subset_as_part_of_the_whole() -> None:
@@ -124,6 +129,11 @@ def test_l2_path_stops_at_the_first_fall_of_held_out_accuracy(monkeypatch: pytes
     # selection fits on the 90% fit part at select_iter, then one final fit on all 200 rows
     assert fitted == [(l2, 180, 7) for l2 in path] + [(chosen, 200, 11)]
     assert res.l2 == chosen and res.val_accuracy == scripted[chosen]
+    if stop_early:  # a tie ends the walk too, keeping the stronger penalty (as the docstring says)
+        scripted.update({1e-1: 0.90, 1e-2: 0.90, 1e-3: 0.95})
+        fitted.clear()
+        assert linear_probe(x, y, x, y, select_iter=7, max_iter=11, stop_early=True).l2 == 1e-1
+        assert [f[0] for f in fitted] == [1e-1, 1e-2, 1e-1]
 
 
 def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> None:

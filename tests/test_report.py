@@ -195,3 +195,17 @@ def test_the_explorer_names_an_erased_rectangle_and_only_when_there_is_one() -> 
     assert first["erase"] == [0.25, 0.5, 0.5, 0.25, 0.7] and second["erase"] is None
     assert params_text(first).endswith("; erased x0 0.25 y0 0.50 w 0.50 h 0.25 to 0.70")
     assert "erased" not in params_text(second)
+
+
+def test_retrieval_queries_exclude_their_own_bank_row_and_only_that() -> None:
+    """Queries from the bank's split exclude themselves; a query the evenly spaced bank left out
+    excludes nothing (it excluded the bank row at its insertion point: a real neighbour)."""
+    from fastclr.report.build import own_rows
+
+    bank = np.arange(0, 50_000, 3)  # every third image of 50,000
+    queries = np.array([0, 1, 2, 3, 49_998, 49_999])
+    rows = own_rows(bank, queries)
+    assert rows.tolist() == [0, -1, -1, 1, 16_666, -1]
+    assert all(bank[r] == q for r, q in zip(rows, queries) if r >= 0)
+    features = torch.randn(20, 6)
+    assert cosine_topk(features, features[[7]], 1, FP32, exclude=torch.tensor([-1]))[1].tolist() == [[7]]

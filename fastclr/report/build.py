@@ -145,6 +145,14 @@ def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed
     ]
 
 
+
+def own_rows(bank_index: np.ndarray, query_index: np.ndarray) -> np.ndarray:
+    """For queries drawn from the bank's split: the bank row holding each query (sorted
+    `bank_index`), or -1 where the evenly spaced bank left the query out (no row to exclude)."""
+    pos = np.searchsorted(bank_index, query_index)
+    at = np.minimum(pos, len(bank_index) - 1)
+    return np.where(bank_index[at] == query_index, at, -1)
+
 def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, method: str, seed: int,
                         data: dict[str, Any]) -> list[str]:
     test = dataset.test or dataset.pretrain
@@ -174,7 +182,7 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     bank = _features(run, bank_split.images[bidx], device)
     qidx = pick_queries(test, QUERIES)
     same_split = test is bank_split
-    exclude = np.searchsorted(bidx, qidx) if same_split else None
+    exclude = own_rows(bidx, qidx) if same_split else None
     _, nn_idx = cosine_topk(bank, _features(run, test.images[qidx], device), NEIGHBOURS,
                             exclude=torch.from_numpy(exclude) if exclude is not None else None)
     nn_rows = nn_idx.numpy()  # (Q, K) into bidx
