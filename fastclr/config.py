@@ -118,7 +118,7 @@ class AugmentConfig:
     """Side in pixels of the small views of multi-crop (--local-views); 0: half the view side (28 px
     -> 14 px, where the default cnn's map ends at 3 x 3, the side its readout pools 7 x 7 to)."""
     local_scale_min: float = field(default=0.2, metadata=between(0, 1, above=True))
-    """Small views crop 20-50% of the image here (global crops keep 60-100%). SwAV's local crops
+    """Small views crop 20-50% of the image here (global crops keep 80-100%, `scale_min`). SwAV's local crops
     (Caron et al. 2020) keep 5-14% of an ImageNet image whose global crops keep 14-100%: the
     ImageNet and CIFAR presets take those."""
     local_scale_max: float = field(default=0.5, metadata=between(0, 1, above=True))

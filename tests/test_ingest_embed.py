@@ -208,6 +208,8 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
         (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),
         (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")], "no such image file"),
         (["embed", str(tmp_path), "--data", str(store), "--out", str(tmp_path / "x.npy")], "not a fastclr run directory"),
+        (["embed", str(run.run_dir), "--data", str(store), "--split", "unlabeled", "--out", str(tmp_path / "x.npy")],
+         f"--split unlabeled: {store} has no images there"),
         # an output path under a file: named before any image is read (it was a traceback after the work)
         (["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.csv" / "x.npy")],
          f"cannot use {tmp_path / 'e.csv'} (File exists); give another path"),

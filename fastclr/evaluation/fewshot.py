@@ -1,8 +1,8 @@
 """Few labels on frozen features: the linear probe fitted on a small stratified subset.
 
 The L2 strength is chosen the only honest way a user with n labels per class could: on a held-out
-20% of those n labels (never the test split), from a grid reaching stronger penalties than the
-full-label probe's, since few samples need more regularisation; then refitted on all n.
+20% of those n labels (never the test split), from the full-label probe's grid without its weakest
+penalty, since few samples need more regularisation; then refitted on all n.
 """
 
 from __future__ import annotations

@@ -137,6 +137,9 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
     npy, _ = output_paths(out)
     with open_source(data, split, run.spec.image_size, c, workers, run.config.data.root or None, log,
                      skipped_list=npy.with_suffix(".skipped.csv")) as src:
+        if not src.rows:
+            raise FastclrError(f"--split {split}: {data} has no images there; choose another --split (all, "
+                               f"{', '.join(SPLITS)})")
         have = src.blocks[0].shape[-1] if src.blocks else c
         if have != c:
             log(f"note: the images have {have} channel(s), the encoder {c}: "
