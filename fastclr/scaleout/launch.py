@@ -30,10 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except SignalException as e:
         # torchrun has forwarded the signal to the ranks and waited for them (up to its
-        # --shutdown-timeout, 30 s by default); a rank of `fastclr pretrain` checkpoints at its
-        # next step and exits 75 within that time.
-        print(f"stopped by {e.sigval.name}: the ranks were asked to checkpoint at their next step; continue "
-              "with the same command and --resume RUN_DIR", file=sys.stderr)
+        # --shutdown-timeout, 30 s by default). The ranks agree to stop where they already
+        # synchronise, at the next logging or checkpoint step (every --log-every steps), then
+        # checkpoint and exit 75: with slow steps, lower --log-every or raise the timeout.
+        print(f"stopped by {e.sigval.name}: the ranks were asked to checkpoint at their next logging step; "
+              "continue with the same command and --resume RUN_DIR", file=sys.stderr)
         return EXIT_STOPPED
     except ChildFailedError as e:
         # Once one rank fails, torchrun ends the others with SIGTERM: a rank still starting up
