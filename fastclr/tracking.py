@@ -198,8 +198,9 @@ class _Wandb:
         self.last_step = -1
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
-        # W&B keeps one history row per step and drops a step lower than one it has seen.
-        if step > self.last_step:
+        # W&B keeps one history row per step, merges a second log at the same step (the kNN monitor
+        # logs at the step its epoch ended on) and drops a step lower than one it has seen.
+        if step >= self.last_step:
             self.run.log(dict(values), step=step)
             self.last_step = step
 

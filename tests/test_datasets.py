@@ -113,7 +113,7 @@ def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.train.labels, [0, 9, 4])
     np.testing.assert_array_equal(ds.test.labels, [1, 2])
     np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
-    assert ds.pretrain.labels is None
+    assert ds.pretrain.labels is None and ds.unlabelled == 4  # the unlabelled images, then the train split
 
 
 def test_lookup_order_root_env_cache_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

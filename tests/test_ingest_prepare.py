@@ -53,6 +53,12 @@ def test_fixture_folder_gives_exactly_the_valid_images_with_labels_and_splits(fi
     for split in ("train", "test"):
         a, b = s.split_range(split)
         assert s.paths[a:b] == sorted(p for p in expected if p != "loose.png" and holdout(p) == (split == "test"))
+    # As a dataset: pretrain is the unlabelled row, then the train rows (what distillation relies on)
+    from fastclr.data.store import store_dataset
+
+    ds = store_dataset(s)
+    assert ds.unlabelled == 1 and ds.train is not None
+    assert np.array_equal(ds.pretrain.images[1:], ds.train.images) and np.array_equal(ds.pretrain.images[0], s.images[0])
     manifest = read_csv(root / "store" / "manifest.csv")
     assert [r["index"] for r in manifest] == [str(i) for i in range(len(expected))]
     jpeg = next(r for r in manifest if r["path"] == "cats/rotated.jpg")

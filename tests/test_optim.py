@@ -116,7 +116,10 @@ def test_a_resumed_time_budget_paces_the_steps_of_its_own_process() -> None:
 def test_time_budget_refits_are_due_every_25_steps_and_at_epoch_ends_before_the_end() -> None:
     b = TimeBudget(570.0)
     assert [s for s in range(14, 80) if b.due(s, 60, s % 50 == 0)] == [15, 25, 50]  # not at or after the end
-    assert not b.due(15, 2000, False, resumed=True)  # a resumed run keeps its fitted count until a refit
+    assert not b.due(15, 2000, False, fitted=True)  # a resumed run keeps its fitted count until a refit
+    b.resume_at(40)  # a process resumed at step 40 fits first at 55, on the pace of its own steps 45-55
+    assert [s for s in range(40, 80) if b.due(s, 2000, False)] == [55, 75]
+    assert [s for s in range(40, 80) if b.due(s, 2000, False, fitted=True)] == [75]
 
 
 def test_time_budget_spent_ends_the_run_at_the_next_fit() -> None:

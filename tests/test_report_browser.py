@@ -80,3 +80,30 @@ def test_the_check_catches_a_network_request(report: Path, tmp_path: Path) -> No
     dom, console, _ = open_in_chromium(bad, tmp_path)
     assert 'data-status="fail"' in dom and "blocked: http://127.0.0.1:9/x.png" in dom
     assert any("Content Security Policy" in line for line in console)
+
+
+def test_a_small_run_with_hostile_class_names_renders_whole(tmp_path: Path) -> None:
+    """20 training images (fewer than the playground's 32 pairs: its batch menu offered 32 and the
+    script read past the embedded pairs) and class folder names that are markup (`<!--<script>`
+    put the page's data block in the parser's escaped state, swallowing the scripts after it)."""
+    import dataclasses
+
+    from tiny import tiny_dataset as tiny_labelled
+
+    ds = tiny_labelled(20, classes=4, n_test=12, name="hostile")
+    ds = dataclasses.replace(ds, classes=["<!--<script>", "a&b</script>", "<b>bold</b>", "plain"])
+    from fastclr.pretraining import pretrain
+    from tiny import tiny_config
+
+    run_dir = tmp_path / "run"
+    pretrain(tiny_config(run_dir, train__batch_size=8, train__epochs=1.0, train__device="cpu"), dataset=ds,
+             log=lambda s: None, progress=False)
+    report = build_report(run_dir, device="cpu", dataset=ds)
+    dom, console, _ = open_in_chromium(report, tmp_path)
+    check = re.search(r'<p id="render-check" data-status="(\w+)" data-sections="(\d+)">([^<]*)</p>', dom)
+    assert check is not None and check.group(1) == "ok", check.group(3) if check else dom[-2000:]
+    assert console == []
+    menu = re.search(r'<select id="pg-batch">(.*?)</select>', dom, re.S)
+    assert menu is not None and re.findall(r"<option[^>]*>(\d+)</option>", menu.group(1)) == ["4", "8", "16"]
+    drawn = re.search(r'<canvas id="pg-matrix"[^>]*data-batch="(\d+)"', dom)
+    assert drawn is not None and drawn.group(1) == "16"  # the largest batch that fits the 20 pairs

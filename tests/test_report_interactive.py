@@ -229,3 +229,15 @@ def test_with_scripts_off_the_page_is_the_static_document(report: tuple[Path, An
         assert b.js("document.getElementById('render-check').dataset.status") == "pending"  # no script ran
     finally:
         b.close()
+
+
+def test_the_page_data_block_cannot_be_ended_or_escaped_by_user_text() -> None:
+    """Class names come from folder names: `<!--<script>` put Chromium's parser in the escaped
+    script state and the data block swallowed the page's scripts; `</script>` would end it. The
+    block holds no <, > or & at all, and parses back to the same values."""
+    from fastclr.report.interactive import page_data as block
+
+    names = ["<!--<script>", "a&b</script>", "<b>bold</b>", "plain"]
+    text = block({"classes": names, "note": "x < y > z &amp;"})
+    assert not set("<>&") & set(text)
+    assert json.loads(text) == {"classes": names, "note": "x < y > z &amp;"}

@@ -27,7 +27,9 @@ from fastclr.pretrained import load_run
 from fastclr.semisup.distill import (distill, distillation_loss, distillation_objective, known_labels,
                                      soft_target_loss)
 from fastclr.semisup.network import Classifier, empty_neck, load_classifier, neck_of, save_classifier
-from fastclr.semisup.pipeline import DistillOptions, FinetuneOptions, distill_run, finetune_run, labelled_splits, student_for
+from fastclr.evaluation.options import EvaluateOptions
+from fastclr.semisup.pipeline import (DistillOptions, FinetuneOptions, distill_run, finetune_run, labelled_splits,
+                                      student_for, with_unlabelled)
 
 
 def _soft_loop(s: torch.Tensor, t: torch.Tensor, temp: float) -> list[float]:
@@ -229,6 +231,23 @@ def test_the_student_never_sees_test_labels_or_the_unlabelled_images_labels(run:
     student, _, _ = student_for(r, DistillOptions(), 10, 0, torch.device("cpu"))
     distill(teacher, student, setup, labelled, temperature=2.0, label_weight=0.5, seed=0)
     assert state_checksum(student) != states[0]
+
+
+def test_distillation_trains_on_the_unlabelled_images_too(run: Run, finetuned: dict[str, Any], tmp_path: Path) -> None:
+    """With images in no labelled split (STL-10's unlabeled, a store's unlabeled rows) the student
+    trains on them as well as on the train split, the README's "every training image, labelled or
+    not" (it saw the train split only); their labels are never read (-1), and no copy is made."""
+    run_dir, ds = run
+    assert ds.train is not None
+    extra = np.ascontiguousarray(ds.train.images[:150, :, ::-1])  # 150 more images, in no labelled split
+    pool = Dataset(ds.name, ImageSet(np.concatenate([extra, ds.train.images]), None), ds.train, ds.test, ds.classes,
+                   unlabelled=len(extra))
+    setup = labelled_splits(load_run(run_dir), pool, torch.device("cpu"), EvaluateOptions().recipe(0.5))
+    wider, offset = with_unlabelled(pool, setup)
+    assert offset == 150 and wider.train_images is pool.pretrain.images
+    assert (wider.train_labels[:150] == -1).all() and np.array_equal(wider.train_labels[150:], setup.train_labels)
+    r = distill_run(Path(finetuned["out"]), DS, out=tmp_path / "student", dataset=pool, log=lambda s: None)
+    assert (r["images"], r["unlabelled_images"], r["labels"]) == (len(ds.train.images) + 150, 150, finetuned["labels"])
 
 
 def test_a_teacher_on_clean_images_gives_the_targets_it_gives_on_that_batch(run: Run,

@@ -120,7 +120,7 @@ def test_mlflow_run_holds_config_metrics_results_and_the_encoder(tracked_run: tu
     assert found.info.run_id == ids["mlflow"] and found.info.status == "FINISHED"
     assert found.info.run_name == run.name
     assert found.data.params == expected_params(run)
-    for key in ("loss", "lr", "top1"):
+    for key in ("loss", "lr", "top1", "knn_acc"):
         logged = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], key)}
         assert logged == jsonl(run, key), key
     probe = json.loads((run / "probe.json").read_text())
@@ -144,6 +144,8 @@ def test_wandb_offline_run_holds_config_metrics_results_and_the_encoder(
     config = {u.key: json.loads(u.value_json) for u in start.config.update if u.key != "_wandb"}
     assert {k: str(v) for k, v in config.items()} == expected_params(run)
     assert history(records, "loss") == pytest.approx(jsonl(run, "loss"), rel=1e-12)
+    # the kNN monitor logs at the step of the window that ended its epoch: a second log at one step
+    assert jsonl(run, "knn_acc") and history(records, "knn_acc") == pytest.approx(jsonl(run, "knn_acc"), rel=1e-12)
     assert summary(records)["probe/accuracy"] == json.loads((run / "probe.json").read_text())["accuracy"]
     (art,) = of_kind(records, "artifact")
     (entry,) = art.manifest.contents

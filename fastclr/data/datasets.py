@@ -44,6 +44,10 @@ class Dataset:
     classes: list[str]
     origin: str = ""
     """The folder (or store) every file was read from, for the run's first lines."""
+    unlabelled: int = 0
+    """How many images at the start of `pretrain` are in no labelled split (STL-10's unlabeled
+    images, a store's unlabeled rows); when above 0 the rest of `pretrain` is the train split, so
+    the unlabelled images are `pretrain.images[:unlabelled]` with no copy (distillation reads them)."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -139,7 +143,7 @@ def _read_stl10(folder: Path) -> Dataset:
     unlabeled = formats.read_stl10_images(folder / "unlabeled_X.bin")
     # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature.
     pretrain = ImageSet(np.concatenate([unlabeled, train.images]), None)
-    return Dataset("stl10", pretrain, train, test, names or [str(i) for i in range(10)])
+    return Dataset("stl10", pretrain, train, test, names or [str(i) for i in range(10)], unlabelled=len(unlabeled))
 
 
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

@@ -149,7 +149,8 @@ def store_dataset(store: Store) -> Dataset:
     if t1 > t0 and v1 > v0:
         train = ImageSet(x[t0:t1], store.labels[t0:t1])
         test = ImageSet(x[v0:v1], store.labels[v0:v1])
-    return Dataset(str(store.path), pretrain, train, test, store.classes, origin=str(store.path))
+    unlabelled = u1 - u0 if train is not None and u1 == t0 else 0  # rows [u0, u1), then the train rows
+    return Dataset(str(store.path), pretrain, train, test, store.classes, origin=str(store.path), unlabelled=unlabelled)
 
 
 def open_store(path: str | Path) -> Dataset:

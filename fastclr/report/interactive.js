@@ -90,11 +90,20 @@
     var slider = $('pg-temp'), batch = $('pg-batch'), rep = $('pg-rep'), canvas = $('pg-matrix');
     var state = {anchor: 0, result: null};
     var SIDE = 448;
+    // A split of fewer than 32 images embeds fewer pairs: offer only the batches that fit (all the
+    // pairs when even 4 do not), the largest chosen.
+    var fits = Array.prototype.filter.call(batch.options, function (o) { return parseInt(o.value, 10) <= P.pairs; });
+    if (fits.length < batch.options.length) {
+      batch.innerHTML = '';
+      if (!fits.length) { fits = [document.createElement('option')]; fits[0].textContent = String(P.pairs); }
+      fits.forEach(function (o) { batch.appendChild(o); });
+      batch.selectedIndex = fits.length - 1;
+    }
 
     function temperature() { return Math.pow(10, parseFloat(slider.value)); }
 
     function draw() {
-      var t = temperature(), B = parseInt(batch.value, 10);
+      var t = temperature(), B = Math.min(parseInt(batch.value, 10), P.pairs);
       var r = contrast(reps[rep.value], P.pairs, B, t), m = 2 * B, cell = SIDE / m;
       state.result = r;
       if (state.anchor >= m) state.anchor = 0;

@@ -149,8 +149,11 @@ def sprite(images: np.ndarray) -> str:
 
 
 def page_data(payload: dict[str, Any]) -> str:
-    """The JSON block of the page, safe inside <script type="application/json">."""
-    return json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    """The JSON block of the page, safe inside <script type="application/json">: <, > and & as
+    JSON escapes, so no user text (a class folder named `<!--<script>`) can end the block or put
+    the HTML parser in a state that swallows the rest of the page."""
+    text = json.dumps(payload, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def script() -> str:

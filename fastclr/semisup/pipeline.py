@@ -238,6 +238,18 @@ def student_for(run: LoadedRun, o: DistillOptions, num_classes: int, seed: int, 
     return student.to(device), spec, init
 
 
+def with_unlabelled(dataset: Dataset, setup: LabelledSetup) -> tuple[LabelledSetup, int]:
+    """The setup the student trains in: every training image, labelled or not. With unlabelled
+    images (`Dataset.unlabelled`: STL-10's 100k, a store's unlabeled rows) its train images are the
+    whole pretraining pool, those first and the train split after them (no copy; their labels are
+    -1, never read), and the offset of the train split in it; else `setup` itself and 0."""
+    n = dataset.unlabelled
+    if n == 0:
+        return setup, 0
+    labels = np.concatenate([np.full(n, -1, dtype=setup.train_labels.dtype), setup.train_labels])
+    return dataclasses.replace(setup, train_images=dataset.pretrain.images, train_labels=labels), n
+
+
 def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, out: str | Path | None = None,
                 dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Distil a `fastclr finetune` classifier into a student over every training image; write the
@@ -264,13 +276,16 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
                            "the data changed since fine-tuning: fine-tune again")
     student, spec, init = student_for(run, o, len(setup.classes), seed, device)
     target = _fresh_out(Path(out) if out else run.run_dir / "distill" / teacher_dir.name, "distilled classifier")
+    pool, offset = with_unlabelled(dataset, setup)
     log(f"distilling {teacher_dir} ({told['accuracy'] * 100:.2f}%) into a {init} student of width {spec.width:g} on "
-        f"{len(setup.train_images)} images, {o.steps} steps, t = {o.temperature:g}, label weight {o.label_weight:g}")
+        f"{len(pool.train_images)} images ({offset} of them unlabelled), {o.steps} steps, t = {o.temperature:g}, "
+        f"label weight {o.label_weight:g}")
     t0 = time.perf_counter()
-    res = distill(teacher, student, setup, labelled, o.temperature, o.label_weight, seed, o.teacher_views)
+    res = distill(teacher, student, pool, labelled + offset, o.temperature, o.label_weight, seed, o.teacher_views)
     record = {"kind": "distill", "teacher": str(teacher_dir.resolve()), "run_dir": str(run.run_dir.resolve()),
               "dataset": dataset.name, "classes": setup.classes, "labels_per_class": told["labels_per_class"],
-              "labels": len(labelled), "subset": told["subset"], "seed": seed, "student_init": init,
+              "labels": len(labelled), "images": len(pool.train_images), "unlabelled_images": offset,
+              "subset": told["subset"], "seed": seed, "student_init": init,
               "student_width": spec.width, "feature_dim": spec.feature_dim, "accuracy": res.accuracy,
               "final_loss": res.final_loss, "teacher_accuracy": res.teacher_accuracy, "recipe": asdict(setup.recipe),
               "options": asdict(o), "seconds": time.perf_counter() - t0, "environment": _environment(device, run)}
