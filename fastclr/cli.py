@@ -43,9 +43,11 @@ def preset_text(key: str) -> str:
     show the bare default for settings the default run does not use."""
     from fastclr.presets import IMAGENET, PRESETS
 
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
     by_value: dict[str, list[str]] = {}
     for data, preset in {**PRESETS, "stores": IMAGENET}.items():
-        if key in preset:
+        if key in preset and preset[key] != default:  # a preset that repeats the default changes nothing
             by_value.setdefault(repr(preset[key]), []).append(data)
     return "".join(f"; {', '.join(names)}: {value}" for value, names in by_value.items())
 

@@ -9,7 +9,8 @@ import pytest
 import numpy as np
 
 import fastclr
-from fastclr.config import Config, DataConfig, apply_overrides, diff, flag_table, from_dict, read_toml, to_dict, to_toml
+from fastclr.config import (Config, DataConfig, apply_overrides, diff, flag_table, from_dict, read_toml, to_dict, to_flat,
+                            to_toml)
 from fastclr.errors import FastclrError
 from fastclr.presets import PRESETS, apply_preset, config_for
 
@@ -109,9 +110,12 @@ def test_help_shows_what_each_preset_sets() -> None:
                     if a.prog.endswith("pretrain"))
     helps = {a.dest[4:]: a.help for a in pretrain._actions if a.dest.startswith("cfg:")}
     assert set(helps) == {f"{s}.{n}" for s, n in flag_table().values()}
+    flat = to_flat(Config())
     for data, preset in PRESETS.items():
         for key, value in preset.items():
-            assert any(data in part and part.endswith(f": {value!r}") for part in helps[key][:-1].split("; ")), (key, helps[key])
+            listed = any(data in part and part.endswith(f": {value!r}") for part in helps[key][:-1].split("; "))
+            assert listed == (value != flat[key]), (key, helps[key])  # listed exactly where it changes the default
+    assert helps["augment.brightness"] == "augment.brightness (default: 0.4; stl10, stores: 0.8)"
     assert helps["model.head_hidden"] == "model.head_hidden (default: 256; cifar10, cifar100, stl10, stores: 0)"
     assert helps["optim.lr_scaling"] == "optim.lr_scaling (default: 'none')"  # no preset sets it
 

@@ -181,12 +181,18 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
         ([str(run_dir), "--protocols", "linaer"], "unknown protocol linaer; choose from: linear, knn"),
         ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
         ([str(run_dir), "--steps", "0"], "--steps must be at least 1"),
+        ([str(run_dir), "--knn-tau", "0"], "--knn-tau must be above 0, got 0.0"),
+        ([str(run_dir), "--lr", "0"], "--lr must be above 0, got 0.0"),  # it trained nothing, silently
     ]
     for args, message in cases:
         assert main(["evaluate", *args, "--device", "cpu", "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
+    from fastclr.cli import build_parser
+    from fastclr.evaluation.cli import options_from_args
+
+    assert options_from_args(build_parser().parse_args(["evaluate", "RUN", "--knn-tau", "0.2"])).knn_tau == 0.2
     assert main(["report", str(run_dir), "--map", "pca", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == f"report: {run_dir / 'report.html'}"
     assert "Label efficiency" in (run_dir / "report.html").read_text()

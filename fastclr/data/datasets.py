@@ -217,12 +217,16 @@ def spec(name: str) -> DatasetSpec:
 
 
 def locate(name: str, root: str | Path | None = None) -> Path | None:
-    """The first folder in the search order that holds all files of `name`, or None."""
+    """The first folder in the search order that holds all files of `name`, or None. An explicit
+    `root` must exist, and its folder of `name`, where it has one, must be complete."""
     s = spec(name)
     if root:  # asked for by name: used whole or refused, never quietly passed over for another folder
+        if not Path(root).is_dir():
+            raise FastclrError(f"the data root {root} is not a directory; give the folder that holds {s.folder}/, "
+                               "or drop the root (--data-root, --root) to search the usual places")
         folder = Path(root) / s.folder
         present = [f for f in s.files if _idx_file(folder, f).exists()]
-        if present and len(present) < len(s.files):
+        if folder.is_dir() and len(present) < len(s.files):
             missing = [f for f in s.files if f not in present]
             raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
                                f"{', '.join(missing)}; add them there, or drop --data-root to use another copy "

@@ -38,13 +38,16 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
         text = getattr(args, flag.replace("-", "_"))
         if text is not None:
             changes[flag.replace("-", "_")] = number_list(text, kind, f"--{flag}")
-    for name in ("knn_k", "steps", "batch_size", "lr", "quality_images", "device", "precision", "threads"):
+    for name in ("knn_k", "knn_tau", "steps", "batch_size", "lr", "quality_images", "device", "precision", "threads"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
     for name in ("steps", "batch_size", "quality_images", "knn_k"):
         if changes.get(name, 1) < 1:
             raise FastclrError(f"--{name.replace('_', '-')} must be at least 1, got {changes[name]}")
+    for name in ("knn_tau", "lr"):
+        if not changes.get(name, 1.0) > 0:
+            raise FastclrError(f"--{name.replace('_', '-')} must be above 0, got {changes[name]}")
     return dataclasses.replace(o, **changes)
 
 
@@ -88,6 +91,8 @@ def add_eval_commands(sub: Any) -> None:
                     help=f"subset seeds of fine-tuning (default: {','.join(map(str, d.finetune_seeds))})")
     ev.add_argument("--knn-k", type=int, metavar="N",
                     help="neighbours of the kNN protocol (default: the run's eval.knn_k)")
+    ev.add_argument("--knn-tau", type=float, metavar="T",
+                    help=f"temperature of the kNN protocol's vote weights exp(s / T) (default: {d.knn_tau})")
     ev.add_argument("--steps", type=int, metavar="N",
                     help=f"optimiser steps of each supervised / fine-tuning run (default: {d.steps})")
     ev.add_argument("--batch-size", type=int, metavar="N", help=f"batch of those runs (default: {d.batch_size})")
