@@ -37,8 +37,11 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec) -> Path:
     return path
 
 
-def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, EncoderSpec]:
-    """Rebuild an exported encoder and return it with its metadata."""
+def load_encoder(path: Path, device: torch.device | str = "cpu", module: nn.Module | None = None
+                 ) -> tuple[nn.Module, EncoderSpec]:
+    """Rebuild an exported encoder and return it with its metadata. A run trained on your own
+    module (`pretrain(cfg, encoder=...)`, spec "custom") cannot be rebuilt by name: pass a module of
+    that architecture as `module` and its weights are loaded into it."""
     try:
         from safetensors import safe_open
 
@@ -51,10 +54,16 @@ def load_encoder(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Mod
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
     info = json.loads(meta["fastclr"])
     spec = EncoderSpec.from_dict(info)
-    encoder = encoder_from_spec(spec)
+    if module is None and not spec.rebuildable:
+        raise FastclrError(f"{path} holds your own encoder module (trained with pretrain(cfg, encoder=...)), which "
+                           "cannot be rebuilt by name: in Python, fastclr.load_encoder(path, module=your_module); the "
+                           "command line cannot load it")
+    encoder = module if module is not None else encoder_from_spec(spec)
     try:
         encoder.load_state_dict(state)
     except RuntimeError:
+        if module is not None:
+            raise FastclrError(f"{path} does not fit the module given: its weights are of another architecture") from None
         raise FastclrError(
             f"{path} does not match the {spec.encoder} architecture of this fastclr version "
             f"(exported by {info.get('fastclr_version', '?')}); re-export it with that version"

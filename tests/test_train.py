@@ -90,6 +90,20 @@ def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
     assert {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"} <= moved  # all of it trained
     saved = load_checkpoint(list_checkpoints(tmp_path)[-1])["encoder"]
     assert all(torch.equal(saved[k], v.cpu()) for k, v in enc.state_dict().items())  # and it is what was saved
+    # Its export loads into a module of the same architecture; by name it cannot be rebuilt: one line, not
+    # "unknown encoder 'custom'" (from fastclr.load_encoder, evaluate, embed and export alike).
+    import fastclr
+    from fastclr.cli import main
+
+    fresh = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    loaded, spec = fastclr.load_encoder(tmp_path / "encoder.safetensors", module=fresh)
+    assert loaded is fresh and spec.encoder == "custom"
+    assert all(torch.equal(fresh.state_dict()[k], v.cpu()) for k, v in enc.state_dict().items())
+    with pytest.raises(FastclrError, match=r"holds your own encoder module .* fastclr.load_encoder\(path, module="):
+        fastclr.load_encoder(tmp_path / "encoder.safetensors")
+    with pytest.raises(FastclrError, match="does not fit the module given"):
+        fastclr.load_encoder(tmp_path / "encoder.safetensors", module=nn.Linear(3, 4))
+    assert main(["export", str(tmp_path), "--format", "torch-export", "--out", str(tmp_path / "e.pt2")]) == 2
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
