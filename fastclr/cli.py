@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a run's encoder in another format (torchvision names, torch.export)")
     ex.add_argument("run_dir", metavar="RUN_DIR")
     ex.add_argument("--format", default="torchvision", choices=["fastclr", "torchvision", "torch-export", "onnx"],
-                    help="torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
+                    help="(default: torchvision) torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
                     "torch.export program (.pt2) with a dynamic batch; onnx: an ONNX model checked in onnxruntime "
                     "on the run's images (needs fastclr[onnx]); fastclr: safetensors")
     ex.add_argument("--out", required=True, help="torchvision: FILE.pth (metadata in FILE.pth.json) or "

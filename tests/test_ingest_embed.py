@@ -206,6 +206,7 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
     for args, message in [
         (["embed", str(run.run_dir), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npy")], "not a built-in dataset"),
         (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),
+        (["neighbours", str(run.run_dir), "--data", "mnist", "--query", str(q)], "`fastclr prepare --builtin mnist --out STORE`"),
         (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")], "no such image file"),
         (["embed", str(tmp_path), "--data", str(store), "--out", str(tmp_path / "x.npy")], "not a fastclr run directory"),
         (["embed", str(run.run_dir), "--data", str(store), "--split", "unlabeled", "--out", str(tmp_path / "x.npy")],

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from fastclr.files import WriteFailed, atomic_write, npy_writer
+from fastclr.data.datasets import REGISTRY
 from fastclr.data.store import META, Store, read_store
 from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk
@@ -83,6 +84,9 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
     saved as an image grid (query first) when `grid` is given."""
     if k < 1:
         raise FastclrError(f"-k must be at least 1, got {k}")
+    if str(store_path) in REGISTRY and not store_path.exists():
+        raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
+                           f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")
     store = read_store(store_path)
     image = decode_query(query, store)
     feats = store_features(run, store, device, log)

@@ -278,7 +278,8 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     target = _fresh_out(Path(out) if out else run.run_dir / "distill" / teacher_dir.name, "distilled classifier")
     pool, offset = with_unlabelled(dataset, setup)
     log(f"distilling {teacher_dir} ({told['accuracy'] * 100:.2f}%) into a {init} student of width {spec.width:g} on "
-        f"{len(pool.train_images)} images ({offset} of them unlabelled), {o.steps} steps, t = {o.temperature:g}, "
+        f"{len(pool.train_images)} images ({len(labelled)} of them with the teacher's labels, {offset} outside the "
+        f"labelled split), {o.steps} steps, t = {o.temperature:g}, "
         f"label weight {o.label_weight:g}")
     t0 = time.perf_counter()
     res = distill(teacher, student, pool, labelled + offset, o.temperature, o.label_weight, seed, o.teacher_views)
