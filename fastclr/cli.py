@@ -119,9 +119,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if result.stopped:
         if result.rank == 0 and result.stopped_in == "probe":
             print(f"stopped during the probe; training is complete; probe with: fastclr evaluate {result.run_dir}")
-        elif result.rank == 0:  # under torchrun every rank returns here; one line is enough
-            print(f"stopped at step {result.steps}; checkpoint written; resume with: fastclr pretrain --resume {result.run_dir}")
-        return EXIT_STOPPED
+        return EXIT_STOPPED  # a stop in training was said by the loop (rank 0), with how to continue
     if result.probe_accuracy is not None:
         versus = "" if result.random_init_accuracy is None else (
             f", same network untrained {result.random_init_accuracy * 100:.2f}%")

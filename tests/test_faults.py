@@ -174,8 +174,9 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Pa
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_STOPPED, err
-    assert "SIGTERM received" in err and "resume with" in out
     stopped_at = load_checkpoint(list_checkpoints(run)[-1])["step"]
+    assert "SIGTERM received" in err and out.count("stopped at step") == 1  # said once, by the loop
+    assert f"stopped at step {stopped_at}; checkpoint written; continue with `fastclr pretrain --resume {run}`" in out
     assert 3 <= stopped_at < 32
     r = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
     assert r.returncode == 0, r.stderr

@@ -67,7 +67,9 @@ def test_a_stop_under_the_launcher_exits_75_and_resumes_to_the_end(tmp_path: Pat
     assert r.returncode == 75, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "continue with" in r.stderr.splitlines()[-1]
     stopped = latest_valid_checkpoint(run)[1]["step"]
-    assert 2 <= stopped < 16 and f"stopped at step {stopped}" in r.stdout
+    assert 2 <= stopped < 16 and r.stdout.count("stopped at step") == 1  # rank 0 says it, once, with the launcher
+    assert f"stopped at step {stopped}; checkpoint written; continue with the same fastclr-torchrun command and " \
+           f"--resume {run}" in r.stdout
     if target == "ranks":
         return  # the resume below is the same for both ways of stopping
     done = subprocess.run(launcher(run, "--resume", str(run)), env=env, cwd=tmp_path, capture_output=True,

@@ -321,6 +321,9 @@ def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: P
     second, records = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
                                 log=lines.append, resume=True)
     assert second.steps == straight.steps and any(line.startswith("time budget 1 min: ") for line in lines)
+    # the summary's training seconds span both processes; it says how many steps this one ran
+    assert any(line.startswith(f"trained {second.steps} steps in ") and f"({second.steps - 10} of them in this process, "
+               in line for line in lines), lines[-3:]
     want = {r["step"]: r["lr"] for r in straight_records if "lr" in r and r["step"] > 25}
     assert {r["step"]: r["lr"] for r in records if "lr" in r and r["step"] > 25} == want
     warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]

@@ -187,7 +187,9 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 stop_now = stop is not None and s.step < s.total_steps and stop(s.step)
             if stop_now:
                 run.checkpoint()
-                run.log(f"stopped at step {s.step}; continue with `fastclr pretrain --resume {run.run_dir}`")
+                how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active
+                       else f"`fastclr pretrain --resume {run.run_dir}`")
+                run.log(f"stopped at step {s.step}; checkpoint written; continue with {how}")
                 return True
         s.train_seconds = run.clock() - run.loop_start  # with the last epoch's monitor pass
         run.checkpoint()
@@ -283,8 +285,9 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
     for t in run.metrics_log.trackers:
         t.artifact(run.run_dir / ENCODER_FILE, "encoder")
     wall = run.clock() - run.started
-    run.log(f"trained {s.step} steps in {s.train_seconds:.0f} s ({wall:.0f} s with data loading, set-up and export); "
-            f"encoder saved to {run.run_dir / ENCODER_FILE}")
+    this = f"{s.step - s.start_step} of them in this process, " if s.start_step else ""  # train_seconds spans resumes
+    run.log(f"trained {s.step} steps in {s.train_seconds:.0f} s ({this}{wall:.0f} s with data loading, set-up and "
+            f"export); encoder saved to {run.run_dir / ENCODER_FILE}")
     if run.cfg.eval.probe and labelled(run.dataset):
         try:
             with getattr(stop, "interruptible", nullcontext)():
