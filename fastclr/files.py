@@ -125,11 +125,16 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
                 pass
         raise
     for parent in {path.parent for _, path in done}:
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path (a directory: so that a rename in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _WriteOnly:

@@ -306,20 +306,29 @@ def test_a_budgeted_run_ignores_train_epochs(tmp_path: Path, epochs: float) -> N
     assert [r["lr"] for r in records if "lr" in r] == [r["lr"] for r in want_records if "lr" in r]
 
 
-def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: Path) -> None:
-    """Stopped at step 10, before the first fit (step 15), and resumed: the resumed process makes
-    that fit (length, shortened warm-up, the log line) on its own pace, at step 25, and from there
-    sets every learning rate as the uninterrupted run does; it used to keep the 100-step warm-up
-    and never reach the peak."""
+def budgeted_straight_and_resumed(tmp_path: Path, stop_at: int) -> tuple[Any, list[dict[str, Any]], Any,
+                                                                           list[dict[str, Any]], list[str]]:
+    """1 s a step after 5 of 0.5 s, a 1-minute budget, 100 steps an epoch: the run straight into
+    tmp_path/a (result, records), and into tmp_path/b stopped after `stop_at` steps and resumed
+    (the resumed result, all its records, the resumed process's log lines)."""
     pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
     straight, straight_records = paced_run(tmp_path / "a", PacedClock(pace), minutes=1.0, steps_per_epoch=100,
                                            log_every=1)
     clock, lines = PacedClock(pace), []
     first, _ = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
-                         stop=lambda step: step == 10)
-    assert first.stopped and first.steps == 10
+                         stop=lambda step: step == stop_at)
+    assert first.stopped and first.steps == stop_at
     second, records = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
                                 log=lines.append, resume=True)
+    return straight, straight_records, second, records, lines
+
+
+def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: Path) -> None:
+    """Stopped at step 10, before the first fit (step 15), and resumed: the resumed process makes
+    that fit (length, shortened warm-up, the log line) on its own pace, at step 25, and from there
+    sets every learning rate as the uninterrupted run does; it used to keep the 100-step warm-up
+    and never reach the peak."""
+    straight, straight_records, second, records, lines = budgeted_straight_and_resumed(tmp_path, stop_at=10)
     assert second.steps == straight.steps and any(line.startswith("time budget 1 min: ") for line in lines)
     # the summary's training seconds span both processes; it says how many steps this one ran
     assert any(line.startswith(f"trained {second.steps} steps in ") and f"({second.steps - 10} of them in this process, "
@@ -336,15 +345,7 @@ def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> N
     checkpoint, says so, and sets the learning rate of every step exactly as the uninterrupted run
     did. The resumed process paces its own steps from step 35 (`TimeBudget.resume_at`), so it fits
     the same 62 steps as the uninterrupted run."""
-    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
-    straight, straight_records = paced_run(tmp_path / "a", PacedClock(pace), minutes=1.0, steps_per_epoch=100,
-                                           log_every=1)
-    clock, lines = PacedClock(pace), []
-    first, _ = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
-                         stop=lambda step: step == 30)
-    assert first.stopped and first.steps == 30
-    second, records = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, log_every=1,
-                                log=lines.append, resume=True)
+    straight, straight_records, second, records, lines = budgeted_straight_and_resumed(tmp_path, stop_at=30)
     assert second.steps == straight.steps
     warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]
     assert warmup < 10 and any(f"shortened to {warmup} (a tenth of the run)" in line for line in lines)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fastclr.files import atomic_write
+from fastclr.files import atomic_write, fsync_path
 from fastclr.data.datasets import Dataset, ImageSet
 from fastclr.errors import FastclrError
 from fastclr.version import __version__
@@ -168,14 +168,6 @@ def check_output_dir(out: Path) -> None:
             raise FastclrError(f"{out} exists and is not a fastclr store (it holds {foreign[0]!r}); choose a new --out")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StoreWriter:
     """Writes the rows of a new store beside any old one, then swaps it in with `commit`.
 
@@ -252,7 +244,7 @@ class StoreWriter:
                 "classes": list(classes), "splits": self.split_sizes, "options": options, "skipped": totals,
                 "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fastclr_version": __version__}
         for p in (self._images_path, self._manifest_path, skipped_path):
-            _fsync(p)
+            fsync_path(p)
         # The old store stops being complete before any of its files is replaced.
         (self.out / META).unlink(missing_ok=True)
         os.replace(self._images_path, self.out / IMAGES)
