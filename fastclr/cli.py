@@ -35,16 +35,14 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     for flag, (section, name) in flag_table().items():
         default = getattr(getattr(defaults, section), name)
         group.add_argument(f"--{flag}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{section}.{name} (default: {default!r}{preset_text(f'{section}.{name}')})")
+                           help=f"{section}.{name} (default: {default!r}{preset_text(f'{section}.{name}', default)})")
 
 
-def preset_text(key: str) -> str:
+def preset_text(key: str, default: Any) -> str:
     """'; fashion-mnist, mnist: 256' for a key that dataset presets set: without it `--help` would
     show the bare default for settings the default run does not use."""
     from fastclr.presets import IMAGENET, PRESETS
 
-    section, name = key.split(".")
-    default = getattr(getattr(Config(), section), name)
     by_value: dict[str, list[str]] = {}
     for data, preset in {**PRESETS, "stores": IMAGENET}.items():
         if key in preset and preset[key] != default:  # a preset that repeats the default changes nothing

@@ -464,12 +464,6 @@ def from_dict(d: dict[str, dict[str, Any]]) -> Config:
     return apply_overrides(Config(), {**ADDED_LATER, **flat})
 
 
-def read_saved_toml(path: str | Path) -> dict[str, Any]:
-    """A run's saved config.toml as flat overrides, keys added since it was saved at ADDED_LATER's
-    values: what `from_dict` does for a checkpoint's config, for the file beside it."""
-    return {**ADDED_LATER, **read_toml(path)}
-
-
 def toml_string(value: str) -> str:
     """`value` as a TOML basic string. JSON's escapes are TOML's, except that JSON writes a
     character beyond U+FFFF as a surrogate pair, which TOML rejects: such characters (and all

@@ -13,7 +13,7 @@ from typing import Any
 
 from pathlib import Path
 
-from fastclr.config import Config, DataConfig, apply_overrides, read_saved_toml
+from fastclr.config import ADDED_LATER, Config, DataConfig, apply_overrides, read_toml
 from fastclr.errors import FastclrError
 
 # The paper's ImageNet recipe (Chen et al. 2020, appendix A) with its schedule: 96 px colour photos
@@ -70,9 +70,10 @@ def apply_preset(overrides: Mapping[str, Any]) -> Config:
 
 def saved_overrides(path: str | Path) -> dict[str, Any]:
     """The flat overrides a run directory's config.toml rebuilds its config from (on `Config()`):
-    keys added since it was saved at the values that reproduce it (`read_saved_toml`), and the
+    keys added since it was saved at the values that reproduce it (ADDED_LATER, as `from_dict`
+    does for a checkpoint's config), and the
     dataset's preset name where a run saved before 0.2 lacks it."""
-    flat = read_saved_toml(path)
+    flat = {**ADDED_LATER, **read_toml(path)}
     flat.setdefault("data.preset", preset_name(str(flat.get("data.name", DataConfig().name))))
     return flat
 

@@ -165,10 +165,10 @@ class MetricsLog:
         it are run again, and their records would be there twice."""
         if not self.enabled or not self.path.exists():
             return
-        records = read_metrics(self.path.parent)
-        kept = [r for r in records if r["step"] <= step]
-        if len(kept) < len(records) or not self.path.read_text().endswith("\n"):
-            write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        records = read_metrics(self.path.parent)  # a last line cut short is left out
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if r["step"] <= step)
+        if len(text) != self.path.stat().st_size:
+            write_text(self.path, text)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record (must hold "step")."""

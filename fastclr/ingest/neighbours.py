@@ -59,10 +59,9 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
     try:
         cache.parent.mkdir(exist_ok=True)
         atomic_write(cache, npy_writer(feats))
-    except OSError as e:
-        log(f"note: store features not cached ({e.strerror or e}); they are recomputed next time")
-    except WriteFailed as e:
-        log(f"note: store features not cached ({e.reason}); they are recomputed next time")
+    except (OSError, WriteFailed) as e:  # the cache is optional: a folder or file it cannot have
+        reason = e.reason if isinstance(e, WriteFailed) else e.strerror or str(e)
+        log(f"note: store features not cached ({reason}); they are recomputed next time")
     return feats
 
 

@@ -252,9 +252,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         run.state.restore(state)
         if run.budget is not None:
             run.budget.resume_at(run.state.step)
-            if run.state.step < run.budget.first_fit:  # stopped before its first fit: this process makes it
-                run.state.total_steps = max(run.state.total_steps, run.budget.first_fit_at + 1)
             run.log_short_warmup()  # the warm-up the checkpoint kept
+    run.reach_first_fit()
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:
         write_config(run_dir, cfg)

@@ -145,7 +145,7 @@ class Run:
         if b is None:
             return
         b.observe(s.step, s.train_seconds)
-        fitted = s.start_step >= b.first_fit  # by an earlier process, whose checkpoint holds the fit
+        fitted = not self.first_fit_ahead
         if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
             s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             self.bar.total = s.total_steps
@@ -159,6 +159,18 @@ class Run:
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
                 if warning:
                     self.log(warning)
+
+    @property
+    def first_fit_ahead(self) -> bool:
+        """Whether this process makes the time budget's first fit: a fresh run, or one resumed before
+        it (an earlier process's checkpoint holds the fit otherwise)."""
+        return self.budget is not None and self.state.start_step < self.budget.first_fit
+
+    def reach_first_fit(self) -> None:
+        """A run whose first fit is ahead runs at least to it, whatever train.epochs says (unused with
+        a time budget): call once the state is restored."""
+        if self.budget is not None and self.first_fit_ahead:
+            self.state.total_steps = max(self.state.total_steps, self.budget.first_fit_at + 1)
 
     def log_short_warmup(self) -> None:
         """Say so when the run's warm-up is shorter than configured (`warmup_for` shortened it)."""
@@ -248,11 +260,8 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
                            grad_cache_chunk=t.grad_cache_chunk, ctx=ctx, no_sync=no_sync, objective=objective)
     spe = sampler.steps_per_epoch
     total, warmup = max(1, int(round(t.epochs * spe))), int(round(cfg.optim.warmup_epochs * spe))
+    # A budgeted run's length is known at its first fit (refit_budget); until then, the configured warm-up.
     budget = TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None
-    if budget is not None:
-        # A budgeted run's length is known at its first fit (refit_budget); until then, the configured
-        # warm-up, and enough steps to reach that fit whatever train.epochs says (it is unused).
-        total = max(total, budget.first_fit + 1)
     state = RunState(cfg, model, train_step, total_steps=total,
                      warmup_steps=warmup if budget is not None else warmup_for(warmup, total))
     run = Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
