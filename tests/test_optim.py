@@ -82,6 +82,50 @@ def test_lars_step_matches_the_formula() -> None:
     torch.testing.assert_close(w.detach(), w1 - 0.5 * buf)
 
 
+def test_lars_puts_the_changing_learning_rate_inside_the_momentum() -> None:
+    # You et al. 2017, Algorithm 1 (and SimCLR's LARS): v <- m v + lr_t * trust * (g + wd w); w <- w - v,
+    # transcribed in float64 over a warm-up whose rate changes every step.
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    grads = [torch.randn(6, 4, dtype=torch.float64) for _ in range(5)]
+    rates = [0.1, 0.3, 0.5, 0.7, 0.9]
+    opt = LARS([{"params": [w], "weight_decay": 0.01, "lars": True}], lr=rates[0], momentum=0.9, eta=0.001)
+    ref, v = w.detach().clone(), torch.zeros(6, 4, dtype=torch.float64)
+    for lr, g in zip(rates, grads):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        w.grad = g.clone()
+        opt.step()
+        d = g + 0.01 * ref
+        v = 0.9 * v + lr * (0.001 * ref.norm() / d.norm()) * d
+        ref = ref - v
+    torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_lars_state_saved_with_the_rate_outside_the_momentum_resumes_the_same_updates() -> None:
+    # Earlier checkpoints kept buffer b with the update lr * b; loaded now, the buffer becomes lr * b,
+    # so at a constant rate (where both forms agree) the continued run is the one it would have been.
+    torch.manual_seed(2)
+    grads = [torch.randn(3, 3, dtype=torch.float64) for _ in range(4)]
+    w = nn.Parameter(torch.randn(3, 3, dtype=torch.float64))
+    opt = LARS([{"params": [w], "weight_decay": 0.0, "lars": False}], lr=0.4, momentum=0.9)
+    for g in grads[:2]:
+        w.grad = g.clone()
+        opt.step()
+    saved = opt.state_dict()
+    earlier = {"state": {0: {"momentum_buffer": saved["state"][0]["momentum_buffer"] / 0.4}},
+               "param_groups": [{k: v for k, v in saved["param_groups"][0].items() if k != "lr_in_momentum"}]}
+    w2 = nn.Parameter(w.detach().clone())
+    opt2 = LARS([{"params": [w2], "weight_decay": 0.0, "lars": False}], lr=0.4, momentum=0.9)
+    opt2.load_state_dict(earlier)
+    for g in grads[2:]:
+        w.grad, w2.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    torch.testing.assert_close(w2.detach(), w.detach(), rtol=1e-12, atol=1e-12)
+    assert opt2.param_groups[0]["lr_in_momentum"]
+
+
 def test_build_optimizer_names() -> None:
     m = nn.Linear(3, 3)
     assert isinstance(build_optimizer("adamw", [m], 1e-3, 0.1), torch.optim.AdamW)
