@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import synthetic_images
 from fastclr.evaluation import probe as probe_module
-from fastclr.evaluation.knn import knn_accuracy, knn_predict
+from fastclr.evaluation.knn import cosine_topk, knn_accuracy, knn_predict
 from fastclr.runtime import FP32, Precision
 from fastclr.evaluation.probe import L2_GRID, fit_logistic_regression, linear_probe, standardize
 from fastclr.evaluation.features import extract_features, prepare_images
@@ -166,6 +166,36 @@ def test_knn_matches_brute_force_weighted_votes(shortlist: int) -> None:
         for s, c in sims[:k]:
             votes[c] += float(np.exp(s / tau))
         assert int(pred[i]) == int(np.argmax(votes))
+
+
+@pytest.mark.parametrize("tau", [0.005, 0.002])
+def test_knn_votes_at_a_small_tau_match_exact_float64_votes(tau: float) -> None:
+    # exp(s / tau) overflows float32 below tau 1/88.7; the votes are compared in float64 after
+    # dividing every vote of a query by exp(s_max / tau), which cannot change its argmax
+    x, y = blobs(300, 8, 3, 2, spread=0.5)
+    q, _ = blobs(60, 8, 3, 3, spread=0.5)
+    pred = knn_predict(x, y, q, 20, tau, 3)
+    xn = (x / x.norm(dim=1, keepdim=True)).double()
+    s = (q / q.norm(dim=1, keepdim=True)).double() @ xn.T
+    top = s.topk(20, dim=1)
+    votes = torch.zeros(len(q), 3, dtype=torch.float64).scatter_add_(
+        1, y[top.indices], torch.exp((top.values - top.values[:, :1]) / tau))
+    assert torch.equal(pred, votes.argmax(1))
+    assert len(set(pred.tolist())) == 3  # not collapsed onto one class
+
+
+@pytest.mark.parametrize("precision", [FP32, Precision("bf16", "test")])
+def test_knn_breaks_ties_at_the_kth_place_in_row_order(precision: Precision) -> None:
+    # 600 identical bank rows (duplicate images, or all-zero h): the k nearest are rows 0..k-1,
+    # so the vote follows the labels of the first rows, not whatever subset topk returns
+    bank = torch.ones(600, 4)
+    labels = (torch.arange(600) < 20).long()
+    for k in (5, 20, 100):
+        _, rows = cosine_topk(bank, torch.ones(3, 4), k, precision)
+        assert rows.tolist() == [list(range(k))] * 3
+    assert knn_predict(bank, labels, torch.ones(2, 4), 20, precision=precision).tolist() == [1, 1]
+    zeros = torch.zeros(50, 4)  # F.normalize maps them to 0: every similarity is 0
+    assert cosine_topk(zeros, torch.ones(1, 4), 7, precision)[1].tolist() == [list(range(7))]
 
 
 def test_knn_bf16_shortlist_gives_the_exact_fp32_votes_on_wide_features() -> None:

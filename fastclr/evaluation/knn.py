@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from fastclr.runtime import FP32, Precision
 
 
+def topk_columns(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns (q, k), ascending, of the k largest values of each row of `values` (q, N); among
+    values equal to the k-th largest, the first columns. (`topk` alone picks an arbitrary subset
+    of a tie, so duplicate images or all-zero features made results depend on its internals.)"""
+    n = values.shape[1]
+    top = values.topk(min(k + 1, n), dim=1)  # one more: a tie across the k-th place shows in it
+    cols, kth = top.indices[:, :k].sort(dim=1).values, top.values[:, k - 1 : k]  # (q, k), (q, 1)
+    crowded = (top.values[:, k] == kth[:, 0]).nonzero()[:, 0] if k < n else cols.new_empty(0)
+    if crowded.numel():
+        v, kv = values[crowded], kth[crowded]
+        above, tied = v > kv, v == kv
+        keep = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+        cols[crowded] = keep.nonzero()[:, 1].view(-1, k)
+    return cols
+
+
 @torch.no_grad()
 def cosine_topk(
     bank: torch.Tensor,
@@ -47,7 +63,7 @@ def cosine_topk(
     for start in range(0, queries.shape[0], chunk):
         q = F.normalize(queries[start : start + chunk].to(dtype), dim=1)  # (q, D)
         if bank16 is not None:
-            cand = (q.to(torch.bfloat16) @ bank16.T).topk(m, dim=1).indices  # (q, m) shortlisted rows
+            cand = topk_columns(q.to(torch.bfloat16) @ bank16.T, m)  # (q, m) shortlisted rows, ascending
             sim = torch.bmm(unit_bank[cand], q[:, :, None])[:, :, 0]  # (q, m) exact similarities
         else:
             cand = None
@@ -55,12 +71,9 @@ def cosine_topk(
         if exclude is not None:
             own = exclude[start : start + chunk].to(sim.device)[:, None]
             sim = sim.masked_fill((cand if cand is not None else torch.arange(n, device=sim.device)[None]) == own, -2.0)
-        pos = sim.topk(k, dim=1).indices  # (q, k) columns of `sim`
+        pos = topk_columns(sim, k)  # (q, k) columns of `sim`, ascending, so rows ascending too
         row, val = (cand.gather(1, pos) if cand is not None else pos), sim.gather(1, pos)
-        # topk promises no order among equal similarities: put those in row order.
-        by_row = row.sort(dim=1).indices
-        row, val = row.gather(1, by_row), val.gather(1, by_row)
-        by_value = val.sort(dim=1, descending=True, stable=True).indices
+        by_value = val.sort(dim=1, descending=True, stable=True).indices  # equal similarities stay in row order
         sims.append(val.gather(1, by_value))
         rows.append(row.gather(1, by_value))
     return torch.cat(sims), torch.cat(rows)
@@ -83,7 +96,10 @@ def knn_predict(
     c = num_classes or int(train_y.max()) + 1
     sim, idx = cosine_topk(train_x, query_x, k, precision, shortlist, chunk)
     votes = torch.zeros(query_x.shape[0], c, device=sim.device)
-    votes.scatter_add_(1, train_y[idx], torch.exp(sim.float() / tau))
+    # exp(s / tau) overflows float32 once tau < 1/88.7 (then every inf vote ties and the lowest
+    # class wins); scaling a query's votes by exp(-s_max / tau) leaves its argmax as it is.
+    sim = sim.float()
+    votes.scatter_add_(1, train_y[idx], torch.exp((sim - sim[:, :1]) / tau))
     return votes.argmax(1)
 
 

@@ -17,7 +17,7 @@ from fastclr.data import Dataset
 from fastclr.evaluation.features import features_of
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.evaluation.probe import ProbeResult, linear_probe
-from fastclr.evaluation.reference import SMALL_LIFT, untrained_encoder
+from fastclr.evaluation.reference import small_lift, untrained_encoder
 from fastclr.models import EncoderSpec
 from fastclr.runtime import Precision
 
@@ -97,7 +97,7 @@ def final_probe(encoder: nn.Module, dataset: Dataset, spec: EncoderSpec, device:
         ref = probe_encoder(untrained_encoder(spec, cfg.train.seed, device), dataset, spec, device, cfg, precision)
         lift = res.accuracy - ref.accuracy
         record.update(random_init_accuracy=ref.accuracy, lift=lift)
-        flag = "; SMALL: most of it is the architecture's" if lift < SMALL_LIFT else ""
+        flag = "; SMALL: most of it is the architecture's" if small_lift(lift) else ""
         versus = f" (the same network untrained: {ref.accuracy * 100:.2f}%, lift {lift * 100:+.2f} points{flag})"
     record["probe_seconds"] = time.perf_counter() - t0
     line = f"linear probe accuracy (frozen h, {dataset.name} test split): {res.accuracy * 100:.2f}%{versus}"
