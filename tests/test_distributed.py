@@ -234,7 +234,7 @@ def test_rank_0_alone_writes_and_states_the_global_batch(two_rank_runs: tuple[Pa
     assert {"save_checkpoint", "write_config", "save_encoder", "write_json", "prepare_run_dir", "metrics"} <= set(r0["writes"])
     steps = [json.loads(line)["step"] for line in (root / "straight" / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
-    assert steps == [2, 4, 6]  # one record per logged step, not one per rank
+    assert steps == [2, 3, 4, 6]  # one record per log step and per checkpoint (epochs of 3 steps), not per rank
     head = next(line for line in r0["lines"] if line.startswith("run "))
     assert "global batch 32 (2 processes x 16)" in head and "lr 0.01 with sqrt scaling to the global batch 32" in head
     assert f"peak lr {0.01 * 32 ** 0.5:g}" in head

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import synthetic_images
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.cli import main as cli_main
-from fastclr.config import Config, apply_overrides
+from fastclr.config import Config, TrainConfig, apply_overrides
 from fastclr.presets import config_for
 from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe, fit_and_test
@@ -30,6 +30,8 @@ from fastclr.evaluation.probe import linear_probe
 from fastclr.evaluation.features import extract_features
 from fastclr.runtime import FP32, CpuFeatures, Precision, check_precision, cpu_model, decide_precision, resolve_precision
 from fastclr.pretraining.step import SimCLRNet, TrainStep
+from fastclr.pretraining.objective import Objective
+from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.loop import pretrain
 
 CPU = torch.device("cpu")
@@ -172,11 +174,11 @@ def test_fp32_feature_probe_knn_and_classifier_paths_never_create_bf16() -> None
     assert torch.bfloat16 in _feature_paths(Precision("bf16", "test"))
 
 
-def _tiny_net(seed: int = 0) -> tuple[SimCLRNet, torch.optim.Optimizer]:
+def _tiny_net(seed: int = 0, optimizer: str = "adamw") -> tuple[SimCLRNet, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     enc = SmallCNN(1, 0.125, "32|64")
     net = SimCLRNet(enc, ProjectionHead(enc.feature_dim, 16, 8))
-    return net, build_optimizer("adamw", [net.encoder, net.head], 1e-3, 5e-4)
+    return net, build_optimizer(optimizer, [net.encoder, net.head], 1e-3, 5e-4)
 
 
 class Overflow:
@@ -218,6 +220,61 @@ def test_fp16_overflow_skips_the_update_halves_the_scale_and_leaves_parameters_u
     out = step(views)
     assert float(out.skipped) == 0.0 and torch.isfinite(out.grad_norm)
     assert not torch.equal(next(net.encoder.parameters()).detach(), before[next(iter(dict(net.named_parameters())))])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars"])
+def test_a_skipped_first_step_leaves_every_optimiser_as_if_it_had_not_happened(optimizer: str) -> None:
+    # The first fp16 step at the starting scale often overflows. Afterwards the run must equal
+    # one that starts at the halved scale (a power of two: unscaled gradients are the same bits).
+    # Memory dirtied first: an optimiser state left uninitialised shows as garbage.
+    views = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    net, opt = _tiny_net(optimizer=optimizer)
+    junk = [torch.full_like(p, 1e30) for p in net.parameters() for _ in range(4)]
+    del junk
+    step = TrainStep(net, opt, Precision("fp16", "test"), CPU, temperature=0.5)
+    step.load_state_dict(dict(step.state_dict(), scale=16.0))  # low enough for no real overflow
+    boom = Overflow(at_step=0)
+    next(net.encoder.parameters()).register_hook(boom)
+    assert float(step(views).skipped) == 1.0
+    boom.step = 1
+    assert float(step(views).skipped) == 0.0
+    ref_net, ref_opt = _tiny_net(optimizer=optimizer)
+    ref = TrainStep(ref_net, ref_opt, Precision("fp16", "test"), CPU, temperature=0.5)
+    ref.load_state_dict(dict(step.state_dict(), scale=8.0))
+    assert float(ref(views).skipped) == 0.0
+    for (k, p), q in zip(net.named_parameters(), ref_net.parameters()):
+        assert torch.equal(p.detach(), q.detach()), k
+
+
+def test_a_skipped_step_moves_neither_the_key_network_nor_the_queue_nor_the_support_set() -> None:
+    net, opt = _tiny_net()
+    cfg = TrainConfig(queue=40, nn_support=24, temperature=0.2)
+    keys = KeyNetwork(net, 0.9)
+    queue, support = RowQueue(40, 8, CPU), RowQueue(24, 8, CPU)
+    objective = Objective(cfg, None, CPU, None, keys, queue, support)
+    step = TrainStep(net, opt, Precision("fp16", "test"), CPU, temperature=0.2, objective=objective)
+    step.load_state_dict(dict(step.state_dict(), scale=1.0))  # no overflow from the starting scale
+    boom = Overflow(at_step=3)
+    next(net.encoder.parameters()).register_hook(boom)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.arange(8)
+    for i in range(3):
+        boom.step = i
+        assert float(step(torch.randn(16, 1, 28, 28, generator=g), objective.groups(idx)).skipped) == 0.0
+    before = ({k: v.clone() for k, v in keys.net.state_dict().items()}, queue.state_dict(), support.state_dict())
+    before = (before[0], {k: v.clone() if torch.is_tensor(v) else v for k, v in before[1].items()},
+              {k: v.clone() if torch.is_tensor(v) else v for k, v in before[2].items()})
+    boom.step = 3
+    assert float(step(torch.randn(16, 1, 28, 28, generator=g), objective.groups(idx)).skipped) == 1.0
+    for k, v in keys.net.state_dict().items():
+        assert torch.equal(v, before[0][k]), k
+    for saved, now in ((before[1], queue.state_dict()), (before[2], support.state_dict())):
+        assert saved.keys() == now.keys()
+        for k in saved:
+            assert torch.equal(torch.as_tensor(saved[k]), torch.as_tensor(now[k])), k
+    boom.step = 4
+    step(torch.randn(16, 1, 28, 28, generator=g), objective.groups(idx))
+    assert not torch.equal(queue.state_dict()["rows"], before[1]["rows"])  # a real step enqueues again
 
 
 def test_loss_scaling_is_off_for_bf16_and_fp32() -> None:

@@ -174,7 +174,10 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 # Decisions every rank must share, taken where the host waits for the device anyway:
                 # the first non-finite step anywhere, and whether any rank was asked to stop.
                 stop_now = run.health.agree(stop is not None and s.step < s.total_steps and stop(s.step), ctx)
-            if log_now:
+            if not ctx.active:
+                stop_now = stop is not None and s.step < s.total_steps and stop(s.step)
+            if log_now or checkpoint_now or stop_now:
+                # Also at every checkpoint: the window is not in it, so a resume would lose its steps.
                 run.health.check(run.cfg, run.run_dir)
                 now = run.clock()
                 run.log_window(lr, now - window_start)
@@ -183,8 +186,6 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 run.checkpoint()
             if run.monitor.due(epoch_ended, s.train_seconds):
                 run.monitor_pass()
-            if not ctx.active:
-                stop_now = stop is not None and s.step < s.total_steps and stop(s.step)
             if stop_now:
                 run.checkpoint()
                 how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active

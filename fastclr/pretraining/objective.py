@@ -128,11 +128,16 @@ class Objective:
         if self.support is not None and _fits(state.get("support"), self.support):
             self.support.load_state_dict(state["support"])
 
-    def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext) -> None:
+    def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext, skipped: bool = False) -> None:
         """With a queue: move the key network towards the online one, then enqueue the keys of this
         step's full-size views from every rank (rank order: every rank's queue stays the same). With a
         support set: add this step's first views from every rank, in rank order. A learned
-        temperature is clipped back into its range."""
+        temperature is clipped back into its range. After a `skipped` update (fp16 overflow) none
+        of this happens, as if the step had not been taken (the same on every rank: the gradients
+        it was decided on are all-reduced)."""
+        if skipped:
+            self.first_views = None
+            return
         if self.learned is not None:
             self.learned.keep_in_range()
         if self.support is not None and self.first_views is not None:

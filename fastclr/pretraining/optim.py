@@ -92,7 +92,9 @@ def build_optimizer(
         # the 3.3M weights of the default head went from 133 ms (foreach) to 21 ms (fused).
         if name == "adamw":
             return torch.optim.AdamW(groups, lr=lr, fused=True)
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+        # Not fused: fused SGD creates its momentum buffers uninitialised and, when fp16 loss
+        # scaling skips the first step, leaves them so (buffers of 1e36 and NaN in torch 2.13).
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, eta=eta)
     raise FastclrError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")

@@ -148,9 +148,13 @@ class TrainStep:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        if self.objective is not None:
-            self.objective.after_update(views, self.precision.dtype, self.ctx)
         skipped = (~torch.isfinite(grad_norm)).float() if self.scaler.is_enabled() else torch.zeros((), device=loss.device)
+        if self.objective is not None:
+            # A step loss scaling skipped moves nothing: not the key network, queue or support set.
+            # Reading the flag waits for the device (fp16 with an objective only; GradScaler's fused
+            # AdamW step does not wait, and the queue's pointer lives on the host).
+            self.objective.after_update(views, self.precision.dtype, self.ctx,
+                                        skipped=self.scaler.is_enabled() and bool(skipped))
         return StepResult(loss, grad_norm, skipped, metrics)
 
     def loss_scale(self) -> float:
