@@ -126,11 +126,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    """Make sure a built-in dataset's files are present (download and verify if missing)."""
-    from fastclr.data.datasets import ensure
+    """Make sure a built-in dataset's files are present (download and verify if missing), and
+    read them as training would: a file present but damaged is an error, not "present"."""
+    from fastclr.data.datasets import ensure, read_checked
 
     folder = ensure(args.name, args.root, download=not args.no_download)
-    print(f"{args.name}: {folder}")
+    try:
+        ds = read_checked(args.name, folder)
+    except FastclrError as e:
+        raise FastclrError(f"{e} (the copy in {folder} is damaged: delete or replace it; files are never "
+                           "downloaded over one)") from None
+    splits = ", ".join(f"{len(s)} {n}" for n, s in (("train", ds.train), ("test", ds.test)) if s is not None)
+    print(f"{args.name}: {folder} ({len(ds.pretrain)} images for pretraining; {splits}; read and checked)")
     return 0
 
 

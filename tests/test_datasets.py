@@ -17,6 +17,7 @@ from fastclr.data import formats
 from fastclr.data.datasets import IDX_FILES, REGISTRY, ensure, load_builtin, locate, search_roots
 from fastclr.data.download import RemoteFile, fetch
 from fastclr.errors import FastclrError
+from fastclr.cli import main as cli_main
 
 
 def test_idx_gz_and_raw_round_trip(tmp_path: Path) -> None:
@@ -206,6 +207,47 @@ def test_download_of_an_archive_extracts_and_loads(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
     ds = load_builtin("cifar10")
     assert len(ds.train) == 40 and (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").exists()
+
+
+def test_download_reads_what_is_present_and_names_a_damaged_file(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    write_idx_dataset(tmp_path / "fashion-mnist", n_train=40, n_test=10)
+    assert cli_main(["download", "fashion-mnist", "--no-download", "--root", str(tmp_path)]) == 0
+    assert "40 images for pretraining; 40 train, 10 test; read and checked" in capsys.readouterr().out
+    (tmp_path / "fashion-mnist" / IDX_FILES[2]).write_bytes(b"")  # present, but empty
+    for flags in (["--no-download"], []):  # and never "present" because its name exists
+        assert cli_main(["download", "fashion-mnist", "--root", str(tmp_path), *flags]) == 2
+        err = capsys.readouterr().err
+        assert IDX_FILES[2] in err and "is damaged: delete or replace it" in err and err.count("\n") == 1
+
+
+def test_an_archive_that_fails_to_unpack_leaves_no_file_of_it(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    write_cifar(staging / "cifar-10-batches-py")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    cut = buf.getvalue()[: len(buf.getvalue()) * 2 // 3]  # verified bytes whose end is missing
+    url = _serve(tmp_path, "cifar-10-python.tar.gz", cut)
+    dest = tmp_path / "data"
+    (dest / "cifar-10-batches-py").mkdir(parents=True)
+    (dest / "cifar-10-batches-py" / "notes.txt").write_text("mine")
+    with pytest.raises(FastclrError, match=r"cannot unpack cifar-10-python.tar.gz into .*nothing of it was kept"):
+        fetch(RemoteFile(url, hashlib.md5(cut).hexdigest(), extract=True), dest)
+    assert sorted(p.name for p in dest.rglob("*")) == ["cifar-10-batches-py", "notes.txt"]  # the first batches too
+
+
+def test_the_published_stl10_must_hold_all_its_unlabelled_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    for name, n in (("train", 3), ("test", 2), ("unlabeled", 3)):
+        np.zeros((n, 3, 96, 96), np.uint8).tofile(folder / f"{name}_X.bin")
+    np.array([1, 2, 3], np.uint8).tofile(folder / "train_y.bin")
+    np.array([1, 2], np.uint8).tofile(folder / "test_y.bin")
+    assert load_builtin("stl10", tmp_path, download=False).unlabelled == 3  # a small copy of the format: as it is
+    monkeypatch.setattr("fastclr.data.datasets.STL10_COUNTS", {"train": 3, "test": 2, "unlabeled": 4})
+    with pytest.raises(FastclrError, match=r"unlabeled_X.bin holds 3 images, not STL-10's 4; it is truncated"):
+        load_builtin("stl10", tmp_path, download=False)
 
 
 def test_official_checksums_are_recorded_for_every_dataset() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, TiffImagePlugin
 
 from conftest import REPO
 from fastclr.errors import FastclrError
@@ -61,6 +61,35 @@ def test_rotating_after_the_conversion_is_pillows_exif_transpose(orientation: in
     expected = np.asarray(fit_square(_strip_to_8bit(upright), 16, "pad"))
     assert (w, h) == upright.size
     assert np.array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_with_an_orientation_tag_is_turned_upright_once(orientation: int) -> None:
+    # Scanners and cameras write TIFFs with the tag; Pillow's TIFF loader may apply it itself.
+    # The same pixels as a PNG with that EXIF orientation, and the same displayed size.
+    rng = np.random.default_rng(orientation)
+    stored = Image.fromarray(rng.integers(0, 256, (20, 36, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    png, tif = io.BytesIO(), io.BytesIO()
+    stored.save(png, "PNG", exif=exif.tobytes())
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x0112] = orientation
+    stored.save(tif, "TIFF", tiffinfo=tags)
+    want = decode_image(png.getvalue(), DecodeOptions(size=16, fit="pad"))
+    got = decode_image(tif.getvalue(), DecodeOptions(size=16, fit="pad"))
+    assert got[1:3] == want[1:3] == ImageOps.exif_transpose(Image.open(io.BytesIO(png.getvalue()))).size
+    assert np.array_equal(got[0], want[0])
+
+
+def test_a_transparent_colour_in_16_bit_gray_is_white_as_in_8_bit_gray() -> None:
+    wide = np.zeros((8, 8), np.uint16)
+    wide[:, 4:] = 40000
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, "PNG", transparency=0)
+    pixels = decode_image(buf.getvalue(), DecodeOptions(size=8, fit="pad"))[0][..., 0]
+    assert (pixels[:, :4] == 255).all()  # transparent: the white ground
+    assert (pixels[:, 4:] == round(40000 / 257)).all()  # opaque: the 16-bit value in 8 bits
 
 
 def test_one_decode_stays_within_the_declared_bytes_per_pixel(tmp_path: Path) -> None:

@@ -136,11 +136,19 @@ def _read_cifar100(folder: Path) -> Dataset:
     return Dataset("cifar100", train, train, ImageSet(xte, yte), classes)
 
 
+STL10_COUNTS = {"train": 5000, "test": 8000, "unlabeled": 100000}
+"""The image counts of STL-10's files (Coates et al. 2011)."""
+
+
 def _read_stl10(folder: Path) -> Dataset:
     names = (folder / "class_names.txt").read_text().split() if (folder / "class_names.txt").exists() else []
     train = ImageSet(formats.read_stl10_images(folder / "train_X.bin"), formats.read_stl10_labels(folder / "train_y.bin"))
     test = ImageSet(formats.read_stl10_images(folder / "test_X.bin"), formats.read_stl10_labels(folder / "test_y.bin"))
     unlabeled = formats.read_stl10_images(folder / "unlabeled_X.bin")
+    if (len(train), len(test)) == (STL10_COUNTS["train"], STL10_COUNTS["test"]) and len(unlabeled) != STL10_COUNTS["unlabeled"]:
+        # The published copy: its unlabelled file has no labels to count against, so its size is checked.
+        raise FastclrError(f"{folder / 'unlabeled_X.bin'} holds {len(unlabeled)} images, not STL-10's "
+                           f"{STL10_COUNTS['unlabeled']}; it is truncated: delete {folder} and run `fastclr download stl10`")
     # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature.
     pretrain = ImageSet(np.concatenate([unlabeled, train.images]), None)
     return Dataset("stl10", pretrain, train, test, names or [str(i) for i in range(10)], unlabelled=len(unlabeled))
@@ -272,7 +280,11 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True) -> 
 
 def load_builtin(name: str, root: str | Path | None = None, download: bool = True) -> Dataset:
     """Load a built-in dataset into memory (uint8 (N, H, W, C) plus labels), checked for consistency."""
-    folder = ensure(name, root, download)
+    return read_checked(name, ensure(name, root, download))
+
+
+def read_checked(name: str, folder: Path) -> Dataset:
+    """Dataset `name` read from `folder` and checked for consistency (`check_consistent`)."""
     ds = spec(name).read(folder)
     check_consistent(ds, folder)
     ds.origin = str(folder)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import tempfile
+import zlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -67,9 +69,7 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
                 "the download is corrupted or the source changed, try again or fetch the file by hand"
             )
         if remote.extract:
-            with tarfile.open(tmp, "r:gz") as tar:
-                # filter="data" refuses absolute paths, '..' and device files (PEP 706).
-                tar.extractall(dest_dir, filter="data")
+            unpack(tmp, dest_dir, remote.filename)
             return dest_dir
         os.replace(tmp, final)
         return final
@@ -79,3 +79,24 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def unpack(archive: Path, dest_dir: Path, name: str) -> None:
+    """Extract a verified .tar.gz into `dest_dir` through a temporary folder beside it: each file
+    is moved into place (replacing its namesake, leaving other files) only once the whole archive
+    is out, so a full disk or a damaged archive leaves no truncated file that looks valid."""
+    staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest_dir))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            # filter="data" refuses absolute paths, '..' and device files (PEP 706).
+            tar.extractall(staging, filter="data")
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                target = dest_dir / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise FastclrError(f"cannot unpack {name} into {dest_dir} ({e}); nothing of it was kept: make room there "
+                           "(or choose another --root / $FASTCLR_DATA) and run the download again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -142,7 +142,11 @@ def _strip_to_8bit(im: Image.Image) -> Image.Image:
         wide = np.clip(v, 0, 65535).astype(np.uint32) if mode == "I" else v.astype(np.uint32)
         wide += 128
         wide //= 257
-        return Image.fromarray(wide.astype(np.uint8), "L")
+        out = wide.astype(np.uint8)
+        key = im.info.get("transparency")
+        if isinstance(key, int):
+            out[v == key] = 255  # the transparent colour, composited onto white as for 8-bit images
+        return Image.fromarray(out, "L")
     if mode == "F":
         raise Unusable("unsupported-mode", "32-bit float image (mode F) has no known range; save it as 8 or 16-bit")
     if mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in im.info:
@@ -217,18 +221,20 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
                 orientation = im.getexif().get(_ORIENTATION, 1)
             except Exception:  # a damaged EXIF block does not make the pixels unusable
                 orientation = 1
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w  # displayed size after the rotation
-            # Decode at reduced scale where the format allows it (JPEG), keeping >= 2x the target.
+            # Decode at reduced scale where the format allows it (JPEG), keeping >= 2x the target
+            # (min and max of the sides do not depend on the orientation).
             f = 2 * opts.size / (min(w, h) if opts.fit == "crop" else max(w, h))
             if f < 1:
                 im.draft(None, (int(im.size[0] * f) + 1, int(im.size[1] * f) + 1))
             im.load()
+            if _ORIENTATION not in getattr(im, "tag_v2", (_ORIENTATION,)):
+                orientation = 1  # Pillow's TIFF loader (Pillow 11 on) turned it upright and dropped the tag
             # Convert first, then rotate: the rotated copy is of the 8-bit image (per-pixel
             # conversion and a transpose commute), and the decoded one is freed before it.
             im = to_8bit(im)
             if orientation in _TRANSPOSE:
                 im = im.transpose(_TRANSPOSE[orientation])
+            w, h = im.size  # as displayed
             if opts.channels == "1" and im.mode == "RGB":
                 im = im.convert("L")
             pixels = np.asarray(fit_square(im, opts.size, opts.fit))
