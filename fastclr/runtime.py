@@ -224,26 +224,32 @@ def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, i
 
 
 def resolve_precision(requested: str, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
-                      warn: Callable[[str], None] = print) -> Precision:
+                      warn: Callable[[str], None] = print, saved: bool = False) -> Precision:
     """`decide_precision` with this machine's capabilities; warns (one line) when an explicit
-    bf16 will be emulated, and refuses what cannot run."""
+    bf16 will be emulated, and refuses what cannot run. `saved`: `requested` is what a resumed
+    run's config recorded (resolved where it started), not a flag given now."""
     cpu = cpu_features() if device.type == "cpu" else None
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     prec = decide_precision(requested, device.type, cpu, cap, lambda dt: matmul_seconds(dt, device, shape))
-    check_precision(prec, device, cpu, warn, shape, cap)
+    if saved and requested != "auto":
+        prec = Precision(prec.name, "the precision this run was started with (its config.toml), kept so that it "
+                                    "continues as it ran; --precision auto re-decides for this machine")
+    check_precision(prec, device, cpu, warn, shape, cap, saved=saved)
     return prec
 
 
 def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | None, warn: Callable[[str], None],
                     shape: tuple[int, int, int] = (512, 1024, 256),
-                    cuda_capability: tuple[int, int] | None = None) -> None:
+                    cuda_capability: tuple[int, int] | None = None, saved: bool = False) -> None:
     """A one-line warning for an explicit bf16 or fp16 the hardware emulates (on a CPU with the
-    measured cost)."""
+    measured cost); for a resumed run's `saved` precision, worded as such."""
+    asked = f"this run's saved precision {prec.name}" if saved else f"--precision {prec.name}"
+    switch = "resume with --precision auto to use" if saved else "--precision auto would choose"
     if device.type == "cuda" and cuda_capability is not None and prec.name != "fp32":
         major, minor = cuda_capability
         if (prec.name == "bf16" and major < 8) or (prec.name == "fp16" and major < 7):
-            warn(f"warning: --precision {prec.name} on CUDA compute capability {major}.{minor}: no {prec.name} "
-                 f"tensor cores, so {prec.name} runs emulated or slow; --precision auto would choose "
+            warn(f"warning: {asked} on CUDA compute capability {major}.{minor}: no {prec.name} "
+                 f"tensor cores, so {prec.name} runs emulated or slow; {switch} "
                  f"{decide_precision('auto', 'cuda', cuda_capability=cuda_capability).name}")
         return
     if device.type != "cpu" or cpu is None or prec.name == "fp32":
@@ -254,8 +260,8 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     slow = matmul_seconds(prec.dtype or torch.float32, device, shape) / matmul_seconds(torch.float32, device, shape)
     units = "bf16" if prec.name == "bf16" else "fp16"
-    warn(f"warning: --precision {prec.name} on {cpu.model} ({cpu.isa}, no {units} units): {prec.name} is emulated "
-         f"here, a matmul measured {slow:.1f}x the fp32 time; --precision auto would choose fp32")
+    warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, no {units} units): {prec.name} is emulated "
+         f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} fp32")
 
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:

@@ -99,6 +99,11 @@ def test_explicit_bf16_without_bf16_units_warns_once_with_the_measured_slowdown(
     assert "test cpu (AVX2, no bf16 units)" in lines[0] and "80.0x the fp32 time" in lines[0]
     lines.clear()
     assert resolve_precision("auto", CPU, warn=lines.append).name == "fp32" and lines == []
+    # a run started where bf16 is native, resumed here: its saved bf16 is kept, and said to be the run's
+    p = resolve_precision("bf16", CPU, warn=lines.append, saved=True)
+    assert p.name == "bf16" and "the precision this run was started with" in p.reason and len(lines) == 1
+    assert lines[0].startswith("warning: this run's saved precision bf16 on test cpu (AVX2, no bf16 units)")
+    assert lines[0].endswith("80.0x the fp32 time; resume with --precision auto to use fp32")
 
 
 def test_explicit_low_precision_without_its_cuda_tensor_cores_warns() -> None:
@@ -299,14 +304,14 @@ class OverflowingEncoder(nn.Module):
         return self.inner(x)
 
 
-def _fp16_config(run_dir: Path) -> Config:
+def _fp16_config(run_dir: Path, log_every: int = 1) -> Config:
     return config_for(None, {
         "model.head_hidden": 16, "model.proj_dim": 8, "train.batch_size": 16, "train.epochs": 2.0,
-        "train.run_dir": str(run_dir), "train.log_every": 1, "train.precision": "fp16", "eval.monitor_every": 0,
+        "train.run_dir": str(run_dir), "train.log_every": log_every, "train.precision": "fp16", "eval.monitor_every": 0,
         "eval.probe": False, "augment.blur_p": 0.0})
 
 
-def _run(run_dir: Path, ds: Dataset, resume: bool, stop_at: int | None) -> Any:
+def _run(run_dir: Path, ds: Dataset, resume: bool, stop_at: int | None, log_every: int = 1) -> Any:
     torch.manual_seed(0)  # the same initial encoder in every run (pretrain seeds only the head)
     enc = OverflowingEncoder(at_step=3)
     if resume:
@@ -316,7 +321,7 @@ def _run(run_dir: Path, ds: Dataset, resume: bool, stop_at: int | None) -> Any:
         enc.boom.step = step  # the next step to run
         return stop_at is not None and step == stop_at
 
-    return pretrain(_fp16_config(run_dir), encoder=enc, dataset=ds, resume=run_dir if resume else None,
+    return pretrain(_fp16_config(run_dir, log_every), encoder=enc, dataset=ds, resume=run_dir if resume else None,
                     progress=False, log=lambda s: None, stop=stop)
 
 
@@ -340,6 +345,29 @@ def test_fp16_stop_and_resume_through_a_skipped_step_is_exact(tmp_path: Path) ->
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["config"]["train"]["precision"] == "fp16"
+
+
+def test_a_stop_between_log_steps_loses_no_step_of_the_metrics(tmp_path: Path) -> None:
+    # log every 4 steps, epochs of 6, the overflow at step 4, a stop after step 5: every step is in
+    # exactly one record, and the skipped step is counted once, as in the run that did not stop
+    x, y = synthetic_images(96, 28)
+    ds = Dataset("tiny", ImageSet(x, y), None, None, [])
+
+    def windows(run_dir: Path) -> list[tuple[int, int, int, float]]:
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in recs if "loss" in r]
+        starts = [0] + [r["step"] for r in steps[:-1]]
+        return [(a, r["step"], r["skipped"], r["loss"] * (r["step"] - a)) for a, r in zip(starts, steps)]
+
+    _run(tmp_path / "a", ds, resume=False, stop_at=None, log_every=4)
+    assert _run(tmp_path / "b", ds, resume=False, stop_at=5, log_every=4).stopped
+    _run(tmp_path / "b", ds, resume=True, stop_at=None, log_every=4)
+    straight, resumed = windows(tmp_path / "a"), windows(tmp_path / "b")
+    for w in (straight, resumed):
+        assert sum(b - a for a, b, _, _ in w) == 12 and all(b > a for a, b, _, _ in w)  # each step once
+    assert [b for _, b, _, _ in resumed] == [4, 5, 6, 8, 12]  # log steps, the stop, the checkpoints (epochs)
+    assert sum(s for *_, s, _ in resumed) == sum(s for *_, s, _ in straight) >= 1
+    assert sum(t for *_, t in resumed) == pytest.approx(sum(t for *_, t in straight), rel=1e-5)  # the same losses
 
 
 def test_info_json_names_the_precision_pretrain_would_choose() -> None:

@@ -107,7 +107,9 @@ def pretrain(
     ctx = setup(device, cfg.train.dist_timeout)
     try:
         main_log = log if ctx.is_main else _silent
-        precision = run_precision(cfg, device, ctx, main_log)
+        saved = resume is not None and (resume / "config.toml").is_file() and \
+            config_mod.read_toml(resume / "config.toml").get("train.precision") == cfg.train.precision
+        precision = run_precision(cfg, device, ctx, main_log, saved=saved)
         # The resolved precision is what the run's config records (and a resume reuses).
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name))
         with deterministic_kernels(cfg.train.deterministic and device.type == "cuda"):
@@ -307,11 +309,13 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
     return result
 
 
-def run_precision(cfg: Config, device: torch.device, ctx: DistContext, log: Callable[[str], None]) -> Precision:
+def run_precision(cfg: Config, device: torch.device, ctx: DistContext, log: Callable[[str], None],
+                  saved: bool = False) -> Precision:
     """The run's precision, decided once from this machine (rank 0's choice under torchrun, so
-    that every rank computes alike), with the reason in the log's first line."""
+    that every rank computes alike), with the reason in the log's first line. `saved`: a resumed
+    run keeping the precision its config recorded (said so, with the cost where it is emulated)."""
     rows = min(2 * cfg.train.batch_size, 1024)  # a matmul of about the head's shape
-    precision = resolve_precision(cfg.train.precision, device, shape=(rows, 1024, 256), warn=log)
+    precision = resolve_precision(cfg.train.precision, device, shape=(rows, 1024, 256), warn=log, saved=saved)
     if ctx.active:
         name, reason = broadcast_object((precision.name, precision.reason), ctx)
         precision = Precision(name, reason)
