@@ -228,7 +228,7 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
                 im.draft(None, (int(im.size[0] * f) + 1, int(im.size[1] * f) + 1))
             im.load()
             if _ORIENTATION not in getattr(im, "tag_v2", (_ORIENTATION,)):
-                orientation = 1  # Pillow's TIFF loader (Pillow 11 on) turned it upright and dropped the tag
+                orientation = 1  # Pillow's TIFF loader turned it upright itself and dropped the tag (Pillow 13 does)
             # Convert first, then rotate: the rotated copy is of the 8-bit image (per-pixel
             # conversion and a transpose commute), and the decoded one is freed before it.
             im = to_8bit(im)
