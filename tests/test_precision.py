@@ -266,9 +266,10 @@ def test_a_skipped_step_moves_neither_the_key_network_nor_the_queue_nor_the_supp
     for i in range(3):
         boom.step = i
         assert float(step(torch.randn(16, 1, 28, 28, generator=g), objective.groups(idx)).skipped) == 0.0
-    before = ({k: v.clone() for k, v in keys.net.state_dict().items()}, queue.state_dict(), support.state_dict())
-    before = (before[0], {k: v.clone() if torch.is_tensor(v) else v for k, v in before[1].items()},
-              {k: v.clone() if torch.is_tensor(v) else v for k, v in before[2].items()})
+    def snapshot(state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+    before = (snapshot(keys.net.state_dict()), snapshot(queue.state_dict()), snapshot(support.state_dict()))
     boom.step = 3
     assert float(step(torch.randn(16, 1, 28, 28, generator=g), objective.groups(idx)).skipped) == 1.0
     for k, v in keys.net.state_dict().items():

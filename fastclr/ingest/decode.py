@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _INT_GRAY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -227,7 +227,7 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
             if f < 1:
                 im.draft(None, (int(im.size[0] * f) + 1, int(im.size[1] * f) + 1))
             im.load()
-            if _ORIENTATION not in getattr(im, "tag_v2", (_ORIENTATION,)):
+            if isinstance(im, TiffImagePlugin.TiffImageFile) and _ORIENTATION not in im.tag_v2:
                 orientation = 1  # Pillow's TIFF loader turned it upright itself and dropped the tag (Pillow 13 does)
             # Convert first, then rotate: the rotated copy is of the 8-bit image (per-pixel
             # conversion and a transpose commute), and the decoded one is freed before it.

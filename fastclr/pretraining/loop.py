@@ -184,12 +184,11 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 now = run.clock()
                 run.log_window(lr, now - window_start)
                 window_start = now
-            if checkpoint_now:
+            if checkpoint_now or stop_now:
                 run.checkpoint()
             if run.monitor.due(epoch_ended, s.train_seconds):
                 run.monitor_pass()
             if stop_now:
-                run.checkpoint()
                 how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active
                        else f"`fastclr pretrain --resume {run.run_dir}`")
                 run.log(f"stopped at step {s.step}; checkpoint written; continue with {how}")
