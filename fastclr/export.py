@@ -79,8 +79,10 @@ ONNX_TOLERANCE = 1e-4
 """Largest difference allowed between onnxruntime's h and PyTorch's (fp32) in the check after writing."""
 
 
-_BATCH_DIM = ({0: torch.export.Dim("batch", min=1)},)
-"""The input's batch dimension is dynamic: the program takes any B >= 1."""
+def _batch_dim() -> tuple[dict[int, object]]:
+    """The input's batch dimension is dynamic: the program takes any B >= 1. Built when exporting,
+    not at import: `torch.export.Dim` imports sympy, which added about a second to every command."""
+    return ({0: torch.export.Dim("batch", min=1)},)
 
 
 @contextmanager
@@ -103,7 +105,7 @@ def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], o
     metadata travels inside the archive as `extra/fastclr.json`. Input: float32 (B, C, S, S)
     standardised with the metadata's mean and std; output: h (B, D)."""
     with _in_eval(encoder):
-        program = torch.export.export(encoder, (_example(spec),), dynamic_shapes=_BATCH_DIM)
+        program = torch.export.export(encoder, (_example(spec),), dynamic_shapes=_batch_dim())
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"fastclr.json": json.dumps(dict(meta, naming="fastclr"))})
     data = buf.getvalue()
@@ -129,7 +131,7 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     try:
         with _in_eval(encoder), torch.no_grad():
             program = torch.onnx.export(encoder, (_example(spec),), dynamo=True, input_names=["x"],
-                                        output_names=["h"], dynamic_shapes=_BATCH_DIM, verbose=False)
+                                        output_names=["h"], dynamic_shapes=_batch_dim(), verbose=False)
             want = encoder(x)
     finally:
         quiet.setLevel(level)
