@@ -261,15 +261,19 @@ def test_nan_on_one_rank_stops_both_at_the_same_step(two_rank_runs: tuple[Path, 
 
 def test_a_killed_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path: Path) -> None:
     """SIGKILL rank 1 mid-run: rank 0 fails its next collective, exits 2 with a one-line error well
-    within the timeout, and the checkpoint it last wrote verifies."""
-    env, run, port = cli_env(tmp_path), tmp_path / "run", free_port()
-    args = [sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "50", "--run-dir", str(run),
+    within the timeout that names the run directory to resume (here one the run chose itself, under
+    runs/), and the checkpoint it last wrote verifies."""
+    env, port = cli_env(tmp_path), free_port()
+    args = [sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "50",
             *TINY, "--checkpoint-every", "1", "--monitor-every", "0", "--probe", "false", "--device", "cpu",
             "--threads", "1", "--dist-timeout", "20"]
     procs = [subprocess.Popen(args, env={**env, **rank_env(r, 2, port)}, cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
         end = time.monotonic() + 90
+        while not list(tmp_path.glob("runs/*")) and time.monotonic() < end:
+            time.sleep(0.05)
+        run = next(tmp_path.glob("runs/*"))
         while len(list_checkpoints(run)) < 2 and time.monotonic() < end and procs[0].poll() is None:
             time.sleep(0.05)
         assert len(list_checkpoints(run)) >= 2, procs[0].stderr.read() if procs[0].poll() is not None else "too slow"
@@ -283,6 +287,7 @@ def test_a_killed_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path:
             p.wait(10)
     assert procs[0].returncode == 2 and waited < 25, (procs[0].returncode, waited, err)
     assert "rank 0 of 2: lost contact with another rank" in err and "Traceback" not in err
+    assert f"--resume {run.relative_to(tmp_path)}" in err, err
     for p in list_checkpoints(run):
         load_checkpoint(p)
     assert latest_valid_checkpoint(run)[1]["step"] >= 2

@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dist_helpers import run_ranks
 from fastclr import pretrain
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.config import TrainConfig
 from fastclr.pretraining.multi_positive import multi_positive_loss
 from fastclr.pretraining.objective import Objective
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
-from fastclr.scaleout.distributed import DistContext
+from fastclr.scaleout.distributed import DistContext, setup
 from tiny import tiny_config, tiny_dataset
 
 
@@ -116,3 +117,36 @@ def test_the_key_network_starts_from_the_init_weights(tmp_path: Path) -> None:
     for k in weights:
         start = (b["key_network"]["encoder." + k] - (1 - m) * b["encoder"][k]) / m
         torch.testing.assert_close(start, init[k], rtol=0, atol=1e-6)
+
+
+IMAGES, VIEWS, DIM = 6, 2, 4
+
+
+def step_views(step: int) -> torch.Tensor:
+    """(K * G, 5): view 1 of the step's G images, then view 2."""
+    return torch.randn(VIEWS * IMAGES, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+
+
+def queue_after_steps(rank: int, world: int, size: int) -> torch.Tensor:
+    """The queue after three steps of enqueueing this rank's share of every step's views."""
+    ctx = setup(torch.device("cpu"), 30.0) if world > 1 else DistContext()
+    torch.manual_seed(0)
+    keys, queue = KeyNetwork(nn.Linear(5, DIM).double(), 0.0), RowQueue(size, DIM, torch.device("cpu"))
+    obj = Objective(TrainConfig(queue=size), None, torch.device("cpu"), None, keys, queue)
+    b = IMAGES // world
+    share = torch.cat([torch.arange(rank * b, (rank + 1) * b) + v * IMAGES for v in range(VIEWS)])
+    for step in range(3):
+        obj.after_update(step_views(step)[share], None, ctx)
+    return queue.oldest_first()
+
+
+def test_two_ranks_keep_the_queue_of_one_process(tmp_path: Path) -> None:
+    """A queue of 9 rows, 12 keys a step: each step drops 3 of its own keys, and those must be the
+    same views (view 1 of the first images) on 2 ranks as on 1 process, in the same order."""
+    one = queue_after_steps(0, 1, 9)
+    ranks = run_ranks(queue_after_steps, 2, tmp_path, 9, timeout=120)
+    torch.manual_seed(0)
+    want = unit(nn.Linear(5, DIM).double()(step_views(2))).float()[-9:]  # the last step's last 9 keys
+    assert torch.allclose(one, want, atol=1e-6)
+    for got in ranks:
+        assert torch.equal(got, one)

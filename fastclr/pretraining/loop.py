@@ -105,6 +105,7 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)
+    run: Run | None = None
     try:
         main_log = log if ctx.is_main else _silent
         saved = resume is not None and (resume / "config.toml").is_file() and \
@@ -127,7 +128,8 @@ def pretrain(
                 run.release()
     except Exception as e:
         if ctx.active and is_peer_failure(e):
-            raise peer_failure(ctx, e, resume or cfg.train.run_dir or "the run directory") from None
+            where = run.run_dir if run is not None else resume or cfg.train.run_dir or "the run directory"
+            raise peer_failure(ctx, e, where) from None
         raise
     finally:
         teardown(ctx)

@@ -67,6 +67,7 @@ class Objective:
                  support: RowQueue | None = None) -> None:
         # Rows of z: view 1 of every image, ..., view K, then the small views 1..L (multi-crop).
         self.views = cfg.views + cfg.local_views
+        self.full_views = cfg.views
         self.supcon, self.temperature, self.learned = cfg.supcon, cfg.temperature, learned
         self.keys, self.queue, self.support = keys, queue, support
         self.first_views: torch.Tensor | None = None  # this step's view-1 rows, for the support after the update
@@ -130,7 +131,8 @@ class Objective:
 
     def after_update(self, views: Views, amp: torch.dtype | None, ctx: DistContext, skipped: bool = False) -> None:
         """With a queue: move the key network towards the online one, then enqueue the keys of this
-        step's full-size views from every rank (rank order: every rank's queue stays the same). With a
+        step's full-size views from every rank, in the global batch's view-major order (every rank's
+        queue stays the same, and the same as one process's). With a
         support set: add this step's first views from every rank, in rank order. A learned
         temperature is clipped back into its range. After a `skipped` update (fp16 overflow) none
         of this happens, as if the step had not been taken (the same on every rank: the gradients
@@ -147,7 +149,16 @@ class Objective:
             return
         self.keys.update()
         full = views if isinstance(views, torch.Tensor) else views[0]
-        self.queue.enqueue(all_gather(self.keys.keys(full, amp), ctx))
+        self.queue.enqueue(view_major(all_gather(self.keys.keys(full, amp), ctx), self.full_views, ctx.world_size))
+
+
+def view_major(rows: torch.Tensor, views: int, world: int) -> torch.Tensor:
+    """Rows gathered rank by rank (each rank's view 1, then its view 2, ...) put in the order one
+    process holds them: view 1 of every image in the global batch, then view 2, ... A queue that
+    drops the oldest rows mid-step then drops the same views on 1 or N processes."""
+    if world == 1:
+        return rows
+    return rows.view(world, views, -1, rows.shape[-1]).transpose(0, 1).reshape(-1, rows.shape[-1])
 
 
 def _fits(saved: dict[str, Any] | None, queue: RowQueue) -> bool:
