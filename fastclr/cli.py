@@ -16,7 +16,7 @@ from fastclr.files import is_write_error, write_failure_reason
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
-from fastclr.presets import config_for, saved_overrides
+from fastclr.presets import config_for, preset_name, saved_overrides
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +54,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
+def _epochs_mean_epochs(flags: dict[str, Any]) -> dict[str, Any]:
+    """`--epochs` without `--time-budget` trains that many epochs, also over a config file or a
+    saved run that holds a time budget (which would otherwise stop the run first, silently)."""
+    return {"train.time_budget": 0.0} if "train.epochs" in flags and "train.time_budget" not in flags else {}
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     """Config() <- the dataset's preset <- TOML file <- flags (`presets.config_for`)."""
     overrides: dict[str, Any] = {}
+    flags = _overrides(args)
     if getattr(args, "config", None):
         overrides.update(read_toml(args.config))
-    overrides.update(_overrides(args))
+        overrides.update(_epochs_mean_epochs(flags))
+    overrides.update(flags)
     return config_for(None, overrides)
 
 
@@ -74,7 +82,14 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     base = saved_overrides(saved)
     if args.config:
         base.update(read_toml(args.config))
-    base.update(_overrides(args))
+    flags = _overrides(args)
+    base.update(_epochs_mean_epochs(flags))
+    if "data.name" in flags and "data.preset" not in flags and flags["data.name"] != base.get("data.name"):
+        # Another dataset on resume (refused unless --allow-config-change): the run keeps its recipe,
+        # which from now on is the recipe it trains that dataset with.
+        base["data.preset"] = preset_name(str(flags["data.name"]))
+    base.update(flags)
+    base["train.run_dir"] = str(resume)  # where it continues, also when the run directory was moved
     return apply_overrides(Config(), base)
 
 
@@ -85,7 +100,10 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
     resume = None
     if args.resume == "auto":
         # `--resume auto RUN_DIR`: continue RUN_DIR if it holds a checkpoint, else start it fresh.
-        target_name = args.run_dir or _overrides(args).get("train.run_dir")
+        flag = _overrides(args).get("train.run_dir")
+        if args.run_dir and flag and Path(flag) != Path(args.run_dir):
+            raise FastclrError(f"two run directories given ({args.run_dir} and --run-dir {flag}); give one")
+        target_name = args.run_dir or flag
         if not target_name:
             raise FastclrError("--resume auto needs the run directory: fastclr pretrain --resume auto RUN_DIR")
         target = Path(target_name)
@@ -97,6 +115,10 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
         resume = Path(args.resume)
         if args.run_dir:
             raise FastclrError("give either --resume RUN_DIR or --resume auto RUN_DIR, not both a directory and a positional")
+        flag = _overrides(args).get("train.run_dir")
+        if flag and Path(flag) != resume:
+            raise FastclrError(f"two run directories given (--resume {resume} and --run-dir {flag}); a resumed run "
+                               "continues in its own directory: drop --run-dir")
     elif args.run_dir:  # `fastclr pretrain RUN_DIR`: a new run in RUN_DIR
         given = _overrides(args).get("train.run_dir")
         if given and Path(given) != Path(args.run_dir):

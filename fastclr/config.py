@@ -44,8 +44,13 @@ class Allowed:
         if self.choices:
             return "one of: " + ", ".join(self.choices)
         if self.high is None:
-            return f"{'>' if self.above else '>='} {self.low:g}"
-        return f"in {'(' if self.above else '['}{self.low:g}, {self.high:g}{')' if self.below else ']'}"
+            return f"{'>' if self.above else '>='} {_number(self.low)}"
+        return f"in {'(' if self.above else '['}{_number(self.low)}, {_number(self.high)}{')' if self.below else ']'}"
+
+
+def _number(x: float | None) -> str:
+    """0.5 -> '0.5', 4294967295 -> '4294967295' (not '4.29497e+09')."""
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}"
 
 
 def at_least(low: float, above: bool = False) -> dict[str, Allowed]:
@@ -173,6 +178,7 @@ class OptimConfig:
     """none; linear: lr * B / 256; sqrt: lr * sqrt(B) (the paper's rule for LARS at small B)."""
     weight_decay: float = field(default=5e-4, metadata=at_least(0))
     momentum: float = field(default=0.9, metadata=between(0, 1, below=True))
+    """SGD and LARS momentum; AdamW (the default optimiser) keeps its betas (0.9, 0.999) and does not use it."""
     trust_coefficient: float = field(default=1e-3, metadata=at_least(0, above=True))
     """LARS eta (You et al. 2017)."""
     warmup_epochs: float = field(default=1.0, metadata=at_least(0))
@@ -198,7 +204,7 @@ class TrainConfig:
     compile: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """torch.compile of model, loss and augmentation: auto (on for CUDA, off on CPU, where the
     compiled step measured slower), on or off."""
-    seed: int = field(default=0, metadata=at_least(0))
+    seed: int = field(default=0, metadata=between(0, 2**32 - 1))
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     time_budget: float = field(default=9.5, metadata=at_least(0))
@@ -415,6 +421,9 @@ def validate(cfg: Config) -> None:
         if va > vb:
             raise FastclrError(f"{a} = {va!r} is larger than {b} = {vb!r}; it must be <= {b} "
                                f"(e.g. {_flag(a)} {getattr(getattr(defaults, a.split('.')[0]), a.split('.')[1])})")
+    from fastclr.models.cnn import check_stages  # the stage grammar lives with the network it builds
+
+    check_stages(cfg.model.cnn_stages)  # before the data is read and the run directory made
     low, high = LEARNED_TEMPERATURE_RANGE
     if cfg.train.learn_temperature and not low <= cfg.train.temperature <= high:
         raise FastclrError(f"train.temperature = {cfg.train.temperature!r} is outside [{low:g}, {high:g}], where "

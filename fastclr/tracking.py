@@ -97,7 +97,16 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
 def read_ids(run_dir: Path) -> dict[str, str]:
     """Tracker name -> its run id, from RUN_DIR/tracking.json ({} when there is none)."""
     path = run_dir / TRACKING_FILE
-    return dict(json.loads(path.read_text())) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(ids, dict):
+            raise ValueError("not an object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FastclrError(f"{path} is damaged ({e}); delete it, and the trackers start new runs for this "
+                           "run directory") from None
+    return {str(k): str(v) for k, v in ids.items()}
 
 
 @contextmanager

@@ -72,6 +72,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()  # refused before the run directory is made
 
 
 def test_unwritable_run_dir_and_resume_without_checkpoint(tmp_path: Path, env: dict[str, str]) -> None:

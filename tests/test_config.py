@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,93 @@ def test_any_string_setting_survives_config_toml(tmp_path: Path, text: str) -> N
     p.write_text(to_toml(cfg), encoding="utf-8")
     back = apply_overrides(Config(), read_toml(p))
     assert back.train.run_dir == text and back.model.init == text and back == cfg
+
+
+def _saved_run(path: Path, **over: Any) -> Path:
+    """A run directory holding only the config.toml of a tiny mnist run (what resume reads first)."""
+    from tiny import tiny_config
+
+    path.mkdir()
+    (path / "config.toml").write_text(to_toml(tiny_config(path, data__name="mnist", **over)), encoding="utf-8")
+    return path
+
+
+def test_resume_continues_in_its_own_directory_and_refuses_another(tmp_path: Path) -> None:
+    """`--resume RUN --run-dir OTHER` (and `--resume auto RUN --run-dir OTHER`) name two run
+    directories: refused, as `pretrain RUN --run-dir OTHER` is. A resumed run's config records the
+    directory it continues in, also when the run was moved since."""
+    from fastclr.cli import build_parser, pretrain_target
+
+    run = _saved_run(tmp_path / "run")
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    for argv in (["--resume", str(moved), "--run-dir", str(tmp_path / "other")],
+                 ["--resume", "auto", str(moved), "--run-dir", str(tmp_path / "other")]):
+        with pytest.raises(FastclrError, match="two run directories given"):
+            pretrain_target(build_parser().parse_args(["pretrain", *argv]))
+    resume, cfg = pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(moved)]))
+    assert resume == moved and cfg.train.run_dir == str(moved)
+    assert pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(moved), "--run-dir", str(moved)]))[0] == moved
+
+
+def test_epochs_given_as_a_flag_replace_a_saved_time_budget(tmp_path: Path) -> None:
+    """A saved config.toml holds the recipe's time budget, which stops a run before any epoch count:
+    `--epochs` as a flag (without `--time-budget`) means epochs on resume and over `--config` too."""
+    from fastclr.cli import build_parser, pretrain_target
+
+    run = _saved_run(tmp_path / "run", train__time_budget=9.5, train__epochs=100.0)
+    for argv in (["--resume", str(run), "--epochs", "5"], ["--config", str(run / "config.toml"), "--epochs", "5"]):
+        cfg = pretrain_target(build_parser().parse_args(["pretrain", *argv]))[1]
+        assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 0.0)
+    cfg = pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(run), "--epochs", "5",
+                                                     "--time-budget", "3"]))[1]
+    assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 3.0)
+    assert pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(run)]))[1].train.time_budget == 9.5
+
+
+def test_resume_on_another_dataset_is_refused_unless_allowed_and_then_passes_the_recipe_check(tmp_path: Path) -> None:
+    """README: resuming with a different dataset is refused naming data.name, and
+    --allow-config-change permits it (the preset check refused it either way)."""
+    from fastclr.cli import build_parser, pretrain_target
+    from fastclr.pretraining.state import check_resume_config
+    from fastclr.presets import check_preset
+
+    run = _saved_run(tmp_path / "run")
+    saved = apply_overrides(Config(), read_toml(run / "config.toml"))
+    cfg = pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(run), "--data", "fashion-mnist"]))[1]
+    check_preset(cfg)
+    assert cfg.data.preset == "fashion-mnist" and cfg.augment == saved.augment  # the run keeps its recipe
+    with pytest.raises(FastclrError, match="data.name"):
+        check_resume_config(saved, cfg, allow_changes=False)
+    check_resume_config(saved, cfg, allow_changes=True)
+
+
+def test_seeds_stop_where_the_generators_do_and_stage_specs_are_checked_with_the_settings() -> None:
+    """train.seed goes into torch's 64-bit generator seed multiplied (the data order): a seed past
+    2**32 - 1 is refused with the settings, and the largest one draws an epoch. A bad stage spec is
+    refused there too, before any data is read or run directory made."""
+    from fastclr.data.loader import epoch_permutation
+    import torch
+
+    with pytest.raises(FastclrError, match=r"train.seed = 4294967296 is not allowed: it must be in \[0, 4294967295\]"):
+        apply_overrides(Config(), {"train.seed": 2**32})
+    top = apply_overrides(Config(), {"train.seed": 2**32 - 1}).train.seed
+    assert sorted(epoch_permutation(10, 3, top, torch.device("cpu")).tolist()) == list(range(10))
+    for spec in ("32|256|fc", "32|256|fc0", "32|x|fc512", ""):
+        with pytest.raises(FastclrError, match="is not a stage spec"):
+            apply_overrides(Config(), {"model.cnn_stages": spec})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,-1"], "--seeds takes seeds from 0"),
+    (["--supervised-seeds", "-1"], "--supervised-seeds takes seeds from 0"),
+    (["--finetune-seeds", str(2**32)], "--finetune-seeds takes seeds from 0"),
+    (["--lr", "inf"], "--lr must be a finite number above 0"),
+    (["--knn-tau", "inf"], "--knn-tau must be a finite number above 0"),
+])
+def test_evaluate_refuses_seeds_and_numbers_it_cannot_use_before_it_starts(argv: list[str], message: str) -> None:
+    from fastclr.cli import build_parser
+    from fastclr.evaluation.cli import options_from_args
+
+    with pytest.raises(FastclrError, match=message):
+        options_from_args(build_parser().parse_args(["evaluate", "run", *argv]))

@@ -196,7 +196,7 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
         ([str(run_dir), "--protocols", "linaer"], "unknown protocol linaer; choose from: linear, knn"),
         ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
         ([str(run_dir), "--steps", "0"], "--steps must be at least 1"),
-        ([str(run_dir), "--knn-tau", "0"], "--knn-tau must be above 0, got 0.0"),
+        ([str(run_dir), "--knn-tau", "0"], "--knn-tau must be a finite number above 0, got 0.0"),
         ([str(run_dir), "--lr", "0"], "--lr must be above 0, got 0.0"),  # it trained nothing, silently
     ]
     for args, message in cases:

@@ -20,6 +20,7 @@ from conftest import cli_env
 from dist_helpers import free_port
 from fastclr import config as config_mod
 from fastclr.config import read_toml
+from fastclr.errors import FastclrError
 from tiny import TINY_FLAGS
 
 mlflow = pytest.importorskip("mlflow")
@@ -181,3 +182,14 @@ def test_an_unreachable_tracker_is_a_warning_and_the_run_completes(tmp_path: Pat
     assert "warning: mlflow could not start a run" in r.stdout + r.stderr
     assert (run / "encoder.safetensors").exists() and (run / "probe.json").exists()
     assert json.loads((run / "tracking.json").read_text()) == {}
+
+
+@pytest.mark.parametrize("text", ['{"mlflow": "abc"', "[1, 2]", "\udcff"])
+def test_a_damaged_tracking_json_is_a_one_line_error_naming_it(tmp_path: Path, text: str) -> None:
+    from fastclr.tracking import TRACKING_FILE, read_ids
+
+    (tmp_path / TRACKING_FILE).write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(FastclrError, match=f"{TRACKING_FILE} is damaged .*; delete it"):
+        read_ids(tmp_path)
+    (tmp_path / TRACKING_FILE).write_text('{"mlflow": "abc"}')
+    assert read_ids(tmp_path) == {"mlflow": "abc"}

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.runtime import PRECISIONS
+
+SEED_MAX = 2**32 - 1
+"""The largest seed (as `train.seed`): numpy's and torch's generators take it as it is."""
 
 
 def number_list(text: str, kind: type, flag: str) -> tuple[Any, ...]:
@@ -37,7 +41,9 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
                        ("finetune-fractions", float), ("finetune-seeds", int)):
         text = getattr(args, flag.replace("-", "_"))
         if text is not None:
-            changes[flag.replace("-", "_")] = number_list(text, kind, f"--{flag}")
+            changes[flag.replace("-", "_")] = values = number_list(text, kind, f"--{flag}")
+            if flag.endswith("seeds") and not all(0 <= v <= SEED_MAX for v in values):
+                raise FastclrError(f"--{flag} takes seeds from 0 to {SEED_MAX}, got {text!r}; e.g. --{flag} 0,1,2")
     for name in ("knn_k", "knn_tau", "steps", "batch_size", "lr", "quality_images", "device", "precision", "threads"):
         value = getattr(args, name)
         if value is not None:
@@ -46,8 +52,9 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
         if changes.get(name, 1) < 1:
             raise FastclrError(f"--{name.replace('_', '-')} must be at least 1, got {changes[name]}")
     for name in ("knn_tau", "lr"):
-        if not changes.get(name, 1.0) > 0:
-            raise FastclrError(f"--{name.replace('_', '-')} must be above 0, got {changes[name]}")
+        if not (math.isfinite(changes.get(name, 1.0)) and changes.get(name, 1.0) > 0):
+            raise FastclrError(f"--{name.replace('_', '-')} must be a finite number above 0, got {changes[name]}; "
+                               f"e.g. --{name.replace('_', '-')} {getattr(o, name)}")
     return dataclasses.replace(o, **changes)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastclr.config import ModelConfig, parse_switch
 from fastclr.errors import FastclrError
-from fastclr.models.cnn import SmallCNN
+from fastclr.models.cnn import SmallCNN, check_stages
 from fastclr.models.head import ProjectionHead
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 from fastclr.models.spec import EncoderSpec
@@ -22,11 +22,8 @@ CNN_STAGES = ModelConfig().cnn_stages
 
 
 def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int, stages: str) -> nn.Module:
-    try:
-        return SmallCNN(in_channels, width, stages, image_size=image_size)
-    except ValueError:
-        raise FastclrError(f"cnn_stages {stages!r} is not a stage spec; write e.g. 32|256|fc512 "
-                           "(conv widths, '|' between stages, then fcN, sfcN, attnN, flat0, flat or cat0)") from None
+    check_stages(stages)
+    return SmallCNN(in_channels, width, stages, image_size=image_size)
 
 
 def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int, str], nn.Module]:

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastclr.errors import FastclrError
+
 
 def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     """3x3 convolution (no bias: BatchNorm follows), BatchNorm, ReLU."""
@@ -106,6 +108,15 @@ def parse_stages(spec: str) -> tuple[list[list[int]], Readout]:
         if last in ("flat", "flat0", "cat0"):
             readout = Readout(parts.pop())
     return [[int(c) for c in stage.split(",")] for stage in parts], readout
+
+
+def check_stages(spec: str) -> None:
+    """A one-line error unless `spec` parses as a stage spec (`parse_stages`)."""
+    try:
+        parse_stages(spec)
+    except ValueError:
+        raise FastclrError(f"cnn_stages {spec!r} is not a stage spec; write e.g. 32|256|fc512 "
+                           "(conv widths, '|' between stages, then fcN, sfcN, attnN, flat0, flat or cat0)") from None
 
 
 class SmallCNN(nn.Module):
