@@ -83,6 +83,10 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     if args.config:
         base.update(read_toml(args.config))
     flags = _overrides(args)
+    if "data.name" in flags:  # as pretraining records it
+        from fastclr.data import absolute_name
+
+        flags["data.name"] = absolute_name(str(flags["data.name"]))
     base.update(_epochs_mean_epochs(flags))
     if "data.name" in flags and "data.preset" not in flags and flags["data.name"] != base.get("data.name"):
         # Another dataset on resume (refused unless --allow-config-change): the run keeps its recipe,
@@ -170,6 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None)
     config_text = (Path(args.run_dir) / "config.toml").read_text()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
     check = _check_images(run) if args.format == "onnx" else None
     for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out), check):
         print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"

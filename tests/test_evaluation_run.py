@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from eval_fixtures import one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
 from fastclr.cli import main
@@ -197,7 +198,7 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
         ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
         ([str(run_dir), "--steps", "0"], "--steps must be at least 1"),
         ([str(run_dir), "--knn-tau", "0"], "--knn-tau must be a finite number above 0, got 0.0"),
-        ([str(run_dir), "--lr", "0"], "--lr must be above 0, got 0.0"),  # it trained nothing, silently
+        ([str(run_dir), "--lr", "0"], "--lr must be a finite number above 0, got 0.0"),  # it trained nothing, silently
     ]
     for args, message in cases:
         assert main(["evaluate", *args, "--device", "cpu", "--quiet"]) == 2
@@ -213,3 +214,7 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     assert "Label efficiency" in (run_dir / "report.html").read_text()
     assert main(["report", str(tmp_path / "empty"), "--device", "cpu"]) == 2
     assert "has no encoder.safetensors and no checkpoint yet" in capsys.readouterr().err
+    # export into a folder that does not exist yet: made, as embed and finetune make theirs
+    assert main(["export", str(run_dir), "--format", "fastclr", "--out", str(tmp_path / "new" / "enc.safetensors")]) == 0
+    made, own = load_file(str(tmp_path / "new" / "enc.safetensors")), load_file(str(run_dir / "encoder.safetensors"))
+    assert made.keys() == own.keys() and all(torch.equal(made[k], own[k]) for k in own)

@@ -15,6 +15,7 @@ from fastclr.cli import main
 from fastclr.config import Config, apply_overrides
 from fastclr.data import load_builtin
 from fastclr.data.store import read_store
+from fastclr.errors import FastclrError
 from fastclr.export import save_encoder
 from fastclr.ingest import DecodeOptions, prepare_store
 from fastclr.ingest.embed import embed, match_channels
@@ -109,6 +110,29 @@ def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path
     assert [(r["path"], r["reason"]) for r in rows] == [("garbage.png", "corrupt")]
     assert any(f"(listed in {listed})" in line for line in lines), lines
     assert len(read_index(index)) == len(read_store(store).paths)  # every other image embedded
+    # The file fixed and the same command again: the list goes, as it no longer describes the pair.
+    shutil.copy(folder / "class0" / "img000.png", folder / "garbage.png")
+    npy, index = embed(run, str(folder), tmp_path / "out" / "e.npy", CPU, log=lines.append)
+    assert not listed.exists() and "garbage.png" in [r["path"] for r in read_index(index)]
+
+
+def test_a_folder_is_embedded_as_the_runs_store_was_prepared(tmp_path: Path) -> None:
+    """A run trained on a store prepared with --fit pad: its folder embeddings pad too (a folder
+    was always centre-cropped), so they equal the store's rows' features."""
+    folder = tmp_path / "wide"
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        (folder / "c").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 44, 3), dtype=np.uint8)).save(folder / "c" / f"{i}.png")
+    store = prepare_store(folder, tmp_path / "store", DecodeOptions(28, fit="pad"), workers=1, **QUIET).store
+    run = make_run(tmp_path / "run")
+    write_config(run.run_dir, apply_overrides(Config(), {"train.channels_last": False, "data.name": str(store)}))
+    run = load_run(run.run_dir, precision="fp32")
+    a = embed(run, str(folder), tmp_path / "folder.npy", CPU, log=lambda s: None)
+    b = embed(run, str(store), tmp_path / "store.npy", CPU, log=lambda s: None)
+    assert np.array_equal(np.load(a[0]), np.load(b[0]))
+    with pytest.raises(FastclrError, match="--batch-size must be at least 1, got 0"):
+        embed(run, str(store), tmp_path / "zero.npy", CPU, batch_size=0, log=lambda s: None)
 
 
 def test_builtin_embeddings_cover_train_then_test(data_root: Path, bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -157,6 +181,20 @@ def test_cosine_topk_against_a_brute_force_loop() -> None:
     np.testing.assert_allclose(got[0].numpy(), [sims[i] for i in idx[0].tolist()], rtol=1e-12)
     tied = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])  # rows 0, 2, 3: the same direction
     assert cosine_topk(tied, torch.tensor([[1.0, 0.0]]), 3)[1].tolist() == [[0, 2, 3]]  # ties in row order
+
+
+@pytest.mark.parametrize("n, d", [(42, 12544), (1001, 512), (1001, 16)])
+def test_bitwise_identical_rows_are_equally_similar_wherever_they_sit(n: int, d: int) -> None:
+    """One image stored four times (rows 4, 7 and the last two, which a matrix-vector kernel
+    computes in its tail block): the four come first for any query, with one similarity, in row order."""
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(n, d, generator=g)
+    copies = [4, 7, n - 2, n - 1]
+    bank[copies] = bank[7].clone()
+    query = bank[7][None] + 0.3 * torch.randn(1, d, generator=g)  # nearest to the copies, but not on them
+    for queries in (query, torch.cat([query, torch.randn(5, d, generator=g)])):
+        sims, rows = cosine_topk(bank, queries, 4)
+        assert rows[0].tolist() == copies and len(set(sims[0].tolist())) == 1
 
 
 def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

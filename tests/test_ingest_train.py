@@ -16,6 +16,7 @@ from fastclr.data import load_builtin, load_data, open_store
 from fastclr.data.loader import ImageSource
 from fastclr.errors import FastclrError
 from fastclr.ingest import DecodeOptions, prepare_store
+from fastclr.pretrained import load_run
 from fastclr.pretraining.loop import pretrain
 from ingest_fixtures import bar_images
 from tiny import tiny_config
@@ -73,16 +74,20 @@ def test_pretrain_from_a_prepared_labelled_folder(tmp_path: Path) -> None:
     assert any("knn_acc" in r for r in records) and res.probe_accuracy is not None
 
 
-def test_pretrain_from_an_unlabeled_store_skips_the_probe(tmp_path: Path) -> None:
+def test_pretrain_from_an_unlabeled_store_skips_the_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bar_images(tmp_path / "bars", n_per_class=16, size=32, labelled=False)
     store = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
     res = pretrain(tiny(tmp_path / "run", str(store), eval__probe=True, eval__monitor_every=1), **QUIET)
     assert res.steps == 2 and res.probe_accuracy is None and not (tmp_path / "run" / "probe.json").exists()
-    # The same through the command line: `fastclr pretrain --data STORE`.
-    args = ["pretrain", "--data", str(store), "--epochs", "1", "--run-dir", str(tmp_path / "cli"), "--batch-size", "16",
+    # The same through the command line: `fastclr pretrain --data STORE`, the store given relative
+    # to the current directory: the run records it absolute, and finds it again from anywhere.
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", "--data", "store", "--epochs", "1", "--run-dir", str(tmp_path / "cli"), "--batch-size", "16",
             "--width", "0.125", "--head-hidden", "32", "--proj-dim", "16", "--quiet", "--blur-p", "0"]
     assert main(args) == 0 and (tmp_path / "cli" / "encoder.safetensors").exists()
-    assert f'name = "{store}"' in (tmp_path / "cli" / "config.toml").read_text()
+    assert f'name = "{store.resolve()}"' in (tmp_path / "cli" / "config.toml").read_text()
+    monkeypatch.chdir(tmp_path / "bars")
+    assert len(load_data(load_run(tmp_path / "cli").config.data).pretrain) == 32
 
 
 def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:

@@ -102,6 +102,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
 def test_report_without_evaluation_says_what_to_run(run: tuple[Path, Dataset], tmp_path: Path) -> None:
     run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    # --out in a folder that does not exist yet: made, as embed makes its --out's folder
+    elsewhere = build_report(run_dir, out=tmp_path / "new" / "r.html", device="cpu", map_method="pca", dataset=run[1])
+    assert elsewhere.read_text() == html
     for sid in SECTIONS:
         assert f'<section id="{sid}"' in html
     assert f"No evaluation yet: run <code>fastclr evaluate {run_dir}</code>" in html

@@ -9,7 +9,13 @@ from fastclr.config import DataConfig
 from fastclr.data.datasets import REGISTRY, Dataset, ImageSet, load_builtin
 from fastclr.data.store import open_store
 
-__all__ = ["REGISTRY", "Dataset", "ImageSet", "load_builtin", "load_data", "open_store"]
+__all__ = ["REGISTRY", "Dataset", "ImageSet", "absolute_name", "load_builtin", "load_data", "open_store"]
+
+
+def absolute_name(name: str) -> str:
+    """A built-in name as it is, a store path made absolute: a run records its data so that every
+    later command (finetune, report, export's check) finds the same store from any directory."""
+    return name if name in REGISTRY else str(Path(name).expanduser().resolve())
 
 
 def load_data(cfg: DataConfig) -> Dataset:

@@ -44,35 +44,38 @@ def cosine_topk(
     nearest-neighbour positives in pretraining).
 
     Similarities are computed in the inputs' dtype (float32 at least). For each chunk of queries
-    they are one (q, D) x (D, N) product: the cost of kNN on wide h (10k x 60k x 12544 for a
-    12544-d readout: 89 s in fp32 on 2 cores). Where bf16 is native (`precision` bf16) and
-    `shortlist` > 0, that product runs in bf16 only to shortlist the `shortlist * k` most similar
-    rows; their similarities are then recomputed exactly and the k nearest taken from those, so
-    results differ from the exact search only if a true neighbour falls outside the shortlist (on
-    12544-d Fashion-MNIST features all 10k test predictions were equal with shortlist 2: 37 s
-    against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the exact product is used.
+    one (q, D) x (D, N) product shortlists the `shortlist * k` (at least 2k) most similar rows;
+    their similarities are then recomputed row by row, each the same reduction over D, and the k
+    nearest taken from those. The product alone gives bitwise-identical rows different values by
+    their position in the matrix kernel's blocks (a store holding an image twice returned the copies
+    out of row order). The product is the cost of kNN on wide h (10k x 60k x 12544 for a 12544-d
+    readout: 89 s in fp32 on 2 cores); where bf16 is native (`precision` bf16) and `shortlist` > 0
+    it runs in bf16, so results differ from the exact search only if a true neighbour falls outside
+    the shortlist (on 12544-d Fashion-MNIST features all 10k test predictions were equal with
+    shortlist 2: 37 s against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the product
+    is fp32.
     exclude: (Q,) a bank row each query must not return (itself, when queries come from the bank).
     """
     dtype = torch.promote_types(bank.dtype, torch.float32)
     unit_bank = F.normalize(bank.to(dtype), dim=1)
     n = unit_bank.shape[0]
     k = min(k, n)
-    m = min(shortlist * k, n) if precision.name == "bf16" and shortlist > 0 else 0
-    bank16 = unit_bank.to(torch.bfloat16) if m else None
+    m = min(max(shortlist, 2) * k, n)
+    bank16 = unit_bank.to(torch.bfloat16) if precision.name == "bf16" and shortlist > 0 else None
+    everything = torch.arange(n, device=unit_bank.device)[None]
     sims, rows = [], []
     for start in range(0, queries.shape[0], chunk):
         q = F.normalize(queries[start : start + chunk].to(dtype), dim=1)  # (q, D)
-        if bank16 is not None:
-            cand = topk_columns(q.to(torch.bfloat16) @ bank16.T, m)  # (q, m) shortlisted rows, ascending
-            sim = torch.bmm(unit_bank[cand], q[:, :, None])[:, :, 0]  # (q, m) exact similarities
-        else:
-            cand = None
-            sim = q @ unit_bank.T  # (q, N)
-        if exclude is not None:
-            own = exclude[start : start + chunk].to(sim.device)[:, None]
-            sim = sim.masked_fill((cand if cand is not None else torch.arange(n, device=sim.device)[None]) == own, -2.0)
+        rough = q.to(torch.bfloat16) @ bank16.T if bank16 is not None else q @ unit_bank.T  # (q, N)
+        own = exclude[start : start + chunk].to(q.device)[:, None] if exclude is not None else None
+        if own is not None:
+            rough = rough.masked_fill(everything == own, -2.0)
+        cand = topk_columns(rough, m)  # (q, m) shortlisted rows, ascending
+        sim = (unit_bank[cand] * q[:, None, :]).sum(-1)  # (q, m): the same sum for every row
+        if own is not None:
+            sim = sim.masked_fill(cand == own, -2.0)
         pos = topk_columns(sim, k)  # (q, k) columns of `sim`, ascending, so rows ascending too
-        row, val = (cand.gather(1, pos) if cand is not None else pos), sim.gather(1, pos)
+        row, val = cand.gather(1, pos), sim.gather(1, pos)
         by_value = val.sort(dim=1, descending=True, stable=True).indices  # equal similarities stay in row order
         sims.append(val.gather(1, by_value))
         rows.append(row.gather(1, by_value))

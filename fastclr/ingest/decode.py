@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
+from fastclr.data.store import Store
+
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _INT_GRAY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ORIENTATION = 0x0112
@@ -67,6 +69,14 @@ class DecodeOptions:
     channels: str = "auto"
     """auto: 1 if every image in the store is grayscale, else 3; 1: luma; 3: RGB."""
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def store_decoding(store: Store, size: int, channels: int) -> DecodeOptions:
+    """How a new image must be decoded to match `store`'s rows at `size` and `channels`: the fit
+    and pixel limit the store was prepared with (a query, or a folder embedded for its run)."""
+    opts = store.meta.get("options", {})
+    return DecodeOptions(size, str(opts.get("fit", "crop")), "1" if channels == 1 else "3",
+                         int(opts.get("max_pixels", DEFAULT_MAX_PIXELS)))
 
 
 class Unusable(Exception):

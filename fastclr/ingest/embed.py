@@ -23,11 +23,11 @@ import torch
 
 from fastclr.files import atomic_write_all, npy_writer
 from fastclr.data.datasets import REGISTRY, load_builtin
-from fastclr.data.store import SPLITS, is_store, read_store
+from fastclr.data.store import SKIPPED, SPLITS, is_store, read_store
 from fastclr.augment import LUMA
 from fastclr.errors import FastclrError
 from fastclr.ingest.builtin import block_rows, builtin_blocks
-from fastclr.ingest.decode import DecodeOptions
+from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
 from fastclr.pretrained import LoadedRun
 from fastclr.evaluation.features import features_of
@@ -44,6 +44,8 @@ class Source:
 
     blocks: list[np.ndarray]
     rows: list[dict[str, object]]
+    skipped_csv: bytes | None = None
+    """A folder's list of the files it could not use (None: nothing skipped, or not a folder)."""
 
 
 def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
@@ -74,11 +76,11 @@ def _store_source(path: Path, split: str) -> Source:
 
 
 @contextlib.contextmanager
-def open_source(data: str, split: str, size: int, channels: int, workers: int = 0, root: str | None = None,
+def open_source(data: str, split: str, decode: DecodeOptions, workers: int = 0, root: str | None = None,
                 log: Callable[[str], None] = print, skipped_list: Path | None = None) -> Iterator[Source]:
-    """The images `data` names: a built-in dataset, a store, or a folder (decoded to a temporary
-    store of `size` and `channels`, removed afterwards, its list of skipped files kept as
-    `skipped_list` when given). `split` is all, unlabeled, train or test."""
+    """The images `data` names: a built-in dataset, a store, or a folder (decoded with `decode` to
+    a temporary store, removed afterwards; its list of skipped files comes with the source, and the
+    log names `skipped_list` as the place the caller keeps it). `split` is all, unlabeled, train or test."""
     if split not in ("all", *SPLITS):
         raise FastclrError(f"--split must be all, {', '.join(SPLITS)}; got {split!r}")
     path = Path(data)
@@ -90,9 +92,11 @@ def open_source(data: str, split: str, size: int, channels: int, workers: int = 
         yield _store_source(path, split)
     elif path.is_dir():
         with tempfile.TemporaryDirectory(prefix="fastclr-embed-") as tmp:
-            prepare_store(path, Path(tmp) / "store", DecodeOptions(size, channels=str(channels)), workers=workers,
-                          log=log, skipped_list=skipped_list)
-            yield _store_source(Path(tmp) / "store", split)
+            store = Path(tmp) / "store"
+            result = prepare_store(path, store, decode, workers=workers, log=log, skipped_list=skipped_list)
+            source = _store_source(store, split)
+            source.skipped_csv = (store / SKIPPED).read_bytes() if result.skipped else None
+            yield source
     else:
         raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of images")
 
@@ -117,26 +121,56 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     return npy, npy.with_suffix(".csv")
 
 
-def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, object]]) -> tuple[Path, Path]:
-    """Write FILE.npy (features) and FILE.csv (index), both complete or neither (the old pair kept)."""
+def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, object]],
+                     skipped_csv: bytes | None = None) -> tuple[Path, Path]:
+    """Write FILE.npy (features), FILE.csv (index) and a folder's FILE.skipped.csv, all complete or
+    none (the old ones kept). Without skipped files, a FILE.skipped.csv left by an earlier
+    embedding into FILE is removed once the new pair is in place: it no longer describes them."""
     npy, index = output_paths(out)
+    listed = npy.with_suffix(".skipped.csv")
     text = io.StringIO()
     w = csv.writer(text)
     w.writerow(INDEX_COLUMNS)
     for i, r in enumerate(rows):
         w.writerow([i, *(r[k] for k in INDEX_COLUMNS[1:])])
-    atomic_write_all([(npy, npy_writer(features.astype(np.float32, copy=False))),
-                      (index, lambda f: f.write(text.getvalue().encode()))])
+    files = [(npy, npy_writer(features.astype(np.float32, copy=False))),
+             (index, lambda f: f.write(text.getvalue().encode()))]
+    if skipped_csv is not None:
+        files.append((listed, lambda f: f.write(skipped_csv)))
+    atomic_write_all(files)
+    if skipped_csv is None:
+        listed.unlink(missing_ok=True)
     return npy, index
+
+
+def folder_decoding(run: LoadedRun, log: Callable[[str], None] = print) -> DecodeOptions:
+    """How a folder is decoded for `run`: as the store it trained on was prepared (fit, pixel
+    limit), at the encoder's size and channels; a run on a built-in dataset, or whose store is gone,
+    gets `prepare`'s defaults."""
+    size, c = run.spec.image_size, run.spec.in_channels
+    name = run.config.data.name
+    if name in REGISTRY:
+        return DecodeOptions(size, channels=str(c))
+    if not is_store(Path(name)):
+        log(f"note: the run's store {name} is not there; decoding the folder as `fastclr prepare` does by default "
+            "(--fit crop)")
+        return DecodeOptions(size, channels=str(c))
+    return store_decoding(read_store(Path(name)), size, c)
 
 
 def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str = "all", batch_size: int = 256,
           workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
-    """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv)."""
+    """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv).
+    A folder's unusable files are listed in FILE.skipped.csv, written with the pair; a list left
+    by an earlier embedding into the same FILE is removed when nothing is skipped now."""
+    if batch_size < 1:
+        raise FastclrError(f"--batch-size must be at least 1, got {batch_size}")
     c = run.spec.in_channels
     npy, _ = output_paths(out)
-    with open_source(data, split, run.spec.image_size, c, workers, run.config.data.root or None, log,
-                     skipped_list=npy.with_suffix(".skipped.csv")) as src:
+    skipped = npy.with_suffix(".skipped.csv")
+    decode = folder_decoding(run, log) if Path(data).is_dir() and not is_store(Path(data)) and data not in REGISTRY \
+        else DecodeOptions(run.spec.image_size, channels=str(c))
+    with open_source(data, split, decode, workers, run.config.data.root or None, log, skipped_list=skipped) as src:
         if not src.rows:
             raise FastclrError(f"--split {split}: {data} has no images there; choose another --split (all, "
                                f"{', '.join(SPLITS)})")
@@ -146,7 +180,7 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
                 + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
         feats = [embed_images(run, b, device, batch_size) for b in src.blocks]
         features = np.concatenate(feats) if feats else np.zeros((0, run.spec.feature_dim), np.float32)
-        paths = write_embeddings(out, features, src.rows)
+        paths = write_embeddings(out, features, src.rows, src.skipped_csv)
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")
     return paths
 

@@ -20,7 +20,7 @@ from fastclr.data.datasets import REGISTRY
 from fastclr.data.store import META, Store, read_store
 from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk
-from fastclr.ingest.decode import DEFAULT_MAX_PIXELS, DecodeOptions, process_file
+from fastclr.ingest.decode import process_file, store_decoding
 from fastclr.ingest.embed import embed_images, match_channels
 from fastclr.pretrained import LoadedRun
 from fastclr.evaluation.features import state_checksum
@@ -34,8 +34,7 @@ def decode_query(path: Path, store: Store) -> np.ndarray:
     if not path.is_file():
         raise FastclrError(f"--query {path}: no such image file")
     _, s, _, c = store.images.shape
-    opts = store.meta.get("options", {})
-    dec = DecodeOptions(s, opts.get("fit", "crop"), "1" if c == 1 else "3", int(opts.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    dec = store_decoding(store, s, c)
     o = process_file(path, path.name, dec)
     if o.image is None:
         raise FastclrError(f"--query {path} cannot be used: {o.reason} ({o.detail})")

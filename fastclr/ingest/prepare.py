@@ -35,7 +35,7 @@ import numpy as np
 from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, check_output_dir, is_store, read_csv,
                                 read_store)
 from fastclr.errors import FastclrError
-from fastclr.files import atomic_write, is_write_error, write_failure_reason
+from fastclr.files import is_write_error, write_failure_reason
 from fastclr.ingest.decode import (PIPELINE_VERSION, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
@@ -215,7 +215,7 @@ class PrepareResult:
     reused: int
     seconds: float
     skipped_list: Path | None = None
-    """Where the skipped files are listed: the store's skipped.csv, or a copy the caller keeps."""
+    """Where the skipped files are listed: the store's skipped.csv, or the copy the caller keeps."""
 
 
 def check_options(opts: DecodeOptions, labels: str = "auto") -> None:
@@ -244,9 +244,9 @@ def prepare_store(
     log: Callable[[str], None] = print,
     skipped_list: Path | None = None,
 ) -> PrepareResult:
-    """Decode every image below `folder` into the store `out` (created, or updated in place);
-    the list of skipped files is also copied to `skipped_list` when given (a temporary store's
-    own list goes with it)."""
+    """Decode every image below `folder` into the store `out` (created, or updated in place),
+    the skipped files listed in its skipped.csv. `skipped_list`: where the caller keeps a copy of
+    that list (a temporary store's own goes with it), named in the summary instead."""
     t_start = time.perf_counter()
     root, out = Path(folder), Path(out)
     check_options(opts, labels)
@@ -318,11 +318,7 @@ def prepare_store(
     except BaseException:
         writer.abort()
         raise
-    listed_in = out / SKIPPED
-    if skipped_list is not None and skipped:
-        listed = listed_in.read_bytes()
-        atomic_write(skipped_list, lambda f: f.write(listed))
-        listed_in = skipped_list
+    listed_in = skipped_list if skipped_list is not None and skipped else out / SKIPPED
     result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start, listed_in)
     log(summary(result, lay, writer.channels))
     return result

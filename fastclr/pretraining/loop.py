@@ -24,7 +24,7 @@ from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries
 from fastclr.config import Config
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
-from fastclr.data import Dataset, load_data
+from fastclr.data import Dataset, absolute_name, load_data
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
@@ -211,6 +211,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     started = clock()
     validate_settings(cfg)  # a config built in Python has not been through apply_overrides
     check_preset(cfg)
+    if resume is None:  # a resumed run keeps the name it recorded (a change of it needs --allow-config-change)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name)))
     state = None
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.

@@ -259,6 +259,7 @@ def build_report(
     subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)  # an --out in a new folder, as embed's
     write_text(path, page(f"fastclr report: {run_dir.name}", subtitle, sections, data=interactive.page_data(data),
                           script=interactive.script()))
     return path
