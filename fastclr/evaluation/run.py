@@ -7,7 +7,6 @@ copies. A checksum of the encoder is taken before and after: nothing here may ch
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
-from fastclr.runs import write_json
+from fastclr.runs import read_json, write_json
 from fastclr.tracking import numbers, read_ids, tracked
 from fastclr.tracking import require as require_trackers
 from fastclr.runtime import select_device
@@ -277,8 +276,7 @@ def evaluate(
                         "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
     write_json(run_dir / EVAL_FILE, out)
-    probe = run_dir / "probe.json"
-    step = int(json.loads(probe.read_text()).get("steps", 0)) if probe.exists() else 0
+    step = _pretrained_steps(run_dir)
     with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=log) as sinks:
         for t in sinks:
             t.results(numbers({"protocols": results, "lift": out["lift"]}, "eval/"), step)
@@ -286,8 +284,18 @@ def evaluate(
     return out
 
 
+def _pretrained_steps(run_dir: Path) -> int:
+    """The step trackers file the evaluation under: pretraining's last, from probe.json (0 when it
+    is missing or damaged: the results are written already, and this only places them)."""
+    try:
+        steps = read_json(run_dir / "probe.json", "").get("steps", 0)
+    except (FastclrError, OSError):
+        return 0
+    return steps if isinstance(steps, int) else 0
+
+
 def read_eval(run_dir: Path) -> dict[str, Any] | None:
     """A run's eval.json, or None when it has not been evaluated."""
     path = run_dir / EVAL_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path, f"run fastclr evaluate {run_dir} again, which replaces it") if path.exists() else None
 

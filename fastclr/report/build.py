@@ -22,8 +22,10 @@ import torch
 
 from fastclr.data import Dataset, ImageSet, load_data
 from fastclr.files import write_text
+from fastclr.runs import read_json
 from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
 from fastclr.evaluation.knn import cosine_topk
+from fastclr.evaluation.reference import small_lift
 from fastclr.evaluation.run import read_eval, require_encoder
 from fastclr.evaluation.table import format_table
 from fastclr.pretrained import LoadedRun, load_run, trained_head
@@ -173,11 +175,12 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     tools = ('<div id="map-tools" hidden><p id="map-visible" class="note"></p><div class="map-panels">'
              '<div id="map-hover" class="panel">Hover a point to see its image.</div>'
              '<div id="map-neighbours" class="panel">Click a point for its nearest neighbours in h.</div></div></div>')
-    out = [section("map", "Embedding map", figures.embedding_map(xy, labels, classes, method) + tools, "svg",
+    legend = ", click a class in the legend to hide or show it" if labels is not None else ""
+    out = [section("map", "Embedding map", figures.embedding_map(xy, labels, classes, method, which) + tools, "svg",
                    f"{len(midx)} {which} images (evenly spaced), features h mapped to 2-D by {method.upper()}"
                    f"{', coloured by class' if labels is not None else ''}. With scripts on: hover a point for its "
                    f"image, click it for its {near.shape[1]} nearest neighbours in h among these images (what "
-                   "<code>fastclr neighbours</code> returns for it), click a class in the legend to hide or show it.")]
+                   f"<code>fastclr neighbours</code> returns for it){legend}.")]
     bidx = evenly_spaced(len(bank_split), BANK_LIMIT)
     bank = _features(run, bank_split.images[bidx], device)
     qidx = pick_queries(test, QUERIES)
@@ -193,18 +196,36 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
         if q_labels is not None and n_labels is not None else ""
     out.append(section("retrievals", "Nearest-neighbour retrievals",
                        figures.retrievals(test.images[qidx], q_labels, neighbours, n_labels), "img",
-                       f"Left: a {which} image (grey frame); then its {NEIGHBOURS} most cosine-similar training images "
-                       f"among {len(bidx)} (green frame: same class, red: another).{agree}"))
+                       f"Left: a {which} image (grey frame); then its {NEIGHBOURS} most cosine-similar "
+                       f"{'training' if bank_split is dataset.train else which} images among {len(bidx)}"
+                       f"{' (green frame: same class, red: another)' if agree else ''}.{agree}"))
     return out
+
+
+def probe_summary(record: dict[str, Any]) -> str:
+    """The end-of-pretraining probe (probe.json) in one sentence, beside the same network untrained
+    and its lift (flagged when small), as `pretrain` printed it; fields it lacks are left out."""
+    def number(key: str) -> float | None:
+        v = record.get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    acc, ref, steps, seconds = number("accuracy"), number("random_init_accuracy"), number("steps"), number("train_seconds")
+    if acc is None:
+        return ""
+    line = f"Linear probe at the end of pretraining: {100 * acc:.2f}%"
+    line += f" after {steps:.0f} steps" if steps is not None else ""
+    line += f" ({seconds:.0f} s of training)" if seconds is not None else ""
+    if ref is not None:
+        lift = acc - ref
+        line += f"; the same network untrained: {100 * ref:.2f}%, lift {100 * lift:+.2f} points"
+        line += "; SMALL: most of it is the architecture's" if small_lift(lift) else ""
+    return line + "."
 
 
 def _results_sections(ev: dict[str, Any] | None, run_dir: Path, encoder_sha256: str) -> list[str]:
     probe = run_dir / "probe.json"
-    probe_line = ""
-    if probe.exists():
-        p = json.loads(probe.read_text())
-        probe_line = (f"Linear probe at the end of pretraining: {100 * p['accuracy']:.2f}% after {p.get('steps', '?')} "
-                      f"steps ({p.get('train_seconds', 0):.0f} s of training).")
+    fix = f"delete it (fastclr evaluate {run_dir} measures the linear probe again)"
+    probe_line = probe_summary(read_json(probe, fix)) if probe.exists() else ""
     if ev is None:
         hint = note(f"No evaluation yet: run <code>fastclr evaluate {escape(str(run_dir))}</code>, then "
                     f"<code>fastclr report {escape(str(run_dir))}</code> again, to add the label-efficiency curve "

@@ -15,10 +15,12 @@ import torch
 
 
 def pca(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """Projection of the centred rows of x (N, D) on their top `dims` principal axes: (N, dims)."""
+    """Projection of the centred rows of x (N, D) on their top `dims` principal axes: (N, dims),
+    zeros where fewer rows or columns than `dims` have fewer axes."""
     xc = x.double() - x.double().mean(0)
     _, _, v = torch.linalg.svd(xc, full_matrices=False)
-    return xc @ v[:dims].T
+    out = xc @ v[:dims].T
+    return torch.cat([out, out.new_zeros(len(out), dims - out.shape[1])], 1)
 
 
 def squared_distances(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +55,12 @@ def affinities(d2: torch.Tensor, perplexity: float, steps: int = 64) -> torch.Te
 def tsne(x: torch.Tensor, perplexity: float = 30.0, iters: int = 600, seed: int = 0) -> torch.Tensor:
     """A 2-D t-SNE map (N, 2) of the rows of x (N, D), deterministic for a seed."""
     n = x.shape[0]
+    if n < 2:
+        return torch.zeros(n, 2)
     x = pca(x, min(50, x.shape[1], n)).float()  # the usual 50-d PCA first: denoises and speeds up distances
     d2 = squared_distances(x)
+    if not (d2 > 0).any():  # every row the same (a collapsed encoder, identical images): one spot, honestly
+        return torch.zeros(n, 2)
     d2 = d2 / d2[d2 > 0].median()  # scale-free: the bisection range holds whatever the feature scale
     p = affinities(d2, min(perplexity, (n - 1) / 3))
     p = ((p + p.T) / (2 * n)).clamp(min=1e-12)

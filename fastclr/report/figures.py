@@ -80,9 +80,10 @@ def similarity_heatmap(h: torch.Tensor, cell: int = 12) -> tuple[str, dict[str, 
     return img_tag(rgb, "cosine similarity of view pairs"), stats
 
 
-def embedding_map(xy: np.ndarray, labels: np.ndarray | None, classes: list[str], method: str) -> str:
-    """The 2-D map of test embeddings, coloured by class when labels exist."""
-    return scatter_chart(xy, labels, classes, f"Test embeddings h, {method.upper()} map")
+def embedding_map(xy: np.ndarray, labels: np.ndarray | None, classes: list[str], method: str,
+                  split: str = "test") -> str:
+    """The 2-D map of the `split` images' embeddings, coloured by class when labels exist."""
+    return scatter_chart(xy, labels, classes, f"{split.capitalize()} embeddings h, {method.upper()} map")
 
 
 def retrievals(queries: np.ndarray, q_labels: np.ndarray | None, neighbours: np.ndarray,

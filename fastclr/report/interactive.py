@@ -138,6 +138,8 @@ def map_neighbours(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     first. cosine_topk is the search `fastclr neighbours` runs; the point itself is left out."""
     n = h.shape[0]
     k = min(MAP_NEIGHBOURS, n - 1)
+    if k < 1:  # a single point has no other
+        return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     sims, rows = cosine_topk(h, h, k, exclude=torch.arange(n))
     return rows.numpy(), sims.numpy()
 

@@ -6,7 +6,7 @@ Plain strings, no plotting library and no script: the charts render in any brows
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from html import escape
 
 import numpy as np
@@ -35,6 +35,17 @@ class Series:
     dashed: bool = False
     markers: bool = False
     line: bool = True
+
+
+def finite_points(s: Series) -> Series:
+    """`s` without the points where x, y or the band is NaN or infinite (from an edited or foreign
+    metrics.jsonl): one such value made every range, and so the whole chart, NaN."""
+    cols = [s.x, s.y] + [c for c in (s.lo, s.hi) if c is not None]
+    keep = [i for i in range(len(s.x)) if all(math.isfinite(c[i]) for c in cols)]
+    if len(keep) == len(s.x):
+        return s
+    pick = lambda c: None if c is None else [c[i] for i in keep]  # noqa: E731
+    return replace(s, x=pick(s.x) or [], y=pick(s.y) or [], lo=pick(s.lo), hi=pick(s.hi))
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -89,7 +100,9 @@ def _path(f: Frame, xs: list[float], ys: list[float]) -> str:
 def line_chart(series: list[Series], title: str, x_label: str, y_label: str, width: int = 460, height: int = 280,
                log_x: bool = False, x_ticks: list[float] | None = None,
                y_range: tuple[float, float] | None = None) -> str:
-    """An SVG line chart with axes, ticks, grid, legend and optional shaded bands."""
+    """An SVG line chart with axes, ticks, grid, legend and optional shaded bands (points that are
+    not finite left out)."""
+    series = [finite_points(s) for s in series]
     xs = [x for s in series for x in s.x]
     ys = [y for s in series for y in (s.y + (s.lo or []) + (s.hi or []))]
     if not xs:
