@@ -83,10 +83,6 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     if args.config:
         base.update(read_toml(args.config))
     flags = _overrides(args)
-    if "data.name" in flags:  # as pretraining records it
-        from fastclr.data import absolute_name
-
-        flags["data.name"] = absolute_name(str(flags["data.name"]))
     base.update(_epochs_mean_epochs(flags))
     if "data.name" in flags and "data.preset" not in flags and flags["data.name"] != base.get("data.name"):
         # Another dataset on resume (refused unless --allow-config-change): the run keeps its recipe,
@@ -105,7 +101,7 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
     if args.resume == "auto":
         # `--resume auto RUN_DIR`: continue RUN_DIR if it holds a checkpoint, else start it fresh.
         flag = _overrides(args).get("train.run_dir")
-        if args.run_dir and flag and Path(flag) != Path(args.run_dir):
+        if args.run_dir and flag and Path(flag).resolve() != Path(args.run_dir).resolve():
             raise FastclrError(f"two run directories given ({args.run_dir} and --run-dir {flag}); give one")
         target_name = args.run_dir or flag
         if not target_name:
@@ -120,12 +116,12 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
         if args.run_dir:
             raise FastclrError("give either --resume RUN_DIR or --resume auto RUN_DIR, not both a directory and a positional")
         flag = _overrides(args).get("train.run_dir")
-        if flag and Path(flag) != resume:
+        if flag and Path(flag).resolve() != resume.resolve():
             raise FastclrError(f"two run directories given (--resume {resume} and --run-dir {flag}); a resumed run "
                                "continues in its own directory: drop --run-dir")
     elif args.run_dir:  # `fastclr pretrain RUN_DIR`: a new run in RUN_DIR
         given = _overrides(args).get("train.run_dir")
-        if given and Path(given) != Path(args.run_dir):
+        if given and Path(given).resolve() != Path(args.run_dir).resolve():
             raise FastclrError(f"two run directories given ({args.run_dir} and --run-dir {given}); give one")
         args.__dict__["cfg:train.run_dir"] = args.run_dir
     return resume, resolve_config(args) if resume is None else resume_config(resume, args)

@@ -70,6 +70,9 @@ def one_of(*choices: str) -> dict[str, Allowed]:
 
 PROBABILITY = between(0, 1)
 
+SEED_MAX = 2**64 - 1
+"""The largest seed: what torch's generators take (`manual_seed`)."""
+
 
 
 @dataclass
@@ -204,7 +207,7 @@ class TrainConfig:
     compile: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """torch.compile of model, loss and augmentation: auto (on for CUDA, off on CPU, where the
     compiled step measured slower), on or off."""
-    seed: int = field(default=0, metadata=between(0, 2**32 - 1))
+    seed: int = field(default=0, metadata=between(0, SEED_MAX))
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     time_budget: float = field(default=9.5, metadata=at_least(0))

@@ -205,6 +205,8 @@ def test_resume_continues_in_its_own_directory_and_refuses_another(tmp_path: Pat
     resume, cfg = pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(moved)]))
     assert resume == moved and cfg.train.run_dir == str(moved)
     assert pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(moved), "--run-dir", str(moved)]))[0] == moved
+    same = str(moved.parent / "x" / ".." / moved.name)  # the same directory, spelled another way
+    assert pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(moved), "--run-dir", same]))[0] == moved
 
 
 def test_epochs_given_as_a_flag_replace_a_saved_time_budget(tmp_path: Path) -> None:
@@ -240,16 +242,22 @@ def test_resume_on_another_dataset_is_refused_unless_allowed_and_then_passes_the
 
 
 def test_seeds_stop_where_the_generators_do_and_stage_specs_are_checked_with_the_settings() -> None:
-    """train.seed goes into torch's 64-bit generator seed multiplied (the data order): a seed past
-    2**32 - 1 is refused with the settings, and the largest one draws an epoch. A bad stage spec is
-    refused there too, before any data is read or run directory made."""
+    """train.seed is any seed torch's generators take (up to 2**64 - 1), refused past it with the
+    settings; the data order multiplies it, past 2**64, and still draws an epoch (it overflowed
+    after the run directory was made), the same one as before for seeds that did not overflow. A
+    bad stage spec is refused with the settings too, before any data is read or run directory made."""
     from fastclr.data.loader import epoch_permutation
     import torch
 
-    with pytest.raises(FastclrError, match=r"train.seed = 4294967296 is not allowed: it must be in \[0, 4294967295\]"):
-        apply_overrides(Config(), {"train.seed": 2**32})
-    top = apply_overrides(Config(), {"train.seed": 2**32 - 1}).train.seed
-    assert sorted(epoch_permutation(10, 3, top, torch.device("cpu")).tolist()) == list(range(10))
+    with pytest.raises(FastclrError, match=r"train.seed = 18446744073709551616 is not allowed: it must be in "
+                                           r"\[0, 18446744073709551615\]"):
+        apply_overrides(Config(), {"train.seed": 2**64})
+    cpu = torch.device("cpu")
+    for seed in (2**64 - 1, 2**44 + 5, 2**32):
+        assert apply_overrides(Config(), {"train.seed": seed}).train.seed == seed
+        assert sorted(epoch_permutation(10, 3, seed, cpu).tolist()) == list(range(10))
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 3)
+    assert torch.equal(epoch_permutation(10, 3, 7, cpu), torch.randperm(10, generator=g))
     for spec in ("32|256|fc", "32|256|fc0", "32|x|fc512", ""):
         with pytest.raises(FastclrError, match="is not a stage spec"):
             apply_overrides(Config(), {"model.cnn_stages": spec})
@@ -258,7 +266,7 @@ def test_seeds_stop_where_the_generators_do_and_stage_specs_are_checked_with_the
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0,-1"], "--seeds takes seeds from 0"),
     (["--supervised-seeds", "-1"], "--supervised-seeds takes seeds from 0"),
-    (["--finetune-seeds", str(2**32)], "--finetune-seeds takes seeds from 0"),
+    (["--finetune-seeds", str(2**64)], "--finetune-seeds takes seeds from 0"),
     (["--lr", "inf"], "--lr must be a finite number above 0"),
     (["--knn-tau", "inf"], "--knn-tau must be a finite number above 0"),
 ])

@@ -94,7 +94,8 @@ def test_folder_embeddings_equal_those_of_its_store(bars, tmp_path: Path) -> Non
     assert np.array_equal(np.load(a[0]), np.load(b[0])) and read_index(a[1]) == read_index(b[1])
 
 
-def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedding a folder decodes it to a temporary store, removed afterwards: its list of skipped
     files is kept as FILE.skipped.csv, and the log names that file (it named the removed one)."""
     import shutil
@@ -110,6 +111,15 @@ def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path
     assert [(r["path"], r["reason"]) for r in rows] == [("garbage.png", "corrupt")]
     assert any(f"(listed in {listed})" in line for line in lines), lines
     assert len(read_index(index)) == len(read_store(store).paths)  # every other image embedded
+    # Embedding fails after the folder is decoded: the list the log names is there, the pair as it was.
+    before = np.load(npy)
+    (folder / "garbage.png").write_bytes(b"not an image, again")
+    with monkeypatch.context() as m:
+        m.setattr("fastclr.ingest.embed.embed_images", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        listed.unlink()
+        with pytest.raises(RuntimeError, match="boom"):
+            embed(run, str(folder), tmp_path / "out" / "e.npy", CPU, log=lines.append)
+    assert [r["path"] for r in read_index(listed)] == ["garbage.png"] and np.array_equal(np.load(npy), before)
     # The file fixed and the same command again: the list goes, as it no longer describes the pair.
     shutil.copy(folder / "class0" / "img000.png", folder / "garbage.png")
     npy, index = embed(run, str(folder), tmp_path / "out" / "e.npy", CPU, log=lines.append)
@@ -195,6 +205,10 @@ def test_bitwise_identical_rows_are_equally_similar_wherever_they_sit(n: int, d:
     for queries in (query, torch.cat([query, torch.randn(5, d, generator=g)])):
         sims, rows = cosine_topk(bank, queries, 4)
         assert rows[0].tolist() == copies and len(set(sims[0].tolist())) == 1
+    # every row the same (a collapsed encoder): many more copies than k, still the first rows
+    for k in (1, 5):
+        sims, rows = cosine_topk(bank[7].repeat(n, 1), query, k)
+        assert rows[0].tolist() == list(range(k)) and len(set(sims[0].tolist())) == 1
 
 
 def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

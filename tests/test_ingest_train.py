@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.cli import main
 from fastclr.config import Config, DataConfig
-from fastclr.data import load_builtin, load_data, open_store
+from fastclr.data import absolute_name, load_builtin, load_data, open_store
 from fastclr.data.loader import ImageSource
 from fastclr.errors import FastclrError
 from fastclr.ingest import DecodeOptions, prepare_store
@@ -88,6 +89,10 @@ def test_pretrain_from_an_unlabeled_store_skips_the_probe(tmp_path: Path, monkey
     assert f'name = "{store.resolve()}"' in (tmp_path / "cli" / "config.toml").read_text()
     monkeypatch.chdir(tmp_path / "bars")
     assert len(load_data(load_run(tmp_path / "cli").config.data).pretrain) == 32
+    # Resumed from where it started, naming the store as it did then (relative): the same store.
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--resume", str(tmp_path / "cli"), "--data", "store", "--epochs", "2", "--quiet"]) == 0
+    assert load_checkpoint(list_checkpoints(tmp_path / "cli")[-1])["step"] == 4  # 2 epochs of 2 steps
 
 
 def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:
@@ -96,3 +101,6 @@ def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(FastclrError, match="is not a store directory"):
         load_data(DataConfig(name=str(tmp_path / "missing")))
     assert load_data(DataConfig(name="mnist")).name == "mnist"
+    # what a run records: a store's path absolute, a name (built-in, or a typo of one) as it is
+    assert absolute_name("fashion-mnsit") == "fashion-mnsit" and absolute_name("mnist") == "mnist"
+    assert absolute_name("stores/x") == str(Path.cwd() / "stores" / "x")

@@ -294,3 +294,16 @@ def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pyte
     assert "--from-head-layer must be at least 0, got -1" in capsys.readouterr().err
     assert main(["distill", str(run_dir), "--steps", "0"]) == 2
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_damaged_finetune_json_is_one_line_naming_it(tmp_path: Path) -> None:
+    """distill reads the teacher's finetune.json: damaged, it is named in one line, not a traceback."""
+    from fastclr.semisup.network import CLASSIFIER_FILE
+    from fastclr.semisup.pipeline import FINETUNE_FILE, read_teacher
+
+    (tmp_path / CLASSIFIER_FILE).write_bytes(b"")
+    (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": ')
+    with pytest.raises(FastclrError, match=r"finetune.json is damaged .*; run `fastclr finetune` again"):
+        read_teacher(tmp_path)
+    (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": 5}')
+    assert read_teacher(tmp_path) == {"labels_per_class": 5}

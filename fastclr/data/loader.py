@@ -23,7 +23,7 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
 def epoch_permutation(n: int, epoch: int, seed: int, device: torch.device) -> torch.Tensor:
     """The data order of one epoch: int64 (n,) on `device`, the same for the same (seed, epoch)."""
     g = torch.Generator(device=device)
-    g.manual_seed(seed * 1_000_003 + epoch)
+    g.manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any seed torch takes: the product may pass 2**64
     return torch.randperm(n, generator=g, device=device)
 
 

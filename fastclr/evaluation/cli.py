@@ -10,10 +10,9 @@ from typing import Any
 
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
+from fastclr.config import SEED_MAX
 from fastclr.runtime import PRECISIONS
 
-SEED_MAX = 2**32 - 1
-"""The largest seed (as `train.seed`): numpy's and torch's generators take it as it is."""
 
 
 def number_list(text: str, kind: type, flag: str) -> tuple[Any, ...]:

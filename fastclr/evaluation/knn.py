@@ -6,18 +6,21 @@ exp(similarity / tau). Cheap and label-light: the online monitor during pretrain
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from fastclr.runtime import FP32, Precision
 
 
-def topk_columns(values: torch.Tensor, k: int) -> torch.Tensor:
+def topk_columns(values: torch.Tensor, k: int, top: Any = None) -> torch.Tensor:
     """Columns (q, k), ascending, of the k largest values of each row of `values` (q, N); among
     values equal to the k-th largest, the first columns. (`topk` alone picks an arbitrary subset
-    of a tie, so duplicate images or all-zero features made results depend on its internals.)"""
+    of a tie, so duplicate images or all-zero features made results depend on its internals.)
+    `top`: `values.topk(min(k + 1, N), dim=1)` when the caller has it already."""
     n = values.shape[1]
-    top = values.topk(min(k + 1, n), dim=1)  # one more: a tie across the k-th place shows in it
+    top = top if top is not None else values.topk(min(k + 1, n), dim=1)  # one more: a tie across the k-th place shows
     cols, kth = top.indices[:, :k].sort(dim=1).values, top.values[:, k - 1 : k]  # (q, k), (q, 1)
     crowded = (top.values[:, k] == kth[:, 0]).nonzero()[:, 0] if k < n else cols.new_empty(0)
     if crowded.numel():
@@ -26,6 +29,32 @@ def topk_columns(values: torch.Tensor, k: int) -> torch.Tensor:
         keep = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
         cols[crowded] = keep.nonzero()[:, 1].view(-1, k)
     return cols
+
+
+def _exact(unit_bank: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, budget: int = 64 << 20) -> torch.Tensor:
+    """Similarities (q, m) of each query with its candidate rows `cand` (q, m), each one the same
+    elementwise product and sum over D whatever the row's place (a matrix kernel's blocks differ),
+    in slices of queries whose gathered rows stay under `budget` bytes."""
+    per_query = max(1, cand.shape[1] * unit_bank.shape[1] * unit_bank.element_size())
+    step = max(1, budget // per_query)
+    parts = [(unit_bank[cand[s : s + step]] * q[s : s + step, None, :]).sum(-1) for s in range(0, len(q), step)]
+    return torch.cat(parts) if parts else cand.new_zeros(cand.shape, dtype=q.dtype)
+
+
+def _rank_exactly(unit_bank: torch.Tensor, q: torch.Tensor, sim: torch.Tensor, row: torch.Tensor, val: torch.Tensor,
+                  close: torch.Tensor, near: float, own: torch.Tensor | None) -> None:
+    """For the queries marked `close` (q,), rank every row whose product value in `sim` (q, N) is
+    within `near` of their k-th or above again, on `_exact` values; `row` and `val` (q, k) are
+    updated in place."""
+    k = row.shape[1]
+    kth = val.min(1).values
+    for i in close.nonzero()[:, 0].tolist():
+        cand = (sim[i] >= kth[i] - near).nonzero()[:, 0][None]  # (1, c), c >= k, ascending
+        exact = _exact(unit_bank, q[i : i + 1], cand)
+        if own is not None:
+            exact = exact.masked_fill(cand == own[i], -2.0)
+        pos = topk_columns(exact, k)
+        row[i], val[i] = cand.gather(1, pos)[0], exact.gather(1, pos)[0]
 
 
 @torch.no_grad()
@@ -43,39 +72,49 @@ def cosine_topk(
     (the kNN classifier, the report's retrievals, `fastclr neighbours`, and the support set of
     nearest-neighbour positives in pretraining).
 
-    Similarities are computed in the inputs' dtype (float32 at least). For each chunk of queries
-    one (q, D) x (D, N) product shortlists the `shortlist * k` (at least 2k) most similar rows;
-    their similarities are then recomputed row by row, each the same reduction over D, and the k
-    nearest taken from those. The product alone gives bitwise-identical rows different values by
-    their position in the matrix kernel's blocks (a store holding an image twice returned the copies
-    out of row order). The product is the cost of kNN on wide h (10k x 60k x 12544 for a 12544-d
-    readout: 89 s in fp32 on 2 cores); where bf16 is native (`precision` bf16) and `shortlist` > 0
-    it runs in bf16, so results differ from the exact search only if a true neighbour falls outside
-    the shortlist (on 12544-d Fashion-MNIST features all 10k test predictions were equal with
-    shortlist 2: 37 s against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the product
-    is fp32.
+    Similarities are computed in the inputs' dtype (float32 at least), for each chunk of queries as
+    one (q, D) x (D, N) product: the cost of kNN on wide h (10k x 60k x 12544 for a 12544-d readout:
+    89 s in fp32 on 2 cores). That product gives bitwise-identical rows values a few ulps apart by
+    their place in the matrix kernel's blocks (a store holding an image twice returned the copies
+    out of row order); so a query whose k nearest include values that close, or have rivals that
+    close to the k-th, is ranked again on values recomputed the same way for every row (`_exact`).
+    Where bf16 is native (`precision` bf16) and `shortlist` > 0, the product runs in bf16 only to
+    shortlist the `shortlist * k` most similar rows, whose similarities are then recomputed exactly,
+    so results differ from the exact search only if a true neighbour falls outside the shortlist (on
+    12544-d Fashion-MNIST features all 10k test predictions were equal with shortlist 2: 37 s
+    against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the product is fp32.
     exclude: (Q,) a bank row each query must not return (itself, when queries come from the bank).
     """
     dtype = torch.promote_types(bank.dtype, torch.float32)
     unit_bank = F.normalize(bank.to(dtype), dim=1)
     n = unit_bank.shape[0]
     k = min(k, n)
-    m = min(max(shortlist, 2) * k, n)
-    bank16 = unit_bank.to(torch.bfloat16) if precision.name == "bf16" and shortlist > 0 else None
+    m = min(shortlist * k, n) if precision.name == "bf16" and shortlist > 0 else 0
+    bank16 = unit_bank.to(torch.bfloat16) if m else None
+    # How far apart the product may put two identical rows: at most 1.2 eps measured for unit rows
+    # of 16 to 12544 dimensions (docs/benchmarks.md section 5); 16 eps leaves a margin.
+    near = 16 * torch.finfo(dtype).eps
     everything = torch.arange(n, device=unit_bank.device)[None]
     sims, rows = [], []
     for start in range(0, queries.shape[0], chunk):
         q = F.normalize(queries[start : start + chunk].to(dtype), dim=1)  # (q, D)
-        rough = q.to(torch.bfloat16) @ bank16.T if bank16 is not None else q @ unit_bank.T  # (q, N)
         own = exclude[start : start + chunk].to(q.device)[:, None] if exclude is not None else None
-        if own is not None:
-            rough = rough.masked_fill(everything == own, -2.0)
-        cand = topk_columns(rough, m)  # (q, m) shortlisted rows, ascending
-        sim = (unit_bank[cand] * q[:, None, :]).sum(-1)  # (q, m): the same sum for every row
-        if own is not None:
-            sim = sim.masked_fill(cand == own, -2.0)
-        pos = topk_columns(sim, k)  # (q, k) columns of `sim`, ascending, so rows ascending too
-        row, val = cand.gather(1, pos), sim.gather(1, pos)
+        if bank16 is not None:
+            rough = q.to(torch.bfloat16) @ bank16.T
+            cand = topk_columns(rough if own is None else rough.masked_fill(everything == own, -2.0), m)
+            sim = _exact(unit_bank, q, cand)  # (q, m)
+            sim = sim if own is None else sim.masked_fill(cand == own, -2.0)
+            pos = topk_columns(sim, k)  # (q, k) columns of `sim`, ascending, so rows ascending too
+            row, val = cand.gather(1, pos), sim.gather(1, pos)
+        else:
+            sim = q @ unit_bank.T  # (q, N)
+            sim = sim if own is None else sim.masked_fill(everything == own, -2.0)
+            top = sim.topk(min(k + 1, n), dim=1)
+            row = topk_columns(sim, k, top)
+            val = sim.gather(1, row)
+            # values this close among the k nearest, or between the k-th and the next, may be one row twice
+            close = (top.values[:, :-1] - top.values[:, 1:] <= near).any(1)
+            _rank_exactly(unit_bank, q, sim, row, val, close, near, own)
         by_value = val.sort(dim=1, descending=True, stable=True).indices  # equal similarities stay in row order
         sims.append(val.gather(1, by_value))
         rows.append(row.gather(1, by_value))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastclr.files import atomic_write_all, npy_writer
+from fastclr.files import atomic_write, atomic_write_all, npy_writer
 from fastclr.data.datasets import REGISTRY, load_builtin
 from fastclr.data.store import SKIPPED, SPLITS, is_store, read_store
 from fastclr.augment import LUMA
@@ -158,11 +158,27 @@ def folder_decoding(run: LoadedRun, log: Callable[[str], None] = print) -> Decod
     return store_decoding(read_store(Path(name)), size, c)
 
 
+def _embed_source(run: LoadedRun, src: Source, data: str, split: str, device: torch.device, batch_size: int,
+                  log: Callable[[str], None]) -> np.ndarray:
+    """float32 (N, D) features h of every image of `src`, in its order."""
+    c = run.spec.in_channels
+    if not src.rows:
+        raise FastclrError(f"--split {split}: {data} has no images there; choose another --split (all, "
+                           f"{', '.join(SPLITS)})")
+    have = src.blocks[0].shape[-1] if src.blocks else c
+    if have != c:
+        log(f"note: the images have {have} channel(s), the encoder {c}: "
+            + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
+    feats = [embed_images(run, b, device, batch_size) for b in src.blocks]
+    return np.concatenate(feats) if feats else np.zeros((0, run.spec.feature_dim), np.float32)
+
+
 def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str = "all", batch_size: int = 256,
           workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv).
-    A folder's unusable files are listed in FILE.skipped.csv, written with the pair; a list left
-    by an earlier embedding into the same FILE is removed when nothing is skipped now."""
+    A folder's unusable files are listed in FILE.skipped.csv, written with the pair (alone when the
+    embedding then fails: the log has named it); a list left by an earlier embedding into the same
+    FILE is removed when nothing is skipped now."""
     if batch_size < 1:
         raise FastclrError(f"--batch-size must be at least 1, got {batch_size}")
     c = run.spec.in_channels
@@ -171,16 +187,13 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
     decode = folder_decoding(run, log) if Path(data).is_dir() and not is_store(Path(data)) and data not in REGISTRY \
         else DecodeOptions(run.spec.image_size, channels=str(c))
     with open_source(data, split, decode, workers, run.config.data.root or None, log, skipped_list=skipped) as src:
-        if not src.rows:
-            raise FastclrError(f"--split {split}: {data} has no images there; choose another --split (all, "
-                               f"{', '.join(SPLITS)})")
-        have = src.blocks[0].shape[-1] if src.blocks else c
-        if have != c:
-            log(f"note: the images have {have} channel(s), the encoder {c}: "
-                + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
-        feats = [embed_images(run, b, device, batch_size) for b in src.blocks]
-        features = np.concatenate(feats) if feats else np.zeros((0, run.spec.feature_dim), np.float32)
-        paths = write_embeddings(out, features, src.rows, src.skipped_csv)
+        try:
+            features = _embed_source(run, src, data, split, device, batch_size, log)
+            paths = write_embeddings(out, features, src.rows, src.skipped_csv)
+        except BaseException:
+            if src.skipped_csv is not None:  # the log named the list: it is kept even when embedding fails
+                atomic_write(skipped, lambda f: f.write(src.skipped_csv or b""))
+            raise
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")
     return paths
 

@@ -135,6 +135,12 @@ def pretrain(
         teardown(ctx)
 
 
+def _store_path_absolute(cfg: Config) -> Config:
+    """`cfg` with a store's path made absolute, as a run records it (`absolute_name`): a relative one,
+    from a flag, a --config file or a run saved before, names the same store from this directory."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name)))
+
+
 def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None) -> InitWeights:
     if encoder is not None:
         raise FastclrError("model.init starts a named encoder from a file; load weights into your own module "
@@ -211,13 +217,12 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     started = clock()
     validate_settings(cfg)  # a config built in Python has not been through apply_overrides
     check_preset(cfg)
-    if resume is None:  # a resumed run keeps the name it recorded (a change of it needs --allow-config-change)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name)))
+    cfg = _store_path_absolute(cfg)
     state = None
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
-        check_resume_config(config_mod.from_dict(state["config"]), cfg, allow_config_change)
+        check_resume_config(_store_path_absolute(config_mod.from_dict(state["config"])), cfg, allow_config_change)
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
 from fastclr.pretrained import LoadedRun, load_run, trained_head
-from fastclr.runs import write_json
+from fastclr.runs import read_json, write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
 from fastclr.semisup.distill import distill
 from fastclr.semisup.network import CLASSIFIER_FILE, Classifier, load_classifier, neck_of, save_classifier
@@ -212,7 +211,7 @@ def read_teacher(teacher_dir: Path) -> dict[str, Any]:
     if not (teacher_dir / CLASSIFIER_FILE).exists() or not path.exists():
         raise FastclrError(f"{teacher_dir} holds no {CLASSIFIER_FILE} and {FINETUNE_FILE}; give the directory "
                            "`fastclr finetune` wrote")
-    return dict(json.loads(path.read_text()))
+    return read_json(path, "run `fastclr finetune` again into that directory")
 
 
 def student_for(run: LoadedRun, o: DistillOptions, num_classes: int, seed: int, device: torch.device
