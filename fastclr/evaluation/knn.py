@@ -91,8 +91,8 @@ def cosine_topk(
     k = min(k, n)
     m = min(shortlist * k, n) if precision.name == "bf16" and shortlist > 0 else 0
     bank16 = unit_bank.to(torch.bfloat16) if m else None
-    # How far apart the product may put two identical rows: at most 1.2 eps measured for unit rows
-    # of 16 to 12544 dimensions (docs/benchmarks.md section 5); 16 eps leaves a margin.
+    # How far apart the product may put two identical rows: at most 2.5 eps measured for unit rows
+    # of 16 to 12544 dimensions (benchmarks/knn_copy_spread.py, docs/benchmarks.md section 5).
     near = 16 * torch.finfo(dtype).eps
     everything = torch.arange(n, device=unit_bank.device)[None]
     sims, rows = [], []
