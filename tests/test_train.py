@@ -14,6 +14,7 @@ from torch import nn
 
 from tiny import tiny_config, tiny_dataset
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.config import Config
 from fastclr.errors import FastclrError
 from fastclr.pretraining.loop import NonFiniteLoss, pretrain
 from fastclr.pretraining.schedule import lr_at
@@ -175,13 +176,13 @@ class PacedEncoder(nn.Module):
 def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
               monitor_share: float = 0.0, log: Callable[[str], None] = lambda s: None,
               log_every: int = 1000, stop: Callable[[int], bool] | None = None,
-              resume: bool = False, epochs: float = 100.0) -> tuple[Any, list[dict[str, Any]]]:
+              resume: bool = False, epochs: float = 100.0, **over: Any) -> tuple[Any, list[dict[str, Any]]]:
     """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images); `stop` and
-    `resume` as in `pretrain` (the clock goes on where the stopped run left it)."""
+    `resume` as in `pretrain` (the clock goes on where the stopped run left it); `over` as in `tiny_config`."""
     ds = tiny_dataset(2 * steps_per_epoch, size=8)
     cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=epochs,
                       train__log_every=log_every, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
-                      eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05)
+                      eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05, **over)
     res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=log, clock=clock,
                    stop=stop, resume=tmp_path / "run" if resume else None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -196,6 +197,46 @@ def test_the_time_budget_ends_on_time_when_the_pace_drifts(tmp_path: Path) -> No
     res, _ = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=40)
     assert 120.0 - 25 * 1.3 <= res.train_seconds <= 120.0 + 1.3
     assert res.train_seconds == clock.now and res.steps == clock.steps
+
+
+def test_a_refit_that_shrinks_the_run_below_its_warm_up_shortens_the_warm_up(tmp_path: Path) -> None:
+    """A warm-up of 100 steps (one epoch) fits in the first fit's 122 steps; then the pace slows
+    from 1 to 1.6 s/step and the refits shrink the run to 82: the warm-up becomes a tenth of the
+    run, and the learning rate decays to ~0 by the end instead of ending on its ramp."""
+    clock, lines = PacedClock(lambda i: 0.5 if i < 5 else (1.0 if i < 15 else 1.6)), []
+    res, records = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=100, log=lines.append, log_every=1)
+    lrs, peak = [r["lr"] for r in records if "lr" in r], Config().optim.lr
+    assert res.steps < 100 and lrs[-1] < 0.01 * peak
+    assert any("warm-up shortened to" in line for line in lines), lines
+
+
+def test_before_the_first_fit_the_learning_rate_does_not_depend_on_epochs(tmp_path: Path) -> None:
+    """train.epochs is unused under a time budget: with a 2-step warm-up, steps 2 to 14 (before the
+    first fit at 15) hold the peak, for 100 epochs and for 0.05 (whose cosine decayed them to ~0)."""
+    runs = []
+    for epochs in (100.0, 0.05):
+        _, records = paced_run(tmp_path / str(epochs), PacedClock(lambda i: 0.5 if i < 5 else 1.0), minutes=1.0,
+                               steps_per_epoch=100, log_every=1, epochs=epochs, optim__warmup_epochs=0.02)
+        runs.append([r["lr"] for r in records if "lr" in r])
+    peak = Config().optim.lr
+    assert runs[0] == runs[1] and runs[0][:15] == [peak / 2] + [peak] * 14
+
+
+def test_the_monitors_share_holds_across_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kNN pass costs 30 s, 5% of the wall time allowed: the straight run passes at step 50 only.
+    Stopped at step 60 and resumed, the monitor remembers its 30 s (they are in the checkpoint), so
+    it passes where the straight run does and the run trains as many steps."""
+    def run(where: Path, stop: Callable[[int], bool] | None) -> tuple[Any, list[int]]:
+        clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0, monitor_s=30.0)
+        monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+        res, records = paced_run(where, clock, minutes=10.0, steps_per_epoch=50, monitor_share=0.05, stop=stop)
+        if stop is not None:
+            res, records = paced_run(where, clock, minutes=10.0, steps_per_epoch=50, monitor_share=0.05, resume=True)
+        return res, [r["step"] for r in records if "knn_acc" in r]
+
+    straight, resumed = run(tmp_path / "a", None), run(tmp_path / "b", lambda s: s == 60)
+    assert straight[1] == resumed[1] == [50]
+    assert abs(straight[0].steps - resumed[0].steps) <= 1  # the resumed process measures its own pace
 
 
 def test_the_time_budget_uses_its_time_after_a_stall_across_an_epoch_end(tmp_path: Path) -> None:

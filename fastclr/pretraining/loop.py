@@ -194,7 +194,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 window_start = now
             if checkpoint_now or stop_now:
                 run.checkpoint()
-            if run.monitor.due(epoch_ended, s.train_seconds):
+            if run.monitor.due(epoch_ended, s.train_seconds) and not stop_now:  # a stop exits promptly
                 run.monitor_pass()
             if stop_now:
                 how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active
@@ -261,6 +261,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             objective.keys.copy_online()  # the queue's key network starts from the init too, not the random draw
     if state is not None:
         run.state.restore(state)
+        run.monitor.seconds = run.state.monitor_seconds
         if run.budget is not None:
             run.budget.resume_at(run.state.step)
             run.log_short_warmup()  # the warm-up the checkpoint kept

@@ -133,7 +133,11 @@ class Run:
     def set_lr(self) -> float:
         """Warm-up then cosine, per step (a pure function of the step: `lr_at`); returns the lr set."""
         s = self.state
-        lr = lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio)
+        # Before a time budget's first fit the run's length is unknown (train.epochs is unused then):
+        # the peak is held after the warm-up, not a cosine over a length the budget will replace.
+        unfitted = self.budget is not None and self.first_fit_ahead and s.step < self.budget.first_fit_at
+        lr = self.peak_lr if unfitted and s.step >= s.warmup_steps else \
+            lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio)
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -149,6 +153,11 @@ class Run:
         if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
             s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             self.bar.total = s.total_steps
+            refit = fitted or s.step != b.first_fit_at
+            if refit and s.warmup_steps >= s.total_steps > 1:  # a slower pace shrank the run below its warm-up
+                s.warmup_steps = warmup_for(s.warmup_steps, s.total_steps)
+                self.log(f"the time budget now fits {s.total_steps} steps, not more than the warm-up: warm-up "
+                         f"shortened to {s.warmup_steps} steps (a tenth of the run), so the learning rate decays")
             if not fitted and s.step == b.first_fit_at:
                 budget, epochs = self.cfg.train.time_budget, s.total_steps / self.steps_per_epoch
                 ms = b.pace(s.step, s.train_seconds) * 1000
@@ -199,6 +208,7 @@ class Run:
         """Refuse a bad state, then rank 0 writes the checkpoint."""
         self.health.check(self.cfg, self.run_dir)
         if self.ctx.is_main:
+            self.state.monitor_seconds = self.monitor.seconds
             self.state.save(self.run_dir)
 
     def monitor_pass(self) -> None:

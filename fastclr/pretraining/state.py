@@ -61,6 +61,9 @@ class RunState:
         fit) and kept by a budgeted run's checkpoints, so later refits never move it."""
         self.start_step = 0
         """The step this process started from: 0, or the checkpoint's step when resumed."""
+        self.monitor_seconds = 0.0
+        """What the kNN monitor's passes have cost so far: its share of the training time holds
+        across a resume (a resumed monitor that started from 0 ran passes the straight run skips)."""
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's content. A time-budgeted run keeps the step count it fitted;
@@ -79,13 +82,14 @@ class RunState:
             self.total_steps = int(state["total_steps"])
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.monitor_seconds = float(state.get("monitor_seconds", 0.0))  # absent before 2026-12-03
         self.start_step = self.step
 
     def save(self, run_dir: Path) -> Path:
         """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
         return save_checkpoint(run_dir, {
             "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
-            "warmup_steps": self.warmup_steps,
+            "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds,
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
