@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
-from fastclr.config import Config, from_dict, apply_overrides
+from fastclr.config import Config, apply_overrides, from_dict, to_flat
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
-from fastclr.presets import saved_overrides
+from fastclr.presets import preset_name, saved_overrides
 from fastclr.runs import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
 
@@ -76,7 +76,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         encoder = encoder_from_spec(spec)
         encoder.load_state_dict(state["encoder"])
         encoder = encoder.to(device)
-        cfg = from_dict(state["config"])
+        saved = to_flat(from_dict(state["config"]))
+        if "preset" not in state["config"].get("data", {}):  # saved before 0.2: as saved_overrides fills it
+            saved["data.preset"] = preset_name(saved["data.name"])
+        cfg = apply_overrides(Config(), saved)
     encoder.eval()
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log))
 

@@ -14,6 +14,7 @@ first and times a matmul in both dtypes only where the flags and oneDNN disagree
 from __future__ import annotations
 
 import os
+import functools
 import platform
 import time
 from collections.abc import Callable
@@ -111,6 +112,18 @@ def _query(name: str) -> bool:
         return bool(fn()) if fn is not None else False
     except RuntimeError:
         return False
+
+
+@functools.cache
+def bf16_native_on(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively where tensors live: a CUDA device of a bf16 run (which
+    `decide_precision` gave bf16 for its capability), or a CPU with bf16 units and oneDNN on them.
+    Evaluation tensors come back to the CPU, whose answer can differ from the GPU's (an A100 on an
+    AVX2 host: bf16 there is emulated, 10x slower than fp32 for kNN)."""
+    if device_type != "cpu":
+        return True
+    cpu = cpu_features()
+    return cpu.native_bf16 and cpu.onednn_bf16
 
 
 def cpu_features() -> CpuFeatures:

@@ -276,3 +276,21 @@ def test_evaluate_refuses_seeds_and_numbers_it_cannot_use_before_it_starts(argv:
 
     with pytest.raises(FastclrError, match=message):
         options_from_args(build_parser().parse_args(["evaluate", "run", *argv]))
+
+
+def test_a_checkpoint_only_run_saved_before_presets_gets_its_datasets_preset(tmp_path: Path) -> None:
+    """load_run reads a run without encoder.safetensors from its checkpoint: a config saved before
+    data.preset existed gets its dataset's preset there too, as config.toml's reader gives it."""
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from fastclr.pretrained import load_run
+    from tiny import tiny_dataset, tiny_run
+
+    run = tmp_path / "old"
+    tiny_run(run, tiny_dataset(), data__name="mnist")
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    del state["config"]["data"]["preset"]
+    for p in list_checkpoints(run):
+        p.unlink()
+    save_checkpoint(run, state)
+    (run / "encoder.safetensors").unlink()
+    assert load_run(run, log=lambda s: None).config.data.preset == "mnist"

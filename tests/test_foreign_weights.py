@@ -161,6 +161,28 @@ def test_bad_init_files_are_one_line_errors(tmp_path: Path) -> None:
         read_init(other, target)
     with pytest.raises(FastclrError, match="not the 00"):
         read_init(r50, target, expect_sha256="00" * 32)
+    import hashlib
+
+    r18 = tmp_path / "r18.pth"
+    torch.save(torchvision_state(_perturbed("resnet18")), r18)
+    assert read_init(r18, target, expect_sha256=hashlib.sha256(r18.read_bytes()).hexdigest().upper()).tensors
+    # Another depth: ResNet-34's first two blocks of each stage have ResNet-18's names and shapes.
+    r34 = build_encoder("resnet34", 3, 224, 1.0, "off")
+    deeper = tmp_path / "r34.pth"
+    torch.save(torchvision_state(r34), deeper)
+    with pytest.raises(FastclrError, match=r"holds 96 tensors this encoder has no place for .*another depth"):
+        read_init(deeper, target)
+    with pytest.raises(FastclrError, match=r"lacks 80 of this encoder's tensors .*another depth"):
+        read_init(r18, r34)
+    wide = tmp_path / "wide.pth"
+    torch.save(torchvision_state(build_encoder("resnet18", 3, 224, 2.0, "off")), wide)
+    with pytest.raises(FastclrError, match=r"\(another --width\)"):
+        read_init(wide, target)
+    for suffix in (".pt2", ".onnx"):
+        export = tmp_path / f"e{suffix}"
+        export.write_bytes(b"PK\x03\x04 not a state dict" if suffix == ".pt2" else b"\x08\x07\x12\x07pytorch")
+        with pytest.raises(FastclrError, match="for running h, not for training on"):
+            read_init(export, target)
 
 
 def test_pretrain_init_records_the_file_and_starts_from_it(tmp_path: Path) -> None:

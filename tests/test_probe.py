@@ -198,14 +198,28 @@ def test_knn_breaks_ties_at_the_kth_place_in_row_order(precision: Precision) -> 
     assert cosine_topk(zeros, torch.ones(1, 4), 7, precision)[1].tolist() == [list(range(7))]
 
 
-def test_knn_bf16_shortlist_gives_the_exact_fp32_votes_on_wide_features() -> None:
+def test_knn_bf16_shortlist_gives_the_exact_fp32_votes_on_wide_features(monkeypatch: pytest.MonkeyPatch) -> None:
     # wide post-ReLU features in overlapping clusters, as h is: the bf16 shortlist of 2k
-    # candidates, re-scored in fp32, must give the exact predictions
+    # candidates, re-scored in fp32, must give the exact predictions (the shortlist forced on, as
+    # on a CPU with bf16 units, and seen to run)
+    import fastclr.evaluation.knn as knn
+
     x, y = blobs(3000, 512, 10, 5, spread=0.3)
     q, _ = blobs(500, 512, 10, 6, spread=0.3)
     x, q = torch.relu(x), torch.relu(q)
     exact = knn_predict(x, y, q, 20, 0.07, 10, shortlist=0)
-    assert torch.equal(knn_predict(x, y, q, 20, 0.07, 10, shortlist=2), exact)
+    bf16, rescored = Precision("bf16", "test"), []
+    real = knn._exact
+    monkeypatch.setattr(knn, "_exact", lambda *a, **kw: rescored.append(len(a[1])) or real(*a, **kw))
+    monkeypatch.setattr(knn, "bf16_native_on", lambda device_type: True)
+    assert torch.equal(knn_predict(x, y, q, 20, 0.07, 10, shortlist=2, precision=bf16), exact)
+    assert sum(rescored) == len(q)  # every query's shortlist rescored
+    # A bf16 run whose features are on a CPU without bf16 units (a GPU run's evaluation on an AVX2
+    # host) searches exactly: no emulated bf16 shortlist, only near ties ranked again.
+    monkeypatch.setattr(knn, "bf16_native_on", lambda device_type: False)
+    rescored.clear()
+    assert torch.equal(knn_predict(x, y, q, 20, 0.07, 10, shortlist=2, precision=bf16), exact)
+    assert all(n == 1 for n in rescored) and len(rescored) < len(q) / 2
     assert 0.2 < float((exact == blobs(500, 512, 10, 6, spread=0.3)[1]).float().mean()) < 1.0  # not a trivial problem
 
 

@@ -84,7 +84,8 @@ def test_tsne_affinities_hit_the_perplexity_and_the_map_keeps_clusters() -> None
 
 
 @pytest.mark.parametrize("precision", [FP32, Precision("bf16", "shortlist")], ids=["exact", "bf16-shortlist"])
-def test_nearest_matches_brute_force_and_excludes_self(precision: Precision) -> None:
+def test_nearest_matches_brute_force_and_excludes_self(precision: Precision, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fastclr.evaluation.knn.bf16_native_on", lambda device_type: True)  # the shortlist runs
     bank, q = torch.randn(50, 6), torch.randn(4, 6)
     _, got = cosine_topk(bank, q, 3, precision)
     for i in range(4):

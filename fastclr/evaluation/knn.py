@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastclr.runtime import FP32, Precision
+from fastclr.runtime import FP32, Precision, bf16_native_on
 
 
 def topk_columns(values: torch.Tensor, k: int, top: Any = None) -> torch.Tensor:
@@ -89,7 +89,8 @@ def cosine_topk(
     unit_bank = F.normalize(bank.to(dtype), dim=1)
     n = unit_bank.shape[0]
     k = min(k, n)
-    m = min(shortlist * k, n) if precision.name == "bf16" and shortlist > 0 else 0
+    native = precision.name == "bf16" and bf16_native_on(unit_bank.device.type)  # a GPU run's bank may be on the CPU
+    m = min(shortlist * k, n) if native and shortlist > 0 else 0
     bank16 = unit_bank.to(torch.bfloat16) if m else None
     # How far apart the product may put two identical rows: at most 2.5 eps measured for unit rows
     # of 16 to 12544 dimensions (benchmarks/knn_copy_spread.py, docs/benchmarks.md section 5).

@@ -106,9 +106,16 @@ def _read(path: Path, data: bytes) -> dict[str, Any]:
                 raise ValueError(str(e)) from None
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if path.suffix == ".onnx":
+            raise FastclrError(f"init weights {path} are an ONNX model, which is for running h, not for training on; "
+                               "give the run's encoder.safetensors or a `fastclr export --format torchvision` file") from None
         raise FastclrError(f"init weights {path} hold objects other than tensors, refused unread: loading them "
                            f"could run code ({str(e).splitlines()[0][:120]}); save a plain state dict") from None
     except (RuntimeError, ValueError, EOFError, OSError) as e:
+        if path.suffix == ".pt2":
+            raise FastclrError(f"init weights {path} are a torch.export program, which is for running h, not for "
+                               "training on; give the run's encoder.safetensors or a `fastclr export --format "
+                               "torchvision` file") from None
         raise FastclrError(f"init weights {path} cannot be read ({str(e).splitlines()[0][:160]}); the file is "
                            "truncated or not a state dict, save it again") from None
     for key in _WRAPPERS:
@@ -138,7 +145,7 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "") -> InitWe
         raise FastclrError(f"init weights {path} not found; give a fastclr export or a torchvision/timm state dict")
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    if expect_sha256 and sha != expect_sha256:
+    if expect_sha256 and sha != expect_sha256.lower():
         raise FastclrError(f"init weights {path} have sha256 {sha}, not the {expect_sha256} asked for; "
                            "give the right file or drop --init-sha256")
     raw = _read(path, data)
@@ -164,12 +171,38 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "") -> InitWe
             skipped.append(k)
             continue
         if tuple(v.shape) != target[ours]:
-            stem_hint = " (a CIFAR stem against a standard one? set --cifar-stem to match)" if ours == "stem.0.weight" else ""
             raise FastclrError(f"init weights {path}: tensor {k} has shape {tuple(v.shape)} but the encoder's {ours} "
-                               f"is {target[ours]}{stem_hint}; pick the matching --encoder, --width or stem")
+                               f"is {target[ours]}{_shape_hint(tuple(v.shape), target[ours])}; pick the matching "
+                               "--encoder, --width or stem")
         tensors[ours] = v
     missing = [k for k in target if k not in tensors]
+    # A file of another depth shares the first blocks' names and shapes: its extra blocks would be
+    # dropped, or the encoder's would stay random, and the run would start from a mixture.
+    extra = [k for k in skipped if _is_backbone(_unprefixed(k, prefix), use_tv)]
+    absent = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if extra or absent:
+        what = f"holds {len(extra)} tensors this encoder has no place for (first: {_few(extra, 2)})" if extra else \
+            f"lacks {len(absent)} of this encoder's tensors (first: {_few(absent, 2)})"
+        raise FastclrError(f"init weights {path} {what}: a network of another depth or shape; pick the matching "
+                           "--encoder")
     return InitWeights(path, sha, "torchvision/timm" if use_tv else "fastclr", tensors, skipped, missing)
+
+
+def _is_backbone(bare: str, torchvision: bool) -> bool:
+    """Whether a file's tensor name belongs to an encoder's body (not a classifier or projection
+    head a file may carry beside it)."""
+    return bare.startswith(("layer", "conv1.", "bn1.") if torchvision else ("stem.", "stages.", "features."))
+
+
+def _shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """What a convolution's shape difference says: the kernel (stem), the input channels or the width."""
+    if len(got) != 4 or len(want) != 4:
+        return ""
+    if got[2:] != want[2:]:
+        return " (a CIFAR stem against a standard one? set --cifar-stem to match)"
+    if got[1] != want[1] and got[0] == want[0]:
+        return " (images of another channel count)"
+    return " (another --width)" if got[0] != want[0] else ""
 
 
 def _unprefixed(key: str, prefix: str) -> str:
