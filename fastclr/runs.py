@@ -69,19 +69,32 @@ class RunLock:
         self._fd = -1
         if fcntl is None:
             return
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
+                os.close(self._fd)
+                raise FastclrError(f"{run_dir} is being written by {owner}; wait for it to finish (or stop it), "
+                                   "or choose another --run-dir") from None
+            if self._still_the_lock_file():
+                break
+            # The owner released (and removed) the file between our open and our lock: the lock we hold
+            # is on a file no one else will open; take the one now at the path instead.
             os.close(self._fd)
-            raise FastclrError(f"{run_dir} is being written by {owner}; wait for it to finish (or stop it), "
-                               "or choose another --run-dir") from None
         previous = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
         if previous:
             log(f"took over {self.path} from {previous}, which is no longer running")
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def _still_the_lock_file(self) -> bool:
+        """Whether the file we locked is the one at the path (not one its owner removed meanwhile)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         """Give the directory up (the file goes, so the next owner finds no previous claim)."""

@@ -390,3 +390,56 @@ def test_a_stop_during_the_final_probe_ends_it_at_once_and_keeps_the_encoder(tmp
     assert res.stopped and res.stopped_in == "probe" and res.steps == 6
     assert (tmp_path / "encoder.safetensors").exists() and not (tmp_path / "probe.json").exists()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_released_between_anothers_open_and_lock_is_not_held_on_a_removed_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner releases (and removes) .lock just after a second process opened it: the second must
+    end up holding the file at the path, where a third process and `locked_by_another` look; a lock
+    on the removed file would let a third process own the directory too."""
+    import fastclr.runs as runs
+
+    first = runs.RunLock(tmp_path, log=lambda s: None)
+    real, calls = runs.fcntl.flock, []  # type: ignore[union-attr]
+
+    def flock(fd: int, op: int) -> None:
+        if not calls:
+            calls.append(fd)
+            first.release()  # between the second's open and its lock
+        real(fd, op)
+
+    monkeypatch.setattr(runs.fcntl, "flock", flock)
+    second = runs.RunLock(tmp_path, log=lambda s: None)
+    monkeypatch.setattr(runs.fcntl, "flock", real)
+    assert os.fstat(second._fd).st_ino == os.stat(tmp_path / ".lock").st_ino
+    assert runs.locked_by_another(tmp_path) == f"PID {os.getpid()} on {socket.gethostname()}"
+    with pytest.raises(FastclrError, match="is being written by"):
+        runs.RunLock(tmp_path, log=lambda s: None)
+    second.release()
+
+
+def test_a_checkpoint_written_after_resume_chose_its_own_is_not_passed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume reads the newest checkpoint, then takes the run's lock: if the run's owner wrote a
+    newer one in between (its stop checkpoint) and exited, the resume refuses in one line and
+    leaves it, instead of continuing from the older one and dropping its steps."""
+    import fastclr.pretraining.loop as loop
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    ds = tiny_dataset()
+    cfg = tiny_config(tmp_path, train__epochs=1.0, train__checkpoint_every=2)
+    pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
+    newest = load_checkpoint(list_checkpoints(tmp_path)[-1])
+    real_lock = loop.RunLock
+
+    def lock_after_the_owner_wrote_more(run_dir: Path, log):  # type: ignore[no-untyped-def]
+        save_checkpoint(run_dir, dict(newest, step=newest["step"] + 1))
+        return real_lock(run_dir, log)
+
+    monkeypatch.setattr(loop, "RunLock", lock_after_the_owner_wrote_more)
+    longer = tiny_config(tmp_path, train__epochs=2.0, train__checkpoint_every=2)
+    with pytest.raises(FastclrError, match="got a newer checkpoint while this process was starting"):
+        pretrain(longer, dataset=ds, resume=tmp_path, progress=False, log=lambda s: None)
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1])["step"] == newest["step"] + 1
+    assert not (tmp_path / ".lock").exists()

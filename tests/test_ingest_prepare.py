@@ -447,3 +447,19 @@ def test_a_tampered_store_is_named_in_one_line(tmp_path: Path, damage: str, mess
     with pytest.raises(FastclrError) as e:
         read_store(store)
     assert message in str(e.value) and "\n" not in str(e.value) and "fastclr prepare" in str(e.value)
+
+
+def test_decoders_leave_ctrl_c_to_the_parent() -> None:
+    """Ctrl-C goes to the whole process group; a decoder that took it inside a put on the result
+    queue left the queue's lock held and `prepare` hung in its shutdown. A decoder ignores SIGINT
+    (its parent stops the work, and SIGKILL or the parent's death still end it)."""
+    import signal
+
+    from fastclr.ingest import prepare as prep
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        prep._init(Path("."), prep.DecodeOptions(28), frozenset())
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -141,6 +141,9 @@ _W: dict[str, Any] = {}
 
 def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | None = None) -> None:
     _W.update(root=root, opts=opts, known=known)
+    # Ctrl-C reaches the whole process group: the parent stops the work; a decoder interrupted
+    # inside a put on the result queue left its lock held and the parent's shutdown waiting forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:
         die_with_parent(parent)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastclr import config as config_mod
-from fastclr.checkpoint import latest_valid_checkpoint, remove_stale_temporaries, what_is_kept
+from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, remove_stale_temporaries, what_is_kept
 from fastclr.config import Config
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
@@ -219,8 +219,10 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     check_preset(cfg)
     cfg = _store_path_absolute(cfg)
     state = None
+    seen: set[str] = set()
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
+        seen = {p.name for p in list_checkpoints(resume)}
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
         check_resume_config(_store_path_absolute(config_mod.from_dict(state["config"])), cfg, allow_config_change)
         run_dir = resume
@@ -244,6 +246,11 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         prepare_run_dir(run_dir, resuming=state is not None)
         lock = RunLock(run_dir, log)
     try:
+        if lock is not None and state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
+            # Its owner wrote a newer checkpoint (a stop, say) after we chose ours and before we held the
+            # lock: continuing from ours would drop those steps and then their metrics records.
+            raise FastclrError(f"{run_dir} got a newer checkpoint while this process was starting (another process "
+                               f"was still writing it); run the same command again to resume from the newest")
         if lock is not None:
             for p in remove_stale_temporaries(run_dir):
                 log(f"removed {p.name}, left by a checkpoint write that was interrupted")
