@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,6 +134,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastclr.pretraining.loop import pretrain
 
     resume, cfg = pretrain_target(args)
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun rank: torchrun starts each in its own session, so a launcher killed outright
+        # (a scheduler's SIGKILL, the OOM killer) left the ranks training and holding the run's lock.
+        from fastclr.signals import die_with_parent
+
+        die_with_parent(os.getppid(), signal.SIGTERM)
     with graceful_stop() as stop:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
                           stop=stop)

@@ -9,6 +9,9 @@ stopping are acknowledged and ignored, so a second Ctrl-C cannot interrupt the c
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -85,3 +88,19 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
 def _ignore(signals: tuple[int, ...]) -> None:
     for s in signals:
         signal.signal(s, signal.SIG_IGN)
+
+
+def die_with_parent(parent: int, sig: int) -> None:
+    """Linux: this process gets `sig` when its parent dies (prctl PR_SET_PDEATHSIG), so a parent
+    killed outright does not leave it running: `prepare`'s decoders (SIGKILL), torchrun's ranks
+    (SIGTERM: they stop at their next step with a checkpoint, and release the run's lock).
+    Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call: nothing will signal us
+        os.kill(os.getpid(), sig)

@@ -443,3 +443,24 @@ def test_a_checkpoint_written_after_resume_chose_its_own_is_not_passed_over(
         pretrain(longer, dataset=ds, resume=tmp_path, progress=False, log=lambda s: None)
     assert load_checkpoint(list_checkpoints(tmp_path)[-1])["step"] == newest["step"] + 1
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_process_told_to_die_with_its_parent_gets_the_signal_when_the_parent_is_killed(tmp_path: Path) -> None:
+    """torchrun starts each rank in its own session, so a launcher killed outright left its ranks
+    training and holding the run's lock; a rank asks for SIGTERM at its parent's death (it then
+    stops with a checkpoint). Here: a parent starts such a child and is SIGKILLed."""
+    got, ready = tmp_path / "got", tmp_path / "ready"
+    child = (f"import os, pathlib, signal, time\nfrom fastclr.signals import die_with_parent\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r}).write_text('SIGTERM'), os._exit(0)))\n"
+             f"die_with_parent(os.getppid(), signal.SIGTERM)\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(120)\n"],
+                              env=cli_env(tmp_path))
+    try:
+        wait_for(ready.exists, timeout=60)
+        parent.kill()
+        parent.wait()
+        wait_for(got.exists, timeout=30)
+    finally:
+        parent.kill()
+    assert got.read_text() == "SIGTERM"

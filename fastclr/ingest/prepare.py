@@ -15,8 +15,6 @@ not decoded again, and the verdicts on broken files are kept too. Deleted files 
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import signal
 import hashlib
 import multiprocessing
@@ -35,6 +33,7 @@ import numpy as np
 from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, check_output_dir, is_store, read_csv,
                                 read_store)
 from fastclr.errors import FastclrError
+from fastclr.signals import die_with_parent
 from fastclr.files import is_write_error, write_failure_reason
 from fastclr.ingest.decode import (PIPELINE_VERSION, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
@@ -145,21 +144,7 @@ def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | 
     # inside a put on the result queue left its lock held and the parent's shutdown waiting forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent is not None:
-        die_with_parent(parent)
-
-
-def die_with_parent(parent: int) -> None:
-    """Linux: this (worker) process gets SIGKILL when its parent dies, so a `prepare` killed with
-    SIGKILL does not leave its decoders running (prctl PR_SET_PDEATHSIG). Elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the call: nothing will signal us
-        os._exit(1)
+        die_with_parent(parent, signal.SIGKILL)
 
 
 def _work(rels: list[str]) -> list[Outcome]:
