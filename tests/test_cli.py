@@ -65,13 +65,21 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     (["--batch-size", "many"], "train.batch_size must be a int"),
     (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|fc512"),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args: list[str], message: str,
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the command's own main, in this process (the entry point is `sys.exit(main())`)."""
+    from fastclr.cli import main
+
+    for key in ("FASTCLR_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.chdir(tmp_path)
     base = ["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--quiet", "--batch-size", "32"]
-    r = run_cli(base + args, env, tmp_path)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    capsys.readouterr()
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
     assert not (tmp_path / "r").exists()  # refused before the run directory is made
 
 

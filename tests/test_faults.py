@@ -320,10 +320,17 @@ def test_checkpoints_carry_version_and_checksum(tmp_path: Path) -> None:
     assert raw["fastclr_version"] and len(raw["sha256"]) == 64 and raw["rng"].dtype == torch.uint8
 
 
-def test_a_run_directory_belongs_to_one_process(tmp_path: Path) -> None:
+def test_a_run_directory_belongs_to_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """A second pretrain on a directory a live run is writing is refused by the owner's PID and
-    host; once that run is killed, its lock is taken over and said so."""
+    host; once that run is killed, its lock is taken over and said so. The owner is a subprocess;
+    the others run in this process, through the command's own main."""
+    from fastclr.cli import main
+
     env, run = cli_env(tmp_path), tmp_path / "run"
+    for key in ("FASTCLR_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.chdir(tmp_path)
     args = ["pretrain", "--data", "mnist", "--epochs", "200", "--run-dir", str(run), *TINY, "--probe", "false",
             "--checkpoint-every", "1", "--monitor-every", "0"]
     first = subprocess.Popen([sys.executable, "-m", "fastclr", *args], env=env, cwd=tmp_path,
@@ -333,20 +340,19 @@ def test_a_run_directory_belongs_to_one_process(tmp_path: Path) -> None:
         while not list_checkpoints(run) and time.monotonic() < end and first.poll() is None:
             time.sleep(0.05)
         assert list_checkpoints(run), first.stderr.read() if first.poll() is not None else "too slow"
-        second = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
-        assert second.returncode == 2
-        assert second.stderr.strip() == (f"error: {run} is being written by PID {first.pid} on {socket.gethostname()}; "
-                                         "wait for it to finish (or stop it), or choose another --run-dir")
-        fresh = run_cli(args, env, tmp_path)  # a new run over it
-        assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
+        capsys.readouterr()
+        assert main(["pretrain", "--resume", str(run), "--quiet"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {run} is being written by PID {first.pid} on {socket.gethostname()}; "
+            "wait for it to finish (or stop it), or choose another --run-dir")
+        assert main(args) == 2  # a new run over it
+        assert "already holds a run" in capsys.readouterr().err
     finally:
         first.kill()
         first.wait(10)
-    third = run_cli(["pretrain", "--resume", str(run), "--epochs", "0.5", "--quiet", "--allow-config-change"], env,
-                    tmp_path)
-    assert third.returncode == 0, third.stderr
+    assert main(["pretrain", "--resume", str(run), "--epochs", "0.5", "--quiet", "--allow-config-change"]) == 0
     assert f"took over {run / '.lock'} from PID {first.pid} on {socket.gethostname()}, which is no longer running" \
-        in third.stdout
+        in capsys.readouterr().out
     assert not (run / ".lock").exists()  # released at the end
 
 
