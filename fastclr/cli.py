@@ -135,7 +135,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     resume, cfg = pretrain_target(args)
     if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun rank: torchrun starts each in its own session, so a launcher killed outright
+        # A torchrun rank: torchrun starts each with setsid(), apart from its launcher, so a launcher killed outright
         # (a scheduler's SIGKILL, the OOM killer) left the ranks training and holding the run's lock.
         from fastclr.signals import die_with_parent
 

@@ -15,13 +15,14 @@ inside the write, not by its type.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import resource
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 
@@ -154,3 +155,15 @@ def npy_writer(array: np.ndarray) -> Callable[[IO[bytes]], object]:
 def write_text(path: Path, text: str) -> None:
     """`atomic_write` of UTF-8 text."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_json(path: Path, fix: str) -> dict[str, Any]:
+    """A run file written by `write_json` (eval.json, probe.json): its object, or one line naming the
+    file and the `fix` when it is damaged or not an object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FastclrError(f"{path} is damaged ({e}); {fix}") from None
+    return obj

@@ -137,18 +137,6 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path, fix: str) -> dict[str, Any]:
-    """A run file written by `write_json` (eval.json, probe.json): its object, or one line naming the
-    file and the `fix` when it is damaged or not an object."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(obj, dict):
-            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise FastclrError(f"{path} is damaged ({e}); {fix}") from None
-    return obj
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of run_dir/metrics.jsonl. A last line cut short (the disk filled while it was
     appended) is not a record and is left out; a damaged line before it is an error."""

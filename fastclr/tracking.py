@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastclr.errors import FastclrError
-from fastclr.files import write_text
+from fastclr.files import read_json, write_text
 
 TRACKING_FILE = "tracking.json"
 EXTRAS = {"mlflow": ("mlflow", "fastclr[mlflow]"), "wandb": ("wandb", "fastclr[wandb]")}
@@ -99,13 +99,7 @@ def read_ids(run_dir: Path) -> dict[str, str]:
     path = run_dir / TRACKING_FILE
     if not path.exists():
         return {}
-    try:
-        ids = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(ids, dict):
-            raise ValueError("not an object")
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise FastclrError(f"{path} is damaged ({e}); delete it, and the trackers start new runs for this "
-                           "run directory") from None
+    ids = read_json(path, "delete it, and the trackers start new runs for this run directory")
     return {str(k): str(v) for k, v in ids.items()}
 
 

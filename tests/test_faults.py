@@ -462,7 +462,7 @@ def test_a_checkpoint_written_after_resume_chose_its_own_is_not_passed_over(
 
 
 def test_a_process_told_to_die_with_its_parent_gets_the_signal_when_the_parent_is_killed(tmp_path: Path) -> None:
-    """torchrun starts each rank in its own session, so a launcher killed outright left its ranks
+    """torchrun starts each rank with setsid(), apart from its launcher, so a launcher killed outright left its ranks
     training and holding the run's lock; a rank asks for SIGTERM at its parent's death (it then
     stops with a checkpoint). Here: a parent starts such a child and is SIGKILLed."""
     got, ready = tmp_path / "got", tmp_path / "ready"

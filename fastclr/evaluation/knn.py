@@ -6,15 +6,13 @@ exp(similarity / tau). Cheap and label-light: the online monitor during pretrain
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from fastclr.runtime import FP32, Precision, bf16_native_on
 
 
-def topk_columns(values: torch.Tensor, k: int, top: Any = None) -> torch.Tensor:
+def topk_columns(values: torch.Tensor, k: int, top: torch.return_types.topk | None = None) -> torch.Tensor:
     """Columns (q, k), ascending, of the k largest values of each row of `values` (q, N); among
     values equal to the k-th largest, the first columns. (`topk` alone picks an arbitrary subset
     of a tie, so duplicate images or all-zero features made results depend on its internals.)

@@ -33,7 +33,8 @@ from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
-from fastclr.runs import read_json, write_json
+from fastclr.files import read_json
+from fastclr.runs import write_json
 from fastclr.tracking import numbers, read_ids, tracked
 from fastclr.tracking import require as require_trackers
 from fastclr.runtime import select_device

@@ -76,9 +76,10 @@ def _store_source(path: Path, split: str) -> Source:
 
 
 @contextlib.contextmanager
-def open_source(data: str, split: str, decode: DecodeOptions, workers: int = 0, root: str | None = None,
-                log: Callable[[str], None] = print, skipped_list: Path | None = None) -> Iterator[Source]:
-    """The images `data` names: a built-in dataset, a store, or a folder (decoded with `decode` to
+def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], workers: int = 0,
+                root: str | None = None, log: Callable[[str], None] = print,
+                skipped_list: Path | None = None) -> Iterator[Source]:
+    """The images `data` names: a built-in dataset, a store, or a folder (decoded with `decode()` to
     a temporary store, removed afterwards; its list of skipped files comes with the source, and the
     log names `skipped_list` as the place the caller keeps it). `split` is all, unlabeled, train or test."""
     if split not in ("all", *SPLITS):
@@ -93,7 +94,7 @@ def open_source(data: str, split: str, decode: DecodeOptions, workers: int = 0, 
     elif path.is_dir():
         with tempfile.TemporaryDirectory(prefix="fastclr-embed-") as tmp:
             store = Path(tmp) / "store"
-            result = prepare_store(path, store, decode, workers=workers, log=log, skipped_list=skipped_list)
+            result = prepare_store(path, store, decode(), workers=workers, log=log, skipped_list=skipped_list)
             source = _store_source(store, split)
             source.skipped_csv = (store / SKIPPED).read_bytes() if result.skipped else None
             yield source
@@ -181,12 +182,10 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
     FILE is removed when nothing is skipped now."""
     if batch_size < 1:
         raise FastclrError(f"--batch-size must be at least 1, got {batch_size}")
-    c = run.spec.in_channels
     npy, _ = output_paths(out)
     skipped = npy.with_suffix(".skipped.csv")
-    decode = folder_decoding(run, log) if Path(data).is_dir() and not is_store(Path(data)) and data not in REGISTRY \
-        else DecodeOptions(run.spec.image_size, channels=str(c))
-    with open_source(data, split, decode, workers, run.config.data.root or None, log, skipped_list=skipped) as src:
+    with open_source(data, split, lambda: folder_decoding(run, log), workers, run.config.data.root or None, log,
+                     skipped_list=skipped) as src:
         try:
             features = _embed_source(run, src, data, split, device, batch_size, log)
             paths = write_embeddings(out, features, src.rows, src.skipped_csv)

@@ -22,7 +22,7 @@ import torch
 
 from fastclr.data import Dataset, ImageSet, load_data
 from fastclr.files import write_text
-from fastclr.runs import read_json
+from fastclr.files import read_json
 from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift

@@ -36,7 +36,8 @@ from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
 from fastclr.pretrained import LoadedRun, load_run, trained_head
-from fastclr.runs import read_json, write_json
+from fastclr.files import read_json
+from fastclr.runs import write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
 from fastclr.semisup.distill import distill
 from fastclr.semisup.network import CLASSIFIER_FILE, Classifier, load_classifier, neck_of, save_classifier
