@@ -185,7 +185,7 @@ def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, siz
     no_flip = torch.zeros_like(flip)
     ry = resample_matrix(box[:, 1], box[:, 3], h, size, no_flip)  # (B, S, H)
     rx = resample_matrix(box[:, 0], box[:, 2], w, size, flip)  # (B, S, W)
-    return ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
+    return ry[:, None].to(x.dtype) @ x @ rx[:, None].transpose(-1, -2).to(x.dtype)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -262,7 +262,7 @@ def augment(x: torch.Tensor, p: ViewParams, size: int, cfg: AugmentConfig) -> to
     if x.shape[1] == 3 and cfg.grayscale_p > 0:
         x = torch.where(_per_image(p.gray), grayscale(x).expand_as(x), x)
     if cfg.blur_p > 0:
-        x = gaussian_blur(x, p.blur_sigma)
+        x = gaussian_blur(x, p.blur_sigma).clamp(0, 1)  # its rows sum to 1 within rounding: 1 + 5e-7 on white
     if cfg.solarize_p > 0:
         x = torch.where(_per_image(p.solarize) & (x >= 0.5), 1 - x, x)
     if cfg.erase_p > 0 and p.erase is not None and p.erase_value is not None:
@@ -348,7 +348,7 @@ def render_views(
     """uint8 (B, H, W, C) and the parameters of KB views -> float32 (KB, C, S, S): deterministic."""
     size = cfg.crop_size or images.shape[1]
     x = to_float(images)
-    x = torch.cat([x] * (params.box.shape[0] // x.shape[0]))  # (KB, C, H, W): view 1, then view 2, ...
+    x = x.repeat(params.box.shape[0] // max(x.shape[0], 1), 1, 1, 1)  # (KB, C, H, W): view 1, then view 2, ...
     out = augment(x, params, size, cfg)
     if mean is not None and std is not None:
         out = normalize(out, mean, std)

@@ -14,6 +14,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -50,6 +51,26 @@ class StopFlag:
             yield
         finally:
             self.raising = False
+
+
+@contextmanager
+def cleanup_on_sigterm() -> Iterator[None]:
+    """Inside: a SIGTERM that would kill the process outright (its default action, in the main
+    thread) raises SystemExit(128 + SIGTERM) instead, so `finally` blocks remove what they made
+    (a download's part file) and the process still ends with the status a kill by SIGTERM gives
+    in a shell. Where SIGTERM already has a handler (a training run's stop flag), it keeps it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -268,6 +268,21 @@ def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pyte
     assert [r["step"] for r in records if "knn_acc" in r] == [6, 12]
 
 
+def test_an_epoch_ends_refit_counts_the_monitor_pass_that_follows_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 s a step (0.5 for the first 5), a kNN pass of 10 s at every epoch end (50 steps), a 2-minute
+    budget. At step 100 the loop has spent 107.5 s. Fitted before that epoch's pass, the run would be
+    granted 11 more steps, and the pass and the steps would end it at 128.5 s. Fitted after the pass
+    (117.5 s), it ends within a step of 120 s. The last steps, after the last log, are logged too."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0, monitor_s=10.0)
+    monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+    res, records = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=50, monitor_share=1.0, log_every=1000)
+    assert [r["step"] for r in records if "knn_acc" in r] == [50, 100]
+    assert 120.0 - 1.0 <= res.train_seconds <= 120.0 + 1.0, res.train_seconds
+    assert res.steps == 102 and res.train_seconds == pytest.approx(2.5 + 97 * 1.0 + 2 * 10.0)
+    assert [r["step"] for r in records if "loss" in r] == [102]
+
+
 @pytest.mark.parametrize("share, passes", [(0.05, [6]), (1.0, [6, 12, 18])])
 def test_monitor_passes_are_sized_by_their_measured_share_of_the_wall_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float, passes: list[int]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fastclr.data import formats
-from fastclr.data.download import RemoteFile, fetch
+from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, file_md5
 from fastclr.errors import FastclrError
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
@@ -224,9 +224,10 @@ def spec(name: str) -> DatasetSpec:
     return REGISTRY[name]
 
 
-def locate(name: str, root: str | Path | None = None) -> Path | None:
+def locate(name: str, root: str | Path | None = None, partial_ok: bool = False) -> Path | None:
     """The first folder in the search order that holds all files of `name`, or None. An explicit
-    `root` must exist, and its folder of `name`, where it has one, must be complete."""
+    `root` must exist, and its folder of `name`, where it has one, must be complete; with
+    `partial_ok` (a download will complete it) an incomplete one gives None, never another copy."""
     s = spec(name)
     if root:  # asked for by name: used whole or refused, never quietly passed over for another folder
         if not Path(root).is_dir():
@@ -235,10 +236,13 @@ def locate(name: str, root: str | Path | None = None) -> Path | None:
         folder = Path(root) / s.folder
         present = [f for f in s.files if _idx_file(folder, f).exists()]
         if folder.is_dir() and len(present) < len(s.files):
+            if partial_ok:
+                return None
             missing = [f for f in s.files if f not in present]
             raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
-                               f"{', '.join(missing)}; add them there, or drop --data-root to use another copy "
-                               "(files are never mixed from two folders)")
+                               f"{', '.join(missing)}; add them there (`fastclr download {name} --root {root}` "
+                               "fetches them), or drop the root (--data-root, --root) to use another copy (files are "
+                               "never mixed from two folders)")
     for r in search_roots(root):
         folder = r / s.folder
         if _has_files(folder, s.files):
@@ -258,7 +262,7 @@ def download_root(root: str | Path | None = None) -> Path:
 def ensure(name: str, root: str | Path | None = None, download: bool = True) -> Path:
     """The folder holding dataset `name`, downloading it when allowed; a clear error otherwise."""
     s = spec(name)
-    found = locate(name, root)
+    found = locate(name, root, partial_ok=download)
     if found is not None:
         return found
     where = ", ".join(str(r / s.folder) for r in search_roots(root))
@@ -269,7 +273,12 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True) -> 
     target = dest / s.folder
     try:
         for remote in s.remote:
-            fetch(remote, dest if remote.extract else target)
+            into = dest if remote.extract else target
+            if not remote.extract and (into / remote.filename).is_file() and file_md5(into / remote.filename) == remote.md5:
+                continue  # fetched whole by an interrupted download before: only the rest is missing
+            fetch(remote, into)
+    except DownloadWriteFailed:  # the disk, not the network: downloading by hand would fail alike
+        raise
     except FastclrError as e:
         raise FastclrError(f"{name} files not found (looked in {where}) and {e}; {hint}") from None
     found = locate(name, root)
@@ -295,6 +304,10 @@ def check_consistent(ds: Dataset, where: Path | str) -> None:
     """One-line errors, before any training, for data that would train or evaluate wrongly: a label
     count unlike the image count, labels outside the class list, splits of different image shapes."""
     shape = ds.pretrain.images.shape[1:]
+    for split, s in (("pretraining", ds.pretrain), ("train", ds.train), ("test", ds.test)):
+        if s is not None and len(s.images) == 0:
+            raise FastclrError(f"{where}: the {split} split holds no images; the files are empty or damaged, "
+                               "fetch them again")
     for split, s in (("train", ds.train), ("test", ds.test)):
         if s is None:
             continue

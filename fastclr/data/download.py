@@ -8,18 +8,28 @@ or corrupted download never leaves a file that looks valid.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 import zlib
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastclr.files import FILE_MODE
+from fastclr.files import FILE_MODE, is_write_error, write_failure_reason
 from fastclr.errors import FastclrError
+from fastclr.signals import cleanup_on_sigterm
+
+# A live download writes at least every read timeout (60 s); a part file untouched this long was
+# left by a process killed outright (SIGKILL, power loss) and is removed by the next download.
+STALE_PART_S = 600.0
+
+
+class DownloadWriteFailed(FastclrError):
+    """The file system refused the download (full disk, quota, file-size limit): not the network."""
 
 
 @dataclass(frozen=True)
@@ -50,53 +60,84 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     """Download `remote` into `dest_dir`, verify its MD5, extract it if it is an archive.
 
     Returns the path of the verified file (or of `dest_dir` for an extracted archive).
-    Raises `FastclrError` on network failure or checksum mismatch, leaving nothing behind.
+    Raises `FastclrError` on network failure or checksum mismatch (`DownloadWriteFailed` when the
+    file system refuses it), leaving nothing behind, also when SIGTERM ends the process meanwhile.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dest_dir, remote.filename)
     final = dest_dir / remote.filename
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
-    os.fchmod(fd, FILE_MODE)
-    tmp = Path(tmp_name)
-    try:
-        h = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
-            while block := resp.read(1 << 20):
-                h.update(block)
-                out.write(block)
-        if h.hexdigest() != remote.md5:
-            raise FastclrError(
-                f"checksum mismatch for {remote.url}: got md5 {h.hexdigest()}, expected {remote.md5}; "
-                "the download is corrupted or the source changed, try again or fetch the file by hand"
-            )
-        if remote.extract:
-            unpack(tmp, dest_dir, remote.filename)
-            return dest_dir
-        os.replace(tmp, final)
-        return final
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise FastclrError(f"cannot download {remote.url} ({reason})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with cleanup_on_sigterm():
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
+        os.fchmod(fd, FILE_MODE)
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.md5(usedforsecurity=False)
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
+                while block := resp.read(1 << 20):
+                    h.update(block)
+                    out.write(block)
+            if h.hexdigest() != remote.md5:
+                raise FastclrError(
+                    f"checksum mismatch for {remote.url}: got md5 {h.hexdigest()}, expected {remote.md5}; "
+                    "the download is corrupted or the source changed, try again or fetch the file by hand"
+                )
+            if remote.extract:
+                unpack(tmp, dest_dir, remote.filename)
+                return dest_dir
+            os.replace(tmp, final)
+            return final
+        except OSError as e:
+            if is_write_error(e):
+                raise DownloadWriteFailed(f"cannot write {remote.filename} into {dest_dir} ("
+                                          f"{write_failure_reason(e, final)}); free space there or choose another "
+                                          "--root / $FASTCLR_DATA, and run the download again") from None
+            reason = getattr(e, "reason", e)
+            raise FastclrError(f"cannot download {remote.url} ({reason})") from None
+        except http.client.HTTPException as e:  # a reply cut off mid-body, or not HTTP at all (a proxy, a wrong port)
+            raise FastclrError(f"cannot download {remote.url} (the connection broke off: {e!r}); "
+                               "run the download again") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def remove_stale_parts(dest_dir: Path, filename: str, older_than_s: float = STALE_PART_S) -> list[Path]:
+    """Remove the part files of `filename` in `dest_dir` that no live download is writing."""
+    removed = []
+    for part in dest_dir.glob(f".{filename}.*.part"):
+        try:
+            if time.time() - part.stat().st_mtime > older_than_s:
+                part.unlink()
+                removed.append(part)
+        except FileNotFoundError:  # its download finished or removed it meanwhile
+            pass
+    return removed
 
 
 def unpack(archive: Path, dest_dir: Path, name: str) -> None:
     """Extract a verified .tar.gz into `dest_dir` through a temporary folder beside it: each file
     is moved into place (replacing its namesake, leaving other files) only once the whole archive
-    is out, so a full disk or a damaged archive leaves no truncated file that looks valid."""
+    is out and every target is known to take a file, so a full disk or a damaged archive leaves
+    no truncated file that looks valid."""
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest_dir))
+    moved = 0
     try:
         with tarfile.open(archive, "r:gz") as tar:
             # filter="data" refuses absolute paths, '..' and device files (PEP 706).
             tar.extractall(staging, filter="data")
-        for path in sorted(staging.rglob("*")):
-            if path.is_file():
-                target = dest_dir / path.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+        files = [(path, dest_dir / path.relative_to(staging)) for path in sorted(staging.rglob("*")) if path.is_file()]
+        for _, target in files:
+            if target.is_dir():
+                raise FastclrError(f"cannot unpack {name} into {dest_dir}: {target} is a folder where the archive "
+                                   "has a file; move it away and run the download again (nothing was replaced)")
+        for path, target in files:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved += 1
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise FastclrError(f"cannot unpack {name} into {dest_dir} ({e}); nothing of it was kept: make room there "
-                           "(or choose another --root / $FASTCLR_DATA) and run the download again") from None
+        done = (f"{moved} of its files were already in place and are kept" if moved else "nothing of it was kept")
+        why = (f"{write_failure_reason(e, dest_dir / name)}; make room there (or choose another --root / "
+               "$FASTCLR_DATA)" if is_write_error(e) else f"{e}; the archive is damaged or the folder cannot take it")
+        raise FastclrError(f"cannot unpack {name} into {dest_dir} ({why}); {done}: run the download again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
 import zlib
@@ -43,7 +44,7 @@ def read_idx(path: Path) -> np.ndarray:
                            f"{len(data)} bytes); delete it and fetch it again")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[data[2]]).newbyteorder(">")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a crafted header cannot wrap around to a small count
     if len(data) - header != count * dtype.itemsize:
         raise FastclrError(
             f"{path} is truncated: header says {shape} but holds {len(data) - header} bytes; "

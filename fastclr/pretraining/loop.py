@@ -194,14 +194,22 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 window_start = now
             if checkpoint_now or stop_now:
                 run.checkpoint()
-            if run.monitor.due(epoch_ended, s.train_seconds) and not stop_now:  # a stop exits promptly
-                run.monitor_pass()
-            if stop_now:
+            if stop_now:  # a stop exits promptly, without the epoch end's monitor pass
                 how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active
                        else f"`fastclr pretrain --resume {run.run_dir}`")
                 run.log(f"stopped at step {s.step}; checkpoint written; continue with {how}")
                 return True
+            if run.monitor.due(epoch_ended, s.train_seconds):
+                run.monitor_pass()
+                s.train_seconds = run.clock() - run.loop_start
+            if epoch_ended is not None:
+                run.refit_budget(end_of_epoch=True, after_monitor=True)
         s.train_seconds = run.clock() - run.loop_start  # with the last epoch's monitor pass
+        if run.window.steps:  # steps after the last log: the epoch end's refit ended the run
+            if ctx.active:
+                run.health.agree(False, ctx)
+            run.health.check(run.cfg, run.run_dir)
+            run.log_window(lr, run.clock() - window_start)
         run.checkpoint()
         return False
     finally:

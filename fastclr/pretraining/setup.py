@@ -142,14 +142,23 @@ class Run:
             group["lr"] = lr
         return lr
 
-    def refit_budget(self, end_of_epoch: bool) -> None:
+    def refit_budget(self, end_of_epoch: bool, after_monitor: bool = False) -> None:
         """Fit the step count to the time budget where due (rank 0's clock rules, so every rank
-        runs the same number of steps)."""
+        runs the same number of steps). Call after every step, and again at an epoch end once the
+        kNN monitor's pass is done (`after_monitor`): an epoch end's refit waits for it, since the
+        budget counts its seconds and a last fit made before it grants steps the pass then spends.
+        The first fit does not wait: at its step a pass would be most of the pace it measures."""
         s, b = self.state, self.budget
         if b is None:
             return
-        b.observe(s.step, s.train_seconds)
         fitted = not self.first_fit_ahead
+        first = s.step == b.first_fit_at and not fitted
+        if not after_monitor:
+            b.observe(s.step, s.train_seconds)
+            if end_of_epoch and not first:
+                return
+        elif first:
+            return
         if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
             s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             self.bar.total = s.total_steps

@@ -1,0 +1,201 @@
+"""Downloads that fail part-way: a broken connection, a full disk, SIGTERM, an interrupted set of
+files; each ends in one line naming the fix, and leaves no part file and no half-replaced folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import io
+import os
+import signal
+import socket
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import write_idx, write_idx_dataset
+from fastclr.data import formats
+from fastclr.data.datasets import IDX_FILES, REGISTRY, ensure, load_builtin, locate
+from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, remove_stale_parts, unpack
+from fastclr.errors import FastclrError
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Callable[[socket.socket], None]], str]]:
+    """`serve(reply)` -> the URL of a one-connection server on localhost whose reply is `reply(conn)`."""
+    threads: list[threading.Thread] = []
+
+    def serve(reply: Callable[[socket.socket], None]) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def run() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)  # the request
+                reply(conn)
+            listener.close()
+
+        threads.append(threading.Thread(target=run, daemon=True))
+        threads[-1].start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/f.gz"
+
+    yield serve
+    for t in threads:
+        t.join(timeout=10)
+
+
+def _parts(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".part")] if folder.exists() else []
+
+
+@pytest.mark.parametrize("reply, seen", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n0123456789", "IncompleteRead"),  # cut off mid-chunk
+    (b"SSH-2.0-OpenSSH_9.6\r\n", "BadStatusLine"),  # not HTTP: a wrong port, a proxy
+])
+def test_a_broken_or_foreign_reply_is_a_one_line_error_and_leaves_nothing(
+        raw_server: Callable[..., str], tmp_path: Path, reply: bytes, seen: str) -> None:
+    url = raw_server(lambda conn: conn.sendall(reply))
+    with pytest.raises(FastclrError) as e:
+        fetch(RemoteFile(url, "0" * 32), tmp_path / "dest")
+    assert f"cannot download {url} (the connection broke off: {seen}" in str(e.value) and "\n" not in str(e.value)
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_sigterm_during_a_download_removes_its_part_file_and_exits_as_killed(
+        raw_server: Callable[..., str], tmp_path: Path) -> None:
+    """The server sends half the body, then SIGTERM reaches the main thread, blocked in the read:
+    the process ends with SystemExit(128 + 15), as a kill by SIGTERM, after its finally blocks ran."""
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def reply(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n" + b"x" * 2_000_000)
+        time.sleep(0.2)
+        signal.pthread_kill(main, signal.SIGTERM)
+        time.sleep(0.2)
+        conn.sendall(b"x" * 1000)  # wakes the read, should the signal not have
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a plain `fastclr download`
+    try:
+        url = raw_server(reply)
+        with pytest.raises(SystemExit) as e:
+            fetch(RemoteFile(url, "0" * 32), tmp_path / "dest")
+        assert e.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored on the way out
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_part_files_no_download_is_writing_are_removed_by_the_next(tmp_path: Path) -> None:
+    """A process killed outright (SIGKILL) leaves its part file; the next download of that file
+    removes those untouched for 10 minutes, and leaves a live one (fresh) and other files' alone."""
+    old, live, other = (tmp_path / n for n in (".f.gz.abc.part", ".f.gz.def.part", ".g.gz.abc.part"))
+    for p in (old, live, other):
+        p.write_bytes(b"x")
+    stale = time.time() - 601
+    os.utime(old, (stale, stale))
+    os.utime(other, (stale, stale))
+    assert remove_stale_parts(tmp_path, "f.gz") == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_a_full_disk_is_named_as_such_not_as_a_network_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing the download: the error says the disk and the fix (free space or another
+    root), not "cannot download" and not the hint to fetch the files by hand, which would fail alike."""
+    payload = b"p" * 1000
+    src = tmp_path / "server" / "cifar-10-python.tar.gz"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    remote = RemoteFile(src.as_uri(), hashlib.md5(payload).hexdigest(), extract=True)
+    monkeypatch.setitem(REGISTRY, "cifar10", dataclasses.replace(REGISTRY["cifar10"], remote=(remote,)))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd: int, mode: str) -> None:
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *a: Any) -> None:
+            self.f.close()
+
+        def write(self, block: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fastclr.data.download.os.fdopen", Full)
+    (tmp_path / "root").mkdir()
+    with pytest.raises(DownloadWriteFailed) as e:
+        ensure("cifar10", tmp_path / "root")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write cifar-10-python.tar.gz into {tmp_path / 'root'} (No space left on device")
+    assert "free space there or choose another --root" in msg and "cannot download" not in msg
+    assert "cs.toronto.edu" not in msg and _parts(tmp_path / "root") == []
+
+
+def test_an_interrupted_download_into_a_root_fetches_only_what_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two of the four files came whole before the network failed: the same command completes the
+    folder (the two it has are verified by checksum and not fetched again; their URLs here lead
+    nowhere), where it used to be refused as an incomplete root."""
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    write_idx_dataset(tmp_path / "server", n_train=16, n_test=8)
+    folder = tmp_path / "root" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    remotes = []
+    for i, name in enumerate(IDX_FILES):
+        data = (tmp_path / "server" / name).read_bytes()
+        if i < 2:
+            (folder / name).write_bytes(data)
+        url = (tmp_path / "nowhere" / name).as_uri() if i < 2 else (tmp_path / "server" / name).as_uri()
+        remotes.append(RemoteFile(url, hashlib.md5(data).hexdigest()))
+    monkeypatch.setitem(REGISTRY, "fashion-mnist", dataclasses.replace(REGISTRY["fashion-mnist"], remote=tuple(remotes)))
+    with pytest.raises(FastclrError, match=r"fastclr download fashion-mnist --root .*fetches them"):
+        locate("fashion-mnist", tmp_path / "root")  # asked for without a download: refused, and told how
+    ds = load_builtin("fashion-mnist", tmp_path / "root")
+    assert ds.origin == str(folder) and len(ds.train) == 16 and len(ds.test) == 8
+
+
+def test_idx_files_of_no_images_or_a_header_that_wraps_are_refused(tmp_path: Path) -> None:
+    """A header of 65536^4 items wraps to 0 in int64, so a 20-byte file looked complete; and a
+    dataset of 0 images was accepted as "read and checked"."""
+    wraps = tmp_path / "wraps.idx"
+    wraps.write_bytes(bytes([0, 0, 0x08, 4]) + (65536).to_bytes(4, "big") * 4)
+    with pytest.raises(FastclrError, match="wraps.idx is truncated: header says"):
+        formats.read_idx(wraps)
+    write_idx_dataset(tmp_path / "fashion-mnist", n_train=16, n_test=8)
+    write_idx(tmp_path / "fashion-mnist" / IDX_FILES[0], formats.np.zeros((0, 28, 28), formats.np.uint8))
+    write_idx(tmp_path / "fashion-mnist" / IDX_FILES[1], formats.np.zeros((0,), formats.np.uint8))
+    with pytest.raises(FastclrError, match="the pretraining split holds no images; the files are empty or damaged"):
+        load_builtin("fashion-mnist", tmp_path, download=False)
+
+
+def test_an_archive_with_a_file_where_a_folder_is_replaces_nothing(tmp_path: Path) -> None:
+    """Files move into place one by one; a target that cannot take its file (a folder there) is found
+    before the first move, so the folder is not left half old, half new."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("pkg/a_batch", "pkg/z_batch"):
+            info = tarfile.TarInfo(name)
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"NEW-A" if name.endswith("a_batch") else b"NEW-Z"))
+    archive = tmp_path / "pkg.tar.gz"
+    archive.write_bytes(buf.getvalue())
+    dest = tmp_path / "data"
+    (dest / "pkg" / "z_batch").mkdir(parents=True)
+    (dest / "pkg" / "a_batch").write_bytes(b"OLD-A")
+    with pytest.raises(FastclrError, match=r"z_batch is a folder where the archive has a file.*nothing was replaced"):
+        unpack(archive, dest, "pkg.tar.gz")
+    assert (dest / "pkg" / "a_batch").read_bytes() == b"OLD-A"
+    assert sorted(p.name for p in dest.iterdir()) == ["pkg"]  # no staging folder left
