@@ -85,10 +85,18 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
 
 
 def trained_head(run: LoadedRun, device: torch.device) -> ProjectionHead | None:
-    """The projection head g of the run's newest valid checkpoint, in eval mode; None without one."""
+    """The projection head g of the run's newest valid checkpoint, in eval mode; None without one.
+    That checkpoint must hold the run's encoder: a head from an older step (the newest checkpoint
+    damaged) would sit under an encoder it was not trained with, and is refused."""
     if not list_checkpoints(run.run_dir):
         return None
-    _, state = latest_valid_checkpoint(run.run_dir)
+    path, state = latest_valid_checkpoint(run.run_dir)
+    mine = run.encoder.state_dict()
+    theirs = state["encoder"]
+    if set(theirs) != set(mine) or any(not torch.equal(theirs[k].to(mine[k].device), mine[k]) for k in mine):
+        raise FastclrError(f"the newest checkpoint of {run.run_dir} that verifies, {path.name}, does not hold the "
+                           f"encoder of {ENCODER_FILE} (a newer one is damaged), so its projection head does not "
+                           "belong to it; fine-tune from h with --from-head-layer 0")
     m = run.config.model
     head = ProjectionHead(run.spec.feature_dim, m.head_hidden or run.spec.feature_dim, m.proj_dim, m.head_layers,
                           m.head_bn)

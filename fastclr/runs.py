@@ -125,6 +125,22 @@ def locked_by_another(run_dir: Path) -> str:
         os.close(fd)
 
 
+RUN_FILES = frozenset({"config.toml", "encoder.safetensors", "metrics.jsonl", "eval.json", "probe.json",
+                       "tracking.json", "classifier.safetensors", "finetune.json", "distill.json", LOCK_FILE})
+"""What a run directory (or a finetune/distill output in it) holds that a command's --out must not replace."""
+
+
+def refuse_run_file(out: Path, flag: str = "--out") -> None:
+    """One line when `out` would replace a file a run needs: one of RUN_FILES beside a config.toml
+    (a run directory), or anything in a run's checkpoints/ folder."""
+    path = out.resolve()
+    folder = path.parent
+    if (path.name in RUN_FILES and (folder / "config.toml").exists()) or \
+            (folder.name == "checkpoints" and (folder.parent / "config.toml").exists()):
+        raise FastclrError(f"{flag} {out} would replace the run's own {path.name}, which the run needs; "
+                           f"choose another {flag}")
+
+
 def write_config(run_dir: Path, cfg: Config) -> Path:
     """Save the resolved config as run_dir/config.toml."""
     out = run_dir / "config.toml"

@@ -291,9 +291,147 @@ def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pyte
     assert main(["finetune", str(run_dir), "--labels-per-class", "5", "--from-head-layer", "2", "--device", "cpu"]) == 2
     assert "--from-head-layer 2: the run's projection head has 2 linear layers" in capsys.readouterr().err
     assert main(["finetune", str(run_dir), "--labels-per-class", "5", "--from-head-layer", "-1"]) == 2
-    assert "--from-head-layer must be at least 0, got -1" in capsys.readouterr().err
+    assert "--from-head-layer must be a finite number of at least 0, got -1" in capsys.readouterr().err
     assert main(["distill", str(run_dir), "--steps", "0"]) == 2
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, flags, said", [
+    ("finetune", ["--seed", "-1"], "--seed takes 0 to 18446744073709551615, got -1"),
+    ("finetune", ["--seed", str(10**23)], "--seed takes 0 to 18446744073709551615, got 1000"),
+    ("distill", ["--seed", str(10**23)], "--seed takes 0 to 18446744073709551615, got 1000"),
+    ("finetune", ["--lr", "inf"], "--lr must be a finite number above 0, got inf"),
+    ("finetune", ["--batch-size", "1", "--baseline"], "--batch-size must be at least 2 (BatchNorm trains on batch"),
+    ("distill", ["--batch-size", "1"], "--batch-size must be at least 2"),
+    ("distill", ["--student-width", "nan"], "--student-width must be a finite number of at least 0, got nan"),
+    ("distill", ["--student-width", "inf"], "--student-width must be a finite number of at least 0, got inf"),
+    ("distill", ["--temperature", "inf"], "--temperature must be a finite number above 0, got inf"),
+    ("distill", ["--label-weight", "2"], "--label-weight must be in [0, 1], got 2.0"),
+])
+def test_bad_settings_are_one_line_before_anything_is_read_or_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flags: list[str], said: str) -> None:
+    """Each was a traceback (seeds, widths, a batch of 1 in BatchNorm) or, for the distillation's
+    settings, a refusal only after the run, the teacher and the data were read and --out was made."""
+    target = tmp_path / "nowhere"  # a teacher or run that does not exist: the setting is refused first
+    extra = ["--labels-per-class", "5"] if command == "finetune" else []
+    assert main([command, str(target), *extra, *flags, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_out_over_a_run_directory_is_refused_and_its_encoder_kept(run: Run, finetuned: dict[str, Any]) -> None:
+    """`--out RUN_DIR` replaced the run's pretrained encoder.safetensors with the classifier's."""
+    run_dir, ds = run
+    before = (run_dir / "encoder.safetensors").read_bytes()
+    with pytest.raises(FastclrError, match="already holds a run's files, which this fine-tuned classifier would"):
+        finetune_run(run_dir, dataclasses.replace(FT, steps=1, baseline=False), out=run_dir, dataset=ds,
+                     log=lambda s: None)
+    with pytest.raises(FastclrError, match="already holds a run's files, which this distilled classifier would"):
+        distill_run(Path(finetuned["out"]), dataclasses.replace(DS, steps=1), out=run_dir, dataset=ds,
+                    log=lambda s: None)
+    assert (run_dir / "encoder.safetensors").read_bytes() == before
+
+
+def test_a_diverging_fine_tune_is_refused_and_writes_nothing(run: Run, tmp_path: Path) -> None:
+    """At lr 1e9 the loss turns NaN: it was saved as a classifier of NaN weights, exit 0, with the
+    non-JSON token NaN in finetune.json."""
+    run_dir, ds = run
+    with pytest.raises(FastclrError, match="training the classifier diverged: its loss became NaN or infinite at a "
+                                           "learning rate of 1e[+]09; lower --lr"):
+        finetune_run(run_dir, dataclasses.replace(FT, steps=3, lr=1e9, baseline=False), out=tmp_path / "ft",
+                     dataset=ds, log=lambda s: None)
+    assert not any((tmp_path / "ft").iterdir())
+
+
+def test_the_baseline_is_the_fine_tuned_networks_architecture_freshly_initialised(
+        run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From head layer 1 the classifier is encoder -> Linear+BN+ReLU -> Linear; its baseline was
+    encoder -> Linear alone, though documented as the same network."""
+    import fastclr.semisup.pipeline as pipeline
+    from fastclr.evaluation import supervised
+
+    heads: list[torch.nn.Module] = []
+    real = supervised.scratch_network
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        enc, head = real(*args, **kw)
+        heads.append(head)
+        return enc, head
+
+    monkeypatch.setattr(supervised, "scratch_network", spy)
+    run_dir, ds = run
+    r = finetune_run(run_dir, dataclasses.replace(FT, steps=1), out=tmp_path / "ft", dataset=ds, log=lambda s: None)
+    model, _, _ = load_classifier(tmp_path / "ft")
+    fine = {k: v.shape for k, v in torch.nn.Sequential(model.neck, model.fc).state_dict().items()}
+    assert len(heads) == 1 and {k: v.shape for k, v in heads[0].state_dict().items()} == fine
+    assert "baseline_accuracy" in r and pipeline.FINETUNE_FILE == "finetune.json"
+
+
+def test_a_head_from_another_step_than_the_encoder_is_refused(run: Run) -> None:
+    """The head comes from the newest checkpoint that verifies, the encoder from encoder.safetensors:
+    were the newest checkpoint damaged, the head of an older step would sit under the final encoder."""
+    from fastclr.pretrained import trained_head
+
+    loaded = load_run(run[0])
+    assert trained_head(loaded, torch.device("cpu")) is not None  # the same step: taken
+    other = dataclasses.replace(loaded, encoder=__import__("copy").deepcopy(loaded.encoder))
+    with torch.no_grad():
+        next(other.encoder.parameters()).add_(1e-3)
+    with pytest.raises(FastclrError, match=r"does not hold the encoder of encoder.safetensors .*--from-head-layer 0"):
+        trained_head(other, torch.device("cpu"))
+
+
+def test_distill_from_the_teachers_own_folder_names_the_output_after_it(
+        run: Run, finetuned: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastclr distill .` wrote the student into RUN/distill/ itself (the name of "." is "")."""
+    import shutil
+
+    run_dir, ds = run
+    teacher = tmp_path / "teach2"
+    shutil.copytree(finetuned["out"], teacher)
+    monkeypatch.chdir(teacher)
+    r = distill_run(Path("."), dataclasses.replace(DS, steps=1), dataset=ds, log=lambda s: None)
+    assert Path(r["out"]) == run_dir / "distill" / "teach2"
+
+
+def test_distillation_reads_a_memory_mapped_pool_without_copying_it(
+        run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every image of a store is the student's pool: the memory map goes to the loader, which reads
+    a batch at a time, not a copy of the store in memory."""
+    from fastclr.evaluation import classifier
+
+    run_dir, ds = run
+    assert ds.train is not None
+    path = tmp_path / "pool.npy"
+    np.save(path, ds.train.images)
+    mapped = np.load(path, mmap_mode="r")
+    seen: list[type] = []
+    real = classifier.ImageSource
+
+    def spy(images: Any, device: Any) -> Any:
+        seen.append(type(images))
+        return real(images, device)
+
+    monkeypatch.setattr(classifier, "ImageSource", spy)
+    r = load_run(run_dir)
+    setup = labelled_splits(r, ds, torch.device("cpu"), dataclasses.replace(EvaluateOptions(), steps=1).recipe(0.5))
+    setup = dataclasses.replace(setup, train_images=mapped)
+    head = torch.nn.Linear(r.spec.feature_dim, 10)
+    classifier.train_classifier(r.encoder, head, setup, np.arange(len(mapped)), 0)
+    classifier.train_classifier(r.encoder, head, setup, np.arange(5), 0)
+    assert seen == [np.memmap, np.ndarray]
+
+
+def test_a_label_fraction_a_class_cannot_give_names_the_largest_that_works() -> None:
+    from fastclr.semisup.pipeline import _per_class
+
+    labels = np.array([0] * 10 + [1] * 4 + [2] * 10)
+    with pytest.raises(FastclrError, match=r"--label-fraction 1 asks for 8 labels per class but a class has only 4 "
+                                           r"labelled training images; use --label-fraction of at most 0.5$"):
+        _per_class(FinetuneOptions(label_fraction=1.0), labels, 3)
+    assert _per_class(FinetuneOptions(label_fraction=0.5), labels, 3) == 4
+    with pytest.raises(FastclrError, match=r"class 1 \(b\) has no labelled training images"):
+        stratified_subset(np.array([0, 0, 2, 2]), 1, 0, ["a", "b", "c"])
 
 
 def test_a_damaged_finetune_json_is_one_line_naming_it(tmp_path: Path) -> None:
@@ -305,5 +443,10 @@ def test_a_damaged_finetune_json_is_one_line_naming_it(tmp_path: Path) -> None:
     (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": ')
     with pytest.raises(FastclrError, match=r"finetune.json is damaged .*; run `fastclr finetune` again"):
         read_teacher(tmp_path)
-    (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": 5}')
-    assert read_teacher(tmp_path) == {"labels_per_class": 5}
+    (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": 5}')  # JSON, but not all of a record
+    with pytest.raises(FastclrError, match=r"finetune.json is damaged: run_dir, seed, subset, accuracy missing or of "
+                                           r"the wrong type; run `fastclr finetune` again"):
+        read_teacher(tmp_path)
+    told = {"run_dir": "/r", "seed": 0, "labels_per_class": 5, "subset": "abc", "accuracy": 0.5}
+    (tmp_path / FINETUNE_FILE).write_text(json.dumps(told))
+    assert read_teacher(tmp_path) == told

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastclr.augment import normalize
+from fastclr.errors import FastclrError
 from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.pretraining.optim import build_optimizer
 from fastclr.evaluation.features import extract_features, prepare_images
@@ -101,7 +102,10 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
     dev = s.device
     scaler = torch.amp.GradScaler(dev.type, enabled=s.precision.loss_scaling)  # fp16 only
     torch.manual_seed(seed)
-    source = ImageSource(s.train_images[idx], dev)
+    # Every image (distillation's pool): the array itself, a memory map of a large store read a batch
+    # at a time, not a copy of it in memory.
+    everything = len(idx) == len(s.train_images) and bool((np.asarray(idx) == np.arange(len(idx))).all())
+    source = ImageSource(s.train_images if everything else s.train_images[idx], dev)
     loss_of = objective or labelled_objective(s.train_labels[idx], dev)
     sampler = BatchSampler(len(source), min(r.batch_size, len(source)), seed, dev)
     opt = build_optimizer("adamw", [encoder, head], r.lr, r.weight_decay)
@@ -118,6 +122,7 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     tail: list[torch.Tensor] = []
+    diverged = torch.zeros((), dtype=torch.bool, device=dev)  # on the device: the step never waits for it
     for step in range(r.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, r.steps, warmup, r.lr)
@@ -132,10 +137,14 @@ def train_classifier(encoder: nn.Module, head: nn.Module, setup: LabelledSetup, 
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        diverged |= ~torch.isfinite(loss.detach())
         if step >= r.steps - max(1, r.steps // 10):
             tail.append(loss.detach())
     encoder.eval()
     head.eval()
+    if bool(diverged):
+        raise FastclrError(f"training the classifier diverged: its loss became NaN or infinite at a learning rate of "
+                           f"{r.lr:g}; lower --lr")
     return float(torch.stack(tail).mean())
 
 

@@ -35,6 +35,9 @@ def stratified_subset(labels: np.ndarray, per_class: int, seed: int,
     short = int(np.argmin(counts))
     if counts[short] < per_class:
         name = f"{short} ({class_names[short]})" if class_names else str(short)
+        if counts[short] == 0:
+            raise FastclrError(f"class {name} has no labelled training images, and a class-balanced subset takes "
+                               "some of every class; label some of its images, or leave the class out")
         raise FastclrError(
             f"asked for {per_class} labels per class but class {name} has only {counts[short]} labelled training "
             f"images; use --labels-per-class values of at most {counts[short]}"

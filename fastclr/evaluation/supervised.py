@@ -17,18 +17,24 @@ from fastclr.evaluation.reference import untrained_encoder
 from fastclr.models import EncoderSpec
 
 
-def scratch_network(spec: EncoderSpec, setup: LabelledSetup, seed: int) -> tuple[nn.Module, nn.Linear]:
+def scratch_network(spec: EncoderSpec, setup: LabelledSetup, seed: int, neck: nn.Module | None = None,
+                    neck_dim: int = 0) -> tuple[nn.Module, nn.Module]:
     """A fresh encoder (the run's initial weights for `seed`) and a linear head on it, the global
-    random state seeded for the head's weights and the training draws that follow."""
+    random state seeded for the head's weights and the training draws that follow. With `neck` (a
+    freshly initialised module of output width `neck_dim`), the head is the neck then the linear
+    layer: the architecture of a classifier fine-tuned from a projection head's hidden layer."""
     torch.manual_seed(seed)
     enc = untrained_encoder(spec, seed, setup.device)
-    head = nn.Linear(spec.feature_dim, len(setup.classes)).to(setup.device)
-    return enc, head
+    linear = nn.Linear(neck_dim if neck is not None else spec.feature_dim, len(setup.classes))
+    head = nn.Sequential(neck, linear) if neck is not None else linear
+    return enc, head.to(setup.device)
 
 
-def train_from_scratch(spec: EncoderSpec, setup: LabelledSetup, idx: np.ndarray, seed: int) -> dict[str, float]:
-    """Test accuracy of a fresh encoder plus linear head trained on the labelled images `idx`."""
-    enc, head = scratch_network(spec, setup, seed)
+def train_from_scratch(spec: EncoderSpec, setup: LabelledSetup, idx: np.ndarray, seed: int,
+                       neck: nn.Module | None = None, neck_dim: int = 0) -> dict[str, float]:
+    """Test accuracy of a fresh encoder plus linear head (after `neck`, when given) trained on the
+    labelled images `idx`."""
+    enc, head = scratch_network(spec, setup, seed, neck, neck_dim)
     return fit_and_test(enc, head, setup, idx, seed)
 
 

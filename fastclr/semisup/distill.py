@@ -14,6 +14,7 @@ student's augmented batch (as the paper's code does) or once on the clean images
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,16 @@ def known_labels(n: int, labelled: np.ndarray, labels: np.ndarray) -> np.ndarray
 
 
 TEACHER_VIEWS = ("same", "clean")
+
+
+def check_distill_options(temperature: float, label_weight: float, teacher_views: str) -> None:
+    """One line for a distillation setting out of range (checked before anything is loaded)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise FastclrError(f"--temperature must be a finite number above 0, got {temperature}; SimCLRv2 uses 1")
+    if not 0 <= label_weight <= 1:
+        raise FastclrError(f"--label-weight must be in [0, 1], got {label_weight}; 0 is distillation alone")
+    if teacher_views not in TEACHER_VIEWS:
+        raise FastclrError(f"--teacher-views {teacher_views!r}: choose one of {', '.join(TEACHER_VIEWS)}")
 
 
 def distillation_objective(teacher: Classifier, known: np.ndarray, temperature: float, label_weight: float,
@@ -102,10 +113,7 @@ def distill(teacher: Classifier, student: Classifier, setup: LabelledSetup, labe
     Only the labels of `labelled` are read; test images and labels are used after training, to
     measure. The teacher is not modified.
     """
-    if not temperature > 0:
-        raise FastclrError(f"--temperature must be above 0, got {temperature}; SimCLRv2 uses 1")
-    if not 0 <= label_weight <= 1:
-        raise FastclrError(f"--label-weight must be in [0, 1], got {label_weight}; 0 is distillation alone")
+    check_distill_options(temperature, label_weight, teacher_views)
     n = len(setup.train_images)
     known = known_labels(n, labelled, setup.train_labels[labelled])
     objective = distillation_objective(teacher, known, temperature, label_weight, setup, teacher_views)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastclr.config import SEED_MAX
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
@@ -39,8 +41,9 @@ from fastclr.pretrained import LoadedRun, load_run, trained_head
 from fastclr.files import read_json
 from fastclr.runs import write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
-from fastclr.semisup.distill import distill
-from fastclr.semisup.network import CLASSIFIER_FILE, Classifier, load_classifier, neck_of, save_classifier
+from fastclr.semisup.distill import check_distill_options, distill
+from fastclr.semisup.network import (CLASSIFIER_FILE, Classifier, empty_neck, load_classifier, neck_of,
+                                     neck_widths, save_classifier)
 from fastclr.version import __version__
 
 FINETUNE_FILE = "finetune.json"
@@ -116,27 +119,43 @@ def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, reci
                              "training images and a labelled test split")
 
 
-def _check(steps: int, batch_size: int, lr: float, **at_least_zero: float) -> None:
+def _check(steps: int, batch_size: int, lr: float, seed: int, **at_least_zero: float) -> None:
     """One line for a training setting out of range, before anything is loaded or written."""
-    for flag, count in (("--steps", steps), ("--batch-size", batch_size)):
-        if count < 1:
-            raise FastclrError(f"{flag} must be at least 1, got {count}")
-    if not lr > 0:
-        raise FastclrError(f"--lr must be above 0, got {lr}")
+    if steps < 1:
+        raise FastclrError(f"--steps must be at least 1, got {steps}")
+    if batch_size < 2:  # BatchNorm in training mode needs two images to take statistics from
+        raise FastclrError(f"--batch-size must be at least 2 (BatchNorm trains on batch statistics), got {batch_size}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise FastclrError(f"--lr must be a finite number above 0, got {lr}")
+    if not -1 <= seed <= SEED_MAX:
+        raise FastclrError(f"--seed takes 0 to {SEED_MAX}, got {seed}")
     for name, value in at_least_zero.items():
-        if value < 0:
-            raise FastclrError(f"--{name.replace('_', '-')} must be at least 0, got {value:g}")
+        if not (value >= 0 and math.isfinite(value)):
+            raise FastclrError(f"--{name.replace('_', '-')} must be a finite number of at least 0, got {value:g}")
 
 
 def _per_class(o: FinetuneOptions, labels: np.ndarray, k: int) -> int:
     if (o.labels_per_class > 0) == (o.label_fraction > 0):
         raise FastclrError("give exactly one of --labels-per-class N and --label-fraction F (e.g. 0.01 for 1%)")
-    return o.labels_per_class or fraction_per_class(labels, o.label_fraction, k)
+    if o.labels_per_class:
+        return o.labels_per_class
+    n = fraction_per_class(labels, o.label_fraction, k)
+    fewest = int(np.bincount(np.asarray(labels), minlength=k)[:k].min())
+    if 0 < fewest < n:  # (a class of none is named by stratified_subset)
+        raise FastclrError(f"--label-fraction {o.label_fraction:g} asks for {n} labels per class but a class has only "
+                           f"{fewest} labelled training images; use --label-fraction of at most "
+                           f"{fewest * k / len(labels):.4g}")
+    return n
 
 
 def _fresh_out(out: Path, what: str) -> Path:
-    if (out / CLASSIFIER_FILE).exists():
-        raise FastclrError(f"{out} already holds a {what}; give another --out, or delete that directory first")
+    """`out`, created, unless it holds a classifier or a run's files (writing there would replace
+    the run's own encoder.safetensors)."""
+    taken = [n for n in (CLASSIFIER_FILE, ENCODER_FILE, FINETUNE_FILE, DISTILL_FILE, "config.toml") if (out / n).exists()]
+    if taken:
+        kind = "a run's files" if (out / "config.toml").exists() else f"a {what}" if CLASSIFIER_FILE in taken else taken[0]
+        raise FastclrError(f"{out} already holds {kind}, which this {what} would replace; give another --out, or "
+                           "delete that directory first")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -154,7 +173,9 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     """Fine-tune a copy of a run's encoder (and head layers) on a labelled subset; write the
     classifier, its encoder and finetune.json to `out` (default RUN_DIR/finetune/NAME); return the record."""
     o = options or FinetuneOptions()
-    _check(o.steps, o.batch_size, o.lr, from_head_layer=o.from_head_layer)
+    if o.seed < 0:
+        raise FastclrError(f"--seed takes 0 to {SEED_MAX}, got {o.seed}")
+    _check(o.steps, o.batch_size, o.lr, o.seed, from_head_layer=o.from_head_layer)
     run, device = _open_run(Path(run_dir), o.device, o.precision, o.threads, log)
     neck = nn.Sequential()
     if o.from_head_layer > 0:
@@ -192,7 +213,12 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     }
     if o.baseline:
         scratch = dataclasses.replace(setup, recipe=ev.recipe(run.config.augment.flip_p))
-        record["baseline_accuracy"] = train_from_scratch(run.spec, scratch, idx, o.seed)["accuracy"]
+        # The same network: a fresh neck of the kept head layers' layout too (SimCLRv2's comparison).
+        widths = neck_widths(neck)
+        fresh = empty_neck(widths, run.spec.feature_dim, any(isinstance(m, nn.BatchNorm1d) for m in neck)) \
+            if widths else None
+        record["baseline_accuracy"] = train_from_scratch(run.spec, scratch, idx, o.seed, fresh,
+                                                         widths[-1] if widths else 0)["accuracy"]
         record["baseline_recipe"] = asdict(scratch.recipe)
     record["seconds"] = time.perf_counter() - t0
     record["environment"] = _environment(device, run)
@@ -212,7 +238,13 @@ def read_teacher(teacher_dir: Path) -> dict[str, Any]:
     if not (teacher_dir / CLASSIFIER_FILE).exists() or not path.exists():
         raise FastclrError(f"{teacher_dir} holds no {CLASSIFIER_FILE} and {FINETUNE_FILE}; give the directory "
                            "`fastclr finetune` wrote")
-    return read_json(path, "run `fastclr finetune` again into that directory")
+    fix = "run `fastclr finetune` again into that directory"
+    told = read_json(path, fix)
+    need = {"run_dir": str, "seed": int, "labels_per_class": int, "subset": str, "accuracy": float}
+    wrong = [k for k, kind in need.items() if not isinstance(told.get(k) if isinstance(told, dict) else None, kind)]
+    if wrong:
+        raise FastclrError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type; {fix}")
+    return told
 
 
 def student_for(run: LoadedRun, o: DistillOptions, num_classes: int, seed: int, device: torch.device
@@ -255,7 +287,10 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     """Distil a `fastclr finetune` classifier into a student over every training image; write the
     student's classifier, its encoder and distill.json to `out` (default RUN_DIR/distill/NAME)."""
     o = options or DistillOptions()
-    _check(o.steps, o.batch_size, o.lr, student_width=o.student_width)
+    _check(o.steps, o.batch_size, o.lr, o.seed, student_width=o.student_width)
+    check_distill_options(o.temperature, o.label_weight, o.teacher_views)
+    if not 0 <= o.shift_fraction < 0.5:
+        raise FastclrError(f"--shift {o.shift_fraction} must be in [0, 0.5): a fraction of the image side")
     teacher_dir = Path(teacher_dir)
     told = read_teacher(teacher_dir)
     run_dir = Path(told["run_dir"])
@@ -265,8 +300,6 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     teacher, _, _ = load_classifier(teacher_dir, device)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = dataclasses.replace(EvaluateOptions(), steps=o.steps, batch_size=o.batch_size, lr=o.lr)
-    if not 0 <= o.shift_fraction < 0.5:
-        raise FastclrError(f"--shift {o.shift_fraction} must be in [0, 0.5): a fraction of the image side")
     recipe = dataclasses.replace(ev.recipe(run.config.augment.flip_p), shift_fraction=o.shift_fraction)
     setup = labelled_splits(run, dataset, device, recipe)
     seed = told["seed"] if o.seed < 0 else o.seed
@@ -275,7 +308,8 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
         raise FastclrError(f"the labelled subset of {teacher_dir} is not the one this dataset gives for its seed; "
                            "the data changed since fine-tuning: fine-tune again")
     student, spec, init = student_for(run, o, len(setup.classes), seed, device)
-    target = _fresh_out(Path(out) if out else run.run_dir / "distill" / teacher_dir.name, "distilled classifier")
+    target = _fresh_out(Path(out) if out else run.run_dir / "distill" / teacher_dir.resolve().name,
+                        "distilled classifier")
     pool, offset = with_unlabelled(dataset, setup)
     log(f"distilling {teacher_dir} ({told['accuracy'] * 100:.2f}%) into a {init} student of width {spec.width:g} on "
         f"{len(pool.train_images)} images ({len(labelled)} of them with the teacher's labels, {offset} outside the "
