@@ -172,13 +172,16 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's encoder in another format."""
-    from fastclr.export import export_encoder
+    from fastclr.export import check_export, export_encoder
     from fastclr.pretrained import load_run
+    from fastclr.runs import refuse_run_file
 
+    refuse_run_file(Path(args.out))
     run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None)
+    check_export(args.format, run.spec)  # before the data is read or a folder made
     config_text = (Path(args.run_dir) / "config.toml").read_text()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
     check = _check_images(run) if args.format == "onnx" else None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
     for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out), check):
         print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"
                                  if check is not None else ""))

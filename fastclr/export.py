@@ -119,11 +119,9 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     `h`), the metadata as the model's metadata_props; the serialised model is run in onnxruntime on
     `check` (standardised images) and refused, with any earlier file at `out` left as it was, if it
     differs from PyTorch by more than ONNX_TOLERANCE."""
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError:
-        raise FastclrError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fastclr[onnx]'") from None
+    check_export(fmt="onnx", spec=spec)
+    import onnx
+    import onnxruntime
     x = (check if check is not None else torch.randn(3, spec.in_channels, spec.image_size, spec.image_size)).float()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -159,6 +157,28 @@ def export_metadata(spec: EncoderSpec, config_text: str) -> dict[str, str]:
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
 
 
+def check_export(fmt: str, spec: EncoderSpec) -> None:
+    """One line, before any work, when `fmt` cannot be written for this encoder here: an unknown
+    format, ONNX's packages missing (torch's exporter needs onnxscript too), or torchvision's names
+    for what is not one of torchvision's ResNets (another encoder, or another width)."""
+    if fmt not in FORMATS:
+        raise FastclrError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise FastclrError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fastclr[onnx]'") from None
+    if fmt == "torchvision":
+        if not spec.encoder.startswith("resnet"):
+            raise FastclrError(f"--format torchvision exports ResNets; this run's encoder is {spec.encoder}: "
+                               "use --format fastclr")
+        if spec.width != 1.0:
+            raise FastclrError(f"--format torchvision: torchvision's ResNets have width 1, this one {spec.width:g} (its "
+                               "tensors would not fit them); use --format fastclr, torch-export or onnx")
+
+
 def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path,
                    check: torch.Tensor | None = None) -> list[Path]:
     """Write `encoder` as `fmt` to `out`; returns the files written.
@@ -171,8 +191,7 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     onnx: checked after writing on `check` (standardised (B, C, S, S) images; random ones if None)."""
     from fastclr.models.foreign import torchvision_state
 
-    if fmt not in FORMATS:
-        raise FastclrError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    check_export(fmt, spec)
     meta = export_metadata(spec, config_text)
     if fmt == "fastclr":
         return [save_encoder(out, encoder, spec)]
@@ -180,9 +199,6 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
         return [_save_program(encoder, spec, meta, out)]
     if fmt == "onnx":
         return [_save_onnx(encoder, spec, meta, out, check)]
-    if not spec.encoder.startswith("resnet"):
-        raise FastclrError(f"--format torchvision exports ResNets; this run's encoder is {spec.encoder}: "
-                           "use --format fastclr")
     state = torchvision_state(encoder)
     if out.suffix == ".safetensors":
         data = safetensors_bytes(state, metadata=dict(meta, naming="torchvision"))

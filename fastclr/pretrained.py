@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,10 +85,10 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log))
 
 
-def trained_head(run: LoadedRun, device: torch.device) -> ProjectionHead | None:
-    """The projection head g of the run's newest valid checkpoint, in eval mode; None without one.
-    That checkpoint must hold the run's encoder: a head from an older step (the newest checkpoint
-    damaged) would sit under an encoder it was not trained with, and is refused."""
+def head_checkpoint(run: LoadedRun) -> dict[str, Any] | None:
+    """The newest valid checkpoint's state (head, learned temperature), None without checkpoints. It
+    must hold the run's encoder: a head from an older step (the newest checkpoint damaged) would sit
+    under an encoder it was not trained with, and is refused in one line."""
     if not list_checkpoints(run.run_dir):
         return None
     path, state = latest_valid_checkpoint(run.run_dir)
@@ -97,8 +98,23 @@ def trained_head(run: LoadedRun, device: torch.device) -> ProjectionHead | None:
         raise FastclrError(f"the newest checkpoint of {run.run_dir} that verifies, {path.name}, does not hold the "
                            f"encoder of {ENCODER_FILE} (a newer one is damaged), so its projection head does not "
                            "belong to it; fine-tune from h with --from-head-layer 0")
+    return state
+
+
+def trained_head(run: LoadedRun, device: torch.device, state: dict[str, Any] | None = None) -> ProjectionHead | None:
+    """The projection head g of `state` (else of `head_checkpoint`), in eval mode; None without one."""
+    state = state if state is not None else head_checkpoint(run)
+    if state is None:
+        return None
     m = run.config.model
     head = ProjectionHead(run.spec.feature_dim, m.head_hidden or run.spec.feature_dim, m.proj_dim, m.head_layers,
                           m.head_bn)
     head.load_state_dict(state["head"])
     return head.to(device).eval()
+
+
+def trained_temperature(run: LoadedRun, state: dict[str, Any] | None) -> float:
+    """The temperature the run ended with: the learned one where it learned it, else its setting."""
+    if state is not None and "temperature" in state:
+        return float(state["temperature"]["log_t"].exp()[0])
+    return run.config.train.temperature

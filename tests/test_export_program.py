@@ -107,3 +107,29 @@ def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     r = run_cli(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "h.onnx")], env, tmp_path)
     assert r.returncode == 0 and "onnxruntime's h equals PyTorch's on 64 of the run's images" in r.stdout, r.stderr
+
+
+def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torchvision's names for a half-width ResNet (100 of 120 tensors of the wrong shape, written
+    without a word); ONNX without onnxscript (a traceback from inside torch, after the data was read);
+    an --out over the run's own encoder or a checkpoint (replaced, and the run lost)."""
+    from fastclr.cli import main
+    from fastclr.export import check_export
+
+    half = EncoderSpec("resnet18", 3, 32, 0.5, "on", 256, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(FastclrError, match="torchvision's ResNets have width 1, this one 0.5"):
+        check_export("torchvision", half)
+    check_export("torchvision", EncoderSpec("resnet18", 3, 32, 1.0, "on", 512, (0.5,) * 3, (0.25,) * 3))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # not installed: importing it raises ImportError
+    with pytest.raises(FastclrError, match=r"--format onnx needs onnx, onnxscript and onnxruntime: pip install"):
+        check_export("onnx", half)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.toml", "encoder.safetensors", "checkpoints/step-000000005.pt"):
+        (run / name).write_bytes(b"the run's own")
+    for name in ("encoder.safetensors", "checkpoints/step-000000005.pt"):
+        assert main(["export", str(run), "--format", "fastclr", "--out", str(run / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"would replace the run's own {Path(name).name}, which the run needs; choose another --out" in err
+        assert (run / name).read_bytes() == b"the run's own"

@@ -257,3 +257,62 @@ def test_a_chart_leaves_out_points_that_are_not_finite() -> None:
                      "t", "step", "loss")
     clean = line_chart([Series("loss", [2.0, 4.0], [3.0, 2.0], "#000")], "t", "step", "loss")
     assert "nan" not in svg and "inf" not in svg and svg == clean
+
+
+def test_a_scatter_of_many_classes_shows_every_legend_line_and_a_collapsed_axis_sits_in_the_middle() -> None:
+    """40 classes: the legend's lines 28 to 39 were below the fixed 480 px picture (CIFAR-100 lost 72
+    of 100); a long name ran past the right edge; a map without spread sat in the bottom-left corner."""
+    from fastclr.report.svg import LEGEND_CHARS, scatter_chart
+
+    names = [f"class {k}" for k in range(39)] + ["golden_retriever_puppies_outdoors"]
+    svg = scatter_chart(np.zeros((3, 2)), np.array([0, 1, 39]), names, "map")
+    height = int(re.search(r'height="(\d+)"', svg).group(1))  # type: ignore[union-attr]
+    lines = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)">', svg)]
+    assert len(lines) == 40 and max(lines) <= height
+    assert f">{names[-1][:LEGEND_CHARS - 1]}\u2026</text><title>{names[-1]}</title>" in svg
+    centre = 10 + 0.5 * (640 - 150 - 20), 24 + 0.5 * (height - 34)
+    assert re.findall(r'cx="([\d.]+)" cy="([\d.]+)" r="2.6"', svg) == [(f"{centre[0]:.1f}", f"{centre[1]:.1f}")] * 3
+
+
+def test_a_report_never_replaces_a_file_of_the_run(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """`report --out RUN/encoder.safetensors` wrote HTML over the encoder, and the run was lost."""
+    from fastclr.errors import FastclrError
+
+    run_dir, ds = run
+    for name in ("encoder.safetensors", "config.toml", "metrics.jsonl"):
+        before = (run_dir / name).read_bytes()
+        with pytest.raises(FastclrError, match=f"would replace the run's own {name}, which the run needs; choose"):
+            build_report(run_dir, out=run_dir / name, device="cpu", dataset=ds)
+        assert (run_dir / name).read_bytes() == before
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[-1]
+    with pytest.raises(FastclrError, match="would replace the run's own step-"):
+        build_report(run_dir, out=checkpoint, device="cpu", dataset=ds)
+
+
+def test_a_report_on_an_encoder_giving_nan_is_one_line(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """NaN features crashed the colour map with an IndexError (and t-SNE, and JSON, further on)."""
+    from fastclr.errors import FastclrError
+    from fastclr.export import save_encoder
+
+    run_dir, ds = run
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    loaded = load_run(bad)
+    with torch.no_grad():
+        next(loaded.encoder.parameters()).fill_(float("nan"))
+    save_encoder(bad / "encoder.safetensors", loaded.encoder, loaded.spec)
+    with pytest.raises(FastclrError, match="gives NaN or infinite features on the run's own images"):
+        build_report(bad, device="cpu", dataset=ds)
+
+
+def test_the_playground_starts_at_the_temperature_the_run_ended_with() -> None:
+    """A learned temperature is in the checkpoint (log t); the page started at the configured one."""
+    from types import SimpleNamespace
+
+    from fastclr.pretrained import trained_temperature
+
+    run = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(temperature=0.5)))
+    learned = {"temperature": {"log_t": torch.tensor([math.log(0.0731)])}}
+    assert trained_temperature(run, learned) == pytest.approx(0.0731, rel=1e-6)  # type: ignore[arg-type]
+    assert trained_temperature(run, {"head": {}}) == 0.5  # type: ignore[arg-type]
+    assert trained_temperature(run, None) == 0.5  # type: ignore[arg-type]

@@ -140,6 +140,18 @@ def test_clicking_a_matrix_row_shows_that_anchors_softmax_views_and_hardest_nega
         assert browser.js("[...document.querySelectorAll('#pg-hard figure')].map(f => +f.dataset.view)") == hardest
         bars = browser.js("document.querySelectorAll('#pg-softmax rect').length")
         assert bars == 2 * pairs - 1  # every candidate but the anchor itself
+    # A row's first and last pixel lines select it: the matrix is drawn inside the canvas's border
+    # (the bounding box is 2 px taller), and 41 of 128 such clicks chose a neighbouring row.
+    # The events land on whole pixels: the first and the last pixel line whose top is inside the row.
+    set_control(browser, "pg-batch", "32", "change")
+    x, _ = browser.centre("#pg-matrix", 0.5, 0.5)
+    top, inner, side = browser.js("(() => { const c = document.getElementById('pg-matrix'); "
+                                  "return [c.getBoundingClientRect().y, c.clientTop, c.clientHeight]; })()")
+    m = 64
+    for row in range(m):
+        for y in (math.ceil(top + inner + row * side / m), math.ceil(top + inner + (row + 1) * side / m) - 1):
+            browser.click(x, y)
+            assert value(browser, "pg-anchor-id") == row, (row, y)
 
 
 def test_map_hover_click_and_legend(report: tuple[Path, Any], browser: Browser, tmp_path: Path) -> None:

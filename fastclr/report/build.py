@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastclr.data import Dataset, ImageSet, load_data
+from fastclr.errors import FastclrError
 from fastclr.files import write_text
 from fastclr.files import read_json
 from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
@@ -28,12 +29,12 @@ from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift
 from fastclr.evaluation.run import read_eval, require_encoder
 from fastclr.evaluation.table import format_table
-from fastclr.pretrained import LoadedRun, load_run, trained_head
+from fastclr.pretrained import LoadedRun, head_checkpoint, load_run, trained_head, trained_temperature
 from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import pca, tsne
 from fastclr.report.html import note, page, section
-from fastclr.runs import read_metrics
+from fastclr.runs import read_metrics, refuse_run_file
 from fastclr.runtime import select_device
 
 REPORT_FILE = "report.html"
@@ -99,10 +100,16 @@ PLAYGROUND = """
 
 def _playground_section(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int,
                         data: dict[str, Any]) -> str:
-    head = trained_head(run, device)
-    data["playground"] = interactive.playground(run, head, dataset.pretrain, device, seed)
+    try:
+        state = head_checkpoint(run)
+        z_note = "" if state is not None else " This run has no checkpoint, so only h (no trained head z) is shown."
+    except FastclrError:
+        state, z_note = None, (" The run's newest readable checkpoint does not hold its exported encoder, so only h "
+                               "(no trained head z) is shown.")
+    head = trained_head(run, device, state)
+    data["playground"] = interactive.playground(run, head, dataset.pretrain, device, seed,
+                                                trained_temperature(run, state))
     pairs = data["playground"]["pairs"]
-    z_note = "" if head is not None else " This run has no checkpoint, so only h (no trained head z) is shown."
     return section("playground", "Temperature and batch, live", PLAYGROUND, "canvas svg",
                    f"{pairs} images, two views each as pretraining draws them, embedded by this run's encoder (h) "
                    f"and trained head (z).{z_note} Move the temperature and choose the batch: the similarity matrix, "
@@ -127,12 +134,20 @@ def _explorer_section(run: LoadedRun, dataset: Dataset, device: torch.device, se
                    "factors, grayscale, blur sigma, solarize and (when on) the erased rectangle.")
 
 
+def _finite(h: torch.Tensor, run: LoadedRun) -> torch.Tensor:
+    """`h`, or one line when the encoder gives NaN or infinite features (every figure would be NaN)."""
+    if not bool(torch.isfinite(h).all()):
+        raise FastclrError(f"the encoder of {run.run_dir} gives NaN or infinite features on the run's own images: its "
+                           "weights are damaged or its training diverged; report on another run")
+    return h
+
+
 def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:
     idx = evenly_spaced(len(dataset.pretrain), VIEW_IMAGES)
     originals = dataset.pretrain.images[idx]
     raw, views = view_pairs(originals, run.config.augment, seed, run.mean, run.std, device)
     grid = figures.view_pairs_grid(originals, raw)
-    h = encode(run.encoder, views, run.precision)
+    h = _finite(encode(run.encoder, views, run.precision), run)
     heat, stats = figures.similarity_heatmap(h)
     n = len(idx)
     return [
@@ -161,7 +176,7 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     bank_split = dataset.train or dataset.pretrain
     midx = evenly_spaced(len(test), MAP_POINTS)
     map_images = test.images[midx]
-    h = torch.from_numpy(embed_images(run, map_images, device))  # as `fastclr neighbours` embeds a store
+    h = _finite(torch.from_numpy(embed_images(run, map_images, device)), run)  # as `fastclr neighbours` embeds
     xy = (tsne(h, seed=seed) if method == "tsne" else pca(h, 2).float()).numpy()
     labels = test.labels[midx] if test.labels is not None else None
     classes = dataset.classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels is not None else [])
@@ -265,6 +280,8 @@ def build_report(
     if threads > 0:
         torch.set_num_threads(threads)
     dev = select_device(device)
+    if out is not None:
+        refuse_run_file(out)
     require_encoder(run_dir)
     run = load_run(run_dir, dev, precision)
     dataset = dataset if dataset is not None else load_data(run.config.data)

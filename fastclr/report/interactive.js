@@ -177,7 +177,9 @@
 
     canvas.addEventListener('click', function (e) {
       var rect = canvas.getBoundingClientRect(), m = 2 * state.result.pairs;
-      state.anchor = Math.min(m - 1, Math.floor((e.clientY - rect.top) / rect.height * m));
+      // Inside the border: the drawn matrix is the client area, not the bounding box.
+      var y = (e.clientY - rect.top - canvas.clientTop) / canvas.clientHeight;
+      state.anchor = Math.max(0, Math.min(m - 1, Math.floor(y * m)));
       draw();
     });
     slider.addEventListener('input', draw);
@@ -185,7 +187,10 @@
     rep.addEventListener('change', draw);
     if (!P.z) rep.querySelector('option[value="z"]').disabled = true;
     rep.value = P.z ? 'z' : 'h';
-    slider.value = String(Math.log10(P.temperature));
+    var lt = Math.log10(P.temperature);  // the run's t, inside the slider's range whatever it is
+    slider.min = String(Math.min(-2, Math.floor(lt)));
+    slider.max = String(Math.max(0, Math.ceil(lt)));
+    slider.value = String(lt);
     root.hidden = false;
     draw();
   }

@@ -63,15 +63,16 @@ def _draw(run: LoadedRun, images: np.ndarray, device: torch.device, g: torch.Gen
     return render_views(x, params, run.config.augment), params
 
 
-def playground(run: LoadedRun, head: nn.Module | None, split: ImageSet, device: torch.device, seed: int
-               ) -> dict[str, Any]:
-    """h and z of the 2 x PLAY_IMAGES views (first views, then second views) and their thumbnails."""
+def playground(run: LoadedRun, head: nn.Module | None, split: ImageSet, device: torch.device, seed: int,
+               temperature: float) -> dict[str, Any]:
+    """h and z of the 2 x PLAY_IMAGES views (first views, then second views), their thumbnails, and
+    the temperature the page starts at (the run's: learned, where it learned one)."""
     idx = evenly_spaced(len(split), PLAY_IMAGES)
     g = torch.Generator(device=device).manual_seed(seed)
     raw, _ = _draw(run, split.images[idx], device, g)
     h = encode(run.encoder, normalize(raw, run.mean.to(device), run.std.to(device)), run.precision)
     out: dict[str, Any] = {"pairs": len(idx), "h": f32_base64(h), "h_dim": h.shape[1], "thumbs": _thumbs(raw),
-                           "temperature": run.config.train.temperature}
+                           "temperature": temperature}
     if head is not None:
         with torch.no_grad():
             z = head(h.to(device)).float()

@@ -159,14 +159,24 @@ def line_chart(series: list[Series], title: str, x_label: str, y_label: str, wid
     return "\n".join(out)
 
 
+LEGEND_CHARS = 22
+"""The characters of a class name that fit the legend's 150 px at 11 px sans-serif (the whole name is its tooltip)."""
+
+
+def _fit(name: str, chars: int) -> str:
+    return name if len(name) <= chars else name[:chars - 1] + "\u2026"
+
+
 def scatter_chart(xy: np.ndarray, labels: np.ndarray | None, class_names: list[str], title: str, width: int = 640,
                   height: int = 480) -> str:
     """An SVG scatter of 2-D points (N, 2), coloured by class with a legend (one colour without labels)."""
     legend_w = 150 if labels is not None else 0
     plot_w = width - legend_w
+    if labels is not None:  # one legend line per class, all inside the picture (CIFAR-100 has 100)
+        height = max(height, 34 + 16 * len(class_names))
     lo, hi = xy.min(0), xy.max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
-    p = (xy - lo) / span  # (N, 2) in [0, 1]
+    p = np.where(hi > lo, (xy - lo) / span, 0.5)  # (N, 2) in [0, 1]; an axis without spread in the middle
     px = 10 + p[:, 0] * (plot_w - 20)
     py = 24 + (1 - p[:, 1]) * (height - 34)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -181,6 +191,7 @@ def scatter_chart(xy: np.ndarray, labels: np.ndarray | None, class_names: list[s
             y = 34 + 16 * k
             out.append(f'<g class="legend" data-class="{k}"><rect x="{plot_w + 4}" y="{y - 12}" width="{legend_w - 8}" '
                        f'height="15" fill="transparent"/><circle cx="{plot_w + 12}" cy="{y - 4}" r="5" '
-                       f'fill="{class_colour(k)}"/><text x="{plot_w + 22}" y="{y}">{escape(name)}</text></g>')
+                       f'fill="{class_colour(k)}"/><text x="{plot_w + 22}" y="{y}">{escape(_fit(name, LEGEND_CHARS))}'
+                       f'</text><title>{escape(name)}</title></g>')
     out.append("</svg>")
     return "\n".join(out)
