@@ -218,3 +218,33 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     assert main(["export", str(run_dir), "--format", "fastclr", "--out", str(tmp_path / "new" / "enc.safetensors")]) == 0
     made, own = load_file(str(tmp_path / "new" / "enc.safetensors")), load_file(str(run_dir / "encoder.safetensors"))
     assert made.keys() == own.keys() and all(torch.equal(made[k], own[k]) for k in own)
+
+
+def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run, tmp_path: Path) -> None:
+    """`--protocols knn` after a full evaluation replaced eval.json with kNN alone, losing the
+    curves; now the other protocols of the same encoder stay, each with the options it ran with,
+    and the lift is recomputed over all. Results of another encoder are replaced whole."""
+    import shutil
+
+    from fastclr.export import save_encoder
+
+    run_dir, ds, full = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    full = json.loads((copy / "eval.json").read_text())  # as the module's other tests left it
+    lines: list[str] = []
+    evaluate(copy, EvaluateOptions(protocols=("knn",), knn_k=5, device="cpu"), dataset=ds, log=lines.append)
+    saved = json.loads((copy / "eval.json").read_text())
+    assert set(saved["protocols"]) == set(full["protocols"])
+    assert {n: saved["protocols"][n] for n in full["protocols"] if n != "knn"} == \
+        {n: v for n, v in full["protocols"].items() if n != "knn"}
+    assert saved["protocols"]["knn"]["k"] == 5 and saved["options_of"]["knn"]["knn_k"] == 5
+    assert saved["options_of"]["linear"] == full["options"] and saved["lift"] == lift_summary(saved["protocols"])
+    assert any(line.startswith("kept from the earlier eval.json (the same encoder): ") for line in lines)
+    loaded = load_run(copy)
+    with torch.no_grad():
+        next(loaded.encoder.parameters()).add_(1e-3)
+    save_encoder(copy / "encoder.safetensors", loaded.encoder, loaded.spec)
+    evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
+    assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
+    assert any(line.startswith("eval.json held results of another encoder") for line in lines)

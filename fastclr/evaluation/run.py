@@ -258,6 +258,9 @@ def evaluate(
     after = state_checksum(run.encoder)
     if after != before:  # a protocol trained the run's own encoder instead of a copy: its numbers are void
         raise AssertionError(f"evaluation changed the encoder's weights (SHA-256 {before[:12]} -> {after[:12]})")
+    kept = _earlier_results(run_dir, before, dataset.name, results, log)
+    results = {**kept["protocols"], **results}
+    timings = {**kept["seconds"], **timings}
     out = {
         "run_dir": str(run_dir),
         "dataset": dataset.name,
@@ -267,6 +270,7 @@ def evaluate(
         "encoder_unchanged": after == before,
         "encoder_sha256_after": after,
         "options": asdict(o),
+        "options_of": {**kept["options_of"], **{name: asdict(o) for name in o.protocols}},
         "protocols": results,
         "lift": lift_summary(results),
         "seconds": timings,
@@ -283,6 +287,30 @@ def evaluate(
             t.results(numbers({"protocols": results, "lift": out["lift"]}, "eval/"), step)
             t.artifact(run_dir / EVAL_FILE, "evaluation")
     return out
+
+
+def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: str, now: dict[str, Any],
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """What an earlier eval.json of the same encoder and dataset holds for protocols not run now
+    (`--protocols knn` after a full evaluation keeps the rest), with their seconds and options;
+    nothing when it measured another encoder (the run trained on since) or dataset, or cannot be read."""
+    none: dict[str, Any] = {"protocols": {}, "seconds": {}, "options_of": {}}
+    try:
+        old = read_eval(run_dir)
+    except FastclrError:
+        return none  # damaged: replaced whole, as before
+    if not isinstance(old, dict) or not isinstance(old.get("protocols"), dict):
+        return none
+    if old.get("encoder_sha256") != encoder_sha256 or old.get("dataset") != dataset:
+        log(f"{EVAL_FILE} held results of another encoder (the run trained on since) or dataset: replaced")
+        return none
+    names = [n for n in old["protocols"] if n not in now and n in RUNNERS]
+    if names:
+        log(f"kept from the earlier {EVAL_FILE} (the same encoder): {', '.join(names)}")
+    seconds, options = old.get("seconds") or {}, old.get("options_of") or {}
+    return {"protocols": {n: old["protocols"][n] for n in names},
+            "seconds": {n: seconds[n] for n in names if n in seconds},
+            "options_of": {n: options.get(n, old.get("options")) for n in names}}
 
 
 def _pretrained_steps(run_dir: Path) -> int:
