@@ -103,10 +103,14 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
             for s, h in previous.items():
                 signal.signal(s, h)
         else:
-            atexit.register(_ignore, signals)
+            atexit.register(ignore_signals, signals)
 
 
-def _ignore(signals: tuple[int, ...]) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_signals(signals: tuple[int, ...]) -> None:
+    """Ignore `signals` from now on (an atexit callback of a process that is stopping)."""
     for s in signals:
         signal.signal(s, signal.SIG_IGN)
 

@@ -46,8 +46,10 @@ def stop_mid_run(tmp_path: Path, target: str) -> tuple[subprocess.CompletedProce
         while len(list_checkpoints(run)) < 2 and time.monotonic() < end and p.poll() is None:
             time.sleep(0.05)
         assert p.poll() is None and len(list_checkpoints(run)) >= 2, "the run ended or was too slow"
-        if target == "group":
-            os.killpg(p.pid, signal.SIGTERM)
+        if target == "group":  # three times, as an impatient Ctrl-C: the launcher still waits for its ranks
+            for _ in range(3):
+                os.killpg(p.pid, signal.SIGTERM)
+                time.sleep(0.2)
         else:
             ranks = children(p.pid)
             assert len(ranks) == 2, ranks

@@ -11,24 +11,50 @@ line (exit 2) exit 2, with one line naming what to do.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
+import torch.distributed.elastic.multiprocessing.api as elastic_api
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
 from fastclr.cli import EXIT_USAGE
-from fastclr.signals import EXIT_STOPPED
+from fastclr.signals import EXIT_STOPPED, STOP_SIGNALS, ignore_signals
+
+
+def _stop_once(signum: int, frame: FrameType | None) -> None:
+    """torchrun's handler for the first stop signal (it raises SignalException, and torchrun forwards
+    the signal to the ranks and waits for them to checkpoint and exit); later ones are acknowledged.
+    torchrun's own raised again from inside that wait: the launcher exited 75 while its ranks were
+    still writing their checkpoints and holding the run's lock, so a requeued resume was refused."""
+    name = signal.Signals(signum).name
+    if _stopping:
+        print(f"\n{name} received again: already stopping, the ranks are writing their checkpoints", file=sys.stderr,
+              flush=True)
+        return
+    _stopping.append(signum)
+    raise SignalException(f"Process {os.getpid()} got signal: {name}", sigval=signal.Signals(signum))
+
+
+_stopping: list[int] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run torchrun with `argv` (torchrun's own arguments); return 0, 75 (stopped) or 2."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # torchrun installs the handler it finds under this name when it starts the ranks.
+    elastic_api._terminate_process_handler = _stop_once
     try:
         run(args)
     except SignalException as e:
+        # Interpreter shutdown resets Python's handlers to the default: a signal then would kill the
+        # launcher (exit -15, not 75). Ignored from the first atexit callback on, as a stopped run does.
+        atexit.register(ignore_signals, STOP_SIGNALS)
         # torchrun has forwarded the signal to the ranks and waited for them (up to its
         # --shutdown-timeout, 30 s by default). The ranks agree to stop where they already
         # synchronise, at the next logging or checkpoint step (every --log-every steps), then
