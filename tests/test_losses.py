@@ -106,11 +106,31 @@ def test_rank_and_accuracy_against_brute_force(device: torch.device) -> None:
     for i in range(20):
         others = [float(logits[i, k]) for k in range(20) if k != i]
         pos = float(logits[i, target[i]])
-        assert int(ranks[i]) == 1 + sum(o > pos for o in others)
+        negatives = [float(logits[i, k]) for k in range(20) if k not in (i, int(target[i]))]
+        assert int(ranks[i]) == 1 + sum(o >= pos for o in negatives) and len(others) == 19
     m = contrastive_metrics(logits, target)
     assert float(m["top1"]) == pytest.approx(float((ranks == 1).float().mean()))
     assert float(m["top5"]) == pytest.approx(float((ranks <= 5).float().mean()))
     assert float(m["mean_rank"]) == pytest.approx(float(ranks.float().mean()))
+
+
+def test_a_collapsed_encoder_finds_no_positive() -> None:
+    """Every cosine equal: each positive ties with all 2N - 2 negatives and ranks last (2N - 1), so
+    top-1 is 0; ties counted for the positive made it 1.0, a perfect score for a failed run. The
+    plain, row-blocked and multi-positive paths agree."""
+    from fastclr.pretraining.chunked_loss import blockwise_nt_xent
+    from fastclr.pretraining.multi_positive import multi_positive_loss, view_groups
+
+    n = 8
+    z = torch.ones(2 * n, 4)
+    logits, target = nt_xent_logits(z[:n], z[n:], 0.1)
+    assert positive_rank(logits, target).tolist() == [2 * n - 1] * (2 * n)
+    m = contrastive_metrics(logits, target)
+    assert (float(m["top1"]), float(m["top5"]), float(m["mean_rank"])) == (0.0, 0.0, 2 * n - 1)
+    _, blocked = blockwise_nt_xent(z[:n], z[n:], 0.1, 3)
+    assert blocked.tolist() == [2 * n - 1] * (2 * n)
+    _, multi = multi_positive_loss(z, view_groups(n, 2, z.device), 0.1)
+    assert (float(multi["top1"]), float(multi["mean_rank"])) == (0.0, 2 * n - 1)
 
 
 def test_perfect_pairs_rank_first(device: torch.device) -> None:

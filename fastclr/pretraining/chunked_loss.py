@@ -39,7 +39,7 @@ class _BlockwiseNTXent(torch.autograd.Function):
             p = logits.gather(1, positive[s:e, None])  # (blk, 1)
             lse[s:e] = torch.logsumexp(logits, dim=1)
             pos[s:e] = p[:, 0]
-            rank[s:e] = (logits > p).sum(dim=1) + 1
+            rank[s:e] = (logits >= p).sum(dim=1)  # ties against the positive, as positive_rank
             del logits
         ctx.save_for_backward(a, c, positive, own, lse)
         ctx.temperature, ctx.block = temperature, block

@@ -72,9 +72,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 @torch.no_grad()
 def positive_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each row's positive among its 2N - 1 candidates: int64 (2N,)."""
+    """1-based rank of each row's positive among its 2N - 1 candidates: int64 (2N,). A candidate
+    scored the same as the positive ranks above it: a collapsed encoder (every cosine equal) ranks
+    its positives last, not first (SimCLR's argmax picks the first of ties: about 1/N)."""
     pos = logits.gather(1, target[:, None])  # (2N, 1)
-    return (logits > pos).sum(dim=1) + 1
+    return (logits >= pos).sum(dim=1)  # the positive counts itself; the own column is -inf
 
 
 @torch.no_grad()

@@ -80,9 +80,9 @@ def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: floa
     per_anchor = -(log_prob * pos).sum(1)[has] / count[has]
     with torch.no_grad():
         best_pos = logits.masked_fill(~pos, torch.finfo(logits.dtype).min).amax(1, keepdim=True)  # (M, 1)
-        above = ((logits > best_pos) & ~pos).sum(1)
+        above = ((logits >= best_pos) & ~pos).sum(1)  # ties against the positive, as positive_rank
         if extra_logits is not None:
-            above = above + (extra_logits.detach() > best_pos).sum(1)
+            above = above + (extra_logits.detach() >= best_pos).sum(1)
         rank = above[has].float() + 1
         metrics = {"top1": (rank <= 1).float().mean(), "top5": (rank <= 5).float().mean(), "mean_rank": rank.mean()}
     return per_anchor.mean(), metrics

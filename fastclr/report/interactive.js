@@ -1,7 +1,8 @@
 // The report's interactive parts, on the data build.py embeds (#report-data). Written for this
 // page, no library. The loss and its metrics follow fastclr/pretraining/losses.py: unit rows,
 // cosine similarity over temperature, each anchor's own column left out, cross-entropy with the
-// other view of its image as the target, rank = 1 + the number of candidates scored above it.
+// other view of its image as the target, rank = 1 + the number of other candidates scored at or
+// above it (ties count against the positive).
 (function () {
   'use strict';
   var dataBlock = document.getElementById('report-data');
@@ -70,7 +71,7 @@
       for (k = 0; k < m; k++) if (k !== i) sum += Math.exp(sim[i][k] / t - max);
       var lse = max + Math.log(sum);
       loss += lse - sim[i][pos] / t;
-      for (k = 0; k < m; k++) if (k !== i && sim[i][k] / t > sim[i][pos] / t) rank += 1;
+      for (k = 0; k < m; k++) if (k !== i && k !== pos && sim[i][k] / t >= sim[i][pos] / t) rank += 1;
       top1 += rank <= 1 ? 1 : 0;
       top5 += rank <= 5 ? 1 : 0;
       rankSum += rank;
