@@ -37,7 +37,7 @@ def write_fixture_folder(root: Path) -> dict[str, str]:
     (root / "cats").mkdir(parents=True)
     (root / "dogs" / "deeper").mkdir(parents=True)
     halves(48, 32, RED, BLUE).save(root / "cats" / "jpeg.jpg", quality=95)
-    halves(48, 32, RED, BLUE).save(root / "cats" / "upper.JPG", "JPEG", quality=95)
+    halves(48, 32, RED, BLUE).save(root / "cats" / "upper.JPG", "JPEG", quality=90)  # other bytes: not a duplicate
     halves(48, 32, GREEN, BLUE).save(root / "cats" / "png.png")
     halves(48, 32, RED, GREEN).save(root / "cats" / "webp.webp", lossless=True)
     halves(48, 32, BLUE, RED).save(root / "dogs" / "bmp.bmp")

@@ -181,9 +181,11 @@ def test_symbolic_links_out_of_the_folder_are_named_never_read(tmp_path: Path) -
     (tmp_path / "bars" / "class1" / "twin.png").symlink_to(tmp_path / "bars" / "class1" / "img000.png")  # inside: used
     res = prepare_store(tmp_path / "bars", tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)
     assert sorted(r["path"] for r in read_csv(tmp_path / "s" / "manifest.csv")) == [
-        "class0/img000.png", "class1/img000.png", "class1/twin.png"]
-    assert sorted((s.rel, s.reason) for s in res.skipped) == [
-        ("class0/secret.png", "outside-folder"), ("class1/more/", "outside-folder")]
+        "class0/img000.png", "class1/img000.png"]
+    assert sorted((s.rel, s.reason, s.detail) for s in res.skipped) == [  # the twin link: its bytes are in once
+        ("class0/secret.png", "outside-folder", "symbolic link to a path outside the folder; copy the file in instead"),
+        ("class1/more/", "outside-folder", "symbolic link to a path outside the folder; copy the file in instead"),
+        ("class1/twin.png", "duplicate", "the same bytes as class1/img000.png")]
 
 
 def test_pad_keeps_the_whole_image_with_black_borders() -> None:
@@ -239,7 +241,7 @@ def test_incremental_rerun_decodes_only_new_and_changed_files(tmp_path: Path) ->
     before = rows_by_path(tmp_path / "s")
 
     Image.new("RGB", (20, 20), (9, 9, 9)).save(folder / "class0" / "new.png")  # new
-    shutil.copy(folder / rels[0], folder / "class1" / "copy.png")  # new path, known content
+    shutil.copy(folder / rels[3], folder / "class1" / "copy.png")  # new path, known content (its file goes)
     Image.new("RGB", (20, 20), (200, 0, 0)).save(folder / rels[1])  # changed content
     later = time.time() + 5
     os.utime(folder / rels[2], (later, later))  # touched, same content
@@ -252,7 +254,7 @@ def test_incremental_rerun_decodes_only_new_and_changed_files(tmp_path: Path) ->
     assert set(after) == (set(rels) - {rels[3]}) | {"class0/new.png", "class1/copy.png"}
     for p in set(rels) - {rels[1], rels[3]}:
         assert np.array_equal(after[p], before[p]), p
-    assert np.array_equal(after["class1/copy.png"], before[rels[0]])
+    assert np.array_equal(after["class1/copy.png"], before[rels[3]])
     assert tuple(after[rels[1]][5, 5]) == (200, 0, 0)
     # The re-run store equals a fresh prepare of the grown folder, and a third run decodes nothing.
     fresh = rows_by_path(prepare_store(folder, tmp_path / "fresh", opts, workers=1, **QUIET).store)

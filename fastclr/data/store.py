@@ -119,9 +119,21 @@ def read_store(path: str | Path) -> Store:
     if len(rows) != shape[0]:
         raise FastclrError(f"{p / MANIFEST} lists {len(rows)} images, the store holds {shape[0]}; "
                            "run `fastclr prepare` again")
+    _check_order(p / MANIFEST, rows, splits)
     images = np.memmap(p / IMAGES, np.uint8, "r", shape=shape)
     labels = _labels(p / MANIFEST, rows, len(classes))
     return Store(p, images, [r["path"] for r in rows], labels, splits, classes, meta)
+
+
+def _check_order(manifest: Path, rows: list[dict[str, str]], splits: dict[str, int]) -> None:
+    """Row i of the manifest describes image i, and the splits follow each other as store.json
+    counts them: a manifest sorted or edited otherwise would put labels on other images."""
+    want = [s for s in SPLITS for _ in range(splits[s])]
+    for i, (row, split) in enumerate(zip(rows, want)):
+        if row.get("index") != str(i) or row.get("split") != split:
+            raise FastclrError(f"{manifest} row {i + 1} is {row.get('path')!r} with index {row.get('index')!r} and "
+                               f"split {row.get('split')!r}, where image {i} of the {split} split belongs: the "
+                               "manifest was reordered or edited; run `fastclr prepare` again")
 
 
 def _labels(manifest: Path, rows: list[dict[str, str]], n_classes: int) -> np.ndarray:

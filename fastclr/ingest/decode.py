@@ -207,6 +207,9 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
 
 def _failure(e: BaseException, max_pixels: int) -> Unusable:
     text = str(e) or type(e).__name__
+    if isinstance(e, MemoryError):  # this machine's state, not the file's: tried again by the next run
+        return Unusable("out-of-memory", "not enough memory to decode it; run again with fewer --workers, "
+                        "or a lower --max-pixels")
     if isinstance(e, Image.DecompressionBombError):
         # Pillow's own text quotes its threshold, twice the limit; the user set (or read) ours.
         return Unusable("over-pixel-limit", f"more than {max_pixels} pixels (--max-pixels)")
@@ -217,12 +220,20 @@ def _failure(e: BaseException, max_pixels: int) -> Unusable:
     return Unusable("corrupt", text)
 
 
+# Pillow's readers of the extensions the walk accepts (walk.IMAGE_EXTENSIONS), and only those: left
+# to guess, Pillow opens PostScript saved as .jpg with its EPS reader, which runs Ghostscript.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "JPEG2000")
+TRANSIENT = frozenset({"out-of-memory"})
+"""Reasons that describe this run, not the file: never remembered by the file's hash."""
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
 def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int, str]:
     """Encoded bytes -> (uint8 (S, S, C) with C = 1 for grayscale modes else 3 (or 1 when
     `opts.channels` is "1"), displayed width, displayed height, Pillow mode). Raises Unusable."""
     try:
         with _pixel_limit(opts.max_pixels):
-            im: Image.Image = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = im.size
             if w * h > opts.max_pixels:
                 raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels, more than {opts.max_pixels} (--max-pixels)")
@@ -244,7 +255,8 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
             im = to_8bit(im)
             if orientation in _TRANSPOSE:
                 im = im.transpose(_TRANSPOSE[orientation])
-            w, h = im.size  # as displayed
+            if orientation in _QUARTER_TURNS:  # as displayed (before draft's reduced scale, the file's own size)
+                w, h = h, w
             if opts.channels == "1" and im.mode == "RGB":
                 im = im.convert("L")
             pixels = np.asarray(fit_square(im, opts.size, opts.fit))

@@ -35,7 +35,7 @@ from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, c
 from fastclr.errors import FastclrError
 from fastclr.signals import die_with_parent
 from fastclr.files import is_write_error, write_failure_reason
-from fastclr.ingest.decode import (PIPELINE_VERSION, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
+from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
 from fastclr.runtime import available_memory
@@ -139,6 +139,7 @@ _W: dict[str, Any] = {}
 
 
 def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | None = None) -> None:
+    """A decoding process's start (the pool's initializer; never this process's own decoding)."""
     _W.update(root=root, opts=opts, known=known)
     # Ctrl-C reaches the whole process group: the parent stops the work; a decoder interrupted
     # inside a put on the result queue left its lock held and the parent's shutdown waiting forever.
@@ -157,8 +158,8 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
     At most 4 chunks per worker are in flight, so memory stays bounded when writing is slower
     than decoding."""
     chunks = [rels[i : i + _CHUNK] for i in range(0, len(rels), _CHUNK)]
-    if workers <= 1 or len(chunks) <= 1:
-        _init(root, opts, known)
+    if workers <= 1 or len(chunks) <= 1:  # in this process, whose Ctrl-C must still stop it
+        _W.update(root=root, opts=opts, known=known)
         for c in chunks:
             yield from _work(c)
         return
@@ -261,10 +262,12 @@ def prepare_store(
         log(f"decoding with {decoders} processes, not {asked}: each may need "
             f"{decode_peak_bytes(opts.max_pixels) / 2**30:.1f} GiB for an image at --max-pixels {opts.max_pixels}, "
             f"and {free / 2**30:.1f} GiB is available")
-    known = frozenset(prev.by_hash) if prev else frozenset()
+    # --rehash reads every file again, and decodes again the ones an earlier run could not use.
+    known = frozenset(h for h, r in prev.by_hash.items() if not (rehash and "reason" in r)) if prev else frozenset()
     writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels))
     bar = Progress(len(entries), enabled=progress, unit="prepare", rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
+    kept: dict[str, str] = {}  # sha256 -> the path in the store with those bytes
     try:
         outcomes = decode_all(root, to_read, opts, known, decoders)
         for i, f in enumerate(entries):
@@ -279,18 +282,28 @@ def prepare_store(
             fields = {"path": f.rel, "split": lay.split[f.rel], "label": lay.label[f.rel],
                       "class": lay.classes[lay.label[f.rel]] if lay.label[f.rel] >= 0 else "",
                       "bytes": f.size, "mtime_ns": f.mtime_ns}
+            sha = old["sha256"] if old is not None else (o.sha256 if o is not None else "")
+            if sha in kept and (old is not None and "reason" not in old or o is not None and o.image is not None):
+                # The same bytes twice (a copy, a link): one row, so that an image is never in both
+                # train and test. Not cached by hash (the kept file has that hash): decided each run.
+                skipped.append(Skip(f.rel, "duplicate", f"the same bytes as {kept[sha]}", f.size, f.mtime_ns))
+                bar.update(i + 1)
+                continue
             if old is not None and prev is not None:
                 reused += 1
                 if "reason" in old:
                     skipped.append(Skip(f.rel, old["reason"], old["detail"], f.size, f.mtime_ns, old["sha256"]))
                 else:
-                    kept = {k: old[k] for k in ("sha256", "width", "height", "mode")}
-                    writer.append(_old_row(prev, old), dict(fields, **kept))
+                    same = {k: old[k] for k in ("sha256", "width", "height", "mode")}
+                    writer.append(_old_row(prev, old), dict(fields, **same))
+                    kept[sha] = f.rel
             elif o is not None and o.image is not None:
                 writer.append(o.image, dict(fields, bytes=o.size, sha256=o.sha256, width=o.width, height=o.height,
                                             mode=o.mode))
+                kept[sha] = f.rel
             elif o is not None:
-                skipped.append(Skip(f.rel, o.reason, o.detail, o.size, f.mtime_ns if o.sha256 else -1, o.sha256))
+                remembered = o.sha256 if o.reason not in TRANSIENT else ""  # retried by the next run
+                skipped.append(Skip(f.rel, o.reason, o.detail, o.size, f.mtime_ns if remembered else -1, remembered))
             bar.update(i + 1)
         bar.close()
         if writer.n == 0:

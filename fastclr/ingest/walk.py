@@ -10,6 +10,7 @@ walked elsewhere is walked once. Both are reported, never fatal.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import stat
@@ -24,8 +25,9 @@ IMAGE_EXTENSIONS = frozenset({
 })
 
 # Every reason a file or directory is not in a store; skipped.csv uses exactly these words.
-REASONS = ("appledouble", "corrupt", "duplicate-directory", "hidden-directory", "not-an-image", "outside-folder",
-           "over-pixel-limit", "symlink-loop", "truncated", "unreadable", "unsupported-mode", "zero-bytes")
+REASONS = ("appledouble", "corrupt", "duplicate", "duplicate-directory", "hidden-directory", "not-an-image",
+           "out-of-memory", "outside-folder", "over-pixel-limit", "symlink-loop", "truncated", "unreadable",
+           "unsupported-mode", "zero-bytes")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,17 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
     # Depth-first; each entry carries the identities of its ancestor directories for loop detection.
     stack: list[tuple[str, Path, frozenset[tuple[int, int]]]] = [("", root, frozenset({(root_st.st_dev, root_st.st_ino)}))]
     walked: dict[tuple[int, int], str] = {(root_st.st_dev, root_st.st_ino): "./"}
-    while stack:
+    # Links to directories wait until every real directory is walked: a directory reached both
+    # ways keeps its own path (and class), and the link is the one reported as the duplicate.
+    links: collections.deque[tuple[str, Path, frozenset[tuple[int, int]], tuple[int, int]]] = collections.deque()
+    while stack or links:
+        if not stack:
+            rel_dir, path, ancestors, key = links.popleft()
+            if key in walked:
+                out.skipped.append(Skip(rel_dir, "duplicate-directory", f"same directory as {walked[key]}, walked once"))
+                continue
+            walked[key] = rel_dir
+            stack.append((rel_dir, path, ancestors))
         rel_dir, path, ancestors = stack.pop()
         try:
             with os.scandir(path) as it:
@@ -123,6 +135,8 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
                     out.skipped.append(Skip(rel + "/", "hidden-directory", "directories starting with . are not searched"))
                 elif key in ancestors:
                     out.skipped.append(Skip(rel + "/", "symlink-loop", "leads back to a directory that contains it"))
+                elif is_link:
+                    links.append((rel + "/", Path(entry.path), ancestors | {key}, key))
                 elif key in walked:
                     same = f"same directory as {walked[key]}, walked once"
                     out.skipped.append(Skip(rel + "/", "duplicate-directory", same))
