@@ -153,13 +153,14 @@ class ModelConfig:
     "Compact h"); "32|256|flat0" is the former 12544-d readout, the whole map flattened, which a
     linear probe scores well even untrained (89.9% on Fashion-MNIST)."""
     cifar_stem: str = field(default="auto", metadata=one_of("auto", "on", "off"))
-    """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on below 64 px)."""
+    """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on at or below 64 px)."""
     head_layers: int = field(default=2, metadata=at_least(1))
     """Linear layers in g: 2 as in SimCLR, 3 as in SimCLRv2."""
     head_hidden: int = field(default=256, metadata=at_least(0))
     """Hidden width of g; 0 uses the encoder's feature dimension."""
     head_bn: bool = True
-    """BatchNorm after the hidden linear layers of g (the official SimCLR code does this)."""
+    """BatchNorm after the hidden linear layers of g (the official SimCLR code does this; its v2 code
+    also puts BatchNorm after the last layer, which fastclr does not)."""
     proj_dim: int = field(default=128, metadata=at_least(1))
     init: str = ""
     """Weights to start the encoder from instead of random ones: a fastclr export

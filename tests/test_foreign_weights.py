@@ -225,3 +225,14 @@ def dataclass_replace(spec: EncoderSpec, **kw: str) -> EncoderSpec:
     import dataclasses
 
     return dataclasses.replace(spec, **kw)
+
+
+def test_a_small_cnns_learned_readout_is_never_dropped_by_init(tmp_path: Path) -> None:
+    """A file of a `…|fc512` network loaded into a `…|flat0` one: its readout (pool.*) was listed as
+    skipped and the run started from another architecture; it is refused like another depth."""
+    source = build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|fc512")
+    spec = EncoderSpec("cnn", 1, 28, 1.0, "n/a", source.feature_dim, (0.5,), (0.25,), "32|256|fc512")
+    path = export_encoder(source, spec, "[model]\n", "fastclr", tmp_path / "fc.safetensors")[0]
+    with pytest.raises(FastclrError, match="a network of another depth or shape; pick the matching"):
+        read_init(path, build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|flat0"))
+    assert read_init(path, build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|fc512")).tensors

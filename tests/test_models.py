@@ -147,3 +147,39 @@ def test_projection_head_structure(layers: int, bn: bool) -> None:
     assert len(linears) == layers and len(bns) == (layers - 1 if bn else 0)
     assert linears[0].in_features == 32 and linears[-1].out_features == 16
     assert head(torch.randn(4, 32)).shape == (4, 16)
+
+
+@pytest.mark.parametrize("spec", ["0|256|fc512", "32|-5|fc512", "32|256|attn12", "32|256|attn9"])
+def test_stage_specs_that_would_build_another_network_are_refused(spec: str) -> None:
+    """Widths below 1 were raised to 8, and an attention width not a multiple of its 8 heads was
+    rounded: each silently built a network other than the one written."""
+    from fastclr.models.cnn import check_stages
+
+    with pytest.raises(FastclrError, match=f"cnn_stages '{spec}' is not a stage spec"):
+        check_stages(spec)
+
+
+def test_a_record_without_stages_rebuilds_its_network_at_any_width() -> None:
+    """Runs saved before the stage spec was recorded: the channels were guessed from h's size, which
+    has the width applied, so a width-0.5 run rebuilt at half its channels and its weights did not load."""
+    from fastclr.models import encoder_from_spec
+    from fastclr.models.spec import EncoderSpec
+
+    trained = SmallCNN(1, 0.5, "32|128|flat0", image_size=28)
+    record = {"encoder": "cnn", "in_channels": 1, "image_size": 28, "width": 0.5, "cifar_stem": "on",
+              "feature_dim": trained.feature_dim, "mean": [0.5], "std": [0.25]}
+    spec = EncoderSpec.from_dict(record)
+    assert spec.stages == "32|128|flat0" and trained.feature_dim == 49 * 64
+    encoder_from_spec(spec).load_state_dict(trained.state_dict())  # the same tensors, the same shapes
+
+
+def test_the_small_cnn_records_no_resnet_stem_and_rebuilds_from_that() -> None:
+    from fastclr.config import Config
+    from fastclr.models import encoder_from_spec
+    from fastclr.models.spec import EncoderSpec
+    from fastclr.pretraining.model import named_encoder
+
+    encoder, name, stem = named_encoder(Config(), (28, 28, 1))
+    assert (name, stem) == ("cnn", "n/a")
+    spec = EncoderSpec(name, 1, 28, 1.0, stem, encoder.feature_dim, (0.5,), (0.25,), Config().model.cnn_stages)
+    encoder_from_spec(spec).load_state_dict(encoder.state_dict())

@@ -69,8 +69,8 @@ def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1
 
 def encoder_from_spec(spec: EncoderSpec) -> nn.Module:
     """A freshly initialised encoder of the architecture `spec` records."""
-    return build_encoder(spec.encoder, spec.in_channels, spec.image_size, spec.width, spec.cifar_stem,
-                         spec.stages or CNN_STAGES)
+    stem = spec.cifar_stem if spec.cifar_stem in ("on", "off") else "auto"  # "n/a": not a ResNet, no stem
+    return build_encoder(spec.encoder, spec.in_channels, spec.image_size, spec.width, stem, spec.stages or CNN_STAGES)
 
 
 @torch.no_grad()

@@ -102,12 +102,17 @@ def parse_stages(spec: str) -> tuple[list[list[int]], Readout]:
             readout = Readout(kind, int(last[len(kind):]))
             if readout.dim < (8 if kind == "attn" else 1):  # "fc0" would silently build an 8-wide h
                 raise ValueError(spec)
+            if kind == "attn" and readout.dim % 8:  # 8 heads: attn12 would silently build a 16-wide h
+                raise ValueError(spec)
             parts.pop()
             break
     else:
         if last in ("flat", "flat0", "cat0"):
             readout = Readout(parts.pop())
-    return [[int(c) for c in stage.split(",")] for stage in parts], readout
+    convs = [[int(c) for c in stage.split(",")] for stage in parts]
+    if any(c < 1 for stage in convs for c in stage):  # "0|256" would silently build 8 channels
+        raise ValueError(spec)
+    return convs, readout
 
 
 def check_stages(spec: str) -> None:

@@ -191,7 +191,7 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "") -> InitWe
 def _is_backbone(bare: str, torchvision: bool) -> bool:
     """Whether a file's tensor name belongs to an encoder's body (not a classifier or projection
     head a file may carry beside it)."""
-    return bare.startswith(("layer", "conv1.", "bn1.") if torchvision else ("stem.", "stages.", "features."))
+    return bare.startswith(("layer", "conv1.", "bn1.") if torchvision else ("stem.", "stages.", "features.", "pool."))
 
 
 def _shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:

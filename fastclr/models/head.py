@@ -9,7 +9,9 @@ from torch import nn
 class ProjectionHead(nn.Module):
     """An MLP of `layers` linear layers: (Linear, [BatchNorm], ReLU) x (layers - 1), then Linear.
 
-    layers=2 is SimCLR's head; layers=3 with BatchNorm is SimCLRv2's (Chen et al. 2020b).
+    layers=2 is SimCLR's head; layers=3 with BatchNorm has SimCLRv2's depth (Chen et al. 2020b),
+    whose official code also ends in BatchNorm (its last Linear without a bias, then BN without a
+    shift); here the last layer is a plain Linear, as in SimCLR's head.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 128, layers: int = 2, batch_norm: bool = True):

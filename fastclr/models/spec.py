@@ -61,7 +61,11 @@ class EncoderSpec:
         stages = str(d.get("stages", ""))
         dim, image_size = int(d.get("feature_dim", 0)), int(d["image_size"])
         if not stages and d["encoder"] == "cnn" and image_size == 28 and dim % 49 == 0:
-            stages = _LEGACY_28PX.format(dim // 49)
+            # The recorded dimension has the width applied: the stage spec names the channels before it.
+            width, channels = float(d["width"]), dim // 49
+            named = round(channels / width)
+            if max(8, int(round(named * width))) == channels:
+                stages = _LEGACY_28PX.format(named)
         return cls(encoder=str(d["encoder"]), in_channels=int(d["in_channels"]), image_size=image_size,
                    width=float(d["width"]), cifar_stem=str(d["cifar_stem"]), feature_dim=dim,
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]), stages=stages,

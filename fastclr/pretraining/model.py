@@ -56,7 +56,8 @@ def named_encoder(cfg: Config, image_shape: tuple[int, int, int]) -> tuple[nn.Mo
     size = cfg.augment.crop_size or h
     name = resolve_encoder(cfg.model.encoder, size)
     encoder = build_encoder(name, c, size, cfg.model.width, cfg.model.cifar_stem, cfg.model.cnn_stages)
-    return encoder, name, "on" if use_cifar_stem(cfg.model.cifar_stem, size) else "off"
+    stem = ("on" if use_cifar_stem(cfg.model.cifar_stem, size) else "off") if name.startswith("resnet") else "n/a"
+    return encoder, name, stem
 
 
 def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn.Module | None = None) -> Model:
