@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fastclr.errors import FastclrError
-from fastclr.files import WriteFailed, atomic_write
+from fastclr.files import WriteFailed, atomic_write, fsync_path
 from fastclr.version import __version__
 
 FORMAT = 1
@@ -71,7 +71,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path
     write (disk full, permissions) raises a one-line error and leaves existing checkpoints intact.
     """
     folder = run_dir / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        fsync_path(run_dir)  # the new folder's entry survives a power loss with the checkpoint in it
     payload = dict(state, format=FORMAT, fastclr_version=__version__)
     payload["sha256"] = content_sha256(payload)
     path = folder / checkpoint_name(int(state["step"]))
@@ -93,12 +95,22 @@ def what_is_kept(run_dir: Path) -> str:
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete temporary files left by a writer that was killed mid-write; returns them."""
+    """Delete temporary files left by a writer that was killed mid-write (a checkpoint, the
+    encoder, config.toml, a results file: `atomic_write`'s `.NAME.*.tmp`); returns them. Call
+    holding the run's lock: no live writer of this run is then at work."""
     folder = run_dir / CHECKPOINT_DIR
     stale = [p for p in folder.glob(".step-*.tmp")] if folder.is_dir() else []
+    stale += [p for p in run_dir.glob(".*.tmp") if is_run_temporary(p.name)]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def is_run_temporary(name: str) -> bool:
+    """Whether `name` is `atomic_write`'s temporary of one of a run's own files."""
+    from fastclr.runs import RUN_FILES  # (runs imports the trackers; checkpoint is imported before them)
+
+    return any(name.startswith(f".{own}.") and name.endswith(".tmp") for own in RUN_FILES | {"report.html"})
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -122,6 +134,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:160]})") from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:  # unreadable, not damaged: never skipped for an older one (its steps would be lost)
+        raise FastclrError(f"cannot read checkpoint {path} ({e.strerror or e}); fix its permissions (or the disk) "
+                           "and run the same command again") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged zips
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "sha256" not in state:

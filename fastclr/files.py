@@ -96,7 +96,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]]) -> None:
     """`atomic_write` of files that belong together (an array and the index of its rows): every
     file is written in full to its temporary first, and the final names are replaced only when
-    all were, so a failure of any leaves every old file as it was."""
+    all were, so a failure of any write (a full disk, a file-size limit) leaves every old file as
+    it was. The renames that follow are one after the other: a rename refused between them (which
+    a full disk does not cause) leaves the files before it replaced."""
     done: list[tuple[str, Path]] = []  # (temporary, final name)
     try:
         for path, write in writes:

@@ -21,6 +21,7 @@ try:
 except ImportError:  # Windows: no advisory locks; a run directory is then not guarded
     fcntl = None  # type: ignore[assignment]
 
+from fastclr.checkpoint import is_run_temporary
 from fastclr.config import Config, to_toml
 from fastclr.errors import FastclrError
 from fastclr.files import WriteFailed, write_failure_reason, write_text
@@ -40,7 +41,8 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     if path.exists() and not path.is_dir():
         raise FastclrError(f"--run-dir {path} is a file, not a directory; choose another --run-dir")
     if path.is_dir() and not resuming:
-        entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE]
+        # The lock and the temporaries of a run killed while writing its first files are the run's own.
+        entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE and not is_run_temporary(p.name)]
         if entries and not (path / "config.toml").exists():
             raise FastclrError(f"--run-dir {path} holds files that are not a fastclr run ({', '.join(sorted(entries)[:3])}"
                                f"{', ...' if len(entries) > 3 else ''}); nothing was written: choose a new --run-dir")
@@ -166,9 +168,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     records = []
     for n, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise FastclrError(f"{path} record {n} is not JSON ({e.msg}); the file was edited or damaged") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise FastclrError(f"{path} record {n} is not a record of a step (an object with an integer \"step\"); "
+                               "the file was edited or damaged")
+        records.append(record)
     return records
 
 
@@ -180,6 +186,11 @@ class MetricsLog:
         self.enabled = enabled
         self.trackers: list[Tracker] = []
         """Experiment trackers (fastclr.tracking) that receive every record's numbers too."""
+        self.monitored: set[int] = set()
+        """The steps whose kNN monitor record the kept metrics hold (`keep_until`)."""
+        self.sent_until = 0
+        """The last step TensorBoard and the trackers were sent before this process: a resumed run
+        replays the steps after its checkpoint, and they have those already."""
         self._tb = None
         if enabled:
             try:
@@ -195,6 +206,9 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         records = read_metrics(self.path.parent)  # a last line cut short is left out
+        if step > 0:  # resumed (a fresh start over a first attempt that died sends everything anew)
+            self.sent_until = max((r["step"] for r in records), default=0)
+        self.monitored = {r["step"] for r in records if r["step"] <= step and "knn_acc" in r}
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if r["step"] <= step)
         if len(text) != self.path.stat().st_size:
             write_text(self.path, text)
@@ -208,6 +222,8 @@ class MetricsLog:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as e:
             raise WriteFailed(self.path, write_failure_reason(e, self.path)) from None
+        if record["step"] <= self.sent_until:
+            return  # replayed after a resume: the trackers hold this step's values already
         values = numbers({k: v for k, v in record.items() if k != "step"})
         if self._tb is not None:
             for k, v in values.items():

@@ -173,8 +173,13 @@ class _Mlflow:
             run = self.client.create_run(exp_id, run_name=run_dir.name,
                                          tags={"fastclr.run_dir": str(run_dir.resolve())})
             self.run_id = run.info.run_id
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-            self.client.log_artifact(self.run_id, str(run_dir / "config.toml"))
+            try:
+                self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+                self.client.log_artifact(self.run_id, str(run_dir / "config.toml"))
+            except Exception:
+                # Not left RUNNING and unnamed (each start made another): the run goes on without it.
+                self.client.set_terminated(self.run_id, status="FAILED")
+                raise
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

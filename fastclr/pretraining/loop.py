@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,6 +164,12 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     window_start = run.clock()
     run.loop_start = window_start - s.train_seconds
     try:
+        owed = s.step // run.steps_per_epoch if s.start_step and s.step % run.steps_per_epoch == 0 else None
+        if owed is not None and run.monitor.due(owed, s.train_seconds) and s.step not in run.metrics_log.monitored:
+            # The pass a stop (or a crash) right after this epoch end's checkpoint left undone.
+            run.monitor_pass()
+            s.train_seconds = run.clock() - run.loop_start
+            window_start = run.clock()
         while s.step < s.total_steps:
             lr = run.set_lr()
             # The step never waits for the device: metrics stay on it until a log step.
@@ -268,6 +275,27 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             lock.release()
         raise
     run.lock, run.started = lock, started
+    try:  # whatever fails from here on (a damaged metrics.jsonl or tracking.json) gives the directory up
+        _ready(run, cfg, state, init, log)
+    except BaseException:
+        run.release()
+        raise
+    if not labelled(dataset) and (cfg.eval.probe or cfg.eval.monitor_every):
+        log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
+    t, spec = cfg.train, run.model.spec
+    log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
+        f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {run.steps_per_epoch} steps/epoch, peak lr {run.peak_lr:g} "
+        f"({_lr_text(cfg, ctx)}), {precision.name} on {device}"
+        + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
+                  + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
+    return run
+
+
+def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeights | None,
+           log: Callable[[str], None]) -> None:
+    """Start the built run from its init weights or checkpoint, and record it: config.toml, the
+    metrics log cut back to the checkpoint, the experiment trackers."""
+    ctx, run_dir = run.ctx, run.run_dir
     if init is not None:
         apply_init(run.model.encoder, init)
         log(init.summary())
@@ -277,6 +305,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if state is not None:
         run.state.restore(state)
         run.monitor.seconds = run.state.monitor_seconds
+        run.health.skip_streak.fill_(run.state.skip_streak)
         if run.budget is not None:
             run.budget.resume_at(run.state.step)
             run.log_short_warmup()  # the warm-up the checkpoint kept
@@ -287,15 +316,6 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
         run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
                                                  warn=log)
-    if not labelled(dataset) and (cfg.eval.probe or cfg.eval.monitor_every):
-        log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
-    t, spec = cfg.train, run.model.spec
-    log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
-        f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {run.steps_per_epoch} steps/epoch, peak lr {run.peak_lr:g} "
-        f"({_lr_text(cfg, ctx)}), {precision.name} on {device}"
-        + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
-                  + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
-    return run
 
 
 def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> PretrainResult:

@@ -218,6 +218,7 @@ class Run:
         self.health.check(self.cfg, self.run_dir)
         if self.ctx.is_main:
             self.state.monitor_seconds = self.monitor.seconds
+            self.state.skip_streak = int(self.health.skip_streak)
             self.state.save(self.run_dir)
 
     def monitor_pass(self) -> None:

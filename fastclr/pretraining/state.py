@@ -64,6 +64,9 @@ class RunState:
         self.monitor_seconds = 0.0
         """What the kNN monitor's passes have cost so far: its share of the training time holds
         across a resume (a resumed monitor that started from 0 ran passes the straight run skips)."""
+        self.skip_streak = 0
+        """fp16: the updates skipped in a row up to now, so that the guard against an endless streak
+        (MAX_SKIP_STREAK) holds across resumes (a job preempted often enough never tripped it)."""
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's content. A time-budgeted run keeps the step count it fitted;
@@ -83,13 +86,14 @@ class RunState:
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.monitor_seconds = float(state.get("monitor_seconds", 0.0))  # absent before 2026-12-03
+        self.skip_streak = int(state.get("skip_streak", 0))  # absent before 2026-12-04
         self.start_step = self.step
 
     def save(self, run_dir: Path) -> Path:
         """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
         return save_checkpoint(run_dir, {
             "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
-            "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds,
+            "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds, "skip_streak": self.skip_streak,
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),

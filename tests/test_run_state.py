@@ -1,0 +1,133 @@
+"""What a run directory keeps around its weights across stops, crashes and failed starts: the
+lock, the fp16 skip guard, the kNN record of an epoch end, unreadable checkpoints, temporaries,
+the metrics log and what the trackers were sent."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from fastclr.errors import FastclrError
+from fastclr.pretraining.loop import pretrain
+from fastclr.runs import MetricsLog, prepare_run_dir, read_metrics
+from tiny import tiny_config, tiny_dataset
+
+QUIET: dict[str, Any] = dict(progress=False, log=lambda s: None)
+
+
+def test_a_start_that_fails_after_taking_the_lock_gives_it_back(tmp_path: Path) -> None:
+    """A resume that failed on a damaged metrics.jsonl (or tracking.json) kept the run's lock for
+    the rest of the process: mending the file, as the message said, and resuming again in the same
+    Python (a notebook) was refused as "being written by" this very process."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    first = pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    good = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text("{ damaged\n" + good)
+    with pytest.raises(FastclrError, match="metrics.jsonl record 1 is not JSON"):
+        pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, **QUIET)
+    (run / "metrics.jsonl").write_text(good)
+    res = pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, **QUIET)
+    assert res.steps == 2 * first.steps
+
+
+def test_an_epoch_ends_monitor_pass_is_run_by_the_resume_when_a_stop_skipped_it(tmp_path: Path) -> None:
+    """Stopped at the end of epoch 1 (its checkpoint written, its kNN pass not), the resumed run
+    never measured epoch 1: the straight run's records are at steps 6 and 12, the resumed one's at 12."""
+    ds = tiny_dataset()
+
+    def knn_steps(run: Path, stop: Callable[[int], bool] | None) -> list[int]:
+        cfg = tiny_config(run, train__epochs=2.0, eval__monitor_every=1, eval__monitor_share=1.0)
+        pretrain(cfg, dataset=ds, stop=stop, **QUIET)
+        if stop is not None:
+            pretrain(cfg, dataset=ds, resume=run, **QUIET)
+        return [r["step"] for r in read_metrics(run) if "knn_acc" in r]
+
+    assert knn_steps(tmp_path / "a", None) == knn_steps(tmp_path / "b", lambda step: step == 6) == [6, 12]
+
+
+def test_the_fp16_skip_guard_counts_across_a_resume(tmp_path: Path) -> None:
+    """The streak of skipped fp16 updates was not in the checkpoint: a run whose every update
+    overflows ended at step 30 straight, but ran to its end when stopped every 20 steps."""
+    from fastclr.pretraining.metrics import MAX_SKIP_STREAK, Health
+
+    health = Health(torch.device("cpu"))
+    health.skip_streak.fill_(MAX_SKIP_STREAK - 1)  # as restored from a checkpoint
+    out = type("Out", (), {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(float("inf")),
+                           "skipped": torch.tensor(1.0)})()
+    health.update(out, 41)  # type: ignore[arg-type]
+    assert int(health.first_bad) == 42  # the streak's 30th skip, counted from before the resume
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    saved = load_checkpoint(list_checkpoints(run)[-1])
+    assert saved["skip_streak"] == 0
+
+
+def test_an_unreadable_checkpoint_is_named_not_skipped_for_an_older_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PermissionError was called "damaged or truncated" and the resume went back to the older
+    checkpoint, dropping the steps since; it is one line saying to fix the permissions."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, **QUIET)
+    newest = list_checkpoints(run)[-1]
+    real = torch.load
+
+    def refused(path: Any, *a: Any, **k: Any) -> Any:
+        if Path(path) == newest:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(torch, "load", refused)
+    with pytest.raises(FastclrError, match=f"cannot read checkpoint {newest} \\(Permission denied\\); fix its "
+                                           "permissions"):
+        latest_valid_checkpoint(run)
+
+
+def test_temporaries_of_a_killed_write_are_the_runs_own_and_removed(tmp_path: Path) -> None:
+    """A run killed while writing its first config.toml could not be started again ("files that are
+    not a fastclr run"), and a half-written encoder temporary outlived every later run."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    run.mkdir()
+    (run / ".config.toml.is7cpcsm.tmp").write_text("[train")
+    prepare_run_dir(run)  # the run's own: accepted
+    (run / ".config.toml.is7cpcsm.tmp").unlink()
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    (run / ".encoder.safetensors.abcd1234.tmp").write_bytes(b"half")
+    (run / ".notes.txt.abcd.tmp").write_bytes(b"not the run's")
+    pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, **QUIET)
+    assert not (run / ".encoder.safetensors.abcd1234.tmp").exists() and (run / ".notes.txt.abcd.tmp").exists()
+
+
+def test_a_metrics_record_without_a_step_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n[3]\n')
+    with pytest.raises(FastclrError, match=r"metrics.jsonl record 2 is not a record of a step"):
+        read_metrics(tmp_path)
+
+
+def test_steps_replayed_after_a_resume_are_not_sent_to_the_trackers_again(tmp_path: Path) -> None:
+    """Killed after step 10, resumed from the checkpoint at 8: MLflow got steps 9 and 10 twice."""
+    sent: list[int] = []
+
+    class Sink:
+        def metrics(self, values: dict[str, float], step: int) -> None:
+            sent.append(step)
+
+    log = MetricsLog(tmp_path)
+    log.trackers = [Sink()]  # type: ignore[list-item]
+    for step in range(1, 11):
+        log.log({"step": step, "loss": 1.0})
+    resumed = MetricsLog(tmp_path)
+    resumed.trackers = [Sink()]  # type: ignore[list-item]
+    resumed.keep_until(8)
+    for step in range(9, 13):
+        resumed.log({"step": step, "loss": 1.0})
+    assert sent == list(range(1, 13))
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 13))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 12
+    assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
