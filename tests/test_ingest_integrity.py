@@ -158,3 +158,11 @@ def test_a_manifest_reordered_by_hand_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FastclrError, match=r"manifest.csv row 1 is .* where image 0 of the (train|test) split belongs: "
                                            r"the manifest was reordered or edited; run `fastclr prepare` again"):
         read_store(tmp_path / "s")
+
+
+def test_a_negative_worker_count_is_one_line(tmp_path: Path) -> None:
+    """--workers -2 ran serially without a word."""
+    bar_images(tmp_path / "photos", n_per_class=1)
+    with pytest.raises(FastclrError, match=r"--workers must be 0 \(as many as fit, up to 8\) or more, got -2"):
+        prepare_store(tmp_path / "photos", tmp_path / "s", DecodeOptions(16), workers=-2, **QUIET)
+    assert not (tmp_path / "s").exists()

@@ -239,6 +239,8 @@ def prepare_store(
     t_start = time.perf_counter()
     root, out = Path(folder), Path(out)
     check_options(opts, labels)
+    if workers < 0:
+        raise FastclrError(f"--workers must be 0 (as many as fit, up to 8) or more, got {workers}")
     if not root.is_dir():
         raise FastclrError(f"{root} is not a directory; give the folder that holds your images")
     check_output_dir(out)
