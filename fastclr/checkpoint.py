@@ -96,8 +96,9 @@ def what_is_kept(run_dir: Path) -> str:
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     """Delete temporary files left by a writer that was killed mid-write (a checkpoint, the
-    encoder, config.toml, a results file: `atomic_write`'s `.NAME.*.tmp`); returns them. Call
-    holding the run's lock: no live writer of this run is then at work."""
+    encoder, config.toml, metrics.jsonl, probe.json, tracking.json: `atomic_write`'s
+    `.NAME.*.tmp`); returns them. Call holding the run's lock: no other writer of those is then at
+    work (`evaluate` and `report` write theirs without the lock, and theirs are left alone)."""
     folder = run_dir / CHECKPOINT_DIR
     stale = [p for p in folder.glob(".step-*.tmp")] if folder.is_dir() else []
     stale += [p for p in run_dir.glob(".*.tmp") if is_run_temporary(p.name)]
@@ -106,11 +107,14 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
-def is_run_temporary(name: str) -> bool:
-    """Whether `name` is `atomic_write`'s temporary of one of a run's own files."""
-    from fastclr.runs import RUN_FILES  # (runs imports the trackers; checkpoint is imported before them)
+# What only the process holding a run's lock writes (pretraining); eval.json, report.html and the
+# like are written by commands that read a run without its lock, possibly while it trains.
+_LOCK_HOLDERS_FILES = ("config.toml", "encoder.safetensors", "metrics.jsonl", "probe.json", "tracking.json")
 
-    return any(name.startswith(f".{own}.") and name.endswith(".tmp") for own in RUN_FILES | {"report.html"})
+
+def is_run_temporary(name: str) -> bool:
+    """Whether `name` is `atomic_write`'s temporary of a file only the run's lock holder writes."""
+    return any(name.startswith(f".{own}.") and name.endswith(".tmp") for own in _LOCK_HOLDERS_FILES)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -134,6 +138,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:160]})") from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{path} is not a checkpoint file") from None
     except OSError as e:  # unreadable, not damaged: never skipped for an older one (its steps would be lost)
         raise FastclrError(f"cannot read checkpoint {path} ({e.strerror or e}); fix its permissions (or the disk) "
                            "and run the same command again") from None

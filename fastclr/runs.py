@@ -188,9 +188,9 @@ class MetricsLog:
         """Experiment trackers (fastclr.tracking) that receive every record's numbers too."""
         self.monitored: set[int] = set()
         """The steps whose kNN monitor record the kept metrics hold (`keep_until`)."""
-        self.sent_until = 0
-        """The last step TensorBoard and the trackers were sent before this process: a resumed run
-        replays the steps after its checkpoint, and they have those already."""
+        self.sent: set[tuple[int, bool]] = set()
+        """(step, is a kNN record) of the records past the checkpoint TensorBoard and the trackers
+        were sent before this process: a resumed run replays those steps, and they have them."""
         self._tb = None
         if enabled:
             try:
@@ -207,7 +207,7 @@ class MetricsLog:
             return
         records = read_metrics(self.path.parent)  # a last line cut short is left out
         if step > 0:  # resumed (a fresh start over a first attempt that died sends everything anew)
-            self.sent_until = max((r["step"] for r in records), default=0)
+            self.sent = {(r["step"], "knn_acc" in r) for r in records if r["step"] > step}
         self.monitored = {r["step"] for r in records if r["step"] <= step and "knn_acc" in r}
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if r["step"] <= step)
         if len(text) != self.path.stat().st_size:
@@ -222,7 +222,7 @@ class MetricsLog:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as e:
             raise WriteFailed(self.path, write_failure_reason(e, self.path)) from None
-        if record["step"] <= self.sent_until:
+        if (record["step"], "knn_acc" in record) in self.sent:
             return  # replayed after a resume: the trackers hold this step's values already
         values = numbers({k: v for k, v in record.items() if k != "step"})
         if self._tb is not None:

@@ -276,3 +276,19 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["prepare", str(root / "bars"), "--size", "16", "--out", str(tmp_path / "e.csv" / "store")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot use {tmp_path / 'e.csv'}") and "give another path" in err, err
+
+
+def test_embedding_a_folder_keeps_a_row_for_every_copy(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A folder is embedded through a temporary store: one row per file, so a copy of an image is
+    embedded too (a store for training holds it once, listing the copy as a duplicate)."""
+    import shutil
+
+    root, store, run = bars
+    folder = tmp_path / "bars"
+    shutil.copytree(root / "bars", folder)
+    shutil.copy(folder / "class0" / "img000.png", folder / "copy.png")
+    npy, index = embed(run, str(folder), tmp_path / "e.npy", CPU, log=lambda s: None)
+    rows = {r["path"]: i for i, r in enumerate(read_index(index))}
+    assert len(rows) == len(read_store(store).paths) + 1 and "copy.png" in rows
+    h = np.load(npy)
+    assert np.array_equal(h[rows["copy.png"]], h[rows["class0/img000.png"]])

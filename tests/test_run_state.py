@@ -87,6 +87,11 @@ def test_an_unreadable_checkpoint_is_named_not_skipped_for_an_older_one(tmp_path
     with pytest.raises(FastclrError, match=f"cannot read checkpoint {newest} \\(Permission denied\\); fix its "
                                            "permissions"):
         latest_valid_checkpoint(run)
+    monkeypatch.setattr(torch, "load", real)
+    (run / "checkpoints" / "step-000000999.pt").mkdir()  # a folder under a checkpoint's name: skipped, as before
+    warned: list[str] = []
+    assert latest_valid_checkpoint(run, warn=warned.append)[0] == newest
+    assert warned == [f"skipping step-000000999.pt: {run / 'checkpoints' / 'step-000000999.pt'} is not a checkpoint file"]
 
 
 def test_temporaries_of_a_killed_write_are_the_runs_own_and_removed(tmp_path: Path) -> None:
@@ -100,8 +105,10 @@ def test_temporaries_of_a_killed_write_are_the_runs_own_and_removed(tmp_path: Pa
     pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
     (run / ".encoder.safetensors.abcd1234.tmp").write_bytes(b"half")
     (run / ".notes.txt.abcd.tmp").write_bytes(b"not the run's")
+    (run / ".eval.json.live1234.tmp").write_bytes(b"{")  # evaluate writes without the lock: maybe live
     pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, **QUIET)
     assert not (run / ".encoder.safetensors.abcd1234.tmp").exists() and (run / ".notes.txt.abcd.tmp").exists()
+    assert (run / ".eval.json.live1234.tmp").exists()
 
 
 def test_a_metrics_record_without_a_step_is_one_line(tmp_path: Path) -> None:
@@ -125,9 +132,10 @@ def test_steps_replayed_after_a_resume_are_not_sent_to_the_trackers_again(tmp_pa
     resumed = MetricsLog(tmp_path)
     resumed.trackers = [Sink()]  # type: ignore[list-item]
     resumed.keep_until(8)
+    resumed.log({"step": 8, "knn_acc": 0.5})  # the epoch end's pass a stop at step 8 left undone: new
     for step in range(9, 13):
         resumed.log({"step": step, "loss": 1.0})
-    assert sent == list(range(1, 13))
-    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 13))
+    assert sent == list(range(1, 11)) + [8] + list(range(11, 13))
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9)) + [8] + list(range(9, 13))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 12
     assert os.path.getsize(tmp_path / "metrics.jsonl") > 0

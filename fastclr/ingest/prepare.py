@@ -232,10 +232,13 @@ def prepare_store(
     progress: bool = True,
     log: Callable[[str], None] = print,
     skipped_list: Path | None = None,
+    dedupe: bool = True,
 ) -> PrepareResult:
     """Decode every image below `folder` into the store `out` (created, or updated in place),
     the skipped files listed in its skipped.csv. `skipped_list`: where the caller keeps a copy of
-    that list (a temporary store's own goes with it), named in the summary instead."""
+    that list (a temporary store's own goes with it), named in the summary instead. `dedupe`: a
+    file with the bytes of one already stored is listed as a duplicate, not stored again (a store
+    for training; `embed` of a folder keeps a row for every file)."""
     t_start = time.perf_counter()
     root, out = Path(folder), Path(out)
     check_options(opts, labels)
@@ -285,7 +288,7 @@ def prepare_store(
                       "class": lay.classes[lay.label[f.rel]] if lay.label[f.rel] >= 0 else "",
                       "bytes": f.size, "mtime_ns": f.mtime_ns}
             sha = old["sha256"] if old is not None else (o.sha256 if o is not None else "")
-            if sha in kept and (old is not None and "reason" not in old or o is not None and o.image is not None):
+            if dedupe and sha in kept and (old is not None and "reason" not in old or o is not None and o.image is not None):
                 # The same bytes twice (a copy, a link): one row, so that an image is never in both
                 # train and test. Not cached by hash (the kept file has that hash): decided each run.
                 skipped.append(Skip(f.rel, "duplicate", f"the same bytes as {kept[sha]}", f.size, f.mtime_ns))

@@ -268,7 +268,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                                f"was still writing it); run the same command again to resume from the newest")
         if lock is not None:
             for p in remove_stale_temporaries(run_dir):
-                log(f"removed {p.name}, left by a checkpoint write that was interrupted")
+                log(f"removed {p.name}, left by a write that was interrupted")
         run = build_run(cfg, ctx, device, precision, run_dir, dataset, encoder, log, progress, clock)
     except BaseException:
         if lock is not None:
