@@ -248,3 +248,22 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
     assert any(line.startswith("eval.json held results of another encoder") for line in lines)
+
+
+def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Path) -> None:
+    """A diverged encoder's NaN features scored kNN and the probe at the share of class 0, silently."""
+    import shutil
+
+    from fastclr.export import save_encoder
+
+    run_dir, ds, _ = run
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    loaded = load_run(bad)
+    with torch.no_grad():
+        next(loaded.encoder.parameters()).fill_(float("nan"))
+    save_encoder(bad / "encoder.safetensors", loaded.encoder, loaded.spec)
+    before = (bad / "eval.json").read_text()
+    with pytest.raises(FastclrError, match=f"the features of {bad}'s training images hold NaN or infinite values"):
+        evaluate(bad, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lambda s: None)
+    assert (bad / "eval.json").read_text() == before

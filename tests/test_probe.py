@@ -243,3 +243,22 @@ def test_features_that_would_not_fit_in_memory_are_refused_before_allocating(mon
         features_of(enc, spec, x, torch.device("cpu"), FP32)
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(need / 0.9) + 4096)
     assert features_of(enc, spec, x, torch.device("cpu"), FP32).shape == (1000, 1568)
+
+
+def test_features_holding_nan_or_inf_are_one_line_not_chance_or_a_traceback() -> None:
+    """NaN test features scored exactly the share of class 0 (argmax of NaN is 0), for the probe
+    and kNN alike; NaN or inf training features failed inside L-BFGS."""
+    from fastclr.errors import FastclrError
+    from fastclr.evaluation.knn import knn_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.arange(60) % 3
+    bad = x.clone()
+    bad[5, 2] = float("nan")
+    bad[7, 0] = float("inf")
+    for train_x, test_x, which in ((x, bad, "the test features"), (bad, x, "the training features")):
+        with pytest.raises(FastclrError, match=f"{which} hold NaN or infinite values \\(2 of 60 rows\\)"):
+            linear_probe(train_x, y, test_x, y)
+    for train_x, test_x, which in ((x, bad, "the queries' features"), (bad, x, "the bank's features")):
+        with pytest.raises(FastclrError, match=f"{which} hold NaN or infinite values"):
+            knn_accuracy(train_x, y, test_x, y, k=5)

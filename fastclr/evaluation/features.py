@@ -21,6 +21,7 @@ from fastclr.config import AugmentConfig
 from fastclr.data.loader import ImageSource
 from fastclr.models import EncoderSpec
 from fastclr.runtime import FP32, Precision, require_memory
+from fastclr.errors import FastclrError
 
 
 def state_checksum(module: nn.Module) -> str:
@@ -127,3 +128,13 @@ def view_pairs(
 def evenly_spaced(n: int, limit: int) -> np.ndarray:
     """min(n, limit) indices spread evenly over range(n): a fixed, label-free sample."""
     return np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
+
+
+def require_finite(h: torch.Tensor, what: str) -> torch.Tensor:
+    """`h`, or one line when it holds NaN or infinite values: every protocol on it would report
+    chance-level garbage (argmax of NaN is class 0) or fail deep in an optimiser."""
+    if not bool(torch.isfinite(h).all()):
+        bad = int((~torch.isfinite(h)).any(dim=-1).sum()) if h.dim() > 1 else 1
+        raise FastclrError(f"{what} hold NaN or infinite values ({bad} of {len(h)} rows): the encoder's weights are "
+                           "damaged or its training diverged; use another run or an earlier checkpoint's export")
+    return h

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastclr.evaluation.features import require_finite
+
 from fastclr.runtime import FP32, Precision, bf16_native_on
 
 
@@ -149,6 +151,8 @@ def knn_accuracy(
     tau: float = 0.07, precision: Precision = FP32,
 ) -> float:
     """Fraction of test features whose kNN prediction equals their label."""
+    require_finite(train_x, "the bank's features")
+    require_finite(test_x, "the queries' features")
     pred = knn_predict(train_x, train_y, test_x, k, tau, int(max(train_y.max(), test_y.max())) + 1,
                        precision=precision)
     return float((pred == test_y).float().mean())

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastclr.evaluation.features import require_finite
+
 
 @dataclass
 class LogisticModel:
@@ -134,6 +136,8 @@ def linear_probe(
     test accuracy in 192 against 266 s (docs/benchmarks.md, "The probe"); the final fit runs to
     convergence (it stopped before 150 of its `max_iter` iterations there).
     """
+    require_finite(train_x, "the training features")
+    require_finite(test_x, "the test features")
     k = int(max(int(train_y.max()), int(test_y.max())) + 1)
     best_l2, best_val, best_model = l2_grid[0], -1.0, None
     if len(l2_grid) > 1:

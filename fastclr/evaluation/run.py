@@ -20,7 +20,8 @@ from fastclr.checkpoint import list_checkpoints
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
-from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
+from fastclr.evaluation.features import (encode, evenly_spaced, features_of, require_finite, state_checksum,
+                                         view_pairs)
 from fastclr.evaluation.fewshot import fewshot_probe
 from fastclr.evaluation.finetune import finetune
 from fastclr.evaluation.options import EXTRA_PROTOCOLS, LABELLED, PROTOCOLS, EvaluateOptions
@@ -240,8 +241,10 @@ def evaluate(
     if set(o.protocols) & set(FROZEN):
         assert ctx.setup is not None
         t0 = time.perf_counter()
-        ctx.train_x = features_of(run.encoder, run.spec, ctx.setup.train_images, device, run.precision)
-        ctx.test_x = features_of(run.encoder, run.spec, ctx.setup.test_images, device, run.precision)
+        ctx.train_x = require_finite(features_of(run.encoder, run.spec, ctx.setup.train_images, device,
+                                                 run.precision), f"the features of {run_dir}'s training images")
+        ctx.test_x = require_finite(features_of(run.encoder, run.spec, ctx.setup.test_images, device, run.precision),
+                                    f"the features of {run_dir}'s test images")
         if run.spec.rebuildable:  # a module given in Python cannot be rebuilt untrained by name
             untrained = untrained_encoder(run.spec, run.config.train.seed, device)
             ctx.untrained_train_x = features_of(untrained, run.spec, ctx.setup.train_images, device, run.precision)

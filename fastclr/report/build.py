@@ -24,7 +24,8 @@ from fastclr.data import Dataset, ImageSet, load_data
 from fastclr.errors import FastclrError
 from fastclr.files import write_text
 from fastclr.files import read_json
-from fastclr.evaluation.features import encode, evenly_spaced, features_of, state_checksum, view_pairs
+from fastclr.evaluation.features import (encode, evenly_spaced, features_of, require_finite, state_checksum,
+                                         view_pairs)
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift
 from fastclr.evaluation.run import read_eval, require_encoder
@@ -136,10 +137,7 @@ def _explorer_section(run: LoadedRun, dataset: Dataset, device: torch.device, se
 
 def _finite(h: torch.Tensor, run: LoadedRun) -> torch.Tensor:
     """`h`, or one line when the encoder gives NaN or infinite features (every figure would be NaN)."""
-    if not bool(torch.isfinite(h).all()):
-        raise FastclrError(f"the encoder of {run.run_dir} gives NaN or infinite features on the run's own images: its "
-                           "weights are damaged or its training diverged; report on another run")
-    return h
+    return require_finite(h, f"the features of {run.run_dir}'s own images")
 
 
 def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:
