@@ -3,7 +3,7 @@ Fashion-MNIST, and the same images as IDX files for the command line."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +42,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def alter_encoder(run_dir: Path, change: Callable[[torch.Tensor], object]) -> None:
+    """Apply `change` in place to the first parameter of the run's exported encoder and save it
+    back: a run whose encoder.safetensors no longer is what it trained (moved, or NaN)."""
+    from fastclr.export import save_encoder
+    from fastclr.pretrained import load_run
+
+    loaded = load_run(run_dir)
+    with torch.no_grad():
+        change(next(loaded.encoder.parameters()))
+    save_encoder(run_dir / "encoder.safetensors", loaded.encoder, loaded.spec)

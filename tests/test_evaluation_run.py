@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval_fixtures import one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
+from eval_fixtures import alter_encoder, one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
 from fastclr.cli import main
 from fastclr.data import Dataset
 from fastclr.errors import FastclrError
@@ -226,8 +226,6 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     and the lift is recomputed over all. Results of another encoder are replaced whole."""
     import shutil
 
-    from fastclr.export import save_encoder
-
     run_dir, ds, full = run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -241,10 +239,7 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     assert saved["protocols"]["knn"]["k"] == 5 and saved["options_of"]["knn"]["knn_k"] == 5
     assert saved["options_of"]["linear"] == full["options"] and saved["lift"] == lift_summary(saved["protocols"])
     assert any(line.startswith("kept from the earlier eval.json (the same encoder): ") for line in lines)
-    loaded = load_run(copy)
-    with torch.no_grad():
-        next(loaded.encoder.parameters()).add_(1e-3)
-    save_encoder(copy / "encoder.safetensors", loaded.encoder, loaded.spec)
+    alter_encoder(copy, lambda w: w.add_(1e-3))
     evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
     assert any(line.startswith("eval.json held results of another encoder") for line in lines)
@@ -254,15 +249,10 @@ def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Pa
     """A diverged encoder's NaN features scored kNN and the probe at the share of class 0, silently."""
     import shutil
 
-    from fastclr.export import save_encoder
-
     run_dir, ds, _ = run
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)
-    loaded = load_run(bad)
-    with torch.no_grad():
-        next(loaded.encoder.parameters()).fill_(float("nan"))
-    save_encoder(bad / "encoder.safetensors", loaded.encoder, loaded.spec)
+    alter_encoder(bad, lambda w: w.fill_(float("nan")))
     before = (bad / "eval.json").read_text()
     with pytest.raises(FastclrError, match=f"the features of {bad}'s training images hold NaN or infinite values"):
         evaluate(bad, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lambda s: None)

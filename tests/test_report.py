@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_fixtures import one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_thread: autouse)
+from eval_fixtures import alter_encoder, one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_thread: autouse)
 from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.run import evaluate
@@ -292,15 +292,11 @@ def test_a_report_never_replaces_a_file_of_the_run(run: tuple[Path, Dataset], tm
 def test_a_report_on_an_encoder_giving_nan_is_one_line(run: tuple[Path, Dataset], tmp_path: Path) -> None:
     """NaN features crashed the colour map with an IndexError (and t-SNE, and JSON, further on)."""
     from fastclr.errors import FastclrError
-    from fastclr.export import save_encoder
 
     run_dir, ds = run
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)
-    loaded = load_run(bad)
-    with torch.no_grad():
-        next(loaded.encoder.parameters()).fill_(float("nan"))
-    save_encoder(bad / "encoder.safetensors", loaded.encoder, loaded.spec)
+    alter_encoder(bad, lambda w: w.fill_(float("nan")))
     with pytest.raises(FastclrError, match=r"own images hold NaN or infinite values \(\d+ of \d+ rows\): the encoder's"):
         build_report(bad, device="cpu", dataset=ds)
 

@@ -288,7 +288,8 @@ def prepare_store(
                       "class": lay.classes[lay.label[f.rel]] if lay.label[f.rel] >= 0 else "",
                       "bytes": f.size, "mtime_ns": f.mtime_ns}
             sha = old["sha256"] if old is not None else (o.sha256 if o is not None else "")
-            if dedupe and sha in kept and (old is not None and "reason" not in old or o is not None and o.image is not None):
+            usable = "reason" not in old if old is not None else o is not None and o.image is not None
+            if dedupe and usable and sha in kept:
                 # The same bytes twice (a copy, a link): one row, so that an image is never in both
                 # train and test. Not cached by hash (the kept file has that hash): decided each run.
                 skipped.append(Skip(f.rel, "duplicate", f"the same bytes as {kept[sha]}", f.size, f.mtime_ns))

@@ -135,17 +135,12 @@ def _explorer_section(run: LoadedRun, dataset: Dataset, device: torch.device, se
                    "factors, grayscale, blur sigma, solarize and (when on) the erased rectangle.")
 
 
-def _finite(h: torch.Tensor, run: LoadedRun) -> torch.Tensor:
-    """`h`, or one line when the encoder gives NaN or infinite features (every figure would be NaN)."""
-    return require_finite(h, f"the features of {run.run_dir}'s own images")
-
-
 def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:
     idx = evenly_spaced(len(dataset.pretrain), VIEW_IMAGES)
     originals = dataset.pretrain.images[idx]
     raw, views = view_pairs(originals, run.config.augment, seed, run.mean, run.std, device)
     grid = figures.view_pairs_grid(originals, raw)
-    h = _finite(encode(run.encoder, views, run.precision), run)
+    h = require_finite(encode(run.encoder, views, run.precision), f"the features of {run.run_dir}'s own images")
     heat, stats = figures.similarity_heatmap(h)
     n = len(idx)
     return [
@@ -174,7 +169,8 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     bank_split = dataset.train or dataset.pretrain
     midx = evenly_spaced(len(test), MAP_POINTS)
     map_images = test.images[midx]
-    h = _finite(torch.from_numpy(embed_images(run, map_images, device)), run)  # as `fastclr neighbours` embeds
+    h = torch.from_numpy(embed_images(run, map_images, device))  # as `fastclr neighbours` embeds a store
+    require_finite(h, f"the features of {run.run_dir}'s own images")
     xy = (tsne(h, seed=seed) if method == "tsne" else pca(h, 2).float()).numpy()
     labels = test.labels[midx] if test.labels is not None else None
     classes = dataset.classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels is not None else [])
