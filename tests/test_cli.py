@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import call_main, cli_env, run_cli
 from tiny import TINY_FLAGS as TINY
 
 @pytest.fixture
@@ -19,6 +19,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -> None:
+    """The first run through `python -m fastclr` (the entry point), its resume in this process."""
     run = tmp_path / "run"
     r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY], env, tmp_path)
     assert r.returncode == 0, r.stderr
@@ -30,7 +31,7 @@ def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -
     assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6, 8]
     assert any("knn_acc" in r for r in recs)
     # resume with more epochs: continues from step 8 to 16 and probes again
-    r = run_cli(["pretrain", "--resume", str(run), "--epochs", "2", "--quiet"], env, tmp_path)
+    r = call_main(["pretrain", "--resume", str(run), "--epochs", "2", "--quiet"], env, tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout and json.loads((run / "probe.json").read_text())["steps"] == 16
     assert 'epochs = 2.0' in (run / "config.toml").read_text()
@@ -43,8 +44,8 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     from fastclr.export import load_encoder
 
     run = tmp_path / "run"
-    assert run_cli(["pretrain", "--data", "mnist", "--epochs", "0.5", "--run-dir", str(run), "--probe", "false", *TINY,
-                    "--cnn-stages", "64|128|flat0"], env, tmp_path).returncode == 0
+    assert call_main(["pretrain", "--data", "mnist", "--epochs", "0.5", "--run-dir", str(run), "--probe", "false", *TINY,
+                     "--cnn-stages", "64|128|flat0"], env, tmp_path).returncode == 0
     enc, spec = load_encoder(run / "encoder.safetensors")
     state = load_checkpoint(list_checkpoints(run)[-1])["encoder"]
     assert state.keys() == enc.state_dict().keys()
@@ -89,21 +90,21 @@ def test_unwritable_run_dir_and_resume_without_checkpoint(tmp_path: Path, env: d
         locked.mkdir()
         locked.chmod(0o500)
         try:
-            r = run_cli(["pretrain", "--data", "mnist", "--run-dir", str(locked / "run"), *TINY], env, tmp_path)
+            r = call_main(["pretrain", "--data", "mnist", "--run-dir", str(locked / "run"), *TINY], env, tmp_path)
             assert r.returncode == 2 and "cannot create run directory" in r.stderr
         finally:
             locked.chmod(0o700)
     # a file where the run directory should be cannot be created, even as root
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run_cli(["pretrain", "--data", "mnist", "--run-dir", str(blocker / "run"), *TINY], env, tmp_path)
+    r = call_main(["pretrain", "--data", "mnist", "--run-dir", str(blocker / "run"), *TINY], env, tmp_path)
     assert r.returncode == 2 and "cannot create run directory" in r.stderr and "--run-dir" in r.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.toml").write_text("[train]\nepochs = 1.0\n")
-    r = run_cli(["pretrain", "--resume", str(empty), "--quiet"], env, tmp_path)
+    r = call_main(["pretrain", "--resume", str(empty), "--quiet"], env, tmp_path)
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_cli(["embed", str(empty), "--data", "mnist", "--out", str(tmp_path / "e.npy")], env, tmp_path)
+    r = call_main(["embed", str(empty), "--data", "mnist", "--out", str(tmp_path / "e.npy")], env, tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (  # not "start a new run without --resume", a pretrain flag
         f"error: {empty} holds no encoder.safetensors and no checkpoint: the run stopped before its first checkpoint; "
         "give the directory of a run that saved one")

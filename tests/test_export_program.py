@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import call_main, cli_env
 from tiny import TINY_FLAGS
 from fastclr.errors import FastclrError
 from fastclr.export import export_encoder
@@ -111,10 +111,10 @@ def test_an_onnx_model_that_disagrees_is_refused_and_an_earlier_export_kept(tmp_
 def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
     run = tmp_path / "run"
-    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS, "--probe", "false"],
-                env, tmp_path)
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS, "--probe", "false"],
+                 env, tmp_path)
     assert r.returncode == 0, r.stderr
-    r = run_cli(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "h.onnx")], env, tmp_path)
+    r = call_main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "h.onnx")], env, tmp_path)
     assert r.returncode == 0 and "onnxruntime's h equals PyTorch's on 64 of the run's images" in r.stdout, r.stderr
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import call_main, cli_env
 from tiny import TINY_FLAGS as TINY
 from fastclr.checkpoint import (
     CheckpointError,
@@ -87,7 +87,7 @@ def test_sigkill_at_random_moments_during_checkpoint_writes_never_loses_the_run(
             assert state["step"] >= best
             best = state["step"]
     assert killed_mid_write >= 2, "too few kills landed inside a write; the test did not exercise what it claims"
-    done = run_cli(args, env, tmp_path)
+    done = call_main(args, env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 32
     assert not temps()
@@ -155,10 +155,10 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path: Pat
 def test_cli_auto_resume_reports_the_damaged_file_by_name(tmp_path: Path, env: dict[str, str]) -> None:
     run = tmp_path / "run"
     args = ["pretrain", "--data", "mnist", "--epochs", "2", "--run-dir", str(run), *TINY, "--probe", "false"]
-    assert run_cli(args, env, tmp_path).returncode == 0
+    assert call_main(args, env, tmp_path).returncode == 0
     newest = list_checkpoints(run)[-1]
     newest.write_bytes(newest.read_bytes()[:100])
-    r = run_cli(["pretrain", "--resume", "auto", str(run), "--quiet", "--probe", "false"], env, tmp_path)
+    r = call_main(["pretrain", "--resume", "auto", str(run), "--quiet", "--probe", "false"], env, tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"skipping {newest.name}" in r.stdout and "from step-000000008.pt" in r.stdout
 
@@ -167,7 +167,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Pa
     common = ["--data", "mnist", "--epochs", "2", *TINY, "--log-every", "1", "--monitor-every", "0", "--probe", "false",
               "--head-hidden", "256", "--batch-size", "16"]  # 16 steps per epoch
     straight = tmp_path / "straight"
-    assert run_cli(["pretrain", "--run-dir", str(straight), *common], env, tmp_path).returncode == 0
+    assert call_main(["pretrain", "--run-dir", str(straight), *common], env, tmp_path).returncode == 0
     run = tmp_path / "stopped"
     proc = start(["pretrain", "--run-dir", str(run), *common], env, tmp_path)
     wait_for(lambda: len(metric_steps(run)) >= 3)
@@ -178,7 +178,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(tmp_path: Pa
     assert "SIGTERM received" in err and out.count("stopped at step") == 1  # said once, by the loop
     assert f"stopped at step {stopped_at}; checkpoint written; continue with `fastclr pretrain --resume {run}`" in out
     assert 3 <= stopped_at < 32
-    r = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+    r = call_main(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
     assert r.returncode == 0, r.stderr
     a = load_checkpoint(list_checkpoints(straight)[-1])
     b = load_checkpoint(list_checkpoints(run)[-1])
@@ -261,43 +261,33 @@ def test_malicious_pickle_as_checkpoint_is_refused_without_running(tmp_path: Pat
         load_checkpoint(evil)
     for args in (["pretrain", "--resume", str(run), "--quiet"], ["evaluate", str(run), "--quiet"],
                  ["embed", str(run), "--data", "mnist", "--out", str(tmp_path / "feats")]):
-        r = run_cli(args, env, tmp_path)
+        r = call_main(args, env, tmp_path)
         assert r.returncode == 2 and "refusing to load" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert not marker.exists()
     # a plain pickle file (not even torch's zip format) is refused too
     evil.write_bytes(pickle.dumps(Payload()))
-    r = run_cli(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+    r = call_main(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
     assert r.returncode == 2 and not marker.exists()
 
 
 def test_resume_with_a_changed_batch_size_is_refused_naming_the_key_and_a_changed_network_always(
-        tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, env: dict[str, str]) -> None:
     run = tmp_path / "run"
-    assert run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
-                   env, tmp_path).returncode == 0
-    # The refusals in this process (the command's own main: one line on stderr, exit 2), the
-    # runs that train in a subprocess.
-    from fastclr.cli import main
-
-    for key in ("FASTCLR_DATA", "XDG_CACHE_HOME"):
-        monkeypatch.setenv(key, env[key])
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    assert main(["pretrain", "--resume", str(run), "--batch-size", "16", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "train.batch_size differ" in err and "--allow-config-change" in err
+    assert call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
+                    env, tmp_path).returncode == 0
+    r = call_main(["pretrain", "--resume", str(run), "--batch-size", "16", "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and "train.batch_size differ" in r.stderr and "--allow-config-change" in r.stderr
     # The network and the optimiser cannot change even when asked: the checkpoint's weights and
     # optimiser state would not fit (it crashed after rewriting config.toml). Refused before any write.
     saved = (run / "config.toml").read_bytes()
     for flags, keys in ((["--encoder", "resnet18"], "model.encoder"), (["--optimizer", "lars"], "optim.optimizer"),
                         (["--width", "0.25", "--learn-temperature", "true"], "model.width, train.learn_temperature")):
-        assert main(["pretrain", "--resume", str(run), *flags, "--allow-config-change", "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        assert f"cannot resume: {keys} differ" in err and "--init" in err
+        r = call_main(["pretrain", "--resume", str(run), *flags, "--allow-config-change", "--quiet"], env, tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"cannot resume: {keys} differ" in r.stderr and "--init" in r.stderr
         assert (run / "config.toml").read_bytes() == saved
-    r = run_cli(["pretrain", "--resume", str(run), "--batch-size", "16", "--epochs", "2", "--allow-config-change",
-                 "--quiet", "--probe", "false"], env, tmp_path)
+    r = call_main(["pretrain", "--resume", str(run), "--batch-size", "16", "--epochs", "2", "--allow-config-change",
+                  "--quiet", "--probe", "false"], env, tmp_path)
     assert r.returncode == 0, r.stderr
 
 
@@ -362,22 +352,25 @@ def test_a_directory_of_the_users_files_is_never_a_run_directory(tmp_path: Path)
     (mine / "sub").mkdir(parents=True)
     (mine / "data.csv").write_text("a,b\n1,2\n")
     before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
-    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(mine), *TINY], env, tmp_path)
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(mine), *TINY], env, tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (
         f"error: --run-dir {mine} holds files that are not a fastclr run (data.csv, sub); nothing was written: "
         "choose a new --run-dir")
     assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
     (tmp_path / "afile").write_text("x")
-    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "afile"), *TINY], env,
-                tmp_path)
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "afile"), *TINY], env,
+                 tmp_path)
     assert r.returncode == 2 and "is a file, not a directory" in r.stderr
 
 
 def test_files_follow_the_users_umask(tmp_path: Path) -> None:
     env, run = cli_env(tmp_path), tmp_path / "run"
-    r = subprocess.run(["sh", "-c", f"umask 022 && exec {sys.executable} -m fastclr pretrain --data mnist --epochs 1 "
-                        f"--run-dir {run} {' '.join(TINY)} --probe false"], env=env, cwd=tmp_path, capture_output=True,
-                       text=True, timeout=240)
+    before = os.umask(0o022)
+    try:
+        r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
+                     env, tmp_path)
+    finally:
+        os.umask(before)
     assert r.returncode == 0, r.stderr
     for p in [run / "encoder.safetensors", run / "config.toml", *list_checkpoints(run)]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p

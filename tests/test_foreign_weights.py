@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import call_main, cli_env
 from fastclr.errors import FastclrError
 from fastclr.export import export_encoder
 from fastclr.models import build_encoder
@@ -190,11 +190,11 @@ def test_pretrain_init_records_the_file_and_starts_from_it(tmp_path: Path) -> No
     env = cli_env(tmp_path)
     flags = ["--data", "mnist", "--epochs", "1", "--width", "0.125", "--head-hidden", "32", "--proj-dim", "16",
              "--batch-size", "32", "--monitor-every", "0", "--probe", "false", "--quiet"]
-    first = run_cli(["pretrain", *flags, "--run-dir", str(tmp_path / "a")], env, tmp_path)
+    first = call_main(["pretrain", *flags, "--run-dir", str(tmp_path / "a")], env, tmp_path)
     assert first.returncode == 0, first.stderr
     src = tmp_path / "a" / "encoder.safetensors"
-    second = run_cli(["pretrain", *flags, "--epochs", "0.01", "--run-dir", str(tmp_path / "b"), "--init", str(src)],
-                     env, tmp_path)
+    second = call_main(["pretrain", *flags, "--epochs", "0.01", "--run-dir", str(tmp_path / "b"), "--init", str(src)],
+                      env, tmp_path)
     assert second.returncode == 0, second.stderr
     assert "init from" in second.stdout and "fastclr names" in second.stdout and "missing none" in second.stdout
     from fastclr.config import read_toml
@@ -202,8 +202,8 @@ def test_pretrain_init_records_the_file_and_starts_from_it(tmp_path: Path) -> No
 
     saved = read_toml(tmp_path / "b" / "config.toml")
     assert saved["model.init"] == str(src) and saved["model.init_sha256"] == file_sha256(src)
-    bad = run_cli(["pretrain", *flags, "--run-dir", str(tmp_path / "c"), "--init", str(tmp_path / "nope.pth")], env,
-                  tmp_path)
+    bad = call_main(["pretrain", *flags, "--run-dir", str(tmp_path / "c"), "--init", str(tmp_path / "nope.pth")], env,
+                   tmp_path)
     assert bad.returncode == 2 and "init weights" in bad.stderr and not (tmp_path / "c").exists()
 
 

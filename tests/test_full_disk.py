@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, file_size_limit, limit_files, run_cli
+from conftest import call_main, cli_env, file_size_limit, limit_files
 from ingest_fixtures import bar_images
 from tiny import TINY_FLAGS
 from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -109,7 +109,7 @@ def test_files_written_together_are_replaced_together_or_not_at_all(tmp_path: Pa
 def finished_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     env = cli_env(tmp_path)
     run = tmp_path / "run"
-    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS], env, tmp_path)
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS], env, tmp_path)
     assert r.returncode == 0, r.stderr
     return run, env
 
@@ -161,14 +161,17 @@ def _can_mount_tmpfs(where: Path) -> bool:
 
 
 _FULL_DISK_DRIVER = """
-import json, os, subprocess, sys
+import contextlib, io, json, os, subprocess, sys
 from pathlib import Path
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
+from fastclr.cli import main
 disk, flags = Path(sys.argv[1]), json.loads(sys.argv[2])
 
-def cli(*args):
-    r = subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True)
-    return {"rc": r.returncode, "stderr": r.stderr}
+def cli(*args):  # the command's own main in this process, inside the namespace: one interpreter start, not four
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return {"rc": rc, "stderr": err.getvalue()}
 
 def state(run):
     ckpts = list_checkpoints(run)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import cli_env
+from conftest import call_main, cli_env
 from dist_helpers import free_port
 from fastclr import config as config_mod
 from fastclr.config import read_toml
@@ -107,7 +107,7 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     env, run = tracked_env(tmp), tmp / "run"
     r = fastclr(env, tmp, *pretrain_args(run, "--log", "mlflow,wandb"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = fastclr(env, tmp, "evaluate", str(run), "--protocols", "linear,knn")
+    r = call_main(["evaluate", str(run), "--protocols", "linear,knn"], env, tmp)
     assert r.returncode == 0, r.stderr[-3000:]
     return run, env
 
