@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 import re
 from pathlib import Path
 from typing import Any
@@ -125,17 +126,30 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The line of torch's refusal that names what the file holds ("Trying to load unsupported
+    GLOBAL posix.system ...", "Unsupported operand 149"), not its paragraph about the default."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return (named or lines or [type(e).__name__])[0]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and verify one checkpoint file; raises `CheckpointError` with the reason."""
     try:
         if path.stat().st_size == 0:
             raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the refusal below says more
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: it is not a plain-tensor checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"refusing to load {path}: it is not a plain-tensor checkpoint "
+                              f"({_unpickling_reason(e)[:160]})") from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (IsADirectoryError, NotADirectoryError):

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -263,11 +264,16 @@ def test_malicious_pickle_as_checkpoint_is_refused_without_running(tmp_path: Pat
                  ["embed", str(run), "--data", "mnist", "--out", str(tmp_path / "feats")]):
         r = call_main(args, env, tmp_path)
         assert r.returncode == 2 and "refusing to load" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "(Trying to load unsupported GLOBAL posix.system" in r.stderr  # what it holds, not torch's preamble
         assert not marker.exists()
-    # a plain pickle file (not even torch's zip format) is refused too
+    # a plain pickle file (not even torch's zip format) is refused too, without torch's warning about its protocol
     evil.write_bytes(pickle.dumps(Payload()))
-    r = call_main(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = call_main(["pretrain", "--resume", str(run), "--quiet"], env, tmp_path)
     assert r.returncode == 2 and not marker.exists()
+    assert "it is not a plain-tensor checkpoint (Unsupported operand" in r.stderr, r.stderr
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]
 
 
 def test_resume_with_a_changed_batch_size_is_refused_naming_the_key_and_a_changed_network_always(
