@@ -197,6 +197,12 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
         ([str(run_dir), "--protocols", "linaer"], "unknown protocol linaer; choose from: linear, knn"),
         ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
         ([str(run_dir), "--steps", "0"], "--steps must be at least 1"),
+        # BatchNorm cannot train on one image, uniformity needs two (both were tracebacks)
+        ([str(run_dir), "--batch-size", "1"], "--batch-size must be at least 2, got 1"),
+        ([str(run_dir), "--quality-images", "1"], "--quality-images must be at least 2, got 1"),
+        # the same subset three times printed as "± 0.00% (3 seeds)"; a repeated count, two curve entries
+        ([str(run_dir), "--seeds", "0,0,0"], "--seeds repeats 0: each value is one measurement; give distinct values"),
+        ([str(run_dir), "--labels-per-class", "2,5,2"], "--labels-per-class repeats 2:"),
         ([str(run_dir), "--knn-tau", "0"], "--knn-tau must be a finite number above 0, got 0.0"),
         ([str(run_dir), "--lr", "0"], "--lr must be a finite number above 0, got 0.0"),  # it trained nothing, silently
     ]

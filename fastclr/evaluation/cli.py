@@ -21,10 +21,14 @@ def number_list(text: str, kind: type, flag: str) -> tuple[Any, ...]:
         values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
+    example = ",".join(str(v) for v in getattr(EvaluateOptions(), flag[2:].replace("-", "_")))
     if not values:
-        example = ",".join(str(v) for v in getattr(EvaluateOptions(), flag[2:].replace("-", "_")))
         raise FastclrError(f"{flag} takes a comma-separated list of {kind.__name__}s, e.g. {flag} {example}; "
                            f"got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:  # a repeated seed is the same draw again: its spread of 0 would pass for agreement
+        raise FastclrError(f"{flag} repeats {', '.join(map(str, repeated))}: each value is one measurement; "
+                           f"give distinct values, e.g. {flag} {example}")
     return values
 
 
@@ -47,9 +51,10 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
-    for name in ("steps", "batch_size", "quality_images", "knn_k"):
-        if changes.get(name, 1) < 1:
-            raise FastclrError(f"--{name.replace('_', '-')} must be at least 1, got {changes[name]}")
+    # BatchNorm trains on at least 2 images a batch; uniformity compares at least 2 features.
+    for name, least in (("steps", 1), ("batch_size", 2), ("quality_images", 2), ("knn_k", 1)):
+        if changes.get(name, least) < least:
+            raise FastclrError(f"--{name.replace('_', '-')} must be at least {least}, got {changes[name]}")
     for name in ("knn_tau", "lr"):
         if not (math.isfinite(changes.get(name, 1.0)) and changes.get(name, 1.0) > 0):
             raise FastclrError(f"--{name.replace('_', '-')} must be a finite number above 0, got {changes[name]}; "
