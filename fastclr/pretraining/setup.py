@@ -239,7 +239,11 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     if t.local_views:
         check_small_views(model.encoder, local_config(cfg.augment, dataset.pretrain.images.shape[1]).crop_size,
                           dataset.pretrain.images.shape[-1], model.spec.feature_dim, device)
-    if ctx.active and t.sync_bn:
+    # Gradient caching runs every BatchNorm on one chunk at a time (ghost BatchNorm, gradcache.py):
+    # made global, a chunk would be normalised with the same chunk of every other process, and
+    # the ghost batch would grow with the number of processes. Left local, it is the chunk alone,
+    # as in one process.
+    if ctx.active and t.sync_bn and not t.grad_cache_chunk:
         model.encoder = convert_batchnorm(model.encoder, device)
         model.head = convert_batchnorm(model.head, device)
     source = ImageSource(dataset.pretrain.images, device)
