@@ -29,7 +29,7 @@ def test_cosine_closed_form_and_floor() -> None:
 def test_a_warm_up_not_shorter_than_the_run_becomes_a_tenth_of_it() -> None:
     assert warmup_for(234, 808) == 234 and warmup_for(64, 65) == 64  # shorter than the run: as configured
     assert warmup_for(117, 65) == 6 and warmup_for(30, 12) == 1 and warmup_for(65, 65) == 6
-    assert warmup_for(5, 1) == 5  # a one-step run has no schedule to fit
+    assert warmup_for(5, 1) == 1 and lr_at(0, 1, warmup_for(5, 1), 1.0) == 1.0  # one step, at the peak (it trained at 1/5)
     # the shortened warm-up's run reaches the peak and ends at the floor
     lrs = [lr_at(s, 65, warmup_for(117, 65), 1.0) for s in range(66)]
     assert max(lrs) == pytest.approx(1.0) and lrs[6] == pytest.approx(1.0) and lrs[65] == pytest.approx(0.0, abs=1e-12)

@@ -69,6 +69,26 @@ def test_the_fp16_skip_guard_counts_across_a_resume(tmp_path: Path) -> None:
     assert saved["skip_streak"] == 0
 
 
+def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:
+    """fp16: two overflowed steps (norm inf, skipped) and one of norm 3 log grad_norm 3, not 1;
+    a window of skipped steps only logs none."""
+    from fastclr.pretraining.metrics import MetricsWindow
+    from fastclr.scaleout.distributed import DistContext
+
+    def out(norm: float, skipped: float) -> Any:
+        return type("Out", (), {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(norm),
+                                "skipped": torch.tensor(skipped), "metrics": {}})()
+
+    window = MetricsWindow()
+    for norm, skipped in ((float("inf"), 1.0), (float("inf"), 1.0), (3.0, 0.0)):
+        window.add(out(norm, skipped))
+    rec = window.close(DistContext())
+    assert rec["skipped"] == 2 and rec["grad_norm"] == 3.0 and rec["loss"] == 1.0
+    window.add(out(float("inf"), 1.0))
+    rec = window.close(DistContext())
+    assert rec["skipped"] == 1 and "grad_norm" not in rec
+
+
 def test_an_unreadable_checkpoint_is_named_not_skipped_for_an_older_one(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A PermissionError was called "damaged or truncated" and the resume went back to the older

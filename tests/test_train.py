@@ -134,6 +134,9 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     ds = tiny_dataset()
     with pytest.raises(FastclrError, match=r"batch size 512 is larger than the dataset \(96 images\); pass --batch-size 96"):
         pretrain(tiny_config(tmp_path, train__batch_size=512), dataset=ds, progress=False, log=lambda s: None)
+    # one image: the advice was "--batch-size 1 or less", itself refused (a batch needs 2)
+    with pytest.raises(FastclrError, match=r"the dataset holds 1 image: contrastive training needs at least 2 a batch"):
+        pretrain(tiny_config(tmp_path), dataset=tiny_dataset(1), progress=False, log=lambda s: None)
     with pytest.raises(FastclrError, match=r"train.temperature = 0.0 is not allowed: it must be > 0; e.g. --temperature"):
         pretrain(tiny_config(tmp_path, train__temperature=0.0), dataset=ds, progress=False, log=lambda s: None)
     bad = tiny_config(tmp_path / "c")
@@ -281,6 +284,19 @@ def test_an_epoch_ends_refit_counts_the_monitor_pass_that_follows_it(
     assert 120.0 - 1.0 <= res.train_seconds <= 120.0 + 1.0, res.train_seconds
     assert res.steps == 102 and res.train_seconds == pytest.approx(2.5 + 97 * 1.0 + 2 * 10.0)
     assert [r["step"] for r in records if "loss" in r] == [102]
+
+
+def test_the_logged_rate_counts_training_steps_not_the_monitor_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 s a step, batch 2: 2 pairs/s in every window, also the one after an epoch end's 10 s kNN pass
+    (it logged 2 x 10 / (10 + 10) = 1.0 when the window started before the pass)."""
+    clock = PacedClock(lambda i: 1.0, monitor_s=10.0)
+    monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+    _, records = paced_run(tmp_path, clock, minutes=0.0, steps_per_epoch=10, monitor_share=1.0, log_every=5,
+                           epochs=2.0)
+    assert [r["step"] for r in records if "knn_acc" in r] == [10, 20]
+    assert [(r["step"], r["pairs_per_s"]) for r in records if "pairs_per_s" in r] == [(5, 2.0), (10, 2.0), (15, 2.0),
+                                                                                      (20, 2.0)]
 
 
 @pytest.mark.parametrize("share, passes", [(0.05, [6]), (1.0, [6, 12, 18])])

@@ -199,6 +199,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 now = run.clock()
                 run.log_window(lr, now - window_start)
                 window_start = now
+            paused = run.clock()  # the checkpoint and the monitor pass are not the window's training time
             if checkpoint_now or stop_now:
                 run.checkpoint()
             if stop_now:  # a stop exits promptly, without the epoch end's monitor pass
@@ -209,6 +210,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             if run.monitor.due(epoch_ended, s.train_seconds):
                 run.monitor_pass()
                 s.train_seconds = run.clock() - run.loop_start
+            window_start += run.clock() - paused
             if epoch_ended is not None:
                 run.refit_budget(end_of_epoch=True, after_monitor=True)
         s.train_seconds = run.clock() - run.loop_start  # with the last epoch's monitor pass

@@ -74,7 +74,8 @@ class MetricsWindow:
 
     def close(self, ctx: DistContext) -> dict[str, float]:
         """The window's means (averaged over ranks: each rank's loss is the mean over its anchors, so
-        the average is the global batch's), `skipped` as a count of steps; then start a new window."""
+        the average is the global batch's), `skipped` as a count of steps, `grad_norm` over the steps
+        not skipped; then start a new window."""
         sums = self.sums
         if ctx.active and sums:
             keys = sorted(sums)
@@ -83,5 +84,12 @@ class MetricsWindow:
         rec = {k: float(v) / max(self.steps, 1) for k, v in sums.items()}
         if "skipped" in rec:
             rec["skipped"] = round(rec["skipped"] * self.steps)
+            # The mean norm of the updates applied (a skipped step's is not finite and added 0);
+            # a window of skipped steps only has none.
+            applied = self.steps - rec["skipped"]
+            if applied > 0:
+                rec["grad_norm"] = float(sums["grad_norm"]) / applied
+            else:
+                del rec["grad_norm"]
         self.sums, self.steps = {}, 0
         return rec

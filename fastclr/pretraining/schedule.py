@@ -36,7 +36,7 @@ def warmup_for(warmup_steps: int, total_steps: int) -> int:
     """The warm-up a run of `total_steps` gets: the configured one, unless it is not shorter than
     the run (few epochs of small data, or a time budget that fits few steps on a slow machine),
     which would never reach the peak learning rate: then a tenth of the run."""
-    return max(1, total_steps // 10) if warmup_steps >= total_steps > 1 else warmup_steps
+    return max(1, total_steps // 10) if warmup_steps >= total_steps >= 1 else warmup_steps
 
 
 # Below this many epochs a run is flagged as barely trained: the default Fashion-MNIST run probes

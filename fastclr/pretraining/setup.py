@@ -44,6 +44,9 @@ def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
             f"batch size {t.batch_size} (the global batch) does not split evenly over {world_size} processes; "
             f"pass --batch-size {max(1, t.batch_size // world_size) * world_size}"
         )
+    if n_images < 2:  # a batch of one image has no negative (and train.batch_size is at least 2)
+        raise FastclrError(f"the dataset holds {n_images} image{'s' * (n_images != 1)}: contrastive training needs "
+                           "at least 2 a batch; give it more images")
     if t.batch_size > n_images:
         raise FastclrError(
             f"batch size {t.batch_size} is larger than the dataset ({n_images} images); pass --batch-size {n_images} or less"
