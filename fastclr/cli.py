@@ -56,8 +56,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _epochs_mean_epochs(flags: dict[str, Any]) -> dict[str, Any]:
-    """`--epochs` without `--time-budget` trains that many epochs, also over a config file or a
-    saved run that holds a time budget (which would otherwise stop the run first, silently)."""
+    """`--epochs` without `--time-budget` (in flags, or in what a resume is given) trains that many
+    epochs, also over a config file or a saved run that holds a time budget (which would otherwise
+    stop the run first, silently)."""
     return {"train.time_budget": 0.0} if "train.epochs" in flags and "train.time_budget" not in flags else {}
 
 
@@ -81,15 +82,14 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     if not saved.exists():
         raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
     base = saved_overrides(saved)
-    if args.config:
-        base.update(read_toml(args.config))
-    flags = _overrides(args)
-    base.update(_epochs_mean_epochs(flags))
-    if "data.name" in flags and "data.preset" not in flags and flags["data.name"] != base.get("data.name"):
+    # What this command asks for, a --config file then flags, each with the epochs rule.
+    file, flags = read_toml(args.config) if args.config else {}, _overrides(args)
+    given = {**file, **_epochs_mean_epochs(file), **_epochs_mean_epochs(flags), **flags}
+    if "data.name" in given and "data.preset" not in given and given["data.name"] != base.get("data.name"):
         # Another dataset on resume (refused unless --allow-config-change): the run keeps its recipe,
         # which from now on is the recipe it trains that dataset with.
-        base["data.preset"] = preset_name(str(flags["data.name"]))
-    base.update(flags)
+        base["data.preset"] = preset_name(str(given["data.name"]))
+    base.update(given)
     base["train.run_dir"] = str(resume)  # where it continues, also when the run directory was moved
     return apply_overrides(Config(), base)
 

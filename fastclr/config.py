@@ -424,7 +424,7 @@ def validate(cfg: Config) -> None:
         va, vb = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (a, b))
         if va > vb:
             raise FastclrError(f"{a} = {va!r} is larger than {b} = {vb!r}; it must be <= {b} "
-                               f"(e.g. {_flag(a)} {getattr(getattr(defaults, a.split('.')[0]), a.split('.')[1])})")
+                               f"(e.g. {_flag(a)} {vb!r})")  # a value that holds whatever the preset set
     from fastclr.models.cnn import check_stages  # the stage grammar lives with the network it builds
 
     check_stages(cfg.model.cnn_stages)  # before the data is read and the run directory made

@@ -156,6 +156,33 @@ def test_a_run_saved_before_erasing_resumes_and_loads_without_it(tmp_path: Path)
     assert flagged.augment.erase_p == 0.5
 
 
+def test_a_config_file_on_resume_means_what_the_same_flags_mean(tmp_path: Path) -> None:
+    """On --resume, `epochs` from a --config file ended a saved time budget's hold only as a flag
+    (the budget won, silently), and `[data] name` kept the old recipe's preset (refused as a recipe
+    of another dataset even with --allow-config-change)."""
+    from fastclr.cli import build_parser, resume_config
+    from fastclr.runs import write_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, apply_overrides(Config(), {"train.time_budget": 9.5, "data.name": "fashion-mnist"}))
+
+    def resumed(toml: str, *flags: str) -> Config:
+        (tmp_path / "c.toml").write_text(toml)
+        return resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run), "--config",
+                                                             str(tmp_path / "c.toml"), *flags]))
+
+    cfg = resumed("[train]\nepochs = 3.0\n")
+    assert (cfg.train.epochs, cfg.train.time_budget) == (3.0, 0.0)
+    cfg = resumed("[train]\ntime_budget = 2.0\n", "--epochs", "4")  # the flag over the file, as for a new run
+    assert (cfg.train.epochs, cfg.train.time_budget) == (4.0, 0.0)
+    cfg = resumed("[train]\nepochs = 3.0\ntime_budget = 2.0\n")  # both given: the budget holds
+    assert (cfg.train.epochs, cfg.train.time_budget) == (3.0, 2.0)
+    cfg = resumed('[data]\nname = "mnist"\n')
+    assert (cfg.data.name, cfg.data.preset) == ("mnist", "mnist")
+    assert resumed('[data]\nname = "mnist"\npreset = "fashion-mnist"\n').data.preset == "fashion-mnist"
+
+
 def test_the_positional_run_dir_is_the_run_dir(tmp_path: Path) -> None:
     """`fastclr pretrain RUN_DIR` trains into RUN_DIR (it was ignored without --resume); two
     different directories are refused."""

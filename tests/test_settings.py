@@ -113,3 +113,4 @@ def test_related_settings_must_be_ordered(capsys: pytest.CaptureFixture[str], tm
         assert main(["pretrain", "--run-dir", str(tmp_path / "r"), f"--{a}", va, f"--{b}", vb]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: augment.") and "is larger than" in err and not (tmp_path / "r").exists()
+        assert err.endswith(f"(e.g. --{a} {float(vb)!r})")  # a value that holds (the default 0.8 > 0.5 did not)
