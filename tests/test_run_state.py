@@ -69,6 +69,30 @@ def test_the_fp16_skip_guard_counts_across_a_resume(tmp_path: Path) -> None:
     assert saved["skip_streak"] == 0
 
 
+def test_a_finished_run_trained_on_gives_up_its_export_until_it_ends(tmp_path: Path) -> None:
+    """A finished run (exported at step 6) resumed for another epoch and stopped at step 9:
+    `evaluate`, `embed` and `neighbours` (`load_run`) read the step-6 export over step 9's checkpoint."""
+    from fastclr.export import ENCODER_FILE
+    from fastclr.pretrained import load_run
+
+    ds, run = tiny_dataset(), tmp_path / "run"  # 6 steps an epoch
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    assert (run / ENCODER_FILE).exists()
+    lines: list[str] = []
+    res = pretrain(tiny_config(run, train__epochs=2.0), resume=run, dataset=ds, progress=False, log=lines.append,
+                   stop=lambda step: step == 9)
+    assert res.stopped and not (run / ENCODER_FILE).exists()
+    assert any(line.startswith(f"{ENCODER_FILE} removed: it held step 6") for line in lines), lines
+    newest = load_checkpoint(list_checkpoints(run)[-1])
+    assert newest["step"] == 9
+    for k, v in load_run(run, log=lambda s: None).encoder.state_dict().items():
+        assert torch.equal(v, newest["encoder"][k]), k
+    pretrain(tiny_config(run, train__epochs=2.0), resume=run, dataset=ds, **QUIET)
+    assert (run / ENCODER_FILE).exists()  # written again at the end
+    pretrain(tiny_config(run, train__epochs=2.0), resume=run, dataset=ds, **QUIET)  # nothing to train: kept
+    assert (run / ENCODER_FILE).exists()
+
+
 def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:
     """fp16: two overflowed steps (norm inf, skipped) and one of norm 3 log grad_norm 3, not 1;
     a window of skipped steps only logs none."""

@@ -314,6 +314,13 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
     run.reach_first_fit()
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:
+        export = run_dir / ENCODER_FILE
+        if state is not None and run.state.step < run.state.total_steps and export.exists():
+            # A finished run trained on (more epochs): its export is of the step it resumes from, and
+            # `evaluate`, `embed` and `neighbours` would read it over the newer checkpoints to come.
+            export.unlink()
+            log(f"{ENCODER_FILE} removed: it held step {run.state.step}, which the run now trains past (the same "
+                "weights are in that step's checkpoint); it is written again when the run ends")
         write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
         run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
