@@ -49,6 +49,7 @@ def test_mnist_layout_loads_train_and_test_with_labels(data_root: Path) -> None:
     np.testing.assert_array_equal(ds.test.images, xte)
     np.testing.assert_array_equal(ds.test.labels, yte)
     assert ds.image_shape == (28, 28, 1) and ds.classes[0] == "T-shirt/top"
+    assert REGISTRY["fashion-mnist"].side == REGISTRY["mnist"].side == 28  # as the published files store them
 
 
 def test_uncompressed_idx_files_load_as_the_gzipped_ones(data_root: Path, tmp_path: Path,
@@ -74,12 +75,12 @@ def test_cifar10_and_cifar100_pickles(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.train.images, x10[:40])
     np.testing.assert_array_equal(ds.test.images, x10[40:])
     np.testing.assert_array_equal(ds.test.labels, y10[40:])
-    assert ds.classes[3] == "class3" and ds.image_shape == (32, 32, 3)
+    assert ds.classes[3] == "class3" and ds.image_shape == (32, 32, 3) and REGISTRY["cifar10"].side == 32
     x100, y100 = write_cifar(tmp_path / "cifar-100-python", hundred=True)
     ds = load_builtin("cifar100", tmp_path, download=False)
     np.testing.assert_array_equal(ds.train.images, x100[:8])
     np.testing.assert_array_equal(ds.train.labels, y100[:8])
-    assert len(ds.classes) == 100
+    assert len(ds.classes) == 100 and ds.image_shape[0] == REGISTRY["cifar100"].side
 
 
 def test_cifar_reader_refuses_pickles_that_run_code(tmp_path: Path) -> None:
@@ -115,6 +116,7 @@ def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.test.labels, [1, 2])
     np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
     assert ds.pretrain.labels is None and ds.unlabelled == 4  # the unlabelled images, then the train split
+    assert ds.image_shape[0] == REGISTRY["stl10"].side
 
 
 def test_lookup_order_root_env_cache_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ QUIET = dict(progress=False, log=lambda s: None)
 CPU = torch.device("cpu")
 
 
-def make_run(run_dir: Path, channels: int = 3, size: int = 28) -> LoadedRun:
+def make_run(run_dir: Path, channels: int = 3, size: int = 28, data: str = "fashion-mnist") -> LoadedRun:
     """A run directory holding a randomly initialised encoder: enough to test feature plumbing."""
     torch.manual_seed(0)
     enc = build_encoder("cnn", channels, size, 0.125)
@@ -45,7 +45,7 @@ def make_run(run_dir: Path, channels: int = 3, size: int = 28) -> LoadedRun:
                        feature_dim=enc.feature_dim, mean=(0.3,) * channels, std=(0.25,) * channels, stages=CNN_STAGES)
     run_dir.mkdir(parents=True)
     save_encoder(run_dir / "encoder.safetensors", enc, spec)
-    write_config(run_dir, apply_overrides(Config(), {"train.channels_last": False}))
+    write_config(run_dir, apply_overrides(Config(), {"train.channels_last": False, "data.name": data}))
     return load_run(run_dir, precision="fp32")  # compared with the fp32 literal definition below
 
 
@@ -92,6 +92,19 @@ def test_folder_embeddings_equal_those_of_its_store(bars, tmp_path: Path) -> Non
     a = embed(run, str(root / "bars"), tmp_path / "folder.npy", CPU, log=lambda s: None)
     b = embed(run, str(store), tmp_path / "store.npy", CPU, log=lambda s: None)
     assert np.array_equal(np.load(a[0]), np.load(b[0])) and read_index(a[1]) == read_index(b[1])
+
+
+def test_a_folder_is_decoded_at_the_side_the_run_stored_not_its_crop(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A run that trained at 24 px (--crop-size) on 28 px images, of a store and of mnist: a folder
+    was decoded straight to 24 px by Pillow while the run's own images are resized from 28 by
+    evaluation's resampling, so every row differed (cosine 0.996). Decoded at 28, as stored, a
+    folder gives its store's rows."""
+    root, store, _ = bars
+    for data in (str(store), "mnist"):
+        run = make_run(tmp_path / Path(data).name, size=24, data=data)
+        a = embed(run, str(root / "bars"), tmp_path / "folder.npy", CPU, log=lambda s: None)
+        b = embed(run, str(store), tmp_path / "store.npy", CPU, log=lambda s: None)
+        assert np.array_equal(np.load(a[0]), np.load(b[0])), data
 
 
 def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path: Path,  # type: ignore[no-untyped-def]

@@ -69,6 +69,8 @@ class DatasetSpec:
     read: Callable[[Path], Dataset]
     hint: str
     """What to do when the files are missing and cannot be downloaded."""
+    side: int
+    """The side of its images in pixels, as stored (what `embed` decodes a folder to for a run on it)."""
 
 
 def user_cache() -> Path:
@@ -171,6 +173,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         read_idx_dataset("fashion-mnist", FASHION_CLASSES),
         "install them with `apt-get install -y dataset-fashion-mnist`, or put the four IDX files "
         "({files}; gzipped or not) in $FASTCLR_DATA/fashion-mnist/",
+        side=28,
     ),
     "mnist": DatasetSpec(
         "mnist",
@@ -184,6 +187,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         ),
         read_idx_dataset("mnist", [str(i) for i in range(10)]),
         "put the four IDX files ({files}; gzipped or not) from " + MNIST_URL + " in $FASTCLR_DATA/mnist/",
+        side=28,
     ),
     "cifar10": DatasetSpec(
         "cifar10",
@@ -193,6 +197,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         _read_cifar10,
         "download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it "
         "in $FASTCLR_DATA (it creates cifar-10-batches-py/)",
+        side=32,
     ),
     "cifar100": DatasetSpec(
         "cifar100",
@@ -202,6 +207,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         _read_cifar100,
         "download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it "
         "in $FASTCLR_DATA (it creates cifar-100-python/)",
+        side=32,
     ),
     "stl10": DatasetSpec(
         "stl10",
@@ -211,6 +217,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         _read_stl10,
         "download stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ and unpack it "
         "in $FASTCLR_DATA (it creates stl10_binary/)",
+        side=96,
     ),
 }
 

@@ -146,18 +146,20 @@ def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, objec
 
 
 def folder_decoding(run: LoadedRun, log: Callable[[str], None] = print) -> DecodeOptions:
-    """How a folder is decoded for `run`: as the store it trained on was prepared (fit, pixel
-    limit), at the encoder's size and channels; a run on a built-in dataset, or whose store is gone,
-    gets `prepare`'s defaults."""
-    size, c = run.spec.image_size, run.spec.in_channels
-    name = run.config.data.name
+    """How a folder is decoded for `run`: as the images it trained on were stored (fit, pixel
+    limit, side) and in the encoder's channels; `embed_images` then resizes them to the encoder's
+    input as evaluation does (a run with --crop-size trains at another size than it stores). A run
+    on a built-in dataset gets `prepare`'s defaults at that dataset's side; one whose store is gone,
+    at the encoder's."""
+    c, name = run.spec.in_channels, run.config.data.name
     if name in REGISTRY:
-        return DecodeOptions(size, channels=str(c))
+        return DecodeOptions(REGISTRY[name].side, channels=str(c))
     if not is_store(Path(name)):
         log(f"note: the run's store {name} is not there; decoding the folder as `fastclr prepare` does by default "
             "(--fit crop)")
-        return DecodeOptions(size, channels=str(c))
-    return store_decoding(read_store(Path(name)), size, c)
+        return DecodeOptions(run.spec.image_size, channels=str(c))
+    store = read_store(Path(name))
+    return store_decoding(store, int(store.images.shape[1]), c)
 
 
 def _embed_source(run: LoadedRun, src: Source, data: str, split: str, device: torch.device, batch_size: int,
