@@ -37,6 +37,15 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec) -> Path:
     return path
 
 
+def export_holds(path: Path, state: dict[str, torch.Tensor]) -> bool:
+    """Whether the export at `path` holds exactly the encoder weights `state` (unreadable: no)."""
+    try:
+        held = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return held.keys() == state.keys() and all(torch.equal(held[k], state[k].cpu()) for k in held)
+
+
 def load_encoder(path: Path, device: torch.device | str = "cpu", module: nn.Module | None = None
                  ) -> tuple[nn.Module, EncoderSpec]:
     """Rebuild an exported encoder and return it with its metadata. A run trained on your own

@@ -91,6 +91,14 @@ def test_a_finished_run_trained_on_gives_up_its_export_until_it_ends(tmp_path: P
     assert (run / ENCODER_FILE).exists()  # written again at the end
     pretrain(tiny_config(run, train__epochs=2.0), resume=run, dataset=ds, **QUIET)  # nothing to train: kept
     assert (run / ENCODER_FILE).exists()
+    # The newest checkpoint damaged, the resume falls back to step 9: the export holds step 12's
+    # weights, their only intact copy, and stays.
+    final = (run / ENCODER_FILE).read_bytes()
+    newest = list_checkpoints(run)[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    res = pretrain(tiny_config(run, train__epochs=3.0), resume=run, dataset=ds, progress=False, log=lambda s: None,
+                   stop=lambda step: step == 10)
+    assert res.stopped and (run / ENCODER_FILE).read_bytes() == final
 
 
 def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:

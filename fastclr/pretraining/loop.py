@@ -27,7 +27,7 @@ from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data
 from fastclr.determinism import deterministic_kernels, no_host_sync
-from fastclr.export import ENCODER_FILE, save_encoder
+from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
 from fastclr.models.foreign import InitWeights, apply_init, read_init
 from fastclr.pretraining.model import Model, named_encoder
@@ -315,9 +315,11 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:
         export = run_dir / ENCODER_FILE
-        if state is not None and run.state.step < run.state.total_steps and export.exists():
+        if (state is not None and run.state.step < run.state.total_steps and export.exists()
+                and export_holds(export, state["encoder"])):
             # A finished run trained on (more epochs): its export is of the step it resumes from, and
             # `evaluate`, `embed` and `neighbours` would read it over the newer checkpoints to come.
+            # An export of other weights (a newer step whose checkpoint is damaged) is kept.
             export.unlink()
             log(f"{ENCODER_FILE} removed: it held step {run.state.step}, which the run now trains past (the same "
                 "weights are in that step's checkpoint); it is written again when the run ends")
