@@ -128,20 +128,21 @@ def call_main(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Com
     process of its own (no signal, kill, resource limit or interpreter exit to observe)."""
     from fastclr.cli import main
 
-    threads = torch.get_num_threads()
+    threads, environ, here = torch.get_num_threads(), dict(os.environ), Path.cwd()
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as m, redirect_stdout(out), redirect_stderr(err):
-        for key in set(os.environ) - set(env):
-            m.delenv(key)
-        for key, value in env.items():
-            m.setenv(key, value)
-        m.chdir(cwd)
-        try:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
             code = main(args)
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            torch.set_num_threads(threads)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code if isinstance(e.code, int) else 1
+    finally:  # also what the command itself set (MLflow's patience, say)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(here)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 

@@ -370,13 +370,11 @@ def test_a_directory_of_the_users_files_is_never_a_run_directory(tmp_path: Path)
 
 
 def test_files_follow_the_users_umask(tmp_path: Path) -> None:
+    """In a process of its own: fastclr reads the umask it starts under."""
     env, run = cli_env(tmp_path), tmp_path / "run"
-    before = os.umask(0o022)
-    try:
-        r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
-                     env, tmp_path)
-    finally:
-        os.umask(before)
+    r = subprocess.run(["sh", "-c", f"umask 022 && exec {sys.executable} -m fastclr pretrain --data mnist --epochs 1 "
+                        f"--run-dir {run} {' '.join(TINY)} --probe false"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=240)
     assert r.returncode == 0, r.stderr
     for p in [run / "encoder.safetensors", run / "config.toml", *list_checkpoints(run)]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
