@@ -314,19 +314,24 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
     run.reach_first_fit()
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:
-        export = run_dir / ENCODER_FILE
-        if (state is not None and run.state.step < run.state.total_steps and export.exists()
-                and export_holds(export, state["encoder"])):
-            # A finished run trained on (more epochs): its export is of the step it resumes from, and
-            # `evaluate`, `embed` and `neighbours` would read it over the newer checkpoints to come.
-            # An export of other weights (a newer step whose checkpoint is damaged) is kept.
-            export.unlink()
-            log(f"{ENCODER_FILE} removed: it held step {run.state.step}, which the run now trains past (the same "
-                "weights are in that step's checkpoint); it is written again when the run ends")
+        if state is not None and run.state.step < run.state.total_steps:
+            _retire_export(run_dir, state, log)
         write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
         run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
                                                  warn=log)
+
+
+def _retire_export(run_dir: Path, state: dict[str, Any], log: Callable[[str], None]) -> None:
+    """A finished run that trains on (more epochs): its export holds the step it resumes from, and
+    `evaluate`, `embed` and `neighbours` would read it over the newer checkpoints to come, so it
+    goes until the run ends. An export of other weights (a newer step whose checkpoint is damaged,
+    the resume having fallen back to an older one) is their only intact copy and stays."""
+    export = run_dir / ENCODER_FILE
+    if export.exists() and export_holds(export, state["encoder"]):
+        export.unlink()
+        log(f"{ENCODER_FILE} removed: it held step {state['step']}, which the run now trains past (the same weights "
+            "are in that step's checkpoint); it is written again when the run ends")
 
 
 def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> PretrainResult:
