@@ -37,9 +37,16 @@ def select_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise FastclrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        dev = torch.device("meta")  # refused below
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        # mps, xpu, meta...: torch names them, fastclr neither builds nor tests for them
+        raise FastclrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FastclrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise FastclrError(f"device {name!r} asked for but {count} GPU{'s' * (count != 1)} visible; use cuda:0 to "
+                           f"cuda:{count - 1}")
     if dev.type == "cuda" and dev.index is None:
         # An explicit index: torch.cuda.set_device and DDP's device_ids need one.
         dev = torch.device("cuda", torch.cuda.current_device())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,12 +25,53 @@ def test_deterministic_kernels_are_on_inside_and_restored_after() -> None:
         assert torch.are_deterministic_algorithms_enabled() == before[0]
 
 
-def test_deterministic_kernels_are_restored_when_the_run_fails() -> None:
+def test_deterministic_kernels_are_restored_when_the_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     with pytest.raises(RuntimeError, match="boom"):
         with deterministic_kernels(True):
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic workspace
             raise RuntimeError("boom")
     assert torch.are_deterministic_algorithms_enabled() == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # it stayed set for the rest of the process
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own is used and kept
+    with deterministic_kernels(True):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "meta", "cpu:1", "garbage"])
+def test_devices_fastclr_does_not_run_on_are_one_line(name: str) -> None:
+    """mps, xpu and meta parsed as torch devices and failed later with a traceback (exit 1)."""
+    from fastclr.runtime import select_device
+
+    with pytest.raises(FastclrError, match=f"^unknown device '{name}'; use auto, cpu, cuda or cuda:N$"):
+        select_device(name)
+
+
+def test_a_gpu_index_past_the_last_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastclr.runtime import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(FastclrError, match="^device 'cuda:3' asked for but 1 GPU visible; use cuda:0 to cuda:0$"):
+        select_device("cuda:3")
+
+
+def test_pretrain_gives_the_callers_thread_count_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`train.threads` is the run's: a notebook calling fastclr.pretrain kept 1 thread after it."""
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    before, seen = torch.get_num_threads(), []
+    torch.set_num_threads(3)  # the caller's choice, whatever this machine's default
+    try:
+        pretrain(tiny_config(tmp_path, train__threads=1, train__epochs=0.2), dataset=tiny_dataset(), progress=False,
+                 log=lambda s: seen.append(torch.get_num_threads()))
+        assert 1 in seen and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_host_wait_inside_no_host_sync_is_an_error_on_cuda(device: torch.device) -> None:

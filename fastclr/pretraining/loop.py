@@ -98,7 +98,6 @@ def pretrain(
     processes `stop` is consulted every `log_every` steps (and at checkpoints), and every rank
     stops at the same step.
     """
-    set_threads(cfg.train.threads)
     if cfg.train.keep_memory:
         keep_freed_memory()
     _, world, local_rank = env_world()
@@ -106,6 +105,8 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)
+    threads = torch.get_num_threads()  # the caller's, given back at the end (fastclr.pretrain in a notebook)
+    set_threads(cfg.train.threads)
     run: Run | None = None
     try:
         main_log = log if ctx.is_main else _silent
@@ -134,6 +135,7 @@ def pretrain(
         raise
     finally:
         teardown(ctx)
+        torch.set_num_threads(threads)
 
 
 def _store_path_absolute(cfg: Config) -> Config:
