@@ -35,10 +35,10 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
+        dev: torch.device | None = torch.device(name)
     except RuntimeError:
-        dev = torch.device("meta")  # refused below
-    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         # mps, xpu, meta...: torch names them, fastclr neither builds nor tests for them
         raise FastclrError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
