@@ -108,14 +108,11 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
-# What only the process holding a run's lock writes (pretraining); eval.json, report.html and the
-# like are written by commands that read a run without its lock, possibly while it trains.
-_LOCK_HOLDERS_FILES = ("config.toml", "encoder.safetensors", "metrics.jsonl", "probe.json", "tracking.json")
-
-
 def is_run_temporary(name: str) -> bool:
     """Whether `name` is `atomic_write`'s temporary of a file only the run's lock holder writes."""
-    return any(name.startswith(f".{own}.") and name.endswith(".tmp") for own in _LOCK_HOLDERS_FILES)
+    from fastclr.runs import LOCK_HOLDER_FILES  # (runs imports the trackers; checkpoint is imported before them)
+
+    return any(name.startswith(f".{own}.") and name.endswith(".tmp") for own in LOCK_HOLDER_FILES)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

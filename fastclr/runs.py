@@ -127,8 +127,11 @@ def locked_by_another(run_dir: Path) -> str:
         os.close(fd)
 
 
-RUN_FILES = frozenset({"config.toml", "encoder.safetensors", "metrics.jsonl", "eval.json", "probe.json",
-                       "tracking.json", "classifier.safetensors", "finetune.json", "distill.json", LOCK_FILE})
+LOCK_HOLDER_FILES = frozenset({"config.toml", "encoder.safetensors", "metrics.jsonl", "probe.json", "tracking.json"})
+"""What only the process holding a run's lock (pretraining) writes; eval.json, report.html and the
+like are written by commands that read a run without its lock, possibly while it trains."""
+
+RUN_FILES = LOCK_HOLDER_FILES | {"eval.json", "classifier.safetensors", "finetune.json", "distill.json", LOCK_FILE}
 """What a run directory (or a finetune/distill output in it) holds that a command's --out must not replace."""
 
 
