@@ -39,7 +39,8 @@ from fastclr.pretraining.step import SimCLRNet, StepResult, TrainStep
 from fastclr.pretraining.objective import Objective, is_plain
 from fastclr.pretraining.queue import RowQueue
 from fastclr.pretraining.views import ViewMaker, Views
-from fastclr.runtime import cpu_features, resolve_precision, usable_cpus
+from fastclr.cpus import usable_cpus
+from fastclr.runtime import cpu_features, resolve_precision
 
 
 def describe() -> str:
@@ -178,12 +179,18 @@ def measure(work: Callable[[], object], device: torch.device, repeats: int) -> d
             "seconds": sorted(times)[len(times) // 2]}
 
 
-def run_child(script: str, args: list[str], timeout: float = 3600.0, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `python script args` in a fresh process and return the JSON object on its last stdout
-    line, or the reason it gave none (killed for memory, timed out)."""
+def run_child(script: str, args: list[str], timeout: float = 3600.0, env: dict[str, str] | None = None,
+              cgroup: Path | None = None) -> dict[str, Any]:
+    """Run `python script args` in a fresh process (started inside the cgroup folder `cgroup` when
+    given) and return the JSON object on its last stdout line, or the reason it gave none (killed
+    for memory, timed out)."""
+    def join() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
     try:
         r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
-                           env=env)
+                           env=env, preexec_fn=join)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:g} s"}
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]

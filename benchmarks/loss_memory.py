@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from harness import report
-from fastclr.runtime import select_device, set_threads
+from fastclr.cpus import set_threads
+from fastclr.runtime import select_device
 from harness import emit, measure, run_child
 
 SCRIPT = str(Path(__file__).resolve())

@@ -217,7 +217,7 @@ class TrainConfig:
     `epochs`, from the measured pace, refitted every 25 steps and every epoch; once spent, the run
     ends at the next refit. 0 trains for `epochs`."""
     threads: int = field(default=0, metadata=at_least(0))
-    """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
+    """CPU threads for PyTorch; 0: PyTorch's choice, at most one per usable CPU (affinity and cgroup CPU quota)."""
     keep_memory: bool = True
     """Linux/glibc: malloc keeps freed memory for reuse instead of unmapping it (process-wide,
     fastclr.cpu_memory): the default CPU step then stops zero-filling ~19k fresh pages per step,

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from fastclr.data.datasets import REGISTRY, locate, search_roots
-from fastclr.runtime import cpu_features, decide_precision, matmul_seconds, select_device, usable_cpus, use_compile
+from fastclr.cpus import cgroup_cpu_limit, usable_cpus
+from fastclr.runtime import cpu_features, decide_precision, matmul_seconds, select_device, use_compile
 from fastclr.version import __version__
 
 
@@ -54,6 +55,8 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             rates[f"{device.type}_{name}_gflops"] = round(matmul_rate(dtype, device), 1)
         rates["seconds"] = round(time.perf_counter() - t0, 2)
+    quota = cgroup_cpu_limit()
+    usable = usable_cpus(quota)
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else ("ROCm " + str(torch.version.hip)
                                                                       if torch.version.hip else "CPU")
     return {
@@ -62,8 +65,11 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "torch_build": build,
         "python": platform.python_version(),
         "os": f"{platform.system()} {platform.release()}",
-        "cpu": {**asdict(cpu), "isa": cpu.isa, "native_bf16": cpu.native_bf16, "cores_usable": usable_cpus(),
-                "torch_threads": torch.get_num_threads(), "torch_capability": torch.backends.cpu.get_cpu_capability()},
+        "cpu": {**asdict(cpu), "isa": cpu.isa, "native_bf16": cpu.native_bf16, "cores_usable": usable,
+                "cgroup_cpu_quota": quota,
+                # what fastclr's commands run with unless --threads says otherwise (fastclr.cpus.set_threads)
+                "torch_threads": min(torch.get_num_threads(), usable),
+                "torch_capability": torch.backends.cpu.get_cpu_capability()},
         "gpus": gpus(),
         "device": str(device),
         "precision": {"choice": precision.name, "reason": precision.reason},
@@ -79,12 +85,13 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     """The report as aligned text lines."""
     c = r["cpu"]
+    quota = f" (cgroup CPU quota {c['cgroup_cpu_quota']:g})" if c.get("cgroup_cpu_quota") else ""
     flags = ", ".join(k for k in ("avx2", "avx512", "avx512_bf16", "amx_bf16") if c[k]) or "none of AVX2/AVX-512"
     lines = [
         f"fastclr     {r['fastclr']}",
         f"torch       {r['torch']} ({r['torch_build']} build)",
         f"python      {r['python']} on {r['os']}",
-        f"cpu         {c['model']} ({c['arch']}), {c['cores_usable']} usable cores, {c['torch_threads']} torch threads",
+        f"cpu         {c['model']} ({c['arch']}), {c['cores_usable']} usable cores{quota}, {c['torch_threads']} torch threads",
         f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'})",
     ]
     lines += [f"gpu {g['index']}       {g['name']}, compute capability {g['compute_capability']}, {g['memory_gib']} GiB"

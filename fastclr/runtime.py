@@ -1,5 +1,6 @@
-"""Runtime choices of one process, made from what the machine has: device, precision, compile,
-threads and the allocator. Training, evaluation, the report and ingestion all take them from here.
+"""Runtime choices of one process, made from what the machine has: device, precision, compile
+and the allocator (threads: fastclr.cpus). Training, evaluation, the report and ingestion all take
+them from here.
 
 Precision is the choice that depends most on the hardware. bf16 autocast halves the bytes and, on
 CPUs with bf16 dot-product units (AVX512_BF16: Cooper Lake, Sapphire Rapids and later Xeons, AMD
@@ -13,7 +14,6 @@ first and times a matmul in both dtypes only where the flags and oneDNN disagree
 
 from __future__ import annotations
 
-import os
 import functools
 import platform
 import time
@@ -292,18 +292,6 @@ def use_compile(setting: str | bool, device: torch.device) -> bool:
     was 1.36x slower than eager."""
     on = parse_switch(setting, "compile")
     return device.type == "cuda" if on is None else on
-
-
-def set_threads(threads: int) -> int:
-    """Use `threads` CPU threads for PyTorch (0 keeps PyTorch's choice); returns the number in use."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), not the machine's total."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def available_memory() -> int | None:

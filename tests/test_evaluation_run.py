@@ -263,3 +263,16 @@ def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Pa
     with pytest.raises(FastclrError, match=f"the features of {bad}'s training images hold NaN or infinite values"):
         evaluate(bad, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lambda s: None)
     assert (bad / "eval.json").read_text() == before
+
+
+def test_evaluate_runs_with_its_threads_and_gives_the_callers_back(run: Run) -> None:
+    """A notebook that calls `fastclr.evaluate` with threads=2 kept 2 threads after it."""
+    run_dir, ds, _ = run
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = evaluate(run_dir, EvaluateOptions(protocols=("knn",), device="cpu", threads=1), dataset=ds,
+                       log=lambda s: None)
+        assert out["environment"]["threads"] == 1 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

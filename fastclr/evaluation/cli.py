@@ -112,7 +112,7 @@ def add_eval_commands(sub: Any) -> None:
                     help=f"images for the label-free measures (default: {d.quality_images})")
     ev.add_argument("--device", metavar="NAME", help="auto, cpu, cuda, cuda:N (default: auto)")
     ev.add_argument("--precision", choices=PRECISIONS, help="auto (default: decided from this machine), bf16, fp16, fp32")
-    ev.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's choice)")
+    ev.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per usable CPU, counting a cgroup CPU quota)")
     ev.add_argument("--quiet", action="store_true", help="print only the table")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -124,5 +124,5 @@ def add_eval_commands(sub: Any) -> None:
     rp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     rp.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto (default: decided from this machine), bf16, fp16, fp32")
-    rp.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
+    rp.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per usable CPU, counting a cgroup CPU quota)")
     rp.set_defaults(func=cmd_report)

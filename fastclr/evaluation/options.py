@@ -57,7 +57,7 @@ class EvaluateOptions:
     precision: str = "auto"
     """auto (this machine's choice, fastclr.runtime), bf16, fp16 or fp32: features, probe, kNN and training."""
     threads: int = 0
-    """CPU threads for PyTorch; 0 keeps PyTorch's choice."""
+    """CPU threads for PyTorch; 0: PyTorch's choice, at most one per usable CPU (affinity and cgroup CPU quota)."""
 
     def recipe(self, flip_p: float, finetune: bool = False) -> TrainRecipe:
         """The training recipe from scratch (or for fine-tuning); `flip_p` is the run's."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fastclr.checkpoint import list_checkpoints
+from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
@@ -214,6 +215,7 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
     return setup
 
 
+@gives_threads_back
 def evaluate(
     run_dir: str | Path,
     options: EvaluateOptions | None = None,
@@ -223,8 +225,7 @@ def evaluate(
     """Run the chosen protocols on a run's encoder; writes and returns the results (eval.json)."""
     o = options or EvaluateOptions()
     run_dir = Path(run_dir)
-    if o.threads > 0:
-        torch.set_num_threads(o.threads)
+    set_threads(o.threads, warn=log)
     device = select_device(o.device)
     require_encoder(run_dir)
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too

@@ -36,9 +36,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _load(run_dir: str, device_name: str, precision: str) -> tuple[LoadedRun, torch.device]:
+    from fastclr.cpus import set_threads
     from fastclr.pretrained import load_run
     from fastclr.runtime import select_device
 
+    set_threads(0)  # one thread per usable CPU at most: PyTorch's own count ignores a cgroup CPU quota
     device = select_device(device_name)
     return load_run(run_dir, device, precision), device
 

@@ -38,6 +38,7 @@ from fastclr.files import is_write_error, write_failure_reason
 from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
+from fastclr.cpus import usable_cpus
 from fastclr.runtime import available_memory
 from fastclr.progress import Progress
 
@@ -114,9 +115,8 @@ def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]
 
 
 def default_workers() -> int:
-    """min(usable CPUs, 8): decoding scales with cores, and 8 already saturates most disks."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, 8))
+    """min(usable CPUs (affinity and cgroup quota), 8): decoding scales with cores, and 8 already saturates most disks."""
+    return min(usable_cpus(), 8)
 
 
 def workers_that_fit(requested: int, max_pixels: int, available: int | None) -> int:

@@ -36,7 +36,8 @@ from fastclr.pretraining.setup import Run, build_run, validate
 from fastclr.pretraining.state import check_resume_config
 from fastclr.presets import check_preset
 from fastclr.runs import RunLock, default_run_dir, prepare_run_dir, write_config, write_json
-from fastclr.runtime import Precision, resolve_precision, select_device, set_threads
+from fastclr.cpus import gives_threads_back, set_threads
+from fastclr.runtime import Precision, resolve_precision, select_device
 from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
@@ -70,6 +71,7 @@ class PretrainResult:
     """The same probe on the same network at its initial weights (eval.untrained_reference)."""
 
 
+@gives_threads_back  # fastclr.pretrain in a notebook: the caller keeps its thread count
 def pretrain(
     cfg: Config,
     *,
@@ -105,8 +107,7 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)
-    threads = torch.get_num_threads()  # the caller's, given back at the end (fastclr.pretrain in a notebook)
-    set_threads(cfg.train.threads)
+    set_threads(cfg.train.threads, warn=log if ctx.is_main else _silent)
     run: Run | None = None
     try:
         main_log = log if ctx.is_main else _silent
@@ -135,7 +136,6 @@ def pretrain(
         raise
     finally:
         teardown(ctx)
-        torch.set_num_threads(threads)
 
 
 def _store_path_absolute(cfg: Config) -> Config:

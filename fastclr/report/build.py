@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset, ImageSet, load_data
 from fastclr.errors import FastclrError
 from fastclr.files import write_text
@@ -259,6 +260,7 @@ def _results_sections(ev: dict[str, Any] | None, run_dir: Path, encoder_sha256: 
                          f"From eval.json, written {escape(ev.get('environment', {}).get('time', '?'))}.")]
 
 
+@gives_threads_back
 def build_report(
     run_dir: Path,
     out: Path | None = None,
@@ -271,8 +273,7 @@ def build_report(
 ) -> Path:
     """Write the report of `run_dir` (to RUN_DIR/report.html unless `out`) and return its path."""
     t0 = time.perf_counter()
-    if threads > 0:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     dev = select_device(device)
     if out is not None:
         refuse_run_file(out)

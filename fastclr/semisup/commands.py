@@ -43,7 +43,7 @@ def _machine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default: decided from this machine), bf16, fp16, fp32")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: one per usable CPU, counting a cgroup CPU quota)")
     p.add_argument("--quiet", action="store_true", help="print only the result line")
 
 

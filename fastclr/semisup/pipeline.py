@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fastclr.config import SEED_MAX
+from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
@@ -162,12 +163,12 @@ def _fresh_out(out: Path, what: str) -> Path:
 
 def _open_run(run_dir: Path, device_name: str, precision: str, threads: int, log: Callable[[str], None]
               ) -> tuple[LoadedRun, torch.device]:
-    if threads > 0:
-        torch.set_num_threads(threads)
+    set_threads(threads, warn=log)
     device = select_device(device_name)
     return load_run(run_dir, device, precision, log), device
 
 
+@gives_threads_back
 def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, out: str | Path | None = None,
                  dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune a copy of a run's encoder (and head layers) on a labelled subset; write the
@@ -282,6 +283,7 @@ def with_unlabelled(dataset: Dataset, setup: LabelledSetup) -> tuple[LabelledSet
     return dataclasses.replace(setup, train_images=dataset.pretrain.images, train_labels=labels), n
 
 
+@gives_threads_back
 def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, out: str | Path | None = None,
                 dataset: Dataset | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Distil a `fastclr finetune` classifier into a student over every training image; write the
