@@ -19,7 +19,7 @@ import torch
 
 from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.cpus import cgroup_cpu_limit, usable_cpus
-from fastclr.runtime import cpu_features, decide_precision, matmul_seconds, select_device, use_compile
+from fastclr.runtime import available_memory, cpu_features, decide_precision, matmul_seconds, select_device, use_compile
 from fastclr.version import __version__
 
 
@@ -57,6 +57,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         rates["seconds"] = round(time.perf_counter() - t0, 2)
     quota = cgroup_cpu_limit()
     usable = usable_cpus(quota)
+    free = available_memory()
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else ("ROCm " + str(torch.version.hip)
                                                                       if torch.version.hip else "CPU")
     return {
@@ -70,6 +71,8 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
                 # what fastclr's commands run with unless --threads says otherwise (fastclr.cpus.set_threads)
                 "torch_threads": min(torch.get_num_threads(), usable),
                 "torch_capability": torch.backends.cpu.get_cpu_capability()},
+        # MemAvailable, or less where a cgroup memory limit (a container's) leaves less
+        "memory_available_gib": None if free is None else round(free / 2**30, 1),
         "gpus": gpus(),
         "device": str(device),
         "precision": {"choice": precision.name, "reason": precision.reason},
@@ -92,6 +95,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"torch       {r['torch']} ({r['torch_build']} build)",
         f"python      {r['python']} on {r['os']}",
         f"cpu         {c['model']} ({c['arch']}), {c['cores_usable']} usable cores{quota}, {c['torch_threads']} torch threads",
+        f"memory      {'unknown' if r['memory_available_gib'] is None else str(r['memory_available_gib']) + ' GiB'} available",
         f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'})",
     ]
     lines += [f"gpu {g['index']}       {g['name']}, compute capability {g['compute_capability']}, {g['memory_gib']} GiB"

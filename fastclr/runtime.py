@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fastclr.cgroups import MEMORY, smallest_limit
 from fastclr.config import parse_switch
 from fastclr.errors import FastclrError
 
@@ -294,10 +295,17 @@ def use_compile(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if on is None else on
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable), None where unknown."""
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes that can be allocated without swapping or being killed: the kernel's MemAvailable,
+    and no more than a cgroup memory limit leaves (a container's: MemAvailable there is the
+    host's); None where neither is known."""
+    known = [room for room in (_mem_available(meminfo), smallest_limit(MEMORY)) if room is not None]
+    return int(min(known)) if known else None
+
+
+def _mem_available(meminfo: Path) -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:

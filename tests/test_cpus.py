@@ -127,11 +127,16 @@ def test_info_reports_the_quota_and_the_threads_fastclr_uses(monkeypatch: pytest
     import fastclr.info as info
 
     monkeypatch.setattr(info, "cgroup_cpu_limit", lambda: 1.0)
+    monkeypatch.setattr(info, "available_memory", lambda: 3 * 2**29)
     buf = io.StringIO()
     with redirect_stdout(buf):
         assert cli_main(["info", "--json", "--no-measure"]) == 0
-    cpu = json.loads(buf.getvalue())["cpu"]
+    report = json.loads(buf.getvalue())
+    cpu = report["cpu"]
     assert cpu["cgroup_cpu_quota"] == 1.0 and cpu["cores_usable"] == 1 and cpu["torch_threads"] == 1
+    assert report["memory_available_gib"] == 1.5
+    text = info.format_report(report)
+    assert "1 usable cores (cgroup CPU quota 1), 1 torch threads" in text and "memory      1.5 GiB available" in text
 
 
 def _quota_cgroup() -> Path | None:
