@@ -39,14 +39,17 @@ def make_cgroup(quota: float) -> Path:
     """A new cgroup allowing `quota` CPUs' worth of time per 100 ms period."""
     name = f"fastclr-bench-{uuid.uuid4().hex[:8]}"
     us = int(quota * 100_000)
-    if (V1 / "cpu.cfs_quota_us").is_file():
-        folder = V1 / name
-        folder.mkdir()
-        (folder / "cpu.cfs_quota_us").write_text(str(us))
-    else:
-        folder = V2 / name
-        folder.mkdir()
-        (folder / "cpu.max").write_text(f"{us} 100000")
+    v1 = (V1 / "cpu.cfs_quota_us").is_file()
+    folder = (V1 if v1 else V2) / name
+    folder.mkdir()
+    try:  # the kernel refuses a quota under 1 ms, and v2 without the cpu controller enabled
+        if v1:
+            (folder / "cpu.cfs_quota_us").write_text(str(us))
+        else:
+            (folder / "cpu.max").write_text(f"{us} 100000")
+    except OSError:
+        folder.rmdir()
+        raise
     return folder
 
 

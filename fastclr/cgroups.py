@@ -6,12 +6,13 @@ where its own limits are.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 SELF_CGROUP = Path("/proc/self/cgroup")
+MOUNTINFO = Path("/proc/self/mountinfo")
 V1_UNLIMITED = 2**62  # cgroup v1 writes "no memory limit" as a page-rounded 2^63 - 1
 
 
@@ -20,8 +21,8 @@ class Controller:
     """How one cgroup controller states its limit, in each version; a reader returns None for "no
     limit here" and raises OSError or ValueError where the folder has no such file."""
 
-    v1_mounts: tuple[str, ...]
-    """Names of its cgroup v1 hierarchy's folder under the root (the first is the controller's name)."""
+    name: str
+    """Its name in /proc/self/cgroup and in a v1 mount's options."""
     v2: Callable[[Path], float | None]
     v1: Callable[[Path], float | None]
 
@@ -58,45 +59,87 @@ def _memory_v1(folder: Path) -> float | None:
     return max(0, limit - _working_set(folder, "memory.usage_in_bytes", "total_inactive_file"))
 
 
-CPU = Controller(("cpu", "cpu,cpuacct", "cpuacct,cpu"), _cpu_v2, _cpu_v1)
-MEMORY = Controller(("memory",), _memory_v2, _memory_v1)
+CPU = Controller("cpu", _cpu_v2, _cpu_v1)
+MEMORY = Controller("memory", _memory_v2, _memory_v1)
 
 
-def _along(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
-    """The limits set on the process's cgroup and each of its ancestors (each applies), and on the
-    mount's root: without a cgroup namespace a container sees the host's path in /proc/self/cgroup
-    but its own cgroup mounted at the root."""
-    folder = mount / path.strip("/")
-    folders = [folder, *(p for p in folder.parents if p.is_relative_to(mount))]
-    found = []
-    for f in dict.fromkeys([*folders, mount]):
-        try:
-            limit = read(f)
-        except (OSError, ValueError):  # no such cgroup here, or no such controller in it
+@dataclass(frozen=True)
+class Mount:
+    """A cgroup hierarchy as /proc/self/mountinfo shows it."""
+
+    point: Path
+    """Where it is mounted."""
+    root: str
+    """Which cgroup of the hierarchy the mount point shows ("/" on a host; a container without a
+    cgroup namespace sees its own cgroup, e.g. "/docker/ID")."""
+    version: int
+    options: frozenset[str]
+    """The superblock options: a v1 hierarchy names its controllers there."""
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes a space, tab, newline or backslash in a path as a 3-digit octal escape."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_mounts(mountinfo: Path = MOUNTINFO) -> list[Mount]:
+    """The cgroup v1 and v2 mounts this process sees (none where mountinfo cannot be read)."""
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        before, sep, after = line.partition(" - ")
+        fields, tail = before.split(), after.split()
+        if not sep or len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
             continue
-        if limit is not None:
-            found.append(limit)
-    return found
+        mounts.append(Mount(Path(_unescape(fields[4])), _unescape(fields[3]), 1 if tail[0] == "cgroup" else 2,
+                            frozenset(tail[2].split(","))))
+    return mounts
 
 
-def smallest_limit(controller: Controller, root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
-    """The tightest limit `controller` sets on this process over all its cgroups, or None when
-    none is set or none can be read."""
+def _folders(mount: Mount, path: str) -> list[Path]:
+    """The folders of the process's cgroup `path` and of each ancestor the mount shows, from the
+    mount's root down; only the mount point when the path is not below the mount's root."""
+    root = mount.root.rstrip("/")
+    if ".." in path.split("/") or not (path == root or path.startswith(root + "/")):
+        return [mount.point]
+    parts = [p for p in path[len(root):].split("/") if p]
+    return [mount.point.joinpath(*parts[:n]) for n in range(len(parts) + 1)]
+
+
+def smallest_limit(controller: Controller, self_cgroup: Path = SELF_CGROUP, mountinfo: Path = MOUNTINFO) -> float | None:
+    """The tightest limit `controller` sets on this process over its cgroup and the cgroup's
+    ancestors (each applies) in every hierarchy that has the controller, or None when none is set
+    or none can be read."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
         return None
+    mounts = cgroup_mounts(mountinfo)
+    name = controller.name
     limits: list[float] = []
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, path = parts
-        if controllers == "":
-            limits += _along(root, path, controller.v2)
-        elif controller.v1_mounts[0] in controllers.split(","):
-            for mount in dict.fromkeys([root / controllers, *(root / m for m in controller.v1_mounts)]):
-                if mount.is_dir():
-                    limits += _along(mount, path, controller.v1)
-                    break
+        version = 2 if controllers == "" else 1
+        if version == 1 and name not in controllers.split(","):
+            continue
+        # The last: a mount over another at the same point (a container's own cgroup bound over the
+        # host's hierarchy) hides it.
+        mount = next((m for m in reversed(mounts) if m.version == version and (version == 2 or name in m.options)),
+                     None)
+        if mount is None:
+            continue
+        read = controller.v2 if version == 2 else controller.v1
+        for folder in _folders(mount, path):
+            try:
+                limit = read(folder)
+            except (OSError, ValueError):  # no such cgroup here, or no such controller in it
+                continue
+            if limit is not None:
+                limits.append(limit)
     return min(limits, default=None)

@@ -19,7 +19,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from fastclr.cgroups import CGROUP_ROOT, CPU, SELF_CGROUP, smallest_limit
+from fastclr.cgroups import CPU, MOUNTINFO, SELF_CGROUP, smallest_limit
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -29,10 +29,10 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
+def cgroup_cpu_limit(self_cgroup: Path = SELF_CGROUP, mountinfo: Path = MOUNTINFO) -> float | None:
     """The CPUs' worth of time per period this process's cgroups allow (cgroup v1 or v2), or None
     when no quota is set or none can be read."""
-    return smallest_limit(CPU, root, self_cgroup)
+    return smallest_limit(CPU, self_cgroup, mountinfo)
 
 
 def usable_cpus(limit: float | None = None) -> int:
@@ -48,10 +48,11 @@ def set_threads(threads: int, warn: Callable[[str], None] = _stderr) -> int:
     A count above the usable CPUs is honoured with one warning line. Returns the count in use;
     `gives_threads_back` restores the caller's."""
     cpus = usable_cpus()
+    default = min(torch.get_num_threads(), cpus)
     if threads > cpus:
         warn(f"warning: --threads {threads} is more than the {cpus} CPUs this process may use (its affinity mask "
-             f"and cgroup CPU quota), so the threads take turns on them; leave --threads out to use {cpus}")
-    torch.set_num_threads(threads if threads > 0 else min(torch.get_num_threads(), cpus))
+             f"and cgroup CPU quota), so the threads take turns on them; leave --threads out to use {default}")
+    torch.set_num_threads(threads if threads > 0 else default)
     return torch.get_num_threads()
 
 

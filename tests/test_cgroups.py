@@ -1,6 +1,9 @@
-"""A container's memory limit, read from the cgroup files: the room it leaves is what fastclr's
-memory checks compare against (MemAvailable there is the host's), so a run that would be killed
-for memory stops first with one line."""
+"""What the process's cgroups allow it, read as the kernel lays the files out: a CPU quota (the
+thread count follows it, test_cpus.py) and a memory limit, whose room is what fastclr's memory
+checks compare against (MemAvailable in a container is the host's), so a run that would be killed
+for memory stops first with one line. Layouts written here: cgroup v1 and v2, nested limits, a
+container with and without a cgroup namespace; then the real kernel files where this machine lets
+a test make a cgroup."""
 
 from __future__ import annotations
 
@@ -13,47 +16,134 @@ from pathlib import Path
 import pytest
 
 import fastclr.runtime as runtime
-from fastclr.cgroups import MEMORY, smallest_limit
+from fastclr.cgroups import CPU, MEMORY, Controller, cgroup_mounts, smallest_limit
 
 GIB = 2**30
 
 
-def _v2(root: Path, path: str, folders: dict[str, tuple[str, int, int]]) -> Path:
-    """cgroup v2 folders: name -> (memory.max, memory.current, inactive_file in memory.stat)."""
-    for name, (limit, current, inactive) in folders.items():
-        f = root / name
-        f.mkdir(parents=True, exist_ok=True)
-        (f / "memory.max").write_text(f"{limit}\n")
-        (f / "memory.current").write_text(f"{current}\n")
-        (f / "memory.stat").write_text(f"anon {current - inactive}\nactive_file 0\ninactive_file {inactive}\n")
-    (root / "self").write_text(f"0::{path}\n")
-    return root / "self"
+class Layout:
+    """A fake /proc/self/mountinfo and /proc/self/cgroup, and the cgroup folders they point to."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.mounts: list[str] = [f"22 1 0:21 / {tmp}/proc rw - proc proc rw"]
+        self.cgroups: list[str] = []
+
+    def mount(self, point: str, root: str, fstype: str, options: str) -> Path:
+        self.mounts.append(f"{30 + len(self.mounts)} 25 0:{40 + len(self.mounts)} {root} {self.tmp}/{point} "
+                           f"rw,nosuid,relatime shared:9 - {fstype} {fstype} {options}")
+        (self.tmp / point).mkdir(parents=True, exist_ok=True)
+        return self.tmp / point
+
+    def files(self, folder: Path, **files: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / name.replace("__", ".")).write_text(text + "\n")
+
+    def limit(self, controller: Controller) -> float | None:
+        (self.tmp / "mountinfo").write_text("\n".join(self.mounts) + "\n")
+        (self.tmp / "cgroup").write_text("\n".join(self.cgroups) + "\n")
+        return smallest_limit(controller, self.tmp / "cgroup", self.tmp / "mountinfo")
 
 
-def test_v2_room_is_the_limit_less_what_cannot_be_dropped(tmp_path: Path) -> None:
-    """4 GiB limit, 3 GiB charged of which 1 GiB is inactive page cache: 2 GiB of room."""
-    me = _v2(tmp_path, "/pod/app", {"pod/app": (str(4 * GIB), 3 * GIB, GIB), "pod": ("max", 3 * GIB, GIB)})
-    assert smallest_limit(MEMORY, tmp_path, me) == 2 * GIB
+@pytest.mark.parametrize(("limits", "expected"), [
+    ({"a/b": "150000 100000", "a": "max 100000"}, 1.5),  # the process's own cgroup
+    ({"a/b": "max 100000", "a": "300000 100000"}, 3.0),  # an ancestor's quota applies to its children
+    ({"a/b": "400000 100000", "a": "250000 100000"}, 2.5),  # the smallest along the path
+    ({"a/b": "50000 200000"}, 0.25),  # a period other than 100 ms
+    ({"a/b": "max 100000", "a": "max 100000"}, None),  # no quota anywhere
+    ({"a/b": "garbage"}, None),  # unreadable: no quota assumed rather than an error
+    ({}, None),  # no cpu controller in this hierarchy
+])
+def test_v2_cpu_quota_is_the_smallest_along_the_path(tmp_path: Path, limits: dict[str, str],
+                                                     expected: float | None) -> None:
+    lay = Layout(tmp_path)
+    fs = lay.mount("sys/fs/cgroup", "/", "cgroup2", "rw,nsdelegate")
+    for folder, text in limits.items():
+        lay.files(fs / folder, cpu__max=text)
+    lay.cgroups = ["0::/a/b"]
+    assert lay.limit(CPU) == expected
 
 
-def test_v2_the_tightest_ancestor_applies_and_none_is_no_limit(tmp_path: Path) -> None:
-    me = _v2(tmp_path, "/pod/app", {"pod/app": ("max", GIB, 0), "pod": (str(3 * GIB), 2 * GIB, 0)})
-    assert smallest_limit(MEMORY, tmp_path, me) == GIB  # the pod's 3 GiB, 2 GiB used by all its members
-    me = _v2(tmp_path, "/pod/app", {"pod/app": ("max", GIB, 0), "pod": ("max", 2 * GIB, 0)})
-    assert smallest_limit(MEMORY, tmp_path, me) is None
+def test_a_v1_container_without_a_cgroup_namespace_finds_its_cgroup_below_the_mount_root(tmp_path: Path) -> None:
+    """Docker on cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's path
+    /docker/ID/sub, the mount shows the cgroup /docker/ID at its point, so `sub` is one folder
+    below it. The quota set on `sub` (one CPU) is tighter than the container's (two). The
+    container's mount is bound over the host's hierarchy at the same point, which it hides."""
+    lay = Layout(tmp_path)
+    lay.mount("sys/fs/cgroup/cpu,cpuacct", "/", "cgroup", "rw,cpu,cpuacct")
+    cpu = lay.mount("sys/fs/cgroup/cpu,cpuacct", "/docker/0123abcd", "cgroup", "rw,cpu,cpuacct")
+    lay.files(cpu, cpu__cfs_quota_us="200000", cpu__cfs_period_us="100000")
+    lay.files(cpu / "sub", cpu__cfs_quota_us="100000", cpu__cfs_period_us="100000")
+    lay.cgroups = ["4:cpu,cpuacct:/docker/0123abcd/sub", "3:memory:/docker/0123abcd/sub"]
+    assert lay.limit(CPU) == 1.0
+    lay.cgroups = ["4:cpu,cpuacct:/docker/0123abcd"]
+    assert lay.limit(CPU) == 2.0
+    lay.cgroups = ["4:cpu,cpuacct:/elsewhere/x"]  # a path the mount does not show: only its point is read
+    assert lay.limit(CPU) == 2.0
 
 
-def test_v1_room_and_the_unlimited_value(tmp_path: Path) -> None:
-    f = tmp_path / "memory" / "docker" / "abc"
-    f.mkdir(parents=True)
-    (f / "memory.limit_in_bytes").write_text(f"{2 * GIB}\n")
-    (f / "memory.usage_in_bytes").write_text(f"{GIB}\n")
-    (f / "memory.stat").write_text(f"cache {GIB // 2}\ntotal_inactive_file {GIB // 4}\n")
-    me = tmp_path / "self"
-    me.write_text("6:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
-    assert smallest_limit(MEMORY, tmp_path, me) == 2 * GIB - (GIB - GIB // 4)
-    (f / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # what v1 shows for "no limit"
-    assert smallest_limit(MEMORY, tmp_path, me) is None
+def test_a_v2_container_with_a_cgroup_namespace_reads_its_root(tmp_path: Path) -> None:
+    lay = Layout(tmp_path)
+    fs = lay.mount("sys/fs/cgroup", "/", "cgroup2", "rw")
+    lay.files(fs, cpu__max="200000 100000")
+    lay.cgroups = ["0::/"]
+    assert lay.limit(CPU) == 2.0
+
+
+def test_v1_cpu_quota_minus_one_is_no_limit_and_other_hierarchies_are_ignored(tmp_path: Path) -> None:
+    lay = Layout(tmp_path)
+    cpu = lay.mount("sys/fs/cgroup/cpu", "/", "cgroup", "rw,cpu")
+    acct = lay.mount("sys/fs/cgroup/cpuacct", "/", "cgroup", "rw,cpuacct")  # "cpuacct" is not "cpu"
+    lay.files(cpu / "kubepods" / "pod1", cpu__cfs_quota_us="50000", cpu__cfs_period_us="100000")
+    lay.files(acct / "kubepods" / "pod1", cpu__cfs_quota_us="10000", cpu__cfs_period_us="100000")
+    lay.mount("sys/fs/cgroup/unified", "/", "cgroup2", "rw")  # a hybrid system's empty v2 hierarchy
+    lay.cgroups = ["5:cpuacct:/kubepods/pod1", "4:cpu:/kubepods/pod1", "0::/kubepods/pod1"]
+    assert lay.limit(CPU) == 0.5
+    lay.files(cpu / "kubepods" / "pod1", cpu__cfs_quota_us="-1")
+    assert lay.limit(CPU) is None
+
+
+def test_unreadable_files_mean_no_limit_never_an_error(tmp_path: Path) -> None:
+    assert smallest_limit(CPU, tmp_path / "none", tmp_path / "none") is None
+    lay = Layout(tmp_path)
+    lay.cgroups = ["garbage", "0::/a", "1:cpu:"]
+    assert lay.limit(CPU) is None  # no cgroup mount at all
+    assert cgroup_mounts(tmp_path / "none") == []
+
+
+def test_mount_points_with_escaped_characters(tmp_path: Path) -> None:
+    (tmp_path / "mountinfo").write_text(f"30 25 0:26 / {tmp_path}/my\\040cgroups rw - cgroup2 cgroup2 rw\n")
+    (mount,) = cgroup_mounts(tmp_path / "mountinfo")
+    assert mount.point == tmp_path / "my cgroups" and mount.version == 2 and mount.root == "/"
+
+
+def test_v2_memory_room_is_the_limit_less_what_cannot_be_dropped(tmp_path: Path) -> None:
+    """4 GiB limit, 3 GiB charged of which 1 GiB is inactive page cache: 2 GiB of room; the pod's
+    own limit (5 GiB, 4.5 used by all its members) leaves less."""
+    lay = Layout(tmp_path)
+    fs = lay.mount("sys/fs/cgroup", "/", "cgroup2", "rw")
+    lay.files(fs / "pod" / "app", memory__max=str(4 * GIB), memory__current=str(3 * GIB),
+              memory__stat=f"anon {2 * GIB}\ninactive_file {GIB}")
+    lay.files(fs / "pod", memory__max="max", memory__current=str(3 * GIB), memory__stat="inactive_file 0")
+    lay.cgroups = ["0::/pod/app"]
+    assert lay.limit(MEMORY) == 2 * GIB
+    lay.files(fs / "pod", memory__max=str(5 * GIB), memory__current=str(9 * GIB // 2))
+    assert lay.limit(MEMORY) == GIB // 2
+    lay.files(fs / "pod", memory__max="max")
+    lay.files(fs / "pod" / "app", memory__max="max")
+    assert lay.limit(MEMORY) is None
+
+
+def test_v1_memory_room_and_the_unlimited_value(tmp_path: Path) -> None:
+    lay = Layout(tmp_path)
+    mem = lay.mount("sys/fs/cgroup/memory", "/", "cgroup", "rw,memory")
+    lay.files(mem / "docker" / "abc", memory__limit_in_bytes=str(2 * GIB), memory__usage_in_bytes=str(GIB),
+              memory__stat=f"cache {GIB // 2}\ntotal_inactive_file {GIB // 4}")
+    lay.cgroups = ["6:memory:/docker/abc", "3:cpu,cpuacct:/docker/abc"]
+    assert lay.limit(MEMORY) == 2 * GIB - (GIB - GIB // 4)
+    lay.files(mem / "docker" / "abc", memory__limit_in_bytes="9223372036854771712")  # v1's "no limit"
+    assert lay.limit(MEMORY) is None
 
 
 def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup(tmp_path: Path,
@@ -76,9 +166,13 @@ def test_a_real_memory_limit_is_what_the_memory_check_sees() -> None:
     folder = mount / f"fastclr-test-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir()
-        (folder / "memory.limit_in_bytes").write_text(str(2 * GIB))
     except OSError:
         pytest.skip("cannot create a memory cgroup here")
+    try:
+        (folder / "memory.limit_in_bytes").write_text(str(2 * GIB))
+    except OSError:
+        folder.rmdir()
+        pytest.skip("cannot set a memory limit here")
     code = ("from fastclr.errors import FastclrError; from fastclr.runtime import available_memory, require_memory\n"
             "print(available_memory())\n"
             "try:\n    require_memory(3 * 2**30, 'the features', 'use fewer images')\n"

@@ -1,6 +1,6 @@
-"""CPUs a process may use (affinity and cgroup CPU quota) and the thread count fastclr sets from
-them: the quota read from cgroup v1 and v2 files as the kernel lays them out, PyTorch's count
-capped by it, an explicit count above it warned about, and the caller's count given back."""
+"""CPUs a process may use (affinity and cgroup CPU quota; reading the quota: test_cgroups.py) and
+the thread count fastclr sets from them: PyTorch's count capped by it, an explicit count above it
+warned about, and the caller's count given back."""
 
 from __future__ import annotations
 
@@ -18,56 +18,9 @@ import torch
 
 import fastclr.cpus as cpus
 from fastclr.cli import main as cli_main
-from fastclr.cpus import cgroup_cpu_limit, gives_threads_back, set_threads, usable_cpus
+from fastclr.cpus import gives_threads_back, set_threads, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
-
-
-def _cgroup_v2(root: Path, path: str, limits: dict[str, str]) -> Path:
-    """A cgroup v2 tree under `root`: cpu.max in each folder of `limits`; the process in `path`."""
-    for folder, text in limits.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / folder / "cpu.max").write_text(text + "\n")
-    self_cgroup = root / "self-cgroup"
-    self_cgroup.write_text(f"0::{path}\n")
-    return self_cgroup
-
-
-@pytest.mark.parametrize(("limits", "expected"), [
-    ({"a/b": "150000 100000", "a": "max 100000"}, 1.5),  # the process's own cgroup
-    ({"a/b": "max 100000", "a": "300000 100000"}, 3.0),  # an ancestor's quota applies to its children
-    ({"a/b": "400000 100000", "a": "250000 100000"}, 2.5),  # the smallest along the path
-    ({"a/b": "50000 200000"}, 0.25),  # a period other than 100 ms
-    ({"a/b": "max 100000", "a": "max 100000"}, None),  # no quota anywhere
-    ({"a/b": "garbage"}, None),  # unreadable: no quota assumed rather than an error
-    ({}, None),  # no cpu controller in this hierarchy
-])
-def test_cgroup_v2_quota_is_the_smallest_along_the_path(tmp_path: Path, limits: dict[str, str],
-                                                        expected: float | None) -> None:
-    self_cgroup = _cgroup_v2(tmp_path, "/a/b", limits)
-    assert cgroup_cpu_limit(tmp_path, self_cgroup) == expected
-
-
-def test_a_container_without_cgroup_namespace_reads_its_own_cgroup_at_the_mount(tmp_path: Path) -> None:
-    """/proc/self/cgroup names the host's path (/docker/ID), which is not inside the container's
-    mount; the container's own cgroup, with its quota, is the mount's root."""
-    self_cgroup = _cgroup_v2(tmp_path, "/docker/0123abcd", {".": "200000 100000"})
-    assert cgroup_cpu_limit(tmp_path, self_cgroup) == 2.0
-
-
-def test_cgroup_v1_quota_from_the_cpu_controller(tmp_path: Path) -> None:
-    folder = tmp_path / "cpu,cpuacct" / "kubepods" / "pod1"
-    folder.mkdir(parents=True)
-    (folder / "cpu.cfs_quota_us").write_text("50000\n")
-    (folder / "cpu.cfs_period_us").write_text("100000\n")
-    (tmp_path / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")  # the root: no limit
-    (tmp_path / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
-    self_cgroup = tmp_path / "self-cgroup"
-    self_cgroup.write_text("5:memory:/kubepods/pod1\n4:cpu,cpuacct:/kubepods/pod1\n0::/\n")
-    assert cgroup_cpu_limit(tmp_path, self_cgroup) == 0.5
-    (folder / "cpu.cfs_quota_us").write_text("-1\n")
-    assert cgroup_cpu_limit(tmp_path, self_cgroup) is None
-    assert cgroup_cpu_limit(tmp_path, tmp_path / "no-such-file") is None
 
 
 @pytest.mark.parametrize(("limit", "expected"), [
@@ -100,12 +53,17 @@ def test_the_default_count_is_capped_at_the_usable_cpus(monkeypatch: pytest.Monk
 
 def test_an_explicit_count_above_the_usable_cpus_runs_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                                        caller_threads: object) -> None:
+    """The warning names what leaving --threads out gives: PyTorch's own count, capped (1 under
+    torchrun's OMP_NUM_THREADS=1, not the 2 CPUs)."""
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 2)
     warned: list[str] = []
-    assert set_threads(3, warn=warned.append) == 3
-    assert warned == ["warning: --threads 3 is more than the 2 CPUs this process may use (its affinity mask and "
-                      "cgroup CPU quota), so the threads take turns on them; leave --threads out to use 2"]
-    assert set_threads(2, warn=warned.append) == 2 and len(warned) == 1
+    for own, default in ((4, 2), (1, 1)):
+        torch.set_num_threads(own)
+        assert set_threads(3, warn=warned.append) == 3
+        assert warned.pop() == ("warning: --threads 3 is more than the 2 CPUs this process may use (its affinity "
+                                "mask and cgroup CPU quota), so the threads take turns on them; leave --threads out "
+                                f"to use {default}")
+    assert set_threads(2, warn=warned.append) == 2 and warned == []
 
 
 def test_the_callers_count_is_given_back_on_return_and_on_error(caller_threads: object) -> None:
@@ -147,8 +105,12 @@ def _quota_cgroup() -> Path | None:
     folder = mount / f"fastclr-test-{uuid.uuid4().hex[:8]}"
     try:
         folder.mkdir()
+    except OSError:
+        return None
+    try:
         (folder / "cpu.cfs_quota_us").write_text("100000")
     except OSError:
+        folder.rmdir()
         return None
     return folder
 

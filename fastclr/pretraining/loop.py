@@ -107,10 +107,10 @@ def pretrain(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)
-    set_threads(cfg.train.threads, warn=log if ctx.is_main else _silent)
     run: Run | None = None
     try:
         main_log = log if ctx.is_main else _silent
+        set_threads(cfg.train.threads, warn=main_log)
         saved = resume is not None and (resume / "config.toml").is_file() and \
             config_mod.read_toml(resume / "config.toml").get("train.precision") == cfg.train.precision
         precision = run_precision(cfg, device, ctx, main_log, saved=saved)
