@@ -38,25 +38,30 @@ def _cpu_v1(folder: Path) -> float | None:
     return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
 
 
-def _working_set(folder: Path, usage_file: str, inactive_key: str) -> int:
-    """Bytes charged to the cgroup less the page cache the kernel would drop first (inactive file
-    pages), as container runtimes count it before they kill."""
+def _unreclaimable(folder: Path, usage_file: str, reclaimable: tuple[str, ...]) -> int:
+    """Bytes charged to the cgroup that reclaim cannot free: the charge less its file pages (active
+    and inactive: the kernel drops both before it kills) and, in v2, its reclaimable slab; what
+    MemAvailable counts as free on a whole machine."""
     usage = int((folder / usage_file).read_text())
     stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
-    return max(0, usage - int(stat.get(inactive_key, 0)))
+    return max(0, usage - sum(int(stat.get(key, 0)) for key in reclaimable))
 
 
 def _memory_v2(folder: Path) -> float | None:
     """Bytes left under memory.max ("max": no limit)."""
     limit = (folder / "memory.max").read_text().strip()
-    return None if limit == "max" else max(0, int(limit) - _working_set(folder, "memory.current", "inactive_file"))
+    if limit == "max":
+        return None
+    used = _unreclaimable(folder, "memory.current", ("active_file", "inactive_file", "slab_reclaimable"))
+    return max(0, int(limit) - used)
 
 
 def _memory_v1(folder: Path) -> float | None:
     limit = int((folder / "memory.limit_in_bytes").read_text())
     if limit >= V1_UNLIMITED:
         return None
-    return max(0, limit - _working_set(folder, "memory.usage_in_bytes", "total_inactive_file"))
+    # The hierarchical (total_) counters: usage_in_bytes counts the cgroup's descendants too.
+    return max(0, limit - _unreclaimable(folder, "memory.usage_in_bytes", ("total_active_file", "total_inactive_file")))
 
 
 CPU = Controller("cpu", _cpu_v2, _cpu_v1)

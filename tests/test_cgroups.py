@@ -119,12 +119,14 @@ def test_mount_points_with_escaped_characters(tmp_path: Path) -> None:
 
 
 def test_v2_memory_room_is_the_limit_less_what_cannot_be_dropped(tmp_path: Path) -> None:
-    """4 GiB limit, 3 GiB charged of which 1 GiB is inactive page cache: 2 GiB of room; the pod's
-    own limit (5 GiB, 4.5 used by all its members) leaves less."""
+    """4 GiB limit, 3.5 GiB charged of which 1 GiB is file pages (a file read twice is active, the
+    kernel drops it all the same before it kills) and 0.5 GiB reclaimable slab: 2 GiB of room;
+    the pod's own limit (5 GiB, 4.5 used by all its members) leaves less."""
     lay = Layout(tmp_path)
     fs = lay.mount("sys/fs/cgroup", "/", "cgroup2", "rw")
-    lay.files(fs / "pod" / "app", memory__max=str(4 * GIB), memory__current=str(3 * GIB),
-              memory__stat=f"anon {2 * GIB}\ninactive_file {GIB}")
+    lay.files(fs / "pod" / "app", memory__max=str(4 * GIB), memory__current=str(7 * GIB // 2),
+              memory__stat=f"anon {2 * GIB}\nactive_file {3 * GIB // 4}\ninactive_file {GIB // 4}\n"
+                           f"slab_reclaimable {GIB // 2}\nslab_unreclaimable 4096\nshmem 0")
     lay.files(fs / "pod", memory__max="max", memory__current=str(3 * GIB), memory__stat="inactive_file 0")
     lay.cgroups = ["0::/pod/app"]
     assert lay.limit(MEMORY) == 2 * GIB
@@ -139,9 +141,10 @@ def test_v1_memory_room_and_the_unlimited_value(tmp_path: Path) -> None:
     lay = Layout(tmp_path)
     mem = lay.mount("sys/fs/cgroup/memory", "/", "cgroup", "rw,memory")
     lay.files(mem / "docker" / "abc", memory__limit_in_bytes=str(2 * GIB), memory__usage_in_bytes=str(GIB),
-              memory__stat=f"cache {GIB // 2}\ntotal_inactive_file {GIB // 4}")
+              memory__stat=f"cache {GIB // 2}\nactive_file 0\ninactive_file 0\ntotal_cache {GIB // 2}\n"
+                           f"total_active_file {GIB // 4}\ntotal_inactive_file {GIB // 8}")
     lay.cgroups = ["6:memory:/docker/abc", "3:cpu,cpuacct:/docker/abc"]
-    assert lay.limit(MEMORY) == 2 * GIB - (GIB - GIB // 4)
+    assert lay.limit(MEMORY) == 2 * GIB - (GIB - GIB // 4 - GIB // 8)  # the hierarchical counters
     lay.files(mem / "docker" / "abc", memory__limit_in_bytes="9223372036854771712")  # v1's "no limit"
     assert lay.limit(MEMORY) is None
 
