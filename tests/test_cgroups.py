@@ -7,16 +7,13 @@ a test make a cgroup."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 import fastclr.runtime as runtime
 from fastclr.cgroups import CPU, MEMORY, Controller, cgroup_mounts, smallest_limit
+from real_cgroup import run_in_cgroup
 
 GIB = 2**30
 
@@ -163,28 +160,10 @@ def test_available_memory_is_the_smaller_of_meminfo_and_the_cgroup(tmp_path: Pat
 def test_a_real_memory_limit_is_what_the_memory_check_sees() -> None:
     """The kernel's own files: a process in a cgroup limited to 2 GiB sees at most 2 GiB whatever the
     machine has free, and a 3 GiB allocation is refused in one line instead of being killed."""
-    mount = Path("/sys/fs/cgroup/memory")
-    if not (mount / "memory.limit_in_bytes").is_file() or not os.access(mount, os.W_OK):
-        pytest.skip("no writable cgroup v1 memory controller here (needs root)")
-    folder = mount / f"fastclr-test-{uuid.uuid4().hex[:8]}"
-    try:
-        folder.mkdir()
-    except OSError:
-        pytest.skip("cannot create a memory cgroup here")
-    try:
-        (folder / "memory.limit_in_bytes").write_text(str(2 * GIB))
-    except OSError:
-        folder.rmdir()
-        pytest.skip("cannot set a memory limit here")
     code = ("from fastclr.errors import FastclrError; from fastclr.runtime import available_memory, require_memory\n"
             "print(available_memory())\n"
             "try:\n    require_memory(3 * 2**30, 'the features', 'use fewer images')\n"
             "except FastclrError as e:\n    print(e)\n")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                             preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid()))).stdout
-    finally:
-        folder.rmdir()
-    room, message = out.splitlines()
+    room, message = run_in_cgroup("memory", "memory.limit_in_bytes", str(2 * GIB), code).splitlines()
     assert 0 < int(room) <= 2 * GIB
     assert message.startswith("the features needs about 3.0 GiB but ") and message.endswith("; use fewer images")

@@ -7,11 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
-import uuid
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ import torch
 import fastclr.cpus as cpus
 from fastclr.cli import main as cli_main
 from fastclr.cpus import gives_threads_back, set_threads, usable_cpus
+from real_cgroup import run_in_cgroup
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -97,35 +94,9 @@ def test_info_reports_the_quota_and_the_threads_fastclr_uses(monkeypatch: pytest
     assert "1 usable cores (cgroup CPU quota 1), 1 torch threads" in text and "memory      1.5 GiB available" in text
 
 
-def _quota_cgroup() -> Path | None:
-    """A fresh cgroup v1 cpu cgroup with a quota of one CPU, where this process may create one."""
-    mount = Path("/sys/fs/cgroup/cpu")
-    if not (mount / "cpu.cfs_quota_us").is_file() or not os.access(mount, os.W_OK):
-        return None
-    folder = mount / f"fastclr-test-{uuid.uuid4().hex[:8]}"
-    try:
-        folder.mkdir()
-    except OSError:
-        return None
-    try:
-        (folder / "cpu.cfs_quota_us").write_text("100000")
-    except OSError:
-        folder.rmdir()
-        return None
-    return folder
-
-
 def test_a_real_quota_caps_the_threads_a_run_uses() -> None:
     """The real kernel files, not a layout written by the test: a process moved into a cgroup with a
     quota of one CPU reads 1.0, and its default thread count drops to 1 on any machine."""
-    folder = _quota_cgroup()
-    if folder is None:
-        pytest.skip("no writable cgroup v1 cpu controller here (needs root)")
-    code = ("import torch; from fastclr.cpus import cgroup_cpu_limit, set_threads; "
-            "print(cgroup_cpu_limit(), set_threads(0))")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                             preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid()))).stdout
-    finally:
-        folder.rmdir()
+    out = run_in_cgroup("cpu", "cpu.cfs_quota_us", "100000", "import torch; from fastclr.cpus import "
+                        "cgroup_cpu_limit, set_threads; print(cgroup_cpu_limit(), set_threads(0))")
     assert out.split() == ["1.0", "1"]
