@@ -43,12 +43,17 @@ def usable_cpus(limit: float | None = None) -> int:
     return cpus if limit is None else max(1, min(cpus, math.ceil(limit)))
 
 
+def default_threads(cpus: int) -> int:
+    """The count fastclr runs with when --threads is left out: PyTorch's own, at most `cpus`."""
+    return min(torch.get_num_threads(), cpus)
+
+
 def set_threads(threads: int, warn: Callable[[str], None] = _stderr) -> int:
     """Use `threads` CPU threads for PyTorch; 0: PyTorch's choice, but at most one per usable CPU.
     A count above the usable CPUs is honoured with one warning line. Returns the count in use;
     `gives_threads_back` restores the caller's."""
     cpus = usable_cpus()
-    default = min(torch.get_num_threads(), cpus)
+    default = default_threads(cpus)
     if threads > cpus:
         warn(f"warning: --threads {threads} is more than the {cpus} CPUs this process may use (its affinity mask "
              f"and cgroup CPU quota), so the threads take turns on them; leave --threads out to use {default}")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fastclr.data.datasets import REGISTRY, locate, search_roots
-from fastclr.cpus import cgroup_cpu_limit, usable_cpus
+from fastclr.cpus import cgroup_cpu_limit, default_threads, usable_cpus
 from fastclr.runtime import available_memory, cpu_features, decide_precision, matmul_seconds, select_device, use_compile
 from fastclr.version import __version__
 
@@ -68,8 +68,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "cpu": {**asdict(cpu), "isa": cpu.isa, "native_bf16": cpu.native_bf16, "cores_usable": usable,
                 "cgroup_cpu_quota": quota,
-                # what fastclr's commands run with unless --threads says otherwise (fastclr.cpus.set_threads)
-                "torch_threads": min(torch.get_num_threads(), usable),
+                "torch_threads": default_threads(usable),  # what fastclr's commands run with unless --threads
                 "torch_capability": torch.backends.cpu.get_cpu_capability()},
         # MemAvailable, or less where a cgroup memory limit (a container's) leaves less
         "memory_available_gib": None if free is None else round(free / 2**30, 1),
