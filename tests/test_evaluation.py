@@ -14,7 +14,7 @@ from fastclr.evaluation.classifier import shift_and_flip
 from fastclr.evaluation.curve import mean_and_spread
 from fastclr.evaluation.finetune import linear_head
 from fastclr.evaluation.quality import alignment, effective_rank, uniformity
-from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
+from fastclr.evaluation.subsets import fraction_per_class, stratified_folds, stratified_subset
 from fastclr.evaluation.probe import LogisticModel
 
 
@@ -31,6 +31,24 @@ def test_stratified_subsets_are_exact_fixed_per_seed_and_nested() -> None:
     np.testing.assert_array_equal(a, stratified_subset(y.copy(), 10, seed=3))  # same seed: same images
     assert not np.array_equal(a, stratified_subset(y, 10, seed=4))  # another seed: another draw
     assert set(a) <= set(stratified_subset(y, 12, seed=3))  # nested: more labels keep the fewer ones
+
+
+@pytest.mark.parametrize("folds", [5, 10])
+def test_stratified_folds_hold_each_class_in_its_share(folds: int) -> None:
+    y = np.concatenate([imbalanced_labels(), [4]])  # counts 30, 55, 12, 80 and a class of one
+    fold = stratified_folds(y, folds, seed=2)
+    assert fold.dtype == np.int64 and fold.shape == y.shape and set(fold.tolist()) == set(range(folds))
+    sizes = np.bincount(fold, minlength=folds)
+    assert sizes.max() - sizes.min() <= 1  # the folds are as equal as len(y) allows
+    for c, n in enumerate(np.bincount(y)):
+        per_fold = np.bincount(fold[y == c], minlength=folds)
+        assert set(per_fold.tolist()) <= {n // folds, -(-n // folds)}  # floor or ceil of n / folds
+    np.testing.assert_array_equal(fold, stratified_folds(y.copy(), folds, seed=2))  # fixed by the seed
+    assert not np.array_equal(fold, stratified_folds(y, folds, seed=3))
+    # 10 labels of each of 10 classes in 5 folds: every held-out fold is 2 images of every class
+    ten = np.repeat(np.arange(10), 10)
+    f = stratified_folds(ten, 5, seed=0)
+    assert all(np.bincount(ten[f == k], minlength=10).tolist() == [2] * 10 for k in range(5))
 
 
 def test_more_labels_than_a_class_holds_is_a_one_line_error() -> None:

@@ -136,6 +136,45 @@ def test_l2_path_stops_at_the_first_fall_of_held_out_accuracy(monkeypatch: pytes
         assert [f[0] for f in fitted] == [1e-1, 1e-2, 1e-1]
 
 
+@pytest.mark.parametrize("cross_validate", [True, False])
+def test_cross_validation_pools_every_fold_held_out_once(monkeypatch: pytest.MonkeyPatch, cross_validate: bool) -> None:
+    # Scripted held-out accuracy per (penalty, fold): fold 0 alone prefers 1e-1, the mean over the
+    # five folds (equal sizes here) prefers 1e-2.
+    scripted = {1e-1: [0.9, 0.5, 0.5, 0.5, 0.5], 1e-2: [0.6] * 5, 1e-3: [0.7, 0.55, 0.55, 0.55, 0.55]}
+    x, y = blobs(200, 3, 2, 0)
+    held_out: list[tuple[float, frozenset[int]]] = []
+    fits: list[tuple[float, int]] = []
+
+    class Fake:
+        def __init__(self, l2: float, part: int) -> None:
+            self.l2, self.part = l2, part
+
+        def accuracy(self, xv: torch.Tensor, yv: torch.Tensor) -> float:
+            if len(xv) == len(x):  # the final fit's test and train accuracy
+                return 1.0
+            rows = frozenset(int(i) for i in (xv[:, None, :] == x[None]).all(-1).nonzero()[:, 1])
+            held_out.append((self.l2, rows))
+            return scripted[self.l2][self.part]
+
+    def fake_fit(xf, yf, k, l2, max_iter=300, init=None, feature_dtype=torch.float32, stats=None):  # type: ignore[no-untyped-def]
+        fits.append((l2, len(xf)))
+        return Fake(l2, sum(f[0] == l2 for f in fits) - 1) if len(xf) < len(x) else Fake(l2, 0)
+
+    monkeypatch.setattr(probe_module, "fit_logistic_regression", fake_fit)
+    res = linear_probe(x, y, x, y, l2_grid=(1e-1, 1e-2, 1e-3), folds=5, cross_validate=cross_validate,
+                       stop_early=False)
+    parts = 5 if cross_validate else 1
+    assert fits[:-1] == [(l2, 160) for l2 in (1e-1, 1e-2, 1e-3) for _ in range(parts)] and fits[-1] == (res.l2, 200)
+    for l2 in (1e-1, 1e-2, 1e-3):  # each penalty sees disjoint held-out folds of 40 that cover every row once
+        folds = [rows for p, rows in held_out if p == l2]
+        assert len(folds) == parts and all(len(f) == 40 for f in folds)
+        assert len(frozenset().union(*folds)) == 40 * parts
+    if cross_validate:
+        assert res.l2 == 1e-2 and res.val_accuracy == pytest.approx(0.6)
+    else:
+        assert res.l2 == 1e-1 and res.val_accuracy == pytest.approx(0.9)
+
+
 def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> None:
     enc = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     enc.train()

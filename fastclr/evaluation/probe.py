@@ -1,8 +1,8 @@
 """The linear probe on frozen h: the standard SimCLR evaluation (Chen et al. 2020, §4).
 
 A multinomial logistic regression on standardised features (fastclr.evaluation.features makes
-them), fitted full-batch with L-BFGS; its L2 strength is chosen on a held-out 10% of the training
-split, never on the test split, then the probe is refitted on the whole training split.
+them), fitted full-batch with L-BFGS; its L2 strength is chosen on a held-out, class-balanced 10% of the
+training split, never on the test split, then the probe is refitted on the whole training split.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastclr.evaluation.features import require_finite
+from fastclr.evaluation.subsets import stratified_folds
 
 
 @dataclass
@@ -113,7 +114,8 @@ def linear_probe(
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     l2_grid: tuple[float, ...] = L2_GRID,
-    val_fraction: float = 0.1,
+    folds: int = 10,
+    cross_validate: bool = False,
     seed: int = 0,
     max_iter: int = 300,
     select_iter: int = 50,
@@ -121,12 +123,17 @@ def linear_probe(
     stop_early: bool = True,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ProbeResult:
-    """Linear-probe test accuracy with the L2 strength selected on a held-out part of train.
+    """Linear-probe test accuracy with the L2 strength selected on held-out parts of train.
 
-    The grid is walked from the strongest to the weakest penalty, each fit warm-started from the
-    previous solution (a regularisation path), and the final fit on all training data starts from
-    the selected one (`stats`, when given, standardise every fit; see `standardize`): L-BFGS here is
-    memory-bound on the (N, D) features, so every pass saved counts.
+    The training rows are dealt into `folds` class-balanced folds (`stratified_folds`). The L2
+    strength is chosen on the first fold held out (1 / folds of the rows), or with `cross_validate`
+    on each fold held out in turn, by the held-out accuracy pooled over the folds: with few labels
+    one held-out fold is a handful of images per class, too few to rank penalties by (few-label
+    probe, fastclr.evaluation.fewshot).
+    The grid is walked from the strongest to the weakest penalty, each fold's fit warm-started from
+    its previous solution (a regularisation path), and the final fit on all training data starts
+    from the first fold's fit at the selected penalty (`stats`, when given, standardise every fit;
+    see `standardize`): L-BFGS here is memory-bound on the (N, D) features, so every pass saved counts.
     With `stop_early` the walk ends at the first penalty whose held-out accuracy does not improve on
     the best so far, a tie included (held-out accuracy along an L2 path rises, peaks and falls;
     the stronger of two tied penalties is kept): on the default encoder it
@@ -140,19 +147,20 @@ def linear_probe(
     require_finite(test_x, "the test features")
     k = int(max(int(train_y.max()), int(test_y.max())) + 1)
     best_l2, best_val, best_model = l2_grid[0], -1.0, None
-    if len(l2_grid) > 1:
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(train_y), generator=g)
-        n_val = max(1, int(len(perm) * val_fraction))
-        val, fit = perm[:n_val], perm[n_val:]
-        fx, fy = train_x[fit], train_y[fit]
-        previous = None
+    folds = min(folds, len(train_y))
+    if len(l2_grid) > 1 and folds > 1:
+        fold = torch.from_numpy(stratified_folds(train_y.cpu().numpy(), folds, seed)).to(train_y.device)
+        parts = [(fold == f, fold != f) for f in (range(folds) if cross_validate else [0])]
+        previous: list[LogisticModel | None] = [None] * len(parts)
         for l2 in sorted(l2_grid, reverse=True):
-            previous = fit_logistic_regression(fx, fy, k, l2, select_iter, init=previous, feature_dtype=feature_dtype,
-                                               stats=stats)
-            acc = previous.accuracy(train_x[val], train_y[val])
+            correct = 0.0
+            for p, (val, fit) in enumerate(parts):
+                previous[p] = model = fit_logistic_regression(train_x[fit], train_y[fit], k, l2, select_iter,
+                                                              init=previous[p], feature_dtype=feature_dtype, stats=stats)
+                correct += model.accuracy(train_x[val], train_y[val]) * int(val.sum())
+            acc = correct / sum(int(val.sum()) for val, _ in parts)
             if acc > best_val:
-                best_l2, best_val, best_model = l2, acc, previous
+                best_l2, best_val, best_model = l2, acc, previous[0]
             elif stop_early:
                 break  # held-out accuracy fell: the weaker penalties overfit more still
     model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model, feature_dtype=feature_dtype,
