@@ -11,6 +11,7 @@ time with the step times measured side by side (benchmarks/step_levers.py).
 
     python benchmarks/levers.py --budget 9.5 --out levers.jsonl "base:" "t0.2:train.temperature=0.2"
     python benchmarks/levers.py --epochs 6 "gap:model.cnn_stages=32|128|256" --seeds 0,1,2
+    python benchmarks/levers.py --budget 9.5 "base:" "v24:augment.crop_size=24" --eval-sizes 28
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ def quality(encoder: torch.nn.Module, ds: Dataset, mean: torch.Tensor, std: torc
     return {"linear": round(100 * linear, 2), "knn": round(100 * knn, 2), "few10": round(100 * float(np.mean(few)), 2)}
 
 
-def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Dataset, untrained: bool) -> dict[str, Any]:
-    """Train one configuration and return its measured outcome."""
+def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Dataset, untrained: bool,
+        eval_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Train one configuration and return its measured outcome; `eval_sizes` measure the trained
+    (and untrained) network again on whole images resized to each of those sides instead of the
+    views' (a network trained on small views read at full size: Touvron et al. 2019, FixRes)."""
     overrides: dict[str, Any] = {"eval.monitor_every": 0, "eval.probe": False, "train.seed": seed,
                                  "train.run_dir": f"runs/levers/{name}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"}
     if budget > 0:
@@ -82,6 +86,12 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Datas
                       precision)
         rec.update({f"untrained_{k}": v for k, v in ref.items()})
         rec["lift"] = round(rec["linear"] - ref["linear"], 2)
+    for side in eval_sizes:
+        at = quality(res.model.encoder, ds, mean, std, side, precision)
+        if untrained:
+            ref_at = quality(untrained_encoder(enc_spec, seed, torch.device("cpu")), ds, mean, std, side, precision)
+            at.update({f"untrained_{k}": v for k, v in ref_at.items()}, lift=round(at["linear"] - ref_at["linear"], 2))
+        rec[f"at{side}px"] = at
     rec.update(total_s=round(time.perf_counter() - t0, 1), threads=torch.get_num_threads(), machine=describe())
     return rec
 
@@ -95,6 +105,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--no-untrained", action="store_true", help="skip the untrained reference (saves its probe)")
+    p.add_argument("--eval-sizes", default="", help="also measure on whole images resized to these sides, e.g. 28")
     p.add_argument("--out", default="levers.jsonl")
     a = p.parse_args()
     ds = load_data(apply_preset({"data.name": a.data}).data)
@@ -102,7 +113,8 @@ def main() -> None:
         name, _, spec = exp.partition(":")
         spec = f"data.name={a.data}," + spec if a.data != "fashion-mnist" else spec
         for seed in (int(s) for s in a.seeds.split(",")):
-            rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
+            rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained,
+                      tuple(int(v) for v in a.eval_sizes.split(",") if v))
             record(a.out, rec)
 
 

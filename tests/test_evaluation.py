@@ -49,6 +49,10 @@ def test_stratified_folds_hold_each_class_in_its_share(folds: int) -> None:
     ten = np.repeat(np.arange(10), 10)
     f = stratified_folds(ten, 5, seed=0)
     assert all(np.bincount(ten[f == k], minlength=10).tolist() == [2] * 10 for k in range(5))
+    # 1 label of each of 10 classes: fold 0 holds 2 classes, and which two changes with the seed
+    one = np.arange(10)
+    held = {tuple(one[stratified_folds(one, 5, seed=s) == 0]) for s in range(20)}
+    assert all(len(h) == 2 for h in held) and len(held) > 5
 
 
 def test_more_labels_than_a_class_holds_is_a_one_line_error() -> None:

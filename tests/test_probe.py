@@ -12,6 +12,7 @@ from fastclr.evaluation import probe as probe_module
 from fastclr.evaluation.knn import cosine_topk, knn_accuracy, knn_predict
 from fastclr.runtime import FP32, Precision
 from fastclr.evaluation.probe import L2_GRID, fit_logistic_regression, linear_probe, standardize
+from fastclr.evaluation.subsets import stratified_folds
 from fastclr.evaluation.features import extract_features, prepare_images
 
 
@@ -165,10 +166,13 @@ def test_cross_validation_pools_every_fold_held_out_once(monkeypatch: pytest.Mon
                        stop_early=False)
     parts = 5 if cross_validate else 1
     assert fits[:-1] == [(l2, 160) for l2 in (1e-1, 1e-2, 1e-3) for _ in range(parts)] and fits[-1] == (res.l2, 200)
-    for l2 in (1e-1, 1e-2, 1e-3):  # each penalty sees disjoint held-out folds of 40 that cover every row once
+    dealt = stratified_folds(y.numpy(), 5, 0)
+    for l2 in (1e-1, 1e-2, 1e-3):  # each penalty sees the class-balanced folds, held out in order, each once
         folds = [rows for p, rows in held_out if p == l2]
-        assert len(folds) == parts and all(len(f) == 40 for f in folds)
-        assert len(frozenset().union(*folds)) == 40 * parts
+        assert folds == [frozenset(np.flatnonzero(dealt == f).tolist()) for f in range(parts)]
+        for rows in folds:  # each fold holds a fifth of each class, give or take one row
+            per_class = np.bincount(y[sorted(rows)].numpy(), minlength=2)
+            assert all(abs(c - n / 5) < 1 for c, n in zip(per_class, np.bincount(y.numpy(), minlength=2)))
     if cross_validate:
         assert res.l2 == 1e-2 and res.val_accuracy == pytest.approx(0.6)
     else:

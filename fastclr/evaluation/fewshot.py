@@ -3,7 +3,8 @@
 The L2 strength is chosen the only honest way a user with n labels per class could: on a held-out,
 class-balanced 20% of those n labels (never the test split), from the full-label probe's grid
 without its weakest penalty, since few samples need more regularisation; then refitted on all n.
-Class-balanced, so that no class goes unseen by the selection fits or unscored by the held-out part;
+Class-balanced, so that from 5 labels per class no class goes unseen by the selection fits or
+unscored by the held-out part;
 not cross-validated: over 10 subsets at 10 and 100 labels per class, 5-fold cross-validation chose
 no better (-0.25 to +0.33 points) for five times the fits, and the best penalty in hindsight was worth
 at most 0.40 points over this choice (docs/benchmarks.md section 5).

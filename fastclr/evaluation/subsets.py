@@ -46,15 +46,16 @@ def stratified_subset(labels: np.ndarray, per_class: int, seed: int,
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """The fold (0 .. folds-1) of every row, int64 (N,): each class's rows, in a random order fixed by
-    `seed`, are dealt to the folds in turn, the next class going on where the last one stopped. So
-    every fold holds each class's n / folds rows give or take one (a class of fewer than `folds`
-    rows is in that many folds), and the folds' sizes differ by at most one: a held-out fold has the
-    labelled set's class balance, which a plain random split of 20 of 100 labels does not (one
-    class could go unseen, another be held out three times)."""
+    """The fold (0 .. folds-1) of every row, int64 (N,): the classes in a random order, each class's
+    rows in a random order (both fixed by `seed`), are dealt to the folds in turn, the next class
+    going on where the last one stopped. So every fold holds each class's n / folds rows give or
+    take one, and the folds' sizes differ by at most one: a held-out fold has the labelled set's
+    class balance, which a plain random split of 20 of 100 labels does not (one class could go
+    unseen, another be held out three times). A class of fewer than `folds` rows is in that many
+    folds, which ones drawn with the seed."""
     labels = np.asarray(labels)
     rng = np.random.default_rng([seed, 20200213, 2])  # not stratified_subset's stream: a subset is not re-dealt in its own order
-    dealt = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+    dealt = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in rng.permutation(np.unique(labels))])
     fold = np.empty(len(labels), dtype=np.int64)
     fold[dealt] = np.arange(len(dealt)) % folds
     return fold
