@@ -6,8 +6,8 @@ without its weakest penalty, since few samples need more regularisation; then re
 Class-balanced, so that from 5 labels per class no class goes unseen by the selection fits or
 unscored by the held-out part;
 not cross-validated: over 10 subsets at 10 and 100 labels per class, 5-fold cross-validation chose
-no better (-0.25 to +0.33 points) for five times the fits, and the best penalty in hindsight was worth
-at most 0.40 points over this choice (docs/benchmarks.md section 5).
+no better (-0.04 to +0.02 points) for five times the fits, and the best penalty in hindsight was
+worth at most 0.10 points over this choice (docs/benchmarks.md section 3).
 """
 
 from __future__ import annotations
