@@ -20,7 +20,6 @@ product does:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastclr.data import load_data
-from fastclr.evaluation.features import extract_features
 from fastclr.evaluation.fewshot import FEWSHOT_FOLDS, FEWSHOT_ITERS, FEWSHOT_L2_GRID, fewshot_fit
 from fastclr.evaluation.probe import fit_logistic_regression, linear_probe
-from fastclr.evaluation.reference import untrained_encoder
 from fastclr.evaluation.subsets import stratified_subset
-from fastclr.pretrained import load_run
 
-from fewshot_variants import seeds_of
-from harness import describe
+from fewshot_variants import network_features, seeds_of
+from harness import describe, record
 
 WAYS = ("random20", "fold0", "cv5", "oracle")
 
@@ -95,24 +90,16 @@ def main() -> None:
     ap.add_argument("--oracle-grid", default=",".join(str(v) for v in FEWSHOT_L2_GRID))
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    run = load_run(a.run_dir, log=lambda s: None)
-    device = torch.device("cpu")
-    ds = load_data(run.config.data)
-    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
-    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
-    networks = {"trained": run.encoder, "untrained": untrained_encoder(run.spec, run.config.train.seed, device)}
+    labels, ytr, yte, networks = network_features(a.run_dir, a.networks.split(","))
     seeds = seeds_of(a.seeds)
     grid = tuple(float(v) for v in a.oracle_grid.split(","))
-    for which in a.networks.split(","):
-        encoder = networks[which]
-        tr, te = (extract_features(encoder, images, run.mean, run.std, device, precision=run.precision,
-                                   size=run.spec.image_size).float() for images in (ds.train.images, ds.test.images))
+    for which, tr, te in networks:
         for n in (int(s) for s in a.per_class.split(",")):
             for way in a.ways.split(","):
                 t0 = time.perf_counter()
                 got, per_penalty = [], []
                 for seed in seeds:
-                    idx = torch.from_numpy(stratified_subset(ds.train.labels, n, seed))
+                    idx = torch.from_numpy(stratified_subset(labels, n, seed))
                     scores = penalty_scores(tr[idx], ytr[idx], te, yte, grid) if way == "oracle" else {}
                     per_penalty.append(scores)
                     got.append(choose(way, tr[idx], ytr[idx], te, yte, seed, scores))
@@ -126,11 +113,7 @@ def main() -> None:
                 if way == "oracle":
                     rec["per_penalty"] = {str(l2): round(100 * float(np.mean([p[l2] for p in per_penalty])), 2)
                                           for l2 in grid}
-                line = json.dumps(rec)
-                print(line, flush=True)
-                with a.out.open("a") as f:
-                    f.write(line + "\n")
-
+                record(a.out, rec)
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 The features of the 60k training and 10k test images are extracted once per network (as
 `fastclr evaluate` extracts them); each variant then fits the few-label probe
-(`fastclr.evaluation.fewshot.fewshot_fit`, L2 chosen on 20% of the labelled subset) on the same
+(`fastclr.evaluation.fewshot.fewshot_fit`, L2 chosen on a class-balanced fifth of the subset) on the same
 stratified subsets:
 
     base        as `fastclr evaluate` runs it: standardised with the labelled subset's own mean and std
@@ -18,10 +18,9 @@ stratified subsets:
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +32,7 @@ from fastclr.evaluation.reference import untrained_encoder
 from fastclr.evaluation.subsets import stratified_subset
 from fastclr.pretrained import load_run
 
-from harness import describe
+from harness import describe, record
 
 VARIANTS = ("base", "unlabelled", "l2norm", "cl2n")
 
@@ -44,6 +43,28 @@ def seeds_of(text: str) -> list[int]:
         lo, hi = text.split("-")
         return list(range(int(lo), int(hi) + 1))
     return [int(s) for s in text.split(",")]
+
+
+def network_features(run_dir: Path, names: Sequence[str]
+                     ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, Iterator[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """The run's training labels (numpy, for `stratified_subset`; and as a tensor), its test labels, and,
+    one network at a time, (name, float32 train h, float32 test h) for each of `names` ("trained",
+    "untrained": the same network at its initial weights), extracted as `fastclr evaluate` extracts them."""
+    run = load_run(run_dir, log=lambda s: None)
+    device = torch.device("cpu")
+    ds = load_data(run.config.data)
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    train, test = ds.train, ds.test
+
+    def each() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for name in names:
+            encoder = run.encoder if name == "trained" else untrained_encoder(run.spec, run.config.train.seed, device)
+            tr, te = (extract_features(encoder, images, run.mean, run.std, device, precision=run.precision,
+                                       size=run.spec.image_size).float() for images in (train.images, test.images))
+            yield name, tr, te
+
+    assert train.labels is not None and test.labels is not None
+    return train.labels, torch.from_numpy(train.labels), torch.from_numpy(test.labels), each()
 
 
 def variant_features(name: str, tr: torch.Tensor, te: torch.Tensor
@@ -71,35 +92,22 @@ def main() -> None:
     ap.add_argument("--seeds", default="0-9")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    run = load_run(a.run_dir, log=lambda s: None)
-    device = torch.device("cpu")
-    ds = load_data(run.config.data)
-    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
-    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
-    networks = {"trained": run.encoder,
-                "untrained": untrained_encoder(run.spec, run.config.train.seed, device)}
+    labels, ytr, yte, networks = network_features(a.run_dir, ("trained", "untrained"))
     seeds = seeds_of(a.seeds)
-    for which, encoder in networks.items():
-        feats = [extract_features(encoder, images, run.mean, run.std, device, precision=run.precision,
-                                  size=run.spec.image_size) for images in (ds.train.images, ds.test.images)]
+    for which, feats_tr, feats_te in networks:
         for name in a.variants.split(","):
-            tr, te, stats = variant_features(name, feats[0].float(), feats[1].float())
+            tr, te, stats = variant_features(name, feats_tr, feats_te)
             for n in (int(s) for s in a.per_class.split(",")):
                 t0 = time.perf_counter()
                 accs = []
                 for seed in seeds:
-                    idx = torch.from_numpy(stratified_subset(ds.train.labels, n, seed))
+                    idx = torch.from_numpy(stratified_subset(labels, n, seed))
                     accs.append(100 * fewshot_fit(tr[idx], ytr[idx], te, yte, seed, stats=stats).accuracy)
-                rec: dict[str, Any] = {
+                record(a.out, {
                     "benchmark": "fewshot_variants", "machine": describe(), "run": str(a.run_dir), "network": which,
                     "variant": name, "per_class": n, "seeds": len(seeds), "mean": round(float(np.mean(accs)), 2),
                     "std": round(float(np.std(accs, ddof=1)), 2) if len(accs) > 1 else 0.0,
-                    "accuracies": [round(x, 2) for x in accs], "seconds": round(time.perf_counter() - t0, 1)}
-                line = json.dumps(rec)
-                print(line, flush=True)
-                with a.out.open("a") as f:
-                    f.write(line + "\n")
-
+                    "accuracies": [round(x, 2) for x in accs], "seconds": round(time.perf_counter() - t0, 1)})
 
 if __name__ == "__main__":
     main()
