@@ -4,6 +4,7 @@ own step (benchmarks/harness.real_step), whose phases are marked with torch.prof
 
     python benchmarks/profile_step.py                  # the default Fashion-MNIST step
     python benchmarks/profile_step.py --precision fp32 --steps 10
+    python benchmarks/profile_step.py --keep-memory     # with pretrain's allocator setting
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--keep-memory", action="store_true",
+                   help="keep freed memory as `pretrain` does (train.keep_memory): without it every step "
+                        "pays the kernel's page faults on its large buffers, which `pretrain` does not")
     a = p.parse_args()
+    if a.keep_memory:
+        from fastclr.cpu_memory import keep_freed_memory
+        keep_freed_memory()
     cfg = apply_preset({"data.name": a.data, "train.device": a.device})
     device = select_device(cfg.train.device)
     step = real_step(cfg, load_data(cfg.data), device, a.precision)
