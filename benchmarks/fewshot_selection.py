@@ -115,5 +115,6 @@ def main() -> None:
                                           for l2 in grid}
                 record(a.out, rec)
 
+
 if __name__ == "__main__":
     main()

@@ -53,8 +53,8 @@ def network_features(run_dir: Path, names: Sequence[str]
     run = load_run(run_dir, log=lambda s: None)
     device = torch.device("cpu")
     ds = load_data(run.config.data)
-    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
     train, test = ds.train, ds.test
+    assert train is not None and test is not None and train.labels is not None and test.labels is not None
 
     def each() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         for name in names:
@@ -63,7 +63,6 @@ def network_features(run_dir: Path, names: Sequence[str]
                                        size=run.spec.image_size).float() for images in (train.images, test.images))
             yield name, tr, te
 
-    assert train.labels is not None and test.labels is not None
     return train.labels, torch.from_numpy(train.labels), torch.from_numpy(test.labels), each()
 
 
@@ -108,6 +107,7 @@ def main() -> None:
                     "variant": name, "per_class": n, "seeds": len(seeds), "mean": round(float(np.mean(accs)), 2),
                     "std": round(float(np.std(accs, ddof=1)), 2) if len(accs) > 1 else 0.0,
                     "accuracies": [round(x, 2) for x in accs], "seconds": round(time.perf_counter() - t0, 1)})
+
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ timer, a fresh-process runner and a peak-memory measure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ from fastclr.pretraining.step import SimCLRNet, StepResult, TrainStep
 from fastclr.pretraining.objective import Objective, is_plain
 from fastclr.pretraining.queue import RowQueue
 from fastclr.pretraining.views import ViewMaker, Views
+from fastclr.cpu_memory import keep_freed_memory
 from fastclr.cpus import usable_cpus
 from fastclr.runtime import cpu_features, resolve_precision
 
@@ -59,6 +61,19 @@ def report(benchmark: str, fields: dict[str, Any]) -> None:
     """Print one JSON line: the benchmark's name, the exact command, the machine, then `fields`."""
     print(json.dumps({"benchmark": benchmark, "command": " ".join([sys.executable, *sys.argv]), "machine": describe(),
                       **fields}), flush=True)
+
+
+def add_keep_memory(parser: argparse.ArgumentParser, why: str = "") -> None:
+    """`--keep-memory`: keep freed memory as `pretrain` does (train.keep_memory); `why` adds to its help.
+    Apply it with `keep_memory_if(args.keep_memory)` before the first large allocation."""
+    parser.add_argument("--keep-memory", action="store_true",
+                        help="keep freed memory as `pretrain` does (train.keep_memory)" + why)
+
+
+def keep_memory_if(wanted: bool) -> None:
+    """Make this process keep freed memory (fastclr.cpu_memory) when `wanted`."""
+    if wanted:
+        keep_freed_memory()
 
 
 def record(out: str | Path, rec: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from fastclr.data import load_data
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
-from harness import real_step, report
+from harness import add_keep_memory, keep_memory_if, real_step, report
 
 PHASES = ("fastclr.views", "fastclr.forward", "fastclr.loss", "fastclr.backward", "fastclr.optimizer")
 
@@ -32,13 +32,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--keep-memory", action="store_true",
-                   help="keep freed memory as `pretrain` does (train.keep_memory): without it every step "
-                        "pays the kernel's page faults on its large buffers, which `pretrain` does not")
+    add_keep_memory(p, "; without it every step pays the kernel's page faults on its large buffers, "
+                       "which `pretrain` does not")
     a = p.parse_args()
-    if a.keep_memory:
-        from fastclr.cpu_memory import keep_freed_memory
-        keep_freed_memory()
+    keep_memory_if(a.keep_memory)
     cfg = apply_preset({"data.name": a.data, "train.device": a.device})
     device = select_device(cfg.train.device)
     step = real_step(cfg, load_data(cfg.data), device, a.precision)

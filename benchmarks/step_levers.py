@@ -39,7 +39,7 @@ from fastclr.models.cnn import FlattenHWC, SmallCNN
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
-from harness import real_step, report, timed
+from harness import add_keep_memory, keep_memory_if, real_step, report, timed
 
 VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "pool-relu", "compile", "1-thread",
             "blur", "batch-128", "batch-256", "batch-512")
@@ -90,12 +90,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--keep-memory", action="store_true",
-                   help="keep freed memory as `pretrain` does (train.keep_memory)")
+    add_keep_memory(p)
     a = p.parse_args()
-    if a.keep_memory:
-        from fastclr.cpu_memory import keep_freed_memory
-        keep_freed_memory()
+    keep_memory_if(a.keep_memory)
     threads = torch.get_num_threads()
     base_ms = None
     for variant in a.only:

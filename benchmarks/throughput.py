@@ -31,7 +31,7 @@ from fastclr.pretraining.optim import build_optimizer, param_groups
 from fastclr.presets import apply_preset
 from fastclr.runtime import resolve_precision
 
-from harness import real_step, report, timed
+from harness import add_keep_memory, keep_memory_if, real_step, report, timed
 
 
 def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool = True) -> Callable[[int], None]:  # type: ignore[no-untyped-def]
@@ -79,13 +79,10 @@ def main() -> None:
                    help="precisions of the fastclr step; auto is what `pretrain` resolves on this machine")
     p.add_argument("--rounds", type=int, default=3, help="alternate the recipes this many times; ratios of the medians")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.width=2")
-    p.add_argument("--keep-memory", action="store_true",
-                   help="keep freed memory as `pretrain` does (train.keep_memory); process-wide, so the "
-                        "reference recipe (and its forked DataLoader workers) gets it too: a conservative ratio")
+    add_keep_memory(p, "; process-wide, so the reference recipe (and its forked DataLoader workers) "
+                       "gets it too: a conservative ratio")
     a = p.parse_args()
-    if a.keep_memory:
-        from fastclr.cpu_memory import keep_freed_memory
-        keep_freed_memory()
+    keep_memory_if(a.keep_memory)
     overrides = {"data.name": a.data, **dict(kv.split("=", 1) for kv in a.set)}
     if a.batch_size:
         overrides["train.batch_size"] = a.batch_size
