@@ -11,9 +11,10 @@ two views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with
     foreach-adamw AdamW's foreach kernels instead of the fused one
     pooled-3x3    a third conv stage on the pooled 3 x 3 map, then average pooling (instead of the 7 x 7
                   map's learned linear pooling)
-    pool-relu     each ReLU that a max-pool follows moved after the pool (max and ReLU commute, so h
-                  and every gradient are the same, checked before timing); the ReLUs then see 4x
-                  (14 x 14 -> 7 x 7) and 5.4x (7 x 7 -> 3 x 3) fewer values
+    pool-relu     the 32|256|fc512 encoder (BatchNorm before the pools) with each ReLU that a max-pool
+                  follows moved after the pool (max and ReLU commute, so h and every gradient are the
+                  same, checked before timing); the ReLUs then see 4x (14 x 14 -> 7 x 7) and 5.4x
+                  (7 x 7 -> 3 x 3) fewer values. The default pools before BatchNorm and ReLU both.
     compile       torch.compile of forward, loss and backward
     1-thread      torch.set_num_threads(1)
     blur          Gaussian blur on (p 0.5, sigma 0.1-2, the paper's ImageNet setting; off in the preset)
@@ -58,17 +59,17 @@ def encoder_for(variant: str) -> nn.Module | None:
                 enc.pool._modules[name] = nn.Flatten(1)
         return enc
     if variant == "pool-relu":
-        return pool_then_relu(SmallCNN(1))
+        return pool_then_relu(SmallCNN(1, stages="32|256|fc512"))  # the default's order before it pooled first
     return None
 
 
 def pool_then_relu(enc: SmallCNN) -> SmallCNN:
-    """The default encoder with its two ReLUs that precede a max-pool moved after it, checked equal
+    """The 32|256|fc512 encoder with its two ReLUs that precede a max-pool moved after it, checked equal
     (h and every parameter's gradient, fp32) to the encoder it was made from."""
     reference = copy.deepcopy(enc)
     f = enc.features  # 0 space-to-depth, 1 conv, 2 BN, 3 ReLU, 4 max-pool, 5 conv, 6 BN, 7 ReLU
     if not (isinstance(f[3], nn.ReLU) and isinstance(f[4], nn.MaxPool2d) and isinstance(f[7], nn.ReLU)):
-        raise SystemExit("pool-relu expects the default 32|256|fc512 encoder")
+        raise SystemExit("pool-relu expects the 32|256|fc512 encoder")
     f[3], f[4], f[7] = f[4], f[3], nn.Identity()
     readout_pool = enc.pool[0]
     readout_pool.pool = nn.Sequential(readout_pool.pool, nn.ReLU(inplace=True))

@@ -67,15 +67,16 @@ def test_the_program_runs_without_fastclr_and_equals_the_encoder(tmp_path: Path)
         assert json.loads(meta["mean"]) == [0.5] * channels
 
 
-@pytest.mark.parametrize("arch, channels, size, stem", [("cnn", 1, 28, "auto"), ("resnet18", 3, 32, "on"),
-                                                        ("resnet18", 3, 64, "off")])
+@pytest.mark.parametrize("arch, channels, size, stem, stages", [
+    ("cnn", 1, 28, "auto", "32|256|fc512"), ("cnn", 1, 28, "auto", "32p|256p|fc512"),  # pools before BatchNorm
+    ("resnet18", 3, 32, "on", ""), ("resnet18", 3, 64, "off", "")])
 def test_onnx_in_onnxruntime_equals_the_encoder_and_carries_the_metadata(arch: str, channels: int, size: int,
-                                                                        stem: str, tmp_path: Path) -> None:
+                                                                        stem: str, stages: str, tmp_path: Path) -> None:
     import onnx
     import onnxruntime
 
     torch.manual_seed(0)
-    enc = build_encoder(arch, channels, size, 0.25 if arch.startswith("resnet") else 1.0, stem, "32|256|fc512")
+    enc = build_encoder(arch, channels, size, 0.25 if arch.startswith("resnet") else 1.0, stem, stages)
     spec = EncoderSpec(arch, channels, size, 1.0, stem, 0, (0.5,) * channels, (0.25,) * channels)
     out = export_encoder(enc, spec, "[model]\n", "onnx", tmp_path / "enc.onnx")[0]
     x = torch.randn(9, channels, size, size)  # a batch size the export never saw

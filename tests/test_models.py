@@ -19,7 +19,7 @@ from fastclr.models import (
     resolve_encoder,
     use_cifar_stem,
 )
-from fastclr.models.cnn import Readout, SmallCNN, parse_stages
+from fastclr.models.cnn import Readout, SmallCNN, Stages, parse_stages
 
 EXPECTED_DIM = {"cnn": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -62,12 +62,16 @@ def test_auto_encoder_and_bad_names() -> None:
 
 
 def test_small_cnn_space_to_depth_and_stage_spec() -> None:
-    assert parse_stages("64|128,128|256") == ([[64], [128, 128], [256]], Readout("gap"))
-    assert parse_stages("32|64|fc512") == ([[32], [64]], Readout("fc", 512))
-    assert parse_stages("32|64|sfc512") == ([[32], [64]], Readout("sfc", 512))
-    assert parse_stages("32|64|attn64") == ([[32], [64]], Readout("attn", 64))
-    assert parse_stages("32|64|cat0") == ([[32], [64]], Readout("cat0"))
-    for bad in ("32|fc0", "32|sfc", "32|attn4", "32|fcx"):
+    assert parse_stages("64|128,128|256") == Stages([[64], [128, 128], [256]], Readout("gap"), (False,) * 3)
+    assert parse_stages("32|64|fc512") == Stages([[32], [64]], Readout("fc", 512), (False, False))
+    assert parse_stages("32|64|sfc512") == Stages([[32], [64]], Readout("sfc", 512), (False, False))
+    assert parse_stages("32|64|attn64") == Stages([[32], [64]], Readout("attn", 64), (False, False))
+    assert parse_stages("32|64|cat0") == Stages([[32], [64]], Readout("cat0"), (False, False))
+    assert parse_stages("32p|64,64p|fc512") == Stages([[32], [64, 64]], Readout("fc", 512), (True, True))
+    assert parse_stages("32p|64|attn64") == Stages([[32], [64]], Readout("attn", 64), (True, False))
+    # a 'p' must end a stage, and the last stage's needs the pool of an fc, sfc or flat readout
+    for bad in ("32|fc0", "32|sfc", "32|attn4", "32|fcx", "32p,32|64|fc512", "32|6p4|fc512", "32|64p|attn64",
+                "32|64p", "32|64p|flat0", "32|64p|cat0", "p|64|fc512"):
         with pytest.raises(ValueError):
             parse_stages(bad)
     enc = SmallCNN(1, 1.0, "16|32")
@@ -119,6 +123,65 @@ def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -
     assert EncoderSpec.from_dict({**old, "feature_dim": 50}).stages == ""  # not inferable: none recorded
     with pytest.raises(FastclrError, match="cnn_stages '32\\|wide' is not a stage spec; write e.g. 32\\|256\\|fc512"):
         build_encoder("cnn", 1, 28, cnn_stages="32|wide")
+
+
+def _by_hand(x: torch.Tensor, enc: SmallCNN) -> torch.Tensor:
+    """h of a "Ap|Bp|fcN" encoder in training mode, transcribed in float64 from the spec: space to
+    depth; conv, 2x2 max-pool, BatchNorm on the batch's statistics, ReLU, twice; flatten in
+    (H, W, C) order; linear, BatchNorm, ReLU."""
+    F = torch.nn.functional
+    conv1, bn1, conv2, bn2 = (m for m in enc.features if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+    linear, bn3 = (m for m in enc.pool if isinstance(m, (nn.Linear, nn.BatchNorm1d)))
+
+    def norm(t: torch.Tensor, bn: nn.Module, dims: tuple[int, ...]) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (t.ndim - 2)
+        mean, var = t.mean(dims, keepdim=True), t.var(dims, unbiased=False, keepdim=True)
+        return (t - mean) / (var + bn.eps).sqrt() * bn.weight.double().view(shape) + bn.bias.double().view(shape)
+
+    t = F.pixel_unshuffle(x.double(), 2)
+    for conv, bn in ((conv1, bn1), (conv2, bn2)):
+        t = norm(F.max_pool2d(F.conv2d(t, conv.weight.double(), padding=1), 2), bn, (0, 2, 3)).clamp(min=0)
+    t = t.permute(0, 2, 3, 1).flatten(1) @ linear.weight.double().T
+    return norm(t, bn3, (0,)).clamp(min=0)
+
+
+def test_pool_first_stages_pool_each_conv_before_its_batchnorm() -> None:
+    torch.manual_seed(0)
+    enc = SmallCNN(1, 1.0, "8p|16p|fc32")
+    for m in enc.modules():  # BatchNorm's affine away from its initial 1 and 0, so a wrong order shows
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.normal_(m.weight), nn.init.normal_(m.bias)
+    x = torch.randn(6, 1, 28, 28)
+    torch.testing.assert_close(enc(x).double(), _by_hand(x, enc), rtol=1e-4, atol=1e-5)
+    # 14 px views (multi-crop) end at 3 x 3 before the readout's pool, which lets them pass
+    assert enc.features(torch.randn(2, 1, 14, 14)).shape == (2, 16, 3, 3) and enc(torch.randn(2, 1, 14, 14)).shape == (2, 32)
+
+
+def test_pool_first_is_the_usual_order_when_batchnorm_keeps_the_order_of_values() -> None:
+    """Evaluated with fixed statistics and a positive scale, BatchNorm and ReLU are monotone per
+    channel, so they commute with max-pooling: moving the pool changes nothing. With a negative
+    scale they reverse the order of values, and the two networks differ."""
+    torch.manual_seed(0)
+    usual, first = SmallCNN(1, 1.0, "8|16|fc32"), SmallCNN(1, 1.0, "8p|16p|fc32")
+    for m in first.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            m.weight.data.uniform_(0.5, 2), m.bias.data.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    # the same layers at other indices: BatchNorm sits after the pool, so one place later
+    renamed = {k.replace("features.3.", "features.2.").replace("features.7.", "features.6."): v
+               for k, v in first.state_dict().items()}
+    usual.load_state_dict(renamed)
+    usual.eval(), first.eval()
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(first(x), usual(x))
+    first.features[3].weight.data[0] *= -1
+    usual.features[2].weight.data[0] *= -1
+    assert not torch.allclose(first(x), usual(x))
+
+
+def test_the_usual_order_keeps_its_parameter_names() -> None:
+    """Runs saved before 'p' existed record "32|256|fc512" and load by these names."""
+    names = [k.rsplit(".", 1)[0] for k in SmallCNN(stages="32|256|fc512").state_dict() if k.endswith(".weight")]
+    assert names == ["features.1", "features.2", "features.5", "features.6", "pool.2", "pool.3"]
 
 
 def test_multi_scale_h_is_the_flat_map_then_the_earlier_maps_pooled_to_its_side() -> None:

@@ -88,13 +88,16 @@ def test_the_small_views_recipe_is_the_full_one_with_its_own_crops() -> None:
     assert local_config(dataclasses.replace(cfg, local_size=10), 28).crop_size == 10
 
 
-def test_the_fc_readout_reads_a_half_size_view_without_its_pool() -> None:
-    """The default cnn's map ends at 7 x 7 for a 28 px view, max-pooled 2x2 to 3 x 3 before the
-    linear layer; for a 14 px view it ends at 3 x 3 and goes to the same linear layer as it is."""
+@pytest.mark.parametrize("stages", ["32|256|fc512", "32p|256p|fc512"])
+def test_the_fc_readout_reads_a_half_size_view_without_its_pool(stages: str) -> None:
+    """The cnn's last conv gives 7 x 7 for a 28 px view, max-pooled 2x2 to 3 x 3 before the linear
+    layer (in the readout, or before the last BatchNorm with 'p'); for a 14 px view it gives 3 x 3,
+    which goes to the same linear layer as it is."""
     torch.manual_seed(0)
-    net = SmallCNN(width=0.25).eval()
+    net = SmallCNN(width=0.25, stages=stages).eval()
     linear, bn = net.pool[2], net.pool[3]
-    for side, pooled in ((28, True), (14, False)):
+    pools_in_features = stages.endswith("p|fc512")
+    for side, pooled in ((28, not pools_in_features), (14, False)):
         x = torch.randn(4, 1, side, side)
         m = net.features(x)
         assert m.shape[-1] == (7 if pooled else 3)

@@ -98,7 +98,7 @@ def features_of(encoder: nn.Module, spec: EncoderSpec, images: np.ndarray | Imag
     """h of stored images under a run's settings: its standardisation and input size (`spec`).
     Refuses, in one line, features that would not fit in memory with the probe's standardised copy."""
     require_memory(3 * len(images) * spec.feature_dim * 4, f"h of {len(images)} images ({spec.feature_dim}-d, "
-                   "with the probe's copies)", "use a compact readout (the default --cnn-stages 32|256|fc512) or a "
+                   "with the probe's copies)", "use a compact readout (the default --cnn-stages 32p|256p|fc512) or a "
                    "machine with more memory")
     return extract_features(encoder, images, spec.mean_tensor(), spec.std_tensor(), device, batch_size, precision,
                             spec.image_size, channels_last)

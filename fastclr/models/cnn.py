@@ -10,9 +10,14 @@ from torch import nn
 from fastclr.errors import FastclrError
 
 
-def conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    """3x3 convolution (no bias: BatchNorm follows), BatchNorm, ReLU."""
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def conv_bn_relu(cin: int, cout: int, pool: nn.Module | None = None) -> list[nn.Module]:
+    """3x3 convolution (no bias: BatchNorm follows), then `pool` if given, BatchNorm, ReLU.
+
+    Pooling before the BatchNorm and ReLU runs them on a map 4x (2x2 pool) smaller; on the CPU
+    they and their backward are memory-bound passes that cost more than the convolution
+    (docs/benchmarks.md section 4)."""
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), *([pool] if pool is not None else []),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 class FlattenHWC(nn.Module):
@@ -79,11 +84,26 @@ class Readout(NamedTuple):
     dim: int = 0
 
 
-def parse_stages(spec: str) -> tuple[list[list[int]], Readout]:
-    """"64|128,128|fc512" -> ([[64], [128, 128]], Readout("fc", 512)).
+class Stages(NamedTuple):
+    """A parsed stage spec: conv widths per stage, the readout, and per stage whether the pool that
+    follows it runs before its last conv's BatchNorm and ReLU."""
+
+    convs: list[list[int]]
+    readout: Readout
+    pool_first: tuple[bool, ...]
+
+
+# Readouts that max-pool the last stage's map first, so a 'p' on the last stage has a pool to move.
+POOLED_READOUTS = ("fc", "sfc", "flat")
+
+
+def parse_stages(spec: str) -> Stages:
+    """"64|128,128p|fc512" -> Stages([[64], [128, 128]], Readout("fc", 512), (False, True)).
 
     Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
-    conv of a stage by ','. The last part says how h is read off the final map:
+    conv of a stage by ','. A 'p' after a stage's last width ("256p") moves the pool that follows
+    the stage (the next stage's, or the fc, sfc or flat readout's) between that conv and its
+    BatchNorm: conv -> pool -> BatchNorm -> ReLU. The last part says how h is read off the final map:
     - "fcN": max-pooled 2x2 (stride 2; an odd side's last row and column fall outside every
       window: 7 x 7 -> 3 x 3), flattened, then a linear layer of N units with BatchNorm and ReLU;
     - "sfcN": the same with an overlapping 3x3 max-pool (stride 2, padded), which covers the whole
@@ -109,10 +129,15 @@ def parse_stages(spec: str) -> tuple[list[list[int]], Readout]:
     else:
         if last in ("flat", "flat0", "cat0"):
             readout = Readout(parts.pop())
-    convs = [[int(c) for c in stage.split(",")] for stage in parts]
+    widths = [stage.split(",") for stage in parts]
+    pool_first = tuple(stage[-1].endswith("p") for stage in widths)
+    widths = [stage[:-1] + [stage[-1].removesuffix("p")] for stage in widths]
+    convs = [[int(c) for c in stage] for stage in widths]  # a 'p' anywhere else fails int()
     if any(c < 1 for stage in convs for c in stage):  # "0|256" would silently build 8 channels
         raise ValueError(spec)
-    return convs, readout
+    if pool_first and pool_first[-1] and readout.kind not in POOLED_READOUTS:  # no pool follows it
+        raise ValueError(spec)
+    return Stages(convs, readout, pool_first)
 
 
 def check_stages(spec: str) -> None:
@@ -121,12 +146,35 @@ def check_stages(spec: str) -> None:
         parse_stages(spec)
     except ValueError:
         raise FastclrError(f"cnn_stages {spec!r} is not a stage spec; write e.g. 32|256|fc512 "
-                           "(conv widths, '|' between stages, then fcN, sfcN, attnN, flat0, flat or cat0)") from None
+                           "(conv widths, '|' between stages, 'p' after a stage's last width to pool before its "
+                           "BatchNorm, but not before an attn, gap, flat0 or cat0 readout; then fcN, sfcN, attnN, "
+                           "flat0, flat or cat0)") from None
+
+
+def between_stages(side: int) -> tuple[nn.Module | None, int]:
+    """The 2x2 max-pool between two stages and the side after it; none at 1 x 1 (tiny inputs)."""
+    return (nn.MaxPool2d(2), side // 2) if side >= 2 else (None, side)
+
+
+def readout_pool(kind: str, side: int) -> tuple[nn.Module | None, int]:
+    """The max-pool a readout applies to the last map, and the side after it.
+
+    fc: 2x2 (an odd side's last row and column fall outside every window); sfc: an overlapping
+    3x3 / 2, padded; both through `PoolTo`, so a map already that small (multi-crop's 14 px views)
+    passes as it is. flat: 2x2. The other readouts do not pool."""
+    if side < 2 or kind not in POOLED_READOUTS:
+        return None, side
+    if kind == "flat":
+        return nn.MaxPool2d(2), side // 2
+    if kind == "fc":
+        return PoolTo(nn.MaxPool2d(2), side // 2), side // 2
+    return PoolTo(nn.MaxPool2d(3, stride=2, padding=1), (side + 1) // 2), (side + 1) // 2
 
 
 class SmallCNN(nn.Module):
     """Optional 2x2 space-to-depth stem, stages of 3x3 conv-BN-ReLU with max-pooling between
-    them, then either global average pooling or a flatten + linear layer: (B, C, H, W) -> h.
+    them (conv-pool-BN-ReLU for a stage written with a 'p'), then either global average pooling or
+    a flatten + linear layer: (B, C, H, W) -> h.
 
     The space-to-depth stem (PixelUnshuffle(2): 1 x 28 x 28 -> 4 x 14 x 14) loses no pixel but
     halves the side before the first convolution. The linear last stage replaces a padded 3x3
@@ -135,29 +183,37 @@ class SmallCNN(nn.Module):
     Measurements behind both choices are in docs/benchmarks.md.
     """
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32|256|fc512",
+    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32p|256p|fc512",
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
-        convs, readout = parse_stages(stages)
+        convs, readout, pool_first = parse_stages(stages)
         layers: list[nn.Module] = []
         c, side = in_channels, image_size
         if space_to_depth:
             layers.append(nn.PixelUnshuffle(2))
             c, side = in_channels * 4, image_size // 2
         ends: list[tuple[int, int, int]] = []  # (index after the stage's last layer, channels, side)
+        early = False  # whether the last stage's pool (its readout's) runs before its BatchNorm
         for s, stage in enumerate(convs):
-            if s > 0 and side >= 2:  # tiny inputs: stop pooling at 1 x 1
-                layers.append(nn.MaxPool2d(2))
-                side //= 2
-            for channels in stage:
+            last = s == len(convs) - 1
+            follower, after = readout_pool(readout.kind, side) if last else between_stages(side)
+            early = pool_first[s] and follower is not None
+            for i, channels in enumerate(stage):
                 out = max(8, int(round(channels * width)))
-                layers += conv_bn_relu(c, out)
+                layers += conv_bn_relu(c, out, follower if early and i == len(stage) - 1 else None)
                 c = out
+            side = after if early else side
             ends.append((len(layers), c, side))
+            if not last and follower is not None and not early:
+                layers.append(follower)
+                side = after
         self.features = nn.Sequential(*layers)
         kind = readout.kind
         # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
         self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if kind == "cat0" else []
+        # fc, sfc and flat max-pool the last map here unless `features` already did (early)
+        pool, side = (None, side) if early else readout_pool(kind, side)
+        pooled = pool if pool is not None else nn.Identity()
         if kind == "attn":
             dim = max(8, int(round(readout.dim * width / 8)) * 8)
             self.pool: nn.Module = AttentionPool(c, side, dim)
@@ -166,19 +222,12 @@ class SmallCNN(nn.Module):
             self.pool = FlattenHWC()
             self.feature_dim = sum(ch for _, ch, _ in ends) * side * side
         elif kind in ("flat", "flat0"):  # h is the last map flattened (max-pooled 2x2 first for "flat")
-            shrink = side >= 2 and kind == "flat"
-            side = side // 2 if shrink else side
-            self.pool = nn.Sequential(nn.MaxPool2d(2) if shrink else nn.Identity(), FlattenHWC())
+            self.pool = nn.Sequential(pooled, FlattenHWC())
             self.feature_dim = c * side * side
         elif kind in ("fc", "sfc"):
             layers_out = max(8, int(round(readout.dim * width)))
-            pool: nn.Module = nn.Identity()
-            if side >= 2 and kind == "fc":
-                pool, side = nn.MaxPool2d(2), side // 2
-            elif side >= 2:
-                pool, side = nn.MaxPool2d(3, stride=2, padding=1), (side + 1) // 2
             self.pool = nn.Sequential(
-                PoolTo(pool, side), FlattenHWC(), nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out),
+                pooled, FlattenHWC(), nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out),
                 nn.ReLU(inplace=True))
             self.feature_dim = layers_out
         else:
