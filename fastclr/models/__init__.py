@@ -7,18 +7,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fastclr.config import ModelConfig, parse_switch
+from fastclr.config import parse_switch
 from fastclr.errors import FastclrError
-from fastclr.models.cnn import SmallCNN, check_stages
+from fastclr.models.cnn import CNN_STAGES, SmallCNN, check_stages
 from fastclr.models.head import ProjectionHead
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 from fastclr.models.spec import EncoderSpec
 
 __all__ = ["ENCODERS", "EncoderSpec", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder", "encoder_from_spec",
            "feature_dim", "resolve_encoder"]
-
-CNN_STAGES = ModelConfig().cnn_stages
-"""The cnn encoder's default shape (the Fashion-MNIST CPU recipe, docs/benchmarks.md section 3)."""
 
 
 def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int, stages: str) -> nn.Module:

@@ -7,7 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastclr.config import ModelConfig
 from fastclr.errors import FastclrError
+
+CNN_STAGES = ModelConfig().cnn_stages
+"""The cnn encoder's default shape, defined once in the config (docs/benchmarks.md section 3)."""
 
 
 def conv_bn_relu(cin: int, cout: int, pool: nn.Module | None = None) -> list[nn.Module]:
@@ -183,7 +187,7 @@ class SmallCNN(nn.Module):
     Measurements behind both choices are in docs/benchmarks.md.
     """
 
-    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = "32p|256p|fc512",
+    def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = CNN_STAGES,
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
         convs, readout, pool_first = parse_stages(stages)
