@@ -19,7 +19,7 @@ from torch import nn
 from fastclr.augment import normalize, resample_matrix, to_float, two_views
 from fastclr.config import AugmentConfig
 from fastclr.data.loader import ImageSource
-from fastclr.models import EncoderSpec
+from fastclr.models import CNN_STAGES, EncoderSpec
 from fastclr.runtime import FP32, Precision, require_memory
 from fastclr.errors import FastclrError
 
@@ -98,7 +98,7 @@ def features_of(encoder: nn.Module, spec: EncoderSpec, images: np.ndarray | Imag
     """h of stored images under a run's settings: its standardisation and input size (`spec`).
     Refuses, in one line, features that would not fit in memory with the probe's standardised copy."""
     require_memory(3 * len(images) * spec.feature_dim * 4, f"h of {len(images)} images ({spec.feature_dim}-d, "
-                   "with the probe's copies)", "use a compact readout (the default --cnn-stages 32p|256p|fc512) or a "
+                   "with the probe's copies)", f"use a compact readout (the default --cnn-stages {CNN_STAGES}) or a "
                    "machine with more memory")
     return extract_features(encoder, images, spec.mean_tensor(), spec.std_tensor(), device, batch_size, precision,
                             spec.image_size, channels_last)
