@@ -155,8 +155,8 @@ class ModelConfig:
     last BatchNorm and ReLU, which then see 4x and 5.4x fewer values ("Pooling before BatchNorm").
     At equal wall time the three convs at 14 x 14 probe better and lift more than one
     ("32p|256p|fc512", the default before) on every seed measured, with AMX in bf16 and under an
-    AVX2 cap in fp32, at 0.6-0.7x the steps; kNN and 10 labels per class tie ("More convolutions at
-    14 x 14, pooling first"). "32|256|flat0" is the former 12544-d readout, the whole map
+    AVX2 cap in fp32, at 0.6-0.7x the steps; kNN and 10 labels per class tie ("The default since
+    the night of 2026-12-04"). "32|256|flat0" is the former 12544-d readout, the whole map
     flattened, which a linear probe scores well even untrained (89.9% on Fashion-MNIST)."""
     cifar_stem: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """ResNet stem: on (3x3 stride 1, no max-pool), off (7x7 stride 2 + max-pool), auto (on at or below 64 px)."""
