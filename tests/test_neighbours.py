@@ -100,16 +100,17 @@ def test_an_empty_support_gives_nt_xent_then_holds_the_first_views() -> None:
     """The first step (nothing held) is NT-Xent exactly; after the update the support holds that
     step's view-1 rows at unit length, oldest first, and the next step scores their neighbours."""
     g = torch.Generator().manual_seed(1)
-    obj = Objective(TrainConfig(nn_support=5), None, CPU, None, support=RowQueue(5, 3, CPU))
-    assert not is_plain(TrainConfig(nn_support=5))
+    cfg = TrainConfig(nn_support=5)
+    obj = Objective(cfg, None, CPU, None, support=RowQueue(5, 3, CPU))
+    assert not is_plain(cfg)
     z = torch.randn(8, 3, generator=g)  # 4 images, 2 views
     loss, _ = obj.loss(z, obj.groups(torch.arange(4)), DistContext())
-    torch.testing.assert_close(loss, nt_xent(z[:4], z[4:], 0.1))
+    torch.testing.assert_close(loss, nt_xent(z[:4], z[4:], cfg.temperature))
     obj.after_update(torch.empty(0), None, DistContext())
     torch.testing.assert_close(obj.support.oldest_first(), unit(z[:4]))
     z2 = torch.randn(8, 3, generator=g)
     loss2, _ = obj.loss(z2, obj.groups(torch.arange(4)), DistContext())
-    torch.testing.assert_close(loss2, loop_loss(z2.double(), z[:4].double(), 0.1).float())
+    torch.testing.assert_close(loss2, loop_loss(z2.double(), z[:4].double(), cfg.temperature).float())
     obj.after_update(torch.empty(0), None, DistContext())
     torch.testing.assert_close(obj.support.oldest_first(), unit(torch.cat([z[3:4], z2[:4]])))  # the last five
 
