@@ -5,6 +5,7 @@ own step (benchmarks/harness.real_step), whose phases are marked with torch.prof
     python benchmarks/profile_step.py                  # the default Fashion-MNIST step
     python benchmarks/profile_step.py --precision fp32 --steps 10
     python benchmarks/profile_step.py --keep-memory     # with pretrain's allocator setting
+    python benchmarks/profile_step.py --shapes          # operators split by their input shapes
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--shapes", action="store_true", help="split each operator by its input shapes")
     add_keep_memory(p, "; without it every step pays the kernel's page faults on its large buffers, "
                        "which `pretrain` does not")
     a = p.parse_args()
@@ -42,12 +44,12 @@ def main() -> None:
     for i in range(a.warmup):
         step(i)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=a.shapes) as prof:
         for i in range(a.warmup, a.warmup + a.steps):
             step(i)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=a.shapes)
     on_device = device.type == "cuda"
 
     def ms(e: object) -> float:  # per step; device time on CUDA, wall time of the range on CPU
@@ -62,7 +64,8 @@ def main() -> None:
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     ops = sorted((e for e in events if not e.key.startswith("fastclr.")), key=lambda e: getattr(e, key), reverse=True)
     rows = [{"op": e.key, "self_ms_per_step": round(getattr(e, key) / 1000 / a.steps, 2),
-             "calls_per_step": e.count // a.steps} for e in ops[:a.top]]
+             "calls_per_step": e.count // a.steps, **({"shapes": e.input_shapes} if a.shapes else {})}
+            for e in ops[:a.top]]
     report("profile_step_ops", {"sort": key, "top": rows})
 
 
