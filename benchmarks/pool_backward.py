@@ -1,7 +1,7 @@
 """What each max-pool's backward costs inside the real training step, timed without the profiler.
 
-`profile_step.py` under the AVX2 cap (fp32) charges 13 ms a step to one zero fill: the gradient of
-the max-pool after the 7 x 7 conv. This times every max-pool's backward in the package's own step
+`profile_step.py --shapes` under the AVX2 cap (fp32) charges most of the step's zero fills to one
+call: the gradient of the max-pool after the 7 x 7 conv (docs/benchmarks.md section 4). This times every max-pool's backward in the package's own step
 (benchmarks/harness.real_step) between two tensor hooks, one on the pool's output gradient and one
 on its input gradient, with no profiler attached; then the same zeroing alone on a buffer evicted
 from the caches; and the page faults a step takes, which a fresh mmap per buffer would show.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from fastclr.data import load_data
 from fastclr.presets import apply_preset
 
-from harness import add_keep_memory, keep_memory_if, real_step, report
+from harness import add_keep_memory, keep_memory_if, real_step, report, timed
 
 
 def time_pool_backwards(module: torch.nn.Module) -> dict[str, list[float]]:
@@ -71,11 +72,10 @@ def main() -> None:
     seconds = time_pool_backwards(step.train_step.net)
     for i in range(a.warmup):
         step(i)
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    for i in range(a.warmup, a.warmup + a.steps):
-        step(i)
-    elapsed, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    pools = {name: round(sorted(s[a.warmup:])[len(s[a.warmup:]) // 2] * 1e3, 2) for name, s in seconds.items()}
+    before = resource.getrusage(resource.RUSAGE_SELF)  # page faults of the timed steps only
+    elapsed = sum(timed(lambda i: step(a.warmup + i), 0, a.steps, torch.device("cpu")))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    pools = {name: round(statistics.median(s[a.warmup:]) * 1e3, 2) for name, s in seconds.items()}
     dtype = torch.bfloat16 if step.train_step.precision.name == "bf16" else torch.float32
     report("pool_backward", {
         "precision": step.train_step.precision.name, "steps": a.steps, "keep_memory": a.keep_memory,
