@@ -55,7 +55,7 @@ def cold_zero_seconds(shape: tuple[int, ...], dtype: torch.dtype, repeats: int =
         start = time.perf_counter()
         x.zero_()
         times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2]
+    return statistics.median(times)
 
 
 def main() -> None:

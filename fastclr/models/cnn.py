@@ -198,8 +198,6 @@ class SmallCNN(nn.Module):
             c, side = in_channels * 4, image_size // 2
         ends: list[tuple[int, int, int]] = []  # (index after the stage's last layer, channels, side)
         early = False  # whether the last stage's pool (its readout's) runs before its BatchNorm
-        follower: nn.Module | None = None  # the pool after the current stage; after the last, the readout's
-        after = side
         for s, stage in enumerate(convs):
             last = s == len(convs) - 1
             follower, after = readout_pool(readout.kind, side) if last else between_stages(side)
@@ -217,10 +215,12 @@ class SmallCNN(nn.Module):
         kind = readout.kind
         # cat0: the maps that end the earlier stages, max-pooled to the last map's side.
         self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if kind == "cat0" else []
-        if not convs:  # a readout on the stem alone
-            follower, after = readout_pool(readout.kind, side)
         # fc, sfc and flat max-pool the last map here unless `features` already did (early)
-        pool, side = (None, side) if early else (follower, after)
+        pool: nn.Module | None = None
+        if convs and not early:  # the last stage's follower is the readout's pool
+            pool, side = follower, after
+        elif not convs:  # a readout on the stem alone
+            pool, side = readout_pool(kind, side)
         pooled = pool if pool is not None else nn.Identity()
         if kind == "attn":
             dim = max(8, int(round(readout.dim * width / 8)) * 8)
