@@ -1,0 +1,99 @@
+"""`levers.py` with a temperature that follows a cosine instead of staying fixed: a recipe lever
+measured, not a fastclr option (docs/benchmarks.md section 3, "A temperature schedule").
+
+Kukleva et al. 2023 (ICLR, "Temperature schedules for self-supervised contrastive methods on
+long-tail data") move t of NT-Xent along t(p) = t_min + (t_max - t_min) (1 + cos(2 pi c p)) / 2,
+p the run's progress: a high t weights the loss towards group-wise structure, a low one towards
+telling instances apart, and the schedule alternates the two (their t_min 0.1, t_max 1.0). Here
+p is step / total steps, the same progress as the learning rate's cosine (a time budget refits
+the total as the pace drifts), t_min is the arm's `train.temperature`, and two more keys in an
+arm's spec set the rest: `tmax=` (t_max; absent or 0: the fixed temperature, `levers.py` itself)
+and `cycles=` (c, whole or half periods over the run; default 1). Everything else is `levers.py`,
+and the schedule is set on the step before each update, as the learning rate is.
+
+    python benchmarks/temperature_schedule.py --budget 9.5 --seeds 0 --out ts.jsonl \
+        "base:" "ts0.1-1x1:train.temperature=0.1,tmax=1.0,cycles=1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from fastclr.data import load_data
+from fastclr.presets import apply_preset
+from fastclr.pretraining import setup
+
+from harness import record
+from levers import run
+
+
+def temperature_at(step: int, total_steps: int, t_min: float, t_max: float, cycles: float) -> float:
+    """t at `step` of `total_steps`: t_max at the start, t_min half a period later."""
+    p = min(1.0, step / max(1, total_steps))
+    return t_min + (t_max - t_min) * 0.5 * (1 + math.cos(2 * math.pi * cycles * p))
+
+
+def split_spec(spec: str) -> tuple[str, float, float]:
+    """The `levers.py` spec without the schedule's keys, and (t_max, cycles)."""
+    kept, t_max, cycles = [], 0.0, 1.0
+    for item in filter(None, re.split(r",(?=[\w.]+=)", spec)):
+        key, _, value = item.partition("=")
+        if key == "tmax":
+            t_max = float(value)
+        elif key == "cycles":
+            cycles = float(value)
+        else:
+            kept.append(item)
+    return ",".join(kept), t_max, cycles
+
+
+@contextmanager
+def scheduled(t_max: float, cycles: float) -> Iterator[None]:
+    """Within: every run's step gets t from `temperature_at` before each update (its
+    `train.temperature` as t_min). Plain NT-Xent only (the step's own temperature)."""
+    original: Callable[[setup.Run], float] = setup.Run.set_lr
+
+    def set_lr_and_temperature(self: setup.Run) -> float:
+        lr = original(self)
+        s, t_min = self.state, self.cfg.train.temperature
+        if t_max < t_min or self.train_step.objective is not None:
+            raise SystemExit(f"tmax={t_max} must be at least train.temperature = {t_min}, for plain NT-Xent")
+        self.train_step.temperature = temperature_at(s.step, s.total_steps, t_min, t_max, cycles)
+        return lr
+
+    setup.Run.set_lr = set_lr_and_temperature
+    try:
+        yield
+    finally:
+        setup.Run.set_lr = original
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", help="name:key=value,... as levers.py, plus tmax= and cycles=")
+    p.add_argument("--budget", type=float, default=0.0, help="minutes of pretraining per experiment (0: use --epochs)")
+    p.add_argument("--epochs", type=float, default=6.0)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--no-untrained", action="store_true", help="skip the untrained reference (saves its probe)")
+    p.add_argument("--out", default="temperature-schedule.jsonl")
+    a = p.parse_args()
+    ds = load_data(apply_preset({}).data)
+    for exp in a.experiments:
+        name, _, full = exp.partition(":")
+        spec, t_max, cycles = split_spec(full)
+        for seed in (int(s) for s in a.seeds.split(",")):
+            if t_max > 0:
+                with scheduled(t_max, cycles):
+                    rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
+                rec.update(t_max=t_max, cycles=cycles)
+            else:
+                rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
+            record(a.out, rec)
+
+
+if __name__ == "__main__":
+    main()
