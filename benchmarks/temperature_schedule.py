@@ -60,8 +60,11 @@ def scheduled(t_max: float, cycles: float) -> Iterator[None]:
     def set_lr_and_temperature(self: setup.Run) -> float:
         lr = original(self)
         s, t_min = self.state, self.cfg.train.temperature
-        if t_max < t_min or self.train_step.objective is not None:
-            raise SystemExit(f"tmax={t_max} must be at least train.temperature = {t_min}, for plain NT-Xent")
+        if self.train_step.objective is not None:
+            raise SystemExit("temperature_schedule.py schedules plain two-view NT-Xent only (no --views, --supcon, "
+                             "--learn-temperature, --queue or --nn-support)")
+        if t_max < t_min:
+            raise SystemExit(f"tmax={t_max} is below train.temperature = {t_min}, the schedule's lower end; raise tmax")
         self.train_step.temperature = temperature_at(s.step, s.total_steps, t_min, t_max, cycles)
         return lr
 

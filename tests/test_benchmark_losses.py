@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastclr.pretraining.step as step_mod
 from conftest import REPO
+from fastclr.pretraining import pretrain
 from fastclr.pretraining.losses import nt_xent
 from fastclr.scaleout.distributed import DistContext
+from tiny import tiny_config, tiny_dataset
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from decoupled_loss import decoupled_loss  # noqa: E402
+from temperature_schedule import scheduled, split_spec  # noqa: E402
 
 
 def dcl_loop(z: torch.Tensor, t: float) -> float:
@@ -43,11 +47,6 @@ def test_decoupled_loss_is_the_formula(t: float) -> None:
 def test_temperature_schedule_lever_gives_every_step_the_cosines_t(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/temperature_schedule.py: step s of S trains at t_min + (t_max - t_min)(1 + cos(2 pi c s / S)) / 2
     (Kukleva et al. 2023), t_max first and t_min half a period later, and the fixed t again outside the lever."""
-    from temperature_schedule import scheduled, split_spec
-    import fastclr.pretraining.step as step_mod
-    from fastclr.pretraining import pretrain
-    from tiny import tiny_config, tiny_dataset
-
     seen: list[float] = []
     original = step_mod.backward_step
 
