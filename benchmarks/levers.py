@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -96,9 +98,14 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Datas
     return rec
 
 
-def main() -> None:
-    """Run the experiments named on the command line, one after the other."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+Arm = Callable[[str], tuple[str, Callable[[], AbstractContextManager[object]], dict[str, Any]]]
+"""What a benchmark wrapping this one makes of an experiment's spec: the spec to train, the context
+to train it in, and fields for its record (temperature_schedule.py)."""
+
+
+def main(arm: Arm | None = None, doc: str | None = __doc__) -> None:
+    """Run the experiments named on the command line, one after the other (each through `arm`)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="+", help="name:key=value,key=value (config keys; stages= for the cnn shape)")
     p.add_argument("--budget", type=float, default=0.0, help="minutes of pretraining per experiment (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=6.0)
@@ -111,11 +118,13 @@ def main() -> None:
     ds = load_data(apply_preset({"data.name": a.data}).data)
     for exp in a.experiments:
         name, _, spec = exp.partition(":")
+        spec, within, extra = arm(spec) if arm is not None else (spec, nullcontext, {})
         spec = f"data.name={a.data}," + spec if a.data != "fashion-mnist" else spec
         for seed in (int(s) for s in a.seeds.split(",")):
-            rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained,
-                      tuple(int(v) for v in a.eval_sizes.split(",") if v))
-            record(a.out, rec)
+            with within():
+                rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained,
+                          tuple(int(v) for v in a.eval_sizes.split(",") if v))
+            record(a.out, {**rec, **extra})
 
 
 if __name__ == "__main__":

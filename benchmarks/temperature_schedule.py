@@ -17,18 +17,15 @@ and the schedule is set on the step before each update, as the learning rate is.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
-from fastclr.data import load_data
-from fastclr.presets import apply_preset
 from fastclr.pretraining import setup
 
-from harness import record
-from levers import run
+import levers
 
 
 def temperature_at(step: int, total_steps: int, t_min: float, t_max: float, cycles: float) -> float:
@@ -75,28 +72,13 @@ def scheduled(t_max: float, cycles: float) -> Iterator[None]:
         setup.Run.set_lr = original
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", help="name:key=value,... as levers.py, plus tmax= and cycles=")
-    p.add_argument("--budget", type=float, default=0.0, help="minutes of pretraining per experiment (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=6.0)
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--no-untrained", action="store_true", help="skip the untrained reference (saves its probe)")
-    p.add_argument("--out", default="temperature-schedule.jsonl")
-    a = p.parse_args()
-    ds = load_data(apply_preset({}).data)
-    for exp in a.experiments:
-        name, _, full = exp.partition(":")
-        spec, t_max, cycles = split_spec(full)
-        for seed in (int(s) for s in a.seeds.split(",")):
-            if t_max > 0:
-                with scheduled(t_max, cycles):
-                    rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
-                rec.update(t_max=t_max, cycles=cycles)
-            else:
-                rec = run(name, spec, a.budget, a.epochs, seed, ds, not a.no_untrained)
-            record(a.out, rec)
+def schedule_arm(spec: str) -> tuple[str, Callable[[], AbstractContextManager[object]], dict[str, Any]]:
+    """`levers.Arm`: an arm with `tmax=` trains within `scheduled` and records t_max and cycles."""
+    spec, t_max, cycles = split_spec(spec)
+    if t_max <= 0:
+        return spec, nullcontext, {}
+    return spec, lambda: scheduled(t_max, cycles), {"t_max": t_max, "cycles": cycles}
 
 
 if __name__ == "__main__":
-    main()
+    levers.main(arm=schedule_arm, doc=__doc__)

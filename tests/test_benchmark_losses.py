@@ -20,7 +20,7 @@ from tiny import tiny_config, tiny_dataset
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from decoupled_loss import decoupled_loss  # noqa: E402
-from temperature_schedule import scheduled, split_spec  # noqa: E402
+from temperature_schedule import schedule_arm  # noqa: E402
 
 
 def dcl_loop(z: torch.Tensor, t: float) -> float:
@@ -56,13 +56,16 @@ def test_temperature_schedule_lever_gives_every_step_the_cosines_t(tmp_path: Pat
 
     monkeypatch.setattr(step_mod, "backward_step", spy)
     ds = tiny_dataset()  # 96 images, batch 16: 6 steps per epoch, 12 in the 2 epochs
-    spec, t_max, cycles = split_spec("train.temperature=0.1,tmax=0.9,cycles=1.5")
-    assert (spec, t_max, cycles) == ("train.temperature=0.1", 0.9, 1.5)
-    with scheduled(t_max, cycles):
+    spec, within, extra = schedule_arm("train.temperature=0.1,tmax=0.9,cycles=1.5")
+    assert (spec, extra) == ("train.temperature=0.1", {"t_max": 0.9, "cycles": 1.5})  # what levers.py trains and records
+    with within():
         pretrain(tiny_config(tmp_path / "a", train__temperature=0.1), dataset=ds, progress=False, log=lambda s: None)
     want = [0.1 + 0.8 * 0.5 * (1 + math.cos(2 * math.pi * 1.5 * s / 12)) for s in range(12)]
     assert seen == pytest.approx(want, rel=1e-12, abs=0)
     assert seen[0] == pytest.approx(0.9) and seen[4] == pytest.approx(0.1)  # s / S = 1 / 3: half a period of 1.5
     seen.clear()
-    pretrain(tiny_config(tmp_path / "b", train__temperature=0.1), dataset=ds, progress=False, log=lambda s: None)
-    assert seen == [0.1] * 12  # the patch is undone on leaving
+    spec, within, extra = schedule_arm("train.temperature=0.1")  # an arm without tmax= is levers.py's own
+    assert (spec, extra) == ("train.temperature=0.1", {})
+    with within():
+        pretrain(tiny_config(tmp_path / "b", train__temperature=0.1), dataset=ds, progress=False, log=lambda s: None)
+    assert seen == [0.1] * 12  # and the patch was undone on leaving the first
