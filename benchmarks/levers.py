@@ -57,6 +57,12 @@ def quality(encoder: torch.nn.Module, ds: Dataset, mean: torch.Tensor, std: torc
     return {"linear": round(100 * linear, 2), "knn": round(100 * knn, 2), "few10": round(100 * float(np.mean(few)), 2)}
 
 
+def spec_items(spec: str) -> list[tuple[str, str]]:
+    """The (key, value) items of an experiment's spec "key=value,key=value", split at the commas
+    that start a new key=, so a stage spec may hold commas (stages=32|64,64|flat0)."""
+    return [(k, v) for k, _, v in (item.partition("=") for item in filter(None, re.split(r",(?=[\w.]+=)", spec)))]
+
+
 def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Dataset, untrained: bool,
         eval_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
     """Train one configuration and return its measured outcome; `eval_sizes` measure the trained
@@ -68,9 +74,7 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Datas
         overrides["train.time_budget"] = budget
     else:
         overrides["train.epochs"] = epochs
-    # Items split at commas that start a new key=, so a stage spec may hold commas (32|64,64|flat0).
-    for item in filter(None, re.split(r",(?=[\w.]+=)", spec)):
-        k, _, v = item.partition("=")
+    for k, v in spec_items(spec):
         overrides["model.cnn_stages" if k == "stages" else k] = v
     cfg = apply_preset(overrides)
     t0 = time.perf_counter()

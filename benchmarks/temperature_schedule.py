@@ -18,7 +18,6 @@ and the schedule is set on the step before each update, as the learning rate is.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -36,16 +35,9 @@ def temperature_at(step: int, total_steps: int, t_min: float, t_max: float, cycl
 
 def split_spec(spec: str) -> tuple[str, float, float]:
     """The `levers.py` spec without the schedule's keys, and (t_max, cycles)."""
-    kept, t_max, cycles = [], 0.0, 1.0
-    for item in filter(None, re.split(r",(?=[\w.]+=)", spec)):
-        key, _, value = item.partition("=")
-        if key == "tmax":
-            t_max = float(value)
-        elif key == "cycles":
-            cycles = float(value)
-        else:
-            kept.append(item)
-    return ",".join(kept), t_max, cycles
+    items = dict(levers.spec_items(spec))
+    t_max, cycles = float(items.pop("tmax", 0.0)), float(items.pop("cycles", 1.0))
+    return ",".join(f"{k}={v}" for k, v in items.items()), t_max, cycles
 
 
 @contextmanager

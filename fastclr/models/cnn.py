@@ -217,10 +217,10 @@ class SmallCNN(nn.Module):
         self.taps = [(i, side_s // side) for i, _, side_s in ends[:-1]] if kind == "cat0" else []
         # fc, sfc and flat max-pool the last map here unless `features` already did (early)
         pool: nn.Module | None = None
-        if convs and not early:  # the last stage's follower is the readout's pool
-            pool, side = follower, after
-        elif not convs:  # a readout on the stem alone
+        if not convs:  # a readout on the stem alone
             pool, side = readout_pool(kind, side)
+        elif not early:  # the last stage's follower is the readout's pool
+            pool, side = follower, after
         pooled = pool if pool is not None else nn.Identity()
         if kind == "attn":
             dim = max(8, int(round(readout.dim * width / 8)) * 8)
