@@ -50,7 +50,7 @@ def describe() -> str:
     3.11.7, torch 2.13.0+cpu, no GPU': the CPU with its ISA level, which decides whether bf16 is
     native, and whether oneDNN's ISA was capped (ONEDNN_MAX_CPU_ISA) to stand in for another class."""
     c = cpu_features()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    cap = c.onednn_isa_cap
     isa = f"{c.isa}; oneDNN bf16 {'on' if c.onednn_bf16 else 'off'}" + (f"; ISA capped to {cap}" if cap else "")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{c.model} [{isa}] x {usable_cpus()} CPUs, {platform.system()}, Python {platform.python_version()}, "

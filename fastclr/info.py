@@ -95,7 +95,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"python      {r['python']} on {r['os']}",
         f"cpu         {c['model']} ({c['arch']}), {c['cores_usable']} usable cores{quota}, {c['torch_threads']} torch threads",
         f"memory      {'unknown' if r['memory_available_gib'] is None else str(r['memory_available_gib']) + ' GiB'} available",
-        f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'})",
+        f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'}"
+        f"{'; oneDNN capped at ' + c['onednn_isa_cap'] if c.get('onednn_isa_cap') else ''})",
     ]
     lines += [f"gpu {g['index']}       {g['name']}, compute capability {g['compute_capability']}, {g['memory_gib']} GiB"
               for g in r["gpus"]] or ["gpu         none visible"]

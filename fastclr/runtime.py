@@ -8,16 +8,19 @@ Zen 4 and later; AMX-BF16: Sapphire Rapids and later), roughly doubles the matmu
 other CPU oneDNN emulates bf16 and the same matmul runs tens to hundreds of times slower than fp32
 (measured on an AMD EPYC 9004 with oneDNN capped at AVX2: 1.8 against 160 GFLOP/s, docs/benchmarks.md).
 `torch.ops.mkldnn._is_mkldnn_bf16_supported()` alone cannot tell the two apart: it answers True on
-any AVX-512 CPU, with bf16 units or not. So the decision asks the CPU flags torch reads (cpuinfo)
-first and times a matmul in both dtypes only where the flags and oneDNN disagree or say nothing.
+any AVX-512 CPU, with bf16 units or not, and the CPU flags describe the CPU, not a oneDNN whose ISA
+the process caps (ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes it emulate bf16 on a CPU that has
+the units). So the decision asks the CPU flags torch reads (cpuinfo) and oneDNN's cap first, and
+times a matmul in both dtypes only where the flags and oneDNN disagree or say nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +72,10 @@ class CpuFeatures:
     amx_bf16: bool
     """AMX tiles (Sapphire Rapids and later): native bf16 matmuls at several times the AVX-512 rate."""
     onednn_bf16: bool
-    """oneDNN will run bf16 kernels: False when its ISA is capped below AVX-512 (ONEDNN_MAX_CPU_ISA)."""
+    """oneDNN will run bf16 kernels on bf16 units: False when its ISA is capped below AVX512_CORE_BF16
+    (`onednn_isa_cap`), or below AVX-512 (then torch's own query says so too)."""
+    onednn_isa_cap: str = ""
+    """oneDNN's ISA cap as this process set it (ONEDNN_MAX_CPU_ISA, else DNNL_MAX_CPU_ISA); "" for none."""
 
     @property
     def native_bf16(self) -> bool:
@@ -134,15 +140,38 @@ def bf16_native_on(device_type: str) -> bool:
     return cpu.native_bf16 and cpu.onednn_bf16
 
 
+# oneDNN's ISA levels that include the bf16 dot-product instructions (its CPU dispatcher control;
+# AVX10.1 and later include AVX512_BF16). "ALL" and "DEFAULT" lift or leave the cap.
+_ONEDNN_BF16_LEVELS = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                                 "AVX512_CORE_AMX_FP16"})
+
+
+def onednn_isa_cap(environ: Mapping[str, str] = os.environ) -> str:
+    """oneDNN's ISA cap for this process, upper-case ("" for none); oneDNN reads ONEDNN_MAX_CPU_ISA,
+    else DNNL_MAX_CPU_ISA."""
+    value = environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or ""
+    return value.strip().upper()
+
+
+def cap_allows_bf16(cap: str) -> bool:
+    """Whether oneDNN capped at `cap` still runs bf16 on bf16 units. torch's
+    `_is_mkldnn_bf16_supported()` says True under any cap from AVX512_CORE up, where oneDNN
+    emulates bf16 (2.4x slower than fp32 for a matmul on the EPYC Zen 4 capped at AVX512_CORE,
+    docs/benchmarks.md section 1). An unknown level counts as no: the decision then times both."""
+    return not cap or cap in _ONEDNN_BF16_LEVELS or cap.startswith("AVX10")
+
+
 def cpu_features() -> CpuFeatures:
-    """This process's CPU, through torch's own capability queries."""
+    """This process's CPU, through torch's own capability queries and oneDNN's ISA cap."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         onednn = False
+    cap = onednn_isa_cap()
     return CpuFeatures(model=cpu_model(), arch=platform.machine(), avx2=_query("_is_avx2_supported"),
                        avx512=_query("_is_avx512_supported"), avx512_bf16=_query("_is_avx512_bf16_supported"),
-                       amx_bf16=_query("_is_amx_tile_supported"), onednn_bf16=onednn)
+                       amx_bf16=_query("_is_amx_tile_supported"), onednn_bf16=onednn and cap_allows_bf16(cap),
+                       onednn_isa_cap=cap)
 
 
 @dataclass(frozen=True)
@@ -214,11 +243,13 @@ def decide_precision(
         return Precision("bf16", f"{cpu.model} has native bf16 ({unit})")
     if cpu.is_x86 and not cpu.native_bf16:
         return Precision("fp32", f"{cpu.model} ({cpu.isa}) has no bf16 units: bf16 would be emulated, far slower than fp32")
+    uncertain = f"bf16 support uncertain (oneDNN capped at {cpu.onednn_isa_cap})" if cpu.onednn_isa_cap else \
+        "bf16 support uncertain"
     if timer is None:
-        return Precision("fp32", f"{cpu.model}: bf16 support uncertain and not measured")
+        return Precision("fp32", f"{cpu.model}: {uncertain} and not measured")
     fp32_s, bf16_s = timer(torch.float32), timer(torch.bfloat16)
     name = "bf16" if bf16_s < 0.9 * fp32_s else "fp32"
-    return Precision(name, f"{cpu.model}: bf16 support uncertain; measured matmul {fp32_s * 1e3:.1f} ms fp32, "
+    return Precision(name, f"{cpu.model}: {uncertain}; measured matmul {fp32_s * 1e3:.1f} ms fp32, "
                            f"{bf16_s * 1e3:.1f} ms bf16")
 
 
@@ -281,7 +312,9 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     slow = matmul_seconds(prec.dtype or torch.float32, device, shape) / matmul_seconds(torch.float32, device, shape)
     units = "bf16" if prec.name == "bf16" else "fp16"
-    warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, no {units} units): {prec.name} is emulated "
+    why = f"oneDNN capped at {cpu.onednn_isa_cap}" if prec.name == "bf16" and cpu.native_bf16 and cpu.onednn_isa_cap \
+        else f"no {units} units"
+    warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, {why}): {prec.name} is emulated "
          f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} fp32")
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import platform
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,8 @@ from fastclr.models import ProjectionHead, SmallCNN
 from fastclr.pretraining.optim import build_optimizer
 from fastclr.evaluation.probe import linear_probe
 from fastclr.evaluation.features import extract_features
-from fastclr.runtime import FP32, CpuFeatures, Precision, check_precision, cpu_model, decide_precision, resolve_precision
+from fastclr.runtime import (FP32, CpuFeatures, Precision, cap_allows_bf16, check_precision, cpu_features, cpu_model,
+                             decide_precision, onednn_isa_cap, resolve_precision)
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import Objective
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
@@ -80,6 +85,60 @@ def test_uncertain_cpus_take_the_faster_measured_dtype(features: CpuFeatures, fp
 
     assert decide_precision("auto", "cpu", features, None, timer).name == expected
     assert sorted(map(str, asked)) == ["torch.bfloat16", "torch.float32"]
+
+
+@pytest.mark.parametrize("environ, cap, allows", [
+    ({}, "", True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "AVX2", False),
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core"}, "AVX512_CORE", False),             # Skylake-SP's level
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, "AVX512_CORE_VNNI", False),  # Cascade Lake's
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "AVX512_CORE_BF16", True),   # Cooper Lake's, Zen 4's
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "AVX512_CORE_AMX", True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, "AVX10_1_512_AMX", True),
+    ({"ONEDNN_MAX_CPU_ISA": " all "}, "ALL", True),
+    ({"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512_CORE", False),              # the older name
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "DNNL_MAX_CPU_ISA": "AVX2"}, "AVX512_CORE_BF16", True),
+    ({"ONEDNN_MAX_CPU_ISA": "SOME_FUTURE_ISA"}, "SOME_FUTURE_ISA", False),     # unknown: timed, not trusted
+])
+def test_onednn_isa_cap_says_whether_bf16_runs_on_bf16_units(environ: dict[str, str], cap: str, allows: bool) -> None:
+    """oneDNN's documented order: ... < AVX512_CORE < AVX512_CORE_VNNI < AVX512_CORE_BF16 < ...; only
+    levels from AVX512_CORE_BF16 up dispatch bf16 dot products, and ONEDNN_ beats DNNL_."""
+    assert onednn_isa_cap(environ) == cap
+    assert cap_allows_bf16(cap) is allows
+
+
+def test_an_avx512_cap_below_bf16_makes_auto_time_the_matmul_on_a_cpu_with_bf16_units(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's `_is_mkldnn_bf16_supported()` answers True under ONEDNN_MAX_CPU_ISA=AVX512_CORE, where
+    oneDNN emulates bf16 (the step 2.4x slower than fp32 on the EPYC Zen 4): the cap must make the
+    flags uncertain, and the timing decide."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    features = cpu_features()
+    assert features.native_bf16 and not features.onednn_bf16 and features.onednn_isa_cap == "AVX512_CORE"
+    p = decide_precision("auto", "cpu", features, None, lambda dt: 2.4 if dt == torch.bfloat16 else 1.0)
+    assert p.name == "fp32" and "oneDNN capped at AVX512_CORE" in p.reason
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0: 1.2 if dtype == torch.bfloat16 else 0.5)
+    lines: list[str] = []
+    check_precision(Precision("bf16", "asked for"), CPU, features, lines.append)
+    assert len(lines) == 1 and "(AVX512_BF16, oneDNN capped at AVX512_CORE): bf16 is emulated" in lines[0]
+    assert "2.4x the fp32 time" in lines[0]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert decide_precision("auto", "cpu", cpu_features(), None, never_timed).name == "bf16"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN's ISA cap is x86's")
+def test_auto_under_a_real_avx512_core_cap_runs_fp32() -> None:
+    """The cap as a user sets it, in a fresh process (oneDNN reads it once): whatever this x86 CPU
+    has, oneDNN capped at AVX512_CORE has no bf16 dot products, so `auto` must not be bf16."""
+    code = ("import torch; from fastclr.runtime import resolve_precision; "
+            "print(resolve_precision('auto', torch.device('cpu'), warn=lambda s: None).name)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.strip() == "fp32"
 
 
 def test_explicit_choices_are_kept_and_unknown_ones_refused() -> None:
