@@ -195,7 +195,11 @@ class Precision:
     @property
     def feature_dtype(self) -> torch.dtype:
         """How the probe stores frozen features: bf16 where bf16 is native (its L-BFGS passes are
-        memory-bound, 147 -> 55 s on a 3136-d encoder, same accuracy), fp32 everywhere else."""
+        memory-bound, 147 -> 55 s on a 3136-d encoder, same accuracy), fp32 everywhere else. The
+        probe runs on the CPU whatever device trained, and a CUDA bf16 run keeps bf16 there even on
+        a host that emulates bf16: the probe's thin (N, D) x (D, K) products stay memory-bound, and
+        under the EPYC Zen 4's AVX2 cap the probe took 11.4 s in bf16 against 20.9 s in fp32
+        (docs/benchmarks.md section 1), unlike kNN's square products (`bf16_native_on`)."""
         return torch.bfloat16 if self.name == "bf16" else torch.float32
 
     def autocast(self, device: torch.device) -> AbstractContextManager[object]:
@@ -286,7 +290,8 @@ def resolve_precision(requested: str, device: torch.device, shape: tuple[int, in
     if saved and requested != "auto":
         prec = Precision(prec.name, "the precision this run was started with (its config.toml), kept so that it "
                                     "continues as it ran; --precision auto re-decides for this machine")
-    check_precision(prec, device, cpu, warn, shape, cap, saved=saved)
+    if requested != "auto":  # auto's own choice is the fast one by construction (ARM's bf16 is timed faster)
+        check_precision(prec, device, cpu, warn, shape, cap, saved=saved)
     return prec
 
 
@@ -311,6 +316,8 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
     if prec.name == "fp16" and _query("_is_amx_fp16_supported"):
         return
     slow = matmul_seconds(prec.dtype or torch.float32, device, shape) / matmul_seconds(torch.float32, device, shape)
+    if slow < 1.1:  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
+        return
     units = "bf16" if prec.name == "bf16" else "fp16"
     why = f"oneDNN capped at {cpu.onednn_isa_cap}" if prec.name == "bf16" and cpu.native_bf16 and cpu.onednn_isa_cap \
         else f"no {units} units"
@@ -318,14 +325,34 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
          f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} fp32")
 
 
+def compile_blocker(device: torch.device) -> str:
+    """Why torch.compile's GPU backend (Triton) cannot run on CUDA `device`, or "" when it can:
+    Triton needs compute capability 7.0 (torch raises GPUTooOldForTriton below it) and its
+    package, which Windows wheels lack. "" for other devices (they compile without Triton)."""
+    if device.type != "cuda" or not torch.cuda.is_available():  # no GPU to ask: select_device refuses the run
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"CUDA compute capability {major}.{minor} is below the 7.0 Triton needs"
+    try:
+        from torch.utils._triton import has_triton_package
+    except ImportError:  # a torch without the helper: let compile itself say
+        return ""
+    return "" if has_triton_package() else "Triton is not installed (torch.compile's GPU backend; Windows has none)"
+
+
 def use_compile(setting: str | bool, device: torch.device) -> bool:
-    """Resolve `train.compile`: auto -> on for CUDA, off elsewhere.
+    """Resolve `train.compile`: auto -> on for CUDA where Triton runs (`compile_blocker`), off
+    elsewhere; an explicit on where Triton cannot run is refused in one line.
 
     Measured (docs/benchmarks.md): on an H100, compiling model, loss and the augmentation's pixel
     work took the ResNet-18 step from 51k to 71k images/s; on a 2-core CPU the compiled step
     was 1.36x slower than eager."""
     on = parse_switch(setting, "compile")
-    return device.type == "cuda" if on is None else on
+    blocker = compile_blocker(device)
+    if on and blocker:
+        raise FastclrError(f"--compile true on {device}: {blocker}; use --compile auto (eager there)")
+    return device.type == "cuda" and not blocker if on is None else on
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -25,6 +25,7 @@ from fastclr.cli import main as cli_main
 from fastclr.config import Config, TrainConfig, apply_overrides
 from fastclr.presets import config_for
 from fastclr.data import Dataset, ImageSet
+from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe, fit_and_test
 from fastclr.evaluation.features import encode
 from fastclr.evaluation.knn import knn_accuracy
@@ -33,7 +34,7 @@ from fastclr.pretraining.optim import build_optimizer
 from fastclr.evaluation.probe import linear_probe
 from fastclr.evaluation.features import extract_features
 from fastclr.runtime import (FP32, CpuFeatures, Precision, cap_allows_bf16, check_precision, cpu_features, cpu_model,
-                             decide_precision, onednn_isa_cap, resolve_precision)
+                             decide_precision, onednn_isa_cap, resolve_precision, use_compile)
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import Objective
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
@@ -236,6 +237,41 @@ def test_fp32_feature_probe_knn_and_classifier_paths_never_create_bf16() -> None
     assert torch.bfloat16 not in _feature_paths(FP32)
     # The recorder does see bf16 when it is used: the assertion above is not vacuous.
     assert torch.bfloat16 in _feature_paths(Precision("bf16", "test"))
+
+
+@pytest.mark.parametrize("capability, triton, auto, explicit", [
+    ((6, 1), True, False, "below the 7.0 Triton needs"),   # GTX 1080: torch raises GPUTooOldForTriton
+    ((7, 0), False, False, "Triton is not installed"),      # Windows: no Triton
+    ((8, 0), True, True, None),
+])
+def test_compile_auto_is_on_only_where_triton_runs_and_an_explicit_on_elsewhere_is_refused(
+        monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], triton: bool, auto: bool,
+        explicit: str | None) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr("torch.utils._triton.has_triton_package", lambda: triton)
+    gpu = torch.device("cuda", 0)
+    assert use_compile("auto", gpu) is auto
+    assert use_compile("false", gpu) is False
+    if explicit is None:
+        assert use_compile("true", gpu) is True
+    else:
+        with pytest.raises(FastclrError, match=explicit):
+            use_compile("true", gpu)
+    assert use_compile("auto", CPU) is False and use_compile("true", CPU) is True  # the CPU compiles without Triton
+
+
+def test_auto_choosing_bf16_where_only_timing_can_tell_does_not_warn_about_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ARM (Graviton 3: bf16 instructions no x86 flag names) `auto` times bf16 faster and takes it;
+    no warning may call that choice emulated, nor an explicit bf16 that the timing shows is not."""
+    monkeypatch.setattr("fastclr.runtime.cpu_features", lambda: cpu(arch="aarch64"))
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0: 0.5 if dtype == torch.bfloat16 else 1.0)
+    lines: list[str] = []
+    assert resolve_precision("auto", CPU, warn=lines.append).name == "bf16"
+    assert resolve_precision("bf16", CPU, warn=lines.append).name == "bf16"
+    assert lines == []
 
 
 def _tiny_net(seed: int = 0, optimizer: str = "adamw") -> tuple[SimCLRNet, torch.optim.Optimizer]:
