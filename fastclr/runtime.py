@@ -140,25 +140,35 @@ def bf16_native_on(device_type: str) -> bool:
     return cpu.native_bf16 and cpu.onednn_bf16
 
 
-# oneDNN's ISA levels that include the bf16 dot-product instructions (its CPU dispatcher control;
-# AVX10.1 and later include AVX512_BF16). "ALL" and "DEFAULT" lift or leave the cap.
-_ONEDNN_BF16_LEVELS = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
-                                 "AVX512_CORE_AMX_FP16"})
+# oneDNN's ISA levels (its CPU dispatcher control), in its partial order; the AVX10 names are
+# aliases of the AVX512_CORE_FP16/AMX ones. Those from AVX512_CORE_BF16 on have the bf16 dot-product
+# instructions, those with AMX its tiles; ALL and DEFAULT leave the CPU's own level.
+_ONEDNN_BELOW_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                "AVX512_CORE_VNNI"})
+_ONEDNN_BF16 = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                          "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16",
+                          "AVX10_2_512", "AVX10_2_512_AMX_2"})
 
 
 def onednn_isa_cap(environ: Mapping[str, str] = os.environ) -> str:
-    """oneDNN's ISA cap for this process, upper-case ("" for none); oneDNN reads ONEDNN_MAX_CPU_ISA,
-    else DNNL_MAX_CPU_ISA."""
-    value = environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or ""
-    return value.strip().upper()
+    """oneDNN's ISA cap for this process ("" for none), as oneDNN reads it: ONEDNN_MAX_CPU_ISA,
+    else DNNL_MAX_CPU_ISA, in any case; a value it does not know (a typo, stray spaces) it ignores,
+    and so does this."""
+    value = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return value if value in _ONEDNN_BELOW_BF16 | _ONEDNN_BF16 else ""
 
 
 def cap_allows_bf16(cap: str) -> bool:
     """Whether oneDNN capped at `cap` still runs bf16 on bf16 units. torch's
     `_is_mkldnn_bf16_supported()` says True under any cap from AVX512_CORE up, where oneDNN
-    emulates bf16 (2.4x slower than fp32 for a matmul on the EPYC Zen 4 capped at AVX512_CORE,
-    docs/benchmarks.md section 1). An unknown level counts as no: the decision then times both."""
-    return not cap or cap in _ONEDNN_BF16_LEVELS or cap.startswith("AVX10")
+    emulates bf16 (2.4x slower than fp32 for the training step on the EPYC Zen 4 capped at
+    AVX512_CORE, docs/benchmarks.md section 1)."""
+    return cap not in _ONEDNN_BELOW_BF16
+
+
+def cap_allows_amx(cap: str) -> bool:
+    """Whether oneDNN capped at `cap` may use AMX tiles (its AMX levels, or no cap)."""
+    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
 
 
 def cpu_features() -> CpuFeatures:
@@ -243,7 +253,7 @@ def decide_precision(
     if device_type != "cpu" or cpu is None:
         return Precision("fp32", f"no mixed-precision rule for device {device_type}")
     if cpu.native_bf16 and cpu.onednn_bf16:
-        unit = "AMX-BF16" if cpu.amx_bf16 else "AVX512_BF16"
+        unit = "AMX-BF16" if cpu.amx_bf16 and cap_allows_amx(cpu.onednn_isa_cap) else "AVX512_BF16"
         return Precision("bf16", f"{cpu.model} has native bf16 ({unit})")
     if cpu.is_x86 and not cpu.native_bf16:
         return Precision("fp32", f"{cpu.model} ({cpu.isa}) has no bf16 units: bf16 would be emulated, far slower than fp32")
@@ -299,7 +309,10 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
                     shape: tuple[int, int, int] = (512, 1024, 256),
                     cuda_capability: tuple[int, int] | None = None, saved: bool = False) -> None:
     """A one-line warning for an explicit bf16 or fp16 the hardware emulates (on a CPU with the
-    measured cost); for a resumed run's `saved` precision, worded as such."""
+    measured cost); for a resumed run's `saved` precision, worded as such. Silent where the
+    matmul is less than 10% slower than fp32, the margin `decide_precision` asks of bf16: ARM's
+    bf16 instructions have no x86 flag, and emulation costs far more (the step 2.4x under an
+    AVX512_CORE cap, the matmul about 90x under an AVX2 cap, docs/benchmarks.md section 1)."""
     asked = f"this run's saved precision {prec.name}" if saved else f"--precision {prec.name}"
     switch = "resume with --precision auto to use" if saved else "--precision auto would choose"
     if device.type == "cuda" and cuda_capability is not None and prec.name != "fp32":
@@ -332,7 +345,7 @@ def compile_blocker(device: torch.device) -> str:
     if device.type != "cuda" or not torch.cuda.is_available():  # no GPU to ask: select_device refuses the run
         return ""
     major, minor = torch.cuda.get_device_capability(device)
-    if major < 7:
+    if major < 7 and torch.version.hip is None:  # ROCm's capability is its gfx number, not CUDA's
         return f"CUDA compute capability {major}.{minor} is below the 7.0 Triton needs"
     try:
         from torch.utils._triton import has_triton_package
@@ -351,7 +364,7 @@ def use_compile(setting: str | bool, device: torch.device) -> bool:
     on = parse_switch(setting, "compile")
     blocker = compile_blocker(device)
     if on and blocker:
-        raise FastclrError(f"--compile true on {device}: {blocker}; use --compile auto (eager there)")
+        raise FastclrError(f"--compile on for {device}: {blocker}; use --compile auto (eager there)")
     return device.type == "cuda" and not blocker if on is None else on
 
 

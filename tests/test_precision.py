@@ -32,6 +32,7 @@ from fastclr.evaluation.knn import knn_accuracy
 from fastclr.models import ProjectionHead, SmallCNN
 from fastclr.pretraining.optim import build_optimizer
 from fastclr.evaluation.probe import linear_probe
+from fastclr.info import compile_reason
 from fastclr.evaluation.features import extract_features
 from fastclr.runtime import (FP32, CpuFeatures, Precision, cap_allows_bf16, check_precision, cpu_features, cpu_model,
                              decide_precision, onednn_isa_cap, resolve_precision, use_compile)
@@ -96,14 +97,17 @@ def test_uncertain_cpus_take_the_faster_measured_dtype(features: CpuFeatures, fp
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "AVX512_CORE_BF16", True),   # Cooper Lake's, Zen 4's
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, "AVX512_CORE_AMX", True),
     ({"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, "AVX10_1_512_AMX", True),
-    ({"ONEDNN_MAX_CPU_ISA": " all "}, "ALL", True),
+    ({"ONEDNN_MAX_CPU_ISA": "all"}, "ALL", True),
+    ({"ONEDNN_MAX_CPU_ISA": " avx512_core "}, "", True),                      # oneDNN ignores what it cannot read
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512CORE"}, "", True),
     ({"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "AVX512_CORE", False),              # the older name
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "DNNL_MAX_CPU_ISA": "AVX2"}, "AVX512_CORE_BF16", True),
-    ({"ONEDNN_MAX_CPU_ISA": "SOME_FUTURE_ISA"}, "SOME_FUTURE_ISA", False),     # unknown: timed, not trusted
+    ({"ONEDNN_MAX_CPU_ISA": "SOME_FUTURE_ISA"}, "", True),
 ])
 def test_onednn_isa_cap_says_whether_bf16_runs_on_bf16_units(environ: dict[str, str], cap: str, allows: bool) -> None:
     """oneDNN's documented order: ... < AVX512_CORE < AVX512_CORE_VNNI < AVX512_CORE_BF16 < ...; only
-    levels from AVX512_CORE_BF16 up dispatch bf16 dot products, and ONEDNN_ beats DNNL_."""
+    levels from AVX512_CORE_BF16 up dispatch bf16 dot products, ONEDNN_ beats DNNL_, case does not
+    matter, and a value oneDNN cannot read leaves it uncapped."""
     assert onednn_isa_cap(environ) == cap
     assert cap_allows_bf16(cap) is allows
 
@@ -115,7 +119,9 @@ def test_an_avx512_cap_below_bf16_makes_auto_time_the_matmul_on_a_cpu_with_bf16_
     flags uncertain, and the timing decide."""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     features = cpu_features()
     assert features.native_bf16 and not features.onednn_bf16 and features.onednn_isa_cap == "AVX512_CORE"
     p = decide_precision("auto", "cpu", features, None, lambda dt: 2.4 if dt == torch.bfloat16 else 1.0)
@@ -128,18 +134,27 @@ def test_an_avx512_cap_below_bf16_makes_auto_time_the_matmul_on_a_cpu_with_bf16_
     assert "2.4x the fp32 time" in lines[0]
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     assert decide_precision("auto", "cpu", cpu_features(), None, never_timed).name == "bf16"
+    # With AMX, a cap at AVX512_CORE_BF16 leaves bf16 native but the tiles off: the reason says which.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert decide_precision("auto", "cpu", cpu_features(), None, never_timed).reason.endswith("(AVX512_BF16)")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert decide_precision("auto", "cpu", cpu_features(), None, never_timed).reason.endswith("(AMX-BF16)")
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN's ISA cap is x86's")
 def test_auto_under_a_real_avx512_core_cap_runs_fp32() -> None:
     """The cap as a user sets it, in a fresh process (oneDNN reads it once): whatever this x86 CPU
-    has, oneDNN capped at AVX512_CORE has no bf16 dot products, so `auto` must not be bf16."""
+    has, oneDNN capped at AVX512_CORE has no bf16 dot products, so `auto` must not be bf16; on a CPU
+    with bf16 units (where the flags alone said bf16) the choice must come from the timing."""
     code = ("import torch; from fastclr.runtime import resolve_precision; "
-            "print(resolve_precision('auto', torch.device('cpu'), warn=lambda s: None).name)")
+            "p = resolve_precision('auto', torch.device('cpu'), warn=lambda s: None); print(p.name); print(p.reason)")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-800:]
-    assert out.stdout.strip() == "fp32"
+    name, reason = out.stdout.strip().split("\n", 1)
+    assert name == "fp32"
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        assert "oneDNN capped at AVX512_CORE" in reason and "measured matmul" in reason
 
 
 def test_explicit_choices_are_kept_and_unknown_ones_refused() -> None:
@@ -254,11 +269,12 @@ def test_compile_auto_is_on_only_where_triton_runs_and_an_explicit_on_elsewhere_
     assert use_compile("auto", gpu) is auto
     assert use_compile("false", gpu) is False
     if explicit is None:
-        assert use_compile("true", gpu) is True
+        assert use_compile("on", gpu) is True and compile_reason(gpu).startswith("on for CUDA")
     else:
         with pytest.raises(FastclrError, match=explicit):
-            use_compile("true", gpu)
-    assert use_compile("auto", CPU) is False and use_compile("true", CPU) is True  # the CPU compiles without Triton
+            use_compile("on", gpu)
+        assert compile_reason(gpu).startswith("off: ") and explicit in compile_reason(gpu)
+    assert use_compile("auto", CPU) is False and use_compile("on", CPU) is True  # the CPU compiles without Triton
 
 
 def test_auto_choosing_bf16_where_only_timing_can_tell_does_not_warn_about_itself(
@@ -266,10 +282,17 @@ def test_auto_choosing_bf16_where_only_timing_can_tell_does_not_warn_about_itsel
     """On ARM (Graviton 3: bf16 instructions no x86 flag names) `auto` times bf16 faster and takes it;
     no warning may call that choice emulated, nor an explicit bf16 that the timing shows is not."""
     monkeypatch.setattr("fastclr.runtime.cpu_features", lambda: cpu(arch="aarch64"))
-    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
-                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0: 0.5 if dtype == torch.bfloat16 else 1.0)
+    timed: list[torch.dtype] = []
+
+    def matmul(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] = (0, 0, 0),
+               budget_s: float = 0.0) -> float:
+        timed.append(dtype)
+        return 0.5 if dtype == torch.bfloat16 else 1.0
+
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds", matmul)
     lines: list[str] = []
     assert resolve_precision("auto", CPU, warn=lines.append).name == "bf16"
+    assert len(timed) == 2  # the decision's two timings, and no check of its own choice
     assert resolve_precision("bf16", CPU, warn=lines.append).name == "bf16"
     assert lines == []
 
@@ -485,3 +508,17 @@ def test_pretrain_records_the_resolved_precision(tmp_path: Path) -> None:
     expected = resolve_precision("auto", CPU, warn=lambda s: None)
     assert f'precision = "{expected.name}"' in (tmp_path / "config.toml").read_text()
     assert lines[0] == f"precision {expected.name}: {expected.reason}"
+
+
+def test_a_compile_refusal_comes_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile on` where Triton cannot run is bad input: one line, and no run directory left."""
+    def refuse(setting: str | bool, device: torch.device) -> bool:
+        raise FastclrError("--compile on for cuda:0: CUDA compute capability 6.1 is below the 7.0 Triton needs")
+
+    monkeypatch.setattr("fastclr.pretraining.loop.use_compile", refuse)
+    monkeypatch.setattr("fastclr.pretraining.setup.use_compile", refuse)
+    x, y = synthetic_images(32, 28)
+    cfg = apply_overrides(_fp16_config(tmp_path / "new" / "run"), {"train.precision": "auto", "train.epochs": 1.0})
+    with pytest.raises(FastclrError, match="below the 7.0"):
+        pretrain(cfg, dataset=Dataset("tiny", ImageSet(x, y), None, None, []), progress=False, log=lambda s: None)
+    assert not (tmp_path / "new").exists()

@@ -37,7 +37,7 @@ from fastclr.pretraining.state import check_resume_config
 from fastclr.presets import check_preset
 from fastclr.runs import RunLock, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.runtime import Precision, resolve_precision, select_device
+from fastclr.runtime import Precision, resolve_precision, select_device, use_compile
 from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
@@ -252,6 +252,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if dataset is None:
         dataset = load_data(cfg.data)
     validate(cfg, len(dataset.pretrain), ctx.world_size)
+    use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written
         init = _read_init(cfg, dataset, encoder)
