@@ -312,7 +312,7 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
     measured cost); for a resumed run's `saved` precision, worded as such. Silent where the
     matmul is less than 10% slower than fp32, the margin `decide_precision` asks of bf16: ARM's
     bf16 instructions have no x86 flag, and emulation costs far more (the step 2.4x under an
-    AVX512_CORE cap, the matmul about 90x under an AVX2 cap, docs/benchmarks.md section 1)."""
+    AVX512_CORE cap, the matmul about 70x under an AVX2 cap, docs/benchmarks.md section 1)."""
     asked = f"this run's saved precision {prec.name}" if saved else f"--precision {prec.name}"
     switch = "resume with --precision auto to use" if saved else "--precision auto would choose"
     if device.type == "cuda" and cuda_capability is not None and prec.name != "fp32":
