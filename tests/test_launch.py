@@ -16,6 +16,8 @@ import pytest
 from conftest import cli_env
 from dist_helpers import free_port
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from fastclr.scaleout import launch
+from fastclr.scaleout.launch import share_cpus
 from tiny import TINY_FLAGS as TINY
 
 
@@ -88,3 +90,27 @@ def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: 
     assert r.returncode == 2, r.stderr[-3000:]
     assert "temperature" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1].startswith("error: a rank ended with an error")
+
+
+@pytest.mark.parametrize("nproc, cpus, preset, expected", [
+    (8, 64, None, 8),    # eight GPUs on a 64-core node: eight threads a rank, not torchrun's one
+    (2, 2, None, 1),
+    (3, 2, None, 1),     # more ranks than CPUs: still one each
+    (1, 16, None, None),  # one rank: PyTorch's own count, as without the launcher
+    (4, 64, "2", None),  # the user's OMP_NUM_THREADS stands
+])
+def test_each_rank_gets_its_share_of_the_node_cpus(nproc: int, cpus: int, preset: str | None,
+                                                   expected: int | None) -> None:
+    environ = {} if preset is None else {"OMP_NUM_THREADS": preset}
+    assert share_cpus(nproc, cpus, environ) == expected
+    assert environ.get("OMP_NUM_THREADS") == (preset if expected is None else str(expected))
+
+
+def test_the_launcher_starts_torchrun_with_the_share_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str | None] = []
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset below; restored after the test")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(launch, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(launch, "run", lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
+    assert launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"]) == 0
+    assert seen == ["4"]
