@@ -111,6 +111,8 @@ def test_the_launcher_starts_torchrun_with_the_share_set(monkeypatch: pytest.Mon
     monkeypatch.setenv("OMP_NUM_THREADS", "unset below; restored after the test")
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(launch, "usable_cpus", lambda: 16)
+    # main installs its stop handler in torch's elastic module: put torch's own back afterwards
+    monkeypatch.setattr(launch.elastic_api, "_terminate_process_handler", launch.elastic_api._terminate_process_handler)
     monkeypatch.setattr(launch, "run", lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
     assert launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"]) == 0
     assert seen == ["4"]
