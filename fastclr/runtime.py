@@ -34,10 +34,43 @@ from fastclr.errors import FastclrError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def select_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; otherwise the named device, checked."""
+def missing_kernels(index: int = 0) -> str:
+    """Why this torch build has no kernels GPU `index` can run, or "" when it has. CUDA wheels
+    ship machine code for a list of architectures (`torch.cuda.get_arch_list()`): sm_XY runs on
+    GPUs of the same major version and at least its minor one, compute_XY (PTX) is compiled at
+    load time for any GPU from X.Y on. A GPU the list misses (a Pascal P100 under wheels built
+    without sm_60) still answers `is_available()`, and the first kernel then fails."""
+    if torch.version.cuda is None or not torch.cuda.is_available():  # ROCm, or no GPU to ask
+        return ""
+    arch = torch.cuda.get_arch_list()
+    major, minor = torch.cuda.get_device_capability(index)
+    cc = 10 * major + minor
+    for a in arch:
+        kind, _, number = a.partition("_")
+        digits = number.rstrip("af")
+        if not digits.isdigit():
+            continue
+        v = int(digits)
+        if (kind == "sm" and v // 10 == major and v <= cc) or (kind == "compute" and v <= cc):
+            return ""
+    if not arch:
+        return ""
+    return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no kernels in this "
+            f"torch build, which carries {' '.join(arch)}")
+
+
+def select_device(name: str, warn: Callable[[str], None] = print) -> torch.device:
+    """`auto` -> cuda when available and this torch build runs on it (else cpu, with one line
+    saying why where a GPU is there); otherwise the named device, checked."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        missing = missing_kernels(torch.cuda.current_device())
+        if missing:
+            warn(f"warning: {missing}: running on the CPU; install a torch build for this GPU "
+                 "(https://pytorch.org/get-started/locally/) to use it")
+            return torch.device("cpu")
+        return torch.device("cuda")
     try:
         dev: torch.device | None = torch.device(name)
     except RuntimeError:
@@ -54,6 +87,10 @@ def select_device(name: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         # An explicit index: torch.cuda.set_device and DDP's device_ids need one.
         dev = torch.device("cuda", torch.cuda.current_device())
+    missing = missing_kernels(dev.index) if dev.type == "cuda" and dev.index is not None else ""
+    if missing:
+        raise FastclrError(f"device {name!r}: {missing}; install a torch build for this GPU "
+                           "(https://pytorch.org/get-started/locally/) or use --device cpu")
     return dev
 
 

@@ -59,6 +59,36 @@ def test_a_gpu_index_past_the_last_gpu_is_one_line(monkeypatch: pytest.MonkeyPat
         select_device("cuda:3")
 
 
+@pytest.mark.parametrize("capability, arch, runs", [
+    ((6, 0), ["sm_75", "sm_80", "sm_90", "compute_90"], False),  # a P100 under a wheel without Pascal
+    ((8, 6), ["sm_75", "sm_80", "sm_90"], True),                 # sm_80 code runs on 8.6
+    ((8, 0), ["sm_75", "sm_86", "sm_90"], False),                # but sm_86 code does not run on 8.0
+    ((12, 0), ["sm_80", "sm_90", "compute_90"], True),           # PTX compiled at load for a newer GPU
+    ((9, 0), ["sm_80", "sm_90a"], True),
+])
+def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
+        monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], arch: list[str], runs: bool) -> None:
+    """`is_available()` is True for a GPU the wheel carries no code for; its first kernel fails."""
+    from fastclr.runtime import select_device
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla P100-PCIE-16GB")
+    lines: list[str] = []
+    assert select_device("auto", warn=lines.append) == torch.device("cuda" if runs else "cpu")
+    if runs:
+        assert lines == [] and select_device("cuda") == torch.device("cuda", 0)
+    else:
+        name = f"Tesla P100-PCIE-16GB (compute capability {capability[0]}.{capability[1]}) has no kernels"
+        assert len(lines) == 1 and name in lines[0] and "running on the CPU" in lines[0]
+        with pytest.raises(FastclrError, match=r"^device 'cuda': Tesla P100.*or use --device cpu$"):
+            select_device("cuda")
+
+
 def test_pretrain_gives_the_callers_thread_count_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`train.threads` is the run's: a notebook calling fastclr.pretrain kept 1 thread after it."""
     from fastclr.pretraining.loop import pretrain
