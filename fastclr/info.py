@@ -19,8 +19,8 @@ import torch
 
 from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.cpus import cgroup_cpu_limit, default_threads, usable_cpus
-from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, matmul_seconds, select_device,
-                             use_compile)
+from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, matmul_seconds,
+                             missing_kernels, select_device, use_compile)
 from fastclr.version import __version__
 
 
@@ -83,6 +83,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "memory_available_gib": None if free is None else round(free / 2**30, 1),
         "gpus": gpus(),
         "device": str(device),
+        "device_note": missing_kernels(),  # why auto is on the CPU although a GPU is there ("" otherwise)
         "precision": {"choice": precision.name, "reason": precision.reason},
         "compile": {"choice": use_compile("auto", device), "reason": compile_reason(device)},
         "matmul": rates,

@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -34,32 +36,51 @@ from fastclr.errors import FastclrError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def _runs_on(code: str, cc: int) -> bool:
+    """Whether code built for `code` ("sm_86", "sm_90a", "compute_90", ...) runs on a GPU of
+    capability `cc` (86 for 8.6). CUDA's rules: sm_XY machine code runs on the same major version
+    from minor Y on (torch's own table, with its exceptions such as Jetson's 8.7 and Thor's sm_101
+    on 11.0, where this torch has it), compute_XY PTX is compiled at load for anything from X.Y on;
+    an "a" suffix (arch-specific) runs on X.Y only, an "f" one (family) on X.Y and later minors."""
+    kind, _, number = code.partition("_")
+    suffix = number[-1:] if number[-1:] in ("a", "f") else ""
+    digits = number[:len(number) - len(suffix)]
+    if kind not in ("sm", "compute") or not digits.isdigit():
+        return False
+    v = int(digits)
+    if suffix == "a":
+        return cc == v
+    if suffix == "f" or kind == "sm":
+        table = getattr(torch.cuda, "DEVICE_REQUIREMENT", None)
+        if suffix == "" and isinstance(table, dict) and v in table:
+            return cc in table[v]
+        return cc // 10 == v // 10 and cc >= v
+    return cc >= v
+
+
 def missing_kernels(index: int = 0) -> str:
     """Why this torch build has no kernels GPU `index` can run, or "" when it has. CUDA wheels
-    ship machine code for a list of architectures (`torch.cuda.get_arch_list()`): sm_XY runs on
-    GPUs of the same major version and at least its minor one, compute_XY (PTX) is compiled at
-    load time for any GPU from X.Y on. A GPU the list misses (a Pascal P100 under wheels built
-    without sm_60) still answers `is_available()`, and the first kernel then fails."""
+    ship code for a list of architectures (`torch.cuda.get_arch_list()`, rules in `_runs_on`). A
+    GPU the list misses (a Pascal P100 under wheels built without sm_60) still answers
+    `is_available()`, and its first kernel fails. torch's own lazy-init warnings about the list are
+    silenced here: this line says it once, and PTX it does not count may still run."""
     if torch.version.cuda is None or not torch.cuda.is_available():  # ROCm, or no GPU to ask
         return ""
-    arch = torch.cuda.get_arch_list()
-    major, minor = torch.cuda.get_device_capability(index)
-    cc = 10 * major + minor
-    for a in arch:
-        kind, _, number = a.partition("_")
-        digits = number.rstrip("af")
-        if not digits.isdigit():
-            continue
-        v = int(digits)
-        if (kind == "sm" and v // 10 == major and v <= cc) or (kind == "compute" and v <= cc):
-            return ""
-    if not arch:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        arch = torch.cuda.get_arch_list()
+        major, minor = torch.cuda.get_device_capability(index)
+    if not arch or any(_runs_on(a, 10 * major + minor) for a in arch):
         return ""
     return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no kernels in this "
             f"torch build, which carries {' '.join(arch)}")
 
 
-def select_device(name: str, warn: Callable[[str], None] = print) -> torch.device:
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def select_device(name: str, warn: Callable[[str], None] = _stderr) -> torch.device:
     """`auto` -> cuda when available and this torch build runs on it (else cpu, with one line
     saying why where a GPU is there); otherwise the named device, checked."""
     if name == "auto":

@@ -11,6 +11,7 @@ from fastclr.config import Config, apply_overrides
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.errors import FastclrError
 from fastclr.runtime import use_compile
+from fastclr.scaleout.distributed import process_device
 
 
 def test_deterministic_kernels_are_on_inside_and_restored_after() -> None:
@@ -52,6 +53,7 @@ def test_devices_fastclr_does_not_run_on_are_one_line(name: str) -> None:
 def test_a_gpu_index_past_the_last_gpu_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from fastclr.runtime import select_device
 
+    monkeypatch.setattr(torch.version, "cuda", None)  # no capability to ask: no GPU is really there
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert select_device("cuda:0") == torch.device("cuda", 0)
@@ -65,6 +67,11 @@ def test_a_gpu_index_past_the_last_gpu_is_one_line(monkeypatch: pytest.MonkeyPat
     ((8, 0), ["sm_75", "sm_86", "sm_90"], False),                # but sm_86 code does not run on 8.0
     ((12, 0), ["sm_80", "sm_90", "compute_90"], True),           # PTX compiled at load for a newer GPU
     ((9, 0), ["sm_80", "sm_90a"], True),
+    ((10, 3), ["sm_90", "sm_100a"], False),                      # arch-specific code runs on 10.0 only
+    ((12, 1), ["sm_90", "sm_120"], True),
+    ((12, 0), ["sm_90", "sm_100"], False),                       # machine code does not cross majors
+    ((11, 0), ["sm_90", "sm_101"], True),                        # Thor: sm_101 was renamed sm_110
+    ((8, 7), ["sm_80", "sm_86"], False),                         # Jetson Orin runs only its own sm_87
 ])
 def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
         monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], arch: list[str], runs: bool) -> None:
@@ -87,6 +94,8 @@ def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
         assert len(lines) == 1 and name in lines[0] and "running on the CPU" in lines[0]
         with pytest.raises(FastclrError, match=r"^device 'cuda': Tesla P100.*or use --device cpu$"):
             select_device("cuda")
+    # Under torchrun every rank agrees: auto is this rank's GPU only where it runs.
+    assert process_device("auto", local_rank=0, world_size=2) == ("cuda:0" if runs else "cpu")
 
 
 def test_pretrain_gives_the_callers_thread_count_back(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -226,7 +226,7 @@ def evaluate(
     o = options or EvaluateOptions()
     run_dir = Path(run_dir)
     set_threads(o.threads, warn=log)
-    device = select_device(o.device)
+    device = select_device(o.device, warn=log)
     require_encoder(run_dir)
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
     require_trackers(trackers)

@@ -103,7 +103,7 @@ def pretrain(
     if cfg.train.keep_memory:
         keep_freed_memory()
     _, world, local_rank = env_world()
-    device = select_device(process_device(cfg.train.device, local_rank, world))
+    device = select_device(process_device(cfg.train.device, local_rank, world), warn=log)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = setup(device, cfg.train.dist_timeout)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fastclr.errors import FastclrError, PeerFailure
+from fastclr.runtime import missing_kernels
 
 T = TypeVar("T")
 
@@ -89,8 +90,8 @@ def process_device(name: str, local_rank: int, world_size: int) -> str:
     a GPU, cuda, cuda:N) means this rank's own GPU, cuda:LOCAL_RANK, as torchrun intends."""
     if world_size <= 1 or not name.startswith(("auto", "cuda")):
         return name
-    if name == "auto" and not torch.cuda.is_available():
-        return "cpu"
+    if name == "auto" and (not torch.cuda.is_available() or missing_kernels(local_rank)):
+        return "cpu"  # select_device("auto") says why on a single process; here every rank agrees on the CPU
     return f"cuda:{local_rank}"
 
 

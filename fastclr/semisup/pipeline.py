@@ -164,7 +164,7 @@ def _fresh_out(out: Path, what: str) -> Path:
 def _open_run(run_dir: Path, device_name: str, precision: str, threads: int, log: Callable[[str], None]
               ) -> tuple[LoadedRun, torch.device]:
     set_threads(threads, warn=log)
-    device = select_device(device_name)
+    device = select_device(device_name, warn=log)
     return load_run(run_dir, device, precision, log), device
 
 
