@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -20,13 +19,10 @@ from typing import ParamSpec, TypeVar
 import torch
 
 from fastclr.cgroups import CPU, MOUNTINFO, SELF_CGROUP, smallest_limit
+from fastclr.errors import warn_stderr
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 def cgroup_cpu_limit(self_cgroup: Path = SELF_CGROUP, mountinfo: Path = MOUNTINFO) -> float | None:
@@ -48,7 +44,7 @@ def default_threads(cpus: int) -> int:
     return min(torch.get_num_threads(), cpus)
 
 
-def set_threads(threads: int, warn: Callable[[str], None] = _stderr) -> int:
+def set_threads(threads: int, warn: Callable[[str], None] = warn_stderr) -> int:
     """Use `threads` CPU threads for PyTorch; 0: PyTorch's choice, but at most one per usable CPU.
     A count above the usable CPUs is honoured with one warning line. Returns the count in use;
     `gives_threads_back` restores the caller's."""

@@ -1,4 +1,12 @@
-"""The one exception type users see: a single line that names the problem and the fix."""
+"""The one exception type users see: a single line that names the problem and the fix; and the
+one way a warning line reaches them."""
+
+import sys
+
+
+def warn_stderr(line: str) -> None:
+    """A user-facing warning line, on stderr: stdout stays the command's output (`info --json`)."""
+    print(line, file=sys.stderr)
 
 
 class FastclrError(Exception):

@@ -19,21 +19,25 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fastclr.cgroups import MEMORY, smallest_limit
 from fastclr.config import parse_switch
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, warn_stderr
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+# torch's table of which capabilities each sm code runs on (private; absent in other versions).
+_TORCH_CODE_TABLE: dict[int, Any] = getattr(torch.cuda, "DEVICE_REQUIREMENT", None) or {}
 
 
 def _runs_on(code: str, cc: int) -> bool:
@@ -50,10 +54,9 @@ def _runs_on(code: str, cc: int) -> bool:
     v = int(digits)
     if suffix == "a":
         return cc == v
-    if suffix == "f" or kind == "sm":
-        table = getattr(torch.cuda, "DEVICE_REQUIREMENT", None)
-        if suffix == "" and isinstance(table, dict) and v in table:
-            return cc in table[v]
+    if kind == "sm" and not suffix and v in _TORCH_CODE_TABLE:
+        return cc in _TORCH_CODE_TABLE[v]
+    if kind == "sm" or suffix == "f":
         return cc // 10 == v // 10 and cc >= v
     return cc >= v
 
@@ -76,11 +79,7 @@ def missing_kernels(index: int = 0) -> str:
             f"torch build, which carries {' '.join(arch)}")
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def select_device(name: str, warn: Callable[[str], None] = _stderr) -> torch.device:
+def select_device(name: str, warn: Callable[[str], None] = warn_stderr) -> torch.device:
     """`auto` -> cuda when available and this torch build runs on it (else cpu, with one line
     saying why where a GPU is there); otherwise the named device, checked."""
     if name == "auto":

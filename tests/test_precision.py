@@ -516,7 +516,6 @@ def test_a_compile_refusal_comes_before_anything_is_written(tmp_path: Path, monk
         raise FastclrError("--compile on for cuda:0: CUDA compute capability 6.1 is below the 7.0 Triton needs")
 
     monkeypatch.setattr("fastclr.pretraining.loop.use_compile", refuse)
-    monkeypatch.setattr("fastclr.pretraining.setup.use_compile", refuse)
     x, y = synthetic_images(32, 28)
     cfg = apply_overrides(_fp16_config(tmp_path / "new" / "run"), {"train.precision": "auto", "train.epochs": 1.0})
     with pytest.raises(FastclrError, match="below the 7.0"):

@@ -252,7 +252,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if dataset is None:
         dataset = load_data(cfg.data)
     validate(cfg, len(dataset.pretrain), ctx.world_size)
-    use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
+    compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written
         init = _read_init(cfg, dataset, encoder)
@@ -274,7 +274,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         if lock is not None:
             for p in remove_stale_temporaries(run_dir):
                 log(f"removed {p.name}, left by a write that was interrupted")
-        run = build_run(cfg, ctx, device, precision, run_dir, dataset, encoder, log, progress, clock)
+        run = build_run(cfg, ctx, device, precision, run_dir, dataset, encoder, log, progress, clock, compiled)
     except BaseException:
         if lock is not None:
             lock.release()

@@ -30,7 +30,7 @@ from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
-from fastclr.runtime import Precision, use_compile
+from fastclr.runtime import Precision
 from fastclr.scaleout.distributed import DistContext, broadcast_object
 from fastclr.scaleout.global_bn import convert_batchnorm
 
@@ -234,8 +234,9 @@ class Run:
 
 def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, run_dir: Path,
               dataset: Dataset, encoder: nn.Module | None, log: Callable[[str], None], progress: bool,
-              clock: Callable[[], float]) -> Run:
-    """Model, data, views, step, state and the loop's helpers for `cfg`, seeded."""
+              clock: Callable[[], float], compiled: bool) -> Run:
+    """Model, data, views, step, state and the loop's helpers for `cfg`, seeded; `compiled` is
+    `train.compile` resolved (`use_compile`, before the run directory was written)."""
     t = cfg.train
     torch.manual_seed(t.seed)  # the initial weights are a function of the seed
     model = build_model(cfg, dataset, device, encoder)
@@ -264,7 +265,6 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
         ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                       forward_sync_buffers=False)
         net, no_sync = ddp, ddp.no_sync
-    compiled = use_compile(t.compile, device)
     # --compile fuses the augmentation's pixel work (crop/flip/resize, jitter, blur, solarize,
     # normalise) and the model's BatchNorm/ReLU/add chains into a few kernels; the random draws
     # and the loss stay eager. The loss is 0.1-0.3 ms of a 20 ms ResNet-18 step on an H100, and
