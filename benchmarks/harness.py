@@ -79,7 +79,7 @@ def keep_memory_if(wanted: bool) -> None:
 def record(out: str | Path, rec: dict[str, Any]) -> None:
     """Print `rec` as one JSON line and append it to the results file `out`."""
     print(json.dumps(rec), flush=True)
-    with open(out, "a") as f:
+    with open(out, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
 
 

@@ -29,27 +29,27 @@ class Controller:
 
 def _cpu_v2(folder: Path) -> float | None:
     """cpu.max holds "QUOTA PERIOD" in microseconds, or "max PERIOD" for no limit: CPUs' worth."""
-    quota, period = (folder / "cpu.max").read_text().split()
+    quota, period = (folder / "cpu.max").read_text(encoding="utf-8").split()
     return None if quota == "max" else int(quota) / int(period)
 
 
 def _cpu_v1(folder: Path) -> float | None:
-    quota = int((folder / "cpu.cfs_quota_us").read_text())  # -1: no limit
-    return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text())
+    quota = int((folder / "cpu.cfs_quota_us").read_text(encoding="utf-8"))  # -1: no limit
+    return None if quota <= 0 else quota / int((folder / "cpu.cfs_period_us").read_text(encoding="utf-8"))
 
 
 def _unreclaimable(folder: Path, usage_file: str, reclaimable: tuple[str, ...]) -> int:
     """Bytes charged to the cgroup that reclaim cannot free: the charge less its file pages (active
     and inactive: the kernel drops both before it kills) and, in v2, its reclaimable slab; what
     MemAvailable counts as free on a whole machine."""
-    usage = int((folder / usage_file).read_text())
-    stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.count(" ") == 1)
+    usage = int((folder / usage_file).read_text(encoding="utf-8"))
+    stat = dict(line.split() for line in (folder / "memory.stat").read_text(encoding="utf-8").splitlines() if line.count(" ") == 1)
     return max(0, usage - sum(int(stat.get(key, 0)) for key in reclaimable))
 
 
 def _memory_v2(folder: Path) -> float | None:
     """Bytes left under memory.max ("max": no limit)."""
-    limit = (folder / "memory.max").read_text().strip()
+    limit = (folder / "memory.max").read_text(encoding="utf-8").strip()
     if limit == "max":
         return None
     used = _unreclaimable(folder, "memory.current", ("active_file", "inactive_file", "slab_reclaimable"))
@@ -57,7 +57,7 @@ def _memory_v2(folder: Path) -> float | None:
 
 
 def _memory_v1(folder: Path) -> float | None:
-    limit = int((folder / "memory.limit_in_bytes").read_text())
+    limit = int((folder / "memory.limit_in_bytes").read_text(encoding="utf-8"))
     if limit >= V1_UNLIMITED:
         return None
     # The hierarchical (total_) counters: usage_in_bytes counts the cgroup's descendants too.
@@ -90,7 +90,7 @@ def _unescape(field: str) -> str:
 def cgroup_mounts(mountinfo: Path = MOUNTINFO) -> list[Mount]:
     """The cgroup v1 and v2 mounts this process sees (none where mountinfo cannot be read)."""
     try:
-        lines = mountinfo.read_text().splitlines()
+        lines = mountinfo.read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
     mounts = []
@@ -119,7 +119,7 @@ def smallest_limit(controller: Controller, self_cgroup: Path = SELF_CGROUP, moun
     ancestors (each applies) in every hierarchy that has the controller, or None when none is set
     or none can be read."""
     try:
-        lines = self_cgroup.read_text().splitlines()
+        lines = self_cgroup.read_text(encoding="utf-8").splitlines()
     except OSError:
         return None
     mounts = cgroup_mounts(mountinfo)

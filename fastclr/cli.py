@@ -179,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     refuse_run_file(Path(args.out))
     run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None)
     check_export(args.format, run.spec)  # before the data is read or a folder made
-    config_text = (Path(args.run_dir) / "config.toml").read_text()
+    config_text = (Path(args.run_dir) / "config.toml").read_text(encoding="utf-8")
     check = _check_images(run) if args.format == "onnx" else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
     for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out), check):

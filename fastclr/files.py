@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import resource
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +27,12 @@ import numpy as np
 
 from fastclr.errors import FastclrError
 
+try:
+    import resource  # POSIX only: the file-size limit in a failed write's reason
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+WINDOWS = os.name == "nt"
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -72,10 +77,17 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
     free = _free_bytes(path.parent)
     if free is not None:
         reason += f"; {_size(free)} free there"
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft != resource.RLIM_INFINITY:
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+    if resource is not None and soft != resource.RLIM_INFINITY:
         reason += f"; files are limited to {_size(soft)} (ulimit -f)"
     return reason
+
+
+def set_mode(fd: int) -> None:
+    """Give a file made by mkstemp (0600) the mode open() would give under the user's umask.
+    Windows has no fchmod before Python 3.13 and no modes beyond read-only: nothing to do there."""
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, FILE_MODE)
 
 
 def is_write_error(e: BaseException) -> bool:
@@ -108,7 +120,7 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
                 raise WriteFailed(path, write_failure_reason(e, path)) from None
             done.append((tmp, path))
             try:
-                os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the file is the user's, readable as their umask says
+                set_mode(fd)  # mkstemp makes 0600; the file is the user's, readable as their umask says
                 with os.fdopen(fd, "wb") as f:
                     write(f)
                     f.flush()
@@ -132,8 +144,14 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path (a directory: so that a rename in it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
+    """fsync a file or directory by path (a directory: so that a rename in it survives a crash).
+
+    Windows flushes a file only through a handle open for writing, and cannot open a directory
+    (its renames are journalled by NTFS itself), so there a file is opened for writing and a
+    directory is left alone."""
+    if WINDOWS and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDWR if WINDOWS else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

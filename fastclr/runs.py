@@ -164,7 +164,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and not text.endswith("\n"):
         lines.pop()
@@ -221,7 +221,7 @@ class MetricsLog:
         if not self.enabled:
             return
         try:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as e:
             raise WriteFailed(self.path, write_failure_reason(e, self.path)) from None

@@ -164,7 +164,7 @@ def cpu_model(info: Path = Path("/proc/cpuinfo")) -> str:
     if not info.exists():
         return platform.processor() or platform.machine()
     fields: dict[str, str] = {}  # the first value of each key: the first processor's, then the trailer's
-    for line in info.read_text(errors="replace").splitlines():
+    for line in info.read_text(encoding="utf-8", errors="replace").splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())
@@ -435,7 +435,7 @@ def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 
 def _mem_available(meminfo: Path) -> int | None:
     try:
-        for line in meminfo.read_text().splitlines():
+        for line in meminfo.read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:

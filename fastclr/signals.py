@@ -73,8 +73,13 @@ def cleanup_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Windows: Ctrl-Break (SIGBREAK) is the console's other stop key; its SIGTERM cannot be caught.
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT,
+                                 *(s for s in [getattr(signal, "SIGBREAK", None)] if s is not None))
+
+
 @contextmanager
-def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[StopFlag]:
+def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
     """Install flag-setting handlers for `signals` for the duration of the block."""
     flag = StopFlag()
 
@@ -104,9 +109,6 @@ def graceful_stop(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) ->
                 signal.signal(s, h)
         else:
             atexit.register(ignore_signals, signals)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def ignore_signals(signals: tuple[int, ...]) -> None:

@@ -131,8 +131,8 @@ def test_a_config_saved_before_erasing_existed_reads_back_without_it() -> None:
 
 
 def _drop_lines(path: Path, *keys: str) -> None:
-    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
-                            if line.split(" = ")[0] not in keys))
+    path.write_text("".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                            if line.split(" = ")[0] not in keys), encoding="utf-8")
 
 
 def test_a_run_saved_before_erasing_resumes_and_loads_without_it(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def reference_features(run: LoadedRun, images: np.ndarray) -> np.ndarray:
 
 
 def read_index(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 

@@ -406,7 +406,7 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     while alive and time.monotonic() < end:
         time.sleep(0.1)
         alive = [p for p in workers if os.path.exists(f"/proc/{p}") and "Z" not in
-                 open(f"/proc/{p}/stat").read().split()[2]]
+                 open(f"/proc/{p}/stat", encoding="utf-8").read().split()[2]]
     assert not alive, f"decoders {alive} outlived their parent"
     assert not (tmp_path / "store" / "store.json").exists()
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)

@@ -65,7 +65,7 @@ def test_report_renders_every_section_in_chromium(report: Path, tmp_path: Path) 
     assert check is not None, "the page's render check did not run"
     status, sections, text = check.groups()
     assert status == "ok", text
-    assert int(sections) == report.read_text().count("<section ") == 10
+    assert int(sections) == report.read_text(encoding="utf-8").count("<section ") == 10
     assert console == []  # no console output at all: no errors, no CSP violations, no warnings
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == WINDOW
@@ -76,7 +76,7 @@ def test_report_renders_every_section_in_chromium(report: Path, tmp_path: Path) 
 def test_the_check_catches_a_network_request(report: Path, tmp_path: Path) -> None:
     """The harness itself: a page that tries to load from the network fails the check."""
     bad = tmp_path / "bad.html"
-    bad.write_text(report.read_text().replace("<main>", '<main><img src="http://127.0.0.1:9/x.png" alt="">', 1))
+    bad.write_text(report.read_text(encoding="utf-8").replace("<main>", '<main><img src="http://127.0.0.1:9/x.png" alt="">', 1))
     dom, console, _ = open_in_chromium(bad, tmp_path)
     assert 'data-status="fail"' in dom and "blocked: http://127.0.0.1:9/x.png" in dom
     assert any("Content Security Policy" in line for line in console)

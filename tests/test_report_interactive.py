@@ -79,7 +79,7 @@ def browser(report: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def page_data(path: Path) -> dict[str, Any]:
-    text = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', path.read_text(), re.S)
+    text = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)
     assert text is not None
     return dict(json.loads(text.group(1).replace("<\\/", "</")))
 

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastclr.files import FILE_MODE, is_write_error, write_failure_reason
+from fastclr.files import is_write_error, set_mode, write_failure_reason
 from fastclr.errors import FastclrError
 from fastclr.signals import cleanup_on_sigterm
 
@@ -68,9 +68,9 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     final = dest_dir / remote.filename
     with cleanup_on_sigterm():
         fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
-        os.fchmod(fd, FILE_MODE)
         tmp = Path(tmp_name)
         try:
+            set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
                 while block := resp.read(1 << 20):

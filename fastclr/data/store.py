@@ -97,7 +97,7 @@ def read_store(path: str | Path) -> Store:
         what = "an incomplete store (an interrupted prepare)" if partial else "not a fastclr store"
         raise FastclrError(f"{p} is {what}: it has no {META}; run `fastclr prepare FOLDER --size S --out {p}`")
     try:
-        meta = json.loads((p / META).read_text())
+        meta = json.loads((p / META).read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])
         splits = {s: int(meta["splits"].get(s, 0)) for s in SPLITS}
         classes = [str(c) for c in meta.get("classes", [])]

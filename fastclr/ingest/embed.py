@@ -98,7 +98,10 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
                                    dedupe=False)  # one row per file, copies included
             source = _store_source(store, split)
             source.skipped_csv = (store / SKIPPED).read_bytes() if result.skipped else None
-            yield source
+            try:
+                yield source
+            finally:  # the blocks map the temporary store, which Windows cannot delete while mapped
+                source.blocks.clear()
     else:
         raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of images")
 

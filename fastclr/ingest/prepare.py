@@ -144,8 +144,9 @@ def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | 
     # Ctrl-C reaches the whole process group: the parent stops the work; a decoder interrupted
     # inside a put on the result queue left its lock held and the parent's shutdown waiting forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if parent is not None:
-        die_with_parent(parent, signal.SIGKILL)
+    kill = getattr(signal, "SIGKILL", None)  # POSIX only: Windows has none
+    if parent is not None and kill is not None:
+        die_with_parent(parent, kill)
 
 
 def _work(rels: list[str]) -> list[Outcome]:
@@ -163,6 +164,8 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
         for c in chunks:
             yield from _work(c)
         return
+    if sys.platform == "win32":  # ProcessPoolExecutor refuses more than 61 processes there
+        workers = min(workers, 61)
     # fork: workers start in milliseconds and inherit the hash set; they never touch torch.
     method = "fork" if sys.platform == "linux" else "spawn"
     with ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_init,
@@ -315,6 +318,7 @@ def prepare_store(
         if writer.n == 0:
             raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
         skipped.sort(key=lambda s: s.rel)
+        prev = None  # its store maps the old images file, which Windows will not let the commit replace
         writer.commit(lay.classes, options, skipped, str(root.resolve()))
     except OSError as e:
         writer.abort()

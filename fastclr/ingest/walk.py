@@ -119,6 +119,8 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
             is_link = entry.is_symlink()
             try:
                 st = entry.stat(follow_symlinks=True)
+                if st.st_ino == 0:  # Windows: a scandir entry's stat has no identity (Python's docs); os.stat has
+                    st = os.stat(entry.path)
             except OSError as e:
                 out.skipped.append(Skip(rel, *_stat_error(e, is_link)))
                 continue

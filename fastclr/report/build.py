@@ -286,7 +286,7 @@ def build_report(
                 _playground_section(run, dataset, dev, seed, data), _explorer_section(run, dataset, dev, seed),
                 *_map_and_retrievals(run, dataset, dev, map_method, seed, data),
                 *_results_sections(ev, run_dir, state_checksum(run.encoder)),
-                section("config", "Config", f"<pre>{escape((run_dir / 'config.toml').read_text())}</pre>", "pre",
+                section("config", "Config", f"<pre>{escape((run_dir / 'config.toml').read_text(encoding='utf-8'))}</pre>", "pre",
                         "The resolved configuration of the run (config.toml).")]
     spec = run.spec
     subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "

@@ -161,4 +161,4 @@ def page_data(payload: dict[str, Any]) -> str:
 
 def script() -> str:
     """The page's own JavaScript (fastclr/report/interactive.js)."""
-    return resources.files("fastclr.report").joinpath("interactive.js").read_text()
+    return resources.files("fastclr.report").joinpath("interactive.js").read_text(encoding="utf-8")

@@ -75,7 +75,8 @@ def setup(device: torch.device, timeout_s: float) -> DistContext:
         return DistContext()
     if not dist.is_available():
         raise FastclrError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; install a standard build")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # NCCL where the build has it; Windows builds have none, and gloo carries CUDA tensors there too
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
     try:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
