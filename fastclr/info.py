@@ -20,7 +20,7 @@ import torch
 from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.cpus import cgroup_cpu_limit, default_threads, usable_cpus
 from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, matmul_seconds,
-                             missing_kernels, select_device, use_compile)
+                             missing_kernels, precision_timer, select_device, use_compile)
 from fastclr.version import __version__
 
 
@@ -56,7 +56,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
     cpu = cpu_features()
     device = select_device("auto")
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    timer = (lambda dt: matmul_seconds(dt, device)) if measure else None
+    timer = precision_timer(device) if measure else None
     precision = decide_precision("auto", device.type, cpu, cap, timer)
     rates: dict[str, float] = {}
     if measure:

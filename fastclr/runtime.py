@@ -228,6 +228,12 @@ def cap_allows_amx(cap: str) -> bool:
     return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
 
 
+def cap_allows_amx_fp16(cap: str) -> bool:
+    """Whether oneDNN capped at `cap` may use AMX's fp16 tiles (the levels that name them, or no cap):
+    torch's `_is_amx_fp16_supported()` reads the CPU, not the cap."""
+    return cap in ("", "ALL", "DEFAULT", "AVX10_2_512_AMX_2") or "AMX_FP16" in cap
+
+
 def cpu_features() -> CpuFeatures:
     """This process's CPU, through torch's own capability queries and oneDNN's ISA cap."""
     try:
@@ -325,8 +331,16 @@ def decide_precision(
 
 
 def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
-                   budget_s: float = 0.15) -> float:
-    """Best time of (m, k) @ (k, n) in `dtype` on `device` over up to `budget_s` seconds."""
+                   budget_s: float = 0.15, threads: int | None = None) -> float:
+    """Best time of (m, k) @ (k, n) in `dtype` on `device` over up to `budget_s` seconds, on the
+    CPU with `threads` threads (None: as set)."""
+    if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return matmul_seconds(dtype, device, shape, budget_s)
+        finally:
+            torch.set_num_threads(before)
     m, k, n = shape
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(m, k, device=device, generator=g).to(dtype)
@@ -346,6 +360,16 @@ def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, i
     return best
 
 
+def precision_timer(device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256)
+                    ) -> Callable[[torch.dtype], float]:
+    """The matmul timing that precision decisions compare dtypes by: on the CPU on one thread,
+    whose fp32 / bf16 ratio is the many-thread ratio of a quiet machine (capped at AVX512_CORE on
+    the EPYC Zen 4: 2.6 / 7.1 ms on one thread, 1.3 / 3.5 ms on two), while two threads sharing
+    the CPU with another process turned it round (fp32 12-16 ms, bf16 7.6-8.0 ms), and `auto`
+    chose the bf16 that makes the step 2.4x slower (docs/benchmarks.md section 1)."""
+    return lambda dtype: matmul_seconds(dtype, device, shape, threads=1)
+
+
 def resolve_precision(requested: str, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
                       warn: Callable[[str], None] = print, saved: bool = False) -> Precision:
     """`decide_precision` with this machine's capabilities; warns (one line) when an explicit
@@ -353,7 +377,7 @@ def resolve_precision(requested: str, device: torch.device, shape: tuple[int, in
     run's config recorded (resolved where it started), not a flag given now."""
     cpu = cpu_features() if device.type == "cpu" else None
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    prec = decide_precision(requested, device.type, cpu, cap, lambda dt: matmul_seconds(dt, device, shape))
+    prec = decide_precision(requested, device.type, cpu, cap, precision_timer(device, shape))
     if saved and requested != "auto":
         prec = Precision(prec.name, "the precision this run was started with (its config.toml), kept so that it "
                                     "continues as it ran; --precision auto re-decides for this machine")
@@ -383,14 +407,15 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     if prec.name == "bf16" and (cpu.native_bf16 and cpu.onednn_bf16):
         return
-    if prec.name == "fp16" and _query("_is_amx_fp16_supported"):
+    if prec.name == "fp16" and _query("_is_amx_fp16_supported") and cap_allows_amx_fp16(cpu.onednn_isa_cap):
         return
-    slow = matmul_seconds(prec.dtype or torch.float32, device, shape) / matmul_seconds(torch.float32, device, shape)
+    timer = precision_timer(device, shape)
+    slow = timer(prec.dtype or torch.float32) / timer(torch.float32)
     if slow < 1.1:  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
         return
     units = "bf16" if prec.name == "bf16" else "fp16"
-    why = f"oneDNN capped at {cpu.onednn_isa_cap}" if prec.name == "bf16" and cpu.native_bf16 and cpu.onednn_isa_cap \
-        else f"no {units} units"
+    has_units = cpu.native_bf16 if prec.name == "bf16" else _query("_is_amx_fp16_supported")
+    why = f"oneDNN capped at {cpu.onednn_isa_cap}" if has_units and cpu.onednn_isa_cap else f"no {units} units"
     warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, {why}): {prec.name} is emulated "
          f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} fp32")
 
