@@ -290,7 +290,7 @@ def test_resume_with_a_changed_batch_size_is_refused_naming_the_key_and_a_change
                         (["--width", "0.25", "--learn-temperature", "true"], "model.width, train.learn_temperature")):
         r = call_main(["pretrain", "--resume", str(run), *flags, "--allow-config-change", "--quiet"], env, tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert f"cannot resume: {keys} differ" in r.stderr and "--init" in r.stderr
+        assert f"cannot resume: {keys} differ" in r.stderr and f"--init {run / 'encoder.safetensors'}" in r.stderr
         assert (run / "config.toml").read_bytes() == saved
     r = call_main(["pretrain", "--resume", str(run), "--batch-size", "16", "--epochs", "2", "--allow-config-change",
                   "--quiet", "--probe", "false"], env, tmp_path)

@@ -10,7 +10,8 @@ from torch import nn
 
 from fastclr.errors import FastclrError
 from fastclr.pretraining.optim import LARS, build_optimizer, param_groups
-from fastclr.pretraining.schedule import FEW_EPOCHS, TimeBudget, few_epochs_warning, lr_at, scaled_lr, warmup_for
+from fastclr.pretraining.schedule import (FEW_EPOCHS, TimeBudget, decay_progress, few_epochs_warning, lr_at, scaled_lr,
+                                         warmup_for)
 
 
 def test_warmup_is_linear_and_reaches_the_peak() -> None:
@@ -24,6 +25,20 @@ def test_cosine_closed_form_and_floor() -> None:
         expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         assert lr_at(s, 100, 10, 1.0, min_ratio=0.1) == pytest.approx(expected)
     assert lr_at(100, 100, 10, 2.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_reanchored_cosine_goes_on_from_where_it_was_to_the_new_end() -> None:
+    """Run of 100 steps (warm-up 10) lengthened to 160 at step 55: progress there is 0.5; after it,
+    linear in the step from 0.5 to 1 over the 105 steps left, so the lr is continuous, falls, and
+    ends at the floor; with no anchor, the one cosine from the warm-up (the closed form above)."""
+    anchor = (55, decay_progress(55, 100, 10))
+    assert anchor[1] == pytest.approx(0.5)
+    assert lr_at(55, 160, 10, 1.0, anchor=anchor) == pytest.approx(lr_at(55, 100, 10, 1.0)) == pytest.approx(0.5)
+    for s in (56, 90, 130, 159, 160):
+        progress = 0.5 + 0.5 * (s - 55) / 105
+        assert lr_at(s, 160, 10, 1.0, 0.1, anchor) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert lr_at(160, 160, 10, 1.0, anchor=anchor) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(70, 160, 10, 1.0) > lr_at(55, 100, 10, 1.0)  # the one cosine from the warm-up: back up
 
 
 def test_a_warm_up_not_shorter_than_the_run_becomes_a_tenth_of_it() -> None:

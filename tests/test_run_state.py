@@ -101,6 +101,27 @@ def test_a_finished_run_trained_on_gives_up_its_export_until_it_ends(tmp_path: P
     assert res.stopped and (run / ENCODER_FILE).read_bytes() == final
 
 
+def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe(tmp_path: Path) -> None:
+    """`--resume auto` run again on a finished run (a job script): it wrote the same encoder again and
+    probed it again (37 s of a few-step run). Now it says the run is finished and returns its probe;
+    a probe.json of another step (or none) is still made again."""
+    from fastclr.export import ENCODER_FILE
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    first = pretrain(tiny_config(run, train__epochs=1.0, eval__probe=True), dataset=ds, **QUIET)
+    files = {name: (run / name).stat().st_mtime_ns for name in (ENCODER_FILE, "probe.json")}
+    lines: list[str] = []
+    again = pretrain(tiny_config(run, train__epochs=1.0, eval__probe=True), dataset=ds, resume=run, progress=False,
+                     log=lines.append)
+    assert again.steps == first.steps == 6 and again.probe_accuracy == first.probe_accuracy is not None
+    assert {name: (run / name).stat().st_mtime_ns for name in files} == files
+    assert any(line.endswith("already finished its 6 steps: nothing to train, and its encoder and probe stand as "
+                             "they were") for line in lines), lines
+    (run / "probe.json").unlink()
+    again = pretrain(tiny_config(run, train__epochs=1.0, eval__probe=True), dataset=ds, resume=run, **QUIET)
+    assert (run / "probe.json").exists() and again.probe_accuracy == first.probe_accuracy
+
+
 def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:
     """fp16: two overflowed steps (norm inf, skipped) and one of norm 3 log grad_norm 3, not 1;
     a window of skipped steps only logs none."""

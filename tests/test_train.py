@@ -343,7 +343,7 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
     fitted = int(fit.split(": ")[1].split()[0])
     assert lrs[15] == pytest.approx(lr_at(15, fitted, fitted // 10, peak)) and lrs[15] > 0.9 * peak
     assert lrs[-1] < 0.01 * peak
-    assert f"warm-up of 100 steps (1 epochs) is not shorter than the run's {fitted} steps: shortened to " \
+    assert f"warm-up of 100 steps (1 epoch) is not shorter than the run's {fitted} steps: shortened to " \
            f"{fitted // 10}" in "\n".join(lines)
     assert any(line.startswith(f"warning: only {fitted / 100:.1f} epochs fit in 1 min at 1000 ms/step") for line in lines)
     assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["warmup_steps"] == fitted // 10  # what a resume keeps
@@ -376,6 +376,33 @@ def test_a_budgeted_run_ignores_train_epochs(tmp_path: Path, epochs: float) -> N
                              epochs=epochs)
     assert got.steps == want.steps > 50
     assert [r["lr"] for r in records if "lr" in r] == [r["lr"] for r in want_records if "lr" in r]
+
+
+def test_a_refit_that_lengthens_the_run_never_raises_the_learning_rate(tmp_path: Path) -> None:
+    """2 s a step until step 40 (another process took the CPU), then 0.5 s: the refit at step 50
+    lengthens the run from the 63 steps fitted at step 15 to 75, and the cosine drawn from the end
+    of the warm-up to the new end put the learning rate back up (1.0e-4 -> 3.0e-4 in a 139 ->
+    184-step run). Re-anchored where the refit is made, it goes on falling from where it was,
+    reaches the end of the cosine, and a resumed run takes the anchor from its checkpoint."""
+    pace = lambda i: 0.5 if i < 5 else (2.0 if i < 40 else 0.5)  # noqa: E731
+    lines: list[str] = []
+    res, records = paced_run(tmp_path / "a", PacedClock(pace), minutes=2.0, steps_per_epoch=100, log_every=1,
+                             log=lines.append)
+    lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    peak_at = max(range(len(lrs)), key=lambda i: lrs[i][1])
+    after = [lr for _, lr in lrs[peak_at:]]
+    assert any(line.startswith("time budget 2 min: 63 steps") for line in lines) and res.steps == 75
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(after, after[1:])), after
+    assert after[-1] < 0.01 * after[0]
+    clock = PacedClock(pace)
+    first, _ = paced_run(tmp_path / "b", clock, minutes=2.0, steps_per_epoch=100, log_every=1,
+                         stop=lambda step: step == 60)
+    anchor = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["decay_anchor"]
+    assert first.steps == 60 and anchor[0] == 50 and 0 < anchor[1] < 1
+    _, resumed = paced_run(tmp_path / "b", clock, minutes=2.0, steps_per_epoch=100, log_every=1, resume=True)
+    straight = dict(lrs)
+    # until the straight run's next refit (step 75; the resumed process paces itself from step 65)
+    assert all(r["lr"] == straight[r["step"]] for r in resumed if "lr" in r and 60 < r["step"] <= 75)
 
 
 def budgeted_straight_and_resumed(tmp_path: Path, stop_at: int) -> tuple[Any, list[dict[str, Any]], Any,

@@ -10,6 +10,7 @@ step, so a resumed run replays exactly what the uninterrupted run would have don
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -35,7 +36,7 @@ from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.setup import Run, build_run, validate
 from fastclr.pretraining.state import check_resume_config
 from fastclr.presets import check_preset
-from fastclr.runs import RunLock, default_run_dir, prepare_run_dir, write_config, write_json
+from fastclr.runs import RunLock, default_run_dir, locked_by_another, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import Precision, resolve_precision, select_device, use_compile
 from fastclr.signals import StopRequested
@@ -242,8 +243,12 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
         seen = {p.name for p in list_checkpoints(resume)}
+        owner = "" if seen else locked_by_another(resume)  # a run still before its first checkpoint: say whose
+        if owner:
+            raise FastclrError(f"{resume} is being written by {owner} and has no checkpoint yet; wait for it to "
+                               "finish (or stop it), then resume")
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
-        check_resume_config(_store_path_absolute(config_mod.from_dict(state["config"])), cfg, allow_config_change)
+        check_resume_config(_store_path_absolute(config_mod.from_dict(state["config"])), cfg, allow_config_change, resume)
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
@@ -346,6 +351,8 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
                             precision=run.precision, stopped_in="training" if stopped else "")
     if stopped or not run.ctx.is_main:
         return result  # rank 0 exports and probes alone; the others are done
+    if _already_finished(run, result):
+        return result
     save_encoder(run.run_dir / ENCODER_FILE, run.model.encoder, run.model.spec)
     for t in run.metrics_log.trackers:
         t.artifact(run.run_dir / ENCODER_FILE, "encoder")
@@ -370,6 +377,25 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
         result.random_init_accuracy = record.get("random_init_accuracy")
         run.log(line)
     return result
+
+
+def _already_finished(run: Run, result: PretrainResult) -> bool:
+    """A finished run resumed with nothing left to train (a `--resume auto` job script run again):
+    its export and probe of this very step stand, so they are not made again (the probe alone took
+    37 s of a few-step run). Says so, and fills `result` from probe.json."""
+    s = run.state
+    if s.start_step == 0 or s.step != s.start_step or not (run.run_dir / ENCODER_FILE).exists():
+        return False
+    probed = run.cfg.eval.probe and labelled(run.dataset)
+    record = json.loads((run.run_dir / "probe.json").read_text(encoding="utf-8")) \
+        if probed and (run.run_dir / "probe.json").exists() else None
+    if probed and (record is None or record.get("steps") != s.step):
+        return False
+    if record is not None:
+        result.probe_accuracy, result.random_init_accuracy = record["accuracy"], record.get("random_init_accuracy")
+    run.log(f"{run.run_dir} already finished its {s.step} steps: nothing to train, and its encoder"
+            f"{' and probe' if record else ''} stand as they were")
+    return True
 
 
 def run_precision(cfg: Config, device: torch.device, ctx: DistContext, log: Callable[[str], None],

@@ -21,13 +21,23 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
     raise ValueError(f"unknown lr_scaling {rule!r}; choose linear, sqrt or none")
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_ratio: float = 0.0) -> float:
+def decay_progress(step: int, total_steps: int, warmup_steps: int, anchor: tuple[int, float] | None = None) -> float:
+    """How far the cosine has gone at `step` (0 at the end of the warm-up, 1 at `total_steps`):
+    linear in the step from `anchor` = (step, progress there) on, (warmup_steps, 0) when None.
+    A time budget re-anchors where it refits the run's length, so the learning rate goes on
+    falling from where it was: with the one cosine from the warm-up, a run lengthened at step 125
+    (139 -> 184 steps) went from 1.0e-4 back up to 3.0e-4."""
+    start, done = anchor if anchor is not None else (warmup_steps, 0.0)
+    return min(1.0, done + (1.0 - done) * (step - start) / max(1, total_steps - start))
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_ratio: float = 0.0,
+          anchor: tuple[int, float] | None = None) -> float:
     """Linear warmup from ~0 to `peak_lr` over `warmup_steps`, then cosine decay to
-    `peak_lr * min_ratio` at `total_steps` (per step, as in SimCLR)."""
+    `peak_lr * min_ratio` at `total_steps` (per step, as in SimCLR); `anchor`: see `decay_progress`."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    progress = decay_progress(step, total_steps, warmup_steps, anchor)
     floor = peak_lr * min_ratio
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

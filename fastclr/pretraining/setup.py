@@ -22,7 +22,7 @@ from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
 from fastclr.pretraining.monitor import KnnMonitor
 from fastclr.pretraining.optim import build_optimizer
-from fastclr.pretraining.schedule import TimeBudget, few_epochs_warning, lr_at, scaled_lr, warmup_for
+from fastclr.pretraining.schedule import TimeBudget, decay_progress, few_epochs_warning, lr_at, scaled_lr, warmup_for
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain, objective_options
@@ -140,7 +140,7 @@ class Run:
         # the peak is held after the warm-up, not a cosine over a length the budget will replace.
         unfitted = self.budget is not None and self.first_fit_ahead and s.step < self.budget.first_fit_at
         lr = self.peak_lr if unfitted and s.step >= s.warmup_steps else \
-            lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio)
+            lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio, s.decay_anchor)
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -163,7 +163,11 @@ class Run:
         elif first:
             return
         if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
-            s.total_steps = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
+            total = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
+            if total != s.total_steps and s.step >= s.warmup_steps and (fitted or s.step != b.first_fit_at):
+                # the cosine goes on from where it is to the new end, never back up
+                s.decay_anchor = (s.step, decay_progress(s.step, s.total_steps, s.warmup_steps, s.decay_anchor))
+            s.total_steps = total
             self.bar.total = s.total_steps
             refit = fitted or s.step != b.first_fit_at
             if refit and s.warmup_steps >= s.total_steps > 1:  # a slower pace shrank the run below its warm-up
@@ -195,9 +199,9 @@ class Run:
 
     def log_short_warmup(self) -> None:
         """Say so when the run's warm-up is shorter than configured (`warmup_for` shortened it)."""
-        s, warmup = self.state, self.warmup_steps
+        s, warmup, epochs = self.state, self.warmup_steps, self.cfg.optim.warmup_epochs
         if s.warmup_steps != warmup:
-            self.log(f"warm-up of {warmup} steps ({self.cfg.optim.warmup_epochs:g} epochs) is not shorter than the "
+            self.log(f"warm-up of {warmup} steps ({epochs:g} epoch{'' if epochs == 1 else 's'}) is not shorter than the "
                      f"run's {s.total_steps} steps: shortened to {s.warmup_steps} (a tenth of the run); "
                      "set --warmup-epochs to choose")
 

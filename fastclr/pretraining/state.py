@@ -31,15 +31,15 @@ STATE_KEYS = ("model.encoder", "model.width", "model.cnn_stages", "model.cifar_s
 optimiser state only its own optimiser and parameters (a learned temperature is one of them)."""
 
 
-def check_resume_config(saved: Config, wanted: Config, allow_changes: bool) -> None:
+def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_dir: Path | None = None) -> None:
     """A one-line error naming the STATE_KEYS that differ, or the RESUME_KEYS that differ unless
-    changes are allowed."""
+    changes are allowed; `run_dir`: the run resumed, named in the way out."""
     fixed = config_mod.diff(saved, wanted, STATE_KEYS)
     if fixed:
         raise FastclrError(
             f"cannot resume: {', '.join(fixed)} differ from the checkpoint's config, and a checkpoint fits only "
             "the network and optimiser it was saved from; drop those flags, or start a new run from these weights "
-            "with --init RUN_DIR/encoder.safetensors"
+            f"with --init {run_dir / 'encoder.safetensors' if run_dir is not None else 'RUN_DIR/encoder.safetensors'}"
         )
     changed = config_mod.diff(saved, wanted, RESUME_KEYS)
     if changed and not allow_changes:
@@ -59,6 +59,9 @@ class RunState:
         self.warmup_steps = warmup_steps
         """The warm-up the schedule uses: fixed when the run's length is (set-up, or a budget's first
         fit) and kept by a budgeted run's checkpoints, so later refits never move it."""
+        self.decay_anchor: tuple[int, float] | None = None
+        """Where a time budget's last refit re-anchored the cosine (`decay_progress`): the step and
+        the progress there; None: the one cosine from the end of the warm-up."""
         self.start_step = 0
         """The step this process started from: 0, or the checkpoint's step when resumed."""
         self.monitor_seconds = 0.0
@@ -84,6 +87,8 @@ class RunState:
         if self.cfg.train.time_budget > 0:
             self.total_steps = int(state["total_steps"])
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
+            anchor = state.get("decay_anchor")  # absent before 2026-12-05
+            self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.monitor_seconds = float(state.get("monitor_seconds", 0.0))  # absent before 2026-12-03
         self.skip_streak = int(state.get("skip_streak", 0))  # absent before 2026-12-04
@@ -94,6 +99,7 @@ class RunState:
         return save_checkpoint(run_dir, {
             "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
             "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds, "skip_streak": self.skip_streak,
+            **({"decay_anchor": list(self.decay_anchor)} if self.decay_anchor is not None else {}),
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
