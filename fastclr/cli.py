@@ -144,9 +144,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
                           stop=stop)
     if result.stopped:
-        if result.rank == 0 and result.stopped_in == "probe":
-            print(f"stopped during the probe; training is complete; probe with: fastclr evaluate {result.run_dir}")
-        return EXIT_STOPPED  # a stop in training was said by the loop (rank 0), with how to continue
+        return EXIT_STOPPED  # the loop (rank 0) said where it stopped and how to continue
     if result.probe_accuracy is not None:
         versus = "" if result.random_init_accuracy is None else (
             f", same network untrained {result.random_init_accuracy * 100:.2f}%")
@@ -157,8 +155,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     """Make sure a built-in dataset's files are present (download and verify if missing), and
     read them as training would: a file present but damaged is an error, not "present"."""
-    from fastclr.data.datasets import ensure, read_checked
+    from fastclr.data.datasets import REGISTRY, ensure, read_checked
 
+    if args.name not in REGISTRY:  # not spec()'s error, which offers a store: nothing is downloaded into one
+        raise FastclrError(f"unknown dataset {args.name!r}; fastclr downloads: {', '.join(REGISTRY)}")
     folder = ensure(args.name, args.root, download=not args.no_download)
     try:
         ds = read_checked(args.name, folder)
@@ -172,17 +172,18 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's encoder in another format."""
-    from fastclr.export import check_export, export_encoder
+    from fastclr.export import check_export, export_encoder, export_format
     from fastclr.pretrained import load_run
     from fastclr.runs import refuse_run_file
 
     refuse_run_file(Path(args.out))
     run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None)
-    check_export(args.format, run.spec)  # before the data is read or a folder made
+    fmt = export_format(args.format, Path(args.out), run.spec)
+    check_export(fmt, run.spec)  # before the data is read or a folder made
     config_text = (Path(args.run_dir) / "config.toml").read_text(encoding="utf-8")
-    check = _check_images(run) if args.format == "onnx" else None
+    check = _check_images(run) if fmt == "onnx" else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
-    for path in export_encoder(run.encoder, run.spec, config_text, args.format, Path(args.out), check):
+    for path in export_encoder(run.encoder, run.spec, config_text, fmt, Path(args.out), check):
         print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"
                                  if check is not None else ""))
     return 0
@@ -210,7 +211,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
+    from fastclr.version import __version__
+
     p = argparse.ArgumentParser(prog="fastclr", description="SimCLR pretraining and evaluation.")
+    p.add_argument("--version", action="version", version=f"fastclr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="train an encoder with SimCLR, then run the linear probe")
@@ -236,14 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_semisup_commands(sub)
 
-    ex = sub.add_parser("export", help="write a run's encoder in another format (torchvision names, torch.export)")
+    ex = sub.add_parser("export", help="write a run's encoder in another format (fastclr, torchvision names, "
+                        "torch.export, ONNX)")
     ex.add_argument("run_dir", metavar="RUN_DIR")
-    ex.add_argument("--format", default="torchvision", choices=["fastclr", "torchvision", "torch-export", "onnx"],
-                    help="(default: torchvision) torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
+    ex.add_argument("--format", default="auto", choices=["auto", "fastclr", "torchvision", "torch-export", "onnx"],
+                    help="(default: auto, the one --out's suffix names: .pt2 torch-export, .onnx onnx, .pth "
+                    "torchvision, .safetensors torchvision's names for a width-1 ResNet, fastclr's otherwise) "
+                    "torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
                     "torch.export program (.pt2) with a dynamic batch; onnx: an ONNX model checked in onnxruntime "
-                    "on the run's images (needs fastclr[onnx]); fastclr: safetensors")
+                    "on the run's images (needs fastclr[onnx]); fastclr: safetensors with fastclr's metadata")
     ex.add_argument("--out", required=True, help="torchvision: FILE.pth (metadata in FILE.pth.json) or "
-                    "FILE.safetensors; torch-export: FILE.pt2; onnx: FILE.onnx")
+                    "FILE.safetensors; torch-export: FILE.pt2; onnx: FILE.onnx; fastclr: FILE.safetensors")
     ex.set_defaults(func=cmd_export)
     inf = sub.add_parser("info", help="versions, CPU and GPU, the precision fastclr would choose and why, matmul rates")
     inf.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -279,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "complete were kept; free space and run the command again", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line
         return 130
 
 

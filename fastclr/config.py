@@ -367,7 +367,7 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
                 return value
         except ValueError:
             raise FastclrError(
-                f"{where} must be a {kind.__name__}, got {raw!r}; pass e.g. --{name.replace('_', '-')} "
+                f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}; pass e.g. --{name.replace('_', '-')} "
                 f"{getattr(getattr(Config(), section), name)}"
             ) from None
     if kind is str and isinstance(raw, bool):
@@ -379,8 +379,11 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
-        raise FastclrError(f"{where} must be a {kind.__name__}, got {raw!r}")
+        raise FastclrError(f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}")
     return raw
+
+
+_KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:

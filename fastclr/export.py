@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +49,11 @@ def export_holds(path: Path, state: dict[str, torch.Tensor]) -> bool:
 
 def load_encoder(path: Path, device: torch.device | str = "cpu", module: nn.Module | None = None
                  ) -> tuple[nn.Module, EncoderSpec]:
-    """Rebuild an exported encoder and return it with its metadata. A run trained on your own
-    module (`pretrain(cfg, encoder=...)`, spec "custom") cannot be rebuilt by name: pass a module of
-    that architecture as `module` and its weights are loaded into it."""
+    """Rebuild an exported encoder, in eval mode (BatchNorm's running statistics: an image's h does
+    not depend on the batch it is in; call `.train()` to fine-tune it), and return it with its
+    metadata. A run trained on your own module (`pretrain(cfg, encoder=...)`, spec "custom") cannot
+    be rebuilt by name: pass a module of that architecture as `module` and its weights are loaded
+    into it."""
     try:
         from safetensors import safe_open
 
@@ -77,7 +80,7 @@ def load_encoder(path: Path, device: torch.device | str = "cpu", module: nn.Modu
             f"{path} does not match the {spec.encoder} architecture of this fastclr version "
             f"(exported by {info.get('fastclr_version', '?')}); re-export it with that version"
         ) from None
-    return encoder.to(device), spec
+    return encoder.to(device).eval(), spec
 
 
 FORMATS = ("fastclr", "torchvision", "torch-export", "onnx")
@@ -136,7 +139,9 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it lists every torchvision operator it cannot register
     try:
-        with _in_eval(encoder), torch.no_grad():
+        with _in_eval(encoder), torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13's exporter warns about its own use of a deprecated pytree class (LeafSpec)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.onnx.export(encoder, (_example(spec),), dynamo=True, input_names=["x"],
                                         output_names=["h"], dynamic_shapes=_batch_dim(), verbose=False)
             want = encoder(x)
@@ -186,6 +191,32 @@ def check_export(fmt: str, spec: EncoderSpec) -> None:
         if spec.width != 1.0:
             raise FastclrError(f"--format torchvision: torchvision's ResNets have width 1, this one {spec.width:g} (its "
                                "tensors would not fit them); use --format fastclr, torch-export or onnx")
+
+
+SUFFIXES = {"fastclr": (".safetensors",), "torchvision": (".pth", ".pt", ".safetensors"), "torch-export": (".pt2",),
+            "onnx": (".onnx",)}
+"""The file names each format is written under: another name (a mistyped --out, someone's notes.txt)
+would be replaced by an archive its name does not announce."""
+
+
+def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
+    """The format to write `out` in: `fmt`, or for "auto" the one its suffix names (.pt2: torch-export,
+    .onnx: onnx, .pth/.pt: torchvision, .safetensors: torchvision's names for a width-1 ResNet, fastclr's
+    otherwise). One line when the suffix does not fit the format, or names none."""
+    suffix = out.suffix.lower()
+    if fmt == "auto":
+        named = [f for f in ("torch-export", "onnx", "torchvision") if suffix in SUFFIXES[f]]
+        if suffix == ".safetensors":
+            resnet = spec.encoder.startswith("resnet") and spec.width == 1.0
+            return "torchvision" if resnet else "fastclr"
+        if not named:
+            raise FastclrError(f"--out {out}: the name says no export format; end it in .safetensors (fastclr), "
+                               ".pth (torchvision), .pt2 (torch-export) or .onnx, or give --format")
+        return named[0]
+    if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
+        raise FastclrError(f"--out {out}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])} files; "
+                           f"name it e.g. {out.with_suffix(SUFFIXES[fmt][0]).name}")
+    return fmt
 
 
 def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path,

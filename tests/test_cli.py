@@ -54,6 +54,10 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     # the shape asked for (x width 0.125: 8 | 16 channels, 7 x 7 x 16 h) is recorded and rebuilt
     assert spec.stages == "64|128|flat0" and spec.feature_dim == enc.feature_dim == 7 * 7 * 16
     assert len(spec.mean) == 1
+    # ready to use: an image's h does not depend on the batch around it (BatchNorm's running statistics)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not enc.training and torch.allclose(enc(x[:2]), enc(x)[:2], atol=1e-5)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -63,8 +67,14 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     (["--batch-size", "100000"], "batch size 100000 is larger than the dataset (256 images)"),
     (["--temperature", "0"], "train.temperature = 0.0 is not allowed: it must be > 0"),
     (["--temperature", "-1"], "train.temperature = -1.0 is not allowed: it must be > 0"),
-    (["--batch-size", "many"], "train.batch_size must be a int"),
+    (["--batch-size", "many"], "train.batch_size must be an integer, got 'many'"),
+    (["--temperature", "nan"], "train.temperature must be a finite number, got 'nan'"),
     (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|fc512"),
+    # a folder of images as --data: the store goes beside it, not into it (prepare refuses a folder of files)
+    (["--data", "photos"], "photos is not a fastclr store (it has no store.json); if it holds your images, make one with "
+                           "`fastclr prepare "),
+    (["--data", "photos"], "photos --size S --out "),
+    (["--data", "photos"], "photos.store` and give that"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args: list[str], message: str,
                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,6 +84,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, env: dict[str, str], args:
     for key in ("FASTCLR_DATA", "XDG_CACHE_HOME"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"")
     base = ["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "r"), "--quiet", "--batch-size", "32"]
     capsys.readouterr()
     assert main(base + args) == 2

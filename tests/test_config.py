@@ -34,7 +34,7 @@ def test_toml_round_trip(tmp_path: Path) -> None:
 def test_values_are_parsed_to_the_field_type() -> None:
     cfg = apply_overrides(Config(), {"train.batch_size": "128", "train.channels_last": "false", "optim.lr": "3e-3"})
     assert cfg.train.batch_size == 128 and cfg.train.channels_last is False and cfg.optim.lr == 0.003
-    with pytest.raises(FastclrError, match="train.batch_size must be a int, got 'big'"):
+    with pytest.raises(FastclrError, match="train.batch_size must be an integer, got 'big'"):
         apply_overrides(Config(), {"train.batch_size": "big"})
     with pytest.raises(FastclrError, match="unknown config key 'train.batchsize'"):
         apply_overrides(Config(), {"train.batchsize": 1})

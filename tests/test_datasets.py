@@ -221,6 +221,10 @@ def test_download_reads_what_is_present_and_names_a_damaged_file(tmp_path: Path,
         assert cli_main(["download", "fashion-mnist", "--root", str(tmp_path), *flags]) == 2
         err = capsys.readouterr().err
         assert IDX_FILES[2] in err and "is damaged: delete or replace it" in err and err.count("\n") == 1
+    # an unknown name: what can be downloaded, not "(or give the path of a prepared store)"
+    assert cli_main(["download", "imagenet"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown dataset 'imagenet'; fastclr downloads: fashion-mnist, mnist, cifar10, cifar100, stl10\n"
 
 
 def test_an_archive_that_fails_to_unpack_leaves_no_file_of_it(tmp_path: Path) -> None:

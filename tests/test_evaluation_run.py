@@ -4,6 +4,7 @@ subsets, that the encoder is untouched, and the one-line errors."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,9 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     (tmp_path / "empty" / "config.toml").write_text((run_dir / "config.toml").read_text())
     cases = [
         ([str(run_dir), "--labels-per-class", "10,500"], "asked for 500 labels per class but class"),
-        ([str(tmp_path / "empty")], "has no encoder.safetensors and no checkpoint yet"),
+        ([str(tmp_path / "empty")], "has no encoder.safetensors and no checkpoint: it stopped before its first; "
+                                    f"continue it with `fastclr pretrain --resume auto {tmp_path / 'empty'}`, then evaluate"),
+        ([str(tmp_path)], f"{tmp_path} holds no config.toml; it is not a fastclr run directory"),
         ([str(run_dir), "--protocols", "linaer"], "unknown protocol linaer; choose from: linear, knn"),
         ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
         ([str(run_dir), "--steps", "0"], "--steps must be at least 1"),
@@ -219,7 +222,20 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     assert capsys.readouterr().out.strip() == f"report: {run_dir / 'report.html'}"
     assert "Label efficiency" in (run_dir / "report.html").read_text()
     assert main(["report", str(tmp_path / "empty"), "--device", "cpu"]) == 2
-    assert "has no encoder.safetensors and no checkpoint yet" in capsys.readouterr().err
+    assert "no checkpoint: it stopped before its first; continue it" in capsys.readouterr().err
+    # a run its owner is still writing, before its first checkpoint: said, not "stopped" (nor "no checkpoint" to a resume)
+    from fastclr.runs import RunLock
+
+    lock = RunLock(tmp_path / "empty", log=lambda s: None)
+    try:
+        assert main(["evaluate", str(tmp_path / "empty"), "--device", "cpu", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by PID {os.getpid()} on" in err and "evaluate it after its first checkpoint" in err
+        assert main(["pretrain", "--resume", str(tmp_path / "empty"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by PID {os.getpid()} on" in err and "has no checkpoint yet; wait for it" in err
+    finally:
+        lock.release()
     # export into a folder that does not exist yet: made, as embed and finetune make theirs
     assert main(["export", str(run_dir), "--format", "fastclr", "--out", str(tmp_path / "new" / "enc.safetensors")]) == 0
     made, own = load_file(str(tmp_path / "new" / "enc.safetensors")), load_file(str(run_dir / "encoder.safetensors"))

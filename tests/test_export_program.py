@@ -4,6 +4,7 @@ computes the encoder's h."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -143,3 +144,49 @@ def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
         err = capsys.readouterr().err
         assert f"would replace the run's own {Path(name).name}, which the run needs; choose another --out" in err
         assert (run / name).read_bytes() == b"the run's own"
+
+
+@pytest.mark.parametrize(("fmt", "name", "encoder", "expected"), [
+    ("auto", "enc.pt2", "cnn", "torch-export"),
+    ("auto", "enc.ONNX", "cnn", "onnx"),
+    ("auto", "r18.pth", "resnet18", "torchvision"),
+    ("auto", "r18.safetensors", "resnet18", "torchvision"),
+    ("auto", "enc.safetensors", "cnn", "fastclr"),
+    ("fastclr", "enc.safetensors", "cnn", "fastclr"),
+    ("torch-export", "enc.onnx", "cnn", "--format torch-export writes .pt2 files; name it e.g. enc.pt2"),
+    ("torchvision", "notes.txt", "resnet18", "--format torchvision writes .pth or .pt or .safetensors files"),
+    ("auto", "notes.txt", "cnn", "the name says no export format; end it in .safetensors (fastclr)"),
+])
+def test_the_export_format_comes_from_the_name_and_must_fit_it(fmt: str, name: str, encoder: str, expected: str) -> None:
+    """`export --out notes.txt` replaced the user's file with a zip archive, and `--format torch-export
+    --out enc.onnx` an ONNX model with a .pt2 program; the default (torchvision) refused the default
+    CNN run."""
+    from fastclr.export import export_format
+
+    spec = EncoderSpec(encoder, 1, 28, 1.0, "off", 512, (0.5,), (0.25,))
+    if expected in ("torch-export", "onnx", "torchvision", "fastclr"):
+        assert export_format(fmt, Path(name), spec) == expected
+    else:
+        with pytest.raises(FastclrError, match=re.escape(expected)):
+            export_format(fmt, Path(name), spec)
+
+
+def test_export_refuses_a_name_that_does_not_fit_and_leaves_the_file(tmp_path: Path) -> None:
+    from fastclr.export import load_encoder
+
+    env = cli_env(tmp_path)
+    run = tmp_path / "run"
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS, "--probe", "false"],
+                  env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine", encoding="utf-8")
+    r = call_main(["export", str(run), "--out", str(notes)], env, tmp_path)
+    assert r.returncode == 2 and "the name says no export format" in r.stderr
+    assert notes.read_text(encoding="utf-8") == "mine"
+    r = call_main(["export", str(run), "--out", str(tmp_path / "enc.safetensors")], env, tmp_path)
+    assert r.returncode == 0, r.stderr  # the default CNN run, with the default format
+    enc, spec = load_encoder(tmp_path / "enc.safetensors")
+    assert spec.encoder == "cnn" and not enc.training
+    assert all(torch.equal(v, load_encoder(run / "encoder.safetensors")[0].state_dict()[k])
+               for k, v in enc.state_dict().items())

@@ -353,6 +353,9 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path: Path, caps
     assert "no usable images" in err and "1 corrupt, 1 not-an-image" in err
     bar_images(tmp_path / "ok", n_per_class=1)
     assert "at least 8" in one_line_error(["prepare", str(tmp_path / "ok"), "--size", "4", "--out", str(out)], capsys)
+    # 0 is a size too small, not a size missing
+    assert "--size must be at least 8 pixels, got 0" in one_line_error(
+        ["prepare", str(tmp_path / "ok"), "--size", "0", "--out", str(out)], capsys)
     assert not out.exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")

@@ -55,3 +55,6 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_without_the_source
     assert Path(where.strip()).is_relative_to(site)  # the wheel's copy, not the source tree
     helped = _run([str(env / "bin" / "fastclr"), "--help"], tmp_path).stdout
     assert all(cmd in helped for cmd in ("pretrain", "evaluate", "export", "info"))
+    from fastclr.version import __version__
+
+    assert _run([str(env / "bin" / "fastclr"), "--version"], tmp_path).stdout == f"fastclr {__version__}\n"

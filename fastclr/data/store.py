@@ -94,8 +94,11 @@ def read_store(path: str | Path) -> Store:
         raise FastclrError(f"{p} is not a store directory; create one with `fastclr prepare FOLDER --size S --out {p}`")
     if not is_store(p):
         partial = (p / ("." + IMAGES + _PARTIAL)).exists() or (p / IMAGES).exists()
-        what = "an incomplete store (an interrupted prepare)" if partial else "not a fastclr store"
-        raise FastclrError(f"{p} is {what}: it has no {META}; run `fastclr prepare FOLDER --size S --out {p}`")
+        if partial:
+            raise FastclrError(f"{p} is an incomplete store (an interrupted prepare): it has no {META}; run the same "
+                               f"`fastclr prepare FOLDER --size S --out {p}` again")
+        raise FastclrError(f"{p} is not a fastclr store (it has no {META}); if it holds your images, make one with "
+                           f"`fastclr prepare {p} --size S --out {p.with_name(p.name + '.store')}` and give that")
     try:
         meta = json.loads((p / META).read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])

@@ -36,7 +36,7 @@ from fastclr.pretrained import LoadedRun, load_run
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
 from fastclr.files import read_json
-from fastclr.runs import write_json
+from fastclr.runs import locked_by_another, write_json
 from fastclr.tracking import numbers, read_ids, tracked
 from fastclr.tracking import require as require_trackers
 from fastclr.runtime import select_device
@@ -179,13 +179,20 @@ def parse_protocols(text: str) -> tuple[str, ...]:
     return names
 
 
-def require_encoder(run_dir: Path) -> None:
-    """A one-line error for a run that has neither an exported encoder nor a checkpoint."""
-    if run_dir.is_dir() and not (run_dir / ENCODER_FILE).exists() and not list_checkpoints(run_dir):
-        raise FastclrError(
-            f"{run_dir} has no {ENCODER_FILE} and no checkpoint yet; let `fastclr pretrain` finish an epoch "
-            f"(or continue it with `fastclr pretrain --resume {run_dir}`), then evaluate again"
-        )
+def require_encoder(run_dir: Path, command: str = "evaluate") -> None:
+    """A one-line error for a folder that is not a run, or a run that has neither an exported
+    encoder nor a checkpoint (one still being written by its owner, or one stopped before its first)."""
+    if not run_dir.is_dir() or (run_dir / ENCODER_FILE).exists() or list_checkpoints(run_dir):
+        return
+    if not (run_dir / "config.toml").exists():
+        raise FastclrError(f"{run_dir} holds no config.toml; it is not a fastclr run directory: give the directory "
+                           "`fastclr pretrain` wrote")
+    owner = locked_by_another(run_dir)
+    if owner:
+        raise FastclrError(f"{run_dir} is being written by {owner} and has no checkpoint yet; {command} it after its "
+                           "first checkpoint")
+    raise FastclrError(f"{run_dir} has no {ENCODER_FILE} and no checkpoint: it stopped before its first; continue it "
+                       f"with `fastclr pretrain --resume auto {run_dir}`, then {command} again")
 
 
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe,

@@ -26,7 +26,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     from fastclr.ingest.prepare import prepare_store
 
-    if not args.folder or not args.size:
+    if not args.folder or args.size is None:  # --size 0 is a size, refused below with the valid range
         raise FastclrError("prepare needs a FOLDER and --size S (or --builtin NAME), "
                            "e.g. `fastclr prepare photos --size 96 --out photos.store`")
     opts = DecodeOptions(args.size, args.fit, args.channels, args.max_pixels)

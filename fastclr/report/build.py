@@ -277,7 +277,7 @@ def build_report(
     dev = select_device(device)
     if out is not None:
         refuse_run_file(out)
-    require_encoder(run_dir)
+    require_encoder(run_dir, "report")
     run = load_run(run_dir, dev, precision)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = read_eval(run_dir)
