@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.export, ONNX)")
     ex.add_argument("run_dir", metavar="RUN_DIR")
     ex.add_argument("--format", default="auto", choices=["auto", "fastclr", "torchvision", "torch-export", "onnx"],
-                    help="(default: auto, the one --out's suffix names: .pt2 torch-export, .onnx onnx, .pth "
-                    "torchvision, .safetensors torchvision's names for a width-1 ResNet, fastclr's otherwise) "
+                    help="(default: auto, the one --out's suffix names: .safetensors fastclr, .pth torchvision, "
+                    ".pt2 torch-export, .onnx onnx) "
                     "torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
                     "torch.export program (.pt2) with a dynamic batch; onnx: an ONNX model checked in onnxruntime "
                     "on the run's images (needs fastclr[onnx]); fastclr: safetensors with fastclr's metadata")

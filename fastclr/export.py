@@ -200,18 +200,19 @@ would be replaced by an archive its name does not announce."""
 
 
 def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
-    """The format to write `out` in: `fmt`, or for "auto" the one its suffix names (.pt2: torch-export,
-    .onnx: onnx, .pth/.pt: torchvision, .safetensors: torchvision's names for a width-1 ResNet, fastclr's
-    otherwise). One line when the suffix does not fit the format, or names none."""
+    """The format to write `out` in: `fmt`, or for "auto" the one its suffix names (.safetensors:
+    fastclr's, which `load_encoder` reads; .pth/.pt: torchvision's names; .pt2: torch-export;
+    .onnx: onnx). One line when the suffix does not fit the format, or names none."""
     suffix = out.suffix.lower()
     if fmt == "auto":
-        named = [f for f in ("torch-export", "onnx", "torchvision") if suffix in SUFFIXES[f]]
-        if suffix == ".safetensors":
-            resnet = spec.encoder.startswith("resnet") and spec.width == 1.0
-            return "torchvision" if resnet else "fastclr"
+        named = [f for f in ("fastclr", "torch-export", "onnx", "torchvision") if suffix in SUFFIXES[f]]
         if not named:
             raise FastclrError(f"--out {out}: the name says no export format; end it in .safetensors (fastclr), "
                                ".pth (torchvision), .pt2 (torch-export) or .onnx, or give --format")
+        if named[0] == "torchvision" and not (spec.encoder.startswith("resnet") and spec.width == 1.0):
+            raise FastclrError(f"--out {out}: {suffix} is torchvision's format, for width-1 ResNets, and this run's "
+                               f"encoder is {spec.encoder} at width {spec.width:g}; name it "
+                               f"{out.with_suffix('.safetensors').name}, .pt2 or .onnx")
         return named[0]
     if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
         raise FastclrError(f"--out {out}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])} files; "
@@ -240,7 +241,7 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     if fmt == "onnx":
         return [_save_onnx(encoder, spec, meta, out, check)]
     state = torchvision_state(encoder)
-    if out.suffix == ".safetensors":
+    if out.suffix.lower() == ".safetensors":
         data = safetensors_bytes(state, metadata=dict(meta, naming="torchvision"))
         atomic_write(out, lambda f: f.write(data))
         return [out]

@@ -34,6 +34,7 @@ except ImportError:  # Windows
 
 WINDOWS = os.name == "nt"
 
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -77,9 +78,10 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
     free = _free_bytes(path.parent)
     if free is not None:
         reason += f"; {_size(free)} free there"
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
-    if resource is not None and soft != resource.RLIM_INFINITY:
-        reason += f"; files are limited to {_size(soft)} (ulimit -f)"
+    if resource is not None:
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            reason += f"; files are limited to {_size(soft)} (ulimit -f)"
     return reason
 
 
@@ -146,9 +148,9 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
 def fsync_path(path: Path) -> None:
     """fsync a file or directory by path (a directory: so that a rename in it survives a crash).
 
-    Windows flushes a file only through a handle open for writing, and cannot open a directory
-    (its renames are journalled by NTFS itself), so there a file is opened for writing and a
-    directory is left alone."""
+    Windows flushes a file only through a handle open for writing and cannot open a directory, so
+    there a file is opened for writing and a directory is left alone: a rename made just before a
+    power cut may be lost there (the file it replaced stays whole), an accepted limit."""
     if WINDOWS and path.is_dir():
         return
     fd = os.open(path, os.O_RDWR if WINDOWS else os.O_RDONLY)

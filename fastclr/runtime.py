@@ -362,11 +362,11 @@ def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, i
 
 def precision_timer(device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256)
                     ) -> Callable[[torch.dtype], float]:
-    """The matmul timing that precision decisions compare dtypes by: on the CPU on one thread,
-    whose fp32 / bf16 ratio is the many-thread ratio of a quiet machine (capped at AVX512_CORE on
-    the EPYC Zen 4: 2.6 / 7.1 ms on one thread, 1.3 / 3.5 ms on two), while two threads sharing
-    the CPU with another process turned it round (fp32 12-16 ms, bf16 7.6-8.0 ms), and `auto`
-    chose the bf16 that makes the step 2.4x slower (docs/benchmarks.md section 1)."""
+    """The matmul timing that precision decisions compare dtypes by: on the CPU on one thread, whose
+    bf16 / fp32 ratio was the two-thread ratio of a quiet machine (2.68-2.75 against 2.64-2.73 on
+    the 2-CPU EPYC Zen 4 capped at AVX512_CORE; 0.46-0.47 against 0.46-0.48 uncapped), while two
+    threads sharing the CPU with another busy process gave 0.50-5.91 and once chose the bf16 that
+    makes the step 2.4x slower there (docs/benchmarks.md section 1). Measured on 2 CPUs only."""
     return lambda dtype: matmul_seconds(dtype, device, shape, threads=1)
 
 

@@ -194,8 +194,9 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     (tmp_path / "empty" / "config.toml").write_text((run_dir / "config.toml").read_text())
     cases = [
         ([str(run_dir), "--labels-per-class", "10,500"], "asked for 500 labels per class but class"),
-        ([str(tmp_path / "empty")], "has no encoder.safetensors and no checkpoint: it stopped before its first; "
-                                    f"continue it with `fastclr pretrain --resume auto {tmp_path / 'empty'}`, then evaluate"),
+        ([str(tmp_path / "empty")], "has no encoder.safetensors and no checkpoint: it stopped before its first checkpoint; "
+                                    "start it again with the command that made it (its settings: "
+                                    f"{tmp_path / 'empty' / 'config.toml'}), then evaluate it"),
         ([str(tmp_path)], f"{tmp_path} holds no config.toml; it is not a fastclr run directory"),
         ([str(run_dir), "--protocols", "linaer"], "unknown protocol linaer; choose from: linear, knn"),
         ([str(run_dir), "--seeds", "a,b"], "--seeds takes a comma-separated list of ints"),
@@ -222,7 +223,7 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     assert capsys.readouterr().out.strip() == f"report: {run_dir / 'report.html'}"
     assert "Label efficiency" in (run_dir / "report.html").read_text()
     assert main(["report", str(tmp_path / "empty"), "--device", "cpu"]) == 2
-    assert "no checkpoint: it stopped before its first; continue it" in capsys.readouterr().err
+    assert "stopped before its first checkpoint; start it again" in capsys.readouterr().err
     # a run its owner is still writing, before its first checkpoint: said, not "stopped" (nor "no checkpoint" to a resume)
     from fastclr.runs import RunLock
 

@@ -150,8 +150,11 @@ def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
     ("auto", "enc.pt2", "cnn", "torch-export"),
     ("auto", "enc.ONNX", "cnn", "onnx"),
     ("auto", "r18.pth", "resnet18", "torchvision"),
-    ("auto", "r18.safetensors", "resnet18", "torchvision"),
+    ("auto", "r18.safetensors", "resnet18", "fastclr"),  # what load_encoder reads, whatever the encoder
     ("auto", "enc.safetensors", "cnn", "fastclr"),
+    ("torchvision", "R18.SAFETENSORS", "resnet18", "torchvision"),
+    ("auto", "enc.pth", "cnn", "enc.pth: .pth is torchvision's format, for width-1 ResNets, and this run's encoder is "
+                              "cnn at width 1; name it enc.safetensors, .pt2 or .onnx"),
     ("fastclr", "enc.safetensors", "cnn", "fastclr"),
     ("torch-export", "enc.onnx", "cnn", "--format torch-export writes .pt2 files; name it e.g. enc.pt2"),
     ("torchvision", "notes.txt", "resnet18", "--format torchvision writes .pth or .pt or .safetensors files"),

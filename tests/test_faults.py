@@ -292,6 +292,10 @@ def test_resume_with_a_changed_batch_size_is_refused_naming_the_key_and_a_change
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"cannot resume: {keys} differ" in r.stderr and f"--init {run / 'encoder.safetensors'}" in r.stderr
         assert (run / "config.toml").read_bytes() == saved
+    (run / "encoder.safetensors").unlink()  # as an unfinished run: checkpoints only, so the way out exports first
+    r = call_main(["pretrain", "--resume", str(run), "--encoder", "resnet18", "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and f"(`fastclr export {run} --out weights.safetensors`, then --init weights.safetensors)" \
+        in r.stderr
     r = call_main(["pretrain", "--resume", str(run), "--batch-size", "16", "--epochs", "2", "--allow-config-change",
                   "--quiet", "--probe", "false"], env, tmp_path)
     assert r.returncode == 0, r.stderr

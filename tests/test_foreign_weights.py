@@ -219,6 +219,12 @@ def test_export_command_writes_torchvision_names_with_metadata(tmp_path: Path) -
     assert meta["cifar_stem"] == "on" and meta["naming"] == "torchvision" and meta["architecture"] == "resnet18"
     with pytest.raises(FastclrError, match="exports ResNets"):
         export_encoder(enc, dataclass_replace(spec, encoder="cnn"), "", "torchvision", tmp_path / "x.pth")
+    # a .safetensors name in any case holds the metadata inside (an upper-case one was a pickle plus a .json)
+    from safetensors import safe_open
+
+    assert export_encoder(enc, spec, "[train]\n", "torchvision", tmp_path / "R18.SAFETENSORS") == [tmp_path / "R18.SAFETENSORS"]
+    with safe_open(str(tmp_path / "R18.SAFETENSORS"), framework="pt") as f:
+        assert (f.metadata() or {})["naming"] == "torchvision" and "conv1.weight" in f.keys()
 
 
 def dataclass_replace(spec: EncoderSpec, **kw: str) -> EncoderSpec:

@@ -111,6 +111,18 @@ def test_class_folders_without_a_scandir_identity_are_all_walked(tmp_path: Path,
     found = walk.walk_folder(tmp_path / "photos")
     assert sorted(f.rel for f in found.files) == sorted([*rels[:2], "class1/deeper/x.png", *rels[3:]])
     assert found.skipped == []
+    # a file system that gives no file ID even to os.stat: directories are told apart by their real paths
+    real_stat = os.stat
+
+    def no_file_id(path: Any, *a: Any, **kw: Any) -> Any:
+        st = real_stat(path, *a, **kw)
+        if not str(path).startswith(str(tmp_path / "photos")):
+            return st
+        return SimpleNamespace(st_mode=st.st_mode, st_size=st.st_size, st_mtime_ns=st.st_mtime_ns, st_ino=0, st_dev=0)
+
+    monkeypatch.setattr(walk.os, "stat", no_file_id)
+    again = walk.walk_folder(tmp_path / "photos")
+    assert sorted(f.rel for f in again.files) == sorted(f.rel for f in found.files) and again.skipped == []
 
 
 def _mapped(prefix: Path) -> list[str]:

@@ -191,8 +191,9 @@ def require_encoder(run_dir: Path, command: str = "evaluate") -> None:
     if owner:
         raise FastclrError(f"{run_dir} is being written by {owner} and has no checkpoint yet; {command} it after its "
                            "first checkpoint")
-    raise FastclrError(f"{run_dir} has no {ENCODER_FILE} and no checkpoint: it stopped before its first; continue it "
-                       f"with `fastclr pretrain --resume auto {run_dir}`, then {command} again")
+    raise FastclrError(f"{run_dir} has no {ENCODER_FILE} and no checkpoint: it stopped before its first checkpoint; "
+                       f"start it again with the command that made it (its settings: {run_dir / 'config.toml'}), "
+                       f"then {command} it")
 
 
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe,

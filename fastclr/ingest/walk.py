@@ -89,8 +89,8 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
     real_root = os.path.realpath(root)
     excluded = _identity(exclude) if exclude is not None else None
     # Depth-first; each entry carries the identities of its ancestor directories for loop detection.
-    stack: list[tuple[str, Path, frozenset[tuple[int, int]]]] = [("", root, frozenset({(root_st.st_dev, root_st.st_ino)}))]
-    walked: dict[tuple[int, int], str] = {(root_st.st_dev, root_st.st_ino): "./"}
+    stack: list[tuple[str, Path, frozenset[tuple[int, int]]]] = [("", root, frozenset({_key(root, root_st)}))]
+    walked: dict[tuple[int, int], str] = {_key(root, root_st): "./"}
     # Links to directories wait until every real directory is walked: a directory reached both
     # ways keeps its own path (and class), and the link is the one reported as the duplicate.
     links: collections.deque[tuple[str, Path, frozenset[tuple[int, int]], tuple[int, int]]] = collections.deque()
@@ -119,8 +119,8 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
             is_link = entry.is_symlink()
             try:
                 st = entry.stat(follow_symlinks=True)
-                if st.st_ino == 0:  # Windows: a scandir entry's stat has no identity (Python's docs); os.stat has
-                    st = os.stat(entry.path)
+                if st.st_ino == 0 and stat.S_ISDIR(st.st_mode):  # Windows: a scandir entry's stat has no
+                    st = os.stat(entry.path)  # identity (Python's docs); os.stat's has
             except OSError as e:
                 out.skipped.append(Skip(rel, *_stat_error(e, is_link)))
                 continue
@@ -129,7 +129,7 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
                 out.skipped.append(Skip(rel + ("/" if stat.S_ISDIR(st.st_mode) else ""), "outside-folder",
                                         "symbolic link to a path outside the folder; copy the file in instead"))
                 continue
-            key = (st.st_dev, st.st_ino)
+            key = _key(entry.path, st)
             if stat.S_ISDIR(st.st_mode):
                 if key == excluded:
                     continue
@@ -172,9 +172,16 @@ def _utf8(name: str) -> bool:
     return True
 
 
+def _key(path: str | Path, st: os.stat_result) -> tuple[int, int]:
+    """A directory's identity: its device and file ID, or where the file system gives no file ID even
+    to os.stat, its real, case-normalised path (-1 marks such a key; hash() is stable within this
+    process)."""
+    return (st.st_dev, st.st_ino) if st.st_ino else (-1, hash(os.path.normcase(os.path.realpath(path))))
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return _key(path, st)

@@ -381,10 +381,11 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
 
 def _already_finished(run: Run, result: PretrainResult) -> bool:
     """A finished run resumed with nothing left to train (a `--resume auto` job script run again):
-    its export and probe of this very step stand, so they are not made again (the probe alone took
-    37 s of a few-step run). Says so, and fills `result` from probe.json."""
-    s = run.state
-    if s.start_step == 0 or s.step != s.start_step or not (run.run_dir / ENCODER_FILE).exists():
+    when its export holds these very weights and its probe.json this step, they stand and are not
+    made again (the probe alone took 37 s of a few-step run). Says so, and fills `result` from
+    probe.json."""
+    s, export = run.state, run.run_dir / ENCODER_FILE
+    if s.start_step == 0 or s.step != s.start_step or not export_holds(export, run.model.encoder.state_dict()):
         return False
     probed = run.cfg.eval.probe and labelled(run.dataset)
     record = json.loads((run.run_dir / "probe.json").read_text(encoding="utf-8")) \
@@ -394,7 +395,7 @@ def _already_finished(run: Run, result: PretrainResult) -> bool:
     if record is not None:
         result.probe_accuracy, result.random_init_accuracy = record["accuracy"], record.get("random_init_accuracy")
     run.log(f"{run.run_dir} already finished its {s.step} steps: nothing to train, and its encoder"
-            f"{' and probe' if record else ''} stand as they were")
+            f"{' and probe' if record else ''} stand as they were (`fastclr evaluate {run.run_dir}` measures it again)")
     return True
 
 

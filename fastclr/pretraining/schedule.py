@@ -24,9 +24,9 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
 def decay_progress(step: int, total_steps: int, warmup_steps: int, anchor: tuple[int, float] | None = None) -> float:
     """How far the cosine has gone at `step` (0 at the end of the warm-up, 1 at `total_steps`):
     linear in the step from `anchor` = (step, progress there) on, (warmup_steps, 0) when None.
-    A time budget re-anchors where it refits the run's length, so the learning rate goes on
-    falling from where it was: with the one cosine from the warm-up, a run lengthened at step 125
-    (139 -> 184 steps) went from 1.0e-4 back up to 3.0e-4."""
+    A time budget re-anchors where a refit changes the run's length, so the learning rate goes on
+    falling from where it was to the new end instead of following a cosine drawn from the warm-up
+    to it, which rises when the run is lengthened."""
     start, done = anchor if anchor is not None else (warmup_steps, 0.0)
     return min(1.0, done + (1.0 - done) * (step - start) / max(1, total_steps - start))
 

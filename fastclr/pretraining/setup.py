@@ -164,12 +164,12 @@ class Run:
             return
         if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
             total = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
-            if total != s.total_steps and s.step >= s.warmup_steps and (fitted or s.step != b.first_fit_at):
+            refit = fitted or s.step != b.first_fit_at  # not the first fit, whose old total was a placeholder
+            if refit and total != s.total_steps and s.step >= s.warmup_steps:
                 # the cosine goes on from where it is to the new end, never back up
                 s.decay_anchor = (s.step, decay_progress(s.step, s.total_steps, s.warmup_steps, s.decay_anchor))
             s.total_steps = total
             self.bar.total = s.total_steps
-            refit = fitted or s.step != b.first_fit_at
             if refit and s.warmup_steps >= s.total_steps > 1:  # a slower pace shrank the run below its warm-up
                 s.warmup_steps = warmup_for(s.warmup_steps, s.total_steps)
                 self.log(f"the time budget now fits {s.total_steps} steps, not more than the warm-up: warm-up "

@@ -38,8 +38,8 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
     if fixed:
         raise FastclrError(
             f"cannot resume: {', '.join(fixed)} differ from the checkpoint's config, and a checkpoint fits only "
-            "the network and optimiser it was saved from; drop those flags, or start a new run from these weights "
-            f"with --init {run_dir / 'encoder.safetensors' if run_dir is not None else 'RUN_DIR/encoder.safetensors'}"
+            f"the network and optimiser it was saved from; drop those flags, or start a new run from these weights "
+            f"{_init_way(run_dir)}"
         )
     changed = config_mod.diff(saved, wanted, RESUME_KEYS)
     if changed and not allow_changes:
@@ -47,6 +47,15 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
             f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; drop those flags, "
             "or pass --allow-config-change to change them deliberately"
         )
+
+
+def _init_way(run_dir: Path | None) -> str:
+    """How to start a new run from `run_dir`'s weights: its export when it has one (a finished run),
+    else an export made first (an unfinished run has only checkpoints)."""
+    export = (run_dir or Path("RUN_DIR")) / "encoder.safetensors"
+    if run_dir is None or export.exists():
+        return f"with --init {export}"
+    return f"(`fastclr export {run_dir} --out weights.safetensors`, then --init weights.safetensors)"
 
 
 class RunState:
