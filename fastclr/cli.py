@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import signal
@@ -259,9 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line parsed; an option the command does not know is refused by that command's
+    parser (its usage, not the list of commands) with the nearest option it has: `pretrain
+    --time-budgt 5` printed fastclr's top-level usage and no hint."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        sub = commands[args.command]
+        known = [o for a in sub._actions for o in a.option_strings]
+        hints = [f"{token.split('=')[0]}: did you mean {close[0]}?" for token in extra if token.startswith("--")
+                 for close in [difflib.get_close_matches(token.split("=")[0], known, n=1)] if close]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line and exit code 2."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         code = int(args.func(args))
         if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:

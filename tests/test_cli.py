@@ -143,3 +143,18 @@ def test_a_peer_failure_exits_2_without_finalisation(tmp_path: Path, env: dict[s
     assert r.returncode == 2, r.stderr
     assert r.stdout == "step 4 written\n"
     assert r.stderr == "error: rank 0 of 2: lost contact with another rank (x)\n"
+
+
+def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pretrain --time-budgt 5` printed fastclr's top-level usage (the list of commands) and no hint."""
+    from fastclr.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["pretrain", "--time-budgt", "5"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("usage: fastclr pretrain ")
+    assert err.strip().endswith("fastclr pretrain: error: unrecognized arguments: --time-budgt "
+                                "(--time-budgt: did you mean --time-budget?)")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "RUN", "--zzz"])  # nothing near: no hint
+    assert capsys.readouterr().err.strip().endswith("fastclr evaluate: error: unrecognized arguments: --zzz")

@@ -110,12 +110,18 @@ def test_an_onnx_model_that_disagrees_is_refused_and_an_earlier_export_kept(tmp_
     assert out.read_bytes() == good  # the refused model did not replace the good one
 
 
-def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> None:
+def tiny_cli_run(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The command line's environment and a run it trained (one epoch of the tiny model, no probe)."""
     env = cli_env(tmp_path)
     run = tmp_path / "run"
     r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS, "--probe", "false"],
-                 env, tmp_path)
+                  env, tmp_path)
     assert r.returncode == 0, r.stderr
+    return env, run
+
+
+def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> None:
+    env, run = tiny_cli_run(tmp_path)
     r = call_main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "h.onnx")], env, tmp_path)
     assert r.returncode == 0 and "onnxruntime's h equals PyTorch's on 64 of the run's images" in r.stdout, r.stderr
 
@@ -177,11 +183,7 @@ def test_the_export_format_comes_from_the_name_and_must_fit_it(fmt: str, name: s
 def test_export_refuses_a_name_that_does_not_fit_and_leaves_the_file(tmp_path: Path) -> None:
     from fastclr.export import load_encoder
 
-    env = cli_env(tmp_path)
-    run = tmp_path / "run"
-    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS, "--probe", "false"],
-                  env, tmp_path)
-    assert r.returncode == 0, r.stderr
+    env, run = tiny_cli_run(tmp_path)
     notes = tmp_path / "notes.txt"
     notes.write_text("mine", encoding="utf-8")
     r = call_main(["export", str(run), "--out", str(notes)], env, tmp_path)

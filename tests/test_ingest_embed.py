@@ -89,9 +89,13 @@ def test_store_embeddings_are_each_rows_features_in_store_order(bars, tmp_path: 
 
 def test_folder_embeddings_equal_those_of_its_store(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root, store, run = bars
-    a = embed(run, str(root / "bars"), tmp_path / "folder.npy", CPU, log=lambda s: None)
+    lines: list[str] = []
+    a = embed(run, str(root / "bars"), tmp_path / "folder.npy", CPU, log=lines.append)
     b = embed(run, str(store), tmp_path / "store.npy", CPU, log=lambda s: None)
     assert np.array_equal(np.load(a[0]), np.load(b[0])) and read_index(a[1]) == read_index(b[1])
+    # the log names the folder, not the temporary store it was decoded into
+    assert any(line.startswith(f"{root / 'bars'} decoded: 12 images") for line in lines), lines
+    assert not any("fastclr-embed-" in line for line in lines)
 
 
 def test_a_folder_is_decoded_at_the_side_the_run_stored_not_its_crop(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

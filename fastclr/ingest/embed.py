@@ -94,7 +94,8 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
     elif path.is_dir():
         with tempfile.TemporaryDirectory(prefix="fastclr-embed-") as tmp:
             store = Path(tmp) / "store"
-            result = prepare_store(path, store, decode(), workers=workers, log=log, skipped_list=skipped_list,
+            said = lambda line: log(line.replace(f"store {store}:", f"{path} decoded:"))  # noqa: E731 (not a temp path)
+            result = prepare_store(path, store, decode(), workers=workers, log=said, skipped_list=skipped_list,
                                    dedupe=False)  # one row per file, copies included
             source = _store_source(store, split)
             source.skipped_csv = (store / SKIPPED).read_bytes() if result.skipped else None
