@@ -117,9 +117,11 @@ def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe
     assert {name: (run / name).stat().st_mtime_ns for name in files} == files
     assert any("already finished its 6 steps: nothing to train, and its encoder and probe stand as they were" in line
                for line in lines), lines
-    (run / "probe.json").unlink()
-    again = pretrain(tiny_config(run, train__epochs=1.0, eval__probe=True), dataset=ds, resume=run, **QUIET)
-    assert (run / "probe.json").exists() and again.probe_accuracy == first.probe_accuracy
+    for damage in ("unlink", "truncate"):  # none, or one cut short: made again
+        (run / "probe.json").unlink() if damage == "unlink" else (run / "probe.json").write_text("{", encoding="utf-8")
+        again = pretrain(tiny_config(run, train__epochs=1.0, eval__probe=True), dataset=ds, resume=run, **QUIET)
+        record = json.loads((run / "probe.json").read_text(encoding="utf-8"))
+        assert record["steps"] == 6 and again.probe_accuracy == first.probe_accuracy == record["accuracy"]
     # an export of other weights (not the checkpoint's) is written again, probe or not
     export = run / ENCODER_FILE
     mine = export.read_bytes()

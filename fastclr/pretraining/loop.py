@@ -388,9 +388,11 @@ def _already_finished(run: Run, result: PretrainResult) -> bool:
     if s.start_step == 0 or s.step != s.start_step or not export_holds(export, run.model.encoder.state_dict()):
         return False
     probed = run.cfg.eval.probe and labelled(run.dataset)
-    record = json.loads((run.run_dir / "probe.json").read_text(encoding="utf-8")) \
-        if probed and (run.run_dir / "probe.json").exists() else None
-    if probed and (record is None or record.get("steps") != s.step):
+    try:
+        record = json.loads((run.run_dir / "probe.json").read_text(encoding="utf-8")) if probed else None
+    except (OSError, ValueError):  # none, or damaged: the probe is made again
+        return False
+    if probed and (not isinstance(record, dict) or record.get("steps") != s.step):
         return False
     if record is not None:
         result.probe_accuracy, result.random_init_accuracy = record["accuracy"], record.get("random_init_accuracy")
