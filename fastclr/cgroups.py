@@ -43,7 +43,8 @@ def _unreclaimable(folder: Path, usage_file: str, reclaimable: tuple[str, ...]) 
     and inactive: the kernel drops both before it kills) and, in v2, its reclaimable slab; what
     MemAvailable counts as free on a whole machine."""
     usage = int((folder / usage_file).read_text(encoding="utf-8"))
-    stat = dict(line.split() for line in (folder / "memory.stat").read_text(encoding="utf-8").splitlines() if line.count(" ") == 1)
+    lines = (folder / "memory.stat").read_text(encoding="utf-8").splitlines()
+    stat = dict(line.split() for line in lines if line.count(" ") == 1)
     return max(0, usage - sum(int(stat.get(key, 0)) for key in reclaimable))
 
 

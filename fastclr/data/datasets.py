@@ -143,7 +143,8 @@ STL10_COUNTS = {"train": 5000, "test": 8000, "unlabeled": 100000}
 
 
 def _read_stl10(folder: Path) -> Dataset:
-    names = (folder / "class_names.txt").read_text(encoding="utf-8").split() if (folder / "class_names.txt").exists() else []
+    listed = folder / "class_names.txt"
+    names = listed.read_text(encoding="utf-8").split() if listed.exists() else []
     train = ImageSet(formats.read_stl10_images(folder / "train_X.bin"), formats.read_stl10_labels(folder / "train_y.bin"))
     test = ImageSet(formats.read_stl10_images(folder / "test_X.bin"), formats.read_stl10_labels(folder / "test_y.bin"))
     unlabeled = formats.read_stl10_images(folder / "unlabeled_X.bin")

@@ -119,8 +119,9 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
             is_link = entry.is_symlink()
             try:
                 st = entry.stat(follow_symlinks=True)
-                if st.st_ino == 0 and stat.S_ISDIR(st.st_mode):  # Windows: a scandir entry's stat has no
-                    st = os.stat(entry.path)  # identity (Python's docs); os.stat's has
+                # Windows: a scandir entry's stat has no file ID (Python's docs), os.stat's has
+                if st.st_ino == 0 and stat.S_ISDIR(st.st_mode):
+                    st = os.stat(entry.path)
             except OSError as e:
                 out.skipped.append(Skip(rel, *_stat_error(e, is_link)))
                 continue

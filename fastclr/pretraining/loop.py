@@ -248,7 +248,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             raise FastclrError(f"{resume} is being written by {owner} and has no checkpoint yet; wait for it to "
                                "finish (or stop it), then resume")
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
-        check_resume_config(_store_path_absolute(config_mod.from_dict(state["config"])), cfg, allow_config_change, resume)
+        saved = _store_path_absolute(config_mod.from_dict(state["config"]))
+        check_resume_config(saved, cfg, allow_config_change, resume)
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")

@@ -281,12 +281,13 @@ def build_report(
     run = load_run(run_dir, dev, precision)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = read_eval(run_dir)
+    config_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     data: dict[str, Any] = {}
     sections = [_curves_section(run_dir), *_views_sections(run, dataset, dev, seed),
                 _playground_section(run, dataset, dev, seed, data), _explorer_section(run, dataset, dev, seed),
                 *_map_and_retrievals(run, dataset, dev, map_method, seed, data),
                 *_results_sections(ev, run_dir, state_checksum(run.encoder)),
-                section("config", "Config", f"<pre>{escape((run_dir / 'config.toml').read_text(encoding='utf-8'))}</pre>", "pre",
+                section("config", "Config", f"<pre>{escape(config_text)}</pre>", "pre",
                         "The resolved configuration of the run (config.toml).")]
     spec = run.spec
     subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
