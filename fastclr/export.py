@@ -205,15 +205,15 @@ def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
     .onnx: onnx). One line when the suffix does not fit the format, or names none."""
     suffix = out.suffix.lower()
     if fmt == "auto":
-        named = [f for f in ("fastclr", "torch-export", "onnx", "torchvision") if suffix in SUFFIXES[f]]
-        if not named:
+        named = next((f for f in ("fastclr", "torch-export", "onnx", "torchvision") if suffix in SUFFIXES[f]), None)
+        if named is None:
             raise FastclrError(f"--out {out}: the name says no export format; end it in .safetensors (fastclr), "
                                ".pth (torchvision), .pt2 (torch-export) or .onnx, or give --format")
-        if named[0] == "torchvision" and not (spec.encoder.startswith("resnet") and spec.width == 1.0):
+        if named == "torchvision" and not (spec.encoder.startswith("resnet") and spec.width == 1.0):
             raise FastclrError(f"--out {out}: {suffix} is torchvision's format, for width-1 ResNets, and this run's "
                                f"encoder is {spec.encoder} at width {spec.width:g}; name it "
                                f"{out.with_suffix('.safetensors').name}, .pt2 or .onnx")
-        return named[0]
+        return named
     if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
         raise FastclrError(f"--out {out}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])} files; "
                            f"name it e.g. {out.with_suffix(SUFFIXES[fmt][0]).name}")

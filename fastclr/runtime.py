@@ -31,6 +31,7 @@ import torch
 
 from fastclr.cgroups import MEMORY, smallest_limit
 from fastclr.config import parse_switch
+from fastclr.cpus import gives_threads_back
 from fastclr.errors import FastclrError, warn_stderr
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -335,12 +336,7 @@ def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, i
     """Best time of (m, k) @ (k, n) in `dtype` on `device` over up to `budget_s` seconds, on the
     CPU with `threads` threads (None: as set)."""
     if device.type == "cpu" and threads is not None and threads != torch.get_num_threads():
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return matmul_seconds(dtype, device, shape, budget_s)
-        finally:
-            torch.set_num_threads(before)
+        return _matmul_on_threads(threads, dtype, device, shape, budget_s)
     m, k, n = shape
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(m, k, device=device, generator=g).to(dtype)
@@ -358,6 +354,13 @@ def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, i
         if time.perf_counter() - start > budget_s and i > 1:
             break
     return best
+
+
+@gives_threads_back
+def _matmul_on_threads(threads: int, dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int],
+                       budget_s: float) -> float:
+    torch.set_num_threads(threads)
+    return matmul_seconds(dtype, device, shape, budget_s)
 
 
 def precision_timer(device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256)
@@ -407,14 +410,14 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     if prec.name == "bf16" and (cpu.native_bf16 and cpu.onednn_bf16):
         return
-    if prec.name == "fp16" and _query("_is_amx_fp16_supported") and cap_allows_amx_fp16(cpu.onednn_isa_cap):
+    has_units = cpu.native_bf16 if prec.name == "bf16" else _query("_is_amx_fp16_supported")
+    if prec.name == "fp16" and has_units and cap_allows_amx_fp16(cpu.onednn_isa_cap):
         return
     timer = precision_timer(device, shape)
     slow = timer(prec.dtype or torch.float32) / timer(torch.float32)
     if slow < 1.1:  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
         return
     units = "bf16" if prec.name == "bf16" else "fp16"
-    has_units = cpu.native_bf16 if prec.name == "bf16" else _query("_is_amx_fp16_supported")
     why = f"oneDNN capped at {cpu.onednn_isa_cap}" if has_units and cpu.onednn_isa_cap else f"no {units} units"
     warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, {why}): {prec.name} is emulated "
          f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} fp32")

@@ -10,7 +10,6 @@ step, so a resumed run replays exactly what the uninterrupted run would have don
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -45,7 +44,7 @@ from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
                                           peer_failure, process_device, setup, teardown)
 from fastclr.errors import FastclrError
-from fastclr.files import WriteFailed
+from fastclr.files import WriteFailed, read_json
 
 __all__ = ["NonFiniteLoss", "PretrainResult", "pretrain"]
 
@@ -390,10 +389,10 @@ def _already_finished(run: Run, result: PretrainResult) -> bool:
         return False
     probed = run.cfg.eval.probe and labelled(run.dataset)
     try:
-        record = json.loads((run.run_dir / "probe.json").read_text(encoding="utf-8")) if probed else None
-    except (OSError, ValueError):  # none, or damaged: the probe is made again
+        record = read_json(run.run_dir / "probe.json", "") if probed else None
+    except (OSError, FastclrError):  # none, or damaged: the probe is made again
         return False
-    if probed and (not isinstance(record, dict) or record.get("steps") != s.step):
+    if probed and (record is None or record.get("steps") != s.step):
         return False
     if record is not None:
         result.probe_accuracy, result.random_init_accuracy = record["accuracy"], record.get("random_init_accuracy")
