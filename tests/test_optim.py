@@ -10,8 +10,8 @@ from torch import nn
 
 from fastclr.errors import FastclrError
 from fastclr.pretraining.optim import LARS, build_optimizer, param_groups
-from fastclr.pretraining.schedule import (FEW_EPOCHS, TimeBudget, decay_progress, few_epochs_warning, lr_at, scaled_lr,
-                                         warmup_for)
+from fastclr.pretraining.schedule import (FEW_EPOCHS, TimeBudget, decay_progress, few_epochs_warning, lr_at,
+                                         ramp_fraction, scaled_lr, shortened_warmup, warmup_for)
 
 
 def test_warmup_is_linear_and_reaches_the_peak() -> None:
@@ -57,6 +57,30 @@ def test_few_epochs_are_flagged_below_the_threshold_only() -> None:
     almost = few_epochs_warning(FEW_EPOCHS - 0.01, 9.5, 100.0)
     assert almost is not None and almost.startswith("warning: only 4.9 epochs")  # never "5.0 epochs, too few"
     assert line.endswith(" or a GPU") and not str(few_epochs_warning(0.6, 9.5, 30.0, on_cpu=False)).endswith("GPU")
+    for epochs, shown in ((0.1, "0.1"), (0.099, "0.1"), (0.04, "0.04"), (0.0042, "0.004")):  # never "0.0 epochs"
+        assert str(few_epochs_warning(epochs, 0.3, 5000.0)).startswith(f"warning: only {shown} epochs fit in 0.3 min")
+
+
+def test_a_warm_up_shortened_under_way_goes_on_from_where_it_is() -> None:
+    """`shortened_warmup` at step s of a 100-step warm-up (share (s + 1) / 100) whose run now has
+    `total` steps: before its tenth, the ramp ends there; past it, over a tenth of the steps left;
+    either way it starts from the share reached, so no step's learning rate jumps."""
+    assert shortened_warmup(0, 100, 62) == (6, None)  # at the start: a tenth of the run, the plain ramp
+    assert shortened_warmup(3, 100, 62) == (6, (3, 0.04))
+    assert shortened_warmup(15, 100, 62) == (19, (15, 0.16))
+    assert shortened_warmup(25, 100, 26) == (26, (25, 0.26))  # one step left: it reaches the peak at the end
+    assert shortened_warmup(15, 10, 62) == (10, None) and shortened_warmup(5, 10, 62) == (10, None)  # nothing to shorten
+    for step, total in ((3, 62), (15, 62), (40, 70)):
+        end, ramp = shortened_warmup(step, 100, total)
+        lrs = [lr_at(k, total, end, 1.0, ramp=ramp) for k in range(step, total)]
+        assert lrs[0] == pytest.approx((step + 1) / 100)  # where the configured ramp was
+        rises = [b - a for a, b in zip(lrs, lrs[1:]) if b > a]
+        assert max(rises) == pytest.approx((1 - (step + 1) / 100) / (end - step))  # even steps up to the peak
+        assert lrs[end - step] == pytest.approx(1.0) and lrs[-1] < 0.01
+    # a second shortening goes on from the first one's ramp
+    end, ramp = shortened_warmup(15, 100, 62)
+    assert shortened_warmup(17, end, 18, ramp) == (18, (17, pytest.approx(0.16 + 0.84 * 2 / 4)))
+    assert ramp_fraction(17, end, ramp) == pytest.approx(0.16 + 0.84 * 2 / 4)
 
 
 def test_batch_size_scaling_rules() -> None:

@@ -204,13 +204,19 @@ def test_the_time_budget_ends_on_time_when_the_pace_drifts(tmp_path: Path) -> No
 
 def test_a_refit_that_shrinks_the_run_below_its_warm_up_shortens_the_warm_up(tmp_path: Path) -> None:
     """A warm-up of 100 steps (one epoch) fits in the first fit's 122 steps; then the pace slows
-    from 1 to 1.6 s/step and the refits shrink the run to 82: the warm-up becomes a tenth of the
-    run, and the learning rate decays to ~0 by the end instead of ending on its ramp."""
+    from 1 to 1.6 s/step and the refit at step 25 shrinks the run to 95 (82 in the end). The
+    warm-up goes on from the 26% of the peak it has reached to the peak over a tenth of the 70
+    steps left, and the learning rate decays to ~0 by the end instead of ending on its ramp. (It
+    used to end at a tenth of the run, step 9, already past: 26% -> 92% of the peak in one step.)"""
     clock, lines = PacedClock(lambda i: 0.5 if i < 5 else (1.0 if i < 15 else 1.6)), []
     res, records = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=100, log=lines.append, log_every=1)
     lrs, peak = [r["lr"] for r in records if "lr" in r], Config().optim.lr
     assert res.steps < 100 and lrs[-1] < 0.01 * peak
-    assert any("warm-up shortened to" in line for line in lines), lines
+    assert any(line.startswith("the time budget now fits 95 steps") and "warm-up shortened to end at step 32, rising "
+               "from the 26% of the peak learning rate it had reached at step 25" in line for line in lines), lines
+    assert lrs[:32] == pytest.approx([peak * (k + 1) / 100 for k in range(25)] +
+                                     [peak * (0.26 + 0.74 * (k - 25) / 7) for k in range(25, 32)])
+    assert lrs[32] == pytest.approx(peak) and all(b <= a for a, b in zip(lrs[32:], lrs[33:]))
 
 
 def test_before_the_first_fit_the_learning_rate_does_not_depend_on_epochs(tmp_path: Path) -> None:
@@ -328,10 +334,12 @@ def test_a_run_shorter_than_its_warm_up_gets_a_shorter_one_and_says_so(tmp_path:
 
 def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp_path: Path) -> None:
     """1 s a step, a 1-minute budget, 100 steps an epoch: about 62 steps fit, fewer than the one
-    epoch (100 steps) of warm-up, as when a ResNet-18 meets a 2-core CPU. From the first fit (step
-    15) the warm-up is a tenth of the fitted run, already past, so the learning rate goes to the
-    cosine near its peak and down to nothing by the end (with the configured warm-up it would still
-    be rising, at most 0.62 of the peak); the log says both, and warns that 0.6 epochs are too few."""
+    epoch (100 steps) of warm-up, as when a ResNet-18 meets a 2-core CPU. A tenth of the fitted run
+    has passed at the first fit (step 15), so the warm-up goes on from the 16% of the peak it has
+    reached to the peak over a tenth of the steps left, then the cosine takes it down to nothing by
+    the end (with the configured warm-up it would still be rising, at most 0.62 of the peak; ended
+    at a tenth of the run, it went from 16% to 93% of the peak in one step); the log says both, and
+    warns that 0.6 epochs are too few."""
     lines: list[str] = []
     clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0)
     res, records = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, log=lines.append, log_every=1)
@@ -341,18 +349,21 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
     assert lrs[:15] == pytest.approx([peak * (i + 1) / 100 for i in range(15)])  # before the fit
     fit = next(line for line in lines if line.startswith("time budget 1 min: "))
     fitted = int(fit.split(": ")[1].split()[0])
-    assert lrs[15] == pytest.approx(lr_at(15, fitted, fitted // 10, peak)) and lrs[15] > 0.9 * peak
+    end = 15 + (fitted - 15) // 10
+    assert lrs[15:end + 1] == pytest.approx([peak * (0.16 + 0.84 * (k - 15) / (end - 15)) for k in range(15, end + 1)])
+    assert lrs[end:] == pytest.approx([lr_at(k, fitted, end, peak) for k in range(end, fitted)])
     assert lrs[-1] < 0.01 * peak
-    assert f"warm-up of 100 steps (1 epoch) is not shorter than the run's {fitted} steps: shortened to " \
-           f"{fitted // 10}" in "\n".join(lines)
+    assert f"warm-up of 100 steps (1 epoch) is not shorter than the run's {fitted} steps: shortened to end at step " \
+           f"{end}, rising from the 16% of the peak learning rate it had reached at step 15" in "\n".join(lines)
     assert any(line.startswith(f"warning: only {fitted / 100:.1f} epochs fit in 1 min at 1000 ms/step") for line in lines)
-    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["warmup_steps"] == fitted // 10  # what a resume keeps
+    kept = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])  # what a resume keeps
+    assert kept["warmup_steps"] == end and kept["ramp_anchor"] == [15, pytest.approx(0.16)]
 
 
 def test_the_shortened_warm_up_stays_when_a_refit_lengthens_the_run(tmp_path: Path) -> None:
-    """1 s a step until the first fit (step 15: 60 steps fit, under the 100-step warm-up, which
-    becomes 6), then 0.25 s: the refits lengthen the run to about 190 steps, past the configured
-    warm-up. The warm-up stays 6 steps: between the refits at steps 50 and 75 the learning rate
+    """1 s a step until the first fit (step 15: 62 steps fit, under the 100-step warm-up, which
+    ends at step 19), then 0.25 s: the refits lengthen the run to 200 steps, past the configured
+    warm-up. The warm-up stays 19 steps: between the refits at steps 50 and 75 the learning rate
     falls along the cosine (were the warm-up taken from each refit's length, the refit at step 50,
     to about 143 steps, would put it back on the 100-step ramp, rising from 0.51 of the peak)."""
     clock = PacedClock(lambda i: 0.5 if i < 5 else (1.0 if i < 15 else 0.25))
@@ -425,18 +436,22 @@ def budgeted_straight_and_resumed(tmp_path: Path, stop_at: int) -> tuple[Any, li
 
 def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: Path) -> None:
     """Stopped at step 10, before the first fit (step 15), and resumed: the resumed process makes
-    that fit (length, shortened warm-up, the log line) on its own pace, at step 25, and from there
-    sets every learning rate as the uninterrupted run does; it used to keep the 100-step warm-up
-    and never reach the peak."""
+    that fit (length, shortened warm-up, the log line) on its own pace, at step 25, where its ramp
+    has reached 26% of the peak: the warm-up goes on from there to the peak over a tenth of the
+    steps left, then the cosine ends with the uninterrupted run. It used to keep the 100-step
+    warm-up and never reach the peak."""
     straight, straight_records, second, records, lines = budgeted_straight_and_resumed(tmp_path, stop_at=10)
     assert second.steps == straight.steps and any(line.startswith("time budget 1 min: ") for line in lines)
     # the summary's training seconds span both processes; it says how many steps this one ran
     assert any(line.startswith(f"trained {second.steps} steps in ") and f"({second.steps - 10} of them in this process, "
                in line for line in lines), lines[-3:]
-    want = {r["step"]: r["lr"] for r in straight_records if "lr" in r and r["step"] > 25}
-    assert {r["step"]: r["lr"] for r in records if "lr" in r and r["step"] > 25} == want
-    warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]
-    assert warmup == load_checkpoint(list_checkpoints(tmp_path / "a" / "run")[-1])["warmup_steps"] < 10
+    peak, end = tiny_config(tmp_path).optim.lr, 25 + (second.steps - 25) // 10
+    lrs = [r["lr"] for r in sorted(records, key=lambda r: r["step"]) if "lr" in r]
+    assert lrs == pytest.approx([peak * (k + 1) / 100 for k in range(25)] +
+                                [peak * (0.26 + 0.74 * (k - 25) / (end - 25)) for k in range(25, end)] +
+                                [lr_at(k, second.steps, end, peak) for k in range(end, second.steps)])
+    kept = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])
+    assert kept["warmup_steps"] == end and kept["ramp_anchor"] == [25, pytest.approx(0.26)]
 
 
 def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> None:
@@ -448,13 +463,25 @@ def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> N
     straight, straight_records, second, records, lines = budgeted_straight_and_resumed(tmp_path, stop_at=30)
     assert second.steps == straight.steps
     warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]
-    assert warmup < 10 and any(f"shortened to {warmup} (a tenth of the run)" in line for line in lines)
+    assert warmup == 15 + (second.steps - 15) // 10
+    assert any(f"shortened to end at step {warmup}, rising from the 16% of" in line for line in lines), lines
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}  # the resumed half rewrites nothing before step 30
     assert [lrs[k] for k in sorted(lrs)] == [r["lr"] for r in straight_records if "lr" in r]
     peak = tiny_config(tmp_path).optim.lr
-    # step 31's record is the lr of step index 30: on the cosine after the short warm-up (0.61 of the
+    # step 31's record is the lr of step index 30: on the cosine after the short warm-up (0.85 of the
     # peak), not on the configured 100-step ramp (0.31)
     assert lrs[31] == pytest.approx(lr_at(30, second.steps, warmup, peak)) and lrs[31] > 0.5 * peak
+
+
+def test_a_budgeted_run_resumed_inside_its_shortened_warm_up_goes_on_along_it(tmp_path: Path) -> None:
+    """The same run stopped at step 17, between the first fit (step 15) and the end of the warm-up
+    it shortened (step 19): the checkpoint keeps where the ramp was anchored, so the resumed half
+    sets every learning rate exactly as the uninterrupted run did, still rising to the peak."""
+    straight, straight_records, second, records, _ = budgeted_straight_and_resumed(tmp_path, stop_at=17)
+    assert second.steps == straight.steps
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert [lrs[k] for k in sorted(lrs)] == [r["lr"] for r in straight_records if "lr" in r]
+    assert lrs[17] < lrs[18] < lrs[19] < lrs[20] == pytest.approx(tiny_config(tmp_path).optim.lr)
 
 
 def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path: Path) -> None:

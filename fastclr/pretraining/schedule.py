@@ -31,12 +31,23 @@ def decay_progress(step: int, total_steps: int, warmup_steps: int, anchor: tuple
     return min(1.0, done + (1.0 - done) * (step - start) / max(1, total_steps - start))
 
 
+def ramp_fraction(step: int, warmup_steps: int, ramp: tuple[int, float] | None = None) -> float:
+    """The warm-up's share of the peak at `step` < `warmup_steps`: (step + 1) / warmup_steps, or,
+    from `ramp` = (step, share there) on, linear from that share to 1 at `warmup_steps`
+    (`shortened_warmup`)."""
+    if ramp is None:
+        return (step + 1) / warmup_steps
+    start, done = ramp
+    return done + (1.0 - done) * (step - start) / max(1, warmup_steps - start)
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_ratio: float = 0.0,
-          anchor: tuple[int, float] | None = None) -> float:
+          anchor: tuple[int, float] | None = None, ramp: tuple[int, float] | None = None) -> float:
     """Linear warmup from ~0 to `peak_lr` over `warmup_steps`, then cosine decay to
-    `peak_lr * min_ratio` at `total_steps` (per step, as in SimCLR); `anchor`: see `decay_progress`."""
+    `peak_lr * min_ratio` at `total_steps` (per step, as in SimCLR); `anchor`: see `decay_progress`,
+    `ramp`: see `ramp_fraction`."""
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
+        return peak_lr * ramp_fraction(step, warmup_steps, ramp)
     progress = decay_progress(step, total_steps, warmup_steps, anchor)
     floor = peak_lr * min_ratio
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -49,6 +60,23 @@ def warmup_for(warmup_steps: int, total_steps: int) -> int:
     return max(1, total_steps // 10) if warmup_steps >= total_steps >= 1 else warmup_steps
 
 
+def shortened_warmup(step: int, warmup_steps: int, total_steps: int,
+                     ramp: tuple[int, float] | None = None) -> tuple[int, tuple[int, float] | None]:
+    """The warm-up (its last step + 1, and its `ramp`) of a run whose length a time budget has just
+    fitted at `step` to `total_steps`, not more than its `warmup_steps`: a tenth of the run
+    (`warmup_for`) when that is still ahead, else a tenth of the steps left. A ramp already under
+    way goes on from the share of the peak it has reached: ending it where the run's tenth has
+    passed would take the learning rate from that share to the cosine's top in one step (16% ->
+    93% of the peak at a 1-minute budget's first fit, step 15 of a 100-step warm-up)."""
+    if step >= warmup_steps or warmup_steps < total_steps:
+        return warmup_steps, ramp
+    tenth = warmup_for(warmup_steps, total_steps)
+    if step == 0:
+        return tenth, None
+    end = tenth if step < tenth else step + max(1, (total_steps - step) // 10)
+    return end, (step, ramp_fraction(step, warmup_steps, ramp))
+
+
 # Below this many epochs a run is flagged as barely trained: the default Fashion-MNIST run probes
 # 88.4% after 6 epochs against 89.9% after 32 (docs/benchmarks.md section 3), and a ResNet-18 at
 # 32 px fits half an epoch in 9.5 minutes on 2 CPU cores (section 6).
@@ -59,8 +87,9 @@ def few_epochs_warning(epochs: float, budget_min: float, ms_per_step: float, on_
     """The one-line warning of a time budget that fits fewer than `FEW_EPOCHS` epochs, else None."""
     if epochs >= FEW_EPOCHS:
         return None
-    shown = math.floor(epochs * 10) / 10  # 4.96 epochs is not "5.0 epochs, too few"
-    return (f"warning: only {shown:.1f} epochs fit in {budget_min:g} min at {ms_per_step:.0f} ms/step on this "
+    # 4.96 epochs is not "5.0 epochs, too few", and 0.04 is not "0.0 epochs"
+    shown = f"{math.floor(epochs * 10) / 10:.1f}" if epochs >= 0.1 else f"{epochs:.1g}"
+    return (f"warning: only {shown} epochs fit in {budget_min:g} min at {ms_per_step:.0f} ms/step on this "
             f"machine, too few for SimCLR to learn much: give it more time (--time-budget) or a smaller encoder "
             f"(--width, --encoder cnn){' or a GPU' if on_cpu else ''}")
 

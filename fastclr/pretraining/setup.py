@@ -22,7 +22,8 @@ from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
 from fastclr.pretraining.monitor import KnnMonitor
 from fastclr.pretraining.optim import build_optimizer
-from fastclr.pretraining.schedule import TimeBudget, decay_progress, few_epochs_warning, lr_at, scaled_lr, warmup_for
+from fastclr.pretraining.schedule import (TimeBudget, decay_progress, few_epochs_warning, lr_at, scaled_lr,
+                                          shortened_warmup, warmup_for)
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain, objective_options
@@ -140,7 +141,8 @@ class Run:
         # the peak is held after the warm-up, not a cosine over a length the budget will replace.
         unfitted = self.budget is not None and self.first_fit_ahead and s.step < self.budget.first_fit_at
         lr = self.peak_lr if unfitted and s.step >= s.warmup_steps else \
-            lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio, s.decay_anchor)
+            lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio, s.decay_anchor,
+                  s.ramp_anchor)
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -170,16 +172,18 @@ class Run:
                 s.decay_anchor = (s.step, decay_progress(s.step, s.total_steps, s.warmup_steps, s.decay_anchor))
             s.total_steps = total
             self.bar.total = s.total_steps
-            if refit and s.warmup_steps >= s.total_steps > 1:  # a slower pace shrank the run below its warm-up
-                s.warmup_steps = warmup_for(s.warmup_steps, s.total_steps)
+            if refit and s.warmup_steps >= s.total_steps > 1 and s.step < s.warmup_steps:
+                # a slower pace shrank the run below its warm-up
+                s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps, s.ramp_anchor)
                 self.log(f"the time budget now fits {s.total_steps} steps, not more than the warm-up: warm-up "
-                         f"shortened to {s.warmup_steps} steps (a tenth of the run), so the learning rate decays")
+                         f"{self.shortened_text()}, so the learning rate decays")
             if not fitted and s.step == b.first_fit_at:
                 budget, epochs = self.cfg.train.time_budget, s.total_steps / self.steps_per_epoch
                 ms = b.pace(s.step, s.train_seconds) * 1000
                 self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs:.1f} epochs) at "
                          f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
-                s.warmup_steps = warmup_for(self.warmup_steps, s.total_steps)  # once: later refits keep it
+                # once: later refits keep it
+                s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
                 self.log_short_warmup()
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
                 if warning:
@@ -198,12 +202,20 @@ class Run:
             self.state.total_steps = max(self.state.total_steps, self.budget.first_fit_at + 1)
 
     def log_short_warmup(self) -> None:
-        """Say so when the run's warm-up is shorter than configured (`warmup_for` shortened it)."""
+        """Say so when the run's warm-up is shorter than configured (`shortened_warmup`)."""
         s, warmup, epochs = self.state, self.warmup_steps, self.cfg.optim.warmup_epochs
-        if s.warmup_steps != warmup:
+        if s.warmup_steps != warmup or s.ramp_anchor is not None:
             self.log(f"warm-up of {warmup} steps ({epochs:g} epoch{'' if epochs == 1 else 's'}) is not shorter than the "
-                     f"run's {s.total_steps} steps: shortened to {s.warmup_steps} (a tenth of the run); "
-                     "set --warmup-epochs to choose")
+                     f"run's {s.total_steps} steps: {self.shortened_text()}; set --warmup-epochs to choose")
+
+    def shortened_text(self) -> str:
+        """How the warm-up was shortened, for the log."""
+        s = self.state
+        if s.ramp_anchor is None:
+            return f"shortened to {s.warmup_steps} (a tenth of the run)"
+        step, share = s.ramp_anchor
+        return (f"shortened to end at step {s.warmup_steps}, rising from the {share:.0%} of the peak learning rate "
+                f"it had reached at step {step}")
 
     def log_window(self, lr: float, window_seconds: float) -> None:
         """Write the window's metrics (metrics.jsonl, TensorBoard) and update the progress line."""

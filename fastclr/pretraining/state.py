@@ -71,6 +71,9 @@ class RunState:
         self.decay_anchor: tuple[int, float] | None = None
         """Where a time budget's last refit re-anchored the cosine (`decay_progress`): the step and
         the progress there; None: the one cosine from the end of the warm-up."""
+        self.ramp_anchor: tuple[int, float] | None = None
+        """Where a time budget's fit shortened a warm-up under way (`shortened_warmup`): the step and
+        the share of the peak reached there; None: the ramp from the first step."""
         self.start_step = 0
         """The step this process started from: 0, or the checkpoint's step when resumed."""
         self.monitor_seconds = 0.0
@@ -98,6 +101,8 @@ class RunState:
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
             anchor = state.get("decay_anchor")  # absent before 2026-12-05
             self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
+            ramp = state.get("ramp_anchor")  # absent before 2026-12-05
+            self.ramp_anchor = (int(ramp[0]), float(ramp[1])) if ramp is not None else None
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.monitor_seconds = float(state.get("monitor_seconds", 0.0))  # absent before 2026-12-03
         self.skip_streak = int(state.get("skip_streak", 0))  # absent before 2026-12-04
@@ -109,6 +114,7 @@ class RunState:
             "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
             "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds, "skip_streak": self.skip_streak,
             **({"decay_anchor": list(self.decay_anchor)} if self.decay_anchor is not None else {}),
+            **({"ramp_anchor": list(self.ramp_anchor)} if self.ramp_anchor is not None else {}),
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
