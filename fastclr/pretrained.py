@@ -48,18 +48,34 @@ class LoadedRun:
         return self.spec.std_tensor()
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision: str = "auto",
-             log: Callable[[str], None] = print) -> LoadedRun:
-    """The encoder of a run directory, with one-line errors for anything missing or unsafe, and
-    the precision (auto, bf16, fp16, fp32) resolved for `device`."""
-    run = Path(run_dir)
+def require_weights(run: Path, command: str) -> str:
+    """The owner of `run` if a live process is writing it, else ''; a one-line error, in words for
+    `command` (evaluate, embed, ...), for a folder that is not a run and a run with neither an
+    exported encoder nor a checkpoint: one still being written by its owner, or one stopped before
+    its first checkpoint."""
     if not run.is_dir():
         raise FastclrError(f"{run} is not a directory; give the directory of a `fastclr pretrain` run")
-    cfg_path = run / "config.toml"
-    if not cfg_path.exists():
-        raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory")
-    export = run / ENCODER_FILE
+    if not (run / "config.toml").exists():
+        raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory: give the directory "
+                           "`fastclr pretrain` wrote")
     owner = locked_by_another(run)
+    if (run / ENCODER_FILE).exists() or list_checkpoints(run):
+        return owner
+    if owner:
+        raise FastclrError(f"{run} is being written by {owner} and has no checkpoint yet; {command} it after its "
+                           "first checkpoint")
+    raise FastclrError(f"{run} has no {ENCODER_FILE} and no checkpoint: it stopped before its first checkpoint; "
+                       f"start it again with the command that made it (its settings: {run / 'config.toml'}), "
+                       f"then {command} it")
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision: str = "auto",
+             log: Callable[[str], None] = print, command: str = "load") -> LoadedRun:
+    """The encoder of a run directory, with one-line errors for anything missing or unsafe (in words
+    for `command`: `require_weights`), and the precision (auto, bf16, fp16, fp32) resolved for `device`."""
+    run = Path(run_dir)
+    owner = require_weights(run, command)
+    cfg_path, export = run / "config.toml", run / ENCODER_FILE
     if owner:  # checkpoints and the export are written atomically: what exists is complete
         log(f"note: {run} is being written by {owner}; using its last complete "
             f"{'export' if export.exists() else 'checkpoint'}")
@@ -67,9 +83,6 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
     else:
-        if not list_checkpoints(run):
-            raise FastclrError(f"{run} holds no {ENCODER_FILE} and no checkpoint: the run stopped before its first "
-                               "checkpoint; give the directory of a run that saved one")
         _, state = latest_valid_checkpoint(run)
         spec = EncoderSpec.from_dict(state["model_info"])
         if not spec.rebuildable:

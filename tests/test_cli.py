@@ -118,8 +118,8 @@ def test_unwritable_run_dir_and_resume_without_checkpoint(tmp_path: Path, env: d
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = call_main(["embed", str(empty), "--data", "mnist", "--out", str(tmp_path / "e.npy")], env, tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == (  # not "start a new run without --resume", a pretrain flag
-        f"error: {empty} holds no encoder.safetensors and no checkpoint: the run stopped before its first checkpoint; "
-        "give the directory of a run that saved one")
+        f"error: {empty} has no encoder.safetensors and no checkpoint: it stopped before its first checkpoint; start it "
+        f"again with the command that made it (its settings: {empty / 'config.toml'}), then embed it")
 
 
 def test_a_peer_failure_exits_2_without_finalisation(tmp_path: Path, env: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,16 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
         assert main(["pretrain", "--resume", str(tmp_path / "empty"), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"is being written by PID {os.getpid()} on" in err and "has no checkpoint yet; wait for it" in err
+        # every command that reads a run's encoder says the same (they said it "stopped before its first checkpoint")
+        for argv, command in ((["embed", "--data", "mnist", "--out", str(tmp_path / "e.npy")], "embed"),
+                              (["export", "--out", str(tmp_path / "e.safetensors")], "export"),
+                              (["neighbours", "--data", "s", "--query", "q.png"], "search with"),
+                              (["finetune", "--labels-per-class", "10"], "fine-tune")):
+            assert main([argv[0], str(tmp_path / "empty"), *argv[1:]]) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0] == (f"error: {tmp_path / 'empty'} is being written by PID {os.getpid()} on "
+                                                f"{socket.gethostname()} and has no checkpoint yet; {command} it after "
+                                                "its first checkpoint"), err
     finally:
         lock.release()
     # export into a folder that does not exist yet: made, as embed and finetune make theirs

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from fastclr.checkpoint import list_checkpoints
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset, load_data
 from fastclr.errors import FastclrError
@@ -30,13 +29,12 @@ from fastclr.evaluation.quality import feature_quality
 from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
 from fastclr.evaluation.reference import lift_summary, untrained_encoder
 from fastclr.evaluation.supervised import supervised_baseline
-from fastclr.export import ENCODER_FILE
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
 from fastclr.files import read_json
-from fastclr.runs import locked_by_another, write_json
+from fastclr.runs import write_json
 from fastclr.tracking import numbers, read_ids, tracked
 from fastclr.tracking import require as require_trackers
 from fastclr.runtime import select_device
@@ -179,23 +177,6 @@ def parse_protocols(text: str) -> tuple[str, ...]:
     return names
 
 
-def require_encoder(run_dir: Path, command: str = "evaluate") -> None:
-    """A one-line error for a folder that is not a run, or a run that has neither an exported
-    encoder nor a checkpoint (one still being written by its owner, or one stopped before its first)."""
-    if not run_dir.is_dir() or (run_dir / ENCODER_FILE).exists() or list_checkpoints(run_dir):
-        return
-    if not (run_dir / "config.toml").exists():
-        raise FastclrError(f"{run_dir} holds no config.toml; it is not a fastclr run directory: give the directory "
-                           "`fastclr pretrain` wrote")
-    owner = locked_by_another(run_dir)
-    if owner:
-        raise FastclrError(f"{run_dir} is being written by {owner} and has no checkpoint yet; {command} it after its "
-                           "first checkpoint")
-    raise FastclrError(f"{run_dir} has no {ENCODER_FILE} and no checkpoint: it stopped before its first checkpoint; "
-                       f"start it again with the command that made it (its settings: {run_dir / 'config.toml'}), "
-                       f"then {command} it")
-
-
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe,
                     missing: str) -> LabelledSetup:
     """The run's labelled train and test splits with `recipe`; without them, one line: the dataset
@@ -235,10 +216,9 @@ def evaluate(
     run_dir = Path(run_dir)
     set_threads(o.threads, warn=log)
     device = select_device(o.device, warn=log)
-    require_encoder(run_dir)
+    run = load_run(run_dir, device, o.precision, log, command="evaluate")
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
     require_trackers(trackers)
-    run = load_run(run_dir, device, o.precision, log)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
     t_start = time.perf_counter()

@@ -35,21 +35,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(run_dir: str, device_name: str, precision: str) -> tuple[LoadedRun, torch.device]:
+def _load(run_dir: str, device_name: str, precision: str, command: str) -> tuple[LoadedRun, torch.device]:
     from fastclr.cpus import set_threads
     from fastclr.pretrained import load_run
     from fastclr.runtime import select_device
 
     set_threads(0)  # one thread per usable CPU at most: PyTorch's own count ignores a cgroup CPU quota
     device = select_device(device_name)
-    return load_run(run_dir, device, precision), device
+    return load_run(run_dir, device, precision, command=command), device
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Write encoder features of every image of a source."""
     from fastclr.ingest.embed import embed
 
-    run, device = _load(args.run_dir, args.device, args.precision)
+    run, device = _load(args.run_dir, args.device, args.precision, "embed")
     embed(run, args.data, Path(args.out), device, args.split, args.batch_size, args.workers)
     return 0
 
@@ -58,7 +58,7 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     """Print (and draw) the store images nearest to a query image."""
     from fastclr.ingest.neighbours import neighbours
 
-    run, device = _load(args.run_dir, args.device, args.precision)
+    run, device = _load(args.run_dir, args.device, args.precision, "search with")
     neighbours(run, Path(args.data), Path(args.query), args.k, device, Path(args.grid) if args.grid else None)
     return 0
 

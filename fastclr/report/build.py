@@ -29,7 +29,7 @@ from fastclr.evaluation.features import (encode, evenly_spaced, features_of, req
                                          view_pairs)
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift
-from fastclr.evaluation.run import read_eval, require_encoder
+from fastclr.evaluation.run import read_eval
 from fastclr.evaluation.table import format_table
 from fastclr.pretrained import LoadedRun, head_checkpoint, load_run, trained_head, trained_temperature
 from fastclr.ingest.embed import embed_images
@@ -277,8 +277,7 @@ def build_report(
     dev = select_device(device)
     if out is not None:
         refuse_run_file(out)
-    require_encoder(run_dir, "report")
-    run = load_run(run_dir, dev, precision)
+    run = load_run(run_dir, dev, precision, command="report")
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = read_eval(run_dir)
     config_text = (run_dir / "config.toml").read_text(encoding="utf-8")

@@ -161,11 +161,11 @@ def _fresh_out(out: Path, what: str) -> Path:
     return out
 
 
-def _open_run(run_dir: Path, device_name: str, precision: str, threads: int, log: Callable[[str], None]
-              ) -> tuple[LoadedRun, torch.device]:
+def _open_run(run_dir: Path, device_name: str, precision: str, threads: int, log: Callable[[str], None],
+              command: str) -> tuple[LoadedRun, torch.device]:
     set_threads(threads, warn=log)
     device = select_device(device_name, warn=log)
-    return load_run(run_dir, device, precision, log), device
+    return load_run(run_dir, device, precision, log, command=command), device
 
 
 @gives_threads_back
@@ -177,7 +177,7 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     if o.seed < 0:
         raise FastclrError(f"--seed takes 0 to {SEED_MAX}, got {o.seed}")
     _check(o.steps, o.batch_size, o.lr, o.seed, from_head_layer=o.from_head_layer)
-    run, device = _open_run(Path(run_dir), o.device, o.precision, o.threads, log)
+    run, device = _open_run(Path(run_dir), o.device, o.precision, o.threads, log, "fine-tune")
     neck = nn.Sequential()
     if o.from_head_layer > 0:
         head = trained_head(run, device)
@@ -298,7 +298,7 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     run_dir = Path(told["run_dir"])
     if not run_dir.is_dir():
         raise FastclrError(f"the teacher's run {run_dir} is gone; the student starts from it and trains on its data")
-    run, device = _open_run(run_dir, o.device, o.precision, o.threads, log)
+    run, device = _open_run(run_dir, o.device, o.precision, o.threads, log, "distil from")
     teacher, _, _ = load_classifier(teacher_dir, device)
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = dataclasses.replace(EvaluateOptions(), steps=o.steps, batch_size=o.batch_size, lr=o.lr)
