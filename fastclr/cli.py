@@ -212,6 +212,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
+    return _parser_and_commands()[0]
+
+
+def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The argument parser, and each subcommand's parser by name."""
     from fastclr.version import __version__
 
     p = argparse.ArgumentParser(prog="fastclr", description="SimCLR pretraining and evaluation.")
@@ -257,19 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", action="store_true", help="one JSON object instead of text")
     inf.add_argument("--no-measure", action="store_true", help="skip the two-second matmul measurement")
     inf.set_defaults(func=cmd_info)
-    return p
+    return p, dict(sub.choices)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line parsed; an option the command does not know is refused by that command's
     parser (its usage, not the list of commands) with the nearest option it has: `pretrain
     --time-budgt 5` printed fastclr's top-level usage and no hint."""
-    parser = build_parser()
+    parser, commands = _parser_and_commands()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
         sub = commands[args.command]
-        known = [o for a in sub._actions for o in a.option_strings]
+        # argparse lists a parser's options only in a private attribute: should it go, no hint, still the error
+        known = [o for a in getattr(sub, "_actions", ()) for o in getattr(a, "option_strings", ())]
         hints = [f"{token.split('=')[0]}: did you mean {close[0]}?" for token in extra if token.startswith("--")
                  for close in [difflib.get_close_matches(token.split("=")[0], known, n=1)] if close]
         sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
