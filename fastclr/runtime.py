@@ -33,6 +33,7 @@ from fastclr.cgroups import MEMORY, smallest_limit
 from fastclr.config import parse_switch
 from fastclr.cpus import gives_threads_back
 from fastclr.errors import FastclrError, warn_stderr
+from fastclr.host_memory import MEMINFO, os_available
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -453,22 +454,12 @@ def use_compile(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" and not blocker if on is None else on
 
 
-def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Bytes that can be allocated without swapping or being killed: the kernel's MemAvailable,
-    and no more than a cgroup memory limit leaves (a container's: MemAvailable there is the
-    host's); None where neither is known."""
-    known = [room for room in (_mem_available(meminfo), smallest_limit(MEMORY)) if room is not None]
+def available_memory(meminfo: Path = MEMINFO) -> int | None:
+    """Bytes that can be allocated without swapping or being killed: what the operating system
+    counts as available (`host_memory.os_available`), and no more than a cgroup memory limit
+    leaves (a container's: MemAvailable there is the host's); None where neither is known."""
+    known = [room for room in (os_available(meminfo), smallest_limit(MEMORY)) if room is not None]
     return int(min(known)) if known else None
-
-
-def _mem_available(meminfo: Path) -> int | None:
-    try:
-        for line in meminfo.read_text(encoding="utf-8").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def require_memory(needed: int, what: str, fix: str) -> None:

@@ -1,6 +1,7 @@
-"""What differs on Windows, checked here on Linux with the difference put in place: the POSIX-only
-modules and calls taken away, a directory entry's stat without an identity, and files that stay
-mapped. (No Windows machine runs this suite; these are the platform's documented behaviours.)"""
+"""What differs on Windows and macOS, checked here on Linux with the difference put in place: the
+POSIX-only modules and calls taken away, a directory entry's stat without an identity, files that
+stay mapped, and each system's answer to how much memory is available. (No Windows or macOS
+machine runs this suite; these are the platforms' documented behaviours.)"""
 
 from __future__ import annotations
 
@@ -219,3 +220,85 @@ def test_cuda_ranks_join_through_gloo_where_the_build_has_no_nccl(nccl: bool, ex
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(backend))
     ctx = distributed.setup(torch.device("cuda", 1), timeout_s=5.0)
     assert joined == [expected] and (ctx.rank, ctx.world_size) == (1, 2)
+
+
+# `vm_stat` of macOS 14 on an Apple M2 (16 KiB pages), as it prints them
+VM_STAT = """Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                                3932.
+Pages active:                            208427.
+Pages inactive:                          205371.
+Pages speculative:                         2118.
+Pages throttled:                              0.
+Pages wired down:                        130364.
+Pages purgeable:                           5306.
+"Translation faults":                 862913530.
+Pages copy-on-write:                   29048366.
+Pages zero filled:                    325469698.
+Pages reactivated:                     12003400.
+Pages purged:                           4563826.
+File-backed pages:                       133473.
+Anonymous pages:                         282443.
+Pages stored in compressor:              872123.
+Pages occupied by compressor:            294227.
+Decompressions:                        27349744.
+Compressions:                          39282738.
+Pageins:                               10290432.
+Pageouts:                                154424.
+Swapins:                                 109282.
+Swapouts:                                159858.
+"""
+
+
+def test_the_memory_checks_read_macos_vm_stat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On macOS (no /proc/meminfo) the checks before large allocations read `vm_stat`: free +
+    speculative + inactive pages times the page size; refused as on Linux when it would not fit;
+    off (None), not an error, when vm_stat cannot run or prints something else."""
+    import fastclr.host_memory as host_memory
+    import fastclr.runtime as runtime
+    from fastclr.errors import FastclrError
+
+    available = 16384 * (3932 + 2118 + 205371)
+    assert host_memory.parse_vm_stat(VM_STAT) == available
+    assert host_memory.parse_vm_stat(VM_STAT.replace("Pages inactive:", "Pages idle:")) is None
+    assert host_memory.parse_vm_stat("vm_stat: unknown") is None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(runtime, "smallest_limit", lambda kind: None)  # no Linux cgroup on a Mac
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: SimpleNamespace(stdout=VM_STAT) if argv == ["vm_stat"]
+                        else pytest.fail(f"ran {argv}"))
+    assert runtime.available_memory() == available
+    runtime.require_memory(int(0.9 * available) - 1, "the probe", "use fewer features")
+    with pytest.raises(FastclrError, match=r"^the probe needs about 2\.9 GiB but 3\.2 GiB are available; use fewer"):
+        runtime.require_memory(int(0.9 * available) + 2**20, "the probe", "use fewer features")
+
+    def missing(argv: list[str], **kw: Any) -> None:
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert runtime.available_memory() is None
+    runtime.require_memory(10**15, "the probe", "use fewer features")  # unknown: not refused
+
+
+def test_the_memory_checks_ask_windows_for_its_available_physical_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Windows the checks ask GlobalMemoryStatusEx, with MEMORYSTATUSEX's 64-byte layout and its
+    dwLength set as the API requires; a failed call turns the checks off."""
+    import ctypes
+
+    import fastclr.runtime as runtime
+    from fastclr.host_memory import MemoryStatus
+
+    assert ctypes.sizeof(MemoryStatus) == 64 and MemoryStatus.ullAvailPhys.offset == 16
+    calls: list[int] = []
+
+    def global_memory_status_ex(ref: Any) -> int:
+        status = ref._obj
+        calls.append(status.dwLength)
+        status.ullTotalPhys, status.ullAvailPhys = 16 * 2**30, 5 * 2**30 + 123
+        return 1
+
+    kernel32 = SimpleNamespace(GlobalMemoryStatusEx=global_memory_status_ex)
+    monkeypatch.setattr(ctypes, "windll", SimpleNamespace(kernel32=kernel32), raising=False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(runtime, "smallest_limit", lambda kind: None)
+    assert runtime.available_memory() == 5 * 2**30 + 123 and calls == [64]
+    kernel32.GlobalMemoryStatusEx = lambda ref: 0  # the call failed
+    assert runtime.available_memory() is None
