@@ -275,8 +275,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         sub = commands[args.command]
         # argparse lists a parser's options only in a private attribute: should it go, no hint, still the error
         known = [o for a in getattr(sub, "_actions", ()) for o in getattr(a, "option_strings", ())]
-        hints = [f"{token.split('=')[0]}: did you mean {close[0]}?" for token in extra if token.startswith("--")
-                 for close in [difflib.get_close_matches(token.split("=")[0], known, n=1)] if close]
+        hints = [f"{name}: give it after the command, as in `fastclr {args.command} {name}`" if close[0] == name
+                 else f"{name}: did you mean {close[0]}?"
+                 for token in extra if token.startswith("--") for name in [token.split("=")[0]]
+                 for close in [difflib.get_close_matches(name, known, n=1)] if close]
         sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
     return args
 

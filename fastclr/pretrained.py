@@ -55,11 +55,13 @@ def require_weights(run: Path, command: str) -> str:
     its first checkpoint."""
     if not run.is_dir():
         raise FastclrError(f"{run} is not a directory; give the directory of a `fastclr pretrain` run")
-    if not (run / "config.toml").exists():
+    owner = locked_by_another(run)
+    weights = (run / ENCODER_FILE).exists() or bool(list_checkpoints(run))
+    # a run's first seconds: its owner holds the lock before it writes config.toml
+    if not (run / "config.toml").exists() and not (owner and not weights):
         raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory: give the directory "
                            "`fastclr pretrain` wrote")
-    owner = locked_by_another(run)
-    if (run / ENCODER_FILE).exists() or list_checkpoints(run):
+    if weights:
         return owner
     if owner:
         raise FastclrError(f"{run} is being written by {owner} and has no checkpoint yet; {command} it after its "

@@ -155,6 +155,10 @@ def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys
     assert stopped.value.code == 2 and err.startswith("usage: fastclr pretrain ")
     assert err.strip().endswith("fastclr pretrain: error: unrecognized arguments: --time-budgt "
                                 "(--time-budgt: did you mean --time-budget?)")
+    with pytest.raises(SystemExit):  # a command's own option given before the command
+        main(["--quiet", "pretrain"])
+    assert capsys.readouterr().err.strip().endswith("fastclr pretrain: error: unrecognized arguments: --quiet "
+                                                    "(--quiet: give it after the command, as in `fastclr pretrain --quiet`)")
     with pytest.raises(SystemExit):
         main(["evaluate", "RUN", "--zzz"])  # nothing near: no hint
     assert capsys.readouterr().err.strip().endswith("fastclr evaluate: error: unrecognized arguments: --zzz")

@@ -248,6 +248,14 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
                                                 "its first checkpoint"), err
     finally:
         lock.release()
+    # a run in its first seconds: its owner holds the lock before writing config.toml
+    (tmp_path / "young").mkdir()
+    lock = RunLock(tmp_path / "young", log=lambda s: None)
+    try:
+        assert main(["embed", str(tmp_path / "young"), "--data", "mnist", "--out", str(tmp_path / "y.npy")]) == 2
+        assert f"young is being written by PID {os.getpid()} on" in capsys.readouterr().err  # not "not a run"
+    finally:
+        lock.release()
     # export into a folder that does not exist yet: made, as embed and finetune make theirs
     assert main(["export", str(run_dir), "--format", "fastclr", "--out", str(tmp_path / "new" / "enc.safetensors")]) == 0
     made, own = load_file(str(tmp_path / "new" / "enc.safetensors")), load_file(str(run_dir / "encoder.safetensors"))

@@ -57,17 +57,21 @@ def test_few_epochs_are_flagged_below_the_threshold_only() -> None:
     almost = few_epochs_warning(FEW_EPOCHS - 0.01, 9.5, 100.0)
     assert almost is not None and almost.startswith("warning: only 4.9 epochs")  # never "5.0 epochs, too few"
     assert line.endswith(" or a GPU") and not str(few_epochs_warning(0.6, 9.5, 30.0, on_cpu=False)).endswith("GPU")
-    for epochs, shown in ((0.1, "0.1"), (0.099, "0.1"), (0.04, "0.04"), (0.0042, "0.004")):  # never "0.0 epochs"
-        assert str(few_epochs_warning(epochs, 0.3, 5000.0)).startswith(f"warning: only {shown} epochs fit in 0.3 min")
+    for epochs, shown in ((0.1, "0.1"), (0.099, "0.09"), (0.04, "0.04"), (0.0042, "0.004"), (4e-5, "0.00004")):
+        assert str(few_epochs_warning(epochs, 0.3, 5000.0)).startswith(f"warning: only {shown} epochs fit in 0.3 min")  # not 0.0, nor 4e-05
 
 
 def test_a_warm_up_shortened_under_way_goes_on_from_where_it_is() -> None:
     """`shortened_warmup` at step s of a 100-step warm-up (share (s + 1) / 100) whose run now has
-    `total` steps: before its tenth, the ramp ends there; past it, over a tenth of the steps left;
-    either way it starts from the share reached, so no step's learning rate jumps."""
+    `total` steps: the ramp ends at the run's tenth, or after a tenth of the steps left where that
+    is later; either way it starts from the share reached, so no step's learning rate jumps."""
     assert shortened_warmup(0, 100, 62) == (6, None)  # at the start: a tenth of the run, the plain ramp
-    assert shortened_warmup(3, 100, 62) == (6, (3, 0.04))
-    assert shortened_warmup(15, 100, 62) == (19, (15, 0.16))
+    assert shortened_warmup(3, 100, 62) == (9, (3, 0.04))  # the run's tenth (6) would leave 3 steps
+    assert shortened_warmup(15, 100, 62) == (20, (15, 0.16))
+    assert shortened_warmup(15, 200, 165) == (30, (15, 0.08))  # not (16, ...): 8% -> 100% in one step
+    for total in range(16, 400):  # the ramp takes at least a tenth of the steps left, wherever the run's tenth is
+        end, _ = shortened_warmup(15, 200, total)
+        assert end - 15 >= (total - 15) / 10 and end <= max(total, 16)
     assert shortened_warmup(25, 100, 26) == (26, (25, 0.26))  # one step left: it reaches the peak at the end
     assert shortened_warmup(15, 10, 62) == (10, None) and shortened_warmup(5, 10, 62) == (10, None)  # nothing to shorten
     for step, total in ((3, 62), (15, 62), (40, 70)):
@@ -79,8 +83,8 @@ def test_a_warm_up_shortened_under_way_goes_on_from_where_it_is() -> None:
         assert lrs[end - step] == pytest.approx(1.0) and lrs[-1] < 0.01
     # a second shortening goes on from the first one's ramp
     end, ramp = shortened_warmup(15, 100, 62)
-    assert shortened_warmup(17, end, 18, ramp) == (18, (17, pytest.approx(0.16 + 0.84 * 2 / 4)))
-    assert ramp_fraction(17, end, ramp) == pytest.approx(0.16 + 0.84 * 2 / 4)
+    assert shortened_warmup(17, end, 18, ramp) == (18, (17, pytest.approx(0.16 + 0.84 * 2 / 5)))
+    assert ramp_fraction(17, end, ramp) == pytest.approx(0.16 + 0.84 * 2 / 5)
 
 
 def test_batch_size_scaling_rules() -> None:

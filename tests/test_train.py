@@ -349,7 +349,7 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
     assert lrs[:15] == pytest.approx([peak * (i + 1) / 100 for i in range(15)])  # before the fit
     fit = next(line for line in lines if line.startswith("time budget 1 min: "))
     fitted = int(fit.split(": ")[1].split()[0])
-    end = 15 + (fitted - 15) // 10
+    end = 15 + math.ceil((fitted - 15) / 10)
     assert lrs[15:end + 1] == pytest.approx([peak * (0.16 + 0.84 * (k - 15) / (end - 15)) for k in range(15, end + 1)])
     assert lrs[end:] == pytest.approx([lr_at(k, fitted, end, peak) for k in range(end, fitted)])
     assert lrs[-1] < 0.01 * peak
@@ -362,8 +362,8 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
 
 def test_the_shortened_warm_up_stays_when_a_refit_lengthens_the_run(tmp_path: Path) -> None:
     """1 s a step until the first fit (step 15: 62 steps fit, under the 100-step warm-up, which
-    ends at step 19), then 0.25 s: the refits lengthen the run to 200 steps, past the configured
-    warm-up. The warm-up stays 19 steps: between the refits at steps 50 and 75 the learning rate
+    ends at step 20), then 0.25 s: the refits lengthen the run to 200 steps, past the configured
+    warm-up. The warm-up stays 20 steps: between the refits at steps 50 and 75 the learning rate
     falls along the cosine (were the warm-up taken from each refit's length, the refit at step 50,
     to about 143 steps, would put it back on the 100-step ramp, rising from 0.51 of the peak)."""
     clock = PacedClock(lambda i: 0.5 if i < 5 else (1.0 if i < 15 else 0.25))
@@ -445,7 +445,7 @@ def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: P
     # the summary's training seconds span both processes; it says how many steps this one ran
     assert any(line.startswith(f"trained {second.steps} steps in ") and f"({second.steps - 10} of them in this process, "
                in line for line in lines), lines[-3:]
-    peak, end = tiny_config(tmp_path).optim.lr, 25 + (second.steps - 25) // 10
+    peak, end = tiny_config(tmp_path).optim.lr, 25 + math.ceil((second.steps - 25) / 10)
     lrs = [r["lr"] for r in sorted(records, key=lambda r: r["step"]) if "lr" in r]
     assert lrs == pytest.approx([peak * (k + 1) / 100 for k in range(25)] +
                                 [peak * (0.26 + 0.74 * (k - 25) / (end - 25)) for k in range(25, end)] +
@@ -463,25 +463,68 @@ def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> N
     straight, straight_records, second, records, lines = budgeted_straight_and_resumed(tmp_path, stop_at=30)
     assert second.steps == straight.steps
     warmup = load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["warmup_steps"]
-    assert warmup == 15 + (second.steps - 15) // 10
-    assert any(f"shortened to end at step {warmup}, rising from the 16% of" in line for line in lines), lines
+    assert warmup == 15 + math.ceil((second.steps - 15) / 10)
+    assert any(line.startswith("warm-up of 100 steps (1 epoch) was not shorter than the run when it was fitted: "
+                               f"shortened to end at step {warmup}, rising from the 16% of") for line in lines), lines
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}  # the resumed half rewrites nothing before step 30
     assert [lrs[k] for k in sorted(lrs)] == [r["lr"] for r in straight_records if "lr" in r]
     peak = tiny_config(tmp_path).optim.lr
-    # step 31's record is the lr of step index 30: on the cosine after the short warm-up (0.85 of the
+    # step 31's record is the lr of step index 30: on the cosine after the short warm-up (0.87 of the
     # peak), not on the configured 100-step ramp (0.31)
     assert lrs[31] == pytest.approx(lr_at(30, second.steps, warmup, peak)) and lrs[31] > 0.5 * peak
 
 
+def test_a_budgeted_run_stopped_twice_before_its_first_fit_still_makes_it(tmp_path: Path) -> None:
+    """Stopped at step 10 (before the first fit at 15), resumed (its own fit moves to step 25) and
+    stopped again at 20, then resumed: the checkpoint says no process has fitted yet, so the third
+    makes the fit (at step 35) and the run fills its minute like the uninterrupted one. It used to
+    count as fitted for starting past step 15: a 0.2-epoch run ended at 26 steps after 23.5 s."""
+    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
+    straight, _ = paced_run(tmp_path / "a", PacedClock(pace), minutes=1.0, steps_per_epoch=100, epochs=0.2)
+    clock, lines = PacedClock(pace), []
+    for stop_at, resume in ((10, False), (20, True)):
+        part, _ = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, epochs=0.2,
+                            stop=lambda step, at=stop_at: step == at, resume=resume)
+        assert part.stopped and part.steps == stop_at
+        assert load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["budget_fitted"] is False
+    last, _ = paced_run(tmp_path / "b", clock, minutes=1.0, steps_per_epoch=100, epochs=0.2, log=lines.append,
+                        resume=True)
+    assert any(line.startswith("time budget 1 min: ") for line in lines), lines
+    assert abs(last.steps - straight.steps) <= 2 and last.train_seconds >= 60.0 - 2 * 1.0
+    assert load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[-1])["budget_fitted"] is True
+
+
+def test_a_run_stopped_at_an_epoch_end_makes_that_epoch_ends_refit_when_resumed(tmp_path: Path) -> None:
+    """20 steps an epoch, a 100-step warm-up, a 3-minute budget; 1 s a step, then 2.5 s from step
+    20. The refit at the epoch end of step 40 shrinks the run to 100 steps and the warm-up with it;
+    that epoch end's checkpoint is written before its refit. Stopped there and resumed, the run
+    makes the same refit on the same pace (the checkpoint keeps where the pace is measured from),
+    so its learning rates are the uninterrupted run's until the latter's next refit (step 50). The
+    resumed run used to skip it and stay on the 100-step ramp until step 60 (61% -> the peak)."""
+    pace = lambda i: 0.5 if i < 5 else (1.0 if i < 20 else 2.5)  # noqa: E731
+    over = dict(minutes=3.0, steps_per_epoch=20, log_every=1, optim__warmup_epochs=5.0)
+    straight_lines: list[str] = []
+    _, straight = paced_run(tmp_path / "a", PacedClock(pace), log=straight_lines.append, **over)  # type: ignore[arg-type]
+    clock, lines = PacedClock(pace), []
+    first, _ = paced_run(tmp_path / "b", clock, stop=lambda step: step == 40, **over)  # type: ignore[arg-type]
+    assert first.steps == 40
+    _, resumed = paced_run(tmp_path / "b", clock, resume=True, log=lines.append, **over)  # type: ignore[arg-type]
+    shrink = "the time budget now fits 100 steps, not more than the warm-up: warm-up shortened to end at step 46, " \
+             "rising from the 41% of the peak learning rate it had reached at step 40"
+    assert any(line.startswith(shrink) for line in straight_lines) and any(line.startswith(shrink) for line in lines)
+    want = {r["step"]: r["lr"] for r in straight if "lr" in r and 40 < r["step"] <= 50}
+    assert {r["step"]: r["lr"] for r in resumed if "lr" in r and 40 < r["step"] <= 50} == want and len(want) == 10
+
+
 def test_a_budgeted_run_resumed_inside_its_shortened_warm_up_goes_on_along_it(tmp_path: Path) -> None:
     """The same run stopped at step 17, between the first fit (step 15) and the end of the warm-up
-    it shortened (step 19): the checkpoint keeps where the ramp was anchored, so the resumed half
+    it shortened (step 20): the checkpoint keeps where the ramp was anchored, so the resumed half
     sets every learning rate exactly as the uninterrupted run did, still rising to the peak."""
     straight, straight_records, second, records, _ = budgeted_straight_and_resumed(tmp_path, stop_at=17)
     assert second.steps == straight.steps
     lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
     assert [lrs[k] for k in sorted(lrs)] == [r["lr"] for r in straight_records if "lr" in r]
-    assert lrs[17] < lrs[18] < lrs[19] < lrs[20] == pytest.approx(tiny_config(tmp_path).optim.lr)
+    assert lrs[17] < lrs[18] < lrs[19] < lrs[20] < lrs[21] == pytest.approx(tiny_config(tmp_path).optim.lr)
 
 
 def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path: Path) -> None:

@@ -172,6 +172,8 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             run.monitor_pass()
             s.train_seconds = run.clock() - run.loop_start
             window_start = run.clock()
+        if owed is not None:  # and the refit that follows the pass: the checkpoint came before both
+            run.refit_budget(end_of_epoch=True, after_monitor=True, owed=True)
         while s.step < s.total_steps:
             lr = run.set_lr()
             # The step never waits for the device: metrics stay on it until a log step.
@@ -317,8 +319,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
         run.monitor.seconds = run.state.monitor_seconds
         run.health.skip_streak.fill_(run.state.skip_streak)
         if run.budget is not None:
-            run.budget.resume_at(run.state.step)
-            run.log_short_warmup()  # the warm-up the checkpoint kept
+            run.budget.resume_at(run.state.step, run.state.pace_mark)
+            run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
     run.reach_first_fit()
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
     if ctx.is_main:

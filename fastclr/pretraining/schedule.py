@@ -64,7 +64,7 @@ def shortened_warmup(step: int, warmup_steps: int, total_steps: int,
                      ramp: tuple[int, float] | None = None) -> tuple[int, tuple[int, float] | None]:
     """The warm-up (its last step + 1, and its `ramp`) of a run whose length a time budget has just
     fitted at `step` to `total_steps`, not more than its `warmup_steps`: a tenth of the run
-    (`warmup_for`) when that is still ahead, else a tenth of the steps left. A ramp already under
+    (`warmup_for`), or a tenth of the steps left where that ends later. A ramp already under
     way goes on from the share of the peak it has reached: ending it where the run's tenth has
     passed would take the learning rate from that share to the cosine's top in one step (16% ->
     93% of the peak at a 1-minute budget's first fit, step 15 of a 100-step warm-up)."""
@@ -73,7 +73,8 @@ def shortened_warmup(step: int, warmup_steps: int, total_steps: int,
     tenth = warmup_for(warmup_steps, total_steps)
     if step == 0:
         return tenth, None
-    end = tenth if step < tenth else step + max(1, (total_steps - step) // 10)
+    # never fewer steps than a tenth of those left: a tenth of the run one step ahead would jump
+    end = max(tenth, step + max(1, math.ceil((total_steps - step) / 10)))
     return end, (step, ramp_fraction(step, warmup_steps, ramp))
 
 
@@ -88,7 +89,8 @@ def few_epochs_warning(epochs: float, budget_min: float, ms_per_step: float, on_
     if epochs >= FEW_EPOCHS:
         return None
     # 4.96 epochs is not "5.0 epochs, too few", and 0.04 is not "0.0 epochs"
-    shown = f"{math.floor(epochs * 10) / 10:.1f}" if epochs >= 0.1 else f"{epochs:.1g}"
+    digits = 1 if epochs >= 0.1 or epochs <= 0 else -math.floor(math.log10(epochs))  # one significant digit below 0.1
+    shown = f"{math.floor(epochs * 10**digits) / 10**digits:.{digits}f}"
     return (f"warning: only {shown} epochs fit in {budget_min:g} min at {ms_per_step:.0f} ms/step on this "
             f"machine, too few for SimCLR to learn much: give it more time (--time-budget) or a smaller encoder "
             f"(--width, --encoder cnn){' or a GPU' if on_cpu else ''}")
@@ -120,12 +122,20 @@ class TimeBudget:
         self.first_fit_at = first_fit
         """The step of this process's first fit (later for a resumed process, `resume_at`)."""
 
-    def resume_at(self, step: int) -> None:
+    def resume_at(self, step: int, mark: tuple[int, float] | None = None) -> None:
         """A resumed process measures its own pace from `pace_from` steps after `step`, and fits no
         earlier than `first_fit` steps after it: its first steps pay the one-off costs again, and it
-        may run on another machine than the steps before."""
+        may run on another machine than the steps before. Until then its pace is the one since the
+        checkpoint's `mark` (`mark`), as the process that wrote it measured it."""
         self._mark_at = step + self.pace_from
         self.first_fit_at = step + self.first_fit
+        if mark is not None:
+            self._mark = (int(mark[0]), float(mark[1]))
+
+    @property
+    def mark(self) -> tuple[int, float]:
+        """Where the pace is measured from: (step, training seconds there); a checkpoint keeps it."""
+        return self._mark
 
     def due(self, step: int, total_steps: int, end_of_epoch: bool, fitted: bool = False) -> bool:
         """Whether the loop fits (the first fit, unless an earlier process of the run `fitted`) or

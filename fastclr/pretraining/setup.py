@@ -147,16 +147,20 @@ class Run:
             group["lr"] = lr
         return lr
 
-    def refit_budget(self, end_of_epoch: bool, after_monitor: bool = False) -> None:
+    def refit_budget(self, end_of_epoch: bool, after_monitor: bool = False, owed: bool = False) -> None:
         """Fit the step count to the time budget where due (rank 0's clock rules, so every rank
         runs the same number of steps). Call after every step, and again at an epoch end once the
         kNN monitor's pass is done (`after_monitor`): an epoch end's refit waits for it, since the
         budget counts its seconds and a last fit made before it grants steps the pass then spends.
-        The first fit does not wait: at its step a pass would be most of the pace it measures."""
+        The first fit does not wait: at its step a pass would be most of the pace it measures.
+        `owed`: the epoch end's refit of a run resumed from that epoch end's checkpoint, which was
+        written before it (paced as the process that wrote it paced: `TimeBudget.resume_at`)."""
         s, b = self.state, self.budget
         if b is None:
             return
         fitted = not self.first_fit_ahead
+        if owed and not (fitted and b.first_fit < s.step < s.total_steps):
+            return
         first = s.step == b.first_fit_at and not fitted
         if not after_monitor:
             b.observe(s.step, s.train_seconds)
@@ -164,7 +168,7 @@ class Run:
                 return
         elif first:
             return
-        if b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
+        if owed or b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
             total = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             refit = fitted or s.step != b.first_fit_at  # not the first fit, whose old total was a placeholder
             if refit and total != s.total_steps and s.step >= s.warmup_steps:
@@ -184,6 +188,7 @@ class Run:
                          f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
                 # once: later refits keep it
                 s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
+                s.budget_fitted = True
                 self.log_short_warmup()
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
                 if warning:
@@ -191,9 +196,14 @@ class Run:
 
     @property
     def first_fit_ahead(self) -> bool:
-        """Whether this process makes the time budget's first fit: a fresh run, or one resumed before
-        it (an earlier process's checkpoint holds the fit otherwise)."""
-        return self.budget is not None and self.state.start_step < self.budget.first_fit
+        """Whether this process makes the time budget's first fit: a fresh run, or one resumed from a
+        checkpoint written before any process fitted (one resumed before its fit and stopped again
+        before it, too); the checkpoint holds the fit otherwise."""
+        if self.budget is None:
+            return False
+        fitted = self.state.budget_fitted
+        # checkpoints before 2026-12-05 do not say: fitted when written past the first fit's step
+        return not fitted if fitted is not None else self.state.start_step < self.budget.first_fit
 
     def reach_first_fit(self) -> None:
         """A run whose first fit is ahead runs at least to it, whatever train.epochs says (unused with
@@ -201,12 +211,15 @@ class Run:
         if self.budget is not None and self.first_fit_ahead:
             self.state.total_steps = max(self.state.total_steps, self.budget.first_fit_at + 1)
 
-    def log_short_warmup(self) -> None:
-        """Say so when the run's warm-up is shorter than configured (`shortened_warmup`)."""
+    def log_short_warmup(self, resumed: bool = False) -> None:
+        """Say so when the run's warm-up is shorter than configured (`shortened_warmup`); `resumed`:
+        as its checkpoint kept it (the run's length may have changed since)."""
         s, warmup, epochs = self.state, self.warmup_steps, self.cfg.optim.warmup_epochs
         if s.warmup_steps != warmup or s.ramp_anchor is not None:
-            self.log(f"warm-up of {warmup} steps ({epochs:g} epoch{'' if epochs == 1 else 's'}) is not shorter than the "
-                     f"run's {s.total_steps} steps: {self.shortened_text()}; set --warmup-epochs to choose")
+            why = "was not shorter than the run when it was fitted" if resumed else \
+                f"is not shorter than the run's {s.total_steps} steps"
+            self.log(f"warm-up of {warmup} steps ({epochs:g} epoch{'' if epochs == 1 else 's'}) {why}: "
+                     f"{self.shortened_text()}; set --warmup-epochs to choose")
 
     def shortened_text(self) -> str:
         """How the warm-up was shortened, for the log."""
@@ -237,6 +250,7 @@ class Run:
         self.health.check(self.cfg, self.run_dir)
         if self.ctx.is_main:
             self.state.monitor_seconds = self.monitor.seconds
+            self.state.pace_mark = self.budget.mark if self.budget is not None else None
             self.state.skip_streak = int(self.health.skip_streak)
             self.state.save(self.run_dir)
 

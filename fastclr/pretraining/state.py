@@ -74,6 +74,11 @@ class RunState:
         self.ramp_anchor: tuple[int, float] | None = None
         """Where a time budget's fit shortened a warm-up under way (`shortened_warmup`): the step and
         the share of the peak reached there; None: the ramp from the first step."""
+        self.budget_fitted: bool | None = False
+        """Whether a time budget's first fit has been made, by this process or one before it (None:
+        a checkpoint from before 2026-12-05, which does not say)."""
+        self.pace_mark: tuple[int, float] | None = None
+        """Where the time budget measured its pace from when the checkpoint was written (`TimeBudget.mark`)."""
         self.start_step = 0
         """The step this process started from: 0, or the checkpoint's step when resumed."""
         self.monitor_seconds = 0.0
@@ -101,6 +106,9 @@ class RunState:
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
             anchor = state.get("decay_anchor")  # absent before 2026-12-05
             self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
+            self.budget_fitted = state.get("budget_fitted")  # absent before 2026-12-05
+            mark = state.get("pace_mark")  # absent before 2026-12-05
+            self.pace_mark = (int(mark[0]), float(mark[1])) if mark is not None else None
             ramp = state.get("ramp_anchor")  # absent before 2026-12-05
             self.ramp_anchor = (int(ramp[0]), float(ramp[1])) if ramp is not None else None
         self.train_seconds = float(state.get("train_seconds", 0.0))
@@ -115,6 +123,8 @@ class RunState:
             "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds, "skip_streak": self.skip_streak,
             **({"decay_anchor": list(self.decay_anchor)} if self.decay_anchor is not None else {}),
             **({"ramp_anchor": list(self.ramp_anchor)} if self.ramp_anchor is not None else {}),
+            **({"budget_fitted": self.budget_fitted} if self.budget_fitted is not None else {}),
+            **({"pace_mark": list(self.pace_mark)} if self.pace_mark is not None else {}),
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
