@@ -504,11 +504,11 @@ def test_a_run_stopped_at_an_epoch_end_makes_that_epoch_ends_refit_when_resumed(
     pace = lambda i: 0.5 if i < 5 else (1.0 if i < 20 else 2.5)  # noqa: E731
     over = dict(minutes=3.0, steps_per_epoch=20, log_every=1, optim__warmup_epochs=5.0)
     straight_lines: list[str] = []
-    _, straight = paced_run(tmp_path / "a", PacedClock(pace), log=straight_lines.append, **over)  # type: ignore[arg-type]
+    _, straight = paced_run(tmp_path / "a", PacedClock(pace), log=straight_lines.append, **over)
     clock, lines = PacedClock(pace), []
-    first, _ = paced_run(tmp_path / "b", clock, stop=lambda step: step == 40, **over)  # type: ignore[arg-type]
+    first, _ = paced_run(tmp_path / "b", clock, stop=lambda step: step == 40, **over)
     assert first.steps == 40
-    _, resumed = paced_run(tmp_path / "b", clock, resume=True, log=lines.append, **over)  # type: ignore[arg-type]
+    _, resumed = paced_run(tmp_path / "b", clock, resume=True, log=lines.append, **over)
     shrink = "the time budget now fits 100 steps, not more than the warm-up: warm-up shortened to end at step 46, " \
              "rising from the 41% of the peak learning rate it had reached at step 40"
     assert any(line.startswith(shrink) for line in straight_lines) and any(line.startswith(shrink) for line in lines)
