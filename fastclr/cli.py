@@ -175,9 +175,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's encoder in another format."""
     from fastclr.export import check_export, export_encoder, export_format
     from fastclr.pretrained import load_run
-    from fastclr.runs import refuse_run_file
+    from fastclr.runs import refuse_output
 
-    refuse_run_file(Path(args.out))
+    refuse_output(Path(args.out))
     run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None, command="export")
     fmt = export_format(args.format, Path(args.out), run.spec)
     check_export(fmt, run.spec)  # before the data is read or a folder made
@@ -200,7 +200,8 @@ def _check_images(run: LoadedRun) -> torch.Tensor:
 
     ds = load_data(run.config.data)
     images = (ds.test or ds.pretrain).images[:64]
-    return prepare_images(torch.from_numpy(np.ascontiguousarray(images)), run.mean, run.std, run.spec.image_size)
+    # a copy: a store's images are a read-only memory map, which torch.from_numpy warns about
+    return prepare_images(torch.from_numpy(np.array(images)), run.mean, run.std, run.spec.image_size)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

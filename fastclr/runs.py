@@ -146,6 +146,29 @@ def refuse_run_file(out: Path, flag: str = "--out") -> None:
                            f"choose another {flag}")
 
 
+def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: tuple[str, ...] = (),
+                  inputs: tuple[Path, ...] = ()) -> None:
+    """One line, before any work, when writing `out` would destroy what the user has: a run's own
+    files (`refuse_run_file`), anything in a store (fastclr reads its files by name: an embedding
+    written as its manifest broke it), one of the command's `inputs` (a grid saved over its query
+    image), or a file of another kind than this output (`kind`, named by `suffixes`: a report
+    written over a JPEG)."""
+    from fastclr.data.store import is_store
+
+    refuse_run_file(out, flag)
+    path = out.resolve()
+    store = next((folder for folder in (path, *path.parents) if is_store(folder)), None)
+    if store is not None:
+        raise FastclrError(f"{flag} {out} is inside the store {store}, whose files fastclr reads; choose a {flag} "
+                           "outside it")
+    taken = next((given for given in inputs if given.resolve() == path), None)
+    if taken is not None:
+        raise FastclrError(f"{flag} {out} is {taken}, which this command reads; choose another {flag}")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise FastclrError(f"{flag} {out}: {kind} is written as {' or '.join(suffixes)}; give a name ending in "
+                           f"{suffixes[0]}")
+
+
 def write_config(run_dir: Path, cfg: Config) -> Path:
     """Save the resolved config as run_dir/config.toml."""
     out = run_dir / "config.toml"

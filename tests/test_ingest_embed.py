@@ -309,3 +309,54 @@ def test_embedding_a_folder_keeps_a_row_for_every_copy(bars, tmp_path: Path) -> 
     assert len(rows) == len(read_store(store).paths) + 1 and "copy.png" in rows
     h = np.load(npy)
     assert np.array_equal(h[rows["copy.png"]], h[rows["class0/img000.png"]])
+
+
+def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(  # type: ignore[no-untyped-def]
+        bars, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each output is checked before any work: an embedding named into a store replaced its
+    manifest.csv (every later use failed, and so did `prepare` to mend it), a grid named as its
+    query replaced the photo, a grid with a name PIL cannot write failed after the search, and a
+    report written as query.jpg replaced the JPEG with HTML."""
+    root, store, run = bars
+    q = root / "bars" / read_store(store).paths[3]
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    query = q.read_bytes()
+    r = str(run.run_dir)
+    for args, message in [
+        (["embed", r, "--data", str(store), "--out", str(store / "manifest")],
+         f"--out {store / 'manifest.npy'} is inside the store {store}, whose files fastclr reads"),
+        (["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(q)],
+         f"--grid {q} is {q}, which this command reads; choose another --grid"),
+        (["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(tmp_path / "g.txt")],
+         f"--grid {tmp_path / 'g.txt'}: the grid is written as .png or .jpg"),
+        (["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(store / "grid.png")],
+         "is inside the store"),
+        (["report", r, "--out", str(q)], f"--out {q}: a report is written as .html or .htm; give a name ending in .html"),
+        (["export", r, "--out", str(store / "enc.safetensors")], "is inside the store"),
+    ]:
+        assert main([*args, "--device", "cpu"] if args[0] != "export" else args) == 2, args
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert "nearest to" not in out  # refused before the search
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before and q.read_bytes() == query
+
+
+def test_the_onnx_check_images_of_a_store_run_are_its_own_without_a_warning(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`export --format onnx` checks onnxruntime on the run's own images: from a store they are a
+    read-only memory map, which torch.from_numpy warned about on every such export."""
+    import warnings
+
+    from fastclr.cli import _check_images
+    from fastclr.data import load_data
+
+    root, store, _ = bars
+    run = make_run(tmp_path / "run", data=str(store))
+    ds = load_data(run.config.data)
+    own = np.array((ds.test or ds.pretrain).images[:64])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _check_images(run)
+    assert got.shape == (len(own), 3, 28, 28)
+    mean, std = run.mean.view(1, -1, 1, 1), run.std.view(1, -1, 1, 1)
+    want = torch.from_numpy(own).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(got * std + mean, want, atol=1e-5)

@@ -332,6 +332,31 @@ def test_out_over_a_run_directory_is_refused_and_its_encoder_kept(run: Run, fine
     assert (run_dir / "encoder.safetensors").read_bytes() == before
 
 
+def test_out_is_a_new_or_empty_folder(run: Run, finetuned: dict[str, Any], tmp_path: Path) -> None:
+    """A folder of the user's own files (a class folder of images), a file, or a fine-tuned
+    classifier given to distil are refused before any work; they took the classifier's files, or
+    were told they held "a distilled classifier"."""
+    run_dir, ds = run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"jpeg")
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    one = dataclasses.replace(FT, steps=1, baseline=False)
+    with pytest.raises(FastclrError, match=f"--out {photos} already holds other files [(]cat.jpg[)]; give a new or "
+                                           "empty folder"):
+        finetune_run(run_dir, one, out=photos, dataset=ds, log=lambda s: None)
+    with pytest.raises(FastclrError, match="is a file; the fine-tuned classifier is written as a folder"):
+        finetune_run(run_dir, one, out=tmp_path / "notes.txt", dataset=ds, log=lambda s: None)
+    with pytest.raises(FastclrError, match="already holds a fine-tuned classifier, which this distilled classifier"):
+        distill_run(Path(finetuned["out"]), dataclasses.replace(DS, steps=1), out=Path(finetuned["out"]), dataset=ds,
+                    log=lambda s: None)
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"]
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+    (tmp_path / "empty").mkdir()
+    assert Path(finetune_run(run_dir, one, out=tmp_path / "empty", dataset=ds, log=lambda s: None)["out"]) == \
+        tmp_path / "empty"
+
+
 def test_a_diverging_fine_tune_is_refused_and_writes_nothing(run: Run, tmp_path: Path) -> None:
     """At lr 1e9 the loss turns NaN: it was saved as a classifier of NaN weights, exit 0, with the
     non-JSON token NaN in finetune.json."""
@@ -340,7 +365,7 @@ def test_a_diverging_fine_tune_is_refused_and_writes_nothing(run: Run, tmp_path:
                                            "learning rate of 1e[+]09; lower --lr"):
         finetune_run(run_dir, dataclasses.replace(FT, steps=3, lr=1e9, baseline=False), out=tmp_path / "ft",
                      dataset=ds, log=lambda s: None)
-    assert not any((tmp_path / "ft").iterdir())
+    assert not (tmp_path / "ft").exists()  # not even its folder: it is made when the results are written
 
 
 def test_the_baseline_is_the_fine_tuned_networks_architecture_freshly_initialised(
@@ -450,3 +475,28 @@ def test_a_damaged_finetune_json_is_one_line_naming_it(tmp_path: Path) -> None:
     told = {"run_dir": "/r", "seed": 0, "labels_per_class": 5, "subset": "abc", "accuracy": 0.5}
     (tmp_path / FINETUNE_FILE).write_text(json.dumps(told))
     assert read_teacher(tmp_path) == told
+
+
+def test_distil_refuses_a_student_from_an_encoder_the_teacher_was_not_fine_tuned_from(
+        run: Run, tmp_path: Path) -> None:
+    """The run trained on after the fine-tuning (here: its encoder's weights changed): a student
+    started from the run would start from other weights than its teacher's, silently. Refused,
+    unless the student starts at random; distill.json names the encoder it started from."""
+    import shutil
+
+    from fastclr.export import save_encoder
+
+    run_dir, ds = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("finetune", "distill"))
+    teacher = Path(finetune_run(copy, dataclasses.replace(FT, steps=1, baseline=False), dataset=ds,
+                                log=lambda s: None)["out"])
+    encoder, spec = fastclr.load_encoder(copy / "encoder.safetensors")
+    with torch.no_grad():
+        next(encoder.parameters()).add_(0.01)
+    save_encoder(copy / "encoder.safetensors", encoder, spec)
+    with pytest.raises(FastclrError, match=f"{copy}'s encoder is not the one {teacher} was fine-tuned from"):
+        distill_run(teacher, dataclasses.replace(DS, steps=1), dataset=ds, log=lambda s: None)
+    r = distill_run(teacher, dataclasses.replace(DS, steps=1, student_init="random"), dataset=ds, log=lambda s: None)
+    assert r["run_encoder_sha256"] == state_checksum(encoder) != json.loads(
+        (teacher / "finetune.json").read_text())["run_encoder_sha256"]

@@ -30,6 +30,7 @@ from fastclr.ingest.builtin import block_rows, builtin_blocks
 from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
 from fastclr.pretrained import LoadedRun
+from fastclr.runs import refuse_output
 from fastclr.evaluation.features import features_of
 
 INDEX_COLUMNS = ("row", "path", "split", "label", "class")
@@ -123,6 +124,8 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     """FILE.npy and FILE.csv for `--out FILE[.npy]`, their folder created (before any work, so a
     path that cannot be written fails first). A folder's skipped files go to FILE.skipped.csv."""
     npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+    for path in (npy, npy.with_suffix(".csv")):
+        refuse_output(path)
     npy.parent.mkdir(parents=True, exist_ok=True)
     return npy, npy.with_suffix(".csv")
 

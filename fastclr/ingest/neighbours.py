@@ -23,6 +23,7 @@ from fastclr.evaluation.knn import cosine_topk
 from fastclr.ingest.decode import process_file, store_decoding
 from fastclr.ingest.embed import embed_images, match_channels
 from fastclr.pretrained import LoadedRun
+from fastclr.runs import refuse_output
 from fastclr.evaluation.features import state_checksum
 
 GRID_COLUMNS = 9
@@ -64,6 +65,10 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
     return feats
 
 
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+"""The image files a grid is written as (PIL picks the format from the name)."""
+
+
 def grid_image(tiles: list[np.ndarray], gap: int = 2, columns: int = GRID_COLUMNS) -> Image.Image:
     """uint8 (S, S, C) tiles in rows of `columns`, `gap` white pixels apart, as an RGB image."""
     s = tiles[0].shape[0]
@@ -82,6 +87,9 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
     saved as an image grid (query first) when `grid` is given."""
     if k < 1:
         raise FastclrError(f"-k must be at least 1, got {k}")
+    if grid is not None:  # before the search: a name PIL cannot write, or the query itself, failed after it
+        refuse_output(grid, "--grid", kind="the grid", suffixes=GRID_SUFFIXES, inputs=(query,))
+        grid.parent.mkdir(parents=True, exist_ok=True)
     if str(store_path) in REGISTRY and not store_path.exists():
         raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")

@@ -36,7 +36,7 @@ from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import pca, tsne
 from fastclr.report.html import note, page, section
-from fastclr.runs import read_metrics, refuse_run_file
+from fastclr.runs import read_metrics, refuse_output
 from fastclr.runtime import select_device
 
 REPORT_FILE = "report.html"
@@ -276,7 +276,7 @@ def build_report(
     set_threads(threads)
     dev = select_device(device)
     if out is not None:
-        refuse_run_file(out)
+        refuse_output(out, kind="a report", suffixes=(".html", ".htm"))
     run = load_run(run_dir, dev, precision, command="report")
     dataset = dataset if dataset is not None else load_data(run.config.data)
     ev = read_eval(run_dir)

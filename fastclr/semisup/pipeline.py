@@ -40,7 +40,7 @@ from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
 from fastclr.pretrained import LoadedRun, load_run, trained_head
 from fastclr.files import read_json
-from fastclr.runs import write_json
+from fastclr.runs import refuse_output, write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
 from fastclr.semisup.distill import check_distill_options, distill
 from fastclr.semisup.network import (CLASSIFIER_FILE, Classifier, empty_neck, load_classifier, neck_of,
@@ -150,14 +150,22 @@ def _per_class(o: FinetuneOptions, labels: np.ndarray, k: int) -> int:
 
 
 def _fresh_out(out: Path, what: str) -> Path:
-    """`out`, created, unless it holds a classifier or a run's files (writing there would replace
-    the run's own encoder.safetensors)."""
+    """`out`, checked before any work: a new or empty folder outside any store (`refuse_output`);
+    it is made only when the results are written, so a stopped command leaves nothing behind."""
+    refuse_output(out)
+    if out.exists() and not out.is_dir():
+        raise FastclrError(f"--out {out} is a file; the {what} is written as a folder: give a new folder")
     taken = [n for n in (CLASSIFIER_FILE, ENCODER_FILE, FINETUNE_FILE, DISTILL_FILE, "config.toml") if (out / n).exists()]
     if taken:
-        kind = "a run's files" if (out / "config.toml").exists() else f"a {what}" if CLASSIFIER_FILE in taken else taken[0]
+        kind = "a run's files" if (out / "config.toml").exists() else \
+            "a distilled classifier" if DISTILL_FILE in taken else \
+            "a fine-tuned classifier" if FINETUNE_FILE in taken else taken[0]
         raise FastclrError(f"{out} already holds {kind}, which this {what} would replace; give another --out, or "
                            "delete that directory first")
-    out.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if others:  # someone's own files: a class folder of their images, a store
+        raise FastclrError(f"--out {out} already holds other files ({', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
     return out
 
 
@@ -225,6 +233,7 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     record["environment"] = _environment(device, run)
     if state_checksum(run.encoder) != encoder_sha:  # fine-tuning must train a copy
         raise AssertionError("fine-tuning changed the run's own encoder")
+    target.mkdir(parents=True, exist_ok=True)
     save_encoder(target / ENCODER_FILE, model.encoder, run.spec)
     save_classifier(target / CLASSIFIER_FILE, model, run.spec, setup.classes,
                     {"from_head_layer": o.from_head_layer, "accuracy": result["accuracy"]})
@@ -310,6 +319,11 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
         raise FastclrError(f"the labelled subset of {teacher_dir} is not the one this dataset gives for its seed; "
                            "the data changed since fine-tuning: fine-tune again")
     student, spec, init = student_for(run, o, len(setup.classes), seed, device)
+    encoder_sha = state_checksum(run.encoder)
+    if init == "pretrained" and told.get("run_encoder_sha256", encoder_sha) != encoder_sha:
+        raise FastclrError(f"{run_dir}'s encoder is not the one {teacher_dir} was fine-tuned from (the run trained on "
+                           "since, or was started again): fine-tune again from the run, or start the student at "
+                           "random (--student-init random)")
     target = _fresh_out(Path(out) if out else run.run_dir / "distill" / teacher_dir.resolve().name,
                         "distilled classifier")
     pool, offset = with_unlabelled(dataset, setup)
@@ -320,12 +334,14 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     t0 = time.perf_counter()
     res = distill(teacher, student, pool, labelled + offset, o.temperature, o.label_weight, seed, o.teacher_views)
     record = {"kind": "distill", "teacher": str(teacher_dir.resolve()), "run_dir": str(run.run_dir.resolve()),
+              "run_encoder_sha256": encoder_sha,
               "dataset": dataset.name, "classes": setup.classes, "labels_per_class": told["labels_per_class"],
               "labels": len(labelled), "images": len(pool.train_images), "unlabelled_images": offset,
               "subset": told["subset"], "seed": seed, "student_init": init,
               "student_width": spec.width, "feature_dim": spec.feature_dim, "accuracy": res.accuracy,
               "final_loss": res.final_loss, "teacher_accuracy": res.teacher_accuracy, "recipe": asdict(setup.recipe),
               "options": asdict(o), "seconds": time.perf_counter() - t0, "environment": _environment(device, run)}
+    target.mkdir(parents=True, exist_ok=True)
     save_encoder(target / ENCODER_FILE, student.encoder, spec)
     save_classifier(target / CLASSIFIER_FILE, student, spec, setup.classes, {"accuracy": res.accuracy})
     write_json(target / DISTILL_FILE, record)
