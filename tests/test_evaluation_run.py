@@ -3,6 +3,7 @@ subsets, that the encoder is untouched, and the one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -285,6 +286,14 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
     assert any(line.startswith("eval.json held results of another encoder") for line in lines)
+    # the same encoder and store path, but the store prepared again (its content changed): replaced too
+    knn, lin = EvaluateOptions(protocols=("knn",), device="cpu"), EvaluateOptions(protocols=("linear",), device="cpu")
+    evaluate(copy, lin, dataset=dataclasses.replace(ds, content="a" * 64), log=lines.append)
+    assert json.loads((copy / "eval.json").read_text())["data_content"] == "a" * 64
+    lines.clear()
+    evaluate(copy, knn, dataset=dataclasses.replace(ds, content="b" * 64), log=lines.append)
+    assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
+    assert "eval.json held results of another encoder (the run trained on since) or data: replaced" in lines
 
 
 def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Path) -> None:

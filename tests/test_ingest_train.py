@@ -104,3 +104,34 @@ def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:
     # what a run records: a store's path absolute, a name (built-in, or a typo of one) as it is
     assert absolute_name("fashion-mnsit") == "fashion-mnsit" and absolute_name("mnist") == "mnist"
     assert absolute_name("stores/x") == str(Path.cwd() / "stores" / "x")
+
+
+def test_a_store_prepared_again_with_other_images_is_not_the_data_a_run_resumes_on(tmp_path: Path) -> None:
+    """A store is named by its path, but a run is trained on its content: the same folder prepared
+    again into another store gives the same content identity (an mtime is not content), an added
+    image or another size another one. A run stopped on the store refuses to resume once the store
+    was prepared again with one more image (it resumed silently on 32 px images after training on
+    40), unless told to go on."""
+    import os
+
+    bar_images(tmp_path / "bars", n_per_class=24, size=32)
+    first = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
+    content = open_store(first).content
+    os.utime(tmp_path / "bars" / "class0" / "img000.png", ns=(10**18, 10**18))
+    again = prepare_store(tmp_path / "bars", tmp_path / "again", DecodeOptions(28), workers=1, **QUIET).store
+    other = prepare_store(tmp_path / "bars", tmp_path / "other", DecodeOptions(24), workers=1, **QUIET).store
+    assert len(content) == 64 and open_store(again).content == content != open_store(other).content
+
+    cfg = tiny(tmp_path / "run", str(first), train__epochs=2.0)
+    assert pretrain(cfg, stop=lambda step: step == 2, **QUIET).stopped
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["data_content"] == content
+    bar_images(tmp_path / "more", n_per_class=1, size=32)
+    (tmp_path / "more" / "class1" / "img000.png").replace(tmp_path / "bars" / "class1" / "img999.png")
+    prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET)
+    assert open_store(first).content != content
+    with pytest.raises(FastclrError, match=f"cannot resume: {first} is not the data this run trained on [(]it was "
+                                           "prepared again since, with other images, classes or options[)]"):
+        pretrain(cfg, resume=tmp_path / "run", **QUIET)
+    notes: list[str] = []
+    res = pretrain(cfg, resume=tmp_path / "run", allow_config_change=True, progress=False, log=notes.append)
+    assert not res.stopped and any(n.startswith(f"note: {first} was prepared again since the checkpoint") for n in notes)

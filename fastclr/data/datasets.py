@@ -48,6 +48,9 @@ class Dataset:
     """How many images at the start of `pretrain` are in no labelled split (STL-10's unlabeled
     images, a store's unlabeled rows); when above 0 the rest of `pretrain` is the train split, so
     the unlabelled images are `pretrain.images[:unlabelled]` with no copy (distillation reads them)."""
+    content: str = ""
+    """A store's content identity (store.json's "content": its files and how they were prepared);
+    '' for a built-in dataset, whose files are fixed, and a store prepared before 2026-12-05."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

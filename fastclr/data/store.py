@@ -4,7 +4,9 @@
     STORE/manifest.csv  one line per row, in row order: index, path, split, label, class, bytes,
                         mtime_ns, sha256, width, height, mode (the file's displayed size and mode)
     STORE/skipped.csv   path, reason, detail, bytes, mtime_ns, sha256 for every entry not used
-    STORE/store.json    format, shape, classes, split sizes, options, skip totals, source folder.
+    STORE/store.json    format, shape, classes, split sizes, options, skip totals, source folder,
+                        content (a sha256 of the shape, classes, options and each row's path,
+                        split, label, class and file sha256: what runs compare, not the path).
                         Written last, atomically: a directory is a complete store iff it exists.
 
 Rows are grouped by split, "unlabeled" (label -1) then "train" then "test", each sorted by path,
@@ -21,6 +23,7 @@ numpy reads a store without fastclr:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import time
@@ -37,6 +40,9 @@ from fastclr.errors import FastclrError
 from fastclr.version import __version__
 
 IMAGES, MANIFEST, SKIPPED, META = "images.u8", "manifest.csv", "skipped.csv", "store.json"
+CONTENT_COLUMNS = ("path", "split", "label", "class", "sha256")
+"""What identifies a row's image: with the shape, classes and decoding options, store.json's
+"content" (the same files prepared the same way give the same value, whenever and wherever)."""
 MANIFEST_COLUMNS = ("index", "path", "split", "label", "class", "bytes", "mtime_ns", "sha256", "width", "height", "mode")
 SKIPPED_COLUMNS = ("path", "reason", "detail", "bytes", "mtime_ns", "sha256")
 SPLITS = ("unlabeled", "train", "test")
@@ -165,7 +171,8 @@ def store_dataset(store: Store) -> Dataset:
         train = ImageSet(x[t0:t1], store.labels[t0:t1])
         test = ImageSet(x[v0:v1], store.labels[v0:v1])
     unlabelled = u1 - u0 if train is not None and u1 == t0 else 0  # rows [u0, u1), then the train rows
-    return Dataset(str(store.path), pretrain, train, test, store.classes, origin=str(store.path), unlabelled=unlabelled)
+    return Dataset(str(store.path), pretrain, train, test, store.classes, origin=str(store.path), unlabelled=unlabelled,
+                   content=str(store.meta.get("content", "")))
 
 
 def open_store(path: str | Path) -> Dataset:
@@ -208,6 +215,7 @@ class StoreWriter:
         self._manifest = csv.writer(self._manifest_file)
         self._manifest.writerow(MANIFEST_COLUMNS)
         self._last_split = 0
+        self._rows = hashlib.sha256()
 
     def append(self, image: np.ndarray, row: dict[str, Any]) -> None:
         """Add one uint8 (S, S, 1 or 3) image with its manifest fields (all but `index`)."""
@@ -223,6 +231,7 @@ class StoreWriter:
         assert image.shape == (self.size, self.size, self.channels) and image.dtype == np.uint8, image.shape
         self._images.write(np.ascontiguousarray(image).tobytes())
         self._manifest.writerow([self.n, *(row.get(k, "") for k in MANIFEST_COLUMNS[1:])])
+        self._rows.update(json.dumps([str(row.get(k, "")) for k in CONTENT_COLUMNS]).encode() + b"\n")
         self.split_sizes[row["split"]] += 1
         self.n += 1
 
@@ -255,9 +264,13 @@ class StoreWriter:
         totals: dict[str, int] = {}
         for s in skipped:
             totals[s.reason] = totals.get(s.reason, 0) + 1
-        meta = {"format": FORMAT, "version": VERSION, "shape": [self.n, self.size, self.size, self.channels],
+        shape = [self.n, self.size, self.size, self.channels]
+        content = hashlib.sha256(json.dumps([shape, list(classes), options], sort_keys=True).encode())
+        content.update(self._rows.digest())
+        meta = {"format": FORMAT, "version": VERSION, "shape": shape,
                 "classes": list(classes), "splits": self.split_sizes, "options": options, "skipped": totals,
-                "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fastclr_version": __version__}
+                "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fastclr_version": __version__,
+                "content": content.hexdigest()}
         for p in (self._images_path, self._manifest_path, skipped_path):
             fsync_path(p)
         # The old store stops being complete before any of its files is replaced.

@@ -250,12 +250,13 @@ def evaluate(
     after = state_checksum(run.encoder)
     if after != before:  # a protocol trained the run's own encoder instead of a copy: its numbers are void
         raise AssertionError(f"evaluation changed the encoder's weights (SHA-256 {before[:12]} -> {after[:12]})")
-    kept = _earlier_results(run_dir, before, dataset.name, results, log)
+    kept = _earlier_results(run_dir, before, dataset, results, log)
     results = {**kept["protocols"], **results}
     timings = {**kept["seconds"], **timings}
     out = {
         "run_dir": str(run_dir),
         "dataset": dataset.name,
+        **({"data_content": dataset.content} if dataset.content else {}),
         "classes": ctx.setup.classes if ctx.setup else list(dataset.classes),
         "encoder": {k: v for k, v in run.spec.to_dict().items() if k not in ("mean", "std")},
         "encoder_sha256": before,
@@ -281,11 +282,12 @@ def evaluate(
     return out
 
 
-def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: str, now: dict[str, Any],
+def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: Dataset, now: dict[str, Any],
                      log: Callable[[str], None]) -> dict[str, Any]:
-    """What an earlier eval.json of the same encoder and dataset holds for protocols not run now
+    """What an earlier eval.json of the same encoder and data holds for protocols not run now
     (`--protocols knn` after a full evaluation keeps the rest), with their seconds and options;
-    nothing when it measured another encoder (the run trained on since) or dataset, or cannot be read."""
+    nothing when it measured another encoder (the run trained on since) or dataset (another one,
+    or the same store prepared again: its content differs), or cannot be read."""
     none: dict[str, Any] = {"protocols": {}, "seconds": {}, "options_of": {}}
     try:
         old = read_eval(run_dir)
@@ -293,8 +295,9 @@ def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: str, now: dict
         return none  # damaged: replaced whole, as before
     if not isinstance(old, dict) or not isinstance(old.get("protocols"), dict):
         return none
-    if old.get("encoder_sha256") != encoder_sha256 or old.get("dataset") != dataset:
-        log(f"{EVAL_FILE} held results of another encoder (the run trained on since) or dataset: replaced")
+    if old.get("encoder_sha256") != encoder_sha256 or old.get("dataset") != dataset.name or \
+            old.get("data_content", dataset.content) != dataset.content:
+        log(f"{EVAL_FILE} held results of another encoder (the run trained on since) or data: replaced")
         return none
     names = [n for n in old["protocols"] if n not in now and n in RUNNERS]
     if names:

@@ -321,6 +321,7 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     budget = TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None
     state = RunState(cfg, model, train_step, total_steps=total,
                      warmup_steps=warmup if budget is not None else warmup_for(warmup, total))
+    state.data_content = dataset.content
     run = Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
               source=source, sampler=sampler, views=views, train_step=train_step, state=state,
               budget=budget, health=Health(device),

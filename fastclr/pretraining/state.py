@@ -8,6 +8,7 @@ replay exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,20 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
         )
 
 
+def check_resume_data(saved: str, dataset_name: str, content: str, allow_changes: bool,
+                      log: Callable[[str], None]) -> None:
+    """A one-line error when the store a run trained on was prepared again with other images,
+    classes or options since its checkpoint (`saved` and `content`: store.json's "content"; ''
+    where unknown), unless changes are allowed (then a note): the same path is not the same data."""
+    if not saved or not content or saved == content:
+        return
+    if not allow_changes:
+        raise FastclrError(f"cannot resume: {dataset_name} is not the data this run trained on (it was prepared again "
+                           "since, with other images, classes or options); resume with that data, or pass "
+                           "--allow-config-change to go on with it as it is now")
+    log(f"note: {dataset_name} was prepared again since the checkpoint; going on with it as it is now")
+
+
 def _init_way(run_dir: Path | None) -> str:
     """How to start a new run from `run_dir`'s weights: its export when it has one (a finished run),
     else an export made first (an unfinished run has only checkpoints)."""
@@ -77,6 +92,8 @@ class RunState:
         self.budget_fitted: bool | None = False
         """Whether a time budget's first fit has been made, by this process or one before it (None:
         a checkpoint from before 2026-12-05, which does not say)."""
+        self.data_content = ""
+        """The store's content identity the run trains on (`Dataset.content`), kept in checkpoints."""
         self.pace_mark: tuple[int, float] | None = None
         """Where the time budget measured its pace from when the checkpoint was written (`TimeBudget.mark`)."""
         self.start_step = 0
@@ -125,6 +142,7 @@ class RunState:
             **({"ramp_anchor": list(self.ramp_anchor)} if self.ramp_anchor is not None else {}),
             **({"budget_fitted": self.budget_fitted} if self.budget_fitted is not None else {}),
             **({"pace_mark": list(self.pace_mark)} if self.pace_mark is not None else {}),
+            **({"data_content": self.data_content} if self.data_content else {}),
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
