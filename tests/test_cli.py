@@ -159,6 +159,12 @@ def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys
         main(["--quiet", "pretrain"])
     assert capsys.readouterr().err.strip().endswith("fastclr pretrain: error: unrecognized arguments: --quiet "
                                                     "(--quiet: give it after the command, as in `fastclr pretrain --quiet`)")
+    # the spellings the help text and English use run the same commands
+    from fastclr.cli import parse_args
+
+    assert parse_args(["distil", "T"]).func is parse_args(["distill", "T"]).func
+    assert parse_args(["neighbors", "R", "--data", "S", "--query", "q"]).func is \
+        parse_args(["neighbours", "R", "--data", "S", "--query", "q"]).func
     with pytest.raises(SystemExit):
         main(["evaluate", "RUN", "--zzz"])  # nothing near: no hint
     assert capsys.readouterr().err.strip().endswith("fastclr evaluate: error: unrecognized arguments: --zzz")

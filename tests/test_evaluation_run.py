@@ -321,3 +321,28 @@ def test_evaluate_runs_with_its_threads_and_gives_the_callers_back(run: Run) -> 
         assert out["environment"]["threads"] == 1 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_default_few_label_points_a_class_cannot_reach_are_left_out_with_a_note(run: Run) -> None:
+    """A small store of one's own photos (the smallest class here: its labelled training images)
+    failed `fastclr evaluate RUN` outright on the default's 50-per-class point. The default points
+    above the smallest class are left out, in one note; points the user asks for are still checked."""
+    from fastclr.evaluation.run import labelled_setup
+    from fastclr.pretrained import load_run
+
+    run_dir, ds, _ = run
+    loaded = load_run(run_dir, "cpu", "fp32", log=lambda s: None)
+    fewest = int(np.bincount(ds.train.labels).min())  # type: ignore[union-attr]
+    default = EvaluateOptions(device="cpu")
+    want = tuple(n for n in default.labels_per_class if n <= fewest)
+    assert 0 < len(want) < len(default.labels_per_class)  # the tiny data reaches some points, not all
+    notes: list[str] = []
+    setup, options = labelled_setup(loaded, ds, default, torch.device("cpu"), ("fewshot",), notes.append)
+    assert options.labels_per_class == want and len(notes) == 1
+    assert notes[0].startswith(f"note: the smallest class has {fewest} labelled training images: few-label points "
+                               f"{', '.join(map(str, want))} (the default's ")
+    asked = dataclasses.replace(default, labels_per_class=(10, 500))
+    with pytest.raises(FastclrError, match="asked for 500 labels per class"):
+        labelled_setup(loaded, ds, asked, torch.device("cpu"), ("fewshot",), notes.append)
+    _, same = labelled_setup(loaded, ds, default, torch.device("cpu"), ("linear",), notes.append)
+    assert same == default  # no few-label protocol: nothing to leave out

@@ -10,10 +10,11 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastclr.cpus import gives_threads_back, set_threads
@@ -190,18 +191,31 @@ def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, reci
 
 
 def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, device: torch.device,
-                   wanted: tuple[str, ...]) -> LabelledSetup:
-    """The labelled splits and recipe; one-line errors when labels are missing or too few."""
+                   wanted: tuple[str, ...], log: Callable[[str], None] = print
+                   ) -> tuple[LabelledSetup, EvaluateOptions]:
+    """The labelled splits and recipe, and `options` with the default few-label points a class
+    cannot reach left out (said in one note: a small store of one's own photos has classes of
+    tens); one-line errors when labels are missing, or asked-for points are too many."""
     setup = labelled_splits(run, dataset, device, options.recipe(run.config.augment.flip_p),
                             f", which protocols {', '.join(wanted)} need; run `fastclr evaluate RUN_DIR --protocols "
                             "quality` for the label-free measures")
+    fewest = int(np.bincount(np.asarray(setup.train_labels), minlength=len(setup.classes)).min())
+    if options.labels_per_class == EvaluateOptions().labels_per_class and fewest > 0 and \
+            {"fewshot", "supervised"} & set(wanted):
+        reachable = tuple(n for n in options.labels_per_class if n <= fewest)
+        if reachable != options.labels_per_class:
+            log(f"note: the smallest class has {fewest} labelled training images: few-label points "
+                f"{', '.join(map(str, reachable or (fewest,)))} (the default's "
+                f"{', '.join(str(n) for n in options.labels_per_class if n > fewest)} need more); "
+                "--labels-per-class chooses")
+            options = replace(options, labels_per_class=reachable or (fewest,))
     # Fail before any expensive work: every asked-for subset must exist.
     per_class = list(options.labels_per_class) if {"fewshot", "supervised"} & set(wanted) else []
     if "finetune" in wanted:
         per_class += [fraction_per_class(setup.train_labels, f, len(setup.classes)) for f in options.finetune_fractions]
     for n in per_class:
         stratified_subset(setup.train_labels, n, 0, setup.classes)
-    return setup
+    return setup, options
 
 
 @gives_threads_back
@@ -226,7 +240,8 @@ def evaluate(
     before = state_checksum(run.encoder)
     timings: dict[str, float] = {}
     if labelled:
-        ctx.setup = labelled_setup(run, dataset, o, device, labelled)
+        ctx.setup, o = labelled_setup(run, dataset, o, device, labelled, log)
+        ctx.options = o
     if set(o.protocols) & set(FROZEN):
         assert ctx.setup is not None
         t0 = time.perf_counter()

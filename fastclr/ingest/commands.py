@@ -98,7 +98,7 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     e.add_argument("--workers", type=int, default=0, help="decoding processes for a folder")
     e.set_defaults(func=cmd_embed)
 
-    n = sub.add_parser("neighbours", help="print the store images nearest to a query image")
+    n = sub.add_parser("neighbours", aliases=["neighbors"], help="print the store images nearest to a query image")
     n.add_argument("run_dir")
     n.add_argument("--data", required=True, help="a store")
     n.add_argument("--query", required=True, help="an image file")

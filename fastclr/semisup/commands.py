@@ -71,7 +71,7 @@ def add_semisup_commands(sub: Any) -> None:
     _machine_flags(ft)
     ft.set_defaults(func=cmd_finetune)
 
-    ds = sub.add_parser("distill", help="distil a `fastclr finetune` classifier into a student using every "
+    ds = sub.add_parser("distill", aliases=["distil"], help="distil a `fastclr finetune` classifier into a student using every "
                                         "unlabelled image (SimCLRv2)")
     ds.add_argument("teacher_dir", metavar="TEACHER_DIR", help="a directory `fastclr finetune` wrote")
     ds.add_argument("--steps", type=int, default=d.steps, help=f"student steps (default: {d.steps})")
