@@ -19,7 +19,7 @@ from typing import ParamSpec, TypeVar
 import torch
 
 from fastclr.cgroups import CPU, MOUNTINFO, SELF_CGROUP, smallest_limit
-from fastclr.errors import warn_stderr
+from fastclr.errors import FastclrError, warn_stderr
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,6 +48,8 @@ def set_threads(threads: int, warn: Callable[[str], None] = warn_stderr) -> int:
     """Use `threads` CPU threads for PyTorch; 0: PyTorch's choice, but at most one per usable CPU.
     A count above the usable CPUs is honoured with one warning line. Returns the count in use;
     `gives_threads_back` restores the caller's."""
+    if threads < 0:  # every command's --threads comes here
+        raise FastclrError(f"--threads must be 0 (one per usable CPU) or more, got {threads}")
     cpus = usable_cpus()
     default = default_threads(cpus)
     if threads > cpus:

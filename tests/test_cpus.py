@@ -63,6 +63,24 @@ def test_an_explicit_count_above_the_usable_cpus_runs_with_one_warning(monkeypat
     assert set_threads(2, warn=warned.append) == 2 and warned == []
 
 
+
+def test_a_negative_count_is_refused_by_every_command(caller_threads: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate --threads -1` ran silently on the default count, while `pretrain --threads -1` was
+    refused: every command sets its threads here; `embed --workers -2` was accepted for a store."""
+    from fastclr.cli import main
+    from fastclr.errors import FastclrError
+
+    torch.set_num_threads(1)
+    with pytest.raises(FastclrError, match=r"^--threads must be 0 \(one per usable CPU\) or more, got -1$"):
+        set_threads(-1)
+    assert torch.get_num_threads() == 1
+    for argv in (["evaluate", "RUN", "--threads", "-1"], ["report", "RUN", "--threads", "-1"],
+                 ["embed", "RUN", "--data", "S", "--out", "e", "--workers", "-2"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: --") and "must be 0" in err and err.count("\n") == 1, err
+
+
 def test_the_callers_count_is_given_back_on_return_and_on_error(caller_threads: object) -> None:
     @gives_threads_back
     def work(n: int, fail: bool) -> int:

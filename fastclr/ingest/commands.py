@@ -49,6 +49,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     """Write encoder features of every image of a source."""
     from fastclr.ingest.embed import embed
 
+    if args.workers < 0:  # checked for a store too, whose rows need no decoding: the same flag, the same rule
+        raise FastclrError(f"--workers must be 0 (as many as fit, up to 8) or more, got {args.workers}")
     run, device = _load(args.run_dir, args.device, args.precision, "embed")
     embed(run, args.data, Path(args.out), device, args.split, args.batch_size, args.workers)
     return 0
