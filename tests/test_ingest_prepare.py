@@ -468,3 +468,26 @@ def test_decoders_leave_ctrl_c_to_the_parent() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_class_folder_without_images_is_named_not_dropped_silently(tmp_path: Path) -> None:
+    """An empty class folder, and one holding no image, simply vanished from the classes ("2
+    classes" for three folders); now one note names them. Hidden folders and the store being
+    written inside the folder are not the user's classes."""
+    bar_images(tmp_path / "photos", n_per_class=4, size=16)
+    (tmp_path / "photos" / "empty_class").mkdir()
+    (tmp_path / "photos" / "notes").mkdir()
+    (tmp_path / "photos" / "notes" / "readme.txt").write_text("no images here", encoding="utf-8")
+    (tmp_path / "photos" / ".cache").mkdir()
+    lines: list[str] = []
+    res = prepare_store(tmp_path / "photos", tmp_path / "photos" / "store", DecodeOptions(16), workers=1,
+                        progress=False, log=lines.append)
+    assert read_store(res.store).classes == ["class0", "class1"]
+    notes = [line for line in lines if line.startswith("note: no images in")]
+    assert notes == ["note: no images in empty_class, notes: not classes (their files are in skipped.csv)"], lines
+    lines.clear()
+    (tmp_path / "photos" / "notes" / "readme.txt").unlink()
+    (tmp_path / "photos" / "notes").rmdir()
+    prepare_store(tmp_path / "photos", tmp_path / "photos" / "store", DecodeOptions(16), workers=1,
+                  progress=False, log=lines.append)
+    assert [line for line in lines if line.startswith("note:")] == ["note: no images in empty_class: not a class"]

@@ -82,6 +82,15 @@ def layout(rels: Iterable[str], labels: str = "auto") -> Layout:
     return Layout(classes, split, label)
 
 
+def folders_without_images(root: Path, files: Iterable[FileEntry], exclude: Path) -> list[str]:
+    """The top-level subfolders of `root` (not hidden, not `exclude` or a folder holding it) in
+    which the walk found no image, sorted."""
+    tops = {f.rel.split("/", 1)[0] for f in files if "/" in f.rel}
+    out = exclude.resolve()
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in tops
+                  and d.resolve() != out and d.resolve() not in out.parents)
+
+
 @dataclass
 class Previous:
     """What the previous store at --out offers for reuse."""
@@ -255,6 +264,11 @@ def prepare_store(
         raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
                            f"fastclr reads {', '.join(('jpg', 'png', 'webp', 'bmp', 'tiff', 'gif'))} and more")
     lay = layout((f.rel for f in walk.files), labels)
+    bare = folders_without_images(root, walk.files, exclude=out)
+    if bare:  # a class folder still to be filled disappears from the classes: say so
+        log(f"note: no images in {', '.join(bare[:5])}{', ...' if len(bare) > 5 else ''}: "
+            f"{'not a class' if len(bare) == 1 else 'not classes'}"
+            f"{' (their files are in skipped.csv)' if any(k.rel.split('/', 1)[0] in bare for k in walk.skipped) else ''}")
     options = dict(asdict(opts), labels=labels, pipeline=PIPELINE_VERSION)
     prev = load_previous(out, options, log)
     entries = sorted(walk.files, key=lambda f: (SPLITS.index(lay.split[f.rel]), f.rel))
