@@ -195,10 +195,10 @@ def _check_images(run: LoadedRun) -> torch.Tensor:
     import numpy as np
     import torch
 
-    from fastclr.data import load_data
+    from fastclr.pretrained import run_data
     from fastclr.evaluation.features import prepare_images
 
-    ds = load_data(run.config.data)
+    ds = run_data(run)
     images = (ds.test or ds.pretrain).images[:64]
     # a copy: a store's images are a read-only memory map, which torch.from_numpy warns about
     return prepare_images(torch.from_numpy(np.array(images)), run.mean, run.std, run.spec.image_size)

@@ -17,6 +17,7 @@ from torch import nn
 
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
 from fastclr.config import Config, apply_overrides, from_dict, to_flat
+from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
@@ -98,6 +99,18 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         cfg = apply_overrides(Config(), saved)
     encoder.eval()
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log))
+
+
+def run_data(run: LoadedRun) -> Dataset:
+    """The data `run` was trained on; a store that is no longer at the path the run recorded is
+    named as the run's own, moved or deleted (the store's own message offered to create a new one
+    there, as if it had never existed)."""
+    name = run.config.data.name
+    if names_a_store(name) and not Path(name).exists():
+        raise FastclrError(f"{run.run_dir} was trained on the store {name}, which is no longer there (moved or "
+                           f"deleted); put it back at that path, or prepare it again with `fastclr prepare FOLDER "
+                           f"--size S --out {name}` from the same folder")
+    return load_data(run.config.data)
 
 
 def head_checkpoint(run: LoadedRun) -> dict[str, Any] | None:

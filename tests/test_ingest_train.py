@@ -135,3 +135,22 @@ def test_a_store_prepared_again_with_other_images_is_not_the_data_a_run_resumes_
     notes: list[str] = []
     res = pretrain(cfg, resume=tmp_path / "run", allow_config_change=True, progress=False, log=notes.append)
     assert not res.stopped and any(n.startswith(f"note: {first} was prepared again since the checkpoint") for n in notes)
+
+
+def test_a_run_whose_store_moved_is_told_so_by_every_command_that_reads_its_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """evaluate, report, finetune and the ONNX export read the run's data from the store path it
+    recorded; moved away, they said "... is not a store directory; create one with `fastclr
+    prepare`" as if there never was one."""
+    bar_images(tmp_path / "bars", n_per_class=24, size=32)
+    store = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
+    pretrain(tiny(tmp_path / "run", str(store)), **QUIET)
+    store.rename(tmp_path / "moved")
+    said = (f"error: {tmp_path / 'run'} was trained on the store {store}, which is no longer there (moved or deleted); "
+            f"put it back at that path, or prepare it again with `fastclr prepare FOLDER --size S --out {store}` "
+            "from the same folder")
+    run = str(tmp_path / "run")
+    for argv in (["evaluate", run, "--device", "cpu"], ["report", run, "--device", "cpu"],
+                 ["finetune", run, "--labels-per-class", "2", "--device", "cpu"]):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.strip() == said, argv

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.data import Dataset, load_data
+from fastclr.data import Dataset
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
 from fastclr.evaluation.features import (encode, evenly_spaced, features_of, require_finite, state_checksum,
@@ -31,7 +31,7 @@ from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
 from fastclr.evaluation.reference import lift_summary, untrained_encoder
 from fastclr.evaluation.supervised import supervised_baseline
 from fastclr.evaluation.knn import knn_accuracy
-from fastclr.pretrained import LoadedRun, load_run
+from fastclr.pretrained import LoadedRun, load_run, run_data
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
 from fastclr.files import read_json
@@ -233,7 +233,7 @@ def evaluate(
     run = load_run(run_dir, device, o.precision, log, command="evaluate")
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
     require_trackers(trackers)
-    dataset = dataset if dataset is not None else load_data(run.config.data)
+    dataset = dataset if dataset is not None else run_data(run)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
     t_start = time.perf_counter()
     ctx = Context(run, dataset, o, device, log)

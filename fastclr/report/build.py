@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.data import Dataset, ImageSet, load_data
+from fastclr.data import Dataset, ImageSet
 from fastclr.errors import FastclrError
 from fastclr.files import write_text
 from fastclr.files import read_json
@@ -31,7 +31,8 @@ from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift
 from fastclr.evaluation.run import read_eval
 from fastclr.evaluation.table import format_table
-from fastclr.pretrained import LoadedRun, head_checkpoint, load_run, trained_head, trained_temperature
+from fastclr.pretrained import (LoadedRun, head_checkpoint, load_run, run_data, trained_head,
+                                trained_temperature)
 from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import pca, tsne
@@ -278,7 +279,7 @@ def build_report(
     if out is not None:
         refuse_output(out, kind="a report", suffixes=(".html", ".htm"))
     run = load_run(run_dir, dev, precision, command="report")
-    dataset = dataset if dataset is not None else load_data(run.config.data)
+    dataset = dataset if dataset is not None else run_data(run)
     ev = read_eval(run_dir)
     config_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     data: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from torch import nn
 
 from fastclr.config import SEED_MAX
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.data import Dataset, load_data
+from fastclr.data import Dataset
 from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
 from fastclr.evaluation.features import extract_features, state_checksum
@@ -38,7 +38,7 @@ from fastclr.evaluation.subsets import fraction_per_class, stratified_subset, su
 from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
-from fastclr.pretrained import LoadedRun, load_run, trained_head
+from fastclr.pretrained import LoadedRun, load_run, run_data, trained_head
 from fastclr.files import read_json
 from fastclr.runs import refuse_output, write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
@@ -193,7 +193,7 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
             raise FastclrError(f"{run.run_dir} has no checkpoint holding its projection head; fine-tune from h with "
                                "--from-head-layer 0")
         neck = neck_of(head, o.from_head_layer).to(device)
-    dataset = dataset if dataset is not None else load_data(run.config.data)
+    dataset = dataset if dataset is not None else run_data(run)
     ev = dataclasses.replace(EvaluateOptions(), steps=o.steps, batch_size=o.batch_size, lr=o.lr)
     setup = labelled_splits(run, dataset, device, ev.recipe(run.config.augment.flip_p, finetune=True))
     n = _per_class(o, setup.train_labels, len(setup.classes))
@@ -309,7 +309,7 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
         raise FastclrError(f"the teacher's run {run_dir} is gone; the student starts from it and trains on its data")
     run, device = _open_run(run_dir, o.device, o.precision, o.threads, log, "distil from")
     teacher, _, _ = load_classifier(teacher_dir, device)
-    dataset = dataset if dataset is not None else load_data(run.config.data)
+    dataset = dataset if dataset is not None else run_data(run)
     ev = dataclasses.replace(EvaluateOptions(), steps=o.steps, batch_size=o.batch_size, lr=o.lr)
     recipe = dataclasses.replace(ev.recipe(run.config.augment.flip_p), shift_fraction=o.shift_fraction)
     setup = labelled_splits(run, dataset, device, recipe)
