@@ -491,3 +491,22 @@ def test_a_class_folder_without_images_is_named_not_dropped_silently(tmp_path: P
     prepare_store(tmp_path / "photos", tmp_path / "photos" / "store", DecodeOptions(16), workers=1,
                   progress=False, log=lines.append)
     assert [line for line in lines if line.startswith("note:")] == ["note: no images in empty_class: not a class"]
+
+
+def test_a_store_or_run_inside_the_folder_is_passed_over_as_one_entry(tmp_path: Path) -> None:
+    """A store prepared into a class folder (or a run kept beside the photos) is fastclr's, not
+    the user's images: its images.u8, manifest.csv and store.json were listed one by one as
+    not-an-image; now the folder is one fastclr-folder entry. A class folder that merely holds a
+    config.toml of the user's is still searched."""
+    bar_images(tmp_path / "photos", n_per_class=4, size=16)
+    prepare_store(tmp_path / "photos", tmp_path / "photos" / "class0" / "sub", DecodeOptions(16), workers=1, **QUIET)
+    run = tmp_path / "photos" / "class1" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.toml").write_text("[train]\n", encoding="utf-8")
+    (tmp_path / "photos" / "class1" / "config.toml").write_text("mine = 1\n", encoding="utf-8")
+    res = prepare_store(tmp_path / "photos", tmp_path / "store", DecodeOptions(16), workers=1, **QUIET)
+    skipped = {r["path"]: (r["reason"], r["detail"]) for r in read_csv(res.store / "skipped.csv")}
+    assert skipped == {"class0/sub/": ("fastclr-folder", "a fastclr store, not images: not searched"),
+                       "class1/run/": ("fastclr-folder", "a fastclr run, not images: not searched"),
+                       "class1/config.toml": ("not-an-image", skipped["class1/config.toml"][1])}
+    assert res.images == 8 and read_store(res.store).classes == ["class0", "class1"]

@@ -25,9 +25,21 @@ IMAGE_EXTENSIONS = frozenset({
 })
 
 # Every reason a file or directory is not in a store; skipped.csv uses exactly these words.
-REASONS = ("appledouble", "corrupt", "duplicate", "duplicate-directory", "hidden-directory", "not-an-image",
-           "out-of-memory", "outside-folder", "over-pixel-limit", "symlink-loop", "truncated", "unreadable",
-           "unsupported-mode", "zero-bytes")
+REASONS = ("appledouble", "corrupt", "duplicate", "duplicate-directory", "fastclr-folder", "hidden-directory",
+           "not-an-image", "out-of-memory", "outside-folder", "over-pixel-limit", "symlink-loop", "truncated",
+           "unreadable", "unsupported-mode", "zero-bytes")
+
+
+def fastclr_folder(path: str) -> str:
+    """'store' or 'run' when the directory is one of fastclr's, else ''. A store or run inside the
+    folder holds none of the user's images, only fastclr's files (a store's images.u8 and
+    manifest.csv came out as not-an-image rows): passed over as one entry."""
+    if os.path.isfile(os.path.join(path, "store.json")):
+        return "store"
+    if os.path.isfile(os.path.join(path, "config.toml")) and any(
+            os.path.exists(os.path.join(path, name)) for name in ("checkpoints", "encoder.safetensors", "metrics.jsonl")):
+        return "run"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,8 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
                     continue
                 if entry.name.startswith("."):
                     out.skipped.append(Skip(rel + "/", "hidden-directory", "directories starting with . are not searched"))
+                elif kind := fastclr_folder(entry.path):
+                    out.skipped.append(Skip(rel + "/", "fastclr-folder", f"a fastclr {kind}, not images: not searched"))
                 elif key in ancestors:
                     out.skipped.append(Skip(rel + "/", "symlink-loop", "leads back to a directory that contains it"))
                 elif is_link:
