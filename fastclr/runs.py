@@ -140,9 +140,11 @@ def refuse_run_file(out: Path, flag: str = "--out") -> None:
     (a run directory), or anything in a run's checkpoints/ folder."""
     path = out.resolve()
     folder = path.parent
-    if (path.name in RUN_FILES and (folder / "config.toml").exists()) or \
-            (folder.name == "checkpoints" and (folder.parent / "config.toml").exists()):
+    if path.name in RUN_FILES and (folder / "config.toml").exists():
         raise FastclrError(f"{flag} {out} would replace the run's own {path.name}, which the run needs; "
+                           f"choose another {flag}")
+    if folder.name == "checkpoints" and (folder.parent / "config.toml").exists():
+        raise FastclrError(f"{flag} {out} is in the run's checkpoints folder, which holds its checkpoints alone; "
                            f"choose another {flag}")
 
 

@@ -148,8 +148,11 @@ def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
     for name in ("encoder.safetensors", "checkpoints/step-000000005.pt"):
         assert main(["export", str(run), "--format", "fastclr", "--out", str(run / name)]) == 2
         err = capsys.readouterr().err
-        assert f"would replace the run's own {Path(name).name}, which the run needs; choose another --out" in err
+        assert (f"would replace the run's own {Path(name).name}, which the run needs; choose another --out" in err
+                if "/" not in name else "is in the run's checkpoints folder, which holds its checkpoints alone" in err)
         assert (run / name).read_bytes() == b"the run's own"
+    assert main(["export", str(run), "--format", "fastclr", "--out", str(run / "checkpoints" / "x.safetensors")]) == 2
+    assert "is in the run's checkpoints folder" in capsys.readouterr().err  # it named "the run's own x.safetensors"
 
 
 @pytest.mark.parametrize(("fmt", "name", "encoder", "expected"), [

@@ -268,6 +268,8 @@ def test_a_damaged_or_unwritable_feature_cache_costs_a_recomputation_not_the_ans
 
 def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     root, store, run = bars
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
+    (tmp_path / "zero.jpg").write_bytes(b"")
     assert main(["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.npy"), "--device", "cpu"]) == 0
     assert np.load(tmp_path / "e.npy").shape[0] == 12 and (tmp_path / "e.csv").exists()
     q = root / "bars" / read_store(store).paths[3]
@@ -279,7 +281,16 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
         (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),
         (["neighbours", str(run.run_dir), "--data", "mnist", "--query", str(q)], "`fastclr prepare --builtin mnist --out STORE`"),
         (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")], "no such image file"),
+        # named as prepare names them (both were "corrupt (not a recognisable image file)"; a folder was "no such file")
+        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "notes.txt")],
+         f"--query {tmp_path / 'notes.txt'} cannot be used: not-an-image (extension .txt is not an image format)"),
+        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "zero.jpg")],
+         f"--query {tmp_path / 'zero.jpg'} cannot be used: zero-bytes (empty file)"),
+        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(root / "bars")],
+         f"--query {root / 'bars'} is a folder; give one image file"),
         (["embed", str(tmp_path), "--data", str(store), "--out", str(tmp_path / "x.npy")], "not a fastclr run directory"),
+        (["embed", str(run.run_dir), "--data", str(run.run_dir), "--out", str(tmp_path / "x.npy")],
+         f"--data {run.run_dir} is a fastclr run, not images; give a store"),
         (["embed", str(run.run_dir), "--data", str(store), "--split", "unlabeled", "--out", str(tmp_path / "x.npy")],
          f"--split unlabeled: {store} has no images there"),
         # an output path under a file: named before any image is read (it was a traceback after the work)

@@ -307,6 +307,7 @@ def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pyte
     ("distill", ["--student-width", "inf"], "--student-width must be a finite number of at least 0, got inf"),
     ("distill", ["--temperature", "inf"], "--temperature must be a finite number above 0, got inf"),
     ("distill", ["--label-weight", "2"], "--label-weight must be in [0, 1], got 2.0"),
+    ("finetune", ["--labels-per-class", "0"], "--labels-per-class must be at least 1, got 0"),  # not "give one of"
 ])
 def test_bad_settings_are_one_line_before_anything_is_read_or_made(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flags: list[str], said: str) -> None:

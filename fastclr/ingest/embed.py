@@ -29,6 +29,7 @@ from fastclr.errors import FastclrError
 from fastclr.ingest.builtin import block_rows, builtin_blocks
 from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
+from fastclr.ingest.walk import fastclr_folder
 from fastclr.pretrained import LoadedRun
 from fastclr.runs import refuse_output
 from fastclr.evaluation.features import features_of
@@ -92,6 +93,9 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
         yield Source([b.images for _, b in blocks], block_rows(blocks, ds.classes))
     elif is_store(path):
         yield _store_source(path, split)
+    elif fastclr_folder(str(path)) == "run":  # its files came out as "no images (18 not-an-image)"
+        raise FastclrError(f"--data {data} is a fastclr run, not images; give a store, a folder of images or a built-in "
+                           "dataset (the data a run trained on is data.name in its config.toml)")
     elif path.is_dir():
         with tempfile.TemporaryDirectory(prefix="fastclr-embed-") as tmp:
             store = Path(tmp) / "store"

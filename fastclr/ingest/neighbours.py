@@ -22,6 +22,7 @@ from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.ingest.decode import process_file, store_decoding
 from fastclr.ingest.embed import embed_images, match_channels
+from fastclr.ingest.walk import classify_file
 from fastclr.pretrained import LoadedRun
 from fastclr.runs import refuse_output
 from fastclr.evaluation.features import state_checksum
@@ -32,8 +33,13 @@ GRID_COLUMNS = 9
 
 def decode_query(path: Path, store: Store) -> np.ndarray:
     """The query image decoded as the store's images were: uint8 (S, S, C)."""
+    if path.is_dir():
+        raise FastclrError(f"--query {path} is a folder; give one image file (to embed a folder: `fastclr embed`)")
     if not path.is_file():
         raise FastclrError(f"--query {path}: no such image file")
+    unusable = classify_file(path.name, path.stat().st_size)  # as prepare names them: not-an-image, zero-bytes
+    if unusable is not None:
+        raise FastclrError(f"--query {path} cannot be used: {unusable[0]} ({unusable[1]})")
     _, s, _, c = store.images.shape
     dec = store_decoding(store, s, c)
     o = process_file(path, path.name, dec)

@@ -38,15 +38,17 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
     fixed = config_mod.diff(saved, wanted, STATE_KEYS)
     if fixed:
         raise FastclrError(
-            f"cannot resume: {', '.join(fixed)} differ from the checkpoint's config, and a checkpoint fits only "
-            f"the network and optimiser it was saved from; drop those flags, or start a new run from these weights "
+            f"cannot resume: {', '.join(fixed)} differ{'s' * (len(fixed) == 1)} from the checkpoint's config, and a "
+            f"checkpoint fits only the network and optimiser it was saved from; drop "
+            f"{'that flag' if len(fixed) == 1 else 'those flags'}, or start a new run from these weights "
             f"{_init_way(run_dir)}"
         )
     changed = config_mod.diff(saved, wanted, RESUME_KEYS)
     if changed and not allow_changes:
         raise FastclrError(
-            f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; drop those flags, "
-            "or pass --allow-config-change to change them deliberately"
+            f"cannot resume: {', '.join(changed)} differ{'s' * (len(changed) == 1)} from the checkpoint's config; drop "
+            f"{'that flag' if len(changed) == 1 else 'those flags'}, "
+            f"or pass --allow-config-change to change {'it' if len(changed) == 1 else 'them'} deliberately"
         )
 
 

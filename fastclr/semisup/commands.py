@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fastclr.errors import FastclrError
 from fastclr.runtime import PRECISIONS
 
 
@@ -13,6 +14,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a run on a labelled subset; print the test accuracy and where the classifier went."""
     from fastclr.semisup.pipeline import FinetuneOptions, finetune_run
 
+    if args.labels_per_class is not None and args.labels_per_class < 1:  # 0 is "not given" below
+        raise FastclrError(f"--labels-per-class must be at least 1, got {args.labels_per_class}")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise FastclrError(f"--label-fraction must be above 0 and at most 1, got {args.label_fraction:g}")
     o = FinetuneOptions(labels_per_class=args.labels_per_class or 0, label_fraction=args.label_fraction or 0.0,
                         seed=args.seed, from_head_layer=args.from_head_layer, steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, baseline=args.baseline, device=args.device,
