@@ -178,7 +178,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fastclr.runs import refuse_output
 
     refuse_output(Path(args.out))
-    run = load_run(args.run_dir, "cpu", "fp32", log=lambda s: None, command="export")
+    run = load_run(args.run_dir, "cpu", "fp32", log=print, command="export")  # its notes: a checkpoint, an owner
     fmt = export_format(args.format, Path(args.out), run.spec)
     check_export(fmt, run.spec)  # before the data is read or a folder made
     config_text = (Path(args.run_dir) / "config.toml").read_text(encoding="utf-8")

@@ -37,6 +37,9 @@ class LoadedRun:
     precision: Precision
     """What this command computes in, resolved for the device it loaded onto (not the training
     machine's choice: a run trained with native bf16 is evaluated in fp32 where bf16 is emulated)."""
+    checkpoint_step: int | None = None
+    """The step of the checkpoint the encoder came from, for a run without an exported encoder (one
+    stopped, or still training); None: the export a finished run wrote."""
 
     @property
     def mean(self) -> torch.Tensor:
@@ -82,11 +85,17 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     if owner:  # checkpoints and the export are written atomically: what exists is complete
         log(f"note: {run} is being written by {owner}; using its last complete "
             f"{'export' if export.exists() else 'checkpoint'}")
+    checkpoint_step: int | None = None
     if export.exists():
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
     else:
         _, state = latest_valid_checkpoint(run)
+        step, total = int(state["step"]), int(state.get("total_steps", 0))
+        checkpoint_step = step
+        if not owner:  # (the owner's note above says it already)
+            log(f"note: {run} has no {ENCODER_FILE}: using its newest checkpoint, step {step}"
+                + (f" of {total} (the run stopped before its end)" if total > step else ""))
         spec = EncoderSpec.from_dict(state["model_info"])
         if not spec.rebuildable:
             raise FastclrError(f"{run} was trained with a custom encoder module; load it in Python, not by name")
@@ -98,7 +107,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
             saved["data.preset"] = preset_name(saved["data.name"])
         cfg = apply_overrides(Config(), saved)
     encoder.eval()
-    return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log))
+    return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log),
+                     checkpoint_step)
 
 
 def run_data(run: LoadedRun) -> Dataset:

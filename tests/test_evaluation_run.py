@@ -346,3 +346,24 @@ def test_the_default_few_label_points_a_class_cannot_reach_are_left_out_with_a_n
         labelled_setup(loaded, ds, asked, torch.device("cpu"), ("fewshot",), notes.append)
     _, same = labelled_setup(loaded, ds, default, torch.device("cpu"), ("linear",), notes.append)
     assert same == default  # no few-label protocol: nothing to leave out
+
+
+def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped at step 3 of 9 (no exported encoder) was evaluated and exported from its last
+    checkpoint without a word, and eval.json did not say which step it measured."""
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config
+
+    ds = tiny_dataset()
+    cfg = tiny_config(tmp_path / "run", train__batch_size=64, train__epochs=1.0, train__device="cpu")
+    total = len(ds.pretrain) // 64
+    assert pretrain(cfg, dataset=ds, log=lambda s: None, progress=False, stop=lambda step: step == 3).stopped
+    note = (f"note: {tmp_path / 'run'} has no encoder.safetensors: using its newest checkpoint, step 3 of {total} "
+            "(the run stopped before its end)")
+    lines: list[str] = []
+    out = evaluate(tmp_path / "run", EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
+    assert note in lines and out["checkpoint_step"] == 3
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["checkpoint_step"] == 3
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert note in capsys.readouterr().out.splitlines()

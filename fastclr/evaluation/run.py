@@ -275,6 +275,7 @@ def evaluate(
         "classes": ctx.setup.classes if ctx.setup else list(dataset.classes),
         "encoder": {k: v for k, v in run.spec.to_dict().items() if k not in ("mean", "std")},
         "encoder_sha256": before,
+        **({"checkpoint_step": run.checkpoint_step} if run.checkpoint_step is not None else {}),
         "encoder_unchanged": after == before,
         "encoder_sha256_after": after,
         "options": asdict(o),
