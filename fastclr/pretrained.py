@@ -115,12 +115,17 @@ def run_data(run: LoadedRun) -> Dataset:
     """The data `run` was trained on; a store that is no longer at the path the run recorded is
     named as the run's own, moved or deleted (the store's own message offered to create a new one
     there, as if it had never existed)."""
-    name = run.config.data.name
+    require_run_store(run.run_dir, run.config.data.name)
+    return load_data(run.config.data)
+
+
+def require_run_store(run_dir: Path, name: str) -> None:
+    """A one-line error when the data of the run at `run_dir`, `name`, is a store that is no
+    longer at that path."""
     if names_a_store(name) and not Path(name).exists():
-        raise FastclrError(f"{run.run_dir} was trained on the store {name}, which is no longer there (moved or "
+        raise FastclrError(f"{run_dir} was trained on the store {name}, which is no longer there (moved or "
                            f"deleted); put it back at that path, or prepare it again with `fastclr prepare FOLDER "
                            f"--size S --out {name}` from the same folder")
-    return load_data(run.config.data)
 
 
 def head_checkpoint(run: LoadedRun) -> dict[str, Any] | None:

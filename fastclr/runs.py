@@ -135,15 +135,31 @@ RUN_FILES = LOCK_HOLDER_FILES | {"eval.json", "classifier.safetensors", "finetun
 """What a run directory (or a finetune/distill output in it) holds that a command's --out must not replace."""
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a fastclr run: its config.toml with an encoder, a metrics log or a
+    checkpoint (a config.toml alone may be anyone's, such as a `--config` overrides file)."""
+    return (path / "config.toml").is_file() and (
+        (path / "encoder.safetensors").is_file() or (path / "metrics.jsonl").is_file()
+        or any((path / "checkpoints").glob("step-*.pt")))
+
+
+OUTPUT_MARKERS = ("finetune.json", "distill.json")
+"""The record a finetune or distill output folder holds beside its classifier and encoder."""
+
+
 def refuse_run_file(out: Path, flag: str = "--out") -> None:
-    """One line when `out` would replace a file a run needs: one of RUN_FILES beside a config.toml
-    (a run directory), or anything in a run's checkpoints/ folder."""
+    """One line when `out` would replace a file a run needs: one of RUN_FILES in a run directory,
+    or in a finetune or distill output (which other commands read: distill its teacher's), or
+    anything in a run's checkpoints/ folder."""
     path = out.resolve()
     folder = path.parent
-    if path.name in RUN_FILES and (folder / "config.toml").exists():
+    if path.name in RUN_FILES and is_run_dir(folder):
         raise FastclrError(f"{flag} {out} would replace the run's own {path.name}, which the run needs; "
                            f"choose another {flag}")
-    if folder.name == "checkpoints" and (folder.parent / "config.toml").exists():
+    if path.name in RUN_FILES and any((folder / m).is_file() for m in OUTPUT_MARKERS):
+        raise FastclrError(f"{flag} {out} would replace {path.name} of the classifier in {folder}, which fastclr "
+                           f"reads (distill, the report); choose another {flag}")
+    if folder.name == "checkpoints" and is_run_dir(folder.parent):
         raise FastclrError(f"{flag} {out} is in the run's checkpoints folder, which holds its checkpoints alone; "
                            f"choose another {flag}")
 
@@ -169,6 +185,17 @@ def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: t
     if suffixes and path.suffix.lower() not in suffixes:
         raise FastclrError(f"{flag} {out}: {kind} is written as {' or '.join(suffixes)}; give a name ending in "
                            f"{suffixes[0]}")
+
+
+def refuse_uncreatable(folder: Path, flag: str = "--out") -> None:
+    """One line, before any work, when `folder` cannot be made where it is to be: the nearest part
+    of its path that exists is a file, or a folder this process may not write into (finetune
+    trained to its end, then failed to make its --out)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise FastclrError(f"{flag} {folder}: {existing} is a file, not a folder; give another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FastclrError(f"{flag} {folder}: {existing} is not writable; give another {flag} or fix its permissions")
 
 
 def write_config(run_dir: Path, cfg: Config) -> Path:

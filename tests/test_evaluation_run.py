@@ -326,7 +326,8 @@ def test_evaluate_runs_with_its_threads_and_gives_the_callers_back(run: Run) -> 
 def test_the_default_few_label_points_a_class_cannot_reach_are_left_out_with_a_note(run: Run) -> None:
     """A small store of one's own photos (the smallest class here: its labelled training images)
     failed `fastclr evaluate RUN` outright on the default's 50-per-class point. The default points
-    above the smallest class are left out, in one note; points the user asks for are still checked."""
+    above the smallest class are left out, in one note, and so are fine-tuning's default label
+    fractions; points and fractions the user asks for are still checked, naming their own flag."""
     from fastclr.evaluation.run import labelled_setup
     from fastclr.pretrained import load_run
 
@@ -346,6 +347,25 @@ def test_the_default_few_label_points_a_class_cannot_reach_are_left_out_with_a_n
         labelled_setup(loaded, ds, asked, torch.device("cpu"), ("fewshot",), notes.append)
     _, same = labelled_setup(loaded, ds, default, torch.device("cpu"), ("linear",), notes.append)
     assert same == default  # no few-label protocol: nothing to leave out
+    # fine-tuning's default fractions too: left out where they ask for more than the smallest class
+    from fastclr.evaluation.subsets import fraction_per_class
+
+    from fastclr.data.datasets import ImageSet
+
+    train = ds.train
+    assert train is not None and train.labels is not None
+    keep = np.sort(np.concatenate([np.flatnonzero(train.labels != 0), np.flatnonzero(train.labels == 0)[:3]]))
+    small = dataclasses.replace(ds, train=ImageSet(train.images[keep], train.labels[keep]))  # 3 images of class 0
+    labels, k = small.train.labels, len(ds.classes)  # type: ignore[union-attr]
+    fits = tuple(f for f in default.finetune_fractions if fraction_per_class(labels, f, k) <= 3)
+    assert 0 < len(fits) < len(default.finetune_fractions)  # 1% reaches 3 per class, 10% does not
+    notes.clear()
+    _, tuned = labelled_setup(loaded, small, default, torch.device("cpu"), ("finetune",), notes.append)
+    assert tuned.finetune_fractions == fits and len(notes) == 1 and notes[0].endswith("--finetune-fractions chooses")
+    too_many = dataclasses.replace(default, finetune_fractions=(0.1,))
+    with pytest.raises(FastclrError, match=f"--finetune-fractions 0.1 asks for {fraction_per_class(labels, 0.1, k)} "
+                                           "labels per class but a class has only 3"):
+        labelled_setup(loaded, small, too_many, torch.device("cpu"), ("finetune",), notes.append)
 
 
 def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_so(

@@ -332,6 +332,8 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     q = root / "bars" / read_store(store).paths[3]
     before = {p.name: p.read_bytes() for p in store.iterdir()}
     query = q.read_bytes()
+    (tmp_path / "data.csv").write_text("date,sales\n2026-12-01,3\n", encoding="utf-8")
+    (tmp_path / "mine.skipped.csv").write_text("my notes\n", encoding="utf-8")
     r = str(run.run_dir)
     for args, message in [
         (["embed", r, "--data", str(store), "--out", str(store / "manifest")],
@@ -344,12 +346,22 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
          "is inside the store"),
         (["report", r, "--out", str(q)], f"--out {q}: a report is written as .html or .htm; give a name ending in .html"),
         (["export", r, "--out", str(store / "enc.safetensors")], "is inside the store"),
+        # `--out data` beside the user's own data.csv (or data.skipped.csv) replaced (or deleted) it
+        (["embed", r, "--data", str(store), "--out", str(tmp_path / "data")],
+         f"--out {tmp_path / 'data'} would replace {tmp_path / 'data.csv'}, which is not an embedding's file"),
+        (["embed", r, "--data", str(store), "--out", str(tmp_path / "mine.npy")],
+         f"would replace {tmp_path / 'mine.skipped.csv'}, which is not an embedding's file"),
     ]:
         assert main([*args, "--device", "cpu"] if args[0] != "export" else args) == 2, args
         out, err = capsys.readouterr()
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
         assert "nearest to" not in out  # refused before the search
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before and q.read_bytes() == query
+    assert (tmp_path / "data.csv").read_text(encoding="utf-8").startswith("date,sales")
+    assert (tmp_path / "mine.skipped.csv").read_text(encoding="utf-8") == "my notes\n"
+    # an embedding's own pair is replaced by the next one into the same name
+    for _ in range(2):
+        assert main(["embed", r, "--data", str(store), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
 
 
 def test_the_onnx_check_images_of_a_store_run_are_its_own_without_a_warning(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -371,3 +383,25 @@ def test_the_onnx_check_images_of_a_store_run_are_its_own_without_a_warning(bars
     mean, std = run.mean.view(1, -1, 1, 1), run.std.view(1, -1, 1, 1)
     want = torch.from_numpy(own).permute(0, 3, 1, 2).float() / 255
     assert torch.allclose(got * std + mean, want, atol=1e-5)
+
+
+def test_only_fastclrs_own_folders_are_protected_as_stores_runs_and_classifiers(tmp_path: Path) -> None:
+    """A store.json or a config.toml with a checkpoints/ folder of the user's own do not make a folder
+    a store or a run (every output under such a project folder was refused); a finetune output's
+    classifier, which distill reads, is protected like a run's files (export replaced it)."""
+    from fastclr.runs import refuse_output
+
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "store.json").write_text('{"shop": "A"}', encoding="utf-8")
+    (project / "config.toml").write_text("[train]\nepochs = 1.0\n", encoding="utf-8")  # a --config overrides file
+    for out in (project / "out" / "e.npy", project / "checkpoints" / "r.html", project / "encoder.safetensors"):
+        refuse_output(out)
+    ft = tmp_path / "run" / "finetune" / "10-per-class-seed0-head0"
+    ft.mkdir(parents=True)
+    for name in ("classifier.safetensors", "encoder.safetensors", "finetune.json"):
+        (ft / name).write_bytes(b"the classifier's")
+    for name in ("classifier.safetensors", "encoder.safetensors", "finetune.json"):
+        with pytest.raises(FastclrError, match=f"would replace {name} of the classifier in {ft}, which fastclr reads"):
+            refuse_output(ft / name)
+    refuse_output(ft / "other.safetensors")

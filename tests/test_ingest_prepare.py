@@ -503,10 +503,15 @@ def test_a_store_or_run_inside_the_folder_is_passed_over_as_one_entry(tmp_path: 
     run = tmp_path / "photos" / "class1" / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.toml").write_text("[train]\n", encoding="utf-8")
+    (run / "checkpoints" / "step-000000005.pt").write_bytes(b"a checkpoint")
+    # a config.toml or a store.json of the user's own does not make a folder fastclr's
     (tmp_path / "photos" / "class1" / "config.toml").write_text("mine = 1\n", encoding="utf-8")
+    (tmp_path / "photos" / "class1" / "checkpoints").mkdir()
+    (tmp_path / "photos" / "class0" / "store.json").write_text('{"shop": "A"}', encoding="utf-8")
     res = prepare_store(tmp_path / "photos", tmp_path / "store", DecodeOptions(16), workers=1, **QUIET)
     skipped = {r["path"]: (r["reason"], r["detail"]) for r in read_csv(res.store / "skipped.csv")}
     assert skipped == {"class0/sub/": ("fastclr-folder", "a fastclr store, not images: not searched"),
                        "class1/run/": ("fastclr-folder", "a fastclr run, not images: not searched"),
-                       "class1/config.toml": ("not-an-image", skipped["class1/config.toml"][1])}
+                       "class1/config.toml": ("not-an-image", skipped["class1/config.toml"][1]),
+                       "class0/store.json": ("not-an-image", skipped["class0/store.json"][1])}
     assert res.images == 8 and read_store(res.store).classes == ["class0", "class1"]

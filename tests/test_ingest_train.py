@@ -108,8 +108,8 @@ def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:
 
 def test_a_store_prepared_again_with_other_images_is_not_the_data_a_run_resumes_on(tmp_path: Path) -> None:
     """A store is named by its path, but a run is trained on its content: the same folder prepared
-    again into another store gives the same content identity (an mtime is not content), an added
-    image or another size another one. A run stopped on the store refuses to resume once the store
+    again into another store gives the same content identity (an mtime is not content, nor options
+    that give the same pixels), an added image or another size another one. A run stopped on the store refuses to resume once the store
     was prepared again with one more image (it resumed silently on 32 px images after training on
     40), unless told to go on."""
     import os
@@ -120,7 +120,11 @@ def test_a_store_prepared_again_with_other_images_is_not_the_data_a_run_resumes_
     os.utime(tmp_path / "bars" / "class0" / "img000.png", ns=(10**18, 10**18))
     again = prepare_store(tmp_path / "bars", tmp_path / "again", DecodeOptions(28), workers=1, **QUIET).store
     other = prepare_store(tmp_path / "bars", tmp_path / "other", DecodeOptions(24), workers=1, **QUIET).store
+    rgb = prepare_store(tmp_path / "bars", tmp_path / "rgb", DecodeOptions(28, channels="3"), workers=1, **QUIET).store
     assert len(content) == 64 and open_store(again).content == content != open_store(other).content
+    # the same pixels from other options (these are colour images: --channels 3 as auto) are the same data
+    assert (rgb / "images.u8").read_bytes() == (first / "images.u8").read_bytes()
+    assert open_store(rgb).content == content
 
     cfg = tiny(tmp_path / "run", str(first), train__epochs=2.0)
     assert pretrain(cfg, stop=lambda step: step == 2, **QUIET).stopped
@@ -139,8 +143,8 @@ def test_a_store_prepared_again_with_other_images_is_not_the_data_a_run_resumes_
 
 def test_a_run_whose_store_moved_is_told_so_by_every_command_that_reads_its_data(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """evaluate, report, finetune and the ONNX export read the run's data from the store path it
-    recorded; moved away, they said "... is not a store directory; create one with `fastclr
+    """evaluate, report, finetune, the ONNX export and a resume read the run's data from the store
+    path it recorded; moved away, they said "... is not a store directory; create one with `fastclr
     prepare`" as if there never was one."""
     bar_images(tmp_path / "bars", n_per_class=24, size=32)
     store = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
@@ -151,6 +155,6 @@ def test_a_run_whose_store_moved_is_told_so_by_every_command_that_reads_its_data
             "from the same folder")
     run = str(tmp_path / "run")
     for argv in (["evaluate", run, "--device", "cpu"], ["report", run, "--device", "cpu"],
-                 ["finetune", run, "--labels-per-class", "2", "--device", "cpu"]):
+                 ["finetune", run, "--labels-per-class", "2", "--device", "cpu"], ["pretrain", "--resume", run, "--quiet"]):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.strip() == said, argv

@@ -353,9 +353,33 @@ def test_out_is_a_new_or_empty_folder(run: Run, finetuned: dict[str, Any], tmp_p
                     log=lambda s: None)
     assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"]
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+    with pytest.raises(FastclrError, match=f"--out {tmp_path / 'notes.txt' / 'ft'}: {tmp_path / 'notes.txt'} is a "
+                                           "file, not a folder"):  # refused before training, not after it
+        finetune_run(run_dir, one, out=tmp_path / "notes.txt" / "ft", dataset=ds, log=lambda s: None)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"Finder's")  # still empty to its user
     assert Path(finetune_run(run_dir, one, out=tmp_path / "empty", dataset=ds, log=lambda s: None)["out"]) == \
         tmp_path / "empty"
+
+
+def test_a_failed_write_of_the_results_leaves_no_half_output(run: Run, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The encoder written, then the classifier's write failed (a full disk, a stop): the folder
+    held encoder.safetensors alone, and the rerun was refused as "already holds" it."""
+    import fastclr.semisup.pipeline as pipeline
+
+    run_dir, ds = run
+    one = dataclasses.replace(FT, steps=1, baseline=False)
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_classifier", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        finetune_run(run_dir, one, out=tmp_path / "ft", dataset=ds, log=lambda s: None)
+    assert not (tmp_path / "ft").exists()
+    monkeypatch.undo()
+    assert Path(finetune_run(run_dir, one, out=tmp_path / "ft", dataset=ds, log=lambda s: None)["out"]) == tmp_path / "ft"
 
 
 def test_a_diverging_fine_tune_is_refused_and_writes_nothing(run: Run, tmp_path: Path) -> None:
@@ -467,11 +491,12 @@ def test_a_damaged_finetune_json_is_one_line_naming_it(tmp_path: Path) -> None:
 
     (tmp_path / CLASSIFIER_FILE).write_bytes(b"")
     (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": ')
-    with pytest.raises(FastclrError, match=r"finetune.json is damaged .*; run `fastclr finetune` again"):
+    with pytest.raises(FastclrError,
+                       match=r"finetune.json is damaged .*; delete that directory and run `fastclr finetune` again"):
         read_teacher(tmp_path)
     (tmp_path / FINETUNE_FILE).write_text('{"labels_per_class": 5}')  # JSON, but not all of a record
     with pytest.raises(FastclrError, match=r"finetune.json is damaged: run_dir, seed, subset, accuracy missing or of "
-                                           r"the wrong type; run `fastclr finetune` again"):
+                                           r"the wrong type; delete that directory and run `fastclr finetune` again"):
         read_teacher(tmp_path)
     told = {"run_dir": "/r", "seed": 0, "labels_per_class": 5, "subset": "abc", "accuracy": 0.5}
     (tmp_path / FINETUNE_FILE).write_text(json.dumps(told))

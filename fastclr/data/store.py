@@ -5,8 +5,8 @@
                         mtime_ns, sha256, width, height, mode (the file's displayed size and mode)
     STORE/skipped.csv   path, reason, detail, bytes, mtime_ns, sha256 for every entry not used
     STORE/store.json    format, shape, classes, split sizes, options, skip totals, source folder,
-                        content (a sha256 of the shape, classes, options and each row's path,
-                        split, label, class and file sha256: what runs compare, not the path).
+                        content (a sha256 of the shape, classes, each row's path, split, label
+                        and class, and every pixel: what runs compare, not the path).
                         Written last, atomically: a directory is a complete store iff it exists.
 
 Rows are grouped by split, "unlabeled" (label -1) then "train" then "test", each sorted by path,
@@ -40,9 +40,10 @@ from fastclr.errors import FastclrError
 from fastclr.version import __version__
 
 IMAGES, MANIFEST, SKIPPED, META = "images.u8", "manifest.csv", "skipped.csv", "store.json"
-CONTENT_COLUMNS = ("path", "split", "label", "class", "sha256")
-"""What identifies a row's image: with the shape, classes and decoding options, store.json's
-"content" (the same files prepared the same way give the same value, whenever and wherever)."""
+CONTENT_COLUMNS = ("path", "split", "label", "class")
+"""What a row is besides its pixels: with the shape, the classes and every pixel, store.json's
+"content" (the same images under the same names and labels give the same value, whenever,
+wherever and with whatever options produced those bytes)."""
 MANIFEST_COLUMNS = ("index", "path", "split", "label", "class", "bytes", "mtime_ns", "sha256", "width", "height", "mode")
 SKIPPED_COLUMNS = ("path", "reason", "detail", "bytes", "mtime_ns", "sha256")
 SPLITS = ("unlabeled", "train", "test")
@@ -81,8 +82,9 @@ class Store:
 
 
 def is_store(path: Path) -> bool:
-    """Whether `path` is a complete store directory."""
-    return (path / META).is_file()
+    """Whether `path` is a complete store directory: its store.json and images.u8 (a store.json
+    alone may be anyone's, as in a folder of a shop's photos)."""
+    return (path / META).is_file() and (path / IMAGES).is_file()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -100,6 +102,9 @@ def read_store(path: str | Path) -> Store:
         raise FastclrError(f"{p} is not a store directory; create one with `fastclr prepare FOLDER --size S --out {p}`")
     if not is_store(p):
         partial = (p / ("." + IMAGES + _PARTIAL)).exists() or (p / IMAGES).exists()
+        if (p / META).is_file() and not partial:
+            raise FastclrError(f"{p} holds a {META} but no {IMAGES}: it is not a fastclr store; make one with "
+                               f"`fastclr prepare FOLDER --size S --out STORE` and give that")
         if partial:
             raise FastclrError(f"{p} is an incomplete store (an interrupted prepare): it has no {META}; run the same "
                                f"`fastclr prepare FOLDER --size S --out {p}` again")
@@ -265,8 +270,11 @@ class StoreWriter:
         for s in skipped:
             totals[s.reason] = totals.get(s.reason, 0) + 1
         shape = [self.n, self.size, self.size, self.channels]
-        content = hashlib.sha256(json.dumps([shape, list(classes), options], sort_keys=True).encode())
+        content = hashlib.sha256(json.dumps([shape, list(classes)]).encode())
         content.update(self._rows.digest())
+        with open(self._images_path, "rb") as pixels:  # the pixels themselves: options giving the same bytes agree
+            for block in iter(lambda: pixels.read(1 << 24), b""):
+                content.update(block)
         meta = {"format": FORMAT, "version": VERSION, "shape": shape,
                 "classes": list(classes), "splits": self.split_sizes, "options": options, "skipped": totals,
                 "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fastclr_version": __version__,

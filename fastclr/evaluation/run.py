@@ -193,9 +193,10 @@ def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, reci
 def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, device: torch.device,
                    wanted: tuple[str, ...], log: Callable[[str], None] = print
                    ) -> tuple[LabelledSetup, EvaluateOptions]:
-    """The labelled splits and recipe, and `options` with the default few-label points a class
-    cannot reach left out (said in one note: a small store of one's own photos has classes of
-    tens); one-line errors when labels are missing, or asked-for points are too many."""
+    """The labelled splits and recipe, and `options` with the default few-label points and
+    fine-tuning fractions a class cannot reach left out (said in a note: a small store of one's own
+    photos has classes of tens); one-line errors when labels are missing, or asked-for points are
+    too many."""
     setup = labelled_splits(run, dataset, device, options.recipe(run.config.augment.flip_p),
                             f", which protocols {', '.join(wanted)} need; run `fastclr evaluate RUN_DIR --protocols "
                             "quality` for the label-free measures")
@@ -209,12 +210,28 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
                 f"{', '.join(str(n) for n in options.labels_per_class if n > fewest)} need more); "
                 "--labels-per-class chooses")
             options = replace(options, labels_per_class=reachable or (fewest,))
+    k, labelled = len(setup.classes), len(setup.train_labels)
+    if "finetune" in wanted and options.finetune_fractions == EvaluateOptions().finetune_fractions and fewest > 0:
+        fits = tuple(f for f in options.finetune_fractions if fraction_per_class(setup.train_labels, f, k) <= fewest)
+        if fits != options.finetune_fractions:
+            most = fewest * k / labelled  # the fraction of exactly `fewest` per class
+            log(f"note: the smallest class has {fewest} labelled training images: fine-tuning on label fractions "
+                f"{', '.join(f'{f:g}' for f in fits or (most,))} (the default's "
+                f"{', '.join(f'{f:g}' for f in options.finetune_fractions if f not in fits)} need more); "
+                "--finetune-fractions chooses")
+            options = replace(options, finetune_fractions=fits or (most,))
     # Fail before any expensive work: every asked-for subset must exist.
-    per_class = list(options.labels_per_class) if {"fewshot", "supervised"} & set(wanted) else []
+    if {"fewshot", "supervised"} & set(wanted):
+        for n in options.labels_per_class:
+            stratified_subset(setup.train_labels, n, 0, setup.classes)
     if "finetune" in wanted:
-        per_class += [fraction_per_class(setup.train_labels, f, len(setup.classes)) for f in options.finetune_fractions]
-    for n in per_class:
-        stratified_subset(setup.train_labels, n, 0, setup.classes)
+        for f in options.finetune_fractions:
+            n = fraction_per_class(setup.train_labels, f, k)
+            if 0 < fewest < n:  # (a class of none is named by stratified_subset)
+                raise FastclrError(f"--finetune-fractions {f:g} asks for {n} labels per class but a class has only "
+                                   f"{fewest} labelled training images; use fractions of at most "
+                                   f"{fewest * k / labelled:.4g}")
+            stratified_subset(setup.train_labels, n, 0, setup.classes)
     return setup, options
 
 

@@ -23,7 +23,7 @@ import torch
 
 from fastclr.files import atomic_write, atomic_write_all, npy_writer
 from fastclr.data.datasets import REGISTRY, load_builtin
-from fastclr.data.store import SKIPPED, SPLITS, is_store, read_store
+from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store
 from fastclr.augment import LUMA
 from fastclr.errors import FastclrError
 from fastclr.ingest.builtin import block_rows, builtin_blocks
@@ -130,8 +130,21 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
     for path in (npy, npy.with_suffix(".csv")):
         refuse_output(path)
+    for path, header in ((npy.with_suffix(".csv"), INDEX_COLUMNS), (npy.with_suffix(".skipped.csv"), SKIPPED_COLUMNS)):
+        if path.is_file() and _first_line(path) != ",".join(header):  # `--out data` beside the user's data.csv
+            raise FastclrError(f"--out {out} would replace {path}, which is not an embedding's file; choose another "
+                               "--out")
     npy.parent.mkdir(parents=True, exist_ok=True)
     return npy, npy.with_suffix(".csv")
+
+
+def _first_line(path: Path) -> str:
+    """The first line of a text file, '' where it cannot be read as one."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline(4096).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, object]],

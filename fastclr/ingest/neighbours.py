@@ -71,7 +71,7 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
     return feats
 
 
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """The image files a grid is written as (PIL picks the format from the name)."""
 
 

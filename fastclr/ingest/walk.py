@@ -34,12 +34,10 @@ def fastclr_folder(path: str) -> str:
     """'store' or 'run' when the directory is one of fastclr's, else ''. A store or run inside the
     folder holds none of the user's images, only fastclr's files (a store's images.u8 and
     manifest.csv came out as not-an-image rows): passed over as one entry."""
-    if os.path.isfile(os.path.join(path, "store.json")):
-        return "store"
-    if os.path.isfile(os.path.join(path, "config.toml")) and any(
-            os.path.exists(os.path.join(path, name)) for name in ("checkpoints", "encoder.safetensors", "metrics.jsonl")):
-        return "run"
-    return ""
+    from fastclr.data.store import is_store
+    from fastclr.runs import is_run_dir
+
+    return "store" if is_store(Path(path)) else "run" if is_run_dir(Path(path)) else ""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from fastclr.models.foreign import InitWeights, apply_init, read_init
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.setup import Run, build_run, validate
+from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import check_resume_config, check_resume_data
 from fastclr.presets import check_preset
 from fastclr.runs import RunLock, default_run_dir, locked_by_another, prepare_run_dir, write_config, write_json
@@ -257,6 +258,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     else:
         run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx))
     if dataset is None:
+        if resume is not None:
+            require_run_store(resume, cfg.data.name)
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)

@@ -11,11 +11,13 @@ test accuracy, the subset and every option.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
 from fastclr.pretrained import LoadedRun, load_run, run_data, trained_head
 from fastclr.files import read_json
-from fastclr.runs import refuse_output, write_json
+from fastclr.runs import refuse_output, refuse_uncreatable, write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
 from fastclr.semisup.distill import check_distill_options, distill
 from fastclr.semisup.network import (CLASSIFIER_FILE, Classifier, empty_neck, load_classifier, neck_of,
@@ -149,12 +151,18 @@ def _per_class(o: FinetuneOptions, labels: np.ndarray, k: int) -> int:
     return n
 
 
+OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+"""What a file manager leaves in a folder it showed: the folder is still empty to its user."""
+
+
 def _fresh_out(out: Path, what: str) -> Path:
-    """`out`, checked before any work: a new or empty folder outside any store (`refuse_output`);
-    it is made only when the results are written, so a stopped command leaves nothing behind."""
+    """`out`, checked before any work: a new or empty folder outside any store (`refuse_output`)
+    that can be made (`refuse_uncreatable`); it is made only when the results are written
+    (`_writing`), so a stopped command leaves nothing behind."""
     refuse_output(out)
     if out.exists() and not out.is_dir():
         raise FastclrError(f"--out {out} is a file; the {what} is written as a folder: give a new folder")
+    refuse_uncreatable(out)
     taken = [n for n in (CLASSIFIER_FILE, ENCODER_FILE, FINETUNE_FILE, DISTILL_FILE, "config.toml") if (out / n).exists()]
     if taken:
         kind = "a run's files" if (out / "config.toml").exists() else \
@@ -162,11 +170,29 @@ def _fresh_out(out: Path, what: str) -> Path:
             "a fine-tuned classifier" if FINETUNE_FILE in taken else taken[0]
         raise FastclrError(f"{out} already holds {kind}, which this {what} would replace; give another --out, or "
                            "delete that directory first")
-    others = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    others = sorted(p.name for p in out.iterdir() if p.name not in OS_CLUTTER) if out.is_dir() else []
     if others:  # someone's own files: a class folder of their images, a store
         raise FastclrError(f"--out {out} already holds other files ({', '.join(others[:3])}"
                            f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
     return out
+
+
+@contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """Write a classifier's files into `target` (made here): all of them, or, when a write fails or
+    the command is stopped part-way, none (the folder too, if this made it), so a rerun is not
+    refused by a folder holding half an output."""
+    made = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for name in (ENCODER_FILE, CLASSIFIER_FILE, FINETUNE_FILE, DISTILL_FILE):
+            (target / name).unlink(missing_ok=True)  # _fresh_out found none of them there
+        if made:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        raise
 
 
 def _open_run(run_dir: Path, device_name: str, precision: str, threads: int, log: Callable[[str], None],
@@ -233,11 +259,11 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     record["environment"] = _environment(device, run)
     if state_checksum(run.encoder) != encoder_sha:  # fine-tuning must train a copy
         raise AssertionError("fine-tuning changed the run's own encoder")
-    target.mkdir(parents=True, exist_ok=True)
-    save_encoder(target / ENCODER_FILE, model.encoder, run.spec)
-    save_classifier(target / CLASSIFIER_FILE, model, run.spec, setup.classes,
-                    {"from_head_layer": o.from_head_layer, "accuracy": result["accuracy"]})
-    write_json(target / FINETUNE_FILE, record)
+    with _writing(target):
+        save_encoder(target / ENCODER_FILE, model.encoder, run.spec)
+        save_classifier(target / CLASSIFIER_FILE, model, run.spec, setup.classes,
+                        {"from_head_layer": o.from_head_layer, "accuracy": result["accuracy"]})
+        write_json(target / FINETUNE_FILE, record)
     record["out"] = str(target)
     return record
 
@@ -248,7 +274,7 @@ def read_teacher(teacher_dir: Path) -> dict[str, Any]:
     if not (teacher_dir / CLASSIFIER_FILE).exists() or not path.exists():
         raise FastclrError(f"{teacher_dir} holds no {CLASSIFIER_FILE} and {FINETUNE_FILE}; give the directory "
                            "`fastclr finetune` wrote")
-    fix = "run `fastclr finetune` again into that directory"
+    fix = "delete that directory and run `fastclr finetune` again"
     told = read_json(path, fix)
     need = {"run_dir": str, "seed": int, "labels_per_class": int, "subset": str, "accuracy": float}
     wrong = [k for k, kind in need.items() if not isinstance(told.get(k) if isinstance(told, dict) else None, kind)]
@@ -341,9 +367,9 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
               "student_width": spec.width, "feature_dim": spec.feature_dim, "accuracy": res.accuracy,
               "final_loss": res.final_loss, "teacher_accuracy": res.teacher_accuracy, "recipe": asdict(setup.recipe),
               "options": asdict(o), "seconds": time.perf_counter() - t0, "environment": _environment(device, run)}
-    target.mkdir(parents=True, exist_ok=True)
-    save_encoder(target / ENCODER_FILE, student.encoder, spec)
-    save_classifier(target / CLASSIFIER_FILE, student, spec, setup.classes, {"accuracy": res.accuracy})
-    write_json(target / DISTILL_FILE, record)
+    with _writing(target):
+        save_encoder(target / ENCODER_FILE, student.encoder, spec)
+        save_classifier(target / CLASSIFIER_FILE, student, spec, setup.classes, {"accuracy": res.accuracy})
+        write_json(target / DISTILL_FILE, record)
     record["out"] = str(target)
     return record
