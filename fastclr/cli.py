@@ -191,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _check_images(run: LoadedRun) -> torch.Tensor:
-    """64 of the run's own test (else training) images, standardised as the encoder expects."""
+    """Up to 64 of the run's own images, test ones first, standardised as the encoder expects."""
     import numpy as np
     import torch
 
@@ -199,9 +199,11 @@ def _check_images(run: LoadedRun) -> torch.Tensor:
     from fastclr.evaluation.features import prepare_images
 
     ds = run_data(run)
-    images = (ds.test or ds.pretrain).images[:64]
-    # a copy: a store's images are a read-only memory map, which torch.from_numpy warns about
-    return prepare_images(torch.from_numpy(np.array(images)), run.mean, run.std, run.spec.image_size)
+    # the test images first, then training ones up to 64 (a small store's test split can hold 8); a
+    # copy: a store's images are a read-only memory map, which torch.from_numpy warns about
+    test = ds.test.images[:64] if ds.test is not None else ds.pretrain.images[:0]
+    images = np.concatenate([test, ds.pretrain.images[: 64 - len(test)]])
+    return prepare_images(torch.from_numpy(images), run.mean, run.std, run.spec.image_size)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
