@@ -40,6 +40,12 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     fastclr config.toml) or, for a new run, another run's checkpoints or encoder."""
     if path.exists() and not path.is_dir():
         raise FastclrError(f"--run-dir {path} is a file, not a directory; choose another --run-dir")
+    from fastclr.data.store import is_store
+
+    store = next((folder for folder in (path.resolve(), *path.resolve().parents) if is_store(folder)), None)
+    if store is not None:  # its outputs (finetune, distill, features) would then be refused as inside the store
+        raise FastclrError(f"--run-dir {path} is inside the store {store}, whose files fastclr reads; choose a "
+                           "--run-dir outside it")
     if path.is_dir() and not resuming:
         # The lock and the temporaries of a run killed while writing its first files are the run's own.
         entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE and not is_run_temporary(p.name)]

@@ -373,6 +373,15 @@ def test_a_directory_of_the_users_files_is_never_a_run_directory(tmp_path: Path)
     r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(tmp_path / "afile"), *TINY], env,
                  tmp_path)
     assert r.returncode == 2 and "is a file, not a directory" in r.stderr
+    store = tmp_path / "store"  # what makes a folder a store: its store.json and images.u8
+    store.mkdir()
+    (store / "store.json").write_text("{}")
+    (store / "images.u8").write_bytes(b"")
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(store / "run"), *TINY], env,
+                 tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --run-dir {store / 'run'} is inside the store {store}, "
+                                                      "whose files fastclr reads; choose a --run-dir outside it")
+    assert sorted(p.name for p in store.iterdir()) == ["images.u8", "store.json"]
 
 
 def test_files_follow_the_users_umask(tmp_path: Path) -> None:
