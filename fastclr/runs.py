@@ -40,9 +40,9 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     fastclr config.toml) or, for a new run, another run's checkpoints or encoder."""
     if path.exists() and not path.is_dir():
         raise FastclrError(f"--run-dir {path} is a file, not a directory; choose another --run-dir")
-    from fastclr.data.store import is_store
+    from fastclr.data.store import store_holding
 
-    store = next((folder for folder in (path.resolve(), *path.resolve().parents) if is_store(folder)), None)
+    store = store_holding(path)
     if store is not None:  # its outputs (finetune, distill, features) would then be refused as inside the store
         raise FastclrError(f"--run-dir {path} is inside the store {store}, whose files fastclr reads; choose a "
                            "--run-dir outside it")
@@ -177,11 +177,11 @@ def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: t
     written as its manifest broke it), one of the command's `inputs` (a grid saved over its query
     image), or a file of another kind than this output (`kind`, named by `suffixes`: a report
     written over a JPEG)."""
-    from fastclr.data.store import is_store
+    from fastclr.data.store import store_holding
 
     refuse_run_file(out, flag)
     path = out.resolve()
-    store = next((folder for folder in (path, *path.parents) if is_store(folder)), None)
+    store = store_holding(path)
     if store is not None:
         raise FastclrError(f"{flag} {out} is inside the store {store}, whose files fastclr reads; choose a {flag} "
                            "outside it")

@@ -87,6 +87,12 @@ def is_store(path: Path) -> bool:
     return (path / META).is_file() and (path / IMAGES).is_file()
 
 
+def store_holding(path: Path) -> Path | None:
+    """The store `path` is, or lies inside (resolved), else None."""
+    resolved = path.resolve()
+    return next((folder for folder in (resolved, *resolved.parents) if is_store(folder)), None)
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a store CSV file as dicts (empty list when the file is missing)."""
     if not path.exists():
@@ -221,6 +227,8 @@ class StoreWriter:
         self._manifest.writerow(MANIFEST_COLUMNS)
         self._last_split = 0
         self._rows = hashlib.sha256()
+        self._pixels = hashlib.sha256()
+        """Of the bytes of images.u8 as they stand (a promotion to colour hashes them again)."""
 
     def append(self, image: np.ndarray, row: dict[str, Any]) -> None:
         """Add one uint8 (S, S, 1 or 3) image with its manifest fields (all but `index`)."""
@@ -234,7 +242,9 @@ class StoreWriter:
         if c == 1 and self.channels == 3:
             image = np.repeat(image, 3, axis=-1)  # exactly Pillow's L -> RGB
         assert image.shape == (self.size, self.size, self.channels) and image.dtype == np.uint8, image.shape
-        self._images.write(np.ascontiguousarray(image).tobytes())
+        pixels = np.ascontiguousarray(image).tobytes()
+        self._images.write(pixels)
+        self._pixels.update(pixels)
         self._manifest.writerow([self.n, *(row.get(k, "") for k in MANIFEST_COLUMNS[1:])])
         self._rows.update(json.dumps([str(row.get(k, "")) for k in CONTENT_COLUMNS]).encode() + b"\n")
         self.split_sizes[row["split"]] += 1
@@ -243,11 +253,14 @@ class StoreWriter:
     def _promote(self) -> None:
         self._images.close()
         tmp = self.out / ("." + IMAGES + ".promote")
+        self._pixels = hashlib.sha256()
         with open(tmp, "wb") as f:
             if self.n:
                 old = np.memmap(self._images_path, np.uint8, "r", shape=(self.n, self.size, self.size, 1))
                 for i in range(0, self.n, 4096):
-                    f.write(np.repeat(old[i : i + 4096], 3, axis=-1).tobytes())
+                    block = np.repeat(old[i : i + 4096], 3, axis=-1).tobytes()
+                    f.write(block)
+                    self._pixels.update(block)
                 del old
         os.replace(tmp, self._images_path)
         self._images = open(self._images_path, "ab")
@@ -272,9 +285,7 @@ class StoreWriter:
         shape = [self.n, self.size, self.size, self.channels]
         content = hashlib.sha256(json.dumps([shape, list(classes)]).encode())
         content.update(self._rows.digest())
-        with open(self._images_path, "rb") as pixels:  # the pixels themselves: options giving the same bytes agree
-            for block in iter(lambda: pixels.read(1 << 24), b""):
-                content.update(block)
+        content.update(self._pixels.digest())  # the pixels themselves: options giving the same bytes agree
         meta = {"format": FORMAT, "version": VERSION, "shape": shape,
                 "classes": list(classes), "splits": self.split_sizes, "options": options, "skipped": totals,
                 "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fastclr_version": __version__,

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fastclr.cpus import gives_threads_back, set_threads
@@ -27,7 +26,7 @@ from fastclr.evaluation.fewshot import fewshot_probe
 from fastclr.evaluation.finetune import finetune
 from fastclr.evaluation.options import EXTRA_PROTOCOLS, LABELLED, PROTOCOLS, EvaluateOptions
 from fastclr.evaluation.quality import feature_quality
-from fastclr.evaluation.subsets import fraction_per_class, stratified_subset
+from fastclr.evaluation.subsets import fraction_per_class, labels_for_fraction, smallest_class, stratified_subset
 from fastclr.evaluation.reference import lift_summary, untrained_encoder
 from fastclr.evaluation.supervised import supervised_baseline
 from fastclr.evaluation.knn import knn_accuracy
@@ -200,7 +199,7 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
     setup = labelled_splits(run, dataset, device, options.recipe(run.config.augment.flip_p),
                             f", which protocols {', '.join(wanted)} need; run `fastclr evaluate RUN_DIR --protocols "
                             "quality` for the label-free measures")
-    fewest = int(np.bincount(np.asarray(setup.train_labels), minlength=len(setup.classes)).min())
+    fewest = smallest_class(setup.train_labels, len(setup.classes))
     if options.labels_per_class == EvaluateOptions().labels_per_class and fewest > 0 and \
             {"fewshot", "supervised"} & set(wanted):
         reachable = tuple(n for n in options.labels_per_class if n <= fewest)
@@ -226,11 +225,7 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
             stratified_subset(setup.train_labels, n, 0, setup.classes)
     if "finetune" in wanted:
         for f in options.finetune_fractions:
-            n = fraction_per_class(setup.train_labels, f, k)
-            if 0 < fewest < n:  # (a class of none is named by stratified_subset)
-                raise FastclrError(f"--finetune-fractions {f:g} asks for {n} labels per class but a class has only "
-                                   f"{fewest} labelled training images; use fractions of at most "
-                                   f"{fewest * k / labelled:.4g}")
+            n = labels_for_fraction(setup.train_labels, f, k, "--finetune-fractions")
             stratified_subset(setup.train_labels, n, 0, setup.classes)
     return setup, options
 

@@ -61,6 +61,11 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def smallest_class(labels: np.ndarray, num_classes: int) -> int:
+    """The labelled images of the class with fewest (0 when a class has none)."""
+    return int(np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes].min())
+
+
 def fraction_per_class(labels: np.ndarray, fraction: float, num_classes: int) -> int:
     """Labels per class of a class-balanced subset holding `fraction` of the labels (at least 1).
 
@@ -69,6 +74,17 @@ def fraction_per_class(labels: np.ndarray, fraction: float, num_classes: int) ->
     if not 0 < fraction <= 1:
         raise FastclrError(f"a label fraction must be in (0, 1], got {fraction}; e.g. 0.01 for 1%")
     return max(1, int(round(fraction * len(labels) / num_classes)))
+
+
+def labels_for_fraction(labels: np.ndarray, fraction: float, num_classes: int, flag: str) -> int:
+    """`fraction_per_class`, with a one-line error naming `flag` when a class has fewer labelled
+    images than that (a class of none is named by `stratified_subset`)."""
+    n = fraction_per_class(labels, fraction, num_classes)
+    fewest = smallest_class(labels, num_classes)
+    if 0 < fewest < n:
+        raise FastclrError(f"{flag} {fraction:g} asks for {n} labels per class but a class has only {fewest} labelled "
+                           f"training images; use {flag} of at most {fewest * num_classes / len(labels):.4g}")
+    return n
 
 
 def subset_id(indices: np.ndarray) -> str:

@@ -36,7 +36,7 @@ from fastclr.evaluation.finetune import probe_then_finetune
 from fastclr.evaluation.options import EvaluateOptions
 from fastclr.evaluation.reference import untrained_encoder
 from fastclr.evaluation.run import labelled_splits as evaluation_splits
-from fastclr.evaluation.subsets import fraction_per_class, stratified_subset, subset_id
+from fastclr.evaluation.subsets import labels_for_fraction, stratified_subset, subset_id
 from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
@@ -142,13 +142,7 @@ def _per_class(o: FinetuneOptions, labels: np.ndarray, k: int) -> int:
         raise FastclrError("give exactly one of --labels-per-class N and --label-fraction F (e.g. 0.01 for 1%)")
     if o.labels_per_class:
         return o.labels_per_class
-    n = fraction_per_class(labels, o.label_fraction, k)
-    fewest = int(np.bincount(np.asarray(labels), minlength=k)[:k].min())
-    if 0 < fewest < n:  # (a class of none is named by stratified_subset)
-        raise FastclrError(f"--label-fraction {o.label_fraction:g} asks for {n} labels per class but a class has only "
-                           f"{fewest} labelled training images; use --label-fraction of at most "
-                           f"{fewest * k / len(labels):.4g}")
-    return n
+    return labels_for_fraction(labels, o.label_fraction, k, "--label-fraction")
 
 
 OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
