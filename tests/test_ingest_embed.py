@@ -276,6 +276,11 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["neighbours", str(run.run_dir), "--data", str(store), "--query", str(q), "-k", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-2].split()[0] == "1" and out[-2].split()[2] == read_store(store).paths[3]
+    # a folder is decoded, not prepared: its progress line says so (it said "prepare 12/12 files")
+    assert main(["embed", str(run.run_dir), "--data", str(root / "bars"), "--out", str(tmp_path / "f.npy"),
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "decode 12/12 files" in err and "prepare " not in err, err
     for args, message in [
         (["embed", str(run.run_dir), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npy")], "not a built-in dataset"),
         (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),

@@ -101,7 +101,7 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
             store = Path(tmp) / "store"
             said = lambda line: log(line.replace(f"store {store}:", f"{path} decoded:"))  # noqa: E731 (not a temp path)
             result = prepare_store(path, store, decode(), workers=workers, log=said, skipped_list=skipped_list,
-                                   dedupe=False)  # one row per file, copies included
+                                   dedupe=False, stage="decode")  # one row per file, copies included
             source = _store_source(store, split)
             source.skipped_csv = (store / SKIPPED).read_bytes() if result.skipped else None
             try:

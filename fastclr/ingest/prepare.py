@@ -245,12 +245,14 @@ def prepare_store(
     log: Callable[[str], None] = print,
     skipped_list: Path | None = None,
     dedupe: bool = True,
+    stage: str = "prepare",
 ) -> PrepareResult:
     """Decode every image below `folder` into the store `out` (created, or updated in place),
     the skipped files listed in its skipped.csv. `skipped_list`: where the caller keeps a copy of
     that list (a temporary store's own goes with it), named in the summary instead. `dedupe`: a
     file with the bytes of one already stored is listed as a duplicate, not stored again (a store
-    for training; `embed` of a folder keeps a row for every file)."""
+    for training; `embed` of a folder keeps a row for every file). `stage` names the work on the
+    progress line (`embed` of a folder decodes, it prepares nothing the user asked for)."""
     t_start = time.perf_counter()
     root, out = Path(folder), Path(out)
     check_options(opts, labels)
@@ -287,7 +289,7 @@ def prepare_store(
     # --rehash reads every file again, and decodes again the ones an earlier run could not use.
     known = frozenset(h for h, r in prev.by_hash.items() if not (rehash and "reason" in r)) if prev else frozenset()
     writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels))
-    bar = Progress(len(entries), enabled=progress, unit="prepare", rate_of="files", tty_every=0.25)
+    bar = Progress(len(entries), enabled=progress, unit=stage, rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     kept: dict[str, str] = {}  # sha256 -> the path in the store with those bytes
     try:
