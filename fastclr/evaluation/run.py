@@ -199,26 +199,26 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
     setup = labelled_splits(run, dataset, device, options.recipe(run.config.augment.flip_p),
                             f", which protocols {', '.join(wanted)} need; run `fastclr evaluate RUN_DIR --protocols "
                             "quality` for the label-free measures")
-    fewest = smallest_class(setup.train_labels, len(setup.classes))
-    if options.labels_per_class == EvaluateOptions().labels_per_class and fewest > 0 and \
-            {"fewshot", "supervised"} & set(wanted):
-        reachable = tuple(n for n in options.labels_per_class if n <= fewest)
-        if reachable != options.labels_per_class:
-            log(f"note: the smallest class has {fewest} labelled training images: few-label points "
-                f"{', '.join(map(str, reachable or (fewest,)))} (the default's "
-                f"{', '.join(str(n) for n in options.labels_per_class if n > fewest)} need more); "
-                "--labels-per-class chooses")
-            options = replace(options, labels_per_class=reachable or (fewest,))
-    k, labelled = len(setup.classes), len(setup.train_labels)
-    if "finetune" in wanted and options.finetune_fractions == EvaluateOptions().finetune_fractions and fewest > 0:
-        fits = tuple(f for f in options.finetune_fractions if fraction_per_class(setup.train_labels, f, k) <= fewest)
-        if fits != options.finetune_fractions:
-            most = fewest * k / labelled  # the fraction of exactly `fewest` per class
-            log(f"note: the smallest class has {fewest} labelled training images: fine-tuning on label fractions "
-                f"{', '.join(f'{f:g}' for f in fits or (most,))} (the default's "
-                f"{', '.join(f'{f:g}' for f in options.finetune_fractions if f not in fits)} need more); "
-                "--finetune-fractions chooses")
-            options = replace(options, finetune_fractions=fits or (most,))
+    fewest, k = smallest_class(setup.train_labels, len(setup.classes)), len(setup.classes)
+    if fewest > 0:
+        def reachable(points: tuple[Any, ...], need: Callable[[Any], int], fallback: Any, what: str, flag: str,
+                      show: Callable[[Any], str]) -> tuple[Any, ...]:
+            """The default's points the smallest class can give, or `fallback` alone, said in a note."""
+            fits = tuple(p for p in points if need(p) <= fewest)
+            if fits != points:
+                log(f"note: the smallest class has {fewest} labelled training images: {what} "
+                    f"{', '.join(map(show, fits or (fallback,)))} (the default's "
+                    f"{', '.join(show(p) for p in points if p not in fits)} need more); {flag} chooses")
+            return fits or (fallback,)
+
+        if options.labels_per_class == EvaluateOptions().labels_per_class and {"fewshot", "supervised"} & set(wanted):
+            options = replace(options, labels_per_class=reachable(
+                options.labels_per_class, int, fewest, "few-label points", "--labels-per-class", str))
+        if options.finetune_fractions == EvaluateOptions().finetune_fractions and "finetune" in wanted:
+            options = replace(options, finetune_fractions=reachable(
+                options.finetune_fractions, lambda f: fraction_per_class(setup.train_labels, f, k),
+                fewest * k / len(setup.train_labels),  # the fraction of exactly `fewest` per class
+                "fine-tuning on label fractions", "--finetune-fractions", lambda f: f"{f:g}"))
     # Fail before any expensive work: every asked-for subset must exist.
     if {"fewshot", "supervised"} & set(wanted):
         for n in options.labels_per_class:
