@@ -289,12 +289,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line and exit code 2."""
     args = parse_args(argv)
+    code = _run(args)
+    if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit code; user errors printed as one line (code 2)."""
     try:
-        code = int(args.func(args))
-        if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            _exit_now(code)  # a torchrun rank: gloo's threads can abort a normal exit (see _exit_now)
-        return code
-    except PeerFailure as e:
+        return int(args.func(args))
+    except PeerFailure as e:  # whatever the command: the communication library's threads outlive a dead peer
         print(f"error: {e}", file=sys.stderr)
         _exit_now(EXIT_USAGE)
     except FastclrError as e:

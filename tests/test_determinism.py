@@ -96,6 +96,11 @@ def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
             select_device("cuda")
     # Under torchrun every rank agrees: auto is this rank's GPU only where it runs.
     assert process_device("auto", local_rank=0, world_size=2) == ("cuda:0" if runs else "cpu")
+    # A rank without a GPU of its own (LOCAL_RANK 1, one GPU visible) is one line, not torch's AssertionError.
+    for setting in ("auto", "cuda"):
+        with pytest.raises(FastclrError, match=r"^LOCAL_RANK 1 has no GPU of its own: 1 visible to it; start at most "
+                                               r"1 process a node \(--nproc_per_node\)"):
+            process_device(setting, local_rank=1, world_size=2)
 
 
 def test_pretrain_gives_the_callers_thread_count_back(tmp_path) -> None:  # type: ignore[no-untyped-def]

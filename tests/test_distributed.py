@@ -23,7 +23,7 @@ from fastclr.augment import two_views
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from fastclr.config import AugmentConfig
 from fastclr.data.loader import BatchSampler
-from fastclr.scaleout.distributed import DistContext, all_reduce, setup
+from fastclr.scaleout.distributed import DistContext, all_reduce, gather_with_grad, setup
 from fastclr.scaleout.global_bn import convert_batchnorm
 from fastclr.models import ProjectionHead
 from fastclr.pretraining.step import SimCLRNet, backward_step
@@ -67,6 +67,13 @@ def one_step(rank: int, world: int) -> dict[str, Any]:
                                 no_sync=ddp.no_sync)
         out[name] = {"loss": all_reduce(loss, ctx) / world, "grads": {n: p.grad for n, p in net.named_parameters()},
                      "buffers": {n: b.clone() for n, b in net.named_buffers()}}
+    # bf16 rows: rank 0 weighs every gathered row 1 + 3/1024, rank 1 weighs it 3/1024. Summed in
+    # float32 each row's gradient is 1 + 6/1024, which bf16 (steps of 1/128 above 1) rounds to
+    # 1 + 1/128; rounded to bf16 first (1 and 3/1024) and summed in bf16, it was 1.
+    x = torch.ones(3, 4, dtype=torch.bfloat16, requires_grad=True)
+    gathered = gather_with_grad(x, ctx)
+    (gathered.float() * (1 + 3 / 1024 if rank == 0 else 3 / 1024)).sum().backward()
+    out["bf16_gather"] = {"dtype": str(gathered.dtype), "grad": x.grad}
     return out
 
 
@@ -86,6 +93,10 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_global_batc
                 torch.testing.assert_close(got["buffers"][n], b, rtol=0, atol=1e-6, msg=f"{name} {n}")
     # The gradient is not trivially small: a factor-of-W error would show.
     assert max(float(p.grad.abs().max()) for p in net.parameters()) > 1e-2
+    for r in ranks:  # half-precision rows are gathered, and their gradients summed over ranks, in float32
+        assert r["bf16_gather"]["dtype"] == "torch.float32"
+        assert r["bf16_gather"]["grad"].dtype == torch.bfloat16
+        assert torch.equal(r["bf16_gather"]["grad"], torch.full((3, 4), 1 + 1 / 128, dtype=torch.bfloat16))
 
 
 def test_ranks_take_disjoint_shares_that_make_up_the_single_process_batch_and_views() -> None:
@@ -139,8 +150,6 @@ def smooth_encoder() -> nn.Module:
 def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     """In one process group: a straight run, a run that rank 1 alone is asked to stop at step 4
     then resumed, and a run whose encoder turns NaN on rank 1 only. Counts which ranks wrote files."""
-    import torch.distributed as dist
-
     import fastclr.runs
     import fastclr.pretraining.loop as train
     from tiny import tiny_config, tiny_dataset
@@ -156,7 +165,15 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
 
     import fastclr.pretraining.state as state
 
-    state.save_checkpoint = counting("save_checkpoint", state.save_checkpoint)
+    saving = {"delay": 0.0, "fail": False}  # rank 0's checkpoint writes made slow, or failing, for one run
+    counted = counting("save_checkpoint", state.save_checkpoint)
+
+    def save_checkpoint(*a: Any, **k: Any) -> Any:
+        if saving["fail"]:
+            raise OSError(28, "No space left on device", str(root / "full"))
+        time.sleep(float(saving["delay"]))
+        return counted(*a, **k)
+    state.save_checkpoint = save_checkpoint
     for name in ("write_config", "save_encoder", "write_json", "prepare_run_dir"):
         setattr(train, name, counting(name, getattr(train, name)))
     real_log = fastclr.runs.MetricsLog.log
@@ -168,9 +185,11 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     lines: list[str] = []
     straight = train.pretrain(cfg("straight"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lines.append)
     # Only rank 1 is asked to stop (as if only its node got SIGTERM): both stop at the same step.
+    saving["delay"] = 1.0  # a slow write: rank 1 returned (and under torchrun exited 75) before it was on disk
     first = train.pretrain(cfg("resumed"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lambda s: None,
                            stop=lambda s: rank == 1 and s >= 4)
-    dist.barrier()  # rank 0's checkpoint is written before anyone resumes
+    saving["delay"] = 0.0
+    on_disk_at_return = [load_checkpoint(c)["step"] for c in list_checkpoints(root / "resumed")]
     second = train.pretrain(cfg("resumed"), resume=root / "resumed", dataset=ds, encoder=smooth_encoder(),
                             progress=False, log=lambda s: None)
 
@@ -190,10 +209,28 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
         nan_error = ""
     except train.NonFiniteLoss as e:
         nan_error = str(e)
+    try:  # rank 0 starts a run afresh while rank 1 resumes one (--resume auto seeing different directories)
+        if rank == 0:
+            train.pretrain(cfg("mixed"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lambda s: None)
+        else:
+            train.pretrain(cfg("resumed"), resume=root / "resumed", dataset=ds, encoder=smooth_encoder(),
+                           progress=False, log=lambda s: None)
+        mixed_error = ""
+    except train.FastclrError as e:
+        mixed_error = str(e)
+    saving["fail"] = True  # rank 0 cannot write the first checkpoint: both ranks end, neither waits for a timeout
+    began = time.perf_counter()
+    try:
+        train.pretrain(cfg("full"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lambda s: None)
+        write_error = ""
+    except (OSError, train.FastclrError) as e:
+        write_error = f"{type(e).__name__}: {e}"
+    write_error_seconds, saving["fail"] = time.perf_counter() - began, False
     train.pretrain(cfg("grad-cache", train__grad_cache_chunk=8, train__epochs=1.0), dataset=ds, encoder=smooth_encoder(), progress=False,
                    log=lambda s: None)
     return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
-            "probe": straight.probe_accuracy, "nan_error": nan_error}
+            "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
+            "write_error": write_error, "mixed_error": mixed_error, "write_error_seconds": write_error_seconds}
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +306,30 @@ def test_a_stop_asked_of_one_rank_stops_both_and_resume_continues_exactly(
     root, (r0, r1) = two_rank_runs
     assert r0["steps"] == r1["steps"] == (6, 4, True, 6)  # (straight, stopped at, stopped, resumed to)
     assert load_checkpoint(list_checkpoints(root / "resumed")[0])["step"] == 4  # written at the stop
+    # every rank returns from a stop only once rank 0's checkpoint (made 1 s slow) is on disk
+    assert r0["on_disk_at_return"][-1] == r1["on_disk_at_return"][-1] == 4
+
+
+def test_ranks_that_disagree_on_resuming_end_with_one_line_before_writing(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    """A fresh rank 0 and a resuming rank 1 met in different collectives (a broadcast against an
+    all-reduce): a hang until the timeout, or garbage. Now both say so and nothing is written."""
+    root, (r0, r1) = two_rank_runs
+    assert r0["mixed_error"] == r1["mixed_error"] == (
+        "some ranks start the run afresh and others resume it from step 6 (a checkpoint some saw and others did not); "
+        "the run directory must be on a filesystem that every node sees: run the same command again")
+    assert not (root / "mixed").exists()
+
+
+def test_a_checkpoint_rank_0_cannot_write_ends_every_rank_at_once(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Rank 0 raises its write error; rank 1 says rank 0 could not write, at once (it waited for
+    rank 0 in the next step's collectives until the 30 s timeout, then blamed a lost peer)."""
+    root, (r0, r1) = two_rank_runs
+    assert r0["write_error"].startswith("OSError: [Errno 28] No space left on device")
+    assert r1["write_error"] == (f"FastclrError: rank 1: rank 0 could not write the checkpoint of step 3 (its error says "
+                                 f"why); the last complete checkpoint in {root / 'full'} is kept")
+    assert r1["write_error_seconds"] < 15  # the collectives' timeout is 30 s
+    assert list_checkpoints(root / "full") == []
     a, b = params(root / "straight"), params(root / "resumed")
     for k in a:
         assert torch.equal(a[k], b[k]), k

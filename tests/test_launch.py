@@ -4,6 +4,7 @@ checkpointed, and the same launcher resumes the run to its end."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,6 +91,28 @@ def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: 
     assert r.returncode == 2, r.stderr[-3000:]
     assert "temperature" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[-1].startswith("error: a rank ended with an error")
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_ranks_one_line_error_leaves_without_interpreter_finalisation(world: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A torchrun rank's error leaves through os._exit, as its result does: a normal exit can abort
+    in the communication library's thread destructors (-6 and a traceback instead of the 2 documented).
+    One process returns the code as any command does."""
+    from fastclr import cli
+
+    left: list[int] = []
+
+    def exit_now(code: int) -> None:
+        left.append(code)
+        raise SystemExit(code)
+    monkeypatch.setattr(cli, "_exit_now", exit_now)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(SystemExit) if world == "2" else contextlib.nullcontext():
+        code = cli.main(["pretrain", str(tmp_path / "run"), "--temperature", "-1"])
+    assert left == ([2] if world == "2" else []) and (world == "2" or code == 2)
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("nproc, cpus, preset, expected", [

@@ -256,6 +256,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
     else:
+        _check_same_step(-1, ctx, device)
         run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx))
     if dataset is None:
         if resume is not None:
@@ -440,13 +441,20 @@ def _lr_text(cfg: Config, ctx: DistContext) -> str:
 
 def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:
     """Every rank must have read the same checkpoint (a run directory not shared between nodes
-    would otherwise resume ranks from different states)."""
+    would otherwise resume ranks from different states); `step` -1: this rank starts afresh, which
+    all must (`--resume auto` is decided by each rank: a checkpoint one node sees and another not
+    left them in different collectives, hanging until the timeout)."""
     if not ctx.active:
         return
     t = torch.tensor([step, -step], device=device)
     low = all_reduce(t, ctx, "min")
-    if int(low[0]) != -int(low[1]):
+    first, last = int(low[0]), -int(low[1])
+    if first == -1 and last != -1:
         raise FastclrError(
-            f"ranks resumed from different checkpoints (steps {int(low[0])} to {-int(low[1])}); the run directory "
+            f"some ranks start the run afresh and others resume it from step {last} (a checkpoint some saw and others "
+            "did not); the run directory must be on a filesystem that every node sees: run the same command again")
+    if first != last:
+        raise FastclrError(
+            f"ranks resumed from different checkpoints (steps {first} to {last}); the run directory "
             "must be on a filesystem that every node sees, with the same content"
         )

@@ -32,7 +32,7 @@ from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
 from fastclr.runtime import Precision
-from fastclr.scaleout.distributed import DistContext, broadcast_object
+from fastclr.scaleout.distributed import DistContext, all_reduce, broadcast_object
 from fastclr.scaleout.global_bn import convert_batchnorm
 
 
@@ -246,13 +246,28 @@ class Run:
                                 f"{(t.views + t.local_views) * rec['pairs_per_s']:.0f} img/s")
 
     def checkpoint(self) -> None:
-        """Refuse a bad state, then rank 0 writes the checkpoint."""
+        """Refuse a bad state, then rank 0 writes the checkpoint, and every rank returns only once
+        it is written: a rank that left for a stop's exit first made torchrun kill rank 0 during
+        the write (exit 75 counts as a failure to it), and a write that failed left the others
+        waiting for rank 0 until the collectives' timeout."""
         self.health.check(self.cfg, self.run_dir)
+        failure: Exception | None = None
         if self.ctx.is_main:
             self.state.monitor_seconds = self.monitor.seconds
             self.state.pace_mark = self.budget.mark if self.budget is not None else None
             self.state.skip_streak = int(self.health.skip_streak)
-            self.state.save(self.run_dir)
+            try:
+                self.state.save(self.run_dir)
+            except Exception as e:  # told to the other ranks before it is raised here
+                failure = e
+        if self.ctx.active:
+            written = all_reduce(torch.tensor([int(failure is None)], device=self.device), self.ctx, "min")
+            if failure is None and not bool(written[0]):
+                raise FastclrError(f"rank {self.ctx.rank}: rank 0 could not write the checkpoint of step "
+                                   f"{self.state.step} (its error says why); the last complete checkpoint in "
+                                   f"{self.run_dir} is kept")
+        if failure is not None:
+            raise failure
 
     def monitor_pass(self) -> None:
         """One kNN monitor pass on rank 0 (the others wait for it in the next step's collectives)."""

@@ -91,7 +91,14 @@ def process_device(name: str, local_rank: int, world_size: int) -> str:
     a GPU, cuda, cuda:N) means this rank's own GPU, cuda:LOCAL_RANK, as torchrun intends."""
     if world_size <= 1 or not name.startswith(("auto", "cuda")):
         return name
-    if name == "auto" and (not torch.cuda.is_available() or missing_kernels(local_rank)):
+    if name == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:  # more ranks on the node than GPUs, or one GPU made visible to each rank
+        raise FastclrError(f"LOCAL_RANK {local_rank} has no GPU of its own: {visible} visible to it; start at most "
+                           f"{visible} process{'es' if visible != 1 else ''} a node (--nproc_per_node) with every "
+                           "GPU visible to each, or use --device cpu")
+    if name == "auto" and missing_kernels(local_rank):
         return "cpu"  # select_device("auto") says why on a single process; here every rank agrees on the CPU
     return f"cuda:{local_rank}"
 
@@ -143,8 +150,13 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Rows of every rank, rank 0 first: (W * rows, ...), differentiable (see the module notes).
-    The identity with one process."""
-    return _GatherWithGrad.apply(x) if ctx.active else x
+    The identity with one process. Half-precision rows are gathered as float32: the loss reads
+    them in float32 anyway, and the backward's sum over ranks in bf16 rounded each rank's share
+    first and then every partial sum (NCCL's ring adds in the tensor's dtype), where one process
+    adds them in float32 inside the matmul."""
+    if not ctx.active:
+        return x
+    return _GatherWithGrad.apply(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
 
 
 def all_gather(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
