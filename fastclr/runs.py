@@ -8,6 +8,7 @@ line), checkpoints/, encoder.safetensors (the encoder alone, exported at the end
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -65,6 +66,8 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
 
 
 LOCK_FILE = ".lock"
+HELD = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
+"""flock's answer when another process holds the lock; any other error is a filesystem without locks."""
 
 
 class RunLock:
@@ -81,7 +84,13 @@ class RunLock:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as e:
+                if e.errno not in HELD:  # a filesystem without locks (Lustre without -o flock, NFS without lockd)
+                    os.close(self._fd)
+                    self._fd = -1
+                    log(f"warning: cannot lock {self.path} ({e.strerror}): this filesystem has no file locks, so "
+                        "nothing stops a second process writing this run; start one at a time")
+                    return
                 owner = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
                 os.close(self._fd)
                 raise FastclrError(f"{run_dir} is being written by {owner}; wait for it to finish (or stop it), "
@@ -127,8 +136,8 @@ def locked_by_another(run_dir: Path) -> str:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return ""
-    except OSError:
-        return os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+    except OSError as e:  # a filesystem without locks cannot say: not held, as RunLock then takes it
+        return (os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process") if e.errno in HELD else ""
     finally:
         os.close(fd)
 

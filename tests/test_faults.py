@@ -446,6 +446,37 @@ def test_a_lock_released_between_anothers_open_and_lock_is_not_held_on_a_removed
     second.release()
 
 
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_filesystem_without_locks_warns_and_runs_instead_of_naming_a_writer(
+        code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock fails with ENOLCK on NFS without lockd and ENOSYS on Lustre without -o flock: every run
+    was refused as "being written by another process". Only EWOULDBLOCK means another holds it."""
+    import fastclr.runs as runs
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    said: list[str] = []
+    lock = runs.RunLock(tmp_path, log=said.append)
+    assert said == [f"warning: cannot lock {tmp_path / '.lock'} ({os.strerror(code)}): this filesystem has no file "
+                    "locks, so nothing stops a second process writing this run; start one at a time"]
+    assert runs.locked_by_another(tmp_path) == ""  # readers are not told of a writer that cannot be known
+    lock.release()  # holds nothing: releasing is a no-op
+
+
+def test_a_held_lock_is_still_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastclr.runs as runs
+
+    (tmp_path / ".lock").write_text("PID 7 on node3", encoding="utf-8")
+
+    def held(fd: int, op: int) -> None:
+        raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+    monkeypatch.setattr(runs.fcntl, "flock", held)
+    with pytest.raises(FastclrError, match=f"^{tmp_path} is being written by PID 7 on node3; wait"):
+        runs.RunLock(tmp_path, log=lambda s: None)
+    assert runs.locked_by_another(tmp_path) == "PID 7 on node3"
+
+
 def test_a_checkpoint_written_after_resume_chose_its_own_is_not_passed_over(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A resume reads the newest checkpoint, then takes the run's lock: if the run's owner wrote a
