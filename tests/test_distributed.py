@@ -378,6 +378,45 @@ def test_a_killed_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path:
     assert latest_valid_checkpoint(run)[1]["step"] >= 2
 
 
+def fetch_once(rank: int, world: int, fail: bool) -> dict[str, Any]:
+    """Both ranks ask for a missing built-in dataset; the download is a stand-in that takes 0.5 s."""
+    import fastclr.pretraining.loop as loop
+    from fastclr.config import DataConfig
+    from fastclr.errors import FastclrError
+
+    ctx = setup(torch.device("cpu"), 30.0)
+    calls: list[float] = []
+
+    def ensure(name: str, root: Any = None) -> Path:
+        calls.append(time.perf_counter())
+        time.sleep(0.5)
+        if fail:
+            raise FastclrError("cannot download cifar10 (no route to host); check the network")
+        return Path("/nowhere")
+    loop.ensure = ensure  # type: ignore[assignment]
+    began = time.perf_counter()
+    try:
+        loop._fetch_once_a_node(DataConfig(name="cifar10"), ctx, torch.device("cpu"))
+        error = ""
+    except FastclrError as e:
+        error = str(e)
+    return {"calls": len(calls), "waited": time.perf_counter() - began, "error": error}
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_missing_dataset_is_downloaded_by_one_rank_a_node_while_the_others_wait(fail: bool, tmp_path: Path) -> None:
+    """Every rank downloaded the same archives into the same folder; a failed download ends all."""
+    r0, r1 = run_ranks(fetch_once, 2, tmp_path, fail, timeout=60)
+    assert (r0["calls"], r1["calls"]) == (1, 0)
+    assert r1["waited"] >= 0.5  # rank 1 goes on only once rank 0's download is done
+    if fail:
+        assert r0["error"] == "cannot download cifar10 (no route to host); check the network"
+        assert r1["error"] == ("rank 1: cifar10 could not be downloaded (the error of the rank that downloaded it "
+                               "says why)")
+    else:
+        assert r0["error"] == r1["error"] == ""
+
+
 def test_torchrun_end_to_end(tmp_path: Path) -> None:
     """`python -m torch.distributed.run --nproc_per_node=2 -m fastclr pretrain ...` on CPU."""
     env, run = cli_env(tmp_path), tmp_path / "run"

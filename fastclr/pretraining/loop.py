@@ -22,10 +22,11 @@ from torch import nn
 
 from fastclr import config as config_mod
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, remove_stale_temporaries, what_is_kept
-from fastclr.config import Config
+from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data
+from fastclr.data.datasets import REGISTRY, ensure
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
@@ -261,6 +262,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if dataset is None:
         if resume is not None:
             require_run_store(resume, cfg.data.name)
+        _fetch_once_a_node(cfg.data, ctx, device)
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
@@ -437,6 +439,27 @@ def _lr_text(cfg: Config, ctx: DistContext) -> str:
     if not ctx.active:
         return f"{rule} scaling"
     return f"lr {cfg.optim.lr:g} with {rule} scaling to the global batch {cfg.train.batch_size}"
+
+
+def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device) -> None:
+    """Under several processes a built-in dataset missing here is downloaded by each node's local
+    rank 0 while the others wait: every rank fetched the same archives into the same folder (eight
+    times the traffic on an 8-GPU node, and one rank refused by the server failed the job). A
+    download that fails ends every rank with one line."""
+    if not ctx.active or data.name not in REGISTRY or not data.download:  # a store, or a name every rank refuses
+        return
+    failure: Exception | None = None
+    if ctx.local_rank == 0:
+        try:
+            ensure(data.name, data.root or None)
+        except Exception as e:  # told to the other ranks before it is raised here
+            failure = e
+    fetched = all_reduce(torch.tensor([int(failure is None)], device=device), ctx, "min")
+    if failure is not None:
+        raise failure
+    if not bool(fetched[0]):
+        raise FastclrError(f"rank {ctx.rank}: {data.name} could not be downloaded (the error of the rank that "
+                           "downloaded it says why)")
 
 
 def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:
