@@ -131,6 +131,27 @@ def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe
     assert export.read_bytes() == mine
 
 
+def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so(tmp_path: Path) -> None:
+    """`--resume RUN --lr 0.05` on a finished run trained nothing, yet rewrote config.toml and the
+    final checkpoint with lr 0.05: a record of a learning rate the run never trained with (and a
+    --config of that file trained at it). Now both stay byte for byte, and a note names what is unused."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    before = {p.name: p.read_bytes() for p in [run / "config.toml", *list_checkpoints(run)]}
+    lines: list[str] = []
+    again = pretrain(tiny_config(run, train__epochs=1.0, optim__lr=0.05, train__temperature=0.5, train__threads=1),
+                     dataset=ds, resume=run, progress=False, log=lines.append)
+    assert again.steps == 6
+    assert {p.name: p.read_bytes() for p in [run / "config.toml", *list_checkpoints(run)]} == before
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes == ["note: optim.lr, train.temperature differ from the run's, but it has nothing left to train: not "
+                     "used, and its config.toml is kept as trained"]  # threads: how it runs, not what it trains
+    lines.clear()  # more epochs train on, and are recorded
+    more = pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, progress=False, log=lines.append)
+    assert more.steps == 12 and "epochs = 2.0" in (run / "config.toml").read_text(encoding="utf-8")
+    assert not any(line.startswith("note:") for line in lines)
+
+
 def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:
     """fp16: two overflowed steps (norm inf, skipped) and one of norm 3 log grad_norm 3, not 1;
     a window of skipped steps only logs none."""

@@ -168,6 +168,8 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     window_start = run.clock()
     run.loop_start = window_start - s.train_seconds
     try:
+        if s.start_step and s.step >= s.total_steps:
+            return False  # resumed with nothing left to train: its checkpoint stands as written
         owed = s.step // run.steps_per_epoch if s.start_step and s.step % run.steps_per_epoch == 0 else None
         if owed is not None and run.monitor.due(owed, s.train_seconds) and s.step not in run.metrics_log.monitored:
             # The pass a stop (or a crash) right after this epoch end's checkpoint left undone.
@@ -331,13 +333,37 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
             run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
     run.reach_first_fit()
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
+    finished = state is not None and run.state.step >= run.state.total_steps
     if ctx.is_main:
-        if state is not None and run.state.step < run.state.total_steps:
+        if state is not None and not finished:
             _retire_export(run_dir, state, log)
-        write_config(run_dir, cfg)
+        if finished:  # nothing is trained: config.toml stays the record of how the run was trained
+            _note_unused_settings(config_mod.from_dict(state["config"]), cfg, log)  # type: ignore[index]
+        else:
+            write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
         run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
                                                  warn=log)
+
+
+RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "train.compile", "train.device",
+                          "train.threads", "train.keep_memory", "train.log_every", "train.checkpoint_every",
+                          "train.run_dir", "train.dist_timeout", "train.deterministic", "train.check_sync",
+                          "train.trackers", "eval.probe", "eval.monitor_every", "eval.knn_k", "eval.untrained_reference",
+                          "eval.monitor_share"})
+"""Settings of how a process runs and reports, not of what a run trains."""
+
+
+def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:
+    """A finished run resumed with other training settings and nothing left to train: they are
+    neither used nor recorded (its config.toml and checkpoint were rewritten with them, so a
+    finished run's record named a learning rate it never trained with). Says so."""
+    changed = [k for k in config_mod.diff(_store_path_absolute(saved), wanted) if k not in RUNTIME_KEYS]
+    if changed:
+        log(f"note: {', '.join(changed)} differ{'s' * (len(changed) == 1)} from the run's, but it has nothing left to "
+            "train: not used, and its config.toml is kept as trained"
+            + ("; a finished run trains further only with more --epochs" if "train.time_budget" in changed
+               or "train.epochs" in changed else ""))
 
 
 def _retire_export(run_dir: Path, state: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -407,7 +433,8 @@ def _already_finished(run: Run, result: PretrainResult) -> bool:
     if record is not None:
         result.probe_accuracy, result.random_init_accuracy = record["accuracy"], record.get("random_init_accuracy")
     run.log(f"{run.run_dir} already finished its {s.step} steps: nothing to train, and its encoder"
-            f"{' and probe' if record else ''} stand as they were (`fastclr evaluate {run.run_dir}` measures it again)")
+            f"{' and probe stand as they were' if record else ' stands as it was'} "
+            f"(`fastclr evaluate {run.run_dir}` measures it again)")
     return True
 
 
