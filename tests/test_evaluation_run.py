@@ -368,6 +368,21 @@ def test_the_default_few_label_points_a_class_cannot_reach_are_left_out_with_a_n
         labelled_setup(loaded, small, too_many, torch.device("cpu"), ("finetune",), notes.append)
 
 
+def test_a_run_directory_it_cannot_write_is_refused_before_any_protocol(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run on a read-only filesystem was evaluated for 6 minutes, then the write of eval.json failed
+    and every result was lost (none printed). The directory is checked first; nothing is computed."""
+    import fastclr.evaluation.run as evaluation
+
+    run_dir, ds, _ = run
+    real = os.access
+    monkeypatch.setattr(evaluation.os, "access", lambda p, mode: False if Path(p) == run_dir else real(p, mode))
+    monkeypatch.setattr(evaluation, "features_of", lambda *a, **k: pytest.fail("features computed"))
+    with pytest.raises(FastclrError) as e:
+        evaluation.evaluate(run_dir, EvaluateOptions(device="cpu"), dataset=ds, log=lambda s: None)
+    assert str(e.value) == (f"{run_dir} is not writable, and evaluate saves its results there (eval.json); fix its "
+                            f"permissions, or copy the run (`cp -r {run_dir} COPY`) and evaluate the copy")
+
+
 def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_so(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run stopped at step 3 of 9 (no exported encoder) was evaluated and exported from its last

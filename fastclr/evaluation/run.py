@@ -7,6 +7,7 @@ copies. A checksum of the encoder is taken before and after: nothing here may ch
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -243,6 +244,9 @@ def evaluate(
     set_threads(o.threads, warn=log)
     device = select_device(o.device, warn=log)
     run = load_run(run_dir, device, o.precision, log, command="evaluate")
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # found only at the end, the results of minutes were lost
+        raise FastclrError(f"{run_dir} is not writable, and evaluate saves its results there ({EVAL_FILE}); fix its "
+                           f"permissions, or copy the run (`cp -r {run_dir} COPY`) and evaluate the copy")
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
     require_trackers(trackers)
     dataset = dataset if dataset is not None else run_data(run)
