@@ -139,3 +139,33 @@ def test_the_launcher_starts_torchrun_with_the_share_set(monkeypatch: pytest.Mon
     monkeypatch.setattr(launch, "run", lambda args: seen.append(os.environ.get("OMP_NUM_THREADS")))
     assert launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"]) == 0
     assert seen == ["4"]
+
+
+@pytest.mark.parametrize("codes, expected", [
+    # rank 1 killed outright (the OOM killer); rank 0 then lost its peer (2), rank 2 was ended by torchrun
+    ({0: 2, 1: -signal.SIGKILL, 2: -signal.SIGTERM},
+     "error: rank 1 was killed by SIGKILL (the kernel's out-of-memory killer sends it)"),
+    # NCCL's watchdog aborts the survivors (SIGABRT): the segfault is the cause
+    ({0: -signal.SIGABRT, 3: -signal.SIGSEGV}, "error: rank 3 was killed by SIGSEGV"),
+    ({0: 1, 1: -signal.SIGTERM}, "error: rank 0 failed with exit code 1 (its output above says why)"),
+])
+def test_a_rank_killed_or_crashed_is_named_in_one_line_not_a_traceback(
+        codes: dict[int, int], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`kill -9` of a rank gave the launcher's 30-line traceback around torchrun's table, exit 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {r: ProcessFailure(local_rank=r, pid=1000 + r, exitcode=c, error_file=str(tmp_path / "none"))
+                for r, c in codes.items()}
+    for f in failures.values():
+        f.timestamp = 1  # one poll of torchrun's saw them all
+    monkeypatch.setattr(launch.elastic_api, "_terminate_process_handler", launch.elastic_api._terminate_process_handler)
+
+    def failed(args: object) -> None:
+        raise ChildFailedError("fastclr", failures)
+    monkeypatch.setattr(launch, "run", failed)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"{expected}; the last checkpoint in the run directory is kept: once the cause is fixed, continue "
+                   "with the same command and --resume RUN_DIR\n")

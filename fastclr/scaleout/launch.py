@@ -97,8 +97,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if codes and codes <= {EXIT_USAGE, EXIT_STOPPED}:
             print("error: a rank ended with an error (its line is above); fix it and run again", file=sys.stderr)
             return EXIT_USAGE
-        raise
+        print(f"error: {first_failure(e)}; the last checkpoint in the run directory is kept: once the cause is "
+              "fixed, continue with the same command and --resume RUN_DIR", file=sys.stderr)
+        return 1
     return 0
+
+
+def first_failure(e: ChildFailedError) -> str:
+    """The rank that failed first, and how: a rank killed outright (the out-of-memory killer's
+    SIGKILL) made torchrun print its failure table under the launcher's traceback. Deaths that
+    follow a failure are passed over: SIGTERM (torchrun ending the others), SIGABRT (NCCL's
+    watchdog ending a rank whose peer is gone), and the one-line exits of ranks that lost a peer."""
+    follow_on = {-signal.SIGTERM, -signal.SIGABRT, EXIT_USAGE, EXIT_STOPPED}
+    failures = {r: f for r, f in e.failures.items() if f.exitcode not in follow_on} or e.failures
+    rank = min(failures, key=lambda r: (failures[r].timestamp, r))
+    code = failures[rank].exitcode
+    if code < 0:
+        name = failures[rank].signal_name()
+        return f"rank {rank} was killed by {name}" + (" (the kernel's out-of-memory killer sends it)" if code == -signal.SIGKILL else "")
+    return f"rank {rank} failed with exit code {code} (its output above says why)"
 
 
 if __name__ == "__main__":
