@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fastclr.config import Config, apply_overrides, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import is_write_error, write_failure_reason
+from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
@@ -289,7 +290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line and exit code 2."""
     args = parse_args(argv)
-    code = _run(args)
+    with outliving_readers():
+        code = _run(args)
     if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
     return code

@@ -168,3 +168,45 @@ def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys
     with pytest.raises(SystemExit):
         main(["evaluate", "RUN", "--zzz"])  # nothing near: no hint
     assert capsys.readouterr().err.strip().endswith("fastclr evaluate: error: unrecognized arguments: --zzz")
+
+
+def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path: Path, env: dict[str, str]) -> None:
+    """`fastclr pretrain ... 2>&1 | head -1`: the first write after head exited raised BrokenPipeError,
+    which ended the run at its first steps with exit 1, no message and no checkpoint. It now trains
+    to its end, writes everything, and exits 0."""
+    run = tmp_path / "run"
+    flags = [f for f in TINY if f != "--quiet"]
+    p = subprocess.Popen([sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--run-dir", str(run),
+                          "--epochs", "2", "--log-every", "1", *flags], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    first = p.stdout.readline()
+    p.stdout.close()  # the reader is gone, as `head -1` after its line
+    assert p.wait(timeout=240) == 0, first
+    assert (run / "encoder.safetensors").exists() and (run / "probe.json").exists()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+             if '"loss"' in line]
+    assert steps[-1] == 2 * (256 // 32)  # both epochs of the 256 synthetic images
+
+
+def test_the_guard_passes_writes_through_until_the_pipe_closes() -> None:
+    import io
+
+    from fastclr.streams import ClosedPipeGuard
+
+    class Pipe(io.StringIO):
+        closed_by_reader = False
+
+        def write(self, s: str) -> int:
+            if self.closed_by_reader:
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(s)
+
+    pipe = Pipe()
+    guard = ClosedPipeGuard(pipe)  # type: ignore[arg-type]
+    assert guard.write("step 1\n") == 7 and pipe.getvalue() == "step 1\n"
+    pipe.closed_by_reader = True
+    assert guard.write("step 2\n") == 7 and guard.reader_gone  # dropped, not raised
+    pipe.closed_by_reader = False
+    guard.write("step 3\n")
+    assert pipe.getvalue() == "step 1\n" and guard.isatty() is False

@@ -1,0 +1,59 @@
+"""Output that outlives its reader: `fastclr pretrain ... | head -3` must not end the run.
+
+Python ignores SIGPIPE, so a write to a pipe whose reader has gone raises BrokenPipeError. Raised
+from a progress line, it ended a run at its first steps without a word (the message went to the
+same closed pipe) and without a checkpoint. The guarded stream drops what follows instead, and
+points the file descriptor at the null device so that the interpreter's own flush at exit does
+not fail (which would make the exit code 120)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+
+class ClosedPipeGuard:
+    """A text stream that turns writes after its reader closed the pipe into no-ops."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.reader_gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._drop_the_rest()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop_the_rest()
+
+    def _drop_the_rest(self) -> None:
+        self.reader_gone = True
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def outliving_readers() -> Iterator[None]:
+    """sys.stdout and sys.stderr guarded while inside (each as it is at entry, restored after)."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = ClosedPipeGuard(out), ClosedPipeGuard(err)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
