@@ -231,6 +231,21 @@ def test_before_the_first_fit_the_learning_rate_does_not_depend_on_epochs(tmp_pa
     assert runs[0] == runs[1] and runs[0][:15] == [peak / 2] + [peak] * 14
 
 
+def test_a_run_trained_by_epochs_and_resumed_under_a_budget_holds_the_peak_then_decays(tmp_path: Path) -> None:
+    """20 steps by epochs (warm-up shortened to 2 steps, decayed to ~0), then resumed with a 1-minute
+    budget: it restarts at the peak, holds it to the first fit (step 35) and decays from there to
+    ~0 by the end, never rising again. The fit treated it as a fresh run: the learning rate fell
+    from the peak to the configured warm-up's 36% at step 35 and rose to the peak once more."""
+    clock, lines = PacedClock(lambda i: 0.5 if i < 5 else 1.0), []
+    paced_run(tmp_path, clock, minutes=0.0, steps_per_epoch=100, epochs=0.2, log_every=1)
+    res, records = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, epochs=0.2, log_every=1,
+                             resume=True, log=lines.append)
+    lrs, peak = [r["lr"] for r in records if "lr" in r], Config().optim.lr
+    assert len(lrs) == res.steps > 40 and lrs[19] < 0.01 * peak
+    assert lrs[20:35] == pytest.approx([peak] * 15)  # before the first fit: the peak, as after any warm-up
+    assert all(b <= a for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 0.01 * peak
+
+
 def test_the_monitors_share_holds_across_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kNN pass costs 30 s, 5% of the wall time allowed: the straight run passes at step 50 only.
     Stopped at step 60 and resumed, the monitor remembers its 30 s (they are in the checkpoint), so

@@ -186,8 +186,13 @@ class Run:
                 ms = b.pace(s.step, s.train_seconds) * 1000
                 self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs:.1f} epochs) at "
                          f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
-                # once: later refits keep it
-                s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
+                if s.step >= s.warmup_steps:
+                    # Past its warm-up already (a run trained by epochs, resumed with a budget): the
+                    # peak was held until this fit, and the cosine starts from it here. Fitted as a
+                    # fresh run's, the warm-up went back to the configured one's 17% at this step.
+                    s.decay_anchor = (s.step, 0.0)
+                else:  # once: later refits keep it
+                    s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
                 s.budget_fitted = True
                 self.log_short_warmup()
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
