@@ -557,3 +557,23 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(tmp_path: Path) -> None
     pretrain(cfg, resume=tmp_path / "run", dataset=ds, progress=False, log=lambda s: None)
     steps = [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert steps == list(range(1, 13)) == [r["step"] for r in straight if "loss" in r]
+
+
+@pytest.mark.parametrize("batch, world, resuming, advice", [
+    (256, 3, False, "run 2 or 4 processes instead, or pass --batch-size 255"),
+    # a resumed run keeps its batch size unless told: the flag alone was refused on resume
+    (256, 3, True, "run 2 or 4 processes instead, or pass --batch-size 255 --allow-config-change (the run keeps its "
+                   "batch size otherwise)"),
+    (96, 5, False, "run 4 or 6 processes instead, or pass --batch-size 95"),
+    (7, 2, False, "run 1 or 7 processes instead, or pass --batch-size 6"),
+])
+def test_a_batch_that_does_not_split_over_the_processes_names_counts_that_do(
+        batch: int, world: int, resuming: bool, advice: str) -> None:
+    from fastclr.pretraining.setup import validate
+
+    with pytest.raises(FastclrError) as e:
+        validate(tiny_config(Path("run"), train__batch_size=batch), 1000, world, resuming=resuming)
+    assert str(e.value) == (f"batch size {batch} (the global batch) does not split evenly over {world} processes; "
+                            + advice)
+    for fits in (advice.split()[1], advice.split()[3]):  # the counts named do split it
+        assert batch % int(fits) == 0

@@ -268,7 +268,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
-    validate(cfg, len(dataset.pretrain), ctx.world_size)
+    validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written

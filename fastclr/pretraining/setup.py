@@ -36,14 +36,19 @@ from fastclr.scaleout.distributed import DistContext, all_reduce, broadcast_obje
 from fastclr.scaleout.global_bn import convert_batchnorm
 
 
-def validate(cfg: Config, n_images: int, world_size: int = 1) -> None:
+def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = False) -> None:
     """One-line errors for settings that cannot work with this data and this many processes (each
-    setting's own range was checked by `config.validate` already)."""
+    setting's own range was checked by `config.validate` already); `resuming`: a run's batch size
+    changes only with --allow-config-change, so other process counts come first."""
     t = cfg.train
     if world_size > 1 and t.batch_size % world_size:
+        fits = [d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0]
+        near = [max(d for d in fits if d < world_size)] + [d for d in fits if d > world_size][:1]
+        other = max(1, t.batch_size // world_size) * world_size
         raise FastclrError(
             f"batch size {t.batch_size} (the global batch) does not split evenly over {world_size} processes; "
-            f"pass --batch-size {max(1, t.batch_size // world_size) * world_size}"
+            f"run {' or '.join(map(str, near))} processes instead, or pass --batch-size {other}"
+            + (" --allow-config-change (the run keeps its batch size otherwise)" if resuming else "")
         )
     if n_images < 2:  # a batch of one image has no negative (and train.batch_size is at least 2)
         raise FastclrError(f"the dataset holds {n_images} image{'s' * (n_images != 1)}: contrastive training needs "
