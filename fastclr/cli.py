@@ -161,6 +161,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     if args.name not in REGISTRY:  # not spec()'s error, which offers a store: nothing is downloaded into one
         raise FastclrError(f"unknown dataset {args.name!r}; fastclr downloads: {', '.join(REGISTRY)}")
+    if args.root and not args.no_download:  # the folder to download into, made as asked
+        Path(args.root).mkdir(parents=True, exist_ok=True)
     folder = ensure(args.name, args.root, download=not args.no_download)
     try:
         ds = read_checked(args.name, folder)

@@ -227,6 +227,32 @@ def test_download_reads_what_is_present_and_names_a_damaged_file(tmp_path: Path,
     assert err == "error: unknown dataset 'imagenet'; fastclr downloads: fashion-mnist, mnist, cifar10, cifar100, stl10\n"
 
 
+def test_download_into_a_root_not_yet_made_makes_it_and_failures_name_that_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr download cifar10 --root DIR` said DIR "is not a directory" (its help: the directory to
+    download into), and a failed download told the user to unpack the archive in $FASTCLR_DATA."""
+    staging = tmp_path / "staging"
+    write_cifar(staging / "cifar-10-batches-py")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    good = RemoteFile(_serve(tmp_path, "cifar-10-python.tar.gz", buf.getvalue()), hashlib.md5(buf.getvalue()).hexdigest(),
+                      extract=True)
+    monkeypatch.setitem(REGISTRY, "cifar10", dataclasses.replace(REGISTRY["cifar10"], remote=(good,)))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    root = tmp_path / "new" / "data"
+    assert cli_main(["download", "cifar10", "--root", str(root)]) == 0
+    assert (root / "cifar-10-batches-py" / "test_batch").exists() and "40 train" in capsys.readouterr().out
+    bad = RemoteFile("file:///nonexistent/cifar-10-python.tar.gz", "0" * 32, True)
+    monkeypatch.setitem(REGISTRY, "cifar10", dataclasses.replace(REGISTRY["cifar10"], remote=(bad,)))
+    other = tmp_path / "other"
+    assert cli_main(["download", "cifar10", "--root", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"in {other} (it creates cifar-10-batches-py/)" in err and "$FASTCLR_DATA" not in err, err
+    assert cli_main(["download", "cifar10", "--no-download", "--root", str(tmp_path / "typo")]) == 2
+    assert "is not a directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()  # only to download into
+
+
 def test_an_archive_that_fails_to_unpack_leaves_no_file_of_it(tmp_path: Path) -> None:
     staging = tmp_path / "staging"
     write_cifar(staging / "cifar-10-batches-py")

@@ -278,6 +278,8 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True) -> 
         return found
     where = ", ".join(str(r / s.folder) for r in search_roots(root))
     hint = s.hint.format(files=", ".join(s.files))
+    if root:  # the folder asked for, not the variable
+        hint = hint.replace("$FASTCLR_DATA", str(root))
     if not download:
         raise FastclrError(f"{name} files not found (looked in {where}); {hint}")
     dest = download_root(root)
