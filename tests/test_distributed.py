@@ -218,6 +218,19 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
         mixed_error = ""
     except train.FastclrError as e:
         mixed_error = str(e)
+    held = None
+    if rank == 0:  # another process writing the run directory: rank 0 is refused the lock
+        (root / "held").mkdir()
+        held = fastclr.runs.RunLock(root / "held", log=lambda s: None)
+    began = time.perf_counter()
+    try:
+        train.pretrain(cfg("held"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lambda s: None)
+        held_error = ""
+    except train.FastclrError as e:
+        held_error = str(e)
+    held_seconds = time.perf_counter() - began
+    if held is not None:
+        held.release()
     saving["fail"] = True  # rank 0 cannot write the first checkpoint: both ranks end, neither waits for a timeout
     began = time.perf_counter()
     try:
@@ -230,7 +243,7 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
                    log=lambda s: None)
     return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
-            "write_error": write_error, "mixed_error": mixed_error, "write_error_seconds": write_error_seconds}
+            "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds, "write_error_seconds": write_error_seconds}
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +332,16 @@ def test_ranks_that_disagree_on_resuming_end_with_one_line_before_writing(
         "some ranks start the run afresh and others resume it from step 6 (a checkpoint some saw and others did not); "
         "the run directory must be on a filesystem that every node sees: run the same command again")
     assert not (root / "mixed").exists()
+
+
+def test_a_run_directory_rank_0_cannot_take_ends_every_rank_at_once(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Rank 0 refused the lock (another process writes the run) and exited; rank 1 went on into the
+    model's collectives and, under torchrun, was ended by SIGTERM with "writing a checkpoint" and
+    "lost contact with another rank ... resume" lines that did not apply."""
+    root, (r0, r1) = two_rank_runs
+    assert r0["held_error"].startswith(f"{root / 'held'} is being written by PID ")
+    assert r1["held_error"] == f"rank 1: rank 0 could not take {root / 'held'} for this run (its error says why)"
+    assert r1["held_seconds"] < 15
 
 
 def test_a_checkpoint_rank_0_cannot_write_ends_every_rank_at_once(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:

@@ -44,7 +44,7 @@ from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
-                                          peer_failure, process_device, setup, teardown)
+                                          peer_failure, process_device, setup, share_outcome, teardown)
 from fastclr.errors import FastclrError
 from fastclr.files import WriteFailed, read_json
 
@@ -276,18 +276,22 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
     if ctx.is_main:
         require_trackers(tracker_names(cfg.train.trackers))
-    lock = None
+    lock, failure = None, None
     if ctx.is_main:
         # Only now, with the data and settings known good, does the run directory come into being,
         # and it belongs to this process (rank 0) until the run ends.
-        prepare_run_dir(run_dir, resuming=state is not None)
-        lock = RunLock(run_dir, log)
+        try:
+            prepare_run_dir(run_dir, resuming=state is not None)
+            lock = RunLock(run_dir, log)
+            if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
+                # Its owner wrote a newer checkpoint (a stop, say) after we chose ours and before we held the
+                # lock: continuing from ours would drop those steps and then their metrics records.
+                raise FastclrError(f"{run_dir} got a newer checkpoint while this process was starting (another "
+                                   f"process was still writing it); run the same command again to resume from the newest")
+        except Exception as e:  # another process writing it, say: the other ranks are told, not left waiting
+            failure = e
     try:
-        if lock is not None and state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
-            # Its owner wrote a newer checkpoint (a stop, say) after we chose ours and before we held the
-            # lock: continuing from ours would drop those steps and then their metrics records.
-            raise FastclrError(f"{run_dir} got a newer checkpoint while this process was starting (another process "
-                               f"was still writing it); run the same command again to resume from the newest")
+        share_outcome(failure, ctx, device, f"rank 0 could not take {run_dir} for this run (its error says why)")
         if lock is not None:
             for p in remove_stale_temporaries(run_dir):
                 log(f"removed {p.name}, left by a write that was interrupted")
@@ -481,12 +485,8 @@ def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device)
             ensure(data.name, data.root or None)
         except Exception as e:  # told to the other ranks before it is raised here
             failure = e
-    fetched = all_reduce(torch.tensor([int(failure is None)], device=device), ctx, "min")
-    if failure is not None:
-        raise failure
-    if not bool(fetched[0]):
-        raise FastclrError(f"rank {ctx.rank}: {data.name} could not be downloaded (the error of the rank that "
-                           "downloaded it says why)")
+    share_outcome(failure, ctx, device, f"{data.name} could not be downloaded (the error of the rank that downloaded "
+                  "it says why)")
 
 
 def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:

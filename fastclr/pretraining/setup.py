@@ -32,7 +32,7 @@ from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
 from fastclr.runtime import Precision
-from fastclr.scaleout.distributed import DistContext, all_reduce, broadcast_object
+from fastclr.scaleout.distributed import DistContext, broadcast_object, share_outcome
 from fastclr.scaleout.global_bn import convert_batchnorm
 
 
@@ -270,14 +270,8 @@ class Run:
                 self.state.save(self.run_dir)
             except Exception as e:  # told to the other ranks before it is raised here
                 failure = e
-        if self.ctx.active:
-            written = all_reduce(torch.tensor([int(failure is None)], device=self.device), self.ctx, "min")
-            if failure is None and not bool(written[0]):
-                raise FastclrError(f"rank {self.ctx.rank}: rank 0 could not write the checkpoint of step "
-                                   f"{self.state.step} (its error says why); the last complete checkpoint in "
-                                   f"{self.run_dir} is kept")
-        if failure is not None:
-            raise failure
+        share_outcome(failure, self.ctx, self.device, f"rank 0 could not write the checkpoint of step {self.state.step} "
+                      f"(its error says why); the last complete checkpoint in {self.run_dir} is kept")
 
     def monitor_pass(self) -> None:
         """One kNN monitor pass on rank 0 (the others wait for it in the next step's collectives)."""

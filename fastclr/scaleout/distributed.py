@@ -178,6 +178,19 @@ def all_reduce(x: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tens
     return out
 
 
+def share_outcome(failure: Exception | None, ctx: DistContext, device: torch.device, others_say: str) -> None:
+    """After work only some ranks do (rank 0 writes, a node's first rank downloads): every rank
+    learns whether it failed anywhere. The failed rank raises its own error, the others one line,
+    "rank R: `others_say`". Without it they went on into collectives rank 0 never joined and
+    waited there until the timeout, then blamed a lost peer."""
+    if ctx.active:
+        done = all_reduce(torch.tensor([int(failure is None)], device=device), ctx, "min")
+        if failure is None and not bool(done[0]):
+            raise FastclrError(f"rank {ctx.rank}: {others_say}")
+    if failure is not None:
+        raise failure
+
+
 def broadcast_object(obj: T, ctx: DistContext) -> T:
     """Rank 0's `obj` (picklable, small: a path, a step count) on every rank."""
     if not ctx.active:
