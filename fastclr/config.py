@@ -9,6 +9,7 @@ file. The resolved configuration is saved into every run directory and every che
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
@@ -386,6 +387,15 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
 _KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
 
+def _nearest_key(key: str) -> str:
+    """' (did you mean train.batch_size?)' for a misspelt or misplaced key, else ''."""
+    keys = list(to_flat(Config()))
+    name = key.rpartition(".")[2]
+    placed = [k for k in keys if k.rpartition(".")[2] == name]  # the right name in another section
+    close = placed or difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """Return a copy of `cfg` with `{"section.field": value}` overrides applied (values parsed),
     then validated (`validate`)."""
@@ -393,7 +403,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not hasattr(getattr(out, section), name):
-            raise FastclrError(f"unknown config key {key!r}; `fastclr pretrain --help` lists every key")
+            raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
         setattr(getattr(out, section), name, parse_value(section, name, raw))
     validate(out)
     return out

@@ -40,6 +40,18 @@ def test_values_are_parsed_to_the_field_type() -> None:
         apply_overrides(Config(), {"train.batchsize": 1})
 
 
+@pytest.mark.parametrize("key, hint", [
+    ("train.batch_sise", " (did you mean train.batch_size?)"),   # misspelt
+    ("optim.batch_size", " (did you mean train.batch_size?)"),   # in another section (a TOML [optim] table)
+    ("train.temprature", " (did you mean train.temperature?)"),
+    ("model.zzz", ""),
+])
+def test_an_unknown_key_names_the_nearest_one(key: str, hint: str) -> None:
+    with pytest.raises(FastclrError) as e:
+        apply_overrides(Config(), {key: 1})
+    assert str(e.value) == f"unknown config key {key!r}{hint}; `fastclr pretrain --help` lists every key"
+
+
 def test_presets_apply_before_overrides() -> None:
     cfg = apply_preset({"data.name": "cifar10"})
     assert cfg.augment.blur_p == 0.0 and cfg.augment.brightness == 0.4 and cfg.train.batch_size == 512
