@@ -119,6 +119,24 @@ def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
     assert ds.image_shape[0] == REGISTRY["stl10"].side
 
 
+def test_stl10_images_read_a_block_at_a_time_are_the_files_pixels(tmp_path: Path) -> None:
+    """1030 images of 4 x 4: two blocks of rows, the second partial. Pixel (i, y, x, c) is byte
+    ((i * 3 + c) * 4 + x) * 4 + y of the file (planes column-major), into a given array too."""
+    raw = np.random.default_rng(1).integers(0, 256, 1030 * 3 * 4 * 4, dtype=np.uint8)
+    path = tmp_path / "unlabeled_X.bin"
+    raw.tofile(path)
+    i, y, x, c = np.meshgrid(*(np.arange(k) for k in (1030, 4, 4, 3)), indexing="ij")
+    expected = raw[((i * 3 + c) * 4 + x) * 4 + y]
+    np.testing.assert_array_equal(formats.read_stl10_images(path, size=4), expected)
+    out = np.zeros((1031, 4, 4, 3), np.uint8)
+    formats.read_stl10_images(path, size=4, out=out[1:])
+    np.testing.assert_array_equal(out[1:], expected)
+    assert not out[0].any()
+    path.write_bytes(raw.tobytes()[:-5])
+    with pytest.raises(FastclrError, match=r"unlabeled_X.bin holds 49435 bytes, not a multiple of 48; it is truncated"):
+        formats.read_stl10_images(path, size=4)
+
+
 def test_lookup_order_root_env_cache_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env, cache, system, explicit = (tmp_path / n for n in ("env", "cache", "system", "explicit"))
     monkeypatch.setenv("FASTCLR_DATA", str(env))

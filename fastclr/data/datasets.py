@@ -150,14 +150,18 @@ def _read_stl10(folder: Path) -> Dataset:
     names = listed.read_text(encoding="utf-8").split() if listed.exists() else []
     train = ImageSet(formats.read_stl10_images(folder / "train_X.bin"), formats.read_stl10_labels(folder / "train_y.bin"))
     test = ImageSet(formats.read_stl10_images(folder / "test_X.bin"), formats.read_stl10_labels(folder / "test_y.bin"))
-    unlabeled = formats.read_stl10_images(folder / "unlabeled_X.bin")
-    if (len(train), len(test)) == (STL10_COUNTS["train"], STL10_COUNTS["test"]) and len(unlabeled) != STL10_COUNTS["unlabeled"]:
+    unlabelled = formats.stl10_count(folder / "unlabeled_X.bin")
+    if (len(train), len(test)) == (STL10_COUNTS["train"], STL10_COUNTS["test"]) and unlabelled != STL10_COUNTS["unlabeled"]:
         # The published copy: its unlabelled file has no labels to count against, so its size is checked.
-        raise FastclrError(f"{folder / 'unlabeled_X.bin'} holds {len(unlabeled)} images, not STL-10's "
+        raise FastclrError(f"{folder / 'unlabeled_X.bin'} holds {unlabelled} images, not STL-10's "
                            f"{STL10_COUNTS['unlabeled']}; it is truncated: delete {folder} and run `fastclr download stl10`")
-    # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature.
-    pretrain = ImageSet(np.concatenate([unlabeled, train.images]), None)
-    return Dataset("stl10", pretrain, train, test, names or [str(i) for i in range(10)], unlabelled=len(unlabeled))
+    # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature: read
+    # straight into the array that holds both (no concatenated copy).
+    images = np.empty((unlabelled + len(train), *train.images.shape[1:]), np.uint8)
+    formats.read_stl10_images(folder / "unlabeled_X.bin", out=images[:unlabelled])
+    images[unlabelled:] = train.images
+    return Dataset("stl10", ImageSet(images, None), train, test, names or [str(i) for i in range(10)],
+                   unlabelled=unlabelled)
 
 
 FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"

@@ -115,14 +115,32 @@ def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray,
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
-def read_stl10_images(path: Path, size: int = 96) -> np.ndarray:
-    """STL-10 `*_X.bin` -> uint8 (N, 96, 96, 3). Planes are stored column-major."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    per = 3 * size * size
-    if raw.size == 0 or raw.size % per:
-        raise FastclrError(f"{path} holds {raw.size} bytes, not a multiple of {per}; it is truncated, fetch it again")
-    # (N, C, W, H) on disk because of the column-major planes -> (N, H, W, C)
-    return np.ascontiguousarray(raw.reshape(-1, 3, size, size).transpose(0, 3, 2, 1))
+def stl10_count(path: Path, size: int = 96) -> int:
+    """How many images an STL-10 `*_X.bin` holds (a one-line error for a truncated file)."""
+    n_bytes, per = path.stat().st_size, 3 * size * size
+    if n_bytes == 0 or n_bytes % per:
+        raise FastclrError(f"{path} holds {n_bytes} bytes, not a multiple of {per}; it is truncated, fetch it again")
+    return n_bytes // per
+
+
+def read_stl10_images(path: Path, size: int = 96, out: np.ndarray | None = None) -> np.ndarray:
+    """STL-10 `*_X.bin` -> uint8 (N, 96, 96, 3), into `out` when given (N rows). Planes are stored
+    column-major. The file is read and turned a block of rows at a time, so memory holds the
+    result alone: reading the whole file and then its transposed copy (and then concatenating
+    the unlabelled images with the training ones) took 6.1 GB for the 3.0 GB of STL-10's images."""
+    n = stl10_count(path, size)
+    dest = np.empty((n, size, size, 3), np.uint8) if out is None else out
+    if dest.shape != (n, size, size, 3):
+        raise ValueError(f"out has shape {dest.shape}, not {(n, size, size, 3)}")
+    block = np.empty((min(n, 1024), 3, size, size), np.uint8)  # read, not mapped: mapped pages count as resident
+    with path.open("rb") as f:
+        for start in range(0, n, len(block)):
+            rows = block[:min(len(block), n - start)]
+            if f.readinto(rows.data) != rows.nbytes:
+                raise FastclrError(f"{path} ended early (it is being written or was cut); fetch it again")
+            # (N, C, W, H) on disk because of the column-major planes -> (N, H, W, C)
+            dest[start:start + len(rows)] = rows.transpose(0, 3, 2, 1)
+    return dest
 
 
 def read_stl10_labels(path: Path) -> np.ndarray:
