@@ -133,7 +133,7 @@ def read_stl10_images(path: Path, size: int = 96, out: np.ndarray | None = None)
     if dest.shape != (n, size, size, 3):
         raise ValueError(f"out has shape {dest.shape}, not {(n, size, size, 3)}")
     block = np.empty((min(n, 1024), 3, size, size), np.uint8)  # read, not mapped: mapped pages count as resident
-    with path.open("rb") as f:
+    with path.open(mode="rb") as f:
         for start in range(0, n, len(block)):
             rows = block[:min(len(block), n - start)]
             if f.readinto(rows.data) != rows.nbytes:
