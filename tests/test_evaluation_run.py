@@ -139,6 +139,23 @@ def test_a_small_lift_is_flagged_in_the_table() -> None:
     assert not lift_summary({"linear": {"accuracy": 0.90, "random_init": {"accuracy": 0.80}}})["small"]
 
 
+def test_the_lead_over_scratch_is_taken_on_the_label_subsets_both_used() -> None:
+    """The probe ran on subsets a, b, c and the baseline on a and b only (evaluate's default until
+    2026-12-06): the lead is the mean of the differences on a and b, 0.125, not the difference of
+    the means (0.8 - 0.625 = 0.175), which adds subset c's ease to the gap."""
+    from fastclr.evaluation.table import curve_rows
+
+    def curve(accs: dict[str, float]) -> dict[str, Any]:
+        mean = sum(accs.values()) / len(accs)
+        return {"curve": [{"labels_per_class": 10, "mean": mean, "std": 0.0,
+                           "runs": [{"subset": k, "accuracy": v} for k, v in accs.items()]}]}
+    rows = curve_rows({"fewshot": curve({"a": 0.8, "b": 0.7, "c": 0.9}), "supervised": curve({"a": 0.6, "b": 0.65})})
+    assert rows[0][-1] == "probe over scratch, same labels" and rows[1][-1] == "+12.50 points (2 subsets)"
+    rows = curve_rows({"fewshot": curve({"c": 0.9}), "supervised": curve({"a": 0.6})})
+    assert rows[1][-1] == "-"  # no subset in common: no gap
+    assert EvaluateOptions().supervised_seeds == EvaluateOptions().seeds  # by default, every subset has both
+
+
 def test_a_lift_of_exactly_the_threshold_in_test_images_is_not_flagged() -> None:
     # accuracies are float32 means of test images: every lift of exactly 500 in 10,000 reaches
     # the 5-point threshold, although some differences of two such means fall below 0.05

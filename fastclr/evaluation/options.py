@@ -28,8 +28,10 @@ class EvaluateOptions:
     """The few-label points of the label-efficiency curve (the issue's list)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Subset seeds of the few-label probe: its fits take well under a second each."""
-    supervised_seeds: tuple[int, ...] = (0, 1)
-    """Subset seeds of the supervised baseline, each a full training run: fewer by default."""
+    supervised_seeds: tuple[int, ...] = (0, 1, 2)
+    """Subset seeds of the supervised baseline, each a full training run: the few-label probe's,
+    so that "over from scratch" compares the same labels (two seeds left the probe's third subset
+    without a baseline: 0.0-0.5 points off the paired gap)."""
     finetune_fractions: tuple[float, ...] = (0.01, 0.1)
     """SimCLR's semi-supervised label fractions."""
     finetune_seeds: tuple[int, ...] = (0,)

@@ -27,19 +27,33 @@ def points(x: float) -> str:
     return f"{100 * x:+.2f} points"
 
 
+def paired_gap(probe: dict[str, Any], scratch: dict[str, Any]) -> tuple[float, int] | None:
+    """The probe's mean lead over training from scratch on the label subsets both used (matched by
+    subset id), and how many; None when they share none. Means over different subsets would mix
+    the subsets' difficulty into the gap."""
+    theirs = {r["subset"]: r["accuracy"] for r in scratch["runs"]}
+    diffs = [r["accuracy"] - theirs[r["subset"]] for r in probe["runs"] if r["subset"] in theirs]
+    return (sum(diffs) / len(diffs), len(diffs)) if diffs else None
+
+
 def curve_rows(results: dict[str, Any]) -> list[list[str]]:
     """Label-efficiency rows: labels per class, few-label probe (and on the untrained network),
-    supervised baseline."""
+    supervised baseline, and the probe's lead over it on the same labels."""
     probe = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("curve", [])}
     untrained = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("random_init_curve", [])}
     sup = {e["labels_per_class"]: e for e in results.get("supervised", {}).get("curve", [])}
-    head = ["labels/class", "linear probe on h"] + (["same net untrained"] if untrained else []) + ["supervised from scratch"]
+    head = ["labels/class", "linear probe on h"] + (["same net untrained"] if untrained else []) + \
+        ["supervised from scratch"] + (["probe over scratch, same labels"] if probe and sup else [])
     rows = [head]
     for n in sorted(set(probe) | set(sup)):
         row = [str(n), pct_spread(probe[n]) if n in probe else "-"]
         if untrained:
             row.append(pct_spread(untrained[n]) if n in untrained else "-")
-        rows.append(row + [pct_spread(sup[n]) if n in sup else "-"])
+        row.append(pct_spread(sup[n]) if n in sup else "-")
+        if probe and sup:
+            gap = paired_gap(probe[n], sup[n]) if n in probe and n in sup else None
+            row.append("-" if gap is None else f"{points(gap[0])} ({gap[1]} subset{'s' * (gap[1] != 1)})")
+        rows.append(row)
     return rows
 
 
