@@ -7,8 +7,11 @@ everything is trained together (LP-FT, Kumar et al. 2022: a random head's early 
 the pretrained features; with a short step budget this start matters). BatchNorm keeps the
 statistics the probe's features were computed with: in train mode, batch statistics changed h
 so much that the probe's head started at a loss of 2.9 (chance is 2.3) and fine-tuning ended
-below the probe. Each subset is also
-trained from scratch with the identical recipe, so the gain from pretraining is read off directly.
+below the probe. Each subset is also trained from scratch with the supervised baseline's recipe
+(the same steps, optimiser and learning rate; its BatchNorm in train mode and 2 px shifts, which
+it needs and fine-tuning does not: `EvaluateOptions.finetune_shift_fraction`), and the probe the
+head starts from is reported beside both, so what fine-tuning adds to the frozen features is read
+off too.
 """
 
 from __future__ import annotations
