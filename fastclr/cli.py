@@ -294,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with outliving_readers():
         code = _run(args)
-    if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
+        if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
     return code
 
 

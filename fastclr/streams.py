@@ -52,8 +52,11 @@ class ClosedPipeGuard:
 def outliving_readers() -> Iterator[None]:
     """sys.stdout and sys.stderr guarded while inside (each as it is at entry, restored after)."""
     out, err = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = ClosedPipeGuard(out), ClosedPipeGuard(err)  # type: ignore[assignment]
+    guards = ClosedPipeGuard(out), ClosedPipeGuard(err)
+    sys.stdout, sys.stderr = guards  # type: ignore[assignment]
     try:
         yield
     finally:
+        for g in guards:  # what is still buffered, while a closed pipe is still forgiven (else exit code 120)
+            g.flush()
         sys.stdout, sys.stderr = out, err

@@ -176,6 +176,7 @@ def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path: Path, env: dict[
     to its end, writes everything, and exits 0."""
     run = tmp_path / "run"
     flags = [f for f in TINY if f != "--quiet"]
+    env = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as in a pipe
     p = subprocess.Popen([sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--run-dir", str(run),
                           "--epochs", "2", "--log-every", "1", *flags], env=env, cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
