@@ -231,6 +231,22 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     held_seconds = time.perf_counter() - began
     if held is not None:
         held.release()
+    if rank == 0:  # a resume whose metrics.jsonl is damaged mid-file: rank 0 refuses it while recording the run
+        import shutil
+
+        shutil.copytree(root / "straight", root / "damaged")
+        lines_kept = (root / "damaged" / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        (root / "damaged" / "metrics.jsonl").write_text(lines_kept[0] + "{not json\n" + "".join(lines_kept[1:]),
+                                                        encoding="utf-8")
+    all_reduce(torch.zeros(1), DistContext(rank, world))  # the copy exists before either rank resumes
+    began = time.perf_counter()
+    try:
+        train.pretrain(cfg("damaged", train__epochs=3.0), resume=root / "damaged", dataset=ds, encoder=smooth_encoder(),
+                       progress=False, log=lambda s: None)
+        damaged_error = ""
+    except train.FastclrError as e:
+        damaged_error = str(e)
+    damaged_seconds = time.perf_counter() - began
     saving["fail"] = True  # rank 0 cannot write the first checkpoint: both ranks end, neither waits for a timeout
     began = time.perf_counter()
     try:
@@ -243,7 +259,8 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
                    log=lambda s: None)
     return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
-            "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds, "write_error_seconds": write_error_seconds}
+            "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds,
+            "damaged_error": damaged_error, "damaged_seconds": damaged_seconds, "write_error_seconds": write_error_seconds}
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +361,14 @@ def test_a_run_directory_rank_0_cannot_take_ends_every_rank_at_once(two_rank_run
     assert r1["held_seconds"] < 15
 
 
+def test_a_run_rank_0_cannot_record_on_resume_ends_every_rank_at_once(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, (r0, r1) = two_rank_runs
+    assert "metrics.jsonl" in r0["damaged_error"]
+    assert r1["damaged_error"] == f"rank 1: rank 0 could not record the run in {root / 'damaged'} (its error says why)"
+    assert r1["damaged_seconds"] < 15
+
+
 def test_a_checkpoint_rank_0_cannot_write_ends_every_rank_at_once(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
     """Rank 0 raises its write error; rank 1 says rank 0 could not write, at once (it waited for
     rank 0 in the next step's collectives until the 30 s timeout, then blamed a lost peer)."""
@@ -401,18 +426,19 @@ def test_a_killed_rank_makes_the_other_exit_nonzero_within_the_timeout(tmp_path:
     assert latest_valid_checkpoint(run)[1]["step"] >= 2
 
 
-def fetch_once(rank: int, world: int, fail: bool) -> dict[str, Any]:
-    """Both ranks ask for a missing built-in dataset; the download is a stand-in that takes 0.5 s."""
+def fetch_once(rank: int, world: int, fail: bool, seconds: float = 0.5, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Both ranks ask for a missing built-in dataset; the download is a stand-in that takes
+    `seconds`, in a process group whose collectives time out after `timeout_s`."""
     import fastclr.pretraining.loop as loop
     from fastclr.config import DataConfig
     from fastclr.errors import FastclrError
 
-    ctx = setup(torch.device("cpu"), 30.0)
+    ctx = setup(torch.device("cpu"), timeout_s)
     calls: list[float] = []
 
     def ensure(name: str, root: Any = None) -> Path:
         calls.append(time.perf_counter())
-        time.sleep(0.5)
+        time.sleep(seconds)
         if fail:
             raise FastclrError("cannot download cifar10 (no route to host); check the network")
         return Path("/nowhere")
@@ -438,6 +464,13 @@ def test_a_missing_dataset_is_downloaded_by_one_rank_a_node_while_the_others_wai
                                "says why)")
     else:
         assert r0["error"] == r1["error"] == ""
+
+
+def test_a_download_may_outlast_the_collectives_timeout(tmp_path: Path) -> None:
+    """A 3-s download under a 1-s --dist-timeout: the waiting rank's all-reduce timed out and it
+    blamed a lost peer while the download went on (STL-10's 2.6 GB against the default 10 minutes)."""
+    r0, r1 = run_ranks(fetch_once, 2, tmp_path, False, 3.0, 1.0, timeout=60)
+    assert (r0["calls"], r1["calls"]) == (1, 0) and r0["error"] == r1["error"] == "" and r1["waited"] >= 3.0
 
 
 def test_torchrun_end_to_end(tmp_path: Path) -> None:

@@ -167,5 +167,5 @@ def test_a_rank_killed_or_crashed_is_named_in_one_line_not_a_traceback(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"]) == 1
     err = capsys.readouterr().err
-    assert err == (f"{expected}; the last checkpoint in the run directory is kept: once the cause is fixed, continue "
-                   "with the same command and --resume RUN_DIR\n")
+    assert err == (f"{expected}; a run's last checkpoint, if it wrote one, is kept: once the cause is fixed, "
+                   "continue with the same command and --resume RUN_DIR\n")

@@ -150,6 +150,20 @@ def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so
     more = pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, progress=False, log=lines.append)
     assert more.steps == 12 and "epochs = 2.0" in (run / "config.toml").read_text(encoding="utf-8")
     assert not any(line.startswith("note:") for line in lines)
+    from fastclr.export import ENCODER_FILE
+
+    # A run stopped at step 9 of 18 that fewer epochs (6 steps) now end where it stands: the new
+    # length is used (it ends the run), so it is recorded, and no note calls it unused.
+    stopped = tmp_path / "stopped"
+    res = pretrain(tiny_config(stopped, train__epochs=3.0), dataset=ds, progress=False, log=lambda s: None,
+                   stop=lambda step: step == 9)
+    assert res.stopped and res.steps == 9
+    lines.clear()
+    ended = pretrain(tiny_config(stopped, train__epochs=1.0), dataset=ds, resume=stopped, progress=False,
+                     log=lines.append)
+    assert ended.steps == 9 and not ended.stopped and (stopped / ENCODER_FILE).exists()
+    assert "epochs = 1.0" in (stopped / "config.toml").read_text(encoding="utf-8")
+    assert not any(line.startswith("note:") for line in lines)
 
 
 def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:

@@ -168,14 +168,14 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     window_start = run.clock()
     run.loop_start = window_start - s.train_seconds
     try:
-        if s.start_step and s.step >= s.total_steps:
-            return False  # resumed with nothing left to train: its checkpoint stands as written
         owed = s.step // run.steps_per_epoch if s.start_step and s.step % run.steps_per_epoch == 0 else None
         if owed is not None and run.monitor.due(owed, s.train_seconds) and s.step not in run.metrics_log.monitored:
             # The pass a stop (or a crash) right after this epoch end's checkpoint left undone.
             run.monitor_pass()
             s.train_seconds = run.clock() - run.loop_start
             window_start = run.clock()
+        if run.finished_before:
+            return False  # nothing left to train: its checkpoint stands as written
         if owed is not None:  # and the refit that follows the pass: the checkpoint came before both
             run.refit_budget(end_of_epoch=True, after_monitor=True, owed=True)
         while s.step < s.total_steps:
@@ -274,13 +274,12 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if state is None and cfg.model.init:  # read and matched now, before anything is written
         init = _read_init(cfg, dataset, encoder)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
-    if ctx.is_main:
-        require_trackers(tracker_names(cfg.train.trackers))
     lock, failure = None, None
     if ctx.is_main:
         # Only now, with the data and settings known good, does the run directory come into being,
         # and it belongs to this process (rank 0) until the run ends.
         try:
+            require_trackers(tracker_names(cfg.train.trackers))
             prepare_run_dir(run_dir, resuming=state is not None)
             lock = RunLock(run_dir, log)
             if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
@@ -337,17 +336,24 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
             run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
     run.reach_first_fit()
     run.bar.total, run.bar.start = run.state.total_steps, run.state.step
-    finished = state is not None and run.state.step >= run.state.total_steps
+    # A checkpoint of the run's own last step (not a stopped run that fewer epochs now end there):
+    # nothing is trained, and config.toml stays the record of how the run was trained.
+    run.finished_before = state is not None and run.state.step >= max(run.state.total_steps, int(state["total_steps"]))
+    failure: Exception | None = None
     if ctx.is_main:
-        if state is not None and not finished:
-            _retire_export(run_dir, state, log)
-        if finished:  # nothing is trained: config.toml stays the record of how the run was trained
-            _note_unused_settings(config_mod.from_dict(state["config"]), cfg, log)  # type: ignore[index]
-        else:
-            write_config(run_dir, cfg)
-        run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
-        run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
-                                                 warn=log)
+        try:
+            if state is not None and run.state.step < run.state.total_steps:
+                _retire_export(run_dir, state, log)
+            if run.finished_before:
+                _note_unused_settings(config_mod.from_dict(state["config"]), cfg, log)  # type: ignore[index]
+            else:
+                write_config(run_dir, cfg)
+            run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
+            run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir,
+                                                     config_mod.to_flat(cfg), warn=log)
+        except Exception as e:  # a damaged metrics.jsonl, say: told to the other ranks
+            failure = e
+    share_outcome(failure, ctx, run.device, f"rank 0 could not record the run in {run_dir} (its error says why)")
 
 
 RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "train.compile", "train.device",
@@ -472,6 +478,11 @@ def _lr_text(cfg: Config, ctx: DistContext) -> str:
     return f"lr {cfg.optim.lr:g} with {rule} scaling to the global batch {cfg.train.batch_size}"
 
 
+DOWNLOAD_WAIT_S = 24 * 3600.0
+"""How long a node's other ranks wait for its download (STL-10's 2.6 GB outlasts the collectives'
+10-minute timeout below 4.4 MB/s); the download's own stalls end it sooner."""
+
+
 def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device) -> None:
     """Under several processes a built-in dataset missing here is downloaded by each node's local
     rank 0 while the others wait: every rank fetched the same archives into the same folder (eight
@@ -486,7 +497,7 @@ def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device)
         except Exception as e:  # told to the other ranks before it is raised here
             failure = e
     share_outcome(failure, ctx, device, f"{data.name} could not be downloaded (the error of the rank that downloaded "
-                  "it says why)")
+                  "it says why)", wait_s=DOWNLOAD_WAIT_S)
 
 
 def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:

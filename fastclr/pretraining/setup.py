@@ -117,6 +117,8 @@ class Run:
     """Rank 0's claim on the run directory."""
     loop_start: float = 0.0
     """The clock at which the loop would have started had it never been interrupted."""
+    finished_before: bool = False
+    """Resumed from a checkpoint of its own last step: nothing to train, its record stands."""
 
     def release(self) -> None:
         """Give the run directory up (rank 0)."""

@@ -178,13 +178,25 @@ def all_reduce(x: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch.Tens
     return out
 
 
-def share_outcome(failure: Exception | None, ctx: DistContext, device: torch.device, others_say: str) -> None:
+def share_outcome(failure: Exception | None, ctx: DistContext, device: torch.device, others_say: str,
+                  wait_s: float | None = None) -> None:
     """After work only some ranks do (rank 0 writes, a node's first rank downloads): every rank
     learns whether it failed anywhere. The failed rank raises its own error, the others one line,
     "rank R: `others_say`". Without it they went on into collectives rank 0 never joined and
-    waited there until the timeout, then blamed a lost peer."""
+    waited there until the timeout, then blamed a lost peer. `wait_s`: how long the others may
+    wait for the work (a download can outlast the collectives' timeout, --dist-timeout): the
+    answer then goes through a gloo group of its own with that timeout."""
     if ctx.active:
-        done = all_reduce(torch.tensor([int(failure is None)], device=device), ctx, "min")
+        mine = torch.tensor([int(failure is None)])
+        if wait_s is None:
+            done = all_reduce(mine.to(device), ctx, "min")
+        else:
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+            try:
+                dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=group)
+            finally:
+                dist.destroy_process_group(group)
+            done = mine
         if failure is None and not bool(done[0]):
             raise FastclrError(f"rank {ctx.rank}: {others_say}")
     if failure is not None:

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if codes and codes <= {EXIT_USAGE, EXIT_STOPPED}:
             print("error: a rank ended with an error (its line is above); fix it and run again", file=sys.stderr)
             return EXIT_USAGE
-        print(f"error: {first_failure(e)}; the last checkpoint in the run directory is kept: once the cause is "
+        print(f"error: {first_failure(e)}; a run's last checkpoint, if it wrote one, is kept: once the cause is "
               "fixed, continue with the same command and --resume RUN_DIR", file=sys.stderr)
         return 1
     return 0
