@@ -156,6 +156,14 @@ def test_the_lead_over_scratch_is_taken_on_the_label_subsets_both_used() -> None
     assert EvaluateOptions().supervised_seeds == EvaluateOptions().seeds  # by default, every subset has both
 
 
+def test_one_seed_is_shown_without_a_spread() -> None:
+    from fastclr.evaluation.table import pct_spread
+
+    one = {"mean": 0.8711, "std": 0.0, "runs": [{"accuracy": 0.8711}]}
+    two = {"mean": 0.70, "std": 0.0042, "runs": [{"accuracy": 0.697}, {"accuracy": 0.703}]}
+    assert pct_spread(one) == "87.11% (1 seed)" and pct_spread(two) == "70.00 ± 0.42% (2 seeds)"
+
+
 def test_a_lift_of_exactly_the_threshold_in_test_images_is_not_flagged() -> None:
     # accuracies are float32 means of test images: every lift of exactly 500 in 10,000 reaches
     # the 5-point threshold, although some differences of two such means fall below 0.05

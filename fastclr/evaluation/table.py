@@ -11,9 +11,12 @@ def pct(x: float) -> str:
 
 
 def pct_spread(entry: dict[str, Any]) -> str:
-    """Mean ± sample std over seeds, e.g. '71.53 ± 0.42% (3 seeds)'."""
+    """Mean ± sample std over seeds, e.g. '71.53 ± 0.42% (3 seeds)'; one seed has no spread to
+    give ('87.11% (1 seed)', not '± 0.00%', which reads as a measured zero)."""
     n = len(entry["runs"])
-    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}% ({n} seed{'s' if n > 1 else ''})"
+    if n == 1:
+        return f"{100 * entry['mean']:.2f}% (1 seed)"
+    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}% ({n} seeds)"
 
 
 def render(rows: list[list[str]]) -> str:
