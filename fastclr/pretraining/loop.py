@@ -44,7 +44,8 @@ from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
-                                          peer_failure, process_device, setup, share_outcome, teardown)
+                                          peer_failure, process_device, setup, share_outcome, shared,
+                                          teardown)
 from fastclr.errors import FastclrError
 from fastclr.files import WriteFailed, read_json
 
@@ -289,7 +290,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                                    f"process was still writing it); run the same command again to resume from the newest")
         except Exception as e:  # another process writing it, say: the other ranks are told, not left waiting
             failure = e
-    try:
+    try:  # `share_outcome` inside the try, not `shared`: a lock taken is released if the exchange fails
         share_outcome(failure, ctx, device, f"rank 0 could not take {run_dir} for this run (its error says why)")
         if lock is not None:
             for p in remove_stale_temporaries(run_dir):
@@ -339,21 +340,17 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
     # A checkpoint of the run's own last step (not a stopped run that fewer epochs now end there):
     # nothing is trained, and config.toml stays the record of how the run was trained.
     run.finished_before = state is not None and run.state.step >= max(run.state.total_steps, int(state["total_steps"]))
-    failure: Exception | None = None
-    if ctx.is_main:
-        try:
-            if state is not None and run.state.step < run.state.total_steps:
-                _retire_export(run_dir, state, log)
-            if run.finished_before:
-                _note_unused_settings(config_mod.from_dict(state["config"]), cfg, log)  # type: ignore[index]
-            else:
-                write_config(run_dir, cfg)
-            run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
-            run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir,
-                                                     config_mod.to_flat(cfg), warn=log)
-        except Exception as e:  # a damaged metrics.jsonl, say: told to the other ranks
-            failure = e
-    share_outcome(failure, ctx, run.device, f"rank 0 could not record the run in {run_dir} (its error says why)")
+    def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
+        if state is not None and run.state.step < run.state.total_steps:
+            _retire_export(run_dir, state, log)
+        if run.finished_before:
+            _note_unused_settings(config_mod.from_dict(state["config"]), cfg, log)  # type: ignore[index]
+        else:
+            write_config(run_dir, cfg)
+        run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
+        run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
+                                                 warn=log)
+    shared(ctx.is_main, record, ctx, run.device, f"rank 0 could not record the run in {run_dir} (its error says why)")
 
 
 RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "train.compile", "train.device",
@@ -490,14 +487,9 @@ def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device)
     download that fails ends every rank with one line."""
     if not ctx.active or data.name not in REGISTRY or not data.download:  # a store, or a name every rank refuses
         return
-    failure: Exception | None = None
-    if ctx.local_rank == 0:
-        try:
-            ensure(data.name, data.root or None)
-        except Exception as e:  # told to the other ranks before it is raised here
-            failure = e
-    share_outcome(failure, ctx, device, f"{data.name} could not be downloaded (the error of the rank that downloaded "
-                  "it says why)", wait_s=DOWNLOAD_WAIT_S)
+    shared(ctx.local_rank == 0, lambda: ensure(data.name, data.root or None), ctx, device,
+           f"{data.name} could not be downloaded (the error of the rank that downloaded it says why)",
+           wait_s=DOWNLOAD_WAIT_S)
 
 
 def _check_same_step(step: int, ctx: DistContext, device: torch.device) -> None:

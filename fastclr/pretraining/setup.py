@@ -32,7 +32,7 @@ from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress
 from fastclr.runs import MetricsLog, RunLock
 from fastclr.runtime import Precision
-from fastclr.scaleout.distributed import DistContext, broadcast_object, share_outcome
+from fastclr.scaleout.distributed import DistContext, broadcast_object, shared
 from fastclr.scaleout.global_bn import convert_batchnorm
 
 
@@ -263,17 +263,13 @@ class Run:
         the write (exit 75 counts as a failure to it), and a write that failed left the others
         waiting for rank 0 until the collectives' timeout."""
         self.health.check(self.cfg, self.run_dir)
-        failure: Exception | None = None
         if self.ctx.is_main:
             self.state.monitor_seconds = self.monitor.seconds
             self.state.pace_mark = self.budget.mark if self.budget is not None else None
             self.state.skip_streak = int(self.health.skip_streak)
-            try:
-                self.state.save(self.run_dir)
-            except Exception as e:  # told to the other ranks before it is raised here
-                failure = e
-        share_outcome(failure, self.ctx, self.device, f"rank 0 could not write the checkpoint of step {self.state.step} "
-                      f"(its error says why); the last complete checkpoint in {self.run_dir} is kept")
+        shared(self.ctx.is_main, lambda: self.state.save(self.run_dir), self.ctx, self.device,
+               f"rank 0 could not write the checkpoint of step {self.state.step} (its error says why); the last "
+               f"complete checkpoint in {self.run_dir} is kept")
 
     def monitor_pass(self) -> None:
         """One kNN monitor pass on rank 0 (the others wait for it in the next step's collectives)."""

@@ -19,6 +19,7 @@ gather backward without the all-reduce, is off by a factor of W: the bugs the pe
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -201,6 +202,20 @@ def share_outcome(failure: Exception | None, ctx: DistContext, device: torch.dev
             raise FastclrError(f"rank {ctx.rank}: {others_say}")
     if failure is not None:
         raise failure
+
+
+def shared(doer: bool, work: Callable[[], T], ctx: DistContext, device: torch.device, others_say: str,
+           wait_s: float | None = None) -> T | None:
+    """`work()` where `doer` (rank 0, a node's first rank), then `share_outcome` of it on every
+    rank; its result where it ran, else None."""
+    result, failure = None, None
+    if doer:
+        try:
+            result = work()
+        except Exception as e:  # told to the other ranks before it is raised here
+            failure = e
+    share_outcome(failure, ctx, device, others_say, wait_s)
+    return result
 
 
 def broadcast_object(obj: T, ctx: DistContext) -> T:
