@@ -92,7 +92,8 @@ def select_device(name: str, warn: Callable[[str], None] = warn_stderr) -> torch
             warn(f"warning: {missing}: running on the CPU; install a torch build for this GPU "
                  "(https://pytorch.org/get-started/locally/) to use it")
             return torch.device("cpu")
-        return torch.device("cuda")
+        # With its index: torch.cuda.set_device and DDP's device_ids refuse a bare "cuda".
+        return torch.device("cuda", torch.cuda.current_device())
     try:
         dev: torch.device | None = torch.device(name)
     except RuntimeError:

@@ -86,7 +86,7 @@ def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla P100-PCIE-16GB")
     lines: list[str] = []
-    assert select_device("auto", warn=lines.append) == torch.device("cuda" if runs else "cpu")
+    assert select_device("auto", warn=lines.append) == (torch.device("cuda", 0) if runs else torch.device("cpu"))
     if runs:
         assert lines == [] and select_device("cuda") == torch.device("cuda", 0)
     else:
@@ -101,6 +101,34 @@ def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
         with pytest.raises(FastclrError, match=r"^LOCAL_RANK 1 has no GPU of its own: 1 visible to it; start at most "
                                                r"1 process a node \(--nproc_per_node\)"):
             process_device(setting, local_rank=1, world_size=2)
+
+
+def test_the_default_device_on_a_gpu_machine_is_one_set_device_accepts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`pretrain` with train.device = auto on a machine with a GPU: torch's own set_device takes
+    the chosen device (a bare "cuda" raised ValueError there, before anything was written)."""
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    class Reached(Exception):
+        pass
+
+    chosen: list[int] = []
+
+    def set_device(index: int) -> None:  # torch's set_device has checked and resolved the index by now
+        chosen.append(index)
+        raise Reached
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", set_device, raising=False)  # absent from CPU builds
+    with pytest.raises(Reached):
+        pretrain(tiny_config(tmp_path / "run", train__device="auto"), dataset=tiny_dataset(), progress=False,
+                 log=lambda _: None)
+    assert chosen == [1] and not (tmp_path / "run").exists()
 
 
 def test_pretrain_gives_the_callers_thread_count_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
