@@ -67,7 +67,7 @@ def test_the_learned_temperature_gets_the_closed_form_gradient_and_stays_in_rang
     loss.backward()
     a = torch.nn.functional.normalize(z, dim=1)
     s = a @ a.T
-    t = float(learned())  # 0.2 as the float32 parameter holds it
+    t = float(learned().detach())  # 0.2 as the float32 parameter holds it
     logits = (s / t).masked_fill(torch.eye(12, dtype=torch.bool), -math.inf)
     p = torch.softmax(logits, 1)
     pos = torch.cat([torch.arange(6, 12), torch.arange(6)])

@@ -40,9 +40,9 @@ def prepare_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
     b, _, h, w = x.shape
     if size != h or size != w:
         no = torch.zeros(b, dtype=torch.bool, device=x.device)
-        full = torch.tensor([0.0, 0.0, float(w), float(h)], device=x.device).expand(b, 4)
-        ry = resample_matrix(full[:, 1], full[:, 3], h, size, no)
-        rx = resample_matrix(full[:, 0], full[:, 2], w, size, no)
+        zero = torch.zeros(b, device=x.device)  # made on the device: a host tensor's copy waits for a GPU
+        ry = resample_matrix(zero, torch.full((b,), float(h), device=x.device), h, size, no)
+        rx = resample_matrix(zero, torch.full((b,), float(w), device=x.device), w, size, no)
         x = ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
     return normalize(x, mean, std)
 

@@ -68,9 +68,9 @@ def cosine_topk(
     exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k bank rows most cosine-similar to each query: similarities (Q, k) and row indices
-    (Q, k), most similar first, ties in row order. The one nearest-neighbour search of fastclr
-    (the kNN classifier, the report's retrievals, `fastclr neighbours`, and the support set of
-    nearest-neighbour positives in pretraining).
+    (Q, k), most similar first, ties in row order. The nearest-neighbour search of evaluation
+    (the kNN classifier, the report's retrievals, `fastclr neighbours`); the training step's
+    search for nearest-neighbour positives is an argmax of its own, which never waits for a GPU.
 
     Similarities are computed in the inputs' dtype (float32 at least), for each chunk of queries as
     one (q, D) x (D, N) product: the cost of kNN on wide h (10k x 60k x 12544 for a 12544-d readout:

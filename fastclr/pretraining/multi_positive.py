@@ -45,9 +45,9 @@ def multi_positive_logits(z: torch.Tensor, temperature: float | torch.Tensor, ca
 def positives_mask(groups: torch.Tensor, candidate_groups: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """(M, N) bool: candidate k is a positive of anchor i (same group, not the anchor itself)."""
     same = groups[:, None] == candidate_groups[None, :]
-    m = groups.shape[0]
-    same[torch.arange(m, device=groups.device), torch.arange(m, device=groups.device) + offset] = False
-    return same
+    m, n = same.shape
+    own = torch.arange(n, device=groups.device)[None, :] == (torch.arange(m, device=groups.device) + offset)[:, None]
+    return same & ~own
 
 
 def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float | torch.Tensor,
@@ -76,16 +76,20 @@ def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: floa
         lse = torch.logaddexp(lse, torch.logsumexp(extra_logits, dim=1, keepdim=True))
     log_prob = logits - lse  # own column: hugely negative, never a positive
     count = pos.sum(1)  # (M,)
-    has = count > 0
-    per_anchor = -(log_prob * pos).sum(1)[has] / count[has]
+    # The mean over the anchors that have a positive, as weights rather than a boolean index: an
+    # index by a mask sizes its result from the data, which waits for a GPU at every step.
+    weight = (count > 0).to(log_prob.dtype)  # (M,)
+    weight = weight / weight.sum()
+    per_anchor = -(log_prob * pos).sum(1) / count.clamp(min=1)  # (M,)
     with torch.no_grad():
         best_pos = logits.masked_fill(~pos, torch.finfo(logits.dtype).min).amax(1, keepdim=True)  # (M, 1)
         above = ((logits >= best_pos) & ~pos).sum(1)  # ties against the positive, as positive_rank
         if extra_logits is not None:
             above = above + (extra_logits.detach() >= best_pos).sum(1)
-        rank = above[has].float() + 1
-        metrics = {"top1": (rank <= 1).float().mean(), "top5": (rank <= 5).float().mean(), "mean_rank": rank.mean()}
-    return per_anchor.mean(), metrics
+        rank = above.float() + 1
+        metrics = {"top1": ((rank <= 1).float() * weight).sum(), "top5": ((rank <= 5).float() * weight).sum(),
+                   "mean_rank": (rank * weight).sum()}
+    return (per_anchor * weight).sum(), metrics
 
 
 def view_groups(images: int, views: int, device: torch.device, offset: int = 0) -> torch.Tensor:

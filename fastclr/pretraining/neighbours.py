@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from fastclr.evaluation.knn import cosine_topk
 from fastclr.pretraining.losses import unit_rows
 
 
 @torch.no_grad()
-def nearest_neighbours(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+def nearest_neighbours(z: torch.Tensor, support: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """For each row of z (M, D), the support row (of (S, D)) most similar to it by cosine, as a unit
-    row: (M, D) float32 (float64 kept), without gradient. The search is fastclr's one, exact (fp32)
-    and in chunks of anchors, so its memory stays (chunk x S) whatever the batch."""
-    _, rows = cosine_topk(support, z.detach(), 1)  # (M, 1)
-    return unit_rows(support[rows[:, 0]]).to(torch.promote_types(z.dtype, torch.float32))
+    row: (M, D) float32 (float64 kept), without gradient; of equal ones, the first. In fp32 and in
+    chunks of anchors, so its memory stays (chunk x S) whatever the batch. Not fastclr's kNN search
+    (`cosine_topk`): its re-ranking of near ties sizes tensors from the data, which would wait for
+    a GPU at every step, and a training positive needs no tie order stable across machines."""
+    unit_support = unit_rows(support)  # (S, D)
+    rows = torch.cat([(unit_rows(q) @ unit_support.T).argmax(1) for q in z.detach().split(chunk)])  # (M,)
+    return unit_support[rows].to(torch.promote_types(z.dtype, torch.float32))
