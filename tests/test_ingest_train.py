@@ -158,3 +158,26 @@ def test_a_run_whose_store_moved_is_told_so_by_every_command_that_reads_its_data
                  ["finetune", run, "--labels-per-class", "2", "--device", "cpu"], ["pretrain", "--resume", run, "--quiet"]):
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.strip() == said, argv
+
+
+def test_a_store_goes_to_a_gpu_with_room_for_it_once_and_stays_mapped_on_the_cpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a batch's rows from the map needs its indices on the host, a wait for the GPU at
+    every step; a store with room on the GPU is copied there once, a few rows at a time."""
+    from fastclr.data import loader
+
+    x = np.random.default_rng(0).integers(0, 256, (37, 5, 5, 3), dtype=np.uint8)
+    x.tofile(tmp_path / "images.u8")
+    mapped = np.memmap(tmp_path / "images.u8", np.uint8, "r", shape=x.shape)
+    for chunk in (1, 4 * 75, 10**9):  # a row at a time, four rows, all at once
+        assert torch.equal(loader.copy_to_device(mapped, torch.device("cpu"), chunk_bytes=chunk), torch.from_numpy(x))
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * x.nbytes, 80 << 30))
+    assert loader.fits_on_gpu(x.nbytes, gpu) and not loader.fits_on_gpu(x.nbytes + 1, gpu)
+    assert not loader.fits_on_gpu(1, torch.device("cpu"))
+    idx = torch.tensor([36, 0, 5, 5])
+    on_cpu = ImageSource(mapped, torch.device("cpu"))
+    assert on_cpu._mmap is mapped and torch.equal(on_cpu.gather(idx), torch.from_numpy(x)[idx])
+    monkeypatch.setattr(loader, "fits_on_gpu", lambda nbytes, device: True)  # as a GPU with room would answer
+    resident = ImageSource(mapped, torch.device("cpu"))
+    assert resident._mmap is None and torch.equal(resident.gather(idx), torch.from_numpy(x)[idx])

@@ -47,19 +47,47 @@ class BatchSampler:
         return self._perm[start : start + self.batch_size]
 
 
+def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` of stored images are copied to `device` once: a GPU with four times that
+    free (the rest is the step's: activations, views, optimiser state). Never the CPU, where a
+    memory-mapped store stays mapped (copying would double its memory)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return 4 * nbytes <= free
+
+
+def copy_to_device(images: np.ndarray, device: torch.device, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """uint8 (N, H, W, C) on `device`, read from `images` (a memory map too) a few rows at a time,
+    so the host holds at most `chunk_bytes` of it beyond the map's pages."""
+    out = torch.empty(tuple(images.shape), dtype=torch.uint8, device=device)
+    rows = max(1, chunk_bytes // max(1, int(np.prod(images.shape[1:]))))
+    for start in range(0, len(images), rows):
+        out[start : start + rows].copy_(torch.from_numpy(np.array(images[start : start + rows])))  # a writable copy
+    return out
+
+
 class ImageSource:
     """Stored uint8 images (N, H, W, C), gathered by index onto the training device.
 
     An in-memory array is copied to the device once (the whole of Fashion-MNIST is 47 MB), so a
-    batch is a single gather there. A memory-mapped array (a store larger than RAM) stays on disk;
-    a batch reads just its rows from the map and is copied over.
+    batch is a single gather there; so is a memory-mapped store on a GPU with room for it
+    (`fits_on_gpu`), since reading a batch's rows from the map needs the indices on the host, which
+    waits for the GPU at every step. Otherwise a memory-mapped array (a store larger than RAM)
+    stays on disk; a batch reads just its rows from the map and is copied over.
     """
 
     def __init__(self, images: np.ndarray, device: torch.device):
         self.device = device
         self.shape = tuple(int(s) for s in images.shape)
-        self._mmap = images if isinstance(images, np.memmap) else None
-        self._resident = None if self._mmap is not None else torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        self._mmap: np.ndarray | None = None
+        self._resident: torch.Tensor | None = None
+        if not isinstance(images, np.memmap):
+            self._resident = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # on the CPU: no copy
+        elif fits_on_gpu(images.nbytes, device):
+            self._resident = copy_to_device(images, device)
+        else:
+            self._mmap = images
 
     def __len__(self) -> int:
         return self.shape[0]
