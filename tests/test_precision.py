@@ -514,6 +514,25 @@ def test_a_stop_between_log_steps_loses_no_step_of_the_metrics(tmp_path: Path) -
     assert sum(t for *_, t in resumed) == pytest.approx(sum(t for *_, t in straight), rel=1e-5)  # the same losses
 
 
+@pytest.mark.parametrize("device, largest", [(torch.device("cpu"), 2048), (torch.device("cuda", 0), 8192)])
+def test_info_grows_the_timed_matmul_to_20_ms_up_to_a_side_each_device_can_fill(
+        monkeypatch: pytest.MonkeyPatch, device: torch.device, largest: int) -> None:
+    """A fast device's matmul never reaches 20 ms: the side stops at its ceiling, and the rate is
+    2 n^3 flops over the time of that side (here 1 us per side step, so GFLOP/s = 2 n^3 / 1e3)."""
+    from fastclr import info
+
+    sides: list[int] = []
+
+    def seconds(dtype: torch.dtype, dev: torch.device, shape: tuple[int, int, int], budget_s: float = 0.0) -> float:
+        sides.append(shape[0])
+        return 1e-6
+
+    monkeypatch.setattr(info, "matmul_seconds", seconds)
+    rate = info.matmul_rate(torch.float32, device)
+    assert sides[-1] == largest and max(sides) == largest
+    assert rate == pytest.approx(2 * largest**3 / 1e-6 / 1e9)
+
+
 def test_info_json_names_the_precision_pretrain_would_choose() -> None:
     buf = io.StringIO()
     with redirect_stdout(buf):
