@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -167,6 +168,89 @@ def test_lars_state_saved_with_the_rate_outside_the_momentum_resumes_the_same_up
         opt2.step()
     torch.testing.assert_close(w2.detach(), w.detach(), rtol=1e-12, atol=1e-12)
     assert opt2.param_groups[0]["lr_in_momentum"]
+
+
+def _conv_bn_linear(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3, 2)).to(dtype)
+
+
+@pytest.mark.parametrize("name, shrink", [("adamw", 1 - 0.1 * 0.5), ("sgd", 1 - 0.1 * 0.5), ("lars", 1 - 0.1 * 1e-3)])
+def test_a_built_optimiser_decays_the_weights_only(name: str, shrink: float) -> None:
+    """One step with every gradient zero is decay alone, in closed form: AdamW's decoupled decay
+    and SGD's w - lr * wd * w both give w (1 - lr wd); LARS's trust ratio eta ||w|| / ||wd w||
+    turns it into w (1 - lr eta). BatchNorm and bias parameters do not move at all."""
+    m = _conv_bn_linear()
+    opt = build_optimizer(name, [m], lr=0.1, weight_decay=0.5, eta=1e-3)
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for k, p in m.named_parameters():
+        if p.ndim > 1:
+            torch.testing.assert_close(p.detach(), before[k] * shrink, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(p.detach(), before[k]), k
+
+
+def test_sgd_and_adamw_steps_are_their_formulas_in_float64() -> None:
+    """Two steps with fixed gradients against a transcription: SGD with momentum 0.9 (weight decay
+    added to the gradient, as torch's SGD), and AdamW (Loshchilov & Hutter 2019; betas 0.9 / 0.999,
+    eps 1e-8, decay decoupled), each for a decayed weight and an undecayed bias."""
+    lr, wd = 0.1, 0.5
+    g = torch.Generator().manual_seed(4)
+    grads = [(torch.randn(2, 3, dtype=torch.float64, generator=g), torch.randn(2, dtype=torch.float64, generator=g))
+             for _ in range(2)]
+    for name in ("sgd", "adamw"):
+        m = nn.Linear(3, 2).to(torch.float64)
+        start = [m.weight.detach().clone(), m.bias.detach().clone()]
+        opt = build_optimizer(name, [m], lr=lr, weight_decay=wd)
+        for gw, gb in grads:
+            m.weight.grad, m.bias.grad = gw.clone(), gb.clone()
+            opt.step()
+        for i, (w, decay) in enumerate(zip(start, (wd, 0.0))):
+            w = w.clone()
+            v = mom = torch.zeros_like(w)
+            for t, pair in enumerate(grads, start=1):
+                grad = pair[i]
+                if name == "sgd":
+                    d = grad + decay * w
+                    v = d if t == 1 else 0.9 * v + d
+                    w = w - lr * v
+                else:
+                    mom, v = 0.9 * mom + 0.1 * grad, 0.999 * v + 0.001 * grad * grad
+                    w = w * (1 - lr * decay)
+                    w = w - lr * (mom / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+            torch.testing.assert_close((m.weight, m.bias)[i].detach(), w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_an_optimiser_loaded_from_its_state_goes_on_as_the_one_that_saved_it(name: str) -> None:
+    """What a checkpoint does to the optimiser: its state_dict loaded into a fresh one, mid-run, after
+    the learning rate moved, gives the same next updates, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    grads = [[torch.randn(p.shape, generator=g) for p in _conv_bn_linear().parameters()] for _ in range(4)]
+    a, b = _conv_bn_linear(), _conv_bn_linear()
+    opt_a = build_optimizer(name, [a], lr=0.1, weight_decay=0.01)
+    for step, gs in enumerate(grads):
+        if step == 2:
+            b.load_state_dict(a.state_dict())
+            opt_b = build_optimizer(name, [b], lr=0.1, weight_decay=0.01)
+            saved = io.BytesIO()  # through bytes, as a checkpoint: a live state_dict shares the buffers
+            torch.save(opt_a.state_dict(), saved)
+            saved.seek(0)
+            opt_b.load_state_dict(torch.load(saved, weights_only=True))
+        for opt in (opt_a, opt_b) if step >= 2 else (opt_a,):
+            for group in opt.param_groups:
+                group["lr"] = 0.1 * (step + 1)  # a warm-up: the rate differs at every step
+        for model in (a, b) if step >= 2 else (a,):
+            for p, grad in zip(model.parameters(), gs):
+                p.grad = grad.clone()
+        opt_a.step()
+        if step >= 2:
+            opt_b.step()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.detach(), q.detach()), k
 
 
 def test_build_optimizer_names() -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from tiny import tiny_config, tiny_dataset
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.config import Config
+from fastclr.data import Dataset, ImageSet
 from fastclr.errors import FastclrError
 from fastclr.pretraining.loop import NonFiniteLoss, pretrain
 from fastclr.pretraining.schedule import lr_at
@@ -51,6 +53,57 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path: Path, precision: str
     for i in sa:
         for k in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+
+
+def test_the_runs_learning_rates_are_the_schedule_with_its_floor(tmp_path: Path) -> None:
+    """Every step's rate in metrics.jsonl is `lr_at` of that step with the configured warm-up and
+    cosine floor (optim.min_lr_ratio): 12 steps, 3 of warm-up, decaying to a tenth of the peak."""
+    from fastclr.runs import read_metrics
+
+    cfg = tiny_config(tmp_path, train__log_every=1, optim__warmup_epochs=0.5, optim__min_lr_ratio=0.1)
+    res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    peak = cfg.optim.lr
+    lrs = [r["lr"] for r in read_metrics(res.run_dir) if "lr" in r]
+    assert res.steps == 12
+    assert lrs == pytest.approx([lr_at(k, 12, 3, peak, 0.1) for k in range(12)], rel=1e-12)
+    assert lrs[-1] == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 9))), rel=1e-12)
+
+
+def test_pretrains_monitor_and_probe_are_the_protocols_on_its_own_h_and_its_untrained_network(tmp_path: Path) -> None:
+    """The kNN monitor's last pass (its bank the training split, its queries the test split, each
+    with its own labels), probe.json's accuracy and its untrained reference equal evaluation's
+    protocols computed here on h of the final and of the untrained network. The labels are drawn
+    apart from the images, so that the two networks' figures differ (on the bars both score 100%)."""
+    from fastclr.evaluation.features import extract_features
+    from fastclr.evaluation.knn import knn_accuracy
+    from fastclr.evaluation.probe import linear_probe
+    from fastclr.evaluation.reference import untrained_encoder
+    from fastclr.pretrained import load_run
+    from fastclr.runs import read_metrics
+
+    bars = tiny_dataset(n_test=128)
+    assert bars.train is not None and bars.test is not None
+    rng = np.random.default_rng(0)
+    train = ImageSet(bars.train.images, rng.integers(0, 4, len(bars.train)))
+    ds = Dataset("tiny", train, train, ImageSet(bars.test.images, rng.integers(0, 4, len(bars.test))), bars.classes)
+    cfg = tiny_config(tmp_path, train__precision="fp32", eval__probe=True, eval__untrained_reference=True,
+                      eval__monitor_every=1, eval__monitor_share=1.0)
+    res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    r, cpu = load_run(res.run_dir), torch.device("cpu")
+    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    probe = json.loads((res.run_dir / "probe.json").read_text())
+    monitored = [rec for rec in read_metrics(res.run_dir) if "knn_acc" in rec]
+    assert [rec["step"] for rec in monitored] == [6, 12]
+    for encoder, accuracy in ((r.encoder, probe["accuracy"]),
+                              (untrained_encoder(r.spec, cfg.train.seed, cpu), probe["random_init_accuracy"])):
+        ftr = extract_features(encoder, ds.train.images, r.mean, r.std, cpu, size=28)
+        fte = extract_features(encoder, ds.test.images, r.mean, r.std, cpu, size=28)
+        assert accuracy == pytest.approx(linear_probe(ftr, ytr, fte, yte).accuracy, abs=1e-12)
+        if encoder is r.encoder:
+            assert monitored[-1]["knn_acc"] == pytest.approx(knn_accuracy(ftr, ytr, fte, yte, k=cfg.eval.knn_k), abs=1e-12)
+    assert probe["lift"] == pytest.approx(probe["accuracy"] - probe["random_init_accuracy"], abs=1e-12)
+    assert probe["lift"] != 0.0
 
 
 def test_the_training_step_never_waits_for_the_device(tmp_path: Path, device: torch.device) -> None:
