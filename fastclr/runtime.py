@@ -421,8 +421,9 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     units = "bf16" if prec.name == "bf16" else "fp16"
     why = f"oneDNN capped at {cpu.onednn_isa_cap}" if has_units and cpu.onednn_isa_cap else f"no {units} units"
+    auto = decide_precision("auto", "cpu", cpu, None, timer).name  # bf16 where fp16 alone is emulated
     warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, {why}): {prec.name} is emulated "
-         f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} fp32")
+         f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} {auto}")
 
 
 def compile_blocker(device: torch.device) -> str:

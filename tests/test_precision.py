@@ -165,6 +165,21 @@ def test_an_explicit_fp16_on_amx_fp16_units_is_timed_where_onednn_is_capped_belo
         assert f"(AMX, oneDNN capped at {cap}): fp16 is emulated here, a matmul measured 3.0x" in lines[0]
 
 
+@pytest.mark.parametrize("features, auto", [(cpu(), "fp32"), (cpu(bf16=True), "bf16"), (cpu(amx=True), "bf16")])
+def test_the_emulated_precision_warning_names_what_auto_would_choose(
+        features: CpuFeatures, auto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit fp16 where fp16 is emulated (no AMX-FP16): on a CPU with native bf16 the warning
+    points to auto's bf16, not to fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0, threads=None: 34.3 if dtype == torch.float16
+                        else 1.0)
+    lines: list[str] = []
+    check_precision(Precision("fp16", "asked for"), CPU, features, lines.append)
+    assert len(lines) == 1 and "fp16 is emulated here, a matmul measured 34.3x the fp32 time" in lines[0]
+    assert lines[0].endswith(f"--precision auto would choose {auto}")
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN's ISA cap is x86's")
 def test_auto_under_a_real_avx512_core_cap_runs_fp32() -> None:
     """The cap as a user sets it, in a fresh process (oneDNN reads it once): whatever this x86 CPU
