@@ -47,13 +47,19 @@ def export_holds(path: Path, state: dict[str, torch.Tensor]) -> bool:
     return held.keys() == state.keys() and all(torch.equal(held[k], state[k].cpu()) for k in held)
 
 
-def load_encoder(path: Path, device: torch.device | str = "cpu", module: nn.Module | None = None
+def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: nn.Module | None = None
                  ) -> tuple[nn.Module, EncoderSpec]:
     """Rebuild an exported encoder, in eval mode (BatchNorm's running statistics: an image's h does
     not depend on the batch it is in; call `.train()` to fine-tune it), and return it with its
     metadata. A run trained on your own module (`pretrain(cfg, encoder=...)`, spec "custom") cannot
     be rebuilt by name: pass a module of that architecture as `module` and its weights are loaded
-    into it."""
+    into it. `path` may be a run directory: its encoder.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "encoder.safetensors").is_file():
+            raise FastclrError(f"{path} is a directory without encoder.safetensors; give a run directory whose "
+                               "pretraining finished, or the encoder file itself")
+        path = path / "encoder.safetensors"
     try:
         from safetensors import safe_open
 

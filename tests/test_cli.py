@@ -41,6 +41,7 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     import torch
 
     from fastclr.checkpoint import list_checkpoints, load_checkpoint
+    from fastclr.errors import FastclrError
     from fastclr.export import load_encoder
 
     run = tmp_path / "run"
@@ -58,6 +59,11 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not enc.training and torch.allclose(enc(x[:2]), enc(x)[:2], atol=1e-5)
+    # the run directory itself names its encoder; a directory without one is one line
+    by_dir, _ = load_encoder(run)
+    assert all(torch.equal(v, state[k]) for k, v in by_dir.state_dict().items())
+    with pytest.raises(FastclrError, match=r"directory without encoder\.safetensors; give a run directory"):
+        load_encoder(tmp_path)
 
 
 @pytest.mark.parametrize("args,message", [
