@@ -267,6 +267,17 @@ def test_download_into_a_root_not_yet_made_makes_it_and_failures_name_that_root(
     assert cli_main(["download", "cifar10", "--root", str(other)]) == 2
     err = capsys.readouterr().err
     assert f"in {other} (it creates cifar-10-batches-py/)" in err and "$FASTCLR_DATA" not in err, err
+    # without --root: where downloads go, $FASTCLR_DATA's value or, with it unset, the user cache
+    for data in (str(tmp_path / "env"), None):
+        if data:
+            monkeypatch.setenv("FASTCLR_DATA", data)
+        else:
+            monkeypatch.delenv("FASTCLR_DATA", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        assert cli_main(["download", "cifar10"]) == 2
+        err = capsys.readouterr().err
+        assert f"in {data or tmp_path / 'cache' / 'fastclr'} (it creates cifar-10-batches-py/)" in err, err
+        assert "$FASTCLR_DATA" not in err
     assert cli_main(["download", "cifar10", "--no-download", "--root", str(tmp_path / "typo")]) == 2
     assert "is not a directory" in capsys.readouterr().err and not (tmp_path / "typo").exists()  # only to download into
 

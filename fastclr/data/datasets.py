@@ -282,8 +282,8 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True) -> 
         return found
     where = ", ".join(str(r / s.folder) for r in search_roots(root))
     hint = s.hint.format(files=", ".join(s.files))
-    if root:  # the folder asked for, not the variable
-        hint = hint.replace("$FASTCLR_DATA", str(root))
+    # The folder downloads go to (asked for, $FASTCLR_DATA's value, or the user cache), never a variable left unset.
+    hint = hint.replace("$FASTCLR_DATA", str(download_root(root)))
     if not download:
         raise FastclrError(f"{name} files not found (looked in {where}); {hint}")
     dest = download_root(root)
