@@ -93,20 +93,20 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     e.add_argument("--out", required=True, help="FILE.npy; the index is written beside it as FILE.csv")
     e.add_argument("--split", default="all", choices=["all", "unlabeled", "train", "test"],
                    help="rows to embed (default all, in the source's order; the index has a split column)")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    e.add_argument("--batch-size", type=int, default=256, help="images per encoder pass (default 256)")
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where this machine has native bf16, else fp32")
-    e.add_argument("--workers", type=int, default=0, help="decoding processes for a folder")
+    e.add_argument("--workers", type=int, default=0, help="decoding processes for a folder (default: min(CPUs, 8))")
     e.set_defaults(func=cmd_embed)
 
     n = sub.add_parser("neighbours", aliases=["neighbors"], help="print the store images nearest to a query image")
     n.add_argument("run_dir")
     n.add_argument("--data", required=True, help="a store")
     n.add_argument("--query", required=True, help="an image file")
-    n.add_argument("-k", type=int, default=8)
+    n.add_argument("-k", type=int, default=8, help="how many neighbours (default 8)")
     n.add_argument("--grid", help="also save the query and its neighbours as an image grid (e.g. grid.png)")
-    n.add_argument("--device", default="auto")
+    n.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     n.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where this machine has native bf16, else fp32")
     n.set_defaults(func=cmd_neighbours)
