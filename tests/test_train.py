@@ -417,6 +417,8 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
     assert lrs[:15] == pytest.approx([peak * (i + 1) / 100 for i in range(15)])  # before the fit
     fit = next(line for line in lines if line.startswith("time budget 1 min: "))
     fitted = int(fit.split(": ")[1].split()[0])
+    shown = fit.split("(")[1].split(" epochs")[0]  # the fit and the warning give the same epochs, cut alike
+    assert shown == f"{math.floor(fitted / 100 * 10) / 10:.1f}" and f"warning: only {shown} epochs fit in 1 min" in "\n".join(lines)
     end = 15 + math.ceil((fitted - 15) / 10)
     assert lrs[15:end + 1] == pytest.approx([peak * (0.16 + 0.84 * (k - 15) / (end - 15)) for k in range(15, end + 1)])
     assert lrs[end:] == pytest.approx([lr_at(k, fitted, end, peak) for k in range(end, fitted)])

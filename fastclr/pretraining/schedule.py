@@ -84,13 +84,18 @@ def shortened_warmup(step: int, warmup_steps: int, total_steps: int,
 FEW_EPOCHS = 5.0
 
 
+def epochs_text(epochs: float) -> str:
+    """Epochs as the logs show them, cut (not rounded) to one decimal, or to one significant digit
+    below 0.1: 4.96 epochs is not "5.0 epochs, too few", and 0.04 is not "0.0 epochs"."""
+    digits = 1 if epochs >= 0.1 or epochs <= 0 else -math.floor(math.log10(epochs))
+    return f"{math.floor(epochs * 10**digits) / 10**digits:.{digits}f}"
+
+
 def few_epochs_warning(epochs: float, budget_min: float, ms_per_step: float, on_cpu: bool = True) -> str | None:
     """The one-line warning of a time budget that fits fewer than `FEW_EPOCHS` epochs, else None."""
     if epochs >= FEW_EPOCHS:
         return None
-    # 4.96 epochs is not "5.0 epochs, too few", and 0.04 is not "0.0 epochs"
-    digits = 1 if epochs >= 0.1 or epochs <= 0 else -math.floor(math.log10(epochs))  # one significant digit below 0.1
-    shown = f"{math.floor(epochs * 10**digits) / 10**digits:.{digits}f}"
+    shown = epochs_text(epochs)
     return (f"warning: only {shown} epochs fit in {budget_min:g} min at {ms_per_step:.0f} ms/step on this "
             f"machine, too few for SimCLR to learn much: give it more time (--time-budget) or a smaller encoder "
             f"(--width, --encoder cnn){' or a GPU' if on_cpu else ''}")

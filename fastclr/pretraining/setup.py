@@ -22,7 +22,7 @@ from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
 from fastclr.pretraining.monitor import KnnMonitor
 from fastclr.pretraining.optim import build_optimizer
-from fastclr.pretraining.schedule import (TimeBudget, decay_progress, few_epochs_warning, lr_at, scaled_lr,
+from fastclr.pretraining.schedule import (TimeBudget, decay_progress, epochs_text, few_epochs_warning, lr_at, scaled_lr,
                                           shortened_warmup, warmup_for)
 from fastclr.pretraining.state import RunState
 from fastclr.pretraining.step import SimCLRNet, TrainStep
@@ -191,7 +191,7 @@ class Run:
             if not fitted and s.step == b.first_fit_at:
                 budget, epochs = self.cfg.train.time_budget, s.total_steps / self.steps_per_epoch
                 ms = b.pace(s.step, s.train_seconds) * 1000
-                self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs:.1f} epochs) at "
+                self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs_text(epochs)} epochs) at "
                          f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
                 if s.step >= s.warmup_steps:
                     # Past its warm-up already (a run trained by epochs, resumed with a budget): the
