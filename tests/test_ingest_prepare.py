@@ -188,6 +188,22 @@ def test_symbolic_links_out_of_the_folder_are_named_never_read(tmp_path: Path) -
         ("class1/twin.png", "duplicate", "the same bytes as class1/img000.png")]
 
 
+def test_a_labelled_image_kept_as_its_unlabelled_copy_is_named(tmp_path: Path) -> None:
+    """A stray copy at the top of a class folder tree is the one kept (unlabelled rows come first);
+    the label it costs is said, not lost in silence."""
+    bar_images(tmp_path / "bars", n_per_class=2)
+    (tmp_path / "bars" / "stray.png").write_bytes((tmp_path / "bars" / "class1" / "img001.png").read_bytes())
+    lines: list[str] = []
+    res = prepare_store(tmp_path / "bars", tmp_path / "s", DecodeOptions(16), workers=1, progress=False,
+                        log=lines.append)
+    rows = {r["path"]: r for r in read_csv(tmp_path / "s" / "manifest.csv")}
+    assert rows["stray.png"]["split"] == "unlabeled" and "class1/img001.png" not in rows
+    assert [(s.rel, s.reason) for s in res.skipped] == [("class1/img001.png", "duplicate")]
+    assert lines[-1] == ("note: 1 labelled image (class1/img001.png) had the same bytes as an unlabelled file and was "
+                         "kept unlabelled, without its class (skipped.csv: duplicate); remove the unlabelled copies and "
+                         "prepare again to keep the labels")
+
+
 def test_pad_keeps_the_whole_image_with_black_borders() -> None:
     buf = __import__("io").BytesIO()
     halves(64, 32, RED, (0, 0, 255)).save(buf, "PNG")

@@ -292,6 +292,7 @@ def prepare_store(
     bar = Progress(len(entries), enabled=progress, unit=stage, rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     kept: dict[str, str] = {}  # sha256 -> the path in the store with those bytes
+    unlabelled_twin: list[str] = []  # labelled files whose bytes an unlabelled one (kept first) has
     try:
         outcomes = decode_all(root, to_read, opts, known, decoders)
         for i, f in enumerate(entries):
@@ -312,6 +313,8 @@ def prepare_store(
                 # The same bytes twice (a copy, a link): one row, so that an image is never in both
                 # train and test. Not cached by hash (the kept file has that hash): decided each run.
                 skipped.append(Skip(f.rel, "duplicate", f"the same bytes as {kept[sha]}", f.size, f.mtime_ns))
+                if lay.label[f.rel] >= 0 > lay.label[kept[sha]]:
+                    unlabelled_twin.append(f.rel)
                 bar.update(i + 1)
                 continue
             if old is not None and prev is not None:
@@ -348,6 +351,11 @@ def prepare_store(
     listed_in = skipped_list if skipped_list is not None and skipped else out / SKIPPED
     result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start, listed_in)
     log(summary(result, lay, writer.channels))
+    if unlabelled_twin:  # unlabelled rows come first in a store, so the copy kept is the unlabelled one
+        n = len(unlabelled_twin)
+        log(f"note: {n} labelled image{'s' * (n > 1)} ({', '.join(unlabelled_twin[:3])}{', ...' * (n > 3)}) had the "
+            f"same bytes as an unlabelled file and {'were' if n > 1 else 'was'} kept unlabelled, without {'their' if n > 1 else 'its'} "
+            "class (skipped.csv: duplicate); remove the unlabelled copies and prepare again to keep the labels")
     return result
 
 
