@@ -19,7 +19,7 @@ class Progress:
     """Rewrites one line on a terminal (at most every `tty_every` seconds); prints a line every
     `every` seconds otherwise. With `rate_of` (e.g. "files") the line shows that rate per second."""
 
-    def __init__(self, total: int, start: int = 0, stream: TextIO | None = None, every: float = 30.0, enabled: bool = True,
+    def __init__(self, total: int | None, start: int = 0, stream: TextIO | None = None, every: float = 30.0, enabled: bool = True,
                  unit: str = "step", rate_of: str = "", tty_every: float = 0.0):
         self.total, self.start, self.unit, self.rate_of = total, start, unit, rate_of
         self.stream = stream or sys.stderr
@@ -34,13 +34,14 @@ class Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if now - self._last_print < (self.tty_every if self.tty else self.every) and step < self.total:
+        if now - self._last_print < (self.tty_every if self.tty else self.every) and (self.total is None or step < self.total):
             return
         done = step - self.start
         rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        parts = [f"{self.unit} {step}/{self.total}", f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "",
-                 text, f"eta {format_seconds(eta)}"]
+        # An unknown total (a time budget not fitted yet): the step alone, no eta.
+        eta = "" if self.total is None else f"eta {format_seconds((self.total - step) / max(rate, 1e-9))}"
+        parts = [f"{self.unit} {step}" + ("" if self.total is None else f"/{self.total}"),
+                 f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "", text, eta]
         line = " ".join(p for p in parts if p)
         self.stream.write("\r" + line[:160].ljust(100) if self.tty else line + "\n")
         self.stream.flush()

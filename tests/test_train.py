@@ -232,17 +232,31 @@ class PacedEncoder(nn.Module):
 def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
               monitor_share: float = 0.0, log: Callable[[str], None] = lambda s: None,
               log_every: int = 1000, stop: Callable[[int], bool] | None = None,
-              resume: bool = False, epochs: float = 100.0, **over: Any) -> tuple[Any, list[dict[str, Any]]]:
+              resume: bool = False, epochs: float = 100.0, progress: bool = False,
+              **over: Any) -> tuple[Any, list[dict[str, Any]]]:
     """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images); `stop` and
     `resume` as in `pretrain` (the clock goes on where the stopped run left it); `over` as in `tiny_config`."""
     ds = tiny_dataset(2 * steps_per_epoch, size=8)
     cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=epochs,
                       train__log_every=log_every, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
                       eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05, **over)
-    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=False, log=log, clock=clock,
+    res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=progress, log=log, clock=clock,
                    stop=stop, resume=tmp_path / "run" if resume else None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return res, records
+
+
+def test_a_budgeted_run_resumed_before_its_first_fit_shows_no_length_it_does_not_know(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped at step 12, before the budget's first fit: the resumed process fits at step 27, and
+    its progress said 'step 13/10000 ... eta ...' until then (the placeholder of 100 epochs)."""
+    clock = PacedClock(lambda i: 1.0)
+    paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, stop=lambda s: s == 12, log_every=1)
+    capsys.readouterr()
+    res, _ = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, resume=True, log_every=1, progress=True)
+    shown = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert shown[0].startswith("step 13 loss ") and "eta" not in shown[0]
+    assert shown[-1].startswith(f"step {res.steps}/{res.steps} loss ") and " eta " in shown[-1]
 
 
 def test_the_time_budget_ends_on_time_when_the_pace_drifts(tmp_path: Path) -> None:

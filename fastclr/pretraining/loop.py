@@ -336,7 +336,9 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
             run.budget.resume_at(run.state.step, run.state.pace_mark)
             run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
     run.reach_first_fit()
-    run.bar.total, run.bar.start = run.state.total_steps, run.state.step
+    # Until a time budget's first fit the run's length is a placeholder: no total, no eta.
+    run.bar.total = None if run.budget is not None and run.first_fit_ahead else run.state.total_steps
+    run.bar.start = run.state.step
     # A checkpoint of the run's own last step (not a stopped run that fewer epochs now end there):
     # nothing is trained, and config.toml stays the record of how the run was trained.
     run.finished_before = state is not None and run.state.step >= max(run.state.total_steps, int(state["total_steps"]))
