@@ -177,9 +177,15 @@ def test_an_encoder_that_cannot_read_small_views_is_refused(tmp_path: Path) -> N
     """Attention pooling holds a position embedding for the 7 x 7 map only: one line naming the
     option and the fix, before any step or checkpoint."""
     cfg = tiny_config(tmp_path / "run", model__cnn_stages="32|256|attn64", train__local_views=2)
-    with pytest.raises(FastclrError, match=r"--local-views: the encoder cannot read h off 14 px small views .*--local-size"):
+    # not "set --local-size": 14 px already is half the side, and no smaller side fits either
+    with pytest.raises(FastclrError, match=r"^--local-views: the cnn's attention pooling reads only the full view's map, "
+                                           r"not 14 px small views \(.*\); use another readout \(fc, or global pooling\)"):
         pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
     assert not list_checkpoints(tmp_path / "run")
+    # a readout of the whole map (flat): another side may fit, so the hint names --local-size
+    cfg = tiny_config(tmp_path / "flat", model__cnn_stages="32|256|flat0", train__local_views=2)
+    with pytest.raises(FastclrError, match=r"^--local-views: the encoder cannot read h off 14 px small views .*--local-size"):
+        pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
 
 
 def test_stop_and_resume_with_small_views_equals_the_uninterrupted_run(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.errors import FastclrError
 from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
+from fastclr.models.cnn import AttentionPool
 from fastclr.pretraining.monitor import KnnMonitor
 from fastclr.pretraining.optim import build_optimizer
 from fastclr.pretraining.schedule import (TimeBudget, decay_progress, epochs_text, few_epochs_warning, lr_at, scaled_lr,
@@ -78,6 +79,10 @@ def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim:
         problem = (str(e).splitlines() or [type(e).__name__])[0]
     finally:
         encoder.train(was_training)
+    if problem and any(isinstance(m, AttentionPool) for m in encoder.modules()):
+        # Its position embedding is one per position of the full view's map: no smaller side fits.
+        raise FastclrError(f"--local-views: the cnn's attention pooling reads only the full view's map, not {size} px "
+                           f"small views ({problem}); use another readout (fc, or global pooling) with --local-views")
     if problem:
         raise FastclrError(f"--local-views: the encoder cannot read h off {size} px small views ({problem}); "
                            "set --local-size to a side it reads (for the cnn's fc readout, half the image side) "
