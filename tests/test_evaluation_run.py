@@ -427,3 +427,39 @@ def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["checkpoint_step"] == 3
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]) == 0
     assert note in capsys.readouterr().out.splitlines()
+
+
+def test_fine_tuning_starts_from_the_probe_and_keeps_batchnorm_statistics() -> None:
+    """LP-FT (Kumar et al. 2022) as `finetune` documents it: with a learning rate of zero nothing
+    moves, so the fine-tuned network is the probe it starts from (the same test accuracy) and every
+    BatchNorm statistic is as the probe's features were computed with. Labels are drawn apart from
+    the images, so that the probe is not simply right everywhere."""
+    from conftest import synthetic_images
+    from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
+    from fastclr.evaluation.finetune import probe_then_finetune
+    from fastclr.models import SmallCNN
+    from fastclr.runtime import FP32
+
+    cpu, rng = torch.device("cpu"), np.random.default_rng(0)
+    x, _ = synthetic_images(96, 28, seed=3)
+    xt, _ = synthetic_images(64, 28, seed=4)
+    y, yt = rng.integers(0, 4, 96), rng.integers(0, 4, 64)
+    torch.manual_seed(0)
+    enc = SmallCNN(1, 0.25, "32|64").eval()
+    with torch.no_grad():  # statistics that a train-mode pass would move
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    mean, std = torch.tensor([0.2]), torch.tensor([0.3])
+    setup = LabelledSetup(x, y, xt, yt, ["a", "b", "c", "d"], mean, std, 28, cpu, FP32,
+                          TrainRecipe(steps=3, batch_size=16, lr=0.0, weight_decay=0.05, warmup_fraction=0.0,
+                                      shift_fraction=0.07, flip_p=0.5))
+    idx = np.arange(0, 96, 2)
+    subset_x = extract_features(enc, x[idx], mean, std, cpu)
+    test_x = extract_features(enc, xt, mean, std, cpu)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    _, out = probe_then_finetune(enc, subset_x, test_x, setup, idx, seed=0)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and running statistics alike
+    assert 0.0 < out["linear_accuracy"] < 1.0 and out["accuracy"] == out["linear_accuracy"]
