@@ -133,6 +133,23 @@ def test_training_reduces_the_loss_and_learns_the_synthetic_classes(tmp_path: Pa
     assert res.probe_accuracy is not None and res.probe_accuracy >= 0.9  # 4 bar positions are easy
 
 
+def test_a_users_encoder_that_draws_random_numbers_resumes_exactly(tmp_path: Path) -> None:
+    """Dropout draws from torch's global generator, which fastclr's own steps never use: its state
+    in the checkpoint is what makes such an encoder's stopped-and-resumed run the uninterrupted one."""
+    def encoder() -> nn.Module:
+        torch.manual_seed(7)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    ds, quiet = tiny_dataset(), dict(progress=False, log=lambda s: None)
+    pretrain(tiny_config(tmp_path / "a"), dataset=ds, encoder=encoder(), **quiet)
+    assert pretrain(tiny_config(tmp_path / "b"), dataset=ds, encoder=encoder(), stop=lambda step: step == 5, **quiet).stopped
+    torch.manual_seed(123)  # whatever this process drew before, the resumed run goes on with the stopped one's draws
+    pretrain(tiny_config(tmp_path / "b"), resume=tmp_path / "b", dataset=ds, encoder=encoder(), **quiet)
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
     enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     initial = {k: v.clone() for k, v in enc.state_dict().items()}
