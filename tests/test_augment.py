@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import math
 
@@ -244,11 +245,33 @@ def test_blur_preserves_constant_images_and_sigma_zero_is_identity(device: torch
     assert float(k[2].diagonal().mean()) < float(k[1].diagonal().mean()) < 1
 
 
+@pytest.mark.parametrize(("size", "radius"), [(40, 2), (100, 5), (10, 1)])
+def test_blur_rows_are_the_truncated_normalised_gaussian(size: int, radius: int, device: torch.device) -> None:
+    """Row i of the blur matrix is exp(-d^2 / (2 sigma^2)) at d = j - i for |d| <= radius, exactly 0
+    beyond, normalised to sum 1, with radius = max(1, round(5% of the side)) as the module documents
+    (2 px at 40, 5 at 100, at least 1 at 10); a border row keeps the part inside the image,
+    renormalised. Float64 transcription, per image: sigma 1.5 and 0.8 in one batch."""
+    sigmas = [1.5, 0.8]
+    k = blur_matrix(torch.tensor(sigmas, device=device), size).double().cpu()
+    for n, sigma in enumerate(sigmas):
+        for i in (size // 2, 0):  # an interior row, and the first row (its left half is outside)
+            d = torch.arange(size, dtype=torch.float64) - i
+            w = torch.exp(-(d**2) / (2 * sigma**2)) * (d.abs() <= radius)
+            want = w / w.sum()
+            torch.testing.assert_close(k[n, i], want, atol=1e-6, rtol=0)
+            assert bool((k[n, i][d.abs() > radius] == 0).all())
+
+
 def test_hsv_round_trip_and_hue_shift_of_one_is_identity(device: torch.device) -> None:
+    """Hue is an angle in turns: RGB -> HSV -> RGB gives the image back, and so does colour jitter
+    with brightness, contrast and saturation factors 1 and a hue shift of a whole turn, +1 or -1
+    (the zero shift is there too, the plain round trip through the jitter)."""
     x = torch.rand(10, 3, 5, 5, generator=gen(device, 0), device=device)
     torch.testing.assert_close(_hsv_to_rgb(_rgb_to_hsv(x)), x, atol=1e-5, rtol=0)
     p = sample_params(dataclasses.replace(OFF, jitter_p=1.0, brightness=0, contrast=0, saturation=0, hue=0), 10, 5, 5,
                       gen(device, 0), device)
+    assert bool((p.brightness == 1).all() and (p.contrast == 1).all() and (p.saturation == 1).all())
+    p.hue = torch.tensor([1.0, -1.0, 0.0] * 3 + [1.0], device=device)
     torch.testing.assert_close(color_jitter(x, p), x, atol=1e-5, rtol=0)
 
 
@@ -260,6 +283,111 @@ def test_pure_hue_rotation_of_red_by_a_third_is_green(device: torch.device) -> N
     p.hue = torch.tensor([1 / 3], device=device)
     out = color_jitter(red, p)
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 1.0, 0.0], device=device), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("hue", "rgb"), [(1 / 3, (0.0, 1.0, 0.0)), (-1 / 3, (0.0, 0.0, 1.0)), (2 / 3, (0.0, 0.0, 1.0)),
+                                          (1 / 6, (1.0, 1.0, 0.0)), (-1 / 6, (1.0, 0.0, 1.0))])
+def test_hue_shift_adds_to_the_hue_angle_in_turns(hue: float, rgb: tuple[float, float, float],
+                                                  device: torch.device) -> None:
+    """torchvision's convention (adjust_hue: h <- (h + hue_factor) mod 1): red is hue 0, yellow 1/6,
+    green 1/3, blue 2/3, magenta 5/6, so pure red shifted by -1/3 is pure blue, by -1/6 magenta."""
+    red = torch.zeros(1, 3, 2, 2, device=device)
+    red[:, 0] = 1.0
+    p = sample_params(dataclasses.replace(OFF, jitter_p=1.0, brightness=0, contrast=0, saturation=0, hue=0), 1, 2, 2,
+                      gen(device, 0), device)
+    p.hue = torch.tensor([hue], device=device)
+    want = torch.tensor(rgb, device=device)[:, None, None].expand(3, 2, 2)
+    torch.testing.assert_close(color_jitter(red, p)[0], want, atol=1e-5, rtol=0)
+
+
+def colourful(b: int, side: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """(b, 3, side, side) random RGB whose channel means differ (R and B high, G low), so that the
+    luma of an image and the plain average of its channels are far apart (about 0.37 against 0.53)."""
+    x = torch.rand(b, 3, side, side, generator=gen(device, seed), device=device)
+    lo = torch.tensor([0.5, 0.0, 0.5], device=device)[:, None, None]
+    width = torch.tensor([0.5, 0.2, 0.5], device=device)[:, None, None]
+    return lo + width * x
+
+
+def jitter_params(device: torch.device, **factors: list[float]) -> ViewParams:
+    """View parameters for len(factors' lists) views, with the colour factors given and the others
+    at 1 (hue at 0)."""
+    b = len(next(iter(factors.values())))
+    p = sample_params(dataclasses.replace(OFF, jitter_p=1.0), b, 4, 4, gen(device, 0), device)
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        default = 0.0 if name == "hue" else 1.0
+        setattr(p, name, torch.tensor(factors.get(name, [default] * b), device=device))
+    return p
+
+
+def jitter_reference(x: torch.Tensor, brightness: list[float], contrast: list[float], saturation: list[float],
+                     hue: list[float]) -> torch.Tensor:
+    """torchvision's ColorJitter on RGB in float64, one image and one pixel at a time, in the order
+    the module documents (brightness, contrast, saturation, hue, each clamped to [0, 1]):
+    brightness x * b; contrast blends with the mean of the image's luma 0.299 R + 0.587 G + 0.114 B;
+    saturation blends with the luma image; hue rotates the HSV hue by `hue` turns (colorsys)."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    for n, img in enumerate(x.double().cpu()):
+        img = (img * brightness[n]).clamp(0, 1)
+        mean = float((0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).mean())
+        img = (mean + contrast[n] * (img - mean)).clamp(0, 1)
+        luma = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+        img = (luma + saturation[n] * (img - luma)).clamp(0, 1)
+        for i in range(img.shape[1]):
+            for j in range(img.shape[2]):
+                h, s, v = colorsys.rgb_to_hsv(*img[:, i, j].tolist())
+                out[n, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + hue[n]) % 1.0, s, v), dtype=torch.float64)
+    return out
+
+
+def test_colour_jitter_on_rgb_matches_a_float64_transcription_of_torchvision(device: torch.device) -> None:
+    """Per-image brightness, contrast, saturation and hue on colourful RGB images equal the float64
+    transcription of torchvision's blend definitions (`jitter_reference`): the contrast mean and the
+    saturation grey are the luma, the saturation factor blends as given (0 grey, 0.5 half, 2 twice
+    the colour), the hue shift turns both ways, and each operation is clamped in turn."""
+    factors = dict(brightness=[1.0, 1.0, 1.0, 0.7, 1.3, 1.0, 1.2],
+                   contrast=[1.0, 1.0, 1.0, 0.5, 1.6, 0.3, 1.0],
+                   saturation=[0.0, 0.5, 2.0, 1.0, 0.6, 1.8, 1.0],
+                   hue=[0.0, 0.0, 0.0, -0.3, 0.15, 0.45, -0.1])
+    x = colourful(7, 4, device)
+    out = color_jitter(x, jitter_params(device, **factors))
+    torch.testing.assert_close(out.double().cpu(), jitter_reference(x, **factors), atol=2e-6, rtol=0)
+
+
+def test_contrast_zero_gives_the_mean_luma_and_saturation_zero_the_luma_image(device: torch.device) -> None:
+    """Closed forms on RGB: contrast 0 makes every channel of every pixel the image's mean luma
+    (torchvision blends with the mean of the grayscale image, not of the three channels);
+    saturation 0 makes every channel the pixel's luma."""
+    x = colourful(3, 6, device)
+    luma = 0.299 * x[:, 0].double() + 0.587 * x[:, 1].double() + 0.114 * x[:, 2].double()  # (3, 6, 6)
+    flat = color_jitter(x, jitter_params(device, contrast=[0.0, 0.0, 0.0]))
+    want = luma.mean(dim=(1, 2))[:, None, None, None].expand(3, 3, 6, 6)
+    torch.testing.assert_close(flat.double(), want, atol=2e-6, rtol=0)
+    grey = color_jitter(x, jitter_params(device, saturation=[0.0, 0.0, 0.0]))
+    torch.testing.assert_close(grey.double(), luma[:, None].expand(3, 3, 6, 6), atol=2e-6, rtol=0)
+
+
+def test_colour_factors_are_drawn_uniformly_over_their_documented_ranges(device: torch.device) -> None:
+    """torchvision's ranges: brightness, contrast and saturation factors ~ U(max(0, 1 - s), 1 + s), hue
+    ~ U(-hue, hue). Each is the affine image of the generator's uniform at its place in the stream
+    (after the crop, flip and jitter draws), so the values are checked exactly, and over 4000 draws
+    the hue takes both signs and comes within 1% of both ends."""
+    cfg = dataclasses.replace(OFF, jitter_p=1.0, brightness=0.4, contrast=1.5, saturation=0.8, hue=0.4)
+    n = 4000
+    p = sample_params(cfg, n, 8, 8, gen(device, 7), device)
+    g = gen(device, 7)
+    sample_crop_boxes(cfg, n, 8, 8, g, device)
+    for _ in ("flip", "jitter"):
+        torch.rand(n, generator=g, device=device)
+    u = {name: torch.rand(n, generator=g, device=device).double()
+         for name in ("brightness", "contrast", "saturation", "hue")}
+    torch.testing.assert_close(p.brightness.double(), 0.6 + 0.8 * u["brightness"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.contrast.double(), 0.0 + 2.5 * u["contrast"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.saturation.double(), 0.2 + 1.6 * u["saturation"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(p.hue.double(), -0.4 + 0.8 * u["hue"], atol=1e-6, rtol=0)
+    assert float(p.hue.min()) >= -0.4 and float(p.hue.max()) <= 0.4
+    assert float(p.hue.min()) < -0.396 and float(p.hue.max()) > 0.396
+    assert abs(float((p.hue < 0).double().mean()) - 0.5) < 0.03  # 4000 draws: standard error 0.008
 
 
 def test_brightness_and_contrast_follow_torchvision_blend_formulas(device: torch.device) -> None:
