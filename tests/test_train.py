@@ -276,6 +276,18 @@ def test_a_budgeted_run_resumed_before_its_first_fit_shows_no_length_it_does_not
     assert shown[-1].startswith(f"step {res.steps}/{res.steps} loss ") and " eta " in shown[-1]
 
 
+def test_the_time_budget_reads_its_clock_once_the_device_has_done_the_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the host queues steps ahead of the device: at the pace's mark (step 5) and at every
+    fit (15, then every 25) the loop waits for the device before it reads the clock, and at no
+    other step (a wait drains the queue)."""
+    clock = PacedClock(lambda i: 1.0)
+    waited: list[int] = []
+    monkeypatch.setattr("fastclr.pretraining.setup.wait_for_device", lambda device: waited.append(clock.steps))
+    res, _ = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100)
+    assert 55 <= res.steps <= 65 and waited == [5, 15, 25, 50]
+
+
 def test_the_time_budget_ends_on_time_when_the_pace_drifts(tmp_path: Path) -> None:
     """0.5 s for 5 warm-up steps, 1 s/step until step 60, then 1.3 s/step. One fit at step 15
     would plan 122 steps and end at 138 s; refitted as the loop goes, the run ends within one

@@ -89,6 +89,12 @@ def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim:
                            "or use a readout with global pooling")
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Return once `device` has done the work queued on it (at once on the CPU, which works in order)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Run:
     """A run's objects, built once by `build_run`; the loop calls them with what changes per step."""
@@ -174,6 +180,10 @@ class Run:
         if owed and not (fitted and b.first_fit < s.step < s.total_steps):
             return
         first = s.step == b.first_fit_at and not fitted
+        if not after_monitor and b.reads(s.step, s.total_steps, end_of_epoch, fitted):
+            # The host runs steps ahead of a GPU: the budget's seconds are those of steps the GPU has done.
+            wait_for_device(self.device)
+            s.train_seconds = self.clock() - self.loop_start
         if not after_monitor:
             b.observe(s.step, s.train_seconds)
             if end_of_epoch and not first:
