@@ -90,3 +90,23 @@ def test_resizing_stored_images_for_the_encoder_has_no_operator_that_waits_for_t
     with HostWaits() as waits:
         x = prepare_images(images, mean, std, 32)
     assert x.shape == (4, 1, 32, 32) and dict(waits.seen) == {}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lars"])
+def test_a_loss_scaled_step_decides_an_overflow_on_the_device(optimizer: str) -> None:
+    """fp16 (auto's choice on compute capability 7.x GPUs): GradScaler reads the overflow flag on
+    the host for an optimiser that cannot take it (a wait at every step); fused AdamW and fastclr's
+    LARS take it on the device. Torch's SGD cannot, and waits."""
+    from fastclr.runtime import Precision
+
+    torch.manual_seed(0)
+    enc = SmallCNN(1, 0.125, "32|64")
+    net = SimCLRNet(enc, ProjectionHead(enc.feature_dim, 16, 8))
+    step = TrainStep(net, build_optimizer(optimizer, [net.encoder, net.head], 1e-3, 5e-4), Precision("fp16", "test"), CPU,
+                     temperature=0.2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        step(torch.randn(16, 1, 28, 28, generator=g))
+    with HostWaits() as waits:
+        step(torch.randn(16, 1, 28, 28, generator=g))
+    assert dict(waits.seen) == {}

@@ -253,6 +253,36 @@ def test_an_optimiser_loaded_from_its_state_goes_on_as_the_one_that_saved_it(nam
         assert torch.equal(p.detach(), q.detach()), k
 
 
+def test_lars_under_loss_scaling_updates_as_without_it_or_not_at_all() -> None:
+    """With the scaler's flags (`found_inf`, and `grad_scale` while gradients are still scaled)
+    LARS makes the very update it makes without them, or none where an overflow was found,
+    its momentum untouched; a first step skipped leaves the next one as a first step."""
+    g = torch.Generator().manual_seed(6)
+    grads = [[torch.randn(p.shape, generator=g) for p in _conv_bn_linear().parameters()] for _ in range(3)]
+    plain, flagged = _conv_bn_linear(), _conv_bn_linear()
+    opt_p = build_optimizer("lars", [plain], lr=0.1, weight_decay=0.01)
+    opt_f = build_optimizer("lars", [flagged], lr=0.1, weight_decay=0.01)
+    opt_f.found_inf = torch.ones(())  # type: ignore[attr-defined]  # the first step overflowed: skipped
+    for p, grad in zip(flagged.parameters(), grads[0]):
+        p.grad = grad * float("inf")
+    opt_f.step()
+    assert all(torch.equal(p, q) for p, q in zip(flagged.parameters(), _conv_bn_linear().parameters()))
+    for gs in grads[1:]:
+        opt_f.found_inf, opt_f.grad_scale = torch.zeros(()), torch.full((), 8.0)  # type: ignore[attr-defined]
+        for p, q, grad in zip(plain.parameters(), flagged.parameters(), gs):
+            p.grad, q.grad = grad.clone(), grad * 8.0
+        opt_p.step()
+        opt_f.step()
+        for (k, p), q in zip(plain.named_parameters(), flagged.parameters()):
+            assert torch.equal(p.detach(), q.detach()), k
+    kept = {k: v.clone() for k, v in flagged.state_dict().items()}
+    buffers = [opt_f.state[p]["momentum_buffer"].clone() for p in flagged.parameters()]
+    opt_f.found_inf = torch.ones(())  # type: ignore[attr-defined]
+    opt_f.step()
+    assert all(torch.equal(v, kept[k]) for k, v in flagged.state_dict().items())
+    assert all(torch.equal(opt_f.state[p]["momentum_buffer"], b) for p, b in zip(flagged.parameters(), buffers))
+
+
 def test_build_optimizer_names() -> None:
     m = nn.Linear(3, 3)
     assert isinstance(build_optimizer("adamw", [m], 1e-3, 0.1), torch.optim.AdamW)

@@ -39,15 +39,22 @@ class LARS(torch.optim.Optimizer):
                         self.state[p]["momentum_buffer"].mul_(group["lr"])
             group["lr_in_momentum"] = True
 
+    # torch.amp.GradScaler hands this optimiser `found_inf` (and `grad_scale` where the gradients are
+    # still scaled) instead of reading found_inf on the host, which waits for a GPU at every step.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[no-untyped-def]
-        """One update of every parameter with a gradient."""
+        """One update of every parameter with a gradient; under loss scaling none where the
+        scaler found an overflow (decided on the device)."""
         loss = closure() if closure is not None else None
+        found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
+                g = p.grad if grad_scale is None else p.grad / grad_scale.to(p.grad.dtype)
                 if group["lars"]:
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
@@ -55,11 +62,18 @@ class LARS(torch.optim.Optimizer):
                     g = g * trust
                 g = g * group["lr"]
                 state = self.state[p]
-                if "momentum_buffer" not in state:
+                if found_inf is not None:  # the same arithmetic, kept or dropped as a whole on the device
+                    keep = found_inf.to(p.device) == 0
+                    old = state.get("momentum_buffer")
+                    buf = g if old is None else old * group["momentum"] + g
+                    state["momentum_buffer"] = torch.where(keep, buf, torch.zeros_like(buf) if old is None else old)
+                    p.copy_(torch.where(keep, p - buf, p))
+                elif "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.clone(g).detach()
                 else:
                     state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.sub_(state["momentum_buffer"])
+                if found_inf is None:
+                    p.sub_(state["momentum_buffer"])
         return loss
 
 
