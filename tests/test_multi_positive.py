@@ -113,3 +113,22 @@ def test_supcon_with_all_labels_has_every_same_class_view_as_positive() -> None:
 
 def test_view_groups_put_the_k_views_of_an_image_in_one_group() -> None:
     assert view_groups(3, 4, torch.device("cpu"), offset=6).tolist() == [6, 7, 8] * 4
+
+
+def test_anchors_without_a_positive_are_left_out_of_the_loss_and_the_metrics() -> None:
+    """Means over the anchors that have a positive, exact fractions: 3 of 5 anchors have one (the
+    two singletons are left out), all ranked first; with none at all the loss is 0 with no gradient."""
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z[3:] = z[:2]  # rows 0, 3 and 1, 4 are the same images' views: each the other's nearest
+    z.requires_grad_(True)
+    groups = torch.tensor([0, 1, 7, 0, 1])
+    loss, metrics = multi_positive_loss(z, groups, 0.5)
+    pos = [(0, 3), (1, 4), (3, 0), (4, 1)]
+    u = torch.nn.functional.normalize(z.detach(), dim=1)
+    want = sum(-(u[i] @ u[j] / 0.5 - torch.logsumexp(torch.stack([u[i] @ u[k] / 0.5 for k in range(5) if k != i]), 0))
+               for i, j in pos) / 4
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-12)
+    assert {k: float(v) for k, v in metrics.items()} == {"top1": 1.0, "top5": 1.0, "mean_rank": 1.0}
+    none, _ = multi_positive_loss(z, torch.arange(5), 0.5)
+    (grad,) = torch.autograd.grad(none, z)
+    assert float(none.detach()) == 0.0 and not grad.any()

@@ -179,7 +179,7 @@ def test_an_encoder_that_cannot_read_small_views_is_refused(tmp_path: Path) -> N
     cfg = tiny_config(tmp_path / "run", model__cnn_stages="32|256|attn64", train__local_views=2)
     # not "set --local-size": 14 px already is half the side, and no smaller side fits either
     with pytest.raises(FastclrError, match=r"^--local-views: the cnn's attention pooling reads only the full view's map, "
-                                           r"not 14 px small views \(.*\); use another readout \(fc, or global pooling\)"):
+                                           r"not 14 px small views \(.*\); use another readout \(fcN, or gap\)"):
         pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
     assert not list_checkpoints(tmp_path / "run")
     # a readout of the whole map (flat): another side may fit, so the hint names --local-size

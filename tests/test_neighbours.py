@@ -54,6 +54,9 @@ def test_the_nearest_neighbour_is_the_most_similar_support_row_by_cosine() -> No
     want = unit(support[[0, 1, 2, 1]])  # [-1, 0]: cosines -1, 0, -0.71, so the orthogonal row
     torch.testing.assert_close(got, want)
     assert not got.requires_grad
+    # float64 anchors against the float32 support the run holds: the search runs in float64
+    assert nearest_neighbours(z.detach().double(), support).dtype == torch.float64
+    torch.testing.assert_close(nearest_neighbours(z.detach().double(), support), want.double())
 
 
 def test_the_loss_and_its_gradient_equal_a_float64_loop_over_the_formula() -> None:

@@ -76,10 +76,10 @@ def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: floa
         lse = torch.logaddexp(lse, torch.logsumexp(extra_logits, dim=1, keepdim=True))
     log_prob = logits - lse  # own column: hugely negative, never a positive
     count = pos.sum(1)  # (M,)
-    # The mean over the anchors that have a positive, as weights rather than a boolean index: an
-    # index by a mask sizes its result from the data, which waits for a GPU at every step.
-    weight = (count > 0).to(log_prob.dtype)  # (M,)
-    weight = weight / weight.sum()
+    # Means over the anchors that have a positive, by a 0/1 mask rather than a boolean index (which
+    # sizes its result from the data, a wait for a GPU at every step); with no such anchor, 0.
+    has = count > 0  # (M,)
+    n = has.sum().clamp(min=1)
     per_anchor = -(log_prob * pos).sum(1) / count.clamp(min=1)  # (M,)
     with torch.no_grad():
         best_pos = logits.masked_fill(~pos, torch.finfo(logits.dtype).min).amax(1, keepdim=True)  # (M, 1)
@@ -87,9 +87,10 @@ def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: floa
         if extra_logits is not None:
             above = above + (extra_logits.detach() >= best_pos).sum(1)
         rank = above.float() + 1
-        metrics = {"top1": ((rank <= 1).float() * weight).sum(), "top5": ((rank <= 5).float() * weight).sum(),
-                   "mean_rank": (rank * weight).sum()}
-    return (per_anchor * weight).sum(), metrics
+        metrics = {"top1": ((rank <= 1) & has).sum() / n, "top5": ((rank <= 5) & has).sum() / n,
+                   "mean_rank": (rank * has).sum() / n}
+        metrics = {k: v.float() for k, v in metrics.items()}
+    return (per_anchor * has).sum() / n, metrics
 
 
 def view_groups(images: int, views: int, device: torch.device, offset: int = 0) -> torch.Tensor:

@@ -29,6 +29,7 @@ def nearest_neighbours(z: torch.Tensor, support: torch.Tensor, chunk: int = 256)
     chunks of anchors, so its memory stays (chunk x S) whatever the batch. Not fastclr's kNN search
     (`cosine_topk`): its re-ranking of near ties sizes tensors from the data, which would wait for
     a GPU at every step, and a training positive needs no tie order stable across machines."""
-    unit_support = unit_rows(support)  # (S, D)
-    rows = torch.cat([(unit_rows(q) @ unit_support.T).argmax(1) for q in z.detach().split(chunk)])  # (M,)
+    dtype = torch.promote_types(torch.promote_types(z.dtype, support.dtype), torch.float32)
+    unit_support = unit_rows(support.to(dtype))  # (S, D)
+    rows = torch.cat([(unit_rows(q.to(dtype)) @ unit_support.T).argmax(1) for q in z.detach().split(chunk)])  # (M,)
     return unit_support[rows].to(torch.promote_types(z.dtype, torch.float32))

@@ -82,7 +82,7 @@ def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim:
     if problem and any(isinstance(m, AttentionPool) for m in encoder.modules()):
         # Its position embedding is one per position of the full view's map: no smaller side fits.
         raise FastclrError(f"--local-views: the cnn's attention pooling reads only the full view's map, not {size} px "
-                           f"small views ({problem}); use another readout (fc, or global pooling) with --local-views")
+                           f"small views ({problem}); use another readout (fcN, or gap) with --local-views")
     if problem:
         raise FastclrError(f"--local-views: the encoder cannot read h off {size} px small views ({problem}); "
                            "set --local-size to a side it reads (for the cnn's fc readout, half the image side) "
