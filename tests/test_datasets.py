@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import struct
 import tarfile
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def test_idx_gz_and_raw_round_trip(tmp_path: Path) -> None:
         out = formats.read_idx_images(p)
         assert out.shape == (5, 28, 28, 1) and out.dtype == np.uint8
         np.testing.assert_array_equal(out, x)
+
+
+def test_idx_values_wider_than_a_byte_are_big_endian(tmp_path: Path) -> None:
+    """The IDX format stores every multi-byte value most significant byte first (LeCun's MNIST
+    page): int32 and int16 files written here with struct's '>' read back as those values."""
+    p = tmp_path / "x.idx"
+    p.write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 4) + struct.pack(">4i", 1, 256, -2, 70000))
+    assert formats.read_idx(p).tolist() == [1, 256, -2, 70000]
+    q = tmp_path / "y.idx"
+    q.write_bytes(bytes([0, 0, 0x0B, 2]) + struct.pack(">2I", 1, 2) + struct.pack(">2h", 300, -300))
+    assert formats.read_idx(q).tolist() == [[300, -300]]
 
 
 def test_idx_bad_magic_and_truncation_are_clear_errors(tmp_path: Path) -> None:

@@ -129,6 +129,15 @@ def test_lift_and_flag_come_from_the_reported_figures_of_one_extraction(run: Run
     assert f"{100 * lift['linear']:+.2f} points" in table
 
 
+def test_an_untrained_network_that_beats_the_trained_one_is_flagged() -> None:
+    """A negative lift (pretraining made the probe worse) is a small lift too, not a large one."""
+    from fastclr.evaluation.reference import small_lift
+
+    assert small_lift(-0.10) and not small_lift(SMALL_LIFT + 0.01)
+    lift = lift_summary({"linear": {"accuracy": 0.80, "random_init": {"accuracy": 0.90}}})
+    assert lift is not None and lift["linear"] == pytest.approx(-0.10) and lift["small"]
+
+
 def test_a_small_lift_is_flagged_in_the_table() -> None:
     protocols = {"linear": {"accuracy": 0.90, "labels": 10, "random_init": {"accuracy": 0.88}}}
     lift = lift_summary(protocols)

@@ -138,6 +138,8 @@ def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
     with pytest.raises(FastclrError, match="torchvision's ResNets have width 1, this one 0.5"):
         check_export("torchvision", half)
     check_export("torchvision", EncoderSpec("resnet18", 3, 32, 1.0, "on", 512, (0.5,) * 3, (0.25,) * 3))
+    with pytest.raises(FastclrError, match="torchvision's ResNets have width 1, this one 2"):  # wider: refused too
+        check_export("torchvision", EncoderSpec("resnet18", 3, 32, 2.0, "on", 1024, (0.5,) * 3, (0.25,) * 3))
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # not installed: importing it raises ImportError
     with pytest.raises(FastclrError, match=r"--format onnx needs onnx, onnxscript and onnxruntime: pip install"):
         check_export("onnx", half)
