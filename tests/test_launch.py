@@ -115,6 +115,30 @@ def test_a_ranks_one_line_error_leaves_without_interpreter_finalisation(world: s
     assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("local_rank, lines", [("0", 1), ("1", 0), ("7", 0)])
+def test_a_settings_error_is_said_once_a_node(local_rank: str, lines: int, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Every rank of a node reads the same command and files: the node's local rank 0 says what is
+    wrong with them, the others leave with the same code and no line (eight GPUs printed it eight
+    times)."""
+    from fastclr import cli
+
+    left: list[int] = []
+
+    def exit_now(code: int) -> None:
+        left.append(code)
+        raise SystemExit(code)
+    monkeypatch.setattr(cli, "_exit_now", exit_now)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", str(tmp_path / "run"), "--temperature", "-1"])
+    err = capsys.readouterr().err.splitlines()
+    assert left == [2] and len(err) == lines and not (tmp_path / "run").exists()
+    assert all(line.startswith("error: train.temperature = -1.0 is not allowed") for line in err)
+
+
 @pytest.mark.parametrize("nproc, cpus, preset, expected", [
     (8, 64, None, 8),    # eight GPUs on a 64-core node: eight threads a rank, not torchrun's one
     (2, 2, None, 1),
