@@ -90,6 +90,7 @@ def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: 
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "temperature" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("error: train.temperature = -1.0 is not allowed") == 1  # said by local rank 0 alone
     assert r.stderr.splitlines()[-1].startswith("error: a rank ended with an error")
 
 
