@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, flag_table, read_toml
-from fastclr.errors import FastclrError, PeerFailure, SaidOnThisNode
+from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import is_write_error, write_failure_reason
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
@@ -135,12 +135,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastclr.signals import EXIT_STOPPED, graceful_stop
     from fastclr.pretraining.loop import pretrain
 
-    try:
-        resume, cfg = pretrain_target(args)
-    except FastclrError as e:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK", "0") != "0":
-            raise SaidOnThisNode(str(e)) from None
-        raise
+    resume, cfg = pretrain_target(args)
     if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun rank: torchrun starts each with setsid(), apart from its launcher, so a launcher killed outright
         # (a scheduler's SIGKILL, the OOM killer) left the ranks training and holding the run's lock.
@@ -311,8 +306,6 @@ def _run(args: argparse.Namespace) -> int:
     except PeerFailure as e:  # whatever the command: the communication library's threads outlive a dead peer
         print(f"error: {e}", file=sys.stderr)
         _exit_now(EXIT_USAGE)
-    except SaidOnThisNode:
-        return EXIT_USAGE  # local rank 0 of this node prints it
     except FastclrError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -20,9 +20,3 @@ class FastclrError(Exception):
 class PeerFailure(FastclrError):
     """A collective failed: another rank died, hung past the timeout, or the network broke.
     The CLI exits at once after printing it (see `fastclr.cli._exit_now`)."""
-
-
-class SaidOnThisNode(FastclrError):
-    """An error every process of a node meets alike (the command's own settings, read before any
-    process does work of its own): its local rank 0 prints it, the others leave with the same exit
-    code without a line, so that eight GPUs give one line, not eight."""
