@@ -56,10 +56,10 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     into it. `path` may be a run directory: its encoder.safetensors."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "encoder.safetensors").is_file():
-            raise FastclrError(f"{path} is a directory without encoder.safetensors; give a run directory whose "
+        if not (path / ENCODER_FILE).is_file():
+            raise FastclrError(f"{path} is a directory without {ENCODER_FILE}; give a run directory whose "
                                "pretraining finished, or the encoder file itself")
-        path = path / "encoder.safetensors"
+        path = path / ENCODER_FILE
     try:
         from safetensors import safe_open
 

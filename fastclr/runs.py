@@ -41,12 +41,7 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     fastclr config.toml) or, for a new run, another run's checkpoints or encoder."""
     if path.exists() and not path.is_dir():
         raise FastclrError(f"--run-dir {path} is a file, not a directory; choose another --run-dir")
-    from fastclr.data.store import store_holding
-
-    store = store_holding(path)
-    if store is not None:  # its outputs (finetune, distill, features) would then be refused as inside the store
-        raise FastclrError(f"--run-dir {path} is inside the store {store}, whose files fastclr reads; choose a "
-                           "--run-dir outside it")
+    refuse_inside_store(path, "--run-dir")  # its outputs (finetune, distill, features) would be refused there
     if path.is_dir() and not resuming:
         # The lock and the temporaries of a run killed while writing its first files are the run's own.
         entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE and not is_run_temporary(p.name)]
@@ -179,6 +174,17 @@ def refuse_run_file(out: Path, flag: str = "--out") -> None:
                            f"choose another {flag}")
 
 
+def refuse_inside_store(path: Path, flag: str) -> None:
+    """One line when `path`, given as `flag`, lies inside a prepared store: fastclr reads a store's
+    files by name, so nothing else may be written there."""
+    from fastclr.data.store import store_holding
+
+    store = store_holding(path)
+    if store is not None:
+        raise FastclrError(f"{flag} {path} is inside the store {store}, whose files fastclr reads; choose a {flag} "
+                           "outside it")
+
+
 def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: tuple[str, ...] = (),
                   inputs: tuple[Path, ...] = ()) -> None:
     """One line, before any work, when writing `out` would destroy what the user has: a run's own
@@ -186,14 +192,9 @@ def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: t
     written as its manifest broke it), one of the command's `inputs` (a grid saved over its query
     image), or a file of another kind than this output (`kind`, named by `suffixes`: a report
     written over a JPEG)."""
-    from fastclr.data.store import store_holding
-
     refuse_run_file(out, flag)
+    refuse_inside_store(out, flag)
     path = out.resolve()
-    store = store_holding(path)
-    if store is not None:
-        raise FastclrError(f"{flag} {out} is inside the store {store}, whose files fastclr reads; choose a {flag} "
-                           "outside it")
     taken = next((given for given in inputs if given.resolve() == path), None)
     if taken is not None:
         raise FastclrError(f"{flag} {out} is {taken}, which this command reads; choose another {flag}")

@@ -415,7 +415,7 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
     has_units = cpu.native_bf16 if prec.name == "bf16" else _query("_is_amx_fp16_supported")
     if prec.name == "fp16" and has_units and cap_allows_amx_fp16(cpu.onednn_isa_cap):
         return
-    timer = precision_timer(device, shape)
+    timer = functools.cache(precision_timer(device, shape))  # auto's choice below times the same matmuls
     slow = timer(prec.dtype or torch.float32) / timer(torch.float32)
     if slow < 1.1:  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
         return

@@ -244,7 +244,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     validate_settings(cfg)  # a config built in Python has not been through apply_overrides
     check_preset(cfg)
     cfg = _store_path_absolute(cfg)
-    state = None
+    state, saved = None, None
     seen: set[str] = set()
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
@@ -302,7 +302,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         raise
     run.lock, run.started = lock, started
     try:  # whatever fails from here on (a damaged metrics.jsonl or tracking.json) gives the directory up
-        _ready(run, cfg, state, init, log)
+        _ready(run, cfg, state, saved, init, log)
     except BaseException:
         run.release()
         raise
@@ -317,10 +317,11 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     return run
 
 
-def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeights | None,
+def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | None, init: InitWeights | None,
            log: Callable[[str], None]) -> None:
-    """Start the built run from its init weights or checkpoint, and record it: config.toml, the
-    metrics log cut back to the checkpoint, the experiment trackers."""
+    """Start the built run from its init weights or checkpoint (`saved`: its config, as `_start`
+    read it), and record it: config.toml, the metrics log cut back to the checkpoint, the
+    experiment trackers."""
     ctx, run_dir = run.ctx, run.run_dir
     if init is not None:
         apply_init(run.model.encoder, init)
@@ -345,8 +346,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, init: InitWeight
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         if state is not None and run.state.step < run.state.total_steps:
             _retire_export(run_dir, state, log)
-        if run.finished_before:
-            _note_unused_settings(config_mod.from_dict(state["config"]), cfg, log)  # type: ignore[index]
+        if run.finished_before and saved is not None:
+            _note_unused_settings(saved, cfg, log)
         else:
             write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
@@ -364,10 +365,10 @@ RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "
 
 
 def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:
-    """A finished run resumed with other training settings and nothing left to train: they are
+    """(`saved`: the checkpoint's config with its store path absolute, as `_start` read it.) A finished run resumed with other training settings and nothing left to train: they are
     neither used nor recorded (its config.toml and checkpoint were rewritten with them, so a
     finished run's record named a learning rate it never trained with). Says so."""
-    changed = [k for k in config_mod.diff(_store_path_absolute(saved), wanted) if k not in RUNTIME_KEYS]
+    changed = [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS]
     if changed:
         log(f"note: {', '.join(changed)} differ{'s' * (len(changed) == 1)} from the run's, but it has nothing left to "
             "train: not used, and its config.toml is kept as trained"

@@ -45,9 +45,8 @@ def multi_positive_logits(z: torch.Tensor, temperature: float | torch.Tensor, ca
 def positives_mask(groups: torch.Tensor, candidate_groups: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """(M, N) bool: candidate k is a positive of anchor i (same group, not the anchor itself)."""
     same = groups[:, None] == candidate_groups[None, :]
-    m, n = same.shape
-    own = torch.arange(n, device=groups.device)[None, :] == (torch.arange(m, device=groups.device) + offset)[:, None]
-    return same & ~own
+    same.diagonal(offset).fill_(False)  # anchor i is candidate offset + i
+    return same
 
 
 def multi_positive_loss(z: torch.Tensor, groups: torch.Tensor, temperature: float | torch.Tensor,

@@ -48,8 +48,9 @@ class LARS(torch.optim.Optimizer):
         """One update of every parameter with a gradient; under loss scaling none where the
         scaler found an overflow (decided on the device)."""
         loss = closure() if closure is not None else None
-        found_inf: torch.Tensor | None = getattr(self, "found_inf", None)
-        grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)  # a tensor, or None without loss scaling
+        grad_scale = getattr(self, "grad_scale", None)
+        keep = None if found_inf is None else found_inf == 0  # on the device: an overflow drops the whole update
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -62,18 +63,17 @@ class LARS(torch.optim.Optimizer):
                     g = g * trust
                 g = g * group["lr"]
                 state = self.state[p]
-                if found_inf is not None:  # the same arithmetic, kept or dropped as a whole on the device
-                    keep = found_inf.to(p.device) == 0
-                    old = state.get("momentum_buffer")
+                old = state.get("momentum_buffer")
+                if keep is None:
+                    if old is None:
+                        state["momentum_buffer"] = torch.clone(g).detach()
+                    else:
+                        old.mul_(group["momentum"]).add_(g)
+                    p.sub_(state["momentum_buffer"])
+                else:  # the same arithmetic, kept or dropped as a whole
                     buf = g if old is None else old * group["momentum"] + g
                     state["momentum_buffer"] = torch.where(keep, buf, torch.zeros_like(buf) if old is None else old)
                     p.copy_(torch.where(keep, p - buf, p))
-                elif "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                if found_inf is None:
-                    p.sub_(state["momentum_buffer"])
         return loss
 
 

@@ -150,9 +150,10 @@ class TimeBudget:
             return True
         return self.first_fit_at < step < total_steps and (end_of_epoch or step % self.refit_every == 0)
 
-    def reads(self, step: int, total_steps: int, end_of_epoch: bool, fitted: bool = False) -> bool:
-        """Whether the training seconds after `step` enter the budget: the pace's mark, or a fit."""
-        return step == self._mark_at or self.due(step, total_steps, end_of_epoch, fitted)
+    @property
+    def mark_at(self) -> int:
+        """The step after which this process takes the pace's mark (`observe`)."""
+        return self._mark_at
 
     def observe(self, step: int, train_seconds: float) -> None:
         """Call after every step; remembers where the steady-pace measurement starts."""

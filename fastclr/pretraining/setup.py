@@ -180,17 +180,18 @@ class Run:
         if owed and not (fitted and b.first_fit < s.step < s.total_steps):
             return
         first = s.step == b.first_fit_at and not fitted
-        if not after_monitor and b.reads(s.step, s.total_steps, end_of_epoch, fitted):
-            # The host runs steps ahead of a GPU: the budget's seconds are those of steps the GPU has done.
-            wait_for_device(self.device)
-            s.train_seconds = self.clock() - self.loop_start
+        due = owed or b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted)
         if not after_monitor:
+            if due or s.step == b.mark_at:
+                # The host runs steps ahead of a GPU: the budget's seconds are those of steps the GPU has done.
+                wait_for_device(self.device)
+                s.train_seconds = self.clock() - self.loop_start
             b.observe(s.step, s.train_seconds)
             if end_of_epoch and not first:
                 return
         elif first:
             return
-        if owed or b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted):
+        if due:
             total = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
             refit = fitted or s.step != b.first_fit_at  # not the first fit, whose old total was a placeholder
             if refit and total != s.total_steps and s.step >= s.warmup_steps:
