@@ -7,6 +7,11 @@ import time
 from typing import TextIO
 
 
+def counted(n: int, noun: str) -> str:
+    """1, 'step' -> '1 step'; 2, 'step' -> '2 steps' (regular plurals only)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_seconds(s: float) -> str:
     """7.0 -> '0:07', 3725 -> '1:02:05'."""
     s = max(0, int(round(s)))

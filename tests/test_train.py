@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from tiny import tiny_config, tiny_dataset
-from fastclr.checkpoint import list_checkpoints, load_checkpoint
+from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from fastclr.config import Config
 from fastclr.data import Dataset, ImageSet
+from fastclr.data.loader import BatchSampler
 from fastclr.errors import FastclrError
 from fastclr.pretraining.loop import NonFiniteLoss, pretrain
 from fastclr.pretraining.schedule import lr_at
+from fastclr.progress import counted
 
 
 def params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -436,11 +438,16 @@ def test_a_run_shorter_than_its_warm_up_gets_a_shorter_one_and_says_so(tmp_path:
     lines: list[str] = []
     cfg = tiny_config(tmp_path, train__epochs=2.0, optim__warmup_epochs=5.0, train__log_every=1)
     pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lines.append)  # 6 steps per epoch, 12 in all
-    assert any("warm-up of 30 steps (5 epochs) is not shorter than the run's 12 steps: shortened to 1" in line
-               for line in lines)
+    assert any("warm-up of 30 steps (5 epochs) is not shorter than the run's 12 steps: shortened to 1 step (a tenth "
+               "of the run, at least 1)" in line for line in lines)
+    assert any(line.startswith("trained 12 steps in ") for line in lines)
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "lr" in line]
     assert lrs[0] == pytest.approx(cfg.optim.lr)  # the peak at the first step, then the cosine
     assert lrs == sorted(lrs, reverse=True)
+
+
+def test_counts_are_said_in_the_singular_for_one() -> None:
+    assert [counted(n, "step") for n in (0, 1, 2, 21)] == ["0 steps", "1 step", "2 steps", "21 steps"]
 
 
 def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp_path: Path) -> None:
@@ -675,3 +682,48 @@ def test_a_batch_that_does_not_split_over_the_processes_names_counts_that_do(
                             + advice)
     for fits in (advice.split()[1], advice.split()[3]):  # the counts named do split it
         assert batch % int(fits) == 0
+
+
+@pytest.mark.parametrize("stop_at,saved_before", [(2, False), (8, False), (8, True)])  # in the warm-up at batch 32, past it
+def test_a_resume_with_another_batch_goes_on_from_the_place_in_the_data_it_had_reached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int, saved_before: bool) -> None:
+    """96 images: batch 16 gives 6 steps per epoch, batch 32 gives 3. Stopped at step `stop_at` of
+    batch 16 (epoch stop_at / 6), resumed at batch 32 for 3 epochs, the run draws the batches, and
+    follows the learning rate, that a batch-32 run from the start has at the same epoch: data step
+    stop_at / 2 on, and it ends after 3 epochs of it (step 9 there). `saved_before`: a checkpoint
+    written before the steps per epoch were kept in it, which the saved batch size stands for."""
+    ds = tiny_dataset()
+    drawn: list[tuple[int, int]] = []
+    real = BatchSampler.indices
+    monkeypatch.setattr(BatchSampler, "indices", lambda self, step: drawn.append((self.batch_size, step)) or real(self, step))
+    over = dict(train__log_every=1, train__epochs=3.0, optim__warmup_epochs=1.0)
+    pretrain(tiny_config(tmp_path / "straight", train__batch_size=32, **over), dataset=ds, progress=False, log=lambda s: None)
+    first = pretrain(tiny_config(tmp_path / "b", train__batch_size=16, **over), dataset=ds, progress=False,
+                     log=lambda s: None, stop=lambda step: step == stop_at)
+    assert first.stopped
+    if saved_before:
+        state = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+        del state["steps_per_epoch"], state["step_offset"]
+        list_checkpoints(tmp_path / "b")[-1].unlink()
+        save_checkpoint(tmp_path / "b", state)
+    drawn.clear()
+    lines: list[str] = []
+    pretrain(tiny_config(tmp_path / "b", train__batch_size=32, **over), resume=tmp_path / "b", allow_config_change=True,
+             dataset=ds, progress=False, log=lines.append)
+    place = stop_at // 2
+    assert drawn == [(32, d) for d in range(place, 9)]
+    assert any(line.startswith(f"resumed at step {stop_at} with 3 steps per epoch (the checkpoint's: 6): going on "
+                               f"from epoch {place / 3:.1f} of the data") for line in lines)
+    offset = place - stop_at
+
+    def records(run: str) -> dict[int, dict[str, float]]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in rows if "lr" in r}
+
+    straight, resumed = records("straight"), records("b")
+    after = [step for step in resumed if step > stop_at]
+    assert after == list(range(stop_at + 1, 9 - offset + 1))
+    for step in after:
+        assert resumed[step]["lr"] == pytest.approx(straight[step + offset]["lr"], rel=1e-12)
+        assert resumed[step]["epoch"] == pytest.approx(straight[step + offset]["epoch"], rel=1e-12)
+    assert load_checkpoint(list_checkpoints(tmp_path / "b")[-1])["step_offset"] == offset

@@ -2,8 +2,9 @@
 
 stored uint8 images -> two views on the device -> encoder f -> h -> head g -> z -> NT-Xent.
 
-Determinism: batch t's images are slice t of epoch t // steps_per_epoch's permutation, and its
-augmentations come from a generator seeded with (seed, t). Everything random is a function of the
+Determinism: batch t's images are slice t of epoch t // steps_per_epoch's permutation (t counted in
+the data, `Run.data_step`: the step itself unless a resume changed the batch), and its
+augmentations come from a generator seeded with (seed, step). Everything random is a function of the
 step, so a resumed run replays exactly what the uninterrupted run would have done.
 """
 
@@ -33,10 +34,12 @@ from fastclr.pretraining.metrics import NonFiniteLoss
 from fastclr.models.foreign import InitWeights, apply_init, read_init
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
+from fastclr.pretraining.schedule import epochs_text
 from fastclr.pretraining.setup import Run, build_run, validate
 from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import check_resume_config, check_resume_data
 from fastclr.presets import check_preset
+from fastclr.progress import counted
 from fastclr.runs import RunLock, default_run_dir, locked_by_another, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import Precision, resolve_precision, select_device, use_compile
@@ -169,7 +172,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     window_start = run.clock()
     run.loop_start = window_start - s.train_seconds
     try:
-        owed = s.step // run.steps_per_epoch if s.start_step and s.step % run.steps_per_epoch == 0 else None
+        owed = run.epoch_ended() if s.start_step else None
         if owed is not None and run.monitor.due(owed, s.train_seconds) and s.step not in run.metrics_log.monitored:
             # The pass a stop (or a crash) right after this epoch end's checkpoint left undone.
             run.monitor_pass()
@@ -184,13 +187,13 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             # The step never waits for the device: metrics stay on it until a log step.
             # (Checked from the third step of this process on: the first ones compile and warm up.)
             with no_host_sync(run.device, t.check_sync and s.step >= first_step + 2):
-                idx = run.sampler.indices(s.step)
+                idx = run.sampler.indices(run.data_step)
                 out = run.train_step(run.views(run.source.gather(idx), s.step), run.groups(idx))
                 run.health.update(out, s.step)
                 run.window.add(out)
             s.step += 1
             s.train_seconds = run.clock() - run.loop_start
-            epoch_ended = s.step // run.steps_per_epoch if s.step % run.steps_per_epoch == 0 else None
+            epoch_ended = run.epoch_ended()
             run.refit_budget(end_of_epoch=epoch_ended is not None)
 
             log_now = s.step % t.log_every == 0 or s.step == s.total_steps
@@ -330,7 +333,12 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         if objective is not None and objective.keys is not None:
             objective.keys.copy_online()  # the queue's key network starts from the init too, not the random draw
     if state is not None:
-        run.state.restore(state)
+        run.state.restore(state, len(run.dataset.pretrain))
+        if run.state.saved_steps_per_epoch != run.steps_per_epoch:
+            log(f"resumed at step {run.state.step} with {run.steps_per_epoch} steps per epoch (the checkpoint's: "
+                f"{run.state.saved_steps_per_epoch}): going on from epoch {epochs_text(run.epochs_done)} of the data, "
+                f"the place it had reached")
+        run.place_schedule()
         run.monitor.seconds = run.state.monitor_seconds
         run.health.skip_streak.fill_(run.state.skip_streak)
         if run.budget is not None:
@@ -404,7 +412,7 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
         t.artifact(run.run_dir / ENCODER_FILE, "encoder")
     wall = run.clock() - run.started
     this = f"{s.step - s.start_step} of them in this process, " if s.start_step else ""  # train_seconds spans resumes
-    run.log(f"trained {s.step} steps in {s.train_seconds:.0f} s ({this}{wall:.0f} s with data loading, set-up and "
+    run.log(f"trained {counted(s.step, 'step')} in {s.train_seconds:.0f} s ({this}{wall:.0f} s with data loading, set-up and "
             f"export); encoder saved to {run.run_dir / ENCODER_FILE}")
     if run.cfg.eval.probe and labelled(run.dataset):
         try:
@@ -442,7 +450,7 @@ def _already_finished(run: Run, result: PretrainResult) -> bool:
         return False
     if record is not None:
         result.probe_accuracy, result.random_init_accuracy = record["accuracy"], record.get("random_init_accuracy")
-    run.log(f"{run.run_dir} already finished its {s.step} steps: nothing to train, and its encoder"
+    run.log(f"{run.run_dir} already finished its {counted(s.step, 'step')}: nothing to train, and its encoder"
             f"{' and probe stand as they were' if record else ' stands as it was'} "
             f"(`fastclr evaluate {run.run_dir}` measures it again)")
     return True

@@ -3,6 +3,7 @@ with them between steps (log, checkpoint, refit the budget, monitor)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from fastclr.pretraining.step import SimCLRNet, TrainStep
 from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plain, objective_options
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import ViewMaker
-from fastclr.progress import Progress
+from fastclr.progress import Progress, counted
 from fastclr.runs import MetricsLog, RunLock
 from fastclr.runtime import Precision
 from fastclr.scaleout.distributed import DistContext, broadcast_object, shared
@@ -152,15 +153,43 @@ class Run:
         """Full global batches per epoch."""
         return self.sampler.steps_per_epoch
 
+    @property
+    def data_step(self) -> int:
+        """The step's place in the data: batch `data_step` of the sampler's order (`RunState.step_offset`)."""
+        return self.state.step + self.state.step_offset
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs of the data trained so far, in this batch's steps per epoch."""
+        return self.data_step / self.steps_per_epoch
+
+    def epoch_ended(self) -> int | None:
+        """The epoch the last step ended, or None in mid-epoch."""
+        epoch, rest = divmod(self.data_step, self.steps_per_epoch)
+        return epoch if rest == 0 else None
+
+    def place_schedule(self) -> None:
+        """Resumed by epochs at another place in the data than its step count says (another batch or
+        dataset: `RunState.step_offset`): the run, and its warm-up, end where the configured epochs
+        do in this batch's steps, less the offset, so the learning rate (`set_lr`, at the place in
+        the data) is the one a run with this batch from the start has there. Call once the
+        checkpoint is restored."""
+        s = self.state
+        if self.budget is None and s.step_offset:  # a time budget keeps the length it fitted, in steps
+            s.total_steps, s.warmup_steps = max(1, s.total_steps - s.step_offset), s.warmup_steps - s.step_offset
+
     def set_lr(self) -> float:
         """Warm-up then cosine, per step (a pure function of the step: `lr_at`); returns the lr set."""
         s = self.state
         # Before a time budget's first fit the run's length is unknown (train.epochs is unused then):
         # the peak is held after the warm-up, not a cosine over a length the budget will replace.
         unfitted = self.budget is not None and self.first_fit_ahead and s.step < self.budget.first_fit_at
+        # At the place in the data (`data_step`): the same schedule, shifted, unless a resume changed the
+        # steps per epoch; then the warm-up's ramp is the new batch's at that place.
+        d = s.step_offset
         lr = self.peak_lr if unfitted and s.step >= s.warmup_steps else \
-            lr_at(s.step, s.total_steps, s.warmup_steps, self.peak_lr, self.cfg.optim.min_lr_ratio, s.decay_anchor,
-                  s.ramp_anchor)
+            lr_at(s.step + d, s.total_steps + d, s.warmup_steps + d, self.peak_lr, self.cfg.optim.min_lr_ratio,
+                  _shifted(s.decay_anchor, d), _shifted(s.ramp_anchor, d))
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -202,12 +231,12 @@ class Run:
             if refit and s.warmup_steps >= s.total_steps > 1 and s.step < s.warmup_steps:
                 # a slower pace shrank the run below its warm-up
                 s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps, s.ramp_anchor)
-                self.log(f"the time budget now fits {s.total_steps} steps, not more than the warm-up: warm-up "
+                self.log(f"the time budget now fits {counted(s.total_steps, 'step')}, not more than the warm-up: warm-up "
                          f"{self.shortened_text()}, so the learning rate decays")
             if not fitted and s.step == b.first_fit_at:
-                budget, epochs = self.cfg.train.time_budget, s.total_steps / self.steps_per_epoch
+                budget, epochs = self.cfg.train.time_budget, (s.total_steps + s.step_offset) / self.steps_per_epoch
                 ms = b.pace(s.step, s.train_seconds) * 1000
-                self.log(f"time budget {budget:g} min: {s.total_steps} steps ({epochs_text(epochs)} epochs) at "
+                self.log(f"time budget {budget:g} min: {counted(s.total_steps, 'step')} ({epochs_text(epochs)} epochs) at "
                          f"{ms:.0f} ms/step; refitted every {b.refit_every} steps")
                 if s.step >= s.warmup_steps:
                     # Past its warm-up already (a run trained by epochs, resumed with a budget): the
@@ -245,15 +274,15 @@ class Run:
         s, warmup, epochs = self.state, self.warmup_steps, self.cfg.optim.warmup_epochs
         if s.warmup_steps != warmup or s.ramp_anchor is not None:
             why = "was not shorter than the run when it was fitted" if resumed else \
-                f"is not shorter than the run's {s.total_steps} steps"
-            self.log(f"warm-up of {warmup} steps ({epochs:g} epoch{'' if epochs == 1 else 's'}) {why}: "
+                f"is not shorter than the run's {counted(s.total_steps, 'step')}"
+            self.log(f"warm-up of {counted(warmup, 'step')} ({epochs:g} epoch{'' if epochs == 1 else 's'}) {why}: "
                      f"{self.shortened_text()}; set --warmup-epochs to choose")
 
     def shortened_text(self) -> str:
         """How the warm-up was shortened, for the log."""
         s = self.state
         if s.ramp_anchor is None:
-            return f"shortened to {s.warmup_steps} (a tenth of the run)"
+            return f"shortened to {counted(s.warmup_steps, 'step')} (a tenth of the run, at least 1)"
         step, share = s.ramp_anchor
         return (f"shortened to end at step {s.warmup_steps}, rising from the {share:.0%} of the peak learning rate "
                 f"it had reached at step {step}")
@@ -265,7 +294,7 @@ class Run:
         rec: dict[str, Any] = self.window.close(self.ctx)
         if self.precision.loss_scaling:
             rec["loss_scale"] = self.train_step.loss_scale()
-        rec.update(step=s.step, epoch=s.step / self.steps_per_epoch, lr=lr, elapsed=s.train_seconds,
+        rec.update(step=s.step, epoch=self.epochs_done, lr=lr, elapsed=s.train_seconds,
                    pairs_per_s=steps * t.batch_size / max(window_seconds, 1e-9))
         self.metrics_log.log(rec)
         # pairs_per_s counts images (each with t.views views, and t.local_views small ones); the
@@ -290,9 +319,13 @@ class Run:
     def monitor_pass(self) -> None:
         """One kNN monitor pass on rank 0 (the others wait for it in the next step's collectives)."""
         knn = self.monitor(self.model.encoder, self.clock)
-        epoch = self.state.step // self.steps_per_epoch
-        self.metrics_log.log({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "knn_acc": knn})
-        self.log(f"epoch {epoch}: kNN monitor accuracy {knn:.4f}")
+        self.metrics_log.log({"step": self.state.step, "epoch": self.epochs_done, "knn_acc": knn})
+        self.log(f"epoch {math.floor(self.epochs_done)}: kNN monitor accuracy {knn:.4f}")
+
+
+def _shifted(anchor: tuple[int, float] | None, offset: int) -> tuple[int, float] | None:
+    """A schedule anchor (step, share) at the place in the data."""
+    return None if anchor is None else (anchor[0] + offset, anchor[1])
 
 
 def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, run_dir: Path,
@@ -353,7 +386,7 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     # A budgeted run's length is known at its first fit (refit_budget); until then, the configured warm-up.
     budget = TimeBudget(t.time_budget * 60) if t.time_budget > 0 else None
     state = RunState(cfg, model, train_step, total_steps=total,
-                     warmup_steps=warmup if budget is not None else warmup_for(warmup, total))
+                     warmup_steps=warmup if budget is not None else warmup_for(warmup, total), steps_per_epoch=spe)
     state.data_content = dataset.content
     run = Run(cfg=cfg, ctx=ctx, device=device, precision=precision, run_dir=run_dir, dataset=dataset, model=model,
               source=source, sampler=sampler, views=views, train_step=train_step, state=state,

@@ -75,13 +75,31 @@ def _init_way(run_dir: Path | None) -> str:
     return f"(`fastclr export {run_dir} --out weights.safetensors`, then --init weights.safetensors)"
 
 
+def data_offset(step: int, offset: int, saved_steps_per_epoch: int, steps_per_epoch: int) -> int:
+    """The step offset (`RunState.step_offset`) of a run resumed at `step` whose checkpoint had
+    `offset` at `saved_steps_per_epoch`: the same place in the data, in epochs, at this run's
+    `steps_per_epoch` (rounded to a whole batch)."""
+    if saved_steps_per_epoch == steps_per_epoch:
+        return offset
+    return round((step + offset) * steps_per_epoch / saved_steps_per_epoch) - step
+
+
 class RunState:
     """The counters of a run (step, total_steps, train_seconds) and the objects whose state a
     checkpoint carries; `save` writes them, `restore` puts a checkpoint's content back."""
 
-    def __init__(self, cfg: Config, model: Model, train_step: TrainStep, total_steps: int, warmup_steps: int) -> None:
+    def __init__(self, cfg: Config, model: Model, train_step: TrainStep, total_steps: int, warmup_steps: int,
+                 steps_per_epoch: int) -> None:
         self.cfg, self.model, self.train_step = cfg, model, train_step
         self.step, self.total_steps, self.train_seconds = 0, total_steps, 0.0
+        self.steps_per_epoch = steps_per_epoch
+        self.step_offset = 0
+        self.saved_steps_per_epoch = steps_per_epoch
+        """The steps per epoch of the checkpoint resumed from (this run's own when none)."""
+        """Added to the step where it stands for a place in the data (the epoch, the batch's slice of
+        its permutation, a run's length in epochs): nonzero once a run resumed with other steps per
+        epoch (another batch or dataset, --allow-config-change), so that it goes on from the share of
+        an epoch it had reached, not from its step count read in the new batch's steps."""
         self.warmup_steps = warmup_steps
         """The warm-up the schedule uses: fixed when the run's length is (set-up, or a budget's first
         fit) and kept by a budgeted run's checkpoints, so later refits never move it."""
@@ -107,9 +125,9 @@ class RunState:
         """fp16: the updates skipped in a row up to now, so that the guard against an endless streak
         (MAX_SKIP_STREAK) holds across resumes (a job preempted often enough never tripped it)."""
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint's content. A time-budgeted run keeps the step count it fitted;
-        otherwise `train.epochs` may extend a run."""
+    def restore(self, state: dict[str, Any], n_images: int) -> None:
+        """Continue from a checkpoint's content (`n_images`: the data's, now). A time-budgeted run
+        keeps the step count it fitted; otherwise `train.epochs` may extend a run."""
         self.model.encoder.load_state_dict(state["encoder"])
         self.model.head.load_state_dict(state["head"])
         self.train_step.optimizer.load_state_dict(state["optimizer"])
@@ -120,6 +138,11 @@ class RunState:
             self.train_step.objective.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
+        # Absent before 2026-12-06: then the steps per epoch of the saved batch on this data.
+        saved_spe = int(state.get("steps_per_epoch") or
+                        max(1, n_images // int(state["config"]["train"]["batch_size"])))
+        self.step_offset = data_offset(self.step, int(state.get("step_offset", 0)), saved_spe, self.steps_per_epoch)
+        self.saved_steps_per_epoch = saved_spe
         if self.cfg.train.time_budget > 0:
             self.total_steps = int(state["total_steps"])
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
@@ -139,6 +162,7 @@ class RunState:
         """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
         return save_checkpoint(run_dir, {
             "step": self.step, "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+            "steps_per_epoch": self.steps_per_epoch, "step_offset": self.step_offset,
             "warmup_steps": self.warmup_steps, "monitor_seconds": self.monitor_seconds, "skip_streak": self.skip_streak,
             **({"decay_anchor": list(self.decay_anchor)} if self.decay_anchor is not None else {}),
             **({"ramp_anchor": list(self.ramp_anchor)} if self.ramp_anchor is not None else {}),
