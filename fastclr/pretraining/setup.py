@@ -184,12 +184,12 @@ class Run:
         # Before a time budget's first fit the run's length is unknown (train.epochs is unused then):
         # the peak is held after the warm-up, not a cosine over a length the budget will replace.
         unfitted = self.budget is not None and self.first_fit_ahead and s.step < self.budget.first_fit_at
-        # At the place in the data (`data_step`): the same schedule, shifted, unless a resume changed the
-        # steps per epoch; then the warm-up's ramp is the new batch's at that place.
-        d = s.step_offset
+        # A run by epochs: at the place in the data (`data_step`, `place_schedule`), where a resume with
+        # another batch has the new batch's schedule. A time budget's is in steps, as it fitted it.
+        d = s.step_offset if self.budget is None else 0
         lr = self.peak_lr if unfitted and s.step >= s.warmup_steps else \
             lr_at(s.step + d, s.total_steps + d, s.warmup_steps + d, self.peak_lr, self.cfg.optim.min_lr_ratio,
-                  _shifted(s.decay_anchor, d), _shifted(s.ramp_anchor, d))
+                  s.decay_anchor, s.ramp_anchor)  # anchors: a budget's only
         for group in self.train_step.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -321,11 +321,6 @@ class Run:
         knn = self.monitor(self.model.encoder, self.clock)
         self.metrics_log.log({"step": self.state.step, "epoch": self.epochs_done, "knn_acc": knn})
         self.log(f"epoch {math.floor(self.epochs_done)}: kNN monitor accuracy {knn:.4f}")
-
-
-def _shifted(anchor: tuple[int, float] | None, offset: int) -> tuple[int, float] | None:
-    """A schedule anchor (step, share) at the place in the data."""
-    return None if anchor is None else (anchor[0] + offset, anchor[1])
 
 
 def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, run_dir: Path,
