@@ -55,6 +55,20 @@ def test_equals_the_full_batch_step_for_a_batch_independent_encoder(chunk: int, 
     assert all(torch.equal(m[k], m_full[k]) for k in m_full)
 
 
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_under_loss_scaling_the_gradients_are_the_scaled_loss_and_the_loss_is_not(chunk: int) -> None:
+    """fp16's GradScaler: the gradients that land in .grad are those of scale * loss (unscaled by
+    the optimiser step later), the loss returned and logged is the loss itself, with and without
+    gradient caching: both equal `scale` times, and once, the unscaled step's."""
+    v = views(10)
+    plain, scaled = net_without_bn(), net_without_bn()
+    loss, _ = backward_step(plain, v, 0.2, None, 0, ONE)
+    loss_scaled, _ = backward_step(scaled, v, 0.2, None, 0, ONE, chunk, scale=lambda x: x * 1024.0)
+    torch.testing.assert_close(loss_scaled, loss, rtol=1e-13, atol=1e-13)
+    for a, b in zip(grads(scaled), grads(plain)):
+        torch.testing.assert_close(a, 1024.0 * b, rtol=1e-10, atol=1e-12)
+
+
 def test_with_batchnorm_both_passes_of_a_chunk_see_the_same_z_and_it_is_ghost_batchnorm() -> None:
     chunk, b = 3, 7
     v = views(b, torch.float32)

@@ -118,7 +118,7 @@ def test_rank_and_accuracy_against_brute_force(device: torch.device) -> None:
 def test_a_collapsed_encoder_finds_no_positive() -> None:
     """Every cosine equal: each positive ties with all 2N - 2 negatives and ranks last (2N - 1), so
     top-1 is 0; ties counted for the positive made it 1.0, a perfect score for a failed run. The
-    plain, row-blocked and multi-positive paths agree."""
+    plain, row-blocked and multi-positive paths agree, and a queue's rows rank above it as well."""
     from fastclr.pretraining.chunked_loss import blockwise_nt_xent
     from fastclr.pretraining.multi_positive import multi_positive_loss, view_groups
 
@@ -132,6 +132,8 @@ def test_a_collapsed_encoder_finds_no_positive() -> None:
     assert blocked.tolist() == [2 * n - 1] * (2 * n)
     _, multi = multi_positive_loss(z, view_groups(n, 2, z.device), 0.1)
     assert (float(multi["top1"]), float(multi["mean_rank"])) == (0.0, 2 * n - 1)
+    _, queued = multi_positive_loss(z, view_groups(n, 2, z.device), 0.1, extra=torch.ones(5, 4))
+    assert (float(queued["top5"]), float(queued["mean_rank"])) == (0.0, 2 * n - 1 + 5)  # a queue's ties too
 
 
 def test_perfect_pairs_rank_first(device: torch.device) -> None:

@@ -79,6 +79,26 @@ def test_the_objective_adds_the_queue_as_negatives_and_enqueues_every_view() -> 
     assert queue.filled == 7 and torch.allclose(queue.oldest_first()[-6:], unit(keys.net(views)).float(), atol=1e-6)
 
 
+def test_the_queue_takes_the_keys_of_the_full_views_from_the_key_network_once_it_has_moved() -> None:
+    """MoCo's order (He et al. 2020): theta_k <- m theta_k + (1 - m) theta_q after the online update,
+    then k = f_k(x). The queue holds the keys of the full-size views (with --local-views, views =
+    (full, small)) from the moved key network: in closed form for a linear network, not the online
+    network's keys, the key network's before it moved, or the small crops'."""
+    torch.manual_seed(2)
+    online = nn.Linear(6, 4).double()
+    keys, queue = KeyNetwork(online, 0.5), RowQueue(16, 4, torch.device("cpu"))
+    w0, b0 = keys.net.weight.detach().clone(), keys.net.bias.detach().clone()
+    obj = Objective(TrainConfig(queue=16, local_views=2), None, torch.device("cpu"), None, keys, queue)
+    with torch.no_grad():  # the online update of this step
+        online.weight.add_(1.0)
+        online.bias.sub_(0.5)
+    full, small = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    obj.after_update((full, small), None, DistContext())
+    w, b = 0.5 * w0 + 0.5 * online.weight.detach(), 0.5 * b0 + 0.5 * online.bias.detach()
+    assert queue.filled == 6
+    assert torch.allclose(queue.oldest_first(), unit(full @ w.T + b).float(), atol=1e-6)
+
+
 def test_stop_and_resume_with_a_queue_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     over: dict[str, object] = {"train__queue": 40, "train__queue_momentum": 0.9, "train__precision": "fp32",
                                "train__device": "cpu"}

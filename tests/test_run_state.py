@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,47 @@ def test_a_metrics_record_without_a_step_is_one_line(tmp_path: Path) -> None:
         read_metrics(tmp_path)
 
 
+def test_a_last_metrics_line_cut_short_is_left_out_and_the_records_before_it_kept(tmp_path: Path) -> None:
+    """The disk filled while a record was appended: the line has no newline and is not JSON. It is
+    not a record, so the complete ones before it are returned; the same damage before the last
+    line is the file damaged, and one line names the record."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(FastclrError, match=r"metrics.jsonl record 2 is not JSON"):
+        read_metrics(tmp_path)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_a_run_whose_files_are_kept(tmp_path: Path) -> None:
+    """A run stopped before its first checkpoint holds its config.toml and metrics.jsonl only: it is
+    a run (a config.toml alone may be anyone's --config file), so an output given as its
+    metrics.jsonl is refused before it replaces the run's log."""
+    from fastclr.runs import is_run_dir, refuse_output
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("[train]\n", encoding="utf-8")
+    assert not is_run_dir(run)
+    refuse_output(run / "metrics.jsonl")  # not yet a run: allowed
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n', encoding="utf-8")
+    assert is_run_dir(run)
+    with pytest.raises(FastclrError, match=re.escape(f"--out {run / 'metrics.jsonl'} would replace the run's own "
+                                                     "metrics.jsonl, which the run needs")):
+        refuse_output(run / "metrics.jsonl")
+
+
+def test_keeping_two_checkpoints_leaves_the_two_newest(tmp_path: Path) -> None:
+    """save_checkpoint keeps the `keep` newest checkpoints: after steps 1 to 4 with keep=2, exactly
+    steps 3 and 4 are left, and each holds its own state."""
+    from fastclr.checkpoint import checkpoint_name, save_checkpoint
+
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.full((2,), float(step))}, keep=2)
+    kept = list_checkpoints(tmp_path)
+    assert [p.name for p in kept] == [checkpoint_name(3), checkpoint_name(4)]
+    assert [float(load_checkpoint(p)["w"][0]) for p in kept] == [3.0, 4.0]
+
+
 def test_steps_replayed_after_a_resume_are_not_sent_to_the_trackers_again(tmp_path: Path) -> None:
     """Killed after step 10, resumed from the checkpoint at 8: MLflow got steps 9 and 10 twice."""
     sent: list[int] = []
@@ -256,3 +298,60 @@ def test_steps_replayed_after_a_resume_are_not_sent_to_the_trackers_again(tmp_pa
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9)) + [8] + list(range(9, 13))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 12
     assert os.path.getsize(tmp_path / "metrics.jsonl") > 0
+
+
+def monitored_epochs(every: int, share: float, enabled: bool = True, epochs: int = 10) -> list[int]:
+    """The epochs whose end runs a kNN monitor pass, on a fake clock: 10 s of steps an epoch, 10 s
+    a pass, the pass counted in the training time as the loop counts it."""
+    from fastclr.pretraining.monitor import KnnMonitor
+
+    ds = tiny_dataset()
+    cfg = tiny_config(Path("unused"), eval__monitor_every=every, eval__monitor_share=share)
+    now = [0.0]
+
+    def measure(*args: Any) -> float:
+        now[0] += 10.0
+        return 0.5
+
+    monitor = KnnMonitor(ds, None, torch.device("cpu"), cfg, None, enabled=enabled, measure=measure)  # type: ignore[arg-type]
+    passes = []
+    for epoch in range(1, epochs + 1):
+        now[0] += 10.0
+        if monitor.due(epoch, now[0]):
+            assert monitor.seconds <= share * now[0]
+            monitor(torch.nn.Identity(), lambda: now[0])
+            passes.append(epoch)
+    assert monitor.seconds == 10.0 * len(passes)  # every pass's seconds, added up
+    return passes
+
+
+def test_the_monitor_runs_every_nth_epoch_within_its_share_of_the_time_and_on_rank_0_only() -> None:
+    """`eval.monitor_every` = 2: epochs 2, 4, 6 ... A pass is due while the passes so far took at
+    most `monitor_share` of the training time (their own included): at 0.2, with passes as long as
+    an epoch's steps, after the ones at epochs 1 and 4 the next is due at epoch 8 (20 s of 100 s).
+    At share 0 the first pass (nothing spent so far) and no other. Ranks other than 0 never run one."""
+    assert monitored_epochs(every=2, share=1.0) == [2, 4, 6, 8, 10]
+    assert monitored_epochs(every=1, share=0.2) == [1, 4, 8]
+    assert monitored_epochs(every=1, share=0.0) == [1]
+    assert monitored_epochs(every=1, share=1.0, enabled=False) == []
+
+
+def test_the_health_names_the_first_bad_step_and_a_skip_streak_ends_with_a_good_step() -> None:
+    """Non-finite losses at steps 2 and 4 (1-based): the error names step 2. Under fp16, an update
+    skipped every other step is loss scaling at work, never a run to stop: the streak restarts at
+    each applied update, so 80 such steps never reach MAX_SKIP_STREAK."""
+    from fastclr.pretraining.metrics import MAX_SKIP_STREAK, Health
+
+    def out(loss: float, skipped: float) -> Any:
+        return type("Out", (), {"loss": torch.tensor(loss), "grad_norm": torch.tensor(1.0 if not skipped else float("inf")),
+                                "skipped": torch.tensor(skipped)})()
+
+    health = Health(torch.device("cpu"))
+    for step, loss in enumerate([1.0, float("nan"), 1.0, float("inf"), 1.0]):
+        health.update(out(loss, 0.0), step)
+    assert int(health.first_bad) == 2
+    health = Health(torch.device("cpu"))
+    for step in range(80):
+        health.update(out(1.0, float(step % 2 == 0)), step)
+        assert float(health.skip_streak) == float(step % 2 == 0) < MAX_SKIP_STREAK
+    assert int(health.first_bad) == -1
