@@ -131,3 +131,38 @@ def test_shift_and_flip_moves_pixels_without_changing_them() -> None:
     r = torch.rand(5, 3, 6, 6)
     torch.testing.assert_close(shift_and_flip(r, 0, 1.0, g), r.flip(-1))  # no shift, always flip: a mirror
 
+
+
+def test_features_with_one_bad_row_are_refused_naming_how_many() -> None:
+    """One NaN row among finite ones is enough to make every protocol's figure garbage (argmax of
+    NaN is class 0): refused in one line that counts the bad rows, here 1 of 5 (and 2 of 5 for a
+    NaN and an infinity in other rows). All-finite features pass through unchanged."""
+    from fastclr.evaluation.features import require_finite
+
+    h = torch.randn(5, 4)
+    assert require_finite(h, "h") is h
+    h[2, 1] = float("nan")
+    with pytest.raises(FastclrError, match=r"^h hold NaN or infinite values \(1 of 5 rows\)"):
+        require_finite(h, "h")
+    h[4, 0] = float("inf")
+    with pytest.raises(FastclrError, match=r"\(2 of 5 rows\)"):
+        require_finite(h, "h")
+
+
+def test_the_state_checksum_covers_batchnorm_statistics_not_only_parameters() -> None:
+    """Feature extraction proves it left the encoder unchanged by a checksum taken before and after;
+    a train-mode pass moves BatchNorm's running statistics (buffers, not parameters) and nothing
+    else, so the checksum must change with them, and with the batch count, and with a weight."""
+    from fastclr.evaluation.features import state_checksum
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    base = state_checksum(m)
+    assert state_checksum(m) == base  # a pure function of the state
+    changes = [lambda: m[1].running_mean.add_(1.0), lambda: m[1].running_var.mul_(2.0),
+               lambda: m[1].num_batches_tracked.add_(1), lambda: m[0].weight.data.add_(1.0)]
+    seen = {base}
+    for change in changes:
+        with torch.no_grad():
+            change()
+        seen.add(state_checksum(m))
+    assert len(seen) == len(changes) + 1

@@ -165,6 +165,37 @@ def test_the_lead_over_scratch_is_taken_on_the_label_subsets_both_used() -> None
     assert EvaluateOptions().supervised_seeds == EvaluateOptions().seeds  # by default, every subset has both
 
 
+def test_the_few_label_lift_is_trained_minus_untrained_where_both_were_measured() -> None:
+    """The few-label lift is what pretraining added at each labels-per-class point: the trained
+    probe's mean minus the untrained network's (0.8 - 0.6 = +0.2 at 5 labels; at 10, not measured
+    untrained, there is no lift to give)."""
+    lift = lift_summary({"fewshot": {"curve": [{"labels_per_class": 5, "mean": 0.8}, {"labels_per_class": 10, "mean": 0.9}],
+                                     "random_init_curve": [{"labels_per_class": 5, "mean": 0.6}]}})
+    assert lift == {"fewshot": {"5": pytest.approx(0.2)}}
+
+
+def test_the_table_shows_each_figure_in_its_own_cell() -> None:
+    """Every figure of the quality and fine-tuning blocks distinct, so that a cell showing another
+    one is seen: the random-init column holds the random-init figures, and the fine-tuning row's
+    linear-probe cell is the mean over its runs (0.2 and 0.6: 40.00%, not the best run's 60.00%)."""
+    import re
+
+    out = {"run_dir": "R", "dataset": "d", "total_seconds": 1.0, "encoder": {"encoder": "cnn", "feature_dim": 8},
+           "protocols": {
+               "quality": {"alignment": 0.1, "uniformity": -3.0, "effective_rank": 5.0, "feature_dim": 8,
+                           "random_init": {"alignment": 0.9, "uniformity": -1.0, "effective_rank": 2.0}},
+               "finetune": {"fractions": [{"fraction": 0.1, "labels_per_class": 2, "mean": 0.5, "std": 0.1,
+                                           "scratch_mean": 0.3,
+                                           "runs": [{"linear_accuracy": 0.2}, {"linear_accuracy": 0.6}]}]}}}
+    rows = [re.split(r"\s{2,}", line.strip()) for line in format_table(out).splitlines()]
+    assert ["label fraction", "fine-tuned", "linear probe", "from scratch"] in rows
+    assert ["10% (2/class)", "50.00 ± 10.00% (2 seeds)", "40.00%", "30.00%"] in rows
+    assert ["label-free (no labels used)", "this encoder", "same net, random init"] in rows
+    assert ["alignment (lower: views agree)", "0.100", "0.900"] in rows
+    assert ["uniformity (lower: spread out)", "-3.000", "-1.000"] in rows
+    assert ["effective rank", "5.0 / 8", "2.0"] in rows
+
+
 def test_one_seed_is_shown_without_a_spread() -> None:
     from fastclr.evaluation.table import pct_spread
 
@@ -436,6 +467,26 @@ def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["checkpoint_step"] == 3
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]) == 0
     assert note in capsys.readouterr().out.splitlines()
+
+
+def test_a_run_loaded_from_its_checkpoint_gives_its_encoder_in_eval_mode(tmp_path: Path) -> None:
+    """A run stopped before its export is loaded from its newest checkpoint, its encoder rebuilt
+    from the spec; like the export's, it comes in eval mode. In train mode its BatchNorm layers
+    would normalise each batch by that batch's own statistics, so an image's h would depend on the
+    images beside it: here h of one image alone equals its h within a batch of eight."""
+    from fastclr.augment import normalize, to_float
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config
+
+    ds = tiny_dataset()
+    cfg = tiny_config(tmp_path / "run", train__batch_size=64, train__epochs=1.0, train__device="cpu")
+    assert pretrain(cfg, dataset=ds, log=lambda s: None, progress=False, stop=lambda step: step == 2).stopped
+    loaded = load_run(tmp_path / "run", precision="fp32", log=lambda s: None)
+    assert loaded.checkpoint_step == 2 and not (tmp_path / "run" / "encoder.safetensors").exists()
+    assert not any(m.training for m in loaded.encoder.modules())
+    x = normalize(to_float(torch.from_numpy(ds.test.images[:8])), loaded.mean, loaded.std)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encoder(x[:1]), loaded.encoder(x)[:1], rtol=1e-4, atol=1e-5)
 
 
 def test_fine_tuning_starts_from_the_probe_and_keeps_batchnorm_statistics() -> None:

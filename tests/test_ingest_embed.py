@@ -245,6 +245,55 @@ def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tm
     assert again[0][0] == s.paths[0]
 
 
+def test_embedding_more_rows_than_one_read_gives_the_features_of_all_rows_at_once(  # type: ignore[no-untyped-def]
+        bars, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store is embedded `_CHUNK` rows at a time, so that a memory map larger than memory is
+    never read whole. With reads of 5 rows, the 12 rows go as 5, 5 and 2, each row once, and the
+    features equal those of embedding every row in one read."""
+    import fastclr.ingest.embed as embed_module
+
+    _, store, run = bars
+    images = read_store(store).images
+    whole = embed_module.embed_images(run, images, CPU)
+    sizes: list[int] = []
+    real = embed_module.features_of
+
+    def counting(encoder: torch.nn.Module, spec: EncoderSpec, x: np.ndarray, *a: object, **k: object) -> torch.Tensor:
+        sizes.append(len(x))
+        return real(encoder, spec, x, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embed_module, "_CHUNK", 5)
+    monkeypatch.setattr(embed_module, "features_of", counting)
+    chunked = embed_module.embed_images(run, images, CPU)
+    assert sizes == [5, 5, 2]
+    assert whole.shape == chunked.shape == (12, run.spec.feature_dim)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_neighbours_after_the_runs_encoder_changed_are_those_of_the_new_encoder(  # type: ignore[no-untyped-def]
+        bars, tmp_path: Path) -> None:
+    """The store's features are cached in the run directory, keyed by store.json and the encoder's
+    weights. Once the run's encoder changes (trained on and exported again), the old weights' cache
+    is not served: the neighbours equal those a fresh run directory with the new weights finds."""
+    import shutil
+
+    root, store, _ = bars
+    run = make_run(tmp_path / "run")
+    query = root / "bars" / read_store(store).paths[2]
+    old = neighbours(run, store, query, 12, CPU, log=lambda s: None)
+    with torch.no_grad():
+        for p in run.encoder.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    save_encoder(run.run_dir / "encoder.safetensors", run.encoder, run.spec)
+    changed = load_run(run.run_dir, precision="fp32")
+    (tmp_path / "fresh").mkdir()
+    for name in ("encoder.safetensors", "config.toml"):
+        shutil.copy(run.run_dir / name, tmp_path / "fresh" / name)
+    want = neighbours(load_run(tmp_path / "fresh", precision="fp32"), store, query, 12, CPU, log=lambda s: None)
+    assert want != old  # the change moves the similarities
+    assert neighbours(changed, store, query, 12, CPU, log=lambda s: None) == want
+
+
 def test_a_damaged_or_unwritable_feature_cache_costs_a_recomputation_not_the_answer(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The store's features are a cache: one cut short (as numpy once left it on a full disk) is
     recomputed and rewritten whole, and one that cannot be written is a note, not an error."""

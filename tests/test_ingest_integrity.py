@@ -4,6 +4,7 @@ says of itself; `prepare` stays interruptible, and a manifest edited out of orde
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import signal
 import threading
@@ -135,6 +136,22 @@ def test_the_manifest_gives_the_files_own_size_when_decoded_at_reduced_scale() -
     assert decode_image(turned.getvalue(), DecodeOptions(32))[1:3] == (600, 800)
 
 
+def test_a_jpeg_decoded_at_reduced_scale_gives_the_pixels_of_a_full_decode() -> None:
+    """Draft mode decodes a JPEG at 1/2, 1/4 or 1/8 scale for speed, but never below twice the
+    target side, so the resize to the target still sees every detail it keeps: a 256 px noise image
+    (the hardest case: all detail) at 32 px is within 3 grey levels of decoding the whole file and
+    resizing it the same way (a draft at the target side itself is 9 off)."""
+    from fastclr.ingest.decode import fit_square
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    pixels = decode_image(buf.getvalue(), DecodeOptions(32))[0]
+    full = np.asarray(fit_square(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 32, "crop"))
+    assert pixels.shape == full.shape == (32, 32, 3)
+    assert np.abs(pixels.astype(int) - full.astype(int)).max() <= 3
+
+
 def test_postscript_named_as_an_image_is_not_handed_to_ghostscript(tmp_path: Path) -> None:
     """Pillow identified EPS bytes in x.jpg and would run Ghostscript on them: only the readers of
     the accepted extensions are tried, so the file is not a recognisable image."""
@@ -166,3 +183,59 @@ def test_a_negative_worker_count_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(FastclrError, match=r"--workers must be 0 \(as many as fit, up to 8\) or more, got -2"):
         prepare_store(tmp_path / "photos", tmp_path / "s", DecodeOptions(16), workers=-2, **QUIET)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_manifest_whose_split_column_disagrees_with_store_json_is_refused(tmp_path: Path) -> None:
+    """store.json counts the rows of each split and the manifest names each row's split: a row
+    moved from train to test by hand (its index kept) would be probed as a test image while
+    pretraining and the probe's fit read it as a train image. Refused, naming the row."""
+    folder = tmp_path / "photos"
+    bar_images(folder, n_per_class=6)
+    prepare_store(folder, tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)
+    manifest = tmp_path / "s" / "manifest.csv"
+    header, *rows = manifest.read_text().splitlines(keepends=True)
+    i = next(k for k, r in enumerate(rows) if r.split(",")[2] == "train")
+    cells = rows[i].split(",")
+    cells[2] = "test"
+    rows[i] = ",".join(cells)
+    manifest.write_text(header + "".join(rows))
+    with pytest.raises(FastclrError, match=re.escape(f"manifest.csv row {i + 1} is '{cells[1]}' with index '{i}' and "
+                                                     f"split 'test', where image {i} of the train split belongs")):
+        read_store(tmp_path / "s")
+
+
+def test_a_renamed_image_is_other_content_although_its_pixels_are_the_same(tmp_path: Path) -> None:
+    """A store's content identity covers each row's path: the same pixels in the same order under
+    another name are not the data a run recorded (embeddings and neighbours are reported by path).
+    The files are unlabelled, so the rename changes no split, label or class, only the path."""
+    from fastclr.data import open_store
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / name)
+    before = prepare_store(folder, tmp_path / "before", DecodeOptions(8), workers=1, **QUIET).store
+    (folder / "a.png").rename(folder / "a_renamed.png")  # still sorts before b.png: the same row order
+    after = prepare_store(folder, tmp_path / "after", DecodeOptions(8), workers=1, **QUIET).store
+    assert read_store(after).paths == ["a_renamed.png", "b.png"]
+    assert (before / "images.u8").read_bytes() == (after / "images.u8").read_bytes()
+    assert open_store(before).content != open_store(after).content
+
+
+def test_an_auto_channel_store_promoted_to_colour_is_the_content_of_a_three_channel_store(tmp_path: Path) -> None:
+    """With --channels auto, a grayscale image written before the first colour one is stored with
+    one channel, then the rows so far are expanded to three: the store's pixels are then exactly
+    those of --channels 3, and so must its content identity be (it hashes the pixels as stored,
+    not the one-channel bytes they were before the promotion)."""
+    from fastclr.data import open_store
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("L", (16, 16), 50).save(folder / "a.png")  # first in the store: written gray, then promoted
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(folder / "c.png")
+    auto = prepare_store(folder, tmp_path / "auto", DecodeOptions(8), workers=1, **QUIET).store
+    rgb = prepare_store(folder, tmp_path / "rgb", DecodeOptions(8, channels="3"), workers=1, **QUIET).store
+    assert read_store(auto).images.shape == (2, 8, 8, 3)
+    assert (auto / "images.u8").read_bytes() == (rgb / "images.u8").read_bytes()
+    assert open_store(auto).content == open_store(rgb).content

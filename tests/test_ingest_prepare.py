@@ -188,6 +188,23 @@ def test_symbolic_links_out_of_the_folder_are_named_never_read(tmp_path: Path) -
         ("class1/twin.png", "duplicate", "the same bytes as class1/img000.png")]
 
 
+def test_a_link_into_a_sibling_folder_whose_name_extends_the_folders_is_outside(tmp_path: Path) -> None:
+    """photos2/ is not inside photos/ although its path starts with photos' path: a link to it (a
+    file or a folder) is named outside-folder and not read, as a link to any other folder is."""
+    from fastclr.ingest.walk import walk_folder
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos2" / "more").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (3, 3, 3)).save(tmp_path / "photos" / "own.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos2" / "secret.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos2" / "more" / "other.png")
+    (tmp_path / "photos" / "link.png").symlink_to(tmp_path / "photos2" / "secret.png")
+    (tmp_path / "photos" / "sub").symlink_to(tmp_path / "photos2" / "more")
+    w = walk_folder(tmp_path / "photos")
+    assert [f.rel for f in w.files] == ["own.png"]
+    assert sorted((s.rel, s.reason) for s in w.skipped) == [("link.png", "outside-folder"), ("sub/", "outside-folder")]
+
+
 def test_a_labelled_image_kept_as_its_unlabelled_copy_is_named(tmp_path: Path) -> None:
     """A stray copy at the top of a class folder tree is the one kept (unlabelled rows come first);
     the label it costs is said, not lost in silence."""
@@ -240,6 +257,20 @@ def test_auto_channels_promote_to_rgb_when_a_colour_image_comes_after_gray(tmp_p
     assert [tuple(s.images[i, 0, 0]) for i in range(3)] == [(50, 50, 50), (60, 60, 60), (1, 2, 3)]
 
 
+def test_gray_images_with_transparency_keep_an_auto_channel_store_gray(tmp_path: Path) -> None:
+    """LA (gray with alpha) is a grayscale mode: composited onto white it is one channel, so a
+    folder of L and LA images is a 1-channel store (three equal channels would triple its size and
+    make the run a colour one). Transparent pixels are white (255), opaque ones keep their gray."""
+    (tmp_path / "f").mkdir()
+    Image.new("L", (16, 16), 50).save(tmp_path / "f" / "a.png")
+    halves(16, 16, (0, 0), (90, 255), "LA").save(tmp_path / "f" / "b.png")  # left transparent, right opaque 90
+    s = read_store(prepare_store(tmp_path / "f", tmp_path / "s", DecodeOptions(8), workers=1, **QUIET).store)
+    assert s.images.shape == (2, 8, 8, 1)
+    assert int(s.images[0].min()) == int(s.images[0].max()) == 50
+    assert (int(s.images[1, 4, 1, 0]), int(s.images[1, 4, 6, 0])) == (255, 90)
+    assert [r["mode"] for r in read_csv(tmp_path / "s" / "manifest.csv")] == ["L", "LA"]
+
+
 def test_parallel_and_serial_decoding_write_identical_stores(tmp_path: Path) -> None:
     bar_images(tmp_path / "bars", n_per_class=10)
     a = prepare_store(tmp_path / "bars", tmp_path / "a", DecodeOptions(16), workers=1, **QUIET).store
@@ -279,6 +310,72 @@ def test_incremental_rerun_decodes_only_new_and_changed_files(tmp_path: Path) ->
     assert third.decoded == [] and [s.rel for s in third.skipped] == ["class1/broken.jpg"]
     # Other pixel options make every file decode again.
     assert len(prepare_store(folder, tmp_path / "s", DecodeOptions(12), workers=1, **QUIET).decoded) == len(after) + 1
+
+
+def test_a_same_size_edit_in_place_is_decoded_again(tmp_path: Path) -> None:
+    """The cheap check takes a file from the previous store when its path, size and mtime are
+    unchanged: an edit that keeps the size (a BMP of the same dimensions) but moves the mtime is a
+    changed file, decoded again, and the store equals a fresh prepare of the folder."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (10, 10, 10)).save(folder / "a.bmp")
+    Image.new("RGB", (16, 16), (99, 0, 0)).save(folder / "b.bmp")
+    prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    size = (folder / "a.bmp").stat().st_size
+    Image.new("RGB", (16, 16), (200, 200, 200)).save(folder / "a.bmp")
+    st = (folder / "a.bmp").stat()
+    os.utime(folder / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))  # surely another mtime
+    assert (folder / "a.bmp").stat().st_size == size
+    again = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    assert again.decoded == ["a.bmp"] and again.reused == 1
+    s = read_store(again.store)
+    assert tuple(s.images[s.paths.index("a.bmp"), 0, 0]) == (200, 200, 200)
+    fresh = prepare_store(folder, tmp_path / "fresh", DecodeOptions(8), workers=1, **QUIET).store
+    assert (fresh / "images.u8").read_bytes() == (tmp_path / "s" / "images.u8").read_bytes()
+    assert (fresh / "manifest.csv").read_text() == (tmp_path / "s" / "manifest.csv").read_text()
+
+
+def test_gray_rows_reused_from_a_colour_store_are_gray_again_once_the_colour_image_is_gone(tmp_path: Path) -> None:
+    """With --channels auto, gray images beside one colour image are stored as three equal
+    channels. Once the colour file is deleted, a re-run reuses the gray rows as one channel each:
+    the store is the 1-channel store a fresh prepare of the folder writes."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.new("L", (16, 16), 50).save(folder / "a.png")
+    Image.new("L", (16, 16), 70).save(folder / "b.png")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(folder / "c.png")
+    first = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    assert read_store(first.store).images.shape == (3, 8, 8, 3)
+    (folder / "c.png").unlink()
+    again = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    assert again.decoded == [] and again.reused == 2
+    fresh = prepare_store(folder, tmp_path / "fresh", DecodeOptions(8), workers=1, **QUIET).store
+    assert read_store(again.store).images.shape == read_store(fresh).images.shape == (2, 8, 8, 1)
+    assert (fresh / "images.u8").read_bytes() == (tmp_path / "s" / "images.u8").read_bytes()
+
+
+def test_rehash_of_an_unchanged_folder_reads_every_file_and_decodes_none(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rehash turns off the (path, size, mtime) check: every file is read and hashed again, and a
+    file whose hash the previous store holds as a usable row is taken from it, not decoded (only
+    earlier verdicts of unusable files are decided again)."""
+    import fastclr.ingest.prepare as prep
+
+    folder = tmp_path / "bars"
+    rels = bar_images(folder, n_per_class=3, size=16)
+    first = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    before = (tmp_path / "s" / "images.u8").read_bytes()
+    real, read = prep.process_file, []
+
+    def counting(path: Path, rel: str, *a: object, **k: object) -> object:
+        read.append(rel)
+        return real(path, rel, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prep, "process_file", counting)  # workers=1: decoded in this process
+    again = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, rehash=True, **QUIET)
+    assert sorted(read) == rels and sorted(first.decoded) == rels
+    assert again.decoded == [] and again.reused == len(rels)
+    assert (tmp_path / "s" / "images.u8").read_bytes() == before
 
 
 def test_interrupted_prepare_leaves_the_old_store_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -440,6 +537,7 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     ("wrong-splits", "do not add up to its"),
     ("label-text", "has a label that is not an integer"),
     ("label-beyond-classes", "labels are outside -1..1"),
+    ("label-at-class-count", "labels are outside -1..1"),  # 2 classes: label 2 is the first one past them
     ("no-classes", "labels are outside -1..-1"),
 ])
 def test_a_tampered_store_is_named_in_one_line(tmp_path: Path, damage: str, message: str) -> None:
@@ -461,7 +559,7 @@ def test_a_tampered_store_is_named_in_one_line(tmp_path: Path, damage: str, mess
         meta["classes"] = []
     else:
         cells = rows[1].split(",")
-        cells[col] = "cat" if damage == "label-text" else "7"
+        cells[col] = {"label-text": "cat", "label-beyond-classes": "7", "label-at-class-count": "2"}[damage]
         rows[1] = ",".join(cells)
     (store / "store.json").write_text(json.dumps(meta))
     (store / "manifest.csv").write_text("\n".join(rows) + "\n")
