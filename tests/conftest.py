@@ -63,6 +63,21 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def write_stl10(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A small STL-10 in its real format under root/stl10_binary (3 train, 2 test, 4 unlabelled)."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    imgs = {name: rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8) for name, n in
+            (("train", 3), ("test", 2), ("unlabeled", 4))}
+    for name, x in imgs.items():
+        # STL-10 stores each image as 3 planes of 96x96 in column-major order
+        x.transpose(0, 3, 2, 1).tofile(folder / f"{name}_X.bin")
+    np.array([1, 10, 5], np.uint8).tofile(folder / "train_y.bin")
+    np.array([2, 3], np.uint8).tofile(folder / "test_y.bin")
+    return imgs
+
+
 def write_cifar(folder: Path, n_per_batch: int = 8, hundred: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """CIFAR python batches (pickled dicts, data (N, 3072) as R, G, B planes)."""
     rng = np.random.default_rng(3)

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import struct
 import tarfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import synthetic_images, write_cifar, write_idx, write_idx_dataset
+from conftest import synthetic_images, write_cifar, write_idx, write_idx_dataset, write_stl10
 from fastclr.data import formats
 from fastclr.data.datasets import IDX_FILES, REGISTRY, ensure, load_builtin, locate, search_roots
 from fastclr.data.download import RemoteFile, fetch
@@ -112,16 +113,7 @@ def test_cifar_reader_refuses_pickles_that_run_code(tmp_path: Path) -> None:
 
 
 def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
-    folder = tmp_path / "stl10_binary"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    imgs = {name: rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8) for name, n in
-            (("train", 3), ("test", 2), ("unlabeled", 4))}
-    for name, x in imgs.items():
-        # STL-10 stores each image as 3 planes of 96x96 in column-major order
-        x.transpose(0, 3, 2, 1).tofile(folder / f"{name}_X.bin")
-    np.array([1, 10, 5], np.uint8).tofile(folder / "train_y.bin")
-    np.array([2, 3], np.uint8).tofile(folder / "test_y.bin")
+    imgs = write_stl10(tmp_path)
     ds = load_builtin("stl10", tmp_path, download=False)
     np.testing.assert_array_equal(ds.train.images, imgs["train"])
     np.testing.assert_array_equal(ds.train.labels, [0, 9, 4])
@@ -129,6 +121,56 @@ def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
     assert ds.pretrain.labels is None and ds.unlabelled == 4  # the unlabelled images, then the train split
     assert ds.image_shape[0] == REGISTRY["stl10"].side
+
+
+def test_stl10_is_decoded_once_into_one_file_every_process_maps(tmp_path: Path) -> None:
+    """The pretraining images (unlabelled, then train) are decoded once into a .npy beside the
+    files and mapped read-only, so the processes of a node share one copy: the files' pixels; a
+    second load maps it without writing it again (the same file); a source fetched again since
+    (other pixels, a newer time) is decoded again."""
+    imgs = write_stl10(tmp_path)
+    decoded = tmp_path / "stl10_binary" / "fastclr-stl10-pretrain.npy"
+    ds = load_builtin("stl10", tmp_path, download=False)
+    assert isinstance(ds.pretrain.images, np.memmap) and not ds.pretrain.images.flags.writeable
+    assert Path(ds.pretrain.images.filename) == decoded
+    np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
+    made = decoded.stat()
+    again = load_builtin("stl10", tmp_path, download=False)
+    assert (decoded.stat().st_ino, decoded.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    np.testing.assert_array_equal(again.pretrain.images, ds.pretrain.images)
+    fetched = write_stl10(tmp_path, seed=1)
+    later = made.st_mtime_ns + 10**9  # a fetch is later than the decoding, whatever the clock's grain
+    os.utime(tmp_path / "stl10_binary" / "unlabeled_X.bin", ns=(later, later))
+    ds = load_builtin("stl10", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([fetched["unlabeled"], fetched["train"]]))
+    assert sorted(p.name for p in decoded.parent.glob("fastclr-*")) == ["fastclr-stl10-pretrain.json",
+                                                                         "fastclr-stl10-pretrain.npy"]
+
+
+def test_stl10_decoded_where_nothing_can_be_written_is_read_into_memory_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk costs memory, never the run: the same pixels, decoded into memory, one warning
+    line naming the folder, and no file left behind. A folder the user cannot write to keeps the
+    decoded file in the user cache instead, one per folder."""
+    from fastclr.data import decoded
+    from fastclr.files import WriteFailed
+
+    imgs = write_stl10(tmp_path)
+
+    def full(writes: list[tuple[Path, object]]) -> None:
+        raise WriteFailed(writes[0][0], "No space left on device")
+
+    monkeypatch.setattr(decoded, "atomic_write_all", full)
+    ds = load_builtin("stl10", tmp_path, download=False)
+    assert not isinstance(ds.pretrain.images, np.memmap)
+    np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: cannot write {tmp_path / 'stl10_binary' / 'fastclr-stl10-pretrain.npy'} (No space "
+                   "left on device); decoding the images into memory instead (each process holds its own copy)"]
+    assert not list((tmp_path / "stl10_binary").glob("*fastclr*"))
+    monkeypatch.setattr(decoded.os, "access", lambda path, mode: False)  # as for a user without write access
+    a, b = (decoded.decoded_path(tmp_path / d, "x", tmp_path / "cache") for d in ("a", "b"))
+    assert a.parent == b.parent == tmp_path / "cache" and a != b and a.name.startswith("x-")
 
 
 def test_stl10_images_read_a_block_at_a_time_are_the_files_pixels(tmp_path: Path) -> None:

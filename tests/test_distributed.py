@@ -452,6 +452,38 @@ def fetch_once(rank: int, world: int, fail: bool, seconds: float = 0.5, timeout_
     return {"calls": len(calls), "waited": time.perf_counter() - began, "error": error}
 
 
+def decode_stl10(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Both ranks start on a small STL-10 (found, not downloaded); each counts the files it writes."""
+    import fastclr.data.decoded as decoded
+    import fastclr.pretraining.loop as loop
+    from fastclr.config import DataConfig
+    from fastclr.data import load_builtin
+
+    ctx = setup(torch.device("cpu"), 30.0)
+    writes: list[int] = []
+    write = decoded.atomic_write_all
+
+    def counted(files: Any) -> None:
+        writes.append(len(files))
+        write(files)
+    decoded.atomic_write_all = counted  # type: ignore[assignment]
+    loop._fetch_once_a_node(DataConfig(name="stl10", root=root), ctx, torch.device("cpu"))
+    images = load_builtin("stl10", root, download=False).pretrain.images
+    return {"writes": writes, "mapped": str(getattr(images, "filename", "")), "sum": int(images.sum())}
+
+
+def test_a_node_decodes_stl10_once_and_its_ranks_map_the_one_file(tmp_path: Path) -> None:
+    """Each rank decoded the 3.0 GB of STL-10 into memory of its own: a node's first rank decodes it
+    into one file while the others wait, then every rank maps that file (the same pixels)."""
+    from conftest import write_stl10
+
+    imgs = write_stl10(tmp_path / "data")
+    r0, r1 = run_ranks(decode_stl10, 2, tmp_path / "out", str(tmp_path / "data"), timeout=60)
+    assert (r0["writes"], r1["writes"]) == ([2], [])  # the array and its record, by rank 0 alone
+    assert r0["mapped"] == r1["mapped"] == str(tmp_path / "data" / "stl10_binary" / "fastclr-stl10-pretrain.npy")
+    assert r0["sum"] == r1["sum"] == int(imgs["unlabeled"].sum()) + int(imgs["train"].sum())
+
+
 @pytest.mark.parametrize("fail", [False, True])
 def test_a_missing_dataset_is_downloaded_by_one_rank_a_node_while_the_others_wait(fail: bool, tmp_path: Path) -> None:
     """Every rank downloaded the same archives into the same folder; a failed download ends all."""

@@ -9,13 +9,14 @@ default `~/.cache/fastclr`), and `/usr/share/datasets` (where the Debian package
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fastclr.data import formats
+from fastclr.data.decoded import decoded_once
 from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, file_md5
 from fastclr.errors import FastclrError
 
@@ -74,6 +75,9 @@ class DatasetSpec:
     """What to do when the files are missing and cannot be downloaded."""
     side: int
     """The side of its images in pixels, as stored (what `embed` decodes a folder to for a run on it)."""
+    decodes_once: bool = False
+    """Whether reading it decodes its files once into a mapped file (decoded.py), which a node's
+    first process does before the others read it."""
 
 
 def user_cache() -> Path:
@@ -143,6 +147,8 @@ def _read_cifar100(folder: Path) -> Dataset:
 
 STL10_COUNTS = {"train": 5000, "test": 8000, "unlabeled": 100000}
 """The image counts of STL-10's files (Coates et al. 2011)."""
+STL10_DECODED = "fastclr-stl10-pretrain"
+"""The decoded pretraining images' file name (`decoded.py`): unlabeled then train, (105000, 96, 96, 3)."""
 
 
 def _read_stl10(folder: Path) -> Dataset:
@@ -155,11 +161,21 @@ def _read_stl10(folder: Path) -> Dataset:
         # The published copy: its unlabelled file has no labels to count against, so its size is checked.
         raise FastclrError(f"{folder / 'unlabeled_X.bin'} holds {unlabelled} images, not STL-10's "
                            f"{STL10_COUNTS['unlabeled']}; it is truncated: delete {folder} and run `fastclr download stl10`")
-    # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature: read
+    # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature: decoded
+    # once into one mapped file that every process of a node shares (decoded.py), else read
     # straight into the array that holds both (no concatenated copy).
-    images = np.empty((unlabelled + len(train), *train.images.shape[1:]), np.uint8)
-    formats.read_stl10_images(folder / "unlabeled_X.bin", out=images[:unlabelled])
-    images[unlabelled:] = train.images
+    shape = (unlabelled + len(train), *train.images.shape[1:])
+
+    def blocks() -> Iterator[np.ndarray]:
+        yield from formats.stl10_blocks(folder / "unlabeled_X.bin")
+        yield train.images
+
+    images = decoded_once([folder / "unlabeled_X.bin", folder / "train_X.bin"], STL10_DECODED, shape, blocks,
+                          user_cache() / "decoded")
+    if images is None:
+        images = np.empty(shape, np.uint8)
+        formats.read_stl10_images(folder / "unlabeled_X.bin", out=images[:unlabelled])
+        images[unlabelled:] = train.images
     return Dataset("stl10", ImageSet(images, None), train, test, names or [str(i) for i in range(10)],
                    unlabelled=unlabelled)
 
@@ -226,6 +242,7 @@ REGISTRY: dict[str, DatasetSpec] = {
         "download stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/ and unpack it "
         "in $FASTCLR_DATA (it creates stl10_binary/)",
         side=96,
+        decodes_once=True,
     ),
 }
 

@@ -12,6 +12,7 @@ import math
 import pickle
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,23 +124,33 @@ def stl10_count(path: Path, size: int = 96) -> int:
     return n_bytes // per
 
 
+def stl10_blocks(path: Path, size: int = 96, rows: int = 1024) -> Iterator[np.ndarray]:
+    """STL-10 `*_X.bin` as uint8 (n, 96, 96, 3) blocks of up to `rows` images, in file order. Planes
+    are stored column-major; each block is read (not mapped: mapped pages count as resident) and
+    turned on its own, so memory holds one block."""
+    n = stl10_count(path, size)
+    block = np.empty((min(n, rows), 3, size, size), np.uint8)
+    with path.open(mode="rb") as f:
+        for start in range(0, n, len(block)):
+            part = block[:min(len(block), n - start)]
+            if f.readinto(part.data) != part.nbytes:
+                raise FastclrError(f"{path} ended early (it is being written or was cut); fetch it again")
+            yield part.transpose(0, 3, 2, 1)  # (N, C, W, H) on disk because of the column-major planes -> (N, H, W, C)
+
+
 def read_stl10_images(path: Path, size: int = 96, out: np.ndarray | None = None) -> np.ndarray:
-    """STL-10 `*_X.bin` -> uint8 (N, 96, 96, 3), into `out` when given (N rows). Planes are stored
-    column-major. The file is read and turned a block of rows at a time, so memory holds the
-    result alone: reading the whole file and then its transposed copy (and then concatenating
-    the unlabelled images with the training ones) took 6.1 GB for the 3.0 GB of STL-10's images."""
+    """STL-10 `*_X.bin` -> uint8 (N, 96, 96, 3), into `out` when given (N rows), a block of rows at
+    a time (`stl10_blocks`), so memory holds the result alone: reading the whole file and then its
+    transposed copy (and then concatenating the unlabelled images with the training ones) took
+    6.1 GB for the 3.0 GB of STL-10's images."""
     n = stl10_count(path, size)
     dest = np.empty((n, size, size, 3), np.uint8) if out is None else out
     if dest.shape != (n, size, size, 3):
         raise ValueError(f"out has shape {dest.shape}, not {(n, size, size, 3)}")
-    block = np.empty((min(n, 1024), 3, size, size), np.uint8)  # read, not mapped: mapped pages count as resident
-    with path.open(mode="rb") as f:
-        for start in range(0, n, len(block)):
-            rows = block[:min(len(block), n - start)]
-            if f.readinto(rows.data) != rows.nbytes:
-                raise FastclrError(f"{path} ended early (it is being written or was cut); fetch it again")
-            # (N, C, W, H) on disk because of the column-major planes -> (N, H, W, C)
-            dest[start:start + len(rows)] = rows.transpose(0, 3, 2, 1)
+    start = 0
+    for block in stl10_blocks(path, size):
+        dest[start:start + len(block)] = block
+        start += len(block)
     return dest
 
 

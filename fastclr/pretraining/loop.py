@@ -27,7 +27,7 @@ from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data
-from fastclr.data.datasets import REGISTRY, ensure
+from fastclr.data.datasets import REGISTRY, ensure, read_checked
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
@@ -495,10 +495,17 @@ def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device)
     """Under several processes a built-in dataset missing here is downloaded by each node's local
     rank 0 while the others wait: every rank fetched the same archives into the same folder (eight
     times the traffic on an 8-GPU node, and one rank refused by the server failed the job). A
-    download that fails ends every rank with one line."""
+    download that fails ends every rank with one line. A dataset decoded once into a mapped file
+    (STL-10) is decoded there too, so that the node's ranks then map the one file."""
     if not ctx.active or data.name not in REGISTRY or not data.download:  # a store, or a name every rank refuses
         return
-    shared(ctx.local_rank == 0, lambda: ensure(data.name, data.root or None), ctx, device,
+
+    def fetch() -> None:
+        folder = ensure(data.name, data.root or None)
+        if REGISTRY[data.name].decodes_once:
+            read_checked(data.name, folder)
+
+    shared(ctx.local_rank == 0, fetch, ctx, device,
            f"{data.name} could not be downloaded (the error of the rank that downloaded it says why)",
            wait_s=DOWNLOAD_WAIT_S)
 
