@@ -34,7 +34,10 @@ seconds = time.perf_counter() - t
 total = sum(int(ds.pretrain.images[i:i + 4096].sum(dtype="uint64")) for i in range(0, len(ds.pretrain), 4096))
 sync, me, n = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 (sync / me).touch()
+deadline = time.monotonic() + 600
 while len(list(sync.iterdir())) < n:  # every process holds its pages when the shares are read
+    if time.monotonic() > deadline:
+        sys.exit("the other loads did not finish in 10 minutes")
     time.sleep(0.05)
 rollup = dict(line.split(":", 1) for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
 kib = {k: int(v.split()[0]) for k, v in rollup.items()}

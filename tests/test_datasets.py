@@ -131,8 +131,7 @@ def test_stl10_is_decoded_once_into_one_file_every_process_maps(tmp_path: Path) 
     imgs = write_stl10(tmp_path)
     decoded = tmp_path / "stl10_binary" / "fastclr-stl10-pretrain.npy"
     ds = load_builtin("stl10", tmp_path, download=False)
-    assert isinstance(ds.pretrain.images, np.memmap) and not ds.pretrain.images.flags.writeable
-    assert Path(ds.pretrain.images.filename) == decoded
+    assert not isinstance(ds.pretrain.images, np.memmap) and Path(ds.pretrain.images.base.filename) == decoded
     np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
     made = decoded.stat()
     again = load_builtin("stl10", tmp_path, download=False)
@@ -145,32 +144,53 @@ def test_stl10_is_decoded_once_into_one_file_every_process_maps(tmp_path: Path) 
     np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([fetched["unlabeled"], fetched["train"]]))
     assert sorted(p.name for p in decoded.parent.glob("fastclr-*")) == ["fastclr-stl10-pretrain.json",
                                                                          "fastclr-stl10-pretrain.npy"]
+    np.asarray(ds.pretrain.images)[0, 0, 0, 0] ^= 255  # mapped copy-on-write: the file keeps its pixels
+    np.testing.assert_array_equal(np.load(decoded)[0], fetched["unlabeled"][0])
 
 
 def test_stl10_decoded_where_nothing_can_be_written_is_read_into_memory_with_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """A full disk costs memory, never the run: the same pixels, decoded into memory, one warning
-    line naming the folder, and no file left behind. A folder the user cannot write to keeps the
-    decoded file in the user cache instead, one per folder."""
+    """A folder that cannot hold the decoded file sends it to the user cache, one file per folder;
+    where neither can (a full disk), it costs memory, never the run: the same pixels, decoded into
+    memory, one warning line naming both places and why, no file left behind, and no second try
+    (nor warning) by the same process."""
     from fastclr.data import decoded
     from fastclr.files import WriteFailed
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(decoded, "_failed", set())
     imgs = write_stl10(tmp_path)
+    want = np.concatenate([imgs["unlabeled"], imgs["train"]])
+    real = decoded.atomic_write_all
+    attempts: list[Path] = []
 
-    def full(writes: list[tuple[Path, object]]) -> None:
-        raise WriteFailed(writes[0][0], "No space left on device")
+    def write(writes: list[tuple[Path, object]], fail_in: Path) -> None:
+        attempts.append(writes[0][0])
+        if writes[0][0].parent == fail_in:
+            raise WriteFailed(writes[0][0], "No space left on device")
+        real(writes)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(decoded, "atomic_write_all", full)
+    folder = tmp_path / "stl10_binary"
+    monkeypatch.setattr(decoded, "atomic_write_all", lambda w: write(w, folder))
     ds = load_builtin("stl10", tmp_path, download=False)
-    assert not isinstance(ds.pretrain.images, np.memmap)
-    np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
-    err = capsys.readouterr().err.splitlines()
-    assert err == [f"warning: cannot write {tmp_path / 'stl10_binary' / 'fastclr-stl10-pretrain.npy'} (No space "
-                   "left on device); decoding the images into memory instead (each process holds its own copy)"]
-    assert not list((tmp_path / "stl10_binary").glob("*fastclr*"))
-    monkeypatch.setattr(decoded.os, "access", lambda path, mode: False)  # as for a user without write access
-    a, b = (decoded.decoded_path(tmp_path / d, "x", tmp_path / "cache") for d in ("a", "b"))
-    assert a.parent == b.parent == tmp_path / "cache" and a != b and a.name.startswith("x-")
+    cached = decoded.decoded_paths(folder, "fastclr-stl10-pretrain", tmp_path / "cache" / "fastclr" / "decoded")[1]
+    assert Path(ds.pretrain.images.base.filename) == cached and cached.parent != folder
+    np.testing.assert_array_equal(ds.pretrain.images, want)
+    assert capsys.readouterr().err == "" and not list(folder.glob("*fastclr*"))
+
+    cached.unlink()
+    monkeypatch.setattr(decoded, "atomic_write_all", lambda w: write(w, fail_in=w[0][0].parent))  # both full
+    attempts.clear()
+    ds = load_builtin("stl10", tmp_path, download=False)
+    assert not isinstance(ds.pretrain.images.base, np.memmap)
+    np.testing.assert_array_equal(ds.pretrain.images, want)
+    npy = folder / "fastclr-stl10-pretrain.npy"
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: cannot write {npy} (No space left on device) nor {cached} (No space left on device); decoding "
+        "the images into memory instead (each process holds its own copy)"]
+    assert attempts == [npy, cached] and not list(folder.glob("*fastclr*"))
+    load_builtin("stl10", tmp_path, download=False)
+    assert attempts == [npy, cached] and capsys.readouterr().err == ""  # not tried again
 
 
 def test_stl10_images_read_a_block_at_a_time_are_the_files_pixels(tmp_path: Path) -> None:

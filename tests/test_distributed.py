@@ -436,7 +436,7 @@ def fetch_once(rank: int, world: int, fail: bool, seconds: float = 0.5, timeout_
     ctx = setup(torch.device("cpu"), timeout_s)
     calls: list[float] = []
 
-    def ensure(name: str, root: Any = None) -> Path:
+    def ensure(name: str, root: Any = None, download: bool = True) -> Path:
         calls.append(time.perf_counter())
         time.sleep(seconds)
         if fail:
@@ -452,7 +452,7 @@ def fetch_once(rank: int, world: int, fail: bool, seconds: float = 0.5, timeout_
     return {"calls": len(calls), "waited": time.perf_counter() - began, "error": error}
 
 
-def decode_stl10(rank: int, world: int, root: str) -> dict[str, Any]:
+def decode_stl10(rank: int, world: int, root: str, download: bool) -> dict[str, Any]:
     """Both ranks start on a small STL-10 (found, not downloaded); each counts the files it writes."""
     import fastclr.data.decoded as decoded
     import fastclr.pretraining.loop as loop
@@ -467,18 +467,20 @@ def decode_stl10(rank: int, world: int, root: str) -> dict[str, Any]:
         writes.append(len(files))
         write(files)
     decoded.atomic_write_all = counted  # type: ignore[assignment]
-    loop._fetch_once_a_node(DataConfig(name="stl10", root=root), ctx, torch.device("cpu"))
+    loop._fetch_once_a_node(DataConfig(name="stl10", root=root, download=download), ctx, torch.device("cpu"))
     images = load_builtin("stl10", root, download=False).pretrain.images
-    return {"writes": writes, "mapped": str(getattr(images, "filename", "")), "sum": int(images.sum())}
+    return {"writes": writes, "mapped": str(getattr(images.base, "filename", "")), "sum": int(images.sum())}
 
 
-def test_a_node_decodes_stl10_once_and_its_ranks_map_the_one_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("download", [True, False])
+def test_a_node_decodes_stl10_once_and_its_ranks_map_the_one_file(tmp_path: Path, download: bool) -> None:
     """Each rank decoded the 3.0 GB of STL-10 into memory of its own: a node's first rank decodes it
-    into one file while the others wait, then every rank maps that file (the same pixels)."""
+    into one file while the others wait, then every rank maps that file (the same pixels); with
+    downloads off too (compute nodes without a network), where no rank downloads."""
     from conftest import write_stl10
 
     imgs = write_stl10(tmp_path / "data")
-    r0, r1 = run_ranks(decode_stl10, 2, tmp_path / "out", str(tmp_path / "data"), timeout=60)
+    r0, r1 = run_ranks(decode_stl10, 2, tmp_path / "out", str(tmp_path / "data"), download, timeout=60)
     assert (r0["writes"], r1["writes"]) == ([2], [])  # the array and its record, by rank 0 alone
     assert r0["mapped"] == r1["mapped"] == str(tmp_path / "data" / "stl10_binary" / "fastclr-stl10-pretrain.npy")
     assert r0["sum"] == r1["sum"] == int(imgs["unlabeled"].sum()) + int(imgs["train"].sum())

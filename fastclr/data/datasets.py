@@ -172,7 +172,11 @@ def _read_stl10(folder: Path) -> Dataset:
 
     images = decoded_once([folder / "unlabeled_X.bin", folder / "train_X.bin"], STL10_DECODED, shape, blocks,
                           user_cache() / "decoded")
-    if images is None:
+    if images is not None:
+        # A plain array over the file's pages, as the other built-ins: ImageSource gathers from it on
+        # the CPU without a copy and copies it to a GPU whole (a np.memmap would be read as a store).
+        images = images.view(np.ndarray)
+    else:
         images = np.empty(shape, np.uint8)
         formats.read_stl10_images(folder / "unlabeled_X.bin", out=images[:unlabelled])
         images[unlabelled:] = train.images

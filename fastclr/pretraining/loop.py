@@ -172,7 +172,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     window_start = run.clock()
     run.loop_start = window_start - s.train_seconds
     try:
-        owed = run.epoch_ended() if s.start_step else None
+        owed = run.epoch_ended() if s.start_step and s.saved_at_epoch_end else None
         if owed is not None and run.monitor.due(owed, s.train_seconds) and s.step not in run.metrics_log.monitored:
             # The pass a stop (or a crash) right after this epoch end's checkpoint left undone.
             run.monitor_pass()
@@ -343,7 +343,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         run.health.skip_streak.fill_(run.state.skip_streak)
         if run.budget is not None:
             run.budget.resume_at(run.state.step, run.state.pace_mark)
-            run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
+            if not run.first_fit_ahead:  # a fit the checkpoint holds; a fit ahead says its own
+                run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
     run.reach_first_fit()
     # Until a time budget's first fit the run's length is a placeholder: no total, no eta.
     run.bar.total = None if run.budget is not None and run.first_fit_ahead else run.state.total_steps
@@ -496,17 +497,23 @@ def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device)
     rank 0 while the others wait: every rank fetched the same archives into the same folder (eight
     times the traffic on an 8-GPU node, and one rank refused by the server failed the job). A
     download that fails ends every rank with one line. A dataset decoded once into a mapped file
-    (STL-10) is decoded there too, so that the node's ranks then map the one file."""
-    if not ctx.active or data.name not in REGISTRY or not data.download:  # a store, or a name every rank refuses
+    (STL-10) is decoded there too, downloads on or off, so that the node's ranks then map the one file
+    (each decoding its own, they wrote eight temporaries of 2.9 GB at once on an 8-GPU node)."""
+    if not ctx.active or data.name not in REGISTRY:  # a store, or a name every rank refuses
+        return
+    decodes = REGISTRY[data.name].decodes_once
+    if not data.download and not decodes:
         return
 
     def fetch() -> None:
-        folder = ensure(data.name, data.root or None)
-        if REGISTRY[data.name].decodes_once:
+        folder = ensure(data.name, data.root or None, download=data.download)
+        if decodes:
             read_checked(data.name, folder)
 
+    what = {(True, False): "downloaded", (True, True): "downloaded or decoded", (False, True): "decoded"}
+    did = what[data.download, decodes]
     shared(ctx.local_rank == 0, fetch, ctx, device,
-           f"{data.name} could not be downloaded (the error of the rank that downloaded it says why)",
+           f"{data.name} could not be {did} (the error of the rank that {did.split()[-1]} it says why)",
            wait_s=DOWNLOAD_WAIT_S)
 
 
