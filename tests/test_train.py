@@ -727,3 +727,42 @@ def test_a_resume_with_another_batch_goes_on_from_the_place_in_the_data_it_had_r
         assert resumed[step]["lr"] == pytest.approx(straight[step + offset]["lr"], rel=1e-12)
         assert resumed[step]["epoch"] == pytest.approx(straight[step + offset]["epoch"], rel=1e-12)
     assert load_checkpoint(list_checkpoints(tmp_path / "b")[-1])["step_offset"] == offset
+
+
+def test_a_resume_with_another_batch_runs_no_second_monitor_pass_for_an_epoch_it_had_measured(tmp_path: Path) -> None:
+    """Batch 16 (6 steps an epoch) stopped at step 13, past epoch 2's pass at step 12; at batch 32
+    step 13 is data step 6.5, rounded to 6, an epoch end: not a pass owed (it was not one for the
+    run that wrote the checkpoint). The next pass is at the end of epoch 3, step 16."""
+    ds = tiny_dataset()
+    over = dict(train__epochs=3.0, eval__monitor_every=1, eval__monitor_share=1.0)
+    pretrain(tiny_config(tmp_path, train__batch_size=16, **over), dataset=ds, progress=False, log=lambda s: None,
+             stop=lambda step: step == 13)
+    pretrain(tiny_config(tmp_path, train__batch_size=32, **over), resume=tmp_path, allow_config_change=True,
+             dataset=ds, progress=False, log=lambda s: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_acc" in r] == [6, 12, 16]
+
+
+def test_a_time_budget_resumed_from_a_run_by_epochs_that_changed_its_batch_goes_on_up_its_ramp(tmp_path: Path) -> None:
+    """A run by epochs at batch 16 (warm-up 12 steps), resumed at batch 32 (data step = step - 2,
+    warm-up to data step 6), then resumed with a time budget at step 5: the budget's first step
+    has the learning rate the run by epochs has there (4/6 of the peak), not a ramp read in steps
+    (6/8)."""
+    import shutil
+
+    ds = tiny_dataset()
+    over = dict(train__log_every=1, train__epochs=3.0, optim__warmup_epochs=2.0)
+    pretrain(tiny_config(tmp_path / "a", train__batch_size=16, **over), dataset=ds, progress=False, log=lambda s: None,
+             stop=lambda step: step == 4)
+    pretrain(tiny_config(tmp_path / "a", train__batch_size=32, **over), resume=tmp_path / "a", allow_config_change=True,
+             dataset=ds, progress=False, log=lambda s: None, stop=lambda step: step == 5)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    lines: list[str] = []
+    for run, budget in (("a", 0.0), ("b", 1.0)):
+        pretrain(tiny_config(tmp_path / run, train__batch_size=32, train__time_budget=budget, **over),
+                 resume=tmp_path / run, dataset=ds, progress=False, log=lines.append, stop=lambda step: step == 6)
+    lr = {run: [json.loads(line)["lr"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if '"lr"' in line][-1] for run in "ab"}
+    peak = tiny_config(tmp_path).optim.lr
+    assert lr["a"] == pytest.approx(peak * 4 / 6, rel=1e-12) and lr["b"] == pytest.approx(lr["a"], rel=1e-12)
+    assert not any("shortened to" in line for line in lines)

@@ -243,6 +243,9 @@ class Run:
                     # peak was held until this fit, and the cosine starts from it here. Fitted as a
                     # fresh run's, the warm-up went back to the configured one's 17% at this step.
                     s.decay_anchor = (s.step, 0.0)
+                elif s.ramp_anchor is not None:  # a ramp restored under way (`RunState.restore`) goes on from it
+                    s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps,
+                                                                     s.ramp_anchor)
                 else:  # once: later refits keep it
                     s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
                 s.budget_fitted = True

@@ -2,8 +2,9 @@
 
 A checkpoint holds the step, the planned length, the training seconds spent, the config, encoder,
 head, optimiser and loss-scaler states, the CPU generator and the encoder spec. Data order and
-augmentation are pure functions of (seed, step), so nothing else is needed for a resumed run to
-replay exactly what the uninterrupted run would have done.
+augmentation are pure functions of (seed, step) (the data's place: the step plus the offset a
+resume with another batch leaves, `RunState.step_offset`), so nothing else is needed for a resumed
+run to replay exactly what the uninterrupted run would have done.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastclr.checkpoint import save_checkpoint
 from fastclr.config import Config
 from fastclr.errors import FastclrError
 from fastclr.pretraining.model import Model
+from fastclr.pretraining.schedule import ramp_fraction
 from fastclr.pretraining.step import TrainStep
 
 RESUME_KEYS = ("data.name", "train.batch_size", "train.views", "train.local_views", "train.supcon", "train.queue",
@@ -94,12 +96,15 @@ class RunState:
         self.step, self.total_steps, self.train_seconds = 0, total_steps, 0.0
         self.steps_per_epoch = steps_per_epoch
         self.step_offset = 0
-        self.saved_steps_per_epoch = steps_per_epoch
-        """The steps per epoch of the checkpoint resumed from (this run's own when none)."""
         """Added to the step where it stands for a place in the data (the epoch, the batch's slice of
         its permutation, a run's length in epochs): nonzero once a run resumed with other steps per
         epoch (another batch or dataset, --allow-config-change), so that it goes on from the share of
         an epoch it had reached, not from its step count read in the new batch's steps."""
+        self.saved_steps_per_epoch = steps_per_epoch
+        """The steps per epoch of the checkpoint resumed from (this run's own when none)."""
+        self.saved_at_epoch_end = False
+        """Whether the checkpoint resumed from was written at an epoch end, counted as its run
+        counted (a place the new batch's rounding puts at an epoch end may not have been one)."""
         self.warmup_steps = warmup_steps
         """The warm-up the schedule uses: fixed when the run's length is (set-up, or a budget's first
         fit) and kept by a budgeted run's checkpoints, so later refits never move it."""
@@ -141,8 +146,10 @@ class RunState:
         # Absent before 2026-12-06: then the steps per epoch of the saved batch on this data.
         saved_spe = int(state.get("steps_per_epoch") or
                         max(1, n_images // int(state["config"]["train"]["batch_size"])))
-        self.step_offset = data_offset(self.step, int(state.get("step_offset", 0)), saved_spe, self.steps_per_epoch)
+        saved_offset = int(state.get("step_offset", 0))
+        self.step_offset = data_offset(self.step, saved_offset, saved_spe, self.steps_per_epoch)
         self.saved_steps_per_epoch = saved_spe
+        self.saved_at_epoch_end = (self.step + saved_offset) % saved_spe == 0
         if self.cfg.train.time_budget > 0:
             self.total_steps = int(state["total_steps"])
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
@@ -153,6 +160,11 @@ class RunState:
             self.pace_mark = (int(mark[0]), float(mark[1])) if mark is not None else None
             ramp = state.get("ramp_anchor")  # absent before 2026-12-05
             self.ramp_anchor = (int(ramp[0]), float(ramp[1])) if ramp is not None else None
+            if saved_offset and not self.budget_fitted and self.ramp_anchor is None and \
+                    self.step < self.warmup_steps and self.warmup_steps + saved_offset > 0:
+                # A run by epochs that had changed its batch, in its warm-up: its ramp was taken at
+                # the place in the data (`Run.set_lr`); a budget's is in steps, from the share reached.
+                self.ramp_anchor = (self.step, ramp_fraction(self.step + saved_offset, self.warmup_steps + saved_offset))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.monitor_seconds = float(state.get("monitor_seconds", 0.0))  # absent before 2026-12-03
         self.skip_streak = int(state.get("skip_streak", 0))  # absent before 2026-12-04
