@@ -160,7 +160,8 @@ class RunState:
             self.pace_mark = (int(mark[0]), float(mark[1])) if mark is not None else None
             ramp = state.get("ramp_anchor")  # absent before 2026-12-05
             self.ramp_anchor = (int(ramp[0]), float(ramp[1])) if ramp is not None else None
-            if saved_offset and not self.budget_fitted and self.ramp_anchor is None and \
+            by_epochs = float(state["config"]["train"].get("time_budget", 0)) <= 0  # the checkpoint's run
+            if saved_offset and by_epochs and self.ramp_anchor is None and \
                     self.step < self.warmup_steps and self.warmup_steps + saved_offset > 0:
                 # A run by epochs that had changed its batch, in its warm-up: its ramp was taken at
                 # the place in the data (`Run.set_lr`); a budget's is in steps, from the share reached.
