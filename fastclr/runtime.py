@@ -34,6 +34,7 @@ from fastclr.config import parse_switch
 from fastclr.cpus import gives_threads_back
 from fastclr.errors import FastclrError, warn_stderr
 from fastclr.host_memory import MEMINFO, os_available
+from fastclr.progress import counted
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -105,7 +106,7 @@ def select_device(name: str, warn: Callable[[str], None] = warn_stderr) -> torch
         raise FastclrError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
-        raise FastclrError(f"device {name!r} asked for but {count} GPU{'s' * (count != 1)} visible; use cuda:0 to "
+        raise FastclrError(f"device {name!r} asked for but {counted(count, 'GPU')} visible; use cuda:0 to "
                            f"cuda:{count - 1}")
     if dev.type == "cuda" and dev.index is None:
         # An explicit index: torch.cuda.set_device and DDP's device_ids need one.

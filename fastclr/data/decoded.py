@@ -84,7 +84,7 @@ def _write(path: Path, key: dict[str, object], shape: tuple[int, ...],
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
         rows = 0
         for block in blocks():
-            f.write(np.ascontiguousarray(block, dtype=np.uint8).tobytes())
+            f.write(np.ascontiguousarray(block, dtype=np.uint8).data)  # the block's bytes, not a copy
             rows += len(block)
         if rows != shape[0]:
             raise OSError(f"decoded {rows} rows, not {shape[0]}")

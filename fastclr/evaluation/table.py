@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastclr.progress import counted
+
 
 def pct(x: float) -> str:
     """0.8678 -> '86.78%'."""
@@ -55,7 +57,7 @@ def curve_rows(results: dict[str, Any]) -> list[list[str]]:
         row.append(pct_spread(sup[n]) if n in sup else "-")
         if probe and sup:
             gap = paired_gap(probe[n], sup[n]) if n in probe and n in sup else None
-            row.append("-" if gap is None else f"{points(gap[0])} ({gap[1]} subset{'s' * (gap[1] != 1)})")
+            row.append("-" if gap is None else f"{points(gap[0])} ({counted(gap[1], 'subset')})")
         rows.append(row)
     return rows
 

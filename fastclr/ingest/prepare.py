@@ -40,7 +40,7 @@ from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, O
 from fastclr.ingest.walk import FileEntry, Skip, walk_folder
 from fastclr.cpus import usable_cpus
 from fastclr.runtime import available_memory
-from fastclr.progress import Progress
+from fastclr.progress import Progress, counted
 
 HOLDOUT = 10
 """One labelled image in HOLDOUT (chosen by a hash of its path) is in the probe's test split."""
@@ -353,7 +353,7 @@ def prepare_store(
     log(summary(result, lay, writer.channels))
     if unlabelled_twin:  # unlabelled rows come first in a store, so the copy kept is the unlabelled one
         n = len(unlabelled_twin)
-        log(f"note: {n} labelled image{'s' * (n > 1)} ({', '.join(unlabelled_twin[:3])}{', ...' * (n > 3)}) had the "
+        log(f"note: {counted(n, 'labelled image')} ({', '.join(unlabelled_twin[:3])}{', ...' * (n > 3)}) had the "
             f"same bytes as an unlabelled file and {'were' if n > 1 else 'was'} kept unlabelled, without {'their' if n > 1 else 'its'} "
             "class (skipped.csv: duplicate); remove the unlabelled copies and prepare again to keep the labels")
     return result
@@ -373,7 +373,7 @@ def _totals(skipped: list[Skip]) -> str:
 def summary(result: PrepareResult, lay: Layout, channels: int) -> str:
     """The lines printed after a prepare: what is in the store and what was skipped."""
     kind = f"{len(lay.classes)} classes" if lay.classes else "unlabeled"
-    lines = [f"store {result.store}: {result.images} images ({kind}, {channels} channel{'s' * (channels > 1)}); "
+    lines = [f"store {result.store}: {result.images} images ({kind}, {counted(channels, 'channel')}); "
              f"{len(result.decoded)} files decoded, {result.reused} reused, in {result.seconds:.1f} s"]
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)}: {_totals(result.skipped)} (listed in {result.skipped_list or result.store / SKIPPED})")

@@ -3,7 +3,6 @@ with them between steps (log, checkpoint, refit the budget, monitor)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
             + (" --allow-config-change (the run keeps its batch size otherwise)" if resuming else "")
         )
     if n_images < 2:  # a batch of one image has no negative (and train.batch_size is at least 2)
-        raise FastclrError(f"the dataset holds {n_images} image{'s' * (n_images != 1)}: contrastive training needs "
+        raise FastclrError(f"the dataset holds {counted(n_images, 'image')}: contrastive training needs "
                            "at least 2 a batch; give it more images")
     if t.batch_size > n_images:
         raise FastclrError(
@@ -323,7 +322,7 @@ class Run:
         """One kNN monitor pass on rank 0 (the others wait for it in the next step's collectives)."""
         knn = self.monitor(self.model.encoder, self.clock)
         self.metrics_log.log({"step": self.state.step, "epoch": self.epochs_done, "knn_acc": knn})
-        self.log(f"epoch {math.floor(self.epochs_done)}: kNN monitor accuracy {knn:.4f}")
+        self.log(f"epoch {self.data_step // self.steps_per_epoch}: kNN monitor accuracy {knn:.4f}")
 
 
 def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, run_dir: Path,
