@@ -20,6 +20,7 @@ from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name, saved_overrides
+from fastclr.scaleout.once import print_once_a_node
 
 if TYPE_CHECKING:
     import torch
@@ -304,26 +305,31 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except PeerFailure as e:  # whatever the command: the communication library's threads outlive a dead peer
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         _exit_now(EXIT_USAGE)
     except FastclrError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return EXIT_USAGE
     except OSError as e:
         if e.filename and e.errno in PATH_ERRORS:  # a path the user gave that cannot be used as asked
-            print(f"error: cannot use {e.filename} ({e.strerror}); give another path, or fix it or its "
-                  "permissions", file=sys.stderr)
+            _error(f"error: cannot use {e.filename} ({e.strerror}); give another path, or fix it or its permissions")
             return EXIT_USAGE
         if not is_write_error(e):
             raise
         # A write outside the atomic writers (a log line, a cache): still one line, never a traceback.
         where = Path(e.filename) if e.filename else Path.cwd()
-        print(f"error: cannot write {e.filename or 'a file'} ({write_failure_reason(e, where)}); files already "
-              "complete were kept; free space and run the command again", file=sys.stderr)
+        _error(f"error: cannot write {e.filename or 'a file'} ({write_failure_reason(e, where)}); files already "
+               "complete were kept; free space and run the command again")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line
         return 130
+
+
+def _error(line: str) -> None:
+    """A user error's one line on stderr: once a node under `fastclr-torchrun`, whose ranks all find
+    a setting error alike (`print_once_a_node`), and as is for any other process."""
+    print_once_a_node(line, file=sys.stderr)
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -84,13 +84,19 @@ def test_a_stop_under_the_launcher_exits_75_and_resumes_to_the_end(tmp_path: Pat
 
 
 def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: Path) -> None:
-    """A setting error every rank reports in one line: the launcher exits 2 and adds one line."""
+    """A setting error every rank finds alike: its line is printed once on the node, not once a
+    rank, the launcher exits 2 and adds one line, and leaves no folder behind."""
     env = cli_env(tmp_path)
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
     r = subprocess.run(launcher(tmp_path / "run", "--temperature", "-1"), env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "temperature" in r.stderr and "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if "temperature" in line] == [
+        "error: train.temperature = -1.0 is not allowed: it must be > 0; e.g. --temperature 0.2"], r.stderr[-3000:]
     assert r.stderr.splitlines()[-1].startswith("error: a rank ended with an error")
+    assert list((tmp_path / "tmp").glob("fastclr-torchrun-*")) == []  # torchrun's own folder is its own
 
 
 @pytest.mark.parametrize("world", ["1", "2"])

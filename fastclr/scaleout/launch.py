@@ -6,16 +6,20 @@ after forwarding the signal to the ranks, and any rank that did not exit 0 into 
 both end in exit 1 with a traceback, so a scheduler cannot tell a stopped, resumable run from a
 broken one. Here a stop (a signal to the launcher, or ranks that all exited 75 because a signal
 reached them directly) exits 75 as a single-process run does, and ranks that failed with one
-line (exit 2) exit 2, with one line naming what to do. And each rank's CPU threads are its share of
+line (exit 2) exit 2, with one line naming what to do, and that line is printed once on the node,
+not once a rank (`once.print_once_a_node`). And each rank's CPU threads are its share of
 the node's usable CPUs (`share_cpus`), not torchrun's default of one.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import MutableMapping, Sequence
 from types import FrameType
 
@@ -26,6 +30,7 @@ from torch.distributed.run import determine_local_world_size, parse_args, run
 
 from fastclr.cli import EXIT_USAGE
 from fastclr.cpus import usable_cpus
+from fastclr.scaleout.once import ONCE_DIR
 from fastclr.signals import EXIT_STOPPED, STOP_SIGNALS, ignore_signals
 
 
@@ -73,6 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               "CPUs); set OMP_NUM_THREADS to choose another", file=sys.stderr)
     # torchrun installs the handler it finds under this name when it starts the ranks.
     elastic_api._terminate_process_handler = _stop_once
+    os.environ[ONCE_DIR] = once = tempfile.mkdtemp(prefix="fastclr-torchrun-")
+    try:
+        return _launch(args)
+    finally:
+        shutil.rmtree(once, ignore_errors=True)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """torchrun's `run(args)`, its ends turned into fastclr's exit codes."""
     try:
         run(args)
     except SignalException as e:

@@ -1,0 +1,64 @@
+"""A rank's one-line error under `fastclr-torchrun` is printed once a node: the first rank to claim
+the line prints it, the others stay silent but return only once it is out (torchrun ends the
+printing rank as soon as a silent one exits), and a claimant that never prints is stood in for."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+from fastclr.scaleout.once import ONCE_DIR, print_once_a_node
+
+
+def test_without_the_launchers_folder_every_call_prints() -> None:
+    out = io.StringIO()
+    assert print_once_a_node("error: x", file=out, environ={}) and print_once_a_node("error: x", file=out, environ={})
+    assert out.getvalue() == "error: x\nerror: x\n"
+
+
+def test_the_same_line_is_printed_once_in_a_folder_and_another_line_again(tmp_path: Path) -> None:
+    env = {ONCE_DIR: str(tmp_path)}
+    ranks = [io.StringIO() for _ in range(4)]
+    printed = [print_once_a_node("error: bad temperature", file=r, environ=env, wait_s=5) for r in ranks]
+    assert printed == [True, False, False, False]
+    assert [r.getvalue() for r in ranks] == ["error: bad temperature\n", "", "", ""]
+    other = io.StringIO()
+    assert print_once_a_node("error: peer lost", file=other, environ=env) and other.getvalue() == "error: peer lost\n"
+    # another launcher's folder (another node's) prints it again
+    (tmp_path / "node1").mkdir()
+    again = io.StringIO()
+    assert print_once_a_node("error: bad temperature", file=again, environ={ONCE_DIR: str(tmp_path / "node1")})
+    assert again.getvalue() == "error: bad temperature\n"
+
+
+def test_a_silent_rank_returns_only_once_the_claimant_has_printed(tmp_path: Path) -> None:
+    env = {ONCE_DIR: str(tmp_path)}
+    first = io.StringIO()
+    assert print_once_a_node("error: x", file=first, environ=env)
+    (claim,) = tmp_path.iterdir()
+    claim.write_bytes(b"")  # claimed, not yet printed
+    silent, result = io.StringIO(), []
+    t = threading.Thread(target=lambda: result.append(print_once_a_node("error: x", file=silent, environ=env,
+                                                                        wait_s=30)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and result == []  # still waiting for the line to be out
+    claim.write_bytes(b"printed")
+    t.join(10)
+    assert result == [False] and silent.getvalue() == ""
+
+
+def test_a_claimant_that_never_prints_is_stood_in_for(tmp_path: Path) -> None:
+    env = {ONCE_DIR: str(tmp_path)}
+    assert print_once_a_node("error: x", file=io.StringIO(), environ=env)
+    (claim,) = tmp_path.iterdir()
+    claim.write_bytes(b"")  # the claimant died between its claim and its line
+    out = io.StringIO()
+    assert print_once_a_node("error: x", file=out, environ=env, wait_s=0.05) and out.getvalue() == "error: x\n"
+
+
+def test_a_folder_that_is_gone_prints_rather_than_loses_the_line(tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert print_once_a_node("error: x", file=out, environ={ONCE_DIR: str(tmp_path / "gone")})
+    assert out.getvalue() == "error: x\n"
