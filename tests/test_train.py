@@ -766,3 +766,35 @@ def test_a_time_budget_resumed_from_a_run_by_epochs_that_changed_its_batch_goes_
     peak = tiny_config(tmp_path).optim.lr
     assert lr["a"] == pytest.approx(peak * 4 / 6, rel=1e-12) and lr["b"] == pytest.approx(lr["a"], rel=1e-12)
     assert not any("shortened to" in line for line in lines)
+
+
+def test_two_resumes_with_other_batches_go_on_from_the_place_in_the_data_each_had_reached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """96 images, by epochs: batch 16 (6 steps an epoch) stopped at step 4 (epoch 4/6), batch 32
+    (3 an epoch) from data step 2 for one step, stopped at step 5 (data step 3: epoch 1), then batch
+    16 again from data step 6. The offsets add up: the last part draws the batches, and has the learning rate
+    and epoch, that a batch-16 run from the start has at the same place, and ends with its 18th."""
+    ds = tiny_dataset()
+    drawn: list[tuple[int, int]] = []
+    real = BatchSampler.indices
+    monkeypatch.setattr(BatchSampler, "indices", lambda self, step: drawn.append((self.batch_size, step)) or real(self, step))
+    over = dict(train__log_every=1, train__epochs=3.0, optim__warmup_epochs=1.5)
+    pretrain(tiny_config(tmp_path / "straight", train__batch_size=16, **over), dataset=ds, progress=False,
+             log=lambda s: None)
+    drawn.clear()
+    for batch, stop_at in ((16, 4), (32, 5), (16, None)):
+        pretrain(tiny_config(tmp_path / "b", train__batch_size=batch, **over), dataset=ds, progress=False,
+                 log=lambda s: None, resume=None if stop_at == 4 else tmp_path / "b", allow_config_change=True,
+                 stop=lambda step, at=stop_at: step == at)
+    assert drawn == [(16, d) for d in range(4)] + [(32, 2)] + [(16, d) for d in range(6, 18)]
+
+    def records(run: str) -> dict[int, dict[str, float]]:
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in rows if "lr" in r}
+
+    straight, resumed = records("straight"), records("b")
+    assert sorted(resumed) == list(range(1, 18))  # 4 + 1 + 12 steps; the step count stays monotonic
+    for step in range(6, 18):
+        assert resumed[step]["lr"] == pytest.approx(straight[step + 1]["lr"], rel=1e-12)
+        assert resumed[step]["epoch"] == pytest.approx(straight[step + 1]["epoch"], rel=1e-12)
+    assert load_checkpoint(list_checkpoints(tmp_path / "b")[-1])["step_offset"] == 1
