@@ -11,8 +11,6 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from torch import nn
 from fastclr.files import atomic_write, atomic_write_all
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
+from fastclr.models.modes import in_eval_mode
 from fastclr.version import __version__
 
 ENCODER_FILE = "encoder.safetensors"
@@ -103,17 +102,6 @@ def _batch_dim() -> tuple[dict[int, object]]:
     return ({0: torch.export.Dim("batch", min=1)},)
 
 
-@contextmanager
-def _in_eval(encoder: nn.Module) -> Iterator[nn.Module]:
-    """`encoder` in eval mode (BatchNorm's running statistics), its own mode restored after."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        yield encoder
-    finally:
-        encoder.train(was_training)
-
-
 def _example(spec: EncoderSpec) -> torch.Tensor:
     return torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
 
@@ -122,7 +110,7 @@ def _save_program(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], o
     """The encoder in eval mode as a torch.export program with a dynamic batch dimension; the
     metadata travels inside the archive as `extra/fastclr.json`. Input: float32 (B, C, S, S)
     standardised with the metadata's mean and std; output: h (B, D)."""
-    with _in_eval(encoder):
+    with in_eval_mode(encoder):
         program = torch.export.export(encoder, (_example(spec),), dynamic_shapes=_batch_dim())
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"fastclr.json": json.dumps(dict(meta, naming="fastclr"))})
@@ -145,7 +133,7 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it lists every torchvision operator it cannot register
     try:
-        with _in_eval(encoder), torch.no_grad(), warnings.catch_warnings():
+        with in_eval_mode(encoder), torch.no_grad(), warnings.catch_warnings():
             # torch 2.13's exporter warns about its own use of a deprecated pytree class (LeafSpec)
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.onnx.export(encoder, (_example(spec),), dynamo=True, input_names=["x"],

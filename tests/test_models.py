@@ -246,3 +246,22 @@ def test_the_small_cnn_records_no_resnet_stem_and_rebuilds_from_that() -> None:
     assert (name, stem) == ("cnn", "n/a")
     spec = EncoderSpec(name, 1, 28, 1.0, stem, encoder.feature_dim, (0.5,), (0.25,), Config().model.cnn_stages)
     encoder_from_spec(spec).load_state_dict(encoder.state_dict())
+
+
+def test_eval_mode_for_a_while_gives_each_submodule_its_own_mode_back() -> None:
+    """Inside, every module is in eval mode; after, each has the mode it had, whatever the outer
+    module's: a wrapper in train mode around eval-mode modules, and modules of mixed modes."""
+    from fastclr.models.modes import in_eval_mode
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).eval()
+    other = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2))
+    other[1].eval()
+    wrapper = torch.nn.Sequential(inner, other)  # new: train mode
+    before = [m.training for m in wrapper.modules()]
+    assert before == [True, False, False, False, True, True, False]
+    with in_eval_mode(wrapper):
+        assert not any(m.training for m in wrapper.modules())
+    assert [m.training for m in wrapper.modules()] == before
+    with pytest.raises(RuntimeError), in_eval_mode(wrapper):
+        raise RuntimeError("a failed forward")
+    assert [m.training for m in wrapper.modules()] == before

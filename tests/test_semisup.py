@@ -526,3 +526,30 @@ def test_distil_refuses_a_student_from_an_encoder_the_teacher_was_not_fine_tuned
     r = distill_run(teacher, dataclasses.replace(DS, steps=1, student_init="random"), dataset=ds, log=lambda s: None)
     assert r["run_encoder_sha256"] == state_checksum(encoder) != json.loads(
         (teacher / "finetune.json").read_text())["run_encoder_sha256"]
+
+
+def test_features_and_distillation_leave_a_classifier_in_the_mode_it_was_in() -> None:
+    """`Classifier.backbone()` is a new wrapper, in train mode as every new module: reading h
+    through it, and `distill`'s closing accuracies of the teacher and the student (read through it),
+    leave every module of each classifier in its own mode, not the wrapper's. In train mode one
+    image would raise in BatchNorm, and a batch's results would depend on its other images."""
+    from fastclr.evaluation.classifier import LabelledSetup
+    from fastclr.runtime import FP32
+
+    torch.manual_seed(0)
+    spec = EncoderSpec("cnn", 1, 28, 0.125, "off", 64, (0.5,), (0.25,), "32|256|fc512")
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+
+    def classifier() -> Classifier:
+        return Classifier(encoder_from_spec(spec), torch.nn.Sequential(), torch.nn.Linear(spec.feature_dim, 3)).eval()
+
+    x = np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+    y = np.arange(16) % 3
+    model = classifier()
+    extract_features(model.backbone(), x, mean, std, torch.device("cpu"))
+    assert not any(m.training for m in model.modules())
+    teacher, student = classifier(), classifier()
+    setup = LabelledSetup(x, y, x, y, ["a", "b", "c"], mean, std, 28, torch.device("cpu"), FP32,
+                          TrainRecipe(1, 8, 1e-3, 0.0, 0.0, 0.0, 0.0))
+    distill(teacher, student, setup, np.array([0, 1, 2]), 1.0, 0.0, 0)
+    assert not any(m.training for m in [*teacher.modules(), *student.modules()])

@@ -20,6 +20,7 @@ from fastclr.augment import normalize, resample_matrix, to_float, two_views
 from fastclr.config import AugmentConfig
 from fastclr.data.loader import ImageSource
 from fastclr.models import CNN_STAGES, EncoderSpec
+from fastclr.models.modes import in_eval_mode
 from fastclr.runtime import FP32, Precision, require_memory
 from fastclr.errors import FastclrError
 
@@ -53,17 +54,13 @@ def frozen_h(encoder: nn.Module, batches: Iterable[torch.Tensor], precision: Pre
     """h of standardised input batches (B, C, S, S) on the encoder's device, in order: float32
     (N, D) on the CPU. Eval mode and autocast inside; the encoder's state is checked unchanged."""
     before = state_checksum(encoder)
-    was_training = encoder.training
-    encoder.eval()
     out = []
-    try:
+    with in_eval_mode(encoder):
         for x in batches:
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with precision.autocast(x.device):
                 out.append(encoder(x).float().cpu())
-    finally:
-        encoder.train(was_training)
     assert state_checksum(encoder) == before, "feature extraction changed the encoder's state"
     return torch.cat(out)
 

@@ -11,6 +11,7 @@ from fastclr.config import parse_switch
 from fastclr.errors import FastclrError
 from fastclr.models.cnn import CNN_STAGES, SmallCNN, check_stages
 from fastclr.models.head import ProjectionHead
+from fastclr.models.modes import in_eval_mode
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 from fastclr.models.spec import EncoderSpec
 
@@ -76,11 +77,9 @@ def feature_dim(encoder: nn.Module, in_channels: int, image_size: int) -> int:
     dim = getattr(encoder, "feature_dim", None)
     if isinstance(dim, int):
         return dim
-    was_training = encoder.training
-    encoder.eval()
     device = next(encoder.parameters()).device
-    out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=device))
-    encoder.train(was_training)
+    with in_eval_mode(encoder):
+        out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=device))
     if out.ndim != 2:
         raise FastclrError(f"the encoder returns shape {tuple(out.shape)}; it must return (batch, features)")
     return int(out.shape[1])

@@ -21,6 +21,7 @@ from fastclr.errors import FastclrError
 from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
 from fastclr.models.cnn import AttentionPool
+from fastclr.models.modes import in_eval_mode
 from fastclr.pretraining.monitor import KnnMonitor
 from fastclr.pretraining.optim import build_optimizer
 from fastclr.pretraining.schedule import (TimeBudget, decay_progress, epochs_text, few_epochs_warning, lr_at, scaled_lr,
@@ -69,16 +70,13 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
 def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim: int, device: torch.device) -> None:
     """Refuse multi-crop when the encoder cannot read h off its small views (a readout sized for
     the full view: the cnn's attention pooling, or an fc readout whose map does not reach its side)."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            h = encoder(torch.zeros(2, channels, size, size, device=device))
-        problem = "" if h.shape[1:] == (feature_dim,) else f"it gives {tuple(h.shape[1:])} numbers, not {feature_dim}"
-    except (RuntimeError, ValueError, AssertionError) as e:  # shape errors of torch and of custom encoders
-        problem = (str(e).splitlines() or [type(e).__name__])[0]
-    finally:
-        encoder.train(was_training)
+    with in_eval_mode(encoder):
+        try:
+            with torch.no_grad():
+                h = encoder(torch.zeros(2, channels, size, size, device=device))
+            problem = "" if h.shape[1:] == (feature_dim,) else f"it gives {tuple(h.shape[1:])} numbers, not {feature_dim}"
+        except (RuntimeError, ValueError, AssertionError) as e:  # shape errors of torch and of custom encoders
+            problem = (str(e).splitlines() or [type(e).__name__])[0]
     if problem and any(isinstance(m, AttentionPool) for m in encoder.modules()):
         # Its position embedding is one per position of the full view's map: no smaller side fits.
         raise FastclrError(f"--local-views: the cnn's attention pooling reads only the full view's map, not {size} px "

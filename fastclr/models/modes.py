@@ -1,0 +1,23 @@
+"""A module in eval mode for a while, every submodule's own mode restored after."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def in_eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode (BatchNorm's running statistics, no dropout) inside; after, each
+    submodule has the mode it had before. Restoring the outer module's flag with `train(flag)` is
+    recursive: a wrapper made for the occasion (a new `nn.Sequential` of a classifier's encoder and
+    neck starts in train mode) switched the eval-mode modules it wraps to train mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
