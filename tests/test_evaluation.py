@@ -166,3 +166,177 @@ def test_the_state_checksum_covers_batchnorm_statistics_not_only_parameters() ->
             change()
         seen.add(state_checksum(m))
     assert len(seen) == len(changes) + 1
+
+
+def test_a_class_named_but_without_images_is_named_even_when_it_is_the_last() -> None:
+    """The classes are the named ones, not those up to the largest label seen: a last class with no
+    labelled image is refused by name, as a middle one is."""
+    with pytest.raises(FastclrError, match=r"class 2 \(c\) has no labelled training images"):
+        stratified_subset(np.array([0, 0, 1, 1]), 1, 0, ["a", "b", "c"])
+
+
+def test_a_label_fraction_gives_the_nearest_class_balanced_count_and_at_least_one() -> None:
+    """The labels per class whose class-balanced subset is nearest `fraction` of the labels (1000
+    labels of 10 classes: 1.9 per class is 2, not 1), and never none (0.1 per class is 1)."""
+    y = np.repeat(np.arange(10), 100)
+    for fraction in (0.001, 0.011, 0.019, 0.026, 0.064, 0.3):
+        nearest = min(range(1, 101), key=lambda n: abs(n * 10 - fraction * len(y)))
+        assert fraction_per_class(y, fraction, 10) == nearest, fraction
+
+
+def test_a_fraction_with_an_empty_class_is_left_to_the_subset_to_name() -> None:
+    """labels_for_fraction refuses a class too small for the fraction; a class of none is not
+    "at most 0" of a fraction but named by the subset (the documented split of the two errors)."""
+    from fastclr.evaluation.subsets import labels_for_fraction
+
+    labels = np.array([0] * 10 + [1] * 10)  # class 2 has no labelled image
+    n = labels_for_fraction(labels, 0.5, 3, "--label-fraction")
+    assert n == fraction_per_class(labels, 0.5, 3)
+    with pytest.raises(FastclrError, match=r"class 2 \(c\) has no labelled training images"):
+        stratified_subset(labels, n, 0, ["a", "b", "c"])
+
+
+def test_the_label_sweep_evaluates_each_seeds_own_subset_with_that_seed() -> None:
+    """evaluate(indices, seed) gets the stratified subset of n labels per class for that seed and
+    the seed itself (its training draws), and each run records both; the summary is over the
+    returned accuracies."""
+    from fastclr.evaluation.curve import label_sweep
+    from fastclr.evaluation.subsets import subset_id
+
+    y = imbalanced_labels()
+    calls: list[tuple[list[int], int]] = []
+    accuracy = {(3, 5): 0.5, (3, 9): 0.8, (7, 5): 0.6, (7, 9): 0.7}
+
+    def evaluate(idx: np.ndarray, seed: int) -> dict[str, float]:
+        calls.append((idx.tolist(), seed))
+        return {"accuracy": accuracy[(len(idx) // 4, seed)]}
+
+    out = label_sweep(y, [3, 7], [5, 9], ["a", "b", "c", "d"], evaluate)
+    assert calls == [(stratified_subset(y, n, s).tolist(), s) for n in (3, 7) for s in (5, 9)]
+    for entry, n in zip(out, (3, 7)):
+        assert entry["labels_per_class"] == n
+        assert [(r["seed"], r["subset"]) for r in entry["runs"]] == [(s, subset_id(stratified_subset(y, n, s)))
+                                                                     for s in (5, 9)]
+        assert entry["mean"] == pytest.approx((accuracy[(n, 5)] + accuracy[(n, 9)]) / 2)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 3.0])
+def test_alignment_takes_the_distance_to_the_power_alpha(alpha: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    z1, z2 = torch.randn(15, 4, generator=g, dtype=torch.float64), torch.randn(15, 4, generator=g, dtype=torch.float64)
+    terms = [float((z1[i] / z1[i].norm() - z2[i] / z2[i].norm()).norm()) ** alpha for i in range(15)]
+    assert alignment(z1, z2, alpha) == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+
+
+@pytest.mark.parametrize("t", [0.5, 5.0])
+def test_uniformity_takes_its_temperature_t(t: float) -> None:
+    z = torch.randn(12, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    zn = z / z.norm(dim=1, keepdim=True)
+    terms = [math.exp(-t * float((zn[i] - zn[j]).pow(2).sum())) for i in range(12) for j in range(12) if i != j]
+    assert uniformity(z, t) == pytest.approx(math.log(sum(terms) / len(terms)), rel=1e-9)
+
+
+def test_feature_quality_measures_rank_on_h_and_alignment_and_uniformity_on_the_views() -> None:
+    """Effective rank of the clean features h, alignment between the first and the second views,
+    uniformity the mean of the two views' own (Wang & Isola's code): each against its definition
+    on inputs where every other choice gives another number."""
+    from fastclr.evaluation.quality import feature_quality
+
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(14, 6, generator=g, dtype=torch.float64) * torch.tensor([4.0, 2.0, 1.0, 0.5, 0.2, 0.1],
+                                                                            dtype=torch.float64)
+    v1 = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    v2 = v1 + 0.3 * torch.randn(10, 6, generator=g, dtype=torch.float64)
+    v2[:, 0] += 2.0  # the second view's cloud is shifted: its uniformity is not the first's
+
+    def unit(z: torch.Tensor) -> torch.Tensor:
+        return z / z.norm(dim=1, keepdim=True)
+
+    def uniform(z: torch.Tensor) -> float:
+        u = unit(z)
+        terms = [math.exp(-2 * float((u[i] - u[j]).pow(2).sum())) for i in range(len(u)) for j in range(len(u)) if i != j]
+        return math.log(sum(terms) / len(terms))
+
+    s = torch.linalg.svdvals(h)
+    p = s / s.sum()
+    q = feature_quality(h, v1, v2)
+    assert q["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-9)
+    assert q["alignment"] == pytest.approx(float((unit(v1) - unit(v2)).pow(2).sum(1).mean()), rel=1e-9)
+    assert q["uniformity"] == pytest.approx(0.5 * (uniform(v1) + uniform(v2)), rel=1e-9)
+    assert abs(uniform(v1) - uniform(v2)) > 0.05 and q["feature_dim"] == 6
+
+
+def test_the_untrained_encoder_is_the_seeded_initialisation_in_eval_mode() -> None:
+    """What the untrained reference measures: the weights torch.manual_seed(seed) then the spec's
+    encoder give, in eval mode (BatchNorm on its running statistics), the caller's random state
+    untouched."""
+    from fastclr.evaluation.reference import untrained_encoder
+    from fastclr.models import EncoderSpec, encoder_from_spec
+
+    spec = EncoderSpec("cnn", 1, 28, 0.125, "off", 64, (0.5,), (0.25,), "32|256|fc512")
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    enc = untrained_encoder(spec, 4, torch.device("cpu"))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not any(m.training for m in enc.modules())
+    torch.manual_seed(4)
+    want = encoder_from_spec(spec).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in enc.state_dict().items())
+
+
+def test_finetune_trains_a_copy_with_its_recipe_and_the_scratch_runs_with_the_setups(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """For each label fraction and seed: the fine-tuned run gets a copy of the encoder, the frozen
+    features of the subset's images, and the fine-tuning recipe; the from-scratch run gets the
+    setup's own recipe (the supervised baseline's); scratch_mean is the mean of the scratch runs."""
+    import fastclr.evaluation.finetune as finetune_module
+    from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
+    from fastclr.runtime import FP32
+
+    labels = np.repeat(np.arange(4), 25)
+    scratch_recipe = TrainRecipe(5, 8, 1e-3, 0.0, 0.0, 0.25, 0.5)
+    tuned_recipe = TrainRecipe(7, 4, 1e-2, 0.0, 0.0, 0.0, 0.5)
+    images = np.zeros((100, 4, 4, 1), np.uint8)
+    setup = LabelledSetup(images, labels, images[:8], labels[:8], ["a", "b", "c", "d"], torch.tensor([0.0]),
+                          torch.tensor([1.0]), 4, torch.device("cpu"), FP32, scratch_recipe)
+    encoder = torch.nn.Linear(3, 3)
+    train_x = torch.arange(100.0)[:, None].repeat(1, 3)  # row i holds i: which rows were passed is seen
+    tuned_acc, scratch_acc = {0: 0.5, 1: 0.7}, {0: 0.2, 1: 0.3}
+    seen: list[tuple[str, int, TrainRecipe]] = []
+
+    def probe_then_finetune(backbone, subset_x, test_x, s, idx, seed):  # type: ignore[no-untyped-def]
+        assert backbone is not encoder and torch.equal(subset_x[:, 0], torch.from_numpy(idx).float())
+        seen.append(("tuned", seed, s.recipe))
+        return None, {"accuracy": tuned_acc[seed], "linear_accuracy": 0.0}
+
+    def train_from_scratch(spec, s, idx, seed):  # type: ignore[no-untyped-def]
+        seen.append(("scratch", seed, s.recipe))
+        return {"accuracy": scratch_acc[seed]}
+
+    monkeypatch.setattr(finetune_module, "probe_then_finetune", probe_then_finetune)
+    monkeypatch.setattr(finetune_module, "train_from_scratch", train_from_scratch)
+    out = finetune_module.finetune(encoder, None, train_x, train_x[:8], setup, tuned_recipe,  # type: ignore[arg-type]
+                                   (0.2,), (0, 1))
+    assert seen == [("tuned", 0, tuned_recipe), ("scratch", 0, scratch_recipe),
+                    ("tuned", 1, tuned_recipe), ("scratch", 1, scratch_recipe)]
+    entry = out[0]
+    assert entry["fraction"] == 0.2 and entry["labels_per_class"] == 5
+    assert entry["mean"] == pytest.approx(0.6) and entry["scratch_mean"] == pytest.approx(0.25)
+
+
+def test_the_few_label_curve_scores_each_subsets_probe_on_the_test_split() -> None:
+    """Each run's accuracy is the probe fitted on that seed's subset scored on the test features:
+    with test labels that disagree with the training ones it is near 0, where the subset's own
+    accuracy would be near 1."""
+    from fastclr.evaluation.fewshot import fewshot_fit, fewshot_probe
+    from fastclr.evaluation.subsets import stratified_subset
+
+    g = torch.Generator().manual_seed(0)
+    centres = 6 * torch.randn(4, 5, generator=g)
+    y, yt = torch.arange(200) % 4, torch.arange(80) % 4
+    x, xt = centres[y] + torch.randn(200, 5, generator=g), centres[yt] + torch.randn(80, 5, generator=g)
+    wrong = (yt + 1) % 4
+    out = fewshot_probe(x, y.numpy(), xt, wrong.numpy(), (5,), (3,), ["a", "b", "c", "d"])
+    (run,) = out[0]["runs"]
+    idx = torch.from_numpy(stratified_subset(y.numpy(), 5, 3, ["a", "b", "c", "d"]))
+    assert run["accuracy"] == fewshot_fit(x[idx], y[idx], xt, wrong, 3).accuracy < 0.2

@@ -523,3 +523,35 @@ def test_fine_tuning_starts_from_the_probe_and_keeps_batchnorm_statistics() -> N
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights and running statistics alike
     assert 0.0 < out["linear_accuracy"] < 1.0 and out["accuracy"] == out["linear_accuracy"]
+
+
+def test_the_tables_protocol_and_curve_rows_show_each_protocols_own_figures() -> None:
+    """Every figure distinct, so a cell showing another one is seen: each protocol row its own
+    accuracy, its untrained figure and its lift (trained minus untrained); the curve's untrained
+    column the untrained curve; and a labels-per-class point only the baseline measured still a row."""
+    import re
+
+    from fastclr.evaluation.table import format_table
+
+    def curve(accs: dict[int, float]) -> dict[str, Any]:
+        return {"curve": [{"labels_per_class": n, "mean": a, "std": 0.0, "runs": [{"subset": f"s{n}", "accuracy": a}]}
+                          for n, a in accs.items()]}
+
+    protocols: dict[str, Any] = {
+        "linear": {"accuracy": 0.91, "labels": 100, "random_init": {"accuracy": 0.62}},
+        "knn": {"accuracy": 0.83, "k": 20, "random_init": {"accuracy": 0.41}},
+        "pixels": {"linear_accuracy": 0.55, "knn_accuracy": 0.47},
+        "fewshot": {**curve({2: 0.7}), "random_init_curve": curve({2: 0.3})["curve"]},
+        "supervised": curve({2: 0.6, 5: 0.5}),
+    }
+    out = {"run_dir": "R", "dataset": "d", "total_seconds": 1.0, "encoder": {"encoder": "cnn", "feature_dim": 8},
+           "protocols": protocols, "lift": lift_summary(protocols)}
+    rows = [re.split(r"\s{2,}", line.strip()) for line in format_table(out).splitlines()]
+    assert ["linear probe on h", "all (100)", "91.00%", "62.00%", "+29.00 points"] in rows
+    assert ["kNN on h (k=20)", "all", "83.00%", "41.00%", "+42.00 points"] in rows
+    assert ["linear probe on pixels", "all", "55.00%"] in rows and ["kNN on pixels", "all", "47.00%"] in rows
+    assert ["labels/class", "linear probe on h", "same net untrained", "supervised from scratch",
+            "probe over scratch, same labels"] in rows
+    assert ["2", "70.00% (1 seed)", "30.00% (1 seed)", "60.00% (1 seed)", "+10.00 points (1 subset)"] in rows
+    assert ["5", "-", "-", "50.00% (1 seed)", "-"] in rows
+    assert not any(line.startswith("FLAG") for line in format_table(out).splitlines())

@@ -305,3 +305,96 @@ def test_features_holding_nan_or_inf_are_one_line_not_chance_or_a_traceback() ->
     for train_x, test_x, which in ((x, bad, "the queries' features"), (bad, x, "the bank's features")):
         with pytest.raises(FastclrError, match=f"{which} hold NaN or infinite values"):
             knn_accuracy(train_x, y, test_x, y, k=5)
+
+
+def test_knn_accuracy_weighs_votes_with_its_tau() -> None:
+    """A query whose nearest neighbour (cosine 0.9) is of class 0 and whose next two (0.8 each) are
+    of class 1: at tau 0.07 one vote of exp(0.9 / tau) outweighs two of exp(0.8 / tau), at tau 1
+    it does not (float64 closed form), and knn_accuracy follows the tau it is given."""
+    angles = torch.tensor([np.arccos(0.9), np.arccos(0.8), -np.arccos(0.8), np.pi], dtype=torch.float64)
+    bank = torch.stack([angles.cos(), angles.sin()], 1).float()
+    labels = torch.tensor([0, 1, 1, 0])
+    query, truth = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    for tau in (0.07, 1.0):
+        class0, class1 = np.exp(0.9 / tau), 2 * np.exp(0.8 / tau)
+        want = float(class0 > class1)
+        assert knn_accuracy(bank, labels, query, truth, k=3, tau=tau) == want
+        assert int(knn_predict(bank, labels, query, 3, tau)[0]) == int(class1 > class0)
+    assert {knn_accuracy(bank, labels, query, truth, k=3, tau=tau) for tau in (0.07, 1.0)} == {0.0, 1.0}
+
+
+def test_a_k_beyond_the_bank_takes_every_row() -> None:
+    """k larger than the bank: every bank row is a neighbour, most similar first, and all of them
+    vote (here the two farther rows of class 1 outvote the nearest, of class 0, at tau 1; the
+    nearest two alone would not)."""
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]])  # cosines 1, 0.8, 0.8
+    sims, rows = cosine_topk(bank, torch.tensor([[1.0, 0.0]]), 5)
+    want = sorted(range(3), key=lambda i: -float(bank[i, 0] / bank[i].norm()))
+    assert rows.tolist() == [want] and sims.shape == (1, 3)
+    votes = [0.0, 0.0]
+    for i, c in enumerate([0, 1, 1]):
+        votes[c] += float(np.exp(float(bank[i, 0] / bank[i].norm()) / 1.0))
+    assert votes[1] > votes[0]
+    assert knn_predict(bank, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), k=10, tau=1.0).tolist() == [1]
+
+
+def test_the_excluded_row_is_never_returned_from_a_bf16_shortlist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries that are bank rows excluding themselves: with the bf16 shortlist (forced on, as on
+    a CPU with bf16 units) as short as k, the query's own row may not take a shortlist place; the
+    rows returned are those of the exact fp32 search."""
+    monkeypatch.setattr("fastclr.evaluation.knn.bf16_native_on", lambda device_type: True)
+    g = torch.Generator().manual_seed(2)
+    bank = torch.randn(40, 6, generator=g)
+    own = torch.arange(10)
+    _, exact = cosine_topk(bank, bank[:10], 4, FP32, exclude=own)
+    _, rows = cosine_topk(bank, bank[:10], 4, Precision("bf16", "test"), shortlist=1, exclude=own)
+    assert all(i not in r for i, r in zip(own.tolist(), rows.tolist()))
+    assert torch.equal(rows, exact)
+
+
+def test_the_excluded_row_stays_out_when_near_ties_are_ranked_again() -> None:
+    """A query excluding its own row, asked for as many neighbours as the bank holds, with two
+    identical rows (a near tie, ranked again on recomputed similarities): the two real neighbours
+    come first, in row order; the excluded row is not ranked above them."""
+    bank = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.6, 0.8, 0.0]])
+    sims, rows = cosine_topk(bank, bank[[0]], 3, FP32, exclude=torch.tensor([0]))
+    assert rows[0, :2].tolist() == [1, 2] and sims[0, :2].tolist() == pytest.approx([0.6, 0.6])
+
+
+def test_the_few_label_probe_chooses_l2_on_a_seeded_fifth_over_the_whole_short_grid(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fewshot_fit as fastclr.evaluation.fewshot documents it: every penalty of the full probe's grid
+    but its weakest is fitted (the walk does not stop at the first fall: held-out accuracy is coarse
+    with few labels), on the class-balanced fifth that `stratified_folds` deals for the subset's seed
+    held out, at the selection's iterations; the best is refitted on all rows at the final fit's,
+    every fit standardised with the given statistics."""
+    from fastclr.evaluation.fewshot import FEWSHOT_ITERS, fewshot_fit
+
+    scripted = {1e-1: 0.8, 1e-2: 0.7, 1e-3: 0.9}  # a fall, then the best
+    x, y = blobs(100, 3, 4, 0)
+    given = (torch.zeros(3), torch.ones(3))
+    fitted: list[tuple[float, int, int]] = []
+    held_out: list[frozenset[int]] = []
+
+    class Fake:
+        def __init__(self, l2: float) -> None:
+            self.l2 = l2
+
+        def accuracy(self, xv: torch.Tensor, yv: torch.Tensor) -> float:
+            if len(xv) < len(x):
+                held_out.append(frozenset(int(i) for i in (xv[:, None, :] == x[None]).all(-1).nonzero()[:, 1]))
+            return scripted[self.l2]
+
+    def fake_fit(xf, yf, k, l2, max_iter=300, init=None, feature_dtype=torch.float32, stats=None):  # type: ignore[no-untyped-def]
+        assert stats is given
+        fitted.append((l2, len(xf), max_iter))
+        return Fake(l2)
+
+    monkeypatch.setattr(probe_module, "fit_logistic_regression", fake_fit)
+    res = fewshot_fit(x, y, x, y, seed=7, stats=given)
+    select, final = FEWSHOT_ITERS[1], FEWSHOT_ITERS[0]
+    assert fitted == [(l2, 80, select) for l2 in sorted(L2_GRID[1:], reverse=True)] + [(1e-3, 100, final)]
+    assert res.l2 == 1e-3
+    fifth = frozenset(np.flatnonzero(stratified_folds(y.numpy(), 5, 7) == 0).tolist())
+    assert held_out and all(rows == fifth for rows in held_out)
+    assert fifth != frozenset(np.flatnonzero(stratified_folds(y.numpy(), 5, 0) == 0).tolist())

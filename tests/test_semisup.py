@@ -19,7 +19,7 @@ from eval_fixtures import one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_
 from fastclr.cli import main
 from fastclr.data import Dataset, ImageSet
 from fastclr.errors import FastclrError
-from fastclr.evaluation.classifier import TrainRecipe
+from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
 from fastclr.evaluation.features import extract_features, prepare_images, state_checksum
 from fastclr.evaluation.subsets import stratified_subset, subset_id
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
@@ -308,6 +308,8 @@ def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pyte
     ("distill", ["--temperature", "inf"], "--temperature must be a finite number above 0, got inf"),
     ("distill", ["--label-weight", "2"], "--label-weight must be in [0, 1], got 2.0"),
     ("finetune", ["--labels-per-class", "0"], "--labels-per-class must be at least 1, got 0"),  # not "give one of"
+    ("distill", ["--temperature", "0"], "--temperature must be a finite number above 0, got 0.0"),
+    ("distill", ["--shift", "0.5"], "--shift 0.5 must be in [0, 0.5)"),
 ])
 def test_bad_settings_are_one_line_before_anything_is_read_or_made(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flags: list[str], said: str) -> None:
@@ -528,12 +530,173 @@ def test_distil_refuses_a_student_from_an_encoder_the_teacher_was_not_fine_tuned
         (teacher / "finetune.json").read_text())["run_encoder_sha256"]
 
 
+def labelled_setup_of(x: np.ndarray, y: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> LabelledSetup:
+    """A CPU, fp32 LabelledSetup of three classes training on x, y and testing on them too."""
+    from fastclr.runtime import FP32
+
+    return LabelledSetup(x, y, x, y, ["a", "b", "c"], mean, std, 28, torch.device("cpu"), FP32,
+                         TrainRecipe(1, 4, 1e-3, 0.0, 0.0, 0.0, 0.0))
+
+
+def test_the_teacher_gives_its_eval_mode_logits_without_gradients_or_moving() -> None:
+    """The teacher is fixed: handed over in train mode, its targets are still its eval-mode logits
+    (BatchNorm on running statistics, which do not move), and the loss's gradient reaches the
+    student's logits only, none of the teacher's parameters."""
+    from conftest import synthetic_images
+
+    spec = EncoderSpec("cnn", 1, 28, 0.125, "off", 64, (0.5,), (0.25,), "32|256|fc512")
+    torch.manual_seed(0)
+    teacher = Classifier(encoder_from_spec(spec), torch.nn.Sequential(), torch.nn.Linear(spec.feature_dim, 3))
+    x, y = synthetic_images(8, 28, seed=5, classes=3)
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+    setup = labelled_setup_of(x, y, mean, std)
+    batch = prepare_images(torch.from_numpy(x[:4]), mean, std, 28)
+    with torch.no_grad():
+        want = teacher.eval()(batch)
+    teacher.train()
+    before = state_checksum(teacher)
+    known = known_labels(8, np.array([1]), y[[1]])
+    logits = torch.randn(4, 3, requires_grad=True)
+    b = torch.arange(4)
+    loss = distillation_objective(teacher, known, 2.0, 0.25, setup, "same")(batch, logits, b)
+    loss.backward()
+    formula = distillation_loss(logits.detach(), want, torch.from_numpy(known[:4]), 2.0, 0.25)
+    assert float(loss.detach()) == pytest.approx(float(formula), rel=1e-5)
+    assert logits.grad is not None and all(p.grad is None for p in teacher.parameters())
+    assert state_checksum(teacher) == before
+
+
+def test_the_neck_is_a_copy_that_trains_apart_from_the_run_head() -> None:
+    """neck_of copies the head's layers: changing the classifier's neck (fine-tuning trains it)
+    leaves the projection head as it was."""
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 10, out_dim=6, layers=3, batch_norm=True)
+    before = state_checksum(head)
+    neck = neck_of(head, 2)
+    with torch.no_grad():
+        for p in neck.parameters():
+            p.add_(1.0)
+    neck.train()(torch.randn(5, 12))  # a train-mode pass moves the neck's BatchNorm statistics
+    assert state_checksum(head) == before
+
+
+def test_exactly_one_of_labels_per_class_and_label_fraction() -> None:
+    """Both given (possible from Python, not from the command line) or neither: one line, not a
+    silent preference for one of them."""
+    from fastclr.semisup.pipeline import _per_class
+
+    labels = np.repeat(np.arange(3), 10)
+    for both_or_neither in (FinetuneOptions(labels_per_class=5, label_fraction=0.1), FinetuneOptions()):
+        with pytest.raises(FastclrError, match="give exactly one of --labels-per-class N and --label-fraction F"):
+            _per_class(both_or_neither, labels, 3)
+    assert _per_class(FinetuneOptions(labels_per_class=5), labels, 3) == 5
+
+
+def test_finetune_draws_its_subset_with_its_seed_and_trains_with_the_fine_tuning_recipe(
+        run: Run, finetuned: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--seed picks the labelled subset (evaluate's for that seed), and the fine-tuning is trained
+    with evaluate's fine-tuning recipe, the baseline with its from-scratch one; both as recorded."""
+    import fastclr.semisup.pipeline as pipeline
+
+    run_dir, ds = run
+    assert ds.train is not None and ds.train.labels is not None
+    seen: dict[str, Any] = {}
+    real_tune, real_scratch = pipeline.probe_then_finetune, pipeline.train_from_scratch
+
+    def tune(backbone: Any, subset_x: Any, test_x: Any, setup: Any, idx: np.ndarray, seed: int) -> Any:
+        seen.update(idx=idx, tune=setup.recipe, seed=seed)
+        return real_tune(backbone, subset_x, test_x, setup, idx, seed)
+
+    def scratch(spec: Any, setup: Any, idx: np.ndarray, seed: int, *rest: Any) -> Any:
+        seen.update(scratch=setup.recipe, scratch_idx=idx)
+        return real_scratch(spec, setup, idx, seed, *rest)
+
+    monkeypatch.setattr(pipeline, "probe_then_finetune", tune)
+    monkeypatch.setattr(pipeline, "train_from_scratch", scratch)
+    o = dataclasses.replace(FT, seed=1, steps=1, from_head_layer=0)
+    r = finetune_run(run_dir, o, out=tmp_path / "ft", dataset=ds, log=lambda s: None)
+    subset = stratified_subset(ds.train.labels, 5, 1)
+    assert np.array_equal(seen["idx"], subset) and np.array_equal(seen["scratch_idx"], subset) and seen["seed"] == 1
+    assert r["subset"] == subset_id(subset) != finetuned["subset"]
+    ev = dataclasses.replace(EvaluateOptions(), steps=1, batch_size=o.batch_size, lr=o.lr)
+    flip = load_run(run_dir).config.augment.flip_p
+    assert seen["tune"] == ev.recipe(flip, finetune=True) and r["recipe"] == dataclasses.asdict(seen["tune"])
+    assert seen["scratch"] == ev.recipe(flip) and r["baseline_recipe"] == dataclasses.asdict(seen["scratch"])
+    assert seen["tune"] != seen["scratch"]  # the two recipes differ (in their shifts): which one trained is seen
+
+
+def test_distill_trains_with_its_options_on_the_teachers_labelled_images(
+        run: Run, finetuned: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With unlabelled images before the train split in the pool, the labelled positions handed to
+    the student's training are the teacher's subset (its images and labels, not the pool's first
+    rows); --seed, --shift, --temperature, --label-weight and --teacher-views reach it."""
+    import fastclr.semisup.pipeline as pipeline
+
+    run_dir, ds = run
+    assert ds.train is not None and ds.train.labels is not None
+    extra = np.ascontiguousarray(ds.train.images[:150, :, ::-1])
+    pool = Dataset(ds.name, ImageSet(np.concatenate([extra, ds.train.images]), None), ds.train, ds.test, ds.classes,
+                   unlabelled=len(extra))
+    seen: dict[str, Any] = {}
+    real = pipeline.distill
+
+    def spy(teacher: Any, student: Any, setup: Any, labelled: np.ndarray, temperature: float, label_weight: float,
+            seed: int, teacher_views: str = "same") -> Any:
+        seen.update(setup=setup, labelled=labelled, options=(temperature, label_weight, seed, teacher_views))
+        return real(teacher, student, setup, labelled, temperature, label_weight, seed, teacher_views)
+
+    monkeypatch.setattr(pipeline, "distill", spy)
+    o = dataclasses.replace(DS, steps=1, seed=3, shift_fraction=0.0, temperature=3.0, label_weight=0.25,
+                            teacher_views="same")
+    r = distill_run(Path(finetuned["out"]), o, out=tmp_path / "student", dataset=pool, log=lambda s: None)
+    subset = stratified_subset(ds.train.labels, 5, 0)
+    setup, labelled = seen["setup"], seen["labelled"]
+    assert np.array_equal(setup.train_images[labelled], ds.train.images[subset])
+    assert np.array_equal(setup.train_labels[labelled], ds.train.labels[subset])
+    assert seen["options"] == (3.0, 0.25, 3, "same") and r["seed"] == 3 and r["subset"] == finetuned["subset"]
+    assert setup.recipe.shift_fraction == 0.0 == r["recipe"]["shift_fraction"] != DistillOptions().shift_fraction
+
+
+def test_the_command_lines_flags_reach_the_options(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Every flag of `fastclr finetune` and `fastclr distill` lands in its own option, each given a
+    value other than its default."""
+    import fastclr.semisup.pipeline as pipeline
+
+    got: dict[str, Any] = {}
+
+    def fake_finetune(run_dir: Path, o: FinetuneOptions, out: Any = None, log: Any = print) -> dict[str, Any]:
+        got["finetune"] = (run_dir, o, out)
+        return {"labels": 10, "accuracy": 0.5, "linear_accuracy": 0.4, "baseline_accuracy": 0.3, "out": str(out)}
+
+    def fake_distill(teacher_dir: Path, o: DistillOptions, out: Any = None, log: Any = print) -> dict[str, Any]:
+        got["distill"] = (teacher_dir, o, out)
+        return {"accuracy": 0.5, "teacher_accuracy": 0.6, "out": str(out)}
+
+    monkeypatch.setattr(pipeline, "finetune_run", fake_finetune)
+    monkeypatch.setattr(pipeline, "distill_run", fake_distill)
+    machine = ["--device", "cpu", "--precision", "fp32", "--threads", "1", "--quiet"]
+    assert main(["finetune", "R", "--label-fraction", "0.1", "--seed", "2", "--from-head-layer", "1", "--steps", "3",
+                 "--batch-size", "5", "--lr", "0.5", "--baseline", "--out", "O", *machine]) == 0
+    assert got["finetune"] == (Path("R"), FinetuneOptions(
+        labels_per_class=0, label_fraction=0.1, seed=2, from_head_layer=1, steps=3, batch_size=5, lr=0.5, baseline=True,
+        device="cpu", precision="fp32", threads=1), "O")
+    assert main(["finetune", "R", "--labels-per-class", "7", *machine]) == 0
+    assert got["finetune"][1].labels_per_class == 7 and got["finetune"][1].label_fraction == 0.0
+    assert main(["distill", "T", "--steps", "7", "--batch-size", "9", "--lr", "0.02", "--temperature", "2.5",
+                 "--label-weight", "0.25", "--student-width", "0.5", "--student-init", "random", "--teacher-views",
+                 "same", "--shift", "0.1", "--seed", "4", "--out", "O", *machine]) == 0
+    assert got["distill"] == (Path("T"), DistillOptions(
+        steps=7, batch_size=9, lr=0.02, temperature=2.5, label_weight=0.25, student_width=0.5, student_init="random",
+        teacher_views="same", shift_fraction=0.1, seed=4, device="cpu", precision="fp32", threads=1), "O")
+    assert "distilled student: test accuracy 50.00% (teacher 60.00%)" in capsys.readouterr().out
+
+
 def test_features_and_distillation_leave_a_classifier_in_the_mode_it_was_in() -> None:
     """`Classifier.backbone()` is a new wrapper, in train mode as every new module: reading h
     through it, and `distill`'s closing accuracies of the teacher and the student (read through it),
     leave every module of each classifier in its own mode, not the wrapper's. In train mode one
     image would raise in BatchNorm, and a batch's results would depend on its other images."""
-    from fastclr.evaluation.classifier import LabelledSetup
     from fastclr.runtime import FP32
 
     torch.manual_seed(0)
