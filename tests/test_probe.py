@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import synthetic_images
@@ -355,10 +356,30 @@ def test_the_excluded_row_is_never_returned_from_a_bf16_shortlist(monkeypatch: p
 def test_the_excluded_row_stays_out_when_near_ties_are_ranked_again() -> None:
     """A query excluding its own row, asked for as many neighbours as the bank holds, with two
     identical rows (a near tie, ranked again on recomputed similarities): the two real neighbours
-    come first, in row order; the excluded row is not ranked above them."""
+    are returned, in row order, and the excluded row is not (neither by the search nor by the
+    ranking again)."""
     bank = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.6, 0.8, 0.0]])
     sims, rows = cosine_topk(bank, bank[[0]], 3, FP32, exclude=torch.tensor([0]))
-    assert rows[0, :2].tolist() == [1, 2] and sims[0, :2].tolist() == pytest.approx([0.6, 0.6])
+    assert rows.tolist() == [[1, 2]] and sims[0].tolist() == pytest.approx([0.6, 0.6])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_k_beyond_the_bank_never_returns_the_excluded_row(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    """Queries that are the bank's rows, each excluding its own, asked for more neighbours than the
+    bank holds: each gets the n - 1 others, most similar first (a brute-force float64 ranking), in
+    the exact search and the bf16 shortlist alike; a bank of one row gives no neighbour."""
+    monkeypatch.setattr("fastclr.evaluation.knn.bf16_native_on", lambda device_type: bf16)
+    precision = Precision("bf16", "test") if bf16 else FP32
+    bank = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    sims, rows = cosine_topk(bank, bank, 9, precision, exclude=torch.arange(5))
+    unit = F.normalize(bank.double(), dim=1)
+    cos = unit @ unit.T
+    for i in range(5):
+        want = sorted((j for j in range(5) if j != i), key=lambda j: -float(cos[i, j]))
+        assert rows[i].tolist() == want
+        assert sims[i].tolist() == pytest.approx([float(cos[i, j]) for j in want], abs=1e-6)
+    sims, rows = cosine_topk(bank[:1], bank[:1], 3, precision, exclude=torch.tensor([0]))
+    assert rows.shape == sims.shape == (1, 0)
 
 
 def test_the_few_label_probe_chooses_l2_on_a_seeded_fifth_over_the_whole_short_grid(

@@ -42,17 +42,16 @@ def _exact(unit_bank: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, budget:
 
 
 def _rank_exactly(unit_bank: torch.Tensor, q: torch.Tensor, sim: torch.Tensor, row: torch.Tensor, val: torch.Tensor,
-                  close: torch.Tensor, near: float, own: torch.Tensor | None) -> None:
+                  close: torch.Tensor, near: float) -> None:
     """For the queries marked `close` (q,), rank every row whose product value in `sim` (q, N) is
     within `near` of their k-th or above again, on `_exact` values; `row` and `val` (q, k) are
-    updated in place."""
+    updated in place. An excluded row (-2 in `sim`) is never among them: k < N then, so the k-th
+    is a cosine, at least -1."""
     k = row.shape[1]
     kth = val.min(1).values
     for i in close.nonzero()[:, 0].tolist():
         cand = (sim[i] >= kth[i] - near).nonzero()[:, 0][None]  # (1, c), c >= k, ascending
         exact = _exact(unit_bank, q[i : i + 1], cand)
-        if own is not None:
-            exact = exact.masked_fill(cand == own[i], -2.0)
         pos = topk_columns(exact, k)
         row[i], val[i] = cand.gather(1, pos)[0], exact.gather(1, pos)[0]
 
@@ -83,12 +82,16 @@ def cosine_topk(
     so results differ from the exact search only if a true neighbour falls outside the shortlist (on
     12544-d Fashion-MNIST features all 10k test predictions were equal with shortlist 2: 37 s
     against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the product is fp32.
-    exclude: (Q,) a bank row each query must not return (itself, when queries come from the bank).
+    exclude: (Q,) a bank row each query must not return (itself, when queries come from the bank);
+    with it, at most n - 1 rows are returned, so a k beyond the bank never returns the excluded one.
     """
     dtype = torch.promote_types(bank.dtype, torch.float32)
     unit_bank = F.normalize(bank.to(dtype), dim=1)
     n = unit_bank.shape[0]
-    k = min(k, n)
+    k = min(k, n if exclude is None else n - 1)
+    if k < 1:  # a bank of one row that each query excludes: no neighbour
+        empty = torch.empty(queries.shape[0], 0, device=unit_bank.device)
+        return empty.to(dtype), empty.long()
     native = precision.name == "bf16" and bf16_native_on(unit_bank.device.type)  # a GPU run's bank may be on the CPU
     m = min(shortlist * k, n) if native and shortlist > 0 else 0
     bank16 = unit_bank.to(torch.bfloat16) if m else None
@@ -115,7 +118,7 @@ def cosine_topk(
             val = sim.gather(1, row)
             # values this close among the k nearest, or between the k-th and the next, may be one row twice
             close = (top.values[:, :-1] - top.values[:, 1:] <= near).any(1)
-            _rank_exactly(unit_bank, q, sim, row, val, close, near, own)
+            _rank_exactly(unit_bank, q, sim, row, val, close, near)
         by_value = val.sort(dim=1, descending=True, stable=True).indices  # equal similarities stay in row order
         sims.append(val.gather(1, by_value))
         rows.append(row.gather(1, by_value))
