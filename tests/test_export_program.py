@@ -200,3 +200,44 @@ def test_export_refuses_a_name_that_does_not_fit_and_leaves_the_file(tmp_path: P
     assert spec.encoder == "cnn" and not enc.training
     assert all(torch.equal(v, load_encoder(run / "encoder.safetensors")[0].state_dict()[k])
                for k, v in enc.state_dict().items())
+
+
+def test_the_metadata_records_the_standardisation_and_the_configs_hash() -> None:
+    """What every export says about itself: the architecture and input, the mean and std to
+    standardise with (per channel), and the SHA-256 of the run's config.toml text, so the config that
+    trained it can be told from any other."""
+    import hashlib
+
+    from fastclr.export import export_metadata
+
+    spec = EncoderSpec("resnet18", 3, 32, 0.5, "on", 256, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    text = '[model]\nencoder = "resnet18"\n'
+    meta = export_metadata(spec, text)
+    assert json.loads(meta["mean"]) == [0.1, 0.2, 0.3] and json.loads(meta["std"]) == [0.4, 0.5, 0.6]
+    assert (meta["architecture"], meta["image_size"], meta["in_channels"], meta["width"], meta["cifar_stem"]) == \
+        ("resnet18", "32", "3", "0.5", "on")
+    assert meta["config_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert export_metadata(spec, text.replace("resnet18", "resnet34"))["config_sha256"] != meta["config_sha256"]
+
+
+def test_an_onnx_model_whose_h_is_not_a_number_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN is within no tolerance: a model whose onnxruntime h is NaN where PyTorch's is a number is
+    refused, and nothing is written."""
+    import numpy as np
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    class NotANumber:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.session = real(*args, **kwargs)  # type: ignore[arg-type]
+
+        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return [np.full_like(h, np.nan) for h in self.session.run(names, feeds)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", NotANumber)
+    enc = build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512")
+    spec = EncoderSpec("cnn", 1, 28, 1.0, "auto", 0, (0.5,), (0.25,))
+    with pytest.raises(FastclrError, match="differs from PyTorch's by nan"):
+        export_encoder(enc, spec, "", "onnx", tmp_path / "enc.onnx")
+    assert not (tmp_path / "enc.onnx").exists()

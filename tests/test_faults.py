@@ -523,3 +523,94 @@ def test_a_process_told_to_die_with_its_parent_gets_the_signal_when_the_parent_i
     finally:
         parent.kill()
     assert got.read_text() == "SIGTERM"
+
+
+@pytest.mark.parametrize("alter", ["none", "rename-key", "list-item", "nested-in-list", "dtype"])
+def test_the_checksum_covers_every_key_list_item_and_dtype(tmp_path: Path, alter: str) -> None:
+    """A checkpoint altered anywhere fails its checksum: a tensor moved under another key, a value in
+    a list (the optimiser's param_groups, an anchor), one in a dict inside a list, a tensor read as
+    another dtype with the same bytes and shape. Saved again unaltered, it verifies."""
+    path = save_checkpoint(tmp_path, {"step": 4, "w": torch.arange(4, dtype=torch.int32), "anchor": [3, 0.5],
+                                      "groups": [{"lr": 0.1, "params": [0, 1]}]})
+    raw = torch.load(path, weights_only=True)
+    if alter == "rename-key":
+        raw["v"] = raw.pop("w")
+    elif alter == "list-item":
+        raw["anchor"][1] = 0.25
+    elif alter == "nested-in-list":
+        raw["groups"][0]["lr"] = 1.0
+    elif alter == "dtype":
+        raw["w"] = raw["w"].view(torch.float32)
+    torch.save(raw, path)
+    if alter == "none":
+        assert torch.equal(load_checkpoint(path)["w"], torch.arange(4, dtype=torch.int32))
+    else:
+        with pytest.raises(CheckpointError, match="fails its checksum"):
+            load_checkpoint(path)
+
+
+def test_a_checkpoint_of_another_format_is_refused_even_with_a_valid_checksum(tmp_path: Path) -> None:
+    """A file whose checksum verifies but whose format is not this version's (a later fastclr's) is
+    not read as if it were one."""
+    from fastclr.checkpoint import FORMAT, checkpoint_name, content_sha256
+
+    payload = {"step": 3, "w": torch.ones(2), "format": FORMAT + 1, "fastclr_version": "99.0"}
+    payload["sha256"] = content_sha256(payload)
+    path = tmp_path / "checkpoints" / checkpoint_name(3)
+    path.parent.mkdir()
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"is not a fastclr checkpoint of format {FORMAT}"):
+        load_checkpoint(path)
+
+
+def test_a_failed_write_deletes_no_older_checkpoint_and_names_the_newest(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older checkpoints are deleted only once the new one is written: the disk full while writing a
+    third (keep=2) leaves both earlier ones, and the message names the newer as the one to go on from."""
+    first = save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(3)})
+    second = save_checkpoint(tmp_path, {"step": 2, "w": torch.full((3,), 2.0)})
+
+    def full_disk(obj, f):  # type: ignore[no-untyped-def]
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fastclr.checkpoint.torch.save", full_disk)
+    with pytest.raises(FastclrError, match="the previous checkpoint step-000000002.pt is intact"):
+        save_checkpoint(tmp_path, {"step": 3, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path) == [first, second]
+    assert torch.equal(load_checkpoint(second)["w"], torch.full((3,), 2.0))
+
+
+def test_only_files_named_as_checkpoints_are_listed_and_pruned(tmp_path: Path) -> None:
+    """A user's copy beside the checkpoints (step-000000001.pt.bak, step-1.pt) is not a checkpoint:
+    never resumed from, never deleted when newer checkpoints are kept."""
+    from fastclr.checkpoint import checkpoint_name
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    mine = [folder / "step-000000001.pt.bak", folder / "step-1.pt", folder / "step-0000000001.pt"]
+    for p in mine:
+        p.write_bytes(b"mine")
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.zeros(1)}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(3), checkpoint_name(4)]
+    assert all(p.read_bytes() == b"mine" for p in mine)
+
+
+def test_the_first_checkpoint_and_the_folder_it_makes_are_flushed_to_disk(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss after the first save keeps the checkpoint: its bytes, its name in the checkpoints
+    folder and that new folder's name in the run directory are each fsynced."""
+    synced: set[tuple[int, int]] = set()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(2)})
+    identity = {(os.stat(p).st_dev, os.stat(p).st_ino) for p in (tmp_path, path.parent, path)}
+    assert identity <= synced

@@ -265,3 +265,246 @@ def test_eval_mode_for_a_while_gives_each_submodule_its_own_mode_back() -> None:
     with pytest.raises(RuntimeError), in_eval_mode(wrapper):
         raise RuntimeError("a failed forward")
     assert [m.training for m in wrapper.modules()] == before
+
+
+def _batch_norm(t: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    """BatchNorm in training mode, in float64: the batch's statistics (biased variance) per channel."""
+    dims = (0,) + tuple(range(2, t.ndim))
+    shape = (1, -1) + (1,) * (t.ndim - 2)
+    mean, var = t.mean(dims, keepdim=True), t.var(dims, unbiased=False, keepdim=True)
+    return (t - mean) / (var + bn.eps).sqrt() * bn.weight.double().view(shape) + bn.bias.double().view(shape)
+
+
+def _randomise_batchnorm(module: nn.Module) -> None:
+    """Move every BatchNorm's affine away from its initial values (1 and 0, or a zero scale), so a
+    layer in the wrong place, or one left out, changes h."""
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.normal_(m.weight), nn.init.normal_(m.bias)
+
+
+@pytest.mark.parametrize("stages", ["8|16|fc32", "8|16|sfc32", "8p|16p|sfc32", "8|16|attn64", "8|16|flat", "8|16|flat0",
+                                    "8|8|16|cat0", "8|16"])
+@pytest.mark.parametrize("width", [1.0, 0.3])
+def test_every_readout_returns_the_h_width_it_declares(stages: str, width: float) -> None:
+    """Whatever the readout, the number of stages and the width, the network runs on a 28 px batch and
+    h has `feature_dim` columns: the width the projection head and the probes are built for."""
+    enc = SmallCNN(1, width, stages)
+    assert enc(torch.randn(3, 1, 28, 28)).shape == (3, enc.feature_dim)
+
+
+def _attention_by_hand(m: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+    """An attention readout's h in training mode, in float64, from `AttentionPool`'s description:
+    tokens are the map's positions in (H, W) order plus the position embedding; head i's weights are
+    a softmax over the positions of (token keys . query i) / sqrt(key_dim); its output the weighted
+    sum of the value projection's i-th slice; the heads concatenated, then BatchNorm and ReLU."""
+    b, c, s, _ = m.shape
+    heads, k = pool.heads, pool.key_dim
+    tokens = m.double().permute(0, 2, 3, 1).reshape(b, s * s, c) + pool.position.double()
+    keys = (tokens @ pool.key.weight.double().T).reshape(b, s * s, heads, k)
+    values = (tokens @ pool.value.weight.double().T).reshape(b, s * s, heads, -1)
+    outs = []
+    for i in range(heads):
+        weights = (keys[:, :, i] @ pool.query[i].double() / k**0.5).softmax(dim=1)  # (B, positions)
+        outs.append((weights.unsqueeze(-1) * values[:, :, i]).sum(1))
+    return _batch_norm(torch.cat(outs, 1), pool.out[0]).clamp(min=0)
+
+
+def test_attention_pooling_is_a_softmax_over_positions_per_head() -> None:
+    from fastclr.models.cnn import AttentionPool
+
+    torch.manual_seed(0)
+    enc = SmallCNN(1, 1.0, "8|16|attn64")
+    pool = enc.pool
+    assert isinstance(pool, AttentionPool) and enc.feature_dim == 64
+    nn.init.normal_(pool.position)  # a position embedding large enough to matter
+    _randomise_batchnorm(pool)
+    m = torch.randn(5, 16, 7, 7)
+    torch.testing.assert_close(pool(m).double(), _attention_by_hand(m, pool), rtol=1e-4, atol=1e-4)
+
+
+def test_global_pooling_averages_the_last_map() -> None:
+    """With no readout named, and in every ResNet, h is the mean of the last map over its positions."""
+    torch.manual_seed(0)
+    cnn = SmallCNN(1, 1.0, "8|16").eval()
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(cnn(x), cnn.features(x).mean((2, 3)))
+    resnet = build_encoder("resnet18", 3, 32, 0.125).eval()
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(resnet(x), resnet.stages(resnet.stem(x)).mean((2, 3)))
+
+
+def test_stages_pool_between_them_until_the_map_is_1x1() -> None:
+    """8 px: space to depth gives 4 x 4; the 2x2 pools between stages give 2 x 2, then 1 x 1, after
+    which no pool follows: the fourth stage's map is 1 x 1 too, so a flat0 h is its 8 channels."""
+    enc = SmallCNN(1, 1.0, "8|8|8|8|flat0", image_size=8)
+    assert enc.feature_dim == 8 and enc(torch.randn(2, 1, 8, 8)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("width", [0.1, 0.2, 0.7])
+def test_a_width_names_the_same_channels_for_the_cnn_as_for_the_resnets(width: float) -> None:
+    """`--width` means one thing whichever encoder it scales: a layer of 64 channels gets 64 * width
+    rounded to the nearest integer, and never fewer than 8 (0.1: 8; 0.2: 13; 0.7: 45)."""
+    cnn = SmallCNN(3, width, "64", image_size=32)
+    resnet = build_encoder("resnet18", 3, 32, width)
+    assert cnn.feature_dim == resnet.stem[0].out_channels
+
+
+@pytest.mark.parametrize("size", [28, 32, 56])
+def test_a_stage_spec_inferred_for_an_old_record_rebuilds_its_recorded_h(size: int) -> None:
+    """Only records of 28 px CNNs name their network by h's width (7 x 7 x channels): a record of
+    another size whose h width happens to be a multiple of 49 is not given a network whose h has
+    another width."""
+    record = {"encoder": "cnn", "in_channels": 1, "image_size": size, "width": 1.0, "cifar_stem": "n/a",
+              "feature_dim": 49 * 64, "mean": [0.5], "std": [0.25]}
+    spec = EncoderSpec.from_dict(record)
+    assert bool(spec.stages) == (size == 28)
+    if spec.stages:
+        assert encoder_from_spec(spec).feature_dim == spec.feature_dim
+
+
+def test_the_specs_standardisation_tensors_are_its_mean_and_std() -> None:
+    """What training, evaluation and `Pretrained` standardise with: (x - mean) / std per channel, in
+    float32, with the record's own values in channel order."""
+    spec = EncoderSpec("cnn", 3, 28, 1.0, "n/a", 8, (0.1, 0.2, 0.3), (0.5, 0.25, 0.125))
+    mean, std = spec.mean_tensor(), spec.std_tensor()
+    assert mean.dtype == std.dtype == torch.float32 and mean.shape == std.shape == (3,)
+    pixel = torch.tensor([0.6, 0.7, 0.8])
+    expected = torch.tensor([(0.6 - 0.1) / 0.5, (0.7 - 0.2) / 0.25, (0.8 - 0.3) / 0.125], dtype=torch.float64)
+    torch.testing.assert_close(((pixel - mean) / std).double(), expected)
+
+
+def _conv(t: torch.Tensor, conv: nn.Module, stride: int, padding: int) -> torch.Tensor:
+    return torch.nn.functional.conv2d(t, conv.weight.double(), stride=stride, padding=padding)
+
+
+def _residual_block_by_hand(t: torch.Tensor, block: nn.Module, stride: int) -> torch.Tensor:
+    """A residual block in float64 (He et al. 2016; the stride in the 3x3 conv, as torchvision's):
+    basic: conv3x3(stride)-BN-ReLU, conv3x3-BN; bottleneck: conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU,
+    conv1x1-BN; plus the input, or its 1x1(stride)-BN projection where the shape changes; then ReLU."""
+    from fastclr.models.resnet import Bottleneck
+
+    if isinstance(block, Bottleneck):
+        out = _batch_norm(_conv(t, block.conv1, 1, 0), block.bn1).clamp(min=0)
+        out = _batch_norm(_conv(out, block.conv2, stride, 1), block.bn2).clamp(min=0)
+        out = _batch_norm(_conv(out, block.conv3, 1, 0), block.bn3)
+    else:
+        out = _batch_norm(_conv(t, block.conv1, stride, 1), block.bn1).clamp(min=0)
+        out = _batch_norm(_conv(out, block.conv2, 1, 1), block.bn2)
+    if stride == 1 and t.shape[1] == out.shape[1]:
+        shortcut = t
+    else:
+        conv, bn = block.shortcut
+        shortcut = _batch_norm(_conv(t, conv, stride, 0), bn)
+    return (out + shortcut).clamp(min=0)
+
+
+def _resnet_by_hand(x: torch.Tensor, enc: nn.Module, cifar_stem: bool) -> torch.Tensor:
+    """h of a ResNet in training mode, in float64: the stem (CIFAR: conv3x3/1-BN-ReLU; standard:
+    conv7x7/2 padded 3, BN, ReLU, max-pool 3x3/2 padded 1), four stages of residual blocks whose first
+    block strides 2 from the second stage on, then the mean over positions."""
+    conv, bn = enc.stem[0], enc.stem[1]
+    if cifar_stem:
+        t = _batch_norm(_conv(x.double(), conv, 1, 1), bn).clamp(min=0)
+    else:
+        t = torch.nn.functional.max_pool2d(_batch_norm(_conv(x.double(), conv, 2, 3), bn).clamp(min=0), 3, 2, 1)
+    for i, stage in enumerate(enc.stages):
+        for j, block in enumerate(stage):
+            t = _residual_block_by_hand(t, block, 2 if i > 0 and j == 0 else 1)
+    return t.mean((2, 3))
+
+
+@pytest.mark.parametrize("name, size, stem", [("resnet18", 64, "off"), ("resnet18", 32, "on"), ("resnet50", 64, "off")])
+def test_resnets_compute_the_published_architecture(name: str, size: int, stem: str) -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(name, 3, size, 0.125, stem)
+    _randomise_batchnorm(enc)  # the zero-initialised last BatchNorm of each block would hide its branch
+    x = torch.randn(4, 3, size, size)
+    torch.testing.assert_close(enc(x).double(), _resnet_by_hand(x, enc, stem == "on"), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_every_residual_block_starts_as_the_identity_whatever_its_statistics(name: str) -> None:
+    """The last BatchNorm of each residual branch starts with a zero scale (Goyal et al. 2017): the
+    branch then adds its shift, 0, whatever the input and the running statistics, so a new block
+    computes relu(shortcut(x))."""
+    torch.manual_seed(0)
+    enc = build_encoder(name, 3, 32, 0.125)
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+    enc.eval()
+    with torch.no_grad():
+        t = enc.stem(torch.randn(2, 3, 32, 32))
+        for block in (b for stage in enc.stages for b in stage):
+            out = block(t)
+            torch.testing.assert_close(out, block.shortcut(t).clamp(min=0))
+            t = out
+
+
+def test_resnet_convolutions_start_with_he_initialisation_over_their_outputs() -> None:
+    """He et al. 2015 in fan-out mode, as torchvision's ResNets: a conv's weights have standard
+    deviation sqrt(2 / (out_channels * kernel area)) (the stem's 7x7 conv from 3 channels: 0.025,
+    not the 0.117 of fan-in)."""
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", 3, 224, cifar_stem="off")
+    for name, m in enc.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+            assert float(m.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.05), name
+
+
+def _head_by_hand(h: torch.Tensor, head: ProjectionHead, batch_norm: bool) -> torch.Tensor:
+    """g in training mode, in float64: (Linear, BatchNorm on the batch, ReLU) per hidden layer, the
+    Linear's bias left out where a BatchNorm follows (it would cancel it), kept without one; then a
+    Linear with its bias."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    norms = [m for m in head.modules() if isinstance(m, nn.BatchNorm1d)]
+    t = h.double()
+    for i, linear in enumerate(linears[:-1]):
+        t = t @ linear.weight.double().T
+        t = _batch_norm(t, norms[i]) if batch_norm else t + linear.bias.double()
+        t = t.clamp(min=0)
+    return t @ linears[-1].weight.double().T + linears[-1].bias.double()
+
+
+@pytest.mark.parametrize("layers,bn", [(2, True), (3, True), (2, False), (3, False), (1, False)])
+def test_projection_head_computes_its_mlp(layers: int, bn: bool) -> None:
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 24, 8, layers, bn)
+    _randomise_batchnorm(head)
+    for m in head.modules():  # biases away from their near-zero initial values
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.normal_(m.bias)
+    h = torch.randn(6, 12)
+    torch.testing.assert_close(head(h).double(), _head_by_hand(h, head, bn), rtol=1e-4, atol=1e-5)
+
+
+def test_the_cifar_stem_is_chosen_up_to_64_px() -> None:
+    """`cifar_stem = auto` is on at or below 64 px (ModelConfig.cifar_stem), off above."""
+    assert use_cifar_stem("auto", 64) and not use_cifar_stem("auto", 65)
+    assert build_encoder("resnet18", 3, 64, 0.125).stem[0].kernel_size == (3, 3)
+
+
+def test_measuring_h_leaves_the_module_as_it_was() -> None:
+    """`feature_dim` of a custom module runs it in eval mode (its BatchNorm statistics untouched) and
+    gives it back in the mode it was in."""
+    custom = nn.Sequential(nn.Conv2d(3, 7, 3), nn.BatchNorm2d(7), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for training in (True, False):
+        custom.train(training)
+        assert feature_dim(custom, 3, 16) == 7
+        assert all(m.training == training for m in custom.modules())
+        assert torch.equal(custom[1].running_mean, torch.zeros(7)) and int(custom[1].num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("size, stem", [(32, "off"), (96, "on")])
+def test_a_resnet_rebuilds_with_the_stem_its_spec_records(size: int, stem: str) -> None:
+    """A stem set against the size's default (`--cifar-stem off` at 32 px, on at 96) is rebuilt as
+    recorded, not as `auto` would choose: the weights load and give the same h."""
+    torch.manual_seed(0)
+    enc = build_encoder("resnet18", 3, size, 0.125, stem).eval()
+    spec = EncoderSpec("resnet18", 3, size, 0.125, stem, enc.feature_dim, (0.5,) * 3, (0.25,) * 3)
+    again = encoder_from_spec(spec)
+    again.load_state_dict(enc.state_dict())
+    x = torch.randn(2, 3, size, size)
+    torch.testing.assert_close(again.eval()(x), enc(x))

@@ -355,3 +355,99 @@ def test_the_health_names_the_first_bad_step_and_a_skip_streak_ends_with_a_good_
         health.update(out(1.0, float(step % 2 == 0)), step)
         assert float(health.skip_streak) == float(step % 2 == 0) < MAX_SKIP_STREAK
     assert int(health.first_bad) == -1
+
+
+def _run_state(run: Path, budget: float, total_steps: int, seed: int) -> Any:
+    """A RunState at 7 steps an epoch over a small encoder and head, a learned temperature, an SGD
+    optimiser, and a training step whose own state is a loss scale; weights drawn from `seed`."""
+    from types import SimpleNamespace
+
+    from fastclr.models import EncoderSpec
+    from fastclr.pretraining.model import Model
+    from fastclr.pretraining.objective import LearnedTemperature
+    from fastclr.pretraining.state import RunState
+
+    torch.manual_seed(seed)
+    model = Model(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), EncoderSpec("custom", 1, 28, 1.0, "n/a", 4, (0.5,), (0.25,)),
+                  LearnedTemperature(0.1 * seed))
+    params = [*model.encoder.parameters(), *model.head.parameters(), *model.temperature.parameters()]  # type: ignore[union-attr]
+    scaler = {"scale": float(seed)}
+    step = SimpleNamespace(optimizer=torch.optim.SGD(params, lr=0.1, momentum=0.9), objective=None,
+                           state_dict=lambda: dict(scaler), load_state_dict=scaler.update)
+    return RunState(tiny_config(run, train__time_budget=budget), model, step, total_steps=total_steps,  # type: ignore[arg-type]
+                    warmup_steps=10, steps_per_epoch=7)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0])
+def test_a_checkpoint_puts_back_every_counter_and_state_of_the_run(tmp_path: Path, budget: float) -> None:
+    """`RunState.save`, then `restore` into a run built afresh: the weights (the learned temperature's
+    too), the training step's state, the step, its offset in the data, the seconds trained and spent
+    monitoring, the fp16 skip streak. Step 9 with offset -2 at 7 steps an epoch is data step 7, the end
+    of epoch 1. A budgeted run keeps the length it fitted; one by epochs takes the length it has now."""
+    saved = _run_state(tmp_path, budget, total_steps=100, seed=1)
+    saved.step, saved.step_offset, saved.train_seconds, saved.monitor_seconds, saved.skip_streak = 9, -2, 12.5, 3.25, 7
+    path = saved.save(tmp_path)
+    fresh = _run_state(tmp_path, budget, total_steps=50, seed=2)
+    fresh.restore(load_checkpoint(path), n_images=96)
+    assert (fresh.step, fresh.start_step, fresh.step_offset, fresh.saved_steps_per_epoch) == (9, 9, -2, 7)
+    assert (fresh.train_seconds, fresh.monitor_seconds, fresh.skip_streak) == (12.5, 3.25, 7)
+    assert fresh.saved_at_epoch_end and fresh.total_steps == (100 if budget else 50)
+    for part in ("encoder", "head", "temperature"):
+        want = getattr(saved.model, part).state_dict()
+        got = getattr(fresh.model, part).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+    assert fresh.train_step.state_dict() == {"scale": 1.0}
+
+
+def test_a_resume_with_other_steps_per_epoch_keeps_its_place_in_the_data_to_half_a_step() -> None:
+    """`data_offset`: a run at `step` with `offset` had reached (step + offset) / saved_steps_per_epoch
+    epochs of its data; with the new steps per epoch it goes on from that place, to the nearest whole
+    step (exact fractions here); with the same steps per epoch its offset is kept."""
+    from fractions import Fraction
+
+    from fastclr.pretraining.state import data_offset
+
+    for saved_spe, spe in ((6, 3), (3, 6), (4, 5), (7, 3)):
+        for step in range(25):
+            for offset in range(-step, 6):
+                place = Fraction(step + offset, saved_spe) * spe  # in the new steps
+                assert abs(step + data_offset(step, offset, saved_spe, spe) - place) <= Fraction(1, 2), \
+                    (saved_spe, spe, step, offset)
+                assert data_offset(step, offset, spe, spe) == offset
+
+
+def test_a_resume_whose_network_would_not_fit_the_checkpoint_is_refused_even_when_allowed(tmp_path: Path) -> None:
+    """Each model setting whose change gives the encoder or the head other tensors (names or shapes)
+    is refused on resume, --allow-config-change or not: the checkpoint's weights would not load."""
+    from fastclr.pretraining.model import build_model
+    from fastclr.pretraining.state import check_resume_config
+
+    ds = tiny_dataset()
+
+    def tensors(cfg: Any) -> dict[str, tuple[int, ...]]:
+        model = build_model(cfg, ds, torch.device("cpu"))
+        return {f"{part}.{k}": tuple(v.shape) for part, module in (("encoder", model.encoder), ("head", model.head))
+                for k, v in module.state_dict().items()}
+
+    saved = tiny_config(tmp_path)
+    mine = tensors(saved)
+    for key, value in (("encoder", "resnet18"), ("width", 0.25), ("cnn_stages", "16|32|fc64"), ("head_layers", 3),
+                       ("head_hidden", 64), ("head_bn", False), ("proj_dim", 32)):
+        wanted = tiny_config(tmp_path, **{f"model__{key}": value})
+        assert tensors(wanted) != mine, key  # the checkpoint would not load into it
+        with pytest.raises(FastclrError, match=f"cannot resume: model.{key} differs from the checkpoint's config"):
+            check_resume_config(saved, wanted, allow_changes=True)
+
+
+@pytest.mark.parametrize("key, value", [("train__views", 3), ("train__batch_size", 32)])
+def test_a_resume_with_another_batch_or_views_is_refused_unless_allowed(tmp_path: Path, key: str, value: int) -> None:
+    """README: resuming with a different batch size or number of views is refused naming the key, and
+    --allow-config-change permits it."""
+    from fastclr.pretraining.state import check_resume_config
+
+    saved, wanted = tiny_config(tmp_path), tiny_config(tmp_path, **{key: value})
+    name = key.replace("__", ".")
+    with pytest.raises(FastclrError, match=f"cannot resume: {name} differs from the checkpoint's config; drop that flag, "
+                                           "or pass --allow-config-change"):
+        check_resume_config(saved, wanted, allow_changes=False)
+    check_resume_config(saved, wanted, allow_changes=True)
