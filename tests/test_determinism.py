@@ -72,6 +72,8 @@ def test_a_gpu_index_past_the_last_gpu_is_one_line(monkeypatch: pytest.MonkeyPat
     ((12, 0), ["sm_90", "sm_100"], False),                       # machine code does not cross majors
     ((11, 0), ["sm_90", "sm_101"], True),                        # Thor: sm_101 was renamed sm_110
     ((8, 7), ["sm_80", "sm_86"], False),                         # Jetson Orin runs only its own sm_87
+    ((10, 3), ["sm_90", "sm_100f"], True),                       # family code runs on later minors
+    ((12, 0), ["sm_90", "sm_100f"], False),                      # but not on the next major
 ])
 def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
         monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], arch: list[str], runs: bool) -> None:

@@ -99,6 +99,46 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_global_batc
         assert torch.equal(r["bf16_gather"]["grad"], torch.full((3, 4), 1 + 1 / 128, dtype=torch.bfloat16))
 
 
+def test_converting_batchnorm_keeps_each_layers_parameters_statistics_and_mode() -> None:
+    """A network whose BatchNorm layers hold trained statistics (an encoder passed in, a resumed
+    run) keeps every parameter and buffer when its layers are made global, and in eval mode, or
+    with one process, computes exactly what the plain layers did."""
+    from fastclr.scaleout.global_bn import GlobalBatchNorm
+
+    net = small_net(True)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for t, lo, hi in ((m.running_mean, -1.0, 1.0), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
+                                  (m.bias, -0.5, 0.5)):
+                    t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=g))
+                m.num_batches_tracked.fill_(7)
+    x = global_views()
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        want = net(x)
+    converted = convert_batchnorm(net, torch.device("cpu"))
+    layers = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(layers) == 2 and all(isinstance(m, GlobalBatchNorm) and not m.training for m in layers)
+    after = converted.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    with torch.no_grad():
+        assert torch.equal(converted(x), want)
+    converted.train()
+    with torch.no_grad():  # one process in training mode: the plain layer's batch statistics and update
+        got = converted(x)
+        net_plain = small_net(True)
+        net_plain.load_state_dict(before)
+        net_plain.train()
+        torch.testing.assert_close(got, net_plain(x), rtol=0, atol=1e-6)
+    for k, v in net_plain.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[k], v, rtol=0, atol=1e-7, msg=k)
+
+
 def test_ranks_take_disjoint_shares_that_make_up_the_single_process_batch_and_views() -> None:
     n, b, world = 40, 4, 2
     one = BatchSampler(n, b * world, seed=3, device=torch.device("cpu"))

@@ -125,6 +125,7 @@ def test_a_ranks_one_line_error_leaves_without_interpreter_finalisation(world: s
     (8, 64, None, 8),    # eight GPUs on a 64-core node: eight threads a rank, not torchrun's one
     (2, 2, None, 1),
     (3, 2, None, 1),     # more ranks than CPUs: still one each
+    (2, 3, None, 1),     # a share rounds down: 2 x 2 threads would take turns on 3 CPUs
     (1, 16, None, None),  # one rank: PyTorch's own count, as without the launcher
     (4, 64, "2", None),  # the user's OMP_NUM_THREADS stands
 ])
@@ -175,3 +176,38 @@ def test_a_rank_killed_or_crashed_is_named_in_one_line_not_a_traceback(
     err = capsys.readouterr().err
     assert err == (f"{expected}; a run's last checkpoint, if it wrote one, is kept: once the cause is fixed, "
                    "continue with the same command and --resume RUN_DIR\n")
+
+
+def _failed_launch(codes: dict[int, tuple[int, float]], monkeypatch: pytest.MonkeyPatch) -> int:
+    """`launch.main` where torchrun reports these ranks' (exit code, time of failure)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {r: ProcessFailure(local_rank=r, pid=1000 + r, exitcode=c, error_file="/nonexistent/error.json")
+                for r, (c, _) in codes.items()}
+    for r, f in failures.items():
+        f.timestamp = int(codes[r][1])
+    monkeypatch.setattr(launch.elastic_api, "_terminate_process_handler", launch.elastic_api._terminate_process_handler)
+
+    def failed(args: object) -> None:
+        raise ChildFailedError("fastclr", failures)
+    monkeypatch.setattr(launch, "run", failed)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"])
+
+
+def test_the_rank_named_is_the_one_that_failed_first(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Two ranks crashed on their own: the earlier failure is the cause, whichever rank number it has."""
+    assert _failed_launch({1: (1, 7.0), 2: (-signal.SIGSEGV, 5.0), 0: (-signal.SIGTERM, 8.0)}, monkeypatch) == 1
+    assert capsys.readouterr().err.startswith("error: rank 2 was killed by SIGSEGV;")
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ({0: (75, 1.0), 1: (-signal.SIGTERM, 1.0)}, 75),  # rank 1 ended by torchrun before its handler was in
+    ({0: (2, 1.0), 1: (-signal.SIGTERM, 1.0)}, 2),
+])
+def test_ranks_ended_by_torchrun_after_a_stop_or_a_one_line_error_do_not_change_the_exit_code(
+        codes: dict[int, tuple[int, float]], expected: int, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert _failed_launch(codes, monkeypatch) == expected
+    assert "Traceback" not in capsys.readouterr().err

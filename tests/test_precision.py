@@ -143,6 +143,7 @@ def test_an_avx512_cap_below_bf16_makes_auto_time_the_matmul_on_a_cpu_with_bf16_
 
 
 @pytest.mark.parametrize(("cap", "warned"), [("", False), ("AVX512_CORE_AMX_FP16", False), ("AVX10_1_512_AMX_FP16", False),
+                                             ("AVX10_2_512_AMX_2", False),  # AMX 2: fp16 tiles too
                                              ("AVX512_CORE_AMX", True), ("AVX512_CORE_BF16", True), ("AVX2", True)])
 def test_an_explicit_fp16_on_amx_fp16_units_is_timed_where_onednn_is_capped_below_them(
         cap: str, warned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -601,3 +602,100 @@ def test_the_precision_timing_runs_on_one_thread_and_gives_the_threads_back(monk
         assert torch.get_num_threads() == 2 and seconds > 0 and set(seen) == {1}
     finally:
         torch.set_num_threads(before)
+
+
+def test_amx_tiles_are_native_bf16_and_a_cap_at_an_amx_level_keeps_them() -> None:
+    """`native_bf16` is AVX512_BF16 or AMX-BF16, either alone; oneDNN capped at one of its AMX levels
+    still runs bf16 on the tiles, and the reason names them."""
+    amx_only = CpuFeatures("test cpu", "x86_64", avx2=True, avx512=True, avx512_bf16=False, amx_bf16=True,
+                           onednn_bf16=True)
+    assert amx_only.native_bf16
+    p = decide_precision("auto", "cpu", amx_only, None, never_timed)
+    assert p.name == "bf16" and p.reason.endswith("(AMX-BF16)")
+    for cap in ("AVX512_CORE_AMX", "AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16"):
+        p = decide_precision("auto", "cpu", dataclasses.replace(cpu(amx=True), onednn_isa_cap=cap), None, never_timed)
+        assert p.name == "bf16" and p.reason.endswith("(AMX-BF16)"), cap
+
+
+@pytest.mark.parametrize("slowdown, warned", [(1.05, False), (1.5, True)])
+def test_an_explicit_bf16_measured_less_than_ten_percent_slower_is_not_called_emulated(
+        slowdown: float, warned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warning's margin is the one `auto` asks of bf16: on a CPU whose flags say nothing (ARM), a
+    bf16 matmul 5% slower than fp32 is not emulation (no warning), one 50% slower is."""
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0, threads=None:
+                        slowdown if dtype == torch.bfloat16 else 1.0)
+    lines: list[str] = []
+    check_precision(Precision("bf16", "asked for"), CPU, cpu(arch="aarch64"), lines.append)
+    assert bool(lines) == warned
+    if warned:
+        assert "a matmul measured 1.5x the fp32 time" in lines[0]
+
+
+def test_each_precision_autocasts_to_its_own_dtype() -> None:
+    """fp16 runs its matmuls in float16 (with loss scaling, not bf16), bf16 in bfloat16, fp32 untouched."""
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        with Precision(name, "test").autocast(CPU):
+            assert (a @ b).dtype == dtype, name
+
+
+def test_a_saved_auto_is_decided_again_with_its_own_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only an explicit saved precision is kept "as the run was started"; a saved auto re-decides for
+    this machine and says why as a fresh auto does."""
+    monkeypatch.setattr("fastclr.runtime.cpu_features", lambda: cpu(bf16=True))
+    fresh = resolve_precision("auto", CPU, warn=lambda s: None)
+    resumed = resolve_precision("auto", CPU, warn=lambda s: None, saved=True)
+    assert (resumed.name, resumed.reason) == (fresh.name, fresh.reason)
+    assert fresh == Precision("bf16", "test cpu has native bf16 (AVX512_BF16)")
+
+
+def test_info_names_each_gpus_capability_and_memory_in_gib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Major.minor as CUDA writes it, and GiB (2^30 bytes), to one decimal."""
+    from types import SimpleNamespace
+
+    from fastclr import info
+
+    props = [SimpleNamespace(name="NVIDIA A100-SXM4-40GB", major=8, minor=0, total_memory=40 * 2**30 + 300 * 2**20),
+             SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * 2**30)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    assert info.gpus() == [
+        {"index": 0, "name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0", "memory_gib": 40.3},
+        {"index": 1, "name": "Tesla T4", "compute_capability": "7.5", "memory_gib": 15.0}]
+
+
+def test_info_labels_each_measured_rate_and_gives_the_precision_with_its_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU only timing can settle (ARM): each dtype's rate is 2 n^3 over that dtype's own time,
+    the precision and its reason are `decide_precision`'s with the same timing (not measured: fp32,
+    saying so), the CPU's flags are its own, and torch_threads is what fastclr runs with: PyTorch's
+    count, at most the usable CPUs."""
+    from fastclr import info
+
+    seconds = {torch.float32: 0.04, torch.bfloat16: 0.025}
+    arm = cpu(arch="aarch64")
+    monkeypatch.setattr(info, "cpu_features", lambda: arm)
+    monkeypatch.setattr(info, "select_device", lambda name: CPU)
+    monkeypatch.setattr(info, "matmul_seconds", lambda dtype, device, shape, budget_s=0.0: seconds[dtype])
+    monkeypatch.setattr(info, "precision_timer", lambda device: lambda dtype: seconds[dtype])
+    monkeypatch.setattr(info, "usable_cpus", lambda quota=None: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        measured, unmeasured = info.machine_report(measure=True), info.machine_report(measure=False)
+    finally:
+        torch.set_num_threads(before)
+    side = 256  # each of these times is over 20 ms already at the first side
+    assert measured["matmul"]["cpu_fp32_gflops"] == round(2 * side**3 / 0.04 / 1e9, 1)
+    assert measured["matmul"]["cpu_bf16_gflops"] == round(2 * side**3 / 0.025 / 1e9, 1)
+    timed = decide_precision("auto", "cpu", arm, None, lambda dtype: seconds[dtype])
+    assert timed.name == "bf16" and measured["precision"] == {"choice": "bf16", "reason": timed.reason}
+    untimed = decide_precision("auto", "cpu", arm, None, None)
+    assert untimed.name == "fp32" and unmeasured["precision"] == {"choice": "fp32", "reason": untimed.reason}
+    assert measured["cpu"]["cores_usable"] == 2 and measured["cpu"]["torch_threads"] == 1
+    monkeypatch.setattr(info, "cpu_features", lambda: CpuFeatures("test cpu", "x86_64", avx2=True, avx512=True,
+                                                                  avx512_bf16=False, amx_bf16=True, onednn_bf16=True))
+    flags = info.machine_report(measure=False)["cpu"]
+    assert (flags["avx512_bf16"], flags["amx_bf16"], flags["native_bf16"], flags["isa"]) == (False, True, True, "AMX")

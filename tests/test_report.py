@@ -22,6 +22,7 @@ from fastclr.evaluation.run import evaluate
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.features import encode, evenly_spaced, view_pairs
 from fastclr.pretrained import load_run
+from fastclr.report import figures
 from fastclr.report.build import VIEW_IMAGES, build_report
 from fastclr.runtime import FP32, Precision
 from fastclr.runs import read_metrics
@@ -312,3 +313,362 @@ def test_the_playground_starts_at_the_temperature_the_run_ended_with() -> None:
     assert trained_temperature(run, learned) == pytest.approx(0.0731, rel=1e-6)  # type: ignore[arg-type]
     assert trained_temperature(run, {"head": {}}) == 0.5  # type: ignore[arg-type]
     assert trained_temperature(run, None) == 0.5  # type: ignore[arg-type]
+
+
+def png_pixels(uri: str) -> np.ndarray:
+    """The pixels (H, W, channels) of a data: URI PNG, read with `decode_png`."""
+    _, _, _, pixels = decode_png(base64.b64decode(uri.split(",", 1)[1]))
+    return pixels
+
+
+def img_pixels(html: str) -> np.ndarray:
+    """The pixels of the one embedded <img> of a figure."""
+    found = re.search(r'src="(data:image/png;base64,[^"]+)"', html)
+    assert found is not None
+    return png_pixels(found.group(1))
+
+
+def test_tile_puts_image_i_in_row_i_div_cols_and_column_i_mod_cols_enlarged_and_framed() -> None:
+    """Cell (i // cols, i % cols) of `pad` + h * scale + `pad` rows holds image i, each source pixel
+    (y, x) repeated over rows y * scale ... and columns x * scale ..., framed by its border colour;
+    a cell past the last image stays background."""
+    from fastclr.report.png import tile
+
+    rng = np.random.default_rng(0)
+    n, h, w, cols, scale, pad = 5, 3, 4, 3, 2, 1
+    images = rng.integers(0, 200, (n, h, w, 3), dtype=np.uint8)
+    borders = rng.integers(200, 250, (n, 3), dtype=np.uint8)
+    out = tile(images, cols, scale=scale, pad=pad, borders=borders, background=251)
+    ch, cw = h * scale + 2 * pad, w * scale + 2 * pad
+    assert out.shape == (2 * ch, cols * cw, 3)
+    ys, xs = np.arange(h * scale)[:, None] // scale, np.arange(w * scale)[None, :] // scale
+    for i in range(n):
+        cell = out[(i // cols) * ch : (i // cols + 1) * ch, (i % cols) * cw : (i % cols + 1) * cw]
+        np.testing.assert_array_equal(cell[pad : pad + h * scale, pad : pad + w * scale], images[i][ys, xs])
+        frame = np.ones((ch, cw), bool)
+        frame[pad : pad + h * scale, pad : pad + w * scale] = False
+        assert (cell[frame] == borders[i]).all()
+    assert (out[ch:, 2 * cw :] == 251).all()
+
+
+def test_viridis_is_linear_between_its_nine_stops() -> None:
+    """Between the stops at k / 8 every channel is the straight line joining them (np.interp),
+    rounded to the nearest integer."""
+    stops = viridis(np.arange(9) / 8).astype(np.float64)  # k / 8 * 8 is exactly k: the stops themselves
+    v = np.random.default_rng(1).random(500)
+    ref = np.stack([np.interp(v, np.arange(9) / 8, stops[:, ch]) for ch in range(3)], 1)
+    assert np.abs(viridis(v).astype(np.float64) - ref).max() <= 0.5 + 1e-9
+
+
+def test_tick_labels_keep_three_significant_digits() -> None:
+    assert [tick_label(v) for v in (1.23456, 0.012345, 123.456)] == ["1.23", "0.0123", "123"]
+
+
+def axis_lines(svg: str) -> tuple[float, float, float, float]:
+    """(left, right, top, bottom) of a line chart's plotting area, from its drawn x and y axes."""
+    lines = [tuple(map(float, m)) for m in
+             re.findall(r'<line x1="([\d.]+)" x2="([\d.]+)" y1="([\d.]+)" y2="([\d.]+)" stroke="#555"/>', svg)]
+    x_axis = max((ln for ln in lines if ln[2] == ln[3]), key=lambda ln: ln[1] - ln[0])
+    y_axis = max((ln for ln in lines if ln[0] == ln[1]), key=lambda ln: ln[3] - ln[2])
+    return x_axis[0], x_axis[1], y_axis[2], x_axis[2]
+
+
+def test_a_line_charts_points_span_its_axes_upwards_and_a_log_axis_spaces_decades_evenly() -> None:
+    """The lowest value sits on the x axis and the highest at the top of the y axis (larger is
+    higher: SVG's y grows downwards); on a log x axis 1, 10 and 100 are evenly spaced."""
+    from fastclr.report.svg import Series, line_chart
+
+    svg = line_chart([Series("acc", [1.0, 10.0, 100.0], [0.0, 0.25, 1.0], "#000", markers=True)], "t", "labels",
+                     "acc", log_x=True, y_range=(0.0, 1.0))
+    left, right, top, bottom = axis_lines(svg)
+    pts = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+    assert len(pts) == 3 and bottom - top > 100 and right - left > 100
+    for (cx, cy), (want_x, want_y) in zip(pts, [(left, bottom), ((left + right) / 2, bottom - 0.25 * (bottom - top)),
+                                                (right, top)]):
+        assert cx == pytest.approx(want_x, abs=0.06) and cy == pytest.approx(want_y, abs=0.06)
+
+
+def test_the_label_efficiency_band_is_the_mean_plus_and_minus_one_std_at_each_point() -> None:
+    """The shaded band runs along mean + std left to right, then back along mean - std, through the
+    markers' x positions, on the markers' own scale (fitted here from the markers)."""
+    curve = [{"labels_per_class": 1, "mean": 0.3, "std": 0.05}, {"labels_per_class": 10, "mean": 0.5, "std": 0.04},
+             {"labels_per_class": 100, "mean": 0.8, "std": 0.02}]
+    svg = figures.label_efficiency({"fewshot": {"curve": curve}})
+    marks = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="3.2"[^>]*>'
+                       r'<title>linear probe on h \(self-supervised\): ([\d.]+), ([\d.]+)</title>', svg)
+    assert [(float(x), float(y)) for *_, x, y in marks] == [(1.0, 30.0), (10.0, 50.0), (100.0, 80.0)]
+    cx, cy = [float(m[0]) for m in marks], [float(m[1]) for m in marks]
+    per_point = (cy[2] - cy[0]) / (80.0 - 30.0)  # pixels per accuracy point
+    y_of = lambda acc: cy[0] + (acc - 30.0) * per_point  # noqa: E731
+    assert cy[1] == pytest.approx(y_of(50.0), abs=0.15)
+    band = re.search(r'<path d="([^"]+)" fill="[^"]+" fill-opacity="0.18"', svg)
+    assert band is not None
+    vertices = [tuple(map(float, p.split(","))) for p in re.findall(r"[ML]([\d.]+,[\d.]+)", band.group(1))]
+    want = [(cx[i], y_of(100 * (e["mean"] + e["std"]))) for i, e in enumerate(curve)] + \
+           [(cx[i], y_of(100 * (e["mean"] - e["std"]))) for i, e in reversed(list(enumerate(curve)))]
+    assert len(vertices) == len(want)
+    for (x, y), (wx, wy) in zip(vertices, want):
+        assert x == pytest.approx(wx, abs=0.15) and y == pytest.approx(wy, abs=0.15)
+
+
+def test_a_scatter_places_x_rightwards_and_y_upwards_colours_by_class_and_escapes_names() -> None:
+    """Point i at its own coordinates (y up), filled with the legend's colour of its class; class
+    names and the title are text, whatever characters they hold: the SVG parses as XML."""
+    import xml.etree.ElementTree as ET
+
+    from fastclr.report.svg import scatter_chart
+
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    labels = np.array([2, 0, 1, 2])
+    names = ["cats & dogs", "<b>birds</b>", "fish"]
+    root = ET.fromstring(scatter_chart(xy, labels, names, "map <1> & more"))
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.get("aria-label") == "map <1> & more"
+    legend = {int(g.get("data-class", -1)): g for g in root.iter(f"{ns}g") if g.get("class") == "legend"}
+    assert [legend[k].find(f"{ns}text").text for k in range(3)] == names  # type: ignore[union-attr]
+    assert [legend[k].find(f"{ns}title").text for k in range(3)] == names  # type: ignore[union-attr]
+    points = {int(c.get("data-i", -1)): c for c in root.iter(f"{ns}circle") if c.get("data-i") is not None}
+    cx = {i: float(c.get("cx", "nan")) for i, c in points.items()}
+    cy = {i: float(c.get("cy", "nan")) for i, c in points.items()}
+    assert cx[1] > cx[0] and cy[1] == cy[0]  # larger x: to the right
+    assert cy[2] < cy[0] and cx[2] == cx[0]  # larger y: higher up
+    assert cx[3] == pytest.approx((cx[0] + cx[1]) / 2, abs=0.06)  # halfway is halfway
+    assert cy[3] == pytest.approx((cy[0] + cy[2]) / 2, abs=0.06)
+    for i, c in points.items():
+        assert int(c.get("data-c", -1)) == labels[i]
+        assert c.get("fill") == legend[int(labels[i])].find(f"{ns}circle").get("fill")  # type: ignore[union-attr]
+
+
+def test_pca_projects_the_centred_rows_on_the_top_eigenvectors_of_their_covariance() -> None:
+    """Rows far from the origin: the axes are those of the spread around the mean (numpy's eigh of
+    the scatter matrix, float64), each up to its sign."""
+    from fastclr.report.embedding_map import pca
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5)) @ rng.normal(size=(5, 5)) + 10.0
+    got = pca(torch.from_numpy(x), 2).numpy()
+    xc = x - x.mean(0)
+    _, vectors = np.linalg.eigh(xc.T @ xc)
+    ref = xc @ vectors[:, ::-1][:, :2]
+    np.testing.assert_allclose(got * np.sign((got * ref).sum(0)), ref, atol=1e-9)
+
+
+def test_squared_distances_are_those_of_the_rows() -> None:
+    x = torch.randn(30, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    d = squared_distances(x)
+    torch.testing.assert_close(d, ref, rtol=0, atol=1e-12)
+    assert (d.diagonal() == 0).all()
+
+
+def test_each_image_is_shown_beside_its_own_two_views() -> None:
+    """Image i (grey 10 + i), its first view (100 + i) and its second view (200 + i): side by side
+    in that order, on the same rows, each enlarged alike."""
+    b, s = 4, 4
+    originals = np.stack([np.full((s, s, 1), 10 + i, np.uint8) for i in range(b)])
+    views = torch.cat([torch.full((b, 1, s, s), 100.0), torch.full((b, 1, s, s), 200.0)])
+    views += torch.arange(b, dtype=torch.float32).repeat(2).view(-1, 1, 1, 1)
+    pixels = img_pixels(figures.view_pairs_grid(originals, views / 255))[..., 0]
+    for i in range(b):
+        boxes = []
+        for level in (10 + i, 100 + i, 200 + i):
+            ys, xs = np.nonzero(pixels == level)
+            assert len(ys) > 0, level
+            boxes.append((ys.min(), ys.max(), xs.min(), xs.max()))
+            assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)  # one solid square
+        assert len({(y0, y1) for y0, y1, _, _ in boxes}) == 1
+        assert len({x1 - x0 for _, _, x0, x1 in boxes}) == 1
+        assert boxes[0][3] < boxes[1][2] and boxes[1][3] < boxes[2][2]
+
+
+def test_the_similarity_statistics_are_the_mean_cosines_of_positives_and_of_all_other_pairs() -> None:
+    """A float64 transcription: positives are (i, n + i) and (n + i, i); every other pair i != j is a
+    negative; the scale starts at -1 where any cosine is negative."""
+    h = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, stats = figures.similarity_heatmap(h)
+    z = h / h.norm(dim=1, keepdim=True)
+    sim = (z @ z.T).numpy()
+    n = 5
+    pos = [sim[i, n + i] for i in range(n)] + [sim[n + i, i] for i in range(n)]
+    neg = [sim[i, j] for i in range(2 * n) for j in range(2 * n) if i != j and abs(i - j) != n]
+    assert sim.min() < 0 and stats["low"] == -1.0
+    assert stats["positive"] == pytest.approx(np.mean(pos), abs=1e-6)
+    assert stats["negative"] == pytest.approx(np.mean(neg), abs=1e-6)
+
+
+def test_retrieval_frames_are_green_for_the_querys_class_red_otherwise_grey_for_queries() -> None:
+    """Two queries, three neighbours each: two of the six share their query's class. Every frame has
+    the same number of pixels, so the colours' pixel counts are in the frames' proportions."""
+    q, k, s = 2, 3, 4
+    queries = np.full((q, s, s, 1), 60, np.uint8)
+    neighbours = np.full((q, k, s, s, 1), 90, np.uint8)
+    pixels = img_pixels(figures.retrievals(queries, np.array([0, 1]), neighbours, np.array([[0, 1, 1], [1, 0, 0]])))
+    count = {name: int((pixels == colour).all(-1).sum()) for name, colour in
+             (("green", figures.GREEN), ("red", figures.RED), ("grey", figures.GREY))}
+    assert count["green"] > 0 and count["red"] == 2 * count["green"] and count["grey"] == count["green"]
+
+
+def test_the_top5_curve_plots_top5_and_each_curve_its_own_value() -> None:
+    metrics = [{"step": 1, "loss": 2.5, "top1": 0.125, "top5": 0.375, "lr": 0.01},
+               {"step": 2, "loss": 2.25, "top1": 0.25, "top5": 0.625, "lr": 0.02}]
+    svg = "".join(figures.training_curves(metrics))
+    for name, key in (("NT-Xent loss", "loss"), ("top-1", "top1"), ("top-5", "top5"), ("learning rate", "lr")):
+        shown = re.findall(rf"<title>{name}: ([^,]+), ([^<]+)</title>", svg)
+        assert [(float(s), float(v)) for s, v in shown] == [(r["step"], r[key]) for r in metrics], name
+
+
+def test_retrieval_queries_are_the_first_image_of_each_of_the_first_classes() -> None:
+    from fastclr.report.build import pick_queries
+
+    split = ImageSet(np.zeros((7, 2, 2, 1), np.uint8), np.array([2, 0, 1, 0, 2, 1, 3]))
+    assert pick_queries(split, 3).tolist() == [1, 2, 0]
+    assert pick_queries(split, 10).tolist() == [1, 2, 0, 6]
+
+
+def report_data(html: str) -> dict[str, object]:
+    """The page's JSON block."""
+    found = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', html, re.S)
+    assert found is not None
+    return dict(json.loads(found.group(1)))
+
+
+def test_the_map_data_names_each_points_image_label_and_sprite_tile(run: tuple[Path, Dataset], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fewer map points than test images: point i is test image index[i], with that image's
+    label, drawn in the sprite at column i % cols, row i // cols (the page's reading of it)."""
+    import fastclr.report.build as build
+
+    monkeypatch.setattr(build, "MAP_POINTS", 60)
+    run_dir, ds = Path(shutil.copytree(run[0], tmp_path / "run")), run[1]
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=ds).read_text()
+    m = report_data(html)["map"]
+    assert isinstance(m, dict) and ds.test is not None and ds.test.labels is not None
+    index = np.array(m["index"])
+    assert len(index) == len(set(index.tolist())) == 60 and index.max() < len(ds.test)
+    assert m["labels"] == ds.test.labels[index].tolist()
+    sheet, size, cols = png_pixels(m["sprite"]), m["size"], m["cols"]
+    assert cols < 60  # two rows of the sprite are read
+    for i, image in enumerate(index):
+        r, c = divmod(i, cols)
+        cell = sheet[r * size : (r + 1) * size, c * size : (c + 1) * size]
+        np.testing.assert_array_equal(cell, ds.test.images[image])
+    drawn = re.findall(r'<circle data-i="(\d+)" data-c="(\d+)"', section_html(html, "map"))
+    assert [(int(i), int(c)) for i, c in drawn] == list(enumerate(m["labels"]))
+
+
+def test_retrievals_show_bank_images_framed_by_their_own_class_and_the_caption_counts_the_frames(
+        run: tuple[Path, Dataset], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a bank smaller than the training set (evenly spaced images of it): each neighbour shown
+    is a bank image whose class sets its frame, and the caption's share of neighbours of the query's
+    class is the share of green frames in the picture."""
+    import fastclr.report.build as build
+
+    shown: dict[str, np.ndarray] = {}
+    real = build.figures.retrievals
+
+    def spy(queries: np.ndarray, q_labels: np.ndarray, neighbours: np.ndarray, n_labels: np.ndarray,
+            scale: int = 2) -> str:
+        shown.update(q_labels=q_labels, neighbours=neighbours, n_labels=n_labels)
+        return real(queries, q_labels, neighbours, n_labels, scale)
+
+    monkeypatch.setattr(build, "BANK_LIMIT", 150)
+    monkeypatch.setattr(build.figures, "retrievals", spy)
+    run_dir, ds = Path(shutil.copytree(run[0], tmp_path / "run")), run[1]
+    assert ds.train is not None and ds.train.labels is not None and len(ds.train) > 150
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=ds).read_text()
+    bank = evenly_spaced(len(ds.train), 150)
+    images, labels = ds.train.images[bank], ds.train.labels[bank]
+    for q, row in enumerate(shown["neighbours"]):
+        for k, image in enumerate(row):
+            same = (images == image).all(axis=(1, 2, 3))
+            assert same.any() and shown["n_labels"][q, k] in labels[same], (q, k)
+    section = section_html(html, "retrievals")
+    pixels = img_pixels(section)
+    green, red = ((pixels == colour).all(-1).sum() for colour in (figures.GREEN, figures.RED))
+    share = re.search(r" (\d+)% of the neighbours share the query's class", section)
+    assert share is not None and int(share.group(1)) == round(100 * green / (green + red))
+
+
+def test_the_run_name_and_config_are_shown_as_written_whatever_characters_they_hold(run: tuple[Path, Dataset],
+                                                                                     tmp_path: Path) -> None:
+    """A run folder named `run <b>&amp;` and a config comment with markup: the page's title, heading
+    and config block read back (as an HTML parser reads them) as those characters."""
+    from html.parser import HTMLParser
+
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run <b>&amp;"))
+    config = run_dir / "config.toml"
+    config.write_text(config.read_text() + "# <i>mine</i> & </pre><p>\n")
+
+    class Texts(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.stack: list[str] = []
+            self.text: dict[str, str] = {}
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.stack.append(tag if tag != "section" else f"section#{dict(attrs).get('id')}")
+
+        def handle_endtag(self, tag: str) -> None:
+            while self.stack and self.stack.pop().split("#")[0] != tag:
+                pass
+
+        def handle_data(self, data: str) -> None:
+            key = "/".join(t for t in self.stack if t in ("head", "title", "h1", "pre", "section#config"))
+            self.text[key] = self.text.get(key, "") + data
+
+    parser = Texts()
+    parser.feed(build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text())
+    assert parser.text["head/title"] == parser.text["h1"] == "fastclr report: run <b>&amp;"
+    assert parser.text["section#config/pre"] == config.read_text()
+
+
+def test_the_explorer_describes_each_view_with_its_own_parameters() -> None:
+    """Every field of a view's description comes from that view's own parameter of the same name;
+    the crop share is the crop's area over the image's; an erased rectangle at the left edge is one."""
+    from fastclr.augment import sample_params
+    from fastclr.config import AugmentConfig
+    from fastclr.report.interactive import describe_view
+
+    p = sample_params(AugmentConfig(erase_p=0.0), 2, 28, 28, torch.Generator().manual_seed(0), torch.device("cpu"))
+    p.box = torch.tensor([[1.0, 2.0, 20.0, 10.0], [0.0, 0.0, 28.0, 28.0]])
+    p.flip, p.jitter = torch.tensor([True, False]), torch.tensor([False, True])
+    p.brightness, p.contrast = torch.tensor([1.0, 1.25]), torch.tensor([1.0, 0.75])
+    p.saturation, p.hue = torch.tensor([1.0, 1.5]), torch.tensor([0.0, -0.125])
+    p.gray, p.solarize = torch.tensor([False, True]), torch.tensor([True, False])
+    p.blur_sigma = torch.tensor([0.0, 1.5])
+    p.erase, p.erase_value = torch.tensor([[0.0, 0.0, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0]]), torch.tensor([0.25, 0.0])
+    first, second = describe_view(p, 0, (28, 28)), describe_view(p, 1, (28, 28))
+    assert first["crop"] == [1.0, 2.0, 20.0, 10.0] and first["crop_share"] == pytest.approx(200 / 784, abs=5e-5)
+    assert (first["flip"], second["flip"]) == (True, False)
+    assert first["jitter"] is None
+    assert second["jitter"] == {"brightness": 1.25, "contrast": 0.75, "saturation": 1.5, "hue": -0.125}
+    assert (first["grayscale"], second["grayscale"]) == (False, True)
+    assert (first["solarize"], second["solarize"]) == (True, False)
+    assert (first["blur_sigma"], second["blur_sigma"]) == (0.0, 1.5)
+    assert first["erase"] == [0.0, 0.0, 0.5, 0.25, 0.25] and second["erase"] is None
+
+
+def test_the_playground_vectors_are_those_of_its_thumbnails_in_the_same_order(run: tuple[Path, Dataset]) -> None:
+    """Row i of h is the encoder's h of thumbnail i (re-encoded here from its PNG: nearest, and within
+    the uint8 rounding), and z is the trained head of h."""
+    from fastclr.augment import normalize
+    from fastclr.pretrained import head_checkpoint, trained_head
+    from fastclr.report.interactive import from_f32_base64, playground
+
+    run_dir, ds = run
+    r = load_run(run_dir, precision="fp32", log=lambda s: None)
+    cpu = torch.device("cpu")
+    head = trained_head(r, cpu, head_checkpoint(r))
+    assert head is not None
+    data = playground(r, head, ds.pretrain, cpu, 0, 0.5)
+    h = torch.from_numpy(from_f32_base64(data["h"], data["h_dim"]).copy())
+    z = torch.from_numpy(from_f32_base64(data["z"], data["z_dim"]).copy())
+    assert len(data["thumbs"]) == len(h) == 2 * data["pairs"]
+    thumbs = np.stack([png_pixels(t) for t in data["thumbs"]])  # (2P, S, S, C)
+    x = torch.from_numpy(thumbs).permute(0, 3, 1, 2).float() / 255
+    again = encode(r.encoder, normalize(x, r.mean, r.std), FP32)
+    cos = torch.nn.functional.normalize(again, dim=1) @ torch.nn.functional.normalize(h, dim=1).T
+    assert cos.argmax(1).tolist() == list(range(len(h)))
+    assert float(cos.diagonal().min()) > 0.99
+    with torch.no_grad():
+        torch.testing.assert_close(head(h), z, rtol=1e-4, atol=1e-5)
