@@ -62,3 +62,21 @@ def test_a_folder_that_is_gone_prints_rather_than_loses_the_line(tmp_path: Path)
     out = io.StringIO()
     assert print_once_a_node("error: x", file=out, environ={ONCE_DIR: str(tmp_path / "gone")})
     assert out.getvalue() == "error: x\n"
+
+
+def test_a_folder_removed_while_a_silent_rank_waits_ends_its_wait_without_an_error(tmp_path: Path) -> None:
+    """The launcher removes its folder once its ranks are over: a rank still waiting returns quietly."""
+    folder = tmp_path / "once"
+    folder.mkdir()
+    env = {ONCE_DIR: str(folder)}
+    assert print_once_a_node("error: x", file=io.StringIO(), environ=env)
+    (claim,) = folder.iterdir()
+    claim.write_bytes(b"")
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(print_once_a_node("error: x", file=io.StringIO(), environ=env,
+                                                                        wait_s=30)))
+    t.start()
+    t.join(0.2)
+    claim.unlink()
+    t.join(10)
+    assert result == [False]

@@ -89,7 +89,7 @@ def cosine_topk(
     unit_bank = F.normalize(bank.to(dtype), dim=1)
     n = unit_bank.shape[0]
     k = min(k, n if exclude is None else n - 1)
-    if k < 1:  # a bank of one row that each query excludes: no neighbour
+    if k < 1:  # no neighbour to give: k of 0, an empty bank, or one row that each query excludes
         empty = torch.empty(queries.shape[0], 0, device=unit_bank.device)
         return empty.to(dtype), empty.long()
     native = precision.name == "bf16" and bf16_native_on(unit_bank.device.type)  # a GPU run's bank may be on the CPU

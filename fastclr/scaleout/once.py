@@ -38,7 +38,10 @@ def print_once_a_node(line: str, *, file: TextIO, environ: Mapping[str, str] = o
     except FileExistsError:
         end = time.monotonic() + wait_s
         while time.monotonic() < end:
-            if claim.read_bytes() == _PRINTED:
+            try:
+                if claim.read_bytes() == _PRINTED:
+                    return False
+            except FileNotFoundError:  # the launcher removed its folder: its ranks are over
                 return False
             time.sleep(0.01)
         print(line, file=file, flush=True)
