@@ -167,3 +167,27 @@ def test_a_real_memory_limit_is_what_the_memory_check_sees() -> None:
     room, message = run_in_cgroup("memory", "memory.limit_in_bytes", str(2 * GIB), code).splitlines()
     assert 0 < int(room) <= 2 * GIB
     assert message.startswith("the features needs about 3.0 GiB but ") and message.endswith("; use fewer images")
+
+
+def test_memory_room_never_exceeds_the_limit(tmp_path: Path) -> None:
+    """memory.current and memory.stat are read one after the other: file pages counted past the
+    charge (pages dropped between the two reads) leave the whole limit as room, never more."""
+    lay = Layout(tmp_path)
+    fs = lay.mount("sys/fs/cgroup", "/", "cgroup2", "rw")
+    lay.files(fs / "app", memory__max=str(4 * GIB), memory__current=str(GIB),
+              memory__stat=f"anon 0\nactive_file {GIB}\ninactive_file {GIB}\nslab_reclaimable 0")
+    lay.cgroups = ["0::/app"]
+    assert lay.limit(MEMORY) == 4 * GIB
+
+
+def test_a_cgroup_whose_name_only_begins_like_the_mount_root_is_not_below_it(tmp_path: Path) -> None:
+    """The mount shows /docker/0123abcd; the process's cgroup /docker/0123abcdef is another one
+    (a name that only shares the prefix), not the folder "ef" below it: only the mount point is read."""
+    lay = Layout(tmp_path)
+    cpu = lay.mount("sys/fs/cgroup/cpu", "/docker/0123abcd", "cgroup", "rw,cpu")
+    lay.files(cpu, cpu__cfs_quota_us="200000", cpu__cfs_period_us="100000")
+    lay.files(cpu / "ef", cpu__cfs_quota_us="50000", cpu__cfs_period_us="100000")
+    lay.cgroups = ["4:cpu:/docker/0123abcdef"]
+    assert lay.limit(CPU) == 2.0
+    lay.cgroups = ["4:cpu:/docker/0123abcd/ef"]  # the folder below it: its quota applies
+    assert lay.limit(CPU) == 0.5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -217,3 +218,50 @@ def test_the_guard_passes_writes_through_until_the_pipe_closes() -> None:
     pipe.closed_by_reader = False
     guard.write("step 3\n")
     assert pipe.getvalue() == "step 1\n" and guard.isatty() is False
+
+
+def test_an_interrupted_command_exits_130_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C in a command (pretraining stops itself with EXIT_STOPPED instead) ends it with the
+    status a shell gives a process killed by SIGINT, 128 + 2, and one line: no traceback."""
+    import signal
+
+    import fastclr.info
+    from fastclr.cli import main
+
+    def interrupted(**kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastclr.info, "main", interrupted)
+    assert main(["info", "--no-measure"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("error, line", [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere/x"),
+     "error: cannot use /nowhere/x (No such file or directory); give another path, or fix it or its permissions"),
+    (PermissionError(errno.EACCES, "Permission denied", "/etc/x"),
+     "error: cannot use /etc/x (Permission denied); give another path, or fix it or its permissions"),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "error: cannot write a file (Disk quota exceeded; "),
+    (OSError(errno.ENOSPC, "No space left on device", "out.bin"),
+     "error: cannot write out.bin (No space left on device; "),
+])
+def test_an_unusable_path_or_a_refused_write_is_one_line_exit_2(error: OSError, line: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError no command turned into its own message: a path the user gave that cannot be used
+    (missing, forbidden) or a write the file system refused (full, over quota) is one line and
+    exit 2; any other OSError is a bug and keeps its traceback."""
+    import fastclr.info
+    from fastclr.cli import main
+
+    def failing(**kwargs: object) -> int:
+        raise error
+
+    monkeypatch.setattr(fastclr.info, "main", failing)
+    assert main(["info", "--no-measure"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err
+    monkeypatch.setattr(fastclr.info, "main", lambda **kwargs: (_ for _ in ()).throw(OSError(errno.ECONNREFUSED, "x")))
+    with pytest.raises(ConnectionRefusedError):
+        main(["info", "--no-measure"])

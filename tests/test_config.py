@@ -333,3 +333,64 @@ def test_a_checkpoint_only_run_saved_before_presets_gets_its_datasets_preset(tmp
     save_checkpoint(run, state)
     (run / "encoder.safetensors").unlink()
     assert load_run(run, log=lambda s: None).config.data.preset == "mnist"
+
+
+@pytest.mark.parametrize("text, value", [("1", True), ("true", True), ("Yes", True), ("on", True),
+                                         ("0", False), ("false", False), ("no", False), ("OFF", False)])
+def test_every_spelling_of_a_switch_sets_a_true_or_false_setting(text: str, value: bool) -> None:
+    """A true/false setting given as a flag takes 1/true/yes/on and 0/false/no/off, in any case."""
+    cfg = apply_overrides(Config(), {"train.channels_last": text, "eval.probe": text})
+    assert cfg.train.channels_last is value and cfg.eval.probe is value
+
+
+def test_toml_booleans_set_auto_on_off_settings_and_are_no_integers(tmp_path: Path) -> None:
+    """An auto/on/off setting written as a TOML boolean (or a "true"/"false" string) means on/off;
+    an integer setting refuses a boolean rather than reading true as 1."""
+    p = tmp_path / "c.toml"
+    p.write_text('[train]\ncompile = true\n[model]\ncifar_stem = false\n', encoding="utf-8")
+    cfg = apply_overrides(Config(), read_toml(p))
+    assert (cfg.train.compile, cfg.model.cifar_stem) == ("on", "off")
+    cfg = apply_overrides(Config(), {"train.compile": "false", "model.cifar_stem": "True"})
+    assert (cfg.train.compile, cfg.model.cifar_stem) == ("off", "on")
+    p.write_text('[train]\nthreads = true\n', encoding="utf-8")
+    with pytest.raises(FastclrError, match="train.threads must be an integer, got True"):
+        apply_overrides(Config(), read_toml(p))
+
+
+def test_a_misspelt_toml_section_is_refused_not_ignored(tmp_path: Path) -> None:
+    """A file's [trian] table names no section: its keys are refused with the nearest key, never
+    dropped while the run trains on the defaults."""
+    p = tmp_path / "c.toml"
+    p.write_text("[trian]\nbatch_size = 64\n", encoding="utf-8")
+    with pytest.raises(FastclrError,
+                       match=r"unknown config key 'trian.batch_size' \(did you mean train.batch_size\?\)"):
+        apply_overrides(Config(), read_toml(p))
+
+
+def test_a_learned_temperature_may_start_at_either_end_of_its_range() -> None:
+    """--learn-temperature keeps t in LEARNED_TEMPERATURE_RANGE, both ends included: a start at
+    either end is accepted, one just outside refused."""
+    from fastclr.config import LEARNED_TEMPERATURE_RANGE
+
+    low, high = LEARNED_TEMPERATURE_RANGE
+    for t in (low, high):
+        cfg = apply_overrides(Config(), {"train.learn_temperature": True, "train.temperature": t})
+        assert cfg.train.temperature == t
+    for t in (low * 0.99, high * 1.01):
+        with pytest.raises(FastclrError, match="where --learn-temperature keeps t"):
+            apply_overrides(Config(), {"train.learn_temperature": True, "train.temperature": t})
+
+
+def test_a_saved_run_keeps_the_preset_it_recorded(tmp_path: Path) -> None:
+    """A run that trained on its own settings (data.preset set to another recipe than its
+    dataset's, as the recipe check suggests) resumes with the preset it recorded; only a config
+    saved without one gets its dataset's."""
+    from fastclr.cli import build_parser, resume_config
+    from fastclr.presets import saved_overrides
+
+    run = _saved_run(tmp_path / "run", data__preset="fashion-mnist")
+    assert saved_overrides(run / "config.toml")["data.preset"] == "fashion-mnist"
+    cfg = resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run)]))
+    assert (cfg.data.name, cfg.data.preset) == ("mnist", "fashion-mnist")
+    _drop_lines(run / "config.toml", "preset")
+    assert saved_overrides(run / "config.toml")["data.preset"] == "mnist"

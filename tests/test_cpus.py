@@ -118,3 +118,11 @@ def test_a_real_quota_caps_the_threads_a_run_uses() -> None:
     out = run_in_cgroup("cpu", "cpu.cfs_quota_us", "100000", "import torch; from fastclr.cpus import "
                         "cgroup_cpu_limit, set_threads; print(cgroup_cpu_limit(), set_threads(0))")
     assert out.split() == ["1.0", "1"]
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(2.01, 3), (2.5, 3), (3.5, 4), (6.0, 6), (63.2, 64), (100.0, 64)])
+def test_a_quota_is_rounded_up_on_a_large_host(monkeypatch: pytest.MonkeyPatch, limit: float, expected: int) -> None:
+    """On a 64-CPU host a quota of 2.01 or 2.5 CPUs' time runs 3 threads (never fewer than the quota
+    keeps busy), an integral quota its own count, and no quota more than the 64 CPUs."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert usable_cpus(limit) == expected

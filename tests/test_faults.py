@@ -614,3 +614,38 @@ def test_the_first_checkpoint_and_the_folder_it_makes_are_flushed_to_disk(tmp_pa
     path = save_checkpoint(tmp_path, {"step": 1, "w": torch.ones(2)})
     identity = {(os.stat(p).st_dev, os.stat(p).st_ino) for p in (tmp_path, path.parent, path)}
     assert identity <= synced
+
+
+def test_a_stop_already_asked_for_ends_an_interruptible_phase_before_it_starts() -> None:
+    """A signal that came before the final probe (between the last step and the probe) ends the
+    probe at once: its body never runs, and the flag is left not raising."""
+    from fastclr.signals import StopFlag, StopRequested
+
+    flag, ran = StopFlag(), []
+    flag.signal = signal.SIGTERM
+    with pytest.raises(StopRequested):
+        with flag.interruptible():
+            ran.append("probe")
+    assert ran == [] and not flag.raising
+
+
+def test_a_sigterm_outside_a_run_cleans_up_and_exits_as_killed_by_it() -> None:
+    """cleanup_on_sigterm: SIGTERM (left at its default action) raises SystemExit(128 + SIGTERM),
+    so `finally` blocks remove what they made and a shell still sees the status of a kill by
+    SIGTERM (143); the default action is back afterwards."""
+    from fastclr.signals import cleanup_on_sigterm
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cleaned: list[str] = []
+    try:
+        with pytest.raises(SystemExit) as e:
+            with cleanup_on_sigterm():
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # the handler raises at once
+                finally:
+                    cleaned.append("part file removed")
+        assert e.value.code == 128 + signal.SIGTERM == 143 and cleaned == ["part file removed"]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

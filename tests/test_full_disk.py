@@ -11,6 +11,7 @@ torch's writer raises RuntimeError ("unexpected pos ...") on both, never OSError
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -225,3 +226,52 @@ def test_a_real_full_disk_during_pretrain_and_resume(tmp_path: Path) -> None:
     assert out["resume_free"]["rc"] == 0, out["resume_free"]["stderr"][-2000:]
     done = out["after_resume_free"]
     assert done["step"] == 24 and done["encoder"] and not done["temporaries"]
+
+
+@pytest.mark.parametrize("limit, text", [(1536, "1.5 KiB"), (1 << 20, "1.0 MiB"), (10 << 20, "10.0 MiB"),
+                                         (3 << 30, "3.0 GiB")])
+def test_a_failed_writes_reason_states_the_file_size_limit_in_binary_units(tmp_path: Path, limit: int,
+                                                                          text: str) -> None:
+    """`ulimit -f` counts KiB of 1024 bytes: a limit of exactly 1 MiB reads "1.0 MiB" (not
+    "1024.0 KiB"), 10 MiB "10.0 MiB" (not the 10.5 of decimal megabytes)."""
+    from fastclr.files import write_failure_reason
+
+    with file_size_limit(limit):
+        reason = write_failure_reason(OSError(errno.EFBIG, "File too large"), tmp_path / "x.bin")
+    assert reason.startswith("File too large; ") and reason.endswith(f"; files are limited to {text} (ulimit -f)")
+
+
+def test_files_written_together_are_renamed_in_the_order_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once every file is written, the final names are replaced in the order given (an array before
+    the index of its rows): a rename refused between them leaves the files before it replaced, the
+    one refused and those after it as they were, and no temporary behind."""
+    import os
+
+    import fastclr.files as files
+
+    a, b, c = (tmp_path / n for n in ("a.npy", "a.csv", "a.json"))
+    for p in (a, b, c):
+        p.write_bytes(b"old")
+    real = os.replace
+
+    def replace(src: str, dst: str | Path) -> None:
+        if Path(dst) == b:
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(WriteFailed) as e:
+        atomic_write_all([(p, lambda f: f.write(b"new")) for p in (a, b, c)])
+    assert e.value.path == b and [p.read_bytes() for p in (a, b, c)] == [b"new", b"old", b"old"]
+    assert no_temporaries(tmp_path)
+
+
+def test_a_writer_failure_is_told_by_its_own_words_without_the_source_location(tmp_path: Path) -> None:
+    """torch's writer raises "[enforce fail at inline_container.cc:672] . unexpected pos ..." on a
+    full disk: the reason keeps what it says, not where in torch's C++ it was said."""
+    from fastclr.files import write_failure_reason
+
+    error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nmore detail")
+    reason = write_failure_reason(error, tmp_path / "step-000000002.pt")
+    assert reason.startswith("the writer stopped: unexpected pos 704 vs 598; ") and "inline_container" not in reason
+    assert write_failure_reason(RuntimeError(), tmp_path / "x.pt").startswith("the writer stopped: RuntimeError")

@@ -451,3 +451,89 @@ def test_a_resume_with_another_batch_or_views_is_refused_unless_allowed(tmp_path
                                            "or pass --allow-config-change"):
         check_resume_config(saved, wanted, allow_changes=False)
     check_resume_config(saved, wanted, allow_changes=True)
+
+
+def test_a_directory_holding_only_a_dead_runs_lock_can_start_a_run(tmp_path: Path) -> None:
+    """A run killed before it wrote anything leaves only its .lock: the directory is still empty of
+    anyone's files, so a new run may start there; the user's own files there are refused, the
+    first three named."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("PID 1 on elsewhere", encoding="utf-8")
+    assert prepare_run_dir(run) == run
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (run / name).write_text("mine", encoding="utf-8")
+    with pytest.raises(FastclrError, match=r"holds files that are not a fastclr run \(a.txt, b.txt, c.txt\); nothing"):
+        prepare_run_dir(run)  # three named: all of them
+    (run / "d.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(FastclrError, match=r"not a fastclr run \(a.txt, b.txt, c.txt, ...\); nothing"):
+        prepare_run_dir(run)  # more: the first three, and the rest said to be there
+
+
+def test_a_lock_taken_over_names_only_its_new_owner(tmp_path: Path) -> None:
+    """The lock file left by a dead owner with a longer name than this process's is rewritten whole:
+    what another process then reads as the owner is this process, with nothing of the old text."""
+    import socket
+
+    from fastclr.runs import RunLock, locked_by_another
+
+    dead = "PID 4194303 on a-much-longer-host-name-than-this-one.example.org"
+    (tmp_path / ".lock").write_text(dead, encoding="utf-8")
+    said: list[str] = []
+    lock = RunLock(tmp_path, log=said.append)
+    try:
+        assert said == [f"took over {tmp_path / '.lock'} from {dead}, which is no longer running"]
+        assert locked_by_another(tmp_path) == f"PID {os.getpid()} on {socket.gethostname()}"
+    finally:
+        lock.release()
+    assert locked_by_another(tmp_path) == ""
+
+
+def test_a_resume_knows_the_monitor_passes_and_the_sent_records_around_its_checkpoint(tmp_path: Path) -> None:
+    """keep_until(step) keeps the records up to the checkpoint's step, the step included (a kNN pass
+    at that epoch end is done and not run again), and counts as sent to the trackers exactly the
+    records past it, which the resumed run replays."""
+    records = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    records += [{"step": 3, "knn_acc": 0.5}, {"step": 6, "knn_acc": 0.6}]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=lambda r: r["step"]))
+    (tmp_path / "metrics.jsonl").write_text(text, encoding="utf-8")
+    log = MetricsLog(tmp_path)
+    try:
+        log.keep_until(3)
+        assert log.monitored == {3}
+        assert log.sent == {(4, False), (5, False), (6, False), (6, True)}
+        assert [(r["step"], "knn_acc" in r) for r in read_metrics(tmp_path)] == [(1, False), (2, False), (3, False),
+                                                                                 (3, True)]
+    finally:
+        log.close()
+
+
+def test_outputs_are_refused_in_a_runs_checkpoints_folder_and_over_an_input_spelled_otherwise(tmp_path: Path) -> None:
+    """refuse_output: anything in a run's checkpoints/ folder; an input of the command however the
+    path is spelled (the same file); another kind of file than the output's, whatever the case of
+    its suffix."""
+    from fastclr.runs import refuse_output
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.toml").write_text("[train]\n", encoding="utf-8")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    with pytest.raises(FastclrError, match="is in the run's checkpoints folder"):
+        refuse_output(run / "checkpoints" / "mine.safetensors")
+    query = tmp_path / "q.jpg"
+    with pytest.raises(FastclrError, match=re.escape(f"is {query}, which this command reads")):
+        refuse_output(tmp_path / "run" / ".." / "q.jpg", inputs=(query,))
+    refuse_output(tmp_path / "REPORT.HTML", kind="a report", suffixes=(".html",))
+    with pytest.raises(FastclrError, match=r"a report is written as .html; give a name ending in .html"):
+        refuse_output(tmp_path / "q.jpg", kind="a report", suffixes=(".html",))
+
+
+def test_a_default_run_directory_is_named_after_the_datasets_last_path_part() -> None:
+    """runs/<data>-<YYYYmmdd-HHMMSS>: a store given as a path is named by its folder."""
+    from fastclr.presets import config_for
+    from fastclr.runs import default_run_dir
+
+    for data, stem in (("fashion-mnist", "fashion-mnist"), ("/data/stores/photos", "photos"),
+                       ("stores/photos/", "photos")):
+        path = default_run_dir(config_for(data))
+        assert path.parent == Path("runs") and re.fullmatch(rf"{stem}-\d{{8}}-\d{{6}}", path.name), path

@@ -114,3 +114,17 @@ def test_related_settings_must_be_ordered(capsys: pytest.CaptureFixture[str], tm
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: augment.") and "is larger than" in err and not (tmp_path / "r").exists()
         assert err.endswith(f"(e.g. --{a} {float(vb)!r})")  # a value that holds (the default 0.8 > 0.5 did not)
+
+
+@pytest.mark.parametrize("key, kind, allowed", [d for d in declared() if d[2] is not None and not d[2].choices],
+                         ids=lambda v: str(v))
+def test_what_a_refusal_says_is_allowed_is_what_is_allowed(key: str, kind: type, allowed: Allowed) -> None:
+    """The range a refusal names ('> 0', '>= 2', 'in (0, 1]', 'in [0, 1)') includes an end exactly
+    when the setting accepts a value there."""
+    text = allowed.describe()
+    if allowed.low is not None:
+        assert (text.startswith(">=") or text.startswith("in [")) == allowed.admits(kind(allowed.low)), text
+        assert not allowed.admits(kind(allowed.low) - 1)
+    if allowed.high is not None:
+        assert text.endswith("]") == allowed.admits(kind(allowed.high)), text
+        assert not allowed.admits(kind(allowed.high) + 1)

@@ -193,3 +193,86 @@ def test_a_damaged_tracking_json_is_a_one_line_error_naming_it(tmp_path: Path, t
         read_ids(tmp_path)
     (tmp_path / TRACKING_FILE).write_text('{"mlflow": "abc"}')
     assert read_ids(tmp_path) == {"mlflow": "abc"}
+
+
+def test_trackers_none_starts_nothing_and_writes_nothing(tmp_path: Path) -> None:
+    """--log none (the default) names no tracker: none is started, no tracking.json is written;
+    "mlflow,wandb" names both, in order."""
+    from fastclr.tracking import TRACKING_FILE, open_trackers, tracker_names
+
+    assert tracker_names("none") == () and tracker_names("mlflow,wandb") == ("mlflow", "wandb")
+    assert open_trackers(tracker_names("none"), tmp_path, {}, warn=lambda s: None) == []
+    assert not (tmp_path / TRACKING_FILE).exists()
+
+
+def test_trackers_get_the_finite_numbers_of_a_record_by_their_path() -> None:
+    """What a tracker is sent of a record: its finite numbers (integers as floats), nested ones
+    keyed by their path; true/false, text and NaN are not numbers to plot."""
+    from fastclr.tracking import numbers
+
+    record = {"loss": 1.5, "skipped": True, "grad_norm": float("nan"), "images": 3, "note": "x",
+              "protocols": {"linear": {"accuracy": 0.9, "converged": False}, "knn": {"acc": float("inf")}}}
+    assert numbers(record) == {"loss": 1.5, "images": 3.0, "protocols/linear/accuracy": 0.9}
+    assert all(type(v) is float for v in numbers(record).values())
+
+
+class _Recorder:
+    """A tracker that records what it is given, and fails every call once told to."""
+
+    run_id = "r1"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.failing = False
+
+    def _record(self, what: str, value: Any) -> None:
+        self.calls.append((what, value))
+        if self.failing:
+            raise ConnectionError("server gone")
+
+    def metrics(self, values: Any, step: int) -> None:
+        self._record("metrics", step)
+
+    def results(self, values: Any, step: int) -> None:
+        self._record("results", step)
+
+    def artifact(self, path: Path, name: str) -> None:
+        self._record("artifact", name)
+
+    def close(self, status: str) -> None:
+        self._record("close", status)
+
+
+def test_a_failing_tracker_warns_once_and_is_then_left_alone() -> None:
+    """A tracker whose library fails (a server down, a full quota) costs one warning line; it is
+    not called again, so a long run does not repeat the warning, or wait on it, at every step."""
+    from fastclr.tracking import _Guarded
+
+    inner, warned = _Recorder(), []
+    guarded = _Guarded(inner, "mlflow", warned.append)
+    guarded.metrics({"loss": 1.0}, 1)
+    inner.failing = True
+    for step in (2, 3, 4):
+        guarded.metrics({"loss": 1.0}, step)
+    guarded.close("FINISHED")
+    assert inner.calls == [("metrics", 1), ("metrics", 2)]
+    assert len(warned) == 1
+    assert warned[0].startswith("warning: mlflow failed to log metrics (ConnectionError: server gone)")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_tracked_runs_are_closed_finished_or_killed_as_the_block_ended(fails: bool, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tracked` closes each tracker FINISHED when its block returns, KILLED when it raises (the
+    error then passes on)."""
+    import fastclr.tracking as tracking
+
+    inner = _Recorder()
+    monkeypatch.setattr(tracking, "open_trackers", lambda names, run_dir, params, warn: [inner])
+    try:
+        with tracking.tracked(("mlflow",), tmp_path, {}, warn=lambda s: None):
+            if fails:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        assert fails
+    assert inner.calls == [("close", "KILLED" if fails else "FINISHED")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Callable
@@ -798,3 +799,41 @@ def test_two_resumes_with_other_batches_go_on_from_the_place_in_the_data_each_ha
         assert resumed[step]["lr"] == pytest.approx(straight[step + 1]["lr"], rel=1e-12)
         assert resumed[step]["epoch"] == pytest.approx(straight[step + 1]["epoch"], rel=1e-12)
     assert load_checkpoint(list_checkpoints(tmp_path / "b")[-1])["step_offset"] == 1
+
+
+def _progress_at(monkeypatch: pytest.MonkeyPatch, times: list[float], **kwargs: Any) -> tuple[Any, io.StringIO]:
+    """A Progress writing to a StringIO (not a terminal) whose clock reads `times` in turn."""
+    import fastclr.progress as progress
+
+    clock = iter(times)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    return progress.Progress(stream=stream, **kwargs), stream
+
+
+def test_the_progress_rate_and_eta_count_only_the_steps_this_process_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed at step 40 of 100 and at step 60 ten seconds later: 20 steps in 10 s is 2 steps/s,
+    and the 40 steps left take 20 s (not the 60 done before the resume, nor 100 - 20)."""
+    bar, stream = _progress_at(monkeypatch, [0.0, 10.0], total=100, start=40, every=0.0, rate_of="steps")
+    bar.update(60, "loss 1.5")
+    assert stream.getvalue() == "step 60/100 steps, 2 steps/s loss 1.5 eta 0:20\n"
+
+
+def test_a_progress_line_waits_its_interval_except_for_the_last_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off a terminal a line is printed at most every `every` seconds, but the last step is always
+    shown, however soon after the line before it."""
+    bar, stream = _progress_at(monkeypatch, [0.0, 1.0, 2.0, 3.0], total=10, every=30.0)
+    bar.update(1)  # the first line: nothing printed yet
+    bar.update(5)  # 1 s after it: waits
+    bar.update(10)  # the last step
+    assert [line.split(" eta")[0] for line in stream.getvalue().splitlines()] == ["step 1/10", "step 10/10"]
+    assert stream.getvalue().endswith("eta 0:00\n")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(7.0, "0:07"), (7.6, "0:08"), (59.6, "1:00"), (3599.6, "1:00:00"),
+                                               (3725, "1:02:05"), (-3.0, "0:00")])
+def test_durations_are_rounded_to_the_nearest_second(seconds: float, text: str) -> None:
+    """The nearest whole second, carried into the minutes and hours (59.6 s is 1:00, not 0:60)."""
+    from fastclr.progress import format_seconds
+
+    assert format_seconds(seconds) == text
