@@ -230,10 +230,10 @@ def test_an_onnx_model_whose_h_is_not_a_number_is_refused(tmp_path: Path, monkey
 
     class NotANumber:
         def __init__(self, *args: object, **kwargs: object) -> None:
-            self.session = real(*args, **kwargs)  # type: ignore[arg-type]
+            self.runtime = real(*args, **kwargs)  # type: ignore[arg-type]
 
         def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-            return [np.full_like(h, np.nan) for h in self.session.run(names, feeds)]
+            return [np.full_like(h, np.nan) for h in self.runtime.run(names, feeds)]
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", NotANumber)
     enc = build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512")

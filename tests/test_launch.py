@@ -32,8 +32,8 @@ def launcher(run: Path, *extra: str) -> list[str]:
 def children(pid: int) -> list[int]:
     """The direct child processes of `pid` (torchrun's ranks), from /proc."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (thread / "children").read_text().split()]
     return found
 
 

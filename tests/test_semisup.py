@@ -697,8 +697,6 @@ def test_features_and_distillation_leave_a_classifier_in_the_mode_it_was_in() ->
     through it, and `distill`'s closing accuracies of the teacher and the student (read through it),
     leave every module of each classifier in its own mode, not the wrapper's. In train mode one
     image would raise in BatchNorm, and a batch's results would depend on its other images."""
-    from fastclr.runtime import FP32
-
     torch.manual_seed(0)
     spec = EncoderSpec("cnn", 1, 28, 0.125, "off", 64, (0.5,), (0.25,), "32|256|fc512")
     mean, std = torch.tensor([0.5]), torch.tensor([0.25])
@@ -712,7 +710,5 @@ def test_features_and_distillation_leave_a_classifier_in_the_mode_it_was_in() ->
     extract_features(model.backbone(), x, mean, std, torch.device("cpu"))
     assert not any(m.training for m in model.modules())
     teacher, student = classifier(), classifier()
-    setup = LabelledSetup(x, y, x, y, ["a", "b", "c"], mean, std, 28, torch.device("cpu"), FP32,
-                          TrainRecipe(1, 8, 1e-3, 0.0, 0.0, 0.0, 0.0))
-    distill(teacher, student, setup, np.array([0, 1, 2]), 1.0, 0.0, 0)
+    distill(teacher, student, labelled_setup_of(x, y, mean, std), np.array([0, 1, 2]), 1.0, 0.0, 0)
     assert not any(m.training for m in [*teacher.modules(), *student.modules()])
