@@ -267,6 +267,37 @@ def test_eval_mode_for_a_while_gives_each_submodule_its_own_mode_back() -> None:
     assert [m.training for m in wrapper.modules()] == before
 
 
+class _FreezesWhenTrained(nn.Module):
+    """A user's module whose own `train()` does more than set flags: it records the mode it was
+    last given and keeps its BatchNorm in eval mode, as encoders fine-tuned with frozen statistics do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+        self.given: list[bool] = []
+
+    def train(self, mode: bool = True) -> _FreezesWhenTrained:
+        super().train(mode)
+        self.bn.eval()
+        self.given.append(mode)
+        return self
+
+
+def test_eval_mode_for_a_while_runs_a_modules_own_train_override_on_the_way_out() -> None:
+    """After the block, a module whose `train()` override does more than set flags has been given its
+    own mode back through that override, so what the override keeps (here the last mode given) is
+    what it was before the block, not eval."""
+    from fastclr.models.modes import in_eval_mode
+
+    frozen = _FreezesWhenTrained()
+    wrapper = nn.Sequential(nn.Linear(2, 2), frozen).train()
+    assert frozen.given[-1] is True and not frozen.bn.training
+    with in_eval_mode(wrapper):
+        assert frozen.given[-1] is False
+    assert frozen.given[-1] is True
+    assert [m.training for m in wrapper.modules()] == [True, True, True, False]
+
+
 def _batch_norm(t: torch.Tensor, bn: nn.Module) -> torch.Tensor:
     """BatchNorm in training mode, in float64: the batch's statistics (biased variance) per channel."""
     dims = (0,) + tuple(range(2, t.ndim))
