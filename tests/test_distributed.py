@@ -297,7 +297,14 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     write_error_seconds, saving["fail"] = time.perf_counter() - began, False
     train.pretrain(cfg("grad-cache", train__grad_cache_chunk=8, train__epochs=1.0), dataset=ds, encoder=smooth_encoder(), progress=False,
                    log=lambda s: None)
+    # A 6 s budget on clocks that disagree: rank 1's has spent it at its first step (which alone
+    # would bring the first fit forward), rank 0's reaches the planned fit at step 15 well within it.
+    ticks = iter(range(10**9))
+    budgeted = train.pretrain(cfg("budget", train__time_budget=0.1, train__checkpoint_every=10**6), dataset=ds,
+                              encoder=smooth_encoder(), progress=False, log=lambda s: None,
+                              clock=lambda: next(ticks) * (100.0 if rank == 1 else 0.01))
     return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
+            "budget_steps": budgeted.steps,
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
             "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds,
             "damaged_error": damaged_error, "damaged_seconds": damaged_seconds, "write_error_seconds": write_error_seconds}
@@ -378,6 +385,14 @@ def test_a_stop_asked_of_one_rank_stops_both_and_resume_continues_exactly(
     assert load_checkpoint(list_checkpoints(root / "resumed")[0])["step"] == 4  # written at the stop
     # every rank returns from a stop only once rank 0's checkpoint (made 1 s slow) is on disk
     assert r0["on_disk_at_return"][-1] == r1["on_disk_at_return"][-1] == 4
+
+
+def test_rank_0s_clock_decides_whether_a_time_budgets_first_fit_comes_early(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Both ranks train the same steps, as many as rank 0's clock allows: past its first fit at step 15
+    (rank 1's clock alone would have fitted at step 1 and ended at step 2)."""
+    _, (r0, r1) = two_rank_runs
+    assert r0["budget_steps"] == r1["budget_steps"] > 15
 
 
 def test_ranks_that_disagree_on_resuming_end_with_one_line_before_writing(

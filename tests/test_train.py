@@ -382,13 +382,29 @@ def test_the_time_budget_is_a_cap_between_epoch_ends(tmp_path: Path) -> None:
 def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The budget is pretraining wall time: a kNN monitor pass spends it like a step does. A pass
     costs 1000 s on the clock: after the first (end of epoch 1, step 6) the budget of 6 s is spent,
-    so the first fit (step 15) grants one more step and the run ends at 16 with both passes (steps
-    6 and 12) in its wall time. Were monitoring paused out of the clock, it would run 6 s of steps."""
+    so step 7 brings the first fit forward from step 15, it grants one more step and the run ends at
+    8 with that pass in its wall time (it ran to 16, through a second pass, when the first fit waited
+    for step 15). Were monitoring paused out of the clock, it would run 6 s of steps."""
     clock = PacedClock(lambda i: 0.01, monitor_s=1000.0)
     monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
     res, records = paced_run(tmp_path, clock, minutes=0.1, steps_per_epoch=6, monitor_share=1.0)
-    assert res.steps == 16 and res.train_seconds == pytest.approx(2000.0 + 16 * 0.01)
-    assert [r["step"] for r in records if "knn_acc" in r] == [6, 12]
+    assert res.steps == 8 and res.train_seconds == pytest.approx(1000.0 + 8 * 0.01)
+    assert [r["step"] for r in records if "knn_acc" in r] == [6]
+
+
+@pytest.mark.parametrize(("pace", "minutes", "steps"), [(10.0, 1.0, 6), (40.0, 0.5, 2), (4.0, 1.0, 16)])
+def test_a_time_budget_caps_a_run_whose_steps_are_too_slow_to_wait_for_the_first_fit(
+        tmp_path: Path, pace: float, minutes: float, steps: int) -> None:
+    """`pace` s a step, 100 steps an epoch. Waiting for the first fit (step 15) would spend 15 x pace
+    s: where that is over the budget, the fit comes after step 1, at the pace so far, and the run ends
+    at 1 + max(1, (budget - pace) // pace) steps: 6 steps (60 s) of a 1-minute budget at 10 s a
+    step, 2 (one more than the spent budget's, as at every first fit) at 40 s. At 4 s a step, 15
+    steps are the budget: the fit waits for step 15 and grants its one more. Before, every run went
+    on to 16 steps whatever its budget (160 s and 640 s)."""
+    clock, lines = PacedClock(lambda i: pace), []
+    res, _ = paced_run(tmp_path, clock, minutes=minutes, steps_per_epoch=100, log=lines.append)
+    assert res.steps == steps and res.train_seconds == pytest.approx(steps * pace)
+    assert any(line.startswith(f"time budget {minutes:g} min: {steps} steps ") for line in lines), lines
 
 
 def test_an_epoch_ends_refit_counts_the_monitor_pass_that_follows_it(

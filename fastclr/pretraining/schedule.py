@@ -110,7 +110,8 @@ class TimeBudget:
     cosine is stretched or shrunk to end on time: on a shared machine the pace drifts and stalls
     (CPU steal; docs/benchmarks.md shows a 9.5-minute budget overshooting by 34 s with one early
     fit, and a run ending 24 s early when a stall fell on its last epoch-end fit). Frequent refits
-    also make the budget a cap: once spent, the run ends at the next refit.
+    also make the budget a cap: once spent, the run ends at the next refit. Before the first fit,
+    a fit that would come too late for the budget at the pace so far comes at once (`overdue`).
     All times are the training loop's wall-clock seconds, the same clock as the logs: steps,
     checkpoints and kNN monitor passes alike, so a budget of 9.5 minutes is 9.5 minutes of the loop.
     """
@@ -164,6 +165,17 @@ class TimeBudget:
         """Seconds per step since the mark (since step 0 before a resumed run reaches its mark)."""
         s0, t0 = self._mark if step > self._mark[0] else (0, 0.0)
         return max(train_seconds - t0, 1e-9) / max(step - s0, 1)
+
+    def overdue(self, step: int, train_seconds: float) -> bool:
+        """Whether the first fit, still ahead at `first_fit_at`, would come after the budget is spent
+        at the pace so far (steps of many seconds: a ResNet on a laptop CPU, a kNN pass that took the
+        budget); the loop then fits at `step` instead, so the budget caps a run from its first step."""
+        ahead = self.first_fit_at - step
+        return ahead > 0 and train_seconds + self.pace(step, train_seconds) * ahead > self.budget_s
+
+    def fit_now(self, step: int) -> None:
+        """Make `step` the first fit's (an `overdue` one)."""
+        self.first_fit_at = step
 
     def fit(self, step: int, train_seconds: float) -> int:
         """Total steps so that training ends at the budget at the current pace; never below `step`

@@ -205,6 +205,13 @@ class Run:
         fitted = not self.first_fit_ahead
         if owed and not (fitted and b.first_fit < s.step < s.total_steps):
             return
+        if not fitted and not after_monitor and s.step < b.first_fit_at:
+            # The host's clock, without waiting for the device (a wait drains a GPU's queue): the host
+            # reaches a step no later than the device finishes it, so no fit is brought forward early.
+            # Rank 0 decides, as for every fit: a distributed run exchanges one flag a step until then.
+            seconds = self.clock() - self.loop_start
+            if broadcast_object(b.overdue(s.step, seconds), self.ctx):
+                b.fit_now(s.step)
         first = s.step == b.first_fit_at and not fitted
         due = owed or b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted)
         if not after_monitor:
