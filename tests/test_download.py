@@ -181,21 +181,179 @@ def test_idx_files_of_no_images_or_a_header_that_wraps_are_refused(tmp_path: Pat
         load_builtin("fashion-mnist", tmp_path, download=False)
 
 
-def test_an_archive_with_a_file_where_a_folder_is_replaces_nothing(tmp_path: Path) -> None:
-    """Files move into place one by one; a target that cannot take its file (a folder there) is found
-    before the first move, so the folder is not left half old, half new."""
+def _targz(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz holding `members` (name -> content), as the publishers' archives hold files."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in ("pkg/a_batch", "pkg/z_batch"):
+        for name, content in members.items():
             info = tarfile.TarInfo(name)
-            info.size = 5
-            tar.addfile(info, io.BytesIO(b"NEW-A" if name.endswith("a_batch") else b"NEW-Z"))
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("members", "in_the_way", "said"), [
+    ({"pkg/a_batch": b"NEW-A", "pkg/z_batch": b"NEW-Z"}, "pkg/z_batch/", "z_batch is a folder where the archive has a file"),
+    ({"pkg/a_batch": b"NEW-A", "pkg/sub/z_batch": b"NEW-Z"}, "pkg/sub", "sub is a file where the archive has a folder"),
+])
+def test_an_archive_a_target_cannot_take_replaces_nothing(tmp_path: Path, members: dict[str, bytes], in_the_way: str,
+                                                          said: str) -> None:
+    """Files move into place one by one; a target that cannot take its file (a folder there, or a
+    file where the archive has a folder) is found before the first move, so the folder is not left
+    half old, half new."""
     archive = tmp_path / "pkg.tar.gz"
-    archive.write_bytes(buf.getvalue())
+    archive.write_bytes(_targz(members))
     dest = tmp_path / "data"
-    (dest / "pkg" / "z_batch").mkdir(parents=True)
+    (dest / "pkg").mkdir(parents=True)
     (dest / "pkg" / "a_batch").write_bytes(b"OLD-A")
-    with pytest.raises(FastclrError, match=r"z_batch is a folder where the archive has a file.*nothing was replaced"):
+    if in_the_way.endswith("/"):
+        (dest / in_the_way).mkdir()
+    else:
+        (dest / in_the_way).write_bytes(b"a file")
+    with pytest.raises(FastclrError, match=rf"{said}.*nothing was replaced"):
         unpack(archive, dest, "pkg.tar.gz")
     assert (dest / "pkg" / "a_batch").read_bytes() == b"OLD-A"
     assert sorted(p.name for p in dest.iterdir()) == ["pkg"]  # no staging folder left
+
+
+def test_a_download_removes_a_killed_ones_part_file_and_keeps_a_slow_live_ones(tmp_path: Path) -> None:
+    """`fetch` itself clears the part files a killed download left (untouched past 10 minutes), and
+    keeps one untouched for 5 minutes: a live download writes at least every read timeout (60 s), and
+    the threshold leaves room for a file system whose times lag."""
+    payload = b"idx bytes"
+    src = tmp_path / "server" / "f.gz"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    killed, slow = dest / ".f.gz.abc.part", dest / ".f.gz.def.part"
+    for part, age in ((killed, 601), (slow, 300)):
+        part.write_bytes(b"x")
+        os.utime(part, (time.time() - age, time.time() - age))
+    assert fetch(RemoteFile(src.as_uri(), hashlib.md5(payload).hexdigest()), dest).read_bytes() == payload
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["f.gz", slow.name])
+
+
+def test_a_slow_live_download_has_on_disk_what_it_has_received(
+        raw_server: Callable[..., str], tmp_path: Path) -> None:
+    """A live download writes whatever each read brings, not once per full 1 MiB block (which a link
+    under 1.7 KB/s takes longer than the 10 minutes after which another download of the file removes
+    an untouched part file as a killed one's): the first 10 bytes of a 20-byte body are in the part
+    file while the server holds back the rest."""
+    dest, body, on_disk = tmp_path / "dest", b"0123456789abcdefghij", []
+
+    def reply(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n" + body[:10])
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not any(p.stat().st_size for p in _parts(dest)):
+            time.sleep(0.01)
+        on_disk.extend(p.read_bytes() for p in _parts(dest))
+        conn.sendall(body[10:])
+
+    assert fetch(RemoteFile(raw_server(reply), hashlib.md5(body).hexdigest()), dest).read_bytes() == body
+    assert on_disk == [body[:10]]
+
+
+def test_the_part_file_a_download_writes_is_one_the_next_download_can_clear(
+        raw_server: Callable[..., str], tmp_path: Path) -> None:
+    """The part file seen while a download runs, left as a SIGKILL would leave it, is one that
+    `remove_stale_parts` of that file name finds: a killed download's part is not kept forever."""
+    dest = tmp_path / "dest"
+    seen: list[str] = []
+
+    def reply(conn: socket.socket) -> None:
+        seen.extend(p.name for p in dest.iterdir())  # the download has made its part file by now
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)  # then cut off
+
+    with pytest.raises(FastclrError):
+        fetch(RemoteFile(raw_server(reply), "0" * 32), dest)
+    assert len(seen) == 1 and seen[0].endswith(".part")
+    left = dest / seen[0]
+    left.write_bytes(b"x" * 10)
+    os.utime(left, (time.time() - 601, time.time() - 601))
+    assert remove_stale_parts(dest, "f.gz") == [left] and list(dest.iterdir()) == []
+
+
+def test_a_downloaded_archive_is_unpacked_and_then_deleted(tmp_path: Path) -> None:
+    """What stays of an archive download is its files; the archive (STL-10's is 2.5 GB) is deleted."""
+    archive = _targz({"pkg/a_batch": b"A", "pkg/sub/z_batch": b"Z"})
+    src = tmp_path / "server" / "pkg.tar.gz"
+    src.parent.mkdir()
+    src.write_bytes(archive)
+    dest = tmp_path / "data"
+    assert fetch(RemoteFile(src.as_uri(), hashlib.md5(archive).hexdigest(), extract=True), dest) == dest
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["pkg", "pkg/a_batch", "pkg/sub", "pkg/sub/z_batch"]
+    assert (dest / "pkg" / "sub" / "z_batch").read_bytes() == b"Z"
+
+
+def test_an_archive_member_reaching_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """A member named ../../escaped (an archive that passed its checksum can still be hostile once
+    the source changed hands) writes nothing outside the data root, nor anything inside it."""
+    archive = tmp_path / "pkg.tar.gz"
+    archive.write_bytes(_targz({"pkg/a_batch": b"A", "../../escaped": b"owned"}))
+    dest = tmp_path / "root" / "data"
+    dest.mkdir(parents=True)
+    with pytest.raises(FastclrError, match=r"cannot unpack pkg.tar.gz into .*nothing of it was kept"):
+        unpack(archive, dest, "pkg.tar.gz")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "root" / "escaped").exists()
+    assert list(dest.iterdir()) == []
+
+
+def test_a_failure_after_some_files_moved_says_how_many_were_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target refused mid-way (its folder read-only): the files moved before it are whole and in
+    place, and the message counts them instead of saying nothing was kept."""
+    archive = tmp_path / "pkg.tar.gz"
+    archive.write_bytes(_targz({"pkg/a_batch": b"NEW-A", "pkg/b_batch": b"NEW-B"}))
+    dest = tmp_path / "data"
+    dest.mkdir()
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst).name == "b_batch":
+            raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr("fastclr.data.download.os.replace", replace)
+    with pytest.raises(FastclrError, match=r"Permission denied.*; 1 of its files were already in place and are kept"):
+        unpack(archive, dest, "pkg.tar.gz")
+    assert (dest / "pkg" / "a_batch").read_bytes() == b"NEW-A" and not (dest / "pkg" / "b_batch").exists()
+
+
+def _idx_remotes(server: Path) -> tuple[RemoteFile, ...]:
+    """The four IDX files written in `server`, published there with their MD5s."""
+    return tuple(RemoteFile((server / name).as_uri(), hashlib.md5((server / name).read_bytes()).hexdigest())
+                 for name in IDX_FILES)
+
+
+def test_a_present_file_that_fails_its_checksum_is_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Completing an interrupted download keeps a present file only when its MD5 is the publisher's:
+    a readable labels file of other labels is replaced, and the dataset has the published labels."""
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _, ytr, _, _ = write_idx_dataset(tmp_path / "server", n_train=16, n_test=8)
+    folder = tmp_path / "root" / "fashion-mnist"
+    write_idx(folder / IDX_FILES[1], (ytr.astype(formats.np.uint8) + 1) % 4)  # other labels, same shape
+    monkeypatch.setitem(REGISTRY, "fashion-mnist", dataclasses.replace(REGISTRY["fashion-mnist"],
+                                                                       remote=_idx_remotes(tmp_path / "server")))
+    ds = load_builtin("fashion-mnist", tmp_path / "root")
+    assert ds.train is not None and ds.train.labels is not None
+    assert ds.train.labels.tolist() == ytr.tolist()
+    assert (folder / IDX_FILES[1]).read_bytes() == (tmp_path / "server" / IDX_FILES[1]).read_bytes()
+
+
+def test_download_with_no_download_never_fetches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr download NAME --no-download` only checks: with the files reachable it still says they
+    are missing, and writes nothing; without the flag the same command fetches them."""
+    from fastclr.cli import main
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "data"))
+    write_idx_dataset(tmp_path / "server", n_train=16, n_test=8)
+    monkeypatch.setitem(REGISTRY, "fashion-mnist", dataclasses.replace(REGISTRY["fashion-mnist"],
+                                                                       remote=_idx_remotes(tmp_path / "server")))
+    assert main(["download", "fashion-mnist", "--no-download"]) == 2
+    assert "fashion-mnist files not found" in capsys.readouterr().err and not (tmp_path / "data").exists()
+    assert main(["download", "fashion-mnist"]) == 0
+    assert "16 images for pretraining; 16 train, 8 test" in capsys.readouterr().out

@@ -23,8 +23,10 @@ from fastclr.files import is_write_error, set_mode, write_failure_reason
 from fastclr.errors import FastclrError
 from fastclr.signals import cleanup_on_sigterm
 
-# A live download writes at least every read timeout (60 s); a part file untouched this long was
-# left by a process killed outright (SIGKILL, power loss) and is removed by the next download.
+# A live download writes whatever each read brings (`read1`: not a full block, which a slow link
+# takes minutes to fill) and a read waits at most its timeout (60 s), so it touches its part file
+# at least that often; one untouched this long was left by a process killed outright (SIGKILL,
+# power loss) and is removed by the next download.
 STALE_PART_S = 600.0
 
 
@@ -73,9 +75,10 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
             set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
-                while block := resp.read(1 << 20):
+                while block := resp.read1(1 << 20):
                     h.update(block)
                     out.write(block)
+                    out.flush()  # on disk (and the part file's time touched) as it arrives
             if h.hexdigest() != remote.md5:
                 raise FastclrError(
                     f"checksum mismatch for {remote.url}: got md5 {h.hexdigest()}, expected {remote.md5}; "
@@ -130,6 +133,11 @@ def unpack(archive: Path, dest_dir: Path, name: str) -> None:
             if target.is_dir():
                 raise FastclrError(f"cannot unpack {name} into {dest_dir}: {target} is a folder where the archive "
                                    "has a file; move it away and run the download again (nothing was replaced)")
+            for parent in target.relative_to(dest_dir).parents:
+                if (dest_dir / parent).exists() and not (dest_dir / parent).is_dir():
+                    raise FastclrError(f"cannot unpack {name} into {dest_dir}: {dest_dir / parent} is a file where the "
+                                       "archive has a folder; move it away and run the download again (nothing was "
+                                       "replaced)")
         for path, target in files:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
