@@ -449,3 +449,40 @@ def test_a_damaged_gzip_file_is_a_one_line_error(tmp_path: Path) -> None:
     p.write_bytes(bytes(raw))
     with pytest.raises(FastclrError, match=r"is a damaged gzip file .*; delete it and fetch it again"):
         formats.read_idx(p)
+
+
+def test_cifar100_test_split_and_fine_class_names_come_from_their_own_files(tmp_path: Path) -> None:
+    """CIFAR-100's test split is its `test` file (not the `train` one again), and its 100 class
+    names are meta's fine_label_names, in order (not their indices)."""
+    x100, y100 = write_cifar(tmp_path / "cifar-100-python", hundred=True)
+    ds = load_builtin("cifar100", tmp_path, download=False)
+    assert ds.test is not None and ds.test.labels is not None
+    np.testing.assert_array_equal(ds.test.images, x100[8:])
+    np.testing.assert_array_equal(ds.test.labels, y100[8:])
+    assert ds.classes == [f"class{i}" for i in range(100)]  # as write_cifar's meta names them
+
+
+def test_stl10_class_names_come_from_class_names_txt(tmp_path: Path) -> None:
+    """The published stl10_binary/ carries class_names.txt, one name a line: those are the classes."""
+    write_stl10(tmp_path)
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (tmp_path / "stl10_binary" / "class_names.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    assert load_builtin("stl10", tmp_path, download=False).classes == names
+
+
+def test_stl10_labels_fewer_than_its_images_are_refused(tmp_path: Path) -> None:
+    """STL-10's labels are a file apart from its images: 3 train images with 2 labels would pair
+    each label with the wrong image, and are named before any training."""
+    write_stl10(tmp_path)
+    np.array([1, 10], np.uint8).tofile(tmp_path / "stl10_binary" / "train_y.bin")
+    with pytest.raises(FastclrError, match=r"train has 3 images but 2 labels"):
+        load_builtin("stl10", tmp_path, download=False)
+
+
+def test_download_counts_stl10s_unlabelled_images_as_pretraining_images(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr download stl10` reports the images SimCLR pretrains on: unlabelled plus train
+    (4 + 3 in write_stl10's copy), apart from the 3 train and 2 test ones."""
+    write_stl10(tmp_path)
+    assert cli_main(["download", "stl10", "--no-download", "--root", str(tmp_path)]) == 0
+    assert "(7 images for pretraining; 3 train, 2 test; read and checked)" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import call_main, cli_env
-from tiny import TINY_FLAGS
+from tiny import TINY_FLAGS, tiny_dataset, tiny_run
 from fastclr.errors import FastclrError
 from fastclr.export import export_encoder
 from fastclr.models import build_encoder
@@ -241,3 +241,56 @@ def test_an_onnx_model_whose_h_is_not_a_number_is_refused(tmp_path: Path, monkey
     with pytest.raises(FastclrError, match="differs from PyTorch's by nan"):
         export_encoder(enc, spec, "", "onnx", tmp_path / "enc.onnx")
     assert not (tmp_path / "enc.onnx").exists()
+
+
+def test_a_refused_export_makes_no_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--format torchvision for a cnn run, into a folder not made yet: refused in one line before
+    any work, and --out's folder is made only for an export that will be written."""
+    from fastclr.cli import main
+
+    run = tiny_run(tmp_path / "run", tiny_dataset())
+    out = tmp_path / "new" / "dir" / "enc.pth"
+    assert main(["export", str(run), "--format", "torchvision", "--out", str(out)]) == 2
+    assert "exports ResNets" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_the_onnx_check_images_are_the_runs_images_as_evaluation_standardises_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime is checked on the run's test images, then training ones up to 64, standardised
+    with the run's own mean and std: the encoder's h of them is `features_of` (what evaluation
+    computes) for those stored images, in that order."""
+    import numpy as np
+
+    from eval_fixtures import write_tiny_idx
+    from fastclr.cli import _check_images
+    from fastclr.evaluation.features import encode, features_of
+    from fastclr.pretrained import load_run
+    from fastclr.runtime import FP32
+
+    ds = tiny_dataset(n_test=40, name="fashion-mnist")
+    assert ds.test is not None
+    write_tiny_idx(tmp_path / "data" / "fashion-mnist", ds)
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    run = load_run(tiny_run(tmp_path / "run", ds), log=lambda s: None)
+    assert run.mean.tolist() != run.std.tolist()  # else a swap of the two would go unseen
+    images = np.concatenate([ds.test.images, ds.pretrain.images[:24]])
+    want = features_of(run.encoder, run.spec, images, torch.device("cpu"), FP32)
+    assert torch.allclose(encode(run.encoder, _check_images(run), FP32), want, atol=1e-6)
+
+
+def test_an_export_holds_a_state_only_when_it_holds_exactly_its_tensors(tmp_path: Path) -> None:
+    """`export_holds` (whether a resume may delete the export as a copy of a checkpoint's encoder):
+    the same tensors, yes; one tensor more, one fewer, one changed, or no file: no, never an error."""
+    from fastclr.export import export_holds, save_encoder
+
+    enc = build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512")
+    path = save_encoder(tmp_path / "e.safetensors", enc, EncoderSpec("cnn", 1, 28, 0.25, "auto", 0, (0.5,), (0.25,)))
+    state = enc.state_dict()
+    first = next(iter(state))
+    assert export_holds(path, state)
+    assert not export_holds(path, {**state, "extra.weight": torch.zeros(1)})
+    assert not export_holds(path, {k: v for k, v in state.items() if k != first})
+    assert not export_holds(path, {**state, first: state[first] + 1})
+    assert not export_holds(tmp_path / "none.safetensors", state)

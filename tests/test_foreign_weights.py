@@ -227,6 +227,32 @@ def test_export_command_writes_torchvision_names_with_metadata(tmp_path: Path) -
         assert (f.metadata() or {})["naming"] == "torchvision" and "conv1.weight" in f.keys()
 
 
+def test_torchvision_metadata_sits_beside_its_own_file(tmp_path: Path) -> None:
+    """A .pth export's metadata is FILE.pth.json: a .pth and a .pt export in one folder each keep
+    their own (one FILE.json would be shared, the second export's over the first's)."""
+    import hashlib
+    import json
+
+    spec = EncoderSpec("resnet18", 3, 32, 1.0, "on", 512, (0.5,) * 3, (0.25,) * 3)
+    enc = _perturbed("resnet18", "on")
+    configs = {"r18.pth": "[train]\nepochs = 1\n", "r18.pt": "[train]\nepochs = 2\n"}
+    sides = {name: export_encoder(enc, spec, text, "torchvision", tmp_path / name)[1] for name, text in configs.items()}
+    for name, text in configs.items():
+        meta = json.loads(sides[name].read_text(encoding="utf-8"))
+        assert meta["config_sha256"] == hashlib.sha256(text.encode("utf-8")).hexdigest(), name
+
+
+def test_a_torchvision_named_safetensors_is_refused_by_load_encoder_in_one_line(tmp_path: Path) -> None:
+    """`export --format torchvision` to .safetensors holds torchvision's names and no fastclr
+    metadata: `load_encoder` says it was not exported as fastclr's own, not a KeyError."""
+    from fastclr.export import load_encoder
+
+    spec = EncoderSpec("resnet18", 3, 32, 1.0, "on", 512, (0.5,) * 3, (0.25,) * 3)
+    out = export_encoder(_perturbed("resnet18", "on"), spec, "", "torchvision", tmp_path / "r18.safetensors")[0]
+    with pytest.raises(FastclrError, match=r"r18.safetensors carries no fastclr metadata; it was not exported by fastclr"):
+        load_encoder(out)
+
+
 def dataclass_replace(spec: EncoderSpec, **kw: str) -> EncoderSpec:
     import dataclasses
 

@@ -102,6 +102,24 @@ def test_a_finished_run_trained_on_gives_up_its_export_until_it_ends(tmp_path: P
     assert res.stopped and (run / ENCODER_FILE).read_bytes() == final
 
 
+def test_a_run_kept_as_its_export_and_config_alone_loads_from_its_export(tmp_path: Path) -> None:
+    """A finished run whose checkpoints were deleted to free space (encoder.safetensors and
+    config.toml kept) loads from its export: the exported weights, no checkpoint step, no note."""
+    from fastclr.export import ENCODER_FILE, load_encoder
+    from fastclr.pretrained import load_run
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    for p in list_checkpoints(run):
+        p.unlink()
+    notes: list[str] = []
+    loaded = load_run(run, log=notes.append)
+    exported = load_encoder(run / ENCODER_FILE)[0].state_dict()
+    assert loaded.checkpoint_step is None and notes == []
+    assert loaded.encoder.state_dict().keys() == exported.keys()
+    assert all(torch.equal(v, exported[k]) for k, v in loaded.encoder.state_dict().items())
+
+
 def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe(tmp_path: Path) -> None:
     """`--resume auto` run again on a finished run (a job script): it wrote the same encoder again and
     probed it again (37 s of a few-step run). Now it says the run is finished and returns its probe;
