@@ -75,10 +75,15 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
             set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
+                received, length = 0, _content_length(resp)
                 while block := resp.read1(1 << 20):
                     h.update(block)
                     out.write(block)
                     out.flush()  # on disk (and the part file's time touched) as it arrives
+                    received += len(block)
+            if length is not None and received < length:  # urllib ends a body cut short without an error
+                raise FastclrError(f"cannot download {remote.url} (the connection broke off after {received:,} of "
+                                   f"{length:,} bytes); run the download again")
             if h.hexdigest() != remote.md5:
                 raise FastclrError(
                     f"checksum mismatch for {remote.url}: got md5 {h.hexdigest()}, expected {remote.md5}; "
@@ -102,6 +107,17 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def _content_length(resp: object) -> int | None:
+    """The body's length the server announced, if it did (and sent it unencoded, byte for byte)."""
+    headers = getattr(resp, "headers", None)
+    if headers is None or headers.get("Content-Encoding") not in (None, "identity"):
+        return None
+    try:
+        return int(headers.get("Content-Length"))
+    except (TypeError, ValueError):
+        return None
 
 
 def remove_stale_parts(dest_dir: Path, filename: str, older_than_s: float = STALE_PART_S) -> list[Path]:
