@@ -3,10 +3,13 @@ incremental re-runs, atomic writes, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +208,83 @@ def test_a_link_into_a_sibling_folder_whose_name_extends_the_folders_is_outside(
     assert sorted((s.rel, s.reason) for s in w.skipped) == [("link.png", "outside-folder"), ("sub/", "outside-folder")]
 
 
+def test_the_walk_is_the_same_whatever_order_the_file_system_lists_entries(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two class folders each hold a link to one hidden folder: its images are walked once, under
+    the link found first (class folders are walked in name order: class0's), and class1's link is
+    named the duplicate. File systems list a directory in an order of their own; listed forwards or
+    backwards, the walk is the same."""
+    import fastclr.ingest.walk as walk_mod
+
+    folder = tmp_path / "photos"
+    bar_images(folder, n_per_class=1, size=8)
+    (folder / ".shared").mkdir()
+    Image.new("RGB", (8, 8), (7, 7, 7)).save(folder / ".shared" / "x.png")
+    for cls in ("class0", "class1"):
+        (folder / cls / "shared").symlink_to(folder / ".shared")
+    real, walks = os.scandir, []
+    for backwards in (False, True):
+        @contextlib.contextmanager
+        def listed(path: object, backwards: bool = backwards) -> Iterator[list[os.DirEntry[str]]]:
+            with real(path) as it:  # type: ignore[call-overload]
+                yield sorted(it, key=lambda e: e.name, reverse=backwards)
+
+        monkeypatch.setattr(walk_mod.os, "scandir", listed)
+        walks.append(walk_mod.walk_folder(folder))
+    assert walks[0] == walks[1]
+    assert [f.rel for f in walks[0].files] == ["class0/img000.png", "class0/shared/x.png", "class1/img000.png"]
+    assert [(s.rel, s.reason, s.detail) for s in walks[0].skipped] == [
+        (".shared/", "hidden-directory", "directories starting with . are not searched"),
+        ("class1/shared/", "duplicate-directory", "same directory as class0/shared/, walked once")]
+
+
+def test_of_several_links_to_one_folder_the_first_by_path_is_walked(tmp_path: Path) -> None:
+    """A hidden folder reached only through links, two at the top (b_link, a_link) and two deeper
+    (p/l, q/l): its images are walked once, under the link first by path, a_link, whatever the
+    links' depth or the order they were found in (it was b_link: the last of one folder's links)."""
+    from fastclr.ingest.walk import walk_folder
+
+    root = tmp_path / "photos"
+    (root / ".stash").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / ".stash" / "x.png")
+    for link in ("b_link", "a_link", "q/l", "p/l"):
+        (root / link).parent.mkdir(exist_ok=True)
+        (root / link).symlink_to(root / ".stash")
+    w = walk_folder(root)
+    assert [f.rel for f in w.files] == ["a_link/x.png"]
+    assert [(s.rel, s.detail) for s in w.skipped if s.reason == "duplicate-directory"] == [
+        (rel, "same directory as a_link/, walked once") for rel in ("b_link/", "p/l/", "q/l/")]
+
+
+def test_a_link_to_itself_and_a_fifo_named_as_an_image_are_named_never_opened(tmp_path: Path) -> None:
+    """A link that resolves to itself is a symlink loop, not an unreadable file; a FIFO (or socket,
+    or device) named x.jpg is not a regular file: reading it would block forever, so it is listed
+    as not-an-image without being opened (its size, 0, does not make it an empty image)."""
+    from fastclr.ingest.walk import walk_folder
+
+    bar_images(tmp_path / "bars", n_per_class=1, size=8)
+    (tmp_path / "bars" / "self.png").symlink_to(tmp_path / "bars" / "self.png")
+    os.mkfifo(tmp_path / "bars" / "pipe.jpg")
+    w = walk_folder(tmp_path / "bars")
+    assert [f.rel for f in w.files] == ["class0/img000.png", "class1/img000.png"]
+    assert [(s.rel, s.reason, s.detail) for s in w.skipped] == [
+        ("pipe.jpg", "not-an-image", "not a regular file (FIFO, socket or device)"),
+        ("self.png", "symlink-loop", "symbolic link resolves to itself")]
+
+
+def test_the_store_written_inside_the_folder_is_passed_over_in_silence(tmp_path: Path) -> None:
+    """A store kept inside the folder it is prepared from (here photos/out/store) is the output, not
+    an entry of the folder: prepared again, it is neither read nor listed as skipped, and the folder
+    holding it is not named as a class folder without images."""
+    rels = bar_images(tmp_path / "photos", n_per_class=2, size=8)
+    out, lines = tmp_path / "photos" / "out" / "store", []
+    for _ in range(2):  # before the store is there, and once it is
+        res = prepare_store(tmp_path / "photos", out, DecodeOptions(8), workers=1, progress=False, log=lines.append)
+    assert res.skipped == [] and read_csv(out / "skipped.csv") == []
+    assert sorted(read_store(out).paths) == rels and read_store(out).classes == ["class0", "class1"]
+    assert [line for line in lines if line.startswith("note:")] == []
+
+
 def test_a_labelled_image_kept_as_its_unlabelled_copy_is_named(tmp_path: Path) -> None:
     """A stray copy at the top of a class folder tree is the one kept (unlabelled rows come first);
     the label it costs is said, not lost in silence."""
@@ -230,6 +310,46 @@ def test_pad_keeps_the_whole_image_with_black_borders() -> None:
     assert tuple(pixels[8, 1]) == RED and tuple(pixels[8, 14]) == (0, 0, 255)
     with pytest.raises(Unusable):
         decode_image(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, DecodeOptions(16))
+
+
+def test_32_bit_gray_outside_the_16_bit_range_clips_to_black_and_white() -> None:
+    """Mode I holds any 32-bit integer: values below 0 are black and above 65535 white, as the
+    16-bit range's ends are (round(v / 257) of the clipped value), never wrapped around."""
+    values = np.array([[-70000, -1000, -1, 0, 65535, 65536, 70000, 2**31 - 1]], np.int32)
+    assert np.asarray(to_8bit(Image.fromarray(values, "I"))).tolist() == [[0, 0, 0, 0, 255, 255, 255, 255]]
+
+
+def test_a_one_bit_image_is_one_channel_of_black_and_white() -> None:
+    """Mode 1 (bilevel scans, fax TIFFs) is a grayscale mode: one channel, 0 and 255."""
+    buf = io.BytesIO()
+    halves(16, 16, (0,), (255,), "1").save(buf, "PNG")
+    pixels, w, h, mode = decode_image(buf.getvalue(), DecodeOptions(8, fit="pad"))
+    assert (w, h, mode) == (16, 16, "1") and pixels.shape == (8, 8, 1)
+    assert (pixels[:, :3] == 0).all() and (pixels[:, 5:] == 255).all()
+
+
+def test_an_image_of_exactly_the_pixel_limit_is_decoded_and_one_more_pixel_is_not() -> None:
+    """--max-pixels is the largest image decoded: w x h equal to it is used, one pixel more skipped."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 50), RED).save(buf, "PNG")
+    pixels, w, h, _ = decode_image(buf.getvalue(), DecodeOptions(8, max_pixels=64 * 50))
+    assert (w, h) == (64, 50) and tuple(pixels[4, 4]) == RED
+    with pytest.raises(Unusable) as e:
+        decode_image(buf.getvalue(), DecodeOptions(8, max_pixels=64 * 50 - 1))
+    assert (e.value.reason, e.value.detail) == ("over-pixel-limit", "64x50 = 3200 pixels, more than 3199 (--max-pixels)")
+
+
+def test_one_channel_stores_of_colour_images_hold_pillows_luma(tmp_path: Path) -> None:
+    """--channels 1 turns colour images into their luma (Pillow's RGB -> L), gray ones stay as they are."""
+    (tmp_path / "f").mkdir()
+    colours = {"a.png": (200, 100, 50), "b.png": (0, 0, 255), "c.png": (255, 255, 255)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (12, 10), rgb).save(tmp_path / "f" / name)
+    Image.new("L", (12, 10), 77).save(tmp_path / "f" / "d.png")
+    s = read_store(prepare_store(tmp_path / "f", tmp_path / "s", DecodeOptions(8, channels="1"), workers=1, **QUIET).store)
+    luma = [Image.new("RGB", (1, 1), rgb).convert("L").getpixel((0, 0)) for rgb in colours.values()]
+    assert s.images.shape == (4, 8, 8, 1)
+    assert [np.unique(s.images[i]).tolist() for i in range(4)] == [[v] for v in luma] + [[77]]
 
 
 def test_unlabeled_folder_and_grayscale_auto_channels(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ walked elsewhere is walked once. Both are reported, never fatal.
 
 from __future__ import annotations
 
-import collections
 import errno
+import heapq
 import os
 import stat
 from dataclasses import dataclass, field
@@ -102,11 +102,13 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
     stack: list[tuple[str, Path, frozenset[tuple[int, int]]]] = [("", root, frozenset({_key(root, root_st)}))]
     walked: dict[tuple[int, int], str] = {_key(root, root_st): "./"}
     # Links to directories wait until every real directory is walked: a directory reached both
-    # ways keeps its own path (and class), and the link is the one reported as the duplicate.
-    links: collections.deque[tuple[str, Path, frozenset[tuple[int, int]], tuple[int, int]]] = collections.deque()
+    # ways keeps its own path (and class), and the link is the one reported as the duplicate. Of
+    # several links to one directory, the first by path is walked (a heap keyed by it: the order
+    # found depends on depth and on the order of listing), as duplicate files keep their first path.
+    links: list[tuple[str, Path, frozenset[tuple[int, int]], tuple[int, int]]] = []
     while stack or links:
         if not stack:
-            rel_dir, path, ancestors, key = links.popleft()
+            rel_dir, path, ancestors, key = heapq.heappop(links)
             if key in walked:
                 out.skipped.append(Skip(rel_dir, "duplicate-directory", f"same directory as {walked[key]}, walked once"))
                 continue
@@ -151,7 +153,7 @@ def walk_folder(root: Path, exclude: Path | None = None) -> Walk:
                 elif key in ancestors:
                     out.skipped.append(Skip(rel + "/", "symlink-loop", "leads back to a directory that contains it"))
                 elif is_link:
-                    links.append((rel + "/", Path(entry.path), ancestors | {key}, key))
+                    heapq.heappush(links, (rel + "/", Path(entry.path), ancestors | {key}, key))
                 elif key in walked:
                     same = f"same directory as {walked[key]}, walked once"
                     out.skipped.append(Skip(rel + "/", "duplicate-directory", same))
