@@ -246,6 +246,50 @@ def test_graceful_stop_restores_handlers_when_not_stopped() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_stopped_process_ignores_the_stop_signals_from_its_first_exit_callback_on(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Once a stop was asked for, graceful_stop leaves an exit callback that ignores every stop
+    signal: interpreter shutdown resets handlers to the default action, which would turn a late
+    Ctrl-C into a kill (exit -2) instead of exit 75."""
+    import atexit
+
+    from fastclr.signals import STOP_SIGNALS
+
+    callbacks: list[tuple[object, tuple[object, ...]]] = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: callbacks.append((fn, args)))
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        with graceful_stop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        assert stop.signal == signal.SIGTERM and len(callbacks) == 1
+        fn, args = callbacks[0]
+        fn(*args)  # type: ignore[operator]
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    capsys.readouterr()
+
+
+def test_a_signal_after_an_interruptible_phase_asks_for_a_checkpoint_again(capsys: pytest.CaptureFixture[str]) -> None:
+    """Inside interruptible() a stop signal ends the phase at once; once the phase is over (it
+    returned), a signal is again a request to stop at the next step, not an exception."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with graceful_stop() as stop:
+            with stop.interruptible():
+                pass
+            assert not stop.raising
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs here: with the phase still raising, StopRequested
+            assert stop(1) and stop.signal == signal.SIGINT
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert "SIGINT received: writing a checkpoint at the next step" in capsys.readouterr().err
+
+
 def test_malicious_pickle_as_checkpoint_is_refused_without_running(tmp_path: Path, env: dict[str, str]) -> None:
     marker = tmp_path / "marker"
 
@@ -525,6 +569,27 @@ def test_a_process_told_to_die_with_its_parent_gets_the_signal_when_the_parent_i
     assert got.read_text() == "SIGTERM"
 
 
+def test_a_process_whose_parent_is_already_gone_gets_the_signal_at_once() -> None:
+    """die_with_parent(parent, sig) in a process whose parent is no longer `parent` (it died before
+    the call; the process was reparented): no death is left to signal it, so it signals itself at
+    once. A process whose parent is `parent` goes on."""
+    from fastclr.signals import die_with_parent
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    statuses = []
+    for parent in (gone.pid, os.getpid()):
+        pid = os.fork()
+        if pid == 0:  # the child: nothing but the call, then a normal exit
+            try:
+                die_with_parent(parent, signal.SIGUSR1)
+            finally:
+                os._exit(0)
+        statuses.append(os.waitpid(pid, 0)[1])
+    assert os.WIFSIGNALED(statuses[0]) and os.WTERMSIG(statuses[0]) == signal.SIGUSR1
+    assert os.WIFEXITED(statuses[1]) and os.WEXITSTATUS(statuses[1]) == 0
+
+
 @pytest.mark.parametrize("alter", ["none", "rename-key", "list-item", "nested-in-list", "dtype"])
 def test_the_checksum_covers_every_key_list_item_and_dtype(tmp_path: Path, alter: str) -> None:
     """A checkpoint altered anywhere fails its checksum: a tensor moved under another key, a value in
@@ -649,3 +714,22 @@ def test_a_sigterm_outside_a_run_cleans_up_and_exits_as_killed_by_it() -> None:
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_in_a_run_that_handles_it_is_left_to_the_run() -> None:
+    """cleanup_on_sigterm inside a training run (its stop flag handles SIGTERM): the run's handler
+    stays, so SIGTERM asks for a checkpoint and a stop as ever instead of ending the process."""
+    from fastclr.signals import cleanup_on_sigterm
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with graceful_stop() as stop:
+            handler = signal.getsignal(signal.SIGTERM)
+            with cleanup_on_sigterm():
+                assert signal.getsignal(signal.SIGTERM) is handler
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+            assert stop.signal == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

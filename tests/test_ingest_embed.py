@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,10 @@ from fastclr.data.store import read_store
 from fastclr.errors import FastclrError
 from fastclr.export import save_encoder
 from fastclr.ingest import DecodeOptions, prepare_store
-from fastclr.ingest.embed import embed, match_channels
+from fastclr.ingest.embed import embed, embed_images, match_channels
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.models import CNN_STAGES, EncoderSpec
-from fastclr.ingest.neighbours import neighbours
+from fastclr.ingest.neighbours import decode_query, grid_image, neighbours, store_features
 from fastclr.models import build_encoder
 from fastclr.pretrained import LoadedRun, load_run
 from fastclr.runs import write_config
@@ -177,6 +178,18 @@ def test_builtin_embeddings_cover_train_then_test(data_root: Path, bars, tmp_pat
     np.testing.assert_allclose(feats[256:259], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_one_split_of_a_builtin_dataset_is_that_splits_images_alone(data_root: Path, bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--split test of a built-in dataset: its test images alone, in order, indexed as test/000000 ..."""
+    run = bars[2]
+    npy, index = embed(run, "fashion-mnist", tmp_path / "test", CPU, split="test", log=lambda s: None)
+    ds, feats, rows = load_builtin("fashion-mnist"), np.load(npy), read_index(index)
+    assert ds.test is not None and feats.shape[0] == len(rows) == len(ds.test) == 64
+    assert [(r["row"], r["path"], r["split"]) for r in rows] == [(str(i), f"test/{i:06d}", "test") for i in range(64)]
+    assert [int(r["label"]) for r in rows] == ds.test.labels.tolist()  # type: ignore[union-attr]
+    np.testing.assert_allclose(feats[:3], reference_features(run, np.repeat(ds.test.images[:3], 3, axis=-1)),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_grayscale_store_with_rgb_encoder_equals_pillows_gray_to_rgb(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run = bars[2]
     (tmp_path / "gray").mkdir()
@@ -243,6 +256,49 @@ def test_neighbours_of_a_stored_image_start_with_itself_and_draw_a_grid(bars, tm
     assert list((run.run_dir / "features").glob("*.npy"))  # cached for the next query
     again = neighbours(run, store, root / "bars" / s.paths[0], 1, CPU, log=lambda s: None)
     assert again[0][0] == s.paths[0]
+
+
+def test_a_query_is_held_to_the_pixel_limit_its_store_was_prepared_with(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The query is decoded with the store's own options, --max-pixels included: an image the
+    store's prepare would have skipped as over-pixel-limit is refused as a query too."""
+    root, _, _ = bars
+    store = prepare_store(root / "bars", tmp_path / "s", DecodeOptions(28, max_pixels=40 * 40), workers=1, **QUIET).store
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "fits.png")
+    Image.new("RGB", (41, 40), (9, 9, 9)).save(tmp_path / "over.png")
+    assert decode_query(tmp_path / "fits.png", read_store(store)).shape == (28, 28, 3)
+    with pytest.raises(FastclrError, match=re.escape(f"--query {tmp_path / 'over.png'} cannot be used: over-pixel-limit "
+                                                     "(41x40 = 1640 pixels, more than 1600 (--max-pixels))")):
+        decode_query(tmp_path / "over.png", read_store(store))
+
+
+def test_k_below_one_is_refused_before_the_search(bars) -> None:  # type: ignore[no-untyped-def]
+    """-k 0 asks for no neighbour: a one-line error, not an empty answer."""
+    root, store, run = bars
+    with pytest.raises(FastclrError, match="^-k must be at least 1, got 0$"):
+        neighbours(run, store, root / "bars" / read_store(store).paths[0], 0, CPU, log=lambda s: None)
+
+
+def test_a_grid_of_more_tiles_than_a_row_wraps_onto_the_next_row() -> None:
+    """Tiles go left to right in rows of `columns`, `gap` white pixels apart; the query and 10
+    neighbours fill one row of 9 and two tiles of a second. Gray tiles are drawn as gray RGB."""
+    tiles = [np.full((4, 4, 3), (i, 2 * i, 3 * i), np.uint8) for i in range(1, 11)] + [np.full((4, 4, 1), 99, np.uint8)]
+    grid = np.asarray(grid_image(tiles, gap=2, columns=9))
+    assert grid.shape == (2 * 4 + 2, 9 * 4 + 8 * 2, 3)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, 9)
+        assert np.array_equal(grid[r * 6 : r * 6 + 4, c * 6 : c * 6 + 4], np.broadcast_to(t, (4, 4, 3))), i
+    assert (grid[4:6] == 255).all() and (grid[:, 4:6] == 255).all()  # the gaps
+    assert (grid[6:, 12:] == 255).all()  # the rest of the second row is blank
+
+
+def test_store_features_cached_at_one_precision_are_not_served_at_another(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The cache of a store's features is keyed by the precision too: features computed in bf16
+    (a few 1e-4 off) are not what an fp32 search of the same run gets, which are its fp32 features."""
+    _, store, _ = bars
+    run = make_run(tmp_path / "run")
+    s = read_store(store)
+    store_features(load_run(run.run_dir, precision="bf16"), s, CPU, log=lambda line: None)
+    np.testing.assert_array_equal(store_features(run, s, CPU, log=lambda line: None), embed_images(run, s.images, CPU))
 
 
 def test_embedding_more_rows_than_one_read_gives_the_features_of_all_rows_at_once(  # type: ignore[no-untyped-def]

@@ -136,16 +136,18 @@ def test_the_manifest_gives_the_files_own_size_when_decoded_at_reduced_scale() -
     assert decode_image(turned.getvalue(), DecodeOptions(32))[1:3] == (600, 800)
 
 
-def test_a_jpeg_decoded_at_reduced_scale_gives_the_pixels_of_a_full_decode() -> None:
+@pytest.mark.parametrize("height, width", [(256, 256), (128, 512)])
+def test_a_jpeg_decoded_at_reduced_scale_gives_the_pixels_of_a_full_decode(height: int, width: int) -> None:
     """Draft mode decodes a JPEG at 1/2, 1/4 or 1/8 scale for speed, but never below twice the
     target side, so the resize to the target still sees every detail it keeps: a 256 px noise image
     (the hardest case: all detail) at 32 px is within 3 grey levels of decoding the whole file and
-    resizing it the same way (a draft at the target side itself is 9 off)."""
+    resizing it the same way (a draft at the target side itself is 9 off). Cropped, the side that
+    counts is the short one: a 512 x 128 image may be reduced to 256 x 64, not to 128 x 32."""
     from fastclr.ingest.decode import fit_square
 
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
     pixels = decode_image(buf.getvalue(), DecodeOptions(32))[0]
     full = np.asarray(fit_square(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 32, "crop"))
     assert pixels.shape == full.shape == (32, 32, 3)

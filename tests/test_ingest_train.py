@@ -59,6 +59,28 @@ def test_builtin_store_trains_bit_identically_to_the_in_memory_dataset(data_root
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_builtin_store_keeps_each_split_with_its_images_labels_and_classes(tmp_path: Path) -> None:
+    """STL-10's pretraining images are its unlabelled images followed by its train split: as a
+    store, the unlabelled ones are the unlabeled split (no label, no class), then train and test,
+    each row with its own image, label and class name."""
+    from conftest import write_stl10
+    from fastclr.data.store import read_csv, read_store
+    from fastclr.ingest.builtin import write_builtin_store
+
+    imgs = write_stl10(tmp_path / "data")
+    store = write_builtin_store("stl10", tmp_path / "s", str(tmp_path / "data"), download=False, log=lambda s: None)
+    s, classes = read_store(store), load_builtin("stl10", tmp_path / "data", download=False).classes
+    for split in ("unlabeled", "train", "test"):
+        a, b = s.split_range(split)
+        assert np.array_equal(s.images[a:b], imgs[split]), split
+    labels = [-1] * 4 + [0, 9, 4] + [1, 2]  # the files' 1-based labels, from 0
+    assert s.labels.tolist() == labels
+    rows = read_csv(store / "manifest.csv")
+    assert [r["class"] for r in rows] == [classes[y] if y >= 0 else "" for y in labels]
+    assert [r["path"] for r in rows] == [f"{split}/{i:06d}" for split, n in (("unlabeled", 4), ("train", 3), ("test", 2))
+                                         for i in range(n)]
+
+
 def test_pretrain_from_a_prepared_labelled_folder(tmp_path: Path) -> None:
     bar_images(tmp_path / "bars", n_per_class=24, size=32)
     store = prepare_store(tmp_path / "bars", tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store

@@ -126,6 +126,23 @@ def test_class_folders_without_a_scandir_identity_are_all_walked(tmp_path: Path,
     assert sorted(f.rel for f in again.files) == sorted(f.rel for f in found.files) and again.skipped == []
 
 
+def test_links_and_the_store_inside_are_told_apart_without_a_scandir_identity(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a directory entry's stat has no file ID, a directory's identity is taken from os.stat, as
+    the folder's own and the excluded store's are: a link back to the folder is still a loop, a link
+    to a class folder still a duplicate, the store inside still passed over: the walk with file IDs."""
+    rels = bar_images(tmp_path / "photos", n_per_class=2, size=8)
+    (tmp_path / "photos" / "class0" / "loop").symlink_to(tmp_path / "photos")
+    (tmp_path / "photos" / "class1" / "again").symlink_to(tmp_path / "photos" / "class0")
+    store = prepare_store(tmp_path / "photos", tmp_path / "photos" / "store", DecodeOptions(8), workers=1, **QUIET).store
+    want = walk.walk_folder(tmp_path / "photos", exclude=store)
+    assert [f.rel for f in want.files] == rels
+    assert [(s.rel, s.reason) for s in want.skipped] == [("class0/loop/", "symlink-loop"),
+                                                         ("class1/again/", "duplicate-directory")]
+    monkeypatch.setattr(walk.os, "scandir", _Listing)
+    assert walk.walk_folder(tmp_path / "photos", exclude=store) == want
+
+
 def _mapped(prefix: Path) -> list[str]:
     """Files under `prefix` this process has memory-mapped (Linux's /proc/self/maps)."""
     with open("/proc/self/maps", encoding="utf-8") as f:

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,8 +24,8 @@ from fastclr.config import read_toml
 from fastclr.errors import FastclrError
 from tiny import TINY_FLAGS
 
-mlflow = pytest.importorskip("mlflow")
-wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
+# The tests through the real packages skip where they are not installed; the adapters' own tests
+# (stand-in modules, below) run everywhere.
 
 
 def tracked_env(tmp_path: Path) -> dict[str, str]:
@@ -48,6 +49,7 @@ def pretrain_args(run: Path, *extra: str) -> list[str]:
 def wandb_records(run_file: Path) -> list[Any]:
     """The records of a W&B offline run file: a 7-byte header (':W&B', magic 0xBEE1, version 0),
     then LevelDB log records in 32 KiB blocks (crc32c, length, type: full, first, middle, last)."""
+    wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
     data = run_file.read_bytes()
     assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
     out, pos, pending = [], 7, b""
@@ -103,6 +105,8 @@ def jsonl(run: Path, key: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A tiny run with both trackers, then `fastclr evaluate` on it."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
     tmp = tmp_path_factory.mktemp("tracked")
     env, run = tracked_env(tmp), tmp / "run"
     r = fastclr(env, tmp, *pretrain_args(run, "--log", "mlflow,wandb"))
@@ -115,6 +119,7 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 def test_mlflow_run_holds_config_metrics_results_and_the_encoder(tracked_run: tuple[Path, dict[str, str]],
                                                                  tmp_path: Path) -> None:
     run, env = tracked_run
+    mlflow = pytest.importorskip("mlflow")
     client = mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"])
     ids = json.loads((run / "tracking.json").read_text())
     (found,) = client.search_runs([client.get_experiment_by_name("fastclr").experiment_id])
@@ -172,6 +177,7 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path: Path) 
 
 
 def test_an_unreachable_tracker_is_a_warning_and_the_run_completes(tmp_path: Path) -> None:
+    pytest.importorskip("mlflow")
     env, run = tracked_env(tmp_path), tmp_path / "run"
     # fastclr's patience (MLFLOW_PATIENCE), not MLflow's defaults, which waited 4 min 14 s here
     env.update(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
@@ -276,3 +282,168 @@ def test_tracked_runs_are_closed_finished_or_killed_as_the_block_ended(fails: bo
     except KeyboardInterrupt:
         assert fails
     assert inner.calls == [("close", "KILLED" if fails else "FINISHED")]
+
+
+def stand_in_modules(monkeypatch: pytest.MonkeyPatch, **modules: dict[str, Any]) -> None:
+    """Put modules made of `modules` ({dotted name: attributes}) in place of the real ones."""
+    for name, attrs in modules.items():
+        module = ModuleType(name)
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.fixture
+def mlflow_server(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """MLflow's client API (the calls fastclr makes) over an in-memory server, read back by the
+    tests: {"experiments": {name: id}, "runs": {id: run}, "refuse": whether log_batch raises}."""
+    from collections import namedtuple
+
+    server: dict[str, Any] = {"experiments": {}, "runs": {}, "refuse": False}
+
+    class Client:
+        def get_experiment_by_name(self, name: str) -> Any:
+            found = server["experiments"].get(name)
+            return None if found is None else SimpleNamespace(experiment_id=found)
+
+        def create_experiment(self, name: str) -> str:
+            if name in server["experiments"]:  # as MLflow refuses a second experiment of one name
+                raise ValueError(f"experiment {name!r} already exists")
+            server["experiments"][name] = str(len(server["experiments"]))
+            return server["experiments"][name]
+
+        def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> Any:
+            run_id = f"run{len(server['runs'])}"
+            server["runs"][run_id] = {"experiment": experiment_id, "name": run_name, "tags": tags, "status": "RUNNING",
+                                      "params": {}, "metrics": [], "artifacts": []}
+            return SimpleNamespace(info=SimpleNamespace(run_id=run_id))
+
+        def log_batch(self, run_id: str, metrics: Any = (), params: Any = ()) -> None:
+            if server["refuse"]:
+                raise ConnectionError("server gone")
+            server["runs"][run_id]["params"].update({p.key: p.value for p in params})
+            server["runs"][run_id]["metrics"] += [(m.key, m.value, m.step) for m in metrics]
+
+        def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+            server["runs"][run_id]["artifacts"].append((artifact_path, Path(local_path).name))
+
+        def set_terminated(self, run_id: str, status: str) -> None:
+            server["runs"][run_id]["status"] = status
+
+        def update_run(self, run_id: str, status: str) -> None:
+            server["runs"][run_id]["status"] = status
+
+    stand_in_modules(monkeypatch, mlflow={}, **{"mlflow.tracking": {"MlflowClient": Client}, "mlflow.entities": {
+        "Param": namedtuple("Param", "key value"), "Metric": namedtuple("Metric", "key value timestamp step")}})
+    for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)  # unset now, and unset again afterwards whatever the tracker sets
+    return server
+
+
+def test_an_mlflow_run_gets_params_metrics_by_step_and_files_and_is_continued_by_its_id(
+        mlflow_server: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run: in the experiment MLFLOW_EXPERIMENT_NAME names (made once, then joined by later
+    runs), named after the run directory, with every parameter as text and config.toml; metrics at
+    the step given; files under the name given. The run's id is kept in tracking.json: a second
+    start continues that run, running again, and closes it with the status given. The user's own
+    MLflow request settings win over fastclr's patience."""
+    from fastclr.tracking import MLFLOW_PATIENCE, open_trackers
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    run, other = tmp_path / "run", tmp_path / "other"
+    for d in (run, other):
+        d.mkdir()
+        (d / "config.toml").write_text("[train]\n", encoding="utf-8")
+    (t,) = open_trackers(("mlflow",), run, {"train.lr": 0.5, "data.name": "mnist"}, warn=pytest.fail)
+    t.metrics({"loss": 2.5, "lr": 0.1}, 7)
+    t.results({"probe/accuracy": 0.75}, 9)
+    t.artifact(run / "config.toml", "encoder")
+    t.close("KILLED")
+    first = mlflow_server["runs"]["run0"]
+    assert json.loads((run / "tracking.json").read_text()) == {"mlflow": "run0"}
+    assert (first["experiment"], first["name"], first["status"]) == ("0", "run", "KILLED")
+    assert first["params"] == {"train.lr": "0.5", "data.name": "mnist"}
+    assert first["metrics"] == [("loss", 2.5, 7), ("lr", 0.1, 7), ("probe/accuracy", 0.75, 9)]
+    assert first["artifacts"] == [(None, "config.toml"), ("encoder", "config.toml")]
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == MLFLOW_PATIENCE["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    (again,) = open_trackers(("mlflow",), run, {}, warn=pytest.fail)
+    assert again.run_id == "run0" and first["status"] == "RUNNING" and len(mlflow_server["runs"]) == 1
+    again.close("FINISHED")
+    open_trackers(("mlflow",), other, {}, warn=pytest.fail)
+    assert mlflow_server["experiments"] == {"mine": "0"} and mlflow_server["runs"]["run1"]["experiment"] == "0"
+    assert first["status"] == "FINISHED"
+
+
+def test_an_mlflow_run_that_cannot_be_filled_at_its_start_is_closed_failed(
+        mlflow_server: dict[str, Any], tmp_path: Path) -> None:
+    """A run made but refused its parameters is not left RUNNING (each start made another): it is
+    closed FAILED, the start is one warning, and no id is kept for a later start to continue."""
+    from fastclr.tracking import open_trackers
+
+    (tmp_path / "config.toml").write_text("[train]\n", encoding="utf-8")
+    mlflow_server["refuse"] = True
+    warned: list[str] = []
+    assert open_trackers(("mlflow",), tmp_path, {"train.lr": 0.5}, warn=warned.append) == []
+    assert [r["status"] for r in mlflow_server["runs"].values()] == ["FAILED"]
+    assert len(warned) == 1 and warned[0].startswith("warning: mlflow could not start a run (ConnectionError: server gone)")
+    assert json.loads((tmp_path / "tracking.json").read_text()) == {}
+
+
+@pytest.fixture
+def wandb_runs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """wandb's init, Settings and Artifact (the calls fastclr makes): each init's arguments and the
+    run it returns, which records its log calls, summary, artifacts and how it finished."""
+    runs: list[Any] = []
+
+    def init(**kw: Any) -> Any:
+        run = SimpleNamespace(init=kw, id=kw["id"] or f"new{len(runs)}", logged=[], summary={}, artifacts=[],
+                              ended=[])
+        run.log = lambda values, step: run.logged.append((step, values))
+        run.log_artifact = run.artifacts.append
+        run.mark_preempting = lambda: run.ended.append("preempting")
+        run.finish = lambda exit_code: run.ended.append(exit_code)
+        runs.append(run)
+        return run
+
+    def artifact(name: str, type: str) -> Any:
+        art = SimpleNamespace(name=name, type=type, files=[])
+        art.add_file = art.files.append
+        return art
+
+    stand_in_modules(monkeypatch, wandb={"init": init, "Settings": SimpleNamespace, "Artifact": artifact})
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    return runs
+
+
+def test_a_wandb_run_gets_no_step_below_one_it_has_and_is_continued_by_its_id(
+        wandb_runs: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B keeps one history row per step: a second log at a step is passed on (merged into its
+    row), one at a lower step is not (W&B would drop it with a warning). Results go to the run's
+    summary, the encoder is a model artifact named after the run. A second start passes the kept
+    id with resume allowed; W&B's files go to WANDB_DIR when set, else into the run directory; a
+    run closed KILLED is marked preempted and finishes with exit code 1."""
+    from fastclr.tracking import open_trackers
+
+    (t,) = open_trackers(("wandb",), tmp_path, {"train.lr": 0.5}, warn=pytest.fail)
+    for step, loss in ((1, 3.0), (2, 2.0), (2, 1.5), (1, 9.0), (3, 1.0)):
+        t.metrics({"loss": loss}, step)
+    t.results({"probe/accuracy": 0.75}, 3)
+    t.artifact(tmp_path / "encoder.safetensors", "encoder")
+    t.close("FINISHED")
+    first = wandb_runs[0]
+    assert first.logged == [(1, {"loss": 3.0}), (2, {"loss": 2.0}), (2, {"loss": 1.5}), (3, {"loss": 1.0})]
+    assert first.summary == {"probe/accuracy": 0.75} and first.ended == [0]
+    (art,) = first.artifacts
+    assert (art.name, art.type, art.files) == ("encoder-new0", "model", [str(tmp_path / "encoder.safetensors")])
+    assert {k: first.init[k] for k in ("project", "name", "id", "resume", "config", "dir")} == {
+        "project": "fastclr", "name": tmp_path.name, "id": None, "resume": None, "config": {"train.lr": 0.5},
+        "dir": str(tmp_path)}
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    (again,) = open_trackers(("wandb",), tmp_path, {}, warn=pytest.fail)
+    assert (wandb_runs[1].init["id"], wandb_runs[1].init["resume"], wandb_runs[1].init["dir"]) == (
+        "new0", "allow", str(tmp_path / "elsewhere"))
+    again.close("KILLED")
+    assert wandb_runs[1].ended == ["preempting", 1]
