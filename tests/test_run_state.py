@@ -555,3 +555,96 @@ def test_a_default_run_directory_is_named_after_the_datasets_last_path_part() ->
                        ("stores/photos/", "photos")):
         path = default_run_dir(config_for(data))
         assert path.parent == Path("runs") and re.fullmatch(rf"{stem}-\d{{8}}-\d{{6}}", path.name), path
+
+
+def test_a_run_whose_every_update_overflows_ends_at_the_same_step_when_stopped_and_resumed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 with every gradient infinite, so that every update is skipped: the streak reaches
+    MAX_SKIP_STREAK (4 here) at step 4, and the run ends there naming it. Stopped at step 3 and
+    resumed, it ends at the same step: the checkpoint carries the streak and the resume puts it back
+    (from 0 it went on to step 7)."""
+    from torch import nn
+
+    from fastclr.pretraining.metrics import NonFiniteLoss
+
+    monkeypatch.setattr("fastclr.pretraining.metrics.MAX_SKIP_STREAK", 4)
+
+    def overflowing() -> nn.Module:
+        conv = nn.Conv2d(1, 8, 3, 2)
+        conv.weight.register_hook(lambda g: g * float("inf"))
+        return nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    cfg = tiny_config(run, train__precision="fp16", train__device="cpu")
+    assert pretrain(cfg, dataset=ds, encoder=overflowing(), stop=lambda step: step == 3, **QUIET).stopped
+    assert load_checkpoint(list_checkpoints(run)[-1])["skip_streak"] == 3
+    with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step 4;"):
+        pretrain(cfg, dataset=ds, encoder=overflowing(), resume=run, **QUIET)
+
+
+def test_a_checkpoint_from_before_steps_per_epoch_were_kept_stands_for_full_batches(tmp_path: Path) -> None:
+    """A checkpoint without "steps_per_epoch" was written at the steps per epoch of its batch size on
+    the data: full batches only (100 images at batch 16: 6, the last 4 images dropped), so a resume at
+    7 steps per epoch goes on from step 9's place in the data, 9 / 6 epochs, at 7 * 9 / 6 = 10.5
+    of its steps: 10 (round half to even)."""
+    saved = _run_state(tmp_path, 0.0, total_steps=100, seed=1)
+    saved.step = 9
+    state = load_checkpoint(saved.save(tmp_path))
+    del state["steps_per_epoch"], state["step_offset"]
+    assert state["config"]["train"]["batch_size"] == 16
+    fresh = _run_state(tmp_path, 0.0, total_steps=100, seed=2)
+    fresh.restore(state, n_images=100)
+    assert fresh.saved_steps_per_epoch == 6 and fresh.step + fresh.step_offset == 10
+
+
+@pytest.mark.parametrize("key, value", [("train__local_views", 2), ("train__supcon", True), ("train__queue", 64),
+                                        ("train__nn_support", 64), ("data__name", "mnist")])
+def test_a_resume_that_changes_the_views_objective_or_carried_state_is_refused_unless_allowed(
+        tmp_path: Path, key: str, value: object) -> None:
+    """Small views, labels as positives, a queue or a support set change what each step trains on or
+    what the checkpoint carries (a queue or support set newly on starts empty), and another dataset
+    is other data: each is refused on resume naming the key, and --allow-config-change permits it."""
+    from fastclr.pretraining.state import check_resume_config
+
+    saved, wanted = tiny_config(tmp_path), tiny_config(tmp_path, **{key: value})
+    name = key.replace("__", ".")
+    with pytest.raises(FastclrError, match=f"cannot resume: {name} differs from the checkpoint's config"):
+        check_resume_config(saved, wanted, allow_changes=False)
+    check_resume_config(saved, wanted, allow_changes=True)
+
+
+def test_a_run_resumed_from_an_epoch_ends_checkpoint_after_a_crash_measures_that_epoch_once(tmp_path: Path) -> None:
+    """By epochs (train.checkpoint_every 0) a checkpoint is written at every epoch end: steps 6 and 12
+    of a 2-epoch run. A crash that lost the one of step 12, and a resume from step 6: that epoch end's
+    kNN pass is in metrics.jsonl already and is not run again, so the kNN records are the
+    uninterrupted run's, one at step 6 and one at step 12."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    cfg = tiny_config(run, train__epochs=2.0, eval__monitor_every=1, eval__monitor_share=1.0)
+    pretrain(cfg, dataset=ds, **QUIET)
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(run)] == [6, 12]
+    list_checkpoints(run)[-1].unlink()
+    pretrain(cfg, dataset=ds, resume=run, **QUIET)
+    assert [r["step"] for r in read_metrics(run) if "knn_acc" in r] == [6, 12]
+
+
+def test_a_finished_runs_probe_of_an_earlier_step_is_made_again(tmp_path: Path) -> None:
+    """A run probed at step 6, trained on to step 12 without a probe (exported, probe.json still of
+    step 6), then resumed with the probe on and nothing to train: its export stands, but the probe of
+    step 6 is not the final encoder's, so it is made again and probe.json names step 12."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0, eval__probe=True), dataset=ds, **QUIET)
+    pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, **QUIET)
+    assert json.loads((run / "probe.json").read_text(encoding="utf-8"))["steps"] == 6
+    res = pretrain(tiny_config(run, train__epochs=2.0, eval__probe=True), dataset=ds, resume=run, **QUIET)
+    record = json.loads((run / "probe.json").read_text(encoding="utf-8"))
+    assert res.steps == record["steps"] == 12 and res.probe_accuracy == record["accuracy"]
+
+
+def test_a_stop_asked_at_the_last_step_lets_the_run_finish(tmp_path: Path) -> None:
+    """`stop` asks to end a run that has steps left: asked at the last step (12), there is nothing
+    left to resume, so the run ends finished, its encoder exported, not stopped."""
+    from fastclr.export import ENCODER_FILE
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    res = pretrain(tiny_config(run), dataset=ds, stop=lambda step: step == 12, **QUIET)
+    assert res.steps == 12 and not res.stopped and (run / ENCODER_FILE).exists()

@@ -72,6 +72,19 @@ def test_the_runs_learning_rates_are_the_schedule_with_its_floor(tmp_path: Path)
     assert lrs[-1] == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 9))), rel=1e-12)
 
 
+def test_fractional_epochs_and_warm_up_are_the_nearest_whole_steps(tmp_path: Path) -> None:
+    """6 steps an epoch: 1.95 epochs are 11.7 steps, trained as 12, and a warm-up of 0.45 epochs is
+    2.7 steps, taken as 3 (the nearest whole steps, not the ones below): the rates are `lr_at` of a
+    12-step run with a 3-step warm-up."""
+    from fastclr.runs import read_metrics
+
+    cfg = tiny_config(tmp_path, train__log_every=1, train__epochs=1.95, optim__warmup_epochs=0.45)
+    res = pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    lrs = [r["lr"] for r in read_metrics(res.run_dir) if "lr" in r]
+    assert res.steps == 12
+    assert lrs == pytest.approx([lr_at(k, 12, 3, cfg.optim.lr) for k in range(12)], rel=1e-12)
+
+
 def test_pretrains_monitor_and_probe_are_the_protocols_on_its_own_h_and_its_untrained_network(tmp_path: Path) -> None:
     """The kNN monitor's last pass (its bank the training split, its queries the test split, each
     with its own labels), probe.json's accuracy and its untrained reference equal evaluation's
@@ -345,6 +358,23 @@ def test_a_run_trained_by_epochs_and_resumed_under_a_budget_holds_the_peak_then_
     assert all(b <= a for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 0.01 * peak
 
 
+def test_a_run_by_epochs_resumed_under_a_budget_starts_its_cosine_from_the_peak_at_the_first_fit(
+        tmp_path: Path) -> None:
+    """The run of the test above: 20 steps by epochs (warm-up 2 steps), resumed with a 1-minute budget.
+    Its first fit, at step 35 (32.5 s spent at 1 s a step), grants 62 steps; the cosine starts there,
+    at the peak held so far, and ends at step 62: from step 35 on the learning rate is the cosine
+    anchored at (35, 0), not the one drawn from the warm-up's end, which jumped down at the fit."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0)
+    lines: list[str] = []
+    paced_run(tmp_path, clock, minutes=0.0, steps_per_epoch=100, epochs=0.2, log_every=1)
+    res, records = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, epochs=0.2, log_every=1,
+                             resume=True, log=lines.append)
+    peak = tiny_config(tmp_path).optim.lr
+    assert any(line.startswith("time budget 1 min: 62 steps") for line in lines) and res.steps == 62
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[35:] == pytest.approx([lr_at(k, 62, 2, peak, anchor=(35, 0.0)) for k in range(35, 62)], rel=1e-12)
+
+
 def test_the_monitors_share_holds_across_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kNN pass costs 30 s, 5% of the wall time allowed: the straight run passes at step 50 only.
     Stopped at step 60 and resumed, the monitor remembers its 30 s (they are in the checkpoint), so
@@ -360,6 +390,61 @@ def test_the_monitors_share_holds_across_a_resume(tmp_path: Path, monkeypatch: p
     straight, resumed = run(tmp_path / "a", None), run(tmp_path / "b", lambda s: s == 60)
     assert straight[1] == resumed[1] == [50]
     assert abs(straight[0].steps - resumed[0].steps) <= 1  # the resumed process measures its own pace
+
+
+def test_a_refit_that_shrinks_the_run_goes_on_down_the_cosine_from_where_it_was(tmp_path: Path) -> None:
+    """A 5-step warm-up, then the peak held to the first fit (step 15: 12.5 s spent at 1 s a step
+    since step 5, so 47 more steps fit in the minute: 62), then the cosine. From step 20 a step costs
+    2 s: at the refit of step 25 (27.5 s, 1.25 s a step since step 5) 26 more fit, 51. The cosine is
+    re-anchored there: from its progress at step 25 in the 62-step run, 10 / 47, linearly to 1 at step
+    51, so the learning rate falls on from where it was instead of jumping to the 51-step cosine's."""
+    from fastclr.pretraining.schedule import decay_progress
+
+    pace = lambda i: 0.5 if i < 5 else (1.0 if i < 20 else 2.0)  # noqa: E731
+    lines: list[str] = []
+    res, records = paced_run(tmp_path, PacedClock(pace), minutes=1.0, steps_per_epoch=100, log_every=1,
+                             log=lines.append, optim__warmup_epochs=0.05)
+    peak = tiny_config(tmp_path).optim.lr
+    assert any(line.startswith("time budget 1 min: 62 steps") for line in lines), lines
+    anchor = (25, decay_progress(25, 62, 5, (15, 0.0)))
+    assert anchor[1] == pytest.approx(10 / 47)
+    want = ([peak * (k + 1) / 5 for k in range(5)] + [peak] * 10 + [lr_at(k, 62, 5, peak, anchor=(15, 0.0)) for k in
+            range(15, 25)] + [lr_at(k, 51, 5, peak, anchor=anchor) for k in range(25, res.steps)])
+    assert res.steps == 50  # the refit of step 50, 77.5 s in, ends the spent budget
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx(want, rel=1e-12)
+
+
+def test_the_runs_training_seconds_count_its_checkpoints_the_last_epoch_ends_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By epochs, 1 s a step and 5 s a checkpoint, written at the epoch ends (steps 10 and 20): the
+    run's training seconds, returned and in its last checkpoint, are 20 + 2 x 5, the last epoch end's
+    checkpoint included (the one written after it to record them cannot count itself)."""
+    clock = PacedClock(lambda i: 1.0)
+
+    def slow_save(run_dir: Path, state: dict[str, Any]) -> Path:
+        clock.now += 5.0
+        return save_checkpoint(run_dir, state)
+
+    monkeypatch.setattr("fastclr.pretraining.state.save_checkpoint", slow_save)
+    cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__epochs=2.0, train__channels_last=False,
+                      model__head_hidden=8, model__proj_dim=4)
+    res = pretrain(cfg, dataset=tiny_dataset(20, size=8), encoder=PacedEncoder(clock), progress=False,
+                   log=lambda s: None, clock=clock)
+    assert res.steps == 20 and res.train_seconds == 30.0
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["train_seconds"] == 30.0
+
+
+def test_every_logged_steps_elapsed_seconds_are_the_training_time_at_that_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By epochs, 1 s a step, a 10 s kNN pass at the epoch ends of steps 10 and 20, a record every 3
+    steps and at the last: each record's elapsed seconds are the steps so far and the passes of the
+    epoch ends before it, the last step's too (written, as every log step's, before its step's pass)."""
+    clock = PacedClock(lambda i: 1.0, monitor_s=10.0)
+    monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+    _, records = paced_run(tmp_path, clock, minutes=0.0, steps_per_epoch=10, monitor_share=1.0, epochs=2.0,
+                           log_every=3)
+    assert [(r["step"], r["elapsed"]) for r in records if "loss" in r] == \
+        [(s, s + 10.0 * ((s - 1) // 10)) for s in (3, 6, 9, 12, 15, 18, 20)]
 
 
 def test_the_time_budget_uses_its_time_after_a_stall_across_an_epoch_end(tmp_path: Path) -> None:
@@ -405,6 +490,14 @@ def test_a_time_budget_caps_a_run_whose_steps_are_too_slow_to_wait_for_the_first
     res, _ = paced_run(tmp_path, clock, minutes=minutes, steps_per_epoch=100, log=lines.append)
     assert res.steps == steps and res.train_seconds == pytest.approx(steps * pace)
     assert any(line.startswith(f"time budget {minutes:g} min: {steps} steps ") for line in lines), lines
+
+
+def test_a_first_fit_that_would_come_past_the_budget_by_less_than_a_step_comes_early(tmp_path: Path) -> None:
+    """4.2 s a step, a 1-minute budget: waiting for the first fit at step 15 would spend 63 s, past
+    the budget by less than a step. The fit comes after step 1, and the run ends at
+    1 + (60 - 4.2) // 4.2 = 14 steps, 58.8 s, within its minute (not 16 steps, 67.2 s)."""
+    res, _ = paced_run(tmp_path, PacedClock(lambda i: 4.2), minutes=1.0, steps_per_epoch=100)
+    assert res.steps == 14 and res.train_seconds == pytest.approx(14 * 4.2) and res.train_seconds <= 60.0
 
 
 def test_an_epoch_ends_refit_counts_the_monitor_pass_that_follows_it(
@@ -591,6 +684,33 @@ def test_a_budgeted_run_stopped_before_its_first_fit_resumes_onto_it(tmp_path: P
     assert kept["warmup_steps"] == end and kept["ramp_anchor"] == [25, pytest.approx(0.26)]
 
 
+def test_a_checkpoint_that_does_not_say_whether_it_was_fitted_is_fitted_from_the_first_fits_step(
+        tmp_path: Path) -> None:
+    """A checkpoint from before budget_fitted (and the anchors and the pace's mark) were kept, written
+    at step 15, the first fit's: the fit was made (12.5 s spent at 1 s a step: 17 more steps in the
+    half minute, 32 in all, the warm-up shortened to end at step 17), so the resumed process keeps it:
+    it makes no first fit of its own, and every learning rate from step 15 is warm-up-then-cosine over
+    those 32 steps."""
+    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
+    clock = PacedClock(pace)
+    lines: list[str] = []
+    paced_run(tmp_path, clock, minutes=0.5, steps_per_epoch=100, log_every=1, stop=lambda step: step == 15)
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    state = load_checkpoint(newest)
+    assert (state["step"], state["total_steps"], state["warmup_steps"], state["budget_fitted"]) == (15, 32, 17, True)
+    for key in ("budget_fitted", "pace_mark", "ramp_anchor", "decay_anchor"):
+        state.pop(key, None)
+    newest.unlink()
+    save_checkpoint(tmp_path / "run", state)
+    res, records = paced_run(tmp_path, clock, minutes=0.5, steps_per_epoch=100, log_every=1, resume=True,
+                             log=lines.append)
+    assert not any(line.startswith("time budget 0.5 min: ") for line in lines), lines
+    peak = tiny_config(tmp_path).optim.lr
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert res.steps == 32 and [lrs[k + 1] for k in range(15, 32)] == \
+        pytest.approx([lr_at(k, 32, 17, peak) for k in range(15, 32)], rel=1e-12)
+
+
 def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> None:
     """The run of the test above (1 s a step, 1 minute, a 100-step warm-up shortened at the first
     fit) stopped at step 30 and resumed: the resumed half reads the shortened warm-up from the
@@ -699,6 +819,16 @@ def test_a_batch_that_does_not_split_over_the_processes_names_counts_that_do(
                             + advice)
     for fits in (advice.split()[1], advice.split()[3]):  # the counts named do split it
         assert batch % int(fits) == 0
+
+
+def test_a_batch_of_the_whole_dataset_is_accepted_and_a_larger_one_refused() -> None:
+    """The refusal's advice for N images, --batch-size N, is itself accepted (one full batch an
+    epoch); N + 1 is refused."""
+    from fastclr.pretraining.setup import validate
+
+    validate(tiny_config(Path("run"), train__batch_size=96), 96)
+    with pytest.raises(FastclrError, match=r"batch size 97 is larger than the dataset \(96 images\); pass --batch-size 96"):
+        validate(tiny_config(Path("run"), train__batch_size=97), 96)
 
 
 @pytest.mark.parametrize("stop_at,saved_before", [(2, False), (8, False), (8, True)])  # in the warm-up at batch 32, past it
