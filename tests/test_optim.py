@@ -298,7 +298,7 @@ def test_time_budget_first_fit_is_the_closed_form_for_a_steady_pace() -> None:
     for s in range(1, 16):
         b.observe(s, 0.5 * min(s, 5) + 0.2 * max(s - 5, 0))
     assert b.pace(15, 4.5) == pytest.approx(0.2)
-    assert b.fit(15, 4.5) == 15 + int((600.0 - 4.5) / 0.2)  # 2992
+    assert b.fit(15, 4.5, first=True) == 15 + int((600.0 - 4.5) / 0.2)  # 2992
 
 
 def test_a_resumed_time_budget_paces_the_steps_of_its_own_process() -> None:
@@ -310,7 +310,7 @@ def test_a_resumed_time_budget_paces_the_steps_of_its_own_process() -> None:
     for s, t in seconds.items():
         b.observe(s, t)
     assert b.pace(125, seconds[125]) == pytest.approx(0.5)
-    assert b.fit(125, seconds[125]) == 125 + int((600.0 - 120.0) / 0.5)  # 1085
+    assert b.fit(125, seconds[125], first=False) == 125 + int((600.0 - 120.0) / 0.5)  # 1085
     assert TimeBudget(600.0).pace(125, seconds[125]) == pytest.approx(120.0 / 125)  # paced from step 0
 
 
@@ -326,8 +326,10 @@ def test_time_budget_refits_are_due_every_25_steps_and_at_epoch_ends_before_the_
 def test_time_budget_spent_ends_the_run_at_the_next_fit() -> None:
     b = TimeBudget(10.0)
     b.observe(5, 1.0)
-    assert b.fit(15, 3.0) == 15 + int(7.0 / 0.2)
-    assert b.fit(200, 10.5) == 200  # refit after the budget is spent: stop now
-    assert b.fit(15, 12.0) == 16  # the first fit always allows one more step
+    assert b.fit(15, 3.0, first=True) == 15 + int(7.0 / 0.2)
+    assert b.fit(200, 10.5, first=False) == 200  # refit after the budget is spent: stop now
+    assert b.fit(15, 12.0, first=True) == 16  # the first fit always allows one more step
+    b.resume_at(40)  # a resumed process's refit owed before its first fit (step 55) may end the run too
+    assert b.fit(40, 12.0, first=False) == 40
     with pytest.raises(ValueError):
         TimeBudget(0.0)

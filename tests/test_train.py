@@ -711,6 +711,46 @@ def test_a_checkpoint_that_does_not_say_whether_it_was_fitted_is_fitted_from_the
         pytest.approx([lr_at(k, 32, 17, peak) for k in range(15, 32)], rel=1e-12)
 
 
+def test_a_budgeted_run_stopped_where_its_epoch_ends_refit_ends_it_ends_there_when_resumed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 s a step, 40 steps an epoch, a 30 s kNN pass at each epoch end, a 1-minute budget: the
+    refit after the first epoch's pass finds the budget spent and ends the run at step 40. Stopped
+    at step 40 (its checkpoint written before that refit) and resumed, the refit it owes ends it
+    there too (it trained a 41st step: the one more step of a first fit, which that refit is not)."""
+    pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
+    over: dict[str, Any] = dict(minutes=1.0, steps_per_epoch=40, monitor_share=1.0)
+    results = []
+    for run, stops in (("a", [None]), ("b", [40, None])):
+        clock = PacedClock(pace, monitor_s=30.0)
+        monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
+        for i, at in enumerate(stops):
+            res, _ = paced_run(tmp_path / run, clock, stop=(lambda s, at=at: s == at) if at else None, resume=i > 0,
+                               **over)
+        results.append((res.steps, res.train_seconds))
+    assert results[0] == results[1] == (40, pytest.approx(2.5 + 35 * 1.0 + 30.0))
+
+
+def test_a_run_resumed_twice_refits_where_the_process_that_wrote_its_checkpoint_would_have(tmp_path: Path) -> None:
+    """A 2-minute budget, 40 steps an epoch, 1 s a step, then 2 s from step 35. Resumed at step 30, a
+    process fits first at step 45, so it makes no refit at the epoch end of step 40. Stopped there
+    and resumed, the refit that checkpoint owes is owed past the writer's first fit (45, kept in it),
+    not past a fresh run's (15): the learning rates of the run stopped twice are those of the run
+    stopped once up to that one's refit at step 50 (they were not from step 42). After it, each
+    resumed process refits on its own pace from its own first fit (55 for the one resumed at 40), by
+    design, so the two runs part there."""
+    pace = lambda i: 0.5 if i < 5 else (1.0 if i < 35 else 2.0)  # noqa: E731
+    over: dict[str, Any] = dict(minutes=2.0, steps_per_epoch=40, log_every=1)
+    lrs = []
+    for run, stops in (("a", [30, None]), ("b", [30, 40, None])):
+        clock = PacedClock(pace)
+        for i, at in enumerate(stops):
+            res, records = paced_run(tmp_path / run, clock, stop=(lambda s, at=at: s == at) if at else None,
+                                     resume=i > 0, **over)
+        lrs.append({r["step"]: r["lr"] for r in records if "lr" in r})
+    assert load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[0])["first_fit_at"] == 45
+    assert [lrs[1][k] for k in range(1, 51)] == pytest.approx([lrs[0][k] for k in range(1, 51)], rel=1e-12)
+
+
 def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> None:
     """The run of the test above (1 s a step, 1 minute, a 100-step warm-up shortened at the first
     fit) stopped at step 30 and resumed: the resumed half reads the shortened warm-up from the

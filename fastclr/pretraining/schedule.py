@@ -177,9 +177,10 @@ class TimeBudget:
         """Make `step` the first fit's (an `overdue` one)."""
         self.first_fit_at = step
 
-    def fit(self, step: int, train_seconds: float) -> int:
+    def fit(self, step: int, train_seconds: float, first: bool) -> int:
         """Total steps so that training ends at the budget at the current pace; never below `step`
-        (a spent budget ends the run now) and at least one more step at the first fit."""
+        (a spent budget ends the run now) and at least one more step at the `first` fit (a refit a
+        resumed process owes, before its own first fit, is a refit: it may end the run)."""
         left = self.budget_s - train_seconds
         extra = int(left / self.pace(step, train_seconds)) if left > 0 else 0
-        return step + (max(1, extra) if step <= self.first_fit_at else extra)
+        return step + (max(1, extra) if first else extra)

@@ -203,7 +203,9 @@ class Run:
         if b is None:
             return
         fitted = not self.first_fit_ahead
-        if owed and not (fitted and b.first_fit < s.step < s.total_steps):
+        # The process that wrote the checkpoint refitted only past its own first fit's step.
+        writer_first_fit = s.first_fit_at if s.first_fit_at is not None else b.first_fit
+        if owed and not (fitted and writer_first_fit < s.step < s.total_steps):
             return
         if not fitted and not after_monitor and s.step < b.first_fit_at:
             # The host's clock, without waiting for the device (a wait drains a GPU's queue): the host
@@ -225,7 +227,7 @@ class Run:
         elif first:
             return
         if due:
-            total = broadcast_object(b.fit(s.step, s.train_seconds), self.ctx)
+            total = broadcast_object(b.fit(s.step, s.train_seconds, first=first), self.ctx)
             refit = fitted or s.step != b.first_fit_at  # not the first fit, whose old total was a placeholder
             if refit and total != s.total_steps and s.step >= s.warmup_steps:
                 # the cosine goes on from where it is to the new end, never back up
@@ -318,6 +320,7 @@ class Run:
         if self.ctx.is_main:
             self.state.monitor_seconds = self.monitor.seconds
             self.state.pace_mark = self.budget.mark if self.budget is not None else None
+            self.state.first_fit_at = self.budget.first_fit_at if self.budget is not None else None
             self.state.skip_streak = int(self.health.skip_streak)
         shared(self.ctx.is_main, lambda: self.state.save(self.run_dir), self.ctx, self.device,
                f"rank 0 could not write the checkpoint of step {self.state.step} (its error says why); the last "

@@ -121,6 +121,9 @@ class RunState:
         """The store's content identity the run trains on (`Dataset.content`), kept in checkpoints."""
         self.pace_mark: tuple[int, float] | None = None
         """Where the time budget measured its pace from when the checkpoint was written (`TimeBudget.mark`)."""
+        self.first_fit_at: int | None = None
+        """The step of the first fit of the process that wrote the checkpoint (`TimeBudget.first_fit_at`):
+        it refitted only past it, so a refit its last epoch end still owed is owed only past it too."""
         self.start_step = 0
         """The step this process started from: 0, or the checkpoint's step when resumed."""
         self.monitor_seconds = 0.0
@@ -157,6 +160,8 @@ class RunState:
             self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
             self.budget_fitted = state.get("budget_fitted")  # absent before 2026-12-05
             mark = state.get("pace_mark")  # absent before 2026-12-05
+            fit_at = state.get("first_fit_at")  # absent before 2026-12-06
+            self.first_fit_at = int(fit_at) if fit_at is not None else None
             self.pace_mark = (int(mark[0]), float(mark[1])) if mark is not None else None
             ramp = state.get("ramp_anchor")  # absent before 2026-12-05
             self.ramp_anchor = (int(ramp[0]), float(ramp[1])) if ramp is not None else None
@@ -181,6 +186,7 @@ class RunState:
             **({"ramp_anchor": list(self.ramp_anchor)} if self.ramp_anchor is not None else {}),
             **({"budget_fitted": self.budget_fitted} if self.budget_fitted is not None else {}),
             **({"pace_mark": list(self.pace_mark)} if self.pace_mark is not None else {}),
+            **({"first_fit_at": self.first_fit_at} if self.first_fit_at is not None else {}),
             **({"data_content": self.data_content} if self.data_content else {}),
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
