@@ -13,10 +13,10 @@ def in_eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """`module` in eval mode (BatchNorm's running statistics, no dropout) inside; after, each
     submodule has the mode it had before. Restoring the outer module's flag alone with `train(flag)`
     is recursive: a wrapper made for the occasion (a new `nn.Sequential` of a classifier's encoder
-    and neck starts in train mode) switched the eval-mode modules it wraps to train mode. So every
-    module's `train()` is called with its own flag, parents before children (`modules()` order), so
-    a child's call comes last and a module's own `train()` override (a user's encoder that keeps
-    its BatchNorm frozen, say) runs again on the way out."""
+    and neck starts in train mode) switched the eval-mode modules it wraps to train mode. Instead
+    each module's `train()` is called with its own flag, parents before children (`modules()`
+    order): a child's own call comes after its parent's, and a module's `train()` override (a
+    user's encoder that keeps its BatchNorm frozen, say) runs again on the way out."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

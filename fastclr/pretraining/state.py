@@ -160,9 +160,9 @@ class RunState:
             self.decay_anchor = (int(anchor[0]), float(anchor[1])) if anchor is not None else None
             self.budget_fitted = state.get("budget_fitted")  # absent before 2026-12-05
             mark = state.get("pace_mark")  # absent before 2026-12-05
+            self.pace_mark = (int(mark[0]), float(mark[1])) if mark is not None else None
             fit_at = state.get("first_fit_at")  # absent before 2026-12-06
             self.first_fit_at = int(fit_at) if fit_at is not None else None
-            self.pace_mark = (int(mark[0]), float(mark[1])) if mark is not None else None
             ramp = state.get("ramp_anchor")  # absent before 2026-12-05
             self.ramp_anchor = (int(ramp[0]), float(ramp[1])) if ramp is not None else None
             by_epochs = float(state["config"]["train"].get("time_budget", 0)) <= 0  # the checkpoint's run
