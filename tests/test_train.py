@@ -279,6 +279,14 @@ def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch
     return res, records
 
 
+def paced_run_stopped_at(tmp_path: Path, clock: PacedClock, stops: list[int], **kw: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """`paced_run` stopped at each step of `stops` in turn and resumed, then run to its end: the last
+    process's result and the run's records."""
+    for i, at in enumerate([*stops, None]):
+        res, records = paced_run(tmp_path, clock, stop=(lambda s, at=at: s == at) if at else None, resume=i > 0, **kw)
+    return res, records
+
+
 def test_a_budgeted_run_resumed_before_its_first_fit_shows_no_length_it_does_not_know(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Stopped at step 12, before the budget's first fit: the resumed process fits at step 27, and
@@ -720,12 +728,10 @@ def test_a_budgeted_run_stopped_where_its_epoch_ends_refit_ends_it_ends_there_wh
     pace = lambda i: 0.5 if i < 5 else 1.0  # noqa: E731
     over: dict[str, Any] = dict(minutes=1.0, steps_per_epoch=40, monitor_share=1.0)
     results = []
-    for run, stops in (("a", [None]), ("b", [40, None])):
+    for run, stops in (("a", []), ("b", [40])):
         clock = PacedClock(pace, monitor_s=30.0)
         monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
-        for i, at in enumerate(stops):
-            res, _ = paced_run(tmp_path / run, clock, stop=(lambda s, at=at: s == at) if at else None, resume=i > 0,
-                               **over)
+        res, _ = paced_run_stopped_at(tmp_path / run, clock, stops, **over)
         results.append((res.steps, res.train_seconds))
     assert results[0] == results[1] == (40, pytest.approx(2.5 + 35 * 1.0 + 30.0))
 
@@ -741,11 +747,8 @@ def test_a_run_resumed_twice_refits_where_the_process_that_wrote_its_checkpoint_
     pace = lambda i: 0.5 if i < 5 else (1.0 if i < 35 else 2.0)  # noqa: E731
     over: dict[str, Any] = dict(minutes=2.0, steps_per_epoch=40, log_every=1)
     lrs = []
-    for run, stops in (("a", [30, None]), ("b", [30, 40, None])):
-        clock = PacedClock(pace)
-        for i, at in enumerate(stops):
-            res, records = paced_run(tmp_path / run, clock, stop=(lambda s, at=at: s == at) if at else None,
-                                     resume=i > 0, **over)
+    for run, stops in (("a", [30]), ("b", [30, 40])):
+        _, records = paced_run_stopped_at(tmp_path / run, PacedClock(pace), stops, **over)
         lrs.append({r["step"]: r["lr"] for r in records if "lr" in r})
     assert load_checkpoint(list_checkpoints(tmp_path / "b" / "run")[0])["first_fit_at"] == 45
     assert [lrs[1][k] for k in range(1, 51)] == pytest.approx([lrs[0][k] for k in range(1, 51)], rel=1e-12)

@@ -17,6 +17,7 @@ import time
 import zlib
 import urllib.request
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 from fastclr.files import is_write_error, set_mode, write_failure_reason
@@ -75,7 +76,7 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
             set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
-                received, length = 0, _content_length(resp)
+                received, length = 0, _content_length(resp.headers)
                 while block := resp.read1(1 << 20):
                     h.update(block)
                     out.write(block)
@@ -109,15 +110,10 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
                 tmp.unlink()
 
 
-def _content_length(resp: object) -> int | None:
+def _content_length(headers: Message) -> int | None:
     """The body's length the server announced, if it did (and sent it unencoded, byte for byte)."""
-    headers = getattr(resp, "headers", None)
-    if headers is None or headers.get("Content-Encoding") not in (None, "identity"):
-        return None
-    try:
-        return int(headers.get("Content-Length"))
-    except (TypeError, ValueError):
-        return None
+    length = headers.get("Content-Length", "")
+    return int(length) if length.isdigit() and headers.get("Content-Encoding", "identity") == "identity" else None
 
 
 def remove_stale_parts(dest_dir: Path, filename: str, older_than_s: float = STALE_PART_S) -> list[Path]:

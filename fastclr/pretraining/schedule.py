@@ -169,13 +169,9 @@ class TimeBudget:
     def overdue(self, step: int, train_seconds: float) -> bool:
         """Whether the first fit, still ahead at `first_fit_at`, would come after the budget is spent
         at the pace so far (steps of many seconds: a ResNet on a laptop CPU, a kNN pass that took the
-        budget); the loop then fits at `step` instead, so the budget caps a run from its first step."""
+        budget); the loop then makes `step` its `first_fit_at`, so the budget caps a run from its first step."""
         ahead = self.first_fit_at - step
         return ahead > 0 and train_seconds + self.pace(step, train_seconds) * ahead > self.budget_s
-
-    def fit_now(self, step: int) -> None:
-        """Make `step` the first fit's (an `overdue` one)."""
-        self.first_fit_at = step
 
     def fit(self, step: int, train_seconds: float, first: bool) -> int:
         """Total steps so that training ends at the budget at the current pace; never below `step`

@@ -213,7 +213,7 @@ class Run:
             # Rank 0 decides, as for every fit: a distributed run exchanges one flag a step until then.
             seconds = self.clock() - self.loop_start
             if broadcast_object(b.overdue(s.step, seconds), self.ctx):
-                b.fit_now(s.step)
+                b.first_fit_at = s.step
         first = s.step == b.first_fit_at and not fitted
         due = owed or b.due(s.step, s.total_steps, end_of_epoch, fitted=fitted)
         if not after_monitor:
