@@ -144,8 +144,9 @@ class ModelConfig:
 
     encoder: str = field(default="auto", metadata=one_of("auto", "cnn", "resnet18", "resnet34", "resnet50"))
     """cnn, resnet18, resnet34, resnet50; auto picks cnn for 28 px images, resnet18 otherwise."""
-    width: float = field(default=1.0, metadata=at_least(0, above=True))
-    """Channel multiplier of the encoder."""
+    width: float = field(default=0.0, metadata=at_least(0))
+    """Channel multiplier of the encoder; 0 (auto): a quarter for a ResNet on a CPU, 1 otherwise
+    (fastclr.models.resolve_width). A run records the width it trained at."""
     cnn_stages: str = "32,32,32p|256p|fc512"
     """Shape of the cnn encoder (fastclr.models.cnn.parse_stages): 3x3 conv widths per stage,
     '|' between stages (a 2x2 max-pool), ',' between convs of a stage, a 'p' after a stage's last

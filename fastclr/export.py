@@ -184,7 +184,8 @@ def check_export(fmt: str, spec: EncoderSpec) -> None:
                                "use --format fastclr")
         if spec.width != 1.0:
             raise FastclrError(f"--format torchvision: torchvision's ResNets have width 1, this one {spec.width:g} (its "
-                               "tensors would not fit them); use --format fastclr, torch-export or onnx")
+                               "tensors would not fit them); use --format fastclr, torch-export or onnx, or pretrain with --width 1 (on a "
+                               "CPU a ResNet trains at a quarter of its width unless told)")
 
 
 SUFFIXES = {"fastclr": (".safetensors",), "torchvision": (".pth", ".pt", ".safetensors"), "torch-export": (".pt2",),

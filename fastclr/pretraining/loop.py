@@ -31,6 +31,7 @@ from fastclr.data.datasets import REGISTRY, ensure, read_checked
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
+from fastclr.models import resolve_encoder, resolve_width
 from fastclr.models.foreign import InitWeights, apply_init, read_init
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
@@ -159,6 +160,10 @@ def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None) -> Init
     return read_init(Path(cfg.model.init), target, cfg.model.init_sha256)
 
 
+def _with_width(cfg: Config, width: float) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
+
+
 def _origin_text(dataset: Dataset) -> str:
     """Where the files were read from, when the name does not say it already."""
     return f" from {dataset.origin}" if dataset.origin and dataset.origin != dataset.name else ""
@@ -258,6 +263,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                                "finish (or stop it), then resume")
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
         saved = _store_path_absolute(config_mod.from_dict(state["config"]))
+        if not cfg.model.width:  # auto: the width the run trained at, whatever this device would choose
+            cfg = _with_width(cfg, saved.model.width)
         check_resume_config(saved, cfg, allow_config_change, resume)
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)
@@ -272,6 +279,13 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
+    elif not cfg.model.width:  # auto, decided once from the device; config.toml records the width trained at
+        name = resolve_encoder(cfg.model.encoder, cfg.augment.crop_size or dataset.image_shape[0]) if encoder is None \
+            else "custom"  # a module passed in: its own width, recorded as 1
+        cfg = _with_width(cfg, resolve_width(0.0, name, device.type))
+        if cfg.model.width != 1.0:
+            log(f"width {cfg.model.width:g}: a {name} on a CPU trains at {cfg.model.width:g} of its channels unless "
+                f"--width is given (it learns more in the same time there; --width 1 for the full network)")
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None

@@ -12,7 +12,8 @@ from torch import nn
 
 from fastclr.config import Config
 from fastclr.data import Dataset
-from fastclr.models import EncoderSpec, ProjectionHead, build_encoder, feature_dim, resolve_encoder, use_cifar_stem
+from fastclr.models import (EncoderSpec, ProjectionHead, build_encoder, feature_dim, resolve_encoder, resolve_width,
+                            use_cifar_stem)
 from fastclr.runtime import to_channels_last
 
 if TYPE_CHECKING:
@@ -49,13 +50,16 @@ def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> t
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def named_encoder(cfg: Config, image_shape: tuple[int, int, int]) -> tuple[nn.Module, str, str]:
-    """The encoder `cfg` names for images of (H, W, C), with its resolved name and stem setting;
-    built on the current default device (the meta device gives names and shapes for nothing)."""
+def named_encoder(cfg: Config, image_shape: tuple[int, int, int], device_type: str = "cpu"
+                  ) -> tuple[nn.Module, str, str]:
+    """The encoder `cfg` names for images of (H, W, C), with its resolved name and stem setting, at
+    the width it gives or (`auto`) the one `resolve_width` chooses for `device_type`; built on the
+    current default device (the meta device gives names and shapes for nothing)."""
     h, _, c = image_shape
     size = cfg.augment.crop_size or h
     name = resolve_encoder(cfg.model.encoder, size)
-    encoder = build_encoder(name, c, size, cfg.model.width, cfg.model.cifar_stem, cfg.model.cnn_stages)
+    width = resolve_width(cfg.model.width, name, device_type)
+    encoder = build_encoder(name, c, size, width, cfg.model.cifar_stem, cfg.model.cnn_stages)
     stem = ("on" if use_cifar_stem(cfg.model.cifar_stem, size) else "off") if name.startswith("resnet") else "n/a"
     return encoder, name, stem
 
@@ -68,7 +72,7 @@ def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     size = cfg.augment.crop_size or h
     mean, std = channel_stats(dataset.pretrain.images)
     if encoder is None:
-        encoder, name, stem = named_encoder(cfg, dataset.image_shape)
+        encoder, name, stem = named_encoder(cfg, dataset.image_shape, device.type)
     else:
         name, stem = "custom", "n/a"
     encoder = encoder.to(device)
@@ -77,7 +81,7 @@ def build_model(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     head = head.to(device)
     if cfg.train.channels_last:
         encoder = to_channels_last(encoder)
-    spec = EncoderSpec(encoder=name, in_channels=c, image_size=size, width=cfg.model.width, cifar_stem=stem,
-                       feature_dim=dim, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
-                       stages=cfg.model.cnn_stages if name == "cnn" else "")
+    width = resolve_width(cfg.model.width, name, device.type)
+    spec = EncoderSpec(encoder=name, in_channels=c, image_size=size, width=width, cifar_stem=stem, feature_dim=dim,
+                       mean=tuple(mean.tolist()), std=tuple(std.tolist()), stages=cfg.model.cnn_stages if name == "cnn" else "")
     return Model(encoder, head, spec)

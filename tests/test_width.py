@@ -1,0 +1,88 @@
+"""`--width` auto (0, the default): a ResNet on a CPU trains at a quarter of its channels, every
+other encoder and any encoder on a GPU at its full width; a run records the width it trained at,
+and a resume keeps it whatever its own device would choose."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastclr.cli import main as cli_main
+from fastclr.config import read_toml
+from fastclr.errors import FastclrError
+from fastclr.models import build_encoder, resolve_width
+from fastclr.pretraining import pretrain
+from tiny import tiny_config, tiny_dataset
+
+
+@pytest.mark.parametrize(("width", "encoder", "device", "expected"), [
+    (0.0, "resnet18", "cpu", 0.25),
+    (0.0, "resnet50", "cpu", 0.25),
+    (0.0, "resnet18", "cuda", 1.0),
+    (0.0, "cnn", "cpu", 1.0),
+    (0.0, "custom", "cpu", 1.0),  # a module passed in keeps its own channels
+    (0.5, "resnet18", "cpu", 0.5),  # given: stands
+    (2.0, "resnet18", "cuda", 2.0),
+    (0.125, "cnn", "cuda", 0.125),
+])
+def test_auto_width_is_a_quarter_for_a_resnet_on_a_cpu_only(width: float, encoder: str, device: str,
+                                                             expected: float) -> None:
+    assert resolve_width(width, encoder, device) == expected
+
+
+def _run(run_dir: Path, **over: object) -> tuple[list[str], object]:
+    lines: list[str] = []
+    cfg = tiny_config(run_dir, train__device="cpu", train__epochs=1.0, train__batch_size=32, **over)
+    res = pretrain(cfg, dataset=tiny_dataset(64, size=32), progress=False, log=lines.append)
+    return lines, res
+
+
+def test_a_resnet_run_at_auto_width_on_the_cpu_trains_and_records_a_quarter_of_the_channels(tmp_path: Path) -> None:
+    lines, res = _run(tmp_path / "r", model__width=0.0)  # 32 px: auto picks resnet18
+    assert read_toml(tmp_path / "r" / "config.toml")["model.width"] == 0.25
+    spec = res.model.spec  # type: ignore[attr-defined]
+    assert (spec.encoder, spec.width) == ("resnet18", 0.25)
+    encoder = res.model.encoder  # type: ignore[attr-defined]
+    # ResNet-18's stem has 64 channels and its last stage 512: a quarter is 16 and 128 (h)
+    assert encoder.stem[0].out_channels == 16 and spec.feature_dim == 128
+    quarter = build_encoder("resnet18", 1, 32, 0.25)
+    assert [(n, p.shape) for n, p in encoder.named_parameters()] == [(n, p.shape) for n, p in quarter.named_parameters()]
+    assert sum(line.startswith("width 0.25: a resnet18 on a CPU") for line in lines) == 1
+
+
+def test_a_cnn_run_at_auto_width_keeps_all_its_channels_and_says_nothing(tmp_path: Path) -> None:
+    lines, res = _run(tmp_path / "c", model__width=0.0, model__encoder="cnn")
+    assert read_toml(tmp_path / "c" / "config.toml")["model.width"] == 1.0
+    assert res.model.spec.width == 1.0  # type: ignore[attr-defined]
+    assert not any(line.startswith("width ") for line in lines)
+
+
+def test_a_resume_at_auto_width_keeps_the_width_the_run_trained_at(tmp_path: Path) -> None:
+    """0.5 is neither what this CPU would choose (0.25) nor the full width: only the checkpoint's
+    config can give it."""
+    run = tmp_path / "half"
+    cfg = tiny_config(run, train__device="cpu", train__epochs=2.0, train__batch_size=32, model__width=0.5)
+    ds = tiny_dataset(64, size=32)
+    assert pretrain(cfg, dataset=ds, progress=False, log=lambda s: None, stop=lambda step: step == 2).stopped
+    auto = tiny_config(run, train__device="cpu", train__epochs=2.0, train__batch_size=32, model__width=0.0)
+    res = pretrain(auto, resume=run, dataset=ds, progress=False, log=lambda s: None)
+    assert res.steps == 4 and res.model.spec.width == 0.5  # type: ignore[union-attr]
+    assert read_toml(run / "config.toml")["model.width"] == 0.5
+    full = tiny_config(run, train__device="cpu", train__epochs=3.0, train__batch_size=32, model__width=1.0)
+    with pytest.raises(FastclrError, match="model.width differs from the checkpoint's config"):
+        pretrain(full, resume=run, dataset=ds, progress=False, log=lambda s: None)
+
+
+def test_info_json_names_the_resnet_width_pretrain_would_choose_here() -> None:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert cli_main(["info", "--json", "--no-measure"]) == 0
+    report = json.loads(buf.getvalue())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert report["resnet_width"]["choice"] == resolve_width(0.0, "resnet18", device)
+    assert report["resnet_width"]["choice"] == (0.25 if report["device"] == "cpu" else 1.0)
