@@ -94,6 +94,8 @@ class RealStep:
     NT-Xent (--views, --local-views; else None), from one draw of the batch's indices."""
     last: StepResult | None = None
     """What the latest step returned (loss and metrics, on the device)."""
+    width: float = 1.0
+    """The encoder's channel multiplier as built (`--width` auto resolved for the device)."""
 
     def __call__(self, i: int) -> None:
         """Step i: views, forward, loss, backward, update."""
@@ -144,7 +146,7 @@ def real_step(cfg: Config, dataset: Dataset, device: torch.device, precision: st
         idx = sampler.indices(i)
         return make(source.gather(idx), i), None if objective is None else objective.groups(idx)
 
-    return RealStep(step, batch)
+    return RealStep(step, batch, width=model.spec.width)
 
 
 def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> list[float]:

@@ -104,7 +104,8 @@ def main() -> None:
                 flops = step.flops()
                 peak = peaks.setdefault((device.type, precision), matmul_rate(DTYPES[precision], device) / 1e3)
                 rec = {"what": "fastclr step", "round": r, "device": device.type, "precision": precision,
-                       "encoder": cfg.model.encoder, "cnn_stages": cfg.model.cnn_stages, "batch_pairs": cfg.train.batch_size,
+                       "encoder": cfg.model.encoder, "width": step.width, "cnn_stages": cfg.model.cnn_stages,
+                       "batch_pairs": cfg.train.batch_size,
                        "pairs_per_s": cfg.train.batch_size / sec, "step_ms": sec * 1e3,
                        "step_gflop": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
                        "matmul_peak_tflops": peak, "share_of_peak": flops / sec / 1e12 / peak,

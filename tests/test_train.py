@@ -1026,3 +1026,12 @@ def test_durations_are_rounded_to_the_nearest_second(seconds: float, text: str) 
     from fastclr.progress import format_seconds
 
     assert format_seconds(seconds) == text
+
+
+@pytest.mark.parametrize(("batch", "per_epoch"), [(64, "1 step/epoch"), (32, "2 steps/epoch")])
+def test_the_run_line_counts_the_steps_of_an_epoch_in_words(tmp_path: Path, batch: int, per_epoch: str) -> None:
+    lines: list[str] = []
+    pretrain(tiny_config(tmp_path, train__batch_size=batch, train__epochs=1.0), dataset=tiny_dataset(64),
+             progress=False, log=lines.append)
+    head = next(line for line in lines if line.startswith("run "))
+    assert f", batch {batch}, {per_epoch}, peak lr" in head

@@ -327,7 +327,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
     t, spec = cfg.train, run.model.spec
     log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
-        f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {run.steps_per_epoch} steps/epoch, peak lr {run.peak_lr:g} "
+        f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {counted(run.steps_per_epoch, 'step')}/epoch, peak lr {run.peak_lr:g} "
         f"({_lr_text(cfg, ctx)}), {precision.name} on {device}"
         + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
                   + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
