@@ -67,7 +67,7 @@ def main() -> None:
     cfg = apply_preset(overrides)
     ds = load_data(cfg.data)
     torch.manual_seed(a.seed)  # as pretrain seeds it: the same initial weights as the product's run
-    encoder, _, _ = named_encoder(cfg, ds.image_shape)
+    encoder, _, _ = named_encoder(cfg, ds.image_shape, "cpu")  # the 28 px cnn: width 1 on any device
     decays = [float(d) for d in a.decays.split(",")]
     averages = Averages(encoder, decays)
     res = pretrain(cfg, dataset=ds, encoder=encoder, progress=False, log=lambda s: None, stop=averages.update)

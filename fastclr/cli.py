@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fastclr.config import Config, apply_overrides, flag_table, read_toml
+from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import is_write_error, write_failure_reason
 from fastclr.streams import outliving_readers
@@ -38,8 +38,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                                  "see fastclr/config.py and fastclr/presets.py)")
     for flag, (section, name) in flag_table().items():
         default = getattr(getattr(defaults, section), name)
+        auto = auto_value(section, name)
+        shown = f"auto ({default!r})" if auto is not None and default == auto else repr(default)
         group.add_argument(f"--{flag}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{section}.{name} (default: {default!r}{preset_text(f'{section}.{name}', default)})")
+                           help=f"{section}.{name} (default: {shown}{preset_text(f'{section}.{name}', default)})")
 
 
 def preset_text(key: str, default: Any) -> str:

@@ -64,6 +64,10 @@ def between(low: float, high: float, above: bool = False, below: bool = False) -
     return {"allowed": Allowed(low=low, high=high, above=above, below=below)}
 
 
+AUTO = "auto"
+"""Field metadata key: the value the word `auto` stands for in a numeric setting whose auto is a number."""
+
+
 def one_of(*choices: str) -> dict[str, Allowed]:
     """Field metadata: one of `choices`."""
     return {"allowed": Allowed(choices=choices)}
@@ -144,7 +148,7 @@ class ModelConfig:
 
     encoder: str = field(default="auto", metadata=one_of("auto", "cnn", "resnet18", "resnet34", "resnet50"))
     """cnn, resnet18, resnet34, resnet50; auto picks cnn for 28 px images, resnet18 otherwise."""
-    width: float = field(default=0.0, metadata=at_least(0))
+    width: float = field(default=0.0, metadata={**at_least(0), AUTO: 0.0})
     """Channel multiplier of the encoder; 0 (auto): a quarter for a ResNet on a CPU, 1 otherwise
     (fastclr.models.resolve_width). A run records the width it trained at."""
     cnn_stages: str = "32,32,32p|256p|fc512"
@@ -347,12 +351,20 @@ def _field_type(section: str, name: str) -> type:
     return type(value)
 
 
+def auto_value(section: str, name: str) -> Any:
+    """What `auto` stands for in the numeric setting `section.name` (its AUTO metadata), else None."""
+    return next((f.metadata.get(AUTO) for f in fields(getattr(Config(), section)) if f.name == name), None)
+
+
 def parse_value(section: str, name: str, raw: Any) -> Any:
     """Convert a raw value (a CLI string or a TOML scalar) to the type of `section.name`."""
     kind = _field_type(section, name)
     where = f"{section}.{name}"
     if isinstance(raw, str) and kind is not str:
         text = raw.strip().lower()
+        auto = auto_value(section, name)
+        if text == AUTO and auto is not None:
+            return auto
         try:
             if kind is bool:
                 if text in ("1", "true", "yes", "on"):

@@ -205,9 +205,11 @@ def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
             raise FastclrError(f"--out {out}: the name says no export format; end it in .safetensors (fastclr), "
                                ".pth (torchvision), .pt2 (torch-export) or .onnx, or give --format")
         if named == "torchvision" and not (spec.encoder.startswith("resnet") and spec.width == 1.0):
+            narrow = " (or pretrain with --width 1: on a CPU a ResNet trains at a quarter of its width unless told)" \
+                if spec.encoder.startswith("resnet") else ""
             raise FastclrError(f"--out {out}: {suffix} is torchvision's format, for width-1 ResNets, and this run's "
                                f"encoder is {spec.encoder} at width {spec.width:g}; name it "
-                               f"{out.with_suffix('.safetensors').name}, .pt2 or .onnx")
+                               f"{out.with_suffix('.safetensors').name}, .pt2 or .onnx{narrow}")
         return named
     if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
         raise FastclrError(f"--out {out}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])} files; "

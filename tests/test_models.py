@@ -242,7 +242,7 @@ def test_the_small_cnn_records_no_resnet_stem_and_rebuilds_from_that() -> None:
     from fastclr.models.spec import EncoderSpec
     from fastclr.pretraining.model import named_encoder
 
-    encoder, name, stem = named_encoder(Config(), (28, 28, 1))
+    encoder, name, stem = named_encoder(Config(), (28, 28, 1), "cpu")
     assert (name, stem) == ("cnn", "n/a")
     spec = EncoderSpec(name, 1, 28, 1.0, stem, encoder.feature_dim, (0.5,), (0.25,), Config().model.cnn_stages)
     encoder_from_spec(spec).load_state_dict(encoder.state_dict())

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from fastclr.cli import main as cli_main
-from fastclr.config import read_toml
+from fastclr.config import Config, apply_overrides, read_toml
 from fastclr.errors import FastclrError
-from fastclr.models import build_encoder, resolve_width
+from fastclr.export import export_encoder, export_format
+from fastclr.models import EncoderSpec, build_encoder, resolve_width
+from fastclr.models.foreign import recorded_width, torchvision_state
 from fastclr.pretraining import pretrain
 from tiny import tiny_config, tiny_dataset
 
@@ -83,6 +85,61 @@ def test_info_json_names_the_resnet_width_pretrain_would_choose_here() -> None:
     with redirect_stdout(buf):
         assert cli_main(["info", "--json", "--no-measure"]) == 0
     report = json.loads(buf.getvalue())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert report["resnet_width"]["choice"] == resolve_width(0.0, "resnet18", device)
+    # the device `info` reports (the CPU where a GPU is there but this torch has no kernels for it)
     assert report["resnet_width"]["choice"] == (0.25 if report["device"] == "cpu" else 1.0)
+
+
+def test_the_word_auto_is_width_0_and_help_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert apply_overrides(Config(), {"model.width": "auto"}).model.width == 0.0
+    assert apply_overrides(Config(), {"model.width": " AUTO "}).model.width == 0.0
+    assert apply_overrides(Config(), {"model.width": "0.5"}).model.width == 0.5
+    with pytest.raises(FastclrError, match="model.width must be a finite number, got 'wide'"):
+        apply_overrides(Config(), {"model.width": "wide"})
+    with pytest.raises(FastclrError, match="model.head_hidden must be an integer, got 'auto'"):
+        apply_overrides(Config(), {"model.head_hidden": "auto"})  # no auto there: 0 means another thing
+    with pytest.raises(SystemExit):
+        cli_main(["pretrain", "--help"])
+    assert "model.width (default: auto (0.0))" in " ".join(capsys.readouterr().out.split())
+
+
+def _init_run(tmp_path: Path, init: Path) -> tuple[list[str], dict[str, object]]:
+    lines: list[str] = []
+    cfg = tiny_config(tmp_path / "run", train__device="cpu", train__epochs=0.5, train__batch_size=32,
+                      model__width=0.0, model__init=str(init))
+    pretrain(cfg, dataset=tiny_dataset(64, size=32), progress=False, log=lines.append)
+    return lines, read_toml(tmp_path / "run" / "config.toml")
+
+
+def test_auto_width_with_init_takes_a_torchvision_files_full_width_on_a_cpu(tmp_path: Path) -> None:
+    """A torchvision or timm ResNet has width 1: at auto the run builds that network, not the
+    quarter the CPU would choose (which the file's tensors would not fit)."""
+    src = build_encoder("resnet18", 1, 32, 1.0)
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision_state(src), path)
+    assert recorded_width(path) is None
+    lines, saved = _init_run(tmp_path, path)
+    assert saved["model.width"] == 1.0
+    assert any(line.startswith("init from") and "missing none" in line for line in lines)
+    assert sum(line.startswith("width 1: that of the network in") for line in lines) == 1
+
+
+def test_auto_width_with_init_takes_the_width_a_fastclr_export_records(tmp_path: Path) -> None:
+    """0.5 is neither the CPU's choice (0.25) nor a torchvision file's (1): only the export's
+    metadata gives it."""
+    src = build_encoder("resnet18", 1, 32, 0.5)
+    spec = EncoderSpec("resnet18", 1, 32, 0.5, "on", 256, (0.5,), (0.25,))
+    path = export_encoder(src, spec, "", "fastclr", tmp_path / "half.safetensors")[0]
+    assert recorded_width(path) == 0.5
+    lines, saved = _init_run(tmp_path, path)
+    assert saved["model.width"] == 0.5
+    assert any(line.startswith("init from") and "missing none" in line for line in lines)
+
+
+def test_a_torchvision_export_of_a_narrow_resnet_is_refused_naming_width_1(tmp_path: Path) -> None:
+    quarter = EncoderSpec("resnet18", 3, 32, 0.25, "on", 128, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(FastclrError, match=r"or \.onnx \(or pretrain with --width 1: on a CPU a ResNet trains"):
+        export_format("auto", tmp_path / "r18.pth", quarter)
+    cnn = EncoderSpec("cnn", 1, 28, 1.0, "n/a", 512, (0.5,), (0.25,))
+    with pytest.raises(FastclrError) as err:
+        export_format("auto", tmp_path / "enc.pth", cnn)
+    assert "--width 1" not in str(err.value)  # no width makes a cnn a torchvision ResNet

@@ -51,9 +51,10 @@ def resolve_encoder(name: str, image_size: int) -> str:
 
 
 # Width `auto` on a CPU: a ResNet at a quarter of its width (16-128 channels for ResNet-18, about
-# 1/16 of the FLOPs). On 2 cores of a Xeon with AMX, 9.5 minutes on 32 px colour Fashion-MNIST:
-# the full ResNet-18 fits 109 steps and probes 60.8% (untrained 51.9%) at 5.7 GB peak, a quarter
-# 1417 steps and 83.1% (untrained 36.0%) at 1.5 GB, half 80.5% (docs/benchmarks.md section 6).
+# 1/16 of the FLOPs). On 2 cores of a Xeon with AMX, 9.5 minutes on 32 px colour Fashion-MNIST,
+# the store recipe's batch of 512: the full ResNet-18 fits 109 steps and probes 60.8% (untrained
+# 51.9%) at 5.7 GB peak, a quarter 704 steps and 78.2% (untrained 36.0%) at 1.9 GB; at batch 256
+# a quarter 83.1%, half 80.5%, an eighth 77.0% (docs/benchmarks.md section 6, "Width auto").
 CPU_RESNET_WIDTH = 0.25
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -125,6 +126,22 @@ def _read(path: Path, data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise FastclrError(f"init weights {path} hold no state dict of tensors; save `model.state_dict()`")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def recorded_width(path: Path) -> float | None:
+    """The channel multiplier a fastclr export records in its metadata (either naming), else None:
+    a torchvision or timm file, or a plain state dict, says nothing (and their ResNets have width 1)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        width = json.loads(meta["fastclr"]).get("width") if "fastclr" in meta else meta.get("width")
+        return float(width) if width is not None else None
+    except (SafetensorError, OSError, ValueError, TypeError, AttributeError):
+        return None  # unreadable or odd: read_init names what is wrong with the file
 
 
 def _strip(keys: list[str], wanted: set[str]) -> str:

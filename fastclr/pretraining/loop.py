@@ -32,7 +32,7 @@ from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
 from fastclr.models import resolve_encoder, resolve_width
-from fastclr.models.foreign import InitWeights, apply_init, read_init
+from fastclr.models.foreign import InitWeights, apply_init, read_init, recorded_width
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.schedule import epochs_text
@@ -151,13 +151,33 @@ def _store_path_absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name)))
 
 
-def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None) -> InitWeights:
+def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None, device: torch.device) -> InitWeights:
     if encoder is not None:
         raise FastclrError("model.init starts a named encoder from a file; load weights into your own module "
                            "before passing it, and leave init empty")
     with torch.device("meta"):  # names and shapes only
-        target, _, _ = named_encoder(cfg, dataset.image_shape)
+        target, _, _ = named_encoder(cfg, dataset.image_shape, device.type)
     return read_init(Path(cfg.model.init), target, cfg.model.init_sha256)
+
+
+def _auto_width(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn.Module | None,
+                log: Callable[[str], None]) -> float:
+    """The width `auto` gives a new run: that of the network --init's file holds (1 for torchvision and
+    timm files, which say nothing), else `resolve_width`'s for this device; said when it is not 1."""
+    if encoder is not None:
+        return 1.0  # a module passed in has its own channels; recorded as 1
+    name = resolve_encoder(cfg.model.encoder, cfg.augment.crop_size or dataset.image_shape[0])
+    if cfg.model.init:
+        width = recorded_width(Path(cfg.model.init)) or 1.0
+        if width != resolve_width(0.0, name, device.type):
+            log(f"width {width:g}: that of the network in {cfg.model.init} (--init), not the {name}'s width `auto` "
+                f"gives on this device")
+        return width
+    width = resolve_width(0.0, name, device.type)
+    if width != 1.0:
+        log(f"width {width:g}: a {name} on a CPU trains at {width:g} of its channels unless --width is given (it "
+            f"learns more in the same time there; --width 1 for the full network)")
+    return width
 
 
 def _with_width(cfg: Config, width: float) -> Config:
@@ -279,18 +299,13 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
-    elif not cfg.model.width:  # auto, decided once from the device; config.toml records the width trained at
-        name = resolve_encoder(cfg.model.encoder, cfg.augment.crop_size or dataset.image_shape[0]) if encoder is None \
-            else "custom"  # a module passed in: its own width, recorded as 1
-        cfg = _with_width(cfg, resolve_width(0.0, name, device.type))
-        if cfg.model.width != 1.0:
-            log(f"width {cfg.model.width:g}: a {name} on a CPU trains at {cfg.model.width:g} of its channels unless "
-                f"--width is given (it learns more in the same time there; --width 1 for the full network)")
+    elif not cfg.model.width:  # auto, decided once; config.toml records the width trained at
+        cfg = _with_width(cfg, _auto_width(cfg, dataset, device, encoder, log))
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written
-        init = _read_init(cfg, dataset, encoder)
+        init = _read_init(cfg, dataset, encoder, device)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
     lock, failure = None, None
     if ctx.is_main:

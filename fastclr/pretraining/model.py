@@ -50,8 +50,7 @@ def channel_stats(images: np.ndarray, limit: int = 20000, chunk: int = 512) -> t
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def named_encoder(cfg: Config, image_shape: tuple[int, int, int], device_type: str = "cpu"
-                  ) -> tuple[nn.Module, str, str]:
+def named_encoder(cfg: Config, image_shape: tuple[int, int, int], device_type: str) -> tuple[nn.Module, str, str]:
     """The encoder `cfg` names for images of (H, W, C), with its resolved name and stem setting, at
     the width it gives or (`auto`) the one `resolve_width` chooses for `device_type`; built on the
     current default device (the meta device gives names and shapes for nothing)."""

@@ -79,8 +79,8 @@ def shortened_warmup(step: int, warmup_steps: int, total_steps: int,
 
 
 # Below this many epochs a run is flagged as barely trained: the default Fashion-MNIST run probes
-# 88.4% after 6 epochs against 89.9% after 32 (docs/benchmarks.md section 3), and a ResNet-18 at
-# 32 px fits half an epoch in 9.5 minutes on 2 CPU cores (section 6).
+# 88.4% after 6 epochs against 89.9% after 32 (docs/benchmarks.md section 3), and a full-width
+# ResNet-18 at 32 px fits half an epoch in 9.5 minutes on 2 CPU cores (section 6).
 FEW_EPOCHS = 5.0
 
 
