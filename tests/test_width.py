@@ -120,7 +120,9 @@ def test_auto_width_with_init_takes_a_torchvision_files_full_width_on_a_cpu(tmp_
     lines, saved = _init_run(tmp_path, path)
     assert saved["model.width"] == 1.0
     assert any(line.startswith("init from") and "missing none" in line for line in lines)
-    assert sum(line.startswith("width 1: that of the network in") for line in lines) == 1
+    said = [line for line in lines if line.startswith("width ")]
+    assert said == [f"width 1: that of the network in {path} (--init), not the 0.25 `auto` gives a resnet18 on this "
+                    "device"]
 
 
 def test_auto_width_with_init_takes_the_width_a_fastclr_export_records(tmp_path: Path) -> None:

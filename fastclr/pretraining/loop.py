@@ -169,9 +169,10 @@ def _auto_width(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     name = resolve_encoder(cfg.model.encoder, cfg.augment.crop_size or dataset.image_shape[0])
     if cfg.model.init:
         width = recorded_width(Path(cfg.model.init)) or 1.0
-        if width != resolve_width(0.0, name, device.type):
-            log(f"width {width:g}: that of the network in {cfg.model.init} (--init), not the {name}'s width `auto` "
-                f"gives on this device")
+        here = resolve_width(0.0, name, device.type)
+        if width != here:
+            log(f"width {width:g}: that of the network in {cfg.model.init} (--init), not the {here:g} `auto` gives a "
+                f"{name} on this device")
         return width
     width = resolve_width(0.0, name, device.type)
     if width != 1.0:
