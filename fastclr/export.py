@@ -165,6 +165,10 @@ def export_metadata(spec: EncoderSpec, config_text: str) -> dict[str, str]:
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
 
 
+_FULL_WIDTH = "pretrain with --width 1: on a CPU a ResNet trains at a quarter of its width unless told"
+"""How a narrow ResNet run gets torchvision's shapes, said by both refusals of its torchvision export."""
+
+
 def check_export(fmt: str, spec: EncoderSpec) -> None:
     """One line, before any work, when `fmt` cannot be written for this encoder here: an unknown
     format, ONNX's packages missing (torch's exporter needs onnxscript too), or torchvision's names
@@ -184,8 +188,7 @@ def check_export(fmt: str, spec: EncoderSpec) -> None:
                                "use --format fastclr")
         if spec.width != 1.0:
             raise FastclrError(f"--format torchvision: torchvision's ResNets have width 1, this one {spec.width:g} (its "
-                               "tensors would not fit them); use --format fastclr, torch-export or onnx, or pretrain with --width 1 (on a "
-                               "CPU a ResNet trains at a quarter of its width unless told)")
+                               f"tensors would not fit them); use --format fastclr, torch-export or onnx, or {_FULL_WIDTH}")
 
 
 SUFFIXES = {"fastclr": (".safetensors",), "torchvision": (".pth", ".pt", ".safetensors"), "torch-export": (".pt2",),
@@ -205,8 +208,7 @@ def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
             raise FastclrError(f"--out {out}: the name says no export format; end it in .safetensors (fastclr), "
                                ".pth (torchvision), .pt2 (torch-export) or .onnx, or give --format")
         if named == "torchvision" and not (spec.encoder.startswith("resnet") and spec.width == 1.0):
-            narrow = " (or pretrain with --width 1: on a CPU a ResNet trains at a quarter of its width unless told)" \
-                if spec.encoder.startswith("resnet") else ""
+            narrow = f" (or {_FULL_WIDTH})" if spec.encoder.startswith("resnet") else ""
             raise FastclrError(f"--out {out}: {suffix} is torchvision's format, for width-1 ResNets, and this run's "
                                f"encoder is {spec.encoder} at width {spec.width:g}; name it "
                                f"{out.with_suffix('.safetensors').name}, .pt2 or .onnx{narrow}")

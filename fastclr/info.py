@@ -19,7 +19,7 @@ import torch
 
 from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.cpus import cgroup_cpu_limit, default_threads, usable_cpus
-from fastclr.models import resolve_width
+from fastclr.models import CPU_WIDTH_WHY, resolve_width
 from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, matmul_seconds,
                              missing_kernels, precision_timer, select_device, use_compile)
 from fastclr.version import __version__
@@ -56,7 +56,7 @@ def compile_reason(device: torch.device) -> str:
 def width_reason(device: torch.device) -> str:
     """Why `--width auto` gives a ResNet the width it does on `device`, for the report."""
     if device.type == "cpu":
-        return "a quarter on a CPU, where it learns more in the same time (--width 1 for the full network)"
+        return f"a quarter on a CPU ({CPU_WIDTH_WHY})"
     return "the full network on a GPU"
 
 

@@ -15,7 +15,7 @@ from fastclr.models.modes import in_eval_mode
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 from fastclr.models.spec import EncoderSpec
 
-__all__ = ["CPU_RESNET_WIDTH", "ENCODERS", "EncoderSpec", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder",
+__all__ = ["CPU_RESNET_WIDTH", "CPU_WIDTH_WHY", "ENCODERS", "EncoderSpec", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder",
            "encoder_from_spec", "feature_dim", "resolve_encoder", "resolve_width"]
 
 
@@ -56,6 +56,8 @@ def resolve_encoder(name: str, image_size: int) -> str:
 # 51.9%) at 5.7 GB peak, a quarter 704 steps and 78.2% (untrained 36.0%) at 1.9 GB; at batch 256
 # a quarter 83.1%, half 80.5%, an eighth 77.0% (docs/benchmarks.md section 6, "Width auto").
 CPU_RESNET_WIDTH = 0.25
+CPU_WIDTH_WHY = "it learns more in the same time there; --width 1 for the full network"
+"""Why a CPU gets `CPU_RESNET_WIDTH`, as the run's log and `fastclr info` say it."""
 
 
 def resolve_width(width: float, encoder: str, device_type: str) -> float:

@@ -31,7 +31,7 @@ from fastclr.data.datasets import REGISTRY, ensure, read_checked
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
-from fastclr.models import resolve_encoder, resolve_width
+from fastclr.models import CPU_WIDTH_WHY, resolve_encoder, resolve_width
 from fastclr.models.foreign import InitWeights, apply_init, read_init, recorded_width
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
@@ -176,8 +176,8 @@ def _auto_width(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
         return width
     width = resolve_width(0.0, name, device.type)
     if width != 1.0:
-        log(f"width {width:g}: a {name} on a CPU trains at {width:g} of its channels unless --width is given (it "
-            f"learns more in the same time there; --width 1 for the full network)")
+        log(f"width {width:g}: a {name} on a CPU trains at {width:g} of its channels unless --width is given "
+            f"({CPU_WIDTH_WHY})")
     return width
 
 
