@@ -1,7 +1,9 @@
 """Ways of reading an encoder out of a finished run, measured as levers (benchmarks/): BatchNorm
 statistics recomputed on clean images (bn_recalibration.py) are the average of the batches'
 statistics, and the weight averages (weight_average.py) follow the closed form of an exponential
-moving average; the rotation lever (rotation_lever.py) turns a view by exactly the angle drawn."""
+moving average; the rotation lever (rotation_lever.py) turns a view by exactly the angle drawn;
+the encoder levers (encoder_levers.py) change the blocks they name, only within their arm, in the
+run's network and its untrained reference alike."""
 
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ from fastclr.runtime import FP32
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bn_recalibration import recalibrated  # noqa: E402
 from weight_average import Averages  # noqa: E402
+from encoder_levers import Blocks, built_with, split_spec  # noqa: E402
+from fastclr.evaluation.reference import untrained_encoder  # noqa: E402
+from fastclr.models import encoder_from_spec  # noqa: E402
+from fastclr.models.cnn import CNN_STAGES, SmallCNN  # noqa: E402
+from fastclr.models.spec import EncoderSpec  # noqa: E402
 
 
 def test_recalibrated_statistics_are_the_mean_of_the_batch_statistics() -> None:
@@ -67,3 +74,36 @@ def test_rotation_lever_turns_views_exactly_by_right_angles() -> None:
     assert torch.allclose(y[0], torch.rot90(x[0], -1, (1, 2)), atol=1e-5)  # clockwise as displayed
     assert torch.allclose(y[1], torch.rot90(x[1], 1, (1, 2)), atol=1e-5)
     assert torch.allclose(y[2], x[2], atol=1e-6)
+
+
+def test_encoder_levers_swap_the_named_blocks_only_within_the_arm() -> None:
+    assert split_spec("act=silu,train.temperature=0.2,k5=2") == ("train.temperature=0.2", Blocks("silu", "max", 2))
+    plain = SmallCNN()
+    with built_with(Blocks("gelu", "avg", 2)):
+        changed = SmallCNN()
+    after = SmallCNN()
+    renamed = {"ReLU": "GELU", "MaxPool2d": "AvgPool2d"}
+    kinds = [type(m).__name__ for m in plain.modules()]
+    assert [type(m).__name__ for m in changed.modules()] == [renamed.get(k, k) for k in kinds]
+    assert [type(m).__name__ for m in after.modules()] == kinds  # the class is restored after the arm
+    convs = [m for m in changed.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(5, 5)] * 2 + [(3, 3)] * (len(convs) - 2)
+    # Parameters other than the two 5x5 convolutions keep their names and shapes, and h its width.
+    shapes = {k: v.shape for k, v in plain.state_dict().items()}
+    wide = {k: v.shape for k, v in changed.state_dict().items() if v.shape != shapes[k]}
+    assert set(shapes) == set(changed.state_dict()) and len(wide) == 2
+    assert all(s[-2:] == (5, 5) for s in wide.values())
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert changed.eval()(x).shape == plain.eval()(x).shape == (3, plain.feature_dim)
+
+
+def test_an_encoder_lever_untrained_reference_is_the_run_initial_network() -> None:
+    spec = EncoderSpec("cnn", 1, 28, 1.0, "n/a", 512, (0.5,), (0.25,), stages=CNN_STAGES)
+    with built_with(Blocks("silu", "avg", 3)):
+        torch.manual_seed(7)
+        run_initial = encoder_from_spec(spec)  # pretrain seeds, then builds the encoder first
+        reference = untrained_encoder(spec, 7, torch.device("cpu"))
+    assert [type(m) for m in reference.modules()] == [type(m) for m in run_initial.modules()]
+    assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in reference.modules())
+    ours = reference.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in run_initial.state_dict().items())
