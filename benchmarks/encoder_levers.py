@@ -3,7 +3,7 @@ fastclr option (docs/benchmarks.md section 3, "Activation, pooling kind and kern
 
 Three keys in an arm's spec change the network `fastclr.models.cnn.SmallCNN` builds, for the
 trained run and its untrained reference alike (both are built inside the arm):
-- `act=silu` or `act=gelu`: every ReLU of the encoder (the convolutions' and the fc readout's)
+- `act=silu` or `act=gelu`: as the stage spec's `silu:` or `gelu:` (fastclr.models.cnn), every ReLU of the encoder (the convolutions' and the fc readout's)
   becomes that activation (SiLU: Elfwing et al. 2018 / Ramachandran et al. 2017; GELU: Hendrycks
   and Gimpel 2016); the projection head keeps its ReLU; `acth=` gives the readout's (the one
   that makes h) its own: `act=silu,acth=relu` changes the convolutions' alone;
@@ -24,11 +24,9 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from fastclr.models.cnn import SmallCNN
+from fastclr.models.cnn import ACTIVATIONS, SmallCNN, activation
 
 import levers
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "silu": nn.SiLU, "gelu": nn.GELU}
 
 
 class Blocks(NamedTuple):
@@ -61,9 +59,8 @@ def _replace(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> 
 
 def _activate(part: nn.Module, act: str) -> None:
     """Every ReLU in `part` becomes a fresh `act`, in place."""
-    make = ACTIVATIONS[act]
     if act != "relu":
-        _replace(part, lambda m: make() if isinstance(m, nn.ReLU) else None)
+        _replace(part, lambda m: activation(act) if isinstance(m, nn.ReLU) else None)
 
 
 def rebuild(encoder: SmallCNN, blocks: Blocks) -> None:

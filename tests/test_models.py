@@ -69,9 +69,11 @@ def test_small_cnn_space_to_depth_and_stage_spec() -> None:
     assert parse_stages("32|64|cat0") == Stages([[32], [64]], Readout("cat0"), (False, False))
     assert parse_stages("32p|64,64p|fc512") == Stages([[32], [64, 64]], Readout("fc", 512), (True, True))
     assert parse_stages("32p|64|attn64") == Stages([[32], [64]], Readout("attn", 64), (True, False))
+    assert parse_stages("silu:32p|64p|fc512") == Stages([[32], [64]], Readout("fc", 512), (True, True), "silu")
+    assert parse_stages("relu:32|64") == parse_stages("32|64")
     # a 'p' must end a stage, and the last stage's needs the pool of an fc, sfc or flat readout
     for bad in ("32|fc0", "32|sfc", "32|attn4", "32|fcx", "32p,32|64|fc512", "32|6p4|fc512", "32|64p|attn64",
-                "32|64p", "32|64p|flat0", "32|64p|cat0", "p|64|fc512"):
+                "32|64p", "32|64p|flat0", "32|64p|cat0", "p|64|fc512", "swish:32|64", "silu:silu:32|64", ":32|64"):
         with pytest.raises(ValueError):
             parse_stages(bad)
     enc = SmallCNN(1, 1.0, "16|32")
@@ -125,11 +127,17 @@ def test_cnn_stages_option_shapes_the_encoder_and_saved_metadata_rebuilds_it() -
         build_encoder("cnn", 1, 28, cnn_stages="32|wide")
 
 
-def _by_hand(x: torch.Tensor, enc: SmallCNN) -> torch.Tensor:
-    """h of a "Ap|Bp|fcN" encoder in training mode, transcribed in float64 from the spec: space to
-    depth; conv, 2x2 max-pool, BatchNorm on the batch's statistics, ReLU, twice; flatten in
-    (H, W, C) order; linear, BatchNorm, ReLU."""
+ACTS = {"relu": lambda t: t.clamp(min=0), "silu": lambda t: t * torch.sigmoid(t),
+        "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / 2**0.5))}
+"""The activations a stage spec may name, transcribed from their definitions."""
+
+
+def _by_hand(x: torch.Tensor, enc: SmallCNN, act: str = "relu") -> torch.Tensor:
+    """h of a "[act:]Ap|Bp|fcN" encoder in training mode, transcribed in float64 from the spec:
+    space to depth; conv, 2x2 max-pool, BatchNorm on the batch's statistics, the activation, twice;
+    flatten in (H, W, C) order; linear, BatchNorm, the activation."""
     F = torch.nn.functional
+    f = ACTS[act]
     conv1, bn1, conv2, bn2 = (m for m in enc.features if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
     linear, bn3 = (m for m in enc.pool if isinstance(m, (nn.Linear, nn.BatchNorm1d)))
 
@@ -140,19 +148,20 @@ def _by_hand(x: torch.Tensor, enc: SmallCNN) -> torch.Tensor:
 
     t = F.pixel_unshuffle(x.double(), 2)
     for conv, bn in ((conv1, bn1), (conv2, bn2)):
-        t = norm(F.max_pool2d(F.conv2d(t, conv.weight.double(), padding=1), 2), bn, (0, 2, 3)).clamp(min=0)
+        t = f(norm(F.max_pool2d(F.conv2d(t, conv.weight.double(), padding=1), 2), bn, (0, 2, 3)))
     t = t.permute(0, 2, 3, 1).flatten(1) @ linear.weight.double().T
-    return norm(t, bn3, (0,)).clamp(min=0)
+    return f(norm(t, bn3, (0,)))
 
 
-def test_pool_first_stages_pool_each_conv_before_its_batchnorm() -> None:
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_pool_first_stages_pool_each_conv_before_its_batchnorm(act: str) -> None:
     torch.manual_seed(0)
-    enc = SmallCNN(1, 1.0, "8p|16p|fc32")
+    enc = SmallCNN(1, 1.0, ("" if act == "relu" else f"{act}:") + "8p|16p|fc32")
     for m in enc.modules():  # BatchNorm's affine away from its initial 1 and 0, so a wrong order shows
         if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.normal_(m.weight), nn.init.normal_(m.bias)
     x = torch.randn(6, 1, 28, 28)
-    torch.testing.assert_close(enc(x).double(), _by_hand(x, enc), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(enc(x).double(), _by_hand(x, enc, act), rtol=1e-4, atol=1e-5)
     # 14 px views (multi-crop) end at 3 x 3 before the readout's pool, which lets them pass
     assert enc.features(torch.randn(2, 1, 14, 14)).shape == (2, 16, 3, 3) and enc(torch.randn(2, 1, 14, 14)).shape == (2, 32)
 
@@ -212,7 +221,7 @@ def test_projection_head_structure(layers: int, bn: bool) -> None:
     assert head(torch.randn(4, 32)).shape == (4, 16)
 
 
-@pytest.mark.parametrize("spec", ["0|256|fc512", "32|-5|fc512", "32|256|attn12", "32|256|attn9"])
+@pytest.mark.parametrize("spec", ["0|256|fc512", "32|-5|fc512", "32|256|attn12", "32|256|attn9", "swish:32|256|fc512"])
 def test_stage_specs_that_would_build_another_network_are_refused(spec: str) -> None:
     """Widths below 1 were raised to 8, and an attention width not a multiple of its 8 heads was
     rounded: each silently built a network other than the one written."""
@@ -220,6 +229,15 @@ def test_stage_specs_that_would_build_another_network_are_refused(spec: str) -> 
 
     with pytest.raises(FastclrError, match=f"cnn_stages '{spec}' is not a stage spec"):
         check_stages(spec)
+
+
+def test_the_activation_a_stage_spec_names_is_rebuilt_from_the_saved_record() -> None:
+    record = EncoderSpec("cnn", 1, 28, 1.0, "n/a", 64, (0.5,), (0.25,), stages="gelu:16p|fc64").to_dict()
+    enc = encoder_from_spec(EncoderSpec.from_dict(record))
+    assert [type(m) for m in enc.modules() if isinstance(m, (nn.ReLU, nn.SiLU, nn.GELU))] == [nn.GELU, nn.GELU]
+    plain = encoder_from_spec(EncoderSpec("cnn", 1, 28, 1.0, "n/a", 64, (0.5,), (0.25,), stages="16p|fc64"))
+    assert [type(m) for m in plain.modules() if isinstance(m, (nn.ReLU, nn.SiLU, nn.GELU))] == [nn.ReLU, nn.ReLU]
+    assert plain.state_dict().keys() == enc.state_dict().keys()  # an activation has no parameters
 
 
 def test_a_record_without_stages_rebuilds_its_network_at_any_width() -> None:

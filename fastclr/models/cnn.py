@@ -14,14 +14,26 @@ CNN_STAGES = ModelConfig().cnn_stages
 """The cnn encoder's default shape, defined once in the config (docs/benchmarks.md section 3)."""
 
 
-def conv_bn_relu(cin: int, cout: int, pool: nn.Module | None = None) -> list[nn.Module]:
-    """3x3 convolution (no bias: BatchNorm follows), then `pool` if given, BatchNorm, ReLU.
+ACTIVATIONS = ("relu", "silu", "gelu")
+"""The activations a stage spec may name before a colon ("silu:32|256|fc512"); relu if none."""
 
-    Pooling before the BatchNorm and ReLU runs them on a map 4x (2x2 pool) smaller; on the CPU
-    they and their backward are memory-bound passes that cost more than the convolution
+
+def activation(name: str) -> nn.Module:
+    """A fresh activation module: ReLU, SiLU (Elfwing et al. 2018) or GELU (Hendrycks and Gimpel
+    2016)."""
+    if name == "silu":
+        return nn.SiLU()
+    return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
+
+
+def conv_bn_act(cin: int, cout: int, pool: nn.Module | None = None, act: str = "relu") -> list[nn.Module]:
+    """3x3 convolution (no bias: BatchNorm follows), then `pool` if given, BatchNorm, activation.
+
+    Pooling before the BatchNorm and activation runs them on a map 4x (2x2 pool) smaller; on the
+    CPU they and their backward are memory-bound passes that cost more than the convolution
     (docs/benchmarks.md section 4)."""
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), *([pool] if pool is not None else []),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            nn.BatchNorm2d(cout), activation(act)]
 
 
 class FlattenHWC(nn.Module):
@@ -89,12 +101,13 @@ class Readout(NamedTuple):
 
 
 class Stages(NamedTuple):
-    """A parsed stage spec: conv widths per stage, the readout, and per stage whether the pool that
-    follows it runs before its last conv's BatchNorm and ReLU."""
+    """A parsed stage spec: conv widths per stage, the readout, per stage whether the pool that
+    follows it runs before its last conv's BatchNorm and activation, and the activation."""
 
     convs: list[list[int]]
     readout: Readout
     pool_first: tuple[bool, ...]
+    activation: str = "relu"
 
 
 # Readouts that max-pool the last stage's map first, so a 'p' on the last stage has a pool to move.
@@ -102,12 +115,13 @@ POOLED_READOUTS = ("fc", "sfc", "flat")
 
 
 def parse_stages(spec: str) -> Stages:
-    """"64|128,128p|fc512" -> Stages([[64], [128, 128]], Readout("fc", 512), (False, True)).
+    """"64|128,128p|fc512" -> Stages([[64], [128, 128]], Readout("fc", 512), (False, True), "relu").
 
-    Stages are split by '|' (a 2x2 max-pool between stages), the output channels of each 3x3
-    conv of a stage by ','. A 'p' after a stage's last width ("256p") moves the pool that follows
-    the stage (the next stage's, or the fc, sfc or flat readout's) between that conv and its
-    BatchNorm: conv -> pool -> BatchNorm -> ReLU. The last part says how h is read off the final map:
+    An activation's name and a colon may come first ("silu:64|128|fc512"): every conv and the fc,
+    sfc readout use it instead of ReLU. Stages are split by '|' (a 2x2 max-pool between stages),
+    the output channels of each 3x3 conv of a stage by ','. A 'p' after a stage's last width
+    ("256p") moves the pool that follows the stage (the next stage's, or the fc, sfc or flat
+    readout's) between that conv and its BatchNorm: conv -> pool -> BatchNorm -> ReLU. The last part says how h is read off the final map:
     - "fcN": max-pooled 2x2 (stride 2; an odd side's last row and column fall outside every
       window: 7 x 7 -> 3 x 3), flattened, then a linear layer of N units with BatchNorm and ReLU;
     - "sfcN": the same with an overlapping 3x3 max-pool (stride 2, padded), which covers the whole
@@ -118,7 +132,10 @@ def parse_stages(spec: str) -> Stages:
       together with every earlier stage's map max-pooled to its side (multi-scale h);
     - none of these: the final map is average-pooled (global pooling).
     """
-    parts = spec.split("|")
+    act, colon, shape = spec.rpartition(":")
+    if colon and act not in ACTIVATIONS:
+        raise ValueError(spec)
+    parts = shape.split("|")
     last = parts[-1]
     readout = Readout("gap")
     for kind in ("sfc", "fc", "attn"):
@@ -141,7 +158,7 @@ def parse_stages(spec: str) -> Stages:
         raise ValueError(spec)
     if pool_first and pool_first[-1] and readout.kind not in POOLED_READOUTS:  # no pool follows it
         raise ValueError(spec)
-    return Stages(convs, readout, pool_first)
+    return Stages(convs, readout, pool_first, act or "relu")
 
 
 def check_stages(spec: str) -> None:
@@ -150,9 +167,9 @@ def check_stages(spec: str) -> None:
         parse_stages(spec)
     except ValueError:
         raise FastclrError(f"cnn_stages {spec!r} is not a stage spec; write e.g. 32|256|fc512 "
-                           "(conv widths, '|' between stages, 'p' after a stage's last width to pool before its "
-                           "BatchNorm, but not before an attn, gap, flat0 or cat0 readout; then fcN, sfcN, attnN, "
-                           "flat0, flat or cat0)") from None
+                           f"(optionally {' or '.join(ACTIVATIONS)} and a colon first; conv widths, '|' between "
+                           "stages, 'p' after a stage's last width to pool before its BatchNorm, but not before an "
+                           "attn, gap, flat0 or cat0 readout; then fcN, sfcN, attnN, flat0, flat or cat0)") from None
 
 
 def between_stages(side: int) -> tuple[nn.Module | None, int]:
@@ -176,8 +193,8 @@ def readout_pool(kind: str, side: int) -> tuple[nn.Module | None, int]:
 
 
 class SmallCNN(nn.Module):
-    """Optional 2x2 space-to-depth stem, stages of 3x3 conv-BN-ReLU with max-pooling between
-    them (conv-pool-BN-ReLU for a stage written with a 'p'), then either global average pooling or
+    """Optional 2x2 space-to-depth stem, stages of 3x3 conv-BN-ReLU (or the activation the stage
+    spec names) with max-pooling between them (conv-pool-BN-ReLU for a stage written with a 'p'), then either global average pooling or
     a flatten + linear layer: (B, C, H, W) -> h.
 
     The space-to-depth stem (PixelUnshuffle(2): 1 x 28 x 28 -> 4 x 14 x 14) loses no pixel but
@@ -190,7 +207,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, width: float = 1.0, stages: str = CNN_STAGES,
                  space_to_depth: bool = True, image_size: int = 28):
         super().__init__()
-        convs, readout, pool_first = parse_stages(stages)
+        convs, readout, pool_first, act = parse_stages(stages)
         layers: list[nn.Module] = []
         c, side = in_channels, image_size
         if space_to_depth:
@@ -204,7 +221,7 @@ class SmallCNN(nn.Module):
             early = pool_first[s] and follower is not None
             for i, channels in enumerate(stage):
                 out = max(8, int(round(channels * width)))
-                layers += conv_bn_relu(c, out, follower if early and i == len(stage) - 1 else None)
+                layers += conv_bn_act(c, out, follower if early and i == len(stage) - 1 else None, act)
                 c = out
             side = after if early else side
             ends.append((len(layers), c, side))
@@ -236,7 +253,7 @@ class SmallCNN(nn.Module):
             layers_out = max(8, int(round(readout.dim * width)))
             self.pool = nn.Sequential(
                 pooled, FlattenHWC(), nn.Linear(c * side * side, layers_out, bias=False), nn.BatchNorm1d(layers_out),
-                nn.ReLU(inplace=True))
+                activation(act))
             self.feature_dim = layers_out
         else:
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
