@@ -1,9 +1,10 @@
 """`levers.py` with the cnn encoder's building blocks changed: a recipe lever measured, not a
 fastclr option (docs/benchmarks.md section 3, "Activation, pooling kind and kernel size").
 
-Three keys in an arm's spec change the network `fastclr.models.cnn.SmallCNN` builds, for the
+Four keys in an arm's spec change the network `fastclr.models.cnn.SmallCNN` builds, for the
 trained run and its untrained reference alike (both are built inside the arm):
-- `act=silu` or `act=gelu`: as the stage spec's `silu:` or `gelu:` (fastclr.models.cnn), every ReLU of the encoder (the convolutions' and the fc readout's)
+- `act=silu` or `act=gelu`: as the stage spec's `silu:` or `gelu:` (fastclr.models.cnn), every
+  ReLU of the encoder (the convolutions' and the fc readout's; an attn readout keeps its own)
   becomes that activation (SiLU: Elfwing et al. 2018 / Ramachandran et al. 2017; GELU: Hendrycks
   and Gimpel 2016); the projection head keeps its ReLU; `acth=` gives the readout's (the one
   that makes h) its own: `act=silu,acth=relu` changes the convolutions' alone;
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from fastclr.models.cnn import ACTIVATIONS, SmallCNN, activation
+from fastclr.models.cnn import ACTIVATIONS, AttentionPool, SmallCNN, activation
 
 import levers
 
@@ -58,9 +59,10 @@ def _replace(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> 
 
 
 def _activate(part: nn.Module, act: str) -> None:
-    """Every ReLU in `part` becomes a fresh `act`, in place."""
-    if act != "relu":
-        _replace(part, lambda m: activation(act) if isinstance(m, nn.ReLU) else None)
+    """Every ReLU in `part` becomes a fresh `act`, in place, but an attention readout's, which
+    the stage spec's `silu:` leaves as it is too."""
+    if act != "relu" and not isinstance(part, AttentionPool):
+        _replace(part, lambda m: m if isinstance(m, AttentionPool) else activation(act) if isinstance(m, nn.ReLU) else None)
 
 
 def rebuild(encoder: SmallCNN, blocks: Blocks) -> None:

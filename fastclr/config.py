@@ -164,7 +164,8 @@ class ModelConfig:
     AVX2 cap in fp32, at 0.6-0.7x the steps; kNN and 10 labels per class tie ("The default since
     the night of 2026-12-04"). "32|256|flat0" is the former 12544-d readout, the whole map
     flattened, which a linear probe scores well even untrained (89.9% on Fashion-MNIST).
-    "silu:" (or "gelu:") first replaces every ReLU of the encoder: kNN and 10 labels per class
+    "silu:" (or "gelu:") first replaces the ReLU of every conv and of an fc or sfc readout (an attn
+    readout keeps its own): kNN and 10 labels per class
     gain, but the untrained network more, and the lift falls by 2 points ("Activation, pooling
     kind and kernel size"), so the default keeps ReLU."""
     cifar_stem: str = field(default="auto", metadata=one_of("auto", "on", "off"))

@@ -97,7 +97,27 @@ def test_encoder_levers_swap_the_named_blocks_only_within_the_arm() -> None:
     assert changed.eval()(x).shape == plain.eval()(x).shape == (3, plain.feature_dim)
 
 
-def test_an_encoder_lever_untrained_reference_is_the_run_initial_network() -> None:
+def test_the_activation_lever_builds_what_the_stage_spec_option_builds() -> None:
+    def kinds(m: nn.Module) -> list[type]:
+        return [type(x) for x in m.modules()]
+
+    with built_with(Blocks("silu")):
+        lever = SmallCNN()
+    assert kinds(lever) == kinds(SmallCNN(stages="silu:" + CNN_STAGES))
+    with built_with(Blocks("silu")):  # an attention readout keeps its ReLU under both
+        lever_attn = SmallCNN(stages="32|64|attn64")
+    assert kinds(lever_attn) == kinds(SmallCNN(stages="silu:32|64|attn64"))
+    assert isinstance(lever_attn.pool.out[1], nn.ReLU)
+    with built_with(Blocks("silu", acth="relu")):  # the convolutions' alone
+        convs_only = SmallCNN()
+    assert {type(m) for m in convs_only.features.modules() if isinstance(m, (nn.ReLU, nn.SiLU))} == {nn.SiLU}
+    assert [type(m) for m in convs_only.pool.modules() if isinstance(m, (nn.ReLU, nn.SiLU))] == [nn.ReLU]
+
+
+def test_an_encoder_lever_untrained_reference_is_built_within_the_arm() -> None:
+    """levers.run builds the untrained reference inside the arm, as here: it is then the network
+    the run starts from, new 5x5 convolutions included (tests/test_train.py checks the reference
+    against pretrain's own first weights)."""
     spec = EncoderSpec("cnn", 1, 28, 1.0, "n/a", 512, (0.5,), (0.25,), stages=CNN_STAGES)
     with built_with(Blocks("silu", "avg", 3)):
         torch.manual_seed(7)

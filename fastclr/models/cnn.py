@@ -21,6 +21,8 @@ ACTIVATIONS = ("relu", "silu", "gelu")
 def activation(name: str) -> nn.Module:
     """A fresh activation module: ReLU, SiLU (Elfwing et al. 2018) or GELU (Hendrycks and Gimpel
     2016)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r}: one of {', '.join(ACTIVATIONS)}")
     if name == "silu":
         return nn.SiLU()
     return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
@@ -118,10 +120,10 @@ def parse_stages(spec: str) -> Stages:
     """"64|128,128p|fc512" -> Stages([[64], [128, 128]], Readout("fc", 512), (False, True), "relu").
 
     An activation's name and a colon may come first ("silu:64|128|fc512"): every conv and the fc,
-    sfc readout use it instead of ReLU. Stages are split by '|' (a 2x2 max-pool between stages),
+    sfc readout use it instead of ReLU (an attn readout keeps its own ReLU). Stages are split by '|' (a 2x2 max-pool between stages),
     the output channels of each 3x3 conv of a stage by ','. A 'p' after a stage's last width
     ("256p") moves the pool that follows the stage (the next stage's, or the fc, sfc or flat
-    readout's) between that conv and its BatchNorm: conv -> pool -> BatchNorm -> ReLU. The last part says how h is read off the final map:
+    readout's) between that conv and its BatchNorm: conv -> pool -> BatchNorm -> activation. The last part says how h is read off the final map:
     - "fcN": max-pooled 2x2 (stride 2; an odd side's last row and column fall outside every
       window: 7 x 7 -> 3 x 3), flattened, then a linear layer of N units with BatchNorm and ReLU;
     - "sfcN": the same with an overlapping 3x3 max-pool (stride 2, padded), which covers the whole
@@ -167,7 +169,7 @@ def check_stages(spec: str) -> None:
         parse_stages(spec)
     except ValueError:
         raise FastclrError(f"cnn_stages {spec!r} is not a stage spec; write e.g. 32|256|fc512 "
-                           f"(optionally {' or '.join(ACTIVATIONS)} and a colon first; conv widths, '|' between "
+                           f"(optionally {', '.join(ACTIVATIONS)} and a colon first, e.g. silu:32|256|fc512; conv widths, '|' between "
                            "stages, 'p' after a stage's last width to pool before its BatchNorm, but not before an "
                            "attn, gap, flat0 or cat0 readout; then fcN, sfcN, attnN, flat0, flat or cat0)") from None
 
