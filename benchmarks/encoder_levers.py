@@ -59,10 +59,10 @@ def _replace(root: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> 
 
 
 def _activate(part: nn.Module, act: str) -> None:
-    """Every ReLU in `part` becomes a fresh `act`, in place, but an attention readout's, which
-    the stage spec's `silu:` leaves as it is too."""
+    """Every ReLU in `part` becomes a fresh `act`, in place, unless `part` is an attention readout
+    (SmallCNN's whole `pool` when it has one), whose ReLU the stage spec's `silu:` keeps too."""
     if act != "relu" and not isinstance(part, AttentionPool):
-        _replace(part, lambda m: m if isinstance(m, AttentionPool) else activation(act) if isinstance(m, nn.ReLU) else None)
+        _replace(part, lambda m: activation(act) if isinstance(m, nn.ReLU) else None)
 
 
 def rebuild(encoder: SmallCNN, blocks: Blocks) -> None:
@@ -73,17 +73,12 @@ def rebuild(encoder: SmallCNN, blocks: Blocks) -> None:
     if blocks.pool == "avg":
         _replace(encoder, lambda m: nn.AvgPool2d(m.kernel_size, m.stride, m.padding, count_include_pad=False)
                  if isinstance(m, nn.MaxPool2d) else None)
-    left = [blocks.k5]
-
-    def wider(m: nn.Module) -> nn.Module | None:
-        if not isinstance(m, nn.Conv2d) or left[0] == 0:
-            return None
-        left[0] -= 1
-        return nn.Conv2d(m.in_channels, m.out_channels, 5, padding=2, bias=m.bias is not None)
-
-    _replace(encoder, wider)
-    if left[0]:
-        raise SystemExit(f"k5={blocks.k5}: the encoder has {blocks.k5 - left[0]} convolutions")
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]  # in the order they run
+    if blocks.k5 > len(convs):
+        raise SystemExit(f"k5={blocks.k5}: the encoder has {len(convs)} convolutions")
+    first = {id(m) for m in convs[:blocks.k5]}
+    _replace(encoder, lambda m: nn.Conv2d(m.in_channels, m.out_channels, 5, padding=2, bias=m.bias is not None)
+             if id(m) in first else None)
 
 
 @contextmanager

@@ -167,18 +167,17 @@ def _auto_width(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     if encoder is not None:
         return 1.0  # a module passed in has its own channels; recorded as 1
     name = resolve_encoder(cfg.model.encoder, cfg.augment.crop_size or dataset.image_shape[0])
+    here = resolve_width(0.0, name, device.type)
     if cfg.model.init:
         width = recorded_width(Path(cfg.model.init)) or 1.0
-        here = resolve_width(0.0, name, device.type)
         if width != here:
             log(f"width {width:g}: that of the network in {cfg.model.init} (--init), not the {here:g} `auto` gives a "
                 f"{name} on this device")
         return width
-    width = resolve_width(0.0, name, device.type)
-    if width != 1.0:
-        log(f"width {width:g}: a {name} on a CPU trains at {width:g} of its channels unless --width is given "
+    if here != 1.0:
+        log(f"width {here:g}: a {name} on a CPU trains at {here:g} of its channels unless --width is given "
             f"({CPU_WIDTH_WHY})")
-    return width
+    return here
 
 
 def _with_width(cfg: Config, width: float) -> Config:
