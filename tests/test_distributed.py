@@ -303,8 +303,18 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     budgeted = train.pretrain(cfg("budget", train__time_budget=0.1, train__checkpoint_every=10**6), dataset=ds,
                               encoder=smooth_encoder(), progress=False, log=lambda s: None,
                               clock=lambda: next(ticks) * (100.0 if rank == 1 else 0.01))
+    # Width auto where the ranks' own answers differ (as nodes with other devices would give): rank 1
+    # alone would build its network at half the channels, and its weights would fit no other rank's.
+    real_width = train.resolve_width
+    if rank == 1:
+        train.resolve_width = lambda width, encoder, device_type: 0.5
+    auto = train.pretrain(cfg("auto-width", model__width=0.0, model__cnn_stages="8|16|fc16", train__epochs=1.0,
+                              eval__probe=False), dataset=ds, progress=False, log=lambda s: None)
+    train.resolve_width = real_width
+    assert auto.model is not None
     return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
             "budget_steps": budgeted.steps,
+            "auto_width_shapes": {k: tuple(v.shape) for k, v in auto.model.encoder.state_dict().items()},
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
             "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds,
             "damaged_error": damaged_error, "damaged_seconds": damaged_seconds, "write_error_seconds": write_error_seconds}
@@ -393,6 +403,20 @@ def test_rank_0s_clock_decides_whether_a_time_budgets_first_fit_comes_early(
     (rank 1's clock alone would have fitted at step 1 and ended at step 2)."""
     _, (r0, r1) = two_rank_runs
     assert r0["budget_steps"] == r1["budget_steps"] > 15
+
+
+def test_width_auto_is_rank_0s_choice_on_every_rank(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Rank 1's own answer was half the channels: both ranks trained rank 0's network (the cnn's
+    full width on a CPU), and config.toml records that width."""
+    from fastclr import config as config_mod
+    from fastclr.models import build_encoder
+
+    def shapes(width: float) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in build_encoder("cnn", 1, 28, width, "auto", "8|16|fc16").state_dict().items()}
+
+    root, (r0, r1) = two_rank_runs
+    assert r0["auto_width_shapes"] == r1["auto_width_shapes"] == shapes(1.0) != shapes(0.5)
+    assert config_mod.read_toml(root / "auto-width" / "config.toml")["model.width"] == 1.0
 
 
 def test_ranks_that_disagree_on_resuming_end_with_one_line_before_writing(

@@ -457,6 +457,27 @@ def test_a_resume_whose_network_would_not_fit_the_checkpoint_is_refused_even_whe
             check_resume_config(saved, wanted, allow_changes=True)
 
 
+def test_a_stage_spec_written_another_way_for_the_same_network_resumes_exactly(tmp_path: Path) -> None:
+    """"relu:S" and "S" build one network (ReLU is the activation a spec without one uses), so a run
+    started with one resumes with the other and ends bit-equal to the run left alone; "silu:S" has
+    the same tensors but computes otherwise, and is refused naming the key."""
+    ds, stages = tiny_dataset(), tiny_config(tmp_path).model.cnn_stages
+    assert not stages.startswith("relu:")  # the default is written without its activation
+    pretrain(tiny_config(tmp_path / "a"), dataset=ds, **QUIET)
+    assert pretrain(tiny_config(tmp_path / "b"), dataset=ds, stop=lambda step: step == 5, **QUIET).stopped
+    with pytest.raises(FastclrError, match="cannot resume: model.cnn_stages differs from the checkpoint's config"):
+        pretrain(tiny_config(tmp_path / "b", model__cnn_stages=f"silu:{stages}"), resume=tmp_path / "b", dataset=ds,
+                 **QUIET)
+    pretrain(tiny_config(tmp_path / "b", model__cnn_stages=f"relu:{stages}"), resume=tmp_path / "b", dataset=ds,
+             **QUIET)
+    straight, resumed = (load_checkpoint(list_checkpoints(tmp_path / run)[-1]) for run in ("a", "b"))
+    assert straight["step"] == resumed["step"] == 12
+    for part in ("encoder", "head"):
+        assert straight[part].keys() == resumed[part].keys()
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
+
+
 @pytest.mark.parametrize("key, value", [("train__views", 3), ("train__batch_size", 32)])
 def test_a_resume_with_another_batch_or_views_is_refused_unless_allowed(tmp_path: Path, key: str, value: int) -> None:
     """README: resuming with a different batch size or number of views is refused naming the key, and

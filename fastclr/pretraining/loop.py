@@ -299,8 +299,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
-    elif not cfg.model.width:  # auto, decided once; config.toml records the width trained at
-        cfg = _with_width(cfg, _auto_width(cfg, dataset, device, encoder, log))
+    elif not cfg.model.width:  # auto, decided once (rank 0's, as the precision); config.toml records it
+        cfg = _with_width(cfg, broadcast_object(_auto_width(cfg, dataset, device, encoder, log), ctx))
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None

@@ -19,6 +19,7 @@ from fastclr import config as config_mod
 from fastclr.checkpoint import save_checkpoint
 from fastclr.config import Config
 from fastclr.errors import FastclrError
+from fastclr.models.cnn import parse_stages
 from fastclr.pretraining.model import Model
 from fastclr.pretraining.schedule import ramp_fraction
 from fastclr.pretraining.step import TrainStep
@@ -37,7 +38,7 @@ optimiser state only its own optimiser and parameters (a learned temperature is 
 def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_dir: Path | None = None) -> None:
     """A one-line error naming the STATE_KEYS that differ, or the RESUME_KEYS that differ unless
     changes are allowed; `run_dir`: the run resumed, named in the way out."""
-    fixed = config_mod.diff(saved, wanted, STATE_KEYS)
+    fixed = [key for key in config_mod.diff(saved, wanted, STATE_KEYS) if not _same_network(key, saved, wanted)]
     if fixed:
         raise FastclrError(
             f"cannot resume: {', '.join(fixed)} differ{'s' * (len(fixed) == 1)} from the checkpoint's config, and a "
@@ -52,6 +53,14 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
             f"{'that flag' if len(changed) == 1 else 'those flags'}, "
             f"or pass --allow-config-change to change {'it' if len(changed) == 1 else 'them'} deliberately"
         )
+
+
+def _same_network(key: str, saved: Config, wanted: Config) -> bool:
+    """Whether two differently written values of `key` still build the checkpoint's network: a
+    stage spec is compared parsed, so "relu:32|256|fc512" is "32|256|fc512" (ReLU is the default)."""
+    if key != "model.cnn_stages":
+        return False
+    return parse_stages(saved.model.cnn_stages) == parse_stages(wanted.model.cnn_stages)
 
 
 def check_resume_data(saved: str, dataset_name: str, content: str, allow_changes: bool,
