@@ -6,6 +6,7 @@ width, stem, feature dimension, the input standardisation and the library versio
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -69,8 +70,12 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
         raise FastclrError(f"{path} is not a readable safetensors encoder ({e}); export it again") from None
     if "fastclr" not in meta:
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
-    info = json.loads(meta["fastclr"])
-    spec = EncoderSpec.from_dict(info)
+    try:
+        info = json.loads(meta["fastclr"])
+        spec = EncoderSpec.from_dict(info)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: a record that is not a dict
+        raise FastclrError(f"{path}'s fastclr metadata is damaged or from a version this one cannot read "
+                           f"({type(e).__name__}: {e}); export it again from its run") from None
     if module is None and not spec.rebuildable:
         raise FastclrError(f"{path} holds your own encoder module (trained with pretrain(cfg, encoder=...)), which "
                            "cannot be rebuilt by name: in Python, fastclr.load_encoder(path, module=your_module); the "
@@ -235,10 +240,12 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     meta = export_metadata(spec, config_text)
     if fmt == "fastclr":
         return [save_encoder(out, encoder, spec)]
-    if fmt == "torch-export":
-        return [_save_program(encoder, spec, meta, out)]
-    if fmt == "onnx":
-        return [_save_onnx(encoder, spec, meta, out, check)]
+    if fmt in ("torch-export", "onnx"):  # traced on a CPU copy: the program runs anywhere, the caller's module stays put
+        on_cpu = all(t.device.type == "cpu" for t in encoder.state_dict().values())
+        traced = encoder if on_cpu else copy.deepcopy(encoder).cpu()
+        if fmt == "torch-export":
+            return [_save_program(traced, spec, meta, out)]
+        return [_save_onnx(traced, spec, meta, out, check if check is None else check.cpu())]
     state = torchvision_state(encoder)
     if out.suffix.lower() == ".safetensors":
         data = safetensors_bytes(state, metadata=dict(meta, naming="torchvision"))

@@ -90,12 +90,13 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
     else:
-        _, state = latest_valid_checkpoint(run)
+        path, state = latest_valid_checkpoint(run, warn=log)  # a damaged newer one is named, not passed over
         step, total = int(state["step"]), int(state.get("total_steps", 0))
         checkpoint_step = step
-        if not owner:  # (the owner's note above says it already)
-            log(f"note: {run} has no {ENCODER_FILE}: using its newest checkpoint, step {step}"
-                + (f" of {total} (the run stopped before its end)" if total > step else ""))
+        newest = path == list_checkpoints(run)[-1]
+        if not owner or not newest:  # (the owner's note above says it already, unless one was skipped)
+            log(f"note: {run} has no {ENCODER_FILE}: using its {'newest' if newest else 'newest valid'} checkpoint, "
+                f"step {step}" + (f" of {total} (the run stopped before its end)" if total > step else ""))
         spec = EncoderSpec.from_dict(state["model_info"])
         if not spec.rebuildable:
             raise FastclrError(f"{run} was trained with a custom encoder module; load it in Python, not by name")

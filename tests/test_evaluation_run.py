@@ -469,6 +469,32 @@ def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_
     assert note in capsys.readouterr().out.splitlines()
 
 
+def test_a_run_whose_newest_checkpoint_is_damaged_is_loaded_from_the_one_before_and_says_so(tmp_path: Path) -> None:
+    """Stopped at step 3 with checkpoints at steps 2 and 3, the step-3 file damaged: the run was
+    loaded from step 2 while the note said "its newest checkpoint". Now the damaged file is named
+    and the note says the step used; the encoder is step 2's, weight for weight."""
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint
+    from fastclr.pretrained import load_run
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    cfg = tiny_config(run, train__batch_size=64, train__epochs=1.0, train__device="cpu", train__checkpoint_every=2)
+    assert pretrain(cfg, dataset=ds, log=lambda s: None, progress=False, stop=lambda step: step == 3).stopped
+    older, newest = list_checkpoints(run)[-2:]
+    assert (load_checkpoint(older)["step"], load_checkpoint(newest)["step"]) == (2, 3)
+    kept = load_checkpoint(older)["encoder"]
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a full disk
+    lines: list[str] = []
+    loaded = load_run(run, "cpu", "fp32", log=lines.append, command="evaluate")
+    assert any(line.startswith(f"skipping {newest.name}: ") for line in lines)
+    assert any(line.startswith(f"note: {run} has no encoder.safetensors: using its newest valid checkpoint, step 2 ")
+               for line in lines)
+    assert loaded.checkpoint_step == 2
+    for k, v in loaded.encoder.state_dict().items():
+        assert torch.equal(v, kept[k]), k
+
+
 def test_a_run_loaded_from_its_checkpoint_gives_its_encoder_in_eval_mode(tmp_path: Path) -> None:
     """A run stopped before its export is loaded from its newest checkpoint, its encoder rebuilt
     from the spec; like the export's, it comes in eval mode. In train mode its BatchNorm layers

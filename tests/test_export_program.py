@@ -294,3 +294,36 @@ def test_an_export_holds_a_state_only_when_it_holds_exactly_its_tensors(tmp_path
     assert not export_holds(path, {k: v for k, v in state.items() if k != first})
     assert not export_holds(path, {**state, first: state[first] + 1})
     assert not export_holds(tmp_path / "none.safetensors", state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: an encoder on another device than the CPU")
+def test_an_encoder_on_a_gpu_is_exported_from_a_cpu_copy_and_left_where_it_was(tmp_path: Path) -> None:
+    """The program is traced with CPU inputs: an encoder on a GPU failed with a device mismatch.
+    It is traced from a CPU copy now; the program's h equals the encoder's, and the caller's module
+    stays on its GPU."""
+    torch.manual_seed(0)
+    enc = build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|fc512").cuda().eval()
+    spec = EncoderSpec("cnn", 1, 28, 1.0, "auto", 512, (0.5,), (0.25,))
+    out = export_encoder(enc, spec, "", "torch-export", tmp_path / "e.pt2")[0]
+    assert all(p.is_cuda for p in enc.parameters())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        got, want = torch.export.load(str(out)).module()(x), enc(x.cuda()).cpu()
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("record", ['{"encoder": "cnn"', '{"encoder": "cnn"}', '["cnn"]', '{"encoder": "cnn", '
+                                    '"in_channels": 1, "image_size": "big", "width": 1, "cifar_stem": "auto", '
+                                    '"mean": [0.5], "std": [0.25]}'])
+def test_an_export_whose_fastclr_record_is_damaged_is_refused_in_one_line(tmp_path: Path, record: str) -> None:
+    """Metadata that is not JSON, lacks a key, is not a record, or holds a value of the wrong
+    kind ended in a JSONDecodeError, KeyError, AttributeError or ValueError traceback."""
+    from safetensors.torch import save_file
+
+    from fastclr.export import load_encoder
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "e.safetensors"), metadata={"fastclr": record})
+    with pytest.raises(FastclrError, match=re.escape(f"{tmp_path / 'e.safetensors'}'s fastclr metadata is damaged or "
+                                                     "from a version this one cannot read (")) as e:
+        load_encoder(tmp_path / "e.safetensors")
+    assert str(e.value).endswith("; export it again from its run") and "\n" not in str(e.value)

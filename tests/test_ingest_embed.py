@@ -405,7 +405,7 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
          f"--split unlabeled: {store} has no images there"),
         # an output path under a file: named before any image is read (it was a traceback after the work)
         (["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.csv" / "x.npy")],
-         f"cannot use {tmp_path / 'e.csv'} (File exists); give another path"),
+         f"--out {tmp_path / 'e.csv'}: {tmp_path / 'e.csv'} is a file, not a folder; give another --out"),
     ]:
         assert main([*args, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
@@ -517,3 +517,51 @@ def test_only_fastclrs_own_folders_are_protected_as_stores_runs_and_classifiers(
         with pytest.raises(FastclrError, match=f"would replace {name} of the classifier in {ft}, which fastclr reads"):
             refuse_output(ft / name)
     refuse_output(ft / "other.safetensors")
+
+
+def test_features_that_are_not_finite_are_refused_before_anything_is_written(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A damaged or diverged encoder gives NaN features: embed wrote them to F.npy, and neighbours
+    cached them and ranked NaN similarities, without a word. Both now end in the one line evaluate
+    gives, and nothing is written: no embedding, no cache, no grid."""
+    root, store, _ = bars
+    run = make_run(tmp_path / "run")
+    bn = next(m for m in run.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = float("nan")  # one channel, as a diverged run leaves it
+    message = "the encoder's features hold NaN or infinite values (12 of 12 rows)"
+    with pytest.raises(FastclrError, match=re.escape(message)):
+        embed(run, str(store), tmp_path / "out" / "e.npy", CPU, log=lambda s: None)
+    query = root / "bars" / read_store(store).paths[0]
+    with pytest.raises(FastclrError, match=re.escape(message)):
+        neighbours(run, store, query, 3, CPU, grid=tmp_path / "out" / "g.png", log=lambda s: None)
+    assert not (tmp_path / "out").exists() and not (run.run_dir / "features").exists()
+
+
+def test_a_refused_embed_or_search_makes_no_output_folder(bars, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """--out and --grid name folders that do not exist yet: a command refused for its data or its
+    query made them anyway, empty, though nothing was written."""
+    root, store, run = bars
+    r = str(run.run_dir)
+    for args in (["embed", r, "--data", str(tmp_path / "typo"), "--out", str(tmp_path / "new" / "deep" / "e")],
+                 ["neighbours", r, "--data", str(store), "--query", str(tmp_path / "no.png"), "--grid",
+                  str(tmp_path / "new" / "deep" / "g.png")]):
+        assert main([*args, "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        assert not (tmp_path / "new").exists()
+    assert main(["neighbours", r, "--data", str(store), "--query", str(root / "bars" / read_store(store).paths[0]),
+                 "-k", "4", "--grid", str(tmp_path / "new" / "deep" / "g.png"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "new" / "deep" / "g.png").size == (5 * 28 + 4 * 2, 28)  # the folder made for it
+
+
+def test_a_grid_that_cannot_be_written_keeps_the_one_there(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """PIL wrote the grid straight to its name: a full disk (here a file-size limit) left the earlier
+    grid cut short. It is written whole or not at all now, with one line naming the file."""
+    root, store, run = bars
+    query = root / "bars" / read_store(store).paths[2]
+    grid = tmp_path / "g.png"
+    neighbours(run, store, query, 4, CPU, grid=grid, log=lambda s: None)
+    good = grid.read_bytes()
+    assert len(good) > 64
+    with file_size_limit(64), pytest.raises(FastclrError, match=re.escape(f"cannot write {grid} (")):
+        neighbours(run, store, query, 8, CPU, grid=grid, log=lambda s: None)
+    assert grid.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]  # no temporary left beside it

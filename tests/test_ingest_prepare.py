@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -599,6 +600,31 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path: Path, caps
     assert "not a fastclr store" in err
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--channels", "1"], "--channels applies"), (["--fit", "pad", "--rehash"], "--fit and --rehash apply"),
+    (["--max-pixels", "1000"], "--max-pixels applies"), (["--labels", "none"], "--labels applies"),
+    (["--workers", "2"], "--workers applies")])
+def test_a_builtin_store_refuses_the_options_of_decoding_a_folder(tmp_path: Path, flags: list[str], named: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`prepare --builtin cifar10 --channels 1` wrote the RGB dataset and said nothing; every option
+    of decoding a folder is refused with --builtin now, before anything is read or written."""
+    err = one_line_error(["prepare", "--builtin", "mnist", *flags, "--out", str(tmp_path / "s"), "--no-download"],
+                         capsys)
+    assert err == (f"error: {named} to decoding a FOLDER; --builtin mnist writes the dataset's own images as they are: "
+                   f"drop {'them' if named.endswith('apply') else 'it'}\n")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flags, named", [(["--data-root", "x"], "--data-root applies"),
+                                          (["--no-download"], "--no-download applies")])
+def test_a_folder_refuses_the_options_of_finding_a_builtin_dataset(tmp_path: Path, flags: list[str], named: str,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    bar_images(tmp_path / "ok", n_per_class=1)
+    err = one_line_error(["prepare", str(tmp_path / "ok"), "--size", "16", *flags, "--out", str(tmp_path / "s")], capsys)
+    assert err == f"error: {named} to --builtin NAME, not to a FOLDER: drop it\n"
+    assert not (tmp_path / "s").exists()
+
+
 def test_prepare_cli_prints_totals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bar_images(tmp_path / "ok", n_per_class=2)
     (tmp_path / "ok" / "class0" / "x.txt").write_text("x")
@@ -688,6 +714,42 @@ def test_a_tampered_store_is_named_in_one_line(tmp_path: Path, damage: str, mess
     assert message in str(e.value) and "\n" not in str(e.value) and "fastclr prepare" in str(e.value)
 
 
+def test_store_csvs_saved_by_a_spreadsheet_read_as_written_or_are_named_in_one_line(tmp_path: Path) -> None:
+    """A manifest saved back as "CSV UTF-8" (a byte-order mark first) is the same manifest; one in a
+    legacy code page, or without its path column, ended every use of the store in a traceback
+    (UnicodeDecodeError; KeyError): one line now. A skipped.csv saved so cost the re-run of
+    `prepare` a traceback; now that run decodes every file and makes the same store."""
+    bar_images(tmp_path / "bars", n_per_class=6)
+    (tmp_path / "bars" / "class1" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)  # a verdict with a hash
+    store = tmp_path / "s"
+    prepare_store(tmp_path / "bars", store, DecodeOptions(16), workers=1, **QUIET)
+    first = read_store(store)
+    manifest, skipped = (store / "manifest.csv").read_bytes(), (store / "skipped.csv").read_bytes()
+    assert read_csv(store / "skipped.csv")[0]["sha256"]
+    (store / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + manifest)
+    again = read_store(store)
+    assert again.paths == first.paths and np.array_equal(again.labels, first.labels)
+    for damaged, message in ((manifest.replace(b"img000", b"img\xe9000", 1), "is not a CSV file fastclr can read "
+                                                                              "(UnicodeDecodeError: "),
+                             (manifest.replace(b",path,", b",file,", 1), "has no path column; it was edited")):
+        (store / "manifest.csv").write_bytes(damaged)
+        with pytest.raises(FastclrError, match=re.escape(f"{store / 'manifest.csv'} {message}")) as e:
+            read_store(store)
+        assert "\n" not in str(e.value) and str(e.value).endswith("run `fastclr prepare` again")
+    (store / "manifest.csv").write_bytes(manifest)
+    (store / "skipped.csv").write_bytes(b"\xef\xbb\xbf" + skipped)
+    reuse = prepare_store(tmp_path / "bars", store, DecodeOptions(16), workers=1, **QUIET)
+    assert reuse.decoded == [] and reuse.reused == len(first.paths) + 1  # the broken file's verdict too, read past the mark
+    (store / "skipped.csv").write_bytes(skipped.replace(b"broken", b"br\xf6ken", 1))
+    lines: list[str] = []
+    redo = prepare_store(tmp_path / "bars", store, DecodeOptions(16), workers=1, progress=False, log=lines.append)
+    assert any(line.startswith(f"previous store not reusable ({store / 'skipped.csv'} is not a CSV file") and
+               line.endswith("; decoding every file") for line in lines), lines
+    assert sorted(redo.decoded) == sorted([*first.paths, "class1/broken.jpg"])
+    after = read_store(store)
+    assert after.paths == first.paths and np.array_equal(np.asarray(after.images), np.asarray(first.images))
+
+
 def test_decoders_leave_ctrl_c_to_the_parent() -> None:
     """Ctrl-C goes to the whole process group; a decoder that took it inside a put on the result
     queue left the queue's lock held and `prepare` hung in its shutdown. A decoder ignores SIGINT
@@ -749,3 +811,21 @@ def test_a_store_or_run_inside_the_folder_is_passed_over_as_one_entry(tmp_path: 
                        "class1/config.toml": ("not-an-image", skipped["class1/config.toml"][1]),
                        "class0/store.json": ("not-an-image", skipped["class0/store.json"][1])}
     assert res.images == 8 and read_store(res.store).classes == ["class0", "class1"]
+
+
+def test_a_file_too_big_to_read_into_memory_is_skipped_not_the_run(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`process_file` "never raises": a MemoryError while reading the file's bytes (a file larger
+    than the memory left) escaped it and ended the whole prepare in a traceback. It is an
+    out-of-memory skip now, as the same error in decoding is: the machine's state, not the file's."""
+    Image.new("L", (8, 8), 7).save(tmp_path / "a.png")
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self.name == "a.png":
+            raise MemoryError
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    out = process_file(tmp_path / "a.png", "a.png", DecodeOptions(8))
+    assert (out.reason, out.size, out.sha256, out.image) == ("out-of-memory", -1, "", None)
+    assert out.detail == "not enough memory to decode it; run again with fewer --workers, or a lower --max-pixels"

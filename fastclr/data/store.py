@@ -93,12 +93,24 @@ def store_holding(path: Path) -> Path | None:
     return next((folder for folder in (resolved, *resolved.parents) if is_store(folder)), None)
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """The rows of a store CSV file as dicts (empty list when the file is missing)."""
+def read_csv(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The rows of a store CSV file as dicts (empty list when the file is missing); one line when it
+    is not UTF-8 text or lacks one of `columns`. A byte-order mark (a spreadsheet's "CSV UTF-8")
+    is read past: the header's first name is the column's, not "\ufeffpath"."""
     if not path.exists():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FastclrError(f"{path} is not a CSV file fastclr can read ({type(e).__name__}: {e}); it was saved "
+                           "by another program: run `fastclr prepare` again") from None
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise FastclrError(f"{path} has no {', '.join(missing)} column{'s' * (len(missing) > 1)}; it was edited or "
+                           "saved by another program: run `fastclr prepare` again")
+    return rows
 
 
 def read_store(path: str | Path) -> Store:
@@ -135,7 +147,7 @@ def read_store(path: str | Path) -> Store:
     actual = (p / IMAGES).stat().st_size if (p / IMAGES).exists() else -1
     if actual != expected:
         raise FastclrError(f"{p / IMAGES} holds {actual} bytes, {shape} needs {expected}; run `fastclr prepare` again")
-    rows = read_csv(p / MANIFEST)
+    rows = read_csv(p / MANIFEST, ("index", "path", "split", "label"))
     if len(rows) != shape[0]:
         raise FastclrError(f"{p / MANIFEST} lists {len(rows)} images, the store holds {shape[0]}; "
                            "run `fastclr prepare` again")

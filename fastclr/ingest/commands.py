@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
         if args.folder or args.size:
             raise FastclrError("give either FOLDER --size S or --builtin NAME (built-in images keep their own size)")
+        folder_only = _given(args, FOLDER_ONLY)
+        if folder_only:
+            raise FastclrError(f"{' and '.join(folder_only)} {'applies' if len(folder_only) == 1 else 'apply'} to "
+                               f"decoding a FOLDER; --builtin {args.builtin} writes the dataset's own images as they "
+                               "are: drop " + ("it" if len(folder_only) == 1 else "them"))
         write_builtin_store(args.builtin, Path(args.out), args.data_root, not args.no_download)
         return 0
     from fastclr.ingest.prepare import prepare_store
@@ -29,10 +35,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not args.folder or args.size is None:  # --size 0 is a size, refused below with the valid range
         raise FastclrError("prepare needs a FOLDER and --size S (or --builtin NAME), "
                            "e.g. `fastclr prepare photos --size 96 --out photos.store`")
+    builtin_only = _given(args, BUILTIN_ONLY)
+    if builtin_only:
+        raise FastclrError(f"{' and '.join(builtin_only)} {'applies' if len(builtin_only) == 1 else 'apply'} to "
+                           f"--builtin NAME, not to a FOLDER: drop {'it' if len(builtin_only) == 1 else 'them'}")
     opts = DecodeOptions(args.size, args.fit, args.channels, args.max_pixels)
     prepare_store(args.folder, args.out, opts, workers=args.workers, labels=args.labels, rehash=args.rehash,
                   progress=not args.quiet)
     return 0
+
+
+FOLDER_ONLY = {"fit": "crop", "channels": "auto", "workers": 0, "max_pixels": DEFAULT_MAX_PIXELS, "labels": "auto",
+               "rehash": False}
+"""The options of decoding a folder, with their defaults: a built-in dataset's images are stored as they are."""
+BUILTIN_ONLY = {"data_root": None, "no_download": False}
+"""The options of finding a built-in dataset, with their defaults."""
+
+
+def _given(args: argparse.Namespace, options: Mapping[str, object]) -> list[str]:
+    """The flags of `options` given other values than their defaults, as typed (--max-pixels)."""
+    return [f"--{name.replace('_', '-')}" for name, default in options.items() if getattr(args, name) != default]
 
 
 def _load(run_dir: str, device_name: str, precision: str, command: str) -> tuple[LoadedRun, torch.device]:
@@ -71,14 +93,14 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("folder", nargs="?", help="folder of images; subfolders are classes when there are two or more")
     p.add_argument("--out", required=True, help="the store directory to create or update")
     p.add_argument("--size", type=int, help="side of the stored square images in pixels")
-    p.add_argument("--fit", default="crop", choices=["crop", "pad"],
+    p.add_argument("--fit", default=FOLDER_ONLY["fit"], choices=["crop", "pad"],
                    help="crop: short side to S, centre crop; pad: long side to S, black borders (default crop)")
-    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"],
+    p.add_argument("--channels", default=FOLDER_ONLY["channels"], choices=["auto", "1", "3"],
                    help="auto: 1 if every image is grayscale, else 3 (default auto)")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (default: min(CPUs, 8))")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--workers", type=int, default=FOLDER_ONLY["workers"], help="decoding processes (default: min(CPUs, 8))")
+    p.add_argument("--max-pixels", type=int, default=FOLDER_ONLY["max_pixels"],
                    help="larger images are skipped (default %(default)s, Pillow's own limit)")
-    p.add_argument("--labels", default="auto", choices=["auto", "none"],
+    p.add_argument("--labels", default=FOLDER_ONLY["labels"], choices=["auto", "none"],
                    help="auto: top-level subfolders are classes; none: every image unlabeled")
     p.add_argument("--rehash", action="store_true", help="hash every file, even those whose size and mtime are unchanged")
     p.add_argument("--builtin", metavar="NAME", help="write a built-in dataset (e.g. fashion-mnist) as a store instead")

@@ -273,6 +273,9 @@ def process_file(path: Path, rel: str, opts: DecodeOptions, known: frozenset[str
         data = path.read_bytes()
     except OSError as e:
         return Outcome(rel, -1, reason="unreadable", detail=e.strerror or str(e))
+    except MemoryError as e:  # a file bigger than the memory left: this machine's state, as in decoding
+        failure = _failure(e, opts.max_pixels)
+        return Outcome(rel, -1, reason=failure.reason, detail=failure.detail)
     out = Outcome(rel, len(data), hashlib.sha256(data).hexdigest())
     if out.sha256 in known:
         out.known = True

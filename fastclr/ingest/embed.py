@@ -31,8 +31,8 @@ from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
 from fastclr.ingest.walk import fastclr_folder
 from fastclr.pretrained import LoadedRun
-from fastclr.runs import refuse_output
-from fastclr.evaluation.features import features_of
+from fastclr.runs import refuse_output, refuse_uncreatable
+from fastclr.evaluation.features import features_of, require_finite
 
 INDEX_COLUMNS = ("row", "path", "split", "label", "class")
 _LUMA = np.array(LUMA, np.float32)
@@ -120,13 +120,14 @@ def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch
     for start in range(0, len(images), _CHUNK):
         x = match_channels(np.array(images[start : start + _CHUNK]), c)  # one read of the chunk, writable
         h = features_of(run.encoder, run.spec, x, device, run.precision, batch_size, run.config.train.channels_last)
-        out.append(h.numpy())
+        out.append(require_finite(h, "the encoder's features").numpy())  # never written, cached or ranked
     return np.concatenate(out)
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
-    """FILE.npy and FILE.csv for `--out FILE[.npy]`, their folder created (before any work, so a
-    path that cannot be written fails first). A folder's skipped files go to FILE.skipped.csv."""
+    """FILE.npy and FILE.csv for `--out FILE[.npy]`, refused before any work where they cannot be
+    written (their folder is made with them: a refused command leaves nothing). A folder's skipped
+    files go to FILE.skipped.csv."""
     npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
     for path in (npy, npy.with_suffix(".csv")):
         refuse_output(path)
@@ -134,7 +135,7 @@ def output_paths(out: Path) -> tuple[Path, Path]:
         if path.is_file() and _first_line(path) != ",".join(header):  # `--out data` beside the user's data.csv
             raise FastclrError(f"--out {out} would replace {path}, which is not an embedding's file; choose another "
                                "--out")
-    npy.parent.mkdir(parents=True, exist_ok=True)
+    refuse_uncreatable(npy.parent)
     return npy, npy.with_suffix(".csv")
 
 
@@ -153,6 +154,7 @@ def write_embeddings(out: Path, features: np.ndarray, rows: list[dict[str, objec
     none (the old ones kept). Without skipped files, a FILE.skipped.csv left by an earlier
     embedding into FILE is removed once the new pair is in place: it no longer describes them."""
     npy, index = output_paths(out)
+    npy.parent.mkdir(parents=True, exist_ok=True)
     listed = npy.with_suffix(".skipped.csv")
     text = io.StringIO()
     w = csv.writer(text)
@@ -218,6 +220,7 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
             paths = write_embeddings(out, features, src.rows, src.skipped_csv)
         except BaseException:
             if src.skipped_csv is not None:  # the log named the list: it is kept even when embedding fails
+                skipped.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(skipped, lambda f: f.write(src.skipped_csv or b""))
             raise
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")

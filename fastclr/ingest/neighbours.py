@@ -8,6 +8,7 @@ RUN_DIR/features/, keyed by the store's store.json and the encoder's weights.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from fastclr.ingest.decode import process_file, store_decoding
 from fastclr.ingest.embed import embed_images, match_channels
 from fastclr.ingest.walk import classify_file
 from fastclr.pretrained import LoadedRun
-from fastclr.runs import refuse_output
+from fastclr.runs import refuse_output, refuse_uncreatable
 from fastclr.evaluation.features import state_checksum
 
 GRID_COLUMNS = 9
@@ -95,7 +96,7 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
         raise FastclrError(f"-k must be at least 1, got {k}")
     if grid is not None:  # before the search: a name PIL cannot write, or the query itself, failed after it
         refuse_output(grid, "--grid", kind="the grid", suffixes=GRID_SUFFIXES, inputs=(query,))
-        grid.parent.mkdir(parents=True, exist_ok=True)
+        refuse_uncreatable(grid.parent, "--grid")  # made only when the grid is written: a refused search leaves nothing
     if str(store_path) in REGISTRY and not store_path.exists():
         raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")
@@ -111,9 +112,12 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
         log(f"{rank:3d}  {s:.4f}  {p}")
     if grid is not None:
         g = grid_image([image, *(np.asarray(store.images[i]) for i in idx.tolist())])
+        encoded = io.BytesIO()
         try:
-            g.save(grid)
-        except (OSError, ValueError) as e:
+            g.save(encoded, format=Image.registered_extensions()[grid.suffix.lower()])
+        except (OSError, ValueError, KeyError) as e:
             raise FastclrError(f"--grid {grid}: cannot write the image ({e})") from None
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(grid, lambda f: f.write(encoded.getvalue()))  # a failed write keeps the grid that was there
         log(f"grid saved to {grid} (query first, then neighbours left to right)")
     return found

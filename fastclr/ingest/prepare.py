@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from fastclr.data.store import (MANIFEST, SKIPPED, SPLITS, Store, StoreWriter, check_output_dir, is_store, read_csv,
-                                read_store)
+from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreWriter,
+                                check_output_dir, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
 from fastclr.signals import die_with_parent
 from fastclr.files import is_write_error, write_failure_reason
@@ -115,9 +115,14 @@ def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]
     if changed:
         log(f"options changed ({', '.join(f'{k} {old.get(k)} -> {options.get(k)}' for k in changed)}); decoding every file")
         return None
+    try:
+        verdicts, manifest = read_csv(out / SKIPPED, SKIPPED_COLUMNS), read_csv(out / MANIFEST, MANIFEST_COLUMNS)
+    except FastclrError as e:  # a skipped.csv saved back by a spreadsheet, say
+        log(f"previous store not reusable ({e}); decoding every file")
+        return None
     prev = Previous(store)
     # Verdicts on files that were read (they carry a hash) are reused; walk-level ones are redone.
-    for row in [r for r in read_csv(out / SKIPPED) if r["sha256"]] + read_csv(out / MANIFEST):
+    for row in [r for r in verdicts if r["sha256"]] + manifest:
         prev.by_path[row["path"]] = row
         prev.by_hash[row["sha256"]] = row
     return prev
