@@ -112,12 +112,20 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
                      checkpoint_step)
 
 
-def run_data(run: LoadedRun) -> Dataset:
-    """The data `run` was trained on; a store that is no longer at the path the run recorded is
-    named as the run's own, moved or deleted (the store's own message offered to create a new one
-    there, as if it had never existed)."""
-    require_run_store(run.run_dir, run.config.data.name)
-    return load_data(run.config.data)
+def run_data(run: LoadedRun, given: Dataset | None = None) -> Dataset:
+    """The data `run` was trained on (or `given`, checked to fit its encoder); a store that is no
+    longer at the path the run recorded is named as the run's own, moved or deleted (the store's own
+    message offered to create a new one there, as if it had never existed)."""
+    if given is None:
+        require_run_store(run.run_dir, run.config.data.name)
+    dataset = given if given is not None else load_data(run.config.data)
+    channels = dataset.image_shape[-1]
+    if channels != run.spec.in_channels:  # the first convolution's traceback, after the set-up's minutes
+        raise FastclrError(f"{dataset.name} holds images of {channels} channel{'s' * (channels > 1)} and the encoder "
+                           f"of {run.run_dir} takes {run.spec.in_channels}: it is not the data the run trained on "
+                           "(a store prepared again with other --channels?); prepare it again as it was, or give "
+                           "data of the run's kind")
+    return dataset
 
 
 def require_run_store(run_dir: Path, name: str) -> None:

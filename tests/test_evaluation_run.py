@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 
 from eval_fixtures import alter_encoder, one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
 from fastclr.cli import main
-from fastclr.data import Dataset
+from fastclr.data import Dataset, ImageSet
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
 import fastclr.evaluation.run as run_module
@@ -581,3 +582,91 @@ def test_the_tables_protocol_and_curve_rows_show_each_protocols_own_figures() ->
     assert ["2", "70.00% (1 seed)", "30.00% (1 seed)", "60.00% (1 seed)", "+10.00 points (1 subset)"] in rows
     assert ["5", "-", "-", "50.00% (1 seed)", "-"] in rows
     assert not any(line.startswith("FLAG") for line in format_table(out).splitlines())
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seeds=(0, 0, 0)), "--seeds repeats 0: each value is one measurement"),
+    (dict(seeds=()), "--seeds is empty; give at least one value, e.g. --seeds 0,1,2"),
+    (dict(protocols=("linear", "knnn")), "unknown protocol knnn; choose from: linear, knn"),
+    (dict(protocols=()), "unknown protocol ''"),
+    (dict(knn_tau=0.0), "--knn-tau must be a finite number above 0, got 0.0"),
+    (dict(knn_k=-1), "--knn-k must be at least 1 (0: the run's own k), got -1"),
+    (dict(steps=0), "--steps must be at least 1, got 0"),
+    (dict(quality_images=1), "--quality-images must be at least 2, got 1"),
+    (dict(lr=float("nan")), "--lr must be a finite number above 0, got nan"),
+    (dict(labels_per_class=(10, 0)), "--labels-per-class takes counts of at least 1, got 10,0"),
+    (dict(finetune_fractions=(0.1, 1.5)), "--finetune-fractions takes fractions above 0 and at most 1, got 0.1,1.5"),
+    (dict(supervised_seeds=(-1,)), "--supervised-seeds takes seeds from 0 to"),
+])
+def test_evaluate_called_from_python_checks_its_options_before_any_feature(
+        run: Run, monkeypatch: pytest.MonkeyPatch, change: dict[str, Any], message: str) -> None:
+    """The command line checked these; `fastclr.evaluate` did not: "3 seeds" of one repeated seed
+    were one subset shown as a spread of 0, tau 0 made kNN 1-NN silently, a misspelt protocol
+    failed after the others had run. Each is now the command line's line, before any work."""
+    run_dir, ds, _ = run
+    monkeypatch.setattr(run_module, "features_of", lambda *a, **k: pytest.fail("features computed"))
+    with pytest.raises(FastclrError, match=re.escape(message)) as e:
+        evaluate(run_dir, dataclasses.replace(EvaluateOptions(device="cpu"), **change), dataset=ds, log=lambda s: None)
+    assert "\n" not in str(e.value)
+
+
+def test_protocols_given_empty_on_the_command_line_is_refused_not_the_defaults(
+        run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--protocols ""` ran the whole default evaluation (minutes), as if the flag were absent."""
+    run_dir, _, _ = run
+    assert main(["evaluate", str(run_dir), "--protocols", "", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown protocol ''; choose from: linear") and err.count("\n") == 1
+
+
+def test_data_of_other_channels_than_the_encoders_is_one_line_before_any_work(run: Run) -> None:
+    """A store prepared again with other --channels under the run's path: the first convolution's
+    RuntimeError was a traceback, in evaluate, report, finetune and distill alike."""
+    from fastclr.report.build import build_report
+
+    run_dir, ds, _ = run
+    assert ds.train is not None and ds.test is not None
+    colour = Dataset(ds.name, ImageSet(np.repeat(ds.pretrain.images, 3, -1), ds.pretrain.labels),
+                     ImageSet(np.repeat(ds.train.images, 3, -1), ds.train.labels),
+                     ImageSet(np.repeat(ds.test.images, 3, -1), ds.test.labels), ds.classes)
+    message = (f"{ds.name} holds images of 3 channels and the encoder of {run_dir} takes 1: it is not the data the "
+               "run trained on")
+    with pytest.raises(FastclrError, match=re.escape(message)):
+        evaluate(run_dir, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=colour, log=lambda s: None)
+    with pytest.raises(FastclrError, match=re.escape(message)):
+        build_report(run_dir, out=run_dir.parent / "r.html", device="cpu", dataset=colour)
+    assert not (run_dir.parent / "r.html").exists()
+
+
+def test_a_report_map_other_than_tsne_or_pca_is_refused(run: Run) -> None:
+    """Any other name drew a PCA map captioned with that name."""
+    from fastclr.report.build import build_report
+
+    run_dir, ds, _ = run
+    with pytest.raises(FastclrError, match=re.escape("unknown map 'umap'; choose tsne or pca")):
+        build_report(run_dir, out=run_dir.parent / "u.html", map_method="umap", device="cpu", dataset=ds)
+
+
+def test_untrained_features_that_are_not_finite_are_not_blamed_on_the_run(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The untrained reference overflowing (a deep network at its initial weights in fp16) was
+    reported as the trained encoder's damage, with the advice to use another run."""
+    run_dir, ds, _ = run
+    real = run_module.untrained_encoder
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) + float("inf")  # every output +inf
+
+    def overflowing(*a: Any, **k: Any) -> torch.nn.Module:
+        return Overflowing(real(*a, **k))
+    monkeypatch.setattr(run_module, "untrained_encoder", overflowing)
+    with pytest.raises(FastclrError) as e:
+        evaluate(run_dir, EvaluateOptions(protocols=("linear",), device="cpu", precision="fp32"), dataset=ds,
+                 log=lambda s: None)
+    assert str(e.value).startswith("the untrained network's features hold NaN or infinite values (")
+    assert str(e.value).endswith("rows): the network at its initial weights overflows in fp32, not the trained one; "
+                                 "evaluate with --precision fp32 (or bf16)")

@@ -712,3 +712,24 @@ def test_features_and_distillation_leave_a_classifier_in_the_mode_it_was_in() ->
     teacher, student = classifier(), classifier()
     distill(teacher, student, labelled_setup_of(x, y, mean, std), np.array([0, 1, 2]), 1.0, 0.0, 0)
     assert not any(m.training for m in [*teacher.modules(), *student.modules()])
+
+
+def test_distil_on_data_whose_class_shrank_says_to_fine_tune_again(run: Run, tmp_path: Path) -> None:
+    """The teacher drew 5 labels per class; the data now holds 2 of class 0. The error advised
+    "--labels-per-class values of at most 2", a flag distil does not have: it says what to do now."""
+    import shutil
+
+    run_dir, ds = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("finetune", "distill"))
+    teacher = Path(finetune_run(copy, dataclasses.replace(FT, steps=1, baseline=False), dataset=ds,
+                                log=lambda s: None)["out"])
+    assert ds.train is not None
+    keep = np.flatnonzero(ds.train.labels != 0).tolist() + np.flatnonzero(ds.train.labels == 0)[:2].tolist()
+    train = ImageSet(ds.train.images[sorted(keep)], ds.train.labels[sorted(keep)])
+    shrunk = Dataset(ds.name, train, train, ds.test, ds.classes)
+    with pytest.raises(FastclrError) as e:
+        distill_run(teacher, dataclasses.replace(DS, steps=1), dataset=shrunk, log=lambda s: None)
+    assert str(e.value).startswith(f"the labelled subset of {teacher} cannot be drawn from this dataset (asked for 5 "
+                                   "labels per class but class 0")
+    assert str(e.value).endswith("): the data changed since fine-tuning; fine-tune again")

@@ -127,11 +127,15 @@ def evenly_spaced(n: int, limit: int) -> np.ndarray:
     return np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
 
 
-def require_finite(h: torch.Tensor, what: str) -> torch.Tensor:
+DAMAGED = "the encoder's weights are damaged or its training diverged; use another run or an earlier checkpoint's export"
+"""Why a trained encoder's features are not finite, and what to do."""
+
+
+def require_finite(h: torch.Tensor, what: str, why: str = DAMAGED) -> torch.Tensor:
     """`h`, or one line when it holds NaN or infinite values: every protocol on it would report
-    chance-level garbage (argmax of NaN is class 0) or fail deep in an optimiser."""
+    chance-level garbage (argmax of NaN is class 0) or fail deep in an optimiser. `why`: the cause
+    and the way out, said after the count."""
     if not bool(torch.isfinite(h).all()):
         bad = int((~torch.isfinite(h)).any(dim=-1).sum()) if h.dim() > 1 else 1
-        raise FastclrError(f"{what} hold NaN or infinite values ({bad} of {len(h)} rows): the encoder's weights are "
-                           "damaged or its training diverged; use another run or an earlier checkpoint's export")
+        raise FastclrError(f"{what} hold NaN or infinite values ({bad} of {len(h)} rows): {why}")
     return h

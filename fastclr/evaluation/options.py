@@ -7,8 +7,11 @@ every number can be raised from the command line when time allows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from fastclr.config import SEED_MAX
+from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import TrainRecipe
 
 PROTOCOLS = ("linear", "knn", "fewshot", "supervised", "finetune", "quality")
@@ -60,6 +63,38 @@ class EvaluateOptions:
     """auto (this machine's choice, fastclr.runtime), bf16, fp16 or fp32: features, probe, kNN and training."""
     threads: int = 0
     """CPU threads for PyTorch; 0: PyTorch's choice, at most one per usable CPU (affinity and cgroup CPU quota)."""
+
+    def check(self) -> None:
+        """One line, before any feature is computed, for a choice no evaluation can run with, named
+        by its flag: the command line's checks, made for `fastclr.evaluate` called from Python too
+        (there "3 seeds" of one repeated seed were the same subset, shown as a spread of 0)."""
+        known = PROTOCOLS + EXTRA_PROTOCOLS
+        bad = [p for p in self.protocols if p not in known]
+        if bad or not self.protocols:
+            raise FastclrError(f"unknown protocol {', '.join(bad) or repr('')}; choose from: {', '.join(known)} (or all)")
+        for name in ("labels_per_class", "seeds", "supervised_seeds", "finetune_fractions", "finetune_seeds"):
+            values, flag = getattr(self, name), "--" + name.replace("_", "-")
+            example = ",".join(str(v) for v in getattr(EvaluateOptions(), name))
+            if not values:
+                raise FastclrError(f"{flag} is empty; give at least one value, e.g. {flag} {example}")
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:  # a repeated seed is the same draw again: its spread of 0 would pass for agreement
+                raise FastclrError(f"{flag} repeats {', '.join(map(str, repeated))}: each value is one measurement; "
+                                   f"give distinct values, e.g. {flag} {example}")
+            kind, fits = (("seeds from 0 to " + str(SEED_MAX), lambda v: 0 <= v <= SEED_MAX) if name.endswith("seeds") else
+                          ("counts of at least 1", lambda v: v >= 1) if name == "labels_per_class" else
+                          ("fractions above 0 and at most 1", lambda v: 0 < v <= 1))
+            if not all(fits(v) for v in values):
+                raise FastclrError(f"{flag} takes {kind}, got {','.join(map(str, values))}; e.g. {flag} {example}")
+        # BatchNorm trains on at least 2 images a batch; uniformity compares at least 2 features; k 0 is the run's own.
+        for name, least in (("steps", 1), ("batch_size", 2), ("quality_images", 2), ("knn_k", 0)):
+            if getattr(self, name) < least:
+                at_least = "1 (0: the run's own k)" if name == "knn_k" else least
+                raise FastclrError(f"--{name.replace('_', '-')} must be at least {at_least}, got {getattr(self, name)}")
+        for name in ("knn_tau", "lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise FastclrError(f"--{name.replace('_', '-')} must be a finite number above 0, got "
+                                   f"{getattr(self, name)}; e.g. --{name.replace('_', '-')} {getattr(EvaluateOptions(), name)}")
 
     def recipe(self, flip_p: float, finetune: bool = False) -> TrainRecipe:
         """The training recipe from scratch (or for fine-tuning); `flip_p` is the run's."""

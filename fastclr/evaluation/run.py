@@ -240,6 +240,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the chosen protocols on a run's encoder; writes and returns the results (eval.json)."""
     o = options or EvaluateOptions()
+    o.check()
     run_dir = Path(run_dir)
     set_threads(o.threads, warn=log)
     device = select_device(o.device, warn=log)
@@ -249,7 +250,7 @@ def evaluate(
                            f"permissions, or copy the run (`cp -r {run_dir} COPY`) and evaluate the copy")
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
     require_trackers(trackers)
-    dataset = dataset if dataset is not None else run_data(run)
+    dataset = run_data(run, dataset)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
     t_start = time.perf_counter()
     ctx = Context(run, dataset, o, device, log)
@@ -267,8 +268,13 @@ def evaluate(
                                     f"the features of {run_dir}'s test images")
         if run.spec.rebuildable:  # a module given in Python cannot be rebuilt untrained by name
             untrained = untrained_encoder(run.spec, run.config.train.seed, device)
-            ctx.untrained_train_x = features_of(untrained, run.spec, ctx.setup.train_images, device, run.precision)
-            ctx.untrained_test_x = features_of(untrained, run.spec, ctx.setup.test_images, device, run.precision)
+            # Not the run's fault when these overflow (a deep network at its initial weights in fp16): said so.
+            why = (f"the network at its initial weights overflows in {run.precision.name}, not the trained one; "
+                   "evaluate with --precision fp32 (or bf16)")
+            ctx.untrained_train_x = require_finite(features_of(untrained, run.spec, ctx.setup.train_images, device,
+                                                               run.precision), "the untrained network's features", why)
+            ctx.untrained_test_x = require_finite(features_of(untrained, run.spec, ctx.setup.test_images, device,
+                                                              run.precision), "the untrained network's features", why)
         timings["features"] = time.perf_counter() - t0
         log(f"features h ({ctx.train_x.shape[1]}-d) of {len(ctx.train_x)} train and {len(ctx.test_x)} test images "
             f"in {timings['features']:.1f} s")

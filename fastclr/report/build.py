@@ -261,6 +261,10 @@ def _results_sections(ev: dict[str, Any] | None, run_dir: Path, encoder_sha256: 
                          f"From eval.json, written {escape(ev.get('environment', {}).get('time', '?'))}.")]
 
 
+MAP_METHODS = ("tsne", "pca")
+"""How the report's 2-D map of the test embeddings is drawn (`--map`)."""
+
+
 @gives_threads_back
 def build_report(
     run_dir: Path,
@@ -274,12 +278,14 @@ def build_report(
 ) -> Path:
     """Write the report of `run_dir` (to RUN_DIR/report.html unless `out`) and return its path."""
     t0 = time.perf_counter()
+    if map_method not in MAP_METHODS:  # any other name drew a PCA map captioned with that name
+        raise FastclrError(f"unknown map {map_method!r}; choose {' or '.join(MAP_METHODS)}")
     set_threads(threads)
     dev = select_device(device)
     if out is not None:
         refuse_output(out, kind="a report", suffixes=(".html", ".htm"))
     run = load_run(run_dir, dev, precision, command="report")
-    dataset = dataset if dataset is not None else run_data(run)
+    dataset = run_data(run, dataset)
     ev = read_eval(run_dir)
     config_text = (run_dir / "config.toml").read_text(encoding="utf-8")
     data: dict[str, Any] = {}
