@@ -119,7 +119,8 @@ def test_stl10_binary_is_column_major(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.train.labels, [0, 9, 4])
     np.testing.assert_array_equal(ds.test.labels, [1, 2])
     np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([imgs["unlabeled"], imgs["train"]]))
-    assert ds.pretrain.labels is None and ds.unlabelled == 4  # the unlabelled images, then the train split
+    assert ds.unlabelled == 4  # the unlabelled images, then the train split, with its labels (--supcon's)
+    np.testing.assert_array_equal(ds.pretrain.labels, [-1, -1, -1, -1, 0, 9, 4])
     assert ds.image_shape[0] == REGISTRY["stl10"].side
 
 

@@ -203,3 +203,43 @@ def test_a_store_goes_to_a_gpu_with_room_for_it_once_and_stays_mapped_on_the_cpu
     monkeypatch.setattr(loader, "fits_on_gpu", lambda nbytes, device: True)  # as a GPU with room would answer
     resident = ImageSource(mapped, torch.device("cpu"))
     assert resident._mmap is None and torch.equal(resident.gather(idx), torch.from_numpy(x)[idx])
+
+
+def test_pretraining_images_carry_their_labels_for_supcon_and_none_is_refused(tmp_path: Path) -> None:
+    """A store's and STL-10's pretraining images had no labels at all: --supcon on them trained
+    plain NT-Xent without a word. The labelled rows keep their labels now (-1 for the unlabelled),
+    and --supcon where no pretraining image has one is refused before the run directory exists."""
+    from conftest import write_stl10
+    from fastclr.data.store import read_store
+    from fastclr.ingest.builtin import write_builtin_store
+
+    write_stl10(tmp_path / "data")
+    stl = load_builtin("stl10", tmp_path / "data", download=False)
+    assert stl.pretrain.labels is not None and stl.train is not None and stl.train.labels is not None
+    assert stl.pretrain.labels.tolist() == [-1] * stl.unlabelled + stl.train.labels.tolist()
+    store = write_builtin_store("stl10", tmp_path / "s", str(tmp_path / "data"), download=False, log=lambda s: None)
+    s, on_store = read_store(store), open_store(store)
+    a, b = s.split_range("unlabeled")[0], s.split_range("train")[1]
+    assert on_store.pretrain.labels is not None and on_store.pretrain.labels.tolist() == s.labels[a:b].tolist()
+    assert on_store.pretrain.labels.tolist() == stl.pretrain.labels.tolist()
+
+    bar_images(tmp_path / "bars", n_per_class=8, size=32)
+    unlabelled = prepare_store(tmp_path / "bars", tmp_path / "u", DecodeOptions(28), workers=1, labels="none",
+                               **QUIET).store
+    with pytest.raises(FastclrError) as e:
+        pretrain(tiny(tmp_path / "run", str(unlabelled), train__supcon=True), **QUIET)
+    assert str(e.value) == (f"--supcon takes its positives from the labels of the pretraining images, and {unlabelled} "
+                            "labels none of them; drop --supcon, or prepare the images with a folder per class")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_odd_side_for_the_cnn_is_one_line_before_the_run_directory(tmp_path: Path) -> None:
+    """The cnn folds 2 x 2 pixels into channels first: a 27 px view was a pixel_unshuffle traceback
+    at the first step, after config.toml was written."""
+    from tiny import tiny_dataset
+
+    with pytest.raises(FastclrError) as e:
+        pretrain(tiny_config(tmp_path / "run", augment__crop_size=27), dataset=tiny_dataset(), **QUIET)
+    assert str(e.value) == ("the cnn encoder reads images of an even side (its first layer folds 2 x 2 pixels into "
+                            "channels), and these views are 27 px; pass --crop-size 26, or --encoder resnet18")
+    assert not (tmp_path / "run").exists()

@@ -619,7 +619,8 @@ def test_a_checkpoint_from_before_steps_per_epoch_were_kept_stands_for_full_batc
 
 
 @pytest.mark.parametrize("key, value", [("train__local_views", 2), ("train__supcon", True), ("train__queue", 64),
-                                        ("train__nn_support", 64), ("data__name", "mnist")])
+                                        ("train__nn_support", 64), ("data__name", "mnist"), ("train__seed", 7),
+                                        ("augment__crop_size", 24)])
 def test_a_resume_that_changes_the_views_objective_or_carried_state_is_refused_unless_allowed(
         tmp_path: Path, key: str, value: object) -> None:
     """Small views, labels as positives, a queue or a support set change what each step trains on or
@@ -669,3 +670,20 @@ def test_a_stop_asked_at_the_last_step_lets_the_run_finish(tmp_path: Path) -> No
     ds, run = tiny_dataset(), tmp_path / "run"
     res = pretrain(tiny_config(run), dataset=ds, stop=lambda step: step == 12, **QUIET)
     assert res.steps == 12 and not res.stopped and (run / ENCODER_FILE).exists()
+
+
+def test_a_resume_whose_data_or_side_the_checkpoint_does_not_fit_is_one_line_even_when_allowed(tmp_path: Path) -> None:
+    """--crop-size 32 on a 28 px run, allowed: `auto` then builds a ResNet-18 with the CIFAR stem,
+    not the cnn, and load_state_dict's missing keys were a traceback. Now one line naming what
+    changed, before config.toml or anything else is written."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    assert pretrain(tiny_config(run), dataset=ds, stop=lambda step: step == 5, **QUIET).stopped
+    config, checkpoints = (run / "config.toml").read_bytes(), [p.name for p in list_checkpoints(run)]
+    with pytest.raises(FastclrError) as e:
+        pretrain(tiny_config(run, augment__crop_size=32), resume=run, dataset=ds, allow_config_change=True, **QUIET)
+    assert str(e.value) == ("cannot resume: the checkpoint's encoder does not fit the network these settings build "
+                            "(encoder cnn -> resnet18; image_size 28 -> 32; cifar_stem n/a -> on); resume with the data and --crop-size the run trained with, or start "
+                            "a new run")
+    assert (run / "config.toml").read_bytes() == config and [p.name for p in list_checkpoints(run)] == checkpoints
+    res = pretrain(tiny_config(run), resume=run, dataset=ds, **QUIET)  # the run itself is untouched
+    assert res.steps == 12

@@ -36,7 +36,8 @@ class ImageSet:
 
 @dataclass
 class Dataset:
-    """The splits a SimCLR run uses: `pretrain` (labels ignored), and labelled `train`/`test`."""
+    """The splits a SimCLR run uses: `pretrain` (its labels, -1 for an unlabelled image, read only
+    by --supcon), and labelled `train`/`test`."""
 
     name: str
     pretrain: ImageSet
@@ -180,7 +181,8 @@ def _read_stl10(folder: Path) -> Dataset:
         images = np.empty(shape, np.uint8)
         formats.read_stl10_images(folder / "unlabeled_X.bin", out=images[:unlabelled])
         images[unlabelled:] = train.images
-    return Dataset("stl10", ImageSet(images, None), train, test, names or [str(i) for i in range(10)],
+    labels = np.concatenate([np.full(unlabelled, -1, np.int64), np.asarray(train.labels, np.int64)])  # --supcon's
+    return Dataset("stl10", ImageSet(images, labels), train, test, names or [str(i) for i in range(10)],
                    unlabelled=unlabelled)
 
 

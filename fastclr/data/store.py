@@ -188,7 +188,9 @@ def store_dataset(store: Store) -> Dataset:
     v0, v1 = store.split_range("test")
     x = store.images
     # A tiny labelled store can hash every row into the test split; then pretrain on all rows.
-    pretrain = ImageSet(x[u0:t1] if t1 > u0 else x, None)
+    # Labelled rows keep their labels (--supcon's positives), unlabelled ones -1: the train split's
+    # labels are the test's too where every row was hashed there, so those stay unread (None).
+    pretrain = ImageSet(x[u0:t1], store.labels[u0:t1]) if t1 > u0 else ImageSet(x, None)
     train = test = None
     if t1 > t0 and v1 > v0:
         train = ImageSet(x[t0:t1], store.labels[t0:t1])

@@ -20,6 +20,7 @@ from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.errors import FastclrError
 from fastclr.pretraining.metrics import Health, MetricsWindow
 from fastclr.pretraining.model import Model, build_model
+from fastclr.models import resolve_encoder
 from fastclr.models.cnn import AttentionPool
 from fastclr.models.modes import in_eval_mode
 from fastclr.pretraining.monitor import KnnMonitor
@@ -65,6 +66,20 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
         chosen = ", ".join(objective_options(t))
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
                            "compute two-view NT-Xent only); drop one of them")
+
+
+def check_data_fits(cfg: Config, dataset: Dataset, custom_encoder: bool = False) -> None:
+    """One line, before the run directory is made, for data these settings cannot train on: an odd
+    side for the cnn (its first layer folds 2 x 2 pixels into channels: a traceback at the first
+    step), or --supcon with no label on any pretraining image (it trained plain NT-Xent silently)."""
+    side = cfg.augment.crop_size or dataset.image_shape[0]
+    if not custom_encoder and resolve_encoder(cfg.model.encoder, side) == "cnn" and side % 2:
+        raise FastclrError(f"the cnn encoder reads images of an even side (its first layer folds 2 x 2 pixels into "
+                           f"channels), and these views are {side} px; pass --crop-size {side - 1}, or --encoder resnet18")
+    labels = dataset.pretrain.labels
+    if cfg.train.supcon and (labels is None or not bool((labels >= 0).any())):
+        raise FastclrError(f"--supcon takes its positives from the labels of the pretraining images, and {dataset.name} "
+                           "labels none of them; drop --supcon, or prepare the images with a folder per class")
 
 
 def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim: int, device: torch.device) -> None:

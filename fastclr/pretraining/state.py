@@ -25,9 +25,10 @@ from fastclr.pretraining.schedule import ramp_fraction
 from fastclr.pretraining.step import TrainStep
 
 RESUME_KEYS = ("data.name", "train.batch_size", "train.views", "train.local_views", "train.supcon", "train.queue",
-               "train.nn_support")
+               "train.nn_support", "train.seed", "augment.crop_size")
 """Settings a resumed run may change only with --allow-config-change: they change the data, its
-order or the state a checkpoint carries (a queue, a support set: started empty when newly on)."""
+order (the seed draws it and the views), the views' side, or the state a checkpoint carries (a
+queue, a support set: started empty when newly on)."""
 
 STATE_KEYS = ("model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
               "model.head_hidden", "model.head_bn", "model.proj_dim", "optim.optimizer", "train.learn_temperature")
@@ -61,6 +62,23 @@ def _same_network(key: str, saved: Config, wanted: Config) -> bool:
     if key != "model.cnn_stages":
         return False
     return parse_stages(saved.model.cnn_stages) == parse_stages(wanted.model.cnn_stages)
+
+
+def check_fits(state: dict[str, Any], model: Model) -> None:
+    """One line, before anything is loaded or written, when the checkpoint's tensors do not fit the
+    network these settings build: the data's channels or side, or the encoder `auto` picks for
+    them, changed (another dataset, --crop-size; allowed with --allow-config-change where they fit)."""
+    for part, module in (("encoder", model.encoder), ("head", model.head)):
+        mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in state[part].items()} == mine:
+            continue
+        saved = state.get("model_info", {})
+        now = model.spec.to_dict()
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in ("encoder", "in_channels", "image_size", "cifar_stem",
+                                                            "feature_dim") if k in saved and saved[k] != now[k]]
+        raise FastclrError(f"cannot resume: the checkpoint's {part} does not fit the network these settings build"
+                           f"{' (' + '; '.join(changed) + ')' if changed else ''}; resume with the data and --crop-size "
+                           "the run trained with, or start a new run")
 
 
 def check_resume_data(saved: str, dataset_name: str, content: str, allow_changes: bool,
@@ -145,6 +163,7 @@ class RunState:
     def restore(self, state: dict[str, Any], n_images: int) -> None:
         """Continue from a checkpoint's content (`n_images`: the data's, now). A time-budgeted run
         keeps the step count it fitted; otherwise `train.epochs` may extend a run."""
+        check_fits(state, self.model)
         self.model.encoder.load_state_dict(state["encoder"])
         self.model.head.load_state_dict(state["head"])
         self.train_step.optimizer.load_state_dict(state["optimizer"])
