@@ -240,8 +240,9 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
     pre.add_argument("run_dir", nargs="?", help="the run directory (the same as --run-dir); with --resume auto: the "
                      "run to continue or start")
     pre.add_argument("--allow-config-change", action="store_true",
-                     help="allow resuming with a different dataset, batch size, views, queue or support set (a different "
-                          "network or optimiser never fits the checkpoint: start a new run with --init)")
+                     help="allow resuming with a different dataset, batch size, views, small views, --supcon, queue, "
+                          "support set, seed or --crop-size (a network the checkpoint does not fit is never allowed: "
+                          "start a new run with --init)")
     pre.add_argument("--quiet", action="store_true", help="no progress line")
     _add_config_flags(pre)
     pre.set_defaults(func=cmd_pretrain)

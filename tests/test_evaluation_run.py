@@ -636,6 +636,11 @@ def test_data_of_other_channels_than_the_encoders_is_one_line_before_any_work(ru
     with pytest.raises(FastclrError, match=re.escape(message)):
         build_report(run_dir, out=run_dir.parent / "r.html", device="cpu", dataset=colour)
     assert not (run_dir.parent / "r.html").exists()
+    from fastclr.semisup.pipeline import FinetuneOptions, finetune_run
+
+    with pytest.raises(FastclrError, match=re.escape(message)):
+        finetune_run(run_dir, FinetuneOptions(labels_per_class=5, steps=1, device="cpu"), dataset=colour,
+                     log=lambda s: None)
 
 
 def test_a_report_map_other_than_tsne_or_pca_is_refused(run: Run) -> None:
@@ -668,5 +673,6 @@ def test_untrained_features_that_are_not_finite_are_not_blamed_on_the_run(run: R
         evaluate(run_dir, EvaluateOptions(protocols=("linear",), device="cpu", precision="fp32"), dataset=ds,
                  log=lambda s: None)
     assert str(e.value).startswith("the untrained network's features hold NaN or infinite values (")
-    assert str(e.value).endswith("rows): the network at its initial weights overflows in fp32, not the trained one; "
-                                 "evaluate with --precision fp32 (or bf16)")
+    assert str(e.value).endswith("rows): the network at its initial weights gives them in fp32, not the trained one: "
+                                 "this architecture is unstable at random initialisation, and its untrained reference "
+                                 "cannot be measured")

@@ -167,9 +167,13 @@ def test_the_similarity_matrix_shows_the_cosines_of_the_runs_own_view_pairs(run:
     assert f"mean cosine {positives:.3f} for positives" in section_html(html, "similarity")
 
 
-def test_report_of_an_unlabelled_dataset(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+@pytest.mark.parametrize("labelled", ["none", "all -1"])
+def test_report_of_an_unlabelled_dataset(run: tuple[Path, Dataset], tmp_path: Path, labelled: str) -> None:
+    """Pretraining images without labels, or (as an unlabelled store gives them, for --supcon) all
+    -1: the map was then "coloured by class" and every neighbour "shared the query's class" -1."""
     run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
-    images = ImageSet(run[1].pretrain.images, None)
+    x = run[1].pretrain.images
+    images = ImageSet(x, None if labelled == "none" else np.full(len(x), -1, np.int64))
     unlabelled = Dataset("my-photos", images, None, None, [])
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=unlabelled).read_text()
     for sid in SECTIONS:

@@ -269,8 +269,10 @@ def evaluate(
         if run.spec.rebuildable:  # a module given in Python cannot be rebuilt untrained by name
             untrained = untrained_encoder(run.spec, run.config.train.seed, device)
             # Not the run's fault when these overflow (a deep network at its initial weights in fp16): said so.
-            why = (f"the network at its initial weights overflows in {run.precision.name}, not the trained one; "
-                   "evaluate with --precision fp32 (or bf16)")
+            why = ("the network at its initial weights overflows in fp16, not the trained one; evaluate with "
+                   "--precision fp32 (or bf16)" if run.precision.name == "fp16" else
+                   f"the network at its initial weights gives them in {run.precision.name}, not the trained one: this "
+                   "architecture is unstable at random initialisation, and its untrained reference cannot be measured")
             ctx.untrained_train_x = require_finite(features_of(untrained, run.spec, ctx.setup.train_images, device,
                                                                run.precision), "the untrained network's features", why)
             ctx.untrained_test_x = require_finite(features_of(untrained, run.spec, ctx.setup.test_images, device,

@@ -60,8 +60,8 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
         except (OSError, ValueError) as e:  # damaged (written by an older version on a full disk): recompute
             log(f"note: ignoring the unreadable feature cache {cache} ({e}); recomputing it")
         else:
-            if feats.shape == (len(store.images), run.spec.feature_dim):
-                return feats
+            if feats.shape == (len(store.images), run.spec.feature_dim) and np.isfinite(feats).all():
+                return feats  # (a cache of NaN rows, written before they were refused, is recomputed: and refused)
     feats = embed_images(run, store.images, device)
     try:
         cache.parent.mkdir(exist_ok=True)

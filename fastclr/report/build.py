@@ -167,8 +167,11 @@ def own_rows(bank_index: np.ndarray, query_index: np.ndarray) -> np.ndarray:
 
 def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, method: str, seed: int,
                         data: dict[str, Any]) -> list[str]:
-    test = dataset.test or dataset.pretrain
-    bank_split = dataset.train or dataset.pretrain
+    # Without labelled splits, the pretraining images unlabelled: their labels are --supcon's, -1 for
+    # most or all rows, never classes to colour or match (an unlabelled store showed "-1" as a class).
+    pretrain = ImageSet(dataset.pretrain.images, None)
+    test = dataset.test or pretrain
+    bank_split = dataset.train or pretrain
     midx = evenly_spaced(len(test), MAP_POINTS)
     map_images = test.images[midx]
     h = torch.from_numpy(embed_images(run, map_images, device))  # as `fastclr neighbours` embeds a store
