@@ -90,10 +90,15 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
     else:
-        path, state = latest_valid_checkpoint(run, warn=log)  # a damaged newer one is named, not passed over
+        skipped: list[str] = []  # a damaged newer one is named, not passed over
+
+        def skip(message: str) -> None:
+            skipped.append(message)
+            log(message)
+        _, state = latest_valid_checkpoint(run, warn=skip)
         step, total = int(state["step"]), int(state.get("total_steps", 0))
         checkpoint_step = step
-        newest = path == list_checkpoints(run)[-1]
+        newest = not skipped
         if not owner or not newest:  # (the owner's note above says it already, unless one was skipped)
             log(f"note: {run} has no {ENCODER_FILE}: using its {'newest' if newest else 'newest valid'} checkpoint, "
                 f"step {step}" + (f" of {total} (the run stopped before its end)" if total > step else ""))

@@ -8,6 +8,7 @@ every number can be raised from the command line when time allows.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastclr.config import SEED_MAX
@@ -20,6 +21,14 @@ EXTRA_PROTOCOLS = ("pixels",)
 """Run only when asked for: the linear probe and kNN on raw pixels, the floor any encoder must beat."""
 LABELLED = ("linear", "knn", "fewshot", "supervised", "finetune", "pixels")
 """Protocols that need the labelled train and test splits."""
+
+
+LIST_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "seeds": (f"seeds from 0 to {SEED_MAX}", lambda v: 0 <= v <= SEED_MAX),
+    "labels_per_class": ("counts of at least 1", lambda v: v >= 1),
+    "finetune_fractions": ("fractions above 0 and at most 1", lambda v: 0 < v <= 1),
+}
+"""What each list option takes (every *_seeds list takes seeds), in words and as a test."""
 
 
 @dataclass
@@ -81,9 +90,7 @@ class EvaluateOptions:
             if repeated:  # a repeated seed is the same draw again: its spread of 0 would pass for agreement
                 raise FastclrError(f"{flag} repeats {', '.join(map(str, repeated))}: each value is one measurement; "
                                    f"give distinct values, e.g. {flag} {example}")
-            kind, fits = (("seeds from 0 to " + str(SEED_MAX), lambda v: 0 <= v <= SEED_MAX) if name.endswith("seeds") else
-                          ("counts of at least 1", lambda v: v >= 1) if name == "labels_per_class" else
-                          ("fractions above 0 and at most 1", lambda v: 0 < v <= 1))
+            kind, fits = LIST_RANGES["seeds" if name.endswith("seeds") else name]
             if not all(fits(v) for v in values):
                 raise FastclrError(f"{flag} takes {kind}, got {','.join(map(str, values))}; e.g. {flag} {example}")
         # BatchNorm trains on at least 2 images a batch; uniformity compares at least 2 features; k 0 is the run's own.

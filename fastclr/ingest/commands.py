@@ -23,11 +23,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
         if args.folder or args.size:
             raise FastclrError("give either FOLDER --size S or --builtin NAME (built-in images keep their own size)")
-        folder_only = _given(args, FOLDER_ONLY)
-        if folder_only:
-            raise FastclrError(f"{' and '.join(folder_only)} {'applies' if len(folder_only) == 1 else 'apply'} to "
-                               f"decoding a FOLDER; --builtin {args.builtin} writes the dataset's own images as they "
-                               "are: drop " + ("it" if len(folder_only) == 1 else "them"))
+        _refuse_given(args, FOLDER_ONLY, f"decoding a FOLDER; --builtin {args.builtin} writes the dataset's own "
+                      "images as they are:")
         write_builtin_store(args.builtin, Path(args.out), args.data_root, not args.no_download)
         return 0
     from fastclr.ingest.prepare import prepare_store
@@ -35,10 +32,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not args.folder or args.size is None:  # --size 0 is a size, refused below with the valid range
         raise FastclrError("prepare needs a FOLDER and --size S (or --builtin NAME), "
                            "e.g. `fastclr prepare photos --size 96 --out photos.store`")
-    builtin_only = _given(args, BUILTIN_ONLY)
-    if builtin_only:
-        raise FastclrError(f"{' and '.join(builtin_only)} {'applies' if len(builtin_only) == 1 else 'apply'} to "
-                           f"--builtin NAME, not to a FOLDER: drop {'it' if len(builtin_only) == 1 else 'them'}")
+    _refuse_given(args, BUILTIN_ONLY, "--builtin NAME, not to a FOLDER:")
     opts = DecodeOptions(args.size, args.fit, args.channels, args.max_pixels)
     prepare_store(args.folder, args.out, opts, workers=args.workers, labels=args.labels, rehash=args.rehash,
                   progress=not args.quiet)
@@ -52,9 +46,14 @@ BUILTIN_ONLY = {"data_root": None, "no_download": False}
 """The options of finding a built-in dataset, with their defaults."""
 
 
-def _given(args: argparse.Namespace, options: Mapping[str, object]) -> list[str]:
-    """The flags of `options` given other values than their defaults, as typed (--max-pixels)."""
-    return [f"--{name.replace('_', '-')}" for name, default in options.items() if getattr(args, name) != default]
+def _refuse_given(args: argparse.Namespace, options: Mapping[str, object], applies_to: str) -> None:
+    """One line naming the flags of `options` given other values than their defaults, as typed
+    (--max-pixels): they apply to `applies_to`, not to what this command does."""
+    given = [f"--{name.replace('_', '-')}" for name, default in options.items() if getattr(args, name) != default]
+    if given:
+        one = len(given) == 1
+        raise FastclrError(f"{' and '.join(given)} {'applies' if one else 'apply'} to {applies_to} drop "
+                           f"{'it' if one else 'them'}")
 
 
 def _load(run_dir: str, device_name: str, precision: str, command: str) -> tuple[LoadedRun, torch.device]:
