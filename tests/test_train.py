@@ -16,7 +16,7 @@ from torch import nn
 
 from tiny import tiny_config, tiny_dataset
 from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from fastclr.config import Config
+from fastclr.config import Config, read_toml
 from fastclr.data import Dataset, ImageSet
 from fastclr.data.loader import BatchSampler
 from fastclr.errors import FastclrError
@@ -1035,3 +1035,15 @@ def test_the_run_line_counts_the_steps_of_an_epoch_in_words(tmp_path: Path, batc
              progress=False, log=lines.append)
     head = next(line for line in lines if line.startswith("run "))
     assert f", batch {batch}, {per_epoch}, peak lr" in head
+
+
+@pytest.mark.parametrize(("setting", "said"), [("auto", "on cpu, eager (--compile auto)"), ("off", "on cpu, eager")])
+def test_the_run_line_records_what_compile_resolved_to(tmp_path: Path, setting: str, said: str) -> None:
+    """config.toml keeps `auto` (a resume resolves it on its own machine); the log says what it
+    became here: auto is eager on a CPU (fastclr.runtime.use_compile)."""
+    lines: list[str] = []
+    pretrain(tiny_config(tmp_path, train__compile=setting, train__epochs=1.0), dataset=tiny_dataset(64),
+             progress=False, log=lines.append)
+    head = next(line for line in lines if line.startswith("run "))
+    assert head.endswith(said)
+    assert read_toml(tmp_path / "config.toml")["train.compile"] == setting

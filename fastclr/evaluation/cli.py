@@ -9,6 +9,7 @@ from typing import Any
 
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
+from fastclr.report.build import MAP_METHODS
 from fastclr.runtime import PRECISIONS
 
 
@@ -106,7 +107,7 @@ def add_eval_commands(sub: Any) -> None:
                         help="write RUN_DIR/report.html: curves, views, embeddings, numbers (one file, offline)")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     rp.add_argument("--out", help="where to write the HTML (default: RUN_DIR/report.html)")
-    rp.add_argument("--map", choices=("tsne", "pca"), default="tsne", help="2-D map of test embeddings (default: tsne)")
+    rp.add_argument("--map", choices=MAP_METHODS, default=MAP_METHODS[0], help="2-D map of test embeddings (default: tsne)")
     rp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     rp.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="auto (default: decided from this machine), bf16, fp16, fp32")

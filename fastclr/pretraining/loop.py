@@ -344,10 +344,16 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     t, spec = cfg.train, run.model.spec
     log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
         f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {counted(run.steps_per_epoch, 'step')}/epoch, peak lr {run.peak_lr:g} "
-        f"({_lr_text(cfg, ctx)}), {precision.name} on {device}"
+        f"({_lr_text(cfg, ctx)}), {precision.name} on {device}, {_compile_text(cfg.train.compile, compiled)}"
         + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
                   + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
     return run
+
+
+def _compile_text(setting: str, compiled: bool) -> str:
+    """What the first log line says of torch.compile: config.toml keeps the setting (`auto` is
+    resolved again on the machine a resume runs on), so the log is where the choice is recorded."""
+    return ("compiled" if compiled else "eager") + (f" (--compile {setting})" if setting == "auto" else "")
 
 
 def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | None, init: InitWeights | None,
