@@ -246,6 +246,11 @@ def test_unlabelled_dataset_asked_for_labelled_protocols(run: Run) -> None:
     quality_only = EvaluateOptions(protocols=("quality",), quality_images=32, device="cpu")
     out = evaluate(run_dir, quality_only, dataset=unlabelled, log=lambda s: None)
     assert set(out["protocols"]) == {"quality"}  # the label-free measures need no labels
+    assert ds.test is not None
+    no_test = Dataset("my-photos", ds.pretrain, ds.train, ImageSet(ds.test.images[:0], ds.test.labels[:0]), ds.classes)
+    with pytest.raises(FastclrError, match=r"^dataset my-photos's labelled test split is empty, which protocols knn "
+                                           r"need; run `fastclr evaluate RUN_DIR --protocols quality`"):
+        evaluate(run_dir, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=no_test, log=lambda s: None)
 
 
 def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
@@ -355,11 +360,32 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     # the same encoder and store path, but the store prepared again (its content changed): replaced too
     knn, lin = EvaluateOptions(protocols=("knn",), device="cpu"), EvaluateOptions(protocols=("linear",), device="cpu")
     evaluate(copy, lin, dataset=dataclasses.replace(ds, content="a" * 64), log=lines.append)
-    assert json.loads((copy / "eval.json").read_text())["data_content"] == "a" * 64
+    saved = json.loads((copy / "eval.json").read_text())
+    # the kNN result before came from data without a content identity: not carried over as this data's
+    assert saved["data_content"] == "a" * 64 and set(saved["protocols"]) == {"linear"}
     lines.clear()
     evaluate(copy, knn, dataset=dataclasses.replace(ds, content="b" * 64), log=lines.append)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
     assert "eval.json held results of another encoder (the run trained on since) or data: replaced" in lines
+
+
+def test_knn_records_the_k_its_vote_used(run: Run, tmp_path: Path) -> None:
+    """A --knn-k above the training images votes over all of them: the record and the table say
+    that k, not the one asked for, and the figure is the one of k = N exactly."""
+    import shutil
+
+    run_dir, ds, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert ds.train is not None
+    n = len(ds.train.images)
+    lines: list[str] = []
+    many = evaluate(copy, EvaluateOptions(protocols=("knn",), knn_k=10 * n, device="cpu"), dataset=ds,
+                    log=lines.append)["protocols"]["knn"]
+    exact = evaluate(copy, EvaluateOptions(protocols=("knn",), knn_k=n, device="cpu"), dataset=ds,
+                     log=lambda s: None)["protocols"]["knn"]
+    assert many["k"] == n and many == exact
+    assert f"note: kNN with k = {n}, every training image: --knn-k {10 * n} is more than the {n} there are" in lines
 
 
 def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Path) -> None:
@@ -523,7 +549,8 @@ def test_fine_tuning_starts_from_the_probe_and_keeps_batchnorm_statistics() -> N
     the images, so that the probe is not simply right everywhere."""
     from conftest import synthetic_images
     from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
-    from fastclr.evaluation.finetune import probe_then_finetune
+    from fastclr.evaluation.fewshot import fewshot_fit
+    from fastclr.evaluation.finetune import linear_head, probe_then_finetune
     from fastclr.models import SmallCNN
     from fastclr.runtime import FP32
 
@@ -546,10 +573,18 @@ def test_fine_tuning_starts_from_the_probe_and_keeps_batchnorm_statistics() -> N
     subset_x = extract_features(enc, x[idx], mean, std, cpu)
     test_x = extract_features(enc, xt, mean, std, cpu)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    _, out = probe_then_finetune(enc, subset_x, test_x, setup, idx, seed=0)
+    head, out = probe_then_finetune(enc, subset_x, test_x, setup, idx, seed=0)
     for k, v in enc.state_dict().items():
         assert torch.equal(v, before[k]), k  # weights and running statistics alike
     assert 0.0 < out["linear_accuracy"] < 1.0 and out["accuracy"] == out["linear_accuracy"]
+    # the head is the reported probe itself, not a second fit of it (which differed in the last digits)
+    probe = fewshot_fit(subset_x, torch.from_numpy(y[idx]), test_x, torch.from_numpy(yt), 0)
+    assert probe.model is not None and probe.accuracy == out["linear_accuracy"]
+    start = linear_head(probe.model, cpu)
+    torch.testing.assert_close(head.weight, start.weight, rtol=0, atol=0)
+    torch.testing.assert_close(head.bias, start.bias, rtol=0, atol=0)
+    correct = (start(test_x).argmax(1).numpy() == yt).mean()
+    assert correct == pytest.approx(out["linear_accuracy"], abs=1e-9)
 
 
 def test_the_tables_protocol_and_curve_rows_show_each_protocols_own_figures() -> None:

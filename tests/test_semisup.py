@@ -712,6 +712,10 @@ def test_features_and_distillation_leave_a_classifier_in_the_mode_it_was_in() ->
     teacher, student = classifier(), classifier()
     distill(teacher, student, labelled_setup_of(x, y, mean, std), np.array([0, 1, 2]), 1.0, 0.0, 0)
     assert not any(m.training for m in [*teacher.modules(), *student.modules()])
+    # a teacher given in train mode (from Python) is read in eval mode and given back in train mode
+    teacher.train()
+    distill(teacher, classifier(), labelled_setup_of(x, y, mean, std), np.array([0, 1, 2]), 1.0, 0.0, 0)
+    assert all(m.training for m in teacher.modules())
 
 
 def test_distil_on_data_whose_class_shrank_says_to_fine_tune_again(run: Run, tmp_path: Path) -> None:

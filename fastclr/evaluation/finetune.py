@@ -27,10 +27,10 @@ from torch import nn
 
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe, fit_and_test
 from fastclr.evaluation.curve import label_sweep
-from fastclr.evaluation.fewshot import FEWSHOT_ITERS, fewshot_fit
+from fastclr.evaluation.fewshot import fewshot_fit
 from fastclr.evaluation.subsets import fraction_per_class
 from fastclr.evaluation.supervised import train_from_scratch
-from fastclr.evaluation.probe import LogisticModel, fit_logistic_regression
+from fastclr.evaluation.probe import LogisticModel
 from fastclr.models import EncoderSpec
 
 
@@ -53,8 +53,8 @@ def probe_then_finetune(backbone: nn.Module, subset_x: torch.Tensor, test_x: tor
     Returns the head and the test accuracies of the probe ("linear_accuracy") and of the whole."""
     ys, yte = torch.from_numpy(setup.train_labels[idx]), torch.from_numpy(setup.test_labels)
     probe = fewshot_fit(subset_x, ys, test_x, yte, seed)
-    start = fit_logistic_regression(subset_x, ys, len(setup.classes), probe.l2, FEWSHOT_ITERS[0])
-    head = linear_head(start, setup.device)
+    assert probe.model is not None and len(probe.model.bias) == len(setup.classes)  # a subset holds every class
+    head = linear_head(probe.model, setup.device)  # the very model whose accuracy is reported
     out: dict[str, Any] = fit_and_test(backbone, head, setup, idx, seed, frozen_bn=True)
     out.update(l2=probe.l2, linear_accuracy=probe.accuracy)
     return head, out

@@ -7,7 +7,7 @@ training split, never on the test split, then the probe is refitted on the whole
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,9 @@ class ProbeResult:
     l2: float
     val_accuracy: float
     train_accuracy: float
+    model: LogisticModel | None = field(default=None, repr=False, compare=False)
+    """The refitted logistic regression whose test accuracy is `accuracy` (fine-tuning's head starts
+    from it: fastclr.evaluation.finetune)."""
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -165,4 +168,4 @@ def linear_probe(
                 break  # held-out accuracy fell: the weaker penalties overfit more still
     model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model, feature_dtype=feature_dtype,
                                     stats=stats)
-    return ProbeResult(model.accuracy(test_x, test_y), best_l2, best_val, model.accuracy(train_x, train_y))
+    return ProbeResult(model.accuracy(test_x, test_y), best_l2, best_val, model.accuracy(train_x, train_y), model)

@@ -90,7 +90,10 @@ def _linear(c: Context) -> dict[str, Any]:
 def _knn(c: Context) -> dict[str, Any]:
     s = c.setup
     assert s is not None
-    k = c.options.knn_k or c.run.config.eval.knn_k
+    asked = c.options.knn_k or c.run.config.eval.knn_k
+    k = min(asked, len(s.train_labels))  # what the vote uses (fastclr.evaluation.knn): the record says that k
+    if k < asked:
+        c.log(f"note: kNN with k = {k}, every training image: --knn-k {asked} is more than the {k} there are")
     out: dict[str, Any] = {"k": k, "tau": c.options.knn_tau}
     for which, xtr, xte in _both(c):
         acc = knn_accuracy(xtr, torch.from_numpy(s.train_labels), xte, torch.from_numpy(s.test_labels), k,
@@ -185,6 +188,10 @@ def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, reci
     tr, te = dataset.train, dataset.test
     if tr is None or te is None or tr.labels is None or te.labels is None:
         raise FastclrError(f"dataset {dataset.name} has no labelled train and test splits{missing}")
+    empty = [name for name, labels in (("train", tr.labels), ("test", te.labels)) if len(labels) == 0]
+    if empty:  # (a Dataset built in Python: a store's splits hold images) torch's error was about max()
+        raise FastclrError(f"dataset {dataset.name}'s labelled {' and '.join(empty)} split{'s' * (len(empty) > 1)} "
+                           f"{'are' if len(empty) > 1 else 'is'} empty{missing}")
     classes = list(dataset.classes) or [str(i) for i in range(int(max(tr.labels.max(), te.labels.max())) + 1)]
     return LabelledSetup(tr.images, tr.labels, te.images, te.labels, classes, run.mean, run.std, run.spec.image_size,
                          device, run.precision, recipe)
@@ -336,7 +343,7 @@ def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: Dataset, now: 
     if not isinstance(old, dict) or not isinstance(old.get("protocols"), dict):
         return none
     if old.get("encoder_sha256") != encoder_sha256 or old.get("dataset") != dataset.name or \
-            old.get("data_content", dataset.content) != dataset.content:
+            old.get("data_content", "") != dataset.content:  # no identity recorded: not known to be this data
         log(f"{EVAL_FILE} held results of another encoder (the run trained on since) or data: replaced")
         return none
     names = [n for n in old["protocols"] if n not in now and n in RUNNERS]

@@ -25,6 +25,7 @@ from fastclr.errors import FastclrError
 from fastclr.evaluation.classifier import LabelledSetup, Objective, classifier_accuracy, train_classifier
 from fastclr.evaluation.features import extract_features
 from fastclr.semisup.network import Classifier
+from fastclr.models.modes import in_eval_mode
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -116,7 +117,8 @@ def distill(teacher: Classifier, student: Classifier, setup: LabelledSetup, labe
     check_distill_options(temperature, label_weight, teacher_views)
     n = len(setup.train_images)
     known = known_labels(n, labelled, setup.train_labels[labelled])
-    objective = distillation_objective(teacher, known, temperature, label_weight, setup, teacher_views)
-    loss = train_classifier(student.backbone(), student.fc, setup, np.arange(n), seed, objective=objective)
+    with in_eval_mode(teacher):  # the objective reads it in eval mode; the caller's modes come back after
+        objective = distillation_objective(teacher, known, temperature, label_weight, setup, teacher_views)
+        loss = train_classifier(student.backbone(), student.fc, setup, np.arange(n), seed, objective=objective)
     return DistillResult(accuracy=classifier_accuracy(student.backbone(), student.fc, setup), final_loss=loss,
                          teacher_accuracy=classifier_accuracy(teacher.backbone(), teacher.fc, setup))
