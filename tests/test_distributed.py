@@ -601,3 +601,21 @@ def test_torchrun_end_to_end(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
     assert [r["step"] for r in records if "knn_acc" in r] == [8]  # the kNN monitor, on rank 0 alone
+
+
+def test_a_lost_rank_is_told_what_survives(tmp_path: Path) -> None:
+    """The line a surviving rank exits with told every run to resume from "the last checkpoint",
+    also a run that had written none (lost in the first epoch: --resume then refuses) and one whose
+    directory was not chosen yet ("--resume the run directory")."""
+    from tiny import tiny_dataset, tiny_run
+    from fastclr.pretraining.loop import _after_peer_loss
+
+    run = tiny_run(tmp_path / "run", tiny_dataset(64))
+    newest = list_checkpoints(run)[-1]
+    assert _after_peer_loss(run) == (f"{newest.name} in {run} is kept; resume with --resume {run} under the same "
+                                     "torchrun command")
+    (tmp_path / "fresh").mkdir()
+    assert _after_peer_loss(tmp_path / "fresh") == (f"no checkpoint of {tmp_path / 'fresh'} was written yet; start "
+                                                    "the run again with the same command")
+    assert _after_peer_loss(None) == ("it stopped before the run directory was chosen; start the run again with the "
+                                      "same command")

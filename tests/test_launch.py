@@ -175,7 +175,7 @@ def test_a_rank_killed_or_crashed_is_named_in_one_line_not_a_traceback(
     assert launch.main(["--nproc_per_node=4", "-m", "fastclr", "pretrain"]) == 1
     err = capsys.readouterr().err
     assert err == (f"{expected}; a run's last checkpoint, if it wrote one, is kept: once the cause is fixed, "
-                   "continue with the same command and --resume RUN_DIR\n")
+                   "continue with the same command and --resume auto RUN_DIR (afresh where none was written)\n")
 
 
 def _failed_launch(codes: dict[int, tuple[int, float]], monkeypatch: pytest.MonkeyPatch) -> int:

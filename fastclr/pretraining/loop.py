@@ -138,8 +138,8 @@ def pretrain(
                 run.release()
     except Exception as e:
         if ctx.active and is_peer_failure(e):
-            where = run.run_dir if run is not None else resume or cfg.train.run_dir or "the run directory"
-            raise peer_failure(ctx, e, where) from None
+            where = run.run_dir if run is not None else resume or cfg.train.run_dir
+            raise peer_failure(ctx, e, _after_peer_loss(Path(where) if where else None)) from None
         raise
     finally:
         teardown(ctx)
@@ -348,6 +348,16 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
                   + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
     return run
+
+
+def _after_peer_loss(run_dir: Path | None) -> str:
+    """What survives a lost rank and how to go on: resume from the newest checkpoint, or, where
+    none was written (a peer lost while setting up or in the first epoch), start again."""
+    kept = list_checkpoints(run_dir) if run_dir is not None and run_dir.is_dir() else []
+    if run_dir is not None and kept:
+        return f"{kept[-1].name} in {run_dir} is kept; resume with --resume {run_dir} under the same torchrun command"
+    return (f"no checkpoint of {run_dir} was written yet" if run_dir is not None else
+            "it stopped before the run directory was chosen") + "; start the run again with the same command"
 
 
 def _compile_text(setting: str, compiled: bool) -> str:

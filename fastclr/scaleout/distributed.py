@@ -119,11 +119,11 @@ def is_peer_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "nccl", "connection", "timed out", "peer"))
 
 
-def peer_failure(ctx: DistContext, e: BaseException, run_dir: Any) -> PeerFailure:
-    """The one-line error a surviving rank exits with."""
+def peer_failure(ctx: DistContext, e: BaseException, after: str) -> PeerFailure:
+    """The one-line error a surviving rank exits with; `after`: what is kept and how to go on."""
     return PeerFailure(
         f"rank {ctx.rank} of {ctx.world_size}: lost contact with another rank ({_first_line(e)}); that rank's log "
-        f"says why it stopped. The last checkpoint in {run_dir} is kept; resume with --resume {run_dir}"
+        f"says why it stopped. {after}"
     )
 
 

@@ -97,22 +97,25 @@ def _launch(args: argparse.Namespace) -> int:
         # --shutdown-timeout, 30 s by default). The ranks agree to stop where they already
         # synchronise, at the next logging or checkpoint step (every --log-every steps), then
         # checkpoint and exit 75: with slow steps, lower --log-every or raise the timeout.
-        print(f"stopped by {e.sigval.name}: the ranks were asked to checkpoint at their next logging step; "
-              "continue with the same command and --resume RUN_DIR", file=sys.stderr)
+        # `--resume auto`: the ranks may have been ended before their first checkpoint.
+        print(f"stopped by {e.sigval.name}: the ranks were asked to checkpoint at their next logging step (within "
+              "torchrun's --shutdown-timeout; with slow steps, lower --log-every); continue with the same command "
+              "and --resume auto RUN_DIR (from its checkpoint, or afresh where none was written)", file=sys.stderr)
         return EXIT_STOPPED
     except ChildFailedError as e:
         # Once one rank fails, torchrun ends the others with SIGTERM: a rank still starting up
         # dies of it (-15) before its handler is installed. Those deaths follow the failure.
         codes = {f.exitcode for f in e.failures.values()} - {-signal.SIGTERM}
         if codes == {EXIT_STOPPED}:
-            print("stopped: every failed rank exited 75 after a stop signal; continue with --resume RUN_DIR",
-                  file=sys.stderr)
+            print("stopped: every failed rank exited 75 after a stop signal; continue with the same command and "
+                  "--resume RUN_DIR", file=sys.stderr)
             return EXIT_STOPPED
         if codes and codes <= {EXIT_USAGE, EXIT_STOPPED}:
             print("error: a rank ended with an error (its line is above); fix it and run again", file=sys.stderr)
             return EXIT_USAGE
         print(f"error: {first_failure(e)}; a run's last checkpoint, if it wrote one, is kept: once the cause is "
-              "fixed, continue with the same command and --resume RUN_DIR", file=sys.stderr)
+              "fixed, continue with the same command and --resume auto RUN_DIR (afresh where none was written)",
+              file=sys.stderr)
         return 1
     return 0
 
