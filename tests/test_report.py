@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -110,6 +111,7 @@ def test_report_without_evaluation_says_what_to_run(run: tuple[Path, Dataset], t
     for sid in SECTIONS:
         assert f'<section id="{sid}"' in html
     assert f"No evaluation yet: run <code>fastclr evaluate {run_dir}</code>" in html
+    assert "<title>fastclr report: run</title>" in html
     # Self-contained: a CSP that forbids every fetch, and nothing that would need one.
     assert "content=\"default-src 'none'; img-src data:;" in html
     assert not re.search(r'(src|href)="(?!data:)', html) and "url(" not in html and "@import" not in html
@@ -119,6 +121,15 @@ def section_html(html: str, sid: str) -> str:
     """The HTML of one section of the report."""
     start = html.index(f'<section id="{sid}"')
     return html[start:html.index("</section>", start)]
+
+
+def test_a_report_of_the_current_directory_is_titled_with_its_name(run: tuple[Path, Dataset], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastclr report .` was titled "fastclr report: " (the name of "." is empty)."""
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "my-run"))
+    monkeypatch.chdir(run_dir)
+    html = build_report(Path("."), device="cpu", map_method="pca", dataset=run[1]).read_text()
+    assert "<title>fastclr report: my-run</title>" in html
 
 
 def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dataset], tmp_path: Path) -> None:
@@ -141,7 +152,35 @@ def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dat
     out["encoder_sha256"] = "0" * 64  # as if the run had been trained further after `evaluate`
     (run_dir / "eval.json").write_text(json.dumps(out))
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
-    assert "These numbers are out of date" in html
+    for part in ("efficiency", "numbers"):  # the curve is out of date as much as the table
+        assert "These numbers are out of date</b>: eval.json was computed for other encoder weights" in \
+            section_html(html, part), part
+    # the same weights, but the store prepared again since (its content identity changed)
+    out["encoder_sha256"] = json.loads((run_dir / "eval.json").read_text())["encoder_sha256_after"]
+    (run_dir / "eval.json").write_text(json.dumps({**out, "data_content": "a" * 64}))
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    assert "eval.json was computed for other data than the run's now" in section_html(html, "efficiency")
+
+
+def test_the_probe_line_says_when_probe_json_measured_other_weights(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """probe.json stays when a finished run trains on and stops, or stops during its probe: its
+    line was shown as the probe of the weights the report shows. By the checksum it records, and
+    in an older probe.json without one by its step against the checkpoint the encoder came from."""
+    from fastclr.evaluation.features import state_checksum
+    from fastclr.report.build import _probe_line
+
+    run_dir = tiny_run(tmp_path / "run", run[1], eval__probe=True)
+    loaded = load_run(run_dir, log=lambda s: None)
+    record = json.loads((run_dir / "probe.json").read_text())
+    assert record["encoder_sha256"] == state_checksum(loaded.encoder)
+    assert _probe_line(loaded, state_checksum(loaded.encoder)).startswith("Linear probe at the end of pretraining")
+    assert "out of date" not in _probe_line(loaded, state_checksum(loaded.encoder))
+    assert _probe_line(loaded, "0" * 64).endswith(" (out of date: measured on other weights than the run holds now).")
+    del record["encoder_sha256"]
+    (run_dir / "probe.json").write_text(json.dumps(record))
+    at = dataclasses.replace(loaded, checkpoint_step=record["steps"])
+    assert "out of date" not in _probe_line(at, "0" * 64) and "out of date" not in _probe_line(loaded, "0" * 64)
+    assert "out of date" in _probe_line(dataclasses.replace(loaded, checkpoint_step=record["steps"] - 1), "0" * 64)
 
 
 def test_the_similarity_matrix_shows_the_cosines_of_the_runs_own_view_pairs(run: tuple[Path, Dataset],
@@ -413,6 +452,20 @@ def test_the_label_efficiency_band_is_the_mean_plus_and_minus_one_std_at_each_po
     assert len(vertices) == len(want)
     for (x, y), (wx, wy) in zip(vertices, want):
         assert x == pytest.approx(wx, abs=0.15) and y == pytest.approx(wy, abs=0.15)
+
+
+def test_the_all_label_levels_are_drawn_beside_a_single_few_label_point() -> None:
+    """With one labels-per-class point the dashed levels ran from that point to itself: listed in
+    the legend, drawn as nothing. They span the frame around it, horizontal at their accuracy."""
+    curve = [{"labels_per_class": 10, "mean": 0.5, "std": 0.04}]
+    svg = figures.label_efficiency({"fewshot": {"curve": curve},
+                                    "linear": {"accuracy": 0.9, "random_init": {"accuracy": 0.8}}})
+    levels = re.findall(r'<path d="M([\d.]+),([\d.]+) L([\d.]+),([\d.]+)"[^>]*stroke-dasharray', svg)
+    assert len(levels) == 2
+    (x0, y0, x1, y1), (u0, v0, u1, v1) = [tuple(map(float, m)) for m in levels]
+    left, right, _, _ = axis_lines(svg)
+    assert (x0, x1) == (u0, u1) and x1 - x0 == pytest.approx(right - left, abs=0.2)  # the whole frame
+    assert y0 == y1 and v0 == v1 and y0 < v0  # level, the trained one higher
 
 
 def test_a_scatter_places_x_rightwards_and_y_upwards_colours_by_class_and_escapes_names() -> None:

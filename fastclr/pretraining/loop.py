@@ -29,6 +29,7 @@ from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data
 from fastclr.data.datasets import REGISTRY, ensure, read_checked
 from fastclr.determinism import deterministic_kernels, no_host_sync
+from fastclr.evaluation.features import state_checksum
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
 from fastclr.pretraining.metrics import NonFiniteLoss
 from fastclr.models import CPU_WIDTH_WHY, resolve_encoder, resolve_width
@@ -470,8 +471,9 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
             run.log(f"stopped during the linear probe; the encoder is saved: `fastclr evaluate {run.run_dir}` probes it")
             result.stopped, result.stopped_in = True, "probe"
             return result
-        write_json(run.run_dir / "probe.json",
-                   dict(record, steps=s.step, train_seconds=s.train_seconds, pretrain_wall_seconds=wall))
+        write_json(run.run_dir / "probe.json",  # the weights' checksum: the report tells a probe of older ones
+                   dict(record, steps=s.step, train_seconds=s.train_seconds, pretrain_wall_seconds=wall,
+                        encoder_sha256=state_checksum(run.model.encoder)))
         for t in run.metrics_log.trackers:
             t.results(numbers(record, "probe/"), s.step)
         result.probe_accuracy = record["accuracy"]

@@ -236,10 +236,24 @@ def probe_summary(record: dict[str, Any]) -> str:
     return line + "."
 
 
-def _results_sections(ev: dict[str, Any] | None, run_dir: Path, encoder_sha256: str) -> list[str]:
-    probe = run_dir / "probe.json"
-    fix = f"delete it (fastclr evaluate {run_dir} measures the linear probe again)"
-    probe_line = probe_summary(read_json(probe, fix)) if probe.exists() else ""
+def _probe_line(run: LoadedRun, encoder_sha256: str) -> str:
+    """probe.json's sentence, said to be out of date when it measured other weights than the run
+    holds now (a finished run trained on, or stopped during its probe): by the checksum it records,
+    or, in a probe.json older than that, by its step against the checkpoint the encoder came from."""
+    probe = run.run_dir / "probe.json"
+    if not probe.exists():
+        return ""
+    record = read_json(probe, f"delete it (fastclr evaluate {run.run_dir} measures the linear probe again)")
+    line = probe_summary(record)
+    saved, steps = record.get("encoder_sha256"), record.get("steps")
+    stale = saved != encoder_sha256 if saved is not None else \
+        run.checkpoint_step is not None and steps is not None and steps != run.checkpoint_step
+    return f"{line[:-1]} (out of date: measured on other weights than the run holds now)." if line and stale else line
+
+
+def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Dataset, encoder_sha256: str) -> list[str]:
+    run_dir = run.run_dir
+    probe_line = _probe_line(run, encoder_sha256)
     if ev is None:
         hint = note(f"No evaluation yet: run <code>fastclr evaluate {escape(str(run_dir))}</code>, then "
                     f"<code>fastclr report {escape(str(run_dir))}</code> again, to add the label-efficiency curve "
@@ -247,11 +261,14 @@ def _results_sections(ev: dict[str, Any] | None, run_dir: Path, encoder_sha256: 
         return [section("efficiency", "Label efficiency", hint, "p"),
                 section("numbers", "Numbers", note(escape(probe_line) or "No results yet.") + hint, "p")]
     p = ev["protocols"]
-    stale = "" if ev.get("encoder_sha256") == encoder_sha256 else note(
-        f"<b>These numbers are out of date</b>: eval.json was computed for other encoder weights than the run holds "
-        f"now (it was trained further since). Run <code>fastclr evaluate {escape(str(run_dir))}</code> again.")
+    other_data = ev.get("dataset") != dataset.name or ev.get("data_content", "") != dataset.content
+    stale = "" if ev.get("encoder_sha256") == encoder_sha256 and not other_data else note(
+        "<b>These numbers are out of date</b>: eval.json was computed for "
+        + ("other data than the run's now (a store prepared again?)" if other_data else
+           "other encoder weights than the run holds now (it was trained further since)")
+        + f". Run <code>fastclr evaluate {escape(str(run_dir))}</code> again.")
     if "fewshot" in p or "supervised" in p:
-        eff = section("efficiency", "Label efficiency", figures.label_efficiency(p), "svg",
+        eff = section("efficiency", "Label efficiency", stale + figures.label_efficiency(p), "svg",
                       "Test accuracy against labelled images per class, on the same fixed stratified subsets: a "
                       "logistic regression on the frozen self-supervised features against the same architecture "
                       "trained from scratch with labels only. Bands: mean ± standard deviation over subset seeds.")
@@ -295,7 +312,7 @@ def build_report(
     sections = [_curves_section(run_dir), *_views_sections(run, dataset, dev, seed),
                 _playground_section(run, dataset, dev, seed, data), _explorer_section(run, dataset, dev, seed),
                 *_map_and_retrievals(run, dataset, dev, map_method, seed, data),
-                *_results_sections(ev, run_dir, state_checksum(run.encoder)),
+                *_results_sections(ev, run, dataset, state_checksum(run.encoder)),
                 section("config", "Config", f"<pre>{escape(config_text)}</pre>", "pre",
                         "The resolved configuration of the run (config.toml).")]
     spec = run.spec
@@ -303,6 +320,6 @@ def build_report(
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)  # an --out in a new folder, as embed's
-    write_text(path, page(f"fastclr report: {run_dir.name}", subtitle, sections, data=interactive.page_data(data),
+    write_text(path, page(f"fastclr report: {run_dir.resolve().name}", subtitle, sections, data=interactive.page_data(data),
                           script=interactive.script()))
     return path

@@ -128,11 +128,12 @@ def label_efficiency(protocols: dict[str, Any]) -> str:
                                  class_colour(5), markers=True, line=False))
     xs = sorted({x for s in series for x in s.x})
     if "linear" in protocols and xs:
+        # across the points; around a single one as wide as line_chart's frame (a level from it to itself drew nothing)
+        span = [xs[0], xs[-1]] if len(xs) > 1 else [xs[0] / 2, xs[0] * 2]
         acc = 100 * protocols["linear"]["accuracy"]
-        series.append(Series("linear probe, all labels", [xs[0], xs[-1]], [acc, acc], class_colour(4), dashed=True))
+        series.append(Series("linear probe, all labels", span, [acc, acc], class_colour(4), dashed=True))
         if "random_init" in protocols["linear"]:
             ref = 100 * protocols["linear"]["random_init"]["accuracy"]
-            series.append(Series("linear probe, all labels, untrained", [xs[0], xs[-1]], [ref, ref], class_colour(7),
-                                 dashed=True))
+            series.append(Series("linear probe, all labels, untrained", span, [ref, ref], class_colour(7), dashed=True))
     return line_chart(series, "Label efficiency", "labels per class (log scale)", "test accuracy (%)", width=620,
                       height=360, log_x=True, x_ticks=xs)
