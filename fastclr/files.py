@@ -18,8 +18,11 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -107,6 +110,33 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     atomic_write_all([(path, write)])
 
 
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Inside: a SIGINT or SIGTERM is noted, and its handler runs on the way out. For a few renames
+    that must all happen or none. Python-level, not a thread's signal mask: the kernel hands a
+    process-directed signal (Ctrl-C, kill) to any thread not blocking it, torch's own included,
+    and Python then runs the handler in the main thread regardless."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can be changed in the main thread only (and run there)
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    held = {s: h for s, h in previous.items() if h is not None}  # None: a handler not set from Python
+    for s in held:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in held.items():
+            signal.signal(s, h)
+        for n in pending:
+            handler = held[signal.Signals(n)]
+            if callable(handler):
+                handler(n, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(n)
+
+
 def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]]) -> None:
     """`atomic_write` of files that belong together (an array and the index of its rows): every
     file is written in full to its temporary first, and the final names are replaced only when
@@ -129,11 +159,12 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
                     os.fsync(f.fileno())
             except (OSError, RuntimeError) as e:
                 raise WriteFailed(path, write_failure_reason(e, path)) from None
-        for tmp, path in done:
-            try:
-                os.replace(tmp, path)
-            except OSError as e:
-                raise WriteFailed(path, write_failure_reason(e, path)) from None
+        with stop_signals_held():  # a Ctrl-C between two renames left a new array beside an old index
+            for tmp, path in done:
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:
+                    raise WriteFailed(path, write_failure_reason(e, path)) from None
     except BaseException:
         for tmp, _ in done:
             try:

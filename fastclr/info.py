@@ -20,7 +20,7 @@ import torch
 from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.cpus import cgroup_cpu_limit, default_threads, usable_cpus
 from fastclr.models import CPU_WIDTH_WHY, resolve_width
-from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, matmul_seconds,
+from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, gpu_kind, matmul_seconds,
                              missing_kernels, precision_timer, select_device, use_compile)
 from fastclr.version import __version__
 
@@ -64,9 +64,9 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
     """Everything `fastclr info` prints, as plain data."""
     cpu = cpu_features()
     device = select_device("auto")
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    cap, arch = gpu_kind(device)
     timer = precision_timer(device) if measure else None
-    precision = decide_precision("auto", device.type, cpu, cap, timer)
+    precision = decide_precision("auto", device.type, cpu, cap, timer, rocm_arch=arch)
     rates: dict[str, float] = {}
     if measure:
         t0 = time.perf_counter()

@@ -290,17 +290,47 @@ MatmulTimer = Callable[[torch.dtype], float]
 """Seconds of one matmul of the run's shapes in a dtype (the tie-breaker where flags are not enough)."""
 
 
+ROCM_BF16 = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+"""AMD GPUs with bf16 matrix instructions: CDNA 1-4 (MI100, MI200, MI300, MI350: MFMA) and RDNA
+3-4 (WMMA). Vega (gfx900/906), RDNA 1-2 (gfx10) and earlier have none."""
+
+
+def rocm_has_bf16(arch: str) -> bool:
+    """Whether the AMD GPU `arch` ("gfx90a", or with its features: "gfx90a:sramecc+:xnack-") has bf16
+    matrix units."""
+    return arch.split(":")[0].startswith(ROCM_BF16)
+
+
+def rocm_arch(device: torch.device) -> str:
+    """The gfx name of ROCm GPU `device` ("gfx90a"); "" on CUDA builds and other devices."""
+    if device.type != "cuda" or torch.version.hip is None:
+        return ""
+    return str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")).split(":")[0]
+
+
+def gpu_kind(device: torch.device) -> tuple[tuple[int, int] | None, str]:
+    """(CUDA compute capability, ROCm gfx name) of `device`: the capability only on CUDA builds (on
+    ROCm it is the gfx number, not a CUDA generation), the gfx name only on ROCm."""
+    if device.type != "cuda":
+        return None, ""
+    arch = rocm_arch(device)
+    return (None, arch) if arch else (torch.cuda.get_device_capability(device), "")
+
+
 def decide_precision(
     requested: str,
     device_type: str,
     cpu: CpuFeatures | None = None,
     cuda_capability: tuple[int, int] | None = None,
     timer: MatmulTimer | None = None,
+    rocm_arch: str = "",
 ) -> Precision:
     """The precision for `requested` (auto, bf16, fp16, fp32) on a device with these capabilities.
 
     auto on CUDA: bf16 from compute capability 8.0 (Ampere) on, fp16 with loss scaling on 7.x
-    (Volta, Turing), fp32 before (no tensor cores).
+    (Volta, Turing), fp32 before (no tensor cores). On ROCm (`rocm_arch`, the gfx name: its
+    "capability" is that number, gfx906 reading as 9.0): bf16 where the GPU has bf16 matrix
+    units (`ROCM_BF16`), fp32 elsewhere.
     auto on CPU: bf16 with native bf16 units that oneDNN uses, fp32 on x86 CPUs without them;
     otherwise (ARM, or flags and oneDNN disagreeing) the faster of the two in `timer`, bf16 only
     when at least 10% faster. Explicit choices are kept (checked by `check_precision`)."""
@@ -308,6 +338,10 @@ def decide_precision(
         raise FastclrError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)} (e.g. --precision auto)")
     if requested != "auto":
         return Precision(requested, "asked for")
+    if device_type == "cuda" and rocm_arch:
+        if rocm_has_bf16(rocm_arch):
+            return Precision("bf16", f"AMD {rocm_arch} has bf16 matrix units")
+        return Precision("fp32", f"AMD {rocm_arch} has no bf16 matrix units")
     if device_type == "cuda":
         major, minor = cuda_capability or (0, 0)
         if major >= 8:
@@ -382,19 +416,19 @@ def resolve_precision(requested: str, device: torch.device, shape: tuple[int, in
     bf16 will be emulated, and refuses what cannot run. `saved`: `requested` is what a resumed
     run's config recorded (resolved where it started), not a flag given now."""
     cpu = cpu_features() if device.type == "cpu" else None
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    prec = decide_precision(requested, device.type, cpu, cap, precision_timer(device, shape))
+    cap, arch = gpu_kind(device)
+    prec = decide_precision(requested, device.type, cpu, cap, precision_timer(device, shape), rocm_arch=arch)
     if saved and requested != "auto":
         prec = Precision(prec.name, "the precision this run was started with (its config.toml), kept so that it "
                                     "continues as it ran; --precision auto re-decides for this machine")
     if requested != "auto":  # auto's own choice is the fast one by construction (ARM's bf16 is timed faster)
-        check_precision(prec, device, cpu, warn, shape, cap, saved=saved)
+        check_precision(prec, device, cpu, warn, shape, cap, saved=saved, rocm_arch=arch)
     return prec
 
 
 def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | None, warn: Callable[[str], None],
                     shape: tuple[int, int, int] = (512, 1024, 256),
-                    cuda_capability: tuple[int, int] | None = None, saved: bool = False) -> None:
+                    cuda_capability: tuple[int, int] | None = None, saved: bool = False, rocm_arch: str = "") -> None:
     """A one-line warning for an explicit bf16 or fp16 the hardware emulates (on a CPU with the
     measured cost); for a resumed run's `saved` precision, worded as such. Silent where the
     matmul is less than 10% slower than fp32, the margin `decide_precision` asks of bf16: ARM's
@@ -402,6 +436,9 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
     AVX512_CORE cap, the matmul about 70x under an AVX2 cap, docs/benchmarks.md section 1)."""
     asked = f"this run's saved precision {prec.name}" if saved else f"--precision {prec.name}"
     switch = "resume with --precision auto to use" if saved else "--precision auto would choose"
+    if device.type == "cuda" and rocm_arch and prec.name == "bf16" and not rocm_has_bf16(rocm_arch):
+        warn(f"warning: {asked} on AMD {rocm_arch}: no bf16 matrix units, so bf16 runs emulated or slow; {switch} fp32")
+        return
     if device.type == "cuda" and cuda_capability is not None and prec.name != "fp32":
         major, minor = cuda_capability
         if (prec.name == "bf16" and major < 8) or (prec.name == "fp16" and major < 7):

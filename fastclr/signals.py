@@ -44,10 +44,10 @@ class StopFlag:
     @contextmanager
     def interruptible(self) -> Iterator[None]:
         """Inside: a stop request (or one already pending) raises StopRequested."""
-        if self.signal is not None:
-            raise StopRequested()
-        self.raising = True
+        self.raising = True  # before the check: a signal between the two would set the flag and not raise
         try:
+            if self.signal is not None:
+                raise StopRequested()
             yield
         finally:
             self.raising = False

@@ -85,8 +85,10 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
         try:
             t: Tracker = (_Mlflow if name == "mlflow" else _Wandb)(run_dir, params, saved.get(name))
         except Exception as e:  # noqa: BLE001 - a server down or refusing: the run goes on without it
-            warn(f"warning: {name} could not start a run ({type(e).__name__}: {str(e)[:200]}); training goes on "
-                 "without it, and the run directory has everything")
+            gone = (f"; if its run {saved[name]} is gone from the server, delete {run_dir / TRACKING_FILE} and a new "
+                    "one is started") if name in saved else ""
+            warn(f"warning: {name} could not {'continue' if gone else 'start'} a run ({type(e).__name__}: "
+                 f"{str(e)[:200]}); training goes on without it, and the run directory has everything{gone}")
             continue
         trackers.append(_Guarded(t, name, warn))
         saved[name] = t.run_id
@@ -145,7 +147,13 @@ class _Guarded:
         self._call(f"store {path.name}", lambda: self.inner.artifact(path, name))
 
     def close(self, status: str) -> None:
-        self._call("close its run", lambda: self.inner.close(status))
+        if not self.broken:
+            self._call("close its run", lambda: self.inner.close(status))
+            return
+        try:  # after a failure (a network blip, say) the tracked run is still ended, not left RUNNING for good
+            self.inner.close(status)
+        except Exception:  # noqa: BLE001, S110 - its failure was said once already
+            pass
 
 
 MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}

@@ -266,6 +266,46 @@ def test_files_written_together_are_renamed_in_the_order_given(tmp_path: Path, m
     assert no_temporaries(tmp_path)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="os.kill ends the process on Windows")
+def test_a_stop_signal_during_the_renames_is_taken_after_the_last(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (here SIGTERM, whose handler raises) arriving after the first rename ran its
+    handler there: a new array beside the old index of its rows. It now waits for the last rename,
+    and is then raised as before."""
+    import os
+    import signal
+
+    import fastclr.files as files
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped()
+
+    a, b = tmp_path / "a.npy", tmp_path / "a.csv"
+    for p in (a, b):
+        p.write_bytes(b"old")
+    real = os.replace
+
+    def replace(src: str, dst: str | Path) -> None:
+        real(src, dst)
+        if Path(dst) == a:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # bytecodes enough for a pending handler to run, were it not held
+                pass
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            atomic_write_all([(p, lambda f: f.write(b"new")) for p in (a, b)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.read_bytes() for p in (a, b)] == [b"new", b"new"]
+    assert no_temporaries(tmp_path)
+
+
 def test_a_writer_failure_is_told_by_its_own_words_without_the_source_location(tmp_path: Path) -> None:
     """torch's writer raises "[enforce fail at inline_container.cc:672] . unexpected pos ..." on a
     full disk: the reason keeps what it says, not where in torch's C++ it was said."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -234,6 +235,30 @@ def test_explicit_low_precision_without_its_cuda_tensor_cores_warns() -> None:
         lines = []
         check_precision(decide_precision(name, "cuda"), gpu, None, lines.append, cuda_capability=cap)
         assert lines == [], (name, cap)
+
+
+def test_on_rocm_the_gfx_name_decides_not_its_number_read_as_a_cuda_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ROCm answers get_device_capability with the gfx number: gfx906 (Vega 20, MI50) read as 9.0
+    and got bf16 "tensor cores" it does not have. The gfx name decides: bf16 on CDNA and RDNA 3-4,
+    fp32 elsewhere; an explicit bf16 there is warned about."""
+    from fastclr.runtime import gpu_kind
+
+    gpu = torch.device("cuda", 0)  # a device object only: nothing runs on it
+    for arch, auto in (("gfx906", "fp32"), ("gfx803", "fp32"), ("gfx1030", "fp32"), ("gfx900", "fp32"),
+                       ("gfx908", "bf16"), ("gfx90a:sramecc+:xnack-", "bf16"), ("gfx942", "bf16"), ("gfx950", "bf16"),
+                       ("gfx1100", "bf16"), ("gfx1201", "bf16")):
+        p = decide_precision("auto", "cuda", cuda_capability=(9, 0), rocm_arch=arch)
+        assert p.name == auto, arch
+        lines: list[str] = []
+        check_precision(decide_precision("bf16", "cuda"), gpu, None, lines.append, rocm_arch=arch)
+        assert lines == ([] if auto == "bf16" else [f"warning: --precision bf16 on AMD {arch}: no bf16 matrix units, "
+                                                    "so bf16 runs emulated or slow; --precision auto would choose fp32"])
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(gcnArchName="gfx906:sramecc+"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (9, 0))
+    assert gpu_kind(gpu) == (None, "gfx906") and gpu_kind(torch.device("cpu")) == (None, "")
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert gpu_kind(gpu) == ((9, 0), "")
 
 
 def test_the_cpu_is_named_on_x86_and_on_arm(tmp_path: Path) -> None:

@@ -251,7 +251,8 @@ class _Recorder:
 
 def test_a_failing_tracker_warns_once_and_is_then_left_alone() -> None:
     """A tracker whose library fails (a server down, a full quota) costs one warning line; it is
-    not called again, so a long run does not repeat the warning, or wait on it, at every step."""
+    not called again, so a long run does not repeat the warning, or wait on it, at every step,
+    except to end its run (an MLflow run was left RUNNING for good after a blip), silently."""
     from fastclr.tracking import _Guarded
 
     inner, warned = _Recorder(), []
@@ -261,7 +262,7 @@ def test_a_failing_tracker_warns_once_and_is_then_left_alone() -> None:
     for step in (2, 3, 4):
         guarded.metrics({"loss": 1.0}, step)
     guarded.close("FINISHED")
-    assert inner.calls == [("metrics", 1), ("metrics", 2)]
+    assert inner.calls == [("metrics", 1), ("metrics", 2), ("close", "FINISHED")]
     assert len(warned) == 1
     assert warned[0].startswith("warning: mlflow failed to log metrics (ConnectionError: server gone)")
 
@@ -389,6 +390,24 @@ def test_an_mlflow_run_that_cannot_be_filled_at_its_start_is_closed_failed(
     assert [r["status"] for r in mlflow_server["runs"].values()] == ["FAILED"]
     assert len(warned) == 1 and warned[0].startswith("warning: mlflow could not start a run (ConnectionError: server gone)")
     assert json.loads((tmp_path / "tracking.json").read_text()) == {}
+
+
+def test_a_saved_mlflow_run_the_server_no_longer_has_is_a_warning_naming_the_fix(
+        mlflow_server: dict[str, Any], tmp_path: Path) -> None:
+    """tracking.json names a run deleted on the server (or made against another ./mlruns): each
+    resume failed to continue it with a warning that did not say how to start afresh."""
+    from fastclr.tracking import open_trackers
+
+    (tmp_path / "config.toml").write_text("[train]\n", encoding="utf-8")
+    (tmp_path / "tracking.json").write_text(json.dumps({"mlflow": "gone"}))
+    warned: list[str] = []
+    assert open_trackers(("mlflow",), tmp_path, {}, warn=warned.append) == []
+    assert len(warned) == 1 and warned[0].startswith("warning: mlflow could not continue a run (KeyError: ")
+    assert warned[0].endswith(f"; if its run gone is gone from the server, delete {tmp_path / 'tracking.json'} and "
+                              "a new one is started")
+    (tmp_path / "tracking.json").unlink()
+    (t,) = open_trackers(("mlflow",), tmp_path, {}, warn=pytest.fail)
+    assert t.run_id in mlflow_server["runs"]
 
 
 @pytest.fixture
