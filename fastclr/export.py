@@ -29,13 +29,28 @@ from fastclr.version import __version__
 ENCODER_FILE = "encoder.safetensors"
 
 
-def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec) -> Path:
-    """Write the encoder's state and its spec (as JSON metadata) to `path`."""
+def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content: str = "") -> Path:
+    """Write the encoder's state and its spec (as JSON metadata) to `path`; `data_content`: the
+    content identity of the store it was trained on (`Dataset.content`), read by `exported_data_content`."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    meta = {"fastclr": json.dumps(dict(spec.to_dict(), fastclr_version=__version__))}
+    info = dict(spec.to_dict(), fastclr_version=__version__, **({"data_content": data_content} if data_content else {}))
+    meta = {"fastclr": json.dumps(info)}
     data = safetensors_bytes(state, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
     return path
+
+
+def exported_data_content(path: Path) -> str:
+    """The data content identity an export records ("" when it records none or cannot be read:
+    `load_encoder` says what is wrong with it)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("fastclr", "{}"))
+    except (SafetensorError, OSError, ValueError):
+        return ""
+    return str(info.get("data_content", "")) if isinstance(info, dict) else ""
 
 
 def export_holds(path: Path, state: dict[str, torch.Tensor]) -> bool:

@@ -19,7 +19,7 @@ from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
 from fastclr.config import Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError
-from fastclr.export import ENCODER_FILE, load_encoder
+from fastclr.export import ENCODER_FILE, exported_data_content, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
 from fastclr.presets import preset_name, saved_overrides
 from fastclr.runs import locked_by_another
@@ -40,6 +40,9 @@ class LoadedRun:
     checkpoint_step: int | None = None
     """The step of the checkpoint the encoder came from, for a run without an exported encoder (one
     stopped, or still training); None: the export a finished run wrote."""
+    data_content: str = ""
+    """The content identity of the store it was trained on (`Dataset.content`), as its export or
+    checkpoint records it; "" for data without one (the built-in sets) or a run saved before."""
 
     @property
     def mean(self) -> torch.Tensor:
@@ -89,6 +92,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     if export.exists():
         encoder, spec = load_encoder(export, device)
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
+        content = exported_data_content(export)
     else:
         skipped: list[str] = []  # a damaged newer one is named, not passed over
 
@@ -112,15 +116,18 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         if "preset" not in state["config"].get("data", {}):  # saved before 0.2: as saved_overrides fills it
             saved["data.preset"] = preset_name(saved["data.name"])
         cfg = apply_overrides(Config(), saved)
+        content = str(state.get("data_content", ""))
     encoder.eval()
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log),
-                     checkpoint_step)
+                     checkpoint_step, content)
 
 
-def run_data(run: LoadedRun, given: Dataset | None = None) -> Dataset:
+def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], None] = print) -> Dataset:
     """The data `run` was trained on (or `given`, checked to fit its encoder); a store that is no
     longer at the path the run recorded is named as the run's own, moved or deleted (the store's own
-    message offered to create a new one there, as if it had never existed)."""
+    message offered to create a new one there, as if it had never existed). A store prepared again
+    since the run trained on it (its content identity differs) is said in a note: what is measured
+    on it is measured on the store as it is now."""
     if given is None:
         require_run_store(run.run_dir, run.config.data.name)
     dataset = given if given is not None else load_data(run.config.data)
@@ -130,6 +137,9 @@ def run_data(run: LoadedRun, given: Dataset | None = None) -> Dataset:
                            f"of {run.run_dir} takes {run.spec.in_channels}: it is not the data the run trained on "
                            "(a store prepared again with other --channels?); prepare it again as it was, or give "
                            "data of the run's kind")
+    if run.data_content and dataset.content and dataset.content != run.data_content:
+        log(f"note: {dataset.name} changed since {run.run_dir} trained on it (prepared again: its images, labels or "
+            "splits differ); what follows is measured on it as it is now")
     return dataset
 
 

@@ -711,3 +711,26 @@ def test_untrained_features_that_are_not_finite_are_not_blamed_on_the_run(run: R
     assert str(e.value).endswith("rows): the network at its initial weights gives them in fp32, not the trained one: "
                                  "this architecture is unstable at random initialisation, and its untrained reference "
                                  "cannot be measured")
+
+
+def test_a_store_prepared_again_since_training_is_said_when_the_run_is_measured_on_it(tmp_path: Path) -> None:
+    """The run's export (and, before it, its checkpoints) records the content identity of the data
+    it trained on; evaluating it on that store after it was prepared again with other images said
+    nothing. It is a note now, with the export as with a checkpoint; the same content says none."""
+    from tiny import tiny_dataset, tiny_run
+    from fastclr.export import ENCODER_FILE
+    from fastclr.pretrained import load_run
+
+    ds = dataclasses.replace(tiny_dataset(64), content="a" * 64)
+    run_dir = tiny_run(tmp_path / "run", ds)
+    knn = EvaluateOptions(protocols=("knn",), device="cpu")
+    for source in ("export", "checkpoint"):
+        if source == "checkpoint":
+            (run_dir / ENCODER_FILE).unlink()
+        assert load_run(run_dir, log=lambda s: None).data_content == "a" * 64, source
+        lines: list[str] = []
+        evaluate(run_dir, knn, dataset=ds, log=lines.append)
+        assert not any("changed since" in line for line in lines), source
+        evaluate(run_dir, knn, dataset=dataclasses.replace(ds, content="b" * 64), log=lines.append)
+        assert (f"note: {ds.name} changed since {run_dir} trained on it (prepared again: its images, labels or splits "
+                "differ); what follows is measured on it as it is now") in lines, source

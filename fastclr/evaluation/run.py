@@ -257,7 +257,7 @@ def evaluate(
                            f"permissions, or copy the run (`cp -r {run_dir} COPY`) and evaluate the copy")
     trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
     require_trackers(trackers)
-    dataset = run_data(run, dataset)
+    dataset = run_data(run, dataset, log)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
     t_start = time.perf_counter()
     ctx = Context(run, dataset, o, device, log)

@@ -455,7 +455,7 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
         return result  # rank 0 exports and probes alone; the others are done
     if _already_finished(run, result):
         return result
-    save_encoder(run.run_dir / ENCODER_FILE, run.model.encoder, run.model.spec)
+    save_encoder(run.run_dir / ENCODER_FILE, run.model.encoder, run.model.spec, data_content=s.data_content)
     for t in run.metrics_log.trackers:
         t.artifact(run.run_dir / ENCODER_FILE, "encoder")
     wall = run.clock() - run.started

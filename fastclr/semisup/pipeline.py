@@ -213,7 +213,7 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
             raise FastclrError(f"{run.run_dir} has no checkpoint holding its projection head; fine-tune from h with "
                                "--from-head-layer 0")
         neck = neck_of(head, o.from_head_layer).to(device)
-    dataset = run_data(run, dataset)
+    dataset = run_data(run, dataset, log)
     ev = dataclasses.replace(EvaluateOptions(), steps=o.steps, batch_size=o.batch_size, lr=o.lr)
     setup = labelled_splits(run, dataset, device, ev.recipe(run.config.augment.flip_p, finetune=True))
     n = _per_class(o, setup.train_labels, len(setup.classes))
@@ -329,7 +329,7 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
         raise FastclrError(f"the teacher's run {run_dir} is gone; the student starts from it and trains on its data")
     run, device = _open_run(run_dir, o.device, o.precision, o.threads, log, "distil from")
     teacher, _, _ = load_classifier(teacher_dir, device)
-    dataset = run_data(run, dataset)
+    dataset = run_data(run, dataset, log)
     ev = dataclasses.replace(EvaluateOptions(), steps=o.steps, batch_size=o.batch_size, lr=o.lr)
     recipe = dataclasses.replace(ev.recipe(run.config.augment.flip_p), shift_fraction=o.shift_fraction)
     setup = labelled_splits(run, dataset, device, recipe)
