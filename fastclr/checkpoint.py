@@ -68,7 +68,8 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path:
     """Write `state` (which must hold an int "step") as the newest checkpoint of `run_dir` (`atomic_write`).
 
-    Adds format, library version and checksum. Keeps the `keep` newest checkpoints. A failed
+    Adds format, library version and checksum. Keeps the `keep` newest checkpoints up to its step
+    (a damaged later one, skipped by a resume, is overwritten when the run reaches it). A failed
     write (disk full, permissions) raises a one-line error and leaves existing checkpoints intact.
     """
     folder = run_dir / CHECKPOINT_DIR
@@ -82,7 +83,9 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path
         atomic_write(path, lambda f: torch.save(payload, f))
     except WriteFailed as e:
         raise FastclrError(f"cannot write checkpoint {path} ({e.reason}); {what_is_kept(run_dir)}") from None
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # The `keep` newest up to this step; later ones are left: only a damaged newer checkpoint that the
+    # resume skipped can be there, and rotating it in would have deleted the good ones below it.
+    for old in [p for p in list_checkpoints(run_dir) if p.name <= path.name][:-keep]:
         old.unlink(missing_ok=True)
     return path
 

@@ -190,7 +190,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     config_text = (Path(args.run_dir) / "config.toml").read_text(encoding="utf-8")
     check = _check_images(run) if fmt == "onnx" else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
-    for path in export_encoder(run.encoder, run.spec, config_text, fmt, Path(args.out), check):
+    for path in export_encoder(run.encoder, run.spec, config_text, fmt, Path(args.out), check,
+                               data_content=run.data_content):
         print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"
                                  if check is not None else ""))
     return 0

@@ -240,7 +240,7 @@ def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
 
 
 def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path,
-                   check: torch.Tensor | None = None) -> list[Path]:
+                   check: torch.Tensor | None = None, data_content: str = "") -> list[Path]:
     """Write `encoder` as `fmt` to `out`; returns the files written.
 
     torchvision: the state dict in torchvision's names without `fc`, so
@@ -248,13 +248,14 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     `.safetensors` carries the metadata inside, any other suffix is a `torch.save` of the plain
     dict (what torchvision's own weights are) with the metadata in OUT.json beside it. A CIFAR
     stem is said in the metadata (`cifar_stem: on`): torchvision's own stem is 7x7, stride 2.
-    onnx: checked after writing on `check` (standardised (B, C, S, S) images; random ones if None)."""
+    onnx: checked after writing on `check` (standardised (B, C, S, S) images; random ones if None).
+    fastclr: as the run's own export, with the data's content identity `data_content`."""
     from fastclr.models.foreign import torchvision_state
 
     check_export(fmt, spec)
     meta = export_metadata(spec, config_text)
     if fmt == "fastclr":
-        return [save_encoder(out, encoder, spec)]
+        return [save_encoder(out, encoder, spec, data_content=data_content)]
     if fmt in ("torch-export", "onnx"):  # traced on a CPU copy: the program runs anywhere, the caller's module stays put
         on_cpu = all(t.device.type == "cpu" for t in encoder.state_dict().values())
         traced = encoder if on_cpu else copy.deepcopy(encoder).cpu()

@@ -734,3 +734,8 @@ def test_a_store_prepared_again_since_training_is_said_when_the_run_is_measured_
         evaluate(run_dir, knn, dataset=dataclasses.replace(ds, content="b" * 64), log=lines.append)
         assert (f"note: {ds.name} changed since {run_dir} trained on it (prepared again: its images, labels or splits "
                 "differ); what follows is measured on it as it is now") in lines, source
+    # `fastclr export --format fastclr` (here from the checkpoint) carries it as the run's own export does
+    from fastclr.export import exported_data_content
+
+    assert main(["export", str(run_dir), "--format", "fastclr", "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert exported_data_content(tmp_path / "e.safetensors") == "a" * 64

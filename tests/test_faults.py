@@ -153,6 +153,22 @@ def test_auto_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path: Pat
     assert len(messages) == 1 and new.name in messages[0]
 
 
+def test_rotation_after_a_skipped_damaged_checkpoint_keeps_the_good_ones(tmp_path: Path) -> None:
+    """Resumed from step 3 past a damaged step 6, the run saves 4 and 5: rotation by name kept the
+    damaged 6 and deleted the good ones, leaving one valid checkpoint. Now the two newest up to the
+    step written stay, and the damaged one is replaced when the run reaches its step."""
+    for step in (3, 6):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.arange(4.0) * step})
+    damaged = list_checkpoints(tmp_path)[-1]
+    damaged.write_bytes(b"")
+    for step in (4, 5):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.arange(4.0) * step})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000004.pt", "step-000000005.pt", damaged.name]
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path)[:2]] == [4, 5]
+    save_checkpoint(tmp_path, {"step": 6, "w": torch.arange(4.0) * 6})
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(tmp_path)] == [5, 6]
+
+
 def test_cli_auto_resume_reports_the_damaged_file_by_name(tmp_path: Path, env: dict[str, str]) -> None:
     run = tmp_path / "run"
     args = ["pretrain", "--data", "mnist", "--epochs", "2", "--run-dir", str(run), *TINY, "--probe", "false"]

@@ -687,3 +687,26 @@ def test_a_resume_whose_data_or_side_the_checkpoint_does_not_fit_is_one_line_eve
     assert (run / "config.toml").read_bytes() == config and [p.name for p in list_checkpoints(run)] == checkpoints
     res = pretrain(tiny_config(run), resume=run, dataset=ds, **QUIET)  # the run itself is untouched
     assert res.steps == 12
+
+
+def test_a_checkpoint_keeps_the_gpus_generator_as_well(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.manual_seed at a run's start resets the GPU's generator too, and only the CPU's state
+    was kept: on CUDA a user's dropout drew the first steps' masks again after a resume. The CUDA
+    state of the run's device is saved beside the CPU's and put back; a CPU run keeps none, and a
+    CPU checkpoint resumed on a GPU leaves its generator as seeded."""
+    from fastclr.pretraining.state import generator_states, restore_generators
+
+    gpu_state = {"now": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    put: list[tuple[list[int], torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: put.append((state.tolist(), device)))
+    gpu = torch.device("cuda", 1)
+    saved = generator_states(gpu)
+    assert saved["cuda_rng"].tolist() == [1, 2, 3] and torch.equal(saved["torch_rng"], torch.get_rng_state())
+    torch.manual_seed(99)
+    restore_generators(saved, gpu)
+    assert put == [([1, 2, 3], gpu)] and torch.equal(torch.get_rng_state(), saved["torch_rng"])
+    cpu_saved = generator_states(torch.device("cpu"))
+    assert set(cpu_saved) == {"torch_rng"}
+    restore_generators(cpu_saved, gpu)
+    assert len(put) == 1

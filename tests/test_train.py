@@ -166,6 +166,26 @@ def test_a_users_encoder_that_draws_random_numbers_resumes_exactly(tmp_path: Pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("optimizer", ["lars", "sgd", "adamw"])
+def test_a_resume_trains_with_the_optimiser_settings_it_is_given(tmp_path: Path, optimizer: str) -> None:
+    """torch's load_state_dict puts back each group's saved settings: a resume given another weight
+    decay, momentum or LARS eta trained on with the checkpoint's while config.toml recorded the new.
+    The checkpoint's buffers are kept (the resumed groups' state is the saved one, then stepped);
+    the settings are those given, the 1-D parameters' group still without decay."""
+    ds, quiet = tiny_dataset(), dict(progress=False, log=lambda s: None)
+    first = dict(optim__optimizer=optimizer, optim__weight_decay=1e-4, optim__momentum=0.9, optim__trust_coefficient=1e-3)
+    assert pretrain(tiny_config(tmp_path, **first), dataset=ds, stop=lambda step: step == 5, **quiet).stopped
+    then = dict(first, optim__weight_decay=0.1, optim__momentum=0.5, optim__trust_coefficient=0.01)
+    pretrain(tiny_config(tmp_path, **then), resume=tmp_path, dataset=ds, **quiet)
+    groups = load_checkpoint(list_checkpoints(tmp_path)[-1])["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    if optimizer != "adamw":
+        assert [g["momentum"] for g in groups] == [0.5, 0.5]
+    if optimizer == "lars":
+        assert [g["eta"] for g in groups] == [0.01, 0.01]
+    assert read_toml(tmp_path / "config.toml")["optim.weight_decay"] == 0.1
+
+
 def test_any_module_can_be_the_encoder(tmp_path: Path) -> None:
     enc = nn.Sequential(nn.Conv2d(1, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     initial = {k: v.clone() for k, v in enc.state_dict().items()}

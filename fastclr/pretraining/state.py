@@ -36,6 +36,33 @@ STATE_KEYS = ("model.encoder", "model.width", "model.cnn_stages", "model.cifar_s
 optimiser state only its own optimiser and parameters (a learned temperature is one of them)."""
 
 
+def generator_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of the generators a run's random layers draw from (a user's encoder's dropout:
+    fastclr's own steps draw from their own generators): the CPU's, and on CUDA `device`'s, which
+    `torch.manual_seed` at the start of a run also resets."""
+    return {"torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def restore_generators(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what `generator_states` saved (a checkpoint from a CPU run resumed on a GPU, or one
+    saved before the CUDA state was kept, leaves the GPU's generator as seeded)."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A checkpoint's optimiser state (momentum buffers, Adam's moments, step counts) under the
+    settings the optimiser was built with now. torch's `load_state_dict` also puts back each group's
+    saved settings: a resume given another weight decay, momentum or LARS eta kept the old ones
+    while config.toml recorded the new (the learning rate alone took effect, being set every step)."""
+    now = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, now):
+        group.update(settings)
+
+
 def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_dir: Path | None = None) -> None:
     """A one-line error naming the STATE_KEYS that differ, or the RESUME_KEYS that differ unless
     changes are allowed; `run_dir`: the run resumed, named in the way out."""
@@ -166,13 +193,13 @@ class RunState:
         check_fits(state, self.model)
         self.model.encoder.load_state_dict(state["encoder"])
         self.model.head.load_state_dict(state["head"])
-        self.train_step.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(self.train_step.optimizer, state["optimizer"])
         self.train_step.load_state_dict(state.get("loss_scaler", {}))
         if self.model.temperature is not None:
             self.model.temperature.load_state_dict(state["temperature"])
         if self.train_step.objective is not None:
             self.train_step.objective.load_state_dict(state)
-        torch.set_rng_state(state["torch_rng"])
+        restore_generators(state, self.device)
         self.step = int(state["step"])
         # Absent before 2026-12-06: then the steps per epoch of the saved batch on this data.
         saved_spe = int(state.get("steps_per_epoch") or
@@ -204,6 +231,11 @@ class RunState:
         self.skip_streak = int(state.get("skip_streak", 0))  # absent before 2026-12-04
         self.start_step = self.step
 
+    @property
+    def device(self) -> torch.device:
+        """Where the run trains (its head's parameters: a user's encoder may have none)."""
+        return next(self.model.head.parameters()).device
+
     def save(self, run_dir: Path) -> Path:
         """Write the newest checkpoint of `run_dir` (atomically; see fastclr.checkpoint)."""
         return save_checkpoint(run_dir, {
@@ -218,7 +250,7 @@ class RunState:
             **({"data_content": self.data_content} if self.data_content else {}),
             "config": config_mod.to_dict(self.cfg), "encoder": self.model.encoder.state_dict(),
             "head": self.model.head.state_dict(), "optimizer": self.train_step.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "model_info": self.model.spec.to_dict(),
+            **generator_states(self.device), "model_info": self.model.spec.to_dict(),
             "loss_scaler": self.train_step.state_dict(),
             **({"temperature": self.model.temperature.state_dict()} if self.model.temperature is not None else {}),
             **(self.train_step.objective.state_dict() if self.train_step.objective is not None else {}),
