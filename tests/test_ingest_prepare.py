@@ -22,7 +22,7 @@ from fastclr.data.store import is_store, read_csv, read_store
 from fastclr.errors import FastclrError
 from fastclr.ingest import DecodeOptions, prepare_store
 from fastclr.ingest.decode import Unusable, decode_image, process_file, to_8bit
-from fastclr.ingest.prepare import holdout, layout
+from fastclr.ingest.prepare import holdout, layout, refuse_split_folders
 from fastclr.ingest.walk import REASONS
 from ingest_fixtures import FIXTURE_IMAGES, PIXEL_LIMIT, RED, bar_images, halves, write_fixture_folder
 
@@ -815,17 +815,62 @@ def test_a_store_or_run_inside_the_folder_is_passed_over_as_one_entry(tmp_path: 
 
 def test_a_file_too_big_to_read_into_memory_is_skipped_not_the_run(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """`process_file` "never raises": a MemoryError while reading the file's bytes (a file larger
-    than the memory left) escaped it and ended the whole prepare in a traceback. It is an
-    out-of-memory skip now, as the same error in decoding is: the machine's state, not the file's."""
-    Image.new("L", (8, 8), 7).save(tmp_path / "a.png")
-    real = Path.read_bytes
+    """`process_file` "never raises": a MemoryError while reading the file (a file larger than the
+    memory left) escaped it and ended the whole prepare in a traceback. It is an out-of-memory skip
+    now, as the same error in decoding is: the machine's state, not the file's."""
+    import hashlib
 
-    def read_bytes(self: Path) -> bytes:
-        if self.name == "a.png":
-            raise MemoryError
-        return real(self)
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    Image.new("L", (8, 8), 7).save(tmp_path / "a.png")
+
+    def file_digest(f: object, name: str) -> object:
+        raise MemoryError
+    monkeypatch.setattr(hashlib, "file_digest", file_digest)
     out = process_file(tmp_path / "a.png", "a.png", DecodeOptions(8))
     assert (out.reason, out.size, out.sha256, out.image) == ("out-of-memory", -1, "", None)
     assert out.detail == "not enough memory to decode it; run again with fewer --workers, or a lower --max-pixels"
+
+
+def test_a_stack_of_pages_is_hashed_and_decoded_without_holding_the_file(tmp_path: Path) -> None:
+    """A 60-page TIFF decodes its first page only, but the whole file was read into memory first:
+    the memory per worker that `decode_peak_bytes` counts on did not hold for stacks (microscopy,
+    scans). The file is hashed and decoded as it is read; the hash is the whole file's all the same."""
+    import hashlib
+    import tracemalloc
+
+    pages = [Image.fromarray(np.full((300, 300, 3), i, np.uint8)) for i in range(60)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    size = path.stat().st_size
+    assert size > 15_000_000
+    tracemalloc.start()
+    try:
+        out = process_file(path, "stack.tif", DecodeOptions(16, fit="pad"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.reason == "" and out.image is not None and (out.width, out.height) == (300, 300)
+    assert int(out.image.max()) == 0  # the first page
+    assert out.size == size and out.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert peak < size / 10, (peak, size)
+
+
+def test_split_folders_holding_class_folders_are_refused_not_taken_as_two_classes(tmp_path: Path) -> None:
+    """`photos/{train,val}/{cat,dog}` became the classes "train" and "val": every figure measured
+    which split an image came from. One line says so and how to go on; with --labels none, or one
+    split given, the images are read; split names without class folders under them stay classes."""
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for c, shade in (("cat", 50), ("dog", 200)):
+            (root / split / c).mkdir(parents=True)
+            Image.new("L", (8, 8), shade + (split == "val")).save(root / split / c / "a.png")  # not duplicates
+    with pytest.raises(FastclrError) as e:
+        prepare_store(root, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    assert str(e.value) == (f"the folders in {root} (train, val) are splits, each with its own subfolders (cat, dog in "
+                            f"train), not classes; give one split, e.g. `fastclr prepare {root / 'train'}`, whose "
+                            "subfolders are the classes, or --labels none to take every image unlabelled")
+    assert not (tmp_path / "s").exists()
+    res = prepare_store(root / "train", tmp_path / "t", DecodeOptions(8), workers=1, **QUIET)
+    assert read_store(res.store).classes == ["cat", "dog"]
+    res = prepare_store(root, tmp_path / "u", DecodeOptions(8), workers=1, labels="none", **QUIET)
+    assert read_store(res.store).labels.tolist() == [-1] * 4
+    assert refuse_split_folders(root, ["test", "train"], ["test/a.png", "train/b.png"]) is None

@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import warnings
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,12 +230,14 @@ TRANSIENT = frozenset({"out-of-memory"})
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 
 
-def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int, str]:
-    """Encoded bytes -> (uint8 (S, S, C) with C = 1 for grayscale modes else 3 (or 1 when
-    `opts.channels` is "1"), displayed width, displayed height, Pillow mode). Raises Unusable."""
+def decode_image(data: bytes | BinaryIO, opts: DecodeOptions) -> tuple[np.ndarray, int, int, str]:
+    """Encoded bytes, or a binary file open at its start -> (uint8 (S, S, C) with C = 1 for
+    grayscale modes else 3 (or 1 when `opts.channels` is "1"), displayed width, displayed height,
+    Pillow mode). Raises Unusable. From a file Pillow reads what it decodes (the header, the first
+    frame), not the whole file."""
     try:
         with _pixel_limit(opts.max_pixels):
-            im: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+            im: Image.Image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=FORMATS)
             w, h = im.size
             if w * h > opts.max_pixels:
                 raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels, more than {opts.max_pixels} (--max-pixels)")
@@ -268,20 +272,23 @@ def decode_image(data: bytes, opts: DecodeOptions) -> tuple[np.ndarray, int, int
 
 
 def process_file(path: Path, rel: str, opts: DecodeOptions, known: frozenset[str] = frozenset()) -> Outcome:
-    """Read, hash and (unless the hash is in `known`) decode one file; never raises."""
+    """Hash and (unless the hash is in `known`) decode one file; never raises. Both read the file
+    as they go, never whole: a 172 MB stack of 60 TIFF pages held all of it in memory to decode its
+    first page, past the memory per worker that `decode_peak_bytes` counts on."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
+        with open(path, "rb") as f:
+            out = Outcome(rel, os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest())
+            if out.sha256 in known:
+                out.known = True
+                return out
+            f.seek(0)
+            try:
+                out.image, out.width, out.height, out.mode = decode_image(f, opts)
+            except Unusable as u:
+                out.reason, out.detail = u.reason, u.detail
+    except OSError as e:  # opening or hashing: the decoder's own failures are Unusable
         return Outcome(rel, -1, reason="unreadable", detail=e.strerror or str(e))
-    except MemoryError as e:  # a file bigger than the memory left: this machine's state, as in decoding
+    except MemoryError as e:  # while hashing: this machine's state, as in decoding
         failure = _failure(e, opts.max_pixels)
         return Outcome(rel, -1, reason=failure.reason, detail=failure.detail)
-    out = Outcome(rel, len(data), hashlib.sha256(data).hexdigest())
-    if out.sha256 in known:
-        out.known = True
-        return out
-    try:
-        out.image, out.width, out.height, out.mode = decode_image(data, opts)
-    except Unusable as u:
-        out.reason, out.detail = u.reason, u.detail
     return out

@@ -82,6 +82,27 @@ def layout(rels: Iterable[str], labels: str = "auto") -> Layout:
     return Layout(classes, split, label)
 
 
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "dev", "test", "testing", "unlabeled",
+                         "unlabelled", "unlabeled_images"})
+"""Folder names that stand for a dataset's split, not a class of images."""
+
+
+def refuse_split_folders(root: Path, classes: list[str], rels: list[str]) -> None:
+    """A one-line error when the top-level folders taken as classes are a dataset's splits, each
+    holding class folders (`train/cat`, `val/cat`): as classes they became "train" and "val", the
+    real classes were lost and the given split was ignored, and every figure measured that."""
+    if not classes or not all(c.lower() in SPLIT_NAMES for c in classes):
+        return
+    nested = sorted({r.split("/", 2)[0] for r in rels if r.count("/") >= 2})
+    if not nested:
+        return
+    inner = sorted({r.split("/", 2)[1] for r in rels if r.startswith(nested[0] + "/") and r.count("/") >= 2})
+    raise FastclrError(f"the folders in {root} ({', '.join(classes)}) are splits, each with its own subfolders "
+                       f"({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''} in {nested[0]}), not classes; give "
+                       f"one split, e.g. `fastclr prepare {root / nested[0]}`, whose subfolders are the classes, "
+                       "or --labels none to take every image unlabelled")
+
+
 def folders_without_images(root: Path, files: Iterable[FileEntry], exclude: Path) -> list[str]:
     """The top-level subfolders of `root` (not hidden, not `exclude` or a folder holding it) in
     which the walk found no image, sorted."""
@@ -271,6 +292,8 @@ def prepare_store(
         raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
                            f"fastclr reads {', '.join(('jpg', 'png', 'webp', 'bmp', 'tiff', 'gif'))} and more")
     lay = layout((f.rel for f in walk.files), labels)
+    if dedupe:  # a store to train and measure on (embed's rows only name each file's folder)
+        refuse_split_folders(root, lay.classes, [f.rel for f in walk.files])
     bare = folders_without_images(root, walk.files, exclude=out)
     if bare:  # a class folder still to be filled disappears from the classes: say so
         log(f"note: no images in {', '.join(bare[:5])}{', ...' if len(bare) > 5 else ''}: "
