@@ -22,7 +22,7 @@ from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, exported_data_content, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
 from fastclr.presets import preset_name, saved_overrides
-from fastclr.runs import locked_by_another
+from fastclr.locks import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
 
 

@@ -8,24 +8,17 @@ line), checkpoints/, encoder.safetensors (the encoder alone, exported at the end
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a run directory is then not guarded
-    fcntl = None  # type: ignore[assignment]
 
 from fastclr.checkpoint import is_run_temporary
 from fastclr.config import Config, to_toml
 from fastclr.errors import FastclrError
 from fastclr.files import WriteFailed, write_failure_reason, write_text
+from fastclr.locks import LOCK_FILE
 from fastclr.tracking import Tracker, numbers
 
 
@@ -58,83 +51,6 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise FastclrError(f"run directory {path} is not writable; choose another with --run-dir or fix its permissions")
     return path
-
-
-LOCK_FILE = ".lock"
-HELD = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
-"""flock's answer when another process holds the lock; any other error is a filesystem without locks."""
-
-
-class RunLock:
-    """This process's claim on a run directory: an exclusive `flock` on RUN_DIR/.lock, which holds
-    the owner's PID and host. The kernel drops the lock when its process dies, so a lock left by a
-    killed run is taken over (and said so) while a live owner is refused by name."""
-
-    def __init__(self, run_dir: Path, log: Callable[[str], None] = print) -> None:
-        self.path = run_dir / LOCK_FILE
-        self._fd = -1
-        if fcntl is None:
-            return
-        while True:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in HELD:  # a filesystem without locks (Lustre without -o flock, NFS without lockd)
-                    os.close(self._fd)
-                    self._fd = -1
-                    log(f"warning: cannot lock {self.path} ({e.strerror}): this filesystem has no file locks, so "
-                        "nothing stops a second process writing this run; start one at a time")
-                    return
-                owner = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
-                os.close(self._fd)
-                raise FastclrError(f"{run_dir} is being written by {owner}; wait for it to finish (or stop it), "
-                                   "or choose another --run-dir") from None
-            if self._still_the_lock_file():
-                break
-            # The owner released (and removed) the file between our open and our lock: the lock we hold
-            # is on a file no one else will open; take the one now at the path instead.
-            os.close(self._fd)
-        previous = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
-        if previous:
-            log(f"took over {self.path} from {previous}, which is no longer running")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}".encode(), 0)
-
-    def _still_the_lock_file(self) -> bool:
-        """Whether the file we locked is the one at the path (not one its owner removed meanwhile)."""
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
-        except FileNotFoundError:
-            return False
-
-    def release(self) -> None:
-        """Give the directory up (the file goes, so the next owner finds no previous claim)."""
-        if self._fd < 0:
-            return
-        self.path.unlink(missing_ok=True)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = -1
-
-
-def locked_by_another(run_dir: Path) -> str:
-    """The owner ('PID n on host') of a run directory some live process is writing, else ''."""
-    path = run_dir / LOCK_FILE
-    if fcntl is None:
-        return ""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return ""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return ""
-    except OSError as e:  # a filesystem without locks cannot say: not held, as RunLock then takes it
-        return (os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process") if e.errno in HELD else ""
-    finally:
-        os.close(fd)
 
 
 LOCK_HOLDER_FILES = frozenset({"config.toml", "encoder.safetensors", "metrics.jsonl", "probe.json", "tracking.json"})

@@ -463,6 +463,17 @@ def test_cifar100_test_split_and_fine_class_names_come_from_their_own_files(tmp_
     assert ds.classes == [f"class{i}" for i in range(100)]  # as write_cifar's meta names them
 
 
+def test_cifar_class_names_pickled_again_as_text_are_read(tmp_path: Path) -> None:
+    """The publisher's meta holds bytes; one pickled again by Python 3 tools holds str, which
+    raised AttributeError ('str' object has no attribute 'decode') in a traceback."""
+    import pickle
+
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"kind{i}" for i in range(10)]}, f)
+    assert load_builtin("cifar10", tmp_path, download=False).classes == [f"kind{i}" for i in range(10)]
+
+
 def test_stl10_class_names_come_from_class_names_txt(tmp_path: Path) -> None:
     """The published stl10_binary/ carries class_names.txt, one name a line: those are the classes."""
     write_stl10(tmp_path)

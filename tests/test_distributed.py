@@ -190,6 +190,7 @@ def smooth_encoder() -> nn.Module:
 def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     """In one process group: a straight run, a run that rank 1 alone is asked to stop at step 4
     then resumed, and a run whose encoder turns NaN on rank 1 only. Counts which ranks wrote files."""
+    import fastclr.locks
     import fastclr.runs
     import fastclr.pretraining.loop as train
     from tiny import tiny_config, tiny_dataset
@@ -261,7 +262,7 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     held = None
     if rank == 0:  # another process writing the run directory: rank 0 is refused the lock
         (root / "held").mkdir()
-        held = fastclr.runs.RunLock(root / "held", log=lambda s: None)
+        held = fastclr.locks.RunLock(root / "held", log=lambda s: None)
     began = time.perf_counter()
     try:
         train.pretrain(cfg("held"), dataset=ds, encoder=smooth_encoder(), progress=False, log=lambda s: None)

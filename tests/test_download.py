@@ -174,6 +174,11 @@ def test_idx_files_of_no_images_or_a_header_that_wraps_are_refused(tmp_path: Pat
     wraps.write_bytes(bytes([0, 0, 0x08, 4]) + (65536).to_bytes(4, "big") * 4)
     with pytest.raises(FastclrError, match="wraps.idx is truncated: header says"):
         formats.read_idx(wraps)
+    longer = tmp_path / "longer.idx"  # a header of 3 labels, then 5 bytes: not "truncated"
+    longer.write_bytes(bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big") + bytes(5))
+    with pytest.raises(FastclrError, match=r"longer.idx holds 2 bytes more than its header declares for \(3,\): not "
+                                           "this dataset's file, or damaged; delete it and fetch it again"):
+        formats.read_idx(longer)
     write_idx_dataset(tmp_path / "fashion-mnist", n_train=16, n_test=8)
     write_idx(tmp_path / "fashion-mnist" / IDX_FILES[0], formats.np.zeros((0, 28, 28), formats.np.uint8))
     write_idx(tmp_path / "fashion-mnist" / IDX_FILES[1], formats.np.zeros((0,), formats.np.uint8))

@@ -298,7 +298,7 @@ def test_cli_table_and_one_line_errors(run: Run, tmp_path: Path,
     assert main(["report", str(tmp_path / "empty"), "--device", "cpu"]) == 2
     assert "stopped before its first checkpoint; start it again" in capsys.readouterr().err
     # a run its owner is still writing, before its first checkpoint: said, not "stopped" (nor "no checkpoint" to a resume)
-    from fastclr.runs import RunLock
+    from fastclr.locks import RunLock
 
     lock = RunLock(tmp_path / "empty", log=lambda s: None)
     try:

@@ -485,7 +485,7 @@ def test_a_lock_released_between_anothers_open_and_lock_is_not_held_on_a_removed
     """The owner releases (and removes) .lock just after a second process opened it: the second must
     end up holding the file at the path, where a third process and `locked_by_another` look; a lock
     on the removed file would let a third process own the directory too."""
-    import fastclr.runs as runs
+    import fastclr.locks as runs
 
     first = runs.RunLock(tmp_path, log=lambda s: None)
     real, calls = runs.fcntl.flock, []  # type: ignore[union-attr]
@@ -511,7 +511,7 @@ def test_a_filesystem_without_locks_warns_and_runs_instead_of_naming_a_writer(
         code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """flock fails with ENOLCK on NFS without lockd and ENOSYS on Lustre without -o flock: every run
     was refused as "being written by another process". Only EWOULDBLOCK means another holds it."""
-    import fastclr.runs as runs
+    import fastclr.locks as runs
 
     def no_locks(fd: int, op: int) -> None:
         raise OSError(code, os.strerror(code))
@@ -525,7 +525,7 @@ def test_a_filesystem_without_locks_warns_and_runs_instead_of_naming_a_writer(
 
 
 def test_a_held_lock_is_still_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fastclr.runs as runs
+    import fastclr.locks as runs
 
     (tmp_path / ".lock").write_text("PID 7 on node3", encoding="utf-8")
 

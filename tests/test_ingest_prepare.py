@@ -874,3 +874,32 @@ def test_split_folders_holding_class_folders_are_refused_not_taken_as_two_classe
     res = prepare_store(root, tmp_path / "u", DecodeOptions(8), workers=1, labels="none", **QUIET)
     assert read_store(res.store).labels.tolist() == [-1] * 4
     assert refuse_split_folders(root, ["test", "train"], ["test/a.png", "train/b.png"]) is None
+
+
+def test_a_store_being_prepared_by_another_process_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    """Two prepares into one --out (two cluster jobs) truncated each other's partial files, and one
+    could commit the other's rows under its own manifest. The second is refused by the owner's
+    name, the store stays as it was, and a finished prepare leaves no lock behind."""
+    import os
+    import socket
+
+    from fastclr.locks import RunLock
+
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "b").mkdir(parents=True)
+    for c, shade in (("a", 30), ("b", 220)):
+        Image.new("L", (8, 8), shade).save(tmp_path / "f" / c / "x.png")
+    out = tmp_path / "s"
+    prepare_store(tmp_path / "f", out, DecodeOptions(8), workers=1, **QUIET)
+    assert not (out / ".lock").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = RunLock(out, log=lambda s: None)  # another writer (a lock of its own open file)
+    try:
+        with pytest.raises(FastclrError, match=f"^{out} is being written by PID {os.getpid()} on "
+                                               f"{socket.gethostname()}; wait for it to finish, or choose another --out$"):
+            prepare_store(tmp_path / "f", out, DecodeOptions(8), workers=1, rehash=True, **QUIET)
+    finally:
+        other.release()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    prepare_store(tmp_path / "f", out, DecodeOptions(8), workers=1, rehash=True, **QUIET)
+    assert read_store(out).classes == ["a", "b"] and not (out / ".lock").exists()

@@ -514,7 +514,7 @@ def test_a_lock_taken_over_names_only_its_new_owner(tmp_path: Path) -> None:
     what another process then reads as the owner is this process, with nothing of the old text."""
     import socket
 
-    from fastclr.runs import RunLock, locked_by_another
+    from fastclr.locks import RunLock, locked_by_another
 
     dead = "PID 4194303 on a-much-longer-host-name-than-this-one.example.org"
     (tmp_path / ".lock").write_text(dead, encoding="utf-8")

@@ -128,9 +128,15 @@ def read_idx_dataset(name: str, classes: list[str]) -> Callable[[Path], Dataset]
     return read
 
 
+def class_name(name: object) -> str:
+    """A class name from a CIFAR meta pickle: bytes in the publisher's (Python 2) files, str in one
+    pickled again by Python 3 tools."""
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def _read_cifar10(folder: Path) -> Dataset:
     meta = formats.read_cifar_pickle(folder / "batches.meta")
-    classes = [c.decode() for c in meta.get(b"label_names", [])] or [str(i) for i in range(10)]
+    classes = [class_name(c) for c in meta.get(b"label_names", [])] or [str(i) for i in range(10)]
     xtr, ytr = formats.read_cifar_batches([folder / f"data_batch_{i}" for i in range(1, 6)], b"labels")
     xte, yte = formats.read_cifar_batches([folder / "test_batch"], b"labels")
     train = ImageSet(xtr, ytr)
@@ -139,7 +145,7 @@ def _read_cifar10(folder: Path) -> Dataset:
 
 def _read_cifar100(folder: Path) -> Dataset:
     meta = formats.read_cifar_pickle(folder / "meta")
-    classes = [c.decode() for c in meta.get(b"fine_label_names", [])] or [str(i) for i in range(100)]
+    classes = [class_name(c) for c in meta.get(b"fine_label_names", [])] or [str(i) for i in range(100)]
     xtr, ytr = formats.read_cifar_batches([folder / "train"], b"fine_labels")
     xte, yte = formats.read_cifar_batches([folder / "test"], b"fine_labels")
     train = ImageSet(xtr, ytr)

@@ -46,11 +46,13 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[data[2]]).newbyteorder(">")
     count = math.prod(shape)  # Python ints: a crafted header cannot wrap around to a small count
-    if len(data) - header != count * dtype.itemsize:
-        raise FastclrError(
-            f"{path} is truncated: header says {shape} but holds {len(data) - header} bytes; "
-            "delete it and fetch it again"
-        )
+    held, declared = len(data) - header, count * dtype.itemsize
+    if held < declared:
+        raise FastclrError(f"{path} is truncated: header says {shape} but holds {held} bytes; delete it and fetch it "
+                           "again")
+    if held > declared:  # another file appended, or not the file its name says
+        raise FastclrError(f"{path} holds {held - declared} bytes more than its header declares for {shape}: not "
+                           "this dataset's file, or damaged; delete it and fetch it again")
     return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 from fastclr.files import atomic_write, fsync_path
 from fastclr.data.datasets import Dataset, ImageSet
 from fastclr.errors import FastclrError
+from fastclr.locks import LOCK_FILE, RunLock
 from fastclr.version import __version__
 
 IMAGES, MANIFEST, SKIPPED, META = "images.u8", "manifest.csv", "skipped.csv", "store.json"
@@ -50,7 +51,7 @@ SPLITS = ("unlabeled", "train", "test")
 FORMAT, VERSION = "fastclr-store", 1
 _PARTIAL = ".partial"
 _OWN_NAMES = {IMAGES, MANIFEST, SKIPPED, META, "." + IMAGES + _PARTIAL, "." + MANIFEST + _PARTIAL,
-              "." + SKIPPED + _PARTIAL, "." + IMAGES + ".promote"}
+              "." + SKIPPED + _PARTIAL, "." + IMAGES + ".promote", LOCK_FILE}
 
 
 @dataclass
@@ -224,10 +225,16 @@ class StoreWriter:
     three once, which costs nothing for all-grayscale folders.
     """
 
-    def __init__(self, out: Path, size: int, channels: int | None):
+    def __init__(self, out: Path, size: int, channels: int | None, log: Callable[[str], None] = print):
         check_output_dir(out)
         self.created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        try:  # two writers at once truncated each other's partial files, and one could commit the other's rows
+            self._lock = RunLock(out, log, what="this store", way_out="wait for it to finish, or choose another --out")
+        except FastclrError:
+            if self.created:
+                out.rmdir()
+            raise
         self.out, self.size = out, size
         self.auto = channels is None
         self.channels = channels or 1
@@ -312,6 +319,7 @@ class StoreWriter:
         os.replace(self._manifest_path, self.out / MANIFEST)
         os.replace(skipped_path, self.out / SKIPPED)
         atomic_write(self.out / META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+        self._lock.release()
         return self.out
 
     def abort(self) -> None:
@@ -321,8 +329,9 @@ class StoreWriter:
                 f.close()
             except OSError:  # the buffered tail could not be written either (a full disk): it is deleted next
                 pass
-        for name in _OWN_NAMES - {IMAGES, MANIFEST, SKIPPED, META}:
+        for name in _OWN_NAMES - {IMAGES, MANIFEST, SKIPPED, META, LOCK_FILE}:
             (self.out / name).unlink(missing_ok=True)
+        self._lock.release()
         if self.created:
             try:
                 self.out.rmdir()

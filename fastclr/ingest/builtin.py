@@ -44,7 +44,7 @@ def write_builtin_store(name: str, out: Path, root: str | None = None, download:
     ds = load_builtin(name, root, download)
     h, w, c = ds.image_shape
     blocks = builtin_blocks(ds)
-    writer = StoreWriter(out, h, c)
+    writer = StoreWriter(out, h, c, log)
     try:
         rows = iter(block_rows(blocks, ds.classes))
         for _, s in blocks:

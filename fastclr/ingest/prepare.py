@@ -316,7 +316,7 @@ def prepare_store(
             f"and {free / 2**30:.1f} GiB is available")
     # --rehash reads every file again, and decodes again the ones an earlier run could not use.
     known = frozenset(h for h, r in prev.by_hash.items() if not (rehash and "reason" in r)) if prev else frozenset()
-    writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels))
+    writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels), log)
     bar = Progress(len(entries), enabled=progress, unit=stage, rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     kept: dict[str, str] = {}  # sha256 -> the path in the store with those bytes

@@ -42,7 +42,8 @@ from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import check_resume_config, check_resume_data
 from fastclr.presets import check_preset
 from fastclr.progress import counted
-from fastclr.runs import RunLock, default_run_dir, locked_by_another, prepare_run_dir, write_config, write_json
+from fastclr.locks import RunLock, locked_by_another
+from fastclr.runs import default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import Precision, resolve_precision, select_device, use_compile
 from fastclr.signals import StopRequested

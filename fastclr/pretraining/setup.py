@@ -33,7 +33,8 @@ from fastclr.pretraining.objective import LearnedTemperature, Objective, is_plai
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
 from fastclr.pretraining.views import ViewMaker
 from fastclr.progress import Progress, counted
-from fastclr.runs import MetricsLog, RunLock
+from fastclr.locks import RunLock
+from fastclr.runs import MetricsLog
 from fastclr.runtime import Precision
 from fastclr.scaleout.distributed import DistContext, broadcast_object, shared
 from fastclr.scaleout.global_bn import convert_batchnorm
