@@ -41,7 +41,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         auto = auto_value(section, name)
         shown = f"auto ({default!r})" if auto is not None and default == auto else repr(default)
         group.add_argument(f"--{flag}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"{section}.{name} (default: {shown}{preset_text(f'{section}.{name}', default)})")
+                           help=argparse.SUPPRESS if (section, name) == ("data", "preset") else
+                           f"{section}.{name} (default: {shown}{preset_text(f'{section}.{name}', default)})")
 
 
 def preset_text(key: str, default: Any) -> str:
@@ -57,7 +58,12 @@ def preset_text(key: str, default: Any) -> str:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    if "data.preset" in flags:  # it names the recipe a config holds; `--data` chooses the recipe
+        raise FastclrError("--preset is not a way to choose a recipe: --data DATASET trains with that dataset's own "
+                           "(see --help); to train one dataset on exactly the settings of a config file, set "
+                           "data.preset in it")
+    return flags
 
 
 def _epochs_mean_epochs(flags: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +110,9 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
     from fastclr.checkpoint import list_checkpoints
 
     resume = None
+    if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
+        raise FastclrError("--resume was given an empty run directory (an unset variable?); give the run directory "
+                           "to continue, or leave --resume out to start a new run")
     if args.resume == "auto":
         # `--resume auto RUN_DIR`: continue RUN_DIR if it holds a checkpoint, else start it fresh.
         flag = _overrides(args).get("train.run_dir")
@@ -242,7 +251,7 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
                      "run to continue or start")
     pre.add_argument("--allow-config-change", action="store_true",
                      help="allow resuming with a different dataset, batch size, views, small views, --supcon, queue, "
-                          "support set, seed or --crop-size (a network the checkpoint does not fit is never allowed: "
+                          "support set, seed, --crop-size or --local-size (a network the checkpoint does not fit is never allowed: "
                           "start a new run with --init)")
     pre.add_argument("--quiet", action="store_true", help="no progress line")
     _add_config_flags(pre)

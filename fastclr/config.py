@@ -388,12 +388,12 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
                 f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}; pass e.g. --{name.replace('_', '-')} "
                 f"{getattr(getattr(Config(), section), name)}"
             ) from None
-    if kind is str and isinstance(raw, bool):
-        return "on" if raw else "off"  # auto/on/off settings accept TOML booleans
-    if kind is str and isinstance(raw, str) and raw.lower() in ("true", "false"):
+    if kind is str and (isinstance(raw, bool) or isinstance(raw, str) and raw.lower() in ("true", "false")):
         allowed = next(f for f in fields(getattr(Config(), section)) if f.name == name).metadata.get("allowed")
-        if allowed is not None and "on" in allowed.choices:
-            return "on" if raw.lower() == "true" else "off"  # an auto/on/off setting written as true/false
+        if allowed is not None and "on" in allowed.choices:  # an auto/on/off setting written as true/false
+            return "on" if raw is True or str(raw).lower() == "true" else "off"
+        if isinstance(raw, bool):  # a path or a name: `run_dir = true` was the folder ./on
+            raise FastclrError(f"{where} must be a string, got {raw!r}")
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
@@ -409,7 +409,8 @@ def _nearest_key(key: str) -> str:
     keys = list(to_flat(Config()))
     name = key.rpartition(".")[2]
     placed = [k for k in keys if k.rpartition(".")[2] == name]  # the right name in another section
-    close = placed or difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    flagged = flag_table().get(name.replace("_", "-"))  # a flag's name used as a key: `log` for train.trackers
+    close = placed or ([".".join(flagged)] if flagged else []) or difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -419,7 +420,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     out = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
-        if section not in SECTIONS or not hasattr(getattr(out, section), name):
+        if section not in SECTIONS or name not in {f.name for f in fields(getattr(out, section))}:
             raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
         setattr(getattr(out, section), name, parse_value(section, name, raw))
     validate(out)
@@ -441,10 +442,22 @@ RELATIONS: tuple[tuple[str, str], ...] = (
 """Pairs (a, b) of settings that must hold a <= b."""
 
 
-def _flag(key: str) -> str:
+def flag_of(key: str) -> str:
+    """The command-line flag of setting `key` ('train.batch_size' -> '--batch-size')."""
     section, name = key.split(".")
     f = next(f for f in fields(getattr(Config(), section)) if f.name == name)
     return "--" + f.metadata.get("flag", name.replace("_", "-"))
+
+
+def _of_kind(value: Any, default: Any) -> bool:
+    """Whether `value` is of its setting's kind (the type of its default): an int for a float, never
+    a bool for a number."""
+    kind = type(default)
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
 
 
 def validate(cfg: Config) -> None:
@@ -455,7 +468,16 @@ def validate(cfg: Config) -> None:
     for section in SECTIONS:
         for f in fields(getattr(cfg, section)):
             key, value = f"{section}.{f.name}", getattr(getattr(cfg, section), f.name)
-            example = f"e.g. {_flag(key)} {getattr(getattr(defaults, section), f.name)}"
+            default = getattr(getattr(defaults, section), f.name)
+            example = f"e.g. {flag_of(key)} {default}"
+            if not _of_kind(value, default):  # a config built in Python: 'false' for a switch was true
+                raise FastclrError(f"{key} = {value!r} must be {_KIND_NAMES[type(default)]}; {example}")
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:  # a path of undecodable bytes: config.toml could not be written
+                    raise FastclrError(f"{key} = {value!r} is not valid UTF-8 (config.toml records every setting "
+                                       "as text); rename it") from None
             if isinstance(value, float) and not math.isfinite(value):
                 raise FastclrError(f"{key} = {value} is not a finite number; {example}")
             allowed: Allowed | None = f.metadata.get("allowed")
@@ -465,7 +487,7 @@ def validate(cfg: Config) -> None:
         va, vb = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (a, b))
         if va > vb:
             raise FastclrError(f"{a} = {va!r} is larger than {b} = {vb!r}; it must be <= {b} "
-                               f"(e.g. {_flag(a)} {vb!r})")  # a value that holds whatever the preset set
+                               f"(e.g. {flag_of(a)} {vb!r})")  # a value that holds whatever the preset set
     from fastclr.models.cnn import check_stages  # the stage grammar lives with the network it builds
 
     check_stages(cfg.model.cnn_stages)  # before the data is read and the run directory made

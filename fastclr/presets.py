@@ -72,7 +72,7 @@ def saved_overrides(path: str | Path) -> dict[str, Any]:
     """The flat overrides a run directory's config.toml rebuilds its config from (on `Config()`):
     keys added since it was saved at the values that reproduce it (ADDED_LATER, as `from_dict`
     does for a checkpoint's config), and the
-    dataset's preset name where a run saved before 0.2 lacks it."""
+    dataset's preset name where a run saved before data.preset existed lacks it."""
     flat = {**ADDED_LATER, **read_toml(path)}
     flat.setdefault("data.preset", preset_name(str(flat.get("data.name", DataConfig().name))))
     return flat

@@ -113,7 +113,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         encoder.load_state_dict(state["encoder"])
         encoder = encoder.to(device)
         saved = to_flat(from_dict(state["config"]))
-        if "preset" not in state["config"].get("data", {}):  # saved before 0.2: as saved_overrides fills it
+        if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
             saved["data.preset"] = preset_name(saved["data.name"])
         cfg = apply_overrides(Config(), saved)
         content = str(state.get("data_content", ""))

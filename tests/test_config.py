@@ -45,6 +45,8 @@ def test_values_are_parsed_to_the_field_type() -> None:
     ("optim.batch_size", " (did you mean train.batch_size?)"),   # in another section (a TOML [optim] table)
     ("train.temprature", " (did you mean train.temperature?)"),
     ("model.zzz", ""),
+    ("train.log", " (did you mean train.trackers?)"),  # the flag's name (--log), not train.log_every
+    ("data.data", " (did you mean data.name?)"),
 ])
 def test_an_unknown_key_names_the_nearest_one(key: str, hint: str) -> None:
     with pytest.raises(FastclrError) as e:
@@ -357,6 +359,45 @@ def test_toml_booleans_set_auto_on_off_settings_and_are_no_integers(tmp_path: Pa
         apply_overrides(Config(), read_toml(p))
 
 
+def test_a_toml_boolean_is_no_path_or_name_and_no_dunder_is_a_key(tmp_path: Path) -> None:
+    """`run_dir = true` became the folder ./on (any string setting took a boolean as on/off);
+    `__doc__` passed the unknown-key check (hasattr) and `__class__` ended in a KeyError traceback."""
+    p = tmp_path / "c.toml"
+    for text, message in (("[train]\nrun_dir = true\n", "train.run_dir must be a string, got True"),
+                          ("[data]\nroot = false\n", "data.root must be a string, got False"),
+                          ('[train]\n__doc__ = "x"\n', "unknown config key 'train.__doc__'"),
+                          ('[train]\n__class__ = "x"\n', "unknown config key 'train.__class__'")):
+        p.write_text(text, encoding="utf-8")
+        with pytest.raises(FastclrError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            apply_overrides(Config(), read_toml(p))
+    assert apply_overrides(Config(), {"train.run_dir": "true"}).train.run_dir == "true"  # a folder named so
+
+
+def test_a_config_built_in_python_is_checked_for_the_kind_of_each_setting() -> None:
+    """`validate` (what `pretrain` runs on a config made in Python) checked ranges only: a switch
+    set to the string 'false' trained as true, a batch of 64.0 went on as a float, and epochs '10'
+    raised a TypeError traceback. Each is one line naming the key; an int for a float setting stays
+    allowed, as in TOML; a path that is no valid UTF-8 cannot be recorded in config.toml."""
+    from fastclr.config import validate
+
+    for section, name, value, kind in (("train", "supcon", "false", "true or false"),
+                                       ("train", "batch_size", 64.0, "an integer"),
+                                       ("train", "epochs", "10", "a finite number"),
+                                       ("train", "seed", True, "an integer"),
+                                       ("train", "run_dir", 3, "a string")):
+        cfg = Config()
+        setattr(getattr(cfg, section), name, value)
+        with pytest.raises(FastclrError, match=f"^{section}.{name} = {value!r} must be {kind}; e.g. --"):
+            validate(cfg)
+    cfg = Config()
+    cfg.train.epochs = 10
+    validate(cfg)
+    cfg.train.run_dir = "runs/x\udcff"  # what os.fsdecode makes of the byte 0xff
+    with pytest.raises(FastclrError, match=r"^train.run_dir = .* is not valid UTF-8 \(config.toml records every "
+                                           r"setting as text\); rename it$"):
+        validate(cfg)
+
+
 def test_a_misspelt_toml_section_is_refused_not_ignored(tmp_path: Path) -> None:
     """A file's [trian] table names no section: its keys are refused with the nearest key, never
     dropped while the run trains on the defaults."""
@@ -394,3 +435,20 @@ def test_a_saved_run_keeps_the_preset_it_recorded(tmp_path: Path) -> None:
     assert (cfg.data.name, cfg.data.preset) == ("mnist", "fashion-mnist")
     _drop_lines(run / "config.toml", "preset")
     assert saved_overrides(run / "config.toml")["data.preset"] == "mnist"
+
+
+def test_the_preset_flag_and_an_empty_resume_are_one_line_errors(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """--preset read in --help as a way to pick a recipe but could only fail, telling a command-line
+    user to call fastclr.config_for; --resume "" (an unset variable in a job script) started a new
+    run from scratch and exited 0. Both are refused in one line before anything is written."""
+    from fastclr.cli import build_parser, main, pretrain_target
+
+    assert main(["pretrain", "--data", "mnist", "--preset", "cifar10", "--run-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("error: --preset is not a way to choose a recipe: --data DATASET trains")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--help"])
+    assert "--preset" not in capsys.readouterr().out
+    with pytest.raises(FastclrError, match=r"^--resume was given an empty run directory \(an unset variable\?\)"):
+        pretrain_target(build_parser().parse_args(["pretrain", "--resume", ""]))
+    assert not (tmp_path / "r").exists()

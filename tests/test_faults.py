@@ -342,8 +342,8 @@ def test_resume_with_a_changed_batch_size_is_refused_naming_the_key_and_a_change
     assert call_main(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY, "--probe", "false"],
                     env, tmp_path).returncode == 0
     r = call_main(["pretrain", "--resume", str(run), "--batch-size", "16", "--quiet"], env, tmp_path)
-    assert r.returncode == 2 and "train.batch_size differs from the checkpoint's config; drop that flag, or pass " \
-        "--allow-config-change to change it deliberately" in r.stderr
+    assert r.returncode == 2 and "train.batch_size (16 here, 32 in the checkpoint) differs from the checkpoint's " \
+        "config; give its value (--batch-size 32), or pass --allow-config-change to change it deliberately" in r.stderr
     # The network and the optimiser cannot change even when asked: the checkpoint's weights and
     # optimiser state would not fit (it crashed after rewriting config.toml). Refused before any write.
     saved = (run / "config.toml").read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -268,3 +269,39 @@ def test_a_small_cnns_learned_readout_is_never_dropped_by_init(tmp_path: Path) -
     with pytest.raises(FastclrError, match="a network of another depth or shape; pick the matching"):
         read_init(path, build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|flat0"))
     assert read_init(path, build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|fc512")).tensors
+
+
+def test_a_resume_keeps_how_the_run_started(tmp_path: Path) -> None:
+    """--init is read by a new run only, and a learned temperature continues from its checkpoint:
+    a resume given another --init (or --temperature) trained on as before while config.toml recorded
+    the new file with an empty checksum (or the new start). The run's own start is kept, and a
+    different one said in a note; the same --init again (a job script run twice) says nothing."""
+    import shutil
+
+    from tiny import tiny_config, tiny_dataset, tiny_run
+    from fastclr.config import read_toml
+    from fastclr.models.foreign import file_sha256
+    from fastclr.pretraining.loop import pretrain
+
+    ds = tiny_dataset(64)
+    src = tiny_run(tmp_path / "a", ds) / "encoder.safetensors"
+    other = tmp_path / "other.safetensors"
+    shutil.copy(src, other)
+    quiet: dict[str, Any] = dict(dataset=ds, progress=False)
+    run = tmp_path / "b"
+    over = dict(train__batch_size=32, train__epochs=1.0, model__init=str(src), train__learn_temperature=True,
+                train__temperature=0.2)
+    assert pretrain(tiny_config(run, **over), stop=lambda step: step == 1, log=lambda s: None, **quiet).stopped
+    lines: list[str] = []
+    pretrain(tiny_config(run, **over), resume=run, log=lines.append, stop=lambda step: step == 2, **quiet)
+    assert not any(line.startswith("note: model.init") for line in lines)
+    saved = read_toml(run / "config.toml")
+    assert saved["model.init"] == str(src) and saved["model.init_sha256"] == file_sha256(src)
+    lines.clear()
+    pretrain(tiny_config(run, **dict(over, model__init=str(other), train__temperature=0.5)), resume=run,
+             log=lines.append, **quiet)
+    assert ("note: model.init, train.temperature set how a run starts, and this one continues from its checkpoint: "
+            "not used, and its config.toml keeps the run's") in lines
+    saved = read_toml(run / "config.toml")
+    assert (saved["model.init"], saved["model.init_sha256"], saved["train.temperature"]) == \
+        (str(src), file_sha256(src), 0.2)

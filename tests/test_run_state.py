@@ -486,8 +486,12 @@ def test_a_resume_with_another_batch_or_views_is_refused_unless_allowed(tmp_path
 
     saved, wanted = tiny_config(tmp_path), tiny_config(tmp_path, **{key: value})
     name = key.replace("__", ".")
-    with pytest.raises(FastclrError, match=f"cannot resume: {name} differs from the checkpoint's config; drop that flag, "
-                                           "or pass --allow-config-change"):
+    was = getattr(saved.train, name.split(".")[1])
+    flag = {"train.views": "--views", "train.batch_size": "--batch-size"}[name]
+    # both values and the way back: the difference may be config.toml's (an earlier resume rewrote it), not a flag's
+    with pytest.raises(FastclrError, match=f"^cannot resume: {name} \\({value} here, {was} in the checkpoint\\) differs "
+                                           f"from the checkpoint's config; give its value \\({flag} {was}\\), or pass "
+                                           "--allow-config-change to change it deliberately$"):
         check_resume_config(saved, wanted, allow_changes=False)
     check_resume_config(saved, wanted, allow_changes=True)
 
@@ -620,7 +624,7 @@ def test_a_checkpoint_from_before_steps_per_epoch_were_kept_stands_for_full_batc
 
 @pytest.mark.parametrize("key, value", [("train__local_views", 2), ("train__supcon", True), ("train__queue", 64),
                                         ("train__nn_support", 64), ("data__name", "mnist"), ("train__seed", 7),
-                                        ("augment__crop_size", 24)])
+                                        ("augment__crop_size", 24), ("augment__local_size", 12)])
 def test_a_resume_that_changes_the_views_objective_or_carried_state_is_refused_unless_allowed(
         tmp_path: Path, key: str, value: object) -> None:
     """Small views, labels as positives, a queue or a support set change what each step trains on or
@@ -630,7 +634,8 @@ def test_a_resume_that_changes_the_views_objective_or_carried_state_is_refused_u
 
     saved, wanted = tiny_config(tmp_path), tiny_config(tmp_path, **{key: value})
     name = key.replace("__", ".")
-    with pytest.raises(FastclrError, match=f"cannot resume: {name} differs from the checkpoint's config"):
+    with pytest.raises(FastclrError, match=f"cannot resume: {name} \\(.* here, .* in the checkpoint\\) differs from "
+                                           "the checkpoint's config"):
         check_resume_config(saved, wanted, allow_changes=False)
     check_resume_config(saved, wanted, allow_changes=True)
 
@@ -710,3 +715,22 @@ def test_a_checkpoint_keeps_the_gpus_generator_as_well(monkeypatch: pytest.Monke
     assert set(cpu_saved) == {"torch_rng"}
     restore_generators(cpu_saved, gpu)
     assert len(put) == 1
+
+
+def test_allow_config_changes_help_names_every_setting_it_allows() -> None:
+    """Each of RESUME_KEYS in --allow-config-change's help, in its words or its flag: a key added
+    there without its help (augment.local_size was missing) fails here."""
+    import argparse
+
+    from fastclr.cli import build_parser
+    from fastclr.pretraining.state import RESUME_KEYS
+
+    words = {"data.name": "dataset", "train.batch_size": "batch size", "train.views": "views",
+             "train.local_views": "small views", "train.supcon": "--supcon", "train.queue": "queue",
+             "train.nn_support": "support set", "train.seed": "seed", "augment.crop_size": "--crop-size",
+             "augment.local_size": "--local-size"}
+    assert set(words) == set(RESUME_KEYS)
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(next(a.help or "" for a in sub.choices["pretrain"]._actions
+                         if "--allow-config-change" in a.option_strings).split())
+    assert [k for k, w in words.items() if w not in text] == []

@@ -288,6 +288,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         if not cfg.model.width:  # auto: the width the run trained at, whatever this device would choose
             cfg = _with_width(cfg, saved.model.width)
         check_resume_config(saved, cfg, allow_config_change, resume)
+        cfg = _start_settings_kept(saved, cfg, log)
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
@@ -360,6 +361,21 @@ def _after_peer_loss(run_dir: Path | None) -> str:
         return f"{kept[-1].name} in {run_dir} is kept; resume with --resume {run_dir} under the same torchrun command"
     return (f"no checkpoint of {run_dir} was written yet" if run_dir is not None else
             "it stopped before the run directory was chosen") + "; start the run again with the same command"
+
+
+def _start_settings_kept(saved: Config, cfg: Config, log: Callable[[str], None]) -> Config:
+    """`cfg` with the settings of how the run started taken from its checkpoint's config `saved`:
+    the weights it started from (--init, read only by a new run) and, when learned, the temperature's
+    start (the checkpoint holds where it got to). A resume given others trained on as before while
+    config.toml recorded them (and an init's checksum as empty). A different --init is said in a
+    note; the same one again (a job script run again) silently keeps the checksum."""
+    keys = ("model.init",) + (("train.temperature",) if saved.train.learn_temperature else ())
+    changed = config_mod.diff(saved, cfg, keys)
+    if changed:
+        log(f"note: {', '.join(changed)} set{'s' * (len(changed) == 1)} how a run starts, and this one continues from "
+            "its checkpoint: not used, and its config.toml keeps the run's")
+    kept = {k: v for k, v in config_mod.to_flat(saved).items() if k in keys or k == "model.init_sha256"}
+    return config_mod.apply_overrides(cfg, kept)
 
 
 def _compile_text(setting: str, compiled: bool) -> str:

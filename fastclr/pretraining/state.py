@@ -25,9 +25,9 @@ from fastclr.pretraining.schedule import ramp_fraction
 from fastclr.pretraining.step import TrainStep
 
 RESUME_KEYS = ("data.name", "train.batch_size", "train.views", "train.local_views", "train.supcon", "train.queue",
-               "train.nn_support", "train.seed", "augment.crop_size")
+               "train.nn_support", "train.seed", "augment.crop_size", "augment.local_size")
 """Settings a resumed run may change only with --allow-config-change: they change the data, its
-order (the seed draws it and the views), the views' side, or the state a checkpoint carries (a
+order (the seed draws it and the views), the views' sides, or the state a checkpoint carries (a
 queue, a support set: started empty when newly on)."""
 
 STATE_KEYS = ("model.encoder", "model.width", "model.cnn_stages", "model.cifar_stem", "model.head_layers",
@@ -76,10 +76,15 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
         )
     changed = config_mod.diff(saved, wanted, RESUME_KEYS)
     if changed and not allow_changes:
+        # Named with both values and the way back: the difference may come from config.toml, which an
+        # earlier resume with --allow-config-change rewrote before it failed, not from a flag given now.
+        now, then = config_mod.to_flat(wanted), config_mod.to_flat(saved)
+        one = len(changed) == 1
         raise FastclrError(
-            f"cannot resume: {', '.join(changed)} differ{'s' * (len(changed) == 1)} from the checkpoint's config; drop "
-            f"{'that flag' if len(changed) == 1 else 'those flags'}, "
-            f"or pass --allow-config-change to change {'it' if len(changed) == 1 else 'them'} deliberately"
+            f"cannot resume: {', '.join(f'{k} ({now[k]} here, {then[k]} in the checkpoint)' for k in changed)} "
+            f"differ{'s' * one} from the checkpoint's config; give {'its value' if one else 'its values'} "
+            f"({', '.join(f'{config_mod.flag_of(k)} {then[k]}' for k in changed)}), "
+            f"or pass --allow-config-change to change {'it' if one else 'them'} deliberately"
         )
 
 
