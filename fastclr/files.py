@@ -112,7 +112,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 @contextmanager
 def stop_signals_held() -> Iterator[None]:
-    """Inside: a SIGINT or SIGTERM is noted, and its handler runs on the way out. For a few renames
+    """Inside: a SIGINT or SIGTERM (or Windows' SIGBREAK) is noted, and its handler runs on the way out. For a few renames
     that must all happen or none. Python-level, not a thread's signal mask: the kernel hands a
     process-directed signal (Ctrl-C, kill) to any thread not blocking it, torch's own included,
     and Python then runs the handler in the main thread regardless."""
@@ -120,7 +120,8 @@ def stop_signals_held() -> Iterator[None]:
         yield  # signal handlers can be changed in the main thread only (and run there)
         return
     pending: list[int] = []
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())  # Windows
+    previous = {s: signal.getsignal(s) for s in stops}
     held = {s: h for s, h in previous.items() if h is not None}  # None: a handler not set from Python
     for s in held:
         signal.signal(s, lambda signum, frame: pending.append(signum))

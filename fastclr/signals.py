@@ -44,8 +44,8 @@ class StopFlag:
     @contextmanager
     def interruptible(self) -> Iterator[None]:
         """Inside: a stop request (or one already pending) raises StopRequested."""
-        self.raising = True  # before the check: a signal between the two would set the flag and not raise
         try:
+            self.raising = True  # before the check: a signal between the two would set the flag and not raise
             if self.signal is not None:
                 raise StopRequested()
             yield

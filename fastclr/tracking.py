@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -119,6 +120,10 @@ def tracked(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
             t.close(status)
 
 
+FAILED_CLOSE_WAIT_S = 10.0
+"""How long the end of a run waits for a tracker that failed earlier to end its run."""
+
+
 class _Guarded:
     """A tracker whose failures (a server down, a full quota) become one warning each, then
     silence: the run and its files go on."""
@@ -135,7 +140,7 @@ class _Guarded:
         except Exception as e:  # noqa: BLE001 - any failure of the tracker's library
             self.broken = True
             self.warn(f"warning: {self.name} failed to {what} ({type(e).__name__}: {str(e)[:200]}); it gets nothing "
-                      "more from this run, whose files are complete")
+                      "more from this run but its end, and the run's files are complete")
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         self._call("log metrics", lambda: self.inner.metrics(values, step))
@@ -150,10 +155,16 @@ class _Guarded:
         if not self.broken:
             self._call("close its run", lambda: self.inner.close(status))
             return
-        try:  # after a failure (a network blip, say) the tracked run is still ended, not left RUNNING for good
-            self.inner.close(status)
-        except Exception:  # noqa: BLE001, S110 - its failure was said once already
-            pass
+        def close() -> None:
+            try:
+                self.inner.close(status)
+            except Exception:  # noqa: BLE001, S110 - its failure was said once already
+                pass
+        # After a failure (a network blip, say) the tracked run is still ended, not left RUNNING for good;
+        # but a server still down must not hold the end of the run (MLflow's retries take up to 96 s).
+        closing = threading.Thread(target=close, daemon=True)
+        closing.start()
+        closing.join(FAILED_CLOSE_WAIT_S)
 
 
 MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}

@@ -749,3 +749,27 @@ def test_a_sigterm_in_a_run_that_handles_it_is_left_to_the_run() -> None:
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_a_stop_arriving_as_an_interruptible_phase_begins_ends_it() -> None:
+    """The phase checked for a pending stop, then set the flag that makes the handler raise: a signal
+    between the two set the pending stop and did not raise, and the whole probe ran after Ctrl-C.
+    Here the signal lands the moment the phase announces itself."""
+    from fastclr.signals import StopFlag, StopRequested
+
+    class SignalledAsItBegins(StopFlag):
+        @property
+        def raising(self) -> bool:
+            return self._raising
+
+        @raising.setter
+        def raising(self, value: bool) -> None:
+            self._raising = value
+            if value:
+                self.signal = 15  # the handler's first act; with raising now True it would also raise
+
+    flag, ran = SignalledAsItBegins(), []
+    with pytest.raises(StopRequested):
+        with flag.interruptible():
+            ran.append(True)
+    assert ran == [] and flag.raising is False

@@ -883,6 +883,7 @@ def test_a_store_being_prepared_by_another_process_is_refused_and_left_as_it_is(
     import os
     import socket
 
+    import fastclr.ingest.prepare as prepare_mod
     from fastclr.locks import RunLock
 
     (tmp_path / "f" / "a").mkdir(parents=True)
@@ -894,12 +895,55 @@ def test_a_store_being_prepared_by_another_process_is_refused_and_left_as_it_is(
     assert not (out / ".lock").exists()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     other = RunLock(out, log=lambda s: None)  # another writer (a lock of its own open file)
+    walked: list[Path] = []
+    real_walk = prepare_mod.walk_folder
     try:
+        prepare_mod.walk_folder = lambda root, exclude=None: walked.append(root) or real_walk(root, exclude)
         with pytest.raises(FastclrError, match=f"^{out} is being written by PID {os.getpid()} on "
                                                f"{socket.gethostname()}; wait for it to finish, or choose another --out$"):
             prepare_store(tmp_path / "f", out, DecodeOptions(8), workers=1, rehash=True, **QUIET)
     finally:
+        prepare_mod.walk_folder = real_walk
         other.release()
+    assert walked == []  # refused before the walk of the folder, not after its minutes
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     prepare_store(tmp_path / "f", out, DecodeOptions(8), workers=1, rehash=True, **QUIET)
     assert read_store(out).classes == ["a", "b"] and not (out / ".lock").exists()
+    # a writer that fails to open its partial files gives the store up: the next one is not refused
+    from fastclr.data.store import StoreWriter
+
+    (out / ".images.u8.partial").mkdir()
+    with pytest.raises(IsADirectoryError):
+        StoreWriter(out, 8, 1, log=lambda s: None)
+    (out / ".images.u8.partial").rmdir()
+    assert not (out / ".lock").exists()
+    StoreWriter(out, 8, 1, log=lambda s: None).abort()
+    fresh = tmp_path / "fresh"
+    (tmp_path / "blocker").mkdir()
+    with pytest.raises(FastclrError, match="no images in"):  # a failure before writing leaves no folder behind
+        prepare_store(tmp_path / "blocker", fresh, DecodeOptions(8), workers=1, **QUIET)
+    assert not fresh.exists()
+
+
+def test_a_read_error_while_decoding_is_unreadable_and_tried_again_not_remembered_as_corrupt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is read twice (hashed, then decoded): an I/O error in the second read (EIO, a stale
+    NFS handle) became "corrupt" under the file's hash, skipped by every later prepare. It is
+    "unreadable", with no hash to be remembered by; Pillow's own errors stay the file's."""
+    import errno
+
+    import fastclr.ingest.decode as decode
+
+    Image.new("L", (8, 8), 7).save(tmp_path / "a.png")
+
+    def failing_open(*args: object, **kw: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(decode.Image, "open", failing_open)
+    out = process_file(tmp_path / "a.png", "a.png", DecodeOptions(8))
+    assert (out.reason, out.detail, out.sha256, out.size) == ("unreadable", "Input/output error", "", -1)
+
+    def broken_data(*args: object, **kw: object) -> None:
+        raise OSError("broken data stream when reading image file")
+    monkeypatch.setattr(decode.Image, "open", broken_data)
+    out = process_file(tmp_path / "a.png", "a.png", DecodeOptions(8))
+    assert out.reason == "corrupt" and out.sha256 != ""

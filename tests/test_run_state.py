@@ -734,3 +734,23 @@ def test_allow_config_changes_help_names_every_setting_it_allows() -> None:
     text = " ".join(next(a.help or "" for a in sub.choices["pretrain"]._actions
                          if "--allow-config-change" in a.option_strings).split())
     assert [k for k, w in words.items() if w not in text] == []
+
+
+def test_a_runs_checkpoint_carries_and_a_resume_restores_its_gpus_generator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's own save and restore, as on a GPU (its device and CUDA's generator stood in for):
+    the checkpoint holds the GPU generator's state, and the resume puts exactly that back."""
+    from tiny import tiny_config, tiny_dataset
+    from fastclr.pretraining.state import RunState
+
+    states = iter(torch.tensor([i, 7], dtype=torch.uint8) for i in range(1000))
+    put: list[list[int]] = []
+    monkeypatch.setattr(RunState, "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: next(states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: put.append(state.tolist()))
+    ds, quiet = tiny_dataset(), dict(progress=False, log=lambda s: None)
+    assert pretrain(tiny_config(tmp_path), dataset=ds, stop=lambda step: step == 5, **quiet).stopped
+    saved = load_checkpoint(list_checkpoints(tmp_path)[-1])["cuda_rng"].tolist()
+    assert saved[1] == 7
+    pretrain(tiny_config(tmp_path), resume=tmp_path, dataset=ds, stop=lambda step: step == 6, **quiet)
+    assert put == [saved]

@@ -267,6 +267,34 @@ def test_a_failing_tracker_warns_once_and_is_then_left_alone() -> None:
     assert warned[0].startswith("warning: mlflow failed to log metrics (ConnectionError: server gone)")
 
 
+def test_a_failed_trackers_closing_does_not_hold_the_end_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker that failed is still asked to end its run, but a server still down (MLflow retries
+    for up to 96 s) is waited for FAILED_CLOSE_WAIT_S at most."""
+    import threading
+    import time
+
+    import fastclr.tracking as tracking
+
+    release = threading.Event()
+
+    class Hanging(_Recorder):
+        def close(self, status: str) -> None:
+            super().close(status)
+            release.wait(30)
+
+    monkeypatch.setattr(tracking, "FAILED_CLOSE_WAIT_S", 0.2)
+    inner = Hanging()
+    guarded = tracking._Guarded(inner, "mlflow", lambda s: None)
+    inner.failing = True
+    guarded.metrics({"loss": 1.0}, 1)
+    inner.failing = False
+    t0 = time.perf_counter()
+    guarded.close("FINISHED")
+    waited = time.perf_counter() - t0
+    release.set()
+    assert 0.15 < waited < 5 and inner.calls[-1] == ("close", "FINISHED")
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_tracked_runs_are_closed_finished_or_killed_as_the_block_ended(fails: bool, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ numpy reads a store without fastclr:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -216,6 +217,35 @@ def check_output_dir(out: Path) -> None:
             raise FastclrError(f"{out} exists and is not a fastclr store (it holds {foreign[0]!r}); choose a new --out")
 
 
+class StoreClaim:
+    """A store's directory, made if need be, locked for one writer (`RunLock`): two prepares into one
+    --out truncated each other's partial files, and one could commit the other's rows."""
+
+    def __init__(self, out: Path, log: Callable[[str], None] = print):
+        check_output_dir(out)
+        self.out, self.created = out, not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock = RunLock(out, log, what="this store", way_out="wait for it to finish, or choose another --out")
+        except BaseException:
+            self._remove_created()
+            raise
+
+    def release(self, remove_created: bool = False) -> None:
+        """Give the directory up; with `remove_created`, remove it too when this claim made it and
+        nothing else is in it (a failed or aborted first prepare leaves no folder behind)."""
+        self.lock.release()
+        if remove_created:
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        if self.created:
+            try:
+                self.out.rmdir()
+            except OSError:  # something else was put in it meanwhile: left
+                pass
+
+
 class StoreWriter:
     """Writes the rows of a new store beside any old one, then swaps it in with `commit`.
 
@@ -225,16 +255,20 @@ class StoreWriter:
     three once, which costs nothing for all-grayscale folders.
     """
 
-    def __init__(self, out: Path, size: int, channels: int | None, log: Callable[[str], None] = print):
-        check_output_dir(out)
-        self.created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        try:  # two writers at once truncated each other's partial files, and one could commit the other's rows
-            self._lock = RunLock(out, log, what="this store", way_out="wait for it to finish, or choose another --out")
-        except FastclrError:
-            if self.created:
-                out.rmdir()
+    def __init__(self, out: Path, size: int, channels: int | None, log: Callable[[str], None] = print,
+                 claim: StoreClaim | None = None):
+        """`claim`: the directory's, taken earlier by the caller (`prepare` before it walks a folder);
+        the writer gives it up when it commits or aborts, or fails here."""
+        self.claim = claim if claim is not None else StoreClaim(out, log)
+        self.out = out
+        try:
+            self._open(out, size, channels)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the error to tell is the one that stopped the opening
+                self.abort()
             raise
+
+    def _open(self, out: Path, size: int, channels: int | None) -> None:
         self.out, self.size = out, size
         self.auto = channels is None
         self.channels = channels or 1
@@ -319,21 +353,19 @@ class StoreWriter:
         os.replace(self._manifest_path, self.out / MANIFEST)
         os.replace(skipped_path, self.out / SKIPPED)
         atomic_write(self.out / META, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
-        self._lock.release()
+        self.claim.release()
         return self.out
 
     def abort(self) -> None:
         """Remove the partial files (and the store directory if this writer created it)."""
-        for f in (self._images, self._manifest_file):
+        for f in (getattr(self, "_images", None), getattr(self, "_manifest_file", None)):  # (none when opening failed)
             try:
-                f.close()
+                if f is not None:
+                    f.close()
             except OSError:  # the buffered tail could not be written either (a full disk): it is deleted next
                 pass
-        for name in _OWN_NAMES - {IMAGES, MANIFEST, SKIPPED, META, LOCK_FILE}:
-            (self.out / name).unlink(missing_ok=True)
-        self._lock.release()
-        if self.created:
-            try:
-                self.out.rmdir()
-            except OSError:
-                pass
+        try:
+            for name in _OWN_NAMES - {IMAGES, MANIFEST, SKIPPED, META, LOCK_FILE}:
+                (self.out / name).unlink(missing_ok=True)
+        finally:  # whatever could not be removed, the store is given up
+            self.claim.release(remove_created=True)

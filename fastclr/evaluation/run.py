@@ -93,7 +93,8 @@ def _knn(c: Context) -> dict[str, Any]:
     asked = c.options.knn_k or c.run.config.eval.knn_k
     k = min(asked, len(s.train_labels))  # what the vote uses (fastclr.evaluation.knn): the record says that k
     if k < asked:
-        c.log(f"note: kNN with k = {k}, every training image: --knn-k {asked} is more than the {k} there are")
+        source = f"--knn-k {asked}" if c.options.knn_k else f"the run's k ({asked}, eval.knn_k)"
+        c.log(f"note: kNN with k = {k}, every training image: {source} is more than the {k} there are")
     out: dict[str, Any] = {"k": k, "tau": c.options.knn_tau}
     for which, xtr, xte in _both(c):
         acc = knn_accuracy(xtr, torch.from_numpy(s.train_labels), xte, torch.from_numpy(s.test_labels), k,

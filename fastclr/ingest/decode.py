@@ -108,8 +108,8 @@ class Outcome:
 
 def decode_peak_bytes(max_pixels: int) -> int:
     """Memory one worker may need for one image of `max_pixels` pixels: the decode bound, one
-    strip's temporaries and the file's bytes, counted at 4 per pixel (an uncompressed RGBA file;
-    compressed ones are smaller)."""
+    strip's temporaries, and 4 bytes per pixel more as a margin (what an uncompressed RGBA file
+    would hold; the file is read as it is decoded, not held, and Pillow's readers buffer less)."""
     return max_pixels * (DECODE_BYTES_PER_PIXEL + 4) + STRIP_BYTES
 
 
@@ -266,6 +266,10 @@ def decode_image(data: bytes | BinaryIO, opts: DecodeOptions) -> tuple[np.ndarra
             pixels = np.asarray(fit_square(im, opts.size, opts.fit))
     except Unusable:
         raise
+    except OSError as e:
+        if e.errno is not None:  # the read itself failed (EIO, a stale NFS handle): not the file's content, not
+            raise  # remembered by its hash as "corrupt"; Pillow's own decoding errors carry no errno
+        raise _failure(e, opts.max_pixels) from None
     except Exception as e:  # any decoder failure is this file's problem, never the run's
         raise _failure(e, opts.max_pixels) from None
     return pixels.reshape(opts.size, opts.size, -1), w, h, mode

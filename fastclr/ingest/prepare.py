@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreWriter,
-                                check_output_dir, is_store, read_csv, read_store)
+from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreClaim,
+                                StoreWriter, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
 from fastclr.signals import die_with_parent
 from fastclr.files import is_write_error, write_failure_reason
 from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
-from fastclr.ingest.walk import FileEntry, Skip, walk_folder
+from fastclr.ingest.walk import FileEntry, Skip, Walk, walk_folder
 from fastclr.cpus import usable_cpus
 from fastclr.runtime import available_memory
 from fastclr.progress import Progress, counted
@@ -259,6 +259,58 @@ def check_options(opts: DecodeOptions, labels: str = "auto") -> None:
         raise FastclrError(f"--labels must be auto or none, got {labels!r}")
 
 
+@dataclass
+class _Plan:
+    """What `prepare_store` found before decoding: the files, their labels and splits, the previous
+    store's reusable rows, and how to decode the rest."""
+
+    walk: Walk
+    layout: Layout
+    options: dict[str, Any]
+    previous: Previous | None
+    entries: list[FileEntry]
+    to_read: list[str]
+    decoders: int
+    known: frozenset[str]
+
+
+def _plan(root: Path, out: Path, opts: DecodeOptions, labels: str, workers: int, rehash: bool, dedupe: bool,
+          log: Callable[[str], None]) -> _Plan:
+    """Walk `root`, lay it out and weigh it against the store at `out` (see `prepare_store`)."""
+    walk = walk_folder(root, exclude=out)
+    if not walk.files:
+        raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
+                           f"fastclr reads {', '.join(('jpg', 'png', 'webp', 'bmp', 'tiff', 'gif'))} and more")
+    lay = layout((f.rel for f in walk.files), labels)
+    if dedupe:  # a store to train and measure on (embed's rows only name each file's folder)
+        refuse_split_folders(root, lay.classes, [f.rel for f in walk.files])
+    bare = folders_without_images(root, walk.files, exclude=out)
+    if bare:  # a class folder still to be filled disappears from the classes: say so
+        log(f"note: no images in {', '.join(bare[:5])}{', ...' if len(bare) > 5 else ''}: "
+            f"{'not a class' if len(bare) == 1 else 'not classes'}"
+            f"{' (their files are in skipped.csv)' if any(k.rel.split('/', 1)[0] in bare for k in walk.skipped) else ''}")
+    options = dict(asdict(opts), labels=labels, pipeline=PIPELINE_VERSION)
+    prev = load_previous(out, options, log)
+    entries = sorted(walk.files, key=lambda f: (SPLITS.index(lay.split[f.rel]), f.rel))
+    to_read = [f.rel for f in entries if unchanged_row(prev, f, rehash) is None]
+    asked, free = workers or default_workers(), available_memory()
+    decoders = workers_that_fit(asked, opts.max_pixels, free) if to_read else asked
+    if decoders < asked and free is not None:
+        log(f"decoding with {decoders} processes, not {asked}: each may need "
+            f"{decode_peak_bytes(opts.max_pixels) / 2**30:.1f} GiB for an image at --max-pixels {opts.max_pixels}, "
+            f"and {free / 2**30:.1f} GiB is available")
+    # --rehash reads every file again, and decodes again the ones an earlier run could not use.
+    known = frozenset(h for h, r in prev.by_hash.items() if not (rehash and "reason" in r)) if prev else frozenset()
+    return _Plan(walk, lay, options, prev, entries, to_read, decoders, known)
+
+
+def unchanged_row(prev: Previous | None, f: FileEntry, rehash: bool) -> dict[str, str] | None:
+    """The previous store's row (or verdict) of `f` when the file is as it was then (path, size
+    and modification time; never with --rehash)."""
+    row = prev.by_path.get(f.rel) if prev and not rehash else None
+    return row if row and row["bytes"] == str(f.size) and row["mtime_ns"] == str(f.mtime_ns) else None
+
+
 def prepare_store(
     folder: str | Path,
     out: str | Path,
@@ -286,37 +338,19 @@ def prepare_store(
         raise FastclrError(f"--workers must be 0 (as many as fit, up to 8) or more, got {workers}")
     if not root.is_dir():
         raise FastclrError(f"{root} is not a directory; give the folder that holds your images")
-    check_output_dir(out)
-    walk = walk_folder(root, exclude=out)
-    if not walk.files:
-        raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
-                           f"fastclr reads {', '.join(('jpg', 'png', 'webp', 'bmp', 'tiff', 'gif'))} and more")
-    lay = layout((f.rel for f in walk.files), labels)
-    if dedupe:  # a store to train and measure on (embed's rows only name each file's folder)
-        refuse_split_folders(root, lay.classes, [f.rel for f in walk.files])
-    bare = folders_without_images(root, walk.files, exclude=out)
-    if bare:  # a class folder still to be filled disappears from the classes: say so
-        log(f"note: no images in {', '.join(bare[:5])}{', ...' if len(bare) > 5 else ''}: "
-            f"{'not a class' if len(bare) == 1 else 'not classes'}"
-            f"{' (their files are in skipped.csv)' if any(k.rel.split('/', 1)[0] in bare for k in walk.skipped) else ''}")
-    options = dict(asdict(opts), labels=labels, pipeline=PIPELINE_VERSION)
-    prev = load_previous(out, options, log)
-    entries = sorted(walk.files, key=lambda f: (SPLITS.index(lay.split[f.rel]), f.rel))
+    claim = StoreClaim(out, log)  # before the walk: a second prepare into --out is refused before its minutes
+    try:
+        plan = _plan(root, out, opts, labels, workers, rehash, dedupe, log)
+    except BaseException:
+        claim.release(remove_created=True)
+        raise
+    walk, lay, options, prev, entries = plan.walk, plan.layout, plan.options, plan.previous, plan.entries
+    to_read, decoders, known = plan.to_read, plan.decoders, plan.known
+    del plan  # `prev` alone holds the previous store from here (dropped before the commit)
 
     def unchanged(f: FileEntry) -> dict[str, str] | None:
-        row = prev.by_path.get(f.rel) if prev and not rehash else None
-        return row if row and row["bytes"] == str(f.size) and row["mtime_ns"] == str(f.mtime_ns) else None
-
-    to_read = [f.rel for f in entries if unchanged(f) is None]
-    asked, free = workers or default_workers(), available_memory()
-    decoders = workers_that_fit(asked, opts.max_pixels, free) if to_read else asked
-    if decoders < asked and free is not None:
-        log(f"decoding with {decoders} processes, not {asked}: each may need "
-            f"{decode_peak_bytes(opts.max_pixels) / 2**30:.1f} GiB for an image at --max-pixels {opts.max_pixels}, "
-            f"and {free / 2**30:.1f} GiB is available")
-    # --rehash reads every file again, and decodes again the ones an earlier run could not use.
-    known = frozenset(h for h, r in prev.by_hash.items() if not (rehash and "reason" in r)) if prev else frozenset()
-    writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels), log)
+        return unchanged_row(prev, f, rehash)
+    writer = StoreWriter(out, opts.size, None if opts.channels == "auto" else int(opts.channels), log, claim)
     bar = Progress(len(entries), enabled=progress, unit=stage, rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     kept: dict[str, str] = {}  # sha256 -> the path in the store with those bytes

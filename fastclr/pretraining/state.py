@@ -9,6 +9,7 @@ run to replay exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
         raise FastclrError(
             f"cannot resume: {', '.join(f'{k} ({now[k]} here, {then[k]} in the checkpoint)' for k in changed)} "
             f"differ{'s' * one} from the checkpoint's config; give {'its value' if one else 'its values'} "
-            f"({', '.join(f'{config_mod.flag_of(k)} {then[k]}' for k in changed)}), "
+            f"({', '.join(f'{config_mod.flag_of(k)} {shlex.quote(str(then[k]))}' for k in changed)}), "
             f"or pass --allow-config-change to change {'it' if one else 'them'} deliberately"
         )
 
