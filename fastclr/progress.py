@@ -34,6 +34,11 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_print = -float("inf")
 
+    def restart(self) -> None:
+        """Count the rate from now (a run's loop begins: its set-up, a checkpoint's restore and the
+        trackers' start are no steps, and were in every eta it showed)."""
+        self.t0 = time.perf_counter()
+
     def update(self, step: int, text: str = "") -> None:
         """Show progress after `step` steps; `text` holds the metrics."""
         if not self.enabled:

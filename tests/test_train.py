@@ -285,13 +285,14 @@ class PacedEncoder(nn.Module):
 def paced_run(tmp_path: Path, clock: PacedClock, minutes: float, steps_per_epoch: int,
               monitor_share: float = 0.0, log: Callable[[str], None] = lambda s: None,
               log_every: int = 1000, stop: Callable[[int], bool] | None = None,
-              resume: bool = False, epochs: float = 100.0, progress: bool = False,
+              resume: bool = False, epochs: float = 100.0, progress: bool = False, checkpoint_every: int = 10**6,
               **over: Any) -> tuple[Any, list[dict[str, Any]]]:
     """The real loop under a time budget on the paced clock (batch 2 of 8 x 8 images); `stop` and
     `resume` as in `pretrain` (the clock goes on where the stopped run left it); `over` as in `tiny_config`."""
     ds = tiny_dataset(2 * steps_per_epoch, size=8)
     cfg = tiny_config(tmp_path / "run", train__batch_size=2, train__time_budget=minutes, train__epochs=epochs,
-                      train__log_every=log_every, train__checkpoint_every=10**6, train__channels_last=False, model__head_hidden=8, model__proj_dim=4,
+                      train__log_every=log_every, train__checkpoint_every=checkpoint_every, train__channels_last=False,
+                      model__head_hidden=8, model__proj_dim=4,
                       eval__monitor_every=1 if monitor_share else 0, eval__monitor_share=monitor_share or 0.05, **over)
     res = pretrain(cfg, dataset=ds, encoder=PacedEncoder(clock), progress=progress, log=log, clock=clock,
                    stop=stop, resume=tmp_path / "run" if resume else None)
@@ -509,9 +510,10 @@ def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pyte
 def test_a_time_budget_caps_a_run_whose_steps_are_too_slow_to_wait_for_the_first_fit(
         tmp_path: Path, pace: float, minutes: float, steps: int) -> None:
     """`pace` s a step, 100 steps an epoch. Waiting for the first fit (step 15) would spend 15 x pace
-    s: where that is over the budget, the fit comes after step 1, at the pace so far, and the run ends
-    at 1 + max(1, (budget - pace) // pace) steps: 6 steps (60 s) of a 1-minute budget at 10 s a
-    step, 2 (one more than the spent budget's, as at every first fit) at 40 s. At 4 s a step, 15
+    s: where that is over the budget, the fit comes after step 2 (the first step's cost alone is no
+    pace), or after step 1 when that step spent the budget, and the run ends at the budget: 6 steps
+    (60 s) of a 1-minute budget at 10 s a step, 2 (one more than the spent budget's, as at every
+    first fit) at 40 s. At 4 s a step, 15
     steps are the budget: the fit waits for step 15 and grants its one more. Before, every run went
     on to 16 steps whatever its budget (160 s and 640 s)."""
     clock, lines = PacedClock(lambda i: pace), []
@@ -522,10 +524,54 @@ def test_a_time_budget_caps_a_run_whose_steps_are_too_slow_to_wait_for_the_first
 
 def test_a_first_fit_that_would_come_past_the_budget_by_less_than_a_step_comes_early(tmp_path: Path) -> None:
     """4.2 s a step, a 1-minute budget: waiting for the first fit at step 15 would spend 63 s, past
-    the budget by less than a step. The fit comes after step 1, and the run ends at
-    1 + (60 - 4.2) // 4.2 = 14 steps, 58.8 s, within its minute (not 16 steps, 67.2 s)."""
+    the budget by less than a step. The fit comes after step 2, and the run ends at
+    2 + (60 - 8.4) // 4.2 = 14 steps, 58.8 s, within its minute (not 16 steps, 67.2 s)."""
     res, _ = paced_run(tmp_path, PacedClock(lambda i: 4.2), minutes=1.0, steps_per_epoch=100)
     assert res.steps == 14 and res.train_seconds == pytest.approx(14 * 4.2) and res.train_seconds <= 60.0
+
+
+def test_an_epoch_ends_refit_counts_the_checkpoint_written_before_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 s a step (0.5 for the first 5), 40 steps an epoch, a checkpoint of 20 s at each epoch end,
+    no monitor pass, a 2-minute budget. The epoch end's refit read the seconds from before that
+    checkpoint and granted steps for time already spent: the run ended at 134.5 s. It now ends
+    within a step of its budget."""
+    from fastclr.checkpoint import save_checkpoint
+
+    clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0)
+
+    def slow_save(run_dir: Path, state: dict[str, Any]) -> Path:
+        clock.now += 20.0
+        return save_checkpoint(run_dir, state)
+    monkeypatch.setattr("fastclr.pretraining.state.save_checkpoint", slow_save)
+    res, _ = paced_run(tmp_path, clock, minutes=2.0, steps_per_epoch=40, checkpoint_every=0)
+    assert 118.0 <= res.train_seconds <= 120.0, res.train_seconds  # the steps and the epoch ends' checkpoints
+
+
+def test_a_run_by_epochs_stopped_in_its_short_warm_up_and_resumed_under_a_budget_keeps_rising(
+        tmp_path: Path) -> None:
+    """3 epochs of 100 steps with 5 epochs of warm-up: the warm-up is a tenth of the run, 30 steps.
+    Stopped at step 10 and resumed with a 10-minute budget, the first fit (step 25) put back the
+    configured 500-step warm-up: the rate fell from 83% to 5% of its peak. It rises on to its peak
+    at step 30, never falling before it."""
+    clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0)
+    kw: dict[str, Any] = dict(steps_per_epoch=100, epochs=3.0, log_every=1, optim__warmup_epochs=5.0)
+    paced_run(tmp_path, clock, minutes=0.0, stop=lambda s: s == 10, **kw)
+    _, records = paced_run(tmp_path, clock, minutes=10.0, resume=True, **kw)
+    lrs = [r["lr"] for r in sorted(records, key=lambda r: r["step"]) if "lr" in r and r["step"] <= 31]
+    assert all(b > a for a, b in zip(lrs, lrs[1:30]))  # rising through the warm-up, the first fit included
+    assert max(lrs) == pytest.approx(tiny_config(tmp_path).optim.lr, rel=1e-6)
+
+
+@pytest.mark.parametrize("first", [5.0, 40.0])
+def test_a_slow_first_step_is_no_pace_and_does_not_end_the_run(tmp_path: Path, first: float) -> None:
+    """A first step of `first` seconds (torch.compile's, on by default on a GPU), then 0.05 s a step,
+    a 1-minute budget: the first step was taken as the pace, the run was judged overdue and fitted
+    after one step to 12 steps (5 s) or 2 (40 s), the rest of the minute unused. Now the budget is
+    fitted at step 15 on the steady pace and spent: (60 - first) / 0.05 steps more or less."""
+    res, _ = paced_run(tmp_path, PacedClock(lambda i: first if i == 0 else 0.05), minutes=1.0, steps_per_epoch=1000)
+    assert 60.0 - 0.05 < res.train_seconds <= 60.0 + 1e-9
+    assert res.steps == 1 + round((res.train_seconds - first) / 0.05)
 
 
 def test_an_epoch_ends_refit_counts_the_monitor_pass_that_follows_it(
@@ -1026,6 +1072,16 @@ def test_the_progress_rate_and_eta_count_only_the_steps_this_process_ran(monkeyp
     bar, stream = _progress_at(monkeypatch, [0.0, 10.0], total=100, start=40, every=0.0, rate_of="steps")
     bar.update(60, "loss 1.5")
     assert stream.getvalue() == "step 60/100 steps, 2 steps/s loss 1.5 eta 0:20\n"
+
+
+def test_the_progress_rate_counts_from_the_loops_start_not_the_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar is made during the set-up; 30 s of restoring a checkpoint and starting trackers came
+    before the first step and sat in every rate and eta. Restarted as the loop begins, 20 steps
+    in 10 s are 2 steps/s (not 20 in 40 s), and the 80 left take 40 s (not 160)."""
+    bar, stream = _progress_at(monkeypatch, [0.0, 30.0, 40.0], total=100, every=0.0, rate_of="steps")
+    bar.restart()
+    bar.update(20)
+    assert stream.getvalue() == "step 20/100 steps, 2 steps/s eta 0:40\n"
 
 
 def test_a_progress_line_waits_its_interval_except_for_the_last_step(monkeypatch: pytest.MonkeyPatch) -> None:

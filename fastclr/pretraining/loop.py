@@ -198,6 +198,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     first_step = s.step
     window_start = run.clock()
     run.loop_start = window_start - s.train_seconds
+    run.bar.restart()
     try:
         owed = run.epoch_ended() if s.start_step and s.saved_at_epoch_end else None
         if owed is not None and run.monitor.due(owed, s.train_seconds) and s.step not in run.metrics_log.monitored:

@@ -125,6 +125,10 @@ class TimeBudget:
         self.refit_every = refit_every
         self._mark_at = pace_from
         self._mark: tuple[int, float] = (0, 0.0)
+        self._start = 0
+        """The step this process started from: its first step pays one-off costs (a compile)."""
+        self._after_first: tuple[int, float] | None = None
+        """(step, training seconds) after this process's first step."""
         self.first_fit_at = first_fit
         """The step of this process's first fit (later for a resumed process, `resume_at`)."""
 
@@ -135,6 +139,7 @@ class TimeBudget:
         checkpoint's `mark` (`mark`), as the process that wrote it measured it."""
         self._mark_at = step + self.pace_from
         self.first_fit_at = step + self.first_fit
+        self._start, self._after_first = step, None
         if mark is not None:
             self._mark = (int(mark[0]), float(mark[1]))
 
@@ -160,6 +165,8 @@ class TimeBudget:
         """Call after every step; remembers where the steady-pace measurement starts."""
         if step == self._mark_at:
             self._mark = (step, train_seconds)
+        if step == self._start + 1:
+            self._after_first = (step, train_seconds)
 
     def pace(self, step: int, train_seconds: float) -> float:
         """Seconds per step since the mark (since step 0 before a resumed run reaches its mark)."""
@@ -168,10 +175,19 @@ class TimeBudget:
 
     def overdue(self, step: int, train_seconds: float) -> bool:
         """Whether the first fit, still ahead at `first_fit_at`, would come after the budget is spent
-        at the pace so far (steps of many seconds: a ResNet on a laptop CPU, a kNN pass that took the
-        budget); the loop then makes `step` its `first_fit_at`, so the budget caps a run from its first step."""
+        at the pace since this process's first step (steps of many seconds: a ResNet on a laptop CPU,
+        a kNN pass that took the budget); the loop then makes `step` its `first_fit_at`, so the budget
+        caps a run from its second step (from its first when that step alone spent the budget)."""
         ahead = self.first_fit_at - step
-        return ahead > 0 and train_seconds + self.pace(step, train_seconds) * ahead > self.budget_s
+        if ahead <= 0:
+            return False
+        if self._after_first is None or step <= self._after_first[0]:
+            # This process's first step alone: what it cost (a torch.compile of minutes on a GPU) is no
+            # pace, and taken as one it ended a 9.5-minute run after 2 steps; only a spent budget counts.
+            return train_seconds >= self.budget_s
+        s1, t1 = self._after_first
+        pace = max(train_seconds - t1, 1e-9) / (step - s1)
+        return train_seconds + pace * ahead > self.budget_s
 
     def fit(self, step: int, train_seconds: float, first: bool) -> int:
         """Total steps so that training ends at the budget at the current pace; never below `step`

@@ -242,6 +242,9 @@ class Run:
                 return
         elif first:
             return
+        elif due:  # after the epoch end's checkpoint, and its monitor pass if one ran: their seconds count too
+            wait_for_device(self.device)
+            s.train_seconds = self.clock() - self.loop_start
         if due:
             total = broadcast_object(b.fit(s.step, s.train_seconds, first=first), self.ctx)
             refit = fitted or s.step != b.first_fit_at  # not the first fit, whose old total was a placeholder
@@ -268,8 +271,9 @@ class Run:
                 elif s.ramp_anchor is not None:  # a ramp restored under way (`RunState.restore`) goes on from it
                     s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps,
                                                                      s.ramp_anchor)
-                else:  # once: later refits keep it
-                    s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
+                else:  # once: later refits keep it. The warm-up in use: an epochs run's checkpoint may hold
+                    # its tenth of a short run, which the configured one would undo (the rate fell 77% -> 5%)
+                    s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps)
                 s.budget_fitted = True
                 self.log_short_warmup()
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
