@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from fastclr.models.cnn import ACTIVATIONS, AttentionPool, SmallCNN, activation
@@ -77,8 +78,9 @@ def rebuild(encoder: SmallCNN, blocks: Blocks) -> None:
     if blocks.k5 > len(convs):
         raise SystemExit(f"k5={blocks.k5}: the encoder has {len(convs)} convolutions")
     first = {id(m) for m in convs[:blocks.k5]}
-    _replace(encoder, lambda m: nn.Conv2d(m.in_channels, m.out_channels, 5, padding=2, bias=m.bias is not None)
-             if id(m) in first else None)
+    with torch.random.fork_rng(devices=[]):  # the new convs' draws leave the generator as `base` leaves it,
+        _replace(encoder, lambda m: nn.Conv2d(m.in_channels, m.out_channels, 5, padding=2, bias=m.bias is not None)
+                 if id(m) in first else None)  # so the head built next starts as in the base arm
 
 
 @contextmanager

@@ -251,11 +251,14 @@ def run_variant(name: str, a: argparse.Namespace) -> dict[str, object]:
     warmup = a.warmup * (3 if v.compile_mode else 1)
     for i in range(warmup):
         step(i)
+    torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the FLOP count's eager pass or the warm-up's
     times = time_steps(step, warmup, a.steps, a.repeats)
     sec = statistics.median(times)
     loss = step.last.loss if isinstance(step, RealStep) and step.last is not None else step.metrics["loss"]
     finite = bool(torch.isfinite(loss))
-    return {"variant": name, **v.__dict__, "step_ms": sec * 1e3, "step_ms_repeats": [round(t * 1e3, 3) for t in times],
+    # fastclr's step resolves its precision on the GPU (`auto`): recorded as resolved, not as declared
+    resolved = {"precision": step.train_step.precision.name} if isinstance(step, RealStep) else {}
+    return {"variant": name, **v.__dict__, **resolved, "step_ms": sec * 1e3, "step_ms_repeats": [round(t * 1e3, 3) for t in times],
             "images_per_s": 2 * v.batch / sec, "pairs_per_s": v.batch / sec, "step_gflop": flops / 1e9,
             "achieved_tflops": flops / sec / 1e12, "loss_finite": finite,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}

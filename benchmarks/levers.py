@@ -83,7 +83,8 @@ def run(name: str, spec: str, budget: float, epochs: float, seed: int, ds: Datas
     enc_spec = res.model.spec
     mean, std = enc_spec.mean_tensor(), enc_spec.std_tensor()
     precision = res.precision or Precision("fp32", "not resolved")
-    rec: dict[str, Any] = {"name": name, "spec": spec, "seed": seed, "budget_min": budget, "epochs": epochs,
+    rec: dict[str, Any] = {"name": name, "spec": spec, "seed": seed, "budget_min": budget,
+                           "epochs": None if budget else epochs,  # a budget's epochs are what it trained: steps
                            "steps": res.steps, "train_s": round(res.train_seconds, 1), "h_dim": enc_spec.feature_dim,
                            "precision": precision.name,
                            **quality(res.model.encoder, ds, mean, std, enc_spec.image_size, precision)}

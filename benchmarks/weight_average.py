@@ -72,10 +72,11 @@ def main() -> None:
     averages = Averages(encoder, decays)
     res = pretrain(cfg, dataset=ds, encoder=encoder, progress=False, log=lambda s: None, stop=averages.update)
     assert res.model is not None and res.model.encoder is encoder
+    averages.update(res.steps)  # `stop` is asked before each step: the last step's weights join here
     spec = res.model.spec
     precision = res.precision or Precision("fp32", "not resolved")
     base = {"benchmark": "weight_average", "machine": describe(), "seed": a.seed, "budget_min": a.budget,
-            "epochs": a.epochs, "steps": res.steps, "train_s": round(res.train_seconds, 1), "precision": precision.name}
+            "epochs": None if a.budget else a.epochs, "steps": res.steps, "train_s": round(res.train_seconds, 1), "precision": precision.name}
     for name, net in [("last", encoder)] + [(f"ema{d:g}", n) for d, n in zip(decays, averages.copies)]:
         record(a.out, {**base, "weights": name,
                        **quality(net.eval(), ds, spec.mean_tensor(), spec.std_tensor(), spec.image_size, precision)})
