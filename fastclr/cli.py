@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import os
@@ -198,9 +199,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_export(fmt, run.spec)  # before the data is read or a folder made
     config_text = (Path(args.run_dir) / "config.toml").read_text(encoding="utf-8")
     check = _check_images(run) if fmt == "onnx" else None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
-    for path in export_encoder(run.encoder, run.spec, config_text, fmt, Path(args.out), check,
-                               data_content=run.data_content):
+    folder = Path(args.out).parent
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # what this command creates, innermost first
+    folder.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
+    try:
+        paths = export_encoder(run.encoder, run.spec, config_text, fmt, Path(args.out), check,
+                               data_content=run.data_content)
+    except BaseException:  # a refused export (onnxruntime's check) leaves no empty folder behind
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    for path in paths:
         print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"
                                  if check is not None else ""))
     return 0

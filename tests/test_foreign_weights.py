@@ -305,3 +305,24 @@ def test_a_resume_keeps_how_the_run_started(tmp_path: Path) -> None:
     saved = read_toml(run / "config.toml")
     assert (saved["model.init"], saved["model.init_sha256"], saved["train.temperature"]) == \
         (str(src), file_sha256(src), 0.2)
+
+
+def test_a_refused_export_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`export --out NEW/DEEP/e.onnx` made NEW/DEEP before the export, and an export refused
+    afterwards (onnxruntime's check) left the empty folders: exit 2 "with nothing written" held for
+    files only. Folders that were there before stay."""
+    import fastclr.export as export_mod
+    from tiny import tiny_dataset, tiny_run
+    from fastclr.cli import main
+
+    run = tiny_run(tmp_path / "run", tiny_dataset(64))
+
+    def refused(*args: object, **kw: object) -> list[Path]:
+        raise FastclrError("onnxruntime's h differs from PyTorch's")
+    monkeypatch.setattr(export_mod, "export_encoder", refused)
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deep" / "e.safetensors"
+    assert main(["export", str(run), "--format", "fastclr", "--out", str(out)]) == 2
+    assert "onnxruntime's h differs" in capsys.readouterr().err
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []

@@ -446,6 +446,32 @@ def test_distill_from_the_teachers_own_folder_names_the_output_after_it(
     assert Path(r["out"]) == run_dir / "distill" / "teach2"
 
 
+def test_distill_finds_the_run_its_teacher_sits_in_when_the_run_was_moved_or_copied(
+        run: Run, finetuned: dict[str, Any], tmp_path: Path) -> None:
+    """A teacher in RUN/finetune/NAME recorded RUN's path: a moved run's teacher was refused as
+    gone, and a copy's distilled from the original run, into the original's folder. The run it
+    sits in is the one used: a copy distils into itself, and a copy trained on since is refused by
+    its encoder's checksum, not passed over for the original."""
+    import shutil
+
+    from eval_fixtures import alter_encoder
+
+    run_dir, ds = run
+    teacher = Path(finetuned["out"])
+    assert teacher.parent == run_dir / "finetune"
+    copy = tmp_path / "moved"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("distill"))
+    r = distill_run(copy / "finetune" / teacher.name, dataclasses.replace(DS, steps=1), dataset=ds, log=lambda s: None)
+    assert Path(r["out"]) == copy / "distill" / teacher.name
+    assert json.loads((copy / "distill" / teacher.name / "distill.json").read_text())["run_dir"] == str(copy)
+    shutil.rmtree(copy / "distill")
+    alter_encoder(copy, lambda w: w.add_(1e-3))
+    with pytest.raises(FastclrError, match=f"^{copy}'s encoder is not the one {copy / 'finetune' / teacher.name} was "
+                                           "fine-tuned from"):
+        distill_run(copy / "finetune" / teacher.name, dataclasses.replace(DS, steps=1), dataset=ds,
+                    log=lambda s: None)
+
+
 def test_distillation_reads_a_memory_mapped_pool_without_copying_it(
         run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every image of a store is the student's pool: the memory map goes to the loader, which reads

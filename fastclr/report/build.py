@@ -193,8 +193,8 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     out = [section("map", "Embedding map", figures.embedding_map(xy, labels, classes, method, which) + tools, "svg",
                    f"{len(midx)} {which} images (evenly spaced), features h mapped to 2-D by {method.upper()}"
                    f"{', coloured by class' if labels is not None else ''}. With scripts on: hover a point for its "
-                   f"image, click it for its {near.shape[1]} nearest neighbours in h among these images (what "
-                   f"<code>fastclr neighbours</code> returns for it){legend}.")]
+                   f"image, click it for its {near.shape[1]} nearest neighbours in h among these images, itself "
+                   f"left out (cosine on h, as <code>fastclr neighbours</code> ranks a store){legend}.")]
     bidx = evenly_spaced(len(bank_split), BANK_LIMIT)
     bank = _features(run, bank_split.images[bidx], device)
     qidx = pick_queries(test, QUERIES)

@@ -116,6 +116,20 @@ def _environment(device: torch.device, run: LoadedRun) -> dict[str, Any]:
             "fastclr": __version__, "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def teachers_run(teacher_dir: Path, recorded: Path) -> Path:
+    """The run a teacher was fine-tuned from: the run directory it sits in (RUN_DIR/finetune/NAME,
+    where `finetune` puts it), which a run moved or copied carries along, else the path it recorded.
+    By the recorded path alone a moved run's teacher was refused as gone, and a copy's teacher
+    distilled from the original run, into the original's folder."""
+    home = teacher_dir.resolve().parent
+    if home.name == "finetune" and (home.parent / "config.toml").is_file():
+        return home.parent
+    if not recorded.is_dir():
+        raise FastclrError(f"the teacher's run {recorded} is gone; the student starts from it and trains on its data "
+                           "(a run moved with its teachers in RUN_DIR/finetune/ is found there)")
+    return recorded
+
+
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe) -> LabelledSetup:
     """The run's labelled train and test splits as a LabelledSetup; one line when there are none."""
     return evaluation_splits(run, dataset, device, recipe, "; fine-tuning and distillation need labels for some "
@@ -324,9 +338,7 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
         raise FastclrError(f"--shift {o.shift_fraction} must be in [0, 0.5): a fraction of the image side")
     teacher_dir = Path(teacher_dir)
     told = read_teacher(teacher_dir)
-    run_dir = Path(told["run_dir"])
-    if not run_dir.is_dir():
-        raise FastclrError(f"the teacher's run {run_dir} is gone; the student starts from it and trains on its data")
+    run_dir = teachers_run(teacher_dir, Path(told["run_dir"]))
     run, device = _open_run(run_dir, o.device, o.precision, o.threads, log, "distil from")
     teacher, _, _ = load_classifier(teacher_dir, device)
     dataset = run_data(run, dataset, log)
