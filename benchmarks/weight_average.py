@@ -40,6 +40,8 @@ class Averages:
     def __init__(self, encoder: nn.Module, decays: list[float]) -> None:
         self.encoder, self.decays = encoder, decays
         self.copies = [copy.deepcopy(encoder).eval() for _ in decays]
+        self.last = -1
+        """The step of the weights the averages took last (never the same step twice)."""
 
     @staticmethod
     def _state(net: nn.Module) -> list[torch.Tensor]:
@@ -47,6 +49,9 @@ class Averages:
 
     @torch.no_grad()
     def update(self, step: int) -> bool:
+        if step == self.last:
+            return False
+        self.last = step
         live = self._state(self.encoder)
         for d, net in zip(self.decays, self.copies):
             torch._foreach_lerp_(self._state(net), live, 1.0 - d)
@@ -72,7 +77,7 @@ def main() -> None:
     averages = Averages(encoder, decays)
     res = pretrain(cfg, dataset=ds, encoder=encoder, progress=False, log=lambda s: None, stop=averages.update)
     assert res.model is not None and res.model.encoder is encoder
-    averages.update(res.steps)  # `stop` is asked before each step: the last step's weights join here
+    averages.update(res.steps)  # `stop` is asked after each step but the last: its weights join here
     spec = res.model.spec
     precision = res.precision or Precision("fp32", "not resolved")
     base = {"benchmark": "weight_average", "machine": describe(), "seed": a.seed, "budget_min": a.budget,

@@ -328,7 +328,8 @@ def test_time_budget_spent_ends_the_run_at_the_next_fit() -> None:
     b.observe(5, 1.0)
     assert b.fit(15, 3.0, first=True) == 15 + int(7.0 / 0.2)
     assert b.fit(200, 10.5, first=False) == 200  # refit after the budget is spent: stop now
-    assert b.fit(15, 12.0, first=True) == 16  # the first fit always allows one more step
+    assert b.fit(15, 12.0, first=True) == 15  # a first fit after the process's first step grants what is left
+    assert TimeBudget(10.0).fit(1, 12.0, first=True) == 2  # at its first step (that step spent it): one more
     b.resume_at(40)  # a resumed process's refit owed before its first fit (step 55) may end the run too
     assert b.fit(40, 12.0, first=False) == 40
     with pytest.raises(ValueError):

@@ -465,11 +465,18 @@ def test_distill_finds_the_run_its_teacher_sits_in_when_the_run_was_moved_or_cop
     assert Path(r["out"]) == copy / "distill" / teacher.name
     assert json.loads((copy / "distill" / teacher.name / "distill.json").read_text())["run_dir"] == str(copy)
     shutil.rmtree(copy / "distill")
-    alter_encoder(copy, lambda w: w.add_(1e-3))
-    with pytest.raises(FastclrError, match=f"^{copy}'s encoder is not the one {copy / 'finetune' / teacher.name} was "
-                                           "fine-tuned from"):
-        distill_run(copy / "finetune" / teacher.name, dataclasses.replace(DS, steps=1), dataset=ds,
-                    log=lambda s: None)
+    alter_encoder(copy, lambda w: w.add_(1e-3))  # the copy trained on since; the original is still there
+    for init in ("pretrained", "random"):  # not passed over for the original, nor distilled on the copy's data
+        with pytest.raises(FastclrError, match=f"^{copy / 'finetune' / teacher.name} sits in the run {copy} but was "
+                                               f"fine-tuned from {run_dir.resolve()}, another run"):
+            distill_run(copy / "finetune" / teacher.name, dataclasses.replace(DS, steps=1, student_init=init),
+                        dataset=ds, log=lambda s: None)
+    moved = tmp_path / "moved-away"  # the recorded run gone: the one it sits in, checked by its encoder's checksum
+    shutil.copytree(run_dir, moved, ignore=shutil.ignore_patterns("distill"))
+    told = json.loads((moved / "finetune" / teacher.name / "finetune.json").read_text())
+    from fastclr.semisup.pipeline import teachers_run
+
+    assert teachers_run(moved / "finetune" / teacher.name, dict(told, run_dir=str(tmp_path / "gone"))) == moved
 
 
 def test_distillation_reads_a_memory_mapped_pool_without_copying_it(

@@ -496,26 +496,28 @@ def test_the_time_budget_is_a_cap_between_epoch_ends(tmp_path: Path) -> None:
 def test_the_time_budget_counts_monitor_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The budget is pretraining wall time: a kNN monitor pass spends it like a step does. A pass
     costs 1000 s on the clock: after the first (end of epoch 1, step 6) the budget of 6 s is spent,
-    so step 7 brings the first fit forward from step 15, it grants one more step and the run ends at
-    8 with that pass in its wall time (it ran to 16, through a second pass, when the first fit waited
-    for step 15). Were monitoring paused out of the clock, it would run 6 s of steps."""
+    so step 7 brings the first fit forward from step 15, it grants no more (the budget is spent) and
+    the run ends at 7 with that pass in its wall time (it ran to 16, through a second pass, when the
+    first fit waited for step 15). Were monitoring paused out of the clock, it would run 6 s of steps."""
     clock = PacedClock(lambda i: 0.01, monitor_s=1000.0)
     monkeypatch.setattr("fastclr.pretraining.monitor.monitor_knn", clock.monitor)
     res, records = paced_run(tmp_path, clock, minutes=0.1, steps_per_epoch=6, monitor_share=1.0)
-    assert res.steps == 8 and res.train_seconds == pytest.approx(1000.0 + 8 * 0.01)
+    assert res.steps == 7 and res.train_seconds == pytest.approx(1000.0 + 7 * 0.01)
     assert [r["step"] for r in records if "knn_acc" in r] == [6]
 
 
-@pytest.mark.parametrize(("pace", "minutes", "steps"), [(10.0, 1.0, 6), (40.0, 0.5, 2), (4.0, 1.0, 16)])
+@pytest.mark.parametrize(("pace", "minutes", "steps"), [(10.0, 1.0, 6), (40.0, 0.5, 2), (4.0, 1.0, 15), (25.0, 1.0, 2)])
 def test_a_time_budget_caps_a_run_whose_steps_are_too_slow_to_wait_for_the_first_fit(
         tmp_path: Path, pace: float, minutes: float, steps: int) -> None:
     """`pace` s a step, 100 steps an epoch. Waiting for the first fit (step 15) would spend 15 x pace
     s: where that is over the budget, the fit comes after step 2 (the first step's cost alone is no
     pace), or after step 1 when that step spent the budget, and the run ends at the budget: 6 steps
-    (60 s) of a 1-minute budget at 10 s a step, 2 (one more than the spent budget's, as at every
-    first fit) at 40 s. At 4 s a step, 15
-    steps are the budget: the fit waits for step 15 and grants its one more. Before, every run went
-    on to 16 steps whatever its budget (160 s and 640 s)."""
+    (60 s) of a 1-minute budget at 10 s a step; 2 at 40 s (one more than the spent budget's, as at a
+    first fit made at the first step); 2 at 25 s (fitted after step 2, 50 s, with no step more to
+    grant: not a third, 75 s). At 4 s a step, 15
+    steps are the budget: the fit waits for step 15 and, the budget spent, grants no more (a
+    sixteenth step, 64 s, until 2026-12-06). Before, every run went on to 16 steps whatever its
+    budget (160 s and 640 s)."""
     clock, lines = PacedClock(lambda i: pace), []
     res, _ = paced_run(tmp_path, clock, minutes=minutes, steps_per_epoch=100, log=lines.append)
     assert res.steps == steps and res.train_seconds == pytest.approx(steps * pace)
@@ -554,13 +556,34 @@ def test_a_run_by_epochs_stopped_in_its_short_warm_up_and_resumed_under_a_budget
     Stopped at step 10 and resumed with a 10-minute budget, the first fit (step 25) put back the
     configured 500-step warm-up: the rate fell from 83% to 5% of its peak. It rises on to its peak
     at step 30, never falling before it."""
-    clock = PacedClock(lambda i: 0.5 if i < 5 else 1.0)
+    clock, lines = PacedClock(lambda i: 0.5 if i < 5 else 1.0), []
     kw: dict[str, Any] = dict(steps_per_epoch=100, epochs=3.0, log_every=1, optim__warmup_epochs=5.0)
     paced_run(tmp_path, clock, minutes=0.0, stop=lambda s: s == 10, **kw)
-    _, records = paced_run(tmp_path, clock, minutes=10.0, resume=True, **kw)
+    _, records = paced_run(tmp_path, clock, minutes=10.0, resume=True, log=lines.append, **kw)
     lrs = [r["lr"] for r in sorted(records, key=lambda r: r["step"]) if "lr" in r and r["step"] <= 31]
     assert all(b > a for a, b in zip(lrs, lrs[1:30]))  # rising through the warm-up, the first fit included
     assert max(lrs) == pytest.approx(tiny_config(tmp_path).optim.lr, rel=1e-6)
+    assert any(line.startswith("warm-up of 500 steps (5 epochs) was not shorter than the run by epochs its checkpoint "
+                               "came from: shortened to end at step 30") for line in lines), lines
+
+
+def test_a_budgeted_run_resumed_before_its_first_fit_takes_a_warm_up_it_is_given(tmp_path: Path) -> None:
+    """A budgeted run stopped before its first fit and resumed with --warmup-epochs 1 (was 5): its
+    first fit uses the warm-up given, 100 steps, not the checkpoint's 500 (which kept the rate rising
+    to step 500 of a run of about 600)."""
+    clock = PacedClock(lambda i: 1.0)
+    kw: dict[str, Any] = dict(steps_per_epoch=100, minutes=10.0, log_every=1)
+    paced_run(tmp_path, clock, stop=lambda s: s == 10, optim__warmup_epochs=5.0, **kw)
+    paced_run(tmp_path, clock, resume=True, optim__warmup_epochs=1.0, **kw)
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["warmup_steps"] == 100
+
+
+def test_an_early_fit_after_a_slow_first_step_paces_the_steps_after_it(tmp_path: Path) -> None:
+    """A first step of 40 s, then 2 s a step, a 1-minute budget: the fit comes early (after step 2,
+    waiting for step 15 would spend 68 s), and its pace is that of the steps after the first, 2 s,
+    not (40 + 2) / 2 = 21 s: 11 steps, 60 s, not 3 steps and 44 s."""
+    res, _ = paced_run(tmp_path, PacedClock(lambda i: 40.0 if i == 0 else 2.0), minutes=1.0, steps_per_epoch=1000)
+    assert res.steps == 11 and res.train_seconds == pytest.approx(60.0)
 
 
 @pytest.mark.parametrize("first", [5.0, 40.0])
@@ -1082,6 +1105,24 @@ def test_the_progress_rate_counts_from_the_loops_start_not_the_set_up(monkeypatc
     bar.restart()
     bar.update(20)
     assert stream.getvalue() == "step 20/100 steps, 2 steps/s eta 0:40\n"
+
+
+def test_the_loop_restarts_its_progress_clock_once_the_set_up_is_done(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar is made while the run is built; its clock restarts once the run is recorded (config.toml
+    written, a checkpoint restored, trackers started) and before the first step."""
+    import fastclr.progress as progress
+
+    seen: list[tuple[bool, int]] = []
+    real = progress.Progress.restart
+
+    def restart(self: Any) -> None:
+        seen.append(((tmp_path / "config.toml").exists(), len(list_checkpoints(tmp_path))))
+        real(self)
+    monkeypatch.setattr(progress.Progress, "restart", restart)
+    pretrain(tiny_config(tmp_path, train__epochs=1.0, train__batch_size=32), dataset=tiny_dataset(64), progress=True,
+             log=lambda s: None)
+    assert seen == [(True, 0)]  # once, after the set-up, before any step
 
 
 def test_a_progress_line_waits_its_interval_except_for_the_last_step(monkeypatch: pytest.MonkeyPatch) -> None:

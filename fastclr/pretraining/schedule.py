@@ -169,8 +169,15 @@ class TimeBudget:
             self._after_first = (step, train_seconds)
 
     def pace(self, step: int, train_seconds: float) -> float:
-        """Seconds per step since the mark (since step 0 before a resumed run reaches its mark)."""
-        s0, t0 = self._mark if step > self._mark[0] else (0, 0.0)
+        """Seconds per step since this process's mark; before it, since this process's first step
+        (whose one-off costs, a compile, are no pace); at that step, since a resumed run's
+        checkpoint mark, or step 0."""
+        if self._mark[0] >= self._mark_at and step > self._mark[0]:
+            s0, t0 = self._mark
+        elif self._after_first is not None and step > self._after_first[0]:
+            s0, t0 = self._after_first
+        else:
+            s0, t0 = self._mark if step > self._mark[0] else (0, 0.0)
         return max(train_seconds - t0, 1e-9) / max(step - s0, 1)
 
     def overdue(self, step: int, train_seconds: float) -> bool:
@@ -185,14 +192,15 @@ class TimeBudget:
             # This process's first step alone: what it cost (a torch.compile of minutes on a GPU) is no
             # pace, and taken as one it ended a 9.5-minute run after 2 steps; only a spent budget counts.
             return train_seconds >= self.budget_s
-        s1, t1 = self._after_first
-        pace = max(train_seconds - t1, 1e-9) / (step - s1)
-        return train_seconds + pace * ahead > self.budget_s
+        return train_seconds + self.pace(step, train_seconds) * ahead > self.budget_s
 
     def fit(self, step: int, train_seconds: float, first: bool) -> int:
         """Total steps so that training ends at the budget at the current pace; never below `step`
-        (a spent budget ends the run now) and at least one more step at the `first` fit (a refit a
-        resumed process owes, before its own first fit, is a refit: it may end the run)."""
+        (a spent budget ends the run now), and one more step at a `first` fit made at the process's
+        first step (a refit a resumed process owes, before its own first fit, is a refit: it may end
+        the run)."""
         left = self.budget_s - train_seconds
         extra = int(left / self.pace(step, train_seconds)) if left > 0 else 0
-        return step + (max(1, extra) if first else extra)
+        # One more step where the first fit comes at the process's first step (it alone spent the
+        # budget); a fit after it grants what the budget holds, which may be none.
+        return step + (max(1, extra) if first and step <= self._start + 1 else extra)

@@ -271,11 +271,10 @@ class Run:
                 elif s.ramp_anchor is not None:  # a ramp restored under way (`RunState.restore`) goes on from it
                     s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps,
                                                                      s.ramp_anchor)
-                else:  # once: later refits keep it. The warm-up in use: an epochs run's checkpoint may hold
-                    # its tenth of a short run, which the configured one would undo (the rate fell 77% -> 5%)
-                    s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, s.warmup_steps, s.total_steps)
+                else:  # once: later refits keep it
+                    s.warmup_steps, s.ramp_anchor = shortened_warmup(s.step, self.warmup_steps, s.total_steps)
                 s.budget_fitted = True
-                self.log_short_warmup()
+                self.log_short_warmup(by_epochs=s.ramp_anchor is not None and s.ramp_anchor[0] < s.step)
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
                 if warning:
                     self.log(warning)
@@ -297,13 +296,15 @@ class Run:
         if self.budget is not None and self.first_fit_ahead:
             self.state.total_steps = max(self.state.total_steps, self.budget.first_fit_at + 1)
 
-    def log_short_warmup(self, resumed: bool = False) -> None:
+    def log_short_warmup(self, resumed: bool = False, by_epochs: bool = False) -> None:
         """Say so when the run's warm-up is shorter than configured (`shortened_warmup`); `resumed`:
-        as its checkpoint kept it (the run's length may have changed since)."""
+        as its checkpoint kept it (the run's length may have changed since); `by_epochs`: as a run by
+        epochs shortened it, whose checkpoint a budgeted run goes on from."""
         s, warmup, epochs = self.state, self.warmup_steps, self.cfg.optim.warmup_epochs
         if s.warmup_steps != warmup or s.ramp_anchor is not None:
-            why = "was not shorter than the run when it was fitted" if resumed else \
-                f"is not shorter than the run's {counted(s.total_steps, 'step')}"
+            why = ("was not shorter than the run when it was fitted" if resumed else
+                   "was not shorter than the run by epochs its checkpoint came from" if by_epochs else
+                   f"is not shorter than the run's {counted(s.total_steps, 'step')}")
             self.log(f"warm-up of {counted(warmup, 'step')} ({epochs:g} epoch{'' if epochs == 1 else 's'}) {why}: "
                      f"{self.shortened_text()}; set --warmup-epochs to choose")
 

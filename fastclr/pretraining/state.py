@@ -215,6 +215,7 @@ class RunState:
         self.saved_steps_per_epoch = saved_spe
         self.saved_at_epoch_end = (self.step + saved_offset) % saved_spe == 0
         if self.cfg.train.time_budget > 0:
+            configured = self.warmup_steps
             self.total_steps = int(state["total_steps"])
             self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))  # absent before 2026-12-02
             anchor = state.get("decay_anchor")  # absent before 2026-12-05
@@ -232,6 +233,11 @@ class RunState:
                 # A run by epochs that had changed its batch, in its warm-up: its ramp was taken at
                 # the place in the data (`Run.set_lr`); a budget's is in steps, from the share reached.
                 self.ramp_anchor = (self.step, ramp_fraction(self.step + saved_offset, self.warmup_steps + saved_offset))
+            elif by_epochs and self.ramp_anchor is None and 0 < self.step < self.warmup_steps != configured:
+                # A run by epochs stopped in its warm-up, a tenth of that run: the budget's first fit goes
+                # on from the share it reached (the configured warm-up took the rate from 83% to 5% of
+                # the peak), and the configured one is not used.
+                self.ramp_anchor = (self.step, ramp_fraction(self.step, self.warmup_steps))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.monitor_seconds = float(state.get("monitor_seconds", 0.0))  # absent before 2026-12-03
         self.skip_streak = int(state.get("skip_streak", 0))  # absent before 2026-12-04

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastclr.checkpoint import list_checkpoints
 from fastclr.config import SEED_MAX
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset
@@ -116,18 +117,32 @@ def _environment(device: torch.device, run: LoadedRun) -> dict[str, Any]:
             "fastclr": __version__, "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def teachers_run(teacher_dir: Path, recorded: Path) -> Path:
-    """The run a teacher was fine-tuned from: the run directory it sits in (RUN_DIR/finetune/NAME,
-    where `finetune` puts it), which a run moved or copied carries along, else the path it recorded.
-    By the recorded path alone a moved run's teacher was refused as gone, and a copy's teacher
-    distilled from the original run, into the original's folder."""
+def teachers_run(teacher_dir: Path, told: dict[str, Any]) -> Path:
+    """The run a teacher was fine-tuned from. By the path it recorded alone, a moved run's teacher
+    was refused as gone, and a copied run's teacher distilled from the original, into the original's
+    folder. The run it sits in (RUN/finetune/NAME, where `finetune` puts it) is used when the
+    recorded one is gone, or when it holds the very encoder the teacher recorded (a copy); a teacher
+    inside another run than the one it came from is refused, naming both."""
+    recorded = Path(told["run_dir"])
     home = teacher_dir.resolve().parent
-    if home.name == "finetune" and (home.parent / "config.toml").is_file():
-        return home.parent
+    enclosing = home.parent if home.name == "finetune" and _has_weights(home.parent) else None
+    if enclosing is None or (recorded.is_dir() and recorded.resolve() == enclosing):
+        if not recorded.is_dir():
+            raise FastclrError(f"the teacher's run {recorded} is gone; the student starts from it and trains on its "
+                               "data (a run moved with its teachers in RUN/finetune/ is found there)")
+        return recorded
     if not recorded.is_dir():
-        raise FastclrError(f"the teacher's run {recorded} is gone; the student starts from it and trains on its data "
-                           "(a run moved with its teachers in RUN_DIR/finetune/ is found there)")
-    return recorded
+        return enclosing  # moved along with it: the encoder's checksum is checked against the teacher's record
+    encoder = load_run(enclosing, "cpu", "fp32", log=lambda s: None, command="distil from").encoder
+    if state_checksum(encoder) == told.get("run_encoder_sha256"):
+        return enclosing  # a copy of the run
+    raise FastclrError(f"{teacher_dir} sits in the run {enclosing} but was fine-tuned from {recorded}, another run "
+                       "(or this one trained on since): fine-tune again from the run to distil from")
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether `folder` is a run with an encoder to read (its export or a checkpoint)."""
+    return (folder / "config.toml").is_file() and ((folder / ENCODER_FILE).is_file() or bool(list_checkpoints(folder)))
 
 
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe) -> LabelledSetup:
@@ -338,7 +353,7 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
         raise FastclrError(f"--shift {o.shift_fraction} must be in [0, 0.5): a fraction of the image side")
     teacher_dir = Path(teacher_dir)
     told = read_teacher(teacher_dir)
-    run_dir = teachers_run(teacher_dir, Path(told["run_dir"]))
+    run_dir = teachers_run(teacher_dir, told)
     run, device = _open_run(run_dir, o.device, o.precision, o.threads, log, "distil from")
     teacher, _, _ = load_classifier(teacher_dir, device)
     dataset = run_data(run, dataset, log)
