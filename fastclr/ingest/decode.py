@@ -46,8 +46,9 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 DEFAULT_MAX_PIXELS = 89_478_485
 """Pillow's own decompression-bomb limit (a 3-channel image of this size is 256 MiB decoded)."""
 DECODE_BYTES_PER_PIXEL = 11
-"""Upper bound of the memory one decode needs per pixel, beyond the file's own bytes and one
-strip's temporaries. Measured peak resident growth, noise images of 16M pixels
+"""Upper bound of the memory one decode needs per pixel, beyond one strip's temporaries (the file
+is read as it decodes, not held: tests/test_decode_memory.py holds the whole growth to this). Measured
+peak resident growth beyond the file, which the decoder then held, noise images of 16M pixels
 (benchmarks/decode_memory.py, docs/benchmarks.md section 8): RGBA 9.7 (decoded 4, the 8-bit RGB
 result 4), CMYK 9.1, LA 6.6, P with a transparent colour 6.5, RGB 4.2, 16-bit gray 3.9, L 1.1, JPEG
 0.3 (decoded at reduced scale). Converting whole images at once took up to 24 (rotated RGBA), 20
