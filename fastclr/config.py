@@ -242,7 +242,9 @@ class TrainConfig:
     keep_memory: bool = True
     """Linux/glibc: malloc keeps freed memory for reuse instead of unmapping it (process-wide,
     fastclr.cpu_memory): the default CPU step then stops zero-filling ~19k fresh pages per step,
-    1.13x faster (benchmarks/allocator.py). False gives memory back to the OS as usual."""
+    1.13x faster (benchmarks/allocator.py). False leaves malloc as it is: memory goes back to the
+    OS as usual, unless a run earlier in the same process (a notebook) kept it; that lasts until the
+    process ends."""
     log_every: int = field(default=25, metadata=at_least(1))
     checkpoint_every: int = field(default=0, metadata=at_least(0))
     """Steps between checkpoints; 0 writes one at the end of every epoch."""
