@@ -770,3 +770,23 @@ def test_distil_on_data_whose_class_shrank_says_to_fine_tune_again(run: Run, tmp
     assert str(e.value).startswith(f"the labelled subset of {teacher} cannot be drawn from this dataset (asked for 5 "
                                    "labels per class but class 0")
     assert str(e.value).endswith("): the data changed since fine-tuning; fine-tune again")
+
+
+def test_finetune_records_the_data_and_distill_refuses_a_store_prepared_again(run: Run, tmp_path: Path) -> None:
+    """finetune.json did not say which data the teacher saw: a store prepared again with other
+    images of the same classes and sizes passed the subset check and distilled a teacher of other
+    images. The record carries the store's content identity; distill refuses another one."""
+    import shutil
+
+    run_dir, ds = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("finetune", "distill"))
+    then, now = dataclasses.replace(ds, content="a" * 64), dataclasses.replace(ds, content="b" * 64)
+    teacher = Path(finetune_run(copy, dataclasses.replace(FT, steps=1, baseline=False), dataset=then,
+                                log=lambda s: None)["out"])
+    assert json.loads((teacher / "finetune.json").read_text())["data_content"] == "a" * 64
+    with pytest.raises(FastclrError, match=f"^{teacher} was fine-tuned on {ds.name} as it was then; the store has "
+                                           "been prepared again since"):
+        distill_run(teacher, dataclasses.replace(DS, steps=1), dataset=now, log=lambda s: None)
+    assert not (copy / "distill").exists()
+    distill_run(teacher, dataclasses.replace(DS, steps=1), dataset=then, log=lambda s: None)

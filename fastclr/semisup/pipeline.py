@@ -264,7 +264,8 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     model = Classifier(encoder, neck, fc)
     record: dict[str, Any] = {
         "kind": "finetune", "run_dir": str(run.run_dir.resolve()), "run_encoder_sha256": encoder_sha,
-        "dataset": dataset.name, "classes": setup.classes, "labels_per_class": n, "labels": len(idx),
+        "dataset": dataset.name, **({"data_content": dataset.content} if dataset.content else {}),
+        "classes": setup.classes, "labels_per_class": n, "labels": len(idx),
         "label_fraction": len(idx) / len(setup.train_labels), "seed": o.seed, "subset": subset_id(idx),
         "from_head_layer": o.from_head_layer, "feature_dim": int(subset_x.shape[1]), "recipe": asdict(setup.recipe),
         "options": asdict(o), **result,
@@ -361,6 +362,9 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     recipe = dataclasses.replace(ev.recipe(run.config.augment.flip_p), shift_fraction=o.shift_fraction)
     setup = labelled_splits(run, dataset, device, recipe)
     seed = told["seed"] if o.seed < 0 else o.seed
+    if told.get("data_content", dataset.content) != dataset.content:  # a store prepared again since
+        raise FastclrError(f"{teacher_dir} was fine-tuned on {told.get('dataset', 'other data')} as it was then; the "
+                           f"store has been prepared again since (its content differs): fine-tune again")
     try:
         labelled = stratified_subset(setup.train_labels, int(told["labels_per_class"]), int(told["seed"]), setup.classes)
     except FastclrError as e:  # its advice (--labels-per-class) is fine-tuning's; distil has no such flag
