@@ -120,24 +120,22 @@ def _environment(device: torch.device, run: LoadedRun) -> dict[str, Any]:
 def teachers_run(teacher_dir: Path, told: dict[str, Any]) -> Path:
     """The run a teacher was fine-tuned from. By the path it recorded alone, a moved run's teacher
     was refused as gone, and a copied run's teacher distilled from the original, into the original's
-    folder. The run it sits in (RUN/finetune/NAME, where `finetune` puts it) is used when the
-    recorded one is gone, or when it holds the very encoder the teacher recorded (a copy); a teacher
-    inside another run than the one it came from is refused, naming both."""
+    folder. The run it sits in (RUN/finetune/NAME, where `finetune` puts it) comes first; `distill_run`
+    then holds its encoder to the one the teacher recorded (`found_by_place`): a copy passes, another
+    run (or this one trained on since) is refused, naming both."""
     recorded = Path(told["run_dir"])
     home = teacher_dir.resolve().parent
-    enclosing = home.parent if home.name == "finetune" and _has_weights(home.parent) else None
-    if enclosing is None or (recorded.is_dir() and recorded.resolve() == enclosing):
-        if not recorded.is_dir():
-            raise FastclrError(f"the teacher's run {recorded} is gone; the student starts from it and trains on its "
-                               "data (a run moved with its teachers in RUN/finetune/ is found there)")
-        return recorded
+    if home.name == "finetune" and _has_weights(home.parent):
+        return home.parent
     if not recorded.is_dir():
-        return enclosing  # moved along with it: the encoder's checksum is checked against the teacher's record
-    encoder = load_run(enclosing, "cpu", "fp32", log=lambda s: None, command="distil from").encoder
-    if state_checksum(encoder) == told.get("run_encoder_sha256"):
-        return enclosing  # a copy of the run
-    raise FastclrError(f"{teacher_dir} sits in the run {enclosing} but was fine-tuned from {recorded}, another run "
-                       "(or this one trained on since): fine-tune again from the run to distil from")
+        raise FastclrError(f"the teacher's run {recorded} is gone; the student starts from it and trains on its "
+                           "data (a run moved with its teachers in RUN/finetune/ is found there)")
+    return recorded
+
+
+def found_by_place(run_dir: Path, told: dict[str, Any]) -> bool:
+    """Whether `teachers_run` chose another run directory than the one the teacher recorded."""
+    return run_dir.resolve() != Path(told["run_dir"]).resolve()
 
 
 def _has_weights(folder: Path) -> bool:
@@ -375,6 +373,9 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
                            "the data changed since fine-tuning: fine-tune again")
     student, spec, init = student_for(run, o, len(setup.classes), seed, device)
     encoder_sha = state_checksum(run.encoder)
+    if found_by_place(run_dir, told) and told.get("run_encoder_sha256", encoder_sha) != encoder_sha:
+        raise FastclrError(f"{teacher_dir} sits in the run {run_dir} but was fine-tuned from {told['run_dir']}, another "
+                           "run (or this one trained on since): fine-tune again from the run to distil from")
     if init == "pretrained" and told.get("run_encoder_sha256", encoder_sha) != encoder_sha:
         raise FastclrError(f"{run_dir}'s encoder is not the one {teacher_dir} was fine-tuned from (the run trained on "
                            "since, or was started again): fine-tune again from the run, or start the student at "
