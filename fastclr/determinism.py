@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 
 import torch
@@ -53,3 +54,28 @@ def no_host_sync(device: torch.device, enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.cuda.set_sync_debug_mode(before)
+
+
+def generator_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of the generators a run's random layers draw from (a user's encoder's dropout:
+    fastclr's own steps draw from their own generators): the CPU's, and on CUDA `device`'s, which
+    `torch.manual_seed` at the start of a run also resets."""
+    return {"torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def restore_generators(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what `generator_states` saved (a checkpoint from a CPU run resumed on a GPU, or one
+    saved before the CUDA state was kept, leaves the GPU's generator as seeded)."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+@contextmanager
+def replaying(state: dict[str, torch.Tensor], device: torch.device) -> Iterator[None]:
+    """Draw from the generators' `state` (`generator_states`) inside; their own states come back
+    after (`fork_rng`)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        restore_generators(state, device)
+        yield

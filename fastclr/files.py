@@ -29,6 +29,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from fastclr.errors import FastclrError
+from fastclr.signals import STOP_SIGNALS
 
 try:
     import resource  # POSIX only: the file-size limit in a failed write's reason
@@ -120,8 +121,7 @@ def stop_signals_held() -> Iterator[None]:
         yield  # signal handlers can be changed in the main thread only (and run there)
         return
     pending: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())  # Windows
-    previous = {s: signal.getsignal(s) for s in stops}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     held = {s: h for s, h in previous.items() if h is not None}  # None: a handler not set from Python
     for s in held:
         signal.signal(s, lambda signum, frame: pending.append(signum))

@@ -55,6 +55,11 @@ class LoadedRun:
         return self.spec.std_tensor()
 
 
+def has_weights(run: Path) -> bool:
+    """Whether `run` holds an encoder to read: its export or a checkpoint."""
+    return (run / ENCODER_FILE).exists() or bool(list_checkpoints(run))
+
+
 def require_weights(run: Path, command: str) -> str:
     """The owner of `run` if a live process is writing it, else ''; a one-line error, in words for
     `command` (evaluate, embed, ...), for a folder that is not a run and a run with neither an
@@ -63,7 +68,7 @@ def require_weights(run: Path, command: str) -> str:
     if not run.is_dir():
         raise FastclrError(f"{run} is not a directory; give the directory of a `fastclr pretrain` run")
     owner = locked_by_another(run)
-    weights = (run / ENCODER_FILE).exists() or bool(list_checkpoints(run))
+    weights = has_weights(run)
     # a run's first seconds: its owner holds the lock before it writes config.toml
     if not (run / "config.toml").exists() and not (owner and not weights):
         raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory: give the directory "

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastclr.errors import FastclrError
 from fastclr.evaluation.options import EvaluateOptions
-from fastclr.report.build import MAP_METHODS
+from fastclr.report.embedding_map import MAP_METHODS
 from fastclr.runtime import PRECISIONS
 
 

@@ -343,8 +343,7 @@ def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: Dataset, now: 
         return none  # damaged: replaced whole, as before
     if not isinstance(old, dict) or not isinstance(old.get("protocols"), dict):
         return none
-    if old.get("encoder_sha256") != encoder_sha256 or old.get("dataset") != dataset.name or \
-            old.get("data_content", "") != dataset.content:  # no identity recorded: not known to be this data
+    if old.get("encoder_sha256") != encoder_sha256 or not same_data(old, dataset):
         log(f"{EVAL_FILE} held results of another encoder (the run trained on since) or data: replaced")
         return none
     names = [n for n in old["protocols"] if n not in now and n in RUNNERS]
@@ -364,6 +363,12 @@ def _pretrained_steps(run_dir: Path) -> int:
     except (FastclrError, OSError):
         return 0
     return steps if isinstance(steps, int) else 0
+
+
+def same_data(record: dict[str, Any], dataset: Dataset) -> bool:
+    """Whether an eval.json `record` measured `dataset` as it is now: its name, and its content
+    identity (a store prepared again differs; a record without one is not known to be this data)."""
+    return record.get("dataset") == dataset.name and record.get("data_content", "") == dataset.content
 
 
 def read_eval(run_dir: Path) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import torch
 from fastclr import config as config_mod
 from fastclr.checkpoint import save_checkpoint
 from fastclr.config import Config
+from fastclr.determinism import generator_states, restore_generators
 from fastclr.errors import FastclrError
 from fastclr.models.cnn import parse_stages
 from fastclr.pretraining.model import Model
@@ -35,22 +36,6 @@ STATE_KEYS = ("model.encoder", "model.width", "model.cnn_stages", "model.cifar_s
               "model.head_hidden", "model.head_bn", "model.proj_dim", "optim.optimizer", "train.learn_temperature")
 """Settings no resumed run may change: the checkpoint's weights fit only its own network, and its
 optimiser state only its own optimiser and parameters (a learned temperature is one of them)."""
-
-
-def generator_states(device: torch.device) -> dict[str, torch.Tensor]:
-    """The states of the generators a run's random layers draw from (a user's encoder's dropout:
-    fastclr's own steps draw from their own generators): the CPU's, and on CUDA `device`'s, which
-    `torch.manual_seed` at the start of a run also resets."""
-    return {"torch_rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-
-
-def restore_generators(state: dict[str, Any], device: torch.device) -> None:
-    """Put back what `generator_states` saved (a checkpoint from a CPU run resumed on a GPU, or one
-    saved before the CUDA state was kept, leaves the GPU's generator as seeded)."""
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

@@ -29,13 +29,13 @@ from fastclr.evaluation.features import (encode, evenly_spaced, features_of, req
                                          view_pairs)
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift
-from fastclr.evaluation.run import read_eval
+from fastclr.evaluation.run import read_eval, same_data
 from fastclr.evaluation.table import format_table
 from fastclr.pretrained import (LoadedRun, head_checkpoint, load_run, run_data, trained_head,
                                 trained_temperature)
 from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
-from fastclr.report.embedding_map import pca, tsne
+from fastclr.report.embedding_map import MAP_METHODS, pca, tsne
 from fastclr.report.html import note, page, section
 from fastclr.runs import read_metrics, refuse_output
 from fastclr.runtime import select_device
@@ -261,7 +261,7 @@ def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Datase
         return [section("efficiency", "Label efficiency", hint, "p"),
                 section("numbers", "Numbers", note(escape(probe_line) or "No results yet.") + hint, "p")]
     p = ev["protocols"]
-    other_data = ev.get("dataset") != dataset.name or ev.get("data_content", "") != dataset.content
+    other_data = not same_data(ev, dataset)
     stale = "" if ev.get("encoder_sha256") == encoder_sha256 and not other_data else note(
         "<b>These numbers are out of date</b>: eval.json was computed for "
         + ("other data than the run's now (a store prepared again?)" if other_data else
@@ -279,10 +279,6 @@ def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Datase
     text = escape(format_table(ev))
     return [eff, section("numbers", "Numbers", stale + f"<pre>{text}</pre>" + note(escape(probe_line)), "pre",
                          f"From eval.json, written {escape(ev.get('environment', {}).get('time', '?'))}.")]
-
-
-MAP_METHODS = ("tsne", "pca")
-"""How the report's 2-D map of the test embeddings is drawn (`--map`)."""
 
 
 @gives_threads_back

@@ -13,6 +13,9 @@ import math
 
 import torch
 
+MAP_METHODS = ("tsne", "pca")
+"""How the report's 2-D map of the test embeddings is drawn (`--map`)."""
+
 
 def pca(x: torch.Tensor, dims: int) -> torch.Tensor:
     """Projection of the centred rows of x (N, D) on their top `dims` principal axes: (N, dims),

@@ -27,12 +27,14 @@ Caveats, handled here and stated for users:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
 import torch
 from torch import nn
+
+from fastclr.determinism import generator_states, replaying
 
 T = TypeVar("T")
 
@@ -40,24 +42,6 @@ T = TypeVar("T")
 def chunk_rows(batch: int, chunk: int) -> list[tuple[int, int]]:
     """[start, end) image ranges of at most `chunk` images covering `batch` images."""
     return [(s, min(s + chunk, batch)) for s in range(0, batch, chunk)]
-
-
-RandomState = tuple[torch.Tensor, torch.Tensor | None]
-
-
-def random_state(device: torch.device) -> RandomState:
-    """The CPU generator's state and, on CUDA, `device`'s: what a forward pass draws from."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-@contextmanager
-def replaying(state: RandomState, device: torch.device) -> Iterator[None]:
-    """Draw from `state` inside; the generators' own states come back after (`fork_rng`)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
 
 
 def grad_cache_backward(
@@ -88,11 +72,11 @@ def grad_cache_backward(
         return torch.cat([views[s:e], views[b + s : b + e]])
 
     saved = [buf.detach().clone() for buf in module.buffers()]
-    states: list[RandomState] = []
+    states: list[dict[str, torch.Tensor]] = []
     zs: list[torch.Tensor] = []
     with torch.no_grad():
         for s, e in ranges:  # each z (2c, D); activations freed chunk by chunk
-            states.append(random_state(views.device))
+            states.append(generator_states(views.device))
             zs.append(forward(take(s, e)))
     with torch.no_grad():
         for buf, old in zip(module.buffers(), saved):

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastclr.checkpoint import list_checkpoints
 from fastclr.config import SEED_MAX
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset
@@ -41,7 +40,7 @@ from fastclr.evaluation.subsets import labels_for_fraction, stratified_subset, s
 from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, feature_dim
-from fastclr.pretrained import LoadedRun, load_run, run_data, trained_head
+from fastclr.pretrained import LoadedRun, has_weights, load_run, run_data, trained_head
 from fastclr.files import read_json
 from fastclr.runs import refuse_output, refuse_uncreatable, write_json
 from fastclr.runtime import cpu_model, select_device, to_channels_last
@@ -125,7 +124,7 @@ def teachers_run(teacher_dir: Path, told: dict[str, Any]) -> Path:
     run (or this one trained on since) is refused, naming both."""
     recorded = Path(told["run_dir"])
     home = teacher_dir.resolve().parent
-    if home.name == "finetune" and _has_weights(home.parent):
+    if home.name == "finetune" and (home.parent / "config.toml").is_file() and has_weights(home.parent):
         return home.parent
     if not recorded.is_dir():
         raise FastclrError(f"the teacher's run {recorded} is gone; the student starts from it and trains on its "
@@ -136,11 +135,6 @@ def teachers_run(teacher_dir: Path, told: dict[str, Any]) -> Path:
 def found_by_place(run_dir: Path, told: dict[str, Any]) -> bool:
     """Whether `teachers_run` chose another run directory than the one the teacher recorded."""
     return run_dir.resolve() != Path(told["run_dir"]).resolve()
-
-
-def _has_weights(folder: Path) -> bool:
-    """Whether `folder` is a run with an encoder to read (its export or a checkpoint)."""
-    return (folder / "config.toml").is_file() and ((folder / ENCODER_FILE).is_file() or bool(list_checkpoints(folder)))
 
 
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe) -> LabelledSetup:
