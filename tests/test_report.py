@@ -314,8 +314,63 @@ def test_a_scatter_of_many_classes_shows_every_legend_line_and_a_collapsed_axis_
     lines = [float(y) for y in re.findall(r'<text x="[\d.]+" y="([\d.]+)">', svg)]
     assert len(lines) == 40 and max(lines) <= height
     assert f">{names[-1][:LEGEND_CHARS - 1]}\u2026</text><title>{names[-1]}</title>" in svg
-    centre = 10 + 0.5 * (640 - 150 - 20), 24 + 0.5 * (height - 34)
+    centre = 10 + 0.5 * (640 - 150 - 20), 24 + 0.5 * (480 - 34)  # the map's own area, not the legend's height
     assert re.findall(r'cx="([\d.]+)" cy="([\d.]+)" r="2.6"', svg) == [(f"{centre[0]:.1f}", f"{centre[1]:.1f}")] * 3
+
+
+def test_the_map_keeps_its_shape_whatever_the_legend_needs() -> None:
+    """The same points span the same 470 x 446 px with 10 classes and with 100: the legend's 100
+    lines made the picture 1634 px tall, and the map was drawn over that height (3.4 : 1)."""
+    from fastclr.report.svg import scatter_chart
+
+    xy = np.random.default_rng(0).normal(size=(500, 2))
+    spans = []
+    for k in (10, 100):
+        svg = scatter_chart(xy, np.arange(500) % k, [f"c{i}" for i in range(k)], "map")
+        at = np.array(re.findall(r'cx="([\d.]+)" cy="([\d.]+)" r="2.6"', svg), dtype=np.float64)
+        spans.append(at.max(0) - at.min(0))
+    np.testing.assert_allclose(spans[0], [470, 446], atol=0.11)
+    np.testing.assert_array_equal(spans[1], spans[0])
+
+
+def test_one_value_sits_mid_axis_and_an_accuracy_axis_stops_at_its_limit() -> None:
+    """One kNN monitor record (a one-epoch run) drew its 0.92 at the bottom of an axis to 2.0; a band
+    of mean + std near 100% labelled ticks above 100."""
+    from fastclr.report.svg import Series, line_chart
+
+    svg = line_chart([Series("kNN", [5.0], [0.92], "#000", markers=True)], "t", "step", "accuracy",
+                     y_limits=(0.0, 1.0))
+    ticks = [float(t) for t in re.findall(r'text-anchor="end" fill="#555">([^<]*)<', svg)]
+    height = int(re.search(r'height="(\d+)"', svg).group(1))  # type: ignore[union-attr]
+    top = 24 + 14  # the title and one legend line
+    assert max(ticks) <= 1 and min(ticks) < 0.92 < max(ticks)
+    assert float(re.search(r'cy="([\d.]+)"', svg).group(1)) == pytest.approx((top + height - 44) / 2, abs=0.05)  # type: ignore[union-attr]
+    band = Series("probe", [1.0, 10.0], [96.0, 99.0], "#000", lo=[94.0, 97.5], hi=[98.0, 100.5])
+    ticks = [float(t) for t in re.findall(r'text-anchor="end" fill="#555">([^<]*)<',
+                                          line_chart([band], "t", "x", "y", y_limits=(0.0, 100.0)))]
+    assert max(ticks) == 100 and min(ticks) <= 94
+
+
+def test_large_images_are_shown_shrunk_by_block_means() -> None:
+    """224 px images: the map's sprite holds 48 px thumbnails, each the rounded mean of its 5 x 5
+    blocks (float64 here), and the views and retrieval grids keep every image within 96 px."""
+    from fastclr.report.interactive import MAP_THUMB_SIDE, map_thumbnails, sprite
+    from fastclr.report.png import SHOWN_SIDE, shrink
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    thumbs = map_thumbnails(images)
+    want = np.round(images[:, :220, :220].astype(np.float64).reshape(3, 44, 5, 44, 5, 3).mean(axis=(2, 4)))
+    assert thumbs.shape == (3, 44, 44, 3) and 44 <= MAP_THUMB_SIDE
+    np.testing.assert_array_equal(thumbs, want.astype(np.uint8))
+    assert png_pixels(sprite(thumbs)).shape == (44, 50 * 44, 3)
+    small = images[:, :28, :28]
+    assert shrink(small, SHOWN_SIDE) is small  # images already small enough are as they are
+    grid = img_pixels(figures.view_pairs_grid(images[:1], torch.rand(2, 3, 224, 224)))
+    assert grid.shape[0] <= SHOWN_SIDE + 2 + 16  # one triple: its image, a 1 px frame, the 8 px gap around cells
+    hits = img_pixels(figures.retrievals(images[:1], None, images[None, :2], None))
+    assert hits.shape[0] <= SHOWN_SIDE + 6
+
+
 
 
 def test_a_report_never_replaces_a_file_of_the_run(run: tuple[Path, Dataset], tmp_path: Path) -> None:
@@ -343,6 +398,21 @@ def test_a_report_on_an_encoder_giving_nan_is_one_line(run: tuple[Path, Dataset]
     alter_encoder(bad, lambda w: w.fill_(float("nan")))
     with pytest.raises(FastclrError, match=r"own images hold NaN or infinite values \(\d+ of \d+ rows\): the encoder's"):
         build_report(bad, device="cpu", dataset=ds)
+
+
+def test_a_checkpoint_that_does_not_hold_the_export_leaves_the_playground_with_h_only(
+        run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """The newest checkpoint's encoder differs from encoder.safetensors (a newer checkpoint damaged,
+    the export replaced): its head does not belong to h, so the page shows h alone and says why.
+    The report failed instead, on the same refusal asked a second time."""
+    run_dir, ds = run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    alter_encoder(moved, lambda w: w.add_(1e-3))
+    html = build_report(moved, device="cpu", map_method="pca", dataset=ds).read_text()
+    assert "does not hold its exported encoder, so only h (no trained head z) is shown" in section_html(html, "playground")
+    playground = report_data(html)["playground"]
+    assert isinstance(playground, dict) and "h" in playground and "z" not in playground
 
 
 def test_the_playground_starts_at_the_temperature_the_run_ended_with() -> None:

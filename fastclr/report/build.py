@@ -109,7 +109,7 @@ def _playground_section(run: LoadedRun, dataset: Dataset, device: torch.device, 
     except FastclrError:
         state, z_note = None, (" The run's newest readable checkpoint does not hold its exported encoder, so only h "
                                "(no trained head z) is shown.")
-    head = trained_head(run, device, state)
+    head = trained_head(run, device, state) if state is not None else None  # None: no head to show
     data["playground"] = interactive.playground(run, head, dataset.pretrain, device, seed,
                                                 trained_temperature(run, state))
     pairs = data["playground"]["pairs"]
@@ -181,8 +181,9 @@ def _map_and_retrievals(run: LoadedRun, dataset: Dataset, device: torch.device, 
     classes = dataset.classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels is not None else [])
     which = "test" if dataset.test is not None else "pretraining"
     near, sims = interactive.map_neighbours(h)
-    data["map"] = {"size": int(map_images.shape[1]), "cols": interactive.SPRITE_COLUMNS,
-                   "sprite": interactive.sprite(map_images), "labels": labels.tolist() if labels is not None else [],
+    thumbs = interactive.map_thumbnails(map_images)
+    data["map"] = {"size": int(thumbs.shape[1]), "cols": interactive.SPRITE_COLUMNS,
+                   "sprite": interactive.sprite(thumbs), "labels": labels.tolist() if labels is not None else [],
                    "classes": list(classes) if labels is not None else [], "index": midx.tolist(), "split": which,
                    "k": int(near.shape[1]), "neighbours": near.reshape(-1).tolist(),
                    "sims": [round(float(v), 4) for v in sims.reshape(-1)]}

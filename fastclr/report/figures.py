@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastclr.report.png import data_uri, encode_png, tile, viridis
+from fastclr.report.png import SHOWN_SIDE, data_uri, encode_png, enlargement, shrink, tile, viridis
 from fastclr.report.svg import Series, class_colour, line_chart, scatter_chart
 
 GREEN = np.array([46, 160, 67], np.uint8)
@@ -42,7 +42,7 @@ def training_curves(metrics: list[dict[str, Any]]) -> list[str]:
     if mon:
         knn = Series("kNN monitor", [float(r["step"]) for r in mon], [r["knn_acc"] for r in mon], class_colour(4),
                      markers=True)
-        charts.append(line_chart([knn], "Online kNN monitor accuracy", "step", "accuracy"))
+        charts.append(line_chart([knn], "Online kNN monitor accuracy", "step", "accuracy", y_limits=(0.0, 1.0)))
     return charts
 
 
@@ -53,8 +53,9 @@ def view_pairs_grid(originals: np.ndarray, views: torch.Tensor, scale: int = 3) 
     originals: uint8 (B, H, W, C); views: float (2B, C, S, S) in [0, 1], first views then second.
     """
     b = originals.shape[0]
-    v = (views.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (2B, S, S, C)
-    s = v.shape[1]
+    v = shrink((views.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), SHOWN_SIDE)
+    s = v.shape[1]  # v: (2B, S, S, C)
+    scale = enlargement(s, scale)
     if originals.shape[1] != s:  # show originals at the views' size, nearest pixel
         idx = (np.arange(s) * originals.shape[1] / s).astype(np.int64)
         originals = originals[:, idx][:, :, idx]
@@ -93,7 +94,9 @@ def retrievals(queries: np.ndarray, q_labels: np.ndarray | None, neighbours: np.
     queries: uint8 (Q, H, W, C); neighbours: uint8 (Q, K, H, W, C); labels (Q,), (Q, K) or None.
     """
     q, k = neighbours.shape[:2]
-    images = np.concatenate([queries[:, None], neighbours], 1).reshape(q * (k + 1), *queries.shape[1:])
+    images = shrink(np.concatenate([queries[:, None], neighbours], 1).reshape(q * (k + 1), *queries.shape[1:]),
+                    SHOWN_SIDE)
+    scale = enlargement(images.shape[1], scale)
     borders = np.tile(GREY, (q * (k + 1), 1))
     if q_labels is not None and n_labels is not None:
         same = n_labels == q_labels[:, None]  # (Q, K)
@@ -136,4 +139,4 @@ def label_efficiency(protocols: dict[str, Any]) -> str:
             ref = 100 * protocols["linear"]["random_init"]["accuracy"]
             series.append(Series("linear probe, all labels, untrained", span, [ref, ref], class_colour(7), dashed=True))
     return line_chart(series, "Label efficiency", "labels per class (log scale)", "test accuracy (%)", width=620,
-                      height=360, log_x=True, x_ticks=xs)
+                      height=360, log_x=True, x_ticks=xs, y_limits=(0.0, 100.0))

@@ -29,7 +29,7 @@ from fastclr.data import ImageSet
 from fastclr.evaluation.features import encode, evenly_spaced
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.pretrained import LoadedRun
-from fastclr.report.png import data_uri, encode_png, tile, to_rgb
+from fastclr.report.png import SHOWN_SIDE, data_uri, encode_png, shrink, tile, to_rgb
 
 PLAY_IMAGES = 32
 """Images of the playground: 64 views, batches of 4, 8, 16 or 32 pairs."""
@@ -51,7 +51,7 @@ def from_f32_base64(text: str, dim: int) -> np.ndarray:
 
 def _thumbs(views: torch.Tensor) -> list[str]:
     """float (N, C, S, S) in [0, 1] -> one PNG data URI per view."""
-    v = (views.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    v = shrink((views.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy(), SHOWN_SIDE)
     return [data_uri(encode_png(img[..., 0] if img.shape[-1] == 1 else img)) for img in v]
 
 
@@ -129,7 +129,7 @@ def explorer(run: LoadedRun, split: ImageSet, device: torch.device, seed: int) -
             raw, p = _draw(run, image[None], device, g)
             views += _thumbs(raw)
             params += [describe_view(p, j, image.shape[:2]) for j in range(2)]
-        rows.append({"original": data_uri(encode_png(to_rgb(image[None])[0])), "index": int(idx[i]),
+        rows.append({"original": data_uri(encode_png(to_rgb(shrink(image[None], SHOWN_SIDE))[0])), "index": int(idx[i]),
                      "views": views, "params": params})
     return {"images": rows}
 
@@ -143,6 +143,16 @@ def map_neighbours(h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32)
     sims, rows = cosine_topk(h, h, k, exclude=torch.arange(n))
     return rows.numpy(), sims.numpy()
+
+
+MAP_THUMB_SIDE = 48
+"""The largest side of a map thumbnail: the page enlarges them, 2000 of them at a 224 px store's
+side would be 300 MB of pixels."""
+
+
+def map_thumbnails(images: np.ndarray) -> np.ndarray:
+    """The map's images (N, H, W, C) at most MAP_THUMB_SIDE on a side (`shrink`)."""
+    return shrink(images, MAP_THUMB_SIDE)
 
 
 def sprite(images: np.ndarray) -> str:

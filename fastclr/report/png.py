@@ -69,3 +69,25 @@ def tile(images: np.ndarray, cols: int, scale: int = 1, pad: int = 2, borders: n
             cell[:] = borders[i]
         cell[pad : pad + h, pad : pad + w] = rgb[i]
     return out
+
+
+SHOWN_SIDE = 96
+"""The largest side an image of the page keeps (the page shows them at 84 px or less): a 224 px
+store's 2000 map thumbnails alone were 300 MB of pixels, beyond what a browser parses."""
+
+
+def shrink(images: np.ndarray, side: int) -> np.ndarray:
+    """uint8 images (N, H, W, C), H and W at most `side`: each f x f block averaged (rounded) for
+    the smallest whole f that fits, the last rows and columns that do not fill a block left out;
+    images already that small as they are."""
+    f = -(-max(images.shape[1:3]) // side)
+    if f <= 1:
+        return images
+    n, h, w, c = images.shape
+    blocks = images[:, : h // f * f, : w // f * f].reshape(n, h // f, f, w // f, f, c)
+    return np.round(blocks.mean(axis=(2, 4), dtype=np.float64)).astype(np.uint8)
+
+
+def enlargement(side: int, scale: int) -> int:
+    """`scale`, or less so that the enlarged side stays within SHOWN_SIDE (at least 1)."""
+    return max(1, min(scale, SHOWN_SIDE // side))

@@ -53,8 +53,9 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     or below `lo` to the first one at or above `hi`."""
     if not math.isfinite(lo) or not math.isfinite(hi):
         return [0.0]
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+    if hi <= lo:  # one value: a range around it, so that it sits mid-axis (0.92 -> 0.86 ... 0.98)
+        pad = 0.05 * abs(lo) or 1.0
+        lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(1, n)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
@@ -99,9 +100,10 @@ def _path(f: Frame, xs: list[float], ys: list[float]) -> str:
 
 def line_chart(series: list[Series], title: str, x_label: str, y_label: str, width: int = 460, height: int = 280,
                log_x: bool = False, x_ticks: list[float] | None = None,
-               y_range: tuple[float, float] | None = None) -> str:
+               y_range: tuple[float, float] | None = None, y_limits: tuple[float, float] | None = None) -> str:
     """An SVG line chart with axes, ticks, grid, legend and optional shaded bands (points that are
-    not finite left out)."""
+    not finite left out). `y_range` fixes the y axis; otherwise it spans the data with round ticks,
+    never beyond `y_limits` (an accuracy's 0 and 1: a tick at 1.05 reads as a possible value)."""
     series = [finite_points(s) for s in series]
     xs = [x for s in series for x in s.x]
     ys = [y for s in series for y in (s.y + (s.lo or []) + (s.hi or []))]
@@ -116,7 +118,9 @@ def line_chart(series: list[Series], title: str, x_label: str, y_label: str, wid
     if y_range:
         yt = [t for t in yt if y0 <= t <= y1]
     else:
-        y0, y1 = yt[0], yt[-1]
+        if y_limits:
+            yt = [t for t in yt if y_limits[0] <= t <= y_limits[1]] or [max(min(y0, y_limits[1]), y_limits[0])]
+        y0, y1 = min(yt[0], y0), max(yt[-1], y1)
     top = 24 + 14 * len(series)  # title, then one legend line per series: nothing overlaps the data
     f = Frame(x0, x1, y0, y1, width, height + top - 16, log_x, (top, 16, 44, 58))
     height = f.height
@@ -171,14 +175,14 @@ def scatter_chart(xy: np.ndarray, labels: np.ndarray | None, class_names: list[s
                   height: int = 480) -> str:
     """An SVG scatter of 2-D points (N, 2), coloured by class with a legend (one colour without labels)."""
     legend_w = 150 if labels is not None else 0
-    plot_w = width - legend_w
-    if labels is not None:  # one legend line per class, all inside the picture (CIFAR-100 has 100)
-        height = max(height, 34 + 16 * len(class_names))
+    plot_w, plot_h = width - legend_w, height
+    if labels is not None:  # one legend line per class, all inside the picture (CIFAR-100 has 100); the
+        height = max(height, 34 + 16 * len(class_names))  # map keeps its shape: a taller one would distort it
     lo, hi = xy.min(0), xy.max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
     p = np.where(hi > lo, (xy - lo) / span, 0.5)  # (N, 2) in [0, 1]; an axis without spread in the middle
     px = 10 + p[:, 0] * (plot_w - 20)
-    py = 24 + (1 - p[:, 1]) * (height - 34)
+    py = 24 + (1 - p[:, 1]) * (plot_h - 34)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="{escape(title)}" font-family="sans-serif" font-size="11">',
            f'<text x="10" y="14" font-weight="bold">{escape(title)}</text>']
