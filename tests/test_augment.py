@@ -86,6 +86,46 @@ def test_crop_boxes_respect_scale_and_ratio_ranges(device: torch.device) -> None
     assert abs(float(ratio.median()) - 1.0) < 0.1
 
 
+def test_crop_boxes_are_torchvisions_draw_replayed_in_float64(device: torch.device) -> None:
+    """Each box is RandomResizedCrop's: from the generator's stream, `tries` area fractions
+    ~ U(scale_min, scale_max), then `tries` log ratios ~ U(log ratio_min, log ratio_max), the first
+    candidate whose w = sqrt(A r), h = sqrt(A / r) fits, then x0 ~ U(0, W - w), y0 ~ U(0, H - h).
+    Replayed here in float64 from the same seed, image by image; with crops of up to the whole image
+    and ratios up to 4, about half of the first candidates do not fit, so a draw that kept the last
+    or the largest fitting candidate, centred the box, or drew the area log-uniformly fails. The blur's
+    sigma, further along the stream, is U(sigma_min, sigma_max) where the blur's coin came up."""
+    cfg = dataclasses.replace(OFF, scale_min=0.5, scale_max=1.0, ratio_min=0.25, ratio_max=4.0, blur_p=0.5,
+                              blur_sigma_min=0.3, blur_sigma_max=1.7)
+    n, tries, height, width = 2000, 10, 30, 40
+    p = sample_params(cfg, n, height, width, gen(device, 3), device)
+    g = gen(device, 3)
+    u_area = torch.rand(n, tries, generator=g, device=device).double().cpu()
+    u_ratio = torch.rand(n, tries, generator=g, device=device).double().cpu()
+    u_x, u_y = (torch.rand(n, generator=g, device=device).double().cpu() for _ in range(2))
+    for _ in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "gray"):
+        torch.rand(n, generator=g, device=device)
+    u_blur, u_sigma = (torch.rand(n, generator=g, device=device).double().cpu() for _ in range(2))
+    want, skipped, fallbacks = [], 0, 0
+    for i in range(n):
+        for t in range(tries):
+            area = height * width * (0.5 + 0.5 * float(u_area[i, t]))
+            r = math.exp(math.log(0.25) + (math.log(4.0) - math.log(0.25)) * float(u_ratio[i, t]))
+            w, h = math.sqrt(area * r), math.sqrt(area / r)
+            if w <= width and h <= height:
+                break
+            skipped += 1
+        else:  # torchvision's fallback: the whole image (its ratio 4:3 is in range), centred
+            want.append((0.0, 0.0, float(width), float(height)))
+            fallbacks += 1
+            continue
+        want.append((float(u_x[i]) * (width - w), float(u_y[i]) * (height - h), w, h))
+    assert skipped > n // 2 and fallbacks > 0  # which candidate is kept, and the fallback, are tested
+    torch.testing.assert_close(p.box.double().cpu(), torch.tensor(want, dtype=torch.float64), atol=2e-4, rtol=1e-5)
+    sigma = (0.3 + 1.4 * u_sigma) * (u_blur < 0.5)
+    torch.testing.assert_close(p.blur_sigma.double().cpu(), sigma, atol=1e-6, rtol=0)
+    assert 0.4 < float((p.blur_sigma > 0).double().mean()) < 0.6
+
+
 def test_impossible_crops_fall_back_to_the_whole_image(device: torch.device) -> None:
     # scale 1 with ratio 2 never fits a square: torchvision's fallback is the centred full crop
     cfg = AugmentConfig(scale_min=1.0, scale_max=1.0, ratio_min=2.0, ratio_max=2.0)

@@ -388,6 +388,35 @@ def test_knn_records_the_k_its_vote_used(run: Run, tmp_path: Path) -> None:
     assert f"note: kNN with k = {n}, every training image: --knn-k {10 * n} is more than the {n} there are" in lines
 
 
+def test_knn_votes_with_the_k_and_tau_it_is_given(run: Run, tmp_path: Path) -> None:
+    """--knn-k and --knn-tau reach the vote, for the trained and the untrained network: with labels
+    drawn apart from the images (on the bars every k scores the same), evaluate's figures are
+    `knn_accuracy` at k = 3, tau = 0.5, which differ from those at the defaults (20, 0.07)."""
+    import shutil
+
+    run_dir, bars, _ = run
+    assert bars.train is not None and bars.test is not None
+    rng = np.random.default_rng(1)
+    train = ImageSet(bars.train.images, rng.integers(0, 10, len(bars.train)))
+    ds = Dataset(bars.name, train, train, ImageSet(bars.test.images, rng.integers(0, 10, len(bars.test))),
+                 bars.classes)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    out = evaluate(copy, EvaluateOptions(protocols=("knn",), knn_k=3, knn_tau=0.5, device="cpu"), dataset=ds,
+                   log=lambda s: None)["protocols"]["knn"]
+    assert (out["k"], out["tau"]) == (3, 0.5)
+    r, cpu = load_run(copy), torch.device("cpu")
+    assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
+    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    for encoder, reported in ((r.encoder, out["accuracy"]),
+                              (untrained_encoder(r.spec, r.config.train.seed, cpu), out["random_init"]["accuracy"])):
+        ftr = extract_features(encoder, ds.train.images, r.mean, r.std, cpu, precision=r.precision, size=28)
+        fte = extract_features(encoder, ds.test.images, r.mean, r.std, cpu, precision=r.precision, size=28)
+        asked = knn_accuracy(ftr, ytr, fte, yte, 3, 0.5, r.precision)
+        assert reported == asked
+        assert asked != knn_accuracy(ftr, ytr, fte, yte, 20, 0.07, r.precision)
+
+
 def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Path) -> None:
     """A diverged encoder's NaN features scored kNN and the probe at the share of class 0, silently."""
     import shutil
