@@ -11,6 +11,7 @@ weight shape, or a BatchNorm's channels (its five entries are torch's BatchNorm2
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,41 @@ def test_a_small_cnns_learned_readout_is_never_dropped_by_init(tmp_path: Path) -
     with pytest.raises(FastclrError, match="a network of another depth or shape; pick the matching"):
         read_init(path, build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|flat0"))
     assert read_init(path, build_encoder("cnn", 1, 28, 1.0, "auto", "32|256|fc512")).tensors
+
+
+def test_a_cnn_export_of_other_stages_is_refused_though_its_tensors_fit(tmp_path: Path) -> None:
+    """An activation, a pool's place and the readout's kind have no tensors: a SiLU network's export
+    loaded into the ReLU default with 'loaded 30 tensors, skipped none, missing none', and so did an
+    sfc readout's into an fc one at 32 px. Both are refused in one line naming the file's stages;
+    the same stages written another way (`relu:` spelled out) load."""
+    cases = [("silu:32,32,32p|256p|fc512", "32,32,32p|256p|fc512", 28),
+             ("32,32p|256p|sfc512", "32,32p|256p|fc512", 32)]
+    for i, (theirs, ours, size) in enumerate(cases):
+        source = build_encoder("cnn", 1, size, 0.25, "auto", theirs)
+        spec = EncoderSpec("cnn", 1, size, 0.25, "n/a", source.feature_dim, (0.5,), (0.25,), theirs)
+        path = export_encoder(source, spec, "[model]\n", "fastclr", tmp_path / f"e{i}.safetensors")[0]
+        target = build_encoder("cnn", 1, size, 0.25, "auto", ours)
+        assert read_init(path, target).tensors.keys() == target.state_dict().keys()  # names and shapes fit
+        with pytest.raises(FastclrError, match=re.escape(f'are of the cnn {theirs!r}, and this run builds {ours!r}: '
+                                                         f'the same tensors in another network; give --cnn-stages "{theirs}"')):
+            read_init(path, target, stages=ours)
+        same = read_init(path, build_encoder("cnn", 1, size, 0.25, "auto", theirs), stages=theirs)
+        assert all(torch.equal(same.tensors[k], v) for k, v in source.state_dict().items())
+    relu = build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512")
+    spec = EncoderSpec("cnn", 1, 28, 0.25, "n/a", relu.feature_dim, (0.5,), (0.25,), "32|256|fc512")
+    path = export_encoder(relu, spec, "[model]\n", "fastclr", tmp_path / "relu.safetensors")[0]
+    assert read_init(path, build_encoder("cnn", 1, 28, 0.25, "auto", "32|256|fc512"), stages="relu:32|256|fc512").tensors
+    # pretrain asks with the stages it builds: a run of the default from a SiLU run's export stops before it starts
+    from tiny import tiny_config, tiny_dataset, tiny_run
+    from fastclr.config import ModelConfig
+    from fastclr.pretraining.loop import pretrain
+
+    ds = tiny_dataset(64)
+    silu = "silu:" + ModelConfig().cnn_stages
+    src = tiny_run(tmp_path / "silu", ds, model__cnn_stages=silu) / "encoder.safetensors"
+    with pytest.raises(FastclrError, match=re.escape(f'give --cnn-stages "{silu}"')):
+        pretrain(tiny_config(tmp_path / "relu", model__init=str(src)), dataset=ds, progress=False, log=lambda s: None)
+    assert not (tmp_path / "relu").exists()
 
 
 def test_a_resume_keeps_how_the_run_started(tmp_path: Path) -> None:

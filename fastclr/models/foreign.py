@@ -128,20 +128,51 @@ def _read(path: Path, data: bytes) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def recorded_width(path: Path) -> float | None:
-    """The channel multiplier a fastclr export records in its metadata (either naming), else None:
-    a torchvision or timm file, or a plain state dict, says nothing (and their ResNets have width 1)."""
+def _metadata(path: Path) -> dict[str, Any]:
+    """A safetensors file's metadata with fastclr's own record parsed under "fastclr" ({} for other
+    files, or one unreadable or odd: read_init names what is wrong with the file)."""
     if path.suffix != ".safetensors" or not path.is_file():
-        return None
+        return {}
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        width = json.loads(meta["fastclr"]).get("width") if "fastclr" in meta else meta.get("width")
+            meta: dict[str, Any] = dict(f.metadata() or {})
+        if "fastclr" in meta:
+            meta["fastclr"] = json.loads(meta["fastclr"])
+        return meta
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
+def recorded_width(path: Path) -> float | None:
+    """The channel multiplier a fastclr export records in its metadata (either naming), else None:
+    a torchvision or timm file, or a plain state dict, says nothing (and their ResNets have width 1)."""
+    meta = _metadata(path)
+    own = meta.get("fastclr")
+    try:
+        width = own.get("width") if isinstance(own, dict) else meta.get("width")
         return float(width) if width is not None else None
-    except (SafetensorError, OSError, ValueError, TypeError, AttributeError):
-        return None  # unreadable or odd: read_init names what is wrong with the file
+    except (TypeError, ValueError):
+        return None
+
+
+def _refuse_other_stages(path: Path, stages: str) -> None:
+    """One line when `path` records a cnn of other stages than `stages`, the run's. An activation, a
+    pool's place or the readout's kind has no tensor of its own: a SiLU network's weights fit the ReLU
+    one's names and shapes, and the run would start from weights learned by another network."""
+    from fastclr.models.cnn import parse_stages
+    from fastclr.models.spec import EncoderSpec
+
+    own = _metadata(path).get("fastclr")
+    try:
+        recorded = EncoderSpec.from_dict(own).stages if isinstance(own, dict) and own.get("encoder") == "cnn" else ""
+        theirs = parse_stages(recorded) if recorded else None
+    except (KeyError, TypeError, ValueError):
+        return  # a record this version cannot read: the tensors' names and shapes are what is checked
+    if theirs is not None and theirs != parse_stages(stages):
+        raise FastclrError(f"init weights {path} are of the cnn {recorded!r}, and this run builds {stages!r}: the "
+                           f"same tensors in another network; give --cnn-stages \"{recorded}\" to start from them")
 
 
 def _strip(keys: list[str], wanted: set[str]) -> str:
@@ -154,10 +185,11 @@ def _strip(keys: list[str], wanted: set[str]) -> str:
     return best
 
 
-def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "") -> InitWeights:
+def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "", stages: str = "") -> InitWeights:
     """Read `path` and map it onto `encoder`'s names (which may live on the meta device: only names
     and shapes are used). One-line errors for a missing, unreadable, code-carrying or mismatched
-    file, and for a shape that differs, naming the tensor."""
+    file, for a shape that differs, naming the tensor, and, given the cnn `stages` the encoder was
+    built from, for a fastclr export of a cnn of other stages."""
     if not path.is_file():
         raise FastclrError(f"init weights {path} not found; give a fastclr export or a torchvision/timm state dict")
     data = path.read_bytes()
@@ -166,6 +198,8 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "") -> InitWe
         raise FastclrError(f"init weights {path} have sha256 {sha}, not the {expect_sha256} asked for; "
                            "give the right file or drop --init-sha256")
     raw = _read(path, data)
+    if stages:
+        _refuse_other_stages(path, stages)
     target = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     names = list(raw)
     resnet = all(_is_resnet_key(k) for k in target)

@@ -158,8 +158,9 @@ def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None, device:
         raise FastclrError("model.init starts a named encoder from a file; load weights into your own module "
                            "before passing it, and leave init empty")
     with torch.device("meta"):  # names and shapes only
-        target, _, _ = named_encoder(cfg, dataset.image_shape, device.type)
-    return read_init(Path(cfg.model.init), target, cfg.model.init_sha256)
+        target, name, _ = named_encoder(cfg, dataset.image_shape, device.type)
+    return read_init(Path(cfg.model.init), target, cfg.model.init_sha256,
+                     stages=cfg.model.cnn_stages if name == "cnn" else "")
 
 
 def _auto_width(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn.Module | None,
