@@ -342,6 +342,15 @@ def test_every_readout_returns_the_h_width_it_declares(stages: str, width: float
     assert enc(torch.randn(3, 1, 28, 28)).shape == (3, enc.feature_dim)
 
 
+@pytest.mark.parametrize("stages", ["cat0", "silu:cat0", "flat0", "flat", "fc16", "sfc16", "attn16"])
+@pytest.mark.parametrize("size", [14, 28, 32])
+def test_a_readout_on_the_stem_alone_declares_the_width_it_returns(stages: str, size: int) -> None:
+    """No conv stages: h is read off the stem's map. `cat0` declared 0 columns and returned all the
+    stem's (784 at 28 px), and the projection head built for 0 failed at the first step."""
+    enc = SmallCNN(1, 1.0, stages, image_size=size)
+    assert enc(torch.randn(3, 1, size, size)).shape == (3, enc.feature_dim) and enc.feature_dim > 0
+
+
 def _attention_by_hand(m: torch.Tensor, pool: nn.Module) -> torch.Tensor:
     """An attention readout's h in training mode, in float64, from `AttentionPool`'s description:
     tokens are the map's positions in (H, W) order plus the position embedding; head i's weights are

@@ -247,7 +247,7 @@ class SmallCNN(nn.Module):
             self.feature_dim = dim
         elif kind == "cat0":
             self.pool = FlattenHWC()
-            self.feature_dim = sum(ch for _, ch, _ in ends) * side * side
+            self.feature_dim = (sum(ch for _, ch, _ in ends) if ends else c) * side * side  # no stages: the stem's map
         elif kind in ("flat", "flat0"):  # h is the last map flattened (max-pooled 2x2 first for "flat")
             self.pool = nn.Sequential(pooled, FlattenHWC())
             self.feature_dim = c * side * side
