@@ -8,6 +8,7 @@ arbitrary objects: safetensors holds only tensors, checkpoints load with `weight
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
-from fastclr.config import Config, apply_overrides, from_dict, to_flat
+from fastclr.config import AugmentConfig, Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, exported_data_content, load_encoder
@@ -53,6 +54,13 @@ class LoadedRun:
     def std(self) -> torch.Tensor:
         """Per-channel input std used in training, (C,)."""
         return self.spec.std_tensor()
+
+    @property
+    def augment(self) -> AugmentConfig:
+        """The run's augmentation with its views at the encoder's input side: on the data it trained
+        on, its own views; on a store prepared again at another side, views h can be measured on
+        (drawn at the store's side they did not fit an fc readout, or measured a ResNet elsewhere)."""
+        return dataclasses.replace(self.config.augment, crop_size=self.spec.image_size)
 
 
 def has_weights(run: Path) -> bool:

@@ -415,6 +415,26 @@ def test_a_checkpoint_that_does_not_hold_the_export_leaves_the_playground_with_h
     assert isinstance(playground, dict) and "h" in playground and "z" not in playground
 
 
+def test_views_of_a_store_prepared_again_at_another_side_are_drawn_at_the_encoders(
+        run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """The run's 28 px store prepared again at 32 px: h is measured on images resized to 28, and the
+    views must be drawn at 28 too. They were drawn at 32, which the fc readout cannot read (a
+    traceback in evaluate's quality protocol and in the report). Both complete, the playground's
+    views are 28 px, and the quality figures are finite."""
+    run_dir, ds = run
+    assert ds.train is not None and ds.test is not None
+    pad = lambda s: ImageSet(np.pad(s.images, ((0, 0), (2, 2), (2, 2), (0, 0))), s.labels)  # noqa: E731
+    wider = Dataset(ds.name, pad(ds.pretrain), pad(ds.train), pad(ds.test), ds.classes)
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    html = build_report(copy, device="cpu", map_method="pca", dataset=wider).read_text()
+    playground = report_data(html)["playground"]
+    assert isinstance(playground, dict)
+    assert {png_pixels(t).shape[:2] for t in playground["thumbs"]} == {(28, 28)}
+    quality = evaluate(copy, EvaluateOptions(protocols=("quality",), quality_images=32, device="cpu"), dataset=wider,
+                       log=lambda s: None)["protocols"]["quality"]
+    assert all(math.isfinite(v) for v in (quality["alignment"], quality["uniformity"]))
+
+
 def test_the_playground_starts_at_the_temperature_the_run_ended_with() -> None:
     """A learned temperature is in the checkpoint (log t); the page started at the configured one."""
     from types import SimpleNamespace

@@ -138,7 +138,7 @@ def _quality(c: Context) -> dict[str, Any]:
     """Label-free: uses the pretraining images, so it works on unlabelled data too."""
     o, run = c.options, c.run
     images = c.dataset.pretrain.images[evenly_spaced(len(c.dataset.pretrain), o.quality_images)]
-    _, views = view_pairs(images, run.config.augment, o.view_seed, run.mean, run.std, c.device)
+    _, views = view_pairs(images, run.augment, o.view_seed, run.mean, run.std, c.device)
     precision = run.precision
     untrained = untrained_encoder(run.spec, run.config.train.seed, c.device) if run.spec.rebuildable else None
 

@@ -140,7 +140,7 @@ def _explorer_section(run: LoadedRun, dataset: Dataset, device: torch.device, se
 def _views_sections(run: LoadedRun, dataset: Dataset, device: torch.device, seed: int) -> list[str]:
     idx = evenly_spaced(len(dataset.pretrain), VIEW_IMAGES)
     originals = dataset.pretrain.images[idx]
-    raw, views = view_pairs(originals, run.config.augment, seed, run.mean, run.std, device)
+    raw, views = view_pairs(originals, run.augment, seed, run.mean, run.std, device)
     grid = figures.view_pairs_grid(originals, raw)
     h = require_finite(encode(run.encoder, views, run.precision), f"the features of {run.run_dir}'s own images")
     heat, stats = figures.similarity_heatmap(h)

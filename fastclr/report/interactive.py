@@ -59,8 +59,8 @@ def _draw(run: LoadedRun, images: np.ndarray, device: torch.device, g: torch.Gen
           ) -> tuple[torch.Tensor, ViewParams]:
     """Two views of each image exactly as pretraining draws them: ([0, 1] views (2B, C, S, S), parameters)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-    params = view_params(x.shape, run.config.augment, g, device)
-    return render_views(x, params, run.config.augment), params
+    params = view_params(x.shape, run.augment, g, device)
+    return render_views(x, params, run.augment), params
 
 
 def playground(run: LoadedRun, head: nn.Module | None, split: ImageSet, device: torch.device, seed: int,
