@@ -620,3 +620,22 @@ def test_a_lost_rank_is_told_what_survives(tmp_path: Path) -> None:
                                                     "the run again with the same command")
     assert _after_peer_loss(None) == ("it stopped before the run directory was chosen; start the run again with the "
                                       "same command")
+
+
+def test_check_sync_is_refused_only_where_synchronised_batchnorm_must_wait(tmp_path: Path) -> None:
+    """torch's SyncBatchNorm (global BN on several CUDA processes) drops empty shares' statistics by a
+    boolean mask, a wait for the GPU in every layer: with --check-sync every step past the second
+    failed with a traceback on every rank. Refused in one line there, and only there: one process,
+    the CPU's own global BN, --sync-bn false and gradient caching (BatchNorm left local) keep it."""
+    from tiny import tiny_config
+    from fastclr.errors import FastclrError
+    from fastclr.pretraining.setup import check_sync_checkable
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = tiny_config(tmp_path, train__check_sync=True)
+    with pytest.raises(FastclrError, match=r"^--check-sync true with global BatchNorm over 2 processes: .* add "
+                                           r"--sync-bn false to check the rest of the step, or drop --check-sync$"):
+        check_sync_checkable(cfg, 2, cuda)
+    for settings, world, device in (({}, 1, cuda), ({}, 2, cpu), ({"train__sync_bn": False}, 2, cuda),
+                                    ({"train__grad_cache_chunk": 8}, 2, cuda), ({"train__check_sync": False}, 2, cuda)):
+        check_sync_checkable(tiny_config(tmp_path, **{"train__check_sync": True, **settings}), world, device)

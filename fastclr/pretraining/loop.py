@@ -37,7 +37,7 @@ from fastclr.models.foreign import InitWeights, apply_init, read_init, recorded_
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.schedule import epochs_text
-from fastclr.pretraining.setup import Run, build_run, check_data_fits, validate
+from fastclr.pretraining.setup import Run, build_run, check_data_fits, check_sync_checkable, validate
 from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import check_resume_config, check_resume_data
 from fastclr.presets import check_preset
@@ -307,6 +307,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     elif not cfg.model.width:  # auto, decided once (rank 0's, as the precision); config.toml records it
         cfg = _with_width(cfg, broadcast_object(_auto_width(cfg, dataset, device, encoder, log), ctx))
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
+    check_sync_checkable(cfg, ctx.world_size, device)
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None

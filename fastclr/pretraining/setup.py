@@ -69,6 +69,18 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
                            "compute two-view NT-Xent only); drop one of them")
 
 
+def check_sync_checkable(cfg: Config, world_size: int, device: torch.device) -> None:
+    """One line for --check-sync where a step cannot help waiting: global BatchNorm over several
+    CUDA processes is torch's SyncBatchNorm, which drops the statistics of empty shares by a boolean
+    mask, a wait for the GPU in every BatchNorm layer (torch/nn/modules/_functions.py, pytorch issue
+    78549): every step past the first two would fail."""
+    t = cfg.train
+    if t.check_sync and device.type == "cuda" and world_size > 1 and t.sync_bn and not t.grad_cache_chunk:
+        raise FastclrError(f"--check-sync true with global BatchNorm over {world_size} processes: torch's SyncBatchNorm "
+                           "waits for the GPU in every BatchNorm layer (pytorch issue 78549), so every step would fail "
+                           "the check; add --sync-bn false to check the rest of the step, or drop --check-sync")
+
+
 def check_data_fits(cfg: Config, dataset: Dataset, custom_encoder: bool = False) -> None:
     """One line, before the run directory is made, for data these settings cannot train on: an odd
     side for the cnn (its first layer folds 2 x 2 pixels into channels: a traceback at the first
