@@ -112,18 +112,28 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         def skip(message: str) -> None:
             skipped.append(message)
             log(message)
-        _, state = latest_valid_checkpoint(run, warn=skip)
+        ckpt, state = latest_valid_checkpoint(run, warn=skip)
         step, total = int(state["step"]), int(state.get("total_steps", 0))
         checkpoint_step = step
         newest = not skipped
         if not owner or not newest:  # (the owner's note above says it already, unless one was skipped)
             log(f"note: {run} has no {ENCODER_FILE}: using its {'newest' if newest else 'newest valid'} checkpoint, "
                 f"step {step}" + (f" of {total} (the run stopped before its end)" if total > step else ""))
-        spec = EncoderSpec.from_dict(state["model_info"])
+        written_by = f"written by fastclr {state.get('fastclr_version', '?')}"
+        try:
+            spec = EncoderSpec.from_dict(state["model_info"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FastclrError(f"{ckpt} ({written_by}) records its encoder in a form this version cannot read "
+                               f"({type(e).__name__}: {e}); use that version, or finish the run with it to export "
+                               "the encoder") from None
         if not spec.rebuildable:
             raise FastclrError(f"{run} was trained with a custom encoder module; load it in Python, not by name")
         encoder = encoder_from_spec(spec)
-        encoder.load_state_dict(state["encoder"])
+        try:
+            encoder.load_state_dict(state["encoder"])
+        except (KeyError, RuntimeError):
+            raise FastclrError(f"{ckpt} ({written_by}) does not match the {spec.encoder} architecture of this "
+                               "version; use that version, or finish the run with it to export the encoder") from None
         encoder = encoder.to(device)
         saved = to_flat(from_dict(state["config"]))
         if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it

@@ -571,6 +571,27 @@ def test_a_run_loaded_from_its_checkpoint_gives_its_encoder_in_eval_mode(tmp_pat
         torch.testing.assert_close(loaded.encoder(x[:1]), loaded.encoder(x)[:1], rtol=1e-4, atol=1e-5)
 
 
+def test_a_checkpoint_of_another_architecture_or_record_is_one_line(tmp_path: Path) -> None:
+    """A stopped run's checkpoint from a version whose encoder had other names, or whose record this
+    version cannot read: a KeyError, or torch's list of every missing and unexpected key, where the
+    export path says in one line which version to use."""
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    cfg = tiny_config(run, train__batch_size=64, train__epochs=1.0, train__device="cpu")
+    assert pretrain(cfg, dataset=ds, log=lambda s: None, progress=False, stop=lambda step: step == 2).stopped
+    path = list_checkpoints(run)[-1]
+    good = {k: v for k, v in load_checkpoint(path).items() if k not in ("format", "fastclr_version", "sha256")}
+    renamed = {("trunk." + k if i == 0 else k): v for i, (k, v) in enumerate(good["encoder"].items())}
+    for state, says in ((dict(good, encoder=renamed), "does not match the cnn architecture of this version"),
+                        (dict(good, model_info={"encoder": "cnn"}), "records its encoder in a form this version cannot read")):
+        assert save_checkpoint(run, state) == path
+        with pytest.raises(FastclrError, match=re.escape(f"{path} (written by fastclr ") + r"[^)]+\) " + re.escape(says)):
+            load_run(run, "cpu", "fp32", log=lambda s: None)
+
+
 def test_fine_tuning_starts_from_the_probe_and_keeps_batchnorm_statistics() -> None:
     """LP-FT (Kumar et al. 2022) as `finetune` documents it: with a learning rate of zero nothing
     moves, so the fine-tuned network is the probe it starts from (the same test accuracy) and every
