@@ -266,17 +266,19 @@ def test_feature_quality_measures_rank_on_h_and_alignment_and_uniformity_on_the_
     assert abs(uniform(v1) - uniform(v2)) > 0.05 and q["feature_dim"] == 6
 
 
-def test_the_untrained_encoder_is_the_seeded_initialisation_in_eval_mode() -> None:
+def test_the_untrained_encoder_is_the_seeded_initialisation_in_eval_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the untrained reference measures: the weights torch.manual_seed(seed) then the spec's
     encoder give, in eval mode (BatchNorm on its running statistics), the caller's random state
-    untouched."""
+    untouched: the CPU's restored, the GPUs' never seeded (torch.manual_seed reseeded them all)."""
     from fastclr.evaluation.reference import untrained_encoder
     from fastclr.models import EncoderSpec, encoder_from_spec
 
     spec = EncoderSpec("cnn", 1, 28, 0.125, "off", 64, (0.5,), (0.25,), "32|256|fc512")
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    enc = untrained_encoder(spec, 4, torch.device("cpu"))
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("the GPUs' generators were seeded"))
+        enc = untrained_encoder(spec, 4, torch.device("cpu"))
     assert torch.equal(torch.random.get_rng_state(), state)
     assert not any(m.training for m in enc.modules())
     torch.manual_seed(4)

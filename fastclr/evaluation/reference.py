@@ -29,9 +29,11 @@ def small_lift(lift: float) -> bool:
 def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device) -> nn.Module:
     """The architecture `spec` describes, initialised as `pretrain` initialises it with `seed`
     (torch.manual_seed(seed), then the encoder is the first thing built): for the run's own seed,
-    exactly its weights before the first step. The global random state is left as it was."""
+    exactly its weights before the first step, which are drawn on the CPU. The global random state
+    is left as it was: the CPU's is restored, and CUDA's never seeded (torch.manual_seed would
+    reseed every GPU's, and restoring those would start a CUDA context on each)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         enc = encoder_from_spec(spec)
     enc = to_channels_last(enc.to(device))
     return enc.eval()
