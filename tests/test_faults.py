@@ -374,6 +374,12 @@ def test_loss_is_finite_at_temperature_001_under_low_precision_autocast(dtype: t
         loss = nt_xent(*z.chunk(2), 0.01)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # and it is the loss of those z: the logits are computed in float32 (fp16 logits at 1/t = 100
+    # stay finite but are each off by up to 0.05)
+    from test_losses import reference_nt_xent
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference_nt_xent(*z.detach().double().chunk(2), 0.01).item(), rel=1e-5)
 
 
 def test_checkpoints_carry_version_and_checksum(tmp_path: Path) -> None:

@@ -126,6 +126,20 @@ def test_lars_step_matches_the_formula() -> None:
     torch.testing.assert_close(w.detach(), w1 - 0.5 * buf)
 
 
+def test_lars_trusts_a_zero_weight_or_a_zero_gradient_as_one() -> None:
+    """The trust ratio eta ||w|| / ||g|| is 0 for a zero-initialised matrix (it would never move) and
+    0/0 where the gradient is zero too: LARS takes 1 there (You et al. 2017 leave it undefined; as
+    SimCLR's implementation does). A zero weight moves by exactly lr * g; a zero gradient without
+    decay leaves its weight as it is, without NaN."""
+    zero, still = nn.Parameter(torch.zeros(5, 3)), nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
+    g = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    zero.grad, still.grad = g.clone(), torch.zeros(5, 3)
+    before = still.detach().clone()
+    LARS([{"params": [zero, still], "weight_decay": 0.0, "lars": True}], lr=0.5, momentum=0.9, eta=0.001).step()
+    torch.testing.assert_close(zero.detach(), -0.5 * g, rtol=0, atol=0)
+    assert torch.equal(still.detach(), before)
+
+
 def test_lars_puts_the_changing_learning_rate_inside_the_momentum() -> None:
     # You et al. 2017, Algorithm 1 (and SimCLR's LARS): v <- m v + lr_t * trust * (g + wd w); w <- w - v,
     # transcribed in float64 over a warm-up whose rate changes every step.

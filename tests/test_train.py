@@ -137,16 +137,21 @@ def test_the_training_step_never_waits_for_the_device(tmp_path: Path, device: to
     assert len(losses) == 1 and math.isfinite(losses[0])  # the one record, at the last step (12)
 
 
-def test_training_reduces_the_loss_and_learns_the_synthetic_classes(tmp_path: Path) -> None:
+def test_training_reduces_the_loss_and_finds_the_positive_more_often(tmp_path: Path) -> None:
+    """Six epochs on the bars: the loss falls, and the positive is the nearest of the 2B - 1 other
+    views more often at the end than at the start. (The probe is no test of learning here: on 4 bar
+    positions the untrained network probes 100% too.)"""
     ds = tiny_dataset(192)
-    cfg = tiny_config(tmp_path, train__epochs=6.0, eval__probe=True, train__log_every=1, model__width=0.25)
-    res = pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
+    cfg = tiny_config(tmp_path, train__epochs=6.0, train__log_every=1, model__width=0.25)
+    pretrain(cfg, dataset=ds, progress=False, log=lambda s: None)
     import json
 
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
+    top1 = [r["top1"] for r in recs if "top1" in r]
+    assert len(losses) == len(top1) == 72
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
-    assert res.probe_accuracy is not None and res.probe_accuracy >= 0.9  # 4 bar positions are easy
+    assert sum(top1[-24:]) / 24 > 1.1 * sum(top1[:24]) / 24  # 0.171 against 0.142 on the Xeon with AMX
 
 
 def test_a_users_encoder_that_draws_random_numbers_resumes_exactly(tmp_path: Path) -> None:
