@@ -74,6 +74,26 @@ def test_values_gradients_and_metrics_equal_the_float64_transcription(case: str,
         assert float(metrics[k]) == pytest.approx(v, abs=1e-6), k  # metrics are float32, as in training
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_z_gives_the_float32_loss_of_those_values(case: str, dtype: torch.dtype) -> None:
+    """z as autocast hands it over (bf16 on GPUs and CPUs with AMX, fp16 on older GPUs), a queue's
+    negatives too: the loss is float32 and equals the float64 transcription on the same rounded
+    values at t = 0.07 (logits up to 14), and its gradient that transcription's gradient, rounded."""
+    groups, n_extra = CASES[case]
+    g = torch.Generator().manual_seed(len(groups) * 7 + n_extra)
+    z = (3 * torch.randn(len(groups), 6, generator=g)).to(dtype).requires_grad_()
+    extra = (3 * torch.randn(n_extra, 6, generator=g)).to(dtype) if n_extra else None
+    loss, _ = multi_positive_loss(z, torch.tensor(groups), 0.07, extra)
+    z64 = z.detach().double().requires_grad_()
+    ref = reference(z64, groups, 0.07, extra.double() if extra is not None else None)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(ref), rel=1e-5)
+    (got,) = torch.autograd.grad(loss, z)
+    (want,) = torch.autograd.grad(ref, z64)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
 def test_two_views_one_image_per_group_is_exactly_nt_xent() -> None:
     """Values, gradients and metrics of K = 2, float32 as in training."""
     g = torch.Generator().manual_seed(3)
