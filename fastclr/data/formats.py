@@ -80,6 +80,11 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3's pickles of the same data: protocol 5 (3.14's default) rebuilds arrays from their
+        # buffer, protocol 2 writes bytes through codecs' encode; neither can run code
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
