@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -464,11 +466,31 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
          f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} {auto}")
 
 
+def missing_compiler(device_type: str) -> str:
+    """Why torch.compile cannot build code for `device_type` on this host, or "": Triton builds
+    its launcher with a C compiler (CC, else gcc, else clang: "Failed to find C compiler" at the
+    first compiled step), the CPU backend its kernels with a C++ one (CXX, else g++, clang++ or
+    c++; cl on Windows). Slim and CUDA runtime container images have neither."""
+    if device_type == "cuda":
+        named, found = "CC", [os.environ.get("CC", ""), "gcc", "clang"]
+        what = "the C compiler Triton builds its launcher with"
+    else:
+        named, found = "CXX", [os.environ.get("CXX", ""), *(("cl",) if sys.platform == "win32" else ("g++", "clang++", "c++"))]
+        what = "the C++ compiler torch.compile's CPU backend builds its kernels with"
+    if os.environ.get(named):  # the one named is the one used
+        found = found[:1]
+    if any(c and shutil.which(c) for c in found):
+        return ""
+    return f"{what} is missing ({', '.join(c for c in found if c)}: none found); install gcc"
+
+
 def compile_blocker(device: torch.device) -> str:
-    """Why torch.compile's GPU backend (Triton) cannot run on CUDA `device`, or "" when it can:
-    Triton needs compute capability 7.0 (torch raises GPUTooOldForTriton below it) and its
-    package, which Windows wheels lack. "" for other devices (they compile without Triton)."""
-    if device.type != "cuda" or not torch.cuda.is_available():  # no GPU to ask: select_device refuses the run
+    """Why torch.compile cannot run on `device`, or "" when it can. CUDA: Triton needs compute
+    capability 7.0 (torch raises GPUTooOldForTriton below it), its package, which Windows wheels
+    lack, and a C compiler; the CPU: a C++ compiler (`missing_compiler`)."""
+    if device.type != "cuda":
+        return missing_compiler("cpu")
+    if not torch.cuda.is_available():  # no GPU to ask: select_device refuses the run
         return ""
     major, minor = torch.cuda.get_device_capability(device)
     if major < 7 and torch.version.hip is None:  # ROCm's capability is its gfx number, not CUDA's
@@ -476,8 +498,10 @@ def compile_blocker(device: torch.device) -> str:
     try:
         from torch.utils._triton import has_triton_package
     except ImportError:  # a torch without the helper: let compile itself say
-        return ""
-    return "" if has_triton_package() else "Triton is not installed (torch.compile's GPU backend; Windows has none)"
+        return missing_compiler("cuda")
+    if not has_triton_package():
+        return "Triton is not installed (torch.compile's GPU backend; Windows has none)"
+    return missing_compiler("cuda")
 
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:

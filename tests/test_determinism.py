@@ -162,7 +162,8 @@ def test_a_host_wait_inside_no_host_sync_is_an_error_on_cuda(device: torch.devic
         assert torch.cuda.get_sync_debug_mode() == 0
 
 
-def test_compile_auto_means_cuda_only_and_bad_values_are_one_line_errors() -> None:
+def test_compile_auto_means_cuda_only_and_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # a host with compilers
     assert use_compile("auto", torch.device("cuda", 0)) is True
     assert use_compile("auto", torch.device("cpu")) is False
     assert use_compile("on", torch.device("cpu")) is True and use_compile("off", torch.device("cuda", 0)) is False

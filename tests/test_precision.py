@@ -330,6 +330,7 @@ def test_compile_auto_is_on_only_where_triton_runs_and_an_explicit_on_elsewhere_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr("torch.utils._triton.has_triton_package", lambda: triton)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # compilers installed (tested below)
     gpu = torch.device("cuda", 0)
     assert use_compile("auto", gpu) is auto
     assert use_compile("false", gpu) is False
@@ -340,6 +341,38 @@ def test_compile_auto_is_on_only_where_triton_runs_and_an_explicit_on_elsewhere_
             use_compile("on", gpu)
         assert explicit in compile_reason(gpu) and not compile_reason(gpu).startswith(("on", "off"))  # said once
     assert use_compile("auto", CPU) is False and use_compile("on", CPU) is True  # the CPU compiles without Triton
+
+
+def test_compile_needs_a_host_compiler_and_says_which(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU whose Triton runs, in an image without gcc or clang (a CUDA runtime or slim Python
+    image): compile was on by default and the first compiled step failed with Triton's "Failed to
+    find C compiler" traceback, after the run directory was written. auto is eager there, an
+    explicit on is refused in one line; the CPU's explicit on needs a C++ compiler likewise. CC or
+    CXX, where set, names the one compiler used."""
+    import shutil
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("torch.utils._triton.has_triton_package", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    installed: set[str] = set()
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in installed else None)
+    gpu = torch.device("cuda", 0)
+    assert use_compile("auto", gpu) is False
+    with pytest.raises(FastclrError, match=r"^--compile on for cuda:0: the C compiler Triton builds its launcher with "
+                                           r"is missing \(gcc, clang: none found\); install gcc; use --compile auto"):
+        use_compile("on", gpu)
+    assert "the C compiler Triton builds its launcher with is missing" in compile_reason(gpu)
+    with pytest.raises(FastclrError, match=r"the C\+\+ compiler torch.compile's CPU backend builds its kernels with is "
+                                           r"missing \(g\+\+, clang\+\+, c\+\+: none found\)"):
+        use_compile("on", CPU)
+    assert use_compile("auto", CPU) is False  # eager on CPUs whatever is installed
+    installed.update({"clang", "c++"})
+    assert use_compile("auto", gpu) is True and use_compile("on", CPU) is True
+    monkeypatch.setenv("CC", "/opt/cc-that-is-not-there")  # the compiler named is the one Triton takes
+    with pytest.raises(FastclrError, match=r"\(/opt/cc-that-is-not-there: none found\)"):
+        use_compile("on", gpu)
 
 
 def test_auto_choosing_bf16_where_only_timing_can_tell_does_not_warn_about_itself(
