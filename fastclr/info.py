@@ -36,13 +36,21 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, budget_s: float = 0.5)
 
 
 def gpus() -> list[dict[str, Any]]:
-    """Name, compute capability and memory of every visible CUDA device."""
+    """Name, kind and memory of every visible GPU: its CUDA compute capability, or on ROCm its gfx
+    name (where torch's capability is the gfx number, 9.4 for an MI300X's gfx942, not a CUDA one)."""
     out = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "compute_capability": f"{p.major}.{p.minor}",
-                    "memory_gib": round(p.total_memory / 2**30, 1)})
+        arch = str(getattr(p, "gcnArchName", "")).split(":")[0] if torch.version.hip is not None else ""
+        out.append({"index": i, "name": p.name, "compute_capability": None if arch else f"{p.major}.{p.minor}",
+                    **({"gfx": arch} if arch else {}), "memory_gib": round(p.total_memory / 2**30, 1)})
     return out
+
+
+def gpu_line(g: dict[str, Any]) -> str:
+    """One GPU of `gpus()` as `info` prints it."""
+    kind = f"AMD {g['gfx']}" if g.get("gfx") else f"compute capability {g['compute_capability']}"
+    return f"gpu {g['index']}       {g['name']}, {kind}, {g['memory_gib']} GiB"
 
 
 def compile_reason(device: torch.device) -> str:
@@ -116,8 +124,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'}"
         f"{'; oneDNN capped at ' + c['onednn_isa_cap'] if c.get('onednn_isa_cap') else ''})",
     ]
-    lines += [f"gpu {g['index']}       {g['name']}, compute capability {g['compute_capability']}, {g['memory_gib']} GiB"
-              for g in r["gpus"]] or ["gpu         none visible"]
+    lines += [gpu_line(g) for g in r["gpus"]] or ["gpu         none visible"]
     lines += [
         f"device      {r['device']}",
         f"precision   {r['precision']['choice']}: {r['precision']['reason']}",

@@ -72,7 +72,11 @@ def missing_kernels(index: int = 0) -> str:
     GPU the list misses (a Pascal P100 under wheels built without sm_60) still answers
     `is_available()`, and its first kernel fails. torch's own lazy-init warnings about the list are
     silenced here: this line says it once, and PTX it does not count may still run."""
-    if torch.version.cuda is None or not torch.cuda.is_available():  # ROCm, or no GPU to ask
+    if not torch.cuda.is_available():  # no GPU to ask
+        return ""
+    if torch.version.hip is not None:
+        return _missing_rocm_kernels(index)
+    if torch.version.cuda is None:
         return ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -82,6 +86,33 @@ def missing_kernels(index: int = 0) -> str:
         return ""
     return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no kernels in this "
             f"torch build, which carries {' '.join(arch)}")
+
+
+def _rocm_covers(entry: str, arch: str) -> bool:
+    """Whether ROCm code object `entry` of a build's arch list ("gfx90a", "gfx90a:xnack-",
+    "gfx11-generic", "gfx10-3-generic") runs on gfx `arch`: the same name, or a generic one's family
+    (gfx11-generic: gfx11xx; gfx10-3-generic: gfx103x)."""
+    name = entry.split(":")[0]
+    if name.endswith("-generic"):
+        return arch.startswith(name.removesuffix("-generic").replace("-", ""))
+    return name == arch
+
+
+def _missing_rocm_kernels(index: int) -> str:
+    """`missing_kernels` on ROCm: the GPU's gfx name against the build's list (an RX 5700's gfx1010
+    under a wheel built for gfx1030 and up answers `is_available()`, and its first kernel fails
+    with "invalid device function"). HSA_OVERRIDE_GFX_VERSION makes the runtime load another gfx's
+    code, which this cannot judge: it is taken as the user's word."""
+    if os.environ.get("HSA_OVERRIDE_GFX_VERSION"):
+        return ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        arch_list = torch.cuda.get_arch_list()
+        arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", "")).split(":")[0]
+    if not arch_list or not arch or any(_rocm_covers(a, arch) for a in arch_list):
+        return ""
+    return (f"{torch.cuda.get_device_name(index)} ({arch}) has no kernels in this torch build, which carries "
+            f"{' '.join(arch_list)} (HSA_OVERRIDE_GFX_VERSION can make it run a listed one's)")
 
 
 def select_device(name: str, warn: Callable[[str], None] = warn_stderr) -> torch.device:

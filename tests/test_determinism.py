@@ -105,6 +105,64 @@ def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
             process_device(setting, local_rank=1, world_size=2)
 
 
+@pytest.mark.parametrize("gfx, arch, runs", [
+    ("gfx1010:xnack-", ["gfx900", "gfx906", "gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100"], False),  # RX 5700 XT
+    ("gfx90a:sramecc+:xnack-", ["gfx90a:xnack-", "gfx942"], True),                                       # MI250X
+    ("gfx1151", ["gfx942", "gfx11-generic"], True),                                                     # a family's generic code
+    ("gfx1031", ["gfx942", "gfx10-3-generic"], True),
+    ("gfx1031", ["gfx942", "gfx11-generic"], False),
+])
+def test_a_rocm_gpu_this_build_has_no_kernels_for_is_not_chosen(
+        monkeypatch: pytest.MonkeyPatch, gfx: str, arch: list[str], runs: bool) -> None:
+    """ROCm wheels carry code for a list of gfx targets too: a GPU outside it answers
+    `is_available()` and fails at its first kernel ("HIP error: invalid device function"). It was
+    never checked on ROCm; now as on CUDA, and HSA_OVERRIDE_GFX_VERSION is taken as the user's word."""
+    from types import SimpleNamespace
+
+    from fastclr.runtime import select_device
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: SimpleNamespace(gcnArchName=gfx))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "AMD Radeon")
+    monkeypatch.delenv("HSA_OVERRIDE_GFX_VERSION", raising=False)
+    lines: list[str] = []
+    assert select_device("auto", warn=lines.append) == (torch.device("cuda", 0) if runs else torch.device("cpu"))
+    if not runs:
+        base = gfx.split(":")[0]
+        assert len(lines) == 1 and f"AMD Radeon ({base}) has no kernels in this torch build" in lines[0]
+        with pytest.raises(FastclrError, match=rf"^device 'cuda': AMD Radeon \({base}\) has no kernels"):
+            select_device("cuda")
+        monkeypatch.setenv("HSA_OVERRIDE_GFX_VERSION", "10.3.0")
+        assert select_device("auto", warn=lines.append) == torch.device("cuda", 0)
+
+
+def test_ranks_of_a_node_whose_gpus_differ_agree_or_stop_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An RTX 3090 and a GTX 1080 under a wheel without Pascal: rank 0 took its GPU (NCCL) and rank 1
+    the CPU (gloo), and both waited for each other until the timeout. Every rank now asks about every
+    GPU of the node: all have kernels, all ranks on their GPUs; none, all on the CPU; some, one line."""
+    caps = {0: (8, 6), 1: (6, 1)}
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: caps[index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: {0: "RTX 3090", 1: "GTX 1080"}[index])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    for rank in (0, 1):
+        for setting in ("auto", "cuda"):
+            with pytest.raises(FastclrError, match=r"^GTX 1080 \(compute capability 6.1\) has no kernels .* other GPUs "
+                                                   r"of this node have kernels: .*CUDA_VISIBLE_DEVICES"):
+                process_device(setting, local_rank=rank, world_size=2)
+    caps[1] = (8, 0)
+    assert [process_device("auto", r, 2) for r in (0, 1)] == ["cuda:0", "cuda:1"]
+    caps[0] = caps[1] = (6, 1)
+    assert [process_device("auto", r, 2) for r in (0, 1)] == ["cpu", "cpu"]
+
+
 def test_the_default_device_on_a_gpu_machine_is_one_set_device_accepts(
         monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`pretrain` with train.device = auto on a machine with a GPU: torch's own set_device takes

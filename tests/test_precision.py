@@ -722,6 +722,15 @@ def test_info_names_each_gpus_capability_and_memory_in_gib(monkeypatch: pytest.M
     assert info.gpus() == [
         {"index": 0, "name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0", "memory_gib": 40.3},
         {"index": 1, "name": "Tesla T4", "compute_capability": "7.5", "memory_gib": 15.0}]
+    # ROCm: torch's capability is the gfx number (an MI300X's 9.4 is gfx942), not a CUDA generation
+    props = [SimpleNamespace(name="AMD Instinct MI300X", major=9, minor=4, total_memory=192 * 2**30,
+                             gcnArchName="gfx942:sramecc+:xnack-")]
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    (gpu,) = info.gpus()
+    assert gpu == {"index": 0, "name": "AMD Instinct MI300X", "compute_capability": None, "gfx": "gfx942",
+                   "memory_gib": 192.0}
+    assert info.gpu_line(gpu) == "gpu 0       AMD Instinct MI300X, AMD gfx942, 192.0 GiB"
 
 
 def test_info_labels_each_measured_rate_and_gives_the_precision_with_its_reason(
