@@ -443,6 +443,19 @@ def precision_timer(device: torch.device, shape: tuple[int, int, int] = (512, 10
     return lambda dtype: matmul_seconds(dtype, device, shape, threads=1)
 
 
+def agree_precision(choices: list[Precision]) -> Precision:
+    """The precision every rank of a run computes in, from each rank's own choice (rank order): the
+    one they all chose, else what all of them run natively: fp16 where some chose bf16 and others
+    fp16 (GPUs of 7.x beside 8.0 and up), fp32 where any chose it. An A100's bf16 sent to a V100
+    rank ran emulated there, and the whole run at its pace."""
+    names = {c.name for c in choices}
+    if len(names) == 1:
+        return choices[0]
+    common = "fp32" if "fp32" in names else "fp16"
+    rank = next(i for i, c in enumerate(choices) if c.name == common)
+    return Precision(common, f"the one every rank runs natively: rank {rank}'s {choices[rank].reason}")
+
+
 def resolve_precision(requested: str, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
                       warn: Callable[[str], None] = print, saved: bool = False) -> Precision:
     """`decide_precision` with this machine's capabilities; warns (one line) when an explicit

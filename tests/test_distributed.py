@@ -639,3 +639,25 @@ def test_check_sync_is_refused_only_where_synchronised_batchnorm_must_wait(tmp_p
     for settings, world, device in (({}, 1, cuda), ({}, 2, cpu), ({"train__sync_bn": False}, 2, cuda),
                                     ({"train__grad_cache_chunk": 8}, 2, cuda), ({"train__check_sync": False}, 2, cuda)):
         check_sync_checkable(tiny_config(tmp_path, **{"train__check_sync": True, **settings}), world, device)
+
+
+def test_ranks_compute_in_the_precision_every_one_of_them_runs_natively(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """Rank 0's choice was sent to every rank: an A100 beside a V100 ran bf16 on the V100 (emulated,
+    and the job at its pace), an AMX node beside an AVX2 one bf16 on the AVX2 node. Each rank's own
+    choice is gathered; the common one is what all of them run natively, and the log says whose."""
+    import fastclr.pretraining.loop as loop
+    from fastclr.runtime import Precision, agree_precision
+    from tiny import tiny_config
+
+    bf16, fp16, fp32 = Precision("bf16", "A100"), Precision("fp16", "V100"), Precision("fp32", "AVX2 node")
+    assert agree_precision([bf16, bf16]) == bf16
+    assert agree_precision([bf16, fp16, bf16]) == Precision("fp16", "the one every rank runs natively: rank 1's V100")
+    assert agree_precision([bf16, fp16, fp32]).name == "fp32" and agree_precision([fp32, bf16]).name == "fp32"
+    assert agree_precision([fp16, bf16]).loss_scaling
+    gathered = [("bf16", "A100"), ("fp16", "V100")]
+    monkeypatch.setattr(loop, "gather_objects", lambda obj, ctx: gathered if ctx.active else [obj])
+    lines: list[str] = []
+    chosen = loop.run_precision(tiny_config(tmp_path), torch.device("cpu"), DistContext(rank=1, world_size=2), lines.append)
+    assert chosen == Precision("fp16", "the one every rank runs natively: rank 1's V100")
+    assert lines[-1] == "precision fp16: the one every rank runs natively: rank 1's V100"

@@ -45,11 +45,11 @@ from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
 from fastclr.runs import default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.runtime import Precision, resolve_precision, select_device, use_compile
+from fastclr.runtime import Precision, agree_precision, resolve_precision, select_device, use_compile
 from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
-from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, is_peer_failure,
+from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects, is_peer_failure,
                                           peer_failure, process_device, setup, share_outcome, shared,
                                           teardown)
 from fastclr.errors import FastclrError
@@ -527,14 +527,14 @@ def _already_finished(run: Run, result: PretrainResult) -> bool:
 
 def run_precision(cfg: Config, device: torch.device, ctx: DistContext, log: Callable[[str], None],
                   saved: bool = False) -> Precision:
-    """The run's precision, decided once from this machine (rank 0's choice under torchrun, so
-    that every rank computes alike), with the reason in the log's first line. `saved`: a resumed
-    run keeping the precision its config recorded (said so, with the cost where it is emulated)."""
+    """The run's precision, decided once from this machine (under torchrun from every rank's own
+    choice, `agree_precision`, so that every rank computes alike and natively), with the reason in
+    the log's first line. `saved`: a resumed run keeping the precision its config recorded (said
+    so, with the cost where it is emulated)."""
     rows = min(2 * cfg.train.batch_size, 1024)  # a matmul of about the head's shape
     precision = resolve_precision(cfg.train.precision, device, shape=(rows, 1024, 256), warn=log, saved=saved)
     if ctx.active:
-        name, reason = broadcast_object((precision.name, precision.reason), ctx)
-        precision = Precision(name, reason)
+        precision = agree_precision([Precision(*c) for c in gather_objects((precision.name, precision.reason), ctx)])
     log(f"precision {precision.name}: {precision.reason}")
     return precision
 

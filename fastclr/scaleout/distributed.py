@@ -225,6 +225,15 @@ def shared(doer: bool, work: Callable[[], T], ctx: DistContext, device: torch.de
     return result
 
 
+def gather_objects(obj: T, ctx: DistContext) -> list[T]:
+    """Every rank's `obj` (picklable, small), in rank order, on every rank."""
+    if not ctx.active:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: T, ctx: DistContext) -> T:
     """Rank 0's `obj` (picklable, small: a path, a step count) on every rank."""
     if not ctx.active:
