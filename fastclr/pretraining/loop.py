@@ -49,9 +49,9 @@ from fastclr.runtime import Precision, agree_precision, resolve_precision, selec
 from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
-from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects, is_peer_failure,
-                                          peer_failure, process_device, setup, share_outcome, shared,
-                                          teardown)
+from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
+                                          is_peer_failure, peer_failure, process_device, setup, share_outcome,
+                                          shared, teardown)
 from fastclr.errors import FastclrError
 from fastclr.files import WriteFailed, read_json
 
@@ -304,7 +304,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         dataset = load_data(cfg.data)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
-    elif not cfg.model.width:  # auto, decided once (rank 0's, as the precision); config.toml records it
+    elif not cfg.model.width:  # auto, decided once (rank 0's); config.toml records it
         cfg = _with_width(cfg, broadcast_object(_auto_width(cfg, dataset, device, encoder, log), ctx))
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     check_sync_checkable(cfg, ctx.world_size, device)
