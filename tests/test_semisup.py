@@ -419,6 +419,33 @@ def test_the_baseline_is_the_fine_tuned_networks_architecture_freshly_initialise
     assert "baseline_accuracy" in r and pipeline.FINETUNE_FILE == "finetune.json"
 
 
+def test_the_baselines_new_neck_and_linear_layer_are_independent_draws_of_its_seed(
+        run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The neck was drawn by the caller from the state `manual_seed(seed)` had left, and the linear
+    layer after the same seed again: its weights were the neck's first ones times sqrt(2). Both are
+    now drawn from one stream, fixed by the seed whatever the caller drew before."""
+    from fastclr.evaluation import supervised
+
+    starts: list[dict[str, torch.Tensor]] = []
+    real = supervised.scratch_network
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        enc, head = real(*args, **kw)
+        starts.append({k: v.clone() for k, v in head.state_dict().items()})
+        return enc, head
+
+    monkeypatch.setattr(supervised, "scratch_network", spy)
+    run_dir, ds = run
+    for i, before in enumerate((123, 456)):
+        torch.manual_seed(before)
+        torch.rand(7)
+        finetune_run(run_dir, dataclasses.replace(FT, steps=1), out=tmp_path / f"ft{i}", dataset=ds, log=lambda s: None)
+    first, again = starts
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    neck, linear = first["0.0.weight"].flatten(), first["1.weight"].flatten()
+    assert abs(float(torch.corrcoef(torch.stack([neck[:linear.numel()], linear]))[0, 1])) < 0.3
+
+
 def test_a_head_from_another_step_than_the_encoder_is_refused(run: Run) -> None:
     """The head comes from the newest checkpoint that verifies, the encoder from encoder.safetensors:
     were the newest checkpoint damaged, the head of an older step would sit under the final encoder."""

@@ -17,24 +17,27 @@ from fastclr.evaluation.reference import untrained_encoder
 from fastclr.models import EncoderSpec
 
 
-def scratch_network(spec: EncoderSpec, setup: LabelledSetup, seed: int, neck: nn.Module | None = None,
-                    neck_dim: int = 0) -> tuple[nn.Module, nn.Module]:
+def scratch_network(spec: EncoderSpec, setup: LabelledSetup, seed: int,
+                    make_neck: Callable[[], nn.Module] | None = None, neck_dim: int = 0) -> tuple[nn.Module, nn.Module]:
     """A fresh encoder (the run's initial weights for `seed`) and a linear head on it, the global
-    random state seeded for the head's weights and the training draws that follow. With `neck` (a
-    freshly initialised module of output width `neck_dim`), the head is the neck then the linear
-    layer: the architecture of a classifier fine-tuned from a projection head's hidden layer."""
+    random state seeded for the head's weights and the training draws that follow. With `make_neck`
+    (building a module of output width `neck_dim`), the head is a new neck then the linear layer:
+    the architecture of a classifier fine-tuned from a projection head's hidden layer. The neck is
+    drawn here, after the seed and before the linear layer: drawn before it by the caller, from
+    the state the same seed had left, the linear layer's weights were a scaled copy of the neck's."""
     torch.manual_seed(seed)
     enc = untrained_encoder(spec, seed, setup.device)
+    neck = make_neck() if make_neck is not None else None
     linear = nn.Linear(neck_dim if neck is not None else spec.feature_dim, len(setup.classes))
     head = nn.Sequential(neck, linear) if neck is not None else linear
     return enc, head.to(setup.device)
 
 
 def train_from_scratch(spec: EncoderSpec, setup: LabelledSetup, idx: np.ndarray, seed: int,
-                       neck: nn.Module | None = None, neck_dim: int = 0) -> dict[str, float]:
-    """Test accuracy of a fresh encoder plus linear head (after `neck`, when given) trained on the
-    labelled images `idx`."""
-    enc, head = scratch_network(spec, setup, seed, neck, neck_dim)
+                       make_neck: Callable[[], nn.Module] | None = None, neck_dim: int = 0) -> dict[str, float]:
+    """Test accuracy of a fresh encoder plus linear head (after a neck `make_neck` builds, when
+    given) trained on the labelled images `idx`."""
+    enc, head = scratch_network(spec, setup, seed, make_neck, neck_dim)
     return fit_and_test(enc, head, setup, idx, seed)
 
 

@@ -265,9 +265,8 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
     if o.baseline:
         scratch = dataclasses.replace(setup, recipe=ev.recipe(run.config.augment.flip_p))
         # The same network: a fresh neck of the kept head layers' layout too (SimCLRv2's comparison).
-        widths = neck_widths(neck)
-        fresh = empty_neck(widths, run.spec.feature_dim, any(isinstance(m, nn.BatchNorm1d) for m in neck)) \
-            if widths else None
+        widths, with_bn = neck_widths(neck), any(isinstance(m, nn.BatchNorm1d) for m in neck)
+        fresh = (lambda: empty_neck(widths, run.spec.feature_dim, with_bn)) if widths else None
         record["baseline_accuracy"] = train_from_scratch(run.spec, scratch, idx, o.seed, fresh,
                                                          widths[-1] if widths else 0)["accuracy"]
         record["baseline_recipe"] = asdict(scratch.recipe)
