@@ -322,8 +322,16 @@ def test_finetune_trains_a_copy_with_its_recipe_and_the_scratch_runs_with_the_se
     assert seen == [("tuned", 0, tuned_recipe), ("scratch", 0, scratch_recipe),
                     ("tuned", 1, tuned_recipe), ("scratch", 1, scratch_recipe)]
     entry = out[0]
-    assert entry["fraction"] == 0.2 and entry["labels_per_class"] == 5
+    assert entry["fraction"] == 0.2 and entry["labels_per_class"] == 5 and entry["label_fraction"] == 20 / 100
     assert entry["mean"] == pytest.approx(0.6) and entry["scratch_mean"] == pytest.approx(0.25)
+    # 25 labels a class: 1% and 3% both round to one label per class, 4% of the labels. One subset,
+    # measured once, and the share it holds recorded; 1% and 3% on separate rows named two runs of one.
+    seen.clear()
+    lines: list[str] = []
+    out = finetune_module.finetune(encoder, None, train_x, train_x[:8], setup, tuned_recipe,  # type: ignore[arg-type]
+                                   (0.01, 0.03, 0.2), (0,), log=lines.append)
+    assert [(e["fraction"], e["labels_per_class"], e["label_fraction"]) for e in out] == [(0.01, 1, 0.04), (0.2, 5, 0.2)]
+    assert len(seen) == 4 and "note: label fractions 0.01 and 0.03 both give 1 per class here: measured once" in lines
 
 
 def test_the_few_label_curve_scores_each_subsets_probe_on_the_test_split() -> None:

@@ -187,10 +187,13 @@ def test_the_table_shows_each_figure_in_its_own_cell() -> None:
                            "random_init": {"alignment": 0.9, "uniformity": -1.0, "effective_rank": 2.0}},
                "finetune": {"fractions": [{"fraction": 0.1, "labels_per_class": 2, "mean": 0.5, "std": 0.1,
                                            "scratch_mean": 0.3,
-                                           "runs": [{"linear_accuracy": 0.2}, {"linear_accuracy": 0.6}]}]}}}
+                                           "runs": [{"linear_accuracy": 0.2}, {"linear_accuracy": 0.6}]},
+                                          {"fraction": 0.01, "label_fraction": 0.04, "labels_per_class": 1,
+                                           "mean": 0.45, "std": 0.0, "runs": [{"linear_accuracy": 0.35}]}]}}}
     rows = [re.split(r"\s{2,}", line.strip()) for line in format_table(out).splitlines()]
     assert ["label fraction", "fine-tuned", "linear probe", "from scratch"] in rows
-    assert ["10% (2/class)", "50.00 ± 10.00% (2 seeds)", "40.00%", "30.00%"] in rows
+    assert ["10% (2/class)", "50.00 ± 10.00% (2 seeds)", "40.00%", "30.00%"] in rows  # saved before label_fraction
+    assert ["4% (1/class)", "45.00% (1 seed)", "35.00%", "-"] in rows  # 1% asked, one label a class: 4% held
     assert ["label-free (no labels used)", "this encoder", "same net, random init"] in rows
     assert ["alignment (lower: views agree)", "0.100", "0.900"] in rows
     assert ["uniformity (lower: spread out)", "-3.000", "-1.000"] in rows

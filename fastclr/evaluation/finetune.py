@@ -88,11 +88,16 @@ def finetune(
             out["scratch_accuracy"] = train_from_scratch(spec, setup, idx, seed)["accuracy"]
         return out
 
-    results = []
+    results: list[dict[str, Any]] = []
     for f in fractions:
         n = fraction_per_class(setup.train_labels, f, k)
+        same = next((r for r in results if r["labels_per_class"] == n), None)
+        if same is not None:  # few labels per class: at least one each makes both fractions one subset
+            log(f"note: label fractions {same['fraction']:g} and {f:g} both give {n} per class here: measured once")
+            continue
         entry = label_sweep(setup.train_labels, [n], seeds, setup.classes, one, log, f"fine-tuning {f:g} of labels:")[0]
         if scratch:
             entry["scratch_mean"] = float(np.mean([r["scratch_accuracy"] for r in entry["runs"]]))
-        results.append({"fraction": f, **entry})
+        # the share of the labels the subsets hold: the fraction asked for, rounded to whole labels per class
+        results.append({"fraction": f, "label_fraction": n * k / len(setup.train_labels), **entry})
     return results

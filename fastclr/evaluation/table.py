@@ -98,7 +98,8 @@ def format_table(out: dict[str, Any]) -> str:
         for e in p["finetune"]["fractions"]:
             runs = e["runs"]
             lin = sum(r["linear_accuracy"] for r in runs) / len(runs)
-            rows.append([f"{100 * e['fraction']:g}% ({e['labels_per_class']}/class)", pct_spread(e), pct(lin),
+            used = e.get("label_fraction", e["fraction"])  # results saved before it was recorded: the one asked for
+            rows.append([f"{100 * used:.3g}% ({e['labels_per_class']}/class)", pct_spread(e), pct(lin),
                          pct(e["scratch_mean"]) if "scratch_mean" in e else "-"])
         blocks.append(render(rows))
     if "quality" in p:
