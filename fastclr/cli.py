@@ -114,6 +114,11 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
     if args.resume is not None and not args.resume.strip():  # `--resume "$RUN"` with RUN unset: not a new run
         raise FastclrError("--resume was given an empty run directory (an unset variable?); give the run directory "
                            "to continue, or leave --resume out to start a new run")
+    flag = _overrides(args).get("train.run_dir")
+    for given, named in ((args.run_dir, "the run directory"), (flag, "--run-dir")):
+        if given is not None and not str(given).strip():  # `fastclr pretrain "$RUN"` with RUN unset
+            raise FastclrError(f"{named} given is empty (an unset variable?); give the run directory, or leave it "
+                               "out to start a new run under runs/")
     if args.resume == "auto":
         # `--resume auto RUN_DIR`: continue RUN_DIR if it holds a checkpoint, else start it fresh.
         flag = _overrides(args).get("train.run_dir")

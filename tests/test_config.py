@@ -452,3 +452,18 @@ def test_the_preset_flag_and_an_empty_resume_are_one_line_errors(tmp_path: Path,
     with pytest.raises(FastclrError, match=r"^--resume was given an empty run directory \(an unset variable\?\)"):
         pretrain_target(build_parser().parse_args(["pretrain", "--resume", ""]))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv", [["pretrain", ""], ["pretrain", "--run-dir", ""], ["pretrain", " ", "--epochs", "1"]])
+def test_an_empty_run_directory_is_refused_not_replaced_by_a_new_one(argv: list[str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr pretrain "$RUN"` with RUN unset trained a new run under runs/ and exited 0, as
+    `--resume ""` did before: the job script believed it had trained $RUN."""
+    from fastclr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "given is empty (an unset variable?); give the run directory" in err
+    assert list(tmp_path.iterdir()) == []
