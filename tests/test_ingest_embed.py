@@ -565,3 +565,30 @@ def test_a_grid_that_cannot_be_written_keeps_the_one_there(bars, tmp_path: Path)
         neighbours(run, store, query, 8, CPU, grid=grid, log=lambda s: None)
     assert grid.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]  # no temporary left beside it
+
+
+def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ignore[no-untyped-def]
+        bars, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr prepare --out mnist`, then `--data mnist`: embed took built-in MNIST (70,000 rows,
+    downloaded where missing) and neighbours the store, each without a word. Both refuse in one
+    line, as pretrain's data does; `./mnist` is the store for all of them."""
+    import shutil
+
+    from fastclr.config import DataConfig
+    from fastclr.data import load_data
+
+    root, store, run = bars
+    shutil.copytree(store, tmp_path / "mnist")
+    monkeypatch.chdir(tmp_path)
+    query = str(root / "bars" / read_store(store).paths[0])
+    says = "--data mnist names the built-in dataset mnist and the store ./mnist in this folder; give ./mnist"
+    for argv in (["embed", str(run.run_dir), "--data", "mnist", "--out", "m"],
+                 ["neighbours", str(run.run_dir), "--data", "mnist", "--query", query]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"error: {says}")
+    with pytest.raises(FastclrError, match=re.escape(says)):
+        load_data(DataConfig(name="mnist"))
+    assert not (tmp_path / "m.npy").exists()
+    assert main(["embed", str(run.run_dir), "--data", "./mnist", "--out", "m"]) == 0
+    assert np.load(tmp_path / "m.npy").shape[0] == len(read_store(store).paths)
+    assert main(["neighbours", str(run.run_dir), "--data", "./mnist", "--query", query, "-k", "1"]) == 0

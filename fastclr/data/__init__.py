@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 from fastclr.config import DataConfig
+from fastclr.errors import FastclrError
 from fastclr.data.datasets import REGISTRY, Dataset, ImageSet, load_builtin
-from fastclr.data.store import open_store
+from fastclr.data.store import is_store, open_store
 
 __all__ = ["REGISTRY", "Dataset", "ImageSet", "absolute_name", "load_builtin", "load_data", "open_store"]
 
@@ -16,6 +17,14 @@ def names_a_store(name: str) -> bool:
     """Whether `load_data` reads `name` as a store's path: built-in names win over a directory of
     the same name; anything else with a path separator, or an existing directory, is a path."""
     return name not in REGISTRY and ("/" in name or os.sep in name or Path(name).is_dir())
+
+
+def refuse_ambiguous(name: str) -> None:
+    """One line when `name` is both a built-in dataset and a store in this folder (`fastclr prepare
+    --out mnist`): `embed` took the built-in and `neighbours` the store, each without a word."""
+    if name in REGISTRY and is_store(Path(name)):
+        raise FastclrError(f"--data {name} names the built-in dataset {name} and the store ./{name} in this folder; "
+                           f"give ./{name} for the store, or rename the store to use the built-in")
 
 
 def absolute_name(name: str) -> str:
@@ -27,6 +36,7 @@ def absolute_name(name: str) -> str:
 def load_data(cfg: DataConfig) -> Dataset:
     """The dataset a config names: a built-in dataset by name, or a prepared store by path
     (`names_a_store`)."""
+    refuse_ambiguous(cfg.name)
     if names_a_store(cfg.name):
         return open_store(cfg.name)
     return load_builtin(cfg.name, cfg.root or None, cfg.download)

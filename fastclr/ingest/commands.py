@@ -79,10 +79,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_neighbours(args: argparse.Namespace) -> int:
     """Print (and draw) the store images nearest to a query image."""
+    from fastclr.data import refuse_ambiguous
     from fastclr.ingest.neighbours import neighbours
 
+    refuse_ambiguous(args.data)  # before Path(): "./mnist" is the store, and Path makes it "mnist"
     run, device = _load(args.run_dir, args.device, args.precision, "search with")
-    neighbours(run, Path(args.data), Path(args.query), args.k, device, Path(args.grid) if args.grid else None)
+    neighbours(run, Path(args.data), Path(args.query), args.k, device, Path(args.grid) if args.grid is not None else None)
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fastclr.files import atomic_write, atomic_write_all, npy_writer
+from fastclr.data import refuse_ambiguous
 from fastclr.data.datasets import REGISTRY, load_builtin
 from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store
 from fastclr.augment import LUMA
@@ -87,6 +88,7 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
     if split not in ("all", *SPLITS):
         raise FastclrError(f"--split must be all, {', '.join(SPLITS)}; got {split!r}")
     path = Path(data)
+    refuse_ambiguous(data)
     if data in REGISTRY:
         ds = load_builtin(data, root)
         blocks = [(s, b) for s, b in builtin_blocks(ds) if split in ("all", s)]
