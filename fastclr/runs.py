@@ -119,6 +119,16 @@ def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: t
                            f"{suffixes[0]}")
 
 
+def refuse_nameless(out: Path, flag: str = "--out", example: str = "feats") -> None:
+    """One line, before any work, when the file `out` is to be has no name of its own (`--out ""`,
+    `.` or `/`: a traceback from the suffix after all the work) or is a folder."""
+    if out.name in ("", ".", ".."):
+        raise FastclrError(f"{flag} {str(out) if str(out) != '.' else repr('')} is no file name; give one, e.g. "
+                           f"{flag} {example}")
+    if out.is_dir():
+        raise FastclrError(f"{flag} {out} is a folder; give a file name, e.g. {flag} {out / example}")
+
+
 def refuse_uncreatable(folder: Path, flag: str = "--out") -> None:
     """One line, before any work, when `folder` cannot be made where it is to be: the nearest part
     of its path that exists is a file, or a folder this process may not write into (finetune

@@ -592,3 +592,24 @@ def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ig
     assert main(["embed", str(run.run_dir), "--data", "./mnist", "--out", "m"]) == 0
     assert np.load(tmp_path / "m.npy").shape[0] == len(read_store(store).paths)
     assert main(["neighbours", str(run.run_dir), "--data", "./mnist", "--query", query, "-k", "1"]) == 0
+
+
+@pytest.mark.parametrize("out", ["", ".", "/"])
+def test_an_output_without_a_file_name_is_one_line_before_any_work(  # type: ignore[no-untyped-def]
+        bars, out: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out ""` (or `.`, `/`) ended embed and export in a traceback about an empty name after the
+    work; neighbours' `--grid ""` drew nothing and said nothing. And an index path that is a folder
+    let the .npy be written without its index, against "written together or not at all"."""
+    root, store, run = bars
+    monkeypatch.chdir(tmp_path)
+    query = str(root / "bars" / read_store(store).paths[0])
+    for argv in (["embed", str(run.run_dir), "--data", str(store), "--out", out],
+                 ["export", str(run.run_dir), "--format", "fastclr", "--out", out],
+                 ["neighbours", str(run.run_dir), "--data", str(store), "--query", query, "--grid", out]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and re.match(r"^error: --(out|grid) .* (is no file name|is a folder); give", err[0]), err
+    (tmp_path / "e.csv").mkdir()
+    assert main(["embed", str(run.run_dir), "--data", str(store), "--out", "e"]) == 2
+    assert "would write e.csv, which is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv"]

@@ -32,7 +32,7 @@ from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
 from fastclr.ingest.walk import fastclr_folder
 from fastclr.pretrained import LoadedRun
-from fastclr.runs import refuse_output, refuse_uncreatable
+from fastclr.runs import refuse_nameless, refuse_output, refuse_uncreatable
 from fastclr.evaluation.features import features_of, require_finite
 
 INDEX_COLUMNS = ("row", "path", "split", "label", "class")
@@ -130,9 +130,12 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     """FILE.npy and FILE.csv for `--out FILE[.npy]`, refused before any work where they cannot be
     written (their folder is made with them: a refused command leaves nothing). A folder's skipped
     files go to FILE.skipped.csv."""
+    refuse_nameless(out)
     npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
     for path in (npy, npy.with_suffix(".csv")):
         refuse_output(path)
+        if path.is_dir():  # found only when written: the .npy was in place, its index not
+            raise FastclrError(f"--out {out} would write {path}, which is a folder; choose another --out")
     for path, header in ((npy.with_suffix(".csv"), INDEX_COLUMNS), (npy.with_suffix(".skipped.csv"), SKIPPED_COLUMNS)):
         if path.is_file() and _first_line(path) != ",".join(header):  # `--out data` beside the user's data.csv
             raise FastclrError(f"--out {out} would replace {path}, which is not an embedding's file; choose another "
