@@ -51,15 +51,35 @@ def tracker_names(text: str) -> tuple[str, ...]:
     return tuple(n for n in text.split(",") if n and n != "none")
 
 
+def _missing(name: str) -> str:
+    """The install command of tracker `name`'s package where it cannot be imported, else ""."""
+    module, extra = EXTRAS[name]
+    try:
+        __import__(module)
+    except ImportError:
+        return f"pip install '{extra}'"
+    return ""
+
+
 def require(names: tuple[str, ...]) -> None:
-    """A one-line error, before anything is written, for a tracker whose package is missing."""
+    """A one-line error, before anything is written, for a tracker whose package is missing (named
+    by --log, or kept from the run a resume continues: --log none works for both)."""
     for name in names:
-        module, extra = EXTRAS[name]
-        try:
-            __import__(module)
-        except ImportError:
-            raise FastclrError(f"--log {name} needs the {module} package: pip install '{extra}' "
-                               "(or drop --log)") from None
+        install = _missing(name)
+        if install:
+            raise FastclrError(f"--log {name} needs the {EXTRAS[name][0]} package: {install} (or --log none)")
+
+
+def importable(names: tuple[str, ...], run_dir: Path, warn: Callable[[str], None]) -> tuple[str, ...]:
+    """The trackers of `names` whose packages import here; one warning for each other, whose
+    results are then not filed there: a run tracked on another machine is evaluated all the same
+    (a tracker's trouble is a warning, never lost work)."""
+    for name in names:
+        install = _missing(name)
+        if install:
+            warn(f"warning: {run_dir} is tracked with {name}, whose {EXTRAS[name][0]} package is missing here: these "
+                 f"results are not filed there ({install} to file them)")
+    return tuple(n for n in names if not _missing(n))
 
 
 def numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -420,6 +420,27 @@ def test_knn_votes_with_the_k_and_tau_it_is_given(run: Run, tmp_path: Path) -> N
         assert asked != knn_accuracy(ftr, ytr, fte, yte, 20, 0.07, r.precision)
 
 
+def test_a_run_tracked_where_the_trackers_package_is_missing_is_evaluated_with_a_warning(
+        run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run tracked with wandb, evaluated on a machine without it: evaluate refused, advising
+    "drop --log", a flag evaluate does not have. Its results are computed and saved, and one line
+    says they are not filed with the tracker."""
+    import shutil
+    import sys
+
+    run_dir, ds, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "tracking.json").write_text('{"wandb": "abc123"}')
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    lines: list[str] = []
+    out = evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
+    assert json.loads((copy / "eval.json").read_text())["protocols"]["knn"] == out["protocols"]["knn"]
+    assert [line for line in lines if line.startswith("warning:")] == [
+        f"warning: {copy} is tracked with wandb, whose wandb package is missing here: these results are not filed "
+        "there (pip install 'fastclr[wandb]' to file them)"]
+
+
 def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Path) -> None:
     """A diverged encoder's NaN features scored kNN and the probe at the share of class 0, silently."""
     import shutil

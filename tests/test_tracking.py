@@ -172,7 +172,7 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path: Path) 
     r = fastclr(env, tmp_path, *pretrain_args(tmp_path / "run", "--log", "wandb"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == ("error: --log wandb needs the wandb package: pip install "
-                                                 "'fastclr[wandb]' (or drop --log)")
+                                                 "'fastclr[wandb]' (or --log none)")
     assert not (tmp_path / "run").exists()
 
 

@@ -36,8 +36,7 @@ from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
 from fastclr.files import read_json
 from fastclr.runs import write_json
-from fastclr.tracking import numbers, read_ids, tracked
-from fastclr.tracking import require as require_trackers
+from fastclr.tracking import importable, numbers, read_ids, tracked
 from fastclr.runtime import select_device
 from fastclr.version import __version__
 
@@ -256,8 +255,7 @@ def evaluate(
     if not os.access(run_dir, os.W_OK | os.X_OK):  # found only at the end, the results of minutes were lost
         raise FastclrError(f"{run_dir} is not writable, and evaluate saves its results there ({EVAL_FILE}); fix its "
                            f"permissions, or copy the run (`cp -r {run_dir} COPY`) and evaluate the copy")
-    trackers = tuple(read_ids(run_dir))  # a tracked run gets its evaluation too
-    require_trackers(trackers)
+    trackers = importable(tuple(read_ids(run_dir)), run_dir, log)  # a tracked run gets its evaluation too
     dataset = run_data(run, dataset, log)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
     t_start = time.perf_counter()
