@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -53,7 +54,10 @@ class Progress:
         parts = [f"{self.unit} {step}" + ("" if self.total is None else f"/{self.total}"),
                  f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "", text, eta]
         line = " ".join(p for p in parts if p)
-        self.stream.write("\r" + line[:160].ljust(100) if self.tty else line + "\n")
+        # On a terminal: within its width (a longer line wraps, and the next "\r" rewrites only the
+        # wrapped row: a line left behind at each update), the rest of the row cleared (ESC [K).
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        self.stream.write("\r" + line[:max(width, 20)] + "\x1b[K" if self.tty else line + "\n")
         self.stream.flush()
         self._last_print = now
 

@@ -1141,6 +1141,26 @@ def test_a_progress_line_waits_its_interval_except_for_the_last_step(monkeypatch
     assert stream.getvalue().endswith("eta 0:00\n")
 
 
+@pytest.mark.parametrize("columns", [80, 40, 200])
+def test_a_terminals_progress_line_fits_its_width_and_clears_the_rest(monkeypatch: pytest.MonkeyPatch,
+                                                                      columns: int) -> None:
+    """Every update was padded to 100 characters: on an 80-column terminal it wrapped, and "\r"
+    went back only to the wrapped row, leaving a line behind at each update. Each rewrite is now at
+    most the width less one, and clears what a longer earlier line left (ESC [K)."""
+    import os
+
+    bar, stream = _progress_at(monkeypatch, [0.0] + [float(i) for i in range(1, 4)], total=1000, tty_every=0.0)
+    monkeypatch.setattr(stream, "isatty", lambda: True)
+    bar.tty = True
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(100, 24): os.terminal_size((columns, 24)))
+    for step in (1, 2, 3):
+        bar.update(step, "loss 5.5432 top1 0.1234 top5 0.4321 lr 0.0030 knn 0.8765 " * 5)
+    pieces = stream.getvalue().split("\r")[1:]
+    assert len(pieces) == 3 and all(p.endswith("\x1b[K") for p in pieces)
+    assert all(len(p) - len("\x1b[K") == columns - 1 for p in pieces)  # the long line, cut at the width
+    assert pieces[0].startswith("step 1/1000")
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(7.0, "0:07"), (7.6, "0:08"), (59.6, "1:00"), (3599.6, "1:00:00"),
                                                (3725, "1:02:05"), (-3.0, "0:00")])
 def test_durations_are_rounded_to_the_nearest_second(seconds: float, text: str) -> None:
