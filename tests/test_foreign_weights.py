@@ -362,3 +362,29 @@ def test_a_refused_export_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: 
     assert main(["export", str(run), "--format", "fastclr", "--out", str(out)]) == 2
     assert "onnxruntime's h differs" in capsys.readouterr().err
     assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_a_relative_init_is_recorded_as_the_file_it_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--init ex/a.safetensors` was saved as written: the run's config.toml, given to --config from
+    another directory, named a file that was not there. It is recorded absolute, and that config
+    starts a new run from the same file wherever it is read."""
+    import dataclasses
+
+    from tiny import tiny_config, tiny_dataset, tiny_run
+    from fastclr.config import apply_overrides, Config, read_toml
+    from fastclr.models.foreign import file_sha256
+    from fastclr.pretraining.loop import pretrain
+
+    ds = tiny_dataset(64)
+    src = tiny_run(tmp_path / "ex" / "a", ds) / "encoder.safetensors"
+    monkeypatch.chdir(tmp_path)
+    quiet: dict[str, Any] = dict(dataset=ds, progress=False, log=lambda s: None)
+    pretrain(tiny_config(tmp_path / "b", model__init="ex/a/encoder.safetensors", train__epochs=0.5), **quiet)
+    saved = read_toml(tmp_path / "b" / "config.toml")
+    assert saved["model.init"] == str(src.resolve()) and saved["model.init_sha256"] == file_sha256(src)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = apply_overrides(Config(), saved)
+    again = dataclasses.replace(again, train=dataclasses.replace(again.train, run_dir=str(tmp_path / "c")))
+    pretrain(again, **quiet)
+    assert read_toml(tmp_path / "c" / "config.toml")["model.init"] == str(src.resolve())

@@ -153,6 +153,14 @@ def _store_path_absolute(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name)))
 
 
+def _init_path_absolute(cfg: Config) -> Config:
+    """`cfg` with --init's file made absolute, as a run records it: its config.toml, given to
+    `--config` from another directory, named a file that was not there."""
+    if not cfg.model.init:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(Path(cfg.model.init).expanduser().resolve())))
+
+
 def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None, device: torch.device) -> InitWeights:
     if encoder is not None:
         raise FastclrError("model.init starts a named encoder from a file; load weights into your own module "
@@ -275,7 +283,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     started = clock()
     validate_settings(cfg)  # a config built in Python has not been through apply_overrides
     check_preset(cfg)
-    cfg = _store_path_absolute(cfg)
+    cfg = _init_path_absolute(_store_path_absolute(cfg))
     state, saved = None, None
     seen: set[str] = set()
     if resume is not None:
