@@ -227,8 +227,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: str = field(default="auto", metadata=one_of("auto", "on", "off"))
     """torch.compile of model, loss and augmentation: auto (on for CUDA where Triton runs: compute
-    capability 7.0 and up with the triton package; off on CPU, where the compiled step measured
-    slower), on or off (on where Triton cannot run is refused: fastclr.runtime.compile_blocker)."""
+    capability 7.0 and up with the triton package, a C compiler and Python's headers; off on CPU,
+    where the compiled step measured slower), on or off (on where it cannot build is refused,
+    on a CPU without g++ too: fastclr.runtime.compile_blocker)."""
     seed: int = field(default=0, metadata=between(0, SEED_MAX))
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""

@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -88,13 +89,24 @@ def missing_kernels(index: int = 0) -> str:
             f"torch build, which carries {' '.join(arch)}")
 
 
+# LLVM's generic AMDGPU targets and the processors each runs on (llvm.org/docs/AMDGPUUsage.html,
+# "Generic Processors"); a generic target not listed here is given the benefit of the doubt.
+_ROCM_GENERIC = {
+    "gfx9-generic": ("gfx900", "gfx902", "gfx904", "gfx906", "gfx909", "gfx90c"),
+    "gfx9-4-generic": ("gfx940", "gfx941", "gfx942", "gfx950"),
+    "gfx10-1-generic": ("gfx1010", "gfx1011", "gfx1012", "gfx1013"),
+    "gfx10-3-generic": ("gfx1030", "gfx1031", "gfx1032", "gfx1033", "gfx1034", "gfx1035", "gfx1036"),
+    "gfx11-generic": ("gfx1100", "gfx1101", "gfx1102", "gfx1103", "gfx1150", "gfx1151", "gfx1152", "gfx1153"),
+    "gfx12-generic": ("gfx1200", "gfx1201"),
+}
+
+
 def _rocm_covers(entry: str, arch: str) -> bool:
     """Whether ROCm code object `entry` of a build's arch list ("gfx90a", "gfx90a:xnack-",
-    "gfx11-generic", "gfx10-3-generic") runs on gfx `arch`: the same name, or a generic one's family
-    (gfx11-generic: gfx11xx; gfx10-3-generic: gfx103x)."""
+    "gfx11-generic") runs on gfx `arch`: the same name, or one a generic target covers."""
     name = entry.split(":")[0]
     if name.endswith("-generic"):
-        return arch.startswith(name.removesuffix("-generic").replace("-", ""))
+        return arch in _ROCM_GENERIC.get(name, (arch,))
     return name == arch
 
 
@@ -511,21 +523,26 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
 
 
 def missing_compiler(device_type: str) -> str:
-    """Why torch.compile cannot build code for `device_type` on this host, or "": Triton builds
-    its launcher with a C compiler (CC, else gcc, else clang: "Failed to find C compiler" at the
-    first compiled step), the CPU backend its kernels with a C++ one (CXX, else g++, clang++ or
-    c++; cl on Windows). Slim and CUDA runtime container images have neither."""
+    """Why torch.compile cannot build code for `device_type` on this host, or "". Triton builds its
+    launcher with a C compiler (CC, else gcc, else clang: "Failed to find C compiler" at the first
+    compiled step) and Python's headers; the CPU backend builds its kernels with CXX, else g++ (torch
+    2.13 looks for no other on Linux; clang++ on macOS, cl on Windows). CUDA runtime and slim
+    Python images have neither compiler, and a system Python without its -dev package no headers."""
     if device_type == "cuda":
-        named, found = "CC", [os.environ.get("CC", ""), "gcc", "clang"]
+        named, found, install = "CC", [os.environ.get("CC", ""), "gcc", "clang"], "install gcc"
         what = "the C compiler Triton builds its launcher with"
     else:
-        named, found = "CXX", [os.environ.get("CXX", ""), *(("cl",) if sys.platform == "win32" else ("g++", "clang++", "c++"))]
+        default = {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
+        named, found, install = "CXX", [os.environ.get("CXX", ""), default], f"install {default}"
         what = "the C++ compiler torch.compile's CPU backend builds its kernels with"
     if os.environ.get(named):  # the one named is the one used
         found = found[:1]
-    if any(c and shutil.which(c) for c in found):
-        return ""
-    return f"{what} is missing ({', '.join(c for c in found if c)}: none found); install gcc"
+    if not any(c and shutil.which(c) for c in found):
+        return f"{what} is missing ({', '.join(c for c in found if c)}: none found); {install}"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if device_type == "cuda" and not headers.is_file():
+        return f"Python's headers, which Triton builds its launcher with, are missing ({headers}); install python3-dev"
+    return ""
 
 
 def compile_blocker(device: torch.device) -> str:

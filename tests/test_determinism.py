@@ -111,6 +111,8 @@ def test_a_gpu_this_torch_build_has_no_kernels_for_is_not_chosen(
     ("gfx1151", ["gfx942", "gfx11-generic"], True),                                                     # a family's generic code
     ("gfx1031", ["gfx942", "gfx10-3-generic"], True),
     ("gfx1031", ["gfx942", "gfx11-generic"], False),
+    ("gfx90a", ["gfx1100", "gfx9-generic"], False),                                                    # not a gfx9-generic one
+    ("gfx950", ["gfx1100", "gfx9-4-generic"], True),
 ])
 def test_a_rocm_gpu_this_build_has_no_kernels_for_is_not_chosen(
         monkeypatch: pytest.MonkeyPatch, gfx: str, arch: list[str], runs: bool) -> None:
@@ -146,11 +148,12 @@ def test_ranks_of_a_node_whose_gpus_differ_agree_or_stop_in_one_line(monkeypatch
     the CPU (gloo), and both waited for each other until the timeout. Every rank now asks about every
     GPU of the node: all have kernels, all ranks on their GPUs; none, all on the CPU; some, one line."""
     caps = {0: (8, 6), 1: (6, 1)}
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: caps[index])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: {0: "RTX 3090", 1: "GTX 1080"}[index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: {0: "RTX 3090", 1: "GTX 1080", 2: "GT 1030"}[index])
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
     for rank in (0, 1):
         for setting in ("auto", "cuda"):
@@ -161,6 +164,11 @@ def test_ranks_of_a_node_whose_gpus_differ_agree_or_stop_in_one_line(monkeypatch
     assert [process_device("auto", r, 2) for r in (0, 1)] == ["cuda:0", "cuda:1"]
     caps[0] = caps[1] = (6, 1)
     assert [process_device("auto", r, 2) for r in (0, 1)] == ["cpu", "cpu"]
+    # A third GPU no rank uses (a display card): not asked, whatever it is
+    caps.update({0: (8, 6), 1: (8, 6), 2: (6, 1)})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert [process_device("cuda", r, 2) for r in (0, 1)] == ["cuda:0", "cuda:1"]
 
 
 def test_the_default_device_on_a_gpu_machine_is_one_set_device_accepts(
@@ -221,7 +229,7 @@ def test_a_host_wait_inside_no_host_sync_is_an_error_on_cuda(device: torch.devic
 
 
 def test_compile_auto_means_cuda_only_and_bad_values_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # a host with compilers
+    monkeypatch.setattr("fastclr.runtime.missing_compiler", lambda device_type: "")  # a host that builds
     assert use_compile("auto", torch.device("cuda", 0)) is True
     assert use_compile("auto", torch.device("cpu")) is False
     assert use_compile("on", torch.device("cpu")) is True and use_compile("off", torch.device("cuda", 0)) is False

@@ -330,7 +330,7 @@ def test_compile_auto_is_on_only_where_triton_runs_and_an_explicit_on_elsewhere_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr("torch.utils._triton.has_triton_package", lambda: triton)
-    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # compilers installed (tested below)
+    monkeypatch.setattr("fastclr.runtime.missing_compiler", lambda device_type: "")  # a host that builds (tested below)
     gpu = torch.device("cuda", 0)
     assert use_compile("auto", gpu) is auto
     assert use_compile("false", gpu) is False
@@ -343,7 +343,7 @@ def test_compile_auto_is_on_only_where_triton_runs_and_an_explicit_on_elsewhere_
     assert use_compile("auto", CPU) is False and use_compile("on", CPU) is True  # the CPU compiles without Triton
 
 
-def test_compile_needs_a_host_compiler_and_says_which(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compile_needs_a_host_compiler_and_says_which(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A GPU whose Triton runs, in an image without gcc or clang (a CUDA runtime or slim Python
     image): compile was on by default and the first compiled step failed with Triton's "Failed to
     find C compiler" traceback, after the run directory was written. auto is eager there, an
@@ -365,11 +365,21 @@ def test_compile_needs_a_host_compiler_and_says_which(monkeypatch: pytest.Monkey
         use_compile("on", gpu)
     assert "the C compiler Triton builds its launcher with is missing" in compile_reason(gpu)
     with pytest.raises(FastclrError, match=r"the C\+\+ compiler torch.compile's CPU backend builds its kernels with is "
-                                           r"missing \(g\+\+, clang\+\+, c\+\+: none found\)"):
+                                           r"missing \(g\+\+: none found\); install g\+\+"):
         use_compile("on", CPU)
     assert use_compile("auto", CPU) is False  # eager on CPUs whatever is installed
-    installed.update({"clang", "c++"})
-    assert use_compile("auto", gpu) is True and use_compile("on", CPU) is True
+    installed.update({"clang", "clang++", "c++"})  # on Linux torch 2.13's CPU backend looks for g++ alone
+    assert use_compile("auto", gpu) is True
+    with pytest.raises(FastclrError, match=r"\(g\+\+: none found\)"):
+        use_compile("on", CPU)
+    installed.add("g++")
+    assert use_compile("on", CPU) is True
+    monkeypatch.setattr("sysconfig.get_paths", lambda: {"include": str(tmp_path)})  # no Python.h there
+    assert use_compile("auto", gpu) is False
+    with pytest.raises(FastclrError, match=r"Python's headers, which Triton builds its launcher with, are missing"):
+        use_compile("on", gpu)
+    (tmp_path / "Python.h").write_text("")
+    assert use_compile("auto", gpu) is True
     monkeypatch.setenv("CC", "/opt/cc-that-is-not-there")  # the compiler named is the one Triton takes
     with pytest.raises(FastclrError, match=r"\(/opt/cc-that-is-not-there: none found\)"):
         use_compile("on", gpu)

@@ -99,10 +99,12 @@ def process_device(name: str, local_rank: int, world_size: int) -> str:
         raise FastclrError(f"LOCAL_RANK {local_rank} has no GPU of its own: {visible} visible to it; start at most "
                            f"{visible} process{'es' if visible != 1 else ''} a node (--nproc_per_node) with every "
                            "GPU visible to each, or use --device cpu")
-    # Every rank asks about every GPU of the node, so that all take the same way: one rank alone on
-    # the CPU would join gloo while the others join NCCL, and wait until the timeout.
-    missing = [why for why in (missing_kernels(i) for i in range(visible)) if why]
-    if missing and len(missing) < visible:
+    # Every rank asks about every GPU the node's ranks use (cuda:0 to cuda:LOCAL_WORLD_SIZE - 1), so
+    # that all take the same way: one rank alone on the CPU would join gloo while the others join
+    # NCCL, and wait until the timeout. A GPU no rank uses (a display card beside them) is not asked.
+    used = min(visible, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    missing = [why for why in (missing_kernels(i) for i in range(used)) if why]
+    if missing and len(missing) < used:
         raise FastclrError(f"{missing[0]}, and other GPUs of this node have kernels: one process a GPU would run some "
                            "ranks on the CPU; make only the GPUs this torch runs on visible (CUDA_VISIBLE_DEVICES) "
                            "and start that many processes a node")
