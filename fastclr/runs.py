@@ -121,12 +121,9 @@ def refuse_output(out: Path, flag: str = "--out", *, kind: str = "", suffixes: t
 
 def refuse_nameless(out: Path, flag: str = "--out", example: str = "feats") -> None:
     """One line, before any work, when the file `out` is to be has no name of its own (`--out ""`,
-    `.` or `/`: a traceback from the suffix after all the work) or is a folder."""
+    `.` or `/`, which Path cannot tell apart: a traceback from its suffix after all the work)."""
     if out.name in ("", ".", ".."):
-        raise FastclrError(f"{flag} {str(out) if str(out) != '.' else repr('')} is no file name; give one, e.g. "
-                           f"{flag} {example}")
-    if out.is_dir():
-        raise FastclrError(f"{flag} {out} is a folder; give a file name, e.g. {flag} {out / example}")
+        raise FastclrError(f"{flag} names no file; give a file name, e.g. {flag} {example}")
 
 
 def refuse_uncreatable(folder: Path, flag: str = "--out") -> None:

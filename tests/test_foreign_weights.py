@@ -388,3 +388,32 @@ def test_a_relative_init_is_recorded_as_the_file_it_named(tmp_path: Path, monkey
     again = dataclasses.replace(again, train=dataclasses.replace(again.train, run_dir=str(tmp_path / "c")))
     pretrain(again, **quiet)
     assert read_toml(tmp_path / "c" / "config.toml")["model.init"] == str(src.resolve())
+
+
+def test_a_run_that_recorded_a_relative_init_resumes_with_the_same_flag_silently(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs saved before --init was recorded absolute hold it as given: the same relative flag again
+    (a job script run twice, from where it started) is the same file, not a different start."""
+    from tiny import tiny_config, tiny_dataset, tiny_run
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from fastclr.pretraining.loop import pretrain
+
+    ds = tiny_dataset(64)
+    tiny_run(tmp_path / "ex", ds)
+    monkeypatch.chdir(tmp_path)
+    over: dict[str, Any] = dict(model__init="ex/encoder.safetensors", train__batch_size=32, train__epochs=1.0)
+    quiet: dict[str, Any] = dict(dataset=ds, progress=False)
+    assert pretrain(tiny_config(tmp_path / "b", **over), stop=lambda step: step == 1, log=lambda s: None, **quiet).stopped
+    path = list_checkpoints(tmp_path / "b")[-1]
+    state = {k: v for k, v in load_checkpoint(path).items() if k not in ("format", "fastclr_version", "sha256")}
+    state["config"]["model"]["init"] = "ex/encoder.safetensors"  # as a run of the version before recorded it
+    save_checkpoint(tmp_path / "b", state)
+    lines: list[str] = []
+    pretrain(tiny_config(tmp_path / "b", **over), resume=tmp_path / "b", log=lines.append, **quiet)
+    assert not any(line.startswith("note: model.init") for line in lines)
+    other = tmp_path / "ex" / "copy.safetensors"
+    other.write_bytes((tmp_path / "ex" / "encoder.safetensors").read_bytes())
+    lines.clear()
+    pretrain(tiny_config(tmp_path / "b", **dict(over, model__init=str(other), train__epochs=2.0)), resume=tmp_path / "b",
+             log=lines.append, **quiet)
+    assert any(line.startswith("note: model.init sets how a run starts") for line in lines)

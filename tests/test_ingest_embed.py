@@ -571,11 +571,8 @@ def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ig
         bars, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`fastclr prepare --out mnist`, then `--data mnist`: embed took built-in MNIST (70,000 rows,
     downloaded where missing) and neighbours the store, each without a word. Both refuse in one
-    line, as pretrain's data does; `./mnist` is the store for all of them."""
+    line, as pretrain does for a new run (a run's recorded name is the built-in); `./mnist` is the store."""
     import shutil
-
-    from fastclr.config import DataConfig
-    from fastclr.data import load_data
 
     root, store, run = bars
     shutil.copytree(store, tmp_path / "mnist")
@@ -586,8 +583,8 @@ def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ig
                  ["neighbours", str(run.run_dir), "--data", "mnist", "--query", query]):
         assert main(argv) == 2
         assert capsys.readouterr().err.startswith(f"error: {says}")
-    with pytest.raises(FastclrError, match=re.escape(says)):
-        load_data(DataConfig(name="mnist"))
+    assert main(["pretrain", "--data", "mnist", "--run-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {says}") and not (tmp_path / "r").exists()
     assert not (tmp_path / "m.npy").exists()
     assert main(["embed", str(run.run_dir), "--data", "./mnist", "--out", "m"]) == 0
     assert np.load(tmp_path / "m.npy").shape[0] == len(read_store(store).paths)
@@ -600,6 +597,8 @@ def test_an_output_without_a_file_name_is_one_line_before_any_work(  # type: ign
     """`--out ""` (or `.`, `/`) ended embed and export in a traceback about an empty name after the
     work; neighbours' `--grid ""` drew nothing and said nothing. And an index path that is a folder
     let the .npy be written without its index, against "written together or not at all"."""
+    import shutil
+
     root, store, run = bars
     monkeypatch.chdir(tmp_path)
     query = str(root / "bars" / read_store(store).paths[0])
@@ -608,7 +607,12 @@ def test_an_output_without_a_file_name_is_one_line_before_any_work(  # type: ign
                  ["neighbours", str(run.run_dir), "--data", str(store), "--query", query, "--grid", out]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.splitlines()
-        assert len(err) == 1 and re.match(r"^error: --(out|grid) .* (is no file name|is a folder); give", err[0]), err
+        assert len(err) == 1 and re.match(r"^error: --(out|grid) names no file; give a file name, e.g. --(out|grid) ", err[0]), err
+    (tmp_path / "photos").mkdir()  # --out beside a folder of the same name writes photos.npy and .csv, as before
+    assert main(["embed", str(run.run_dir), "--data", str(store), "--out", "photos"]) == 0
+    assert (tmp_path / "photos.npy").is_file() and (tmp_path / "photos.csv").is_file()
+    for name in ("photos", "photos.npy", "photos.csv"):
+        shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else (tmp_path / name).unlink()
     (tmp_path / "e.csv").mkdir()
     assert main(["embed", str(run.run_dir), "--data", str(store), "--out", "e"]) == 2
     assert "would write e.csv, which is a folder" in capsys.readouterr().err

@@ -15,13 +15,16 @@ __all__ = ["REGISTRY", "Dataset", "ImageSet", "absolute_name", "load_builtin", "
 
 def names_a_store(name: str) -> bool:
     """Whether `load_data` reads `name` as a store's path: built-in names win over a directory of
-    the same name; anything else with a path separator, or an existing directory, is a path."""
+    the same name (a run records a store's path absolute, so its bare name is the built-in; where a
+    user types one beside such a store, the commands refuse it, `refuse_ambiguous`); anything else
+    with a path separator, or an existing directory, is a path."""
     return name not in REGISTRY and ("/" in name or os.sep in name or Path(name).is_dir())
 
 
 def refuse_ambiguous(name: str) -> None:
-    """One line when `name` is both a built-in dataset and a store in this folder (`fastclr prepare
-    --out mnist`): `embed` took the built-in and `neighbours` the store, each without a word."""
+    """One line when `name`, as a user typed it, is both a built-in dataset and a store in this
+    folder (`fastclr prepare --out mnist`): `embed` took the built-in and `neighbours` the store,
+    each without a word. Not for a name a run recorded: that one is the built-in."""
     if name in REGISTRY and is_store(Path(name)):
         raise FastclrError(f"--data {name} names the built-in dataset {name} and the store ./{name} in this folder; "
                            f"give ./{name} for the store, or rename the store to use the built-in")
@@ -36,7 +39,6 @@ def absolute_name(name: str) -> str:
 def load_data(cfg: DataConfig) -> Dataset:
     """The dataset a config names: a built-in dataset by name, or a prepared store by path
     (`names_a_store`)."""
-    refuse_ambiguous(cfg.name)
     if names_a_store(cfg.name):
         return open_store(cfg.name)
     return load_builtin(cfg.name, cfg.root or None, cfg.download)

@@ -26,7 +26,7 @@ from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, remove
 from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
-from fastclr.data import Dataset, absolute_name, load_data
+from fastclr.data import Dataset, absolute_name, load_data, refuse_ambiguous
 from fastclr.data.datasets import REGISTRY, ensure, read_checked
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.evaluation.features import state_checksum
@@ -308,6 +308,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if dataset is None:
         if resume is not None:
             require_run_store(resume, cfg.data.name)
+        else:  # a name given now (a resume's is the one its run recorded)
+            refuse_ambiguous(cfg.data.name)
         _fetch_once_a_node(cfg.data, ctx, device)
         dataset = load_data(cfg.data)
     if state is not None:
@@ -381,7 +383,9 @@ def _start_settings_kept(saved: Config, cfg: Config, log: Callable[[str], None])
     config.toml recorded them (and an init's checksum as empty). A different --init is said in a
     note; the same one again (a job script run again) silently keeps the checksum."""
     keys = ("model.init",) + (("train.temperature",) if saved.train.learn_temperature else ())
-    changed = config_mod.diff(saved, cfg, keys)
+    # --init is recorded absolute; a run saved before recorded it as given, relative to where it started
+    same_file = bool(saved.model.init and cfg.model.init) and Path(saved.model.init).resolve() == Path(cfg.model.init)
+    changed = [k for k in config_mod.diff(saved, cfg, keys) if not (k == "model.init" and same_file)]
     if changed:
         log(f"note: {', '.join(changed)} set{'s' * (len(changed) == 1)} how a run starts, and this one continues from "
             "its checkpoint: not used, and its config.toml keeps the run's")
