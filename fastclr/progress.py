@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
+import io
+import os
 import sys
 import time
 from typing import TextIO
@@ -51,15 +52,27 @@ class Progress:
         rate = done / max(now - self.t0, 1e-9)
         # An unknown total (a time budget not fitted yet): the step alone, no eta.
         eta = "" if self.total is None else f"eta {format_seconds((self.total - step) / max(rate, 1e-9))}"
-        parts = [f"{self.unit} {step}" + ("" if self.total is None else f"/{self.total}"),
-                 f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "", text, eta]
-        line = " ".join(p for p in parts if p)
-        # On a terminal: within its width (a longer line wraps, and the next "\r" rewrites only the
-        # wrapped row: a line left behind at each update), the rest of the row cleared (ESC [K).
-        width = shutil.get_terminal_size((100, 24)).columns - 1
-        self.stream.write("\r" + line[:max(width, 20)] + "\x1b[K" if self.tty else line + "\n")
+        head = " ".join(p for p in (f"{self.unit} {step}" + ("" if self.total is None else f"/{self.total}"),
+                                    f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "") if p)
+        if self.tty:
+            # Within the terminal's width (a longer line wraps, and the next "\r" rewrites only the
+            # wrapped row: a line left behind at each update), the metrics cut before the eta, the
+            # rest of the row cleared (ESC [K).
+            room = self._width() - len(head) - len(eta) - 2
+            text = text if len(text) <= room else text[:max(room - 1, 0)] + "\u2026" if room > 0 else ""
+        line = " ".join(p for p in (head, text, eta) if p)
+        self.stream.write("\r" + line[:self._width()] + "\x1b[K" if self.tty else line + "\n")
         self.stream.flush()
         self._last_print = now
+
+    def _width(self) -> int:
+        """The columns the line may take on the terminal it is written to (its stream's own: stdout
+        may be a pipe to tee while the progress goes to a terminal on stderr), 99 where unknown."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            columns = 100
+        return max(columns - 1, 20)
 
     def close(self) -> None:
         """End the progress line."""

@@ -1148,17 +1148,21 @@ def test_a_terminals_progress_line_fits_its_width_and_clears_the_rest(monkeypatc
     went back only to the wrapped row, leaving a line behind at each update. Each rewrite is now at
     most the width less one, and clears what a longer earlier line left (ESC [K)."""
     import os
+    import re
 
     bar, stream = _progress_at(monkeypatch, [0.0] + [float(i) for i in range(1, 4)], total=1000, tty_every=0.0)
     monkeypatch.setattr(stream, "isatty", lambda: True)
     bar.tty = True
-    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(100, 24): os.terminal_size((columns, 24)))
+    asked: list[int] = []
+    monkeypatch.setattr(stream, "fileno", lambda: 2)  # the progress goes to stderr
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=1: asked.append(fd) or os.terminal_size((columns, 24)))
     for step in (1, 2, 3):
         bar.update(step, "loss 5.5432 top1 0.1234 top5 0.4321 lr 0.0030 knn 0.8765 " * 5)
     pieces = stream.getvalue().split("\r")[1:]
-    assert len(pieces) == 3 and all(p.endswith("\x1b[K") for p in pieces)
+    assert len(pieces) == 3 and all(p.endswith("\x1b[K") for p in pieces) and set(asked) == {2}
     assert all(len(p) - len("\x1b[K") == columns - 1 for p in pieces)  # the long line, cut at the width
     assert pieces[0].startswith("step 1/1000")
+    assert all(re.search(r"\u2026 eta \d+:\d\d\x1b\[K$", p) for p in pieces)  # the metrics are cut, not the eta
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(7.0, "0:07"), (7.6, "0:08"), (59.6, "1:00"), (3599.6, "1:00:00"),
