@@ -286,6 +286,34 @@ def test_the_untrained_encoder_is_the_seeded_initialisation_in_eval_mode(monkeyp
     assert all(torch.equal(v, want[k]) for k, v in enc.state_dict().items())
 
 
+def test_a_from_scratch_networks_head_is_drawn_after_its_encoder_as_pretrain_draws_them() -> None:
+    """The baseline's encoder is the run's initial network for the seed; its head was drawn from the
+    seed's start again, the encoder's own draws, so its weights were the first convolution's times a
+    constant (and a neck's, drawn before it, too). Now seed, encoder, neck, linear layer continue one
+    stream: the encoder is still exactly the untrained reference, and no layer copies another."""
+    from types import SimpleNamespace
+
+    from fastclr.evaluation.reference import untrained_encoder
+    from fastclr.evaluation.supervised import scratch_network
+    from fastclr.models import EncoderSpec
+
+    spec = EncoderSpec("cnn", 1, 28, 0.25, "n/a", 128, (0.5,), (0.25,), "32,32,32p|256p|fc512")
+    setup = SimpleNamespace(device=torch.device("cpu"), classes=list("abcdefghij"))
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        n = min(a.numel(), b.numel())
+        return abs(float(torch.corrcoef(torch.stack([a.flatten()[:n], b.flatten()[:n]]))[0, 1]))
+
+    reference = untrained_encoder(spec, 3, torch.device("cpu")).state_dict()
+    for make_neck in (None, lambda: torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU())):
+        enc, head = scratch_network(spec, setup, 3, make_neck, 64 if make_neck else 0)  # type: ignore[arg-type]
+        assert all(torch.equal(v, reference[k]) for k, v in enc.state_dict().items())
+        stem = next(v for k, v in enc.state_dict().items() if k.endswith("weight") and v.dim() == 4)
+        layers = [m.weight.detach() for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(layers) == (2 if make_neck else 1)
+        assert all(corr(stem, w) < 0.3 for w in layers) and (len(layers) == 1 or corr(*layers) < 0.3)
+
+
 def test_finetune_trains_a_copy_with_its_recipe_and_the_scratch_runs_with_the_setups(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """For each label fraction and seed: the fine-tuned run gets a copy of the encoder, the frozen

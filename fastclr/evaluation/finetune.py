@@ -72,7 +72,8 @@ def finetune(
     scratch: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[dict[str, Any]]:
-    """Fine-tuned test accuracy (and, with `scratch`, from-scratch accuracy) per label fraction.
+    """Fine-tuned test accuracy (and, with `scratch`, from-scratch accuracy) per label fraction
+    (fractions that give the same labels per class measured once, the first of them named).
 
     train_x, test_x: frozen features of the training and test images: the head's starting point,
     whose test accuracy is recorded as "linear_accuracy". `recipe` trains the fine-tuned runs;

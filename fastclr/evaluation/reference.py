@@ -26,15 +26,21 @@ def small_lift(lift: float) -> bool:
     return lift < SMALL_LIFT - 1e-6
 
 
-def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device) -> nn.Module:
+def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device, continue_stream: bool = False) -> nn.Module:
     """The architecture `spec` describes, initialised as `pretrain` initialises it with `seed`
     (torch.manual_seed(seed), then the encoder is the first thing built): for the run's own seed,
     exactly its weights before the first step, which are drawn on the CPU. The global random state
     is left as it was: the CPU's is restored, and CUDA's never seeded (torch.manual_seed would
-    reseed every GPU's, and restoring those would start a CUDA context on each)."""
-    with torch.random.fork_rng(devices=[]):
+    reseed every GPU's, and restoring those would start a CUDA context on each). With
+    `continue_stream` the CPU's is left seeded and past the encoder's draws instead, as pretrain
+    leaves it for its head: a network built next on it starts from draws of its own."""
+    if continue_stream:
         torch.default_generator.manual_seed(seed)
         enc = encoder_from_spec(spec)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            enc = encoder_from_spec(spec)
     enc = to_channels_last(enc.to(device))
     return enc.eval()
 

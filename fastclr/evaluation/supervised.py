@@ -19,14 +19,15 @@ from fastclr.models import EncoderSpec
 
 def scratch_network(spec: EncoderSpec, setup: LabelledSetup, seed: int,
                     make_neck: Callable[[], nn.Module] | None = None, neck_dim: int = 0) -> tuple[nn.Module, nn.Module]:
-    """A fresh encoder (the run's initial weights for `seed`) and a linear head on it, the global
-    random state seeded for the head's weights and the training draws that follow. With `make_neck`
-    (building a module of output width `neck_dim`), the head is a new neck then the linear layer:
-    the architecture of a classifier fine-tuned from a projection head's hidden layer. The neck is
-    drawn here, after the seed and before the linear layer: drawn before it by the caller, from
-    the state the same seed had left, the linear layer's weights were a scaled copy of the neck's."""
-    torch.manual_seed(seed)
-    enc = untrained_encoder(spec, seed, setup.device)
+    """A fresh encoder (the run's initial weights for `seed`) and a linear head on it, drawn as
+    pretrain draws a network: the seed, the encoder, then the head from where the encoder's draws
+    ended, and the training draws after those. With `make_neck` (building a module of output width
+    `neck_dim`), the head is a new neck then the linear layer: the architecture of a classifier
+    fine-tuned from a projection head's hidden layer. (The head was drawn from the seed's start
+    again, the encoder's own draws: its weights a scaled copy of the first convolution's, and a
+    neck's, drawn by the caller, of those too.)"""
+    torch.manual_seed(seed)  # the GPUs' generators too: the training draws that follow may be theirs
+    enc = untrained_encoder(spec, seed, setup.device, continue_stream=True)
     neck = make_neck() if make_neck is not None else None
     linear = nn.Linear(neck_dim if neck is not None else spec.feature_dim, len(setup.classes))
     head = nn.Sequential(neck, linear) if neck is not None else linear

@@ -72,8 +72,9 @@ def tile(images: np.ndarray, cols: int, scale: int = 1, pad: int = 2, borders: n
 
 
 SHOWN_SIDE = 96
-"""The largest side an image of the page keeps (the page shows them at 84 px or less): a 224 px
-store's 2000 map thumbnails alone were 300 MB of pixels, beyond what a browser parses."""
+"""The largest side an image of the page keeps (the page shows them at 84 px, map thumbnails at 3x
+their side on hover): a 224 px store's 2000 map thumbnails alone were 300 MB of pixels, beyond what
+a browser parses."""
 
 
 def shrink(images: np.ndarray, side: int) -> np.ndarray:
