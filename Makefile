@@ -1,24 +1,37 @@
 # make demo: set up, get Fashion-MNIST, pretrain with the defaults, print the linear-probe accuracy.
 # make test: set up, run the whole test suite.
-PYTHON ?= python3
+# TORCH_INDEX=URL takes torch from that index (https://download.pytorch.org/whl/cpu, .../cu126):
+# without it pip takes its configured default, which on PyPI for Linux is a CUDA build.
+PYTHON      ?= python3
+TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The set-up is done again when the dependencies, this file or the Python version change.
+KEY    := $(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+RUN    := $(VENV)/.installed-run-$(KEY)
+TESTS  := $(VENV)/.installed-test-$(KEY)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data demo test bench clean
 
-setup: $(STAMP)
+setup: $(RUN)
 
-$(STAMP): pyproject.toml
+# What the commands need (make demo, make bench); the test tools come with make test.
+$(RUN): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else "fastclr needs Python 3.11.4 or newer; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 (or another)")'
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "$(PYTHON) cannot make a virtual environment (no ensurepip): $(SUDO) apt-get install -y python3-venv, then make again" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	# torch first, alone and exactly pinned, so that nothing pulls a different build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
+$(TESTS): $(RUN)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
 # Fashion-MNIST: already present, else the Debian package, else the official download.
-data: $(STAMP)
+data: $(RUN)
 	@$(BIN)/fastclr download fashion-mnist --no-download 2>/dev/null \
 	  || { command -v apt-get >/dev/null \
 	       && { $(SUDO) apt-get install -y -q dataset-fashion-mnist \
@@ -28,12 +41,12 @@ data: $(STAMP)
 demo: data
 	$(BIN)/fastclr pretrain
 
-test: $(STAMP)
+test: $(TESTS)
 	$(BIN)/ruff check fastclr tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(RUN)
 	$(BIN)/python benchmarks/throughput.py
 
 clean:

@@ -43,6 +43,13 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_without_the_source
     assert "fastclr/py.typed" in names and "fastclr/cli.py" in names
     assert "fastclr/report/interactive.js" in names  # read at run time by `fastclr report`
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+    from fastclr.version import __version__
+
+    # The licence its metadata names travels with it (MIT asks for its text), and the version is
+    # fastclr/version.py's, the one checkpoints and exports record (pyproject.toml reads it there).
+    assert f"fastclr-{__version__}.dist-info/licenses/LICENSE" in names
+    metadata = zipfile.ZipFile(wheel).read(f"fastclr-{__version__}.dist-info/METADATA").decode()
+    assert f"\nVersion: {__version__}\n" in metadata and "\nRequires-Python: >=3.11.4\n" in metadata
 
     env = tmp_path / "env"
     _run([sys.executable, "-m", "venv", str(env)], tmp_path)
@@ -55,6 +62,4 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_without_the_source
     assert Path(where.strip()).is_relative_to(site)  # the wheel's copy, not the source tree
     helped = _run([str(env / "bin" / "fastclr"), "--help"], tmp_path).stdout
     assert all(cmd in helped for cmd in ("pretrain", "evaluate", "export", "info"))
-    from fastclr.version import __version__
-
     assert _run([str(env / "bin" / "fastclr"), "--version"], tmp_path).stdout == f"fastclr {__version__}\n"
