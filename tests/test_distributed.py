@@ -639,6 +639,16 @@ def test_check_sync_is_refused_only_where_synchronised_batchnorm_must_wait(tmp_p
     for settings, world, device in (({}, 1, cuda), ({}, 2, cpu), ({"train__sync_bn": False}, 2, cuda),
                                     ({"train__grad_cache_chunk": 8}, 2, cuda), ({"train__check_sync": False}, 2, cuda)):
         check_sync_checkable(tiny_config(tmp_path, **{"train__check_sync": True, **settings}), world, device)
+    # fp16 (auto's choice on 7.x GPUs) with an objective option or SGD reads the overflow flag on the host
+    fp16: dict[str, Any] = {"train__check_sync": True, "train__precision": "fp16"}
+    for settings, says in (({"train__queue": 64}, "--queue"), ({"train__learn_temperature": True}, "--learn-temperature"),
+                           ({"optim__optimizer": "sgd"}, "--optimizer sgd")):
+        with pytest.raises(FastclrError, match=rf"^--check-sync true with fp16 and {says}: the step reads the loss "
+                                               r"scaler's overflow flag on the host"):
+            check_sync_checkable(tiny_config(tmp_path, **fp16, **settings), 1, cuda)
+    for settings in ({}, {"optim__optimizer": "lars"}, {"train__precision": "bf16", "train__queue": 64}):
+        check_sync_checkable(tiny_config(tmp_path, **{**fp16, **settings}), 1, cuda)
+    check_sync_checkable(tiny_config(tmp_path, **fp16, train__queue=64), 1, cpu)
 
 
 def test_ranks_compute_in_the_precision_every_one_of_them_runs_natively(monkeypatch: pytest.MonkeyPatch,

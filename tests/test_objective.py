@@ -162,3 +162,20 @@ def test_the_plain_objective_keeps_the_nt_xent_step() -> None:
     assert is_plain(TrainConfig())
     assert not any(is_plain(dataclasses.replace(TrainConfig(), **o))
                    for o in ({"views": 3}, {"local_views": 1}, {"supcon": True}, {"learn_temperature": True}))
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_a_learned_temperature_with_lars_or_sgd_is_refused_before_anything_is_written(
+        optimizer: str, tmp_path: Path) -> None:
+    """log t sits with the 1-D parameters, which LARS and SGD step by plain momentum at the
+    network's full rate: under LARS's large-batch rate t went 0.2 -> 0.41 -> 0.74 -> 1.0 (its clip)
+    in 4 steps and stayed there. AdamW normalises its steps; the others are refused in one line."""
+    from tiny import tiny_config, tiny_dataset
+    from fastclr.errors import FastclrError
+    from fastclr.pretraining.loop import pretrain
+
+    cfg = tiny_config(tmp_path / "run", train__learn_temperature=True, optim__optimizer=optimizer)
+    with pytest.raises(FastclrError, match=rf"^--learn-temperature is trained with --optimizer adamw; {optimizer} steps "
+                                           r"its log at the network's full learning rate .*: use --optimizer adamw"):
+        pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

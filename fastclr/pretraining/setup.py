@@ -63,6 +63,13 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
         )
     if t.epochs <= 0 and t.time_budget <= 0:
         raise FastclrError("nothing to train: set --epochs > 0 or --time-budget > 0 (minutes)")
+    if t.learn_temperature and cfg.optim.optimizer != "adamw":
+        # log t sits with BatchNorm and biases, which plain momentum steps at the network's rate:
+        # under LARS's large-batch rate it reached its clip (t = 1) in 4 steps; AdamW's steps are
+        # normalised (0.2 -> 0.204 over the same run)
+        raise FastclrError(f"--learn-temperature is trained with --optimizer adamw; {cfg.optim.optimizer} steps its "
+                           "log at the network's full learning rate and drives it to its clip within a few steps: "
+                           "use --optimizer adamw, or a fixed --temperature")
     if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
         chosen = ", ".join(objective_options(t))
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
@@ -70,15 +77,23 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
 
 
 def check_sync_checkable(cfg: Config, world_size: int, device: torch.device) -> None:
-    """One line for --check-sync where a step cannot help waiting: global BatchNorm over several
-    CUDA processes is torch's SyncBatchNorm, which drops the statistics of empty shares by a boolean
-    mask, a wait for the GPU in every BatchNorm layer (torch/nn/modules/_functions.py, pytorch issue
-    78549): every step past the first two would fail."""
+    """One line for --check-sync where a step cannot help waiting (every step past the first two
+    would fail): global BatchNorm over several CUDA processes is torch's SyncBatchNorm, which drops
+    the statistics of empty shares by a boolean mask, a wait for the GPU in every BatchNorm layer
+    (torch/nn/modules/_functions.py, pytorch issue 78549); and fp16 with an objective option or SGD
+    reads the loss scaler's overflow flag on the host."""
     t = cfg.train
     if t.check_sync and device.type == "cuda" and world_size > 1 and t.sync_bn and not t.grad_cache_chunk:
         raise FastclrError(f"--check-sync true with global BatchNorm over {world_size} processes: torch's SyncBatchNorm "
                            "waits for the GPU in every BatchNorm layer (pytorch issue 78549), so every step would fail "
                            "the check; add --sync-bn false to check the rest of the step, or drop --check-sync")
+    # fp16's loss scaling: the objective's step reads the overflow flag on the host, as torch's
+    # GradScaler does for a non-fused SGD (tests/test_host_syncs.py)
+    waits = objective_options(t) + (["--optimizer sgd"] if cfg.optim.optimizer == "sgd" else [])
+    if t.check_sync and device.type == "cuda" and t.precision == "fp16" and waits:
+        raise FastclrError(f"--check-sync true with fp16 and {', '.join(waits)}: the step reads the loss scaler's "
+                           "overflow flag on the host, so every step would fail the check; check with --precision bf16 "
+                           "or fp32, or drop --check-sync")
 
 
 def check_data_fits(cfg: Config, dataset: Dataset, custom_encoder: bool = False) -> None:
