@@ -16,7 +16,6 @@ from dist_helpers import run_ranks
 
 from fastclr import pretrain
 from fastclr.augment import local_config
-from fastclr.checkpoint import list_checkpoints
 from fastclr.config import AugmentConfig, TrainConfig
 from fastclr.errors import FastclrError
 from fastclr.models.cnn import FlattenHWC, SmallCNN
@@ -175,17 +174,18 @@ def test_two_ranks_give_the_multicrop_loss_and_gradients_of_one_process(tmp_path
 
 def test_an_encoder_that_cannot_read_small_views_is_refused(tmp_path: Path) -> None:
     """Attention pooling holds a position embedding for the 7 x 7 map only: one line naming the
-    option and the fix, before any step or checkpoint."""
+    option and the fix, before anything is written."""
     cfg = tiny_config(tmp_path / "run", model__cnn_stages="32|256|attn64", train__local_views=2)
     # not "set --local-size": 14 px already is half the side, and no smaller side fits either
     with pytest.raises(FastclrError, match=r"^--local-views: the cnn's attention pooling reads only the full view's map, "
                                            r"not 14 px small views \(.*\); use another readout \(fcN, or gap\)"):
         pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
-    assert not list_checkpoints(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made (it was left empty)
     # a readout of the whole map (flat): another side may fit, so the hint names --local-size
     cfg = tiny_config(tmp_path / "flat", model__cnn_stages="32|256|flat0", train__local_views=2)
     with pytest.raises(FastclrError, match=r"^--local-views: the encoder cannot read h off 14 px small views .*--local-size"):
         pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert not (tmp_path / "flat").exists()
 
 
 def test_stop_and_resume_with_small_views_equals_the_uninterrupted_run(tmp_path: Path) -> None:

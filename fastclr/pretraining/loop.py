@@ -37,7 +37,8 @@ from fastclr.models.foreign import InitWeights, apply_init, read_init, recorded_
 from fastclr.pretraining.model import Model, named_encoder
 from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.schedule import epochs_text
-from fastclr.pretraining.setup import Run, build_run, check_data_fits, check_sync_checkable, validate
+from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_small_views_first,
+                                      check_sync_checkable, validate)
 from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import check_resume_config, check_resume_data
 from fastclr.presets import check_preset
@@ -319,6 +320,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     check_sync_checkable(cfg, ctx.world_size, device)
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
+    if encoder is None:
+        check_small_views_first(cfg, dataset)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written

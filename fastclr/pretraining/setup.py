@@ -19,8 +19,8 @@ from fastclr.data import Dataset
 from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.errors import FastclrError
 from fastclr.pretraining.metrics import Health, MetricsWindow
-from fastclr.pretraining.model import Model, build_model
-from fastclr.models import resolve_encoder
+from fastclr.pretraining.model import Model, build_model, named_encoder
+from fastclr.models import feature_dim, resolve_encoder
 from fastclr.models.cnn import AttentionPool
 from fastclr.models.modes import in_eval_mode
 from fastclr.pretraining.monitor import KnnMonitor
@@ -128,6 +128,19 @@ def check_small_views(encoder: nn.Module, size: int, channels: int, feature_dim:
         raise FastclrError(f"--local-views: the encoder cannot read h off {size} px small views ({problem}); "
                            "set --local-size to a side it reads (for the cnn's fc readout, half the image side) "
                            "or use a readout with global pooling")
+
+
+def check_small_views_first(cfg: Config, dataset: Dataset) -> None:
+    """`check_small_views` before the run directory is made, on a CPU copy of the named encoder
+    (refused at set-up, it left an empty run directory); a module passed in is checked at set-up."""
+    if not cfg.train.local_views:
+        return
+    h, _, c = dataset.image_shape
+    with torch.random.fork_rng(devices=[]):  # the run's own draws start from its seed, later
+        encoder, _, _ = named_encoder(cfg, dataset.image_shape, "cpu")
+    dim = feature_dim(encoder, c, cfg.augment.crop_size or h)
+    check_small_views(encoder, local_config(cfg.augment, dataset.pretrain.images.shape[1]).crop_size, c, dim,
+                      torch.device("cpu"))
 
 
 def wait_for_device(device: torch.device) -> None:
