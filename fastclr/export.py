@@ -43,13 +43,9 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content
 def exported_data_content(path: Path) -> str:
     """The data content identity an export records ("" when it records none or cannot be read:
     `load_encoder` says what is wrong with it)."""
-    try:
-        from safetensors import safe_open
+    from fastclr.models.foreign import safetensors_metadata
 
-        with safe_open(str(path), framework="pt") as f:
-            info = json.loads((f.metadata() or {}).get("fastclr", "{}"))
-    except (SafetensorError, OSError, ValueError):
-        return ""
+    info = safetensors_metadata(path).get("fastclr")
     return str(info.get("data_content", "")) if isinstance(info, dict) else ""
 
 

@@ -21,7 +21,7 @@ from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.cpus import cgroup_cpu_limit, default_threads, gives_threads_back, set_threads, usable_cpus
 from fastclr.models import CPU_WIDTH_WHY, resolve_width
 from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, gpu_kind, matmul_seconds,
-                             missing_kernels, precision_timer, select_device, use_compile)
+                             gfx_name, missing_kernels, precision_timer, select_device, use_compile)
 from fastclr.version import __version__
 
 
@@ -41,7 +41,7 @@ def gpus() -> list[dict[str, Any]]:
     out = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
-        arch = str(getattr(p, "gcnArchName", "")).split(":")[0] if torch.version.hip is not None else ""
+        arch = gfx_name(p) if torch.version.hip is not None else ""
         out.append({"index": i, "name": p.name, "compute_capability": None if arch else f"{p.major}.{p.minor}",
                     **({"gfx": arch} if arch else {}), "memory_gib": round(p.total_memory / 2**30, 1)})
     return out

@@ -54,14 +54,15 @@ class Progress:
         eta = "" if self.total is None else f"eta {format_seconds((self.total - step) / max(rate, 1e-9))}"
         head = " ".join(p for p in (f"{self.unit} {step}" + ("" if self.total is None else f"/{self.total}"),
                                     f"{self.rate_of}, {rate:.0f} {self.rate_of}/s" if self.rate_of else "") if p)
+        width = self._width() if self.tty else 0
         if self.tty:
             # Within the terminal's width (a longer line wraps, and the next "\r" rewrites only the
             # wrapped row: a line left behind at each update), the metrics cut before the eta, the
             # rest of the row cleared (ESC [K).
-            room = self._width() - len(head) - len(eta) - 2
+            room = width - len(head) - len(eta) - 2
             text = text if len(text) <= room else text[:max(room - 1, 0)] + "\u2026" if room > 0 else ""
         line = " ".join(p for p in (head, text, eta) if p)
-        self.stream.write("\r" + line[:self._width()] + "\x1b[K" if self.tty else line + "\n")
+        self.stream.write("\r" + line[:width] + "\x1b[K" if self.tty else line + "\n")
         self.stream.flush()
         self._last_print = now
 

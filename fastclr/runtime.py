@@ -120,7 +120,7 @@ def _missing_rocm_kernels(index: int) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         arch_list = torch.cuda.get_arch_list()
-        arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", "")).split(":")[0]
+        arch = gfx_name(torch.cuda.get_device_properties(index))
     if not arch_list or not arch or any(_rocm_covers(a, arch) for a in arch_list):
         return ""
     return (f"{torch.cuda.get_device_name(index)} ({arch}) has no kernels in this torch build, which carries "
@@ -346,11 +346,16 @@ def rocm_has_bf16(arch: str) -> bool:
     return arch.split(":")[0].startswith(ROCM_BF16)
 
 
+def gfx_name(properties: Any) -> str:
+    """The gfx name in a ROCm GPU's properties ("gfx90a:sramecc+:xnack-" -> "gfx90a"); "" without one."""
+    return str(getattr(properties, "gcnArchName", "")).split(":")[0]
+
+
 def rocm_arch(device: torch.device) -> str:
     """The gfx name of ROCm GPU `device` ("gfx90a"); "" on CUDA builds and other devices."""
     if device.type != "cuda" or torch.version.hip is None:
         return ""
-    return str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")).split(":")[0]
+    return gfx_name(torch.cuda.get_device_properties(device))
 
 
 def gpu_kind(device: torch.device) -> tuple[tuple[int, int] | None, str]:

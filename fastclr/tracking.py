@@ -74,12 +74,15 @@ def importable(names: tuple[str, ...], run_dir: Path, warn: Callable[[str], None
     """The trackers of `names` whose packages import here; one warning for each other, whose
     results are then not filed there: a run tracked on another machine is evaluated all the same
     (a tracker's trouble is a warning, never lost work)."""
+    kept = []
     for name in names:
         install = _missing(name)
         if install:
             warn(f"warning: {run_dir} is tracked with {name}, whose {EXTRAS[name][0]} package is missing here: these "
                  f"results are not filed there ({install} to file them)")
-    return tuple(n for n in names if not _missing(n))
+        else:
+            kept.append(name)
+    return tuple(kept)
 
 
 def numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -7,6 +7,7 @@ work.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -34,13 +35,9 @@ def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device, contin
     reseed every GPU's, and restoring those would start a CUDA context on each). With
     `continue_stream` the CPU's is left seeded and past the encoder's draws instead, as pretrain
     leaves it for its head: a network built next on it starts from draws of its own."""
-    if continue_stream:
+    with nullcontext() if continue_stream else torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         enc = encoder_from_spec(spec)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            enc = encoder_from_spec(spec)
     enc = to_channels_last(enc.to(device))
     return enc.eval()
 

@@ -128,7 +128,7 @@ def _read(path: Path, data: bytes) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def _metadata(path: Path) -> dict[str, Any]:
+def safetensors_metadata(path: Path) -> dict[str, Any]:
     """A safetensors file's metadata with fastclr's own record parsed under "fastclr" ({} for other
     files, or one unreadable or odd: read_init names what is wrong with the file)."""
     if path.suffix != ".safetensors" or not path.is_file():
@@ -148,7 +148,7 @@ def _metadata(path: Path) -> dict[str, Any]:
 def recorded_width(path: Path) -> float | None:
     """The channel multiplier a fastclr export records in its metadata (either naming), else None:
     a torchvision or timm file, or a plain state dict, says nothing (and their ResNets have width 1)."""
-    meta = _metadata(path)
+    meta = safetensors_metadata(path)
     own = meta.get("fastclr")
     try:
         width = own.get("width") if isinstance(own, dict) else meta.get("width")
@@ -164,7 +164,7 @@ def _refuse_other_stages(path: Path, stages: str) -> None:
     from fastclr.models.cnn import parse_stages
     from fastclr.models.spec import EncoderSpec
 
-    own = _metadata(path).get("fastclr")
+    own = safetensors_metadata(path).get("fastclr")
     try:
         recorded = EncoderSpec.from_dict(own).stages if isinstance(own, dict) and own.get("encoder") == "cnn" else ""
         theirs = parse_stages(recorded) if recorded else None

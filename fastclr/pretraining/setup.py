@@ -402,7 +402,7 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     t = cfg.train
     torch.manual_seed(t.seed)  # the initial weights are a function of the seed
     model = build_model(cfg, dataset, device, encoder)
-    if t.local_views:
+    if t.local_views and encoder is not None:  # a named encoder was checked before (check_small_views_first)
         check_small_views(model.encoder, local_config(cfg.augment, dataset.pretrain.images.shape[1]).crop_size,
                           dataset.pretrain.images.shape[-1], model.spec.feature_dim, device)
     # Gradient caching runs every BatchNorm on one chunk at a time (ghost BatchNorm, gradcache.py):
