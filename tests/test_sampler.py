@@ -8,10 +8,12 @@ from fastclr.data.loader import BatchSampler, epoch_permutation, steps_per_epoch
 
 
 def permutation(n: int, epoch: int, seed: int, device: torch.device) -> torch.Tensor:
-    """Transcription of the documented order: epoch e is torch.randperm from a generator seeded with
-    seed * 1_000_003 + e (mod 2**64)."""
-    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) % 2**64)
-    return torch.randperm(n, generator=g, device=device)
+    """Transcription of the documented order: epoch e is torch.randperm from a CPU generator seeded
+    with seed * 1_000_003 + e (mod 2**64), moved to the training device (a CUDA generator would draw
+    another order: a run resumed on the other kind of device would repeat some images of its epoch
+    and skip others)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+    return torch.randperm(n, generator=g).to(device)
 
 
 def test_step_s_takes_slice_s_mod_steps_of_epoch_s_div_steps(device: torch.device) -> None:
@@ -24,7 +26,7 @@ def test_step_s_takes_slice_s_mod_steps_of_epoch_s_div_steps(device: torch.devic
     assert spe == 6 == steps_per_epoch(n, b)
     for epoch in range(3):
         perm = permutation(n, epoch, seed, device)
-        assert torch.equal(perm, epoch_permutation(n, epoch, seed, device))
+        assert torch.equal(perm, epoch_permutation(n, epoch, seed).to(device))
         for i in range(spe):
             got = sampler.indices(epoch * spe + i)
             assert got.dtype == torch.int64 and got.device.type == device.type

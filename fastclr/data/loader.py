@@ -3,7 +3,9 @@
 The data order is a pure function of (seed, step): epoch e uses the permutation drawn from a
 generator seeded with (seed, e), and step s takes slice s % steps_per_epoch of it. Resuming at
 any step, mid-epoch included, therefore replays exactly the same batches, with no loader state to
-save. Under DDP each rank takes its own contiguous slice r of global batch s of the same
+save. The permutation is drawn on the CPU whatever the training device (a CUDA generator draws
+another order from the same seed), so a run stopped on a GPU and resumed on a CPU, or the reverse,
+finishes the epoch it was in on the images it had not yet seen. Under DDP each rank takes its own contiguous slice r of global batch s of the same
 permutation, so ranks see disjoint data and together cover exactly the global batch one process
 would take at the same step.
 """
@@ -20,11 +22,12 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return n // (batch_size * world_size)
 
 
-def epoch_permutation(n: int, epoch: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The data order of one epoch: int64 (n,) on `device`, the same for the same (seed, epoch)."""
-    g = torch.Generator(device=device)
+def epoch_permutation(n: int, epoch: int, seed: int) -> torch.Tensor:
+    """The data order of one epoch: int64 (n,) on the CPU, the same for the same (seed, epoch) on
+    every machine."""
+    g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any seed torch takes: the product may pass 2**64
-    return torch.randperm(n, generator=g, device=device)
+    return torch.randperm(n, generator=g)
 
 
 class BatchSampler:
@@ -41,7 +44,7 @@ class BatchSampler:
         """Indices of this rank's share of global step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._perm = epoch_permutation(self.n, epoch, self.seed, self.device)
+            self._perm = epoch_permutation(self.n, epoch, self.seed).to(self.device)
             self._epoch = epoch
         start = (i * self.world_size + self.rank) * self.batch_size
         return self._perm[start : start + self.batch_size]
