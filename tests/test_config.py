@@ -293,7 +293,6 @@ def test_seeds_stop_where_the_generators_do_and_stage_specs_are_checked_with_the
     with pytest.raises(FastclrError, match=r"train.seed = 18446744073709551616 is not allowed: it must be in "
                                            r"\[0, 18446744073709551615\]"):
         apply_overrides(Config(), {"train.seed": 2**64})
-    cpu = torch.device("cpu")
     for seed in (2**64 - 1, 2**44 + 5, 2**32):
         assert apply_overrides(Config(), {"train.seed": seed}).train.seed == seed
         assert sorted(epoch_permutation(10, 3, seed).tolist()) == list(range(10))
