@@ -8,6 +8,7 @@ line), checkpoints/, encoder.safetensors (the encoder alone, exported at the end
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from fastclr.checkpoint import is_run_temporary
 from fastclr.config import Config, to_toml
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, warn_stderr
 from fastclr.files import WriteFailed, write_failure_reason, write_text
 from fastclr.locks import LOCK_FILE
 from fastclr.tracking import Tracker, numbers
@@ -186,13 +187,16 @@ class MetricsLog:
         """(step, is a kNN record) of the records past the checkpoint TensorBoard and the trackers
         were sent before this process: a resumed run replays those steps, and they have them."""
         self._tb = None
-        if enabled:
+        if enabled and importlib.util.find_spec("tensorboard") is not None:  # an optional dependency
             try:
-                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+                from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception:  # noqa: BLE001 - tensorboard missing or broken: JSONL still works
-                self._tb = None
+            except Exception as e:  # noqa: BLE001 - installed but broken (a protobuf it cannot use): JSONL still works
+                reason = (str(e).splitlines() or [""])[0]
+                warn_stderr(f"warning: tensorboard is installed but its writer failed ({type(e).__name__}: {reason}): "
+                            f"{run_dir / 'tb'} is not written, metrics.jsonl holds every record (pip install "
+                            f"--force-reinstall 'fastclr[tensorboard]' to mend it)")
 
     def keep_until(self, step: int) -> None:
         """Drop the records past `step`, the checkpoint a resumed run continues from: the steps after

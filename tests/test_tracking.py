@@ -494,3 +494,17 @@ def test_a_wandb_run_gets_no_step_below_one_it_has_and_is_continued_by_its_id(
         "new0", "allow", str(tmp_path / "elsewhere"))
     again.close("KILLED")
     assert wandb_runs[1].ended == ["preempting", 1]
+
+
+def test_a_runs_tensorboard_events_hold_its_metrics_jsonl(tracked_run: tuple[Path, dict[str, str]]) -> None:
+    """The events `fastclr pretrain` writes to RUN/tb, read back with tensorboard's own reader:
+    metrics.jsonl's numbers at their steps, each step's loss once (an epoch's end writes its epoch
+    again beside its kNN monitor pass, with the same value)."""
+    pytest.importorskip("tensorboard")
+    from test_tensorboard import expected, tb_scalars
+
+    run, _ = tracked_run
+    got = tb_scalars(run / "tb")
+    assert {k: set(v) for k, v in got.items()} == {k: set(v) for k, v in expected(run).items()}
+    losses = {step: v for (tag, step), v in got.items() if tag == "loss"}
+    assert len(losses) == len(jsonl(run, "loss")) > 1 and all(len(v) == 1 for v in losses.values())
