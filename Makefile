@@ -44,7 +44,7 @@ demo: data
 test: $(TESTS)
 	$(BIN)/ruff check fastclr tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	FASTCLR_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest
 
 bench: $(RUN)
 	$(BIN)/python benchmarks/throughput.py
