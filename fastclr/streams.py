@@ -48,11 +48,28 @@ class ClosedPipeGuard:
         return getattr(self.stream, name)
 
 
+def null_if_closed(stream: TextIO | None, fd: int) -> TextIO:
+    """`stream`, or the null device where the command was started with `fd` closed (`>&-`): Python
+    then has no sys.stdout (None: the first print raised AttributeError, exit 120), and the next
+    file opened takes the free descriptor, where a library's or a child's write to `fd` would land
+    in that file. A free `fd` is taken by the null device; one a library took already is left."""
+    if stream is not None:
+        return stream
+    try:
+        os.fstat(fd)
+    except OSError:  # still free
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+    return open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the process's stream until it exits
+
+
 @contextlib.contextmanager
 def outliving_readers() -> Iterator[None]:
     """sys.stdout and sys.stderr guarded while inside (each as it is at entry, restored after)."""
     out, err = sys.stdout, sys.stderr
-    guards = ClosedPipeGuard(out), ClosedPipeGuard(err)
+    guards = ClosedPipeGuard(null_if_closed(out, 1)), ClosedPipeGuard(null_if_closed(err, 2))
     sys.stdout, sys.stderr = guards  # type: ignore[assignment]
     try:
         yield

@@ -197,6 +197,32 @@ def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path: Path, env: dict[
     assert steps[-1] == 2 * (256 // 32)  # both epochs of the 256 synthetic images
 
 
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+def test_a_command_started_with_its_output_closed_does_its_work(closed: str, tmp_path: Path,
+                                                                env: dict[str, str]) -> None:
+    """`fastclr prepare DIR --out S >&-`: Python starts with no sys.stdout, and the first line
+    printed raised AttributeError (exit 120, the store written, pretrain dead at its first line).
+    The command now runs to its end and exits 0, and its store holds every image."""
+    from PIL import Image
+
+    from fastclr.data.store import read_store
+
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        Image.new("L", (12, 12), 40 * i).save(tmp_path / "images" / f"{i}.png")
+    store = tmp_path / "store"
+    argv = [sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "images"), "--size", "8", "--out", str(store)]
+    r = subprocess.run(["sh", "-c", f'exec "$@" {closed}', "sh", *argv], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    if closed == "2>&-":
+        assert ": 6 images (unlabeled, 1 channel)" in r.stdout
+    elif closed == ">&-":
+        assert "Traceback" not in r.stderr and "prepare 6/6 files" in r.stderr
+    images = read_store(store).images
+    assert sorted(int(a[0, 0, 0]) for a in images) == [0, 40, 80, 120, 160, 200]
+
+
 def test_the_guard_passes_writes_through_until_the_pipe_closes() -> None:
     import io
 
