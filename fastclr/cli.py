@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
-from fastclr.files import is_write_error, write_failure_reason
+from fastclr.files import is_write_error, write_failure_reason, write_way_out
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
@@ -348,7 +348,7 @@ def _run(args: argparse.Namespace) -> int:
         # A write outside the atomic writers (a log line, a cache): still one line, never a traceback.
         where = Path(e.filename) if e.filename else Path.cwd()
         _error(f"error: cannot write {e.filename or 'a file'} ({write_failure_reason(e, where)}); files already "
-               "complete were kept; free space and run the command again")
+               f"complete were kept; {write_way_out(e, 'another place')} and run the command again")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line

@@ -76,6 +76,8 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
     when one is set, the file-size limit (`ulimit -f`)."""
     if isinstance(e, OSError):
         reason = e.strerror or str(e)
+        if e.errno == errno.EROFS:
+            return reason  # no write can succeed there: the space left is beside the point
     else:  # torch's writer: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = "the writer stopped: " + text.split("] . ")[-1]
@@ -94,6 +96,18 @@ def set_mode(fd: int) -> None:
     Windows has no fchmod before Python 3.13 and no modes beyond read-only: nothing to do there."""
     if hasattr(os, "fchmod"):
         os.fchmod(fd, FILE_MODE)
+
+
+def write_way_out(e: BaseException, elsewhere: str) -> str:
+    """What to do about a failed write (`is_write_error`): on a read-only file system, write to
+    `elsewhere` or remount it; after an I/O error, check the disk; otherwise free space there or
+    write to `elsewhere`."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.EROFS:
+        return f"choose {elsewhere} on a writable file system, or remount it read-write,"
+    if code == errno.EIO:
+        return "check the disk (the system reported an I/O error)"
+    return f"free space there or choose {elsewhere}"
 
 
 def is_write_error(e: BaseException) -> bool:

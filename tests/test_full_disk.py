@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -315,3 +316,36 @@ def test_a_writer_failure_is_told_by_its_own_words_without_the_source_location(t
     reason = write_failure_reason(error, tmp_path / "step-000000002.pt")
     assert reason.startswith("the writer stopped: unexpected pos 704 vs 598; ") and "inline_container" not in reason
     assert write_failure_reason(RuntimeError(), tmp_path / "x.pt").startswith("the writer stopped: RuntimeError")
+
+
+@pytest.mark.parametrize("code, way", [
+    (errno.ENOSPC, "free space there or choose another --out"),
+    (errno.EDQUOT, "free space there or choose another --out"),
+    (errno.EROFS, "choose another --out on a writable file system, or remount it read-write,"),
+    (errno.EIO, "check the disk (the system reported an I/O error)"),
+])
+def test_a_failed_writes_way_out_fits_its_cause(tmp_path: Path, code: int, way: str) -> None:
+    """A read-only file system was told to free space (with the space there, beside the point)."""
+    from fastclr.files import write_failure_reason, write_way_out
+
+    e = OSError(code, os.strerror(code))
+    assert write_way_out(e, "another --out") == way
+    reason = write_failure_reason(e, tmp_path / "x.bin")
+    assert reason.startswith(e.strerror) and (("free there" in reason) == (code != errno.EROFS))
+
+
+def test_prepare_onto_a_read_only_file_system_says_to_write_elsewhere(tmp_path: Path) -> None:
+    """A real read-only mount (a tmpfs mounted ro in a private mount namespace): one line naming the
+    cause and a way out that can work, nothing about free space."""
+    if not _can_mount_tmpfs(tmp_path / "probe"):
+        pytest.skip("cannot mount a tmpfs here (needs root or user namespaces)")
+    bar_images(tmp_path / "bars", n_per_class=4, size=16)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    argv = [sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "bars"), "--out", str(ro / "store"), "--size",
+            "16", "--workers", "1"]
+    r = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro,size=64k tmpfs "$0" && exec "$@"', str(ro),
+                        *argv], capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=240)
+    line = one_line_error(r)
+    assert line == (f"error: cannot write {ro / 'store'} (Read-only file system); files already complete were kept; "
+                    "choose another place on a writable file system, or remount it read-write, and run the command again")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
-from fastclr.files import is_write_error, set_mode, write_failure_reason
+from fastclr.files import is_write_error, set_mode, write_failure_reason, write_way_out
 from fastclr.errors import FastclrError
 from fastclr.signals import cleanup_on_sigterm
 
@@ -98,8 +98,8 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
         except OSError as e:
             if is_write_error(e):
                 raise DownloadWriteFailed(f"cannot write {remote.filename} into {dest_dir} ("
-                                          f"{write_failure_reason(e, final)}); free space there or choose another "
-                                          "--root / $FASTCLR_DATA, and run the download again") from None
+                                          f"{write_failure_reason(e, final)}); {write_way_out(e, 'another --root or $FASTCLR_DATA')}"
+                                          ", and run the download again") from None
             reason = getattr(e, "reason", e)
             raise FastclrError(f"cannot download {remote.url} ({reason})") from None
         except http.client.HTTPException as e:  # a reply cut off mid-body, or not HTTP at all (a proxy, a wrong port)

@@ -34,7 +34,7 @@ from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, SKIPPED, SKIPPED_COL
                                 StoreWriter, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
 from fastclr.signals import die_with_parent
-from fastclr.files import is_write_error, write_failure_reason
+from fastclr.files import is_write_error, write_failure_reason, write_way_out
 from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, Walk, walk_folder
@@ -406,7 +406,7 @@ def prepare_store(
         if not is_write_error(e):
             raise
         raise FastclrError(f"cannot write the store {out} ({write_failure_reason(e, out)}); its partial files were "
-                           "removed; free space and run the same command again") from None
+                           f"removed; {write_way_out(e, 'another --out')} and run the command again") from None
     except BaseException:
         writer.abort()
         raise
