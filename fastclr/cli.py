@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import is_write_error, write_failure_reason, write_way_out
+from fastclr.signals import cleanup_on_sigterm
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
@@ -322,9 +323,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line and exit code 2."""
     args = parse_args(argv)
-    with outliving_readers():
+    rank = args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A kill's SIGTERM unwinds (partial files removed, locks freed) but in a torchrun rank, whose
+    # pretraining stops gracefully on it and whose threads can abort an unwinding exit.
+    with outliving_readers(), cleanup_on_sigterm() if not rank else contextlib.nullcontext():
         code = _run(args)
-        if args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if rank:
             _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
     return code
 

@@ -677,6 +677,35 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     assert len(s.paths) == 3000 and s.images.shape[0] == 3000 and len(set(s.paths)) == 3000
 
 
+def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) of a prepare updating a store while its decoders are busy: the process ends
+    with the status a kill gives (128 + 15), the old store is byte for byte as it was, and neither
+    the new store's partial files (as large as the store they would become) nor the lock remain;
+    SIGTERM's default action left both, where Ctrl-C removed them."""
+    import signal
+    import subprocess
+    import sys
+
+    bar_images(tmp_path / "imgs", n_per_class=20, size=64)
+    store = tmp_path / "store"
+    prepare_store(tmp_path / "imgs", store, DecodeOptions(32), workers=1, **QUIET)
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    bar_images(tmp_path / "imgs", n_per_class=1500, size=64)  # the same first 20 a class, and 2,960 more
+    proc = subprocess.Popen([sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "imgs"), "--size", "32",
+                             "--out", str(store), "--workers", "2", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = store / ".images.u8.partial"
+    end = time.monotonic() + 60
+    while time.monotonic() < end and proc.poll() is None and not (partial.exists() and partial.stat().st_size > 0):
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    assert read_store(store).images.shape[0] == 40
+
+
 @pytest.mark.parametrize("damage, message", [
     ("no-splits", "is damaged (KeyError"),
     ("flat-shape", "not [N, S, S, 1 or 3]"),
