@@ -677,6 +677,34 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     assert len(s.paths) == 3000 and s.images.shape[0] == 3000 and len(set(s.paths)) == 3000
 
 
+def test_classes_a_probe_cannot_use_are_named_after_the_summary(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A class folder whose files are all corrupt was still a class of the store, with no row: the
+    probe then measured a one-class problem and printed 100% without a word. A class whose only
+    image the holdout puts in the test split is never learnt. Both are named; usable classes not."""
+    bar_images(tmp_path / "imgs", n_per_class=30, size=16)
+    (tmp_path / "imgs" / "broken").mkdir()
+    for name in ("x.png", "y.jpg"):
+        (tmp_path / "imgs" / "broken" / name).write_bytes(b"garbage")
+    held = next(f"owl/{i}.png" for i in range(1000) if holdout(f"owl/{i}.png"))
+    (tmp_path / "imgs" / "owl").mkdir()
+    Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).save(tmp_path / "imgs" / held)
+    assert main(["prepare", str(tmp_path / "imgs"), "--size", "16", "--out", str(tmp_path / "s"), "--workers", "1",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "4 classes" in out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: no image of class broken could be stored (see skipped.csv): the store names that class without a "
+        "row, so probes measure the other 3; add usable images to its folder or remove it, and prepare again",
+        "note: every image of class owl is in the test split (1 labelled image in 10 is held out): a probe cannot "
+        "learn that class and gets its test images wrong; add images to its folder and prepare again"]
+    store = read_store(tmp_path / "s")
+    assert store.classes == ["broken", "class0", "class1", "owl"]
+    train = store.labels[slice(*store.split_range("train"))]
+    assert sorted(set(train.tolist())) == [1, 2]  # the notes' reading of the store
+
+
 def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(tmp_path: Path) -> None:
     """`kill` (SIGTERM) of a prepare updating a store while its decoders are busy: the process ends
     with the status a kill gives (128 + 15), the old store is byte for byte as it was, and neither

@@ -22,6 +22,7 @@ numpy reads a store without fastclr:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import hashlib
@@ -274,6 +275,8 @@ class StoreWriter:
         self.channels = channels or 1
         self.n = 0
         self.split_sizes = {s: 0 for s in SPLITS}
+        self.class_rows: collections.Counter[tuple[str, int]] = collections.Counter()
+        """Rows written by (split, label)."""
         self._images_path = out / ("." + IMAGES + _PARTIAL)
         self._manifest_path = out / ("." + MANIFEST + _PARTIAL)
         self._images = open(self._images_path, "wb")
@@ -303,6 +306,7 @@ class StoreWriter:
         self._manifest.writerow([self.n, *(row.get(k, "") for k in MANIFEST_COLUMNS[1:])])
         self._rows.update(json.dumps([str(row.get(k, "")) for k in CONTENT_COLUMNS]).encode() + b"\n")
         self.split_sizes[row["split"]] += 1
+        self.class_rows[row["split"], int(row.get("label", -1))] += 1
         self.n += 1
 
     def _promote(self) -> None:

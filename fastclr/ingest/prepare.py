@@ -413,12 +413,39 @@ def prepare_store(
     listed_in = skipped_list if skipped_list is not None and skipped else out / SKIPPED
     result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start, listed_in)
     log(summary(result, lay, writer.channels))
+    if dedupe:
+        for line in class_notes(lay.classes, writer.class_rows):
+            log(line)
     if unlabelled_twin:  # unlabelled rows come first in a store, so the copy kept is the unlabelled one
         n = len(unlabelled_twin)
         log(f"note: {counted(n, 'labelled image')} ({', '.join(unlabelled_twin[:3])}{', ...' * (n > 3)}) had the "
             f"same bytes as an unlabelled file and {'were' if n > 1 else 'was'} kept unlabelled, without {'their' if n > 1 else 'its'} "
             "class (skipped.csv: duplicate); remove the unlabelled copies and prepare again to keep the labels")
     return result
+
+
+def class_notes(classes: list[str], rows: collections.Counter[tuple[str, int]]) -> list[str]:
+    """Notes on the classes a probe cannot use: folders whose files were all skipped (the store
+    names the class, with no row: a probe over the others reads as if they were all), and classes
+    whose images all fell in the test split (never learnt, always wrong)."""
+    none = [c for k, c in enumerate(classes) if not rows["train", k] and not rows["test", k]]
+    untrained = [c for k, c in enumerate(classes) if not rows["train", k] and rows["test", k]]
+    notes = []
+    if none:
+        notes.append(f"note: no image of {_listed(none)} could be stored (see skipped.csv): the store names "
+                     f"{'that class' if len(none) == 1 else 'those classes'} without a row, so probes measure the other "
+                     f"{len(classes) - len(none)}; add usable images to {'its folder' if len(none) == 1 else 'their folders'}"
+                     f" or remove {'it' if len(none) == 1 else 'them'}, and prepare again")
+    if untrained:
+        notes.append(f"note: every image of {_listed(untrained)} is in the test split (1 labelled image in "
+                     f"{HOLDOUT} is held out): a probe cannot learn {'that class' if len(untrained) == 1 else 'those classes'}"
+                     f" and gets {'its' if len(untrained) == 1 else 'their'} test images wrong; add images to "
+                     f"{'its folder' if len(untrained) == 1 else 'their folders'} and prepare again")
+    return notes
+
+
+def _listed(names: list[str]) -> str:
+    return f"class {names[0]}" if len(names) == 1 else f"classes {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
 
 
 def _old_row(prev: Previous, row: dict[str, str]) -> np.ndarray:
