@@ -677,6 +677,32 @@ def test_sigkill_during_prepare_takes_its_decoders_with_it_and_a_rerun_completes
     assert len(s.paths) == 3000 and s.images.shape[0] == 3000 and len(set(s.paths)) == 3000
 
 
+def test_a_store_of_another_folder_is_not_replaced_and_one_of_a_moved_folder_is_updated(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`prepare other --out s` over the store of a folder still there replaced it, and its decoding,
+    without a word: refused in one line, the store byte for byte as it was. Where the store's folder
+    is gone (renamed), the new one updates it, reusing its rows, and a note says so."""
+    bar_images(tmp_path / "a", n_per_class=6, size=16)
+    bar_images(tmp_path / "b", n_per_class=3, size=16, classes=3)
+    store = tmp_path / "s"
+    args = ["--size", "16", "--out", str(store), "--workers", "1", "--quiet"]
+    assert main(["prepare", str(tmp_path / "a"), *args]) == 0
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "b"), *args]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {store} holds the store of {(tmp_path / 'a').resolve()}, not of {(tmp_path / 'b').resolve()}: give "
+        f"another --out, or remove {store} first to replace it")
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    (tmp_path / "a").rename(tmp_path / "a2")
+    assert main(["prepare", str(tmp_path / "a2"), *args]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {store} was prepared from {(tmp_path / 'a').resolve()}, which is gone; updating it from " \
+           f"{(tmp_path / 'a2').resolve()}" in out
+    assert "12 images (2 classes, 3 channels); 0 files decoded, 12 reused" in out
+    assert json.loads((store / "store.json").read_text())["source"] == str((tmp_path / "a2").resolve())
+
+
 def test_classes_a_probe_cannot_use_are_named_after_the_summary(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A class folder whose files are all corrupt was still a class of the store, with no row: the

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import signal
 import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreClaim,
+from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, META, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreClaim,
                                 StoreWriter, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
 from fastclr.signals import die_with_parent
@@ -120,6 +121,23 @@ class Previous:
     by_path: dict[str, dict[str, str]] = field(default_factory=dict)
     """path -> manifest row, or skipped row for files that were read and found unusable."""
     by_hash: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def refuse_another_source(out: Path, root: Path, log: Callable[[str], None]) -> None:
+    """Refuse to replace the store at `out` of another folder that is still there: a mistyped
+    folder or --out replaced the store, and its hours of decoding, without a word. A store whose
+    folder is gone (moved or renamed) is updated from `root`, and said so."""
+    try:
+        old = json.loads((out / META).read_text(encoding="utf-8")).get("source") if is_store(out) else None
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged store.json: `load_previous` says why it is not reused
+    new = str(root.resolve())
+    if not isinstance(old, str) or not old or old == new:
+        return
+    if Path(old).is_dir():
+        raise FastclrError(f"{out} holds the store of {old}, not of {new}: give another --out, or remove {out} "
+                           "first to replace it")
+    log(f"note: {out} was prepared from {old}, which is gone; updating it from {new}")
 
 
 def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]) -> Previous | None:
@@ -277,6 +295,7 @@ class _Plan:
 def _plan(root: Path, out: Path, opts: DecodeOptions, labels: str, workers: int, rehash: bool, dedupe: bool,
           log: Callable[[str], None]) -> _Plan:
     """Walk `root`, lay it out and weigh it against the store at `out` (see `prepare_store`)."""
+    refuse_another_source(out, root, log)
     walk = walk_folder(root, exclude=out)
     if not walk.files:
         raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
