@@ -703,6 +703,29 @@ def test_a_store_of_another_folder_is_not_replaced_and_one_of_a_moved_folder_is_
     assert json.loads((store / "store.json").read_text())["source"] == str((tmp_path / "a2").resolve())
 
 
+@pytest.mark.parametrize("tree, note", [
+    (("data/train/cat/1.png", "data/train/dog/2.png"),
+     "note: the images are all under train/, so none has a class (the classes are the top-level folders, two or "
+     "more); to label them by its subfolders (cat, dog), give {root}/train"),
+    (("data/train/1.png", "data/test/2.png"),
+     "note: the classes are test, train, names of a dataset's splits; if they are splits of unlabelled images, "
+     "prepare again with --labels none"),
+    (("data/cat/1.png", "data/dog/2.png"), None),
+    (("data/train/cat/1.png", "data/train/dog/2.png", "data/loose.png"), None),
+])
+def test_layouts_whose_labels_are_likely_not_meant_are_named(tmp_path: Path, tree: tuple[str, ...], note: str | None,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder wrapping class folders (a Kaggle archive's `train/cat`) gave an unlabelled store,
+    and split folders of loose images the classes "test" and "train", both without a word."""
+    for i, rel in enumerate(tree):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(tmp_path / rel)
+    assert main(["prepare", str(tmp_path / "data"), "--size", "8", "--out", str(tmp_path / "s"), "--workers", "1",
+                 "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ([note.format(root=tmp_path / "data")] if note else [])
+
+
 def test_classes_a_probe_cannot_use_are_named_after_the_summary(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A class folder whose files are all corrupt was still a class of the store, with no row: the

@@ -83,6 +83,25 @@ def layout(rels: Iterable[str], labels: str = "auto") -> Layout:
     return Layout(classes, split, label)
 
 
+def layout_notes(root: Path, lay: Layout, rels: list[str], labels: str) -> list[str]:
+    """Notes on layouts whose labels are likely not what the user meant, taken as documented: one
+    folder wrapping class folders (`data/train/cat`: no classes, the labels lost), and split
+    folders of loose images (`train/x.jpg`, `test/y.jpg`: "train" and "test" as the classes)."""
+    if labels != "auto":
+        return []
+    tops = sorted({r.split("/", 1)[0] for r in rels if "/" in r})
+    if not lay.classes and len(tops) == 1 and all("/" in r for r in rels):
+        inner = sorted({r.split("/", 2)[1] for r in rels if r.count("/") >= 2})
+        if len(inner) >= 2:
+            return [f"note: the images are all under {tops[0]}/, so none has a class (the classes are the top-level "
+                    f"folders, two or more); to label them by its subfolders ({', '.join(inner[:3])}"
+                    f"{', ...' if len(inner) > 3 else ''}), give {root / tops[0]}"]
+    if lay.classes and all(c.lower() in SPLIT_NAMES for c in lay.classes):
+        return [f"note: the classes are {', '.join(lay.classes)}, names of a dataset's splits; if they are splits "
+                f"of unlabelled images, prepare again with --labels none"]
+    return []
+
+
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "dev", "test", "testing", "unlabeled",
                          "unlabelled", "unlabeled_images"})
 """Folder names that stand for a dataset's split, not a class of images."""
@@ -303,6 +322,8 @@ def _plan(root: Path, out: Path, opts: DecodeOptions, labels: str, workers: int,
     lay = layout((f.rel for f in walk.files), labels)
     if dedupe:  # a store to train and measure on (embed's rows only name each file's folder)
         refuse_split_folders(root, lay.classes, [f.rel for f in walk.files])
+        for line in layout_notes(root, lay, [f.rel for f in walk.files], labels):
+            log(line)
     bare = folders_without_images(root, walk.files, exclude=out)
     if bare:  # a class folder still to be filled disappears from the classes: say so
         log(f"note: no images in {', '.join(bare[:5])}{', ...' if len(bare) > 5 else ''}: "
