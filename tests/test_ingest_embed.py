@@ -617,3 +617,18 @@ def test_an_output_without_a_file_name_is_one_line_before_any_work(  # type: ign
     assert main(["embed", str(run.run_dir), "--data", str(store), "--out", "e"]) == 2
     assert "would write e.csv, which is a folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.csv"]
+
+
+@pytest.mark.parametrize("left", [".images.u8.partial", "images.u8"])
+def test_an_unfinished_store_is_refused_as_such_not_read_as_a_folder_of_images(bars, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                               left: str) -> None:
+    """`embed --data STORE` on a store an interrupted prepare left: it was walked as a folder of
+    images and refused as "no images (1 not-an-image)"; pretrain named it an incomplete store."""
+    _, _, run = bars
+    unfinished = tmp_path / "store"
+    unfinished.mkdir()
+    (unfinished / left).write_bytes(b"\0" * 784)
+    with pytest.raises(FastclrError, match=rf"^{re.escape(str(unfinished))} is an incomplete store \(an interrupted "
+                                           r"prepare\): it has no store.json; run the same `fastclr prepare"):
+        embed(run, str(unfinished), tmp_path / "emb.npy", CPU, log=lambda s: None)
+    assert not (tmp_path / "emb.npy").exists()

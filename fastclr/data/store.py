@@ -90,6 +90,12 @@ def is_store(path: Path) -> bool:
     return (path / META).is_file() and (path / IMAGES).is_file()
 
 
+def unfinished_store(path: Path) -> bool:
+    """Whether `path` is a store a prepare has not completed (interrupted, or still running): its
+    images or their partial file, and no store.json."""
+    return not (path / META).is_file() and ((path / IMAGES).is_file() or (path / ("." + IMAGES + _PARTIAL)).is_file())
+
+
 def store_holding(path: Path) -> Path | None:
     """The store `path` is, or lies inside (resolved), else None."""
     resolved = path.resolve()

@@ -24,7 +24,7 @@ import torch
 from fastclr.files import atomic_write, atomic_write_all, npy_writer
 from fastclr.data import refuse_ambiguous
 from fastclr.data.datasets import REGISTRY, load_builtin
-from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store
+from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store, unfinished_store
 from fastclr.augment import LUMA
 from fastclr.errors import FastclrError
 from fastclr.ingest.builtin import block_rows, builtin_blocks
@@ -93,7 +93,7 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
         ds = load_builtin(data, root)
         blocks = [(s, b) for s, b in builtin_blocks(ds) if split in ("all", s)]
         yield Source([b.images for _, b in blocks], block_rows(blocks, ds.classes))
-    elif is_store(path):
+    elif is_store(path) or unfinished_store(path):  # an unfinished one is refused as such, not walked as images
         yield _store_source(path, split)
     elif fastclr_folder(str(path)) == "run":  # its files came out as "no images (18 not-an-image)"
         raise FastclrError(f"--data {data} is a fastclr run, not images; give a store, a folder of images or a built-in "
