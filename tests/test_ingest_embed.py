@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -375,6 +376,7 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
     root, store, run = bars
     (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
     (tmp_path / "zero.jpg").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo.png")
     assert main(["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.npy"), "--device", "cpu"]) == 0
     assert np.load(tmp_path / "e.npy").shape[0] == 12 and (tmp_path / "e.csv").exists()
     q = root / "bars" / read_store(store).paths[3]
@@ -390,7 +392,11 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
         (["embed", str(run.run_dir), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npy")], "not a built-in dataset"),
         (["neighbours", str(run.run_dir), "--data", str(root / "bars"), "--query", str(q)], "not a fastclr store"),
         (["neighbours", str(run.run_dir), "--data", "mnist", "--query", str(q)], "`fastclr prepare --builtin mnist --out STORE`"),
-        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")], "no such image file"),
+        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "no.jpg")],
+         f"--query {tmp_path / 'no.jpg'}: no such image file; give one image file"),
+        # it was "no such image file" too
+        (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "fifo.png")],
+         f"--query {tmp_path / 'fifo.png'}: not a regular file (a pipe or device); give one image file"),
         # named as prepare names them (both were "corrupt (not a recognisable image file)"; a folder was "no such file")
         (["neighbours", str(run.run_dir), "--data", str(store), "--query", str(tmp_path / "notes.txt")],
          f"--query {tmp_path / 'notes.txt'} cannot be used: not-an-image (extension .txt is not an image format)"),

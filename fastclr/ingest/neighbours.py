@@ -37,7 +37,8 @@ def decode_query(path: Path, store: Store) -> np.ndarray:
     if path.is_dir():
         raise FastclrError(f"--query {path} is a folder; give one image file (to embed a folder: `fastclr embed`)")
     if not path.is_file():
-        raise FastclrError(f"--query {path}: no such image file")
+        what = "not a regular file (a pipe or device)" if path.exists() else "no such image file"
+        raise FastclrError(f"--query {path}: {what}; give one image file")
     unusable = classify_file(path.name, path.stat().st_size)  # as prepare names them: not-an-image, zero-bytes
     if unusable is not None:
         raise FastclrError(f"--query {path} cannot be used: {unusable[0]} ({unusable[1]})")
