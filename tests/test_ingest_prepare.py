@@ -726,6 +726,32 @@ def test_layouts_whose_labels_are_likely_not_meant_are_named(tmp_path: Path, tre
     assert notes == ([note.format(root=tmp_path / "data")] if note else [])
 
 
+@pytest.mark.parametrize("kind", ["dangling", "loop", "not-utf-8"])
+def test_an_out_no_store_can_be_written_at_is_refused_before_any_decoding(tmp_path: Path, kind: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A link to nothing was refused as "cannot use loopA (File exists)"; a name that is not UTF-8
+    was prepared, then every `pretrain --data` on it refused. Both are one line naming the fix, and
+    nothing is made."""
+    bar_images(tmp_path / "imgs", n_per_class=2, size=16)
+    if kind == "dangling":
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "gone")
+        message = f"--out {out} is a symbolic link to {tmp_path / 'gone'}, which does not exist (or loops); remove the link"
+    elif kind == "loop":
+        out = tmp_path / "loopA"
+        out.symlink_to(tmp_path / "loopB")
+        (tmp_path / "loopB").symlink_to(out)
+        message = f"--out {out} is a symbolic link to {tmp_path / 'loopB'}, which does not exist (or loops)"
+    else:
+        out = Path(os.fsdecode(bytes(tmp_path / "out") + b"\xfe"))
+        message = f"--out {str(out)!r} is not valid UTF-8: a run's config.toml could not name the store"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["prepare", str(tmp_path / "imgs"), "--size", "8", "--out", str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_classes_a_probe_cannot_use_are_named_after_the_summary(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A class folder whose files are all corrupt was still a class of the store, with no row: the

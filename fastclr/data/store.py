@@ -215,7 +215,16 @@ def open_store(path: str | Path) -> Dataset:
 
 
 def check_output_dir(out: Path) -> None:
-    """Refuse to write a store into a directory that holds anything but a store."""
+    """Refuse to write a store into a directory that holds anything but a store, under a name no
+    run can record (config.toml is UTF-8), or through a symbolic link to nothing."""
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FastclrError(f"--out {str(out)!r} is not valid UTF-8: a run's config.toml could not name the store; "
+                           "choose an --out whose name is") from None
+    if out.is_symlink() and not out.exists():
+        raise FastclrError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist (or loops); "
+                           "remove the link, or choose another --out")
     if out.exists() and not out.is_dir():
         raise FastclrError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir():
