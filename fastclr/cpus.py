@@ -44,6 +44,11 @@ def default_threads(cpus: int) -> int:
     return min(torch.get_num_threads(), cpus)
 
 
+MAX_THREADS_PER_CPU = 64
+"""Beyond this many threads a CPU, more only take turns; far beyond it (100,000 on 2 CPUs) the
+OpenMP runtime crashes while starting them."""
+
+
 def set_threads(threads: int, warn: Callable[[str], None] = warn_stderr) -> int:
     """Use `threads` CPU threads for PyTorch; 0: PyTorch's choice, but at most one per usable CPU.
     A count above the usable CPUs is honoured with one warning line. Returns the count in use;
@@ -52,6 +57,10 @@ def set_threads(threads: int, warn: Callable[[str], None] = warn_stderr) -> int:
         raise FastclrError(f"--threads must be 0 (one per usable CPU) or more, got {threads}")
     cpus = usable_cpus()
     default = default_threads(cpus)
+    if threads > MAX_THREADS_PER_CPU * cpus:  # OpenMP's pool of 100,000 threads ended the process with SIGSEGV
+        raise FastclrError(f"--threads {threads} is more than {MAX_THREADS_PER_CPU} for each of the {cpus} CPUs this "
+                           f"process may use; give at most {MAX_THREADS_PER_CPU * cpus}, or leave --threads out to use "
+                           f"{default}")
     if threads > cpus:
         warn(f"warning: --threads {threads} is more than the {cpus} CPUs this process may use (its affinity mask "
              f"and cgroup CPU quota), so the threads take turns on them; leave --threads out to use {default}")

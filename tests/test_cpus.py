@@ -81,6 +81,27 @@ def test_a_negative_count_is_refused_by_every_command(caller_threads: object, ca
         assert err.startswith("error: --") and "must be 0" in err and err.count("\n") == 1, err
 
 
+def test_a_count_past_64_a_cpu_is_refused_before_any_work(caller_threads: object, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    """`--threads 100000` on 2 CPUs: the OpenMP runtime crashed starting the pool (SIGSEGV, exit 139,
+    after the warning line only). 64 a CPU is the most taken; past it, one line and nothing changed."""
+    from fastclr.cli import main
+    from fastclr.errors import FastclrError
+
+    monkeypatch.setattr("fastclr.cpus.usable_cpus", lambda: 2)
+    torch.set_num_threads(1)
+    assert set_threads(128, warn=lambda line: None) == 128
+    torch.set_num_threads(1)
+    with pytest.raises(FastclrError, match=r"^--threads 129 is more than 64 for each of the 2 CPUs this process may "
+                                           r"use; give at most 128, or leave --threads out to use 1$"):
+        set_threads(129)
+    assert torch.get_num_threads() == 1
+    run = os.path.join(str(tmp_path), "never")
+    assert main(["pretrain", "--data", "mnist", "--threads", "100000", "--run-dir", run]) == 2
+    assert "--threads 100000 is more than 64 for each" in capsys.readouterr().err
+    assert not os.path.exists(run)
+
+
 def test_the_callers_count_is_given_back_on_return_and_on_error(caller_threads: object) -> None:
     @gives_threads_back
     def work(n: int, fail: bool) -> int:
