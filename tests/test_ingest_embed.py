@@ -597,6 +597,29 @@ def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ig
     assert main(["neighbours", str(run.run_dir), "--data", "./mnist", "--query", query, "-k", "1"]) == 0
 
 
+def test_an_empty_data_and_a_nameless_one_are_one_line_before_any_work(  # type: ignore[no-untyped-def]
+        bars, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data ""` (an unset variable): embed walked this folder and embedded all of it, pretrain
+    was told this folder is not a store. `--data .` or `/` given to neighbours, which needs a store:
+    a traceback from the store name it suggested (`.` and `/` have none)."""
+    root, store, run = bars
+    monkeypatch.chdir(tmp_path)
+    query = str(root / "bars" / read_store(store).paths[0])
+    empty = ("error: --data '' names nothing (an unset variable?); give a built-in dataset (fashion-mnist, mnist, "
+             "cifar10, cifar100, stl10) or a path (. for this folder)\n")
+    for argv in (["embed", str(run.run_dir), "--data", "", "--out", "m"],
+                 ["neighbours", str(run.run_dir), "--data", "", "--query", query],
+                 ["pretrain", "--data", "", "--run-dir", str(tmp_path / "r")]):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.endswith(empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    for data, suggested in ((".", f"{tmp_path}.store"), ("/", "images.store")):
+        assert main(["neighbours", str(run.run_dir), "--data", data, "--query", query]) == 2
+        assert capsys.readouterr().err == (f"error: {data} is not a fastclr store (it has no store.json); if it holds "
+                                           f"your images, make one with `fastclr prepare {data} --size S --out "
+                                           f"{suggested}` and give that\n")
+
+
 @pytest.mark.parametrize("out", ["", ".", "/"])
 def test_an_output_without_a_file_name_is_one_line_before_any_work(  # type: ignore[no-untyped-def]
         bars, out: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

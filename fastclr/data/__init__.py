@@ -18,13 +18,17 @@ def names_a_store(name: str) -> bool:
     the same name (a run records a store's path absolute, so its bare name is the built-in; where a
     user types one beside such a store, the commands refuse it, `refuse_ambiguous`); anything else
     with a path separator, or an existing directory, is a path."""
-    return name not in REGISTRY and ("/" in name or os.sep in name or Path(name).is_dir())
+    return bool(name.strip()) and name not in REGISTRY and ("/" in name or os.sep in name or Path(name).is_dir())
 
 
 def refuse_ambiguous(name: str) -> None:
     """One line when `name`, as a user typed it, is both a built-in dataset and a store in this
     folder (`fastclr prepare --out mnist`): `embed` took the built-in and `neighbours` the store,
-    each without a word. Not for a name a run recorded: that one is the built-in."""
+    each without a word. Not for a name a run recorded: that one is the built-in. An empty name
+    (an unset variable) is refused too: `embed` took it for this folder and embedded all of it."""
+    if not name.strip():
+        raise FastclrError(f"--data {name!r} names nothing (an unset variable?); give a built-in dataset "
+                           f"({', '.join(REGISTRY)}) or a path (. for this folder)")
     if name in REGISTRY and is_store(Path(name)):
         raise FastclrError(f"--data {name} names the built-in dataset {name} and the store ./{name} in this folder; "
                            f"give ./{name} for the store, or rename the store to use the built-in")

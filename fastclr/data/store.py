@@ -135,8 +135,10 @@ def read_store(path: str | Path) -> Store:
         if partial:
             raise FastclrError(f"{p} is an incomplete store (an interrupted prepare): it has no {META}; run the same "
                                f"`fastclr prepare FOLDER --size S --out {p}` again")
+        whole = p.resolve()  # `.` and `/` have no name to suggest a store's from (a traceback)
+        store = whole.with_name(whole.name + ".store") if whole.name else Path("images.store")
         raise FastclrError(f"{p} is not a fastclr store (it has no {META}); if it holds your images, make one with "
-                           f"`fastclr prepare {p} --size S --out {p.with_name(p.name + '.store')}` and give that")
+                           f"`fastclr prepare {p} --size S --out {store}` and give that")
     try:
         meta = json.loads((p / META).read_text(encoding="utf-8"))
         shape = tuple(int(s) for s in meta["shape"])
