@@ -197,10 +197,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's encoder in another format."""
     from fastclr.export import check_export, export_encoder, export_format
     from fastclr.pretrained import load_run
-    from fastclr.runs import refuse_nameless, refuse_output
+    from fastclr.runs import refuse_nameless, refuse_output, refuse_unwritable_file
 
     refuse_nameless(Path(args.out), example="encoder.safetensors")
     refuse_output(Path(args.out))
+    refuse_unwritable_file(Path(args.out))
     run = load_run(args.run_dir, "cpu", "fp32", log=print, command="export")  # its notes: a checkpoint, an owner
     fmt = export_format(args.format, Path(args.out), run.spec)
     check_export(fmt, run.spec)  # before the data is read or a folder made

@@ -138,6 +138,15 @@ def refuse_uncreatable(folder: Path, flag: str = "--out") -> None:
         raise FastclrError(f"{flag} {folder}: {existing} is not writable; give another {flag} or fix its permissions")
 
 
+def refuse_unwritable_file(out: Path, flag: str = "--out") -> None:
+    """One line, before any work, when the file `out` cannot be written: a folder stands at its
+    name, or its folder cannot be made or written into (export, report and neighbours' grid found
+    out after minutes of work, with free space as the hint)."""
+    if out.is_dir():
+        raise FastclrError(f"{flag} {out} is a folder; give a file name (in it, or elsewhere)")
+    refuse_uncreatable(out.parent, flag)
+
+
 def write_config(run_dir: Path, cfg: Config) -> Path:
     """Save the resolved config as run_dir/config.toml."""
     out = run_dir / "config.toml"

@@ -143,6 +143,42 @@ def test_evaluate_report_and_embed_on_a_refusing_disk(finished_run: tuple[Path, 
     assert after == before and no_temporaries(tmp_path)
 
 
+def test_a_file_output_that_cannot_be_written_is_refused_before_the_work(finished_run: tuple[Path, dict[str, str]],
+                                                                        tmp_path: Path) -> None:
+    """export (its ONNX check included), report (its map) and neighbours (its search) did their work,
+    then failed on a folder standing at the output's name or a file standing at its folder's,
+    with free space as the hint. Now one line first, naming the fix, and nothing written."""
+    run, env = finished_run
+    (tmp_path / "adir.onnx").mkdir()
+    (tmp_path / "a.html").mkdir()
+    (tmp_path / "g.png").mkdir()
+    (tmp_path / "afile").write_text("x")
+    bar_images(tmp_path / "bars", n_per_class=3, size=28)
+    assert call_main(["prepare", str(tmp_path / "bars"), "--size", "28", "--out", str(tmp_path / "s")], env,
+                     tmp_path).returncode == 0
+    query = str(next((tmp_path / "bars").rglob("*.png")))
+    cases = [
+        (["export", str(run), "--out", str(tmp_path / "adir.onnx")],
+         f"--out {tmp_path / 'adir.onnx'} is a folder; give a file name (in it, or elsewhere)"),
+        (["export", str(run), "--out", str(tmp_path / "afile" / "enc.safetensors")],
+         f"--out {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder; give another --out"),
+        (["report", str(run), "--map", "pca", "--out", str(tmp_path / "a.html")],
+         f"--out {tmp_path / 'a.html'} is a folder; give a file name (in it, or elsewhere)"),
+        (["neighbours", str(run), "--data", str(tmp_path / "s"), "--query", query, "--grid", str(tmp_path / "g.png")],
+         f"--grid {tmp_path / 'g.png'} is a folder; give a file name (in it, or elsewhere)"),
+    ]
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    for args, message in cases:
+        r = call_main(args, env, tmp_path)
+        assert r.returncode == 2 and r.stderr == f"error: {message}\n" and r.stdout == "", (args, r.stderr, r.stdout)
+    (run / "report.html").mkdir()  # the report's own place, without --out
+    r = call_main(["report", str(run), "--map", "pca"], env, tmp_path)
+    assert r.stderr == f"error: --out {run / 'report.html'} is a folder; give a file name (in it, or elsewhere)\n"
+    (run / "report.html").rmdir()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "adir.onnx", "afile", "bars", "data", "g.png", "run", "s"]
+
+
 def test_prepare_on_a_refusing_disk_removes_its_partial_files(tmp_path: Path) -> None:
     bar_images(tmp_path / "bars", n_per_class=40, size=32)
     store = tmp_path / "store"

@@ -25,7 +25,7 @@ from fastclr.ingest.decode import process_file, store_decoding
 from fastclr.ingest.embed import embed_images, match_channels
 from fastclr.ingest.walk import classify_file
 from fastclr.pretrained import LoadedRun
-from fastclr.runs import refuse_nameless, refuse_output, refuse_uncreatable
+from fastclr.runs import refuse_nameless, refuse_output, refuse_unwritable_file
 from fastclr.evaluation.features import state_checksum
 
 GRID_COLUMNS = 9
@@ -98,7 +98,7 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
     if grid is not None:  # before the search: a name PIL cannot write, or the query itself, failed after it
         refuse_nameless(grid, "--grid", example="grid.png")
         refuse_output(grid, "--grid", kind="the grid", suffixes=GRID_SUFFIXES, inputs=(query,))
-        refuse_uncreatable(grid.parent, "--grid")  # made only when the grid is written: a refused search leaves nothing
+        refuse_unwritable_file(grid, "--grid")  # its folder made only when it is written: a refused search leaves nothing
     if str(store_path) in REGISTRY and not store_path.exists():
         raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")

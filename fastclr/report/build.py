@@ -37,7 +37,7 @@ from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import MAP_METHODS, pca, tsne
 from fastclr.report.html import note, page, section
-from fastclr.runs import read_metrics, refuse_output
+from fastclr.runs import read_metrics, refuse_output, refuse_unwritable_file
 from fastclr.runtime import select_device
 
 REPORT_FILE = "report.html"
@@ -301,6 +301,8 @@ def build_report(
     dev = select_device(device)
     if out is not None:
         refuse_output(out, kind="a report", suffixes=(".html", ".htm"))
+    if Path(run_dir).is_dir():  # else load_run names what the run directory is not
+        refuse_unwritable_file(out if out is not None else Path(run_dir) / "report.html")
     run = load_run(run_dir, dev, precision, command="report")
     dataset = run_data(run, dataset)
     ev = read_eval(run_dir)
