@@ -102,8 +102,9 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         log(f"note: {run} is being written by {owner}; using its last complete "
             f"{'export' if export.exists() else 'checkpoint'}")
     checkpoint_step: int | None = None
-    if export.exists():
-        encoder, spec = load_encoder(export, device)
+    loaded = _readable_export(export, run, device, log) if export.exists() else None
+    if loaded is not None:
+        encoder, spec = loaded
         cfg = apply_overrides(Config(), saved_overrides(cfg_path))
         content = exported_data_content(export)
     else:
@@ -117,7 +118,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         checkpoint_step = step
         newest = not skipped
         if not owner or not newest:  # (the owner's note above says it already, unless one was skipped)
-            log(f"note: {run} has no {ENCODER_FILE}: using its {'newest' if newest else 'newest valid'} checkpoint, "
+            log(f"note: {run} has no {'readable ' * export.exists()}{ENCODER_FILE}: using its "
+                f"{'newest' if newest else 'newest valid'} checkpoint, "
                 f"step {step}" + (f" of {total} (the run stopped before its end)" if total > step else ""))
         written_by = f"written by fastclr {state.get('fastclr_version', '?')}"
         try:
@@ -143,6 +145,22 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     encoder.eval()
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log),
                      checkpoint_step, content)
+
+
+def _readable_export(export: Path, run: Path, device: torch.device | str,
+                     log: Callable[[str], None]) -> tuple[nn.Module, EncoderSpec] | None:
+    """The run's exported encoder, or None where that file is damaged and the run keeps checkpoints
+    to use instead (said in a note). Every command was refused with "export it again", which no
+    command can do: `export` read the same file, and would not write over a run's own."""
+    try:
+        return load_encoder(export, device)
+    except FastclrError as e:
+        reason = str(e).removeprefix(f"{export} ").removesuffix("; export it again").removesuffix(" from its run")
+        if not list_checkpoints(run):
+            raise FastclrError(f"{export} {reason}, and {run} keeps no checkpoint to use instead; train the run again "
+                               "(fastclr pretrain with its config.toml)") from None
+        log(f"note: {export} {reason} (delete it, and the run's checkpoints are used without this note)")
+        return None
 
 
 def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], None] = print) -> Dataset:

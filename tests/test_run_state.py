@@ -120,6 +120,34 @@ def test_a_run_kept_as_its_export_and_config_alone_loads_from_its_export(tmp_pat
     assert all(torch.equal(v, exported[k]) for k, v in loaded.encoder.state_dict().items())
 
 
+def test_a_damaged_export_gives_way_to_the_checkpoints_and_without_them_says_what_can_be_done(tmp_path: Path) -> None:
+    """A run whose encoder.safetensors was cut short: every command was refused with "export it
+    again", which none can do (export read the same file and will not write over a run's own). The
+    newest checkpoint (the trained weights, bit for bit) is used with a note; where the
+    checkpoints were deleted too, the error says to train again."""
+    from fastclr.export import ENCODER_FILE
+    from fastclr.pretrained import load_run
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    trained = load_run(run, log=lambda s: None).encoder.state_dict()
+    export = run / ENCODER_FILE
+    with open(export, "r+b") as f:
+        f.truncate(1000)
+    notes: list[str] = []
+    loaded = load_run(run, log=notes.append)
+    assert loaded.checkpoint_step == 6 and all(torch.equal(v, trained[k]) for k, v in loaded.encoder.state_dict().items())
+    assert notes[0].startswith(f"note: {export} is not a readable safetensors encoder (") and notes[0].endswith(
+        ") (delete it, and the run's checkpoints are used without this note)")
+    assert notes[1:] == [f"note: {run} has no readable {ENCODER_FILE}: using its newest checkpoint, step 6"]
+    for p in list_checkpoints(run):
+        p.unlink()
+    with pytest.raises(FastclrError, match=rf"^{re.escape(str(export))} is not a readable safetensors encoder \(.*\), "
+                                           rf"and {re.escape(str(run))} keeps no checkpoint to use instead; train the "
+                                           r"run again \(fastclr pretrain with its config.toml\)$"):
+        load_run(run, log=lambda s: None)
+
+
 def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe(tmp_path: Path) -> None:
     """`--resume auto` run again on a finished run (a job script): it wrote the same encoder again and
     probed it again (37 s of a few-step run). Now it says the run is finished and returns its probe;
