@@ -37,8 +37,10 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
         raise FastclrError(f"--run-dir {path} is a file, not a directory; choose another --run-dir")
     refuse_inside_store(path, "--run-dir")  # its outputs (finetune, distill, features) would be refused there
     if path.is_dir() and not resuming:
-        # The lock and the temporaries of a run killed while writing its first files are the run's own.
-        entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE and not is_run_temporary(p.name)]
+        # The lock, the temporaries and the TensorBoard events of a run killed while writing its first
+        # files are the run's own (its TensorBoard writer starts before config.toml is written).
+        entries = [p.name for p in path.iterdir() if p.name != LOCK_FILE and not is_run_temporary(p.name)
+                   and not _events_alone(p)]
         if entries and not (path / "config.toml").exists():
             raise FastclrError(f"--run-dir {path} holds files that are not a fastclr run ({', '.join(sorted(entries)[:3])}"
                                f"{', ...' if len(entries) > 3 else ''}); nothing was written: choose a new --run-dir")
@@ -52,6 +54,11 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise FastclrError(f"run directory {path} is not writable; choose another with --run-dir or fix its permissions")
     return path
+
+
+def _events_alone(p: Path) -> bool:
+    """Whether `p` is a run's tb/ folder holding TensorBoard event files and nothing else."""
+    return p.name == "tb" and p.is_dir() and all(q.name.startswith("events.out.tfevents.") for q in p.iterdir())
 
 
 LOCK_HOLDER_FILES = frozenset({"config.toml", "encoder.safetensors", "metrics.jsonl", "probe.json", "tracking.json"})

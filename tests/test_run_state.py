@@ -541,6 +541,28 @@ def test_a_directory_holding_only_a_dead_runs_lock_can_start_a_run(tmp_path: Pat
         prepare_run_dir(run)  # more: the first three, and the rest said to be there
 
 
+def test_a_run_killed_before_its_config_was_written_can_start_again_in_its_directory(tmp_path: Path) -> None:
+    """Killed (or out of disk) between starting its TensorBoard writer and writing config.toml, a run
+    left .lock and tb/ alone: the same command, `--resume auto` too, was refused as "files that are
+    not a fastclr run (tb)", until the user deleted the folder. Its events are its own; a tb/
+    holding anything else is still the user's."""
+    from fastclr.runs import MetricsLog
+
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("PID 1 on elsewhere", encoding="utf-8")
+    MetricsLog(run, enabled=True).close()  # what build_run starts before config.toml
+    assert [p.name for p in (run / "tb").iterdir()][0].startswith("events.out.tfevents.")
+    res = pretrain(tiny_config(run, train__epochs=1.0), dataset=tiny_dataset(), **QUIET)
+    assert res.steps == 6 and (run / "config.toml").is_file()
+    other = tmp_path / "other"
+    (other / "tb").mkdir(parents=True)
+    (other / "tb" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(FastclrError, match=r"holds files that are not a fastclr run \(tb\); nothing"):
+        prepare_run_dir(other)
+
+
 def test_a_lock_taken_over_names_only_its_new_owner(tmp_path: Path) -> None:
     """The lock file left by a dead owner with a longer name than this process's is rewritten whole:
     what another process then reads as the owner is this process, with nothing of the old text."""
