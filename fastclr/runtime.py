@@ -518,13 +518,18 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     timer = functools.cache(precision_timer(device, shape))  # auto's choice below times the same matmuls
     slow = timer(prec.dtype or torch.float32) / timer(torch.float32)
-    if slow < 1.1:  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
+    # fp16 without AMX-FP16 warns whatever its matmul: AVX512_FP16 makes the matmul as fast as fp32,
+    # but oneDNN has no fp16 convolution there, and the default step measured 194x its fp32 time on
+    # a Xeon with AVX512_FP16 (docs/benchmarks.md section 1).
+    if slow < 1.1 and prec.name == "bf16":  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
         return
     units = "bf16" if prec.name == "bf16" else "fp16"
     why = f"oneDNN capped at {cpu.onednn_isa_cap}" if has_units and cpu.onednn_isa_cap else f"no {units} units"
     auto = decide_precision("auto", "cpu", cpu, None, timer).name  # bf16 where fp16 alone is emulated
-    warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, {why}): {prec.name} is emulated "
-         f"here, a matmul measured {slow:.1f}x the fp32 time; {switch} {auto}")
+    measured = (f"a matmul measured {slow:.1f}x the fp32 time" if slow >= 1.1 else
+                f"its convolutions run emulated (a matmul measured {slow:.1f}x the fp32 time, but a training step about "
+                "200x on a CPU with AVX512_FP16 and no AMX-FP16)")
+    warn(f"warning: {asked} on {cpu.model} ({cpu.isa}, {why}): {prec.name} is emulated here, {measured}; {switch} {auto}")
 
 
 def missing_compiler(device_type: str) -> str:

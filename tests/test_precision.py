@@ -182,6 +182,25 @@ def test_the_emulated_precision_warning_names_what_auto_would_choose(
     assert lines[0].endswith(f"--precision auto would choose {auto}")
 
 
+def test_an_explicit_fp16_without_amx_fp16_warns_even_where_its_matmul_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVX512_FP16 (a Xeon with AMX-BF16 only) runs an fp16 matmul as fast as fp32, so the timed
+    check stayed silent, while oneDNN has no fp16 convolution there: the default step measured
+    194x its fp32 time (26.8 s against 138 ms), 9 steps in the 9.5-minute budget, without a word."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0, threads=None: 0.87 if dtype == torch.float16
+                        else 1.0)
+    lines: list[str] = []
+    check_precision(Precision("fp16", "asked for"), CPU, cpu(amx=True), lines.append)
+    assert len(lines) == 1 and lines[0].endswith(
+        "(AMX, no fp16 units): fp16 is emulated here, its convolutions run emulated (a matmul measured 0.9x the fp32 "
+        "time, but a training step about 200x on a CPU with AVX512_FP16 and no AMX-FP16); --precision auto would "
+        "choose bf16")
+    lines.clear()
+    check_precision(Precision("bf16", "asked for"), CPU, cpu(), lines.append)
+    assert lines == []  # bf16 timed as fast (ARM's units, which no x86 flag names) stays silent
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN's ISA cap is x86's")
 def test_auto_under_a_real_avx512_core_cap_runs_fp32() -> None:
     """The cap as a user sets it, in a fresh process (oneDNN reads it once): whatever this x86 CPU
