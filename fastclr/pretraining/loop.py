@@ -220,6 +220,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             return False  # nothing left to train: its checkpoint stands as written
         if owed is not None:  # and the refit that follows the pass: the checkpoint came before both
             run.refit_budget(end_of_epoch=True, after_monitor=True, owed=True)
+        run.refit_to_new_budget()
         while s.step < s.total_steps:
             lr = run.set_lr()
             # The step never waits for the device: metrics stay on it until a log step.
@@ -427,6 +428,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
             run.budget.resume_at(run.state.step, run.state.pace_mark)
             if not run.first_fit_ahead:  # a fit the checkpoint holds; a fit ahead says its own
                 run.log_short_warmup(resumed=True)  # the warm-up the checkpoint kept
+                if saved is not None and 0 < saved.train.time_budget != cfg.train.time_budget:
+                    run.budget_was = saved.train.time_budget
     run.reach_first_fit()
     # Until a time budget's first fit the run's length is a placeholder: no total, no eta.
     run.bar.total = None if run.budget is not None and run.first_fit_ahead else run.state.total_steps

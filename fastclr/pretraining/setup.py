@@ -184,6 +184,9 @@ class Run:
     """The clock at which the loop would have started had it never been interrupted."""
     finished_before: bool = False
     """Resumed from a checkpoint of its own last step: nothing to train, its record stands."""
+    budget_was: float | None = None
+    """The time budget (minutes) of the checkpoint this run resumed from, where it was fitted and
+    is given another one now: fitted to the new one at once (`refit_to_new_budget`)."""
 
     def release(self) -> None:
         """Give the run directory up (rank 0)."""
@@ -318,6 +321,17 @@ class Run:
                 warning = few_epochs_warning(epochs, budget, ms, on_cpu=self.device.type == "cpu")
                 if warning:
                     self.log(warning)
+
+    def refit_to_new_budget(self) -> None:
+        """Fit a resumed run to the time budget it is given now, at the pace its checkpoint recorded:
+        its next fit was `first_fit` steps after the resume, past the end of a run with fewer steps
+        left, so the new budget went unused while config.toml recorded it."""
+        if self.budget_was is None or self.state.step >= self.state.total_steps:
+            return
+        before = self.state.total_steps
+        self.refit_budget(end_of_epoch=False, after_monitor=True, owed=True)
+        self.log(f"time budget {self.budget_was:g} -> {self.cfg.train.time_budget:g} min: "
+                 f"{counted(self.state.total_steps, 'step')} (were {before}), at the pace the checkpoint recorded")
 
     @property
     def first_fit_ahead(self) -> bool:
