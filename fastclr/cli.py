@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import errno
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -358,6 +359,30 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line
         return 130
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        size = out_of_memory(e)
+        if size is None:
+            raise
+        _error(f"error: out of memory: fastclr {args.command} asked for {size} more and the "
+               f"{'GPU' if 'CUDA' in str(e) or 'HIP' in str(e) else 'system'} refused it; give a smaller --batch-size "
+               "(or --width), or run where there is more memory; files already complete were kept")
+        return EXIT_USAGE
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """The size an allocation that failed asked for ("1.0 GiB"), where `e` is PyTorch's out-of-memory
+    error (the CPU allocator's RuntimeError, CUDA's torch.OutOfMemoryError), else None: a batch too
+    large for the machine ended the run in a traceback."""
+    text = str(e)
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if cpu:
+        n = int(cpu.group(1))
+        unit, scale = next((u, k) for u, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1)) if n >= k or k == 1)
+        return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} bytes"
+    gpu = re.search(r"out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if gpu or type(e).__name__ == "OutOfMemoryError":
+        return gpu.group(1) if gpu else "memory"
+    return None
 
 
 def _error(line: str) -> None:

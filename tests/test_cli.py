@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import call_main, cli_env, run_cli
 from tiny import TINY_FLAGS as TINY
@@ -221,6 +222,51 @@ def test_a_command_started_with_its_output_closed_does_its_work(closed: str, tmp
         assert "Traceback" not in r.stderr and "prepare 6/6 files" in r.stderr
     images = read_store(store).images
     assert sorted(int(a[0, 0, 0]) for a in images) == [0, 40, 80, 120, 160, 200]
+
+
+@pytest.mark.parametrize("error, says", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)"), "1.0 GiB more and the system"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 79.19 GiB"),
+     "2.50 GiB more and the GPU"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), None),
+])
+def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(error: Exception, says: str | None,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch too large for the machine ended any command in a traceback (the CPU allocator's
+    RuntimeError, CUDA's OutOfMemoryError); another RuntimeError is a fault and keeps its traceback."""
+    import fastclr.info
+    from fastclr.cli import main
+
+    def fails(**kwargs: object) -> int:
+        raise error
+
+    monkeypatch.setattr(fastclr.info, "main", fails)
+    if says is None:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            main(["info", "--no-measure"])
+        return
+    assert main(["info", "--no-measure"]) == 2
+    assert capsys.readouterr().err == (f"error: out of memory: fastclr info asked for {says} refused it; give a "
+                                       "smaller --batch-size (or --width), or run where there is more memory; files "
+                                       "already complete were kept\n")
+
+
+def test_a_batch_too_large_for_a_real_memory_limit_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+    """The default network at 32x its width under a 6 GB address-space limit (ulimit -v): the CPU
+    allocator refuses the first step's activations, and the run ends in one line, exit 2 (a traceback
+    before; the same for batch 8192 at width 1 on Fashion-MNIST)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    r = subprocess.run([sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--run-dir", str(tmp_path / "r"),
+                        "--epochs", "1e-9", "--probe", "false", "--quiet", "--batch-size", "256", "--width", "32", "--device", "cpu"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, preexec_fn=limit)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1].startswith("error: out of memory: fastclr pretrain asked for ")
 
 
 def test_the_guard_passes_writes_through_until_the_pipe_closes() -> None:
