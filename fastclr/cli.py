@@ -365,7 +365,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         _error(f"error: out of memory: fastclr {args.command} asked for {size} more and the "
                f"{'GPU' if 'CUDA' in str(e) or 'HIP' in str(e) else 'system'} refused it; give a smaller --batch-size "
-               "(or --width), or run where there is more memory; files already complete were kept")
+               "or network width, or run where there is more memory; files already complete were kept")
         return EXIT_USAGE
 
 

@@ -249,7 +249,7 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(error: Exception,
         return
     assert main(["info", "--no-measure"]) == 2
     assert capsys.readouterr().err == (f"error: out of memory: fastclr info asked for {says} refused it; give a "
-                                       "smaller --batch-size (or --width), or run where there is more memory; files "
+                                       "smaller --batch-size or network width, or run where there is more memory; files "
                                        "already complete were kept\n")
 
 
