@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
-from fastclr.config import AugmentConfig, Config, apply_overrides, from_dict, to_flat
+from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError
 from fastclr.export import ENCODER_FILE, exported_data_content, load_encoder
@@ -105,7 +105,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     loaded = _readable_export(export, run, device, log) if export.exists() else None
     if loaded is not None:
         encoder, spec = loaded
-        cfg = apply_overrides(Config(), saved_overrides(cfg_path))
+        cfg = recorded_config(cfg_path)
         content = exported_data_content(export)
     else:
         skipped: list[str] = []  # a damaged newer one is named, not passed over
@@ -145,6 +145,20 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     encoder.eval()
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log),
                      checkpoint_step, content)
+
+
+def recorded_config(path: Path) -> Config:
+    """The config a run's config.toml records, with one-line errors that name the file: an empty
+    one rebuilt the defaults (Fashion-MNIST's recipe) without a word, and a value out of range was
+    told with a flag the command reading the run does not have."""
+    flat = saved_overrides(path)
+    if set(flat) <= {*ADDED_LATER, "data.preset"}:
+        raise FastclrError(f"{path} records no setting (it is empty): the run's settings are lost from it; restore "
+                           "it from a copy of the run")
+    try:
+        return apply_overrides(Config(), flat)
+    except FastclrError as e:
+        raise FastclrError(f"{path}, the run's recorded settings, was edited or damaged: {e}") from None
 
 
 def _readable_export(export: Path, run: Path, device: torch.device | str,

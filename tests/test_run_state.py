@@ -148,6 +148,26 @@ def test_a_damaged_export_gives_way_to_the_checkpoints_and_without_them_says_wha
         load_run(run, log=lambda s: None)
 
 
+def test_a_runs_damaged_or_empty_config_is_named_by_the_commands_that_read_it(tmp_path: Path) -> None:
+    """evaluate, report and export read a run's config.toml: a value out of range was told as
+    "e.g. --temperature 0.2" (a flag none of them has) without naming the file, and an empty file
+    rebuilt the defaults (Fashion-MNIST's recipe) without a word."""
+    from fastclr.pretrained import load_run
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, **QUIET)
+    config = run / "config.toml"
+    text = config.read_text(encoding="utf-8")
+    assert load_run(run, log=lambda s: None).config.train.temperature == tiny_config(run).train.temperature
+    config.write_text(re.sub(r"(?m)^temperature = .*$", "temperature = -1.0", text), encoding="utf-8")
+    with pytest.raises(FastclrError, match=rf"^{re.escape(str(config))}, the run's recorded settings, was edited or "
+                                           r"damaged: train.temperature = -1.0 is not allowed: it must be > 0"):
+        load_run(run, log=lambda s: None)
+    config.write_text("", encoding="utf-8")
+    with pytest.raises(FastclrError, match=rf"^{re.escape(str(config))} records no setting \(it is empty\)"):
+        load_run(run, log=lambda s: None)
+
+
 def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe(tmp_path: Path) -> None:
     """`--resume auto` run again on a finished run (a job script): it wrote the same encoder again and
     probed it again (37 s of a few-step run). Now it says the run is finished and returns its probe;
