@@ -184,4 +184,5 @@ def latest_valid_checkpoint(run_dir: Path, warn: Any = None) -> tuple[Path, dict
             errors.append(str(e))
             if warn is not None:
                 warn(f"skipping {path.name}: {e}")
-    raise FastclrError(f"no checkpoint in {run_dir} verifies ({'; '.join(errors)}); start a new run")
+    raise FastclrError(f"no checkpoint in {run_dir} verifies ({'; '.join(errors)}); start a new run with another "
+                       f"--run-dir (this one is refused while it holds them), or move {run_dir / 'checkpoints'} away")

@@ -91,7 +91,8 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     """The config `--resume RUN_DIR` continues with: the run's own (keys added since it was saved at
     the values it ran with), then a --config file, then flags."""
     if not resume.is_dir():
-        raise FastclrError(f"--resume {resume}: no such run directory; give the directory of an earlier run")
+        what = "a file, not a run directory" if resume.exists() else "no such run directory"
+        raise FastclrError(f"--resume {resume}: {what}; give the directory of an earlier run")
     saved = resume / "config.toml"
     if not saved.exists():
         raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")

@@ -146,6 +146,9 @@ def test_a_small_lift_is_flagged_in_the_table() -> None:
     out = {"run_dir": "r", "dataset": "d", "encoder": {"encoder": "cnn", "feature_dim": 8}, "protocols": protocols,
            "lift": lift, "total_seconds": 1.0}
     assert "FLAG: the linear probe is only +2.00 points above the same network untrained" in format_table(out)
+    protocols["linear"]["accuracy"] = 0.3086  # below the untrained network: "only -57.14 points above" before
+    out["lift"] = lift_summary(protocols)
+    assert "FLAG: the linear probe is 57.14 points below the same network untrained" in format_table(out)
     assert not lift_summary({"linear": {"accuracy": 0.90, "random_init": {"accuracy": 0.80}}})["small"]
 
 

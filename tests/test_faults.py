@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import socket
 import stat
@@ -29,6 +30,7 @@ from fastclr.checkpoint import (
     save_checkpoint,
 )
 from fastclr.errors import FastclrError
+from fastclr.runs import prepare_run_dir
 from fastclr.pretraining.losses import nt_xent
 from fastclr.signals import EXIT_STOPPED, graceful_stop
 
@@ -132,6 +134,26 @@ sys.exit(main({["pretrain", "--data", "mnist", "--epochs", "3", "--run-dir", str
     assert "No space left on device" in r.stderr and "step-000000008.pt is intact" in r.stderr
     _, state = latest_valid_checkpoint(run)
     assert state["step"] == 8
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_says_a_way_out_that_works(tmp_path: Path) -> None:
+    """It said "start a new run", and a new run in that directory was refused ("already holds a
+    run; continue it with --resume"): the advice went round in a circle. And `--resume FILE` was
+    "no such run directory" though the path exists."""
+    from fastclr.cli import resume_config
+
+    path = save_checkpoint(tmp_path, {"step": 3, "w": torch.arange(4.0)}, keep=5)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(FastclrError, match=rf"; start a new run with another --run-dir \(this one is refused while it "
+                                           rf"holds them\), or move {re.escape(str(tmp_path / 'checkpoints'))} away$"):
+        latest_valid_checkpoint(tmp_path)
+    (tmp_path / "config.toml").write_text("", encoding="utf-8")  # as a run's directory holds it
+    with pytest.raises(FastclrError, match=r"already holds a run"):
+        prepare_run_dir(tmp_path)  # why the old advice could not be followed
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FastclrError, match=rf"^--resume {re.escape(str(tmp_path / 'afile'))}: a file, not a run "
+                                           r"directory; give the directory of an earlier run$"):
+        resume_config(tmp_path / "afile", None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "flip-bytes"])

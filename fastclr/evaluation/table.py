@@ -88,7 +88,9 @@ def format_table(out: dict[str, Any]) -> str:
         blocks.append(render(rows))
     lift = out.get("lift", {})
     if lift.get("small"):
-        blocks.append(f"FLAG: the linear probe is only {points(lift['linear'])} above the same network untrained "
+        where = f"only {points(lift['linear'])} above" if lift["linear"] >= 0 else \
+            f"{100 * -lift['linear']:.2f} points below"  # "only -57.14 points above" read as a typo
+        blocks.append(f"FLAG: the linear probe is {where} the same network untrained "
                       f"(threshold {100 * lift['threshold']:g} points): most of this accuracy is the architecture's, "
                       "not what pretraining learned")
     if "fewshot" in p or "supervised" in p:
