@@ -131,8 +131,6 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     written (their folder is made with them: a refused command leaves nothing). A folder's skipped
     files go to FILE.skipped.csv."""
     refuse_nameless(out)
-    if out.is_dir():  # `--out feats/` wrote feats.npy beside the folder
-        raise FastclrError(f"--out {out} is a folder; give a file name, e.g. --out {out / 'feats'}")
     npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
     for path in (npy, npy.with_suffix(".csv")):
         refuse_output(path)
