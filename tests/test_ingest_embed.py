@@ -409,6 +409,9 @@ def test_embed_and_neighbours_cli(bars, tmp_path: Path, capsys: pytest.CaptureFi
          f"--data {run.run_dir} is a fastclr run, not images; give a store"),
         (["embed", str(run.run_dir), "--data", str(store), "--split", "unlabeled", "--out", str(tmp_path / "x.npy")],
          f"--split unlabeled: {store} has no images there"),
+        # a folder (a trailing slash): feats.npy and feats.csv were written beside it
+        (["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path) + "/"],
+         f"--out {tmp_path}/ names a folder; give a file name, e.g. --out {tmp_path / 'feats'}"),
         # an output path under a file: named before any image is read (it was a traceback after the work)
         (["embed", str(run.run_dir), "--data", str(store), "--out", str(tmp_path / "e.csv" / "x.npy")],
          f"--out {tmp_path / 'e.csv'}: {tmp_path / 'e.csv'} is a file, not a folder; give another --out"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +73,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if args.workers < 0:  # checked for a store too, whose rows need no decoding: the same flag, the same rule
         raise FastclrError(f"--workers must be 0 (as many as fit, up to 8) or more, got {args.workers}")
+    if args.out.endswith(("/", os.sep)) and Path(args.out).name:  # Path drops the slash: `--out feats/` wrote feats.npy beside the folder
+        raise FastclrError(f"--out {args.out} names a folder; give a file name, e.g. --out {Path(args.out) / 'feats'}")
     run, device = _load(args.run_dir, args.device, args.precision, "embed")
     embed(run, args.data, Path(args.out), device, args.split, args.batch_size, args.workers)
     return 0
