@@ -44,7 +44,11 @@ class BatchSampler:
         """Indices of this rank's share of global step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._perm = epoch_permutation(self.n, epoch, self.seed).to(self.device)
+            perm = epoch_permutation(self.n, epoch, self.seed)
+            # From pinned memory, without waiting: a pageable copy makes the host wait for the GPU
+            # (and `--check-sync` refuses any such wait inside the step).
+            self._perm = perm.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else perm.to(self.device)
             self._epoch = epoch
         start = (i * self.world_size + self.rank) * self.batch_size
         return self._perm[start : start + self.batch_size]
