@@ -780,11 +780,13 @@ def test_classes_a_probe_cannot_use_are_named_after_the_summary(tmp_path: Path,
     assert sorted(set(train.tolist())) == [1, 2]  # the notes' reading of the store
 
 
-def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(tmp_path: Path, group: bool) -> None:
     """`kill` (SIGTERM) of a prepare updating a store while its decoders are busy: the process ends
     with the status a kill gives (128 + 15), the old store is byte for byte as it was, and neither
     the new store's partial files (as large as the store they would become) nor the lock remain;
-    SIGTERM's default action left both, where Ctrl-C removed them."""
+    SIGTERM's default action left both, where Ctrl-C removed them. Sent to the whole process group
+    (systemd, Slurm) too: the decoders end at once and the parent does not wait on them."""
     import signal
     import subprocess
     import sys
@@ -796,13 +798,16 @@ def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(
     bar_images(tmp_path / "imgs", n_per_class=1500, size=64)  # the same first 20 a class, and 2,960 more
     proc = subprocess.Popen([sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "imgs"), "--size", "32",
                              "--out", str(store), "--workers", "2", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     partial = store / ".images.u8.partial"
     end = time.monotonic() + 60
     while time.monotonic() < end and proc.poll() is None and not (partial.exists() and partial.stat().st_size > 0):
         time.sleep(0.02)
     assert proc.poll() is None, "prepare ended before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before

@@ -216,6 +216,9 @@ def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | 
     # Ctrl-C reaches the whole process group: the parent stops the work; a decoder interrupted
     # inside a put on the result queue left its lock held and the parent's shutdown waiting forever.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM to the group (systemd, Slurm, `kill -- -PGID`) ends a decoder outright, as before
+    # the parent learnt to unwind on it: its inherited handler raised inside a put on the queue too.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     kill = getattr(signal, "SIGKILL", None)  # POSIX only: Windows has none
     if parent is not None and kill is not None:
         die_with_parent(parent, kill)
