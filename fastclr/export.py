@@ -58,6 +58,15 @@ def export_holds(path: Path, state: dict[str, torch.Tensor]) -> bool:
     return held.keys() == state.keys() and all(torch.equal(held[k], state[k].cpu()) for k in held)
 
 
+class UnreadableExport(FastclrError):
+    """An exported encoder file that cannot be read as one (damaged, cut short, or metadata this
+    version cannot read); `reason` says why, without the path."""
+
+    def __init__(self, path: Path, reason: str, where: str = "") -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path} {reason}; export it again{where}")
+
+
 def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: nn.Module | None = None
                  ) -> tuple[nn.Module, EncoderSpec]:
     """Rebuild an exported encoder, in eval mode (BatchNorm's running statistics: an image's h does
@@ -78,15 +87,15 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
             meta = f.metadata() or {}
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise FastclrError(f"{path} is not a readable safetensors encoder ({e}); export it again") from None
+        raise UnreadableExport(path, f"is not a readable safetensors encoder ({e})") from None
     if "fastclr" not in meta:
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
     try:
         info = json.loads(meta["fastclr"])
         spec = EncoderSpec.from_dict(info)
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: a record that is not a dict
-        raise FastclrError(f"{path}'s fastclr metadata is damaged or from a version this one cannot read "
-                           f"({type(e).__name__}: {e}); export it again from its run") from None
+        raise UnreadableExport(path, f"has fastclr metadata that is damaged or from a version this one cannot read "
+                                     f"({type(e).__name__}: {e})", " from its run") from None
     if module is None and not spec.rebuildable:
         raise FastclrError(f"{path} holds your own encoder module (trained with pretrain(cfg, encoder=...)), which "
                            "cannot be rebuilt by name: in Python, fastclr.load_encoder(path, module=your_module); the "

@@ -20,7 +20,7 @@ from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
 from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError
-from fastclr.export import ENCODER_FILE, exported_data_content, load_encoder
+from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
 from fastclr.presets import preset_name, saved_overrides
 from fastclr.locks import locked_by_another
@@ -168,12 +168,11 @@ def _readable_export(export: Path, run: Path, device: torch.device | str,
     command can do: `export` read the same file, and would not write over a run's own."""
     try:
         return load_encoder(export, device)
-    except FastclrError as e:
-        reason = str(e).removeprefix(f"{export} ").removesuffix("; export it again").removesuffix(" from its run")
+    except UnreadableExport as e:
         if not list_checkpoints(run):
-            raise FastclrError(f"{export} {reason}, and {run} keeps no checkpoint to use instead; train the run again "
-                               "(fastclr pretrain with its config.toml)") from None
-        log(f"note: {export} {reason} (delete it, and the run's checkpoints are used without this note)")
+            raise FastclrError(f"{export} {e.reason}, and {run} keeps no checkpoint to use instead; train it again: "
+                               f"fastclr pretrain --config {run / 'config.toml'} --run-dir NEW") from None
+        log(f"note: {export} {e.reason} (delete it, and the run's checkpoints are used without this note)")
         return None
 
 

@@ -323,7 +323,7 @@ def test_an_export_whose_fastclr_record_is_damaged_is_refused_in_one_line(tmp_pa
     from fastclr.export import load_encoder
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "e.safetensors"), metadata={"fastclr": record})
-    with pytest.raises(FastclrError, match=re.escape(f"{tmp_path / 'e.safetensors'}'s fastclr metadata is damaged or "
-                                                     "from a version this one cannot read (")) as e:
+    with pytest.raises(FastclrError, match=re.escape(f"{tmp_path / 'e.safetensors'} has fastclr metadata that is "
+                                                     "damaged or from a version this one cannot read (")) as e:
         load_encoder(tmp_path / "e.safetensors")
     assert str(e.value).endswith("; export it again from its run") and "\n" not in str(e.value)

@@ -140,11 +140,23 @@ def test_a_damaged_export_gives_way_to_the_checkpoints_and_without_them_says_wha
     assert notes[0].startswith(f"note: {export} is not a readable safetensors encoder (") and notes[0].endswith(
         ") (delete it, and the run's checkpoints are used without this note)")
     assert notes[1:] == [f"note: {run} has no readable {ENCODER_FILE}: using its newest checkpoint, step 6"]
+    # damaged metadata: the path once, no "export it again" (the note read "X X's fastclr metadata ...")
+    from safetensors.torch import load_file, save_file
+
+    pretrain(tiny_config(tmp_path / "meta", train__epochs=1.0), dataset=ds, **QUIET)
+    other = tmp_path / "meta" / ENCODER_FILE
+    save_file(load_file(str(other)), str(other), metadata={"fastclr": "{not json"})
+    notes.clear()
+    load_run(tmp_path / "meta", log=notes.append)
+    assert notes[0] == (f"note: {other} has fastclr metadata that is damaged or from a version this one cannot read "
+                        "(JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)) "
+                        "(delete it, and the run's checkpoints are used without this note)")
     for p in list_checkpoints(run):
         p.unlink()
     with pytest.raises(FastclrError, match=rf"^{re.escape(str(export))} is not a readable safetensors encoder \(.*\), "
-                                           rf"and {re.escape(str(run))} keeps no checkpoint to use instead; train the "
-                                           r"run again \(fastclr pretrain with its config.toml\)$"):
+                                           rf"and {re.escape(str(run))} keeps no checkpoint to use instead; train it "
+                                           rf"again: fastclr pretrain --config {re.escape(str(run / 'config.toml'))} "
+                                           r"--run-dir NEW$"):
         load_run(run, log=lambda s: None)
 
 
