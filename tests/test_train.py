@@ -868,23 +868,26 @@ def test_a_resumed_budgeted_run_keeps_its_shortened_warm_up(tmp_path: Path) -> N
     assert lrs[31] == pytest.approx(lr_at(30, second.steps, warmup, peak)) and lrs[31] > 0.5 * peak
 
 
-@pytest.mark.parametrize("minutes, steps", [(1.0, 60), (0.4, 24)])
-def test_a_resume_given_another_time_budget_fits_it_at_once(tmp_path: Path, minutes: float, steps: int) -> None:
+@pytest.mark.parametrize("minutes, steps, stop_at", [(1.0, 60, 20), (0.4, 24, 20), (1.0, 60, 15)])
+def test_a_resume_given_another_time_budget_fits_it_at_once(tmp_path: Path, minutes: float, steps: int,
+                                                            stop_at: int) -> None:
     """1 s a step, 0.5 minutes: fitted to 30 steps at step 15, stopped at 20, resumed with another
     budget. The resumed process's own first fit comes 15 steps later, at 35, past the run's end: the
     new budget went unused (30 steps again) while config.toml recorded it. It is now fitted at the
     resume, at the checkpoint's pace: 1 minute gives 60 steps, 0.4 minutes 24; the learning rate
-    never rises on the way."""
+    never rises on the way. Also from a checkpoint written at the first fit's own step (15)."""
     clock = PacedClock(lambda i: 1.0)
-    first, _ = paced_run(tmp_path, clock, minutes=0.5, steps_per_epoch=100, stop=lambda s: s == 20, log_every=1)
-    assert first.stopped and first.steps == 20
+    first, _ = paced_run(tmp_path, clock, minutes=0.5, steps_per_epoch=100, stop=lambda s: s == stop_at, log_every=1)
+    assert first.stopped and first.steps == stop_at
     lines: list[str] = []
     res, records = paced_run(tmp_path, clock, minutes=minutes, steps_per_epoch=100, resume=True, log_every=1,
                              log=lines.append)
     assert res.steps == steps
     assert f"time budget 0.5 -> {minutes:g} min: {steps} steps (were 30), at the pace the checkpoint recorded" in lines
-    lrs = [r["lr"] for r in records if "lr" in r and r["step"] > 20]
-    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])) and len(lrs) == steps - 20
+    lrs = [r["lr"] for r in records if "lr" in r and r["step"] > stop_at]
+    top = lrs.index(max(lrs))  # the end of a warm-up still under way at step 15 (it was shortened to the run)
+    assert all(b >= a for a, b in zip(lrs[:top], lrs[1:top + 1]))
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[top:], lrs[top + 1:])) and len(lrs) == steps - stop_at
 
 
 def test_a_budgeted_run_stopped_twice_before_its_first_fit_still_makes_it(tmp_path: Path) -> None:

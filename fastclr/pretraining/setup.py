@@ -250,21 +250,24 @@ class Run:
             group["lr"] = lr
         return lr
 
-    def refit_budget(self, end_of_epoch: bool, after_monitor: bool = False, owed: bool = False) -> None:
+    def refit_budget(self, end_of_epoch: bool, after_monitor: bool = False, owed: bool = False,
+                     new_budget: bool = False) -> None:
         """Fit the step count to the time budget where due (rank 0's clock rules, so every rank
         runs the same number of steps). Call after every step, and again at an epoch end once the
         kNN monitor's pass is done (`after_monitor`): an epoch end's refit waits for it, since the
         budget counts its seconds and a last fit made before it grants steps the pass then spends.
         The first fit does not wait: at its step a pass would be most of the pace it measures.
         `owed`: the epoch end's refit of a run resumed from that epoch end's checkpoint, which was
-        written before it (paced as the process that wrote it paced: `TimeBudget.resume_at`)."""
+        written before it (paced as the process that wrote it paced: `TimeBudget.resume_at`);
+        `new_budget`: a fitted run resumed with another budget, refitted at its resume whatever step
+        its checkpoint was written at (`refit_to_new_budget`)."""
         s, b = self.state, self.budget
         if b is None:
             return
         fitted = not self.first_fit_ahead
         # The process that wrote the checkpoint refitted only past its own first fit's step.
         writer_first_fit = s.first_fit_at if s.first_fit_at is not None else b.first_fit
-        if owed and not (fitted and writer_first_fit < s.step < s.total_steps):
+        if owed and not new_budget and not (fitted and writer_first_fit < s.step < s.total_steps):
             return
         if not fitted and not after_monitor and s.step < b.first_fit_at:
             # The host's clock, without waiting for the device (a wait drains a GPU's queue): the host
@@ -329,7 +332,7 @@ class Run:
         if self.budget_was is None or self.state.step >= self.state.total_steps:
             return
         before = self.state.total_steps
-        self.refit_budget(end_of_epoch=False, after_monitor=True, owed=True)
+        self.refit_budget(end_of_epoch=False, after_monitor=True, owed=True, new_budget=True)
         self.log(f"time budget {self.budget_was:g} -> {self.cfg.train.time_budget:g} min: "
                  f"{counted(self.state.total_steps, 'step')} (were {before}), at the pace the checkpoint recorded")
 
