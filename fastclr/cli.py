@@ -364,25 +364,35 @@ def _run(args: argparse.Namespace) -> int:
         size = out_of_memory(e)
         if size is None:
             raise
-        _error(f"error: out of memory: fastclr {args.command} asked for {size} more and the "
-               f"{'GPU' if 'CUDA' in str(e) or 'HIP' in str(e) else 'system'} refused it; give a smaller --batch-size "
-               "or network width, or run where there is more memory; files already complete were kept")
+        memory = "GPU" if "CUDA" in str(e) or "HIP" in str(e) else "device" if "MPS" in str(e) else "system"
+        asked = f"asked for {size} more and the {memory} refused it" if size else f"ran out of {memory} memory"
+        fix = MEMORY_FIX.get(args.command, "")
+        _error(f"error: out of memory: fastclr {args.command} {asked}; {fix + ', or ' if fix else ''}run where there is "
+               "more memory; files already complete were kept")
         return EXIT_USAGE
 
 
+MEMORY_FIX = {"pretrain": "give a smaller --batch-size or --width", "evaluate": "give a smaller --batch-size or "
+              "--quality-images", "embed": "give a smaller --batch-size", "finetune": "give a smaller --batch-size",
+              "distill": "give a smaller --batch-size or --student-width", "distil": "give a smaller --batch-size or "
+              "--student-width"}
+"""What a command can be given to need less memory (the others' needs are the run's own)."""
+
+
 def out_of_memory(e: BaseException) -> str | None:
-    """The size an allocation that failed asked for ("1.0 GiB"), where `e` is PyTorch's out-of-memory
-    error (the CPU allocator's RuntimeError, CUDA's torch.OutOfMemoryError), else None: a batch too
-    large for the machine ended the run in a traceback."""
+    """The size an allocation that failed asked for ("1.0 GiB"; "" where the error does not say),
+    where `e` is PyTorch's out-of-memory error (the CPU allocator's RuntimeError, CUDA's or MPS's
+    torch.OutOfMemoryError), else None: a batch too large for the machine ended the run in a
+    traceback."""
     text = str(e)
-    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    cpu = re.search(r"(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes", text)  # Linux, Windows
     if cpu:
         n = int(cpu.group(1))
         unit, scale = next((u, k) for u, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1)) if n >= k or k == 1)
         return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} bytes"
     gpu = re.search(r"out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
     if gpu or type(e).__name__ == "OutOfMemoryError":
-        return gpu.group(1) if gpu else "memory"
+        return gpu.group(1) if gpu else ""
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,10 @@ def recorded_config(path: Path) -> Config:
                            "it from a copy of the run")
     try:
         return apply_overrides(Config(), flat)
-    except FastclrError as e:
-        raise FastclrError(f"{path}, the run's recorded settings, was edited or damaged: {e}") from None
+    except FastclrError as e:  # the flag its example names is pretrain's, not this command's
+        what = re.sub(r";? (pass )?e\.g\. --.*$", "", str(e))
+        raise FastclrError(f"{path}, the run's recorded settings, was edited or damaged: {what}; correct it there, or "
+                           "restore it from a copy of the run") from None
 
 
 def _readable_export(export: Path, run: Path, device: torch.device | str,

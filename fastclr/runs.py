@@ -212,7 +212,7 @@ class MetricsLog:
                 reason = (str(e).splitlines() or [""])[0]
                 warn_stderr(f"warning: tensorboard is installed but its writer failed ({type(e).__name__}: {reason}): "
                             f"{run_dir / 'tb'} is not written, metrics.jsonl holds every record (pip install "
-                            f"--force-reinstall 'fastclr[tensorboard]' to mend it)")
+                            f"--upgrade tensorboard protobuf to mend it, or pip uninstall tensorboard)")
 
     def keep_until(self, step: int) -> None:
         """Drop the records past `step`, the checkpoint a resumed run continues from: the steps after

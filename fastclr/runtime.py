@@ -494,7 +494,8 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
                     cuda_capability: tuple[int, int] | None = None, saved: bool = False, rocm_arch: str = "") -> None:
     """A one-line warning for an explicit bf16 or fp16 the hardware emulates (on a CPU with the
     measured cost); for a resumed run's `saved` precision, worded as such. Silent where the
-    matmul is less than 10% slower than fp32, the margin `decide_precision` asks of bf16: ARM's
+    matmul is less than 10% slower than fp32 (but for fp16 on an x86 CPU without AMX-FP16, whose
+    convolutions are emulated however fast its matmul), the margin `decide_precision` asks of bf16: ARM's
     bf16 instructions have no x86 flag, and emulation costs far more (the step 2.4x under an
     AVX512_CORE cap, the matmul about 70x under an AVX2 cap, docs/benchmarks.md section 1)."""
     asked = f"this run's saved precision {prec.name}" if saved else f"--precision {prec.name}"
@@ -521,7 +522,7 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
     # fp16 without AMX-FP16 warns whatever its matmul: AVX512_FP16 makes the matmul as fast as fp32,
     # but oneDNN has no fp16 convolution there, and the default step measured 194x its fp32 time on
     # a Xeon with AVX512_FP16 (docs/benchmarks.md section 1).
-    if slow < 1.1 and prec.name == "bf16":  # not emulated after all (ARM's bf16 instructions, which no x86 flag names)
+    if slow < 1.1 and (prec.name == "bf16" or not cpu.is_x86):  # not emulated after all (ARM's units, which no x86 flag names)
         return
     units = "bf16" if prec.name == "bf16" else "fp16"
     why = f"oneDNN capped at {cpu.onednn_isa_cap}" if has_units and cpu.onednn_isa_cap else f"no {units} units"
