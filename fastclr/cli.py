@@ -355,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
         # A write outside the atomic writers (a log line, a cache): still one line, never a traceback.
         where = Path(e.filename) if e.filename else Path.cwd()
         _error(f"error: cannot write {e.filename or 'a file'} ({write_failure_reason(e, where)}); files already "
-               f"complete were kept; {write_way_out(e, 'another place')} and run the command again")
+               f"complete were kept; {write_way_out(e, 'another place')}, and run the command again")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line

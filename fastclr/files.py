@@ -104,7 +104,7 @@ def write_way_out(e: BaseException, elsewhere: str) -> str:
     write to `elsewhere`."""
     code = e.errno if isinstance(e, OSError) else None
     if code == errno.EROFS:
-        return f"choose {elsewhere} on a writable file system, or remount it read-write,"
+        return f"choose {elsewhere} on a writable file system (or remount it read-write)"
     if code == errno.EIO:
         return "check the disk (the system reported an I/O error)"
     return f"free space there or choose {elsewhere}"

@@ -114,7 +114,10 @@ def pytest_configure(config: pytest.Config) -> None:
              f"for name in {TEST_EXTRAS!r}:\n"
              "    try:\n        importlib.import_module(name)\n"
              "    except Exception as e:\n        print(f'{name} does not import ({type(e).__name__}: {e})'.splitlines()[0])")
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise pytest.UsageError("FASTCLR_REQUIRE_EXTRAS=1 but importing the test extras took over 300 s") from None
     failed = r.stdout.strip().splitlines() or ([f"the check failed: {r.stderr.strip()[-300:]}"] if r.returncode else [])
     if failed:
         raise pytest.UsageError(f"FASTCLR_REQUIRE_EXTRAS=1 but {'; '.join(failed)}: install the test tools, "

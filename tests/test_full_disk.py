@@ -185,7 +185,7 @@ def test_prepare_on_a_refusing_disk_removes_its_partial_files(tmp_path: Path) ->
     r = limited_cli(["prepare", str(tmp_path / "bars"), "--out", str(store), "--size", "32", "--workers", "1"],
                     cli_env(tmp_path), tmp_path, limit=8192)
     line = one_line_error(r)
-    assert f"cannot write the store {store}" in line and "File too large" in line and line.endswith("choose another --out and run the command again")
+    assert f"cannot write the store {store}" in line and "File too large" in line and line.endswith("choose another --out, and run the command again")
     assert not store.exists()
 
 
@@ -357,7 +357,7 @@ def test_a_writer_failure_is_told_by_its_own_words_without_the_source_location(t
 @pytest.mark.parametrize("code, way", [
     (errno.ENOSPC, "free space there or choose another --out"),
     (errno.EDQUOT, "free space there or choose another --out"),
-    (errno.EROFS, "choose another --out on a writable file system, or remount it read-write,"),
+    (errno.EROFS, "choose another --out on a writable file system (or remount it read-write)"),
     (errno.EIO, "check the disk (the system reported an I/O error)"),
 ])
 def test_a_failed_writes_way_out_fits_its_cause(tmp_path: Path, code: int, way: str) -> None:
@@ -384,4 +384,5 @@ def test_prepare_onto_a_read_only_file_system_says_to_write_elsewhere(tmp_path: 
                         *argv], capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, timeout=240)
     line = one_line_error(r)
     assert line == (f"error: cannot write {ro / 'store'} (Read-only file system); files already complete were kept; "
-                    "choose another place on a writable file system, or remount it read-write, and run the command again")
+                    "choose another place on a writable file system (or remount it read-write), and run the command "
+                    "again")

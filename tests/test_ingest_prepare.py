@@ -694,6 +694,10 @@ def test_a_store_of_another_folder_is_not_replaced_and_one_of_a_moved_folder_is_
         f"error: {store} holds the store of {(tmp_path / 'a').resolve()}, not of {(tmp_path / 'b').resolve()}: give "
         f"another --out, or remove {store} first to replace it")
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # the same folder by another path (a bind mount, say)
+    assert main(["prepare", str(tmp_path / "link"), *args]) == 0
+    assert "0 files decoded, 12 reused" in capsys.readouterr().out
+    (tmp_path / "link").unlink()
     (tmp_path / "a").rename(tmp_path / "a2")
     assert main(["prepare", str(tmp_path / "a2"), *args]) == 0
     out = capsys.readouterr().out

@@ -151,9 +151,9 @@ def refuse_another_source(out: Path, root: Path, log: Callable[[str], None]) -> 
     except (OSError, ValueError, AttributeError):
         return  # a damaged store.json: `load_previous` says why it is not reused
     new = str(root.resolve())
-    if not isinstance(old, str) or not old or old == new:
-        return
-    if Path(old).is_dir():
+    if not isinstance(old, str) or not os.path.isabs(old) or old == new:
+        return  # a built-in dataset's store names it, not a folder
+    if Path(old).is_dir() and not os.path.samefile(old, new):  # the same folder by another path is the same
         raise FastclrError(f"{out} holds the store of {old}, not of {new}: give another --out, or remove {out} "
                            "first to replace it")
     log(f"note: {out} was prepared from {old}, which is gone; updating it from {new}")
@@ -449,7 +449,7 @@ def prepare_store(
         if not is_write_error(e):
             raise
         raise FastclrError(f"cannot write the store {out} ({write_failure_reason(e, out)}); its partial files were "
-                           f"removed; {write_way_out(e, 'another --out')} and run the command again") from None
+                           f"removed; {write_way_out(e, 'another --out')}, and run the command again") from None
     except BaseException:
         writer.abort()
         raise
