@@ -215,10 +215,12 @@ def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | 
     _W.update(root=root, opts=opts, known=known)
     # Ctrl-C reaches the whole process group: the parent stops the work; a decoder interrupted
     # inside a put on the result queue left its lock held and the parent's shutdown waiting forever.
+    # So does a SIGTERM to the group (systemd, Slurm, `kill -- -PGID`): a decoder it killed in the
+    # middle of sending its results left the parent reading half a message forever (the parent now
+    # unwinds on SIGTERM and waits for its pool), and the unwinding handler it would inherit raised
+    # inside the put. The parent stops them; they die with it where it is killed outright.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A SIGTERM to the group (systemd, Slurm, `kill -- -PGID`) ends a decoder outright, as before
-    # the parent learnt to unwind on it: its inherited handler raised inside a put on the queue too.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     kill = getattr(signal, "SIGKILL", None)  # POSIX only: Windows has none
     if parent is not None and kill is not None:
         die_with_parent(parent, kill)
