@@ -812,7 +812,12 @@ def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(
         os.killpg(proc.pid, signal.SIGTERM)
     else:
         proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:  # a hang fails the test, and leaves no process behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+            proc.wait(10)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
     assert read_store(store).images.shape[0] == 40
