@@ -181,6 +181,20 @@ def test_a_runs_damaged_or_empty_config_is_named_by_the_commands_that_read_it(tm
         load_run(run, log=lambda s: None)
 
 
+def test_a_stopped_run_resumed_with_fewer_epochs_than_it_trained_says_it_ends_there(tmp_path: Path) -> None:
+    """3 epochs of 6 steps, stopped at step 10, resumed with --epochs 1 (6 steps): it ended at step
+    10 part way down its 18-step schedule, with config.toml saying 1 epoch, and nothing said."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    first = pretrain(tiny_config(run, train__epochs=3.0), dataset=ds, progress=False, log=lambda s: None,
+                     stop=lambda step: step == 10)
+    assert first.stopped and first.steps == 10
+    lines: list[str] = []
+    again = pretrain(tiny_config(run, train__epochs=1.0), dataset=ds, resume=run, progress=False, log=lines.append)
+    assert again.steps == 10
+    assert ("note: --epochs 1 ends at step 6, before step 10, which this run has reached: it ends there, part way "
+            "down the learning rate of its 18-step schedule") in lines
+
+
 def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe(tmp_path: Path) -> None:
     """`--resume auto` run again on a finished run (a job script): it wrote the same encoder again and
     probed it again (37 s of a few-step run). Now it says the run is finished and returns its probe;

@@ -437,6 +437,11 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
     # A checkpoint of the run's own last step (not a stopped run that fewer epochs now end there):
     # nothing is trained, and config.toml stays the record of how the run was trained.
     run.finished_before = state is not None and run.state.step >= max(run.state.total_steps, int(state["total_steps"]))
+    if state is not None and not run.finished_before and run.state.step >= run.state.total_steps:
+        # fewer epochs than the stopped run has trained: it ends where it is, mid-schedule
+        log(f"note: --epochs {cfg.train.epochs:g} ends at step {run.state.total_steps}, before step {run.state.step}, "
+            f"which this run has reached: it ends there, part way down the learning rate of its "
+            f"{int(state['total_steps'])}-step schedule")
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         if state is not None and run.state.step < run.state.total_steps:
             _retire_export(run_dir, state, log)
