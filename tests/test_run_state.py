@@ -257,7 +257,9 @@ def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so
                      log=lines.append)
     assert ended.steps == 9 and not ended.stopped and (stopped / ENCODER_FILE).exists()
     assert "epochs = 1.0" in (stopped / "config.toml").read_text(encoding="utf-8")
-    assert not any(line.startswith("note:") for line in lines)
+    assert [line for line in lines if line.startswith("note:")] == [  # where it ends, not "unused"
+        "note: --epochs 1 ends at step 6, before step 9, which this run has reached: it ends there, part way down "
+        "the learning rate of its 18-step schedule"]
 
 
 def test_the_logged_gradient_norm_is_the_mean_over_the_updates_applied() -> None:
