@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
-from fastclr.files import is_write_error, write_failure_reason, write_way_out
+from fastclr.files import is_write_error, size_text, write_failure_reason, write_way_out
 from fastclr.signals import cleanup_on_sigterm
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
@@ -387,9 +387,7 @@ def out_of_memory(e: BaseException) -> str | None:
     text = str(e)
     cpu = re.search(r"(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes", text)  # Linux, Windows
     if cpu:
-        n = int(cpu.group(1))
-        unit, scale = next((u, k) for u, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("bytes", 1)) if n >= k or k == 1)
-        return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n} bytes"
+        return size_text(int(cpu.group(1)))
     gpu = re.search(r"out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
     if gpu or type(e).__name__ == "OutOfMemoryError":
         return gpu.group(1) if gpu else ""

@@ -66,7 +66,8 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """`n` bytes in binary units, one decimal: '1.5 KiB', '10.0 MiB'."""
     unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)) if n >= s or s == 1)
     return f"{n / scale:.1f} {unit}"
 
@@ -83,11 +84,11 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
         reason = "the writer stopped: " + text.split("] . ")[-1]
     free = _free_bytes(path.parent)
     if free is not None:
-        reason += f"; {_size(free)} free there"
+        reason += f"; {size_text(free)} free there"
     if resource is not None:
         soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if soft != resource.RLIM_INFINITY:
-            reason += f"; files are limited to {_size(soft)} (ulimit -f)"
+            reason += f"; files are limited to {size_text(soft)} (ulimit -f)"
     return reason
 
 
