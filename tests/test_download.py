@@ -62,9 +62,17 @@ def test_a_broken_or_foreign_reply_is_a_one_line_error_and_leaves_nothing(
         raw_server: Callable[..., str], tmp_path: Path, reply: bytes, seen: str) -> None:
     url = raw_server(lambda conn: conn.sendall(reply))
     with pytest.raises(FastclrError) as e:
-        fetch(RemoteFile(url, "0" * 32), tmp_path / "dest")
+        fetch(RemoteFile(url, "0" * 32), tmp_path / "root" / "dest")
     assert f"cannot download {url} (the connection broke off: {seen}" in str(e.value) and "\n" not in str(e.value)
-    assert list((tmp_path / "dest").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no part file, and no folder the download made for it
+
+
+def test_a_failed_download_into_a_folder_that_was_there_keeps_it_and_its_files(tmp_path: Path) -> None:
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "other.bin").write_bytes(b"x")
+    with pytest.raises(FastclrError):
+        fetch(RemoteFile("http://127.0.0.1:9/f.gz", "0" * 32), tmp_path / "dest" / "sub")
+    assert [p.name for p in tmp_path.rglob("*")] == ["dest", "other.bin"]
 
 
 def test_sigterm_during_a_download_removes_its_part_file_and_exits_as_killed(
@@ -90,7 +98,7 @@ def test_sigterm_during_a_download_removes_its_part_file_and_exits_as_killed(
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored on the way out
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert list((tmp_path / "dest").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # no part file, and not the folder the download made
 
 
 def test_part_files_no_download_is_writing_are_removed_by_the_next(tmp_path: Path) -> None:
@@ -266,6 +274,7 @@ def test_the_part_file_a_download_writes_is_one_the_next_download_can_clear(
     body cut off short of its Content-Length is said to be that, not a checksum mismatch (urllib
     ends such a body without an error)."""
     dest = tmp_path / "dest"
+    dest.mkdir()  # there before: a failed download keeps the folders it did not make
     seen: list[str] = []
 
     def reply(conn: socket.socket) -> None:

@@ -66,9 +66,11 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     Raises `FastclrError` on network failure or checksum mismatch (`DownloadWriteFailed` when the
     file system refuses it), leaving nothing behind, also when SIGTERM ends the process meanwhile.
     """
+    made = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]
     dest_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(dest_dir, remote.filename)
     final = dest_dir / remote.filename
+    done = False
     with cleanup_on_sigterm():
         fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
         tmp = Path(tmp_name)
@@ -92,8 +94,10 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
                 )
             if remote.extract:
                 unpack(tmp, dest_dir, remote.filename)
+                done = True
                 return dest_dir
             os.replace(tmp, final)
+            done = True
             return final
         except OSError as e:
             if is_write_error(e):
@@ -108,6 +112,18 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
         finally:
             if tmp.exists():
                 tmp.unlink()
+            if not done:
+                remove_empty(made)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created (deepest first) that are still empty: a mistyped
+    --root is not left behind as an empty folder."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another download's file, or one kept from an unpack), or gone
+            return
 
 
 def _content_length(headers: Message) -> int | None:
