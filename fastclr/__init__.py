@@ -17,25 +17,72 @@ The pieces, in the order data flows through them:
     load_classifier               a fine-tuned or distilled classifier: images -> logits
 """
 
-from fastclr.augment import two_views
-from fastclr.config import AugmentConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
-from fastclr.presets import config_for
-from fastclr.data import Dataset, ImageSet, load_builtin, load_data, open_store
-from fastclr.errors import FastclrError
-from fastclr.export import export_encoder, load_encoder, save_encoder
-from fastclr.ingest import DecodeOptions, prepare_store
-from fastclr.evaluation.knn import knn_accuracy
-from fastclr.pretraining.losses import contrastive_metrics, nt_xent
-from fastclr.models import ProjectionHead, ResNet, SmallCNN, build_encoder
-from fastclr.pretraining.optim import LARS, build_optimizer
-from fastclr.evaluation.probe import linear_probe
-from fastclr.evaluation.features import extract_features
-from fastclr.pretraining.schedule import lr_at, scaled_lr
-from fastclr.pretraining.loop import pretrain
-from fastclr.evaluation import EvaluateOptions, evaluate
-from fastclr.report import build_report
-from fastclr.semisup import DistillOptions, FinetuneOptions, distill_run, finetune_run, load_classifier
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
 from fastclr.version import __version__
+
+if TYPE_CHECKING:
+    from fastclr.augment import two_views
+    from fastclr.config import AugmentConfig, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig, TrainConfig
+    from fastclr.presets import config_for
+    from fastclr.data import Dataset, ImageSet, load_builtin, load_data, open_store
+    from fastclr.errors import FastclrError
+    from fastclr.export import export_encoder, load_encoder, save_encoder
+    from fastclr.ingest import DecodeOptions, prepare_store
+    from fastclr.evaluation.knn import knn_accuracy
+    from fastclr.pretraining.losses import contrastive_metrics, nt_xent
+    from fastclr.models import ProjectionHead, ResNet, SmallCNN, build_encoder
+    from fastclr.pretraining.optim import LARS, build_optimizer
+    from fastclr.evaluation.probe import linear_probe
+    from fastclr.evaluation.features import extract_features
+    from fastclr.pretraining.schedule import lr_at, scaled_lr
+    from fastclr.pretraining.loop import pretrain
+    from fastclr.evaluation import EvaluateOptions, evaluate
+    from fastclr.report import build_report
+    from fastclr.semisup import DistillOptions, FinetuneOptions, distill_run, finetune_run, load_classifier
+
+# Each name is imported on first use (PEP 562): `import fastclr` (and so the `fastclr` command's
+# start, before it can catch Ctrl-C) does not wait about 2 s for torch.
+_WHERE = {name: module for module, names in {
+    "fastclr.augment": ("two_views",),
+    "fastclr.config": ("AugmentConfig", "Config", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "TrainConfig"),
+    "fastclr.presets": ("config_for",),
+    "fastclr.data": ("Dataset", "ImageSet", "load_builtin", "load_data", "open_store"),
+    "fastclr.errors": ("FastclrError",),
+    "fastclr.export": ("export_encoder", "load_encoder", "save_encoder"),
+    "fastclr.ingest": ("DecodeOptions", "prepare_store"),
+    "fastclr.evaluation.knn": ("knn_accuracy",),
+    "fastclr.pretraining.losses": ("contrastive_metrics", "nt_xent"),
+    "fastclr.models": ("ProjectionHead", "ResNet", "SmallCNN", "build_encoder"),
+    "fastclr.pretraining.optim": ("LARS", "build_optimizer"),
+    "fastclr.evaluation.probe": ("linear_probe",),
+    "fastclr.evaluation.features": ("extract_features",),
+    "fastclr.pretraining.schedule": ("lr_at", "scaled_lr"),
+    "fastclr.pretraining.loop": ("pretrain",),
+    "fastclr.evaluation": ("EvaluateOptions", "evaluate"),
+    "fastclr.report": ("build_report",),
+    "fastclr.semisup": ("DistillOptions", "FinetuneOptions", "distill_run", "finetune_run", "load_classifier"),
+}.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif importlib.util.find_spec(f"fastclr.{name}") is not None:  # `fastclr.models.ResNet` after `import fastclr`
+        value = importlib.import_module(f"fastclr.{name}")
+    else:
+        raise AttributeError(f"module 'fastclr' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = [
     "LARS", "AugmentConfig", "Config", "DataConfig", "Dataset", "DecodeOptions", "EvalConfig", "FastclrError", "ImageSet",

@@ -2,6 +2,6 @@
 
 import sys
 
-from fastclr.cli import main
+from fastclr.entry import main
 
 sys.exit(main())

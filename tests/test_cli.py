@@ -315,6 +315,50 @@ def test_an_interrupted_command_exits_130_with_one_line(monkeypatch: pytest.Monk
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+CTRL_C_IN_IMPORT = """
+import importlib.abc, os, signal, sys
+
+class CtrlC(importlib.abc.MetaPathFinder):  # SIGINT arrives while torch is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from fastclr.entry import main
+sys.exit(main(["info", "--no-measure"]))
+"""
+
+
+def test_ctrl_c_while_the_command_starts_exits_130_with_one_line(tmp_path: Path) -> None:
+    """A real SIGINT during the first seconds (importing torch) ends the command as one later does:
+    exit 130 and "interrupted", not a traceback through the import machinery."""
+    r = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT], capture_output=True, text=True, timeout=120,
+                       env=cli_env(tmp_path), cwd=tmp_path)
+    assert (r.returncode, r.stderr.strip(), r.stdout) == (130, "interrupted", "")
+
+
+def test_every_public_name_of_the_package_is_its_modules_own() -> None:
+    """Imported on first use, each name in `fastclr.__all__` is the object its module defines; a
+    submodule is reached as an attribute as before (`fastclr.models.ResNet` after `import fastclr`)."""
+    import importlib
+
+    import fastclr
+    from fastclr.models import ResNet
+
+    for name in fastclr.__all__:
+        assert getattr(fastclr, name) is getattr(importlib.import_module(fastclr._WHERE.get(name, "fastclr.version")), name)
+    assert fastclr.models.ResNet is ResNet and set(fastclr.__all__) <= set(dir(fastclr))
+    with pytest.raises(AttributeError, match="has no attribute 'pretrian'"):
+        fastclr.pretrian  # noqa: B018
+
+
+def test_the_command_starts_without_importing_torch_until_it_can_catch_ctrl_c() -> None:
+    """The entry point's own imports (the `fastclr` package included) leave torch for inside it."""
+    code = "import sys, fastclr, fastclr.entry; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout == "[]\n"
+
+
 @pytest.mark.parametrize("error, line", [
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/nowhere/x"),
      "error: cannot use /nowhere/x (No such file or directory); give another path, or fix it or its permissions"),
