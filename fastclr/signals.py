@@ -1,4 +1,4 @@
-"""Graceful stop: SIGTERM/SIGINT ask the training loop to checkpoint and exit at the next step.
+"""Graceful stop: SIGTERM/SIGINT/SIGHUP ask the training loop to checkpoint and exit at the next step.
 
 The handler only sets a flag; the loop checks it at step boundaries, writes a checkpoint
 (atomically, see checkpoint.py) and returns, and the CLI exits with EXIT_STOPPED so a job
@@ -53,38 +53,78 @@ class StopFlag:
             self.raising = False
 
 
-@contextmanager
-def cleanup_on_sigterm() -> Iterator[None]:
-    """Inside: a SIGTERM that would kill the process outright (its default action, in the main
-    thread) raises SystemExit(128 + SIGTERM) instead, so `finally` blocks remove what they made
-    (a download's part file) and the process still ends with the status a kill by SIGTERM gives
-    in a shell. Where SIGTERM already has a handler (a training run's stop flag), it keeps it."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
+HANGUP: int | None = getattr(signal, "SIGHUP", None)
+"""POSIX: the terminal closed (an SSH connection lost, a window shut); Windows has none."""
 
 # Windows: Ctrl-Break (SIGBREAK) is the console's other stop key; its SIGTERM cannot be caught.
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT,
-                                 *(s for s in [getattr(signal, "SIGBREAK", None)] if s is not None))
+                                 *(s for s in [HANGUP, getattr(signal, "SIGBREAK", None)] if s is not None))
+
+
+def terminal_outputs() -> list[int]:
+    """Which of stdout and stderr (descriptors 1, 2) are a terminal, asked before it can hang up."""
+    found = []
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                found.append(fd)
+        except OSError:
+            pass
+    return found
+
+
+def leave_terminal(fds: list[int]) -> None:
+    """After SIGHUP: the terminal `fds` wrote to is gone, and each write there would fail (EIO) in
+    the middle of stopping. They now write to the null device; a file or pipe they write to is
+    left as it is (a log kept by `> log` still gets the stop's lines). Not flushed first: a flush
+    from a signal handler can land inside a write to the same stream (a reentrant call)."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+@contextmanager
+def cleanup_on_sigterm() -> Iterator[None]:
+    """Inside: a SIGTERM or SIGHUP that would kill the process outright (its default action, in the
+    main thread) raises SystemExit(128 + signal) instead, so `finally` blocks remove what they made
+    (a download's part file) and the process still ends with the status that kill gives in a shell.
+    Where a signal already has a handler (a training run's stop flag), it keeps it; where it is
+    ignored (`nohup`), it stays ignored."""
+    signals = [s for s in (signal.SIGTERM, HANGUP) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ttys = terminal_outputs()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if signum == HANGUP:
+            leave_terminal(ttys)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) == signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextmanager
 def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
-    """Install flag-setting handlers for `signals` for the duration of the block."""
+    """Install flag-setting handlers for `signals` for the duration of the block; a signal the
+    process was started ignoring (SIGHUP under `nohup`) stays ignored."""
     flag = StopFlag()
+    ttys = terminal_outputs()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if signum == HANGUP:
+            leave_terminal(ttys)
         if flag.signal is None:
             flag.signal = signum
             if flag.raising:
@@ -94,7 +134,7 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]
         else:
             print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield flag
     finally:
@@ -108,7 +148,7 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]
             for s, h in previous.items():
                 signal.signal(s, h)
         else:
-            atexit.register(ignore_signals, signals)
+            atexit.register(ignore_signals, tuple(previous))
 
 
 def ignore_signals(signals: tuple[int, ...]) -> None:

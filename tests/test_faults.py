@@ -32,7 +32,7 @@ from fastclr.checkpoint import (
 from fastclr.errors import FastclrError
 from fastclr.runs import prepare_run_dir
 from fastclr.pretraining.losses import nt_xent
-from fastclr.signals import EXIT_STOPPED, graceful_stop
+from fastclr.signals import EXIT_STOPPED, STOP_SIGNALS, graceful_stop
 
 
 @pytest.fixture
@@ -313,7 +313,7 @@ def test_a_stopped_process_ignores_the_stop_signals_from_its_first_exit_callback
 def test_a_signal_after_an_interruptible_phase_asks_for_a_checkpoint_again(capsys: pytest.CaptureFixture[str]) -> None:
     """Inside interruptible() a stop signal ends the phase at once; once the phase is over (it
     returned), a signal is again a request to stop at the next step, not an exception."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         with graceful_stop() as stop:
             with stop.interruptible():
@@ -760,12 +760,79 @@ def test_a_sigterm_outside_a_run_cleans_up_and_exits_as_killed_by_it() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX: Windows has no SIGHUP")
+def test_a_hangup_the_process_was_told_to_ignore_stays_ignored() -> None:
+    """Under `nohup` SIGHUP is ignored from the start: neither a training run's stop nor the
+    clean-up of other commands takes it over, so closing the terminal neither stops nor ends them."""
+    from fastclr.signals import cleanup_on_sigterm
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with graceful_stop() as stop, cleanup_on_sigterm():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.01)
+        assert stop.signal is None and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX: Windows has no SIGHUP")
+def test_a_closed_terminal_stops_a_run_with_a_checkpoint_it_resumes_from(tmp_path: Path, env: dict[str, str]) -> None:
+    """The terminal a run writes to goes away (an SSH connection lost): SIGHUP, and every write there
+    fails (EIO). The run stops as on SIGTERM: a checkpoint, exit 75, resumable to the end. Its
+    default action killed it, losing the steps since the last checkpoint."""
+    import pty
+    import select
+    import threading
+
+    args = ["pretrain", "--run-dir", str(tmp_path / "run"), "--data", "mnist", "--epochs", "2", *TINY, "--log-every",
+            "1", "--monitor-every", "0", "--probe", "false", "--head-hidden", "256", "--batch-size", "16"]
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "fastclr", *args], stdout=terminal, stderr=terminal, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    os.close(terminal)
+    shown = bytearray()
+    closing = threading.Event()
+
+    def read() -> None:  # the terminal shows what it is sent, until it is closed
+        while not closing.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    shown.extend(os.read(master, 65536))
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: len(metric_steps(tmp_path / "run")) >= 3)
+        closing.set()
+        reader.join(10)
+        os.close(master)  # the terminal is gone: writes to it fail from now on
+        proc.send_signal(signal.SIGHUP)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == EXIT_STOPPED, bytes(shown)[-2000:]
+    stopped_at = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["step"]
+    assert 3 <= stopped_at < 32
+    r = call_main(["pretrain", "--resume", str(tmp_path / "run"), "--quiet"], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(list_checkpoints(tmp_path / "run")[-1])["step"] == 32
+
+
 def test_a_sigterm_in_a_run_that_handles_it_is_left_to_the_run() -> None:
     """cleanup_on_sigterm inside a training run (its stop flag handles SIGTERM): the run's handler
     stays, so SIGTERM asks for a checkpoint and a stop as ever instead of ending the process."""
     from fastclr.signals import cleanup_on_sigterm
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         with graceful_stop() as stop:
             handler = signal.getsignal(signal.SIGTERM)

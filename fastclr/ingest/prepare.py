@@ -34,7 +34,7 @@ import numpy as np
 from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, META, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreClaim,
                                 StoreWriter, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
-from fastclr.signals import die_with_parent
+from fastclr.signals import STOP_SIGNALS, die_with_parent
 from fastclr.files import is_write_error, write_failure_reason, write_way_out
 from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
                                    pixels_that_fit, process_file)
@@ -219,8 +219,9 @@ def _init(root: Path, opts: DecodeOptions, known: frozenset[str], parent: int | 
     # middle of sending its results left the parent reading half a message forever (the parent now
     # unwinds on SIGTERM and waits for its pool), and the unwinding handler it would inherit raised
     # inside the put. The parent stops them; they die with it where it is killed outright.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A closed terminal's SIGHUP reaches the group alike.
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     kill = getattr(signal, "SIGKILL", None)  # POSIX only: Windows has none
     if parent is not None and kill is not None:
         die_with_parent(parent, kill)
