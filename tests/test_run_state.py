@@ -555,6 +555,25 @@ def test_a_stage_spec_written_another_way_for_the_same_network_resumes_exactly(t
             assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
 
 
+def test_a_run_saved_with_encoder_auto_resumes_with_the_encoder_auto_built_named(tmp_path: Path) -> None:
+    """A run started with `--encoder auto` (the default) built the cnn for its 28 px images; resumed
+    with `--encoder cnn` it is the same network and ends bit-equal to the run left alone (it was
+    refused as a changed encoder). Another encoder is still refused naming the key."""
+    ds = tiny_dataset()
+    assert tiny_config(tmp_path / "a").model.encoder == "auto"
+    pretrain(tiny_config(tmp_path / "a"), dataset=ds, **QUIET)
+    assert pretrain(tiny_config(tmp_path / "b"), dataset=ds, stop=lambda step: step == 5, **QUIET).stopped
+    with pytest.raises(FastclrError, match="cannot resume: model.encoder differs from the checkpoint's config"):
+        pretrain(tiny_config(tmp_path / "b", model__encoder="resnet18"), resume=tmp_path / "b", dataset=ds, **QUIET)
+    pretrain(tiny_config(tmp_path / "b", model__encoder="cnn"), resume=tmp_path / "b", dataset=ds, **QUIET)
+    straight, resumed = (load_checkpoint(list_checkpoints(tmp_path / run)[-1]) for run in ("a", "b"))
+    assert straight["step"] == resumed["step"] == 12 and resumed["model_info"]["encoder"] == "cnn"
+    for part in ("encoder", "head"):
+        assert straight[part].keys() == resumed[part].keys()
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k}"
+
+
 @pytest.mark.parametrize("key, value", [("train__views", 3), ("train__batch_size", 32)])
 def test_a_resume_with_another_batch_or_views_is_refused_unless_allowed(tmp_path: Path, key: str, value: int) -> None:
     """README: resuming with a different batch size or number of views is refused naming the key, and

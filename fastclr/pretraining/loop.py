@@ -299,7 +299,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         saved = _store_path_absolute(config_mod.from_dict(state["config"]))
         if not cfg.model.width:  # auto: the width the run trained at, whatever this device would choose
             cfg = _with_width(cfg, saved.model.width)
-        check_resume_config(saved, cfg, allow_config_change, resume)
+        check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
         cfg = _start_settings_kept(saved, cfg, log)
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)

@@ -21,6 +21,7 @@ from fastclr.checkpoint import save_checkpoint
 from fastclr.config import Config
 from fastclr.determinism import generator_states, restore_generators
 from fastclr.errors import FastclrError
+from fastclr.models import resolve_encoder
 from fastclr.models.cnn import parse_stages
 from fastclr.pretraining.model import Model
 from fastclr.pretraining.schedule import ramp_fraction
@@ -49,10 +50,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> N
         group.update(settings)
 
 
-def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_dir: Path | None = None) -> None:
+def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_dir: Path | None = None,
+                        built: dict[str, Any] | None = None) -> None:
     """A one-line error naming the STATE_KEYS that differ, or the RESUME_KEYS that differ unless
-    changes are allowed; `run_dir`: the run resumed, named in the way out."""
-    fixed = [key for key in config_mod.diff(saved, wanted, STATE_KEYS) if not _same_network(key, saved, wanted)]
+    changes are allowed; `run_dir`: the run resumed, named in the way out; `built`: the checkpoint's
+    `model_info` (the network its config's `auto` values built)."""
+    fixed = [key for key in config_mod.diff(saved, wanted, STATE_KEYS) if not _same_network(key, saved, wanted, built)]
     if fixed:
         raise FastclrError(
             f"cannot resume: {', '.join(fixed)} differ{'s' * (len(fixed) == 1)} from the checkpoint's config, and a "
@@ -74,12 +77,19 @@ def check_resume_config(saved: Config, wanted: Config, allow_changes: bool, run_
         )
 
 
-def _same_network(key: str, saved: Config, wanted: Config) -> bool:
+def _same_network(key: str, saved: Config, wanted: Config, built: dict[str, Any] | None) -> bool:
     """Whether two differently written values of `key` still build the checkpoint's network: a
-    stage spec is compared parsed, so "relu:32|256|fc512" is "32|256|fc512" (ReLU is the default)."""
-    if key != "model.cnn_stages":
-        return False
-    return parse_stages(saved.model.cnn_stages) == parse_stages(wanted.model.cnn_stages)
+    stage spec is compared parsed, so "relu:32|256|fc512" is "32|256|fc512" (ReLU is the default);
+    an encoder named as what `auto` built for the run's images is that encoder."""
+    if key == "model.cnn_stages":
+        return parse_stages(saved.model.cnn_stages) == parse_stages(wanted.model.cnn_stages)
+    if key == "model.encoder" and built and "image_size" in built:
+        size = int(built["image_size"])
+        try:
+            return resolve_encoder(saved.model.encoder, size) == resolve_encoder(wanted.model.encoder, size)
+        except FastclrError:  # an unknown name: named as a difference, then refused by name when built
+            return False
+    return False
 
 
 def check_fits(state: dict[str, Any], model: Model) -> None:
