@@ -82,7 +82,8 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
     else:  # torch's writer: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = "the writer stopped: " + text.split("] . ")[-1]
-    free = _free_bytes(path.parent)
+    # A device or pipe (stdout sent to /dev/full, a named pipe): the space of the folder holding it is beside the point.
+    free = None if path.is_char_device() or path.is_fifo() else _free_bytes(path.parent)
     if free is not None:
         reason += f"; {size_text(free)} free there"
     if resource is not None:

@@ -13,11 +13,13 @@ import io
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 
 class ClosedPipeGuard:
-    """A text stream that turns writes after its reader closed the pipe into no-ops."""
+    """A text stream that turns writes after its reader closed the pipe into no-ops. A write the
+    file behind it refuses (`> log` on a full disk) raises OSError naming that file, once: what
+    follows is dropped, so the error line (on the other stream) is the last word."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream, self.reader_gone = stream, False
@@ -28,6 +30,8 @@ class ClosedPipeGuard:
                 return self.stream.write(text)
             except BrokenPipeError:
                 self._drop_the_rest()
+            except OSError as e:
+                self._refused(e)
         return len(text)
 
     def flush(self) -> None:
@@ -36,6 +40,22 @@ class ClosedPipeGuard:
                 self.stream.flush()
             except BrokenPipeError:
                 self._drop_the_rest()
+            except OSError as e:
+                self._refused(e)
+
+    def _refused(self, e: OSError) -> NoReturn:
+        where = self._target()
+        self._drop_the_rest()
+        raise OSError(e.errno, e.strerror, where) from None
+
+    def _target(self) -> str:
+        """The file the stream writes to (Linux names it under /proc), else which stream it is: without
+        it, a full disk behind `> log` was told as "cannot write a file" with the current folder's space."""
+        try:
+            fd = self.stream.fileno()
+            return os.readlink(f"/proc/self/fd/{fd}")
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return "<stdout>" if self.stream is sys.__stdout__ else "<stderr>" if self.stream is sys.__stderr__ else "<output>"
 
     def _drop_the_rest(self) -> None:
         self.reader_gone = True

@@ -275,6 +275,37 @@ def test_a_batch_too_large_for_a_real_memory_limit_is_one_line(tmp_path: Path, e
         "complete were kept")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists() or not Path("/proc/self/fd").is_dir(), reason="Linux devices")
+def test_output_sent_where_it_cannot_be_written_is_named_in_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+    """`fastclr info > /dev/full` (as a full disk behind `> log`): one line naming the file stdout
+    writes to, exit 2; it said "cannot write a file" with the current folder's free space."""
+    with open("/dev/full", "w", encoding="utf-8") as full:
+        r = subprocess.run([sys.executable, "-m", "fastclr", "info", "--no-measure"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=env, cwd=tmp_path, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "error: cannot write /dev/full (No space left on device); files already "
+                                           "complete were kept; free space there or choose another place, and run the "
+                                           "command again\n")
+
+
+def test_a_refused_write_names_the_file_once_and_drops_what_follows(tmp_path: Path) -> None:
+    from fastclr.streams import ClosedPipeGuard
+
+    log = tmp_path / "log.txt"
+    with open(log, "w", encoding="utf-8") as f:
+        class Full:
+            def write(self, s: str) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def fileno(self) -> int:
+                return f.fileno()
+
+        guard = ClosedPipeGuard(Full())  # type: ignore[arg-type]
+        with pytest.raises(OSError) as e:
+            guard.write("step 1\n")
+        assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(log))
+        assert guard.write("step 2\n") == 7 and guard.reader_gone  # the rest is dropped, not raised again
+
+
 def test_the_guard_passes_writes_through_until_the_pipe_closes() -> None:
     import io
 
