@@ -304,6 +304,13 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     budgeted = train.pretrain(cfg("budget", train__time_budget=0.1, train__checkpoint_every=10**6), dataset=ds,
                               encoder=smooth_encoder(), progress=False, log=lambda s: None,
                               clock=lambda: next(ticks) * (100.0 if rank == 1 else 0.01))
+    # Steps slow on rank 1's clock (10 s each), a log every 100 steps, checkpoints at epoch ends (3, 6, 9): a stop
+    # asked of rank 1 at step 5 waited for the epoch end at step 6 (with 5 s steps under torchrun, for its
+    # 30 s of grace to run out and a kill); the ranks now agree every STOP_WITHIN_S of the slowest one's steps.
+    ticks_slow = iter(range(10**9))
+    slow = train.pretrain(cfg("slow-stop", train__epochs=3.0, train__log_every=100), dataset=ds, encoder=smooth_encoder(),
+                          progress=False, log=lambda s: None, stop=lambda s: rank == 1 and s >= 5,
+                          clock=lambda: next(ticks_slow) * (10.0 if rank == 1 else 0.01))
     # Width auto where the ranks' own answers differ (as nodes with other devices would give): rank 1
     # alone would build its network at half the channels, and its weights would fit no other rank's.
     real_width = train.resolve_width
@@ -314,7 +321,7 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     train.resolve_width = real_width
     assert auto.model is not None
     return {"steps": (straight.steps, first.steps, first.stopped, second.steps), "writes": writes, "lines": lines,
-            "budget_steps": budgeted.steps,
+            "budget_steps": budgeted.steps, "slow_stop": (slow.steps, slow.stopped),
             "auto_width_shapes": {k: tuple(v.shape) for k, v in auto.model.encoder.state_dict().items()},
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
             "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds,
@@ -396,6 +403,21 @@ def test_a_stop_asked_of_one_rank_stops_both_and_resume_continues_exactly(
     assert load_checkpoint(list_checkpoints(root / "resumed")[0])["step"] == 4  # written at the stop
     # every rank returns from a stop only once rank 0's checkpoint (made 1 s slow) is on disk
     assert r0["on_disk_at_return"][-1] == r1["on_disk_at_return"][-1] == 4
+
+
+def test_a_stop_with_slow_steps_is_agreed_at_the_next_step_not_the_next_log(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, (r0, r1) = two_rank_runs
+    assert r0["slow_stop"] == r1["slow_stop"] == (5, True)
+    assert load_checkpoint(list_checkpoints(root / "slow-stop")[-1])["step"] == 5
+
+
+def test_the_ranks_agree_about_every_few_seconds_of_the_slowest_ones_steps() -> None:
+    from fastclr.pretraining.loop import STOP_WITHIN_S, agree_every
+
+    assert STOP_WITHIN_S == 5.0
+    assert [agree_every(step_s, 25) for step_s in (5.2, 2.5, 1.0, 0.3, 0.2, 0.01, 0.0)] == [1, 2, 5, 16, 25, 25, 25]
+    assert agree_every(1.0, 3) == 3  # never past the log interval, where they agree anyway
 
 
 def test_rank_0s_clock_decides_whether_a_time_budgets_first_fit_comes_early(

@@ -201,12 +201,35 @@ def _origin_text(dataset: Dataset) -> str:
     return f" from {dataset.origin}" if dataset.origin and dataset.origin != dataset.name else ""
 
 
+STOP_WITHIN_S = 5.0
+"""Under several processes, how much training a stop may wait for before the ranks agree on it:
+torchrun gives its ranks 30 s after it forwards a signal, then kills them, and with slow steps
+(5 s a step for ResNet-18 on a CPU) agreeing only every --log-every steps lost every step since
+the last checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreed:
+    """The ranks' last agreement: its step, its time on this rank's clock, the step of the next."""
+
+    step: int
+    at: float
+    next: int
+
+
+def agree_every(step_s: float, log_every: int) -> int:
+    """Steps between the ranks' agreements at `step_s` seconds a step (the slowest rank's): about
+    STOP_WITHIN_S of training, at least 1, and at most the log interval (where they agree anyway)."""
+    return max(1, min(log_every, int(STOP_WITHIN_S / max(step_s, 1e-9))))
+
+
 def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     """The loop: per step lr, views, step, budget, log, checkpoint, monitor, stop. True when `stop`
     ended it early (after a checkpoint)."""
     s, t, ctx = run.state, run.cfg.train, run.ctx
     first_step = s.step
     window_start = run.clock()
+    agreed = Agreed(step=s.step, at=window_start, next=s.step + 1)
     run.loop_start = window_start - s.train_seconds
     run.bar.restart()
     try:
@@ -238,10 +261,13 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             log_now = s.step % t.log_every == 0 or s.step == s.total_steps
             checkpoint_now = (s.step % t.checkpoint_every == 0) if t.checkpoint_every else epoch_ended is not None
             stop_now = False
-            if ctx.active and (log_now or checkpoint_now):
+            if ctx.active and (log_now or checkpoint_now or s.step >= agreed.next):
                 # Decisions every rank must share, taken where the host waits for the device anyway:
                 # the first non-finite step anywhere, and whether any rank was asked to stop.
-                stop_now = run.health.agree(stop is not None and s.step < s.total_steps and stop(s.step), ctx)
+                now = run.clock()
+                stop_now, slowest = run.health.agree(stop is not None and s.step < s.total_steps and stop(s.step), ctx,
+                                                     step_s=(now - agreed.at) / (s.step - agreed.step))
+                agreed = Agreed(step=s.step, at=now, next=s.step + agree_every(slowest, t.log_every))
             if not ctx.active:
                 stop_now = stop is not None and s.step < s.total_steps and stop(s.step)
             if log_now or checkpoint_now or stop_now:

@@ -38,15 +38,18 @@ class Health:
                   & (self.skip_streak < MAX_SKIP_STREAK))
         self.first_bad = torch.where((~finite) & (self.first_bad < 0), step + 1, self.first_bad)
 
-    def agree(self, stop_vote: bool, ctx: DistContext) -> bool:
+    def agree(self, stop_vote: bool, ctx: DistContext, step_s: float = 0.0) -> tuple[bool, float]:
         """Under several processes: take the earliest bad step of any rank, and return whether any
-        rank votes to stop (one collective for both)."""
+        rank votes to stop and the slowest rank's seconds a step (`step_s`: this rank's), in one
+        collective."""
         never = torch.iinfo(torch.long).max
+        device = self.first_bad.device
         mine = torch.stack([torch.where(self.first_bad < 0, never, self.first_bad),
-                            torch.tensor(-int(stop_vote), device=self.first_bad.device)])
-        low = all_reduce(mine, ctx, "min")  # (2,)
+                            torch.tensor(-int(stop_vote), device=device),
+                            torch.tensor(-round(step_s * 1e6), device=device)])
+        low = all_reduce(mine, ctx, "min")  # (3,)
         self.first_bad = torch.where(low[0] == never, -1, low[0])
-        return bool(low[1] < 0)
+        return bool(low[1] < 0), -int(low[2]) / 1e6
 
     def check(self, cfg: Config, run_dir: Path) -> None:
         """Raise NonFiniteLoss (naming the step and what to try) if any step was bad; waits for the device."""

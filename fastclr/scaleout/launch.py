@@ -94,13 +94,13 @@ def _launch(args: argparse.Namespace) -> int:
         # launcher (exit -15, not 75). Ignored from the first atexit callback on, as a stopped run does.
         atexit.register(ignore_signals, STOP_SIGNALS)
         # torchrun has forwarded the signal to the ranks and waited for them (up to its
-        # --shutdown-timeout, 30 s by default). The ranks agree to stop where they already
-        # synchronise, at the next logging or checkpoint step (every --log-every steps), then
-        # checkpoint and exit 75: with slow steps, lower --log-every or raise the timeout.
-        # `--resume auto`: the ranks may have been ended before their first checkpoint.
-        print(f"stopped by {e.sigval.name}: the ranks were asked to checkpoint at their next logging step (within "
-              "torchrun's --shutdown-timeout; with slow steps, lower --log-every); continue with the same command "
-              "and --resume auto RUN_DIR (from its checkpoint, or afresh where none was written)", file=sys.stderr)
+        # --shutdown-timeout, 30 s by default). The ranks agree to stop at their next logging or
+        # checkpoint step, or sooner with slow steps (about every 5 s of steps: loop.STOP_WITHIN_S),
+        # then checkpoint and exit 75. `--resume auto`: the ranks may have been ended before their
+        # first checkpoint (a checkpoint that takes longer to write than the grace left).
+        print(f"stopped by {e.sigval.name}: the ranks were asked to checkpoint within about 5 s of training (and "
+              "torchrun's --shutdown-timeout); continue with the same command and --resume auto RUN_DIR (from its "
+              "checkpoint, or afresh where none was written)", file=sys.stderr)
         return EXIT_STOPPED
     except ChildFailedError as e:
         # Once one rank fails, torchrun ends the others with SIGTERM: a rank still starting up
