@@ -259,6 +259,32 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
         mixed_error = ""
     except train.FastclrError as e:
         mixed_error = str(e)
+    # Rank 1 given another setting, other images of the same count, fewer images, or (resuming) a checkpoint of the
+    # same step with other content: it trained on silently, or (other counts of steps) waited for the timeout.
+    import dataclasses
+    import shutil
+
+    from fastclr.checkpoint import save_checkpoint
+    from fastclr.data import ImageSet
+    if rank == 0:
+        for copy in ("ck-a", "ck-b"):
+            shutil.copytree(root / "straight", root / copy)
+        ck = load_checkpoint(list_checkpoints(root / "ck-b")[-1])
+        ck["encoder"]["0.weight"] += 1e-3
+        save_checkpoint(root / "ck-b", ck)
+    all_reduce(torch.zeros(1), DistContext(rank, world))  # the copies exist before either rank resumes
+    flipped = dataclasses.replace(ds, pretrain=ImageSet(ds.pretrain.images[:, ::-1].copy(), ds.pretrain.labels))
+    fewer = tiny_dataset(64)
+    given_other: dict[str, str] = {}
+    for case, over, data, resume in (("setting", {"train__temperature": 0.5}, ds, None), ("images", {}, flipped, None),
+                                     ("count", {}, fewer, None), ("checkpoint", {}, ds, "ck")):
+        try:
+            train.pretrain(cfg(resume or f"other-{case}", train__epochs=3.0, **(over if rank == 1 else {})),
+                           dataset=data if rank == 1 else ds, encoder=smooth_encoder(), progress=False,
+                           log=lambda s: None, resume=root / ("ck-a" if rank == 0 else "ck-b") if resume else None)
+            given_other[case] = ""
+        except train.FastclrError as e:
+            given_other[case] = str(e)
     held = None
     if rank == 0:  # another process writing the run directory: rank 0 is refused the lock
         (root / "held").mkdir()
@@ -324,7 +350,7 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
             "budget_steps": budgeted.steps, "slow_stop": (slow.steps, slow.stopped),
             "auto_width_shapes": {k: tuple(v.shape) for k, v in auto.model.encoder.state_dict().items()},
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
-            "write_error": write_error, "mixed_error": mixed_error, "held_error": held_error, "held_seconds": held_seconds,
+            "write_error": write_error, "mixed_error": mixed_error, "given_other": given_other, "held_error": held_error, "held_seconds": held_seconds,
             "damaged_error": damaged_error, "damaged_seconds": damaged_seconds, "write_error_seconds": write_error_seconds}
 
 
@@ -451,6 +477,25 @@ def test_ranks_that_disagree_on_resuming_end_with_one_line_before_writing(
         "some ranks start the run afresh and others resume it from step 6 (a checkpoint some saw and others did not); "
         "the run directory must be on a filesystem that every node sees: run the same command again")
     assert not (root / "mixed").exists()
+
+
+def test_ranks_given_other_settings_data_or_checkpoints_end_with_one_line_naming_it(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Two nodes with a node-local --config or store at the same path, or a run directory that is
+    not the same on both: every rank ends with the same line naming what differs, before writing."""
+    root, (r0, r1) = two_rank_runs
+    way = ("; every rank must run the same command on the same data (a store every node sees, or identical copies) "
+           "and the same run directory")
+    assert r0["given_other"] == r1["given_other"] == {
+        "setting": "the ranks were not given the same run: rank 1 has --temperature 0.5 (rank 0: 0.2)" + way,
+        "images": "the ranks were not given the same run: rank 1's data differs from rank 0's (other images or labels)"
+                  + way,
+        "count": "the ranks were not given the same run: rank 1's data differs from rank 0's (64 images to rank 0's "
+                 "96)" + way,
+        "checkpoint": "the ranks were not given the same run: rank 1 read another checkpoint's content than rank 0 at "
+                      "the same step (a run directory that is not the same on every node)" + way}
+    assert not any((root / f"other-{case}").exists() for case in ("setting", "images", "count"))
+    assert [load_checkpoint(p)["step"] for p in list_checkpoints(root / "ck-a")] == [3, 6]  # nothing trained on
 
 
 def test_a_run_directory_rank_0_cannot_take_ends_every_rank_at_once(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:

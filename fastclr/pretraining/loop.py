@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from fastclr import config as config_mod
-from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints, remove_stale_temporaries, what_is_kept
+from fastclr.checkpoint import (content_sha256, latest_valid_checkpoint, list_checkpoints, remove_stale_temporaries,
+                                what_is_kept)
 from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
@@ -41,6 +42,7 @@ from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_sm
                                       check_sync_checkable, validate)
 from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import check_resume_config, check_resume_data
+from fastclr.scaleout.same_run import check_same_run
 from fastclr.presets import check_preset
 from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
@@ -340,6 +342,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             refuse_ambiguous(cfg.data.name)
         _fetch_once_a_node(cfg.data, ctx, device)
         dataset = load_data(cfg.data)
+    check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
     elif not cfg.model.width:  # auto, decided once (rank 0's); config.toml records it
