@@ -24,6 +24,7 @@ from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name, saved_overrides
 from fastclr.scaleout.once import print_once_a_node
+from fastclr.scaleout.distributed import env_world_size
 
 if TYPE_CHECKING:
     import torch
@@ -157,7 +158,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastclr.pretraining.loop import pretrain
 
     resume, cfg = pretrain_target(args)
-    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "TORCHELASTIC_RUN_ID" in os.environ and env_world_size() > 1:
         # A torchrun rank: torchrun starts each with setsid(), apart from its launcher, so a launcher killed outright
         # (a scheduler's SIGKILL, the OOM killer) left the ranks training and holding the run's lock.
         from fastclr.signals import die_with_parent
@@ -326,7 +327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line and exit code 2."""
     args = parse_args(argv)
-    rank = args.command == "pretrain" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = args.command == "pretrain" and env_world_size() > 1
     # A kill's SIGTERM unwinds (partial files removed, locks freed) but in a torchrun rank, whose
     # pretraining stops gracefully on it and whose threads can abort an unwinding exit.
     with outliving_readers(), cleanup_on_sigterm() if not rank else contextlib.nullcontext():

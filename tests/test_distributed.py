@@ -738,3 +738,34 @@ def test_ranks_compute_in_the_precision_every_one_of_them_runs_natively(monkeypa
     chosen = loop.run_precision(tiny_config(tmp_path), torch.device("cpu"), DistContext(rank=1, world_size=2), lines.append)
     assert chosen == Precision("fp16", "the one every rank runs natively: rank 1's V100")
     assert lines[-1] == "precision fp16: the one every rank runs natively: rank 1's V100"
+
+
+@pytest.mark.parametrize("env, error", [
+    ({"WORLD_SIZE": "abc"}, "error: WORLD_SIZE='abc' is not a whole number; start the processes with torchrun or "
+                            "fastclr-torchrun, which set it, or unset WORLD_SIZE for one process"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0"},
+     "error: RANK=5, LOCAL_RANK=0 and WORLD_SIZE=2 are not a process of the group (0 <= RANK < WORLD_SIZE); start the "
+     "processes with torchrun or fastclr-torchrun, which set them, or unset them for one process"),
+])
+def test_a_process_environment_torchrun_would_not_set_is_one_line(env: dict[str, str], error: str,
+                                                                 tmp_path: Path) -> None:
+    """A traceback (int('abc')), or a wait for the collective timeout and 40 lines of c10d frames for a
+    rank no group has, before: now one line and exit 2, before anything is written."""
+    given = {k: v for k, v in cli_env(tmp_path).items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--run-dir", str(tmp_path / "run"),
+                        *TINY], env={**given, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, error + "\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchruns_environment_is_read_as_it_sets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastclr.scaleout.distributed import env_world
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_world() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert env_world() == (3, 4, 3)  # LOCAL_RANK unset: the rank (one node)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert env_world() == (3, 4, 1)

@@ -55,11 +55,34 @@ class DistContext:
 
 
 def env_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) outside torchrun. A
+    value torchrun would not set is one line (it was a traceback, or a wait for the timeout)."""
+    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise FastclrError(f"RANK={rank}, LOCAL_RANK={local} and WORLD_SIZE={world} are not a process of the group "
+                           "(0 <= RANK < WORLD_SIZE); start the processes with torchrun or fastclr-torchrun, which set "
+                           "them, or unset them for one process")
     return rank, world, local
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE as torchrun sets it, 1 where unset or not a number (`env_world` then says so)."""
+    try:
+        return _env_int("WORLD_SIZE", 1)
+    except FastclrError:
+        return 1
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise FastclrError(f"{name}={text!r} is not a whole number; start the processes with torchrun or "
+                           f"fastclr-torchrun, which set it, or unset {name} for one process") from None
 
 
 def setup(device: torch.device, timeout_s: float) -> DistContext:
