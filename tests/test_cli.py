@@ -20,6 +20,22 @@ def env(tmp_path: Path) -> dict[str, str]:
     return cli_env(tmp_path)
 
 
+def test_a_relative_data_root_is_recorded_so_later_commands_find_it_from_anywhere(tmp_path: Path,
+                                                                                  env: dict[str, str]) -> None:
+    """`--data-root data` was recorded as typed, and evaluate, export and the others (which have no
+    --data-root) looked for `data` from their own directory: "the data root data is not a directory"."""
+    given = {k: v for k, v in env.items() if k != "FASTCLR_DATA"}  # found through --data-root alone
+    args = ["pretrain", "--data", "mnist", "--data-root", "data", "--epochs", "1", "--run-dir", "run", *TINY,
+            "--probe", "false"]
+    assert call_main(args, given, tmp_path).returncode == 0
+    from fastclr.config import read_toml
+
+    assert read_toml(tmp_path / "run" / "config.toml")["data.root"] == str(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    r = call_main(["evaluate", str(tmp_path / "run"), "--protocols", "knn"], given, tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+
+
 def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -> None:
     """The first run through `python -m fastclr` (the entry point), its resume in this process."""
     run = tmp_path / "run"

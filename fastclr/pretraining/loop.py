@@ -152,8 +152,11 @@ def pretrain(
 
 def _store_path_absolute(cfg: Config) -> Config:
     """`cfg` with a store's path made absolute, as a run records it (`absolute_name`): a relative one,
-    from a flag, a --config file or a run saved before, names the same store from this directory."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name)))
+    from a flag, a --config file or a run saved before, names the same store from this directory.
+    So is --data-root's folder: evaluate, export and the others, which have no --data-root, looked
+    for it from their own directory."""
+    root = str(Path(cfg.data.root).expanduser().absolute()) if cfg.data.root else cfg.data.root
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name), root=root))
 
 
 def _init_path_absolute(cfg: Config) -> Config:
