@@ -8,6 +8,7 @@ line), checkpoints/, encoder.safetensors (the encoder alone, exported at the end
 
 from __future__ import annotations
 
+import itertools
 import importlib.util
 import json
 import os
@@ -27,6 +28,19 @@ def default_run_dir(cfg: Config) -> Path:
     """runs/<data>-<YYYYmmdd-HHMMSS> under the current directory."""
     stem = Path(cfg.data.name).name.replace("/", "-") or "run"
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_new_dir(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ... where it exists, made now (one mkdir: of two runs started in the
+    same second, each gets its own): for the default name, which only names the second."""
+    for n in itertools.count(1):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def prepare_run_dir(path: Path, resuming: bool = False) -> Path:

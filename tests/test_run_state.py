@@ -872,3 +872,25 @@ def test_a_runs_checkpoint_carries_and_a_resume_restores_its_gpus_generator(
     assert saved[1] == 7
     pretrain(tiny_config(tmp_path), resume=tmp_path, dataset=ds, stop=lambda step: step == 6, **quiet)
     assert put == [saved]
+
+
+def test_runs_started_in_the_same_second_under_the_default_name_each_get_their_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default name `runs/DATA-YYYYmmdd-HHMMSS` names the second: the second of two seeds started
+    together was refused as "being written by PID ...". It now takes the name with -2, and a run
+    given its directory is never renamed."""
+    from fastclr.presets import config_for
+    from fastclr.runs import claim_new_dir
+    from tiny import TINY
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fastclr.runs.time.strftime", lambda fmt, *a: "20261206-235959")
+    ds = tiny_dataset()
+    runs = [pretrain(config_for(None, {**TINY, "train.seed": seed}), dataset=ds, **QUIET).run_dir for seed in (0, 1)]
+    assert [str(r) for r in runs] == ["runs/fashion-mnist-20261206-235959", "runs/fashion-mnist-20261206-235959-2"]
+    assert [load_checkpoint(list_checkpoints(r)[-1])["config"]["train"]["seed"] for r in runs] == [0, 1]
+    assert claim_new_dir(Path("runs/fashion-mnist-20261206-235959")) == Path("runs/fashion-mnist-20261206-235959-3")
+    with pytest.raises(FastclrError, match="files that are not a fastclr run|not a fastclr run"):
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("x")
+        pretrain(tiny_config(tmp_path / "mine"), dataset=ds, **QUIET)

@@ -46,7 +46,7 @@ from fastclr.scaleout.same_run import check_same_run
 from fastclr.presets import check_preset
 from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
-from fastclr.runs import default_run_dir, prepare_run_dir, write_config, write_json
+from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import Precision, agree_precision, resolve_precision, select_device, use_compile
 from fastclr.signals import StopRequested
@@ -366,6 +366,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         # and it belongs to this process (rank 0) until the run ends.
         try:
             require_trackers(tracker_names(cfg.train.trackers))
+            if state is None and not cfg.train.run_dir:
+                run_dir = claim_new_dir(run_dir)  # a default name another run took in the same second gets a suffix
             prepare_run_dir(run_dir, resuming=state is not None)
             lock = RunLock(run_dir, log)
             if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
@@ -377,6 +379,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             failure = e
     try:  # `share_outcome` inside the try, not `shared`: a lock taken is released if the exchange fails
         share_outcome(failure, ctx, device, f"rank 0 could not take {run_dir} for this run (its error says why)")
+        run_dir = Path(broadcast_object(str(run_dir), ctx))
         if lock is not None:
             for p in remove_stale_temporaries(run_dir):
                 log(f"removed {p.name}, left by a write that was interrupted")
