@@ -606,6 +606,20 @@ def require_memory(needed: int, what: str, fix: str) -> None:
         raise FastclrError(f"{what} needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are available; {fix}")
 
 
+def require_model_memory(build: Callable[[], torch.nn.Module], device: torch.device, what: str, fix: str) -> None:
+    """A one-line error before a network is built on the CPU whose weights and their gradients alone
+    (a lower bound of what training it asks: no optimiser state, no activations) would not fit in
+    available memory. `build` makes it on the meta device, for nothing and without a draw from
+    the random generators: `--student-width 100` for 1.0 grew the process until the kernel killed
+    it (and other processes with it), never failing an allocation the error could have named."""
+    if device.type != "cpu":  # a GPU's out-of-memory error is one line already, and its memory is not this
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        module = build()
+    params = sum(p.numel() for p in module.parameters())
+    require_memory(2 * params * 4, f"{what} ({params / 1e6:,.0f} million weights)", fix)
+
+
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     """`module` with its 4-D parameters in channels_last memory format (in place, returned)."""
     # Module.to takes memory_format at run time; torch's typed overloads leave it out.

@@ -279,6 +279,30 @@ def test_a_smaller_student_starts_at_random(run: Run) -> None:
         student_for(r, DistillOptions(student_width=0.0625, student_init="pretrained"), 10, 0, torch.device("cpu"))
 
 
+def test_a_student_whose_weights_alone_would_not_fit_is_refused_before_it_is_built(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--student-width 100` for 1.0 grew the process until the kernel killed it. The student's weights
+    and gradients (float32), counted on the meta device, against 0.9 of the memory available."""
+    from fastclr.models import encoder_from_spec
+
+    r = load_run(run[0])
+    wide = dataclasses.replace(r.spec, width=4.0)
+    weights = sum(p.numel() for p in encoder_from_spec(wide).parameters())
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(2 * weights * 4 / 0.9) - 1000)
+    with pytest.raises(FastclrError, match=rf"^a student of width 4 \({weights / 1e6:,.0f} million weights\) needs about "
+                                           r".* GiB are available; give a smaller --student-width \(the run's own width "
+                                           rf"is {r.spec.width:g}\)$"):
+        student_for(r, DistillOptions(student_width=4.0), 10, 0, torch.device("cpu"))
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(2 * weights * 4 / 0.9) + 1000)
+    student, spec, _ = student_for(r, DistillOptions(student_width=4.0), 10, 0, torch.device("cpu"))
+    assert spec.width == 4.0
+    from fastclr.runtime import require_model_memory
+
+    state = torch.get_rng_state()
+    require_model_memory(lambda: encoder_from_spec(wide), torch.device("cpu"), "a student", "")
+    assert torch.equal(torch.get_rng_state(), state)  # the count draws nothing: a seeded build after it is the same
+
+
 def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, _ = run
     assert main(["distill", str(run_dir)]) == 2

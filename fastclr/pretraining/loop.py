@@ -48,7 +48,8 @@ from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
 from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.runtime import Precision, agree_precision, resolve_precision, select_device, use_compile
+from fastclr.runtime import (Precision, agree_precision, require_model_memory, resolve_precision, select_device,
+                             use_compile)
 from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
 from fastclr.tracking import require as require_trackers
@@ -355,6 +356,9 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
     if encoder is None:
         check_small_views_first(cfg, dataset)
+        require_model_memory(lambda: named_encoder(cfg, dataset.image_shape, device.type)[0], device,
+                             f"the encoder at width {cfg.model.width:g}", "give a smaller --width, or run where there "
+                             "is more memory")
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written

@@ -39,11 +39,11 @@ from fastclr.evaluation.run import labelled_splits as evaluation_splits
 from fastclr.evaluation.subsets import labels_for_fraction, stratified_subset, subset_id
 from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
-from fastclr.models import EncoderSpec, feature_dim
+from fastclr.models import EncoderSpec, encoder_from_spec, feature_dim
 from fastclr.pretrained import LoadedRun, has_weights, load_run, run_data, trained_head
 from fastclr.files import read_json
 from fastclr.runs import refuse_output, refuse_uncreatable, write_json
-from fastclr.runtime import cpu_model, select_device, to_channels_last
+from fastclr.runtime import cpu_model, require_model_memory, select_device, to_channels_last
 from fastclr.semisup.distill import check_distill_options, distill
 from fastclr.semisup.network import (CLASSIFIER_FILE, Classifier, empty_neck, load_classifier, neck_of,
                                      neck_widths, save_classifier)
@@ -314,6 +314,8 @@ def student_for(run: LoadedRun, o: DistillOptions, num_classes: int, seed: int, 
         encoder, spec = copy.deepcopy(run.encoder), run.spec
     else:
         narrow = dataclasses.replace(run.spec, width=width)  # its feature_dim is measured next
+        require_model_memory(lambda: encoder_from_spec(narrow), device, f"a student of width {width:g}",
+                             f"give a smaller --student-width (the run's own width is {run.spec.width:g})")
         encoder = untrained_encoder(narrow, seed, device)
         spec = dataclasses.replace(narrow, feature_dim=feature_dim(encoder, run.spec.in_channels, run.spec.image_size))
     torch.manual_seed(seed)
