@@ -209,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt = export_format(args.format, Path(args.out), run.spec)
     check_export(fmt, run.spec)  # before the data is read or a folder made
     config_text = (Path(args.run_dir) / "config.toml").read_text(encoding="utf-8")
-    check = _check_images(run) if fmt == "onnx" else None
+    check, checked_on = (_check_images(run) if fmt == "onnx" else (None, ""))
     folder = Path(args.out).parent
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # what this command creates, innermost first
     folder.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
@@ -222,25 +222,31 @@ def cmd_export(args: argparse.Namespace) -> int:
                 p.rmdir()
         raise
     for path in paths:
-        print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {len(check)} of the run's images)"
-                                 if check is not None else ""))
+        print(f"wrote {path}" + (f" (onnxruntime's h equals PyTorch's on {checked_on})" if checked_on else ""))
     return 0
 
 
-def _check_images(run: LoadedRun) -> torch.Tensor:
-    """Up to 64 of the run's own images, test ones first, standardised as the encoder expects."""
+def _check_images(run: LoadedRun) -> tuple[torch.Tensor | None, str]:
+    """Up to 64 of the run's own images, test ones first, standardised as the encoder expects, and
+    what they are; where the run's data is not here (a run directory copied to another machine, a
+    store moved or prepared again) None, for random ones, with a note: the other formats need no data."""
     import numpy as np
     import torch
 
     from fastclr.pretrained import run_data
     from fastclr.evaluation.features import prepare_images
 
-    ds = run_data(run)
+    try:
+        ds = run_data(run)
+    except FastclrError as e:
+        print(f"note: the run's images are not here to check the ONNX file on ({e}); it is checked on random images")
+        return None, "random images"
     # the test images first, then training ones up to 64 (a small store's test split can hold 8); a
     # copy: a store's images are a read-only memory map, which torch.from_numpy warns about
     test = ds.test.images[:64] if ds.test is not None else ds.pretrain.images[:0]
     images = np.concatenate([test, ds.pretrain.images[: 64 - len(test)]])
-    return prepare_images(torch.from_numpy(images), run.mean, run.std, run.spec.image_size)
+    return (prepare_images(torch.from_numpy(images), run.mean, run.std, run.spec.image_size),
+            f"{len(images)} of the run's images")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import torch
 from conftest import call_main, cli_env
 from tiny import TINY_FLAGS, tiny_dataset, tiny_run
 from fastclr.errors import FastclrError
-from fastclr.export import export_encoder
+from fastclr.export import export_encoder, load_encoder
 from fastclr.models import build_encoder
 from fastclr.models.spec import EncoderSpec
 
@@ -124,6 +124,25 @@ def test_export_command_checks_onnx_on_the_runs_own_images(tmp_path: Path) -> No
     env, run = tiny_cli_run(tmp_path)
     r = call_main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "h.onnx")], env, tmp_path)
     assert r.returncode == 0 and "onnxruntime's h equals PyTorch's on 64 of the run's images" in r.stdout, r.stderr
+
+
+def test_export_to_onnx_of_a_run_whose_data_is_not_here_is_checked_on_random_images(tmp_path: Path) -> None:
+    """A run directory copied to another machine (or its store moved): the other formats were written
+    and ONNX refused, its check wanting the run's images; it is checked on random ones, with a note."""
+    import onnxruntime
+
+    env, run = tiny_cli_run(tmp_path)
+    (tmp_path / "data" / "mnist").rename(tmp_path / "moved")
+    r = call_main(["export", str(run), "--out", str(tmp_path / "h.onnx")], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("note: the run's images are not here to check the ONNX file on (mnist files not found")
+    assert r.stdout.endswith(f"wrote {tmp_path / 'h.onnx'} (onnxruntime's h equals PyTorch's on random images)\n")
+    enc, spec = load_encoder(run / "encoder.safetensors")
+    x = torch.randn(5, spec.in_channels, spec.image_size, spec.image_size)
+    session = onnxruntime.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), enc.eval()(x),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
@@ -277,7 +296,9 @@ def test_the_onnx_check_images_are_the_runs_images_as_evaluation_standardises_th
     assert run.mean.tolist() != run.std.tolist()  # else a swap of the two would go unseen
     images = np.concatenate([ds.test.images, ds.pretrain.images[:24]])
     want = features_of(run.encoder, run.spec, images, torch.device("cpu"), FP32)
-    assert torch.allclose(encode(run.encoder, _check_images(run), FP32), want, atol=1e-6)
+    check, what = _check_images(run)
+    assert check is not None and what == f"{len(images)} of the run's images"
+    assert torch.allclose(encode(run.encoder, check, FP32), want, atol=1e-6)
 
 
 def test_an_export_holds_a_state_only_when_it_holds_exactly_its_tensors(tmp_path: Path) -> None:
