@@ -417,3 +417,16 @@ def test_a_run_that_recorded_a_relative_init_resumes_with_the_same_flag_silently
     pretrain(tiny_config(tmp_path / "b", **dict(over, model__init=str(other), train__epochs=2.0)), resume=tmp_path / "b",
              log=lines.append, **quiet)
     assert any(line.startswith("note: model.init sets how a run starts") for line in lines)
+
+
+@pytest.mark.parametrize("name", ["e.onnx", "e.pt2", "missing.pth"])
+def test_an_init_file_that_cannot_start_a_run_is_refused_without_a_width_line_first(tmp_path: Path, name: str) -> None:
+    """`--init` of an ONNX model, a torch.export program or a file that is not there printed "width 1:
+    that of the network in FILE (--init)" (a torchvision file's width) before refusing it."""
+    env = cli_env(tmp_path)
+    if name != "missing.pth":
+        (tmp_path / name).write_bytes(b"PK\x03\x04 not a state dict" if name.endswith(".pt2") else b"\x08\x07\x12\x07pytorch")
+    r = call_main(["pretrain", "--data", "mnist", "--encoder", "resnet18", "--epochs", "1", "--init", str(tmp_path / name),
+                   "--run-dir", str(tmp_path / "run"), "--quiet"], env, tmp_path)
+    assert r.returncode == 2 and "(--init)" not in r.stdout, r.stdout
+    assert r.stderr.startswith("error: ") and str(tmp_path / name) in r.stderr and not (tmp_path / "run").exists()

@@ -187,7 +187,10 @@ def _auto_width(cfg: Config, dataset: Dataset, device: torch.device, encoder: nn
     name = resolve_encoder(cfg.model.encoder, cfg.augment.crop_size or dataset.image_shape[0])
     here = resolve_width(0.0, name, device.type)
     if cfg.model.init:
-        width = recorded_width(Path(cfg.model.init)) or 1.0
+        init = Path(cfg.model.init)
+        if not init.is_file() or init.suffix in (".onnx", ".pt2"):
+            return here  # not a file to start from: read_init refuses it next, and no width line misleads before
+        width = recorded_width(init) or 1.0
         if width != here:
             log(f"width {width:g}: that of the network in {cfg.model.init} (--init), not the {here:g} `auto` gives a "
                 f"{name} on this device")
