@@ -303,6 +303,19 @@ def test_a_student_whose_weights_alone_would_not_fit_is_refused_before_it_is_bui
     assert torch.equal(torch.get_rng_state(), state)  # the count draws nothing: a seeded build after it is the same
 
 
+def test_a_student_wider_than_the_run_is_said_to_be(run: Run, finetuned: dict[str, Any], tmp_path: Path) -> None:
+    """--student-width is the student's own channel multiplier: 0.5 of a run at 0.25 is twice its width,
+    which a user asking for "half" did not expect; the log line says it is wider."""
+    run_dir, ds = run
+    width = load_run(run_dir).spec.width
+    for factor, wider in ((2.0, True), (0.5, False)):
+        lines: list[str] = []
+        distill_run(Path(finetuned["out"]), dataclasses.replace(DS, steps=1, student_width=width * factor),
+                    out=tmp_path / str(factor), dataset=ds, log=lines.append)
+        said = next(line for line in lines if line.startswith("distilling "))
+        assert (f"student of width {width * factor:g} (wider than the run's {width:g})" in said) == wider, said
+
+
 def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, _ = run
     assert main(["distill", str(run_dir)]) == 2

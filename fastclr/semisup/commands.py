@@ -87,7 +87,8 @@ def add_semisup_commands(sub: Any) -> None:
     ds.add_argument("--label-weight", type=float, default=d.label_weight,
                     help=f"weight of the labelled images' cross-entropy, 0 = distillation alone (default: {d.label_weight:g})")
     ds.add_argument("--student-width", type=float, default=d.student_width,
-                    help="channel multiplier of the student; 0 = the teacher's (default: 0)")
+                    help="channel multiplier of the student itself (not a fraction of the teacher's: 0.5 of a run at 0.25 "
+                         "is twice its width); 0 = the teacher's (default: 0)")
     ds.add_argument("--student-init", default=d.student_init, choices=("auto", "pretrained", "random"),
                     help="the run's SimCLR encoder or random weights; auto: pretrained at the run's width (default)")
     ds.add_argument("--teacher-views", default=d.teacher_views, choices=("same", "clean"),
