@@ -285,7 +285,9 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
     pre.set_defaults(func=cmd_pretrain)
 
     dl = sub.add_parser("download", help="fetch a built-in dataset (or check that it is present)")
-    dl.add_argument("name")
+    from fastclr.data.datasets import REGISTRY
+
+    dl.add_argument("name", help="one of: " + ", ".join(REGISTRY))
     dl.add_argument("--root", help="directory to look in first and to download into")
     dl.add_argument("--no-download", action="store_true", help="only check, never download")
     dl.set_defaults(func=cmd_download)

@@ -96,7 +96,8 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p = sub.add_parser("prepare", help="decode a folder of images into a store (memory-mapped, with a manifest)")
     p.add_argument("folder", nargs="?", help="folder of images; subfolders are classes when there are two or more")
     p.add_argument("--out", required=True, help="the store directory to create or update")
-    p.add_argument("--size", type=int, help="side of the stored square images in pixels")
+    p.add_argument("--size", type=int, help="side of the stored square images in pixels (a FOLDER needs it; --builtin keeps "
+                   "its dataset's own side)")
     p.add_argument("--fit", default=FOLDER_ONLY["fit"], choices=["crop", "pad"],
                    help="crop: short side to S, centre crop; pad: long side to S, black borders (default crop)")
     p.add_argument("--channels", default=FOLDER_ONLY["channels"], choices=["auto", "1", "3"],
