@@ -316,6 +316,23 @@ def test_a_student_wider_than_the_run_is_said_to_be(run: Run, finetuned: dict[st
         assert (f"student of width {width * factor:g} (wider than the run's {width:g})" in said) == wider, said
 
 
+def test_a_fine_tuned_classifier_exports_to_onnx_from_python_as_the_readme_shows(
+        finetuned: dict[str, Any], tmp_path: Path) -> None:
+    """README: `fastclr export` takes a pretraining run; a classifier goes through
+    `fastclr.export_encoder(model, spec, "", "onnx", path)`, whose output is its logits."""
+    import onnxruntime
+
+    model, spec, _ = fastclr.load_classifier(Path(finetuned["out"]))
+    out = tmp_path / "clf.onnx"
+    fastclr.export_encoder(model, spec, "", "onnx", out)
+    x = torch.randn(4, spec.in_channels, spec.image_size, spec.image_size)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model.eval()(x)
+    assert want.shape == (4, model.fc.out_features)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), want, rtol=1e-4, atol=1e-4)
+
+
 def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, _ = run
     assert main(["distill", str(run_dir)]) == 2
