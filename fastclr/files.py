@@ -82,8 +82,9 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
     else:  # torch's writer: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = "the writer stopped: " + text.split("] . ")[-1]
-    # A device or pipe (stdout sent to /dev/full, a named pipe): the space of the folder holding it is beside the point.
-    free = None if path.is_char_device() or path.is_fifo() else _free_bytes(path.parent)
+    # A device or pipe (stdout sent to /dev/full, a named pipe, "pipe:[N]", "<stdout>"): the space of the
+    # folder holding it is beside the point.
+    free = None if _not_a_file(path) else _free_bytes(path.parent)
     if free is not None:
         reason += f"; {size_text(free)} free there"
     if resource is not None:
@@ -91,6 +92,15 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
         if soft != resource.RLIM_INFINITY:
             reason += f"; files are limited to {size_text(soft)} (ulimit -f)"
     return reason
+
+
+def _not_a_file(path: Path) -> bool:
+    if str(path).startswith(("<", "pipe:", "socket:", "anon_inode:")):
+        return True
+    try:
+        return path.is_char_device() or path.is_fifo()
+    except OSError:  # a disk failing (EIO): no space figure for it either
+        return True
 
 
 def set_mode(fd: int) -> None:
@@ -237,3 +247,13 @@ def read_json(path: Path, fix: str) -> dict[str, Any]:
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FastclrError(f"{path} is damaged ({e}); {fix}") from None
     return obj
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed command created (deepest first) that are still empty: a mistyped
+    folder is not left behind empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another process's file, one kept from an unpack), or gone
+            return

@@ -8,7 +8,6 @@ line), checkpoints/, encoder.safetensors (the encoder alone, exported at the end
 
 from __future__ import annotations
 
-import itertools
 import importlib.util
 import json
 import os
@@ -30,17 +29,24 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+CLAIM_TRIES = 1000
+"""Names tried after the default one (`NAME-2` on): more runs than that in one second is a loop."""
+
+
 def claim_new_dir(path: Path) -> Path:
     """`path`, or `path`-2, -3, ... where it exists, made now (one mkdir: of two runs started in the
-    same second, each gets its own): for the default name, which only names the second."""
-    for n in itertools.count(1):
+    same second, each gets its own): for the default name, which only names the second. The parent
+    is made first, so a parent that cannot be made (a link to a folder gone) is its own error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, CLAIM_TRIES + 1):
         candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
         try:
-            candidate.mkdir(parents=True)
+            candidate.mkdir()
             return candidate
         except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+            if not (candidate.exists() or candidate.is_symlink()):
+                raise
+    raise FastclrError(f"{path} and {CLAIM_TRIES - 1} more names after it are taken; choose a --run-dir")
 
 
 def prepare_run_dir(path: Path, resuming: bool = False) -> Path:

@@ -470,6 +470,11 @@ def test_a_directory_of_the_users_files_is_never_a_run_directory(tmp_path: Path)
     assert r.returncode == 2 and r.stderr.strip() == (f"error: --run-dir {store / 'run'} is inside the store {store}, "
                                                       "whose files fastclr reads; choose a --run-dir outside it")
     assert sorted(p.name for p in store.iterdir()) == ["images.u8", "store.json"]
+    # The default name (runs/DATA-TIME, claimed by making it) started inside the store: refused alike, and the
+    # folders it claimed are removed (they made the store refuse its next update, as holding 'runs').
+    r = call_main(["pretrain", "--data", "mnist", "--epochs", "1", *TINY], env, store)
+    assert r.returncode == 2 and "is inside the store" in r.stderr, r.stderr
+    assert sorted(p.name for p in store.iterdir()) == ["images.u8", "store.json"]
 
 
 def test_files_follow_the_users_umask(tmp_path: Path) -> None:
@@ -763,14 +768,18 @@ def test_a_sigterm_outside_a_run_cleans_up_and_exits_as_killed_by_it() -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX: Windows has no SIGHUP")
 def test_a_hangup_the_process_was_told_to_ignore_stays_ignored() -> None:
     """Under `nohup` SIGHUP is ignored from the start: neither a training run's stop nor the
-    clean-up of other commands takes it over, so closing the terminal neither stops nor ends them."""
+    clean-up of other commands takes it over, so closing the terminal neither stops nor ends them.
+    SIGINT ignored from the start (a batch script's background job) is taken over as ever: `kill -INT`
+    stops that run with a checkpoint."""
     from fastclr.signals import cleanup_on_sigterm
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with graceful_stop() as stop, cleanup_on_sigterm():
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL)
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.01)
@@ -793,7 +802,8 @@ def test_a_closed_terminal_stops_a_run_with_a_checkpoint_it_resumes_from(tmp_pat
             "1", "--monitor-every", "0", "--probe", "false", "--head-hidden", "256", "--batch-size", "16"]
     master, terminal = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "fastclr", *args], stdout=terminal, stderr=terminal, env=env,
-                            cwd=tmp_path, start_new_session=True)
+                            cwd=tmp_path, start_new_session=True,  # SIGHUP at its default, as in a terminal (not nohup)
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     os.close(terminal)
     shown = bytearray()
     closing = threading.Event()

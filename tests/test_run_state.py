@@ -913,3 +913,42 @@ def test_an_encoder_whose_weights_alone_would_not_fit_is_refused_before_anything
     assert not (tmp_path / "run").exists()
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(2 * weights * 4 / 0.9) + 1000)
     assert pretrain(cfg, dataset=ds, **QUIET).steps == 12
+
+
+def test_a_default_run_folder_under_a_link_to_nothing_is_one_error_not_a_loop(tmp_path: Path) -> None:
+    """`runs` a link to a scratch folder purged: every name's mkdir failed with "exists" from its
+    parent, and the search for a free name never ended (100% CPU, other ranks waiting for the timeout)."""
+    from fastclr.runs import claim_new_dir
+
+    (tmp_path / "runs").symlink_to(tmp_path / "purged")
+    with pytest.raises(FileExistsError):
+        claim_new_dir(tmp_path / "runs" / "fashion-mnist-20261206-235959")
+    assert not (tmp_path / "purged").exists()
+
+
+def test_an_encoder_named_on_resume_is_compared_with_the_network_the_checkpoint_holds(tmp_path: Path) -> None:
+    """A run trained (from Python) on a module of its own records `auto` and built "custom": `--encoder
+    cnn` is not its network and is refused here, not later by the checkpoint's tensors."""
+    from fastclr.pretraining.state import check_resume_config
+
+    saved, wanted = tiny_config(tmp_path), tiny_config(tmp_path, model__encoder="cnn")
+    with pytest.raises(FastclrError, match="cannot resume: model.encoder differs from the checkpoint's config"):
+        check_resume_config(saved, wanted, allow_changes=False, built={"encoder": "custom", "image_size": 28})
+    check_resume_config(saved, wanted, allow_changes=False, built={"encoder": "cnn", "image_size": 28})
+
+
+def test_a_network_for_a_gpu_is_counted_against_the_host_its_weights_are_drawn_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights are drawn on the host before they move to a GPU (the gradients are made there): one
+    float32 copy counts against the host's memory for a GPU, the weights and gradients for a CPU."""
+    from torch import nn
+
+    from fastclr.runtime import require_model_memory
+
+    weights = 1000 * 1000 + 1000
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(1.5 * weights * 4 / 0.9))
+    require_model_memory(lambda: nn.Linear(1000, 1000), torch.device("cuda"), "a layer", "")  # no GPU is touched
+    with pytest.raises(FastclrError, match=r"^a layer \(1 million weights\) needs about"):
+        require_model_memory(lambda: nn.Linear(1000, 1000), torch.device("cpu"), "a layer", "")
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(0.9 * weights * 4 / 0.9))
+    with pytest.raises(FastclrError, match=r"^a layer \(1 million weights\) needs about"):
+        require_model_memory(lambda: nn.Linear(1000, 1000), torch.device("cuda"), "a layer", "")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
-from fastclr.files import is_write_error, set_mode, write_failure_reason, write_way_out
+from fastclr.files import is_write_error, remove_empty, set_mode, write_failure_reason, write_way_out
 from fastclr.errors import FastclrError
 from fastclr.signals import cleanup_on_sigterm
 
@@ -114,16 +114,6 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
                 tmp.unlink()
             if not done:
                 remove_empty(made)
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove the folders a failed download created (deepest first) that are still empty: a mistyped
-    --root is not left behind as an empty folder."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (another download's file, or one kept from an unpack), or gone
-            return
 
 
 def _content_length(headers: Message) -> int | None:

@@ -57,7 +57,7 @@ from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_obj
                                           is_peer_failure, peer_failure, process_device, setup, share_outcome,
                                           shared, teardown)
 from fastclr.errors import FastclrError
-from fastclr.files import WriteFailed, read_json
+from fastclr.files import WriteFailed, read_json, remove_empty
 
 __all__ = ["NonFiniteLoss", "PretrainResult", "pretrain"]
 
@@ -110,8 +110,8 @@ def pretrain(
     Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this: they form one
     process group, train with DistributedDataParallel on disjoint shares of each global batch of
     `train.batch_size` images, and rank 0 alone writes the run directory and logs. Under several
-    processes `stop` is consulted every `log_every` steps (and at checkpoints), and every rank
-    stops at the same step.
+    processes `stop` is consulted where the ranks agree (every `log_every` steps, at checkpoints, and
+    about every STOP_WITHIN_S of the slowest rank's steps), and every rank stops at the same step.
     """
     if cfg.train.keep_memory:
         keep_freed_memory()
@@ -367,14 +367,16 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if state is None and cfg.model.init:  # read and matched now, before anything is written
         init = _read_init(cfg, dataset, encoder, device)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
-    lock, failure = None, None
+    lock, failure, made = None, None, []
     if ctx.is_main:
         # Only now, with the data and settings known good, does the run directory come into being,
         # and it belongs to this process (rank 0) until the run ends.
         try:
             require_trackers(tracker_names(cfg.train.trackers))
             if state is None and not cfg.train.run_dir:
+                parents = [d for d in run_dir.parents if not d.exists()]
                 run_dir = claim_new_dir(run_dir)  # a default name another run took in the same second gets a suffix
+                made = [run_dir, *parents]
             prepare_run_dir(run_dir, resuming=state is not None)
             lock = RunLock(run_dir, log)
             if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
@@ -384,6 +386,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                                    f"process was still writing it); run the same command again to resume from the newest")
         except Exception as e:  # another process writing it, say: the other ranks are told, not left waiting
             failure = e
+            remove_empty(made if lock is None else [])  # a claimed default name refused: nothing is left behind
     try:  # `share_outcome` inside the try, not `shared`: a lock taken is released if the exchange fails
         share_outcome(failure, ctx, device, f"rank 0 could not take {run_dir} for this run (its error says why)")
         run_dir = Path(broadcast_object(str(run_dir), ctx))
