@@ -607,17 +607,17 @@ def require_memory(needed: int, what: str, fix: str) -> None:
 
 
 def require_model_memory(build: Callable[[], torch.nn.Module], device: torch.device, what: str, fix: str) -> None:
-    """A one-line error before a network is built on the CPU whose weights and their gradients alone
+    """A one-line error before a network is built whose weights and (on a CPU) their gradients alone
     (a lower bound of what training it asks: no optimiser state, no activations) would not fit in
-    available memory. `build` makes it on the meta device, for nothing and without a draw from
+    the host's available memory. `build` makes it on the meta device, for nothing and without a draw from
     the random generators: `--student-width 100` for 1.0 grew the process until the kernel killed
     it (and other processes with it), never failing an allocation the error could have named."""
-    if device.type != "cpu":  # a GPU's out-of-memory error is one line already, and its memory is not this
-        return
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         module = build()
     params = sum(p.numel() for p in module.parameters())
-    require_memory(2 * params * 4, f"{what} ({params / 1e6:,.0f} million weights)", fix)
+    # On a GPU the gradients are there, but the weights are drawn on the host first (seeded as on a CPU).
+    copies = 2 if device.type == "cpu" else 1
+    require_memory(copies * params * 4, f"{what} ({params / 1e6:,.0f} million weights)", fix)
 
 
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:

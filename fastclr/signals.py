@@ -116,8 +116,8 @@ def cleanup_on_sigterm() -> Iterator[None]:
 
 @contextmanager
 def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
-    """Install flag-setting handlers for `signals` for the duration of the block; a signal the
-    process was started ignoring (SIGHUP under `nohup`) stays ignored."""
+    """Install flag-setting handlers for `signals` for the duration of the block; SIGHUP, where the
+    process was started ignoring it (`nohup`), stays ignored."""
     flag = StopFlag()
     ttys = terminal_outputs()
 
@@ -134,7 +134,9 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]
         else:
             print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) != signal.SIG_IGN}
+    # SIGHUP ignored from the start (nohup) stays ignored; the others are taken over as ever (a batch
+    # script's background job starts with SIGINT ignored, and `kill -INT` still stops it with a checkpoint).
+    previous = {s: signal.signal(s, handler) for s in signals if s != HANGUP or signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield flag
     finally:

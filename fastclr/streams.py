@@ -9,11 +9,12 @@ not fail (which would make the exit code 120)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 
 
 class ClosedPipeGuard:
@@ -23,6 +24,10 @@ class ClosedPipeGuard:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream, self.reader_gone = stream, False
+        try:
+            self.terminal = stream.isatty()  # asked now: a terminal that hung up may not say so later
+        except (OSError, ValueError, AttributeError):
+            self.terminal = False
 
     def write(self, text: str) -> int:
         if not self.reader_gone:
@@ -43,7 +48,10 @@ class ClosedPipeGuard:
             except OSError as e:
                 self._refused(e)
 
-    def _refused(self, e: OSError) -> NoReturn:
+    def _refused(self, e: OSError) -> None:
+        if self.terminal and e.errno == errno.EIO:  # the terminal hung up (a job left running as it closed)
+            self._drop_the_rest()
+            return
         where = self._target()
         self._drop_the_rest()
         raise OSError(e.errno, e.strerror, where) from None

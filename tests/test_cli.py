@@ -322,6 +322,41 @@ def test_a_refused_write_names_the_file_once_and_drops_what_follows(tmp_path: Pa
         assert guard.write("step 2\n") == 7 and guard.reader_gone  # the rest is dropped, not raised again
 
 
+def test_a_terminal_that_hung_up_takes_no_more_output_and_ends_nothing() -> None:
+    """A job left running when its terminal closed (disowned: no SIGHUP) gets EIO on each write there;
+    the first ended the command with exit 2 and no checkpoint. Dropped, as a closed pipe's."""
+    from fastclr.streams import ClosedPipeGuard
+
+    class HungUp:
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, s: str) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def fileno(self) -> int:
+            raise OSError(errno.EBADF, "no descriptor here")
+
+    guard = ClosedPipeGuard(HungUp())  # type: ignore[arg-type]
+    assert guard.write("step 1\n") == 7 and guard.reader_gone
+
+
+def test_the_free_space_is_named_only_for_a_file_on_a_disk(tmp_path: Path) -> None:
+    from fastclr.files import write_failure_reason
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for target in ("pipe:[12345]", "<stdout>", "socket:[7]"):
+        assert write_failure_reason(full, Path(target)) == "No space left on device"
+    assert "free there" in write_failure_reason(full, tmp_path / "log.txt")
+
+
+def test_private_names_are_not_looked_up_as_submodules_of_the_package() -> None:
+    """`hasattr(fastclr, "__main__")` imported fastclr/__main__.py, which ran the command line and exited."""
+    import fastclr
+
+    assert not hasattr(fastclr, "__main__") and not hasattr(fastclr, "_nothing")
+
+
 def test_the_guard_passes_writes_through_until_the_pipe_closes() -> None:
     import io
 
@@ -380,8 +415,12 @@ sys.exit(main(["info", "--no-measure"]))
 def test_ctrl_c_while_the_command_starts_exits_130_with_one_line(tmp_path: Path) -> None:
     """A real SIGINT during the first seconds (importing torch) ends the command as one later does:
     exit 130 and "interrupted", not a traceback through the import machinery."""
+    import signal
+
+    # As a terminal starts a command: a background job of a script (this suite's, maybe) starts with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt.
     r = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT], capture_output=True, text=True, timeout=120,
-                       env=cli_env(tmp_path), cwd=tmp_path)
+                       env=cli_env(tmp_path), cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert (r.returncode, r.stderr.strip(), r.stdout) == (130, "interrupted", "")
 
 

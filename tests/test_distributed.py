@@ -4,6 +4,7 @@ batch, the same training run whatever the number of processes, and failures that
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -769,3 +770,46 @@ def test_torchruns_environment_is_read_as_it_sets_it(monkeypatch: pytest.MonkeyP
     assert env_world() == (3, 4, 3)  # LOCAL_RANK unset: the rank (one node)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert env_world() == (3, 4, 1)
+
+
+
+def test_a_rank_set_for_another_purpose_without_a_world_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RANK exported for something else, WORLD_SIZE unset: one process, as before (no group is made)."""
+    from fastclr.scaleout.distributed import env_world
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "3")
+    assert env_world()[1] == 1
+
+
+def test_an_init_file_with_other_weights_on_a_rank_is_named() -> None:
+    from fastclr.scaleout.same_run import _differences
+
+    first = {"settings": {"train.seed": 0}, "data": "d", "size": 96, "checkpoint": "", "init": "a" * 64}
+    assert _differences(first, dict(first), 1) == ""
+    assert _differences(first, {**first, "init": "b" * 64}, 1) == (
+        "rank 1's --init file holds other weights than rank 0's (or is not there)")
+
+
+def test_under_nohup_the_launcher_leaves_sighup_to_nohup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun handles SIGHUP whatever it finds, and stopped the ranks of a run started with nohup
+    when the terminal closed: the launcher tells it to leave SIGHUP alone when it starts ignoring it."""
+    import fastclr.scaleout.launch as launch
+
+    seen: dict[str, str | None] = {}
+    monkeypatch.setattr(launch, "_launch", lambda args: seen.update(
+        handled=os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")) or 0)
+    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
+    monkeypatch.setenv(launch.ONCE_DIR, "")  # the launcher sets it: put back after the test
+    monkeypatch.setattr(launch.elastic_api, "_terminate_process_handler", launch.elastic_api._terminate_process_handler)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert launch.main(["--nproc-per-node", "1", "-m", "fastclr", "info"]) == 0
+        assert seen["handled"] == "SIGTERM,SIGINT,SIGQUIT"
+        monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert launch.main(["--nproc-per-node", "1", "-m", "fastclr", "info"]) == 0
+        assert seen["handled"] is None
+    finally:
+        signal.signal(signal.SIGHUP, previous)

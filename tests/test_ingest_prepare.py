@@ -808,7 +808,8 @@ def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(
     bar_images(tmp_path / "imgs", n_per_class=1500, size=64)  # the same first 20 a class, and 2,960 more
     proc = subprocess.Popen([sys.executable, "-m", "fastclr", "prepare", str(tmp_path / "imgs"), "--size", "32",
                              "--out", str(store), "--workers", "2", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))  # as in a terminal, not under nohup
     partial = store / ".images.u8.partial"
     end = time.monotonic() + 60
     while time.monotonic() < end and proc.poll() is None and not (partial.exists() and partial.stat().st_size > 0):

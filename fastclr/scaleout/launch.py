@@ -31,7 +31,8 @@ from torch.distributed.run import determine_local_world_size, parse_args, run
 from fastclr.cli import EXIT_USAGE
 from fastclr.cpus import usable_cpus
 from fastclr.scaleout.once import ONCE_DIR
-from fastclr.signals import EXIT_STOPPED, STOP_SIGNALS, ignore_signals
+from fastclr.signals import EXIT_STOPPED, HANGUP, STOP_SIGNALS, ignore_signals
+from fastclr.streams import outliving_readers
 
 
 def _stop_once(signum: int, frame: FrameType | None) -> None:
@@ -78,9 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "CPUs); set OMP_NUM_THREADS to choose another", file=sys.stderr)
     # torchrun installs the handler it finds under this name when it starts the ranks.
     elastic_api._terminate_process_handler = _stop_once
+    if HANGUP is not None and signal.getsignal(HANGUP) == signal.SIG_IGN:
+        # Under nohup: torchrun would handle SIGHUP whatever it found, and stop the ranks on it.
+        os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT")
     os.environ[ONCE_DIR] = once = tempfile.mkdtemp(prefix="fastclr-torchrun-")
     try:
-        return _launch(args)
+        with outliving_readers():  # its last line after a hang-up, or to a closed pipe, is dropped, not a traceback
+            return _launch(args)
     finally:
         shutil.rmtree(once, ignore_errors=True)
 

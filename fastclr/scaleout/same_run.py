@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,17 @@ from fastclr import config as config_mod
 from fastclr.config import Config
 from fastclr.data import Dataset
 from fastclr.errors import FastclrError
+from fastclr.models.foreign import file_sha256
 from fastclr.scaleout.distributed import DistContext, gather_objects
 
 LOCAL_KEYS = frozenset({"data.name", "data.root", "data.download", "model.init", "train.device", "train.threads",
-                        "train.keep_memory", "train.run_dir", "train.trackers", "train.dist_timeout"})
+                        "train.keep_memory", "train.channels_last", "train.compile", "train.deterministic",
+                        "train.check_sync", "train.run_dir", "train.trackers", "train.dist_timeout"})
 """Settings a node may give its own way: where its copy of the data or of the --init weights is
-(compared by content instead), its device, threads and memory, where the run is written (rank 0
-chooses), the trackers (rank 0 reports) and the collective timeout."""
+(compared by content instead), how its process computes (device, threads, memory, layout,
+compilation, determinism, the sync check), where the run is written (rank 0 chooses), the trackers
+(rank 0 reports) and the collective timeout. The logging and checkpoint intervals are not: the
+ranks agree on a stop at those steps."""
 
 SAMPLE_ROWS = 64
 """Images of the pretraining split read for the data's digest, evenly spaced: with the sizes, the
@@ -48,8 +53,10 @@ def check_same_run(cfg: Config, dataset: Dataset, checkpoint_sha256: str, ctx: D
     if not ctx.active:
         return
     settings = {k: v for k, v in config_mod.to_flat(cfg).items() if k not in LOCAL_KEYS}
+    init = Path(cfg.model.init) if cfg.model.init else None
     every = gather_objects({"settings": settings, "data": data_digest(dataset), "size": len(dataset.pretrain),
-                            "checkpoint": checkpoint_sha256}, ctx)
+                            "checkpoint": checkpoint_sha256,
+                            "init": file_sha256(init) if init is not None and init.is_file() else ""}, ctx)
     first = every[0]
     for rank, mine in enumerate(every[1:], start=1):
         why = _differences(first, mine, rank)
@@ -69,6 +76,8 @@ def _differences(first: dict[str, Any], mine: dict[str, Any], rank: int) -> str:
         sizes = (f"{mine['size']:,} images to rank 0's {first['size']:,}" if mine["size"] != first["size"]
                  else "other images or labels")
         return f"rank {rank}'s data differs from rank 0's ({sizes})"
+    if first["init"] != mine["init"]:
+        return f"rank {rank}'s --init file holds other weights than rank 0's (or is not there)"
     if first["checkpoint"] != mine["checkpoint"]:
         return (f"rank {rank} read another checkpoint's content than rank 0 at the same step (a run directory that "
                 "is not the same on every node)")
