@@ -83,10 +83,9 @@ def _same_network(key: str, saved: Config, wanted: Config, built: dict[str, Any]
     an encoder named as what `auto` built for the run's images is that encoder."""
     if key == "model.cnn_stages":
         return parse_stages(saved.model.cnn_stages) == parse_stages(wanted.model.cnn_stages)
-    if key == "model.encoder" and built and "image_size" in built:
-        size = int(built["image_size"])
-        try:
-            return resolve_encoder(saved.model.encoder, size) == resolve_encoder(wanted.model.encoder, size)
+    if key == "model.encoder" and built and "image_size" in built and "encoder" in built:
+        try:  # what the checkpoint's network is, not what its config resolves to (a custom module's is "custom")
+            return resolve_encoder(wanted.model.encoder, int(built["image_size"])) == built["encoder"]
         except FastclrError:  # an unknown name: named as a difference, then refused by name when built
             return False
     return False
