@@ -348,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The command's exit code; user errors printed as one line (code 2)."""
     try:
+        _refuse_ranks(args.command)
         return int(args.func(args))
     except PeerFailure as e:  # whatever the command: the communication library's threads outlive a dead peer
         _error(f"error: {e}")
@@ -379,6 +380,18 @@ def _run(args: argparse.Namespace) -> int:
         _error(f"error: out of memory: fastclr {args.command} {asked}; {fix + ', or ' if fix else ''}run where there is "
                "more memory; files already complete were kept")
         return EXIT_USAGE
+
+
+ACROSS_PROCESSES = ("pretrain", "info")
+"""The commands torchrun may start several of: pretraining, and `info` (each node's own report)."""
+
+
+def _refuse_ranks(command: str) -> None:
+    """One line for a command other than ACROSS_PROCESSES started by torchrun as several processes:
+    each ran the whole command alone (`evaluate` twice, each process writing the same eval.json)."""
+    if command not in ACROSS_PROCESSES and "TORCHELASTIC_RUN_ID" in os.environ and env_world_size() > 1:
+        raise FastclrError(f"fastclr {command} runs as one process, and torchrun started {env_world_size()}; run it "
+                           "without torchrun (only pretrain trains across processes)")
 
 
 MEMORY_FIX = {"pretrain": "give a smaller --batch-size or --width", "evaluate": "give a smaller --batch-size or "

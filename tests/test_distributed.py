@@ -813,3 +813,15 @@ def test_under_nohup_the_launcher_leaves_sighup_to_nohup(monkeypatch: pytest.Mon
         assert seen["handled"] is None
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_commands_that_run_as_one_process_are_refused_under_torchrun(tmp_path: Path) -> None:
+    """`fastclr-torchrun ... -m fastclr evaluate RUN` ran the whole evaluation once a rank, each writing
+    the same eval.json. Refused in one line; `info` (each node's own report) still runs."""
+    from conftest import call_main
+
+    env = {**cli_env(tmp_path), "TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    r = call_main(["evaluate", str(tmp_path / "run")], env, tmp_path)
+    assert (r.returncode, r.stderr) == (2, "error: fastclr evaluate runs as one process, and torchrun started 2; run it "
+                                           "without torchrun (only pretrain trains across processes)\n")
+    assert call_main(["info", "--no-measure"], env, tmp_path).returncode == 0
