@@ -56,6 +56,12 @@ class StopFlag:
 HANGUP: int | None = getattr(signal, "SIGHUP", None)
 """POSIX: the terminal closed (an SSH connection lost, a window shut); Windows has none."""
 
+KEPT_IGNORED: tuple[int, ...] = tuple(s for s in (signal.SIGINT, HANGUP) if s is not None)
+"""Stop signals that, ignored when the process starts, stay ignored: SIGHUP under `nohup`, and
+SIGINT in a script's background job (the shell ignores it there so that a Ctrl-C for the command in
+the foreground, which reaches the whole process group, does not stop the job; `kill` stops it).
+SIGTERM is always taken over: it is how schedulers ask for the checkpoint."""
+
 # Windows: Ctrl-Break (SIGBREAK) is the console's other stop key; its SIGTERM cannot be caught.
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT,
                                  *(s for s in [HANGUP, getattr(signal, "SIGBREAK", None)] if s is not None))
@@ -116,8 +122,8 @@ def cleanup_on_sigterm() -> Iterator[None]:
 
 @contextmanager
 def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
-    """Install flag-setting handlers for `signals` for the duration of the block; SIGHUP, where the
-    process was started ignoring it (`nohup`), stays ignored."""
+    """Install flag-setting handlers for `signals` for the duration of the block; those of
+    KEPT_IGNORED the process was started ignoring stay ignored."""
     flag = StopFlag()
     ttys = terminal_outputs()
 
@@ -134,9 +140,8 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]
         else:
             print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
 
-    # SIGHUP ignored from the start (nohup) stays ignored; the others are taken over as ever (a batch
-    # script's background job starts with SIGINT ignored, and `kill -INT` still stops it with a checkpoint).
-    previous = {s: signal.signal(s, handler) for s in signals if s != HANGUP or signal.getsignal(s) != signal.SIG_IGN}
+    previous = {s: signal.signal(s, handler) for s in signals
+                if s not in KEPT_IGNORED or signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield flag
     finally:

@@ -108,6 +108,13 @@ TEST_EXTRAS = ("sklearn", "onnx", "onnxscript", "onnxruntime", "mlflow", "wandb"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The tests' signals reach this process and its children as from a terminal: a suite started as a
+    # script's background job (SIGINT ignored) or under nohup (SIGHUP ignored) passes those ignores on,
+    # and fastclr keeps them (signals.KEPT_IGNORED); the tests of that keep set them themselves.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if os.environ.get("FASTCLR_REQUIRE_EXTRAS") != "1":
         return
     probe = ("import importlib\n"

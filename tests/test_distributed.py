@@ -277,7 +277,8 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
     flipped = dataclasses.replace(ds, pretrain=ImageSet(ds.pretrain.images[:, ::-1].copy(), ds.pretrain.labels))
     fewer = tiny_dataset(64)
     given_other: dict[str, str] = {}
-    for case, over, data, resume in (("setting", {"train__temperature": 0.5}, ds, None), ("images", {}, flipped, None),
+    for case, over, data, resume in (("setting", {"train__temperature": 0.5}, ds, None),
+                                     ("layout", {"train__channels_last": False}, ds, None), ("images", {}, flipped, None),
                                      ("count", {}, fewer, None), ("checkpoint", {}, ds, "ck")):
         try:
             train.pretrain(cfg(resume or f"other-{case}", train__epochs=3.0, **(over if rank == 1 else {})),
@@ -489,13 +490,15 @@ def test_ranks_given_other_settings_data_or_checkpoints_end_with_one_line_naming
            "and the same run directory")
     assert r0["given_other"] == r1["given_other"] == {
         "setting": "the ranks were not given the same run: rank 1 has --temperature 0.5 (rank 0: 0.2)" + way,
+        # DistributedDataParallel compares the parameters' strides: a traceback on one rank, a lost peer on the other
+        "layout": "the ranks were not given the same run: rank 1 has --channels-last False (rank 0: True)" + way,
         "images": "the ranks were not given the same run: rank 1's data differs from rank 0's (other images or labels)"
                   + way,
         "count": "the ranks were not given the same run: rank 1's data differs from rank 0's (64 images to rank 0's "
                  "96)" + way,
         "checkpoint": "the ranks were not given the same run: rank 1 read another checkpoint's content than rank 0 at "
                       "the same step (a run directory that is not the same on every node)" + way}
-    assert not any((root / f"other-{case}").exists() for case in ("setting", "images", "count"))
+    assert not any((root / f"other-{case}").exists() for case in ("setting", "layout", "images", "count"))
     assert [load_checkpoint(p)["step"] for p in list_checkpoints(root / "ck-a")] == [3, 6]  # nothing trained on
 
 
@@ -792,27 +795,52 @@ def test_an_init_file_with_other_weights_on_a_rank_is_named() -> None:
         "rank 1's --init file holds other weights than rank 0's (or is not there)")
 
 
-def test_under_nohup_the_launcher_leaves_sighup_to_nohup(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torchrun handles SIGHUP whatever it finds, and stopped the ranks of a run started with nohup
-    when the terminal closed: the launcher tells it to leave SIGHUP alone when it starts ignoring it."""
-    import fastclr.scaleout.launch as launch
-
-    seen: dict[str, str | None] = {}
-    monkeypatch.setattr(launch, "_launch", lambda args: seen.update(
-        handled=os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE")) or 0)
-    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
-    monkeypatch.setenv(launch.ONCE_DIR, "")  # the launcher sets it: put back after the test
-    monkeypatch.setattr(launch.elastic_api, "_terminate_process_handler", launch.elastic_api._terminate_process_handler)
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+def test_under_nohup_the_launcher_and_its_ranks_keep_ignoring_sighup(tmp_path: Path) -> None:
+    """torchrun handles SIGHUP (and SIGINT) whatever it finds (its --signals-to-handle), and stopped
+    the ranks of a run started with nohup when the terminal closed. A real launcher, started with
+    SIGHUP ignored, is sent SIGHUP while its rank runs: the rank (which still ignores it) finishes."""
+    rank = tmp_path / "rank.py"
+    rank.write_text(
+        "import pathlib, signal, sys, time\n"
+        f"here = pathlib.Path({str(tmp_path)!r})\n"
+        "(here / 'seen').write_text(str(signal.getsignal(signal.SIGHUP) == signal.SIG_IGN))\n"
+        "end = time.monotonic() + 60\n"
+        "while not (here / 'go').exists() and time.monotonic() < end:\n"
+        "    time.sleep(0.05)\n", encoding="utf-8")
+    env = {**cli_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    p = subprocess.Popen([sys.executable, "-m", "fastclr.scaleout.launch", "--nproc_per_node=1", "--master_port",
+                          str(free_port()), str(rank)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))  # as nohup starts it
     try:
-        assert launch.main(["--nproc-per-node", "1", "-m", "fastclr", "info"]) == 0
-        assert seen["handled"] == "SIGTERM,SIGINT,SIGQUIT"
-        monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        assert launch.main(["--nproc-per-node", "1", "-m", "fastclr", "info"]) == 0
-        assert seen["handled"] is None
+        end = time.monotonic() + 60
+        while not (tmp_path / "seen").exists() and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGHUP)  # the terminal closes
+        time.sleep(1.0)
+        (tmp_path / "go").touch()
+        out, err = p.communicate(timeout=60)
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+    assert (tmp_path / "seen").read_text() == "True"
+    assert p.returncode == 0, err[-2000:]
+
+
+def test_the_signals_torchrun_handles_leave_out_those_started_ignored() -> None:
+    from fastclr.scaleout.launch import signals_to_handle
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        assert signals_to_handle("SIGTERM,SIGINT,SIGHUP,SIGQUIT") == "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        assert signals_to_handle("SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1") == "SIGTERM,SIGQUIT,SIGUSR1"
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_commands_that_run_as_one_process_are_refused_under_torchrun(tmp_path: Path) -> None:

@@ -766,20 +766,21 @@ def test_a_sigterm_outside_a_run_cleans_up_and_exits_as_killed_by_it() -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX: Windows has no SIGHUP")
-def test_a_hangup_the_process_was_told_to_ignore_stays_ignored() -> None:
+def test_a_hangup_or_interrupt_the_process_was_told_to_ignore_stays_ignored() -> None:
     """Under `nohup` SIGHUP is ignored from the start: neither a training run's stop nor the
     clean-up of other commands takes it over, so closing the terminal neither stops nor ends them.
-    SIGINT ignored from the start (a batch script's background job) is taken over as ever: `kill -INT`
-    stops that run with a checkpoint."""
+    Nor SIGINT ignored from the start (a script's background job: the shell keeps a Ctrl-C meant for
+    the command in the foreground from it). SIGTERM, a scheduler's request, is taken over whatever."""
     from fastclr.signals import cleanup_on_sigterm
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         with graceful_stop() as stop, cleanup_on_sigterm():
-            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-            assert signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.SIG_DFL)
+            assert signal.getsignal(signal.SIGHUP) == signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.01)

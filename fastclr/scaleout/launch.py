@@ -31,7 +31,7 @@ from torch.distributed.run import determine_local_world_size, parse_args, run
 from fastclr.cli import EXIT_USAGE
 from fastclr.cpus import usable_cpus
 from fastclr.scaleout.once import ONCE_DIR
-from fastclr.signals import EXIT_STOPPED, HANGUP, STOP_SIGNALS, ignore_signals
+from fastclr.signals import EXIT_STOPPED, KEPT_IGNORED, STOP_SIGNALS, ignore_signals
 from fastclr.streams import outliving_readers
 
 
@@ -79,15 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
               "CPUs); set OMP_NUM_THREADS to choose another", file=sys.stderr)
     # torchrun installs the handler it finds under this name when it starts the ranks.
     elastic_api._terminate_process_handler = _stop_once
-    if HANGUP is not None and signal.getsignal(HANGUP) == signal.SIG_IGN:
-        # Under nohup: torchrun would handle SIGHUP whatever it found, and stop the ranks on it.
-        os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGQUIT")
+    args.signals_to_handle = signals_to_handle(args.signals_to_handle)
     os.environ[ONCE_DIR] = once = tempfile.mkdtemp(prefix="fastclr-torchrun-")
     try:
         with outliving_readers():  # its last line after a hang-up, or to a closed pipe, is dropped, not a traceback
             return _launch(args)
     finally:
         shutil.rmtree(once, ignore_errors=True)
+
+
+def signals_to_handle(names: str) -> str:
+    """torchrun's `--signals-to-handle` without the signals this process was started ignoring, as
+    the ranks' own handling keeps them ignored (signals.KEPT_IGNORED: nohup's SIGHUP, the SIGINT of a
+    script's background job): torchrun handled them whatever it found and stopped the ranks on them."""
+    kept = [n.strip() for n in names.split(",")]
+    return ",".join(n for n in kept if not (hasattr(signal, n) and getattr(signal, n) in KEPT_IGNORED
+                                            and signal.getsignal(getattr(signal, n)) == signal.SIG_IGN))
 
 
 def _launch(args: argparse.Namespace) -> int:
