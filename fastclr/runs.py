@@ -37,7 +37,11 @@ def claim_new_dir(path: Path) -> Path:
     """`path`, or `path`-2, -3, ... where it exists, made now (one mkdir: of two runs started in the
     same second, each gets its own): for the default name, which only names the second. The parent
     is made first, so a parent that cannot be made (a link to a folder gone) is its own error."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FastclrError(f"{path.parent} is not a folder (a file, or a link to a folder that is not there); make it "
+                           "one, or give a --run-dir") from None
     for n in range(1, CLAIM_TRIES + 1):
         candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
         try:

@@ -921,9 +921,33 @@ def test_a_default_run_folder_under_a_link_to_nothing_is_one_error_not_a_loop(tm
     from fastclr.runs import claim_new_dir
 
     (tmp_path / "runs").symlink_to(tmp_path / "purged")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FastclrError, match=rf"^{tmp_path / 'runs'} is not a folder \(a file, or a link to a folder "
+                                           r"that is not there\); make it one, or give a --run-dir$"):
         claim_new_dir(tmp_path / "runs" / "fashion-mnist-20261206-235959")
     assert not (tmp_path / "purged").exists()
+
+
+def test_a_default_run_folder_claimed_for_a_run_that_fails_to_start_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network that cannot be built (here a module failing its first forward, as a distributed
+    mismatch or a compile error would fail later in the start) left the claimed runs/NAME empty."""
+    from torch import nn
+
+    from fastclr.presets import config_for
+    from tiny import TINY
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise FastclrError("this module cannot run")
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FastclrError, match="this module cannot run"):
+        pretrain(config_for(None, dict(TINY)), dataset=tiny_dataset(), encoder=Broken(), **QUIET)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_encoder_named_on_resume_is_compared_with_the_network_the_checkpoint_holds(tmp_path: Path) -> None:

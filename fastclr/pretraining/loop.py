@@ -397,12 +397,14 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     except BaseException:
         if lock is not None:
             lock.release()
+        remove_empty(made)  # a default name claimed for a run that did not start (its lock is gone first)
         raise
     run.lock, run.started = lock, started
     try:  # whatever fails from here on (a damaged metrics.jsonl or tracking.json) gives the directory up
         _ready(run, cfg, state, saved, init, log)
     except BaseException:
         run.release()
+        remove_empty(made)
         raise
     if not labelled(dataset) and (cfg.eval.probe or cfg.eval.monitor_every):
         log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")

@@ -21,13 +21,13 @@ from fastclr.models.foreign import file_sha256
 from fastclr.scaleout.distributed import DistContext, gather_objects
 
 LOCAL_KEYS = frozenset({"data.name", "data.root", "data.download", "model.init", "train.device", "train.threads",
-                        "train.keep_memory", "train.channels_last", "train.compile", "train.deterministic",
-                        "train.check_sync", "train.run_dir", "train.trackers", "train.dist_timeout"})
+                        "train.keep_memory", "train.compile", "train.deterministic", "train.check_sync",
+                        "train.run_dir", "train.trackers", "train.dist_timeout"})
 """Settings a node may give its own way: where its copy of the data or of the --init weights is
-(compared by content instead), how its process computes (device, threads, memory, layout,
-compilation, determinism, the sync check), where the run is written (rank 0 chooses), the trackers
-(rank 0 reports) and the collective timeout. The logging and checkpoint intervals are not: the
-ranks agree on a stop at those steps."""
+(compared by content instead), how its process computes (device, threads, memory, compilation,
+determinism, the sync check), where the run is written (rank 0 chooses), the trackers (rank 0
+reports) and the collective timeout. Not the memory layout (DistributedDataParallel compares the
+parameters' strides), nor the logging and checkpoint intervals (the ranks agree on a stop there)."""
 
 SAMPLE_ROWS = 64
 """Images of the pretraining split read for the data's digest, evenly spaced: with the sizes, the
@@ -49,11 +49,12 @@ def data_digest(dataset: Dataset) -> str:
 
 def check_same_run(cfg: Config, dataset: Dataset, checkpoint_sha256: str, ctx: DistContext) -> None:
     """Raise the same one-line FastclrError on every rank when any rank's settings (but LOCAL_KEYS),
-    data or resumed checkpoint (`checkpoint_sha256`, "" for a new run) differ from rank 0's."""
+    data, --init file (a new run's: a resumed one never reads it) or resumed checkpoint
+    (`checkpoint_sha256`, "" for a new run) differ from rank 0's."""
     if not ctx.active:
         return
     settings = {k: v for k, v in config_mod.to_flat(cfg).items() if k not in LOCAL_KEYS}
-    init = Path(cfg.model.init) if cfg.model.init else None
+    init = Path(cfg.model.init) if cfg.model.init and not checkpoint_sha256 else None
     every = gather_objects({"settings": settings, "data": data_digest(dataset), "size": len(dataset.pretrain),
                             "checkpoint": checkpoint_sha256,
                             "init": file_sha256(init) if init is not None and init.is_file() else ""}, ctx)
