@@ -91,7 +91,7 @@ def _few(keys: list[str], n: int = 4) -> str:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file's bytes, read in chunks (a file of gigabytes is not held whole)."""
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
