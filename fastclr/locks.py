@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class RunLock:
                     log(f"warning: cannot lock {self.path} ({e.strerror}): this filesystem has no file locks, so "
                         f"nothing stops a second process writing {what}; start one at a time")
                     return
-                owner = os.pread(self._fd, 256, 0).decode(errors="replace").strip() or "another process"
+                owner = _owner(self._fd)
                 os.close(self._fd)
                 raise FastclrError(f"{run_dir} is being written by {owner}; {way_out}") from None
             if self._still_the_lock_file():
@@ -74,6 +75,21 @@ class RunLock:
         self._fd = -1
 
 
+OWNER_WAIT_S = 0.5
+"""How long a refused process waits for the owner's line: the owner writes it just after taking the
+lock, and a process refused in between said "another process" without its PID and host."""
+
+
+def _owner(fd: int) -> str:
+    """The owner's line in the lock file `fd`, waited for up to OWNER_WAIT_S."""
+    end = time.monotonic() + OWNER_WAIT_S
+    while True:
+        text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        if text or time.monotonic() > end:
+            return text or "another process"
+        time.sleep(0.02)
+
+
 def locked_by_another(run_dir: Path) -> str:
     """The owner ('PID n on host') of a run directory some live process is writing, else ''."""
     path = run_dir / LOCK_FILE
@@ -88,6 +104,6 @@ def locked_by_another(run_dir: Path) -> str:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return ""
     except OSError as e:  # a filesystem without locks cannot say: not held, as RunLock then takes it
-        return (os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process") if e.errno in HELD else ""
+        return _owner(fd) if e.errno in HELD else ""
     finally:
         os.close(fd)

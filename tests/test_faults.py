@@ -879,3 +879,24 @@ def test_a_stop_arriving_as_an_interruptible_phase_begins_ends_it() -> None:
         with flag.interruptible():
             ran.append(True)
     assert ran == [] and flag.raising is False
+
+
+def test_a_process_refused_as_the_owner_takes_the_lock_still_names_the_owner(tmp_path: Path) -> None:
+    """The owner writes its PID and host just after taking the lock: two runs started together saw
+    the lock held and the file still empty, and said "being written by another process"."""
+    import fcntl
+    import threading
+
+    from fastclr.locks import LOCK_FILE, RunLock, locked_by_another
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, its line not yet written
+    writer = threading.Timer(0.15, lambda: os.pwrite(fd, b"PID 4242 on node7", 0))
+    writer.start()
+    try:
+        with pytest.raises(FastclrError, match=r"is being written by PID 4242 on node7;"):
+            RunLock(tmp_path, log=lambda s: None)
+        assert locked_by_another(tmp_path) == "PID 4242 on node7"
+    finally:
+        writer.join()
+        os.close(fd)

@@ -1100,3 +1100,59 @@ def test_a_read_error_while_decoding_is_unreadable_and_tried_again_not_remembere
     monkeypatch.setattr(decode.Image, "open", broken_data)
     out = process_file(tmp_path / "a.png", "a.png", DecodeOptions(8))
     assert out.reason == "corrupt" and out.sha256 != ""
+
+
+def test_a_store_read_while_a_prepare_swaps_it_is_read_whole_from_one_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prepare updating a store removes store.json, renames the new images.u8 and manifest.csv in,
+    then writes store.json. A reader that read the old store.json and opened the new images.u8 paired
+    the old shape and rows with the new pixels: wrong embeddings, wrong labels, exit 0. Here the swap
+    lands between the reader's manifest and its images."""
+    import fastclr.data.store as store_mod
+
+    bar_images(tmp_path / "imgs", n_per_class=10, size=24)
+    prepare_store(tmp_path / "imgs", tmp_path / "old", DecodeOptions(16), workers=1, **QUIET)
+    prepare_store(tmp_path / "imgs", tmp_path / "new", DecodeOptions(20), workers=1, **QUIET)
+    real_read_csv, swapped = store_mod.read_csv, []
+
+    def read_csv_then_swap(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+        rows = real_read_csv(path, columns)
+        if path.parent == tmp_path / "old" and not swapped:  # as prepare does it, mid-read
+            swapped.append(True)
+            (tmp_path / "old" / "store.json").unlink()
+            for name in ("images.u8", "manifest.csv"):
+                os.replace(tmp_path / "new" / name, tmp_path / "old" / name)
+            os.replace(tmp_path / "new" / "store.json", tmp_path / "old" / "store.json")
+        return rows
+
+    monkeypatch.setattr(store_mod, "read_csv", read_csv_then_swap)
+    monkeypatch.setattr(store_mod.time, "sleep", lambda s: None)
+    got = read_store(tmp_path / "old")
+    assert swapped and got.images.shape[1:3] == (20, 20)  # the new version, whole
+    assert got.images.tobytes() == (tmp_path / "old" / "images.u8").read_bytes()
+    assert got.meta == json.loads((tmp_path / "old" / "store.json").read_text(encoding="utf-8"))
+
+
+def test_a_store_a_prepare_is_writing_for_the_first_time_names_it(tmp_path: Path) -> None:
+    """Its partial files and no store.json yet: "an incomplete store (an interrupted prepare): run the
+    same prepare again", which the running prepare's lock then refused."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / ".images.u8.partial").write_bytes(b"x")
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r)\n"
+                               "from fastclr.locks import RunLock\nfrom pathlib import Path\n"
+                               "RunLock(Path(%r), log=lambda s: None); print('held', flush=True); time.sleep(60)"
+                               % (str(Path(__file__).resolve().parents[1]), str(tmp_path / "s"))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(FastclrError, match=r"is being written by PID \d+ on .* \(a prepare running now\); wait "
+                                               r"for it to finish$"):
+            read_store(tmp_path / "s")
+    finally:
+        holder.kill()
+        holder.wait(10)
+    with pytest.raises(FastclrError, match="an incomplete store"):
+        read_store(tmp_path / "s")

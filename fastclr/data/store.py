@@ -39,7 +39,7 @@ import numpy as np
 from fastclr.files import atomic_write, fsync_path
 from fastclr.data.datasets import Dataset, ImageSet
 from fastclr.errors import FastclrError
-from fastclr.locks import LOCK_FILE, RunLock
+from fastclr.locks import LOCK_FILE, RunLock, locked_by_another
 from fastclr.version import __version__
 
 IMAGES, MANIFEST, SKIPPED, META = "images.u8", "manifest.csv", "skipped.csv", "store.json"
@@ -122,9 +122,41 @@ def read_csv(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
     return rows
 
 
+READ_TRIES = 5
+"""Reads of a store that a prepare replaced while they ran, before giving up (each after a pause)."""
+
+
 def read_store(path: str | Path) -> Store:
-    """Open a store; one-line errors for a path that is not one or is inconsistent."""
+    """Open a store; one-line errors for a path that is not one or is inconsistent. A prepare updating
+    it removes store.json, renames the new images.u8 and manifest.csv in, then writes store.json: a
+    read between those steps paired the old store.json's shape and rows with the new pixels and
+    trained on them (exit 0). So store.json is read again once everything is open, and the read is
+    made again while it changed."""
     p = Path(path)
+    for _ in range(READ_TRIES):
+        before = _meta_bytes(p)
+        try:
+            store = _read_store_once(p)
+        except (FastclrError, ValueError, OSError):
+            if before is None or _meta_bytes(p) == before:
+                raise  # the store as it is on disk, not one changing under the read
+        else:
+            if _meta_bytes(p) == before:
+                return store
+        time.sleep(0.5)
+    owner = locked_by_another(p)
+    raise FastclrError(f"{p} changed while it was read, {READ_TRIES} times" + (f" (it is being written by {owner})"
+                       if owner else "") + "; run the command again once the prepare updating it is done")
+
+
+def _meta_bytes(p: Path) -> bytes | None:
+    try:
+        return (p / META).read_bytes()
+    except OSError:
+        return None
+
+
+def _read_store_once(p: Path) -> Store:
     if not p.is_dir():
         raise FastclrError(f"{p} is not a store directory; create one with `fastclr prepare FOLDER --size S --out {p}`")
     if not is_store(p):
@@ -133,6 +165,9 @@ def read_store(path: str | Path) -> Store:
             raise FastclrError(f"{p} holds a {META} but no {IMAGES}: it is not a fastclr store; make one with "
                                f"`fastclr prepare FOLDER --size S --out STORE` and give that")
         if partial:
+            owner = locked_by_another(p)
+            if owner:
+                raise FastclrError(f"{p} is being written by {owner} (a prepare running now); wait for it to finish")
             raise FastclrError(f"{p} is an incomplete store (an interrupted prepare): it has no {META}; run the same "
                                f"`fastclr prepare FOLDER --size S --out {p}` again")
         whole = p.resolve()  # `.` and `/` have no name to suggest a store's from (a traceback)
