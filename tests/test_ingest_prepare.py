@@ -1156,3 +1156,28 @@ def test_a_store_a_prepare_is_writing_for_the_first_time_names_it(tmp_path: Path
         holder.wait(10)
     with pytest.raises(FastclrError, match="an incomplete store"):
         read_store(tmp_path / "s")
+
+
+def test_contents_changed_under_a_kept_time_are_found_by_rehash(tmp_path: Path) -> None:
+    """README: a file of the same path, size and modification time is taken as unchanged without being
+    read (an archive unpacked with a fixed --mtime keeps all three); --rehash reads every file and
+    decodes those whose content changed, giving the store a fresh prepare gives."""
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / c / f"{i}.bmp")
+    prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    for path in sorted(folder.rglob("*.bmp")):  # new pixels, the same byte count, the time put back
+        st = path.stat()
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+        assert path.stat().st_size == st.st_size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    prepare_store(folder, tmp_path / "fresh", DecodeOptions(8), workers=1, **QUIET)
+    fresh = (tmp_path / "fresh" / "images.u8").read_bytes()
+    prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    assert (tmp_path / "s" / "images.u8").read_bytes() != fresh  # taken as unchanged: not read
+    prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, rehash=True, **QUIET)
+    assert (tmp_path / "s" / "images.u8").read_bytes() == fresh
+    assert read_store(tmp_path / "s").meta["content"] == read_store(tmp_path / "fresh").meta["content"]

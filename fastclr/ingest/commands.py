@@ -107,7 +107,8 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="larger images are skipped (default %(default)s, Pillow's own limit)")
     p.add_argument("--labels", default=FOLDER_ONLY["labels"], choices=["auto", "none"],
                    help="auto: top-level subfolders are classes; none: every image unlabeled")
-    p.add_argument("--rehash", action="store_true", help="hash every file, even those whose size and mtime are unchanged")
+    p.add_argument("--rehash", action="store_true", help="hash every file, even those whose size and mtime are unchanged "
+                   "(contents changed under a kept time: tar --mtime, cp -p, touch -r)")
     p.add_argument("--builtin", metavar="NAME", help="write a built-in dataset (e.g. fashion-mnist) as a store instead")
     p.add_argument("--data-root", help="with --builtin: directory searched first for its files")
     p.add_argument("--no-download", action="store_true", help="with --builtin: never download")
