@@ -36,7 +36,7 @@ class RunLock:
         while True:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_soon(self._fd)
             except OSError as e:
                 if e.errno not in HELD:  # a filesystem without locks (Lustre without -o flock, NFS without lockd)
                     os.close(self._fd)
@@ -53,10 +53,10 @@ class RunLock:
             # is on a file no one else will open; take the one now at the path instead.
             os.close(self._fd)
         previous = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
+        os.ftruncate(self._fd, 0)  # this process's line first: one refused meanwhile names it, not the dead owner
+        os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}".encode(), 0)
         if previous:
             log(f"took over {self.path} from {previous}, which is no longer running")
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}".encode(), 0)
 
     def _still_the_lock_file(self) -> bool:
         """Whether the file we locked is the one at the path (not one its owner removed meanwhile)."""
@@ -80,6 +80,21 @@ OWNER_WAIT_S = 0.5
 lock, and a process refused in between said "another process" without its PID and host."""
 
 
+def _lock_soon(fd: int) -> None:
+    """An exclusive flock on `fd`, tried again for up to OWNER_WAIT_S while it is held: a reader's
+    probe (`locked_by_another`) holds a shared lock for an instant, and an owner that is just
+    releasing it may be leaving; only a lock still held then refuses."""
+    end = time.monotonic() + OWNER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in HELD or time.monotonic() > end:
+                raise
+        time.sleep(0.02)
+
+
 def _owner(fd: int) -> str:
     """The owner's line in the lock file `fd`, waited for up to OWNER_WAIT_S."""
     end = time.monotonic() + OWNER_WAIT_S
@@ -96,7 +111,7 @@ def locked_by_another(run_dir: Path) -> str:
     if fcntl is None:
         return ""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO put there does not hang the probe
     except OSError:
         return ""
     try:

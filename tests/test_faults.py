@@ -900,3 +900,25 @@ def test_a_process_refused_as_the_owner_takes_the_lock_still_names_the_owner(tmp
     finally:
         writer.join()
         os.close(fd)
+
+
+
+def test_a_claim_made_while_a_reader_probes_the_lock_waits_for_the_probe(tmp_path: Path) -> None:
+    """`locked_by_another` holds a shared lock for an instant; a run or prepare taking the directory
+    in that instant was refused as "being written by another process"."""
+    import fcntl
+    import threading
+
+    from fastclr.locks import LOCK_FILE, RunLock
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader's probe, held a little long
+    probe = threading.Timer(0.1, lambda: fcntl.flock(fd, fcntl.LOCK_UN))
+    probe.start()
+    try:
+        lock = RunLock(tmp_path, log=lambda s: None)
+        assert (tmp_path / LOCK_FILE).read_text(encoding="utf-8").startswith(f"PID {os.getpid()} on ")
+        lock.release()
+    finally:
+        probe.join()
+        os.close(fd)

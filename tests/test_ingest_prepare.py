@@ -1102,8 +1102,9 @@ def test_a_read_error_while_decoding_is_unreadable_and_tried_again_not_remembere
     assert out.reason == "corrupt" and out.sha256 != ""
 
 
+@pytest.mark.parametrize("old_size, new_size", [(16, 20), (20, 16)])  # the smaller one fails its first read
 def test_a_store_read_while_a_prepare_swaps_it_is_read_whole_from_one_version(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_size: int, new_size: int) -> None:
     """A prepare updating a store removes store.json, renames the new images.u8 and manifest.csv in,
     then writes store.json. A reader that read the old store.json and opened the new images.u8 paired
     the old shape and rows with the new pixels: wrong embeddings, wrong labels, exit 0. Here the swap
@@ -1111,8 +1112,8 @@ def test_a_store_read_while_a_prepare_swaps_it_is_read_whole_from_one_version(
     import fastclr.data.store as store_mod
 
     bar_images(tmp_path / "imgs", n_per_class=10, size=24)
-    prepare_store(tmp_path / "imgs", tmp_path / "old", DecodeOptions(16), workers=1, **QUIET)
-    prepare_store(tmp_path / "imgs", tmp_path / "new", DecodeOptions(20), workers=1, **QUIET)
+    prepare_store(tmp_path / "imgs", tmp_path / "old", DecodeOptions(old_size), workers=1, **QUIET)
+    prepare_store(tmp_path / "imgs", tmp_path / "new", DecodeOptions(new_size), workers=1, **QUIET)
     real_read_csv, swapped = store_mod.read_csv, []
 
     def read_csv_then_swap(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -1128,7 +1129,7 @@ def test_a_store_read_while_a_prepare_swaps_it_is_read_whole_from_one_version(
     monkeypatch.setattr(store_mod, "read_csv", read_csv_then_swap)
     monkeypatch.setattr(store_mod.time, "sleep", lambda s: None)
     got = read_store(tmp_path / "old")
-    assert swapped and got.images.shape[1:3] == (20, 20)  # the new version, whole
+    assert swapped and got.images.shape[1:3] == (new_size, new_size)  # the new version, whole
     assert got.images.tobytes() == (tmp_path / "old" / "images.u8").read_bytes()
     assert got.meta == json.loads((tmp_path / "old" / "store.json").read_text(encoding="utf-8"))
 
@@ -1156,6 +1157,34 @@ def test_a_store_a_prepare_is_writing_for_the_first_time_names_it(tmp_path: Path
         holder.wait(10)
     with pytest.raises(FastclrError, match="an incomplete store"):
         read_store(tmp_path / "s")
+
+
+def test_a_store_read_in_the_instant_a_prepare_swaps_its_files_waits_for_the_new_store_json(tmp_path: Path) -> None:
+    """store.json is absent for an instant while a prepare (holding the store's lock) swaps the files
+    in: a read then failed at once as an incomplete store; it waits and reads the new version."""
+    import subprocess
+    import sys
+    import threading
+
+    bar_images(tmp_path / "imgs", n_per_class=4, size=16)
+    store = tmp_path / "s"
+    prepare_store(tmp_path / "imgs", store, DecodeOptions(8), workers=1, **QUIET)
+    meta = (store / "store.json").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, %r)\n"
+                               "from fastclr.locks import RunLock\nfrom pathlib import Path\n"
+                               "RunLock(Path(%r), log=lambda s: None); print('held', flush=True); time.sleep(60)"
+                               % (str(Path(__file__).resolve().parents[1]), str(store))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        (store / "store.json").unlink()
+        back = threading.Timer(0.3, lambda: (store / "store.json").write_bytes(meta))
+        back.start()
+        assert len(read_store(store).images) == 8
+        back.join()
+    finally:
+        holder.kill()
+        holder.wait(10)
 
 
 def test_contents_changed_under_a_kept_time_are_found_by_rehash(tmp_path: Path) -> None:

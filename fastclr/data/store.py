@@ -133,17 +133,21 @@ def read_store(path: str | Path) -> Store:
     trained on them (exit 0). So store.json is read again once everything is open, and the read is
     made again while it changed."""
     p = Path(path)
-    for _ in range(READ_TRIES):
+    for tries_left in reversed(range(READ_TRIES)):
         before = _meta_bytes(p)
         try:
             store = _read_store_once(p)
         except (FastclrError, ValueError, OSError):
-            if before is None or _meta_bytes(p) == before:
-                raise  # the store as it is on disk, not one changing under the read
+            # The store as it is on disk, not one changing under the read (a store.json missing while a
+            # prepare holds the store: its swap, or its first writing, which the last try names).
+            changing = _meta_bytes(p) != before or (before is None and bool(locked_by_another(p)))
+            if not changing or not tries_left:
+                raise
         else:
             if _meta_bytes(p) == before:
                 return store
-        time.sleep(0.5)
+        if tries_left:
+            time.sleep(0.5)
     owner = locked_by_another(p)
     raise FastclrError(f"{p} changed while it was read, {READ_TRIES} times" + (f" (it is being written by {owner})"
                        if owner else "") + "; run the command again once the prepare updating it is done")

@@ -8,6 +8,7 @@ RUN_DIR/features/, keyed by the store's store.json and the encoder's weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 
 from fastclr.files import WriteFailed, atomic_write, npy_writer
 from fastclr.data.datasets import REGISTRY
-from fastclr.data.store import META, Store, read_store
+from fastclr.data.store import Store, read_store
 from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.ingest.decode import process_file, store_decoding
@@ -52,7 +53,9 @@ def decode_query(path: Path, store: Store) -> np.ndarray:
 
 def store_features(run: LoadedRun, store: Store, device: torch.device, log: Callable[[str], None] = print) -> np.ndarray:
     """float32 (N, D) features of every store row, computed once per (store, encoder) and cached."""
-    key = hashlib.sha256((store.path / META).read_bytes() + state_checksum(run.encoder).encode()
+    # Keyed on the store.json `read_store` read with these images (not the file now: a prepare finished
+    # since would have the old images' features cached under the new store's key).
+    key = hashlib.sha256(json.dumps(store.meta, sort_keys=True).encode() + state_checksum(run.encoder).encode()
                          + run.precision.name.encode()).hexdigest()[:16]
     cache = run.run_dir / "features" / f"{store.path.name}-{key}.npy"
     if cache.exists():
