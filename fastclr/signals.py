@@ -67,6 +67,11 @@ STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT,
                                  *(s for s in [HANGUP, getattr(signal, "SIGBREAK", None)] if s is not None))
 
 
+def kept_ignored(sig: int) -> bool:
+    """Whether `sig` is one of KEPT_IGNORED and this process ignores it (was started ignoring it)."""
+    return sig in KEPT_IGNORED and signal.getsignal(sig) == signal.SIG_IGN
+
+
 def terminal_outputs() -> list[int]:
     """Which of stdout and stderr (descriptors 1, 2) are a terminal, asked before it can hang up."""
     found = []
@@ -140,8 +145,7 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]
         else:
             print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, handler) for s in signals
-                if s not in KEPT_IGNORED or signal.getsignal(s) != signal.SIG_IGN}
+    previous = {s: signal.signal(s, handler) for s in signals if not kept_ignored(s)}
     try:
         yield flag
     finally:

@@ -139,9 +139,9 @@ def test_export_to_onnx_of_a_run_whose_data_is_not_here_is_checked_on_random_ima
     assert r.stdout.endswith(f"wrote {tmp_path / 'h.onnx'} (onnxruntime's h equals PyTorch's on random images)\n")
     enc, spec = load_encoder(run / "encoder.safetensors")
     x = torch.randn(5, spec.in_channels, spec.image_size, spec.image_size)
-    session = onnxruntime.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
+    runtime = onnxruntime.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), enc.eval()(x),
+        torch.testing.assert_close(torch.from_numpy(runtime.run(None, {"x": x.numpy()})[0]), enc.eval()(x),
                                    rtol=1e-4, atol=1e-4)
 
 

@@ -326,11 +326,11 @@ def test_a_fine_tuned_classifier_exports_to_onnx_from_python_as_the_readme_shows
     out = tmp_path / "clf.onnx"
     fastclr.export_encoder(model, spec, "", "onnx", out)
     x = torch.randn(4, spec.in_channels, spec.image_size, spec.image_size)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    runtime = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = model.eval()(x)
     assert want.shape == (4, model.fc.out_features)
-    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(runtime.run(None, {"x": x.numpy()})[0]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -385,8 +385,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                 raise FastclrError(f"{run_dir} got a newer checkpoint while this process was starting (another "
                                    f"process was still writing it); run the same command again to resume from the newest")
         except Exception as e:  # another process writing it, say: the other ranks are told, not left waiting
-            failure = e
-            remove_empty(made if lock is None else [])  # a claimed default name refused: nothing is left behind
+            failure = e  # raised again by share_outcome below, where a claimed default name is removed
     try:  # `share_outcome` inside the try, not `shared`: a lock taken is released if the exchange fails
         share_outcome(failure, ctx, device, f"rank 0 could not take {run_dir} for this run (its error says why)")
         run_dir = Path(broadcast_object(str(run_dir), ctx))

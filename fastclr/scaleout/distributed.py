@@ -59,7 +59,7 @@ def env_world() -> tuple[int, int, int]:
     value torchrun would not set is one line (it was a traceback, or a wait for the timeout)."""
     world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     local = _env_int("LOCAL_RANK", rank)
-    if world > 1 and (not 0 <= rank < world or local < 0) or world < 1:
+    if world < 1 or (world > 1 and not (0 <= rank < world and local >= 0)):
         raise FastclrError(f"RANK={rank}, LOCAL_RANK={local} and WORLD_SIZE={world} are not a process of the group "
                            "(0 <= RANK < WORLD_SIZE); start the processes with torchrun or fastclr-torchrun, which set "
                            "them, or unset them for one process")

@@ -31,7 +31,7 @@ from torch.distributed.run import determine_local_world_size, parse_args, run
 from fastclr.cli import EXIT_USAGE
 from fastclr.cpus import usable_cpus
 from fastclr.scaleout.once import ONCE_DIR
-from fastclr.signals import EXIT_STOPPED, KEPT_IGNORED, STOP_SIGNALS, ignore_signals
+from fastclr.signals import EXIT_STOPPED, STOP_SIGNALS, ignore_signals, kept_ignored
 from fastclr.streams import outliving_readers
 
 
@@ -90,11 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def signals_to_handle(names: str) -> str:
     """torchrun's `--signals-to-handle` without the signals this process was started ignoring, as
-    the ranks' own handling keeps them ignored (signals.KEPT_IGNORED: nohup's SIGHUP, the SIGINT of a
+    the ranks' own handling keeps them ignored (`signals.kept_ignored`: nohup's SIGHUP, the SIGINT of a
     script's background job): torchrun handled them whatever it found and stopped the ranks on them."""
     kept = [n.strip() for n in names.split(",")]
-    return ",".join(n for n in kept if not (hasattr(signal, n) and getattr(signal, n) in KEPT_IGNORED
-                                            and signal.getsignal(getattr(signal, n)) == signal.SIG_IGN))
+    return ",".join(n for n in kept if not (hasattr(signal, n) and kept_ignored(getattr(signal, n))))
 
 
 def _launch(args: argparse.Namespace) -> int:
