@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import call_main, cli_env
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, first_sentence
 from fastclr.export import export_encoder
 from fastclr.models import build_encoder
 from fastclr.models.foreign import apply_init, read_init, torchvision_state
@@ -146,6 +146,12 @@ def test_bad_init_files_are_one_line_errors(tmp_path: Path) -> None:
     truncated.write_bytes(r50.read_bytes()[:5000])
     with pytest.raises(FastclrError, match="cannot be read.*truncated"):
         read_init(truncated, target)
+    truncated.write_bytes(r50.read_bytes()[:100])
+    with pytest.raises(FastclrError, match="cannot be read.*truncated") as cut:
+        read_init(truncated, target)
+    # torch's message quoted to the end of its first sentence, not cut mid-word after 160 characters
+    assert "(PytorchStreamReader failed reading zip archive: failed finding central directory); the file" \
+        in str(cut.value)
     marker = tmp_path / "ran"
 
     class Evil:
@@ -430,3 +436,11 @@ def test_an_init_file_that_cannot_start_a_run_is_refused_without_a_width_line_fi
                    "--run-dir", str(tmp_path / "run"), "--quiet"], env, tmp_path)
     assert r.returncode == 2 and "(--init)" not in r.stdout, r.stdout
     assert r.stderr.startswith("error: ") and str(tmp_path / name) in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_first_sentence_quotes_a_library_message_to_its_first_full_stop_or_a_whole_word() -> None:
+    assert first_sentence(RuntimeError("a failed: b. Advice follows.\nmore")) == "a failed: b"
+    assert first_sentence(ValueError("no stop here.")) == "no stop here"
+    assert first_sentence(OSError()) == "OSError"
+    long = first_sentence(RuntimeError("word " * 40), limit=22)
+    assert long == "word word word word..."

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, first_sentence
 
 _OURS = re.compile(r"^stages\.(\d+)\.(\d+)\.(.+)$")
 _THEIRS = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
@@ -112,13 +112,13 @@ def _read(path: Path, data: bytes) -> dict[str, Any]:
             raise FastclrError(f"init weights {path} are an ONNX model, which is for running h, not for training on; "
                                "give the run's encoder.safetensors or a `fastclr export --format torchvision` file") from None
         raise FastclrError(f"init weights {path} hold objects other than tensors, refused unread: loading them "
-                           f"could run code ({str(e).splitlines()[0][:120]}); save a plain state dict") from None
+                           f"could run code ({first_sentence(e, 120)}); save a plain state dict") from None
     except (RuntimeError, ValueError, EOFError, OSError) as e:
         if path.suffix == ".pt2":
             raise FastclrError(f"init weights {path} are a torch.export program, which is for running h, not for "
                                "training on; give the run's encoder.safetensors or a `fastclr export --format "
                                "torchvision` file") from None
-        raise FastclrError(f"init weights {path} cannot be read ({str(e).splitlines()[0][:160]}); the file is "
+        raise FastclrError(f"init weights {path} cannot be read ({first_sentence(e)}); the file is "
                            "truncated or not a state dict, save it again") from None
     for key in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
