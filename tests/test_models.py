@@ -566,3 +566,9 @@ def test_a_resnet_rebuilds_with_the_stem_its_spec_records(size: int, stem: str) 
     again.load_state_dict(enc.state_dict())
     x = torch.randn(2, 3, size, size)
     torch.testing.assert_close(again.eval()(x), enc(x))
+
+
+def test_feature_dim_of_a_fixed_feature_map_without_parameters_is_measured() -> None:
+    # a user's parameter-free encoder (a head trained on fixed features) once raised StopIteration
+    assert feature_dim(nn.Sequential(nn.AvgPool2d(4), nn.Flatten()), 1, 28) == 7 * 7
+    assert feature_dim(nn.Sequential(nn.AvgPool2d(7), nn.Flatten()), 3, 28) == 3 * 4 * 4

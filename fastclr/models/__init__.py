@@ -95,7 +95,9 @@ def feature_dim(encoder: nn.Module, in_channels: int, image_size: int) -> int:
     dim = getattr(encoder, "feature_dim", None)
     if isinstance(dim, int):
         return dim
-    device = next(encoder.parameters()).device
+    # A fixed feature map (no parameters, perhaps buffers) is a fair encoder to train a head on.
+    held = next(iter(encoder.state_dict().values()), None)
+    device = held.device if isinstance(held, torch.Tensor) else torch.device("cpu")
     with in_eval_mode(encoder):
         out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=device))
     if out.ndim != 2:
