@@ -215,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)  # as embed and finetune do, before the work
     try:
         paths = export_encoder(run.encoder, run.spec, config_text, fmt, Path(args.out), check,
-                               data_content=run.data_content)
+                               data_content=run.data_content, checkpoint_step=run.checkpoint_step)
     except BaseException:  # a refused export (onnxruntime's check) leaves no empty folder behind
         for p in made:
             with contextlib.suppress(OSError):

@@ -29,11 +29,14 @@ from fastclr.version import __version__
 ENCODER_FILE = "encoder.safetensors"
 
 
-def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content: str = "") -> Path:
+def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content: str = "",
+                 checkpoint_step: int | None = None) -> Path:
     """Write the encoder's state and its spec (as JSON metadata) to `path`; `data_content`: the
-    content identity of the store it was trained on (`Dataset.content`), read by `exported_data_content`."""
+    content identity of the store it was trained on (`Dataset.content`), read by `exported_data_content`;
+    `checkpoint_step`: the step of the checkpoint it came from, for a run that had not finished."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    info = dict(spec.to_dict(), fastclr_version=__version__, **({"data_content": data_content} if data_content else {}))
+    info = dict(spec.to_dict(), fastclr_version=__version__, **({"data_content": data_content} if data_content else {}),
+                **({"checkpoint_step": checkpoint_step} if checkpoint_step is not None else {}))
     meta = {"fastclr": json.dumps(info)}
     data = safetensors_bytes(state, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
@@ -181,10 +184,12 @@ def _save_onnx(encoder: nn.Module, spec: EncoderSpec, meta: dict[str, str], out:
     return out
 
 
-def export_metadata(spec: EncoderSpec, config_text: str) -> dict[str, str]:
-    """What every export says about itself: the architecture, input, standardisation, version
-    and the SHA-256 of the run's config."""
-    return {"architecture": spec.encoder, "image_size": str(spec.image_size), "in_channels": str(spec.in_channels),
+def export_metadata(spec: EncoderSpec, config_text: str, checkpoint_step: int | None = None) -> dict[str, str]:
+    """What every export says about itself: the architecture, input, standardisation, version,
+    the SHA-256 of the run's config and, for a run that had not finished, the step of the
+    checkpoint its weights came from (a file passed on says what it is without its run)."""
+    step = {"checkpoint_step": str(checkpoint_step)} if checkpoint_step is not None else {}
+    return {**step, "architecture": spec.encoder, "image_size": str(spec.image_size), "in_channels": str(spec.in_channels),
             "mean": json.dumps(list(spec.mean)), "std": json.dumps(list(spec.std)), "width": str(spec.width),
             "cifar_stem": spec.cifar_stem, "fastclr_version": __version__,
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
@@ -245,7 +250,8 @@ def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
 
 
 def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path,
-                   check: torch.Tensor | None = None, data_content: str = "") -> list[Path]:
+                   check: torch.Tensor | None = None, data_content: str = "",
+                   checkpoint_step: int | None = None) -> list[Path]:
     """Write `encoder` as `fmt` to `out`; returns the files written.
 
     torchvision: the state dict in torchvision's names without `fc`, so
@@ -254,13 +260,14 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     dict (what torchvision's own weights are) with the metadata in OUT.json beside it. A CIFAR
     stem is said in the metadata (`cifar_stem: on`): torchvision's own stem is 7x7, stride 2.
     onnx: checked after writing on `check` (standardised (B, C, S, S) images; random ones if None).
-    fastclr: as the run's own export, with the data's content identity `data_content`."""
+    fastclr: as the run's own export, with the data's content identity `data_content`.
+    `checkpoint_step`: recorded in every format's metadata when the weights are a checkpoint's."""
     from fastclr.models.foreign import torchvision_state
 
     check_export(fmt, spec)
-    meta = export_metadata(spec, config_text)
+    meta = export_metadata(spec, config_text, checkpoint_step)
     if fmt == "fastclr":
-        return [save_encoder(out, encoder, spec, data_content=data_content)]
+        return [save_encoder(out, encoder, spec, data_content=data_content, checkpoint_step=checkpoint_step)]
     if fmt in ("torch-export", "onnx"):  # traced on a CPU copy: the program runs anywhere, the caller's module stays put
         on_cpu = all(t.device.type == "cpu" for t in encoder.state_dict().values())
         traced = encoder if on_cpu else copy.deepcopy(encoder).cpu()

@@ -535,6 +535,8 @@ def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run stopped at step 3 of 9 (no exported encoder) was evaluated and exported from its last
     checkpoint without a word, and eval.json did not say which step it measured."""
+    from fastclr.export import export_metadata
+    from fastclr.models.foreign import safetensors_metadata
     from fastclr.pretraining.loop import pretrain
     from tiny import tiny_config
 
@@ -550,6 +552,11 @@ def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["checkpoint_step"] == 3
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e.safetensors")]) == 0
     assert note in capsys.readouterr().out.splitlines()
+    # the file passed on says it is step 3's weights, not a finished run's (it said nothing)
+    assert safetensors_metadata(tmp_path / "e.safetensors")["fastclr"]["checkpoint_step"] == 3
+    spec = load_run(tmp_path / "run", log=lambda s: None).spec
+    assert export_metadata(spec, "", checkpoint_step=3)["checkpoint_step"] == "3"
+    assert "checkpoint_step" not in export_metadata(spec, "")
 
 
 def test_a_run_whose_newest_checkpoint_is_damaged_is_loaded_from_the_one_before_and_says_so(tmp_path: Path) -> None:
