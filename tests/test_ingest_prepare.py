@@ -1210,3 +1210,28 @@ def test_contents_changed_under_a_kept_time_are_found_by_rehash(tmp_path: Path) 
     prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, rehash=True, **QUIET)
     assert (tmp_path / "s" / "images.u8").read_bytes() == fresh
     assert read_store(tmp_path / "s").meta["content"] == read_store(tmp_path / "fresh").meta["content"]
+
+
+def test_a_png_with_damaged_image_data_is_corrupt_not_a_black_image(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One flipped byte in a PNG's compressed data: Pillow refuses the file, but a PNG's getexif()
+    (read first, to rotate) decodes the image to look for an eXIf chunk after it, and its error was
+    swallowed as a damaged EXIF block; the image then counted as loaded with no pixels and went into
+    the store as zeros, "skipped 0". It is skipped as corrupt; the same file undamaged decodes."""
+    good = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 200, 200)).save(good, "PNG")
+    data = bytearray(good.getvalue())
+    data[data.index(b"IDAT") + 6] ^= 0xFF  # inside the zlib stream
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(bytes(data))).load()  # Pillow itself refuses it
+    with pytest.raises(Unusable) as e:
+        decode_image(bytes(data), DecodeOptions(16))
+    assert e.value.reason == "corrupt"
+    pixels, _, _, _ = decode_image(good.getvalue(), DecodeOptions(16))
+    assert (pixels == 200).all()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "damaged.png").write_bytes(bytes(data))
+    (tmp_path / "in" / "good.png").write_bytes(good.getvalue())
+    assert main(["prepare", str(tmp_path / "in"), "--size", "16", "--out", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert ": 1 image (unlabeled, 3 channels)" in out and "skipped 1: 1 corrupt" in out

@@ -243,16 +243,19 @@ def decode_image(data: bytes | BinaryIO, opts: DecodeOptions) -> tuple[np.ndarra
             if w * h > opts.max_pixels:
                 raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels, more than {opts.max_pixels} (--max-pixels)")
             mode = im.mode
-            try:
-                orientation = im.getexif().get(_ORIENTATION, 1)
-            except Exception:  # a damaged EXIF block does not make the pixels unusable
-                orientation = 1
             # Decode at reduced scale where the format allows it (JPEG), keeping >= 2x the target
             # (min and max of the sides do not depend on the orientation).
             f = 2 * opts.size / (min(w, h) if opts.fit == "crop" else max(w, h))
             if f < 1:
                 im.draft(None, (int(im.size[0] * f) + 1, int(im.size[1] * f) + 1))
+            # The pixels before the EXIF block: a PNG's getexif() decodes the image to find an eXIf
+            # chunk after the data, and a decoding error swallowed there as a damaged EXIF block left
+            # the image "loaded" with no pixels: stored black, not skipped as corrupt.
             im.load()
+            try:
+                orientation = im.getexif().get(_ORIENTATION, 1)
+            except Exception:  # a damaged EXIF block does not make the pixels unusable
+                orientation = 1
             if isinstance(im, TiffImagePlugin.TiffImageFile) and _ORIENTATION not in im.tag_v2:
                 orientation = 1  # Pillow's TIFF loader turned it upright itself and dropped the tag (Pillow 13 does)
             # Convert first, then rotate: the rotated copy is of the 8-bit image (per-pixel

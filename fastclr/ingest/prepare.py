@@ -508,7 +508,7 @@ def _totals(skipped: list[Skip]) -> str:
 def summary(result: PrepareResult, lay: Layout, channels: int) -> str:
     """The lines printed after a prepare: what is in the store and what was skipped."""
     kind = f"{len(lay.classes)} classes" if lay.classes else "unlabeled"
-    lines = [f"store {result.store}: {result.images} images ({kind}, {counted(channels, 'channel')}); "
+    lines = [f"store {result.store}: {counted(result.images, 'image')} ({kind}, {counted(channels, 'channel')}); "
              f"{len(result.decoded)} files decoded, {result.reused} reused, in {result.seconds:.1f} s"]
     if result.skipped:
         lines.append(f"skipped {len(result.skipped)}: {_totals(result.skipped)} (listed in {result.skipped_list or result.store / SKIPPED})")
