@@ -243,3 +243,26 @@ def test_an_odd_side_for_the_cnn_is_one_line_before_the_run_directory(tmp_path: 
     assert str(e.value) == ("the cnn encoder reads images of an even side (its first layer folds 2 x 2 pixels into "
                             "channels), and these views are 27 px; pass --crop-size 26, or --encoder resnet18")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_builtin_store_and_a_folders_store_do_not_replace_each_other(
+        data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`prepare --builtin fashion-mnist --out S` over the store of a folder still there replaced it
+    with exit 0 and no word (only a second folder was refused), and a folder over a built-in's store
+    replaced it with an "options changed" note: both refused in one line, the store as it was."""
+    bar_images(tmp_path / "photos", n_per_class=3, size=16)
+    folder_store, builtin_store = tmp_path / "folder-store", tmp_path / "fm"
+    assert main(["prepare", str(tmp_path / "photos"), "--size", "16", "--out", str(folder_store), "--quiet"]) == 0
+    assert main(["prepare", "--builtin", "fashion-mnist", "--out", str(builtin_store)]) == 0
+    before = {s: {p.name: p.read_bytes() for p in s.iterdir()} for s in (folder_store, builtin_store)}
+    capsys.readouterr()
+    assert main(["prepare", "--builtin", "fashion-mnist", "--out", str(folder_store)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {folder_store} holds the store of {(tmp_path / 'photos').resolve()}, not of the built-in "
+        f"fashion-mnist: give another --out, or remove {folder_store} first to replace it")
+    assert main(["prepare", str(tmp_path / "photos"), "--size", "16", "--out", str(builtin_store), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {builtin_store} holds the store of the built-in fashion-mnist, not of {(tmp_path / 'photos').resolve()}"
+        f": give another --out, or remove {builtin_store} first to replace it")
+    assert {s: {p.name: p.read_bytes() for p in s.iterdir()} for s in (folder_store, builtin_store)} == before
+    assert main(["prepare", "--builtin", "fashion-mnist", "--out", str(builtin_store)]) == 0  # the same again: rewritten

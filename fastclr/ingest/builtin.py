@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastclr.data.datasets import Dataset, ImageSet, load_builtin
 from fastclr.data.store import StoreWriter
+from fastclr.ingest.prepare import refuse_another_source
 
 
 def builtin_blocks(ds: Dataset) -> list[tuple[str, ImageSet]]:
@@ -41,6 +42,7 @@ def block_rows(blocks: list[tuple[str, ImageSet]], classes: list[str]) -> list[d
 def write_builtin_store(name: str, out: Path, root: str | None = None, download: bool = True,
                         log: Callable[[str], None] = print) -> Path:
     """Write built-in dataset `name` as a store at its native size (splits kept as they are)."""
+    refuse_another_source(out, name, log)  # before any download or decoding
     ds = load_builtin(name, root, download)
     h, w, c = ds.image_shape
     blocks = builtin_blocks(ds)

@@ -142,21 +142,26 @@ class Previous:
     by_hash: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def refuse_another_source(out: Path, root: Path, log: Callable[[str], None]) -> None:
-    """Refuse to replace the store at `out` of another folder that is still there: a mistyped
-    folder or --out replaced the store, and its hours of decoding, without a word. A store whose
-    folder is gone (moved or renamed) is updated from `root`, and said so."""
+def refuse_another_source(out: Path, source: str, log: Callable[[str], None]) -> None:
+    """Refuse to replace the store at `out` of another source: a folder that is still there, or a
+    built-in dataset (`source`: a folder's absolute path, or a built-in dataset's name). A mistyped
+    folder, --out or --builtin replaced the store, and its hours of decoding, without a word. A
+    store whose folder is gone (moved or renamed) is updated from another folder, and said so."""
     try:
         old = json.loads((out / META).read_text(encoding="utf-8")).get("source") if is_store(out) else None
     except (OSError, ValueError, AttributeError):
         return  # a damaged store.json: `load_previous` says why it is not reused
-    new = str(root.resolve())
-    if not isinstance(old, str) or not os.path.isabs(old) or old == new:
-        return  # a built-in dataset's store names it, not a folder
-    if Path(old).is_dir() and not os.path.samefile(old, new):  # the same folder by another path is the same
-        raise FastclrError(f"{out} holds the store of {old}, not of {new}: give another --out, or remove {out} "
-                           "first to replace it")
-    log(f"note: {out} was prepared from {old}, which is gone; updating it from {new}")
+    if not isinstance(old, str) or not old or old == source:
+        return
+    folders = os.path.isabs(old), os.path.isabs(source)
+    if all(folders) and (not Path(old).is_dir() or os.path.samefile(old, source)):  # the same folder by another path is the same
+        if not Path(old).is_dir():
+            log(f"note: {out} was prepared from {old}, which is gone; updating it from {source}")
+        return
+    def named(s: str) -> str:
+        return s if os.path.isabs(s) else f"the built-in {s}"
+    raise FastclrError(f"{out} holds the store of {named(old)}, not of {named(source)}: give another --out, or "
+                       f"remove {out} first to replace it")
 
 
 def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]) -> Previous | None:
@@ -320,7 +325,7 @@ class _Plan:
 def _plan(root: Path, out: Path, opts: DecodeOptions, labels: str, workers: int, rehash: bool, dedupe: bool,
           log: Callable[[str], None]) -> _Plan:
     """Walk `root`, lay it out and weigh it against the store at `out` (see `prepare_store`)."""
-    refuse_another_source(out, root, log)
+    refuse_another_source(out, str(root.resolve()), log)
     walk = walk_folder(root, exclude=out)
     if not walk.files:
         raise FastclrError(f"no images in {root} ({_totals(walk.skipped) or 'it is empty'}); "
