@@ -1235,3 +1235,29 @@ def test_a_png_with_damaged_image_data_is_corrupt_not_a_black_image(
     assert main(["prepare", str(tmp_path / "in"), "--size", "16", "--out", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert ": 1 image (unlabeled, 3 channels)" in out and "skipped 1: 1 corrupt" in out
+
+
+def test_avif_and_apng_files_are_images_and_an_avif_this_pillow_cannot_read_says_how_to_get_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """.avif (phones, the web) and .apng files were skipped as "extension .avif is not an image
+    format" though Pillow reads both: stored now, pixel for pixel as Pillow decodes them; where
+    Pillow has no AVIF reader the skip says so and names the Pillow that has one."""
+    import fastclr.ingest.walk as walk
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF reader")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "in" / "a.avif", quality=100)
+    Image.fromarray(pixels).save(tmp_path / "in" / "b.apng", format="PNG")
+    prepare_store(tmp_path / "in", tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)
+    s = read_store(tmp_path / "s")
+    assert list(s.paths) == ["a.avif", "b.apng"]
+    assert np.array_equal(s.images[0], np.asarray(Image.open(tmp_path / "in" / "a.avif").convert("RGB")))
+    assert np.array_equal(s.images[1], pixels)
+    monkeypatch.setattr(features, "check", lambda name: False)
+    assert walk.classify_file("a.avif", 10) == (
+        "not-an-image", "extension .avif: this Pillow cannot read AVIF; pip install 'pillow>=11.3' (its wheels read AVIF)")
+    assert walk.classify_file("b.apng", 10) is None

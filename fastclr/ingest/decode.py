@@ -225,7 +225,10 @@ def _failure(e: BaseException, max_pixels: int) -> Unusable:
 
 # Pillow's readers of the extensions the walk accepts (walk.IMAGE_EXTENSIONS), and only those: left
 # to guess, Pillow opens PostScript saved as .jpg with its EPS reader, which runs Ghostscript.
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "JPEG2000")
+# AVIF where this Pillow has its reader (walk.readable_here words the skip where it has not).
+Image.init()
+FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "JPEG2000", "AVIF")
+                if f in Image.OPEN)
 TRANSIENT = frozenset({"out-of-memory"})
 """Reasons that describe this run, not the file: never remembered by the file's hash."""
 _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height

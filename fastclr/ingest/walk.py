@@ -20,9 +20,26 @@ from pathlib import Path
 # Formats Pillow reads that hold photos and scans; any other extension is "not-an-image" without
 # opening the file, so a folder with videos or archives in it is not read byte by byte.
 IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".avif",
 })
+
+NEEDS_PLUGIN = {".avif": ("avif", "AVIF", "pip install 'pillow>=11.3' (its wheels read AVIF)")}
+"""Extensions whose Pillow reader is optional: (Pillow feature, format, how to get it)."""
+
+
+def readable_here(ext: str) -> str:
+    """"" when this Pillow reads files of extension `ext`, else how to make it (AVIF: Pillow 11.3's
+    wheels carry libavif; earlier ones, and Pillow built without it, do not)."""
+    if ext not in NEEDS_PLUGIN:
+        return ""
+    from PIL import features
+
+    feature, name, fix = NEEDS_PLUGIN[ext]
+    try:
+        return "" if features.check(feature) else f"this Pillow cannot read {name}; {fix}"
+    except ValueError:  # a Pillow that does not know the feature's name at all
+        return f"this Pillow cannot read {name}; {fix}"
 
 # Every reason a file or directory is not in a store; skipped.csv uses exactly these words.
 REASONS = ("appledouble", "corrupt", "duplicate", "duplicate-directory", "fastclr-folder", "hidden-directory",
@@ -76,6 +93,8 @@ def classify_file(name: str, size: int) -> tuple[str, str] | None:
     ext = os.path.splitext(name)[1].lower()
     if ext not in IMAGE_EXTENSIONS:
         return "not-an-image", f"extension {ext or '(none)'} is not an image format"
+    if unreadable := readable_here(ext):
+        return "not-an-image", f"extension {ext}: {unreadable}"
     if size == 0:
         return "zero-bytes", "empty file"
     return None
