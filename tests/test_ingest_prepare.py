@@ -590,6 +590,10 @@ def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path: Path, caps
     # 0 is a size too small, not a size missing
     assert "--size must be at least 8 pixels, got 0" in one_line_error(
         ["prepare", str(tmp_path / "ok"), "--size", "0", "--out", str(out)], capsys)
+    # a --size too large is said of --size, not of --max-pixels, which the user never gave
+    assert one_line_error(["prepare", str(tmp_path / "ok"), "--size", "100000", "--out", str(out)], capsys) == (
+        "error: --size 100000 makes images of 10,000,000,000 pixels, more than --max-pixels 89,478,485 (the largest "
+        "image decoded); give a smaller --size, or a larger --max-pixels\n")
     assert not out.exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
@@ -1007,18 +1011,20 @@ def test_a_stack_of_pages_is_hashed_and_decoded_without_holding_the_file(tmp_pat
     assert peak < size / 10, (peak, size)
 
 
-def test_split_folders_holding_class_folders_are_refused_not_taken_as_two_classes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_split_folders_holding_class_folders_are_refused_not_taken_as_two_classes(tmp_path: Path, held_out: str) -> None:
     """`photos/{train,val}/{cat,dog}` became the classes "train" and "val": every figure measured
     which split an image came from. One line says so and how to go on; with --labels none, or one
-    split given, the images are read; split names without class folders under them stay classes."""
+    split given, the images are read; split names without class folders under them stay classes.
+    The split the line suggests is the training one, also where `test` comes first in sorted order."""
     root = tmp_path / "photos"
-    for split in ("train", "val"):
+    for split in ("train", held_out):
         for c, shade in (("cat", 50), ("dog", 200)):
             (root / split / c).mkdir(parents=True)
-            Image.new("L", (8, 8), shade + (split == "val")).save(root / split / c / "a.png")  # not duplicates
+            Image.new("L", (8, 8), shade + (split == held_out)).save(root / split / c / "a.png")  # not duplicates
     with pytest.raises(FastclrError) as e:
         prepare_store(root, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
-    assert str(e.value) == (f"the folders in {root} (train, val) are splits, each with its own subfolders (cat, dog in "
+    assert str(e.value) == (f"the folders in {root} ({', '.join(sorted(('train', held_out)))}) are splits, each with its own subfolders (cat, dog in "
                             f"train), not classes; give one split, e.g. `fastclr prepare {root / 'train'}`, whose "
                             "subfolders are the classes, or --labels none to take every image unlabelled")
     assert not (tmp_path / "s").exists()

@@ -105,6 +105,8 @@ def layout_notes(root: Path, lay: Layout, rels: list[str], labels: str) -> list[
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "dev", "test", "testing", "unlabeled",
                          "unlabelled", "unlabeled_images"})
 """Folder names that stand for a dataset's split, not a class of images."""
+HELD_OUT = frozenset({"val", "valid", "validation", "dev", "test", "testing"})
+"""The splits among them kept for measuring, not for training on."""
 
 
 def refuse_split_folders(root: Path, classes: list[str], rels: list[str]) -> None:
@@ -116,10 +118,12 @@ def refuse_split_folders(root: Path, classes: list[str], rels: list[str]) -> Non
     nested = sorted({r.split("/", 2)[0] for r in rels if r.count("/") >= 2})
     if not nested:
         return
-    inner = sorted({r.split("/", 2)[1] for r in rels if r.startswith(nested[0] + "/") and r.count("/") >= 2})
+    # The example is the training split: the first in sorted order was often `test`, the one not to train on.
+    split = min(nested, key=lambda n: (n.lower() not in ("train", "training"), n.lower() in HELD_OUT, n))
+    inner = sorted({r.split("/", 2)[1] for r in rels if r.startswith(split + "/") and r.count("/") >= 2})
     raise FastclrError(f"the folders in {root} ({', '.join(classes)}) are splits, each with its own subfolders "
-                       f"({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''} in {nested[0]}), not classes; give "
-                       f"one split, e.g. `fastclr prepare {root / nested[0]}`, whose subfolders are the classes, "
+                       f"({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''} in {split}), not classes; give "
+                       f"one split, e.g. `fastclr prepare {root / split}`, whose subfolders are the classes, "
                        "or --labels none to take every image unlabelled")
 
 
@@ -302,7 +306,8 @@ def check_options(opts: DecodeOptions, labels: str = "auto") -> None:
     if opts.channels not in ("auto", "1", "3"):
         raise FastclrError(f"--channels must be auto, 1 or 3, got {opts.channels!r}")
     if opts.max_pixels < opts.size * opts.size:
-        raise FastclrError(f"--max-pixels {opts.max_pixels} is smaller than one {opts.size}x{opts.size} image")
+        raise FastclrError(f"--size {opts.size} makes images of {opts.size * opts.size:,} pixels, more than --max-pixels "
+                           f"{opts.max_pixels:,} (the largest image decoded); give a smaller --size, or a larger --max-pixels")
     if labels not in ("auto", "none"):
         raise FastclrError(f"--labels must be auto or none, got {labels!r}")
 
