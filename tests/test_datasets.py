@@ -259,8 +259,13 @@ def test_an_explicit_root_missing_a_file_is_refused_not_passed_over(tmp_path: Pa
         (explicit / "fashion-mnist" / name).unlink()
     with pytest.raises(FastclrError, match="holds 0 of the 4 files"):  # (a download would complete it there)
         load_builtin("fashion-mnist", explicit, download=False)
-    with pytest.raises(FastclrError, match=r"the data root .*typo is not a directory"):
+    with pytest.raises(FastclrError) as typo:  # also where a download is allowed: a typo is not made a folder
         load_builtin("fashion-mnist", tmp_path / "typo")
+    assert str(typo.value) == (f"the data root {tmp_path / 'typo'} is not a directory; give the folder that holds "
+                               f"fashion-mnist/, make it (`fastclr download fashion-mnist --root {tmp_path / 'typo'}` "
+                               "makes it and fetches fashion-mnist there), or drop the root (--data-root, --root) to "
+                               "search the usual places")
+    assert not (tmp_path / "typo").exists()
     (explicit / "fashion-mnist").rmdir()  # a root without the dataset's folder: the search goes on, as documented
     assert locate("fashion-mnist", explicit) == system / "fashion-mnist"
     assert load_builtin("fashion-mnist").origin == str(system / "fashion-mnist")

@@ -275,7 +275,9 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False) 
     s = spec(name)
     if root:  # asked for by name: used whole or refused, never quietly passed over for another folder
         if not Path(root).is_dir():
+            # Not made here, even where a download is allowed: a mistyped root would get a download of its own.
             raise FastclrError(f"the data root {root} is not a directory; give the folder that holds {s.folder}/, "
+                               f"make it (`fastclr download {name} --root {root}` makes it and fetches {name} there), "
                                "or drop the root (--data-root, --root) to search the usual places")
         folder = Path(root) / s.folder
         present = [f for f in s.files if _idx_file(folder, f).exists()]
