@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fastclr.config import AugmentConfig
+from fastclr.data.loader import check_stored
 
 LUMA = (0.299, 0.587, 0.114)
 """ITU-R 601-2 luma weights of R, G, B, as Pillow's L mode and torchvision use for grayscale."""
@@ -306,6 +307,7 @@ def two_views(
     render: `render_views` or a compiled version of it (the pixel work, free of random draws, so
     that torch.compile can fuse it into a few kernels).
     """
+    check_stored(images)
     params = view_params(images.shape, cfg, generator, images.device, global_batch, offset, views)
     return (render or render_views)(images, params, cfg, mean, std, channels_last)
 

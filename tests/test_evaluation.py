@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -389,3 +390,58 @@ def test_the_few_label_curve_scores_each_subsets_probe_on_the_test_split() -> No
     (run,) = out[0]["runs"]
     idx = torch.from_numpy(stratified_subset(y.numpy(), 5, 3, ["a", "b", "c", "d"]))
     assert run["accuracy"] == fewshot_fit(x[idx], y[idx], xt, wrong, 3).accuracy < 0.2
+
+
+def test_images_not_in_the_stored_form_are_refused_in_one_line_before_any_h() -> None:
+    """extract_features and two_views took floats in [0, 1] (torchvision's ToTensor) and divided
+    them by 255 again: h off by up to the size of h itself, and near-black views, without a word;
+    (N, C, H, W), a single image or images with other channels than the encoder's failed deep in
+    torch. The uint8 form gives the h the same images give as floats converted back."""
+    from fastclr.augment import two_views
+    from fastclr.config import AugmentConfig
+    from fastclr.evaluation.features import extract_features
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    images = np.random.default_rng(0).integers(0, 256, (5, 12, 12, 1), dtype=np.uint8)
+    mean, std, cpu = torch.tensor([0.5]), torch.tensor([0.25]), torch.device("cpu")
+    h = extract_features(encoder, images, mean, std, cpu)
+    x = (images.astype(np.float64) / 255 - 0.5) / 0.25
+    expected = encoder.double()(torch.from_numpy(x).permute(0, 3, 1, 2)).float()
+    encoder.float()
+    assert torch.allclose(h, expected, atol=1e-5)
+    for bad, said in [(images.astype(np.float32) / 255, "are float32; fastclr takes them as stored, uint8 (N, H, W, C)"),
+                      (images[0], "have shape (12, 12, 1); fastclr takes uint8 (N, H, W, C) with C 1 or 3"),
+                      (images.transpose(0, 3, 1, 2).copy(), "have shape (5, 1, 12, 12)")]:
+        with pytest.raises(FastclrError, match=re.escape(said)):
+            extract_features(encoder, bad, mean, std, cpu)
+    with pytest.raises(FastclrError, match="the images have 3 channels and the mean and std 1 and 1"):
+        extract_features(encoder, np.repeat(images, 3, axis=3), mean, std, cpu)
+    assert extract_features(encoder, images[:0], mean, std, cpu).shape == (0, 4)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(FastclrError, match="are float32"):
+        two_views(torch.from_numpy(images).float() / 255, AugmentConfig(), g)
+
+
+def test_knn_and_probe_refuse_settings_and_labels_that_cannot_pair_and_take_int32_labels_as_meant() -> None:
+    """knn_accuracy with k 0 or -1 returned the share of class 0 among the queries (every vote zero,
+    argmax 0), tau 0 a number; labels of another length an IndexError; int32 labels torch's dtype
+    error in the probe. One line each now; int32 labels give the int64 labels' accuracy."""
+    from fastclr.evaluation.knn import knn_accuracy
+    from fastclr.evaluation.probe import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 3, generator=g) + 10 * torch.eye(3)[y]  # two clusters in other directions (kNN is cosine)
+    assert knn_accuracy(x, y, x, y, k=5) == knn_accuracy(x, y.int(), x, y.to(torch.uint8), k=5) == 1.0
+    for k, tau in [(0, 0.07), (-1, 0.07), (5, 0.0)]:
+        with pytest.raises(FastclrError, match=re.escape(f"kNN needs k >= 1 and tau > 0, got k {k} and tau {tau}")):
+            knn_accuracy(x, y, x, y, k=k, tau=tau)
+    with pytest.raises(FastclrError, match=re.escape("the queries' labels have shape (39,) for 40 rows of features")):
+        knn_accuracy(x, y, x, y[:39])
+    with pytest.raises(FastclrError, match="the training labels are float32; give integer class indices"):
+        linear_probe(x, y.float(), x, y, l2_grid=(1e-3,))
+    with pytest.raises(FastclrError, match=re.escape("the test labels hold -1; class indices start at 0")):
+        linear_probe(x, y, x, y - 1, l2_grid=(1e-3,))
+    assert linear_probe(x, y.int(), x, y.int(), l2_grid=(1e-3,)).accuracy == \
+        linear_probe(x, y, x, y, l2_grid=(1e-3,)).accuracy == 1.0

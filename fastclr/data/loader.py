@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastclr.errors import FastclrError
+
 
 def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     """Full global batches per epoch; the incomplete last batch is dropped so every step has
@@ -74,6 +76,19 @@ def copy_to_device(images: np.ndarray, device: torch.device, chunk_bytes: int = 
     return out
 
 
+def check_stored(images: np.ndarray | torch.Tensor, what: str = "the images") -> None:
+    """One line for images not in the stored form every path takes, uint8 (N, H, W, C) with C 1 or 3.
+    Floats in [0, 1] (torchvision's ToTensor) were divided by 255 again: near-black views and a
+    wrong h, without a word; (N, C, H, W) or a single image failed deep inside torch."""
+    dtype, shape = str(images.dtype).removeprefix("torch."), tuple(int(s) for s in images.shape)
+    if dtype != "uint8":
+        raise FastclrError(f"{what} are {dtype}; fastclr takes them as stored, uint8 (N, H, W, C) in 0-255: for "
+                           "floats in [0, 1], give (x * 255).round() as uint8")
+    if len(shape) != 4 or shape[3] not in (1, 3):
+        raise FastclrError(f"{what} have shape {shape}; fastclr takes uint8 (N, H, W, C) with C 1 or 3: one image "
+                           "is x[None], a grey (N, H, W) batch x[..., None], and (N, C, H, W) is x.permute(0, 2, 3, 1)")
+
+
 class ImageSource:
     """Stored uint8 images (N, H, W, C), gathered by index onto the training device.
 
@@ -85,6 +100,7 @@ class ImageSource:
     """
 
     def __init__(self, images: np.ndarray, device: torch.device):
+        check_stored(images)
         self.device = device
         self.shape = tuple(int(s) for s in images.shape)
         self._mmap: np.ndarray | None = None

@@ -19,7 +19,7 @@ from torch import nn
 from fastclr.augment import normalize, resample_matrix, to_float, two_views
 from fastclr.config import AugmentConfig
 from fastclr.data.loader import ImageSource
-from fastclr.models import CNN_STAGES, EncoderSpec
+from fastclr.models import CNN_STAGES, EncoderSpec, feature_dim
 from fastclr.models.modes import in_eval_mode
 from fastclr.runtime import FP32, Precision, require_memory
 from fastclr.errors import FastclrError
@@ -80,6 +80,13 @@ def extract_features(
     with `mean`/`std`, resized to `size` (0: the stored side), computed under `precision`."""
     source = images if isinstance(images, ImageSource) else ImageSource(images, device)
     side = size or source.shape[1]
+    if mean.numel() != source.shape[3] or std.numel() != source.shape[3]:
+        raise FastclrError(f"the images have {source.shape[3]} channels and the mean and std {mean.numel()} and "
+                           f"{std.numel()}: give the images in the encoder's channels (the run's in_channels)")
+    if batch_size < 1:
+        raise FastclrError(f"batch_size must be at least 1, got {batch_size}")
+    if not len(source):  # no batch to stack: h of no image, in the encoder's width
+        return torch.empty(0, feature_dim(encoder, source.shape[3], side))
     mean, std = mean.to(device), std.to(device)
 
     def batches() -> Iterator[torch.Tensor]:
@@ -129,6 +136,22 @@ def evenly_spaced(n: int, limit: int) -> np.ndarray:
 
 DAMAGED = "the encoder's weights are damaged or its training diverged; use another run or an earlier checkpoint's export"
 """Why a trained encoder's features are not finite, and what to do."""
+
+
+def class_labels(x: torch.Tensor, y: torch.Tensor, what: str) -> torch.Tensor:
+    """`y` as int64 class indices for the (N, D) features `x`, or one line where they do not pair up
+    (torch failed deep inside, or an IndexError, on labels of another length, float labels or
+    features of another shape); int32 or uint8 labels are taken as they are meant."""
+    if x.dim() != 2:
+        raise FastclrError(f"{what} features have shape {tuple(x.shape)}; give them as (N, D)")
+    if y.dim() != 1 or len(y) != len(x):
+        raise FastclrError(f"{what} labels have shape {tuple(y.shape)} for {len(x)} rows of features; give one class "
+                           "index a row, (N,)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise FastclrError(f"{what} labels are {str(y.dtype).removeprefix('torch.')}; give integer class indices")
+    if len(y) and int(y.min()) < 0:
+        raise FastclrError(f"{what} labels hold {int(y.min())}; class indices start at 0 (drop unlabelled rows, -1)")
+    return y.long()
 
 
 def require_finite(h: torch.Tensor, what: str, why: str = DAMAGED) -> torch.Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastclr.evaluation.features import require_finite
+from fastclr.errors import FastclrError
+from fastclr.evaluation.features import class_labels, require_finite
 
 from fastclr.runtime import FP32, Precision, bf16_native_on
 
@@ -154,6 +155,9 @@ def knn_accuracy(
     tau: float = 0.07, precision: Precision = FP32,
 ) -> float:
     """Fraction of test features whose kNN prediction equals their label."""
+    if k < 1 or not tau > 0:  # k 0 voted for no class (every query class 0); tau 0 divided by zero
+        raise FastclrError(f"kNN needs k >= 1 and tau > 0, got k {k} and tau {tau}")
+    train_y, test_y = class_labels(train_x, train_y, "the bank's"), class_labels(test_x, test_y, "the queries'")
     require_finite(train_x, "the bank's features")
     require_finite(test_x, "the queries' features")
     pred = knn_predict(train_x, train_y, test_x, k, tau, int(max(train_y.max(), test_y.max())) + 1,

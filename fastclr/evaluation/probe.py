@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fastclr.evaluation.features import require_finite
+from fastclr.evaluation.features import class_labels, require_finite
 from fastclr.evaluation.subsets import stratified_folds
 
 
@@ -146,6 +146,7 @@ def linear_probe(
     test accuracy in 192 against 266 s (docs/benchmarks.md, "The probe"); the final fit runs to
     convergence (it stopped before 150 of its `max_iter` iterations there).
     """
+    train_y, test_y = class_labels(train_x, train_y, "the training"), class_labels(test_x, test_y, "the test")
     require_finite(train_x, "the training features")
     require_finite(test_x, "the test features")
     k = int(max(int(train_y.max()), int(test_y.max())) + 1)
