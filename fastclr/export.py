@@ -252,7 +252,7 @@ def export_format(fmt: str, out: Path, spec: EncoderSpec) -> str:
 def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt: str, out: Path,
                    check: torch.Tensor | None = None, data_content: str = "",
                    checkpoint_step: int | None = None) -> list[Path]:
-    """Write `encoder` as `fmt` to `out`; returns the files written.
+    """Write `encoder` as `fmt` to `out` ("auto": the format its name says); returns the files written.
 
     torchvision: the state dict in torchvision's names without `fc`, so
     `torchvision.models.resnet50().load_state_dict(sd, strict=False)` misses only `fc.*`;
@@ -263,7 +263,12 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     fastclr: as the run's own export, with the data's content identity `data_content`.
     `checkpoint_step`: recorded in every format's metadata when the weights are a checkpoint's."""
     from fastclr.models.foreign import torchvision_state
+    from fastclr.runs import refuse_output
 
+    # What `fastclr export` checks before its work, for a call from Python too: a name of another
+    # kind (notes.txt) or a run's own encoder.safetensors was replaced by an archive.
+    refuse_output(out)
+    fmt = export_format(fmt, out, spec)
     check_export(fmt, spec)
     meta = export_metadata(spec, config_text, checkpoint_step)
     if fmt == "fastclr":

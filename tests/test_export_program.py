@@ -348,3 +348,21 @@ def test_an_export_whose_fastclr_record_is_damaged_is_refused_in_one_line(tmp_pa
                                                      "damaged or from a version this one cannot read (")) as e:
         load_encoder(tmp_path / "e.safetensors")
     assert str(e.value).endswith("; export it again from its run") and "\n" not in str(e.value)
+
+
+def test_export_encoder_from_python_refuses_what_the_command_refuses_and_leaves_the_files(tmp_path: Path) -> None:
+    """`fastclr.export_encoder` from Python (as the README shows for classifiers) had none of the
+    command's checks: it wrote a .pt2 archive over notes.txt, and over a run's own
+    encoder.safetensors, which every command then refused to read."""
+    run = tmp_path / "run"
+    tiny_run(run, tiny_dataset())
+    encoder, spec = load_encoder(run)
+    own = (run / "encoder.safetensors").read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine", encoding="utf-8")
+    with pytest.raises(FastclrError, match=re.escape(f"--out {notes}: --format torch-export writes .pt2 files")):
+        export_encoder(encoder, spec, "", "torch-export", notes)
+    with pytest.raises(FastclrError, match="encoder.safetensors"):
+        export_encoder(encoder, spec, "", "torch-export", run / "encoder.safetensors")
+    assert notes.read_text(encoding="utf-8") == "mine" and (run / "encoder.safetensors").read_bytes() == own
+    assert export_encoder(encoder, spec, "", "auto", tmp_path / "enc.pt2") == [tmp_path / "enc.pt2"]  # the name's format
