@@ -77,7 +77,9 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     metadata. A run trained on your own module (`pretrain(cfg, encoder=...)`, spec "custom") cannot
     be rebuilt by name: pass a module of that architecture as `module` and its weights are loaded
     into it. `path` may be a run directory: its encoder.safetensors."""
-    path = Path(path)
+    from fastclr.runtime import loading_device
+
+    path, device = Path(path), loading_device(device)
     if path.is_dir():
         if not (path / ENCODER_FILE).is_file():
             raise FastclrError(f"{path} is a directory without {ENCODER_FILE}; give a run directory whose "
@@ -90,6 +92,11 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
             meta = f.metadata() or {}
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
+        other = _other_kind(path)
+        if other:  # a whole file of another kind: "export it again" sent the user the wrong way
+            raise FastclrError(f"{path} is {other}, not a fastclr encoder (.safetensors); give the run directory or "
+                               f"its {ENCODER_FILE} (a run's encoder in that form: `fastclr export RUN --out "
+                               "enc.safetensors`)") from None
         raise UnreadableExport(path, f"is not a readable safetensors encoder ({e})") from None
     if "fastclr" not in meta:
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
@@ -114,6 +121,20 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
             f"(exported by {info.get('fastclr_version', '?')}); re-export it with that version"
         ) from None
     return encoder.to(device).eval(), spec
+
+
+def _other_kind(path: Path) -> str:
+    """What a file `load_encoder` cannot read is, where it is whole and of a kind fastclr writes:
+    a torch archive (a checkpoint, a torchvision-names export, a .pt2 program) or an ONNX model."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return ""
+    if head == b"PK\x03\x04":
+        return "a torch.export program (.pt2)" if path.suffix.lower() == ".pt2" else \
+            "a torch archive (a checkpoint, or weights saved with torch.save)"
+    return "an ONNX model" if path.suffix.lower() == ".onnx" else ""
 
 
 FORMATS = ("fastclr", "torchvision", "torch-export", "onnx")

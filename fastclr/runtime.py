@@ -163,6 +163,21 @@ def select_device(name: str, warn: Callable[[str], None] = warn_stderr) -> torch
     return dev
 
 
+def loading_device(device: torch.device | str) -> torch.device:
+    """Where a Python call loads weights to: `select_device`'s checks for auto, cpu and cuda (a
+    device named wrong blamed the file: "not a readable safetensors encoder (device gpu is
+    invalid); export it again"), and any other device torch has (mps, xpu) as given."""
+    try:
+        dev = None if device == "auto" else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FastclrError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev is None or dev.type in ("cpu", "cuda"):
+        return select_device(str(device))
+    if dev.type == "meta":
+        raise FastclrError("device 'meta' holds no weights; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
 @dataclass(frozen=True)
 class CpuFeatures:
     """What the CPU offers for the choices below, as torch itself sees it."""

@@ -366,3 +366,27 @@ def test_export_encoder_from_python_refuses_what_the_command_refuses_and_leaves_
         export_encoder(encoder, spec, "", "torch-export", run / "encoder.safetensors")
     assert notes.read_text(encoding="utf-8") == "mine" and (run / "encoder.safetensors").read_bytes() == own
     assert export_encoder(encoder, spec, "", "auto", tmp_path / "enc.pt2") == [tmp_path / "enc.pt2"]  # the name's format
+
+
+def test_load_encoder_names_a_wrong_device_or_a_file_of_another_kind_not_a_damaged_export(tmp_path: Path) -> None:
+    """`load_encoder(run, device="gpu")` said the file was "not a readable safetensors encoder ...
+    export it again", and so did a checkpoint or a .pt2 program given as the file; the device is
+    checked first now, and a whole file of another kind is named as what it is."""
+    from fastclr.checkpoint import list_checkpoints
+    from fastclr.semisup.network import load_classifier
+
+    run = tmp_path / "run"
+    tiny_run(run, tiny_dataset())
+    for device, said in [("gpu", "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+                         ("meta", "device 'meta' holds no weights")]:
+        for load in (load_encoder, load_classifier):
+            with pytest.raises(FastclrError, match=re.escape(said)):
+                load(run, device=device)
+    checkpoint = list_checkpoints(run)[-1]
+    with pytest.raises(FastclrError, match=re.escape(f"{checkpoint} is a torch archive (a checkpoint, or weights saved "
+                                                     "with torch.save), not a fastclr encoder (.safetensors)")):
+        load_encoder(checkpoint)
+    encoder, spec = load_encoder(run, device="auto")
+    program = export_encoder(encoder, spec, "", "torch-export", tmp_path / "enc.pt2")[0]
+    with pytest.raises(FastclrError, match=re.escape(f"{program} is a torch.export program (.pt2), not a fastclr")):
+        load_encoder(program)

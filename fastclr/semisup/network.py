@@ -100,7 +100,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
     """Rebuild a saved classifier (eval mode) with its encoder spec and its record (classes, ...).
 
     Its input is a float (B, C, S, S) batch standardised with the spec's mean and std."""
-    p = Path(path)
+    from fastclr.runtime import loading_device
+
+    p, device = Path(path), loading_device(device)
     if p.is_dir():
         p = p / CLASSIFIER_FILE
     try:
