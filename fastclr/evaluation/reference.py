@@ -37,7 +37,7 @@ def untrained_encoder(spec: EncoderSpec, seed: int, device: torch.device, contin
     leaves it for its head: a network built next on it starts from draws of its own."""
     with nullcontext() if continue_stream else torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        enc = encoder_from_spec(spec)
+        enc: nn.Module = encoder_from_spec(spec)
     enc = to_channels_last(enc.to(device))
     return enc.eval()
 

@@ -15,21 +15,25 @@ from fastclr.models.modes import in_eval_mode
 from fastclr.models.resnet import ResNet, resnet18, resnet34, resnet50
 from fastclr.models.spec import EncoderSpec
 
-__all__ = ["CPU_RESNET_WIDTH", "CPU_WIDTH_WHY", "ENCODERS", "EncoderSpec", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder",
+__all__ = ["BuiltEncoder", "CPU_RESNET_WIDTH", "CPU_WIDTH_WHY", "ENCODERS", "EncoderSpec", "ProjectionHead", "ResNet", "SmallCNN", "build_encoder",
            "encoder_from_spec", "feature_dim", "resolve_encoder", "resolve_width"]
 
 
-def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int, stages: str) -> nn.Module:
+BuiltEncoder = SmallCNN | ResNet
+"""What `build_encoder` returns: a module whose `feature_dim` is typed (an int), for users' type checkers."""
+
+
+def _cnn(in_channels: int, width: float, cifar_stem: bool, image_size: int, stages: str) -> SmallCNN:
     check_stages(stages)
     return SmallCNN(in_channels, width, stages, image_size=image_size)
 
 
-def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int, str], nn.Module]:
+def _resnet(ctor: Callable[[int, float, bool], ResNet]) -> Callable[[int, float, bool, int, str], ResNet]:
     return lambda in_channels, width, cifar_stem, image_size, stages: ctor(in_channels, width, cifar_stem)
 
 
 # name -> constructor(in_channels, width, cifar_stem, image_size, cnn stages)
-ENCODERS: dict[str, Callable[[int, float, bool, int, str], nn.Module]] = {
+ENCODERS: dict[str, Callable[[int, float, bool, int, str], BuiltEncoder]] = {
     "cnn": _cnn,
     "resnet18": _resnet(resnet18),
     "resnet34": _resnet(resnet34),
@@ -75,7 +79,7 @@ def use_cifar_stem(setting: str, image_size: int) -> bool:
 
 
 def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1.0, cifar_stem: str = "auto",
-                  cnn_stages: str = CNN_STAGES) -> nn.Module:
+                  cnn_stages: str = CNN_STAGES) -> BuiltEncoder:
     """An encoder by name for (in_channels, image_size, image_size) inputs; has `.feature_dim`."""
     if width <= 0:
         raise FastclrError(f"width must be > 0, got {width} (`auto`, 0, is resolved for the device by resolve_width)")
@@ -83,7 +87,7 @@ def build_encoder(name: str, in_channels: int, image_size: int, width: float = 1
     return ENCODERS[resolved](in_channels, width, use_cifar_stem(cifar_stem, image_size), image_size, cnn_stages)
 
 
-def encoder_from_spec(spec: EncoderSpec) -> nn.Module:
+def encoder_from_spec(spec: EncoderSpec) -> BuiltEncoder:
     """A freshly initialised encoder of the architecture `spec` records."""
     stem = spec.cifar_stem if spec.cifar_stem in ("on", "off") else "auto"  # "n/a": not a ResNet, no stem
     return build_encoder(spec.encoder, spec.in_channels, spec.image_size, spec.width, stem, spec.stages or CNN_STAGES)
