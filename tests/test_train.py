@@ -1215,3 +1215,24 @@ def test_the_run_line_records_what_compile_resolved_to(tmp_path: Path, setting: 
     head = next(line for line in lines if line.startswith("run "))
     assert head.endswith(said)
     assert read_toml(tmp_path / "config.toml")["train.compile"] == setting
+
+
+def test_a_module_that_cannot_take_the_data_is_one_error_and_its_run_dir_is_not_left_behind(tmp_path: Path) -> None:
+    """`pretrain(cfg, encoder=...)` with a module for other inputs (3 channels for grey images, a
+    linear layer) raised torch's RuntimeError from the probe of h's size and left the --run-dir it
+    had made, empty; a parameter-free fixed feature map trains its head."""
+    import re
+
+    ds = tiny_dataset()
+    for module, said in [(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), "expected input[2, 1, 28, 28] to have 3 "
+                          "channels, but got 1 channels instead"), (nn.Linear(3, 3), "mat1 and mat2 shapes cannot be "
+                                                                   "multiplied (56x28 and 3x3)")]:
+        with pytest.raises(FastclrError, match=re.escape("the encoder cannot take this data's images, (batch, 1, 28, "
+                                                         "28): ")) as e:
+            pretrain(tiny_config(tmp_path / "new" / "run", train__device="cpu"), dataset=ds, encoder=module,
+                     progress=False, log=lambda s: None)
+        assert said in str(e.value)
+        assert not (tmp_path / "new").exists()
+    fixed = pretrain(tiny_config(tmp_path / "fixed", train__device="cpu"), dataset=ds,
+                     encoder=nn.Sequential(nn.AvgPool2d(4), nn.Flatten()), progress=False, log=lambda s: None)
+    assert fixed.model.spec.feature_dim == 49 and fixed.steps == 2 * (len(ds.pretrain) // 16)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastclr.config import parse_switch
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, first_sentence
 from fastclr.models.cnn import CNN_STAGES, SmallCNN, check_stages
 from fastclr.models.head import ProjectionHead
 from fastclr.models.modes import in_eval_mode
@@ -103,7 +103,13 @@ def feature_dim(encoder: nn.Module, in_channels: int, image_size: int) -> int:
     held = next(iter(encoder.state_dict().values()), None)
     device = held.device if isinstance(held, torch.Tensor) else torch.device("cpu")
     with in_eval_mode(encoder):
-        out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=device))
-    if out.ndim != 2:
-        raise FastclrError(f"the encoder returns shape {tuple(out.shape)}; it must return (batch, features)")
+        try:
+            out = encoder(torch.zeros(2, in_channels, image_size, image_size, device=device))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a module for other inputs: torch's words alone
+            raise FastclrError(f"the encoder cannot take this data's images, (batch, {in_channels}, {image_size}, "
+                               f"{image_size}): {first_sentence(e)}; give a module for that input that returns "
+                               "(batch, features)") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FastclrError(f"the encoder returns {shape}; it must return (batch, features)")
     return int(out.shape[1])

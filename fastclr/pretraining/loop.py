@@ -377,6 +377,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                 parents = [d for d in run_dir.parents if not d.exists()]
                 run_dir = claim_new_dir(run_dir)  # a default name another run took in the same second gets a suffix
                 made = [run_dir, *parents]
+            elif state is None:  # a --run-dir this run makes: removed too if the run does not start
+                made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
             prepare_run_dir(run_dir, resuming=state is not None)
             lock = RunLock(run_dir, log)
             if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
@@ -396,7 +398,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     except BaseException:
         if lock is not None:
             lock.release()
-        remove_empty(made)  # a default name claimed for a run that did not start (its lock is gone first)
+        remove_empty(made)  # a folder made for a run that did not start (its lock is gone first)
         raise
     run.lock, run.started = lock, started
     try:  # whatever fails from here on (a damaged metrics.jsonl or tracking.json) gives the directory up
