@@ -93,9 +93,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path
 def what_is_kept(run_dir: Path) -> str:
     """After a failed write during a run: which checkpoint survives and how to go on."""
     kept = list_checkpoints(run_dir)
-    keep_msg = f"the previous checkpoint {kept[-1].name} is intact" if kept else "no earlier checkpoint exists"
-    return (f"{keep_msg}; free disk space or fix permissions, then resume with "
-            f"`fastclr pretrain --resume {run_dir}`")
+    if not kept:  # `--resume` would find nothing to resume from
+        return ("no earlier checkpoint exists; free disk space or fix permissions, then run the same command again "
+                "(the run starts over)")
+    return (f"the checkpoint {kept[-1].name} written before is intact; free disk space or fix permissions, then "
+            f"resume with `fastclr pretrain --resume {run_dir}`")
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:

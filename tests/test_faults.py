@@ -689,7 +689,7 @@ def test_a_failed_write_deletes_no_older_checkpoint_and_names_the_newest(tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("fastclr.checkpoint.torch.save", full_disk)
-    with pytest.raises(FastclrError, match="the previous checkpoint step-000000002.pt is intact"):
+    with pytest.raises(FastclrError, match="the checkpoint step-000000002.pt written before is intact"):
         save_checkpoint(tmp_path, {"step": 3, "w": torch.zeros(3)})
     monkeypatch.undo()
     assert list_checkpoints(tmp_path) == [first, second]

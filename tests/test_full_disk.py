@@ -121,7 +121,9 @@ def test_pretrain_whose_first_checkpoint_cannot_be_written(tmp_path: Path) -> No
     r = limited_cli(["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", str(run), *TINY_FLAGS], env,
                     tmp_path, limit=16 * 1024)
     line = one_line_error(r)
-    assert "cannot write checkpoint" in line and "no earlier checkpoint exists" in line and "--resume" in line
+    # no --resume to suggest: it would find no checkpoint to resume from
+    assert "cannot write checkpoint" in line and "no earlier checkpoint exists" in line and "--resume" not in line
+    assert "then run the same command again (the run starts over)" in line
     assert not list_checkpoints(run) and not (run / "encoder.safetensors").exists() and no_temporaries(run)
 
 

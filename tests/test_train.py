@@ -1236,3 +1236,32 @@ def test_a_module_that_cannot_take_the_data_is_one_error_and_its_run_dir_is_not_
     fixed = pretrain(tiny_config(tmp_path / "fixed", train__device="cpu"), dataset=ds,
                      encoder=nn.Sequential(nn.AvgPool2d(4), nn.Flatten()), progress=False, log=lambda s: None)
     assert fixed.model.spec.feature_dim == 49 and fixed.steps == 2 * (len(ds.pretrain) // 16)
+
+
+def test_a_finished_run_whose_last_checkpoint_cannot_be_written_again_keeps_the_epoch_ends_and_exports(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run ending on an epoch end writes that step's checkpoint again after the loop, for the
+    seconds since; on a disk with room for one copy the finished run ended in an error, with no
+    exported encoder, though the epoch end's checkpoint of the very step was complete. That
+    checkpoint stands, said in a note, and the run exports; a first write that fails still fails."""
+    import fastclr.pretraining.state as state_module
+
+    real, written = state_module.save_checkpoint, []
+
+    def room_for_one(run_dir: Path, state: dict[str, Any], **kw: Any) -> Path:
+        if int(state["step"]) in written:
+            raise FastclrError("cannot write checkpoint (No space left on device)")
+        written.append(int(state["step"]))
+        return real(run_dir, state, **kw)
+
+    monkeypatch.setattr(state_module, "save_checkpoint", room_for_one)
+    ds, lines = tiny_dataset(), []
+    res = pretrain(tiny_config(tmp_path / "a", train__device="cpu"), dataset=ds, progress=False, log=lines.append)
+    last = 2 * (len(ds.pretrain) // 16)
+    assert res.steps == last and written == [last // 2, last] and (tmp_path / "a" / "encoder.safetensors").exists()
+    assert f"note: the checkpoint of step {last} written at the epoch end stands, without the seconds since " \
+           "(cannot write checkpoint (No space left on device))" in lines
+    assert load_checkpoint(list_checkpoints(tmp_path / "a")[-1])["step"] == last
+    monkeypatch.setattr(state_module, "save_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(FastclrError("full")))
+    with pytest.raises(FastclrError, match="full"):
+        pretrain(tiny_config(tmp_path / "b", train__device="cpu"), dataset=ds, progress=False, log=lambda s: None)

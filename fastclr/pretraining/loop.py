@@ -56,7 +56,7 @@ from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
                                           is_peer_failure, peer_failure, process_device, setup, share_outcome,
                                           shared, teardown)
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import WriteFailed, read_json, remove_empty
 
 __all__ = ["NonFiniteLoss", "PretrainResult", "pretrain"]
@@ -239,6 +239,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
     first_step = s.step
     window_start = run.clock()
     agreed = Agreed(step=s.step, at=window_start, next=s.step + 1)
+    saved = -1  # the step of the last checkpoint written here
     run.loop_start = window_start - s.train_seconds
     run.bar.restart()
     try:
@@ -288,6 +289,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
             paused = run.clock()  # the checkpoint and the monitor pass are not the window's training time
             if checkpoint_now or stop_now:
                 run.checkpoint()
+                saved = s.step
             if stop_now:  # a stop exits promptly, without the epoch end's monitor pass
                 how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active
                        else f"`fastclr pretrain --resume {run.run_dir}`")
@@ -305,7 +307,17 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 run.health.agree(False, ctx)
             run.health.check(run.cfg, run.run_dir)
             run.log_window(lr, run.clock() - window_start)
-        run.checkpoint()
+        try:
+            run.checkpoint()  # with the seconds of the last epoch end's checkpoint and monitor pass
+        except PeerFailure:
+            raise
+        except FastclrError as e:
+            if saved != s.step:
+                raise
+            # Written again only for its seconds: a full disk (room for one copy) kept the finished run
+            # from its export, though the epoch end's checkpoint of this very step is complete.
+            run.log(f"note: the checkpoint of step {s.step} written at the epoch end stands, without the seconds "
+                    f"since ({e})")
         return False
     finally:
         run.bar.close()
