@@ -396,9 +396,9 @@ def decide_precision(
     (Volta, Turing), fp32 before (no tensor cores). On ROCm (`rocm_arch`, the gfx name: its
     "capability" is that number, gfx906 reading as 9.0): bf16 where the GPU has bf16 matrix
     units (`ROCM_BF16`), fp32 elsewhere.
-    auto on CPU: bf16 with native bf16 units that oneDNN uses, fp32 on x86 CPUs without them;
-    otherwise (ARM, or flags and oneDNN disagreeing) the faster of the two in `timer`, bf16 only
-    when at least 10% faster. Explicit choices are kept (checked by `check_precision`)."""
+    auto on CPU: bf16 with AMX that oneDNN uses, fp32 on x86 CPUs without bf16 units; otherwise
+    (AVX512_BF16 without AMX, ARM, or flags and oneDNN disagreeing) the faster of the two in
+    `timer`, bf16 only when at least 10% faster (bf16 untimed, for AVX512_BF16, without a timer). Explicit choices are kept (checked by `check_precision`)."""
     if requested not in PRECISIONS:
         raise FastclrError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)} (e.g. --precision auto)")
     if requested != "auto":
@@ -419,8 +419,17 @@ def decide_precision(
     if device_type != "cpu" or cpu is None:
         return Precision("fp32", f"no mixed-precision rule for device {device_type}")
     if cpu.native_bf16 and cpu.onednn_bf16:
-        unit = "AMX-BF16" if cpu.amx_bf16 and cap_allows_amx(cpu.onednn_isa_cap) else "AVX512_BF16"
-        return Precision("bf16", f"{cpu.model} has native bf16 ({unit})")
+        if cpu.amx_bf16 and cap_allows_amx(cpu.onednn_isa_cap):
+            return Precision("bf16", f"{cpu.model} has native bf16 (AMX-BF16)")
+        if timer is None:
+            return Precision("bf16", f"{cpu.model} has native bf16 (AVX512_BF16)")
+        # AVX512_BF16's dot products without AMX: bf16 matmuls 2.4x fp32's rate on the EPYC Zen 4, but
+        # 0.57x on the Xeon with AMX that oneDNN was told not to use, its step 1.3x fp32's
+        # (docs/benchmarks.md section 1): timed.
+        fp32_s, bf16_s = timer(torch.float32), timer(torch.bfloat16)
+        return Precision("bf16" if bf16_s < 0.9 * fp32_s else "fp32",
+                         f"{cpu.model} has native bf16 (AVX512_BF16) without AMX; measured matmul "
+                         f"{fp32_s * 1e3:.1f} ms fp32, {bf16_s * 1e3:.1f} ms bf16")
     if cpu.is_x86 and not cpu.native_bf16:
         return Precision("fp32", f"{cpu.model} ({cpu.isa}) has no bf16 units: bf16 would be emulated, far slower than fp32")
     uncertain = f"bf16 support uncertain (oneDNN capped at {cpu.onednn_isa_cap})" if cpu.onednn_isa_cap else \
