@@ -54,8 +54,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fastclr.evaluation.run import evaluate
     from fastclr.evaluation.table import format_table
 
-    out = evaluate(Path(args.run_dir), options_from_args(args), log=(lambda s: None) if args.quiet else print)
-    print(format_table(out))
+    evaluate(Path(args.run_dir), options_from_args(args), log=(lambda s: None) if args.quiet else print,
+             show=lambda out: print(format_table(out), flush=True))
     return 0
 
 

@@ -244,8 +244,11 @@ def evaluate(
     options: EvaluateOptions | None = None,
     dataset: Dataset | None = None,
     log: Callable[[str], None] = print,
+    show: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the chosen protocols on a run's encoder; writes and returns the results (eval.json)."""
+    """Run the chosen protocols on a run's encoder; writes and returns the results (eval.json).
+    `show` is given them before eval.json is written: a disk that fills meanwhile loses the file,
+    not the minutes of results (the command prints its table there)."""
     o = options or EvaluateOptions()
     o.check()
     run_dir = Path(run_dir)
@@ -319,6 +322,8 @@ def evaluate(
                         "fastclr": __version__, "machine": platform.machine(),
                         "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
+    if show is not None:
+        show(out)
     write_json(run_dir / EVAL_FILE, out)
     step = _pretrained_steps(run_dir)
     with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=log) as sinks:
