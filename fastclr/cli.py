@@ -362,10 +362,14 @@ def _run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         if not is_write_error(e):
             raise
-        # A write outside the atomic writers (a log line, a cache): still one line, never a traceback.
-        where = Path(e.filename) if e.filename else Path.cwd()
-        _error(f"error: cannot write {e.filename or 'a file'} ({write_failure_reason(e, where)}); files already "
-               f"complete were kept; {write_way_out(e, 'another place')}, and run the command again")
+        # A write outside the atomic writers (a log line, a cache): still one line, never a traceback. Without
+        # a file name (a library's writer), the command's output names the disk: the space of the folder
+        # above the working directory was told ("62.1 GiB free") for a full disk elsewhere.
+        output = e.filename or _output_of(args)
+        what = f"{output}" if e.filename else f"into {output}" if output else "a file"
+        reason = write_failure_reason(e, Path(output)) if output else (e.strerror or str(e))
+        _error(f"error: cannot write {what} ({reason}); files already complete were kept; "
+               f"{write_way_out(e, 'another place')}, and run the command again")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line
@@ -380,6 +384,16 @@ def _run(args: argparse.Namespace) -> int:
         _error(f"error: out of memory: fastclr {args.command} {asked}; {fix + ', or ' if fix else ''}run where there is "
                "more memory; files already complete were kept")
         return EXIT_USAGE
+
+
+def _output_of(args: argparse.Namespace) -> str:
+    """Where the command writes (its --out, --run-dir, or the run it resumes or evaluates), for a
+    write error that names no file; "" when it says none."""
+    for name in ("out", "run_dir", "resume"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and value != "auto":
+            return value
+    return ""
 
 
 ACROSS_PROCESSES = ("pretrain", "info")

@@ -450,7 +450,7 @@ def test_the_command_starts_without_importing_torch_until_it_can_catch_ctrl_c() 
      "error: cannot use /nowhere/x (No such file or directory); give another path, or fix it or its permissions"),
     (PermissionError(errno.EACCES, "Permission denied", "/etc/x"),
      "error: cannot use /etc/x (Permission denied); give another path, or fix it or its permissions"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "error: cannot write a file (Disk quota exceeded; "),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "error: cannot write a file (Disk quota exceeded); files already "),
     (OSError(errno.ENOSPC, "No space left on device", "out.bin"),
      "error: cannot write out.bin (No space left on device; "),
 ])
@@ -473,3 +473,27 @@ def test_an_unusable_path_or_a_refused_write_is_one_line_exit_2(error: OSError, 
     monkeypatch.setattr(fastclr.info, "main", lambda **kwargs: (_ for _ in ()).throw(OSError(errno.ECONNREFUSED, "x")))
     with pytest.raises(ConnectionRefusedError):
         main(["info", "--no-measure"])
+
+
+def test_a_refused_write_that_names_no_file_names_the_commands_output_and_its_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's writer failing without a file name (`prepare --builtin` onto a full disk) said
+    "cannot write a file (No space left on device; 62.1 GiB free there)": the free space of the
+    folder above the working directory, not of the full disk. It names the command's output now,
+    and the space where that is."""
+    import shutil
+
+    import fastclr.ingest.builtin
+    from fastclr.cli import main
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fastclr.ingest.builtin, "write_builtin_store", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0) if str(p) == str(tmp_path)
+                        else shutil._ntuple_diskusage(10, 0, 62 * 2**30))
+    out = tmp_path / "mn"
+    assert main(["prepare", "--builtin", "mnist", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write into {out} (No space left on device; 0.0 B free there); "
+                                       "files already complete were kept; free space there or choose another place, "
+                                       "and run the command again\n")
