@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
-from fastclr.files import is_write_error, size_text, write_failure_reason, write_way_out
+from fastclr.files import WriteFailed, is_write_error, size_text, write_failure_reason, write_way_out
 from fastclr.signals import cleanup_on_sigterm
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
@@ -353,6 +353,10 @@ def _run(args: argparse.Namespace) -> int:
     except PeerFailure as e:  # whatever the command: the communication library's threads outlive a dead peer
         _error(f"error: {e}")
         _exit_now(EXIT_USAGE)
+    except WriteFailed as e:  # a command's own output (embed, export, evaluate, report): with the way on
+        _error(f"error: {e}; files already complete were kept; {write_way_out(e.cause, 'another place')}, and run the "
+               "command again")
+        return EXIT_USAGE
     except FastclrError as e:
         _error(f"error: {e}")
         return EXIT_USAGE

@@ -52,9 +52,20 @@ FILE_MODE = 0o666 & ~_umask()
 class WriteFailed(FastclrError):
     """A file could not be written completely; the message names it, the cause and what is free."""
 
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path, self.reason = path, reason
+    def __init__(self, path: Path, reason: str, cause: BaseException | None = None) -> None:
+        self.path, self.reason, self.cause = path, reason, cause
         super().__init__(f"cannot write {path} ({reason})")
+
+
+def unwritable(path: Path) -> tuple[str, str]:
+    """Why the folder `path` takes no files, and the fix: a read-only file system (a read-only mount,
+    a snapshot) is remounted, not given other permissions."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # Windows has no statvfs
+        read_only = False
+    return ("is on a read-only file system", "remount it read-write") if read_only else \
+        ("is not writable", "fix its permissions")
 
 
 def _free_bytes(path: Path) -> int | None:
@@ -110,7 +121,7 @@ def set_mode(fd: int) -> None:
         os.fchmod(fd, FILE_MODE)
 
 
-def write_way_out(e: BaseException, elsewhere: str) -> str:
+def write_way_out(e: BaseException | None, elsewhere: str) -> str:
     """What to do about a failed write (`is_write_error`): on a read-only file system, write to
     `elsewhere` or remount it; after an I/O error, check the disk; otherwise free space there or
     write to `elsewhere`."""
@@ -176,7 +187,7 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
             try:
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             except OSError as e:
-                raise WriteFailed(path, write_failure_reason(e, path)) from None
+                raise WriteFailed(path, write_failure_reason(e, path), e) from None
             done.append((tmp, path))
             try:
                 set_mode(fd)  # mkstemp makes 0600; the file is the user's, readable as their umask says
@@ -185,13 +196,13 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
                     f.flush()
                     os.fsync(f.fileno())
             except (OSError, RuntimeError) as e:
-                raise WriteFailed(path, write_failure_reason(e, path)) from None
+                raise WriteFailed(path, write_failure_reason(e, path), e) from None
         with stop_signals_held():  # a Ctrl-C between two renames left a new array beside an old index
             for tmp, path in done:
                 try:
                     os.replace(tmp, path)
                 except OSError as e:
-                    raise WriteFailed(path, write_failure_reason(e, path)) from None
+                    raise WriteFailed(path, write_failure_reason(e, path), e) from None
     except BaseException:
         for tmp, _ in done:
             try:

@@ -18,7 +18,7 @@ from typing import Any
 from fastclr.checkpoint import is_run_temporary
 from fastclr.config import Config, to_toml
 from fastclr.errors import FastclrError, warn_stderr
-from fastclr.files import WriteFailed, write_failure_reason, write_text
+from fastclr.files import WriteFailed, unwritable, write_failure_reason, write_text
 from fastclr.locks import LOCK_FILE
 from fastclr.tracking import Tracker, numbers
 
@@ -76,7 +76,8 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
     except OSError as e:
         raise FastclrError(f"cannot create run directory {path} ({e.strerror}); choose another with --run-dir") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise FastclrError(f"run directory {path} is not writable; choose another with --run-dir or fix its permissions")
+        why, fix = unwritable(path)
+        raise FastclrError(f"run directory {path} {why}; choose another with --run-dir or {fix}")
     return path
 
 
@@ -166,7 +167,8 @@ def refuse_uncreatable(folder: Path, flag: str = "--out") -> None:
     if not existing.is_dir():
         raise FastclrError(f"{flag} {folder}: {existing} is a file, not a folder; give another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise FastclrError(f"{flag} {folder}: {existing} is not writable; give another {flag} or fix its permissions")
+        why, fix = unwritable(existing)
+        raise FastclrError(f"{flag} {folder}: {existing} {why}; give another {flag} or {fix}")
 
 
 def refuse_unwritable_file(out: Path, flag: str = "--out") -> None:
@@ -261,7 +263,7 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         except OSError as e:
-            raise WriteFailed(self.path, write_failure_reason(e, self.path)) from None
+            raise WriteFailed(self.path, write_failure_reason(e, self.path), e) from None
         if (record["step"], "knn_acc" in record) in self.sent:
             return  # replayed after a resume: the trackers hold this step's values already
         values = numbers({k: v for k, v in record.items() if k != "step"})

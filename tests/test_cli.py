@@ -497,3 +497,30 @@ def test_a_refused_write_that_names_no_file_names_the_commands_output_and_its_di
     assert capsys.readouterr().err == (f"error: cannot write into {out} (No space left on device; 0.0 B free there); "
                                        "files already complete were kept; free space there or choose another place, "
                                        "and run the command again\n")
+
+
+def test_a_folder_on_a_read_only_file_system_is_told_to_be_remounted_not_given_permissions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a read-only mount every command said "not writable ... fix its permissions", which no
+    chmod can: the file system is named, and the fix is to remount it (or write elsewhere)."""
+    import os
+
+    from fastclr.errors import FastclrError
+    from fastclr.files import unwritable
+    from fastclr.runs import prepare_run_dir, refuse_uncreatable
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    assert unwritable(tmp_path) == ("is not writable", "fix its permissions")
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert unwritable(tmp_path) == ("is on a read-only file system", "remount it read-write")
+    with pytest.raises(FastclrError) as e:
+        refuse_uncreatable(tmp_path / "out")
+    assert str(e.value) == (f"--out {tmp_path / 'out'}: {tmp_path} is on a read-only file system; give another --out or "
+                            "remount it read-write")
+    with pytest.raises(FastclrError) as e:
+        prepare_run_dir(tmp_path)
+    assert str(e.value) == (f"run directory {tmp_path} is on a read-only file system; choose another with --run-dir or "
+                            "remount it read-write")

@@ -53,7 +53,7 @@ def test_the_real_torch_writer_failure_keeps_the_previous_checkpoint(tmp_path: P
         save_checkpoint(tmp_path, {"step": 2, "w": torch.zeros(1 << 20)})  # 4 MiB of tensor: past the limit
     msg = str(e.value)
     assert "the writer stopped" in msg and "files are limited to 64.0 KiB (ulimit -f)" in msg
-    assert "step-000000001.pt is intact" in msg and f"--resume {tmp_path}" in msg
+    assert "step-000000001.pt written before is intact" in msg and f"--resume {tmp_path}" in msg
     assert list_checkpoints(tmp_path) == [good] and torch.equal(load_checkpoint(good)["w"], torch.ones(8))
     assert no_temporaries(tmp_path)
 
@@ -141,6 +141,9 @@ def test_evaluate_report_and_embed_on_a_refusing_disk(finished_run: tuple[Path, 
         r = limited_cli(args, env, tmp_path, limit)
         line = one_line_error(r)
         assert "cannot write" in line and str(product) in line and "ulimit -f" in line, (name, line)
+        # with the way on, as pretrain's and prepare's lines have (they named the problem alone)
+        assert line.endswith("; files already complete were kept; free space there or choose another place, and run "
+                             "the command again"), (name, line)
         assert not product.exists(), name
         if name == "evaluate":  # the minutes of results are on the screen, though their file could not be written
             assert "linear probe on h" in r.stdout and "kNN on h (k=20)" in r.stdout, r.stdout

@@ -34,7 +34,7 @@ from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run, run_data
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
-from fastclr.files import read_json
+from fastclr.files import read_json, unwritable
 from fastclr.runs import write_json
 from fastclr.tracking import importable, numbers, read_ids, tracked
 from fastclr.runtime import select_device
@@ -256,8 +256,9 @@ def evaluate(
     device = select_device(o.device, warn=log)
     run = load_run(run_dir, device, o.precision, log, command="evaluate")
     if not os.access(run_dir, os.W_OK | os.X_OK):  # found only at the end, the results of minutes were lost
-        raise FastclrError(f"{run_dir} is not writable, and evaluate saves its results there ({EVAL_FILE}); fix its "
-                           f"permissions, or copy the run (`cp -r {run_dir} COPY`) and evaluate the copy")
+        why, fix = unwritable(run_dir)
+        raise FastclrError(f"{run_dir} {why}, and evaluate saves its results there ({EVAL_FILE}); {fix}, or copy "
+                           f"the run (`cp -r {run_dir} COPY`) and evaluate the copy")
     trackers = importable(tuple(read_ids(run_dir)), run_dir, log)  # a tracked run gets its evaluation too
     dataset = run_data(run, dataset, log)
     labelled = tuple(p for p in o.protocols if p in LABELLED)
