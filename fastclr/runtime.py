@@ -630,17 +630,18 @@ def require_memory(needed: int, what: str, fix: str) -> None:
         raise FastclrError(f"{what} needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are available; {fix}")
 
 
-def require_model_memory(build: Callable[[], torch.nn.Module], device: torch.device, what: str, fix: str) -> None:
-    """A one-line error before a network is built whose weights and (on a CPU) their gradients alone
-    (a lower bound of what training it asks: no optimiser state, no activations) would not fit in
-    the host's available memory. `build` makes it on the meta device, for nothing and without a draw from
+def require_model_memory(build: Callable[[], torch.nn.Module], device: torch.device, what: str, fix: str,
+                         optimiser_copies: int = 0) -> None:
+    """A one-line error before a network is built whose weights and (on a CPU) their gradients and
+    the optimiser's `optimiser_copies` tensors of their size (AdamW's two moments: a lower bound of
+    what training it asks, no activations) would not fit in the host's available memory. `build` makes it on the meta device, for nothing and without a draw from
     the random generators: `--student-width 100` for 1.0 grew the process until the kernel killed
     it (and other processes with it), never failing an allocation the error could have named."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         module = build()
     params = sum(p.numel() for p in module.parameters())
     # On a GPU the gradients are there, but the weights are drawn on the host first (seeded as on a CPU).
-    copies = 2 if device.type == "cpu" else 1
+    copies = 2 + optimiser_copies if device.type == "cpu" else 1
     require_memory(copies * params * 4, f"{what} ({params / 1e6:,.0f} million weights)", fix)
 
 

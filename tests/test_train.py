@@ -1265,3 +1265,32 @@ def test_a_finished_run_whose_last_checkpoint_cannot_be_written_again_keeps_the_
     monkeypatch.setattr(state_module, "save_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(FastclrError("full")))
     with pytest.raises(FastclrError, match="full"):
         pretrain(tiny_config(tmp_path / "b", train__device="cpu"), dataset=ds, progress=False, log=lambda s: None)
+
+
+def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a container's memory limit `--batch-size 16384` (and a width whose AdamW state did not
+    count) grew the process until the kernel killed it, exit 137 and no word: the allocator fails,
+    and the command names it, only under `ulimit -v`. A lower bound of the step's memory is checked
+    first: weights, gradients and AdamW's two moments; every conv and linear output of every view;
+    the logits and their log-softmax, (rows x columns) twice in fp32."""
+    from fastclr.pretraining.memory import kept_per_image, step_bytes
+    from fastclr.runtime import Precision
+
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    assert kept_per_image(net, 1, 8) == 4 * 8 * 8 + 10
+    cfg = tiny_config(tmp_path / "r", train__batch_size=64)
+    bf16, fp32 = Precision("bf16", "x"), Precision("fp32", "x")
+    assert step_bytes(cfg, 1000, 266, 1, fp32) == 1000 * 4 * 4 + 128 * 266 * 4 + 2 * 128 * 128 * 4
+    assert step_bytes(cfg, 1000, 266, 2, bf16) == 1000 * 4 * 4 + 64 * 266 * 2 + 2 * 64 * 128 * 4  # a rank's rows, all columns
+    blocked = tiny_config(tmp_path / "r", train__batch_size=64, train__loss_block=16, train__grad_cache_chunk=8)
+    assert step_bytes(blocked, 1000, 266, 1, fp32) == 1000 * 4 * 4 + 16 * 266 * 4 + 2 * 16 * 128 * 4
+    monkeypatch.setattr("fastclr.runtime.available_memory", lambda meminfo=None: 2**20)  # the weights fit, the step not
+    with pytest.raises(FastclrError) as e:
+        pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96), dataset=tiny_dataset(),
+                 progress=False, log=lambda s: None)
+    assert str(e.value).startswith("a step of batch 96 (2 views of 28 px, ") and str(e.value).endswith(
+        "GiB but 0.0 GiB are available; give a smaller --batch-size, or --loss-block 1024 (the loss a block of rows at "
+        "a time), or run where there is more memory")
+    assert not (tmp_path / "run").exists()

@@ -57,6 +57,7 @@ from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_obj
                                           is_peer_failure, peer_failure, process_device, setup, share_outcome,
                                           shared, teardown)
 from fastclr.errors import FastclrError, PeerFailure
+from fastclr.pretraining.memory import OPTIMISER_COPIES, require_step_memory
 from fastclr.files import WriteFailed, read_json, remove_empty
 
 __all__ = ["NonFiniteLoss", "PretrainResult", "pretrain"]
@@ -371,9 +372,10 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
     if encoder is None:
         check_small_views_first(cfg, dataset)
-        require_model_memory(lambda: named_encoder(cfg, dataset.image_shape, device.type)[0], device,
-                             f"the encoder at width {cfg.model.width:g}", "give a smaller --width, or run where there "
-                             "is more memory")
+        build = lambda: named_encoder(cfg, dataset.image_shape, device.type)[0]  # noqa: E731 (built twice, on meta)
+        require_model_memory(build, device, f"the encoder at width {cfg.model.width:g}", "give a smaller --width, or "
+                             "run where there is more memory", OPTIMISER_COPIES.get(cfg.optim.optimizer, 0))
+        require_step_memory(cfg, build, dataset.image_shape, ctx.world_size, precision, device)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written

@@ -1,0 +1,76 @@
+"""A lower bound of the host memory one training step holds, checked before the run starts.
+
+On a CPU a batch too large for the memory a container is given grew the process until the
+kernel killed it (exit 137, no word); the allocator's own refusal, which the command names, comes
+only under `ulimit -v`. The bound counts what must be there at the step's peak and nothing more,
+so no run that fits is refused: the weights, their gradients and the optimiser's state; the output
+of every convolution and linear layer of the encoder for every view (each is kept for the
+backward pass: the BatchNorm or activation after it reads it); and the NT-Xent logits with their
+log-softmax (2 x rows x columns in fp32; a row block at a time with --loss-block). Left out:
+BatchNorm and activation outputs, pooling indices, the views themselves, the head, allocator slack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fastclr.config import Config
+from fastclr.models.modes import in_eval_mode
+from fastclr.runtime import Precision
+
+OPTIMISER_COPIES = {"adamw": 2, "lars": 1, "sgd": 1}
+"""Tensors of the weights' size each optimiser keeps: AdamW's two moments, the momentum buffer."""
+
+
+def kept_per_image(encoder: nn.Module, in_channels: int, side: int) -> int:
+    """Numbers the encoder's convolutions and linear layers output for one image of `side` pixels,
+    counted on the meta device (`encoder` built there: no memory, no arithmetic)."""
+    total = 0
+
+    def count(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output[0].numel()
+
+    hooks = [m.register_forward_hook(count) for m in encoder.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad(), in_eval_mode(encoder):  # (BatchNorm refuses one image in training mode)
+            encoder(torch.empty(1, in_channels, side, side, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def step_bytes(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> int:
+    """The lower bound of one step's memory on one process (see the module's docstring)."""
+    t = cfg.train
+    local = t.batch_size // world_size
+    rows, columns = t.views * local, t.views * t.batch_size + t.queue
+    held_rows = min(rows, t.views * t.grad_cache_chunk) if t.grad_cache_chunk else rows
+    activation = 2 if precision.dtype is not None else 4  # autocast's bf16 or fp16 outputs, else fp32
+    weights = params * 4 * (2 + OPTIMISER_COPIES.get(cfg.optim.optimizer, 0))
+    logits = 2 * (min(t.loss_block, rows) if t.loss_block else rows) * columns * 4
+    return weights + held_rows * per_image * activation + logits
+
+
+def require_step_memory(cfg: Config, build: Callable[[], nn.Module], image_shape: tuple[int, int, int],
+                        world_size: int, precision: Precision, device: torch.device) -> None:
+    """One line before the run when the bound exceeds the host's available memory (a CPU run's;
+    a GPU's own out-of-memory error is named by the command). `build` makes the encoder."""
+    from fastclr.runtime import require_memory
+
+    if device.type != "cpu":
+        return
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        encoder = build()
+    h, _, c = image_shape
+    side = cfg.augment.crop_size or h
+    params = sum(p.numel() for p in encoder.parameters())
+    needed = step_bytes(cfg, params, kept_per_image(encoder, c, side), world_size, precision)
+    fix = "give a smaller --batch-size" + (", or --loss-block 1024 (the loss a block of rows at a time)"
+                                            if not cfg.train.loss_block else "")
+    require_memory(needed, f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px, "
+                   f"{precision.name})", f"{fix}, or run where there is more memory")
