@@ -77,7 +77,7 @@ def write_fixture_folder(root: Path) -> dict[str, str]:
     (root / "dogs" / "alias").symlink_to(root / "cats")  # the same directory twice: walked once
     (root / ".thumbnails").mkdir()
     halves(48, 32, RED, GREEN).save(root / ".thumbnails" / "thumb.png")
-    halves(48, 32, RED, GREEN).save(root / "dogs" / "locked.png")
+    halves(48, 32, BLUE, GREEN).save(root / "dogs" / "locked.png")  # pixels of its own: not a duplicate
     os.chmod(root / "dogs" / "locked.png", 0)
     return {
         ".thumbnails/": "hidden-directory",

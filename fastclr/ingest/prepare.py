@@ -410,6 +410,7 @@ def prepare_store(
     bar = Progress(len(entries), enabled=progress, unit=stage, rate_of="files", tty_every=0.25)
     skipped, decoded, reused = list(walk.skipped), [], 0
     kept: dict[str, str] = {}  # sha256 -> the path in the store with those bytes
+    kept_pixels: dict[str, str] = {}  # sha256 of the stored pixels -> the path in the store with them
     unlabelled_twin: list[str] = []  # labelled files whose bytes an unlabelled one (kept first) has
     try:
         outcomes = decode_all(root, to_read, opts, known, decoders)
@@ -435,13 +436,27 @@ def prepare_store(
                     unlabelled_twin.append(f.rel)
                 bar.update(i + 1)
                 continue
+            pixels = (_old_row(prev, old) if "reason" not in old else None) if old is not None and prev is not None \
+                else o.image if o is not None else None
+            if dedupe and pixels is not None:
+                # The same pixels from other bytes (re-saved, re-compressed, its metadata stripped): the
+                # same image to train and measure on, which a split by path put in both train and test.
+                seen = kept_pixels.setdefault(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(), f.rel)
+                if seen != f.rel:
+                    skipped.append(Skip(f.rel, "duplicate", f"the same pixels as {seen} at {opts.size} px", f.size,
+                                        f.mtime_ns))
+                    if lay.label[f.rel] >= 0 > lay.label[seen]:
+                        unlabelled_twin.append(f.rel)
+                    bar.update(i + 1)
+                    continue
             if old is not None and prev is not None:
                 reused += 1
                 if "reason" in old:
                     skipped.append(Skip(f.rel, old["reason"], old["detail"], f.size, f.mtime_ns, old["sha256"]))
                 else:
                     same = {k: old[k] for k in ("sha256", "width", "height", "mode")}
-                    writer.append(_old_row(prev, old), dict(fields, **same))
+                    assert pixels is not None  # (the previous store's row, read above)
+                    writer.append(pixels, dict(fields, **same))
                     kept[sha] = f.rel
             elif o is not None and o.image is not None:
                 writer.append(o.image, dict(fields, bytes=o.size, sha256=o.sha256, width=o.width, height=o.height,
