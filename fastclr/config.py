@@ -184,6 +184,9 @@ class ModelConfig:
     mapped (fastclr.models.foreign). Read before anything is written; used by a new run only."""
     init_sha256: str = ""
     """The SHA-256 of `init`'s file: recorded by a run that used it; when given, the file must match."""
+    init_seed: int = field(default=-1, metadata=between(-1, SEED_MAX))
+    """The seed the encoder's initial weights were drawn with, where a resume changed `train.seed`
+    (--allow-config-change): the untrained reference rebuilds the run's own start from it. -1: train.seed."""
 
 
 @dataclass
@@ -579,3 +582,8 @@ def diff(a: Config, b: Config, keys: tuple[str, ...] | None = None) -> list[str]
             if (keys is None or key in keys) and da[s][k] != db[s][k]:
                 out.append(key)
     return out
+
+
+def weights_seed(cfg: Config) -> int:
+    """The seed a run's initial encoder weights were drawn with (`model.init_seed`, else `train.seed`)."""
+    return cfg.model.init_seed if cfg.model.init_seed >= 0 else cfg.train.seed

@@ -1294,3 +1294,32 @@ def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in
         "GiB but 0.0 GiB are available; give a smaller --batch-size, or --loss-block 1024 (the loss a block of rows at "
         "a time), or run where there is more memory")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_another_seed_keeps_the_seed_its_weights_were_drawn_with(tmp_path: Path) -> None:
+    """`--resume RUN --seed 3 --allow-config-change` rewrote train.seed in config.toml, and the
+    untrained reference of evaluate and the monitor, rebuilt from it, was seed 3's random start,
+    not the run's own. config.toml keeps the start's seed (model.init_seed) beside the new one."""
+    from fastclr.config import weights_seed
+    from fastclr.evaluation.reference import untrained_encoder
+    from fastclr.pretrained import load_run
+    from fastclr.pretraining.model import build_model
+
+    ds = tiny_dataset()
+    pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__epochs=1.0), dataset=ds, progress=False,
+             log=lambda s: None)
+    pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__epochs=2.0, train__seed=3), dataset=ds,
+             resume=tmp_path / "run", allow_config_change=True, progress=False, log=lambda s: None)
+    cfg = read_toml(tmp_path / "run" / "config.toml")
+    assert (cfg["train.seed"], cfg["model.init_seed"]) == (3, 0)
+    run = load_run(tmp_path / "run", log=lambda s: None)
+    assert weights_seed(run.config) == 0
+    start = tiny_config(tmp_path / "fresh", train__device="cpu")
+    torch.manual_seed(0)  # as pretrain draws its encoder
+    drawn = build_model(start, ds, torch.device("cpu")).encoder.state_dict()
+    rebuilt = untrained_encoder(run.spec, weights_seed(run.config), torch.device("cpu")).state_dict()
+    assert all(torch.equal(drawn[k], rebuilt[k].contiguous()) for k in drawn)
+    # resumed again with the first seed: the start's seed is train.seed again
+    pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__epochs=3.0, train__seed=0), dataset=ds,
+             resume=tmp_path / "run", allow_config_change=True, progress=False, log=lambda s: None)
+    assert read_toml(tmp_path / "run" / "config.toml")["model.init_seed"] == -1

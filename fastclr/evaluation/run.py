@@ -139,7 +139,8 @@ def _quality(c: Context) -> dict[str, Any]:
     images = c.dataset.pretrain.images[evenly_spaced(len(c.dataset.pretrain), o.quality_images)]
     _, views = view_pairs(images, run.augment, o.view_seed, run.mean, run.std, c.device)
     precision = run.precision
-    untrained = untrained_encoder(run.spec, run.config.train.seed, c.device) if run.spec.rebuildable else None
+    untrained = (untrained_encoder(run.spec, config_mod.weights_seed(run.config), c.device) if run.spec.rebuildable
+                 else None)
 
     def measure(enc: torch.nn.Module) -> dict[str, float]:
         h = features_of(enc, run.spec, images, c.device, precision)
@@ -277,7 +278,7 @@ def evaluate(
         ctx.test_x = require_finite(features_of(run.encoder, run.spec, ctx.setup.test_images, device, run.precision),
                                     f"the features of {run_dir}'s test images")
         if run.spec.rebuildable:  # a module given in Python cannot be rebuilt untrained by name
-            untrained = untrained_encoder(run.spec, run.config.train.seed, device)
+            untrained = untrained_encoder(run.spec, config_mod.weights_seed(run.config), device)
             # Not the run's fault when these overflow (a deep network at its initial weights in fp16): said so.
             why = ("the network at its initial weights overflows in fp16, not the trained one; evaluate with "
                    "--precision fp32 (or bf16)" if run.precision.name == "fp16" else

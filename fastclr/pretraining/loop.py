@@ -444,8 +444,9 @@ def _after_peer_loss(run_dir: Path | None) -> str:
 
 def _start_settings_kept(saved: Config, cfg: Config, log: Callable[[str], None]) -> Config:
     """`cfg` with the settings of how the run started taken from its checkpoint's config `saved`:
-    the weights it started from (--init, read only by a new run) and, when learned, the temperature's
-    start (the checkpoint holds where it got to). A resume given others trained on as before while
+    the weights it started from (--init, read only by a new run; the seed they were drawn with, where
+    another --seed is allowed) and, when learned, the temperature's start (the checkpoint holds where
+    it got to). A resume given others trained on as before while
     config.toml recorded them (and an init's checksum as empty). A different --init is said in a
     note; the same one again (a job script run again) silently keeps the checksum."""
     keys = ("model.init",) + (("train.temperature",) if saved.train.learn_temperature else ())
@@ -456,6 +457,9 @@ def _start_settings_kept(saved: Config, cfg: Config, log: Callable[[str], None])
         log(f"note: {', '.join(changed)} set{'s' * (len(changed) == 1)} how a run starts, and this one continues from "
             "its checkpoint: not used, and its config.toml keeps the run's")
     kept = {k: v for k, v in config_mod.to_flat(saved).items() if k in keys or k == "model.init_sha256"}
+    # Another seed (allowed) draws the data from here on; the weights were drawn with the run's first.
+    start = config_mod.weights_seed(saved)
+    kept["model.init_seed"] = start if start != cfg.train.seed else -1
     return config_mod.apply_overrides(cfg, kept)
 
 

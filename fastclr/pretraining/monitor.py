@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastclr.config import Config
+from fastclr.config import Config, weights_seed
 from fastclr.data import Dataset
 from fastclr.evaluation.features import features_of
 from fastclr.evaluation.knn import knn_accuracy
@@ -94,7 +94,7 @@ def final_probe(encoder: nn.Module, dataset: Dataset, spec: EncoderSpec, device:
                               "train_accuracy": res.train_accuracy}
     versus = ""
     if cfg.eval.untrained_reference and spec.rebuildable:
-        ref = probe_encoder(untrained_encoder(spec, cfg.train.seed, device), dataset, spec, device, cfg, precision)
+        ref = probe_encoder(untrained_encoder(spec, weights_seed(cfg), device), dataset, spec, device, cfg, precision)
         lift = res.accuracy - ref.accuracy
         record.update(random_init_accuracy=ref.accuracy, lift=lift)
         flag = "; SMALL: most of it is the architecture's" if small_lift(lift) else ""
