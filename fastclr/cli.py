@@ -10,7 +10,8 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -338,11 +339,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = args.command == "pretrain" and env_world_size() > 1
     # A kill's SIGTERM unwinds (partial files removed, locks freed) but in a torchrun rank, whose
     # pretraining stops gracefully on it and whose threads can abort an unwinding exit.
-    with outliving_readers(), cleanup_on_sigterm() if not rank else contextlib.nullcontext():
+    with outliving_readers(), cleanup_on_sigterm() if not rank else contextlib.nullcontext(), \
+            quiet_thread_write_errors():
         code = _run(args)
         if rank:
             _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
     return code
+
+
+def _thread_hook(args: threading.ExceptHookArgs) -> None:
+    """A writer thread's full disk (TensorBoard's event writer) said nothing the command's own line
+    does not: its traceback came first, then the one line. Every other thread error keeps its traceback."""
+    if isinstance(args.exc_value, OSError) and is_write_error(args.exc_value):
+        return  # the writer gives it to the main thread at its next write, and the command names it
+    threading.__excepthook__(args)
+
+
+@contextlib.contextmanager
+def quiet_thread_write_errors() -> Iterator[None]:
+    """`_thread_hook` for the command's duration; the hook found is put back after."""
+    before, threading.excepthook = threading.excepthook, _thread_hook
+    try:
+        yield
+    finally:
+        threading.excepthook = before
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -524,3 +524,29 @@ def test_a_folder_on_a_read_only_file_system_is_told_to_be_remounted_not_given_p
         prepare_run_dir(tmp_path)
     assert str(e.value) == (f"run directory {tmp_path} is on a read-only file system; choose another with --run-dir or "
                             "remount it read-write")
+
+
+def test_a_writer_threads_full_disk_leaves_the_one_line_to_the_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorBoard's event writer thread, on a full disk, printed its whole traceback before the
+    command's one line (the writer hands the error to the main thread at its next write). Inside a
+    command a thread's refused write prints nothing; any other thread error keeps its traceback."""
+    import threading
+
+    from fastclr.cli import quiet_thread_write_errors
+
+    def run(error: BaseException) -> str:
+        def fail() -> None:
+            raise error
+        with quiet_thread_write_errors():
+            t = threading.Thread(target=fail)
+            t.start()
+            t.join()
+        return capsys.readouterr().err
+
+    assert run(OSError(errno.ENOSPC, "No space left on device")) == ""
+    err = run(ValueError("a bug"))
+    assert "Traceback" in err and "ValueError: a bug" in err
+    hook = threading.excepthook
+    with quiet_thread_write_errors():
+        pass
+    assert threading.excepthook is hook
