@@ -30,6 +30,14 @@ CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
+class CheckpointWriteFailed(FastclrError):
+    """A checkpoint not written (disk full, permissions); `reason` says why, the message what is kept."""
+
+    def __init__(self, path: Path, reason: str, kept: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot write checkpoint {path} ({reason}); {kept}")
+
+
 class CheckpointError(FastclrError):
     """A checkpoint that cannot be trusted: unreadable, truncated, tampered with or not ours."""
 
@@ -82,7 +90,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = 2) -> Path
     try:
         atomic_write(path, lambda f: torch.save(payload, f))
     except WriteFailed as e:
-        raise FastclrError(f"cannot write checkpoint {path} ({e.reason}); {what_is_kept(run_dir)}") from None
+        raise CheckpointWriteFailed(path, e.reason, what_is_kept(run_dir)) from None
     # The `keep` newest up to this step; later ones are left: only a damaged newer checkpoint that the
     # resume skipped can be there, and rotating it in would have deleted the good ones below it.
     for old in [p for p in list_checkpoints(run_dir) if p.name <= path.name][:-keep]:

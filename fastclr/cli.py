@@ -348,10 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _thread_hook(args: threading.ExceptHookArgs) -> None:
-    """A writer thread's full disk (TensorBoard's event writer) said nothing the command's own line
-    does not: its traceback came first, then the one line. Every other thread error keeps its traceback."""
-    if isinstance(args.exc_value, OSError) and is_write_error(args.exc_value):
-        return  # the writer gives it to the main thread at its next write, and the command names it
+    """TensorBoard's event writer thread on a full disk said nothing the command's own line does
+    not: its traceback came first, then the one line (the writer gives the error to the main thread
+    at its next write). Every other thread's error keeps its traceback (an experiment tracker's
+    thread hands nothing on)."""
+    if isinstance(args.exc_value, OSError) and is_write_error(args.exc_value) and \
+            type(args.thread).__module__.startswith("tensorboard."):
+        return
     threading.__excepthook__(args)
 
 

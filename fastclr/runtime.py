@@ -536,7 +536,15 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         return
     if device.type != "cpu" or cpu is None or prec.name == "fp32":
         return
-    if prec.name == "bf16" and (cpu.native_bf16 and cpu.onednn_bf16):
+    if prec.name == "bf16" and cpu.native_bf16 and cpu.onednn_bf16:
+        if cpu.amx_bf16 and cap_allows_amx(cpu.onednn_isa_cap):
+            return
+        # AVX512_BF16 alone: native, yet slower than fp32 on some CPUs (`decide_precision` times it too)
+        slower = matmul_seconds(torch.bfloat16, device, shape, threads=1) / matmul_seconds(torch.float32, device, shape,
+                                                                                         threads=1)
+        if slower >= 1.1:
+            warn(f"warning: {asked} on {cpu.model} (AVX512_BF16 without AMX): bf16 is slower than fp32 here, a matmul "
+                 f"measured {slower:.1f}x the fp32 time; {switch} fp32")
         return
     has_units = cpu.native_bf16 if prec.name == "bf16" else _query("_is_amx_fp16_supported")
     if prec.name == "fp16" and has_units and cap_allows_amx_fp16(cpu.onednn_isa_cap):
@@ -631,18 +639,19 @@ def require_memory(needed: int, what: str, fix: str) -> None:
 
 
 def require_model_memory(build: Callable[[], torch.nn.Module], device: torch.device, what: str, fix: str,
-                         optimiser_copies: int = 0) -> None:
+                         optimiser_copies: int = 0, held: int = 0) -> None:
     """A one-line error before a network is built whose weights and (on a CPU) their gradients and
     the optimiser's `optimiser_copies` tensors of their size (AdamW's two moments: a lower bound of
     what training it asks, no activations) would not fit in the host's available memory. `build` makes it on the meta device, for nothing and without a draw from
     the random generators: `--student-width 100` for 1.0 grew the process until the kernel killed
-    it (and other processes with it), never failing an allocation the error could have named."""
+    it (and other processes with it), never failing an allocation the error could have named.
+    `held`: bytes already in memory that the run takes over (a resumed checkpoint's)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         module = build()
     params = sum(p.numel() for p in module.parameters())
     # On a GPU the gradients are there, but the weights are drawn on the host first (seeded as on a CPU).
     copies = 2 + optimiser_copies if device.type == "cpu" else 1
-    require_memory(copies * params * 4, f"{what} ({params / 1e6:,.0f} million weights)", fix)
+    require_memory(copies * params * 4 - held, f"{what} ({params / 1e6:,.0f} million weights)", fix)
 
 
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:

@@ -147,6 +147,7 @@ def test_evaluate_report_and_embed_on_a_refusing_disk(finished_run: tuple[Path, 
         assert not product.exists(), name
         if name == "evaluate":  # the minutes of results are on the screen, though their file could not be written
             assert "linear probe on h" in r.stdout and "kNN on h (k=20)" in r.stdout, r.stdout
+            assert "results in" not in r.stdout  # (said once the file is there)
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before and no_temporaries(tmp_path)
 

@@ -297,7 +297,7 @@ def test_a_labelled_image_kept_as_its_unlabelled_copy_is_named(tmp_path: Path) -
     rows = {r["path"]: r for r in read_csv(tmp_path / "s" / "manifest.csv")}
     assert rows["stray.png"]["split"] == "unlabeled" and "class1/img001.png" not in rows
     assert [(s.rel, s.reason) for s in res.skipped] == [("class1/img001.png", "duplicate")]
-    assert lines[-1] == ("note: 1 labelled image (class1/img001.png) had the same bytes as an unlabelled file and was "
+    assert lines[-1] == ("note: 1 labelled image (class1/img001.png) had the same bytes or pixels as an unlabelled file and was "
                          "kept unlabelled, without its class (skipped.csv: duplicate); remove the unlabelled copies and "
                          "prepare again to keep the labels")
 
@@ -1294,6 +1294,15 @@ def test_the_same_pixels_from_other_bytes_are_stored_once_so_never_in_both_train
     assert len(duplicates) == 10 and all((a in duplicates) != (b in duplicates) for a, b in pairs)
     assert all(duplicates.get(a, duplicates.get(b)) == f"the same pixels as {b if a in duplicates else a} at 16 px"
                for a, b in pairs)
-    fresh = (res.store / "images.u8").read_bytes()
-    prepare_store(tmp_path / "in", tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)  # reused rows: the same
-    assert (res.store / "images.u8").read_bytes() == fresh
+    # a grey image saved again as RGB is the same row of a 3-channel store (the folder has colour)
+    grey = Image.open(tmp_path / "in" / "b" / "00.png")
+    grey.convert("RGB").save(tmp_path / "in" / "b" / "00-rgb.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in" / "b" / "colour.png")
+    fresh = prepare_store(tmp_path / "in", tmp_path / "fresh", DecodeOptions(16), workers=1, **QUIET)
+    kept = read_store(fresh.store).paths
+    assert fresh.images == 41 and ("b/00.png" in kept) != ("b/00-rgb.png" in kept)
+    # an update that meets the copies for the first time gives the fresh store
+    update = prepare_store(tmp_path / "in", tmp_path / "s", DecodeOptions(16), workers=1, **QUIET)
+    assert update.reused >= 39  # the previous rows (one of the grey pair may give way to its RGB twin)
+    for name in ("images.u8", "manifest.csv", "skipped.csv"):
+        assert (update.store / name).read_bytes() == (fresh.store / name).read_bytes(), name

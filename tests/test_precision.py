@@ -829,3 +829,27 @@ def test_info_measures_its_rates_at_the_threads_the_commands_use(monkeypatch: py
     finally:
         torch.set_num_threads(before)
     assert json.loads(capsys.readouterr().out)["cpu"]["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("bf16_s, warned", [(1.6, True), (0.4, False)])
+def test_an_explicit_or_resumed_bf16_on_avx512_bf16_alone_warns_where_it_is_slower(
+        bf16_s: float, warned: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` times bf16 where its units are AVX512_BF16 alone; an explicit `--precision bf16`, and a
+    run started before that change (its config.toml holds the resolved bf16, kept on resume), ran
+    at the slower rate without a word. Warned where the matmul is 10% slower; with AMX, untimed."""
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0, threads=None: bf16_s
+                        if dtype == torch.bfloat16 else 1.0)
+    for saved in (False, True):
+        lines: list[str] = []
+        check_precision(Precision("bf16", "asked for"), CPU, cpu(bf16=True), lines.append, saved=saved)
+        assert bool(lines) == warned
+        if warned:
+            asked = "this run's saved precision bf16" if saved else "--precision bf16"
+            switch = "resume with --precision auto to use" if saved else "--precision auto would choose"
+            assert lines == [f"warning: {asked} on test cpu (AVX512_BF16 without AMX): bf16 is slower than fp32 here, a "
+                             f"matmul measured 1.6x the fp32 time; {switch} fp32"]
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds", lambda *a, **kw: never_timed(torch.float32))
+    lines = []
+    check_precision(Precision("bf16", "asked for"), CPU, cpu(amx=True), lines.append)
+    assert lines == []

@@ -1245,12 +1245,14 @@ def test_a_finished_run_whose_last_checkpoint_cannot_be_written_again_keeps_the_
     exported encoder, though the epoch end's checkpoint of the very step was complete. That
     checkpoint stands, said in a note, and the run exports; a first write that fails still fails."""
     import fastclr.pretraining.state as state_module
+    from fastclr.checkpoint import CheckpointWriteFailed, what_is_kept
 
     real, written = state_module.save_checkpoint, []
 
     def room_for_one(run_dir: Path, state: dict[str, Any], **kw: Any) -> Path:
-        if int(state["step"]) in written:
-            raise FastclrError("cannot write checkpoint (No space left on device)")
+        if int(state["step"]) in written:  # as save_checkpoint says it, with its way on (to resume)
+            raise CheckpointWriteFailed(run_dir / "checkpoints" / "x.pt", "No space left on device; 0.0 B free there",
+                                        what_is_kept(run_dir))
         written.append(int(state["step"]))
         return real(run_dir, state, **kw)
 
@@ -1259,8 +1261,9 @@ def test_a_finished_run_whose_last_checkpoint_cannot_be_written_again_keeps_the_
     res = pretrain(tiny_config(tmp_path / "a", train__device="cpu"), dataset=ds, progress=False, log=lines.append)
     last = 2 * (len(ds.pretrain) // 16)
     assert res.steps == last and written == [last // 2, last] and (tmp_path / "a" / "encoder.safetensors").exists()
+    # the reason alone: the whole message told the user to resume a run that goes on to finish
     assert f"note: the checkpoint of step {last} written at the epoch end stands, without the seconds since " \
-           "(cannot write checkpoint (No space left on device))" in lines
+           "(writing it again failed: No space left on device; 0.0 B free there)" in lines
     assert load_checkpoint(list_checkpoints(tmp_path / "a")[-1])["step"] == last
     monkeypatch.setattr(state_module, "save_checkpoint", lambda *a, **kw: (_ for _ in ()).throw(FastclrError("full")))
     with pytest.raises(FastclrError, match="full"):
@@ -1271,9 +1274,11 @@ def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under a container's memory limit `--batch-size 16384` (and a width whose AdamW state did not
     count) grew the process until the kernel killed it, exit 137 and no word: the allocator fails,
-    and the command names it, only under `ulimit -v`. A lower bound of the step's memory is checked
-    first: weights, gradients and AdamW's two moments; every conv and linear output of every view;
-    the logits and their log-softmax, (rows x columns) twice in fp32."""
+    and the command names it, only under `ulimit -v`. A lower bound of what the end of the forward
+    pass holds is checked first: the weights and AdamW's two moments (the last step's gradients are
+    freed by then); every conv and linear output of every view; the logits and their log-softmax,
+    (rows x columns) twice in fp32, or one block's tile; with gradient caching the larger of a
+    chunk's activations and the logits, never held together."""
     from fastclr.pretraining.memory import kept_per_image, step_bytes
     from fastclr.runtime import Precision
 
@@ -1282,18 +1287,25 @@ def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in
     assert kept_per_image(net, 1, 8) == 4 * 8 * 8 + 10
     cfg = tiny_config(tmp_path / "r", train__batch_size=64)
     bf16, fp32 = Precision("bf16", "x"), Precision("fp32", "x")
-    assert step_bytes(cfg, 1000, 266, 1, fp32) == 1000 * 4 * 4 + 128 * 266 * 4 + 2 * 128 * 128 * 4
-    assert step_bytes(cfg, 1000, 266, 2, bf16) == 1000 * 4 * 4 + 64 * 266 * 2 + 2 * 64 * 128 * 4  # a rank's rows, all columns
-    blocked = tiny_config(tmp_path / "r", train__batch_size=64, train__loss_block=16, train__grad_cache_chunk=8)
-    assert step_bytes(blocked, 1000, 266, 1, fp32) == 1000 * 4 * 4 + 16 * 266 * 4 + 2 * 16 * 128 * 4
+    assert step_bytes(cfg, 1000, 266, 1, fp32) == 1000 * 4 * 3 + 128 * 266 * 4 + 2 * 128 * 128 * 4
+    assert step_bytes(cfg, 1000, 266, 2, bf16) == 1000 * 4 * 3 + 64 * 266 * 2 + 2 * 64 * 128 * 4  # a rank's rows, all columns
+    blocked = tiny_config(tmp_path / "r", train__batch_size=64, train__loss_block=16)
+    assert step_bytes(blocked, 1000, 266, 1, fp32) == 1000 * 4 * 3 + 128 * 266 * 4 + 16 * 128 * 4
+    cached = tiny_config(tmp_path / "r", train__batch_size=64, train__grad_cache_chunk=8)
+    assert step_bytes(cached, 1000, 266, 1, fp32) == 1000 * 4 * 3 + max(16 * 266 * 4, 2 * 128 * 128 * 4)
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda meminfo=None: 2**20)  # the weights fit, the step not
     with pytest.raises(FastclrError) as e:
         pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96), dataset=tiny_dataset(),
                  progress=False, log=lambda s: None)
     assert str(e.value).startswith("a step of batch 96 (2 views of 28 px, ") and str(e.value).endswith(
-        "GiB but 0.0 GiB are available; give a smaller --batch-size, or --loss-block 1024 (the loss a block of rows at "
-        "a time), or run where there is more memory")
+        "GiB but 0.0 GiB are available; give a smaller --batch-size, or --grad-cache-chunk 256 (the encoder 256 images "
+        "at a time), or run where there is more memory")  # the activations are the larger part here
     assert not (tmp_path / "run").exists()
+    # a fix that would itself be refused is not offered: the memory savers compute the plain loss only
+    with pytest.raises(FastclrError) as e:
+        pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96, train__views=3),
+                 dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert str(e.value).endswith("GiB are available; give a smaller --batch-size, or run where there is more memory")
 
 
 def test_a_resume_with_another_seed_keeps_the_seed_its_weights_were_drawn_with(tmp_path: Path) -> None:
@@ -1323,3 +1335,37 @@ def test_a_resume_with_another_seed_keeps_the_seed_its_weights_were_drawn_with(t
     pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__epochs=3.0, train__seed=0), dataset=ds,
              resume=tmp_path / "run", allow_config_change=True, progress=False, log=lambda s: None)
     assert read_toml(tmp_path / "run" / "config.toml")["model.init_seed"] == -1
+
+
+def test_a_resumed_checkpoint_in_memory_counts_as_held_by_the_memory_checks(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a resume the checkpoint (weights, AdamW's moments) is in memory when the checks run, its
+    moments then the optimiser's own: they were counted twice, so a run that trained near the
+    limit could be refused on --resume. The checks subtract the checkpoint's bytes."""
+    from fastclr.checkpoint import list_checkpoints, load_checkpoint
+    from fastclr.pretraining.memory import tensor_bytes
+
+    ds, seen = tiny_dataset(), []
+    first = pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__epochs=1.0), dataset=ds,
+                     progress=False, log=lambda s: None)
+    assert first.steps
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    held = tensor_bytes(state)
+    encoder_bytes = sum(v.numel() * v.element_size() for v in state["encoder"].values())
+    assert held > 3 * encoder_bytes  # the encoder's weights and AdamW's two moments of them, at least
+    monkeypatch.setattr("fastclr.runtime.require_memory", lambda needed, what, fix: seen.append(needed))
+    pretrain(tiny_config(tmp_path / "fresh", train__device="cpu", train__epochs=1.0), dataset=ds, progress=False,
+             log=lambda s: None)
+    fresh, seen[:] = list(seen), []
+    pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__epochs=2.0), dataset=ds,
+             resume=tmp_path / "run", progress=False, log=lambda s: None)
+    assert len(fresh) == len(seen) == 2 and [a - b for a, b in zip(fresh, seen)] == [held, held]
+
+
+def test_init_seed_on_a_new_run_is_refused_it_is_what_a_resume_records(tmp_path: Path) -> None:
+    """Every config key is a flag: `pretrain --init-seed 5` drew the weights from --seed and recorded
+    5, and evaluate's untrained reference was then another network's start."""
+    with pytest.raises(FastclrError, match=r"^--init-seed 5 is what a resume given another --seed records"):
+        pretrain(tiny_config(tmp_path / "run", train__device="cpu", model__init_seed=5), dataset=tiny_dataset(),
+                 progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

@@ -52,10 +52,13 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run the evaluation protocols on a run, print the table, save eval.json."""
     from fastclr.evaluation.run import evaluate
-    from fastclr.evaluation.table import format_table
+    from fastclr.evaluation.table import footer_line, format_table
 
-    evaluate(Path(args.run_dir), options_from_args(args), log=(lambda s: None) if args.quiet else print,
-             show=lambda out: print(format_table(out), flush=True))
+    # The table before eval.json is written (a full disk then loses the file, not the results); the
+    # line naming the file once it is there.
+    out = evaluate(Path(args.run_dir), options_from_args(args), log=(lambda s: None) if args.quiet else print,
+                   show=lambda out: print(format_table(out, footer=False), flush=True))
+    print(f"\n{footer_line(out)}")
     return 0
 
 

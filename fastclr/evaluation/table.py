@@ -70,8 +70,8 @@ def untrained_cells(entry: dict[str, Any]) -> list[str]:
     return [pct(r), points(entry["accuracy"] - r)]
 
 
-def format_table(out: dict[str, Any]) -> str:
-    """The whole evaluation as text."""
+def format_table(out: dict[str, Any], footer: bool = True) -> str:
+    """The whole evaluation as text; `footer`: with the line naming its time and eval.json."""
     p = out["protocols"]
     enc = out["encoder"]
     blocks = [f"{out['run_dir']}: {enc['encoder']} encoder (h: {enc['feature_dim']}-d) on {out['dataset']}"]
@@ -112,5 +112,11 @@ def format_table(out: dict[str, Any]) -> str:
             ["uniformity (lower: spread out)", f"{q['uniformity']:.3f}", f"{r['uniformity']:.3f}"],
             ["effective rank", f"{q['effective_rank']:.1f} / {q['feature_dim']}", f"{r['effective_rank']:.1f}"],
         ]))
-    blocks.append(f"total {out['total_seconds']:.0f} s; results in {out['run_dir']}/eval.json")
+    if footer:
+        blocks.append(footer_line(out))
     return "\n\n".join(blocks)
+
+
+def footer_line(out: dict[str, Any]) -> str:
+    """The evaluation's time and where its results are."""
+    return f"total {out['total_seconds']:.0f} s; results in {out['run_dir']}/eval.json"

@@ -441,7 +441,7 @@ def prepare_store(
             if dedupe and pixels is not None:
                 # The same pixels from other bytes (re-saved, re-compressed, its metadata stripped): the
                 # same image to train and measure on, which a split by path put in both train and test.
-                seen = kept_pixels.setdefault(hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(), f.rel)
+                seen = kept_pixels.setdefault(pixel_key(pixels), f.rel)
                 if seen != f.rel:
                     skipped.append(Skip(f.rel, "duplicate", f"the same pixels as {seen} at {opts.size} px", f.size,
                                         f.mtime_ns))
@@ -470,7 +470,9 @@ def prepare_store(
         if writer.n == 0:
             raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
         skipped.sort(key=lambda s: s.rel)
-        prev = None  # its store maps the old images file, which Windows will not let the commit replace
+        # The previous store maps the old images file (its last row read too), which Windows will not
+        # let the commit replace.
+        prev = pixels = None
         writer.commit(lay.classes, options, skipped, str(root.resolve()))
     except OSError as e:
         writer.abort()
@@ -490,7 +492,7 @@ def prepare_store(
     if unlabelled_twin:  # unlabelled rows come first in a store, so the copy kept is the unlabelled one
         n = len(unlabelled_twin)
         log(f"note: {counted(n, 'labelled image')} ({', '.join(unlabelled_twin[:3])}{', ...' * (n > 3)}) had the "
-            f"same bytes as an unlabelled file and {'were' if n > 1 else 'was'} kept unlabelled, without {'their' if n > 1 else 'its'} "
+            f"same bytes or pixels as an unlabelled file and {'were' if n > 1 else 'was'} kept unlabelled, without {'their' if n > 1 else 'its'} "
             "class (skipped.csv: duplicate); remove the unlabelled copies and prepare again to keep the labels")
     return result
 
@@ -517,6 +519,14 @@ def class_notes(classes: list[str], rows: collections.Counter[tuple[str, int]]) 
 
 def _listed(names: list[str]) -> str:
     return f"class {names[0]}" if len(names) == 1 else f"classes {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+
+
+def pixel_key(pixels: np.ndarray) -> str:
+    """The identity of a decoded image's pixels (S, S, C): an RGB image whose three channels are
+    equal is its grey one (a grey file saved again as RGB stores the same row)."""
+    if pixels.shape[-1] == 3 and (pixels[..., :1] == pixels).all():
+        pixels = pixels[..., :1]
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
 
 
 def _old_row(prev: Previous, row: dict[str, str]) -> np.ndarray:

@@ -3,11 +3,15 @@
 On a CPU a batch too large for the memory a container is given grew the process until the
 kernel killed it (exit 137, no word); the allocator's own refusal, which the command names, comes
 only under `ulimit -v`. The bound counts what must be there at the step's peak and nothing more,
-so no run that fits is refused: the weights, their gradients and the optimiser's state; the output
-of every convolution and linear layer of the encoder for every view (each is kept for the
+so no run that fits is refused: at the end of the forward pass, the weights and the optimiser's
+state (the gradients of the step before are freed by then: the weights check counts them); the
+output of every convolution and linear layer of the encoder for every view (each is kept for the
 backward pass: the BatchNorm or activation after it reads it); and the NT-Xent logits with their
-log-softmax (2 x rows x columns in fp32; a row block at a time with --loss-block). Left out:
-BatchNorm and activation outputs, pooling indices, the views themselves, the head, allocator slack.
+log-softmax (2 x rows x columns in fp32; one row block's tile with --loss-block). With gradient
+caching the logits and a chunk's activations are never held together: the larger of the two.
+Left out: BatchNorm and activation outputs, pooling indices, the views, the head, allocator slack.
+A resumed run's checkpoint, already in memory, is counted as held (its moments become the
+optimiser's own).
 """
 
 from __future__ import annotations
@@ -44,22 +48,29 @@ def kept_per_image(encoder: nn.Module, in_channels: int, side: int) -> int:
     return total
 
 
-def step_bytes(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> int:
-    """The lower bound of one step's memory on one process (see the module's docstring)."""
+def step_parts(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> tuple[int, int, int]:
+    """(weights and optimiser state, activations, logits) of one step on one process, in bytes."""
     t = cfg.train
     local = t.batch_size // world_size
     rows, columns = t.views * local, t.views * t.batch_size + t.queue
     held_rows = min(rows, t.views * t.grad_cache_chunk) if t.grad_cache_chunk else rows
     activation = 2 if precision.dtype is not None else 4  # autocast's bf16 or fp16 outputs, else fp32
-    weights = params * 4 * (2 + OPTIMISER_COPIES.get(cfg.optim.optimizer, 0))
-    logits = 2 * (min(t.loss_block, rows) if t.loss_block else rows) * columns * 4
-    return weights + held_rows * per_image * activation + logits
+    weights = params * 4 * (1 + OPTIMISER_COPIES.get(cfg.optim.optimizer, 0))
+    logits = (min(t.loss_block, rows) if t.loss_block else 2 * rows) * columns * 4
+    return weights, held_rows * per_image * activation, logits
+
+
+def step_bytes(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> int:
+    """The lower bound of one step's memory on one process (see the module's docstring)."""
+    weights, activations, logits = step_parts(cfg, params, per_image, world_size, precision)
+    return weights + (max(activations, logits) if cfg.train.grad_cache_chunk else activations + logits)
 
 
 def require_step_memory(cfg: Config, build: Callable[[], nn.Module], image_shape: tuple[int, int, int],
-                        world_size: int, precision: Precision, device: torch.device) -> None:
-    """One line before the run when the bound exceeds the host's available memory (a CPU run's;
-    a GPU's own out-of-memory error is named by the command). `build` makes the encoder."""
+                        world_size: int, precision: Precision, device: torch.device, held: int = 0) -> None:
+    """One line before the run when the bound, less the `held` bytes already in memory that the run
+    takes over (a resumed checkpoint's), exceeds the host's available memory (a CPU run's; a GPU's
+    own out-of-memory error is named by the command). `build` makes the encoder."""
     from fastclr.runtime import require_memory
 
     if device.type != "cpu":
@@ -69,8 +80,33 @@ def require_step_memory(cfg: Config, build: Callable[[], nn.Module], image_shape
     h, _, c = image_shape
     side = cfg.augment.crop_size or h
     params = sum(p.numel() for p in encoder.parameters())
-    needed = step_bytes(cfg, params, kept_per_image(encoder, c, side), world_size, precision)
-    fix = "give a smaller --batch-size" + (", or --loss-block 1024 (the loss a block of rows at a time)"
-                                            if not cfg.train.loss_block else "")
-    require_memory(needed, f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px, "
-                   f"{precision.name})", f"{fix}, or run where there is more memory")
+    per_image = kept_per_image(encoder, c, side)
+    _, activations, logits = step_parts(cfg, params, per_image, world_size, precision)
+    require_memory(step_bytes(cfg, params, per_image, world_size, precision) - held,
+                   f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px, {precision.name})",
+                   f"{_smaller(cfg, activations >= logits)}, or run where there is more memory")
+
+
+def _smaller(cfg: Config, activations_first: bool) -> str:
+    """The settings that shrink the larger part: the batch always; where the plain two-view loss
+    is trained (the memory savers compute only it), gradient caching for the activations and the
+    blockwise loss for the logits."""
+    from fastclr.pretraining.objective import is_plain
+
+    t = cfg.train
+    if is_plain(t) and activations_first and not t.grad_cache_chunk:
+        return "give a smaller --batch-size, or --grad-cache-chunk 256 (the encoder 256 images at a time)"
+    if is_plain(t) and not activations_first and not t.loss_block:
+        return "give a smaller --batch-size, or --loss-block 1024 (the loss a block of rows at a time)"
+    return "give a smaller --batch-size"
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes of every tensor in a nested dict or list (a checkpoint's state)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
