@@ -34,8 +34,11 @@ class CheckpointWriteFailed(FastclrError):
     """A checkpoint not written (disk full, permissions); `reason` says why, the message what is kept."""
 
     def __init__(self, path: Path, reason: str, kept: str) -> None:
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.kept = path, reason, kept
         super().__init__(f"cannot write checkpoint {path} ({reason}); {kept}")
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str, str]]:  # (a process pool's pickle of it)
+        return type(self), (self.path, self.reason, self.kept)
 
 
 class CheckpointError(FastclrError):

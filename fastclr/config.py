@@ -185,8 +185,9 @@ class ModelConfig:
     init_sha256: str = ""
     """The SHA-256 of `init`'s file: recorded by a run that used it; when given, the file must match."""
     init_seed: int = field(default=-1, metadata=between(-1, SEED_MAX))
-    """The seed the encoder's initial weights were drawn with, where a resume changed `train.seed`
-    (--allow-config-change): the untrained reference rebuilds the run's own start from it. -1: train.seed."""
+    """The seed the encoder's initial weights are drawn with; -1: train.seed. A resume given another
+    `train.seed` (--allow-config-change) records the first here, so that the untrained reference
+    rebuilds the run's own start; a new run started from that config.toml draws its weights with it."""
 
 
 @dataclass

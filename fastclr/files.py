@@ -56,6 +56,9 @@ class WriteFailed(FastclrError):
         self.path, self.reason, self.cause = path, reason, cause
         super().__init__(f"cannot write {path} ({reason})")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # (a process pool's pickle of it)
+        return type(self), (self.path, self.reason)
+
 
 def unwritable(path: Path) -> tuple[str, str]:
     """Why the folder `path` takes no files, and the fix: a read-only file system (a read-only mount,

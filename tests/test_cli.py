@@ -275,8 +275,9 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(error: Exception,
 def test_a_batch_too_large_for_a_real_memory_limit_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
     """The default network at 16x its width under a 6 GB address-space limit (ulimit -v): the CPU
     allocator refuses the first step's activations, and the run ends in one line, exit 2 (a traceback
-    before; the same for batch 8192 at width 1 on Fashion-MNIST). (At 32x the step's lower bound,
-    20 GiB, is refused before the run on this machine's memory; 16x passes it, about 10 GiB.)"""
+    before; the same for batch 8192 at width 1 on Fashion-MNIST). (At 32x the weights with their
+    gradients and AdamW's moments, about 19 GiB, are refused before the run; 16x passes both checks
+    made before it, about 5 GiB, where more than that is available, as on the 24 GiB machines here.)"""
     import resource
 
     def limit() -> None:

@@ -922,3 +922,17 @@ def test_a_claim_made_while_a_reader_probes_the_lock_waits_for_the_probe(tmp_pat
     finally:
         probe.join()
         os.close(fd)
+
+
+def test_write_failures_survive_a_process_pools_pickle() -> None:
+    """`pretrain` run under multiprocessing or concurrent.futures sends its error back pickled: a
+    checkpoint's or a file's write failure came back as a TypeError about missing arguments."""
+    import pickle
+
+    from fastclr.checkpoint import CheckpointWriteFailed
+    from fastclr.files import WriteFailed
+
+    for e in (CheckpointWriteFailed(Path("run/checkpoints/step-000000001.pt"), "No space left on device", "kept"),
+              WriteFailed(Path("out.npy"), "No space left on device")):
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.reason == e.reason

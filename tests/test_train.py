@@ -1298,8 +1298,8 @@ def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in
         pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96), dataset=tiny_dataset(),
                  progress=False, log=lambda s: None)
     assert str(e.value).startswith("a step of batch 96 (2 views of 28 px, ") and str(e.value).endswith(
-        "GiB but 0.0 GiB are available; give a smaller --batch-size, or --grad-cache-chunk 256 (the encoder 256 images "
-        "at a time), or run where there is more memory")  # the activations are the larger part here
+        "GiB but 0.0 GiB are available; give a smaller --batch-size, or --grad-cache-chunk 24 (the encoder 24 images "
+        "at a time), or run where there is more memory")  # the activations the larger part; a chunk under the batch
     assert not (tmp_path / "run").exists()
     # a fix that would itself be refused is not offered: the memory savers compute the plain loss only
     with pytest.raises(FastclrError) as e:
@@ -1362,10 +1362,28 @@ def test_a_resumed_checkpoint_in_memory_counts_as_held_by_the_memory_checks(tmp_
     assert len(fresh) == len(seen) == 2 and [a - b for a, b in zip(fresh, seen)] == [held, held]
 
 
-def test_init_seed_on_a_new_run_is_refused_it_is_what_a_resume_records(tmp_path: Path) -> None:
-    """Every config key is a flag: `pretrain --init-seed 5` drew the weights from --seed and recorded
-    5, and evaluate's untrained reference was then another network's start."""
-    with pytest.raises(FastclrError, match=r"^--init-seed 5 is what a resume given another --seed records"):
-        pretrain(tiny_config(tmp_path / "run", train__device="cpu", model__init_seed=5), dataset=tiny_dataset(),
-                 progress=False, log=lambda s: None)
-    assert not (tmp_path / "run").exists()
+def test_a_new_run_started_from_a_config_with_init_seed_draws_its_weights_with_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config.toml of a run resumed with another --seed holds model.init_seed; a new run started
+    from it (`--config`, or every key being a flag, `--init-seed`) recorded the value but drew its
+    weights from --seed, and evaluate's untrained reference was then another network's start. The
+    weights are drawn with it, so the run and its reference agree."""
+    import fastclr.pretraining.setup as setup_module
+    from fastclr.evaluation.reference import untrained_encoder
+    from fastclr.pretrained import load_run
+
+    drawn: dict[str, torch.Tensor] = {}
+    real = setup_module.build_model
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        model = real(*args, **kwargs)
+        drawn.update({k: v.detach().clone() for k, v in model.encoder.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(setup_module, "build_model", capture)
+    pretrain(tiny_config(tmp_path / "run", train__device="cpu", model__init_seed=5), dataset=tiny_dataset(),
+             progress=False, log=lambda s: None)
+    spec = load_run(tmp_path / "run", log=lambda s: None).spec
+    for seed, same in ((5, True), (0, False)):
+        ref = untrained_encoder(spec, seed, torch.device("cpu")).state_dict()
+        assert all(torch.equal(drawn[k], ref[k].contiguous()) for k in drawn) is same, seed

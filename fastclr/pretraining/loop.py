@@ -317,7 +317,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 raise
             # Written again only for its seconds: a full disk (room for one copy) kept the finished run
             # from its export, though the epoch end's checkpoint of this very step is complete.
-            why = getattr(e, "reason", "rank 0 could not write it")  # (the whole message says to resume)
+            why = getattr(e, "reason", str(e))  # (a write failure's whole message says to resume)
             run.log(f"note: the checkpoint of step {s.step} written at the epoch end stands, without the seconds "
                     f"since (writing it again failed: {why})")
         return False
@@ -368,16 +368,14 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
     elif not cfg.model.width:  # auto, decided once (rank 0's); config.toml records it
         cfg = _with_width(cfg, broadcast_object(_auto_width(cfg, dataset, device, encoder, log), ctx))
-    if state is None and cfg.model.init_seed not in (-1, cfg.train.seed):
-        raise FastclrError(f"--init-seed {cfg.model.init_seed} is what a resume given another --seed records (the seed "
-                           "the run's weights were drawn with); a new run draws them with --seed: drop --init-seed")
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     check_sync_checkable(cfg, ctx.world_size, device)
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
     if encoder is None:
         check_small_views_first(cfg, dataset)
         build = lambda: named_encoder(cfg, dataset.image_shape, device.type)[0]  # noqa: E731 (built twice, on meta)
-        held = tensor_bytes(state) if state is not None else 0  # a checkpoint in memory, its moments the optimiser's
+        # A checkpoint in memory whose moments become a CPU run's optimiser state; on a GPU they are copied there.
+        held = tensor_bytes(state) if state is not None and device.type == "cpu" else 0
         require_model_memory(build, device, f"the encoder at width {cfg.model.width:g}", "give a smaller --width, or "
                              "run where there is more memory", OPTIMISER_COPIES.get(cfg.optim.optimizer, 0), held)
         require_step_memory(cfg, build, dataset.image_shape, ctx.world_size, precision, device, held)

@@ -4,7 +4,8 @@ On a CPU a batch too large for the memory a container is given grew the process 
 kernel killed it (exit 137, no word); the allocator's own refusal, which the command names, comes
 only under `ulimit -v`. The bound counts what must be there at the step's peak and nothing more,
 so no run that fits is refused: at the end of the forward pass, the weights and the optimiser's
-state (the gradients of the step before are freed by then: the weights check counts them); the
+state (the gradients of the step before are freed by then, and those earlier chunks leave with
+gradient caching are left out: the weights check counts them); the
 output of every convolution and linear layer of the encoder for every view (each is kept for the
 backward pass: the BatchNorm or activation after it reads it); and the NT-Xent logits with their
 log-softmax (2 x rows x columns in fp32; one row block's tile with --loss-block). With gradient
@@ -84,18 +85,19 @@ def require_step_memory(cfg: Config, build: Callable[[], nn.Module], image_shape
     _, activations, logits = step_parts(cfg, params, per_image, world_size, precision)
     require_memory(step_bytes(cfg, params, per_image, world_size, precision) - held,
                    f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px, {precision.name})",
-                   f"{_smaller(cfg, activations >= logits)}, or run where there is more memory")
+                   f"{_smaller(cfg, activations >= logits, world_size)}, or run where there is more memory")
 
 
-def _smaller(cfg: Config, activations_first: bool) -> str:
+def _smaller(cfg: Config, activations_first: bool, world_size: int) -> str:
     """The settings that shrink the larger part: the batch always; where the plain two-view loss
     is trained (the memory savers compute only it), gradient caching for the activations and the
     blockwise loss for the logits."""
     from fastclr.pretraining.objective import is_plain
 
     t = cfg.train
-    if is_plain(t) and activations_first and not t.grad_cache_chunk:
-        return "give a smaller --batch-size, or --grad-cache-chunk 256 (the encoder 256 images at a time)"
+    chunk = t.batch_size // world_size // 4  # a chunk under the rank's batch: one at or above it saves nothing
+    if is_plain(t) and activations_first and not t.grad_cache_chunk and chunk >= 1:
+        return f"give a smaller --batch-size, or --grad-cache-chunk {chunk} (the encoder {chunk} images at a time)"
     if is_plain(t) and not activations_first and not t.loss_block:
         return "give a smaller --batch-size, or --loss-block 1024 (the loss a block of rows at a time)"
     return "give a smaller --batch-size"

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastclr.augment import local_config, render_views
-from fastclr.config import Config
+from fastclr.config import Config, weights_seed
 from fastclr.data import Dataset
 from fastclr.data.loader import BatchSampler, ImageSource
 from fastclr.errors import FastclrError
@@ -417,7 +417,7 @@ def build_run(cfg: Config, ctx: DistContext, device: torch.device, precision: Pr
     """Model, data, views, step, state and the loop's helpers for `cfg`, seeded; `compiled` is
     `train.compile` resolved (`use_compile`, before the run directory was written)."""
     t = cfg.train
-    torch.manual_seed(t.seed)  # the initial weights are a function of the seed
+    torch.manual_seed(weights_seed(cfg))  # the initial weights are a function of the seed
     model = build_model(cfg, dataset, device, encoder)
     if t.local_views and encoder is not None:  # a named encoder was checked before (check_small_views_first)
         check_small_views(model.encoder, local_config(cfg.augment, dataset.pretrain.images.shape[1]).crop_size,
