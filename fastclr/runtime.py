@@ -426,20 +426,18 @@ def decide_precision(
         # AVX512_BF16's dot products without AMX: bf16 matmuls 2.4x fp32's rate on the EPYC Zen 4, but
         # 0.57x on the Xeon with AMX that oneDNN was told not to use, its step 1.3x fp32's
         # (docs/benchmarks.md section 1): timed.
-        fp32_s, bf16_s = timer(torch.float32), timer(torch.bfloat16)
-        return Precision("bf16" if bf16_s < 0.9 * fp32_s else "fp32",
-                         f"{cpu.model} has native bf16 (AVX512_BF16) without AMX; measured matmul "
-                         f"{fp32_s * 1e3:.1f} ms fp32, {bf16_s * 1e3:.1f} ms bf16")
-    if cpu.is_x86 and not cpu.native_bf16:
+        said = f"{cpu.model} has native bf16 (AVX512_BF16) without AMX"
+    elif cpu.is_x86 and not cpu.native_bf16:
         return Precision("fp32", f"{cpu.model} ({cpu.isa}) has no bf16 units: bf16 would be emulated, far slower than fp32")
-    uncertain = f"bf16 support uncertain (oneDNN capped at {cpu.onednn_isa_cap})" if cpu.onednn_isa_cap else \
-        "bf16 support uncertain"
-    if timer is None:
-        return Precision("fp32", f"{cpu.model}: {uncertain} and not measured")
+    else:
+        uncertain = f"bf16 support uncertain (oneDNN capped at {cpu.onednn_isa_cap})" if cpu.onednn_isa_cap else \
+            "bf16 support uncertain"
+        if timer is None:
+            return Precision("fp32", f"{cpu.model}: {uncertain} and not measured")
+        said = f"{cpu.model}: {uncertain}"
     fp32_s, bf16_s = timer(torch.float32), timer(torch.bfloat16)
-    name = "bf16" if bf16_s < 0.9 * fp32_s else "fp32"
-    return Precision(name, f"{cpu.model}: {uncertain}; measured matmul {fp32_s * 1e3:.1f} ms fp32, "
-                           f"{bf16_s * 1e3:.1f} ms bf16")
+    return Precision("bf16" if bf16_s < 0.9 * fp32_s else "fp32",
+                     f"{said}; measured matmul {fp32_s * 1e3:.1f} ms fp32, {bf16_s * 1e3:.1f} ms bf16")
 
 
 def matmul_seconds(dtype: torch.dtype, device: torch.device, shape: tuple[int, int, int] = (512, 1024, 256),
@@ -540,8 +538,8 @@ def check_precision(prec: Precision, device: torch.device, cpu: CpuFeatures | No
         if cpu.amx_bf16 and cap_allows_amx(cpu.onednn_isa_cap):
             return
         # AVX512_BF16 alone: native, yet slower than fp32 on some CPUs (`decide_precision` times it too)
-        slower = matmul_seconds(torch.bfloat16, device, shape, threads=1) / matmul_seconds(torch.float32, device, shape,
-                                                                                         threads=1)
+        timed = precision_timer(device, shape)
+        slower = timed(torch.bfloat16) / timed(torch.float32)
         if slower >= 1.1:
             warn(f"warning: {asked} on {cpu.model} (AVX512_BF16 without AMX): bf16 is slower than fp32 here, a matmul "
                  f"measured {slower:.1f}x the fp32 time; {switch} fp32")
@@ -638,16 +636,21 @@ def require_memory(needed: int, what: str, fix: str) -> None:
         raise FastclrError(f"{what} needs about {needed / 2**30:.1f} GiB but {free / 2**30:.1f} GiB are available; {fix}")
 
 
-def require_model_memory(build: Callable[[], torch.nn.Module], device: torch.device, what: str, fix: str,
+def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The network `build` makes, on the meta device: shapes without memory, and without a draw
+    from the random generators (the run's own draws start from its seed, later)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return build()
+
+
+def require_model_memory(module: torch.nn.Module, device: torch.device, what: str, fix: str,
                          optimiser_copies: int = 0, held: int = 0) -> None:
     """A one-line error before a network is built whose weights and (on a CPU) their gradients and
     the optimiser's `optimiser_copies` tensors of their size (AdamW's two moments: a lower bound of
-    what training it asks, no activations) would not fit in the host's available memory. `build` makes it on the meta device, for nothing and without a draw from
-    the random generators: `--student-width 100` for 1.0 grew the process until the kernel killed
-    it (and other processes with it), never failing an allocation the error could have named.
+    what training it asks, no activations) would not fit in the host's available memory. `module`
+    is that network `on_meta`: `--student-width 100` for 1.0 grew the process until the kernel
+    killed it (and other processes with it), never failing an allocation the error could have named.
     `held`: bytes already in memory that the run takes over (a resumed checkpoint's)."""
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        module = build()
     params = sum(p.numel() for p in module.parameters())
     # On a GPU the gradients are there, but the weights are drawn on the host first (seeded as on a CPU).
     copies = 2 + optimiser_copies if device.type == "cpu" else 1

@@ -968,16 +968,16 @@ def test_a_network_for_a_gpu_is_counted_against_the_host_its_weights_are_drawn_o
     float32 copy counts against the host's memory for a GPU, the weights and gradients for a CPU."""
     from torch import nn
 
-    from fastclr.runtime import require_model_memory
+    from fastclr.runtime import on_meta, require_model_memory
 
     weights = 1000 * 1000 + 1000
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(1.5 * weights * 4 / 0.9))
-    require_model_memory(lambda: nn.Linear(1000, 1000), torch.device("cuda"), "a layer", "")  # no GPU is touched
+    require_model_memory(on_meta(lambda: nn.Linear(1000, 1000)), torch.device("cuda"), "a layer", "")  # no GPU is touched
     with pytest.raises(FastclrError, match=r"^a layer \(1 million weights\) needs about"):
-        require_model_memory(lambda: nn.Linear(1000, 1000), torch.device("cpu"), "a layer", "")
+        require_model_memory(on_meta(lambda: nn.Linear(1000, 1000)), torch.device("cpu"), "a layer", "")
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(0.9 * weights * 4 / 0.9))
     with pytest.raises(FastclrError, match=r"^a layer \(1 million weights\) needs about"):
-        require_model_memory(lambda: nn.Linear(1000, 1000), torch.device("cuda"), "a layer", "")
+        require_model_memory(on_meta(lambda: nn.Linear(1000, 1000)), torch.device("cuda"), "a layer", "")
 
 
 def test_a_hard_linked_copy_of_a_run_resumed_leaves_the_originals_metrics_alone(tmp_path: Path) -> None:

@@ -296,10 +296,10 @@ def test_a_student_whose_weights_alone_would_not_fit_is_refused_before_it_is_bui
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda: int(2 * weights * 4 / 0.9) + 1000)
     student, spec, _ = student_for(r, DistillOptions(student_width=4.0), 10, 0, torch.device("cpu"))
     assert spec.width == 4.0
-    from fastclr.runtime import require_model_memory
+    from fastclr.runtime import on_meta, require_model_memory
 
     state = torch.get_rng_state()
-    require_model_memory(lambda: encoder_from_spec(wide), torch.device("cpu"), "a student", "")
+    require_model_memory(on_meta(lambda: encoder_from_spec(wide)), torch.device("cpu"), "a student", "")
     assert torch.equal(torch.get_rng_state(), state)  # the count draws nothing: a seeded build after it is the same
 
 

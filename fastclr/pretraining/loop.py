@@ -48,7 +48,7 @@ from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
 from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_config, write_json
 from fastclr.cpus import gives_threads_back, set_threads
-from fastclr.runtime import (Precision, agree_precision, require_model_memory, resolve_precision, select_device,
+from fastclr.runtime import (Precision, agree_precision, on_meta, require_model_memory, resolve_precision, select_device,
                              use_compile)
 from fastclr.signals import StopRequested
 from fastclr.tracking import numbers, open_trackers, tracker_names
@@ -373,12 +373,12 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
     if encoder is None:
         check_small_views_first(cfg, dataset)
-        build = lambda: named_encoder(cfg, dataset.image_shape, device.type)[0]  # noqa: E731 (built twice, on meta)
+        shapes = on_meta(lambda: named_encoder(cfg, dataset.image_shape, device.type)[0])
         # A checkpoint in memory whose moments become a CPU run's optimiser state; on a GPU they are copied there.
         held = tensor_bytes(state) if state is not None and device.type == "cpu" else 0
-        require_model_memory(build, device, f"the encoder at width {cfg.model.width:g}", "give a smaller --width, or "
+        require_model_memory(shapes, device, f"the encoder at width {cfg.model.width:g}", "give a smaller --width, or "
                              "run where there is more memory", OPTIMISER_COPIES.get(cfg.optim.optimizer, 0), held)
-        require_step_memory(cfg, build, dataset.image_shape, ctx.world_size, precision, device, held)
+        require_step_memory(cfg, shapes, dataset.image_shape, ctx.world_size, precision, device, held)
     compiled = use_compile(cfg.train.compile, device)  # an explicit on where Triton cannot run: refused before anything is written
     init = None
     if state is None and cfg.model.init:  # read and matched now, before anything is written

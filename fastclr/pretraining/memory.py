@@ -17,8 +17,6 @@ optimiser's own).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -63,27 +61,27 @@ def step_parts(cfg: Config, params: int, per_image: int, world_size: int, precis
 
 def step_bytes(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> int:
     """The lower bound of one step's memory on one process (see the module's docstring)."""
-    weights, activations, logits = step_parts(cfg, params, per_image, world_size, precision)
+    return _total(cfg, *step_parts(cfg, params, per_image, world_size, precision))
+
+
+def _total(cfg: Config, weights: int, activations: int, logits: int) -> int:
     return weights + (max(activations, logits) if cfg.train.grad_cache_chunk else activations + logits)
 
 
-def require_step_memory(cfg: Config, build: Callable[[], nn.Module], image_shape: tuple[int, int, int],
+def require_step_memory(cfg: Config, encoder: nn.Module, image_shape: tuple[int, int, int],
                         world_size: int, precision: Precision, device: torch.device, held: int = 0) -> None:
     """One line before the run when the bound, less the `held` bytes already in memory that the run
     takes over (a resumed checkpoint's), exceeds the host's available memory (a CPU run's; a GPU's
-    own out-of-memory error is named by the command). `build` makes the encoder."""
+    own out-of-memory error is named by the command). `encoder`: the run's, on the meta device."""
     from fastclr.runtime import require_memory
 
     if device.type != "cpu":
         return
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        encoder = build()
     h, _, c = image_shape
     side = cfg.augment.crop_size or h
     params = sum(p.numel() for p in encoder.parameters())
-    per_image = kept_per_image(encoder, c, side)
-    _, activations, logits = step_parts(cfg, params, per_image, world_size, precision)
-    require_memory(step_bytes(cfg, params, per_image, world_size, precision) - held,
+    weights, activations, logits = step_parts(cfg, params, kept_per_image(encoder, c, side), world_size, precision)
+    require_memory(_total(cfg, weights, activations, logits) - held,
                    f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px, {precision.name})",
                    f"{_smaller(cfg, activations >= logits, world_size)}, or run where there is more memory")
 

@@ -43,7 +43,7 @@ from fastclr.models import EncoderSpec, encoder_from_spec, feature_dim
 from fastclr.pretrained import LoadedRun, has_weights, load_run, run_data, trained_head
 from fastclr.files import read_json
 from fastclr.runs import refuse_output, refuse_uncreatable, write_json
-from fastclr.runtime import cpu_model, require_model_memory, select_device, to_channels_last
+from fastclr.runtime import cpu_model, on_meta, require_model_memory, select_device, to_channels_last
 from fastclr.semisup.distill import check_distill_options, distill
 from fastclr.semisup.network import (CLASSIFIER_FILE, Classifier, empty_neck, load_classifier, neck_of,
                                      neck_widths, save_classifier)
@@ -314,7 +314,7 @@ def student_for(run: LoadedRun, o: DistillOptions, num_classes: int, seed: int, 
         encoder, spec = copy.deepcopy(run.encoder), run.spec
     else:
         narrow = dataclasses.replace(run.spec, width=width)  # its feature_dim is measured next
-        require_model_memory(lambda: encoder_from_spec(narrow), device, f"a student of width {width:g}",
+        require_model_memory(on_meta(lambda: encoder_from_spec(narrow)), device, f"a student of width {width:g}",
                              f"give a smaller --student-width (the run's own width is {run.spec.width:g})")
         encoder = untrained_encoder(narrow, seed, device)
         spec = dataclasses.replace(narrow, feature_dim=feature_dim(encoder, run.spec.in_channels, run.spec.image_size))
