@@ -603,7 +603,8 @@ def test_a_process_told_to_die_with_its_parent_gets_the_signal_when_the_parent_i
     stops with a checkpoint). Here: a parent starts such a child and is SIGKILLed."""
     got, ready = tmp_path / "got", tmp_path / "ready"
     child = (f"import os, pathlib, signal, time\nfrom fastclr.signals import die_with_parent\n"
-             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r}).write_text('SIGTERM'), os._exit(0)))\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r} + '.part').write_text('SIGTERM'),\n"
+             f"  pathlib.Path({str(got)!r} + '.part').rename({str(got)!r}), os._exit(0)))\n"
              f"die_with_parent(os.getppid(), signal.SIGTERM)\npathlib.Path({str(ready)!r}).touch()\ntime.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
                                f"subprocess.Popen([sys.executable, '-c', {child!r}])\ntime.sleep(120)\n"],
