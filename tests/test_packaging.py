@@ -76,6 +76,9 @@ def test_the_readmes_python_example_type_checks_under_mypy_strict(tmp_path: Path
     example = tmp_path / "example.py"
     example.write_text("\n".join(line for line in code.splitlines() if "my_module" not in line) + "\n", encoding="utf-8")
     # The repository's cache, which `make test`'s mypy step has just filled: 8 s instead of 55 s (torch's types).
-    out, err, status = api.run(["--strict", "--ignore-missing-imports", "--cache-dir", str(REPO / ".mypy_cache"),
-                                str(example)])
+    # Errors are reported for the example only, as for a user's code beside an installed fastclr (site-packages are
+    # silent): fastclr's own modules are checked by `make test`'s mypy step under the project's settings, and
+    # reported here they depended on what the cache held.
+    out, err, status = api.run(["--strict", "--ignore-missing-imports", "--follow-imports", "silent",
+                                "--cache-dir", str(REPO / ".mypy_cache"), str(example)])
     assert status == 0, out + err
