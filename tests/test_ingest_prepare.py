@@ -392,6 +392,40 @@ def test_gray_images_with_transparency_keep_an_auto_channel_store_gray(tmp_path:
     assert [r["mode"] for r in read_csv(tmp_path / "s" / "manifest.csv")] == ["L", "LA"]
 
 
+def test_palette_images_of_greys_are_gray_and_an_update_decides_it_as_a_fresh_prepare(tmp_path: Path) -> None:
+    """A GIF (or palette PNG) saved from a grey image holds a palette of greys: it is a grayscale
+    image, so a folder of them and L files is a 1-channel store (it was three equal channels), and
+    the same pixels as an L file count as one image. A palette with colours in use stays colour.
+    Beside a colour image the grey palette rows are three equal channels; once the colour file is
+    gone an update gives them one channel, byte for byte what a fresh prepare writes."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey, "L").save(folder / "a.png")
+
+    def greys(pixels: np.ndarray) -> Image.Image:  # a palette of greys in another order (Pillow reads 0..255 in order as L)
+        im = Image.fromarray(255 - pixels, "P")
+        im.putpalette([255 - i for i in range(256) for _ in range(3)])
+        return im
+
+    greys(grey[::-1].copy()).save(folder / "b.gif")
+    greys(grey).save(folder / "same.png")  # a.png's pixels as a palette PNG
+    Image.new("RGB", (16, 16), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "red.gif")
+    first = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    s = read_store(first.store)
+    assert s.images.shape == (3, 8, 8, 3) and [sk.reason for sk in first.skipped] == ["duplicate"]
+    assert tuple(s.images[s.paths.index("red.gif"), 0, 0]) == (200, 10, 10)
+    b = np.asarray(s.images[s.paths.index("b.gif")])
+    assert (b == b[..., :1]).all()
+    (folder / "red.gif").unlink()
+    again = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    fresh = prepare_store(folder, tmp_path / "fresh", DecodeOptions(8), workers=1, **QUIET).store
+    assert again.decoded == ["same.png"]  # only the duplicate, whose kept twin may have gone
+    assert read_store(fresh).images.shape == (2, 8, 8, 1)
+    assert (fresh / "images.u8").read_bytes() == (tmp_path / "s" / "images.u8").read_bytes()
+    assert np.array_equal(read_store(fresh).images[read_store(fresh).paths.index("b.gif")], b[..., :1])
+
+
 def test_parallel_and_serial_decoding_write_identical_stores(tmp_path: Path) -> None:
     bar_images(tmp_path / "bars", n_per_class=10)
     a = prepare_store(tmp_path / "bars", tmp_path / "a", DecodeOptions(16), workers=1, **QUIET).store

@@ -101,7 +101,7 @@ def add_ingest_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--fit", default=FOLDER_ONLY["fit"], choices=["crop", "pad"],
                    help="crop: short side to S, centre crop; pad: long side to S, black borders (default crop)")
     p.add_argument("--channels", default=FOLDER_ONLY["channels"], choices=["auto", "1", "3"],
-                   help="auto: 1 if every image is grayscale, else 3 (default auto)")
+                   help="auto: 1 if every image is grayscale (a palette of greys is), else 3 (default auto)")
     p.add_argument("--workers", type=int, default=FOLDER_ONLY["workers"], help="decoding processes (default: min(CPUs, 8))")
     p.add_argument("--max-pixels", type=int, default=FOLDER_ONLY["max_pixels"],
                    help="larger images are skipped (default %(default)s, Pillow's own limit)")

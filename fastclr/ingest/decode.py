@@ -13,6 +13,8 @@ Mode conversion, decided once here:
     viewers and browsers show it: product shots and logos on transparent ground stay visible.
   * CMYK -> RGB with Pillow's conversion (Adobe-inverted CMYK JPEGs are un-inverted by Pillow's
     decoder); embedded ICC profiles are not applied.
+  * A palette image (P, PA) whose pixels come out grey is a grayscale image (one channel), as an
+    L file is: a GIF or PNG saved from a grey image has a palette of greys.
   * Multi-frame files (GIF, multi-page TIFF) use their first frame. Float images (mode F) have no
     known range and are skipped as unsupported-mode.
 
@@ -37,6 +39,7 @@ from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 from fastclr.data.store import Store
 
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+PALETTE_MODES = frozenset({"P", "PA"})
 _INT_GRAY = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 _ORIENTATION = 0x0112
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -121,8 +124,17 @@ def pixels_that_fit(memory: int) -> int:
 
 
 def is_gray(mode: str) -> bool:
-    """Whether images of a Pillow mode become single-channel (luma) images."""
+    """Whether images of a Pillow mode become single-channel (luma) images whatever their pixels."""
     return mode in GRAY_MODES
+
+
+def as_stored(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Decoded (S, S, C) pixels of a file of Pillow `mode` as a store holds them: a palette image
+    whose three channels are equal is grey, one channel (decided on the S x S result, which an
+    update can decide again from a stored row)."""
+    if pixels.shape[-1] == 3 and (is_gray(mode) or (mode in PALETTE_MODES and (pixels[..., :1] == pixels).all())):
+        return pixels[..., :1]
+    return pixels
 
 
 def to_8bit(im: Image.Image, strip_pixels: int = STRIP_PIXELS) -> Image.Image:
@@ -279,7 +291,7 @@ def decode_image(data: bytes | BinaryIO, opts: DecodeOptions) -> tuple[np.ndarra
         raise _failure(e, opts.max_pixels) from None
     except Exception as e:  # any decoder failure is this file's problem, never the run's
         raise _failure(e, opts.max_pixels) from None
-    return pixels.reshape(opts.size, opts.size, -1), w, h, mode
+    return as_stored(pixels.reshape(opts.size, opts.size, -1), mode), w, h, mode
 
 
 def process_file(path: Path, rel: str, opts: DecodeOptions, known: frozenset[str] = frozenset()) -> Outcome:

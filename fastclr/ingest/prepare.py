@@ -36,7 +36,7 @@ from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, META, SKIPPED, SKIPP
 from fastclr.errors import FastclrError
 from fastclr.signals import STOP_SIGNALS, die_with_parent
 from fastclr.files import is_write_error, write_failure_reason, write_way_out
-from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, decode_peak_bytes, is_gray,
+from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, as_stored, decode_peak_bytes,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, Walk, walk_folder
 from fastclr.cpus import usable_cpus
@@ -531,8 +531,7 @@ def pixel_key(pixels: np.ndarray) -> str:
 
 def _old_row(prev: Previous, row: dict[str, str]) -> np.ndarray:
     """A previous store's row as its natural channel count (1 for a grayscale source file)."""
-    image = np.asarray(prev.store.images[int(row["index"])])
-    return image[..., :1] if image.shape[-1] == 3 and is_gray(row["mode"]) else image
+    return as_stored(np.asarray(prev.store.images[int(row["index"])]), row["mode"])
 
 
 def _totals(skipped: list[Skip]) -> str:
