@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def write_fixture_folder(root: Path) -> dict[str, str]:
     (root / "cats" / "empty.jpg").write_bytes(b"")
     (root / "cats" / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 80)
     (root / "dogs" / "notes.txt").write_text("not an image\n")
-    (root / "dogs" / "garbage.png").write_bytes(os.urandom(300))
+    (root / "dogs" / "garbage.png").write_bytes(random.Random(0).randbytes(300))  # fixed: 1 in 30,000 random draws decodes
     (root / "dogs" / "gone.jpg").symlink_to(root / "dogs" / "missing.jpg")  # dangling link
     (root / "cats" / "loop").symlink_to(root)  # a directory loop
     (root / "dogs" / "alias").symlink_to(root / "cats")  # the same directory twice: walked once

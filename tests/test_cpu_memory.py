@@ -18,6 +18,7 @@ from fastclr.cpu_memory import keep_freed_memory
 # per step -> ~200).
 SCRIPT = """
 import ctypes, resource, sys
+ctypes.CDLL(None, use_errno=True).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, whatever the host's THP setting
 from fastclr.cpu_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()

@@ -1218,7 +1218,8 @@ def test_a_store_read_in_the_instant_a_prepare_swaps_its_files_waits_for_the_new
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         (store / "store.json").unlink()
-        back = threading.Timer(0.3, lambda: (store / "store.json").write_bytes(meta))
+        back = threading.Timer(0.3, lambda: ((store / "store.json.part").write_bytes(meta),  # whole, as prepare writes it
+                                             os.replace(store / "store.json.part", store / "store.json")))
         back.start()
         assert len(read_store(store).images) == 8
         back.join()

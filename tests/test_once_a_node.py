@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from fastclr.scaleout.once import ONCE_DIR, print_once_a_node
 
@@ -64,8 +67,11 @@ def test_a_folder_that_is_gone_prints_rather_than_loses_the_line(tmp_path: Path)
     assert out.getvalue() == "error: x\n"
 
 
-def test_a_folder_removed_while_a_silent_rank_waits_ends_its_wait_without_an_error(tmp_path: Path) -> None:
+def test_a_folder_removed_while_a_silent_rank_waits_ends_its_wait_without_an_error(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher removes its folder once its ranks are over: a rank still waiting returns quietly."""
+    waiting, sleep = threading.Event(), time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: (waiting.set(), sleep(s))[1])  # the rank is in its wait
     folder = tmp_path / "once"
     folder.mkdir()
     env = {ONCE_DIR: str(folder)}
@@ -76,7 +82,7 @@ def test_a_folder_removed_while_a_silent_rank_waits_ends_its_wait_without_an_err
     t = threading.Thread(target=lambda: result.append(print_once_a_node("error: x", file=io.StringIO(), environ=env,
                                                                         wait_s=30)))
     t.start()
-    t.join(0.2)
+    assert waiting.wait(10)
     claim.unlink()
     t.join(10)
     assert result == [False]
