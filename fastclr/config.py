@@ -508,7 +508,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into flat `{"section.field": value}` overrides."""
     p = Path(path)
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        doc = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some Windows editors save one
     except FileNotFoundError:
         raise FastclrError(f"config file {p} does not exist; check the path given to --config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

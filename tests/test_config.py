@@ -110,6 +110,16 @@ def test_toml_errors_are_one_line(tmp_path: Path) -> None:
         read_toml(tmp_path / "missing.toml")
 
 
+def test_a_config_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    """Notepad and PowerShell's UTF-8 save a byte-order mark first: such a file was "not valid TOML
+    (Invalid statement (at line 1, column 1))"."""
+    text = '[train]\nbatch_size = 64\ntemperature = 0.3\n'
+    (tmp_path / "plain.toml").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_toml(tmp_path / "bom.toml") == read_toml(tmp_path / "plain.toml") == {"train.batch_size": 64,
+                                                                                      "train.temperature": 0.3}
+
+
 def test_diff_names_changed_keys() -> None:
     a = Config()
     b = apply_overrides(a, {"train.batch_size": 7, "optim.lr": 0.5})

@@ -130,15 +130,21 @@ def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path
     assert [(r["path"], r["reason"]) for r in rows] == [("garbage.png", "corrupt")]
     assert any(f"(listed in {listed})" in line for line in lines), lines
     assert len(read_index(index)) == len(read_store(store).paths)  # every other image embedded
-    # Embedding fails after the folder is decoded: the list the log names is there, the pair as it was.
-    before = np.load(npy)
-    (folder / "garbage.png").write_bytes(b"not an image, again")
+    # Embedding fails after the folder is decoded: the list the log names is there where no pair was; where an
+    # earlier pair is, it keeps its own list (a refused run replaced it with one describing other files).
+    before, its_list = np.load(npy), listed.read_bytes()
+    (folder / "other.png").write_bytes(b"not an image either")
     with monkeypatch.context() as m:
         m.setattr("fastclr.ingest.embed.embed_images", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-        listed.unlink()
         with pytest.raises(RuntimeError, match="boom"):
             embed(run, str(folder), tmp_path / "out" / "e.npy", CPU, log=lines.append)
-    assert [r["path"] for r in read_index(listed)] == ["garbage.png"] and np.array_equal(np.load(npy), before)
+        assert listed.read_bytes() == its_list and np.array_equal(np.load(npy), before)
+        assert lines[-1] == f"note: {listed} was not written: it stays the list of the embedding already in {npy}"
+        with pytest.raises(RuntimeError, match="boom"):
+            embed(run, str(folder), tmp_path / "new" / "f.npy", CPU, log=lines.append)
+    assert [r["path"] for r in read_index(tmp_path / "new" / "f.skipped.csv")] == ["garbage.png", "other.png"]
+    assert not (tmp_path / "new" / "f.npy").exists()
+    (folder / "other.png").unlink()
     # The file fixed and the same command again: the list goes, as it no longer describes the pair.
     from PIL import Image
 
@@ -453,6 +459,7 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     query = q.read_bytes()
     (tmp_path / "data.csv").write_text("date,sales\n2026-12-01,3\n", encoding="utf-8")
     (tmp_path / "mine.skipped.csv").write_text("my notes\n", encoding="utf-8")
+    np.save(tmp_path / "weights.npy", np.arange(6.0))  # a user's array, no embedding's index beside it
     r = str(run.run_dir)
     for args, message in [
         (["embed", r, "--data", str(store), "--out", str(store / "manifest")],
@@ -470,6 +477,8 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
          f"--out {tmp_path / 'data'} would replace {tmp_path / 'data.csv'}, which is not an embedding's file"),
         (["embed", r, "--data", str(store), "--out", str(tmp_path / "mine.npy")],
          f"would replace {tmp_path / 'mine.skipped.csv'}, which is not an embedding's file"),
+        (["embed", r, "--data", str(store), "--out", str(tmp_path / "weights")],
+         f"would replace {tmp_path / 'weights.npy'}, which is not an embedding's file (no index weights.csv beside it)"),
     ]:
         assert main([*args, "--device", "cpu"] if args[0] != "export" else args) == 2, args
         out, err = capsys.readouterr()
@@ -478,6 +487,7 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before and q.read_bytes() == query
     assert (tmp_path / "data.csv").read_text(encoding="utf-8").startswith("date,sales")
     assert (tmp_path / "mine.skipped.csv").read_text(encoding="utf-8") == "my notes\n"
+    assert np.array_equal(np.load(tmp_path / "weights.npy"), np.arange(6.0))
     # an embedding's own pair is replaced by the next one into the same name
     for _ in range(2):
         assert main(["embed", r, "--data", str(store), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
@@ -598,6 +608,19 @@ def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ig
     assert main(["embed", str(run.run_dir), "--data", "./mnist", "--out", "m"]) == 0
     assert np.load(tmp_path / "m.npy").shape[0] == len(read_store(store).paths)
     assert main(["neighbours", str(run.run_dir), "--data", "./mnist", "--query", query, "-k", "1"]) == 0
+    # a folder of images of that name too (embed took the built-in's 70,000 rows); MNIST's own data folder is data
+    shutil.rmtree(tmp_path / "mnist")
+    shutil.copytree(root / "bars", tmp_path / "mnist")
+    assert main(["embed", str(run.run_dir), "--data", "mnist", "--out", "m2"]) == 2
+    assert capsys.readouterr().err == ("error: --data mnist names the built-in dataset mnist and the folder ./mnist in "
+                                       "this folder; give ./mnist for the folder's images, or rename the folder to use "
+                                       "the built-in\n") and not (tmp_path / "m2.npy").exists()
+    from fastclr.data.datasets import holds_dataset
+
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    (tmp_path / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    assert holds_dataset("mnist", tmp_path / "data") and holds_dataset("mnist", tmp_path / "data" / "mnist")
+    assert not holds_dataset("mnist", tmp_path / "mnist")
 
 
 def test_an_empty_data_and_a_nameless_one_are_one_line_before_any_work(  # type: ignore[no-untyped-def]
@@ -616,6 +639,10 @@ def test_an_empty_data_and_a_nameless_one_are_one_line_before_any_work(  # type:
         assert main(argv) == 2, argv
         assert capsys.readouterr().err.endswith(empty)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert main(["embed", str(run.run_dir), "--data", query, "--out", "m"]) == 2  # one image: where it goes instead
+    assert capsys.readouterr().err == (f"error: --data {query}: not a built-in dataset (fashion-mnist, mnist, cifar10, "
+                                       "cifar100, stl10), a store or a folder of images; put it in a folder of its own "
+                                       "to embed it, or give it to `fastclr neighbours --query`\n")
     for data, suggested in ((".", f"{tmp_path}.store"), ("/", "images.store")):
         assert main(["neighbours", str(run.run_dir), "--data", data, "--query", query]) == 2
         assert capsys.readouterr().err == (f"error: {data} is not a fastclr store (it has no store.json); if it holds "

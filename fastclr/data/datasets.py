@@ -103,6 +103,12 @@ def _idx_file(folder: Path, name: str) -> Path:
     return gz if gz.exists() else folder / name.removesuffix(".gz")
 
 
+def holds_dataset(name: str, folder: Path) -> bool:
+    """Whether `folder` holds files of the built-in `name` (it is its folder, or a root above it)."""
+    s = spec(name)
+    return any(_idx_file(d, f).exists() for d in (folder, folder / s.folder) for f in s.files)
+
+
 def _has_files(folder: Path, files: tuple[str, ...]) -> bool:
     return all(_idx_file(folder, f).exists() for f in files)
 

@@ -23,7 +23,7 @@ import torch
 
 from fastclr.files import atomic_write, atomic_write_all, npy_writer
 from fastclr.data import refuse_ambiguous
-from fastclr.data.datasets import REGISTRY, load_builtin
+from fastclr.data.datasets import REGISTRY, holds_dataset, load_builtin
 from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store, unfinished_store
 from fastclr.augment import LUMA
 from fastclr.errors import FastclrError
@@ -89,6 +89,9 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
         raise FastclrError(f"--split must be all, {', '.join(SPLITS)}; got {split!r}")
     path = Path(data)
     refuse_ambiguous(data)
+    if data in REGISTRY and path.is_dir() and not holds_dataset(data, path):
+        raise FastclrError(f"--data {data} names the built-in dataset {data} and the folder ./{data} in this folder; "
+                           f"give ./{data} for the folder's images, or rename the folder to use the built-in")
     if data in REGISTRY:
         ds = load_builtin(data, root)
         blocks = [(s, b) for s, b in builtin_blocks(ds) if split in ("all", s)]
@@ -111,7 +114,10 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
             finally:  # the blocks map the temporary store, which Windows cannot delete while mapped
                 source.blocks.clear()
     else:
-        raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of images")
+        hint = ("; put it in a folder of its own to embed it, or give it to `fastclr neighbours --query`"
+                if path.is_file() else "")
+        raise FastclrError(f"--data {data}: not a built-in dataset ({', '.join(REGISTRY)}), a store or a folder of "
+                           f"images{hint}")
 
 
 def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
@@ -140,6 +146,9 @@ def output_paths(out: Path) -> tuple[Path, Path]:
         if path.is_file() and _first_line(path) != ",".join(header):  # `--out data` beside the user's data.csv
             raise FastclrError(f"--out {out} would replace {path}, which is not an embedding's file; choose another "
                                "--out")
+    if npy.is_file() and not npy.with_suffix(".csv").is_file():  # an embedding's pair is written whole or not at all
+        raise FastclrError(f"--out {out} would replace {npy}, which is not an embedding's file (no index "
+                           f"{npy.with_suffix('.csv').name} beside it); choose another --out")
     refuse_uncreatable(npy.parent)
     return npy, npy.with_suffix(".csv")
 
@@ -212,8 +221,8 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
           workers: int = 0, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """Features of every image of `data` under the run's encoder, written as `out` (.npy + .csv).
     A folder's unusable files are listed in FILE.skipped.csv, written with the pair (alone when the
-    embedding then fails: the log has named it); a list left by an earlier embedding into the same
-    FILE is removed when nothing is skipped now."""
+    embedding then fails and no earlier pair is at FILE: the log has named it); a list left by an
+    earlier embedding into the same FILE is removed when nothing is skipped now."""
     if batch_size < 1:
         raise FastclrError(f"--batch-size must be at least 1, got {batch_size}")
     npy, _ = output_paths(out)
@@ -224,9 +233,11 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
             features = _embed_source(run, src, data, split, device, batch_size, log)
             paths = write_embeddings(out, features, src.rows, src.skipped_csv)
         except BaseException:
-            if src.skipped_csv is not None:  # the log named the list: it is kept even when embedding fails
+            if src.skipped_csv is not None and not npy.exists():  # the log named the list: kept though embedding failed
                 skipped.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(skipped, lambda f: f.write(src.skipped_csv or b""))
+            elif src.skipped_csv is not None:  # an earlier embedding's pair and list stay together, as they were
+                log(f"note: {skipped} was not written: it stays the list of the embedding already in {npy}")
             raise
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")
     return paths
