@@ -225,6 +225,21 @@ def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe
     assert export.read_bytes() == mine
 
 
+def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_steps_before_it(tmp_path: Path) -> None:
+    """`--resume RUN --temperature 0.5 --lr 0.01` trained on with them without a word, and config.toml
+    then recorded t = 0.5 for steps that ran at 0.2. The note names each change with both values
+    and the steps that trained without it; how a process runs (threads) is no change of the run's."""
+    ds, run = tiny_dataset(), tmp_path / "run"
+    assert pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, stop=lambda step: step == 5, **QUIET).stopped
+    lines: list[str] = []
+    pretrain(tiny_config(run, train__epochs=3.0, optim__lr=0.01, train__temperature=0.5, augment__scale_min=0.5,
+                         train__threads=1), dataset=ds, resume=run, progress=False, log=lines.append)
+    assert [line for line in lines if line.startswith("note:")] == [
+        "note: resuming with augment.scale_min 0.8 -> 0.5, optim.lr 0.003 -> 0.01, train.temperature 0.2 -> 0.5: the "
+        "steps from 6 on train with them, the 5 before did not, and config.toml now records the new"]
+    assert "temperature = 0.5" in (run / "config.toml").read_text(encoding="utf-8")
+
+
 def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so(tmp_path: Path) -> None:
     """`--resume RUN --lr 0.05` on a finished run trained nothing, yet rewrote config.toml and the
     final checkpoint with lr 0.05: a record of a learning rate the run never trained with (and a

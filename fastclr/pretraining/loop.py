@@ -511,6 +511,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         log(f"note: --epochs {cfg.train.epochs:g} ends at step {run.state.total_steps}, before step {run.state.step}, "
             f"which this run has reached: it ends there, part way down the learning rate of its "
             f"{int(state['total_steps'])}-step schedule")
+    if state is not None and saved is not None and not run.finished_before:
+        _note_changed_settings(saved, cfg, run.state.step, log)
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         if state is not None and run.state.step < run.state.total_steps:
             _retire_export(run_dir, state, log)
@@ -530,6 +532,22 @@ RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "
                           "train.trackers", "eval.probe", "eval.monitor_every", "eval.knn_k", "eval.untrained_reference",
                           "eval.monitor_share"})
 """Settings of how a process runs and reports, not of what a run trains."""
+
+
+SAID_ELSEWHERE = frozenset({"train.epochs", "train.time_budget", "model.init", "model.init_sha256", "model.init_seed"})
+"""Settings a resume changes whose own notes say so (the run's length, how it started)."""
+
+
+def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callable[[str], None]) -> None:
+    """A resume that trains on with other settings (a temperature, a learning rate, the views) was
+    silent, and config.toml then records them as the whole run's: the note names each change and
+    the steps that trained without it."""
+    changed = [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS and k not in SAID_ELSEWHERE]
+    if changed:
+        now, then = config_mod.to_flat(wanted), config_mod.to_flat(saved)
+        log(f"note: resuming with {', '.join(f'{k} {then[k]!r} -> {now[k]!r}' for k in changed)}: the steps from "
+            f"{step + 1} on train with {'it' if len(changed) == 1 else 'them'}, the {step} before did not, and "
+            "config.toml now records the new")
 
 
 def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:
