@@ -457,6 +457,8 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     q = root / "bars" / read_store(store).paths[3]
     before = {p.name: p.read_bytes() for p in store.iterdir()}
     query = q.read_bytes()
+    photo = root / "bars" / read_store(store).paths[4]
+    its_bytes = photo.read_bytes()
     (tmp_path / "data.csv").write_text("date,sales\n2026-12-01,3\n", encoding="utf-8")
     (tmp_path / "mine.skipped.csv").write_text("my notes\n", encoding="utf-8")
     np.save(tmp_path / "weights.npy", np.arange(6.0))  # a user's array, no embedding's index beside it
@@ -479,6 +481,10 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
          f"would replace {tmp_path / 'mine.skipped.csv'}, which is not an embedding's file"),
         (["embed", r, "--data", str(store), "--out", str(tmp_path / "weights")],
          f"would replace {tmp_path / 'weights.npy'}, which is not an embedding's file (no index weights.csv beside it)"),
+        # a grid named as another of the store's photos replaced it (and a later prepare took the grid in)
+        (["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(photo)],
+         f"--grid {photo} is there and is not a grid fastclr wrote (a photo of the store's, say); choose another "
+         "--grid, or remove the file to replace it"),
     ]:
         assert main([*args, "--device", "cpu"] if args[0] != "export" else args) == 2, args
         out, err = capsys.readouterr()
@@ -487,7 +493,11 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before and q.read_bytes() == query
     assert (tmp_path / "data.csv").read_text(encoding="utf-8").startswith("date,sales")
     assert (tmp_path / "mine.skipped.csv").read_text(encoding="utf-8") == "my notes\n"
-    assert np.array_equal(np.load(tmp_path / "weights.npy"), np.arange(6.0))
+    assert np.array_equal(np.load(tmp_path / "weights.npy"), np.arange(6.0)) and photo.read_bytes() == its_bytes
+    for name in ("g.png", "g.jpg", "g.gif"):  # a grid is replaced by the next one into the same name
+        for _ in range(2):
+            assert main(["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(tmp_path / name),
+                         "-k", "2", "--device", "cpu"]) == 0
     # an embedding's own pair is replaced by the next one into the same name
     for _ in range(2):
         assert main(["embed", r, "--data", str(store), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0

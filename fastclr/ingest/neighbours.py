@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from fastclr.files import WriteFailed, atomic_write, npy_writer
 from fastclr.data.datasets import REGISTRY
@@ -78,6 +78,29 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """The image files a grid is written as (PIL picks the format from the name)."""
+GRID_MARK = "fastclr neighbours grid"
+"""Written into every grid (a PNG's Software text, a JPEG's or GIF's comment): an existing file is
+replaced only when it carries it, so a --grid naming a photo (one of the store's own, say) is refused."""
+
+
+def _marked(fmt: str) -> dict[str, object]:
+    """The `Image.save` arguments that write GRID_MARK in `fmt`, where the format holds text."""
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", GRID_MARK)
+        return {"pnginfo": info}
+    return {"comment": GRID_MARK} if fmt in ("JPEG", "GIF") else {}
+
+
+def is_grid(path: Path) -> bool:
+    """Whether the image file at `path` is a grid `neighbours` wrote."""
+    try:
+        with Image.open(path) as im:
+            comment = im.info.get("comment")
+            text = comment.decode(errors="replace") if isinstance(comment, bytes) else comment
+            return GRID_MARK in (im.info.get("Software"), text)
+    except Exception:  # not an image Pillow reads: not one of ours
+        return False
 
 
 def grid_image(tiles: list[np.ndarray], gap: int = 2, columns: int = GRID_COLUMNS) -> Image.Image:
@@ -102,6 +125,9 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
         refuse_nameless(grid, "--grid", example="grid.png")
         refuse_output(grid, "--grid", kind="the grid", suffixes=GRID_SUFFIXES, inputs=(query,))
         refuse_unwritable_file(grid, "--grid")  # its folder made only when it is written: a refused search leaves nothing
+        if grid.is_file() and not is_grid(grid):
+            raise FastclrError(f"--grid {grid} is there and is not a grid fastclr wrote (a photo of the store's, say); "
+                               "choose another --grid, or remove the file to replace it")
     if str(store_path) in REGISTRY and not store_path.exists():
         raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")
@@ -119,7 +145,8 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
         g = grid_image([image, *(np.asarray(store.images[i]) for i in idx.tolist())])
         encoded = io.BytesIO()
         try:
-            g.save(encoded, format=Image.registered_extensions()[grid.suffix.lower()])
+            fmt = Image.registered_extensions()[grid.suffix.lower()]
+            g.save(encoded, format=fmt, **_marked(fmt))
         except (OSError, ValueError, KeyError) as e:
             raise FastclrError(f"--grid {grid}: cannot write the image ({e})") from None
         grid.parent.mkdir(parents=True, exist_ok=True)
