@@ -501,6 +501,8 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     # an embedding's own pair is replaced by the next one into the same name
     for _ in range(2):
         assert main(["embed", r, "--data", str(store), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    assert main(["embed", r, "--data", str(store), "--out", str(tmp_path / "e.csv"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("e.*")) == ["e.csv", "e.npy"]  # the index's name is the pair's (not e.csv.npy)
 
 
 def test_the_onnx_check_images_of_a_store_run_are_its_own_without_a_warning(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

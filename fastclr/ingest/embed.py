@@ -133,11 +133,11 @@ def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
-    """FILE.npy and FILE.csv for `--out FILE[.npy]`, refused before any work where they cannot be
+    """FILE.npy and FILE.csv for `--out FILE[.npy|.csv]`, refused before any work where they cannot be
     written (their folder is made with them: a refused command leaves nothing). A folder's skipped
     files go to FILE.skipped.csv."""
     refuse_nameless(out)
-    npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+    npy = out.with_suffix(".npy") if out.suffix in (".npy", ".csv") else out.with_name(out.name + ".npy")
     for path in (npy, npy.with_suffix(".csv")):
         refuse_output(path)
         if path.is_dir():  # found only when written: the .npy was in place, its index not
