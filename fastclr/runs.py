@@ -198,7 +198,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # a resume, the report and the trackers all read it: one line for each
+        at = data[:e.start].count(b"\n") + 1
+        raise FastclrError(f"{path} line {at} is not UTF-8 text (byte {data[e.start]:#04x}); the file was edited "
+                           "or damaged") from None
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and not text.endswith("\n"):
         lines.pop()

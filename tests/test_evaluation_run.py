@@ -203,6 +203,55 @@ def test_the_table_shows_each_figure_in_its_own_cell() -> None:
     assert ["effective rank", "5.0 / 8", "2.0"] in rows
 
 
+def test_every_lift_shown_and_flagged_is_computed_once_from_the_figures_shown() -> None:
+    """The few-label lift was in eval.json alone (the README promises it beside every probe figure),
+    and a negative one went unremarked; the FLAG read the stored `lift` while the cells recomputed
+    it, so an edited eval.json showed +2.00 beside no flag. Both now come from lift_summary of the
+    figures the table shows."""
+    def curve(accs: dict[int, float]) -> list[dict[str, Any]]:
+        return [{"labels_per_class": n, "mean": a, "std": 0.0, "runs": [{"subset": f"s{n}", "accuracy": a}]}
+                for n, a in accs.items()]
+
+    protocols: dict[str, Any] = {
+        "linear": {"accuracy": 0.90, "labels": 100, "random_init": {"accuracy": 0.88}},
+        "knn": {"accuracy": 0.80, "k": 20, "random_init": {"accuracy": 0.83}},
+        "fewshot": {"curve": curve({2: 0.40, 5: 0.70, 10: 0.75}),
+                    "random_init_curve": curve({2: 0.45, 5: 0.60, 10: 0.80})},
+    }
+    stored = {"linear": 0.5, "knn": 0.5, "small": False, "threshold": SMALL_LIFT, "fewshot": {"2": 0.5}}  # edited
+    out = {"run_dir": "R", "dataset": "d", "total_seconds": 1.0, "encoder": {"encoder": "cnn", "feature_dim": 8},
+           "protocols": protocols, "lift": stored}
+    table = format_table(out)
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()]
+    assert ["linear probe on h", "all (100)", "90.00%", "88.00%", "+2.00 points"] in rows
+    assert ["kNN on h (k=20)", "all", "80.00%", "83.00%", "-3.00 points"] in rows
+    assert ["labels/class", "linear probe on h", "same net untrained", "lift", "supervised from scratch"] in rows
+    assert ["2", "40.00% (1 seed)", "45.00% (1 seed)", "-5.00 points", "-"] in rows
+    assert ["5", "70.00% (1 seed)", "60.00% (1 seed)", "+10.00 points", "-"] in rows
+    flags = [line for line in table.splitlines() if line.startswith("FLAG")]
+    assert flags == [
+        "FLAG: the linear probe is only +2.00 points above the same network untrained (threshold 5 points): most of "
+        "this accuracy is the architecture's, not what pretraining learned",
+        "FLAG: kNN on h is 3.00 points below the same network untrained: pretraining made its features worse for "
+        "it, not better",
+        "FLAG: the few-label probe is below the same network untrained at 2 labels per class (5.00 points), 10 labels "
+        "per class (5.00 points): there pretraining made the features worse, not better"]
+    assert table.index(flags[1]) < table.index("labels/class") < table.index(flags[2])
+
+
+def test_the_table_names_the_run_as_given_and_says_when_it_measured_a_checkpoint() -> None:
+    """A run moved since its evaluation (`cp -a base renamed`) was named by eval.json's old folder;
+    results of a run stopped before its end (measured on its checkpoint) did not say so."""
+    out = {"run_dir": "base", "dataset": "d", "total_seconds": 1.0, "encoder": {"encoder": "cnn", "feature_dim": 8},
+           "protocols": {"knn": {"accuracy": 0.8, "k": 20}}}
+    lines = format_table(out, run_dir="renamed").splitlines()
+    assert lines[0] == "renamed: cnn encoder (h: 8-d) on d" and lines[-1] == "total 1 s; results in renamed/eval.json"
+    assert format_table(out).splitlines()[0] == "base: cnn encoder (h: 8-d) on d"  # evaluate: the folder it was given
+    lines = format_table({**out, "checkpoint_step": 4}).splitlines()
+    assert lines[0] == ("base: cnn encoder (h: 8-d) on d, measured at step 4 of an unfinished run (no exported "
+                        "encoder: it stopped before its end, or is still training): not its final numbers")
+
+
 def test_one_seed_is_shown_without_a_spread() -> None:
     from fastclr.evaluation.table import pct_spread
 
@@ -247,7 +296,8 @@ def test_unlabelled_dataset_asked_for_labelled_protocols(run: Run) -> None:
     run_dir, ds, _ = run
     unlabelled = Dataset("my-photos", ds.pretrain, None, None, [])
     with pytest.raises(FastclrError, match=r"dataset my-photos has no labelled train and test splits, which protocols "
-                                           r"linear need; run `fastclr evaluate RUN_DIR --protocols quality`"):
+                                           rf"linear need; run `fastclr evaluate {re.escape(str(run_dir))} --protocols "
+                                           "quality`"):
         evaluate(run_dir, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=unlabelled, log=lambda s: None)
     quality_only = EvaluateOptions(protocols=("quality",), quality_images=32, device="cpu")
     out = evaluate(run_dir, quality_only, dataset=unlabelled, log=lambda s: None)
@@ -255,7 +305,8 @@ def test_unlabelled_dataset_asked_for_labelled_protocols(run: Run) -> None:
     assert ds.test is not None
     no_test = Dataset("my-photos", ds.pretrain, ds.train, ImageSet(ds.test.images[:0], ds.test.labels[:0]), ds.classes)
     with pytest.raises(FastclrError, match=r"^dataset my-photos's labelled test split is empty, which protocols knn "
-                                           r"need; run `fastclr evaluate RUN_DIR --protocols quality`"):
+                                           rf"need; run `fastclr evaluate {re.escape(str(run_dir))} --protocols "
+                                           "quality`"):
         evaluate(run_dir, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=no_test, log=lambda s: None)
 
 
@@ -373,6 +424,68 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     evaluate(copy, knn, dataset=dataclasses.replace(ds, content="b" * 64), log=lines.append)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
     assert "eval.json held results of another encoder (the run trained on since) or data: replaced" in lines
+
+
+def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: Run, tmp_path: Path) -> None:
+    """A hand-edited eval.json (a string accuracy) made `evaluate --protocols knn` fail with a
+    TypeError in the merge; a damaged one was replaced whole without a word, its results gone. It
+    is kept as eval.json.damaged now (a second as eval.json.damaged-2), said in a note."""
+    import shutil
+
+    run_dir, ds, _ = run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    record = json.loads((copy / "eval.json").read_text())
+    record["protocols"]["linear"]["accuracy"] = "0.9"
+    edited = json.dumps(record)
+    (copy / "eval.json").write_text(edited)
+    knn = EvaluateOptions(protocols=("knn",), device="cpu")
+    lines: list[str] = []
+    evaluate(copy, knn, dataset=ds, log=lines.append)
+    assert (f"note: {copy / 'eval.json'} is damaged (a figure of another kind than an evaluation holds: unsupported "
+            f"operand type(s) for -: 'str' and 'float'); kept as {copy / 'eval.json.damaged'}; this evaluation's "
+            "results replace it") in lines
+    assert (copy / "eval.json.damaged").read_text() == edited
+    assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
+    (copy / "eval.json").write_text("{}")
+    lines.clear()
+    evaluate(copy, knn, dataset=ds, log=lines.append)
+    assert (f'note: {copy / "eval.json"} is damaged (no "protocols" object); kept as {copy / "eval.json.damaged-2"}; '
+            "this evaluation's results replace it") in lines
+    assert (copy / "eval.json.damaged").read_text() == edited and (copy / "eval.json.damaged-2").read_text() == "{}"
+    assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
+
+
+def test_the_pixel_baseline_reads_a_stores_read_only_images_without_a_warning(run: Run, tmp_path: Path) -> None:
+    """A store's images are a read-only memory map: `--protocols pixels` printed PyTorch's "The given
+    NumPy array is not writable" warning with a source line, --quiet or not. The figures are those of
+    the probe and kNN on the pixels in [0, 1]."""
+    import shutil
+    import warnings
+
+    from fastclr.evaluation.run import pixel_rows
+
+    run_dir, ds, _ = run
+    assert ds.train is not None and ds.test is not None
+
+    def read_only(x: np.ndarray) -> np.ndarray:
+        x = x.copy()
+        x.flags.writeable = False
+        return x
+
+    frozen = dataclasses.replace(ds, train=ImageSet(read_only(ds.train.images), ds.train.labels),
+                                 test=ImageSet(read_only(ds.test.images), ds.test.labels))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = evaluate(Path(shutil.copytree(run_dir, tmp_path / "run")), EvaluateOptions(protocols=("pixels",),
+                       device="cpu"), dataset=frozen, log=lambda s: None)
+    assert [str(w.message) for w in caught] == []
+    rows = pixel_rows(frozen.train.images)
+    assert torch.equal(rows, torch.tensor(ds.train.images).reshape(len(ds.train.images), -1).float() / 255)
+    ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
+    xte = torch.tensor(ds.test.images).reshape(len(yte), -1).float() / 255
+    assert out["protocols"]["pixels"]["linear_accuracy"] == linear_probe(rows, ytr, xte, yte).accuracy
+    k = load_run(run_dir, log=lambda s: None).config.eval.knn_k
+    assert out["protocols"]["pixels"]["knn_accuracy"] == knn_accuracy(rows, ytr, xte, yte, k, EvaluateOptions().knn_tau)
 
 
 def test_knn_records_the_k_its_vote_used(run: Run, tmp_path: Path) -> None:
@@ -696,10 +809,11 @@ def test_the_tables_protocol_and_curve_rows_show_each_protocols_own_figures() ->
     assert ["linear probe on h", "all (100)", "91.00%", "62.00%", "+29.00 points"] in rows
     assert ["kNN on h (k=20)", "all", "83.00%", "41.00%", "+42.00 points"] in rows
     assert ["linear probe on pixels", "all", "55.00%"] in rows and ["kNN on pixels", "all", "47.00%"] in rows
-    assert ["labels/class", "linear probe on h", "same net untrained", "supervised from scratch",
+    assert ["labels/class", "linear probe on h", "same net untrained", "lift", "supervised from scratch",
             "probe over scratch, same labels"] in rows
-    assert ["2", "70.00% (1 seed)", "30.00% (1 seed)", "60.00% (1 seed)", "+10.00 points (1 subset)"] in rows
-    assert ["5", "-", "-", "50.00% (1 seed)", "-"] in rows
+    assert ["2", "70.00% (1 seed)", "30.00% (1 seed)", "+40.00 points", "60.00% (1 seed)", "+10.00 points (1 subset)"] \
+        in rows
+    assert ["5", "-", "-", "-", "50.00% (1 seed)", "-"] in rows
     assert not any(line.startswith("FLAG") for line in format_table(out).splitlines())
 
 

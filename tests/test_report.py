@@ -140,6 +140,12 @@ def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dat
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
     assert "No evaluation yet" not in html and 'aria-label="Label efficiency"' in html
     assert f"{100 * out['protocols']['linear']['accuracy']:.2f}%" in html
+    # the few-label lift beside its untrained figure, as the linear probe's (it was in eval.json alone)
+    few, untrained = out["protocols"]["fewshot"]["curve"][0], out["protocols"]["fewshot"]["random_init_curve"][0]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in section_html(html, "numbers").splitlines()]
+    assert next(r for r in rows if r[0] == "2")[:4] == [
+        "2", f"{100 * few['mean']:.2f}% (1 seed)", f"{100 * untrained['mean']:.2f}% (1 seed)",
+        f"{100 * (few['mean'] - untrained['mean']):+.2f} points"]
     # The curve's points are eval.json's means: each marker names its (labels, accuracy).
     points = re.findall(r"<title>([^<:]+): ([\d.]+), ([\d.]+)</title>", section_html(html, "efficiency"))
     p = out["protocols"]
@@ -160,6 +166,44 @@ def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dat
     (run_dir / "eval.json").write_text(json.dumps({**out, "data_content": "a" * 64}))
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
     assert "eval.json was computed for other data than the run's now" in section_html(html, "efficiency")
+
+
+def test_a_moved_run_is_named_as_it_is_now_and_advice_names_its_folder(run: tuple[Path, Dataset],
+                                                                      tmp_path: Path) -> None:
+    """`cp -a base renamed; fastclr report renamed`: the Numbers named `base` (eval.json's run_dir),
+    and the advice for a few-label curve named a literal RUN_DIR."""
+    old = Path(shutil.copytree(run[0], tmp_path / "base"))
+    evaluate(old, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=run[1], log=lambda s: None)
+    moved = Path(shutil.copytree(old, tmp_path / "renamed"))
+    shutil.rmtree(old)
+    html = build_report(moved, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    numbers = section_html(html, "numbers")
+    assert f"<pre>{moved}: " in numbers and f"results in {moved}/eval.json</pre>" in numbers
+    assert str(old) + ":" not in numbers and f"{old}/" not in numbers
+    assert (f'<p class="note">eval.json holds no few-label results: run <code>fastclr evaluate {moved} --protocols '
+            f"fewshot,supervised</code>, then <code>fastclr report {moved}</code> again.</p>") in \
+        section_html(html, "efficiency")
+
+
+def test_a_report_of_an_unfinished_run_says_at_which_step(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """A run stopped at step 3 (no exported encoder): the terminal said so, the report did not, in its
+    header or its numbers, though eval.json records the step."""
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config
+
+    run_dir = tmp_path / "stopped"
+    cfg = tiny_config(run_dir, train__batch_size=64, train__epochs=1.0, train__device="cpu")
+    assert pretrain(cfg, dataset=run[1], log=lambda s: None, progress=False, stop=lambda step: step == 3).stopped
+    out = evaluate(run_dir, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=run[1], log=lambda s: None)
+    assert out["checkpoint_step"] == 3
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
+    words = "step 3 of an unfinished run (no exported encoder: it stopped before its end, or is still training)"
+    assert f'<p class="note">{run_dir} · the encoder at {words} · cnn encoder' in html
+    dim = out["encoder"]["feature_dim"]
+    assert (f"<pre>{run_dir}: cnn encoder (h: {dim}-d) on fashion-mnist, measured at {words}: not its final "
+            "numbers\n") in section_html(html, "numbers")
+    finished = build_report(run[0], out=tmp_path / "r.html", device="cpu", map_method="pca", dataset=run[1])
+    assert "unfinished" not in finished.read_text()
 
 
 def test_the_probe_line_says_when_probe_json_measured_other_weights(run: tuple[Path, Dataset], tmp_path: Path) -> None:
@@ -219,6 +263,19 @@ def test_report_of_an_unlabelled_dataset(run: tuple[Path, Dataset], tmp_path: Pa
         assert f'<section id="{sid}"' in html
     assert "pretraining images (evenly spaced)" in html and "coloured by class" not in html
     assert "share the query's class" not in html  # nothing to compare without labels
+    # The advice was `fastclr evaluate RUN_DIR` (the default protocols, which need labels, and a literal
+    # RUN_DIR), then with an eval.json `--protocols fewshot,supervised`: both refused on this data.
+    why = ("my-photos has no labelled train and test splits, so there is no label-efficiency curve (the few-label "
+           "probe and the supervised baseline need labels)")
+    quality = (f"{why}: run <code>fastclr evaluate {run_dir} --protocols quality</code>, then <code>fastclr report "
+               f"{run_dir}</code> again, for its label-free measures.")
+    assert f'<p class="note">{quality}</p>' in section_html(html, "efficiency")
+    assert f'<p class="note">{quality}</p>' in section_html(html, "numbers")
+    evaluate(run_dir, EvaluateOptions(protocols=("quality",), quality_images=32, device="cpu"), dataset=unlabelled,
+             log=lambda s: None)
+    html = build_report(run_dir, device="cpu", map_method="pca", dataset=unlabelled).read_text()
+    assert f'<p class="note">{why}; its label-free measures are under Numbers.</p>' in section_html(html, "efficiency")
+    assert "RUN_DIR" not in html and "fewshot" not in html
 
 
 def test_training_curves_name_every_logged_value_on_hover(run: tuple[Path, Dataset], tmp_path: Path) -> None:
@@ -284,14 +341,76 @@ def test_the_probe_line_without_evaluation_gives_the_untrained_reference_and_fla
     assert probe_summary({"steps": 2}) == ""
 
 
-@pytest.mark.parametrize("text", ['{"protocols": ', "[1]", "\udcff"])
-def test_a_damaged_eval_json_is_one_line_naming_it(tmp_path: Path, text: str) -> None:
+SHOWN = {"run_dir": "r", "dataset": "d", "encoder": {"encoder": "cnn", "feature_dim": 8}, "total_seconds": 1.0,
+         "protocols": {"linear": {"accuracy": 0.9, "labels": 10, "random_init": {"accuracy": 0.8}}}}
+"""The least an eval.json holds for its table to be shown."""
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"protocols": ', r"Expecting value"), ("[1]", "a JSON list, not an object"), ("\udcff", "can't decode byte"),
+    # hand edits: KeyError 'protocols' and TypeErrors reached the user as tracebacks
+    ("{}", 'no "protocols" object'),
+    (json.dumps({**SHOWN, "protocols": {"linear": {**SHOWN["protocols"]["linear"], "accuracy": "0.9"}}}),
+     "a figure of another kind than an evaluation holds: unsupported operand type"),
+    (json.dumps({**SHOWN, "protocols": {"linear": {"accuracy": None, "labels": 10}}}),
+     "a figure of another kind than an evaluation holds: unsupported operand type"),
+    (json.dumps({k: v for k, v in SHOWN.items() if k != "encoder"}), "no 'encoder' where an evaluation holds one"),
+])
+def test_a_damaged_eval_json_is_one_line_naming_it(tmp_path: Path, text: str, why: str) -> None:
     from fastclr.errors import FastclrError
     from fastclr.evaluation.run import read_eval
 
     (tmp_path / "eval.json").write_bytes(text.encode("utf-8", "surrogateescape"))
-    with pytest.raises(FastclrError, match=r"eval.json is damaged .*; run fastclr evaluate .* again"):
+    with pytest.raises(FastclrError) as e:
         read_eval(tmp_path)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'eval.json'} is damaged (") and why in message and "\n" not in message
+    assert message.endswith(f"; run `fastclr evaluate {tmp_path}` again, which keeps it as eval.json.damaged and "
+                            "writes a new one")
+    (tmp_path / "eval.json").write_text(json.dumps(SHOWN))
+    assert read_eval(tmp_path) == SHOWN
+
+
+def test_a_report_of_a_run_with_a_hand_edited_eval_json_is_one_line(run: tuple[Path, Dataset], tmp_path: Path) -> None:
+    """The report read the figures eval.json holds where the table does not (a one-seed curve's std):
+    one line too, not a TypeError from the chart."""
+    from fastclr.errors import FastclrError
+
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
+    curve = [{"labels_per_class": 2, "mean": 0.5, "std": "x", "runs": [{"subset": "a", "accuracy": 0.5}]}]
+    (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": curve}}}))
+    with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an evaluation "
+                                           r"holds: .*\); run `fastclr evaluate \S+` again, which keeps it as "
+                                           r"eval.json.damaged and writes a new one$"):
+        build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
+
+
+def test_metrics_values_that_are_null_are_left_out_and_others_that_are_not_numbers_are_one_line(
+        tmp_path: Path) -> None:
+    """A metrics.jsonl saved by pandas (NaN written as null) crashed the report with a TypeError; a
+    null is that value missing, left out of its curve as NaN is. A string or non-UTF-8 bytes (a
+    UnicodeDecodeError before) are damage: one line naming the file and record."""
+    from fastclr.errors import FastclrError
+    from fastclr.report.build import _metrics
+
+    records = [{"step": 2, "loss": 4.0, "lr": 0.1}, {"step": 4, "loss": None, "lr": 0.2},
+               {"step": 6, "loss": 3.0, "lr": None}, {"step": 8, "knn_acc": None}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    charts = figures.training_curves(_metrics(tmp_path))
+    titles = lambda svg, name: re.findall(rf"<title>{name}: ([^<]+)</title>", svg)  # noqa: E731
+    assert titles(charts[0], "NT-Xent loss") == ["2, 4", "6, 3"]
+    assert titles(charts[2], "learning rate") == ["2, 0.1", "4, 0.2"]
+    assert charts[3].endswith("Online kNN monitor accuracy: no data</text></svg>")
+    path = tmp_path / "metrics.jsonl"
+    fix = "the file was edited or damaged: repair it, or move it away to report the run without training curves"
+    path.write_text(json.dumps(records[0]) + "\n" + json.dumps({"step": 4, "loss": "3.5"}) + "\n")
+    with pytest.raises(FastclrError) as e:
+        _metrics(tmp_path)
+    assert str(e.value) == f'{path} record 2 holds \'loss\': "3.5", not a number; {fix}'
+    path.write_bytes(json.dumps(records[0]).encode() + b"\n\xd7\xff garbage\n")
+    with pytest.raises(FastclrError) as e:
+        _metrics(tmp_path)
+    assert str(e.value) == f"{path} line 2 is not UTF-8 text (byte 0xd7); the file was edited or damaged"
 
 
 def test_a_chart_leaves_out_points_that_are_not_finite() -> None:

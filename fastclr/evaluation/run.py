@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, first_sentence
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
 from fastclr.evaluation.features import (encode, evenly_spaced, features_of, require_finite, state_checksum,
                                          view_pairs)
@@ -30,6 +32,7 @@ from fastclr.evaluation.quality import feature_quality
 from fastclr.evaluation.subsets import fraction_per_class, labels_for_fraction, smallest_class, stratified_subset
 from fastclr.evaluation.reference import lift_summary, untrained_encoder
 from fastclr.evaluation.supervised import supervised_baseline
+from fastclr.evaluation.table import format_table
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run, run_data
 from fastclr.evaluation.probe import linear_probe
@@ -156,12 +159,18 @@ def _pixels(c: Context) -> dict[str, Any]:
     s = c.setup
     assert s is not None
     ytr, yte = torch.from_numpy(s.train_labels), torch.from_numpy(s.test_labels)
-    xtr = torch.from_numpy(s.train_images.reshape(len(ytr), -1)).float() / 255
-    xte = torch.from_numpy(s.test_images.reshape(len(yte), -1)).float() / 255
+    xtr, xte = pixel_rows(s.train_images), pixel_rows(s.test_images)
     res = linear_probe(xtr, ytr, xte, yte)
     k = c.options.knn_k or c.run.config.eval.knn_k
     return {"linear_accuracy": res.accuracy, "l2": res.l2,
             "knn_accuracy": knn_accuracy(xtr, ytr, xte, yte, k, c.options.knn_tau)}
+
+
+def pixel_rows(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W, C) as float rows (N, H*W*C) in [0, 1]. Divided in NumPy into one new
+    float32 array: a store's images are a read-only memory map, which torch.from_numpy warns about
+    (and a copy of the uint8 images first would only add a fourth of the floats' memory for nothing)."""
+    return torch.from_numpy(np.divide(images.reshape(len(images), -1), np.float32(255), dtype=np.float32))
 
 
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -182,13 +191,20 @@ def parse_protocols(text: str) -> tuple[str, ...]:
     return names
 
 
+def has_labelled_splits(dataset: Dataset) -> bool:
+    """Whether `dataset` has the labelled train and test splits the labelled protocols need."""
+    tr, te = dataset.train, dataset.test
+    return tr is not None and te is not None and tr.labels is not None and te.labels is not None
+
+
 def labelled_splits(run: LoadedRun, dataset: Dataset, device: torch.device, recipe: TrainRecipe,
                     missing: str) -> LabelledSetup:
     """The run's labelled train and test splits with `recipe`; without them, one line: the dataset
     has none, then `missing` (who needs them and what to do instead)."""
-    tr, te = dataset.train, dataset.test
-    if tr is None or te is None or tr.labels is None or te.labels is None:
+    if not has_labelled_splits(dataset):
         raise FastclrError(f"dataset {dataset.name} has no labelled train and test splits{missing}")
+    tr, te = dataset.train, dataset.test
+    assert tr is not None and te is not None and tr.labels is not None and te.labels is not None  # (for mypy)
     empty = [name for name, labels in (("train", tr.labels), ("test", te.labels)) if len(labels) == 0]
     if empty:  # (a Dataset built in Python: a store's splits hold images) torch's error was about max()
         raise FastclrError(f"dataset {dataset.name}'s labelled {' and '.join(empty)} split{'s' * (len(empty) > 1)} "
@@ -206,8 +222,8 @@ def labelled_setup(run: LoadedRun, dataset: Dataset, options: EvaluateOptions, d
     photos has classes of tens); one-line errors when labels are missing, or asked-for points are
     too many."""
     setup = labelled_splits(run, dataset, device, options.recipe(run.config.augment.flip_p),
-                            f", which protocols {', '.join(wanted)} need; run `fastclr evaluate RUN_DIR --protocols "
-                            "quality` for the label-free measures")
+                            f", which protocols {', '.join(wanted)} need; run `fastclr evaluate {run.run_dir} "
+                            "--protocols quality` for the label-free measures")
     fewest, k = smallest_class(setup.train_labels, len(setup.classes)), len(setup.classes)
     if fewest > 0:
         def reachable(points: tuple[Any, ...], need: Callable[[Any], int], fallback: Any, what: str, flag: str,
@@ -340,13 +356,18 @@ def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: Dataset, now: 
     """What an earlier eval.json of the same encoder and data holds for protocols not run now
     (`--protocols knn` after a full evaluation keeps the rest), with their seconds and options;
     nothing when it measured another encoder (the run trained on since) or dataset (another one,
-    or the same store prepared again: its content differs), or cannot be read."""
+    or the same store prepared again: its content differs). A damaged one is kept aside under a
+    name of its own, said in a note: its results cannot be carried over, and are not lost unsaid."""
     none: dict[str, Any] = {"protocols": {}, "seconds": {}, "options_of": {}}
+    path = run_dir / EVAL_FILE
+    aside = _aside(path)
     try:
-        old = read_eval(run_dir)
-    except FastclrError:
-        return none  # damaged: replaced whole, as before
-    if not isinstance(old, dict) or not isinstance(old.get("protocols"), dict):
+        old = read_eval(run_dir, fix=f"kept as {aside}; this evaluation's results replace it")
+    except FastclrError as e:
+        os.replace(path, aside)
+        log(f"note: {e}")
+        return none
+    if old is None:
         return none
     if old.get("encoder_sha256") != encoder_sha256 or not same_data(old, dataset):
         log(f"{EVAL_FILE} held results of another encoder (the run trained on since) or data: replaced")
@@ -354,10 +375,21 @@ def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: Dataset, now: 
     names = [n for n in old["protocols"] if n not in now and n in RUNNERS]
     if names:
         log(f"kept from the earlier {EVAL_FILE} (the same encoder): {', '.join(names)}")
-    seconds, options = old.get("seconds") or {}, old.get("options_of") or {}
+    seconds, options = (v if isinstance(v, dict) else {} for v in (old.get("seconds"), old.get("options_of")))
     return {"protocols": {n: old["protocols"][n] for n in names},
             "seconds": {n: seconds[n] for n in names if n in seconds},
             "options_of": {n: options.get(n, old.get("options")) for n in names}}
+
+
+def _aside(path: Path) -> Path:
+    """A free name beside `path` to keep a damaged copy under: NAME.damaged, then NAME.damaged-2, ...
+    (an earlier damaged copy is never replaced)."""
+    n = 1
+    while True:
+        aside = path.with_name(f"{path.name}.damaged" + (f"-{n}" if n > 1 else ""))
+        if not aside.exists():
+            return aside
+        n += 1
 
 
 def _pretrained_steps(run_dir: Path) -> int:
@@ -376,8 +408,36 @@ def same_data(record: dict[str, Any], dataset: Dataset) -> bool:
     return record.get("dataset") == dataset.name and record.get("data_content", "") == dataset.content
 
 
-def read_eval(run_dir: Path) -> dict[str, Any] | None:
-    """A run's eval.json, or None when it has not been evaluated."""
+def read_eval(run_dir: Path, fix: str = "") -> dict[str, Any] | None:
+    """A run's eval.json, or None when it has not been evaluated. One line naming the file and
+    `fix` (by default: evaluate again) when it is damaged: not JSON, or not an evaluation the
+    table can show (edited by hand: a figure missing, or not a number)."""
     path = run_dir / EVAL_FILE
-    return read_json(path, f"run fastclr evaluate {run_dir} again, which replaces it") if path.exists() else None
+    if not path.exists():
+        return None
+    fix = fix or evaluate_again(run_dir)
+    record = read_json(path, fix)
+    if not isinstance(record.get("protocols"), dict):
+        raise FastclrError(f"{path} is damaged (no \"protocols\" object); {fix}")
+    with unreadable_as_damaged(path, fix):
+        format_table(record)  # reads every figure the table and the merge read: the check is its use
+    return record
 
+
+def evaluate_again(run_dir: Path) -> str:
+    """The fix for a damaged eval.json: evaluating again sets it aside (named here) and writes a new one."""
+    aside = _aside(run_dir / EVAL_FILE).name
+    return f"run `fastclr evaluate {run_dir}` again, which keeps it as {aside} and writes a new one"
+
+
+@contextmanager
+def unreadable_as_damaged(path: Path, fix: str) -> Iterator[None]:
+    """Reading an eval.json's figures (the table, the report's curve): one missing, or of another
+    kind than a number, as a hand edit leaves them, is one line naming `path` and `fix`."""
+    try:
+        yield
+    except KeyError as e:
+        raise FastclrError(f"{path} is damaged (no {e.args[0]!r} where an evaluation holds one); {fix}") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        raise FastclrError(f"{path} is damaged (a figure of another kind than an evaluation holds: "
+                           f"{first_sentence(e)}); {fix}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastclr.evaluation.reference import lift_summary
 from fastclr.progress import counted
 
 
@@ -42,18 +43,19 @@ def paired_gap(probe: dict[str, Any], scratch: dict[str, Any]) -> tuple[float, i
 
 
 def curve_rows(results: dict[str, Any]) -> list[list[str]]:
-    """Label-efficiency rows: labels per class, few-label probe (and on the untrained network),
-    supervised baseline, and the probe's lead over it on the same labels."""
+    """Label-efficiency rows: labels per class, few-label probe (and on the untrained network, with
+    the lift over it), supervised baseline, and the probe's lead over it on the same labels."""
     probe = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("curve", [])}
     untrained = {e["labels_per_class"]: e for e in results.get("fewshot", {}).get("random_init_curve", [])}
+    lift = lift_summary(results).get("fewshot", {})
     sup = {e["labels_per_class"]: e for e in results.get("supervised", {}).get("curve", [])}
-    head = ["labels/class", "linear probe on h"] + (["same net untrained"] if untrained else []) + \
+    head = ["labels/class", "linear probe on h"] + (["same net untrained", "lift"] if untrained else []) + \
         ["supervised from scratch"] + (["probe over scratch, same labels"] if probe and sup else [])
     rows = [head]
     for n in sorted(set(probe) | set(sup)):
         row = [str(n), pct_spread(probe[n]) if n in probe else "-"]
         if untrained:
-            row.append(pct_spread(untrained[n]) if n in untrained else "-")
+            row += [pct_spread(untrained[n]), points(lift[str(n)])] if str(n) in lift else ["-", "-"]
         row.append(pct_spread(sup[n]) if n in sup else "-")
         if probe and sup:
             gap = paired_gap(probe[n], sup[n]) if n in probe and n in sup else None
@@ -62,39 +64,77 @@ def curve_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def untrained_cells(entry: dict[str, Any]) -> list[str]:
-    """'same net untrained' and 'lift' cells of a protocol that measured both."""
-    if "random_init" not in entry:
+def untrained_cells(entry: dict[str, Any], lift: float | None) -> list[str]:
+    """'same net untrained' and 'lift' cells of a protocol; the lift is `lift_summary`'s, as the
+    flags below the table read it."""
+    if "random_init" not in entry or lift is None:
         return ["-", "-"]
-    r = entry["random_init"]["accuracy"]
-    return [pct(r), points(entry["accuracy"] - r)]
+    return [pct(entry["random_init"]["accuracy"]), points(lift)]
 
 
-def format_table(out: dict[str, Any], footer: bool = True) -> str:
-    """The whole evaluation as text; `footer`: with the line naming its time and eval.json."""
+def probe_flags(lift: dict[str, Any]) -> list[str]:
+    """FLAG lines under the protocol rows: a linear-probe lift under the threshold (most of the
+    accuracy is the architecture's), and a kNN lift below zero (the untrained network did better)."""
+    lines = []
+    if lift.get("small"):
+        where = f"only {points(lift['linear'])} above" if lift["linear"] >= 0 else \
+            f"{100 * -lift['linear']:.2f} points below"  # "only -57.14 points above" read as a typo
+        lines.append(f"FLAG: the linear probe is {where} the same network untrained "
+                     f"(threshold {100 * lift['threshold']:g} points): most of this accuracy is the architecture's, "
+                     "not what pretraining learned")
+    if lift.get("knn", 0.0) < 0:
+        lines.append(f"FLAG: kNN on h is {100 * -lift['knn']:.2f} points below the same network untrained: "
+                     "pretraining made its features worse for it, not better")
+    return lines
+
+
+def fewshot_flags(lift: dict[str, Any]) -> list[str]:
+    """The FLAG line under the label-efficiency rows: the points where the few-label probe did
+    worse than on the same network untrained (a few labels read random features better)."""
+    below = sorted((int(n), -v) for n, v in lift.get("fewshot", {}).items() if v < 0)
+    if not below:
+        return []
+    return ["FLAG: the few-label probe is below the same network untrained at "
+            + ", ".join(f"{n} labels per class ({100 * v:.2f} points)" for n, v in below)
+            + ": there pretraining made the features worse, not better"]
+
+
+def unfinished(step: int | None) -> str:
+    """Words for an encoder read from a run's checkpoint at `step`, as a run without an exported
+    encoder (stopped before its end, or still training) is read: its figures are not the run's
+    final ones. "" for a finished run (`step` None: its export)."""
+    if step is None:
+        return ""
+    return f"step {step} of an unfinished run (no exported encoder: it stopped before its end, or is still training)"
+
+
+def format_table(out: dict[str, Any], footer: bool = True, run_dir: str | None = None) -> str:
+    """The whole evaluation as text; `footer`: with the line naming its time and eval.json;
+    `run_dir`: the run as it is named now (a run moved since names its old folder in `out`). Every
+    lift shown and flagged is `lift_summary` of the figures shown, not the file's stored copy."""
     p = out["protocols"]
     enc = out["encoder"]
-    blocks = [f"{out['run_dir']}: {enc['encoder']} encoder (h: {enc['feature_dim']}-d) on {out['dataset']}"]
+    name = out["run_dir"] if run_dir is None else run_dir
+    step = unfinished(out.get("checkpoint_step"))
+    blocks = [f"{name}: {enc['encoder']} encoder (h: {enc['feature_dim']}-d) on {out['dataset']}"
+              + (f", measured at {step}: not its final numbers" if step else "")]
+    lift = lift_summary(p)
     rows = [["protocol", "labels", "test accuracy", "same net untrained", "lift"]]
     if "linear" in p:
         rows.append(["linear probe on h", f"all ({p['linear']['labels']})", pct(p["linear"]["accuracy"]),
-                     *untrained_cells(p["linear"])])
+                     *untrained_cells(p["linear"], lift.get("linear"))])
     if "knn" in p:
-        rows.append([f"kNN on h (k={p['knn']['k']})", "all", pct(p["knn"]["accuracy"]), *untrained_cells(p["knn"])])
+        rows.append([f"kNN on h (k={p['knn']['k']})", "all", pct(p["knn"]["accuracy"]),
+                     *untrained_cells(p["knn"], lift.get("knn"))])
     if "pixels" in p:
         rows.append(["linear probe on pixels", "all", pct(p["pixels"]["linear_accuracy"])])
         rows.append(["kNN on pixels", "all", pct(p["pixels"]["knn_accuracy"])])
     if len(rows) > 1:
         blocks.append(render(rows))
-    lift = out.get("lift", {})
-    if lift.get("small"):
-        where = f"only {points(lift['linear'])} above" if lift["linear"] >= 0 else \
-            f"{100 * -lift['linear']:.2f} points below"  # "only -57.14 points above" read as a typo
-        blocks.append(f"FLAG: the linear probe is {where} the same network untrained "
-                      f"(threshold {100 * lift['threshold']:g} points): most of this accuracy is the architecture's, "
-                      "not what pretraining learned")
+    blocks += probe_flags(lift)
     if "fewshot" in p or "supervised" in p:
         blocks.append(render(curve_rows(p)))
+        blocks += fewshot_flags(lift)
     if "finetune" in p:
         rows = [["label fraction", "fine-tuned", "linear probe", "from scratch"]]
         for e in p["finetune"]["fractions"]:
@@ -113,10 +153,10 @@ def format_table(out: dict[str, Any], footer: bool = True) -> str:
             ["effective rank", f"{q['effective_rank']:.1f} / {q['feature_dim']}", f"{r['effective_rank']:.1f}"],
         ]))
     if footer:
-        blocks.append(footer_line(out))
+        blocks.append(footer_line(out, name))
     return "\n\n".join(blocks)
 
 
-def footer_line(out: dict[str, Any]) -> str:
-    """The evaluation's time and where its results are."""
-    return f"total {out['total_seconds']:.0f} s; results in {out['run_dir']}/eval.json"
+def footer_line(out: dict[str, Any], run_dir: str | None = None) -> str:
+    """The evaluation's time and where its results are (in `run_dir`, the run as named now)."""
+    return f"total {out['total_seconds']:.0f} s; results in {out['run_dir'] if run_dir is None else run_dir}/eval.json"

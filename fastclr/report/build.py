@@ -29,8 +29,9 @@ from fastclr.evaluation.features import (encode, evenly_spaced, features_of, req
                                          view_pairs)
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.evaluation.reference import small_lift
-from fastclr.evaluation.run import read_eval, same_data
-from fastclr.evaluation.table import format_table
+from fastclr.evaluation.run import (EVAL_FILE, evaluate_again, has_labelled_splits, read_eval, same_data,
+                                    unreadable_as_damaged)
+from fastclr.evaluation.table import format_table, unfinished
 from fastclr.pretrained import (LoadedRun, head_checkpoint, load_run, run_data, trained_head,
                                 trained_temperature)
 from fastclr.ingest.embed import embed_images
@@ -62,8 +63,23 @@ def pick_queries(split: ImageSet, count: int) -> np.ndarray:
     return np.array(firsts, dtype=np.int64)
 
 
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records (`read_metrics`), with one line naming the file for a curve's value
+    that is not a number. A null (pandas saves NaN as null) is that value missing, left out of its
+    curve as NaN is, not damage."""
+    path = run_dir / "metrics.jsonl"
+    fix = "the file was edited or damaged: repair it, or move it away to report the run without training curves"
+    records = read_metrics(run_dir)
+    for n, record in enumerate(records, 1):  # numbered as read_metrics numbers them
+        for key in figures.CURVE_KEYS:
+            value = record.get(key)
+            if value is not None and not figures.is_number(value):
+                raise FastclrError(f"{path} record {n} holds {key!r}: {json.dumps(value)}, not a number; {fix}")
+    return records
+
+
 def _curves_section(run_dir: Path) -> str:
-    metrics = read_metrics(run_dir)
+    metrics = _metrics(run_dir)
     if not metrics:
         return section("curves", "Training curves", note("This run has no metrics.jsonl."), "p")
     charts = "".join(f"<div>{c}</div>" for c in figures.training_curves(metrics))
@@ -252,13 +268,29 @@ def _probe_line(run: LoadedRun, encoder_sha256: str) -> str:
     return f"{line[:-1]} (out of date: measured on other weights than the run holds now)." if line and stale else line
 
 
+def _evaluate_hint(run_dir: Path, dataset: Dataset, ev: dict[str, Any] | None) -> str:
+    """What to run for the label-efficiency curve: the few-label protocols on labelled data; on data
+    without labels, which they cannot use, where its label-free measures are (or what gives them)."""
+    run = escape(str(run_dir))
+    if has_labelled_splits(dataset):
+        if ev is None:
+            return (f"No evaluation yet: run <code>fastclr evaluate {run}</code>, then <code>fastclr report {run}"
+                    "</code> again, to add the label-efficiency curve and the numbers of every protocol.")
+        return (f"eval.json holds no few-label results: run <code>fastclr evaluate {run} --protocols "
+                f"fewshot,supervised</code>, then <code>fastclr report {run}</code> again.")
+    why = (f"{escape(dataset.name)} has no labelled train and test splits, so there is no label-efficiency curve "
+           "(the few-label probe and the supervised baseline need labels)")
+    if ev is not None and "quality" in ev["protocols"]:
+        return f"{why}; its label-free measures are under Numbers."
+    return (f"{why}: run <code>fastclr evaluate {run} --protocols quality</code>, then <code>fastclr report {run}"
+            "</code> again, for its label-free measures.")
+
+
 def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Dataset, encoder_sha256: str) -> list[str]:
     run_dir = run.run_dir
     probe_line = _probe_line(run, encoder_sha256)
     if ev is None:
-        hint = note(f"No evaluation yet: run <code>fastclr evaluate {escape(str(run_dir))}</code>, then "
-                    f"<code>fastclr report {escape(str(run_dir))}</code> again, to add the label-efficiency curve "
-                    "and the numbers of every protocol.")
+        hint = note(_evaluate_hint(run_dir, dataset, None))
         return [section("efficiency", "Label efficiency", hint, "p"),
                 section("numbers", "Numbers", note(escape(probe_line) or "No results yet.") + hint, "p")]
     p = ev["protocols"]
@@ -269,17 +301,20 @@ def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Datase
            "other encoder weights than the run holds now (it was trained further since)")
         + f". Run <code>fastclr evaluate {escape(str(run_dir))}</code> again.")
     if "fewshot" in p or "supervised" in p:
-        eff = section("efficiency", "Label efficiency", stale + figures.label_efficiency(p), "svg",
+        # the curve reads figures the table does not (a one-seed point's std)
+        with unreadable_as_damaged(run_dir / EVAL_FILE, evaluate_again(run_dir)):
+            curve = figures.label_efficiency(p)
+        eff = section("efficiency", "Label efficiency", stale + curve, "svg",
                       "Test accuracy against labelled images per class, on the same fixed stratified subsets: a "
                       "logistic regression on the frozen self-supervised features against the same architecture "
                       "trained from scratch with labels only. Bands: mean ± standard deviation over subset seeds.")
     else:
-        eff = section("efficiency", "Label efficiency",
-                      note("eval.json holds no few-label results: run <code>fastclr evaluate RUN_DIR --protocols "
-                           "fewshot,supervised</code>."), "p")
-    text = escape(format_table(ev))
+        eff = section("efficiency", "Label efficiency", note(_evaluate_hint(run_dir, dataset, ev)), "p")
+    text = escape(format_table(ev, run_dir=str(run_dir)))  # the run as named now: a moved run's file names the old
+    environment = ev.get("environment")
+    written = environment.get("time") if isinstance(environment, dict) else None
     return [eff, section("numbers", "Numbers", stale + f"<pre>{text}</pre>" + note(escape(probe_line)), "pre",
-                         f"From eval.json, written {escape(ev.get('environment', {}).get('time', '?'))}.")]
+                         f"From eval.json, written {escape(str(written or '?'))}.")]
 
 
 @gives_threads_back
@@ -315,7 +350,9 @@ def build_report(
                 section("config", "Config", f"<pre>{escape(config_text)}</pre>", "pre",
                         "The resolved configuration of the run (config.toml).")]
     spec = run.spec
-    subtitle = escape(f"{run_dir} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
+    step = unfinished(run.checkpoint_step)  # the weights shown are a checkpoint's: said at the top
+    at = f" · the encoder at {step}" if step else ""
+    subtitle = escape(f"{run_dir}{at} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)  # an --out in a new folder, as embed's

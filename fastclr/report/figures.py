@@ -4,7 +4,7 @@ string or an <img> with an embedded PNG, plus the numbers that go in its caption
 from __future__ import annotations
 
 from html import escape
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -24,24 +24,40 @@ def img_tag(rgb: np.ndarray, alt: str, width: int | None = None) -> str:
     return f'<img src="{data_uri(encode_png(rgb))}" alt="{escape(alt)}"{w}>'
 
 
+CURVE_KEYS = ("loss", "top1", "top5", "lr", "knn_acc")
+"""The metrics.jsonl values the training curves draw."""
+
+
+def is_number(v: object) -> TypeGuard[int | float]:
+    """Whether a JSON value is a number (true and false are not, though Python counts them as ints)."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _value(record: dict[str, Any], key: str) -> float:
+    """record[key] as a float; NaN where it is missing or null (pandas saves NaN as null): the chart
+    leaves such a point out."""
+    v = record.get(key)
+    return float(v) if is_number(v) else float("nan")
+
+
 def training_curves(metrics: list[dict[str, Any]]) -> list[str]:
     """Loss, contrastive accuracy, learning rate and monitor accuracy against the step, as SVGs."""
     train = [r for r in metrics if "loss" in r]
     mon = [r for r in metrics if "knn_acc" in r]
     steps = [float(r["step"]) for r in train]
     charts = [
-        line_chart([Series("NT-Xent loss", steps, [r["loss"] for r in train], class_colour(0))],
+        line_chart([Series("NT-Xent loss", steps, [_value(r, "loss") for r in train], class_colour(0))],
                    "Contrastive loss", "step", "loss"),
-        line_chart([Series(name, steps, [r[key] for r in train], class_colour(i))
+        line_chart([Series(name, steps, [_value(r, key) for r in train], class_colour(i))
                     for i, (name, key) in enumerate((("top-1", "top1"), ("top-5", "top5")))
                     if train and key in train[0]],
                    "Contrastive accuracy (positive found among 2N-1)", "step", "accuracy", y_range=(0.0, 1.0)),
-        line_chart([Series("learning rate", steps, [r["lr"] for r in train], class_colour(2))],
+        line_chart([Series("learning rate", steps, [_value(r, "lr") for r in train], class_colour(2))],
                    "Learning rate", "step", "lr"),
     ]
     if mon:
-        knn = Series("kNN monitor", [float(r["step"]) for r in mon], [r["knn_acc"] for r in mon], class_colour(4),
-                     markers=True)
+        knn = Series("kNN monitor", [float(r["step"]) for r in mon], [_value(r, "knn_acc") for r in mon],
+                     class_colour(4), markers=True)
         charts.append(line_chart([knn], "Online kNN monitor accuracy", "step", "accuracy", y_limits=(0.0, 1.0)))
     return charts
 
