@@ -139,7 +139,7 @@ def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path
         with pytest.raises(RuntimeError, match="boom"):
             embed(run, str(folder), tmp_path / "out" / "e.npy", CPU, log=lines.append)
         assert listed.read_bytes() == its_list and np.array_equal(np.load(npy), before)
-        assert lines[-1] == f"note: {listed} was not written: it stays the list of the embedding already in {npy}"
+        assert lines[-1] == f"note: {listed} was not written: the embedding already in {npy} is kept as it was, with its own list"
         with pytest.raises(RuntimeError, match="boom"):
             embed(run, str(folder), tmp_path / "new" / "f.npy", CPU, log=lines.append)
     assert [r["path"] for r in read_index(tmp_path / "new" / "f.skipped.csv")] == ["garbage.png", "other.png"]
@@ -480,11 +480,11 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
         (["embed", r, "--data", str(store), "--out", str(tmp_path / "mine.npy")],
          f"would replace {tmp_path / 'mine.skipped.csv'}, which is not an embedding's file"),
         (["embed", r, "--data", str(store), "--out", str(tmp_path / "weights")],
-         f"would replace {tmp_path / 'weights.npy'}, which is not an embedding's file (no index weights.csv beside it)"),
+         f"would replace {tmp_path / 'weights.npy'}, which has no index weights.csv beside it"),
         # a grid named as another of the store's photos replaced it (and a later prepare took the grid in)
         (["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(photo)],
-         f"--grid {photo} is there and is not a grid fastclr wrote (a photo of the store's, say); choose another "
-         "--grid, or remove the file to replace it"),
+         f"--grid {photo} is there and is not a grid fastclr wrote (a photo of the store's, say, or a grid "
+         "written before grids were marked); choose another --grid, or remove the file to replace it"),
     ]:
         assert main([*args, "--device", "cpu"] if args[0] != "export" else args) == 2, args
         out, err = capsys.readouterr()
@@ -494,7 +494,7 @@ def test_outputs_never_replace_a_stores_files_the_query_or_another_kind_of_file(
     assert (tmp_path / "data.csv").read_text(encoding="utf-8").startswith("date,sales")
     assert (tmp_path / "mine.skipped.csv").read_text(encoding="utf-8") == "my notes\n"
     assert np.array_equal(np.load(tmp_path / "weights.npy"), np.arange(6.0)) and photo.read_bytes() == its_bytes
-    for name in ("g.png", "g.jpg", "g.gif"):  # a grid is replaced by the next one into the same name
+    for name in ("g.png", "g.jpg", "g.gif", "g.webp", "g.tif"):  # a grid is replaced by the next one into the same name
         for _ in range(2):
             assert main(["neighbours", r, "--data", str(store), "--query", str(q), "--grid", str(tmp_path / name),
                          "-k", "2", "--device", "cpu"]) == 0
@@ -633,6 +633,15 @@ def test_a_store_named_like_a_built_in_dataset_is_asked_for_by_path(  # type: ig
     (tmp_path / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
     assert holds_dataset("mnist", tmp_path / "data") and holds_dataset("mnist", tmp_path / "data" / "mnist")
     assert not holds_dataset("mnist", tmp_path / "mnist")
+    # a folder of that name holding no images (embeddings written into it, a run) is no folder of images: not refused
+    from fastclr.ingest.embed import holds_images
+
+    (tmp_path / "out" / "deep").mkdir(parents=True)
+    (tmp_path / "out" / "e.npy").write_bytes(b"")
+    (tmp_path / "out" / "e.csv").write_text("row\n")
+    assert holds_images(tmp_path / "mnist") and not holds_images(tmp_path / "out")
+    (tmp_path / "out" / "deep" / "x.JPG").write_bytes(b"")
+    assert holds_images(tmp_path / "out")
 
 
 def test_an_empty_data_and_a_nameless_one_are_one_line_before_any_work(  # type: ignore[no-untyped-def]

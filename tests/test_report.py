@@ -197,11 +197,12 @@ def test_a_report_of_an_unfinished_run_says_at_which_step(run: tuple[Path, Datas
     out = evaluate(run_dir, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=run[1], log=lambda s: None)
     assert out["checkpoint_step"] == 3
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
-    words = "step 3 of an unfinished run (no exported encoder: it stopped before its end, or is still training)"
-    assert f'<p class="note">{run_dir} · the encoder at {words} · cnn encoder' in html
+    words = ("the checkpoint of step 3 (the run has no exported encoder: it stopped before its end, is still training, "
+             "or its export is gone)")
+    assert f'<p class="note">{run_dir} · the encoder of {words} · cnn encoder' in html
     dim = out["encoder"]["feature_dim"]
-    assert (f"<pre>{run_dir}: cnn encoder (h: {dim}-d) on fashion-mnist, measured at {words}: not its final "
-            "numbers\n") in section_html(html, "numbers")
+    assert f"<pre>{run_dir}: cnn encoder (h: {dim}-d) on fashion-mnist, measured at {words}\n" in section_html(html,
+                                                                                                              "numbers")
     finished = build_report(run[0], out=tmp_path / "r.html", device="cpu", map_method="pca", dataset=run[1])
     assert "unfinished" not in finished.read_text()
 

@@ -230,8 +230,11 @@ def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_st
     then recorded t = 0.5 for steps that ran at 0.2. The note names each change with both values
     and the steps that trained without it; how a process runs (threads) is no change of the run's."""
     ds, run = tiny_dataset(), tmp_path / "run"
-    assert pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, stop=lambda step: step == 5, **QUIET).stopped
-    lines: list[str] = []
+    assert pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, stop=lambda step: step == 3, **QUIET).stopped
+    lines: list[str] = []  # resumed as it was (the network's spec written another way, the loss in blocks): no note
+    assert pretrain(tiny_config(run, train__epochs=2.0, model__cnn_stages="relu:32,32,32p|256p|fc512", train__loss_block=8),
+                    dataset=ds, resume=run, stop=lambda step: step == 5, progress=False, log=lines.append).stopped
+    assert not [line for line in lines if line.startswith("note:")], lines
     pretrain(tiny_config(run, train__epochs=3.0, optim__lr=0.01, train__temperature=0.5, augment__scale_min=0.5,
                          train__threads=1), dataset=ds, resume=run, progress=False, log=lines.append)
     assert [line for line in lines if line.startswith("note:")] == [

@@ -84,7 +84,7 @@ def probe_flags(lift: dict[str, Any]) -> list[str]:
                      "not what pretraining learned")
     if lift.get("knn", 0.0) < 0:
         lines.append(f"FLAG: kNN on h is {100 * -lift['knn']:.2f} points below the same network untrained: "
-                     "pretraining made its features worse for it, not better")
+                     "for it, pretraining did not help")
     return lines
 
 
@@ -96,16 +96,18 @@ def fewshot_flags(lift: dict[str, Any]) -> list[str]:
         return []
     return ["FLAG: the few-label probe is below the same network untrained at "
             + ", ".join(f"{n} labels per class ({100 * v:.2f} points)" for n, v in below)
-            + ": there pretraining made the features worse, not better"]
+            + ": there pretraining did not help"]
 
 
 def unfinished(step: int | None) -> str:
     """Words for an encoder read from a run's checkpoint at `step`, as a run without an exported
-    encoder (stopped before its end, or still training) is read: its figures are not the run's
-    final ones. "" for a finished run (`step` None: its export)."""
+    encoder is read: most often one stopped before its end or still training, whose figures are not
+    its final ones (a finished run whose export is gone reads its last checkpoint too). "" for an
+    export (`step` None)."""
     if step is None:
         return ""
-    return f"step {step} of an unfinished run (no exported encoder: it stopped before its end, or is still training)"
+    return (f"the checkpoint of step {step} (the run has no exported encoder: it stopped before its end, is still "
+            "training, or its export is gone)")
 
 
 def format_table(out: dict[str, Any], footer: bool = True, run_dir: str | None = None) -> str:
@@ -117,7 +119,7 @@ def format_table(out: dict[str, Any], footer: bool = True, run_dir: str | None =
     name = out["run_dir"] if run_dir is None else run_dir
     step = unfinished(out.get("checkpoint_step"))
     blocks = [f"{name}: {enc['encoder']} encoder (h: {enc['feature_dim']}-d) on {out['dataset']}"
-              + (f", measured at {step}: not its final numbers" if step else "")]
+              + (f", measured at {step}" if step else "")]
     lift = lift_summary(p)
     rows = [["protocol", "labels", "test accuracy", "same net untrained", "lift"]]
     if "linear" in p:

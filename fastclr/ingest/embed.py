@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from fastclr.errors import FastclrError
 from fastclr.ingest.builtin import block_rows, builtin_blocks
 from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
-from fastclr.ingest.walk import fastclr_folder
+from fastclr.ingest.walk import IMAGE_EXTENSIONS, fastclr_folder
 from fastclr.pretrained import LoadedRun
 from fastclr.runs import refuse_nameless, refuse_output, refuse_uncreatable
 from fastclr.evaluation.features import features_of, require_finite
@@ -65,6 +66,15 @@ def match_channels(x: np.ndarray, channels: int) -> np.ndarray:
                        f"prepare a store with --channels {channels}")
 
 
+def holds_images(folder: Path) -> bool:
+    """Whether a file of an image format is anywhere under `folder` (stops at the first): a folder of
+    embeddings, or a run, named like a built-in dataset is not a folder of images."""
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in files):
+            return True
+    return False
+
+
 def _store_source(path: Path, split: str) -> Source:
     store = read_store(path)
     names = store.split_of_rows()
@@ -89,7 +99,7 @@ def open_source(data: str, split: str, decode: Callable[[], DecodeOptions], work
         raise FastclrError(f"--split must be all, {', '.join(SPLITS)}; got {split!r}")
     path = Path(data)
     refuse_ambiguous(data)
-    if data in REGISTRY and path.is_dir() and not holds_dataset(data, path):
+    if data in REGISTRY and path.is_dir() and not holds_dataset(data, path) and holds_images(path):
         raise FastclrError(f"--data {data} names the built-in dataset {data} and the folder ./{data} in this folder; "
                            f"give ./{data} for the folder's images, or rename the folder to use the built-in")
     if data in REGISTRY:
@@ -147,8 +157,9 @@ def output_paths(out: Path) -> tuple[Path, Path]:
             raise FastclrError(f"--out {out} would replace {path}, which is not an embedding's file; choose another "
                                "--out")
     if npy.is_file() and not npy.with_suffix(".csv").is_file():  # an embedding's pair is written whole or not at all
-        raise FastclrError(f"--out {out} would replace {npy}, which is not an embedding's file (no index "
-                           f"{npy.with_suffix('.csv').name} beside it); choose another --out")
+        raise FastclrError(f"--out {out} would replace {npy}, which has no index {npy.with_suffix('.csv').name} beside "
+                           "it (a user's array, or an embedding whose index is gone); choose another --out, or remove "
+                           "it to replace it")
     refuse_uncreatable(npy.parent)
     return npy, npy.with_suffix(".csv")
 
@@ -237,7 +248,8 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
                 skipped.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(skipped, lambda f: f.write(src.skipped_csv or b""))
             elif src.skipped_csv is not None:  # an earlier embedding's pair and list stay together, as they were
-                log(f"note: {skipped} was not written: it stays the list of the embedding already in {npy}")
+                log(f"note: {skipped} was not written: the embedding already in {npy} is kept as it was"
+                    + (", with its own list" if skipped.exists() else ""))
             raise
     log(f"{len(src.rows)} embeddings of dimension {features.shape[1]} written to {paths[0]} (index: {paths[1]})")
     return paths

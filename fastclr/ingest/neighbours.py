@@ -76,11 +76,16 @@ def store_features(run: LoadedRun, store: Store, device: torch.device, log: Call
     return feats
 
 
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".tif", ".tiff")
 """The image files a grid is written as (PIL picks the format from the name)."""
 GRID_MARK = "fastclr neighbours grid"
-"""Written into every grid (a PNG's Software text, a JPEG's or GIF's comment): an existing file is
-replaced only when it carries it, so a --grid naming a photo (one of the store's own, say) is refused."""
+"""Written into every grid (a PNG's Software text, a JPEG's or GIF's comment, a TIFF's description,
+a WebP's XMP): an existing file is replaced only when it carries it, so a --grid naming a photo (one
+of the store's own, say) is refused. (BMP, which holds no text, is no grid format.)"""
+
+
+_DESCRIPTION = 270
+"""TIFF's ImageDescription tag."""
 
 
 def _marked(fmt: str) -> dict[str, object]:
@@ -89,6 +94,10 @@ def _marked(fmt: str) -> dict[str, object]:
         info = PngImagePlugin.PngInfo()
         info.add_text("Software", GRID_MARK)
         return {"pnginfo": info}
+    if fmt == "TIFF":
+        return {"tiffinfo": {_DESCRIPTION: GRID_MARK}}
+    if fmt == "WEBP":
+        return {"xmp": GRID_MARK.encode()}
     return {"comment": GRID_MARK} if fmt in ("JPEG", "GIF") else {}
 
 
@@ -96,9 +105,9 @@ def is_grid(path: Path) -> bool:
     """Whether the image file at `path` is a grid `neighbours` wrote."""
     try:
         with Image.open(path) as im:
-            comment = im.info.get("comment")
-            text = comment.decode(errors="replace") if isinstance(comment, bytes) else comment
-            return GRID_MARK in (im.info.get("Software"), text)
+            texts = [im.info.get("Software"), im.info.get("comment"), im.info.get("xmp"),
+                     getattr(im, "tag_v2", {}).get(_DESCRIPTION)]
+            return GRID_MARK in [t.decode(errors="replace") if isinstance(t, bytes) else t for t in texts]
     except Exception:  # not an image Pillow reads: not one of ours
         return False
 
@@ -126,8 +135,9 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
         refuse_output(grid, "--grid", kind="the grid", suffixes=GRID_SUFFIXES, inputs=(query,))
         refuse_unwritable_file(grid, "--grid")  # its folder made only when it is written: a refused search leaves nothing
         if grid.is_file() and not is_grid(grid):
-            raise FastclrError(f"--grid {grid} is there and is not a grid fastclr wrote (a photo of the store's, say); "
-                               "choose another --grid, or remove the file to replace it")
+            raise FastclrError(f"--grid {grid} is there and is not a grid fastclr wrote (a photo of the store's, say, or "
+                               "a grid written before grids were marked); choose another --grid, or remove the file to "
+                               "replace it")
     if str(store_path) in REGISTRY and not store_path.exists():
         raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")

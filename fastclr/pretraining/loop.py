@@ -41,7 +41,7 @@ from fastclr.pretraining.schedule import epochs_text
 from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_small_views_first,
                                       check_sync_checkable, validate)
 from fastclr.pretrained import require_run_store
-from fastclr.pretraining.state import check_resume_config, check_resume_data
+from fastclr.pretraining.state import STATE_KEYS, check_resume_config, check_resume_data
 from fastclr.scaleout.same_run import check_same_run
 from fastclr.presets import check_preset
 from fastclr.progress import counted
@@ -511,7 +511,7 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         log(f"note: --epochs {cfg.train.epochs:g} ends at step {run.state.total_steps}, before step {run.state.step}, "
             f"which this run has reached: it ends there, part way down the learning rate of its "
             f"{int(state['total_steps'])}-step schedule")
-    if state is not None and saved is not None and not run.finished_before:
+    if state is not None and saved is not None and run.state.step < run.state.total_steps:  # steps left to train
         _note_changed_settings(saved, cfg, run.state.step, log)
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         if state is not None and run.state.step < run.state.total_steps:
@@ -534,15 +534,19 @@ RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "
 """Settings of how a process runs and reports, not of what a run trains."""
 
 
-SAID_ELSEWHERE = frozenset({"train.epochs", "train.time_budget", "model.init", "model.init_sha256", "model.init_seed"})
-"""Settings a resume changes whose own notes say so (the run's length, how it started)."""
+NOT_NOTED = frozenset({"train.epochs", "train.time_budget", "model.init", "model.init_sha256", "model.init_seed",
+                       "data.preset", "train.loss_block", "train.grad_cache_chunk", *STATE_KEYS})
+"""Settings a resume's note of changes leaves out: the run's length and how it started (their own
+notes say so), the recipe's name (its settings are compared one by one; a checkpoint saved before
+it was recorded reads as the default's), the loss's memory-saving forms (the same values and
+gradients), and the network and optimiser, which a resume cannot change (only write alike)."""
 
 
 def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callable[[str], None]) -> None:
     """A resume that trains on with other settings (a temperature, a learning rate, the views) was
     silent, and config.toml then records them as the whole run's: the note names each change and
     the steps that trained without it."""
-    changed = [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS and k not in SAID_ELSEWHERE]
+    changed = [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS and k not in NOT_NOTED]
     if changed:
         now, then = config_mod.to_flat(wanted), config_mod.to_flat(saved)
         log(f"note: resuming with {', '.join(f'{k} {then[k]!r} -> {now[k]!r}' for k in changed)}: the steps from "

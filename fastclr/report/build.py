@@ -351,7 +351,7 @@ def build_report(
                         "The resolved configuration of the run (config.toml).")]
     spec = run.spec
     step = unfinished(run.checkpoint_step)  # the weights shown are a checkpoint's: said at the top
-    at = f" · the encoder at {step}" if step else ""
+    at = f" · the encoder of {step}" if step else ""
     subtitle = escape(f"{run_dir}{at} · {spec.encoder} encoder, h {spec.feature_dim}-d · {dataset.name} · "
                       f"generated {time.strftime('%Y-%m-%d %H:%M')} in {time.perf_counter() - t0:.0f} s")
     path = out or run_dir / REPORT_FILE
