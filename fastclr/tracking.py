@@ -225,6 +225,8 @@ class _Mlflow:
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
+            # The run's config as it is now (a resume may change settings; MLflow's params stay as first logged)
+            self.client.log_artifact(run_id, str(run_dir / "config.toml"))
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -508,3 +508,58 @@ def test_a_runs_tensorboard_events_hold_its_metrics_jsonl(tracked_run: tuple[Pat
     assert {k: set(v) for k, v in got.items()} == {k: set(v) for k, v in expected(run).items()}
     losses = {step: v for (tag, step), v in got.items() if tag == "loss"}
     assert len(losses) == len(jsonl(run, "loss")) > 1 and all(len(v) == 1 for v in losses.values())
+
+
+def test_a_new_run_where_a_first_attempt_died_is_tracked_afresh_and_a_resume_files_its_config_again(
+        mlflow_server: dict[str, Any], tmp_path: Path) -> None:
+    """A first attempt killed before its first checkpoint left config.toml, tracking.json and
+    TensorBoard events: the new run started in that directory continued the dead attempt's tracked
+    run (its parameters, its steps) and TensorBoard showed both. Now it is a run of its own. A
+    resume files config.toml again (MLflow's parameters stay as first logged); a resume given a
+    damaged tracking.json is refused before config.toml records settings nothing trained with."""
+    from fastclr.pretraining import pretrain
+    from fastclr.runs import write_config
+    from tiny import tiny_config, tiny_dataset
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    run.mkdir()
+    write_config(run, tiny_config(run, optim__lr=0.5))
+    mlflow_server["runs"]["run0"] = {"status": "KILLED", "params": {"optim.lr": "0.5"}, "metrics": [("loss", 9.0, 10)],
+                                     "artifacts": []}
+    (run / "tracking.json").write_text('{"mlflow": "run0"}')
+    (run / "tb").mkdir()
+    (run / "tb" / "events.out.tfevents.1.dead").write_bytes(b"")
+    assert pretrain(tiny_config(run, train__trackers="mlflow", train__epochs=2.0), dataset=ds,
+                    stop=lambda step: step == 3, progress=False, log=lambda s: None).stopped
+    assert json.loads((run / "tracking.json").read_text()) == {"mlflow": "run1"}
+    assert mlflow_server["runs"]["run0"]["metrics"] == [("loss", 9.0, 10)] and mlflow_server["runs"]["run1"]["metrics"]
+    assert not (run / "tb" / "events.out.tfevents.1.dead").exists()
+    before = (run / "config.toml").read_bytes()
+    (run / "tracking.json").write_text("{damaged")
+    with pytest.raises(FastclrError, match="tracking.json is damaged"):
+        pretrain(tiny_config(run, train__trackers="mlflow", train__epochs=2.0, optim__lr=0.02), dataset=ds, resume=run,
+                 progress=False, log=lambda s: None)
+    assert (run / "config.toml").read_bytes() == before
+    (run / "tracking.json").write_text('{"mlflow": "run1"}')
+    pretrain(tiny_config(run, train__trackers="mlflow", train__epochs=2.0, optim__lr=0.02), dataset=ds, resume=run,
+             progress=False, log=lambda s: None)
+    assert mlflow_server["runs"]["run1"]["artifacts"].count((None, "config.toml")) == 2  # at its start, at the resume
+    assert "lr = 0.02" in (run / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_an_evaluation_is_filed_at_the_step_of_the_weights_it_measured(mlflow_server: dict[str, Any], tmp_path: Path,
+                                                                     finished: bool) -> None:
+    """`evaluate` filed its results at probe.json's step, and at step 0 without one: a stopped run
+    (measured on its checkpoint of step 3) and a finished run trained with --probe false (12 steps)."""
+    from fastclr.evaluation.run import EvaluateOptions, evaluate
+    from fastclr.pretraining import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    pretrain(tiny_config(run, train__trackers="mlflow", train__epochs=2.0), dataset=ds,
+             stop=None if finished else (lambda step: step == 3), progress=False, log=lambda s: None)
+    assert not (run / "probe.json").exists()  # tiny_config trains with the probe off
+    evaluate(run, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lambda s: None)
+    filed = {step for key, _, step in mlflow_server["runs"]["run0"]["metrics"] if key.startswith("eval/")}
+    assert filed == {12 if finished else 3}

@@ -38,7 +38,7 @@ from fastclr.pretrained import LoadedRun, load_run, run_data
 from fastclr.evaluation.probe import linear_probe
 from fastclr import config as config_mod
 from fastclr.files import read_json, unwritable
-from fastclr.runs import write_json
+from fastclr.runs import read_metrics, write_json
 from fastclr.tracking import importable, numbers, read_ids, tracked
 from fastclr.runtime import select_device
 from fastclr.version import __version__
@@ -343,7 +343,7 @@ def evaluate(
     if show is not None:
         show(out)
     write_json(run_dir / EVAL_FILE, out)
-    step = _pretrained_steps(run_dir)
+    step = run.checkpoint_step if run.checkpoint_step is not None else _pretrained_steps(run_dir)
     with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=log) as sinks:
         for t in sinks:
             t.results(numbers({"protocols": results, "lift": out["lift"]}, "eval/"), step)
@@ -393,13 +393,20 @@ def _aside(path: Path) -> Path:
 
 
 def _pretrained_steps(run_dir: Path) -> int:
-    """The step trackers file the evaluation under: pretraining's last, from probe.json (0 when it
-    is missing or damaged: the results are written already, and this only places them)."""
+    """The step trackers file the evaluation of a finished run under: pretraining's last, from
+    probe.json, else (a run trained with --probe false) metrics.jsonl's last record; 0 when neither
+    can say (the results are written already, and this only places them)."""
     try:
-        steps = read_json(run_dir / "probe.json", "").get("steps", 0)
+        steps = read_json(run_dir / "probe.json", "").get("steps")
+        if isinstance(steps, int):
+            return steps
+    except (FastclrError, OSError):
+        pass
+    try:
+        records = read_metrics(run_dir)
     except (FastclrError, OSError):
         return 0
-    return steps if isinstance(steps, int) else 0
+    return int(records[-1]["step"]) if records else 0
 
 
 def same_data(record: dict[str, Any], dataset: Dataset) -> bool:

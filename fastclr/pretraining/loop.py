@@ -51,7 +51,7 @@ from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import (Precision, agree_precision, on_meta, require_model_memory, resolve_precision, select_device,
                              use_compile)
 from fastclr.signals import StopRequested
-from fastclr.tracking import numbers, open_trackers, tracker_names
+from fastclr.tracking import TRACKING_FILE, numbers, open_trackers, read_ids, tracker_names
 from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
                                           is_peer_failure, peer_failure, process_device, setup, share_outcome,
@@ -398,6 +398,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                 made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
             prepare_run_dir(run_dir, resuming=state is not None)
             lock = RunLock(run_dir, log)
+            if state is None:
+                forget_dead_attempt(run_dir)
             if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
                 # Its owner wrote a newer checkpoint (a stop, say) after we chose ours and before we held the
                 # lock: continuing from ours would drop those steps and then their metrics records.
@@ -443,6 +445,18 @@ def _after_peer_loss(run_dir: Path | None) -> str:
         return f"{kept[-1].name} in {run_dir} is kept; resume with --resume {run_dir} under the same torchrun command"
     return (f"no checkpoint of {run_dir} was written yet" if run_dir is not None else
             "it stopped before the run directory was chosen") + "; start the run again with the same command"
+
+
+def forget_dead_attempt(run_dir: Path) -> None:
+    """A new run in a directory whose first attempt died before its first checkpoint (so it starts
+    afresh, `prepare_run_dir` allowing it) does not inherit that attempt's tracked run or
+    TensorBoard events: its trackers continued the dead attempt's run, with its parameters and
+    steps, and TensorBoard showed both attempts' curves. (Called with the run's lock held.)"""
+    (run_dir / TRACKING_FILE).unlink(missing_ok=True)
+    tb = run_dir / "tb"
+    if tb.is_dir():
+        for events in tb.glob("events.out.tfevents.*"):
+            events.unlink()
 
 
 def _start_settings_kept(saved: Config, cfg: Config, log: Callable[[str], None]) -> Config:
@@ -514,6 +528,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
     if state is not None and saved is not None and run.state.step < run.state.total_steps:  # steps left to train
         _note_changed_settings(saved, cfg, run.state.step, log)
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
+        if tracker_names(cfg.train.trackers):
+            read_ids(run_dir)  # a damaged tracking.json is refused before config.toml records settings nothing trained with
         if state is not None and run.state.step < run.state.total_steps:
             _retire_export(run_dir, state, log)
         if run.finished_before and saved is not None:
