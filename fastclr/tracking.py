@@ -98,8 +98,9 @@ def numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
-                  warn: Callable[[str], None]) -> list[Tracker]:
-    """Start (or, with an id in tracking.json, continue) one tracked run per name."""
+                  warn: Callable[[str], None], going_on: str = "training goes on") -> list[Tracker]:
+    """Start (or, with an id in tracking.json, continue) one tracked run per name; `going_on`: what
+    the warning of one that cannot be reached says goes on without it."""
     if not names:
         return []
     require(names)
@@ -112,7 +113,7 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
             gone = (f"; if its run {saved[name]} is gone from the server, delete {run_dir / TRACKING_FILE} and a new "
                     "one is started") if name in saved else ""
             warn(f"warning: {name} could not {'continue' if gone else 'start'} a run ({type(e).__name__}: "
-                 f"{str(e)[:200]}); training goes on without it, and the run directory has everything{gone}")
+                 f"{str(e)[:200]}); {going_on} without it, and the run directory has everything{gone}")
             continue
         trackers.append(_Guarded(t, name, warn))
         saved[name] = t.run_id
@@ -132,15 +133,22 @@ def read_ids(run_dir: Path) -> dict[str, str]:
 @contextmanager
 def tracked(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
             warn: Callable[[str], None]) -> Iterator[list[Tracker]]:
-    """open_trackers for the block; each is closed FINISHED, or KILLED when the block raised."""
-    trackers = open_trackers(names, run_dir, params, warn)
+    """open_trackers for a command that files results into a run's tracked runs (`evaluate`); each
+    is closed as it was found (a stopped run stays KILLED: filing an evaluation does not finish
+    it), FINISHED where that cannot be read, or KILLED when the block raised."""
+    trackers = open_trackers(names, run_dir, params, warn, going_on="the evaluation goes on")
     status = "KILLED"
     try:
         yield trackers
         status = "FINISHED"
     finally:
         for t in trackers:
-            t.close(status)
+            found = getattr(t, "found_status", None)
+            t.close(found if status == "FINISHED" and found in ENDED else status)
+
+
+ENDED = frozenset({"FINISHED", "KILLED", "FAILED"})
+"""MLflow's statuses of a run that has ended."""
 
 
 FAILED_CLOSE_WAIT_S = 10.0
@@ -154,6 +162,7 @@ class _Guarded:
     def __init__(self, inner: Tracker, name: str, warn: Callable[[str], None]) -> None:
         self.inner, self.name, self.warn, self.broken = inner, name, warn, False
         self.run_id = inner.run_id
+        self.found_status: str | None = getattr(inner, "found_status", None)
 
     def _call(self, what: str, fn: Callable[[], None]) -> None:
         if self.broken:
@@ -208,6 +217,8 @@ class _Mlflow:
         for key, value in MLFLOW_PATIENCE.items():
             os.environ.setdefault(key, value)
         self.client = MlflowClient()
+        self.found_status: str | None = None
+        """A continued run's status when it was found (`tracked` gives it back)."""
         if run_id is None:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastclr")
             exp = self.client.get_experiment_by_name(name)
@@ -224,6 +235,7 @@ class _Mlflow:
                 raise
         else:
             self.run_id = run_id
+            self.found_status = str(self.client.get_run(run_id).info.status)
             self.client.update_run(run_id, status="RUNNING")
             # The run's config as it is now (a resume may change settings; MLflow's params stay as first logged)
             self.client.log_artifact(run_id, str(run_dir / "config.toml"))

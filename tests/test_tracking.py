@@ -303,7 +303,7 @@ def test_tracked_runs_are_closed_finished_or_killed_as_the_block_ended(fails: bo
     import fastclr.tracking as tracking
 
     inner = _Recorder()
-    monkeypatch.setattr(tracking, "open_trackers", lambda names, run_dir, params, warn: [inner])
+    monkeypatch.setattr(tracking, "open_trackers", lambda names, run_dir, params, warn, going_on: [inner])
     try:
         with tracking.tracked(("mlflow",), tmp_path, {}, warn=lambda s: None):
             if fails:
@@ -360,6 +360,9 @@ def mlflow_server(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
         def update_run(self, run_id: str, status: str) -> None:
             server["runs"][run_id]["status"] = status
+
+        def get_run(self, run_id: str) -> Any:
+            return SimpleNamespace(info=SimpleNamespace(status=server["runs"][run_id]["status"]))
 
     stand_in_modules(monkeypatch, mlflow={}, **{"mlflow.tracking": {"MlflowClient": Client}, "mlflow.entities": {
         "Param": namedtuple("Param", "key value"), "Metric": namedtuple("Metric", "key value timestamp step")}})
@@ -563,3 +566,5 @@ def test_an_evaluation_is_filed_at_the_step_of_the_weights_it_measured(mlflow_se
     evaluate(run, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lambda s: None)
     filed = {step for key, _, step in mlflow_server["runs"]["run0"]["metrics"] if key.startswith("eval/")}
     assert filed == {12 if finished else 3}
+    # and the run is left as it was found: filing an evaluation does not finish a stopped run
+    assert mlflow_server["runs"]["run0"]["status"] == ("FINISHED" if finished else "KILLED")
