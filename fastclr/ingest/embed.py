@@ -148,20 +148,21 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     files go to FILE.skipped.csv."""
     refuse_nameless(out)
     npy = out.with_suffix(".npy") if out.suffix in (".npy", ".csv") else out.with_name(out.name + ".npy")
-    for path in (npy, npy.with_suffix(".csv")):
+    index = npy.with_suffix(".csv")
+    for path in (npy, index):
         refuse_output(path)
         if path.is_dir():  # found only when written: the .npy was in place, its index not
             raise FastclrError(f"--out {out} would write {path}, which is a folder; choose another --out")
-    for path, header in ((npy.with_suffix(".csv"), INDEX_COLUMNS), (npy.with_suffix(".skipped.csv"), SKIPPED_COLUMNS)):
+    for path, header in ((index, INDEX_COLUMNS), (npy.with_suffix(".skipped.csv"), SKIPPED_COLUMNS)):
         if path.is_file() and _first_line(path) != ",".join(header):  # `--out data` beside the user's data.csv
             raise FastclrError(f"--out {out} would replace {path}, which is not an embedding's file; choose another "
                                "--out")
-    if npy.is_file() and not npy.with_suffix(".csv").is_file():  # an embedding's pair is written whole or not at all
-        raise FastclrError(f"--out {out} would replace {npy}, which has no index {npy.with_suffix('.csv').name} beside "
+    if npy.is_file() and not index.is_file():  # an embedding's pair is written whole or not at all
+        raise FastclrError(f"--out {out} would replace {npy}, which has no index {index.name} beside "
                            "it (a user's array, or an embedding whose index is gone); choose another --out, or remove "
                            "it to replace it")
     refuse_uncreatable(npy.parent)
-    return npy, npy.with_suffix(".csv")
+    return npy, index
 
 
 def _first_line(path: Path) -> str:

@@ -550,6 +550,11 @@ RUNTIME_KEYS = frozenset({"data.root", "data.download", "train.channels_last", "
 """Settings of how a process runs and reports, not of what a run trains."""
 
 
+def _trained_changes(saved: Config, wanted: Config, left_out: frozenset[str] = frozenset()) -> list[str]:
+    """The keys of what a run trains (not RUNTIME_KEYS, nor `left_out`) whose values differ."""
+    return [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS and k not in left_out]
+
+
 NOT_NOTED = frozenset({"train.epochs", "train.time_budget", "model.init", "model.init_sha256", "model.init_seed",
                        "data.preset", "train.loss_block", "train.grad_cache_chunk", *STATE_KEYS})
 """Settings a resume's note of changes leaves out: the run's length and how it started (their own
@@ -562,7 +567,7 @@ def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callab
     """A resume that trains on with other settings (a temperature, a learning rate, the views) was
     silent, and config.toml then records them as the whole run's: the note names each change and
     the steps that trained without it."""
-    changed = [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS and k not in NOT_NOTED]
+    changed = _trained_changes(saved, wanted, NOT_NOTED)
     if changed:
         now, then = config_mod.to_flat(wanted), config_mod.to_flat(saved)
         log(f"note: resuming with {', '.join(f'{k} {then[k]!r} -> {now[k]!r}' for k in changed)}: the steps from "
@@ -574,7 +579,7 @@ def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], No
     """(`saved`: the checkpoint's config with its store path absolute, as `_start` read it.) A finished run resumed with other training settings and nothing left to train: they are
     neither used nor recorded (its config.toml and checkpoint were rewritten with them, so a
     finished run's record named a learning rate it never trained with). Says so."""
-    changed = [k for k in config_mod.diff(saved, wanted) if k not in RUNTIME_KEYS]
+    changed = _trained_changes(saved, wanted)
     if changed:
         log(f"note: {', '.join(changed)} differ{'s' * (len(changed) == 1)} from the run's, but it has nothing left to "
             "train: not used, and its config.toml is kept as trained"

@@ -238,7 +238,7 @@ def probe_summary(record: dict[str, Any]) -> str:
     and its lift (flagged when small), as `pretrain` printed it; fields it lacks are left out."""
     def number(key: str) -> float | None:
         v = record.get(key)
-        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+        return float(v) if figures.is_number(v) else None
 
     acc, ref, steps, seconds = number("accuracy"), number("random_init_accuracy"), number("steps"), number("train_seconds")
     if acc is None:
