@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -155,24 +156,48 @@ FAILED_CLOSE_WAIT_S = 10.0
 """How long the end of a run waits for a tracker that failed earlier to end its run."""
 
 
+CLOSE_NOTE_AFTER_S = 5.0
+"""After how long a close still sending says so."""
+
+_CLOSE = "close its run"
+
+
 class _Guarded:
-    """A tracker whose failures (a server down, a full quota) become one warning each, then
-    silence: the run and its files go on."""
+    """A tracker whose calls are made in order on a thread of its own, so a slow or hung server
+    never holds the training loop: MLflow's retries held each step's metrics call for up to 96 s,
+    all of it counted against --time-budget (a 0.5-minute run was cut to 7 steps). Its failures (a
+    server down, a full quota) become one warning each, said on the caller's thread, then silence:
+    the run and its files go on."""
 
     def __init__(self, inner: Tracker, name: str, warn: Callable[[str], None]) -> None:
         self.inner, self.name, self.warn, self.broken = inner, name, warn, False
         self.run_id = inner.run_id
         self.found_status: str | None = getattr(inner, "found_status", None)
+        self._calls: queue.SimpleQueue[tuple[str, Callable[[], None]] | None] = queue.SimpleQueue()
+        self._said: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send, name=f"fastclr-{name}", daemon=True)
+        self._sender.start()
+
+    def _send(self) -> None:
+        while (call := self._calls.get()) is not None:
+            what, fn = call
+            if self.broken and what != _CLOSE:
+                continue
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - any failure of the tracker's library
+                if not self.broken:  # after a failure (said once) its run is still ended if it can be, silently
+                    self.broken = True
+                    self._said.put(f"warning: {self.name} failed to {what} ({type(e).__name__}: {str(e)[:200]}); it "
+                                   "gets nothing more from this run but its end, and the run's files are complete")
 
     def _call(self, what: str, fn: Callable[[], None]) -> None:
-        if self.broken:
-            return
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - any failure of the tracker's library
-            self.broken = True
-            self.warn(f"warning: {self.name} failed to {what} ({type(e).__name__}: {str(e)[:200]}); it gets nothing "
-                      "more from this run but its end, and the run's files are complete")
+        self._say()
+        self._calls.put((what, fn))
+
+    def _say(self) -> None:
+        while not self._said.empty():
+            self.warn(self._said.get())
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         self._call("log metrics", lambda: self.inner.metrics(values, step))
@@ -184,19 +209,20 @@ class _Guarded:
         self._call(f"store {path.name}", lambda: self.inner.artifact(path, name))
 
     def close(self, status: str) -> None:
-        if not self.broken:
-            self._call("close its run", lambda: self.inner.close(status))
-            return
-        def close() -> None:
-            try:
-                self.inner.close(status)
-            except Exception:  # noqa: BLE001, S110 - its failure was said once already
-                pass
-        # After a failure (a network blip, say) the tracked run is still ended, not left RUNNING for good;
-        # but a server still down must not hold the end of the run (MLflow's retries take up to 96 s).
-        closing = threading.Thread(target=close, daemon=True)
-        closing.start()
-        closing.join(FAILED_CLOSE_WAIT_S)
+        """Send what is left and end the tracked run. A healthy tracker is waited for (each request
+        is bounded by the library's own timeouts: MLFLOW_PATIENCE); after a failure, the end of its
+        run (not left RUNNING for good after a network blip) is waited for FAILED_CLOSE_WAIT_S at most."""
+        self._call(_CLOSE, lambda: self.inner.close(status))
+        self._calls.put(None)
+        began, said = time.monotonic(), False
+        while self._sender.is_alive() and not self.broken:
+            self._sender.join(0.1)
+            if not said and time.monotonic() - began > CLOSE_NOTE_AFTER_S:
+                said = True  # not a silent minute after the run's last line
+                self.warn(f"note: waiting for {self.name} to receive this run's last records (the run's files are "
+                          "complete)")
+        self._sender.join(FAILED_CLOSE_WAIT_S)
+        self._say()
 
 
 MLFLOW_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}

@@ -255,11 +255,14 @@ def test_a_failing_tracker_warns_once_and_is_then_left_alone() -> None:
     except to end its run (an MLflow run was left RUNNING for good after a blip), silently."""
     from fastclr.tracking import _Guarded
 
-    inner, warned = _Recorder(), []
+    class FailsFromStep2(_Recorder):
+        def metrics(self, values: Any, step: int) -> None:
+            self.failing = step >= 2
+            super().metrics(values, step)
+
+    inner, warned = FailsFromStep2(), []
     guarded = _Guarded(inner, "mlflow", warned.append)
-    guarded.metrics({"loss": 1.0}, 1)
-    inner.failing = True
-    for step in (2, 3, 4):
+    for step in (1, 2, 3, 4):
         guarded.metrics({"loss": 1.0}, step)
     guarded.close("FINISHED")
     assert inner.calls == [("metrics", 1), ("metrics", 2), ("close", "FINISHED")]
@@ -278,21 +281,62 @@ def test_a_failed_trackers_closing_does_not_hold_the_end_of_the_run(monkeypatch:
     release = threading.Event()
 
     class Hanging(_Recorder):
+        def metrics(self, values: Any, step: int) -> None:
+            self.failing = True
+            super().metrics(values, step)
+
         def close(self, status: str) -> None:
+            self.failing = False
             super().close(status)
             release.wait(30)
 
     monkeypatch.setattr(tracking, "FAILED_CLOSE_WAIT_S", 0.2)
     inner = Hanging()
     guarded = tracking._Guarded(inner, "mlflow", lambda s: None)
-    inner.failing = True
     guarded.metrics({"loss": 1.0}, 1)
-    inner.failing = False
     t0 = time.perf_counter()
     guarded.close("FINISHED")
     waited = time.perf_counter() - t0
     release.set()
     assert 0.15 < waited < 5 and inner.calls[-1] == ("close", "FINISHED")
+
+
+def test_a_tracker_that_hangs_does_not_hold_the_caller_and_gets_everything_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts a request and then does not answer held the training loop for as
+    long as MLflow retried (about 96 s per call, counted against --time-budget). Calls return at
+    once; the sender makes them in order; a healthy tracker's close waits until all are sent,
+    and says so when that takes a while."""
+    import threading
+
+    import fastclr.tracking as tracking
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Stalls(_Recorder):
+        def metrics(self, values: Any, step: int) -> None:
+            super().metrics(values, step)
+            if step == 1:
+                entered.set()
+                release.wait(20)
+
+    def said(line: str) -> None:
+        warned.append(line)
+        release.set()  # the server answers once the wait is said
+
+    monkeypatch.setattr(tracking, "CLOSE_NOTE_AFTER_S", 0.05)
+    inner, warned = Stalls(), []
+    guarded = tracking._Guarded(inner, "mlflow", said)
+    guarded.metrics({"loss": 1.0}, 1)
+    assert entered.wait(20)  # the first call is with the server now, and hangs there
+    guarded.metrics({"loss": 0.5}, 2)
+    guarded.results({"probe/accuracy": 0.9}, 2)
+    guarded.artifact(Path("encoder.safetensors"), "encoder")
+    assert not release.is_set() and inner.calls == [("metrics", 1)]  # all returned while the server hangs
+    guarded.close("FINISHED")
+    assert inner.calls == [("metrics", 1), ("metrics", 2), ("results", 2), ("artifact", "encoder"),
+                           ("close", "FINISHED")]
+    assert warned == ["note: waiting for mlflow to receive this run's last records (the run's files are complete)"]
 
 
 @pytest.mark.parametrize("fails", [False, True])
