@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import time
@@ -15,8 +16,27 @@ import torch
 import torch.multiprocessing as mp
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (32768 where unreadable)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago (for MASTER_PORT)."""
+    """A TCP port that was free a moment ago (for MASTER_PORT), drawn below the kernel's range for
+    outgoing connections: a port the kernel hands out (bind to 0) can be handed again, before the
+    test binds it, to any connection, such as another test's TCPStore client."""
+    rng = random.Random()  # not the tests' seeded global generator: two draws must differ
+    for _ in range(50):
+        port = rng.randrange(10000, max(10001, _ephemeral_low()))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

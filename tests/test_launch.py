@@ -23,9 +23,10 @@ from tiny import TINY_FLAGS as TINY
 
 
 def launcher(run: Path, *extra: str) -> list[str]:
-    """`fastclr-torchrun --nproc_per_node=2 -m fastclr pretrain ...` for a tiny 2-epoch run (16 steps)."""
+    """`fastclr-torchrun --nproc_per_node=2 -m fastclr pretrain ...` for a tiny 5-epoch run (40 steps:
+    a stop after the second checkpoint has 38 steps, not 14 (1.4 s here), to land before the end)."""
     return [sys.executable, "-m", "fastclr.scaleout.launch", "--nproc_per_node=2", "--master_port", str(free_port()),
-            "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "2", "--run-dir", str(run), *TINY,
+            "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "5", "--run-dir", str(run), *TINY,
             "--checkpoint-every", "1", "--probe", "false", "--device", "cpu", "--threads", "1", *extra]
 
 
@@ -72,7 +73,7 @@ def test_a_stop_under_the_launcher_exits_75_and_resumes_to_the_end(tmp_path: Pat
     assert r.returncode == 75, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "continue with" in r.stderr.splitlines()[-1]
     stopped = latest_valid_checkpoint(run)[1]["step"]
-    assert 2 <= stopped < 16 and r.stdout.count("stopped at step") == 1  # rank 0 says it, once, with the launcher
+    assert 2 <= stopped < 40 and r.stdout.count("stopped at step") == 1  # rank 0 says it, once, with the launcher
     assert f"stopped at step {stopped}; checkpoint written; continue with the same fastclr-torchrun command and " \
            f"--resume {run}" in r.stdout
     if target == "ranks":
@@ -80,7 +81,7 @@ def test_a_stop_under_the_launcher_exits_75_and_resumes_to_the_end(tmp_path: Pat
     done = subprocess.run(launcher(run, "--resume", str(run)), env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 16
+    assert load_checkpoint(list_checkpoints(run)[-1])["step"] == 40
 
 
 def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: Path) -> None:
