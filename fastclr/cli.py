@@ -186,7 +186,9 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise FastclrError(f"unknown dataset {args.name!r}; fastclr downloads: {', '.join(REGISTRY)}")
     if args.root and not args.no_download:  # the folder to download into, made as asked
         Path(args.root).mkdir(parents=True, exist_ok=True)
-    folder = ensure(args.name, args.root, download=not args.no_download)
+    # With --root a download puts the dataset there, even where another folder holds a copy (the
+    # folder an error's advice names); --no-download only checks, looking there first.
+    folder = ensure(args.name, args.root, download=not args.no_download, only_root=bool(args.root) and not args.no_download)
     try:
         ds = read_checked(args.name, folder)
     except FastclrError as e:
@@ -289,7 +291,8 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
     from fastclr.data.datasets import REGISTRY
 
     dl.add_argument("name", help="one of: " + ", ".join(REGISTRY))
-    dl.add_argument("--root", help="directory to look in first and to download into")
+    dl.add_argument("--root", help="directory to download into (it holds the dataset afterwards, even where another "
+                    "folder holds a copy); with --no-download, the directory to look in first")
     dl.add_argument("--no-download", action="store_true", help="only check, never download")
     dl.set_defaults(func=cmd_download)
     add_ingest_commands(sub)

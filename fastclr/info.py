@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fastclr.data.datasets import REGISTRY, locate, search_roots
+from fastclr.errors import FastclrError
 from fastclr.cpus import cgroup_cpu_limit, default_threads, gives_threads_back, set_threads, usable_cpus
 from fastclr.models import CPU_WIDTH_WHY, resolve_width
 from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, gpu_kind, matmul_seconds,
@@ -105,8 +106,9 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "compile": {"choice": use_compile("auto", device), "reason": compile_reason(device)},
         "resnet_width": {"choice": resolve_width(0.0, "resnet18", device.type), "reason": width_reason(device)},
         "matmul": rates,
-        "datasets": {name: str(locate(name) or "") for name in REGISTRY},
+        "datasets": {name: _found(name) for name in REGISTRY},
         "data_roots": [str(r) for r in search_roots()],
+        "data_roots_absent": [str(r) for r in search_roots() if not r.is_dir()],
     }
 
 
@@ -137,7 +139,18 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"matmul      {rates} (measured in {m['seconds']:g} s)")
     for name, where in r["datasets"].items():
         lines.append(f"data        {name}: {where or 'not found (fastclr download ' + name + ')'}")
+    absent = set(r["data_roots_absent"])
+    lines.append("data roots  " + ", ".join(f"{d} (absent)" if d in absent else d for d in r["data_roots"]))
     return "\n".join(lines)
+
+
+def _found(name: str) -> str:
+    """Where built-in `name` is found whole ("" where nowhere; a folder holding part of it, the
+    download's to complete, is not found, and neither is anything under a $FASTCLR_DATA that is a file)."""
+    try:
+        return str(locate(name, partial_ok=True) or "")
+    except FastclrError:
+        return ""
 
 
 @gives_threads_back

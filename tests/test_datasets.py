@@ -519,3 +519,63 @@ def test_download_counts_stl10s_unlabelled_images_as_pretraining_images(
     write_stl10(tmp_path)
     assert cli_main(["download", "stl10", "--no-download", "--root", str(tmp_path)]) == 0
     assert "(7 images for pretraining; 3 train, 2 test; read and checked)" in capsys.readouterr().out
+
+
+def test_stl10_class_names_are_one_a_line_and_must_be_ten(tmp_path: Path) -> None:
+    """A name with a space ("sports car") was split in two, shifting every later class by one; a
+    list of 11 gave 11 classes; a file that is not UTF-8 was a traceback."""
+    write_stl10(tmp_path)
+    listed = tmp_path / "stl10_binary" / "class_names.txt"
+    names = ["airplane", "bird", "sports car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    listed.write_text("\n".join(names) + "\n\n", encoding="utf-8")
+    assert load_builtin("stl10", tmp_path, download=False).classes == names
+    listed.write_text("\n".join([*names, "extra"]), encoding="utf-8")
+    with pytest.raises(FastclrError, match=r"class_names.txt lists 11 class names under its lines, not stl10's 10"):
+        load_builtin("stl10", tmp_path, download=False)
+    listed.write_bytes(b"caf\xe9\n" * 10)
+    with pytest.raises(FastclrError, match=r"class_names.txt is not UTF-8 text"):
+        load_builtin("stl10", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_a_cifar_meta_of_another_class_count_is_refused(tmp_path: Path, hundred: bool) -> None:
+    """CIFAR-100 with CIFAR-10's meta (or a meta without the names) was given classes '0'..'99'
+    without a word; a CIFAR-10 meta of 12 names gave 12 classes."""
+    import pickle
+
+    folder = tmp_path / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    write_cifar(folder, hundred=hundred)
+    meta, key = (folder / "meta", b"fine_label_names") if hundred else (folder / "batches.meta", b"label_names")
+    for names in ([f"c{i}".encode() for i in range(10 if hundred else 12)], None):
+        with open(meta, "wb") as f:
+            pickle.dump({} if names is None else {key: names}, f)
+        count = 0 if names is None else len(names)
+        with pytest.raises(FastclrError, match=rf"lists {count} class names under {key.decode()}, not "
+                                              rf"{'cifar100' if hundred else 'cifar10'}'s {100 if hundred else 10}"):
+            load_builtin("cifar100" if hundred else "cifar10", tmp_path, download=False)
+
+
+def test_a_cifar_batch_of_other_pixels_than_uint8_is_refused(tmp_path: Path) -> None:
+    """Pixels stored as floats in [0, 1] were cast to uint8: every pixel 0 or 1, trained on silently."""
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder)
+    batch = folder / "data_batch_3"
+    with open(batch, "rb") as f:
+        d = pickle.load(f)
+    d[b"data"] = d[b"data"].astype(np.float32) / 255
+    with open(batch, "wb") as f:
+        pickle.dump(d, f)
+    with pytest.raises(FastclrError, match=r"data_batch_3: data is float32, not CIFAR's uint8 pixels"):
+        load_builtin("cifar10", tmp_path, download=False)
+
+
+def test_a_directory_in_place_of_an_stl10_file_is_named_so(tmp_path: Path) -> None:
+    """It was "holds 4096 bytes, not a multiple of 27648; it is truncated"."""
+    write_stl10(tmp_path)
+    bad = tmp_path / "stl10_binary" / "train_X.bin"
+    bad.unlink()
+    bad.mkdir()
+    with pytest.raises(FastclrError, match=r"train_X.bin is a directory, not STL-10's file"):
+        load_builtin("stl10", tmp_path, download=False)

@@ -373,3 +373,82 @@ def test_download_with_no_download_never_fetches(tmp_path: Path, monkeypatch: py
     assert "fashion-mnist files not found" in capsys.readouterr().err and not (tmp_path / "data").exists()
     assert main(["download", "fashion-mnist"]) == 0
     assert "16 images for pretraining; 16 train, 8 test" in capsys.readouterr().out
+
+
+def test_fastclr_data_is_chosen_as_a_root_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$FASTCLR_DATA is read as the shell would have written it ("~/data" from a .env file or a
+    Dockerfile's ENV made a folder named "~" under the current directory), a copy of part of a
+    dataset there is named (it was passed over for another copy without a word, or reported "not
+    found"), and one that is a file is refused; a relative $XDG_CACHE_HOME is ignored, as the XDG
+    spec says (it put the cache under whatever directory a command ran in)."""
+    from fastclr.data.datasets import search_roots, user_cache
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert user_cache() == tmp_path / "home" / ".cache" / "fastclr"
+    monkeypatch.setenv("FASTCLR_DATA", "~/data")
+    assert search_roots()[0] == tmp_path / "home" / "data"
+    write_idx_dataset(tmp_path / "home" / ".cache" / "fastclr" / "mnist", n_train=16, n_test=8)  # a whole copy
+    write_idx_dataset(tmp_path / "home" / "data" / "mnist", n_train=16, n_test=8)
+    (tmp_path / "home" / "data" / "mnist" / IDX_FILES[3]).unlink()
+    with pytest.raises(FastclrError, match=rf"mnist holds 3 of the 4 files of mnist but not {IDX_FILES[3]}; add them "
+                                           r"there \(`fastclr download mnist` fetches them\), or unset FASTCLR_DATA"):
+        locate("mnist")
+    assert locate("mnist", partial_ok=True) is None  # a download completes that folder, not another one
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "home" / "data" / "mnist" / IDX_FILES[0]))
+    with pytest.raises(FastclrError, match=r"FASTCLR_DATA=.* is not a directory"):
+        locate("mnist")
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "absent"))
+    assert locate("mnist") == tmp_path / "home" / ".cache" / "fastclr" / "mnist"  # a missing one is a download's
+
+
+def test_download_into_a_root_puts_the_dataset_there_even_where_another_copy_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr download NAME --root R` made R and reported the copy in the user cache, fetching
+    nothing into R, which the error of `--data-root R` had said it would; --no-download still only
+    checks, looking in R first."""
+    from fastclr.cli import main
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    write_idx_dataset(tmp_path / "cache" / "fastclr" / "fashion-mnist", n_train=16, n_test=8)
+    write_idx_dataset(tmp_path / "server", n_train=16, n_test=8)
+    monkeypatch.setitem(REGISTRY, "fashion-mnist", dataclasses.replace(REGISTRY["fashion-mnist"],
+                                                                       remote=_idx_remotes(tmp_path / "server")))
+    root = tmp_path / "root"
+    with pytest.raises(FastclrError, match=rf"`fastclr download fashion-mnist --root {root}` makes it and fetches"):
+        locate("fashion-mnist", root)
+    assert main(["download", "fashion-mnist", "--root", str(root), "--no-download"]) == 2  # no root: one line
+    capsys.readouterr()
+    assert main(["download", "fashion-mnist", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.startswith(f"fashion-mnist: {root / 'fashion-mnist'} (")
+    assert sorted(p.name for p in (root / "fashion-mnist").iterdir()) == sorted(IDX_FILES)
+    assert locate("fashion-mnist", root) == root / "fashion-mnist"
+    (tmp_path / "other").mkdir()
+    assert main(["download", "fashion-mnist", "--root", str(tmp_path / "other"), "--no-download"]) == 0
+    assert capsys.readouterr().out.startswith(f"fashion-mnist: {tmp_path / 'cache' / 'fastclr' / 'fashion-mnist'} (")
+
+
+def test_info_names_absent_data_roots_and_a_partial_copy_as_not_found(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastclr info` said nothing of a $FASTCLR_DATA that does not exist; a folder holding part of a
+    dataset there is not found (the download's to complete), and a $FASTCLR_DATA that is a file
+    does not stop the report."""
+    from fastclr import info
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_idx_dataset(tmp_path / "cache" / "fastclr" / "mnist", n_train=16, n_test=8)
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "gone"))
+    report = info.machine_report(measure=False)
+    assert report["datasets"]["mnist"] == str(tmp_path / "cache" / "fastclr" / "mnist")
+    assert report["data_roots_absent"] == [str(tmp_path / "gone"), str(tmp_path / "none")]
+    assert info.format_report(report).splitlines()[-1] == (f"data roots  {tmp_path / 'gone'} (absent), "
+                                                           f"{tmp_path / 'cache' / 'fastclr'}, {tmp_path / 'none'} (absent)")
+    write_idx_dataset(tmp_path / "gone" / "mnist", n_train=16, n_test=8)
+    (tmp_path / "gone" / "mnist" / IDX_FILES[0]).unlink()
+    assert info.machine_report(measure=False)["datasets"]["mnist"] == ""
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "gone" / "mnist" / IDX_FILES[1]))
+    assert info.machine_report(measure=False)["datasets"]["mnist"] == ""

@@ -82,9 +82,18 @@ class DatasetSpec:
 
 
 def user_cache() -> Path:
-    """The per-user data directory where downloads go when $FASTCLR_DATA is not set."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fastclr"
+    """The per-user data directory where downloads go when $FASTCLR_DATA is not set: under
+    $XDG_CACHE_HOME where that is an absolute path (the XDG spec has a relative one ignored: it
+    would put the cache under whatever directory a command runs in), else ~/.cache."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", "")).expanduser()
+    return (base if base.is_absolute() else Path.home() / ".cache") / "fastclr"
+
+
+def data_env() -> Path | None:
+    """$FASTCLR_DATA, `~` expanded (a value from a .env file, a systemd unit or a Dockerfile's ENV
+    is not expanded by a shell: "~/data" made a folder named "~" under the current directory)."""
+    value = os.environ.get("FASTCLR_DATA")
+    return Path(value).expanduser() if value else None
 
 
 def search_roots(root: str | Path | None = None) -> list[Path]:
@@ -92,8 +101,9 @@ def search_roots(root: str | Path | None = None) -> list[Path]:
     roots: list[Path] = []
     if root:
         roots.append(Path(root))
-    if os.environ.get("FASTCLR_DATA"):
-        roots.append(Path(os.environ["FASTCLR_DATA"]))
+    env = data_env()
+    if env is not None:
+        roots.append(env)
     roots += [user_cache(), SYSTEM_ROOT]
     return roots
 
@@ -140,9 +150,19 @@ def class_name(name: object) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def class_list(names: list[str], path: Path, key: str, name: str, count: int) -> list[str]:
+    """`names` read from `path` under `key`, or a one-line error where they are not `count` (a list
+    of another length gave that many classes, and its labels then meant other classes)."""
+    if len(names) != count:
+        raise FastclrError(f"{path} lists {len(names)} class names under {key}, not {name}'s {count}; it is not "
+                           f"{name}'s file: delete it and fetch it again")
+    return names
+
+
 def _read_cifar10(folder: Path) -> Dataset:
     meta = formats.read_cifar_pickle(folder / "batches.meta")
-    classes = [class_name(c) for c in meta.get(b"label_names", [])] or [str(i) for i in range(10)]
+    classes = class_list([class_name(c) for c in meta.get(b"label_names", [])], folder / "batches.meta",
+                         "label_names", "cifar10", 10)
     xtr, ytr = formats.read_cifar_batches([folder / f"data_batch_{i}" for i in range(1, 6)], b"labels")
     xte, yte = formats.read_cifar_batches([folder / "test_batch"], b"labels")
     train = ImageSet(xtr, ytr)
@@ -151,7 +171,8 @@ def _read_cifar10(folder: Path) -> Dataset:
 
 def _read_cifar100(folder: Path) -> Dataset:
     meta = formats.read_cifar_pickle(folder / "meta")
-    classes = [class_name(c) for c in meta.get(b"fine_label_names", [])] or [str(i) for i in range(100)]
+    classes = class_list([class_name(c) for c in meta.get(b"fine_label_names", [])], folder / "meta",
+                         "fine_label_names", "cifar100", 100)
     xtr, ytr = formats.read_cifar_batches([folder / "train"], b"fine_labels")
     xte, yte = formats.read_cifar_batches([folder / "test"], b"fine_labels")
     train = ImageSet(xtr, ytr)
@@ -166,14 +187,21 @@ STL10_DECODED = "fastclr-stl10-pretrain"
 
 def _read_stl10(folder: Path) -> Dataset:
     listed = folder / "class_names.txt"
-    names = listed.read_text(encoding="utf-8").split() if listed.exists() else []
+    names = [str(i) for i in range(10)]
+    if listed.exists():  # one name a line ("sports car" is one name, not two)
+        try:
+            lines = listed.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise FastclrError(f"{listed} is not UTF-8 text, so not STL-10's list of class names; delete it (the "
+                               "classes are then numbered) or fetch STL-10 again") from None
+        names = class_list([n.strip() for n in lines if n.strip()], listed, "its lines", "stl10", 10)
     train = ImageSet(formats.read_stl10_images(folder / "train_X.bin"), formats.read_stl10_labels(folder / "train_y.bin"))
     test = ImageSet(formats.read_stl10_images(folder / "test_X.bin"), formats.read_stl10_labels(folder / "test_y.bin"))
     unlabelled = formats.stl10_count(folder / "unlabeled_X.bin")
     if (len(train), len(test)) == (STL10_COUNTS["train"], STL10_COUNTS["test"]) and unlabelled != STL10_COUNTS["unlabeled"]:
         # The published copy: its unlabelled file has no labels to count against, so its size is checked.
         raise FastclrError(f"{folder / 'unlabeled_X.bin'} holds {unlabelled} images, not STL-10's "
-                           f"{STL10_COUNTS['unlabeled']}; it is truncated: delete {folder} and run `fastclr download stl10`")
+                           f"{STL10_COUNTS['unlabeled']}; it is truncated: delete {folder} and run `fastclr download stl10 --root {folder.parent}`")
     # SimCLR on STL-10 pretrains on unlabeled + train (105k images), as in the literature: decoded
     # once into one mapped file that every process of a node shares (decoded.py), else read
     # straight into the array that holds both (no concatenated copy).
@@ -194,7 +222,7 @@ def _read_stl10(folder: Path) -> Dataset:
         formats.read_stl10_images(folder / "unlabeled_X.bin", out=images[:unlabelled])
         images[unlabelled:] = train.images
     labels = np.concatenate([np.full(unlabelled, -1, np.int64), np.asarray(train.labels, np.int64)])  # --supcon's
-    return Dataset("stl10", ImageSet(images, labels), train, test, names or [str(i) for i in range(10)],
+    return Dataset("stl10", ImageSet(images, labels), train, test, names,
                    unlabelled=unlabelled)
 
 
@@ -274,10 +302,11 @@ def spec(name: str) -> DatasetSpec:
     return REGISTRY[name]
 
 
-def locate(name: str, root: str | Path | None = None, partial_ok: bool = False) -> Path | None:
+def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, only_root: bool = False) -> Path | None:
     """The first folder in the search order that holds all files of `name`, or None. An explicit
-    `root` must exist, and its folder of `name`, where it has one, must be complete; with
-    `partial_ok` (a download will complete it) an incomplete one gives None, never another copy."""
+    `root` (and $FASTCLR_DATA where no root is given) must exist, and its folder of `name`, where
+    it has one, must be complete; with `partial_ok` (a download will complete it) an incomplete one
+    gives None, never another copy. `only_root`: `root` alone is searched."""
     s = spec(name)
     if root:  # asked for by name: used whole or refused, never quietly passed over for another folder
         if not Path(root).is_dir():
@@ -285,36 +314,52 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False) 
             raise FastclrError(f"the data root {root} is not a directory; give the folder that holds {s.folder}/, "
                                f"make it (`fastclr download {name} --root {root}` makes it and fetches {name} there), "
                                "or drop the root (--data-root, --root) to search the usual places")
-        folder = Path(root) / s.folder
-        present = [f for f in s.files if _idx_file(folder, f).exists()]
-        if folder.is_dir() and len(present) < len(s.files):
-            if partial_ok:
-                return None
-            missing = [f for f in s.files if f not in present]
-            raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
-                               f"{', '.join(missing)}; add them there (`fastclr download {name} --root {root}` "
-                               "fetches them), or drop the root (--data-root, --root) to use another copy (files are "
-                               "never mixed from two folders)")
-    for r in search_roots(root):
+        if _partial(name, Path(root), partial_ok, f"`fastclr download {name} --root {root}` fetches them",
+                    "drop the root (--data-root, --root)"):
+            return None
+    env = data_env()
+    if not root and env is not None:  # chosen as much as a root is; a missing one is made by a download
+        if env.exists() and not env.is_dir():
+            raise FastclrError(f"FASTCLR_DATA={env} is not a directory; set it to the folder that holds (or is to "
+                               f"hold) {s.folder}/, or unset it to use the user cache")
+        if _partial(name, env, partial_ok, f"`fastclr download {name}` fetches them", "unset FASTCLR_DATA"):
+            return None
+    for r in [Path(root)] if root and only_root else search_roots(root):
         folder = r / s.folder
         if _has_files(folder, s.files):
             return folder
     return None
 
 
+def _partial(name: str, root: Path, partial_ok: bool, fetch_them: str, other_copy: str) -> bool:
+    """True where `root`'s folder of `name` holds some of its files (a download completes it, with
+    `partial_ok`); a one-line error naming the missing ones without `partial_ok`."""
+    s = spec(name)
+    folder = root / s.folder
+    present = [f for f in s.files if _idx_file(folder, f).exists()]
+    if not folder.is_dir() or len(present) == len(s.files):
+        return False
+    if partial_ok:
+        return True
+    missing = [f for f in s.files if f not in present]
+    raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
+                       f"{', '.join(missing)}; add them there ({fetch_them}), or {other_copy} to use another copy "
+                       "(files are never mixed from two folders)")
+
+
 def download_root(root: str | Path | None = None) -> Path:
     """Where downloads go: `root`, else $FASTCLR_DATA, else the user cache."""
     if root:
         return Path(root)
-    if os.environ.get("FASTCLR_DATA"):
-        return Path(os.environ["FASTCLR_DATA"])
-    return user_cache()
+    return data_env() or user_cache()
 
 
-def ensure(name: str, root: str | Path | None = None, download: bool = True) -> Path:
-    """The folder holding dataset `name`, downloading it when allowed; a clear error otherwise."""
+def ensure(name: str, root: str | Path | None = None, download: bool = True, only_root: bool = False) -> Path:
+    """The folder holding dataset `name`, downloading it when allowed; a clear error otherwise.
+    `only_root`: the copy in `root` (`fastclr download --root R` puts it there even where another
+    folder holds one)."""
     s = spec(name)
-    found = locate(name, root, partial_ok=download)
+    found = locate(name, root, partial_ok=download, only_root=only_root)
     if found is not None:
         return found
     where = ", ".join(str(r / s.folder) for r in search_roots(root))
@@ -335,7 +380,7 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True) -> 
         raise
     except FastclrError as e:
         raise FastclrError(f"{name} files not found (looked in {where}) and {e}; {hint}") from None
-    found = locate(name, root)
+    found = locate(name, root, only_root=only_root)
     if found is None:
         raise FastclrError(f"{name}: downloaded archive did not contain {', '.join(s.files)}; {hint}")
     return found

@@ -112,7 +112,10 @@ def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray,
         d = read_cifar_pickle(p)
         if b"data" not in d or label_key not in d:
             raise FastclrError(f"{p} lacks b'data' or {label_key!r}; it is not a CIFAR batch of this dataset")
-        x = np.asarray(d[b"data"], dtype=np.uint8)
+        x = np.asarray(d[b"data"])
+        if x.dtype != np.uint8:  # a cast would turn floats in [0, 1] to 0 and 1, and wrap values past 255
+            raise FastclrError(f"{p}: data is {x.dtype}, not CIFAR's uint8 pixels; it is not a CIFAR batch as "
+                               "published: fetch it again")
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
             raise FastclrError(f"{p}: data has shape {x.shape}, expected (N, 3072)")
         y = np.asarray(d[label_key], dtype=np.int64)
@@ -125,6 +128,8 @@ def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[np.ndarray,
 
 def stl10_count(path: Path, size: int = 96) -> int:
     """How many images an STL-10 `*_X.bin` holds (a one-line error for a truncated file)."""
+    if path.is_dir():
+        raise FastclrError(f"{path} is a directory, not STL-10's file; remove it and fetch the file again")
     n_bytes, per = path.stat().st_size, 3 * size * size
     if n_bytes == 0 or n_bytes % per:
         raise FastclrError(f"{path} holds {n_bytes} bytes, not a multiple of {per}; it is truncated, fetch it again")
