@@ -83,10 +83,22 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {}
     flags = _overrides(args)
     if getattr(args, "config", None):
-        overrides.update(read_toml(args.config))
+        overrides.update(config_files(args))
         overrides.update(_epochs_mean_epochs(flags))
     overrides.update(flags)
+    if "train.run_dir" in overrides:  # from a file, where no shell put the home in
+        overrides["train.run_dir"] = home_expanded(overrides["train.run_dir"])
     return config_for(None, overrides)
+
+
+def config_files(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config files' settings, each file over the ones before it (a second --config replaced
+    the first without a word), each with the epochs rule."""
+    merged: dict[str, Any] = {}
+    for path in getattr(args, "config", None) or []:
+        file = read_toml(path)
+        merged.update({**file, **_epochs_mean_epochs(file)})
+    return merged
 
 
 def resume_config(resume: Path, args: argparse.Namespace) -> Config:
@@ -100,8 +112,8 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
         raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
     base = saved_overrides(saved)
     # What this command asks for, a --config file then flags, each with the epochs rule.
-    file, flags = read_toml(args.config) if args.config else {}, _overrides(args)
-    given = {**file, **_epochs_mean_epochs(file), **_epochs_mean_epochs(flags), **flags}
+    file, flags = config_files(args), _overrides(args)
+    given = {**file, **_epochs_mean_epochs(flags), **flags}
     if "data.name" in given and "data.preset" not in given and given["data.name"] != base.get("data.name"):
         # Another dataset on resume (refused unless --allow-config-change): the run keeps its recipe,
         # which from now on is the recipe it trains that dataset with.
@@ -129,10 +141,12 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
         flag = _overrides(args).get("train.run_dir")
         if args.run_dir and flag and Path(flag).resolve() != Path(args.run_dir).resolve():
             raise FastclrError(f"two run directories given ({args.run_dir} and --run-dir {flag}); give one")
-        target_name = args.run_dir or flag
+        # As a new run finds it: a flag, else a --config file's train.run_dir (which started the run)
+        target_name = home_expanded(args.run_dir or flag or (config_files(args).get("train.run_dir") if args.config
+                                                             else None))
         if not target_name:
             raise FastclrError("--resume auto needs the run directory: fastclr pretrain --resume auto RUN_DIR")
-        target = Path(target_name)
+        target = Path(str(target_name))
         if list_checkpoints(target):
             resume = target
         else:
@@ -273,7 +287,9 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="train an encoder with SimCLR, then run the linear probe")
-    pre.add_argument("--config", help="a TOML file of overrides ([data], [augment], [model], [optim], [train], [eval])")
+    pre.add_argument("--config", action="append",
+                     help="a TOML file of overrides ([data], [augment], [model], [optim], [train], [eval]); given "
+                          "more than once, each file overrides the ones before it")
     pre.add_argument("--resume", metavar="RUN_DIR|auto",
                      help="continue RUN_DIR from its newest valid checkpoint; `--resume auto RUN_DIR` resumes RUN_DIR "
                           "when it holds a checkpoint and starts it fresh otherwise")
@@ -333,7 +349,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  for token in extra if token.startswith("--") for name in [token.split("=")[0]]
                  for close in [difflib.get_close_matches(name, known, n=1)] if close]
         sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
+    for key, value in vars(args).items():
+        args.__dict__[key] = [home_expanded(v) for v in value] if isinstance(value, list) else home_expanded(value)
     return args
+
+
+def home_expanded(value: object) -> object:
+    """A path given as `~/...` (or `~`) with the home directory put in, as a shell does for a word
+    of its own but not after `--out=` or inside a --config file: `./~/runs` was made in the current
+    directory, which a later `rm -rf ~...` could mistake for the home itself."""
+    if isinstance(value, str) and (value == "~" or value.startswith(("~/", "~" + os.sep))):
+        return os.path.expanduser(value)
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

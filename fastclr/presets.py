@@ -8,10 +8,10 @@ Order: `Config()` <- the dataset's preset <- a TOML file <- flags (or the API's 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from fastclr.config import ADDED_LATER, Config, DataConfig, apply_overrides, read_toml
 from fastclr.errors import FastclrError
@@ -42,13 +42,28 @@ STORE = "store"
 
 
 def preset_name(data_name: str) -> str:
-    """The preset a dataset name (or a store path) brings: its own name, or "store"."""
-    return data_name if data_name in PRESETS else STORE
+    """The preset a dataset name (or a store path) brings: its own name; for a store written from
+    a built-in dataset (`fastclr prepare --builtin`), that dataset's (the same images trained with
+    the ImageNet recipe and no time budget: 100 epochs instead of the 9.5 minutes the Fashion-MNIST
+    recipe measured); else "store"."""
+    return data_name if data_name in PRESETS else store_builtin(data_name) or STORE
+
+
+def store_builtin(path: str) -> str | None:
+    """The built-in dataset whose images the store at `path` holds as published (its store.json's
+    options, written by `prepare --builtin`), else None."""
+    try:
+        meta = json.loads((Path(path).expanduser() / "store.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    options = meta.get("options") if isinstance(meta, dict) else None
+    name = options.get("builtin") if isinstance(options, dict) else None
+    return name if isinstance(name, str) and name in PRESETS else None
 
 
 def preset_for(data_name: str) -> dict[str, Any]:
     """The overrides of `Config()` that make the recipe of `data_name`."""
-    return PRESETS.get(data_name, IMAGENET)
+    return PRESETS.get(preset_name(data_name), IMAGENET)
 
 
 def config_for(data: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -81,7 +96,8 @@ def saved_overrides(path: str | Path) -> dict[str, Any]:
 def check_preset(cfg: Config) -> None:
     """A one-line error when `cfg` carries another dataset's recipe than the one it trains on."""
     want = preset_name(cfg.data.name)
-    if cfg.data.preset != want:
+    # A run on a store of a built-in dataset saved before such a store took that dataset's recipe holds the store's
+    if cfg.data.preset != want and not (cfg.data.preset == STORE and want != cfg.data.name):
         raise FastclrError(
             f"this config holds the {cfg.data.preset} recipe but trains on {cfg.data.name}; build it with "
             f"fastclr.config_for({cfg.data.name!r}) (then change what you need), or set data.preset = {want!r} "

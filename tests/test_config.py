@@ -476,3 +476,36 @@ def test_an_empty_run_directory_is_refused_not_replaced_by_a_new_one(argv: list[
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "given is empty (an unset variable?); give the run directory" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_files_given_twice_are_layered_in_order_under_the_flags(tmp_path: Path) -> None:
+    """`--config A --config B` trained B alone: A's temperature was dropped without a word."""
+    from fastclr.cli import parse_args, resolve_config
+
+    (tmp_path / "a.toml").write_text("[train]\ntemperature = 0.3\nbatch_size = 64\n", encoding="utf-8")
+    (tmp_path / "b.toml").write_text("[optim]\nlr = 0.01\n[train]\nbatch_size = 32\n", encoding="utf-8")
+    args = parse_args(["pretrain", "--config", str(tmp_path / "a.toml"), "--config", str(tmp_path / "b.toml"),
+                       "--proj-dim", "16"])
+    cfg = resolve_config(args)
+    assert (cfg.train.temperature, cfg.optim.lr, cfg.train.batch_size, cfg.model.proj_dim) == (0.3, 0.01, 32, 16)
+    alone = resolve_config(parse_args(["pretrain", "--config", str(tmp_path / "b.toml")]))
+    assert alone.train.temperature == Config().train.temperature  # the layering, not b.toml, gave 0.3
+
+
+def test_a_home_in_a_path_is_put_in_where_no_shell_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out=~/x`, `--run-dir=~/x` and a --config file's run_dir made a folder named "~" in the
+    current directory; `--resume auto` did not find a --config file's run_dir at all ("needs the run
+    directory"), though the same file started the run there."""
+    from fastclr.cli import parse_args, pretrain_target
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["export", "~/runs/a", "--out=~/enc.pt2"]).out == str(tmp_path / "home" / "enc.pt2")
+    args = parse_args(["pretrain", "--run-dir=~/runs/a"])
+    assert pretrain_target(args)[1].train.run_dir == str(tmp_path / "home" / "runs" / "a")
+    (tmp_path / "f.toml").write_text('[train]\nrun_dir = "~/runs/b"\n', encoding="utf-8")
+    resume, cfg = pretrain_target(parse_args(["pretrain", "--config", "f.toml"]))
+    assert resume is None and cfg.train.run_dir == str(tmp_path / "home" / "runs" / "b")
+    resume, cfg = pretrain_target(parse_args(["pretrain", "--resume", "auto", "--config", "f.toml"]))
+    assert resume is None and cfg.train.run_dir == str(tmp_path / "home" / "runs" / "b")  # no checkpoint yet: new
+    assert parse_args(["pretrain", "--cnn-stages", "~x"]).__dict__["cfg:model.cnn_stages"] == "~x"  # not a home path

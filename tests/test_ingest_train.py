@@ -266,3 +266,26 @@ def test_a_builtin_store_and_a_folders_store_do_not_replace_each_other(
         f": give another --out, or remove {builtin_store} first to replace it")
     assert {s: {p.name: p.read_bytes() for p in s.iterdir()} for s in (folder_store, builtin_store)} == before
     assert main(["prepare", "--builtin", "fashion-mnist", "--out", str(builtin_store)]) == 0  # the same again: rewritten
+
+
+def test_a_store_of_a_builtin_dataset_trains_with_that_datasets_recipe(tmp_path: Path) -> None:
+    """`prepare --builtin mnist` then `pretrain --data STORE` trained the ImageNet recipe (crops from
+    8%, blur, mirrored digits, 100 epochs) on the same images `--data mnist` trains with MNIST's own;
+    a folder's store keeps the store recipe, and a run saved with the store recipe on such a store
+    still passes the recipe check (it resumes as it was)."""
+    from conftest import write_idx_dataset
+    from fastclr.ingest.builtin import write_builtin_store
+    from fastclr.presets import STORE, check_preset, config_for
+
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=16, n_test=8)
+    store = write_builtin_store("mnist", tmp_path / "s", str(tmp_path / "data"), download=False, log=lambda s: None)
+    cfg, builtin = config_for(str(store)), config_for("mnist")
+    assert cfg.data.preset == "mnist"
+    assert (dataclasses.replace(cfg, data=builtin.data)) == builtin  # every setting MNIST's
+    bar_images(tmp_path / "bars", n_per_class=4, size=28)
+    folder_store = prepare_store(tmp_path / "bars", tmp_path / "fs", DecodeOptions(28), workers=1, **QUIET).store
+    assert config_for(str(folder_store)).data.preset == STORE
+    assert config_for(str(folder_store)).augment.scale_min == 0.08  # the ImageNet recipe's crops
+    check_preset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preset=STORE)))
+    with pytest.raises(FastclrError, match=r"holds the fashion-mnist recipe but trains on"):
+        check_preset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preset="fashion-mnist")))

@@ -43,7 +43,7 @@ from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_sm
 from fastclr.pretrained import require_run_store
 from fastclr.pretraining.state import STATE_KEYS, check_resume_config, check_resume_data
 from fastclr.scaleout.same_run import check_same_run
-from fastclr.presets import check_preset
+from fastclr.presets import STORE, check_preset
 from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
 from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_config, write_json
@@ -206,6 +206,14 @@ def _with_width(cfg: Config, width: float) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=width))
 
 
+def _recipe_text(cfg: Config) -> str:
+    """For a store, whose recipe it trains with (its built-in dataset's where it holds one, else the
+    ImageNet recipe the README calls the store recipe): the settings depend on it, the name does not say."""
+    if cfg.data.preset == cfg.data.name:
+        return ""
+    return f"; the {cfg.data.preset if cfg.data.preset != STORE else 'store (ImageNet)'} recipe"
+
+
 def _origin_text(dataset: Dataset) -> str:
     """Where the files were read from, when the name does not say it already."""
     return f" from {dataset.origin}" if dataset.origin and dataset.origin != dataset.name else ""
@@ -355,7 +363,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
     else:
         _check_same_step(-1, ctx, device)
-        run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx))
+        run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx)).expanduser()  # ~ in a file
     if dataset is None:
         if resume is not None:
             require_run_store(resume, cfg.data.name)
@@ -430,7 +438,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         log(f"{dataset.name} has no labelled train/test split: the kNN monitor and the linear probe are skipped")
     t, spec = cfg.train, run.model.spec
     log(f"run {run_dir}: {spec.encoder} (h: {spec.feature_dim}-d) on {dataset.name} ({len(run.source)} images "
-        f"{dataset.image_shape}{_origin_text(dataset)}), {_batch_text(cfg, ctx)}, {counted(run.steps_per_epoch, 'step')}/epoch, peak lr {run.peak_lr:g} "
+        f"{dataset.image_shape}{_origin_text(dataset)}{_recipe_text(cfg)}), {_batch_text(cfg, ctx)}, {counted(run.steps_per_epoch, 'step')}/epoch, peak lr {run.peak_lr:g} "
         f"({_lr_text(cfg, ctx)}), {precision.name} on {device}, {_compile_text(cfg.train.compile, compiled)}"
         + "".join(f", {p}" for p in ([f"NT-Xent in row blocks of {t.loss_block}"] if t.loss_block else [])
                   + ([f"gradient caching in chunks of {t.grad_cache_chunk} images"] if t.grad_cache_chunk else [])))
