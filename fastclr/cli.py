@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import WriteFailed, is_write_error, size_text, write_failure_reason, write_way_out
-from fastclr.signals import cleanup_on_sigterm
+from fastclr.signals import Terminated, cleanup_on_sigterm
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from fastclr.pretrained import LoadedRun
 
 EXIT_USAGE = 2
-PATH_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG)
+PATH_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG,
+               errno.ELOOP)
 """Errors of a path itself (not of the disk filling): told as one line naming the path."""
 
 
@@ -431,7 +432,15 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # after a progress bar's unfinished line
         return 130
+    except Terminated as e:  # as Ctrl-C's line: a kill said nothing (prepare, embed), the exit status alone
+        if e.signum == signal.SIGTERM:  # a hang-up has no terminal left to read it
+            print(f"\nterminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        raise
     except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        if str(e).startswith("Symlink loop from "):  # pathlib's resolve() (Python < 3.13) for a link leading to itself
+            _error(f"error: cannot use {str(e).removeprefix('Symlink loop from ')} (a symbolic link that leads back to "
+                   "itself); give another path, or fix the link")
+            return EXIT_USAGE
         size = out_of_memory(e)
         if size is None:
             raise

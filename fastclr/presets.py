@@ -9,6 +9,7 @@ Order: `Config()` <- the dataset's preset <- a TOML file <- flags (or the API's 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ def store_builtin(path: str) -> str | None:
     """The built-in dataset whose images the store at `path` holds as published (its store.json's
     options, written by `prepare --builtin`), else None."""
     try:
-        meta = json.loads((Path(path).expanduser() / "store.json").read_text(encoding="utf-8"))
+        meta = json.loads((Path(os.path.expanduser(path)) / "store.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     options = meta.get("options") if isinstance(meta, dict) else None

@@ -24,6 +24,14 @@ EXIT_STOPPED = 75
 'try again later', i.e. resume with `fastclr pretrain --resume RUN_DIR`)."""
 
 
+class Terminated(SystemExit):
+    """A SIGTERM or SIGHUP turned into an exit (`cleanup_on_sigterm`): status 128 + the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 class StopRequested(Exception):
     """Raised inside an interruptible phase (the probe after training) when a stop signal arrives."""
 
@@ -115,7 +123,7 @@ def cleanup_on_sigterm() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         if signum == HANGUP:
             leave_terminal(ttys)
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) == signal.SIG_DFL}
     try:

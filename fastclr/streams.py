@@ -32,7 +32,11 @@ class ClosedPipeGuard:
     def write(self, text: str) -> int:
         if not self.reader_gone:
             try:
-                return self.stream.write(text)
+                try:
+                    return self.stream.write(text)
+                except UnicodeEncodeError:  # a path the stream's encoding lacks (Windows' cp1252 into a file): \u732b
+                    encoding = getattr(self.stream, "encoding", None) or "ascii"
+                    return self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
             except BrokenPipeError:
                 self._drop_the_rest()
             except OSError as e:

@@ -559,3 +559,41 @@ def test_a_writer_threads_full_disk_leaves_the_one_line_to_the_command(capsys: p
     with quiet_thread_write_errors():
         pass
     assert threading.excepthook is hook
+
+
+def test_a_path_the_output_encoding_lacks_is_written_escaped_not_a_traceback(tmp_path: Path) -> None:
+    """Windows writes a redirected stdout in its ANSI code page: `pretrain --run-dir runs/猫x > log`
+    ended in UnicodeEncodeError with a run half started, and `prepare` exited 1 after writing its
+    store whole. The line is written with the character escaped, the rest of the text as it is."""
+    import io
+
+    from fastclr.streams import ClosedPipeGuard
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="cp1252")
+    guard = ClosedPipeGuard(stream)  # type: ignore[arg-type]
+    guard.write("run runs/猫x: café\n")
+    guard.flush()
+    assert raw.getvalue().decode("cp1252") == "run runs/\\u732bx: café\n"
+    env = cli_env(tmp_path)
+    env["PYTHONIOENCODING"] = "cp1252"
+    r = run_cli(["pretrain", "--data", "mnist", "--epochs", "0.1", "--probe", "false", *TINY, "runs/猫x"], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "runs" / "猫x" / "encoder.safetensors").exists()
+
+
+def test_a_symbolic_link_that_leads_to_itself_is_one_line(tmp_path: Path) -> None:
+    """pathlib's resolve() raises RuntimeError('Symlink loop from ...') and open() ELOOP: each was a
+    traceback (--run-dir, --config, export --out, ...)."""
+    env = cli_env(tmp_path)
+    (tmp_path / "L").symlink_to("L")
+    r = call_main(["pretrain", "--data", "mnist", "--run-dir", "L/sub", *TINY], env, tmp_path)
+    (line,) = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and line in (  # pathlib's error before Python 3.13, and the system's since
+        f"error: cannot use '{tmp_path / 'L' / 'sub'}' (a symbolic link that leads back to itself); give another path, "
+        "or fix the link",
+        f"error: cannot use {tmp_path / 'L'} (Too many levels of symbolic links); give another path, or fix it or its "
+        "permissions")
+    r = call_main(["pretrain", "--config", "L", *TINY], env, tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: cannot use L (Too many levels of symbolic links); give another path, or fix it or its permissions"]

@@ -452,3 +452,26 @@ def test_info_names_absent_data_roots_and_a_partial_copy_as_not_found(tmp_path: 
     assert info.machine_report(measure=False)["datasets"]["mnist"] == ""
     monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "gone" / "mnist" / IDX_FILES[1]))
     assert info.machine_report(measure=False)["datasets"]["mnist"] == ""
+
+
+def test_without_a_home_the_data_is_found_elsewhere_and_a_download_names_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container run as a user with no passwd entry and no HOME: `Path.home()` raised
+    RuntimeError in a traceback from every command that looked for data, though Fashion-MNIST was
+    in the system folder."""
+    from fastclr.data.datasets import download_root
+
+    def no_home(cls: type) -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    for key in ("HOME", "XDG_CACHE_HOME", "FASTCLR_DATA"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
+    write_idx_dataset(tmp_path / "system" / "fashion-mnist", n_train=16, n_test=8)
+    assert locate("fashion-mnist") == tmp_path / "system" / "fashion-mnist"
+    with pytest.raises(FastclrError, match=r"no home directory is known here .*; set FASTCLR_DATA \(or XDG_CACHE_HOME, "
+                                           r"or HOME\) to a writable folder"):
+        download_root()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert download_root() == tmp_path / "cache" / "fastclr"

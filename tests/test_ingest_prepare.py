@@ -864,6 +864,8 @@ def test_sigterm_during_an_update_keeps_the_old_store_and_leaves_nothing_behind(
             os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
             proc.wait(10)
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    # As Ctrl-C's "interrupted": a kill said nothing; a hang-up's terminal is gone
+    assert err.strip().splitlines()[-1:] == (["terminated (SIGTERM)"] if stop == "SIGTERM" else [])
     assert {p.name: p.read_bytes() for p in store.iterdir()} == before
     assert read_store(store).images.shape[0] == 40
 

@@ -84,16 +84,33 @@ class DatasetSpec:
 def user_cache() -> Path:
     """The per-user data directory where downloads go when $FASTCLR_DATA is not set: under
     $XDG_CACHE_HOME where that is an absolute path (the XDG spec has a relative one ignored: it
-    would put the cache under whatever directory a command runs in), else ~/.cache."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", "")).expanduser()
-    return (base if base.is_absolute() else Path.home() / ".cache") / "fastclr"
+    would put the cache under whatever directory a command runs in), else ~/.cache; a one-line
+    error where there is no home either."""
+    found = known_user_cache()
+    if found is None:
+        raise FastclrError("no home directory is known here (HOME is unset and this user has no passwd entry, as in "
+                           "a container run as an arbitrary user), so there is no user cache; set FASTCLR_DATA (or "
+                           "XDG_CACHE_HOME, or HOME) to a writable folder")
+    return found
+
+
+def known_user_cache() -> Path | None:
+    """`user_cache`, or None where no home directory is known (`Path.home()` raised RuntimeError in
+    every command that looked for data, although Fashion-MNIST sat in /usr/share/datasets)."""
+    base = Path(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "")))
+    if base.is_absolute():
+        return base / "fastclr"
+    try:
+        return Path.home() / ".cache" / "fastclr"
+    except RuntimeError:
+        return None
 
 
 def data_env() -> Path | None:
     """$FASTCLR_DATA, `~` expanded (a value from a .env file, a systemd unit or a Dockerfile's ENV
     is not expanded by a shell: "~/data" made a folder named "~" under the current directory)."""
     value = os.environ.get("FASTCLR_DATA")
-    return Path(value).expanduser() if value else None
+    return Path(os.path.expanduser(value)) if value else None
 
 
 def search_roots(root: str | Path | None = None) -> list[Path]:
@@ -104,7 +121,7 @@ def search_roots(root: str | Path | None = None) -> list[Path]:
     env = data_env()
     if env is not None:
         roots.append(env)
-    roots += [user_cache(), SYSTEM_ROOT]
+    roots += [r for r in (known_user_cache(), SYSTEM_ROOT) if r is not None]
     return roots
 
 
@@ -212,7 +229,7 @@ def _read_stl10(folder: Path) -> Dataset:
         yield train.images
 
     images = decoded_once([folder / "unlabeled_X.bin", folder / "train_X.bin"], STL10_DECODED, shape, blocks,
-                          user_cache() / "decoded")
+                          (known_user_cache() or folder) / "decoded")
     if images is not None:
         # A plain array over the file's pages, as the other built-ins: ImageSource gathers from it on
         # the CPU without a copy and copies it to a GPU whole (a np.memmap would be read as a store).
