@@ -91,8 +91,8 @@ def write_failure_reason(e: BaseException, path: Path) -> str:
     when one is set, the file-size limit (`ulimit -f`)."""
     if isinstance(e, OSError):
         reason = e.strerror or str(e)
-        if e.errno == errno.EROFS:
-            return reason  # no write can succeed there: the space left is beside the point
+        if e.errno in (errno.EROFS, errno.ENAMETOOLONG):
+            return reason  # no write can succeed there, or by that name: the space left is beside the point
     else:  # torch's writer: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = "the writer stopped: " + text.split("] . ")[-1]
@@ -133,6 +133,8 @@ def write_way_out(e: BaseException | None, elsewhere: str) -> str:
         return f"choose {elsewhere} on a writable file system (or remount it read-write)"
     if code == errno.EIO:
         return "check the disk (the system reported an I/O error)"
+    if code == errno.ENAMETOOLONG:
+        return "choose a shorter name (255 bytes at most on most file systems)"
     return f"free space there or choose {elsewhere}"
 
 
@@ -188,7 +190,7 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
     try:
         for path, write in writes:
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
             except OSError as e:
                 raise WriteFailed(path, write_failure_reason(e, path), e) from None
             done.append((tmp, path))
@@ -215,6 +217,20 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
         raise
     for parent in {path.parent for _, path in done}:
         fsync_path(parent)
+
+
+TEMP_NAME_KEPT = 200
+"""How many bytes of a file's name its temporary's name keeps: `.NAME.XXXXXXXX.tmp` of a valid name of
+238 to 255 bytes went past the 255-byte limit of a name, and the write failed."""
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of `path`'s temporary: `.NAME.`, its name cut to TEMP_NAME_KEPT bytes (the
+    temporaries of the run's own files, whose names are short, are found again by that prefix)."""
+    raw = path.name.encode("utf-8", "surrogateescape")
+    if len(raw) <= TEMP_NAME_KEPT:
+        return f".{path.name}."
+    return f".{raw[:TEMP_NAME_KEPT].decode('utf-8', 'ignore')}."
 
 
 def fsync_path(path: Path) -> None:

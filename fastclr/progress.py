@@ -30,7 +30,8 @@ class Progress:
                  unit: str = "step", rate_of: str = "", tty_every: float = 0.0):
         self.total, self.start, self.unit, self.rate_of = total, start, unit, rate_of
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        # A terminal that cannot move the cursor (TERM=dumb: Emacs' shell, some CI logs) gets lines, not rewrites
+        self.tty = self.stream.isatty() and os.environ.get("TERM") != "dumb"
         self.every, self.tty_every = every, tty_every
         self.enabled = enabled
         self.t0 = time.perf_counter()

@@ -395,3 +395,21 @@ def test_prepare_onto_a_read_only_file_system_says_to_write_elsewhere(tmp_path: 
     assert line == (f"error: cannot write {ro / 'store'} (Read-only file system); files already complete were kept; "
                     "choose another place on a writable file system (or remount it read-write), and run the command "
                     "again")
+
+
+def test_a_name_of_up_to_255_bytes_is_written_and_a_longer_one_is_named_as_too_long(tmp_path: Path) -> None:
+    """`.NAME.XXXXXXXX.tmp` of a valid name of 238 to 255 bytes passed the file system's 255-byte
+    limit: the write failed, and its message blamed the disk ("56.0 GiB free there ... free space")."""
+    from fastclr.files import write_failure_reason, write_way_out
+
+    longest = tmp_path / ("é" * 120 + "x" * 15)  # 255 bytes in UTF-8
+    assert len(longest.name.encode()) == 255
+    atomic_write(longest, lambda f: f.write(b"whole"))
+    assert longest.read_bytes() == b"whole" and [p.name for p in tmp_path.iterdir()] == [longest.name]
+    with pytest.raises(WriteFailed) as e:
+        atomic_write(tmp_path / ("x" * 256), lambda f: f.write(b"whole"))
+    cause = e.value.cause
+    assert isinstance(cause, OSError) and cause.errno == errno.ENAMETOOLONG
+    assert write_failure_reason(cause, tmp_path / ("x" * 256)) == os.strerror(errno.ENAMETOOLONG)  # no free space
+    assert write_way_out(cause, "another place") == "choose a shorter name (255 bytes at most on most file systems)"
+    assert [p.name for p in tmp_path.iterdir()] == [longest.name]

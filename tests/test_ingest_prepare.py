@@ -1343,3 +1343,21 @@ def test_the_same_pixels_from_other_bytes_are_stored_once_so_never_in_both_train
     assert update.reused >= 39  # the previous rows (one of the grey pair may give way to its RGB twin)
     for name in ("images.u8", "manifest.csv", "skipped.csv"):
         assert (update.store / name).read_bytes() == (fresh.store / name).read_bytes(), name
+
+
+def test_a_decoder_crash_under_spawn_from_a_script_names_the_main_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under spawn (macOS, Windows) every decoder runs the calling script again: one calling
+    `fastclr.prepare_store` at its top level ended them all, told only as a crashing decoder at the
+    first file, which sent the user looking for a bad image. The fastclr command itself, and fork,
+    get no such hint."""
+    import __main__
+
+    from fastclr.ingest.prepare import _spawn_hint
+
+    monkeypatch.setattr(__main__, "__file__", "/home/me/make_store.py", raising=False)
+    assert _spawn_hint("spawn") == ('; or, if make_store.py calls fastclr at its top level, put that under '
+                                    '`if __name__ == "__main__":` (each decoding process runs the script again on '
+                                    'this system)')
+    assert _spawn_hint("fork") == ""
+    monkeypatch.setattr(__main__, "__file__", "/usr/lib/python3/site-packages/fastclr/__main__.py")
+    assert _spawn_hint("spawn") == ""

@@ -1187,6 +1187,28 @@ def test_a_terminals_progress_line_fits_its_width_and_clears_the_rest(monkeypatc
     assert all(re.search(r"\u2026 eta \d+:\d\d\x1b\[K$", p) for p in pieces)  # the metrics are cut, not the eta
 
 
+def test_a_terminal_that_cannot_move_the_cursor_gets_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TERM=dumb (Emacs' shell): each rewrite's "\r" and ESC [K were shown as they are."""
+    import io
+
+    from fastclr.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("TERM", "dumb")
+    stream = Terminal()
+    bar = Progress(total=3, stream=stream, every=0.0)
+    for step in (1, 2, 3):
+        bar.update(step, "loss 1.0")
+    assert "\r" not in stream.getvalue() and "\x1b" not in stream.getvalue()
+    assert [line.split(" eta ")[0] for line in stream.getvalue().splitlines()] == [
+        f"step {s}/3 loss 1.0" for s in (1, 2, 3)]
+    monkeypatch.setenv("TERM", "xterm")
+    assert Progress(total=3, stream=Terminal()).tty
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(7.0, "0:07"), (7.6, "0:08"), (59.6, "1:00"), (3599.6, "1:00:00"),
                                                (3725, "1:02:05"), (-3.0, "0:00")])
 def test_durations_are_rounded_to_the_nearest_second(seconds: float, text: str) -> None:

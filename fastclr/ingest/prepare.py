@@ -240,6 +240,17 @@ def _work(rels: list[str]) -> list[Outcome]:
     return [process_file(_W["root"] / r, r, _W["opts"], _W["known"]) for r in rels]
 
 
+def _spawn_hint(method: str) -> str:
+    """Where decoders are spawned (macOS, Windows) from a script: each runs the script again, and one
+    without a main guard calls fastclr again in every decoder, which ends them all (the store is then
+    held by the parent), told as a crash at the first file."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if method != "spawn" or not script or Path(script).name in ("__main__.py", "fastclr", "fastclr.exe"):
+        return ""
+    return (f"; or, if {Path(script).name} calls fastclr at its top level, put that under `if __name__ == "
+            "\"__main__\":` (each decoding process runs the script again on this system)")
+
+
 def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozenset[str], workers: int) -> Iterator[Outcome]:
     """Outcomes of `rels` in the order given, decoded by `workers` processes (1: in this one).
 
@@ -272,7 +283,7 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
                     # A decoder that crashes the process (or the OOM killer) cannot be caught per file.
                     raise FastclrError(f"a decoding process died (out of memory, or a crashing decoder) at or "
                                        f"after {chunk[0]}; run again with --workers 1 to find the file, then move "
-                                       "it away") from None
+                                       f"it away{_spawn_hint(method)}") from None
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(_work, nxt)))
