@@ -115,7 +115,11 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     # What this command asks for, a --config file then flags, each with the epochs rule.
     file, flags = config_files(args), _overrides(args)
     given = {**file, **_epochs_mean_epochs(flags), **flags}
-    if "data.name" in given and "data.preset" not in given and given["data.name"] != base.get("data.name"):
+    from fastclr.data import absolute_name
+
+    # The same store spelled another way (relative, where the run recorded it absolute) is no other dataset
+    if "data.name" in given and "data.preset" not in given and \
+            absolute_name(str(given["data.name"])) != absolute_name(str(base.get("data.name", ""))):
         # Another dataset on resume (refused unless --allow-config-change): the run keeps its recipe,
         # which from now on is the recipe it trains that dataset with.
         base["data.preset"] = preset_name(str(given["data.name"]))

@@ -76,6 +76,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
     cap, arch = gpu_kind(device)
     timer = precision_timer(device) if measure else None
     precision = decide_precision("auto", device.type, cpu, cap, timer, rocm_arch=arch)
+    roots = search_roots()
     rates: dict[str, float] = {}
     if measure:
         t0 = time.perf_counter()
@@ -107,8 +108,8 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "resnet_width": {"choice": resolve_width(0.0, "resnet18", device.type), "reason": width_reason(device)},
         "matmul": rates,
         "datasets": {name: _found(name) for name in REGISTRY},
-        "data_roots": [str(r) for r in search_roots()],
-        "data_roots_absent": [str(r) for r in search_roots() if not r.is_dir()],
+        "data_roots": [str(r) for r in roots],
+        "data_roots_absent": [str(r) for r in roots if not r.is_dir()],
     }
 
 

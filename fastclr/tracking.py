@@ -156,6 +156,9 @@ FAILED_CLOSE_WAIT_S = 10.0
 """How long the end of a run waits for a tracker that failed earlier to end its run."""
 
 
+CLOSE_WAIT_S = 120.0
+"""How long the end of a finished run waits for a healthy tracker to receive what is queued."""
+
 CLOSE_NOTE_AFTER_S = 5.0
 """After how long a close still sending says so."""
 
@@ -209,19 +212,28 @@ class _Guarded:
         self._call(f"store {path.name}", lambda: self.inner.artifact(path, name))
 
     def close(self, status: str) -> None:
-        """Send what is left and end the tracked run. A healthy tracker is waited for (each request
-        is bounded by the library's own timeouts: MLFLOW_PATIENCE); after a failure, the end of its
-        run (not left RUNNING for good after a network blip) is waited for FAILED_CLOSE_WAIT_S at most."""
+        """Send what is left and end the tracked run. A healthy tracker is waited for CLOSE_WAIT_S at
+        most when the run finished (each request is bounded by the library's own timeouts,
+        MLFLOW_PATIENCE, but a slow server's backlog is not), FAILED_CLOSE_WAIT_S when it was stopped
+        or failed (a scheduler's grace period is short, and a stop signal only sets a flag here);
+        after a failure, the end of its run (not left RUNNING for good after a network blip) is
+        waited for FAILED_CLOSE_WAIT_S at most."""
         self._call(_CLOSE, lambda: self.inner.close(status))
         self._calls.put(None)
+        limit = CLOSE_WAIT_S if status == "FINISHED" else FAILED_CLOSE_WAIT_S
+        complete = "" if status == "FAILED" else " (the run's files are complete)"
         began, said = time.monotonic(), False
-        while self._sender.is_alive() and not self.broken:
+        while self._sender.is_alive() and not self.broken and time.monotonic() - began < limit:
             self._sender.join(0.1)
             if not said and time.monotonic() - began > CLOSE_NOTE_AFTER_S:
                 said = True  # not a silent minute after the run's last line
-                self.warn(f"note: waiting for {self.name} to receive this run's last records (the run's files are "
-                          "complete)")
-        self._sender.join(FAILED_CLOSE_WAIT_S)
+                self.warn(f"note: waiting for {self.name} to receive this run's last records{complete}")
+        if self.broken:
+            self._sender.join(FAILED_CLOSE_WAIT_S)
+        elif self._sender.is_alive():
+            # queued: the calls not yet made and the sentinel, which stands for the one being made
+            self.warn(f"warning: stopped waiting for {self.name} after {limit:g} s, with {self._calls.qsize()} of "
+                      "this run's calls unsent (its end among them); the run's own files have every record")
         self._say()
 
 

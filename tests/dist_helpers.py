@@ -28,9 +28,9 @@ def free_port() -> int:
     """A TCP port that was free a moment ago (for MASTER_PORT), drawn below the kernel's range for
     outgoing connections: a port the kernel hands out (bind to 0) can be handed again, before the
     test binds it, to any connection, such as another test's TCPStore client."""
-    rng = random.Random()  # not the tests' seeded global generator: two draws must differ
-    for _ in range(50):
-        port = rng.randrange(10000, max(10001, _ephemeral_low()))
+    rng, below = random.Random(), _ephemeral_low()  # not the tests' seeded global generator: two draws must differ
+    for _ in range(50 if below > 11000 else 0):  # a host whose range starts low has no ports outside it
+        port = rng.randrange(10000, below)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

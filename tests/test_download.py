@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 import signal
 import socket
 import tarfile
@@ -393,8 +394,13 @@ def test_fastclr_data_is_chosen_as_a_root_is(tmp_path: Path, monkeypatch: pytest
     write_idx_dataset(tmp_path / "home" / "data" / "mnist", n_train=16, n_test=8)
     (tmp_path / "home" / "data" / "mnist" / IDX_FILES[3]).unlink()
     with pytest.raises(FastclrError, match=rf"mnist holds 3 of the 4 files of mnist but not {IDX_FILES[3]}; add them "
-                                           r"there \(`fastclr download mnist` fetches them\), or unset FASTCLR_DATA"):
+                                           r"there \(`fastclr download mnist` fetches them\), or give --data-root "
+                                           rf"{tmp_path / 'home' / '.cache' / 'fastclr'} to use the whole copy"):
         locate("mnist")
+    shutil.rmtree(tmp_path / "home" / ".cache")
+    with pytest.raises(FastclrError, match=r"fetches them\), or unset FASTCLR_DATA to use another copy"):
+        locate("mnist")  # no whole copy: the other way out
+    write_idx_dataset(tmp_path / "home" / ".cache" / "fastclr" / "mnist", n_train=16, n_test=8)
     assert locate("mnist", partial_ok=True) is None  # a download completes that folder, not another one
     monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "home" / "data" / "mnist" / IDX_FILES[0]))
     with pytest.raises(FastclrError, match=r"FASTCLR_DATA=.* is not a directory"):
@@ -475,3 +481,31 @@ def test_without_a_home_the_data_is_found_elsewhere_and_a_download_names_the_fix
         download_root()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert download_root() == tmp_path / "cache" / "fastclr"
+
+
+def test_a_partial_copy_in_fastclr_data_names_the_whole_copy_elsewhere(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder in $FASTCLR_DATA holding part of a dataset is completed, not passed over; where the
+    download fails (offline) the error said "not found (looked in ...)" of a whole copy it had
+    looked in: it names the partial folder and offers the whole copy. An empty folder there (a
+    failed download's) holds nothing to pass over."""
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "shared"))
+    write_idx_dataset(tmp_path / "system" / "mnist", n_train=16, n_test=8)
+    (tmp_path / "shared" / "mnist").mkdir(parents=True)
+    assert locate("mnist") == tmp_path / "system" / "mnist"  # empty: the whole copy is used
+    write_idx_dataset(tmp_path / "shared" / "mnist", n_train=16, n_test=8)
+    (tmp_path / "shared" / "mnist" / IDX_FILES[2]).unlink()
+    unreachable = tuple(RemoteFile((tmp_path / "nowhere" / f).as_uri(), "0" * 32) for f in IDX_FILES)
+    monkeypatch.setitem(REGISTRY, "mnist", dataclasses.replace(REGISTRY["mnist"], remote=unreachable))
+    with pytest.raises(FastclrError) as e:
+        ensure("mnist")
+    text = str(e.value)
+    assert text.startswith(f"{tmp_path / 'shared' / 'mnist'} holds 3 of the 4 files of mnist, and the rest could not be "
+                           "fetched (")
+    assert text.endswith(f"; or give --data-root {tmp_path / 'system'} to use the whole copy in "
+                         f"{tmp_path / 'system' / 'mnist'}")
+    with pytest.raises(FastclrError, match=rf"or give --data-root {tmp_path / 'system'} to use the whole copy in "):
+        ensure("mnist", download=False)
+    assert ensure("mnist", tmp_path / "system", download=False) == tmp_path / "system" / "mnist"  # as it says

@@ -289,3 +289,29 @@ def test_a_store_of_a_builtin_dataset_trains_with_that_datasets_recipe(tmp_path:
     check_preset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preset=STORE)))
     with pytest.raises(FastclrError, match=r"holds the fashion-mnist recipe but trains on"):
         check_preset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, preset="fashion-mnist")))
+
+
+def test_a_resume_naming_its_store_another_way_keeps_its_recipe_and_the_first_line_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run saved with the store recipe on a `prepare --builtin` store, resumed with `--data s`
+    (relative, where it recorded the absolute path), was taken for another dataset: its preset
+    relabelled to mnist, and its first line said "the mnist recipe" while it trained the saved
+    ImageNet settings."""
+    from conftest import write_idx_dataset
+    from fastclr.cli import parse_args, resume_config
+    from fastclr.ingest.builtin import write_builtin_store
+    from fastclr.pretraining.loop import _recipe_text
+    from fastclr.presets import config_for
+
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=16, n_test=8)
+    store = write_builtin_store("mnist", tmp_path / "s", str(tmp_path / "data"), download=False, log=lambda s: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'[data]\nname = "{store.resolve()}"\npreset = "store"\n[augment]\nscale_min = 0.08\n',
+                                     encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    cfg = resume_config(run, parse_args(["pretrain", "--resume", str(run), "--data", "s"]))
+    assert (cfg.data.preset, cfg.augment.scale_min) == ("store", 0.08)
+    assert _recipe_text(cfg) == "; the store (ImageNet) recipe"
+    assert _recipe_text(config_for(str(store))) == "; the mnist recipe"
+    assert _recipe_text(config_for("mnist")) == ""

@@ -321,6 +321,7 @@ def test_a_tracker_that_hangs_does_not_hold_the_caller_and_gets_everything_in_or
                 release.wait(20)
 
     def said(line: str) -> None:
+        assert threading.current_thread() is threading.main_thread()  # the caller's thread, as its other lines
         warned.append(line)
         release.set()  # the server answers once the wait is said
 
@@ -337,6 +338,44 @@ def test_a_tracker_that_hangs_does_not_hold_the_caller_and_gets_everything_in_or
     assert inner.calls == [("metrics", 1), ("metrics", 2), ("results", 2), ("artifact", "encoder"),
                            ("close", "FINISHED")]
     assert warned == ["note: waiting for mlflow to receive this run's last records (the run's files are complete)"]
+
+
+@pytest.mark.parametrize("status", ["FINISHED", "KILLED", "FAILED"])
+def test_the_end_of_a_run_waits_for_a_healthy_tracker_a_bounded_time(status: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow server that still answers builds a backlog: the end of the run waited for all of it,
+    unbounded, also when a scheduler's SIGTERM had stopped the run (the stop only sets a flag
+    then). A finished run waits CLOSE_WAIT_S, a stopped or failed one FAILED_CLOSE_WAIT_S, then says
+    what was left unsent; the note does not call a failed run's files complete."""
+    import threading
+    import time
+
+    import fastclr.tracking as tracking
+
+    release = threading.Event()
+
+    class Slow(_Recorder):
+        def metrics(self, values: Any, step: int) -> None:
+            super().metrics(values, step)
+            release.wait(30)
+
+    monkeypatch.setattr(tracking, "CLOSE_WAIT_S", 0.6)
+    monkeypatch.setattr(tracking, "FAILED_CLOSE_WAIT_S", 0.3)
+    monkeypatch.setattr(tracking, "CLOSE_NOTE_AFTER_S", 0.1)
+    warned: list[str] = []
+    guarded = tracking._Guarded(Slow(), "mlflow", warned.append)
+    for step in (1, 2, 3):
+        guarded.metrics({"loss": 1.0}, step)
+    t0 = time.perf_counter()
+    guarded.close(status)
+    waited = time.perf_counter() - t0
+    release.set()
+    limit = 0.6 if status == "FINISHED" else 0.3
+    assert limit <= waited < limit + 3
+    complete = "" if status == "FAILED" else " (the run's files are complete)"
+    assert warned == [f"note: waiting for mlflow to receive this run's last records{complete}",
+                      f"warning: stopped waiting for mlflow after {limit:g} s, with 4 of this run's calls unsent (its end "
+                      "among them); the run's own files have every record"]
 
 
 @pytest.mark.parametrize("fails", [False, True])

@@ -339,7 +339,8 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
         if env.exists() and not env.is_dir():
             raise FastclrError(f"FASTCLR_DATA={env} is not a directory; set it to the folder that holds (or is to "
                                f"hold) {s.folder}/, or unset it to use the user cache")
-        if _partial(name, env, partial_ok, f"`fastclr download {name}` fetches them", "unset FASTCLR_DATA"):
+        # (an empty folder there, as a failed download leaves, holds nothing to pass over)
+        if _partial(name, env, partial_ok, f"`fastclr download {name}` fetches them", "unset FASTCLR_DATA", empty=False):
             return None
     for r in [Path(root)] if root and only_root else search_roots(root):
         folder = r / s.folder
@@ -348,20 +349,41 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
     return None
 
 
-def _partial(name: str, root: Path, partial_ok: bool, fetch_them: str, other_copy: str) -> bool:
-    """True where `root`'s folder of `name` holds some of its files (a download completes it, with
-    `partial_ok`); a one-line error naming the missing ones without `partial_ok`."""
+def _partial(name: str, root: Path, partial_ok: bool, fetch_them: str, other_copy: str, empty: bool = True) -> bool:
+    """True where `root`'s folder of `name` holds some of its files (none, with `empty`) but not all (a
+    download completes it, with `partial_ok`); a one-line error naming the missing ones without
+    `partial_ok`."""
     s = spec(name)
     folder = root / s.folder
     present = [f for f in s.files if _idx_file(folder, f).exists()]
-    if not folder.is_dir() or len(present) == len(s.files):
+    if not folder.is_dir() or len(present) == len(s.files) or (not present and not empty):
         return False
     if partial_ok:
         return True
     missing = [f for f in s.files if f not in present]
+    whole = _whole_copy(name, root)
+    other = f"give --data-root {whole.parent} to use the whole copy in {whole}" if whole else \
+        f"{other_copy} to use another copy"
     raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
-                       f"{', '.join(missing)}; add them there ({fetch_them}), or {other_copy} to use another copy "
-                       "(files are never mixed from two folders)")
+                       f"{', '.join(missing)}; add them there ({fetch_them}), or {other} (files are never mixed from "
+                       "two folders)")
+
+
+def _whole_copy(name: str, besides: Path) -> Path | None:
+    """A folder of the usual places other than `besides` that holds all of `name`, else None."""
+    s = spec(name)
+    return next((r / s.folder for r in search_roots() if r != besides and _has_files(r / s.folder, s.files)), None)
+
+
+def _held_part(name: str, root: str | Path | None) -> tuple[Path, int] | None:
+    """(folder, files it holds) where the folder chosen for `name` (`root`'s, else $FASTCLR_DATA's)
+    holds some of its files but not all."""
+    s, chosen = spec(name), Path(root) if root else data_env()
+    if chosen is None:
+        return None
+    folder = chosen / s.folder
+    held = sum(_idx_file(folder, f).exists() for f in s.files)
+    return (folder, held) if 0 < held < len(s.files) else None
 
 
 def download_root(root: str | Path | None = None) -> Path:
@@ -396,6 +418,13 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
     except DownloadWriteFailed:  # the disk, not the network: downloading by hand would fail alike
         raise
     except FastclrError as e:
+        held = _held_part(name, root)
+        if held is not None:  # not "not found": the folder chosen holds part of it
+            folder, count = held
+            whole = _whole_copy(name, folder.parent)
+            raise FastclrError(f"{folder} holds {count} of the {len(s.files)} files of {name}, and the rest could not "
+                               f"be fetched ({e}); {hint}" + (f"; or give --data-root {whole.parent} to use the whole "
+                                                              f"copy in {whole}" if whole else "")) from None
         raise FastclrError(f"{name} files not found (looked in {where}) and {e}; {hint}") from None
     found = locate(name, root, only_root=only_root)
     if found is None:
