@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         cfg = apply_overrides(Config(), saved)
         content = str(state.get("data_content", ""))
     encoder.eval()
+    cfg = with_moved_store(cfg, run, content, log)
     return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log),
                      checkpoint_step, content)
 
@@ -198,6 +200,46 @@ def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], 
         log(f"note: {dataset.name} changed since {run.run_dir} trained on it (prepared again: its images, labels or "
             "splits differ); what follows is measured on it as it is now")
     return dataset
+
+
+MOVED_LEVELS = 4
+"""How far up from a run, and how many of the recorded path's last names, `moved_store` tries."""
+
+
+def moved_store(run_dir: Path, name: str, content: str) -> Path | None:
+    """Where the store a run recorded at `name`, no longer there, is now, when the run's project
+    folder was moved or copied with it (to another machine, another home): the recorded path's last
+    names tried under each folder above the run (/old/projA/stores/s -> /new/projB/stores/s for a
+    run now in /new/projB/runs/r), and taken only where the store holds the same images, labels and
+    splits (its content identity is the run's). None otherwise, and for a run that records none."""
+    if not content or not names_a_store(name) or Path(name).exists():
+        return None
+    tail = Path(name).parts[1:]  # the names after the root
+    for above in list(run_dir.resolve().parents)[:MOVED_LEVELS]:
+        for k in range(1, min(len(tail), MOVED_LEVELS) + 1):
+            candidate = above.joinpath(*tail[-k:])
+            if store_content(candidate) == content:
+                return candidate
+    return None
+
+
+def store_content(path: Path) -> str:
+    """The content identity in a store's store.json ("" where it is no readable store)."""
+    try:
+        meta = json.loads((path / "store.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    return str(meta.get("content", "")) if isinstance(meta, dict) else ""
+
+
+def with_moved_store(cfg: Config, run_dir: Path, content: str, log: Callable[[str], None]) -> Config:
+    """`cfg` reading its store where `moved_store` finds it, said in a note; else `cfg` as it is."""
+    moved = moved_store(run_dir, cfg.data.name, content)
+    if moved is None:
+        return cfg
+    log(f"note: {run_dir} was trained on the store {cfg.data.name}, which is no longer there; using {moved}, which "
+        "holds the same images, labels and splits (moved with the run)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=str(moved)))
 
 
 def require_run_store(run_dir: Path, name: str) -> None:

@@ -315,3 +315,33 @@ def test_a_resume_naming_its_store_another_way_keeps_its_recipe_and_the_first_li
     assert _recipe_text(cfg) == "; the store (ImageNet) recipe"
     assert _recipe_text(config_for(str(store))) == "; the mnist recipe"
     assert _recipe_text(config_for("mnist")) == ""
+
+
+def test_a_project_moved_with_its_store_is_evaluated_and_resumed_from_the_stores_new_place(tmp_path: Path) -> None:
+    """A run records its store's absolute path: after `mv projA projB` (or a copy to another
+    machine or home) evaluate, report and resume said only to put the store back at the old path.
+    The recorded path's last names are tried above the run, and a store there with the run's
+    content identity is used, said in a note; a store of other images there is not."""
+    import shutil
+
+    proj = tmp_path / "projA"
+    bar_images(proj / "bars", n_per_class=24, size=32)
+    store = prepare_store(proj / "bars", proj / "stores" / "s", DecodeOptions(28), workers=1, **QUIET).store
+    pretrain(tiny(proj / "runs" / "r", str(store), train__checkpoint_every=1), **QUIET)
+    moved = tmp_path / "projB"
+    shutil.move(proj, moved)
+    notes: list[str] = []
+    run = load_run(moved / "runs" / "r", "cpu", "fp32", log=notes.append)
+    assert run.config.data.name == str(moved / "stores" / "s")
+    assert notes[-1] == (f"note: {moved / 'runs' / 'r'} was trained on the store {store.resolve()}, which is no longer "
+                         f"there; using {moved / 'stores' / 's'}, which holds the same images, labels and splits "
+                         "(moved with the run)")
+    r = main(["pretrain", "--resume", str(moved / "runs" / "r"), "--epochs", "2", "--quiet"])
+    assert r == 0 and list_checkpoints(moved / "runs" / "r")
+    assert load_checkpoint(list_checkpoints(moved / "runs" / "r")[-1])["config"]["data"]["name"] == str(moved / "stores" / "s")
+    shutil.rmtree(moved / "stores" / "s")
+    bar_images(tmp_path / "other", n_per_class=20, size=32)  # another store at that place: not the run's
+    prepare_store(tmp_path / "other", moved / "stores" / "s", DecodeOptions(28), workers=1, **QUIET)
+    from fastclr.pretrained import moved_store
+
+    assert moved_store(moved / "runs" / "r", str(store.resolve()), run.data_content) is None

@@ -40,7 +40,7 @@ from fastclr.pretraining.monitor import final_probe, labelled
 from fastclr.pretraining.schedule import epochs_text
 from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_small_views_first,
                                       check_sync_checkable, validate)
-from fastclr.pretrained import require_run_store
+from fastclr.pretrained import require_run_store, with_moved_store
 from fastclr.pretraining.state import STATE_KEYS, check_resume_config, check_resume_data
 from fastclr.scaleout.same_run import check_same_run
 from fastclr.presets import STORE, check_preset
@@ -366,6 +366,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx)).expanduser()  # ~ in a file
     if dataset is None:
         if resume is not None:
+            cfg = with_moved_store(cfg, resume, str(state.get("data_content", "")) if state else "", log)
             require_run_store(resume, cfg.data.name)
         else:  # a name given now (a resume's is the one its run recorded)
             refuse_ambiguous(cfg.data.name)
