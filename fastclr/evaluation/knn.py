@@ -57,6 +57,33 @@ def _rank_exactly(unit_bank: torch.Tensor, q: torch.Tensor, sim: torch.Tensor, r
         row[i], val[i] = cand.gather(1, pos)[0], exact.gather(1, pos)[0]
 
 
+ROUGH_ERROR = 2.0**-6
+"""How far a bf16 product of unit rows can be from the exact cosine: each input rounded to bf16
+(a relative 2^-8 each) and the product rounded to bf16 (2^-8 of a value at most 1): at most 3 x
+2^-8 (fp32 accumulation adds under 1e-5 at 12544 dimensions); 2^-6 leaves a margin."""
+
+
+def _search(unit_bank: torch.Tensor, q: torch.Tensor, own: torch.Tensor | None, k: int,
+            near: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact search: rows (q, k), ascending, and their similarities, from one (q, D) x (D, N)
+    product; `own` (q, 1): the row each query must not return."""
+    n = unit_bank.shape[0]
+    sim = q @ unit_bank.T  # (q, N)
+    sim = sim if own is None else sim.masked_fill(torch.arange(n, device=q.device)[None] == own, -2.0)
+    top = sim.topk(min(k + 1, n), dim=1)
+    row = topk_columns(sim, k, top)
+    val = sim.gather(1, row)
+    # values this close among the k nearest, or between the k-th and the next, may be one row twice
+    close = (top.values[:, :-1] - top.values[:, 1:] <= near).any(1)
+    _rank_exactly(unit_bank, q, sim, row, val, close, near)
+    return row, val
+
+
+MOSTLY_UNSURE = 0.5
+"""Beyond which share of a chunk's queries searched exactly again the later chunks search exactly
+from the start (on 512-d h nearly every query was: the shortlist then cost 2-4x the exact search)."""
+
+
 @torch.no_grad()
 def cosine_topk(
     bank: torch.Tensor,
@@ -79,10 +106,10 @@ def cosine_topk(
     out of row order); so a query whose k nearest include values that close, or have rivals that
     close to the k-th, is ranked again on values recomputed the same way for every row (`_exact`).
     Where bf16 is native (`precision` bf16) and `shortlist` > 0, the product runs in bf16 only to
-    shortlist the `shortlist * k` most similar rows, whose similarities are then recomputed exactly,
-    so results differ from the exact search only if a true neighbour falls outside the shortlist (on
-    12544-d Fashion-MNIST features all 10k test predictions were equal with shortlist 2: 37 s
-    against 94 s; docs/benchmarks.md). Elsewhere bf16 is emulated, and the product is fp32.
+    shortlist the `shortlist * k` most similar rows, whose similarities are then recomputed exactly;
+    a query for which a row left out could still be a true neighbour (its bf16 value within
+    ROUGH_ERROR of the k-th exact similarity) is ranked again over every such row, so the result
+    is the exact search's. Elsewhere bf16 is emulated, and the product is fp32.
     exclude: (Q,) a bank row each query must not return (itself, when queries come from the bank);
     with it, at most n - 1 rows are returned, so a k beyond the bank never returns the excluded one.
     """
@@ -106,20 +133,25 @@ def cosine_topk(
         own = exclude[start : start + chunk].to(q.device)[:, None] if exclude is not None else None
         if bank16 is not None:
             rough = q.to(torch.bfloat16) @ bank16.T
-            cand = topk_columns(rough if own is None else rough.masked_fill(everything == own, -2.0), m)
+            rough = rough if own is None else rough.masked_fill(everything == own, -2.0)
+            top = rough.topk(min(m + 1, n), dim=1)
+            cand = topk_columns(rough, m, top)
             sim = _exact(unit_bank, q, cand)  # (q, m)
             sim = sim if own is None else sim.masked_fill(cand == own, -2.0)
             pos = topk_columns(sim, k)  # (q, k) columns of `sim`, ascending, so rows ascending too
             row, val = cand.gather(1, pos), sim.gather(1, pos)
+            # A row left out of the shortlist can be a true neighbour only if its bf16 value is within
+            # ROUGH_ERROR of the k-th exact one (features nearly alike, cosines all within 0.99-0.999,
+            # are 2 or 3 bf16 values: the shortlist was arbitrary there, and kNN read 60.6% where the
+            # exact search read 84.8%): such queries are searched exactly, together.
+            unsure = ((top.values[:, m].float() >= val.min(1).values - ROUGH_ERROR).nonzero()[:, 0] if m < n
+                      else cand.new_empty(0))
+            if unsure.numel():
+                row[unsure], val[unsure] = _search(unit_bank, q[unsure], None if own is None else own[unsure], k, near)
+            if unsure.numel() > len(q) * MOSTLY_UNSURE:
+                bank16 = None  # the shortlist saves nothing on these features: the next chunks search exactly
         else:
-            sim = q @ unit_bank.T  # (q, N)
-            sim = sim if own is None else sim.masked_fill(everything == own, -2.0)
-            top = sim.topk(min(k + 1, n), dim=1)
-            row = topk_columns(sim, k, top)
-            val = sim.gather(1, row)
-            # values this close among the k nearest, or between the k-th and the next, may be one row twice
-            close = (top.values[:, :-1] - top.values[:, 1:] <= near).any(1)
-            _rank_exactly(unit_bank, q, sim, row, val, close, near)
+            row, val = _search(unit_bank, q, own, k, near)
         by_value = val.sort(dim=1, descending=True, stable=True).indices  # equal similarities stay in row order
         sims.append(val.gather(1, by_value))
         rows.append(row.gather(1, by_value))
