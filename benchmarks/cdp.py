@@ -12,12 +12,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+CALL_TIMEOUT_S = 120.0
+"""How long one DevTools command may wait for its reply."""
 
 
 def find_chromium() -> str | None:
@@ -58,8 +62,12 @@ class Browser:
             self.call(f"{domain}.enable")
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
-    def _read(self) -> dict[str, Any]:
+    def _read(self, deadline: float) -> dict[str, Any]:
+        """The next message, or TimeoutError at `deadline` (time.monotonic()): a page that never loads
+        (a file the browser downloads instead) sent nothing more, and the read waited for good."""
         while b"\0" not in self._buffer:
+            if not select.select([self._from_browser], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError("the browser sent nothing in time (the page did not load, or is not a page)")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
                 raise RuntimeError("the browser closed its DevTools pipe")
@@ -74,8 +82,9 @@ class Browser:
         if to_page and self.page:
             msg[self._channel_field] = self.page
         os.write(self._to_browser, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + CALL_TIMEOUT_S
         while True:
-            reply = self._read()
+            reply = self._read(deadline)
             if reply.get("id") == self._next:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
@@ -89,9 +98,10 @@ class Browser:
         self.call("Page.navigate", url=url)
         end = time.monotonic() + timeout
         while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
-            if time.monotonic() > end:
-                raise TimeoutError(f"{url} did not load in {timeout} s")
-            self.events.append(self._read())
+            try:
+                self.events.append(self._read(end))
+            except TimeoutError:
+                raise TimeoutError(f"{url} did not load in {timeout} s") from None
         return time.perf_counter() - t0
 
     def js(self, expression: str) -> Any:

@@ -57,6 +57,21 @@ def describe() -> str:
             f"torch {torch.__version__}, {gpu}")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum` (0 steps measured nothing and said so only
+    as an empty record, or a statistics error after the training)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}, the fewest this measures with")
+        return value
+
+    return parse
+
+
 def report(benchmark: str, fields: dict[str, Any]) -> None:
     """Print one JSON line: the benchmark's name, the exact command, the machine, then `fields`."""
     print(json.dumps({"benchmark": benchmark, "command": " ".join([sys.executable, *sys.argv]), "machine": describe(),

@@ -19,7 +19,7 @@ from fastclr.data import load_data
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
-from harness import add_keep_memory, keep_memory_if, real_step, report
+from harness import add_keep_memory, at_least, keep_memory_if, real_step, report
 
 PHASES = ("fastclr.views", "fastclr.forward", "fastclr.loss", "fastclr.backward", "fastclr.optimizer")
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--precision", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=at_least(1), default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--shapes", action="store_true", help="split each operator by its input shapes")

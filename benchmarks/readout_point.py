@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--points", default="after_relu,before_relu,head1")
     a = ap.parse_args()
+    unknown = set(a.points.split(",")) - {"after_relu", "before_relu", "head1"}
+    if unknown:  # a misspelt point measured nothing, and said nothing
+        ap.error(f"--points {','.join(sorted(unknown))}: not a readout point; choose from after_relu, before_relu, head1")
     for run_dir in a.run_dirs:
         run = load_run(run_dir, log=lambda s: None)
         ds = load_data(run.config.data)

@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     a = p.parse_args()
+    if a.steps < 7:  # the median is of the steps after the first five
+        p.error(f"--steps {a.steps}: give 7 or more")
     pretrain = pretrain_fn()
     with tempfile.TemporaryDirectory() as tmp:
         overrides: dict[str, Any] = {"train.time_budget": 0.0, "train.log_every": 25, "train.seed": 0,

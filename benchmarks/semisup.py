@@ -50,6 +50,12 @@ def main() -> None:
     ap.add_argument("--distill", default="default", help=f"comma-separated variants: {', '.join(VARIANTS)}; none: skip")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    unknown = [n for n in a.distill.split(",") if n not in VARIANTS and a.distill != "none"]
+    if unknown:  # before the fine-tuning's minutes, not a KeyError after them
+        ap.error(f"--distill {','.join(unknown)}: not a variant; choose from {', '.join(VARIANTS)} (or none)")
+    if a.distill != "none" and a.teacher_layer not in [int(v) for v in a.head_layers.split(",")]:
+        ap.error(f"--teacher-layer {a.teacher_layer} is not among --head-layers {a.head_layers}: no classifier to "
+                 "distil from; add it there, or --distill none")
     machine = describe()
     work = Path(tempfile.mkdtemp(prefix="semisup-"))
 

@@ -31,7 +31,7 @@ from fastclr.pretraining.optim import build_optimizer, param_groups
 from fastclr.presets import apply_preset
 from fastclr.runtime import resolve_precision
 
-from harness import add_keep_memory, keep_memory_if, real_step, report, timed
+from harness import add_keep_memory, at_least, keep_memory_if, real_step, report, timed
 
 
 def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool = True) -> Callable[[int], None]:  # type: ignore[no-untyped-def]
@@ -71,7 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--batch-size", type=int, default=0, help="0: the default config's batch")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=at_least(1), default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference recipe")
     p.add_argument("--no-reference", action="store_true")
