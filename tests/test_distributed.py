@@ -857,3 +857,30 @@ def test_commands_that_run_as_one_process_are_refused_under_torchrun(tmp_path: P
     assert (r.returncode, r.stderr) == (2, "error: fastclr evaluate runs as one process, and torchrun started 2; run it "
                                            "without torchrun (only pretrain trains across processes)\n")
     assert call_main(["info", "--no-measure"], env, tmp_path).returncode == 0
+
+
+def test_a_copy_of_a_builtin_dataset_with_any_image_changed_is_other_data_and_named_by_its_flag() -> None:
+    """Two nodes' copies of MNIST, one with 5,000 of its 60,000 images inverted, none among the 64
+    the digest sampled: both trained, each on its own data, without a word. Every pixel of a
+    built-in's images counts now (a store's content identity already covers its pixels). A node
+    given another dataset was named by `--preset`, a flag that refuses to choose a recipe."""
+    import dataclasses
+
+    from fastclr.data import Dataset, ImageSet
+    from fastclr.scaleout.same_run import _differences, data_digest
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1000, 28, 28, 1), dtype=torch.uint8, generator=g).numpy()
+    labels = (torch.arange(1000) % 10).numpy()
+    train = ImageSet(images, labels)
+    ds = Dataset("mnist", train, train, ImageSet(images[:100].copy(), labels[:100]), [str(i) for i in range(10)])
+    changed = images.copy()
+    changed[7] = 255 - changed[7]  # between the rows 64 evenly spaced samples read (0, 15, 31, ...)
+    other = dataclasses.replace(ds, pretrain=ImageSet(changed, labels), train=ImageSet(changed, labels))
+    assert data_digest(ds) == data_digest(dataclasses.replace(ds, pretrain=ImageSet(images.copy(), labels)))
+    assert data_digest(other) != data_digest(ds)
+    first = {"settings": {"data.preset": "mnist", "augment.flip_p": 0.0}, "data": "d", "size": 1000, "checkpoint": "",
+             "init": ""}
+    mine = {**first, "settings": {"data.preset": "fashion-mnist", "augment.flip_p": 0.5}}
+    assert _differences(first, mine, 1) == ("rank 1 has --data 'fashion-mnist' (rank 0: 'mnist'), --flip-p 0.5 "
+                                            "(rank 0: 0.0)")

@@ -212,3 +212,25 @@ def test_ranks_ended_by_torchrun_after_a_stop_or_a_one_line_error_do_not_change_
         capsys: pytest.CaptureFixture[str]) -> None:
     assert _failed_launch(codes, monkeypatch) == expected
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_nodes_that_never_meet_or_a_port_that_is_none_are_one_line(tmp_path: Path) -> None:
+    """One node of two started alone waited out the rendezvous in silence, then ended in a 40-80
+    line traceback (exit 1); a port past 65535 was a ValueError traceback. Each is one line, exit 2."""
+    env = cli_env(tmp_path)
+    tail = ["-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "0.1", "--run-dir", str(tmp_path / "run"), *TINY,
+            "--device", "cpu"]
+    port = free_port()
+    alone = [sys.executable, "-m", "fastclr.scaleout.launch", "--nnodes=2", "--node_rank=0", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", "--rdzv-conf", "timeout=3", *tail]
+    r = subprocess.run(alone, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1].startswith("error: the nodes did not meet (")
+    assert r.stderr.splitlines()[-1].endswith(f"start every node with the same --nnodes (2) and rendezvous address "
+                                              f"(127.0.0.1:{port}), all within the rendezvous timeout (--rdzv-conf "
+                                              "timeout=SECONDS), and check that this host can reach it")
+    bad = [sys.executable, "-m", "fastclr.scaleout.launch", "--nproc_per_node=1", "--master_port=295001", *tail]
+    r = subprocess.run(bad, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --master_port 295001 is not a TCP port (1-65535); give the same free port on every node"]
+    assert not (tmp_path / "run").exists()

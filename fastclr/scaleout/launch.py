@@ -25,7 +25,9 @@ from types import FrameType
 
 import torch.distributed.elastic.multiprocessing.api as elastic_api
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, run
 
 from fastclr.cli import EXIT_USAGE
@@ -98,8 +100,20 @@ def signals_to_handle(names: str) -> str:
 
 def _launch(args: argparse.Namespace) -> int:
     """torchrun's `run(args)`, its ends turned into fastclr's exit codes."""
+    port = getattr(args, "master_port", None)
+    if isinstance(port, int) and not 0 < port < 65536:  # a typo (295001) was torchrun's ValueError traceback
+        print(f"error: --master_port {port} is not a TCP port (1-65535); give the same free port on every node",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         run(args)
+    except (DistError, RendezvousError) as e:
+        # The nodes never met (one not started, started late past the timeout, or a mistyped address or port):
+        # torchrun's traceback after minutes of silence, 40-80 lines, told nothing the first line does not.
+        print(f"error: the nodes did not meet ({str(e).splitlines()[0][:200]}); start every node with the same "
+              f"--nnodes ({args.nnodes}) and rendezvous address ({_meeting_point(args)}), all within the rendezvous "
+              "timeout (--rdzv-conf timeout=SECONDS), and check that this host can reach it", file=sys.stderr)
+        return EXIT_USAGE
     except SignalException as e:
         # Interpreter shutdown resets Python's handlers to the default: a signal then would kill the
         # launcher (exit -15, not 75). Ignored from the first atexit callback on, as a stopped run does.
@@ -129,6 +143,12 @@ def _launch(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _meeting_point(args: argparse.Namespace) -> str:
+    """Where the nodes meet: --rdzv-endpoint, else --master_addr:--master_port."""
+    endpoint = getattr(args, "rdzv_endpoint", "")
+    return str(endpoint) if endpoint else f"{getattr(args, 'master_addr', '?')}:{getattr(args, 'master_port', '?')}"
 
 
 def first_failure(e: ChildFailedError) -> str:

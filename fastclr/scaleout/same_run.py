@@ -29,19 +29,24 @@ determinism, the sync check), where the run is written (rank 0 chooses), the tra
 reports) and the collective timeout. Not the memory layout (DistributedDataParallel compares the
 parameters' strides), nor the logging and checkpoint intervals (the ranks agree on a stop there)."""
 
-SAMPLE_ROWS = 64
-"""Images of the pretraining split read for the data's digest, evenly spaced: with the sizes, the
-classes, every label and a store's content identity they tell other data apart without reading a
-large store whole."""
+DIGEST_ROWS = 4096
+"""Images hashed at a time for the digest of a built-in dataset (whose every pixel is hashed)."""
 
 
 def data_digest(dataset: Dataset) -> str:
-    """A digest of `dataset` that another copy of the same data gives wherever it is stored."""
+    """A digest of `dataset` that another copy of the same data gives wherever it is stored: the
+    sizes, classes and every label, and a store's content identity (a hash of its pixels made when
+    it was written), or for a built-in dataset, which has none, every pixel of its pretraining and
+    test images (64 sampled images let a node's copy with 5,000 images changed train without a word;
+    MNIST's 55 MB hash in about 0.1 s, STL-10's 3.2 GB in seconds, once a run)."""
     images, labels = dataset.pretrain.images, dataset.pretrain.labels
     sizes = [len(split) if split is not None else -1 for split in (dataset.train, dataset.test)]
     h = hashlib.sha256(json.dumps([dataset.content, list(images.shape), sizes, dataset.classes]).encode())
-    rows = np.unique(np.linspace(0, len(images) - 1, num=min(SAMPLE_ROWS, len(images)), dtype=np.int64))
-    h.update(np.ascontiguousarray(images[rows]).tobytes())
+    if not dataset.content:
+        test = dataset.test.images if dataset.test is not None else images[:0]
+        for block in (images, test):
+            for start in range(0, len(block), DIGEST_ROWS):
+                h.update(np.ascontiguousarray(block[start : start + DIGEST_ROWS]).data)
     if labels is not None:
         h.update(np.ascontiguousarray(labels).tobytes())
     return h.hexdigest()
@@ -70,8 +75,9 @@ def _differences(first: dict[str, Any], mine: dict[str, Any], rank: int) -> str:
     """What rank `rank` was given otherwise than rank 0, in a few words ("" when nothing)."""
     keys = [k for k in first["settings"] if first["settings"][k] != mine["settings"].get(k)]
     if keys:
-        shown = ", ".join(f"{config_mod.flag_of(k)} {mine['settings'].get(k)!r} (rank 0: {first['settings'][k]!r})"
-                          for k in keys[:3])
+        # data.preset differs where --data names another dataset (a node-local setting, compared by content)
+        shown = ", ".join(f"{'--data' if k == 'data.preset' else config_mod.flag_of(k)} {mine['settings'].get(k)!r} "
+                          f"(rank 0: {first['settings'][k]!r})" for k in keys[:3])
         return f"rank {rank} has {shown}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
     if first["data"] != mine["data"]:
         sizes = (f"{mine['size']:,} images to rank 0's {first['size']:,}" if mine["size"] != first["size"]
