@@ -203,11 +203,18 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     if args.name not in REGISTRY:  # not spec()'s error, which offers a store: nothing is downloaded into one
         raise FastclrError(f"unknown dataset {args.name!r}; fastclr downloads: {', '.join(REGISTRY)}")
+    made = bool(args.root) and not Path(args.root).exists()
     if args.root and not args.no_download:  # the folder to download into, made as asked
         Path(args.root).mkdir(parents=True, exist_ok=True)
     # With --root a download puts the dataset there, even where another folder holds a copy (the
     # folder an error's advice names); --no-download only checks, looking there first.
-    folder = ensure(args.name, args.root, download=not args.no_download, only_root=bool(args.root) and not args.no_download)
+    try:
+        folder = ensure(args.name, args.root, download=not args.no_download,
+                        only_root=bool(args.root) and not args.no_download)
+    except FastclrError:
+        if made and Path(args.root).is_dir() and not any(Path(args.root).iterdir()):
+            Path(args.root).rmdir()  # a failed download leaves no empty folder it made
+        raise
     try:
         ds = read_checked(args.name, folder)
     except FastclrError as e:

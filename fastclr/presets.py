@@ -72,7 +72,10 @@ def config_for(data: str | None = None, overrides: Mapping[str, Any] | None = No
     preset, then `overrides` ({"section.field": value}, e.g. from TOML and flags)."""
     given = dict(overrides or {})
     name = str(given.get("data.name", data or DataConfig().name))
-    merged: dict[str, Any] = {**preset_for(name), "data.name": name, "data.preset": preset_name(name)}
+    # A recipe named in the overrides (a saved run's, or data.preset set to train one dataset with
+    # another's settings) is the one its unset values come from, as its name says
+    preset = str(given.get("data.preset", preset_name(name)))
+    merged: dict[str, Any] = {**PRESETS.get(preset, IMAGENET), "data.name": name, "data.preset": preset}
     if "train.epochs" in given and "train.time_budget" not in given:
         merged["train.time_budget"] = 0.0  # asking for epochs means epochs, not the recipe's time budget
     merged.update(given)
@@ -96,6 +99,8 @@ def saved_overrides(path: str | Path) -> dict[str, Any]:
 
 def check_preset(cfg: Config) -> None:
     """A one-line error when `cfg` carries another dataset's recipe than the one it trains on."""
+    if cfg.data.name not in PRESETS and not Path(os.path.expanduser(cfg.data.name)).exists():
+        return  # a store not there (moved with its run, or gone): its recipe is unknown here; reading it says more
     want = preset_name(cfg.data.name)
     # A run on a store of a built-in dataset saved before such a store took that dataset's recipe holds the store's
     if cfg.data.preset != want and not (cfg.data.preset == STORE and want != cfg.data.name):

@@ -44,7 +44,7 @@ class Tracker(Protocol):
 
     def artifact(self, path: Path, name: str) -> None: ...
 
-    def close(self, status: str) -> None: ...
+    def close(self, status: str, stopping: Callable[[], bool] | None = None) -> None: ...
 
 
 def tracker_names(text: str) -> tuple[str, ...]:
@@ -211,8 +211,9 @@ class _Guarded:
     def artifact(self, path: Path, name: str) -> None:
         self._call(f"store {path.name}", lambda: self.inner.artifact(path, name))
 
-    def close(self, status: str) -> None:
-        """Send what is left and end the tracked run. A healthy tracker is waited for CLOSE_WAIT_S at
+    def close(self, status: str, stopping: Callable[[], bool] | None = None) -> None:
+        """Send what is left and end the tracked run; `stopping`: True once a stop was asked for,
+        which ends the wait. A healthy tracker is waited for CLOSE_WAIT_S at
         most when the run finished (each request is bounded by the library's own timeouts,
         MLFLOW_PATIENCE, but a slow server's backlog is not), FAILED_CLOSE_WAIT_S when it was stopped
         or failed (a scheduler's grace period is short, and a stop signal only sets a flag here);
@@ -224,6 +225,8 @@ class _Guarded:
         complete = "" if status == "FAILED" else " (the run's files are complete)"
         began, said = time.monotonic(), False
         while self._sender.is_alive() and not self.broken and time.monotonic() - began < limit:
+            if stopping is not None and stopping():  # Ctrl-C or a scheduler's SIGTERM during the wait: no more of it
+                break
             self._sender.join(0.1)
             if not said and time.monotonic() - began > CLOSE_NOTE_AFTER_S:
                 said = True  # not a silent minute after the run's last line
@@ -232,8 +235,10 @@ class _Guarded:
             self._sender.join(FAILED_CLOSE_WAIT_S)
         elif self._sender.is_alive():
             # queued: the calls not yet made and the sentinel, which stands for the one being made
-            self.warn(f"warning: stopped waiting for {self.name} after {limit:g} s, with {self._calls.qsize()} of "
-                      "this run's calls unsent (its end among them); the run's own files have every record")
+            waited = time.monotonic() - began
+            self.warn(f"warning: stopped waiting for {self.name} after {waited:.0f} s, with {self._calls.qsize()} of "
+                      "this run's calls unsent (its end among them)"
+                      + ("" if status == "FAILED" else "; the run's own files have every record"))
         self._say()
 
 
@@ -290,7 +295,7 @@ class _Mlflow:
     def artifact(self, path: Path, name: str) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=name)
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, stopping: Callable[[], bool] | None = None) -> None:
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -323,7 +328,7 @@ class _Wandb:
         art.add_file(str(path))
         self.run.log_artifact(art)
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, stopping: Callable[[], bool] | None = None) -> None:
         if status != "FINISHED":
             self.run.mark_preempting()
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)

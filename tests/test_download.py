@@ -509,3 +509,22 @@ def test_a_partial_copy_in_fastclr_data_names_the_whole_copy_elsewhere(tmp_path:
     with pytest.raises(FastclrError, match=rf"or give --data-root {tmp_path / 'system'} to use the whole copy in "):
         ensure("mnist", download=False)
     assert ensure("mnist", tmp_path / "system", download=False) == tmp_path / "system" / "mnist"  # as it says
+
+
+def test_a_failed_download_into_a_root_names_the_copy_elsewhere_and_leaves_no_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Offline, `download NAME --root R` said "files not found (looked in ...)" of a copy in a folder
+    it listed, and left the empty R it had made."""
+    from fastclr.cli import main
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    write_idx_dataset(tmp_path / "system" / "mnist", n_train=16, n_test=8)
+    unreachable = tuple(RemoteFile((tmp_path / "nowhere" / f).as_uri(), "0" * 32) for f in IDX_FILES)
+    monkeypatch.setitem(REGISTRY, "mnist", dataclasses.replace(REGISTRY["mnist"], remote=unreachable))
+    assert main(["download", "mnist", "--root", str(tmp_path / "R")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: mnist could not be fetched into {tmp_path / 'R' / 'mnist'} (")
+    assert f"a whole copy is in {tmp_path / 'system' / 'mnist'}: give --data-root {tmp_path / 'system'} to use it" in err
+    assert not (tmp_path / "R").exists()

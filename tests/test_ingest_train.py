@@ -345,3 +345,29 @@ def test_a_project_moved_with_its_store_is_evaluated_and_resumed_from_the_stores
     from fastclr.pretrained import moved_store
 
     assert moved_store(moved / "runs" / "r", str(store.resolve()), run.data_content) is None
+
+
+def test_a_moved_project_of_a_builtin_store_resumes_and_a_named_recipe_gives_its_values(tmp_path: Path,
+                                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Moved with its run, a `prepare --builtin` store was refused on resume ("this config holds the
+    mnist recipe but trains on OLD": at the old path it looked like any store), and a moved folder
+    store's resume noted a change of data.name that was none. And `data.preset = "store"` on such a
+    store trained MNIST's values while the first line named the store recipe."""
+    import shutil
+
+    from conftest import write_idx_dataset
+    from fastclr.ingest.builtin import write_builtin_store
+    from fastclr.presets import IMAGENET, config_for
+
+    write_idx_dataset(tmp_path / "data" / "mnist", n_train=64, n_test=16)
+    proj = tmp_path / "projA"
+    store = write_builtin_store("mnist", proj / "store", str(tmp_path / "data"), download=False, log=lambda s: None)
+    pretrain(tiny(proj / "run", str(store), train__checkpoint_every=1), **QUIET)
+    shutil.move(proj, tmp_path / "projB")
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(tmp_path / "projB" / "run"), "--epochs", "2"]) == 0
+    out = capsys.readouterr()
+    assert "which is no longer there; using" in out.out + out.err and "data.name" not in out.out + out.err
+    labelled = config_for(str(tmp_path / "projB" / "store"), {"data.preset": "store"})
+    assert (labelled.augment.scale_min, labelled.augment.blur_p) == (IMAGENET["augment.scale_min"],
+                                                                     IMAGENET["augment.blur_p"])

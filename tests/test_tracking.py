@@ -373,9 +373,38 @@ def test_the_end_of_a_run_waits_for_a_healthy_tracker_a_bounded_time(status: str
     limit = 0.6 if status == "FINISHED" else 0.3
     assert limit <= waited < limit + 3
     complete = "" if status == "FAILED" else " (the run's files are complete)"
+    every = "" if status == "FAILED" else "; the run's own files have every record"  # a failed run's may not
     assert warned == [f"note: waiting for mlflow to receive this run's last records{complete}",
-                      f"warning: stopped waiting for mlflow after {limit:g} s, with 4 of this run's calls unsent (its end "
-                      "among them); the run's own files have every record"]
+                      f"warning: stopped waiting for mlflow after {limit:.0f} s, with 4 of this run's calls unsent (its "
+                      f"end among them){every}"]
+
+
+def test_a_stop_asked_for_while_the_end_of_a_run_waits_for_a_tracker_ends_the_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or a scheduler's SIGTERM while a finished run waited for a slow tracker only set the
+    stop flag: the wait went on to its 120 s, past a scheduler's grace period."""
+    import threading
+    import time
+
+    import fastclr.tracking as tracking
+
+    release = threading.Event()
+
+    class Slow(_Recorder):
+        def metrics(self, values: Any, step: int) -> None:
+            super().metrics(values, step)
+            release.wait(30)
+
+    monkeypatch.setattr(tracking, "CLOSE_NOTE_AFTER_S", 100.0)
+    warned: list[str] = []
+    guarded = tracking._Guarded(Slow(), "mlflow", warned.append)
+    guarded.metrics({"loss": 1.0}, 1)
+    asked = time.monotonic() + 0.3
+    t0 = time.perf_counter()
+    guarded.close("FINISHED", stopping=lambda: time.monotonic() > asked)
+    waited = time.perf_counter() - t0
+    release.set()
+    assert 0.25 < waited < 3 and len(warned) == 1 and warned[0].startswith("warning: stopped waiting for mlflow after 0 s")
 
 
 @pytest.mark.parametrize("fails", [False, True])

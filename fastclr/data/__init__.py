@@ -37,7 +37,7 @@ def refuse_ambiguous(name: str) -> None:
 def absolute_name(name: str) -> str:
     """A store's path made absolute, any other name as it is: a run records its data so that every
     later command (finetune, report, export's check) finds the same store from any directory."""
-    return str(Path(name).expanduser().resolve()) if names_a_store(name) else name
+    return str(Path(os.path.expanduser(name)).resolve()) if names_a_store(name) else name
 
 
 def load_data(cfg: DataConfig) -> Dataset:

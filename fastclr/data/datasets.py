@@ -425,6 +425,10 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
             raise FastclrError(f"{folder} holds {count} of the {len(s.files)} files of {name}, and the rest could not "
                                f"be fetched ({e}); {hint}" + (f"; or give --data-root {whole.parent} to use the whole "
                                                               f"copy in {whole}" if whole else "")) from None
+        whole = _whole_copy(name, Path(root)) if root and only_root else None
+        if whole is not None:  # `download --root R`: not "not found" of a copy it had looked in
+            raise FastclrError(f"{name} could not be fetched into {target} ({e}); a whole copy is in {whole}: give "
+                               f"--data-root {whole.parent} to use it there, or {hint}") from None
         raise FastclrError(f"{name} files not found (looked in {where}) and {e}; {hint}") from None
     found = locate(name, root, only_root=only_root)
     if found is None:

@@ -11,6 +11,7 @@ step, so a resumed run replays exactly what the uninterrupted run would have don
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -136,7 +137,8 @@ def pretrain(
             try:
                 stopped = _train(run, stop)
                 result = _finish(run, stopped, stop)
-                run.close_trackers("KILLED" if result.stopped else "FINISHED")
+                run.close_trackers("KILLED" if result.stopped else "FINISHED",
+                                   None if stop is None else lambda: stop(run.state.step))
                 return result
             except WriteFailed as e:  # metrics, export or results: say what survives, as a checkpoint does
                 raise FastclrError(f"{e}; {what_is_kept(run.run_dir)}") from None
@@ -157,7 +159,7 @@ def _store_path_absolute(cfg: Config) -> Config:
     from a flag, a --config file or a run saved before, names the same store from this directory.
     So is --data-root's folder: evaluate, export and the others, which have no --data-root, looked
     for it from their own directory."""
-    root = str(Path(cfg.data.root).expanduser().absolute()) if cfg.data.root else cfg.data.root
+    root = str(Path(os.path.expanduser(cfg.data.root)).absolute()) if cfg.data.root else cfg.data.root
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name), root=root))
 
 
@@ -166,7 +168,7 @@ def _init_path_absolute(cfg: Config) -> Config:
     `--config` from another directory, named a file that was not there."""
     if not cfg.model.init:
         return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(Path(cfg.model.init).expanduser().resolve())))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=str(Path(os.path.expanduser(cfg.model.init)).resolve())))
 
 
 def _read_init(cfg: Config, dataset: Dataset, encoder: nn.Module | None, device: torch.device) -> InitWeights:
@@ -363,10 +365,14 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
     else:
         _check_same_step(-1, ctx, device)
-        run_dir = Path(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx)).expanduser()  # ~ in a file
+        # ~ in a file (os.path's expanduser: pathlib's raises where no home is known)
+        run_dir = Path(os.path.expanduser(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx)))
     if dataset is None:
         if resume is not None:
+            recorded = cfg.data.name
             cfg = with_moved_store(cfg, resume, str(state.get("data_content", "")) if state else "", log)
+            if saved is not None and saved.data.name == recorded != cfg.data.name:  # the same store: no change to note
+                saved = dataclasses.replace(saved, data=dataclasses.replace(saved.data, name=cfg.data.name))
             require_run_store(resume, cfg.data.name)
         else:  # a name given now (a resume's is the one its run recorded)
             refuse_ambiguous(cfg.data.name)

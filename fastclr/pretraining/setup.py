@@ -198,11 +198,12 @@ class Run:
         objective = self.train_step.objective
         return objective.groups(indices) if objective is not None else None
 
-    def close_trackers(self, status: str) -> None:
-        """End the tracked runs (once): FINISHED, KILLED (stopped, resumable) or FAILED."""
+    def close_trackers(self, status: str, stopping: Callable[[], bool] | None = None) -> None:
+        """End the tracked runs (once): FINISHED, KILLED (stopped, resumable) or FAILED; `stopping`
+        ends a wait for them once a stop is asked for."""
         trackers, self.metrics_log.trackers = self.metrics_log.trackers, []
         for t in trackers:
-            t.close(status)
+            t.close(status, stopping)
 
     @property
     def steps_per_epoch(self) -> int:
