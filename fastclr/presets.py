@@ -62,11 +62,6 @@ def store_builtin(path: str) -> str | None:
     return name if isinstance(name, str) and name in PRESETS else None
 
 
-def preset_for(data_name: str) -> dict[str, Any]:
-    """The overrides of `Config()` that make the recipe of `data_name`."""
-    return PRESETS.get(preset_name(data_name), IMAGENET)
-
-
 def config_for(data: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
     """The config of a run on `data` (or `overrides["data.name"]`): `Config()`, then the dataset's
     preset, then `overrides` ({"section.field": value}, e.g. from TOML and flags)."""

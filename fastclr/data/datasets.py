@@ -355,7 +355,7 @@ def _partial(name: str, root: Path, partial_ok: bool, fetch_them: str, other_cop
     `partial_ok`."""
     s = spec(name)
     folder = root / s.folder
-    present = [f for f in s.files if _idx_file(folder, f).exists()]
+    present = _present(name, folder)
     if not folder.is_dir() or len(present) == len(s.files) or (not present and not empty):
         return False
     if partial_ok:
@@ -367,6 +367,11 @@ def _partial(name: str, root: Path, partial_ok: bool, fetch_them: str, other_cop
     raise FastclrError(f"{folder} holds {len(present)} of the {len(s.files)} files of {name} but not "
                        f"{', '.join(missing)}; add them there ({fetch_them}), or {other} (files are never mixed from "
                        "two folders)")
+
+
+def _present(name: str, folder: Path) -> list[str]:
+    """The files of built-in `name` that `folder` holds (gzipped or not)."""
+    return [f for f in spec(name).files if _idx_file(folder, f).exists()]
 
 
 def _whole_copy(name: str, besides: Path) -> Path | None:
@@ -382,7 +387,7 @@ def _held_part(name: str, root: str | Path | None) -> tuple[Path, int] | None:
     if chosen is None:
         return None
     folder = chosen / s.folder
-    held = sum(_idx_file(folder, f).exists() for f in s.files)
+    held = len(_present(name, folder))
     return (folder, held) if 0 < held < len(s.files) else None
 
 
