@@ -25,6 +25,7 @@ from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name, saved_overrides
 from fastclr.scaleout.once import print_once_a_node
+from fastclr.scaleout.start import tell_start_failure
 from fastclr.scaleout.distributed import env_world_size
 
 if TYPE_CHECKING:
@@ -377,16 +378,32 @@ def home_expanded(value: object) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn user errors into one line and exit code 2."""
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        if e.code not in (0, None) and "pretrain" in (sys.argv[1:] if argv is None else argv) and env_world_size() > 1:
+            tell_start_failure("its command line was refused; its log says why")
+        raise
     rank = args.command == "pretrain" and env_world_size() > 1
     # A kill's SIGTERM unwinds (partial files removed, locks freed) but in a torchrun rank, whose
     # pretraining stops gracefully on it and whose threads can abort an unwinding exit.
     with outliving_readers(), cleanup_on_sigterm() if not rank else contextlib.nullcontext(), \
             quiet_thread_write_errors():
-        code = _run(args)
+        try:
+            code = _run(args)
+        except BaseException as e:
+            if rank:  # the other ranks, waiting for this one to start, are told why it will not
+                tell_start_failure(f"{type(e).__name__}: {_first_line(e)}")
+            raise
         if rank:
+            if code != 0:
+                tell_start_failure(_said[-1] if _said else f"exit status {code}")
             _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
     return code
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _thread_hook(args: threading.ExceptHookArgs) -> None:
@@ -510,7 +527,13 @@ def out_of_memory(e: BaseException) -> str | None:
 def _error(line: str) -> None:
     """A user error's one line on stderr: once a node under `fastclr-torchrun`, whose ranks all find
     a setting error alike (`print_once_a_node`), and as is for any other process."""
+    _said.append(line)
     print_once_a_node(line, file=sys.stderr)
+
+
+_said: list[str] = []
+"""The user errors this process printed (`_error`), the last of which a torchrun rank that stops before
+training tells the others."""
 
 
 def _exit_now(code: int) -> NoReturn:

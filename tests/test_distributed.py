@@ -884,3 +884,68 @@ def test_a_copy_of_a_builtin_dataset_with_any_image_changed_is_other_data_and_na
     mine = {**first, "settings": {"data.preset": "fashion-mnist", "augment.flip_p": 0.5}}
     assert _differences(first, mine, 1) == ("rank 1 has --data 'fashion-mnist' (rank 0: 'mnist'), --flip-p 0.5 "
                                             "(rank 0: 0.0)")
+
+
+
+def _ranks(tmp_path: Path, extra: dict[int, list[str]], world: int = 2, started: tuple[int, ...] = (0, 1),
+           timeout: str = "60") -> tuple[list[subprocess.Popen[str]], int]:
+    """`fastclr pretrain` as rank r of `world` for each r in `started`, with extra[r]'s flags; and the port."""
+    env, port = cli_env(tmp_path), free_port()
+    args = [sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "1", *TINY, "--probe", "false",
+            "--monitor-every", "0", "--device", "cpu", "--threads", "1", "--dist-timeout", timeout]
+    return [subprocess.Popen([*args, *extra.get(r, [])], env={**env, **rank_env(r, world, port)}, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in started], port
+
+
+def _ended(procs: list[subprocess.Popen[str]], within: float) -> list[str]:
+    """Each process's stderr, once all have exited within `within` seconds (else they are killed)."""
+    try:
+        return [p.communicate(timeout=within)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_rank_that_stops_before_the_group_forms_ends_the_others_with_its_reason(tmp_path: Path, failing: int) -> None:
+    """One rank's --config file is missing on its node: it stops before joining. The others waited in the
+    group's forming for the whole --dist-timeout (here 60 s; 10 minutes by default), then blamed the
+    network; now they end within seconds with its line, whichever rank it is (rank 0 serves the store
+    outside torchrun, and stays until the others have read it)."""
+    began = time.monotonic()
+    procs, _ = _ranks(tmp_path, {failing: ["--config", str(tmp_path / "missing.toml")]})
+    errs = _ended(procs, within=50)
+    took, ok = time.monotonic() - began, 1 - failing
+    assert [p.returncode for p in procs] == [2, 2] and took < 45, (took, errs)
+    assert "missing.toml" in errs[failing] and "Traceback" not in errs[failing] + errs[ok], errs
+    assert f"error: rank {ok}: rank {failing} stopped before training (" in errs[ok], errs[ok]
+    assert "missing.toml" in errs[ok] and "start every rank again" in errs[ok], errs[ok]
+
+
+def test_a_rank_that_never_starts_is_counted_when_the_timeout_ends(tmp_path: Path) -> None:
+    """Rank 1 of 2 is never started: rank 0 waits --dist-timeout, then says how many ranks never came."""
+    procs, _ = _ranks(tmp_path, {}, started=(0,), timeout="4")
+    errs = _ended(procs, within=60)
+    assert procs[0].returncode == 2 and "Traceback" not in errs[0], errs
+    assert "error: rank 0: 1 of the 2 ranks did not start within 4 s (--dist-timeout)" in errs[0], errs
+
+
+def test_a_stop_signal_ends_the_wait_for_the_other_ranks(tmp_path: Path) -> None:
+    """SIGTERM to a rank waiting for the others to start: it ends within a poll, saying nothing was
+    written; before, the signal waited with it inside the group's forming."""
+    import socket
+
+    procs, port = _ranks(tmp_path, {}, started=(0,), timeout="120")
+    end = time.monotonic() + 60
+    while time.monotonic() < end and procs[0].poll() is None:  # rank 0 serves the store once it waits
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    sent = time.monotonic()
+    procs[0].send_signal(signal.SIGTERM)
+    errs = _ended(procs, within=30)
+    assert time.monotonic() - sent < 10 and procs[0].returncode == 2, errs
+    assert "error: rank 0: stopped while waiting for the other ranks to start; nothing was trained" in errs[0], errs

@@ -234,3 +234,23 @@ def test_nodes_that_never_meet_or_a_port_that_is_none_are_one_line(tmp_path: Pat
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --master_port 295001 is not a TCP port (1-65535); give the same free port on every node"]
     assert not (tmp_path / "run").exists()
+
+
+def test_torchruns_failure_record_is_dropped_only_for_ranks_that_said_why() -> None:
+    """torchrun logs "failed (exitcode: N) ... of binary" as an error for any failed rank; for a fastclr
+    rank's 2 (its one line said why) and 75 (stopped, resumable) it repeated them under the launcher's
+    own line, and a crash or a kill keeps it."""
+    import logging
+
+    from fastclr.scaleout.launch import said_exit
+
+    def record(code: int, msg: str = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s") -> logging.LogRecord:
+        return logging.LogRecord("torch.distributed.elastic.multiprocessing.api", logging.ERROR, "api.py", 1002, msg,
+                                 (code, 0, 123, "python"), None)
+    assert [said_exit(record(c)) for c in (2, 75, 1, -9, -6)] == [False, False, True, True, True]
+    assert said_exit(record(2, msg="Sending process %s closing signal %s %s %s"))
+    # torchrun's own wording, as this torch logs it, is what the filter reads
+    import inspect
+
+    import torch.distributed.elastic.multiprocessing.api as api
+    assert '"failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"' in inspect.getsource(api)

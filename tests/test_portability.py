@@ -235,6 +235,8 @@ def test_cuda_ranks_join_through_gloo_where_the_build_has_no_nccl(nccl: bool, ex
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "is_nccl_available", lambda: nccl)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(backend))
+    monkeypatch.setattr(distributed, "job_store", lambda *args: dist.HashStore())  # no other rank to meet
+    monkeypatch.setattr(distributed, "check_in", lambda *args: None)
     ctx = distributed.setup(torch.device("cuda", 1), timeout_s=5.0)
     assert joined == [expected] and (ctx.rank, ctx.world_size) == (1, 2)
 

@@ -121,7 +121,7 @@ def pretrain(
     device = select_device(process_device(cfg.train.device, local_rank, world), warn=log)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ctx = setup(device, cfg.train.dist_timeout)
+    ctx = setup(device, cfg.train.dist_timeout, stopping=None if stop is None else lambda: stop(0))
     run: Run | None = None
     try:
         main_log = log if ctx.is_main else _silent

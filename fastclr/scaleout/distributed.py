@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.runtime import missing_kernels
+from fastclr.scaleout.start import check_in, job_store
 
 T = TypeVar("T")
 
@@ -85,12 +86,14 @@ def _env_int(name: str, default: int) -> int:
                            f"fastclr-torchrun, which set it, or unset {name} for one process") from None
 
 
-def setup(device: torch.device, timeout_s: float) -> DistContext:
+def setup(device: torch.device, timeout_s: float, stopping: Callable[[], bool] | None = None) -> DistContext:
     """Join the process group described by the environment (or adopt one the caller made).
 
     device: this rank's device (cuda:LOCAL_RANK or cpu); it picks the backend, NCCL for CUDA and
     gloo otherwise. timeout_s bounds every collective: a rank whose peer stopped answering
-    raises (`PeerFailure`) instead of waiting forever.
+    raises (`PeerFailure`) instead of waiting forever. Before the group forms every rank checks in
+    (`start.check_in`): a rank that stopped first is named with its reason, and `stopping` (True
+    once a stop signal came) ends the wait.
     """
     if dist.is_available() and dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), env_world()[2], owns_group=False)
@@ -102,8 +105,14 @@ def setup(device: torch.device, timeout_s: float) -> DistContext:
     # NCCL where the build has it; Windows builds have none, and gloo carries CUDA tensors there too
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
     try:
+        store = job_store(rank, world, timeout_s)
+        check_in(store, rank, world, timeout_s, stopping)
+        # the keys of the group apart from the check-in's, as torch's own rendezvous keeps them
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                store=dist.PrefixStore("default_pg", store),
                                 device_id=device if device.type == "cuda" else None)
+    except FastclrError:
+        raise
     except (RuntimeError, ValueError) as e:
         raise PeerFailure(f"rank {rank}: cannot join the {world}-process group via {backend} "
                           f"({_first_line(e)}); check MASTER_ADDR/MASTER_PORT and that every rank started") from None

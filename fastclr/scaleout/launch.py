@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import os
 import shutil
 import signal
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "CPUs); set OMP_NUM_THREADS to choose another", file=sys.stderr)
     # torchrun installs the handler it finds under this name when it starts the ranks.
     elastic_api._terminate_process_handler = _stop_once
+    elastic_api.logger.addFilter(said_exit)
     args.signals_to_handle = signals_to_handle(args.signals_to_handle)
     os.environ[ONCE_DIR] = once = tempfile.mkdtemp(prefix="fastclr-torchrun-")
     try:
@@ -88,6 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _launch(args)
     finally:
         shutil.rmtree(once, ignore_errors=True)
+
+
+def said_exit(record: logging.LogRecord) -> bool:
+    """False for torchrun's "failed (exitcode: 2|75) ... of binary" record: a fastclr rank that exits 2
+    or 75 has said why in one line, and the launcher says what follows; the record repeated it as an
+    error beside them. Other exits (a crash, a kill) keep it."""
+    return not (str(record.msg).startswith("failed (exitcode:") and isinstance(record.args, tuple)
+                and bool(record.args) and record.args[0] in (EXIT_USAGE, EXIT_STOPPED))
 
 
 def signals_to_handle(names: str) -> str:

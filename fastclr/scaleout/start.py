@@ -1,0 +1,105 @@
+"""The ranks' start: every rank checks in on the job's key-value store before the process group forms.
+
+Without it, a rank that stopped before joining (a --config file missing on its node, a flag its
+node's fastclr refuses) left every other rank inside `init_process_group` for the whole
+--dist-timeout (10 minutes by default), deaf to a stop signal, which then blamed the network. Here a
+rank that cannot start leaves its one line on the store (`tell_start_failure`), and the ranks
+waiting for it (`check_in`) end with that line within a poll; a rank that never comes is named by
+count when the timeout ends, and a stop signal ends the wait.
+
+The store is the one the process group then uses: torchrun's agent's (TORCHELASTIC_USE_AGENT_STORE),
+or else one rank 0 serves at MASTER_ADDR:MASTER_PORT, as torch's env:// rendezvous makes them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from fastclr.errors import FastclrError, PeerFailure
+
+POLL_S = 0.25
+"""How often a waiting rank looks at the store: two small requests a rank each time, few enough for
+thousands of ranks on one store, and a stop signal or a failure is seen within it."""
+
+FAILURE_STORE_WAIT_S = 30.0
+"""How long a rank that failed waits to reach the store (and, serving it as rank 0 outside torchrun,
+for the others to read its line) before it exits anyway."""
+
+_checked_in = False
+"""True once this process checked in: its failures from then on reach the others through the group."""
+
+
+def _key(name: str) -> str:
+    # torchrun restarts the ranks on a fresh agent store; a launcher that reuses its store gets fresh keys
+    return f"fastclr/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def serves_store(rank: int) -> bool:
+    """Whether this process serves the store: rank 0, unless torchrun's agent does."""
+    return rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+
+
+def job_store(rank: int, world: int, timeout_s: float) -> dist.Store:
+    """The job's TCP store at MASTER_ADDR:MASTER_PORT (ValueError where either is unset or wrong)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not addr or not port:
+        raise ValueError(f"environment variable {'MASTER_PORT' if addr else 'MASTER_ADDR'} expected, but not set")
+    # multi_tenant: a second store on the port in this process shares the server (torch's own env:// does the same)
+    return dist.TCPStore(addr, int(port), world, is_master=serves_store(rank), timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False, multi_tenant=True)
+
+
+def check_in(store: dist.Store, rank: int, world: int, timeout_s: float,
+             stopping: Callable[[], bool] | None = None) -> None:
+    """Say this rank has started, and wait until every rank has: a rank's failure told on the store
+    ends the wait with its line (FastclrError), as does a stop signal; the timeout a PeerFailure
+    naming how many never came."""
+    global _checked_in
+    arrived = int(store.add(_key("count"), 1))
+    _checked_in = True
+    deadline = time.monotonic() + timeout_s
+    while arrived < world:
+        if store.check([_key("failed")]):
+            raise FastclrError(f"rank {rank}: {store.get(_key('failed')).decode(errors='replace')}")
+        if stopping is not None and stopping():
+            raise FastclrError(f"rank {rank}: stopped while waiting for the other ranks to start; nothing was "
+                               "trained or written")
+        if time.monotonic() > deadline:
+            missing = world - arrived
+            raise PeerFailure(f"rank {rank}: {missing} of the {world} ranks did not start within {timeout_s:g} s "
+                              "(--dist-timeout); start the same command on every node (--nnodes, --node_rank), "
+                              "check that each reaches MASTER_ADDR:MASTER_PORT, and read their logs")
+        time.sleep(POLL_S)
+        arrived = int(store.add(_key("count"), 0))
+
+
+def tell_start_failure(line: str) -> None:
+    """Leave `line` (why this rank stopped) on the store for the ranks waiting in `check_in`: at
+    once under torchrun; as rank 0 serving the store, it then waits up to FAILURE_STORE_WAIT_S for
+    every other rank to arrive and read it. Best effort and bounded: a rank that cannot reach the
+    store leaves the others to their timeout, as before. Nothing once this rank has checked in."""
+    if _checked_in:
+        return
+    try:
+        from fastclr.scaleout.distributed import env_world
+
+        rank, world, _ = env_world()
+        if world <= 1:
+            return
+        store = job_store(rank, world, FAILURE_STORE_WAIT_S)
+        store.set(_key("failed"), f"rank {rank} stopped before training ({line.removeprefix('error: ')[:500]}); fix "
+                                  "that and start every rank again")
+        fell = int(store.add(_key("fallen"), 1))
+        if serves_store(rank):
+            end = time.monotonic() + FAILURE_STORE_WAIT_S
+            while int(store.add(_key("count"), 0)) + fell < world and time.monotonic() < end:
+                time.sleep(POLL_S)
+                fell = int(store.add(_key("fallen"), 0))
+            time.sleep(2 * POLL_S)  # the last to arrive reads the line at its next poll
+    except Exception:  # noqa: BLE001 - a courtesy to the others; this rank's own error is already said
+        return
