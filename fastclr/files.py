@@ -188,7 +188,8 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
     a full disk does not cause) leaves the files before it replaced."""
     done: list[tuple[str, Path]] = []  # (temporary, final name)
     try:
-        for path, write in writes:
+        for given, write in writes:
+            path = through_link(given)
             try:
                 fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
             except OSError as e:
@@ -217,6 +218,13 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
         raise
     for parent in {path.parent for _, path in done}:
         fsync_path(parent)
+
+
+def through_link(path: Path) -> Path:
+    """Where writing `path` should land: a symbolic link's target (as `open` writes through it), else
+    `path`. The rename put a plain file in the link's place (`--out latest.npy`, a link into a
+    results folder, became a copy beside it, the folder's file left old)."""
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
 TEMP_NAME_KEPT = 200
