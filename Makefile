@@ -6,8 +6,10 @@ PYTHON      ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The set-up is done again when the dependencies, this file or the Python version change.
-KEY    := $(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+# The set-up is done again, in an emptied .venv, when the dependencies, this file, the Python version
+# or TORCH_INDEX change: venv kept the old interpreter's links over a new Python, and pip kept a
+# torch of the other build (2.13.0+cpu satisfies torch==2.13.0 from a CUDA index).
+KEY    := $(shell { cat pyproject.toml Makefile; echo '$(TORCH_INDEX)'; } | cksum | cut -d' ' -f1)-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 RUN    := $(VENV)/.installed-run-$(KEY)
 TESTS  := $(VENV)/.installed-test-$(KEY)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -17,10 +19,10 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(RUN)
 
 # What the commands need (make demo, make bench); the test tools come with make test.
-$(RUN): pyproject.toml Makefile
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else "fastclr needs Python 3.11.4 or newer; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 (or another)")'
+$(RUN):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fastclr needs Python 3.11 or newer; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 (or another)")'
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "$(PYTHON) cannot make a virtual environment (no ensurepip): $(SUDO) apt-get install -y python3-venv, then make again" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	# torch first, alone and exactly pinned, so that nothing pulls a different build.
 	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e .

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from fastclr.extras import install_command
 from fastclr.files import atomic_write, atomic_write_all
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
@@ -232,7 +233,7 @@ def check_export(fmt: str, spec: EncoderSpec) -> None:
             import onnxruntime  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError:
-            raise FastclrError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fastclr[onnx]'") from None
+            raise FastclrError(f"--format onnx needs onnx, onnxscript and onnxruntime: {install_command('onnx')}") from None
     if fmt == "torchvision":
         if not spec.encoder.startswith("resnet"):
             raise FastclrError(f"--format torchvision exports ResNets; this run's encoder is {spec.encoder}: "

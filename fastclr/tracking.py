@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastclr.errors import FastclrError
+from fastclr.extras import install_command
 from fastclr.files import read_json, write_text
 
 TRACKING_FILE = "tracking.json"
-EXTRAS = {"mlflow": ("mlflow", "fastclr[mlflow]"), "wandb": ("wandb", "fastclr[wandb]")}
-"""Tracker name -> (module to import, the extra that installs it)."""
+EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+"""Tracker name -> (module to import, the extra of pyproject.toml that installs it)."""
 
 
 class Tracker(Protocol):
@@ -58,7 +59,7 @@ def _missing(name: str) -> str:
     try:
         __import__(module)
     except ImportError:
-        return f"pip install '{extra}'"
+        return install_command(extra)
     return ""
 
 

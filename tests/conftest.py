@@ -9,8 +9,11 @@ import pickle
 import resource
 import signal
 import struct
+import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -210,3 +213,20 @@ def file_size_limit(limit: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
         signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def _requirement(text: str) -> tuple[str, frozenset[str]]:
+    """A requirement as its name and set of clauses ("wandb>=0.19,<1" and "wandb<1,>=0.19" alike)."""
+    name = re.match(r"[A-Za-z0-9._-]+", text)
+    assert name is not None, text
+    return name.group(0).lower(), frozenset(c.strip() for c in text[name.end():].split(",") if c.strip())
+
+
+def installs(command: str, extra: str) -> bool:
+    """Whether `command` is `PYTHON -m pip install ...` for this Python and exactly pyproject.toml's
+    requirements of `extra`: `pip install 'fastclr[wandb]'` failed wherever fastclr did not come from
+    a package index (it is on none)."""
+    reqs = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    words = shlex.split(command)
+    return words[:4] == [sys.executable, "-m", "pip", "install"] and \
+        sorted(map(_requirement, words[4:])) == sorted(map(_requirement, reqs[extra]))

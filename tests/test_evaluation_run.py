@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import installs
 from eval_fixtures import alter_encoder, one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
 from fastclr.cli import main
 from fastclr.data import Dataset, ImageSet
@@ -551,9 +552,10 @@ def test_a_run_tracked_where_the_trackers_package_is_missing_is_evaluated_with_a
     lines: list[str] = []
     out = evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
     assert json.loads((copy / "eval.json").read_text())["protocols"]["knn"] == out["protocols"]["knn"]
-    assert [line for line in lines if line.startswith("warning:")] == [
-        f"warning: {copy} is tracked with wandb, whose wandb package is missing here: these results are not filed "
-        "there (pip install 'fastclr[wandb]' to file them)"]
+    warned = [line for line in lines if line.startswith("warning:")]
+    said = re.fullmatch(f"warning: {re.escape(str(copy))} is tracked with wandb, whose wandb package is missing here: "
+                        r"these results are not filed there \((.+) to file them\)", warned[0])
+    assert len(warned) == 1 and said is not None and installs(said.group(1), "wandb"), warned
 
 
 def test_evaluating_an_encoder_that_gives_nan_is_one_line(run: Run, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import call_main, cli_env
+from conftest import call_main, cli_env, installs
 from tiny import TINY_FLAGS, tiny_dataset, tiny_run
 from fastclr.errors import FastclrError
 from fastclr.export import export_encoder, load_encoder
@@ -160,8 +160,9 @@ def test_exports_that_cannot_be_written_here_are_refused_before_any_work(
     with pytest.raises(FastclrError, match="torchvision's ResNets have width 1, this one 2"):  # wider: refused too
         check_export("torchvision", EncoderSpec("resnet18", 3, 32, 2.0, "on", 1024, (0.5,) * 3, (0.25,) * 3))
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # not installed: importing it raises ImportError
-    with pytest.raises(FastclrError, match=r"--format onnx needs onnx, onnxscript and onnxruntime: pip install"):
+    with pytest.raises(FastclrError, match=r"--format onnx needs onnx, onnxscript and onnxruntime: ") as refused:
         check_export("onnx", half)
+    assert installs(str(refused.value).split(": ", 1)[1], "onnx"), str(refused.value)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     for name in ("config.toml", "encoder.safetensors", "checkpoints/step-000000005.pt"):

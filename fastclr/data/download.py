@@ -135,6 +135,27 @@ def remove_stale_parts(dest_dir: Path, filename: str, older_than_s: float = STAL
     return removed
 
 
+def extract_data(tar: tarfile.TarFile, folder: Path) -> None:
+    """Extract `tar` into `folder`, refusing what a dataset's archive has no need of: names with
+    '..', links and device files (an absolute name is taken inside the folder). PEP 706's "data" filter where this Python has it (3.11.4 on);
+    before that (Debian 12's python3 is 3.11.2), the same made here, members checked
+    before anything is written, as regular files and folders only, modes without setuid bits or
+    others' write."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(folder, filter="data")
+        return
+    members = tar.getmembers()
+    for m in members:
+        m.name = m.name.lstrip("/" + os.sep)  # as the filter: an absolute name is taken inside the folder
+        parts = Path(m.name).parts
+        if ".." in parts or not parts:
+            raise tarfile.TarError(f"member {m.name!r} would be written outside the folder")
+        if not (m.isfile() or m.isdir()):
+            raise tarfile.TarError(f"member {m.name!r} is a link or a special file")
+        m.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)  # as the data filter: no setuid, no others' write
+    tar.extractall(folder, members=members)
+
+
 def unpack(archive: Path, dest_dir: Path, name: str) -> None:
     """Extract a verified .tar.gz into `dest_dir` through a temporary folder beside it: each file
     is moved into place (replacing its namesake, leaving other files) only once the whole archive
@@ -144,8 +165,7 @@ def unpack(archive: Path, dest_dir: Path, name: str) -> None:
     moved = 0
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            # filter="data" refuses absolute paths, '..' and device files (PEP 706).
-            tar.extractall(staging, filter="data")
+            extract_data(tar, staging)
         files = [(path, dest_dir / path.relative_to(staging)) for path in sorted(staging.rglob("*")) if path.is_file()]
         for _, target in files:
             if target.is_dir():
