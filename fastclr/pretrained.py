@@ -146,8 +146,13 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         content = str(state.get("data_content", ""))
     encoder.eval()
     cfg = with_moved_store(cfg, run, content, log)
-    return LoadedRun(run, encoder, spec, cfg, resolve_precision(precision, torch.device(device), warn=log),
-                     checkpoint_step, content)
+    prec = resolve_precision(precision, torch.device(device), warn=log)
+    if precision == "auto" and cfg.train.precision == "fp32" and prec.name != "fp32":
+        # said where the features are coarser than the training's numbers: nothing else on the console (embed's
+        # files) tells a user who trained in fp32 that auto computed bf16 features here
+        log(f"note: computing in {prec.name} ({prec.reason}); {run} trained in {cfg.train.precision}: --precision "
+            f"{cfg.train.precision} computes as it trained")
+    return LoadedRun(run, encoder, spec, cfg, prec, checkpoint_step, content)
 
 
 def recorded_config(path: Path) -> Config:

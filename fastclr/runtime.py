@@ -421,8 +421,10 @@ def decide_precision(
     if cpu.native_bf16 and cpu.onednn_bf16:
         if cpu.amx_bf16 and cap_allows_amx(cpu.onednn_isa_cap):
             return Precision("bf16", f"{cpu.model} has native bf16 (AMX-BF16)")
-        if timer is None:
-            return Precision("bf16", f"{cpu.model} has native bf16 (AVX512_BF16)")
+        if timer is None:  # `info --no-measure`: what the commands then do is said, not hidden
+            return Precision("bf16", f"{cpu.model} has native bf16 (AVX512_BF16) without AMX; not measured: "
+                                     "every command times bf16 against fp32 here and runs fp32 unless bf16 is at least "
+                                     "10% faster")
         # AVX512_BF16's dot products without AMX: bf16 matmuls 2.4x fp32's rate on the EPYC Zen 4, but
         # 0.57x on the Xeon with AMX that oneDNN was told not to use, its step 1.3x fp32's
         # (docs/benchmarks.md section 1): timed.

@@ -712,3 +712,29 @@ def test_an_unfinished_store_is_refused_as_such_not_read_as_a_folder_of_images(b
                                            r"prepare\): it has no store.json; run the same `fastclr prepare"):
         embed(run, str(unfinished), tmp_path / "emb.npy", CPU, log=lambda s: None)
     assert not (tmp_path / "emb.npy").exists()
+
+
+def test_features_coarser_than_the_training_are_said_once_with_the_flag_that_matches_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`embed` of a run trained in fp32 on a machine where `auto` computes bf16 gave bf16 features without
+    a word (its .npy records nothing); said once, for auto only, naming --precision fp32. A run trained
+    in bf16, or fp32 asked for, gets no note."""
+    import fastclr.pretrained as pretrained
+    from fastclr.runtime import Precision, resolve_precision
+    from tiny import tiny_dataset, tiny_run
+
+    def native_bf16(requested: str, device: torch.device, **kw: object) -> Precision:
+        return Precision("bf16", "test cpu has native bf16 (AMX-BF16)") if requested == "auto" else \
+            resolve_precision(requested, device)
+    monkeypatch.setattr(pretrained, "resolve_precision", native_bf16)
+    ds = tiny_dataset(64)
+    notes: dict[tuple[str, str], list[str]] = {}
+    for trained in ("fp32", "bf16"):
+        run = tiny_run(tmp_path / trained, ds, train__precision=trained)
+        for asked in ("auto", "fp32"):
+            lines: list[str] = []
+            assert load_run(run, "cpu", asked, log=lines.append).precision.name == ("bf16" if asked == "auto" else "fp32")
+            notes[trained, asked] = lines
+    assert notes["fp32", "auto"] == [f"note: computing in bf16 (test cpu has native bf16 (AMX-BF16)); {tmp_path / 'fp32'} "
+                                     "trained in fp32: --precision fp32 computes as it trained"]
+    assert notes["fp32", "fp32"] == notes["bf16", "auto"] == notes["bf16", "fp32"] == []

@@ -144,6 +144,11 @@ def test_an_avx512_cap_below_bf16_makes_auto_time_the_matmul_on_a_cpu_with_bf16_
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     slower = decide_precision("auto", "cpu", cpu_features(), None, lambda dt: 1.2 if dt == torch.bfloat16 else 1.0)
     assert slower.name == "fp32" and "(AVX512_BF16) without AMX" in slower.reason
+    # Untimed (`info --no-measure`): it said "bf16: native bf16 (AVX512_BF16)" where every command, which
+    # times it, ran fp32; the reason now says it was not measured and what the commands do
+    untimed = decide_precision("auto", "cpu", cpu_features(), None, None)
+    assert untimed.reason.endswith("(AVX512_BF16) without AMX; not measured: every command times bf16 against fp32 "
+                                   "here and runs fp32 unless bf16 is at least 10% faster")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert decide_precision("auto", "cpu", cpu_features(), None, never_timed).reason.endswith("(AMX-BF16)")
 

@@ -234,10 +234,19 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
             return h * float("nan") if self.calls >= 8 else h
 
     cfg = tiny_config(tmp_path, train__epochs=3.0, train__checkpoint_every=2, train__log_every=100)
-    with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step 8;"):
+    with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step 8;") as said:
         pretrain(cfg, dataset=tiny_dataset(), encoder=PoisonAfter(), progress=False, log=lambda s: None)
     ckpts = list_checkpoints(tmp_path)
     assert ckpts and load_checkpoint(ckpts[-1])["step"] == 6
+    assert f"the last good checkpoint, {ckpts[-1].name} in {tmp_path}, is kept" in str(said.value)
+    assert str(said.value).endswith(f"then resume with --resume {tmp_path} --allow-config-change")
+    # Before the first checkpoint it promised one all the same, and --resume then found none
+    early = tmp_path / "early"
+    with pytest.raises(NonFiniteLoss, match="non-finite loss or gradient at step 8;") as said:
+        pretrain(tiny_config(early, train__epochs=3.0, train__checkpoint_every=100, train__log_every=100),
+                 dataset=tiny_dataset(), encoder=PoisonAfter(), progress=False, log=lambda s: None)
+    assert list_checkpoints(early) == [] and f"no checkpoint of {early} was written yet" in str(said.value)
+    assert str(said.value).endswith("then run the command again with them (the run starts over)")
     assert all(torch.isfinite(v).all() for v in load_checkpoint(ckpts[-1])["encoder"].values() if v.is_floating_point())
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from fastclr.checkpoint import list_checkpoints
 from fastclr.config import Config
 from fastclr.errors import FastclrError
 from fastclr.pretraining.step import StepResult
@@ -55,10 +56,16 @@ class Health:
         """Raise NonFiniteLoss (naming the step and what to try) if any step was bad; waits for the device."""
         bad = int(self.first_bad)
         if bad >= 0:
+            kept = list_checkpoints(run_dir)
+            # Before the first checkpoint there is nothing to resume (--resume refused it): the run starts over
+            kept_and_then = (f"the last good checkpoint, {kept[-1].name} in {run_dir}, is kept", "then resume with "
+                             f"--resume {run_dir} --allow-config-change") if kept else \
+                (f"no checkpoint of {run_dir} was written yet", "then run the command again with them (the run starts "
+                 "over)")
             raise NonFiniteLoss(
-                f"non-finite loss or gradient at step {bad}; the last good checkpoint in {run_dir} is kept. Try a higher "
-                f"temperature (now {cfg.train.temperature}), a lower learning rate (now {cfg.optim.lr}) or --precision "
-                f"fp32 (now {cfg.train.precision}), then resume with --resume {run_dir} --allow-config-change")
+                f"non-finite loss or gradient at step {bad}; {kept_and_then[0]}. Try a higher temperature (now "
+                f"{cfg.train.temperature}), a lower learning rate (now {cfg.optim.lr}) or --precision fp32 (now "
+                f"{cfg.train.precision}), {kept_and_then[1]}")
 
 
 class MetricsWindow:
