@@ -1,9 +1,10 @@
 # make demo: set up, get Fashion-MNIST, pretrain with the defaults, print the linear-probe accuracy.
 # make test: set up, run the whole test suite.
-# TORCH_INDEX=URL takes torch from that index (https://download.pytorch.org/whl/cpu, .../cu126):
-# without it pip takes its configured default, which on PyPI for Linux is a CUDA build.
+# TORCH_INDEX=URL takes torch from that index (https://download.pytorch.org/whl/cpu, .../cu126),
+# and is kept for later calls (.venv/.torch-index); without it pip takes its configured default,
+# which on PyPI for Linux is a CUDA build.
 PYTHON      ?= python3
-TORCH_INDEX ?=
+TORCH_INDEX ?= $(shell cat .venv/.torch-index 2>/dev/null)
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The set-up is done again, in an emptied .venv, when the dependencies, this file, the Python version
@@ -23,6 +24,7 @@ $(RUN):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fastclr needs Python 3.11 or newer; $(PYTHON) is " + sys.version.split()[0] + ": make PYTHON=python3.12 (or another)")'
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { echo "$(PYTHON) cannot make a virtual environment (no ensurepip): $(SUDO) apt-get install -y python3-venv, then make again" >&2; exit 1; }
 	$(PYTHON) -m venv --clear $(VENV)
+	echo '$(TORCH_INDEX)' > $(VENV)/.torch-index
 	# torch first, alone and exactly pinned, so that nothing pulls a different build.
 	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e .

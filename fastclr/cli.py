@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import WriteFailed, is_write_error, size_text, write_failure_reason, write_way_out
-from fastclr.signals import Terminated, cleanup_on_sigterm
+from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
 from fastclr.streams import outliving_readers
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name, saved_overrides
 from fastclr.scaleout.once import print_once_a_node
-from fastclr.scaleout.start import tell_start_failure
+from fastclr.scaleout.start import StoppedBeforeStart, tell_start_failure
 from fastclr.scaleout.distributed import env_world_size
 
 if TYPE_CHECKING:
@@ -179,6 +179,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from fastclr.pretraining.loop import pretrain
 
     resume, cfg = pretrain_target(args)
+    if resume is None and cfg.train.run_dir:
+        own = Path(os.path.expanduser(cfg.train.run_dir)) / "config.toml"
+        for given in getattr(args, "config", None) or []:
+            if Path(given).resolve() == own.resolve():  # the run's settings replaced the file they were read from
+                raise FastclrError(f"--config {given} is where the run writes its own settings (config.toml of its "
+                                   f"directory), which would replace it and its comments; keep it elsewhere, or give "
+                                   "another run directory")
     if "TORCHELASTIC_RUN_ID" in os.environ and env_world_size() > 1:
         # A torchrun rank: torchrun starts each with setsid(), apart from its launcher, so a launcher killed outright
         # (a scheduler's SIGKILL, the OOM killer) left the ranks training and holding the run's lock.
@@ -229,10 +236,12 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a run's encoder in another format."""
     from fastclr.export import check_export, export_encoder, export_format
+    from fastclr.files import through_link
     from fastclr.pretrained import load_run
     from fastclr.runs import refuse_nameless, refuse_output, refuse_unwritable_file
 
     refuse_nameless(Path(args.out), example="encoder.safetensors")
+    args.out = str(through_link(Path(args.out)))  # a link is written through: its target's name decides (export_encoder)
     refuse_output(Path(args.out))
     refuse_unwritable_file(Path(args.out))
     run = load_run(args.run_dir, "cpu", "fp32", log=print, command="export")  # its notes: a checkpoint, an owner
@@ -435,6 +444,9 @@ def _run(args: argparse.Namespace) -> int:
     except PeerFailure as e:  # whatever the command: the communication library's threads outlive a dead peer
         _error(f"error: {e}")
         _exit_now(EXIT_USAGE)
+    except StoppedBeforeStart as e:  # a stop, as the training loop's: a scheduler requeues 75
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except WriteFailed as e:  # a command's own output (embed, export, evaluate, report): with the way on
         _error(f"error: {e}; files already complete were kept; {write_way_out(e.cause, 'another place')}, and run the "
                "command again")

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fastclr.extras import install_command
-from fastclr.files import atomic_write, atomic_write_all
+from fastclr.files import atomic_write, atomic_write_all, through_link
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
 from fastclr.models.modes import in_eval_mode
@@ -287,6 +287,9 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
     from fastclr.models.foreign import torchvision_state
     from fastclr.runs import refuse_output
 
+    # A link named as --out (latest.pt into a models folder) is written through: the format, the checks and the
+    # sidecar's name follow the file it leads to, not the link (the rename made the link a plain file)
+    out = through_link(out)
     # What `fastclr export` checks before its work, for a call from Python too: a name of another
     # kind (notes.txt) or a run's own encoder.safetensors was replaced by an archive.
     refuse_output(out)

@@ -188,8 +188,7 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
     a full disk does not cause) leaves the files before it replaced."""
     done: list[tuple[str, Path]] = []  # (temporary, final name)
     try:
-        for given, write in writes:
-            path = through_link(given)
+        for path, write in writes:
             try:
                 fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
             except OSError as e:
@@ -221,10 +220,16 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
 
 
 def through_link(path: Path) -> Path:
-    """Where writing `path` should land: a symbolic link's target (as `open` writes through it), else
-    `path`. The rename put a plain file in the link's place (`--out latest.npy`, a link into a
-    results folder, became a copy beside it, the folder's file left old)."""
-    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+    """Where a user's output named `path` should land: a symbolic link's target, else `path`; for a
+    command to resolve once, before it derives a format or a sidecar's name from it (`atomic_write`
+    itself replaces a link: a run's files linked into another run, by `cp -rs`, stay that run's). A
+    target that cannot be written is refused, as `open` would (a rename ignores the file's mode)."""
+    if not os.path.islink(path):
+        return path
+    target = Path(os.path.realpath(path))
+    if target.exists() and not os.access(target, os.W_OK):
+        raise FastclrError(f"{path} links to {target}, which is read-only; give another output name, or make it writable")
+    return target
 
 
 TEMP_NAME_KEPT = 200

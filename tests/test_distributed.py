@@ -931,21 +931,53 @@ def test_a_rank_that_never_starts_is_counted_when_the_timeout_ends(tmp_path: Pat
     assert "error: rank 0: 1 of the 2 ranks did not start within 4 s (--dist-timeout)" in errs[0], errs
 
 
-def test_a_stop_signal_ends_the_wait_for_the_other_ranks(tmp_path: Path) -> None:
-    """SIGTERM to a rank waiting for the others to start: it ends within a poll, saying nothing was
-    written; before, the signal waited with it inside the group's forming."""
+def test_a_rank_stopped_while_checking_in_is_told_to_the_others(tmp_path: Path) -> None:
+    """Rank 0 is stopped while it waits for rank 1: it ends as a stop (75, which a scheduler requeues;
+    before, the signal waited with it inside the group's forming), and rank 1, starting later, ends with
+    that line at once, not inside the group's forming for all of --dist-timeout (rank 0 serves the
+    store outside torchrun, and stays until rank 1 has read it)."""
     import socket
 
     procs, port = _ranks(tmp_path, {}, started=(0,), timeout="120")
     end = time.monotonic() + 60
-    while time.monotonic() < end and procs[0].poll() is None:  # rank 0 serves the store once it waits
+    while time.monotonic() < end and procs[0].poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.1)
     time.sleep(1.0)
-    sent = time.monotonic()
-    procs[0].send_signal(signal.SIGTERM)
+    procs[0].send_signal(signal.SIGTERM)  # rank 0 serves the store: it stays until rank 1 has read the line
+    env = cli_env(tmp_path)
+    began = time.monotonic()
+    late = subprocess.run([sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--epochs", "1", *TINY,
+                           "--probe", "false", "--device", "cpu", "--threads", "1", "--dist-timeout", "120"],
+                          env={**env, **rank_env(1, 2, port)}, cwd=tmp_path, capture_output=True, text=True, timeout=90)
     errs = _ended(procs, within=30)
-    assert time.monotonic() - sent < 10 and procs[0].returncode == 2, errs
-    assert "error: rank 0: stopped while waiting for the other ranks to start; nothing was trained" in errs[0], errs
+    assert procs[0].returncode == 75 and late.returncode == 2 and time.monotonic() - began < 60, (errs, late.stderr)
+    assert "error: rank 1: rank 0 was stopped before training (a stop signal); start every rank again" in late.stderr
+    assert "stopped: rank 0: stopped while waiting for the other ranks to start; nothing was trained" in errs[0], errs
+
+
+def test_ranks_torchrun_may_restart_join_without_a_check_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node's agent counts its own restarts and the store outlives the rounds, so a check-in's
+    keys could not tell one round from the next (a node's ranks passed on a stale count while the
+    others waited out the timeout): with restarts possible, the ranks join as before."""
+    import torch.distributed as dist
+
+    from fastclr.scaleout import distributed, start
+
+    joined: list[dict[str, Any]] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append(kw))
+    monkeypatch.setattr(distributed, "job_store", lambda *args: pytest.fail("a check-in where ranks may restart"))
+    for max_restarts, count in (("3", "0"), ("0", "1")):
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", max_restarts)
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        assert start.restartable()
+        distributed.setup(torch.device("cpu"), timeout_s=5.0)
+    assert len(joined) == 2 and all("store" not in kw for kw in joined)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert not start.restartable()

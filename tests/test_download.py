@@ -537,6 +537,7 @@ def _tar_with(tmp_path: Path, add: Any) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         info = tarfile.TarInfo("pkg/ok")
         info.size, info.mode = 2, 0o4777  # setuid and world-writable in the archive
+        info.uid, info.gid, info.uname, info.gname = 1234, 1234, "someone", "others"
         tar.addfile(info, io.BytesIO(b"ok"))
         add(tar)
     return path
@@ -577,5 +578,6 @@ def test_an_archive_member_outside_the_folder_or_not_a_file_is_refused_with_or_w
     good = _tar_with(tmp_path, lambda tar: None)
     unpack(good, dest, "pkg.tar.gz")
     assert (dest / "pkg" / "ok").read_bytes() == b"ok"
-    mode = (dest / "pkg" / "ok").stat().st_mode
-    assert not mode & (stat.S_ISUID | stat.S_IWOTH) and mode & stat.S_IRUSR
+    made = (dest / "pkg" / "ok").stat()
+    assert not made.st_mode & (stat.S_ISUID | stat.S_IWOTH) and made.st_mode & stat.S_IRUSR
+    assert (made.st_uid, made.st_gid) == (os.getuid(), os.getgid())  # as root, not the archive's owner (1234)

@@ -3,43 +3,32 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from fastclr.files import WriteFailed, atomic_write, write_text
+from fastclr.errors import FastclrError
+from fastclr.files import through_link, write_text
 
 
-def test_a_write_to_a_symbolic_link_lands_in_its_target_and_the_link_stays(tmp_path: Path) -> None:
-    """`--out latest.npy`, a link into a results folder: the rename made the link a plain file beside
-    the folder's, which kept its old bytes."""
-    (tmp_path / "results").mkdir()
-    target = tmp_path / "results" / "v3.txt"
-    target.write_text("old")
-    link = tmp_path / "latest.txt"
-    link.symlink_to(Path("results") / "v3.txt")  # relative, as `ln -s` makes them
-    write_text(link, "new")
-    assert link.is_symlink() and os.readlink(link) == str(Path("results") / "v3.txt")
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.rglob("*")) == ["latest.txt", "results",
-                                                                                           "v3.txt"]
-    chain = tmp_path / "chain.txt"  # a link to the link
-    chain.symlink_to(link)
-    atomic_write(chain, lambda f: f.write(b"newer"))
-    assert chain.is_symlink() and link.is_symlink() and target.read_text() == "newer"
+def test_a_runs_own_file_that_is_a_link_into_another_run_is_replaced_not_written_through(tmp_path: Path) -> None:
+    """A run copied with links (`cp -rs`, a DVC cache): its resume, evaluation or report must not write
+    into the other run's (or the cache's) files."""
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "metrics.jsonl").write_text("theirs\n")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "metrics.jsonl").symlink_to(tmp_path / "original" / "metrics.jsonl")
+    write_text(copy / "metrics.jsonl", "mine\n")
+    assert not (copy / "metrics.jsonl").is_symlink() and (copy / "metrics.jsonl").read_text() == "mine\n"
+    assert (tmp_path / "original" / "metrics.jsonl").read_text() == "theirs\n"
 
 
-def test_a_link_to_a_directory_is_refused_and_kept(tmp_path: Path) -> None:
-    (tmp_path / "folder").mkdir()
-    link = tmp_path / "out.txt"
-    link.symlink_to(tmp_path / "folder")
-    with pytest.raises(WriteFailed):
-        write_text(link, "x")
-    assert link.is_symlink() and list((tmp_path / "folder").iterdir()) == [] and \
-        sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out.txt"]
-
-
-def test_export_through_a_link_updates_the_linked_file(tmp_path: Path) -> None:
-    """The command a user runs, end to end: `fastclr export RUN --out latest.safetensors`."""
+def test_export_through_a_link_writes_the_linked_file_in_its_format_with_its_sidecar(tmp_path: Path) -> None:
+    """`fastclr export RUN --out latest.pt`, a link into a models folder: the rename made the link a plain
+    file beside the folder's, which kept its old bytes; the format and the sidecar's name follow the file
+    the link leads to (its suffix says safetensors here). A read-only target is refused in one line."""
     from safetensors.torch import load_file
 
     from fastclr.cli import main
@@ -47,8 +36,15 @@ def test_export_through_a_link_updates_the_linked_file(tmp_path: Path) -> None:
 
     run = tiny_run(tmp_path / "run", tiny_dataset(64))
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "enc.safetensors").write_bytes(b"stale")
-    link = tmp_path / "latest.safetensors"
-    link.symlink_to(tmp_path / "models" / "enc.safetensors")
+    target = tmp_path / "models" / "enc.safetensors"
+    target.write_bytes(b"stale")
+    link = tmp_path / "latest.pt"
+    link.symlink_to(Path("models") / "enc.safetensors")  # relative, as `ln -s` makes them
     assert main(["export", str(run), "--format", "fastclr", "--out", str(link)]) == 0
-    assert link.is_symlink() and load_file(str(tmp_path / "models" / "enc.safetensors"))
+    assert link.is_symlink() and os.readlink(link) == str(Path("models") / "enc.safetensors") and load_file(str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "models", "run"]
+    target.chmod(stat.S_IRUSR)
+    if not os.access(target, os.W_OK):  # (root may write any file)
+        assert main(["export", str(run), "--format", "fastclr", "--out", str(link)]) == 2
+        with pytest.raises(FastclrError, match=r"latest.pt links to .*enc.safetensors, which is read-only"):
+            through_link(link)

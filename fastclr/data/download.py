@@ -148,11 +148,12 @@ def extract_data(tar: tarfile.TarFile, folder: Path) -> None:
     for m in members:
         m.name = m.name.lstrip("/" + os.sep)  # as the filter: an absolute name is taken inside the folder
         parts = Path(m.name).parts
-        if ".." in parts or not parts:
+        if ".." in parts or not parts or Path(m.name).drive or Path(m.name).anchor:  # C:x, C:/x on Windows
             raise tarfile.TarError(f"member {m.name!r} would be written outside the folder")
         if not (m.isfile() or m.isdir()):
             raise tarfile.TarError(f"member {m.name!r} is a link or a special file")
         m.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)  # as the data filter: no setuid, no others' write
+        m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""  # root would give the archive's owners
     tar.extractall(folder, members=members)
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.runtime import missing_kernels
-from fastclr.scaleout.start import check_in, job_store
+from fastclr.scaleout.start import check_in, job_store, restartable
 
 T = TypeVar("T")
 
@@ -105,12 +105,16 @@ def setup(device: torch.device, timeout_s: float, stopping: Callable[[], bool] |
     # NCCL where the build has it; Windows builds have none, and gloo carries CUDA tensors there too
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
     try:
-        store = job_store(rank, world, timeout_s)
-        check_in(store, rank, world, timeout_s, stopping)
-        # the keys of the group apart from the check-in's, as torch's own rendezvous keeps them
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
-                                store=dist.PrefixStore("default_pg", store),
-                                device_id=device if device.type == "cuda" else None)
+        if restartable():  # torchrun may start the ranks again on this store: the check-in's keys would be stale
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        else:
+            store = job_store(rank, world, timeout_s)
+            check_in(store, rank, world, timeout_s, stopping)
+            # the keys of the group apart from the check-in's, as torch's own rendezvous keeps them
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+                                    store=dist.PrefixStore("default_pg", store),
+                                    device_id=device if device.type == "cuda" else None)
     except FastclrError:
         raise
     except (RuntimeError, ValueError) as e:

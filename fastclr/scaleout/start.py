@@ -22,6 +22,10 @@ import torch.distributed as dist
 
 from fastclr.errors import FastclrError, PeerFailure
 
+class StoppedBeforeStart(FastclrError):
+    """A stop signal while the ranks were checking in: exit 75, as a stop (a scheduler requeues it)."""
+
+
 POLL_S = 0.25
 """How often a waiting rank looks at the store: two small requests a rank each time, few enough for
 thousands of ranks on one store, and a stop signal or a failure is seen within it."""
@@ -35,8 +39,20 @@ _checked_in = False
 
 
 def _key(name: str) -> str:
-    # torchrun restarts the ranks on a fresh agent store; a launcher that reuses its store gets fresh keys
-    return f"fastclr/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+    return f"fastclr/start/{name}"
+
+
+def restartable() -> bool:
+    """Whether torchrun may start these ranks again on the same store: each node's agent counts its
+    own restarts (one restarted for another node's failure does not), and the store outlives the
+    rounds, so no key tells one round from the next. There the ranks join as before, without a
+    check-in."""
+    def whole(name: str) -> int:
+        try:
+            return int(os.environ.get(name, "0") or "0")
+        except ValueError:
+            return 0
+    return whole("TORCHELASTIC_MAX_RESTARTS") > 0 or whole("TORCHELASTIC_RESTART_COUNT") > 0
 
 
 def serves_store(rank: int) -> bool:
@@ -63,12 +79,18 @@ def check_in(store: dist.Store, rank: int, world: int, timeout_s: float,
     arrived = int(store.add(_key("count"), 1))
     _checked_in = True
     deadline = time.monotonic() + timeout_s
-    while arrived < world:
-        if store.check([_key("failed")]):
+    while True:
+        if store.check([_key("failed")]):  # also once all have come: a rank stopped there had counted itself
             raise FastclrError(f"rank {rank}: {store.get(_key('failed')).decode(errors='replace')}")
+        if arrived >= world:
+            return
         if stopping is not None and stopping():
-            raise FastclrError(f"rank {rank}: stopped while waiting for the other ranks to start; nothing was "
-                               "trained or written")
+            store.set(_key("failed"), f"rank {rank} was stopped before training (a stop signal); start every rank "
+                                      "again")
+            if serves_store(rank):  # the store ends with this process: the ranks still to come read the line first
+                _linger(store, world)
+            raise StoppedBeforeStart(f"rank {rank}: stopped while waiting for the other ranks to start; nothing was "
+                                     "trained or written: run the same command again")
         if time.monotonic() > deadline:
             missing = world - arrived
             raise PeerFailure(f"rank {rank}: {missing} of the {world} ranks did not start within {timeout_s:g} s "
@@ -78,12 +100,22 @@ def check_in(store: dist.Store, rank: int, world: int, timeout_s: float,
         arrived = int(store.add(_key("count"), 0))
 
 
+def _linger(store: dist.Store, world: int) -> None:
+    """Wait, FAILURE_STORE_WAIT_S at most, until every rank has checked in or failed, and a poll more
+    (the last to arrive reads the failure at its next poll)."""
+    end = time.monotonic() + FAILURE_STORE_WAIT_S
+    while int(store.add(_key("count"), 0)) + int(store.add(_key("fallen"), 0)) < world and time.monotonic() < end:
+        time.sleep(POLL_S)
+    time.sleep(2 * POLL_S)
+
+
 def tell_start_failure(line: str) -> None:
-    """Leave `line` (why this rank stopped) on the store for the ranks waiting in `check_in`: at
-    once under torchrun; as rank 0 serving the store, it then waits up to FAILURE_STORE_WAIT_S for
-    every other rank to arrive and read it. Best effort and bounded: a rank that cannot reach the
-    store leaves the others to their timeout, as before. Nothing once this rank has checked in."""
-    if _checked_in:
+    """Leave `line` (why this rank stopped) on the store for the ranks waiting in `check_in`, then
+    wait up to FAILURE_STORE_WAIT_S for every other rank to arrive and read it: the store is this
+    process's (rank 0 outside torchrun) or its node's agent's, which ends soon after a rank fails.
+    Best effort and bounded: a rank that cannot reach the store leaves the others to their timeout,
+    as before. Nothing once this rank has checked in, or where torchrun may restart the ranks."""
+    if _checked_in or restartable():
         return
     try:
         from fastclr.scaleout.distributed import env_world
@@ -94,12 +126,7 @@ def tell_start_failure(line: str) -> None:
         store = job_store(rank, world, FAILURE_STORE_WAIT_S)
         store.set(_key("failed"), f"rank {rank} stopped before training ({line.removeprefix('error: ')[:500]}); fix "
                                   "that and start every rank again")
-        fell = int(store.add(_key("fallen"), 1))
-        if serves_store(rank):
-            end = time.monotonic() + FAILURE_STORE_WAIT_S
-            while int(store.add(_key("count"), 0)) + fell < world and time.monotonic() < end:
-                time.sleep(POLL_S)
-                fell = int(store.add(_key("fallen"), 0))
-            time.sleep(2 * POLL_S)  # the last to arrive reads the line at its next poll
+        store.add(_key("fallen"), 1)
+        _linger(store, world)
     except Exception:  # noqa: BLE001 - a courtesy to the others; this rank's own error is already said
         return
