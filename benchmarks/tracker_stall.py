@@ -103,7 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repos", nargs="+", default=["."], help="checkouts of fastclr to compare, run alternately")
     p.add_argument("--budget", type=float, default=0.5, help="pretrain's --time-budget, minutes")
-    p.add_argument("--answers", type=int, default=3, help="metric batches the server answers before it hangs")
+    p.add_argument("--answers", type=int, default=3, help="metric batches the server answers before it hangs (-1: it hangs from the first request)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", default="", help="also append each record to this JSONL file")
     args = p.parse_args()

@@ -14,6 +14,7 @@ evaluate` add to the same tracked run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -110,7 +111,11 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
     trackers: list[Tracker] = []
     for name in names:
         try:
-            t: Tracker = (_Mlflow if name == "mlflow" else _Wandb)(run_dir, params, saved.get(name))
+            if name == "mlflow":
+                t: Tracker = _within(OPEN_WAIT_S, name, functools.partial(_Mlflow, run_dir, params, saved.get(name)),
+                                     warn)
+            else:  # W&B's console capture sets a signal handler: main thread only (it has its own init_timeout)
+                t = _Wandb(run_dir, params, saved.get(name))
         except Exception as e:  # noqa: BLE001 - a server down or refusing: the run goes on without it
             gone = (f"; if its run {saved[name]} is gone from the server, delete {run_dir / TRACKING_FILE} and a new "
                     "one is started") if name in saved else ""
@@ -121,6 +126,53 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
         saved[name] = t.run_id
     write_text(run_dir / TRACKING_FILE, json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return trackers
+
+
+OPEN_WAIT_S = 20.0
+"""How long a run waits for MLflow to open its tracked run before it trains without it: a server
+that accepts connections and never answers held the start for 96 s in silence (MLFLOW_PATIENCE's
+three 30-s tries of the first request, then the backoff), more where a later request hung. A
+healthy server answers the four requests of an opening in well under a second."""
+
+OPEN_NOTE_AFTER_S = 5.0
+"""After how long an opening still waiting says so."""
+
+
+def _within(limit_s: float, name: str, open_run: Callable[[], Tracker], warn: Callable[[str], None]) -> Tracker:
+    """`open_run()` on a thread of its own, waited for `limit_s` at most (TimeoutError after); a
+    tracked run it opens after that is ended FAILED there (not left RUNNING on the server)."""
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def work() -> None:
+        try:
+            opened = open_run()
+        except Exception as e:  # noqa: BLE001 - handed to the caller, as its own
+            with lock:
+                box["error"] = e
+            return
+        with lock:
+            box["tracker"] = opened
+            late = box.get("abandoned", False)
+        if late:
+            try:
+                opened.close("FAILED")
+            except Exception:  # noqa: BLE001 - the server that was too slow may fail this too; nothing waits for it
+                pass
+
+    thread = threading.Thread(target=work, name=f"fastclr-{name}-open", daemon=True)
+    thread.start()
+    thread.join(min(OPEN_NOTE_AFTER_S, limit_s))
+    if thread.is_alive():
+        warn(f"note: waiting for {name} to open this run's record (at most {limit_s:.0f} s)")
+        thread.join(max(0.0, limit_s - OPEN_NOTE_AFTER_S))
+    with lock:
+        if "tracker" not in box and "error" not in box:
+            box["abandoned"] = True
+            raise TimeoutError(f"no answer within {limit_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box["tracker"]  # type: ignore[no-any-return]
 
 
 def read_ids(run_dir: Path) -> dict[str, str]:

@@ -12,6 +12,8 @@ import re
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -445,10 +447,12 @@ def mlflow_server(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     tests: {"experiments": {name: id}, "runs": {id: run}, "refuse": whether log_batch raises}."""
     from collections import namedtuple
 
-    server: dict[str, Any] = {"experiments": {}, "runs": {}, "refuse": False}
+    server: dict[str, Any] = {"experiments": {}, "runs": {}, "refuse": False, "answer": threading.Event()}
+    server["answer"].set()
 
     class Client:
         def get_experiment_by_name(self, name: str) -> Any:
+            server["answer"].wait()  # cleared: a server that takes the connection and does not answer
             found = server["experiments"].get(name)
             return None if found is None else SimpleNamespace(experiment_id=found)
 
@@ -539,6 +543,38 @@ def test_an_mlflow_run_that_cannot_be_filled_at_its_start_is_closed_failed(
     assert [r["status"] for r in mlflow_server["runs"].values()] == ["FAILED"]
     assert len(warned) == 1 and warned[0].startswith("warning: mlflow could not start a run (ConnectionError: server gone)")
     assert json.loads((tmp_path / "tracking.json").read_text()) == {}
+
+
+def test_an_mlflow_server_that_does_not_answer_is_left_after_a_bounded_wait_and_its_run_closed(
+        mlflow_server: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes the connection and never answers held the run's start for 96 s in silence
+    (three 30-s tries, then the backoff) before training began: the start says it waits, gives up at
+    OPEN_WAIT_S with one warning and trains; a run the server makes after that is closed FAILED, not
+    left RUNNING, and no id is kept for a resume to continue."""
+    import fastclr.tracking as tracking
+
+    monkeypatch.setattr(tracking, "OPEN_WAIT_S", 1.5)
+    monkeypatch.setattr(tracking, "OPEN_NOTE_AFTER_S", 0.3)
+    (tmp_path / "config.toml").write_text("[train]\n", encoding="utf-8")
+    mlflow_server["answer"].clear()
+    warned: list[str] = []
+    began = time.monotonic()
+    assert tracking.open_trackers(("mlflow",), tmp_path, {"train.lr": 0.5}, warn=warned.append) == []
+    assert 1.4 < time.monotonic() - began < 5
+    assert warned[0] == "note: waiting for mlflow to open this run's record (at most 2 s)"
+    assert len(warned) == 2 and warned[1].startswith("warning: mlflow could not start a run (TimeoutError: no answer "
+                                                     "within 2 s); training goes on without it")
+    assert json.loads((tmp_path / "tracking.json").read_text()) == {}
+    mlflow_server["answer"].set()  # the server answers at last: the run it makes is ended
+    end = time.monotonic() + 10
+    while [r["status"] for r in mlflow_server["runs"].values()] != ["FAILED"] and time.monotonic() < end:
+        time.sleep(0.02)
+    assert [r["status"] for r in mlflow_server["runs"].values()] == ["FAILED"]
+    # a server that answers in time: no note, no warning
+    warned.clear()
+    (t,) = tracking.open_trackers(("mlflow",), tmp_path, {}, warn=warned.append)
+    assert warned == [] and json.loads((tmp_path / "tracking.json").read_text()) == {"mlflow": t.run_id}
+    t.close("FINISHED")
 
 
 def test_a_saved_mlflow_run_the_server_no_longer_has_is_a_warning_naming_the_fix(
