@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastclr.checkpoint import is_run_temporary
-from fastclr.config import Config, to_toml
+from fastclr.config import Config, read_toml, to_toml
 from fastclr.errors import FastclrError, warn_stderr
 from fastclr.files import WriteFailed, unwritable, write_failure_reason, write_text
 from fastclr.locks import LOCK_FILE
@@ -71,6 +71,11 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
         if (path / "encoder.safetensors").exists() or any((path / "checkpoints").glob("step-*.pt")):
             raise FastclrError(f"{path} already holds a run; continue it with `fastclr pretrain --resume {path}`, "
                                "or choose a new --run-dir")
+        if entries and not written_config(path / "config.toml"):
+            # a config.toml of the user's own (a site's, an overrides file) made the folder pass for a run's,
+            # and the run replaced it and wrote in beside their files
+            raise FastclrError(f"--run-dir {path} holds a config.toml that is not a fastclr run's (it lacks the "
+                               "settings a run records); nothing was written: choose a new --run-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -79,6 +84,19 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
         why, fix = unwritable(path)
         raise FastclrError(f"run directory {path} {why}; choose another with --run-dir or {fix}")
     return path
+
+
+RECORDED = frozenset({"data.name", "model.encoder", "optim.lr", "train.seed", "train.batch_size"})
+"""Settings every run's config.toml records (`write_config` writes them all), and no overrides file
+or other program's config.toml has together by chance."""
+
+
+def written_config(path: Path) -> bool:
+    """Whether `path` is a config.toml a run wrote: TOML holding every one of RECORDED."""
+    try:
+        return RECORDED <= set(read_toml(path))
+    except (FastclrError, OSError):
+        return False
 
 
 def _events_alone(p: Path) -> bool:

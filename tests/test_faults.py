@@ -943,3 +943,50 @@ def test_write_failures_survive_a_process_pools_pickle() -> None:
               WriteFailed(Path("out.npy"), "No space left on device")):
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is type(e) and str(back) == str(e) and back.reason == e.reason
+
+
+def test_a_folder_with_a_config_toml_of_its_own_is_not_taken_for_a_run(tmp_path: Path) -> None:
+    """A folder of the user's files holding a config.toml (a site's, an overrides file) passed for a
+    run's directory: the run replaced the file and wrote in beside them, exit 0. A run's own, complete
+    config.toml (a run killed before its first checkpoint) is still started over in place."""
+    from fastclr.config import Config
+    from fastclr.runs import write_config
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "config.toml").write_text('baseURL = "https://example.org/"\ntitle = "notes"\n', encoding="utf-8")
+    (site / "index.md").write_text("# mine\n", encoding="utf-8")
+    overrides = tmp_path / "exp1"
+    overrides.mkdir()
+    (overrides / "config.toml").write_text("# t for exp1\n[train]\ntemperature = 0.5\n", encoding="utf-8")
+    for folder in (site, overrides):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(FastclrError, match=rf"^--run-dir {re.escape(str(folder))} holds a config.toml that is not a "
+                                               r"fastclr run's .*nothing was written: choose a new --run-dir$"):
+            prepare_run_dir(folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    write_config(killed, Config())
+    (killed / "metrics.jsonl").write_text("", encoding="utf-8")
+    assert prepare_run_dir(killed) == killed
+
+
+def test_a_config_file_in_the_new_runs_own_place_is_refused_before_it_is_replaced(tmp_path: Path) -> None:
+    """`pretrain --config exp1/config.toml --run-dir exp1`: the run wrote its resolved settings over the
+    file it had read them from, the user's comments lost."""
+    env = cli_env(tmp_path)
+    exp = tmp_path / "exp1"
+    exp.mkdir()
+    text = "# t for exp1: a full run's settings, copied\n" + (tmp_path / "x").as_posix()[:0]
+    from fastclr.config import Config, to_toml
+
+    (exp / "config.toml").write_text(text + to_toml(Config()), encoding="utf-8")
+    saved = (exp / "config.toml").read_bytes()
+    r = call_main(["pretrain", "--config", "exp1/config.toml", "--run-dir", str(exp), *TINY, "--data", "mnist"], env,
+                  tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().endswith("--config exp1/config.toml is where the run writes its own settings (config.toml of "
+                                     "its directory), which would replace it and its comments; keep it elsewhere, or "
+                                     "give another run directory"), r.stderr
+    assert (exp / "config.toml").read_bytes() == saved and sorted(p.name for p in exp.iterdir()) == ["config.toml"]
