@@ -19,7 +19,7 @@ def pair(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64,
             torch.randn(n, d, dtype=dtype, generator=g, device=device).requires_grad_())
 
 
-@pytest.mark.parametrize("n,block", [(7, 1), (7, 3), (7, 14), (7, 100), (16, 5)])
+@pytest.mark.parametrize("n,block", [(7, 1), (7, 3), (7, 14), (7, 100), (16, 5), (7, 10**12)])
 def test_row_blocks_give_the_plain_value_gradients_and_ranks(n: int, block: int, device: torch.device) -> None:
     z1, z2 = pair(n, 5, n * 10 + block, device=device)
     logits, target = nt_xent_logits(z1, z2, 0.3)

@@ -55,7 +55,7 @@ class _BlockwiseNTXent(torch.autograd.Function):
         scale = grad_loss / m  # d loss / d logit_ik = (softmax_ik - onehot_ik) / M
         grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
         grad_c = torch.zeros_like(c) if ctx.needs_input_grad[1] else None
-        rows = torch.arange(block, device=a.device)
+        rows = torch.arange(min(block, m), device=a.device)  # --loss-block above the rows: arange(10**12) was 7.3 TiB
         for s in range(0, m, block):
             e = min(s + block, m)
             logits = _block_logits(a[s:e], c, own[s:e], t, low)  # (blk, K)
