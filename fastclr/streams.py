@@ -109,3 +109,9 @@ def outliving_readers() -> Iterator[None]:
         for g in guards:  # what is still buffered, while a closed pipe is still forgiven (else exit code 120)
             g.flush()
         sys.stdout, sys.stderr = out, err
+
+
+def shown(text: str) -> str:
+    """`text` for a terminal: control characters (an image file named with an escape sequence cleared
+    the screen and retitled the window) written as Python escapes, everything printable as is."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))

@@ -738,3 +738,21 @@ def test_features_coarser_than_the_training_are_said_once_with_the_flag_that_mat
     assert notes["fp32", "auto"] == [f"note: computing in bf16 (test cpu has native bf16 (AMX-BF16)); {tmp_path / 'fp32'} "
                                      "trained in fp32: --precision fp32 computes as it trained"]
     assert notes["fp32", "fp32"] == notes["bf16", "auto"] == notes["bf16", "fp32"] == []
+
+
+def test_neighbours_names_with_control_characters_are_printed_escaped(tmp_path: Path) -> None:
+    """An image file named with a terminal escape sequence cleared the screen and retitled the window
+    when `neighbours` printed it; its control characters are written as escapes, other characters as is."""
+    from fastclr.streams import shown
+
+    folder = tmp_path / "pics"
+    bar_images(folder, n_per_class=3, size=32)
+    first = sorted(folder.rglob("*.png"))[0]
+    trap = first.with_name("\x1b]0;owned\x07\x1b[2Jé.png")
+    first.rename(trap)
+    store = prepare_store(folder, tmp_path / "store", DecodeOptions(28), workers=1, **QUIET).store
+    lines: list[str] = []
+    found = neighbours(make_run(tmp_path / "run"), store, trap, 6, CPU, log=lines.append)
+    stored = next(p for p, _ in found if "owned" in p)
+    assert "\x1b" not in "".join(lines) and "\x07" not in "".join(lines)
+    assert any(line.endswith(shown(stored)) for line in lines[1:]) and shown(stored).endswith(r"\x1b]0;owned\x07\x1b[2Jé.png")

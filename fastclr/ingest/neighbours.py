@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from fastclr.streams import shown
 from fastclr.files import WriteFailed, atomic_write, npy_writer
 from fastclr.data.datasets import REGISTRY
 from fastclr.data.store import Store, read_store
@@ -148,9 +149,9 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
     sims, rows = cosine_topk(torch.from_numpy(feats), torch.from_numpy(q)[None], k)
     idx = rows[0]
     found = [(store.paths[i], float(s)) for i, s in zip(idx.tolist(), sims[0].tolist())]
-    log(f"nearest to {query} in {store.path} ({len(store.paths)} images):")
+    log(f"nearest to {shown(str(query))} in {shown(str(store.path))} ({len(store.paths)} images):")
     for rank, (p, s) in enumerate(found, 1):
-        log(f"{rank:3d}  {s:.4f}  {p}")
+        log(f"{rank:3d}  {s:.4f}  {shown(p)}")
     if grid is not None:
         g = grid_image([image, *(np.asarray(store.images[i]) for i in idx.tolist())])
         encoded = io.BytesIO()
