@@ -9,6 +9,8 @@ count when the timeout ends, and a stop signal ends the wait.
 
 The store is the one the process group then uses: torchrun's agent's (TORCHELASTIC_USE_AGENT_STORE),
 or else one rank 0 serves at MASTER_ADDR:MASTER_PORT, as torch's env:// rendezvous makes them.
+Where torchrun may start the ranks again (`restartable`) there is no check-in: the store outlives
+the rounds, and its keys could not tell one round from the next.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from fastclr.errors import FastclrError, PeerFailure
 
+
 class StoppedBeforeStart(FastclrError):
     """A stop signal while the ranks were checking in: exit 75, as a stop (a scheduler requeues it)."""
 
@@ -31,8 +34,8 @@ POLL_S = 0.25
 thousands of ranks on one store, and a stop signal or a failure is seen within it."""
 
 FAILURE_STORE_WAIT_S = 30.0
-"""How long a rank that failed waits to reach the store (and, serving it as rank 0 outside torchrun,
-for the others to read its line) before it exits anyway."""
+"""How long a rank that failed waits to reach the store, then for the others to arrive and read its
+line (the store ends with its server: rank 0 outside torchrun, node 0's agent under it)."""
 
 _checked_in = False
 """True once this process checked in: its failures from then on reach the others through the group."""
