@@ -581,3 +581,31 @@ def test_an_archive_member_outside_the_folder_or_not_a_file_is_refused_with_or_w
     made = (dest / "pkg" / "ok").stat()
     assert not made.st_mode & (stat.S_ISUID | stat.S_IWOTH) and made.st_mode & stat.S_IRUSR
     assert (made.st_uid, made.st_gid) == (os.getuid(), os.getgid())  # as root, not the archive's owner (1234)
+
+
+def test_a_gzip_file_that_unpacks_far_past_its_header_is_refused_having_read_little(tmp_path: Path) -> None:
+    """A 60 MB train-images .gz of 13 GiB unpacked ended in MemoryError (or the out-of-memory killer): the
+    whole file was unpacked before its header was read. Only what the header declares, and LOOK_PAST more,
+    is unpacked now; here 3 labels then 256 MiB of zeros."""
+    import gzip
+    import tracemalloc
+
+    bomb = tmp_path / "train-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big") + bytes([1, 2, 3]))
+        for _ in range(256):
+            f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(FastclrError, match=rf"holds at least {formats.LOOK_PAST} bytes more than its header "
+                                               r"declares for \(3,\): not this dataset's file"):
+            formats.read_idx(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # bytes: far from the 256 MiB unpacked whole
+    plain = tmp_path / "plain-idx1-ubyte.gz"
+    with gzip.open(plain, "wb") as f:
+        f.write(bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big") + bytes([1, 2, 3]))
+    assert formats.read_idx(plain).tolist() == [1, 2, 3]

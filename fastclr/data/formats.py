@@ -14,7 +14,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,37 +23,61 @@ from fastclr.errors import FastclrError
 _IDX_DTYPES: dict[int, type] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32}
 
 
-def _open_maybe_gz(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise FastclrError(f"{path} is a damaged gzip file ({e}); delete it and fetch it again") from None
-    return raw
+class _Reader(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+LOOK_PAST = 1 << 20
+"""How far past the size its header declares an IDX file is read: enough to name a few stray bytes,
+and no more of a gzip file that unpacks to gigabytes (a 60 MB file of 13 GiB ended in MemoryError,
+or the out-of-memory killer, from the whole file unpacked before its header was read)."""
+
+
+def _read_at_most(f: _Reader, limit: int) -> bytes:
+    """Up to `limit` bytes of `f`, read a chunk at a time (a header declaring 2^64 bytes asks for none at once)."""
+    out = bytearray()
+    while len(out) < limit:
+        chunk = f.read(min(1 << 24, limit - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into an array of its declared dtype and shape."""
-    data = _open_maybe_gz(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise FastclrError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if not 1 <= ndim <= 4 or len(data) < header:
-        raise FastclrError(f"{path} is not an IDX file of images or labels (header declares {ndim} dimensions in "
-                           f"{len(data)} bytes); delete it and fetch it again")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[data[2]]).newbyteorder(">")
-    count = math.prod(shape)  # Python ints: a crafted header cannot wrap around to a small count
-    held, declared = len(data) - header, count * dtype.itemsize
+    """Read an IDX file (optionally gzipped) into an array of its declared dtype and shape; a gzip
+    file is unpacked only as far as its header declares (and LOOK_PAST beyond, to find a longer file)."""
+    with open(path, "rb") as raw:
+        zipped = raw.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if zipped else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise FastclrError(f"{path} is not an IDX file (bad magic number); delete it and fetch it again")
+            ndim = head[3]
+            dims = f.read(4 * ndim) if 1 <= ndim <= 4 else b""
+            if not 1 <= ndim <= 4 or len(dims) < 4 * ndim:
+                raise FastclrError(f"{path} is not an IDX file of images or labels (header declares {ndim} dimensions "
+                                   f"in {len(head) + len(dims)} bytes); delete it and fetch it again")
+            shape = struct.unpack(f">{ndim}I", dims)
+            dtype = np.dtype(_IDX_DTYPES[head[2]]).newbyteorder(">")
+            count = math.prod(shape)  # Python ints: a crafted header cannot wrap around to a small count
+            declared = count * dtype.itemsize
+            body = _read_at_most(f, declared + LOOK_PAST)
+    except (OSError, EOFError, zlib.error) as e:
+        raise FastclrError(f"{path} is a damaged gzip file ({e}); delete it and fetch it again") from None
+    except MemoryError:
+        raise FastclrError(f"{path} declares {shape} ({declared / 2**30:.1f} GiB), more than this machine can hold: "
+                           "not this dataset's file, or damaged; delete it and fetch it again") from None
+    held = len(body)
     if held < declared:
         raise FastclrError(f"{path} is truncated: header says {shape} but holds {held} bytes; delete it and fetch it "
                            "again")
     if held > declared:  # another file appended, or not the file its name says
-        raise FastclrError(f"{path} holds {held - declared} bytes more than its header declares for {shape}: not "
-                           "this dataset's file, or damaged; delete it and fetch it again")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+        more = f"{held - declared} bytes" if held < declared + LOOK_PAST else f"at least {LOOK_PAST} bytes"
+        raise FastclrError(f"{path} holds {more} more than its header declares for {shape}: not this dataset's file, "
+                           "or damaged; delete it and fetch it again")
+    return np.frombuffer(body, dtype=dtype, count=count).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def read_idx_images(path: Path) -> np.ndarray:
