@@ -1361,3 +1361,25 @@ def test_a_decoder_crash_under_spawn_from_a_script_names_the_main_guard(monkeypa
     assert _spawn_hint("fork") == ""
     monkeypatch.setattr(__main__, "__file__", "/usr/lib/python3/site-packages/fastclr/__main__.py")
     assert _spawn_hint("spawn") == ""
+
+
+def test_a_folder_whose_store_json_or_manifest_is_not_a_stores_is_refused_as_output(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder holding a user's own store.json and manifest.csv (the store's names, not a store's
+    files) was written over, exit 0, where the other commands already said it is not a store. A store's
+    own folder is still prepared again."""
+    bar_images(tmp_path / "ok", n_per_class=1)
+    cases = {"meta": {"store.json": '{"shop": "inventory"}\n', "manifest.csv": "sku,count\n1,2\n"},
+             "manifest": {"manifest.csv": "sku,count\n1,2\n"}}
+    for name, files in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for f, text in files.items():
+            (folder / f).write_text(text)
+        err = one_line_error(["prepare", str(tmp_path / "ok"), "--size", "16", "--out", str(folder)], capsys)
+        assert err == (f"error: {folder} exists and is not a fastclr store (its {sorted(files)[-1]} is not a store's); "
+                       "choose a new --out\n")
+        assert {p.name: p.read_text() for p in folder.iterdir()} == files
+    store = prepare_store(tmp_path / "ok", tmp_path / "store", DecodeOptions(16), workers=1, **QUIET).store
+    assert main(["prepare", str(tmp_path / "ok"), "--size", "16", "--out", str(store), "--quiet"]) == 0
+    assert is_store(store)

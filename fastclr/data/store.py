@@ -269,9 +269,26 @@ def check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FastclrError(f"{out} exists and is not a directory; choose another --out")
     if out.is_dir():
-        foreign = sorted(n for n in os.listdir(out) if n not in _OWN_NAMES and not n.startswith(f".{META}."))
+        names = os.listdir(out)
+        foreign = sorted(n for n in names if n not in _OWN_NAMES and not n.startswith(f".{META}."))
         if foreign:
             raise FastclrError(f"{out} exists and is not a fastclr store (it holds {foreign[0]!r}); choose a new --out")
+        # A store's own names are its only where its store.json is (or, for a store cut short before its
+        # commit, its images): a user's store.json or manifest.csv under those names was replaced
+        if META in names and not _own_meta(out / META) or \
+                IMAGES not in names and META not in names and ({MANIFEST, SKIPPED} & set(names)):
+            shown = META if META in names else sorted({MANIFEST, SKIPPED} & set(names))[0]
+            raise FastclrError(f"{out} exists and is not a fastclr store (its {shown} is not a store's); choose a new "
+                               "--out")
+
+
+def _own_meta(path: Path) -> bool:
+    """Whether `path` is a store.json a store wrote (its "format")."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 class StoreClaim:
