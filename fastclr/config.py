@@ -504,11 +504,20 @@ def validate(cfg: Config) -> None:
                            f"--learn-temperature keeps t; start it inside, e.g. --temperature {defaults.train.temperature}")
 
 
+CONFIG_MAX_BYTES = 1 << 20
+"""The most a config file may hold: a run's whole config.toml is about 3 KB."""
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into flat `{"section.field": value}` overrides."""
     p = Path(path)
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a byte-order mark, as some Windows editors save one
+        with open(p, "rb") as f:  # a file, or a pipe (--config <(...)); read bounded: /dev/zero never ends
+            data = f.read(CONFIG_MAX_BYTES + 1)
+        if len(data) > CONFIG_MAX_BYTES:
+            raise FastclrError(f"config file {p} is larger than {CONFIG_MAX_BYTES >> 20} MiB, which no config is; "
+                               "check the path given to --config")
+        doc = tomllib.loads(data.decode("utf-8-sig"))  # a byte-order mark, as some Windows editors save one
     except FileNotFoundError:
         raise FastclrError(f"config file {p} does not exist; check the path given to --config") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

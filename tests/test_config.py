@@ -509,3 +509,24 @@ def test_a_home_in_a_path_is_put_in_where_no_shell_did(tmp_path: Path, monkeypat
     resume, cfg = pretrain_target(parse_args(["pretrain", "--resume", "auto", "--config", "f.toml"]))
     assert resume is None and cfg.train.run_dir == str(tmp_path / "home" / "runs" / "b")  # no checkpoint yet: new
     assert parse_args(["pretrain", "--cnn-stages", "~x"]).__dict__["cfg:model.cnn_stages"] == "~x"  # not a home path
+
+
+def test_a_config_file_that_never_ends_or_is_huge_is_one_line_and_a_pipe_is_read(tmp_path: Path) -> None:
+    """`--config /dev/zero` read forever into a MemoryError traceback; a config is read bounded, from a
+    file or a pipe (`--config <(...)`)."""
+    import os
+    import threading
+
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
+    for path in [huge, *([Path("/dev/zero")] if Path("/dev/zero").exists() else [])]:
+        with pytest.raises(FastclrError, match=rf"^config file {path} is larger than 1 MiB, which no config is; check "
+                                               r"the path given to --config$"):
+            read_toml(path)
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "piped.toml"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda: fifo.write_text("[train]\ntemperature = 0.5\n"))
+        writer.start()
+        assert read_toml(fifo) == {"train.temperature": 0.5}
+        writer.join(10)

@@ -152,6 +152,11 @@ def test_bad_init_files_are_one_line_errors(tmp_path: Path) -> None:
     # torch's message quoted to the end of its first sentence, not cut mid-word after 160 characters
     assert "(PytorchStreamReader failed reading zip archive: failed finding central directory); the file" \
         in str(cut.value)
+    # no pickle at all: torch's legacy reader raised KeyError / IndexError, told as a traceback
+    for text in ("hello world\n", "root:x:0:0:root:/root:/bin/bash\n"):
+        truncated.write_text(text)
+        with pytest.raises(FastclrError, match=r"cannot be read \(.*\); the file is truncated or not a state dict"):
+            read_init(truncated, target)
     marker = tmp_path / "ran"
 
     class Evil:

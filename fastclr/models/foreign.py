@@ -113,7 +113,8 @@ def _read(path: Path, data: bytes) -> dict[str, Any]:
                                "give the run's encoder.safetensors or a `fastclr export --format torchvision` file") from None
         raise FastclrError(f"init weights {path} hold objects other than tensors, refused unread: loading them "
                            f"could run code ({first_sentence(e, 120)}); save a plain state dict") from None
-    except (RuntimeError, ValueError, EOFError, OSError) as e:
+    # KeyError, IndexError: torch's legacy reader on a file that is no pickle at all (a text file, /etc/passwd)
+    except (RuntimeError, ValueError, EOFError, OSError, KeyError, IndexError) as e:
         if path.suffix == ".pt2":
             raise FastclrError(f"init weights {path} are a torch.export program, which is for running h, not for "
                                "training on; give the run's encoder.safetensors or a `fastclr export --format "
