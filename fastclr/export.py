@@ -104,7 +104,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     try:
         info = json.loads(meta["fastclr"])
         spec = EncoderSpec.from_dict(info)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: a record that is not a dict
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # AttributeError: a record that is not a dict
         raise UnreadableExport(path, f"has fastclr metadata that is damaged or from a version this one cannot read "
                                      f"({type(e).__name__}: {e})", " from its run") from None
     if module is None and not spec.rebuildable:

@@ -126,7 +126,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         written_by = f"written by fastclr {state.get('fastclr_version', '?')}"
         try:
             spec = EncoderSpec.from_dict(state["model_info"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise FastclrError(f"{ckpt} ({written_by}) records its encoder in a form this version cannot read "
                                f"({type(e).__name__}: {e}); use that version, or finish the run with it to export "
                                "the encoder") from None

@@ -334,9 +334,13 @@ def test_an_encoder_on_a_gpu_is_exported_from_a_cpu_copy_and_left_where_it_was(t
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("record", ['{"encoder": "cnn"', '{"encoder": "cnn"}', '["cnn"]', '{"encoder": "cnn", '
-                                    '"in_channels": 1, "image_size": "big", "width": 1, "cifar_stem": "auto", '
-                                    '"mean": [0.5], "std": [0.25]}'])
+_RECORD = ('{"encoder": "cnn", "in_channels": %s, "image_size": %s, "width": 1, "cifar_stem": "auto", "mean": [0.5], '
+           '"std": [0.25]}')
+
+
+@pytest.mark.parametrize("record", ['{"encoder": "cnn"', '{"encoder": "cnn"}', '["cnn"]', _RECORD % (1, '"big"'),
+                                    # crafted: an OverflowError and a convolution of -3 channels, tracebacks both
+                                    _RECORD % (1, "Infinity"), _RECORD % (-3, 28), _RECORD % (1, 0)])
 def test_an_export_whose_fastclr_record_is_damaged_is_refused_in_one_line(tmp_path: Path, record: str) -> None:
     """Metadata that is not JSON, lacks a key, is not a record, or holds a value of the wrong
     kind ended in a JSONDecodeError, KeyError, AttributeError or ValueError traceback."""

@@ -170,7 +170,7 @@ def _refuse_other_stages(path: Path, stages: str) -> None:
     try:
         recorded = EncoderSpec.from_dict(own).stages if isinstance(own, dict) and own.get("encoder") == "cnn" else ""
         theirs = parse_stages(recorded) if recorded else None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         return  # a record this version cannot read: the tensors' names and shapes are what is checked
     if theirs is not None and theirs != parse_stages(stages):
         raise FastclrError(f"init weights {path} are of the cnn {recorded!r}, and this run builds {stages!r}: the "

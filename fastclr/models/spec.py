@@ -66,7 +66,13 @@ class EncoderSpec:
             named = round(channels / width)
             if max(8, int(round(named * width))) == channels:
                 stages = _LEGACY_28PX.format(named)
-        return cls(encoder=str(d["encoder"]), in_channels=int(d["in_channels"]), image_size=image_size,
+        spec = cls(encoder=str(d["encoder"]), in_channels=int(d["in_channels"]), image_size=image_size,
                    width=float(d["width"]), cifar_stem=str(d["cifar_stem"]), feature_dim=dim,
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]), stages=stages,
                    extra={k: v for k, v in d.items() if k not in known})
+        # What no network has (a damaged or crafted record): said here, not as a failure to build one
+        if not (1 <= spec.in_channels <= 64 and 1 <= spec.image_size <= 65536 and 0 < spec.width <= 64
+                and len(spec.mean) == len(spec.std) == spec.in_channels and all(v > 0 for v in spec.std)):
+            raise ValueError(f"{spec.in_channels} channels of {spec.image_size} px at width {spec.width:g} with "
+                             f"{len(spec.mean)} means and {len(spec.std)} deviations")
+        return spec

@@ -116,8 +116,12 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"
                            "or `fastclr distill`") from None
     if "classifier" not in meta or "fastclr" not in meta:
         raise FastclrError(f"{p} carries no fastclr classifier metadata; it was not written by fastclr")
-    spec = EncoderSpec.from_dict(json.loads(meta["fastclr"]))
-    layout = json.loads(meta["classifier"])
+    try:
+        spec = EncoderSpec.from_dict(json.loads(meta["fastclr"]))
+        layout = json.loads(meta["classifier"])
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        raise FastclrError(f"{p} has fastclr classifier metadata that is damaged or from a version this one cannot "
+                           f"read ({type(e).__name__}: {e})") from None
     neck = empty_neck(list(layout["neck"]), spec.feature_dim, bool(layout["neck_bn"]))
     width = layout["neck"][-1] if layout["neck"] else spec.feature_dim
     model = Classifier(encoder_from_spec(spec), neck, nn.Linear(width, len(layout["classes"])))
