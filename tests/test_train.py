@@ -1324,6 +1324,11 @@ def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in
     assert step_bytes(blocked, 1000, 266, 1, fp32) == 1000 * 4 * 3 + 128 * 266 * 4 + 16 * 128 * 4
     cached = tiny_config(tmp_path / "r", train__batch_size=64, train__grad_cache_chunk=8)
     assert step_bytes(cached, 1000, 266, 1, fp32) == 1000 * 4 * 3 + max(16 * 266 * 4, 2 * 128 * 128 * 4)
+    # multi-crop's small views (--local-views 3, each keeping 50 numbers): their activations, and their rows in
+    # the logits as every view's (they counted nothing: a run of 20,000 small views passed, then ran out of memory)
+    small = tiny_config(tmp_path / "r", train__batch_size=64, train__local_views=3)
+    assert step_bytes(small, 1000, 266, 1, fp32, per_small=50) == \
+        1000 * 4 * 3 + 64 * (2 * 266 + 3 * 50) * 4 + 2 * (5 * 64) * (5 * 64) * 4
     monkeypatch.setattr("fastclr.runtime.available_memory", lambda meminfo=None: 2**20)  # the weights fit, the step not
     with pytest.raises(FastclrError) as e:
         pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96), dataset=tiny_dataset(),
@@ -1337,6 +1342,10 @@ def test_a_step_that_cannot_fit_in_available_memory_is_refused_before_the_run_in
         pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96, train__views=3),
                  dataset=tiny_dataset(), progress=False, log=lambda s: None)
     assert str(e.value).endswith("GiB are available; give a smaller --batch-size, or run where there is more memory")
+    with pytest.raises(FastclrError, match=r"^a step of batch 96 \(2 views of 28 px and 4 of 14 px, "):
+        pretrain(tiny_config(tmp_path / "run", train__device="cpu", train__batch_size=96, train__local_views=4),
+                 dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_resume_with_another_seed_keeps_the_seed_its_weights_were_drawn_with(tmp_path: Path) -> None:

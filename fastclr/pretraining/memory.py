@@ -47,21 +47,27 @@ def kept_per_image(encoder: nn.Module, in_channels: int, side: int) -> int:
     return total
 
 
-def step_parts(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> tuple[int, int, int]:
-    """(weights and optimiser state, activations, logits) of one step on one process, in bytes."""
+def step_parts(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision,
+               per_small: int = 0) -> tuple[int, int, int]:
+    """(weights and optimiser state, activations, logits) of one step on one process, in bytes;
+    `per_small`: what one of multi-crop's small views keeps (`kept_per_image` at its side), whose rows
+    join the logits as the others' (--local-views counted none: a run the bound would have refused
+    started, wrote its directory and ran out of memory)."""
     t = cfg.train
     local = t.batch_size // world_size
-    rows, columns = t.views * local, t.views * t.batch_size + t.queue
-    held_rows = min(rows, t.views * t.grad_cache_chunk) if t.grad_cache_chunk else rows
+    views = t.views + t.local_views
+    rows, columns = views * local, views * t.batch_size + t.queue
+    held = min(local, t.grad_cache_chunk) if t.grad_cache_chunk else local  # images whose activations are held
     activation = 2 if precision.dtype is not None else 4  # autocast's bf16 or fp16 outputs, else fp32
     weights = params * 4 * (1 + OPTIMISER_COPIES.get(cfg.optim.optimizer, 0))
     logits = (min(t.loss_block, rows) if t.loss_block else 2 * rows) * columns * 4
-    return weights, held_rows * per_image * activation, logits
+    return weights, held * (t.views * per_image + t.local_views * per_small) * activation, logits
 
 
-def step_bytes(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision) -> int:
+def step_bytes(cfg: Config, params: int, per_image: int, world_size: int, precision: Precision,
+               per_small: int = 0) -> int:
     """The lower bound of one step's memory on one process (see the module's docstring)."""
-    return _total(cfg, *step_parts(cfg, params, per_image, world_size, precision))
+    return _total(cfg, *step_parts(cfg, params, per_image, world_size, precision, per_small))
 
 
 def _total(cfg: Config, weights: int, activations: int, logits: int) -> int:
@@ -80,9 +86,14 @@ def require_step_memory(cfg: Config, encoder: nn.Module, image_shape: tuple[int,
     h, _, c = image_shape
     side = cfg.augment.crop_size or h
     params = sum(p.numel() for p in encoder.parameters())
-    weights, activations, logits = step_parts(cfg, params, kept_per_image(encoder, c, side), world_size, precision)
+    small = cfg.augment.local_size or max(1, side // 2)  # as the views are drawn (augment.local_views)
+    per_small = kept_per_image(encoder, c, small) if cfg.train.local_views else 0
+    weights, activations, logits = step_parts(cfg, params, kept_per_image(encoder, c, side), world_size, precision,
+                                              per_small)
+    smalls = f" and {cfg.train.local_views} of {small} px" if cfg.train.local_views else ""
     require_memory(_total(cfg, weights, activations, logits) - held,
-                   f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px, {precision.name})",
+                   f"a step of batch {cfg.train.batch_size} ({cfg.train.views} views of {side} px{smalls}, "
+                   f"{precision.name})",
                    f"{_smaller(cfg, activations >= logits, world_size)}, or run where there is more memory")
 
 
