@@ -30,8 +30,11 @@ class StoppedBeforeStart(FastclrError):
 
 
 POLL_S = 0.25
-"""How often a waiting rank looks at the store: two small requests a rank each time, few enough for
-thousands of ranks on one store, and a stop signal or a failure is seen within it."""
+"""How soon a waiting rank first looks at the store again (two small requests each time); the wait
+between looks then grows to POLL_MAX_S, so that thousands of ranks waiting for a late node ask the
+store about once a second each, and a stop signal or a failure is seen within that."""
+
+POLL_MAX_S = 2.0
 
 FAILURE_STORE_WAIT_S = 30.0
 """How long a rank that failed waits to reach the store, then for the others to arrive and read its
@@ -81,7 +84,7 @@ def check_in(store: dist.Store, rank: int, world: int, timeout_s: float,
     global _checked_in
     arrived = int(store.add(_key("count"), 1))
     _checked_in = True
-    deadline = time.monotonic() + timeout_s
+    deadline, pause = time.monotonic() + timeout_s, POLL_S
     while True:
         if store.check([_key("failed")]):  # also once all have come: a rank stopped there had counted itself
             raise FastclrError(f"rank {rank}: {store.get(_key('failed')).decode(errors='replace')}")
@@ -99,7 +102,8 @@ def check_in(store: dist.Store, rank: int, world: int, timeout_s: float,
             raise PeerFailure(f"rank {rank}: {missing} of the {world} ranks did not start within {timeout_s:g} s "
                               "(--dist-timeout); start the same command on every node (--nnodes, --node_rank), "
                               "check that each reaches MASTER_ADDR:MASTER_PORT, and read their logs")
-        time.sleep(POLL_S)
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic()) + 0.01))
+        pause = min(POLL_MAX_S, pause * 1.5)
         arrived = int(store.add(_key("count"), 0))
 
 
@@ -109,7 +113,7 @@ def _linger(store: dist.Store, world: int) -> None:
     end = time.monotonic() + FAILURE_STORE_WAIT_S
     while int(store.add(_key("count"), 0)) + int(store.add(_key("fallen"), 0)) < world and time.monotonic() < end:
         time.sleep(POLL_S)
-    time.sleep(2 * POLL_S)
+    time.sleep(POLL_MAX_S + POLL_S)  # the last to arrive reads the failure at its next look
 
 
 def tell_start_failure(line: str) -> None:
