@@ -38,7 +38,12 @@ def test_the_wheel_installs_into_a_fresh_environment_and_runs_without_the_source
     dist = tmp_path / "dist"
     _run([sys.executable, "-m", "build", "--outdir", str(dist), str(src)], tmp_path)
     wheel = next(dist.glob("fastclr-*.whl"))
-    assert next(dist.glob("fastclr-*.tar.gz")).stat().st_size > 0
+    import tarfile
+
+    with tarfile.open(next(dist.glob("fastclr-*.tar.gz"))) as sdist:  # its tests import benchmarks/, read recipes/
+        inside = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
+    assert {"benchmarks/harness.py", "recipes/large-batch.toml", "tests/conftest.py", "Makefile"} <= inside, inside
+    assert not [n for n in inside if n.startswith("benchmarks/runs/") or "__pycache__" in n]
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastclr/py.typed" in names and "fastclr/cli.py" in names
     assert "fastclr/report/interactive.js" in names  # read at run time by `fastclr report`
