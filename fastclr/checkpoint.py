@@ -177,6 +177,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     stored = state.pop("sha256")
     if content_sha256(state) != stored:
         raise CheckpointError(f"checkpoint {path} fails its checksum: its content was altered or damaged")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # every checkpoint is of a step (save_checkpoint)
+        raise CheckpointError(f"{path} records no step ({step!r}): not a checkpoint fastclr wrote")
     return state
 
 

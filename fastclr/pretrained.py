@@ -139,10 +139,15 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
             raise FastclrError(f"{ckpt} ({written_by}) does not match the {spec.encoder} architecture of this "
                                "version; use that version, or finish the run with it to export the encoder") from None
         encoder = encoder.to(device)
-        saved = to_flat(from_dict(state["config"]))
-        if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
-            saved["data.preset"] = preset_name(saved["data.name"])
-        cfg = apply_overrides(Config(), saved)
+        try:
+            saved = to_flat(from_dict(state["config"]))
+            if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
+                saved["data.preset"] = preset_name(saved["data.name"])
+            cfg = apply_overrides(Config(), saved)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # a crafted or foreign record
+            raise FastclrError(f"{ckpt} ({written_by}) records its settings in a form this version cannot read "
+                               f"({type(e).__name__}: {str(e)[:200]}); use that version, or finish the run with it "
+                               "to export the encoder") from None
         content = str(state.get("data_content", ""))
     encoder.eval()
     cfg = with_moved_store(cfg, run, content, log)

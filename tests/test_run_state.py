@@ -1010,3 +1010,29 @@ def test_a_hard_linked_copy_of_a_run_resumed_leaves_the_originals_metrics_alone(
     pretrain(tiny_config(tmp_path / "b", train__epochs=3.0), resume=tmp_path / "b", dataset=ds, **QUIET)
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == before
     assert max(r["step"] for r in read_metrics(tmp_path / "b")) == 18 > max(r["step"] for r in read_metrics(tmp_path / "a"))
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"step": "abc"}, "records no step ('abc'): not a checkpoint fastclr wrote"),
+    ({"config": ["not", "a", "record"]}, "records its settings in a form this version cannot read (AttributeError"),
+    ({"config": None}, "records its settings in a form this version cannot read ("),
+])
+def test_a_checkpoint_crafted_to_pass_its_checksum_with_fields_of_another_kind_is_one_line(
+        tmp_path: Path, change: dict[str, Any], said: str) -> None:
+    """The checksum is no signature: anyone can recompute it. A step that is not a number, settings that
+    are not a record: tracebacks (ValueError, AttributeError) from `evaluate`, `embed`, `--resume`."""
+    from fastclr.checkpoint import FORMAT, content_sha256
+    from fastclr.pretrained import load_run
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0, train__checkpoint_every=1), dataset=tiny_dataset(), progress=False,
+             log=lambda s: None)
+    (run / "encoder.safetensors").unlink()  # the checkpoint is what is read
+    for old in list_checkpoints(run)[:-1]:
+        old.unlink()
+    path = list_checkpoints(run)[-1]
+    state = {**load_checkpoint(path), **change, "format": FORMAT}
+    torch.save({**state, "sha256": content_sha256(state)}, path)
+    with pytest.raises(FastclrError) as e:
+        load_run(run, "cpu", "fp32", log=lambda s: None)
+    assert said in str(e.value) and "\n" not in str(e.value), str(e.value)
