@@ -239,8 +239,15 @@ def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_st
                          train__threads=1), dataset=ds, resume=run, progress=False, log=lines.append)
     assert [line for line in lines if line.startswith("note:")] == [
         "note: resuming with augment.scale_min 0.8 -> 0.5, optim.lr 0.003 -> 0.01, train.temperature 0.2 -> 0.5: the "
-        "steps from 6 on train with them, the 5 before did not, and config.toml now records the new"]
+        "steps from 6 on train with them, the 5 before with the run's earlier settings, and config.toml now records "
+        "the new"]
     assert "temperature = 0.5" in (run / "config.toml").read_text(encoding="utf-8")
+    # resumed back to the first settings: the note said the steps before did not train with them, and the first
+    # three had
+    lines.clear()
+    pretrain(tiny_config(run, train__epochs=4.0), dataset=ds, resume=run, progress=False, log=lines.append)
+    noted = [line for line in lines if line.startswith("note:")]
+    assert len(noted) == 1 and "train.temperature 0.5 -> 0.2" in noted[0] and "did not" not in noted[0], noted
 
 
 def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so(tmp_path: Path) -> None:

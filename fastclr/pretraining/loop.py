@@ -586,8 +586,8 @@ def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callab
     if changed:
         now, then = config_mod.to_flat(wanted), config_mod.to_flat(saved)
         log(f"note: resuming with {', '.join(f'{k} {then[k]!r} -> {now[k]!r}' for k in changed)}: the steps from "
-            f"{step + 1} on train with {'it' if len(changed) == 1 else 'them'}, the {step} before did not, and "
-            "config.toml now records the new")
+            f"{step + 1} on train with {'it' if len(changed) == 1 else 'them'}, the {step} before with the run's "
+            "earlier settings, and config.toml now records the new")  # (not "did not": a run resumed back trained some)
 
 
 def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:
