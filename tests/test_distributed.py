@@ -654,6 +654,32 @@ def test_a_missing_dataset_is_downloaded_by_one_rank_a_node_while_the_others_wai
         assert r0["error"] == r1["error"] == ""
 
 
+def fetch_other_data(rank: int, world: int) -> tuple[str, float]:
+    """Rank 1 names a dataset that is none (a typo on its node), rank 0 a built-in to download."""
+    import fastclr.pretraining.loop as loop
+    from fastclr.config import DataConfig
+    from fastclr.errors import FastclrError
+
+    ctx = setup(torch.device("cpu"), 30.0)
+    loop.ensure = lambda *a, **kw: Path("/nowhere")  # type: ignore[assignment]
+    began = time.perf_counter()
+    try:
+        loop._fetch_once_a_node(DataConfig(name="mnist" if rank == 0 else "mnst"), ctx, torch.device("cpu"))
+        return "", time.perf_counter() - began
+    except FastclrError as e:
+        return str(e), time.perf_counter() - began
+
+
+def test_ranks_given_other_data_agree_before_one_waits_for_the_others_download(tmp_path: Path) -> None:
+    """A node given another --data (here a typo) skipped the download's group and went on alone to fail,
+    while the other waited in that group for its 24 hours: both now end at once with one line."""
+    (e0, t0), (e1, t1) = run_ranks(fetch_other_data, 2, tmp_path, timeout=60)
+    assert e0 == ("rank 0: the ranks were given different data (here --data mnist, and another elsewhere); give "
+                  "every node the same command") and e1.startswith("rank 1: the ranks were given different data (here "
+                                                                   "--data mnst,")
+    assert max(t0, t1) < 20
+
+
 def test_a_download_may_outlast_the_collectives_timeout(tmp_path: Path) -> None:
     """A 3-s download under a 1-s --dist-timeout: the waiting rank's all-reduce timed out and it
     blamed a lost peer while the download went on (STL-10's 2.6 GB against the default 10 minutes)."""

@@ -717,11 +717,20 @@ def _fetch_once_a_node(data: DataConfig, ctx: DistContext, device: torch.device)
     download that fails ends every rank with one line. A dataset decoded once into a mapped file
     (STL-10) is decoded there too, downloads on or off, so that the node's ranks then map the one file
     (each decoding its own, they wrote eight temporaries of 2.9 GB at once on an 8-GPU node)."""
-    if not ctx.active or data.name not in REGISTRY:  # a store, or a name every rank refuses
+    if not ctx.active:
+        return
+    fetches = data.name in REGISTRY and (data.download or REGISTRY[data.name].decodes_once)
+    # Agreed first: a node given another --data (a typo, a store) went on alone to fail, while the
+    # others waited in the download's group for its 24 hours (the ranks' same-data check comes later)
+    mine = torch.tensor([int(fetches), -int(fetches)], device=device)
+    most, least = (int(v) for v in all_reduce(mine, ctx, "max").tolist())
+    if most != -least:
+        raise FastclrError(f"rank {ctx.rank}: the ranks were given different data (here --data {data.name}"
+                           f"{'' if data.download else ' --no-download'}, and another elsewhere); give every node the "
+                           "same command")
+    if not fetches:  # a store, or a built-in present and never decoded once
         return
     decodes = REGISTRY[data.name].decodes_once
-    if not data.download and not decodes:
-        return
 
     def fetch() -> None:
         folder = ensure(data.name, data.root or None, download=data.download)
