@@ -1007,3 +1007,31 @@ def test_ranks_torchrun_may_restart_join_without_a_check_in(monkeypatch: pytest.
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert not start.restartable()
+
+
+def test_only_a_stop_signal_ends_the_check_in_not_a_callers_step_callback(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """`fastclr.pretrain(stop=lambda step: step % 1000 == 0)` under torchrun (a checkpoint every 1,000 steps)
+    was asked stop(0) while the ranks checked in, and its True taken for a stop signal."""
+    import fastclr.pretraining.loop as loop
+    from fastclr.pretraining.loop import pretrain
+    from fastclr.signals import StopFlag
+    from tiny import tiny_config, tiny_dataset
+
+    seen: list[Any] = []
+
+    class Seen(Exception):
+        pass
+
+    def setup_seen(device: torch.device, timeout_s: float, stopping: Any = None) -> None:
+        seen.append(stopping)
+        raise Seen
+    monkeypatch.setattr(loop, "setup", setup_seen)
+    cfg = tiny_config(tmp_path / "run")
+    flag = StopFlag()
+    for stop in (lambda step: step % 1000 == 0, flag):
+        with pytest.raises(Seen):
+            pretrain(cfg, dataset=tiny_dataset(), stop=stop, progress=False, log=lambda s: None)
+    assert seen[0] is None and seen[1] is not None and not seen[1]()
+    flag.signal = signal.SIGTERM
+    assert seen[1]()

@@ -51,7 +51,7 @@ from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import (Precision, agree_precision, on_meta, require_model_memory, resolve_precision, select_device,
                              use_compile)
-from fastclr.signals import StopRequested
+from fastclr.signals import StopFlag, StopRequested
 from fastclr.tracking import TRACKING_FILE, numbers, open_trackers, read_ids, tracker_names
 from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
@@ -121,7 +121,10 @@ def pretrain(
     device = select_device(process_device(cfg.train.device, local_rank, world), warn=log)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    ctx = setup(device, cfg.train.dist_timeout, stopping=None if stop is None else lambda: stop(0))
+    # A stop signal (the command's flag) ends the ranks' check-in; a caller's own `stop(step)` is for steps alone
+    # (`lambda step: step % 1000 == 0` holds at 0)
+    ctx = setup(device, cfg.train.dist_timeout,
+                stopping=(lambda: stop.signal is not None) if isinstance(stop, StopFlag) else None)
     run: Run | None = None
     try:
         main_log = log if ctx.is_main else _silent
