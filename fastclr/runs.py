@@ -274,9 +274,9 @@ class MetricsLog:
             self.sent = {(r["step"], "knn_acc" in r) for r in records if r["step"] > step}
         self.monitored = {r["step"] for r in records if r["step"] <= step and "knn_acc" in r}
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records if r["step"] <= step)
-        # Written anew also where it is a hard link (a run copied with `cp -al`, a backup sharing files):
-        # appending in place wrote this run's records into the other's file.
-        if len(text) != self.path.stat().st_size or self.path.stat().st_nlink > 1:
+        # Written anew also where it is a hard or a symbolic link (a run copied with `cp -al` or `cp -rs`, a
+        # backup sharing files): appending in place wrote this run's records into the other's file.
+        if len(text) != self.path.stat().st_size or self.path.stat().st_nlink > 1 or self.path.is_symlink():
             write_text(self.path, text)
 
     def log(self, record: dict[str, Any]) -> None:

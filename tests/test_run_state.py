@@ -1005,18 +1005,21 @@ def test_a_network_for_a_gpu_is_counted_against_the_host_its_weights_are_drawn_o
         require_model_memory(on_meta(lambda: nn.Linear(1000, 1000)), torch.device("cuda"), "a layer", "")
 
 
-def test_a_hard_linked_copy_of_a_run_resumed_leaves_the_originals_metrics_alone(tmp_path: Path) -> None:
-    """`cp -al a b` then a resume of b appended b's records into a's metrics.jsonl (one file, two names):
-    a's curves then showed steps it never trained. Every other file was written anew, and is now."""
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_a_linked_copy_of_a_run_resumed_leaves_the_originals_metrics_alone(tmp_path: Path, link: str) -> None:
+    """`cp -al a b` (or `cp -rs a b`) then a resume of b appended b's records into a's metrics.jsonl (one
+    file, two names): a's curves then showed steps it never trained. Every other file was written anew,
+    and is now."""
     import shutil
 
     ds = tiny_dataset()
     pretrain(tiny_config(tmp_path / "a"), dataset=ds, **QUIET)
-    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=os.link)
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=os.link if link == "hard" else os.symlink)
     before = (tmp_path / "a" / "metrics.jsonl").read_bytes()
     pretrain(tiny_config(tmp_path / "b", train__epochs=3.0), resume=tmp_path / "b", dataset=ds, **QUIET)
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == before
     assert max(r["step"] for r in read_metrics(tmp_path / "b")) == 18 > max(r["step"] for r in read_metrics(tmp_path / "a"))
+    assert not (tmp_path / "b" / "metrics.jsonl").is_symlink()
 
 
 @pytest.mark.parametrize(("change", "said"), [

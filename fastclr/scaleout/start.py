@@ -66,6 +66,13 @@ def serves_store(rank: int) -> bool:
     return rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
 
 
+def holds_store(rank: int) -> bool:
+    """Whether the store ends soon after this process: it serves it (`serves_store`), or under torchrun its
+    node's agent does (node 0's, GROUP_RANK 0), which ends once its ranks have."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return serves_store(rank) or (agent and os.environ.get("GROUP_RANK", "") == "0")
+
+
 def job_store(rank: int, world: int, timeout_s: float) -> dist.Store:
     """The job's TCP store at MASTER_ADDR:MASTER_PORT (ValueError where either is unset or wrong)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
@@ -93,7 +100,7 @@ def check_in(store: dist.Store, rank: int, world: int, timeout_s: float,
         if stopping is not None and stopping():
             store.set(_key("failed"), f"rank {rank} was stopped before training (a stop signal); start every rank "
                                       "again")
-            if serves_store(rank):  # the store ends with this process: the ranks still to come read the line first
+            if holds_store(rank):  # the store ends with this process: the ranks still to come read the line first
                 _linger(store, world)
             raise StoppedBeforeStart(f"rank {rank}: stopped while waiting for the other ranks to start; nothing was "
                                      "trained or written: run the same command again")
@@ -117,9 +124,9 @@ def _linger(store: dist.Store, world: int) -> None:
 
 
 def tell_start_failure(line: str) -> None:
-    """Leave `line` (why this rank stopped) on the store for the ranks waiting in `check_in`, then
-    wait up to FAILURE_STORE_WAIT_S for every other rank to arrive and read it: the store is this
-    process's (rank 0 outside torchrun) or its node's agent's, which ends soon after a rank fails.
+    """Leave `line` (why this rank stopped) on the store for the ranks waiting in `check_in`, then,
+    where the store ends soon after this process (`holds_store`), wait up to FAILURE_STORE_WAIT_S for
+    every other rank to arrive and read it.
     Best effort and bounded: a rank that cannot reach the store leaves the others to their timeout,
     as before. Nothing once this rank has checked in, or where torchrun may restart the ranks."""
     if _checked_in or restartable():
@@ -134,6 +141,7 @@ def tell_start_failure(line: str) -> None:
         store.set(_key("failed"), f"rank {rank} stopped before training ({line.removeprefix('error: ')[:500]}); fix "
                                   "that and start every rank again")
         store.add(_key("fallen"), 1)
-        _linger(store, world)
+        if holds_store(rank):  # elsewhere the store outlives this process, and a look at it after its server ended
+            _linger(store, world)  # printed the store client's C++ stack under this rank's line
     except Exception:  # noqa: BLE001 - a courtesy to the others; this rank's own error is already said
         return
