@@ -19,7 +19,7 @@ from fastclr.config import Config, apply_overrides, auto_value, flag_table, read
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import WriteFailed, is_write_error, size_text, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
-from fastclr.streams import outliving_readers
+from fastclr.streams import outliving_readers, shown
 from fastclr.evaluation.cli import add_eval_commands
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
@@ -345,7 +345,7 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
                     ".pt2 torch-export, .onnx onnx) "
                     "torchvision: a ResNet state dict in torchvision's (and timm's) names; torch-export: a "
                     "torch.export program (.pt2) with a dynamic batch; onnx: an ONNX model checked in onnxruntime "
-                    "on the run's images (needs fastclr[onnx]); fastclr: safetensors with fastclr's metadata")
+                    "on the run's images (needs the onnx extra: README, Installing); fastclr: safetensors with fastclr's metadata")
     ex.add_argument("--out", required=True, help="torchvision: FILE.pth (metadata in FILE.pth.json) or "
                     "FILE.safetensors; torch-export: FILE.pt2; onnx: FILE.onnx; fastclr: FILE.safetensors")
     ex.set_defaults(func=cmd_export)
@@ -540,7 +540,7 @@ def _error(line: str) -> None:
     """A user error's one line on stderr: once a node under `fastclr-torchrun`, whose ranks all find
     a setting error alike (`print_once_a_node`), and as is for any other process."""
     _said.append(line)
-    print_once_a_node(line, file=sys.stderr)
+    print_once_a_node(shown(line), file=sys.stderr)  # a file name's escape sequences reach no terminal
 
 
 _said: list[str] = []

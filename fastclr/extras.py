@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import shlex
 import sys
+from pathlib import Path
 
 
 def extra_requirements(extra: str) -> list[str]:
@@ -26,6 +27,7 @@ def install_command(extra: str) -> str:
     """`PYTHON -m pip install 'REQ' ...` for `extra`'s packages, PYTHON the interpreter running this."""
     python = shlex.quote(sys.executable or "python3")
     needed = extra_requirements(extra)
-    if not needed:  # fastclr run from a source folder never installed: its own extra, from that folder
-        return f"{python} -m pip install -e '.[{extra}]' in fastclr's folder"
+    if not needed:  # fastclr run from a source folder never installed: its own extra, from that folder, pasteable
+        folder = shlex.quote(str(Path(__file__).resolve().parents[1]))
+        return f"cd {folder} && {python} -m pip install -e '.[{extra}]'"
     return f"{python} -m pip install " + " ".join(shlex.quote(r) for r in needed)

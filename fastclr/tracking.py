@@ -59,7 +59,10 @@ def _missing(name: str) -> str:
     module, extra = EXTRAS[name]
     try:
         __import__(module)
-    except ImportError:
+    except ImportError as e:
+        if not (isinstance(e, ModuleNotFoundError) and e.name == module):  # installed, and broken: "satisfied" again
+            return (f"it is installed but fails to import ({type(e).__name__}: {str(e)[:200]}); mend its install, "
+                    f"e.g. {install_command(extra)} --force-reinstall")
         return install_command(extra)
     return ""
 

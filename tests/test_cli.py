@@ -597,3 +597,14 @@ def test_a_symbolic_link_that_leads_to_itself_is_one_line(tmp_path: Path) -> Non
     r = call_main(["pretrain", "--config", "L", *TINY], env, tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: cannot use L (Too many levels of symbolic links); give another path, or fix it or its permissions"]
+
+
+def test_an_error_naming_a_path_with_control_characters_reaches_no_terminal_raw(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file name with an escape sequence, named in an error line (a corrupt upload given to `neighbours
+    --query`, a run directory), cleared the screen and retitled the window: every error line escapes them."""
+    from fastclr.cli import main
+
+    assert main(["evaluate", str(tmp_path / "\x1b]0;PWNED\x07\x1b[2Jrun")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and r"\x1b]0;PWNED\x07\x1b[2Jrun" in err, err

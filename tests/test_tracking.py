@@ -169,7 +169,8 @@ def test_wandb_offline_run_holds_config_metrics_results_and_the_encoder(
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path: Path) -> None:
     shadow = tmp_path / "shadow"
     shadow.mkdir()
-    (shadow / "wandb.py").write_text("raise ImportError('not installed')\n")
+    # as Python says of a package that is not there
+    (shadow / "wandb.py").write_text("raise ModuleNotFoundError(\"No module named 'wandb'\", name='wandb')\n")
     env = tracked_env(tmp_path)
     env["PYTHONPATH"] = f"{shadow}{os.pathsep}{env['PYTHONPATH']}"
     r = fastclr(env, tmp_path, *pretrain_args(tmp_path / "run", "--log", "wandb"))
@@ -180,6 +181,13 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(tmp_path: Path) 
     command = re.fullmatch(r"error: --log wandb needs the wandb package: (.+) \(or --log none\)", last)
     assert command is not None and installs(command.group(1), "wandb"), last
     assert not (tmp_path / "run").exists()
+    # installed but broken (a dependency it cannot import): "install it" got pip's "already satisfied", and the
+    # import's own error was never shown
+    (shadow / "wandb.py").write_text("raise ImportError('cannot import name Thing from protobuf')\n")
+    r = fastclr(env, tmp_path, *pretrain_args(tmp_path / "run", "--log", "wandb"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --log wandb needs the wandb package: it is installed but fails to import (ImportError: cannot import "
+        "name Thing from protobuf); mend its install, e.g. "), r.stderr
 
 
 def test_an_unreachable_tracker_is_a_warning_and_the_run_completes(tmp_path: Path) -> None:
@@ -724,3 +732,19 @@ def test_an_evaluation_is_filed_at_the_step_of_the_weights_it_measured(mlflow_se
     assert mlflow_server["runs"]["run0"]["status"] == ("FINISHED" if finished else "KILLED")
 
 
+
+
+def test_the_hint_from_a_source_folder_never_installed_is_a_command_a_shell_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fastclr's metadata (run from a folder, never installed) the hint ended "in fastclr's folder":
+    pasted, the apostrophe was a shell syntax error. It is `cd FOLDER && PYTHON -m pip install -e '.[X]'`."""
+    import importlib.metadata
+    import shlex
+
+    from conftest import REPO
+    from fastclr.extras import install_command
+
+    def none(name: str) -> list[str]:
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "requires", none)
+    assert shlex.split(install_command("mlflow")) == ["cd", str(REPO), "&&", sys.executable, "-m", "pip", "install",
+                                                      "-e", ".[mlflow]"]

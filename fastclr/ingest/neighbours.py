@@ -162,5 +162,5 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
             raise FastclrError(f"--grid {grid}: cannot write the image ({e})") from None
         grid.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(grid, lambda f: f.write(encoded.getvalue()))  # a failed write keeps the grid that was there
-        log(f"grid saved to {grid} (query first, then neighbours left to right)")
+        log(f"grid saved to {shown(str(grid))} (query first, then neighbours left to right)")
     return found
