@@ -26,7 +26,7 @@ from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name, saved_overrides
 from fastclr.scaleout.once import print_once_a_node
 from fastclr.scaleout.start import StoppedBeforeStart, tell_start_failure
-from fastclr.scaleout.distributed import env_world_size
+from fastclr.scaleout.distributed import env_world_size, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -402,17 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(args)
         except BaseException as e:
             if rank:  # the other ranks, waiting for this one to start, are told why it will not
-                tell_start_failure(f"{type(e).__name__}: {_first_line(e)}")
+                tell_start_failure(f"{type(e).__name__}: {first_line(e)}")
             raise
         if rank:
             if code != 0:
                 tell_start_failure(_said[-1] if _said else f"exit status {code}")
             _exit_now(code)  # a torchrun rank, after a result or an error: its threads can abort a normal exit
     return code
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def _thread_hook(args: threading.ExceptHookArgs) -> None:

@@ -119,7 +119,7 @@ def setup(device: torch.device, timeout_s: float, stopping: Callable[[], bool] |
         raise
     except (RuntimeError, ValueError) as e:
         raise PeerFailure(f"rank {rank}: cannot join the {world}-process group via {backend} "
-                          f"({_first_line(e)}); check MASTER_ADDR/MASTER_PORT and that every rank started") from None
+                          f"({first_line(e)}); check MASTER_ADDR/MASTER_PORT and that every rank started") from None
     return DistContext(rank, world, local, owns_group=True)
 
 
@@ -167,12 +167,13 @@ def is_peer_failure(e: BaseException) -> bool:
 def peer_failure(ctx: DistContext, e: BaseException, after: str) -> PeerFailure:
     """The one-line error a surviving rank exits with; `after`: what is kept and how to go on."""
     return PeerFailure(
-        f"rank {ctx.rank} of {ctx.world_size}: lost contact with another rank ({_first_line(e)}); that rank's log "
+        f"rank {ctx.rank} of {ctx.world_size}: lost contact with another rank ({first_line(e)}); that rank's log "
         f"says why it stopped. {after}"
     )
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name where it has none), 300 characters at most."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 

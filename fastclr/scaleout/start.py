@@ -61,16 +61,20 @@ def restartable() -> bool:
     return whole("TORCHELASTIC_MAX_RESTARTS") > 0 or whole("TORCHELASTIC_RESTART_COUNT") > 0
 
 
+def _agent_store() -> bool:
+    """Whether torchrun's agent serves the store (TORCHELASTIC_USE_AGENT_STORE)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+
+
 def serves_store(rank: int) -> bool:
     """Whether this process serves the store: rank 0, unless torchrun's agent does."""
-    return rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    return rank == 0 and not _agent_store()
 
 
 def holds_store(rank: int) -> bool:
     """Whether the store ends soon after this process: it serves it (`serves_store`), or under torchrun its
     node's agent does (node 0's, GROUP_RANK 0), which ends once its ranks have."""
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    return serves_store(rank) or (agent and os.environ.get("GROUP_RANK", "") == "0")
+    return serves_store(rank) or (_agent_store() and os.environ.get("GROUP_RANK", "") == "0")
 
 
 def job_store(rank: int, world: int, timeout_s: float) -> dist.Store:
