@@ -13,9 +13,11 @@ the one stored at write time, and the format version is checked.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import warnings
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +185,57 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def latest_valid_checkpoint(run_dir: Path, warn: Any = None) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint of `run_dir` that verifies; damaged newer ones are reported via
+_RUN_PARTS = ("config", "encoder", "head", "optimizer", "torch_rng", "total_steps")
+"""What every run's checkpoint holds (`RunState.save`), whatever version wrote it."""
+_COUNTS = ("total_steps", "steps_per_epoch", "step_offset", "warmup_steps", "skip_streak", "first_fit_at")
+_SECONDS = ("train_seconds", "monitor_seconds")
+_PAIRS = ("decay_anchor", "ramp_anchor", "pace_mark")
+
+
+def _number(value: Any, whole: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return False
+    return whole or math.isfinite(value)
+
+
+def _tensors(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in value.items())
+
+
+def check_run_parts(path: Path, state: dict[str, Any]) -> None:
+    """A `CheckpointError` naming the first part of a run's checkpoint that is missing or not of the
+    form `RunState.save` writes. The checksum is not keyed: a file edited, or crafted, to pass it
+    reaches here, and without this check a resume or `evaluate` ended in a traceback. (The settings'
+    form is checked where they are read, which names the version that can read them.)"""
+    missing = [k for k in _RUN_PARTS if k not in state]
+    bad: list[str] = [k for k in ("encoder", "head", "temperature") if k in state and not _tensors(state[k])]
+    optimizer = state.get("optimizer")
+    if "optimizer" in state and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                                     and isinstance(optimizer.get("param_groups"), list)
+                                     and all(isinstance(g, dict) for g in optimizer["param_groups"])):
+        bad.append("optimizer")
+    for key in ("model_info", "loss_scaler"):
+        if key in state and not isinstance(state[key], dict):
+            bad.append(key)
+    for key in ("torch_rng", "cuda_rng"):
+        rng = state.get(key)
+        if key in state and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1
+                                 and (key != "torch_rng" or rng.numel() == torch.get_rng_state().numel())):
+            bad.append(key)
+    bad += [k for k in _COUNTS if k in state and not _number(state[k], whole=True)]
+    bad += [k for k in _SECONDS if k in state and not _number(state[k], whole=False)]
+    bad += [k for k in _PAIRS if k in state and not (
+        isinstance(state[k], (list, tuple)) and len(state[k]) == 2 and all(_number(v, whole=False) for v in state[k]))]
+    if missing or bad:
+        what = "lacks " + ", ".join(missing) if missing else "holds " + ", ".join(bad) + " in a form fastclr does not write"
+        raise CheckpointError(f"{path} {what}: not a run's checkpoint as fastclr writes it (edited, or written by "
+                              "another program)")
+
+
+def latest_valid_checkpoint(run_dir: Path, warn: Any = None,
+                            check: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint of `run_dir` that verifies (and passes `check(path, state)`, which raises
+    `CheckpointError`: `check_run_parts` for a run's); damaged newer ones are reported via
     `warn(message)` and skipped. Raises FastclrError when none verifies."""
     found = list_checkpoints(run_dir)
     if not found:
@@ -195,7 +246,10 @@ def latest_valid_checkpoint(run_dir: Path, warn: Any = None) -> tuple[Path, dict
     errors = []
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
+            if check is not None:
+                check(path, state)
+            return path, state
         except CheckpointError as e:
             errors.append(str(e))
             if warn is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastclr.checkpoint import latest_valid_checkpoint, list_checkpoints
+from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
 from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError
@@ -115,7 +115,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         def skip(message: str) -> None:
             skipped.append(message)
             log(message)
-        ckpt, state = latest_valid_checkpoint(run, warn=skip)
+        ckpt, state = latest_valid_checkpoint(run, warn=skip, check=check_run_parts)
         step, total = int(state["step"]), int(state.get("total_steps", 0))
         checkpoint_step = step
         newest = not skipped
@@ -267,7 +267,7 @@ def head_checkpoint(run: LoadedRun) -> dict[str, Any] | None:
     under an encoder it was not trained with, and is refused in one line."""
     if not list_checkpoints(run.run_dir):
         return None
-    path, state = latest_valid_checkpoint(run.run_dir)
+    path, state = latest_valid_checkpoint(run.run_dir, check=check_run_parts)
     mine = run.encoder.state_dict()
     theirs = state["encoder"]
     if set(theirs) != set(mine) or any(not torch.equal(theirs[k].to(mine[k].device), mine[k]) for k in mine):

@@ -1046,3 +1046,39 @@ def test_a_checkpoint_crafted_to_pass_its_checksum_with_fields_of_another_kind_i
     with pytest.raises(FastclrError) as e:
         load_run(run, "cpu", "fp32", log=lambda s: None)
     assert said in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"encoder": None}, "lacks encoder"),
+    ({"head": {"0.weight": "abc"}}, "holds head in a form fastclr does not write"),
+    ({"torch_rng": torch.zeros(3, dtype=torch.uint8)}, "holds torch_rng in a form fastclr does not write"),
+    ({"total_steps": "abc", "pace_mark": [1]}, "holds total_steps, pace_mark in a form fastclr does not write"),
+    ({"optimizer": {"state": {}, "param_groups": []}}, "cannot resume RUN: its checkpoint holds state this run's "
+                                                        "network and optimiser cannot take (ValueError: "),
+])
+def test_a_checkpoint_crafted_to_pass_its_checksum_without_a_part_of_a_run_is_one_line(
+        tmp_path: Path, change: dict[str, Any], said: str) -> None:
+    """A checkpoint without its encoder, or with a generator state, step count or optimiser state fastclr
+    never writes, passed its unkeyed checksum into tracebacks (KeyError, RuntimeError from torch's
+    generator, ValueError) from `--resume` and `evaluate`; the checkpoint is left as it was."""
+    from fastclr.checkpoint import FORMAT, content_sha256
+    from fastclr.pretrained import load_run
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0, train__checkpoint_every=1), dataset=tiny_dataset(), **QUIET)
+    (run / "encoder.safetensors").unlink()  # the checkpoint is what is read
+    for old in list_checkpoints(run)[:-1]:
+        old.unlink()
+    path = list_checkpoints(run)[-1]
+    state = {k: v for k, v in {**load_checkpoint(path), **change, "format": FORMAT}.items() if v is not None}
+    torch.save({**state, "sha256": content_sha256(state)}, path)
+    crafted = path.read_bytes()
+    said = said.replace("RUN", str(run))
+    calls = [lambda: pretrain(tiny_config(run, train__epochs=2.0), resume=run, dataset=tiny_dataset(), **QUIET)]
+    if "optimizer" not in change:  # the optimiser's state is a resume's alone
+        calls.append(lambda: load_run(run, "cpu", "fp32", log=lambda s: None))
+    for call in calls:
+        with pytest.raises(FastclrError) as e:
+            call()
+        assert said in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert list_checkpoints(run) == [path] and path.read_bytes() == crafted

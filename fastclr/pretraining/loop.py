@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from fastclr import config as config_mod
-from fastclr.checkpoint import (content_sha256, latest_valid_checkpoint, list_checkpoints, remove_stale_temporaries,
-                                what_is_kept)
+from fastclr.checkpoint import (check_run_parts, content_sha256, latest_valid_checkpoint, list_checkpoints,
+                                remove_stale_temporaries, what_is_kept)
 from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
@@ -57,7 +57,7 @@ from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
                                           is_peer_failure, peer_failure, process_device, setup, share_outcome,
                                           shared, teardown)
-from fastclr.errors import FastclrError, PeerFailure
+from fastclr.errors import FastclrError, PeerFailure, first_sentence
 from fastclr.pretraining.memory import OPTIMISER_COPIES, require_step_memory, tensor_bytes
 from fastclr.files import WriteFailed, read_json, remove_empty
 
@@ -357,8 +357,13 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         if owner:
             raise FastclrError(f"{resume} is being written by {owner} and has no checkpoint yet; wait for it to "
                                "finish (or stop it), then resume")
-        ckpt_path, state = latest_valid_checkpoint(resume, warn=log)
-        saved = _store_path_absolute(config_mod.from_dict(state["config"]))
+        ckpt_path, state = latest_valid_checkpoint(resume, warn=log, check=check_run_parts)
+        try:
+            saved = _store_path_absolute(config_mod.from_dict(state["config"]))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # a crafted or foreign record
+            raise FastclrError(f"{ckpt_path} (written by fastclr {state.get('fastclr_version', '?')}) records its "
+                               f"settings in a form this version cannot read ({type(e).__name__}: {str(e)[:200]}); "
+                               "resume it with that version") from None
         if not cfg.model.width:  # auto: the width the run trained at, whatever this device would choose
             cfg = _with_width(cfg, saved.model.width)
         check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
@@ -517,7 +522,16 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         if objective is not None and objective.keys is not None:
             objective.keys.copy_online()  # the queue's key network starts from the init too, not the random draw
     if state is not None:
-        run.state.restore(state, len(run.dataset.pretrain))
+        try:
+            run.state.restore(state, len(run.dataset.pretrain))
+        except torch.OutOfMemoryError:
+            raise  # the CLI's own line for it, with the way out
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            # Parts of the right form whose content does not fit (an optimiser state of other
+            # parameter groups, a queue of another size): from a file edited to pass its checksum.
+            raise FastclrError(f"cannot resume {run_dir}: its checkpoint holds state this run's network and optimiser "
+                               f"cannot take ({type(e).__name__}: {first_sentence(e)}); start a new run with another "
+                               "--run-dir") from None
         if run.state.saved_steps_per_epoch != run.steps_per_epoch:
             log(f"resumed at step {run.state.step} with {run.steps_per_epoch} steps per epoch (the checkpoint's: "
                 f"{run.state.saved_steps_per_epoch}): going on from epoch {epochs_text(run.epochs_done)} of the data, "
