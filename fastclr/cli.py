@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fastclr.config import Config, apply_overrides, auto_value, flag_table, read_toml
+from fastclr.config import Config, apply_overrides, auto_value, check_settings, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure
 from fastclr.files import WriteFailed, is_write_error, size_text, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
@@ -99,6 +99,10 @@ def config_files(args: argparse.Namespace) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for path in getattr(args, "config", None) or []:
         file = read_toml(path)
+        try:  # each file's own settings here, where the file is known: with several, which one is wrong
+            check_settings(file)
+        except FastclrError as e:
+            raise FastclrError(f"config file {path}: {e}") from None
         merged.update({**file, **_epochs_mean_epochs(file)})
     return merged
 
@@ -177,15 +181,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train SimCLR, then print the linear-probe accuracy."""
     from fastclr.signals import EXIT_STOPPED, graceful_stop
     from fastclr.pretraining.loop import pretrain
+    from fastclr.runs import settings_alone
 
     resume, cfg = pretrain_target(args)
     if resume is None and cfg.train.run_dir:
         own = Path(os.path.expanduser(cfg.train.run_dir)) / "config.toml"
         for given in getattr(args, "config", None) or []:
-            if Path(given).resolve() == own.resolve():  # the run's settings replaced the file they were read from
+            # The run's settings would replace the file they were read from: refused unless it holds nothing
+            # else (a run killed before its first checkpoint, started again with its own settings).
+            if Path(given).resolve() == own.resolve() and not settings_alone(own):
                 raise FastclrError(f"--config {given} is where the run writes its own settings (config.toml of its "
-                                   f"directory), which would replace it and its comments; keep it elsewhere, or give "
-                                   "another run directory")
+                                   f"directory), which would replace it and what it holds beside them (comments, "
+                                   "layout); keep it elsewhere, or give another run directory")
     if "TORCHELASTIC_RUN_ID" in os.environ and env_world_size() > 1:
         # A torchrun rank: torchrun starts each with setsid(), apart from its launcher, so a launcher killed outright
         # (a scheduler's SIGKILL, the OOM killer) left the ranks training and holding the run's lock.

@@ -13,7 +13,7 @@ import difflib
 import json
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -467,6 +467,37 @@ def _of_kind(value: Any, default: Any) -> bool:
     return isinstance(value, kind)
 
 
+def _check_setting(f: Field[Any], key: str, value: Any, default: Any) -> None:
+    """One setting against its kind, its range or choices (field metadata `allowed`) and finiteness."""
+    example = f"e.g. {flag_of(key)} {default}"
+    if not _of_kind(value, default):  # a config built in Python: 'false' for a switch was true
+        raise FastclrError(f"{key} = {value!r} must be {_KIND_NAMES[type(default)]}; {example}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a path of undecodable bytes: config.toml could not be written
+            raise FastclrError(f"{key} = {value!r} is not valid UTF-8 (config.toml records every setting "
+                               "as text); rename it") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FastclrError(f"{key} = {value} is not a finite number; {example}")
+    allowed: Allowed | None = f.metadata.get("allowed")
+    if allowed is not None and not allowed.admits(value):
+        raise FastclrError(f"{key} = {value!r} is not allowed: it must be {allowed.describe()}; {example}")
+
+
+def check_settings(flat: dict[str, Any]) -> None:
+    """Each of `flat`'s settings on its own (the key known, the value of its kind and range), so that
+    a caller can name the file a bad one came from; what holds between settings is `validate`'s."""
+    defaults = Config()
+    for key, raw in flat.items():
+        section, _, name = key.partition(".")
+        field = next((f for f in fields(getattr(defaults, section)) if f.name == name), None) \
+            if section in SECTIONS else None
+        if field is None:
+            raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
+        _check_setting(field, key, parse_value(section, name, raw), getattr(getattr(defaults, section), name))
+
+
 def validate(cfg: Config) -> None:
     """Every setting against its declared range or choices (field metadata `allowed`), every float
     finite, and the RELATIONS; the first violation is one FastclrError naming the key, the value,
@@ -474,22 +505,8 @@ def validate(cfg: Config) -> None:
     defaults = Config()
     for section in SECTIONS:
         for f in fields(getattr(cfg, section)):
-            key, value = f"{section}.{f.name}", getattr(getattr(cfg, section), f.name)
-            default = getattr(getattr(defaults, section), f.name)
-            example = f"e.g. {flag_of(key)} {default}"
-            if not _of_kind(value, default):  # a config built in Python: 'false' for a switch was true
-                raise FastclrError(f"{key} = {value!r} must be {_KIND_NAMES[type(default)]}; {example}")
-            if isinstance(value, str):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:  # a path of undecodable bytes: config.toml could not be written
-                    raise FastclrError(f"{key} = {value!r} is not valid UTF-8 (config.toml records every setting "
-                                       "as text); rename it") from None
-            if isinstance(value, float) and not math.isfinite(value):
-                raise FastclrError(f"{key} = {value} is not a finite number; {example}")
-            allowed: Allowed | None = f.metadata.get("allowed")
-            if allowed is not None and not allowed.admits(value):
-                raise FastclrError(f"{key} = {value!r} is not allowed: it must be {allowed.describe()}; {example}")
+            _check_setting(f, f"{section}.{f.name}", getattr(getattr(cfg, section), f.name),
+                           getattr(getattr(defaults, section), f.name))
     for a, b in RELATIONS:
         va, vb = (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in (a, b))
         if va > vb:

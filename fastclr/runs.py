@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastclr.checkpoint import is_run_temporary
-from fastclr.config import Config, read_toml, to_toml
+from fastclr.config import Config, apply_overrides, read_toml, to_toml
 from fastclr.errors import FastclrError, warn_stderr
 from fastclr.files import WriteFailed, unwritable, write_failure_reason, write_text
 from fastclr.locks import LOCK_FILE
@@ -96,6 +96,15 @@ def written_config(path: Path) -> bool:
     try:
         return RECORDED <= set(read_toml(path))
     except (FastclrError, OSError):
+        return False
+
+
+def settings_alone(path: Path) -> bool:
+    """Whether `path` holds nothing but settings, as a run writes them (`write_config`): replacing it
+    with a run's own loses no comment or layout of the user's."""
+    try:
+        return path.read_text(encoding="utf-8") == to_toml(apply_overrides(Config(), read_toml(path)))
+    except (FastclrError, OSError, UnicodeDecodeError):
         return False
 
 

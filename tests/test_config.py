@@ -492,6 +492,29 @@ def test_config_files_given_twice_are_layered_in_order_under_the_flags(tmp_path:
     assert alone.train.temperature == Config().train.temperature  # the layering, not b.toml, gave 0.3
 
 
+@pytest.mark.parametrize("body, said", [
+    ("[train]\ntemperature = \"warm\"\n", "train.temperature must be a finite number, got 'warm'"),
+    ("[train]\nprecision = \"fp8\"\n", "train.precision = 'fp8' is not allowed: it must be one of"),
+    ("[train]\nbatchsize = 64\n", "unknown config key 'train.batchsize' (did you mean train.batch_size?)"),
+])
+def test_a_bad_setting_in_one_of_several_config_files_names_that_file(tmp_path: Path, body: str, said: str) -> None:
+    """With `--config base.toml --config exp.toml`, a bad value was named without its file: which of
+    the two to fix was left to the user (a file on resume too)."""
+    import re
+
+    from fastclr.cli import parse_args, resolve_config, resume_config
+
+    base, exp = tmp_path / "base.toml", tmp_path / "exp.toml"
+    base.write_text("[train]\nbatch_size = 64\n", encoding="utf-8")
+    exp.write_text(body, encoding="utf-8")
+    run = _saved_run(tmp_path / "run")
+    for call in (lambda a: resolve_config(parse_args(["pretrain", *a])),
+                 lambda a: resume_config(run, parse_args(["pretrain", "--resume", str(run), *a]))):
+        with pytest.raises(FastclrError, match=rf"^config file {re.escape(str(exp))}: {re.escape(said)}"):
+            call(["--config", str(base), "--config", str(exp)])
+        call(["--config", str(base)])  # the good file alone passes
+
+
 def test_a_home_in_a_path_is_put_in_where_no_shell_did(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`--out=~/x`, `--run-dir=~/x` and a --config file's run_dir made a folder named "~" in the
     current directory; `--resume auto` did not find a --config file's run_dir at all ("needs the run

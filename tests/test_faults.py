@@ -987,6 +987,13 @@ def test_a_config_file_in_the_new_runs_own_place_is_refused_before_it_is_replace
                   tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().endswith("--config exp1/config.toml is where the run writes its own settings (config.toml of "
-                                     "its directory), which would replace it and its comments; keep it elsewhere, or "
-                                     "give another run directory"), r.stderr
+                                     "its directory), which would replace it and what it holds beside them "
+                                     "(comments, layout); keep it elsewhere, or give another run directory"), r.stderr
     assert (exp / "config.toml").read_bytes() == saved and sorted(p.name for p in exp.iterdir()) == ["config.toml"]
+    # A run killed before its first checkpoint, started again with its own settings: nothing to lose.
+    from fastclr.presets import config_for
+
+    (exp / "config.toml").write_text(to_toml(config_for("mnist", {"train.run_dir": str(exp)})), encoding="utf-8")
+    r = call_main(["pretrain", "--config", "exp1/config.toml", "--run-dir", str(exp), *TINY, "--data", "mnist",
+                   "--epochs", "1"], env, tmp_path)
+    assert r.returncode == 0 and (exp / "checkpoints").is_dir(), r.stderr
