@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,8 +22,8 @@ from fastclr.data.datasets import REGISTRY, locate, search_roots
 from fastclr.errors import FastclrError
 from fastclr.cpus import cgroup_cpu_limit, default_threads, gives_threads_back, set_threads, usable_cpus
 from fastclr.models import CPU_WIDTH_WHY, resolve_width
-from fastclr.runtime import (available_memory, compile_blocker, cpu_features, decide_precision, gpu_kind, matmul_seconds,
-                             gfx_name, missing_kernels, precision_timer, select_device, use_compile)
+from fastclr.runtime import (CpuFeatures, available_memory, compile_blocker, cpu_features, decide_precision, gpu_kind,
+                             matmul_seconds, gfx_name, missing_kernels, precision_timer, select_device, use_compile)
 from fastclr.version import __version__
 
 
@@ -69,6 +70,16 @@ def width_reason(device: torch.device) -> str:
     return "the full network on a GPU"
 
 
+def _chosen_by_timing(device_type: str, cpu: CpuFeatures | None, cap: tuple[int, int] | None, arch: str) -> bool:
+    """Whether `auto` here chooses between bf16 and fp32 by timing them (AVX512_BF16 without AMX,
+    support uncertain): it then chooses differently as bf16 is timed faster or slower."""
+    def timer(bf16_s: float) -> Callable[[torch.dtype], float]:
+        return lambda dtype: bf16_s if dtype == torch.bfloat16 else 1.0
+
+    picks = {decide_precision("auto", device_type, cpu, cap, timer(bf16_s), rocm_arch=arch).name for bf16_s in (0.5, 2.0)}
+    return len(picks) > 1
+
+
 def machine_report(measure: bool = True) -> dict[str, Any]:
     """Everything `fastclr info` prints, as plain data."""
     cpu = cpu_features()
@@ -76,6 +87,8 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
     cap, arch = gpu_kind(device)
     timer = precision_timer(device) if measure else None
     precision = decide_precision("auto", device.type, cpu, cap, timer, rocm_arch=arch)
+    # Unmeasured where the commands time bf16 against fp32: neither name is what they will run
+    choice = "timed" if timer is None and _chosen_by_timing(device.type, cpu, cap, arch) else precision.name
     roots = search_roots()
     rates: dict[str, float] = {}
     if measure:
@@ -103,7 +116,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "gpus": gpus(),
         "device": str(device),
         "device_note": missing_kernels(),  # why auto is on the CPU although a GPU is there ("" otherwise)
-        "precision": {"choice": precision.name, "reason": precision.reason},
+        "precision": {"choice": choice, "reason": precision.reason},
         "compile": {"choice": use_compile("auto", device), "reason": compile_reason(device)},
         "resnet_width": {"choice": resolve_width(0.0, "resnet18", device.type), "reason": width_reason(device)},
         "matmul": rates,

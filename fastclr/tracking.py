@@ -104,9 +104,10 @@ def numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
-                  warn: Callable[[str], None], going_on: str = "training goes on") -> list[Tracker]:
+                  warn: Callable[[str], None],
+                  going_on: str = "training goes on without it, and the run directory has everything") -> list[Tracker]:
     """Start (or, with an id in tracking.json, continue) one tracked run per name; `going_on`: what
-    the warning of one that cannot be reached says goes on without it."""
+    the warning of one that cannot be reached says of the work and its records."""
     if not names:
         return []
     require(names)
@@ -123,7 +124,7 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
             gone = (f"; if its run {saved[name]} is gone from the server, delete {run_dir / TRACKING_FILE} and a new "
                     "one is started") if name in saved else ""
             warn(f"warning: {name} could not {'continue' if gone else 'start'} a run ({type(e).__name__}: "
-                 f"{str(e)[:200]}); {going_on} without it, and the run directory has everything{gone}")
+                 f"{str(e)[:200]}); {going_on}{gone}")
             continue
         trackers.append(_Guarded(t, name, warn))
         saved[name] = t.run_id
@@ -193,7 +194,9 @@ def tracked(names: tuple[str, ...], run_dir: Path, params: Mapping[str, Any],
     """open_trackers for a command that files results into a run's tracked runs (`evaluate`); each
     is closed as it was found (a stopped run stays KILLED: filing an evaluation does not finish
     it), FINISHED where that cannot be read, or KILLED when the block raised."""
-    trackers = open_trackers(names, run_dir, params, warn, going_on="the evaluation goes on")
+    # Opened once the results are written: the evaluation is done, only their filing is lost.
+    trackers = open_trackers(names, run_dir, params, warn, going_on="the evaluation's results are in the run "
+                                                                    "directory alone")
     status = "KILLED"
     try:
         yield trackers

@@ -48,3 +48,26 @@ def test_export_through_a_link_writes_the_linked_file_in_its_format_with_its_sid
         assert main(["export", str(run), "--format", "fastclr", "--out", str(link)]) == 2
         with pytest.raises(FastclrError, match=r"latest.pt links to .*enc.safetensors, which is read-only"):
             through_link(link)
+
+
+def test_embed_through_a_link_writes_the_linked_array_and_its_index_beside_it(tmp_path: Path) -> None:
+    """`fastclr embed RUN DATA --out latest.npy`, a link into a shared folder: the pair was written beside
+    the link, which became a plain file, and the folder kept the old array under a new index nowhere.
+    Now the array lands at the link's target and its index beside the target, the link kept."""
+    import numpy as np
+
+    from fastclr.ingest.embed import INDEX_COLUMNS, write_embeddings
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    old = np.zeros((1, 4), np.float32)
+    np.save(shared / "v3.npy", old)
+    (shared / "v3.csv").write_text(",".join(INDEX_COLUMNS) + "\n")
+    link = tmp_path / "latest.npy"
+    link.symlink_to(Path("shared") / "v3.npy")
+    rows = [{k: f"{k}{i}" for k in INDEX_COLUMNS[1:]} for i in range(2)]
+    features = np.arange(8, dtype=np.float32).reshape(2, 4)
+    assert write_embeddings(link, features, rows) == (shared / "v3.npy", shared / "v3.csv")
+    assert link.is_symlink() and np.array_equal(np.load(link), features)
+    assert (shared / "v3.csv").read_text().splitlines()[1].startswith("0,")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.npy", "shared"]

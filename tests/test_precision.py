@@ -149,6 +149,13 @@ def test_an_avx512_cap_below_bf16_makes_auto_time_the_matmul_on_a_cpu_with_bf16_
     untimed = decide_precision("auto", "cpu", cpu_features(), None, None)
     assert untimed.reason.endswith("(AVX512_BF16) without AMX; not measured: every command times bf16 against fp32 "
                                    "here and runs fp32 unless bf16 is at least 10% faster")
+    # ... and `info --no-measure` named it "precision bf16:" still: the choice is the timing's
+    from fastclr import info
+
+    monkeypatch.setattr(info, "select_device", lambda name: CPU)
+    report = info.machine_report(measure=False)
+    assert report["precision"] == {"choice": "timed", "reason": untimed.reason}
+    assert f"precision   timed: {untimed.reason}" in info.format_report(report).splitlines()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert decide_precision("auto", "cpu", cpu_features(), None, never_timed).reason.endswith("(AMX-BF16)")
 
@@ -649,11 +656,15 @@ def test_info_grows_the_timed_matmul_to_20_ms_up_to_a_side_each_device_can_fill(
 
 
 def test_info_json_names_the_precision_pretrain_would_choose() -> None:
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert cli_main(["info", "--json", "--no-measure"]) == 0
-    report = json.loads(buf.getvalue())
-    assert report["precision"]["choice"] == resolve_precision("auto", CPU, warn=lambda s: None).name
+    resolved = resolve_precision("auto", CPU, warn=lambda s: None)
+    for measure in ([], ["--no-measure"]):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert cli_main(["info", "--json", *measure]) == 0
+        report = json.loads(buf.getvalue())
+        # unmeasured where `auto` times bf16 against fp32 here (AVX512_BF16 without AMX), it says so
+        timed = measure and "measured matmul" in resolved.reason
+        assert report["precision"]["choice"] == ("timed" if timed else resolved.name)
     assert report["cpu"]["isa"] in ("AMX", "AVX512_BF16", "AVX512", "AVX2", "baseline")
     assert report["torch"] == torch.__version__ and report["device"] == "cpu"
     assert set(report["datasets"]) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "stl10"}
@@ -801,7 +812,8 @@ def test_info_labels_each_measured_rate_and_gives_the_precision_with_its_reason(
     timed = decide_precision("auto", "cpu", arm, None, lambda dtype: seconds[dtype])
     assert timed.name == "bf16" and measured["precision"] == {"choice": "bf16", "reason": timed.reason}
     untimed = decide_precision("auto", "cpu", arm, None, None)
-    assert untimed.name == "fp32" and unmeasured["precision"] == {"choice": "fp32", "reason": untimed.reason}
+    # unmeasured, the choice is the timing's: every command times bf16 against fp32 on this CPU
+    assert untimed.name == "fp32" and unmeasured["precision"] == {"choice": "timed", "reason": untimed.reason}
     assert measured["cpu"]["cores_usable"] == 2 and measured["cpu"]["torch_threads"] == 1
     monkeypatch.setattr(info, "cpu_features", lambda: CpuFeatures("test cpu", "x86_64", avx2=True, avx512=True,
                                                                   avx512_bf16=False, amx_bf16=True, onednn_bf16=True))

@@ -11,6 +11,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from fastclr.runtime import FP32, Precision
 from fastclr.runs import read_metrics
 from fastclr.report.embedding_map import affinities, squared_distances, tsne
 from fastclr.report.png import encode_png, viridis
-from fastclr.report.svg import nice_ticks, tick_label
+from fastclr.report.svg import Series, nice_ticks, tick_label
 
 SECTIONS = ("curves", "views", "similarity", "playground", "augment", "map", "retrievals", "efficiency", "numbers",
             "config")
@@ -383,6 +384,33 @@ def test_a_report_of_a_run_with_a_hand_edited_eval_json_is_one_line(run: tuple[P
     with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an evaluation "
                                            r"holds: .*\); run `fastclr evaluate \S+` again, which keeps it as "
                                            r"eval.json.damaged and writes a new one$"):
+        build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
+
+
+def test_a_fault_in_drawing_the_curve_is_not_blamed_on_eval_json(run: tuple[Path, Dataset], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every error inside the label-efficiency chart was reported as "eval.json is damaged", and the fix
+    it gave (evaluate again) could not help: only reading the file's figures is blamed on it."""
+    from fastclr.errors import FastclrError
+
+    run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
+    curve = [{"labels_per_class": 2, "mean": 0.5, "std": 0.1, "runs": [{"subset": "a", "accuracy": 0.5}]}]
+    (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": curve}}}))
+
+    drawn = figures.line_chart
+
+    def fault(series: list[Series], title: str, *a: Any, **k: Any) -> str:
+        if title == "Label efficiency":
+            raise ValueError("a fault of the drawing")
+        return drawn(series, title, *a, **k)
+    monkeypatch.setattr(figures, "line_chart", fault)
+    with pytest.raises(ValueError, match="^a fault of the drawing$"):
+        build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
+    # a count no evaluation writes, which only the log axis could not take, is still the file's
+    (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": [
+        dict(curve[0], labels_per_class=0)]}}}))
+    with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an evaluation "
+                                           r"holds: labels per class of 0.0\); run `fastclr evaluate"):
         build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
 
 

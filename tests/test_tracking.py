@@ -578,6 +578,16 @@ def test_an_mlflow_server_that_does_not_answer_is_left_after_a_bounded_wait_and_
     while [r["status"] for r in mlflow_server["runs"].values()] != ["FAILED"] and time.monotonic() < end:
         time.sleep(0.02)
     assert [r["status"] for r in mlflow_server["runs"].values()] == ["FAILED"]
+    # `evaluate` opens its trackers once eval.json is written: the evaluation does not "go on" without them
+    mlflow_server["answer"].clear()
+    warned.clear()
+    with tracking.tracked(("mlflow",), tmp_path, {}, warn=warned.append) as sinks:
+        assert sinks == []
+    assert warned[1] == ("warning: mlflow could not start a run (TimeoutError: no answer within 2 s); the "
+                         "evaluation's results are in the run directory alone")
+    mlflow_server["answer"].set()
+    while len(mlflow_server["runs"]) < 2 and time.monotonic() < end + 10:
+        time.sleep(0.02)
     # a server that answers in time: no note, no warning
     warned.clear()
     (t,) = tracking.open_trackers(("mlflow",), tmp_path, {}, warn=warned.append)

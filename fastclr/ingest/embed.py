@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastclr.files import atomic_write, atomic_write_all, npy_writer
+from fastclr.files import atomic_write, atomic_write_all, npy_writer, through_link
 from fastclr.data import refuse_ambiguous
 from fastclr.data.datasets import REGISTRY, holds_dataset, load_builtin
 from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store, unfinished_store
@@ -143,11 +143,12 @@ def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
-    """FILE.npy and FILE.csv for `--out FILE[.npy|.csv]`, refused before any work where they cannot be
-    written (their folder is made with them: a refused command leaves nothing). A folder's skipped
-    files go to FILE.skipped.csv."""
+    """FILE.npy and FILE.csv for `--out FILE[.npy|.csv]` (where FILE.npy is a link, beside its target),
+    refused before any work where they cannot be written (their folder is made with them: a refused
+    command leaves nothing). A folder's skipped files go to FILE.skipped.csv."""
     refuse_nameless(out)
     npy = out.with_suffix(".npy") if out.suffix in (".npy", ".csv") else out.with_name(out.name + ".npy")
+    npy = through_link(npy)  # a link is written through, as `export --out`: its target's name names the pair
     index = npy.with_suffix(".csv")
     for path in (npy, index):
         refuse_output(path)

@@ -303,7 +303,8 @@ def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Datase
     if "fewshot" in p or "supervised" in p:
         # the curve reads figures the table does not (a one-seed point's std)
         with unreadable_as_damaged(run_dir / EVAL_FILE, evaluate_again(run_dir)):
-            curve = figures.label_efficiency(p)
+            lines = figures.efficiency_series(p)
+        curve = figures.efficiency_chart(lines)
         eff = section("efficiency", "Label efficiency", stale + curve, "svg",
                       "Test accuracy against labelled images per class, on the same fixed stratified subsets: a "
                       "logistic regression on the frozen self-supervised features against the same architecture "

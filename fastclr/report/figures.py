@@ -3,6 +3,7 @@ string or an <img> with an embedded PNG, plus the numbers that go in its caption
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import Any, TypeGuard
 
@@ -125,6 +126,19 @@ def label_efficiency(protocols: dict[str, Any]) -> str:
     """Accuracy against labels per class: few-label probe, the same on the untrained network, and the
     supervised baseline (mean ± std bands), fine-tuning points, and the all-label linear probe (and
     its untrained reference) as dashed levels."""
+    return efficiency_chart(efficiency_series(protocols))
+
+
+def efficiency_chart(series: list[Series]) -> str:
+    """The label-efficiency chart of `efficiency_series`' lines."""
+    xs = sorted({x for s in series if not s.dashed for x in s.x})
+    return line_chart(series, "Label efficiency", "labels per class (log scale)", "test accuracy (%)", width=620,
+                      height=360, log_x=True, x_ticks=xs, y_limits=(0.0, 100.0))
+
+
+def efficiency_series(protocols: dict[str, Any]) -> list[Series]:
+    """The lines of `label_efficiency`, read from an evaluation's protocols: where its figures are
+    read (a hand-edited eval.json fails here, a fault of the drawing does not)."""
     series = []
     for name, key, curve_key, colour in (
             ("linear probe on h (self-supervised)", "fewshot", "curve", class_colour(0)),
@@ -146,6 +160,8 @@ def label_efficiency(protocols: dict[str, Any]) -> str:
             series.append(Series("from scratch, same fractions", x, [100 * e["scratch_mean"] for e in ft],
                                  class_colour(5), markers=True, line=False))
     xs = sorted({x for s in series for x in s.x})
+    if any(not math.isfinite(x) or x <= 0 for x in xs):  # on a log axis: only a hand edit puts one there
+        raise ValueError(f"labels per class of {min(xs)}")
     if "linear" in protocols and xs:
         # across the points; around a single one as wide as line_chart's frame (a level from it to itself drew nothing)
         span = [xs[0], xs[-1]] if len(xs) > 1 else [xs[0] / 2, xs[0] * 2]
@@ -154,5 +170,4 @@ def label_efficiency(protocols: dict[str, Any]) -> str:
         if "random_init" in protocols["linear"]:
             ref = 100 * protocols["linear"]["random_init"]["accuracy"]
             series.append(Series("linear probe, all labels, untrained", span, [ref, ref], class_colour(7), dashed=True))
-    return line_chart(series, "Label efficiency", "labels per class (log scale)", "test accuracy (%)", width=620,
-                      height=360, log_x=True, x_ticks=xs, y_limits=(0.0, 100.0))
+    return series
