@@ -15,6 +15,7 @@ timer, a fresh-process runner and a peak-memory measure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -72,10 +73,30 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+@functools.cache
+def commit() -> str:
+    """The source's commit, "-dirty" after it where tracked files differ from it ("unknown" outside a
+    clone): a result names the code that produced it."""
+    here = str(Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + "-dirty" * bool(changed)
+
+
+def provenance() -> dict[str, str]:
+    """What every result line names: the exact command, the commit, the time (UTC) and the machine."""
+    return {"command": " ".join([sys.executable, *sys.argv]), "commit": commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": describe()}
+
+
 def report(benchmark: str, fields: dict[str, Any]) -> None:
-    """Print one JSON line: the benchmark's name, the exact command, the machine, then `fields`."""
-    print(json.dumps({"benchmark": benchmark, "command": " ".join([sys.executable, *sys.argv]), "machine": describe(),
-                      **fields}), flush=True)
+    """Print one JSON line: the benchmark's name, its `provenance`, then `fields`."""
+    print(json.dumps({"benchmark": benchmark, **provenance(), **fields}), flush=True)
 
 
 def add_keep_memory(parser: argparse.ArgumentParser, why: str = "") -> None:
@@ -92,7 +113,9 @@ def keep_memory_if(wanted: bool) -> None:
 
 
 def record(out: str | Path, rec: dict[str, Any]) -> None:
-    """Print `rec` as one JSON line and append it to the results file `out`."""
+    """Print `rec`, with its `provenance` where it does not name its own, as one JSON line and append
+    it to the results file `out`."""
+    rec = {**provenance(), **rec}
     print(json.dumps(rec), flush=True)
     with open(out, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from harness import describe
+from harness import describe, record
 
 from fastclr.semisup.pipeline import DistillOptions, FinetuneOptions, distill_run, finetune_run
 
@@ -60,10 +59,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="semisup-"))
 
     def emit(fields: dict[str, Any]) -> None:
-        line = json.dumps({"benchmark": "semisup", "machine": machine, "run": str(a.run_dir), **fields})
-        print(line, flush=True)
-        with a.out.open("a") as f:
-            f.write(line + "\n")
+        record(a.out, {"benchmark": "semisup", "machine": machine, "run": str(a.run_dir), **fields})
 
     try:
         for fraction in (float(v) for v in a.fractions.split(",")):

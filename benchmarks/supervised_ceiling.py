@@ -15,14 +15,13 @@ this bounds what the probe target asks.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from harness import describe
+from harness import describe, record
 
 from fastclr.data import load_data
 from fastclr.evaluation.classifier import fit_and_test
@@ -59,14 +58,11 @@ def main() -> None:
 
     probe = linear_probe(h(setup.train_images), torch.from_numpy(setup.train_labels), h(setup.test_images),
                          torch.from_numpy(setup.test_labels), feature_dtype=run.precision.feature_dtype)
-    line = json.dumps({"benchmark": "supervised_ceiling", "machine": describe(), "run": str(a.run_dir),
-                       "encoder": run.config.model.cnn_stages, "precision": run.precision.name, "steps": a.steps,
-                       "epochs": round(a.steps * o.batch_size / len(setup.train_labels), 1),
-                       "train_s": round(train_s, 1), "end_to_end": round(100 * result["accuracy"], 2),
-                       "linear_probe_on_h": round(100 * probe.accuracy, 2), "probe_l2": probe.l2})
-    print(line, flush=True)
-    with a.out.open("a") as f:
-        f.write(line + "\n")
+    record(a.out, {"benchmark": "supervised_ceiling", "machine": describe(), "run": str(a.run_dir),
+                    "encoder": run.config.model.cnn_stages, "precision": run.precision.name, "steps": a.steps,
+                    "epochs": round(a.steps * o.batch_size / len(setup.train_labels), 1),
+                    "train_s": round(train_s, 1), "end_to_end": round(100 * result["accuracy"], 2),
+                    "linear_probe_on_h": round(100 * probe.accuracy, 2), "probe_l2": probe.l2})
 
 
 if __name__ == "__main__":

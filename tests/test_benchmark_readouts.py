@@ -8,6 +8,7 @@ run's network and its untrained reference alike."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,23 @@ def test_an_encoder_lever_untrained_reference_is_built_within_the_arm() -> None:
     assert not any(isinstance(m, (nn.ReLU, nn.MaxPool2d)) for m in reference.modules())
     ours = reference.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in run_initial.state_dict().items())
+
+
+def test_every_result_line_names_its_command_commit_date_and_machine(tmp_path: Path) -> None:
+    """Results files held the machine and the command (only some of them): which code produced a line,
+    and when, had to be guessed from the docs' prose. A line's own fields are kept over these."""
+    import datetime
+    import json
+    import subprocess
+
+    from harness import describe, record
+
+    record(tmp_path / "r.jsonl", {"x": 1, "machine": "as the benchmark named it"})
+    (line,) = (tmp_path / "r.jsonl").read_text().splitlines()
+    rec = json.loads(line)
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    assert rec["commit"].removesuffix("-dirty") == (git.stdout.strip() if git.returncode == 0 else "unknown")
+    when = datetime.datetime.strptime(rec["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()) < 120
+    assert rec["command"] == " ".join([sys.executable, *sys.argv]) and rec["x"] == 1
+    assert rec["machine"] == "as the benchmark named it" != describe()
