@@ -126,6 +126,15 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
     }
 
 
+def _kernels(c: dict[str, Any]) -> str:
+    """oneDNN's bf16 query, qualified where it says yes without the units: it answers yes on any
+    AVX-512 CPU, where oneDNN then emulates bf16."""
+    if not c["onednn_bf16"]:
+        return "no"
+    x86 = str(c["arch"]).lower() in ("x86_64", "amd64", "i686", "x86")  # (CpuFeatures.is_x86)
+    return "yes" if c["native_bf16"] or not x86 else "yes, emulated (no bf16 units)"
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The report as aligned text lines."""
     c = r["cpu"]
@@ -137,7 +146,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"python      {r['python']} on {r['os']}",
         f"cpu         {c['model']} ({c['arch']}), {c['cores_usable']} usable cores{quota}, {c['torch_threads']} torch threads",
         f"memory      {'unknown' if r['memory_available_gib'] is None else str(r['memory_available_gib']) + ' GiB'} available",
-        f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {'yes' if c['onednn_bf16'] else 'no'}"
+        f"isa         {c['isa']} (flags: {flags}; oneDNN bf16 kernels: {_kernels(c)}"
         f"{'; oneDNN capped at ' + c['onednn_isa_cap'] if c.get('onednn_isa_cap') else ''})",
     ]
     lines += [gpu_line(g) for g in r["gpus"]] or ["gpu         none visible"]

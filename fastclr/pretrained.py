@@ -21,7 +21,7 @@ from torch import nn
 from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
 from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, warn_stderr
 from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
 from fastclr.presets import preset_name, saved_overrides
@@ -151,12 +151,17 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         content = str(state.get("data_content", ""))
     encoder.eval()
     cfg = with_moved_store(cfg, run, content, log)
-    prec = resolve_precision(precision, torch.device(device), warn=log)
+    # An explicit precision the hardware emulates: its one warning on stderr, which --quiet keeps (it
+    # went to the command's log, which --quiet silences, and onto stdout, into a redirected table).
+    prec = resolve_precision(precision, torch.device(device), warn=warn_stderr)
     if precision == "auto" and cfg.train.precision == "fp32" and prec.name != "fp32":
         # said where the features are coarser than the training's numbers: nothing else on the console (embed's
         # files) tells a user who trained in fp32 that auto computed bf16 features here
         log(f"note: computing in {prec.name} ({prec.reason}); {run} trained in {cfg.train.precision}: --precision "
             f"{cfg.train.precision} computes as it trained")
+    elif precision == "auto" and cfg.train.precision != prec.name:  # e.g. a run trained in bf16, on a CPU without it
+        log(f"note: computing in {prec.name} ({prec.reason}); {run} trained in {cfg.train.precision}, so figures "
+            "computed here can differ in their last digits from those its training printed")
     return LoadedRun(run, encoder, spec, cfg, prec, checkpoint_step, content)
 
 

@@ -5,8 +5,9 @@ them from here.
 Precision is the choice that depends most on the hardware. bf16 autocast halves the bytes and, on
 CPUs with bf16 dot-product units (AVX512_BF16: Cooper Lake, Sapphire Rapids and later Xeons, AMD
 Zen 4 and later; AMX-BF16: Sapphire Rapids and later), roughly doubles the matmul rate. On every
-other CPU oneDNN emulates bf16 and the same matmul runs tens to hundreds of times slower than fp32
-(measured on an AMD EPYC 9004 with oneDNN capped at AVX2: 1.8 against 160 GFLOP/s, docs/benchmarks.md).
+other CPU oneDNN emulates bf16 and the same matmul runs slower than fp32: 4.4x on a Xeon with AVX-512
+and no bf16 units (60.9 against 270.6 GFLOP/s), about 100x with AVX2 alone (an AMD EPYC 9004 with
+oneDNN capped at AVX2: 1.8 against 160 GFLOP/s; docs/benchmarks.md section 1).
 `torch.ops.mkldnn._is_mkldnn_bf16_supported()` alone cannot tell the two apart: it answers True on
 any AVX-512 CPU, with bf16 units or not, and the CPU flags describe the CPU, not a oneDNN whose ISA
 the process caps (ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 makes it emulate bf16 on a CPU that has

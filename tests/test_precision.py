@@ -870,3 +870,37 @@ def test_an_explicit_or_resumed_bf16_on_avx512_bf16_alone_warns_where_it_is_slow
     lines = []
     check_precision(Precision("bf16", "asked for"), CPU, cpu(amx=True), lines.append)
     assert lines == []
+
+
+def test_an_emulated_explicit_precision_warns_on_stderr_once_also_when_quiet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`evaluate --precision bf16 --quiet` on a CPU without bf16 units said nothing (the warning went to
+    the log --quiet silences), and without --quiet it went to stdout, into `> table.txt`; info called
+    oneDNN's bf16 kernels there a plain yes. A run trained in bf16 that auto evaluates in fp32 is noted."""
+    from fastclr import info
+    from fastclr.pretrained import load_run
+    from tiny import tiny_dataset, tiny_run
+
+    run = tiny_run(tmp_path / "run", tiny_dataset(64), train__precision="bf16")
+    monkeypatch.setattr("fastclr.runtime.cpu_features", lambda: cpu(avx512=True))
+    monkeypatch.setattr("fastclr.runtime.matmul_seconds",
+                        lambda dtype, device, shape=(0, 0, 0), budget_s=0.0, threads=None: 2.0 if dtype == torch.bfloat16 else 0.5)
+    capsys.readouterr()
+    for quiet in ([], ["--quiet"]):
+        assert cli_main(["evaluate", str(run), "--protocols", "knn", "--precision", "bf16", "--device", "cpu", *quiet]) == 0
+        out, err = capsys.readouterr()
+        warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert len(warned) == 1 and "(AVX512, no bf16 units): bf16 is emulated here, a matmul measured 4.0x" in warned[0]
+        assert "warning" not in out
+    lines: list[str] = []
+    assert load_run(run, "cpu", "auto", log=lines.append).precision.name == "fp32"
+    assert lines == [f"note: computing in fp32 (test cpu (AVX512) has no bf16 units: bf16 would be emulated, far slower "
+                     f"than fp32); {run} trained in bf16, so figures computed here can differ in their last digits from "
+                     "those its training printed"]
+    monkeypatch.setattr(info, "cpu_features", lambda: cpu(avx512=True))
+    monkeypatch.setattr(info, "select_device", lambda name: CPU)
+    isa = next(line for line in info.format_report(info.machine_report(measure=False)).splitlines() if line.startswith("isa"))
+    assert isa.endswith("(flags: avx2, avx512; oneDNN bf16 kernels: yes, emulated (no bf16 units))")
+    monkeypatch.setattr(info, "cpu_features", lambda: cpu(amx=True))
+    isa = next(line for line in info.format_report(info.machine_report(measure=False)).splitlines() if line.startswith("isa"))
+    assert isa.endswith("oneDNN bf16 kernels: yes)")
