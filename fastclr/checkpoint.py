@@ -209,6 +209,14 @@ def check_run_parts(path: Path, state: dict[str, Any]) -> None:
     form is checked where they are read, which names the version that can read them.)"""
     missing = [k for k in _RUN_PARTS if k not in state]
     bad: list[str] = [k for k in ("encoder", "head", "temperature") if k in state and not _tensors(state[k])]
+    if "head" not in bad and state.get("head") == {}:  # every head has weights (an encoder of a user's may not)
+        bad.append("head")
+    if "temperature" in state and "temperature" not in bad and not (
+            isinstance(state["temperature"].get("log_t"), torch.Tensor) and state["temperature"]["log_t"].shape == (1,)):
+        bad.append("temperature")
+    settings = state.get("config")
+    if isinstance(settings, dict) and not (isinstance(settings.get("data"), dict) and "name" in settings["data"]):
+        bad.append("config")  # (its other forms are read, and named, where they are read)
     optimizer = state.get("optimizer")
     if "optimizer" in state and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
                                      and isinstance(optimizer.get("param_groups"), list)
@@ -226,6 +234,12 @@ def check_run_parts(path: Path, state: dict[str, Any]) -> None:
     bad += [k for k in _SECONDS if k in state and not _number(state[k], whole=False)]
     bad += [k for k in _PAIRS if k in state and not (
         isinstance(state[k], (list, tuple)) and len(state[k]) == 2 and all(_number(v, whole=False) for v in state[k]))]
+    step, offset, per_epoch = (state.get(k) for k in ("step", "step_offset", "steps_per_epoch"))
+    if isinstance(step, int) and isinstance(offset, int) and step + offset < 0:  # a place before the data's start
+        bad.append("step_offset")
+    if isinstance(per_epoch, int) and per_epoch < 1:
+        bad.append("steps_per_epoch")
+    bad += [k for k in ("total_steps", "warmup_steps", "skip_streak") if _number(state.get(k), whole=True) and state[k] < 0]
     if missing or bad:
         what = "lacks " + ", ".join(missing) if missing else "holds " + ", ".join(bad) + " in a form fastclr does not write"
         raise CheckpointError(f"{path} {what}: not a run's checkpoint as fastclr writes it (edited, or written by "

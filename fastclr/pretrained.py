@@ -21,7 +21,7 @@ from torch import nn
 from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
 from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, from_dict, to_flat
 from fastclr.data import Dataset, load_data, names_a_store
-from fastclr.errors import FastclrError, warn_stderr
+from fastclr.errors import FastclrError, first_sentence, warn_stderr
 from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
 from fastclr.presets import preset_name, saved_overrides
@@ -144,7 +144,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
             if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
                 saved["data.preset"] = preset_name(saved["data.name"])
             cfg = apply_overrides(Config(), saved)
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # a crafted or foreign record
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, FastclrError) as e:  # crafted, foreign
             raise FastclrError(f"{ckpt} ({written_by}) records its settings in a form this version cannot read "
                                f"({type(e).__name__}: {str(e)[:200]}); use that version, or finish the run with it "
                                "to export the encoder") from None
@@ -290,7 +290,11 @@ def trained_head(run: LoadedRun, device: torch.device, state: dict[str, Any] | N
     m = run.config.model
     head = ProjectionHead(run.spec.feature_dim, m.head_hidden or run.spec.feature_dim, m.proj_dim, m.head_layers,
                           m.head_bn)
-    head.load_state_dict(state["head"])
+    try:
+        head.load_state_dict(state["head"])
+    except RuntimeError as e:  # (a checkpoint edited to pass its checksum: fastclr's own always fit)
+        raise FastclrError(f"the projection head in the checkpoint of {run.run_dir} does not fit the run's settings "
+                           f"({first_sentence(e)}); fine-tune from h with --from-head-layer 0") from None
     return head.to(device).eval()
 
 

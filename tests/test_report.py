@@ -407,11 +407,12 @@ def test_a_fault_in_drawing_the_curve_is_not_blamed_on_eval_json(run: tuple[Path
     with pytest.raises(ValueError, match="^a fault of the drawing$"):
         build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
     # a count no evaluation writes, which only the log axis could not take, is still the file's
-    (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": [
-        dict(curve[0], labels_per_class=0)]}}}))
-    with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an evaluation "
-                                           r"holds: labels per class of 0.0\); run `fastclr evaluate"):
-        build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
+    for odd, named in ((0, "0.0"), (float("inf"), "inf")):  # (the infinite one was named by the smallest count)
+        (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": [
+            curve[0], dict(curve[0], labels_per_class=odd)]}}}))
+        with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an "
+                                               rf"evaluation holds: labels per class of {named}\); run `fastclr evaluate"):
+            build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
 
 
 def test_metrics_values_that_are_null_are_left_out_and_others_that_are_not_numbers_are_one_line(

@@ -1055,27 +1055,43 @@ def test_a_checkpoint_crafted_to_pass_its_checksum_with_fields_of_another_kind_i
     ({"total_steps": "abc", "pace_mark": [1]}, "holds total_steps, pace_mark in a form fastclr does not write"),
     ({"optimizer": {"state": {}, "param_groups": []}}, "cannot resume RUN: its checkpoint holds state this run's "
                                                         "network and optimiser cannot take (ValueError: "),
+    # found by a regression tester: forms right, contents no run writes
+    ({"step_offset": -100000, "steps_per_epoch": 0}, "holds step_offset, steps_per_epoch in a form fastclr does not"),
+    ({"head": {}, "config": {}}, "holds head, config in a form fastclr does not write"),
+    ({"temperature": {"log_t": torch.tensor(0.1)}}, "holds temperature in a form fastclr does not write"),
+    ({"config": "batch_size -3"}, "records its settings in a form this version cannot read (FastclrError: "
+                                  "train.batch_size = -3 is not allowed"),
+    ({"queue": "pointer -5"}, "cannot resume RUN: its checkpoint holds state this run's network and optimiser cannot "
+                              "take (ValueError: a queue of 64 rows at row -5 with 64 filled)"),
 ])
 def test_a_checkpoint_crafted_to_pass_its_checksum_without_a_part_of_a_run_is_one_line(
         tmp_path: Path, change: dict[str, Any], said: str) -> None:
     """A checkpoint without its encoder, or with a generator state, step count or optimiser state fastclr
     never writes, passed its unkeyed checksum into tracebacks (KeyError, RuntimeError from torch's
-    generator, ValueError) from `--resume` and `evaluate`; the checkpoint is left as it was."""
+    generator, ValueError) from `--resume` and `evaluate`; the checkpoint is left as it was. Of the
+    right form but impossible: a place before the data's start trained at a negative learning rate
+    and rotated the good checkpoints away; an empty record of settings evaluated another dataset."""
     from fastclr.checkpoint import FORMAT, content_sha256
     from fastclr.pretrained import load_run
 
     run = tmp_path / "run"
-    pretrain(tiny_config(run, train__epochs=1.0, train__checkpoint_every=1), dataset=tiny_dataset(), **QUIET)
+    queue = {"train__queue": 64} if "queue" in change else {}
+    pretrain(tiny_config(run, train__epochs=1.0, train__checkpoint_every=1, **queue), dataset=tiny_dataset(), **QUIET)
     (run / "encoder.safetensors").unlink()  # the checkpoint is what is read
     for old in list_checkpoints(run)[:-1]:
         old.unlink()
     path = list_checkpoints(run)[-1]
-    state = {k: v for k, v in {**load_checkpoint(path), **change, "format": FORMAT}.items() if v is not None}
+    state = load_checkpoint(path)
+    if change.get("config") == "batch_size -3":
+        change = {"config": {**state["config"], "train": {**state["config"]["train"], "batch_size": -3}}}
+    elif "queue" in change:
+        change = {"queue": {**state["queue"], "pointer": -5}}
+    state = {k: v for k, v in {**state, **change, "format": FORMAT}.items() if v is not None}
     torch.save({**state, "sha256": content_sha256(state)}, path)
     crafted = path.read_bytes()
     said = said.replace("RUN", str(run))
-    calls = [lambda: pretrain(tiny_config(run, train__epochs=2.0), resume=run, dataset=tiny_dataset(), **QUIET)]
-    if "optimizer" not in change:  # the optimiser's state is a resume's alone
+    calls = [lambda: pretrain(tiny_config(run, train__epochs=2.0, **queue), resume=run, dataset=tiny_dataset(), **QUIET)]
+    if "optimizer" not in change and "queue" not in change:  # the optimiser's and queue's states are a resume's alone
         calls.append(lambda: load_run(run, "cpu", "fp32", log=lambda s: None))
     for call in calls:
         with pytest.raises(FastclrError) as e:

@@ -360,7 +360,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         ckpt_path, state = latest_valid_checkpoint(resume, warn=log, check=check_run_parts)
         try:
             saved = _store_path_absolute(config_mod.from_dict(state["config"]))
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # a crafted or foreign record
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, FastclrError) as e:  # crafted, foreign
             raise FastclrError(f"{ckpt_path} (written by fastclr {state.get('fastclr_version', '?')}) records its "
                                f"settings in a form this version cannot read ({type(e).__name__}: {str(e)[:200]}); "
                                "resume it with that version") from None
@@ -526,7 +526,7 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
             run.state.restore(state, len(run.dataset.pretrain))
         except torch.OutOfMemoryError:
             raise  # the CLI's own line for it, with the way out
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
             # Parts of the right form whose content does not fit (an optimiser state of other
             # parameter groups, a queue of another size): from a file edited to pass its checksum.
             raise FastclrError(f"cannot resume {run_dir}: its checkpoint holds state this run's network and optimiser "

@@ -59,8 +59,11 @@ class RowQueue:
         return {"rows": self.rows.cpu(), "pointer": self.pointer, "filled": self.filled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        pointer, filled, size = int(state["pointer"]), int(state["filled"]), len(self.rows)
+        if not (0 <= pointer < size and 0 <= filled <= size):  # only an edited checkpoint holds such
+            raise ValueError(f"a queue of {size} rows at row {pointer} with {filled} filled")
         self.rows.copy_(state["rows"])
-        self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
+        self.pointer, self.filled = pointer, filled
 
 
 class KeyNetwork:

@@ -160,8 +160,9 @@ def efficiency_series(protocols: dict[str, Any]) -> list[Series]:
             series.append(Series("from scratch, same fractions", x, [100 * e["scratch_mean"] for e in ft],
                                  class_colour(5), markers=True, line=False))
     xs = sorted({x for s in series for x in s.x})
-    if any(not math.isfinite(x) or x <= 0 for x in xs):  # on a log axis: only a hand edit puts one there
-        raise ValueError(f"labels per class of {min(xs)}")
+    odd = [x for x in xs if not math.isfinite(x) or x <= 0]  # on a log axis: only a hand edit puts one there
+    if odd:
+        raise ValueError(f"labels per class of {odd[0]}")
     if "linear" in protocols and xs:
         # across the points; around a single one as wide as line_chart's frame (a level from it to itself drew nothing)
         span = [xs[0], xs[-1]] if len(xs) > 1 else [xs[0] / 2, xs[0] * 2]
