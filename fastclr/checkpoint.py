@@ -203,8 +203,8 @@ def _tensors(value: Any) -> bool:
 
 
 def check_run_parts(path: Path, state: dict[str, Any]) -> None:
-    """A `CheckpointError` naming the first part of a run's checkpoint that is missing or not of the
-    form `RunState.save` writes. The checksum is not keyed: a file edited, or crafted, to pass it
+    """A `CheckpointError` naming the parts of a run's checkpoint that are missing, or not of the form
+    `RunState.save` writes or hold what no run writes (a place before the data's start). The checksum is not keyed: a file edited, or crafted, to pass it
     reaches here, and without this check a resume or `evaluate` ended in a traceback. (The settings'
     form is checked where they are read, which names the version that can read them.)"""
     missing = [k for k in _RUN_PARTS if k not in state]

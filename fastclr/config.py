@@ -491,11 +491,11 @@ def check_settings(flat: dict[str, Any]) -> None:
     defaults = Config()
     for key, raw in flat.items():
         section, _, name = key.partition(".")
-        field = next((f for f in fields(getattr(defaults, section)) if f.name == name), None) \
+        known = next((f for f in fields(getattr(defaults, section)) if f.name == name), None) \
             if section in SECTIONS else None
-        if field is None:
+        if known is None:
             raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
-        _check_setting(field, key, parse_value(section, name, raw), getattr(getattr(defaults, section), name))
+        _check_setting(known, key, parse_value(section, name, raw), getattr(getattr(defaults, section), name))
 
 
 def validate(cfg: Config) -> None:

@@ -873,7 +873,7 @@ def test_an_explicit_or_resumed_bf16_on_avx512_bf16_alone_warns_where_it_is_slow
 
 
 def test_an_emulated_explicit_precision_warns_on_stderr_once_also_when_quiet(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], data_root: Path) -> None:
     """`evaluate --precision bf16 --quiet` on a CPU without bf16 units said nothing (the warning went to
     the log --quiet silences), and without --quiet it went to stdout, into `> table.txt`; info called
     oneDNN's bf16 kernels there a plain yes. A run trained in bf16 that auto evaluates in fp32 is noted."""
@@ -881,7 +881,10 @@ def test_an_emulated_explicit_precision_warns_on_stderr_once_also_when_quiet(
     from fastclr.pretrained import load_run
     from tiny import tiny_dataset, tiny_run
 
-    run = tiny_run(tmp_path / "run", tiny_dataset(64), train__precision="bf16")
+    run = tiny_run(tmp_path / "run", tiny_dataset(64))  # then recorded as trained in bf16 (emulated here: slow)
+    recorded = (run / "config.toml").read_text(encoding="utf-8")
+    assert 'precision = "fp32"' in recorded
+    (run / "config.toml").write_text(recorded.replace('precision = "fp32"', 'precision = "bf16"'), encoding="utf-8")
     monkeypatch.setattr("fastclr.runtime.cpu_features", lambda: cpu(avx512=True))
     monkeypatch.setattr("fastclr.runtime.matmul_seconds",
                         lambda dtype, device, shape=(0, 0, 0), budget_s=0.0, threads=None: 2.0 if dtype == torch.bfloat16 else 0.5)
