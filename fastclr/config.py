@@ -421,14 +421,28 @@ def _nearest_key(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+@dataclass(frozen=True)
+class _Setting:
+    section: str
+    field: Field[Any]
+
+
+def _setting(key: str) -> _Setting:
+    """The setting "section.name" names, or the one-line error for a key no setting has."""
+    section, _, name = key.partition(".")
+    known = next((f for f in fields(getattr(Config(), section)) if f.name == name), None) \
+        if section in SECTIONS else None
+    if known is None:
+        raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
+    return _Setting(section, known)
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """Return a copy of `cfg` with `{"section.field": value}` overrides applied (values parsed),
     then validated (`validate`)."""
     out = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
     for key, raw in overrides.items():
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or name not in {f.name for f in fields(getattr(out, section))}:
-            raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
+        section, name = _setting(key).section, key.partition(".")[2]
         setattr(getattr(out, section), name, parse_value(section, name, raw))
     validate(out)
     return out
@@ -490,12 +504,9 @@ def check_settings(flat: dict[str, Any]) -> None:
     a caller can name the file a bad one came from; what holds between settings is `validate`'s."""
     defaults = Config()
     for key, raw in flat.items():
-        section, _, name = key.partition(".")
-        known = next((f for f in fields(getattr(defaults, section)) if f.name == name), None) \
-            if section in SECTIONS else None
-        if known is None:
-            raise FastclrError(f"unknown config key {key!r}{_nearest_key(key)}; `fastclr pretrain --help` lists every key")
-        _check_setting(known, key, parse_value(section, name, raw), getattr(getattr(defaults, section), name))
+        known = _setting(key)
+        value = parse_value(known.section, known.field.name, raw)
+        _check_setting(known.field, key, value, getattr(getattr(defaults, known.section), known.field.name))
 
 
 def validate(cfg: Config) -> None:

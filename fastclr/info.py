@@ -23,7 +23,8 @@ from fastclr.errors import FastclrError
 from fastclr.cpus import cgroup_cpu_limit, default_threads, gives_threads_back, set_threads, usable_cpus
 from fastclr.models import CPU_WIDTH_WHY, resolve_width
 from fastclr.runtime import (CpuFeatures, available_memory, compile_blocker, cpu_features, decide_precision, gpu_kind,
-                             matmul_seconds, gfx_name, missing_kernels, precision_timer, select_device, use_compile)
+                             matmul_seconds, gfx_name, missing_kernels, precision_timer, select_device, use_compile,
+                             x86_arch)
 from fastclr.version import __version__
 
 
@@ -131,8 +132,7 @@ def _kernels(c: dict[str, Any]) -> str:
     AVX-512 CPU, where oneDNN then emulates bf16."""
     if not c["onednn_bf16"]:
         return "no"
-    x86 = str(c["arch"]).lower() in ("x86_64", "amd64", "i686", "x86")  # (CpuFeatures.is_x86)
-    return "yes" if c["native_bf16"] or not x86 else "yes, emulated (no bf16 units)"
+    return "yes" if c["native_bf16"] or not x86_arch(str(c["arch"])) else "yes, emulated (no bf16 units)"
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -179,6 +179,11 @@ def loading_device(device: torch.device | str) -> torch.device:
     return dev
 
 
+def x86_arch(arch: str) -> bool:
+    """Whether `arch` (platform.machine()'s name) is an x86 CPU's."""
+    return arch.lower() in ("x86_64", "amd64", "i686", "x86")
+
+
 @dataclass(frozen=True)
 class CpuFeatures:
     """What the CPU offers for the choices below, as torch itself sees it."""
@@ -207,7 +212,7 @@ class CpuFeatures:
     @property
     def is_x86(self) -> bool:
         """An x86-64 CPU, where the flags above are the whole answer."""
-        return self.arch.lower() in ("x86_64", "amd64", "i686", "x86")
+        return x86_arch(self.arch)
 
     @property
     def isa(self) -> str:
