@@ -69,7 +69,7 @@ _WHERE = {name: module for module, names in {
 }.items() for name in names}
 
 
-def __getattr__(name: str) -> Any:
+def _lazy(name: str) -> Any:
     if name in _WHERE:
         value = getattr(importlib.import_module(_WHERE[name]), name)
     elif not name.startswith("_") and importlib.util.find_spec(f"fastclr.{name}") is not None:  # `fastclr.models.ResNet` after `import fastclr`
@@ -78,6 +78,12 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'fastclr' has no attribute {name!r}")
     globals()[name] = value
     return value
+
+
+# Defined for the interpreter only: a module-level __getattr__ that a type checker sees makes every
+# name an `Any` attribute of fastclr, so a user's misspelt `from fastclr import ...` would pass mypy.
+if not TYPE_CHECKING:
+    __getattr__ = _lazy
 
 
 def __dir__() -> list[str]:
