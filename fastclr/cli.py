@@ -479,8 +479,8 @@ def _run(args: argparse.Namespace) -> int:
         if e.signum == signal.SIGTERM:  # a hang-up has no terminal left to read it
             print(f"\nterminated ({signal.Signals(e.signum).name})", file=sys.stderr)
         raise
-    except RuntimeError as e:  # torch.OutOfMemoryError is one too
-        if str(e).startswith("Symlink loop from "):  # pathlib's resolve() (Python < 3.13) for a link leading to itself
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError; MemoryError is Python's own
+        if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop from "):  # pathlib's resolve() (Python < 3.13) for a link leading to itself
             _error(f"error: cannot use {str(e).removeprefix('Symlink loop from ')} (a symbolic link that leads back to "
                    "itself); give another path, or fix the link")
             return EXIT_USAGE
@@ -527,8 +527,11 @@ MEMORY_FIX = {"pretrain": "give a smaller --batch-size or --width", "evaluate": 
 def out_of_memory(e: BaseException) -> str | None:
     """The size an allocation that failed asked for ("1.0 GiB"; "" where the error does not say),
     where `e` is PyTorch's out-of-memory error (the CPU allocator's RuntimeError, CUDA's or MPS's
-    torch.OutOfMemoryError), else None: a batch too large for the machine ended the run in a
+    torch.OutOfMemoryError) or Python's MemoryError (a buffer NumPy or Python could not get: a
+    checkpoint's hashing once), else None: a batch too large for the machine ended the run in a
     traceback."""
+    if isinstance(e, MemoryError):
+        return ""
     text = str(e)
     cpu = re.search(r"(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes", text)  # Linux, Windows
     if cpu:

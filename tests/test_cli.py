@@ -248,13 +248,15 @@ def test_a_command_started_with_its_output_closed_does_its_work(closed: str, tmp
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
                   "allocate 3221225472 bytes."), "3.0 GiB more and the system"),  # Windows' wording
     (torch.OutOfMemoryError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"), ""),
+    (MemoryError(), "system"),  # Python's, from NumPy or bytes (a checkpoint's hashing under a memory limit)
     (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"), None),
 ])
 def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(error: Exception, says: str | None,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A batch too large for the machine ended any command in a traceback (the CPU allocator's
-    RuntimeError, CUDA's OutOfMemoryError); another RuntimeError is a fault and keeps its traceback."""
+    RuntimeError, CUDA's OutOfMemoryError, Python's MemoryError); another RuntimeError is a fault and
+    keeps its traceback."""
     import fastclr.info
     from fastclr.cli import main
 
@@ -267,25 +269,27 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(error: Exception,
             main(["info", "--no-measure"])
         return
     assert main(["info", "--no-measure"]) == 2  # info can be given nothing that needs less
-    asked = f"asked for {says} refused it" if says else "ran out of device memory"
+    asked = "ran out of system memory" if says == "system" else f"asked for {says} refused it" if says else \
+        "ran out of device memory"
     assert capsys.readouterr().err == (f"error: out of memory: fastclr info {asked}; run where there is more memory; "
                                        "files already complete were kept\n")
 
 
 def test_a_batch_too_large_for_a_real_memory_limit_is_one_line(tmp_path: Path, env: dict[str, str]) -> None:
-    """The default network at 16x its width under a 6 GB address-space limit (ulimit -v): the CPU
+    """The default network at 10x its width under a 3 GiB address-space limit (ulimit -v): the CPU
     allocator refuses the first step's activations, and the run ends in one line, exit 2 (a traceback
-    before; the same for batch 8192 at width 1 on Fashion-MNIST). (At 32x the weights with their
-    gradients and AdamW's moments, about 19 GiB, are refused before the run; 16x passes both checks
-    made before it, about 5 GiB, where more than that is available, as on the 24 GiB machines here.)"""
+    before; the same for batch 8192 at width 1 on Fashion-MNIST). The checks made before the run
+    pass: they see the machine's memory, not the address-space limit. Two threads and two malloc
+    arenas, so that a many-core machine's reserved address space does not use up the limit first.
+    (16x the width under 6 GiB took 50 s to reach the refusal; this, 10 s.)"""
     import resource
 
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
     r = subprocess.run([sys.executable, "-m", "fastclr", "pretrain", "--data", "mnist", "--run-dir", str(tmp_path / "r"),
-                        "--epochs", "1e-9", "--probe", "false", "--quiet", "--batch-size", "256", "--width", "16", "--device", "cpu"],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240, preexec_fn=limit)
+                        "--epochs", "1e-9", "--probe", "false", "--quiet", "--batch-size", "256", "--width", "10", "--device", "cpu", "--threads", "2"],
+                       env={**env, "MALLOC_ARENA_MAX": "2"}, cwd=tmp_path, capture_output=True, text=True, timeout=240, preexec_fn=limit)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.splitlines()[-1]
     assert last.startswith("error: out of memory: fastclr pretrain asked for ") and last.endswith(

@@ -1098,3 +1098,19 @@ def test_a_checkpoint_crafted_to_pass_its_checksum_without_a_part_of_a_run_is_on
             call()
         assert said in str(e.value) and "\n" not in str(e.value), str(e.value)
         assert list_checkpoints(run) == [path] and path.read_bytes() == crafted
+
+
+def test_the_checkpoint_checksum_is_the_one_earlier_checkpoints_carry() -> None:
+    """SHA-256 over keys, tensors (dtype, shape, bytes) and scalars, transcribed: hashing a tensor in place
+    (not a copy of its bytes: a copy of every tensor ran a checkpoint out of memory) must give the digest
+    checkpoints already on disk were written with, or they would all read as damaged."""
+    import hashlib
+
+    from fastclr.checkpoint import content_sha256
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # not contiguous: hashed as its contiguous copy
+    h = hashlib.sha256()
+    for part in (b"D2", repr("step").encode(), b"Vint:7", repr("w").encode(), b"Ttorch.float32(3, 2)",
+                 w.contiguous().numpy().tobytes()):
+        h.update(part)
+    assert content_sha256({"w": w, "step": 7}) == h.hexdigest()
