@@ -8,7 +8,9 @@ product does:
     random20  one held-out 20% of the subset drawn without regard to class (fastclr before
               2026-12-04: at 10 labels per class 20 images, some classes absent, others 4 or 5)
     fold0     one class-balanced held-out fold of 5 (2 images of every class at 10 per class;
-              `fewshot_fit`: what evaluate runs since 2026-12-04)
+              `fewshot_fit`: what evaluate runs), the penalty of the lowest held-out cross-entropy
+              (since 2026-12-07)
+    fold0_accuracy  the same fold, the penalty of the highest held-out accuracy (2026-12-04 to -06)
     cv5       5-fold cross-validation on class-balanced folds, each label held out once
     oracle    the penalty with the best test accuracy: a bound no user can reach, to show how much
               the choice itself is worth (over --oracle-grid; its record gives every penalty's
@@ -34,7 +36,7 @@ from fastclr.evaluation.subsets import stratified_subset
 from fewshot_variants import network_features, seeds_of
 from harness import describe, record
 
-WAYS = ("random20", "fold0", "cv5", "oracle")
+WAYS = ("random20", "fold0", "fold0_accuracy", "cv5", "oracle")
 
 
 def random20(x: torch.Tensor, y: torch.Tensor, te: torch.Tensor, yte: torch.Tensor, seed: int) -> tuple[float, float]:
@@ -68,6 +70,10 @@ def choose(way: str, x: torch.Tensor, y: torch.Tensor, te: torch.Tensor, yte: to
         return random20(x, y, te, yte, seed)
     if way == "fold0":
         r = fewshot_fit(x, y, te, yte, seed)
+        return r.accuracy, r.l2
+    if way == "fold0_accuracy":
+        r = linear_probe(x, y, te, yte, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, seed=seed, max_iter=FEWSHOT_ITERS[0],
+                         select_iter=FEWSHOT_ITERS[1], stop_early=False, select_by="accuracy")
         return r.accuracy, r.l2
     if way == "cv5":
         r = linear_probe(x, y, te, yte, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, cross_validate=True, seed=seed,

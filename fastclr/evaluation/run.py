@@ -80,7 +80,7 @@ def _linear(c: Context) -> dict[str, Any]:
     for which, xtr, xte in _both(c):
         res = linear_probe(xtr, torch.from_numpy(s.train_labels), xte, torch.from_numpy(s.test_labels),
                            feature_dtype=c.run.precision.feature_dtype)
-        entry = {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
+        entry = {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy, "val_loss": res.val_loss,
                  "train_accuracy": res.train_accuracy}
         if which == "trained":
             out.update(entry, labels=len(s.train_labels))
