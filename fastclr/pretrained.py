@@ -112,9 +112,9 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     else:
         skipped: list[str] = []  # a damaged newer one is named, not passed over
 
-        def skip(message: str) -> None:
+        def skip(message: str) -> None:  # a warning: on stderr, which `--quiet` keeps (it silences `log`)
             skipped.append(message)
-            log(message)
+            warn_stderr(f"warning: {message}")
         ckpt, state = latest_valid_checkpoint(run, warn=skip, check=check_run_parts)
         step, total = int(state["step"]), int(state.get("total_steps", 0))
         checkpoint_step = step

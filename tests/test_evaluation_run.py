@@ -673,10 +673,12 @@ def test_a_run_stopped_before_its_end_is_evaluated_from_its_checkpoint_and_says_
     assert "checkpoint_step" not in export_metadata(spec, "")
 
 
-def test_a_run_whose_newest_checkpoint_is_damaged_is_loaded_from_the_one_before_and_says_so(tmp_path: Path) -> None:
+def test_a_run_whose_newest_checkpoint_is_damaged_is_loaded_from_the_one_before_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Stopped at step 3 with checkpoints at steps 2 and 3, the step-3 file damaged: the run was
     loaded from step 2 while the note said "its newest checkpoint". Now the damaged file is named
-    and the note says the step used; the encoder is step 2's, weight for weight."""
+    and the note says the step used; the encoder is step 2's, weight for weight. The damaged file
+    is a warning on stderr, which `evaluate --quiet` (a silent log) kept hidden before."""
     from fastclr.checkpoint import list_checkpoints, load_checkpoint
     from fastclr.pretrained import load_run
     from fastclr.pretraining.loop import pretrain
@@ -690,8 +692,9 @@ def test_a_run_whose_newest_checkpoint_is_damaged_is_loaded_from_the_one_before_
     kept = load_checkpoint(older)["encoder"]
     newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as by a full disk
     lines: list[str] = []
+    capsys.readouterr()
     loaded = load_run(run, "cpu", "fp32", log=lines.append, command="evaluate")
-    assert any(line.startswith(f"skipping {newest.name}: ") for line in lines)
+    assert capsys.readouterr().err.startswith(f"warning: skipping {newest.name}: ")
     assert any(line.startswith(f"note: {run} has no encoder.safetensors: using its newest valid checkpoint, step 2 ")
                for line in lines)
     assert loaded.checkpoint_step == 2
