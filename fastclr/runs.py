@@ -261,17 +261,26 @@ class MetricsLog:
         self.sent: set[tuple[int, bool]] = set()
         """(step, is a kNN record) of the records past the checkpoint TensorBoard and the trackers
         were sent before this process: a resumed run replays those steps, and they have them."""
-        self._tb = None
-        if enabled and importlib.util.find_spec("tensorboard") is not None:  # an optional dependency
+        self._tb: Any = None
+        # Opened at the first record: a run refused before it (a resume whose settings differ) left an
+        # empty event file in tb/.
+        self._tb_wanted = enabled and importlib.util.find_spec("tensorboard") is not None  # an optional dependency
+
+    def _writer(self) -> Any:
+        """TensorBoard's writer, opened once; None where tensorboard is absent or broken."""
+        if self._tb_wanted and self._tb is None:
+            self._tb_wanted = False
+            tb = self.path.parent / "tb"
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tb"))
+                self._tb = SummaryWriter(str(tb))
             except Exception as e:  # noqa: BLE001 - installed but broken (a protobuf it cannot use): JSONL still works
                 reason = (str(e).splitlines() or [""])[0]
                 warn_stderr(f"warning: tensorboard is installed but its writer failed ({type(e).__name__}: {reason}): "
-                            f"{run_dir / 'tb'} is not written, metrics.jsonl holds every record (pip install "
+                            f"{tb} is not written, metrics.jsonl holds every record (pip install "
                             f"--upgrade tensorboard protobuf to mend it, or pip uninstall tensorboard)")
+        return self._tb
 
     def keep_until(self, step: int) -> None:
         """Drop the records past `step`, the checkpoint a resumed run continues from: the steps after
@@ -300,9 +309,9 @@ class MetricsLog:
         if (record["step"], "knn_acc" in record) in self.sent:
             return  # replayed after a resume: the trackers hold this step's values already
         values = numbers({k: v for k, v in record.items() if k != "step"})
-        if self._tb is not None:
+        if (tb := self._writer()) is not None:
             for k, v in values.items():
-                self._tb.add_scalar(k, v, record["step"])
+                tb.add_scalar(k, v, record["step"])
         for t in self.trackers:
             t.metrics(values, record["step"])
 

@@ -85,3 +85,23 @@ def test_a_broken_tensorboard_is_one_warning_and_the_metrics_are_kept(tmp_path: 
     MetricsLog(tmp_path / "b").log({"step": 1, "loss": 2.0})
     assert capsys.readouterr().err == "" and not (tmp_path / "b" / "tb").exists()
     assert json.loads((tmp_path / "b" / "metrics.jsonl").read_text())["loss"] == 2.0
+
+
+def test_a_refused_resume_leaves_no_event_file(tmp_path: Path) -> None:
+    """A resume refused before its first step (its metrics.jsonl damaged mid-file) wrote an empty
+    event file into tb/ beside the run's own: TensorBoard listed it as one more, empty, run part."""
+    from fastclr.errors import FastclrError
+    from fastclr.pretraining import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    assert pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, stop=lambda step: step == 3, progress=False,
+                    log=lambda s: None).stopped
+    before = sorted(p.name for p in (run / "tb").iterdir())
+    assert len(before) == 1
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join([lines[0], "{damaged\n", *lines[1:]]), encoding="utf-8")
+    with pytest.raises(FastclrError, match="metrics.jsonl"):
+        pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, progress=False,
+                 log=lambda s: None)
+    assert sorted(p.name for p in (run / "tb").iterdir()) == before
