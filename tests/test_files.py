@@ -71,3 +71,9 @@ def test_embed_through_a_link_writes_the_linked_array_and_its_index_beside_it(tm
     assert link.is_symlink() and np.array_equal(np.load(link), features)
     assert (shared / "v3.csv").read_text().splitlines()[1].startswith("0,")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.npy", "shared"]
+    # `--out current.csv`, a link to the index: the link was replaced by a file, beside a new current.npy
+    index_link = tmp_path / "current.csv"
+    index_link.symlink_to(Path("shared") / "v3.csv")
+    assert write_embeddings(index_link, features[::-1].copy(), rows) == (shared / "v3.npy", shared / "v3.csv")
+    assert index_link.is_symlink() and np.array_equal(np.load(shared / "v3.npy"), features[::-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current.csv", "latest.npy", "shared"]

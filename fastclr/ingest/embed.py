@@ -147,6 +147,8 @@ def output_paths(out: Path) -> tuple[Path, Path]:
     refused before any work where they cannot be written (their folder is made with them: a refused
     command leaves nothing). A folder's skipped files go to FILE.skipped.csv."""
     refuse_nameless(out)
+    if out.suffix in (".npy", ".csv"):  # `--out latest.csv`, a link, was replaced by a file beside a new .npy
+        out = through_link(out)
     npy = out.with_suffix(".npy") if out.suffix in (".npy", ".csv") else out.with_name(out.name + ".npy")
     npy = through_link(npy)  # a link is written through, as `export --out`: its target's name names the pair
     index = npy.with_suffix(".csv")
