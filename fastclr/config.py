@@ -593,8 +593,13 @@ def toml_string(value: str) -> str:
 
 def to_toml(cfg: Config) -> str:
     """Render the config as TOML (scalars only, so a tiny writer suffices)."""
+    return toml_text(to_dict(cfg))
+
+
+def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    """`{section: {key: scalar}}` as `to_toml` writes it, in the order given."""
     lines: list[str] = []
-    for section, body in to_dict(cfg).items():
+    for section, body in sections.items():
         lines.append(f"[{section}]")
         for k, v in body.items():
             if isinstance(v, bool):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fastclr.checkpoint import is_run_temporary
-from fastclr.config import Config, apply_overrides, read_toml, to_toml
+from fastclr.config import Config, apply_overrides, read_toml, to_toml, toml_text
 from fastclr.errors import FastclrError, warn_stderr
 from fastclr.files import WriteFailed, unwritable, write_failure_reason, write_text
 from fastclr.locks import LOCK_FILE
@@ -100,10 +100,17 @@ def written_config(path: Path) -> bool:
 
 
 def settings_alone(path: Path) -> bool:
-    """Whether `path` holds nothing but settings, as a run writes them (`write_config`): replacing it
-    with a run's own loses no comment or layout of the user's."""
+    """Whether `path` holds nothing but settings, as a run writes them (`write_config`), of this
+    version or an earlier one (which wrote fewer keys: a killed run of it was refused, said to hold
+    "comments, layout"): replacing it with a run's own loses no comment or layout of the user's."""
     try:
-        return path.read_text(encoding="utf-8") == to_toml(apply_overrides(Config(), read_toml(path)))
+        flat = read_toml(path)
+        apply_overrides(Config(), flat)  # every name and value one this version knows
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = value
+        return path.read_text(encoding="utf-8") == toml_text(sections)
     except (FastclrError, OSError, UnicodeDecodeError):
         return False
 

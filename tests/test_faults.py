@@ -997,3 +997,20 @@ def test_a_config_file_in_the_new_runs_own_place_is_refused_before_it_is_replace
     r = call_main(["pretrain", "--config", "exp1/config.toml", "--run-dir", str(exp), *TINY, "--data", "mnist",
                    "--epochs", "1"], env, tmp_path)
     assert r.returncode == 0 and (exp / "checkpoints").is_dir(), r.stderr
+
+
+def test_settings_alone_of_an_earlier_version_may_be_replaced_and_a_users_layout_may_not(tmp_path: Path) -> None:
+    """A run's config.toml written by an earlier version (fewer keys) holds settings alone, as one of
+    this version does: a killed run of it started again with `--config RUN/config.toml --run-dir RUN`
+    was refused, said to hold "comments, layout". A comment, a blank line, a key written another way
+    or unknown to this version is the user's and keeps the file."""
+    from fastclr.config import Config, to_toml
+    from fastclr.runs import settings_alone
+
+    now = to_toml(Config())
+    earlier = "".join(line for line in now.splitlines(keepends=True) if not line.startswith("knn_k = "))
+    assert earlier != now
+    for text, alone in ((now, True), (earlier, True), ("# mine\n" + now, False), (now.replace("\n[", "\n\n[", 1), False),
+                        (now.replace("batch_size = ", "batch_size= ", 1), False), (now + "[train]\nbatchsize = 8\n", False)):
+        (tmp_path / "config.toml").write_text(text, encoding="utf-8")
+        assert settings_alone(tmp_path / "config.toml") is alone, text[:80]
