@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fastclr.errors import FastclrError
+from fastclr.errors import FastclrError, out_of_memory
 from fastclr.files import WriteFailed, atomic_write, fsync_path
 from fastclr.version import __version__
 
@@ -52,7 +52,7 @@ def _digest(obj: Any, h: "hashlib._Hash") -> None:
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # read in place: tobytes() copied every tensor
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # read in place: a copy would double the state's memory
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}".encode())
         for k in sorted(obj, key=repr):
@@ -173,6 +173,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FastclrError(f"cannot read checkpoint {path} ({e.strerror or e}); fix its permissions (or the disk) "
                            "and run the same command again") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for damaged zips
+        if out_of_memory(e) is not None:  # this machine's memory: the file is not damaged, nor to be passed over
+            raise
         raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "sha256" not in state:
         raise CheckpointError(f"{path} is not a fastclr checkpoint of format {FORMAT}")

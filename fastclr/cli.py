@@ -7,7 +7,6 @@ import contextlib
 import difflib
 import errno
 import os
-import re
 import signal
 import sys
 import threading
@@ -16,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, auto_value, check_settings, flag_table, read_toml
-from fastclr.errors import FastclrError, PeerFailure
-from fastclr.files import WriteFailed, is_write_error, size_text, write_failure_reason, write_way_out
+from fastclr.errors import FastclrError, PeerFailure, out_of_memory
+from fastclr.files import WriteFailed, is_write_error, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
 from fastclr.streams import outliving_readers, shown
 from fastclr.evaluation.cli import add_eval_commands
@@ -522,24 +521,6 @@ MEMORY_FIX = {"pretrain": "give a smaller --batch-size or --width", "evaluate": 
               "distill": "give a smaller --batch-size or --student-width", "distil": "give a smaller --batch-size or "
               "--student-width"}
 """What a command can be given to need less memory (the others' needs are the run's own)."""
-
-
-def out_of_memory(e: BaseException) -> str | None:
-    """The size an allocation that failed asked for ("1.0 GiB"; "" where the error does not say),
-    where `e` is PyTorch's out-of-memory error (the CPU allocator's RuntimeError, CUDA's or MPS's
-    torch.OutOfMemoryError) or Python's MemoryError (a buffer NumPy or Python could not get: a
-    checkpoint's hashing once), else None: a batch too large for the machine ended the run in a
-    traceback."""
-    if isinstance(e, MemoryError):
-        return ""
-    text = str(e)
-    cpu = re.search(r"(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes", text)  # Linux, Windows
-    if cpu:
-        return size_text(int(cpu.group(1)))
-    gpu = re.search(r"out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
-    if gpu or type(e).__name__ == "OutOfMemoryError":
-        return gpu.group(1) if gpu else ""
-    return None
 
 
 def _error(line: str) -> None:

@@ -1,6 +1,7 @@
 """The one exception type users see: a single line that names the problem and the fix; and the
 one way a warning line reaches them."""
 
+import re
 import sys
 
 
@@ -34,3 +35,23 @@ class FastclrError(Exception):
 class PeerFailure(FastclrError):
     """A collective failed: another rank died, hung past the timeout, or the network broke.
     The CLI exits at once after printing it (see `fastclr.cli._exit_now`)."""
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """The size an allocation that failed asked for ("1.0 GiB"; "" where the error does not say),
+    where `e` is PyTorch's out-of-memory error (the CPU allocator's RuntimeError, CUDA's or MPS's
+    torch.OutOfMemoryError) or Python's MemoryError (a buffer NumPy or Python could not get), else
+    None: this machine's memory, not the input, and never a reason to call a file damaged."""
+    from fastclr.files import size_text  # files imports this module
+
+    text = str(e)
+    if isinstance(e, MemoryError):  # NumPy's says "Unable to allocate 234. MiB for an array with shape ..."
+        numpy = re.search(r"Unable to allocate ([\d.]+) ([KMGTP]?i?B)", text)
+        return f"{float(numpy.group(1)):.1f} {numpy.group(2)}" if numpy else ""
+    cpu = re.search(r"(?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes", text)  # Linux, Windows
+    if cpu:
+        return size_text(int(cpu.group(1)))
+    gpu = re.search(r"out of memory\. Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    if gpu or type(e).__name__ == "OutOfMemoryError":
+        return gpu.group(1) if gpu else ""
+    return None

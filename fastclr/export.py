@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fastclr.extras import install_command
 from fastclr.files import atomic_write, atomic_write_all, through_link
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
+from fastclr.tensor_file import safetensors_writer
 from fastclr.models.modes import in_eval_mode
 from fastclr.version import __version__
 
@@ -39,8 +39,7 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content
     info = dict(spec.to_dict(), fastclr_version=__version__, **({"data_content": data_content} if data_content else {}),
                 **({"checkpoint_step": checkpoint_step} if checkpoint_step is not None else {}))
     meta = {"fastclr": json.dumps(info)}
-    data = safetensors_bytes(state, metadata=meta)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, safetensors_writer(state, meta))
     return path
 
 
@@ -306,8 +305,7 @@ def export_encoder(encoder: nn.Module, spec: EncoderSpec, config_text: str, fmt:
         return [_save_onnx(traced, spec, meta, out, check if check is None else check.cpu())]
     state = torchvision_state(encoder)
     if out.suffix.lower() == ".safetensors":
-        data = safetensors_bytes(state, metadata=dict(meta, naming="torchvision"))
-        atomic_write(out, lambda f: f.write(data))
+        atomic_write(out, safetensors_writer(state, dict(meta, naming="torchvision")))
         return [out]
     side = out.with_name(out.name + ".json")
     text = json.dumps(dict(meta, naming="torchvision"), indent=2) + "\n"

@@ -609,3 +609,24 @@ def test_a_gzip_file_that_unpacks_far_past_its_header_is_refused_having_read_lit
     with gzip.open(plain, "wb") as f:
         f.write(bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big") + bytes([1, 2, 3]))
     assert formats.read_idx(plain).tolist() == [1, 2, 3]
+
+
+def test_out_of_memory_reading_a_plausible_idx_file_is_not_called_damaged(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short of memory while reading MNIST's 47 MB images, the file was called damaged ("declares
+    (60000, 28, 28) (0.0 GiB), more than this machine can hold ... delete it and fetch it again"): the
+    MemoryError now reaches the command, which says out of memory. A header declaring more than the
+    machine holds is still the file's fault, its size written in binary units."""
+    labels = tmp_path / "labels-idx1-ubyte"
+    labels.write_bytes(bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big") + bytes([1, 2, 3]))
+
+    def short(f: object, limit: int) -> bytes:
+        raise MemoryError
+
+    monkeypatch.setattr(formats, "_read_at_most", short)
+    with pytest.raises(MemoryError):
+        formats.read_idx(labels)
+    monkeypatch.setattr(formats, "_physical_memory", lambda: 2)
+    with pytest.raises(FastclrError, match=r"labels-idx1-ubyte declares \(3,\) \(3.0 B\), more than this machine can "
+                                           "hold: not this dataset's file, or damaged; delete it and fetch it again"):
+        formats.read_idx(labels)

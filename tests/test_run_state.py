@@ -1114,3 +1114,29 @@ def test_the_checkpoint_checksum_is_the_one_earlier_checkpoints_carry() -> None:
                  w.contiguous().numpy().tobytes()):
         h.update(part)
     assert content_sha256({"w": w, "step": 7}) == h.hexdigest()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                   "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes.")])
+def test_a_checkpoint_that_memory_cannot_hold_is_not_called_damaged_nor_passed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """Out of memory while reading the newest checkpoint said it was damaged, and a resume passed over
+    it to the one before and wrote over the newer steps; the error now reaches the command, which
+    says out of memory in one line."""
+    import fastclr.checkpoint
+    from fastclr.checkpoint import save_checkpoint
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, {"step": step, "w": torch.ones(3) * step})
+    real = torch.load
+
+    def short_of_memory(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("000000002.pt"):
+            raise error
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fastclr.checkpoint.torch, "load", short_of_memory)
+    warned: list[str] = []
+    with pytest.raises(type(error)):
+        latest_valid_checkpoint(tmp_path, warn=warned.append)
+    assert warned == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import pickle
 import struct
 import zlib
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fastclr.errors import FastclrError
+from fastclr.files import size_text
 
 _IDX_DTYPES: dict[int, type] = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32}
 
@@ -44,11 +46,21 @@ def _read_at_most(f: _Reader, limit: int) -> bytes:
     return bytes(out)
 
 
+def _physical_memory() -> int:
+    """This machine's memory in bytes; unknown (no sysconf: Windows) counts as unlimited."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 62
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an array of its declared dtype and shape; a gzip
     file is unpacked only as far as its header declares (and LOOK_PAST beyond, to find a longer file)."""
     with open(path, "rb") as raw:
         zipped = raw.read(2) == b"\x1f\x8b"
+    shape: tuple[int, ...] = ()
+    declared = 0
     try:
         with (gzip.open(path, "rb") if zipped else open(path, "rb")) as f:
             head = f.read(4)
@@ -67,7 +79,9 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as e:
         raise FastclrError(f"{path} is a damaged gzip file ({e}); delete it and fetch it again") from None
     except MemoryError:
-        raise FastclrError(f"{path} declares {shape} ({declared / 2**30:.1f} GiB), more than this machine can hold: "
+        if declared <= _physical_memory():  # a size this machine holds: short of memory now, not a damaged file
+            raise
+        raise FastclrError(f"{path} declares {shape} ({size_text(declared)}), more than this machine can hold: "
                            "not this dataset's file, or damaged; delete it and fetch it again") from None
     held = len(body)
     if held < declared:

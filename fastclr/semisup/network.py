@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from fastclr.errors import FastclrError
 from fastclr.files import atomic_write
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
+from fastclr.tensor_file import safetensors_writer
 from fastclr.version import __version__
 
 CLASSIFIER_FILE = "classifier.safetensors"
@@ -90,8 +90,7 @@ def save_classifier(path: Path, model: Classifier, spec: EncoderSpec, classes: l
     layout = {"neck": neck_widths(model.neck), "neck_bn": batch_norm, "classes": classes,
               "fastclr_version": __version__, **(info or {})}
     meta = {"fastclr": json.dumps(spec.to_dict()), "classifier": json.dumps(layout)}
-    data = safetensors_bytes(state, metadata=meta)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, safetensors_writer(state, meta))
     return path
 
 
