@@ -72,8 +72,7 @@ def choose(way: str, x: torch.Tensor, y: torch.Tensor, te: torch.Tensor, yte: to
         r = fewshot_fit(x, y, te, yte, seed)
         return r.accuracy, r.l2
     if way == "fold0_accuracy":
-        r = linear_probe(x, y, te, yte, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, seed=seed, max_iter=FEWSHOT_ITERS[0],
-                         select_iter=FEWSHOT_ITERS[1], stop_early=False, select_by="accuracy")
+        r = fewshot_fit(x, y, te, yte, seed, select_by="accuracy")
         return r.accuracy, r.l2
     if way == "cv5":
         r = linear_probe(x, y, te, yte, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, cross_validate=True, seed=seed,

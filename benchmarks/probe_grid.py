@@ -28,7 +28,7 @@ import torch
 from fastclr.config import DataConfig
 from fastclr.data import load_data
 from fastclr.evaluation.features import features_of
-from fastclr.evaluation.probe import L2_GRID, linear_probe
+from fastclr.evaluation.probe import L2_GRID, linear_probe, probe_record
 from fastclr.evaluation.reference import untrained_encoder
 from fastclr.export import load_encoder
 from fastclr.runtime import resolve_precision
@@ -50,8 +50,11 @@ def main() -> None:
     """One JSON line per run, network (trained or untrained) and variant."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", type=Path, nargs="+", help="Fashion-MNIST runs with encoder.safetensors")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="which of " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help="which of " + ", ".join(VARIANTS) + ", comma-separated")
     a = p.parse_args()
+    unknown = set(a.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     ds = load_data(DataConfig(name="fashion-mnist"))
     assert ds.train is not None and ds.test is not None and ds.train.labels is not None and ds.test.labels is not None
     ytr, yte = torch.from_numpy(ds.train.labels), torch.from_numpy(ds.test.labels)
@@ -70,7 +73,7 @@ def main() -> None:
                 r = linear_probe(xtr, ytr, xte, yte, feature_dtype=precision.feature_dtype, **kw)  # type: ignore[arg-type]
                 report("probe_grid", {"run": str(run), "seed": seed, "network": which, "variant": name,
                                       "accuracy": r.accuracy, "l2": r.l2, "val_accuracy": r.val_accuracy,
-                                      "val_loss": r.val_loss,
+                                      "val_loss": r.val_loss, "l2_path": probe_record(r)["l2_path"],
                                       "train_accuracy": r.train_accuracy, "probe_s": round(time.perf_counter() - t0, 1),
                                       "precision": precision.name, "features": list(xtr.shape)})
 

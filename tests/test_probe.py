@@ -234,6 +234,9 @@ def test_penalties_that_tie_on_held_out_accuracy_are_told_apart_by_held_out_loss
     assert res.l2 == chosen and res.val_accuracy == pytest.approx(0.9)
     assert res.val_loss == pytest.approx(scripted_loss(0.9, 3, margin[chosen]), rel=1e-6)
     assert walked == ([1e-1, 1e-2, 1e-3, 1e-4] if select_by == "loss" else [1e-1, 1e-2, 1e-3]) + [chosen]
+    assert [(l2, acc) for l2, acc, _ in res.path] == [(l2, right[l2]) for l2 in walked[:-1]]
+    assert [loss for _, _, loss in res.path] == pytest.approx([scripted_loss(right[l2], 3, margin[l2])
+                                                               for l2 in walked[:-1]], rel=1e-6)
 
 
 def test_extract_features_is_eval_mode_and_leaves_the_encoder_untouched() -> None:
@@ -508,3 +511,67 @@ def test_the_bf16_shortlist_gives_the_exact_neighbours_of_features_nearly_alike(
     labels = torch.arange(600) % 3
     assert torch.equal(knn_predict(bank, labels, queries, 20, 0.07, 3, shortlist=2, precision=bf16),
                        knn_predict(bank, labels, queries, 20, 0.07, 3, shortlist=0))
+
+
+def test_held_out_loss_leaves_out_rows_of_a_class_the_fit_part_lacks() -> None:
+    """A class with one image lands in the held-out fold alone: wrong at every penalty, its loss falls
+    as the penalty grows whatever the features, and it would pull the choice to the strongest
+    penalty. The path's losses are the cross-entropy of the other held-out rows, transcribed; its
+    accuracies count every held-out row."""
+    x, y = blobs(300, 5, 2, 3)
+    x, y = torch.cat([x, torch.randn(1, 5) + 9.0]), torch.cat([y, torch.tensor([2])])  # class 2: one image
+    fold = stratified_folds(y.numpy(), 10, 1)
+    val, fit = torch.from_numpy(fold == 0), torch.from_numpy(fold != 0)
+    assert bool(val[-1])  # the lone image is held out, its class absent from the fit part
+    res = linear_probe(x, y, x, y, l2_grid=(1e-1, 1e-2), stop_early=False, seed=1)
+    previous, want = None, []
+    for l2 in (1e-1, 1e-2):
+        previous = fit_logistic_regression(x[fit], y[fit], 3, l2, 50, init=previous)
+        logits = previous.logits(x[val])
+        seen = y[val] != 2
+        want.append((l2, int((logits.argmax(1) == y[val]).sum()) / int(val.sum()),
+                     float(F.cross_entropy(logits[seen].double(), y[val][seen]))))
+    assert [p[0] for p in res.path] == [1e-1, 1e-2]
+    for got, (_, acc, loss) in zip(res.path, want):
+        assert got[1] == pytest.approx(acc, abs=1e-9) and got[2] == pytest.approx(loss, rel=1e-5)
+
+
+def test_a_penalty_whose_held_out_loss_is_not_finite_ranks_last_and_the_walk_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strongest penalty's held-out logits overflow (NaN loss): the walk, which kept the first
+    penalty only when a later one scored higher, stopped at once (NaN is never higher) and took the
+    grid's first entry, the weakest penalty, never fitted as the selection's."""
+    x, y = blobs(200, 3, 2, 0)
+
+    class Fake:
+        def __init__(self, l2: float) -> None:
+            self.l2 = l2
+
+        def accuracy(self, xv: torch.Tensor, yv: torch.Tensor) -> float:
+            return 1.0
+
+        def logits(self, xv: torch.Tensor) -> torch.Tensor:
+            out = scripted_logits(xv, x, y, {1e-1: 0.5, 1e-2: 0.9, 1e-3: 0.8, 1e-4: 0.7}[self.l2])
+            return out * float("nan") if self.l2 == 1e-1 else out
+
+    monkeypatch.setattr(probe_module, "fit_logistic_regression", lambda xf, yf, k, l2, *a, **kw: Fake(l2))
+    res = linear_probe(x, y, x, y)
+    assert res.l2 == 1e-2 and [p[0] for p in res.path] == [1e-1, 1e-2, 1e-3]
+    assert np.isnan(res.path[0][2]) and res.val_loss == pytest.approx(scripted_loss(0.9, 2), rel=1e-6)
+    with pytest.raises(ValueError, match="select_by is 'loss' or 'accuracy', not 'Loss'"):
+        linear_probe(x, y, x, y, select_by="Loss")  # type: ignore[arg-type]
+
+
+def test_a_probe_record_is_strict_json_with_null_for_what_is_undefined() -> None:
+    """eval.json and probe.json: a probe with nothing held out (a grid of one penalty) wrote
+    `"val_loss": NaN`, which strict JSON readers (jq, JavaScript) refuse, beside a val_accuracy of -1."""
+    import json
+
+    from fastclr.evaluation.probe import ProbeResult, probe_record
+
+    x, y = blobs(60, 3, 2, 0)
+    alone = probe_record(linear_probe(x, y, x, y, l2_grid=(1e-2,)))
+    assert (alone["val_accuracy"], alone["val_loss"], alone["l2_path"], alone["l2"]) == (None, None, [], 1e-2)
+    walked = probe_record(ProbeResult(0.9, 1e-2, 0.8, 0.95, 0.4, ((1e-1, 0.5, float("inf")), (1e-2, 0.8, 0.4))))
+    assert (walked["val_accuracy"], walked["val_loss"], walked["l2_path"]) == (0.8, 0.4, [[1e-1, 0.5, None], [1e-2, 0.8, 0.4]])
+    json.dumps([alone, walked], allow_nan=False)

@@ -1,7 +1,8 @@
 """Few labels on frozen features: the linear probe fitted on a small stratified subset.
 
-The L2 strength is chosen the only honest way a user with n labels per class could: on a held-out,
-class-balanced 20% of those n labels (never the test split), from the full-label probe's grid
+The L2 strength is chosen the only honest way a user with n labels per class could: by the
+cross-entropy on a held-out, class-balanced 20% of those n labels (never the test split), as the
+full-label probe chooses (fastclr.evaluation.probe), from that probe's grid
 without its weakest penalty, since few samples need more regularisation; then refitted on all n.
 Class-balanced, so that from 5 labels per class no class goes unseen by the selection fits or
 unscored by the held-out part;
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from fastclr.evaluation.curve import label_sweep
-from fastclr.evaluation.probe import ProbeResult, linear_probe
+from fastclr.evaluation.probe import ProbeResult, SelectBy, linear_probe
 
 FEWSHOT_L2_GRID = (1e-3, 1e-2, 1e-1)
 FEWSHOT_FOLDS = 5  # the held-out part is one of 5 class-balanced folds: 20%
@@ -29,14 +30,16 @@ FEWSHOT_FOLDS = 5  # the held-out part is one of 5 class-balanced folds: 20%
 FEWSHOT_ITERS = (100, 50)
 
 
-# The whole (short) grid: with a few labels per class the held-out accuracy is coarse and ties
-# are common, so a walk that stops at the first fall would stop at noise.
+# The whole (short) grid: a held-out part of a few images per class scores penalties noisily,
+# so a walk that stops at the first worse score would stop at noise.
 def fewshot_fit(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seed: int,
-                stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> ProbeResult:
-    """The few-label probe of one subset: L2 chosen on a class-balanced 20% of it, refitted on all of
-    it; features standardised with `stats` (mean, std) when given, else with the subset's own."""
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None, select_by: SelectBy = "loss") -> ProbeResult:
+    """The few-label probe of one subset: L2 chosen by the held-out cross-entropy of a class-balanced
+    20% of it, refitted on all of it; features standardised with `stats` (mean, std) when given, else
+    with the subset's own."""
     return linear_probe(x, y, test_x, test_y, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, seed=seed,
-                        max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1], stop_early=False, stats=stats)
+                        max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1], stop_early=False, stats=stats,
+                        select_by=select_by)
 
 
 def fewshot_probe(

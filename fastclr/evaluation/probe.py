@@ -8,8 +8,9 @@ the whole training split.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -107,9 +108,22 @@ class ProbeResult:
     train_accuracy: float
     val_loss: float = float("nan")
     """Mean held-out cross-entropy at the chosen L2 (NaN where nothing was held out)."""
+    path: tuple[tuple[float, float, float], ...] = ()
+    """(L2, held-out accuracy, held-out loss) of each penalty walked, in the order walked."""
     model: LogisticModel | None = field(default=None, repr=False, compare=False)
     """The refitted logistic regression whose test accuracy is `accuracy` (fine-tuning's head starts
     from it: fastclr.evaluation.finetune)."""
+
+
+def probe_record(res: ProbeResult) -> dict[str, Any]:
+    """A probe's figures for eval.json and probe.json; what nothing held out leaves undefined, and a
+    loss that is not finite (which strict JSON readers refuse), as null."""
+    def number(v: float) -> float | None:
+        return v if res.path and math.isfinite(v) else None
+
+    return {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": number(res.val_accuracy),
+            "val_loss": number(res.val_loss), "train_accuracy": res.train_accuracy,
+            "l2_path": [[l2, acc, loss if math.isfinite(loss) else None] for l2, acc, loss in res.path]}
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -138,10 +152,13 @@ def linear_probe(
     strength is chosen on the first fold held out (1 / folds of the rows), or with `cross_validate`
     on each fold held out in turn, by the held-out mean cross-entropy pooled over the folds (or,
     with select_by="accuracy", the held-out accuracy). The loss, not the accuracy: a count of
-    correct images ties between neighbouring penalties to within an image, and the kernels' rounding
-    then chose one or the other. The default run's untrained network (seed 2, Xeon AVX-512) held out
-    83.92% at 1e-3 and 83.93% at 1e-2, whose test accuracies differ by 1.05 points; its held-out
-    losses, 0.434 and 0.458, do not tie (docs/benchmarks.md, "The probe").
+    correct images ties between neighbouring penalties to within a few images, and the kernels'
+    rounding then chooses one or the other. The default run's untrained network (seed 2) held out
+    5,035 and 5,031 of 6,000 right at 1e-3 and 1e-2 with AVX-512 kernels, 5,034 and 5,036 with AVX2
+    kernels, penalties whose test accuracies differ by 1.05 points; its held-out losses, 0.434 and
+    0.458 with either kernels, do not tie (docs/benchmarks.md section 5). Held-out rows of a class
+    the fit part lacks (a class with fewer rows than folds) are left out of the loss: wrong at every
+    penalty, their loss falls as the penalty grows, whatever the features.
     The grid is walked from the strongest to the weakest penalty, each fold's fit warm-started from
     its previous solution (a regularisation path), and the final fit on all training data starts
     from the first fold's fit at the selected penalty (`stats`, when given, standardise every fit;
@@ -150,15 +167,18 @@ def linear_probe(
     the best so far, a tie included (held-out accuracy and loss along an L2 path improve, peak and
     worsen; the stronger of two tied penalties is kept).
     The selection fits stop at `select_iter` iterations: on the default Fashion-MNIST encoder
-    (60000 x 12544 features) 50 instead of 100 picked the same L2 and gave 92.14 against 92.16%
+    (60000 x 12544 features, selection by accuracy) 50 instead of 100 picked the same L2 and gave 92.14 against 92.16%
     test accuracy in 192 against 266 s (docs/benchmarks.md, "The probe"); the final fit runs to
     convergence (it stopped before 150 of its `max_iter` iterations there).
     """
+    if select_by not in ("loss", "accuracy"):
+        raise ValueError(f"select_by is 'loss' or 'accuracy', not {select_by!r}")
     train_y, test_y = class_labels(train_x, train_y, "the training"), class_labels(test_x, test_y, "the test")
     require_finite(train_x, "the training features")
     require_finite(test_x, "the test features")
     k = int(max(int(train_y.max()), int(test_y.max())) + 1)
-    best_l2, best_score, best_val, best_loss, best_model = l2_grid[0], -float("inf"), -1.0, float("nan"), None
+    best_l2, best_score, best_val, best_loss, best_model = l2_grid[0], -math.inf, -1.0, math.nan, None
+    path: list[tuple[float, float, float]] = []
     folds = min(folds, len(train_y))
     if len(l2_grid) > 1 and folds > 1:
         fold = torch.from_numpy(stratified_folds(train_y.cpu().numpy(), folds, seed)).to(train_y.device)
@@ -166,20 +186,24 @@ def linear_probe(
         previous: list[LogisticModel | None] = [None] * len(parts)
         held_out = sum(int(val.sum()) for val, _ in parts)
         for l2 in sorted(l2_grid, reverse=True):
-            correct, loss = 0.0, 0.0
+            correct, loss, scored = 0.0, 0.0, 0
             for p, (val, fit) in enumerate(parts):
                 previous[p] = model = fit_logistic_regression(train_x[fit], train_y[fit], k, l2, select_iter,
                                                               init=previous[p], feature_dtype=feature_dtype, stats=stats)
-                logits = model.logits(train_x[val])
-                correct += float((logits.argmax(1) == train_y[val]).sum())
-                loss += float(F.cross_entropy(logits, train_y[val], reduction="sum"))
-            acc, loss = correct / held_out, loss / held_out
-            score = -loss if select_by == "loss" else acc
-            if score > best_score:
+                logits, yv = model.logits(train_x[val]), train_y[val]
+                correct += float((logits.argmax(1) == yv).sum())
+                seen = torch.isin(yv, train_y[fit].unique())
+                loss += float(F.cross_entropy(logits[seen], yv[seen], reduction="sum"))
+                scored += int(seen.sum())
+            acc, loss = correct / held_out, (loss / scored if scored else math.nan)
+            path.append((l2, acc, loss))
+            # a loss that is not finite (no row scored, an overflow) ranks last; the first penalty is always taken
+            score = acc if select_by == "accuracy" else -loss if math.isfinite(loss) else -math.inf
+            if best_model is None or score > best_score:
                 best_l2, best_score, best_val, best_loss, best_model = l2, score, acc, loss, previous[0]
             elif stop_early:
                 break  # the held-out score worsened: the weaker penalties overfit more still
     model = fit_logistic_regression(train_x, train_y, k, best_l2, max_iter, init=best_model, feature_dtype=feature_dtype,
                                     stats=stats)
     return ProbeResult(model.accuracy(test_x, test_y), best_l2, best_val, model.accuracy(train_x, train_y), best_loss,
-                       model)
+                       tuple(path), model)

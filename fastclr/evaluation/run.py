@@ -35,7 +35,7 @@ from fastclr.evaluation.supervised import supervised_baseline
 from fastclr.evaluation.table import format_table
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import LoadedRun, load_run, run_data
-from fastclr.evaluation.probe import linear_probe
+from fastclr.evaluation.probe import linear_probe, probe_record
 from fastclr import config as config_mod
 from fastclr.files import read_json, unwritable
 from fastclr.runs import read_metrics, write_json
@@ -80,8 +80,7 @@ def _linear(c: Context) -> dict[str, Any]:
     for which, xtr, xte in _both(c):
         res = linear_probe(xtr, torch.from_numpy(s.train_labels), xte, torch.from_numpy(s.test_labels),
                            feature_dtype=c.run.precision.feature_dtype)
-        entry = {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy, "val_loss": res.val_loss,
-                 "train_accuracy": res.train_accuracy}
+        entry = probe_record(res)
         if which == "trained":
             out.update(entry, labels=len(s.train_labels))
         else:

@@ -16,7 +16,7 @@ from fastclr.config import Config, weights_seed
 from fastclr.data import Dataset
 from fastclr.evaluation.features import features_of
 from fastclr.evaluation.knn import knn_accuracy
-from fastclr.evaluation.probe import ProbeResult, linear_probe
+from fastclr.evaluation.probe import ProbeResult, linear_probe, probe_record
 from fastclr.evaluation.reference import small_lift, untrained_encoder
 from fastclr.models import EncoderSpec
 from fastclr.runtime import Precision
@@ -90,8 +90,7 @@ def final_probe(encoder: nn.Module, dataset: Dataset, spec: EncoderSpec, device:
     `eval.untrained_reference`, the same probe on the same network untrained and the lift."""
     t0 = time.perf_counter()
     res = probe_encoder(encoder, dataset, spec, device, cfg, precision)
-    record: dict[str, Any] = {"accuracy": res.accuracy, "l2": res.l2, "val_accuracy": res.val_accuracy,
-                              "train_accuracy": res.train_accuracy}
+    record = probe_record(res)
     versus = ""
     if cfg.eval.untrained_reference and spec.rebuildable:
         ref = probe_encoder(untrained_encoder(spec, weights_seed(cfg), device), dataset, spec, device, cfg, precision)
