@@ -72,7 +72,7 @@ _WHERE = {name: module for module, names in {
 def _lazy(name: str) -> Any:
     if name in _WHERE:
         value = getattr(importlib.import_module(_WHERE[name]), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"fastclr.{name}") is not None:  # `fastclr.models.ResNet` after `import fastclr`
+    elif name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"fastclr.{name}") is not None:  # `fastclr.models.ResNet` after `import fastclr`
         value = importlib.import_module(f"fastclr.{name}")
     else:
         raise AttributeError(f"module 'fastclr' has no attribute {name!r}")

@@ -100,11 +100,13 @@ def written_config(path: Path) -> bool:
 
 
 def settings_alone(path: Path) -> bool:
-    """Whether `path` holds nothing but settings, as a run writes them (`write_config`), of this
-    version or an earlier one (which wrote fewer keys: a killed run of it was refused, said to hold
-    "comments, layout"): replacing it with a run's own loses no comment or layout of the user's."""
+    """Whether `path` holds nothing but settings, as a run of this version or an earlier one (fewer
+    keys) writes them (`write_config`, RECORDED among them): replacing it with a run's own loses no
+    comment, layout or choice of keys of the user's."""
     try:
         flat = read_toml(path)
+        if not RECORDED <= set(flat):  # a user's short file of the same form: which keys they chose is theirs
+            return False
         apply_overrides(Config(), flat)  # every name and value one this version knows
         sections: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
@@ -269,8 +271,7 @@ class MetricsLog:
         """(step, is a kNN record) of the records past the checkpoint TensorBoard and the trackers
         were sent before this process: a resumed run replays those steps, and they have them."""
         self._tb: Any = None
-        # Opened at the first record: a run refused before it (a resume whose settings differ) left an
-        # empty event file in tb/.
+        # Opened at the first record, so that a run refused before it leaves no empty event file in tb/.
         self._tb_wanted = enabled and importlib.util.find_spec("tensorboard") is not None  # an optional dependency
 
     def _writer(self) -> Any:
@@ -323,6 +324,7 @@ class MetricsLog:
             t.metrics(values, record["step"])
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard; a record after this opens no writer."""
+        self._tb_wanted = False
         if self._tb is not None:
             self._tb.close()

@@ -1011,6 +1011,7 @@ def test_settings_alone_of_an_earlier_version_may_be_replaced_and_a_users_layout
     earlier = "".join(line for line in now.splitlines(keepends=True) if not line.startswith("knn_k = "))
     assert earlier != now
     for text, alone in ((now, True), (earlier, True), ("# mine\n" + now, False), (now.replace("\n[", "\n\n[", 1), False),
-                        (now.replace("batch_size = ", "batch_size= ", 1), False), (now + "[train]\nbatchsize = 8\n", False)):
+                        (now.replace("batch_size = ", "batch_size= ", 1), False), (now + "[train]\nbatchsize = 8\n", False),
+                        ("[train]\nepochs = 100.0\n", False)):  # a user's short file, of a run's form
         (tmp_path / "config.toml").write_text(text, encoding="utf-8")
         assert settings_alone(tmp_path / "config.toml") is alone, text[:80]

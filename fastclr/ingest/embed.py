@@ -143,11 +143,11 @@ def embed_images(run: LoadedRun, images: np.ndarray, device: torch.device, batch
 
 
 def output_paths(out: Path) -> tuple[Path, Path]:
-    """FILE.npy and FILE.csv for `--out FILE[.npy|.csv]` (where FILE.npy is a link, beside its target),
+    """FILE.npy and FILE.csv for `--out FILE[.npy|.csv]` (where the file named or FILE.npy is a link, at its target),
     refused before any work where they cannot be written (their folder is made with them: a refused
     command leaves nothing). A folder's skipped files go to FILE.skipped.csv."""
     refuse_nameless(out)
-    if out.suffix in (".npy", ".csv"):  # `--out latest.csv`, a link, was replaced by a file beside a new .npy
+    if out.suffix in (".npy", ".csv"):  # `--out latest.csv`, a link to an index: the pair goes where it leads
         out = through_link(out)
     npy = out.with_suffix(".npy") if out.suffix in (".npy", ".csv") else out.with_name(out.name + ".npy")
     npy = through_link(npy)  # a link is written through, as `export --out`: its target's name names the pair
