@@ -639,13 +639,13 @@ def test_a_run_killed_before_its_config_was_written_can_start_again_in_its_direc
     left .lock and tb/ alone: the same command, `--resume auto` too, was refused as "files that are
     not a fastclr run (tb)", until the user deleted the folder. Its events are its own; a tb/
     holding anything else is still the user's."""
-    from fastclr.runs import MetricsLog
-
     pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text("PID 1 on elsewhere", encoding="utf-8")
-    MetricsLog(run, enabled=True).close()  # what build_run starts before config.toml
+    SummaryWriter(str(run / "tb")).close()  # what build_run started before config.toml until 2026-12-07
     assert [p.name for p in (run / "tb").iterdir()][0].startswith("events.out.tfevents.")
     res = pretrain(tiny_config(run, train__epochs=1.0), dataset=tiny_dataset(), **QUIET)
     assert res.steps == 6 and (run / "config.toml").is_file()
