@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fastclr.errors import FastclrError, out_of_memory
+from fastclr.tensor_file import raw_bytes
 from fastclr.files import WriteFailed, atomic_write, fsync_path
 from fastclr.version import __version__
 
@@ -52,7 +53,7 @@ def _digest(obj: Any, h: "hashlib._Hash") -> None:
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # read in place: a copy would double the state's memory
+            h.update(raw_bytes(t))
     elif isinstance(obj, dict):
         h.update(f"D{len(obj)}".encode())
         for k in sorted(obj, key=repr):

@@ -22,6 +22,11 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.bool: "BOOL"}
 
 
+def raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, read in place (a copy would double its memory)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
 def safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Callable[[IO[bytes]], None]:
     """A writer of `tensors` and `metadata` as a safetensors file, for `atomic_write`. Tensors are
     laid out by element size, largest first, then by name, so that each starts aligned to its
@@ -46,6 +51,6 @@ def safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str
         for name in order:
             t = held[name]
             if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own memory, not a copy
+                f.write(raw_bytes(t))
 
     return write

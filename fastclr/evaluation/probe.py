@@ -185,16 +185,17 @@ def linear_probe(
         parts = [(fold == f, fold != f) for f in (range(folds) if cross_validate else [0])]
         previous: list[LogisticModel | None] = [None] * len(parts)
         held_out = sum(int(val.sum()) for val, _ in parts)
+        # each part's held-out labels, and which of them the fit part has a class for (the same at every penalty)
+        labels = [(train_y[val], torch.isin(train_y[val], train_y[fit].unique())) for val, fit in parts]
+        scored = sum(int(seen.sum()) for _, seen in labels)
         for l2 in sorted(l2_grid, reverse=True):
-            correct, loss, scored = 0.0, 0.0, 0
-            for p, (val, fit) in enumerate(parts):
+            correct, loss = 0.0, 0.0
+            for p, ((val, fit), (yv, seen)) in enumerate(zip(parts, labels)):
                 previous[p] = model = fit_logistic_regression(train_x[fit], train_y[fit], k, l2, select_iter,
                                                               init=previous[p], feature_dtype=feature_dtype, stats=stats)
-                logits, yv = model.logits(train_x[val]), train_y[val]
+                logits = model.logits(train_x[val])
                 correct += float((logits.argmax(1) == yv).sum())
-                seen = torch.isin(yv, train_y[fit].unique())
                 loss += float(F.cross_entropy(logits[seen], yv[seen], reduction="sum"))
-                scored += int(seen.sum())
             acc, loss = correct / held_out, (loss / scored if scored else math.nan)
             path.append((l2, acc, loss))
             # a loss that is not finite (no row scored, an overflow) ranks last; the first penalty is always taken
