@@ -16,6 +16,8 @@ two views on the device, encoder + head, fp32 NT-Xent, backward, optimiser) with
                   commute, so h and every gradient are the same, checked before timing); the ReLUs then
                   see 4x (14 x 14 -> 7 x 7) and 5.4x (7 x 7 -> 3 x 3) fewer values. Timed against
                   pool-relu-ref (REFERENCE), not base: the default pools before BatchNorm and ReLU both.
+    untrimmed     each convolution that a 2x2 max-pool follows directly computes its whole map, the last
+                  row and column of the 7 x 7 map too, which that pool never reads (models.cnn.FloorPooledConv)
     compile       torch.compile of encoder + head and of the views' rendering (the loss stays eager)
     1-thread      torch.set_num_threads(1)
     blur          Gaussian blur on (p 0.5, sigma 0.1-2, the paper's ImageNet setting; off in the preset)
@@ -37,14 +39,14 @@ from torch import nn
 
 from fastclr.data import load_data
 from fastclr.models import CNN_STAGES
-from fastclr.models.cnn import FlattenHWC, SmallCNN
+from fastclr.models.cnn import FlattenHWC, FloorPooledConv, SmallCNN
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
 from harness import add_keep_memory, keep_memory_if, real_step, report, timed
 
 VARIANTS = ("base", "fp32", "nchw", "no-s2d", "chw-flatten", "foreach-adamw", "pooled-3x3", "pool-relu-ref", "pool-relu",
-            "compile", "1-thread", "blur", "batch-128", "batch-256", "batch-512")
+            "untrimmed", "compile", "1-thread", "blur", "batch-128", "batch-256", "batch-512")
 REFERENCE = {"pool-relu": "pool-relu-ref"}
 """Levers of another encoder than the default, timed against that encoder unchanged (`32|256|fc512`,
 the default of 2026-12-03, is no longer `base`): run the reference first in the same --only."""
@@ -66,6 +68,12 @@ def encoder_for(variant: str) -> nn.Module | None:
         return pool_then_relu(SmallCNN(1, stages="32|256|fc512"))  # the default's order before it pooled first
     if variant == "pool-relu-ref":
         return SmallCNN(1, stages="32|256|fc512")
+    if variant == "untrimmed":
+        enc = SmallCNN(1)
+        for m in enc.modules():
+            if isinstance(m, FloorPooledConv):
+                m.trim = False
+        return enc
     return None
 
 

@@ -19,7 +19,7 @@ from fastclr.models import (
     resolve_encoder,
     use_cifar_stem,
 )
-from fastclr.models.cnn import Readout, SmallCNN, Stages, parse_stages
+from fastclr.models.cnn import FloorPooledConv, Readout, SmallCNN, Stages, parse_stages
 
 EXPECTED_DIM = {"cnn": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -164,6 +164,39 @@ def test_pool_first_stages_pool_each_conv_before_its_batchnorm(act: str) -> None
     torch.testing.assert_close(enc(x).double(), _by_hand(x, enc, act), rtol=1e-4, atol=1e-5)
     # 14 px views (multi-crop) end at 3 x 3 before the readout's pool, which lets them pass
     assert enc.features(torch.randn(2, 1, 14, 14)).shape == (2, 16, 3, 3) and enc(torch.randn(2, 1, 14, 14)).shape == (2, 32)
+
+
+@pytest.mark.parametrize("size", [28, 26, 14])
+def test_a_convolution_a_pool_follows_computes_only_what_the_pool_reads(size: int) -> None:
+    """The default's 7 x 7 map (28 px) loses its last row and column to the 2x2 pool: the conv
+    before it leaves them out (6 x 6), and h and every gradient are those of the whole map
+    (float64, BatchNorm in training mode with its affine moved off 1 and 0). 26 px trims the 13 x 13
+    map of the first stage instead; 14 px views (multi-crop) trim the first stage's 7 x 7 and end at
+    3 x 3, which the readout's pool passes as it is, so the last conv computes all of it."""
+    torch.manual_seed(0)
+    enc = SmallCNN(1).double()
+    for m in enc.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.normal_(m.weight), nn.init.normal_(m.bias)
+    convs = [m for m in enc.modules() if isinstance(m, FloorPooledConv)]
+    assert [m.out_channels for m in convs] == [32, 256] and [m.keep for m in convs] == [0, 3]
+    sides: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1])) for m in convs]
+    x = torch.randn(5, 1, size, size, dtype=torch.float64)
+    h = enc(x)
+    grads = torch.autograd.grad(h.square().sum(), list(enc.parameters()))
+    assert sides == {28: [14, 6], 26: [12, 6], 14: [6, 3]}[size]  # 7 -> 6, 13 -> 12; 3 passes whole
+    for m in convs:
+        m.trim = False
+    whole = enc(x)
+    torch.testing.assert_close(h, whole, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, torch.autograd.grad(whole.square().sum(), list(enc.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for h_ in hooks:
+        h_.remove()
+    # an overlapping padded pool (sfc) reads every row: its conv stays whole; unpooled convs are plain
+    sfc = [type(m) for m in SmallCNN(1, stages="32p|256p|sfc512").modules() if isinstance(m, nn.Conv2d)]
+    assert sfc == [FloorPooledConv, nn.Conv2d]  # 32p (a 2x2 pool follows), 256p (sfc's pool)
 
 
 def test_pool_first_is_the_usual_order_when_batchnorm_keeps_the_order_of_values() -> None:

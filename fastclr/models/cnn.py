@@ -28,14 +28,53 @@ def activation(name: str) -> nn.Module:
     return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
 
 
+class FloorPooledConv(nn.Conv2d):
+    """A 3x3 convolution (padding 1, no bias) whose output goes straight into a 2x2 max-pool of
+    stride 2 (a stage written with a 'p'). On an odd side that pool never reads the last row and
+    column, so they are not computed: the map gets one zero row and column at the top and left only
+    and is convolved unpadded, which gives the same numbers at every row and column the pool reads,
+    and the same gradients (the rows left out had none). For the default's 7 x 7 map that is 13/49
+    fewer multiply-adds in its largest convolution (docs/benchmarks.md section 4, "The pooled
+    convolution's unread row"). The weights and their names are nn.Conv2d's, so checkpoints load
+    either way. `keep`: a side the pool passes as it is (`PoolTo`), where every row is read;
+    `trim`: False computes the whole map (the reference the benchmark and tests compare with)."""
+
+    def __init__(self, cin: int, cout: int, keep: int = 0) -> None:
+        super().__init__(cin, cout, 3, padding=1, bias=False)
+        self.keep, self.trim = keep, True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, cout, H - H % 2, W - W % 2), or (B, cout, H, W) where the pool reads all."""
+        h, w = x.shape[-2:]
+        # the pool passes a map of side `keep` as it is; a trimmed map of that side would pass too
+        if not self.trim or (h % 2 == 0 and w % 2 == 0) or self.keep in (w, w - 1):
+            return super().forward(x)
+        padded = nn.functional.pad(x, (1, 1 - w % 2, 1, 1 - h % 2))
+        if x.is_contiguous(memory_format=torch.channels_last):  # pad returns channels_last, but keep it so
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        return nn.functional.conv2d(padded, self.weight)
+
+
+def floor_pool_keep(pool: nn.Module) -> int | None:
+    """For a 2x2 max-pool of stride 2, unpadded (plain or in `PoolTo`): the side it passes as it is
+    (0: none). None for any other pool, which may read every row (sfc's padded 3x3)."""
+    inner = pool.pool if isinstance(pool, PoolTo) else pool
+    if not isinstance(inner, nn.MaxPool2d) or (inner.kernel_size, inner.stride, inner.padding) not in (
+            (2, 2, 0), ((2, 2), (2, 2), (0, 0))):
+        return None
+    return pool.side if isinstance(pool, PoolTo) else 0
+
+
 def conv_bn_act(cin: int, cout: int, pool: nn.Module | None = None, act: str = "relu") -> list[nn.Module]:
     """3x3 convolution (no bias: BatchNorm follows), then `pool` if given, BatchNorm, activation.
 
     Pooling before the BatchNorm and activation runs them on a map 4x (2x2 pool) smaller; on the
     CPU they and their backward are memory-bound passes that cost more than the convolution
-    (docs/benchmarks.md section 4)."""
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), *([pool] if pool is not None else []),
-            nn.BatchNorm2d(cout), activation(act)]
+    (docs/benchmarks.md section 4). A convolution that a 2x2 pool follows directly computes only
+    the rows and columns that pool reads (`FloorPooledConv`)."""
+    keep = floor_pool_keep(pool) if pool is not None else None
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False) if keep is None else FloorPooledConv(cin, cout, keep)
+    return [conv, *([pool] if pool is not None else []), nn.BatchNorm2d(cout), activation(act)]
 
 
 class FlattenHWC(nn.Module):
