@@ -19,7 +19,7 @@ from fastclr.errors import FastclrError, PeerFailure, out_of_memory
 from fastclr.files import WriteFailed, is_write_error, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
 from fastclr.streams import outliving_readers, shown
-from fastclr.evaluation.cli import add_eval_commands
+from fastclr.evaluation.cli import add_eval_commands, memory_fix
 from fastclr.ingest.commands import add_ingest_commands
 from fastclr.semisup.commands import add_semisup_commands
 from fastclr.presets import config_for, preset_name, saved_overrides
@@ -488,7 +488,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         memory = "GPU" if "CUDA" in str(e) or "HIP" in str(e) else "device" if "MPS" in str(e) else "system"
         asked = f"asked for {size} more and the {memory} refused it" if size else f"ran out of {memory} memory"
-        fix = MEMORY_FIX.get(args.command, "")
+        fix = memory_fix(args.protocols) if args.command == "evaluate" else MEMORY_FIX.get(args.command, "")
         _error(f"error: out of memory: fastclr {args.command} {asked}; {fix + ', or ' if fix else ''}run where there is "
                "more memory; files already complete were kept")
         return EXIT_USAGE
@@ -516,11 +516,11 @@ def _refuse_ranks(command: str) -> None:
                            "without torchrun (only pretrain trains across processes)")
 
 
-MEMORY_FIX = {"pretrain": "give a smaller --batch-size or --width", "evaluate": "give a smaller --batch-size or "
-              "--quality-images", "embed": "give a smaller --batch-size", "finetune": "give a smaller --batch-size",
+MEMORY_FIX = {"pretrain": "give a smaller --batch-size or --width", "embed": "give a smaller --batch-size", "finetune": "give a smaller --batch-size",
               "distill": "give a smaller --batch-size or --student-width", "distil": "give a smaller --batch-size or "
               "--student-width"}
-"""What a command can be given to need less memory (the others' needs are the run's own)."""
+"""What a command can be given to need less memory (the others' needs are the run's own; evaluate's
+depend on its protocols: `evaluation.cli.memory_fix`)."""
 
 
 def _error(line: str) -> None:

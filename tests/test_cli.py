@@ -278,6 +278,32 @@ def test_out_of_memory_is_one_line_naming_the_size_and_the_fix(error: Exception,
                                        "files already complete were kept\n")
 
 
+@pytest.mark.parametrize("protocols, fix", [
+    (None, "give a smaller --batch-size or --quality-images, or fewer --protocols, or "),
+    ("linear,knn", "give fewer --protocols, or "),
+    ("linear", ""),
+    ("supervised", "give a smaller --batch-size, or "),
+    ("quality,finetune", "give a smaller --batch-size or --quality-images, or fewer --protocols, or "),
+    ("all", "give a smaller --batch-size or --quality-images, or fewer --protocols, or "),
+])
+def test_evaluate_out_of_memory_names_only_the_flags_its_protocols_use(protocols: str | None, fix: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """--batch-size sets only the runs that train (supervised, finetune) and --quality-images only the
+    label-free measures: the advice named both for `--protocols linear`, where neither lowers anything."""
+    import fastclr.evaluation.cli
+    from fastclr.cli import main
+
+    def fails(args: object) -> int:
+        raise MemoryError("Unable to allocate 1.50 GiB for an array with shape (60000, 6700) and data type float32")
+
+    monkeypatch.setattr(fastclr.evaluation.cli, "cmd_evaluate", fails)
+    argv = ["evaluate", str(tmp_path)] + ([] if protocols is None else ["--protocols", protocols])
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("error: out of memory: fastclr evaluate asked for 1.5 GiB more and the system "
+                                       f"refused it; {fix}run where there is more memory; files already complete were kept\n")
+
+
 # Limits its own address space to what it holds once torch and fastclr are imported, plus 2 GiB: a
 # fixed limit depended on the build (CUDA's libraries map gigabytes) and the machine (thread stacks).
 UNDER_A_LIMIT = """import resource, sys

@@ -49,6 +49,28 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
     return options
 
 
+MEMORY_USERS = (("--batch-size", ("supervised", "finetune")), ("--quality-images", ("quality",)))
+"""evaluate's flags that lower its memory, and the protocols whose memory each one sets."""
+
+
+def memory_fix(protocols: str | None) -> str:
+    """What `fastclr evaluate --protocols PROTOCOLS` (None: the defaults) can be given to need less
+    memory: a smaller --batch-size where a protocol trains with it, a smaller --quality-images for the
+    label-free measures, fewer protocols where it runs several; "" when none applies (one protocol
+    that holds only the run's features)."""
+    from fastclr.evaluation.run import parse_protocols
+
+    try:
+        names = EvaluateOptions().protocols if protocols is None else parse_protocols(protocols)
+    except FastclrError:  # not reached: the command checks its protocols before it computes
+        names = ()
+    smaller = [flag for flag, users in MEMORY_USERS if any(p in names for p in users)]
+    parts = [f"a smaller {' or '.join(smaller)}"] if smaller else []
+    if len(names) > 1:
+        parts.append("fewer --protocols")
+    return f"give {', or '.join(parts)}" if parts else ""
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Run the evaluation protocols on a run, print the table, save eval.json."""
     from fastclr.evaluation.run import evaluate
