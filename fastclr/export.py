@@ -1,7 +1,8 @@
 """The encoder f alone, exported as safetensors (no pickle: loading it cannot run code).
 
 Metadata (strings) records how to rebuild the module: encoder name, input channels and size,
-width, stem, feature dimension, the input standardisation and the library version.
+width, stem, feature dimension, the input standardisation, the library version and a checksum of
+the weights.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from fastclr.checkpoint import content_sha256
 from fastclr.extras import install_command
 from fastclr.files import atomic_write, atomic_write_all, through_link
 from fastclr.errors import FastclrError
@@ -34,9 +36,12 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content
                  checkpoint_step: int | None = None) -> Path:
     """Write the encoder's state and its spec (as JSON metadata) to `path`; `data_content`: the
     content identity of the store it was trained on (`Dataset.content`), read by `exported_data_content`;
-    `checkpoint_step`: the step of the checkpoint it came from, for a run that had not finished."""
+    `checkpoint_step`: the step of the checkpoint it came from, for a run that had not finished.
+    `weights_sha256` (the checkpoints' content hash of the weights) lets `load_encoder` refuse a file
+    whose numbers changed after it was written: a bit flipped on disk loads and gives wrong h."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    info = dict(spec.to_dict(), fastclr_version=__version__, **({"data_content": data_content} if data_content else {}),
+    info = dict(spec.to_dict(), fastclr_version=__version__, weights_sha256=content_sha256(state),
+                **({"data_content": data_content} if data_content else {}),
                 **({"checkpoint_step": checkpoint_step} if checkpoint_step is not None else {}))
     meta = {"fastclr": json.dumps(info)}
     atomic_write(path, safetensors_writer(state, meta))
@@ -80,6 +85,8 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     from fastclr.runtime import loading_device
 
     path, device = Path(path), loading_device(device)
+    if not path.exists():  # said as the file being unreadable, with "export it again"
+        raise FastclrError(f"{path} does not exist; give a run directory or an encoder file")
     if path.is_dir():
         if not (path / ENCODER_FILE).is_file():
             raise FastclrError(f"{path} is a directory without {ENCODER_FILE}; give a run directory whose "
@@ -98,6 +105,13 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
                                f"its {ENCODER_FILE} (a run's encoder in that form: `fastclr export RUN --out "
                                "enc.safetensors`)") from None
         raise UnreadableExport(path, f"is not a readable safetensors encoder ({e})") from None
+    if meta.get("naming") == "torchvision":  # fastclr's own export, in another's names: "not exported by fastclr" was wrong
+        raise FastclrError(f"{path} holds a ResNet in torchvision's parameter names (`fastclr export --format "
+                           "torchvision`), for torchvision's resnet; give the run directory or its own "
+                           f"{ENCODER_FILE} to load it here")
+    if "classifier" in meta:  # finetune's or distill's: "does not match the architecture" sent the user the wrong way
+        raise FastclrError(f"{path} is a classifier (`fastclr finetune` or `distill`); load it with "
+                           "fastclr.load_classifier")
     if "fastclr" not in meta:
         raise FastclrError(f"{path} carries no fastclr metadata; it was not exported by fastclr")
     try:
@@ -106,6 +120,9 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # AttributeError: a record that is not a dict
         raise UnreadableExport(path, f"has fastclr metadata that is damaged or from a version this one cannot read "
                                      f"({type(e).__name__}: {e})", " from its run") from None
+    recorded = info.get("weights_sha256")  # exports before 2026-12-07 record none
+    if recorded is not None and content_sha256(state) != recorded:
+        raise UnreadableExport(path, "is damaged: its weights differ from the checksum written with them", " from its run")
     if module is None and not spec.rebuildable:
         raise FastclrError(f"{path} holds your own encoder module (trained with pretrain(cfg, encoder=...)), which "
                            "cannot be rebuilt by name: in Python, fastclr.load_encoder(path, module=your_module); the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,8 @@ from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, 
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError, first_sentence, warn_stderr
 from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
-from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec
+from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec, resolve_encoder
+from fastclr.models.cnn import parse_stages
 from fastclr.presets import preset_name, saved_overrides
 from fastclr.locks import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
@@ -108,6 +110,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
     if loaded is not None:
         encoder, spec = loaded
         cfg = recorded_config(cfg_path)
+        refuse_foreign(export, spec, cfg_path, cfg)
         content = exported_data_content(export)
     else:
         skipped: list[str] = []  # a damaged newer one is named, not passed over
@@ -148,6 +151,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
             raise FastclrError(f"{ckpt} ({written_by}) records its settings in a form this version cannot read "
                                f"({type(e).__name__}: {str(e)[:200]}); use that version, or finish the run with it "
                                "to export the encoder") from None
+        if cfg_path.exists():  # the checkpoint's own settings built it: the run's must name the same network
+            refuse_foreign(ckpt, spec, cfg_path, recorded_config(cfg_path))
         content = str(state.get("data_content", ""))
     encoder.eval()
     cfg = with_moved_store(cfg, run, content, log)
@@ -163,6 +168,40 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
         log(f"note: computing in {prec.name} ({prec.reason}); {run} trained in {cfg.train.precision}, so figures "
             "computed here can differ in their last digits from those its training printed")
     return LoadedRun(run, encoder, spec, cfg, prec, checkpoint_step, content)
+
+
+def against_config(spec: EncoderSpec, cfg: Config, recorded: set[str]) -> list[str]:
+    """Where an encoder's record (an export's metadata, a checkpoint's model_info) names another
+    network than a run's settings `cfg` (its config.toml, whose keys are `recorded`): the encoder
+    (`auto` as it resolves at the record's image side), the width (unless `auto`, as earlier versions
+    recorded it) and a cnn's stage spec (compared parsed). Empty where they agree."""
+    m, said = cfg.model, []
+    try:
+        name = resolve_encoder(m.encoder, spec.image_size)
+    except FastclrError:  # a name this version does not know: named as it is written
+        name = m.encoder
+    if spec.rebuildable and spec.encoder != name:
+        said.append(f"encoder {spec.encoder}, not {name}")
+    if m.width and not math.isclose(spec.width, m.width, rel_tol=1e-9):
+        said.append(f"width {spec.width:g}, not {m.width:g}")
+    if spec.encoder == "cnn" and spec.stages and "model.cnn_stages" in recorded:
+        try:
+            same = parse_stages(spec.stages) == parse_stages(m.cnn_stages)
+        except FastclrError:
+            same = False
+        if not same:
+            said.append(f"stages {spec.stages}, not {m.cnn_stages}")
+    return said
+
+
+def refuse_foreign(weights: Path, spec: EncoderSpec, cfg_path: Path, cfg: Config) -> None:
+    """One line when the run's weights file is another network than its config.toml names: a file
+    of another run put in its place loaded, and every command computed that network's h without a
+    word."""
+    said = against_config(spec, cfg, set(saved_overrides(cfg_path)))
+    if said:
+        raise FastclrError(f"{weights} is another network than {cfg_path} records ({', '.join(said)}): a file from "
+                           "another run? Put the run's own file back, or use the run that file came from")
 
 
 def recorded_config(path: Path) -> Config:

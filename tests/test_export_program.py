@@ -395,3 +395,23 @@ def test_load_encoder_names_a_wrong_device_or_a_file_of_another_kind_not_a_damag
     program = export_encoder(encoder, spec, "", "torch-export", tmp_path / "enc.pt2")[0]
     with pytest.raises(FastclrError, match=re.escape(f"{program} is a torch.export program (.pt2), not a fastclr")):
         load_encoder(program)
+    # a path that is not there was "not a readable safetensors encoder (No such file ...); export it again"
+    with pytest.raises(FastclrError, match=re.escape(f"{tmp_path / 'nope'} does not exist; give a run directory or an "
+                                                     "encoder file")):
+        load_encoder(tmp_path / "nope")
+    # fastclr's own files of other kinds: they were "not exported by fastclr", and "of another architecture"
+    from fastclr.semisup.network import Classifier, save_classifier
+
+    resnet = build_encoder("resnet18", 3, 32, 1.0, "on")
+    tv_spec = EncoderSpec("resnet18", 3, 32, 1.0, "on", resnet.feature_dim, (0.5,) * 3, (0.25,) * 3)
+    tv = export_encoder(resnet, tv_spec, "", "torchvision", tmp_path / "tv.safetensors")[0]
+    with pytest.raises(FastclrError, match=re.escape(f"{tv} holds a ResNet in torchvision's parameter names (`fastclr "
+                                                     "export --format torchvision`)")):
+        load_encoder(tv)
+    classifier = save_classifier(tmp_path / "classifier.safetensors",
+                                 Classifier(encoder, torch.nn.Sequential(), torch.nn.Linear(spec.feature_dim, 3)), spec,
+                                 ["a", "b", "c"])
+    with pytest.raises(FastclrError, match=re.escape(f"{classifier} is a classifier (`fastclr finetune` or `distill`); "
+                                                     "load it with fastclr.load_classifier")):
+        load_encoder(classifier)
+    assert load_classifier(classifier)[0].fc.out_features == 3  # (what that line sends the user to)

@@ -160,6 +160,85 @@ def test_a_damaged_export_gives_way_to_the_checkpoints_and_without_them_says_wha
         load_run(run, log=lambda s: None)
 
 
+def test_an_export_whose_weights_changed_on_disk_is_refused_and_the_checkpoints_used(tmp_path: Path) -> None:
+    """One exponent bit flipped in one weight of encoder.safetensors: the file still parses, and it
+    loaded and gave wrong h with exit 0. Its record's checksum (the checkpoints' content hash of the
+    weights as written) refuses it; a run falls back to its checkpoint, the trained weights bit for
+    bit. An export written before the checksum existed (no key) loads as before, and the checksum of
+    one file's weights is not carried into the spec other weights are saved with."""
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fastclr.checkpoint import content_sha256
+    from fastclr.export import ENCODER_FILE, UnreadableExport, load_encoder
+    from fastclr.pretrained import load_run
+
+    run = tmp_path / "run"
+    pretrain(tiny_config(run, train__epochs=1.0), dataset=tiny_dataset(), **QUIET)
+    export = run / ENCODER_FILE
+    trained = {k: v.clone() for k, v in load_file(str(export)).items()}  # (load_file maps the file: not after the flip)
+    with safe_open(str(export), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["fastclr"])["weights_sha256"] == content_sha256(trained)
+    assert "weights_sha256" not in load_encoder(export)[1].to_dict()
+    data = bytearray(export.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # the tensors' bytes follow the header
+    data[start + 3] ^= 0x01  # the first float's exponent: the same size, still a safetensors file
+    export.write_bytes(bytes(data))
+    with pytest.raises(UnreadableExport, match=re.escape(f"{export} is damaged: its weights differ from the checksum "
+                                                         "written with them; export it again from its run")):
+        load_encoder(export)
+    notes: list[str] = []
+    loaded = load_run(run, log=notes.append)
+    assert loaded.checkpoint_step == 6 and notes[0].startswith(f"note: {export} is damaged: its weights differ")
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.encoder.state_dict().items())
+    older = json.loads(meta["fastclr"])
+    del older["weights_sha256"]
+    save_file(trained, str(export), metadata={"fastclr": json.dumps(older)})
+    assert all(torch.equal(v, trained[k]) for k, v in load_encoder(export)[0].state_dict().items())
+
+
+def test_a_weights_file_of_another_run_put_in_a_runs_place_is_refused(tmp_path: Path) -> None:
+    """Another run's encoder.safetensors (or checkpoints) copied into a run directory loaded, and
+    `embed` or `export` computed that network's h under this run's name with exit 0. The record of
+    the network (export metadata, checkpoint model_info) is held against config.toml: width,
+    encoder (auto resolved at the record's side), the stage spec parsed, so a spelling that builds
+    the same network passes."""
+    import shutil
+
+    from fastclr.export import ENCODER_FILE
+    from fastclr.pretrained import load_run
+
+    ds = tiny_dataset()
+    for name, over in (("mine", {}), ("wider", {"model__width": 0.25}), ("stages", {"model__cnn_stages": "8|16|fc32"})):
+        pretrain(tiny_config(tmp_path / name, train__epochs=1.0, **over), dataset=ds, **QUIET)
+    mine = tmp_path / "mine"
+    for other, said in (("wider", "width 0.25, not 0.125"), ("stages", "stages 8|16|fc32, not 32,32,32p|256p|fc512")):
+        run = tmp_path / f"copy-{other}"
+        shutil.copytree(mine, run)
+        shutil.copy(tmp_path / other / ENCODER_FILE, run / ENCODER_FILE)
+        with pytest.raises(FastclrError, match=re.escape(f"{run / ENCODER_FILE} is another network than "
+                                                         f"{run / 'config.toml'} records ({said}): a file from another "
+                                                         "run? Put the run's own file back, or use the run that file "
+                                                         "came from")):
+            load_run(run, log=lambda s: None)
+        (run / ENCODER_FILE).unlink()  # the checkpoints then: another run's too
+        for p in list_checkpoints(run):
+            p.unlink()
+        for p in list_checkpoints(tmp_path / other):
+            shutil.copy(p, run / "checkpoints" / p.name)
+        with pytest.raises(FastclrError, match=re.escape(f"is another network than {run / 'config.toml'} records "
+                                                         f"({said})")):
+            load_run(run, log=lambda s: None)
+    # the same network written otherwise ("relu:" is the default activation) is the run's own
+    cfg = run / "config.toml"
+    cfg.write_text(cfg.read_text(encoding="utf-8").replace('cnn_stages = "32,32,32p|256p|fc512"',
+                                                           'cnn_stages = "relu:8|16|fc32"'), encoding="utf-8")
+    assert load_run(run, log=lambda s: None).spec.stages == "8|16|fc32"
+
+
 def test_a_runs_damaged_or_empty_config_is_named_by_the_commands_that_read_it(tmp_path: Path) -> None:
     """evaluate, report and export read a run's config.toml: a value out of range was told as
     "e.g. --temperature 0.2" (a flag none of them has) without naming the file, and an empty file

@@ -10,6 +10,9 @@ import torch
 # Runs saved before the stage spec was recorded all had a 32-channel first stage and a flattened
 # 7 x 7 last map, so their h width names the second stage's channels.
 _LEGACY_28PX = "32|{}|flat0"
+FILE_FACTS = ("weights_sha256",)
+"""Keys an export's record holds about that file's weights, not about the network: not carried into a spec
+that other weights (a fine-tuned copy, a checkpoint) are saved with."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class EncoderSpec:
         spec = cls(encoder=str(d["encoder"]), in_channels=int(d["in_channels"]), image_size=image_size,
                    width=float(d["width"]), cifar_stem=str(d["cifar_stem"]), feature_dim=dim,
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]), stages=stages,
-                   extra={k: v for k, v in d.items() if k not in known})
+                   extra={k: v for k, v in d.items() if k not in known and k not in FILE_FACTS})
         # What no network has (a damaged or crafted record): said here, not as a failure to build one
         if not (1 <= spec.in_channels <= 64 and 1 <= spec.image_size <= 65536 and 0 < spec.width <= 64
                 and len(spec.mean) == len(spec.std) == spec.in_channels and all(v > 0 for v in spec.std)):
