@@ -251,9 +251,25 @@ def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], 
                            "(a store prepared again with other --channels?); prepare it again as it was, or give "
                            "data of the run's kind")
     if run.data_content and dataset.content and dataset.content != run.data_content:
-        log(f"note: {dataset.name} changed since {run.run_dir} trained on it (prepared again: its images, labels or "
-            "splits differ); what follows is measured on it as it is now")
+        log(_prepared_again(dataset.name, run))
     return dataset
+
+
+def note_prepared_again(run: LoadedRun, store: Path, log: Callable[[str], None]) -> None:
+    """`run_data`'s note for a command that reads a store by its path (a folder decoded as the run's
+    store was prepared, a neighbour search): where `store` is the run's own and was prepared again
+    since the run trained on it, its images are decoded and read as they are now (another side,
+    another fit), and the figures differ from the same command's before, without a word."""
+    if not run.data_content or not names_a_store(run.config.data.name):
+        return
+    now = store_content(store)
+    if now and now != run.data_content and Path(run.config.data.name).resolve() == store.resolve():
+        log(_prepared_again(str(store), run))
+
+
+def _prepared_again(name: str, run: LoadedRun) -> str:
+    return (f"note: {name} changed since {run.run_dir} trained on it (prepared again: its images, labels or splits "
+            "differ); what follows is measured on it as it is now")
 
 
 MOVED_LEVELS = 4

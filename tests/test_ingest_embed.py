@@ -113,6 +113,32 @@ def test_a_folder_is_decoded_at_the_side_the_run_stored_not_its_crop(bars, tmp_p
         assert np.array_equal(np.load(a[0]), np.load(b[0])), data
 
 
+def test_a_runs_store_prepared_again_is_said_when_a_folder_is_decoded_or_searched_as_it(bars, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A folder embedded for a run is decoded as the run's store is prepared now, and a search reads
+    that store as it is now: prepared again at 36 px instead of 28, every row changed without a
+    word (evaluate and export said so). The note of `run_data`; none while the store is as it was."""
+    import dataclasses
+    import shutil
+
+    from fastclr.pretrained import store_content
+
+    root, _, _ = bars
+    store = tmp_path / "store"
+    prepare_store(root / "bars", store, DecodeOptions(28), workers=1, **QUIET)
+    run = dataclasses.replace(make_run(tmp_path / "run", data=str(store)), data_content=store_content(store))
+    query = next(p for p in sorted((root / "bars").rglob("*")) if p.is_file())
+    note = (f"note: {store} changed since {run.run_dir} trained on it (prepared again: its images, labels or splits "
+            "differ); what follows is measured on it as it is now")
+    for again in (False, True):
+        if again:
+            shutil.rmtree(store)
+            prepare_store(root / "bars", store, DecodeOptions(36), workers=1, **QUIET)
+        lines: list[str] = []
+        embed(run, str(root / "bars"), tmp_path / f"folder-{again}.npy", CPU, log=lines.append)
+        neighbours(run, store, query, 1, CPU, log=lines.append)
+        assert lines.count(note) == 2 * again, lines
+
+
 def test_a_folders_skipped_files_are_listed_beside_the_embeddings(bars, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedding a folder decodes it to a temporary store, removed afterwards: its list of skipped

@@ -32,7 +32,7 @@ from fastclr.ingest.builtin import block_rows, builtin_blocks
 from fastclr.ingest.decode import DecodeOptions, store_decoding
 from fastclr.ingest.prepare import prepare_store
 from fastclr.ingest.walk import IMAGE_EXTENSIONS, fastclr_folder
-from fastclr.pretrained import LoadedRun
+from fastclr.pretrained import LoadedRun, note_prepared_again
 from fastclr.runs import refuse_nameless, refuse_output, refuse_uncreatable
 from fastclr.evaluation.features import features_of, require_finite
 
@@ -214,6 +214,7 @@ def folder_decoding(run: LoadedRun, log: Callable[[str], None] = print) -> Decod
             "(--fit crop)")
         return DecodeOptions(run.spec.image_size, channels=str(c))
     store = read_store(Path(name))
+    note_prepared_again(run, Path(name), log)
     return store_decoding(store, int(store.images.shape[1]), c)
 
 

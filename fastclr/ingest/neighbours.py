@@ -26,7 +26,7 @@ from fastclr.evaluation.knn import cosine_topk
 from fastclr.ingest.decode import process_file, store_decoding
 from fastclr.ingest.embed import embed_images, match_channels
 from fastclr.ingest.walk import classify_file
-from fastclr.pretrained import LoadedRun
+from fastclr.pretrained import LoadedRun, note_prepared_again
 from fastclr.runs import refuse_nameless, refuse_output, refuse_unwritable_file
 from fastclr.evaluation.features import state_checksum
 
@@ -143,6 +143,7 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
         raise FastclrError(f"--data {store_path} is a built-in dataset; neighbours searches a store: write one with "
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")
     store = read_store(store_path)
+    note_prepared_again(run, store_path, log)
     image = decode_query(query, store)
     feats = store_features(run, store, device, log)
     q = embed_images(run, image[None], device)[0]
