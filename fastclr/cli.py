@@ -114,7 +114,8 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
         raise FastclrError(f"--resume {resume}: {what}; give the directory of an earlier run")
     saved = resume / "config.toml"
     if not saved.exists():
-        raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory")
+        raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory: give the directory an "
+                           "earlier `fastclr pretrain` wrote (`--resume auto` starts a run where there is none)")
     base = saved_overrides(saved)
     # What this command asks for, a --config file then flags, each with the epochs rule.
     file, flags = config_files(args), _overrides(args)

@@ -156,6 +156,12 @@ def test_a_run_whose_every_checkpoint_is_damaged_says_a_way_out_that_works(tmp_p
     with pytest.raises(FastclrError, match=rf"^--resume {re.escape(str(tmp_path / 'afile'))}: a file, not a run "
                                            r"directory; give the directory of an earlier run$"):
         resume_config(tmp_path / "afile", None)  # type: ignore[arg-type]
+    # an empty folder: what is wrong, and (it said nothing more) what to give instead
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FastclrError, match=rf"^{re.escape(str(tmp_path / 'empty'))} holds no config.toml; it is not a "
+                                           r"fastclr run directory: give the directory an earlier `fastclr pretrain` "
+                                           r"wrote \(`--resume auto` starts a run where there is none\)$"):
+        resume_config(tmp_path / "empty", None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "flip-bytes"])
@@ -446,6 +452,38 @@ def test_a_run_directory_belongs_to_one_process(tmp_path: Path, monkeypatch: pyt
     assert f"took over {run / '.lock'} from PID {first.pid} on {socket.gethostname()}, which is no longer running" \
         in capsys.readouterr().out
     assert not (run / ".lock").exists()  # released at the end
+
+
+def test_a_run_that_finishes_while_another_waits_for_its_lock_is_not_written_into(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run looks at its directory, then takes its lock, waiting up to half a second for an
+    owner. A run that finished and let go in that half second was taken: its TensorBoard events were
+    deleted, and config.toml, metrics.jsonl and encoder.safetensors became the second run's. Here the
+    other run finishes into the directory just before the lock is taken; the look is made again
+    with the lock held, and the finished run is left as it was."""
+    import shutil
+
+    import fastclr.pretraining.loop as loop
+    from fastclr.pretraining.loop import pretrain
+    from tiny import tiny_config, tiny_dataset
+
+    ds, done, run = tiny_dataset(), tmp_path / "done", tmp_path / "run"
+    pretrain(tiny_config(done, train__epochs=1.0), dataset=ds, progress=False, log=lambda s: None)
+    run.mkdir()
+    real = loop.RunLock
+
+    def finishing_first(run_dir: Path, log: object) -> object:  # the other run's last writes, then its lock let go
+        shutil.copytree(done, run_dir, dirs_exist_ok=True)
+        return real(run_dir, log)
+
+    monkeypatch.setattr(loop, "RunLock", finishing_first)
+    before = {p.relative_to(done): p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    assert {Path("encoder.safetensors"), Path("config.toml"), Path("metrics.jsonl")} <= set(before)
+    with pytest.raises(FastclrError, match=re.escape(f"{run} already holds a run; continue it with `fastclr pretrain "
+                                                     f"--resume {run}`, or choose a new --run-dir")):
+        pretrain(tiny_config(run, train__epochs=1.0, train__seed=7), dataset=ds, progress=False, log=lambda s: None)
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
 
 
 def test_a_directory_of_the_users_files_is_never_a_run_directory(tmp_path: Path) -> None:
