@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -529,6 +530,36 @@ def test_a_failed_download_into_a_root_names_the_copy_elsewhere_and_leaves_no_fo
     assert err.startswith(f"error: mnist could not be fetched into {tmp_path / 'R' / 'mnist'} (")
     assert f"a whole copy is in {tmp_path / 'system' / 'mnist'}: give --data-root {tmp_path / 'system'} to use it" in err
     assert not (tmp_path / "R").exists()
+    # a run's --data-root whose folder of the dataset is there and empty: "not found (looked in R/mnist,
+    # SYSTEM/mnist ...)", while SYSTEM/mnist held the whole dataset (the download goes to R, not a look there)
+    (tmp_path / "E" / "mnist").mkdir(parents=True)
+    with pytest.raises(FastclrError, match=re.escape(f"a whole copy is in {tmp_path / 'system' / 'mnist'}: give "
+                                                     f"--data-root {tmp_path / 'system'} to use it there")):
+        ensure("mnist", tmp_path / "E")
+
+
+def test_a_download_completing_uncompressed_files_fetches_and_names_only_the_missing_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root holding three of the four IDX files, uncompressed, as a user unpacks them: the download
+    of the rest began with the first file's .gz, present already as its unpacked file, and offline
+    its failure named that file (train-images), not the one missing."""
+    import gzip
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    folder = tmp_path / "R" / "mnist"
+    write_idx_dataset(folder, n_train=16, n_test=8)
+    for name in IDX_FILES:
+        (folder / name.removesuffix(".gz")).write_bytes(gzip.decompress((folder / name).read_bytes()))
+        (folder / name).unlink()
+    (folder / IDX_FILES[3].removesuffix(".gz")).unlink()
+    unreachable = tuple(RemoteFile((tmp_path / "nowhere" / f).as_uri(), "0" * 32) for f in IDX_FILES)
+    monkeypatch.setitem(REGISTRY, "mnist", dataclasses.replace(REGISTRY["mnist"], remote=unreachable))
+    with pytest.raises(FastclrError) as e:
+        ensure("mnist", tmp_path / "R")
+    fetched = [f for f in IDX_FILES if f"nowhere/{f}" in str(e.value)]  # the files the failure names as fetched
+    assert fetched == [IDX_FILES[3]], str(e.value)
 
 
 def _tar_with(tmp_path: Path, add: Any) -> Path:

@@ -419,6 +419,9 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
             into = dest if remote.extract else target
             if not remote.extract and (into / remote.filename).is_file() and file_md5(into / remote.filename) == remote.md5:
                 continue  # fetched whole by an interrupted download before: only the rest is missing
+            unpacked = into / remote.filename.removesuffix(".gz")
+            if not remote.extract and remote.filename.endswith(".gz") and unpacked.is_file() and not (into / remote.filename).exists():
+                continue  # there uncompressed: a failure to fetch the rest named this file, which is not missing
             fetch(remote, into)
     except DownloadWriteFailed:  # the disk, not the network: downloading by hand would fail alike
         raise
@@ -430,8 +433,8 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
             raise FastclrError(f"{folder} holds {count} of the {len(s.files)} files of {name}, and the rest could not "
                                f"be fetched ({e}); {hint}" + (f"; or give --data-root {whole.parent} to use the whole "
                                                               f"copy in {whole}" if whole else "")) from None
-        whole = _whole_copy(name, Path(root)) if root and only_root else None
-        if whole is not None:  # `download --root R`: not "not found" of a copy it had looked in
+        whole = _whole_copy(name, Path(root)) if root else None
+        if whole is not None:  # the root chosen gets the download: not "not found" of a copy it had looked in
             raise FastclrError(f"{name} could not be fetched into {target} ({e}); a whole copy is in {whole}: give "
                                f"--data-root {whole.parent} to use it there, or {hint}") from None
         raise FastclrError(f"{name} files not found (looked in {where}) and {e}; {hint}") from None
