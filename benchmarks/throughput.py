@@ -25,7 +25,6 @@ import torch
 
 from fastclr.data import load_data
 from fastclr.info import matmul_rate
-from fastclr.models.cnn import FloorPooledConv
 from fastclr.pretraining.losses import nt_xent_logits
 from fastclr.pretraining.model import build_model
 from fastclr.pretraining.optim import build_optimizer, param_groups
@@ -39,11 +38,9 @@ def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool
     """The usual recipe: PIL views from a DataLoader with `workers` processes, fp32 model.
 
     plain=True is what a plain PyTorch loop gets by default: the model in the default (NCHW)
-    memory format, every convolution an nn.Conv2d that computes its whole map (no
-    `FloorPooledConv` trim), and torch.optim.AdamW with its default implementation (on CPU the
-    per-parameter loop). plain=False hands the reference fastclr's model-level settings
-    (channels_last, the trim, the fused AdamW), so that ratio isolates the data path and the
-    arithmetic precision."""
+    memory format and torch.optim.AdamW with its default implementation (on CPU the per-parameter
+    loop). plain=False hands the reference fastclr's model-level settings (channels_last, the
+    fused AdamW), so that ratio isolates the data path and the arithmetic precision."""
     from reference_recipe import batches
 
     torch.manual_seed(0)
@@ -51,9 +48,6 @@ def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool
     model = build_model(ref_cfg, dataset, device)
     enc, head = model.encoder, model.head
     if plain:
-        for m in enc.modules():
-            if isinstance(m, FloorPooledConv):
-                m.trim = False
         groups = [{k: v for k, v in g.items() if k != "lars"} for g in param_groups([enc, head], cfg.optim.weight_decay)]
         opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
     else:

@@ -20,12 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from fastclr.checkpoint import content_sha256
 from fastclr.extras import install_command
 from fastclr.files import atomic_write, atomic_write_all, through_link
 from fastclr.errors import FastclrError
 from fastclr.models import EncoderSpec, encoder_from_spec
-from fastclr.tensor_file import safetensors_writer
+from fastclr.tensor_file import safetensors_writer, weights_sha256
 from fastclr.models.modes import in_eval_mode
 from fastclr.version import __version__
 
@@ -37,10 +36,10 @@ def save_encoder(path: Path, encoder: nn.Module, spec: EncoderSpec, data_content
     """Write the encoder's state and its spec (as JSON metadata) to `path`; `data_content`: the
     content identity of the store it was trained on (`Dataset.content`), read by `exported_data_content`;
     `checkpoint_step`: the step of the checkpoint it came from, for a run that had not finished.
-    `weights_sha256` (the checkpoints' content hash of the weights) lets `load_encoder` refuse a file
-    whose numbers changed after it was written: a bit flipped on disk loads and gives wrong h."""
+    `weights_sha256` (`tensor_file.weights_sha256`) lets `load_encoder` and `--init` refuse a file
+    whose numbers changed after it was written: a bit flipped on disk still parses, and loads."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    info = dict(spec.to_dict(), fastclr_version=__version__, weights_sha256=content_sha256(state),
+    info = dict(spec.to_dict(), fastclr_version=__version__, weights_sha256=weights_sha256(state),
                 **({"data_content": data_content} if data_content else {}),
                 **({"checkpoint_step": checkpoint_step} if checkpoint_step is not None else {}))
     meta = {"fastclr": json.dumps(info)}
@@ -85,7 +84,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     from fastclr.runtime import loading_device
 
     path, device = Path(path), loading_device(device)
-    if not path.exists():  # said as the file being unreadable, with "export it again"
+    if not path.exists():  # not a damaged export: nothing to export again
         raise FastclrError(f"{path} does not exist; give a run directory or an encoder file")
     if path.is_dir():
         if not (path / ENCODER_FILE).is_file():
@@ -105,11 +104,11 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
                                f"its {ENCODER_FILE} (a run's encoder in that form: `fastclr export RUN --out "
                                "enc.safetensors`)") from None
         raise UnreadableExport(path, f"is not a readable safetensors encoder ({e})") from None
-    if meta.get("naming") == "torchvision":  # fastclr's own export, in another's names: "not exported by fastclr" was wrong
+    if meta.get("naming") == "torchvision":  # fastclr's export in torchvision's names: for torchvision, not here
         raise FastclrError(f"{path} holds a ResNet in torchvision's parameter names (`fastclr export --format "
                            "torchvision`), for torchvision's resnet; give the run directory or its own "
                            f"{ENCODER_FILE} to load it here")
-    if "classifier" in meta:  # finetune's or distill's: "does not match the architecture" sent the user the wrong way
+    if "classifier" in meta:  # finetune's or distill's: its state holds a neck and fc beside the encoder
         raise FastclrError(f"{path} is a classifier (`fastclr finetune` or `distill`); load it with "
                            "fastclr.load_classifier")
     if "fastclr" not in meta:
@@ -121,7 +120,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
         raise UnreadableExport(path, f"has fastclr metadata that is damaged or from a version this one cannot read "
                                      f"({type(e).__name__}: {e})", " from its run") from None
     recorded = info.get("weights_sha256")  # exports before 2026-12-07 record none
-    if recorded is not None and content_sha256(state) != recorded:
+    if recorded is not None and weights_sha256(state) != recorded:
         raise UnreadableExport(path, "is damaged: its weights differ from the checksum written with them", " from its run")
     if module is None and not spec.rebuildable:
         raise FastclrError(f"{path} holds your own encoder module (trained with pretrain(cfg, encoder=...)), which "

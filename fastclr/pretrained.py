@@ -152,7 +152,12 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
                                f"({type(e).__name__}: {str(e)[:200]}); use that version, or finish the run with it "
                                "to export the encoder") from None
         if cfg_path.exists():  # the checkpoint's own settings built it: the run's must name the same network
-            refuse_foreign(ckpt, spec, cfg_path, recorded_config(cfg_path))
+            try:
+                recorded = recorded_config(cfg_path)
+            except FastclrError:  # damaged or emptied: the checkpoint's own settings are used, as they were
+                recorded = None
+            if recorded is not None:
+                refuse_foreign(ckpt, spec, cfg_path, recorded)
         content = str(state.get("data_content", ""))
     encoder.eval()
     cfg = with_moved_store(cfg, run, content, log)
@@ -187,7 +192,7 @@ def against_config(spec: EncoderSpec, cfg: Config, recorded: set[str]) -> list[s
     if spec.encoder == "cnn" and spec.stages and "model.cnn_stages" in recorded:
         try:
             same = parse_stages(spec.stages) == parse_stages(m.cnn_stages)
-        except FastclrError:
+        except (ValueError, FastclrError):  # a spec this version cannot parse: named as a difference
             same = False
         if not same:
             said.append(f"stages {spec.stages}, not {m.cnn_stages}")
@@ -200,8 +205,10 @@ def refuse_foreign(weights: Path, spec: EncoderSpec, cfg_path: Path, cfg: Config
     word."""
     said = against_config(spec, cfg, set(saved_overrides(cfg_path)))
     if said:
+        instead = ", or delete it to use the run's checkpoints" if weights.name == ENCODER_FILE and list_checkpoints(
+            weights.parent) else ""
         raise FastclrError(f"{weights} is another network than {cfg_path} records ({', '.join(said)}): a file from "
-                           "another run? Put the run's own file back, or use the run that file came from")
+                           f"another run? Put the run's own file back{instead}, or use the run that file came from")
 
 
 def recorded_config(path: Path) -> Config:
@@ -255,16 +262,19 @@ def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], 
     return dataset
 
 
-def note_prepared_again(run: LoadedRun, store: Path, log: Callable[[str], None]) -> None:
+def note_prepared_again(run: LoadedRun, store: Path, log: Callable[[str], None], folder: bool = False) -> None:
     """`run_data`'s note for a command that reads a store by its path (a folder decoded as the run's
     store was prepared, a neighbour search): where `store` is the run's own and was prepared again
     since the run trained on it, its images are decoded and read as they are now (another side,
-    another fit), and the figures differ from the same command's before, without a word."""
+    another fit), and the figures differ from the same command's before, without a word. `folder`:
+    said of a folder decoded as that store is prepared now."""
     if not run.data_content or not names_a_store(run.config.data.name):
         return
     now = store_content(store)
     if now and now != run.data_content and Path(run.config.data.name).resolve() == store.resolve():
-        log(_prepared_again(str(store), run))
+        log(f"note: {store} was prepared again since {run.run_dir} trained on it: the folder is decoded as it is "
+            "prepared now (its side or fit may differ from the images the run trained on)" if folder else
+            _prepared_again(str(store), run))
 
 
 def _prepared_again(name: str, run: LoadedRun) -> str:

@@ -10,6 +10,7 @@ short of that memory it ended in a Rust panic or abort, not a MemoryError the co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -25,6 +26,19 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 def raw_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, read in place (a copy would double its memory)."""
     return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The SHA-256 an export records of its weights (`weights_sha256`): over the names in sorted
+    order, each name, dtype and shape, then the tensor's bytes. Its own fixed form, so that an
+    export written now stays checkable whatever the checkpoints' content hash becomes."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(raw_bytes(t))
+    return h.hexdigest()
 
 
 def safetensors_writer(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Callable[[IO[bytes]], None]:

@@ -194,6 +194,17 @@ def test_a_convolution_a_pool_follows_computes_only_what_the_pool_reads(size: in
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     for h_ in hooks:
         h_.remove()
+    # odd and even sides apart, in channels_last (the training step's layout), against the whole map
+    for m in convs:
+        m.trim = True
+    for shape in ((5, 1, 26, 30), (5, 1, 30, 26)):
+        y = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        trimmed = enc.features(y)
+        for m in convs:
+            m.trim = False
+        torch.testing.assert_close(trimmed, enc.features(y), rtol=1e-12, atol=1e-12)
+        for m in convs:
+            m.trim = True
     # an overlapping padded pool (sfc) reads every row: its conv stays whole; unpooled convs are plain
     sfc = [type(m) for m in SmallCNN(1, stages="32p|256p|sfc512").modules() if isinstance(m, nn.Conv2d)]
     assert sfc == [FloorPooledConv, nn.Conv2d]  # 32p (a 2x2 pool follows), 256p (sfc's pool)

@@ -162,17 +162,20 @@ def test_a_damaged_export_gives_way_to_the_checkpoints_and_without_them_says_wha
 
 def test_an_export_whose_weights_changed_on_disk_is_refused_and_the_checkpoints_used(tmp_path: Path) -> None:
     """One exponent bit flipped in one weight of encoder.safetensors: the file still parses, and it
-    loaded and gave wrong h with exit 0. Its record's checksum (the checkpoints' content hash of the
-    weights as written) refuses it; a run falls back to its checkpoint, the trained weights bit for
-    bit. An export written before the checksum existed (no key) loads as before, and the checksum of
-    one file's weights is not carried into the spec other weights are saved with."""
+    loaded and gave wrong h with exit 0. Its record's checksum (transcribed here: SHA-256 over the
+    sorted names, each name, dtype and shape, then the bytes) refuses it, as `load_encoder` and as
+    `--init`; a run falls back to its checkpoint, the trained weights bit for bit. An export written
+    before the checksum existed (no key) loads as before, and the checksum of one file's weights is
+    not carried into the spec other weights are saved with."""
     import struct
 
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from fastclr.checkpoint import content_sha256
+    import hashlib
+
     from fastclr.export import ENCODER_FILE, UnreadableExport, load_encoder
+    from fastclr.models.foreign import read_init
     from fastclr.pretrained import load_run
 
     run = tmp_path / "run"
@@ -181,7 +184,11 @@ def test_an_export_whose_weights_changed_on_disk_is_refused_and_the_checkpoints_
     trained = {k: v.clone() for k, v in load_file(str(export)).items()}  # (load_file maps the file: not after the flip)
     with safe_open(str(export), framework="pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["fastclr"])["weights_sha256"] == content_sha256(trained)
+    digest = hashlib.sha256()
+    for name in sorted(trained):
+        t = trained[name]
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode() + t.numpy().tobytes())
+    assert json.loads(meta["fastclr"])["weights_sha256"] == digest.hexdigest()
     assert "weights_sha256" not in load_encoder(export)[1].to_dict()
     data = bytearray(export.read_bytes())
     start = 8 + struct.unpack("<Q", data[:8])[0]  # the tensors' bytes follow the header
@@ -190,6 +197,9 @@ def test_an_export_whose_weights_changed_on_disk_is_refused_and_the_checkpoints_
     with pytest.raises(UnreadableExport, match=re.escape(f"{export} is damaged: its weights differ from the checksum "
                                                          "written with them; export it again from its run")):
         load_encoder(export)
+    with pytest.raises(FastclrError, match=re.escape(f"init weights {export} are damaged: their weights differ from "
+                                                     "the checksum written with them")):
+        read_init(export, load_run(run, log=lambda s: None).encoder)
     notes: list[str] = []
     loaded = load_run(run, log=notes.append)
     assert loaded.checkpoint_step == 6 and notes[0].startswith(f"note: {export} is damaged: its weights differ")
@@ -221,8 +231,8 @@ def test_a_weights_file_of_another_run_put_in_a_runs_place_is_refused(tmp_path: 
         shutil.copy(tmp_path / other / ENCODER_FILE, run / ENCODER_FILE)
         with pytest.raises(FastclrError, match=re.escape(f"{run / ENCODER_FILE} is another network than "
                                                          f"{run / 'config.toml'} records ({said}): a file from another "
-                                                         "run? Put the run's own file back, or use the run that file "
-                                                         "came from")):
+                                                         "run? Put the run's own file back, or delete it to use the "
+                                                         "run's checkpoints, or use the run that file came from")):
             load_run(run, log=lambda s: None)
         (run / ENCODER_FILE).unlink()  # the checkpoints then: another run's too
         for p in list_checkpoints(run):
@@ -232,10 +242,25 @@ def test_a_weights_file_of_another_run_put_in_a_runs_place_is_refused(tmp_path: 
         with pytest.raises(FastclrError, match=re.escape(f"is another network than {run / 'config.toml'} records "
                                                          f"({said})")):
             load_run(run, log=lambda s: None)
+    # what the record and a run's settings may say differently of the same network: width auto (0, as
+    # earlier versions recorded it), encoder auto at the record's side, no cnn_stages key (earlier versions)
+    from fastclr.config import Config, apply_overrides
+    from fastclr.models import EncoderSpec
+    from fastclr.pretrained import against_config
+
+    cnn = EncoderSpec("cnn", 1, 28, 0.125, "n/a", 64, (0.5,), (0.25,), "8|16|fc32")
+    resnet = EncoderSpec("resnet18", 3, 32, 0.25, "on", 128, (0.5,) * 3, (0.25,) * 3)
+    assert against_config(cnn, apply_overrides(Config(), {"model.width": 0.0}), set()) == []
+    assert against_config(resnet, apply_overrides(Config(), {"model.width": 0.0}), {"model.cnn_stages"}) == []
+    assert against_config(resnet, apply_overrides(Config(), {"model.width": 0.25}), {"model.width"}) == []
+    assert against_config(cnn, apply_overrides(Config(), {"model.encoder": "resnet18", "model.width": 1.0}), set()) == [
+        "encoder cnn, not resnet18", "width 0.125, not 1"]
     # the same network written otherwise ("relu:" is the default activation) is the run's own
     cfg = run / "config.toml"
     cfg.write_text(cfg.read_text(encoding="utf-8").replace('cnn_stages = "32,32,32p|256p|fc512"',
                                                            'cnn_stages = "relu:8|16|fc32"'), encoding="utf-8")
+    assert load_run(run, log=lambda s: None).spec.stages == "8|16|fc32"
+    cfg.write_text("", encoding="utf-8")  # emptied: the checkpoint's own settings load it, as before the check
     assert load_run(run, log=lambda s: None).spec.stages == "8|16|fc32"
 
 

@@ -421,7 +421,7 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
                 continue  # fetched whole by an interrupted download before: only the rest is missing
             unpacked = into / remote.filename.removesuffix(".gz")
             if not remote.extract and remote.filename.endswith(".gz") and unpacked.is_file() and not (into / remote.filename).exists():
-                continue  # there uncompressed: a failure to fetch the rest named this file, which is not missing
+                continue  # there unpacked: only the files missing in both forms are fetched
             fetch(remote, into)
     except DownloadWriteFailed:  # the disk, not the network: downloading by hand would fail alike
         raise

@@ -50,14 +50,16 @@ def options_from_args(args: argparse.Namespace) -> EvaluateOptions:
 
 
 MEMORY_USERS = (("--batch-size", ("supervised", "finetune")), ("--quality-images", ("quality",)))
-"""evaluate's flags that lower its memory, and the protocols whose memory each one sets."""
+"""evaluate's flags that lower its memory, and the protocols whose memory each one sets. The others
+(linear, knn, fewshot, pixels) share the features computed once for all of them: leaving one out frees
+nothing."""
 
 
 def memory_fix(protocols: str | None) -> str:
     """What `fastclr evaluate --protocols PROTOCOLS` (None: the defaults) can be given to need less
     memory: a smaller --batch-size where a protocol trains with it, a smaller --quality-images for the
-    label-free measures, fewer protocols where it runs several; "" when none applies (one protocol
-    that holds only the run's features)."""
+    label-free measures, fewer protocols where it runs one of those beside others; "" when none
+    applies (protocols that hold only the run's features, computed once for all of them)."""
     from fastclr.evaluation.run import parse_protocols
 
     try:
@@ -66,7 +68,7 @@ def memory_fix(protocols: str | None) -> str:
         names = ()
     smaller = [flag for flag, users in MEMORY_USERS if any(p in names for p in users)]
     parts = [f"a smaller {' or '.join(smaller)}"] if smaller else []
-    if len(names) > 1:
+    if smaller and len(names) > 1:
         parts.append("fewer --protocols")
     return f"give {', or '.join(parts)}" if parts else ""
 

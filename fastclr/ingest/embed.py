@@ -214,7 +214,7 @@ def folder_decoding(run: LoadedRun, log: Callable[[str], None] = print) -> Decod
             "(--fit crop)")
         return DecodeOptions(run.spec.image_size, channels=str(c))
     store = read_store(Path(name))
-    note_prepared_again(run, Path(name), log)
+    note_prepared_again(run, Path(name), log, folder=True)
     return store_decoding(store, int(store.images.shape[1]), c)
 
 

@@ -49,18 +49,16 @@ class FloorPooledConv(nn.Conv2d):
         # the pool passes a map of side `keep` as it is; a trimmed map of that side would pass too
         if not self.trim or (h % 2 == 0 and w % 2 == 0) or self.keep in (w, w - 1):
             return super().forward(x)
-        padded = nn.functional.pad(x, (1, 1 - w % 2, 1, 1 - h % 2))
-        if x.is_contiguous(memory_format=torch.channels_last):  # pad returns channels_last, but keep it so
-            padded = padded.contiguous(memory_format=torch.channels_last)
-        return nn.functional.conv2d(padded, self.weight)
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1 - w % 2, 1, 1 - h % 2)), self.weight)
 
 
 def floor_pool_keep(pool: nn.Module) -> int | None:
-    """For a 2x2 max-pool of stride 2, unpadded (plain or in `PoolTo`): the side it passes as it is
-    (0: none). None for any other pool, which may read every row (sfc's padded 3x3)."""
+    """For a 2x2 max-pool of stride 2, unpadded, undilated, rounding down (plain or in `PoolTo`): the
+    side it passes as it is (0: none). None for any other pool, which may read every row (sfc's padded
+    3x3, a pool rounding up)."""
     inner = pool.pool if isinstance(pool, PoolTo) else pool
-    if not isinstance(inner, nn.MaxPool2d) or (inner.kernel_size, inner.stride, inner.padding) not in (
-            (2, 2, 0), ((2, 2), (2, 2), (0, 0))):
+    if not isinstance(inner, nn.MaxPool2d) or inner.ceil_mode or (
+            inner.kernel_size, inner.stride, inner.padding, inner.dilation) not in ((2, 2, 0, 1), ((2, 2), (2, 2), (0, 0), (1, 1))):
         return None
     return pool.side if isinstance(pool, PoolTo) else 0
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastclr.errors import FastclrError, first_sentence
+from fastclr.tensor_file import weights_sha256
 
 _OURS = re.compile(r"^stages\.(\d+)\.(\d+)\.(.+)$")
 _THEIRS = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
@@ -200,6 +201,10 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "", stages: s
         raise FastclrError(f"init weights {path} have sha256 {sha}, not the {expect_sha256} asked for; "
                            "give the right file or drop --init-sha256")
     raw = _read(path, data)
+    recorded = safetensors_metadata(path).get("fastclr")
+    if isinstance(recorded, dict) and "weights_sha256" in recorded and weights_sha256(raw) != recorded["weights_sha256"]:
+        raise FastclrError(f"init weights {path} are damaged: their weights differ from the checksum written with them; "
+                           "export them again from their run")
     if stages:
         _refuse_other_stages(path, stages)
     target = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}

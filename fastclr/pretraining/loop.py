@@ -422,9 +422,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             prepare_run_dir(run_dir, resuming=state is not None)
             lock = RunLock(run_dir, log)
             if state is None:
-                # Again with the lock held: a run that finished and let go of its lock between the look
-                # above and the lock (it waits for an owner) was taken, its events deleted and its encoder
-                # replaced by this run's.
+                # Again with the lock held: a run may finish and let go of its lock between the look
+                # above and this lock (which waits for an owner), and a finished run is never written into.
                 prepare_run_dir(run_dir)
                 forget_dead_attempt(run_dir)
             if state is not None and {p.name for p in list_checkpoints(run_dir)} - seen:
