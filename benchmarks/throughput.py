@@ -40,7 +40,9 @@ def reference_step(cfg, dataset, device: torch.device, workers: int, plain: bool
     plain=True is what a plain PyTorch loop gets by default: the model in the default (NCHW)
     memory format and torch.optim.AdamW with its default implementation (on CPU the per-parameter
     loop). plain=False hands the reference fastclr's model-level settings (channels_last, the
-    fused AdamW), so that ratio isolates the data path and the arithmetic precision."""
+    fused AdamW), so that ratio isolates the data path and the arithmetic precision. Both build
+    fastclr's encoder module itself, the pooled convolution that leaves out the row its pool never
+    reads included (`FloorPooledConv`): the same function, so neither ratio credits fastclr with it."""
     from reference_recipe import batches
 
     torch.manual_seed(0)
