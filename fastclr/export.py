@@ -119,7 +119,7 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu", module: n
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # AttributeError: a record that is not a dict
         raise UnreadableExport(path, f"has fastclr metadata that is damaged or from a version this one cannot read "
                                      f"({type(e).__name__}: {e})", " from its run") from None
-    recorded = info.get("weights_sha256")  # exports before 2026-12-07 record none
+    recorded = info.get("weights_sha256")  # exports of earlier versions record none: they load unchecked
     if recorded is not None and weights_sha256(state) != recorded:
         raise UnreadableExport(path, "is damaged: its weights differ from the checksum written with them", " from its run")
     if module is None and not spec.rebuildable:

@@ -192,7 +192,7 @@ def test_an_export_whose_weights_changed_on_disk_is_refused_and_the_checkpoints_
     assert "weights_sha256" not in load_encoder(export)[1].to_dict()
     data = bytearray(export.read_bytes())
     start = 8 + struct.unpack("<Q", data[:8])[0]  # the tensors' bytes follow the header
-    data[start + 3] ^= 0x01  # the first float's exponent: the same size, still a safetensors file
+    data[start + 3] ^= 0x01  # one bit of the first tensor's bytes: the same size, still a safetensors file
     export.write_bytes(bytes(data))
     with pytest.raises(UnreadableExport, match=re.escape(f"{export} is damaged: its weights differ from the checksum "
                                                          "written with them; export it again from its run")):
