@@ -39,7 +39,7 @@ from torch import nn
 
 from fastclr.data import load_data
 from fastclr.models import CNN_STAGES
-from fastclr.models.cnn import FlattenHWC, FloorPooledConv, SmallCNN
+from fastclr.models.cnn import FlattenHWC, SmallCNN, trim_pooled
 from fastclr.presets import apply_preset
 from fastclr.runtime import select_device
 
@@ -69,11 +69,7 @@ def encoder_for(variant: str) -> nn.Module | None:
     if variant == "pool-relu-ref":
         return SmallCNN(1, stages="32|256|fc512")
     if variant == "untrimmed":
-        enc = SmallCNN(1)
-        for m in enc.modules():
-            if isinstance(m, FloorPooledConv):
-                m.trim = False
-        return enc
+        return trim_pooled(SmallCNN(1), on=False)
     return None
 
 

@@ -19,7 +19,7 @@ from fastclr.models import (
     resolve_encoder,
     use_cifar_stem,
 )
-from fastclr.models.cnn import FloorPooledConv, Readout, SmallCNN, Stages, parse_stages
+from fastclr.models.cnn import FloorPooledConv, Readout, SmallCNN, Stages, parse_stages, trim_pooled
 
 EXPECTED_DIM = {"cnn": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
@@ -186,25 +186,17 @@ def test_a_convolution_a_pool_follows_computes_only_what_the_pool_reads(size: in
     h = enc(x)
     grads = torch.autograd.grad(h.square().sum(), list(enc.parameters()))
     assert sides == {28: [14, 6], 26: [12, 6], 14: [6, 3]}[size]  # 7 -> 6, 13 -> 12; 3 passes whole
-    for m in convs:
-        m.trim = False
-    whole = enc(x)
+    whole = trim_pooled(enc, on=False)(x)
     torch.testing.assert_close(h, whole, rtol=1e-12, atol=1e-12)
     for g, w in zip(grads, torch.autograd.grad(whole.square().sum(), list(enc.parameters()))):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     for h_ in hooks:
         h_.remove()
     # odd and even sides apart, in channels_last (the training step's layout), against the whole map
-    for m in convs:
-        m.trim = True
     for shape in ((5, 1, 26, 30), (5, 1, 30, 26)):
         y = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-        trimmed = enc.features(y)
-        for m in convs:
-            m.trim = False
-        torch.testing.assert_close(trimmed, enc.features(y), rtol=1e-12, atol=1e-12)
-        for m in convs:
-            m.trim = True
+        trimmed = trim_pooled(enc, on=True).features(y)
+        torch.testing.assert_close(trimmed, trim_pooled(enc, on=False).features(y), rtol=1e-12, atol=1e-12)
     # an overlapping padded pool (sfc) reads every row: its conv stays whole; unpooled convs are plain
     sfc = [type(m) for m in SmallCNN(1, stages="32p|256p|sfc512").modules() if isinstance(m, nn.Conv2d)]
     assert sfc == [FloorPooledConv, nn.Conv2d]  # 32p (a 2x2 pool follows), 256p (sfc's pool)

@@ -52,6 +52,15 @@ class FloorPooledConv(nn.Conv2d):
         return nn.functional.conv2d(nn.functional.pad(x, (1, 1 - w % 2, 1, 1 - h % 2)), self.weight)
 
 
+def trim_pooled(module: nn.Module, on: bool) -> nn.Module:
+    """`module` with each `FloorPooledConv` in it computing only what its pool reads (`on`, as built)
+    or its whole map (the reference the benchmark and tests compare with)."""
+    for m in module.modules():
+        if isinstance(m, FloorPooledConv):
+            m.trim = on
+    return module
+
+
 def floor_pool_keep(pool: nn.Module) -> int | None:
     """For a 2x2 max-pool of stride 2, unpadded, undilated, rounding down (plain or in `PoolTo`): the
     side it passes as it is (0: none). None for any other pool, which may read every row (sfc's padded
