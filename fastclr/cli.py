@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, auto_value, check_settings, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure, out_of_memory
-from fastclr.files import WriteFailed, is_write_error, write_failure_reason, write_way_out
+from fastclr.files import WriteFailed, is_write_error, remove_empty, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
 from fastclr.streams import outliving_readers, shown
 from fastclr.evaluation.cli import add_eval_commands, memory_fix
@@ -218,7 +218,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     if args.name not in REGISTRY:  # not spec()'s error, which offers a store: nothing is downloaded into one
         raise FastclrError(f"unknown dataset {args.name!r}; fastclr downloads: {', '.join(REGISTRY)}")
-    made = bool(args.root) and not Path(args.root).exists()
+    made = [d for d in (Path(args.root), *Path(args.root).parents) if not d.exists()] if args.root else []
     if args.root and not args.no_download:  # the folder to download into, made as asked
         Path(args.root).mkdir(parents=True, exist_ok=True)
     # With --root a download puts the dataset there, even where another folder holds a copy (the
@@ -227,8 +227,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         folder = ensure(args.name, args.root, download=not args.no_download,
                         only_root=bool(args.root) and not args.no_download)
     except FastclrError:
-        if made and Path(args.root).is_dir() and not any(Path(args.root).iterdir()):
-            Path(args.root).rmdir()  # a failed download leaves no empty folder it made
+        remove_empty(made)  # a failed download leaves no empty folder it made, --root's parents included
         raise
     try:
         ds = read_checked(args.name, folder)
@@ -236,7 +235,10 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise FastclrError(f"{e} (the copy in {folder} is damaged: delete or replace it; files are never "
                            "downloaded over one)") from None
     splits = ", ".join(f"{len(s)} {n}" for n, s in (("train", ds.train), ("test", ds.test)) if s is not None)
-    print(f"{args.name}: {folder} ({len(ds.pretrain)} images for pretraining; {splits}; read and checked)")
+    # What was checked: a present file is read whole and its counts, shapes and labels must agree; its
+    # bytes are compared with the publisher's checksum only when this command downloads it.
+    print(f"{args.name}: {folder} ({len(ds.pretrain)} images for pretraining; {splits}; read, sizes and labels "
+          "consistent)")
     return 0
 
 
@@ -336,7 +338,7 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
     from fastclr.data.datasets import REGISTRY
 
     dl.add_argument("name", help="one of: " + ", ".join(REGISTRY))
-    dl.add_argument("--root", help="directory to download into (it holds the dataset afterwards, even where another "
+    dl.add_argument("--root", "--data-root", help="directory to download into (it holds the dataset afterwards, even where another "
                     "folder holds a copy); with --no-download, the directory to look in first")
     dl.add_argument("--no-download", action="store_true", help="only check, never download")
     dl.set_defaults(func=cmd_download)

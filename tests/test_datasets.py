@@ -329,7 +329,7 @@ def test_download_reads_what_is_present_and_names_a_damaged_file(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     write_idx_dataset(tmp_path / "fashion-mnist", n_train=40, n_test=10)
     assert cli_main(["download", "fashion-mnist", "--no-download", "--root", str(tmp_path)]) == 0
-    assert "40 images for pretraining; 40 train, 10 test; read and checked" in capsys.readouterr().out
+    assert "40 images for pretraining; 40 train, 10 test; read, sizes and labels consistent" in capsys.readouterr().out
     (tmp_path / "fashion-mnist" / IDX_FILES[2]).write_bytes(b"")  # present, but empty
     for flags in (["--no-download"], []):  # and never "present" because its name exists
         assert cli_main(["download", "fashion-mnist", "--root", str(tmp_path), *flags]) == 2
@@ -518,7 +518,7 @@ def test_download_counts_stl10s_unlabelled_images_as_pretraining_images(
     (4 + 3 in write_stl10's copy), apart from the 3 train and 2 test ones."""
     write_stl10(tmp_path)
     assert cli_main(["download", "stl10", "--no-download", "--root", str(tmp_path)]) == 0
-    assert "(7 images for pretraining; 3 train, 2 test; read and checked)" in capsys.readouterr().out
+    assert "(7 images for pretraining; 3 train, 2 test; read, sizes and labels consistent)" in capsys.readouterr().out
 
 
 def test_stl10_class_names_are_one_a_line_and_must_be_ten(tmp_path: Path) -> None:

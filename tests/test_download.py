@@ -516,7 +516,8 @@ def test_a_partial_copy_in_fastclr_data_names_the_whole_copy_elsewhere(tmp_path:
 def test_a_failed_download_into_a_root_names_the_copy_elsewhere_and_leaves_no_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Offline, `download NAME --root R` said "files not found (looked in ...)" of a copy in a folder
-    it listed, and left the empty R it had made."""
+    it listed, and left the empty R it had made (and with --root R/deep/er, R and R/deep); the
+    --data-root it names is `download`'s too."""
     from fastclr.cli import main
 
     monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
@@ -525,11 +526,16 @@ def test_a_failed_download_into_a_root_names_the_copy_elsewhere_and_leaves_no_fo
     write_idx_dataset(tmp_path / "system" / "mnist", n_train=16, n_test=8)
     unreachable = tuple(RemoteFile((tmp_path / "nowhere" / f).as_uri(), "0" * 32) for f in IDX_FILES)
     monkeypatch.setitem(REGISTRY, "mnist", dataclasses.replace(REGISTRY["mnist"], remote=unreachable))
+    assert main(["download", "mnist", "--root", str(tmp_path / "R" / "deep" / "er")]) == 2
+    assert not (tmp_path / "R").exists()
+    capsys.readouterr()
     assert main(["download", "mnist", "--root", str(tmp_path / "R")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: mnist could not be fetched into {tmp_path / 'R' / 'mnist'} (")
     assert f"a whole copy is in {tmp_path / 'system' / 'mnist'}: give --data-root {tmp_path / 'system'} to use it" in err
     assert not (tmp_path / "R").exists()
+    assert main(["download", "mnist", "--data-root", str(tmp_path / "system"), "--no-download"]) == 0
+    assert capsys.readouterr().out.startswith(f"mnist: {tmp_path / 'system' / 'mnist'} (")
     # a run's --data-root whose folder of the dataset is there and empty: "not found (looked in R/mnist,
     # SYSTEM/mnist ...)", while SYSTEM/mnist held the whole dataset (the download goes to R, not a look there)
     (tmp_path / "E" / "mnist").mkdir(parents=True)
@@ -560,6 +566,25 @@ def test_a_download_completing_uncompressed_files_fetches_and_names_only_the_mis
         ensure("mnist", tmp_path / "R")
     fetched = [f for f in IDX_FILES if f"nowhere/{f}" in str(e.value)]  # the files the failure names as fetched
     assert fetched == [IDX_FILES[3]], str(e.value)
+
+
+def test_a_download_fetches_the_missing_file_before_present_ones_of_another_md5(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's Fashion-MNIST .gz files are repacked (the same images, other MD5s than the
+    publisher's): a root holding three of them and missing the fourth fetched the present first,
+    and offline its failure named train-images, present, not train-labels, missing."""
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    folder = tmp_path / "R" / "fashion-mnist"
+    write_idx_dataset(folder, n_train=16, n_test=8)
+    (folder / IDX_FILES[1]).unlink()
+    unreachable = tuple(RemoteFile((tmp_path / "nowhere" / f).as_uri(), "0" * 32) for f in IDX_FILES)
+    monkeypatch.setitem(REGISTRY, "fashion-mnist", dataclasses.replace(REGISTRY["fashion-mnist"], remote=unreachable))
+    with pytest.raises(FastclrError) as e:
+        ensure("fashion-mnist", tmp_path / "R")
+    fetched = [f for f in IDX_FILES if f"nowhere/{f}" in str(e.value)]
+    assert fetched == [IDX_FILES[1]], str(e.value)
 
 
 def _tar_with(tmp_path: Path, add: Any) -> Path:

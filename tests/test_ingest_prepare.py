@@ -72,7 +72,7 @@ def test_fixture_folder_gives_exactly_the_valid_images_with_labels_and_splits(fi
     assert png["bytes"] == str(len(data)) and png["sha256"] == __import__("hashlib").sha256(data).hexdigest()
     meta = json.loads((root / "store" / "store.json").read_text())
     assert meta["options"] == {"size": 16, "fit": "crop", "channels": "auto", "max_pixels": PIXEL_LIMIT,
-                               "labels": "auto", "pipeline": 1}
+                               "labels": "auto", "pipeline": 2}
     assert sorted(result.decoded) == sorted(expected | {"cats/over_limit.png", "cats/truncated.jpg", "dogs/garbage.png"})
 
 
@@ -129,6 +129,54 @@ def test_sixteen_bit_gray_spans_the_full_range_without_saturating() -> None:
         im = Image.frombytes("I;16B" if mode_array.dtype.byteorder == ">" else "I;16", (6, 1), mode_array.tobytes())
         assert np.asarray(to_8bit(im)).tolist() == [[0, 0, 1, 2, 128, 255]]
     assert np.asarray(to_8bit(Image.fromarray(ramp.astype(np.int32), "I"))).tolist() == [[0, 0, 1, 2, 128, 255]]
+
+
+def _png(width: int, height: int, colour_type: int, depth: int, rows: np.ndarray) -> bytes:
+    """A PNG written by hand (filter 0 on every row): Pillow cannot write 16-bit grey with alpha."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_grey_with_alpha_is_one_channel_as_its_eight_bit_form(tmp_path: Path) -> None:
+    """Pillow opens a 16-bit grey-with-alpha PNG (colour type 4) as RGBA: such a file made a folder
+    of grey images a 3-channel store. It is grey, its value the high byte as Pillow reads it (0x80
+    of 0x80ff), a transparent pixel white, as for the 8-bit LA file beside it."""
+    grey16 = np.array([[[0x80FF, 0xFFFF], [0x1234, 0]], [[0xFFFF, 0xFFFF], [0x0000, 0xFFFF]]], ">u2")  # (y, x, [L, A])
+    (tmp_path / "la16.png").write_bytes(_png(2, 2, 4, 16, grey16.reshape(2, -1)))
+    grey8 = (grey16 >> 8).astype(np.uint8)
+    Image.fromarray(grey8, "LA").save(tmp_path / "la8.png")
+    for name in ("la16.png", "la8.png"):
+        out = process_file(tmp_path / name, name, DecodeOptions(2))
+        assert out.image is not None and out.image.shape == (2, 2, 1), (name, out.reason)
+        assert out.image[..., 0].tolist() == [[0x80, 255], [255, 0]], name
+    assert process_file(tmp_path / "la16.png", "la16.png", DecodeOptions(2)).mode == "LA"
+
+
+def test_an_update_names_the_images_gone_and_a_channel_count_it_changed(tmp_path: Path) -> None:
+    """Prepare again after one file was deleted and a colour one added to a grey folder: the summary
+    said "3 files decoded, 2 reused" with neither the row dropped nor the store turned RGB named."""
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (12, 12), 40 * i).save(folder / f"g{i}.png")
+    lines: list[str] = []
+    assert prepare_store(folder, tmp_path / "s", DecodeOptions(12), workers=1, progress=False, log=lines.append).images == 3
+    assert not [line for line in lines if line.startswith("note:")]
+    (folder / "g1.png").unlink()
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(folder / "red.png")
+    lines.clear()
+    res = prepare_store(folder, tmp_path / "s", DecodeOptions(12), workers=1, progress=False, log=lines.append)
+    assert (res.images, res.reused) == (3, 2)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes[0] == "note: 1 image of the previous store is no longer in the folder (g1.png): its row is not in the store"
+    assert notes[1].startswith("note: the store has 3 channels now, 1 before (a colour image came in)")
+    assert read_store(tmp_path / "s").images.shape[-1] == 3
 
 
 def test_pixel_limit_beyond_pillows_bomb_error_is_a_skip_not_a_crash(tmp_path: Path) -> None:

@@ -398,6 +398,24 @@ def download_root(root: str | Path | None = None) -> Path:
     return data_env() or user_cache()
 
 
+def _to_fetch(remotes: tuple[RemoteFile, ...], dest: Path, target: Path) -> list[RemoteFile]:
+    """The files a download fetches: the missing ones first, then the ones present whose MD5 is not the
+    publisher's (a copy repacked by a distribution holds the same images), so that a failure offline
+    names a missing file first. A file fetched whole by an interrupted download before, or present
+    unpacked, is kept."""
+    missing, replaced = [], []
+    for remote in remotes:
+        packed = target / remote.filename
+        if remote.extract:
+            missing.append(remote)
+        elif packed.is_file():
+            if file_md5(packed) != remote.md5:
+                replaced.append(remote)
+        elif not (remote.filename.endswith(".gz") and (target / remote.filename.removesuffix(".gz")).is_file()):
+            missing.append(remote)
+    return missing + replaced
+
+
 def ensure(name: str, root: str | Path | None = None, download: bool = True, only_root: bool = False) -> Path:
     """The folder holding dataset `name`, downloading it when allowed; a clear error otherwise.
     `only_root`: the copy in `root` (`fastclr download --root R` puts it there even where another
@@ -415,14 +433,8 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
     dest = download_root(root)
     target = dest / s.folder
     try:
-        for remote in s.remote:
-            into = dest if remote.extract else target
-            if not remote.extract and (into / remote.filename).is_file() and file_md5(into / remote.filename) == remote.md5:
-                continue  # fetched whole by an interrupted download before: only the rest is missing
-            unpacked = into / remote.filename.removesuffix(".gz")
-            if not remote.extract and remote.filename.endswith(".gz") and unpacked.is_file() and not (into / remote.filename).exists():
-                continue  # there unpacked: only the files missing in both forms are fetched
-            fetch(remote, into)
+        for remote in _to_fetch(s.remote, dest, target):
+            fetch(remote, dest if remote.extract else target)
     except DownloadWriteFailed:  # the disk, not the network: downloading by hand would fail alike
         raise
     except FastclrError as e:

@@ -7,8 +7,12 @@ The pipeline, in order (each step is a pure function of the file's bytes and the
 
 Mode conversion, decided once here:
   * 16-bit and 32-bit integer grayscale (I;16, I;16B, I) map the full 16-bit range to 8 bits,
-    round(v / 257): the exact inverse of 8->16-bit scaling, and nothing saturates. Data that uses
-    only 12 of the 16 bits comes out dark, as it looks in any viewer.
+    round(v / 257): the exact inverse of 8->16-bit scaling, and no 16-bit value saturates (32-bit
+    values above 65535 become 255). Data that uses only 12 of the 16 bits comes out dark, as it
+    looks in any viewer. 16-bit colour (48-bit RGB, 64-bit RGBA PNG) is read by Pillow as 8 bits a
+    channel, the high byte of each value (v >> 8, at most one level below round(v / 257)).
+  * A 16-bit grey-with-alpha PNG, which Pillow opens as RGBA, is grey (one channel), as its 8-bit
+    form (LA) is; its grey is the high byte of each value, as for 16-bit colour.
   * Transparency (RGBA, LA, P or L with a transparent colour) is composited onto white, as image
     viewers and browsers show it: product shots and logos on transparent ground stay visible.
   * CMYK -> RGB with Pillow's conversion (Adobe-inverted CMYK JPEGs are un-inverted by Pillow's
@@ -61,7 +65,7 @@ STRIP_PIXELS = 1 << 20
 STRIP_BYTES = 32 * STRIP_PIXELS
 """Upper bound of one strip's temporaries (compositing holds an RGBA copy, a white ground, their
 composite and its RGB: 16 bytes per pixel), beyond DECODE_BYTES_PER_PIXEL."""
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 """Bumped when the pixels this module produces change, so old stores are decoded afresh."""
 
 
@@ -121,6 +125,13 @@ def pixels_that_fit(memory: int) -> int:
     """The largest image (in pixels) one worker can decode within `memory` bytes; the inverse of
     decode_peak_bytes."""
     return max(0, (memory - STRIP_BYTES) // (DECODE_BYTES_PER_PIXEL + 4))
+
+
+def file_mode(im: Image.Image) -> str:
+    """The Pillow mode of the file's own pixels: "LA" for a 16-bit grey-with-alpha PNG, which Pillow
+    opens as RGBA (its raw mode LA;16B says what the file holds), else `im.mode`."""
+    png = getattr(im, "png", None)
+    return "LA" if im.mode == "RGBA" and getattr(png, "im_rawmode", "") == "LA;16B" else im.mode
 
 
 def is_gray(mode: str) -> bool:
@@ -257,7 +268,7 @@ def decode_image(data: bytes | BinaryIO, opts: DecodeOptions) -> tuple[np.ndarra
             w, h = im.size
             if w * h > opts.max_pixels:
                 raise Unusable("over-pixel-limit", f"{w}x{h} = {w * h} pixels, more than {opts.max_pixels} (--max-pixels)")
-            mode = im.mode
+            mode = file_mode(im)
             # Decode at reduced scale where the format allows it (JPEG), keeping >= 2x the target
             # (min and max of the sides do not depend on the orientation).
             f = 2 * opts.size / (min(w, h) if opts.fit == "crop" else max(w, h))

@@ -481,6 +481,7 @@ def prepare_store(
         if writer.n == 0:
             raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
         skipped.sort(key=lambda s: s.rel)
+        changes = update_notes(prev, {f.rel for f in entries}, writer.channels)
         # The previous store maps the old images file (its last row read too), which Windows will not
         # let the commit replace.
         prev = pixels = None
@@ -497,6 +498,8 @@ def prepare_store(
     listed_in = skipped_list if skipped_list is not None and skipped else out / SKIPPED
     result = PrepareResult(out, writer.n, skipped, decoded, reused, time.perf_counter() - t_start, listed_in)
     log(summary(result, lay, writer.channels))
+    for line in changes:
+        log(line)
     if dedupe:
         for line in class_notes(lay.classes, writer.class_rows):
             log(line)
@@ -506,6 +509,27 @@ def prepare_store(
             f"same bytes or pixels as an unlabelled file and {'were' if n > 1 else 'was'} kept unlabelled, without {'their' if n > 1 else 'its'} "
             "class (skipped.csv: duplicate); remove the unlabelled copies and prepare again to keep the labels")
     return result
+
+
+def update_notes(prev: Previous | None, paths: set[str], channels: int) -> list[str]:
+    """Notes on what an update changed beyond new rows: images of the previous store whose files are
+    gone from the folder (their rows are dropped), and a channel count that `--channels auto` changed
+    (a colour image among grey ones makes the whole store RGB; a run trained on it before no longer fits)."""
+    if prev is None:
+        return []
+    gone = sorted(p for p, row in prev.by_path.items() if "index" in row and p not in paths)
+    notes = []
+    if gone:
+        notes.append(f"note: {counted(len(gone), 'image')} of the previous store {'is' if len(gone) == 1 else 'are'} no "
+                     f"longer in the folder ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): "
+                     f"{'its row is' if len(gone) == 1 else 'their rows are'} not in the store")
+    before = int(prev.store.images.shape[-1])
+    if before != channels:
+        notes.append(f"note: the store has {counted(channels, 'channel')} now, {before} before ("
+                     + ("a colour image came in" if channels == 3 else "no colour image is left")
+                     + "): runs trained on it before no longer fit it; train again, or give --channels "
+                     f"{before} to keep {before}")
+    return notes
 
 
 def class_notes(classes: list[str], rows: collections.Counter[tuple[str, int]]) -> list[str]:
