@@ -69,7 +69,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         raise FastclrError("--preset is not a way to choose a recipe: --data DATASET trains with that dataset's own "
                            "(see --help); to train one dataset on exactly the settings of a config file, set "
                            "data.preset in it")
+    if _positive(flags.get("train.epochs")) and _positive(flags.get("train.time_budget")):  # the budget sets the length
+        raise FastclrError(f"--epochs {flags['train.epochs']} and --time-budget {flags['train.time_budget']} both "
+                           "set the run's length, and a time budget replaces the epochs; give one of them")
     return flags
+
+
+def _positive(value: object) -> bool:
+    """Whether a flag's text is a number above 0 (one that is not a number is the config check's to refuse)."""
+    try:
+        return float(str(value)) > 0
+    except ValueError:
+        return False
 
 
 def _epochs_mean_epochs(flags: dict[str, Any]) -> dict[str, Any]:
@@ -309,11 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     return _parser_and_commands()[0]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line naming `--help`, as every other error of fastclr's is
+    (argparse printed the command's whole usage first: 30 lines for `pretrain`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists the options\n")
+
+
 def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The argument parser, and each subcommand's parser by name."""
     from fastclr.version import __version__
 
-    p = argparse.ArgumentParser(prog="fastclr", description="SimCLR pretraining and evaluation.")
+    p = OneLineParser(prog="fastclr", description="SimCLR pretraining and evaluation.")
     p.add_argument("--version", action="version", version=f"fastclr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -374,7 +393,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if extra:
         sub = commands[args.command]
         # argparse lists a parser's options only in a private attribute: should it go, no hint, still the error
-        known = [o for a in getattr(sub, "_actions", ()) for o in getattr(a, "option_strings", ())]
+        known = [o for a in getattr(sub, "_actions", ()) if getattr(a, "help", None) != argparse.SUPPRESS
+                 for o in getattr(a, "option_strings", ())]  # not a hidden option, which refuses itself
         hints = [f"{name}: give it after the command, as in `fastclr {args.command} {name}`" if close[0] == name
                  else f"{name}: did you mean {close[0]}?"
                  for token in extra if token.startswith("--") for name in [token.split("=")[0]]

@@ -82,7 +82,10 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
         raise FastclrError(f"cannot create run directory {path} ({e.strerror}); choose another with --run-dir") from None
     if not os.access(path, os.W_OK | os.X_OK):
         why, fix = unwritable(path)
-        raise FastclrError(f"run directory {path} {why}; choose another with --run-dir or {fix}")
+        # A resume cannot be pointed elsewhere (--resume and --run-dir are one directory): a copy can.
+        elsewhere = f"copy it to a writable place and resume the copy, or {fix}" if resuming else \
+            f"choose another with --run-dir or {fix}"
+        raise FastclrError(f"run directory {path} {why}; {elsewhere}")
     return path
 
 

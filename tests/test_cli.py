@@ -171,19 +171,28 @@ def test_a_peer_failure_exits_2_without_finalisation(tmp_path: Path, env: dict[s
 
 
 def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys: pytest.CaptureFixture[str]) -> None:
-    """`pretrain --time-budgt 5` printed fastclr's top-level usage (the list of commands) and no hint."""
+    """`pretrain --time-budgt 5` printed fastclr's top-level usage (the list of commands) and no hint;
+    then its own usage, 30 lines, before the one that says what is wrong; and `--set` was offered
+    the hidden `--preset`, which only refuses itself."""
     from fastclr.cli import main
 
     with pytest.raises(SystemExit) as stopped:
         main(["pretrain", "--time-budgt", "5"])
     err = capsys.readouterr().err
-    assert stopped.value.code == 2 and err.startswith("usage: fastclr pretrain ")
-    assert err.strip().endswith("fastclr pretrain: error: unrecognized arguments: --time-budgt "
-                                "(--time-budgt: did you mean --time-budget?)")
+    assert stopped.value.code == 2 and err == ("fastclr pretrain: error: unrecognized arguments: --time-budgt "
+                                               "(--time-budgt: did you mean --time-budget?); `fastclr pretrain --help` "
+                                               "lists the options\n")
     with pytest.raises(SystemExit):  # a command's own option given before the command
         main(["--quiet", "pretrain"])
-    assert capsys.readouterr().err.strip().endswith("fastclr pretrain: error: unrecognized arguments: --quiet "
-                                                    "(--quiet: give it after the command, as in `fastclr pretrain --quiet`)")
+    assert capsys.readouterr().err.strip().startswith("fastclr pretrain: error: unrecognized arguments: --quiet "
+                                                      "(--quiet: give it after the command, as in `fastclr pretrain --quiet`)")
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--set", "train.lr=1"])
+    assert capsys.readouterr().err == ("fastclr pretrain: error: unrecognized arguments: --set (--set: did you mean "
+                                       "--seed?); `fastclr pretrain --help` lists the options\n")  # not --preset
+    with pytest.raises(SystemExit):
+        main(["evaluate", "RUN", "--precision", "fp8"])  # argparse's own check of a choice: one line too
+    assert capsys.readouterr().err.startswith("fastclr evaluate: error: argument --precision: invalid choice: 'fp8'")
     # the spellings the help text and English use run the same commands
     from fastclr.cli import parse_args
 
@@ -192,7 +201,21 @@ def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys
         parse_args(["neighbours", "R", "--data", "S", "--query", "q"]).func
     with pytest.raises(SystemExit):
         main(["evaluate", "RUN", "--zzz"])  # nothing near: no hint
-    assert capsys.readouterr().err.strip().endswith("fastclr evaluate: error: unrecognized arguments: --zzz")
+    assert capsys.readouterr().err.strip().startswith("fastclr evaluate: error: unrecognized arguments: --zzz;")
+
+
+def test_epochs_and_a_time_budget_given_together_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--epochs 0.01 --time-budget 0.1` trained 658 steps where 0.01 epochs is 19: the budget replaced
+    the epochs without a word (config.toml recorded both). Either alone, or a budget of 0, is a length."""
+    from fastclr.cli import main, resolve_config, parse_args
+
+    assert main(["pretrain", "--epochs", "0.01", "--time-budget", "0.1", "--run-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ("error: --epochs 0.01 and --time-budget 0.1 both set the run's length, and a "
+                                       "time budget replaces the epochs; give one of them\n")
+    assert not (tmp_path / "r").exists()
+    cfg = resolve_config(parse_args(["pretrain", "--epochs", "3", "--time-budget", "0"]))
+    assert (cfg.train.epochs, cfg.train.time_budget) == (3.0, 0.0)
+    assert resolve_config(parse_args(["pretrain", "--epochs", "3"])).train.time_budget == 0.0
 
 
 def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path: Path, env: dict[str, str]) -> None:
@@ -576,6 +599,10 @@ def test_a_folder_on_a_read_only_file_system_is_told_to_be_remounted_not_given_p
         prepare_run_dir(tmp_path)
     assert str(e.value) == (f"run directory {tmp_path} is on a read-only file system; choose another with --run-dir or "
                             "remount it read-write")
+    with pytest.raises(FastclrError) as e:  # --resume D --run-dir E is refused: the way out is a copy
+        prepare_run_dir(tmp_path, resuming=True)
+    assert str(e.value) == (f"run directory {tmp_path} is on a read-only file system; copy it to a writable place and "
+                            "resume the copy, or remount it read-write")
 
 
 def test_a_writer_threads_full_disk_leaves_the_one_line_to_the_command(capsys: pytest.CaptureFixture[str]) -> None:

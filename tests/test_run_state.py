@@ -344,13 +344,16 @@ def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_st
     assert [line for line in lines if line.startswith("note:")] == [
         "note: resuming with augment.scale_min 0.8 -> 0.5, optim.lr 0.003 -> 0.01, train.temperature 0.2 -> 0.5: the "
         "steps from 6 on train with them, the 5 before with the run's earlier settings, and config.toml now records "
-        "the new"]
+        "the new",
+        # the run's length: its own note (it was silent, and the learning rate rose with the longer cosine)
+        "note: resuming with train.epochs 2 -> 3: the run now ends at step 18, not 12, and from step 6 its learning "
+        "rate is the warm-up and cosine of a 3-epoch run (it may rise)"]
     assert "temperature = 0.5" in (run / "config.toml").read_text(encoding="utf-8")
     # resumed back to the first settings: the note said the steps before did not train with them, and the first
     # three had
     lines.clear()
     pretrain(tiny_config(run, train__epochs=4.0), dataset=ds, resume=run, progress=False, log=lines.append)
-    noted = [line for line in lines if line.startswith("note:")]
+    noted = [line for line in lines if line.startswith("note:") and "train.epochs" not in line]
     assert len(noted) == 1 and "train.temperature 0.5 -> 0.2" in noted[0] and "did not" not in noted[0], noted
 
 
@@ -372,7 +375,9 @@ def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so
     lines.clear()  # more epochs train on, and are recorded
     more = pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, progress=False, log=lines.append)
     assert more.steps == 12 and "epochs = 2.0" in (run / "config.toml").read_text(encoding="utf-8")
-    assert not any(line.startswith("note:") for line in lines)
+    assert [line for line in lines if line.startswith("note:")] == [
+        "note: resuming with train.epochs 1 -> 2: the run now ends at step 12, not 6, and from step 7 its learning "
+        "rate is the warm-up and cosine of a 2-epoch run (it may rise)"]
     from fastclr.export import ENCODER_FILE
 
     # A run stopped at step 9 of 18 that fewer epochs (6 steps) now end where it stands: the new

@@ -562,6 +562,10 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
             f"{int(state['total_steps'])}-step schedule")
     if state is not None and saved is not None and run.state.step < run.state.total_steps:  # steps left to train
         _note_changed_settings(saved, cfg, run.state.step, log)
+        if run.budget is None and saved.train.time_budget <= 0 and saved.train.epochs != cfg.train.epochs:
+            log(f"note: resuming with train.epochs {saved.train.epochs:g} -> {cfg.train.epochs:g}: the run now ends "
+                f"at step {run.state.total_steps}, not {int(state['total_steps'])}, and from step {run.state.step + 1} "
+                f"its learning rate is the warm-up and cosine of a {cfg.train.epochs:g}-epoch run (it may rise)")
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         if tracker_names(cfg.train.trackers):
             read_ids(run_dir)  # a damaged tracking.json is refused before config.toml records settings nothing trained with
