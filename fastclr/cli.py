@@ -386,8 +386,8 @@ def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line parsed; an option the command does not know is refused by that command's
-    parser (its usage, not the list of commands) with the nearest option it has: `pretrain
-    --time-budgt 5` printed fastclr's top-level usage and no hint."""
+    parser (in one line naming it, not the list of commands) with the nearest option it has:
+    `pretrain --time-budgt 5` printed fastclr's top-level usage and no hint."""
     parser, commands = _parser_and_commands()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -269,9 +269,8 @@ def test_epochs_given_as_a_flag_replace_a_saved_time_budget(tmp_path: Path) -> N
     for argv in (["--resume", str(run), "--epochs", "5"], ["--config", str(run / "config.toml"), "--epochs", "5"]):
         cfg = pretrain_target(build_parser().parse_args(["pretrain", *argv]))[1]
         assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 0.0)
-    cfg = pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(run), "--epochs", "5",
-                                                     "--time-budget", "3"]))[1]
-    assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 3.0)
+    with pytest.raises(FastclrError, match="both set the run's length"):  # the budget would replace the epochs
+        pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(run), "--epochs", "5", "--time-budget", "3"]))
     assert pretrain_target(build_parser().parse_args(["pretrain", "--resume", str(run)]))[1].train.time_budget == 9.5
 
 

@@ -169,6 +169,10 @@ def test_the_lead_over_scratch_is_taken_on_the_label_subsets_both_used() -> None
     assert rows[1][-1] == "-"  # no subset in common: no gap
     d = EvaluateOptions()
     assert set(d.supervised_seeds) <= set(d.seeds)  # by default, every baseline subset has the probe too
+    assert (len(d.seeds), len(d.supervised_seeds)) == (10, 3)  # the probe's mean over ten: ~1.1 points a subset
+    ten = curve({str(k): 0.8 for k in range(10)})["curve"][0]
+    rows = curve_rows({"fewshot": {"curve": [dict(ten, std=0.01)]}, "supervised": curve({"0": 0.7, "1": 0.7, "2": 0.7})})
+    assert rows[1][1:] == ["80.00 ± 1.00% (10 seeds)", "70.00 ± 0.00% (3 seeds)", "+10.00 points (3 subsets)"]
 
 
 def test_the_few_label_lift_is_trained_minus_untrained_where_both_were_measured() -> None:

@@ -159,8 +159,9 @@ def test_sixteen_bit_grey_with_alpha_is_one_channel_as_its_eight_bit_form(tmp_pa
 
 
 def test_an_update_names_the_images_gone_and_a_channel_count_it_changed(tmp_path: Path) -> None:
-    """Prepare again after one file was deleted and a colour one added to a grey folder: the summary
-    said "3 files decoded, 2 reused" with neither the row dropped nor the store turned RGB named."""
+    """Prepare again after one file was deleted, one renamed and a colour one added to a grey folder:
+    the summary said "3 files decoded, 2 reused" with neither the row dropped nor the store turned
+    RGB named. A renamed file is not gone (its bytes are stored under the new name)."""
     folder = tmp_path / "grey"
     folder.mkdir()
     for i in range(3):
@@ -169,14 +170,45 @@ def test_an_update_names_the_images_gone_and_a_channel_count_it_changed(tmp_path
     assert prepare_store(folder, tmp_path / "s", DecodeOptions(12), workers=1, progress=False, log=lines.append).images == 3
     assert not [line for line in lines if line.startswith("note:")]
     (folder / "g1.png").unlink()
+    (folder / "g2.png").rename(folder / "renamed.png")
     Image.new("RGB", (12, 12), (200, 10, 10)).save(folder / "red.png")
     lines.clear()
     res = prepare_store(folder, tmp_path / "s", DecodeOptions(12), workers=1, progress=False, log=lines.append)
-    assert (res.images, res.reused) == (3, 2)
+    assert res.images == 3
     notes = [line for line in lines if line.startswith("note:")]
-    assert notes[0] == "note: 1 image of the previous store is no longer in the folder (g1.png): its row is not in the store"
-    assert notes[1].startswith("note: the store has 3 channels now, 1 before (a colour image came in)")
+    assert notes == ["note: 1 image of the previous store is no longer in the folder (g1.png): its row is not in the store",
+                     "note: the store has 3 channels now, 1 before: runs trained on it before no longer fit it; train "
+                     "again, or give --channels 1 to keep 1"]
     assert read_store(tmp_path / "s").images.shape[-1] == 3
+
+
+def test_a_store_of_the_first_pipeline_decodes_again_only_its_rgba_pngs(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipeline 2 reads a 16-bit grey-with-alpha PNG as grey, where pipeline 1 stored it as RGBA: a
+    store of pipeline 1 is updated by decoding again only the rows it recorded as RGBA PNGs (which
+    any of those may be), not every file, and the update names the channel count it changed."""
+    import fastclr.ingest.decode as decode
+    import fastclr.ingest.prepare as prepare
+
+    folder = tmp_path / "grey"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"g{i}.png")
+    la16 = np.full((8, 8, 2), 0xFFFF, ">u2")
+    la16[..., 0] = 0x7000  # grey 112, opaque: no other file's pixels
+    (folder / "la16.png").write_bytes(_png(8, 8, 4, 16, la16.reshape(8, -1)))
+    with monkeypatch.context() as m:  # pipeline 1 as it was
+        m.setattr(decode, "file_mode", lambda im: im.mode)
+        m.setattr(prepare, "PIPELINE_VERSION", 1)
+        first = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, **QUIET)
+    assert (first.images, read_store(tmp_path / "s").images.shape[-1]) == (4, 3)
+    lines: list[str] = []
+    again = prepare_store(folder, tmp_path / "s", DecodeOptions(8), workers=1, progress=False, log=lines.append)
+    assert (again.decoded, again.reused) == (["la16.png"], 3)
+    assert read_store(tmp_path / "s").images.shape[-1] == 1
+    assert [line for line in lines if line.startswith("note:")] == [
+        "note: the store has 1 channel now, 3 before: runs trained on it before no longer fit it; train again, or "
+        "give --channels 3 to keep 3"]
 
 
 def test_pixel_limit_beyond_pillows_bomb_error_is_a_skip_not_a_crash(tmp_path: Path) -> None:

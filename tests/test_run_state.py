@@ -341,13 +341,16 @@ def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_st
     assert not [line for line in lines if line.startswith("note:")], lines
     pretrain(tiny_config(run, train__epochs=3.0, optim__lr=0.01, train__temperature=0.5, augment__scale_min=0.5,
                          train__threads=1), dataset=ds, resume=run, progress=False, log=lines.append)
-    assert [line for line in lines if line.startswith("note:")] == [
+    notes = [line for line in lines if line.startswith("note:")]
+    assert notes[0] == (
         "note: resuming with augment.scale_min 0.8 -> 0.5, optim.lr 0.003 -> 0.01, train.temperature 0.2 -> 0.5: the "
         "steps from 6 on train with them, the 5 before with the run's earlier settings, and config.toml now records "
-        "the new",
-        # the run's length: its own note (it was silent, and the learning rate rose with the longer cosine)
-        "note: resuming with train.epochs 2 -> 3: the run now ends at step 18, not 12, and from step 6 its learning "
-        "rate is the warm-up and cosine of a 3-epoch run (it may rise)"]
+        "the new")
+    # the run's length: its own note (it was silent), with the rates the run's metrics hold at those steps
+    lr = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
+    assert notes[1] == ("note: resuming with train.epochs 2 -> 3: the run now ends at step 18, not 12, and its learning "
+                        f"rate follows the warm-up and cosine of a 3-epoch run: {lr[6]:.3g} at step 6, {lr[5]:.3g} at "
+                        "step 5") and len(notes) == 2
     assert "temperature = 0.5" in (run / "config.toml").read_text(encoding="utf-8")
     # resumed back to the first settings: the note said the steps before did not train with them, and the first
     # three had
@@ -373,11 +376,14 @@ def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so
     assert notes == ["note: optim.lr, train.temperature differ from the run's, but it has nothing left to train: not "
                      "used, and its config.toml is kept as trained"]  # threads: how it runs, not what it trains
     lines.clear()  # more epochs train on, and are recorded
-    more = pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, resume=run, progress=False, log=lines.append)
+    more = pretrain(tiny_config(run, train__epochs=2.0, train__log_every=1), dataset=ds, resume=run, progress=False,
+                    log=lines.append)
     assert more.steps == 12 and "epochs = 2.0" in (run / "config.toml").read_text(encoding="utf-8")
+    lr = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
     assert [line for line in lines if line.startswith("note:")] == [
-        "note: resuming with train.epochs 1 -> 2: the run now ends at step 12, not 6, and from step 7 its learning "
-        "rate is the warm-up and cosine of a 2-epoch run (it may rise)"]
+        "note: resuming with train.epochs 1 -> 2: the run now ends at step 12, not 6, and its learning rate follows "
+        f"the warm-up and cosine of a 2-epoch run: {lr[7]:.3g} at step 7, {lr[6]:.3g} at step 6"]
+    assert lr[7] > lr[6]  # the longer cosine: the rate rises, as the note shows
     from fastclr.export import ENCODER_FILE
 
     # A run stopped at step 9 of 18 that fewer epochs (6 steps) now end where it stands: the new

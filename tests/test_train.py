@@ -401,6 +401,22 @@ def test_a_run_trained_by_epochs_and_resumed_under_a_budget_holds_the_peak_then_
     assert all(b <= a for a, b in zip(lrs[20:], lrs[21:])) and lrs[-1] < 0.01 * peak
 
 
+def test_a_budgeted_run_resumed_by_epochs_says_its_new_length_and_the_rate_it_jumps_to(tmp_path: Path) -> None:
+    """A finished 1-minute run (60 steps at 1 s a step, its rate decayed to ~0) resumed with `--epochs
+    0.8` (80 steps; the flag turns the budget off) trained on with the rate of an 80-step cosine at
+    step 61, near its peak, without a word. The note names the new end and both rates, as the metrics hold them."""
+    clock, lines = PacedClock(lambda i: 1.0), []
+    first, _ = paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, log_every=1)
+    res, records = paced_run(tmp_path, clock, minutes=0.0, steps_per_epoch=100, epochs=0.8, log_every=1,
+                             resume=True, log=lines.append)
+    lr = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert (first.steps, res.steps) == (60, 80) and lr[61] > 10 * lr[60]
+    assert [line for line in lines if line.startswith("note:")] == [
+        "note: resuming by --epochs 0.8, not the time budget of 1 min it ran under: the run now ends at step 80, not "
+        f"60, and its learning rate follows the warm-up and cosine of a 0.8-epoch run: {lr[61]:.3g} at step 61, "
+        f"{lr[60]:.3g} at step 60"]
+
+
 def test_a_run_by_epochs_resumed_under_a_budget_starts_its_cosine_from_the_peak_at_the_first_fit(
         tmp_path: Path) -> None:
     """The run of the test above: 20 steps by epochs (warm-up 2 steps), resumed with a 1-minute budget.

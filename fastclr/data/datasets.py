@@ -398,7 +398,7 @@ def download_root(root: str | Path | None = None) -> Path:
     return data_env() or user_cache()
 
 
-def _to_fetch(remotes: tuple[RemoteFile, ...], dest: Path, target: Path) -> list[RemoteFile]:
+def _to_fetch(remotes: tuple[RemoteFile, ...], target: Path) -> list[RemoteFile]:
     """The files a download fetches: the missing ones first, then the ones present whose MD5 is not the
     publisher's (a copy repacked by a distribution holds the same images), so that a failure offline
     names a missing file first. A file fetched whole by an interrupted download before, or present
@@ -433,7 +433,7 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
     dest = download_root(root)
     target = dest / s.folder
     try:
-        for remote in _to_fetch(s.remote, dest, target):
+        for remote in _to_fetch(s.remote, target):
             fetch(remote, dest if remote.extract else target)
     except DownloadWriteFailed:  # the disk, not the network: downloading by hand would fail alike
         raise

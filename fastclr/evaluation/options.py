@@ -40,9 +40,9 @@ class EvaluateOptions:
     """The few-label points of the label-efficiency curve (the issue's list)."""
     seeds: tuple[int, ...] = tuple(range(10))
     """Subset seeds of the few-label probe, whose fits take well under a second each. Ten, because at
-    10 labels per class which images are labelled moves the figure by about 1.2 points (sample std
+    10 labels per class which images are labelled moves the figure by about 1.1 points (sample std
     over subsets) and the same seeds draw the same subsets for every run: three fixed subsets lay
-    below the ten's mean on each of three runs (docs/benchmarks.md section 5)."""
+    below the ten's mean on each of three runs (docs/benchmarks.md section 2, "Ten label subsets")."""
     supervised_seeds: tuple[int, ...] = (0, 1, 2)
     """Subset seeds of the supervised baseline, each a full training run: the first of the few-label
     probe's, so that "over from scratch" compares the same labels (`table.paired_gap`)."""

@@ -1,5 +1,6 @@
 """The supervised baseline: the run's encoder architecture trained from scratch with labels only,
-on the same fixed subsets as the few-label probe, so the label-efficiency curve shows where
+on fixed subsets the few-label probe also uses (by default the first three of its ten), so the
+label-efficiency curve shows where
 self-supervised pretraining pays off and where labels alone do as well."""
 
 from __future__ import annotations

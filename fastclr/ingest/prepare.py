@@ -178,7 +178,10 @@ def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]
         log(f"previous store not reusable ({e}); decoding every file")
         return None
     old = store.meta.get("options", {})
-    changed = [k for k in PIXEL_OPTIONS if old.get(k) != options.get(k)]
+    # Pipeline 2 changed only 16-bit grey-with-alpha PNGs, which pipeline 1 recorded as RGBA: those rows
+    # are decoded again, not the whole store.
+    migrated = old.get("pipeline") == 1 and options.get("pipeline") == 2
+    changed = [k for k in PIXEL_OPTIONS if old.get(k) != options.get(k) and not (k == "pipeline" and migrated)]
     if changed:
         log(f"options changed ({', '.join(f'{k} {old.get(k)} -> {options.get(k)}' for k in changed)}); decoding every file")
         return None
@@ -190,6 +193,8 @@ def load_previous(out: Path, options: dict[str, Any], log: Callable[[str], None]
     prev = Previous(store)
     # Verdicts on files that were read (they carry a hash) are reused; walk-level ones are redone.
     for row in [r for r in verdicts if r["sha256"]] + manifest:
+        if migrated and row.get("mode") == "RGBA" and row["path"].lower().endswith(".png"):
+            continue
         prev.by_path[row["path"]] = row
         prev.by_hash[row["sha256"]] = row
     return prev
@@ -332,6 +337,7 @@ class _Plan:
     layout: Layout
     options: dict[str, Any]
     previous: Previous | None
+    before: Before | None
     entries: list[FileEntry]
     to_read: list[str]
     decoders: int
@@ -357,6 +363,7 @@ def _plan(root: Path, out: Path, opts: DecodeOptions, labels: str, workers: int,
             f"{'not a class' if len(bare) == 1 else 'not classes'}"
             f"{' (their files are in skipped.csv)' if any(k.rel.split('/', 1)[0] in bare for k in walk.skipped) else ''}")
     options = dict(asdict(opts), labels=labels, pipeline=PIPELINE_VERSION)
+    before = store_before(out)
     prev = load_previous(out, options, log)
     entries = sorted(walk.files, key=lambda f: (SPLITS.index(lay.split[f.rel]), f.rel))
     to_read = [f.rel for f in entries if unchanged_row(prev, f, rehash) is None]
@@ -368,7 +375,7 @@ def _plan(root: Path, out: Path, opts: DecodeOptions, labels: str, workers: int,
             f"and {free / 2**30:.1f} GiB is available")
     # --rehash reads every file again, and decodes again the ones an earlier run could not use.
     known = frozenset(h for h, r in prev.by_hash.items() if not (rehash and "reason" in r)) if prev else frozenset()
-    return _Plan(walk, lay, options, prev, entries, to_read, decoders, known)
+    return _Plan(walk, lay, options, prev, before, entries, to_read, decoders, known)
 
 
 def unchanged_row(prev: Previous | None, f: FileEntry, rehash: bool) -> dict[str, str] | None:
@@ -411,7 +418,8 @@ def prepare_store(
     except BaseException:
         claim.release(remove_created=True)
         raise
-    walk, lay, options, prev, entries = plan.walk, plan.layout, plan.options, plan.previous, plan.entries
+    walk, lay, options, prev, entries, before = (plan.walk, plan.layout, plan.options, plan.previous, plan.entries,
+                                                 plan.before)
     to_read, decoders, known = plan.to_read, plan.decoders, plan.known
     del plan  # `prev` alone holds the previous store from here (dropped before the commit)
 
@@ -481,7 +489,7 @@ def prepare_store(
         if writer.n == 0:
             raise FastclrError(f"no usable images in {root}: all {len(skipped)} entries were skipped ({_totals(skipped)})")
         skipped.sort(key=lambda s: s.rel)
-        changes = update_notes(prev, {f.rel for f in entries}, writer.channels)
+        changes = update_notes(before, kept, writer.channels)
         # The previous store maps the old images file (its last row read too), which Windows will not
         # let the commit replace.
         prev = pixels = None
@@ -511,24 +519,46 @@ def prepare_store(
     return result
 
 
-def update_notes(prev: Previous | None, paths: set[str], channels: int) -> list[str]:
-    """Notes on what an update changed beyond new rows: images of the previous store whose files are
-    gone from the folder (their rows are dropped), and a channel count that `--channels auto` changed
-    (a colour image among grey ones makes the whole store RGB; a run trained on it before no longer fits)."""
-    if prev is None:
+@dataclass(frozen=True)
+class Before:
+    """The store at --out before an update, whatever its options: its channels and images."""
+
+    channels: int
+    images: dict[str, str]
+    """path -> SHA-256 of the file, for every stored row."""
+
+
+def store_before(out: Path) -> Before | None:
+    """The store at `out` as `update_notes` compares with (None: no readable store there)."""
+    if not is_store(out):
+        return None
+    try:
+        store = read_store(out)
+        rows = read_csv(out / MANIFEST, MANIFEST_COLUMNS)
+    except FastclrError:
+        return None
+    return Before(int(store.images.shape[-1]), {r["path"]: r["sha256"] for r in rows})
+
+
+def update_notes(before: Before | None, stored: dict[str, str], channels: int) -> list[str]:
+    """Notes on what an update changed beyond new rows (`stored`: SHA-256 -> path of the files the new
+    store holds): images of the store before whose path and bytes are in it no longer (deleted, not
+    renamed or changed),
+    and a channel count that changed (`--channels auto` with a colour image among grey ones, or the
+    last one gone; a 16-bit grey-with-alpha PNG read as grey): runs trained on it before no longer fit."""
+    if before is None:
         return []
-    gone = sorted(p for p, row in prev.by_path.items() if "index" in row and p not in paths)
+    paths = set(stored.values())
+    gone = sorted(p for p, sha in before.images.items() if sha not in stored and p not in paths)
     notes = []
     if gone:
         notes.append(f"note: {counted(len(gone), 'image')} of the previous store {'is' if len(gone) == 1 else 'are'} no "
                      f"longer in the folder ({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}): "
                      f"{'its row is' if len(gone) == 1 else 'their rows are'} not in the store")
-    before = int(prev.store.images.shape[-1])
-    if before != channels:
-        notes.append(f"note: the store has {counted(channels, 'channel')} now, {before} before ("
-                     + ("a colour image came in" if channels == 3 else "no colour image is left")
-                     + "): runs trained on it before no longer fit it; train again, or give --channels "
-                     f"{before} to keep {before}")
+    if before.channels != channels:
+        notes.append(f"note: the store has {counted(channels, 'channel')} now, {before.channels} before: runs "
+                     f"trained on it before no longer fit it; train again, or give --channels {before.channels} to "
+                     f"keep {before.channels}")
     return notes
 
 

@@ -562,10 +562,7 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
             f"{int(state['total_steps'])}-step schedule")
     if state is not None and saved is not None and run.state.step < run.state.total_steps:  # steps left to train
         _note_changed_settings(saved, cfg, run.state.step, log)
-        if run.budget is None and saved.train.time_budget <= 0 and saved.train.epochs != cfg.train.epochs:
-            log(f"note: resuming with train.epochs {saved.train.epochs:g} -> {cfg.train.epochs:g}: the run now ends "
-                f"at step {run.state.total_steps}, not {int(state['total_steps'])}, and from step {run.state.step + 1} "
-                f"its learning rate is the warm-up and cosine of a {cfg.train.epochs:g}-epoch run (it may rise)")
+        _note_new_length(saved, cfg, run, int(state["total_steps"]), log)
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         if tracker_names(cfg.train.trackers):
             read_ids(run_dir)  # a damaged tracking.json is refused before config.toml records settings nothing trained with
@@ -612,6 +609,25 @@ def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callab
         log(f"note: resuming with {', '.join(f'{k} {then[k]!r} -> {now[k]!r}' for k in changed)}: the steps from "
             f"{step + 1} on train with {'it' if len(changed) == 1 else 'them'}, the {step} before with the run's "
             "earlier settings, and config.toml now records the new")  # (not "did not": a run resumed back trained some)
+
+
+def _note_new_length(saved: Config, cfg: Config, run: Run, was_total: int, log: Callable[[str], None]) -> None:
+    """A resume by epochs whose length differs from the checkpoint's (other --epochs, or --epochs over
+    the time budget it ran under) trained on a cosine of the new length without a word: the rate
+    could jump from the end of a finished budget's decay back near its peak. Says where the run now
+    ends and the rate's move. (A run under a budget now: the budget's own lines say so.)"""
+    s = run.state
+    same = saved.train.epochs == cfg.train.epochs or (not s.step_offset and s.total_steps == was_total)
+    if run.budget is not None or (saved.train.time_budget <= 0 and same):
+        return
+    before = float(run.train_step.optimizer.param_groups[0]["lr"])  # the checkpoint's, its last step's
+    after = run.set_lr()
+    length = (f"by --epochs {cfg.train.epochs:g}, not the time budget of {saved.train.time_budget:g} min it ran under"
+              if saved.train.time_budget > 0 else f"with train.epochs {saved.train.epochs:g} -> {cfg.train.epochs:g}")
+    log(f"note: resuming {length}: the run now ends at step {s.total_steps}"
+        + ("" if s.step_offset else f", not {was_total}")
+        + f", and its learning rate follows the warm-up and cosine of a {cfg.train.epochs:g}-epoch run: "
+        f"{after:.3g} at step {s.step + 1}, {before:.3g} at step {s.step}")
 
 
 def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:

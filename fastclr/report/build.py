@@ -306,9 +306,10 @@ def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Datase
             lines = figures.efficiency_series(p)
         curve = figures.efficiency_chart(lines)
         eff = section("efficiency", "Label efficiency", stale + curve, "svg",
-                      "Test accuracy against labelled images per class, on the same fixed stratified subsets: a "
-                      "logistic regression on the frozen self-supervised features against the same architecture "
-                      "trained from scratch with labels only. Bands: mean ± standard deviation over subset seeds.")
+                      "Test accuracy against labelled images per class, on fixed stratified subsets: a logistic "
+                      "regression on the frozen self-supervised features (by default over ten subsets) against the "
+                      "same architecture trained from scratch with labels only (on the first three of them). "
+                      "Bands: mean ± standard deviation over subset seeds.")
     else:
         eff = section("efficiency", "Label efficiency", note(_evaluate_hint(run_dir, dataset, ev)), "p")
     text = escape(format_table(ev, run_dir=str(run_dir)))  # the run as named now: a moved run's file names the old
