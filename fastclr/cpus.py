@@ -9,10 +9,11 @@ PyTorch's 2 threads against 964-1009 with 1 (docs/benchmarks.md, section 4).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -66,6 +67,17 @@ def set_threads(threads: int, warn: Callable[[str], None] = warn_stderr) -> int:
              f"and cgroup CPU quota), so the threads take turns on them; leave --threads out to use {default}")
     torch.set_num_threads(threads if threads > 0 else default)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def at_most_threads(n: int) -> Iterator[None]:
+    """PyTorch's thread count lowered to at most `n` inside the block, the caller's given back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def gives_threads_back(fn: Callable[P, R]) -> Callable[P, R]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastclr.cpus import at_most_threads
 from fastclr.evaluation.curve import label_sweep
 from fastclr.evaluation.probe import ProbeResult, SelectBy, linear_probe
 
@@ -28,6 +29,12 @@ FEWSHOT_FOLDS = 5  # the held-out part is one of 5 class-balanced folds: 20%
 # instead of the full probe's 300/100 changed test accuracy by at most 0.05 points at 10, 100 and
 # 500 labels per class, and took a third of the time (at 500/class: 3.5 s instead of 9.7 s).
 FEWSHOT_ITERS = (100, 50)
+# At most this many labelled images, a fit runs on one thread. Its matrices are too small for a
+# second thread to pay, and beside any other busy process the threads wait on each other: on a
+# 2-vCPU Xeon (AVX-512, no bf16), 5 subsets of 10 and of 100 labels per class took 3.4-4.8 s on 2
+# threads and 4.1-4.4 s on one alone, 10.4-12.4 s against 4.0 s beside one busy process; at 200 and
+# 500 per class 2 threads are faster alone (docs/benchmarks.md section 5, "Threads of the few-label fits").
+ONE_THREAD_UP_TO = 1000
 
 
 # The whole (short) grid: a held-out part of a few images per class scores penalties noisily,
@@ -37,9 +44,10 @@ def fewshot_fit(x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: 
     """The few-label probe of one subset: L2 chosen by the held-out cross-entropy of a class-balanced
     20% of it, refitted on all of it; features standardised with `stats` (mean, std) when given, else
     with the subset's own."""
-    return linear_probe(x, y, test_x, test_y, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, seed=seed,
-                        max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1], stop_early=False, stats=stats,
-                        select_by=select_by)
+    with at_most_threads(1 if len(x) <= ONE_THREAD_UP_TO else torch.get_num_threads()):
+        return linear_probe(x, y, test_x, test_y, l2_grid=FEWSHOT_L2_GRID, folds=FEWSHOT_FOLDS, seed=seed,
+                            max_iter=FEWSHOT_ITERS[0], select_iter=FEWSHOT_ITERS[1], stop_early=False, stats=stats,
+                            select_by=select_by)
 
 
 def fewshot_probe(
