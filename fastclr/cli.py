@@ -124,10 +124,7 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
         what = "a file, not a run directory" if resume.exists() else "no such run directory"
         raise FastclrError(f"--resume {resume}: {what}; give the directory of an earlier run")
     saved = resume / "config.toml"
-    if not saved.exists():
-        raise FastclrError(f"{resume} holds no config.toml; it is not a fastclr run directory: give the directory an "
-                           "earlier `fastclr pretrain` wrote (`--resume auto` starts a run where there is none)")
-    base = saved_overrides(saved)
+    base = saved_overrides(saved) if saved.exists() else checkpoint_settings(resume)
     # What this command asks for, a --config file then flags, each with the epochs rule.
     file, flags = config_files(args), _overrides(args)
     given = {**file, **_epochs_mean_epochs(flags), **flags}
@@ -142,6 +139,29 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     base.update(given)
     base["train.run_dir"] = str(resume)  # where it continues, also when the run directory was moved
     return apply_overrides(Config(), base)
+
+
+def checkpoint_settings(run: Path) -> dict[str, Any]:
+    """The settings of a run whose config.toml is gone, from its newest valid checkpoint (each holds
+    the whole config); the run writes config.toml again. A folder without checkpoints either is not
+    a run."""
+    from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
+    from fastclr.config import from_dict, to_flat
+
+    if not list_checkpoints(run):
+        raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory: give the directory an "
+                           "earlier `fastclr pretrain` wrote (`--resume auto` starts a run where there is none)")
+    path, state = latest_valid_checkpoint(run, warn=print, check=check_run_parts)
+    try:
+        flat = to_flat(from_dict(state["config"]))
+    except (KeyError, TypeError, ValueError, AttributeError, FastclrError) as e:
+        raise FastclrError(f"{run} has no config.toml and its checkpoint {path.name} records its settings in a form "
+                           f"this version cannot read ({type(e).__name__}); resume it with the version that wrote it") from None
+    if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
+        flat["data.preset"] = preset_name(str(flat["data.name"]))
+    print(f"note: {run} has no config.toml: resuming with the settings its checkpoint {path.name} holds, which "
+          "config.toml records again")
+    return flat
 
 
 def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,37 @@ def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_st
     pretrain(tiny_config(run, train__epochs=4.0), dataset=ds, resume=run, progress=False, log=lines.append)
     noted = [line for line in lines if line.startswith("note:") and "train.epochs" not in line]
     assert len(noted) == 1 and "train.temperature 0.5 -> 0.2" in noted[0] and "did not" not in noted[0], noted
+
+
+def test_a_run_whose_config_toml_is_gone_resumes_from_its_checkpoints_settings_and_records_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`rm RUN/config.toml; fastclr pretrain --resume RUN` was refused as "not a fastclr run directory"
+    though every checkpoint holds the whole config: it resumes with the newest valid one's settings
+    (the same as the run's, key for key), says so, and config.toml is written again, also by a
+    finished run resumed to restore it."""
+    from fastclr.cli import build_parser, resume_config
+    from fastclr.config import read_toml, to_flat
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    cfg = tiny_config(run, train__epochs=1.0, train__temperature=0.3)
+    assert pretrain(cfg, dataset=ds, stop=lambda step: step == 3, **QUIET).stopped
+    written = read_toml(run / "config.toml")
+    with_record = resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run)]))
+    (run / "config.toml").unlink()
+    restored = resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run)]))
+    assert to_flat(restored) == to_flat(with_record) and restored.train.temperature == 0.3
+    assert capsys.readouterr().out.startswith(f"note: {run} has no config.toml: resuming with the settings its "
+                                              "checkpoint step-000000003.pt holds")
+    pretrain(restored, dataset=ds, resume=run, **QUIET)
+    assert read_toml(run / "config.toml") == written
+    (run / "config.toml").unlink()  # a finished run: resumed only to restore its record
+    pretrain(resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run)])), dataset=ds, resume=run,
+             **QUIET)
+    assert read_toml(run / "config.toml") == written
+    shutil.rmtree(run / "checkpoints")
+    (run / "config.toml").unlink()
+    with pytest.raises(FastclrError, match="holds no config.toml; it is not a fastclr run directory"):
+        resume_config(run, build_parser().parse_args(["pretrain", "--resume", str(run)]))
 
 
 def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so(tmp_path: Path) -> None:

@@ -570,6 +570,8 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
             _retire_export(run_dir, state, log)
         if run.finished_before and saved is not None:
             _note_unused_settings(saved, cfg, log)
+            if not (run_dir / "config.toml").exists():  # gone: the record comes back from the checkpoint, as trained
+                write_config(run_dir, saved)
         else:
             write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
