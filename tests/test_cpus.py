@@ -151,9 +151,10 @@ def test_a_quota_is_rounded_up_on_a_large_host(monkeypatch: pytest.MonkeyPatch, 
 
 def test_a_few_label_fit_of_at_most_a_thousand_images_runs_on_one_thread(caller_threads: object,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """A few-label fit's matrices are too small for a second thread, and beside another busy process
-    the threads wait on each other (10.4-12.4 s against 4.0 s for 10 subsets on a 2-vCPU Xeon): up to
-    ONE_THREAD_UP_TO images it runs on one thread, above it on the caller's count, which it gives back."""
+    """A few-label fit's matrices are too small for a second thread to pay much, and beside another
+    busy process the threads wait on each other (5 subsets of 100 labels per class: 5.9-8.2 s on 2
+    threads against 2.0-2.5 s on one, on a 2-vCPU Xeon): up to ONE_THREAD_UP_TO images it runs on one
+    thread, above it on the caller's count, which it gives back."""
     import fastclr.evaluation.fewshot as fewshot
 
     seen: list[int] = []

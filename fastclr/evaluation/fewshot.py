@@ -30,10 +30,10 @@ FEWSHOT_FOLDS = 5  # the held-out part is one of 5 class-balanced folds: 20%
 # 500 labels per class, and took a third of the time (at 500/class: 3.5 s instead of 9.7 s).
 FEWSHOT_ITERS = (100, 50)
 # At most this many labelled images, a fit runs on one thread. Its matrices are too small for a
-# second thread to pay, and beside any other busy process the threads wait on each other: on a
-# 2-vCPU Xeon (AVX-512, no bf16), 5 subsets of 10 and of 100 labels per class took 3.4-4.8 s on 2
-# threads and 4.1-4.4 s on one alone, 10.4-12.4 s against 4.0 s beside one busy process; at 200 and
-# 500 per class 2 threads are faster alone (docs/benchmarks.md section 5, "Threads of the few-label fits").
+# second thread to pay much, and beside any other busy process the threads wait on each other: on a
+# 2-vCPU Xeon (AVX-512, no bf16), 5 subsets of 100 labels per class took 1.9 s on 2 threads and
+# 2.1-2.4 s on one alone, 5.9-8.2 s against 2.0-2.5 s beside one busy process; at 200 and 500 per
+# class 2 threads are 1.3-1.5x faster alone (docs/benchmarks.md section 5, "Threads of the few-label fits").
 ONE_THREAD_UP_TO = 1000
 
 
