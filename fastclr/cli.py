@@ -146,19 +146,17 @@ def checkpoint_settings(run: Path) -> dict[str, Any]:
     the whole config); the run writes config.toml again. A folder without checkpoints either is not
     a run."""
     from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
-    from fastclr.config import from_dict, to_flat
+    from fastclr.presets import checkpoint_overrides
 
     if not list_checkpoints(run):
         raise FastclrError(f"{run} holds no config.toml; it is not a fastclr run directory: give the directory an "
                            "earlier `fastclr pretrain` wrote (`--resume auto` starts a run where there is none)")
     path, state = latest_valid_checkpoint(run, warn=print, check=check_run_parts)
     try:
-        flat = to_flat(from_dict(state["config"]))
-    except (KeyError, TypeError, ValueError, AttributeError, FastclrError) as e:
+        flat = checkpoint_overrides(state["config"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, FastclrError) as e:
         raise FastclrError(f"{run} has no config.toml and its checkpoint {path.name} records its settings in a form "
                            f"this version cannot read ({type(e).__name__}); resume it with the version that wrote it") from None
-    if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
-        flat["data.preset"] = preset_name(str(flat["data.name"]))
     print(f"note: {run} has no config.toml: resuming with the settings its checkpoint {path.name} holds, which "
           "config.toml records again")
     return flat

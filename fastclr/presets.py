@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fastclr.config import ADDED_LATER, Config, DataConfig, apply_overrides, read_toml
+from fastclr.config import ADDED_LATER, Config, DataConfig, apply_overrides, from_dict, read_toml, to_flat
 from fastclr.errors import FastclrError
 
 # The paper's ImageNet recipe (Chen et al. 2020, appendix A) with its schedule: 96 px colour photos
@@ -89,6 +89,16 @@ def saved_overrides(path: str | Path) -> dict[str, Any]:
     dataset's preset name where a run saved before data.preset existed lacks it."""
     flat = {**ADDED_LATER, **read_toml(path)}
     flat.setdefault("data.preset", preset_name(str(flat.get("data.name", DataConfig().name))))
+    return flat
+
+
+def checkpoint_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat overrides a checkpoint's config (its nested dict) rebuilds the run's config from, as
+    `saved_overrides` does for config.toml: keys added since at the values that reproduce it
+    (`from_dict`), and the dataset's preset name where a checkpoint saved before data.preset lacks it."""
+    flat = to_flat(from_dict(config))
+    if "preset" not in config.get("data", {}):
+        flat["data.preset"] = preset_name(str(flat["data.name"]))
     return flat
 
 

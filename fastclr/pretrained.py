@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
-from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides, from_dict, to_flat
+from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError, first_sentence, warn_stderr
 from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec, resolve_encoder
 from fastclr.models.cnn import parse_stages
-from fastclr.presets import preset_name, saved_overrides
+from fastclr.presets import checkpoint_overrides, saved_overrides
 from fastclr.locks import locked_by_another
 from fastclr.runtime import Precision, resolve_precision
 
@@ -143,10 +143,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", precision:
                                "version; use that version, or finish the run with it to export the encoder") from None
         encoder = encoder.to(device)
         try:
-            saved = to_flat(from_dict(state["config"]))
-            if "preset" not in state["config"].get("data", {}):  # saved before data.preset existed: as saved_overrides fills it
-                saved["data.preset"] = preset_name(saved["data.name"])
-            cfg = apply_overrides(Config(), saved)
+            cfg = apply_overrides(Config(), checkpoint_overrides(state["config"]))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, FastclrError) as e:  # crafted, foreign
             raise FastclrError(f"{ckpt} ({written_by}) records its settings in a form this version cannot read "
                                f"({type(e).__name__}: {str(e)[:200]}); use that version, or finish the run with it "
