@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fastclr.config import Config, apply_overrides, auto_value, check_settings, flag_table, read_toml
-from fastclr.errors import FastclrError, PeerFailure, out_of_memory
+from fastclr.errors import FastclrError, PeerFailure, out_of_memory, warn_stderr
 from fastclr.files import WriteFailed, is_write_error, remove_empty, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
 from fastclr.streams import outliving_readers, shown
@@ -90,12 +90,22 @@ def _epochs_mean_epochs(flags: dict[str, Any]) -> dict[str, Any]:
     return {"train.time_budget": 0.0} if "train.epochs" in flags and "train.time_budget" not in flags else {}
 
 
+def _note_budget_over_file_epochs(file: dict[str, Any], flags: dict[str, Any]) -> None:
+    """A `--time-budget` flag over a config file that trains by epochs: flags win over files, so the
+    budget sets the length, which a note says (refused outright only when both are flags)."""
+    if "train.epochs" in file and not _positive(file.get("train.time_budget", 0)) \
+            and _positive(flags.get("train.time_budget")):
+        warn_stderr(f"note: --time-budget {flags['train.time_budget']} sets the run's length; the config file's "
+                    f"train.epochs {file['train.epochs']} is not used (leave --time-budget out to train by epochs)")
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     """Config() <- the dataset's preset <- TOML file <- flags (`presets.config_for`)."""
     overrides: dict[str, Any] = {}
     flags = _overrides(args)
     if getattr(args, "config", None):
         overrides.update(config_files(args))
+        _note_budget_over_file_epochs(overrides, flags)
         overrides.update(_epochs_mean_epochs(flags))
     overrides.update(flags)
     if "train.run_dir" in overrides:  # from a file, where no shell put the home in
@@ -127,6 +137,7 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     base = saved_overrides(saved) if saved.exists() else checkpoint_settings(resume)
     # What this command asks for, a --config file then flags, each with the epochs rule.
     file, flags = config_files(args), _overrides(args)
+    _note_budget_over_file_epochs(file, flags)
     given = {**file, **_epochs_mean_epochs(flags), **flags}
     from fastclr.data import absolute_name
 
@@ -233,6 +244,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                           stop=stop)
     if result.stopped:
         return EXIT_STOPPED  # the loop (rank 0) said where it stopped and how to continue
+    if stop.signal is not None:  # after the last step, with no probe left to cut short: the handler promised a stop
+        warn_stderr(f"note: {signal.Signals(stop.signal).name} came after the last step: the run finished and its "
+                    "encoder is saved; there is nothing to resume")
     if result.probe_accuracy is not None:
         versus = "" if result.random_init_accuracy is None else (
             f", same network untrained {result.random_init_accuracy * 100:.2f}%")

@@ -218,6 +218,46 @@ def test_epochs_and_a_time_budget_given_together_are_refused(tmp_path: Path, cap
     assert resolve_config(parse_args(["pretrain", "--epochs", "3"])).train.time_budget == 0.0
 
 
+def test_a_time_budget_flag_over_a_config_file_that_trains_by_epochs_is_noted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --config file with `epochs = 5` and `--time-budget 3`: the flag wins (flags over files) and the
+    file's epochs went unused without a word. A note names it; a file that holds a budget itself, or
+    no budget flag, says nothing."""
+    from fastclr.cli import parse_args, resolve_config
+
+    by_epochs = tmp_path / "epochs.toml"
+    by_epochs.write_text("[train]\nepochs = 5\n")
+    cfg = resolve_config(parse_args(["pretrain", "--config", str(by_epochs), "--time-budget", "3"]))
+    assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 3.0)
+    assert capsys.readouterr().err == ("note: --time-budget 3 sets the run's length; the config file's train.epochs 5 "
+                                       "is not used (leave --time-budget out to train by epochs)\n")
+    assert resolve_config(parse_args(["pretrain", "--config", str(by_epochs)])).train.time_budget == 0.0
+    both = tmp_path / "both.toml"
+    both.write_text("[train]\nepochs = 5\ntime_budget = 2.0\n")
+    assert resolve_config(parse_args(["pretrain", "--config", str(both), "--time-budget", "3"])).train.time_budget == 3.0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_stop_signal_after_the_last_step_is_said_to_have_come_too_late(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM while the encoder was exported, with no probe to follow, was answered "writing a
+    checkpoint at the next step, then stopping" and the run then exited 0, finished: the promise is
+    corrected, and the exit stays 0 (the run is complete; 75 would ask for a resume)."""
+    import signal as sig
+
+    import fastclr.pretraining.loop as loop
+    from fastclr.cli import main
+
+    def finished_while_signalled(cfg: object, *, stop: object, **kw: object) -> loop.PretrainResult:
+        stop.signal = sig.SIGTERM  # type: ignore[attr-defined]
+        return loop.PretrainResult(tmp_path / "r", 10, 1.0, None)
+
+    monkeypatch.setattr(loop, "pretrain", finished_while_signalled)
+    assert main(["pretrain", "--run-dir", str(tmp_path / "r"), "--probe", "false"]) == 0
+    assert capsys.readouterr().err == ("note: SIGTERM came after the last step: the run finished and its encoder is "
+                                       "saved; there is nothing to resume\n")
+
+
 def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path: Path, env: dict[str, str]) -> None:
     """`fastclr pretrain ... 2>&1 | head -1`: the first write after head exited raised BrokenPipeError,
     which ended the run at its first steps with exit 1, no message and no checkpoint. It now trains
