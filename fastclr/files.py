@@ -4,7 +4,8 @@
 Every file fastclr writes (checkpoints, the exported encoder, config, metrics, results, report,
 embeddings) goes through `atomic_write`: a temporary file in the same directory, flush, fsync,
 `os.replace` onto the final name, fsync of the directory. A crash or a failure at any moment
-leaves the old file (or none), never a half-written one under the final name.
+leaves the old file (or none), never a half-written one under the final name; the temporary a
+writer killed outright leaves is removed by the next write of that file.
 
 torch's writer does not raise OSError when the disk fills: it raises RuntimeError
 ("[enforce fail at inline_container.cc:672] . unexpected pos ...", measured on a full tmpfs and
@@ -17,10 +18,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,6 +192,7 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
     done: list[tuple[str, Path]] = []  # (temporary, final name)
     try:
         for path, write in writes:
+            remove_stale_temporaries_of(path)
             try:
                 fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
             except OSError as e:
@@ -244,6 +248,33 @@ def temp_prefix(path: Path) -> str:
     if len(raw) <= TEMP_NAME_KEPT:
         return f".{path.name}."
     return f".{raw[:TEMP_NAME_KEPT].decode('utf-8', 'ignore')}."
+
+
+STALE_TEMPORARY_S = 600.0
+"""How old (since its last write) a temporary of `atomic_write` must be to be another writer's
+leftover, not a live write: a writer killed outright (kill -9, a power cut) leaves its
+`.NAME.XXXXXXXX.tmp`, which nothing else removes (the run's own are swept under its lock)."""
+
+
+def remove_stale_temporaries_of(path: Path, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
+    """Delete the temporaries of `path` (`.NAME.` then mkstemp's 8 characters, `.tmp`) not written to for
+    `older_than_s`: the next write of a file clears what a killed one left beside it. Returns them."""
+    shape = re.compile(re.escape(temp_prefix(path)) + r"[a-z0-9_]{8}\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:  # an unreadable folder: the write itself will say what is wrong
+        return []
+    for entry in entries:
+        if not shape.fullmatch(entry.name):
+            continue
+        try:
+            if time.time() - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # its writer renamed or removed it meanwhile, or it is not ours to remove
+            pass
+    return removed
 
 
 def fsync_path(path: Path) -> None:

@@ -77,3 +77,22 @@ def test_embed_through_a_link_writes_the_linked_array_and_its_index_beside_it(tm
     assert write_embeddings(index_link, features[::-1].copy(), rows) == (shared / "v3.npy", shared / "v3.csv")
     assert index_link.is_symlink() and np.array_equal(np.load(shared / "v3.npy"), features[::-1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current.csv", "latest.npy", "shared"]
+
+
+def test_a_write_removes_what_a_killed_write_of_the_same_file_left_and_nothing_else(tmp_path: Path) -> None:
+    """`embed` killed with -9 while writing left `.feats.npy.XXXXXXXX.tmp` for good (only a run's own
+    files were swept, under its lock). The next write of the same file removes its temporaries that
+    no writer touched for 10 minutes; a fresh one (a live write), another file's and a user's file stay."""
+    from fastclr.files import STALE_TEMPORARY_S
+
+    old = os.path.getmtime(tmp_path) - STALE_TEMPORARY_S - 60
+    names = {"stale": ".feats.npy.k3_x9q0a.tmp", "live": ".feats.npy.ab12cd34.tmp",
+             "other file's": ".feats.npy.x.ab12cd34.tmp", "user's": ".feats.npy.notmine.tmp"}
+    for what, name in names.items():
+        (tmp_path / name).write_bytes(b"partial")
+        if what != "live":
+            os.utime(tmp_path / name, (old, old))
+    write_text(tmp_path / "feats.npy", "whole")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["feats.npy", *(n for w, n in names.items() if w != "stale")])
+    assert (tmp_path / "feats.npy").read_text() == "whole"
