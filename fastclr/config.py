@@ -75,6 +75,11 @@ def one_of(*choices: str) -> dict[str, Allowed]:
 
 PROBABILITY = between(0, 1)
 
+MIN_TEMPERATURE = 1e-6
+"""The lowest NT-Xent temperature: a float32 cosine is rounded by up to 6e-8, which at t = 1e-6
+moves a logit by 0.06 and below it by more, until 1 / t overflows (t = 1e-40 made every logit
+infinite and the run stopped at its first step, after writing its directory)."""
+
 SEED_MAX = 2**64 - 1
 """The largest seed: what torch's generators take (`manual_seed`)."""
 
@@ -150,7 +155,8 @@ class ModelConfig:
     """cnn, resnet18, resnet34, resnet50; auto picks cnn for 28 px images, resnet18 otherwise."""
     width: float = field(default=0.0, metadata={**at_least(0), AUTO: 0.0})
     """Channel multiplier of the encoder; 0 (auto): a quarter for a ResNet on a CPU, 1 otherwise
-    (fastclr.models.resolve_width). A run records the width it trained at."""
+    (fastclr.models.resolve_width). Every layer keeps at least 8 channels (`--width 0.125` gives
+    the default cnn's 32-channel convs 8, not 4). A run records the width it trained at."""
     cnn_stages: str = "32,32,32p|256p|fc512"
     """Shape of the cnn encoder (fastclr.models.cnn.parse_stages): 3x3 conv widths per stage,
     '|' between stages (a 2x2 max-pool), ',' between convs of a stage, a 'p' after a stage's last
@@ -218,8 +224,8 @@ class TrainConfig:
     """Length of the run (the cosine's length); unused when time_budget > 0."""
     batch_size: int = field(default=256, metadata=at_least(2))
     """The global batch: under N processes each embeds batch_size / N images."""
-    temperature: float = field(default=0.2, metadata=at_least(0, above=True))
-    """t of NT-Xent (logits are cosine similarities / t). 0.2 rather than the paper's 0.1 for the
+    temperature: float = field(default=0.2, metadata=at_least(MIN_TEMPERATURE))
+    """t of NT-Xent (logits are cosine similarities / t); at least MIN_TEMPERATURE. 0.2 rather than the paper's 0.1 for the
     default encoder: side by side at equal wall time (three seeds in bf16, one in fp32) it raised 10
     labels per class and the linear probe on every run, for 0.2-0.5 points of kNN
     (docs/benchmarks.md section 3, "The default since 2026-12-05")."""

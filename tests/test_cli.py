@@ -90,8 +90,10 @@ def test_exported_encoder_reloads_and_matches(tmp_path: Path, env: dict[str, str
     (["--encoder", "vgg"], "model.encoder = 'vgg' is not allowed: it must be one of: auto, cnn, resnet18"),
     (["--data", "cifar10", "--download", "false"], "cifar10 files not found"),
     (["--batch-size", "100000"], "batch size 100000 is larger than the dataset (256 images)"),
-    (["--temperature", "0"], "train.temperature = 0.0 is not allowed: it must be > 0"),
-    (["--temperature", "-1"], "train.temperature = -1.0 is not allowed: it must be > 0"),
+    (["--temperature", "0"], "train.temperature = 0.0 is not allowed: it must be >= 1e-06"),
+    (["--temperature", "-1"], "train.temperature = -1.0 is not allowed: it must be >= 1e-06"),
+    # 1 / t overflowed float32: every logit infinite, the run stopped at its first step after writing its directory
+    (["--temperature", "1e-40"], "train.temperature = 1e-40 is not allowed: it must be >= 1e-06"),
     (["--batch-size", "many"], "train.batch_size must be an integer, got 'many'"),
     (["--temperature", "nan"], "train.temperature must be a finite number, got 'nan'"),
     (["--cnn-stages", "32|wide"], "cnn_stages '32|wide' is not a stage spec; write e.g. 32|256|fc512"),

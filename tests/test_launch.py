@@ -95,7 +95,7 @@ def test_a_rank_that_fails_with_one_line_gives_exit_2_not_a_traceback(tmp_path: 
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if "temperature" in line] == [
-        "error: train.temperature = -1.0 is not allowed: it must be > 0; e.g. --temperature 0.2"], r.stderr[-3000:]
+        "error: train.temperature = -1.0 is not allowed: it must be >= 1e-06; e.g. --temperature 0.2"], r.stderr[-3000:]
     assert r.stderr.splitlines()[-1].startswith("error: a rank ended with an error")
     assert list((tmp_path / "tmp").glob("fastclr-torchrun-*")) == []  # torchrun's own folder is its own
 

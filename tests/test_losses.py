@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
+from fastclr.pretraining.chunked_loss import blockwise_nt_xent
 from fastclr.pretraining.losses import contrastive_metrics, nt_xent, nt_xent_logits, positive_rank
 
 
@@ -98,6 +100,16 @@ def test_diagonal_is_masked_with_a_finite_value(device: torch.device) -> None:
 def test_temperature_must_be_positive(device: torch.device) -> None:
     with pytest.raises(ValueError, match="temperature"):
         nt_xent(torch.randn(2, 2, device=device), torch.randn(2, 2, device=device), 0.0)
+
+
+@pytest.mark.parametrize("n1,n2", [(4, 3), (0, 0)])
+def test_views_of_other_counts_or_none_are_refused_naming_the_shapes(n1: int, n2: int) -> None:
+    """Unequal halves gave a torch size error (the blockwise form a number), an empty batch NaN."""
+    z = torch.randn(8, 5)
+    with pytest.raises(ValueError, match=re.escape(f"got ({n1}, 5) and ({n2}, 5)")):
+        nt_xent(z[:n1], z[4:4 + n2], 0.1)
+    with pytest.raises(ValueError, match=re.escape(f"got ({n1}, 5) and ({n2}, 5)")):
+        blockwise_nt_xent(z[:n1], z[4:4 + n2], 0.1, 2)
 
 
 def test_rank_and_accuracy_against_brute_force(device: torch.device) -> None:

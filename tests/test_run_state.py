@@ -278,7 +278,7 @@ def test_a_runs_damaged_or_empty_config_is_named_by_the_commands_that_read_it(tm
     assert load_run(run, log=lambda s: None).config.train.temperature == tiny_config(run).train.temperature
     config.write_text(re.sub(r"(?m)^temperature = .*$", "temperature = -1.0", text), encoding="utf-8")
     with pytest.raises(FastclrError, match=rf"^{re.escape(str(config))}, the run's recorded settings, was edited or "
-                                           r"damaged: train.temperature = -1.0 is not allowed: it must be > 0; correct "
+                                           r"damaged: train.temperature = -1.0 is not allowed: it must be >= 1e-06; correct "
                                            r"it there, or restore it from a copy of the run$"):
         load_run(run, log=lambda s: None)
     config.write_text("", encoding="utf-8")

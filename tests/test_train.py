@@ -257,7 +257,7 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     # one image: the advice was "--batch-size 1 or less", itself refused (a batch needs 2)
     with pytest.raises(FastclrError, match=r"the dataset holds 1 image: contrastive training needs at least 2 a batch"):
         pretrain(tiny_config(tmp_path), dataset=tiny_dataset(1), progress=False, log=lambda s: None)
-    with pytest.raises(FastclrError, match=r"train.temperature = 0.0 is not allowed: it must be > 0; e.g. --temperature"):
+    with pytest.raises(FastclrError, match=r"train.temperature = 0.0 is not allowed: it must be >= 1e-06; e.g. --temperature"):
         pretrain(tiny_config(tmp_path, train__temperature=0.0), dataset=ds, progress=False, log=lambda s: None)
     bad = tiny_config(tmp_path / "c")
     bad.train.compile = "maybe"  # set in Python, past apply_overrides: pretrain validates again

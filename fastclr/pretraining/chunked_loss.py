@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastclr.pretraining.losses import pair_indices, unit_rows
+from fastclr.pretraining.losses import check_views, pair_indices, unit_rows
 
 
 class _BlockwiseNTXent(torch.autograd.Function):
@@ -96,6 +96,7 @@ def blockwise_nt_xent(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    check_views(z1, z2)
     b = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
         a = unit_rows(torch.cat([z1, z2]))  # (2B, D)

@@ -47,6 +47,7 @@ def nt_xent_logits(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_views(z1, z2)
     b = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
         a = unit_rows(torch.cat([z1, z2]))  # (2B, D)
@@ -57,6 +58,14 @@ def nt_xent_logits(
         mask = torch.arange(2 * g, device=z1.device)[None, :] == own[:, None]
         logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
     return logits, positive
+
+
+def check_views(z1: torch.Tensor, z2: torch.Tensor) -> None:
+    """Refuse halves that are not the two views of the same N >= 1 images: unequal ones gave a torch
+    size error (the blockwise form a number), an empty batch NaN."""
+    if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] == 0:
+        raise ValueError(f"z1 and z2 must be the two views of the same images, (N, D) each with N >= 1; got "
+                         f"{tuple(z1.shape)} and {tuple(z2.shape)}")
 
 
 def unit_rows(z: torch.Tensor) -> torch.Tensor:
