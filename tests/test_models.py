@@ -608,3 +608,16 @@ def test_feature_dim_of_a_fixed_feature_map_without_parameters_is_measured() -> 
     # a user's parameter-free encoder (a head trained on fixed features) once raised StopIteration
     assert feature_dim(nn.Sequential(nn.AvgPool2d(4), nn.Flatten()), 1, 28) == 7 * 7
     assert feature_dim(nn.Sequential(nn.AvgPool2d(7), nn.Flatten()), 3, 28) == 3 * 4 * 4
+
+
+@pytest.mark.parametrize("name,size", [("cnn", 28), ("resnet18", 32)])
+def test_any_width_keeps_at_least_8_channels_in_every_layer(name: str, size: int) -> None:
+    """`--width 1e-9` trained (config.toml records the width asked for): every conv keeps 8 channels,
+    as the docs say; at width 0.125 the default cnn's 32-channel convs are 8, not 4."""
+    from fastclr.models import build_encoder
+
+    for width, smallest in ((1e-9, 8), (0.125, 8)):
+        convs = [m for m in build_encoder(name, 1, size, width).modules() if isinstance(m, nn.Conv2d)]
+        assert min(m.out_channels for m in convs) == smallest
+    wide = [m.out_channels for m in build_encoder(name, 1, size, 0.5).modules() if isinstance(m, nn.Conv2d)]
+    assert min(wide) == (16 if name == "cnn" else 32)  # 32 x 0.5; the ResNet's first stage 64 x 0.5
