@@ -25,7 +25,7 @@ from fastclr.evaluation.options import EvaluateOptions
 import fastclr.evaluation.run as run_module
 from fastclr.evaluation.reference import SMALL_LIFT, lift_summary, untrained_encoder
 from fastclr.evaluation.run import evaluate
-from fastclr.evaluation.table import format_table
+from fastclr.evaluation.table import footer_line, format_table
 from fastclr.pretraining.model import build_model
 from fastclr.evaluation.knn import knn_accuracy
 from fastclr.pretrained import load_run
@@ -265,6 +265,25 @@ def test_one_seed_is_shown_without_a_spread() -> None:
     assert pct_spread(one) == "87.11% (1 seed)" and pct_spread(two) == "70.00 ± 0.42% (2 seeds)"
 
 
+def test_seeds_that_draw_the_same_images_are_said_to_be_fewer_subsets(tmp_path: Path) -> None:
+    """`--labels-per-class 6000 --seeds 0,1` on Fashion-MNIST gave "76.60 ± 0.01% (2 seeds)": both
+    seeds draw every image, so the spread is the fit's alone. The subsets drawn are counted."""
+    from fastclr.evaluation.curve import label_sweep
+    from fastclr.evaluation.table import pct_spread
+
+    labels = np.repeat(np.arange(3), 4)  # 4 images of each of 3 classes
+    said: list[str] = []
+    curve = label_sweep(labels, [2, 4], [0, 1, 2], ["a", "b", "c"], lambda idx, seed: {"accuracy": 0.5 + seed / 100},
+                        said.append, "probe")
+    few, every = curve
+    assert len({r["subset"] for r in few["runs"]}) == 3 and len({r["subset"] for r in every["runs"]}) == 1
+    assert pct_spread(few) == "51.00 ± 1.00% (3 seeds)"
+    assert pct_spread(every) == "51.00 ± 1.00% (3 seeds, 1 distinct subset)"
+    assert said == ["probe 2/class: 51.00% over 3 seed(s)", "probe 4/class: 51.00% over 3 seed(s), 1 distinct subset"]
+    old = {**every, "runs": [{k: v for k, v in r.items() if k != "subset"} for r in every["runs"]]}
+    assert pct_spread(old) == "51.00 ± 1.00% (3 seeds)"  # recorded before subsets were: cannot tell
+
+
 def test_a_lift_of_exactly_the_threshold_in_test_images_is_not_flagged() -> None:
     # accuracies are float32 means of test images: every lift of exactly 500 in 10,000 reaches
     # the 5-point threshold, although some differences of two such means fall below 0.05
@@ -415,6 +434,9 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     assert saved["protocols"]["knn"]["k"] == 5 and saved["options_of"]["knn"]["knn_k"] == 5
     assert saved["options_of"]["linear"] == full["options"] and saved["lift"] == lift_summary(saved["protocols"])
     assert any(line.startswith("kept from the earlier eval.json (the same encoder): ") for line in lines)
+    kept = ", ".join(n for n in saved["protocols"] if n != "knn")  # the time is this call's, not theirs
+    assert footer_line(saved).startswith(f"{saved['total_seconds']:.0f} s for knn ({kept} kept from an earlier evaluate); ")
+    assert footer_line(full).startswith(f"total {full['total_seconds']:.0f} s; ")
     alter_encoder(copy, lambda w: w.add_(1e-3))
     evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
@@ -441,6 +463,7 @@ def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: 
     copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
     record = json.loads((copy / "eval.json").read_text())
     record["protocols"]["linear"]["accuracy"] = "0.9"
+    del record["content_sha256"]  # as written before eval.json held a checksum: read for its figures alone
     edited = json.dumps(record)
     (copy / "eval.json").write_text(edited)
     knn = EvaluateOptions(protocols=("knn",), device="cpu")
@@ -458,6 +481,29 @@ def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: 
             "this evaluation's results replace it") in lines
     assert (copy / "eval.json.damaged").read_text() == edited and (copy / "eval.json.damaged-2").read_text() == "{}"
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
+
+
+def test_an_eval_json_whose_figures_were_edited_is_kept_aside_not_carried_over(run: Run, tmp_path: Path) -> None:
+    """A kNN accuracy edited to 0.9999 (a number, where a figure is one) was kept by `evaluate
+    --protocols quality` as this encoder's and shown with a lift of +21.75 by the report. eval.json
+    holds a checksum of its contents now: an edited one is set aside as a damaged one is, said."""
+    import shutil
+
+    from fastclr.evaluation.run import read_eval
+
+    run_dir, ds, _ = run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    record = json.loads((copy / "eval.json").read_text())
+    assert read_eval(copy) == record  # as written: its checksum holds
+    record["protocols"]["knn"]["accuracy"] = 0.9999
+    (copy / "eval.json").write_text(json.dumps(record))
+    with pytest.raises(FastclrError, match="was edited since `fastclr evaluate` wrote it"):
+        read_eval(copy)  # the report's read: one line naming the file and evaluating again
+    lines: list[str] = []
+    evaluate(copy, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=ds, log=lines.append)
+    assert (f"note: {copy / 'eval.json'} was edited since `fastclr evaluate` wrote it (its content_sha256 no longer "
+            f"matches its figures); kept as {copy / 'eval.json.damaged'}; this evaluation's results replace it") in lines
+    assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"linear"}
 
 
 def test_the_pixel_baseline_reads_a_stores_read_only_images_without_a_warning(run: Run, tmp_path: Path) -> None:

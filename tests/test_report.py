@@ -133,6 +133,13 @@ def test_a_report_of_the_current_directory_is_titled_with_its_name(run: tuple[Pa
     assert "<title>fastclr report: my-run</title>" in html
 
 
+def sealed(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the checksum `evaluate` would have written for it: a state set up by hand."""
+    from fastclr.evaluation.run import CHECKSUM_KEY, content_checksum
+
+    return {**record, CHECKSUM_KEY: content_checksum(record)}
+
+
 def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dataset], tmp_path: Path) -> None:
     run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
     opts = EvaluateOptions(protocols=("linear", "fewshot", "supervised"), labels_per_class=(2, 5), seeds=(0,),
@@ -157,14 +164,14 @@ def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dat
         assert drawn == [(e["labels_per_class"], pytest.approx(100 * e["mean"], abs=5e-3)) for e in curve], name
     assert "out of date" not in html
     out["encoder_sha256"] = "0" * 64  # as if the run had been trained further after `evaluate`
-    (run_dir / "eval.json").write_text(json.dumps(out))
+    (run_dir / "eval.json").write_text(json.dumps(sealed(out)))
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
     for part in ("efficiency", "numbers"):  # the curve is out of date as much as the table
         assert "These numbers are out of date</b>: eval.json was computed for other encoder weights" in \
             section_html(html, part), part
     # the same weights, but the store prepared again since (its content identity changed)
     out["encoder_sha256"] = json.loads((run_dir / "eval.json").read_text())["encoder_sha256_after"]
-    (run_dir / "eval.json").write_text(json.dumps({**out, "data_content": "a" * 64}))
+    (run_dir / "eval.json").write_text(json.dumps(sealed({**out, "data_content": "a" * 64})))
     html = build_report(run_dir, device="cpu", map_method="pca", dataset=run[1]).read_text()
     assert "eval.json was computed for other data than the run's now" in section_html(html, "efficiency")
 
@@ -440,7 +447,29 @@ def test_metrics_values_that_are_null_are_left_out_and_others_that_are_not_numbe
     path.write_bytes(json.dumps(records[0]).encode() + b"\n\xd7\xff garbage\n")
     with pytest.raises(FastclrError) as e:
         _metrics(tmp_path)
-    assert str(e.value) == f"{path} line 2 is not UTF-8 text (byte 0xd7); the file was edited or damaged"
+    assert str(e.value) == f"{path} line 2 is not UTF-8 text (byte 0xd7); {fix}"  # its way out named too
+    path.write_text(json.dumps(records[0]) + "\nnot json\n" + json.dumps(records[1]) + "\n")
+    with pytest.raises(FastclrError) as e:
+        _metrics(tmp_path)
+    assert str(e.value) == f"{path} record 2 is not JSON (Expecting value); {fix}"
+
+
+def test_a_last_metrics_line_cut_short_is_left_out_and_said(tmp_path: Path) -> None:
+    """A half-written last record was dropped without a word, and where it was the only one the page
+    said "This run has no metrics.jsonl" of a file that was there."""
+    from fastclr.report.build import _curves_section
+    from fastclr.runs import metrics_cut_short, read_metrics
+
+    path, whole = tmp_path / "metrics.jsonl", json.dumps({"step": 2, "loss": 4.0}) + "\n"
+    said = "The last line of metrics.jsonl was cut short"
+    for text, records, cut in ((whole, 1, False), (whole + '{"step": 4, "lo', 1, True), ('{"step": 4, "lo', 0, True),
+                               (whole + "  ", 1, False), ("", 0, False)):
+        path.write_text(text)
+        assert (len(read_metrics(tmp_path)), metrics_cut_short(tmp_path)) == (records, cut), text
+        page = _curves_section(tmp_path)
+        assert (said in page, "This run has no whole record." in page) == (cut, records == 0), text
+    path.unlink()
+    assert "This run has no metrics.jsonl." in _curves_section(tmp_path) and not metrics_cut_short(tmp_path)
 
 
 def test_a_chart_leaves_out_points_that_are_not_finite() -> None:

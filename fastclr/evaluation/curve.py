@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fastclr.evaluation.subsets import stratified_subset, subset_id
+from fastclr.evaluation.table import same_subsets
 
 
 def mean_and_spread(values: Sequence[float]) -> dict[str, float]:
@@ -44,5 +45,5 @@ def label_sweep(
             runs.append(dict(evaluate(idx, seed), seed=seed, subset=subset_id(idx)))
         accs = [r["accuracy"] for r in runs]
         out.append({"labels_per_class": n, **mean_and_spread(accs), "runs": runs})
-        log(f"{name} {n}/class: {100 * statistics.fmean(accs):.2f}% over {len(accs)} seed(s)")
+        log(f"{name} {n}/class: {100 * statistics.fmean(accs):.2f}% over {len(accs)} seed(s){same_subsets(runs)}")
     return out

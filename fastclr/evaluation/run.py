@@ -7,6 +7,8 @@ copies. A checksum of the encoder is taken before and after: nothing here may ch
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import time
@@ -339,6 +341,7 @@ def evaluate(
                         "fastclr": __version__, "machine": platform.machine(),
                         "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
+    out[CHECKSUM_KEY] = content_checksum(out)
     if show is not None:
         show(out)
     write_json(run_dir / EVAL_FILE, out)
@@ -425,9 +428,25 @@ def read_eval(run_dir: Path, fix: str = "") -> dict[str, Any] | None:
     record = read_json(path, fix)
     if not isinstance(record.get("protocols"), dict):
         raise FastclrError(f"{path} is damaged (no \"protocols\" object); {fix}")
+    if CHECKSUM_KEY in record and record[CHECKSUM_KEY] != content_checksum(record):  # one written before it: unchecked
+        raise FastclrError(f"{path} was edited since `fastclr evaluate` wrote it (its {CHECKSUM_KEY} no longer "
+                           f"matches its figures); {fix}")
     with unreadable_as_damaged(path, fix):
         format_table(record)  # reads every figure the table and the merge read: the check is its use
     return record
+
+
+CHECKSUM_KEY = "content_sha256"
+"""eval.json's key for the SHA-256 of its other contents (`content_checksum`): a figure edited by
+hand (a kNN accuracy made 0.9999) was carried into later evaluations and the report as measured,
+beside a lift that no longer matched it."""
+
+
+def content_checksum(record: dict[str, Any]) -> str:
+    """SHA-256 of `record` without its checksum, as JSON with sorted keys (read back first, so that
+    the figures are hashed as the file gives them: integer keys as text, tuples as lists)."""
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != CHECKSUM_KEY}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def evaluate_again(run_dir: Path) -> str:

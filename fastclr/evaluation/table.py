@@ -19,7 +19,17 @@ def pct_spread(entry: dict[str, Any]) -> str:
     n = len(entry["runs"])
     if n == 1:
         return f"{100 * entry['mean']:.2f}% (1 seed)"
-    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}% ({n} seeds)"
+    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}% ({n} seeds{same_subsets(entry['runs'])})"
+
+
+def same_subsets(runs: list[dict[str, Any]]) -> str:
+    """', 1 distinct subset' where seeds drew the same images (a count of every image of each
+    class): their spread is the fit's alone, not the labelled images'; '' otherwise."""
+    ids = [r.get("subset") for r in runs]
+    distinct = len(set(ids))
+    if None in ids or distinct == len(ids):  # an eval.json from before subsets were recorded cannot tell
+        return ""
+    return f", {distinct} distinct subset{'s' if distinct > 1 else ''}"
 
 
 def render(rows: list[list[str]]) -> str:
@@ -160,5 +170,10 @@ def format_table(out: dict[str, Any], footer: bool = True, run_dir: str | None =
 
 
 def footer_line(out: dict[str, Any], run_dir: str | None = None) -> str:
-    """The evaluation's time and where its results are (in `run_dir`, the run as named now)."""
-    return f"total {out['total_seconds']:.0f} s; results in {out['run_dir'] if run_dir is None else run_dir}/eval.json"
+    """The evaluation's time and where its results are (in `run_dir`, the run as named now). The time
+    is the last call's: protocols it kept from an earlier one are named, not counted."""
+    ran: list[str] = (out.get("options") or {}).get("protocols") or list(out["protocols"])
+    kept = [n for n in out["protocols"] if n not in ran]
+    took = f"total {out['total_seconds']:.0f} s" if not kept else \
+        f"{out['total_seconds']:.0f} s for {', '.join(ran)} ({', '.join(kept)} kept from an earlier evaluate)"
+    return f"{took}; results in {out['run_dir'] if run_dir is None else run_dir}/eval.json"
