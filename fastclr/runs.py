@@ -198,25 +198,29 @@ def refuse_nameless(out: Path, flag: str = "--out", example: str = "feats") -> N
         raise FastclrError(f"{flag} names no file; give a file name, e.g. {flag} {example}")
 
 
-def refuse_uncreatable(folder: Path, flag: str = "--out") -> None:
+def refuse_uncreatable(folder: Path, flag: str = "--out", given: bool = True) -> None:
     """One line, before any work, when `folder` cannot be made where it is to be: the nearest part
     of its path that exists is a file, or a folder this process may not write into (finetune
-    trained to its end, then failed to make its --out)."""
+    trained to its end, then failed to make its --out). `given`: False where `folder` is the
+    command's default place, not one the user named with `flag` (which the line then offers)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    named = f"{flag} {folder}: " if given else ""
+    instead = f"another {flag}" if given else f"{flag} elsewhere"
     if not existing.is_dir():
-        raise FastclrError(f"{flag} {folder}: {existing} is a file, not a folder; give another {flag}")
+        raise FastclrError(f"{named}{existing} is a file, not a folder; give {instead}")
     if not os.access(existing, os.W_OK | os.X_OK):
         why, fix = unwritable(existing)
-        raise FastclrError(f"{flag} {folder}: {existing} {why}; give another {flag} or {fix}")
+        raise FastclrError(f"{named}{existing} {why}; give {instead} or {fix}")
 
 
-def refuse_unwritable_file(out: Path, flag: str = "--out") -> None:
+def refuse_unwritable_file(out: Path, flag: str = "--out", given: bool = True) -> None:
     """One line, before any work, when the file `out` cannot be written: a folder stands at its
     name, or its folder cannot be made or written into (export, report and neighbours' grid found
-    out after minutes of work, with free space as the hint)."""
+    out after minutes of work, with free space as the hint). `given` as in `refuse_uncreatable`."""
     if out.is_dir():
-        raise FastclrError(f"{flag} {out} is a folder; give a file name (in it, or elsewhere)")
-    refuse_uncreatable(out.parent, flag)
+        raise FastclrError(f"{flag} {out} is a folder; give a file name (in it, or elsewhere)" if given else
+                           f"{out} is a folder; give {flag} elsewhere")
+    refuse_uncreatable(out.parent, flag, given)
 
 
 def write_config(run_dir: Path, cfg: Config) -> Path:
@@ -244,9 +248,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         at = data[:e.start].count(b"\n") + 1
         raise FastclrError(f"{path} line {at} is not UTF-8 text (byte {data[e.start]:#04x}); the file was edited "
                            "or damaged") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if lines and not text.endswith("\n"):
-        lines.pop()
+    whole, _, tail = text.rpartition("\n")
+    lines = [line for line in (whole if tail.strip() else text).splitlines() if line.strip()]
     records = []
     for n, line in enumerate(lines, 1):
         try:
@@ -258,6 +261,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                                "the file was edited or damaged")
         records.append(record)
     return records
+
+
+def metrics_cut_short(run_dir: Path) -> bool:
+    """Whether run_dir/metrics.jsonl ends in a line cut short, which `read_metrics` leaves out (a run
+    killed, or a disk that filled, while it appended a record): for a reader to say so."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read()
+    except OSError:
+        return False
+    return bool(tail.rpartition(b"\n")[2].strip())
 
 
 class MetricsLog:

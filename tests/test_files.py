@@ -96,3 +96,20 @@ def test_a_write_removes_what_a_killed_write_of_the_same_file_left_and_nothing_e
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["feats.npy", *(n for w, n in names.items() if w != "stale")])
     assert (tmp_path / "feats.npy").read_text() == "whole"
+
+
+def test_an_unwritable_default_output_is_named_without_a_flag_the_user_never_gave(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastclr report RUN` on a read-only run said "--out RUN: RUN is not writable; give another
+    --out", with no --out given: the default place is named as such, and --out offered."""
+    from fastclr.runs import refuse_unwritable_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run)  # as for a user without write permission
+    with pytest.raises(FastclrError) as given:
+        refuse_unwritable_file(run / "report.html")
+    with pytest.raises(FastclrError) as default:
+        refuse_unwritable_file(run / "report.html", given=False)
+    assert str(given.value) == f"--out {run}: {run} is not writable; give another --out or fix its permissions"
+    assert str(default.value) == f"{run} is not writable; give --out elsewhere or fix its permissions"

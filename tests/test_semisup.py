@@ -337,6 +337,9 @@ def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pyte
     run_dir, _ = run
     assert main(["distill", str(run_dir)]) == 2
     assert "holds no classifier.safetensors and finetune.json" in capsys.readouterr().err
+    assert main(["distill", str(tmp_path / "nope")]) == 2  # was "holds no classifier.safetensors ..." too
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'nope'} does not exist; give the directory `fastclr "
+                                       "finetune` wrote\n")
     with pytest.raises(SystemExit) as e:  # argparse: exactly one of the two
         main(["finetune", str(run_dir), "--labels-per-class", "5", "--label-fraction", "0.1"])
     assert e.value.code == 2

@@ -38,7 +38,7 @@ from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import MAP_METHODS, pca, tsne
 from fastclr.report.html import note, page, section
-from fastclr.runs import read_metrics, refuse_output, refuse_unwritable_file
+from fastclr.runs import metrics_cut_short, read_metrics, refuse_output, refuse_unwritable_file
 from fastclr.runtime import select_device
 
 REPORT_FILE = "report.html"
@@ -68,8 +68,12 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     that is not a number. A null (pandas saves NaN as null) is that value missing, left out of its
     curve as NaN is, not damage."""
     path = run_dir / "metrics.jsonl"
-    fix = "the file was edited or damaged: repair it, or move it away to report the run without training curves"
-    records = read_metrics(run_dir)
+    way_out = "repair it, or move it away to report the run without training curves"
+    fix = f"the file was edited or damaged: {way_out}"
+    try:
+        records = read_metrics(run_dir)
+    except FastclrError as e:  # its line ends "the file was edited or damaged", naming no way out
+        raise FastclrError(f"{e}: {way_out}") from None
     for n, record in enumerate(records, 1):  # numbered as read_metrics numbers them
         for key in figures.CURVE_KEYS:
             value = record.get(key)
@@ -80,10 +84,13 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def _curves_section(run_dir: Path) -> str:
     metrics = _metrics(run_dir)
+    cut = note("The last line of metrics.jsonl was cut short (a write the run did not finish: it was killed, or "
+               "the disk filled) and is not shown.") if metrics_cut_short(run_dir) else ""
     if not metrics:
-        return section("curves", "Training curves", note("This run has no metrics.jsonl."), "p")
+        what = "no whole record" if (run_dir / "metrics.jsonl").exists() else "no metrics.jsonl"
+        return section("curves", "Training curves", note(f"This run has {what}.") + cut, "p")
     charts = "".join(f"<div>{c}</div>" for c in figures.training_curves(metrics))
-    return section("curves", "Training curves", f'<div class="charts">{charts}</div>', "svg",
+    return section("curves", "Training curves", cut + f'<div class="charts">{charts}</div>', "svg",
                    "Logged every few steps during pretraining; the kNN monitor runs once per epoch on fixed subsets.")
 
 
@@ -298,7 +305,7 @@ def _results_sections(ev: dict[str, Any] | None, run: LoadedRun, dataset: Datase
     stale = "" if ev.get("encoder_sha256") == encoder_sha256 and not other_data else note(
         "<b>These numbers are out of date</b>: eval.json was computed for "
         + ("other data than the run's now (a store prepared again?)" if other_data else
-           "other encoder weights than the run holds now (it was trained further since)")
+           "other encoder weights than the run holds now (trained further, or another run's eval.json)")
         + f". Run <code>fastclr evaluate {escape(str(run_dir))}</code> again.")
     if "fewshot" in p or "supervised" in p:
         # the curve reads figures the table does not (a one-seed point's std)
@@ -339,7 +346,7 @@ def build_report(
     if out is not None:
         refuse_output(out, kind="a report", suffixes=(".html", ".htm"))
     if Path(run_dir).is_dir():  # else load_run names what the run directory is not
-        refuse_unwritable_file(out if out is not None else Path(run_dir) / "report.html")
+        refuse_unwritable_file(out if out is not None else Path(run_dir) / "report.html", given=out is not None)
     run = load_run(run_dir, dev, precision, command="report")
     dataset = run_data(run, dataset)
     ev = read_eval(run_dir)

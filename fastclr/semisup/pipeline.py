@@ -286,6 +286,9 @@ def finetune_run(run_dir: str | Path, options: FinetuneOptions | None = None, ou
 def read_teacher(teacher_dir: Path) -> dict[str, Any]:
     """The finetune.json of a `fastclr finetune` output; one line when it is not one."""
     path = teacher_dir / FINETUNE_FILE
+    if not teacher_dir.is_dir():
+        what = "is a file, not a directory" if teacher_dir.exists() else "does not exist"
+        raise FastclrError(f"{teacher_dir} {what}; give the directory `fastclr finetune` wrote")
     if not (teacher_dir / CLASSIFIER_FILE).exists() or not path.exists():
         raise FastclrError(f"{teacher_dir} holds no {CLASSIFIER_FILE} and {FINETUNE_FILE}; give the directory "
                            "`fastclr finetune` wrote")
