@@ -410,7 +410,9 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
-        raise FastclrError(f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}")
+        default = getattr(getattr(Config(), section), name)  # a value of the kind, as a file writes it
+        example = "" if kind is str else f"; write e.g. {name} = {toml_scalar(default)}"
+        raise FastclrError(f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}{example}")
     return raw
 
 
@@ -607,18 +609,18 @@ def toml_text(sections: dict[str, dict[str, Any]]) -> str:
     lines: list[str] = []
     for section, body in sections.items():
         lines.append(f"[{section}]")
-        for k, v in body.items():
-            if isinstance(v, bool):
-                text = "true" if v else "false"
-            elif isinstance(v, str):
-                text = toml_string(v)
-            elif isinstance(v, float):
-                text = repr(v)
-            else:
-                text = str(v)
-            lines.append(f"{k} = {text}")
+        lines += [f"{k} = {toml_scalar(v)}" for k, v in body.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def toml_scalar(v: Any) -> str:
+    """A setting's value as TOML writes it: true, 0.2, 256, "text"."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return toml_string(v)
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def diff(a: Config, b: Config, keys: tuple[str, ...] | None = None) -> list[str]:

@@ -363,8 +363,16 @@ def test_toml_booleans_set_auto_on_off_settings_and_are_no_integers(tmp_path: Pa
     cfg = apply_overrides(Config(), {"train.compile": "false", "model.cifar_stem": "True"})
     assert (cfg.train.compile, cfg.model.cifar_stem) == ("off", "on")
     p.write_text('[train]\nthreads = true\n', encoding="utf-8")
-    with pytest.raises(FastclrError, match="train.threads must be an integer, got True"):
+    with pytest.raises(FastclrError) as e:
         apply_overrides(Config(), read_toml(p))
+    assert str(e.value) == "train.threads must be an integer, got True; write e.g. threads = 0"  # the example had none
+    for key, value, message in (("eval.probe", 1, "must be true or false, got 1; write e.g. probe = true"),
+                                ("train.log_every", 1.5, "must be an integer, got 1.5; write e.g. log_every = 25"),
+                                ("train.temperature", True, "must be a finite number, got True; write e.g. "
+                                                            "temperature = 0.2")):
+        with pytest.raises(FastclrError) as e:
+            apply_overrides(Config(), {key: value})
+        assert str(e.value) == f"{key} {message}"
 
 
 def test_a_toml_boolean_is_no_path_or_name_and_no_dunder_is_a_key(tmp_path: Path) -> None:
