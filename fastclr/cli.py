@@ -95,8 +95,9 @@ def _note_budget_over_file_epochs(file: dict[str, Any], flags: dict[str, Any]) -
     budget sets the length, which a note says (refused outright only when both are flags)."""
     if "train.epochs" in file and not _positive(file.get("train.time_budget", 0)) \
             and _positive(flags.get("train.time_budget")):
-        warn_stderr(f"note: --time-budget {flags['train.time_budget']} sets the run's length; the config file's "
-                    f"train.epochs {file['train.epochs']} is not used (leave --time-budget out to train by epochs)")
+        print_once_a_node(f"note: --time-budget {flags['train.time_budget']} sets the run's length; the config "
+                          f"file's train.epochs {file['train.epochs']} is not used (leave --time-budget out to train "
+                          "by epochs)", file=sys.stderr)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -244,9 +245,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                           stop=stop)
     if result.stopped:
         return EXIT_STOPPED  # the loop (rank 0) said where it stopped and how to continue
-    if stop.signal is not None:  # after the last step, with no probe left to cut short: the handler promised a stop
-        warn_stderr(f"note: {signal.Signals(stop.signal).name} came after the last step: the run finished and its "
-                    "encoder is saved; there is nothing to resume")
+    if stop.signal is not None and result.rank == 0:  # too late for a step or a probe: the handler promised a stop
+        warn_stderr(f"note: {signal.Signals(stop.signal).name} came too late to stop the run: it trained to its end "
+                    "and its encoder is saved; there is nothing to resume")
     if result.probe_accuracy is not None:
         versus = "" if result.random_init_accuracy is None else (
             f", same network untrained {result.random_init_accuracy * 100:.2f}%")

@@ -23,7 +23,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,12 +191,12 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
     done: list[tuple[str, Path]] = []  # (temporary, final name)
     try:
         for path, write in writes:
-            remove_stale_temporaries_of(path)
             try:
                 fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
             except OSError as e:
                 raise WriteFailed(path, write_failure_reason(e, path), e) from None
             done.append((tmp, path))
+            remove_stale_temporaries_of(path, now=os.fstat(fd).st_mtime)
             try:
                 set_mode(fd)  # mkstemp makes 0600; the file is the user's, readable as their umask says
                 with os.fdopen(fd, "wb") as f:
@@ -256,24 +255,29 @@ leftover, not a live write: a writer killed outright (kill -9, a power cut) leav
 `.NAME.XXXXXXXX.tmp`, which nothing else removes (the run's own are swept under its lock)."""
 
 
-def remove_stale_temporaries_of(path: Path, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
-    """Delete the temporaries of `path` (`.NAME.` then mkstemp's 8 characters, `.tmp`) not written to for
-    `older_than_s`: the next write of a file clears what a killed one left beside it. Returns them."""
-    shape = re.compile(re.escape(temp_prefix(path)) + r"[a-z0-9_]{8}\.tmp")
+def remove_stale_temporaries_of(path: Path, now: float, older_than_s: float = STALE_TEMPORARY_S) -> list[Path]:
+    """Delete the temporaries of `path` (`.NAME.` then mkstemp's 8 characters, `.tmp`) last written
+    `older_than_s` before `now`, a time of the file system holding them (the new temporary's mtime:
+    a file server's clock, not this machine's, which may differ); returns them. A name too long
+    for its prefix to be its own alone (`temp_prefix` cuts it) is left to its own writers."""
+    prefix = temp_prefix(path)
+    if prefix != f".{path.name}.":  # cut: another file's temporaries would share it
+        return []
+    shape = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}\.tmp")
     removed = []
     try:
-        entries = list(os.scandir(path.parent))
-    except OSError:  # an unreadable folder: the write itself will say what is wrong
-        return []
-    for entry in entries:
-        if not shape.fullmatch(entry.name):
-            continue
-        try:
-            if time.time() - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except OSError:  # its writer renamed or removed it meanwhile, or it is not ours to remove
-            pass
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if not entry.name.startswith(prefix) or not shape.fullmatch(entry.name):
+                    continue
+                try:
+                    if now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                except OSError:  # its writer renamed or removed it meanwhile, or it is not ours to remove
+                    pass
+    except OSError:  # an unreadable folder: the write itself says what is wrong
+        return removed
     return removed
 
 

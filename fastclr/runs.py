@@ -235,44 +235,58 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of run_dir/metrics.jsonl. A last line cut short (the disk filled while it was
-    appended) is not a record and is left out; a damaged line before it is an error."""
+METRICS_MEND = "repair that line or delete it"
+"""The way out `read_metrics` names for a damaged line (a resume and the trackers read the file too;
+the report names its own)."""
+
+
+def read_metrics(run_dir: Path, mend: str = METRICS_MEND) -> list[dict[str, Any]]:
+    """All records of run_dir/metrics.jsonl. A last line cut short (a run killed, or a disk that
+    filled, while it appended a record) is not a record and is left out (`metrics_cut_short` says
+    whether one was); a whole last record without its newline is kept; a damaged line before the
+    last is an error naming `mend`."""
+    return _metrics_file(run_dir, mend)[0]
+
+
+def metrics_cut_short(run_dir: Path) -> bool:
+    """Whether run_dir/metrics.jsonl ends in a line cut short, which `read_metrics` leaves out: for
+    a reader to say so."""
+    try:
+        return _metrics_file(run_dir, METRICS_MEND)[1]
+    except (FastclrError, OSError):  # damage before the last line is read_metrics' to name
+        return False
+
+
+def _metrics_file(run_dir: Path, mend: str) -> tuple[list[dict[str, Any]], bool]:
+    """`read_metrics`' records, and whether a last line cut short was left out."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return []
+        return [], False
     data = path.read_bytes()
+    damaged = f"the file was edited or damaged: {mend}"
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:  # a resume, the report and the trackers all read it: one line for each
         at = data[:e.start].count(b"\n") + 1
-        raise FastclrError(f"{path} line {at} is not UTF-8 text (byte {data[e.start]:#04x}); the file was edited "
-                           "or damaged") from None
-    whole, _, tail = text.rpartition("\n")
-    lines = [line for line in (whole if tail.strip() else text).splitlines() if line.strip()]
-    records = []
+        raise FastclrError(f"{path} line {at} is not UTF-8 text (byte {data[e.start]:#04x}); {damaged}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    unended = bool(text.rpartition("\n")[2].strip())  # the last line has no newline: a write may have stopped in it
+    records: list[dict[str, Any]] = []
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
+            whole = isinstance(record, dict) and isinstance(record.get("step"), int)
         except json.JSONDecodeError as e:
-            raise FastclrError(f"{path} record {n} is not JSON ({e.msg}); the file was edited or damaged") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if n == len(lines) and unended:
+                return records, True
+            raise FastclrError(f"{path} record {n} is not JSON ({e.msg}); {damaged}") from None
+        if not whole:
+            if n == len(lines) and unended:
+                return records, True
             raise FastclrError(f"{path} record {n} is not a record of a step (an object with an integer \"step\"); "
-                               "the file was edited or damaged")
+                               f"{damaged}")
         records.append(record)
-    return records
-
-
-def metrics_cut_short(run_dir: Path) -> bool:
-    """Whether run_dir/metrics.jsonl ends in a line cut short, which `read_metrics` leaves out (a run
-    killed, or a disk that filled, while it appended a record): for a reader to say so."""
-    try:
-        with open(run_dir / "metrics.jsonl", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            tail = f.read()
-    except OSError:
-        return False
-    return bool(tail.rpartition(b"\n")[2].strip())
+    return records, False
 
 
 class MetricsLog:

@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,6 +170,13 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 24
     """Run `python -m fastclr ARGS` to completion."""
     return subprocess.run([sys.executable, "-m", "fastclr", *args], capture_output=True, text=True, env=env, cwd=cwd,
                           timeout=timeout)
+
+
+def sealed(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the checksum `evaluate` would have written for it: a state set up by hand."""
+    from fastclr.evaluation.run import CHECKSUM_KEY, content_checksum
+
+    return {**record, CHECKSUM_KEY: content_checksum(record)}
 
 
 def call_main(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -240,24 +240,29 @@ def test_a_time_budget_flag_over_a_config_file_that_trains_by_epochs_is_noted(
     assert capsys.readouterr().err == ""
 
 
-def test_a_stop_signal_after_the_last_step_is_said_to_have_come_too_late(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_stop_signal_after_the_last_step_is_said_to_have_come_too_late(tmp_path: Path, env: dict[str, str]) -> None:
     """A SIGTERM while the encoder was exported, with no probe to follow, was answered "writing a
     checkpoint at the next step, then stopping" and the run then exited 0, finished: the promise is
-    corrected, and the exit stays 0 (the run is complete; 75 would ask for a resume)."""
-    import signal as sig
-
-    import fastclr.pretraining.loop as loop
-    from fastclr.cli import main
-
-    def finished_while_signalled(cfg: object, *, stop: object, **kw: object) -> loop.PretrainResult:
-        stop.signal = sig.SIGTERM  # type: ignore[attr-defined]
-        return loop.PretrainResult(tmp_path / "r", 10, 1.0, None)
-
-    monkeypatch.setattr(loop, "pretrain", finished_while_signalled)
-    assert main(["pretrain", "--run-dir", str(tmp_path / "r"), "--probe", "false"]) == 0
-    assert capsys.readouterr().err == ("note: SIGTERM came after the last step: the run finished and its encoder is "
-                                       "saved; there is nothing to resume\n")
+    corrected, and the exit stays 0 (the run is complete; 75 would ask for a resume). A real run
+    whose export sends the signal to its own process."""
+    run = tmp_path / "run"
+    code = ("import os, signal, sys\n"
+            "import fastclr.pretraining.loop as loop\n"
+            "from fastclr.cli import main\n"
+            "save = loop.save_encoder\n"
+            "def save_then_signalled(*a, **k):\n"
+            "    save(*a, **k)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "loop.save_encoder = save_then_signalled\n"
+            f"sys.exit(main(['pretrain', '--data', 'mnist', '--epochs', '1', '--run-dir', {str(run)!r}, "
+            f"'--probe', 'false', *{TINY!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-2:] == [
+        "SIGTERM received: writing a checkpoint at the next step, then stopping",
+        "note: SIGTERM came too late to stop the run: it trained to its end and its encoder is saved; there is "
+        "nothing to resume"], r.stderr
+    assert (run / "encoder.safetensors").exists()
 
 
 def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path: Path, env: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import installs
+from conftest import installs, sealed
 from eval_fixtures import alter_encoder, one_thread, tiny_dataset, tiny_run, write_tiny_idx  # noqa: F401 (one_thread: autouse)
 from fastclr.cli import main
 from fastclr.data import Dataset, ImageSet
@@ -463,8 +463,7 @@ def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: 
     copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
     record = json.loads((copy / "eval.json").read_text())
     record["protocols"]["linear"]["accuracy"] = "0.9"
-    del record["content_sha256"]  # as written before eval.json held a checksum: read for its figures alone
-    edited = json.dumps(record)
+    edited = json.dumps(sealed(record))  # its checksum made again: the figures' own check, behind it
     (copy / "eval.json").write_text(edited)
     knn = EvaluateOptions(protocols=("knn",), device="cpu")
     lines: list[str] = []
@@ -497,13 +496,19 @@ def test_an_eval_json_whose_figures_were_edited_is_kept_aside_not_carried_over(r
     assert read_eval(copy) == record  # as written: its checksum holds
     record["protocols"]["knn"]["accuracy"] = 0.9999
     (copy / "eval.json").write_text(json.dumps(record))
-    with pytest.raises(FastclrError, match="was edited since `fastclr evaluate` wrote it"):
+    with pytest.raises(FastclrError, match="no longer matches its content_sha256"):
         read_eval(copy)  # the report's read: one line naming the file and evaluating again
     lines: list[str] = []
     evaluate(copy, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=ds, log=lines.append)
-    assert (f"note: {copy / 'eval.json'} was edited since `fastclr evaluate` wrote it (its content_sha256 no longer "
-            f"matches its figures); kept as {copy / 'eval.json.damaged'}; this evaluation's results replace it") in lines
+    assert (f"note: {copy / 'eval.json'} no longer matches its content_sha256 (edited or damaged since `fastclr "
+            f"evaluate` wrote it); kept as {copy / 'eval.json.damaged'}; this evaluation's results replace it") in lines
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"linear"}
+    del record["content_sha256"]  # and the key removed with the edit: not read either, nor carried
+    (copy / "eval.json").write_text(json.dumps(record))
+    lines.clear()
+    evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
+    assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
+    assert any(line.startswith(f"note: {copy / 'eval.json'} holds no content_sha256") for line in lines)
 
 
 def test_the_pixel_baseline_reads_a_stores_read_only_images_without_a_warning(run: Run, tmp_path: Path) -> None:

@@ -96,6 +96,13 @@ def test_a_write_removes_what_a_killed_write_of_the_same_file_left_and_nothing_e
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["feats.npy", *(n for w, n in names.items() if w != "stale")])
     assert (tmp_path / "feats.npy").read_text() == "whole"
+    # names past TEMP_NAME_KEPT bytes share their temporaries' cut prefix: another file's stays
+    long_a, long_b = "x" * 200 + "_a.npy", "x" * 200 + "_b.npy"
+    of_b = tmp_path / f".{'x' * 200}.k3_x9q0a.tmp"  # what b's killed write left: the same prefix as a's
+    of_b.write_bytes(b"partial")
+    os.utime(of_b, (old, old))
+    write_text(tmp_path / long_a, "whole")
+    assert of_b.exists() and (tmp_path / long_a).read_text() == "whole" and not (tmp_path / long_b).exists()
 
 
 def test_an_unwritable_default_output_is_named_without_a_flag_the_user_never_gave(

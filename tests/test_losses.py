@@ -97,9 +97,15 @@ def test_diagonal_is_masked_with_a_finite_value(device: torch.device) -> None:
     assert target.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
 
 
-def test_temperature_must_be_positive(device: torch.device) -> None:
-    with pytest.raises(ValueError, match="temperature"):
-        nt_xent(torch.randn(2, 2, device=device), torch.randn(2, 2, device=device), 0.0)
+@pytest.mark.parametrize("t", [0.0, -0.1, 1e-40, float("nan")])
+def test_a_temperature_below_the_configs_least_is_refused(device: torch.device, t: float) -> None:
+    """1e-40 made every logit infinite; the config refused it, the public loss did not."""
+    z = torch.randn(2, 2, device=device)
+    with pytest.raises(ValueError, match=re.escape(f"temperature must be >= 1e-06, got {t}")):
+        nt_xent(z, z, t)
+    with pytest.raises(ValueError, match=re.escape(f"temperature must be >= 1e-06, got {t}")):
+        blockwise_nt_xent(z, z, t, 1)
+    assert torch.isfinite(nt_xent(z, z.flip(0), 1e-6))
 
 
 @pytest.mark.parametrize("n1,n2", [(4, 3), (0, 0)])
@@ -110,6 +116,18 @@ def test_views_of_other_counts_or_none_are_refused_naming_the_shapes(n1: int, n2
         nt_xent(z[:n1], z[4:4 + n2], 0.1)
     with pytest.raises(ValueError, match=re.escape(f"got ({n1}, 5) and ({n2}, 5)")):
         blockwise_nt_xent(z[:n1], z[4:4 + n2], 0.1, 2)
+
+
+
+@pytest.mark.parametrize("g1,g2,offset", [(6, 5, 0), (6, 6, 3), (6, 6, -1)])
+def test_gathered_candidates_that_cannot_hold_the_anchors_are_refused(g1: int, g2: int, offset: int) -> None:
+    """Unequal gathered halves, or anchors past their end, gave a loss over the wrong rows without a word."""
+    z, c = torch.randn(4, 5), torch.randn(6, 5)
+    for loss in (lambda *a: nt_xent_logits(*a[:3], candidates=a[3], offset=a[4]),
+                 lambda *a: blockwise_nt_xent(*a[:3], 2, candidates=a[3], offset=a[4])):
+        with pytest.raises(ValueError, match=re.escape(f"got ({g1}, 5) and ({g2}, 5), offset {offset}")):
+            loss(z, z, 0.1, (c[:g1], torch.randn(g2, 5)), offset)
+    nt_xent_logits(z, z, 0.1, candidates=(c, c), offset=2)  # rows 2-5 of 6: they fit
 
 
 def test_rank_and_accuracy_against_brute_force(device: torch.device) -> None:

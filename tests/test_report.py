@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import sealed
 from eval_fixtures import alter_encoder, one_thread, tiny_dataset, tiny_run  # noqa: F401 (one_thread: autouse)
 from fastclr.data import Dataset, ImageSet
 from fastclr.evaluation.options import EvaluateOptions
@@ -131,13 +132,6 @@ def test_a_report_of_the_current_directory_is_titled_with_its_name(run: tuple[Pa
     monkeypatch.chdir(run_dir)
     html = build_report(Path("."), device="cpu", map_method="pca", dataset=run[1]).read_text()
     assert "<title>fastclr report: my-run</title>" in html
-
-
-def sealed(record: dict[str, Any]) -> dict[str, Any]:
-    """`record` with the checksum `evaluate` would have written for it: a state set up by hand."""
-    from fastclr.evaluation.run import CHECKSUM_KEY, content_checksum
-
-    return {**record, CHECKSUM_KEY: content_checksum(record)}
 
 
 def test_report_with_evaluation_shows_the_curve_and_numbers(run: tuple[Path, Dataset], tmp_path: Path) -> None:
@@ -359,11 +353,12 @@ SHOWN = {"run_dir": "r", "dataset": "d", "encoder": {"encoder": "cnn", "feature_
     ('{"protocols": ', r"Expecting value"), ("[1]", "a JSON list, not an object"), ("\udcff", "can't decode byte"),
     # hand edits: KeyError 'protocols' and TypeErrors reached the user as tracebacks
     ("{}", 'no "protocols" object'),
-    (json.dumps({**SHOWN, "protocols": {"linear": {**SHOWN["protocols"]["linear"], "accuracy": "0.9"}}}),
+    (json.dumps(sealed({**SHOWN, "protocols": {"linear": {**SHOWN["protocols"]["linear"], "accuracy": "0.9"}}})),
      "a figure of another kind than an evaluation holds: unsupported operand type"),
-    (json.dumps({**SHOWN, "protocols": {"linear": {"accuracy": None, "labels": 10}}}),
+    (json.dumps(sealed({**SHOWN, "protocols": {"linear": {"accuracy": None, "labels": 10}}})),
      "a figure of another kind than an evaluation holds: unsupported operand type"),
-    (json.dumps({k: v for k, v in SHOWN.items() if k != "encoder"}), "no 'encoder' where an evaluation holds one"),
+    (json.dumps(sealed({k: v for k, v in SHOWN.items() if k != "encoder"})),
+     "no 'encoder' where an evaluation holds one"),
 ])
 def test_a_damaged_eval_json_is_one_line_naming_it(tmp_path: Path, text: str, why: str) -> None:
     from fastclr.errors import FastclrError
@@ -376,8 +371,27 @@ def test_a_damaged_eval_json_is_one_line_naming_it(tmp_path: Path, text: str, wh
     assert message.startswith(f"{tmp_path / 'eval.json'} is damaged (") and why in message and "\n" not in message
     assert message.endswith(f"; run `fastclr evaluate {tmp_path}` again, which keeps it as eval.json.damaged and "
                             "writes a new one")
-    (tmp_path / "eval.json").write_text(json.dumps(SHOWN))
-    assert read_eval(tmp_path) == SHOWN
+    (tmp_path / "eval.json").write_text(json.dumps(sealed(SHOWN)))
+    assert read_eval(tmp_path) == sealed(SHOWN)
+
+
+def test_an_eval_json_without_its_checksum_or_not_matching_it_is_not_read(tmp_path: Path) -> None:
+    """Figures edited with the checksum deleted too would otherwise be read, and carried by the
+    next evaluation under a valid one."""
+    from fastclr.errors import FastclrError
+    from fastclr.evaluation.run import read_eval
+
+    fix = f"run `fastclr evaluate {tmp_path}` again, which keeps it as eval.json.damaged and writes a new one"
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(SHOWN))
+    with pytest.raises(FastclrError) as e:
+        read_eval(tmp_path)
+    assert str(e.value) == f"{path} holds no content_sha256, so its figures cannot be told from edited ones; {fix}"
+    path.write_text(json.dumps({**sealed(SHOWN), "total_seconds": 2.0}))
+    with pytest.raises(FastclrError) as e:
+        read_eval(tmp_path)
+    assert str(e.value) == (f"{path} no longer matches its content_sha256 (edited or damaged since `fastclr evaluate` "
+                            f"wrote it); {fix}")
 
 
 def test_a_report_of_a_run_with_a_hand_edited_eval_json_is_one_line(run: tuple[Path, Dataset], tmp_path: Path) -> None:
@@ -387,7 +401,7 @@ def test_a_report_of_a_run_with_a_hand_edited_eval_json_is_one_line(run: tuple[P
 
     run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
     curve = [{"labels_per_class": 2, "mean": 0.5, "std": "x", "runs": [{"subset": "a", "accuracy": 0.5}]}]
-    (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": curve}}}))
+    (run_dir / "eval.json").write_text(json.dumps(sealed({**SHOWN, "protocols": {"fewshot": {"curve": curve}}})))
     with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an evaluation "
                                            r"holds: .*\); run `fastclr evaluate \S+` again, which keeps it as "
                                            r"eval.json.damaged and writes a new one$"):
@@ -402,7 +416,7 @@ def test_a_fault_in_drawing_the_curve_is_not_blamed_on_eval_json(run: tuple[Path
 
     run_dir = Path(shutil.copytree(run[0], tmp_path / "run"))
     curve = [{"labels_per_class": 2, "mean": 0.5, "std": 0.1, "runs": [{"subset": "a", "accuracy": 0.5}]}]
-    (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": curve}}}))
+    (run_dir / "eval.json").write_text(json.dumps(sealed({**SHOWN, "protocols": {"fewshot": {"curve": curve}}})))
 
     drawn = figures.line_chart
 
@@ -415,8 +429,8 @@ def test_a_fault_in_drawing_the_curve_is_not_blamed_on_eval_json(run: tuple[Path
         build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
     # a count no evaluation writes, which only the log axis could not take, is still the file's
     for odd, named in ((0, "0.0"), (float("inf"), "inf")):  # (the infinite one was named by the smallest count)
-        (run_dir / "eval.json").write_text(json.dumps({**SHOWN, "protocols": {"fewshot": {"curve": [
-            curve[0], dict(curve[0], labels_per_class=odd)]}}}))
+        (run_dir / "eval.json").write_text(json.dumps(sealed({**SHOWN, "protocols": {"fewshot": {"curve": [
+            curve[0], dict(curve[0], labels_per_class=odd)]}}})))
         with pytest.raises(FastclrError, match=r"^\S+eval.json is damaged \(a figure of another kind than an "
                                                rf"evaluation holds: labels per class of {named}\); run `fastclr evaluate"):
             build_report(run_dir, device="cpu", map_method="pca", dataset=run[1])
@@ -462,8 +476,10 @@ def test_a_last_metrics_line_cut_short_is_left_out_and_said(tmp_path: Path) -> N
 
     path, whole = tmp_path / "metrics.jsonl", json.dumps({"step": 2, "loss": 4.0}) + "\n"
     said = "The last line of metrics.jsonl was cut short"
+    # a whole last record without its newline (as some writers leave one) is kept, and not called cut short
     for text, records, cut in ((whole, 1, False), (whole + '{"step": 4, "lo', 1, True), ('{"step": 4, "lo', 0, True),
-                               (whole + "  ", 1, False), ("", 0, False)):
+                               (whole + "  ", 1, False), ("", 0, False), (whole + '{"step": 4}', 2, False),
+                               (whole + '{"step": 4}  ', 2, False), (whole + '{"step": "4"}', 1, True)):
         path.write_text(text)
         assert (len(read_metrics(tmp_path)), metrics_cut_short(tmp_path)) == (records, cut), text
         page = _curves_section(tmp_path)

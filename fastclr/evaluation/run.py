@@ -341,9 +341,9 @@ def evaluate(
                         "fastclr": __version__, "machine": platform.machine(),
                         "time": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
-    out[CHECKSUM_KEY] = content_checksum(out)
     if show is not None:
         show(out)
+    out[CHECKSUM_KEY] = content_checksum(out)  # after the table: a figure JSON cannot hold fails the write, not it
     write_json(run_dir / EVAL_FILE, out)
     step = run.checkpoint_step if run.checkpoint_step is not None else _pretrained_steps(run_dir)
     with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=log) as sinks:
@@ -428,9 +428,11 @@ def read_eval(run_dir: Path, fix: str = "") -> dict[str, Any] | None:
     record = read_json(path, fix)
     if not isinstance(record.get("protocols"), dict):
         raise FastclrError(f"{path} is damaged (no \"protocols\" object); {fix}")
-    if CHECKSUM_KEY in record and record[CHECKSUM_KEY] != content_checksum(record):  # one written before it: unchecked
-        raise FastclrError(f"{path} was edited since `fastclr evaluate` wrote it (its {CHECKSUM_KEY} no longer "
-                           f"matches its figures); {fix}")
+    if CHECKSUM_KEY not in record:  # written before eval.json held one, or the key removed with an edit
+        raise FastclrError(f"{path} holds no {CHECKSUM_KEY}, so its figures cannot be told from edited ones; {fix}")
+    if record[CHECKSUM_KEY] != content_checksum(record):
+        raise FastclrError(f"{path} no longer matches its {CHECKSUM_KEY} (edited or damaged since `fastclr "
+                           f"evaluate` wrote it); {fix}")
     with unreadable_as_damaged(path, fix):
         format_table(record)  # reads every figure the table and the merge read: the check is its use
     return record
@@ -439,7 +441,8 @@ def read_eval(run_dir: Path, fix: str = "") -> dict[str, Any] | None:
 CHECKSUM_KEY = "content_sha256"
 """eval.json's key for the SHA-256 of its other contents (`content_checksum`): a figure edited by
 hand (a kNN accuracy made 0.9999) was carried into later evaluations and the report as measured,
-beside a lift that no longer matched it."""
+beside a lift that no longer matched it. A file without it is not read: the key could otherwise be
+deleted with the edit, and the next evaluation would carry the edited figures under a valid one."""
 
 
 def content_checksum(record: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastclr.pretraining.losses import check_views, pair_indices, unit_rows
+from fastclr.pretraining.losses import check_loss_inputs, pair_indices, unit_rows
 
 
 class _BlockwiseNTXent(torch.autograd.Function):
@@ -92,11 +92,9 @@ def blockwise_nt_xent(
     Returns the loss (float32 scalar; float64 for float64 input) and the 1-based rank of each
     anchor's positive (int64 (2B,)), for `losses.rank_metrics`.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    check_views(z1, z2)
+    check_loss_inputs(z1, z2, temperature, candidates, offset)
     b = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
         a = unit_rows(torch.cat([z1, z2]))  # (2B, D)

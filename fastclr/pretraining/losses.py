@@ -45,9 +45,7 @@ def nt_xent_logits(
     drops out of the softmax exactly (exp underflows to 0) and stays finite, unlike -inf, whose
     gradients and reductions can produce NaN.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    check_views(z1, z2)
+    check_loss_inputs(z1, z2, temperature, candidates, offset)
     b = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
         a = unit_rows(torch.cat([z1, z2]))  # (2B, D)
@@ -60,12 +58,26 @@ def nt_xent_logits(
     return logits, positive
 
 
-def check_views(z1: torch.Tensor, z2: torch.Tensor) -> None:
-    """Refuse halves that are not the two views of the same N >= 1 images: unequal ones gave a torch
-    size error (the blockwise form a number), an empty batch NaN."""
+def check_loss_inputs(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
+                      candidates: tuple[torch.Tensor, torch.Tensor] | None, offset: int) -> None:
+    """Refuse what gives no NT-Xent: a temperature below config.MIN_TEMPERATURE (1e-40 made every
+    logit infinite), halves that are not the two views of the same N >= 1 images (unequal ones gave
+    a torch size error, the blockwise form a number; an empty batch NaN), and gathered candidates
+    that are not two such halves holding the anchors at rows [offset, offset + N)."""
+    from fastclr.config import MIN_TEMPERATURE
+
+    if not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g}, got {temperature}")
     if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] == 0:
         raise ValueError(f"z1 and z2 must be the two views of the same images, (N, D) each with N >= 1; got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+    if candidates is not None:
+        c1, c2 = candidates
+        if c1.dim() != 2 or c1.shape != c2.shape or c1.shape[1] != z1.shape[1] or \
+                not 0 <= offset <= c1.shape[0] - z1.shape[0]:
+            raise ValueError(f"candidates must be the two views (G, {z1.shape[1]}) each of a batch holding the "
+                             f"{z1.shape[0]} anchors at rows [offset, offset + {z1.shape[0]}); got "
+                             f"{tuple(c1.shape)} and {tuple(c2.shape)}, offset {offset}")
 
 
 def unit_rows(z: torch.Tensor) -> torch.Tensor:

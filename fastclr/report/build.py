@@ -70,10 +70,7 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     way_out = "repair it, or move it away to report the run without training curves"
     fix = f"the file was edited or damaged: {way_out}"
-    try:
-        records = read_metrics(run_dir)
-    except FastclrError as e:  # its line ends "the file was edited or damaged", naming no way out
-        raise FastclrError(f"{e}: {way_out}") from None
+    records = read_metrics(run_dir, mend=way_out)
     for n, record in enumerate(records, 1):  # numbered as read_metrics numbers them
         for key in figures.CURVE_KEYS:
             value = record.get(key)
