@@ -10,6 +10,15 @@ def warn_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def narrate(line: str) -> None:
+    """A run's line (`pretrain`'s default log): stdout, but a warning on stderr as `warn_stderr` puts
+    every other, so that `fastclr pretrain > run.txt` still shows it."""
+    if line.startswith("warning:"):
+        warn_stderr(line)
+    else:
+        print(line)
+
+
 def first_sentence(e: BaseException, limit: int = 160) -> str:
     """The first sentence of a library's message, for quoting inside a one-line error: torch's run on
     for several lines of advice ("PytorchStreamReader failed reading zip archive: failed finding central

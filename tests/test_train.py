@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import inspect
 import json
 import math
 from collections.abc import Callable
@@ -715,6 +716,22 @@ def test_a_time_budget_that_fits_less_than_the_warm_up_shortens_it_and_warns(tmp
     assert any(line.startswith(f"warning: only {fitted / 100:.1f} epochs fit in 1 min at 1000 ms/step") for line in lines)
     kept = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])  # what a resume keeps
     assert kept["warmup_steps"] == end and kept["ramp_anchor"] == [15, pytest.approx(0.16)]
+
+
+def test_a_runs_warnings_go_to_stderr_and_its_other_lines_to_stdout(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr pretrain > run.txt` hid the few-epochs warning in the file: pretrain's own lines went
+    to stdout, warnings too. Its default log now puts a warning on stderr, as every other command's."""
+    from fastclr.errors import narrate
+
+    narrate("warning: w")
+    narrate("a line; warning: not at its start")
+    assert capsys.readouterr() == ("a line; warning: not at its start\n", "warning: w\n")
+    clock = PacedClock(lambda i: 1.0)
+    paced_run(tmp_path, clock, minutes=1.0, steps_per_epoch=100, log=narrate)
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: only 0.") and "warning:" not in out and "time budget 1 min: " in out
+    assert inspect.signature(pretrain).parameters["log"].default is narrate  # the command's, which passes none
 
 
 def test_the_shortened_warm_up_stays_when_a_refit_lengthens_the_run(tmp_path: Path) -> None:

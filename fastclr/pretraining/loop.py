@@ -57,7 +57,7 @@ from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
                                           is_peer_failure, peer_failure, process_device, setup, share_outcome,
                                           shared, teardown)
-from fastclr.errors import FastclrError, PeerFailure, first_sentence
+from fastclr.errors import FastclrError, PeerFailure, first_sentence, narrate
 from fastclr.pretraining.memory import OPTIMISER_COPIES, require_step_memory, tensor_bytes
 from fastclr.files import WriteFailed, read_json, remove_empty
 
@@ -94,7 +94,7 @@ def pretrain(
     allow_config_change: bool = False,
     encoder: nn.Module | None = None,
     dataset: Dataset | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = narrate,
     progress: bool = True,
     stop: Callable[[int], bool] | None = None,
     clock: Callable[[], float] = time.perf_counter,
