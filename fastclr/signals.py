@@ -134,9 +134,11 @@ def cleanup_on_sigterm() -> Iterator[None]:
 
 
 @contextmanager
-def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
+def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS, process_ends: bool = True) -> Iterator[StopFlag]:
     """Install flag-setting handlers for `signals` for the duration of the block; those of
-    KEPT_IGNORED the process was started ignoring stay ignored."""
+    KEPT_IGNORED the process was started ignoring stay ignored. `process_ends`: the process exits
+    after the block (a command); False where it goes on (`fastclr.pretrain` in a notebook), whose
+    handlers are then given back whatever happened."""
     flag = StopFlag()
     ttys = terminal_outputs()
 
@@ -163,7 +165,7 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]
         # Interpreter shutdown then resets Python-level handlers to SIG_DFL, so a signal in that
         # window would kill the process (exit -2 instead of 75); ignoring them from the first
         # atexit callback on closes it (CPython keeps SIG_IGN through finalisation).
-        if flag.signal is None:
+        if flag.signal is None or not process_ends:
             for s, h in previous.items():
                 signal.signal(s, h)
         else:

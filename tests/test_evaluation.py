@@ -439,6 +439,11 @@ def test_knn_and_probe_refuse_settings_and_labels_that_cannot_pair_and_take_int3
             knn_accuracy(x, y, x, y, k=k, tau=tau)
     with pytest.raises(FastclrError, match=re.escape("the queries' labels have shape (39,) for 40 rows of features")):
         knn_accuracy(x, y, x, y[:39])
+    with pytest.raises(FastclrError, match=re.escape("knn_accuracy takes torch tensors; test_x is a numpy.ndarray")):
+        knn_accuracy(x, y, x.numpy(), y)  # numpy's failed on .dim() deep inside
+    wrong = torch.tensor([0, 0, 1, 1, 1, 0])  # each query's own bank row votes at k 1: right for 4 of 6
+    pairs = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2], [0.0, 1.0], [0.1, 1.0], [0.2, 1.0]])
+    assert knn_accuracy(pairs, torch.tensor([0, 0, 0, 1, 1, 1]), pairs, wrong, k=1) == 4 / 6  # exact, not float32's
     with pytest.raises(FastclrError, match="the training labels are float32; give integer class indices"):
         linear_probe(x, y.float(), x, y, l2_grid=(1e-3,))
     with pytest.raises(FastclrError, match=re.escape("the test labels hold -1; class indices start at 0")):

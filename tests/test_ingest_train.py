@@ -205,6 +205,20 @@ def test_a_store_goes_to_a_gpu_with_room_for_it_once_and_stays_mapped_on_the_cpu
     assert resident._mmap is None and torch.equal(resident.gather(idx), torch.from_numpy(x)[idx])
 
 
+def test_a_read_only_array_is_read_whole_without_torchs_not_writable_warning() -> None:
+    """`extract_features` on `open_store(...).pretrain.images` (read-only rows held whole) printed
+    torch's "The given NumPy array is not writable" warning with a source line."""
+    import warnings
+
+    x = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+    x.flags.writeable = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = ImageSource(x, torch.device("cpu"))
+    assert [str(w.message) for w in caught] == []
+    assert torch.equal(source.gather(torch.tensor([1, 0])), torch.from_numpy(x.copy())[[1, 0]])
+
+
 def test_pretraining_images_carry_their_labels_for_supcon_and_none_is_refused(tmp_path: Path) -> None:
     """A store's and STL-10's pretraining images had no labels at all: --supcon on them trained
     plain NT-Xent without a word. The labelled rows keep their labels now (-1 for the unlabelled),

@@ -6,6 +6,7 @@ import io
 import inspect
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,41 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path: Path, precision: str
     for i in sa:
         for k in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+
+
+def test_a_ctrl_c_in_python_stops_with_a_checkpoint_resumes_exactly_and_leaves_the_callers_state(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`fastclr.pretrain` in a notebook: Ctrl-C raised KeyboardInterrupt mid-step, and the run kept
+    only its last epoch's checkpoint. It now stops at the next step with a checkpoint, as the
+    command does, and a resume (given as text) ends bit-identical to an uninterrupted run. The
+    caller's SIGINT handler and torch's generator, which the run seeds, are as they were."""
+    import os
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # else a Ctrl-C would end the tests
+    ds = tiny_dataset()
+    straight = pretrain(tiny_config(tmp_path / "a"), dataset=ds, progress=False, log=lambda s: None)
+    calls = [0]
+
+    def clock() -> float:  # the loop reads it every step: Ctrl-C a few steps in, from inside a step
+        calls[0] += 1
+        if calls[0] == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+        return time.perf_counter()
+
+    torch.manual_seed(123)
+    first = pretrain(tiny_config(tmp_path / "b"), dataset=ds, progress=False, log=lambda s: None, clock=clock)
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(drawn, torch.rand(3))  # the generator is the caller's, not the run's seed's
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert first.stopped and 0 < first.steps < 12 and list_checkpoints(tmp_path / "b")
+    assert "SIGINT received: writing a checkpoint at the next step, then stopping" in capsys.readouterr().err
+    second = pretrain(tiny_config(tmp_path / "b"), resume=str(tmp_path / "b"), dataset=ds, progress=False,
+                      log=lambda s: None)
+    assert straight.steps == second.steps == 12
+    a, b = params(tmp_path / "a"), params(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_runs_learning_rates_are_the_schedule_with_its_floor(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ would take at the same step.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -106,7 +108,9 @@ class ImageSource:
         self._mmap: np.ndarray | None = None
         self._resident: torch.Tensor | None = None
         if not isinstance(images, np.memmap):
-            self._resident = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # on the CPU: no copy
+            with warnings.catch_warnings():  # a read-only array (a store's rows, read whole): only ever read here
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self._resident = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # on the CPU: no copy
         elif fits_on_gpu(images.nbytes, device):
             self._resident = copy_to_device(images, device)
         else:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.runtime import (Precision, agree_precision, on_meta, require_model_memory, resolve_precision, select_device,
                              use_compile)
-from fastclr.signals import StopFlag, StopRequested
+from fastclr.signals import StopFlag, StopRequested, graceful_stop
 from fastclr.tracking import TRACKING_FILE, numbers, open_trackers, read_ids, tracker_names
 from fastclr.tracking import require as require_trackers
 from fastclr.scaleout.distributed import (DistContext, all_reduce, broadcast_object, env_world, gather_objects,
@@ -90,7 +92,7 @@ class PretrainResult:
 def pretrain(
     cfg: Config,
     *,
-    resume: Path | None = None,
+    resume: str | Path | None = None,
     allow_config_change: bool = False,
     encoder: nn.Module | None = None,
     dataset: Dataset | None = None,
@@ -114,7 +116,40 @@ def pretrain(
     `train.batch_size` images, and rank 0 alone writes the run directory and logs. Under several
     processes `stop` is consulted where the ranks agree (every `log_every` steps, at checkpoints, and
     about every STOP_WITHIN_S of the slowest rank's steps), and every rank stops at the same step.
+
+    Called from Python without `stop` (a notebook), a Ctrl-C stops the run as the command's does: a
+    checkpoint at the next step, then the result, `stopped` (it raised KeyboardInterrupt mid-step,
+    and the run kept only its last epoch's checkpoint). torch's random generator is the caller's
+    again afterwards (the run seeds it with its own seed to draw the initial weights).
     """
+    with _callers_rng_kept(), _ctrl_c_stops(stop) as stop:
+        return _pretrain(cfg, resume=None if resume is None else Path(resume), allow_config_change=allow_config_change,
+                         encoder=encoder, dataset=dataset, log=log, progress=progress, stop=stop, clock=clock)
+
+
+@contextmanager
+def _ctrl_c_stops(stop: Callable[[int], bool] | None) -> Iterator[Callable[[int], bool] | None]:
+    """`stop`, or where there is none and Ctrl-C would raise KeyboardInterrupt in this thread (Python's
+    own SIGINT handler), a flag that Ctrl-C sets for the duration of the call."""
+    if stop is not None or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield stop
+        return
+    with graceful_stop((signal.SIGINT,), process_ends=False) as flag:
+        yield flag
+
+
+@contextmanager
+def _callers_rng_kept() -> Iterator[None]:
+    """torch's CPU generator (and the current GPU's, where CUDA was in use) as it was, given back."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+        yield
+
+
+def _pretrain(cfg: Config, *, resume: Path | None, allow_config_change: bool, encoder: nn.Module | None,
+              dataset: Dataset | None, log: Callable[[str], None], progress: bool, stop: Callable[[int], bool] | None,
+              clock: Callable[[], float]) -> PretrainResult:
+    """`pretrain`, its arguments resolved."""
     if cfg.train.keep_memory:
         keep_freed_memory()
     _, world, local_rank = env_world()
