@@ -90,14 +90,28 @@ def _epochs_mean_epochs(flags: dict[str, Any]) -> dict[str, Any]:
     return {"train.time_budget": 0.0} if "train.epochs" in flags and "train.time_budget" not in flags else {}
 
 
-def _note_budget_over_file_epochs(file: dict[str, Any], flags: dict[str, Any]) -> None:
-    """A `--time-budget` flag over a config file that trains by epochs: flags win over files, so the
-    budget sets the length, which a note says (refused outright only when both are flags)."""
-    if "train.epochs" in file and not _positive(file.get("train.time_budget", 0)) \
-            and _positive(flags.get("train.time_budget")):
-        print_once_a_node(f"note: --time-budget {flags['train.time_budget']} sets the run's length; the config "
-                          f"file's train.epochs {file['train.epochs']} is not used (leave --time-budget out to train "
-                          "by epochs)", file=sys.stderr)
+def _note_length_over_file(file: dict[str, Any], flags: dict[str, Any]) -> None:
+    """Which of a run's two lengths wins, said where config files had another: a flag wins over the
+    files (`--time-budget` over their epochs, `--epochs` over their budget), and in the files a time
+    budget above 0 over epochs they set away from the default (a run's own config.toml holds both,
+    the default epochs beside its budget, and says nothing). Refused outright only when both are
+    flags (`_overrides`)."""
+    budget, epochs = file.get("train.time_budget", 0), file.get("train.epochs")
+    if _positive(flags.get("train.time_budget")):
+        if epochs is not None and not _positive(budget):
+            _note(f"--time-budget {flags['train.time_budget']} sets the run's length; the config file's train.epochs "
+                  f"{epochs} is not used (leave --time-budget out to train by epochs)")
+    elif "train.epochs" in flags:
+        if _positive(budget):
+            _note(f"--epochs {flags['train.epochs']} sets the run's length; the config file's train.time_budget "
+                  f"{budget} min is not used")
+    elif _positive(budget) and epochs is not None and float(epochs) != Config().train.epochs:
+        _note(f"the config files' train.time_budget {budget} min sets the run's length; their train.epochs {epochs} "
+              "is not used (time_budget = 0 trains by epochs)")
+
+
+def _note(line: str) -> None:
+    print_once_a_node(f"note: {line}", file=sys.stderr)  # every rank resolves the config alike
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -106,7 +120,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     flags = _overrides(args)
     if getattr(args, "config", None):
         overrides.update(config_files(args))
-        _note_budget_over_file_epochs(overrides, flags)
+        _note_length_over_file(overrides, flags)
         overrides.update(_epochs_mean_epochs(flags))
     overrides.update(flags)
     if "train.run_dir" in overrides:  # from a file, where no shell put the home in
@@ -138,7 +152,7 @@ def resume_config(resume: Path, args: argparse.Namespace) -> Config:
     base = saved_overrides(saved) if saved.exists() else checkpoint_settings(resume)
     # What this command asks for, a --config file then flags, each with the epochs rule.
     file, flags = config_files(args), _overrides(args)
-    _note_budget_over_file_epochs(file, flags)
+    _note_length_over_file(file, flags)
     given = {**file, **_epochs_mean_epochs(flags), **flags}
     from fastclr.data import absolute_name
 
@@ -243,11 +257,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     with graceful_stop() as stop:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
                           stop=stop)
+        late = stop.signal  # one after the last step, with no probe left to cut short
+        stop.finished = not result.stopped
     if result.stopped:
         return EXIT_STOPPED  # the loop (rank 0) said where it stopped and how to continue
-    if stop.signal is not None and result.rank == 0:  # too late for a step or a probe: the handler promised a stop
-        warn_stderr(f"note: {signal.Signals(stop.signal).name} came too late to stop the run: it trained to its end "
-                    "and its encoder is saved; there is nothing to resume")
+    if late is not None and result.rank == 0:
+        warn_stderr(f"note: {signal.Signals(late).name} came too late to stop the run: it trained to its end and its "
+                    "encoder is saved; there is nothing to resume")
     if result.probe_accuracy is not None:
         versus = "" if result.random_init_accuracy is None else (
             f", same network untrained {result.random_init_accuracy * 100:.2f}%")

@@ -44,6 +44,10 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
         self.raising = False
+        self.training_over = False
+        """Set by the loop after its last step: a stop signal then ends the run once its encoder is saved."""
+        self.finished = False
+        """Set by the command once the run is complete: a stop signal then finds nothing to stop."""
 
     def __call__(self, step: int) -> bool:
         """The `stop` callback of `pretrain`: True once a stop was requested."""
@@ -130,7 +134,8 @@ def cleanup_on_sigterm() -> Iterator[None]:
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            if signal.getsignal(s) is handler:  # not one installed inside and kept on purpose (a finished run's)
+                signal.signal(s, h)
 
 
 @contextmanager
@@ -148,10 +153,17 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS, process_ends: bool = 
             leave_terminal(ttys)
         if flag.signal is None:
             flag.signal = signum
+            if flag.finished:  # the run is complete: the command exits 0 as it would have
+                print(f"\n{name} received after the run finished: nothing to stop", file=sys.stderr, flush=True)
+                return
             if flag.raising:
                 print(f"\n{name} received: stopping now", file=sys.stderr, flush=True)
                 raise StopRequested()
-            print(f"\n{name} received: writing a checkpoint at the next step, then stopping", file=sys.stderr, flush=True)
+            print(f"\n{name} received: " + ("stopping once the encoder is saved (training is over)" if flag.training_over
+                                           else "writing a checkpoint at the next step, then stopping"),
+                  file=sys.stderr, flush=True)
+        elif flag.finished:
+            pass  # said once
         else:
             print(f"\n{name} received again: already stopping, the checkpoint is being written", file=sys.stderr, flush=True)
 
@@ -165,7 +177,9 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS, process_ends: bool = 
         # Interpreter shutdown then resets Python-level handlers to SIG_DFL, so a signal in that
         # window would kill the process (exit -2 instead of 75); ignoring them from the first
         # atexit callback on closes it (CPython keeps SIG_IGN through finalisation).
-        if flag.signal is None or not process_ends:
+        # A finished run keeps them too: the seconds of the interpreter's exit after it (0.7 s here)
+        # were a window in which a SIGTERM killed a complete run with 143, which a scheduler reads as failed.
+        if (flag.signal is None and not flag.finished) or not process_ends:
             for s, h in previous.items():
                 signal.signal(s, h)
         else:

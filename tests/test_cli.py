@@ -223,8 +223,8 @@ def test_epochs_and_a_time_budget_given_together_are_refused(tmp_path: Path, cap
 def test_a_time_budget_flag_over_a_config_file_that_trains_by_epochs_is_noted(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A --config file with `epochs = 5` and `--time-budget 3`: the flag wins (flags over files) and the
-    file's epochs went unused without a word. A note names it; a file that holds a budget itself, or
-    no budget flag, says nothing."""
+    file's epochs went unused without a word. A note names it, and every other case where one length
+    replaces another the files set."""
     from fastclr.cli import parse_args, resolve_config
 
     by_epochs = tmp_path / "epochs.toml"
@@ -238,30 +238,57 @@ def test_a_time_budget_flag_over_a_config_file_that_trains_by_epochs_is_noted(
     both.write_text("[train]\nepochs = 5\ntime_budget = 2.0\n")
     assert resolve_config(parse_args(["pretrain", "--config", str(both), "--time-budget", "3"])).train.time_budget == 3.0
     assert capsys.readouterr().err == ""
+    # the files alone: a budget over epochs they set, in one file or across two; a run's own config.toml
+    # (the default epochs beside its budget) says nothing
+    budget = tmp_path / "budget.toml"
+    budget.write_text("[train]\ntime_budget = 0.05\n")
+    said = ("note: the config files' train.time_budget {} min sets the run's length; their train.epochs 5 is not used "
+            "(time_budget = 0 trains by epochs)\n")
+    assert resolve_config(parse_args(["pretrain", "--config", str(both)])).train.time_budget == 2.0
+    assert capsys.readouterr().err == said.format(2.0)
+    cfg = resolve_config(parse_args(["pretrain", "--config", str(by_epochs), "--config", str(budget)]))
+    assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 0.05) and capsys.readouterr().err == said.format(0.05)
+    saved = tmp_path / "saved.toml"
+    saved.write_text("[train]\nepochs = 100.0\ntime_budget = 9.5\n")
+    assert resolve_config(parse_args(["pretrain", "--config", str(saved)])).train.time_budget == 9.5
+    assert capsys.readouterr().err == ""
+    # an --epochs flag over a file's budget: epochs, said
+    cfg = resolve_config(parse_args(["pretrain", "--config", str(budget), "--epochs", "0.02"]))
+    assert (cfg.train.epochs, cfg.train.time_budget) == (0.02, 0.0)
+    assert capsys.readouterr().err == ("note: --epochs 0.02 sets the run's length; the config file's train.time_budget "
+                                       "0.05 min is not used\n")
 
 
-def test_a_stop_signal_after_the_last_step_is_said_to_have_come_too_late(tmp_path: Path, env: dict[str, str]) -> None:
+@pytest.mark.parametrize("when", ["export", "exit"])
+def test_a_stop_signal_after_the_last_step_is_said_to_have_come_too_late(tmp_path: Path, env: dict[str, str],
+                                                                        when: str) -> None:
     """A SIGTERM while the encoder was exported, with no probe to follow, was answered "writing a
-    checkpoint at the next step, then stopping" and the run then exited 0, finished: the promise is
-    corrected, and the exit stays 0 (the run is complete; 75 would ask for a resume). A real run
-    whose export sends the signal to its own process."""
+    checkpoint at the next step, then stopping" and the run then exited 0, finished; one in the
+    interpreter's exit after the run (0.7 s) killed the complete run with 143, which a scheduler
+    reads as failed. Both now exit 0, saying so. A real run whose export, or whose process once
+    `main` has returned, sends the signal to itself."""
     run = tmp_path / "run"
-    code = ("import os, signal, sys\n"
+    code = ("import os, signal, sys, time\n"
             "import fastclr.pretraining.loop as loop\n"
             "from fastclr.cli import main\n"
             "save = loop.save_encoder\n"
             "def save_then_signalled(*a, **k):\n"
             "    save(*a, **k)\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "loop.save_encoder = save_then_signalled\n"
-            f"sys.exit(main(['pretrain', '--data', 'mnist', '--epochs', '1', '--run-dir', {str(run)!r}, "
-            f"'--probe', 'false', *{TINY!r}]))\n")
+            f"if {when == 'export'}:\n"
+            "    loop.save_encoder = save_then_signalled\n"
+            f"code = main(['pretrain', '--data', 'mnist', '--epochs', '1', '--run-dir', {str(run)!r}, "
+            f"'--probe', 'false', *{TINY!r}])\n"
+            f"if {when == 'exit'}:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "sys.exit(code)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.strip().splitlines()[-2:] == [
-        "SIGTERM received: writing a checkpoint at the next step, then stopping",
-        "note: SIGTERM came too late to stop the run: it trained to its end and its encoder is saved; there is "
-        "nothing to resume"], r.stderr
+    said = ["SIGTERM received: stopping once the encoder is saved (training is over)",
+            "note: SIGTERM came too late to stop the run: it trained to its end and its encoder is saved; there is "
+            "nothing to resume"] if when == "export" else ["SIGTERM received after the run finished: nothing to stop"]
+    assert r.stderr.strip().splitlines()[-len(said):] == said, r.stderr
     assert (run / "encoder.safetensors").exists()
 
 

@@ -698,6 +698,8 @@ def _finish(run: Run, stopped: bool, stop: Callable[[int], bool] | None) -> Pret
     s = run.state
     result = PretrainResult(run.run_dir, s.step, s.train_seconds, None, stopped=stopped, model=run.model, rank=run.ctx.rank,
                             precision=run.precision, stopped_in="training" if stopped else "")
+    if isinstance(stop, StopFlag) and not stopped:
+        stop.training_over = True  # a signal from here on ends the run once its encoder is saved
     if stopped or not run.ctx.is_main:
         return result  # rank 0 exports and probes alone; the others are done
     if _already_finished(run, result):
