@@ -222,6 +222,12 @@ def atomic_write_all(writes: Sequence[tuple[Path, Callable[[IO[bytes]], object]]
         fsync_path(parent)
 
 
+def not_a_folder(path: Path) -> str:
+    """What `path`, which is not a directory, is instead: 'does not exist' (a typo's usual case, which
+    "is not a directory" hid) or 'is a file, not a directory'."""
+    return "is a file, not a directory" if path.exists() else "does not exist"
+
+
 def through_link(path: Path) -> Path:
     """Where a user's output named `path` should land: a symbolic link's target, else `path`; for a
     command to resolve once, before it derives a format or a sidecar's name from it (`atomic_write`

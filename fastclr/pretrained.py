@@ -24,6 +24,7 @@ from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides
 from fastclr.data import Dataset, load_data, names_a_store
 from fastclr.errors import FastclrError, first_sentence, warn_stderr
 from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
+from fastclr.files import not_a_folder
 from fastclr.models import EncoderSpec, ProjectionHead, encoder_from_spec, resolve_encoder
 from fastclr.models.cnn import parse_stages
 from fastclr.presets import checkpoint_overrides, saved_overrides
@@ -78,7 +79,7 @@ def require_weights(run: Path, command: str) -> str:
     exported encoder nor a checkpoint: one still being written by its owner, or one stopped before
     its first checkpoint."""
     if not run.is_dir():
-        raise FastclrError(f"{run} is not a directory; give the directory of a `fastclr pretrain` run")
+        raise FastclrError(f"{run} {not_a_folder(run)}; give the directory of a `fastclr pretrain` run")
     owner = locked_by_another(run)
     weights = has_weights(run)
     # a run's first seconds: its owner holds the lock before it writes config.toml

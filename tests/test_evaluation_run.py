@@ -453,10 +453,12 @@ def test_evaluating_some_protocols_keeps_the_others_of_the_same_encoder(run: Run
     assert "eval.json held results of another encoder (the run trained on since) or data: replaced" in lines
 
 
-def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: Run, tmp_path: Path) -> None:
+def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: Run, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A hand-edited eval.json (a string accuracy) made `evaluate --protocols knn` fail with a
     TypeError in the merge; a damaged one was replaced whole without a word, its results gone. It
-    is kept as eval.json.damaged now (a second as eval.json.damaged-2), said in a note."""
+    is kept as eval.json.damaged now (a second as eval.json.damaged-2), said in a note on stderr,
+    which `--quiet` (a silent log) keeps."""
     import shutil
 
     run_dir, ds, _ = run
@@ -466,23 +468,23 @@ def test_a_damaged_eval_json_is_kept_aside_by_the_next_evaluation_and_said(run: 
     edited = json.dumps(sealed(record))  # its checksum made again: the figures' own check, behind it
     (copy / "eval.json").write_text(edited)
     knn = EvaluateOptions(protocols=("knn",), device="cpu")
-    lines: list[str] = []
-    evaluate(copy, knn, dataset=ds, log=lines.append)
+    capsys.readouterr()
+    evaluate(copy, knn, dataset=ds, log=lambda s: None)
     assert (f"note: {copy / 'eval.json'} is damaged (a figure of another kind than an evaluation holds: unsupported "
             f"operand type(s) for -: 'str' and 'float'); kept as {copy / 'eval.json.damaged'}; this evaluation's "
-            "results replace it") in lines
+            "results replace it\n") == capsys.readouterr().err
     assert (copy / "eval.json.damaged").read_text() == edited
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
     (copy / "eval.json").write_text("{}")
-    lines.clear()
-    evaluate(copy, knn, dataset=ds, log=lines.append)
+    evaluate(copy, knn, dataset=ds, log=lambda s: None)
     assert (f'note: {copy / "eval.json"} is damaged (no "protocols" object); kept as {copy / "eval.json.damaged-2"}; '
-            "this evaluation's results replace it") in lines
+            "this evaluation's results replace it\n") == capsys.readouterr().err
     assert (copy / "eval.json.damaged").read_text() == edited and (copy / "eval.json.damaged-2").read_text() == "{}"
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
 
 
-def test_an_eval_json_whose_figures_were_edited_is_kept_aside_not_carried_over(run: Run, tmp_path: Path) -> None:
+def test_an_eval_json_whose_figures_were_edited_is_kept_aside_not_carried_over(run: Run, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """A kNN accuracy edited to 0.9999 (a number, where a figure is one) was kept by `evaluate
     --protocols quality` as this encoder's and shown with a lift of +21.75 by the report. eval.json
     holds a checksum of its contents now: an edited one is set aside as a damaged one is, said."""
@@ -498,17 +500,17 @@ def test_an_eval_json_whose_figures_were_edited_is_kept_aside_not_carried_over(r
     (copy / "eval.json").write_text(json.dumps(record))
     with pytest.raises(FastclrError, match="no longer matches its content_sha256"):
         read_eval(copy)  # the report's read: one line naming the file and evaluating again
-    lines: list[str] = []
-    evaluate(copy, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=ds, log=lines.append)
+    capsys.readouterr()
+    evaluate(copy, EvaluateOptions(protocols=("linear",), device="cpu"), dataset=ds, log=lambda s: None)
     assert (f"note: {copy / 'eval.json'} no longer matches its content_sha256 (edited or damaged since `fastclr "
-            f"evaluate` wrote it); kept as {copy / 'eval.json.damaged'}; this evaluation's results replace it") in lines
+            f"evaluate` wrote it); kept as {copy / 'eval.json.damaged'}; this evaluation's results replace it\n"
+            ) == capsys.readouterr().err
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"linear"}
     del record["content_sha256"]  # and the key removed with the edit: not read either, nor carried
     (copy / "eval.json").write_text(json.dumps(record))
-    lines.clear()
-    evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lines.append)
+    evaluate(copy, EvaluateOptions(protocols=("knn",), device="cpu"), dataset=ds, log=lambda s: None)
     assert set(json.loads((copy / "eval.json").read_text())["protocols"]) == {"knn"}
-    assert any(line.startswith(f"note: {copy / 'eval.json'} holds no content_sha256") for line in lines)
+    assert capsys.readouterr().err.startswith(f"note: {copy / 'eval.json'} holds no content_sha256")
 
 
 def test_the_pixel_baseline_reads_a_stores_read_only_images_without_a_warning(run: Run, tmp_path: Path) -> None:

@@ -691,7 +691,7 @@ def one_line_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_bad_input_gives_one_line_errors_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert "is not a directory" in one_line_error(["prepare", str(tmp_path / "nope"), "--size", "16", "--out", str(out)], capsys)
+    assert "nope does not exist" in one_line_error(["prepare", str(tmp_path / "nope"), "--size", "16", "--out", str(out)], capsys)
     (tmp_path / "empty").mkdir()
     assert "no images in" in one_line_error(["prepare", str(tmp_path / "empty"), "--size", "16", "--out", str(out)], capsys)
     (tmp_path / "junk").mkdir()

@@ -344,7 +344,10 @@ def test_command_line_errors_are_one_line(run: Run, tmp_path: Path, capsys: pyte
         main(["finetune", str(run_dir), "--labels-per-class", "5", "--label-fraction", "0.1"])
     assert e.value.code == 2
     assert main(["finetune", str(tmp_path / "nope"), "--labels-per-class", "5"]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope'} does not exist; give the directory of" in capsys.readouterr().err  # "is not a directory"
+    (tmp_path / "afile").write_text("")
+    assert main(["finetune", str(tmp_path / "afile"), "--labels-per-class", "5"]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a directory; give" in capsys.readouterr().err
     assert main(["finetune", str(run_dir), "--labels-per-class", "5", "--from-head-layer", "2", "--device", "cpu"]) == 2
     assert "--from-head-layer 2: the run's projection head has 2 linear layers" in capsys.readouterr().err
     assert main(["finetune", str(run_dir), "--labels-per-class", "5", "--from-head-layer", "-1"]) == 2

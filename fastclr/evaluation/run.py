@@ -23,7 +23,7 @@ import torch
 
 from fastclr.cpus import gives_threads_back, set_threads
 from fastclr.data import Dataset
-from fastclr.errors import FastclrError, first_sentence
+from fastclr.errors import FastclrError, first_sentence, warn_stderr
 from fastclr.evaluation.classifier import LabelledSetup, TrainRecipe
 from fastclr.evaluation.features import (encode, evenly_spaced, features_of, require_finite, state_checksum,
                                          view_pairs)
@@ -367,7 +367,7 @@ def _earlier_results(run_dir: Path, encoder_sha256: str, dataset: Dataset, now: 
         old = read_eval(run_dir, fix=f"kept as {aside}; this evaluation's results replace it")
     except FastclrError as e:
         os.replace(path, aside)
-        log(f"note: {e}")
+        warn_stderr(f"note: {e}")  # a file of the user's moved: said under --quiet too (log is silent there)
         return none
     if old is None:
         return none

@@ -35,7 +35,7 @@ from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, META, SKIPPED, SKIPP
                                 StoreWriter, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
 from fastclr.signals import STOP_SIGNALS, die_with_parent
-from fastclr.files import is_write_error, write_failure_reason, write_way_out
+from fastclr.files import is_write_error, not_a_folder, write_failure_reason, write_way_out
 from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, as_stored, decode_peak_bytes,
                                    pixels_that_fit, process_file)
 from fastclr.ingest.walk import FileEntry, Skip, Walk, walk_folder
@@ -411,7 +411,7 @@ def prepare_store(
     if workers < 0:
         raise FastclrError(f"--workers must be 0 (as many as fit, up to 8) or more, got {workers}")
     if not root.is_dir():
-        raise FastclrError(f"{root} is not a directory; give the folder that holds your images")
+        raise FastclrError(f"{root} {not_a_folder(root)}; give the folder that holds your images")
     claim = StoreClaim(out, log)  # before the walk: a second prepare into --out is refused before its minutes
     try:
         plan = _plan(root, out, opts, labels, workers, rehash, dedupe, log)

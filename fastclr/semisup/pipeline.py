@@ -41,7 +41,7 @@ from fastclr.evaluation.supervised import train_from_scratch
 from fastclr.export import ENCODER_FILE, save_encoder
 from fastclr.models import EncoderSpec, encoder_from_spec, feature_dim
 from fastclr.pretrained import LoadedRun, has_weights, load_run, run_data, trained_head
-from fastclr.files import read_json
+from fastclr.files import not_a_folder, read_json
 from fastclr.runs import refuse_output, refuse_uncreatable, write_json
 from fastclr.runtime import cpu_model, on_meta, require_model_memory, select_device, to_channels_last
 from fastclr.semisup.distill import check_distill_options, distill
@@ -287,8 +287,7 @@ def read_teacher(teacher_dir: Path) -> dict[str, Any]:
     """The finetune.json of a `fastclr finetune` output; one line when it is not one."""
     path = teacher_dir / FINETUNE_FILE
     if not teacher_dir.is_dir():
-        what = "is a file, not a directory" if teacher_dir.exists() else "does not exist"
-        raise FastclrError(f"{teacher_dir} {what}; give the directory `fastclr finetune` wrote")
+        raise FastclrError(f"{teacher_dir} {not_a_folder(teacher_dir)}; give the directory `fastclr finetune` wrote")
     if not (teacher_dir / CLASSIFIER_FILE).exists() or not path.exists():
         raise FastclrError(f"{teacher_dir} holds no {CLASSIFIER_FILE} and {FINETUNE_FILE}; give the directory "
                            "`fastclr finetune` wrote")
