@@ -182,7 +182,7 @@ def test_a_file_output_that_cannot_be_written_is_refused_before_the_work(finishe
         assert r.returncode == 2 and r.stderr == f"error: {message}\n" and r.stdout == "", (args, r.stderr, r.stdout)
     (run / "report.html").mkdir()  # the report's own place, without --out
     r = call_main(["report", str(run), "--map", "pca"], env, tmp_path)
-    assert r.stderr == f"error: --out {run / 'report.html'} is a folder; give a file name (in it, or elsewhere)\n"
+    assert r.stderr == f"error: {run / 'report.html'} is a folder; give --out elsewhere\n"  # no --out was given
     (run / "report.html").rmdir()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "adir.onnx", "afile", "bars", "data", "g.png", "run", "s"]
