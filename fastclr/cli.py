@@ -138,7 +138,12 @@ def config_files(args: argparse.Namespace) -> dict[str, Any]:
             check_settings(file)
         except FastclrError as e:
             raise FastclrError(f"config file {path}: {e}") from None
-        merged.update({**file, **_epochs_mean_epochs(file)})
+        file = {**file, **_epochs_mean_epochs(file)}
+        if "train.epochs" in file and _positive(merged.get("train.time_budget")) \
+                and not _positive(file.get("train.time_budget")):  # the epochs rule, or its own budget of 0
+            _note(f"config file {path}'s train.epochs {file['train.epochs']} sets the run's length; an earlier "
+                  f"file's train.time_budget {merged['train.time_budget']} min is not used")
+        merged.update(file)
     return merged
 
 

@@ -410,10 +410,15 @@ def parse_value(section: str, name: str, raw: Any) -> Any:
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
-        default = getattr(getattr(Config(), section), name)  # a value of the kind, as a file writes it
-        example = "" if kind is str else f"; write e.g. {name} = {toml_scalar(default)}"
-        raise FastclrError(f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}{example}")
+        raise FastclrError(f"{where} must be {_KIND_NAMES[kind]}, got {raw!r}{_example(_setting(where))}")
     return raw
+
+
+def _example(known: _Setting) -> str:
+    """'; write e.g. seed = 0': a value of the setting's kind as a file writes it (its default, or a
+    name for a text one that has none)."""
+    default = getattr(getattr(Config(), known.section), known.field.name)
+    return f"; write e.g. {known.field.name} = {toml_scalar(default) if default != '' else toml_string('...')}"
 
 
 _KIND_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
@@ -513,7 +518,13 @@ def check_settings(flat: dict[str, Any]) -> None:
     defaults = Config()
     for key, raw in flat.items():
         known = _setting(key)
-        value = parse_value(known.section, known.field.name, raw)
+        kind, name = _field_type(known.section, known.field.name), known.field.name
+        if isinstance(raw, str) and kind is not str and not (raw.strip().lower() == AUTO and
+                                                             auto_value(known.section, name) is not None):
+            # A file's value has its kind in TOML: text in quotes for a number or a switch was parsed
+            # as a flag's text (`probe = "yes"` a probe, "no" none) without a word.
+            raise FastclrError(f"{key} must be {_KIND_NAMES[kind]}, got {raw!r} (text, in quotes){_example(known)}")
+        value = parse_value(known.section, name, raw)
         _check_setting(known.field, key, value, getattr(getattr(defaults, known.section), known.field.name))
 
 

@@ -177,8 +177,8 @@ def graceful_stop(signals: tuple[int, ...] = STOP_SIGNALS, process_ends: bool = 
         # Interpreter shutdown then resets Python-level handlers to SIG_DFL, so a signal in that
         # window would kill the process (exit -2 instead of 75); ignoring them from the first
         # atexit callback on closes it (CPython keeps SIG_IGN through finalisation).
-        # A finished run keeps them too: the seconds of the interpreter's exit after it (0.7 s here)
-        # were a window in which a SIGTERM killed a complete run with 143, which a scheduler reads as failed.
+        # A finished run keeps them too: its interpreter's exit (0.7 s on a 2-vCPU Xeon) was a window
+        # in which a SIGTERM killed a complete run with 143, which a scheduler reads as failed.
         if (flag.signal is None and not flag.finished) or not process_ends:
             for s, h in previous.items():
                 signal.signal(s, h)

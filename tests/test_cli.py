@@ -248,6 +248,10 @@ def test_a_time_budget_flag_over_a_config_file_that_trains_by_epochs_is_noted(
     assert capsys.readouterr().err == said.format(2.0)
     cfg = resolve_config(parse_args(["pretrain", "--config", str(by_epochs), "--config", str(budget)]))
     assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 0.05) and capsys.readouterr().err == said.format(0.05)
+    cfg = resolve_config(parse_args(["pretrain", "--config", str(budget), "--config", str(by_epochs)]))
+    assert (cfg.train.epochs, cfg.train.time_budget) == (5.0, 0.0)  # the later file's epochs, said
+    assert capsys.readouterr().err == (f"note: config file {by_epochs}'s train.epochs 5 sets the run's length; an "
+                                       "earlier file's train.time_budget 0.05 min is not used\n")
     saved = tmp_path / "saved.toml"
     saved.write_text("[train]\nepochs = 100.0\ntime_budget = 9.5\n")
     assert resolve_config(parse_args(["pretrain", "--config", str(saved)])).train.time_budget == 9.5

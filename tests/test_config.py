@@ -501,6 +501,12 @@ def test_config_files_given_twice_are_layered_in_order_under_the_flags(tmp_path:
 
 @pytest.mark.parametrize("body, said", [
     ("[train]\ntemperature = \"warm\"\n", "train.temperature must be a finite number, got 'warm'"),
+    # text in quotes for a switch or a number was read as a flag's text: "yes" a probe, "no" none
+    ("[eval]\nprobe = \"yes\"\n", "eval.probe must be true or false, got 'yes' (text, in quotes); write e.g. "
+                                  "probe = true"),
+    ("[train]\nepochs = \"0.01\"\n", "train.epochs must be a finite number, got '0.01' (text, in quotes); write "
+                                    "e.g. epochs = 100.0"),
+    ("[train]\nrun_dir = 3\n", 'train.run_dir must be a string, got 3; write e.g. run_dir = "..."'),
     ("[train]\nprecision = \"fp8\"\n", "train.precision = 'fp8' is not allowed: it must be one of"),
     ("[train]\nbatchsize = 64\n", "unknown config key 'train.batchsize' (did you mean train.batch_size?)"),
 ])

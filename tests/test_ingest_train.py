@@ -120,8 +120,14 @@ def test_pretrain_from_an_unlabeled_store_skips_the_probe(tmp_path: Path, monkey
 def test_load_data_names_and_paths(data_root: Path, tmp_path: Path) -> None:
     with pytest.raises(FastclrError, match="unknown dataset 'imagenet'"):
         load_data(DataConfig(name="imagenet"))
-    with pytest.raises(FastclrError, match="is not a store directory"):
+    with pytest.raises(FastclrError) as e:  # it was "is not a store directory", of a path that is not there
         load_data(DataConfig(name=str(tmp_path / "missing")))
+    assert str(e.value) == (f"{tmp_path / 'missing'} does not exist; give a store, or make one with `fastclr prepare "
+                            f"FOLDER --size S --out {tmp_path / 'missing'}`")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(FastclrError) as e:  # `--out afile`, as it said, could not work
+        load_data(DataConfig(name=str(tmp_path / "afile")))
+    assert str(e.value) == f"{tmp_path / 'afile'} is a file, not a store directory; give the folder `fastclr prepare` wrote"
     assert load_data(DataConfig(name="mnist")).name == "mnist"
     # what a run records: a store's path absolute, a name (built-in, or a typo of one) as it is
     assert absolute_name("fashion-mnsit") == "fashion-mnsit" and absolute_name("mnist") == "mnist"

@@ -162,7 +162,9 @@ def _meta_bytes(p: Path) -> bytes | None:
 
 def _read_store_once(p: Path) -> Store:
     if not p.is_dir():
-        raise FastclrError(f"{p} is not a store directory; create one with `fastclr prepare FOLDER --size S --out {p}`")
+        if p.exists():  # `--out` onto the file would not work: a store is a folder
+            raise FastclrError(f"{p} is a file, not a store directory; give the folder `fastclr prepare` wrote")
+        raise FastclrError(f"{p} does not exist; give a store, or make one with `fastclr prepare FOLDER --size S --out {p}`")
     if not is_store(p):
         partial = (p / ("." + IMAGES + _PARTIAL)).exists() or (p / IMAGES).exists()
         if (p / META).is_file() and not partial:
