@@ -518,14 +518,14 @@ def check_settings(flat: dict[str, Any]) -> None:
     defaults = Config()
     for key, raw in flat.items():
         known = _setting(key)
-        kind, name = _field_type(known.section, known.field.name), known.field.name
+        section, name = known.section, known.field.name
+        kind = _field_type(section, name)
         if isinstance(raw, str) and kind is not str and not (raw.strip().lower() == AUTO and
-                                                             auto_value(known.section, name) is not None):
+                                                             auto_value(section, name) is not None):
             # A file's value has its kind in TOML: text in quotes for a number or a switch was parsed
             # as a flag's text (`probe = "yes"` a probe, "no" none) without a word.
             raise FastclrError(f"{key} must be {_KIND_NAMES[kind]}, got {raw!r} (text, in quotes){_example(known)}")
-        value = parse_value(known.section, name, raw)
-        _check_setting(known.field, key, value, getattr(getattr(defaults, known.section), known.field.name))
+        _check_setting(known.field, key, parse_value(section, name, raw), getattr(getattr(defaults, section), name))
 
 
 def validate(cfg: Config) -> None:

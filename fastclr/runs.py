@@ -245,20 +245,21 @@ def read_metrics(run_dir: Path, mend: str = METRICS_MEND) -> list[dict[str, Any]
     filled, while it appended a record) is not a record and is left out (`metrics_cut_short` says
     whether one was); a whole last record without its newline is kept; a damaged line before the
     last is an error naming `mend`."""
-    return _metrics_file(run_dir, mend)[0]
+    return read_metrics_and_cut(run_dir, mend)[0]
 
 
 def metrics_cut_short(run_dir: Path) -> bool:
     """Whether run_dir/metrics.jsonl ends in a line cut short, which `read_metrics` leaves out: for
     a reader to say so."""
     try:
-        return _metrics_file(run_dir, METRICS_MEND)[1]
+        return read_metrics_and_cut(run_dir, METRICS_MEND)[1]
     except (FastclrError, OSError):  # damage before the last line is read_metrics' to name
         return False
 
 
-def _metrics_file(run_dir: Path, mend: str) -> tuple[list[dict[str, Any]], bool]:
-    """`read_metrics`' records, and whether a last line cut short was left out."""
+def read_metrics_and_cut(run_dir: Path, mend: str = METRICS_MEND) -> tuple[list[dict[str, Any]], bool]:
+    """`read_metrics`' records, and whether a last line cut short was left out: one read for a
+    reader that shows both (the report)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return [], False

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastclr.config import MIN_TEMPERATURE
+
 
 def pair_indices(local: int, total: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, self) candidate index of each anchor, both int64 (2 * local,).
@@ -64,8 +66,6 @@ def check_loss_inputs(z1: torch.Tensor, z2: torch.Tensor, temperature: float,
     logit infinite), halves that are not the two views of the same N >= 1 images (unequal ones gave
     a torch size error, the blockwise form a number; an empty batch NaN), and gathered candidates
     that are not two such halves holding the anchors at rows [offset, offset + N)."""
-    from fastclr.config import MIN_TEMPERATURE
-
     if not temperature >= MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:g}, got {temperature}")
     if z1.dim() != 2 or z1.shape != z2.shape or z1.shape[0] == 0:

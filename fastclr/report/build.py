@@ -38,7 +38,7 @@ from fastclr.ingest.embed import embed_images
 from fastclr.report import figures, interactive
 from fastclr.report.embedding_map import MAP_METHODS, pca, tsne
 from fastclr.report.html import note, page, section
-from fastclr.runs import metrics_cut_short, read_metrics, refuse_output, refuse_unwritable_file
+from fastclr.runs import read_metrics_and_cut, refuse_output, refuse_unwritable_file
 from fastclr.runtime import select_device
 
 REPORT_FILE = "report.html"
@@ -64,25 +64,30 @@ def pick_queries(split: ImageSet, count: int) -> np.ndarray:
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records (`read_metrics`), with one line naming the file for a curve's value
-    that is not a number. A null (pandas saves NaN as null) is that value missing, left out of its
-    curve as NaN is, not damage."""
+    """metrics.jsonl's records, as `_metrics_and_cut` reads them."""
+    return _metrics_and_cut(run_dir)[0]
+
+
+def _metrics_and_cut(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
+    """metrics.jsonl's records and whether a last line cut short was left out (`read_metrics_and_cut`),
+    with one line naming the file for a curve's value that is not a number. A null (pandas saves NaN
+    as null) is that value missing, left out of its curve as NaN is, not damage."""
     path = run_dir / "metrics.jsonl"
     way_out = "repair it, or move it away to report the run without training curves"
     fix = f"the file was edited or damaged: {way_out}"
-    records = read_metrics(run_dir, mend=way_out)
+    records, cut = read_metrics_and_cut(run_dir, mend=way_out)
     for n, record in enumerate(records, 1):  # numbered as read_metrics numbers them
         for key in figures.CURVE_KEYS:
             value = record.get(key)
             if value is not None and not figures.is_number(value):
                 raise FastclrError(f"{path} record {n} holds {key!r}: {json.dumps(value)}, not a number; {fix}")
-    return records
+    return records, cut
 
 
 def _curves_section(run_dir: Path) -> str:
-    metrics = _metrics(run_dir)
+    metrics, was_cut = _metrics_and_cut(run_dir)  # one read of the file for both
     cut = note("The last line of metrics.jsonl was cut short (a write the run did not finish: it was killed, or "
-               "the disk filled) and is not shown.") if metrics_cut_short(run_dir) else ""
+               "the disk filled) and is not shown.") if was_cut else ""
     if not metrics:
         what = "no whole record" if (run_dir / "metrics.jsonl").exists() else "no metrics.jsonl"
         return section("curves", "Training curves", note(f"This run has {what}.") + cut, "p")
