@@ -16,6 +16,7 @@ except ImportError:  # Windows: no advisory locks; a directory is then not guard
     fcntl = None  # type: ignore[assignment]
 
 from fastclr.errors import FastclrError
+from fastclr.streams import shown
 
 LOCK_FILE = ".lock"
 HELD = frozenset({errno.EWOULDBLOCK, errno.EAGAIN})
@@ -52,7 +53,7 @@ class RunLock:
             # The owner released (and removed) the file between our open and our lock: the lock we hold
             # is on a file no one else will open; take the one now at the path instead.
             os.close(self._fd)
-        previous = os.pread(self._fd, 256, 0).decode(errors="replace").strip()
+        previous = _as_line(os.pread(self._fd, 256, 0))
         os.ftruncate(self._fd, 0)  # this process's line first: one refused meanwhile names it, not the dead owner
         os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}".encode(), 0)
         if previous:
@@ -99,10 +100,16 @@ def _owner(fd: int) -> str:
     """The owner's line in the lock file `fd`, waited for up to OWNER_WAIT_S."""
     end = time.monotonic() + OWNER_WAIT_S
     while True:
-        text = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        text = _as_line(os.pread(fd, 256, 0))
         if text or time.monotonic() > end:
             return text or "another process"
         time.sleep(0.02)
+
+
+def _as_line(raw: bytes) -> str:
+    """A lock file's text as part of one terminal line: anyone who can write the file chooses it, and
+    a newline or an escape sequence there split the error or reached the terminal."""
+    return shown(raw.decode(errors="replace").strip())
 
 
 def locked_by_another(run_dir: Path) -> str:

@@ -822,6 +822,26 @@ def test_a_lock_taken_over_names_only_its_new_owner(tmp_path: Path) -> None:
     assert locked_by_another(tmp_path) == ""
 
 
+def test_a_lock_owner_written_with_a_newline_or_an_escape_is_named_on_one_line(tmp_path: Path) -> None:
+    """Whoever can write the lock file chooses its text: the refusal and the take-over stay one line
+    each, the control characters written as escapes."""
+    import fcntl
+
+    from fastclr.locks import RunLock
+
+    odd = "PID 7 on host\n\x1b[2Jrm -rf ~"
+    (tmp_path / ".lock").write_text(odd, encoding="utf-8")
+    said: list[str] = []
+    RunLock(tmp_path, log=said.append).release()
+    assert said == [f"took over {tmp_path / '.lock'} from PID 7 on host\\n\\x1b[2Jrm -rf ~, which is no longer running"]
+    (tmp_path / ".lock").write_text(odd, encoding="utf-8")
+    with open(tmp_path / ".lock", "rb") as held:  # a live owner: its own open file description holds the lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(FastclrError) as e:
+            RunLock(tmp_path, log=said.append)
+    assert str(e.value).startswith(f"{tmp_path} is being written by PID 7 on host\\n\\x1b[2Jrm -rf ~; wait for it")
+
+
 def test_a_resume_knows_the_monitor_passes_and_the_sent_records_around_its_checkpoint(tmp_path: Path) -> None:
     """keep_until(step) keeps the records up to the checkpoint's step, the step included (a kNN pass
     at that epoch end is done and not run again), and counts as sent to the trackers exactly the

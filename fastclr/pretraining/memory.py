@@ -10,7 +10,8 @@ output of every convolution and linear layer of the encoder for every view (each
 backward pass: the BatchNorm or activation after it reads it); and the NT-Xent logits with their
 log-softmax (2 x rows x columns in fp32; one row block's tile with --loss-block). With gradient
 caching the logits and a chunk's activations are never held together: the larger of the two.
-Left out: BatchNorm and activation outputs, pooling indices, the views, the head, allocator slack.
+Left out: BatchNorm and activation outputs, pooling indices, the padded input a trimmed convolution
+(`models.cnn.FloorPooledConv`) keeps for its backward pass, the views, the head, allocator slack.
 A resumed run's checkpoint, already in memory, is counted as held (its moments become the
 optimiser's own).
 """
