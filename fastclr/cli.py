@@ -291,7 +291,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     try:
         folder = ensure(args.name, args.root, download=not args.no_download,
                         only_root=bool(args.root) and not args.no_download)
-    except FastclrError:
+    except BaseException:  # a SIGTERM's exit too
         remove_empty(made)  # a failed download leaves no empty folder it made, --root's parents included
         raise
     try:

@@ -13,12 +13,13 @@ import platform
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from fastclr.data.datasets import REGISTRY, locate, search_roots
+from fastclr.data.datasets import REGISTRY, download_root, locate, search_roots
 from fastclr.errors import FastclrError
 from fastclr.cpus import cgroup_cpu_limit, default_threads, gives_threads_back, set_threads, usable_cpus
 from fastclr.models import CPU_WIDTH_WHY, resolve_width
@@ -124,6 +125,7 @@ def machine_report(measure: bool = True) -> dict[str, Any]:
         "datasets": {name: _found(name) for name in REGISTRY},
         "data_roots": [str(r) for r in roots],
         "data_roots_absent": [str(r) for r in roots if not r.is_dir()],
+        "data_download_to": _download_to(),
     }
 
 
@@ -160,18 +162,33 @@ def format_report(r: dict[str, Any]) -> str:
     if m:
         rates = ", ".join(f"{k.split('_')[1]} {v:g} GFLOP/s" for k, v in m.items() if k.endswith("gflops"))
         lines.append(f"matmul      {rates} (measured in {m['seconds']:g} s)")
+    into = f" puts it in {r['data_download_to']}" if r["data_download_to"] else ""
     for name, where in r["datasets"].items():
-        lines.append(f"data        {name}: {where or 'not found (fastclr download ' + name + ')'}")
+        lines.append(f"data        {name}: {where or f'not found (fastclr download {name}{into})'}")
     absent = set(r["data_roots_absent"])
-    lines.append("data roots  " + ", ".join(f"{d} (absent)" if d in absent else d for d in r["data_roots"]))
+    lines.append("data roots  " + ", ".join(_root_text(d) if d in absent else d for d in r["data_roots"]))
     return "\n".join(lines)
+
+
+def _root_text(root: str) -> str:
+    return f"{root} ({'a file, not a folder' if Path(root).exists() else 'absent'})"
+
+
+def _download_to() -> str:
+    """The folder `fastclr download` puts a dataset in ("" where there is none: no home and no
+    $FASTCLR_DATA, or a $FASTCLR_DATA that is a file, which the data roots' line names)."""
+    try:
+        root = download_root()
+    except FastclrError:
+        return ""
+    return "" if root.exists() and not root.is_dir() else str(root)
 
 
 def _found(name: str) -> str:
     """Where built-in `name` is found whole ("" where nowhere; a folder holding part of it, the
     download's to complete, is not found, and neither is anything under a $FASTCLR_DATA that is a file)."""
     try:
-        return str(locate(name, partial_ok=True) or "")
+        return str(locate(name, partial_ok=True, note=False) or "")
     except FastclrError:
         return ""
 

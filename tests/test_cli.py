@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import call_main, cli_env, run_cli
+from conftest import call_main, cli_env, run_cli, write_idx_dataset
 from tiny import TINY_FLAGS as TINY
 
 @pytest.fixture
@@ -35,6 +35,23 @@ def test_a_relative_data_root_is_recorded_so_later_commands_find_it_from_anywher
     (tmp_path / "elsewhere").mkdir()
     r = call_main(["evaluate", str(tmp_path / "run"), "--protocols", "knn"], given, tmp_path / "elsewhere")
     assert r.returncode == 0, r.stderr
+
+
+def test_data_found_through_fastclr_data_is_recorded_so_later_commands_read_that_copy(tmp_path: Path,
+                                                                                     env: dict[str, str]) -> None:
+    """A run that read its data through $FASTCLR_DATA recorded no root, and `evaluate` in a shell
+    without the variable measured another copy (the user cache's) without a word."""
+    from fastclr.config import read_toml
+
+    args = ["pretrain", "--data", "mnist", "--epochs", "1", "--run-dir", "run", *TINY, "--probe", "false"]
+    assert call_main(args, dict(env, FASTCLR_DATA="data"), tmp_path).returncode == 0  # relative, as typed
+    assert read_toml(tmp_path / "run" / "config.toml")["data.root"] == str(tmp_path / "data")
+    write_idx_dataset(tmp_path / "cache" / "fastclr" / "mnist", n_train=128, n_test=32)  # another copy, elsewhere
+    unset = {k: v for k, v in env.items() if k != "FASTCLR_DATA"}
+    (tmp_path / "elsewhere").mkdir()
+    r = call_main(["evaluate", str(tmp_path / "run"), "--protocols", "knn"], unset, tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+    assert "256 train and 64 test images" in r.stdout, r.stdout
 
 
 def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -> None:

@@ -144,7 +144,8 @@ def test_stl10_is_decoded_once_into_one_file_every_process_maps(tmp_path: Path) 
     """The pretraining images (unlabelled, then train) are decoded once into a .npy beside the
     files and mapped read-only, so the processes of a node share one copy: the files' pixels; a
     second load maps it without writing it again (the same file); a source fetched again since
-    (other pixels, a newer time) is decoded again."""
+    (other pixels, a newer time) is decoded again, and so is one copied over with its old time kept
+    (it served the old pixels)."""
     imgs = write_stl10(tmp_path)
     decoded = tmp_path / "stl10_binary" / "fastclr-stl10-pretrain.npy"
     ds = load_builtin("stl10", tmp_path, download=False)
@@ -163,6 +164,14 @@ def test_stl10_is_decoded_once_into_one_file_every_process_maps(tmp_path: Path) 
                                                                          "fastclr-stl10-pretrain.npy"]
     np.asarray(ds.pretrain.images)[0, 0, 0, 0] ^= 255  # mapped copy-on-write: the file keeps its pixels
     np.testing.assert_array_equal(np.load(decoded)[0], fetched["unlabeled"][0])
+    sources = sorted((tmp_path / "stl10_binary").glob("*.bin"))
+    kept = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sources}
+    copied = write_stl10(tmp_path, seed=2)  # copied over with the old times kept (cp -p, rsync -t, tar)
+    for p, (_, t) in kept.items():
+        os.utime(p, ns=(t, t))
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sources} == kept  # only the pixels differ
+    ds = load_builtin("stl10", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.pretrain.images, np.concatenate([copied["unlabeled"], copied["train"]]))
 
 
 def test_stl10_decoded_where_nothing_can_be_written_is_read_into_memory_with_a_warning(
@@ -240,6 +249,29 @@ def test_lookup_order_root_env_cache_system(tmp_path: Path, monkeypatch: pytest.
     assert locate("fashion-mnist") == tmp_path / "fastclr" / "fashion-mnist"
     write_idx_dataset(env / "fashion-mnist")
     assert locate("fashion-mnist") == env / "fashion-mnist"
+
+
+def test_a_fastclr_data_that_does_not_exist_or_a_cut_download_is_said_when_another_copy_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    system, typo = tmp_path / "system", tmp_path / "typo"
+    monkeypatch.setenv("FASTCLR_DATA", str(typo))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", system)
+    write_idx_dataset(system / "fashion-mnist")
+    assert locate("fashion-mnist") == system / "fashion-mnist"  # still the search order: a download would make it
+    assert capsys.readouterr().err == (f"note: FASTCLR_DATA={typo} does not exist; fashion-mnist is read from "
+                                       f"{system / 'fashion-mnist'} (correct the variable, or unset it)\n")
+    typo.mkdir()  # a folder that exists but lacks the dataset is one place searched, as documented: no note
+    assert locate("fashion-mnist") == system / "fashion-mnist"
+    assert capsys.readouterr().err == ""
+    cut = tmp_path / "cache" / "fastclr" / "fashion-mnist"  # a download cut short in the user cache
+    write_idx_dataset(cut)
+    for name in IDX_FILES[2:]:
+        (cut / name).unlink()
+    assert locate("fashion-mnist") == system / "fashion-mnist"
+    assert capsys.readouterr().err == (f"note: {cut} holds 2 of the 4 files of fashion-mnist; the whole copy in "
+                                       f"{system / 'fashion-mnist'} is read (`fastclr download fashion-mnist --root "
+                                       f"{cut.parent}` completes the other, or delete it)\n")
 
 
 def test_an_explicit_root_missing_a_file_is_refused_not_passed_over(tmp_path: Path,

@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ import pytest
 from conftest import write_idx, write_idx_dataset
 from fastclr.data import formats
 from fastclr.data.datasets import IDX_FILES, REGISTRY, ensure, load_builtin, locate
-from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, remove_stale_parts, unpack
+from fastclr.data import download
+from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, remove_leftovers, unpack
 from fastclr.errors import FastclrError
 
 
@@ -104,17 +106,90 @@ def test_sigterm_during_a_download_removes_its_part_file_and_exits_as_killed(
     assert list(tmp_path.iterdir()) == []  # no part file, and not the folder the download made
 
 
-def test_part_files_no_download_is_writing_are_removed_by_the_next(tmp_path: Path) -> None:
-    """A process killed outright (SIGKILL) leaves its part file; the next download of that file
-    removes those untouched for 10 minutes, and leaves a live one (fresh) and other files' alone."""
-    old, live, other = (tmp_path / n for n in (".f.gz.abc.part", ".f.gz.def.part", ".g.gz.abc.part"))
-    for p in (old, live, other):
+def test_leftovers_no_live_download_holds_are_removed_by_the_next(tmp_path: Path) -> None:
+    """A process killed outright (SIGKILL) leaves its part file or its unpack folder (2.6 GB each for
+    STL-10): the next download removes every one no live process holds (its flock, which the kernel
+    drops with the process), and keeps those a live process holds, whatever their age, and those
+    made in the last seconds (a writer between creating one and locking it)."""
+    import subprocess
+    import sys
+
+    old_part, fresh_part, held_part = (tmp_path / f".f.gz.{n}.part" for n in ("abc", "def", "ghi"))
+    other_part, old_unpack, held_unpack = tmp_path / ".g.gz.abc.part", tmp_path / ".unpack-a", tmp_path / ".unpack-b"
+    for p in (old_part, fresh_part, held_part, other_part):
         p.write_bytes(b"x")
-    stale = time.time() - 601
-    os.utime(old, (stale, stale))
-    os.utime(other, (stale, stale))
-    assert remove_stale_parts(tmp_path, "f.gz") == [old]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    for d in (old_unpack, held_unpack):
+        (d / "stl10_binary").mkdir(parents=True)
+        (d / "stl10_binary" / "unlabeled_X.bin").write_bytes(b"x")
+    kept = tmp_path / "train-images-idx3-ubyte.gz"
+    kept.write_bytes(b"x")
+    stale = time.time() - 60
+    for p in (old_part, held_part, other_part, old_unpack, held_unpack, kept):
+        os.utime(p, (stale, stale))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "for p in sys.argv[1:]: fcntl.flock(os.open(p, os.O_RDONLY), fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(60)", str(held_part), str(held_unpack)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert remove_leftovers(tmp_path) == [old_part, other_part, old_unpack]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh_part.name, held_part.name,
+                                                                      held_unpack.name, kept.name])
+    finally:
+        holder.kill()  # as SIGKILL ends a download: the kernel drops its locks
+        holder.wait()
+    assert remove_leftovers(tmp_path) == [held_part, held_unpack]
+
+
+def test_a_complete_copy_is_not_fetched_again_but_what_a_killed_download_left_beside_it_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    write_idx_dataset(tmp_path / "mnist")
+    left = [tmp_path / ".cifar-10-python.tar.gz.x1.part", tmp_path / "mnist" / ".train-images-idx3-ubyte.gz.x2.part"]
+    for p in left:
+        p.write_bytes(b"x")
+        os.utime(p, (time.time() - 60, time.time() - 60))
+    assert ensure("mnist", download=False) == tmp_path / "mnist" and all(p.exists() for p in left)  # reading alone
+    assert ensure("mnist") == tmp_path / "mnist" and not any(p.exists() for p in left)
+
+
+def test_where_the_file_system_has_no_locks_a_leftover_untouched_for_ten_minutes_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, live = tmp_path / ".f.gz.abc.part", tmp_path / ".f.gz.def.part"
+    for p in (old, live):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 601, time.time() - 601))
+    os.utime(live, (time.time() - 599, time.time() - 599))
+    monkeypatch.setattr("fastclr.data.download.fcntl", None)
+    assert remove_leftovers(tmp_path) == [old] and [p.name for p in tmp_path.iterdir()] == [live.name]
+
+
+def test_a_download_holds_its_part_file_and_its_unpack_folder_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the sweep reads: while `fetch` unpacks an archive, its part file and its staging folder
+    are held (another download's sweep, made to see them as old, keeps both), and afterwards
+    neither is left."""
+    archive = _targz({"pkg/a_batch": b"A"})
+    src = tmp_path / "server" / "pkg.tar.gz"
+    src.parent.mkdir()
+    src.write_bytes(archive)
+    dest = tmp_path / "dest"
+    swept: list[list[Path]] = []
+    seen: list[list[str]] = []
+    real = download.extract_data
+
+    def extract_and_sweep(tar: tarfile.TarFile, folder: Path) -> None:
+        real(tar, folder)
+        seen.append(sorted(p.name for p in dest.iterdir()))
+        monkeypatch.setattr(download, "HOLD_GRACE_S", -1.0)
+        swept.append(remove_leftovers(dest))
+
+    monkeypatch.setattr(download, "extract_data", extract_and_sweep)
+    fetch(RemoteFile(src.as_uri(), hashlib.md5(archive).hexdigest(), extract=True), dest)
+    assert swept == [[]] and len(seen[0]) == 2 and seen[0][0].startswith(".pkg.tar.gz.") and \
+        seen[0][1].startswith(".unpack-"), seen
+    assert sorted(p.name for p in dest.iterdir()) == ["pkg"]
 
 
 def test_a_full_disk_is_named_as_such_not_as_a_network_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,9 +308,10 @@ def test_an_archive_a_target_cannot_take_replaces_nothing(tmp_path: Path, member
 
 
 def test_a_download_removes_a_killed_ones_part_file_and_keeps_a_slow_live_ones(tmp_path: Path) -> None:
-    """`fetch` itself clears the part files a killed download left (untouched past 10 minutes), and
-    keeps one untouched for 5 minutes: a live download writes at least every read timeout (60 s), and
-    the threshold leaves room for a file system whose times lag."""
+    """`fetch` itself clears the part files a killed download left (no process holds them), and keeps
+    one a live download holds, untouched for 5 minutes (a slow link)."""
+    import fcntl
+
     payload = b"idx bytes"
     src = tmp_path / "server" / "f.gz"
     src.parent.mkdir()
@@ -246,7 +322,9 @@ def test_a_download_removes_a_killed_ones_part_file_and_keeps_a_slow_live_ones(t
     for part, age in ((killed, 601), (slow, 300)):
         part.write_bytes(b"x")
         os.utime(part, (time.time() - age, time.time() - age))
-    assert fetch(RemoteFile(src.as_uri(), hashlib.md5(payload).hexdigest()), dest).read_bytes() == payload
+    with open(slow, "rb") as live:  # its own open file description: a lock as another process's
+        fcntl.flock(live.fileno(), fcntl.LOCK_EX)
+        assert fetch(RemoteFile(src.as_uri(), hashlib.md5(payload).hexdigest()), dest).read_bytes() == payload
     assert sorted(p.name for p in dest.iterdir()) == sorted(["f.gz", slow.name])
 
 
@@ -273,7 +351,7 @@ def test_a_slow_live_download_has_on_disk_what_it_has_received(
 def test_the_part_file_a_download_writes_is_one_the_next_download_can_clear(
         raw_server: Callable[..., str], tmp_path: Path) -> None:
     """The part file seen while a download runs, left as a SIGKILL would leave it, is one that
-    `remove_stale_parts` of that file name finds: a killed download's part is not kept forever. The
+    `remove_leftovers` finds: a killed download's part is not kept forever. The
     body cut off short of its Content-Length is said to be that, not a checksum mismatch (urllib
     ends such a body without an error)."""
     dest = tmp_path / "dest"
@@ -289,8 +367,8 @@ def test_the_part_file_a_download_writes_is_one_the_next_download_can_clear(
     assert len(seen) == 1 and seen[0].endswith(".part")
     left = dest / seen[0]
     left.write_bytes(b"x" * 10)
-    os.utime(left, (time.time() - 601, time.time() - 601))
-    assert remove_stale_parts(dest, "f.gz") == [left] and list(dest.iterdir()) == []
+    os.utime(left, (time.time() - 60, time.time() - 60))
+    assert remove_leftovers(dest) == [left] and list(dest.iterdir()) == []
 
 
 def test_a_downloaded_archive_is_unpacked_and_then_deleted(tmp_path: Path) -> None:
@@ -455,11 +533,20 @@ def test_info_names_absent_data_roots_and_a_partial_copy_as_not_found(tmp_path: 
     assert report["data_roots_absent"] == [str(tmp_path / "gone"), str(tmp_path / "none")]
     assert info.format_report(report).splitlines()[-1] == (f"data roots  {tmp_path / 'gone'} (absent), "
                                                            f"{tmp_path / 'cache' / 'fastclr'}, {tmp_path / 'none'} (absent)")
+    # where a dataset not found would go: the folder the variable names, made by the download
+    assert report["data_download_to"] == str(tmp_path / "gone")
+    assert f"data        cifar10: not found (fastclr download cifar10 puts it in {tmp_path / 'gone'})" in \
+        info.format_report(report).splitlines()
     write_idx_dataset(tmp_path / "gone" / "mnist", n_train=16, n_test=8)
     (tmp_path / "gone" / "mnist" / IDX_FILES[0]).unlink()
     assert info.machine_report(measure=False)["datasets"]["mnist"] == ""
-    monkeypatch.setenv("FASTCLR_DATA", str(tmp_path / "gone" / "mnist" / IDX_FILES[1]))
-    assert info.machine_report(measure=False)["datasets"]["mnist"] == ""
+    afile = tmp_path / "gone" / "mnist" / IDX_FILES[1]
+    monkeypatch.setenv("FASTCLR_DATA", str(afile))
+    report = info.machine_report(measure=False)
+    assert report["datasets"]["mnist"] == "" and report["data_download_to"] == ""  # no download can go there
+    lines = info.format_report(report).splitlines()
+    assert "data        cifar10: not found (fastclr download cifar10)" in lines
+    assert lines[-1].startswith(f"data roots  {afile} (a file, not a folder), ")
 
 
 def test_without_a_home_the_data_is_found_elsewhere_and_a_download_names_the_fix(
@@ -542,6 +629,45 @@ def test_a_failed_download_into_a_root_names_the_copy_elsewhere_and_leaves_no_fo
     with pytest.raises(FastclrError, match=re.escape(f"a whole copy is in {tmp_path / 'system' / 'mnist'}: give "
                                                      f"--data-root {tmp_path / 'system'} to use it there")):
         ensure("mnist", tmp_path / "E")
+
+
+def test_a_download_into_a_root_that_fails_names_only_that_root_as_looked_in(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`download NAME --root R` failing said "looked in R/..., the user cache, /usr/share/...", though
+    only R is used; and a SIGTERM's exit from it left the R it had made."""
+    from fastclr.cli import main
+
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTCLR_DATA", raising=False)
+    unreachable = tuple(RemoteFile((tmp_path / "nowhere" / f).as_uri(), "0" * 32) for f in IDX_FILES)
+    monkeypatch.setitem(REGISTRY, "mnist", dataclasses.replace(REGISTRY["mnist"], remote=unreachable))
+    assert main(["download", "mnist", "--root", str(tmp_path / "R")]) == 2
+    assert f"(looked in {tmp_path / 'R' / 'mnist'}) and cannot download" in capsys.readouterr().err
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise SystemExit(128 + signal.SIGTERM)  # as cleanup_on_sigterm ends the process
+
+    monkeypatch.setattr("fastclr.data.datasets.fetch", killed)
+    with pytest.raises(SystemExit):
+        main(["download", "mnist", "--root", str(tmp_path / "R" / "deep")])
+    assert not (tmp_path / "R").exists()
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_a_folder_a_download_cannot_write_into_names_the_folder_and_the_way_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """A cache folder that cannot be written (no permission, a read-only mount) failed before the
+    download's own handling: the generic "choose another place", not --root or $FASTCLR_DATA."""
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code), str(tmp_path / "dest"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(DownloadWriteFailed) as e:
+        fetch(RemoteFile((tmp_path / "f.gz").as_uri(), "0" * 32), tmp_path / "dest")
+    assert str(e.value).startswith(f"cannot write f.gz into {tmp_path / 'dest'} ({os.strerror(code)}")
+    assert "another --root or $FASTCLR_DATA" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "dest").exists()  # the folder it made is gone
 
 
 def test_a_download_completing_uncompressed_files_fetches_and_names_only_the_missing_one(

@@ -9,6 +9,7 @@ default `~/.cache/fastclr`), and `/usr/share/datasets` (where the Debian package
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ import numpy as np
 
 from fastclr.data import formats
 from fastclr.data.decoded import decoded_once
-from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, file_md5
+from fastclr.data.download import DownloadWriteFailed, RemoteFile, fetch, file_md5, remove_leftovers
 from fastclr.errors import FastclrError
+from fastclr.scaleout.once import print_once_a_node
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
 
@@ -111,6 +113,18 @@ def data_env() -> Path | None:
     is not expanded by a shell: "~/data" made a folder named "~" under the current directory)."""
     value = os.environ.get("FASTCLR_DATA")
     return Path(os.path.expanduser(value)) if value else None
+
+
+def env_root_of(name: str, folder: str) -> str:
+    """$FASTCLR_DATA's absolute path where built-in `name` was read from `folder` under it, else '':
+    a run records it as its data root, as it records --data-root's, so that `evaluate`, `export` and
+    the others read the same copy in a shell where the variable is not set (they read another copy,
+    without a word)."""
+    env = data_env()
+    if env is None or name not in REGISTRY or not folder:
+        return ""
+    root = env.absolute()
+    return str(root) if Path(folder).absolute() == root / REGISTRY[name].folder else ""
 
 
 def search_roots(root: str | Path | None = None) -> list[Path]:
@@ -319,11 +333,13 @@ def spec(name: str) -> DatasetSpec:
     return REGISTRY[name]
 
 
-def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, only_root: bool = False) -> Path | None:
+def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, only_root: bool = False,
+           note: bool = True) -> Path | None:
     """The first folder in the search order that holds all files of `name`, or None. An explicit
     `root` (and $FASTCLR_DATA where no root is given) must exist, and its folder of `name`, where
     it has one, must be complete; with `partial_ok` (a download will complete it) an incomplete one
-    gives None, never another copy. `only_root`: `root` alone is searched."""
+    gives None, never another copy. `only_root`: `root` alone is searched. `note`: say where a
+    $FASTCLR_DATA that does not exist is passed over for another copy."""
     s = spec(name)
     if root:  # asked for by name: used whole or refused, never quietly passed over for another folder
         if not Path(root).is_dir():
@@ -342,10 +358,21 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
         # (an empty folder there, as a failed download leaves, holds nothing to pass over)
         if _partial(name, env, partial_ok, f"`fastclr download {name}` fetches them", "unset FASTCLR_DATA", empty=False):
             return None
+    partial: list[Path] = []  # the user cache's, say, of a download cut short: passed over, not in silence
     for r in [Path(root)] if root and only_root else search_roots(root):
         folder = r / s.folder
         if _has_files(folder, s.files):
+            if note and not root and env is not None and not env.exists():  # a mistyped variable
+                print_once_a_node(f"note: FASTCLR_DATA={env} does not exist; {name} is read from {folder} (correct "
+                                  "the variable, or unset it)", file=sys.stderr)
+            if note and partial:
+                held = _present(name, partial[0])
+                print_once_a_node(f"note: {partial[0]} holds {len(held)} of the {len(s.files)} files of {name}; the "
+                                  f"whole copy in {folder} is read (`fastclr download {name} --root {partial[0].parent}` "
+                                  "completes the other, or delete it)", file=sys.stderr)
             return folder
+        if folder.is_dir() and _present(name, folder):
+            partial.append(folder)
     return None
 
 
@@ -423,8 +450,13 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
     s = spec(name)
     found = locate(name, root, partial_ok=download, only_root=only_root)
     if found is not None:
+        if download:  # a complete copy is never fetched again, so what a killed download left would stay
+            dest = Path(root) if root else data_env() or known_user_cache()
+            for folder in (dest, dest / s.folder) if dest is not None else ():
+                if folder.is_dir():
+                    remove_leftovers(folder)
         return found
-    where = ", ".join(str(r / s.folder) for r in search_roots(root))
+    where = ", ".join(str(r / s.folder) for r in ([Path(root)] if root and only_root else search_roots(root)))
     hint = s.hint.format(files=", ".join(s.files))
     # The folder downloads go to (asked for, $FASTCLR_DATA's value, or the user cache), never a variable left unset.
     hint = hint.replace("$FASTCLR_DATA", str(download_root(root)))

@@ -5,8 +5,9 @@ decoded once into `<name>.npy` (uint8 (N, H, W, C)) beside its files, or in the 
 that folder cannot hold it, and memory-mapped from then on. The processes of a node (torchrun's
 ranks) then share one copy in the page cache instead of each holding its own (STL-10: 3.0 GB a
 process before), and a later start decodes nothing. `<name>.json` beside it records the size and
-modification time of each source file and the decoding's version: a source changed since
-(fetched again) is decoded again.
+modification time of each source file, its inode and status-change time, and the decoding's
+version: a source changed since (fetched again, or copied over with its old time kept, as `cp -p`,
+`rsync -t` and tar do) is decoded again.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ _failed: set[Path] = set()
 
 
 def _key(sources: Sequence[Path], shape: tuple[int, ...]) -> dict[str, object]:
-    """What the decoded file was made from: each source's size and modification time, the shape."""
+    """What the decoded file was made from: each source's size, modification time, inode and
+    status-change time (which no copy can set back), the shape."""
     files = {}
     for p in sources:
         st = p.stat()
-        files[p.name] = [int(st.st_size), int(st.st_mtime_ns)]
+        files[p.name] = [int(st.st_size), int(st.st_mtime_ns), int(st.st_ino), int(st.st_ctime_ns)]
     return {"version": VERSION, "shape": [int(s) for s in shape], "sources": files}
 
 

@@ -7,6 +7,8 @@ or corrupted download never leaves a file that looks valid.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -20,15 +22,25 @@ from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; age alone decides what is left over
+    fcntl = None  # type: ignore[assignment]
+
 from fastclr.files import is_write_error, remove_empty, set_mode, write_failure_reason, write_way_out
 from fastclr.errors import FastclrError
+from fastclr.locks import HELD
 from fastclr.signals import cleanup_on_sigterm
 
-# A live download writes whatever each read brings (`read1`: not a full block, which a slow link
+# A live download or unpack holds an flock on its part file or staging folder, which the kernel
+# drops when its process dies: one no process holds was left by a process killed outright (SIGKILL,
+# power loss) and is removed by the next download. Where the file system has no locks, age decides:
+# a live download writes whatever each read brings (`read1`: not a full block, which a slow link
 # takes minutes to fill) and a read waits at most its timeout (60 s), so it touches its part file
-# at least that often; one untouched this long was left by a process killed outright (SIGKILL,
-# power loss) and is removed by the next download.
+# at least that often.
 STALE_PART_S = 600.0
+HOLD_GRACE_S = 5.0
+"""Age below which an unheld leftover is kept: its writer may be between creating and locking it."""
 
 
 class DownloadWriteFailed(FastclrError):
@@ -67,13 +79,25 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     file system refuses it), leaving nothing behind, also when SIGTERM ends the process meanwhile.
     """
     made = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_parts(dest_dir, remote.filename)
     final = dest_dir / remote.filename
+    try:  # a folder that cannot be made or written (read-only, full) is the disk's, as the download's own write is
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(dest_dir)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
+    except OSError as e:
+        remove_empty(made)
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise DownloadWriteFailed(f"cannot write {remote.filename} into {dest_dir} ({e.strerror}: "
+                                      f"{e.filename}); choose another --root or $FASTCLR_DATA, or give this user "
+                                      "write access there, and run the download again") from None
+        if not is_write_error(e):
+            raise
+        raise DownloadWriteFailed(_write_refused(remote, dest_dir, final, e)) from None
     done = False
     with cleanup_on_sigterm():
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
         tmp = Path(tmp_name)
+        hold = os.open(tmp, os.O_RDONLY)
+        _hold(hold)  # through the unpack too: another download's sweep leaves it alone
         try:
             set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
@@ -101,9 +125,7 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
             return final
         except OSError as e:
             if is_write_error(e):
-                raise DownloadWriteFailed(f"cannot write {remote.filename} into {dest_dir} ("
-                                          f"{write_failure_reason(e, final)}); {write_way_out(e, 'another --root or $FASTCLR_DATA')}"
-                                          ", and run the download again") from None
+                raise DownloadWriteFailed(_write_refused(remote, dest_dir, final, e)) from None
             reason = getattr(e, "reason", e)
             raise FastclrError(f"cannot download {remote.url} ({reason})") from None
         except http.client.HTTPException as e:  # a reply cut off mid-body, or not HTTP at all (a proxy, a wrong port)
@@ -112,8 +134,14 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
         finally:
             if tmp.exists():
                 tmp.unlink()
+            os.close(hold)
             if not done:
                 remove_empty(made)
+
+
+def _write_refused(remote: RemoteFile, dest_dir: Path, final: Path, e: OSError) -> str:
+    return (f"cannot write {remote.filename} into {dest_dir} ({write_failure_reason(e, final)}); "
+            f"{write_way_out(e, 'another --root or $FASTCLR_DATA')}, and run the download again")
 
 
 def _content_length(headers: Message) -> int | None:
@@ -122,17 +150,46 @@ def _content_length(headers: Message) -> int | None:
     return int(length) if length.isdigit() and headers.get("Content-Encoding", "identity") == "identity" else None
 
 
-def remove_stale_parts(dest_dir: Path, filename: str, older_than_s: float = STALE_PART_S) -> list[Path]:
-    """Remove the part files of `filename` in `dest_dir` that no live download is writing."""
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the part files (`.NAME.*.part`) and unpack folders (`.unpack-*`) in `folder` that no live
+    download or unpack holds: a process killed outright left them, and for STL-10 each is 2.6 GB.
+    What cannot be removed (another user's folder) is left."""
     removed = []
-    for part in dest_dir.glob(f".{filename}.*.part"):
+    for path in sorted([*folder.glob(".*.part"), *folder.glob(".unpack-*")]):
         try:
-            if time.time() - part.stat().st_mtime > older_than_s:
-                part.unlink()
-                removed.append(part)
-        except FileNotFoundError:  # its download finished or removed it meanwhile
+            if not _unheld(path):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:  # gone meanwhile (its download finished), or not ours to remove
             pass
     return removed
+
+
+def _hold(fd: int) -> None:
+    """An exclusive flock on `fd` for as long as it is open (none where the file system has no locks)."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _unheld(path: Path) -> bool:
+    """Whether no live process holds `path` (`_hold`) and it is older than HOLD_GRACE_S; on a file
+    system without locks, whether it is untouched for STALE_PART_S."""
+    age = time.time() - path.lstat().st_mtime
+    if fcntl is None:
+        return age > STALE_PART_S
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno not in HELD and age > STALE_PART_S
+    finally:
+        os.close(fd)  # (our own lock goes with it)
+    return age > HOLD_GRACE_S
 
 
 def extract_data(tar: tarfile.TarFile, folder: Path) -> None:
@@ -163,6 +220,8 @@ def unpack(archive: Path, dest_dir: Path, name: str) -> None:
     is out and every target is known to take a file, so a full disk or a damaged archive leaves
     no truncated file that looks valid."""
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest_dir))
+    held = os.open(staging, os.O_RDONLY)
+    _hold(held)  # until the folder is removed: the next download's sweep leaves a live unpack alone
     moved = 0
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -188,3 +247,4 @@ def unpack(archive: Path, dest_dir: Path, name: str) -> None:
         raise FastclrError(f"cannot unpack {name} into {dest_dir} ({why}); {done}: run the download again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(held)

@@ -31,7 +31,7 @@ from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data, refuse_ambiguous
-from fastclr.data.datasets import REGISTRY, ensure, read_checked
+from fastclr.data.datasets import REGISTRY, ensure, env_root_of, read_checked
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.evaluation.features import state_checksum
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
@@ -421,6 +421,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             refuse_ambiguous(cfg.data.name)
         _fetch_once_a_node(cfg.data, ctx, device)
         dataset = load_data(cfg.data)
+        if not cfg.data.root and (env_root := env_root_of(cfg.data.name, dataset.origin)):
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=env_root))
     check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
