@@ -379,7 +379,8 @@ class OneLineParser(argparse.ArgumentParser):
     (argparse printed the command's whole usage first: 30 lines for `pretrain`)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; `{self.prog} --help` lists the options\n")
+        _error(f"{self.prog}: error: {message}; `{self.prog} --help` lists the options")  # once a node, as others
+        self.exit(2)
 
 
 def _parser_and_commands() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

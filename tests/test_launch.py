@@ -152,7 +152,8 @@ def test_the_launcher_starts_torchrun_with_the_share_set(monkeypatch: pytest.Mon
 @pytest.mark.parametrize("codes, expected", [
     # rank 1 killed outright (the OOM killer); rank 0 then lost its peer (2), rank 2 was ended by torchrun
     ({0: 2, 1: -signal.SIGKILL, 2: -signal.SIGTERM},
-     "error: rank 1 was killed by SIGKILL (the kernel's out-of-memory killer sends it)"),
+     "error: rank 1 was killed by SIGKILL (the kernel's out-of-memory killer sends it, as do kill -9 and torchrun "
+     "ending a rank that hung)"),
     # NCCL's watchdog aborts the survivors (SIGABRT): the segfault is the cause
     ({0: -signal.SIGABRT, 3: -signal.SIGSEGV}, "error: rank 3 was killed by SIGSEGV"),
     ({0: 1, 1: -signal.SIGTERM}, "error: rank 0 failed with exit code 1 (its output above says why)"),
@@ -234,6 +235,42 @@ def test_nodes_that_never_meet_or_a_port_that_is_none_are_one_line(tmp_path: Pat
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --master_port 295001 is not a TCP port (1-65535); give the same free port on every node"]
     assert not (tmp_path / "run").exists()
+
+
+def test_arguments_torchrun_met_with_a_traceback_are_one_line_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """c10d's rendezvous timeout carries no text (the launcher's own line then failed with an
+    IndexError traceback), and c10d reads `join_timeout`, not the static form's `timeout`; a process
+    count of 0 or of 'abc' was torchrun's traceback; restarts of CPU (gloo) ranks hang in this torch."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    from fastclr.scaleout import launch
+
+    started: list[object] = []
+    monkeypatch.setattr(launch, "run", started.append)
+    tail = ["-m", "fastclr", "pretrain"]
+    for nproc, why in (("0", "not a count of 1 or more"), ("abc", "Unsupported nproc_per_node value: abc")):
+        assert launch.main(["--standalone", f"--nproc_per_node={nproc}", *tail]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: --nproc_per_node {nproc} ({why}); give the processes to start on this node: a count of 1 or "
+            "more, or cpu, gpu or auto"]
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+    assert launch.main(["--standalone", "--nproc_per_node=2", "--max-restarts=1", *tail]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --max-restarts 1: a restarted round of CPU")
+    assert started == []
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)  # NCCL's own rendezvous: left to torchrun
+    assert launch.main(["--standalone", "--nproc_per_node=1", "--max-restarts=1", *tail]) == 0 and len(started) == 1
+
+    def never_met(args: object) -> None:
+        raise RendezvousTimeoutError()
+
+    monkeypatch.setattr(launch, "run", never_met)
+    c10d = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29562", *tail]
+    assert launch.main(c10d) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: the nodes did not meet (RendezvousTimeoutError); start every node with the same --nnodes (2) and "
+        "rendezvous address (127.0.0.1:29562), all within the rendezvous timeout (--rdzv-conf join_timeout=SECONDS), "
+        "and check that this host can reach it")
 
 
 def test_torchruns_failure_record_is_dropped_only_for_ranks_that_said_why() -> None:

@@ -86,3 +86,17 @@ def test_a_folder_removed_while_a_silent_rank_waits_ends_its_wait_without_an_err
     claim.unlink()
     t.join(10)
     assert result == [False]
+
+
+def test_a_usage_error_is_printed_once_a_node_as_a_settings_error_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown flag under `fastclr-torchrun` was printed by argparse once a rank."""
+    from fastclr.cli import main
+
+    monkeypatch.setenv(ONCE_DIR, str(tmp_path))
+    for _ in range(2):  # two ranks of one node
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "--bogus-flag"])
+        assert e.value.code == 2
+    assert capsys.readouterr().err == ("fastclr pretrain: error: unrecognized arguments: --bogus-flag; `fastclr "
+                                       "pretrain --help` lists the options\n")

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import MutableMapping, Sequence
 from types import FrameType
 
+import torch
 import torch.distributed.elastic.multiprocessing.api as elastic_api
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed import DistError
@@ -73,8 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         nproc = determine_local_world_size(args.nproc_per_node)
-    except ValueError:
-        nproc = 1  # torchrun itself reports the bad value
+    except ValueError as e:  # torchrun's own report of it was a traceback, as was a count of 0
+        nproc, why = 0, str(e)
+    else:
+        why = "not a count of 1 or more"
+    if nproc < 1:
+        print(f"error: --nproc_per_node {args.nproc_per_node} ({why}); give the processes to start on this node: a "
+              "count of 1 or more, or cpu, gpu or auto", file=sys.stderr)
+        return EXIT_USAGE
+    if args.max_restarts > 0 and not torch.cuda.is_available():
+        print(f"error: --max-restarts {args.max_restarts}: a restarted round of CPU (gloo) ranks hangs with torch "
+              f"{torch.__version__} (a plain torch script too: its ranks dial the dead round's addresses); give "
+              "--max-restarts 0 and, after a failure, run the same command with --resume auto RUN_DIR", file=sys.stderr)
+        return EXIT_USAGE
     cpus = usable_cpus()
     share = share_cpus(nproc, cpus, os.environ)
     if share is not None:
@@ -120,9 +132,12 @@ def _launch(args: argparse.Namespace) -> int:
     except (DistError, RendezvousError) as e:
         # The nodes never met (one not started, started late past the timeout, or a mistyped address or port):
         # torchrun's traceback after minutes of silence, 40-80 lines, told nothing the first line does not.
-        print(f"error: the nodes did not meet ({str(e).splitlines()[0][:200]}); start every node with the same "
-              f"--nnodes ({args.nnodes}) and rendezvous address ({_meeting_point(args)}), all within the rendezvous "
-              "timeout (--rdzv-conf timeout=SECONDS), and check that this host can reach it", file=sys.stderr)
+        # (c10d's timeout error has no text at all: its first line was an IndexError's traceback)
+        said = (str(e).splitlines() or [type(e).__name__])[0][:200] or type(e).__name__
+        key = "timeout" if args.rdzv_backend == "static" else "join_timeout"  # what each backend reads
+        print(f"error: the nodes did not meet ({said}); start every node with the same --nnodes ({args.nnodes}) and "
+              f"rendezvous address ({_meeting_point(args)}), all within the rendezvous timeout (--rdzv-conf "
+              f"{key}=SECONDS), and check that this host can reach it", file=sys.stderr)
         return EXIT_USAGE
     except SignalException as e:
         # Interpreter shutdown resets Python's handlers to the default: a signal then would kill the
@@ -172,7 +187,8 @@ def first_failure(e: ChildFailedError) -> str:
     code = failures[rank].exitcode
     if code < 0:
         name = failures[rank].signal_name()
-        return f"rank {rank} was killed by {name}" + (" (the kernel's out-of-memory killer sends it)" if code == -signal.SIGKILL else "")
+        return f"rank {rank} was killed by {name}" + (" (the kernel's out-of-memory killer sends it, as do kill -9 and "
+                                                      "torchrun ending a rank that hung)" if code == -signal.SIGKILL else "")
     return f"rank {rank} failed with exit code {code} (its output above says why)"
 
 
