@@ -287,6 +287,21 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
             given_other[case] = ""
         except train.FastclrError as e:
             given_other[case] = str(e)
+    # Each rank reads its own copy of a built-in (a node's disk); rank 1's is truncated. Rank 0 went on into
+    # the next collective and blamed a lost peer ("start the run again with the same command"), first.
+    from conftest import write_idx_dataset
+
+    mine = root / f"data-rank{rank}"
+    write_idx_dataset(mine / "mnist", n_train=96, n_test=32)
+    if rank == 1:
+        labels = mine / "mnist" / "train-labels-idx1-ubyte.gz"
+        labels.write_bytes(labels.read_bytes()[:-10])
+    try:
+        train.pretrain(cfg("unreadable", data__name="mnist", data__root=str(mine), data__download=False),
+                       encoder=smooth_encoder(), progress=False, log=lambda s: None)
+        unreadable_error = ""
+    except train.FastclrError as e:
+        unreadable_error = str(e)
     held = None
     if rank == 0:  # another process writing the run directory: rank 0 is refused the lock
         (root / "held").mkdir()
@@ -353,7 +368,8 @@ def train_runs(rank: int, world: int, root: Path) -> dict[str, Any]:
             "auto_width_shapes": {k: tuple(v.shape) for k, v in auto.model.encoder.state_dict().items()},
             "probe": straight.probe_accuracy, "nan_error": nan_error, "on_disk_at_return": on_disk_at_return,
             "write_error": write_error, "mixed_error": mixed_error, "given_other": given_other, "held_error": held_error, "held_seconds": held_seconds,
-            "damaged_error": damaged_error, "damaged_seconds": damaged_seconds, "write_error_seconds": write_error_seconds}
+            "damaged_error": damaged_error, "damaged_seconds": damaged_seconds, "write_error_seconds": write_error_seconds,
+            "unreadable_error": unreadable_error}
 
 
 @pytest.fixture(scope="module")
@@ -500,6 +516,14 @@ def test_ranks_given_other_settings_data_or_checkpoints_end_with_one_line_naming
                       "the same step (a run directory that is not the same on every node)" + way}
     assert not any((root / f"other-{case}").exists() for case in ("setting", "layout", "images", "count"))
     assert [load_checkpoint(p)["step"] for p in list_checkpoints(root / "ck-a")] == [3, 6]  # nothing trained on
+
+
+def test_data_one_rank_cannot_read_is_its_own_line_and_the_others_say_so(
+        two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:
+    root, (r0, r1) = two_rank_runs
+    assert r0["unreadable_error"] == "rank 0: another rank could not read its data (its line says why)"
+    assert "train-labels-idx1-ubyte.gz" in r1["unreadable_error"] and "rank 0" not in r1["unreadable_error"]
+    assert not (root / "unreadable").exists()
 
 
 def test_a_run_directory_rank_0_cannot_take_ends_every_rank_at_once(two_rank_runs: tuple[Path, list[dict[str, Any]]]) -> None:

@@ -420,7 +420,12 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         else:  # a name given now (a resume's is the one its run recorded)
             refuse_ambiguous(cfg.data.name)
         _fetch_once_a_node(cfg.data, ctx, device)
-        dataset = load_data(cfg.data)
+        data_cfg = cfg.data
+        # Every rank reads its own copy (a node's disk): one that cannot is told to the others, which went
+        # on into the next collective and blamed a lost peer, first.
+        dataset = shared(True, lambda: load_data(data_cfg), ctx, device, "another rank could not read its data (its "
+                         "line says why)")
+        assert dataset is not None
         if not cfg.data.root and (env_root := env_root_of(cfg.data.name, dataset.origin)):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=env_root))
     check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
