@@ -22,6 +22,7 @@ from torch import nn
 from fastclr.checkpoint import check_run_parts, latest_valid_checkpoint, list_checkpoints
 from fastclr.config import ADDED_LATER, AugmentConfig, Config, apply_overrides
 from fastclr.data import Dataset, load_data, names_a_store
+from fastclr.data.datasets import recorded_root
 from fastclr.errors import FastclrError, first_sentence, warn_stderr
 from fastclr.export import ENCODER_FILE, UnreadableExport, exported_data_content, load_encoder
 from fastclr.files import not_a_folder
@@ -248,7 +249,10 @@ def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], 
     on it is measured on the store as it is now."""
     if given is None:
         require_run_store(run.run_dir, run.config.data.name)
-    dataset = given if given is not None else load_data(run.config.data)
+    if given is None:
+        data = run.config.data
+        data = dataclasses.replace(data, root=recorded_root(data.name, data.root, str(run.run_dir), log))
+    dataset = given if given is not None else load_data(data)
     channels = dataset.image_shape[-1]
     if channels != run.spec.in_channels:  # the first convolution's traceback, after the set-up's minutes
         raise FastclrError(f"{dataset.name} holds images of {channels} channel{'s' * (channels > 1)} and the encoder "

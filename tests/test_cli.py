@@ -52,6 +52,17 @@ def test_data_found_through_fastclr_data_is_recorded_so_later_commands_read_that
     r = call_main(["evaluate", str(tmp_path / "run"), "--protocols", "knn"], unset, tmp_path / "elsewhere")
     assert r.returncode == 0, r.stderr
     assert "256 train and 64 test images" in r.stdout, r.stdout
+    # the recorded folder gone (a job's scratch, a run copied to another machine): every command that reads
+    # the run was refused naming flags `evaluate` has not; it now searches the usual places, and says so
+    (tmp_path / "data").rename(tmp_path / "moved")
+    moved = dict(env, FASTCLR_DATA=str(tmp_path / "moved"))
+    note = (f"note: {tmp_path / 'run'} recorded its data in {tmp_path / 'data'}, which is not a folder here; mnist is "
+            "looked up in the usual places ($FASTCLR_DATA, the user cache, /usr/share/datasets)")
+    r = call_main(["evaluate", str(tmp_path / "run"), "--protocols", "knn"], moved, tmp_path / "elsewhere")
+    assert r.returncode == 0 and note in r.stdout + r.stderr and "256 train and 64 test images" in r.stdout, r.stderr
+    r = call_main(["pretrain", "--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"], moved, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert read_toml(tmp_path / "run" / "config.toml")["data.root"] == str(tmp_path / "moved")  # where it read now
 
 
 def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -> None:

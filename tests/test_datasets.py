@@ -271,7 +271,7 @@ def test_a_fastclr_data_that_does_not_exist_or_a_cut_download_is_said_when_anoth
     assert locate("fashion-mnist") == system / "fashion-mnist"
     assert capsys.readouterr().err == (f"note: {cut} holds 2 of the 4 files of fashion-mnist; the whole copy in "
                                        f"{system / 'fashion-mnist'} is read (`fastclr download fashion-mnist --root "
-                                       f"{cut.parent}` completes the other, or delete it)\n")
+                                       f"{cut.parent}` completes it, or delete it)\n")
 
 
 def test_an_explicit_root_missing_a_file_is_refused_not_passed_over(tmp_path: Path,

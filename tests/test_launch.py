@@ -249,12 +249,12 @@ def test_arguments_torchrun_met_with_a_traceback_are_one_line_before_anything_st
     started: list[object] = []
     monkeypatch.setattr(launch, "run", started.append)
     tail = ["-m", "fastclr", "pretrain"]
+    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
     for nproc, why in (("0", "not a count of 1 or more"), ("abc", "Unsupported nproc_per_node value: abc")):
         assert launch.main(["--standalone", f"--nproc_per_node={nproc}", *tail]) == 2
         assert capsys.readouterr().err.splitlines() == [
             f"error: --nproc_per_node {nproc} ({why}); give the processes to start on this node: a count of 1 or "
-            "more, or cpu, gpu or auto"]
-    monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: False)
+            "more, or cpu or auto (no GPU is visible here)"]
     assert launch.main(["--standalone", "--nproc_per_node=2", "--max-restarts=1", *tail]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --max-restarts 1: a restarted round of CPU")
     assert started == []

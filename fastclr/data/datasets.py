@@ -367,9 +367,11 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
                                   "the variable, or unset it)", file=sys.stderr)
             if note and partial:
                 held = _present(name, partial[0])
+                cache = known_user_cache()  # the folder downloads go to: a fix there; another's is its owner's
+                fix = (f" (`fastclr download {name} --root {cache}` completes it, or delete it)"
+                       if cache is not None and partial[0].parent == cache else "")
                 print_once_a_node(f"note: {partial[0]} holds {len(held)} of the {len(s.files)} files of {name}; the "
-                                  f"whole copy in {folder} is read (`fastclr download {name} --root {partial[0].parent}` "
-                                  "completes the other, or delete it)", file=sys.stderr)
+                                  f"whole copy in {folder} is read{fix}", file=sys.stderr)
             return folder
         if folder.is_dir() and _present(name, folder):
             partial.append(folder)
@@ -451,10 +453,7 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
     found = locate(name, root, partial_ok=download, only_root=only_root)
     if found is not None:
         if download:  # a complete copy is never fetched again, so what a killed download left would stay
-            dest = Path(root) if root else data_env() or known_user_cache()
-            for folder in (dest, dest / s.folder) if dest is not None else ():
-                if folder.is_dir():
-                    remove_leftovers(folder)
+            _sweep(name, root)
         return found
     where = ", ".join(str(r / s.folder) for r in ([Path(root)] if root and only_root else search_roots(root)))
     hint = s.hint.format(files=", ".join(s.files))
@@ -486,6 +485,30 @@ def ensure(name: str, root: str | Path | None = None, download: bool = True, onl
     if found is None:
         raise FastclrError(f"{name}: downloaded archive did not contain {', '.join(s.files)}; {hint}")
     return found
+
+
+def _sweep(name: str, root: str | Path | None) -> None:
+    """`remove_leftovers` of `name`'s downloads where they go (the data root and the dataset's folder)."""
+    try:
+        dest = download_root(root)
+    except FastclrError:  # no home: no user cache, so nothing was ever downloaded into one
+        return
+    s = spec(name)
+    for folder in (dest, dest / s.folder):
+        if folder.is_dir():
+            remove_leftovers(folder, tuple(r.filename for r in s.remote))
+
+
+def recorded_root(name: str, root: str, run: str, log: Callable[[str], None]) -> str:
+    """`root`, the data root run `run` recorded (its --data-root, or the $FASTCLR_DATA it read through),
+    where that is still a folder here; else '' with a note, and the usual places are searched. A run
+    copied to another machine, or whose folder was a job's scratch, was refused by every command
+    that reads it ("the data root ... is not a directory", naming flags `evaluate` does not have)."""
+    if not root or name not in REGISTRY or Path(root).is_dir():
+        return root
+    log(f"note: {run} recorded its data in {root}, which is not a folder here; {name} is looked up in the usual "
+        "places ($FASTCLR_DATA, the user cache, /usr/share/datasets)")
+    return ""
 
 
 def load_builtin(name: str, root: str | Path | None = None, download: bool = True) -> Dataset:

@@ -7,7 +7,8 @@ ranks) then share one copy in the page cache instead of each holding its own (ST
 process before), and a later start decodes nothing. `<name>.json` beside it records the size and
 modification time of each source file, its inode and status-change time, and the decoding's
 version: a source changed since (fetched again, or copied over with its old time kept, as `cp -p`,
-`rsync -t` and tar do) is decoded again.
+`rsync -t` and tar do) is decoded again. So is one whose status changed (a chmod, a new hard link) or
+that moved to another file system: a decoding of a minute or so, against pixels served stale.
 """
 
 from __future__ import annotations

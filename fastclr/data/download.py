@@ -12,12 +12,14 @@ import errno
 import hashlib
 import http.client
 import os
+import re
 import shutil
 import tarfile
 import tempfile
 import time
 import zlib
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -32,15 +34,14 @@ from fastclr.errors import FastclrError
 from fastclr.locks import HELD
 from fastclr.signals import cleanup_on_sigterm
 
-# A live download or unpack holds an flock on its part file or staging folder, which the kernel
-# drops when its process dies: one no process holds was left by a process killed outright (SIGKILL,
-# power loss) and is removed by the next download. Where the file system has no locks, age decides:
-# a live download writes whatever each read brings (`read1`: not a full block, which a slow link
-# takes minutes to fill) and a read waits at most its timeout (60 s), so it touches its part file
-# at least that often.
+# A part file or unpack folder untouched this long and held by no live process (the flock its
+# download or unpack holds, which the kernel drops when the process dies) was left by a process
+# killed outright (SIGKILL, power loss), and is removed by the next download or data load. A free
+# lock alone is no proof: where flock is node-local (NFS with local_lock, Lustre's localflock) another
+# node's live download looks unheld. A live download writes whatever each read brings (`read1`: not a
+# full block, which a slow link takes minutes to fill) and a read waits at most its timeout (60 s),
+# and an unpack touches its folder at every member, so each touches its leftover at least that often.
 STALE_PART_S = 600.0
-HOLD_GRACE_S = 5.0
-"""Age below which an unheld leftover is kept: its writer may be between creating and locking it."""
 
 
 class DownloadWriteFailed(FastclrError):
@@ -82,23 +83,23 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
     final = dest_dir / remote.filename
     try:  # a folder that cannot be made or written (read-only, full) is the disk's, as the download's own write is
         dest_dir.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(dest_dir)
+        remove_leftovers(dest_dir, (remote.filename,))
         fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=dest_dir)
     except OSError as e:
         remove_empty(made)
         if e.errno in (errno.EACCES, errno.EPERM):
-            raise DownloadWriteFailed(f"cannot write {remote.filename} into {dest_dir} ({e.strerror}: "
-                                      f"{e.filename}); choose another --root or $FASTCLR_DATA, or give this user "
-                                      "write access there, and run the download again") from None
+            raise DownloadWriteFailed(f"cannot write {remote.filename} into {dest_dir} ({e.strerror}); choose "
+                                      "another --root or $FASTCLR_DATA, or give this user write access there, and run "
+                                      "the download again") from None
         if not is_write_error(e):
             raise
         raise DownloadWriteFailed(_write_refused(remote, dest_dir, final, e)) from None
     done = False
     with cleanup_on_sigterm():
         tmp = Path(tmp_name)
-        hold = os.open(tmp, os.O_RDONLY)
-        _hold(hold)  # through the unpack too: another download's sweep leaves it alone
+        hold = -1
         try:
+            hold = _hold(tmp)  # through the unpack too: another download's sweep leaves it alone
             set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
@@ -132,9 +133,9 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
             raise FastclrError(f"cannot download {remote.url} (the connection broke off: {e!r}); "
                                "run the download again") from None
         finally:
+            _release(hold)  # before the unlink: a file held open cannot be removed on some systems
             if tmp.exists():
                 tmp.unlink()
-            os.close(hold)
             if not done:
                 remove_empty(made)
 
@@ -150,12 +151,16 @@ def _content_length(headers: Message) -> int | None:
     return int(length) if length.isdigit() and headers.get("Content-Encoding", "identity") == "identity" else None
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
-    """Remove the part files (`.NAME.*.part`) and unpack folders (`.unpack-*`) in `folder` that no live
-    download or unpack holds: a process killed outright left them, and for STL-10 each is 2.6 GB.
-    What cannot be removed (another user's folder) is left."""
+def remove_leftovers(folder: Path, filenames: tuple[str, ...]) -> list[Path]:
+    """Remove the part files of `filenames` (`.NAME.XXXXXXXX.part`, as `fetch` names them) and the
+    unpack folders (`.unpack-XXXXXXXX`) in `folder` that a process killed outright left (STALE_PART_S):
+    for STL-10 each is 2.6 GB. Names of that shape alone: another program's files there are not
+    fastclr's to remove; nor is what this user cannot remove (another user's folder)."""
+    names = "|".join(re.escape(f) for f in filenames)
+    ours = re.compile(rf"\.(?:{names})\.[a-z0-9_]{{8}}\.part|\.unpack-[a-z0-9_]{{8}}" if names else
+                      r"\.unpack-[a-z0-9_]{8}")
     removed = []
-    for path in sorted([*folder.glob(".*.part"), *folder.glob(".unpack-*")]):
+    for path in sorted(p for p in folder.glob(".*") if ours.fullmatch(p.name)):
         try:
             if not _unheld(path):
                 continue
@@ -169,37 +174,47 @@ def remove_leftovers(folder: Path) -> list[Path]:
     return removed
 
 
-def _hold(fd: int) -> None:
-    """An exclusive flock on `fd` for as long as it is open (none where the file system has no locks)."""
-    if fcntl is not None:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+def _hold(path: Path) -> int:
+    """A descriptor of `path` holding an exclusive flock on it for as long as it is open (`_release`);
+    -1 where there are no locks (Windows, where a file held open could not be renamed or removed)."""
+    if fcntl is None:
+        return -1
+    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)  # (NFS grants a write lock to a writer only)
+    with contextlib.suppress(OSError):  # a file system without locks: age alone then speaks for it
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _release(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def _unheld(path: Path) -> bool:
-    """Whether no live process holds `path` (`_hold`) and it is older than HOLD_GRACE_S; on a file
-    system without locks, whether it is untouched for STALE_PART_S."""
-    age = time.time() - path.lstat().st_mtime
+    """Whether `path` is untouched for STALE_PART_S and no live process holds it (`_hold`)."""
+    if time.time() - path.lstat().st_mtime <= STALE_PART_S:
+        return False
     if fcntl is None:
-        return age > STALE_PART_S
+        return True
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        return e.errno not in HELD and age > STALE_PART_S
+        return e.errno not in HELD  # held; or a file system without locks, where age has spoken
     finally:
         os.close(fd)  # (our own lock goes with it)
-    return age > HOLD_GRACE_S
+    return True
 
 
-def extract_data(tar: tarfile.TarFile, folder: Path) -> None:
+def extract_data(tar: tarfile.TarFile, folder: Path, touching: tuple[Path, ...] = ()) -> None:
     """Extract `tar` into `folder`, refusing what a dataset's archive has no need of: names with
     '..', links and device files (an absolute name is taken inside the folder). PEP 706's "data" filter where this Python has it (3.11.4 on);
     before that (Debian 12's python3 is 3.11.2), the same made here, members checked
     before anything is written, as regular files and folders only, modes without setuid bits or
-    others' write."""
+    others' write. `touching`: paths whose time is set to now at every member, so that a sweep of
+    leftovers (`remove_leftovers`) sees them alive through a long unpack."""
     if hasattr(tarfile, "data_filter"):
-        tar.extractall(folder, filter="data")
+        tar.extractall(folder, members=_touched(tar.getmembers(), touching), filter="data")
         return
     members = tar.getmembers()
     for m in members:
@@ -211,7 +226,15 @@ def extract_data(tar: tarfile.TarFile, folder: Path) -> None:
             raise tarfile.TarError(f"member {m.name!r} is a link or a special file")
         m.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)  # as the data filter: no setuid, no others' write
         m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""  # root would give the archive's owners
-    tar.extractall(folder, members=members)
+    tar.extractall(folder, members=_touched(members, touching))
+
+
+def _touched(members: list[tarfile.TarInfo], paths: tuple[Path, ...]) -> Iterator[tarfile.TarInfo]:
+    for m in members:
+        for p in paths:
+            with contextlib.suppress(OSError):
+                os.utime(p)
+        yield m
 
 
 def unpack(archive: Path, dest_dir: Path, name: str) -> None:
@@ -220,12 +243,11 @@ def unpack(archive: Path, dest_dir: Path, name: str) -> None:
     is out and every target is known to take a file, so a full disk or a damaged archive leaves
     no truncated file that looks valid."""
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest_dir))
-    held = os.open(staging, os.O_RDONLY)
-    _hold(held)  # until the folder is removed: the next download's sweep leaves a live unpack alone
-    moved = 0
+    held, moved = -1, 0
     try:
+        held = _hold(staging)  # until the folder is removed: the next download's sweep leaves a live unpack alone
         with tarfile.open(archive, "r:gz") as tar:
-            extract_data(tar, staging)
+            extract_data(tar, staging, touching=(staging, archive))
         files = [(path, dest_dir / path.relative_to(staging)) for path in sorted(staging.rglob("*")) if path.is_file()]
         for _, target in files:
             if target.is_dir():
@@ -246,5 +268,5 @@ def unpack(archive: Path, dest_dir: Path, name: str) -> None:
                "$FASTCLR_DATA)" if is_write_error(e) else f"{e}; the archive is damaged or the folder cannot take it")
         raise FastclrError(f"cannot unpack {name} into {dest_dir} ({why}); {done}: run the download again") from None
     finally:
+        _release(held)
         shutil.rmtree(staging, ignore_errors=True)
-        os.close(held)

@@ -24,7 +24,7 @@ import torch
 
 from fastclr.files import atomic_write, atomic_write_all, npy_writer, through_link
 from fastclr.data import refuse_ambiguous
-from fastclr.data.datasets import REGISTRY, holds_dataset, load_builtin
+from fastclr.data.datasets import REGISTRY, holds_dataset, load_builtin, recorded_root
 from fastclr.data.store import SKIPPED, SKIPPED_COLUMNS, SPLITS, is_store, read_store, unfinished_store
 from fastclr.augment import LUMA
 from fastclr.errors import FastclrError
@@ -243,7 +243,8 @@ def embed(run: LoadedRun, data: str, out: Path, device: torch.device, split: str
         raise FastclrError(f"--batch-size must be at least 1, got {batch_size}")
     npy, _ = output_paths(out)
     skipped = npy.with_suffix(".skipped.csv")
-    with open_source(data, split, lambda: folder_decoding(run, log), workers, run.config.data.root or None, log,
+    root = recorded_root(run.config.data.name, run.config.data.root, str(run.run_dir), log)
+    with open_source(data, split, lambda: folder_decoding(run, log), workers, root or None, log,
                      skipped_list=skipped) as src:
         try:
             features = _embed_source(run, src, data, split, device, batch_size, log)

@@ -31,7 +31,7 @@ from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data, refuse_ambiguous
-from fastclr.data.datasets import REGISTRY, ensure, env_root_of, read_checked
+from fastclr.data.datasets import REGISTRY, ensure, env_root_of, read_checked, recorded_root
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.evaluation.features import state_checksum
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
@@ -403,6 +403,9 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             cfg = _with_width(cfg, saved.model.width)
         check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
         cfg = _start_settings_kept(saved, cfg, log)
+        if cfg.data.root and cfg.data.root == saved.data.root:  # the run's own, not one given now (refused as typed)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=recorded_root(
+                cfg.data.name, cfg.data.root, str(resume), log)))
         run_dir = resume
         _check_same_step(int(state["step"]), ctx, device)
         log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")

@@ -79,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         why = "not a count of 1 or more"
     if nproc < 1:
+        kinds = "cpu, gpu or auto" if torch.cuda.is_available() else "cpu or auto (no GPU is visible here)"
         print(f"error: --nproc_per_node {args.nproc_per_node} ({why}); give the processes to start on this node: a "
-              "count of 1 or more, or cpu, gpu or auto", file=sys.stderr)
+              f"count of 1 or more, or {kinds}", file=sys.stderr)
         return EXIT_USAGE
     if args.max_restarts > 0 and not torch.cuda.is_available():
         print(f"error: --max-restarts {args.max_restarts}: a restarted round of CPU (gloo) ranks hangs with torch "
