@@ -27,6 +27,7 @@ from fastclr.errors import FastclrError, out_of_memory
 from fastclr.tensor_file import raw_bytes
 from fastclr.files import WriteFailed, atomic_write, fsync_path
 from fastclr.version import __version__
+from fastclr.scaleout.once import resume_command
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -111,7 +112,7 @@ def what_is_kept(run_dir: Path) -> str:
         return ("no earlier checkpoint exists; free disk space or fix permissions, then run the same command again "
                 "(the run starts over)")
     return (f"the checkpoint {kept[-1].name} written before is intact; free disk space or fix permissions, then "
-            f"resume with `fastclr pretrain --resume {run_dir}`")
+            f"resume with {resume_command(run_dir)}")
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:

@@ -20,6 +20,7 @@ from fastclr.config import Config, apply_overrides, read_toml, to_toml, toml_tex
 from fastclr.errors import FastclrError, warn_stderr
 from fastclr.files import WriteFailed, unwritable, write_failure_reason, write_text
 from fastclr.locks import LOCK_FILE
+from fastclr.scaleout.once import resume_command
 from fastclr.tracking import Tracker, numbers
 
 
@@ -69,8 +70,8 @@ def prepare_run_dir(path: Path, resuming: bool = False) -> Path:
             raise FastclrError(f"--run-dir {path} holds files that are not a fastclr run ({', '.join(sorted(entries)[:3])}"
                                f"{', ...' if len(entries) > 3 else ''}); nothing was written: choose a new --run-dir")
         if (path / "encoder.safetensors").exists() or any((path / "checkpoints").glob("step-*.pt")):
-            raise FastclrError(f"{path} already holds a run; continue it with `fastclr pretrain --resume {path}`, "
-                               "or choose a new --run-dir")
+            raise FastclrError(f"{path} already holds a run; continue it with {resume_command(path)}, or choose a "
+                               "new --run-dir")
         if entries and not written_config(path / "config.toml"):
             # a config.toml of the user's own (a site's, an overrides file) made the folder pass for a run's,
             # and the run replaced it and wrote in beside their files

@@ -100,3 +100,13 @@ def test_a_usage_error_is_printed_once_a_node_as_a_settings_error_is(tmp_path: P
         assert e.value.code == 2
     assert capsys.readouterr().err == ("fastclr pretrain: error: unrecognized arguments: --bogus-flag; `fastclr "
                                        "pretrain --help` lists the options\n")
+
+
+def test_the_way_to_resume_is_the_command_this_process_was_started_by() -> None:
+    """A rank under plain torchrun was told the fastclr-torchrun command, and one refused an existing
+    run directory under either launcher `fastclr pretrain --resume`, which trains as one process."""
+    from fastclr.scaleout.once import resume_command
+
+    assert resume_command("r", {ONCE_DIR: "/tmp/x", "WORLD_SIZE": "2"}) == "the same fastclr-torchrun command and --resume r"
+    assert resume_command("r", {"WORLD_SIZE": "2"}) == "the same torchrun command and --resume r"
+    assert resume_command("r", {"WORLD_SIZE": "1"}) == resume_command("r", {}) == "`fastclr pretrain --resume r`"

@@ -45,6 +45,7 @@ from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_sm
                                       check_sync_checkable, validate)
 from fastclr.pretrained import require_run_store, with_moved_store
 from fastclr.pretraining.state import STATE_KEYS, check_resume_config, check_resume_data
+from fastclr.scaleout.once import resume_command
 from fastclr.scaleout.same_run import check_same_run
 from fastclr.presets import STORE, check_preset
 from fastclr.progress import counted
@@ -340,9 +341,7 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
                 run.checkpoint()
                 saved = s.step
             if stop_now:  # a stop exits promptly, without the epoch end's monitor pass
-                how = (f"the same fastclr-torchrun command and --resume {run.run_dir}" if ctx.active
-                       else f"`fastclr pretrain --resume {run.run_dir}`")
-                run.log(f"stopped at step {s.step}; checkpoint written; continue with {how}")
+                run.log(f"stopped at step {s.step}; checkpoint written; continue with {resume_command(run.run_dir)}")
                 return True
             if run.monitor.due(epoch_ended, s.train_seconds):
                 run.monitor_pass()

@@ -20,6 +20,18 @@ from pathlib import Path
 from typing import TextIO
 
 ONCE_DIR = "FASTCLR_ONCE_DIR"
+
+
+def resume_command(run_dir: object, environ: Mapping[str, str] = os.environ) -> str:
+    """How to continue `run_dir` as this process was started: a rank under `fastclr-torchrun` (its
+    folder in the environment) or plain torchrun (WORLD_SIZE above 1) is told its launcher's command
+    (told `fastclr pretrain --resume`, the run would go on as one process), a single process
+    `fastclr pretrain --resume`."""
+    if environ.get(ONCE_DIR):
+        return f"the same fastclr-torchrun command and --resume {run_dir}"
+    if environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        return f"the same torchrun command and --resume {run_dir}"
+    return f"`fastclr pretrain --resume {run_dir}`"
 _PRINTED = b"printed"
 
 
