@@ -274,6 +274,31 @@ def test_a_fastclr_data_that_does_not_exist_or_a_cut_download_is_said_when_anoth
                                        f"{cut.parent}` completes it, or delete it)\n")
 
 
+def test_a_run_records_the_root_it_read_from_and_a_later_command_reads_that_copy_or_says_why_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that read the user cache recorded no root, so a later $FASTCLR_DATA changed what was
+    measured without a word; a recorded or given root holding no copy was searched past silently."""
+    from fastclr.data.datasets import recorded_root, root_of
+
+    assert root_of("mnist", str(tmp_path / "a" / ".." / "b" / "mnist")) == str(tmp_path / "b")
+    assert root_of("mnist", str(tmp_path / "b" / "other")) == root_of("stores/x", str(tmp_path)) == ""
+    cache, other = tmp_path / "cache" / "fastclr", tmp_path / "other"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("fastclr.data.datasets.SYSTEM_ROOT", tmp_path / "none")
+    write_idx_dataset(cache / "mnist")
+    write_idx_dataset(other / "mnist", n_train=16, n_test=8)
+    monkeypatch.setenv("FASTCLR_DATA", str(other))
+    said: list[str] = []
+    assert recorded_root("mnist", str(cache), "RUN", said.append) == str(cache)  # its own copy, and why
+    assert said == [f"note: RUN reads the copy of mnist it was trained on, in {cache} (not $FASTCLR_DATA's, {other})"]
+    monkeypatch.delenv("FASTCLR_DATA")
+    assert recorded_root("mnist", str(cache), "RUN", said.append) == str(cache) and len(said) == 1  # nothing to say
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert locate("mnist", empty) == cache / "mnist"
+    assert capsys.readouterr().err == f"note: {empty} holds no mnist/ folder; mnist is read from {cache / 'mnist'}\n"
+
+
 def test_an_explicit_root_missing_a_file_is_refused_not_passed_over(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     explicit, system = tmp_path / "explicit", tmp_path / "system"

@@ -115,16 +115,15 @@ def data_env() -> Path | None:
     return Path(os.path.expanduser(value)) if value else None
 
 
-def env_root_of(name: str, folder: str) -> str:
-    """$FASTCLR_DATA's absolute path where built-in `name` was read from `folder` under it, else '':
-    a run records it as its data root, as it records --data-root's, so that `evaluate`, `export` and
-    the others read the same copy in a shell where the variable is not set (they read another copy,
-    without a word)."""
-    env = data_env()
-    if env is None or name not in REGISTRY or not folder:
+def root_of(name: str, folder: str) -> str:
+    """The data root (absolute, `..` resolved) whose folder of built-in `name` is `folder`, else '':
+    a run records where its data was found, as it records --data-root's, so that `evaluate`,
+    `export` and the others read that copy whatever $FASTCLR_DATA says in their shell (they read
+    another copy, without a word: the variable unset, or set to another folder)."""
+    if name not in REGISTRY or not folder:
         return ""
-    root = env.absolute()
-    return str(root) if Path(folder).absolute() == root / REGISTRY[name].folder else ""
+    path = Path(os.path.normpath(Path(folder).absolute()))
+    return str(path.parent) if path.name == REGISTRY[name].folder else ""
 
 
 def search_roots(root: str | Path | None = None) -> list[Path]:
@@ -362,6 +361,9 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
     for r in [Path(root)] if root and only_root else search_roots(root):
         folder = r / s.folder
         if _has_files(folder, s.files):
+            if note and root and r != Path(root):  # a root asked for, or a run's, that holds no copy
+                print_once_a_node(f"note: {root} holds no {s.folder}/ folder; {name} is read from {folder}",
+                                  file=sys.stderr)
             if note and not root and env is not None and not env.exists():  # a mistyped variable
                 print_once_a_node(f"note: FASTCLR_DATA={env} does not exist; {name} is read from {folder} (correct "
                                   "the variable, or unset it)", file=sys.stderr)
@@ -500,11 +502,18 @@ def _sweep(name: str, root: str | Path | None) -> None:
 
 
 def recorded_root(name: str, root: str, run: str, log: Callable[[str], None]) -> str:
-    """`root`, the data root run `run` recorded (its --data-root, or the $FASTCLR_DATA it read through),
-    where that is still a folder here; else '' with a note, and the usual places are searched. A run
+    """`root`, the data root run `run` recorded (`root_of` the folder it read its data from), where
+    that is still a folder here, said where $FASTCLR_DATA holds another copy; else '' with a note,
+    and the usual places are searched. A run
     copied to another machine, or whose folder was a job's scratch, was refused by every command
     that reads it ("the data root ... is not a directory", naming flags `evaluate` does not have)."""
-    if not root or name not in REGISTRY or Path(root).is_dir():
+    if not root or name not in REGISTRY:
+        return root
+    if Path(root).is_dir():
+        env, folder = data_env(), REGISTRY[name].folder
+        if env is not None and os.path.normpath(env.absolute()) != os.path.normpath(root) and \
+                _has_files(env / folder, REGISTRY[name].files):
+            log(f"note: {run} reads the copy of {name} it was trained on, in {root} (not $FASTCLR_DATA's, {env})")
         return root
     log(f"note: {run} recorded its data in {root}, which is not a folder here; {name} is looked up in the usual "
         "places ($FASTCLR_DATA, the user cache, /usr/share/datasets)")

@@ -31,7 +31,7 @@ from fastclr.config import Config, DataConfig
 from fastclr.config import validate as validate_settings
 from fastclr.cpu_memory import keep_freed_memory
 from fastclr.data import Dataset, absolute_name, load_data, refuse_ambiguous
-from fastclr.data.datasets import REGISTRY, ensure, env_root_of, read_checked, recorded_root
+from fastclr.data.datasets import REGISTRY, ensure, read_checked, recorded_root, root_of
 from fastclr.determinism import deterministic_kernels, no_host_sync
 from fastclr.evaluation.features import state_checksum
 from fastclr.export import ENCODER_FILE, export_holds, save_encoder
@@ -198,7 +198,7 @@ def _store_path_absolute(cfg: Config) -> Config:
     from a flag, a --config file or a run saved before, names the same store from this directory.
     So is --data-root's folder: evaluate, export and the others, which have no --data-root, looked
     for it from their own directory."""
-    root = str(Path(os.path.expanduser(cfg.data.root)).absolute()) if cfg.data.root else cfg.data.root
+    root = os.path.normpath(Path(os.path.expanduser(cfg.data.root)).absolute()) if cfg.data.root else cfg.data.root
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=absolute_name(cfg.data.name), root=root))
 
 
@@ -428,8 +428,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         dataset = shared(True, lambda: load_data(data_cfg), ctx, device, "another rank could not read its data (its "
                          "line says why)")
         assert dataset is not None
-        if not cfg.data.root and (env_root := env_root_of(cfg.data.name, dataset.origin)):
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=env_root))
+        if not cfg.data.root and (found := root_of(cfg.data.name, dataset.origin)):
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=found))
     check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
