@@ -299,7 +299,7 @@ class TrainConfig:
     learn_temperature: bool = False
     """Train the temperature with the model from `temperature` (log-parameterised, kept in
     [0.01, 1], logged every window as `temperature`)."""
-    trackers: str = field(default="none", metadata={"flag": "log", **one_of("none", "mlflow", "wandb", "mlflow,wandb")})
+    trackers: str = field(default="none", metadata={"flag": "log", **one_of("none", "mlflow", "wandb", "mlflow,wandb", "wandb,mlflow")})
     """Experiment trackers that receive the config, every metrics record, the probe and evaluation
     numbers and the encoder, besides metrics.jsonl and TensorBoard (fastclr.tracking): none,
     mlflow, wandb or mlflow,wandb."""

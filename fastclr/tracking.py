@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import queue
@@ -47,6 +48,13 @@ class Tracker(Protocol):
     def artifact(self, path: Path, name: str) -> None: ...
 
     def close(self, status: str, stopping: Callable[[], bool] | None = None) -> None: ...
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """A tracker library's message on one line: MLflow's ran on for lines of SQL (a warning of three
+    lines), and a cut at 200 characters hid the remedy it ends with ("set MLFLOW_ALLOW_FILE_STORE=true")."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def tracker_names(text: str) -> tuple[str, ...]:
@@ -124,7 +132,7 @@ def open_trackers(names: tuple[str, ...], run_dir: Path, params: Mapping[str, An
             gone = (f"; if its run {saved[name]} is gone from the server, delete {run_dir / TRACKING_FILE} and a new "
                     "one is started") if name in saved else ""
             warn(f"warning: {name} could not {'continue' if gone else 'start'} a run ({type(e).__name__}: "
-                 f"{str(e)[:200]}); {going_on}{gone}")
+                 f"{_one_line(e)}); {going_on}{gone}")
             continue
         trackers.append(_Guarded(t, name, warn))
         saved[name] = t.run_id
@@ -185,7 +193,7 @@ def read_ids(run_dir: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     ids = read_json(path, "delete it, and the trackers start new runs for this run directory")
-    return {str(k): str(v) for k, v in ids.items()}
+    return {str(k): str(v) for k, v in ids.items() if v}  # an empty id names no run: a new one is started
 
 
 @contextmanager
@@ -250,7 +258,7 @@ class _Guarded:
             except Exception as e:  # noqa: BLE001 - any failure of the tracker's library
                 if not self.broken:  # after a failure (said once) its run is still ended if it can be, silently
                     self.broken = True
-                    self._said.put(f"warning: {self.name} failed to {what} ({type(e).__name__}: {str(e)[:200]}); it "
+                    self._said.put(f"warning: {self.name} failed to {what} ({type(e).__name__}: {_one_line(e)}); it "
                                    "gets nothing more from this run but its end, and the run's files are complete")
 
     def _call(self, what: str, fn: Callable[[], None]) -> None:
@@ -283,8 +291,11 @@ class _Guarded:
         limit = CLOSE_WAIT_S if status == "FINISHED" else FAILED_CLOSE_WAIT_S
         complete = "" if status == "FAILED" else " (the run's files are complete)"
         began, said = time.monotonic(), False
+        # A stop asked for before the close (the one that stopped the run) is what FAILED_CLOSE_WAIT_S is
+        # for: it ended the wait at once, and the run's end, unsent, left it RUNNING on the server.
+        stopped_before = stopping is not None and stopping()
         while self._sender.is_alive() and not self.broken and time.monotonic() - began < limit:
-            if stopping is not None and stopping():  # Ctrl-C or a scheduler's SIGTERM during the wait: no more of it
+            if stopping is not None and not stopped_before and stopping():  # a stop during the wait: no more of it
                 break
             self._sender.join(0.1)
             if not said and time.monotonic() - began > CLOSE_NOTE_AFTER_S:
@@ -321,8 +332,10 @@ class _Mlflow:
         self.client = MlflowClient()
         self.found_status: str | None = None
         """A continued run's status when it was found (`tracked` gives it back)."""
+        if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # its tracebacks (a read-only store) ran to 200 lines;
+            logging.getLogger("mlflow").setLevel(logging.CRITICAL)  # each failure is one warning line of ours
         if run_id is None:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fastclr")
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "fastclr"  # set empty: the default, not an error
             exp = self.client.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
             run = self.client.create_run(exp_id, run_name=run_dir.name,

@@ -423,6 +423,24 @@ def test_a_stop_asked_for_while_the_end_of_a_run_waits_for_a_tracker_ends_the_wa
     assert 0.25 < waited < 3 and len(warned) == 1 and warned[0].startswith("warning: stopped waiting for mlflow after ")
 
 
+def test_the_end_of_a_run_a_stop_ended_is_still_sent_within_its_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stop that ended the run was already asked for when the end was sent: the wait ended at
+    once, the process exited, and 3 of 5 runs stopped with SIGTERM stayed RUNNING in MLflow (a later
+    `evaluate` then marked them FINISHED). A stop asked before the close no longer ends its wait."""
+    import threading
+
+    import fastclr.tracking as tracking
+
+    gate = threading.Event()
+    threading.Timer(0.3, gate.set).start()  # the backlog of a healthy server: cleared in 0.3 s
+    inner = _Slow(gate)
+    warned: list[str] = []
+    guarded = tracking._Guarded(inner, "mlflow", warned.append)
+    guarded.metrics({"loss": 1.0}, 1)
+    guarded.close("KILLED", stopping=lambda: True)
+    assert inner.calls[-1] == ("close", "KILLED") and warned == []
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_tracked_runs_are_closed_finished_or_killed_as_the_block_ended(fails: bool, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
@@ -758,3 +776,30 @@ def test_the_hint_from_a_source_folder_never_installed_is_a_command_a_shell_runs
     monkeypatch.setattr(importlib.metadata, "requires", none)
     assert shlex.split(install_command("mlflow")) == ["cd", str(REPO), "&&", sys.executable, "-m", "pip", "install",
                                                       "-e", ".[mlflow]"]
+
+
+def test_a_trackers_message_is_quoted_on_one_line_with_its_remedy(tmp_path: Path) -> None:
+    """MLflow's read-only store error ran on for lines of SQL (a warning of three lines), and the cut
+    at 200 characters hid the remedy its file-store error ends with; an empty run id in
+    tracking.json named no run ('if its run  is gone')."""
+    from fastclr.tracking import _one_line, read_ids
+
+    sql = Exception("(sqlite3.OperationalError) attempt to write a readonly database\n[SQL: INSERT INTO metrics]\n"
+                    "(Background on this error at: https://sqlalche.me/e/20/e3q8)")
+    assert _one_line(sql) == ("(sqlite3.OperationalError) attempt to write a readonly database [SQL: INSERT INTO "
+                              "metrics] (Background on this error at: https://sqlalche.me/e/20/e3q8)")
+    remedy = Exception("The filesystem tracking backend is in maintenance mode " + "and more words " * 12 +
+                       "; set MLFLOW_ALLOW_FILE_STORE=true to use it")
+    assert _one_line(remedy).endswith("set MLFLOW_ALLOW_FILE_STORE=true to use it")
+    long = _one_line(Exception("word " * 200))
+    assert long.endswith(" ...") and len(long) <= 404 and "\n" not in long
+    (tmp_path / "tracking.json").write_text('{"mlflow": "", "wandb": "abc"}', encoding="utf-8")
+    assert read_ids(tmp_path) == {"wandb": "abc"}
+
+
+def test_trackers_may_be_named_in_either_order() -> None:
+    from fastclr.config import apply_overrides, Config
+    from fastclr.tracking import tracker_names
+
+    cfg = apply_overrides(Config(), {"train.trackers": "wandb,mlflow"})
+    assert tracker_names(cfg.train.trackers) == ("wandb", "mlflow")

@@ -346,7 +346,8 @@ def evaluate(
     out[CHECKSUM_KEY] = content_checksum(out)  # after the table: a figure JSON cannot hold fails the write, not it
     write_json(run_dir / EVAL_FILE, out)
     step = run.checkpoint_step if run.checkpoint_step is not None else _pretrained_steps(run_dir)
-    with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=log) as sinks:
+    # Their warnings on stderr, as every warning: `--quiet` silences `log`, and a result not filed must be said.
+    with tracked(trackers, run_dir, config_mod.to_flat(run.config), warn=warn_stderr) as sinks:
         for t in sinks:
             t.results(numbers({"protocols": results, "lift": out["lift"]}, "eval/"), step)
             t.artifact(run_dir / EVAL_FILE, "evaluation")
