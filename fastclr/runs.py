@@ -357,6 +357,16 @@ class MetricsLog:
         for t in self.trackers:
             t.metrics(values, record["step"])
 
+    def send_kept(self, trackers: list[Tracker]) -> None:
+        """Every record metrics.jsonl keeps, sent to `trackers` (tracked runs a resume started: they
+        began at its checkpoint's step, the steps before missing from them without a word)."""
+        if not trackers or not self.enabled or not self.path.exists():
+            return
+        for record in read_metrics(self.path.parent):
+            values = numbers({k: v for k, v in record.items() if k != "step"})
+            for t in trackers:
+                t.metrics(values, record["step"])
+
     def close(self) -> None:
         """Flush TensorBoard; a record after this opens no writer."""
         self._tb_wanted = False

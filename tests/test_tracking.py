@@ -740,6 +740,24 @@ def test_a_new_run_where_a_first_attempt_died_is_tracked_afresh_and_a_resume_fil
     assert "lr = 0.02" in (run / "config.toml").read_text()
 
 
+def test_a_tracked_run_a_resume_starts_gets_the_records_kept_before_its_checkpoint(
+        mlflow_server: dict[str, Any], tmp_path: Path) -> None:
+    """A tracker down at the start and up at the resume, or a tracking.json deleted between them: the
+    new tracked run began at the checkpoint's step, every step before it missing without a word."""
+    from fastclr.pretraining import pretrain
+    from fastclr.runs import read_metrics
+    from tiny import tiny_config, tiny_dataset
+
+    ds, run = tiny_dataset(), tmp_path / "run"
+    assert pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, stop=lambda step: step == 4, progress=False,
+                    log=lambda s: None).stopped  # no tracker reached
+    pretrain(tiny_config(run, train__trackers="mlflow", train__epochs=2.0), dataset=ds, resume=run, progress=False,
+             log=lambda s: None)
+    (tracked,) = mlflow_server["runs"].values()
+    losses = [step for key, _, step in tracked["metrics"] if key == "loss"]
+    assert losses == [r["step"] for r in read_metrics(run) if "loss" in r] and losses[0] <= 4
+
+
 @pytest.mark.parametrize("finished", [False, True])
 def test_an_evaluation_is_filed_at_the_step_of_the_weights_it_measured(mlflow_server: dict[str, Any], tmp_path: Path,
                                                                      finished: bool) -> None:

@@ -619,8 +619,13 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         else:
             write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
-        run.metrics_log.trackers = open_trackers(tracker_names(cfg.train.trackers), run_dir, config_mod.to_flat(cfg),
-                                                 warn=log)
+        names = tracker_names(cfg.train.trackers)
+        known = read_ids(run_dir) if names else {}
+        run.metrics_log.trackers = open_trackers(names, run_dir, config_mod.to_flat(cfg), warn=log)
+        if state is not None:  # a tracked run started by this resume (none could be reached before, or
+            # tracking.json was deleted) began at the checkpoint's step: it gets the records kept before it
+            fresh = [t for t in run.metrics_log.trackers if getattr(t, "name", None) not in known]
+            run.metrics_log.send_kept(fresh)
     shared(ctx.is_main, record, ctx, run.device, f"rank 0 could not record the run in {run_dir} (its error says why)")
 
 
