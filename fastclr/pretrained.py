@@ -247,12 +247,11 @@ def run_data(run: LoadedRun, given: Dataset | None = None, log: Callable[[str], 
     message offered to create a new one there, as if it had never existed). A store prepared again
     since the run trained on it (its content identity differs) is said in a note: what is measured
     on it is measured on the store as it is now."""
-    if given is None:
+    dataset = given
+    if dataset is None:
         require_run_store(run.run_dir, run.config.data.name)
-    if given is None:
         data = run.config.data
-        data = dataclasses.replace(data, root=recorded_root(data.name, data.root, str(run.run_dir), log))
-    dataset = given if given is not None else load_data(data)
+        dataset = load_data(dataclasses.replace(data, root=recorded_root(data.name, data.root, str(run.run_dir), log)))
     channels = dataset.image_shape[-1]
     if channels != run.spec.in_channels:  # the first convolution's traceback, after the set-up's minutes
         raise FastclrError(f"{dataset.name} holds images of {channels} channel{'s' * (channels > 1)} and the encoder "

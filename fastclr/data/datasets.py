@@ -504,9 +504,9 @@ def _sweep(name: str, root: str | Path | None) -> None:
 def recorded_root(name: str, root: str, run: str, log: Callable[[str], None]) -> str:
     """`root`, the data root run `run` recorded (`root_of` the folder it read its data from), where
     that is still a folder here, said where $FASTCLR_DATA holds another copy; else '' with a note,
-    and the usual places are searched. A run
-    copied to another machine, or whose folder was a job's scratch, was refused by every command
-    that reads it ("the data root ... is not a directory", naming flags `evaluate` does not have)."""
+    and the usual places are searched. A run copied to another machine, or whose folder was a job's
+    scratch, was refused by every command that reads it ("the data root ... is not a directory",
+    naming flags `evaluate` does not have)."""
     if not root or name not in REGISTRY:
         return root
     if Path(root).is_dir():

@@ -99,10 +99,10 @@ def fetch(remote: RemoteFile, dest_dir: Path, timeout: float = 60.0) -> Path:
         tmp = Path(tmp_name)
         hold = -1
         try:
-            hold = _hold(tmp)  # through the unpack too: another download's sweep leaves it alone
             set_mode(fd)
             h = hashlib.md5(usedforsecurity=False)
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(remote.url, timeout=timeout) as resp:
+                hold = _hold(tmp)  # through the unpack too: another download's sweep leaves it alone
                 received, length = 0, _content_length(resp.headers)
                 while block := resp.read1(1 << 20):
                     h.update(block)
