@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 EXIT_STOPPED = 75
 """Exit code of a run stopped by SIGTERM/SIGINT after writing its checkpoint (EX_TEMPFAIL:
@@ -136,6 +137,53 @@ def cleanup_on_sigterm() -> Iterator[None]:
         for s, h in previous.items():
             if signal.getsignal(s) is handler:  # not one installed inside and kept on purpose (a finished run's)
                 signal.signal(s, h)
+
+
+class Deferred:
+    """Stop signals held back by `deferred_signals`, acted on at `run_pending`."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def run_pending(self) -> None:
+        """Call the handler each held-back signal had (it raises, as it would have where it came)."""
+        while self.pending:
+            signum = self.pending.pop(0)
+            self.previous[signum](signum, None)
+
+
+@contextmanager
+def deferred_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[Deferred]:
+    """Inside: a stop signal whose handler raises (Ctrl-C's KeyboardInterrupt, `cleanup_on_sigterm`'s
+    exit) is held back until the block calls `run_pending`, or leaves without an error. Raised where
+    it landed, inside a process pool's bookkeeping (a lock taken and not yet in its `with`), it left
+    the pool's shutdown waiting on that lock for good: a prepare's SIGHUP to the group hung in 1 of
+    about 15 tries. Ignored and default-action signals are left as they are."""
+    deferred = Deferred()
+    if threading.current_thread() is not threading.main_thread():
+        yield deferred
+        return
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        deferred.pending.append(signum)
+
+    deferred.previous = {s: h for s in signals if callable(h := signal.getsignal(s))}
+    for s in deferred.previous:
+        signal.signal(s, hold)
+
+    def restore() -> None:
+        for s, h in deferred.previous.items():
+            if signal.getsignal(s) is hold:
+                signal.signal(s, h)
+
+    try:
+        yield deferred
+    except BaseException:
+        restore()
+        raise
+    restore()
+    deferred.run_pending()
 
 
 @contextmanager

@@ -34,7 +34,7 @@ import numpy as np
 from fastclr.data.store import (MANIFEST, MANIFEST_COLUMNS, META, SKIPPED, SKIPPED_COLUMNS, SPLITS, Store, StoreClaim,
                                 StoreWriter, is_store, read_csv, read_store)
 from fastclr.errors import FastclrError
-from fastclr.signals import STOP_SIGNALS, die_with_parent
+from fastclr.signals import STOP_SIGNALS, Deferred, deferred_signals, die_with_parent
 from fastclr.files import is_write_error, not_a_folder, write_failure_reason, write_way_out
 from fastclr.ingest.decode import (PIPELINE_VERSION, TRANSIENT, DecodeOptions, Outcome, as_stored, decode_peak_bytes,
                                    pixels_that_fit, process_file)
@@ -271,8 +271,10 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
         workers = min(workers, 61)
     # fork: workers start in milliseconds and inherit the hash set; they never touch torch.
     method = "fork" if sys.platform == "linux" else "spawn"
-    with ProcessPoolExecutor(workers, multiprocessing.get_context(method), initializer=_init,
-                             initargs=(root, opts, known, os.getpid())) as pool:
+    # A stop signal acts between chunks, never inside the pool's own bookkeeping (`deferred_signals`).
+    with deferred_signals() as deferred, ProcessPoolExecutor(workers, multiprocessing.get_context(method),
+                                                             initializer=_init,
+                                                             initargs=(root, opts, known, os.getpid())) as pool:
         pending: collections.deque[tuple[list[str], Future[list[Outcome]]]] = collections.deque()
         it = iter(chunks)
         try:
@@ -283,7 +285,7 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
             while pending:
                 chunk, future = pending.popleft()
                 try:
-                    done = future.result()
+                    done = _result(future, deferred)
                 except BrokenProcessPool:
                     # A decoder that crashes the process (or the OOM killer) cannot be caught per file.
                     raise FastclrError(f"a decoding process died (out of memory, or a crashing decoder) at or "
@@ -296,6 +298,16 @@ def decode_all(root: Path, rels: list[str], opts: DecodeOptions, known: frozense
         finally:
             for _, f in pending:
                 f.cancel()
+
+
+def _result(future: Future[list[Outcome]], deferred: Deferred) -> list[Outcome]:
+    """`future`'s outcomes, a stop signal acted on within half a second while they are awaited."""
+    while True:
+        deferred.run_pending()
+        try:
+            return future.result(timeout=0.5)
+        except TimeoutError:
+            continue
 
 
 @dataclass
