@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import errno
 import os
@@ -234,7 +235,18 @@ def pretrain_target(args: argparse.Namespace) -> tuple[Path | None, Config]:
         if given and Path(given).resolve() != Path(args.run_dir).resolve():
             raise FastclrError(f"two run directories given ({args.run_dir} and --run-dir {given}); give one")
         args.__dict__["cfg:train.run_dir"] = args.run_dir
-    return resume, resolve_config(args) if resume is None else resume_config(resume, args)
+    if resume is not None:
+        return resume, resume_config(resume, args)
+    cfg = resolve_config(args)
+    if args.config and "data.root" not in _overrides(args):
+        # A run's config.toml names the folder its data was read from: given to --config on another machine,
+        # where that folder is not, it is searched past with a note (a --data-root flag is refused as typed).
+        from fastclr.data.datasets import recorded_root
+
+        root = recorded_root(cfg.data.name, cfg.data.root, f"--config {args.config[-1]}",
+                             lambda line: _note(line.removeprefix("note: ")))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
+    return None, cfg
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

@@ -157,9 +157,10 @@ class Deferred:
 def deferred_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[Deferred]:
     """Inside: a stop signal whose handler raises (Ctrl-C's KeyboardInterrupt, `cleanup_on_sigterm`'s
     exit) is held back until the block calls `run_pending`, or leaves without an error. Raised where
-    it landed, inside a process pool's bookkeeping (a lock taken and not yet in its `with`), it left
-    the pool's shutdown waiting on that lock for good: a prepare's SIGHUP to the group hung in 1 of
-    about 15 tries. Ignored and default-action signals are left as they are."""
+    it lands, inside a process pool's bookkeeping (a lock taken and not yet in its `with`), it can
+    leave the pool's shutdown waiting on that lock for good: the likely cause of a prepare that a
+    SIGHUP to its group left hanging once in about fifteen tries. Ignored and default-action
+    signals are left as they are."""
     deferred = Deferred()
     if threading.current_thread() is not threading.main_thread():
         yield deferred

@@ -63,6 +63,15 @@ def test_data_found_through_fastclr_data_is_recorded_so_later_commands_read_that
     r = call_main(["pretrain", "--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"], moved, tmp_path)
     assert r.returncode == 0, r.stderr
     assert read_toml(tmp_path / "run" / "config.toml")["data.root"] == str(tmp_path / "moved")  # where it read now
+    # the run's config.toml given to --config where that folder is not (another machine): searched past, said
+    (tmp_path / "moved").rename(tmp_path / "moved2")
+    config = tmp_path / "run" / "config.toml"
+    r = call_main(["pretrain", "--config", str(config), "--run-dir", str(tmp_path / "run2"), "--epochs", "1",
+                   "--probe", "false"], dict(env, FASTCLR_DATA=str(tmp_path / "moved2")), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (f"note: --config {config} recorded its data in {tmp_path / 'moved'}, which is not a folder here; mnist "
+            "is looked up in the usual places") in r.stderr, r.stderr
+    assert read_toml(tmp_path / "run2" / "config.toml")["data.root"] == str(tmp_path / "moved2")
 
 
 def test_pretrain_checkpoint_resume_probe(tmp_path: Path, env: dict[str, str]) -> None:
