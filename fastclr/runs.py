@@ -291,6 +291,11 @@ def read_metrics_and_cut(run_dir: Path, mend: str = METRICS_MEND) -> tuple[list[
     return records, False
 
 
+def _values(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics record's finite numbers by their path, its step left out: what a tracker is sent."""
+    return numbers({k: v for k, v in record.items() if k != "step"})
+
+
 class MetricsLog:
     """Appends records to metrics.jsonl and, when tensorboard is importable, to TensorBoard."""
 
@@ -350,7 +355,7 @@ class MetricsLog:
             raise WriteFailed(self.path, write_failure_reason(e, self.path), e) from None
         if (record["step"], "knn_acc" in record) in self.sent:
             return  # replayed after a resume: the trackers hold this step's values already
-        values = numbers({k: v for k, v in record.items() if k != "step"})
+        values = _values(record)
         if (tb := self._writer()) is not None:
             for k, v in values.items():
                 tb.add_scalar(k, v, record["step"])
@@ -363,9 +368,8 @@ class MetricsLog:
         if not trackers or not self.enabled or not self.path.exists():
             return
         for record in read_metrics(self.path.parent):
-            values = numbers({k: v for k, v in record.items() if k != "step"})
             for t in trackers:
-                t.metrics(values, record["step"])
+                t.metrics(_values(record), record["step"])
 
     def close(self) -> None:
         """Flush TensorBoard; a record after this opens no writer."""

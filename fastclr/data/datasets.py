@@ -357,7 +357,7 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
         # (an empty folder there, as a failed download leaves, holds nothing to pass over)
         if _partial(name, env, partial_ok, f"`fastclr download {name}` fetches them", "unset FASTCLR_DATA", empty=False):
             return None
-    partial: list[Path] = []  # the user cache's, say, of a download cut short: passed over, not in silence
+    partial: list[tuple[Path, int]] = []  # the user cache's, say, of a download cut short: passed over, not in silence
     for r in [Path(root)] if root and only_root else search_roots(root):
         folder = r / s.folder
         if _has_files(folder, s.files):
@@ -368,15 +368,15 @@ def locate(name: str, root: str | Path | None = None, partial_ok: bool = False, 
                 print_once_a_node(f"note: FASTCLR_DATA={env} does not exist; {name} is read from {folder} (correct "
                                   "the variable, or unset it)", file=sys.stderr)
             if note and partial:
-                held = _present(name, partial[0])
+                cut, held = partial[0]
                 cache = known_user_cache()  # the folder downloads go to: a fix there; another's is its owner's
                 fix = (f" (`fastclr download {name} --root {cache}` completes it, or delete it)"
-                       if cache is not None and partial[0].parent == cache else "")
-                print_once_a_node(f"note: {partial[0]} holds {len(held)} of the {len(s.files)} files of {name}; the "
-                                  f"whole copy in {folder} is read{fix}", file=sys.stderr)
+                       if cache is not None and cut.parent == cache else "")
+                print_once_a_node(f"note: {cut} holds {held} of the {len(s.files)} files of {name}; the whole copy in "
+                                  f"{folder} is read{fix}", file=sys.stderr)
             return folder
-        if folder.is_dir() and _present(name, folder):
-            partial.append(folder)
+        if folder.is_dir() and (present := _present(name, folder)):
+            partial.append((folder, len(present)))
     return None
 
 

@@ -608,8 +608,9 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         _note_changed_settings(saved, cfg, run.state.step, log)
         _note_new_length(saved, cfg, run, int(state["total_steps"]), log)
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
-        if tracker_names(cfg.train.trackers):
-            read_ids(run_dir)  # a damaged tracking.json is refused before config.toml records settings nothing trained with
+        names = tracker_names(cfg.train.trackers)
+        # read now: a damaged tracking.json is refused before config.toml records settings nothing trained with
+        known = read_ids(run_dir) if names else {}
         if state is not None and run.state.step < run.state.total_steps:
             _retire_export(run_dir, state, log)
         if run.finished_before and saved is not None:
@@ -619,8 +620,6 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
         else:
             write_config(run_dir, cfg)
         run.metrics_log.keep_until(run.state.step)  # a resumed run logs the steps after its checkpoint again
-        names = tracker_names(cfg.train.trackers)
-        known = read_ids(run_dir) if names else {}
         run.metrics_log.trackers = open_trackers(names, run_dir, config_mod.to_flat(cfg), warn=log)
         if state is not None:  # a tracked run started by this resume (none could be reached before, or
             # tracking.json was deleted) began at the checkpoint's step: it gets the records kept before it
