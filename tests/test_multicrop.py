@@ -188,6 +188,17 @@ def test_an_encoder_that_cannot_read_small_views_is_refused(tmp_path: Path) -> N
     assert not (tmp_path / "flat").exists()
 
 
+@pytest.mark.parametrize("crop, small", [(0, 30), (24, 26)])
+def test_small_views_larger_than_the_views_are_refused(crop: int, small: int, tmp_path: Path) -> None:
+    """They trained, larger than the "full" views, without a word."""
+    cfg = tiny_config(tmp_path / "run", train__local_views=2, augment__local_size=small, augment__crop_size=crop)
+    side = crop or 28
+    with pytest.raises(FastclrError, match=rf"^--local-size {small} is larger than the views \({side} px\): .*; give "
+                                           rf"--local-size {side} or less \(0: half the side\)$"):
+        pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_stop_and_resume_with_small_views_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     over: dict[str, object] = {"train__local_views": 2, "train__precision": "fp32", "train__device": "cpu"}
     a, b = straight_and_resumed(tmp_path, **over)

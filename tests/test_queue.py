@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +14,7 @@ from dist_helpers import run_ranks
 from fastclr import pretrain
 from fastclr.checkpoint import list_checkpoints, load_checkpoint
 from fastclr.config import TrainConfig
+from fastclr.errors import FastclrError
 from fastclr.pretraining.multi_positive import multi_positive_loss
 from fastclr.pretraining.objective import Objective
 from fastclr.pretraining.queue import KeyNetwork, RowQueue
@@ -117,6 +119,31 @@ def test_stop_and_resume_with_a_queue_equals_the_uninterrupted_run(tmp_path: Pat
     moved = [k for k in a["head"] if k.endswith("weight") and not torch.equal(a["head"][k], a["key_network"]["head." + k])]
     assert moved  # the key network lags the online one (momentum 0.9), it is not a copy
     assert not math.isnan(float(a["queue"]["rows"].sum()))
+
+
+def test_supcon_with_a_queue_is_refused(tmp_path: Path) -> None:
+    """The queue keeps projections without labels: its rows of an anchor's own class were pushed away."""
+    with pytest.raises(FastclrError, match=r"^--supcon and --queue do not combine: the queue keeps no labels"):
+        pretrain(tiny_config(tmp_path / "run", train__supcon=True, train__queue=40), dataset=tiny_dataset(),
+                 progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_that_resizes_the_queue_says_it_starts_empty(tmp_path: Path) -> None:
+    """The loss fell to the level of no queue and climbed back as it filled; the note named the new
+    size alone. After the resume's first step the queue holds that step's 32 keys only."""
+    over: dict[str, object] = {"train__queue": 40, "train__precision": "fp32", "train__device": "cpu"}
+    ds, run = tiny_dataset(), tmp_path / "run"
+    assert pretrain(tiny_config(run, **over), dataset=ds, progress=False, log=lambda s: None,
+                    stop=lambda step: step == 5).stopped
+    assert load_checkpoint(list_checkpoints(run)[-1])["queue"]["filled"] == 40
+    lines: list[str] = []
+    assert pretrain(tiny_config(run, **{**over, "train__queue": 80}), resume=run, allow_config_change=True, dataset=ds,
+                    progress=False, log=lines.append, stop=lambda step: step == 6).stopped
+    assert ("note: the 40-row queue is not carried over: the 80-row queue starts empty, and its key network starts as "
+            "a copy of the network; the loss moves while it fills") in lines
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    assert state["step"] == 6 and state["queue"]["filled"] == 32
 
 
 def test_the_key_network_starts_from_the_init_weights(tmp_path: Path) -> None:

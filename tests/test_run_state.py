@@ -330,6 +330,26 @@ def test_a_finished_run_resumed_with_nothing_to_train_keeps_its_export_and_probe
     assert export.read_bytes() == mine
 
 
+def test_a_resume_that_changes_the_gradient_cache_chunk_says_so(tmp_path: Path) -> None:
+    """Each chunk is normalised by its own BatchNorm statistics, so another chunk trains another step;
+    the resume's note left the chunk out as a memory saver of the same values (the row blocks are)."""
+    ds = tiny_dataset()
+    first = {}
+    for chunk in (0, 8):  # the first step's loss, whole and in chunks of 8 of the 16 images
+        pretrain(tiny_config(tmp_path / f"c{chunk}", train__epochs=2.0, train__log_every=1, train__grad_cache_chunk=chunk),
+                 dataset=ds, stop=lambda step: step == 1, **QUIET)
+        first[chunk] = next(r["loss"] for r in read_metrics(tmp_path / f"c{chunk}") if r.get("step") == 1)
+    assert abs(first[0] - first[8]) > 1e-3, first
+    run = tmp_path / "run"
+    assert pretrain(tiny_config(run, train__epochs=2.0), dataset=ds, stop=lambda step: step == 3, **QUIET).stopped
+    lines: list[str] = []
+    pretrain(tiny_config(run, train__epochs=2.0, train__grad_cache_chunk=8), dataset=ds, resume=run, progress=False,
+             log=lines.append)
+    assert [line for line in lines if line.startswith("note:")] == [
+        "note: resuming with train.grad_cache_chunk 0 -> 8: the steps from 4 on train with it, the 3 before with the "
+        "run's earlier settings, and config.toml now records the new"]
+
+
 def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_steps_before_it(tmp_path: Path) -> None:
     """`--resume RUN --temperature 0.5 --lr 0.01` trained on with them without a word, and config.toml
     then recorded t = 0.5 for steps that ran at 0.2. The note names each change with both values
@@ -350,8 +370,8 @@ def test_a_run_resumed_with_other_training_settings_names_each_change_and_the_st
     # the run's length: its own note (it was silent), with the rates the run's metrics hold at those steps
     lr = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
     assert notes[1] == ("note: resuming with train.epochs 2 -> 3: the run now ends at step 18, not 12, and its learning "
-                        f"rate follows the warm-up and cosine of a 3-epoch run: {lr[6]:.3g} at step 6, {lr[5]:.3g} at "
-                        "step 5") and len(notes) == 2
+                        f"rate follows the warm-up and cosine of a 3-epoch run: from {lr[5]:.3g} at step 5 to "
+                        f"{lr[6]:.3g} at step 6") and len(notes) == 2
     assert "temperature = 0.5" in (run / "config.toml").read_text(encoding="utf-8")
     # resumed back to the first settings: the note said the steps before did not train with them, and the first
     # three had
@@ -414,7 +434,7 @@ def test_a_finished_run_resumed_with_other_settings_keeps_its_record_and_says_so
     lr = {r["step"]: r["lr"] for r in read_metrics(run) if "lr" in r}
     assert [line for line in lines if line.startswith("note:")] == [
         "note: resuming with train.epochs 1 -> 2: the run now ends at step 12, not 6, and its learning rate follows "
-        f"the warm-up and cosine of a 2-epoch run: {lr[7]:.3g} at step 7, {lr[6]:.3g} at step 6"]
+        f"the warm-up and cosine of a 2-epoch run: from {lr[6]:.3g} at step 6 to {lr[7]:.3g} at step 7"]
     assert lr[7] > lr[6]  # the longer cosine: the rate rises, as the note shows
     from fastclr.export import ENCODER_FILE
 

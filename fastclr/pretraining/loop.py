@@ -45,9 +45,10 @@ from fastclr.pretraining.setup import (Run, build_run, check_data_fits, check_sm
                                       check_sync_checkable, validate)
 from fastclr.pretrained import require_run_store, with_moved_store
 from fastclr.pretraining.state import STATE_KEYS, check_resume_config, check_resume_data
+from fastclr.pretraining.unread import refuse_unread
 from fastclr.scaleout.once import resume_command
 from fastclr.scaleout.same_run import check_same_run
-from fastclr.presets import STORE, check_preset
+from fastclr.presets import STORE, check_preset, config_for
 from fastclr.progress import counted
 from fastclr.locks import RunLock, locked_by_another
 from fastclr.runs import claim_new_dir, default_run_dir, prepare_run_dir, write_config, write_json
@@ -383,6 +384,9 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     check_preset(cfg)
     cfg = _init_path_absolute(_store_path_absolute(cfg))
     state, saved = None, None
+    # What the settings are compared with for the ones nothing reads: the recipe a new run starts from
+    recipe = config_for(None, {"data.name": cfg.data.name, "data.preset": cfg.data.preset})
+    width_said: list[str] = []
     seen: set[str] = set()
     if resume is not None:
         # Every rank reads the same file, so the run directory must be on a filesystem all nodes see.
@@ -400,6 +404,10 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
                                "resume it with that version") from None
         if not cfg.model.width:  # auto: the width the run trained at, whatever this device would choose
             cfg = _with_width(cfg, saved.model.width)
+        info = state.get("model_info")
+        built: dict[str, Any] = info if isinstance(info, dict) else {}
+        # before the refusals of changes: a change of a setting nothing reads is no change to allow
+        refuse_unread(cfg, saved, encoder=built.get("encoder"), channels=built.get("in_channels"))
         check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
         cfg = _start_settings_kept(saved, cfg, log)
         if cfg.data.root and cfg.data.root == saved.data.root:  # the run's own, not one given now (refused as typed)
@@ -430,11 +438,15 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         assert dataset is not None
         if not cfg.data.root and (found := root_of(cfg.data.name, dataset.origin)):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=found))
+    side, channels = cfg.augment.crop_size or dataset.image_shape[0], dataset.image_shape[2]
+    refuse_unread(cfg, saved or recipe, encoder="custom" if encoder is not None else resolve_encoder(cfg.model.encoder, side),
+                  channels=channels)
     check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)
     elif not cfg.model.width:  # auto, decided once (rank 0's); config.toml records it
-        cfg = _with_width(cfg, broadcast_object(_auto_width(cfg, dataset, device, encoder, log), ctx))
+        # said once --init's file is read: an unreadable one is refused without a width line first
+        cfg = _with_width(cfg, broadcast_object(_auto_width(cfg, dataset, device, encoder, width_said.append), ctx))
     validate(cfg, len(dataset.pretrain), ctx.world_size, resuming=state is not None)
     check_sync_checkable(cfg, ctx.world_size, device)
     check_data_fits(cfg, dataset, custom_encoder=encoder is not None)
@@ -451,6 +463,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
     if state is None and cfg.model.init:  # read and matched now, before anything is written
         init = _read_init(cfg, dataset, encoder, device)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_sha256=init.sha256))
+    for line in width_said:
+        log(line)
     lock, failure, made = None, None, []
     if ctx.is_main:
         # Only now, with the data and settings known good, does the run directory come into being,
@@ -606,6 +620,7 @@ def _ready(run: Run, cfg: Config, state: dict[str, Any] | None, saved: Config | 
             f"{int(state['total_steps'])}-step schedule")
     if state is not None and saved is not None and run.state.step < run.state.total_steps:  # steps left to train
         _note_changed_settings(saved, cfg, run.state.step, log)
+        _note_emptied_state(saved, cfg, log)
         _note_new_length(saved, cfg, run, int(state["total_steps"]), log)
     def record() -> None:  # rank 0's; what fails here (a damaged metrics.jsonl, say) is told to the others
         names = tracker_names(cfg.train.trackers)
@@ -642,11 +657,13 @@ def _trained_changes(saved: Config, wanted: Config, left_out: frozenset[str] = f
 
 
 NOT_NOTED = frozenset({"train.epochs", "train.time_budget", "model.init", "model.init_sha256", "model.init_seed",
-                       "data.preset", "train.loss_block", "train.grad_cache_chunk", *STATE_KEYS})
+                       "data.preset", "train.loss_block", *STATE_KEYS})
 """Settings a resume's note of changes leaves out: the run's length and how it started (their own
 notes say so), the recipe's name (its settings are compared one by one; a checkpoint saved before
-it was recorded reads as the default's), the loss's memory-saving forms (the same values and
-gradients), and the network and optimiser, which a resume cannot change (only write alike)."""
+it was recorded reads as the default's), the loss's row blocks (the same values and gradients),
+and the network and optimiser, which a resume cannot change (only write alike). Gradient caching's
+chunk is noted: each chunk is normalised by its own BatchNorm statistics, so another chunk is
+another step (at a batch of 32, step 1's loss 5.0215 whole, 5.0486 in chunks of 16, 5.1343 of 8)."""
 
 
 def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callable[[str], None]) -> None:
@@ -659,6 +676,19 @@ def _note_changed_settings(saved: Config, wanted: Config, step: int, log: Callab
         log(f"note: resuming with {', '.join(f'{k} {then[k]!r} -> {now[k]!r}' for k in changed)}: the steps from "
             f"{step + 1} on train with {'it' if len(changed) == 1 else 'them'}, the {step} before with the run's "
             "earlier settings, and config.toml now records the new")  # (not "did not": a run resumed back trained some)
+
+
+def _note_emptied_state(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:
+    """A queue or support set a resume turns on or resizes starts empty (`Objective.load_state_dict`):
+    the loss then drops to the level of a batch without them and climbs back as they fill, which
+    the note of changed settings alone did not explain."""
+    parts = [(what, then, now) for what, then, now in
+             (("queue", saved.train.queue, wanted.train.queue), ("support set", saved.train.nn_support, wanted.train.nn_support))
+             if now and now != then]
+    for what, then, now in parts:
+        held = f"the {then}-row {what} is not carried over: " if then else ""
+        keys = ", and its key network starts as a copy of the network" if what == "queue" else ""
+        log(f"note: {held}the {now}-row {what} starts empty{keys}; the loss moves while it fills")
 
 
 def _note_new_length(saved: Config, cfg: Config, run: Run, was_total: int, log: Callable[[str], None]) -> None:
@@ -677,7 +707,7 @@ def _note_new_length(saved: Config, cfg: Config, run: Run, was_total: int, log: 
     log(f"note: resuming {length}: the run now ends at step {s.total_steps}"
         + ("" if s.step_offset else f", not {was_total}")
         + f", and its learning rate follows the warm-up and cosine of a {cfg.train.epochs:g}-epoch run: "
-        f"{after:.3g} at step {s.step + 1}, {before:.3g} at step {s.step}")
+        f"from {before:.3g} at step {s.step} to {after:.3g} at step {s.step + 1}")
 
 
 def _note_unused_settings(saved: Config, wanted: Config, log: Callable[[str], None]) -> None:

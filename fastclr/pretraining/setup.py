@@ -70,6 +70,11 @@ def validate(cfg: Config, n_images: int, world_size: int = 1, resuming: bool = F
         raise FastclrError(f"--learn-temperature is trained with --optimizer adamw; {cfg.optim.optimizer} steps its "
                            "log at the network's full learning rate and drives it to its clip within a few steps: "
                            "use --optimizer adamw, or a fixed --temperature")
+    if t.supcon and t.queue:
+        # The queue holds projections without their labels, so its rows of an anchor's own class would
+        # be pushed away as negatives, against what --supcon asks (multi_positive: extra rows are negatives)
+        raise FastclrError("--supcon and --queue do not combine: the queue keeps no labels, so its rows of an "
+                           "anchor's own class would be pushed away as negatives; drop one of them")
     if not is_plain(t) and (t.loss_block or t.grad_cache_chunk):
         chosen = ", ".join(objective_options(t))
         raise FastclrError(f"{chosen} and --loss-block/--grad-cache-chunk do not combine (those memory savers "
@@ -99,11 +104,15 @@ def check_sync_checkable(cfg: Config, world_size: int, device: torch.device) -> 
 def check_data_fits(cfg: Config, dataset: Dataset, custom_encoder: bool = False) -> None:
     """One line, before the run directory is made, for data these settings cannot train on: an odd
     side for the cnn (its first layer folds 2 x 2 pixels into channels: a traceback at the first
-    step), or --supcon with no label on any pretraining image (it trained plain NT-Xent silently)."""
+    step), small views larger than the views, or --supcon with no label on any pretraining image (it trained plain NT-Xent silently)."""
     side = cfg.augment.crop_size or dataset.image_shape[0]
     if not custom_encoder and resolve_encoder(cfg.model.encoder, side) == "cnn" and side % 2:
         raise FastclrError(f"the cnn encoder reads images of an even side (its first layer folds 2 x 2 pixels into "
                            f"channels), and these views are {side} px; pass --crop-size {side - 1}, or --encoder resnet18")
+    small = cfg.augment.local_size
+    if cfg.train.local_views and small > side:
+        raise FastclrError(f"--local-size {small} is larger than the views ({side} px): multi-crop's small views are "
+                           f"rendered at most at the view's side; give --local-size {side} or less (0: half the side)")
     labels = dataset.pretrain.labels
     if cfg.train.supcon and (labels is None or not bool((labels >= 0).any())):
         raise FastclrError(f"--supcon takes its positives from the labels of the pretraining images, and {dataset.name} "
