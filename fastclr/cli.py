@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from fastclr.config import Config, apply_overrides, auto_value, check_settings, flag_table, read_toml
+from fastclr.config import FLAG_HELP, Config, apply_overrides, auto_value, check_settings, flag_table, read_toml
 from fastclr.errors import FastclrError, PeerFailure, out_of_memory, warn_stderr
 from fastclr.files import WriteFailed, is_write_error, remove_empty, write_failure_reason, write_way_out
 from fastclr.signals import EXIT_STOPPED, Terminated, cleanup_on_sigterm
@@ -49,7 +49,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         shown = f"auto ({default!r})" if auto is not None and default == auto else repr(default)
         group.add_argument(f"--{flag}", dest=f"cfg:{section}.{name}", default=argparse.SUPPRESS, metavar="V",
                            help=argparse.SUPPRESS if (section, name) == ("data", "preset") else
-                           f"{section}.{name} (default: {shown}{preset_text(f'{section}.{name}', default)})")
+                           f"{section}.{name}{': ' + FLAG_HELP[key] if (key := f'{section}.{name}') in FLAG_HELP else ''} "
+                           f"(default: {shown}{preset_text(key, default)})")
 
 
 def preset_text(key: str, default: Any) -> str:
@@ -390,6 +391,13 @@ class OneLineParser(argparse.ArgumentParser):
     """A parser whose usage errors are one line naming `--help`, as every other error of fastclr's is
     (argparse printed the command's whole usage first: 30 lines for `pretrain`)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: argparse took `--epoch 3` as --epochs and `evaluate --seed 3` as --seeds
+        # (where finetune's --seed means another thing) without a word; a start of a name is refused
+        # with the option it nears, as a misspelling is.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         _error(f"{self.prog}: error: {message}; `{self.prog} --help` lists the options")  # once a node, as others
         self.exit(2)
@@ -462,14 +470,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         # argparse lists a parser's options only in a private attribute: should it go, no hint, still the error
         known = [o for a in getattr(sub, "_actions", ()) if getattr(a, "help", None) != argparse.SUPPRESS
                  for o in getattr(a, "option_strings", ())]  # not a hidden option, which refuses itself
-        hints = [f"{name}: give it after the command, as in `fastclr {args.command} {name}`" if close[0] == name
-                 else f"{name}: did you mean {close[0]}?"
+        hints = [f"{name}: give it after the command, as in `fastclr {args.command} {name}`" if close == [name]
+                 else f"{name}: did you mean {' or '.join(close)}?"
                  for token in extra if token.startswith("--") for name in [token.split("=")[0]]
-                 for close in [difflib.get_close_matches(name, known, n=1)] if close]
+                 for close in [_nearest_options(name, known)] if close]
         sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({'; '.join(hints)})" if hints else ""))
     for key, value in vars(args).items():
         args.__dict__[key] = [home_expanded(v) for v in value] if isinstance(value, list) else home_expanded(value)
     return args
+
+
+def _nearest_options(name: str, known: list[str]) -> list[str]:
+    """The options `name` is the start of (`--temp`: --temperature; difflib's nearest was --help),
+    else the one nearest in spelling; none where nothing is near."""
+    if name in known:  # a command's own option given before the command
+        return [name]
+    starting = [o for o in known if o.startswith(name)]
+    return starting[:3] if starting else difflib.get_close_matches(name, known, n=1)
 
 
 def home_expanded(value: object) -> object:

@@ -337,6 +337,36 @@ class Config:
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))
 
 
+FLAG_HELP: dict[str, str] = {
+    "augment.crop_size": "side of the views in px; 0: the images' side",
+    "augment.local_size": "side of multi-crop's small views in px; 0: half the view side",
+    "augment.scale_min": "smallest share of the image a crop keeps",
+    "augment.local_scale_min": "smallest share of the image a small view keeps",
+    "model.width": "channel multiplier; 0: auto (a quarter for a ResNet on a CPU, else 1)",
+    "model.init": "a weights file to start the encoder from",
+    "model.init_seed": "seed of the initial weights; -1: --seed",
+    "optim.lr": "base learning rate, before --lr-scaling",
+    "optim.warmup_epochs": "epochs of linear warm-up",
+    "train.epochs": "length of the run in epochs (used when --time-budget is 0)",
+    "train.time_budget": "minutes of training; 0: train --epochs",
+    "train.batch_size": "the global batch of images (over all processes)",
+    "train.threads": "CPU threads; 0: one per usable CPU",
+    "train.log_every": "steps between metrics records",
+    "train.checkpoint_every": "steps between checkpoints; 0: at every epoch end",
+    "train.loss_block": "NT-Xent in row blocks of this many anchors; 0: off",
+    "train.grad_cache_chunk": "gradient caching, this many images through the encoder at a time; 0: off",
+    "train.dist_timeout": "seconds a process waits on the others before the run fails",
+    "train.views": "views per image",
+    "train.local_views": "multi-crop's small views per image; 0: off",
+    "train.queue": "rows of the queue of negatives; 0: off",
+    "train.nn_support": "images in the nearest-neighbour support set; 0: off",
+    "eval.monitor_every": "epochs between kNN monitor passes; 0: off",
+    "eval.monitor_share": "most of the wall time the kNN monitor may take (0 to 1)",
+}
+"""What a flag's key alone does not say (its unit, what 0 or -1 means), shown by `pretrain --help`
+(fastclr/config.py's docstrings say the rest)."""
+
+
 def parse_switch(value: str | bool, key: str) -> bool | None:
     """An auto/on/off setting: True for on, False for off, None for auto (the caller decides)."""
     if isinstance(value, bool):

@@ -229,6 +229,17 @@ def test_a_mistyped_option_is_refused_by_its_command_with_the_nearest_one(capsys
         main(["pretrain", "--set", "train.lr=1"])
     assert capsys.readouterr().err == ("fastclr pretrain: error: unrecognized arguments: --set (--set: did you mean "
                                        "--seed?); `fastclr pretrain --help` lists the options\n")  # not --preset
+    # the start of an option's name is no option: argparse ran `--epoch 3` as --epochs 3 (a whole run), and
+    # `evaluate --seed 3` as --seeds 3, where finetune's --seed is another setting
+    for argv, name, near in ((["pretrain", "--epoch", "3"], "--epoch", "--epochs"),
+                             (["evaluate", "RUN", "--seed", "3"], "--seed", "--seeds"),
+                             (["pretrain", "--temp", "0.5"], "--temp", "--temperature")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastclr {argv[0]}: error: unrecognized arguments: {name}") and err.count("\n") == 1
+        assert f"({name}: did you mean {near}?)" in err
     with pytest.raises(SystemExit):
         main(["evaluate", "RUN", "--precision", "fp8"])  # argparse's own check of a choice: one line too
     assert capsys.readouterr().err.startswith("fastclr evaluate: error: argument --precision: invalid choice: 'fp8'")

@@ -143,6 +143,13 @@ def test_help_shows_what_each_preset_sets() -> None:
     assert helps["augment.brightness"] == "augment.brightness (default: 0.4; stl10, stores: 0.8)"
     assert helps["model.head_hidden"] == "model.head_hidden (default: 256; cifar10, cifar100, stl10, stores: 0)"
     assert helps["optim.lr_scaling"] == "optim.lr_scaling (default: 'none')"  # no preset sets it
+    # the unit or the meaning of 0 that a key alone does not say (a user without the source read "time_budget 9.5")
+    from fastclr.config import FLAG_HELP
+
+    assert set(FLAG_HELP) <= set(helps)
+    assert helps["train.time_budget"].startswith("train.time_budget: minutes of training; 0: train --epochs (default: 9.5;")
+    assert helps["train.dist_timeout"] == ("train.dist_timeout: seconds a process waits on the others before the run "
+                                           "fails (default: 600.0)")
 
 
 def test_a_config_saved_before_erasing_existed_reads_back_without_it() -> None:

@@ -136,7 +136,9 @@ def test_bad_init_files_are_one_line_errors(tmp_path: Path) -> None:
     target = build_encoder("resnet18", 3, 224, 1.0, "off")
     r50 = tmp_path / "r50.pth"
     torch.save(torchvision_state(_perturbed("resnet50")), r50)
-    with pytest.raises(FastclrError, match=r"tensor layer1.0.conv1.weight has shape \(64, 64, 1, 1\) but the encoder's"):
+    # a kernel other than the stem's is another network, not another stem (which the hint said of any kernel)
+    with pytest.raises(FastclrError, match=r"tensor layer1.0.conv1.weight has shape \(64, 64, 1, 1\) but the encoder's "
+                                           r"stages.0.0.conv1.weight is \(64, 64, 3, 3\) \(another kernel size: a network of another design\)"):
         read_init(r50, target)
     cifar = tmp_path / "cifar.pth"
     torch.save(torchvision_state(_perturbed("resnet18", "on")), cifar)

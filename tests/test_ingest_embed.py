@@ -237,6 +237,11 @@ def test_grayscale_store_with_rgb_encoder_equals_pillows_gray_to_rgb(bars, tmp_p
     f1 = np.load(embed(run, str(one), tmp_path / "a.npy", CPU, log=lambda s: None)[0])
     f3 = np.load(embed(run, str(three), tmp_path / "b.npy", CPU, log=lambda s: None)[0])
     assert np.array_equal(f1, f3)
+    # neighbours converts the same way, and now says so as embed does (it was silent)
+    lines: list[str] = []
+    found = neighbours(run, one, tmp_path / "gray" / "2.png", 3, CPU, log=lines.append)
+    assert "note: the images have 1 channel(s), the encoder 3: repeating the gray channel" in lines
+    assert found == neighbours(run, three, tmp_path / "gray" / "2.png", 3, CPU, log=lambda s: None)
 
 
 def test_rgb_to_one_channel_is_pillows_luma() -> None:
@@ -392,7 +397,7 @@ def test_a_damaged_or_unwritable_feature_cache_costs_a_recomputation_not_the_ans
     s = read_store(store)
     query = root / "bars" / s.paths[5]
     want = neighbours(run, store, query, 3, CPU, log=lambda s: None)
-    cache = next((run.run_dir / "features").glob("*.npy"))
+    cache = next((run.run_dir / "features").glob(f"{store.name}-*.npy"))  # (the run searched other stores too)
     cache.write_bytes(cache.read_bytes()[:200])
     notes: list[str] = []
     assert neighbours(run, store, query, 3, CPU, log=notes.append) == want

@@ -99,7 +99,8 @@ def test_the_word_auto_is_width_0_and_help_says_so(capsys: pytest.CaptureFixture
         apply_overrides(Config(), {"model.head_hidden": "auto"})  # no auto there: 0 means another thing
     with pytest.raises(SystemExit):
         cli_main(["pretrain", "--help"])
-    assert "model.width (default: auto (0.0))" in " ".join(capsys.readouterr().out.split())
+    assert "model.width: channel multiplier; 0: auto (a quarter for a ResNet on a CPU, else 1) (default: auto (0.0))" \
+        in " ".join(capsys.readouterr().out.split())
 
 
 def _init_run(tmp_path: Path, init: Path) -> tuple[list[str], dict[str, object]]:
@@ -123,6 +124,19 @@ def test_auto_width_with_init_takes_a_torchvision_files_full_width_on_a_cpu(tmp_
     said = [line for line in lines if line.startswith("width ")]
     assert said == [f"width 1: that of the network in {path} (--init), not the 0.25 `auto` gives a resnet18 on this "
                     "device"]
+
+
+def test_an_unreadable_init_file_is_refused_without_a_width_line_first(tmp_path: Path) -> None:
+    """The width line named the network "in" a file the next line refused as unreadable."""
+    path = tmp_path / "cut.pth"
+    torch.save(torchvision_state(build_encoder("resnet18", 1, 32, 1.0)), path)
+    path.write_bytes(path.read_bytes()[:5000])
+    lines: list[str] = []
+    cfg = tiny_config(tmp_path / "run", train__device="cpu", train__epochs=0.5, train__batch_size=32,
+                      model__width=0.0, model__init=str(path))
+    with pytest.raises(FastclrError, match="cannot be read"):
+        pretrain(cfg, dataset=tiny_dataset(64, size=32), progress=False, log=lines.append)
+    assert not [line for line in lines if line.startswith("width ")], lines
 
 
 def test_auto_width_with_init_takes_the_width_a_fastclr_export_records(tmp_path: Path) -> None:

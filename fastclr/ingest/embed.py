@@ -218,6 +218,13 @@ def folder_decoding(run: LoadedRun, log: Callable[[str], None] = print) -> Decod
     return store_decoding(store, int(store.images.shape[1]), c)
 
 
+def note_channels(have: int, c: int, log: Callable[[str], None]) -> None:
+    """Says how images of `have` channels are fed to an encoder of `c` (`embed_images` converts them)."""
+    if have != c:
+        log(f"note: the images have {have} channel(s), the encoder {c}: "
+            + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
+
+
 def _embed_source(run: LoadedRun, src: Source, data: str, split: str, device: torch.device, batch_size: int,
                   log: Callable[[str], None]) -> np.ndarray:
     """float32 (N, D) features h of every image of `src`, in its order."""
@@ -225,10 +232,7 @@ def _embed_source(run: LoadedRun, src: Source, data: str, split: str, device: to
     if not src.rows:
         raise FastclrError(f"--split {split}: {data} has no images there; choose another --split (all, "
                            f"{', '.join(SPLITS)})")
-    have = src.blocks[0].shape[-1] if src.blocks else c
-    if have != c:
-        log(f"note: the images have {have} channel(s), the encoder {c}: "
-            + ("repeating the gray channel" if have == 1 else "using the luma of the RGB images"))
+    note_channels(src.blocks[0].shape[-1] if src.blocks else c, c, log)
     feats = [embed_images(run, b, device, batch_size) for b in src.blocks]
     return np.concatenate(feats) if feats else np.zeros((0, run.spec.feature_dim), np.float32)
 

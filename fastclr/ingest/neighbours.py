@@ -24,7 +24,7 @@ from fastclr.data.store import Store, read_store
 from fastclr.errors import FastclrError
 from fastclr.evaluation.knn import cosine_topk
 from fastclr.ingest.decode import process_file, store_decoding
-from fastclr.ingest.embed import embed_images, match_channels
+from fastclr.ingest.embed import embed_images, match_channels, note_channels
 from fastclr.ingest.walk import classify_file
 from fastclr.pretrained import LoadedRun, note_prepared_again
 from fastclr.runs import refuse_nameless, refuse_output, refuse_unwritable_file
@@ -144,6 +144,7 @@ def neighbours(run: LoadedRun, store_path: Path, query: Path, k: int, device: to
                            f"`fastclr prepare --builtin {store_path} --out STORE`, then --data STORE")
     store = read_store(store_path)
     note_prepared_again(run, store_path, log)
+    note_channels(int(store.images.shape[-1]), run.spec.in_channels, log)  # the query's and the store's alike
     image = decode_query(query, store)
     feats = store_features(run, store, device, log)
     q = embed_images(run, image[None], device)[0]

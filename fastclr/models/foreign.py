@@ -230,7 +230,7 @@ def read_init(path: Path, encoder: nn.Module, expect_sha256: str = "", stages: s
             continue
         if tuple(v.shape) != target[ours]:
             raise FastclrError(f"init weights {path}: tensor {k} has shape {tuple(v.shape)} but the encoder's {ours} "
-                               f"is {target[ours]}{_shape_hint(tuple(v.shape), target[ours])}; pick the matching "
+                               f"is {target[ours]}{_shape_hint(tuple(v.shape), target[ours], ours)}; pick the matching "
                                "--encoder, --width or stem")
         tensors[ours] = v
     missing = [k for k in target if k not in tensors]
@@ -252,12 +252,14 @@ def _is_backbone(bare: str, torchvision: bool) -> bool:
     return bare.startswith(("layer", "conv1.", "bn1.") if torchvision else ("stem.", "stages.", "features.", "pool."))
 
 
-def _shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:
-    """What a convolution's shape difference says: the kernel (stem), the input channels or the width."""
+def _shape_hint(got: tuple[int, ...], want: tuple[int, ...], name: str) -> str:
+    """What a convolution's shape difference says: the stem's kernel (a CIFAR stem against a
+    standard one), the input channels or the width; another kernel elsewhere is another network."""
     if len(got) != 4 or len(want) != 4:
         return ""
     if got[2:] != want[2:]:
-        return " (a CIFAR stem against a standard one? set --cifar-stem to match)"
+        return (" (a CIFAR stem against a standard one? set --cifar-stem to match)" if name.startswith("stem.")
+                else " (another kernel size: a network of another design)")
     if got[1] != want[1] and got[0] == want[0]:
         return " (images of another channel count)"
     return " (another --width)" if got[0] != want[0] else ""

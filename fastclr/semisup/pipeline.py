@@ -382,7 +382,7 @@ def distill_run(teacher_dir: str | Path, options: DistillOptions | None = None, 
     pool, offset = with_unlabelled(dataset, setup)
     wider = f" (wider than the run's {run.spec.width:g})" if spec.width > run.spec.width else ""
     log(f"distilling {teacher_dir} ({told['accuracy'] * 100:.2f}%) into a {init} student of width {spec.width:g}{wider} on "
-        f"{len(pool.train_images)} images ({len(labelled)} of them with the teacher's labels, {offset} outside the "
+        f"{len(pool.train_images)} images ({len(labelled)} of them with the labels the teacher was fine-tuned on, {offset} outside the "
         f"labelled split), {o.steps} steps, t = {o.temperature:g}, "
         f"label weight {o.label_weight:g}")
     t0 = time.perf_counter()
