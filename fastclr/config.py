@@ -342,7 +342,7 @@ FLAG_HELP: dict[str, str] = {
     "augment.local_size": "side of multi-crop's small views in px; 0: half the view side",
     "augment.scale_min": "smallest share of the image a crop keeps",
     "augment.local_scale_min": "smallest share of the image a small view keeps",
-    "model.width": "channel multiplier; 0: auto (a quarter for a ResNet on a CPU, else 1)",
+    "model.width": "channel multiplier; 0: auto (a quarter for a ResNet on a CPU, else 1; an --init file's or a resumed run's own)",
     "model.init": "a weights file to start the encoder from",
     "model.init_seed": "seed of the initial weights; -1: --seed",
     "optim.lr": "base learning rate, before --lr-scaling",

@@ -99,7 +99,8 @@ def test_the_word_auto_is_width_0_and_help_says_so(capsys: pytest.CaptureFixture
         apply_overrides(Config(), {"model.head_hidden": "auto"})  # no auto there: 0 means another thing
     with pytest.raises(SystemExit):
         cli_main(["pretrain", "--help"])
-    assert "model.width: channel multiplier; 0: auto (a quarter for a ResNet on a CPU, else 1) (default: auto (0.0))" \
+    assert ("model.width: channel multiplier; 0: auto (a quarter for a ResNet on a CPU, else 1; an --init file's or a "
+            "resumed run's own) (default: auto (0.0))") \
         in " ".join(capsys.readouterr().out.split())
 
 

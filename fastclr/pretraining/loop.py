@@ -407,7 +407,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         info = state.get("model_info")
         built: dict[str, Any] = info if isinstance(info, dict) else {}
         # before the refusals of changes: a change of a setting nothing reads is no change to allow
-        refuse_unread(cfg, saved, encoder=built.get("encoder"), channels=built.get("in_channels"))
+        refuse_unread(cfg, (saved, recipe), encoder=built.get("encoder"), channels=built.get("in_channels"))
         check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
         cfg = _start_settings_kept(saved, cfg, log)
         if cfg.data.root and cfg.data.root == saved.data.root:  # the run's own, not one given now (refused as typed)
@@ -420,6 +420,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         _check_same_step(-1, ctx, device)
         # ~ in a file (os.path's expanduser: pathlib's raises where no home is known)
         run_dir = Path(os.path.expanduser(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx)))
+        refuse_unread(cfg, (recipe,))  # what needs no data, before any is read or downloaded
     if dataset is None:
         if resume is not None:
             recorded = cfg.data.name
@@ -439,8 +440,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         if not cfg.data.root and (found := root_of(cfg.data.name, dataset.origin)):
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=found))
     side, channels = cfg.augment.crop_size or dataset.image_shape[0], dataset.image_shape[2]
-    refuse_unread(cfg, saved or recipe, encoder="custom" if encoder is not None else resolve_encoder(cfg.model.encoder, side),
-                  channels=channels)
+    built_now = "custom" if encoder is not None else resolve_encoder(cfg.model.encoder, side)
+    refuse_unread(cfg, (recipe,) if saved is None else (saved, recipe), encoder=built_now, channels=channels)
     check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)

@@ -111,8 +111,8 @@ def check_data_fits(cfg: Config, dataset: Dataset, custom_encoder: bool = False)
                            f"channels), and these views are {side} px; pass --crop-size {side - 1}, or --encoder resnet18")
     small = cfg.augment.local_size
     if cfg.train.local_views and small > side:
-        raise FastclrError(f"--local-size {small} is larger than the views ({side} px): multi-crop's small views are "
-                           f"rendered at most at the view's side; give --local-size {side} or less (0: half the side)")
+        raise FastclrError(f"--local-size {small} is larger than the views ({side} px), and multi-crop's small views "
+                           f"must not be (they are the small ones); give --local-size {side} or less (0: half the side)")
     labels = dataset.pretrain.labels
     if cfg.train.supcon and (labels is None or not bool((labels >= 0).any())):
         raise FastclrError(f"--supcon takes its positives from the labels of the pretraining images, and {dataset.name} "

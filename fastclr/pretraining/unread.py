@@ -4,7 +4,7 @@ ResNet) trained exactly as without it, and config.toml then recorded it as if it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from fastclr.config import Config, flag_of, to_flat
@@ -46,7 +46,7 @@ def unread_settings(cfg: Config, encoder: str | None = None, channels: int | Non
         off(("augment.brightness", "augment.contrast", "augment.saturation", "augment.hue"),
             "--jitter-p is 0 (no colour jitter)", "--jitter-p above 0")
     if a.blur_p == 0:
-        off(("augment.blur_sigma_min", "augment.blur_sigma_max"), "--blur-p is 0 (this recipe has no blur)",
+        off(("augment.blur_sigma_min", "augment.blur_sigma_max"), "--blur-p is 0 (no blur)",
             "--blur-p above 0")
     if a.erase_p == 0:
         off(("augment.erase_scale_min", "augment.erase_scale_max"), "--erase-p is 0 (no random erasing)",
@@ -62,22 +62,24 @@ def unread_settings(cfg: Config, encoder: str | None = None, channels: int | Non
     return found
 
 
-def refuse_unread(cfg: Config, base: Config, encoder: str | None = None, channels: int | None = None) -> None:
+def refuse_unread(cfg: Config, bases: Sequence[Config], encoder: str | None = None, channels: int | None = None) -> None:
     """One line naming every setting of `cfg` that nothing in the run reads and that was given: it
-    differs from `base` (the recipe the run started from, or the run a resume continues) and from
-    the default, with what would make it count. Values a recipe holds are never named, nor the
+    differs from each of `bases` (the recipe the run started from; for a resume also the run it
+    continues) and from the default, with what would make it count. Values a recipe holds are never named, nor the
     default's (a config built in Python from the default recipe and pointed at a store carries the
     default's values for the store recipe's, which nobody gave)."""
     unread = unread_settings(cfg, encoder, channels)
-    now, bases = to_flat(cfg), (to_flat(base), to_flat(Config()))
-    given = [k for k in unread if all(now[k] != was[k] for was in bases)]
+    now, known = to_flat(cfg), [to_flat(b) for b in (*bases, Config())]
+    given = [k for k in unread if all(now[k] != was[k] for was in known)]
     if not given:
         return
     fixes = list(dict.fromkeys(unread[k].fix for k in given))
     raise FastclrError(f"{'; '.join(f'{_shown(k, now)} is read by nothing in this run: {unread[k].why}' for k in given)}; "
-                       f"drop {'it' if len(given) == 1 else 'them'}, or train with {' / '.join(fixes)}")
+                       f"drop {'it' if len(given) == 1 else 'them'} (the flag, or the line of a --config file that "
+                       f"sets {'it' if len(given) == 1 else 'them'}), or train with {' / '.join(fixes)}")
 
 
 def _shown(key: str, flat: Mapping[str, Any]) -> str:
     value = flat[key]
-    return f"{flag_of(key)} {value if not isinstance(value, str) else repr(value)}"
+    shown = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else value
+    return f"{flag_of(key)} {shown}"
