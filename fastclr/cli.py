@@ -274,7 +274,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         die_with_parent(os.getppid(), signal.SIGTERM)
     with graceful_stop() as stop:
         result = pretrain(cfg, resume=resume, allow_config_change=args.allow_config_change, progress=not args.quiet,
-                          stop=stop)
+                          stop=stop, file_settings=_file_settings(args))
         late = stop.signal  # one after the last step, with no probe left to cut short
         stop.finished = not result.stopped
     if result.stopped:
@@ -287,6 +287,17 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             f", same network untrained {result.random_init_accuracy * 100:.2f}%")
         print(f"linear-probe accuracy: {result.probe_accuracy * 100:.2f}%{versus}  (run: {result.run_dir})")
     return 0
+
+
+def _file_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the --config files give, each file over the ones before it, flags left out: a
+    value of theirs nothing in the run reads is a note (a run's own config.toml reused with a part
+    switched off), one given by a flag a refusal."""
+    flags = _overrides(args)
+    merged: dict[str, Any] = {}
+    for path in getattr(args, "config", None) or []:
+        merged.update(read_toml(path))
+    return {k: v for k, v in merged.items() if k not in flags}
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -193,7 +193,7 @@ def test_small_views_larger_than_the_views_are_refused(crop: int, small: int, tm
     """They trained, larger than the "full" views, without a word."""
     cfg = tiny_config(tmp_path / "run", train__local_views=2, augment__local_size=small, augment__crop_size=crop)
     side = crop or 28
-    with pytest.raises(FastclrError, match=rf"^--local-size {small} is larger than the views \({side} px\): .*; give "
+    with pytest.raises(FastclrError, match=rf"^--local-size {small} is larger than the views \({side} px\), .*; give "
                                            rf"--local-size {side} or less \(0: half the side\)$"):
         pretrain(cfg, dataset=tiny_dataset(), progress=False, log=lambda s: None)
     assert not (tmp_path / "run").exists()

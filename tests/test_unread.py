@@ -107,9 +107,8 @@ def test_a_setting_nothing_reads_is_refused_before_anything_is_written(tmp_path:
                          "--optimizer sgd or lars / --blur-p above 0")
     assert not (tmp_path / "r").exists()
     # what needs no data is refused before the data is read (or downloaded): here a store that is not there
-    cfg = tiny_config(tmp_path / "r", **{**SHORT, "data__name": str(tmp_path / "no-store"), "model__head_layers": 1,
-                                          "model__head_bn": False})
-    with pytest.raises(FastclrError, match=r"; --head-bn false is read by nothing in this run: --head-layers 1"):
+    cfg = tiny_config(tmp_path / "r", **{**SHORT, "data__name": str(tmp_path / "no-store"), "model__head_layers": 1})
+    with pytest.raises(FastclrError, match=r"^--head-hidden 32 is read by nothing in this run: --head-layers 1"):
         pretrain(cfg, progress=False, log=lambda s: None)
 
 
@@ -123,6 +122,20 @@ def test_values_a_recipe_holds_are_never_named_only_those_given() -> None:
     carried = dataclasses.replace(default, data=dataclasses.replace(default.data, name="photos", preset="store"))
     assert carried.augment.local_scale_min != store.augment.local_scale_min
     refuse_unread(carried, (store,), encoder="resnet18", channels=3)
+    # nor 0 or false, which ask for the part off or none: what the run does (a script passing --grayscale-p 0 to
+    # every dataset was refused on gray ones)
+    fashion = config_for("fashion-mnist")
+    refuse_unread(config_for("fashion-mnist", {"augment.grayscale_p": 0.0, "optim.momentum": 0.0, "augment.hue": 0.0}),
+                  (fashion,), encoder="cnn", channels=1)
+    # a --config file's values (a run's own config.toml reused with a part switched off) are a note, a flag's an error
+    sgd_file = {"optim.optimizer": "sgd", "optim.momentum": 0.8}
+    switched = config_for("fashion-mnist", {**sgd_file, "optim.optimizer": "adamw"})
+    lines: list[str] = []
+    refuse_unread(switched, (fashion,), encoder="cnn", channels=1, files={"optim.momentum": 0.8}, log=lines.append)
+    assert lines == ["note: --momentum 0.8 (from the --config file) is read by nothing in this run: --optimizer adamw "
+                     "has no momentum"]
+    with pytest.raises(FastclrError, match=r"^--momentum 0\.8 is read by nothing"):
+        refuse_unread(switched, (fashion,), encoder="cnn", channels=1, files={}, log=lines.append)
     given = config_for("cifar10", {"augment.hue": 0.3})
     with pytest.raises(FastclrError, match=r"^--hue 0\.3 is read by nothing in this run: the images are gray"):
         refuse_unread(given, (cifar,), encoder="cnn", channels=1)

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +102,7 @@ def pretrain(
     progress: bool = True,
     stop: Callable[[int], bool] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    file_settings: Mapping[str, Any] | None = None,
 ) -> PretrainResult:
     """Run SimCLR pretraining as configured; returns the run directory and the probe accuracy.
 
@@ -112,6 +113,8 @@ def pretrain(
     stop: called after every step with the step count; when it returns True the run writes a
     checkpoint and returns early (`PretrainResult.stopped`), to be continued with `resume`.
     clock: the seconds the time budget and the logs count (tests drive the loop with a fake one).
+    file_settings: the settings --config files gave (flat keys): those of them nothing in the run reads
+    are a note, where a value given otherwise is refused (fastclr.pretraining.unread).
 
     Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this: they form one
     process group, train with DistributedDataParallel on disjoint shares of each global batch of
@@ -126,7 +129,8 @@ def pretrain(
     """
     with _callers_rng_kept(), _ctrl_c_stops(stop) as stop:
         return _pretrain(cfg, resume=None if resume is None else Path(resume), allow_config_change=allow_config_change,
-                         encoder=encoder, dataset=dataset, log=log, progress=progress, stop=stop, clock=clock)
+                         encoder=encoder, dataset=dataset, log=log, progress=progress, stop=stop, clock=clock,
+                         file_settings=file_settings)
 
 
 @contextmanager
@@ -150,7 +154,7 @@ def _callers_rng_kept() -> Iterator[None]:
 
 def _pretrain(cfg: Config, *, resume: Path | None, allow_config_change: bool, encoder: nn.Module | None,
               dataset: Dataset | None, log: Callable[[str], None], progress: bool, stop: Callable[[int], bool] | None,
-              clock: Callable[[], float]) -> PretrainResult:
+              clock: Callable[[], float], file_settings: Mapping[str, Any] | None = None) -> PretrainResult:
     """`pretrain`, its arguments resolved."""
     if cfg.train.keep_memory:
         keep_freed_memory()
@@ -173,7 +177,7 @@ def _pretrain(cfg: Config, *, resume: Path | None, allow_config_change: bool, en
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision.name))
         with deterministic_kernels(cfg.train.deterministic and device.type == "cuda"):
             run = _start(cfg, ctx, device, precision, resume, allow_config_change, encoder, dataset, main_log,
-                         progress and ctx.is_main, clock)
+                         progress and ctx.is_main, clock, file_settings)
             try:
                 stopped = _train(run, stop)
                 result = _finish(run, stopped, stop)
@@ -376,7 +380,8 @@ def _train(run: Run, stop: Callable[[int], bool] | None) -> bool:
 
 def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Precision, resume: Path | None,
            allow_config_change: bool, encoder: nn.Module | None, dataset: Dataset | None,
-           log: Callable[[str], None], progress: bool, clock: Callable[[], float]) -> Run:
+           log: Callable[[str], None], progress: bool, clock: Callable[[], float],
+           file_settings: Mapping[str, Any] | None = None) -> Run:
     """Read the checkpoint to resume (if any) and the data, check the settings, create the run
     directory, and build the run."""
     started = clock()
@@ -407,7 +412,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         info = state.get("model_info")
         built: dict[str, Any] = info if isinstance(info, dict) else {}
         # before the refusals of changes: a change of a setting nothing reads is no change to allow
-        refuse_unread(cfg, (saved, recipe), encoder=built.get("encoder"), channels=built.get("in_channels"))
+        refuse_unread(cfg, (saved, recipe), encoder=built.get("encoder"), channels=built.get("in_channels"),
+                      files=file_settings)
         check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
         cfg = _start_settings_kept(saved, cfg, log)
         if cfg.data.root and cfg.data.root == saved.data.root:  # the run's own, not one given now (refused as typed)
@@ -420,7 +426,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         _check_same_step(-1, ctx, device)
         # ~ in a file (os.path's expanduser: pathlib's raises where no home is known)
         run_dir = Path(os.path.expanduser(broadcast_object(str(cfg.train.run_dir or default_run_dir(cfg)), ctx)))
-        refuse_unread(cfg, (recipe,))  # what needs no data, before any is read or downloaded
+        refuse_unread(cfg, (recipe,), files=file_settings)  # what needs no data, before any is read or downloaded
     if dataset is None:
         if resume is not None:
             recorded = cfg.data.name
@@ -441,7 +447,8 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=found))
     side, channels = cfg.augment.crop_size or dataset.image_shape[0], dataset.image_shape[2]
     built_now = "custom" if encoder is not None else resolve_encoder(cfg.model.encoder, side)
-    refuse_unread(cfg, (recipe,) if saved is None else (saved, recipe), encoder=built_now, channels=channels)
+    refuse_unread(cfg, (recipe,) if saved is None else (saved, recipe), encoder=built_now, channels=channels,
+                  files=file_settings, log=log)
     check_same_run(cfg, dataset, content_sha256(state) if state is not None and ctx.active else "", ctx)
     if state is not None:
         check_resume_data(str(state.get("data_content", "")), dataset.name, dataset.content, allow_config_change, log)

@@ -4,7 +4,7 @@ ResNet) trained exactly as without it, and config.toml then recorded it as if it
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from fastclr.config import Config, flag_of, to_flat
@@ -58,19 +58,27 @@ def unread_settings(cfg: Config, encoder: str | None = None, channels: int | Non
         off(("model.cnn_stages",), f"it shapes the cnn, and this run's encoder is {encoder}", "--encoder cnn")
     if encoder is not None and not encoder.startswith("resnet"):
         off(("model.cifar_stem",), f"only a ResNet has a stem to choose, and this run's encoder is {encoder}",
-            "a ResNet encoder")
+            "--encoder resnet18")
     return found
 
 
-def refuse_unread(cfg: Config, bases: Sequence[Config], encoder: str | None = None, channels: int | None = None) -> None:
+def refuse_unread(cfg: Config, bases: Sequence[Config], encoder: str | None = None, channels: int | None = None,
+                  files: Mapping[str, Any] | None = None, log: Callable[[str], None] | None = None) -> None:
     """One line naming every setting of `cfg` that nothing in the run reads and that was given: it
     differs from each of `bases` (the recipe the run started from; for a resume also the run it
     continues) and from the default, with what would make it count. Values a recipe holds are never named, nor the
     default's (a config built in Python from the default recipe and pointed at a store carries the
-    default's values for the store recipe's, which nobody gave)."""
+    default's values for the store recipe's, which nobody gave), nor a 0 or false (none, off: what
+    the run does). `files`: the settings the --config files give (flat keys); their values (a run's own
+    config.toml reused with a part switched off) are a note through `log`, not a refusal."""
     unread = unread_settings(cfg, encoder, channels)
     now, known = to_flat(cfg), [to_flat(b) for b in (*bases, Config())]
-    given = [k for k in unread if all(now[k] != was[k] for was in known)]
+    given = [k for k in unread if all(now[k] != was[k] for was in known) and now[k] not in (0, False)]
+    carried = files or {}
+    for k in [k for k in given if k in carried and carried[k] == now[k]]:
+        given.remove(k)
+        if log is not None:
+            log(f"note: {_shown(k, now)} (from the --config file) is read by nothing in this run: {unread[k].why}")
     if not given:
         return
     fixes = list(dict.fromkeys(unread[k].fix for k in given))
