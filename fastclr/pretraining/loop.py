@@ -414,7 +414,7 @@ def _start(cfg: Config, ctx: DistContext, device: torch.device, precision: Preci
         # before the refusals of changes: a change of a setting nothing reads is no change to allow
         refuse_unread(cfg, (saved, recipe), encoder=built.get("encoder"), channels=built.get("in_channels"),
                       files=file_settings)
-        check_resume_config(saved, cfg, allow_config_change, resume, built=state.get("model_info"))
+        check_resume_config(saved, cfg, allow_config_change, resume, built=built)
         cfg = _start_settings_kept(saved, cfg, log)
         if cfg.data.root and cfg.data.root == saved.data.root:  # the run's own, not one given now (refused as typed)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=recorded_root(
@@ -690,10 +690,10 @@ def _note_emptied_state(saved: Config, wanted: Config, log: Callable[[str], None
     """A queue or support set a resume turns on or resizes starts empty (`Objective.load_state_dict`):
     the loss then drops to the level of a batch without them and climbs back as they fill, which
     the note of changed settings alone did not explain."""
-    parts = [(what, then, now) for what, then, now in
-             (("queue", saved.train.queue, wanted.train.queue), ("support set", saved.train.nn_support, wanted.train.nn_support))
-             if now and now != then]
-    for what, then, now in parts:
+    for what, then, now in (("queue", saved.train.queue, wanted.train.queue),
+                            ("support set", saved.train.nn_support, wanted.train.nn_support)):
+        if not now or now == then:
+            continue
         held = f"the {then}-row {what} is not carried over: " if then else ""
         keys = ", and its key network starts as a copy of the network" if what == "queue" else ""
         log(f"note: {held}the {now}-row {what} starts empty{keys}; the loss moves while it fills")

@@ -75,8 +75,9 @@ def refuse_unread(cfg: Config, bases: Sequence[Config], encoder: str | None = No
     now, known = to_flat(cfg), [to_flat(b) for b in (*bases, Config())]
     given = [k for k in unread if all(now[k] != was[k] for was in known) and now[k] not in (0, False)]
     carried = files or {}
-    for k in [k for k in given if k in carried and carried[k] == now[k]]:
-        given.remove(k)
+    noted = [k for k in given if k in carried and carried[k] == now[k]]
+    given = [k for k in given if k not in noted]
+    for k in noted:
         if log is not None:
             log(f"note: {_shown(k, now)} (from the --config file) is read by nothing in this run: {unread[k].why}")
     if not given:
